@@ -1,0 +1,1 @@
+"""Apache Beam pipelines, catalog and storage IO, and the `lookalike` command line."""

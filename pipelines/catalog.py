@@ -1,0 +1,162 @@
+"""Catalog manifests: Parquet, CSV, JSON lines, a glob of those, or a glob of images.
+
+Every problem with the manifest itself (unreadable, missing columns, empty,
+duplicate or empty item ids) is a `CatalogError` raised before any image is
+read. Per-item problems (an empty image_uri) are left to the pipeline, which
+dead-letters them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from pipelines import storage
+
+__all__ = ["CatalogError", "CatalogItem", "catalog_files", "iter_items", "read_catalog", "read_manifest_file"]
+
+REQUIRED_COLUMNS = ("item_id", "image_uri")
+_MANIFEST_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl",
+                     ".ndjson": "jsonl", ".json": "jsonl"}  # fmt: skip
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+_GLOB_CHARS = set("*?[")
+
+
+class CatalogError(ValueError):
+    """The manifest cannot be used; the message names the problem and the file."""
+
+
+class CatalogItem(NamedTuple):
+    """One item to embed: its id and where its image is (absolute URI or path)."""
+
+    item_id: str
+    image_uri: str
+
+
+def _suffix(uri: str) -> str:
+    return os.path.splitext(uri)[1].lower()
+
+
+def catalog_files(uri: str) -> tuple[str, list[str]]:
+    """Resolve a catalog argument to its kind (`manifest` or `images`) and files.
+
+    Raises:
+        CatalogError: nothing matches, an unknown format, or a mix of formats.
+    """
+    if not set(uri) & _GLOB_CHARS:
+        if _suffix(uri) not in _MANIFEST_FORMATS:
+            raise CatalogError(
+                f"catalog {uri}: unknown manifest format {_suffix(uri)!r}; "
+                f"use one of {sorted(_MANIFEST_FORMATS)} or a glob of images"
+            )
+        if not storage.exists(uri):
+            raise CatalogError(f"catalog {uri} does not exist")
+        return "manifest", [uri]
+    files = storage.match(uri)
+    if not files:
+        raise CatalogError(f"catalog glob {uri} matches no files")
+    if all(_suffix(f) in IMAGE_SUFFIXES for f in files):
+        return "images", files
+    formats = {_MANIFEST_FORMATS.get(_suffix(f)) for f in files}
+    if len(formats) != 1 or None in formats:
+        raise CatalogError(f"catalog glob {uri} matches mixed or unknown files: {sorted({_suffix(f) for f in files})}")
+    return "manifest", files
+
+
+def read_manifest_file(uri: str) -> pa.Table:
+    """One manifest file as a table with string `item_id` and absolute `image_uri`.
+
+    Raises:
+        CatalogError: unreadable, or without the required columns.
+    """
+    fmt = _MANIFEST_FORMATS.get(_suffix(uri))
+    try:
+        data = storage.read_bytes(uri)
+        if fmt == "parquet":
+            table = pq.read_table(io.BytesIO(data))
+        elif fmt == "csv":
+            table = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(
+                column_types={"item_id": pa.string(), "image_uri": pa.string()}))  # fmt: skip
+        else:
+            table = pajson.read_json(io.BytesIO(data))
+    except CatalogError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any reader failure means an unusable manifest
+        raise CatalogError(f"cannot read manifest {uri}: {type(err).__name__}: {err}") from err
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise CatalogError(f"manifest {uri} lacks column(s) {missing}; found {table.column_names}")
+    base = uri.rsplit("/", 1)[0] if "://" in uri else os.path.dirname(os.path.abspath(uri))
+    uris = [_resolve(base, u) for u in table.column("image_uri").cast(pa.string()).to_pylist()]
+    table = table.set_column(table.schema.get_field_index("image_uri"), "image_uri", pa.array(uris, pa.string()))
+    return table.set_column(
+        table.schema.get_field_index("item_id"), "item_id", table.column("item_id").cast(pa.string())
+    )
+
+
+def _resolve(base: str, image_uri: str | None) -> str:
+    """Relative URIs are relative to the manifest's directory; empty stays empty (dead-lettered later)."""
+    if not image_uri or not image_uri.strip():
+        return ""
+    image_uri = image_uri.strip()
+    if "://" in image_uri or image_uri.startswith("/"):
+        return image_uri
+    return storage.join(base, image_uri) if "://" in base else os.path.normpath(os.path.join(base, image_uri))
+
+
+def _images_table(files: list[str]) -> pa.Table:
+    stems = [os.path.splitext(f.rsplit("/", 1)[-1])[0] for f in files]
+    return pa.table({"item_id": pa.array(stems, pa.string()), "image_uri": pa.array(files, pa.string())})
+
+
+def read_catalog(uri: str) -> pa.Table:
+    """The whole catalog, validated: unique non-empty string item ids, absolute image URIs.
+
+    Raises:
+        CatalogError: see the module docstring.
+    """
+    kind, files = catalog_files(uri)
+    if kind == "images":
+        table = _images_table(files)
+    else:
+        tables = [read_manifest_file(f) for f in files]
+        try:
+            table = pa.concat_tables(tables, promote_options="permissive")
+        except pa.ArrowInvalid as err:
+            raise CatalogError(f"manifest files of {uri} have incompatible schemas: {err}") from err
+    _validate(table, uri)
+    return table
+
+
+def _validate(table: pa.Table, uri: str) -> None:
+    if table.num_rows == 0:
+        raise CatalogError(f"catalog {uri} has no rows")
+    ids = table.column("item_id")
+    blank = pc.or_(pc.is_null(ids), pc.equal(pc.utf8_trim_whitespace(ids.fill_null("")), ""))
+    blank_rows = pc.indices_nonzero(blank).to_pylist()
+    if blank_rows:
+        raise CatalogError(
+            f"catalog {uri} has {len(blank_rows)} row(s) with an empty item_id, e.g. rows {blank_rows[:5]}"
+        )
+    counts = pc.value_counts(ids)
+    dupes = [v["values"] for v in counts.to_pylist() if v["counts"] > 1]
+    if dupes:
+        raise CatalogError(
+            f"catalog {uri} has {len(dupes)} duplicate item_id(s), e.g. {dupes[:5]}; item ids must be unique"
+        )
+
+
+def iter_items(table: pa.Table) -> Iterator[CatalogItem]:
+    """The catalog's items, in manifest order."""
+    for item_id, image_uri in zip(
+        table.column("item_id").to_pylist(), table.column("image_uri").to_pylist(), strict=True
+    ):
+        yield CatalogItem(item_id, image_uri)

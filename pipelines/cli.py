@@ -1,0 +1,143 @@
+"""`lookalike`: one command line over the Python API; each command builds a config and calls it.
+
+Unknown `--flags` after `embed`'s own options go to Beam untouched (e.g.
+`--runner=DataflowRunner --project=P --region=R`). User mistakes end with a
+one-line error and exit code 2; a finished run ends with its summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Visually similar items: embed a catalog with SigLIP, index it, publish snapshots.")  # fmt: skip
+
+log = logging.getLogger("lookalike")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    if not verbose:
+        for noisy in ("apache_beam", "transformers", "huggingface_hub", "urllib3", "google"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging, Beam's too.")] = False) -> None:
+    _setup_logging(verbose)
+
+
+@app.command("demo-catalog")
+def demo_catalog(
+    out: Annotated[Path, typer.Option(help="Directory to write the catalog into.")],
+    items: Annotated[int, typer.Option(help="Number of items.")] = 500,
+    seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
+) -> None:
+    """Generate a synthetic marketplace catalog: photos, manifest, interaction logs."""
+    from pipelines.demo_catalog import make_demo_catalog
+
+    catalog = make_demo_catalog(out, items=items, seed=seed)
+    typer.echo(f"wrote {catalog.items} items ({len(catalog.broken_item_ids)} deliberately broken) to {catalog.root}")
+    typer.echo(f"manifest: {catalog.manifest}\ninteractions: {catalog.interactions}")
+
+
+@app.command("init-model")
+def init_model(
+    catalog: Annotated[str, typer.Option(help="Catalog manifest whose titles train the tokenizer.")],
+    out: Annotated[Path, typer.Option(help="Directory for the checkpoint.")],
+    image_size: Annotated[int, typer.Option(help="Input resolution in pixels (multiple of 16).")] = 96,
+    seed: Annotated[int, typer.Option(help="Weight initialisation seed.")] = 0,
+) -> None:
+    """Make a tiny random-init SigLIP with a tokenizer trained on the catalog's titles (offline)."""
+    from encoder import TinyModelConfig, init_tiny_model
+    from pipelines.catalog import CatalogError, read_catalog
+
+    table = read_catalog(catalog)
+    if "title" not in table.column_names:
+        raise CatalogError(f"catalog {catalog} has no 'title' column to train a tokenizer on")
+    path = init_tiny_model(table.column("title").to_pylist(), out, TinyModelConfig(image_size=image_size, seed=seed))
+    typer.echo(f"wrote tiny SigLIP checkpoint to {path}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def embed(
+    ctx: typer.Context,
+    catalog: Annotated[str, typer.Option(help="Manifest (Parquet/CSV/JSONL), a glob of them, or a glob of images.")],
+    model: Annotated[str, typer.Option(help="SigLIP checkpoint: Hub id, directory or gs:// directory.")],
+    out: Annotated[str, typer.Option(help="Output root (local or gs://).")],
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    fetch_threads: Annotated[int, typer.Option(help="Concurrent reads and decodes per worker.")] = 16,
+    workers: Annotated[int, typer.Option(help="Local runner worker processes.")] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the image tower.")] = False,
+    draft: Annotated[bool, typer.Option(help="JPEG draft-mode decoding (faster, slightly different pixels).")] = True,
+    incremental: Annotated[bool, typer.Option(help="Reuse vectors of unchanged images from an earlier run.")] = True,
+    previous: Annotated[str | None, typer.Option(help="Earlier run directory to reuse from (default: latest).")] = None,
+    max_image_bytes: Annotated[int, typer.Option(help="Larger images are dead-lettered.")] = 50 * 1024 * 1024,
+    max_image_pixels: Annotated[int, typer.Option(help="Images with more pixels are dead-lettered.")] = 100_000_000,
+    run_id: Annotated[str | None, typer.Option(help="Run id (default: UTC time + random suffix).")] = None,
+) -> None:
+    """Embed every catalog image into Parquet shards, with dead letters for the rest (Apache Beam)."""
+    from pipelines.embed import EmbedConfig, run_embed
+    from pipelines.summary import print_embed_summary
+
+    options = dict(
+        catalog=catalog, model=model, out=out, batch_size=batch_size, fetch_threads=fetch_threads, workers=workers,
+        device=device, dtype=dtype, compile=compile, draft=draft, incremental=incremental, previous=previous,
+        max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
+    )  # fmt: skip
+    if run_id:
+        options["run_id"] = run_id
+    result = run_embed(EmbedConfig(**options), beam_args=list(ctx.args))
+    print_embed_summary(result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the app, turning user mistakes into one clear line and exit code 2."""
+    from pipelines.catalog import CatalogError
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except (CatalogError, FileNotFoundError, FileExistsError, ValueError) as err:
+        logging.getLogger("lookalike").debug("failure", exc_info=True)
+        typer.echo(f"error: {err}", err=True)
+        return 2
+    except RuntimeError as err:
+        typer.echo(f"error: {err}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    except Exception as err:  # click's usage errors and the like
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            return err.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,403 @@
+"""The embed pipeline: catalog images → Parquet embedding shards + dead letters, on Apache Beam.
+
+    read manifest ─► fetch bytes + sha256 (threads) ─┬─► decode ─► batch ─► encode (one model per process) ─┐
+                                                      └─► reuse: same bytes, same model_version, earlier run ─┴─► shards
+    every failure ─► dead letters;  `_manifest.json` last, once every shard is final
+
+Output layout under `out`:
+    embeddings/<run_id>/part-SSSSS-of-NNNNN.parquet, embeddings/<run_id>/_manifest.json
+    failures/<run_id>/part-SSSSS-of-NNNNN.parquet
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+
+import apache_beam as beam
+import pyarrow.parquet as pq
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.utils.shared import Shared
+
+from encoder import DecodeLimits, EncoderConfig, load_encoder
+from pipelines import storage
+from pipelines.catalog import CatalogItem, catalog_files, iter_items, read_catalog, read_manifest_file
+from pipelines.embed_steps import KnownDigests, ProgressLog, embed_batch, join_reused, prepare_item
+from pipelines.records import FAILURE_SCHEMA, EmbeddingRow, Failure, embedding_schema, failures_to_table, rows_to_table
+
+__all__ = ["EmbedConfig", "EmbedResult", "find_previous_run", "run_embed"]
+
+log = logging.getLogger(__name__)
+
+_NAMESPACE = "lookalike"
+MANIFEST_NAME = "_manifest.json"
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """How catalog images become vectors."""
+
+    catalog: str  # manifest (Parquet/CSV/JSONL), a glob of them, or a glob of images; local or gs://
+    model: str  # Hub id, local directory or gs:// directory
+    out: str  # output root; runs land in out/embeddings/<run_id>/
+    batch_size: int = 64  # images per forward pass (CPU); use ~256 on a GPU
+    fetch_threads: int = 16  # concurrent reads + decodes per worker process
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    draft: bool = True  # JPEG draft-mode decoding (see README, "Preprocessing")
+    max_image_bytes: int = 50 * 1024 * 1024
+    max_image_pixels: int = 100_000_000
+    incremental: bool = True  # reuse vectors of unchanged images from an earlier run
+    previous: str | None = None  # that earlier run's directory; default: the latest complete one under `out`
+    workers: int = 1  # local runner: >1 runs that many worker processes
+    run_id: str = field(default_factory=lambda: f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "fetch_threads", "max_image_bytes", "max_image_pixels", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.run_id or not all(c.isalnum() or c in "-_" for c in self.run_id):
+            raise ValueError(f"run_id must be letters, digits, '-' or '_', got {self.run_id!r}")
+
+    @property
+    def encoder(self) -> EncoderConfig:
+        return EncoderConfig(
+            model=self.model, device=self.device, dtype=self.dtype, batch_size=self.batch_size, compile=self.compile
+        )
+
+    @property
+    def limits(self) -> DecodeLimits:
+        return DecodeLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, draft=self.draft)
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """What a run produced; `manifest` is the run's `_manifest.json`."""
+
+    run_id: str
+    run_dir: str
+    failures_dir: str
+    manifest: dict
+
+    @property
+    def counts(self) -> dict:
+        return self.manifest["counts"]
+
+
+# ---------------------------------------------------------------- Beam steps
+
+
+class FetchAndDecode(beam.DoFn):
+    """Fetch, hash and decode a batch of items on a thread pool; bounded by `fetch_threads`."""
+
+    def __init__(self, cfg: EmbedConfig, preprocess, total_items: int) -> None:
+        self._cfg, self._preprocess, self._total = cfg, preprocess, total_items
+
+    def setup(self) -> None:
+        storage.configure_storage()
+        self._pool = ThreadPoolExecutor(self._cfg.fetch_threads, thread_name_prefix="fetch")
+        self._progress = ProgressLog("fetched", self._total)
+        self._reuse_counter = Metrics.counter(_NAMESPACE, "reuse_requested")
+
+    def process(self, items: list[CatalogItem], known: KnownDigests | None = None):
+        for result in self._pool.map(lambda item: prepare_item(item, self._preprocess, self._cfg.limits, known), items):
+            if isinstance(result, Failure):
+                yield beam.pvalue.TaggedOutput("failed", result)
+            elif hasattr(result, "pixels"):
+                yield result
+            else:
+                self._reuse_counter.inc()
+                yield beam.pvalue.TaggedOutput("reuse", result)
+        self._progress.add(len(items))
+
+    def teardown(self) -> None:
+        if getattr(self, "_pool", None):
+            self._pool.shutdown(wait=False)
+
+
+class EmbedBatch(beam.DoFn):
+    """Encode batches with one model per worker process (shared by its threads)."""
+
+    def __init__(self, cfg: EmbedConfig, shared: Shared) -> None:
+        self._cfg, self._shared = cfg, shared
+
+    def setup(self) -> None:
+        storage.configure_storage()
+        cfg = self._cfg
+        self._encoder = self._shared.acquire(lambda: load_encoder(cfg.encoder, cfg.limits), tag=cfg.model)
+        self._embedded = Metrics.counter(_NAMESPACE, "embedded")
+        self._progress = ProgressLog("embedded")
+
+    def process(self, batch):
+        rows, failures = embed_batch(self._encoder, batch)
+        self._embedded.inc(len(rows))
+        self._progress.add(len(rows))
+        yield from rows
+        for failure in failures:
+            yield beam.pvalue.TaggedOutput("failed", failure)
+
+
+def _previous_rows(path: str, model_version: str):
+    """Rows of one earlier shard that the same model version made."""
+    table = pq.read_table(io.BytesIO(storage.read_bytes(path)))
+    vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+    columns = [table.column(c).to_pylist() for c in ("item_id", "image_sha256", "model_version", "embedded_at")]
+    for i, (item_id, sha, version, at) in enumerate(zip(*columns, strict=True)):
+        if version == model_version:
+            yield EmbeddingRow(item_id, vectors[i], sha, version, at)
+
+
+def _count(name: str):
+    counter = Metrics.counter(_NAMESPACE, name)
+
+    def count(element):
+        counter.inc()
+        return element
+
+    return count
+
+
+def _read_items(p: beam.Pipeline, catalog: str) -> beam.PCollection:
+    kind, files = catalog_files(catalog)
+    files_pc = p | "List catalog files" >> beam.Create(files)
+    if kind == "images":
+        items = files_pc | "Items from image files" >> beam.Map(
+            lambda f: CatalogItem(f.rsplit("/", 1)[-1].rsplit(".", 1)[0], f)
+        )
+    else:
+        items = files_pc | "Read manifest" >> beam.FlatMap(lambda f: iter_items(read_manifest_file(f)))
+    return items | "Count items" >> beam.Map(_count("items_in")) | "Spread items" >> beam.Reshuffle()
+
+
+def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, preprocess, dim: int,
+                   total_items: int, previous_shards: list[str], run_dir: str, failures_dir: str) -> None:  # fmt: skip
+    """Wire the embed steps into `p` (see the module docstring)."""
+    items = _read_items(p, cfg.catalog)
+    known_side, previous = None, None
+    if previous_shards:
+        previous = (
+            p
+            | "List previous shards" >> beam.Create(previous_shards)
+            | "Read previous vectors" >> beam.FlatMap(_previous_rows, model_version)
+        )
+        known_side = beam.pvalue.AsSingleton(
+            previous
+            | "Digests" >> beam.Map(lambda r: r.image_sha256)
+            | "Collect digests" >> beam.combiners.ToList()
+            | "Index digests" >> beam.Map(KnownDigests)
+        )
+    prepared = (
+        items
+        | "Batch for fetch"
+        >> beam.BatchElements(min_batch_size=cfg.fetch_threads, max_batch_size=4 * cfg.fetch_threads)
+        | "Fetch and decode images"
+        >> beam.ParDo(FetchAndDecode(cfg, preprocess, total_items), known_side).with_outputs(
+            "failed", "reuse", main="decoded"
+        )
+    )
+    encoded = (
+        prepared.decoded
+        | "Batch for the model" >> beam.BatchElements(min_batch_size=cfg.batch_size, max_batch_size=cfg.batch_size)
+        | "Embed images" >> beam.ParDo(EmbedBatch(cfg, Shared())).with_outputs("failed", main="rows")
+    )
+    row_sets, failure_sets = [encoded.rows], [prepared.failed, encoded.failed]
+    if previous is not None:
+        joined = (
+            {
+                "requests": prepared.reuse | "Key requests" >> beam.Map(lambda r: (r.image_sha256, r)),
+                "previous": previous | "Key previous" >> beam.Map(lambda r: (r.image_sha256, r)),
+            }
+            | "Join earlier vectors" >> beam.CoGroupByKey()
+            | "Reuse vectors"
+            >> beam.FlatMap(lambda kv: join_reused(kv[0], kv[1]["requests"], kv[1]["previous"])).with_outputs(
+                "failed", main="rows"
+            )
+        )
+        row_sets.append(joined.rows | "Count reused" >> beam.Map(_count("reused")))
+        failure_sets.append(joined.failed)
+    (
+        row_sets
+        | "All rows" >> beam.Flatten()
+        | "Group rows" >> beam.BatchElements(min_batch_size=256, max_batch_size=16384)
+        | "Rows to Arrow" >> beam.Map(rows_to_table, dim)
+        | "Write embedding shards"
+        >> beam.io.WriteToParquetBatched(
+            storage.join(run_dir, "part"), schema=embedding_schema(dim), file_name_suffix=".parquet"
+        )
+    )
+    (
+        failure_sets
+        | "All failures" >> beam.Flatten()
+        | "Count dead letters" >> beam.Map(_count("dead_lettered"))
+        | "Group failures" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
+        | "Failures to Arrow" >> beam.Map(failures_to_table)
+        | "Write dead letters"
+        >> beam.io.WriteToParquetBatched(
+            storage.join(failures_dir, "part"), schema=FAILURE_SCHEMA, file_name_suffix=".parquet"
+        )
+    )
+
+
+# ---------------------------------------------------------------- launching a run
+
+
+def _pipeline_options(cfg: EmbedConfig, beam_args: list[str]) -> PipelineOptions:
+    args = list(beam_args)
+    if not any(a.startswith("--runner") for a in args):
+        args.append("--runner=FnApiRunner")  # in-process; the plain DirectRunner wants to download Prism
+        if cfg.workers > 1:
+            args += [f"--direct_num_workers={cfg.workers}", "--direct_running_mode=multi_processing"]
+    return PipelineOptions(args)
+
+
+def _load_run_manifest(run_dir: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(storage.join(run_dir, MANIFEST_NAME)))
+    except storage.NotFound:
+        return None
+
+
+def find_previous_run(out: str, model_version: str, exclude: str | None = None) -> dict | None:
+    """The latest complete run under `out` made by `model_version`, or None."""
+    runs = []
+    for path in storage.match(storage.join(out, "embeddings", "*", MANIFEST_NAME)):
+        manifest = json.loads(storage.read_bytes(path))
+        if manifest.get("model_version") == model_version and manifest.get("run_id") != exclude:
+            runs.append((manifest["run_id"], path.rsplit("/", 1)[0], manifest))
+    if not runs:
+        return None
+    run_id, run_dir, manifest = max(runs, key=lambda r: r[0])
+    return dict(manifest, run_dir=run_dir)
+
+
+def _previous_shards(cfg: EmbedConfig, model_version: str) -> tuple[str | None, list[str]]:
+    if not cfg.incremental:
+        return None, []
+    if cfg.previous:
+        run_dir = cfg.previous.removesuffix("/" + MANIFEST_NAME).rstrip("/")
+        manifest = _load_run_manifest(run_dir)
+        if manifest is None:
+            raise FileNotFoundError(f"--previous {cfg.previous}: no {MANIFEST_NAME} there (not a complete run)")
+        if manifest.get("model_version") != model_version:
+            log.info("previous run %s has model_version %s, not %s: nothing to reuse",
+                     manifest.get("run_id"), manifest.get("model_version"), model_version)  # fmt: skip
+            return manifest.get("run_id"), []
+        manifest = dict(manifest, run_dir=run_dir)
+    else:
+        manifest = find_previous_run(cfg.out, model_version, exclude=cfg.run_id)
+        if manifest is None:
+            return None, []
+    shards = [storage.join(manifest["run_dir"], s["path"]) for s in manifest["shards"]]
+    log.info(
+        "reusing vectors of run %s (%d rows)",
+        manifest["run_id"],
+        manifest["counts"]["embedded"] + manifest["counts"]["reused"],
+    )
+    return manifest["run_id"], shards
+
+
+def _shard_stats(directory: str) -> list[dict]:
+    stats = []
+    for path in storage.match(storage.join(directory, "*.parquet")):
+        data = storage.read_bytes(path)
+        stats.append({"path": path.rsplit("/", 1)[-1], "rows": pq.read_metadata(io.BytesIO(data)).num_rows,
+                      "bytes": len(data)})  # fmt: skip
+    return stats
+
+
+def _metric_counts(result) -> dict[str, int]:
+    counters = result.metrics().query(MetricsFilter().with_namespace(_NAMESPACE))["counters"]
+    counts: dict[str, int] = {}
+    for c in counters:
+        counts[c.key.metric.name] = counts.get(c.key.metric.name, 0) + int(c.committed or 0)
+    return counts
+
+
+def _dead_letters_by_stage(failures_dir: str, shards: list[dict]) -> dict[str, int]:
+    by_stage: dict[str, int] = {}
+    for shard in shards:
+        if shard["rows"]:
+            table = pq.read_table(
+                io.BytesIO(storage.read_bytes(storage.join(failures_dir, shard["path"]))), columns=["stage"]
+            )
+            for stage in table.column("stage").to_pylist():
+                by_stage[stage] = by_stage.get(stage, 0) + 1
+    return by_stage
+
+
+def run_embed(cfg: EmbedConfig, beam_args: list[str] | None = None) -> EmbedResult:
+    """Embed every catalog image of `cfg.catalog` into a new run under `cfg.out`.
+
+    Raises:
+        CatalogError: the manifest is unusable (before any image is read).
+        FileNotFoundError, ValueError: the model cannot be loaded.
+        RuntimeError: the run's counts do not add up (nothing is marked complete).
+    """
+    started = time.monotonic()
+    options = _pipeline_options(cfg, beam_args or [])
+    storage.configure_storage(options)
+    catalog = read_catalog(cfg.catalog)
+    total = catalog.num_rows
+    probe = load_encoder(replace(cfg.encoder, device="cpu", dtype="float32", compile=False), cfg.limits)
+    model_version, dim, preprocess = probe.model_version, probe.dim, probe.preprocess
+    del probe
+    previous_run, previous_shards = _previous_shards(cfg, model_version)
+    run_dir = storage.join(cfg.out, "embeddings", cfg.run_id)
+    failures_dir = storage.join(cfg.out, "failures", cfg.run_id)
+    if storage.exists(storage.join(run_dir, MANIFEST_NAME)):
+        raise FileExistsError(f"run {cfg.run_id} already exists under {cfg.out}")
+    log.info("run %s: %d items, model %s (%s, dim %d)", cfg.run_id, total, cfg.model, model_version, dim)
+
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline(pipeline, cfg, model_version=model_version, preprocess=preprocess, dim=dim, total_items=total,
+                   previous_shards=previous_shards, run_dir=run_dir, failures_dir=failures_dir)  # fmt: skip
+    result = pipeline.run()
+    result.wait_until_finish()
+    metrics = _metric_counts(result)
+
+    shards, failure_shards = _shard_stats(run_dir), _shard_stats(failures_dir)
+    rows = sum(s["rows"] for s in shards)
+    dead = sum(s["rows"] for s in failure_shards)
+    counts = {"items_in": total, "embedded": metrics.get("embedded", 0), "reused": metrics.get("reused", 0),
+              "dead_lettered": dead}  # fmt: skip
+    problems = []
+    if counts["embedded"] + counts["reused"] != rows:
+        problems.append(f"embedded {counts['embedded']} + reused {counts['reused']} != {rows} rows written")
+    if total != rows + dead:
+        problems.append(f"items in {total} != {rows} rows + {dead} dead letters")
+    if metrics.get("items_in", total) != total:
+        problems.append(f"pipeline read {metrics.get('items_in')} items, manifest has {total}")
+    if problems:
+        raise RuntimeError(f"run {cfg.run_id} is inconsistent, not marked complete: " + "; ".join(problems))
+
+    wall_s = time.monotonic() - started
+    manifest = {
+        "run_id": cfg.run_id,
+        "status": "complete",
+        "finished_at": datetime.now(UTC).isoformat(),
+        "wall_time_s": round(wall_s, 3),
+        "catalog": cfg.catalog,
+        "model": cfg.model,
+        "model_version": model_version,
+        "dim": dim,
+        "counts": counts,
+        "dead_letters_by_stage": _dead_letters_by_stage(failures_dir, failure_shards),
+        "images_per_s": round(counts["embedded"] / wall_s, 2),
+        "previous_run": previous_run,
+        "shards": shards,
+        "failure_shards": failure_shards,
+        "options": asdict(cfg),
+        "beam_args": list(beam_args or []),
+    }
+    storage.write_bytes_atomic(storage.join(run_dir, MANIFEST_NAME), json.dumps(manifest, indent=2).encode())
+    log.info("run %s complete: %s", cfg.run_id, counts)
+    return EmbedResult(cfg.run_id, run_dir, failures_dir, manifest)

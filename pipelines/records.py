@@ -1,0 +1,98 @@
+"""Records that flow between embed steps, and the Parquet schemas they are written with."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+
+__all__ = [
+    "EmbeddingRow",
+    "Failure",
+    "FAILURE_SCHEMA",
+    "PreparedImage",
+    "ReuseRequest",
+    "embedding_schema",
+    "failures_to_table",
+    "rows_to_table",
+]
+
+
+class PreparedImage(NamedTuple):
+    """A decoded image at model size, ready for the encoder."""
+
+    item_id: str
+    image_uri: str
+    image_sha256: str
+    pixels: np.ndarray  # (height, width, 3) uint8
+
+
+class ReuseRequest(NamedTuple):
+    """An item whose image bytes already have a vector from an earlier run."""
+
+    item_id: str
+    image_uri: str
+    image_sha256: str
+
+
+class EmbeddingRow(NamedTuple):
+    """One output row (the embedding shard contract)."""
+
+    item_id: str
+    embedding: np.ndarray  # (dim,) float32, L2-normalised
+    image_sha256: str
+    model_version: str
+    embedded_at: datetime  # when the vector was computed; reused rows keep the original time
+
+
+class Failure(NamedTuple):
+    """A dead letter: the item that could not be embedded, where, and why."""
+
+    item_id: str
+    image_uri: str
+    stage: str  # fetch | decode | encode | reuse
+    error: str
+
+
+FAILURE_SCHEMA = pa.schema(
+    [("item_id", pa.string()), ("image_uri", pa.string()), ("stage", pa.string()), ("error", pa.string())]
+)
+
+
+def embedding_schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("item_id", pa.string()),
+            ("embedding", pa.list_(pa.float32(), dim)),
+            ("image_sha256", pa.string()),
+            ("model_version", pa.string()),
+            ("embedded_at", pa.timestamp("us", tz="UTC")),
+        ]
+    )
+
+
+def rows_to_table(rows: Sequence[EmbeddingRow], dim: int) -> pa.Table:
+    """Rows → one table; vectors go in as one contiguous float32 buffer, not Python lists."""
+    schema = embedding_schema(dim)
+    if not rows:
+        return schema.empty_table()
+    vectors = np.stack([r.embedding for r in rows]).astype(np.float32, copy=False)
+    if vectors.shape != (len(rows), dim):
+        raise ValueError(f"embeddings have shape {vectors.shape}, expected ({len(rows)}, {dim})")
+    return pa.Table.from_arrays(
+        [
+            pa.array([r.item_id for r in rows], pa.string()),
+            pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
+            pa.array([r.image_sha256 for r in rows], pa.string()),
+            pa.array([r.model_version for r in rows], pa.string()),
+            pa.array([r.embedded_at for r in rows], pa.timestamp("us", tz="UTC")),
+        ],
+        schema=schema,
+    )
+
+
+def failures_to_table(failures: Sequence[Failure]) -> pa.Table:
+    return pa.Table.from_pylist([f._asdict() for f in failures], schema=FAILURE_SCHEMA)

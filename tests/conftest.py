@@ -1,0 +1,119 @@
+"""Shared fixtures: offline environment, a small demo catalog, the tiny model, a GCS emulator."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# Offline and quiet before anything imports huggingface_hub or google-auth.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["NO_GCE_CHECK"] = "true"
+os.environ["GCE_METADATA_HOST"] = "127.0.0.1:9"  # discard port: nothing answers, nothing leaves the machine
+os.environ["GCE_METADATA_IP"] = "127.0.0.1:9"
+os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+
+CATALOG_ITEMS = 100  # enough for every broken-image kind (one per 20 items) and every odd format
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_catalog(tmp_path_factory):
+    from pipelines.demo_catalog import make_demo_catalog
+
+    return make_demo_catalog(tmp_path_factory.mktemp("catalog"), items=CATALOG_ITEMS, seed=7)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, demo_catalog) -> Path:
+    import pyarrow.parquet as pq
+
+    from encoder import TinyModelConfig, init_tiny_model
+
+    titles = pq.read_table(demo_catalog.manifest, columns=["title"]).column("title").to_pylist()
+    return init_tiny_model(titles, tmp_path_factory.mktemp("model"), TinyModelConfig(image_size=64))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_model):
+    from encoder import EncoderConfig, load_encoder
+
+    return load_encoder(EncoderConfig(model=str(tiny_model), device="cpu"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A GCS emulator on a free local port for the session; yields a storage client."""
+    port = _free_port()
+    exe = Path(sys.executable).with_name("gcp-storage-emulator")
+    proc = subprocess.Popen(
+        [str(exe), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    host = f"http://127.0.0.1:{port}"
+    previous = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = host
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"GCS emulator did not start on port {port}") from None
+                time.sleep(0.1)
+        from encoder.storage import gcs_client
+        from pipelines.storage import configure_storage
+
+        configure_storage()
+        yield gcs_client()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if previous is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = previous
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator, request):
+    """A fresh bucket per test; yields its name."""
+    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    gcs_emulator.create_bucket(name)
+    return name
+
+
+def upload_dir(client, local: Path, bucket: str, prefix: str) -> str:
+    """Copy a local directory tree to gs://bucket/prefix; returns that URI."""
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            client.bucket(bucket).blob(f"{prefix}/{path.relative_to(local).as_posix()}").upload_from_filename(str(path))
+    return f"gs://{bucket}/{prefix}"
