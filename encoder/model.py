@@ -7,6 +7,7 @@ files are refused and remote code is never run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -214,9 +215,10 @@ def load_encoder(cfg: EncoderConfig, limits: DecodeLimits = DecodeLimits()) -> I
     device = _pick_device(cfg.device)
     dtype = _pick_dtype(cfg.dtype, device)
     # SDPA attention everywhere: same numbers as eager in fp32, far faster in bf16 on CUDA.
-    model, info = SiglipVisionModel.from_pretrained(
-        path, use_safetensors=True, trust_remote_code=False, attn_implementation="sdpa", output_loading_info=True
-    )
+    with _quiet_transformers():  # a two-tower checkpoint always has "unexpected" text weights; missing ones we check
+        model, info = SiglipVisionModel.from_pretrained(
+            path, use_safetensors=True, trust_remote_code=False, attn_implementation="sdpa", output_loading_info=True
+        )
     if info["missing_keys"]:  # would otherwise be silently random
         raise ValueError(f"{cfg.model} lacks image-tower weights: {sorted(info['missing_keys'])[:5]}")
     version = model_version(model.state_dict(), preprocess)
@@ -225,6 +227,18 @@ def load_encoder(cfg: EncoderConfig, limits: DecodeLimits = DecodeLimits()) -> I
         model = torch.compile(model, dynamic=False)
     log.info("loaded %s (%s) on %s as %s", cfg.model, version, device, dtype)
     return ImageEncoder(model, preprocess, version, batch_size=cfg.batch_size, limits=limits, static_batch=cfg.compile)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _read_preprocess(path: Path) -> PreprocessConfig:

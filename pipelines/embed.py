@@ -31,7 +31,15 @@ from encoder import DecodeLimits, EncoderConfig, load_encoder
 from pipelines import storage
 from pipelines.catalog import CatalogItem, catalog_files, iter_items, read_catalog, read_manifest_file
 from pipelines.embed_steps import KnownDigests, ProgressLog, embed_batch, join_reused, prepare_item
-from pipelines.records import FAILURE_SCHEMA, EmbeddingRow, Failure, embedding_schema, failures_to_table, rows_to_table
+from pipelines.records import (
+    FAILURE_SCHEMA,
+    EmbeddingRow,
+    Failure,
+    embedding_matrix,
+    embedding_schema,
+    failures_to_table,
+    rows_to_table,
+)
 
 __all__ = ["EmbedConfig", "EmbedResult", "find_previous_run", "run_embed"]
 
@@ -149,7 +157,7 @@ class EmbedBatch(beam.DoFn):
 def _previous_rows(path: str, model_version: str):
     """Rows of one earlier shard that the same model version made."""
     table = pq.read_table(io.BytesIO(storage.read_bytes(path)))
-    vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+    vectors = embedding_matrix(table)
     columns = [table.column(c).to_pylist() for c in ("item_id", "image_sha256", "model_version", "embedded_at")]
     for i, (item_id, sha, version, at) in enumerate(zip(*columns, strict=True)):
         if version == model_version:

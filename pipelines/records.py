@@ -15,6 +15,7 @@ __all__ = [
     "FAILURE_SCHEMA",
     "PreparedImage",
     "ReuseRequest",
+    "embedding_matrix",
     "embedding_schema",
     "failures_to_table",
     "rows_to_table",
@@ -96,3 +97,10 @@ def rows_to_table(rows: Sequence[EmbeddingRow], dim: int) -> pa.Table:
 
 def failures_to_table(failures: Sequence[Failure]) -> pa.Table:
     return pa.Table.from_pylist([f._asdict() for f in failures], schema=FAILURE_SCHEMA)
+
+
+def embedding_matrix(table: pa.Table) -> np.ndarray:
+    """The `embedding` column as one (n, dim) float32 array, without per-row Python objects."""
+    column = table.column("embedding").combine_chunks()
+    dim = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), dim)

@@ -1,0 +1,3 @@
+"""Offline evaluation: nDCG@k and friends from interaction logs (see issue 4)."""
+
+__all__: list[str] = []

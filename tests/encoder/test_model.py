@@ -1,0 +1,156 @@
+"""Loading checkpoints and embedding: determinism, batch-size invariance, model_version, refusals."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from encoder import EncoderConfig, ImageEncoder, load_encoder, model_version
+from encoder.preprocess import PreprocessConfig
+
+
+def _images(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, size=(80 + i, 120, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def test_embeddings_are_unit_float32(tiny_encoder):
+    vectors = tiny_encoder.embed(_images(5))
+    assert vectors.shape == (5, tiny_encoder.dim) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_same_image_same_vector(tiny_encoder):
+    image = _images(1)[0]
+    first, second = tiny_encoder.embed([image]), tiny_encoder.embed([image.copy()])
+    assert np.array_equal(first, second)
+
+
+def test_pil_bytes_and_path_inputs_agree(tiny_encoder, tmp_path):
+    image = _images(1)[0]
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    (tmp_path / "a.png").write_bytes(buffer.getvalue())
+    from_pil, from_bytes, from_path = (tiny_encoder.embed([x]) for x in (image, buffer.getvalue(), tmp_path / "a.png"))
+    assert np.array_equal(from_pil, from_bytes) and np.array_equal(from_bytes, from_path)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7, 64])
+def test_batch_size_does_not_change_results(tiny_model, batch_size):
+    images = _images(11)
+    reference = load_encoder(EncoderConfig(model=str(tiny_model), device="cpu", batch_size=11)).embed(images)
+    other = load_encoder(EncoderConfig(model=str(tiny_model), device="cpu", batch_size=batch_size)).embed(images)
+    diff = np.abs(other - reference).max()
+    assert diff < 1e-5, f"batch_size {batch_size} changed vectors by {diff}"
+
+
+def test_static_batch_padding_does_not_change_results(tiny_encoder):
+    images = _images(5)
+    padded = ImageEncoder(
+        tiny_encoder.vision_model, tiny_encoder.preprocess, tiny_encoder.model_version, batch_size=4, static_batch=True
+    )
+    assert np.abs(padded.embed(images) - tiny_encoder.embed(images)).max() < 1e-5
+
+
+def test_empty_input_gives_an_empty_matrix(tiny_encoder):
+    assert tiny_encoder.embed([]).shape == (0, tiny_encoder.dim)
+
+
+def test_model_version_is_stable_and_content_addressed(tiny_model, tiny_encoder, tmp_path):
+    again = load_encoder(EncoderConfig(model=str(tiny_model), device="cpu"))
+    assert again.model_version == tiny_encoder.model_version
+
+    # The image tower saved alone has the same version as inside the two-tower checkpoint.
+    alone = tmp_path / "vision-only"
+    tiny_encoder.vision_model.save_pretrained(alone)
+    shutil.copy(tiny_model / "preprocessor_config.json", alone)
+    assert load_encoder(EncoderConfig(model=str(alone), device="cpu")).model_version == tiny_encoder.model_version
+
+    state = {k: v.clone() for k, v in tiny_encoder.vision_model.state_dict().items()}
+    name = next(iter(state))
+    state[name][..., 0] += 1e-3
+    assert model_version(state, tiny_encoder.preprocess) != tiny_encoder.model_version
+    other_pre = PreprocessConfig(height=64, width=64, resample=2)
+    assert model_version(tiny_encoder.vision_model.state_dict(), other_pre) != tiny_encoder.model_version
+
+
+def test_pickle_only_checkpoint_is_refused(tiny_model, tmp_path):
+    bad = tmp_path / "pickled"
+    bad.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copy(tiny_model / name, bad)
+    (bad / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(ValueError, match="pickle"):
+        load_encoder(EncoderConfig(model=str(bad), device="cpu"))
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        load_encoder(EncoderConfig(model=str(tmp_path / "nope")))
+
+
+def test_unknown_hub_id_offline_is_a_clear_error():
+    with pytest.raises(FileNotFoundError, match="Hub"):
+        load_encoder(EncoderConfig(model="nobody-has/this-siglip"))
+
+
+def test_non_siglip_checkpoint_is_refused(tiny_model, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    config = json.loads((other / "config.json").read_text())
+    config["model_type"] = "bert"
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="bert"):
+        load_encoder(EncoderConfig(model=str(other), device="cpu"))
+
+
+def test_missing_preprocessor_config_is_refused(tiny_model, tmp_path):
+    other = tmp_path / "noproc"
+    shutil.copytree(tiny_model, other)
+    (other / "preprocessor_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="preprocessor_config"):
+        load_encoder(EncoderConfig(model=str(other), device="cpu"))
+
+
+def test_cuda_without_a_gpu_fails_loudly(tiny_model):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        load_encoder(EncoderConfig(model=str(tiny_model), device="cuda"))
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"batch_size": 0}, {"dtype": "int8"}, {"device": "tpu"}, {"model": ""}], ids=lambda k: next(iter(k))
+)
+def test_bad_config_is_rejected(kwargs):
+    with pytest.raises(ValueError):
+        EncoderConfig(**{"model": "m", **kwargs})
+
+
+@pytest.mark.gcs
+def test_loads_from_gcs_into_a_cache(tiny_model, tiny_encoder, gcs_emulator, gcs_bucket, tmp_path):
+    from tests.conftest import upload_dir
+
+    uri = upload_dir(gcs_emulator, tiny_model, gcs_bucket, "models/tiny")
+    cfg = EncoderConfig(model=uri, device="cpu", cache_dir=str(tmp_path / "cache"))
+    remote = load_encoder(cfg)
+    assert remote.model_version == tiny_encoder.model_version
+    cached = list((tmp_path / "cache").iterdir())
+    assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file()
+    load_encoder(cfg)  # second load reuses the cached copy
+    assert list((tmp_path / "cache").iterdir()) == cached
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_close_to_cpu_fp32(tiny_model, tiny_encoder):
+    gpu = load_encoder(EncoderConfig(model=str(tiny_model), device="cuda"))
+    images = _images(16)
+    cosine = (gpu.embed(images) * tiny_encoder.embed(images)).sum(axis=1)
+    assert cosine.min() > 0.99, f"bf16 CUDA vs fp32 CPU cosine as low as {cosine.min()}"

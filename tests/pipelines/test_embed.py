@@ -1,0 +1,238 @@
+"""The embed pipeline on the local Beam runner: counts, schema, dead letters, reuse, bad images."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+from PIL import Image
+
+from encoder import DecodeLimits, decode_image
+from pipelines.catalog import CatalogError, CatalogItem
+from pipelines.embed import EmbedConfig, FetchAndDecode, run_embed
+from pipelines.records import embedding_matrix
+
+
+def _read_dir(path) -> pa.Table:
+    return pq.read_table([str(p) for p in sorted(path.glob("*.parquet"))])
+
+
+def _vectors(table: pa.Table) -> dict[str, np.ndarray]:
+    return dict(zip(table.column("item_id").to_pylist(), embedding_matrix(table), strict=True))
+
+
+@pytest.fixture(scope="module")
+def first_run(demo_catalog, tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("embed")
+    return run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(out)))
+
+
+def test_counts_add_up(first_run, demo_catalog):
+    counts = first_run.counts
+    assert counts == {"items_in": 100, "embedded": 95, "reused": 0, "dead_lettered": 5}
+
+
+def test_shards_follow_the_contract(first_run, tiny_encoder):
+    from pathlib import Path
+
+    table = _read_dir(Path(first_run.run_dir))
+    assert table.schema.names == ["item_id", "embedding", "image_sha256", "model_version", "embedded_at"]
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), tiny_encoder.dim)
+    assert str(table.schema.field("embedded_at").type) == "timestamp[us, tz=UTC]"
+    assert table.num_rows == 95 and len(set(table.column("item_id").to_pylist())) == 95
+    assert set(table.column("model_version").to_pylist()) == {tiny_encoder.model_version}
+    vectors = embedding_matrix(table)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_vectors_equal_embedding_the_image_directly(first_run, demo_catalog, tiny_encoder):
+    from pathlib import Path
+
+    got = _vectors(_read_dir(Path(first_run.run_dir)))
+    manifest = {r["item_id"]: r for r in pq.read_table(demo_catalog.manifest).to_pylist()}
+    for item_id in list(got)[:10]:
+        data = (demo_catalog.root / manifest[item_id]["image_uri"]).read_bytes()
+        direct = tiny_encoder.embed_prepared(decode_image(data, tiny_encoder.preprocess, DecodeLimits())[None])[0]
+        assert np.abs(got[item_id] - direct).max() < 1e-5
+
+
+def test_dead_letters_name_item_stage_and_reason(first_run, demo_catalog):
+    from pathlib import Path
+
+    failures = _read_dir(Path(first_run.failures_dir)).to_pylist()
+    assert sorted(f["item_id"] for f in failures) == sorted(demo_catalog.broken_item_ids)
+    assert {f["stage"] for f in failures} == {"fetch", "decode"}
+    assert all(f["error"] and f["image_uri"] for f in failures)
+    assert first_run.manifest["dead_letters_by_stage"] == {"fetch": 1, "decode": 4}
+
+
+def test_run_manifest_is_written_last_with_counts_and_shards(first_run):
+    from pathlib import Path
+
+    run_dir = Path(first_run.run_dir)
+    manifest = json.loads((run_dir / "_manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["items_in"] == 100
+    assert sum(s["rows"] for s in manifest["shards"]) == 95
+    assert {s["path"] for s in manifest["shards"]} == {p.name for p in run_dir.glob("*.parquet")}
+    assert not list(run_dir.glob(".temp*")), "Beam's temp files must be gone once the run is complete"
+    assert manifest["options"]["model"] and manifest["model_version"].startswith("siglip-")
+
+
+def test_rerun_reuses_every_vector(first_run, demo_catalog, tiny_model):
+    from pathlib import Path
+
+    out = str(Path(first_run.run_dir).parents[1])
+    again = run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=out))
+    assert again.counts == {"items_in": 100, "embedded": 0, "reused": 95, "dead_lettered": 5}
+    assert again.manifest["previous_run"] == first_run.run_id
+    before, after = _vectors(_read_dir(Path(first_run.run_dir))), _vectors(_read_dir(Path(again.run_dir)))
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_changed_and_removed_items(demo_catalog, tiny_model, tmp_path):
+    catalog = tmp_path / "catalog"
+    shutil.copytree(demo_catalog.root, catalog)
+    out = str(tmp_path / "out")
+    first = run_embed(EmbedConfig(catalog=str(catalog / "manifest.parquet"), model=str(tiny_model), out=out))
+
+    manifest = pq.read_table(catalog / "manifest.parquet")
+    broken = set(demo_catalog.broken_item_ids)
+    good = [r for r in manifest.to_pylist() if r["item_id"] not in broken]
+    changed, removed = good[0], good[1]
+    Image.new("RGB", (400, 400), (250, 10, 10)).save(catalog / changed["image_uri"], "JPEG")
+    kept = manifest.filter(pa.compute.not_equal(manifest.column("item_id"), removed["item_id"]))
+    pq.write_table(kept, catalog / "manifest.parquet")
+
+    second = run_embed(EmbedConfig(catalog=str(catalog / "manifest.parquet"), model=str(tiny_model), out=out))
+    assert second.counts == {"items_in": 99, "embedded": 1, "reused": 93, "dead_lettered": 5}
+    from pathlib import Path
+
+    rows = _vectors(_read_dir(Path(second.run_dir)))
+    assert removed["item_id"] not in rows
+    assert not np.array_equal(rows[changed["item_id"]], _vectors(_read_dir(Path(first.run_dir)))[changed["item_id"]])
+
+
+def test_no_incremental_embeds_everything_again(first_run, demo_catalog, tiny_model, tmp_path):
+    from pathlib import Path
+
+    out = str(Path(first_run.run_dir).parents[1])
+    fresh = run_embed(
+        EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=out, incremental=False)
+    )
+    assert fresh.counts["embedded"] == 95 and fresh.counts["reused"] == 0
+
+
+def test_bad_manifest_fails_before_any_work(tmp_path, tiny_model):
+    pq.write_table(pa.table({"item_id": ["a", "a"], "image_uri": ["x.jpg", "y.jpg"]}), tmp_path / "m.parquet")
+    with pytest.raises(CatalogError, match="duplicate"):
+        run_embed(EmbedConfig(catalog=str(tmp_path / "m.parquet"), model=str(tiny_model), out=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+def _save(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _awkward_images() -> tuple[dict[str, bytes | None], dict[str, str]]:
+    """Files that must embed, and files that must be dead-lettered (with the expected reason)."""
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, size=(120, 160, 3), dtype=np.uint8))
+    jpeg = _save(photo, "JPEG", quality=90)
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(128)
+    gif = io.BytesIO()
+    photo.save(gif, "GIF", save_all=True, append_images=[photo.rotate(90)], duration=40)
+    good = {
+        "cmyk.jpg": _save(photo.convert("CMYK"), "JPEG"),
+        "sixteen.png": _save(
+            Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16), "I;16"), "PNG"
+        ),
+        "alpha.png": _save(rgba, "PNG"),
+        "palette.png": _save(photo.convert("P"), "PNG"),
+        "gray.jpg": _save(photo.convert("L"), "JPEG"),
+        "rotated.jpg": _save(photo, "JPEG", exif=exif),
+        "animated.gif": gif.getvalue(),
+        "photo.webp": _save(photo, "WEBP"),
+        "photo.tiff": _save(photo, "TIFF"),
+        "one.png": _save(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"),
+        "strip.png": _save(Image.new("RGB", (10000, 10), (200, 100, 0)), "PNG"),
+    }
+    bad = {
+        "missing.jpg": (None, "fetch", "not found"),
+        "zero.jpg": (b"", "decode", "empty file"),
+        "truncated.jpg": (jpeg[: len(jpeg) // 3], "decode", "truncated"),
+        "text.jpg": (b"hello, I am not a picture\n", "decode", "not a recognised image format"),
+        "header.jpg": (jpeg[:2] + bytes(30) + jpeg[32:], "decode", ""),
+        "bomb.png": (_save(Image.new("L", (12000, 12000)), "PNG"), "decode", "decompression bomb"),
+    }
+    return good, bad
+
+
+def test_awkward_and_broken_images(tmp_path, tiny_model):
+    good, bad = _awkward_images()
+    (tmp_path / "img").mkdir()
+    for name, data in list(good.items()) + [(n, d) for n, (d, _, _) in bad.items()]:
+        if data is not None:
+            (tmp_path / "img" / name).write_bytes(data)
+    names = list(good) + list(bad) + ["no-uri"]
+    pq.write_table(
+        pa.table({"item_id": names, "image_uri": [f"img/{n}" for n in names[:-1]] + [None]}), tmp_path / "m.parquet"
+    )
+    result = run_embed(
+        EmbedConfig(catalog=str(tmp_path / "m.parquet"), model=str(tiny_model), out=str(tmp_path / "out"))
+    )
+    assert result.counts == {"items_in": len(names), "embedded": len(good), "reused": 0, "dead_lettered": len(bad) + 1}
+    from pathlib import Path
+
+    failures = {f["item_id"]: f for f in _read_dir(Path(result.failures_dir)).to_pylist()}
+    for name, (_, stage, reason) in bad.items():
+        assert failures[name]["stage"] == stage, failures[name]
+        assert reason in failures[name]["error"], failures[name]
+    assert failures["no-uri"]["error"] == "empty image_uri"
+    assert set(_vectors(_read_dir(Path(result.run_dir)))) == set(good)
+
+
+@pytest.mark.slow
+def test_several_worker_processes(demo_catalog, tiny_model, tmp_path, first_run):
+    from pathlib import Path
+
+    result = run_embed(
+        EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path), workers=2)
+    )
+    assert result.counts == {"items_in": 100, "embedded": 95, "reused": 0, "dead_lettered": 5}
+    single, multi = _vectors(_read_dir(Path(first_run.run_dir))), _vectors(_read_dir(Path(result.run_dir)))
+    assert single.keys() == multi.keys()
+    assert max(np.abs(single[k] - multi[k]).max() for k in single) < 1e-5
+
+
+def test_fetch_and_decode_routes_every_item(demo_catalog, tiny_model, tiny_encoder):
+    manifest = pq.read_table(demo_catalog.manifest).to_pylist()[:20]
+    items = [CatalogItem(r["item_id"], str(demo_catalog.root / r["image_uri"])) for r in manifest]
+    broken = set(demo_catalog.broken_item_ids)
+    cfg = EmbedConfig(catalog="unused.parquet", model=str(tiny_model), out="unused", fetch_threads=4)
+    with BeamTestPipeline(runner="FnApiRunner") as p:
+        outputs = (
+            p
+            | beam.Create([items])
+            | beam.ParDo(FetchAndDecode(cfg, tiny_encoder.preprocess, len(items))).with_outputs(
+                "failed", "reuse", main="decoded"
+            )
+        )
+        assert_that(outputs.decoded | "ok ids" >> beam.Map(lambda r: r.item_id),
+                    equal_to([i.item_id for i in items if i.item_id not in broken]), label="decoded")  # fmt: skip
+        assert_that(outputs.failed | "bad ids" >> beam.Map(lambda f: f.item_id),
+                    equal_to([i.item_id for i in items if i.item_id in broken]), label="failed")  # fmt: skip
+        assert_that(outputs.reuse, equal_to([]), label="reuse")

@@ -1,0 +1,38 @@
+"""The embed pipeline reading and writing gs:// against the GCS emulator."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.embed import EmbedConfig, run_embed
+from tests.conftest import upload_dir
+
+pytestmark = pytest.mark.gcs
+
+
+def test_embed_from_and_to_gcs(gcs_emulator, gcs_bucket, demo_catalog, tiny_model):
+    catalog = upload_dir(gcs_emulator, demo_catalog.root, gcs_bucket, "catalog")
+    model = upload_dir(gcs_emulator, tiny_model, gcs_bucket, "models/tiny")
+    out = f"gs://{gcs_bucket}/out"
+
+    first = run_embed(EmbedConfig(catalog=f"{catalog}/manifest.parquet", model=model, out=out))
+    assert first.counts == {"items_in": 100, "embedded": 95, "reused": 0, "dead_lettered": 5}
+    assert first.run_dir == f"{out}/embeddings/{first.run_id}"
+
+    bucket = gcs_emulator.bucket(gcs_bucket)
+    manifest = json.loads(bucket.blob(f"out/embeddings/{first.run_id}/_manifest.json").download_as_bytes())
+    rows = 0
+    for shard in manifest["shards"]:
+        data = bucket.blob(f"out/embeddings/{first.run_id}/{shard['path']}").download_as_bytes()
+        rows += pq.read_table(io.BytesIO(data)).num_rows
+    assert rows == 95
+    failure_names = [b.name for b in gcs_emulator.list_blobs(gcs_bucket, prefix=f"out/failures/{first.run_id}/")]
+    assert failure_names and all(n.endswith(".parquet") for n in failure_names)
+
+    second = run_embed(EmbedConfig(catalog=f"{catalog}/manifest.parquet", model=model, out=out))
+    assert second.counts == {"items_in": 100, "embedded": 0, "reused": 95, "dead_lettered": 5}
+    assert second.manifest["previous_run"] == first.run_id
