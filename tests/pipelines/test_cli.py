@@ -1,0 +1,86 @@
+"""The `lookalike` command line as a new user runs it, in a subprocess like a shell would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _lookalike(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("lookalike")
+    return subprocess.run(
+        [str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=os.environ.copy()
+    )
+
+
+@pytest.mark.slow
+def test_new_user_walkthrough(tmp_path):
+    made = _lookalike("demo-catalog", "--out", "D", "--items", "40", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert "wrote 40 items (2 deliberately broken)" in made.stdout
+
+    model = _lookalike(
+        "init-model", "--catalog", "D/manifest.parquet", "--out", "M", "--image-size", "64", cwd=tmp_path
+    )
+    assert model.returncode == 0, model.stderr
+    assert (tmp_path / "M" / "model.safetensors").is_file()
+
+    first = _lookalike("embed", "--catalog", "D/manifest.parquet", "--model", "M", "--out", "E", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "items in = embedded + reused + dead-lettered: 40 = 38 + 0 + 2" in first.stdout
+    runs = list((tmp_path / "E" / "embeddings").iterdir())
+    assert len(runs) == 1 and (runs[0] / "_manifest.json").is_file()
+    assert list((tmp_path / "E" / "failures" / runs[0].name).glob("*.parquet"))
+
+    second = _lookalike("embed", "--catalog", "D/manifest.parquet", "--model", "M", "--out", "E", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "40 = 0 + 38 + 2" in second.stdout
+
+
+def test_beam_flags_pass_through(tmp_path, demo_catalog, tiny_model):
+    result = _lookalike(
+        "embed", "--catalog", str(demo_catalog.manifest), "--model", str(tiny_model), "--out", "E",
+        "--run-id", "passthrough", "--direct_num_workers=1", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "E" / "embeddings" / "passthrough" / "_manifest.json").read_text())
+    assert manifest["beam_args"] == ["--direct_num_workers=1"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["embed", "--catalog", "nope.parquet", "--model", "M", "--out", "E"], "nope.parquet does not exist"),
+        (["embed", "--catalog", "m.txt", "--model", "M", "--out", "E"], "unknown manifest format"),
+        (["embed", "--catalog", "dupes.csv", "--model", "M", "--out", "E"], "duplicate item_id"),
+        (["embed", "--catalog", "dupes.csv", "--model", "M", "--out", "E", "--batch-size", "0"], "batch_size must be"),
+        (["init-model", "--catalog", "nope.parquet", "--out", "M"], "does not exist"),
+    ],
+    ids=["missing-manifest", "unknown-format", "duplicates", "bad-option", "init-missing"],
+)
+def test_user_mistakes_get_one_clear_line(tmp_path, args, message):
+    (tmp_path / "dupes.csv").write_text("item_id,image_uri\na,x.jpg\na,y.jpg\n")
+    result = _lookalike(*args, cwd=tmp_path)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_model_is_a_clear_error(tmp_path, demo_catalog):
+    result = _lookalike(
+        "embed", "--catalog", str(demo_catalog.manifest), "--model", "./nope", "--out", "E", cwd=tmp_path
+    )
+    assert result.returncode == 2 and "not a checkpoint directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_the_commands(tmp_path):
+    result = _lookalike("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for command in ("demo-catalog", "init-model", "embed"):
+        assert command in result.stdout
