@@ -208,7 +208,8 @@ def load_encoder(cfg: EncoderConfig, limits: DecodeLimits = DecodeLimits()) -> I
     from transformers import AutoConfig, SiglipVisionModel
 
     path = resolve_checkpoint(cfg.model, cfg.cache_dir)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    with _quiet_transformers():
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if config.model_type not in _SUPPORTED_TYPES:
         raise ValueError(f"{cfg.model} is a {config.model_type!r} checkpoint; expected one of {_SUPPORTED_TYPES}")
     preprocess = _read_preprocess(path)

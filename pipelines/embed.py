@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from datetime import UTC, datetime
 
 import apache_beam as beam
 import pyarrow.parquet as pq
+import torch
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -141,6 +143,8 @@ class EmbedBatch(beam.DoFn):
     def setup(self) -> None:
         storage.configure_storage()
         cfg = self._cfg
+        if cfg.workers > 1:  # local worker processes share the cores: don't oversubscribe them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
         self._encoder = self._shared.acquire(lambda: load_encoder(cfg.encoder, cfg.limits), tag=cfg.model)
         self._embedded = Metrics.counter(_NAMESPACE, "embedded")
         self._progress = ProgressLog("embedded")

@@ -1,0 +1,29 @@
+"""The benchmark scripts still run (tiny sizes, CPU): numbers go in BENCHMARKS.md, not here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> str:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_cpu_benchmark_runs():
+    out = _run("benchmarks/cpu_embed.py", "--images", "24", "--baseline-images", "8", "--image-size", "32")
+    assert "| naive: PIL + HF processor + fp32 eager, 1 image at a time |" in out
+    assert "lookalike embed, Beam FnApiRunner, 2 worker process(es), whole run" in out
+
+
+def test_gpu_benchmark_smoke_mode_runs_on_cpu():
+    out = _run("benchmarks/gpu_encoder.py", "--smoke")
+    assert "lookalike ImageEncoder" in out and "transformers fp32, eager attention" in out
