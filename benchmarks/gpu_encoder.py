@@ -58,6 +58,15 @@ def _images_per_s(fn, batch: int, seconds: float, device: torch.device) -> float
     return done / (time.perf_counter() - start)
 
 
+def _eager_rate(folder: Path, batch: int, size: int, seconds: float, device: torch.device) -> float:
+    from transformers import SiglipVisionModel
+
+    eager = SiglipVisionModel.from_pretrained(folder, attn_implementation="eager").to(device).eval()
+    pixels = torch.randn(batch, 3, size, size, device=device)
+    with torch.inference_mode():
+        return _images_per_s(lambda: eager(pixel_values=pixels).pooler_output, batch, seconds, device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -74,18 +83,10 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else machine()
     print(f"device: {gpu}; torch {torch.__version__}; batch {batch}; {size} px")
 
-    from transformers import SiglipVisionModel
-
     uint8 = np.random.default_rng(0).integers(0, 256, size=(batch, size, size, 3), dtype=np.uint8)
     results: dict[str, float] = {}
 
-    eager = SiglipVisionModel.from_pretrained(folder, attn_implementation="eager").to(device).eval()
-    pixels = torch.randn(batch, 3, size, size, device=device)
-    with torch.inference_mode():
-        results["transformers fp32, eager attention"] = _images_per_s(
-            lambda: eager(pixel_values=pixels).pooler_output, batch, seconds, device
-        )
-    del eager
+    results["transformers fp32, eager attention"] = _eager_rate(folder, batch, size, seconds, device)
 
     dtype = "float32" if args.smoke else "bfloat16"
     ours = load_encoder(EncoderConfig(model=str(folder), device=device_name, dtype=dtype, batch_size=batch))
