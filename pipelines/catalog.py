@@ -21,7 +21,15 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 
-__all__ = ["CatalogError", "CatalogItem", "catalog_files", "iter_items", "read_catalog", "read_manifest_file"]
+__all__ = [
+    "CatalogError",
+    "CatalogItem",
+    "catalog_files",
+    "item_from_image_path",
+    "iter_items",
+    "read_catalog",
+    "read_manifest_file",
+]
 
 REQUIRED_COLUMNS = ("item_id", "image_uri")
 _MANIFEST_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl",
@@ -112,9 +120,16 @@ def _resolve(base: str, image_uri: str | None) -> str:
     return storage.join(base, image_uri) if "://" in base else os.path.normpath(os.path.join(base, image_uri))
 
 
+def item_from_image_path(path: str) -> CatalogItem:
+    """An item of a glob-of-images catalog: its id is the file stem."""
+    return CatalogItem(os.path.splitext(path.rsplit("/", 1)[-1])[0], path)
+
+
 def _images_table(files: list[str]) -> pa.Table:
-    stems = [os.path.splitext(f.rsplit("/", 1)[-1])[0] for f in files]
-    return pa.table({"item_id": pa.array(stems, pa.string()), "image_uri": pa.array(files, pa.string())})
+    items = [item_from_image_path(f) for f in files]
+    return pa.table(
+        {"item_id": pa.array([i.item_id for i in items], pa.string()), "image_uri": pa.array(files, pa.string())}
+    )
 
 
 def read_catalog(uri: str) -> pa.Table:

@@ -31,12 +31,20 @@ from apache_beam.utils.shared import Shared
 
 from encoder import DecodeLimits, EncoderConfig, load_encoder
 from pipelines import storage
-from pipelines.catalog import CatalogItem, catalog_files, iter_items, read_catalog, read_manifest_file
+from pipelines.catalog import (
+    CatalogItem,
+    catalog_files,
+    item_from_image_path,
+    iter_items,
+    read_catalog,
+    read_manifest_file,
+)
 from pipelines.embed_steps import KnownDigests, ProgressLog, embed_batch, join_reused, prepare_item
 from pipelines.records import (
     FAILURE_SCHEMA,
     EmbeddingRow,
     Failure,
+    PreparedImage,
     embedding_matrix,
     embedding_schema,
     failures_to_table,
@@ -116,16 +124,14 @@ class FetchAndDecode(beam.DoFn):
         storage.configure_storage()
         self._pool = ThreadPoolExecutor(self._cfg.fetch_threads, thread_name_prefix="fetch")
         self._progress = ProgressLog("fetched", self._total)
-        self._reuse_counter = Metrics.counter(_NAMESPACE, "reuse_requested")
 
     def process(self, items: list[CatalogItem], known: KnownDigests | None = None):
         for result in self._pool.map(lambda item: prepare_item(item, self._preprocess, self._cfg.limits, known), items):
-            if isinstance(result, Failure):
-                yield beam.pvalue.TaggedOutput("failed", result)
-            elif hasattr(result, "pixels"):
+            if isinstance(result, PreparedImage):
                 yield result
+            elif isinstance(result, Failure):
+                yield beam.pvalue.TaggedOutput("failed", result)
             else:
-                self._reuse_counter.inc()
                 yield beam.pvalue.TaggedOutput("reuse", result)
         self._progress.add(len(items))
 
@@ -182,9 +188,7 @@ def _read_items(p: beam.Pipeline, catalog: str) -> beam.PCollection:
     kind, files = catalog_files(catalog)
     files_pc = p | "List catalog files" >> beam.Create(files)
     if kind == "images":
-        items = files_pc | "Items from image files" >> beam.Map(
-            lambda f: CatalogItem(f.rsplit("/", 1)[-1].rsplit(".", 1)[0], f)
-        )
+        items = files_pc | "Items from image files" >> beam.Map(item_from_image_path)
     else:
         items = files_pc | "Read manifest" >> beam.FlatMap(lambda f: iter_items(read_manifest_file(f)))
     return items | "Count items" >> beam.Map(_count("items_in")) | "Spread items" >> beam.Reshuffle()

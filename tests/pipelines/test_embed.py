@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from pathlib import Path
 
 import apache_beam as beam
 import numpy as np
@@ -41,8 +42,6 @@ def test_counts_add_up(first_run, demo_catalog):
 
 
 def test_shards_follow_the_contract(first_run, tiny_encoder):
-    from pathlib import Path
-
     table = _read_dir(Path(first_run.run_dir))
     assert table.schema.names == ["item_id", "embedding", "image_sha256", "model_version", "embedded_at"]
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), tiny_encoder.dim)
@@ -54,8 +53,6 @@ def test_shards_follow_the_contract(first_run, tiny_encoder):
 
 
 def test_vectors_equal_embedding_the_image_directly(first_run, demo_catalog, tiny_encoder):
-    from pathlib import Path
-
     got = _vectors(_read_dir(Path(first_run.run_dir)))
     manifest = {r["item_id"]: r for r in pq.read_table(demo_catalog.manifest).to_pylist()}
     for item_id in list(got)[:10]:
@@ -65,8 +62,6 @@ def test_vectors_equal_embedding_the_image_directly(first_run, demo_catalog, tin
 
 
 def test_dead_letters_name_item_stage_and_reason(first_run, demo_catalog):
-    from pathlib import Path
-
     failures = _read_dir(Path(first_run.failures_dir)).to_pylist()
     assert sorted(f["item_id"] for f in failures) == sorted(demo_catalog.broken_item_ids)
     assert {f["stage"] for f in failures} == {"fetch", "decode"}
@@ -75,8 +70,6 @@ def test_dead_letters_name_item_stage_and_reason(first_run, demo_catalog):
 
 
 def test_run_manifest_is_written_last_with_counts_and_shards(first_run):
-    from pathlib import Path
-
     run_dir = Path(first_run.run_dir)
     manifest = json.loads((run_dir / "_manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["items_in"] == 100
@@ -87,8 +80,6 @@ def test_run_manifest_is_written_last_with_counts_and_shards(first_run):
 
 
 def test_rerun_reuses_every_vector(first_run, demo_catalog, tiny_model):
-    from pathlib import Path
-
     out = str(Path(first_run.run_dir).parents[1])
     again = run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=out))
     assert again.counts == {"items_in": 100, "embedded": 0, "reused": 95, "dead_lettered": 5}
@@ -114,16 +105,12 @@ def test_changed_and_removed_items(demo_catalog, tiny_model, tmp_path):
 
     second = run_embed(EmbedConfig(catalog=str(catalog / "manifest.parquet"), model=str(tiny_model), out=out))
     assert second.counts == {"items_in": 99, "embedded": 1, "reused": 93, "dead_lettered": 5}
-    from pathlib import Path
-
     rows = _vectors(_read_dir(Path(second.run_dir)))
     assert removed["item_id"] not in rows
     assert not np.array_equal(rows[changed["item_id"]], _vectors(_read_dir(Path(first.run_dir)))[changed["item_id"]])
 
 
 def test_no_incremental_embeds_everything_again(first_run, demo_catalog, tiny_model, tmp_path):
-    from pathlib import Path
-
     out = str(Path(first_run.run_dir).parents[1])
     fresh = run_embed(
         EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=out, incremental=False)
@@ -195,8 +182,6 @@ def test_awkward_and_broken_images(tmp_path, tiny_model):
         EmbedConfig(catalog=str(tmp_path / "m.parquet"), model=str(tiny_model), out=str(tmp_path / "out"))
     )
     assert result.counts == {"items_in": len(names), "embedded": len(good), "reused": 0, "dead_lettered": len(bad) + 1}
-    from pathlib import Path
-
     failures = {f["item_id"]: f for f in _read_dir(Path(result.failures_dir)).to_pylist()}
     for name, (_, stage, reason) in bad.items():
         assert failures[name]["stage"] == stage, failures[name]
@@ -207,8 +192,6 @@ def test_awkward_and_broken_images(tmp_path, tiny_model):
 
 @pytest.mark.slow
 def test_several_worker_processes(demo_catalog, tiny_model, tmp_path, first_run):
-    from pathlib import Path
-
     result = run_embed(
         EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path), workers=2)
     )
@@ -236,3 +219,14 @@ def test_fetch_and_decode_routes_every_item(demo_catalog, tiny_model, tiny_encod
         assert_that(outputs.failed | "bad ids" >> beam.Map(lambda f: f.item_id),
                     equal_to([i.item_id for i in items if i.item_id in broken]), label="failed")  # fmt: skip
         assert_that(outputs.reuse, equal_to([]), label="reuse")
+
+
+def test_glob_of_images_as_the_catalog(demo_catalog, tiny_model, tmp_path):
+    result = run_embed(
+        EmbedConfig(catalog=str(demo_catalog.root / "images" / "00001*"), model=str(tiny_model), out=str(tmp_path))
+    )
+    expected = sorted(p.stem for p in (demo_catalog.root / "images").glob("00001*"))
+    assert result.counts["items_in"] == len(expected) == 10
+    rows = _read_dir(Path(result.run_dir)).column("item_id").to_pylist()
+    failures = _read_dir(Path(result.failures_dir)).column("item_id").to_pylist()
+    assert sorted(rows + failures) == expected
