@@ -60,3 +60,11 @@ def rate(n: int, fn: Callable[[], object], repeats: int = 1) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return n / best
+
+
+def print_table(results: dict[str, float], baseline: str) -> None:
+    """A Markdown table of images/s, each row also as a ratio to the first (the baseline)."""
+    base = next(iter(results.values()))
+    print(f"| path | images/s | × {baseline} |\n| --- | ---: | ---: |")
+    for name, value in results.items():
+        print(f"| {name} | {value:,.0f} | {value / base:.1f} |")

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.common import machine, rate, realistic_jpegs  # noqa: E402
+from benchmarks.common import machine, print_table, rate, realistic_jpegs  # noqa: E402
 from encoder import DecodeLimits, EncoderConfig, TinyModelConfig, decode_image, init_tiny_model, load_encoder  # noqa: E402
 from pipelines.embed import EmbedConfig, run_embed  # noqa: E402
 
@@ -98,10 +98,7 @@ def main() -> None:
         assert run.counts["embedded"] == len(paths), run.counts
         results[f"lookalike embed, Beam FnApiRunner, {workers} worker process(es), whole run"] = len(paths) / wall
 
-    base = next(iter(results.values()))
-    print("| path | images/s | × naive |\n| --- | ---: | ---: |")
-    for name, value in results.items():
-        print(f"| {name} | {value:,.0f} | {value / base:.1f} |")
+    print_table(results, baseline="naive")
 
 
 if __name__ == "__main__":

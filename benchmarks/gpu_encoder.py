@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import machine, print_table  # noqa: E402
 from encoder import EncoderConfig, load_encoder  # noqa: E402
 
 BASE = dict(
@@ -103,10 +103,7 @@ def main() -> None:
             lambda: compiled.embed_prepared(uint8), batch, seconds, device
         )
 
-    base = next(iter(results.values()))
-    print("| path | images/s | × fp32 eager |\n| --- | ---: | ---: |")
-    for name, value in results.items():
-        print(f"| {name} | {value:,.0f} | {value / base:.1f} |")
+    print_table(results, baseline="fp32 eager")
 
 
 if __name__ == "__main__":

@@ -288,11 +288,9 @@ def find_previous_run(out: str, model_version: str, exclude: str | None = None) 
     for path in storage.match(storage.join(out, "embeddings", "*", MANIFEST_NAME)):
         manifest = json.loads(storage.read_bytes(path))
         if manifest.get("model_version") == model_version and manifest.get("run_id") != exclude:
-            runs.append((manifest["run_id"], path.rsplit("/", 1)[0], manifest))
-    if not runs:
-        return None
-    run_id, run_dir, manifest = max(runs, key=lambda r: r[0])
-    return dict(manifest, run_dir=run_dir)
+            runs.append(dict(manifest, run_dir=path.rsplit("/", 1)[0]))
+    # Completion time, not the id: ids given with --run-id need not sort by time.
+    return max(runs, key=lambda m: m["finished_at"], default=None)
 
 
 def _previous_shards(cfg: EmbedConfig, model_version: str) -> tuple[str | None, list[str]]:

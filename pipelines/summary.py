@@ -23,7 +23,7 @@ def print_embed_summary(result: EmbedResult, console: Console | None = None) -> 
         ("reused", f"{c['reused']:,}"),
         ("dead-lettered", f"{c['dead_lettered']:,}"),
         ("  by stage", ", ".join(f"{k} {v}" for k, v in sorted(m["dead_letters_by_stage"].items())) or "-"),
-        ("images/s (embedded)", f"{m['images_per_s']:,.1f}"),
+        ("images/s (embedded, whole run)", f"{m['images_per_s']:,.1f}" if c["embedded"] else "-"),
         ("wall time", f"{m['wall_time_s']:,.1f} s"),
         ("model_version", m["model_version"]),
         ("reused from run", m["previous_run"] or "-"),
