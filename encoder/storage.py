@@ -1,17 +1,60 @@
-"""Google Cloud Storage access for library code (no Beam): a client and directory copies."""
+"""Object storage for library code (no Beam): local paths and gs:// behind one small API.
+
+The innermost package owns it so that `encoder` and `indexing` share one
+implementation. Transient errors (throttling, 5xx, dropped connections) are
+retried with exponential backoff and full jitter within a bounded time;
+permanent ones (not found, forbidden) raise at once.
+
+`read_versioned` / `write_if_version` give compare-and-swap on a single object:
+on gs:// through generation-match preconditions, locally through a lock file
+around the read-modify-write. Whole-object writes are atomic in both places
+(local: temp file + rename; gs://: an upload becomes visible only when complete).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
+import random
 import shutil
 import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
-__all__ = ["download_gcs_dir", "gcs_client", "is_gcs", "split_gcs_uri"]
+__all__ = [
+    "ConcurrentUpdate",
+    "delete_tree",
+    "download_gcs_dir",
+    "exists",
+    "gcs_client",
+    "is_gcs",
+    "is_transient",
+    "join",
+    "list_children",
+    "local_lock",
+    "read_bytes",
+    "read_versioned",
+    "sha256_file",
+    "split_gcs_uri",
+    "upload_file",
+    "with_retries",
+    "write_bytes",
+    "write_if_version",
+]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ConcurrentUpdate(RuntimeError):
+    """Someone else changed the object between our read and our write."""
 
 
 def is_gcs(uri: str) -> bool:
@@ -28,29 +71,243 @@ def split_gcs_uri(uri: str) -> tuple[str, str]:
     return bucket, path
 
 
+def join(base: str, *parts: str) -> str:
+    if is_gcs(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return os.path.join(base, *parts)
+
+
+_CLIENT = None
+
+
 def gcs_client():
-    """A storage client; anonymous against an emulator (`STORAGE_EMULATOR_HOST`)."""
+    """A storage client (one per process); anonymous against an emulator (`STORAGE_EMULATOR_HOST`)."""
+    global _CLIENT
     from google.cloud import storage
 
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
-        return storage.Client.create_anonymous_client()
-    return storage.Client()
+    if _CLIENT is None or getattr(_CLIENT, "_lookalike_emulator", None) != os.environ.get("STORAGE_EMULATOR_HOST"):
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+        client = storage.Client.create_anonymous_client() if emulator else storage.Client()
+        client._lookalike_emulator = emulator
+        _CLIENT = client
+    return _CLIENT
+
+
+def _blob(uri: str):
+    bucket, path = split_gcs_uri(uri)
+    return gcs_client().bucket(bucket).blob(path)
+
+
+# ------------------------------------------------------------------ retries
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether retrying `err` may succeed: throttling, server errors, dropped connections."""
+    from google.api_core import exceptions as gexc
+
+    transient = (gexc.TooManyRequests, gexc.InternalServerError, gexc.BadGateway, gexc.ServiceUnavailable,
+                 gexc.GatewayTimeout)  # fmt: skip
+    if isinstance(err, transient):
+        return True
+    if isinstance(err, gexc.GoogleAPICallError):
+        return False
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    import requests
+
+    return isinstance(err, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout))
+
+
+def with_retries(call: Callable[[], T], what: str, *, attempts: int = 5, base_delay_s: float = 0.2,
+                 max_total_s: float = 60.0) -> T:  # fmt: skip
+    """Run `call`, retrying transient errors with exponential backoff and full jitter."""
+    start = time.monotonic()
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except Exception as err:
+            elapsed = time.monotonic() - start
+            if not is_transient(err) or attempt == attempts or elapsed >= max_total_s:
+                raise
+            delay = min(random.uniform(0, base_delay_s * 2**attempt), max(0.0, max_total_s - elapsed))
+            log.warning("%s: %s (attempt %d/%d), retrying in %.2fs", what, err, attempt, attempts, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _not_found(err: BaseException) -> bool:
+    from google.api_core.exceptions import NotFound
+
+    return isinstance(err, (FileNotFoundError, NotFound))
+
+
+# ------------------------------------------------------------------ whole objects
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole object.
+
+    Raises:
+        FileNotFoundError: no such object.
+    """
+    if not is_gcs(uri):
+        return Path(uri).read_bytes()
+    try:
+        return with_retries(lambda: _blob(uri).download_as_bytes(), f"read {uri}")
+    except Exception as err:
+        if _not_found(err):
+            raise FileNotFoundError(f"no such object: {uri}") from err
+        raise
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object atomically: readers see the old content or all of the new."""
+    if is_gcs(uri):
+        with_retries(lambda: _blob(uri).upload_from_string(data), f"write {uri}")
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+    tmp = f"{uri}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, uri)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def upload_file(local: str | Path, uri: str) -> None:
+    """Copy a local file to `uri` (atomically)."""
+    if is_gcs(uri):
+        with_retries(lambda: _blob(uri).upload_from_filename(str(local)), f"upload {uri}")
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+    tmp = f"{uri}.tmp-{uuid.uuid4().hex}"
+    shutil.copyfile(local, tmp)
+    os.replace(tmp, uri)
+
+
+def exists(uri: str) -> bool:
+    if not is_gcs(uri):
+        return os.path.exists(uri)
+    return with_retries(lambda: _blob(uri).exists(), f"stat {uri}")
+
+
+def list_children(uri: str) -> list[str]:
+    """Names directly under a directory or prefix (files and sub-directories), sorted."""
+    if not is_gcs(uri):
+        return sorted(os.listdir(uri)) if os.path.isdir(uri) else []
+    bucket, prefix = split_gcs_uri(uri.rstrip("/"))
+    prefix = f"{prefix}/" if prefix else ""
+
+    def names() -> list[str]:
+        blobs = gcs_client().list_blobs(bucket, prefix=prefix, delimiter="/")
+        files = [b.name[len(prefix) :] for b in blobs]
+        return files + [p[len(prefix) :].rstrip("/") for p in blobs.prefixes]
+
+    return sorted(set(with_retries(names, f"list {uri}")))
+
+
+def delete_tree(uri: str) -> None:
+    """Remove a directory or prefix and everything under it."""
+    if not is_gcs(uri):
+        shutil.rmtree(uri, ignore_errors=True)
+        return
+    bucket, prefix = split_gcs_uri(uri.rstrip("/"))
+    for blob in with_retries(lambda: list(gcs_client().list_blobs(bucket, prefix=f"{prefix}/")), f"list {uri}"):
+        with_retries(blob.delete, f"delete gs://{bucket}/{blob.name}")
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------ compare-and-swap
+
+
+@contextlib.contextmanager
+def local_lock(path: str) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created if missing), across processes."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_versioned(uri: str) -> tuple[bytes | None, int]:
+    """Content and version of an object; (None, 0) when it does not exist.
+
+    On gs:// the version is the object generation. Locally it is the file's
+    nanosecond mtime; callers serialise local read-modify-writes with `local_lock`.
+    """
+    if not is_gcs(uri):
+        try:
+            return Path(uri).read_bytes(), os.stat(uri).st_mtime_ns
+        except FileNotFoundError:
+            return None, 0
+
+    def read() -> tuple[bytes | None, int]:
+        blob = _blob(uri)
+        try:
+            blob.reload()
+        except Exception as err:
+            if _not_found(err):
+                return None, 0
+            raise
+        return blob.download_as_bytes(if_generation_match=blob.generation), int(blob.generation)
+
+    return with_retries(read, f"read {uri}")
+
+
+def write_if_version(uri: str, data: bytes, version: int) -> None:
+    """Replace the object only if it is still at `version` (0: only if absent).
+
+    Raises:
+        ConcurrentUpdate: it changed since it was read.
+    """
+    if not is_gcs(uri):
+        _, current = read_versioned(uri)
+        if current != version:
+            raise ConcurrentUpdate(f"{uri} changed since it was read")
+        write_bytes(uri, data)
+        return
+    from google.api_core.exceptions import PreconditionFailed
+
+    try:
+        with_retries(lambda: _blob(uri).upload_from_string(data, if_generation_match=version), f"write {uri}")
+    except PreconditionFailed as err:
+        raise ConcurrentUpdate(f"{uri} changed since it was read") from err
+
+
+# ------------------------------------------------------------------ directory copies
 
 
 def download_gcs_dir(uri: str, cache_root: str | Path) -> Path:
     """Copy every object under a gs:// prefix into a local cache directory.
 
     The cache key covers each object's name and generation, so a re-uploaded
-    checkpoint under the same URI is fetched again; an unchanged one is not.
+    directory under the same URI is fetched again; an unchanged one is not.
     The copy lands in a temporary directory and is renamed into place whole.
 
     Raises:
         FileNotFoundError: nothing under the prefix.
+        ValueError: an object name that would escape the directory.
     """
     bucket_name, prefix = split_gcs_uri(uri.rstrip("/"))
     prefix = f"{prefix}/" if prefix else ""
-    client = gcs_client()
-    blobs = [b for b in client.list_blobs(bucket_name, prefix=prefix) if not b.name.endswith("/")]
+    blobs = with_retries(
+        lambda: [b for b in gcs_client().list_blobs(bucket_name, prefix=prefix) if not b.name.endswith("/")],
+        f"list {uri}",
+    )
     if not blobs:
         raise FileNotFoundError(f"no objects under {uri}")
     key = hashlib.sha256()
@@ -64,12 +321,11 @@ def download_gcs_dir(uri: str, cache_root: str | Path) -> Path:
     staging = Path(tempfile.mkdtemp(dir=cache_root, prefix=".download-"))
     try:
         for blob in blobs:
-            relative = blob.name[len(prefix) :]
-            local = (staging / relative).resolve()
+            local = (staging / blob.name[len(prefix) :]).resolve()
             if staging.resolve() not in local.parents:
                 raise ValueError(f"object name escapes its directory: {blob.name!r}")
             local.parent.mkdir(parents=True, exist_ok=True)
-            blob.download_to_filename(str(local))
+            with_retries(lambda b=blob, p=local: b.download_to_filename(str(p)), f"download {blob.name}")
         os.replace(staging, target)
     except OSError:
         if not target.is_dir():  # a concurrent download may have won the rename

@@ -1,21 +1,19 @@
 """Object storage through Beam's FileSystems: local paths, gs:// and any scheme Beam knows.
 
-Reads retry transient errors (throttling, 5xx, dropped connections) with
-exponential backoff and jitter inside a bounded time; permanent ones (not
-found, forbidden) raise at once.
+Reads retry transient errors with `encoder.storage.with_retries` (exponential
+backoff and jitter inside a bounded time); permanent ones (not found,
+forbidden) raise at once.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
-import time
 import uuid
-from collections.abc import Callable
-from typing import TypeVar
 
 from apache_beam.io.filesystems import FileSystems
+
+from encoder.storage import is_transient, with_retries
 
 __all__ = [
     "NotFound",
@@ -30,9 +28,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
 
 class NotFound(FileNotFoundError):
     """The object or file does not exist (a permanent error)."""
@@ -52,42 +47,6 @@ def configure_storage(pipeline_options=None) -> None:
         with auth._Credentials._credentials_lock:
             auth._Credentials._credentials_init = True
             auth._Credentials._credentials = None
-
-
-def is_transient(err: BaseException) -> bool:
-    """Whether retrying `err` may succeed: throttling, server errors, dropped connections."""
-    try:
-        from google.api_core import exceptions as gexc
-
-        if isinstance(err, (gexc.TooManyRequests, gexc.InternalServerError, gexc.BadGateway,
-                            gexc.ServiceUnavailable, gexc.GatewayTimeout)):  # fmt: skip
-            return True
-        if isinstance(err, gexc.GoogleAPICallError):
-            return False
-    except ImportError:  # pragma: no cover - the gcp extra is part of the install
-        pass
-    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
-    import requests
-
-    return isinstance(err, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout))
-
-
-def with_retries(call: Callable[[], T], what: str, *, attempts: int = 5, base_delay_s: float = 0.2,
-                 max_total_s: float = 60.0) -> T:  # fmt: skip
-    """Run `call`, retrying transient errors with exponential backoff and full jitter."""
-    start = time.monotonic()
-    for attempt in range(1, attempts + 1):
-        try:
-            return call()
-        except Exception as err:
-            elapsed = time.monotonic() - start
-            if not is_transient(err) or attempt == attempts or elapsed >= max_total_s:
-                raise
-            delay = min(random.uniform(0, base_delay_s * 2**attempt), max(0.0, max_total_s - elapsed))
-            log.warning("%s: %s (attempt %d/%d), retrying in %.2fs", what, err, attempt, attempts, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 def _is_not_found(err: BaseException) -> bool:
