@@ -41,6 +41,10 @@ setup(
         "typer>=0.29",
         "rich>=15",
         "pyyaml>=6",
+        "faiss-cpu>=1.15,<1.16",
+        "scann>=1.4,<1.5",
+        "fastapi>=0.165",
+        "uvicorn>=0.54",
     ],
     extras_require={
         # GPU workers only: GPU JPEG decode. torchvision breaks transformers' SigLIP import beside the CPU torch.

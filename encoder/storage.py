@@ -29,6 +29,7 @@ from typing import TypeVar
 
 __all__ = [
     "ConcurrentUpdate",
+    "delete",
     "delete_tree",
     "download_gcs_dir",
     "exists",
@@ -208,6 +209,18 @@ def list_children(uri: str) -> list[str]:
         return files + [p[len(prefix) :].rstrip("/") for p in blobs.prefixes]
 
     return sorted(set(with_retries(names, f"list {uri}")))
+
+
+def delete(uri: str) -> None:
+    """Remove one object or file; a missing one is not an error."""
+    if not is_gcs(uri):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(uri)
+        return
+    from google.api_core.exceptions import NotFound
+
+    with contextlib.suppress(NotFound):
+        with_retries(_blob(uri).delete, f"delete {uri}")
 
 
 def delete_tree(uri: str) -> None:

@@ -31,7 +31,7 @@ def _setup_logging(verbose: bool) -> None:
         stream=sys.stderr,
     )
     if not verbose:
-        for noisy in ("apache_beam", "transformers", "huggingface_hub", "urllib3", "google"):
+        for noisy in ("apache_beam", "transformers", "huggingface_hub", "urllib3", "google", "faiss"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from transformers.utils import logging as hf_logging

@@ -29,6 +29,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
 class NotFound(FileNotFoundError):
     """The object or file does not exist (a permanent error)."""
 

@@ -1,0 +1,201 @@
+"""`SnapshotClient`: what downstream Python services use to search the published snapshot.
+
+It loads the snapshot LATEST names, verifies every file's checksum, and serves
+searches by item id or by raw vector. `refresh()` picks up a newly published
+snapshot and swaps it in atomically; a corrupt, incomplete or
+dimension-mismatched snapshot is refused with a logged error while the current
+one keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from indexing.backends import AnnIndex, load_index
+from indexing.publish import read_latest
+from indexing.reduce import Reducer, load_reducer
+from indexing.snapshot import SnapshotError, local_copy, read_manifest, verify_snapshot
+
+__all__ = ["Neighbor", "SnapshotClient", "UnknownItem"]
+
+log = logging.getLogger(__name__)
+
+
+class UnknownItem(KeyError):
+    """An item id that the served snapshot does not contain."""
+
+    def __str__(self) -> str:
+        return f"item {self.args[0]!r} is not in the snapshot"
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    item_id: str
+    score: float
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    manifest: dict
+    index: AnnIndex
+    item_ids: list[str]
+    rows: dict[str, int]
+    vectors: np.ndarray  # (count, dim) float32, memory-mapped
+    reducer: Reducer | None
+
+    @property
+    def snapshot_id(self) -> str:
+        return self.manifest["snapshot_id"]
+
+
+def _load(root: str, snapshot_id: str, cache_dir: str) -> _Loaded:
+    manifest = read_manifest(root, snapshot_id)
+    directory = local_copy(root, snapshot_id, cache_dir)
+    verify_snapshot(directory, manifest)
+    index = load_index(Path(directory), manifest["index"])
+    item_ids = pq.read_table(Path(directory) / "ids.parquet").column("item_id").to_pylist()
+    vectors = np.load(Path(directory) / "vectors.npy", mmap_mode="r")
+    count, dim = manifest["count"], manifest["dim"]
+    if len(item_ids) != count or vectors.shape != (count, dim) or getattr(index, "ntotal", count) != count:
+        raise SnapshotError(
+            f"snapshot {snapshot_id} is inconsistent: manifest says {count} × {dim}, "
+            f"ids {len(item_ids)}, vectors {vectors.shape}"
+        )
+    return _Loaded(manifest, index, item_ids, {i: r for r, i in enumerate(item_ids)}, vectors, load_reducer(directory))
+
+
+class SnapshotClient:
+    """Search the snapshot published under `root` (local or gs://)."""
+
+    def __init__(self, root: str, cache_dir: str | None = None, allow_dim_change: bool = False) -> None:
+        self.root = root
+        self._cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "lookalike", "snapshots")
+        self._allow_dim_change = allow_dim_change
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        latest = read_latest(root)
+        if latest is None:
+            raise SnapshotError(f"nothing is published under {root} (no LATEST)")
+        self._current = _load(root, latest.snapshot_id, self._cache_dir)
+        log.info("serving snapshot %s (%d items)", self.snapshot_id, self._current.manifest["count"])
+
+    @property
+    def snapshot_id(self) -> str:
+        return self._current.snapshot_id
+
+    @property
+    def manifest(self) -> dict:
+        return self._current.manifest
+
+    def refresh(self) -> bool:
+        """Swap in the snapshot LATEST names now, if it changed. True when it swapped.
+
+        A snapshot that fails to load or verify, or changes the served dimension
+        (unless `allow_dim_change`), is refused with a logged error; the current
+        snapshot keeps serving.
+        """
+        try:
+            latest = read_latest(self.root)
+        except Exception as err:  # noqa: BLE001 - a bad LATEST must not stop serving
+            log.error("refresh: cannot read LATEST under %s: %s; still serving %s", self.root, err, self.snapshot_id)
+            return False
+        if latest is None or latest.snapshot_id == self.snapshot_id:
+            return False
+        try:
+            candidate = _load(self.root, latest.snapshot_id, self._cache_dir)
+            if candidate.manifest["dim"] != self._current.manifest["dim"] and not self._allow_dim_change:
+                raise SnapshotError(
+                    f"dimension {candidate.manifest['dim']} differs from the served {self._current.manifest['dim']}"
+                )
+        except Exception as err:  # noqa: BLE001 - refused, logged, old snapshot keeps serving
+            log.error("refresh: refusing snapshot %s: %s; still serving %s", latest.snapshot_id, err, self.snapshot_id)
+            return False
+        with self._lock:
+            self._current = candidate
+        log.info("refresh: now serving snapshot %s", candidate.snapshot_id)
+        return True
+
+    def start_auto_refresh(self, interval_s: float = 30.0) -> None:
+        """Call `refresh()` every `interval_s` seconds on a daemon thread."""
+        if self._thread is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                self.refresh()
+
+        self._thread = threading.Thread(target=loop, name="snapshot-refresh", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def vector_of(self, item_id: str) -> np.ndarray:
+        snapshot = self._current
+        row = snapshot.rows.get(item_id)
+        if row is None:
+            raise UnknownItem(item_id)
+        return np.array(snapshot.vectors[row])
+
+    def search(self, item_ids: Sequence[str] | None = None, vectors: np.ndarray | Sequence | None = None,
+               k: int = 10) -> list[list[Neighbor]]:  # fmt: skip
+        """Nearest neighbours of items (themselves excluded) or of raw query vectors.
+
+        Raw vectors have the embedding model's dimension; a snapshot with a
+        reduction applies it to them first.
+
+        Raises:
+            UnknownItem: an item id not in the snapshot.
+            ValueError: k < 1, both or neither of item_ids/vectors, or vectors of the wrong shape or non-finite.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if (item_ids is None) == (vectors is None):
+            raise ValueError("pass exactly one of item_ids or vectors")
+        snapshot = self._current  # one consistent snapshot for the whole call, even if a refresh swaps meanwhile
+        if item_ids is not None:
+            rows = []
+            for item_id in item_ids:
+                if item_id not in snapshot.rows:
+                    raise UnknownItem(item_id)
+                rows.append(snapshot.rows[item_id])
+            queries, exclude = np.asarray(snapshot.vectors[rows], dtype=np.float32), rows
+        else:
+            queries = self._prepare_vectors(snapshot, vectors)
+            exclude = [None] * len(queries)
+        if not len(queries):
+            return []
+        scores, found = snapshot.index.search(queries, min(k + 1, snapshot.manifest["count"]))
+        results = []
+        for row_scores, row_found, own in zip(scores, found, exclude, strict=True):
+            hits = [Neighbor(snapshot.item_ids[r], float(s)) for s, r in zip(row_scores, row_found, strict=True)
+                    if r >= 0 and r != own]  # fmt: skip
+            results.append(hits[:k])
+        return results
+
+    @staticmethod
+    def _prepare_vectors(snapshot: _Loaded, vectors) -> np.ndarray:
+        queries = np.asarray(vectors, dtype=np.float32)
+        if queries.ndim == 1:
+            queries = queries[None]
+        expected = snapshot.reducer.dim_in if snapshot.reducer else snapshot.manifest["dim"]
+        if queries.ndim != 2 or queries.shape[1] != expected:
+            raise ValueError(f"query vectors must have dimension {expected}, got shape {tuple(queries.shape)}")
+        if not np.isfinite(queries).all():
+            raise ValueError("query vectors contain NaN or infinity")
+        norms = np.linalg.norm(queries, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise ValueError("a query vector is all zeros")
+        queries = queries / norms
+        return snapshot.reducer.apply(queries) if snapshot.reducer else queries

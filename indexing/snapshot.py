@@ -1,0 +1,254 @@
+"""Snapshots: build one from embed runs, and verify one file by file.
+
+    ROOT/<snapshot_id>/index.faiss | scann/...   the index (plus index.ivfdata when on disk)
+                       ids.parquet               row → item_id
+                       vectors.npy               (count, dim) float32 as served (after any reduction)
+                       reduce.npz                the reduction, when there is one
+                       manifest.json             written last: every file's size and sha256, model_version,
+                                                 dim, metric, count, index parameters, measured quality, source runs
+
+A snapshot is complete when its manifest.json exists and every file it lists has
+the recorded size and sha256. Building never touches ROOT/LATEST (see publish.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from encoder import storage
+from indexing.backends import build_faiss, build_scann
+from indexing.embeddings import EmbeddingsError, open_embeddings
+from indexing.quality import exact_topk, measure, recall_at_k
+from indexing.reduce import fit_reducer
+from indexing.spec import IndexConfig, choose_index
+
+__all__ = [
+    "MANIFEST_NAME",
+    "SnapshotError",
+    "build_snapshot",
+    "local_copy",
+    "new_snapshot_id",
+    "read_manifest",
+    "verify_snapshot",
+]
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+_TRAIN_ROWS = 100_000  # k-means and PCA learn well from this many; more only costs time
+
+
+class SnapshotError(ValueError):
+    """A snapshot that must not be published or loaded; the message says why."""
+
+
+def new_snapshot_id() -> str:
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+
+
+def _write_ids_and_vectors(source, transform, workdir: Path, dim: int):
+    """One pass: ids.parquet and vectors.npy as served; yields each served batch for the index."""
+    vectors = np.lib.format.open_memmap(workdir / "vectors.npy", mode="w+", dtype=np.float32, shape=(source.count, dim))
+    offset = 0
+    with pq.ParquetWriter(workdir / "ids.parquet", pa.schema([("item_id", pa.string())])) as writer:
+        for ids, batch in source.batches():
+            served = transform(batch)
+            vectors[offset : offset + len(ids)] = served
+            writer.write_table(pa.table({"item_id": pa.array(ids, pa.string())}))
+            offset += len(ids)
+            yield served
+    vectors.flush()
+    if offset != source.count:
+        raise EmbeddingsError(f"runs' manifests promise {source.count} rows, shards hold {offset}")
+
+
+def _check_unique_ids(path: Path) -> None:
+    ids = pq.read_table(path).column("item_id")
+    counts = pc.value_counts(ids)
+    dupes = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist()
+    if dupes:
+        raise EmbeddingsError(
+            f"{len(dupes)} item_id(s) appear more than once, e.g. {dupes[:5]}; index one run per item set"
+        )
+
+
+def _tune(index, queries: np.ndarray, truth: np.ndarray, cfg: IndexConfig) -> dict:
+    """The cheapest search setting that reaches the recall target (else the most exhaustive)."""
+    chosen = {}
+    for params in index.tuning_grid():
+        index.set_search_params(params)
+        chosen = params
+        if recall_at_k(index.search(queries, cfg.k)[1], truth) >= cfg.target_recall:
+            break
+    index.set_search_params(chosen)
+    return chosen
+
+
+def build_snapshot(embeddings: list[str] | str, root: str, cfg: IndexConfig = IndexConfig(),
+                   snapshot_id: str | None = None) -> dict:  # fmt: skip
+    """Build an index snapshot from embed runs and write it under `root` (not published).
+
+    Returns:
+        The snapshot's manifest.
+
+    Raises:
+        EmbeddingsError: empty, mixed or non-finite embeddings, duplicate item ids.
+        SnapshotError: measured recall@10 below `cfg.min_recall` (nothing is written).
+    """
+    started = time.monotonic()
+    source = open_embeddings(embeddings)
+    snapshot_id = snapshot_id or new_snapshot_id()
+    _, train = source.sample(_TRAIN_ROWS, seed=cfg.seed)
+    _, queries_raw = source.sample(cfg.queries, seed=cfg.seed + 1)
+    reducer = fit_reducer(cfg.reduce, train) if cfg.reduce else None
+    transform = reducer.apply if reducer else (lambda v: v)
+    dim = reducer.dim_out if reducer else source.dim
+    plan = choose_index(source.count, dim, cfg)
+    log.info("indexing %d vectors (dim %d → %d) as %s: %s", source.count, source.dim, dim, plan.kind, plan.reason)
+
+    local_root = None if storage.is_gcs(root) else Path(root)
+    if local_root is not None:
+        local_root.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f".building-{snapshot_id}-", dir=local_root))
+    try:
+        served = _write_ids_and_vectors(source, transform, workdir, dim)
+        build_start = time.monotonic()
+        if plan.backend == "faiss":
+            index = build_faiss(plan, dim, transform(train), served, workdir, cfg.memory_budget)
+        else:
+            for _ in served:  # fill vectors.npy; ScaNN builds from the whole matrix
+                pass
+            index = build_scann(plan, np.load(workdir / "vectors.npy", mmap_mode="r"))
+        build_s = time.monotonic() - build_start
+        _check_unique_ids(workdir / "ids.parquet")
+
+        # Ground truth is exact search in the embedding space itself, so a reduction's loss shows in the recall.
+        truth = exact_topk(queries_raw, (v for _, v in source.batches(columns_checked=False)), cfg.k)
+        queries = transform(queries_raw)
+        search_params = _tune(index, queries, truth, cfg)
+        quality = measure(index.search, queries, truth, cfg.k)
+        if quality.recall_at_10 < cfg.min_recall:
+            raise SnapshotError(
+                f"measured recall@{cfg.k} {quality.recall_at_10:.3f} is below --min-recall {cfg.min_recall} "
+                f"({plan.kind}, {search_params or 'default search'}); try another --index or lower --min-recall"
+            )
+        names = index.save(workdir) + ["ids.parquet", "vectors.npy"] + ([reducer.save(workdir)] if reducer else [])
+        manifest = {
+            "snapshot_id": snapshot_id,
+            "created_at": datetime.now(UTC).isoformat(),
+            "model_version": source.model_version,
+            "dim": dim,
+            "source_dim": source.dim,
+            "metric": "inner_product",
+            "count": source.count,
+            "index": {
+                "backend": plan.backend,
+                "kind": plan.kind,
+                "factory": plan.factory,
+                "build_params": plan.build_params,
+                "search_params": search_params,
+                "on_disk": plan.on_disk,
+                "parts": getattr(index, "parts", 1),
+                "reason": plan.reason,
+            },
+            "reduce": reducer.describe() if reducer else None,
+            "quality": quality.as_dict() | {"k": cfg.k, "build_s": round(build_s, 3)},
+            "bytes": {
+                "index": sum(_size(workdir / n) for n in names if n not in ("ids.parquet", "vectors.npy")),
+                "vectors_float32_source": source.nbytes,
+            },  # fmt: skip
+            "source_runs": [{"run_dir": r.run_dir, "run_id": r.run_id, "rows": r.rows} for r in source.runs],
+            "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
+            "files": {n: {"bytes": _size(workdir / n), "sha256": storage.sha256_file(workdir / n)} for n in names},
+            "wall_time_s": None,
+        }
+        manifest["wall_time_s"] = round(time.monotonic() - started, 3)
+        _install(workdir, names, manifest, root, snapshot_id)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    log.info("snapshot %s: recall@%d %.3f, p50 %.3f ms, %s", snapshot_id, cfg.k, quality.recall_at_10,
+             quality.latency_ms_p50, storage.join(root, snapshot_id))  # fmt: skip
+    return manifest
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size
+
+
+def _install(workdir: Path, names: list[str], manifest: dict, root: str, snapshot_id: str) -> None:
+    """Put the files under ROOT/<snapshot_id>/, manifest last (local: one directory rename)."""
+    (workdir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    if not storage.is_gcs(root):
+        for stray in set(os.listdir(workdir)) - set(names) - {MANIFEST_NAME, "scann"}:
+            (workdir / stray).unlink()
+        os.chmod(workdir, 0o755)  # mkdtemp made it private; services reading snapshots may run as other users
+        os.rename(workdir, Path(root) / snapshot_id)  # atomic; fails if the id exists
+        workdir.mkdir()  # so the caller's cleanup has something to remove
+        return
+    for name in names:
+        storage.upload_file(workdir / name, storage.join(root, snapshot_id, name))
+    storage.upload_file(workdir / MANIFEST_NAME, storage.join(root, snapshot_id, MANIFEST_NAME))
+
+
+def read_manifest(root: str, snapshot_id: str) -> dict:
+    """The manifest of a complete snapshot.
+
+    Raises:
+        SnapshotError: no such snapshot, or it is incomplete (no manifest).
+    """
+    try:
+        return json.loads(storage.read_bytes(storage.join(root, snapshot_id, MANIFEST_NAME)))
+    except FileNotFoundError as err:
+        raise SnapshotError(
+            f"snapshot {snapshot_id} under {root} is missing or incomplete (no {MANIFEST_NAME})"
+        ) from err
+    except json.JSONDecodeError as err:
+        raise SnapshotError(f"snapshot {snapshot_id}: unreadable {MANIFEST_NAME}: {err}") from err
+
+
+def _safe_name(name: str) -> str:
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts or not parts:
+        raise SnapshotError(f"file name {name!r} in a snapshot manifest escapes the snapshot directory")
+    return name
+
+
+def verify_snapshot(directory: str | Path, manifest: dict) -> None:
+    """Check every file the manifest lists against its size and sha256 (a local directory).
+
+    Raises:
+        SnapshotError: a missing, resized, changed or escaping file.
+    """
+    directory = Path(directory)
+    for name, expected in manifest.get("files", {}).items():
+        path = directory / _safe_name(name)
+        if path.is_symlink() or not path.is_file():
+            raise SnapshotError(f"snapshot {manifest.get('snapshot_id')}: file {name} is missing")
+        if path.stat().st_size != expected["bytes"]:
+            raise SnapshotError(f"snapshot {manifest.get('snapshot_id')}: {name} has {path.stat().st_size} bytes, "
+                                f"manifest says {expected['bytes']}")  # fmt: skip
+        if storage.sha256_file(path) != expected["sha256"]:
+            raise SnapshotError(f"snapshot {manifest.get('snapshot_id')}: {name} fails its sha256 check")
+    if not manifest.get("files"):
+        raise SnapshotError(f"snapshot {manifest.get('snapshot_id')}: manifest lists no files")
+
+
+def local_copy(root: str, snapshot_id: str, cache_dir: str | Path) -> Path:
+    """A local directory holding the snapshot: itself for a local root, else a cached download."""
+    if not storage.is_gcs(root):
+        return Path(root) / snapshot_id
+    return storage.download_gcs_dir(storage.join(root, snapshot_id), cache_dir)
