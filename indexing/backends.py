@@ -76,6 +76,10 @@ class FaissIndex:
         import faiss
 
         ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None and isinstance(self.index, faiss.IndexRefine):
+            # Compressed codes shortlist k·k_factor candidates, then exact-ish re-scoring picks k: tune both.
+            grid = [{"nprobe": p, "k_factor_rf": f} for p in _doubling(int(ivf.nlist)) for f in (2, 4, 8, 16, 32)]
+            return sorted(grid, key=lambda g: (g["nprobe"] * g["k_factor_rf"], g["nprobe"]))
         if ivf is not None:
             return [{"nprobe": p} for p in _doubling(int(ivf.nlist))]
         if "HNSW" in self.factory:

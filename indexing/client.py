@@ -150,7 +150,14 @@ class SnapshotClient:
 
     def search(self, item_ids: Sequence[str] | None = None, vectors: np.ndarray | Sequence | None = None,
                k: int = 10) -> list[list[Neighbor]]:  # fmt: skip
-        """Nearest neighbours of items (themselves excluded) or of raw query vectors.
+        """Nearest neighbours of items (themselves excluded) or of raw query vectors; see `search_tagged`."""
+        return self.search_tagged(item_ids, vectors, k)[1]
+
+    def search_tagged(self, item_ids: Sequence[str] | None = None, vectors: np.ndarray | Sequence | None = None,
+                      k: int = 10) -> tuple[str, list[list[Neighbor]]]:  # fmt: skip
+        """(snapshot_id, neighbours): the id of the very snapshot that answered.
+
+        Nearest neighbours of items (themselves excluded) or of raw query vectors.
 
         Raw vectors have the embedding model's dimension; a snapshot with a
         reduction applies it to them first.
@@ -175,14 +182,14 @@ class SnapshotClient:
             queries = self._prepare_vectors(snapshot, vectors)
             exclude = [None] * len(queries)
         if not len(queries):
-            return []
+            return snapshot.snapshot_id, []
         scores, found = snapshot.index.search(queries, min(k + 1, snapshot.manifest["count"]))
         results = []
         for row_scores, row_found, own in zip(scores, found, exclude, strict=True):
             hits = [Neighbor(snapshot.item_ids[r], float(s)) for s, r in zip(row_scores, row_found, strict=True)
                     if r >= 0 and r != own]  # fmt: skip
             results.append(hits[:k])
-        return results
+        return snapshot.snapshot_id, results
 
     @staticmethod
     def _prepare_vectors(snapshot: _Loaded, vectors) -> np.ndarray:

@@ -44,7 +44,7 @@ class IndexConfig:
     queries: int = 1000  # sampled queries for recall and latency
     hnsw_m: int = 32
     nlist: int | None = None  # IVF lists; default ~4·sqrt(N)
-    scann_leaves: int | None = None  # default ~sqrt(N)
+    scann_leaves: int | None = None  # default ~sqrt(N); setting it forces the tree even where exact is cheap
     scann_reorder: int = 100
     memory_budget: int | None = None  # bytes for vectors in memory; beyond it, IVF on disk in parts
     reduce: str | None = None  # pca:D | prefix:D
@@ -105,7 +105,7 @@ def choose_index(n: int, dim: int, cfg: IndexConfig) -> IndexPlan:
                 f"scann needs all {n} vectors in memory ({vector_bytes} bytes > budget {cfg.memory_budget}); "
                 "use --backend faiss"
             )
-        if cfg.index == "flat" or (cfg.index == "auto" and n <= EXACT_MAX_ROWS):
+        if cfg.index == "flat" or (cfg.index == "auto" and n <= EXACT_MAX_ROWS and cfg.scann_leaves is None):
             return IndexPlan("scann", "scann-brute", None, {}, f"exact: n={n} <= {EXACT_MAX_ROWS}")
         leaves = cfg.scann_leaves or max(2, int(math.sqrt(n)))
         params = {"num_leaves": leaves, "reorder": cfg.scann_reorder, "training_sample_size": min(n, 250_000)}
@@ -122,14 +122,14 @@ def choose_index(n: int, dim: int, cfg: IndexConfig) -> IndexPlan:
         if n <= IVF_FLAT_MAX_ROWS:
             return IndexPlan("faiss", "ivf", f"IVF{nlist},Flat", {"nlist": nlist}, f"IVF-Flat for n={n}")
         m = _pq_m(dim)
-        return IndexPlan("faiss", "ivfpq", f"IVF{nlist},PQ{m}x8,Refine(SQ8)", {"nlist": nlist, "pq_m": m},
-                         f"IVF-PQ with SQ8 refine for n={n}")  # fmt: skip
+        return IndexPlan("faiss", "ivfpq", f"IVF{nlist},PQ{m}x8,Refine(SQfp16)", {"nlist": nlist, "pq_m": m},
+                         f"IVF-PQ with fp16 refine for n={n}")  # fmt: skip
 
     named = {
         "flat": ("flat", "Flat", {}),
         "hnsw": ("hnsw", f"HNSW{cfg.hnsw_m},Flat", {"hnsw_m": cfg.hnsw_m}),
         "ivf": ("ivf", f"IVF{nlist},Flat", {"nlist": nlist}),
-        "ivfpq": ("ivfpq", f"IVF{nlist},PQ{_pq_m(dim)}x8,Refine(SQ8)", {"nlist": nlist, "pq_m": _pq_m(dim)}),
+        "ivfpq": ("ivfpq", f"IVF{nlist},PQ{_pq_m(dim)}x8,Refine(SQfp16)", {"nlist": nlist, "pq_m": _pq_m(dim)}),
     }
     kind, factory, params = named.get(cfg.index, ("factory", cfg.index, {}))
     if over_budget:

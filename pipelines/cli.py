@@ -111,13 +111,140 @@ def embed(
     print_embed_summary(result)
 
 
+@app.command("index")
+def index_cmd(
+    embeddings: Annotated[list[str], typer.Option(help="Embed run directory (OUT/embeddings/<run_id>); repeatable.")],
+    out: Annotated[str, typer.Option(help="Snapshot root (local or gs://); the snapshot lands in OUT/<snapshot_id>/.")],
+    backend: Annotated[str, typer.Option(help="faiss or scann.")] = "faiss",
+    index: Annotated[str, typer.Option(help="auto, flat, hnsw, ivf, ivfpq, or a faiss factory string.")] = "auto",
+    min_recall: Annotated[float, typer.Option(help="Fail the build below this measured recall@10.")] = 0.9,
+    target_recall: Annotated[float, typer.Option(help="Tune search parameters up to this recall@10.")] = 0.95,
+    queries: Annotated[int, typer.Option(help="Sampled queries for recall and latency.")] = 1000,
+    hnsw_m: Annotated[int, typer.Option(help="HNSW neighbours per node.")] = 32,
+    nlist: Annotated[int | None, typer.Option(help="IVF lists (default ~4·sqrt(N)).")] = None,
+    scann_leaves: Annotated[int | None, typer.Option(help="ScaNN tree leaves (default ~sqrt(N)).")] = None,
+    scann_reorder: Annotated[int, typer.Option(help="ScaNN candidates re-scored exactly.")] = 100,
+    memory_budget: Annotated[
+        str | None, typer.Option(help="e.g. 4GiB: larger builds go to IVF on disk in parts.")
+    ] = None,
+    reduce: Annotated[str | None, typer.Option(help="pca:D or prefix:D to serve D dimensions.")] = None,
+    snapshot_id: Annotated[str | None, typer.Option(help="Snapshot id (default: UTC time + random suffix).")] = None,
+) -> None:
+    """Build an ANN index snapshot from embed runs, with measured recall and latency (not published)."""
+    from indexing import IndexConfig, build_snapshot, parse_size
+    from pipelines.summary import print_snapshot_summary
+
+    cfg = IndexConfig(
+        backend=backend, index=index, min_recall=min_recall, target_recall=target_recall, queries=queries,
+        hnsw_m=hnsw_m, nlist=nlist, scann_leaves=scann_leaves, scann_reorder=scann_reorder,
+        memory_budget=parse_size(memory_budget), reduce=reduce,
+    )  # fmt: skip
+    print_snapshot_summary(build_snapshot(embeddings, out, cfg, snapshot_id=snapshot_id), out)
+
+
+@app.command("publish")
+def publish_cmd(
+    root: Annotated[str, typer.Option(help="Snapshot root.")],
+    snapshot_id: Annotated[str | None, typer.Argument(help="Snapshot to publish (default: the newest).")] = None,
+    keep: Annotated[
+        int | None, typer.Option(help="Then delete all but the newest N (never LATEST or the one before).")
+    ] = None,
+) -> None:
+    """Verify every checksum of a snapshot, then point ROOT/LATEST at it atomically."""
+    from indexing import publish, retain
+
+    latest = publish(root, snapshot_id)
+    typer.echo(f"published {latest.snapshot_id} (previously {latest.history[0] if latest.history else 'nothing'})")
+    if keep is not None:
+        deleted = retain(root, keep)
+        typer.echo(f"retention: deleted {len(deleted)} snapshot(s) {', '.join(deleted)}".rstrip())
+
+
+@app.command("rollback")
+def rollback_cmd(
+    root: Annotated[str, typer.Option(help="Snapshot root.")],
+    to: Annotated[str | None, typer.Option(help="Snapshot to go back to (default: the one published before).")] = None,
+) -> None:
+    """Point ROOT/LATEST back at an earlier snapshot (verified first)."""
+    from indexing import rollback
+
+    latest = rollback(root, to)
+    typer.echo(f"LATEST is now {latest.snapshot_id}")
+
+
+@app.command("snapshots")
+def snapshots_cmd(
+    root: Annotated[str, typer.Option(help="Snapshot root.")],
+    keep: Annotated[
+        int | None, typer.Option(help="First delete all but the newest N (never LATEST or the one before).")
+    ] = None,
+) -> None:
+    """List the complete snapshots under a root; which one is LATEST."""
+    from indexing import list_snapshots, retain
+    from pipelines.summary import print_snapshot_list
+
+    if keep is not None:
+        deleted = retain(root, keep)
+        typer.echo(f"retention: deleted {len(deleted)} snapshot(s)")
+    print_snapshot_list(list_snapshots(root), root)
+
+
+@app.command("similar")
+def similar_cmd(
+    item_id: Annotated[str | None, typer.Argument(help="Catalog item to find neighbours of.")] = None,
+    root: Annotated[str, typer.Option(help="Snapshot root (the published snapshot is used).")] = ".",
+    k: Annotated[int, typer.Option("-k", "--k", help="How many neighbours.")] = 5,
+    vector: Annotated[
+        str | None, typer.Option(help="Query by a raw vector: comma-separated floats, or a .npy file.")
+    ] = None,
+) -> None:
+    """Print the nearest neighbours of an item (itself excluded) or of a raw vector, with scores."""
+    import numpy as np
+
+    from indexing import SnapshotClient
+
+    if (item_id is None) == (vector is None):
+        raise ValueError("give an ITEM_ID or --vector, not both")
+    client = SnapshotClient(root)
+    if vector is not None:
+        query = np.load(vector) if vector.endswith(".npy") else np.array([float(v) for v in vector.split(",")])
+        found = client.search(vectors=query, k=k)[0]
+    else:
+        found = client.search(item_ids=[item_id], k=k)[0]
+    typer.echo(f"snapshot {client.snapshot_id}: {len(found)} neighbours of {item_id or 'the vector'}")
+    for rank, neighbor in enumerate(found, 1):
+        typer.echo(f"{rank:>3}  {neighbor.score:8.4f}  {neighbor.item_id}")
+
+
+@app.command("serve")
+def serve_cmd(
+    root: Annotated[str, typer.Option(help="Snapshot root (the published snapshot is served).")],
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
+    host: Annotated[str, typer.Option(help="Interface; 0.0.0.0 exposes it beyond this machine.")] = "127.0.0.1",
+    refresh_s: Annotated[float, typer.Option(help="Seconds between checks for a newly published snapshot.")] = 30.0,
+) -> None:
+    """Serve similar-item queries over HTTP, picking up newly published snapshots as they land."""
+    import uvicorn
+
+    from indexing import SnapshotClient
+    from indexing.service import create_app
+
+    client = SnapshotClient(root)
+    client.start_auto_refresh(refresh_s)
+    try:
+        uvicorn.run(create_app(client), host=host, port=port, log_level="warning")
+    finally:
+        client.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app, turning user mistakes into one clear line and exit code 2."""
+    from indexing import UnknownItem
     from pipelines.catalog import CatalogError
 
     try:
         app(args=argv, standalone_mode=False)
-    except (CatalogError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (CatalogError, FileNotFoundError, FileExistsError, ValueError, UnknownItem) as err:
         logging.getLogger("lookalike").debug("failure", exc_info=True)
         typer.echo(f"error: {err}", err=True)
         return 2

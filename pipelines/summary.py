@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
 
 from pipelines.embed import EmbedResult
 
-__all__ = ["print_embed_summary"]
+__all__ = ["print_embed_summary", "print_snapshot_list", "print_snapshot_summary"]
+
+
+def _console() -> Console:
+    """Rich's console, wide enough for ids and paths when output goes to a file or pipe."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def print_embed_summary(result: EmbedResult, console: Console | None = None) -> None:
     """A table of counts, speed and output paths, then the accounting line."""
-    console = console or Console()
+    console = console or _console()
     m, c = result.manifest, result.counts
     table = Table(title=f"embed run {result.run_id}", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -36,3 +43,43 @@ def print_embed_summary(result: EmbedResult, console: Console | None = None) -> 
         f"items in = embedded + reused + dead-lettered: "
         f"{c['items_in']:,} = {c['embedded']:,} + {c['reused']:,} + {c['dead_lettered']:,}"
     )
+
+
+def print_snapshot_summary(manifest: dict, root: str, console: Console | None = None) -> None:
+    """What was built, how it was tuned, and how well it measured."""
+    console = console or _console()
+    m, q, ix = manifest, manifest["quality"], manifest["index"]
+    table = Table(title=f"snapshot {m['snapshot_id']} (not published)", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    reduce = m["reduce"]
+    for label, value in [
+        (
+            "vectors",
+            f"{m['count']:,} × {m['dim']}" + (f" (from {m['source_dim']}, {reduce['method']})" if reduce else ""),
+        ),
+        ("model_version", m["model_version"]),
+        ("index", f"{ix['backend']} {ix['kind']}" + (f" [{ix['factory']}]" if ix["factory"] else "")),
+        ("why", ix["reason"]),
+        ("search params", ", ".join(f"{k}={v}" for k, v in ix["search_params"].items()) or "-"),
+        (f"recall@{q['k']} ({q['queries']} queries)", f"{q['recall_at_10']:.4f}"),
+        ("latency p50 / p99", f"{q['latency_ms_p50']:.3f} / {q['latency_ms_p99']:.3f} ms"),
+        ("batch queries/s", f"{q['batch_queries_per_s']:,.0f}"),
+        ("build", f"{q['build_s']:.2f} s (wall {m['wall_time_s']:.1f} s)"),
+        ("index bytes", f"{m['bytes']['index']:,}"),
+        ("path", f"{root.rstrip('/')}/{m['snapshot_id']}"),
+    ]:
+        table.add_row(label, value)
+    console.print(table)
+    console.print(f"publish with: lookalike publish --root {root} {m['snapshot_id']}")
+
+
+def print_snapshot_list(rows: list[dict], root: str, console: Console | None = None) -> None:
+    console = console or _console()
+    table = Table(title=f"snapshots under {root}", title_justify="left")
+    for column in ("snapshot_id", "created", "model_version", "count", "index", "recall@10", "LATEST"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["snapshot_id"], r["created_at"][:19], r["model_version"], f"{r['count']:,}", r["index"],
+                      f"{r['recall_at_10']:.3f}", "*" if r["latest"] else "")  # fmt: skip
+    console.print(table)

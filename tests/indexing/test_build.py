@@ -1,0 +1,199 @@
+"""Index builds: the auto choice, measured recall on clustered data, exactness, bad input, reduction, memory budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexing import EmbeddingsError, IndexConfig, SnapshotError, build_snapshot, choose_index, parse_size
+from indexing.backends import load_index
+from tests.indexing.conftest import clustered, write_run
+
+
+def _exact(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :k]
+
+
+def _snapshot_dir(root: Path, manifest: dict) -> Path:
+    return root / manifest["snapshot_id"]
+
+
+# ------------------------------------------------------------------ choosing
+
+
+@pytest.mark.parametrize(
+    ("n", "kwargs", "kind"),
+    [
+        (1_000, {}, "flat"),
+        (200_000, {}, "ivf"),
+        (20_000_000, {}, "ivfpq"),
+        (200_000, {"memory_budget": 1024}, "ivf-ondisk"),
+        (1_000, {"backend": "scann"}, "scann-brute"),
+        (200_000, {"backend": "scann"}, "scann-tree"),
+        (1_000, {"index": "hnsw"}, "hnsw"),
+        (1_000, {"index": "IVF16,SQ8"}, "factory"),
+    ],
+)
+def test_auto_and_explicit_choices(n, kwargs, kind):
+    plan = choose_index(n, 256, IndexConfig(**kwargs))
+    assert plan.kind == kind, plan
+    assert plan.reason
+
+
+def test_explicit_in_memory_index_over_budget_is_refused():
+    with pytest.raises(ValueError, match="keeps all"):
+        choose_index(200_000, 256, IndexConfig(index="hnsw", memory_budget=1024))
+    with pytest.raises(ValueError, match="scann needs all"):
+        choose_index(200_000, 256, IndexConfig(backend="scann", memory_budget=1024))
+
+
+@pytest.mark.parametrize(("text", "value"), [("512MB", 512 << 20), ("4GiB", 4 << 30), ("1e6", 10**6), ("10k", 10240)])
+def test_sizes(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("kwargs", [{"backend": "annoy"}, {"min_recall": 0}, {"reduce": "svd:3"}, {"k": 0}])
+def test_bad_config(kwargs):
+    with pytest.raises(ValueError):
+        IndexConfig(**kwargs)
+
+
+# ------------------------------------------------------------------ building and measuring
+
+
+def test_flat_is_exact(run, vectors, tmp_path):
+    manifest = build_snapshot(run, str(tmp_path), IndexConfig(index="flat", queries=300))
+    assert manifest["quality"]["recall_at_10"] == 1.0
+    index = load_index(_snapshot_dir(tmp_path, manifest), manifest["index"])
+    queries = vectors[:50]
+    _, rows = index.search(queries, 10)
+    assert np.array_equal(rows, _exact(vectors, queries, 10))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        IndexConfig(index="ivf", queries=500),
+        IndexConfig(index="hnsw", queries=500),
+        IndexConfig(index="ivfpq", queries=500),
+        IndexConfig(backend="scann", scann_leaves=60, queries=500),
+        IndexConfig(backend="scann", queries=500),
+    ],
+    ids=["faiss-ivf", "faiss-hnsw", "faiss-ivfpq", "scann-tree", "scann-brute"],
+)
+def test_recall_on_clustered_vectors(run, vectors, tmp_path, cfg):
+    manifest = build_snapshot(run, str(tmp_path), cfg)
+    quality = manifest["quality"]
+    assert quality["recall_at_10"] >= 0.95, manifest["index"]
+    assert quality["queries"] == 500 and quality["latency_ms_p50"] > 0 and quality["batch_queries_per_s"] > 0
+    # The stored search parameters reproduce the measured recall independently.
+    index = load_index(_snapshot_dir(tmp_path, manifest), manifest["index"])
+    rng = np.random.default_rng(5)
+    queries = vectors[rng.choice(len(vectors), 300, replace=False)]
+    _, rows = index.search(queries, 10)
+    truth = _exact(vectors, queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, truth, strict=True)])
+    assert recall >= 0.93, f"{manifest['index']['kind']} recall {recall:.3f} on fresh queries"
+
+
+def test_manifest_contract(run, tmp_path):
+    manifest = build_snapshot(run, str(tmp_path), IndexConfig(queries=100))
+    directory = _snapshot_dir(tmp_path, manifest)
+    on_disk = json.loads((directory / "manifest.json").read_text())
+    assert on_disk == manifest
+    for key in (
+        "snapshot_id",
+        "created_at",
+        "model_version",
+        "dim",
+        "metric",
+        "count",
+        "index",
+        "quality",
+        "source_runs",
+    ):
+        assert key in manifest
+    assert manifest["metric"] == "inner_product" and manifest["count"] == 4000 and manifest["dim"] == 32
+    assert set(manifest["files"]) == {"index.faiss", "ids.parquet", "vectors.npy"}
+    assert not (tmp_path / "LATEST").exists(), "building must not publish"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".building")]
+
+
+def test_recall_below_minimum_fails_and_writes_nothing(run, tmp_path):
+    with pytest.raises(SnapshotError, match="below --min-recall"):
+        build_snapshot(run, str(tmp_path), IndexConfig(index="IVF64,PQ2x4", min_recall=0.99, target_recall=0.99))
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_embeddings_are_refused(tmp_path, vectors):
+    a = write_run(tmp_path / "a", vectors[:100])
+    other_dim = write_run(tmp_path / "b", clustered(100, 16), ids=[f"x{i}" for i in range(100)])
+    other_model = write_run(tmp_path / "c", vectors[:100], ids=[f"y{i}" for i in range(100)], model_version="other")
+    with pytest.raises(EmbeddingsError, match="different dimensions"):
+        build_snapshot([a, other_dim], str(tmp_path / "out"))
+    with pytest.raises(EmbeddingsError, match="different model versions"):
+        build_snapshot([a, other_model], str(tmp_path / "out"))
+    with pytest.raises(EmbeddingsError, match="appear more than once"):
+        build_snapshot([a, write_run(tmp_path / "d", vectors[:100])], str(tmp_path / "out"), IndexConfig(queries=10))
+    nan = vectors[:100].copy()
+    nan[7, 3] = np.nan
+    with pytest.raises(EmbeddingsError, match="non-finite vector for item 'item-000007'"):
+        build_snapshot(write_run(tmp_path / "e", nan), str(tmp_path / "out"))
+    with pytest.raises(EmbeddingsError, match="no embeddings"):
+        build_snapshot(write_run(tmp_path / "f", np.zeros((0, 8), np.float32), shards=1), str(tmp_path / "out"))
+    incomplete = tmp_path / "g"
+    write_run(incomplete, vectors[:10])
+    (incomplete / "_manifest.json").unlink()
+    with pytest.raises(EmbeddingsError, match="not a complete embed run"):
+        build_snapshot(str(incomplete), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() or not [
+        p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")
+    ]
+
+
+def test_shard_with_another_model_version_inside_is_refused(tmp_path, vectors):
+    run_dir = tmp_path / "r"
+    write_run(run_dir, vectors[:90])
+    manifest = json.loads((run_dir / "_manifest.json").read_text())
+    manifest["model_version"] = "claimed-other"
+    (run_dir / "_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EmbeddingsError, match="mixes model versions"):
+        build_snapshot(str(run_dir), str(tmp_path / "out"))
+
+
+# ------------------------------------------------------------------ reduction and memory budget
+
+
+@pytest.mark.parametrize("reduce", ["pca:16", "prefix:16"])
+def test_reduction_records_its_trade_off(run, tmp_path, reduce):
+    manifest = build_snapshot(run, str(tmp_path), IndexConfig(reduce=reduce, min_recall=0.5, queries=300))
+    assert manifest["dim"] == 16 and manifest["source_dim"] == 32
+    assert manifest["reduce"]["method"] == reduce.split(":")[0]
+    assert "reduce.npz" in manifest["files"]
+    assert 0.5 <= manifest["quality"]["recall_at_10"] <= 1.0
+
+
+def test_pca_keeps_clustered_neighbours_better_than_a_prefix(run, tmp_path):
+    pca = build_snapshot(run, str(tmp_path), IndexConfig(reduce="pca:8", min_recall=0.1, queries=300))
+    prefix = build_snapshot(run, str(tmp_path), IndexConfig(reduce="prefix:8", min_recall=0.1, queries=300))
+    assert pca["quality"]["recall_at_10"] > prefix["quality"]["recall_at_10"]
+    assert pca["reduce"]["explained_variance"] > 0.3
+
+
+def test_memory_budget_builds_on_disk_in_parts_with_the_same_neighbours(run, vectors, tmp_path):
+    budget = 4000 * 32 * 4 // 4  # a quarter of the vectors fits: at least 3 parts
+    on_disk = build_snapshot(run, str(tmp_path), IndexConfig(index="ivf", nlist=32, memory_budget=budget))
+    in_memory = build_snapshot(run, str(tmp_path), IndexConfig(index="ivf", nlist=32))
+    assert on_disk["index"]["on_disk"] and on_disk["index"]["parts"] >= 3
+    assert "index.ivfdata" in on_disk["files"]
+    params = {"nprobe": 4}
+    a = load_index(_snapshot_dir(tmp_path, on_disk), on_disk["index"] | {"search_params": params})
+    b = load_index(_snapshot_dir(tmp_path, in_memory), in_memory["index"] | {"search_params": params})
+    queries = vectors[::40]
+    assert np.array_equal(a.search(queries, 10)[1], b.search(queries, 10)[1])
