@@ -276,7 +276,8 @@ def read_versioned(uri: str) -> tuple[bytes | None, int]:
             if _not_found(err):
                 return None, 0
             raise
-        return blob.download_as_bytes(if_generation_match=blob.generation), int(blob.generation)
+        generation = int(blob.generation)  # before the download, which may reset the blob's properties
+        return blob.download_as_bytes(), generation
 
     return with_retries(read, f"read {uri}")
 

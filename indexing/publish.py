@@ -36,6 +36,7 @@ class Latest:
     snapshot_id: str
     published_at: str
     history: tuple[str, ...]  # published before, most recent first
+    sequence: int = 0  # number of updates of LATEST so far; a lost update would show as a gap
 
 
 def _cache_dir() -> str:
@@ -51,7 +52,9 @@ def read_latest(root: str) -> Latest | None:
 def _parse(data: bytes, root: str) -> Latest:
     try:
         doc = json.loads(data)
-        return Latest(doc["snapshot_id"], doc["published_at"], tuple(doc.get("history", ())))
+        return Latest(
+            doc["snapshot_id"], doc["published_at"], tuple(doc.get("history", ())), int(doc.get("sequence", 0))
+        )
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise SnapshotError(f"{storage.join(root, LATEST_NAME)} is unreadable: {err}") from err
 
@@ -62,11 +65,14 @@ def _swap(root: str, change) -> Latest:
     for attempt in range(_ATTEMPTS):
         with _local_guard(root):
             data, version = storage.read_versioned(uri)
-            new = change(None if data is None else _parse(data, root))
-            doc = {"snapshot_id": new.snapshot_id, "published_at": new.published_at, "history": list(new.history)}
+            current = None if data is None else _parse(data, root)
+            new = change(current)
+            sequence = (current.sequence if current else 0) + 1
+            doc = {"snapshot_id": new.snapshot_id, "published_at": new.published_at, "history": list(new.history),
+                   "sequence": sequence}  # fmt: skip
             try:
                 storage.write_if_version(uri, json.dumps(doc, indent=2).encode(), version)
-                return new
+                return Latest(new.snapshot_id, new.published_at, new.history, sequence)
             except storage.ConcurrentUpdate:
                 log.info("LATEST changed under us (attempt %d); re-reading", attempt + 1)
         time.sleep(random.uniform(0, 0.05 * (attempt + 1)))

@@ -67,9 +67,9 @@ def _free_port() -> int:
 def gcs_emulator():
     """A GCS emulator on a free local port for the session; yields a storage client."""
     port = _free_port()
-    exe = Path(sys.executable).with_name("gcp-storage-emulator")
-    proc = subprocess.Popen(
-        [str(exe), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
+    proc = subprocess.Popen(  # the stock emulator plus GCS's generation preconditions (tests/support)
+        [sys.executable, "-m", "tests.support.gcs_emulator", "--port", str(port)],
+        cwd=Path(__file__).resolve().parents[1],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

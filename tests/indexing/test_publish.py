@@ -1,0 +1,175 @@
+"""Publishing: verification before LATEST moves, rollback, retention, racing publishers, and gs:// roots."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from encoder import storage
+from indexing import IndexConfig, SnapshotError, build_snapshot, list_snapshots, publish, read_latest, retain, rollback
+from tests.indexing.conftest import clustered, write_run
+
+CFG = IndexConfig(queries=50)
+
+
+@pytest.fixture
+def root_with_three(tmp_path, run) -> tuple[str, list[str]]:
+    root = str(tmp_path / "snapshots")
+    ids = [build_snapshot(run, root, CFG)["snapshot_id"] for _ in range(3)]
+    return root, ids
+
+
+def test_publish_defaults_to_the_newest_and_keeps_history(root_with_three):
+    root, ids = root_with_three
+    assert read_latest(root) is None
+    publish(root, ids[0])
+    latest = publish(root)
+    assert latest.snapshot_id == ids[2] and latest.history == (ids[0],)
+    rows = list_snapshots(root)
+    assert [r["snapshot_id"] for r in rows] == ids
+    assert [r["latest"] for r in rows] == [False, False, True]
+    assert all(r["recall_at_10"] == 1.0 and r["count"] == 4000 for r in rows)
+
+
+def test_tampered_snapshot_is_never_published(root_with_three):
+    root, ids = root_with_three
+    publish(root, ids[0])
+    index_file = Path(root) / ids[1] / "index.faiss"
+    data = bytearray(index_file.read_bytes())
+    data[100] ^= 0xFF
+    index_file.write_bytes(bytes(data))
+    with pytest.raises(SnapshotError, match="sha256"):
+        publish(root, ids[1])
+    (Path(root) / ids[2] / "ids.parquet").unlink()
+    with pytest.raises(SnapshotError, match="missing"):
+        publish(root, ids[2])
+    assert read_latest(root).snapshot_id == ids[0]
+
+
+def test_incomplete_snapshot_is_not_a_snapshot(root_with_three):
+    root, ids = root_with_three
+    (Path(root) / ids[2] / "manifest.json").unlink()
+    with pytest.raises(SnapshotError, match="incomplete"):
+        publish(root, ids[2])
+    assert publish(root).snapshot_id == ids[1]  # the newest *complete* one
+
+
+def test_manifest_file_names_cannot_escape(root_with_three):
+    root, ids = root_with_three
+    path = Path(root) / ids[0] / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["files"]["../../etc/passwd"] = {"bytes": 1, "sha256": "0"}
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(SnapshotError, match="escapes"):
+        publish(root, ids[0])
+
+
+def test_rollback_steps_back_and_to_a_named_snapshot(root_with_three):
+    root, ids = root_with_three
+    for snapshot_id in ids:
+        publish(root, snapshot_id)
+    assert rollback(root).snapshot_id == ids[1]
+    assert rollback(root).snapshot_id == ids[0]
+    with pytest.raises(SnapshotError, match="nothing to roll back to"):
+        rollback(root)
+    assert rollback(root, to=ids[2]).snapshot_id == ids[2]
+    assert read_latest(root).history[0] == ids[0]
+
+
+def test_retention_never_deletes_latest_or_the_one_before(tmp_path, run):
+    root = str(tmp_path / "r")
+    ids = [build_snapshot(run, root, CFG)["snapshot_id"] for _ in range(5)]
+    publish(root, ids[0])
+    publish(root, ids[1])
+    deleted = retain(root, keep=1)
+    assert deleted == ids[2:4]
+    assert sorted(p.name for p in Path(root).iterdir() if not p.name.startswith(".")) == sorted(
+        [ids[0], ids[1], ids[4], "LATEST"]
+    )
+
+
+def _publish_many(root: str, ids: list[str], rounds: int, barrier) -> None:
+    barrier.wait()
+    for i in range(rounds):
+        publish(root, ids[i % len(ids)])
+
+
+def _observe(root: str, stop, bad) -> None:
+    while not stop.is_set():
+        latest = read_latest(root)
+        if latest is not None and not (Path(root) / latest.snapshot_id / "manifest.json").exists():
+            bad.value += 1
+
+
+@pytest.mark.slow
+def test_racing_publishers_never_lose_an_update(tmp_path, run):
+    root = str(tmp_path / "race")
+    ids = [build_snapshot(run, root, IndexConfig(queries=20))["snapshot_id"] for _ in range(2)]
+    ctx = multiprocessing.get_context("spawn")
+    barrier, stop, bad = ctx.Barrier(2), ctx.Event(), ctx.Value("i", 0)
+    rounds = 20
+    observer = ctx.Process(target=_observe, args=(root, stop, bad))
+    observer.start()
+    writers = [ctx.Process(target=_publish_many, args=(root, order, rounds, barrier)) for order in (ids, ids[::-1])]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(timeout=240)
+    stop.set()
+    observer.join(timeout=10)
+    assert all(w.exitcode == 0 for w in writers)
+    assert bad.value == 0, "LATEST named an incomplete snapshot"
+    assert read_latest(root).sequence == 2 * rounds, "every publish is counted: none lost to a race"
+
+
+# ------------------------------------------------------------------ gs://
+
+
+@pytest.mark.gcs
+def test_gcs_root_publish_rollback_and_conditional_writes(gcs_emulator, gcs_bucket, run, tmp_path):
+    root = f"gs://{gcs_bucket}/snapshots"
+    first = build_snapshot(run, root, CFG)["snapshot_id"]
+    second = build_snapshot(run, root, CFG)["snapshot_id"]
+    publish(root, first)
+    assert publish(root).snapshot_id == second
+    assert [r["latest"] for r in list_snapshots(root)] == [False, True]
+    assert rollback(root).snapshot_id == first
+
+    # The generation precondition refuses a stale writer.
+    uri = f"{root}/LATEST"
+    _, version = storage.read_versioned(uri)
+    publish(root, second)
+    with pytest.raises(storage.ConcurrentUpdate):
+        storage.write_if_version(uri, b"{}", version)
+    assert read_latest(root).snapshot_id == second
+
+    blob = gcs_emulator.bucket(gcs_bucket).blob(f"snapshots/{first}/vectors.npy")
+    blob.upload_from_string(blob.download_as_bytes()[:-4])
+    with pytest.raises(SnapshotError):
+        publish(root, first)
+    assert read_latest(root).snapshot_id == second
+
+
+@pytest.mark.gcs
+@pytest.mark.slow
+def test_gcs_racing_publishers(gcs_emulator, gcs_bucket, tmp_path):
+    small = write_run(tmp_path / "run", clustered(300, 8))
+    root = f"gs://{gcs_bucket}/race"
+    ids = [build_snapshot(small, root, IndexConfig(queries=10))["snapshot_id"] for _ in range(2)]
+    shutil.rmtree(Path.home() / ".cache" / "lookalike" / "snapshots", ignore_errors=True)
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    rounds = 8
+    writers = [ctx.Process(target=_publish_many, args=(root, order, rounds, barrier)) for order in (ids, ids[::-1])]
+    start = time.monotonic()
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(timeout=300)
+    assert all(w.exitcode == 0 for w in writers), f"writers failed after {time.monotonic() - start:.0f}s"
+    assert read_latest(root).sequence == 2 * rounds

@@ -1,0 +1,70 @@
+"""The GCS emulator for tests, with the object-generation preconditions real GCS enforces.
+
+`gcp-storage-emulator` ignores `ifGenerationMatch` on uploads; real GCS answers 412
+when the object's generation differs (0 means "must not exist"). lookalike's
+LATEST pointer relies on exactly that, so the test emulator adds it.
+
+    python -m tests.support.gcs_emulator --port 9023
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from http import HTTPStatus
+
+from gcp_storage_emulator import server
+from gcp_storage_emulator.exceptions import NotFound
+from gcp_storage_emulator.handlers import objects
+
+_LOCK = threading.Lock()
+
+
+def _object_name(request) -> str | None:
+    if "name" in request.query:
+        return request.query["name"][0]
+    data = request.data
+    if isinstance(data, dict):
+        return (data.get("meta") or {}).get("name") or data.get("name")
+    return None
+
+
+def insert_with_preconditions(request, response, storage, *args, **kwargs):
+    expected = request.query.get("ifGenerationMatch")
+    if expected is None:
+        return objects.insert(request, response, storage, *args, **kwargs)
+    with _LOCK:  # check and write as one step, like the real service
+        try:
+            current = int(storage.get_file_obj(request.params["bucket_name"], _object_name(request))["generation"])
+        except NotFound:
+            current = 0
+        if current != int(expected[0]):
+            response.status = HTTPStatus.PRECONDITION_FAILED
+            response.json(
+                {"error": {"code": 412, "message": "At least one of the pre-conditions you specified did not hold."}}
+            )
+            return None
+        return objects.insert(request, response, storage, *args, **kwargs)
+
+
+def _patch_handlers() -> None:
+    patched = []
+    for regex, handlers in server.HANDLERS:
+        if handlers.get(server.POST) is objects.insert:
+            handlers = dict(handlers, **{server.POST: insert_with_preconditions})
+        patched.append((regex, handlers))
+    server.HANDLERS = tuple(patched)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    _patch_handlers()
+    emulator = server.create_server(args.host, args.port, in_memory=True)
+    emulator.run()
+
+
+if __name__ == "__main__":
+    main()
