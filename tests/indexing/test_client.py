@@ -1,0 +1,174 @@
+"""SnapshotClient: searches, hot reload, and refusing bad snapshots while the old one keeps serving."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexing import IndexConfig, SnapshotClient, SnapshotError, UnknownItem, build_snapshot, publish
+from tests.indexing.conftest import clustered, write_run
+
+CFG = IndexConfig(queries=50)
+
+
+@pytest.fixture
+def served(tmp_path, run):
+    root = str(tmp_path / "snapshots")
+    first = build_snapshot(run, root, CFG)["snapshot_id"]
+    publish(root, first)
+    return root, SnapshotClient(root, cache_dir=str(tmp_path / "cache"))
+
+
+def _exact_ids(vectors: np.ndarray, query: np.ndarray, k: int) -> list[str]:
+    order = np.argsort(-(vectors @ query), kind="stable")[:k]
+    return [f"item-{i:06d}" for i in order]
+
+
+def test_search_by_item_excludes_the_item(served, vectors):
+    _, client = served
+    found = client.search(item_ids=["item-000010"], k=5)[0]
+    assert len(found) == 5 and all(n.item_id != "item-000010" for n in found)
+    assert [n.item_id for n in found] == _exact_ids(vectors, vectors[10], 6)[1:]
+    assert found[0].score >= found[-1].score
+
+
+def test_search_by_raw_vector(served, vectors):
+    _, client = served
+    query = vectors[10] * 3.0  # not normalised: the client normalises
+    found = client.search(vectors=query, k=3)[0]
+    assert [n.item_id for n in found] == _exact_ids(vectors, vectors[10], 3)
+    assert found[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_bad_queries(served):
+    _, client = served
+    with pytest.raises(UnknownItem):
+        client.search(item_ids=["nope"], k=3)
+    for bad in ([0.1] * 5, [float("nan")] * 32, [0.0] * 32):
+        with pytest.raises(ValueError):
+            client.search(vectors=bad, k=3)
+    with pytest.raises(ValueError, match="k must be"):
+        client.search(item_ids=["item-000001"], k=0)
+    with pytest.raises(ValueError, match="exactly one"):
+        client.search(k=3)
+
+
+def test_refresh_swaps_in_a_new_snapshot(served, tmp_path):
+    root, client = served
+    old = client.snapshot_id
+    assert client.refresh() is False  # nothing new
+    extra = write_run(tmp_path / "run2", clustered(500, 32, seed=3), ids=[f"new-{i}" for i in range(500)])
+    new = build_snapshot(extra, root, CFG)["snapshot_id"]
+    publish(root, new)
+    assert client.refresh() is True
+    assert client.snapshot_id == new != old
+    assert client.search(item_ids=["new-1"], k=2)[0]
+
+
+def _publish_then_break(root: str, run: str, breaker) -> str:
+    snapshot_id = build_snapshot(run, root, CFG)["snapshot_id"]
+    publish(root, snapshot_id)
+    breaker(Path(root) / snapshot_id)
+    return snapshot_id
+
+
+def _flip_byte(directory: Path) -> None:
+    path = directory / "vectors.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "breaker",
+    [_flip_byte, lambda d: (d / "ids.parquet").unlink(), lambda d: (d / "manifest.json").unlink()],
+    ids=["corrupt", "file-missing", "incomplete"],
+)
+def test_bad_new_snapshot_is_refused_and_old_keeps_serving(served, run, caplog, breaker):
+    root, client = served
+    old = client.snapshot_id
+    bad = _publish_then_break(root, run, breaker)
+    with caplog.at_level(logging.ERROR, logger="indexing.client"):
+        assert client.refresh() is False
+    assert client.snapshot_id == old
+    assert any(bad in r.getMessage() and "refusing" in r.getMessage() for r in caplog.records)
+    assert client.search(item_ids=["item-000001"], k=2)[0]
+
+
+def test_dimension_change_is_refused_unless_allowed(served, tmp_path, caplog):
+    root, client = served
+    other = write_run(tmp_path / "wide", clustered(300, 48), ids=[f"w{i}" for i in range(300)])
+    publish(root, build_snapshot(other, root, CFG)["snapshot_id"])
+    with caplog.at_level(logging.ERROR, logger="indexing.client"):
+        assert client.refresh() is False
+    assert "dimension 48 differs from the served 32" in caplog.text
+    assert SnapshotClient(root, allow_dim_change=True).manifest["dim"] == 48
+
+
+def test_tampered_manifest_values_are_caught(served, run):
+    root, _ = served
+    snapshot_id = build_snapshot(run, root, CFG)["snapshot_id"]
+    publish(root, snapshot_id)
+    path = Path(root) / snapshot_id / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["count"] += 1
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(SnapshotError, match="inconsistent"):
+        SnapshotClient(root)
+
+
+def test_nothing_published(tmp_path):
+    with pytest.raises(SnapshotError, match="nothing is published"):
+        SnapshotClient(str(tmp_path))
+
+
+def test_searches_during_refreshes_always_answer(served, tmp_path):
+    root, client = served
+    extra = write_run(tmp_path / "run3", clustered(400, 32, seed=9), ids=[f"z{i}" for i in range(400)])
+    ids = [build_snapshot(extra, root, CFG)["snapshot_id"] for _ in range(2)]
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def searcher() -> None:
+        query = np.ones(32, dtype=np.float32)
+        while not stop.is_set():
+            try:
+                snapshot_id, found = client.search_tagged(vectors=query, k=5)
+                assert len(found[0]) == 5 and snapshot_id
+            except BaseException as err:  # noqa: BLE001 - collected and asserted below
+                errors.append(err)
+
+    thread = threading.Thread(target=searcher)
+    thread.start()
+    for i in range(6):
+        publish(root, ids[i % 2])
+        client.refresh()
+    stop.set()
+    thread.join()
+    assert not errors
+
+
+def test_reduced_snapshot_takes_full_dimension_queries(tmp_path, run, vectors):
+    root = str(tmp_path / "reduced")
+    publish(root, build_snapshot(run, root, IndexConfig(reduce="pca:16", min_recall=0.5, queries=100))["snapshot_id"])
+    client = SnapshotClient(root)
+    found = client.search(vectors=vectors[3], k=1)[0]
+    assert found[0].item_id == "item-000003"
+    with pytest.raises(ValueError, match="dimension 32"):
+        client.search(vectors=vectors[3][:16], k=1)
+
+
+@pytest.mark.gcs
+def test_client_on_a_gcs_root(gcs_emulator, gcs_bucket, run, tmp_path):
+    root = f"gs://{gcs_bucket}/snapshots"
+    publish(root, build_snapshot(run, root, CFG)["snapshot_id"])
+    client = SnapshotClient(root, cache_dir=str(tmp_path / "cache"))
+    assert client.search(item_ids=["item-000002"], k=3)[0]
+    newer = build_snapshot(run, root, CFG)["snapshot_id"]
+    publish(root, newer)
+    assert client.refresh() and client.snapshot_id == newer

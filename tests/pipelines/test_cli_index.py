@@ -1,0 +1,119 @@
+"""`lookalike index / publish / snapshots / similar / rollback / serve` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from tests.indexing.conftest import clustered, write_run
+from tests.pipelines.test_cli import _lookalike
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> str:
+    return write_run(tmp_path_factory.mktemp("emb") / "20260101T000000Z-cli000", clustered(2000, 16))
+
+
+@pytest.mark.slow
+def test_index_publish_query_rollback(tmp_path, run_dir):
+    built = _lookalike(
+        "index", "--embeddings", run_dir, "--out", "S", "--snapshot-id", "first", "--queries", "200", cwd=tmp_path
+    )
+    assert built.returncode == 0, built.stderr
+    assert "recall@10 (200 queries)" in built.stdout and "not published" in built.stdout
+    assert not (tmp_path / "S" / "LATEST").exists()
+    again = _lookalike("index", "--embeddings", run_dir, "--out", "S", "--snapshot-id", "second", "--index", "hnsw",
+                       "--queries", "200", cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+
+    assert _lookalike("publish", "--root", "S", "first", cwd=tmp_path).returncode == 0
+    published = _lookalike("publish", "--root", "S", cwd=tmp_path)
+    assert "published second (previously first)" in published.stdout
+
+    listing = _lookalike("snapshots", "--root", "S", cwd=tmp_path)
+    assert listing.returncode == 0 and "first" in listing.stdout and "hnsw" in listing.stdout
+
+    similar = _lookalike("similar", "item-000007", "--root", "S", "-k", "3", cwd=tmp_path)
+    assert similar.returncode == 0, similar.stderr
+    lines = similar.stdout.strip().splitlines()
+    assert lines[0] == "snapshot second: 3 neighbours of item-000007" and len(lines) == 4
+    assert all("item-000007" not in line for line in lines[1:])
+
+    vector = json.dumps([1.0] + [0.0] * 15)[1:-1]
+    by_vector = _lookalike("similar", "--vector", vector, "--root", "S", "-k", "2", cwd=tmp_path)
+    assert by_vector.returncode == 0 and "neighbours of the vector" in by_vector.stdout
+
+    rolled = _lookalike("rollback", "--root", "S", cwd=tmp_path)
+    assert rolled.stdout.strip() == "LATEST is now first"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["index", "--embeddings", "nowhere", "--out", "S"], "not a complete embed run"),
+        (
+            [
+                "index",
+                "--embeddings",
+                "RUN",
+                "--out",
+                "S",
+                "--min-recall",
+                "1.0",
+                "--index",
+                "IVF8,PQ2x4",
+                "--queries",
+                "50",
+            ],
+            "below --min-recall",
+        ),
+        (["index", "--embeddings", "RUN", "--out", "S", "--reduce", "svd:3"], "reduce must be"),
+        (["publish", "--root", "S"], "no complete snapshot"),
+        (["rollback", "--root", "S"], "nothing is published"),
+        (["similar", "x", "--root", "S"], "nothing is published"),
+    ],
+    ids=["no-run", "low-recall", "bad-reduce", "publish-empty", "rollback-empty", "similar-empty"],
+)
+def test_index_user_mistakes(tmp_path, run_dir, args, message):
+    result = _lookalike(*[run_dir if a == "RUN" else a for a in args], cwd=tmp_path)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_serve_answers_http(tmp_path, run_dir):
+    assert _lookalike("index", "--embeddings", run_dir, "--out", "S", "--queries", "50", cwd=tmp_path).returncode == 0
+    assert _lookalike("publish", "--root", "S", cwd=tmp_path).returncode == 0
+    port = _free_port()
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("lookalike")
+    server = subprocess.Popen([str(exe), "serve", "--root", "S", "--port", str(port)], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/similar/item-000001?k=2", timeout=2) as r:
+                    body = json.loads(r.read())
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()
+                assert time.monotonic() < deadline, "server did not answer in 60 s"
+                time.sleep(0.3)
+        assert len(body["neighbors"]) == 2 and body["snapshot_id"]
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
