@@ -32,6 +32,10 @@ demo: install  ## the whole job end to end on a generated catalog: CPU, offline,
 	$(BIN)/lookalike embed --catalog $(DEMO)/catalog/manifest.parquet --model $(DEMO)/model --out $(DEMO)/out
 	@echo "--- the same catalog again: nothing changed, so every vector is reused"
 	$(BIN)/lookalike embed --catalog $(DEMO)/catalog/manifest.parquet --model $(DEMO)/model --out $(DEMO)/out
+	@echo "--- index the latest run, publish it, and ask for similar items"
+	$(BIN)/lookalike index --embeddings $(DEMO)/out --out $(DEMO)/snapshots
+	$(BIN)/lookalike publish --root $(DEMO)/snapshots
+	$(BIN)/lookalike similar $$($(BIN)/python -c "import pyarrow.parquet as pq; print(pq.read_table('$(DEMO)/catalog/manifest.parquet').column('item_id')[0])") --root $(DEMO)/snapshots -k 5
 
 test: install  ## the test suite CI runs (everything but GPU tests)
 	$(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)

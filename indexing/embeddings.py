@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from encoder import storage
 
-__all__ = ["EmbeddingSet", "EmbeddingsError", "open_embeddings"]
+__all__ = ["EmbeddingSet", "EmbeddingsError", "latest_run", "open_embeddings"]
 
 _BATCH_ROWS = 16_384
 MANIFEST_NAME = "_manifest.json"
@@ -122,6 +122,25 @@ class _local_copy:
             self._tmp.close()
 
 
+def latest_run(out: str) -> str:
+    """The most recently finished complete run under an embed output root (`OUT/embeddings/*`).
+
+    Raises:
+        EmbeddingsError: no complete run there.
+    """
+    runs = []
+    base = storage.join(out, "embeddings")
+    for name in storage.list_children(base):
+        try:
+            manifest = json.loads(storage.read_bytes(storage.join(base, name, MANIFEST_NAME)))
+        except FileNotFoundError:
+            continue  # still running, or failed: not a run to index
+        runs.append((manifest.get("finished_at", ""), storage.join(base, name)))
+    if not runs:
+        raise EmbeddingsError(f"{out} holds no complete embed run (no embeddings/*/{MANIFEST_NAME})")
+    return max(runs)[1]
+
+
 def _read_run(run_dir: str) -> tuple[EmbeddingRun, dict]:
     run_dir = run_dir.rstrip("/").removesuffix("/" + MANIFEST_NAME)
     try:
@@ -134,7 +153,7 @@ def _read_run(run_dir: str) -> tuple[EmbeddingRun, dict]:
 
 
 def open_embeddings(run_dirs: list[str] | str) -> EmbeddingSet:
-    """Open one or more embed runs (`OUT/embeddings/<run_id>`) as one set.
+    """Open one or more embed runs (`OUT/embeddings/<run_id>`, or `OUT` for its latest run) as one set.
 
     Raises:
         EmbeddingsError: no runs, an incomplete run, runs of different model versions
@@ -145,6 +164,10 @@ def open_embeddings(run_dirs: list[str] | str) -> EmbeddingSet:
         raise EmbeddingsError("no embedding runs given")
     runs, versions, dims = [], set(), set()
     for run_dir in run_dirs:
+        if not storage.exists(storage.join(run_dir, MANIFEST_NAME)) and storage.list_children(
+            storage.join(run_dir, "embeddings")
+        ):
+            run_dir = latest_run(run_dir)  # an embed --out root: take its latest complete run
         run, manifest = _read_run(run_dir)
         runs.append(run)
         versions.add(manifest["model_version"])

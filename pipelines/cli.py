@@ -113,7 +113,10 @@ def embed(
 
 @app.command("index")
 def index_cmd(
-    embeddings: Annotated[list[str], typer.Option(help="Embed run directory (OUT/embeddings/<run_id>); repeatable.")],
+    embeddings: Annotated[
+        list[str],
+        typer.Option(help="Embed run directory (OUT/embeddings/<run_id>), or OUT for its latest run; repeatable."),
+    ],
     out: Annotated[str, typer.Option(help="Snapshot root (local or gs://); the snapshot lands in OUT/<snapshot_id>/.")],
     backend: Annotated[str, typer.Option(help="faiss or scann.")] = "faiss",
     index: Annotated[str, typer.Option(help="auto, flat, hnsw, ivf, ivfpq, or a faiss factory string.")] = "auto",

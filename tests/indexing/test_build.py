@@ -197,3 +197,15 @@ def test_memory_budget_builds_on_disk_in_parts_with_the_same_neighbours(run, vec
     b = load_index(_snapshot_dir(tmp_path, in_memory), in_memory["index"] | {"search_params": params})
     queries = vectors[::40]
     assert np.array_equal(a.search(queries, 10)[1], b.search(queries, 10)[1])
+
+
+def test_an_embed_output_root_means_its_latest_complete_run(tmp_path, vectors):
+    out = tmp_path / "out"
+    write_run(out / "embeddings" / "20260101T000000Z-old000", vectors[:100])
+    newest = write_run(out / "embeddings" / "20260102T000000Z-new000", vectors[:200])
+    for run_dir, finished in ((out / "embeddings" / "20260101T000000Z-old000", "2026-01-01"), (Path(newest), "2026-01-02")):
+        manifest = json.loads((run_dir / "_manifest.json").read_text())
+        (run_dir / "_manifest.json").write_text(json.dumps(manifest | {"finished_at": finished}))
+    (out / "embeddings" / "20260103T000000Z-running").mkdir()  # no manifest: still running, ignored
+    manifest = build_snapshot(str(out), str(tmp_path / "s"), IndexConfig(queries=20))
+    assert manifest["count"] == 200 and manifest["source_runs"][0]["run_id"] == "20260102T000000Z-new000"
