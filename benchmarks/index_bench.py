@@ -44,7 +44,8 @@ def main() -> None:
         start = time.perf_counter()
         run = write_run(work / "run", clustered(n, args.dim, clusters=max(50, n // 100), spread=args.spread), shards=8)
         print(
-            f"\n{n:,} × {args.dim} clustered vectors ({n // 100:,} clusters), written in {time.perf_counter() - start:.0f} s"
+            f"\n{n:,} × {args.dim} clustered vectors ({n // 100:,} clusters, spread {args.spread}), "
+            f"written in {time.perf_counter() - start:.0f} s"
         )
         print("| index | kind / search params | build s | recall@10 | batch queries/s | p50 ms | index MiB |")
         print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
