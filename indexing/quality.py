@@ -10,6 +10,8 @@ import numpy as np
 
 __all__ = ["Quality", "exact_topk", "measure", "recall_at_k"]
 
+_CHUNK = 4096
+
 
 @dataclass(frozen=True)
 class Quality:
@@ -26,7 +28,7 @@ class Quality:
 def exact_topk(queries: np.ndarray, batches: Iterable[np.ndarray], k: int) -> np.ndarray:
     """Row numbers of the exact inner-product top-k over vectors that arrive in batches.
 
-    Memory is one (n_queries, batch + k) score block, whatever the number of vectors.
+    Memory is one (n_queries, 4096 + k) score block, whatever the number of vectors.
 
     Returns:
         (n_queries, k) int64; -1 where there are fewer than k vectors.
@@ -35,19 +37,17 @@ def exact_topk(queries: np.ndarray, batches: Iterable[np.ndarray], k: int) -> np
     best_scores = np.full((n, k), -np.inf, dtype=np.float32)
     best_rows = np.full((n, k), -1, dtype=np.int64)
     offset = 0
-    for vectors in batches:
-        scores = queries @ vectors.T
-        rows = np.broadcast_to(np.arange(offset, offset + len(vectors)), scores.shape)
-        all_scores = np.concatenate([best_scores, scores], axis=1)
-        all_rows = np.concatenate([best_rows, rows], axis=1)
-        keep = (
-            np.argpartition(-all_scores, k - 1, axis=1)[:, :k]
-            if all_scores.shape[1] > k
-            else np.argsort(-all_scores, 1)
-        )
-        best_scores = np.take_along_axis(all_scores, keep, axis=1)
-        best_rows = np.take_along_axis(all_rows, keep, axis=1)
-        offset += len(vectors)
+    for batch in batches:
+        for start in range(0, len(batch), _CHUNK):  # bounded score blocks, whatever the batch size
+            vectors = batch[start : start + _CHUNK]
+            scores = queries @ vectors.T
+            rows = np.broadcast_to(np.arange(offset, offset + len(vectors)), scores.shape)
+            all_scores = np.concatenate([best_scores, scores], axis=1)
+            all_rows = np.concatenate([best_rows, rows], axis=1)
+            keep = np.argpartition(-all_scores, k - 1, axis=1)[:, :k]
+            best_scores = np.take_along_axis(all_scores, keep, axis=1)
+            best_rows = np.take_along_axis(all_rows, keep, axis=1)
+            offset += len(vectors)
     order = np.argsort(-best_scores, axis=1, kind="stable")
     return np.take_along_axis(best_rows, order, axis=1)
 

@@ -61,17 +61,23 @@ def new_snapshot_id() -> str:
 
 
 def _write_ids_and_vectors(source, transform, workdir: Path, dim: int):
-    """One pass: ids.parquet and vectors.npy as served; yields each served batch for the index."""
-    vectors = np.lib.format.open_memmap(workdir / "vectors.npy", mode="w+", dtype=np.float32, shape=(source.count, dim))
+    """One pass: ids.parquet and vectors.npy as served; yields each served batch for the index.
+
+    vectors.npy is appended with plain writes, not through a memory map, so the pages
+    written do not stay mapped into this process on top of the index.
+    """
     offset = 0
-    with pq.ParquetWriter(workdir / "ids.parquet", pa.schema([("item_id", pa.string())])) as writer:
+    with open(workdir / "vectors.npy", "wb") as out, \
+            pq.ParquetWriter(workdir / "ids.parquet", pa.schema([("item_id", pa.string())])) as writer:  # fmt: skip
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                  "shape": (source.count, dim)}  # fmt: skip
+        np.lib.format.write_array_header_1_0(out, header)
         for ids, batch in source.batches():
-            served = transform(batch)
-            vectors[offset : offset + len(ids)] = served
+            served = np.ascontiguousarray(transform(batch), dtype=np.float32)
+            out.write(served.tobytes())
             writer.write_table(pa.table({"item_id": pa.array(ids, pa.string())}))
             offset += len(ids)
             yield served
-    vectors.flush()
     if offset != source.count:
         raise EmbeddingsError(f"runs' manifests promise {source.count} rows, shards hold {offset}")
 
