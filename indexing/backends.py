@@ -126,8 +126,8 @@ def build_faiss(plan: IndexPlan, dim: int, train: np.ndarray, batches: Iterable[
     parts = _write_parts(index, batches, rows_per_part, workdir / "parts")
     from faiss.contrib.ondisk import merge_ondisk
 
-    # shift_ids: each part numbered its rows from 0; merged, they continue where the previous part ended
-    merge_ondisk(index, [str(p) for p in parts], str(workdir / "index.ivfdata"), shift_ids=True)
+    # Parts carry global row ids already: faiss's own shift_ids miscounts when the last part is shorter.
+    merge_ondisk(index, [str(p) for p in parts], str(workdir / "index.ivfdata"), shift_ids=False)
     for part in parts:
         part.unlink()
     (workdir / "parts").rmdir()
@@ -147,9 +147,11 @@ def _write_parts(trained, batches: Iterable[np.ndarray], rows_per_part: int, fol
         faiss.write_index(part, str(path))
         paths.append(path)
 
+    offset = 0
     for vectors in _rebatch(batches, rows_per_part):
         part = faiss.clone_index(trained)
-        part.add(vectors)
+        part.add_with_ids(vectors, np.arange(offset, offset + len(vectors), dtype=np.int64))
+        offset += len(vectors)
         flush()
     return paths
 

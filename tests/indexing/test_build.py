@@ -187,23 +187,29 @@ def test_pca_keeps_clustered_neighbours_better_than_a_prefix(run, tmp_path):
 
 
 def test_memory_budget_builds_on_disk_in_parts_with_the_same_neighbours(run, vectors, tmp_path):
-    budget = 4000 * 32 * 4 // 4  # a quarter of the vectors fits: at least 3 parts
+    budget = int(4000 * 32 * 4 / 3.5)  # parts of 1142 rows: 3 full ones and a shorter last one
     on_disk = build_snapshot(run, str(tmp_path), IndexConfig(index="ivf", nlist=32, memory_budget=budget))
     in_memory = build_snapshot(run, str(tmp_path), IndexConfig(index="ivf", nlist=32))
-    assert on_disk["index"]["on_disk"] and on_disk["index"]["parts"] >= 3
+    assert on_disk["index"]["on_disk"] and on_disk["index"]["parts"] == 4
     assert "index.ivfdata" in on_disk["files"]
     params = {"nprobe": 4}
     a = load_index(_snapshot_dir(tmp_path, on_disk), on_disk["index"] | {"search_params": params})
     b = load_index(_snapshot_dir(tmp_path, in_memory), in_memory["index"] | {"search_params": params})
     queries = vectors[::40]
     assert np.array_equal(a.search(queries, 10)[1], b.search(queries, 10)[1])
+    # Every vector finds itself through the merged lists, the last (shorter) part included.
+    exhaustive = load_index(_snapshot_dir(tmp_path, on_disk), on_disk["index"] | {"search_params": {"nprobe": 32}})
+    assert np.array_equal(exhaustive.search(vectors, 1)[1][:, 0], np.arange(len(vectors)))
 
 
 def test_an_embed_output_root_means_its_latest_complete_run(tmp_path, vectors):
     out = tmp_path / "out"
     write_run(out / "embeddings" / "20260101T000000Z-old000", vectors[:100])
     newest = write_run(out / "embeddings" / "20260102T000000Z-new000", vectors[:200])
-    for run_dir, finished in ((out / "embeddings" / "20260101T000000Z-old000", "2026-01-01"), (Path(newest), "2026-01-02")):
+    for run_dir, finished in (
+        (out / "embeddings" / "20260101T000000Z-old000", "2026-01-01"),
+        (Path(newest), "2026-01-02"),
+    ):
         manifest = json.loads((run_dir / "_manifest.json").read_text())
         (run_dir / "_manifest.json").write_text(json.dumps(manifest | {"finished_at": finished}))
     (out / "embeddings" / "20260103T000000Z-running").mkdir()  # no manifest: still running, ignored
