@@ -180,9 +180,8 @@ def build_snapshot(embeddings: list[str] | str, root: str, cfg: IndexConfig = In
             "source_runs": [{"run_dir": r.run_dir, "run_id": r.run_id, "rows": r.rows} for r in source.runs],
             "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
             "files": {n: {"bytes": _size(workdir / n), "sha256": storage.sha256_file(workdir / n)} for n in names},
-            "wall_time_s": None,
+            "wall_time_s": round(time.monotonic() - started, 3),
         }
-        manifest["wall_time_s"] = round(time.monotonic() - started, 3)
         _install(workdir, names, manifest, root, snapshot_id)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
