@@ -75,17 +75,20 @@ def _load(root: str, snapshot_id: str, cache_dir: str) -> _Loaded:
 class SnapshotClient:
     """Search the snapshot published under `root` (local or gs://)."""
 
-    def __init__(self, root: str, cache_dir: str | None = None, allow_dim_change: bool = False) -> None:
+    def __init__(self, root: str, cache_dir: str | None = None, allow_dim_change: bool = False,
+                 snapshot_id: str | None = None) -> None:  # fmt: skip
         self.root = root
         self._cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "lookalike", "snapshots")
         self._allow_dim_change = allow_dim_change
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        latest = read_latest(root)
-        if latest is None:
-            raise SnapshotError(f"nothing is published under {root} (no LATEST)")
-        self._current = _load(root, latest.snapshot_id, self._cache_dir)
+        if snapshot_id is None:  # follow LATEST; a pinned snapshot (e.g. to evaluate it) need not be published
+            latest = read_latest(root)
+            if latest is None:
+                raise SnapshotError(f"nothing is published under {root} (no LATEST)")
+            snapshot_id = latest.snapshot_id
+        self._current = _load(root, snapshot_id, self._cache_dir)
         log.info("serving snapshot %s (%d items)", self.snapshot_id, self._current.manifest["count"])
 
     @property
@@ -95,6 +98,12 @@ class SnapshotClient:
     @property
     def manifest(self) -> dict:
         return self._current.manifest
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._current.rows
+
+    def __len__(self) -> int:
+        return len(self._current.item_ids)
 
     def refresh(self) -> bool:
         """Swap in the snapshot LATEST names now, if it changed. True when it swapped.

@@ -27,6 +27,7 @@ __all__ = ["Latest", "list_snapshots", "publish", "read_latest", "retain", "roll
 log = logging.getLogger(__name__)
 
 LATEST_NAME = "LATEST"
+EVALUATIONS = "_evaluations"  # ROOT/_evaluations/<snapshot_id>.json, written by `lookalike evaluate`
 _HISTORY = 50
 _ATTEMPTS = 50
 
@@ -95,7 +96,7 @@ def complete_snapshots(root: str) -> list[dict]:
     """Manifests of every complete snapshot under `root`, oldest first."""
     manifests = []
     for name in storage.list_children(root):
-        if name.startswith(".") or name == LATEST_NAME:
+        if name.startswith((".", "_")) or name == LATEST_NAME:
             continue
         try:
             manifests.append(read_manifest(root, name))
@@ -104,17 +105,34 @@ def complete_snapshots(root: str) -> list[dict]:
     return sorted(manifests, key=lambda m: m["created_at"])
 
 
-def publish(root: str, snapshot_id: str | None = None) -> Latest:
+def _require_passing_evaluation(root: str, snapshot_id: str) -> None:
+    try:
+        record = json.loads(storage.read_bytes(storage.join(root, EVALUATIONS, f"{snapshot_id}.json")))
+    except FileNotFoundError as err:
+        raise SnapshotError(
+            f"snapshot {snapshot_id} has no evaluation record; run `lookalike evaluate --snapshot "
+            f"{storage.join(root, snapshot_id)} ... --gate ...` first"
+        ) from err
+    if not record.get("passed"):
+        failed = [g["gate"] for g in record.get("gates", []) if not g.get("passed")]
+        raise SnapshotError(f"snapshot {snapshot_id} failed its evaluation gate(s) {failed}; not publishing")
+
+
+def publish(root: str, snapshot_id: str | None = None, require_evaluation: bool = False) -> Latest:
     """Verify a snapshot (default: the newest complete one), then point LATEST at it.
 
+    With `require_evaluation`, the snapshot must also have a passing evaluation record.
+
     Raises:
-        SnapshotError: nothing to publish, or the snapshot fails verification.
+        SnapshotError: nothing to publish, no passing evaluation when required, or failed verification.
     """
     if snapshot_id is None:
         snapshots = complete_snapshots(root)
         if not snapshots:
             raise SnapshotError(f"no complete snapshot under {root} to publish")
         snapshot_id = snapshots[-1]["snapshot_id"]
+    if require_evaluation:
+        _require_passing_evaluation(root, snapshot_id)
     _verified(root, snapshot_id)
 
     def change(current: Latest | None) -> Latest:

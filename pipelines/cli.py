@@ -152,11 +152,14 @@ def publish_cmd(
     keep: Annotated[
         int | None, typer.Option(help="Then delete all but the newest N (never LATEST or the one before).")
     ] = None,
+    require_evaluation: Annotated[
+        bool, typer.Option("--require-evaluation", help="Refuse unless `lookalike evaluate` passed its gates for it.")
+    ] = False,
 ) -> None:
     """Verify every checksum of a snapshot, then point ROOT/LATEST at it atomically."""
     from indexing import publish, retain
 
-    latest = publish(root, snapshot_id)
+    latest = publish(root, snapshot_id, require_evaluation=require_evaluation)
     typer.echo(f"published {latest.snapshot_id} (previously {latest.history[0] if latest.history else 'nothing'})")
     if keep is not None:
         deleted = retain(root, keep)
@@ -238,6 +241,49 @@ def serve_cmd(
         uvicorn.run(create_app(client), host=host, port=port, log_level="warning")
     finally:
         client.close()
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    snapshot: Annotated[str, typer.Option(help="Snapshot to evaluate: ROOT/<snapshot_id>, or ROOT for its LATEST.")],
+    interactions: Annotated[str, typer.Option(help="Interaction logs (Parquet/CSV/JSONL, local or gs://).")],
+    baseline: Annotated[str | None, typer.Option(help="Snapshot to compare with, or builtin:pixels.")] = None,
+    catalog: Annotated[
+        str | None, typer.Option(help="Catalog manifest: titles, categories and images for the report.")
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="Directory for metrics.json and report.html.")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="Cut-off of every metric.")] = 5,
+    since: Annotated[
+        str | None, typer.Option(help="Only logs at or after this time (ISO 8601, e.g. 2026-06-01).")
+    ] = None,
+    gate: Annotated[list[str] | None, typer.Option(help="e.g. 'ndcg@5>=baseline-0.005'; repeatable.")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Paired bootstrap resamples for the 95% intervals.")] = 1000,
+) -> None:
+    """nDCG@k, recall@k, MRR, hit rate and coverage from interaction logs; compare, gate and report."""
+    from datetime import UTC, datetime
+
+    from evaluation.run import EvaluateConfig, run_evaluation
+    from pipelines.summary import print_evaluation
+
+    when = None
+    if since:
+        try:
+            when = datetime.fromisoformat(since)
+        except ValueError as err:
+            raise ValueError(f"--since {since!r} is not an ISO 8601 date or time") from err
+        when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    cfg = EvaluateConfig(snapshot=snapshot, interactions=interactions, baseline=baseline, catalog=catalog, out=out,
+                         k=k, since=when, gates=tuple(gate or ()), bootstrap=bootstrap)  # fmt: skip
+    doc = run_evaluation(cfg)
+    print_evaluation(doc)
+    if not doc["passed"]:
+        failed = [g for g in doc["gates"] if not g["passed"]]
+        raise GateFailed("gate failed: " + "; ".join(
+            f"{g['gate']} ({g['metric']} = {g['value']:.4f}, needs {g['threshold']:.4f})" for g in failed))  # fmt: skip
+
+
+class GateFailed(RuntimeError):
+    """The candidate did not pass its evaluation gate(s)."""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from pipelines.embed import EmbedResult
 
-__all__ = ["print_embed_summary", "print_snapshot_list", "print_snapshot_summary"]
+__all__ = ["print_embed_summary", "print_evaluation", "print_snapshot_list", "print_snapshot_summary"]
 
 
 def _console() -> Console:
@@ -83,3 +83,44 @@ def print_snapshot_list(rows: list[dict], root: str, console: Console | None = N
         table.add_row(r["snapshot_id"], r["created_at"][:19], r["model_version"], f"{r['count']:,}", r["index"],
                       f"{r['recall_at_10']:.3f}", "*" if r["latest"] else "")  # fmt: skip
     console.print(table)
+
+
+def print_evaluation(doc: dict, console: Console | None = None) -> None:
+    """Metrics per ranker, the change with its 95% interval, gates, and what was left out."""
+    console = console or _console()
+    names = [doc["candidate"]] + ([doc["baseline"]] if doc["baseline"] else [])
+    table = Table(
+        title=f"evaluation @ {doc['k']} on {doc['counts']['evaluated_queries']:,} queries", title_justify="left"
+    )
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right")
+    if doc["comparisons"]:
+        table.add_column("change", justify="right")
+        table.add_column("95% CI", justify="right")
+    comparisons = {c["metric"]: c for c in doc["comparisons"]}
+    for metric in doc["metrics"][names[0]]:
+        row = [metric] + [f"{doc['metrics'][n][metric]:.4f}" for n in names]
+        c = comparisons.get(metric)
+        if c:
+            rel = "–" if c["relative"] is None else f"{c['relative'] * 100:+.1f}%"
+            ci = (
+                "–"
+                if c["relative_ci"] is None
+                else f"[{c['relative_ci'][0] * 100:+.1f}%, {c['relative_ci'][1] * 100:+.1f}%]"
+            )
+            row += [rel, ci]
+        table.add_row(*row)
+    table.add_row("coverage", *[f"{doc['coverage'][n]:.3f}" for n in names], *([""] * (2 if doc["comparisons"] else 0)))
+    console.print(table)
+    left_out = {
+        k: v for k, v in doc["counts"].items() if v and k not in ("rows", "queries", "pairs", "evaluated_queries")
+    }
+    if left_out:
+        console.print("left out: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in left_out.items()))
+    for g in doc["gates"]:
+        console.print(
+            f"gate {g['gate']}: {g['metric']} = {g['value']:.4f} vs {g['threshold']:.4f} → {'pass' if g['passed'] else 'FAIL'}"
+        )
+    if doc.get("report"):
+        console.print(f"report: {doc['report']}")

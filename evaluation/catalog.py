@@ -1,0 +1,73 @@
+"""What evaluation needs from the catalog: titles, categories and image URIs per item, and tables from files."""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from encoder import storage
+
+__all__ = ["CatalogInfo", "read_catalog_info", "read_table"]
+
+
+def read_table(uri: str, string_columns: tuple[str, ...] = ()) -> pa.Table:
+    """A Parquet, CSV or JSON-lines file (local or gs://) as a table.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: an unknown format or an unreadable file.
+    """
+    suffix = os.path.splitext(uri)[1].lower()
+    data = io.BytesIO(storage.read_bytes(uri))
+    try:
+        if suffix in (".parquet", ".pq"):
+            return pq.read_table(data)
+        if suffix == ".csv":
+            options = pacsv.ConvertOptions(column_types={c: pa.string() for c in string_columns})
+            return pacsv.read_csv(data, convert_options=options)
+        if suffix in (".jsonl", ".json", ".ndjson"):
+            return pajson.read_json(data)
+    except Exception as err:  # noqa: BLE001 - reader errors vary; the caller names the file
+        raise ValueError(f"cannot read {uri}: {type(err).__name__}: {err}") from err
+    raise ValueError(f"{uri}: unknown format {suffix!r}; use .parquet, .csv or .jsonl")
+
+
+@dataclass(frozen=True)
+class CatalogInfo:
+    titles: dict[str, str]
+    categories: dict[str, str]
+    image_uris: dict[str, str]
+
+
+def read_catalog_info(uri: str) -> CatalogInfo:
+    """Titles, categories and absolute image URIs by item id from a catalog manifest."""
+    table = read_table(uri, string_columns=("item_id", "image_uri"))
+    if "item_id" not in table.column_names:
+        raise ValueError(f"catalog {uri} lacks an item_id column")
+    ids = table.column("item_id").cast(pa.string()).to_pylist()
+
+    def column(name: str) -> list:
+        return table.column(name).cast(pa.string()).to_pylist() if name in table.column_names else [None] * len(ids)
+
+    base = uri.rsplit("/", 1)[0] if storage.is_gcs(uri) else os.path.dirname(os.path.abspath(uri))
+
+    def resolve(image_uri: str | None) -> str | None:
+        if not image_uri:
+            return None
+        if "://" in image_uri or image_uri.startswith("/"):
+            return image_uri
+        return (
+            storage.join(base, image_uri) if storage.is_gcs(base) else os.path.normpath(os.path.join(base, image_uri))
+        )
+
+    return CatalogInfo(
+        titles={i: t for i, t in zip(ids, column("title"), strict=True) if t is not None},
+        categories={i: c for i, c in zip(ids, column("category"), strict=True) if c is not None},
+        image_uris={i: u for i, u in zip(ids, map(resolve, column("image_uri")), strict=True) if u is not None},
+    )
