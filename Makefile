@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help install demo test test-all bench lint format docker clean
+.PHONY: help install browser demo test test-all bench lint format docker clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -25,6 +25,10 @@ $(STAMP): setup.py requirements.txt requirements-dev.txt
 
 install: $(STAMP)  ## create .venv with the pinned dependencies and lookalike itself
 
+browser:  ## Debian's chromium, which the evaluation report test renders the report in
+	@command -v chromium >/dev/null || { echo "installing Debian's chromium for the report test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 demo: install  ## the whole job end to end on a generated catalog: CPU, offline, local folders
 	rm -rf $(DEMO)
 	$(BIN)/lookalike demo-catalog --out $(DEMO)/catalog --items $(ITEMS)
@@ -37,10 +41,10 @@ demo: install  ## the whole job end to end on a generated catalog: CPU, offline,
 	$(BIN)/lookalike publish --root $(DEMO)/snapshots
 	$(BIN)/lookalike similar $$($(BIN)/python -c "import pyarrow.parquet as pq; print(pq.read_table('$(DEMO)/catalog/manifest.parquet').column('item_id')[0])") --root $(DEMO)/snapshots -k 5
 
-test: install  ## the test suite CI runs (everything but GPU tests)
+test: install browser  ## the test suite CI runs (everything but GPU tests)
 	$(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)
 
-test-all: install  ## every test; GPU tests skip themselves without CUDA
+test-all: install browser  ## every test; GPU tests skip themselves without CUDA
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: install  ## CPU throughput benchmark (results go in BENCHMARKS.md)

@@ -1,0 +1,129 @@
+"""Evaluation end to end on a demo catalog: independent recomputation, comparison, gates, records."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from evaluation.run import EvaluateConfig, run_evaluation
+from indexing import SnapshotClient, SnapshotError, publish
+
+
+def _independent_ndcg(client: SnapshotClient, logs: list[dict], k: int) -> float:
+    """nDCG@k written out plainly: sum weights per pair, drop self-clicks, rank with the client."""
+    rel: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    seen = set()
+    for row in logs:
+        key = tuple(row.values())
+        if key in seen or row["query_item_id"] == row["clicked_item_id"]:
+            continue
+        seen.add(key)
+        rel[row["query_item_id"]][row["clicked_item_id"]] += row["weight"]
+    scores = []
+    for query, clicked in rel.items():
+        clicked = {i: w for i, w in clicked.items() if i in client}
+        if query not in client or not clicked:
+            continue
+        ranked = [n.item_id for n in client.search(item_ids=[query], k=k)[0]]
+        dcg = sum(clicked.get(item, 0.0) / math.log2(rank + 2) for rank, item in enumerate(ranked))
+        ideal = sorted(clicked.values(), reverse=True)[:k]
+        scores.append(dcg / sum(w / math.log2(rank + 2) for rank, w in enumerate(ideal)))
+    return sum(scores) / len(scores)
+
+
+def test_reported_ndcg_equals_an_independent_computation(snapshots, demo_catalog):
+    root, exact, _ = snapshots
+    doc = run_evaluation(EvaluateConfig(snapshot=str(root / exact), interactions=str(demo_catalog.interactions)))
+    logs = pq.read_table(demo_catalog.interactions).to_pylist()
+    expected = _independent_ndcg(SnapshotClient(str(root), snapshot_id=exact), logs, 5)
+    assert abs(doc["metrics"][exact]["ndcg@5"] - expected) < 1e-9
+    assert doc["counts"]["evaluated_queries"] > 30
+    assert doc["counts"]["query_not_in_snapshot"] + doc["counts"]["clicks_not_in_snapshot"] > 0  # broken images
+
+
+def test_comparison_with_confidence_intervals_and_report(snapshots, demo_catalog, tmp_path):
+    root, exact, reduced = snapshots
+    doc = run_evaluation(EvaluateConfig(
+        snapshot=str(root / exact), interactions=str(demo_catalog.interactions), baseline=str(root / reduced),
+        catalog=str(demo_catalog.manifest), out=str(tmp_path), bootstrap=300,
+    ))  # fmt: skip
+    ndcg = next(c for c in doc["comparisons"] if c["metric"] == "ndcg@5")
+    assert ndcg["delta"] == pytest.approx(ndcg["candidate"] - ndcg["baseline"])
+    assert ndcg["delta_ci"][0] <= ndcg["delta"] <= ndcg["delta_ci"][1]
+    assert doc["per_category"] and sum(r["queries"] for r in doc["per_category"]) == doc["counts"]["evaluated_queries"]
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["metrics"] == doc["metrics"]
+    page = (tmp_path / "report.html").read_text()
+    assert "data:image/jpeg;base64," in page and "95% CI" in page and "by category" in page
+
+
+def test_a_snapshot_against_itself_changes_nothing(snapshots, demo_catalog):
+    root, exact, _ = snapshots
+    doc = run_evaluation(EvaluateConfig(snapshot=str(root / exact), interactions=str(demo_catalog.interactions),
+                                        baseline=str(root / exact), bootstrap=100))  # fmt: skip
+    for c in doc["comparisons"]:
+        assert c["delta"] == 0 and tuple(c["delta_ci"]) == (0.0, 0.0)
+
+
+def test_builtin_pixel_baseline(snapshots, demo_catalog):
+    root, exact, _ = snapshots
+    doc = run_evaluation(EvaluateConfig(snapshot=str(root / exact), interactions=str(demo_catalog.interactions),
+                                        baseline="builtin:pixels", catalog=str(demo_catalog.manifest), bootstrap=100))  # fmt: skip
+    assert doc["baseline"] == "builtin:pixels"
+    assert 0 <= doc["metrics"]["builtin:pixels"]["ndcg@5"] <= 1
+    with pytest.raises(ValueError, match="needs --catalog"):
+        EvaluateConfig(snapshot="s", interactions="i", baseline="builtin:pixels")
+
+
+def test_gates_records_and_publish_requirement(snapshots, demo_catalog):
+    root, exact, reduced = snapshots
+    common = dict(interactions=str(demo_catalog.interactions), bootstrap=50)
+    with pytest.raises(SnapshotError, match="no evaluation record"):
+        publish(str(root), exact, require_evaluation=True)
+    failing = run_evaluation(EvaluateConfig(snapshot=str(root / exact), gates=("ndcg@5>=1.1",), **common))
+    assert failing["passed"] is False and failing["gates"][0]["threshold"] == 1.1
+    with pytest.raises(SnapshotError, match="failed its evaluation gate"):
+        publish(str(root), exact, require_evaluation=True)
+    passing = run_evaluation(EvaluateConfig(snapshot=str(root / exact), baseline=str(root / reduced),
+                                            gates=("ndcg@5>=baseline-1", "hit_rate@5>=0"), **common))  # fmt: skip
+    assert passing["passed"] is True
+    assert publish(str(root), exact, require_evaluation=True).snapshot_id == exact
+
+
+@pytest.mark.parametrize(
+    ("gate", "message"),
+    [("ndcg@10>=0.1", "k=5"), ("ndcg>=0.1", "cannot read gate"), ("precision@5>=0.1", "cannot read gate")],
+)
+def test_bad_gates_fail_before_any_work(gate, message):
+    with pytest.raises(ValueError, match=message):
+        EvaluateConfig(snapshot="s", interactions="i", gates=(gate,))
+
+
+def test_gate_against_a_missing_baseline(snapshots, demo_catalog):
+    root, exact, _ = snapshots
+    with pytest.raises(ValueError, match="no --baseline"):
+        run_evaluation(EvaluateConfig(snapshot=str(root / exact), interactions=str(demo_catalog.interactions),
+                                      gates=("ndcg@5>=baseline",)))  # fmt: skip
+
+
+def test_nothing_measurable(snapshots, tmp_path):
+    import pyarrow as pa
+
+    root, exact, _ = snapshots
+    pq.write_table(pa.table({"query_item_id": ["x"], "clicked_item_id": ["y"]}), tmp_path / "l.parquet")
+    with pytest.raises(ValueError, match="no query can be measured"):
+        run_evaluation(EvaluateConfig(snapshot=str(root / exact), interactions=str(tmp_path / "l.parquet")))
+
+
+def test_bootstrap_is_seeded(snapshots, demo_catalog):
+    root, exact, reduced = snapshots
+    args = dict(snapshot=str(root / exact), interactions=str(demo_catalog.interactions), baseline=str(root / reduced),
+                bootstrap=200, seed=3)  # fmt: skip
+    a, b = run_evaluation(EvaluateConfig(**args)), run_evaluation(EvaluateConfig(**args))
+    assert a["comparisons"] == b["comparisons"]
+    assert np.isfinite(a["comparisons"][0]["delta_ci"]).all()

@@ -1,0 +1,66 @@
+"""Interaction logs: every documented rule, and a clear error only when nothing is usable."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from evaluation.logs import LogError, read_judgments
+
+
+def _write(tmp_path, name="logs.parquet", **columns):
+    pq.write_table(pa.table(columns), tmp_path / name)
+    return str(tmp_path / name)
+
+
+def test_rules_are_applied_and_counted(tmp_path):
+    t = [datetime(2026, 1, d, tzinfo=UTC) for d in (1, 1, 1, 2, 3, 4, 5)]
+    path = _write(
+        tmp_path,
+        query_item_id=["q", "q", "q", "q", "q", "q", None],
+        clicked_item_id=["a", "a", "b", "a", "q", "c", "a"],
+        weight=[1.0, 1.0, 2.0, 3.0, 1.0, -1.0, 1.0],
+        timestamp=t,
+        session_id=["s1", "s1", "s1", "s2", "s3", "s4", "s5"],
+    )
+    j = read_judgments(path)
+    assert j.relevance == {"q": {"a": 4.0, "b": 2.0}}  # duplicate row once; a: 1 + 3
+    assert j.counts["duplicate_rows"] == 1 and j.counts["self_clicks"] == 1 and j.counts["bad_rows"] == 2
+    later = read_judgments(path, since=datetime(2026, 1, 2, tzinfo=UTC))
+    assert later.relevance == {"q": {"a": 3.0}} and later.counts["before_since"] == 3
+
+
+def test_weight_defaults_to_one_and_csv_ids_stay_strings(tmp_path):
+    (tmp_path / "logs.csv").write_text("query_item_id,clicked_item_id\n007,8\n007,9\n")
+    assert read_judgments(str(tmp_path / "logs.csv")).relevance == {"007": {"8": 1.0, "9": 1.0}}
+
+
+@pytest.mark.parametrize(
+    ("columns", "message"),
+    [
+        ({"query_item_id": ["q"]}, "lacks column"),
+        ({"query_item_id": pa.array([], pa.string()), "clicked_item_id": pa.array([], pa.string())}, "no rows"),
+        ({"query_item_id": ["q"], "clicked_item_id": ["q"]}, "no usable rows"),
+    ],
+    ids=["missing-column", "empty", "only-self-clicks"],
+)
+def test_unusable_logs(tmp_path, columns, message):
+    with pytest.raises(LogError, match=message):
+        read_judgments(_write(tmp_path, **columns))
+
+
+def test_since_needs_timestamps(tmp_path):
+    path = _write(tmp_path, query_item_id=["q"], clicked_item_id=["a"])
+    with pytest.raises(LogError, match="--since needs a timestamp"):
+        read_judgments(path, since=datetime(2026, 1, 1, tzinfo=UTC))
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(LogError, match="does not exist"):
+        read_judgments(str(tmp_path / "nope.parquet"))
+    (tmp_path / "bad.parquet").write_bytes(b"garbage")
+    with pytest.raises(LogError, match="cannot read"):
+        read_judgments(str(tmp_path / "bad.parquet"))
