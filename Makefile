@@ -40,6 +40,9 @@ demo: install  ## the whole job end to end on a generated catalog: CPU, offline,
 	$(BIN)/lookalike index --embeddings $(DEMO)/out --out $(DEMO)/snapshots
 	$(BIN)/lookalike publish --root $(DEMO)/snapshots
 	$(BIN)/lookalike similar $$($(BIN)/python -c "import pyarrow.parquet as pq; print(pq.read_table('$(DEMO)/catalog/manifest.parquet').column('item_id')[0])") --root $(DEMO)/snapshots -k 5
+	@echo "--- offline evaluation against the non-learned pixel baseline (the model is still untrained)"
+	$(BIN)/lookalike evaluate --snapshot $(DEMO)/snapshots --interactions $(DEMO)/catalog/interactions.parquet \
+	  --baseline builtin:pixels --catalog $(DEMO)/catalog/manifest.parquet --out $(DEMO)/eval
 
 test: install browser  ## the test suite CI runs (everything but GPU tests)
 	$(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)

@@ -127,3 +127,20 @@ def test_bootstrap_is_seeded(snapshots, demo_catalog):
     a, b = run_evaluation(EvaluateConfig(**args)), run_evaluation(EvaluateConfig(**args))
     assert a["comparisons"] == b["comparisons"]
     assert np.isfinite(a["comparisons"][0]["delta_ci"]).all()
+
+
+@pytest.mark.gcs
+def test_snapshot_and_logs_on_gcs(gcs_emulator, gcs_bucket, snapshots, demo_catalog, tmp_path):
+    from tests.conftest import upload_dir
+
+    root, exact, _ = snapshots
+    remote_root = upload_dir(gcs_emulator, root / exact, gcs_bucket, f"snapshots/{exact}").rsplit("/", 1)[0]
+    gcs_emulator.bucket(gcs_bucket).blob("logs/interactions.parquet").upload_from_filename(
+        str(demo_catalog.interactions)
+    )
+    remote = run_evaluation(EvaluateConfig(snapshot=f"{remote_root}/{exact}", bootstrap=20, gates=("hit_rate@5>=0",),
+                                           interactions=f"gs://{gcs_bucket}/logs/interactions.parquet"))  # fmt: skip
+    local = run_evaluation(EvaluateConfig(snapshot=str(root / exact), interactions=str(demo_catalog.interactions),
+                                          bootstrap=20))  # fmt: skip
+    assert remote["metrics"][exact] == local["metrics"][exact]
+    assert gcs_emulator.bucket(gcs_bucket).blob(f"snapshots/_evaluations/{exact}.json").exists()
