@@ -215,3 +215,10 @@ def test_an_embed_output_root_means_its_latest_complete_run(tmp_path, vectors):
     (out / "embeddings" / "20260103T000000Z-running").mkdir()  # no manifest: still running, ignored
     manifest = build_snapshot(str(out), str(tmp_path / "s"), IndexConfig(queries=20))
     assert manifest["count"] == 200 and manifest["source_runs"][0]["run_id"] == "20260102T000000Z-new000"
+
+
+def test_tuning_stops_where_more_search_stops_paying(run, tmp_path):
+    # PCA to 4 dims cannot reach recall 0.95; searching every list would only cost time.
+    manifest = build_snapshot(run, str(tmp_path), IndexConfig(index="ivf", nlist=64, reduce="pca:4", min_recall=0.01))
+    assert manifest["quality"]["recall_at_10"] < 0.95
+    assert manifest["index"]["search_params"]["nprobe"] < 64
