@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections import defaultdict
 
 import numpy as np
@@ -80,8 +81,10 @@ def test_builtin_pixel_baseline(snapshots, demo_catalog):
         EvaluateConfig(snapshot="s", interactions="i", baseline="builtin:pixels")
 
 
-def test_gates_records_and_publish_requirement(snapshots, demo_catalog):
-    root, exact, reduced = snapshots
+def test_gates_records_and_publish_requirement(snapshots, demo_catalog, tmp_path):
+    shared_root, exact, reduced = snapshots
+    root = tmp_path / "root"  # a private copy: other tests leave evaluation records in the shared one
+    shutil.copytree(shared_root, root, ignore=shutil.ignore_patterns("_evaluations", "LATEST*", ".LATEST*"))
     common = dict(interactions=str(demo_catalog.interactions), bootstrap=50)
     with pytest.raises(SnapshotError, match="no evaluation record"):
         publish(str(root), exact, require_evaluation=True)
