@@ -57,7 +57,7 @@ def tiny_encoder(tiny_model):
     return load_encoder(EncoderConfig(model=str(tiny_model), device="cpu"))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -66,7 +66,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def gcs_emulator():
     """A GCS emulator on a free local port for the session; yields a storage client."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(  # the stock emulator plus GCS's generation preconditions (tests/support)
         [sys.executable, "-m", "tests.support.gcs_emulator", "--port", str(port)],
         cwd=Path(__file__).resolve().parents[1],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from encoder.loss import INIT_LOGIT_BIAS, INIT_LOGIT_SCALE, distributed_sigmoid_loss, sigmoid_loss
+from tests.conftest import free_port as _free_port
 
 
 def _features(n: int, d: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,12 +59,6 @@ def test_shape_mismatch_is_an_error():
     x, y = _features(4)
     with pytest.raises(ValueError, match="same shape"):
         sigmoid_loss(x, y[:3], torch.tensor(0.0), torch.tensor(0.0))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, results) -> None:

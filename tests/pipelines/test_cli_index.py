@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.request
 
 import pytest
 
+from tests.conftest import free_port as _free_port
 from tests.indexing.conftest import clustered, write_run
 from tests.pipelines.test_cli import _lookalike
 
@@ -83,12 +83,6 @@ def test_index_user_mistakes(tmp_path, run_dir, args, message):
     result = _lookalike(*[run_dir if a == "RUN" else a for a in args], cwd=tmp_path)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert message in result.stderr and "Traceback" not in result.stderr
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
