@@ -39,8 +39,10 @@ __all__ = [
     "join",
     "list_children",
     "local_lock",
+    "parent_dir",
     "read_bytes",
     "read_versioned",
+    "resolve",
     "sha256_file",
     "split_gcs_uri",
     "upload_file",
@@ -70,6 +72,23 @@ def split_gcs_uri(uri: str) -> tuple[str, str]:
     if not bucket:
         raise ValueError(f"gs:// URI without a bucket: {uri!r}")
     return bucket, path
+
+
+def parent_dir(uri: str) -> str:
+    """The directory holding `uri`: absolute for local paths, the prefix for remote ones."""
+    return uri.rsplit("/", 1)[0] if "://" in uri else os.path.dirname(os.path.abspath(uri))
+
+
+def resolve(base_dir: str, uri: str | None) -> str:
+    """`uri` relative to `base_dir`; absolute URIs and paths stay as they are; empty stays empty."""
+    if not uri or not uri.strip():
+        return ""
+    uri = uri.strip()
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    if "://" in base_dir:
+        return f"{base_dir.rstrip('/')}/{uri}"
+    return os.path.normpath(os.path.join(base_dir, uri))
 
 
 def join(base: str, *parts: str) -> str:

@@ -55,16 +55,10 @@ def read_catalog_info(uri: str) -> CatalogInfo:
     def column(name: str) -> list:
         return table.column(name).cast(pa.string()).to_pylist() if name in table.column_names else [None] * len(ids)
 
-    base = uri.rsplit("/", 1)[0] if storage.is_gcs(uri) else os.path.dirname(os.path.abspath(uri))
+    base = storage.parent_dir(uri)
 
     def resolve(image_uri: str | None) -> str | None:
-        if not image_uri:
-            return None
-        if "://" in image_uri or image_uri.startswith("/"):
-            return image_uri
-        return (
-            storage.join(base, image_uri) if storage.is_gcs(base) else os.path.normpath(os.path.join(base, image_uri))
-        )
+        return storage.resolve(base, image_uri) or None
 
     return CatalogInfo(
         titles={i: t for i, t in zip(ids, column("title"), strict=True) if t is not None},

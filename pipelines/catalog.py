@@ -19,6 +19,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from encoder import storage as object_store
 from pipelines import storage
 
 __all__ = [
@@ -102,22 +103,13 @@ def read_manifest_file(uri: str) -> pa.Table:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise CatalogError(f"manifest {uri} lacks column(s) {missing}; found {table.column_names}")
-    base = uri.rsplit("/", 1)[0] if "://" in uri else os.path.dirname(os.path.abspath(uri))
-    uris = [_resolve(base, u) for u in table.column("image_uri").cast(pa.string()).to_pylist()]
+    # Relative URIs are relative to the manifest's directory; empty stays empty (dead-lettered later).
+    base = object_store.parent_dir(uri)
+    uris = [object_store.resolve(base, u) for u in table.column("image_uri").cast(pa.string()).to_pylist()]
     table = table.set_column(table.schema.get_field_index("image_uri"), "image_uri", pa.array(uris, pa.string()))
     return table.set_column(
         table.schema.get_field_index("item_id"), "item_id", table.column("item_id").cast(pa.string())
     )
-
-
-def _resolve(base: str, image_uri: str | None) -> str:
-    """Relative URIs are relative to the manifest's directory; empty stays empty (dead-lettered later)."""
-    if not image_uri or not image_uri.strip():
-        return ""
-    image_uri = image_uri.strip()
-    if "://" in image_uri or image_uri.startswith("/"):
-        return image_uri
-    return storage.join(base, image_uri) if "://" in base else os.path.normpath(os.path.join(base, image_uri))
 
 
 def item_from_image_path(path: str) -> CatalogItem:
