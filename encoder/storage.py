@@ -35,6 +35,7 @@ __all__ = [
     "exists",
     "gcs_client",
     "is_gcs",
+    "is_not_found",
     "is_transient",
     "join",
     "list_children",
@@ -155,7 +156,8 @@ def with_retries(call: Callable[[], T], what: str, *, attempts: int = 5, base_de
     raise AssertionError("unreachable")
 
 
-def _not_found(err: BaseException) -> bool:
+def is_not_found(err: BaseException) -> bool:
+    """A missing file or object (local or gs://): permanent, never retried."""
     from google.api_core.exceptions import NotFound
 
     return isinstance(err, (FileNotFoundError, NotFound))
@@ -175,7 +177,7 @@ def read_bytes(uri: str) -> bytes:
     try:
         return with_retries(lambda: _blob(uri).download_as_bytes(), f"read {uri}")
     except Exception as err:
-        if _not_found(err):
+        if is_not_found(err):
             raise FileNotFoundError(f"no such object: {uri}") from err
         raise
 
@@ -292,7 +294,7 @@ def read_versioned(uri: str) -> tuple[bytes | None, int]:
         try:
             blob.reload()
         except Exception as err:
-            if _not_found(err):
+            if is_not_found(err):
                 return None, 0
             raise
         generation = int(blob.generation)  # before the download, which may reset the blob's properties

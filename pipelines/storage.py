@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 
 from apache_beam.io.filesystems import FileSystems
 
-from encoder.storage import is_transient, with_retries
+from encoder import storage as object_store
+from encoder.storage import is_not_found, is_transient, with_retries
 
 __all__ = [
     "NotFound",
@@ -50,16 +50,6 @@ def configure_storage(pipeline_options=None) -> None:
             auth._Credentials._credentials = None
 
 
-def _is_not_found(err: BaseException) -> bool:
-    if isinstance(err, FileNotFoundError):
-        return True
-    try:
-        from google.api_core.exceptions import NotFound as GcsNotFound
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(err, GcsNotFound)
-
-
 def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     """The whole object, retrying transient errors.
 
@@ -78,7 +68,7 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     try:
         return with_retries(read, f"read {uri}")
     except Exception as err:
-        if _is_not_found(err):
+        if is_not_found(err):
             raise NotFound(f"no such object: {uri}") from err
         raise
 
@@ -90,13 +80,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     upload, which becomes visible only when complete.
     """
     if "://" not in uri:
-        os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
-        tmp = f"{uri}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, uri)
+        object_store.write_bytes(uri, data)  # temp file + fsync + rename
         return
 
     def write() -> None:
