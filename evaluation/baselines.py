@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -18,6 +17,7 @@ from PIL import Image
 
 from encoder import storage
 from evaluation.catalog import CatalogInfo
+from evaluation.evaluate import VectorRanker
 
 __all__ = ["PixelBaseline", "pixel_features"]
 
@@ -41,12 +41,10 @@ def pixel_features(data: bytes) -> np.ndarray:
     return (vector / np.linalg.norm(vector)).astype(np.float32)
 
 
-class PixelBaseline:
-    name = NAME
+class PixelBaseline(VectorRanker):
+    """Exact neighbours over `pixel_features` of every decodable catalog image."""
 
     def __init__(self, catalog: CatalogInfo, threads: int = 8) -> None:
-        import faiss
-
         def featurize(item: tuple[str, str]):
             try:
                 return item[0], pixel_features(storage.read_bytes(item[1]))
@@ -56,23 +54,6 @@ class PixelBaseline:
 
         with ThreadPoolExecutor(threads) as pool:
             features = [f for f in pool.map(featurize, sorted(catalog.image_uris.items())) if f[1] is not None]
-        self.item_ids = [item_id for item_id, _ in features]
-        self._rows = {item_id: row for row, item_id in enumerate(self.item_ids)}
-        self._vectors = np.stack([v for _, v in features]) if features else np.zeros((0, 256), np.float32)
-        self._index = faiss.IndexFlatIP(256)
-        self._index.add(self._vectors)
+        vectors = np.stack([v for _, v in features]) if features else np.zeros((0, 256), np.float32)
+        super().__init__(NAME, [item_id for item_id, _ in features], vectors)
         log.info("%s: %d of %d catalog images", NAME, len(self.item_ids), len(catalog.image_uris))
-
-    def __contains__(self, item_id: str) -> bool:
-        return item_id in self._rows
-
-    @property
-    def catalog_size(self) -> int:
-        return len(self.item_ids)
-
-    def rank(self, item_ids: Sequence[str], k: int) -> list[list[str]]:
-        rows = [self._rows[i] for i in item_ids]
-        _, found = self._index.search(self._vectors[rows], min(k + 1, len(self.item_ids)))
-        return [
-            [self.item_ids[r] for r in row if r >= 0 and r != own][:k] for row, own in zip(found, rows, strict=True)
-        ]

@@ -17,7 +17,7 @@ import numpy as np
 from evaluation.logs import Judgments
 from evaluation.metrics import METRICS, coverage, query_metrics
 
-__all__ = ["Comparison", "EvalResult", "Ranker", "SnapshotRanker", "evaluate"]
+__all__ = ["Comparison", "EvalResult", "Ranker", "SnapshotRanker", "VectorRanker", "evaluate"]
 
 
 class Ranker(Protocol):
@@ -52,6 +52,35 @@ class SnapshotRanker:
             found = self.client.search(item_ids=list(item_ids[start : start + self._batch]), k=k)
             out.extend([n.item_id for n in row] for row in found)
         return out
+
+
+class VectorRanker:
+    """Exact inner-product neighbours over vectors held in memory (baselines, validation while training)."""
+
+    def __init__(self, name: str, item_ids: Sequence[str], vectors: np.ndarray) -> None:
+        import faiss
+
+        if len(item_ids) != len(vectors):
+            raise ValueError(f"{len(item_ids)} item ids but {len(vectors)} vectors")
+        self.name, self.item_ids = name, list(item_ids)
+        self._rows = {item_id: row for row, item_id in enumerate(self.item_ids)}
+        self._vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self._index = faiss.IndexFlatIP(self._vectors.shape[1])
+        self._index.add(self._vectors)
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._rows
+
+    @property
+    def catalog_size(self) -> int:
+        return len(self.item_ids)
+
+    def rank(self, item_ids: Sequence[str], k: int) -> list[list[str]]:
+        rows = [self._rows[i] for i in item_ids]
+        _, found = self._index.search(self._vectors[rows], min(k + 1, len(self.item_ids)))
+        return [
+            [self.item_ids[r] for r in row if r >= 0 and r != own][:k] for row, own in zip(found, rows, strict=True)
+        ]
 
 
 @dataclass

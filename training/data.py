@@ -1,0 +1,123 @@
+"""Batches of (image, title tokens) for training: deterministic order, augmentation and sharding.
+
+Which items form global batch b of epoch e, and how each image is augmented, depend
+only on (seed, e, b): not on the number of processes, data-loader workers or where a
+run was interrupted. That is what makes `--resume` exact and a 2-process run take the
+same steps as a 1-process run on the same global batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from encoder import storage
+from encoder.preprocess import DecodeLimits, PreprocessConfig, decode_image
+
+__all__ = ["EpochBatches", "PairDataset", "augment_seed", "steps_per_epoch"]
+
+log = logging.getLogger(__name__)
+
+_CROP_MARGIN = 1.15  # decode this much larger, then crop back: random resized crop at 85–100% of the side
+_MIN_CROP_SIDE = 0.85
+
+
+def steps_per_epoch(pairs: int, batch_size: int) -> int:
+    """Full global batches per epoch; the remainder of a shuffled epoch is left out."""
+    return pairs // batch_size
+
+
+def augment_seed(seed: int, epoch: int, position: int) -> int:
+    """Seed of the augmentation of the `position`-th sample of `epoch`."""
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1, np.uint64)[0])
+
+
+class EpochBatches:
+    """This process's share of each global batch of one epoch, from a given step on.
+
+    Yields lists of (pair index, augmentation seed); a `DataLoader` batch_sampler.
+    """
+
+    def __init__(self, pairs: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world: int = 1,
+                 start_step: int = 0, augment: bool = True) -> None:  # fmt: skip
+        if batch_size % world:
+            raise ValueError(f"global batch_size {batch_size} must be a multiple of the process count {world}")
+        self.pairs, self.batch_size, self.seed, self.epoch = pairs, batch_size, seed, epoch
+        self.rank, self.world, self.start_step, self.augment = rank, world, start_step, augment
+
+    def __len__(self) -> int:
+        return max(0, steps_per_epoch(self.pairs, self.batch_size) - self.start_step)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int | None]]]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.pairs)
+        share = self.batch_size // self.world
+        for step in range(self.start_step, steps_per_epoch(self.pairs, self.batch_size)):
+            first = step * self.batch_size + self.rank * share
+            yield [
+                (int(order[p]), augment_seed(self.seed, self.epoch, p) if self.augment else None)
+                for p in range(first, first + share)
+            ]
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Pair index (+ augmentation seed) → (uint8 image (h, w, 3), token ids (L,), unreadable flag).
+
+    An image that was fine when the pairs were checked but cannot be read now (deleted,
+    rewritten) is replaced by the next pair in the list, so the batch keeps its size;
+    the flag lets the training loop count how often that happened.
+    """
+
+    def __init__(self, image_uris: Sequence[str], input_ids: np.ndarray, preprocess: PreprocessConfig,
+                 limits: DecodeLimits = DecodeLimits()) -> None:  # fmt: skip
+        if len(image_uris) != len(input_ids):
+            raise ValueError(f"{len(image_uris)} images but {len(input_ids)} token rows")
+        self.image_uris, self.input_ids = list(image_uris), input_ids
+        self.preprocess, self.limits = preprocess, limits
+
+    def __len__(self) -> int:
+        return len(self.image_uris)
+
+    def __getitem__(self, key: int | tuple[int, int | None]):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        for attempt in range(len(self.image_uris)):
+            row = (index + attempt) % len(self.image_uris)
+            try:
+                image = self._load(row, seed)
+            except Exception as err:  # noqa: BLE001 - counted by the loop; the pair is replaced, not lost silently
+                log.warning("image %s unreadable during training (%s); using the next pair", self.image_uris[row], err)
+                continue
+            return torch.from_numpy(image), torch.from_numpy(self.input_ids[row]), attempt > 0
+        raise RuntimeError("no image in the training set can be read any more")
+
+    def _load(self, row: int, seed: int | None) -> np.ndarray:
+        data = storage.read_bytes(self.image_uris[row])
+        if seed is None:
+            return decode_image(data, self.preprocess, self.limits)
+        return augment(data, self.preprocess, np.random.default_rng(seed), self.limits)
+
+
+def augment(data: bytes, preprocess: PreprocessConfig, rng: np.random.Generator,
+            limits: DecodeLimits = DecodeLimits()) -> np.ndarray:  # fmt: skip
+    """Light augmentation that keeps what makes two listings alike (colour, pattern, shape).
+
+    Random resized crop (85–100% of each side of a slightly larger decode) and a
+    horizontal flip half the time; no colour changes, since colour is a product attribute.
+
+    Returns:
+        (height, width, 3) uint8, like `decode_image`.
+    """
+    h, w = preprocess.height, preprocess.width
+    large = replace(preprocess, height=round(h * _CROP_MARGIN), width=round(w * _CROP_MARGIN))
+    pixels = decode_image(data, large, limits)
+    side = rng.uniform(_MIN_CROP_SIDE, 1.0)
+    ch, cw = max(1, round(large.height * side)), max(1, round(large.width * side))
+    y, x = int(rng.integers(0, large.height - ch + 1)), int(rng.integers(0, large.width - cw + 1))
+    crop = Image.fromarray(pixels[y : y + ch, x : x + cw]).resize((w, h), resample=preprocess.resample)
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.array(crop, dtype=np.uint8)
