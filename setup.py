@@ -22,6 +22,8 @@ setup(
             "indexing.*",
             "evaluation",
             "evaluation.*",
+            "training",
+            "training.*",
         ]
     ),
     install_requires=[

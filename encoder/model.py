@@ -23,7 +23,16 @@ from PIL import Image
 from encoder.preprocess import DecodeLimits, PreprocessConfig, decode_image, prepare_image, to_pixel_values
 from encoder.storage import download_gcs_dir, is_gcs
 
-__all__ = ["EncoderConfig", "ImageEncoder", "load_encoder", "model_version", "resolve_checkpoint"]
+__all__ = [
+    "EncoderConfig",
+    "ImageEncoder",
+    "load_encoder",
+    "model_version",
+    "pick_device",
+    "quiet_transformers",
+    "read_preprocess",
+    "resolve_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +122,7 @@ def model_version(vision_state: dict[str, torch.Tensor], preprocess: PreprocessC
     return f"siglip-{digest.hexdigest()[:16]}"
 
 
-def _pick_device(requested: str) -> torch.device:
+def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         log.info("device auto → %s", device)
@@ -208,15 +217,15 @@ def load_encoder(cfg: EncoderConfig, limits: DecodeLimits = DecodeLimits()) -> I
     from transformers import AutoConfig, SiglipVisionModel
 
     path = resolve_checkpoint(cfg.model, cfg.cache_dir)
-    with _quiet_transformers():
+    with quiet_transformers():
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if config.model_type not in _SUPPORTED_TYPES:
         raise ValueError(f"{cfg.model} is a {config.model_type!r} checkpoint; expected one of {_SUPPORTED_TYPES}")
-    preprocess = _read_preprocess(path)
-    device = _pick_device(cfg.device)
+    preprocess = read_preprocess(path)
+    device = pick_device(cfg.device)
     dtype = _pick_dtype(cfg.dtype, device)
     # SDPA attention everywhere: same numbers as eager in fp32, far faster in bf16 on CUDA.
-    with _quiet_transformers():  # a two-tower checkpoint always has "unexpected" text weights; missing ones we check
+    with quiet_transformers():  # a two-tower checkpoint always has "unexpected" text weights; missing ones we check
         model, info = SiglipVisionModel.from_pretrained(
             path, use_safetensors=True, trust_remote_code=False, attn_implementation="sdpa", output_loading_info=True
         )
@@ -231,7 +240,7 @@ def load_encoder(cfg: EncoderConfig, limits: DecodeLimits = DecodeLimits()) -> I
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
@@ -242,7 +251,7 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
-def _read_preprocess(path: Path) -> PreprocessConfig:
+def read_preprocess(path: Path) -> PreprocessConfig:
     config_file = path / "preprocessor_config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} has no preprocessor_config.json; cannot reproduce its preprocessing")

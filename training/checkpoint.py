@@ -125,7 +125,8 @@ def check_resumable(checkpoint: Checkpoint, cfg: TrainConfig, pairs_digest: str,
                            f"({info.get('source_model')!r})")  # fmt: skip
     if differences:
         raise ResumeError(
-            f"cannot resume from {checkpoint.path}: " + "; ".join(differences)
+            f"cannot resume from {checkpoint.path}: "
+            + "; ".join(differences)
             + ". Rerun with the original settings, or train into a new --out."
         )
 

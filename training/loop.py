@@ -1,0 +1,493 @@
+"""The fine-tuning loop: SigLIP's two towers trained with the sigmoid loss on catalog pairs.
+
+One process or many (`torchrun`): every process reads its slice of each global batch,
+text features are exchanged for the loss (`distributed_sigmoid_loss`), DDP averages
+gradients. Rank 0 alone validates, checkpoints, logs and exports; the others wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from encoder.loss import distributed_sigmoid_loss, sigmoid_loss
+from encoder.model import pick_device, quiet_transformers, read_preprocess, resolve_checkpoint
+from encoder.preprocess import PreprocessConfig, to_pixel_values
+from training import checkpoint as ckpt
+from training.config import TrainConfig
+from training.data import EpochBatches, PairDataset, steps_per_epoch
+from training.export import export_model
+from training.pairs import PairError, Pairs, collect_pairs, read_pairs, write_pairs
+from training.plot import draw_loss_curve
+from training.validate import embed_pairs, item_ndcg, pair_metrics
+
+__all__ = ["TrainResult", "TrainingError", "train"]
+
+log = logging.getLogger(__name__)
+
+_PREPROCESSOR_FILES = ("preprocessor_config.json",)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss or gradient); the message names the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced and measured."""
+
+    out: str
+    steps: int
+    epochs: int
+    seconds: float
+    images_per_s: float  # training steps only (not validation or checkpoints)
+    counts: dict[str, int]
+    validation: dict[str, float]  # the last epoch's
+    encoder: str
+    model: str
+    model_version: str
+    resumed_from_step: int | None = None
+    history: list[dict] = field(default_factory=list)  # one row per epoch
+
+
+class _TwoTower(torch.nn.Module):
+    """uint8 pixels + token ids → L2-normalised image and text features (what DDP wraps)."""
+
+    def __init__(self, model, preprocess: PreprocessConfig) -> None:
+        super().__init__()
+        self.model, self.preprocess = model, preprocess
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        values = to_pixel_values(pixels, self.preprocess)
+        return F.normalize(self.model.vision_model(pixel_values=values).pooler_output.float(), dim=-1)
+
+    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor | None):
+        image = self.image_features(pixels)
+        if input_ids is None:
+            return image, None
+        text = F.normalize(self.model.text_model(input_ids=input_ids).pooler_output.float(), dim=-1)
+        return image, text
+
+
+@dataclass(frozen=True)
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            value = value.clone()
+            torch.distributed.all_reduce(value)
+        return value
+
+
+def _start_distributed(cfg: TrainConfig) -> tuple[_Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(f"cuda:{local_rank}" if cfg.device == "cuda" and world > 1 else cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return _Dist(rank, world, local_rank), device
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to the peak LR, then cosine down to 0 at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _freeze(model, cfg: TrainConfig) -> None:
+    layers = model.vision_model.encoder.layers
+    if cfg.freeze_vision_layers > len(layers):
+        raise ValueError(f"freeze_vision_layers={cfg.freeze_vision_layers} but the vision tower has {len(layers)}")
+    if cfg.freeze_text:
+        model.text_model.requires_grad_(False)
+    if cfg.freeze_vision_layers:
+        model.vision_model.embeddings.requires_grad_(False)
+        for layer in layers[: cfg.freeze_vision_layers]:
+            layer.requires_grad_(False)
+
+
+def _optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},  # biases, norms, t', b
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if not bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _load_source(cfg: TrainConfig, dist: _Dist) -> Path:
+    from transformers import AutoConfig
+
+    if dist.main:  # one download into the shared cache, then everyone reads it
+        source = resolve_checkpoint(cfg.model, cfg.cache_dir)
+    dist.barrier()
+    if not dist.main:
+        source = resolve_checkpoint(cfg.model, cfg.cache_dir)
+    with quiet_transformers():
+        model_type = AutoConfig.from_pretrained(source, trust_remote_code=False).model_type
+    if model_type != "siglip":
+        raise ValueError(f"{cfg.model} is a {model_type!r} checkpoint; training needs a two-tower SigLIP "
+                         "(an image encoder alone has no text tower; use the OUT/model of a training run)")  # fmt: skip
+    return source
+
+
+def _architecture(source: Path) -> str:
+    from transformers import SiglipConfig, SiglipModel
+
+    with torch.device("meta"), quiet_transformers():
+        return ckpt.architecture_of(SiglipModel(SiglipConfig.from_pretrained(source)))
+
+
+def _pairs(cfg: TrainConfig, dist: _Dist, preprocess: PreprocessConfig, out: Path) -> Pairs:
+    path = out / "pairs.parquet"
+    if cfg.resume and path.is_file():
+        return read_pairs(str(path))
+    if dist.main:
+        from tqdm.auto import tqdm
+
+        with tqdm(desc="checking pairs", unit="img", disable=not sys.stderr.isatty()) as bar:
+            pairs = collect_pairs(cfg.catalog, preprocess, val_fraction=cfg.val_fraction,
+                                  max_val_items=cfg.max_val_items, progress=bar.update)  # fmt: skip
+        write_pairs(pairs, str(path))
+    dist.barrier()
+    return pairs if dist.main else read_pairs(str(path))
+
+
+def _tokenize(tokenizer, titles: list[str], length: int) -> np.ndarray:
+    encoded = tokenizer(titles, padding="max_length", truncation=True, max_length=length,
+                        return_attention_mask=False)  # fmt: skip
+    return np.asarray(encoded["input_ids"], dtype=np.int64)
+
+
+class _Metrics:
+    """metrics.jsonl: appended by rank 0; a resumed run first drops rows past its checkpoint."""
+
+    def __init__(self, path: Path, keep_through_step: int | None) -> None:
+        self.path = path
+        self.rows: list[dict] = []
+        if keep_through_step is not None and path.is_file():
+            self.rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= keep_through_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def plot(self, path: Path) -> None:
+        train = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in self.rows if "val_loss" in r]
+        draw_loss_curve(train, val, path)
+
+
+def train(cfg: TrainConfig, on_step=None) -> TrainResult:
+    """Fine-tune `cfg.model` on the catalog's image–title pairs; export the image encoder.
+
+    Args:
+        on_step: optional callable(step) after every optimizer step (rank 0 and others).
+
+    Raises:
+        PairError: no usable pairs, or fewer than one global batch.
+        ResumeError: nothing to resume, or a checkpoint made with other settings.
+        TrainingError: the loss or gradient became non-finite.
+        ValueError, FileNotFoundError: a bad --model or option.
+    """
+    dist, device = _start_distributed(cfg)
+    try:
+        return _Run(cfg, dist, device).run(on_step)
+    finally:
+        if dist.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class _Run:
+    """One call of `train`: set-up in __init__, the epochs in `run`."""
+
+    def __init__(self, cfg: TrainConfig, dist: _Dist, device: torch.device) -> None:
+        from transformers import AutoTokenizer, SiglipModel
+
+        self.cfg, self.dist, self.device = cfg, dist, device
+        self.out = Path(cfg.out)
+        if dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        latest = ckpt.latest_checkpoint(self.out)
+        if cfg.resume and latest is None:
+            raise ckpt.ResumeError(f"--resume: no complete checkpoint under {self.out / 'checkpoints'}")
+        if not cfg.resume and latest is not None:
+            raise ckpt.ResumeError(f"{self.out} already holds checkpoints (latest: step {latest.step}); "
+                                   "pass --resume to continue that run, or choose an empty --out")  # fmt: skip
+        source = _load_source(cfg, dist)
+        self.preprocess = read_preprocess(source)
+        self.preprocessor_files = [source / name for name in _PREPROCESSOR_FILES]
+        with quiet_transformers():
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
+        self.pairs = _pairs(cfg, dist, self.preprocess, self.out)
+        self.train_pairs, self.val_pairs = self.pairs.split("train"), self.pairs.split("val")
+        if self.train_pairs.num_rows < cfg.batch_size:
+            raise PairError(
+                f"{self.train_pairs.num_rows} usable training pair(s) is fewer than one batch of {cfg.batch_size}; "
+                f"lower --batch-size or add items (counts: {self.pairs.counts})"
+            )
+        self.architecture = _architecture(source)
+        with quiet_transformers():
+            model = SiglipModel.from_pretrained(latest.model_dir if cfg.resume else source, use_safetensors=True,
+                                                attn_implementation="sdpa")  # fmt: skip
+        _freeze(model, cfg)
+        self.model = model.to(device).train()
+        self.length = cfg.max_text_tokens or int(model.config.text_config.max_position_embeddings)
+        if self.length > model.config.text_config.max_position_embeddings:
+            raise ValueError(f"max_text_tokens={self.length} exceeds the text tower's "
+                             f"{model.config.text_config.max_position_embeddings} positions")  # fmt: skip
+        self.net = _TwoTower(self.model, self.preprocess)
+        forward = torch.compile(self.net) if cfg.compile else self.net
+        if dist.world > 1:
+            forward = torch.nn.parallel.DistributedDataParallel(
+                forward, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.forward = forward
+        self.autocast = _autocast(cfg, device)
+        self.steps_per_epoch = steps_per_epoch(self.train_pairs.num_rows, cfg.batch_size)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        warmup = int(self.total_steps * cfg.warmup_fraction)
+        self.optimizer = _optimizer(self.model, cfg, device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: _lr_factor(s, warmup, self.total_steps)
+        )
+        self.step, self.unreadable, self.resumed_from = 0, 0, None
+        if cfg.resume:
+            ckpt.check_resumable(latest, cfg, self.pairs.digest, self.architecture)
+            self._restore(latest)
+        self.latest = latest
+        self.train_data = PairDataset(
+            self.train_pairs.column("image_uri").to_pylist(),
+            _tokenize(self.tokenizer, self.train_pairs.column("title").to_pylist(), self.length),
+            self.preprocess,
+        )
+        self.judgments = self._judgments()
+        if dist.main:
+            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+        self.metrics = _Metrics(self.out / "metrics.jsonl", self.step if cfg.resume else None) if dist.main else None
+
+    def _restore(self, latest: ckpt.Checkpoint) -> None:
+        state = ckpt.load_state(latest)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError) as err:
+            raise ckpt.ResumeError(f"optimizer state in {latest.path} does not fit this model: {err}") from err
+        ckpt.set_rng_state(state["rng"])
+        self.step, self.unreadable, self.resumed_from = latest.step, int(state.get("unreadable", 0)), latest.step
+        log.info("resuming from %s (step %d of %d)", latest.path, self.step, self.total_steps)
+
+    def _judgments(self):
+        if not (self.cfg.interactions and self.dist.main):
+            return None
+        from evaluation.logs import read_judgments
+
+        return read_judgments(self.cfg.interactions)
+
+    def _loader(self, dataset: PairDataset, batch_sampler) -> torch.utils.data.DataLoader:
+        workers = self.cfg.workers
+        return torch.utils.data.DataLoader(
+            dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+        )  # fmt: skip
+
+    # -- the epochs -----------------------------------------------------------------------
+
+    def run(self, on_step) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        cfg, dist = self.cfg, self.dist
+        started, train_seconds, trained_steps = time.perf_counter(), 0.0, 0
+        history: list[dict] = []
+        validation: dict[str, float] = {}
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="training",
+                   disable=not (dist.main and sys.stderr.isatty()))  # fmt: skip
+        window_start, window_steps = time.perf_counter(), 0
+        for epoch in range(self.step // self.steps_per_epoch, cfg.epochs):
+            batches = EpochBatches(self.train_pairs.num_rows, cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                                   rank=dist.rank, world=dist.world, start_step=self.step % self.steps_per_epoch,
+                                   augment=cfg.augment)  # fmt: skip
+            tick = time.perf_counter()
+            for pixels, input_ids, replaced in self._loader(self.train_data, batches):
+                loss, grad_norm = self._step(pixels, input_ids, epoch)
+                self.unreadable += int(replaced.sum())
+                self.step += 1
+                trained_steps += 1
+                window_steps += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    rate = window_steps * cfg.batch_size / max(now - window_start, 1e-9)
+                    window_start, window_steps = now, 0
+                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:,.0f}")
+                    self._log({"step": self.step, "epoch": epoch + 1, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                               "grad_norm": grad_norm, "images_per_s": rate, **self._logit_params()})  # fmt: skip
+                if self.step % cfg.checkpoint_every == 0 and self.step % self.steps_per_epoch:
+                    self._checkpoint()
+                if on_step:
+                    on_step(self.step)
+            train_seconds += time.perf_counter() - tick
+            validation = self._validate()
+            row = {"step": self.step, "epoch": epoch + 1, **validation}
+            history.append(row)
+            self._log(row)
+            if dist.main and validation:
+                bar.write(
+                    f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in validation.items())
+                )
+            self._checkpoint()
+        bar.close()
+        return self._finish(started, train_seconds, trained_steps, validation, history)
+
+    def _logit_params(self) -> dict[str, float]:
+        return {"logit_scale": float(self.model.logit_scale.exp()), "logit_bias": float(self.model.logit_bias)}
+
+    def _step(self, pixels: torch.Tensor, input_ids: torch.Tensor, epoch: int) -> tuple[float, float]:
+        pixels = pixels.to(self.device, non_blocking=True)
+        input_ids = input_ids.to(self.device, non_blocking=True)
+        with self.autocast():
+            image, text = self.forward(pixels, input_ids)
+        scale, bias = self.model.logit_scale, self.model.logit_bias
+        if self.dist.world > 1:
+            share = distributed_sigmoid_loss(image, text, scale, bias)
+            loss_value = self.dist.sum(share.detach())
+            loss = share * self.dist.world  # DDP averages gradients over ranks; the global loss is the sum
+        else:
+            loss = sigmoid_loss(image, text, scale, bias)
+            loss_value = loss.detach()
+        value = float(loss_value)
+        if not math.isfinite(value):
+            self._diverged(f"loss is {value}", epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf")))
+        if not math.isfinite(grad_norm):
+            self._diverged(f"gradient norm is {grad_norm}", epoch)
+        self.optimizer.step()
+        self.scheduler.step()
+        return value, grad_norm
+
+    def _diverged(self, what: str, epoch: int) -> None:
+        last = ckpt.latest_checkpoint(self.out)
+        where = f"{last.path} (step {last.step})" if last else "none yet (no checkpoint was written)"
+        raise TrainingError(
+            f"{what} at step {self.step + 1} (epoch {epoch + 1}); stopped before updating the weights. "
+            f"Last good checkpoint: {where}. Check the data, or lower --lr / raise --warmup-fraction "
+            "in a new --out (--resume keeps the original settings)."
+        )
+
+    def _log(self, row: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.add(row)
+
+    # -- rank 0's side jobs -----------------------------------------------------------------
+
+    def _validate(self) -> dict[str, float]:
+        if not self.dist.main:
+            self.dist.barrier()
+            return {}
+        self.model.eval()
+        try:
+            results = self._validate_pairs()
+            results.update(self._validate_items())
+        finally:
+            self.model.train()
+        self.dist.barrier()
+        return results
+
+    def _eval_loader(self, uris: list[str], titles: list[str] | None) -> torch.utils.data.DataLoader:
+        ids = _tokenize(self.tokenizer, titles, self.length) if titles else np.zeros((len(uris), 1), np.int64)
+        dataset = PairDataset(uris, ids, self.preprocess)
+        batch = max(1, min(256, self.cfg.batch_size))
+        chunks = [list(range(i, min(i + batch, len(uris)))) for i in range(0, len(uris), batch)]
+        return self._loader(dataset, chunks)
+
+    def _validate_pairs(self) -> dict[str, float]:
+        if self.val_pairs.num_rows < 2:
+            return {}
+        titles = self.val_pairs.column("title").to_pylist()
+        loader = self._eval_loader(self.val_pairs.column("image_uri").to_pylist(), titles)
+        images, texts = embed_pairs(self.net, loader, self.device, self.autocast)
+        params = self._logit_params()
+        return pair_metrics(images, texts, titles, math.log(params["logit_scale"]), params["logit_bias"])
+
+    def _validate_items(self) -> dict[str, float]:
+        if self.judgments is None:
+            return {}
+        ids = self.pairs.table.column("item_id").to_pylist()
+        uris = self.pairs.table.column("image_uri").to_pylist()
+        judged = set(self.judgments.relevance) | {i for rel in self.judgments.relevance.values() for i in rel}
+        order = sorted(range(len(ids)), key=lambda i: ids[i] not in judged)[: self.cfg.eval_items]
+        loader = self._eval_loader([uris[i] for i in order], None)
+        images, _ = embed_pairs(self.net, loader, self.device, self.autocast, texts=False)
+        return item_ndcg([ids[i] for i in order], images, self.judgments)
+
+    def _checkpoint(self) -> None:
+        unreadable = int(self.dist.sum(torch.tensor(self.unreadable)))
+        if self.dist.main:
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "rng": ckpt.rng_state(), "unreadable": unreadable}  # fmt: skip
+            info = ckpt.resume_info(self.cfg, self.pairs.digest, self.architecture)
+            self.latest = ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer,
+                                               self.preprocessor_files, state, info, self.cfg.keep_checkpoints)  # fmt: skip
+            self.metrics.plot(self.out / "loss_curve.png")
+        self.dist.barrier()
+
+    def _finish(self, started: float, train_seconds: float, trained_steps: int, validation: dict,
+                history: list[dict]) -> TrainResult:  # fmt: skip
+        cfg = self.cfg
+        counts = {**self.pairs.counts, "unreadable_during_training": int(self.dist.sum(torch.tensor(self.unreadable)))}
+        exported = {"encoder": "", "model": "", "model_version": ""}
+        if self.dist.main:
+            latest = ckpt.latest_checkpoint(self.out)
+            info = {"base_model": cfg.model, "step": self.step, "epochs": cfg.epochs, "validation": validation}
+            exported = export_model(latest.model_dir, self.out, self.preprocess, info)
+        self.dist.barrier()
+        seconds = time.perf_counter() - started
+        result = TrainResult(
+            out=str(self.out), steps=self.step, epochs=cfg.epochs, seconds=seconds,
+            images_per_s=trained_steps * cfg.batch_size / train_seconds if train_seconds else 0.0,
+            counts=counts, validation=validation, resumed_from_step=self.resumed_from, history=history,
+            **exported,
+        )  # fmt: skip
+        if self.dist.main:
+            (self.out / "report.json").write_text(json.dumps(asdict(result), indent=2, sort_keys=True))
+        return result
