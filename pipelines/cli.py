@@ -111,6 +111,51 @@ def embed(
     print_embed_summary(result)
 
 
+@app.command("train")
+def train_cmd(
+    catalog: Annotated[str, typer.Option(help="Manifest with item_id, image_uri, title (local or gs://).")],
+    model: Annotated[str, typer.Option(help="Two-tower SigLIP: Hub id, directory or gs:// directory.")],
+    out: Annotated[str, typer.Option(help="Local directory for checkpoints, metrics and the exported encoder.")],
+    interactions: Annotated[str | None, typer.Option(help="Interaction logs: item nDCG@5 at each epoch.")] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the training pairs.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Global batch (all processes); the loss sees all of it.")] = 256,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (random init: ~5e-4).")] = 1e-5,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on weight matrices.")] = 0.05,
+    warmup_fraction: Annotated[float, typer.Option(help="Share of steps for linear warmup.")] = 0.05,
+    grad_clip: Annotated[float, typer.Option(help="Max gradient norm (0: off).")] = 1.0,
+    freeze_text: Annotated[bool, typer.Option("--freeze-text", help="Keep the text tower fixed.")] = False,
+    freeze_vision_layers: Annotated[int, typer.Option(help="Keep the lowest N vision layers fixed.")] = 0,
+    augment: Annotated[bool, typer.Option(help="Random resized crop and horizontal flip.")] = True,
+    val_fraction: Annotated[float, typer.Option(help="Share of items held out for validation.")] = 0.05,
+    max_text_tokens: Annotated[int | None, typer.Option(help="Title length in tokens (default: model's).")] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (and every epoch end).")] = 500,
+    keep_checkpoints: Annotated[int, typer.Option(help="Checkpoints kept.")] = 2,
+    workers: Annotated[int, typer.Option(help="Data-loading processes per training process.")] = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), fp32 or bf16.")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the towers (CUDA).")] = False,
+    seed: Annotated[int, typer.Option(help="Shuffling and augmentation seed.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in OUT.")] = False,
+) -> None:
+    """Fine-tune SigLIP on catalog image–title pairs (sigmoid loss); export the image encoder to OUT/encoder.
+
+    Several processes: `torchrun --nproc-per-node N $(which lookalike) train ...`.
+    """
+    from pipelines.summary import print_train_summary
+    from training import TrainConfig, train
+
+    cfg = TrainConfig(
+        catalog=catalog, model=model, out=out, interactions=interactions, epochs=epochs, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, warmup_fraction=warmup_fraction, grad_clip=grad_clip, freeze_text=freeze_text,
+        freeze_vision_layers=freeze_vision_layers, augment=augment, val_fraction=val_fraction,
+        max_text_tokens=max_text_tokens, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+        workers=workers, device=device, precision=precision, compile=compile, seed=seed, resume=resume,
+    )  # fmt: skip
+    result = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_train_summary(result)
+
+
 @app.command("index")
 def index_cmd(
     embeddings: Annotated[

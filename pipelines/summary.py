@@ -9,7 +9,13 @@ from rich.table import Table
 
 from pipelines.embed import EmbedResult
 
-__all__ = ["print_embed_summary", "print_evaluation", "print_snapshot_list", "print_snapshot_summary"]
+__all__ = [
+    "print_train_summary",
+    "print_embed_summary",
+    "print_evaluation",
+    "print_snapshot_list",
+    "print_snapshot_summary",
+]
 
 
 def _console() -> Console:
@@ -124,3 +130,35 @@ def print_evaluation(doc: dict, console: Console | None = None) -> None:
         )
     if doc.get("report"):
         console.print(f"report: {doc['report']}")
+
+
+def print_train_summary(result, console: Console | None = None) -> None:
+    """Pairs used and skipped, speed, the last validation, and where the encoder went."""
+    console = console or _console()
+    c = result.counts
+    table = Table(title=f"training run {result.out}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rows = [
+        ("catalog rows", f"{c.get('rows', 0):,}"),
+        ("pairs (train / held out)", f"{c.get('pairs', 0):,} ({c.get('train', 0):,} / {c.get('val', 0):,})"),
+        ("skipped: broken image", f"{c.get('skipped_broken_image', 0):,}"),
+        ("skipped: empty title", f"{c.get('skipped_empty_title', 0):,}"),
+        ("skipped: no image_uri", f"{c.get('skipped_no_image', 0):,}"),
+        ("unreadable during training (replaced)", f"{c.get('unreadable_during_training', 0):,}"),
+        ("steps (epochs)", f"{result.steps:,} ({result.epochs})"),
+        ("resumed from step", f"{result.resumed_from_step:,}" if result.resumed_from_step is not None else "-"),
+        ("images/s (training steps)", f"{result.images_per_s:,.1f}"),
+        ("wall time", f"{result.seconds:,.1f} s"),
+    ]
+    rows += [(name.replace("_at_", "@").replace("_", " "), f"{value:.4f}") for name, value in result.validation.items()
+             if name != "val_queries"]  # fmt: skip
+    rows += [
+        ("model_version", result.model_version),
+        ("image encoder", result.encoder),
+        ("two-tower model", result.model),
+    ]
+    for label, value in rows:
+        table.add_row(label, value)
+    console.print(table)
+    console.print(f"embed with: lookalike embed --model {result.encoder} ...")

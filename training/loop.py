@@ -332,13 +332,18 @@ class _Run:
 
     def run(self, on_step) -> TrainResult:
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="training",
+                   disable=not (self.dist.main and sys.stderr.isatty()))  # fmt: skip
+        with logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext(), bar:
+            return self._epochs(bar, on_step)
+
+    def _epochs(self, bar, on_step) -> TrainResult:
         cfg, dist = self.cfg, self.dist
         started, train_seconds, trained_steps = time.perf_counter(), 0.0, 0
         history: list[dict] = []
         validation: dict[str, float] = {}
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="training",
-                   disable=not (dist.main and sys.stderr.isatty()))  # fmt: skip
         window_start, window_steps = time.perf_counter(), 0
         for epoch in range(self.step // self.steps_per_epoch, cfg.epochs):
             batches = EpochBatches(self.train_pairs.num_rows, cfg.batch_size, seed=cfg.seed, epoch=epoch,
@@ -373,7 +378,7 @@ class _Run:
                     f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in validation.items())
                 )
             self._checkpoint()
-        bar.close()
+            window_start = time.perf_counter()  # images/s counts training steps, not validation
         return self._finish(started, train_seconds, trained_steps, validation, history)
 
     def _logit_params(self) -> dict[str, float]:

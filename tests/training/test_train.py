@@ -1,0 +1,130 @@
+"""The fine-tuning loop end to end on the tiny model: outputs, exact resume, bad input, freezing."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from encoder import EncoderConfig, load_encoder
+from training import PairError, ResumeError, TrainingError, train
+from training import loop as training_loop
+from training.checkpoint import latest_checkpoint, list_checkpoints
+
+
+def _weights(model_dir) -> dict[str, torch.Tensor]:
+    return load_file(f"{model_dir}/model.safetensors")
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_training_writes_encoder_model_metrics_and_curve(train_config, demo_catalog):
+    cfg = train_config(interactions=str(demo_catalog.interactions))
+    result = train(cfg)
+    out = result.out
+    steps_per_epoch = result.counts["train"] // cfg.batch_size
+    assert result.steps == 2 * steps_per_epoch > 0
+    assert result.counts["skipped_broken_image"] == len(demo_catalog.broken_item_ids)
+    assert result.counts["pairs"] + result.counts["skipped_broken_image"] == result.counts["rows"]
+    rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, result.steps + 1))
+    epochs = [r for r in rows if "val_recall_at_1" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert {"val_loss", "val_ndcg_at_5"} <= set(epochs[-1])
+    assert open(f"{out}/loss_curve.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert json.load(open(f"{out}/train_config.json"))["batch_size"] == 16
+    assert json.load(open(f"{out}/report.json"))["model_version"] == result.model_version
+
+    encoder = load_encoder(EncoderConfig(model=result.encoder))
+    assert encoder.model_version == result.model_version
+    assert json.load(open(f"{result.encoder}/lookalike_encoder.json"))["model_version"] == result.model_version
+    assert load_encoder(EncoderConfig(model=result.model)).model_version == result.model_version
+    assert load_encoder(EncoderConfig(model=cfg.model)).model_version != result.model_version  # it did train
+    assert len(list_checkpoints(out)) == cfg.keep_checkpoints
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(train_config, tmp_path):
+    whole = train(train_config(out=str(tmp_path / "whole")))
+
+    def stop_after_four(step: int) -> None:
+        if step == 4:  # one step past the checkpoint at 3: that step is lost and redone
+            raise _Interrupt
+
+    cut = train_config(out=str(tmp_path / "cut"))
+    with pytest.raises(_Interrupt):
+        train(cut, on_step=stop_after_four)
+    assert latest_checkpoint(cut.out).step == 3
+    resumed = train(train_config(out=str(tmp_path / "cut"), resume=True))
+    assert resumed.resumed_from_step == 3 and resumed.steps == whole.steps
+    a, b = _weights(whole.model), _weights(resumed.model)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    assert resumed.model_version == whole.model_version
+    steps = [json.loads(line)["step"] for line in open(f"{cut.out}/metrics.jsonl") if '"loss"' in line]
+    assert steps == list(range(1, whole.steps + 1))  # the lost step's row was dropped, not duplicated
+
+
+def test_fewer_pairs_than_a_batch_is_a_clear_error(train_config):
+    with pytest.raises(PairError, match="fewer than one batch of 512"):
+        train(train_config(batch_size=512))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(train_config, monkeypatch):
+    real = training_loop.sigmoid_loss
+    calls = []
+
+    def poisoned(*args):
+        calls.append(1)
+        loss = real(*args)
+        return loss * float("nan") if len(calls) == 4 else loss
+
+    monkeypatch.setattr(training_loop, "sigmoid_loss", poisoned)
+    cfg = train_config()
+    with pytest.raises(TrainingError, match=r"loss is nan at step 4 .*step-00000003 \(step 3\)"):
+        train(cfg)
+    good = latest_checkpoint(cfg.out)
+    assert good.step == 3
+    weights = _weights(good.model_dir)
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    monkeypatch.setattr(training_loop, "sigmoid_loss", real)
+    assert train(train_config(resume=True)).resumed_from_step == 3
+
+
+def test_resume_refuses_other_settings_and_missing_checkpoints(train_config):
+    with pytest.raises(ResumeError, match="no complete checkpoint"):
+        train(train_config(resume=True))
+    train(train_config(epochs=1))
+    with pytest.raises(ResumeError, match="already holds checkpoints"):
+        train(train_config(epochs=1))
+    with pytest.raises(ResumeError, match=r"lr was 0.001, now 0.002; batch_size|batch_size was 16, now 8.*lr was"):
+        train(train_config(epochs=1, resume=True, lr=2e-3, batch_size=8))
+
+
+def test_resume_refuses_another_architecture(train_config, tmp_path, demo_catalog):
+    from encoder import TinyModelConfig, init_tiny_model
+
+    other = init_tiny_model(["a red shirt", "blue shoes"], tmp_path / "other", TinyModelConfig(image_size=64, layers=2))
+    train(train_config(epochs=1))
+    with pytest.raises(ResumeError, match="another architecture"):
+        train(train_config(epochs=1, resume=True, model=str(other)))
+
+
+def test_an_image_encoder_alone_cannot_be_trained(train_config):
+    first = train(train_config(epochs=1))
+    with pytest.raises(ValueError, match="training needs a two-tower SigLIP"):
+        train(train_config(model=first.encoder, out=first.out + "-2"))
+
+
+def test_frozen_parts_do_not_move(train_config, tiny_model):
+    result = train(train_config(epochs=1, freeze_text=True, freeze_vision_layers=2))
+    before, after = _weights(tiny_model), _weights(result.model)
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved, "nothing trained"
+    assert not {n for n in moved if n.startswith("text_model.")}
+    assert not {n for n in moved if n.startswith(("vision_model.embeddings", "vision_model.encoder.layers.0.",
+                                                  "vision_model.encoder.layers.1."))}  # fmt: skip
+    assert any(n.startswith("vision_model.encoder.layers.3.") for n in moved)
+    assert {"logit_scale", "logit_bias"} & moved
