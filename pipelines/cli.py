@@ -130,6 +130,7 @@ def train_cmd(
     max_text_tokens: Annotated[int | None, typer.Option(help="Title length in tokens (default: model's).")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (and every epoch end).")] = 500,
     keep_checkpoints: Annotated[int, typer.Option(help="Checkpoints kept.")] = 2,
+    log_every: Annotated[int, typer.Option(help="Steps between metrics.jsonl rows.")] = 10,
     workers: Annotated[int, typer.Option(help="Data-loading processes per training process.")] = 2,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), fp32 or bf16.")] = "auto",
@@ -149,6 +150,7 @@ def train_cmd(
         weight_decay=weight_decay, warmup_fraction=warmup_fraction, grad_clip=grad_clip, freeze_text=freeze_text,
         freeze_vision_layers=freeze_vision_layers, augment=augment, val_fraction=val_fraction,
         max_text_tokens=max_text_tokens, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+        log_every=log_every,
         workers=workers, device=device, precision=precision, compile=compile, seed=seed, resume=resume,
     )  # fmt: skip
     result = train(cfg)
@@ -350,13 +352,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    except Exception as err:  # click's usage errors and the like
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            return err.exit_code
-        raise
+    except typer.TyperException as err:  # usage errors: unknown option, missing value (typer's own click)
+        show = getattr(err, "show", None)
+        if show is None:
+            raise
+        show()
+        return int(getattr(err, "exit_code", 2))
     return 0
 
 

@@ -351,7 +351,7 @@ class _Run:
                                    augment=cfg.augment)  # fmt: skip
             tick = time.perf_counter()
             for pixels, input_ids, replaced in self._loader(self.train_data, batches):
-                loss, grad_norm = self._step(pixels, input_ids, epoch)
+                loss, grad_norm, lr = self._step(pixels, input_ids, epoch)
                 self.unreadable += int(replaced.sum())
                 self.step += 1
                 trained_steps += 1
@@ -362,7 +362,7 @@ class _Run:
                     rate = window_steps * cfg.batch_size / max(now - window_start, 1e-9)
                     window_start, window_steps = now, 0
                     bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:,.0f}")
-                    self._log({"step": self.step, "epoch": epoch + 1, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                    self._log({"step": self.step, "epoch": epoch + 1, "loss": loss, "lr": lr,
                                "grad_norm": grad_norm, "images_per_s": rate, **self._logit_params()})  # fmt: skip
                 if self.step % cfg.checkpoint_every == 0 and self.step % self.steps_per_epoch:
                     self._checkpoint()
@@ -384,7 +384,7 @@ class _Run:
     def _logit_params(self) -> dict[str, float]:
         return {"logit_scale": float(self.model.logit_scale.exp()), "logit_bias": float(self.model.logit_bias)}
 
-    def _step(self, pixels: torch.Tensor, input_ids: torch.Tensor, epoch: int) -> tuple[float, float]:
+    def _step(self, pixels: torch.Tensor, input_ids: torch.Tensor, epoch: int) -> tuple[float, float, float]:
         pixels = pixels.to(self.device, non_blocking=True)
         input_ids = input_ids.to(self.device, non_blocking=True)
         with self.autocast():
@@ -406,9 +406,10 @@ class _Run:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf")))
         if not math.isfinite(grad_norm):
             self._diverged(f"gradient norm is {grad_norm}", epoch)
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
         self.optimizer.step()
         self.scheduler.step()
-        return value, grad_norm
+        return value, grad_norm, lr
 
     def _diverged(self, what: str, epoch: int) -> None:
         last = ckpt.latest_checkpoint(self.out)
