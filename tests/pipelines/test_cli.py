@@ -60,8 +60,9 @@ def test_beam_flags_pass_through(tmp_path, demo_catalog, tiny_model):
         (["embed", "--catalog", "dupes.csv", "--model", "M", "--out", "E"], "duplicate item_id"),
         (["embed", "--catalog", "dupes.csv", "--model", "M", "--out", "E", "--batch-size", "0"], "batch_size must be"),
         (["init-model", "--catalog", "nope.parquet", "--out", "M"], "does not exist"),
+        (["index", "--bogus"], "No such option: --bogus"),
     ],
-    ids=["missing-manifest", "unknown-format", "duplicates", "bad-option", "init-missing"],
+    ids=["missing-manifest", "unknown-format", "duplicates", "bad-option", "init-missing", "unknown-option"],
 )
 def test_user_mistakes_get_one_clear_line(tmp_path, args, message):
     (tmp_path / "dupes.csv").write_text("item_id,image_uri\na,x.jpg\na,y.jpg\n")
@@ -82,5 +83,5 @@ def test_missing_model_is_a_clear_error(tmp_path, demo_catalog):
 def test_help_lists_the_commands(tmp_path):
     result = _lookalike("--help", cwd=tmp_path)
     assert result.returncode == 0
-    for command in ("demo-catalog", "init-model", "embed"):
+    for command in ("demo-catalog", "init-model", "train", "embed"):
         assert command in result.stdout

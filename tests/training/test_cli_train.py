@@ -1,0 +1,41 @@
+"""`lookalike train` from a shell: the summary, the exported encoder feeding `lookalike embed`, one-line errors."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.pipelines.test_cli import _lookalike
+
+
+@pytest.mark.slow
+def test_train_then_embed_with_the_exported_encoder(tmp_path, demo_catalog, tiny_model):
+    trained = _lookalike(
+        "train", "--catalog", str(demo_catalog.manifest), "--model", str(tiny_model), "--out", "T", "--epochs", "1",
+        "--batch-size", "16", "--lr", "1e-3", "--workers", "1", "--interactions", str(demo_catalog.interactions),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "skipped: broken image" in trained.stdout and "val recall@1" in trained.stdout
+    report = json.loads((tmp_path / "T" / "report.json").read_text())
+    assert report["model_version"] in trained.stdout
+
+    embedded = _lookalike("embed", "--catalog", str(demo_catalog.manifest), "--model", "T/encoder", "--out", "E",
+                          cwd=tmp_path)  # fmt: skip
+    assert embedded.returncode == 0, embedded.stderr[-2000:]
+    run = next((tmp_path / "E" / "embeddings").iterdir())
+    assert json.loads((run / "_manifest.json").read_text())["model_version"] == report["model_version"]
+
+
+def test_train_mistakes_get_one_clear_line(tmp_path, demo_catalog, tiny_model):
+    table = pq.read_table(demo_catalog.manifest).drop_columns(["title"])
+    pq.write_table(table, tmp_path / "untitled.parquet")
+    cases = [
+        (["--catalog", "untitled.parquet"], "lacks column(s) ['title']"),
+        (["--catalog", str(demo_catalog.manifest), "--resume"], "no complete checkpoint"),
+        (["--catalog", str(demo_catalog.manifest), "--batch-size", "1"], "batch_size must be >= 2"),
+    ]
+    for args, message in cases:
+        result = _lookalike("train", "--model", str(tiny_model), "--out", "T", *args, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr
