@@ -63,7 +63,11 @@ def demo_catalog(
 def init_model(
     catalog: Annotated[str, typer.Option(help="Catalog manifest whose titles train the tokenizer.")],
     out: Annotated[Path, typer.Option(help="Directory for the checkpoint.")],
-    image_size: Annotated[int, typer.Option(help="Input resolution in pixels (multiple of 16).")] = 96,
+    image_size: Annotated[int, typer.Option(help="Input resolution in pixels (a multiple of --patch-size).")] = 96,
+    patch_size: Annotated[int, typer.Option(help="Vision patch size in pixels.")] = 16,
+    width: Annotated[int, typer.Option(help="Hidden size of both towers.")] = 128,
+    layers: Annotated[int, typer.Option(help="Transformer layers per tower.")] = 4,
+    heads: Annotated[int, typer.Option(help="Attention heads (divides --width).")] = 4,
     seed: Annotated[int, typer.Option(help="Weight initialisation seed.")] = 0,
 ) -> None:
     """Make a tiny random-init SigLIP with a tokenizer trained on the catalog's titles (offline)."""
@@ -73,7 +77,8 @@ def init_model(
     table = read_catalog(catalog)
     if "title" not in table.column_names:
         raise CatalogError(f"catalog {catalog} has no 'title' column to train a tokenizer on")
-    path = init_tiny_model(table.column("title").to_pylist(), out, TinyModelConfig(image_size=image_size, seed=seed))
+    path = init_tiny_model(table.column("title").to_pylist(), out, TinyModelConfig(
+        image_size=image_size, patch_size=patch_size, width=width, layers=layers, heads=heads, seed=seed))  # fmt: skip
     typer.echo(f"wrote tiny SigLIP checkpoint to {path}")
 
 

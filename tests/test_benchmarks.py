@@ -27,3 +27,9 @@ def test_cpu_benchmark_runs():
 def test_gpu_benchmark_smoke_mode_runs_on_cpu():
     out = _run("benchmarks/gpu_encoder.py", "--smoke")
     assert "lookalike ImageEncoder" in out and "transformers fp32, eager attention" in out
+
+
+@pytest.mark.slow
+def test_training_benchmark_smoke_mode_runs_on_cpu():
+    out = _run("benchmarks/train_bench.py", "--smoke")
+    assert "| fp32, eager attention |" in out and "lookalike train end to end" in out
