@@ -69,6 +69,7 @@ def main() -> None:
                    label=f"embed ({name})")  # fmt: skip
         _lookalike("index", "--embeddings", f"emb-{name}", "--out", f"snap-{name}", "--index", "flat", cwd=work,
                    timings=t, label=f"index ({name})")  # fmt: skip
+        _lookalike("publish", "--root", f"snap-{name}", cwd=work, timings=t, label=f"publish ({name})")
     rows = {}
     for baseline, label in (("snap-untrained", "untrained tiny model"), ("builtin:pixels", "builtin:pixels")):
         out = f"eval-vs-{label.split()[0].replace(':', '-')}"

@@ -136,7 +136,9 @@ def train_cmd(
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (and every epoch end).")] = 500,
     keep_checkpoints: Annotated[int, typer.Option(help="Checkpoints kept.")] = 2,
     log_every: Annotated[int, typer.Option(help="Steps between metrics.jsonl rows.")] = 10,
-    workers: Annotated[int, typer.Option(help="Data-loading processes per training process.")] = 2,
+    workers: Annotated[
+        int | None, typer.Option(help="Data-loading processes per training process (default: cores - 1).")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), fp32 or bf16.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the towers (CUDA).")] = False,

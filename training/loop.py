@@ -281,6 +281,9 @@ class _Run:
             )
         self.forward = forward
         self.autocast = _autocast(cfg, device)
+        # JPEG decoding, not the model, limits a GPU step: leave one core per process for the loop itself.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.workers = cfg.workers if cfg.workers is not None else max(1, min(16, cores // dist.world - 1))
         self.steps_per_epoch = steps_per_epoch(self.train_pairs.num_rows, cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         warmup = int(self.total_steps * cfg.warmup_fraction)
@@ -322,7 +325,7 @@ class _Run:
         return read_judgments(self.cfg.interactions)
 
     def _loader(self, dataset: PairDataset, batch_sampler) -> torch.utils.data.DataLoader:
-        workers = self.cfg.workers
+        workers = self.workers
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if workers else None,
