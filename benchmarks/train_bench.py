@@ -71,10 +71,10 @@ def _step_rate(path: Path, batch: int, seconds: float, device: torch.device, *, 
     from transformers import SiglipModel
 
     from encoder.model import read_preprocess
-    from training.loop import _TwoTower
+    from training.towers import TwoTower
 
     model = SiglipModel.from_pretrained(path, attn_implementation=attention).to(device).train()
-    net = _TwoTower(model, read_preprocess(path))
+    net = TwoTower(model, read_preprocess(path))
     forward = torch.compile(net) if compile else net
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     size, tokens = model.config.vision_config.image_size, model.config.text_config.max_position_embeddings

@@ -19,17 +19,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from encoder.loss import distributed_sigmoid_loss, sigmoid_loss
-from encoder.model import pick_device, quiet_transformers, read_preprocess, resolve_checkpoint
-from encoder.preprocess import PreprocessConfig, to_pixel_values
+from encoder.model import quiet_transformers, read_preprocess, resolve_checkpoint
+from encoder.preprocess import PreprocessConfig
 from training import checkpoint as ckpt
 from training.config import TrainConfig
 from training.data import EpochBatches, PairDataset, steps_per_epoch
+from training.distributed import Dist, start_distributed
 from training.export import export_model
 from training.pairs import PairError, Pairs, collect_pairs, read_pairs, write_pairs
 from training.plot import draw_loss_curve
+from training.towers import TwoTower, autocast_for, freeze, lr_factor, make_optimizer
 from training.validate import embed_pairs, item_ndcg, pair_metrics
 
 __all__ = ["TrainResult", "TrainingError", "train"]
@@ -61,95 +62,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # one row per epoch
 
 
-class _TwoTower(torch.nn.Module):
-    """uint8 pixels + token ids → L2-normalised image and text features (what DDP wraps)."""
-
-    def __init__(self, model, preprocess: PreprocessConfig) -> None:
-        super().__init__()
-        self.model, self.preprocess = model, preprocess
-
-    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        values = to_pixel_values(pixels, self.preprocess)
-        return F.normalize(self.model.vision_model(pixel_values=values).pooler_output.float(), dim=-1)
-
-    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor | None):
-        image = self.image_features(pixels)
-        if input_ids is None:
-            return image, None
-        text = F.normalize(self.model.text_model(input_ids=input_ids).pooler_output.float(), dim=-1)
-        return image, text
-
-
-@dataclass(frozen=True)
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def sum(self, value: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            value = value.clone()
-            torch.distributed.all_reduce(value)
-        return value
-
-
-def _start_distributed(cfg: TrainConfig) -> tuple[_Dist, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(f"cuda:{local_rank}" if cfg.device == "cuda" and world > 1 else cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    rank = torch.distributed.get_rank() if world > 1 else 0
-    return _Dist(rank, world, local_rank), device
-
-
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warmup to the peak LR, then cosine down to 0 at the last step."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _freeze(model, cfg: TrainConfig) -> None:
-    layers = model.vision_model.encoder.layers
-    if cfg.freeze_vision_layers > len(layers):
-        raise ValueError(f"freeze_vision_layers={cfg.freeze_vision_layers} but the vision tower has {len(layers)}")
-    if cfg.freeze_text:
-        model.text_model.requires_grad_(False)
-    if cfg.freeze_vision_layers:
-        model.vision_model.embeddings.requires_grad_(False)
-        for layer in layers[: cfg.freeze_vision_layers]:
-            layer.requires_grad_(False)
-
-
-def _optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},  # biases, norms, t', b
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-
-
-def _autocast(cfg: TrainConfig, device: torch.device):
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    if not bf16:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def _load_source(cfg: TrainConfig, dist: _Dist) -> Path:
+def _load_source(cfg: TrainConfig, dist: Dist) -> Path:
     from transformers import AutoConfig
 
     if dist.main:  # one download into the shared cache, then everyone reads it
@@ -172,7 +85,7 @@ def _architecture(source: Path) -> str:
         return ckpt.architecture_of(SiglipModel(SiglipConfig.from_pretrained(source)))
 
 
-def _pairs(cfg: TrainConfig, dist: _Dist, preprocess: PreprocessConfig, out: Path) -> Pairs:
+def _pairs(cfg: TrainConfig, dist: Dist, preprocess: PreprocessConfig, out: Path) -> Pairs:
     path = out / "pairs.parquet"
     if cfg.resume and path.is_file():
         return read_pairs(str(path))
@@ -226,7 +139,7 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
         TrainingError: the loss or gradient became non-finite.
         ValueError, FileNotFoundError: a bad --model or option.
     """
-    dist, device = _start_distributed(cfg)
+    dist, device = start_distributed(cfg)
     try:
         return _Run(cfg, dist, device).run(on_step)
     finally:
@@ -237,7 +150,7 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
 class _Run:
     """One call of `train`: set-up in __init__, the epochs in `run`."""
 
-    def __init__(self, cfg: TrainConfig, dist: _Dist, device: torch.device) -> None:
+    def __init__(self, cfg: TrainConfig, dist: Dist, device: torch.device) -> None:
         from transformers import AutoTokenizer, SiglipModel
 
         self.cfg, self.dist, self.device = cfg, dist, device
@@ -252,6 +165,7 @@ class _Run:
             raise ckpt.ResumeError(f"{self.out} already holds checkpoints (latest: step {latest.step}); "
                                    "pass --resume to continue that run, or choose an empty --out")  # fmt: skip
         source = _load_source(cfg, dist)
+        self.judgments = self._judgments()  # a bad --interactions fails now, not after checking every image
         self.preprocess = read_preprocess(source)
         self.preprocessor_files = [source / name for name in _PREPROCESSOR_FILES]
         with quiet_transformers():
@@ -267,29 +181,29 @@ class _Run:
         with quiet_transformers():
             model = SiglipModel.from_pretrained(latest.model_dir if cfg.resume else source, use_safetensors=True,
                                                 attn_implementation="sdpa")  # fmt: skip
-        _freeze(model, cfg)
+        freeze(model, cfg)
         self.model = model.to(device).train()
         self.length = cfg.max_text_tokens or int(model.config.text_config.max_position_embeddings)
         if self.length > model.config.text_config.max_position_embeddings:
             raise ValueError(f"max_text_tokens={self.length} exceeds the text tower's "
                              f"{model.config.text_config.max_position_embeddings} positions")  # fmt: skip
-        self.net = _TwoTower(self.model, self.preprocess)
+        self.net = TwoTower(self.model, self.preprocess)
         forward = torch.compile(self.net) if cfg.compile else self.net
         if dist.world > 1:
             forward = torch.nn.parallel.DistributedDataParallel(
                 forward, device_ids=[device.index] if device.type == "cuda" else None
             )
         self.forward = forward
-        self.autocast = _autocast(cfg, device)
+        self.autocast = autocast_for(cfg, device)
         # JPEG decoding, not the model, limits a GPU step: leave one core per process for the loop itself.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.workers = cfg.workers if cfg.workers is not None else max(1, min(16, cores // dist.world - 1))
         self.steps_per_epoch = steps_per_epoch(self.train_pairs.num_rows, cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         warmup = int(self.total_steps * cfg.warmup_fraction)
-        self.optimizer = _optimizer(self.model, cfg, device)
+        self.optimizer = make_optimizer(self.model, cfg, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: _lr_factor(s, warmup, self.total_steps)
+            self.optimizer, lambda s: lr_factor(s, warmup, self.total_steps)
         )
         self.step, self.unreadable, self.resumed_from = 0, 0, None
         if cfg.resume:
@@ -301,7 +215,6 @@ class _Run:
             _tokenize(self.tokenizer, self.train_pairs.column("title").to_pylist(), self.length),
             self.preprocess,
         )
-        self.judgments = self._judgments()
         if dist.main:
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
         self.metrics = _Metrics(self.out / "metrics.jsonl", self.step if cfg.resume else None) if dist.main else None

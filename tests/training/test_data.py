@@ -3,7 +3,7 @@ import pytest
 
 from encoder.preprocess import PreprocessConfig, decode_image
 from training.data import EpochBatches, PairDataset, augment, steps_per_epoch
-from training.loop import _lr_factor
+from training.towers import lr_factor
 
 
 def _batches(**kwargs) -> list[list[tuple[int, int | None]]]:
@@ -60,8 +60,8 @@ def test_dataset_replaces_an_image_that_became_unreadable(tmp_path, demo_catalog
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
-    factors = [_lr_factor(s, warmup=4, total=20) for s in range(20)]
+    factors = [lr_factor(s, warmup=4, total=20) for s in range(20)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
     assert factors[4] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[4:], factors[5:], strict=False))
-    assert _lr_factor(20, warmup=4, total=20) == pytest.approx(0.0)
+    assert lr_factor(20, warmup=4, total=20) == pytest.approx(0.0)
