@@ -47,6 +47,28 @@ def _comparison(metrics: Path) -> dict:
     return {"queries": doc["counts"]["evaluated_queries"], **ndcg}
 
 
+def _neighbour_agreement(work: Path, embeddings: str) -> dict[str, float]:
+    """How often an item's 5 nearest neighbours share each of its true attributes (attributes.parquet)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from indexing.embeddings import open_embeddings
+
+    ids, vectors = [], []
+    for batch_ids, batch in open_embeddings([str(work / embeddings)]).batches():
+        ids += batch_ids
+        vectors.append(batch)
+    x = np.concatenate(vectors)
+    truth = pq.read_table(work / "catalog" / "attributes.parquet").to_pydict()
+    row = {item_id: i for i, item_id in enumerate(truth["item_id"])}
+    neighbours = np.argsort(-(x @ x.T), axis=1)[:, 1:6]
+    agreement = {}
+    for name in ("category", "shape", "colour", "pattern", "material"):
+        values = np.array([truth[name][row[i]] for i in ids])
+        agreement[name] = float((values[neighbours] == values[:, None]).mean())
+    return agreement
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=3000)
@@ -86,6 +108,11 @@ def main() -> None:
         relative = f"{c['relative']:+.0%}" if c["relative"] is not None else "-"
         print(f"| {label} | {c['queries']:,} | {c['candidate']:.4f} | {c['baseline']:.4f} | {c['delta']:+.4f} | "
               f"[{c['delta_ci'][0]:+.4f}, {c['delta_ci'][1]:+.4f}] | {relative} |")  # fmt: skip
+    print("\nshare of the 5 nearest neighbours with the same true attribute:\n")
+    print("| encoder | category | shape | colour | pattern | material |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name in ("untrained", "trained"):
+        agreement = _neighbour_agreement(work, f"emb-{name}")
+        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in agreement.values()) + " |")
     print("\n| step | wall s |\n| --- | ---: |")
     for label, seconds in t.items():
         print(f"| {label} | {seconds:.1f} |")
