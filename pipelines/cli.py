@@ -139,6 +139,7 @@ def train_cmd(
     workers: Annotated[
         int | None, typer.Option(help="Data-loading processes per training process (default: cores - 1).")
     ] = None,
+    cache_mb: Annotated[int, typer.Option(help="Decode training images once into memory if they fit (0: off).")] = 2048,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), fp32 or bf16.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the towers (CUDA).")] = False,
@@ -157,7 +158,7 @@ def train_cmd(
         weight_decay=weight_decay, warmup_fraction=warmup_fraction, grad_clip=grad_clip, freeze_text=freeze_text,
         freeze_vision_layers=freeze_vision_layers, augment=augment, val_fraction=val_fraction,
         max_text_tokens=max_text_tokens, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-        log_every=log_every,
+        log_every=log_every, cache_mb=cache_mb,
         workers=workers, device=device, precision=precision, compile=compile, seed=seed, resume=resume,
     )  # fmt: skip
     result = train(cfg)

@@ -40,6 +40,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps; every epoch end also checkpoints
     keep_checkpoints: int = 2  # older ones are deleted once a newer one is complete
     log_every: int = 10  # steps between metrics.jsonl rows
+    cache_mb: int = 2048  # keep decoded training images in memory when they fit: decode once, not every epoch
     workers: int | None = None  # data-loading processes per training process; None: cores per process - 1 (max 16)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK)
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
@@ -64,6 +65,7 @@ class TrainConfig:
             "checkpoint_every": (self.checkpoint_every >= 1, ">= 1"),
             "keep_checkpoints": (self.keep_checkpoints >= 1, ">= 1"),
             "log_every": (self.log_every >= 1, ">= 1"),
+            "cache_mb": (self.cache_mb >= 0, ">= 0"),
             "workers": (self.workers is None or self.workers >= 0, ">= 0"),
             "precision": (self.precision in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
             "device": (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),

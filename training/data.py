@@ -19,7 +19,7 @@ from PIL import Image
 from encoder import storage
 from encoder.preprocess import DecodeLimits, PreprocessConfig, decode_image
 
-__all__ = ["EpochBatches", "PairDataset", "augment_seed", "steps_per_epoch"]
+__all__ = ["EpochBatches", "PairDataset", "augment", "augment_seed", "augment_size", "decode_all", "steps_per_epoch"]
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,13 @@ class PairDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, image_uris: Sequence[str], input_ids: np.ndarray, preprocess: PreprocessConfig,
-                 limits: DecodeLimits = DecodeLimits()) -> None:  # fmt: skip
-        if len(image_uris) != len(input_ids):
-            raise ValueError(f"{len(image_uris)} images but {len(input_ids)} token rows")
+                 limits: DecodeLimits = DecodeLimits(), decoded: np.ndarray | None = None) -> None:  # fmt: skip
+        """`decoded`: optional (n, h', w', 3) uint8 from `decode_all`, used instead of reading the files."""
+        if len(image_uris) != len(input_ids) or (decoded is not None and len(decoded) != len(image_uris)):
+            raise ValueError(f"{len(image_uris)} images, {len(input_ids)} token rows, "
+                             f"{len(decoded) if decoded is not None else '-'} decoded images")  # fmt: skip
         self.image_uris, self.input_ids = list(image_uris), input_ids
-        self.preprocess, self.limits = preprocess, limits
+        self.preprocess, self.limits, self.decoded = preprocess, limits, decoded
 
     def __len__(self) -> int:
         return len(self.image_uris)
@@ -95,10 +97,45 @@ class PairDataset(torch.utils.data.Dataset):
         raise RuntimeError("no image in the training set can be read any more")
 
     def _load(self, row: int, seed: int | None) -> np.ndarray:
+        if self.decoded is not None:
+            pixels = self.decoded[row]
+            return _resize(pixels, self.preprocess) if seed is None else _crop_and_flip(
+                pixels, self.preprocess, np.random.default_rng(seed))  # fmt: skip
         data = storage.read_bytes(self.image_uris[row])
         if seed is None:
             return decode_image(data, self.preprocess, self.limits)
         return augment(data, self.preprocess, np.random.default_rng(seed), self.limits)
+
+
+def augment_size(preprocess: PreprocessConfig) -> PreprocessConfig:
+    """The slightly larger decode that random resized crops are cut from."""
+    return replace(preprocess, height=round(preprocess.height * _CROP_MARGIN),
+                   width=round(preprocess.width * _CROP_MARGIN))  # fmt: skip
+
+
+def decode_all(image_uris: Sequence[str], preprocess: PreprocessConfig, limits: DecodeLimits = DecodeLimits(),
+               threads: int = 16) -> np.ndarray:  # fmt: skip
+    """Every image decoded once at `augment_size`: (n, h', w', 3) uint8, for catalogs that fit in memory.
+
+    Raises:
+        ImageDecodeError, OSError: an image that was checked before cannot be read now.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    size = augment_size(preprocess)
+    out = np.empty((len(image_uris), size.height, size.width, 3), dtype=np.uint8)
+
+    def fill(row: int) -> None:
+        out[row] = decode_image(storage.read_bytes(image_uris[row]), size, limits)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(fill, range(len(image_uris))))
+    return out
+
+
+def _resize(pixels: np.ndarray, preprocess: PreprocessConfig) -> np.ndarray:
+    image = Image.fromarray(pixels).resize((preprocess.width, preprocess.height), resample=preprocess.resample)
+    return np.array(image, dtype=np.uint8)
 
 
 def augment(data: bytes, preprocess: PreprocessConfig, rng: np.random.Generator,
@@ -111,13 +148,18 @@ def augment(data: bytes, preprocess: PreprocessConfig, rng: np.random.Generator,
     Returns:
         (height, width, 3) uint8, like `decode_image`.
     """
-    h, w = preprocess.height, preprocess.width
-    large = replace(preprocess, height=round(h * _CROP_MARGIN), width=round(w * _CROP_MARGIN))
-    pixels = decode_image(data, large, limits)
+    return _crop_and_flip(decode_image(data, augment_size(preprocess), limits), preprocess, rng)
+
+
+def _crop_and_flip(pixels: np.ndarray, preprocess: PreprocessConfig, rng: np.random.Generator) -> np.ndarray:
+    """Random resized crop of an `augment_size` image back to the model's size, flipped half the time."""
+    height, width = pixels.shape[:2]
     side = rng.uniform(_MIN_CROP_SIDE, 1.0)
-    ch, cw = max(1, round(large.height * side)), max(1, round(large.width * side))
-    y, x = int(rng.integers(0, large.height - ch + 1)), int(rng.integers(0, large.width - cw + 1))
-    crop = Image.fromarray(pixels[y : y + ch, x : x + cw]).resize((w, h), resample=preprocess.resample)
+    ch, cw = max(1, round(height * side)), max(1, round(width * side))
+    y, x = int(rng.integers(0, height - ch + 1)), int(rng.integers(0, width - cw + 1))
+    crop = Image.fromarray(pixels[y : y + ch, x : x + cw]).resize(
+        (preprocess.width, preprocess.height), resample=preprocess.resample
+    )
     if rng.random() < 0.5:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.array(crop, dtype=np.uint8)

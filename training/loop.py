@@ -25,7 +25,7 @@ from encoder.model import quiet_transformers, read_preprocess, resolve_checkpoin
 from encoder.preprocess import PreprocessConfig
 from training import checkpoint as ckpt
 from training.config import TrainConfig
-from training.data import EpochBatches, PairDataset, steps_per_epoch
+from training.data import EpochBatches, PairDataset, augment_size, decode_all, steps_per_epoch
 from training.distributed import Dist, start_distributed
 from training.export import export_model
 from training.pairs import PairError, Pairs, collect_pairs, read_pairs, write_pairs
@@ -210,14 +210,30 @@ class _Run:
             ckpt.check_resumable(latest, cfg, self.pairs.digest, self.architecture)
             self._restore(latest)
         self.latest = latest
+        uris = self.train_pairs.column("image_uri").to_pylist()
         self.train_data = PairDataset(
-            self.train_pairs.column("image_uri").to_pylist(),
-            _tokenize(self.tokenizer, self.train_pairs.column("title").to_pylist(), self.length),
-            self.preprocess,
-        )
+            uris, _tokenize(self.tokenizer, self.train_pairs.column("title").to_pylist(), self.length),
+            self.preprocess, decoded=self._decode_once(uris),
+        )  # fmt: skip
         if dist.main:
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
         self.metrics = _Metrics(self.out / "metrics.jsonl", self.step if cfg.resume else None) if dist.main else None
+
+    def _decode_once(self, uris: list[str]) -> np.ndarray | None:
+        """All training images decoded up front when they fit in `cache_mb` (same pixels as decoding each time)."""
+        size = augment_size(self.preprocess)
+        need_mb = len(uris) * size.height * size.width * 3 / 2**20
+        if not self.cfg.augment or need_mb > self.cfg.cache_mb:
+            return None
+        start = time.perf_counter()
+        try:
+            decoded = decode_all(uris, self.preprocess)
+        except Exception as err:  # noqa: BLE001 - the loader decodes per step instead, replacing what fails
+            log.warning("not caching decoded images (%s: %s); decoding every step instead", type(err).__name__, err)
+            return None
+        log.info("decoded %d training images into memory once (%.0f MB, %.1f s)", len(uris), need_mb,
+                 time.perf_counter() - start)  # fmt: skip
+        return decoded
 
     def _restore(self, latest: ckpt.Checkpoint) -> None:
         state = ckpt.load_state(latest)

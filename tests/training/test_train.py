@@ -128,3 +128,11 @@ def test_frozen_parts_do_not_move(train_config, tiny_model):
                                                   "vision_model.encoder.layers.1."))}  # fmt: skip
     assert any(n.startswith("vision_model.encoder.layers.3.") for n in moved)
     assert {"logit_scale", "logit_bias"} & moved
+
+
+def test_images_decoded_once_in_memory_train_exactly_like_decoding_every_step(train_config, tmp_path):
+    cached = train(train_config(out=str(tmp_path / "cached"), epochs=1))
+    streamed = train(train_config(out=str(tmp_path / "streamed"), epochs=1, cache_mb=0, workers=1))
+    a, b = _weights(cached.model), _weights(streamed.model)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
