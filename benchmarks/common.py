@@ -65,6 +65,25 @@ def rate(n: int, fn: Callable[[], object], repeats: int = 1) -> float:
     return n / best
 
 
+def images_per_s(fn: Callable[[], object], batch: int, seconds: float, device, warmup: int = 1) -> float:
+    """Images/s of calling `fn` (one batch each) for about `seconds`, after `warmup` calls; CUDA-synchronised."""
+    import torch
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        done += batch
+    sync()
+    return done / (time.perf_counter() - start)
+
+
 def print_table(results: dict[str, float], baseline: str) -> None:
     """A Markdown table of images/s, each row also as a ratio to the first (the baseline)."""
     base = next(iter(results.values()))

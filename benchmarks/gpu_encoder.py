@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import machine, print_table  # noqa: E402
+from benchmarks.common import images_per_s, machine, print_table  # noqa: E402
 from encoder import EncoderConfig, load_encoder  # noqa: E402
 
 BASE = dict(
@@ -45,26 +45,13 @@ def _checkpoint(folder: Path, shape: dict) -> Path:
     return folder
 
 
-def _images_per_s(fn, batch: int, seconds: float, device: torch.device) -> float:
-    fn()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        fn()
-        done += batch
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return done / (time.perf_counter() - start)
-
-
 def _eager_rate(folder: Path, batch: int, size: int, seconds: float, device: torch.device) -> float:
     from transformers import SiglipVisionModel
 
     eager = SiglipVisionModel.from_pretrained(folder, attn_implementation="eager").to(device).eval()
     pixels = torch.randn(batch, 3, size, size, device=device)
     with torch.inference_mode():
-        return _images_per_s(lambda: eager(pixel_values=pixels).pooler_output, batch, seconds, device)
+        return images_per_s(lambda: eager(pixel_values=pixels).pooler_output, batch, seconds, device)
 
 
 def main() -> None:
@@ -90,7 +77,7 @@ def main() -> None:
 
     dtype = "float32" if args.smoke else "bfloat16"
     ours = load_encoder(EncoderConfig(model=str(folder), device=device_name, dtype=dtype, batch_size=batch))
-    results[f"lookalike ImageEncoder ({dtype} + SDPA, uint8 in)"] = _images_per_s(
+    results[f"lookalike ImageEncoder ({dtype} + SDPA, uint8 in)"] = images_per_s(
         lambda: ours.embed_prepared(uint8), batch, seconds, device
     )
     if not args.smoke:
@@ -99,7 +86,7 @@ def main() -> None:
         compiled.embed_prepared(uint8)
         torch.cuda.synchronize()
         print(f"torch.compile first call: {time.perf_counter() - start:.1f} s")
-        results["lookalike ImageEncoder (bf16 + SDPA + torch.compile)"] = _images_per_s(
+        results["lookalike ImageEncoder (bf16 + SDPA + torch.compile)"] = images_per_s(
             lambda: compiled.embed_prepared(uint8), batch, seconds, device
         )
 

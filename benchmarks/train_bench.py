@@ -30,7 +30,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import machine, print_table, realistic_jpegs  # noqa: E402
+from benchmarks.common import images_per_s, machine, print_table, realistic_jpegs  # noqa: E402
 from encoder.loss import sigmoid_loss  # noqa: E402
 from encoder.tiny import TinyModelConfig, init_tiny_model  # noqa: E402
 
@@ -100,13 +100,7 @@ def _step_rate(path: Path, batch: int, seconds: float, device: torch.device, *, 
         torch.cuda.synchronize()
     if compile:
         print(f"torch.compile warm-up (2 steps): {time.perf_counter() - start:.1f} s")
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        step()
-        done += batch
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    rate = done / (time.perf_counter() - start)
+    rate = images_per_s(step, batch, seconds, device, warmup=0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     return rate, peak
 

@@ -1,25 +1,9 @@
 """Fine-tuning SigLIP on catalog image–title pairs with the sigmoid loss, and exporting the image encoder."""
 
-from __future__ import annotations
+from training.checkpoint import ResumeError
+from training.config import TrainConfig
+from training.export import export_model
+from training.loop import TrainingError, TrainResult, train
+from training.pairs import PairError
 
-import importlib
-
-_EXPORTS = {
-    "TrainConfig": "training.config",
-    "TrainResult": "training.loop",
-    "TrainingError": "training.loop",
-    "train": "training.loop",
-    "PairError": "training.pairs",
-    "ResumeError": "training.checkpoint",
-    "export_model": "training.export",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'training' has no attribute {name!r}")
+__all__ = ["PairError", "ResumeError", "TrainConfig", "TrainResult", "TrainingError", "export_model", "train"]
