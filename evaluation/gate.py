@@ -16,7 +16,17 @@ from dataclasses import asdict, dataclass
 from encoder import storage
 from indexing.publish import EVALUATIONS
 
-__all__ = ["Gate", "GateResult", "check", "parse_gate", "read_record", "results_as_dicts", "write_record"]
+__all__ = [
+    "Gate",
+    "GateResult",
+    "check",
+    "parse_gate",
+    "read_record",
+    "results_as_dicts",
+    "write_record",
+    "GateFailed",
+    "raise_if_failed",
+]
 
 _OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 _PATTERN = re.compile(
@@ -96,3 +106,18 @@ def read_record(root: str, snapshot_id: str) -> dict | None:
 
 def results_as_dicts(results: list[GateResult]) -> list[dict]:
     return [asdict(r) for r in results]
+
+
+class GateFailed(RuntimeError):
+    """The candidate did not pass its evaluation gate(s); nothing should be published."""
+
+
+def raise_if_failed(doc: dict) -> None:
+    """Raise GateFailed naming every failing gate of an evaluation document (`run_evaluation`'s)."""
+    failed = [g for g in doc.get("gates", []) if not g["passed"]]
+    if failed:
+        reasons = "; ".join(
+            f"{g['gate']} ({g['metric']} = {g['value']:.4f}, needs {g['threshold']:.4f})" for g in failed
+        )
+        report = f"; report: {doc['report']}" if doc.get("report") else ""
+        raise GateFailed(f"gate failed: {reasons}{report}")

@@ -166,6 +166,59 @@ def train_cmd(
         print_train_summary(result)
 
 
+def _nightly_overrides(**flags) -> dict:
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+@app.command("nightly", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def nightly_cmd(
+    ctx: typer.Context,
+    config: Annotated[str | None, typer.Option(help="nightly.yaml (local or gs://); flags below override it.")] = None,
+    catalog: Annotated[str | None, typer.Option(help="Catalog manifest.")] = None,
+    model: Annotated[str | None, typer.Option(help="Image encoder (Hub id, directory, gs:// directory).")] = None,
+    out: Annotated[str | None, typer.Option(help="Output root: embeddings/, snapshots/, runs/.")] = None,
+    interactions: Annotated[str | None, typer.Option(help="Interaction logs for the gate.")] = None,
+    keep: Annotated[int | None, typer.Option(help="Snapshots kept after publishing.")] = None,
+    run_id: Annotated[str | None, typer.Option(help="Default: nightly-YYYYMMDD (a rerun resumes it).")] = None,
+) -> None:
+    """Embed (incremental) → index → evaluate vs the published snapshot → gate → publish → retention.
+
+    A rerun with the same run id resumes after the last completed step. Unknown --flags go to Beam.
+    """
+    from pipelines.nightly import run_nightly
+    from pipelines.nightly_config import load_nightly_config
+    from pipelines.summary import print_nightly
+
+    cfg = load_nightly_config(config, **_nightly_overrides(catalog=catalog, model=model, out=out,
+                                                           interactions=interactions, keep=keep))  # fmt: skip
+    print_nightly(run_nightly(cfg, run_id, beam_args=list(ctx.args)), cfg.out)
+
+
+@app.command("backfill", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def backfill_cmd(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option(help="The (new) image encoder to re-embed everything with.")],
+    config: Annotated[str | None, typer.Option(help="The nightly.yaml whose settings to use.")] = None,
+    catalog: Annotated[str | None, typer.Option(help="Catalog manifest (default: the config's).")] = None,
+    out: Annotated[str | None, typer.Option(help="Output root (default: the config's).")] = None,
+    interactions: Annotated[str | None, typer.Option(help="Interaction logs for the gate.")] = None,
+    run_id: Annotated[str | None, typer.Option(help="Default: backfill-<UTC time>.")] = None,
+) -> None:
+    """Re-embed the whole catalog with a model, then index, evaluate, gate and publish like the nightly job.
+
+    Every vector is computed afresh (no reuse); the run has its own id and takes the same
+    lock as the nightly job, so the two never publish over each other.
+    """
+    from pipelines.nightly import default_run_id, run_nightly
+    from pipelines.nightly_config import load_nightly_config
+    from pipelines.summary import print_nightly
+
+    cfg = load_nightly_config(config, **_nightly_overrides(catalog=catalog, model=model, out=out,
+                                                           interactions=interactions))  # fmt: skip
+    run_id = run_id or default_run_id("backfill")
+    print_nightly(run_nightly(cfg, run_id, incremental=False, beam_args=list(ctx.args), kind="backfill"), cfg.out)
+
+
 @app.command("index")
 def index_cmd(
     embeddings: Annotated[
@@ -317,6 +370,7 @@ def evaluate_cmd(
     """nDCG@k, recall@k, MRR, hit rate and coverage from interaction logs; compare, gate and report."""
     from datetime import UTC, datetime
 
+    from evaluation.gate import raise_if_failed
     from evaluation.run import EvaluateConfig, run_evaluation
     from pipelines.summary import print_evaluation
 
@@ -331,14 +385,7 @@ def evaluate_cmd(
                          k=k, since=when, gates=tuple(gate or ()), bootstrap=bootstrap)  # fmt: skip
     doc = run_evaluation(cfg)
     print_evaluation(doc)
-    if not doc["passed"]:
-        failed = [g for g in doc["gates"] if not g["passed"]]
-        raise GateFailed("gate failed: " + "; ".join(
-            f"{g['gate']} ({g['metric']} = {g['value']:.4f}, needs {g['threshold']:.4f})" for g in failed))  # fmt: skip
-
-
-class GateFailed(RuntimeError):
-    """The candidate did not pass its evaluation gate(s)."""
+    raise_if_failed(doc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -348,6 +348,16 @@ def _dead_letters_by_stage(failures_dir: str, shards: list[dict]) -> dict[str, i
     return by_stage
 
 
+def _clear_crashed_attempt(run_dir: str, failures_dir: str) -> None:
+    """Shards of an earlier, killed attempt at this run id would be counted twice: remove them first."""
+    from encoder import storage as object_store
+
+    for directory in (run_dir, failures_dir):
+        if object_store.list_children(directory):
+            log.warning("removing the partial output of an interrupted attempt at this run: %s", directory)
+            object_store.delete_tree(directory)
+
+
 def run_embed(cfg: EmbedConfig, beam_args: list[str] | None = None) -> EmbedResult:
     """Embed every catalog image of `cfg.catalog` into a new run under `cfg.out`.
 
@@ -369,6 +379,7 @@ def run_embed(cfg: EmbedConfig, beam_args: list[str] | None = None) -> EmbedResu
     failures_dir = storage.join(cfg.out, "failures", cfg.run_id)
     if storage.exists(storage.join(run_dir, MANIFEST_NAME)):
         raise FileExistsError(f"run {cfg.run_id} already exists under {cfg.out}")
+    _clear_crashed_attempt(run_dir, failures_dir)
     log.info("run %s: %d items, model %s (%s, dim %d)", cfg.run_id, total, cfg.model, model_version, dim)
 
     pipeline = beam.Pipeline(options=options)

@@ -10,6 +10,7 @@ from rich.table import Table
 from pipelines.embed import EmbedResult
 
 __all__ = [
+    "print_nightly",
     "print_train_summary",
     "print_embed_summary",
     "print_evaluation",
@@ -162,3 +163,18 @@ def print_train_summary(result, console: Console | None = None) -> None:
         table.add_row(label, value)
     console.print(table)
     console.print(f"embed with: lookalike embed --model {result.encoder} ...")
+
+
+def print_nightly(result, out: str, console: Console | None = None) -> None:
+    """One row per step: status (done, or resumed from an earlier attempt), seconds, counts."""
+    console = console or _console()
+    table = Table(title=f"run {result.run_id}", title_justify="left")
+    for column in ("step", "status", "seconds", "counts"):
+        table.add_column(column)
+    for row in result.steps:
+        status = "resumed (done earlier)" if row.get("resumed") else row["status"]
+        counts = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in (row.get("counts") or {}).items())  # fmt: skip
+        table.add_row(row["step"], status, f"{row.get('seconds', 0):.1f}", counts or "-")
+    console.print(table)
+    console.print(f"published {result.published}; ledger: {out.rstrip('/')}/runs/{result.run_id}/ledger.jsonl")

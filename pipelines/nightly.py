@@ -1,0 +1,210 @@
+"""The nightly job: embed (incremental) → index → evaluate against what is published → gate → publish → retention.
+
+One run id ties every output together (`OUT/embeddings/<run_id>`, `OUT/snapshots/<run_id>`,
+`OUT/runs/<run_id>/`). Each step's outcome is appended to the run's ledger,
+`OUT/runs/<run_id>/ledger.jsonl`; a rerun of the same run id skips the steps the ledger
+marks done and picks up their outputs, so a run killed half-way completes without
+redoing (or duplicating) anything. A failing step stops the chain; nothing is published
+unless the gate passed, and the snapshot already published keeps being served.
+A backfill is the same chain with a fresh run id, a given model and no vector reuse.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from encoder import storage
+from pipelines.nightly_config import PIXELS, NightlyConfig
+from pipelines.run_lock import run_lock
+
+__all__ = ["STEPS", "NightlyResult", "read_ledger", "run_nightly"]
+
+log = logging.getLogger(__name__)
+
+STEPS = ("embed", "index", "evaluate", "publish", "retention")
+
+
+@dataclass
+class NightlyResult:
+    run_id: str
+    steps: list[dict] = field(default_factory=list)  # the ledger's final row per step
+    published: str | None = None
+
+
+def default_run_id(kind: str = "nightly", now: datetime | None = None) -> str:
+    """`nightly-20261125`: one id per night, so a rerun the same night resumes it."""
+    now = now or datetime.now(UTC)
+    return f"{kind}-{now:%Y%m%d}" if kind == "nightly" else f"{kind}-{now:%Y%m%dT%H%M%SZ}"
+
+
+def _ledger_uri(out: str, run_id: str) -> str:
+    return storage.join(out, "runs", run_id, "ledger.jsonl")
+
+
+def read_ledger(out: str, run_id: str) -> list[dict]:
+    """Every row the run has recorded, oldest first ([] for a new run)."""
+    try:
+        data = storage.read_bytes(_ledger_uri(out, run_id))
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+
+class _Ledger:
+    """Rows appended by rewriting the (small) file, which works the same on gs://."""
+
+    def __init__(self, out: str, run_id: str) -> None:
+        self.uri, self.rows = _ledger_uri(out, run_id), read_ledger(out, run_id)
+
+    def done(self, step: str) -> dict | None:
+        return next((r for r in reversed(self.rows) if r["step"] == step and r["status"] == "done"), None)
+
+    def add(self, row: dict) -> dict:
+        row = {"at": datetime.now(UTC).isoformat(), **row}
+        self.rows.append(row)
+        storage.write_bytes(self.uri, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
+        return row
+
+
+@dataclass(frozen=True)
+class _Context:
+    cfg: NightlyConfig
+    run_id: str
+    incremental: bool
+    beam_args: tuple[str, ...]
+
+    @property
+    def snapshots(self) -> str:
+        return storage.join(self.cfg.out, "snapshots")
+
+
+def _embed(ctx: _Context, outputs: dict) -> tuple[dict, dict]:
+    from pipelines.embed import MANIFEST_NAME, EmbedConfig, run_embed
+
+    run_dir = storage.join(ctx.cfg.out, "embeddings", ctx.run_id)
+    existing = storage.join(run_dir, MANIFEST_NAME)
+    if storage.exists(existing):  # finished before the ledger heard of it (killed in between)
+        manifest = json.loads(storage.read_bytes(existing))
+    else:
+        settings = {k: v for k, v in asdict(ctx.cfg.embed).items() if k != "beam_args"}
+        cfg = EmbedConfig(catalog=ctx.cfg.catalog, model=ctx.cfg.model, out=ctx.cfg.out, run_id=ctx.run_id,
+                          incremental=ctx.incremental, **settings)  # fmt: skip
+        manifest = run_embed(cfg, beam_args=[*ctx.cfg.embed.beam_args, *ctx.beam_args]).manifest
+    counts = {**manifest["counts"], "images_per_s": manifest["images_per_s"]}
+    return counts, {"run_dir": run_dir, "model_version": manifest["model_version"]}
+
+
+def _index(ctx: _Context, outputs: dict) -> tuple[dict, dict]:
+    from indexing import build_snapshot
+    from indexing.snapshot import read_manifest
+
+    try:
+        manifest = read_manifest(ctx.snapshots, ctx.run_id)  # built before the ledger heard of it
+    except ValueError:
+        manifest = build_snapshot(outputs["embed"]["run_dir"], ctx.snapshots, ctx.cfg.index, snapshot_id=ctx.run_id)
+    quality = manifest.get("quality", {})
+    counts = {"vectors": manifest.get("count"), "recall_at_10": quality.get("recall_at_10")}
+    return counts, {"snapshot": storage.join(ctx.snapshots, ctx.run_id), "index": manifest.get("index")}
+
+
+def _evaluate(ctx: _Context, outputs: dict) -> tuple[dict, dict]:
+    from evaluation.gate import raise_if_failed
+    from evaluation.run import EvaluateConfig, run_evaluation
+    from indexing.publish import read_latest
+
+    settings = ctx.cfg.evaluate
+    latest = read_latest(ctx.snapshots)
+    published = latest.snapshot_id if latest and latest.snapshot_id != ctx.run_id else None
+    baseline = storage.join(ctx.snapshots, published) if published else settings.first_baseline
+    since = datetime.now(UTC) - timedelta(days=settings.since_days) if settings.since_days else None
+    out = storage.join(ctx.cfg.out, "runs", ctx.run_id, "evaluation")
+    doc = run_evaluation(EvaluateConfig(
+        snapshot=outputs["index"]["snapshot"], interactions=ctx.cfg.interactions, baseline=baseline,
+        catalog=ctx.cfg.catalog if baseline == PIXELS else None, out=out, k=settings.k,
+        since=since, gates=settings.gates if baseline else (), bootstrap=settings.bootstrap,
+    ))  # fmt: skip
+    k = settings.k
+    metrics = doc["metrics"]
+    counts = {f"ndcg@{k}": metrics[doc["candidate"]][f"ndcg@{k}"], "queries": doc["counts"]["evaluated_queries"]}
+    if doc["baseline"]:
+        counts[f"baseline_ndcg@{k}"] = metrics[doc["baseline"]][f"ndcg@{k}"]
+    raise_if_failed(doc)  # nothing is published; LATEST keeps serving the snapshot it names
+    return counts, {"report": doc.get("report"), "baseline": baseline, "passed": doc["passed"]}
+
+
+def _publish(ctx: _Context, outputs: dict) -> tuple[dict, dict]:
+    from indexing import publish
+    from indexing.publish import read_latest
+
+    latest = read_latest(ctx.snapshots)
+    if latest is None or latest.snapshot_id != ctx.run_id:
+        # A gated run has an evaluation record; an ungated first night (first_baseline: null) has none.
+        latest = publish(ctx.snapshots, ctx.run_id, require_evaluation=bool(outputs["evaluate"]["baseline"]))
+    return {}, {"latest": latest.snapshot_id, "previous": latest.history[0] if latest.history else None}
+
+
+def _retention(ctx: _Context, outputs: dict) -> tuple[dict, dict]:
+    from indexing import retain
+
+    deleted = retain(ctx.snapshots, ctx.cfg.keep)
+    return {"deleted": len(deleted)}, {"deleted": deleted}
+
+
+_RUNNERS: dict[str, Callable[[_Context, dict], tuple[dict, dict]]] = {
+    "embed": _embed, "index": _index, "evaluate": _evaluate, "publish": _publish, "retention": _retention,
+}  # fmt: skip
+
+
+def run_nightly(cfg: NightlyConfig, run_id: str | None = None, *, incremental: bool = True,
+                beam_args: list[str] | None = None, on_step: Callable[[dict], None] | None = None,
+                kind: str = "nightly") -> NightlyResult:  # fmt: skip
+    """Run (or resume) the chain for `run_id` (default: tonight's) under an exclusive lock on `cfg.out`.
+
+    Raises:
+        LockHeld: another job runs on the same output root.
+        evaluation.gate.GateFailed: the candidate lost to the published snapshot (nothing published).
+        Anything a step raises (after recording it in the ledger as failed).
+    """
+    run_id = run_id or default_run_id(kind)
+    ctx = _Context(cfg, run_id, incremental, tuple(beam_args or ()))
+    with run_lock(cfg.out, run_id, cfg.lock_ttl_h):
+        ledger = _Ledger(cfg.out, run_id)
+        if not ledger.rows:
+            ledger.add({"step": "run", "status": "started", "kind": kind, "config": _config_dict(cfg)})
+        outputs: dict[str, dict] = {}
+        result = NightlyResult(run_id)
+        for step in STEPS:
+            done = ledger.done(step)
+            if done:
+                log.info("%s: %s already done at %s; skipped", run_id, step, done["at"])
+                outputs[step] = done["outputs"]
+                result.steps.append({**done, "resumed": True})
+                continue
+            start = time.monotonic()
+            ledger.add({"step": step, "status": "started"})
+            try:
+                counts, produced = _RUNNERS[step](ctx, outputs)
+            except BaseException as err:
+                ledger.add({"step": step, "status": "failed", "seconds": round(time.monotonic() - start, 3),
+                            "error": f"{type(err).__name__}: {err}"})  # fmt: skip
+                raise
+            outputs[step] = produced
+            row = ledger.add({"step": step, "status": "done", "seconds": round(time.monotonic() - start, 3),
+                              "counts": counts, "outputs": produced})  # fmt: skip
+            result.steps.append(row)
+            if on_step:
+                on_step(row)
+        ledger.add({"step": "run", "status": "done"})
+        result.published = outputs["publish"]["latest"]
+        return result
+
+
+def _config_dict(cfg: NightlyConfig) -> dict:
+    d = asdict(cfg)
+    d["index"] = {k: v for k, v in d["index"].items() if k != "extra"}
+    return d

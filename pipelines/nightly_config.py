@@ -1,0 +1,151 @@
+"""The nightly job's settings: one YAML file, typed and validated before any work, overridable by CLI flags.
+
+    catalog: gs://bucket/catalog/manifest.parquet
+    model: gs://bucket/models/encoder-v3
+    out: gs://bucket/lookalike            # embeddings/, failures/, snapshots/, runs/ go under it
+    interactions: gs://bucket/logs/interactions.parquet
+    embed:    {batch_size: 256, workers: 1, device: auto}
+    index:    {backend: faiss, index: auto, min_recall: 0.9}
+    evaluate: {gates: ["ndcg@5>=baseline-0.002"], since_days: 28}
+    keep: 7
+
+Unknown keys anywhere are an error that lists the known ones, so a typo fails in the
+first second instead of silently using a default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from indexing.spec import IndexConfig
+
+__all__ = ["ConfigError", "EmbedSettings", "EvaluateSettings", "NightlyConfig", "load_nightly_config"]
+
+PIXELS = "builtin:pixels"
+
+
+class ConfigError(ValueError):
+    """The nightly config cannot be used; the message names the key and the file."""
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    """The embed step's knobs (see `lookalike embed --help`)."""
+
+    batch_size: int = 64
+    fetch_threads: int = 16
+    workers: int = 1
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    draft: bool = True
+    max_image_bytes: int = 50 * 1024 * 1024
+    max_image_pixels: int = 100_000_000
+    beam_args: tuple[str, ...] = ()  # e.g. ["--runner=DataflowRunner", "--project=P", ...]
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """Which logs count and what the candidate must beat before it is published."""
+
+    k: int = 5
+    gates: tuple[str, ...] = ("ndcg@5>=baseline-0.002",)  # against the published snapshot
+    since_days: int | None = 28  # interactions of the last N days; None: all
+    first_baseline: str | None = PIXELS  # when nothing is published yet: builtin:pixels, or None (no gate)
+    bootstrap: int = 1000
+
+    def __post_init__(self) -> None:
+        from evaluation.gate import parse_gate
+
+        if self.k < 1 or self.bootstrap < 1:
+            raise ValueError(f"evaluate.k and evaluate.bootstrap must be >= 1, got {self.k}, {self.bootstrap}")
+        if self.since_days is not None and self.since_days < 1:
+            raise ValueError(f"evaluate.since_days must be >= 1 or null, got {self.since_days}")
+        if self.first_baseline not in (PIXELS, None):
+            raise ValueError(f"evaluate.first_baseline must be {PIXELS!r} or null, got {self.first_baseline!r}")
+        for gate in self.gates:
+            parse_gate(gate, self.k)
+
+
+@dataclass(frozen=True)
+class NightlyConfig:
+    """Everything one nightly (or backfill) run needs; paths local or gs://."""
+
+    catalog: str
+    model: str
+    out: str
+    interactions: str
+    embed: EmbedSettings = field(default_factory=EmbedSettings)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+    keep: int = 7  # snapshots kept after publishing (never LATEST or the one before)
+    lock_ttl_h: float = 12.0  # a lock older than this is taken over (its job is presumed dead)
+
+    def __post_init__(self) -> None:
+        for name in ("catalog", "model", "out", "interactions"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is required (in the config file or as --{name})")
+        if self.keep < 1:
+            raise ValueError(f"keep must be >= 1, got {self.keep}")
+        if self.lock_ttl_h <= 0:
+            raise ValueError(f"lock_ttl_h must be > 0, got {self.lock_ttl_h}")
+
+
+_SECTIONS = {"embed": EmbedSettings, "index": IndexConfig, "evaluate": EvaluateSettings}
+_TUPLES = {"beam_args", "gates"}
+
+
+def _known(cls) -> list[str]:
+    return [f.name for f in fields(cls) if f.name != "extra"]
+
+
+def _section(cls, values: Any, where: str, path: str):
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: {where} must be a mapping, got {type(values).__name__}")
+    unknown = sorted(set(values) - set(_known(cls)))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown} in {where}; known: {_known(cls)}")
+    values = {k: tuple(v) if k in _TUPLES and isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{path}: {where}: {err}") from err
+
+
+def load_nightly_config(path: str | None, **overrides: Any) -> NightlyConfig:
+    """Read the YAML file (optional), apply non-None `overrides` to its top-level keys, validate.
+
+    Raises:
+        ConfigError: unreadable YAML, unknown keys, wrong types or values, a missing required key.
+    """
+    import yaml
+
+    from encoder import storage
+
+    raw: dict = {}
+    if path:
+        try:
+            raw = yaml.safe_load(storage.read_bytes(path)) or {}
+        except FileNotFoundError as err:
+            raise ConfigError(f"config {path} does not exist") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config {path} is not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config {path} must be a mapping of keys to values")
+    where = path or "command line"
+    unknown = sorted(set(raw) - set(_known(NightlyConfig)))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {_known(NightlyConfig)}")
+    values = {k: v for k, v in raw.items() if k not in _SECTIONS}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    missing = [name for name in ("catalog", "model", "out", "interactions") if not values.get(name)]
+    if missing:
+        raise ConfigError(f"{where}: {', '.join(missing)} required (in the config file or as --{missing[0]})")
+    sections = {name: _section(cls, raw.get(name), name, where) for name, cls in _SECTIONS.items()}
+    try:
+        return NightlyConfig(**values, **sections)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from err

@@ -1,0 +1,77 @@
+"""One job at a time per output root: a lock object taken with compare-and-swap (local or gs://).
+
+`OUT/runs/LOCK` holds who took it and until when. A second job finds it held and stops
+with a clear message; a lock whose holder died is taken over once it expires, or at once
+when its holder was on this machine and its process is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+from encoder import storage
+
+__all__ = ["LockHeld", "run_lock"]
+
+log = logging.getLogger(__name__)
+
+
+class LockHeld(RuntimeError):
+    """Another job holds the output root; the message says which and until when."""
+
+
+def _holder_is_dead(holder: dict) -> bool:
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, ValueError):
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def run_lock(out: str, run_id: str, ttl_h: float) -> Iterator[None]:
+    """Hold `OUT/runs/LOCK` for the duration of the block.
+
+    Raises:
+        LockHeld: a live job holds it.
+    """
+    uri = storage.join(out, "runs", "LOCK")
+    now = datetime.now(UTC)
+    mine = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "acquired_at": now.isoformat(),
+            "expires_at": (now + timedelta(hours=ttl_h)).isoformat()}  # fmt: skip
+    # Locally, CAS on mtimes needs the read-modify-write serialised; gs:// generations need nothing more.
+    guard = contextlib.nullcontext() if storage.is_gcs(uri) else storage.local_lock(uri + ".guard")
+    with guard:
+        data, version = storage.read_versioned(uri)
+        if data is not None:
+            holder = json.loads(data)
+            expired = datetime.fromisoformat(holder["expires_at"]) < now
+            if not (expired or _holder_is_dead(holder)):
+                raise LockHeld(
+                    f"{out} is locked by run {holder['run_id']} ({holder['host']} pid {holder['pid']}, since "
+                    f"{holder['acquired_at']}, until {holder['expires_at']}); wait for it, or delete {uri} "
+                    "if that job is gone"
+                )
+            log.warning("taking over the lock of run %s (%s)", holder["run_id"], "expired" if expired else "dead")
+        try:
+            storage.write_if_version(uri, json.dumps(mine).encode(), version)
+        except storage.ConcurrentUpdate as err:
+            raise LockHeld(f"{out}: another job took the lock at the same moment; try again") from err
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # a failed release leaves a lock that expires; never mask the error
+            data, _ = storage.read_versioned(uri)
+            held = json.loads(data) if data else {}
+            if all(held.get(k) == mine[k] for k in ("run_id", "host", "pid")):
+                storage.delete(uri)

@@ -1,0 +1,143 @@
+"""The nightly chain: a full run, an incremental rerun, resume after a failure, the gate, the lock, the config."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from datetime import UTC, datetime, timedelta
+
+import pyarrow.parquet as pq
+import pytest
+
+from evaluation.gate import GateFailed
+from indexing.publish import read_latest
+from pipelines.nightly import read_ledger, run_nightly
+from pipelines.nightly_config import ConfigError, load_nightly_config
+from pipelines.run_lock import LockHeld
+
+pytestmark = pytest.mark.slow
+
+PASSING = ["ndcg@5>=baseline-1"]  # the tiny random model need not beat anything here: the chain is under test
+
+
+def _config(tmp_path, demo_catalog, tiny_model, gates=PASSING, **top):
+    text = {
+        "catalog": str(demo_catalog.manifest), "model": str(tiny_model), "out": str(tmp_path / "out"),
+        "interactions": str(demo_catalog.interactions),
+        "index": {"index": "flat"}, "evaluate": {"gates": gates, "since_days": None}, **top,
+    }  # fmt: skip
+    path = tmp_path / "nightly.json"  # JSON is YAML
+    path.write_text(json.dumps(text))
+    return load_nightly_config(str(path))
+
+
+def _rows(run_dir) -> int:
+    manifest = json.loads((run_dir / "_manifest.json").read_text())
+    return sum(pq.read_metadata(run_dir / s["path"]).num_rows for s in manifest["shards"])
+
+
+def test_first_night_publishes_and_the_next_reuses(tmp_path, demo_catalog, tiny_model):
+    cfg = _config(tmp_path, demo_catalog, tiny_model)
+    first = run_nightly(cfg, "nightly-1")
+    assert [s["step"] for s in first.steps] == ["embed", "index", "evaluate", "publish", "retention"]
+    assert first.published == "nightly-1" == read_latest(f"{cfg.out}/snapshots").snapshot_id
+    assert first.steps[0]["counts"]["embedded"] == 95
+    assert first.steps[2]["outputs"]["baseline"] == "builtin:pixels"  # nothing published yet
+    ledger = read_ledger(cfg.out, "nightly-1")
+    assert [(r["step"], r["status"]) for r in ledger][-2:] == [("retention", "done"), ("run", "done")]
+
+    second = run_nightly(cfg, "nightly-2")
+    embed = second.steps[0]["counts"]
+    assert (embed["embedded"], embed["reused"], embed["dead_lettered"]) == (0, 95, 5)
+    assert second.steps[2]["outputs"]["baseline"].endswith("snapshots/nightly-1")
+    assert read_latest(f"{cfg.out}/snapshots").snapshot_id == "nightly-2"
+
+
+def test_a_failed_step_publishes_nothing_and_a_rerun_resumes(tmp_path, demo_catalog, tiny_model, monkeypatch):
+    import indexing
+
+    cfg = _config(tmp_path, demo_catalog, tiny_model)
+    real = indexing.build_snapshot
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(indexing, "build_snapshot", crash)
+    with pytest.raises(OSError, match="disk full"):
+        run_nightly(cfg, "nightly-x")
+    assert read_latest(f"{cfg.out}/snapshots") is None
+    assert [(r["step"], r["status"]) for r in read_ledger(cfg.out, "nightly-x")][-2:] == [
+        ("index", "started"), ("index", "failed")]  # fmt: skip
+
+    monkeypatch.setattr(indexing, "build_snapshot", real)
+    resumed = run_nightly(cfg, "nightly-x")
+    assert resumed.steps[0].get("resumed") and not resumed.steps[1].get("resumed")
+    assert resumed.published == "nightly-x"
+    assert _rows(tmp_path / "out" / "embeddings" / "nightly-x") == 95  # embedded once, no duplicates
+
+
+def test_a_losing_candidate_is_not_published(tmp_path, demo_catalog, tiny_model):
+    cfg = _config(tmp_path, demo_catalog, tiny_model)
+    run_nightly(cfg, "nightly-1")
+    strict = _config(tmp_path, demo_catalog, tiny_model, gates=["ndcg@5>=baseline+1"])
+    with pytest.raises(GateFailed, match=r"gate failed: ndcg@5>=baseline\+1"):
+        run_nightly(strict, "nightly-2")
+    assert read_latest(f"{cfg.out}/snapshots").snapshot_id == "nightly-1"
+    assert read_ledger(cfg.out, "nightly-2")[-1]["status"] == "failed"
+
+
+def test_an_embed_attempt_killed_midway_leaves_nothing_counted_twice(tmp_path, demo_catalog, tiny_model):
+    cfg = _config(tmp_path, demo_catalog, tiny_model)
+    stale = tmp_path / "out" / "embeddings" / "nightly-k"
+    stale.mkdir(parents=True)
+    shutil.copy(demo_catalog.manifest, stale / "part-00000-of-00001.parquet")  # a shard of the killed attempt
+    result = run_nightly(cfg, "nightly-k")
+    assert result.steps[0]["counts"]["embedded"] == 95
+    assert _rows(stale) == 95
+
+
+def test_a_second_job_on_the_same_root_is_refused(tmp_path, demo_catalog, tiny_model):
+    cfg = _config(tmp_path, demo_catalog, tiny_model)
+    lock = tmp_path / "out" / "runs" / "LOCK"
+    lock.parent.mkdir(parents=True)
+    now = datetime.now(UTC)
+    holder = {"run_id": "nightly-other", "host": socket.gethostname(), "pid": os.getpid(),
+              "acquired_at": now.isoformat(), "expires_at": (now + timedelta(hours=1)).isoformat()}  # fmt: skip
+    lock.write_text(json.dumps(holder))
+    with pytest.raises(LockHeld, match="locked by run nightly-other"):
+        run_nightly(cfg, "nightly-1")
+    assert not (tmp_path / "out" / "embeddings").exists()  # refused before any work
+
+    lock.write_text(json.dumps({**holder, "expires_at": (now - timedelta(minutes=1)).isoformat()}))
+    assert run_nightly(cfg, "nightly-1").published == "nightly-1"  # an expired lock is taken over
+    assert not lock.exists()  # and released at the end
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("catalog: a\nmodel: b\nout: c\ninteractions: d\nkeeep: 3\n", r"unknown key\(s\) \['keeep'\]"),
+        ("catalog: a\nmodel: b\nout: c\ninteractions: d\nindex: {bakend: faiss}\n", r"unknown key\(s\) \['bakend'\] in index"),
+        ("catalog: a\nmodel: b\nout: c\n", "interactions required"),
+        ("catalog: a\nmodel: b\nout: c\ninteractions: d\nevaluate: {gates: ['ndcg@5 > ']}\n", "evaluate"),
+        ("- just\n- a list\n", "must be a mapping"),
+        ("catalog: [unclosed\n", "not valid YAML"),
+    ],
+    ids=["top-typo", "section-typo", "missing", "bad-gate", "not-mapping", "bad-yaml"],
+)  # fmt: skip
+def test_bad_configs_fail_before_any_work(tmp_path, text, message):
+    path = tmp_path / "nightly.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_nightly_config(str(path))
+
+
+def test_flags_override_the_file(tmp_path):
+    path = tmp_path / "nightly.yaml"
+    path.write_text("catalog: a\nmodel: b\nout: c\ninteractions: d\nkeep: 3\nembed: {batch_size: 8}\n")
+    cfg = load_nightly_config(str(path), model="m2", keep=None)
+    assert (cfg.model, cfg.keep, cfg.embed.batch_size) == ("m2", 3, 8)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_nightly_config(str(tmp_path / "nope.yaml"))
