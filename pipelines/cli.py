@@ -50,10 +50,17 @@ def demo_catalog(
     out: Annotated[Path, typer.Option(help="Directory to write the catalog into.")],
     items: Annotated[int, typer.Option(help="Number of items.")] = 500,
     seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
+    change: Annotated[
+        float | None, typer.Option(help="Instead: give this fraction of an existing catalog new photos, delist a few.")
+    ] = None,
 ) -> None:
-    """Generate a synthetic marketplace catalog: photos, manifest, interaction logs."""
-    from pipelines.demo_catalog import make_demo_catalog
+    """Generate a synthetic marketplace catalog: photos, manifest, interaction logs (or change one)."""
+    from pipelines.demo_catalog import change_demo_catalog, make_demo_catalog
 
+    if change is not None:
+        done = change_demo_catalog(out, fraction=change, seed=seed)
+        typer.echo(f"changed {out}: {len(done.new_photos)} new photos, {len(done.removed)} items delisted")
+        return
     catalog = make_demo_catalog(out, items=items, seed=seed)
     typer.echo(f"wrote {catalog.items} items ({len(catalog.broken_item_ids)} deliberately broken) to {catalog.root}")
     typer.echo(f"manifest: {catalog.manifest}\ninteractions: {catalog.interactions}")

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pipelines.demo_render import CATEGORIES, COLOURS, MATERIALS, PATTERNS, SHAPES, ItemAttributes, render_item
 
-__all__ = ["BROKEN_KINDS", "DemoCatalog", "make_demo_catalog"]
+__all__ = ["BROKEN_KINDS", "CatalogChange", "DemoCatalog", "change_demo_catalog", "make_demo_catalog"]
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,52 @@ def make_demo_catalog(out: str | Path, items: int = 500, seed: int = 0, workers:
         items=items,
         broken_item_ids=tuple(item_ids[i] for i in sorted(broken)),
     )
+
+
+@dataclass(frozen=True)
+class CatalogChange:
+    """What `change_demo_catalog` did, by item id."""
+
+    new_photos: tuple[str, ...]
+    removed: tuple[str, ...]
+
+
+def change_demo_catalog(out: str | Path, fraction: float = 0.01, seed: int = 1) -> CatalogChange:
+    """A day in a marketplace: a `fraction` of listings get a new photo (same product, new shot), and a
+    quarter as many are delisted (dropped from the manifest). Edits the catalog under `out` in place.
+
+    Raises:
+        ValueError: a fraction outside (0, 0.5], or no catalog under `out`.
+    """
+    if not 0 < fraction <= 0.5:
+        raise ValueError(f"fraction must be in (0, 0.5], got {fraction}")
+    root = Path(out)
+    if not (root / "manifest.parquet").is_file():
+        raise ValueError(f"no demo catalog under {root} (run demo-catalog first)")
+    manifest = pq.read_table(root / "manifest.parquet")
+    truth = pq.read_table(root / "attributes.parquet").to_pydict()
+    attrs = {i: ItemAttributes(*(truth[f][row] for f in ("category", "shape", "colour", "pattern", "material")))
+             for row, i in enumerate(truth["item_id"])}  # fmt: skip
+    ids, uris = manifest.column("item_id").to_pylist(), manifest.column("image_uri").to_pylist()
+    rng = np.random.default_rng(seed)
+    usable = [row for row, uri in enumerate(uris) if (root / uri).is_file() and (root / uri).stat().st_size > 1024]
+    count = max(1, round(len(ids) * fraction))
+    chosen = rng.choice(usable, size=min(len(usable), count + max(1, count // 4)), replace=False)
+    reshot, delisted = [int(r) for r in chosen[:count]], [int(r) for r in chosen[count:]]
+    now = datetime.now(UTC)
+    for row in reshot:
+        image = render_item(attrs[ids[row]], np.random.default_rng([seed, row, 7]))
+        (root / uris[row]).write_bytes(_encode(image.convert("RGB"), "JPEG", quality=90))
+    updated = manifest.column("updated_at").to_pylist()
+    for row in reshot:
+        updated[row] = now
+    manifest = manifest.set_column(manifest.schema.get_field_index("updated_at"), "updated_at",
+                                   pa.array(updated, pa.timestamp("us", tz="UTC")))  # fmt: skip
+    keep = np.ones(len(ids), dtype=bool)
+    keep[delisted] = False
+    pq.write_table(manifest.filter(pa.array(keep)), root / "manifest.parquet")
+    log.info("changed demo catalog %s: %d new photos, %d delisted", root, len(reshot), len(delisted))
+    return CatalogChange(tuple(ids[r] for r in reshot), tuple(ids[r] for r in delisted))
 
 
 def _sample_attributes(n: int, rng: np.random.Generator) -> list[ItemAttributes]:

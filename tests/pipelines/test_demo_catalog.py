@@ -101,3 +101,21 @@ def test_mean_colour_does_not_reveal_the_category(demo_catalog):
 def test_too_small_a_catalog_is_refused(tmp_path):
     with pytest.raises(ValueError, match="items must be >= 10"):
         make_demo_catalog(tmp_path, items=3)
+
+
+def test_a_day_of_changes_reshoots_and_delists(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipelines.demo_catalog import change_demo_catalog, make_demo_catalog
+
+    catalog = make_demo_catalog(tmp_path / "c", items=200, seed=4, workers=1)
+    before = pq.read_table(catalog.manifest).to_pydict()
+    photos = {i: (catalog.root / u).read_bytes() for i, u in zip(before["item_id"], before["image_uri"], strict=True)
+              if (catalog.root / u).exists()}  # fmt: skip
+    change = change_demo_catalog(catalog.root, fraction=0.05, seed=1)
+    after = pq.read_table(catalog.manifest).to_pydict()
+    assert len(change.new_photos) == 10 and len(change.removed) == 2
+    assert set(before["item_id"]) - set(after["item_id"]) == set(change.removed)
+    rows = dict(zip(after["item_id"], after["image_uri"], strict=True))
+    changed = {i for i in rows if i in photos and (catalog.root / rows[i]).read_bytes() != photos[i]}
+    assert changed == set(change.new_photos)
