@@ -187,6 +187,9 @@ def nightly_cmd(
     interactions: Annotated[str | None, typer.Option(help="Interaction logs for the gate.")] = None,
     keep: Annotated[int | None, typer.Option(help="Snapshots kept after publishing.")] = None,
     run_id: Annotated[str | None, typer.Option(help="Default: nightly-YYYYMMDD (a rerun resumes it).")] = None,
+    step: Annotated[
+        str | None, typer.Option(help="Stop after this step (embed, index, evaluate, publish, retention).")
+    ] = None,
 ) -> None:
     """Embed (incremental) → index → evaluate vs the published snapshot → gate → publish → retention.
 
@@ -198,7 +201,7 @@ def nightly_cmd(
 
     cfg = load_nightly_config(config, **_nightly_overrides(catalog=catalog, model=model, out=out,
                                                            interactions=interactions, keep=keep))  # fmt: skip
-    print_nightly(run_nightly(cfg, run_id, beam_args=list(ctx.args)), cfg.out)
+    print_nightly(run_nightly(cfg, run_id, beam_args=list(ctx.args), until=step), cfg.out)
 
 
 @app.command("backfill", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -210,6 +213,9 @@ def backfill_cmd(
     out: Annotated[str | None, typer.Option(help="Output root (default: the config's).")] = None,
     interactions: Annotated[str | None, typer.Option(help="Interaction logs for the gate.")] = None,
     run_id: Annotated[str | None, typer.Option(help="Default: backfill-<UTC time>.")] = None,
+    step: Annotated[
+        str | None, typer.Option(help="Stop after this step (embed, index, evaluate, publish, retention).")
+    ] = None,
 ) -> None:
     """Re-embed the whole catalog with a model, then index, evaluate, gate and publish like the nightly job.
 
@@ -223,7 +229,8 @@ def backfill_cmd(
     cfg = load_nightly_config(config, **_nightly_overrides(catalog=catalog, model=model, out=out,
                                                            interactions=interactions))  # fmt: skip
     run_id = run_id or default_run_id("backfill")
-    print_nightly(run_nightly(cfg, run_id, incremental=False, beam_args=list(ctx.args), kind="backfill"), cfg.out)
+    result = run_nightly(cfg, run_id, incremental=False, beam_args=list(ctx.args), kind="backfill", until=step)
+    print_nightly(result, cfg.out)
 
 
 @app.command("index")

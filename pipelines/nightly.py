@@ -162,14 +162,20 @@ _RUNNERS: dict[str, Callable[[_Context, dict], tuple[dict, dict]]] = {
 
 def run_nightly(cfg: NightlyConfig, run_id: str | None = None, *, incremental: bool = True,
                 beam_args: list[str] | None = None, on_step: Callable[[dict], None] | None = None,
-                kind: str = "nightly") -> NightlyResult:  # fmt: skip
+                kind: str = "nightly", until: str | None = None) -> NightlyResult:  # fmt: skip
     """Run (or resume) the chain for `run_id` (default: tonight's) under an exclusive lock on `cfg.out`.
+
+    `until` stops after that step (done or skipped as done), so an orchestrator can run one
+    step per task: each task runs the chain up to its step, which does only that step once
+    the earlier tasks have succeeded.
 
     Raises:
         LockHeld: another job runs on the same output root.
         evaluation.gate.GateFailed: the candidate lost to the published snapshot (nothing published).
         Anything a step raises (after recording it in the ledger as failed).
     """
+    if until is not None and until not in STEPS:
+        raise ValueError(f"unknown step {until!r}; steps: {', '.join(STEPS)}")
     run_id = run_id or default_run_id(kind)
     ctx = _Context(cfg, run_id, incremental, tuple(beam_args or ()))
     with run_lock(cfg.out, run_id, cfg.lock_ttl_h):
@@ -184,24 +190,31 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, *, incremental: b
                 log.info("%s: %s already done at %s; skipped", run_id, step, done["at"])
                 outputs[step] = done["outputs"]
                 result.steps.append({**done, "resumed": True})
-                continue
-            start = time.monotonic()
-            ledger.add({"step": step, "status": "started"})
-            try:
-                counts, produced = _RUNNERS[step](ctx, outputs)
-            except BaseException as err:
-                ledger.add({"step": step, "status": "failed", "seconds": round(time.monotonic() - start, 3),
-                            "error": f"{type(err).__name__}: {err}"})  # fmt: skip
-                raise
-            outputs[step] = produced
-            row = ledger.add({"step": step, "status": "done", "seconds": round(time.monotonic() - start, 3),
-                              "counts": counts, "outputs": produced})  # fmt: skip
-            result.steps.append(row)
-            if on_step:
-                on_step(row)
+            else:
+                result.steps.append(_run_step(ctx, ledger, step, outputs, on_step))
+            result.published = outputs.get("publish", {}).get("latest")
+            if step == until:
+                return result
         ledger.add({"step": "run", "status": "done"})
-        result.published = outputs["publish"]["latest"]
         return result
+
+
+def _run_step(ctx: _Context, ledger: _Ledger, step: str, outputs: dict, on_step) -> dict:
+    """Run one step, recording its start and its end (done with counts and outputs, or failed)."""
+    start = time.monotonic()
+    ledger.add({"step": step, "status": "started"})
+    try:
+        counts, produced = _RUNNERS[step](ctx, outputs)
+    except BaseException as err:
+        ledger.add({"step": step, "status": "failed", "seconds": round(time.monotonic() - start, 3),
+                    "error": f"{type(err).__name__}: {err}"})  # fmt: skip
+        raise
+    outputs[step] = produced
+    row = ledger.add({"step": step, "status": "done", "seconds": round(time.monotonic() - start, 3),
+                      "counts": counts, "outputs": produced})  # fmt: skip
+    if on_step:
+        on_step(row)
+    return row
 
 
 def _config_dict(cfg: NightlyConfig) -> dict:

@@ -177,4 +177,5 @@ def print_nightly(result, out: str, console: Console | None = None) -> None:
                            for k, v in (row.get("counts") or {}).items())  # fmt: skip
         table.add_row(row["step"], status, f"{row.get('seconds', 0):.1f}", counts or "-")
     console.print(table)
-    console.print(f"published {result.published}; ledger: {out.rstrip('/')}/runs/{result.run_id}/ledger.jsonl")
+    done = f"published {result.published}" if result.published else f"stopped after {result.steps[-1]['step']}"
+    console.print(f"{done}; ledger: {out.rstrip('/')}/runs/{result.run_id}/ledger.jsonl")

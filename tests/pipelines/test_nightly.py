@@ -141,3 +141,17 @@ def test_flags_override_the_file(tmp_path):
     assert (cfg.model, cfg.keep, cfg.embed.batch_size) == ("m2", 3, 8)
     with pytest.raises(ConfigError, match="does not exist"):
         load_nightly_config(str(tmp_path / "nope.yaml"))
+
+
+def test_one_step_at_a_time_as_an_orchestrator_runs_it(tmp_path, demo_catalog, tiny_model):
+    from pipelines.nightly import STEPS
+
+    cfg = _config(tmp_path, demo_catalog, tiny_model)
+    for step in STEPS:
+        result = run_nightly(cfg, "nightly-s", until=step)
+        assert result.steps[-1]["step"] == step and not result.steps[-1].get("resumed")
+        assert all(s.get("resumed") for s in result.steps[:-1])  # earlier tasks' work is not redone
+    assert result.published == "nightly-s"
+    assert read_latest(f"{cfg.out}/snapshots").snapshot_id == "nightly-s"
+    with pytest.raises(ValueError, match="unknown step 'embedd'"):
+        run_nightly(cfg, "nightly-s", until="embedd")
