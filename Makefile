@@ -66,16 +66,18 @@ bench: install  ## CPU throughput benchmarks: embed, then fine-tuning (results g
 	$(BIN)/python benchmarks/cpu_embed.py
 	$(BIN)/python benchmarks/train_bench.py
 
-lint: install  ## ruff lint + format check
+lint: install  ## ruff lint + format check, hadolint on the Dockerfiles
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint dockerfiles/*.Dockerfile
 
 format: install  ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-docker:  ## build the Dataflow GPU worker image (needs a Docker engine)
+docker:  ## build the Dataflow GPU worker and index-builder images (needs a Docker engine)
 	docker build -f dockerfiles/worker-gpu.Dockerfile -t lookalike-worker-gpu .
+	docker build -f dockerfiles/index-builder.Dockerfile -t lookalike-index-builder .
 
 clean:  ## remove the virtualenv, demo output and caches
 	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache *.egg-info

@@ -22,8 +22,9 @@ COPY encoder/ encoder/
 COPY pipelines/ pipelines/
 COPY indexing/ indexing/
 COPY evaluation/ evaluation/
+COPY training/ training/
 RUN pip install --no-deps . \
     && pip install "torchvision==0.28.*" "nvidia-nvimgcodec-cu13>=0.6" \
-    && python -c "import encoder, pipelines; print('lookalike ok')"
+    && python -c "import encoder, pipelines, training; print('lookalike ok')"
 
 # The Beam SDK harness stays the entry point (set by the base image).
