@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from benchmarks.common import machine, realistic_jpegs  # noqa: E402
 from encoder.tiny import TinyModelConfig, init_tiny_model  # noqa: E402
@@ -54,10 +55,9 @@ def _change(folder: Path, fraction: float = 0.01) -> tuple[int, int]:
     chosen = rng.choice(n, size=int(n * fraction * 1.25), replace=False)
     rewrite, delist = chosen[: int(n * fraction)], chosen[int(n * fraction) :]
     uris = manifest.column("image_uri").to_pylist()
-    for row in rewrite:  # a new photo: the same file, other bytes
+    for row in rewrite:  # a new photo: the same file, mirrored and re-encoded
         path = folder / uris[int(row)]
-        data = bytearray(path.read_bytes())
-        path.write_bytes(bytes(data[:-2]) + bytes(rng.integers(0, 256, 16, dtype=np.uint8)) + bytes(data[-2:]))
+        Image.open(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(path, "JPEG", quality=80)
     keep = np.ones(n, dtype=bool)
     keep[delist] = False
     pq.write_table(manifest.filter(pa.array(keep)), folder / "manifest.parquet")
