@@ -48,3 +48,39 @@ def test_nightly_config_mistakes_exit_2(tmp_path):
     result = _lookalike("nightly", "--config", "bad.yaml", cwd=tmp_path)
     assert result.returncode == 2 and "unknown key(s) ['batch'] in embed" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_killed_mid_run_then_rerun_completes_without_duplicates(tmp_path, demo_catalog, tiny_model):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    config = _write_config(tmp_path, demo_catalog, tiny_model, ["ndcg@5>=baseline-1"])
+    exe = Path(sys.executable).with_name("lookalike")
+    job = subprocess.Popen([str(exe), "nightly", "--config", config, "--run-id", "nightly-k"], cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    ledger = tmp_path / "OUT" / "runs" / "nightly-k" / "ledger.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and '"embed", "status": "started"' not in (
+        ledger.read_text() if ledger.exists() else ""
+    ):
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside the embed step: model loading or Beam at work
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait(timeout=30)
+    assert (tmp_path / "OUT" / "runs" / "LOCK").exists()  # a dead job's lock is left behind ...
+
+    rerun = _lookalike("nightly", "--config", config, "--run-id", "nightly-k", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]  # ... and taken over: its process is gone
+    assert "published nightly-k" in rerun.stdout
+    run = tmp_path / "OUT" / "embeddings" / "nightly-k"
+    manifest = json.loads((run / "_manifest.json").read_text())
+    ids = [i for s in manifest["shards"] for i in pq.read_table(run / s["path"]).column("item_id").to_pylist()]
+    assert len(ids) == len(set(ids)) == 95
+    files = {p.name for p in run.glob("*.parquet")}
+    assert files == {s["path"] for s in manifest["shards"]}  # no shard of the killed attempt left over
