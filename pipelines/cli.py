@@ -210,6 +210,9 @@ def backfill_cmd(
     model: Annotated[str, typer.Option(help="The (new) image encoder to re-embed everything with.")],
     config: Annotated[str | None, typer.Option(help="The nightly.yaml whose settings to use.")] = None,
     catalog: Annotated[str | None, typer.Option(help="Catalog manifest (default: the config's).")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Only items updated on or after this date; the rest reuse same-model vectors.")
+    ] = None,
     out: Annotated[str | None, typer.Option(help="Output root (default: the config's).")] = None,
     interactions: Annotated[str | None, typer.Option(help="Interaction logs for the gate.")] = None,
     run_id: Annotated[str | None, typer.Option(help="Default: backfill-<UTC time>.")] = None,
@@ -217,10 +220,12 @@ def backfill_cmd(
         str | None, typer.Option(help="Stop after this step (embed, index, evaluate, publish, retention).")
     ] = None,
 ) -> None:
-    """Re-embed the whole catalog with a model, then index, evaluate, gate and publish like the nightly job.
+    """Re-embed the catalog with a model, then index, evaluate, gate and publish like the nightly job.
 
-    Every vector is computed afresh (no reuse); the run has its own id and takes the same
-    lock as the nightly job, so the two never publish over each other.
+    Every vector is computed afresh; with --since, only items updated on or after that date
+    are, and the others reuse vectors of the same model version where they exist. The run
+    has its own id and takes the same lock as the nightly job, so the two never publish
+    over each other.
     """
     from pipelines.nightly import default_run_id, run_nightly
     from pipelines.nightly_config import load_nightly_config
@@ -228,8 +233,13 @@ def backfill_cmd(
 
     cfg = load_nightly_config(config, **_nightly_overrides(catalog=catalog, model=model, out=out,
                                                            interactions=interactions))  # fmt: skip
+    if since is not None:
+        from pipelines.embed import EmbedConfig
+
+        EmbedConfig(catalog=cfg.catalog, model=cfg.model, out=cfg.out, reembed_since=since)  # a bad date fails now
     run_id = run_id or default_run_id("backfill")
-    result = run_nightly(cfg, run_id, incremental=False, beam_args=list(ctx.args), kind="backfill", until=step)
+    result = run_nightly(cfg, run_id, incremental=since is not None, beam_args=list(ctx.args), kind="backfill",
+                         until=step, reembed_since=since)  # fmt: skip
     print_nightly(result, cfg.out)
 
 

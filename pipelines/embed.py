@@ -32,6 +32,7 @@ from apache_beam.utils.shared import Shared
 from encoder import DecodeLimits, EncoderConfig, load_encoder
 from pipelines import storage
 from pipelines.catalog import (
+    CatalogError,
     CatalogItem,
     catalog_files,
     item_from_image_path,
@@ -77,12 +78,18 @@ class EmbedConfig:
     incremental: bool = True  # reuse vectors of unchanged images from an earlier run
     previous: str | None = None  # that earlier run's directory; default: the latest complete one under `out`
     workers: int = 1  # local runner: >1 runs that many worker processes
+    reembed_since: str | None = None  # ISO date: items with updated_at on or after it are never reused
     run_id: str = field(default_factory=lambda: f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "fetch_threads", "max_image_bytes", "max_image_pixels", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.reembed_since is not None:
+            try:
+                datetime.fromisoformat(self.reembed_since)
+            except ValueError as err:
+                raise ValueError(f"--since {self.reembed_since!r} is not an ISO 8601 date or time") from err
         if not self.run_id or not all(c.isalnum() or c in "-_" for c in self.run_id):
             raise ValueError(f"run_id must be letters, digits, '-' or '_', got {self.run_id!r}")
 
@@ -117,8 +124,8 @@ class EmbedResult:
 class FetchAndDecode(beam.DoFn):
     """Fetch, hash and decode a batch of items on a thread pool; bounded by `fetch_threads`."""
 
-    def __init__(self, cfg: EmbedConfig, preprocess, total_items: int) -> None:
-        self._cfg, self._preprocess, self._total = cfg, preprocess, total_items
+    def __init__(self, cfg: EmbedConfig, preprocess, total_items: int, reembed: frozenset[str] = frozenset()) -> None:
+        self._cfg, self._preprocess, self._total, self._reembed = cfg, preprocess, total_items, reembed
 
     def setup(self) -> None:
         storage.configure_storage()
@@ -126,7 +133,12 @@ class FetchAndDecode(beam.DoFn):
         self._progress = ProgressLog("fetched", self._total)
 
     def process(self, items: list[CatalogItem], known: KnownDigests | None = None):
-        for result in self._pool.map(lambda item: prepare_item(item, self._preprocess, self._cfg.limits, known), items):
+        def prepare(item: CatalogItem):
+            return prepare_item(
+                item, self._preprocess, self._cfg.limits, None if item.item_id in self._reembed else known
+            )
+
+        for result in self._pool.map(prepare, items):
             if isinstance(result, PreparedImage):
                 yield result
             elif isinstance(result, Failure):
@@ -195,7 +207,8 @@ def _read_items(p: beam.Pipeline, catalog: str) -> beam.PCollection:
 
 
 def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, preprocess, dim: int,
-                   total_items: int, previous_shards: list[str], run_dir: str, failures_dir: str) -> None:  # fmt: skip
+                   total_items: int, previous_shards: list[str], run_dir: str, failures_dir: str,
+                   reembed: frozenset[str] = frozenset()) -> None:  # fmt: skip
     """Wire the embed steps into `p` (see the module docstring)."""
     items = _read_items(p, cfg.catalog)
     known_side, previous = None, None
@@ -216,7 +229,7 @@ def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, pr
         | "Batch for fetch"
         >> beam.BatchElements(min_batch_size=cfg.fetch_threads, max_batch_size=4 * cfg.fetch_threads)
         | "Fetch and decode images"
-        >> beam.ParDo(FetchAndDecode(cfg, preprocess, total_items), known_side).with_outputs(
+        >> beam.ParDo(FetchAndDecode(cfg, preprocess, total_items, reembed), known_side).with_outputs(
             "failed", "reuse", main="decoded"
         )
     )
@@ -348,6 +361,32 @@ def _dead_letters_by_stage(failures_dir: str, shards: list[dict]) -> dict[str, i
     return by_stage
 
 
+def _updated_since(catalog, since: str) -> frozenset[str]:
+    """Item ids whose `updated_at` is on or after `since` (ISO date or time, UTC unless it says otherwise).
+
+    Raises:
+        CatalogError: no updated_at column, or `since` is not a date.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        when = datetime.fromisoformat(since)
+    except ValueError as err:
+        raise CatalogError(f"--since {since!r} is not an ISO 8601 date or time") from err
+    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    if "updated_at" not in catalog.column_names:
+        raise CatalogError(f"--since needs an updated_at column in the catalog; found {catalog.column_names}")
+    stamps = catalog.column("updated_at")
+    if not pa.types.is_timestamp(stamps.type):
+        stamps = pc.cast(stamps, pa.timestamp("us", tz="UTC"))
+    if stamps.type.tz is None:
+        stamps = pc.assume_timezone(stamps, "UTC")
+    recent = catalog.filter(pc.greater_equal(stamps, pa.scalar(when, type=pa.timestamp("us", tz="UTC"))))
+    log.info("re-embedding %d item(s) updated since %s; the rest may reuse earlier vectors", recent.num_rows, since)
+    return frozenset(recent.column("item_id").to_pylist())
+
+
 def _clear_crashed_attempt(run_dir: str, failures_dir: str) -> None:
     """Shards of an earlier, killed attempt at this run id would be counted twice: remove them first."""
     from encoder import storage as object_store
@@ -383,8 +422,10 @@ def run_embed(cfg: EmbedConfig, beam_args: list[str] | None = None) -> EmbedResu
     log.info("run %s: %d items, model %s (%s, dim %d)", cfg.run_id, total, cfg.model, model_version, dim)
 
     pipeline = beam.Pipeline(options=options)
+    reembed = _updated_since(catalog, cfg.reembed_since) if previous_shards and cfg.reembed_since else frozenset()
     build_pipeline(pipeline, cfg, model_version=model_version, preprocess=preprocess, dim=dim, total_items=total,
-                   previous_shards=previous_shards, run_dir=run_dir, failures_dir=failures_dir)  # fmt: skip
+                   previous_shards=previous_shards, run_dir=run_dir, failures_dir=failures_dir,
+                   reembed=reembed)  # fmt: skip
     result = pipeline.run()
     result.wait_until_finish()
     metrics = _metric_counts(result)

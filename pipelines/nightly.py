@@ -77,6 +77,7 @@ class _Context:
     run_id: str
     incremental: bool
     beam_args: tuple[str, ...]
+    reembed_since: str | None = None
 
     @property
     def snapshots(self) -> str:
@@ -93,7 +94,7 @@ def _embed(ctx: _Context, outputs: dict) -> tuple[dict, dict]:
     else:
         settings = {k: v for k, v in asdict(ctx.cfg.embed).items() if k != "beam_args"}
         cfg = EmbedConfig(catalog=ctx.cfg.catalog, model=ctx.cfg.model, out=ctx.cfg.out, run_id=ctx.run_id,
-                          incremental=ctx.incremental, **settings)  # fmt: skip
+                          incremental=ctx.incremental, reembed_since=ctx.reembed_since, **settings)  # fmt: skip
         manifest = run_embed(cfg, beam_args=[*ctx.cfg.embed.beam_args, *ctx.beam_args]).manifest
     counts = {**manifest["counts"], "images_per_s": manifest["images_per_s"]}
     return counts, {"run_dir": run_dir, "model_version": manifest["model_version"]}
@@ -162,9 +163,12 @@ _RUNNERS: dict[str, Callable[[_Context, dict], tuple[dict, dict]]] = {
 
 def run_nightly(cfg: NightlyConfig, run_id: str | None = None, *, incremental: bool = True,
                 beam_args: list[str] | None = None, on_step: Callable[[dict], None] | None = None,
-                kind: str = "nightly", until: str | None = None) -> NightlyResult:  # fmt: skip
+                kind: str = "nightly", until: str | None = None,
+                reembed_since: str | None = None) -> NightlyResult:  # fmt: skip
     """Run (or resume) the chain for `run_id` (default: tonight's) under an exclusive lock on `cfg.out`.
 
+    `reembed_since` (ISO date, with `incremental`): items updated on or after it are encoded
+    afresh even where an earlier vector of the same model exists (a backfill of a date range).
     `until` stops after that step (done or skipped as done), so an orchestrator can run one
     step per task: each task runs the chain up to its step, which does only that step once
     the earlier tasks have succeeded.
@@ -177,7 +181,7 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, *, incremental: b
     if until is not None and until not in STEPS:
         raise ValueError(f"unknown step {until!r}; steps: {', '.join(STEPS)}")
     run_id = run_id or default_run_id(kind)
-    ctx = _Context(cfg, run_id, incremental, tuple(beam_args or ()))
+    ctx = _Context(cfg, run_id, incremental, tuple(beam_args or ()), reembed_since)
     with run_lock(cfg.out, run_id, cfg.lock_ttl_h):
         ledger = _Ledger(cfg.out, run_id)
         if not ledger.rows:

@@ -155,3 +155,18 @@ def test_one_step_at_a_time_as_an_orchestrator_runs_it(tmp_path, demo_catalog, t
     assert read_latest(f"{cfg.out}/snapshots").snapshot_id == "nightly-s"
     with pytest.raises(ValueError, match="unknown step 'embedd'"):
         run_nightly(cfg, "nightly-s", until="embedd")
+
+
+def test_backfill_of_a_date_range_reencodes_only_those_items(tmp_path, demo_catalog, tiny_model):
+    cfg = _config(tmp_path, demo_catalog, tiny_model)
+    run_nightly(cfg, "nightly-1")
+    manifest = pq.read_table(demo_catalog.manifest).to_pydict()
+    since = datetime(2026, 7, 1, tzinfo=UTC)
+    recent = {i for i, t in zip(manifest["item_id"], manifest["updated_at"], strict=True) if t >= since}
+    expected = len(recent - set(demo_catalog.broken_item_ids))
+    assert 0 < expected < 95
+
+    result = run_nightly(cfg, "backfill-1", kind="backfill", reembed_since="2026-07-01")
+    counts = result.steps[0]["counts"]
+    assert (counts["embedded"], counts["reused"], counts["dead_lettered"]) == (expected, 95 - expected, 5)
+    assert result.published == "backfill-1"
