@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import NamedTuple
 
 import pyarrow as pa
@@ -28,6 +29,7 @@ __all__ = [
     "catalog_files",
     "item_from_image_path",
     "iter_items",
+    "parse_when",
     "read_catalog",
     "read_manifest_file",
 ]
@@ -110,6 +112,19 @@ def read_manifest_file(uri: str) -> pa.Table:
     return table.set_column(
         table.schema.get_field_index("item_id"), "item_id", table.column("item_id").cast(pa.string())
     )
+
+
+def parse_when(text: str) -> datetime:
+    """An ISO 8601 date or time from a flag such as --since; UTC unless it names a zone.
+
+    Raises:
+        ValueError: not a date or time.
+    """
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError as err:
+        raise ValueError(f"--since {text!r} is not an ISO 8601 date or time") from err
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def item_from_image_path(path: str) -> CatalogItem:

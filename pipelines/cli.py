@@ -234,9 +234,9 @@ def backfill_cmd(
     cfg = load_nightly_config(config, **_nightly_overrides(catalog=catalog, model=model, out=out,
                                                            interactions=interactions))  # fmt: skip
     if since is not None:
-        from pipelines.embed import EmbedConfig
+        from pipelines.catalog import parse_when
 
-        EmbedConfig(catalog=cfg.catalog, model=cfg.model, out=cfg.out, reembed_since=since)  # a bad date fails now
+        parse_when(since)  # a bad date fails now, not after the lock and the catalog scan
     run_id = run_id or default_run_id("backfill")
     result = run_nightly(cfg, run_id, incremental=since is not None, beam_args=list(ctx.args), kind="backfill",
                          until=step, reembed_since=since)  # fmt: skip
@@ -392,19 +392,13 @@ def evaluate_cmd(
     bootstrap: Annotated[int, typer.Option(help="Paired bootstrap resamples for the 95% intervals.")] = 1000,
 ) -> None:
     """nDCG@k, recall@k, MRR, hit rate and coverage from interaction logs; compare, gate and report."""
-    from datetime import UTC, datetime
 
     from evaluation.gate import raise_if_failed
     from evaluation.run import EvaluateConfig, run_evaluation
+    from pipelines.catalog import parse_when
     from pipelines.summary import print_evaluation
 
-    when = None
-    if since:
-        try:
-            when = datetime.fromisoformat(since)
-        except ValueError as err:
-            raise ValueError(f"--since {since!r} is not an ISO 8601 date or time") from err
-        when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    when = parse_when(since) if since else None
     cfg = EvaluateConfig(snapshot=snapshot, interactions=interactions, baseline=baseline, catalog=catalog, out=out,
                          k=k, since=when, gates=tuple(gate or ()), bootstrap=bootstrap)  # fmt: skip
     doc = run_evaluation(cfg)

@@ -37,6 +37,7 @@ from pipelines.catalog import (
     catalog_files,
     item_from_image_path,
     iter_items,
+    parse_when,
     read_catalog,
     read_manifest_file,
 )
@@ -86,10 +87,7 @@ class EmbedConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.reembed_since is not None:
-            try:
-                datetime.fromisoformat(self.reembed_since)
-            except ValueError as err:
-                raise ValueError(f"--since {self.reembed_since!r} is not an ISO 8601 date or time") from err
+            parse_when(self.reembed_since)
         if not self.run_id or not all(c.isalnum() or c in "-_" for c in self.run_id):
             raise ValueError(f"run_id must be letters, digits, '-' or '_', got {self.run_id!r}")
 
@@ -365,16 +363,12 @@ def _updated_since(catalog, since: str) -> frozenset[str]:
     """Item ids whose `updated_at` is on or after `since` (ISO date or time, UTC unless it says otherwise).
 
     Raises:
-        CatalogError: no updated_at column, or `since` is not a date.
+        CatalogError: no updated_at column.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    try:
-        when = datetime.fromisoformat(since)
-    except ValueError as err:
-        raise CatalogError(f"--since {since!r} is not an ISO 8601 date or time") from err
-    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    when = parse_when(since)
     if "updated_at" not in catalog.column_names:
         raise CatalogError(f"--since needs an updated_at column in the catalog; found {catalog.column_names}")
     stamps = catalog.column("updated_at")
