@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 
 import apache_beam as beam
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from apache_beam.metrics import Metrics
@@ -41,7 +42,7 @@ from pipelines.catalog import (
     read_catalog,
     read_manifest_file,
 )
-from pipelines.embed_steps import KnownDigests, ProgressLog, embed_batch, join_reused, prepare_item
+from pipelines.embed_steps import KnownDigests, PreviousVectors, ProgressLog, embed_batch, join_reused, prepare_item
 from pipelines.records import (
     FAILURE_SCHEMA,
     EmbeddingRow,
@@ -80,9 +81,12 @@ class EmbedConfig:
     previous: str | None = None  # that earlier run's directory; default: the latest complete one under `out`
     workers: int = 1  # local runner: >1 runs that many worker processes
     reembed_since: str | None = None  # ISO date: items with updated_at on or after it are never reused
+    reuse_memory_mb: int = 1024  # earlier vectors up to this size are joined in memory per worker; beyond, by a shuffle
     run_id: str = field(default_factory=lambda: f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}")
 
     def __post_init__(self) -> None:
+        if self.reuse_memory_mb < 0:
+            raise ValueError(f"reuse_memory_mb must be >= 0, got {self.reuse_memory_mb}")
         for name in ("batch_size", "fetch_threads", "max_image_bytes", "max_image_pixels", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -120,34 +124,68 @@ class EmbedResult:
 
 
 class FetchAndDecode(beam.DoFn):
-    """Fetch, hash and decode a batch of items on a thread pool; bounded by `fetch_threads`."""
+    """Fetch, hash and decode a batch of items on a thread pool; bounded by `fetch_threads`.
 
-    def __init__(self, cfg: EmbedConfig, preprocess, total_items: int, reembed: frozenset[str] = frozenset()) -> None:
+    With `previous` (an earlier run small enough for memory), items whose image bytes already
+    have a vector leave as one Arrow table per batch on the `reused` output; otherwise each
+    leaves as a `reuse` request for the shuffle join.
+    """
+
+    def __init__(self, cfg: EmbedConfig, preprocess, total_items: int, reembed: frozenset[str] = frozenset(),
+                 previous: _InMemoryReuse | None = None) -> None:  # fmt: skip
         self._cfg, self._preprocess, self._total, self._reembed = cfg, preprocess, total_items, reembed
+        self._previous_source = previous
 
     def setup(self) -> None:
         storage.configure_storage()
         self._pool = ThreadPoolExecutor(self._cfg.fetch_threads, thread_name_prefix="fetch")
         self._progress = ProgressLog("fetched", self._total)
+        self._previous = self._previous_source.acquire() if self._previous_source else None
+        self._reused = Metrics.counter(_NAMESPACE, "reused")
 
     def process(self, items: list[CatalogItem], known: KnownDigests | None = None):
+        known = self._previous if self._previous is not None else known
+
         def prepare(item: CatalogItem):
             return prepare_item(
                 item, self._preprocess, self._cfg.limits, None if item.item_id in self._reembed else known
             )
 
+        reused = []
         for result in self._pool.map(prepare, items):
             if isinstance(result, PreparedImage):
                 yield result
             elif isinstance(result, Failure):
                 yield beam.pvalue.TaggedOutput("failed", result)
+            elif self._previous is not None:
+                reused.append(self._previous.row(result))
             else:
                 yield beam.pvalue.TaggedOutput("reuse", result)
+        if reused:
+            self._reused.inc(len(reused))
+            yield beam.pvalue.TaggedOutput("reused", rows_to_table(reused, self._previous_source.dim))
         self._progress.add(len(items))
 
     def teardown(self) -> None:
         if getattr(self, "_pool", None):
             self._pool.shutdown(wait=False)
+
+
+class _InMemoryReuse:
+    """How a worker loads an earlier run's vectors once, shared by its threads (`PreviousVectors`)."""
+
+    def __init__(self, shards: list[str], model_version: str, dim: int) -> None:
+        self.shards, self.model_version, self.dim = shards, model_version, dim
+        self._shared = Shared()
+
+    def acquire(self) -> PreviousVectors:
+        def load() -> PreviousVectors:
+            rows = (row for shard in self.shards for row in _previous_rows(shard, self.model_version))
+            previous = PreviousVectors.load(rows, self.model_version)
+            log.info("loaded %d earlier vectors for reuse in memory", len(previous))
+            return previous
+
+        return self._shared.acquire(load)
 
 
 class EmbedBatch(beam.DoFn):
@@ -206,11 +244,18 @@ def _read_items(p: beam.Pipeline, catalog: str) -> beam.PCollection:
 
 def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, preprocess, dim: int,
                    total_items: int, previous_shards: list[str], run_dir: str, failures_dir: str,
-                   reembed: frozenset[str] = frozenset()) -> None:  # fmt: skip
-    """Wire the embed steps into `p` (see the module docstring)."""
+                   reembed: frozenset[str] = frozenset(), previous_rows: int | None = None) -> None:  # fmt: skip
+    """Wire the embed steps into `p` (see the module docstring).
+
+    `previous_rows` (the earlier run's row count) lets vectors that fit `cfg.reuse_memory_mb`
+    be joined in memory; unknown or too many, they are joined by a shuffle.
+    """
     items = _read_items(p, cfg.catalog)
-    known_side, previous = None, None
-    if previous_shards:
+    known_side, previous, in_memory = None, None, None
+    fits = previous_rows is not None and previous_rows * (4 * dim + 64) <= cfg.reuse_memory_mb * 2**20
+    if previous_shards and fits:
+        in_memory = _InMemoryReuse(previous_shards, model_version, dim)
+    elif previous_shards:
         previous = (
             p
             | "List previous shards" >> beam.Create(previous_shards)
@@ -227,8 +272,8 @@ def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, pr
         | "Batch for fetch"
         >> beam.BatchElements(min_batch_size=cfg.fetch_threads, max_batch_size=4 * cfg.fetch_threads)
         | "Fetch and decode images"
-        >> beam.ParDo(FetchAndDecode(cfg, preprocess, total_items, reembed), known_side).with_outputs(
-            "failed", "reuse", main="decoded"
+        >> beam.ParDo(FetchAndDecode(cfg, preprocess, total_items, reembed, in_memory), known_side).with_outputs(
+            "failed", "reuse", "reused", main="decoded"
         )
     )
     encoded = (
@@ -251,11 +296,21 @@ def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, pr
         )
         row_sets.append(joined.rows | "Count reused" >> beam.Map(_count("reused")))
         failure_sets.append(joined.failed)
-    (
+    tables = [
         row_sets
         | "All rows" >> beam.Flatten()
         | "Group rows" >> beam.BatchElements(min_batch_size=256, max_batch_size=16384)
         | "Rows to Arrow" >> beam.Map(rows_to_table, dim)
+    ]
+    if in_memory is not None:  # one small table per fetch batch: merged so shards keep large row groups
+        tables.append(
+            prepared.reused
+            | "Group reused tables" >> beam.BatchElements(min_batch_size=16, max_batch_size=256)
+            | "Merge reused tables" >> beam.Map(pa.concat_tables)
+        )
+    (
+        tables
+        | "All tables" >> beam.Flatten()
         | "Write embedding shards"
         >> beam.io.WriteToParquetBatched(
             storage.join(run_dir, "part"), schema=embedding_schema(dim), file_name_suffix=".parquet"
@@ -304,9 +359,10 @@ def find_previous_run(out: str, model_version: str, exclude: str | None = None) 
     return max(runs, key=lambda m: m["finished_at"], default=None)
 
 
-def _previous_shards(cfg: EmbedConfig, model_version: str) -> tuple[str | None, list[str]]:
+def _previous_shards(cfg: EmbedConfig, model_version: str) -> tuple[str | None, list[str], int]:
+    """The earlier run to reuse from: its id, shard paths and row count (None, [], 0 when none)."""
     if not cfg.incremental:
-        return None, []
+        return None, [], 0
     if cfg.previous:
         run_dir = cfg.previous.removesuffix("/" + MANIFEST_NAME).rstrip("/")
         manifest = _load_run_manifest(run_dir)
@@ -315,19 +371,16 @@ def _previous_shards(cfg: EmbedConfig, model_version: str) -> tuple[str | None, 
         if manifest.get("model_version") != model_version:
             log.info("previous run %s has model_version %s, not %s: nothing to reuse",
                      manifest.get("run_id"), manifest.get("model_version"), model_version)  # fmt: skip
-            return manifest.get("run_id"), []
+            return manifest.get("run_id"), [], 0
         manifest = dict(manifest, run_dir=run_dir)
     else:
         manifest = find_previous_run(cfg.out, model_version, exclude=cfg.run_id)
         if manifest is None:
-            return None, []
+            return None, [], 0
     shards = [storage.join(manifest["run_dir"], s["path"]) for s in manifest["shards"]]
-    log.info(
-        "reusing vectors of run %s (%d rows)",
-        manifest["run_id"],
-        manifest["counts"]["embedded"] + manifest["counts"]["reused"],
-    )
-    return manifest["run_id"], shards
+    rows = manifest["counts"]["embedded"] + manifest["counts"]["reused"]
+    log.info("reusing vectors of run %s (%d rows)", manifest["run_id"], rows)
+    return manifest["run_id"], shards, rows
 
 
 def _shard_stats(directory: str) -> list[dict]:
@@ -407,7 +460,7 @@ def run_embed(cfg: EmbedConfig, beam_args: list[str] | None = None) -> EmbedResu
     probe = load_encoder(replace(cfg.encoder, device="cpu", dtype="float32", compile=False), cfg.limits)
     model_version, dim, preprocess = probe.model_version, probe.dim, probe.preprocess
     del probe
-    previous_run, previous_shards = _previous_shards(cfg, model_version)
+    previous_run, previous_shards, previous_rows = _previous_shards(cfg, model_version)
     run_dir = storage.join(cfg.out, "embeddings", cfg.run_id)
     failures_dir = storage.join(cfg.out, "failures", cfg.run_id)
     if storage.exists(storage.join(run_dir, MANIFEST_NAME)):
@@ -419,7 +472,7 @@ def run_embed(cfg: EmbedConfig, beam_args: list[str] | None = None) -> EmbedResu
     reembed = _updated_since(catalog, cfg.reembed_since) if previous_shards and cfg.reembed_since else frozenset()
     build_pipeline(pipeline, cfg, model_version=model_version, preprocess=preprocess, dim=dim, total_items=total,
                    previous_shards=previous_shards, run_dir=run_dir, failures_dir=failures_dir,
-                   reembed=reembed)  # fmt: skip
+                   reembed=reembed, previous_rows=previous_rows)  # fmt: skip
     result = pipeline.run()
     result.wait_until_finish()
     metrics = _metric_counts(result)

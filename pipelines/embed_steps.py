@@ -20,7 +20,7 @@ from pipelines import storage
 from pipelines.catalog import CatalogItem
 from pipelines.records import EmbeddingRow, Failure, PreparedImage, ReuseRequest
 
-__all__ = ["KnownDigests", "ProgressLog", "embed_batch", "join_reused", "prepare_item"]
+__all__ = ["KnownDigests", "PreviousVectors", "ProgressLog", "embed_batch", "join_reused", "prepare_item"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,47 @@ class KnownDigests:
         return i < self._sorted.size and self._sorted[i] == key
 
 
+class PreviousVectors:
+    """An earlier run's vectors by image digest, in memory: reuse joined inside the fetch step, no shuffle.
+
+    Holds (n, dim) float32 plus 32 bytes and a timestamp per row; `embed` uses it when that
+    fits its `reuse_memory_mb`, and a CoGroupByKey join otherwise.
+    """
+
+    def __init__(self, digests: np.ndarray, vectors: np.ndarray, embedded_at: list, model_version: str) -> None:
+        order = np.argsort(digests)
+        self._sorted, self._vectors = digests[order], vectors[order]
+        self._embedded_at = [embedded_at[i] for i in order]
+        self.model_version = model_version
+
+    @classmethod
+    def load(cls, rows: Iterable[EmbeddingRow], model_version: str) -> PreviousVectors:
+        rows = [r for r in rows if r.model_version == model_version]
+        digests = np.array([bytes.fromhex(r.image_sha256) for r in rows], dtype="S32")
+        dim = len(rows[0].embedding) if rows else 0
+        vectors = np.stack([r.embedding for r in rows]).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
+        return cls(digests, vectors, [r.embedded_at for r in rows], model_version)
+
+    def __len__(self) -> int:
+        return int(self._sorted.size)
+
+    def _find(self, hex_digest: str) -> int | None:
+        key = np.array(bytes.fromhex(hex_digest), dtype="S32")
+        i = int(np.searchsorted(self._sorted, key))
+        return i if i < self._sorted.size and self._sorted[i] == key else None
+
+    def __contains__(self, hex_digest: str) -> bool:
+        return self._find(hex_digest) is not None
+
+    def row(self, request: ReuseRequest) -> EmbeddingRow:
+        """The earlier vector of the request's image bytes, under the request's item id."""
+        i = self._find(request.image_sha256)
+        if i is None:
+            raise KeyError(f"no earlier vector for {request.image_sha256}")
+        return EmbeddingRow(request.item_id, self._vectors[i], request.image_sha256, self.model_version,
+                            self._embedded_at[i])  # fmt: skip
+
+
 def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
@@ -49,7 +90,7 @@ def prepare_item(
     item: CatalogItem,
     preprocess: PreprocessConfig,
     limits: DecodeLimits,
-    known: KnownDigests | None = None,
+    known: KnownDigests | PreviousVectors | None = None,
 ) -> PreparedImage | ReuseRequest | Failure:
     """Fetch an item's image, hash it, and decode it unless its vector can be reused."""
     if not item.image_uri:

@@ -79,17 +79,28 @@ def test_run_manifest_is_written_last_with_counts_and_shards(first_run):
     assert manifest["options"]["model"] and manifest["model_version"].startswith("siglip-")
 
 
-def test_rerun_reuses_every_vector(first_run, demo_catalog, tiny_model):
+# Earlier vectors are joined in memory when they fit `reuse_memory_mb`, else by a shuffle: same rows either way.
+REUSE_PATHS = pytest.mark.parametrize("reuse_memory_mb", [1024, 0], ids=["in-memory", "shuffle-join"])
+
+
+@REUSE_PATHS
+def test_rerun_reuses_every_vector(first_run, demo_catalog, tiny_model, reuse_memory_mb):
     out = str(Path(first_run.run_dir).parents[1])
-    again = run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=out))
+    again = run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=out,
+                                  reuse_memory_mb=reuse_memory_mb))  # fmt: skip
     assert again.counts == {"items_in": 100, "embedded": 0, "reused": 95, "dead_lettered": 5}
-    assert again.manifest["previous_run"] == first_run.run_id
-    before, after = _vectors(_read_dir(Path(first_run.run_dir))), _vectors(_read_dir(Path(again.run_dir)))
+    first, second = _read_dir(Path(first_run.run_dir)), _read_dir(Path(again.run_dir))
+    before, after = _vectors(first), _vectors(second)
     assert before.keys() == after.keys()
     assert all(np.array_equal(before[k], after[k]) for k in before)
+    times = dict(zip(first.column("item_id").to_pylist(), first.column("embedded_at").to_pylist(), strict=True))
+    assert (
+        dict(zip(second.column("item_id").to_pylist(), second.column("embedded_at").to_pylist(), strict=True)) == times
+    )
 
 
-def test_changed_and_removed_items(demo_catalog, tiny_model, tmp_path):
+@REUSE_PATHS
+def test_changed_and_removed_items(demo_catalog, tiny_model, tmp_path, reuse_memory_mb):
     catalog = tmp_path / "catalog"
     shutil.copytree(demo_catalog.root, catalog)
     out = str(tmp_path / "out")
@@ -103,7 +114,8 @@ def test_changed_and_removed_items(demo_catalog, tiny_model, tmp_path):
     kept = manifest.filter(pa.compute.not_equal(manifest.column("item_id"), removed["item_id"]))
     pq.write_table(kept, catalog / "manifest.parquet")
 
-    second = run_embed(EmbedConfig(catalog=str(catalog / "manifest.parquet"), model=str(tiny_model), out=out))
+    second = run_embed(EmbedConfig(catalog=str(catalog / "manifest.parquet"), model=str(tiny_model), out=out,
+                                   reuse_memory_mb=reuse_memory_mb))  # fmt: skip
     assert second.counts == {"items_in": 99, "embedded": 1, "reused": 93, "dead_lettered": 5}
     rows = _vectors(_read_dir(Path(second.run_dir)))
     assert removed["item_id"] not in rows
