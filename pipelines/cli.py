@@ -104,6 +104,9 @@ def embed(
     draft: Annotated[bool, typer.Option(help="JPEG draft-mode decoding (faster, slightly different pixels).")] = True,
     incremental: Annotated[bool, typer.Option(help="Reuse vectors of unchanged images from an earlier run.")] = True,
     previous: Annotated[str | None, typer.Option(help="Earlier run directory to reuse from (default: latest).")] = None,
+    reuse_memory_mb: Annotated[
+        int, typer.Option(help="Earlier vectors up to this size are joined in memory per worker; beyond, by a shuffle.")
+    ] = 1024,
     max_image_bytes: Annotated[int, typer.Option(help="Larger images are dead-lettered.")] = 50 * 1024 * 1024,
     max_image_pixels: Annotated[int, typer.Option(help="Images with more pixels are dead-lettered.")] = 100_000_000,
     run_id: Annotated[str | None, typer.Option(help="Run id (default: UTC time + random suffix).")] = None,
@@ -115,7 +118,7 @@ def embed(
     options = dict(
         catalog=catalog, model=model, out=out, batch_size=batch_size, fetch_threads=fetch_threads, workers=workers,
         device=device, dtype=dtype, compile=compile, draft=draft, incremental=incremental, previous=previous,
-        max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
+        max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, reuse_memory_mb=reuse_memory_mb,
     )  # fmt: skip
     if run_id:
         options["run_id"] = run_id

@@ -42,6 +42,7 @@ class EmbedSettings:
     draft: bool = True
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 100_000_000
+    reuse_memory_mb: int = 1024
     beam_args: tuple[str, ...] = ()  # e.g. ["--runner=DataflowRunner", "--project=P", ...]
 
 
