@@ -18,12 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from evaluation.baselines import NAME as PIXELS
 from indexing.spec import IndexConfig
 
 __all__ = ["ConfigError", "EmbedSettings", "EvaluateSettings", "NightlyConfig", "load_nightly_config"]
-
-PIXELS = "builtin:pixels"
-
 
 class ConfigError(ValueError):
     """The nightly config cannot be used; the message names the key and the file."""
