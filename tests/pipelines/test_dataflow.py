@@ -6,16 +6,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import apache_beam as beam
+import pytest
 from apache_beam.options.pipeline_options import DebugOptions, GoogleCloudOptions, StandardOptions, WorkerOptions
 
 from encoder.preprocess import PreprocessConfig
 from pipelines.embed import EmbedConfig, _pipeline_options, build_pipeline
 from pipelines.nightly_config import load_nightly_config
+from pipelines.storage import configure_storage
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_example_config_gives_a_gpu_dataflow_job(demo_catalog, tiny_model):
+@pytest.mark.gcs
+def test_example_config_gives_a_gpu_dataflow_job(demo_catalog, tiny_model, tmp_path, gcs_emulator):
+    # Validating Dataflow options looks up the temp_location bucket: the emulator answers, offline.
+    if not gcs_emulator.lookup_bucket("my-bucket"):
+        gcs_emulator.create_bucket("my-bucket")
+    configure_storage()
     cfg = load_nightly_config(str(ROOT / "examples" / "nightly.yaml"))  # the example itself is valid
     embed = EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out="gs://my-bucket/lookalike",
                         batch_size=cfg.embed.batch_size, run_id="nightly-20261125")  # fmt: skip
@@ -33,9 +40,9 @@ def test_example_config_gives_a_gpu_dataflow_job(demo_catalog, tiny_model):
 
     pipeline = beam.Pipeline(options=options)  # constructing submits nothing
     build_pipeline(pipeline, embed, model_version="siglip-test", preprocess=PreprocessConfig(64, 64), dim=128,
-                   total_items=demo_catalog.items, previous_shards=["gs://my-bucket/lookalike/embeddings/x/p.parquet"],
-                   run_dir="gs://my-bucket/lookalike/embeddings/nightly-20261125",
-                   failures_dir="gs://my-bucket/lookalike/failures/nightly-20261125")  # fmt: skip
+                   total_items=demo_catalog.items, previous_shards=[str(tmp_path / "previous" / "part.parquet")],
+                   run_dir=str(tmp_path / "embeddings"), failures_dir=str(tmp_path / "failures"))  # fmt: skip
+    # (local output paths: building a gs:// sink would make Beam look for Google credentials)
     names = {t.unique_name for t in pipeline.to_runner_api().components.transforms.values()}
     for step in ("Read manifest", "Fetch and decode images", "Embed images", "Join earlier vectors",
                  "Write embedding shards", "Write dead letters"):  # fmt: skip
