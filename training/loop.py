@@ -209,7 +209,6 @@ class _Run:
         if cfg.resume:
             ckpt.check_resumable(latest, cfg, self.pairs.digest, self.architecture)
             self._restore(latest)
-        self.latest = latest
         uris = self.train_pairs.column("image_uri").to_pylist()
         self.train_data = PairDataset(
             uris, _tokenize(self.tokenizer, self.train_pairs.column("title").to_pylist(), self.length),
@@ -306,8 +305,8 @@ class _Run:
             history.append(row)
             self._log(row)
             if dist.main and validation:
-                bar.write(
-                    f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in validation.items())
+                log.info(
+                    "epoch %d/%d: %s", epoch + 1, cfg.epochs, ", ".join(f"{k} {v:.4f}" for k, v in validation.items())
                 )
             self._checkpoint()
             window_start = time.perf_counter()  # images/s counts training steps, not validation
@@ -404,7 +403,7 @@ class _Run:
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "rng": ckpt.rng_state(), "unreadable": unreadable}  # fmt: skip
             info = ckpt.resume_info(self.cfg, self.pairs.digest, self.architecture)
-            self.latest = ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer,
+            ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer,
                                                self.preprocessor_files, state, info, self.cfg.keep_checkpoints)  # fmt: skip
             self.metrics.plot(self.out / "loss_curve.png")
         self.dist.barrier()
