@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ def read_table(uri: str, string_columns: tuple[str, ...] = ()) -> pa.Table:
         ValueError: an unknown format or an unreadable file.
     """
     suffix = os.path.splitext(uri)[1].lower()
-    data = io.BytesIO(storage.read_bytes(uri))
+    data = storage.arrow_input(storage.read_bytes(uri))
     try:
         if suffix in (".parquet", ".pq"):
             return pq.read_table(data)

@@ -8,7 +8,6 @@ dead-letters them.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -90,14 +89,14 @@ def read_manifest_file(uri: str) -> pa.Table:
     """
     fmt = _MANIFEST_FORMATS.get(_suffix(uri))
     try:
-        data = storage.read_bytes(uri)
+        data = object_store.arrow_input(storage.read_bytes(uri))
         if fmt == "parquet":
-            table = pq.read_table(io.BytesIO(data))
+            table = pq.read_table(data)
         elif fmt == "csv":
-            table = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(
+            table = pacsv.read_csv(data, convert_options=pacsv.ConvertOptions(
                 column_types={"item_id": pa.string(), "image_uri": pa.string()}))  # fmt: skip
         else:
-            table = pajson.read_json(io.BytesIO(data))
+            table = pajson.read_json(data)
     except CatalogError:
         raise
     except Exception as err:  # noqa: BLE001 - any reader failure means an unusable manifest

@@ -11,7 +11,6 @@ Output layout under `out`:
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils.shared import Shared
 
 from encoder import DecodeLimits, EncoderConfig, load_encoder
+from encoder.storage import arrow_input
 from pipelines import storage
 from pipelines.catalog import (
     CatalogError,
@@ -214,7 +214,7 @@ class EmbedBatch(beam.DoFn):
 
 def _previous_rows(path: str, model_version: str):
     """Rows of one earlier shard that the same model version made."""
-    table = pq.read_table(io.BytesIO(storage.read_bytes(path)))
+    table = pq.read_table(arrow_input(storage.read_bytes(path)))
     vectors = embedding_matrix(table)
     columns = [table.column(c).to_pylist() for c in ("item_id", "image_sha256", "model_version", "embedded_at")]
     for i, (item_id, sha, version, at) in enumerate(zip(*columns, strict=True)):
@@ -387,7 +387,7 @@ def _shard_stats(directory: str) -> list[dict]:
     stats = []
     for path in storage.match(storage.join(directory, "*.parquet")):
         data = storage.read_bytes(path)
-        stats.append({"path": path.rsplit("/", 1)[-1], "rows": pq.read_metadata(io.BytesIO(data)).num_rows,
+        stats.append({"path": path.rsplit("/", 1)[-1], "rows": pq.read_metadata(arrow_input(data)).num_rows,
                       "bytes": len(data)})  # fmt: skip
     return stats
 
@@ -405,7 +405,7 @@ def _dead_letters_by_stage(failures_dir: str, shards: list[dict]) -> dict[str, i
     for shard in shards:
         if shard["rows"]:
             table = pq.read_table(
-                io.BytesIO(storage.read_bytes(storage.join(failures_dir, shard["path"]))), columns=["stage"]
+                arrow_input(storage.read_bytes(storage.join(failures_dir, shard["path"]))), columns=["stage"]
             )
             for stage in table.column("stage").to_pylist():
                 by_stage[stage] = by_stage.get(stage, 0) + 1

@@ -23,6 +23,7 @@ from indexing.spec import IndexConfig
 
 __all__ = ["ConfigError", "EmbedSettings", "EvaluateSettings", "NightlyConfig", "load_nightly_config"]
 
+
 class ConfigError(ValueError):
     """The nightly config cannot be used; the message names the key and the file."""
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import pyarrow.parquet as pq
 import pytest
 
+from encoder import storage
 from pipelines.embed import EmbedConfig, run_embed
 from tests.conftest import upload_dir
 
@@ -28,7 +28,7 @@ def test_embed_from_and_to_gcs(gcs_emulator, gcs_bucket, demo_catalog, tiny_mode
     rows = 0
     for shard in manifest["shards"]:
         data = bucket.blob(f"out/embeddings/{first.run_id}/{shard['path']}").download_as_bytes()
-        rows += pq.read_table(io.BytesIO(data)).num_rows
+        rows += pq.read_table(storage.arrow_input(data)).num_rows
     assert rows == 95
     failure_names = [b.name for b in gcs_emulator.list_blobs(gcs_bucket, prefix=f"out/failures/{first.run_id}/")]
     assert failure_names and all(n.endswith(".parquet") for n in failure_names)
