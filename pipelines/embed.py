@@ -1,6 +1,6 @@
 """The embed pipeline: catalog images → Parquet embedding shards + dead letters, on Apache Beam.
 
-    read manifest ─► fetch bytes + sha256 (threads) ─┬─► decode ─► batch ─► encode (one model per process) ─┐
+    read manifest in chunks ─► fetch bytes + sha256 ─┬─► decode ─► batch ─► encode (one model per process) ─┐
                                                       └─► reuse: same bytes, same model_version, earlier run ─┴─► shards
     every failure ─► dead letters;  `_manifest.json` last, once every shard is final
 
@@ -11,11 +11,13 @@ Output layout under `out`:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -42,12 +44,10 @@ from pipelines.catalog import (
     read_catalog,
     read_manifest_file,
 )
-from pipelines.embed_steps import KnownDigests, PreviousVectors, ProgressLog, embed_batch, join_reused, prepare_item
+from pipelines.embed_steps import KnownDigests, PreviousVectors, ProgressLog, embed_batch, join_reused, prepare_items
 from pipelines.records import (
     FAILURE_SCHEMA,
     EmbeddingRow,
-    Failure,
-    PreparedImage,
     embedding_matrix,
     embedding_schema,
     failures_to_table,
@@ -124,10 +124,10 @@ class EmbedResult:
 
 
 class FetchAndDecode(beam.DoFn):
-    """Fetch, hash and decode a batch of items on a thread pool; bounded by `fetch_threads`.
+    """Fetch, hash and decode a chunk of items (`embed_steps.prepare_items`); `fetch_threads` bounds the pool.
 
     With `previous` (an earlier run small enough for memory), items whose image bytes already
-    have a vector leave as one Arrow table per batch on the `reused` output; otherwise each
+    have a vector leave as one Arrow table per chunk on the `reused` output; otherwise each
     leaves as a `reuse` request for the shuffle join.
     """
 
@@ -145,25 +145,16 @@ class FetchAndDecode(beam.DoFn):
 
     def process(self, items: list[CatalogItem], known: KnownDigests | None = None):
         known = self._previous if self._previous is not None else known
-
-        def prepare(item: CatalogItem):
-            return prepare_item(
-                item, self._preprocess, self._cfg.limits, None if item.item_id in self._reembed else known
-            )
-
-        reused = []
-        for result in self._pool.map(prepare, items):
-            if isinstance(result, PreparedImage):
-                yield result
-            elif isinstance(result, Failure):
-                yield beam.pvalue.TaggedOutput("failed", result)
-            elif self._previous is not None:
-                reused.append(self._previous.row(result))
-            else:
-                yield beam.pvalue.TaggedOutput("reuse", result)
-        if reused:
-            self._reused.inc(len(reused))
-            yield beam.pvalue.TaggedOutput("reused", rows_to_table(reused, self._previous_source.dim))
+        prepared = prepare_items(items, self._pool, self._preprocess, self._cfg.limits, known, self._reembed)
+        yield from prepared.decoded
+        for failure in prepared.failed:
+            yield beam.pvalue.TaggedOutput("failed", failure)
+        if self._previous is None:
+            for request in prepared.reuse:
+                yield beam.pvalue.TaggedOutput("reuse", request)
+        elif prepared.reuse:
+            self._reused.inc(len(prepared.reuse))
+            yield beam.pvalue.TaggedOutput("reused", self._previous.table(prepared.reuse))
         self._progress.add(len(items))
 
     def teardown(self) -> None:
@@ -180,8 +171,7 @@ class _InMemoryReuse:
 
     def acquire(self) -> PreviousVectors:
         def load() -> PreviousVectors:
-            rows = (row for shard in self.shards for row in _previous_rows(shard, self.model_version))
-            previous = PreviousVectors.load(rows, self.model_version)
+            previous = PreviousVectors.load((_read_shard(s) for s in self.shards), self.model_version)
             log.info("loaded %d earlier vectors for reuse in memory", len(previous))
             return previous
 
@@ -212,9 +202,13 @@ class EmbedBatch(beam.DoFn):
             yield beam.pvalue.TaggedOutput("failed", failure)
 
 
+def _read_shard(path: str) -> pa.Table:
+    return pq.read_table(arrow_input(storage.read_bytes(path)))
+
+
 def _previous_rows(path: str, model_version: str):
     """Rows of one earlier shard that the same model version made."""
-    table = pq.read_table(arrow_input(storage.read_bytes(path)))
+    table = _read_shard(path)
     vectors = embedding_matrix(table)
     columns = [table.column(c).to_pylist() for c in ("item_id", "image_sha256", "model_version", "embedded_at")]
     for i, (item_id, sha, version, at) in enumerate(zip(*columns, strict=True)):
@@ -232,14 +226,38 @@ def _count(name: str):
     return count
 
 
-def _read_items(p: beam.Pipeline, catalog: str) -> beam.PCollection:
+def _chunks(values: Iterable, size: int) -> Iterator[list]:
+    it = iter(values)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def _read_item_chunks(p: beam.Pipeline, catalog: str, size: int) -> beam.PCollection:
+    """The catalog as lists of `size` items: one Beam element per list, not per item.
+
+    A night that reuses almost every vector spends its time on per-element costs (the shuffle
+    that spreads work, batching, metrics), so items cross Beam only in fetch-sized chunks.
+    """
     kind, files = catalog_files(catalog)
-    files_pc = p | "List catalog files" >> beam.Create(files)
+    counter = Metrics.counter(_NAMESPACE, "items_in")
+
+    def count(chunk: list[CatalogItem]) -> list[CatalogItem]:
+        counter.inc(len(chunk))
+        return chunk
+
     if kind == "images":
-        items = files_pc | "Items from image files" >> beam.Map(item_from_image_path)
+        chunks = (
+            p
+            | "List catalog files" >> beam.Create(list(_chunks(files, size)))
+            | "Items from image files" >> beam.Map(lambda paths: [item_from_image_path(f) for f in paths])
+        )
     else:
-        items = files_pc | "Read manifest" >> beam.FlatMap(lambda f: iter_items(read_manifest_file(f)))
-    return items | "Count items" >> beam.Map(_count("items_in")) | "Spread items" >> beam.Reshuffle()
+        chunks = (
+            p
+            | "List catalog files" >> beam.Create(files)
+            | "Read manifest" >> beam.FlatMap(lambda f: _chunks(iter_items(read_manifest_file(f)), size))
+        )
+    return chunks | "Count items" >> beam.Map(count) | "Spread items" >> beam.Reshuffle()
 
 
 def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, preprocess, dim: int,
@@ -250,7 +268,7 @@ def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, pr
     `previous_rows` (the earlier run's row count) lets vectors that fit `cfg.reuse_memory_mb`
     be joined in memory; unknown or too many, they are joined by a shuffle.
     """
-    items = _read_items(p, cfg.catalog)
+    chunks = _read_item_chunks(p, cfg.catalog, 4 * cfg.fetch_threads)
     known_side, previous, in_memory = None, None, None
     fits = previous_rows is not None and previous_rows * (4 * dim + 64) <= cfg.reuse_memory_mb * 2**20
     if previous_shards and fits:
@@ -267,15 +285,9 @@ def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, pr
             | "Collect digests" >> beam.combiners.ToList()
             | "Index digests" >> beam.Map(KnownDigests)
         )
-    prepared = (
-        items
-        | "Batch for fetch"
-        >> beam.BatchElements(min_batch_size=cfg.fetch_threads, max_batch_size=4 * cfg.fetch_threads)
-        | "Fetch and decode images"
-        >> beam.ParDo(FetchAndDecode(cfg, preprocess, total_items, reembed, in_memory), known_side).with_outputs(
-            "failed", "reuse", "reused", main="decoded"
-        )
-    )
+    prepared = chunks | "Fetch and decode images" >> beam.ParDo(
+        FetchAndDecode(cfg, preprocess, total_items, reembed, in_memory), known_side
+    ).with_outputs("failed", "reuse", "reused", main="decoded")
     encoded = (
         prepared.decoded
         | "Batch for the model" >> beam.BatchElements(min_batch_size=cfg.batch_size, max_batch_size=cfg.batch_size)

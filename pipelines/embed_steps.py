@@ -11,88 +11,121 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Executor
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from encoder import DecodeLimits, ImageDecodeError, ImageEncoder, PreprocessConfig, decode_image
 from pipelines import storage
 from pipelines.catalog import CatalogItem
-from pipelines.records import EmbeddingRow, Failure, PreparedImage, ReuseRequest
+from pipelines.records import EmbeddingRow, Failure, PreparedImage, ReuseRequest, embedding_matrix, embedding_schema
 
-__all__ = ["KnownDigests", "PreviousVectors", "ProgressLog", "embed_batch", "join_reused", "prepare_item"]
+__all__ = [
+    "Fetched",
+    "KnownDigests",
+    "Prepared",
+    "PreviousVectors",
+    "ProgressLog",
+    "decode_fetched",
+    "embed_batch",
+    "fetch_item",
+    "join_reused",
+    "prepare_items",
+]
 
 log = logging.getLogger(__name__)
+
+
+def _raw(hex_digests: Sequence[str]) -> np.ndarray:
+    return np.array([bytes.fromhex(h) for h in hex_digests], dtype="S32").reshape(-1)
 
 
 class KnownDigests:
     """A compact set of image sha256 digests that already have vectors (32 bytes each)."""
 
     def __init__(self, hex_digests: Iterable[str]) -> None:
-        raw = np.array(sorted({bytes.fromhex(h) for h in hex_digests}), dtype="S32")
-        self._sorted = raw if raw.size else np.zeros(0, dtype="S32")
+        self._sorted = np.unique(_raw(list(hex_digests)))
 
     def __len__(self) -> int:
         return int(self._sorted.size)
 
+    def positions(self, hex_digests: Sequence[str]) -> np.ndarray:
+        """Each digest's index in the sorted set, or -1 where it is absent; one vectorised search."""
+        keys = _raw(hex_digests)
+        i = np.searchsorted(self._sorted, keys)
+        clipped = np.minimum(i, max(self._sorted.size - 1, 0))
+        found = (i < self._sorted.size) & (self._sorted[clipped] == keys) if self._sorted.size else i < 0
+        return np.where(found, i, -1)
+
     def __contains__(self, hex_digest: str) -> bool:
-        key = np.array(bytes.fromhex(hex_digest), dtype="S32")
-        i = int(np.searchsorted(self._sorted, key))
-        return i < self._sorted.size and self._sorted[i] == key
+        return bool(self.positions([hex_digest])[0] >= 0)
 
 
-class PreviousVectors:
+class PreviousVectors(KnownDigests):
     """An earlier run's vectors by image digest, in memory: reuse joined inside the fetch step, no shuffle.
 
     Holds (n, dim) float32 plus 32 bytes and a timestamp per row; `embed` uses it when that
     fits its `reuse_memory_mb`, and a CoGroupByKey join otherwise.
     """
 
-    def __init__(self, digests: np.ndarray, vectors: np.ndarray, embedded_at: list, model_version: str) -> None:
-        order = np.argsort(digests)
-        self._sorted, self._vectors = digests[order], vectors[order]
-        self._embedded_at = [embedded_at[i] for i in order]
+    def __init__(self, digests: np.ndarray, vectors: np.ndarray, embedded_at: np.ndarray, model_version: str) -> None:
+        order = np.argsort(digests, kind="stable")
+        self._sorted, self._vectors, self._embedded_at = digests[order], vectors[order], embedded_at[order]
         self.model_version = model_version
 
     @classmethod
-    def load(cls, rows: Iterable[EmbeddingRow], model_version: str) -> PreviousVectors:
-        rows = [r for r in rows if r.model_version == model_version]
-        digests = np.array([bytes.fromhex(r.image_sha256) for r in rows], dtype="S32")
-        dim = len(rows[0].embedding) if rows else 0
-        vectors = np.stack([r.embedding for r in rows]).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
-        return cls(digests, vectors, [r.embedded_at for r in rows], model_version)
+    def load(cls, tables: Iterable[pa.Table], model_version: str) -> PreviousVectors:
+        """From embedding-shard tables; rows of other model versions are left out."""
+        parts = [t.filter(pc.equal(t.column("model_version"), model_version)) for t in tables]
+        table = pa.concat_tables(parts) if parts else None
+        if table is None or table.num_rows == 0:
+            return cls(np.zeros(0, "S32"), np.zeros((0, 0), np.float32), np.zeros(0, "datetime64[us]"), model_version)
+        at = table.column("embedded_at").cast(pa.timestamp("us")).to_numpy()
+        return cls(_raw(table.column("image_sha256").to_pylist()), embedding_matrix(table), at, model_version)
 
-    def __len__(self) -> int:
-        return int(self._sorted.size)
+    @property
+    def dim(self) -> int:
+        return int(self._vectors.shape[1])
 
-    def _find(self, hex_digest: str) -> int | None:
-        key = np.array(bytes.fromhex(hex_digest), dtype="S32")
-        i = int(np.searchsorted(self._sorted, key))
-        return i if i < self._sorted.size and self._sorted[i] == key else None
+    def table(self, requests: Sequence[ReuseRequest]) -> pa.Table:
+        """The earlier vectors of the requests' image bytes as embedding rows under the requests' item ids.
 
-    def __contains__(self, hex_digest: str) -> bool:
-        return self._find(hex_digest) is not None
-
-    def row(self, request: ReuseRequest) -> EmbeddingRow:
-        """The earlier vector of the request's image bytes, under the request's item id."""
-        i = self._find(request.image_sha256)
-        if i is None:
-            raise KeyError(f"no earlier vector for {request.image_sha256}")
-        return EmbeddingRow(request.item_id, self._vectors[i], request.image_sha256, self.model_version,
-                            self._embedded_at[i])  # fmt: skip
+        Raises:
+            KeyError: a request whose digest has no earlier vector.
+        """
+        where = self.positions([r.image_sha256 for r in requests])
+        if (where < 0).any():
+            raise KeyError(f"no earlier vector for {requests[int(np.argmin(where))].image_sha256}")
+        return pa.Table.from_arrays(
+            [
+                pa.array([r.item_id for r in requests], pa.string()),
+                pa.FixedSizeListArray.from_arrays(pa.array(self._vectors[where].reshape(-1)), self.dim),
+                pa.array([r.image_sha256 for r in requests], pa.string()),
+                pa.array([self.model_version] * len(requests), pa.string()),
+                pa.array(self._embedded_at[where], pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC")),
+            ],
+            schema=embedding_schema(self.dim),
+        )
 
 
 def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def prepare_item(
-    item: CatalogItem,
-    preprocess: PreprocessConfig,
-    limits: DecodeLimits,
-    known: KnownDigests | PreviousVectors | None = None,
-) -> PreparedImage | ReuseRequest | Failure:
-    """Fetch an item's image, hash it, and decode it unless its vector can be reused."""
+class Fetched(NamedTuple):
+    """An item's image bytes and their sha256, before the reuse check and decode."""
+
+    item: CatalogItem
+    data: bytes
+    image_sha256: str
+
+
+def fetch_item(item: CatalogItem, limits: DecodeLimits) -> Fetched | Failure:
+    """Read an item's image bytes and hash them."""
     if not item.image_uri:
         return Failure(item.item_id, item.image_uri, "fetch", "empty image_uri")
     try:
@@ -101,16 +134,53 @@ def prepare_item(
         return Failure(item.item_id, item.image_uri, "fetch", "not found")
     except Exception as err:  # noqa: BLE001 - recorded as the item's dead letter
         return Failure(item.item_id, item.image_uri, "fetch", _describe(err))
-    sha256 = hashlib.sha256(data).hexdigest()
-    if known is not None and sha256 in known:
-        return ReuseRequest(item.item_id, item.image_uri, sha256)
+    return Fetched(item, data, hashlib.sha256(data).hexdigest())
+
+
+def decode_fetched(fetched: Fetched, preprocess: PreprocessConfig, limits: DecodeLimits) -> PreparedImage | Failure:
+    item = fetched.item
     try:
-        pixels = decode_image(data, preprocess, limits)
+        pixels = decode_image(fetched.data, preprocess, limits)
     except ImageDecodeError as err:
         return Failure(item.item_id, item.image_uri, "decode", str(err))
     except Exception as err:  # noqa: BLE001 - a decoder bug on one image must not stop the run
         return Failure(item.item_id, item.image_uri, "decode", f"unexpected {_describe(err)}")
-    return PreparedImage(item.item_id, item.image_uri, sha256, pixels)
+    return PreparedImage(item.item_id, item.image_uri, fetched.image_sha256, pixels)
+
+
+class Prepared(NamedTuple):
+    """A chunk of items after fetch: decoded images, reuse requests and dead letters."""
+
+    decoded: list[PreparedImage]
+    reuse: list[ReuseRequest]
+    failed: list[Failure]
+
+
+def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: PreprocessConfig, limits: DecodeLimits,
+                  known: KnownDigests | None = None, reembed: frozenset[str] = frozenset()) -> Prepared:  # fmt: skip
+    """Fetch and hash every item; decode only those whose bytes have no vector in `known`.
+
+    Local files are read in this thread: on a page-cached disk a thread pool triples the cost
+    per file (GIL hand-offs: 71 µs vs 23 µs measured), while object-store reads wait on the
+    network and go to `pool`. Decodes go to `pool` (Pillow releases the GIL while decoding).
+    """
+    local = [i for i in items if "://" not in i.image_uri]
+    remote = [i for i in items if "://" in i.image_uri]
+    fetched = [fetch_item(i, limits) for i in local] + list(pool.map(lambda i: fetch_item(i, limits), remote))
+    failed = [f for f in fetched if isinstance(f, Failure)]
+    ok = [f for f in fetched if isinstance(f, Fetched)]
+    reusable = np.zeros(len(ok), dtype=bool)
+    if known is not None and len(known) and ok:
+        reusable = known.positions([f.image_sha256 for f in ok]) >= 0
+        reusable &= np.array([f.item.item_id not in reembed for f in ok])
+    reuse = [
+        ReuseRequest(f.item.item_id, f.item.image_uri, f.image_sha256) for f, r in zip(ok, reusable, strict=True) if r
+    ]
+    to_decode = [f for f, r in zip(ok, reusable, strict=True) if not r]
+    decoded = []
+    for result in pool.map(lambda f: decode_fetched(f, preprocess, limits), to_decode):
+        (decoded if isinstance(result, PreparedImage) else failed).append(result)
+    return Prepared(decoded, reuse, failed)
 
 
 def embed_batch(encoder: ImageEncoder, batch: Sequence[PreparedImage]) -> tuple[list[EmbeddingRow], list[Failure]]:

@@ -59,14 +59,16 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     """
 
     def read() -> bytes:
-        with FileSystems.open(uri, compression_type="uncompressed") as f:
+        # Local files skip FileSystems, which doubles the cost of reading a small file (54 vs 23 µs).
+        opened = open(uri, "rb") if "://" not in uri else FileSystems.open(uri, compression_type="uncompressed")  # noqa: SIM115
+        with opened as f:
             data = f.read() if max_bytes is None else f.read(max_bytes + 1)
         if max_bytes is not None and len(data) > max_bytes:
             raise ValueError(f"object is larger than max_bytes={max_bytes}")
         return data
 
     try:
-        return with_retries(read, f"read {uri}")
+        return read() if "://" not in uri else with_retries(read, f"read {uri}")
     except Exception as err:
         if is_not_found(err):
             raise NotFound(f"no such object: {uri}") from err

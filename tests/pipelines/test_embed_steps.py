@@ -1,0 +1,111 @@
+"""The embed pipeline's per-chunk work without Beam: fetch, reuse lookup, decode, dead letters."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from encoder import DecodeLimits, PreprocessConfig
+from pipelines.catalog import CatalogItem
+from pipelines.embed_steps import KnownDigests, PreviousVectors, prepare_items
+from pipelines.records import EmbeddingRow, ReuseRequest, rows_to_table
+
+PREPROCESS = PreprocessConfig(height=8, width=8)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _jpeg(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (12, 12, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+class _RecordingPool(ThreadPoolExecutor):
+    """A thread pool that remembers what it was handed."""
+
+    def __init__(self) -> None:
+        super().__init__(4)
+        self.handed: list = []
+
+    def map(self, fn, *iterables, **kwargs):
+        items = list(iterables[0])
+        self.handed.extend(items)
+        return super().map(fn, items, **kwargs)
+
+
+def test_known_digests_positions_mark_present_and_absent():
+    a, b, c = (_sha(bytes([n])) for n in range(3))
+    known = KnownDigests([b, a, a])
+    assert len(known) == 2
+    found = known.positions([a, c, b])
+    assert (found[[0, 2]] >= 0).all() and found[1] == -1
+    assert a in known and c not in known
+    assert (KnownDigests([]).positions([a, b]) == -1).all()
+
+
+def test_previous_vectors_give_rows_under_the_new_item_ids():
+    at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    vectors = np.eye(3, dtype=np.float32)
+    rows = [EmbeddingRow(f"old-{i}", vectors[i], _sha(bytes([i])), "v1", at) for i in range(3)]
+    stale = EmbeddingRow("old-x", np.ones(3, np.float32), _sha(b"x"), "v0", at)
+    previous = PreviousVectors.load([rows_to_table(rows[:2], 3), rows_to_table([rows[2], stale], 3)], "v1")
+    assert len(previous) == 3 and previous.dim == 3 and _sha(b"x") not in previous
+
+    table = previous.table(
+        [ReuseRequest("new-a", "a.jpg", _sha(bytes([2]))), ReuseRequest("new-b", "b.jpg", _sha(bytes([0])))]
+    )
+    assert table.column("item_id").to_pylist() == ["new-a", "new-b"]
+    np.testing.assert_array_equal(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), vectors[[2, 0]])
+    assert table.column("model_version").to_pylist() == ["v1", "v1"]
+    assert table.column("embedded_at").to_pylist() == [at, at]
+    with pytest.raises(KeyError, match=_sha(b"x")):
+        previous.table([ReuseRequest("new-c", "c.jpg", _sha(b"x"))])
+
+
+def test_prepare_items_accounts_for_every_item_once_and_decodes_only_what_changed(tmp_path):
+    same, changed, forced, broken = (tmp_path / f"{name}.jpg" for name in ("same", "changed", "forced", "broken"))
+    for path, seed in ((same, 1), (changed, 2), (forced, 3)):
+        path.write_bytes(_jpeg(seed))
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    known = KnownDigests([_sha(same.read_bytes()), _sha(forced.read_bytes()), _sha(_jpeg(99))])
+    items = [
+        CatalogItem("same", str(same)),
+        CatalogItem("changed", str(changed)),
+        CatalogItem("forced", str(forced)),  # reusable bytes, but asked to be re-embedded
+        CatalogItem("broken", str(broken)),
+        CatalogItem("missing", str(tmp_path / "missing.jpg")),
+        CatalogItem("no-uri", ""),
+        CatalogItem("remote", "nosuchscheme://bucket/x.jpg"),
+    ]
+    with _RecordingPool() as pool:
+        prepared = prepare_items(items, pool, PREPROCESS, DecodeLimits(), known, reembed=frozenset({"forced"}))
+    assert [r.item_id for r in prepared.reuse] == ["same"]
+    assert prepared.reuse[0].image_sha256 == _sha(same.read_bytes())
+    assert sorted(d.item_id for d in prepared.decoded) == ["changed", "forced"]
+    assert all(d.pixels.shape == (8, 8, 3) for d in prepared.decoded)
+    reasons = {f.item_id: (f.stage, f.error) for f in prepared.failed}
+    assert reasons.keys() == {"broken", "missing", "no-uri", "remote"}
+    assert reasons["missing"] == ("fetch", "not found") and reasons["broken"][0] == "decode"
+    # Local files are read inline; only the remote read and the decodes go to the pool.
+    handed = [getattr(h, "item", h) for h in pool.handed]
+    assert sorted(i.item_id for i in handed) == ["broken", "changed", "forced", "remote"]
+
+
+def test_prepare_items_without_earlier_vectors_decodes_everything(tmp_path):
+    paths = [tmp_path / f"{n}.jpg" for n in range(5)]
+    for n, path in enumerate(paths):
+        path.write_bytes(_jpeg(n))
+    with ThreadPoolExecutor(2) as pool:
+        prepared = prepare_items([CatalogItem(p.stem, str(p)) for p in paths], pool, PREPROCESS, DecodeLimits())
+    assert sorted(d.item_id for d in prepared.decoded) == ["0", "1", "2", "3", "4"]
+    assert not prepared.reuse and not prepared.failed
