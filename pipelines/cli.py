@@ -96,7 +96,7 @@ def embed(
     model: Annotated[str, typer.Option(help="SigLIP checkpoint: Hub id, directory or gs:// directory.")],
     out: Annotated[str, typer.Option(help="Output root (local or gs://).")],
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
-    fetch_threads: Annotated[int, typer.Option(help="Concurrent reads and decodes per worker.")] = 16,
+    fetch_threads: Annotated[int, typer.Option(help="Concurrent object-store reads and decodes per worker.")] = 16,
     workers: Annotated[int, typer.Option(help="Local runner worker processes.")] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",

@@ -70,7 +70,7 @@ class EmbedConfig:
     model: str  # Hub id, local directory or gs:// directory
     out: str  # output root; runs land in out/embeddings/<run_id>/
     batch_size: int = 64  # images per forward pass (CPU); use ~256 on a GPU
-    fetch_threads: int = 16  # concurrent reads + decodes per worker process
+    fetch_threads: int = 16  # concurrent object-store reads + decodes per worker process
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
