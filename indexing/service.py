@@ -6,13 +6,20 @@
     GET  /healthz                  liveness, with the snapshot id
 
 Every answer, errors included, names the snapshot it came from. Unknown item →
-404; bad k, bad vectors or a malformed body → 422. The client refreshes in the
-background, so a newly published snapshot is served without a restart.
+404; bad k, bad vectors or a malformed body → 422; a body over `max_body_bytes` →
+413; with a token, a missing or wrong `Authorization: Bearer` → 401 (`/healthz`
+stays open for liveness probes). Request input only ever selects rows of the
+loaded snapshot: no path, file or URI is taken from a request. The client
+refreshes in the background, so a newly published snapshot is served without a
+restart.
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Query, Request
+import hmac
+import json
+
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, model_validator
@@ -23,6 +30,8 @@ __all__ = ["create_app"]
 
 MAX_K = 1000
 MAX_QUERIES = 256
+# 256 query vectors of 1,152 floats (so400m) as JSON are about 6 MB.
+MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
 class NeighborOut(BaseModel):
@@ -53,12 +62,86 @@ class BatchOut(BaseModel):
     results: list[list[NeighborOut]]
 
 
-def create_app(client: SnapshotClient) -> FastAPI:
-    """An app answering from `client`'s current snapshot."""
-    app = FastAPI(title="lookalike", summary="Visually similar catalog items", version="1")
+class _BodyLimit:
+    """ASGI middleware: refuse request bodies over `max_bytes` (413) before the app parses them.
 
-    def error(status: int, detail) -> JSONResponse:
-        return JSONResponse(status_code=status, content={"detail": detail, "snapshot_id": client.snapshot_id})
+    Checks the declared Content-Length first, then counts what actually arrives, so a chunked
+    or lying client is cut off at the limit too; at most `max_bytes` is ever buffered.
+    """
+
+    def __init__(self, app, max_bytes: int, snapshot_id) -> None:
+        self.app, self.max_bytes, self.snapshot_id = app, max_bytes, snapshot_id
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._too_large(send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._too_large(send)
+                return
+            if not message.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send) -> None:
+        content = json.dumps({"detail": f"request body over {self.max_bytes} bytes", "snapshot_id": self.snapshot_id()})
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": content.encode()})
+
+
+class _Unauthorized(Exception):
+    pass
+
+
+def create_app(client: SnapshotClient, *, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """An app answering from `client`'s current snapshot.
+
+    Args:
+        token: when given, every endpoint but /healthz wants `Authorization: Bearer <token>`.
+        max_body_bytes: larger request bodies are refused with 413 unread.
+    """
+    if token is not None and not token.strip():
+        raise ValueError("the bearer token is empty")
+    expected = f"Bearer {token.strip()}".encode() if token else None
+
+    def authorized(request: Request) -> None:
+        if expected is not None:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                raise _Unauthorized
+
+    app = FastAPI(title="lookalike", summary="Visually similar catalog items", version="1")
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes, snapshot_id=lambda: client.snapshot_id)
+    guarded = [Depends(authorized)]
+
+    def error(status: int, detail, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(status_code=status, content={"detail": detail, "snapshot_id": client.snapshot_id},
+                            headers=headers)  # fmt: skip
+
+    @app.exception_handler(_Unauthorized)
+    async def _unauthorized(_: Request, __: _Unauthorized) -> JSONResponse:
+        return error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -76,19 +159,19 @@ def create_app(client: SnapshotClient) -> FastAPI:
     def healthz() -> dict:
         return {"status": "ok", "snapshot_id": client.snapshot_id}
 
-    @app.get("/snapshot")
+    @app.get("/snapshot", dependencies=guarded)
     def snapshot() -> dict:
         m = client.manifest
         keys = ("snapshot_id", "created_at", "model_version", "dim", "count", "metric", "index", "quality", "reduce")
         return {k: m.get(k) for k in keys}
 
-    @app.get("/similar/{item_id}", response_model=SimilarOut)
+    @app.get("/similar/{item_id}", response_model=SimilarOut, dependencies=guarded)
     def similar(item_id: str, k: int = Query(default=10, ge=1, le=MAX_K)) -> SimilarOut:
         snapshot_id, found = client.search_tagged(item_ids=[item_id], k=k)
         return SimilarOut(snapshot_id=snapshot_id, item_id=item_id,
                           neighbors=[NeighborOut(item_id=n.item_id, score=n.score) for n in found[0]])  # fmt: skip
 
-    @app.post("/similar", response_model=BatchOut)
+    @app.post("/similar", response_model=BatchOut, dependencies=guarded)
     def similar_batch(body: BatchIn) -> BatchOut:
         snapshot_id, found = client.search_tagged(item_ids=body.item_ids, vectors=body.vectors, k=body.k)
         return BatchOut(

@@ -363,6 +363,10 @@ def serve_cmd(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
     host: Annotated[str, typer.Option(help="Interface; 0.0.0.0 exposes it beyond this machine.")] = "127.0.0.1",
     refresh_s: Annotated[float, typer.Option(help="Seconds between checks for a newly published snapshot.")] = 30.0,
+    token_file: Annotated[
+        str | None, typer.Option(help="File holding a bearer token that requests must carry (or $LOOKALIKE_TOKEN).")
+    ] = None,
+    max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413 unread.")] = 8 * 1024 * 1024,
 ) -> None:
     """Serve similar-item queries over HTTP, picking up newly published snapshots as they land."""
     import uvicorn
@@ -370,10 +374,16 @@ def serve_cmd(
     from indexing import SnapshotClient
     from indexing.service import create_app
 
+    if max_body_bytes < 1:
+        raise ValueError(f"--max-body-bytes must be >= 1, got {max_body_bytes}")
+    token = Path(token_file).read_text() if token_file else os.environ.get("LOOKALIKE_TOKEN")
     client = SnapshotClient(root)
+    app_ = create_app(client, token=token, max_body_bytes=max_body_bytes)
+    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("lookalike").warning("serving on %s without a bearer token (--token-file)", host)
     client.start_auto_refresh(refresh_s)
     try:
-        uvicorn.run(create_app(client), host=host, port=port, log_level="warning")
+        uvicorn.run(app_, host=host, port=port, log_level="warning")
     finally:
         client.close()
 

@@ -72,3 +72,54 @@ def test_bad_requests_are_422_with_the_snapshot_id(api, method, path, kwargs):
     response = getattr(client, method)(path, **kwargs)
     assert response.status_code == 422, response.text
     assert response.json()["snapshot_id"] == snapshot_id
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory, run):
+    root = str(tmp_path_factory.mktemp("guarded"))
+    snapshot_id = build_snapshot(run, root, IndexConfig(queries=50))["snapshot_id"]
+    publish(root, snapshot_id)
+    with TestClient(create_app(SnapshotClient(root), token="s3cret", max_body_bytes=2048)) as client:
+        yield client, snapshot_id
+
+
+def test_a_token_guards_every_endpoint_but_health(guarded):
+    client, snapshot_id = guarded
+    assert client.get("/healthz").status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}, {"Authorization": "Bearer "}):
+        for response in (
+            client.get("/snapshot", headers=headers),
+            client.get("/similar/item-000001", headers=headers),
+            client.post("/similar", json={"item_ids": ["item-000001"]}, headers=headers),
+            client.get("/similar/item-000001", params={"k": 0}, headers=headers),  # 401 before any validation
+        ):
+            assert response.status_code == 401, (headers, response.text)
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert response.json() == {"detail": "missing or wrong bearer token", "snapshot_id": snapshot_id}
+    ok = client.get("/similar/item-000001", headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200 and ok.json()["snapshot_id"] == snapshot_id
+
+
+def test_request_bodies_over_the_limit_are_413_unread(guarded):
+    client, snapshot_id = guarded
+    auth = {"Authorization": "Bearer s3cret"}
+    small = client.post("/similar", json={"item_ids": ["item-000001"], "k": 2}, headers=auth)
+    assert small.status_code == 200
+    big = {"item_ids": [f"item-{i:06d}" for i in range(200)], "k": 2}  # ~3 KB of JSON
+    declared = client.post("/similar", json=big, headers=auth)
+    assert declared.status_code == 413
+    assert declared.json() == {"detail": "request body over 2048 bytes", "snapshot_id": snapshot_id}
+
+    def chunks():  # no Content-Length: the limit counts what arrives
+        for _ in range(10):
+            yield b" " * 1000
+
+    streamed = client.post("/similar", content=chunks(), headers={**auth, "content-type": "application/json"})
+    assert streamed.status_code == 413
+    lying = client.post("/similar", content=b"x" * 10, headers={**auth, "content-length": "99999999999"})
+    assert lying.status_code == 413
+
+
+def test_an_empty_token_is_refused(run, tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        create_app(SnapshotClient.__new__(SnapshotClient), token="  \n")

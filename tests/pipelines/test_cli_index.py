@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -94,19 +95,26 @@ def test_serve_answers_http(tmp_path, run_dir):
     from pathlib import Path
 
     exe = Path(sys.executable).with_name("lookalike")
-    server = subprocess.Popen([str(exe), "serve", "--root", "S", "--port", str(port)], cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    (tmp_path / "token").write_text("s3cret\n")
+    server = subprocess.Popen([str(exe), "serve", "--root", "S", "--port", str(port), "--token-file", "token"],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    url = f"http://127.0.0.1:{port}/similar/item-000001?k=2"
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/similar/item-000001?k=2", timeout=2) as r:
-                    body = json.loads(r.read())
-                break
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+                    break
             except OSError:
                 assert server.poll() is None, server.stderr.read().decode()
                 assert time.monotonic() < deadline, "server did not answer in 60 s"
                 time.sleep(0.3)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=5)
+        assert refused.value.code == 401
+        request = urllib.request.Request(url, headers={"Authorization": "Bearer s3cret"})
+        with urllib.request.urlopen(request, timeout=5) as r:
+            body = json.loads(r.read())
         assert len(body["neighbors"]) == 2 and body["snapshot_id"]
     finally:
         server.terminate()
