@@ -116,6 +116,12 @@ def decode_image(data: bytes, cfg: PreprocessConfig, limits: DecodeLimits = Deco
         raise ImageDecodeError("empty file (0 bytes)")
     if len(data) > limits.max_bytes:
         raise ImageDecodeError(f"{len(data)} bytes exceeds max_bytes={limits.max_bytes}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "Truncated File Read", "Corrupt EXIF data": the outcome says it
+        return _decode(data, cfg, limits)
+
+
+def _decode(data: bytes, cfg: PreprocessConfig, limits: DecodeLimits) -> np.ndarray:
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as err:
@@ -130,15 +136,20 @@ def decode_image(data: bytes, cfg: PreprocessConfig, limits: DecodeLimits = Deco
     if limits.draft and image.format == "JPEG":
         # draft() makes libjpeg decode at the smallest 1/2^k scale that still covers the
         # target in both axes; orientations 5-8 swap the axes after decoding.
-        swapped = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        swapped = _orientation(image) in (5, 6, 7, 8)
         image.draft("RGB", (cfg.height, cfg.width) if swapped else (cfg.width, cfg.height))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. "Truncated File Read", "Corrupt EXIF data"
-            image.load()
+        image.load()
     except Exception as err:  # noqa: BLE001 - truncated or corrupt data surfaces as OSError, SyntaxError, ...
         raise ImageDecodeError(f"truncated or corrupt image data: {type(err).__name__}: {err}") from err
     return prepare_image(image, cfg)
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - unreadable EXIF: decode at full scale, keep the pixels as stored
+        return 1
 
 
 def prepare_image(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
