@@ -97,20 +97,21 @@ def read_manifest_file(uri: str) -> pa.Table:
                 column_types={"item_id": pa.string(), "image_uri": pa.string()}))  # fmt: skip
         else:
             table = pajson.read_json(data)
-    except CatalogError:
-        raise
+        names = table.column_names  # a non-UTF-8 CSV header fails only here
     except Exception as err:  # noqa: BLE001 - any reader failure means an unusable manifest
         raise CatalogError(f"cannot read manifest {uri}: {type(err).__name__}: {err}") from err
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
-        raise CatalogError(f"manifest {uri} lacks column(s) {missing}; found {table.column_names}")
+        raise CatalogError(f"manifest {uri} lacks column(s) {missing}; found {names}")
+    try:
+        item_ids, uris = (table.column(c).cast(pa.string()) for c in ("item_id", "image_uri"))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise CatalogError(f"manifest {uri}: item_id and image_uri must be text: {err}") from err
     # Relative URIs are relative to the manifest's directory; empty stays empty (dead-lettered later).
     base = object_store.parent_dir(uri)
-    uris = [object_store.resolve(base, u) for u in table.column("image_uri").cast(pa.string()).to_pylist()]
-    table = table.set_column(table.schema.get_field_index("image_uri"), "image_uri", pa.array(uris, pa.string()))
-    return table.set_column(
-        table.schema.get_field_index("item_id"), "item_id", table.column("item_id").cast(pa.string())
-    )
+    resolved = pa.array([object_store.resolve(base, u) for u in uris.to_pylist()], pa.string())
+    table = table.set_column(table.schema.get_field_index("image_uri"), "image_uri", resolved)
+    return table.set_column(table.schema.get_field_index("item_id"), "item_id", item_ids)
 
 
 def parse_when(text: str) -> datetime:

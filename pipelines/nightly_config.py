@@ -15,8 +15,10 @@ first second instead of silently using a default.
 
 from __future__ import annotations
 
+import math
+import types
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from evaluation.baselines import NAME as PIXELS
 from indexing.spec import IndexConfig
@@ -100,6 +102,41 @@ def _known(cls) -> list[str]:
     return [f.name for f in fields(cls) if f.name != "extra"]
 
 
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """What `value` should have been for the annotation `hint`, or None when it fits."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        problems = [_type_problem(value, a) for a in args]
+        return None if None in problems else " or ".join(p for p in problems if p)
+    if hint is type(None):
+        return None if value is None else "null"
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if number and math.isfinite(value) else "a finite number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return "a list"
+        inner = [_type_problem(v, args[0]) for v in value]
+        return next((f"a list of {p.removeprefix('a ')}s" for p in inner if p), None)
+    if hint is dict or origin is dict:
+        return None if isinstance(value, dict) else "a mapping"
+    return None
+
+
+def _check_types(cls, values: dict, where: str, path: str) -> None:
+    hints = get_type_hints(cls)
+    for key, value in values.items():
+        problem = _type_problem(value, hints[key])
+        if problem:
+            raise ConfigError(f"{path}: {where}{key} must be {problem}, got {type(value).__name__} {value!r}")
+
+
 def _section(cls, values: Any, where: str, path: str):
     if values is None:
         return cls()
@@ -108,6 +145,7 @@ def _section(cls, values: Any, where: str, path: str):
     unknown = sorted(set(values) - set(_known(cls)))
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown} in {where}; known: {_known(cls)}")
+    _check_types(cls, values, f"{where}.", path)
     values = {k: tuple(v) if k in _TUPLES and isinstance(v, list) else v for k, v in values.items()}
     try:
         return cls(**values)
@@ -144,6 +182,7 @@ def load_nightly_config(path: str | None, **overrides: Any) -> NightlyConfig:
     missing = [name for name in ("catalog", "model", "out", "interactions") if not values.get(name)]
     if missing:
         raise ConfigError(f"{where}: {', '.join(missing)} required (in the config file or as --{missing[0]})")
+    _check_types(NightlyConfig, values, "", where)
     sections = {name: _section(cls, raw.get(name), name, where) for name, cls in _SECTIONS.items()}
     try:
         return NightlyConfig(**values, **sections)
