@@ -30,6 +30,7 @@ from typing import TypeVar
 __all__ = [
     "arrow_input",
     "ConcurrentUpdate",
+    "contained",
     "delete",
     "delete_tree",
     "download_gcs_dir",
@@ -97,6 +98,21 @@ def join(base: str, *parts: str) -> str:
     if is_gcs(base):
         return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
     return os.path.join(base, *parts)
+
+
+def contained(name: str, *, nested: bool = False) -> str:
+    """`name` if, joined to a directory, it stays inside that directory; else ValueError.
+
+    Names from manifests (shard and snapshot file names, snapshot ids) pass through here so a
+    hostile or corrupt manifest cannot point a reader or a deleter outside its root. `nested`
+    allows sub-directories ("scann/x.npy"); never absolute paths, "..", backslashes or NUL.
+    """
+    if not isinstance(name, str) or not name or "\0" in name or "\\" in name or name.startswith("/") or "://" in name:
+        raise ValueError(f"{name!r} is not a relative name inside its directory")
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts) or (len(parts) > 1 and not nested):
+        raise ValueError(f"{name!r} is not a {'relative path' if nested else 'plain name'} inside its directory")
+    return name
 
 
 _CLIENT = None

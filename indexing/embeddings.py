@@ -147,9 +147,12 @@ def _read_run(run_dir: str) -> tuple[EmbeddingRun, dict]:
         manifest = json.loads(storage.read_bytes(storage.join(run_dir, MANIFEST_NAME)))
     except FileNotFoundError as err:
         raise EmbeddingsError(f"{run_dir} is not a complete embed run (no {MANIFEST_NAME})") from err
-    shards = tuple(storage.join(run_dir, s["path"]) for s in manifest["shards"])
-    rows = sum(int(s["rows"]) for s in manifest["shards"])
-    return EmbeddingRun(run_dir, manifest["run_id"], rows, shards), manifest
+    try:
+        shards = tuple(storage.join(run_dir, storage.contained(s["path"])) for s in manifest["shards"])
+        rows = sum(int(s["rows"]) for s in manifest["shards"])
+        return EmbeddingRun(run_dir, str(manifest["run_id"]), rows, shards), manifest
+    except (KeyError, TypeError, ValueError) as err:
+        raise EmbeddingsError(f"{run_dir}/{MANIFEST_NAME} is malformed: {type(err).__name__}: {err}") from err
 
 
 def open_embeddings(run_dirs: list[str] | str) -> EmbeddingSet:

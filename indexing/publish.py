@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from encoder import storage
-from indexing.snapshot import MANIFEST_NAME, SnapshotError, local_copy, read_manifest, verify_snapshot
+from indexing.snapshot import MANIFEST_NAME, SnapshotError, local_copy, read_manifest, snapshot_dir, verify_snapshot
 
 __all__ = ["Latest", "list_snapshots", "publish", "read_latest", "retain", "rollback"]
 
@@ -99,9 +99,13 @@ def complete_snapshots(root: str) -> list[dict]:
         if name.startswith((".", "_")) or name == LATEST_NAME:
             continue
         try:
-            manifests.append(read_manifest(root, name))
+            manifest = read_manifest(root, name)
         except SnapshotError:
             continue  # being built, or abandoned: not a snapshot yet
+        if manifest.get("snapshot_id") != name:  # a copied or forged manifest: never act on its id
+            log.warning("snapshot directory %s holds a manifest for %r; ignored", name, manifest.get("snapshot_id"))
+            continue
+        manifests.append(manifest)
     return sorted(manifests, key=lambda m: m["created_at"])
 
 
@@ -205,7 +209,8 @@ def retain(root: str, keep: int) -> list[str]:
     doomed = [s for s in snapshots[: max(0, len(snapshots) - keep)] if s not in protected]
     for snapshot_id in doomed:
         # The manifest goes first, so a half-deleted snapshot is never taken for a complete one.
-        storage.delete(storage.join(root, snapshot_id, MANIFEST_NAME))
-        storage.delete_tree(storage.join(root, snapshot_id))
+        directory = snapshot_dir(root, snapshot_id)
+        storage.delete(storage.join(directory, MANIFEST_NAME))
+        storage.delete_tree(directory)
         log.info("retention: deleted snapshot %s", snapshot_id)
     return doomed

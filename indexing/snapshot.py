@@ -216,14 +216,30 @@ def _install(workdir: Path, names: list[str], manifest: dict, root: str, snapsho
     storage.upload_file(workdir / MANIFEST_NAME, storage.join(root, snapshot_id, MANIFEST_NAME))
 
 
+def snapshot_dir(root: str, snapshot_id: str) -> str:
+    """ROOT/<snapshot_id>, refusing ids (from LATEST, a flag, a listing) that would leave ROOT.
+
+    Raises:
+        SnapshotError: an id that is not a plain name, or a local snapshot directory that is a symlink.
+    """
+    try:
+        storage.contained(snapshot_id)
+    except ValueError as err:
+        raise SnapshotError(f"snapshot id {snapshot_id!r} under {root} escapes the root") from err
+    directory = storage.join(root, snapshot_id)
+    if not storage.is_gcs(root) and Path(directory).is_symlink():
+        raise SnapshotError(f"snapshot {snapshot_id} under {root} is a symlink; refused")
+    return directory
+
+
 def read_manifest(root: str, snapshot_id: str) -> dict:
     """The manifest of a complete snapshot.
 
     Raises:
-        SnapshotError: no such snapshot, or it is incomplete (no manifest).
+        SnapshotError: no such snapshot, it is incomplete (no manifest), or its id escapes the root.
     """
     try:
-        return json.loads(storage.read_bytes(storage.join(root, snapshot_id, MANIFEST_NAME)))
+        return json.loads(storage.read_bytes(storage.join(snapshot_dir(root, snapshot_id), MANIFEST_NAME)))
     except FileNotFoundError as err:
         raise SnapshotError(
             f"snapshot {snapshot_id} under {root} is missing or incomplete (no {MANIFEST_NAME})"
@@ -232,11 +248,14 @@ def read_manifest(root: str, snapshot_id: str) -> dict:
         raise SnapshotError(f"snapshot {snapshot_id}: unreadable {MANIFEST_NAME}: {err}") from err
 
 
-def _safe_name(name: str) -> str:
-    parts = Path(name).parts
-    if Path(name).is_absolute() or ".." in parts or not parts:
-        raise SnapshotError(f"file name {name!r} in a snapshot manifest escapes the snapshot directory")
-    return name
+def _safe_path(directory: Path, name: str) -> Path:
+    try:
+        path = directory / storage.contained(name, nested=True)
+    except ValueError as err:
+        raise SnapshotError(f"file name {name!r} in a snapshot manifest escapes the snapshot directory") from err
+    if not path.resolve().is_relative_to(directory.resolve()):  # a symlinked directory on the way
+        raise SnapshotError(f"file {name!r} in a snapshot manifest resolves outside the snapshot directory")
+    return path
 
 
 def verify_snapshot(directory: str | Path, manifest: dict) -> None:
@@ -247,7 +266,7 @@ def verify_snapshot(directory: str | Path, manifest: dict) -> None:
     """
     directory = Path(directory)
     for name, expected in manifest.get("files", {}).items():
-        path = directory / _safe_name(name)
+        path = _safe_path(directory, name)
         if path.is_symlink() or not path.is_file():
             raise SnapshotError(f"snapshot {manifest.get('snapshot_id')}: file {name} is missing")
         if path.stat().st_size != expected["bytes"]:
@@ -261,6 +280,7 @@ def verify_snapshot(directory: str | Path, manifest: dict) -> None:
 
 def local_copy(root: str, snapshot_id: str, cache_dir: str | Path) -> Path:
     """A local directory holding the snapshot: itself for a local root, else a cached download."""
+    directory = snapshot_dir(root, snapshot_id)
     if not storage.is_gcs(root):
-        return Path(root) / snapshot_id
-    return storage.download_gcs_dir(storage.join(root, snapshot_id), cache_dir)
+        return Path(directory)
+    return storage.download_gcs_dir(directory, cache_dir)

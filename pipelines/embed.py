@@ -32,7 +32,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils.shared import Shared
 
 from encoder import DecodeLimits, EncoderConfig, load_encoder
-from encoder.storage import arrow_input
+from encoder.storage import arrow_input, contained
 from pipelines import storage
 from pipelines.catalog import (
     CatalogError,
@@ -389,7 +389,7 @@ def _previous_shards(cfg: EmbedConfig, model_version: str) -> tuple[str | None, 
         manifest = find_previous_run(cfg.out, model_version, exclude=cfg.run_id)
         if manifest is None:
             return None, [], 0
-    shards = [storage.join(manifest["run_dir"], s["path"]) for s in manifest["shards"]]
+    shards = [storage.join(manifest["run_dir"], contained(s["path"])) for s in manifest["shards"]]
     rows = manifest["counts"]["embedded"] + manifest["counts"]["reused"]
     log.info("reusing vectors of run %s (%d rows)", manifest["run_id"], rows)
     return manifest["run_id"], shards, rows
@@ -417,7 +417,7 @@ def _dead_letters_by_stage(failures_dir: str, shards: list[dict]) -> dict[str, i
     for shard in shards:
         if shard["rows"]:
             table = pq.read_table(
-                arrow_input(storage.read_bytes(storage.join(failures_dir, shard["path"]))), columns=["stage"]
+                arrow_input(storage.read_bytes(storage.join(failures_dir, contained(shard["path"])))), columns=["stage"]
             )
             for stage in table.column("stage").to_pylist():
                 by_stage[stage] = by_stage.get(stage, 0) + 1
