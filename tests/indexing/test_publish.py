@@ -99,32 +99,44 @@ def _publish_many(root: str, ids: list[str], rounds: int, barrier) -> None:
         publish(root, ids[i % len(ids)])
 
 
-def _observe(root: str, stop, bad) -> None:
+def _observe(root: str, stop, bad, seen) -> None:
     while not stop.is_set():
         latest = read_latest(root)
-        if latest is not None and not (Path(root) / latest.snapshot_id / "manifest.json").exists():
+        if latest is None:
+            continue
+        seen.value += 1
+        if not storage.exists(storage.join(root, latest.snapshot_id, "manifest.json")):
             bad.value += 1
+
+
+def _race(root: str, ids: list[str], rounds: int, timeout_s: float) -> tuple[int, int]:
+    """Two processes publish `rounds` times each in opposite orders while a third reads LATEST.
+
+    Returns: (observations of LATEST, how many named an incomplete snapshot).
+    """
+    ctx = multiprocessing.get_context("spawn")
+    barrier, stop, bad, seen = ctx.Barrier(2), ctx.Event(), ctx.Value("i", 0), ctx.Value("i", 0)
+    observer = ctx.Process(target=_observe, args=(root, stop, bad, seen))
+    observer.start()
+    writers = [ctx.Process(target=_publish_many, args=(root, order, rounds, barrier)) for order in (ids, ids[::-1])]
+    start = time.monotonic()
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(timeout=timeout_s)
+    stop.set()
+    observer.join(timeout=30)
+    assert all(w.exitcode == 0 for w in writers), f"writers failed after {time.monotonic() - start:.0f}s"
+    return seen.value, bad.value
 
 
 @pytest.mark.slow
 def test_racing_publishers_never_lose_an_update(tmp_path, run):
     root = str(tmp_path / "race")
     ids = [build_snapshot(run, root, IndexConfig(queries=20))["snapshot_id"] for _ in range(2)]
-    ctx = multiprocessing.get_context("spawn")
-    barrier, stop, bad = ctx.Barrier(2), ctx.Event(), ctx.Value("i", 0)
-    rounds = 20
-    observer = ctx.Process(target=_observe, args=(root, stop, bad))
-    observer.start()
-    writers = [ctx.Process(target=_publish_many, args=(root, order, rounds, barrier)) for order in (ids, ids[::-1])]
-    for w in writers:
-        w.start()
-    for w in writers:
-        w.join(timeout=240)
-    stop.set()
-    observer.join(timeout=10)
-    assert all(w.exitcode == 0 for w in writers)
-    assert bad.value == 0, "LATEST named an incomplete snapshot"
-    assert read_latest(root).sequence == 2 * rounds, "every publish is counted: none lost to a race"
+    seen, bad = _race(root, ids, rounds=100, timeout_s=240)
+    assert seen > 0 and bad == 0, f"LATEST named an incomplete snapshot {bad} times in {seen} observations"
+    assert read_latest(root).sequence == 200, "every publish is counted: none lost to a race"
 
 
 # ------------------------------------------------------------------ gs://
@@ -162,14 +174,6 @@ def test_gcs_racing_publishers(gcs_emulator, gcs_bucket, tmp_path):
     root = f"gs://{gcs_bucket}/race"
     ids = [build_snapshot(small, root, IndexConfig(queries=10))["snapshot_id"] for _ in range(2)]
     shutil.rmtree(Path.home() / ".cache" / "lookalike" / "snapshots", ignore_errors=True)
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(2)
-    rounds = 8
-    writers = [ctx.Process(target=_publish_many, args=(root, order, rounds, barrier)) for order in (ids, ids[::-1])]
-    start = time.monotonic()
-    for w in writers:
-        w.start()
-    for w in writers:
-        w.join(timeout=300)
-    assert all(w.exitcode == 0 for w in writers), f"writers failed after {time.monotonic() - start:.0f}s"
-    assert read_latest(root).sequence == 2 * rounds
+    seen, bad = _race(root, ids, rounds=100, timeout_s=300)
+    assert seen > 0 and bad == 0, f"LATEST named an incomplete snapshot {bad} times in {seen} observations"
+    assert read_latest(root).sequence == 200
