@@ -151,9 +151,19 @@ def is_transient(err: BaseException) -> bool:
         return False
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
-    import requests
+    import http.client
 
-    return isinstance(err, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout))
+    import requests
+    import urllib3
+
+    try:
+        from google.resumable_media import DataCorruption  # a download whose checksum does not match
+    except ImportError:  # pragma: no cover - newer google-cloud-storage vendors it
+        from google.cloud.storage.exceptions import DataCorruption
+
+    cut_short = (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError, http.client.IncompleteRead,
+                 DataCorruption)  # fmt: skip
+    return isinstance(err, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout, *cut_short))
 
 
 def with_retries(call: Callable[[], T], what: str, *, attempts: int = 5, base_delay_s: float = 0.2,
@@ -192,7 +202,7 @@ def read_bytes(uri: str) -> bytes:
     if not is_gcs(uri):
         return Path(uri).read_bytes()
     try:
-        return with_retries(lambda: _blob(uri).download_as_bytes(), f"read {uri}")
+        return with_retries(lambda: _blob(uri).download_as_bytes(retry=None), f"read {uri}")
     except Exception as err:
         if is_not_found(err):
             raise FileNotFoundError(f"no such object: {uri}") from err
@@ -217,7 +227,7 @@ def arrow_input(data: bytes):
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole object atomically: readers see the old content or all of the new."""
     if is_gcs(uri):
-        with_retries(lambda: _blob(uri).upload_from_string(data), f"write {uri}")
+        with_retries(lambda: _blob(uri).upload_from_string(data, retry=None), f"write {uri}")
         return
     os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
     tmp = f"{uri}.tmp-{uuid.uuid4().hex}"
@@ -235,7 +245,7 @@ def write_bytes(uri: str, data: bytes) -> None:
 def upload_file(local: str | Path, uri: str) -> None:
     """Copy a local file to `uri` (atomically)."""
     if is_gcs(uri):
-        with_retries(lambda: _blob(uri).upload_from_filename(str(local)), f"upload {uri}")
+        with_retries(lambda: _blob(uri).upload_from_filename(str(local), retry=None), f"upload {uri}")
         return
     os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
     tmp = f"{uri}.tmp-{uuid.uuid4().hex}"
@@ -246,7 +256,7 @@ def upload_file(local: str | Path, uri: str) -> None:
 def exists(uri: str) -> bool:
     if not is_gcs(uri):
         return os.path.exists(uri)
-    return with_retries(lambda: _blob(uri).exists(), f"stat {uri}")
+    return with_retries(lambda: _blob(uri).exists(retry=None), f"stat {uri}")
 
 
 def list_children(uri: str) -> list[str]:
@@ -257,7 +267,7 @@ def list_children(uri: str) -> list[str]:
     prefix = f"{prefix}/" if prefix else ""
 
     def names() -> list[str]:
-        blobs = gcs_client().list_blobs(bucket, prefix=prefix, delimiter="/")
+        blobs = gcs_client().list_blobs(bucket, prefix=prefix, delimiter="/", retry=None)
         files = [b.name[len(prefix) :] for b in blobs]
         return files + [p[len(prefix) :].rstrip("/") for p in blobs.prefixes]
 
@@ -273,7 +283,7 @@ def delete(uri: str) -> None:
     from google.api_core.exceptions import NotFound
 
     with contextlib.suppress(NotFound):
-        with_retries(_blob(uri).delete, f"delete {uri}")
+        with_retries(lambda: _blob(uri).delete(retry=None), f"delete {uri}")
 
 
 def delete_tree(uri: str) -> None:
@@ -282,7 +292,9 @@ def delete_tree(uri: str) -> None:
         shutil.rmtree(uri, ignore_errors=True)
         return
     bucket, prefix = split_gcs_uri(uri.rstrip("/"))
-    for blob in with_retries(lambda: list(gcs_client().list_blobs(bucket, prefix=f"{prefix}/")), f"list {uri}"):
+    for blob in with_retries(
+        lambda: list(gcs_client().list_blobs(bucket, prefix=f"{prefix}/", retry=None)), f"list {uri}"
+    ):
         with_retries(blob.delete, f"delete gs://{bucket}/{blob.name}")
 
 
@@ -321,16 +333,24 @@ def read_versioned(uri: str) -> tuple[bytes | None, int]:
         except FileNotFoundError:
             return None, 0
 
+    from google.api_core.exceptions import PreconditionFailed
+
     def read() -> tuple[bytes | None, int]:
-        blob = _blob(uri)
-        try:
-            blob.reload()
-        except Exception as err:
-            if is_not_found(err):
-                return None, 0
-            raise
-        generation = int(blob.generation)  # before the download, which may reset the blob's properties
-        return blob.download_as_bytes(), generation
+        for _ in range(10):  # a writer replacing the object between the two calls: read the new one
+            blob = _blob(uri)
+            try:
+                blob.reload(retry=None)
+            except Exception as err:
+                if is_not_found(err):
+                    return None, 0
+                raise
+            generation = int(blob.generation)  # before the download, which may reset the blob's properties
+            try:
+                return blob.download_as_bytes(if_generation_match=generation, retry=None), generation
+            except Exception as err:
+                if not isinstance(err, PreconditionFailed) and not is_not_found(err):
+                    raise
+        raise ConcurrentUpdate(f"{uri} kept changing while being read")
 
     return with_retries(read, f"read {uri}")
 
@@ -350,7 +370,9 @@ def write_if_version(uri: str, data: bytes, version: int) -> None:
     from google.api_core.exceptions import PreconditionFailed
 
     try:
-        with_retries(lambda: _blob(uri).upload_from_string(data, if_generation_match=version), f"write {uri}")
+        with_retries(
+            lambda: _blob(uri).upload_from_string(data, if_generation_match=version, retry=None), f"write {uri}"
+        )
     except PreconditionFailed as err:
         raise ConcurrentUpdate(f"{uri} changed since it was read") from err
 
@@ -372,7 +394,9 @@ def download_gcs_dir(uri: str, cache_root: str | Path) -> Path:
     bucket_name, prefix = split_gcs_uri(uri.rstrip("/"))
     prefix = f"{prefix}/" if prefix else ""
     blobs = with_retries(
-        lambda: [b for b in gcs_client().list_blobs(bucket_name, prefix=prefix) if not b.name.endswith("/")],
+        lambda: [
+            b for b in gcs_client().list_blobs(bucket_name, prefix=prefix, retry=None) if not b.name.endswith("/")
+        ],
         f"list {uri}",
     )
     if not blobs:
@@ -392,7 +416,7 @@ def download_gcs_dir(uri: str, cache_root: str | Path) -> Path:
             if staging.resolve() not in local.parents:
                 raise ValueError(f"object name escapes its directory: {blob.name!r}")
             local.parent.mkdir(parents=True, exist_ok=True)
-            with_retries(lambda b=blob, p=local: b.download_to_filename(str(p)), f"download {blob.name}")
+            with_retries(lambda b=blob, p=local: b.download_to_filename(str(p), retry=None), f"download {blob.name}")
         os.replace(staging, target)
     except OSError:
         if not target.is_dir():  # a concurrent download may have won the rename

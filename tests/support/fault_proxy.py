@@ -1,0 +1,158 @@
+"""An HTTP proxy that injects storage faults between lookalike and the GCS emulator.
+
+Each request draws its fate from a seeded random generator: pass through, or one of
+    429 / 500 / 503   answered by the proxy, the request never reaches storage
+    reset             the connection is cut (TCP RST) before any answer
+    slow              forwarded after a delay
+    truncated         (GET only) forwarded, then the body is cut short with the full Content-Length
+so a test can point STORAGE_EMULATOR_HOST at the proxy and check that nothing is lost.
+
+    with FaultProxy(upstream_port, rate=0.1) as proxy:
+        os.environ["STORAGE_EMULATOR_HOST"] = proxy.url
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import socket
+import struct
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+KINDS = ("429", "500", "503", "reset", "slow", "truncated")
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection"}
+
+
+class FaultProxy:
+    """Forward HTTP to 127.0.0.1:`upstream_port`, failing about `rate` of the requests."""
+
+    def __init__(self, upstream_port: int, *, rate: float = 0.1, kinds: tuple[str, ...] = KINDS, seed: int = 0,
+                 slow_s: float = 0.3) -> None:  # fmt: skip
+        unknown = set(kinds) - set(KINDS)
+        if unknown or not 0 <= rate <= 1:
+            raise ValueError(f"bad fault settings: rate={rate}, unknown kinds {sorted(unknown)}")
+        self.upstream_port, self.rate, self.kinds, self.slow_s = upstream_port, rate, kinds, slow_s
+        self._random = random.Random(seed)
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+        self.seen: list[tuple[str, str]] = []  # (method, path) of every request, in arrival order
+        self._server = _QuietServer(("127.0.0.1", 0), _handler(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def fate(self, method: str, path: str = "") -> str:
+        with self._lock:
+            self.counts["requests"] += 1
+            self.seen.append((method, path))
+            if self._random.random() >= self.rate:
+                return "pass"
+            choices = [k for k in self.kinds if k != "truncated" or method == "GET"] or ["pass"]
+            kind = self._random.choice(choices)
+            self.counts[kind] += 1
+            return kind
+
+    @property
+    def injected(self) -> int:
+        return sum(n for kind, n in self.counts.items() if kind in KINDS)
+
+    def __enter__(self) -> FaultProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:  # clients drop connections: that is the point
+        pass
+
+
+def _handler(proxy: FaultProxy):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+        def _body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                chunks = []
+                while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+                self.rfile.readline()
+                return b"".join(chunks)
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def _reset(self) -> None:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.connection.close()
+
+        def _error(self, status: int) -> None:
+            body = json.dumps({"error": {"code": status, "message": f"injected {status}"}}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def setup(self) -> None:
+            super().setup()
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms Nagle stalls
+
+        def _handle(self) -> None:
+            body = self._body()
+            fate = proxy.fate(self.command, self.path)
+            if fate in ("429", "500", "503"):
+                self._error(int(fate))
+                return
+            if fate == "reset":
+                self._reset()
+                return
+            if fate == "slow":
+                time.sleep(proxy.slow_s)
+            upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
+            try:
+                upstream.connect()
+                upstream.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+                headers["Content-Length"] = str(len(body))
+                upstream.request(self.command, self.path, body=body if body or self.command != "GET" else None,
+                                 headers=headers)  # fmt: skip
+                answer = upstream.getresponse()
+                payload = answer.read()
+                status, answer_headers = answer.status, answer.getheaders()
+            finally:
+                upstream.close()
+            self.send_response(status)
+            for key, value in answer_headers:
+                if key.lower() not in _HOP_BY_HOP:
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if fate == "truncated" and len(payload) > 1 and self.command != "HEAD":
+                self.wfile.write(payload[: len(payload) // 2])
+                self.wfile.flush()
+                self._reset()
+                return
+            if self.command != "HEAD":
+                self.wfile.write(payload)
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
+
+    return Handler
