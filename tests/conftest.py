@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
@@ -106,7 +107,8 @@ def gcs_emulator():
 @pytest.fixture
 def gcs_bucket(gcs_emulator, request):
     """A fresh bucket per test; yields its name."""
-    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    tag = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:8]  # parametrised tests share a prefix
+    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-") + "-" + tag
     gcs_emulator.create_bucket(name)
     return name
 

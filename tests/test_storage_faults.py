@@ -89,3 +89,32 @@ def test_a_night_through_10_percent_faults_equals_a_clean_one(gcs_emulator, gcs_
         np.testing.assert_allclose(faulty["rows"][item_id], vector, atol=1e-6)
     assert faulty["metrics"] == clean["metrics"]
     assert len(neighbours[0]) == 3
+
+
+@pytest.mark.parametrize("status", ["403", "404"])
+def test_permanent_errors_fail_fast_without_retrying(gcs_emulator, gcs_bucket, status):
+    storage.write_bytes(f"gs://{gcs_bucket}/x", b"data")
+    upstream = urlparse(os.environ["STORAGE_EMULATOR_HOST"]).port
+    calls = {
+        "read": lambda: storage.read_bytes(f"gs://{gcs_bucket}/x"),
+        "write": lambda: storage.write_bytes(f"gs://{gcs_bucket}/y", b"data"),
+        "list": lambda: storage.list_children(f"gs://{gcs_bucket}"),
+        "versioned read": lambda: storage.read_versioned(f"gs://{gcs_bucket}/x"),
+        "conditional write": lambda: storage.write_if_version(f"gs://{gcs_bucket}/x", b"new", 1),
+    }
+    for what, call in calls.items():
+        with FaultProxy(upstream, rate=1.0, kinds=(status,)) as proxy, _through(proxy):
+            start = time.monotonic()
+            try:
+                result = call()
+            except Exception as err:  # noqa: BLE001 - which exception is the point of the test
+                result = err
+            seconds = time.monotonic() - start
+        assert len(set(proxy.seen)) == len(proxy.seen) <= 2, f"{what}: {status} was retried: {proxy.seen}"
+        assert seconds < 2, f"{what}: {seconds:.1f} s"
+        if status == "404" and what in ("read", "versioned read"):
+            assert isinstance(result, FileNotFoundError) or result == (None, 0), (what, result)
+        elif status == "404" and what == "list":
+            assert isinstance(result, Exception) or result == [], (what, result)
+        else:
+            assert isinstance(result, Exception) and status in str(result), (what, result)

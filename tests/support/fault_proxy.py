@@ -2,6 +2,7 @@
 
 Each request draws its fate from a seeded random generator: pass through, or one of
     429 / 500 / 503   answered by the proxy, the request never reaches storage
+    403 / 404         the same, permanent: only when asked for (`kinds`)
     reset             the connection is cut (TCP RST) before any answer
     slow              forwarded after a delay
     truncated         (GET only) forwarded, then the body is cut short with the full Content-Length
@@ -23,14 +24,14 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-KINDS = ("429", "500", "503", "reset", "slow", "truncated")
+KINDS = ("429", "500", "503", "reset", "slow", "truncated", "403", "404")  # the last two are permanent
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection"}
 
 
 class FaultProxy:
     """Forward HTTP to 127.0.0.1:`upstream_port`, failing about `rate` of the requests."""
 
-    def __init__(self, upstream_port: int, *, rate: float = 0.1, kinds: tuple[str, ...] = KINDS, seed: int = 0,
+    def __init__(self, upstream_port: int, *, rate: float = 0.1, kinds: tuple[str, ...] = KINDS[:6], seed: int = 0,
                  slow_s: float = 0.3) -> None:  # fmt: skip
         unknown = set(kinds) - set(KINDS)
         if unknown or not 0 <= rate <= 1:
@@ -61,6 +62,7 @@ class FaultProxy:
 
     @property
     def injected(self) -> int:
+        """Faults injected so far."""
         return sum(n for kind, n in self.counts.items() if kind in KINDS)
 
     def __enter__(self) -> FaultProxy:
@@ -118,7 +120,7 @@ def _handler(proxy: FaultProxy):
         def _handle(self) -> None:
             body = self._body()
             fate = proxy.fate(self.command, self.path)
-            if fate in ("429", "500", "503"):
+            if fate in ("429", "500", "503", "403", "404"):
                 self._error(int(fate))
                 return
             if fate == "reset":
