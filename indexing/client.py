@@ -202,16 +202,17 @@ class SnapshotClient:
 
     @staticmethod
     def _prepare_vectors(snapshot: _Loaded, vectors) -> np.ndarray:
-        queries = np.asarray(vectors, dtype=np.float32)
+        with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused below
+            queries = np.asarray(vectors, dtype=np.float32)
         if queries.ndim == 1:
             queries = queries[None]
         expected = snapshot.reducer.dim_in if snapshot.reducer else snapshot.manifest["dim"]
         if queries.ndim != 2 or queries.shape[1] != expected:
             raise ValueError(f"query vectors must have dimension {expected}, got shape {tuple(queries.shape)}")
         if not np.isfinite(queries).all():
-            raise ValueError("query vectors contain NaN or infinity")
-        norms = np.linalg.norm(queries, axis=1, keepdims=True)
+            raise ValueError("query vectors contain NaN, infinity or values beyond float32's range")
+        norms = np.linalg.norm(queries.astype(np.float64), axis=1, keepdims=True)  # float32 squares can overflow
         if (norms == 0).any():
             raise ValueError("a query vector is all zeros")
-        queries = queries / norms
+        queries = (queries / norms).astype(np.float32)
         return snapshot.reducer.apply(queries) if snapshot.reducer else queries

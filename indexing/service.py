@@ -22,7 +22,7 @@ import json
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from indexing.client import SnapshotClient, UnknownItem
 
@@ -45,21 +45,36 @@ class SimilarOut(BaseModel):
     neighbors: list[NeighborOut]
 
 
-class BatchIn(BaseModel):
-    item_ids: list[str] | None = Field(default=None, min_length=1, max_length=MAX_QUERIES)
-    vectors: list[list[float]] | None = Field(default=None, min_length=1, max_length=MAX_QUERIES)
+class ByItems(BaseModel):
+    """Neighbours of catalog items."""
+
+    model_config = ConfigDict(extra="forbid")
+    item_ids: list[str] = Field(min_length=1, max_length=MAX_QUERIES)
     k: int = Field(default=10, ge=1, le=MAX_K)
 
-    @model_validator(mode="after")
-    def _exactly_one(self) -> BatchIn:
-        if (self.item_ids is None) == (self.vectors is None):
-            raise ValueError("give exactly one of item_ids or vectors")
-        return self
+
+class ByVectors(BaseModel):
+    """Neighbours of raw vectors of the embedding model's dimension."""
+
+    model_config = ConfigDict(extra="forbid")
+    vectors: list[list[float]] = Field(min_length=1, max_length=MAX_QUERIES)
+    k: int = Field(default=10, ge=1, le=MAX_K)
 
 
 class BatchOut(BaseModel):
     snapshot_id: str
     results: list[list[NeighborOut]]
+
+
+class ErrorOut(BaseModel):
+    detail: str | list[dict]
+    snapshot_id: str
+
+
+def _errors(*statuses: int) -> dict:
+    meaning = {401: "missing or wrong bearer token", 404: "item not in the snapshot", 413: "request body too large",
+               422: "invalid request"}  # fmt: skip
+    return {status: {"model": ErrorOut, "description": meaning[status]} for status in statuses}
 
 
 class _BodyLimit:
@@ -159,21 +174,24 @@ def create_app(client: SnapshotClient, *, token: str | None = None, max_body_byt
     def healthz() -> dict:
         return {"status": "ok", "snapshot_id": client.snapshot_id}
 
-    @app.get("/snapshot", dependencies=guarded)
+    @app.get("/snapshot", dependencies=guarded, responses=_errors(401))
     def snapshot() -> dict:
         m = client.manifest
         keys = ("snapshot_id", "created_at", "model_version", "dim", "count", "metric", "index", "quality", "reduce")
         return {k: m.get(k) for k in keys}
 
-    @app.get("/similar/{item_id}", response_model=SimilarOut, dependencies=guarded)
+    @app.get("/similar/{item_id}", response_model=SimilarOut, dependencies=guarded, responses=_errors(401, 404, 422))
     def similar(item_id: str, k: int = Query(default=10, ge=1, le=MAX_K)) -> SimilarOut:
         snapshot_id, found = client.search_tagged(item_ids=[item_id], k=k)
         return SimilarOut(snapshot_id=snapshot_id, item_id=item_id,
                           neighbors=[NeighborOut(item_id=n.item_id, score=n.score) for n in found[0]])  # fmt: skip
 
-    @app.post("/similar", response_model=BatchOut, dependencies=guarded)
-    def similar_batch(body: BatchIn) -> BatchOut:
-        snapshot_id, found = client.search_tagged(item_ids=body.item_ids, vectors=body.vectors, k=body.k)
+    @app.post("/similar", response_model=BatchOut, dependencies=guarded, responses=_errors(401, 404, 413, 422))
+    def similar_batch(body: ByItems | ByVectors) -> BatchOut:
+        if isinstance(body, ByItems):
+            snapshot_id, found = client.search_tagged(item_ids=body.item_ids, k=body.k)
+        else:
+            snapshot_id, found = client.search_tagged(vectors=body.vectors, k=body.k)
         return BatchOut(
             snapshot_id=snapshot_id,
             results=[[NeighborOut(item_id=n.item_id, score=n.score) for n in row] for row in found],
