@@ -1,0 +1,138 @@
+"""`lookalike serve` under load on loopback, with a snapshot hot swap in the middle.
+
+    python benchmarks/serve_load.py [--seconds 60] [--clients 64] [--items 100000] [--dim 256]
+
+Builds two snapshots of a synthetic catalog (clustered unit vectors, HNSW), publishes the
+first, starts `lookalike serve` (refresh every second) and runs `--clients` concurrent
+keep-alive clients on one asyncio loop for `--seconds`, each asking GET /similar/{id}?k=10
+for random catalog items. Half-way the second snapshot is published; the server swaps it
+in while answering. Reports requests/s, p50/p99/max latency, errors (non-200 answers or
+broken connections) and which snapshots answered. The load generator shares the machine's
+cores with the server, so requests/s is a floor for the server alone. Results go in
+RELIABILITY.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from benchmarks.common import clustered, machine, write_run  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _client(url: str, ids: list[str], until: float, seed: int, latencies: list, outcomes: Counter,
+                  served: Counter) -> None:  # fmt: skip
+    import httpx
+
+    rng = random.Random(seed)
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        while time.monotonic() < until:
+            start = time.perf_counter()
+            try:
+                answer = await http.get(f"/similar/{rng.choice(ids)}", params={"k": 10})
+            except httpx.HTTPError as err:
+                outcomes[f"error {type(err).__name__}"] += 1
+                continue
+            latencies.append(time.perf_counter() - start)
+            if answer.status_code == 200 and len(answer.json()["neighbors"]) == 10:
+                outcomes["ok"] += 1
+                served[answer.json()["snapshot_id"]] += 1
+            else:
+                outcomes[f"status {answer.status_code}"] += 1
+
+
+async def _load(url: str, ids: list[str], seconds: float, clients: int, swap) -> dict:
+    latencies: list[float] = []
+    outcomes: Counter[str] = Counter()
+    served: Counter[str] = Counter()
+    start = time.monotonic()
+    until = start + seconds
+    tasks = [asyncio.create_task(_client(url, ids, until, i, latencies, outcomes, served)) for i in range(clients)]
+    await asyncio.sleep(seconds / 2)
+    await asyncio.to_thread(swap)
+    await asyncio.gather(*tasks)
+    elapsed = time.monotonic() - start
+    ms = np.array(latencies) * 1000 if latencies else np.zeros(1)
+    errors = sum(n for k, n in outcomes.items() if k != "ok")
+    return {"requests": sum(outcomes.values()), "errors": errors, "outcomes": dict(outcomes), "served": dict(served),
+            "requests_per_s": sum(outcomes.values()) / elapsed, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max())}  # fmt: skip
+
+
+def run_load_test(work: Path, *, seconds: float, clients: int, items: int, dim: int) -> dict:
+    """Two snapshots, a server, `clients` clients for `seconds`, a publish half-way; the measurements."""
+    from indexing import IndexConfig, build_snapshot, publish
+
+    run = write_run(work / "20260101T000000Z-dddddd", clustered(items, dim))
+    root = work / "snapshots"
+    cfg = IndexConfig(index="hnsw", queries=200)
+    first, second = (build_snapshot(run, str(root), cfg)["snapshot_id"] for _ in range(2))
+    publish(str(root), first)
+    ids = [f"item-{i:06d}" for i in random.Random(0).sample(range(items), min(items, 5000))]
+    port = _free_port()
+    exe = Path(sys.executable).with_name("lookalike")
+    server = subprocess.Popen([str(exe), "serve", "--root", str(root), "--port", str(port), "--refresh-s", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not start: {server.stderr.read().decode()[-2000:]}") from None
+                time.sleep(0.2)
+        result = asyncio.run(
+            _load(f"http://127.0.0.1:{port}", ids, seconds, clients, lambda: publish(str(root), second))
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return {**result, "first": first, "second": second}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=256)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="lookalike-serve-load-") as work:
+        r = run_load_test(Path(work), seconds=args.seconds, clients=args.clients, items=args.items, dim=args.dim)
+    print(
+        f"machine: {machine()}; {args.items:,} × {args.dim} vectors, HNSW; {args.clients} clients, "
+        f"{args.seconds:.0f} s, snapshot swapped half-way\n"
+    )
+    print("| requests | errors | requests/s | p50 ms | p99 ms | max ms | answered by first / second snapshot |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        f"| {r['requests']:,} | {r['errors']} | {r['requests_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
+        f"| {r['max_ms']:.1f} | {r['served'].get(r['first'], 0):,} / {r['served'].get(r['second'], 0):,} |"
+    )
+    if r["errors"]:
+        print(f"outcomes: {r['outcomes']}")
+
+
+if __name__ == "__main__":
+    main()
