@@ -2,7 +2,7 @@
 
     python benchmarks/serve_load.py [--seconds 60] [--clients 64] [--items 100000] [--dim 256]
 
-Builds two snapshots of a synthetic catalog (clustered unit vectors, HNSW), publishes the
+Builds two snapshots of a synthetic catalog (clustered unit vectors, index auto), publishes the
 first, starts `lookalike serve` (refresh every second) and runs `--clients` concurrent
 keep-alive clients on one asyncio loop for `--seconds`, each asking GET /similar/{id}?k=10
 for random catalog items. Half-way the second snapshot is published; the server swaps it
@@ -84,7 +84,7 @@ def run_load_test(work: Path, *, seconds: float, clients: int, items: int, dim: 
 
     run = write_run(work / "20260101T000000Z-dddddd", clustered(items, dim))
     root = work / "snapshots"
-    cfg = IndexConfig(index="hnsw", queries=200)
+    cfg = IndexConfig(queries=200)  # index auto: what the nightly job builds
     first, second = (build_snapshot(run, str(root), cfg)["snapshot_id"] for _ in range(2))
     publish(str(root), first)
     ids = [f"item-{i:06d}" for i in random.Random(0).sample(range(items), min(items, 5000))]
@@ -121,7 +121,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lookalike-serve-load-") as work:
         r = run_load_test(Path(work), seconds=args.seconds, clients=args.clients, items=args.items, dim=args.dim)
     print(
-        f"machine: {machine()}; {args.items:,} × {args.dim} vectors, HNSW; {args.clients} clients, "
+        f"machine: {machine()}; {args.items:,} × {args.dim} vectors, index auto; {args.clients} clients, "
         f"{args.seconds:.0f} s, snapshot swapped half-way\n"
     )
     print("| requests | errors | requests/s | p50 ms | p99 ms | max ms | answered by first / second snapshot |")

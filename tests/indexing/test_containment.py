@@ -102,3 +102,22 @@ def test_an_embed_run_whose_manifest_points_outside_is_refused(run, tmp_path):
     (copy / "_manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EmbeddingsError, match="malformed"):
         open_embeddings(str(copy))
+
+
+def test_a_gcs_object_name_cannot_escape_the_download_directory(monkeypatch, tmp_path):
+    # The emulator refuses such names, real GCS does not: a listing is faked instead.
+    class Blob:
+        def __init__(self, name: str) -> None:
+            self.name, self.generation = name, 1
+
+        def download_to_filename(self, path: str, retry=None) -> None:
+            Path(path).write_bytes(b"x")
+
+    class Client:
+        def list_blobs(self, bucket, prefix, retry=None):
+            return [Blob(f"{prefix}ok.txt"), Blob(f"{prefix}../../escaped.txt")]
+
+    monkeypatch.setattr(storage, "gcs_client", Client)
+    with pytest.raises(ValueError, match="escapes its directory"):
+        storage.download_gcs_dir("gs://bucket/snap", tmp_path / "cache")
+    assert not list(tmp_path.rglob("escaped.txt"))
