@@ -109,6 +109,7 @@ def embed(
     ] = 1024,
     max_image_bytes: Annotated[int, typer.Option(help="Larger images are dead-lettered.")] = 50 * 1024 * 1024,
     max_image_pixels: Annotated[int, typer.Option(help="Images with more pixels are dead-lettered.")] = 100_000_000,
+    max_decode_s: Annotated[float, typer.Option(help="Images still decoding after this are dead-lettered.")] = 30.0,
     run_id: Annotated[str | None, typer.Option(help="Run id (default: UTC time + random suffix).")] = None,
 ) -> None:
     """Embed every catalog image into Parquet shards, with dead letters for the rest (Apache Beam)."""
@@ -119,6 +120,7 @@ def embed(
         catalog=catalog, model=model, out=out, batch_size=batch_size, fetch_threads=fetch_threads, workers=workers,
         device=device, dtype=dtype, compile=compile, draft=draft, incremental=incremental, previous=previous,
         max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, reuse_memory_mb=reuse_memory_mb,
+        max_decode_s=max_decode_s,
     )  # fmt: skip
     if run_id:
         options["run_id"] = run_id

@@ -77,6 +77,7 @@ class EmbedConfig:
     draft: bool = True  # JPEG draft-mode decoding (see README, "Preprocessing")
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 100_000_000
+    max_decode_s: float = 30.0  # an image still decoding after this is dead-lettered and its thread abandoned
     incremental: bool = True  # reuse vectors of unchanged images from an earlier run
     previous: str | None = None  # that earlier run's directory; default: the latest complete one under `out`
     workers: int = 1  # local runner: >1 runs that many worker processes
@@ -90,6 +91,8 @@ class EmbedConfig:
         for name in ("batch_size", "fetch_threads", "max_image_bytes", "max_image_pixels", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.max_decode_s > 0:
+            raise ValueError(f"max_decode_s must be > 0, got {self.max_decode_s}")
         if self.reembed_since is not None:
             parse_when(self.reembed_since)
         if not self.run_id or not all(c.isalnum() or c in "-_" for c in self.run_id):
@@ -145,7 +148,8 @@ class FetchAndDecode(beam.DoFn):
 
     def process(self, items: list[CatalogItem], known: KnownDigests | None = None):
         known = self._previous if self._previous is not None else known
-        prepared = prepare_items(items, self._pool, self._preprocess, self._cfg.limits, known, self._reembed)
+        prepared = prepare_items(items, self._pool, self._preprocess, self._cfg.limits, known, self._reembed,
+                                 threads=self._cfg.fetch_threads, max_decode_s=self._cfg.max_decode_s)  # fmt: skip
         yield from prepared.decoded
         for failure in prepared.failed:
             yield beam.pvalue.TaggedOutput("failed", failure)

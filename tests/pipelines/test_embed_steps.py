@@ -37,10 +37,9 @@ class _RecordingPool(ThreadPoolExecutor):
         super().__init__(4)
         self.handed: list = []
 
-    def map(self, fn, *iterables, **kwargs):
-        items = list(iterables[0])
-        self.handed.extend(items)
-        return super().map(fn, items, **kwargs)
+    def submit(self, fn, /, *args, **kwargs):  # map() submits through here too
+        self.handed.append(args[0])
+        return super().submit(fn, *args, **kwargs)
 
 
 def test_known_digests_positions_mark_present_and_absent():
@@ -109,3 +108,32 @@ def test_prepare_items_without_earlier_vectors_decodes_everything(tmp_path):
         prepared = prepare_items([CatalogItem(p.stem, str(p)) for p in paths], pool, PREPROCESS, DecodeLimits())
     assert sorted(d.item_id for d in prepared.decoded) == ["0", "1", "2", "3", "4"]
     assert not prepared.reuse and not prepared.failed
+
+
+def test_an_image_that_will_not_finish_decoding_is_dead_lettered_and_the_rest_go_on(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import pipelines.embed_steps as steps
+
+    paths = [tmp_path / f"{n}.jpg" for n in range(6)]
+    for n, path in enumerate(paths):
+        path.write_bytes(_jpeg(n))
+    release, real = threading.Event(), steps.decode_fetched
+
+    def decode(fetched, preprocess, limits):
+        if fetched.item.item_id == "3":  # a decoder stuck on one hostile image
+            release.wait(30)
+        return real(fetched, preprocess, limits)
+
+    monkeypatch.setattr(steps, "decode_fetched", decode)
+    pool = ThreadPoolExecutor(4)
+    start = time.monotonic()
+    prepared = prepare_items([CatalogItem(p.stem, str(p)) for p in paths], pool, PREPROCESS, DecodeLimits(),
+                             threads=4, max_decode_s=0.5)  # fmt: skip
+    seconds = time.monotonic() - start
+    release.set()
+    pool.shutdown(wait=True)
+    assert sorted(d.item_id for d in prepared.decoded) == ["0", "1", "2", "4", "5"]
+    assert [(f.item_id, f.stage, f.error) for f in prepared.failed] == [("3", "decode", "not decoded within 0.5 s")]
+    assert seconds < 5
