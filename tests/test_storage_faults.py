@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from encoder import storage
-from indexing import SnapshotClient
+from indexing import IndexConfig, SnapshotClient, build_snapshot, publish
 from indexing.publish import read_latest
 from pipelines.nightly import run_nightly
 from pipelines.nightly_config import EvaluateSettings, NightlyConfig
@@ -75,8 +75,13 @@ def test_a_night_through_10_percent_faults_equals_a_clean_one(gcs_emulator, gcs_
         # Read back through the proxy too: the emulator records download links with the host that
         # uploaded (here the proxy), so objects written through it are read through it.
         latest = read_latest(f"gs://{gcs_bucket}/faulty/snapshots")
-        client = SnapshotClient(f"gs://{gcs_bucket}/faulty/snapshots")
+        root = f"gs://{gcs_bucket}/faulty/snapshots"
+        client = SnapshotClient(root)
         neighbours = client.search(item_ids=[next(iter(faulty["rows"]))], k=3)
+        second = build_snapshot(f"gs://{gcs_bucket}/faulty/embeddings/night-1", root, IndexConfig(index="flat"))
+        publish(root, second["snapshot_id"])
+        swapped = client.refresh()
+        served = client.snapshot_id
         client.close()
     assert proxy.injected >= 10, f"too few faults to prove anything: {dict(proxy.counts)}"
     shard_uploads = [p for m, p in proxy.seen if m in ("POST", "PUT") and "embeddings" in p and ".parquet" in p]
@@ -89,6 +94,7 @@ def test_a_night_through_10_percent_faults_equals_a_clean_one(gcs_emulator, gcs_
         np.testing.assert_allclose(faulty["rows"][item_id], vector, atol=1e-6)
     assert faulty["metrics"] == clean["metrics"]
     assert len(neighbours[0]) == 3
+    assert swapped and served == second["snapshot_id"]  # the client's refresh got through the faults too
 
 
 @pytest.mark.parametrize("status", ["403", "404"])
