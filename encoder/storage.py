@@ -369,11 +369,19 @@ def write_if_version(uri: str, data: bytes, version: int) -> None:
         return
     from google.api_core.exceptions import PreconditionFailed
 
+    attempts = 0
+
+    def write() -> None:
+        nonlocal attempts
+        attempts += 1
+        _blob(uri).upload_from_string(data, if_generation_match=version, retry=None)
+
     try:
-        with_retries(
-            lambda: _blob(uri).upload_from_string(data, if_generation_match=version, retry=None), f"write {uri}"
-        )
+        with_retries(write, f"write {uri}")
     except PreconditionFailed as err:
+        # A retry after a lost answer finds our own write in place: the object changed, but to our bytes.
+        if attempts > 1 and read_versioned(uri)[0] == data:
+            return
         raise ConcurrentUpdate(f"{uri} changed since it was read") from err
 
 

@@ -124,3 +124,28 @@ def test_permanent_errors_fail_fast_without_retrying(gcs_emulator, gcs_bucket, s
             assert isinstance(result, Exception) or result == [], (what, result)
         else:
             assert isinstance(result, Exception) and status in str(result), (what, result)
+
+
+def test_writes_whose_answer_is_lost_still_count_once(gcs_emulator, gcs_bucket, run_dir_for_faults):
+    """The write lands, the answer never comes: the retry must see its own write, not a conflict."""
+    from pipelines.run_lock import run_lock
+
+    root = f"gs://{gcs_bucket}/snapshots"
+    ids = [build_snapshot(run_dir_for_faults, root, IndexConfig(index="flat"))["snapshot_id"] for _ in range(2)]
+    upstream = urlparse(os.environ["STORAGE_EMULATOR_HOST"]).port
+    with FaultProxy(upstream, rate=0.5, kinds=("lost-reply",), seed=5) as proxy, _through(proxy):
+        for i in range(10):
+            assert publish(root, ids[i % 2]).snapshot_id == ids[i % 2]
+            with run_lock(f"gs://{gcs_bucket}/out", f"job-{i}", ttl_h=1):
+                pass
+        latest = read_latest(root)
+    assert proxy.counts["lost-reply"] >= 5, dict(proxy.counts)
+    assert latest.snapshot_id == ids[1] and latest.sequence == 10  # each publish counted once
+    assert not storage.exists(f"gs://{gcs_bucket}/out/runs/LOCK")  # every lock released
+
+
+@pytest.fixture
+def run_dir_for_faults(tmp_path):
+    from tests.indexing.conftest import clustered, write_run
+
+    return write_run(tmp_path / "20260101T000000Z-eeeeee", clustered(300, 8))

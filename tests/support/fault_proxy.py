@@ -6,6 +6,7 @@ Each request draws its fate from a seeded random generator: pass through, or one
     reset             the connection is cut (TCP RST) before any answer
     slow              forwarded after a delay
     truncated         (GET only) forwarded, then the body is cut short with the full Content-Length
+    lost-reply        (writes only) forwarded, so the write lands, then the connection is cut unanswered
 so a test can point STORAGE_EMULATOR_HOST at the proxy and check that nothing is lost.
 
     with FaultProxy(upstream_port, rate=0.1) as proxy:
@@ -24,14 +25,14 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-KINDS = ("429", "500", "503", "reset", "slow", "truncated", "403", "404")  # the last two are permanent
+KINDS = ("429", "500", "503", "reset", "slow", "truncated", "lost-reply", "403", "404")  # last two: permanent
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection"}
 
 
 class FaultProxy:
     """Forward HTTP to 127.0.0.1:`upstream_port`, failing about `rate` of the requests."""
 
-    def __init__(self, upstream_port: int, *, rate: float = 0.1, kinds: tuple[str, ...] = KINDS[:6], seed: int = 0,
+    def __init__(self, upstream_port: int, *, rate: float = 0.1, kinds: tuple[str, ...] = KINDS[:7], seed: int = 0,
                  slow_s: float = 0.3) -> None:  # fmt: skip
         unknown = set(kinds) - set(KINDS)
         if unknown or not 0 <= rate <= 1:
@@ -55,7 +56,9 @@ class FaultProxy:
             self.seen.append((method, path))
             if self._random.random() >= self.rate:
                 return "pass"
-            choices = [k for k in self.kinds if k != "truncated" or method == "GET"] or ["pass"]
+            writes = method in ("POST", "PUT", "PATCH", "DELETE")
+            choices = [k for k in self.kinds if (k != "truncated" or method == "GET") and (k != "lost-reply" or writes)]
+            choices = choices or ["pass"]
             kind = self._random.choice(choices)
             self.counts[kind] += 1
             return kind
@@ -141,6 +144,9 @@ def _handler(proxy: FaultProxy):
                 status, answer_headers = answer.status, answer.getheaders()
             finally:
                 upstream.close()
+            if fate == "lost-reply":
+                self._reset()
+                return
             self.send_response(status)
             for key, value in answer_headers:
                 if key.lower() not in _HOP_BY_HOP:
