@@ -214,7 +214,7 @@ def arrow_input(data: bytes):
 
     A reader over Python bytes (io.BytesIO, py_buffer) may be released on one of Arrow's own
     threads after the read returns; that needs the GIL, and at interpreter exit taking the GIL
-    ends the thread inside a C++ destructor, which aborts the process (SIGABRT in about 1 of 10
+    ends the thread inside a C++ destructor, which aborts the process (SIGABRT in about 1 of 8
     exits right after a read). A copy that Arrow owns is freed without Python.
     """
     import pyarrow as pa
