@@ -5,11 +5,11 @@
 Builds two snapshots of a synthetic catalog (clustered unit vectors, index auto), publishes the
 first, starts `lookalike serve` (refresh every second) and runs `--clients` concurrent
 keep-alive clients on one asyncio loop for `--seconds`, each asking GET /similar/{id}?k=10
-for random catalog items. Half-way the second snapshot is published; the server swaps it
-in while answering. Reports requests/s, p50/p99/max latency, errors (non-200 answers or
-broken connections) and which snapshots answered. The load generator shares the machine's
-cores with the server, so requests/s is a floor for the server alone. Results go in
-RELIABILITY.md.
+for random catalog items. Half-way `lookalike publish` (a separate process, as in
+production) publishes the second snapshot; the server swaps it in while answering. Reports
+requests/s, p50/p99/max latency, errors (non-200 answers or broken connections) and which
+snapshots answered. The load generator shares the machine's cores with the server, so
+requests/s is a floor for the server alone. Results go in RELIABILITY.md.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ async def _client(url: str, ids: list[str], until: float, seed: int, latencies: 
                 outcomes[f"status {answer.status_code}"] += 1
 
 
-async def _load(url: str, ids: list[str], seconds: float, clients: int, swap) -> dict:
+async def _load(url: str, ids: list[str], seconds: float, clients: int, swap: list[str]) -> dict:
     latencies: list[float] = []
     outcomes: Counter[str] = Counter()
     served: Counter[str] = Counter()
@@ -68,7 +68,8 @@ async def _load(url: str, ids: list[str], seconds: float, clients: int, swap) ->
     until = start + seconds
     tasks = [asyncio.create_task(_client(url, ids, until, i, latencies, outcomes, served)) for i in range(clients)]
     await asyncio.sleep(seconds / 2)
-    await asyncio.to_thread(swap)
+    swapper = await asyncio.create_subprocess_exec(*swap)  # another job publishes, as in production
+    await swapper.wait()
     await asyncio.gather(*tasks)
     elapsed = time.monotonic() - start
     ms = np.array(latencies) * 1000 if latencies else np.zeros(1)
@@ -103,7 +104,7 @@ def run_load_test(work: Path, *, seconds: float, clients: int, items: int, dim: 
                     raise RuntimeError(f"server did not start: {server.stderr.read().decode()[-2000:]}") from None
                 time.sleep(0.2)
         result = asyncio.run(
-            _load(f"http://127.0.0.1:{port}", ids, seconds, clients, lambda: publish(str(root), second))
+            _load(f"http://127.0.0.1:{port}", ids, seconds, clients, [str(exe), "publish", "--root", str(root), second])
         )
     finally:
         server.terminate()
