@@ -52,7 +52,7 @@ async def _client(url: str, ids: list[str], until: float, seed: int, latencies: 
             except httpx.HTTPError as err:
                 outcomes[f"error {type(err).__name__}"] += 1
                 continue
-            latencies.append(time.perf_counter() - start)
+            latencies.append((start, time.perf_counter() - start))
             if answer.status_code == 200 and len(answer.json()["neighbors"]) == 10:
                 outcomes["ok"] += 1
                 served[answer.json()["snapshot_id"]] += 1
@@ -64,19 +64,25 @@ async def _load(url: str, ids: list[str], seconds: float, clients: int, swap: li
     latencies: list[float] = []
     outcomes: Counter[str] = Counter()
     served: Counter[str] = Counter()
-    start = time.monotonic()
+    start, t0 = time.monotonic(), time.perf_counter()
     until = start + seconds
     tasks = [asyncio.create_task(_client(url, ids, until, i, latencies, outcomes, served)) for i in range(clients)]
     await asyncio.sleep(seconds / 2)
+    swap_at = time.perf_counter() - t0
     swapper = await asyncio.create_subprocess_exec(*swap)  # another job publishes, as in production
     await swapper.wait()
     await asyncio.gather(*tasks)
     elapsed = time.monotonic() - start
-    ms = np.array(latencies) * 1000 if latencies else np.zeros(1)
+    began = np.array([t for t, _ in latencies] or [0.0])
+    ms = np.array([d for _, d in latencies] or [0.0]) * 1000
+    worst = int(np.argmax(ms))
     errors = sum(n for k, n in outcomes.items() if k != "ok")
     return {"requests": sum(outcomes.values()), "errors": errors, "outcomes": dict(outcomes), "served": dict(served),
             "requests_per_s": sum(outcomes.values()) / elapsed, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max())}  # fmt: skip
+            "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max()),
+            "max_at_s": float(began[worst] - t0), "swap_at_s": swap_at,
+            "max_after_warmup_ms": float(ms[began - t0 >= 2.0].max(initial=0.0)),
+            "max_around_swap_ms": float(ms[np.abs(began - t0 - swap_at) <= 3.0].max(initial=0.0))}  # fmt: skip
 
 
 def run_load_test(work: Path, *, seconds: float, clients: int, items: int, dim: int) -> dict:
@@ -130,6 +136,11 @@ def main() -> None:
     print(
         f"| {r['requests']:,} | {r['errors']} | {r['requests_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
         f"| {r['max_ms']:.1f} | {r['served'].get(r['first'], 0):,} / {r['served'].get(r['second'], 0):,} |"
+    )
+    print(
+        f"\nslowest request started {r['max_at_s']:.1f} s into the run; the publish began at {r['swap_at_s']:.1f} s; "
+        f"max after the first 2 s {r['max_after_warmup_ms']:.1f} ms, within 3 s of the publish "
+        f"{r['max_around_swap_ms']:.1f} ms"
     )
     if r["errors"]:
         print(f"outcomes: {r['outcomes']}")
