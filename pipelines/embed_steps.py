@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from encoder import DecodeLimits, ImageDecodeError, ImageEncoder, PreprocessConfig, decode_image
 from pipelines import storage
 from pipelines.catalog import CatalogItem
-from pipelines.records import EmbeddingRow, Failure, PreparedImage, ReuseRequest, embedding_matrix, embedding_schema
+from pipelines.records import EmbeddingRow, Failure, PreparedImage, ReuseRequest, embedding_matrix, embedding_table
 
 __all__ = [
     "Fetched",
@@ -58,10 +58,11 @@ class KnownDigests:
     def positions(self, hex_digests: Sequence[str]) -> np.ndarray:
         """Each digest's index in the sorted set, or -1 where it is absent; one vectorised search."""
         keys = _raw(hex_digests)
-        i = np.searchsorted(self._sorted, keys)
-        clipped = np.minimum(i, max(self._sorted.size - 1, 0))
-        found = (i < self._sorted.size) & (self._sorted[clipped] == keys) if self._sorted.size else i < 0
-        return np.where(found, i, -1)
+        if not self._sorted.size:
+            return np.full(keys.size, -1)
+        # A key past the end lands on the last element, which it cannot equal (it would have sorted there).
+        i = np.minimum(np.searchsorted(self._sorted, keys), self._sorted.size - 1)
+        return np.where(self._sorted[i] == keys, i, -1)
 
     def __contains__(self, hex_digest: str) -> bool:
         return bool(self.positions([hex_digest])[0] >= 0)
@@ -102,16 +103,9 @@ class PreviousVectors(KnownDigests):
         where = self.positions([r.image_sha256 for r in requests])
         if (where < 0).any():
             raise KeyError(f"no earlier vector for {requests[int(np.argmin(where))].image_sha256}")
-        return pa.Table.from_arrays(
-            [
-                pa.array([r.item_id for r in requests], pa.string()),
-                pa.FixedSizeListArray.from_arrays(pa.array(self._vectors[where].reshape(-1)), self.dim),
-                pa.array([r.image_sha256 for r in requests], pa.string()),
-                pa.array([self.model_version] * len(requests), pa.string()),
-                pa.array(self._embedded_at[where], pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC")),
-            ],
-            schema=embedding_schema(self.dim),
-        )
+        return embedding_table([r.item_id for r in requests], self._vectors[where],
+                               [r.image_sha256 for r in requests], [self.model_version] * len(requests),
+                               pa.array(self._embedded_at[where], pa.timestamp("us")))  # fmt: skip
 
 
 def _describe(err: BaseException) -> str:

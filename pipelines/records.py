@@ -17,6 +17,7 @@ __all__ = [
     "ReuseRequest",
     "embedding_matrix",
     "embedding_schema",
+    "embedding_table",
     "failures_to_table",
     "rows_to_table",
 ]
@@ -83,15 +84,24 @@ def rows_to_table(rows: Sequence[EmbeddingRow], dim: int) -> pa.Table:
     vectors = np.stack([r.embedding for r in rows]).astype(np.float32, copy=False)
     if vectors.shape != (len(rows), dim):
         raise ValueError(f"embeddings have shape {vectors.shape}, expected ({len(rows)}, {dim})")
+    embedded_at = pa.array([r.embedded_at for r in rows], pa.timestamp("us", tz="UTC"))
+    return embedding_table([r.item_id for r in rows], vectors, [r.image_sha256 for r in rows],
+                           [r.model_version for r in rows], embedded_at)  # fmt: skip
+
+
+def embedding_table(item_ids: Sequence[str], vectors: np.ndarray, image_sha256: Sequence[str],
+                    model_versions: Sequence[str], embedded_at: pa.Array) -> pa.Table:  # fmt: skip
+    """Columns → a table of the embedding shard schema; `vectors` (n, dim) float32 as one buffer."""
+    dim = vectors.shape[1]
     return pa.Table.from_arrays(
         [
-            pa.array([r.item_id for r in rows], pa.string()),
+            pa.array(item_ids, pa.string()),
             pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
-            pa.array([r.image_sha256 for r in rows], pa.string()),
-            pa.array([r.model_version for r in rows], pa.string()),
-            pa.array([r.embedded_at for r in rows], pa.timestamp("us", tz="UTC")),
+            pa.array(image_sha256, pa.string()),
+            pa.array(model_versions, pa.string()),
+            embedded_at.cast(pa.timestamp("us", tz="UTC")),
         ],
-        schema=schema,
+        schema=embedding_schema(dim),
     )
 
 
