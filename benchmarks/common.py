@@ -6,6 +6,7 @@ import io
 import json
 import os
 import platform
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,13 @@ def realistic_jpegs(folder: Path, count: int, width: int = 640, quality: int = 9
         path.write_bytes(buffer.getvalue())
         paths.append(path)
     return paths
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def machine() -> str:

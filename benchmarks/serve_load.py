@@ -30,13 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import clustered, machine, write_run  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from benchmarks.common import clustered, free_port, machine, write_run  # noqa: E402
 
 
 async def _client(url: str, ids: list[str], until: float, seed: int, latencies: list, outcomes: Counter,
@@ -95,7 +89,7 @@ def run_load_test(work: Path, *, seconds: float, clients: int, items: int, dim: 
     first, second = (build_snapshot(run, str(root), cfg)["snapshot_id"] for _ in range(2))
     publish(str(root), first)
     ids = [f"item-{i:06d}" for i in random.Random(0).sample(range(items), min(items, 5000))]
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).with_name("lookalike")
     server = subprocess.Popen([str(exe), "serve", "--root", str(root), "--port", str(port), "--refresh-s", "1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})  # fmt: skip

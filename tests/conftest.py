@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.common import free_port
+
+__all__ = ["free_port", "upload_dir"]
+
 # Offline and quiet before anything imports huggingface_hub or google-auth.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -56,12 +60,6 @@ def tiny_encoder(tiny_model):
     from encoder import EncoderConfig, load_encoder
 
     return load_encoder(EncoderConfig(model=str(tiny_model), device="cpu"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
