@@ -130,3 +130,34 @@ def write_run(run_dir: Path, vectors: np.ndarray, ids: list[str] | None = None, 
                 "counts": {"items_in": n, "embedded": n, "reused": 0, "dead_lettered": 0}}  # fmt: skip
     (run_dir / "_manifest.json").write_text(json.dumps(manifest))
     return str(run_dir)
+
+
+def run_watching_memory(cmd: list[str], interval: float = 0.02) -> tuple[float, int, int, str]:
+    """Run `cmd`; return (seconds, peak RssAnon bytes, peak RssFile bytes, stderr), sampling /proc/PID/status.
+
+    Raises:
+        RuntimeError: the command failed (its stderr's tail in the message).
+    """
+    import subprocess
+    import tempfile
+
+    start = time.monotonic()
+    with tempfile.TemporaryFile() as err:
+        job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        anon = file = 0
+        while job.poll() is None:
+            try:
+                status = Path(f"/proc/{job.pid}/status").read_text()
+            except OSError:
+                break
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            if "RssAnon" in fields:
+                anon = max(anon, int(fields["RssAnon"].split()[0]) * 1024)
+                file = max(file, int(fields["RssFile"].split()[0]) * 1024)
+            time.sleep(interval)
+        job.wait()
+        err.seek(0)
+        stderr = err.read().decode(errors="replace")
+    if job.returncode != 0:
+        raise RuntimeError(f"{cmd[:2]} exited {job.returncode}: {stderr[-2000:]}")
+    return time.monotonic() - start, anon, file, stderr

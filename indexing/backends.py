@@ -15,9 +15,10 @@ from typing import Protocol
 
 import numpy as np
 
+from indexing.memory import release_freed_memory
 from indexing.spec import IndexPlan
 
-__all__ = ["AnnIndex", "FaissIndex", "ScannIndex", "build_faiss", "build_scann", "load_index"]
+__all__ = ["AnnIndex", "FaissIndex", "ScannIndex", "build_scann", "fill_faiss", "load_index", "train_faiss"]
 
 
 class AnnIndex(Protocol):
@@ -105,25 +106,29 @@ class FaissIndex:
         return cls(faiss.read_index(path, flags), section["kind"], section["factory"], section.get("search_params"))
 
 
-def build_faiss(plan: IndexPlan, dim: int, train: np.ndarray, batches: Iterable[np.ndarray], workdir: Path,
-                memory_budget: int | None = None) -> FaissIndex:  # fmt: skip
-    """Train on `train` (if the index needs it), then add `batches` in order.
-
-    With `plan.on_disk`, vectors are added into parts of at most `memory_budget`
-    bytes, written to disk, and merged into memory-mapped inverted lists
-    (`index.ivfdata`), so memory holds one part at a time.
-    """
+def train_faiss(plan: IndexPlan, dim: int, train: np.ndarray):
+    """An empty faiss index of `plan`, trained on `train` when it needs training."""
     import faiss
 
     index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
         index.train(np.ascontiguousarray(train, dtype=np.float32))
+    return index
+
+
+def fill_faiss(index, plan: IndexPlan, batches: Iterable[np.ndarray], workdir: Path,
+               part_rows: int | None = None) -> FaissIndex:  # fmt: skip
+    """Add `batches` in order to a trained index.
+
+    With `plan.on_disk`, vectors go into parts of at most `part_rows` rows, each
+    written to disk and freed, then merged into memory-mapped inverted lists
+    (`index.ivfdata`), so memory holds one part at a time.
+    """
     if not plan.on_disk:
         for vectors in batches:
             index.add(vectors)
         return FaissIndex(index, plan.kind, plan.factory)
-    rows_per_part = max(1, (memory_budget or 1 << 30) // (dim * 4))
-    parts = _write_parts(index, batches, rows_per_part, workdir / "parts")
+    parts = _write_parts(index, batches, part_rows or 1 << 20, workdir / "parts")
     from faiss.contrib.ondisk import merge_ondisk
 
     # Parts carry global row ids already: faiss's own shift_ids miscounts when the last part is shorter.
@@ -136,41 +141,41 @@ def build_faiss(plan: IndexPlan, dim: int, train: np.ndarray, batches: Iterable[
     return found
 
 
-def _write_parts(trained, batches: Iterable[np.ndarray], rows_per_part: int, folder: Path) -> list[Path]:
+def _write_parts(trained, batches: Iterable[np.ndarray], part_rows: int, folder: Path) -> list[Path]:
+    """Batches added straight into part indexes (no concatenated copy), each written and freed when full."""
     import faiss
 
     folder.mkdir(parents=True, exist_ok=True)
-    paths, part = [], None
+    paths, part, offset = [], None, 0
 
     def flush() -> None:
         path = folder / f"part-{len(paths):05d}.index"
         faiss.write_index(part, str(path))
         paths.append(path)
 
-    offset = 0
-    for vectors in _rebatch(batches, rows_per_part):
-        part = faiss.clone_index(trained)
+    for vectors in _split(batches, part_rows):
+        if part is None:
+            part = faiss.clone_index(trained)
         part.add_with_ids(vectors, np.arange(offset, offset + len(vectors), dtype=np.int64))
         offset += len(vectors)
+        if part.ntotal == part_rows:
+            flush()
+            part = None
+            release_freed_memory()
+    if part is not None:
         flush()
     return paths
 
 
-def _rebatch(batches: Iterable[np.ndarray], rows: int) -> Iterator[np.ndarray]:
-    """Regroup a stream of arrays into arrays of exactly `rows` rows (the last may be shorter)."""
-    pending: list[np.ndarray] = []
-    count = 0
+def _split(batches: Iterable[np.ndarray], rows: int) -> Iterator[np.ndarray]:
+    """The same rows in the same order, cut so no piece crosses a multiple of `rows`."""
+    seen = 0
     for batch in batches:
         while len(batch):
-            take = batch[: rows - count]
-            pending.append(take)
-            count += len(take)
+            take = batch[: rows - seen % rows]
+            seen += len(take)
             batch = batch[len(take) :]
-            if count == rows:
-                yield np.concatenate(pending)
-                pending, count = [], 0
-    if pending:
-        yield np.concatenate(pending)
+            yield take
 
 
 class ScannIndex:

@@ -20,7 +20,10 @@ from encoder import storage
 
 __all__ = ["EmbeddingSet", "EmbeddingsError", "latest_run", "open_embeddings"]
 
-_BATCH_ROWS = 16_384
+# ~4 MiB of vectors per batch, streamed without pre-buffering the column chunk: the
+# Parquet reader's peak grows faster than the batch (128 MB chunk: 30 MiB at 4 MiB, 271 at 64).
+_BATCH_BYTES = 4 << 20
+_READ_BUFFER = 8 << 20
 MANIFEST_NAME = "_manifest.json"
 
 
@@ -65,14 +68,15 @@ class EmbeddingSet:
 
     def _shard_batches(self, shard: str, check: bool) -> Iterator[tuple[list[str], np.ndarray]]:
         with _local_copy(shard) as path:
-            parquet = pq.ParquetFile(path)
+            parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=_READ_BUFFER)
             embedding_type = parquet.schema_arrow.field("embedding").type
             if not pa.types.is_fixed_size_list(embedding_type) or embedding_type.list_size != self.dim:
                 raise EmbeddingsError(
                     f"shard {shard} has embeddings of type {embedding_type}, expected dimension {self.dim}"
                 )
             for batch in parquet.iter_batches(
-                batch_size=_BATCH_ROWS, columns=["item_id", "embedding", "model_version"]
+                batch_size=max(64, _BATCH_BYTES // (4 * self.dim)),
+                columns=["item_id", "embedding"] + (["model_version"] if check else []),
             ):
                 ids = batch.column("item_id").to_pylist()
                 column = batch.column("embedding")
@@ -87,6 +91,7 @@ class EmbeddingSet:
                     if bad.any():
                         raise EmbeddingsError(f"shard {shard}: non-finite vector for item {ids[int(np.argmax(bad))]!r}")
                 yield ids, np.ascontiguousarray(vectors, dtype=np.float32)
+        pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed pages otherwise
 
     def sample(self, n: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
         """A uniform sample of `n` rows (all rows when fewer), read in one pass."""

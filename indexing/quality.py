@@ -10,7 +10,7 @@ import numpy as np
 
 __all__ = ["Quality", "exact_topk", "measure", "recall_at_k"]
 
-_CHUNK = 4096
+_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Quality:
 def exact_topk(queries: np.ndarray, batches: Iterable[np.ndarray], k: int) -> np.ndarray:
     """Row numbers of the exact inner-product top-k over vectors that arrive in batches.
 
-    Memory is one (n_queries, 4096 + k) score block, whatever the number of vectors.
+    Memory is one (n_queries, _CHUNK + k) score block, whatever the number of vectors.
 
     Returns:
         (n_queries, k) int64; -1 where there are fewer than k vectors.
@@ -40,13 +40,11 @@ def exact_topk(queries: np.ndarray, batches: Iterable[np.ndarray], k: int) -> np
     for batch in batches:
         for start in range(0, len(batch), _CHUNK):  # bounded score blocks, whatever the batch size
             vectors = batch[start : start + _CHUNK]
-            scores = queries @ vectors.T
-            rows = np.broadcast_to(np.arange(offset, offset + len(vectors)), scores.shape)
-            all_scores = np.concatenate([best_scores, scores], axis=1)
-            all_rows = np.concatenate([best_rows, rows], axis=1)
-            keep = np.argpartition(-all_scores, k - 1, axis=1)[:, :k]
+            all_scores = np.concatenate([best_scores, queries @ vectors.T], axis=1)
+            keep = np.argpartition(all_scores, -k, axis=1)[:, -k:]  # columns < k are the best so far
             best_scores = np.take_along_axis(all_scores, keep, axis=1)
-            best_rows = np.take_along_axis(all_rows, keep, axis=1)
+            kept_rows = np.take_along_axis(best_rows, np.minimum(keep, k - 1), axis=1)
+            best_rows = np.where(keep < k, kept_rows, offset + keep - k)
             offset += len(vectors)
     order = np.argsort(-best_scores, axis=1, kind="stable")
     return np.take_along_axis(best_rows, order, axis=1)

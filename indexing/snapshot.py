@@ -30,8 +30,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from encoder import storage
-from indexing.backends import build_faiss, build_scann
+from indexing.backends import build_scann, fill_faiss, train_faiss
 from indexing.embeddings import EmbeddingsError, open_embeddings
+from indexing.memory import BuildMemory, arrow_system_pool, release_freed_memory
 from indexing.quality import exact_topk, measure, recall_at_k
 from indexing.reduce import fit_reducer
 from indexing.spec import IndexConfig, choose_index
@@ -122,16 +123,30 @@ def build_snapshot(embeddings: list[str] | str, root: str, cfg: IndexConfig = In
         EmbeddingsError: empty, mixed or non-finite embeddings, duplicate item ids.
         SnapshotError: measured recall@10 below `cfg.min_recall` (nothing is written).
     """
+    if cfg.memory_budget:
+        with arrow_system_pool():
+            return _build_snapshot(embeddings, root, cfg, snapshot_id)
+    return _build_snapshot(embeddings, root, cfg, snapshot_id)
+
+
+def _build_snapshot(embeddings: list[str] | str, root: str, cfg: IndexConfig, snapshot_id: str | None) -> dict:
     started = time.monotonic()
     source = open_embeddings(embeddings)
     snapshot_id = snapshot_id or new_snapshot_id()
-    _, train = source.sample(_TRAIN_ROWS, seed=cfg.seed)
+    memory = BuildMemory.plan(cfg.memory_budget, source.dim) if cfg.memory_budget else None
+    if memory:
+        memory.check()
+    _, train = source.sample(memory.train_rows(_TRAIN_ROWS) if memory else _TRAIN_ROWS, seed=cfg.seed)
     _, queries_raw = source.sample(cfg.queries, seed=cfg.seed + 1)
+    release_freed_memory()
     reducer = fit_reducer(cfg.reduce, train) if cfg.reduce else None
     transform = reducer.apply if reducer else (lambda v: v)
     dim = reducer.dim_out if reducer else source.dim
-    plan = choose_index(source.count, dim, cfg)
+    plan = choose_index(source.count, dim, cfg, train_rows=len(train))
     log.info("indexing %d vectors (dim %d → %d) as %s: %s", source.count, source.dim, dim, plan.kind, plan.reason)
+    if memory and plan.on_disk:
+        log.info("memory budget %d MiB: %d MiB held at start, training on %d rows, parts of %d rows",
+                 memory.budget >> 20, memory.held >> 20, len(train), memory.part_rows)  # fmt: skip
 
     local_root = None if storage.is_gcs(root) else Path(root)
     if local_root is not None:
@@ -141,13 +156,17 @@ def build_snapshot(embeddings: list[str] | str, root: str, cfg: IndexConfig = In
         served = _write_ids_and_vectors(source, transform, workdir, dim)
         build_start = time.monotonic()
         if plan.backend == "faiss":
-            index = build_faiss(plan, dim, transform(train), served, workdir, cfg.memory_budget)
+            trained = train_faiss(plan, dim, transform(train))
+            del train  # the sample's memory goes to the parts
+            release_freed_memory()
+            index = fill_faiss(trained, plan, served, workdir, memory.part_rows if memory else None)
         else:
             for _ in served:  # fill vectors.npy; ScaNN builds from the whole matrix
                 pass
             index = build_scann(plan, np.load(workdir / "vectors.npy", mmap_mode="r"))
         build_s = time.monotonic() - build_start
         _check_unique_ids(workdir / "ids.parquet")
+        release_freed_memory()
 
         # Ground truth is exact search in the embedding space itself, so a reduction's loss shows in the recall.
         truth = exact_topk(queries_raw, (v for _, v in source.batches(columns_checked=False)), cfg.k)
@@ -179,6 +198,7 @@ def build_snapshot(embeddings: list[str] | str, root: str, cfg: IndexConfig = In
                 "reason": plan.reason,
             },
             "reduce": reducer.describe() if reducer else None,
+            "memory": memory.describe() if memory else None,
             "quality": quality.as_dict() | {"k": cfg.k, "build_s": round(build_s, 3)},
             "bytes": {
                 "index": sum(_size(workdir / n) for n in names if n not in ("ids.parquet", "vectors.npy")),

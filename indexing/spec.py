@@ -46,7 +46,7 @@ class IndexConfig:
     nlist: int | None = None  # IVF lists; default ~4·sqrt(N)
     scann_leaves: int | None = None  # default ~sqrt(N); setting it forces the tree even where exact is cheap
     scann_reorder: int = 100
-    memory_budget: int | None = None  # bytes for vectors in memory; beyond it, IVF on disk in parts
+    memory_budget: int | None = None  # bytes of anonymous memory for the whole build (indexing/memory.py)
     reduce: str | None = None  # pca:D | prefix:D
     seed: int = 0
     extra: dict = field(default_factory=dict)
@@ -80,8 +80,11 @@ class IndexPlan:
     on_disk: bool = False
 
 
-def _nlist(n: int, cfg: IndexConfig) -> int:
-    return cfg.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
+def _nlist(n: int, cfg: IndexConfig, train_rows: int | None) -> int:
+    # faiss asks for >= 39 training points per list; k-means still places lists well at 16 from a
+    # sample (the default 100k sample trains 1M vectors' 4,000 lists), not below.
+    trainable = min(n // 39, (train_rows or n) // 16)
+    return cfg.nlist or max(1, min(int(4 * math.sqrt(n)), trainable))
 
 
 def _pq_m(dim: int) -> int:
@@ -91,18 +94,20 @@ def _pq_m(dim: int) -> int:
     return dim
 
 
-def choose_index(n: int, dim: int, cfg: IndexConfig) -> IndexPlan:
-    """The index to build for `n` vectors of `dim` dimensions under `cfg`.
+def choose_index(n: int, dim: int, cfg: IndexConfig, train_rows: int | None = None) -> IndexPlan:
+    """The index to build for `n` vectors of `dim` dimensions under `cfg`, trained on `train_rows` of them.
 
     Raises:
         ValueError: an explicit choice that cannot fit the memory budget.
     """
     vector_bytes = n * dim * 4
-    over_budget = cfg.memory_budget is not None and vector_bytes > cfg.memory_budget
+    # An in-memory index holds every vector, and its arrays grow by doubling: allow twice the vectors.
+    over_budget = cfg.memory_budget is not None and 2 * vector_bytes > cfg.memory_budget
     if cfg.backend == "scann":
         if over_budget:
             raise ValueError(
-                f"scann needs all {n} vectors in memory ({vector_bytes} bytes > budget {cfg.memory_budget}); "
+                f"scann needs all {n} vectors in memory (twice their {vector_bytes} bytes > budget "
+                f"{cfg.memory_budget}); "
                 "use --backend faiss"
             )
         if cfg.index == "flat" or (cfg.index == "auto" and n <= EXACT_MAX_ROWS and cfg.scann_leaves is None):
@@ -111,11 +116,11 @@ def choose_index(n: int, dim: int, cfg: IndexConfig) -> IndexPlan:
         params = {"num_leaves": leaves, "reorder": cfg.scann_reorder, "training_sample_size": min(n, 250_000)}
         return IndexPlan("scann", "scann-tree", None, params, "tree + asymmetric hashing + exact reorder")
 
-    nlist = _nlist(n, cfg)
+    nlist = _nlist(n, cfg, train_rows)
     if cfg.index == "auto":
         if over_budget:
             return IndexPlan("faiss", "ivf-ondisk", f"IVF{nlist},Flat", {"nlist": nlist},
-                             f"{vector_bytes} bytes of vectors > memory budget {cfg.memory_budget}: IVF on disk",
+                             f"2 × {vector_bytes} bytes of vectors > memory budget {cfg.memory_budget}: IVF on disk",
                              on_disk=True)  # fmt: skip
         if n <= EXACT_MAX_ROWS:
             return IndexPlan("faiss", "flat", "Flat", {}, f"exact: n={n} <= {EXACT_MAX_ROWS}")
@@ -135,7 +140,7 @@ def choose_index(n: int, dim: int, cfg: IndexConfig) -> IndexPlan:
     if over_budget:
         if kind != "ivf":
             raise ValueError(
-                f"--index {cfg.index} keeps all {n} vectors in memory ({vector_bytes} bytes > budget "
+                f"--index {cfg.index} keeps all {n} vectors in memory (twice their {vector_bytes} bytes > budget "
                 f"{cfg.memory_budget}); use --index auto or ivf, which build on disk in parts"
             )
         return IndexPlan("faiss", "ivf-ondisk", factory, params, "explicit ivf over the memory budget: on disk", True)

@@ -33,11 +33,14 @@ def _setup_logging(verbose: bool) -> None:
     if not verbose:
         for noisy in ("apache_beam", "transformers", "huggingface_hub", "urllib3", "google", "faiss"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # Read when transformers is first imported: commands that never load a model never import it.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        from transformers.utils import logging as hf_logging
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
 
 
 @app.callback()

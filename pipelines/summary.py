@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.embed import EmbedResult
+if TYPE_CHECKING:  # importing it at run time would load torch and Beam into `lookalike index`
+    from pipelines.embed import EmbedResult
 
 __all__ = [
     "print_nightly",

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from indexing import EmbeddingsError, IndexConfig, SnapshotError, build_snapshot, choose_index, parse_size
-from indexing.backends import load_index
+from indexing import snapshot as snapshot_module
+from indexing.backends import _split, load_index
+from indexing.memory import WORKING_ALLOWANCE, BuildMemory
 from tests.indexing.conftest import clustered, write_run
 
 
@@ -186,9 +188,21 @@ def test_pca_keeps_clustered_neighbours_better_than_a_prefix(run, tmp_path):
     assert pca["reduce"]["explained_variance"] > 0.3
 
 
-def test_memory_budget_builds_on_disk_in_parts_with_the_same_neighbours(run, vectors, tmp_path):
-    budget = int(4000 * 32 * 4 / 3.5)  # parts of 1142 rows: 3 full ones and a shorter last one
-    on_disk = build_snapshot(run, str(tmp_path), IndexConfig(index="ivf", nlist=32, memory_budget=budget))
+class _PartsOf1142(BuildMemory):
+    """A budget that forces the on-disk build, with parts this test can count (3 full ones, a shorter last)."""
+
+    part_rows = 1142
+
+    def check(self) -> None:
+        pass
+
+    def train_rows(self, wanted: int) -> int:
+        return wanted
+
+
+def test_memory_budget_builds_on_disk_in_parts_with_the_same_neighbours(run, vectors, tmp_path, monkeypatch):
+    monkeypatch.setattr(snapshot_module, "BuildMemory", _PartsOf1142)
+    on_disk = build_snapshot(run, str(tmp_path), IndexConfig(index="ivf", nlist=32, memory_budget=1 << 10))
     in_memory = build_snapshot(run, str(tmp_path), IndexConfig(index="ivf", nlist=32))
     assert on_disk["index"]["on_disk"] and on_disk["index"]["parts"] == 4
     assert "index.ivfdata" in on_disk["files"]
@@ -222,3 +236,24 @@ def test_tuning_stops_where_more_search_stops_paying(run, tmp_path):
     manifest = build_snapshot(run, str(tmp_path), IndexConfig(index="ivf", nlist=64, reduce="pca:4", min_recall=0.01))
     assert manifest["quality"]["recall_at_10"] < 0.95
     assert manifest["index"]["search_params"]["nprobe"] < 64
+
+
+@pytest.mark.parametrize("part_rows", [1, 3, 7, 100])
+def test_parts_are_cut_at_exact_multiples_without_losing_or_reordering_rows(part_rows):
+    batches = [np.arange(a, b)[:, None] for a, b in ((0, 5), (5, 6), (6, 6), (6, 40))]
+    pieces = list(_split(iter(batches), part_rows))
+    assert np.array_equal(np.concatenate(pieces)[:, 0], np.arange(40))
+    ends = np.cumsum([len(p) for p in pieces])
+    starts = ends - [len(p) for p in pieces]
+    assert all(s // part_rows == (e - 1) // part_rows for s, e in zip(starts, ends, strict=True))
+
+
+def test_the_budget_is_shared_out_after_what_the_process_holds():
+    memory = BuildMemory.plan(budget=512 << 20, dim=256, held=64 << 20)
+    spare = (512 << 20) - (64 << 20) - WORKING_ALLOWANCE
+    assert memory.part_rows * 2 * (256 * 4 + 8) <= spare // 2
+    assert memory.train_rows(100_000) * (256 * 4 + 8) <= spare // 2
+    assert memory.train_rows(10) == 10
+    memory.check()
+    with pytest.raises(ValueError, match=r"too small: this process already holds 200 MiB .* give at least \d+ MiB"):
+        BuildMemory.plan(budget=240 << 20, dim=256, held=200 << 20).check()
