@@ -26,6 +26,8 @@ from encoder.storage import download_gcs_dir, is_gcs
 __all__ = [
     "EncoderConfig",
     "ImageEncoder",
+    "batch_for_memory",
+    "fit_batch_size",
     "load_encoder",
     "model_version",
     "pick_device",
@@ -48,15 +50,15 @@ class EncoderConfig:
     model: str  # Hub id, local directory or gs:// directory
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
-    batch_size: int = 64  # images per forward pass; results do not depend on it
+    batch_size: int = 64  # images per forward pass (on a GPU at most what fits; 0: the most that fits)
     compile: bool = False  # torch.compile the tower (CUDA; pays a one-off compile)
     cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "lookalike", "models")
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("model must name a checkpoint (Hub id, directory or gs:// directory)")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size < 0:
+            raise ValueError(f"batch_size must be >= 1, or 0 to fit GPU memory, got {self.batch_size}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -184,11 +186,12 @@ class ImageEncoder:
         return decode_image(image, self.preprocess, self.limits)
 
     @torch.inference_mode()
-    def embed_prepared(self, batch: np.ndarray) -> np.ndarray:
+    def embed_prepared(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """Embed prepared images in chunks of `batch_size`.
 
         Args:
-            batch: (n, height, width, 3) uint8 from `decode_image` / `prepare_image`.
+            batch: (n, height, width, 3) uint8 from `decode_image` / `prepare_image`, on the
+                host or already on the model's device (`encoder.gpu_images`).
 
         Returns:
             (n, dim) float32, L2-normalised.
@@ -197,15 +200,41 @@ class ImageEncoder:
         for start in range(0, len(batch), self.batch_size):
             chunk = torch.as_tensor(batch[start : start + self.batch_size])
             n = len(chunk)
-            if self.static_batch and n < self.batch_size:
+            if self.static_batch and n < self.batch_size:  # one shape for a compiled graph: pad, then drop
                 chunk = torch.cat([chunk, chunk.new_zeros((self.batch_size - n, *chunk.shape[1:]))])
-            if self.device.type == "cuda":
-                chunk = chunk.pin_memory().to(self.device, non_blocking=True)
+            if chunk.device != self.device:
+                chunk = (chunk.pin_memory() if self.device.type == "cuda" else chunk).to(self.device, non_blocking=True)
             pixels = to_pixel_values(chunk, self.preprocess).to(self.dtype)
             features = self.vision_model(pixel_values=pixels).pooler_output[:n].float()
             features = torch.nn.functional.normalize(features, dim=-1)
             out[start : start + n] = features.cpu().numpy()
         return out
+
+
+def batch_for_memory(free_bytes: int, per_image_bytes: int, cap: int = 1024, multiple: int = 8,
+                     headroom: float = 0.7) -> int:  # fmt: skip
+    """The largest batch, a multiple of `multiple` up to `cap`, whose activations use `headroom` of free memory."""
+    fits = int(free_bytes * headroom) // max(1, per_image_bytes)
+    return max(1, min(cap, fits // multiple * multiple or min(fits, multiple) or 1))
+
+
+@torch.inference_mode()
+def fit_batch_size(encoder: ImageEncoder, cap: int = 1024) -> int:
+    """Measure activation memory per image on this GPU, then size the batch to its free memory."""
+    if encoder.device.type != "cuda":
+        return encoder.batch_size
+    size = (encoder.preprocess.height, encoder.preprocess.width, 3)
+    peaks = []
+    for n in (8, 16):
+        torch.cuda.synchronize(encoder.device)
+        torch.cuda.reset_peak_memory_stats(encoder.device)
+        base = torch.cuda.memory_allocated(encoder.device)
+        pixels = torch.zeros((n, *size), dtype=torch.uint8, device=encoder.device)
+        encoder.vision_model(pixel_values=to_pixel_values(pixels, encoder.preprocess).to(encoder.dtype))
+        peaks.append(torch.cuda.max_memory_allocated(encoder.device) - base)
+    per_image = max(1, (peaks[1] - peaks[0]) // 8)
+    free, _ = torch.cuda.mem_get_info(encoder.device)
+    return batch_for_memory(free, per_image, cap)
 
 
 def load_encoder(cfg: EncoderConfig, limits: DecodeLimits = DecodeLimits()) -> ImageEncoder:
@@ -233,10 +262,14 @@ def load_encoder(cfg: EncoderConfig, limits: DecodeLimits = DecodeLimits()) -> I
         raise ValueError(f"{cfg.model} lacks image-tower weights: {sorted(info['missing_keys'])[:5]}")
     version = model_version(model.state_dict(), preprocess)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    encoder = ImageEncoder(model, preprocess, version, batch_size=cfg.batch_size or 64, limits=limits,
+                           static_batch=cfg.compile)  # fmt: skip
+    if device.type == "cuda":  # never more than fits: 0 asks for the largest that does
+        encoder.batch_size = fit_batch_size(encoder, cap=cfg.batch_size or 1024)
     if cfg.compile:
-        model = torch.compile(model, dynamic=False)
-    log.info("loaded %s (%s) on %s as %s", cfg.model, version, device, dtype)
-    return ImageEncoder(model, preprocess, version, batch_size=cfg.batch_size, limits=limits, static_batch=cfg.compile)
+        encoder.vision_model = torch.compile(model, dynamic=False)
+    log.info("loaded %s (%s) on %s as %s, batch %d", cfg.model, version, device, dtype, encoder.batch_size)
+    return encoder
 
 
 @contextlib.contextmanager

@@ -104,6 +104,9 @@ def embed(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the image tower.")] = False,
+    gpu_decode: Annotated[
+        str, typer.Option(help="auto, on or off: decode and resize JPEGs on the GPU (auto: where there is one).")
+    ] = "auto",
     draft: Annotated[bool, typer.Option(help="JPEG draft-mode decoding (faster, slightly different pixels).")] = True,
     incremental: Annotated[bool, typer.Option(help="Reuse vectors of unchanged images from an earlier run.")] = True,
     previous: Annotated[str | None, typer.Option(help="Earlier run directory to reuse from (default: latest).")] = None,
@@ -121,7 +124,8 @@ def embed(
 
     options = dict(
         catalog=catalog, model=model, out=out, batch_size=batch_size, fetch_threads=fetch_threads, workers=workers,
-        device=device, dtype=dtype, compile=compile, draft=draft, incremental=incremental, previous=previous,
+        device=device, dtype=dtype, compile=compile, gpu_decode=gpu_decode, draft=draft, incremental=incremental,
+        previous=previous,
         max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, reuse_memory_mb=reuse_memory_mb,
         max_decode_s=max_decode_s,
     )  # fmt: skip

@@ -11,6 +11,7 @@ Output layout under `out`:
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import logging
@@ -32,6 +33,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils.shared import Shared
 
 from encoder import DecodeLimits, EncoderConfig, load_encoder
+from encoder.gpu_images import GpuImages
+from encoder.jpeg import cpu_reason
 from encoder.storage import arrow_input, contained
 from pipelines import storage
 from pipelines.catalog import (
@@ -74,6 +77,7 @@ class EmbedConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    gpu_decode: str = "auto"  # auto | on | off: JPEGs decoded and resized on the GPU (encoder.gpu_images)
     draft: bool = True  # JPEG draft-mode decoding (see README, "Preprocessing")
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 100_000_000
@@ -91,6 +95,8 @@ class EmbedConfig:
         for name in ("batch_size", "fetch_threads", "max_image_bytes", "max_image_pixels", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.gpu_decode not in ("auto", "on", "off"):
+            raise ValueError(f"gpu_decode must be auto, on or off, got {self.gpu_decode!r}")
         if not self.max_decode_s > 0:
             raise ValueError(f"max_decode_s must be > 0, got {self.max_decode_s}")
         if self.reembed_since is not None:
@@ -142,6 +148,12 @@ class FetchAndDecode(beam.DoFn):
     def setup(self) -> None:
         storage.configure_storage()
         self._pool = ThreadPoolExecutor(self._cfg.fetch_threads, thread_name_prefix="fetch")
+        limits = self._cfg.limits
+        self._gpu_decodes = (
+            (lambda data: cpu_reason(data, limits.max_bytes, limits.max_pixels) is None)
+            if gpu_decoding(self._cfg, self._preprocess)
+            else None
+        )
         self._progress = ProgressLog("fetched", self._total)
         self._previous = self._previous_source.acquire() if self._previous_source else None
         self._reused = Metrics.counter(_NAMESPACE, "reused")
@@ -149,7 +161,8 @@ class FetchAndDecode(beam.DoFn):
     def process(self, items: list[CatalogItem], known: KnownDigests | None = None):
         known = self._previous if self._previous is not None else known
         prepared = prepare_items(items, self._pool, self._preprocess, self._cfg.limits, known, self._reembed,
-                                 threads=self._cfg.fetch_threads, max_decode_s=self._cfg.max_decode_s)  # fmt: skip
+                                 threads=self._cfg.fetch_threads, max_decode_s=self._cfg.max_decode_s,
+                                 gpu_decodes=self._gpu_decodes)  # fmt: skip
         yield from prepared.decoded
         for failure in prepared.failed:
             yield beam.pvalue.TaggedOutput("failed", failure)
@@ -194,16 +207,38 @@ class EmbedBatch(beam.DoFn):
         if cfg.workers > 1:  # local worker processes share the cores: don't oversubscribe them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
         self._encoder = self._shared.acquire(lambda: load_encoder(cfg.encoder, cfg.limits), tag=cfg.model)
+        preprocess = self._encoder.preprocess
+        self._gpu = GpuImages(preprocess, self._encoder.device, cfg.limits) if gpu_decoding(cfg, preprocess) else None
         self._embedded = Metrics.counter(_NAMESPACE, "embedded")
         self._progress = ProgressLog("embedded")
 
     def process(self, batch):
-        rows, failures = embed_batch(self._encoder, batch)
+        rows, failures = embed_batch(self._encoder, batch, self._gpu)
         self._embedded.inc(len(rows))
         self._progress.add(len(rows))
         yield from rows
         for failure in failures:
             yield beam.pvalue.TaggedOutput("failed", failure)
+
+
+def gpu_decoding(cfg: EmbedConfig, preprocess) -> bool:
+    """Whether this worker decodes JPEGs on its GPU (`--gpu-decode`: auto uses it where it can).
+
+    Raises:
+        ValueError: `on` without CUDA, torchvision, or a resize filter the GPU path has.
+    """
+    if cfg.gpu_decode == "off":
+        return False
+    problem = None
+    if not (cfg.device.startswith("cuda") or cfg.device == "auto") or not torch.cuda.is_available():
+        problem = "no CUDA device"
+    elif importlib.util.find_spec("torchvision") is None:
+        problem = "torchvision is not installed (pip install 'lookalike[gpu]')"
+    elif preprocess.resample not in (2, 3):
+        problem = f"the model's resize filter {preprocess.resample} is not bilinear or bicubic"
+    if problem and cfg.gpu_decode == "on":
+        raise ValueError(f"--gpu-decode on: {problem}")
+    return problem is None
 
 
 def _read_shard(path: str) -> pa.Table:

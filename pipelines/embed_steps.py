@@ -11,7 +11,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime
@@ -20,8 +20,10 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from encoder import DecodeLimits, ImageDecodeError, ImageEncoder, PreprocessConfig, decode_image
+from encoder.gpu_images import GpuImages
 from pipelines import storage
 from pipelines.catalog import CatalogItem
 from pipelines.records import EmbeddingRow, Failure, PreparedImage, ReuseRequest, embedding_matrix, embedding_table
@@ -154,8 +156,11 @@ class Prepared(NamedTuple):
 
 def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: PreprocessConfig, limits: DecodeLimits,
                   known: KnownDigests | None = None, reembed: frozenset[str] = frozenset(), *, threads: int = 16,
-                  max_decode_s: float = 30.0) -> Prepared:  # fmt: skip
+                  max_decode_s: float = 30.0, gpu_decodes: Callable[[bytes], bool] | None = None) -> Prepared:  # fmt: skip
     """Fetch and hash every item; decode only those whose bytes have no vector in `known`.
+
+    Bytes that `gpu_decodes` accepts are passed on undecoded (`PreparedImage.data`) for the
+    GPU worker to decode in batches.
 
     Local files are read in this thread: on a page-cached disk a thread pool triples the cost
     per file (GIL hand-offs: 71 µs vs 23 µs measured), while object-store reads wait on the
@@ -178,6 +183,10 @@ def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: Prep
     ]
     to_decode = [f for f, r in zip(ok, reusable, strict=True) if not r]
     decoded = []
+    if gpu_decodes is not None:
+        deferred = [f for f in to_decode if gpu_decodes(f.data)]
+        decoded = [PreparedImage(f.item.item_id, f.item.image_uri, f.image_sha256, None, f.data) for f in deferred]
+        to_decode = [f for f in to_decode if not gpu_decodes(f.data)] if deferred else to_decode
     futures = [pool.submit(decode_fetched, f, preprocess, limits) for f in to_decode]
     deadline = time.monotonic() + max_decode_s * math.ceil(len(futures) / max(threads, 1))
     for fetched, future in zip(to_decode, futures, strict=True):
@@ -191,15 +200,23 @@ def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: Prep
     return Prepared(decoded, reuse, failed)
 
 
-def embed_batch(encoder: ImageEncoder, batch: Sequence[PreparedImage]) -> tuple[list[EmbeddingRow], list[Failure]]:
-    """Embed a batch; if the batch fails, embed items one by one so only the culprits fail."""
+def embed_batch(encoder: ImageEncoder, batch: Sequence[PreparedImage],
+                gpu: GpuImages | None = None) -> tuple[list[EmbeddingRow], list[Failure]]:  # fmt: skip
+    """Embed a batch; if the batch fails, embed items one by one so only the culprits fail.
+
+    Items still encoded (`data`) are decoded by `gpu` (or on the CPU when there is none);
+    those that cannot be decoded become failures of stage "decode".
+    """
     now = datetime.now(UTC)
+    batch, failures = _decode_deferred(batch, encoder, gpu)
+    if not batch:
+        return [], failures
     try:
-        vectors: list[np.ndarray | BaseException] = list(encoder.embed_prepared(np.stack([b.pixels for b in batch])))
+        vectors: list[np.ndarray | BaseException] = list(encoder.embed_prepared(_stack(batch)))
     except Exception as batch_err:  # noqa: BLE001 - isolate the item(s) that break the batch
         log.warning("batch of %d failed to embed (%s); retrying items one by one", len(batch), _describe(batch_err))
         vectors = [_embed_one(encoder, b) for b in batch]
-    rows, failures = [], []
+    rows = []
     for item, vector in zip(batch, vectors, strict=True):
         if isinstance(vector, BaseException):
             failures.append(Failure(item.item_id, item.image_uri, "encode", _describe(vector)))
@@ -208,6 +225,39 @@ def embed_batch(encoder: ImageEncoder, batch: Sequence[PreparedImage]) -> tuple[
         else:
             rows.append(EmbeddingRow(item.item_id, vector, item.image_sha256, encoder.model_version, now))
     return rows, failures
+
+
+def _decode_deferred(batch: Sequence[PreparedImage], encoder: ImageEncoder,
+                     gpu: GpuImages | None) -> tuple[list[PreparedImage], list[Failure]]:  # fmt: skip
+    """Decode the items that arrived as bytes; their pixels stay on the GPU when `gpu` decoded them."""
+    waiting = [i for i, b in enumerate(batch) if b.pixels is None]
+    if not waiting:
+        return list(batch), []
+    failures = []
+    if gpu is not None:
+        prepared = gpu.prepare([batch[i].data for i in waiting])
+        pixels = dict(zip((waiting[k] for k in prepared.kept), prepared.pixels, strict=True))
+        reasons = {waiting[k]: reason for k, reason in prepared.failed}
+    else:
+        pixels, reasons = {}, {}
+        for i in waiting:
+            try:
+                pixels[i] = decode_image(batch[i].data, encoder.preprocess, encoder.limits)
+            except ImageDecodeError as err:
+                reasons[i] = str(err)
+    for i, reason in reasons.items():
+        failures.append(Failure(batch[i].item_id, batch[i].image_uri, "decode", reason))
+    ready = [b._replace(pixels=pixels[i], data=None) if i in pixels else b for i, b in enumerate(batch)
+             if i not in reasons]  # fmt: skip
+    return ready, failures
+
+
+def _stack(batch: Sequence[PreparedImage]) -> np.ndarray | torch.Tensor:
+    """One (n, h, w, 3) uint8 batch; on the GPU when any image is already there."""
+    if not any(isinstance(b.pixels, torch.Tensor) for b in batch):
+        return np.stack([b.pixels for b in batch])
+    device = next(b.pixels.device for b in batch if isinstance(b.pixels, torch.Tensor))
+    return torch.stack([torch.as_tensor(b.pixels).to(device, non_blocking=True) for b in batch])
 
 
 def _embed_one(encoder: ImageEncoder, item: PreparedImage) -> np.ndarray | BaseException:

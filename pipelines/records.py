@@ -24,12 +24,13 @@ __all__ = [
 
 
 class PreparedImage(NamedTuple):
-    """A decoded image at model size, ready for the encoder."""
+    """An image at model size, ready for the encoder, or its JPEG bytes for the GPU decoder."""
 
     item_id: str
     image_uri: str
     image_sha256: str
-    pixels: np.ndarray  # (height, width, 3) uint8
+    pixels: np.ndarray | None  # (height, width, 3) uint8; None while `data` waits for the GPU decoder
+    data: bytes | None = None  # encoded bytes of a JPEG the GPU decodes (encoder.gpu_images)
 
 
 class ReuseRequest(NamedTuple):

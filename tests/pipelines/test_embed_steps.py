@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from encoder import DecodeLimits, PreprocessConfig
+from encoder import DecodeLimits, PreprocessConfig, decode_image
 from pipelines.catalog import CatalogItem
 from pipelines.embed_steps import KnownDigests, PreviousVectors, prepare_items
 from pipelines.records import EmbeddingRow, ReuseRequest, rows_to_table
@@ -137,3 +137,43 @@ def test_an_image_that_will_not_finish_decoding_is_dead_lettered_and_the_rest_go
     assert sorted(d.item_id for d in prepared.decoded) == ["0", "1", "2", "4", "5"]
     assert [(f.item_id, f.stage, f.error) for f in prepared.failed] == [("3", "decode", "not decoded within 0.5 s")]
     assert seconds < 5
+
+
+def _png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (12, 12, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_with_a_gpu_decoder_jpegs_pass_undecoded_and_the_rest_decode_here(tmp_path):
+    datas = {"a": _jpeg(1), "b": _png(2), "c": b"junk"}
+    items = []
+    for name, data in datas.items():
+        (tmp_path / name).write_bytes(data)
+        items.append(CatalogItem(name, str(tmp_path / name)))
+    out = prepare_items(items, ThreadPoolExecutor(2), PREPROCESS, DecodeLimits(),
+                        gpu_decodes=lambda data: data.startswith(b"\xff\xd8"))  # fmt: skip
+    by_id = {p.item_id: p for p in out.decoded}
+    assert by_id["a"].pixels is None and by_id["a"].data == datas["a"]
+    assert by_id["b"].pixels.shape == (8, 8, 3) and by_id["b"].data is None
+    assert [f.item_id for f in out.failed] == ["c"]
+
+
+@pytest.mark.parametrize("with_gpu", [False, True])
+def test_embed_batch_decodes_deferred_items_and_dead_letters_the_bad_ones(tiny_encoder, with_gpu):
+    from encoder.gpu_images import GpuImages
+    from pipelines.embed_steps import embed_batch
+    from pipelines.records import PreparedImage
+    from tests.encoder.test_gpu_images import _pil_decoder
+
+    cfg, limits = tiny_encoder.preprocess, DecodeLimits(draft=False)
+    gpu = GpuImages(cfg, "cpu", limits, decoder=_pil_decoder()) if with_gpu else None
+    decoded = PreparedImage("decoded", "u0", "s0", decode_image(_jpeg(3), cfg, limits))
+    deferred = PreparedImage("deferred", "u1", "s1", None, _jpeg(4))
+    broken = PreparedImage("broken", "u2", "s2", None, _jpeg(5)[:30])
+    rows, failures = embed_batch(tiny_encoder, [decoded, deferred, broken], gpu)
+    assert [r.item_id for r in rows] == ["decoded", "deferred"]
+    assert [(f.item_id, f.stage) for f in failures] == [("broken", "decode")]
+    alone = tiny_encoder.embed_prepared(decode_image(_jpeg(4), cfg, limits)[None])[0]
+    assert np.allclose(rows[1].embedding, alone, atol=1e-4)

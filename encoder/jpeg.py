@@ -1,0 +1,93 @@
+"""Just enough of a JPEG header to decide where an image is decoded: GPU or CPU.
+
+nvJPEG takes 8-bit Huffman-coded baseline and progressive JPEGs with 1 or 3 colour
+components. Everything else (PNG, WebP, CMYK/YCCK, 12-bit, arithmetic coding, EXIF
+rotations that the CPU path applies, oversized images that the CPU path dead-letters
+with its reason) goes to the CPU decoder, one image at a time. Pure Python on the first
+kilobytes of the file, so it is cheap and testable without a GPU.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+__all__ = ["JpegHeader", "cpu_reason", "read_jpeg_header"]
+
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_HUFFMAN_8BIT = {0xC0, 0xC1, 0xC2}  # baseline, extended sequential, progressive
+_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM, RSTn: no length field
+
+
+@dataclass(frozen=True)
+class JpegHeader:
+    width: int
+    height: int
+    components: int
+    precision: int
+    sof: int  # the frame marker: 0xC0 baseline, 0xC2 progressive, ...
+    orientation: int = 1  # EXIF 0x0112, 1 when absent
+
+
+def read_jpeg_header(data: bytes) -> JpegHeader | None:
+    """The frame header and EXIF orientation, or None for anything that is not a readable JPEG."""
+    if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    pos, orientation = 2, 1
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if length < 2 or pos + 2 + length > len(data):
+            return None
+        body = data[pos + 4 : pos + 2 + length]
+        if marker == 0xE1 and body.startswith(b"Exif\0\0"):
+            orientation = _exif_orientation(body[6:]) or orientation
+        elif marker in _SOF_MARKERS:
+            if len(body) < 6:
+                return None
+            precision, height, width, components = struct.unpack_from(">BHHB", body)
+            return JpegHeader(width, height, components, precision, marker, orientation)
+        pos += 2 + length
+    return None
+
+
+def _exif_orientation(tiff: bytes) -> int | None:
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return None
+    order = "<" if tiff[:2] == b"II" else ">"
+    try:
+        (ifd,) = struct.unpack_from(order + "I", tiff, 4)
+        (count,) = struct.unpack_from(order + "H", tiff, ifd)
+        for i in range(count):
+            tag, kind, _, value = struct.unpack_from(order + "HHIH", tiff, ifd + 2 + 12 * i)
+            if tag == 0x0112 and kind == 3:
+                return value
+    except struct.error:
+        return None
+    return None
+
+
+def cpu_reason(data: bytes, max_bytes: int, max_pixels: int) -> str | None:
+    """Why these bytes must be decoded on the CPU, or None when the GPU decoder can take them."""
+    header = read_jpeg_header(data)
+    if header is None:
+        return "not a JPEG"
+    if header.sof not in _HUFFMAN_8BIT or header.precision != 8:
+        return f"JPEG frame 0x{header.sof:02X} at {header.precision} bits"
+    if header.components not in (1, 3):
+        return f"{header.components} colour components (CMYK/YCCK)"
+    if header.orientation != 1:
+        return f"EXIF orientation {header.orientation}"
+    if len(data) > max_bytes or header.width * header.height > max_pixels or not header.width or not header.height:
+        return "over a limit or empty: the CPU path dead-letters it with the reason"
+    return None

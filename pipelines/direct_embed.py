@@ -1,0 +1,94 @@
+"""Image files → Parquet embedding shards on one GPU worker, without Beam.
+
+The GPU worker's inner loop alone: threads read and hash files in input order,
+`encoder.gpu_stream` decodes batch i+1 on the GPU while the model encodes batch i,
+and rows go to shards of the embed contract (`pipelines.records`) with dead letters
+beside them. `benchmarks/gpu_embed.py` measures it against the Beam pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from encoder.gpu_images import GpuImages
+from encoder.gpu_stream import embed_stream
+from encoder.model import ImageEncoder
+from pipelines.records import FAILURE_SCHEMA, embedding_schema, embedding_table
+
+__all__ = ["DirectResult", "embed_files"]
+
+
+@dataclass
+class DirectResult:
+    embedded: int = 0
+    dead_lettered: int = 0
+    on_gpu: int = 0
+    shards: list[str] = field(default_factory=list)
+
+
+def _read(path: str) -> tuple[bytes, str] | str:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        return f"{type(err).__name__}: {err}"
+    return data, hashlib.sha256(data).hexdigest()  # hashlib releases the GIL on large buffers
+
+
+def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, out_dir: str | Path, *,
+                batch_size: int = 256, read_threads: int = 8, rows_per_shard: int = 100_000,
+                prefetch: int = 2) -> DirectResult:  # fmt: skip
+    """Embed `paths` (their paths are the item ids) into `out_dir/part-NNNNN.parquet` + `failures.parquet`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result, failures = DirectResult(), []
+    schema = embedding_schema(encoder.dim)
+    pool = ThreadPoolExecutor(read_threads, thread_name_prefix="read")
+
+    def batches() -> Iterator[tuple[list[tuple[str, str]], list[bytes]]]:
+        reads = zip(paths, pool.map(_read, paths), strict=True)  # in order, `read_threads` ahead
+        for chunk in iter(lambda: list(itertools.islice(reads, batch_size)), []):
+            keys, datas = [], []
+            for path, read in chunk:
+                if isinstance(read, str):
+                    failures.append((path, path, "fetch", read))
+                else:
+                    keys.append((path, read[1]))  # the key carries the digest to the shard row
+                    datas.append(read[0])
+            yield keys, datas
+
+    writer, rows_in_shard = None, 0
+    try:
+        for batch in embed_stream(encoder, images, batches(), prefetch=prefetch):
+            failures.extend((path, path, "decode", reason) for (path, _), reason in batch.failed)
+            result.on_gpu += batch.on_gpu
+            if not batch.keys:
+                continue
+            if writer is None or rows_in_shard >= rows_per_shard:
+                if writer is not None:
+                    writer.close()
+                result.shards.append(str(out / f"part-{len(result.shards):05d}.parquet"))
+                writer, rows_in_shard = pq.ParquetWriter(result.shards[-1], schema), 0
+            n = len(batch.keys)
+            now = pa.array([datetime.now(UTC)] * n, pa.timestamp("us", tz="UTC"))
+            ids, digests = zip(*batch.keys, strict=True)
+            writer.write_table(embedding_table(ids, batch.vectors, digests, [encoder.model_version] * n, now))
+            rows_in_shard += n
+            result.embedded += n
+    finally:
+        if writer is not None:
+            writer.close()
+        pool.shutdown(wait=False, cancel_futures=True)
+    names = ("item_id", "image_uri", "stage", "error")
+    pq.write_table(pa.Table.from_pylist([dict(zip(names, f, strict=True)) for f in failures], schema=FAILURE_SCHEMA),
+                   out / "failures.parquet")  # fmt: skip
+    result.dead_lettered = len(failures)
+    return result

@@ -1,0 +1,86 @@
+"""The overlapped decode → encode loop and the standalone GPU worker, run on the CPU; batch sizing arithmetic."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from benchmarks.common import realistic_jpegs
+from encoder import DecodeLimits
+from encoder.gpu_images import GpuImages
+from encoder.gpu_stream import embed_stream
+from encoder.model import batch_for_memory
+from pipelines.direct_embed import embed_files
+from tests.encoder.test_gpu_images import _pil_decoder, _png
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> list[str]:
+    return [str(p) for p in realistic_jpegs(tmp_path_factory.mktemp("stream"), 20, width=128)]
+
+
+def _images(encoder) -> GpuImages:
+    return GpuImages(encoder.preprocess, "cpu", DecodeLimits(draft=False), decoder=_pil_decoder())
+
+
+def test_stream_gives_the_same_vectors_as_one_batch(tiny_encoder, files):
+    datas = [open(f, "rb").read() for f in files]
+    datas[5] = b"not an image"
+    images = _images(tiny_encoder)
+    batches = [(list(range(i, i + 6)), datas[i : i + 6]) for i in range(0, 20, 6)]
+    out = list(embed_stream(tiny_encoder, images, batches, prefetch=1))
+    keys = [k for b in out for k in b.keys]
+    assert keys == [k for k in range(20) if k != 5]
+    assert [k for b in out for k, _ in b.failed] == [5]
+    whole = images.prepare(datas)
+    expected = tiny_encoder.embed_prepared(whole.pixels)
+    assert np.allclose(np.concatenate([b.vectors for b in out]), expected, atol=1e-5)
+
+
+def test_a_producer_error_reaches_the_consumer(tiny_encoder, files):
+    def batches():
+        yield [0], [open(files[0], "rb").read()]
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(embed_stream(tiny_encoder, _images(tiny_encoder), batches()))
+
+
+def test_stopping_early_stops_the_producer(tiny_encoder, files):
+    data = open(files[0], "rb").read()
+    endless = (([i], [data]) for i in range(10**9))
+    stream = embed_stream(tiny_encoder, _images(tiny_encoder), endless, prefetch=2)
+    next(stream)
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name == "gpu-decode" and t.is_alive()]
+
+
+def test_embed_files_writes_every_file_once_or_dead_letters_it(tiny_encoder, files, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(_png(3)[:40])
+    paths = files + [str(broken), str(tmp_path / "missing.jpg")]
+    result = embed_files(paths, tiny_encoder, _images(tiny_encoder), tmp_path / "out", batch_size=8,
+                         rows_per_shard=10)  # fmt: skip
+    table = pq.read_table(result.shards)
+    assert sorted(table.column("item_id").to_pylist()) == sorted(files) and table.num_rows == 20
+    assert result.embedded == 20 and result.on_gpu == 20 and len(result.shards) == 2  # 16 rows (two batches), then 4
+    failed = pq.read_table(tmp_path / "out" / "failures.parquet").to_pylist()
+    assert {(f["item_id"], f["stage"]) for f in failed} == {(str(broken), "decode"),
+                                                             (str(tmp_path / "missing.jpg"), "fetch")}  # fmt: skip
+    assert set(table.column("model_version").to_pylist()) == {tiny_encoder.model_version}
+
+
+@pytest.mark.parametrize(
+    ("free", "per_image", "cap", "expected"),
+    [
+        (80 << 30, 20 << 20, 1024, 1024),  # plenty: the cap
+        (10 << 30, 20 << 20, 1024, 352),  # 70% of 10 GiB / 20 MiB = 358 → a multiple of 8
+        (100 << 20, 20 << 20, 1024, 3),  # tiny: what fits, unrounded
+        (1 << 20, 20 << 20, 1024, 1),  # never zero
+    ],
+)
+def test_batch_size_follows_free_gpu_memory(free, per_image, cap, expected):
+    assert batch_for_memory(free, per_image, cap) == expected

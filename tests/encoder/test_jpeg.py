@@ -1,0 +1,88 @@
+"""Routing by JPEG header: what the GPU decoder takes, and why everything else goes to the CPU."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from encoder.jpeg import cpu_reason, read_jpeg_header
+
+_LIMITS = dict(max_bytes=10 << 20, max_pixels=10_000_000)
+
+
+def _encode(mode: str = "RGB", size=(64, 48), fmt: str = "JPEG", **save) -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8)
+    image = Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
+def _with_orientation(data: bytes, orientation: int) -> bytes:
+    image = Image.open(io.BytesIO(data))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "sof", "components"),
+    [
+        (_encode(), 0xC0, 3),
+        (_encode(progressive=True), 0xC2, 3),
+        (_encode("L"), 0xC0, 1),
+        (_encode("CMYK"), 0xC0, 4),
+    ],
+)
+def test_the_frame_header_is_read(data, sof, components):
+    header = read_jpeg_header(data)
+    assert (header.width, header.height, header.sof, header.components, header.precision) == (
+        64,
+        48,
+        sof,
+        components,
+        8,
+    )
+
+
+def test_gpu_takes_baseline_progressive_and_grey_jpegs():
+    for data in (_encode(), _encode(progressive=True), _encode("L"), _with_orientation(_encode(), 1)):
+        assert cpu_reason(data, **_LIMITS) is None
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (_encode(fmt="PNG"), "not a JPEG"),
+        (_encode(fmt="WEBP"), "not a JPEG"),
+        (b"", "not a JPEG"),
+        (b"\xff\xd8\xff", "not a JPEG"),
+        (_encode()[:20], "not a JPEG"),  # cut before the frame header
+        (_encode("CMYK"), "4 colour components"),
+        (_with_orientation(_encode(), 6), "EXIF orientation 6"),
+    ],
+)
+def test_everything_else_goes_to_the_cpu_with_a_reason(data, reason):
+    assert reason in cpu_reason(data, **_LIMITS)
+
+
+def test_oversized_images_go_to_the_cpu_path_that_dead_letters_them():
+    data = _encode(size=(400, 300))
+    assert cpu_reason(data, max_bytes=10 << 20, max_pixels=100_000) is not None
+    assert cpu_reason(data, max_bytes=100, max_pixels=10_000_000) is not None
+
+
+def test_the_header_reader_never_raises_on_mutated_bytes():
+    data = bytearray(_encode())
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        mutated = bytearray(data[: int(rng.integers(0, len(data)))])
+        for position in rng.integers(0, max(1, len(mutated)), size=4):
+            if mutated:
+                mutated[position] = int(rng.integers(0, 256))
+        cpu_reason(bytes(mutated), **_LIMITS)  # a reason or None, never an exception
