@@ -176,4 +176,4 @@ def test_embed_batch_decodes_deferred_items_and_dead_letters_the_bad_ones(tiny_e
     assert [r.item_id for r in rows] == ["decoded", "deferred"]
     assert [(f.item_id, f.stage) for f in failures] == [("broken", "decode")]
     alone = tiny_encoder.embed_prepared(decode_image(_jpeg(4), cfg, limits)[None])[0]
-    assert np.allclose(rows[1].embedding, alone, atol=1e-4)
+    assert float(rows[1].embedding @ alone) > 0.999  # the device resize differs from PIL's by about a level
