@@ -59,7 +59,20 @@ def nvimgcodec_decoder() -> BatchDecoder:
     return decode
 
 
-DECODERS = {"nvjpeg": nvjpeg_decoder, "nvimgcodec": nvimgcodec_decoder}
+def pil_decoder() -> BatchDecoder:
+    """Pillow at full size, then onto the device: the GPU path's logic on a machine without one."""
+    import io
+
+    from PIL import Image
+
+    def decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
+        images = [np.asarray(Image.open(io.BytesIO(d)).convert("RGB")) for d in datas]
+        return [torch.from_numpy(i.copy()).permute(2, 0, 1).to(device) for i in images]
+
+    return decode
+
+
+DECODERS = {"nvjpeg": nvjpeg_decoder, "nvimgcodec": nvimgcodec_decoder, "pil": pil_decoder}
 
 
 @dataclass

@@ -84,3 +84,12 @@ def test_embed_files_writes_every_file_once_or_dead_letters_it(tiny_encoder, fil
 )
 def test_batch_size_follows_free_gpu_memory(free, per_image, cap, expected):
     assert batch_for_memory(free, per_image, cap) == expected
+
+
+@pytest.mark.gpu
+def test_the_batch_is_capped_by_what_fits_on_the_gpu(tiny_model):
+    from encoder import EncoderConfig, load_encoder
+
+    encoder = load_encoder(EncoderConfig(model=str(tiny_model), device="cuda", batch_size=0))
+    assert 8 <= encoder.batch_size <= 1024
+    assert load_encoder(EncoderConfig(model=str(tiny_model), device="cuda", batch_size=48)).batch_size == 48

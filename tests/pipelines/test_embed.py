@@ -242,3 +242,16 @@ def test_glob_of_images_as_the_catalog(demo_catalog, tiny_model, tmp_path):
     rows = _read_dir(Path(result.run_dir)).column("item_id").to_pylist()
     failures = _read_dir(Path(result.failures_dir)).column("item_id").to_pylist()
     assert sorted(rows + failures) == expected
+
+
+@pytest.mark.gpu
+def test_gpu_decode_on_cuda_gives_the_cpu_run_s_items_and_close_vectors(first_run, demo_catalog, tiny_model, tmp_path):
+    gpu = run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path),
+                                device="cuda", gpu_decode="on", batch_size=32))  # fmt: skip
+    assert gpu.counts == first_run.counts
+    cpu_vectors, gpu_vectors = _vectors(_read_dir(Path(first_run.run_dir))), _vectors(_read_dir(Path(gpu.run_dir)))
+    assert cpu_vectors.keys() == gpu_vectors.keys()
+    cosine = np.array([cpu_vectors[k] @ gpu_vectors[k] for k in cpu_vectors])
+    assert cosine.min() > 0.98, f"bf16 + GPU decode vs fp32 + CPU decode: cosine as low as {cosine.min():.4f}"
+    failures = pq.read_table(gpu.failures_dir).to_pylist() if Path(gpu.failures_dir).exists() else []
+    assert len(failures) == first_run.counts["dead_lettered"]

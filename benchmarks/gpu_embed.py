@@ -1,0 +1,330 @@
+"""JPEG files → vectors on one GPU: the usual ways against lookalike's, measured in one run.
+
+    python benchmarks/gpu_embed.py [--images 20000] [--so400m-images 5000] [--json OUT.json]
+    python benchmarks/gpu_embed.py --smoke     # tiny model, 64 small files, CPU: checks the script itself
+
+On a generated set of realistic JPEGs (scikit-image photos, random crops, 640 px wide,
+quality 90) and SigLIP base/16-224 with random weights (same FLOPs as the real one):
+(a) naive: transformers' image processor + fp32 eager model, one process;
+(b) usual practice: torch DataLoader, one worker per core doing PIL decode (JPEG draft) +
+    resize, bf16 + SDPA model;
+(c) lookalike's encoder alone on pre-decoded uint8 batches already on the GPU (bf16, SDPA,
+    torch.compile; compile time reported apart), with MFU;
+(d) lookalike end to end, files → Parquet, standalone (`pipelines.direct_embed`): GPU
+    decode (nvJPEG, and nvImageCodec when installed) overlapped with the model;
+(e) the same through the Beam embed pipeline on the local runner (`lookalike embed`,
+    whole run: model load and compile included, as (d, cold) beside it).
+Then (c) and (d) for SigLIP so400m/14-384. GPU utilisation is sampled with NVML during
+each path. Results go in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.common import images_per_s, machine, realistic_jpegs  # noqa: E402
+from encoder import DecodeLimits, EncoderConfig, decode_image, load_encoder  # noqa: E402
+
+SHAPES = {
+    "base16-224": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       image_size=224, patch_size=16),
+    "so400m14-384": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                         image_size=384, patch_size=14),
+    "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=16),
+}  # fmt: skip
+PEAK_BF16 = 989e12  # H100 / H200 SXM dense bf16 spec; MFU is against this
+
+
+def vit_flops(shape: dict) -> float:
+    """Matmul FLOPs of one image through the SigLIP tower (patch embed, layers, attention-pooling head)."""
+    d, m, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    n = (shape["image_size"] // shape["patch_size"]) ** 2
+    patch = 2 * n * 3 * shape["patch_size"] ** 2 * d
+    layer = 2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d
+    head = 2 * n * 2 * d * d + 2 * (2 * d * d + 2 * d * m) + 4 * n * d
+    return patch + layers * layer + head
+
+
+class GpuMonitor:
+    """Mean GPU utilisation (NVML, every 50 ms) while a path runs; None without NVML."""
+
+    def __init__(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handle, self._nvml = pynvml.nvmlDeviceGetHandleByIndex(0), pynvml
+        except Exception:  # noqa: BLE001 - no NVML (CPU smoke run): no utilisation column
+            self._nvml = None
+
+    def __enter__(self) -> GpuMonitor:
+        self.samples, self._stop = [], threading.Event()
+        if self._nvml:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.samples)) if self.samples else None
+
+
+def _make_images(folder: Path, count: int, width: int) -> list[Path]:
+    chunks = max(1, min(os.cpu_count() or 1, count // 500))
+    sizes = [len(a) for a in np.array_split(np.arange(count), chunks)]
+    with ProcessPoolExecutor(chunks) as pool:
+        done = list(pool.map(realistic_jpegs, [folder / f"c{i:02d}" for i in range(chunks)], sizes,
+                             [width] * chunks, [90] * chunks, range(chunks)))  # fmt: skip
+    return [p for paths in done for p in paths]
+
+
+def _checkpoint(folder: Path, shape: dict) -> Path:
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    try:
+        from transformers import SiglipImageProcessorPil as Processor
+    except ImportError:
+        from transformers import SiglipImageProcessor as Processor
+    torch.manual_seed(0)
+    SiglipVisionModel(SiglipVisionConfig(**shape)).save_pretrained(folder)
+    Processor(size={"height": shape["image_size"], "width": shape["image_size"]}).save_pretrained(folder)
+    return folder
+
+
+class Run:
+    """Each path's result, printed as it lands and kept in a JSON file; a path that fails is recorded, not fatal."""
+
+    def __init__(self, json_path: str | None) -> None:
+        self.results: dict[str, dict] = {}
+        self.json_path = json_path
+
+    def path(self, name: str, fn, *args):
+        """Run `fn(*args)`; it returns its result dict, or (result, something to hand back)."""
+        start, handed = time.perf_counter(), None
+        try:
+            with GpuMonitor() as gpu:
+                result = fn(*args)
+            if isinstance(result, tuple):
+                result, handed = result
+            result["gpu_util_pct"] = gpu.mean
+        except Exception as err:  # noqa: BLE001 - keep the other paths' numbers
+            traceback.print_exc()
+            result = {"error": f"{type(err).__name__}: {err}"}
+        result["wall_s"] = round(time.perf_counter() - start, 1)
+        self.results[name] = result
+        print(f"{name}: {json.dumps(result)}", flush=True)
+        if self.json_path:
+            Path(self.json_path).write_text(json.dumps(self.results, indent=2))
+        return handed
+
+
+def naive(files: list[Path], ckpt: Path, device: torch.device) -> dict:
+    from PIL import Image
+    from transformers import AutoImageProcessor, SiglipVisionModel
+
+    processor = AutoImageProcessor.from_pretrained(ckpt)
+    model = SiglipVisionModel.from_pretrained(ckpt, attn_implementation="eager").to(device).eval()
+    start, done = time.perf_counter(), 0
+    with torch.inference_mode():
+        for i in range(0, len(files), 64):
+            images = [Image.open(f).convert("RGB") for f in files[i : i + 64]]
+            pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+            model(pixel_values=pixels).pooler_output.cpu()
+            done += len(images)
+    return {"images": done, "images_per_s": done / (time.perf_counter() - start)}
+
+
+class _Decoded(torch.utils.data.Dataset):
+    def __init__(self, files: list[Path], preprocess) -> None:
+        self.files, self.preprocess = files, preprocess
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(decode_image(self.files[i].read_bytes(), self.preprocess, DecodeLimits(draft=True)))
+
+
+def dataloader(files: list[Path], ckpt: Path, device: torch.device, batch: int, workers: int) -> dict:
+    encoder = load_encoder(EncoderConfig(model=str(ckpt), device=device.type, batch_size=batch))
+    loader = torch.utils.data.DataLoader(_Decoded(files, encoder.preprocess), batch_size=batch,
+                                         num_workers=workers, pin_memory=device.type == "cuda")  # fmt: skip
+    start, done = time.perf_counter(), 0
+    for pixels in loader:
+        encoder.embed_prepared(pixels)
+        done += len(pixels)
+    return {"images": done, "images_per_s": done / (time.perf_counter() - start), "workers": workers}
+
+
+def encoder_alone(ckpt: Path, shape: dict, device: torch.device, batch: int, seconds: float, compile_: bool) -> dict:
+    start = time.perf_counter()
+    encoder = load_encoder(EncoderConfig(model=str(ckpt), device=device.type, batch_size=batch, compile=compile_))
+    size = shape["image_size"]
+    pixels = torch.randint(0, 256, (encoder.batch_size, size, size, 3), dtype=torch.uint8, device=device)
+    encoder.embed_prepared(pixels)  # compiles here
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    warm_s = time.perf_counter() - start
+    rate = images_per_s(lambda: encoder.embed_prepared(pixels), encoder.batch_size, seconds, device)
+    out = {"images_per_s": rate, "batch": encoder.batch_size, "load_and_compile_s": round(warm_s, 1)}
+    if device.type == "cuda":
+        out["tflops"] = rate * vit_flops(shape) / 1e12
+        out["mfu_pct"] = 100 * rate * vit_flops(shape) / PEAK_BF16
+    return out, encoder
+
+
+def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, out: Path, batch: int) -> dict:
+    from encoder.gpu_images import GpuImages
+    from pipelines.direct_embed import embed_files
+
+    images = GpuImages(encoder.preprocess, device, DecodeLimits(draft=True), decoder=decoder)
+    embed_files([str(f) for f in files[:batch]], encoder, images, out / "warm", batch_size=batch)  # warm the decoder
+    start = time.perf_counter()
+    result = embed_files([str(f) for f in files], encoder, images, out / decoder, batch_size=batch)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    return {"images": result.embedded, "images_per_s": result.embedded / seconds, "on_gpu": result.on_gpu,
+            "dead_lettered": result.dead_lettered, "decoder": decoder}  # fmt: skip
+
+
+def cold_end_to_end(files, ckpt: Path, device: torch.device, decoder: str, out: Path, batch: int, compile_: bool):
+    from encoder.gpu_images import GpuImages
+    from pipelines.direct_embed import embed_files
+
+    start = time.perf_counter()
+    encoder = load_encoder(EncoderConfig(model=str(ckpt), device=device.type, batch_size=batch, compile=compile_))
+    images = GpuImages(encoder.preprocess, device, DecodeLimits(draft=True), decoder=decoder)
+    result = embed_files([str(f) for f in files], encoder, images, out, batch_size=batch)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    return {"images": result.embedded, "images_per_s": result.embedded / seconds, "decoder": decoder}
+
+
+def beam(folder: Path, ckpt: Path, device: torch.device, out: Path, batch: int, compile_: bool, count: int) -> dict:
+    from pipelines.embed import EmbedConfig, run_embed
+
+    gpu = "on" if device.type == "cuda" else "off"
+    cfg = EmbedConfig(catalog=str(folder / "*" / "*.jpg"), model=str(ckpt), out=str(out), batch_size=batch,
+                      device=device.type, compile=compile_, gpu_decode=gpu, incremental=False)  # fmt: skip
+    start = time.perf_counter()
+    result = run_embed(cfg)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    embedded = result.counts["embedded"]
+    assert embedded == count, result.counts
+    return {"images": embedded, "images_per_s": embedded / seconds, "gpu_decode": gpu}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=20_000)
+    parser.add_argument("--naive-images", type=int, default=2_000)
+    parser.add_argument("--so400m-images", type=int, default=5_000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--paths", default="c,d,b,a,e,so400m", help="which paths, in order")
+    parser.add_argument("--json", help="write results here as they land")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, few small files, CPU")
+    args = parser.parse_args()
+    smoke = args.smoke
+    if not smoke and not torch.cuda.is_available():
+        sys.exit("error: needs CUDA (or pass --smoke)")
+    device = torch.device("cpu" if smoke else "cuda")
+    count, width = (64, 160) if smoke else (args.images, 640)
+    batch, seconds, compile_ = (16, 1.0, False) if smoke else (args.batch_size, args.seconds, True)
+    decoders = ["pil"] if smoke else ["nvjpeg"] + (["nvimgcodec"] if _has_nvimgcodec() else [])
+    work = Path(tempfile.mkdtemp(prefix="lookalike-gpu-embed-"))
+    run = Run(args.json)
+    try:
+        start = time.perf_counter()
+        files = _make_images(work / "jpegs", count, width)
+        mean_kb = np.mean([f.stat().st_size for f in files]) / 1024
+        gpu_name = torch.cuda.get_device_name() if device.type == "cuda" else "none"
+        print(f"machine: {machine()}; GPU: {gpu_name}; torch {torch.__version__}")
+        print(f"{len(files):,} JPEGs, {width} px wide, quality 90, mean {mean_kb:.0f} KB, "
+              f"made in {time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
+        base = "smoke" if smoke else "base16-224"
+        ckpt = _checkpoint(work / base, SHAPES[base])
+        encoder = None
+        for path in args.paths.split(","):
+            if path == "c":
+                encoder = run.path("(c) encoder alone, pre-decoded uint8 on the GPU", encoder_alone, ckpt,
+                                   SHAPES[base], device, batch, seconds, compile_)  # fmt: skip
+            elif path == "d":
+                encoder = encoder or encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]
+                for decoder in decoders:
+                    run.path(f"(d) end to end, files → Parquet, standalone, {decoder}", end_to_end, files, encoder,
+                             device, decoder, work / "d", batch)  # fmt: skip
+                run.path(f"(d, cold) the same with model load + compile, {decoders[0]}", cold_end_to_end, files,
+                         ckpt, device, decoders[0], work / "dc", batch, compile_)  # fmt: skip
+            elif path == "b":
+                workers = 2 if smoke else os.cpu_count() or 1
+                run.path(f"(b) DataLoader, {workers} workers PIL + draft, bf16 SDPA", dataloader, files, ckpt,
+                         device, batch, workers)  # fmt: skip
+            elif path == "a":
+                run.path("(a) naive: HF image processor + fp32 eager, one process", naive,
+                         files[: args.naive_images], ckpt, device)  # fmt: skip
+            elif path == "e":
+                run.path("(e) Beam embed pipeline, local runner, whole run", beam, work / "jpegs", ckpt, device,
+                         work / "e", batch, compile_, len(files))  # fmt: skip
+            elif path == "so400m" and not smoke:
+                encoder = None
+                torch.cuda.empty_cache()
+                big = _checkpoint(work / "so400m", SHAPES["so400m14-384"])
+                big_encoder = run.path("so400m/14-384 (c) encoder alone", encoder_alone, big, SHAPES["so400m14-384"],
+                                       device, 128, seconds, True)  # fmt: skip
+                if big_encoder is not None:
+                    run.path(f"so400m/14-384 (d) end to end, {decoders[0]}", end_to_end,
+                             files[: args.so400m_images], big_encoder, device, decoders[0], work / "d4", 128)  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _print_table(run.results)
+
+
+def _has_nvimgcodec() -> bool:
+    try:
+        from nvidia import nvimgcodec  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _print_table(results: dict[str, dict]) -> None:
+    rates = {k: v.get("images_per_s") for k, v in results.items()}
+    b = next((r for k, r in rates.items() if k.startswith("(b)") and r), None)
+    print("\n| path | images/s | × (b) | GPU util | notes |\n| --- | ---: | ---: | ---: | --- |")
+    for name, result in results.items():
+        rate = rates[name]
+        notes = {k: v for k, v in result.items() if k not in ("images_per_s", "gpu_util_pct")}
+        util = result.get("gpu_util_pct")
+        print(f"| {name} | {rate or 0:,.0f} | {rate / b if rate and b else 0:.2f} | "
+              f"{'' if util is None else f'{util:.0f}%'} | {json.dumps(notes)} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
