@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU measurement and gpu-marked test in one run on a CUDA machine (a leased GPU is paid by the minute).
 #
-#   benchmarks/gpu_checks.sh OUT_DIR [STEPS]     STEPS: comma list of embed,train,tests (default: all)
+#   benchmarks/gpu_checks.sh OUT_DIR [STEPS]     STEPS: comma list of embed,tests,train (default: all)
 #
 # Writes OUT_DIR/{gpu.txt, gpu_embed.json, gpu_embed.log, train.log, tests.log}. Each step has its own time
 # limit so one slow step cannot eat the others'; a step that fails is logged and the next one runs.
 set -u
 out=${1:?usage: gpu_checks.sh OUT_DIR [STEPS]}
-steps=${2:-embed,train,tests}
+steps=${2:-embed,tests,train}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -16,11 +16,11 @@ python3 -c "import torch, torchvision, transformers, pyarrow, numpy as np; print
  'torchvision', torchvision.__version__, 'transformers', transformers.__version__, 'pyarrow', pyarrow.__version__,
  'numpy', np.__version__)" | tee -a "$out/gpu.txt"
 case ",$steps," in *,embed,*)
-  timeout "${EMBED_S:-330}" python3 benchmarks/gpu_embed.py --json "$out/gpu_embed.json" 2>&1 | tee "$out/gpu_embed.log";;
-esac
-case ",$steps," in *,train,*)
-  timeout "${TRAIN_S:-90}" python3 benchmarks/train_bench.py --gpu --seconds 8 2>&1 | tail -40 | tee "$out/train.log";;
+  timeout "${EMBED_S:-330}" python3 benchmarks/gpu_embed.py --json "$out/gpu_embed.json" ${EMBED_ARGS:-} 2>&1 | tee "$out/gpu_embed.log";;
 esac
 case ",$steps," in *,tests,*)
   timeout "${TESTS_S:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tail -40 | tee "$out/tests.log";;
+esac
+case ",$steps," in *,train,*)
+  timeout "${TRAIN_S:-90}" python3 benchmarks/train_bench.py --gpu --seconds 8 2>&1 | tail -40 | tee "$out/train.log";;
 esac

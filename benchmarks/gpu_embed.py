@@ -147,7 +147,7 @@ def naive(files: list[Path], ckpt: Path, device: torch.device) -> dict:
     from PIL import Image
     from transformers import AutoImageProcessor, SiglipVisionModel
 
-    processor = AutoImageProcessor.from_pretrained(ckpt)
+    processor = AutoImageProcessor.from_pretrained(ckpt, use_fast=False)  # the PIL one a first script gets
     model = SiglipVisionModel.from_pretrained(ckpt, attn_implementation="eager").to(device).eval()
     start, done = time.perf_counter(), 0
     with torch.inference_mode():

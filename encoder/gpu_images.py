@@ -49,12 +49,11 @@ def nvimgcodec_decoder() -> BatchDecoder:
     params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.RGB)
 
     def decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
-        images = decoder.decode(datas, params=params)
+        # On the caller's stream, so what follows on that stream sees finished images.
+        images = decoder.decode(datas, params=params, cuda_stream=torch.cuda.current_stream(device).cuda_stream)
         if any(image is None for image in images):
             raise RuntimeError("nvImageCodec could not decode an image of the batch")
-        out = [torch.as_tensor(image, device=device).permute(2, 0, 1) for image in images]  # HWC → CHW views
-        torch.cuda.current_stream(device).synchronize()  # the decoder works on its own stream
-        return out
+        return [torch.as_tensor(image, device=device).permute(2, 0, 1) for image in images]  # HWC → CHW views
 
     return decode
 
@@ -150,6 +149,8 @@ class GpuImages:
             uploaded = host.to(self.device, non_blocking=True)
             parts.update(dict(zip(cpu_pixels, uploaded, strict=True)))
         kept = sorted(parts)
+        if decoded and len(decoded) == len(datas):  # the usual batch: all on the GPU, already in order
+            return PreparedBatch(resized, kept, [], on_gpu=len(decoded))
         if kept:
             pixels = torch.stack([parts[i] for i in kept])
         else:
