@@ -212,6 +212,33 @@ def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, o
             "dead_lettered": result.dead_lettered, "decoder": decoder}  # fmt: skip
 
 
+def stages(files: list[Path], encoder, device: torch.device, decoder: str, batch: int) -> dict:
+    """Each stage of (d) alone, so the slowest is visible: read + hash, GPU decode, decode + resize."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    from encoder.gpu_images import DECODERS, GpuImages
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return len(files) / (time.perf_counter() - start)
+
+    with ThreadPoolExecutor(8) as pool:
+        read = timed(lambda: list(pool.map(lambda f: hashlib.sha256(f.read_bytes()).digest(), files)))
+    datas = [f.read_bytes() for f in files]
+    batches = [datas[i : i + batch] for i in range(0, len(datas), batch)]
+    decode = DECODERS[decoder]()
+    decode(batches[0], device)  # warm-up
+    images = GpuImages(encoder.preprocess, device, DecodeLimits(draft=True), decoder=decoder)
+    images.prepare(batches[0])
+    return {"read_and_hash_per_s": read, "decode_per_s": timed(lambda: [decode(b, device) for b in batches]),
+            "decode_and_resize_per_s": timed(lambda: [images.prepare(b) for b in batches]),
+            "images": len(files), "decoder": decoder, "images_per_s": None}  # fmt: skip
+
+
 def cold_end_to_end(files, ckpt: Path, device: torch.device, decoder: str, out: Path, batch: int, compile_: bool):
     from encoder.gpu_images import GpuImages
     from pipelines.direct_embed import embed_files
@@ -247,7 +274,7 @@ def main() -> None:
     parser.add_argument("--so400m-images", type=int, default=5_000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--paths", default="c,d,b,a,e,so400m", help="which paths, in order")
+    parser.add_argument("--paths", default="c,stages,d,b,a,e,so400m", help="which paths, in order")
     parser.add_argument("--json", help="write results here as they land")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few small files, CPU")
     args = parser.parse_args()
@@ -282,6 +309,10 @@ def main() -> None:
                              device, decoder, work / "d", batch)  # fmt: skip
                 run.path(f"(d, cold) the same with model load + compile, {decoders[0]}", cold_end_to_end, files,
                          ckpt, device, decoders[0], work / "dc", batch, compile_)  # fmt: skip
+            elif path == "stages":
+                encoder = encoder or encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]
+                for decoder in decoders:
+                    run.path(f"stages of (d) alone, {decoder}", stages, files[:5000], encoder, device, decoder, batch)
             elif path == "b":
                 workers = 2 if smoke else os.cpu_count() or 1
                 run.path(f"(b) DataLoader, {workers} workers PIL + draft, bf16 SDPA", dataloader, files, ckpt,
