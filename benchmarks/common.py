@@ -19,8 +19,9 @@ from PIL import Image
 _PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "immunohistochemistry", "hubble_deep_field", "retina")
 
 
-def realistic_jpegs(folder: Path, count: int, width: int = 640, quality: int = 90, seed: int = 0) -> list[Path]:
-    """`count` JPEGs of ~`width` px made from real photos: random crops, flips and rescales."""
+def realistic_jpegs(folder: Path, count: int, width: int = 640, quality: int = 90, seed: int = 0,
+                    first: int = 0) -> list[Path]:  # fmt: skip
+    """`count` JPEGs of ~`width` px made from real photos: random crops, flips and rescales; named from `first`."""
     from skimage import data
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -38,7 +39,7 @@ def realistic_jpegs(folder: Path, count: int, width: int = 640, quality: int = 9
         crop = crop.resize((width, int(width * ch / cw)), Image.Resampling.BICUBIC)
         buffer = io.BytesIO()
         crop.save(buffer, "JPEG", quality=quality)
-        path = folder / f"{i:06d}.jpg"
+        path = folder / f"{first + i:06d}.jpg"
         path.write_bytes(buffer.getvalue())
         paths.append(path)
     return paths

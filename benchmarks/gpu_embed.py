@@ -98,8 +98,9 @@ def _make_images(folder: Path, count: int, width: int) -> list[Path]:
     chunks = max(1, min(os.cpu_count() or 1, count // 500))
     sizes = [len(a) for a in np.array_split(np.arange(count), chunks)]
     with ProcessPoolExecutor(chunks) as pool:
+        firsts = np.cumsum([0, *sizes[:-1]]).tolist()  # unique names: the file stem is the item id
         done = list(pool.map(realistic_jpegs, [folder / f"c{i:02d}" for i in range(chunks)], sizes,
-                             [width] * chunks, [90] * chunks, range(chunks)))  # fmt: skip
+                             [width] * chunks, [90] * chunks, range(chunks), firsts))  # fmt: skip
     return [p for paths in done for p in paths]
 
 

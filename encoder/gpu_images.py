@@ -12,7 +12,6 @@ installs it is absent (it breaks transformers' SigLIP import there).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -84,62 +83,61 @@ class PreparedBatch:
     on_gpu: int  # how many were decoded on the GPU (the rest on the CPU)
 
 
-def _cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
-    x = np.abs(x)
+def _cubic(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
+    x = x.abs()
     near = ((a + 2) * x - (a + 3)) * x * x + 1
     far = (((x - 5) * x + 8) * x - 4) * a
-    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
 
-def _triangle(x: np.ndarray) -> np.ndarray:
-    return np.maximum(0.0, 1.0 - np.abs(x))
+def _triangle(x: torch.Tensor) -> torch.Tensor:
+    return (1.0 - x.abs()).clamp(min=0.0)
 
 
 _FILTERS = {2: (_triangle, 1.0), 3: (_cubic, 2.0)}  # PIL resample → (filter, support)
 
 
-@functools.lru_cache(maxsize=4096)
-def pil_weights(in_size: int, out_size: int, resample: int) -> np.ndarray:
-    """(out_size, in_size) float32: PIL's antialiased resampling as a matrix (its `precompute_coeffs`)."""
+def pil_weights(in_sizes: torch.Tensor, out_size: int, resample: int, length: int) -> torch.Tensor:
+    """(n, out_size, length) float32: PIL's antialiased resampling (its `precompute_coeffs`) as one matrix per
+    input size, zero beyond each size; built on the sizes' device in a few vectorised ops."""
     kernel, support = _FILTERS[resample]
-    scale = in_size / out_size
-    filter_scale = max(scale, 1.0)
-    support *= filter_scale
-    weights = np.zeros((out_size, in_size), dtype=np.float64)
-    for out in range(out_size):
-        centre = (out + 0.5) * scale
-        lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), in_size)
-        taps = kernel((np.arange(lo, hi) - centre + 0.5) / filter_scale)
-        total = taps.sum()
-        weights[out, lo:hi] = taps / total if total else taps
-    return weights.astype(np.float32)
+    device = in_sizes.device
+    size = in_sizes.to(torch.float64).view(-1, 1, 1)
+    scale = size / out_size
+    filter_scale = scale.clamp(min=1.0)
+    support = support * filter_scale
+    centre = (torch.arange(out_size, device=device, dtype=torch.float64).view(1, -1, 1) + 0.5) * scale
+    x = torch.arange(length, device=device, dtype=torch.float64).view(1, 1, -1)
+    lo = torch.floor(centre - support + 0.5).clamp(min=0)
+    hi = torch.minimum(torch.floor(centre + support + 0.5), size)
+    taps = kernel((x - centre + 0.5) / filter_scale) * ((x >= lo) & (x < hi))
+    total = taps.sum(dim=-1, keepdim=True)
+    return (taps / torch.where(total == 0, 1.0, total)).to(torch.float32)
 
 
 def resize_like_pil(images: Sequence[torch.Tensor], cfg: PreprocessConfig, chunk: int = 32) -> torch.Tensor:
     """(3, h, w) uint8 images of any sizes → (n, height, width, 3) uint8, PIL's antialiased filter.
 
     Each image is one copy into a zero-padded canvas; the resize itself is two batched matrix
-    products per `chunk` images with PIL's filter weights (zero beyond each image's edge), so
-    a batch of all-different sizes costs a few kernels, not a dozen per image. Matches PIL's
-    uint8 resize to within a level on ~all values (tests/encoder/test_gpu_images.py).
+    products per `chunk` images with PIL's filter weights (built on the device, zero beyond each
+    image's edge), so a batch of all-different sizes costs a few kernels, not a dozen per image.
+    Matches PIL's uint8 resize to within a level on ~all values (tests/encoder/test_gpu_images.py).
     """
     device = images[0].device
     out = torch.empty((len(images), cfg.height, cfg.width, 3), dtype=torch.uint8, device=device)
     for start in range(0, len(images), chunk):
         part = images[start : start + chunk]
-        h_max, w_max = max(i.shape[1] for i in part), max(i.shape[2] for i in part)
+        heights = [int(i.shape[1]) for i in part]
+        widths = [int(i.shape[2]) for i in part]
+        h_max, w_max = max(heights), max(widths)
         canvas = torch.zeros((len(part), 3, h_max, w_max), dtype=torch.uint8, device=device)
-        rows = np.zeros((len(part), cfg.height, h_max), dtype=np.float32)
-        cols = np.zeros((len(part), w_max, cfg.width), dtype=np.float32)
         for k, image in enumerate(part):
-            h, w = image.shape[1:]
-            canvas[k, :, :h, :w] = image
-            rows[k, :, :h] = pil_weights(h, cfg.height, cfg.resample)
-            cols[k, :w, :] = pil_weights(w, cfg.width, cfg.resample).T
-        rows_t = torch.from_numpy(rows).to(device, non_blocking=True)
-        cols_t = torch.from_numpy(cols).to(device, non_blocking=True)
-        x = canvas.float() @ cols_t[:, None]  # (n, 3, h_max, width): horizontal pass first, as PIL
-        x = rows_t[:, None] @ x  # (n, 3, height, width)
+            canvas[k, :, : heights[k], : widths[k]] = image
+        sizes = torch.tensor(heights + widths, dtype=torch.int64).to(device, non_blocking=True)
+        rows = pil_weights(sizes[: len(part)], cfg.height, cfg.resample, h_max)  # (n, height, h_max)
+        cols = pil_weights(sizes[len(part) :], cfg.width, cfg.resample, w_max)  # (n, width, w_max)
+        x = canvas.float() @ cols.transpose(1, 2)[:, None]  # (n, 3, h_max, width): horizontal first, as PIL
+        x = rows[:, None] @ x  # (n, 3, height, width)
         out[start : start + len(part)] = x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
     return out
 
@@ -153,6 +151,8 @@ class GpuImages:
             raise ValueError(f"GPU resize supports bilinear and bicubic, not PIL filter {preprocess.resample}")
         self.preprocess, self.limits = preprocess, limits
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # torch.cuda stream calls need the index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._pool = cpu_pool or ThreadPoolExecutor(8, thread_name_prefix="cpu-decode")
         self._decode = DECODERS[decoder]() if isinstance(decoder, str) else decoder
 

@@ -125,13 +125,16 @@ def model_version(vision_state: dict[str, torch.Tensor], preprocess: PreprocessC
 
 
 def pick_device(requested: str) -> torch.device:
+    """The device to use; CUDA devices always carry an index (some torch.cuda calls refuse a bare "cuda")."""
     if requested == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        log.info("device auto → %s", device)
-        return device
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+        log.info("device auto → %s", requested)
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {requested!r} requested but CUDA is not available")
-    return torch.device(requested)
+    device = torch.device(requested)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _pick_dtype(requested: str, device: torch.device) -> torch.dtype:

@@ -46,14 +46,17 @@ def _png(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def test_resize_matches_pil_to_about_one_level(jpegs):
-    images = [np.asarray(Image.open(io.BytesIO(d)).convert("RGB")) for d in jpegs]
-    ours = resize_like_pil([torch.from_numpy(i.copy()).permute(2, 0, 1) for i in images], CFG).numpy()
-    pil = np.stack([np.asarray(Image.fromarray(i).resize((224, 224), Image.Resampling.BICUBIC)) for i in images])
+@pytest.mark.parametrize(("resample", "size", "worst"), [(3, 224, 4), (3, 384, 10), (2, 224, 1), (2, 400, 1)])
+def test_resize_matches_pil_to_about_one_level(jpegs, resample, size, worst):
+    images = [np.asarray(Image.open(io.BytesIO(d)).convert("RGB")) for d in jpegs] + [np.full((5, 7, 3), 200, np.uint8)]
+    cfg = PreprocessConfig(height=size, width=size, resample=resample)
+    ours = resize_like_pil([torch.from_numpy(i.copy()).permute(2, 0, 1) for i in images], cfg).numpy()
+    pil = np.stack([np.asarray(Image.fromarray(i).resize((size, size), resample)) for i in images])
     diff = np.abs(ours.astype(int) - pil.astype(int))
-    # PIL rounds and clips to uint8 between its horizontal and vertical passes; torch does not. Measured on
-    # these photos: 99.991% of values within one level, max 4 (bicubic overshoot at sharp edges).
-    assert diff.max() <= 4 and (diff <= 1).mean() > 0.9995, f"max {diff.max()}, within 1: {(diff <= 1).mean():.5f}"
+    # PIL rounds and clips to uint8 between its horizontal and vertical passes; we do not. Measured on these
+    # photos: > 99.99% of values within one level; bicubic overshoot at sharp edges differs by up to 3 when
+    # shrinking, up to 9 when enlarging (these test photos are 320 px); bilinear never by more than 1.
+    assert diff.max() <= worst and (diff <= 1).mean() > 0.9999, f"max {diff.max()}, within 1: {(diff <= 1).mean()}"
 
 
 def test_every_input_is_kept_in_order_or_failed_with_a_reason(jpegs):
