@@ -24,9 +24,11 @@ def test_cpu_benchmark_runs():
     assert "lookalike embed, Beam FnApiRunner, 2 worker process(es), whole run" in out
 
 
-def test_gpu_benchmark_smoke_mode_runs_on_cpu():
-    out = _run("benchmarks/gpu_encoder.py", "--smoke")
-    assert "lookalike ImageEncoder" in out and "transformers fp32, eager attention" in out
+def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu():
+    out = _run("benchmarks/gpu_embed.py", "--smoke")
+    for path in ("(a) naive", "(b) DataLoader", "(c) encoder alone", "(d) end to end", "stages of (d)", "(e) Beam"):
+        assert f"| {path}" in out, path
+    assert '"error"' not in out
 
 
 @pytest.mark.slow
