@@ -127,7 +127,7 @@ def test_cuda_without_a_gpu_fails_loudly(tiny_model):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"batch_size": 0}, {"dtype": "int8"}, {"device": "tpu"}, {"model": ""}], ids=lambda k: next(iter(k))
+    "kwargs", [{"batch_size": -1}, {"dtype": "int8"}, {"device": "tpu"}, {"model": ""}], ids=lambda k: next(iter(k))
 )
 def test_bad_config_is_rejected(kwargs):
     with pytest.raises(ValueError):

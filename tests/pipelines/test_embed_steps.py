@@ -23,10 +23,10 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _jpeg(seed: int) -> bytes:
+def _jpeg(seed: int, fmt: str = "JPEG") -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 255, (12, 12, 3), dtype=np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG")
+    Image.fromarray(pixels).save(buffer, fmt)
     return buffer.getvalue()
 
 
@@ -139,15 +139,8 @@ def test_an_image_that_will_not_finish_decoding_is_dead_lettered_and_the_rest_go
     assert seconds < 5
 
 
-def _png(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (12, 12, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def test_with_a_gpu_decoder_jpegs_pass_undecoded_and_the_rest_decode_here(tmp_path):
-    datas = {"a": _jpeg(1), "b": _png(2), "c": b"junk"}
+    datas = {"a": _jpeg(1), "b": _jpeg(2, "PNG"), "c": b"junk"}
     items = []
     for name, data in datas.items():
         (tmp_path / name).write_bytes(data)
