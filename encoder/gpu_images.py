@@ -22,7 +22,16 @@ import torch
 from encoder.jpeg import cpu_reason
 from encoder.preprocess import DecodeLimits, ImageDecodeError, PreprocessConfig, decode_image
 
-__all__ = ["DECODERS", "GpuImages", "PreparedBatch", "nvimgcodec_decoder", "nvjpeg_decoder", "resize_like_pil"]
+__all__ = [
+    "DECODERS",
+    "GpuImages",
+    "PreparedBatch",
+    "decode_on_cpu",
+    "gpu_resizes",
+    "nvimgcodec_decoder",
+    "nvjpeg_decoder",
+    "resize_like_pil",
+]
 
 
 # A batch of encoded JPEGs → decoded (3, h, w) uint8 tensors on the device; raises if any fails.
@@ -142,12 +151,17 @@ def resize_like_pil(images: Sequence[torch.Tensor], cfg: PreprocessConfig, chunk
     return out
 
 
+def gpu_resizes(cfg: PreprocessConfig) -> bool:
+    """Whether the GPU path reproduces this checkpoint's resize filter (bilinear and bicubic)."""
+    return cfg.resample in _FILTERS
+
+
 class GpuImages:
     """Decode and resize batches of encoded images on `device`, falling back to the CPU per image."""
 
     def __init__(self, preprocess: PreprocessConfig, device: torch.device | str, limits: DecodeLimits = DecodeLimits(),
                  cpu_pool: Executor | None = None, decoder: str | BatchDecoder = "nvjpeg") -> None:  # fmt: skip
-        if preprocess.resample not in _FILTERS:
+        if not gpu_resizes(preprocess):
             raise ValueError(f"GPU resize supports bilinear and bicubic, not PIL filter {preprocess.resample}")
         self.preprocess, self.limits = preprocess, limits
         self.device = torch.device(device)
@@ -168,7 +182,7 @@ class GpuImages:
         gpu, cpu = self.route(datas)
         decoded, rejected = self._decode_on_gpu([datas[i] for i in gpu])
         cpu = sorted(cpu + [gpu[j] for j in rejected])
-        cpu_jobs = {i: self._pool.submit(_decode_on_cpu, datas[i], self.preprocess, self.limits) for i in cpu}
+        cpu_jobs = {i: self._pool.submit(decode_on_cpu, datas[i], self.preprocess, self.limits) for i in cpu}
         parts: dict[int, torch.Tensor] = {}
         if decoded:
             resized = resize_like_pil([image for _, image in decoded], self.preprocess)
@@ -212,7 +226,8 @@ class GpuImages:
             return decoded, rejected
 
 
-def _decode_on_cpu(data: bytes, cfg: PreprocessConfig, limits: DecodeLimits) -> np.ndarray | str:
+def decode_on_cpu(data: bytes, cfg: PreprocessConfig, limits: DecodeLimits) -> np.ndarray | str:
+    """`decode_image`, with the dead-letter reason returned instead of raised."""
     try:
         return decode_image(data, cfg, limits)
     except ImageDecodeError as err:

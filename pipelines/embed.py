@@ -33,7 +33,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils.shared import Shared
 
 from encoder import DecodeLimits, EncoderConfig, load_encoder
-from encoder.gpu_images import GpuImages
+from encoder.gpu_images import GpuImages, gpu_resizes
 from encoder.jpeg import cpu_reason
 from encoder.storage import arrow_input, contained
 from pipelines import storage
@@ -234,7 +234,7 @@ def gpu_decoding(cfg: EmbedConfig, preprocess) -> bool:
         problem = "no CUDA device"
     elif importlib.util.find_spec("torchvision") is None:
         problem = "torchvision is not installed (pip install 'lookalike[gpu]')"
-    elif preprocess.resample not in (2, 3):
+    elif not gpu_resizes(preprocess):
         problem = f"the model's resize filter {preprocess.resample} is not bilinear or bicubic"
     if problem and cfg.gpu_decode == "on":
         raise ValueError(f"--gpu-decode on: {problem}")

@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from encoder import DecodeLimits, ImageDecodeError, ImageEncoder, PreprocessConfig, decode_image
-from encoder.gpu_images import GpuImages
+from encoder import DecodeLimits, ImageEncoder, PreprocessConfig
+from encoder.gpu_images import GpuImages, decode_on_cpu
 from pipelines import storage
 from pipelines.catalog import CatalogItem
 from pipelines.records import EmbeddingRow, Failure, PreparedImage, ReuseRequest, embedding_matrix, embedding_table
@@ -137,13 +137,10 @@ def fetch_item(item: CatalogItem, limits: DecodeLimits) -> Fetched | Failure:
 
 def decode_fetched(fetched: Fetched, preprocess: PreprocessConfig, limits: DecodeLimits) -> PreparedImage | Failure:
     item = fetched.item
-    try:
-        pixels = decode_image(fetched.data, preprocess, limits)
-    except ImageDecodeError as err:
-        return Failure(item.item_id, item.image_uri, "decode", str(err))
-    except Exception as err:  # noqa: BLE001 - a decoder bug on one image must not stop the run
-        return Failure(item.item_id, item.image_uri, "decode", f"unexpected {_describe(err)}")
-    return PreparedImage(item.item_id, item.image_uri, fetched.image_sha256, pixels)
+    result = decode_on_cpu(fetched.data, preprocess, limits)  # a decoder bug on one image must not stop the run
+    if isinstance(result, str):
+        return Failure(item.item_id, item.image_uri, "decode", result)
+    return PreparedImage(item.item_id, item.image_uri, fetched.image_sha256, result)
 
 
 class Prepared(NamedTuple):
@@ -184,9 +181,10 @@ def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: Prep
     to_decode = [f for f, r in zip(ok, reusable, strict=True) if not r]
     decoded = []
     if gpu_decodes is not None:
-        deferred = [f for f in to_decode if gpu_decodes(f.data)]
-        decoded = [PreparedImage(f.item.item_id, f.item.image_uri, f.image_sha256, None, f.data) for f in deferred]
-        to_decode = [f for f in to_decode if not gpu_decodes(f.data)] if deferred else to_decode
+        on_gpu = [gpu_decodes(f.data) for f in to_decode]
+        decoded = [PreparedImage(f.item.item_id, f.item.image_uri, f.image_sha256, None, f.data)
+                   for f, g in zip(to_decode, on_gpu, strict=True) if g]  # fmt: skip
+        to_decode = [f for f, g in zip(to_decode, on_gpu, strict=True) if not g]
     futures = [pool.submit(decode_fetched, f, preprocess, limits) for f in to_decode]
     deadline = time.monotonic() + max_decode_s * math.ceil(len(futures) / max(threads, 1))
     for fetched, future in zip(to_decode, futures, strict=True):
@@ -239,12 +237,9 @@ def _decode_deferred(batch: Sequence[PreparedImage], encoder: ImageEncoder,
         pixels = dict(zip((waiting[k] for k in prepared.kept), prepared.pixels, strict=True))
         reasons = {waiting[k]: reason for k, reason in prepared.failed}
     else:
-        pixels, reasons = {}, {}
-        for i in waiting:
-            try:
-                pixels[i] = decode_image(batch[i].data, encoder.preprocess, encoder.limits)
-            except ImageDecodeError as err:
-                reasons[i] = str(err)
+        results = {i: decode_on_cpu(batch[i].data, encoder.preprocess, encoder.limits) for i in waiting}
+        pixels = {i: r for i, r in results.items() if not isinstance(r, str)}
+        reasons = {i: r for i, r in results.items() if isinstance(r, str)}
     for i, reason in reasons.items():
         failures.append(Failure(batch[i].item_id, batch[i].image_uri, "decode", reason))
     ready = [b._replace(pixels=pixels[i], data=None) if i in pixels else b for i, b in enumerate(batch)

@@ -13,14 +13,6 @@ import os
 from encoder import storage as object_store
 from encoder.storage import is_not_found, is_transient, with_retries
 
-
-def _filesystems():
-    """Beam's FileSystems, imported on first use: Beam costs ~80 MiB and a second that most commands never need."""
-    from apache_beam.io.filesystems import FileSystems
-
-    return FileSystems
-
-
 __all__ = [
     "NotFound",
     "configure_storage",
@@ -38,6 +30,13 @@ log = logging.getLogger(__name__)
 
 class NotFound(FileNotFoundError):
     """The object or file does not exist (a permanent error)."""
+
+
+def _filesystems():
+    """Beam's FileSystems, imported on first use: Beam costs ~80 MiB and a second that most commands never need."""
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems
 
 
 def configure_storage(pipeline_options=None) -> None:
