@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU measurement and gpu-marked test in one run on a CUDA machine (a leased GPU is paid by the minute).
+# Every GPU measurement and gpu-marked test in one run on a CUDA machine with lookalike and its [gpu] extra
+# installed (a leased GPU is paid by the minute: one call, each step under its own time limit).
 #
 #   benchmarks/gpu_checks.sh OUT_DIR [STEPS]     STEPS: comma list of embed,tests,train (default: all)
 #
