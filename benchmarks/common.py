@@ -133,8 +133,11 @@ def write_run(run_dir: Path, vectors: np.ndarray, ids: list[str] | None = None, 
     return str(run_dir)
 
 
-def run_watching_memory(cmd: list[str], interval: float = 0.02) -> tuple[float, int, int, str]:
-    """Run `cmd`; return (seconds, peak RssAnon bytes, peak RssFile bytes, stderr), sampling /proc/PID/status.
+def run_sampling_memory(cmd: list[str], interval: float = 0.02) -> tuple[float, list[tuple[float, dict]], str]:
+    """Run `cmd`, reading /proc/PID/status every `interval` s.
+
+    Returns:
+        (seconds, [(seconds since start, {"VmRSS", "RssAnon", "RssFile": bytes})], stderr).
 
     Raises:
         RuntimeError: the command failed (its stderr's tail in the message).
@@ -142,10 +145,9 @@ def run_watching_memory(cmd: list[str], interval: float = 0.02) -> tuple[float, 
     import subprocess
     import tempfile
 
-    start = time.monotonic()
+    start, samples = time.monotonic(), []
     with tempfile.TemporaryFile() as err:
         job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-        anon = file = 0
         while job.poll() is None:
             try:
                 status = Path(f"/proc/{job.pid}/status").read_text()
@@ -153,12 +155,19 @@ def run_watching_memory(cmd: list[str], interval: float = 0.02) -> tuple[float, 
                 break
             fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
             if "RssAnon" in fields:
-                anon = max(anon, int(fields["RssAnon"].split()[0]) * 1024)
-                file = max(file, int(fields["RssFile"].split()[0]) * 1024)
+                sizes = {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "RssAnon", "RssFile")}
+                samples.append((time.monotonic() - start, sizes))
             time.sleep(interval)
         job.wait()
         err.seek(0)
         stderr = err.read().decode(errors="replace")
     if job.returncode != 0:
         raise RuntimeError(f"{cmd[:2]} exited {job.returncode}: {stderr[-2000:]}")
-    return time.monotonic() - start, anon, file, stderr
+    return time.monotonic() - start, samples, stderr
+
+
+def run_watching_memory(cmd: list[str], interval: float = 0.02) -> tuple[float, int, int, str]:
+    """Run `cmd`; return (seconds, peak RssAnon bytes, peak RssFile bytes, stderr) (see `run_sampling_memory`)."""
+    seconds, samples, stderr = run_sampling_memory(cmd, interval)
+    peak = {k: max((s[k] for _, s in samples), default=0) for k in ("RssAnon", "RssFile")}
+    return seconds, peak["RssAnon"], peak["RssFile"], stderr

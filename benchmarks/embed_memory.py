@@ -14,43 +14,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine  # noqa: E402
-
-
-def _rss_mib(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+from benchmarks.common import machine, run_sampling_memory  # noqa: E402
 
 
 def measure(catalog: str, model: str, out: str) -> tuple[float, list[tuple[float, float]]]:
     """Seconds, and (seconds since start, RSS MiB) samples, of one embed run."""
     exe = Path(sys.executable).with_name("lookalike")
-    start = time.monotonic()
-    job = subprocess.Popen([str(exe), "embed", "--catalog", catalog, "--model", model, "--out", out,
-                            "--no-incremental"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    samples = []
-    while job.poll() is None:
-        rss = _rss_mib(job.pid)
-        if rss is not None:
-            samples.append((time.monotonic() - start, rss))
-        time.sleep(0.5)
-    if job.returncode != 0:
-        raise RuntimeError(job.stderr.read().decode()[-2000:])
-    return time.monotonic() - start, samples
+    seconds, samples, _ = run_sampling_memory([str(exe), "embed", "--catalog", catalog, "--model", model,
+                                               "--out", out, "--no-incremental"], interval=0.5)  # fmt: skip
+    return seconds, [(t, sizes["VmRSS"] / 2**20) for t, sizes in samples]
 
 
 def main() -> None:

@@ -186,6 +186,8 @@ class GpuImages:
         parts: dict[int, torch.Tensor] = {}
         if decoded:
             resized = resize_like_pil([image for _, image in decoded], self.preprocess)
+            if not cpu:  # the usual batch: every image decoded on the GPU, already in order
+                return PreparedBatch(resized, list(range(len(datas))), [], on_gpu=len(decoded))
             parts.update({gpu[j]: resized[k] for k, (j, _) in enumerate(decoded)})
         failed, cpu_pixels = [], {}
         for i, job in cpu_jobs.items():
@@ -201,8 +203,6 @@ class GpuImages:
             uploaded = host.to(self.device, non_blocking=True)
             parts.update(dict(zip(cpu_pixels, uploaded, strict=True)))
         kept = sorted(parts)
-        if decoded and len(decoded) == len(datas):  # the usual batch: all on the GPU, already in order
-            return PreparedBatch(resized, kept, [], on_gpu=len(decoded))
         if kept:
             pixels = torch.stack([parts[i] for i in kept])
         else:

@@ -11,25 +11,22 @@ from PIL import Image
 
 from benchmarks.common import realistic_jpegs
 from encoder import DecodeLimits, PreprocessConfig, decode_image
-from encoder.gpu_images import GpuImages, resize_like_pil
+from encoder.gpu_images import GpuImages, pil_decoder, resize_like_pil
 
 CFG = PreprocessConfig(height=224, width=224)
 FULL = DecodeLimits(draft=False)  # the GPU decodes at full size; compare with the CPU doing the same
 
 
 def _pil_decoder(calls: list[int] | None = None):
-    """Stands in for nvJPEG on the CPU: decodes with PIL at full size; refuses bytes containing b'REJECT'."""
+    """Stands in for nvJPEG on the CPU (`pil_decoder`), counting its calls; refuses a batch with b'REJECT' in it."""
+    pil = pil_decoder()
 
     def decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
         if calls is not None:
             calls.append(len(datas))
-        out = []
-        for data in datas:
-            if b"REJECT" in data:
-                raise RuntimeError("nvjpeg: unsupported")
-            image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-            out.append(torch.from_numpy(image.copy()).permute(2, 0, 1).to(device))
-        return out
+        if any(b"REJECT" in data for data in datas):
+            raise RuntimeError("nvjpeg: unsupported")
+        return pil(datas, device)
 
     return decode
 
