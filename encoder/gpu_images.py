@@ -3,8 +3,9 @@
 JPEGs that nvJPEG takes (`encoder.jpeg.cpu_reason`) are decoded in one batched call
 (`torchvision.io.decode_jpeg(device="cuda")`), resized on the GPU with the same
 antialiased filter PIL uses, and rounded to uint8 as PIL does. Everything else, and any
-JPEG the GPU decoder rejects, is decoded by `decode_image` on CPU threads: same output,
-same dead-letter reasons. Results keep the input order; nothing is dropped silently.
+JPEG the GPU decoder rejects, is decoded by `decode_image` on CPU threads, each within a
+time limit: same output, same dead-letter reasons. Images already decoded on the CPU
+join the batch as they are. Results keep the input order; nothing is dropped silently.
 
 torchvision is imported only here and only when a GPU path is built: on CPU-only
 installs it is absent (it breaks transformers' SigLIP import there).
@@ -12,8 +13,11 @@ installs it is absent (it breaks transformers' SigLIP import there).
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +30,7 @@ __all__ = [
     "DECODERS",
     "GpuImages",
     "PreparedBatch",
+    "collect_decodes",
     "decode_on_cpu",
     "gpu_resizes",
     "nvimgcodec_decoder",
@@ -157,52 +162,66 @@ def gpu_resizes(cfg: PreprocessConfig) -> bool:
 
 
 class GpuImages:
-    """Decode and resize batches of encoded images on `device`, falling back to the CPU per image."""
+    """Decode and resize batches of images on `device`, falling back to the CPU per image.
+
+    `decoder=None` decodes everything on the CPU threads: the same batches, order and
+    reasons on a worker without a GPU decoder.
+    """
 
     def __init__(self, preprocess: PreprocessConfig, device: torch.device | str, limits: DecodeLimits = DecodeLimits(),
-                 cpu_pool: Executor | None = None, decoder: str | BatchDecoder = "nvjpeg") -> None:  # fmt: skip
-        if not gpu_resizes(preprocess):
+                 cpu_pool: Executor | None = None, decoder: str | BatchDecoder | None = "nvjpeg", *,
+                 cpu_threads: int = 8, max_decode_s: float = 30.0) -> None:  # fmt: skip
+        if decoder is not None and not gpu_resizes(preprocess):
             raise ValueError(f"GPU resize supports bilinear and bicubic, not PIL filter {preprocess.resample}")
-        self.preprocess, self.limits = preprocess, limits
+        self.preprocess, self.limits, self.max_decode_s = preprocess, limits, max_decode_s
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # torch.cuda stream calls need the index
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self._pool = cpu_pool or ThreadPoolExecutor(8, thread_name_prefix="cpu-decode")
+        self._threads = cpu_threads
+        self._pool = cpu_pool or ThreadPoolExecutor(cpu_threads, thread_name_prefix="cpu-decode")
         self._decode = DECODERS[decoder]() if isinstance(decoder, str) else decoder
 
     def route(self, datas: Sequence[bytes]) -> tuple[list[int], list[int]]:
         """Input positions for the GPU decoder and for the CPU decoder."""
+        if self._decode is None:
+            return [], list(range(len(datas)))
         gpu, cpu = [], []
         for i, data in enumerate(datas):
             (cpu if cpu_reason(data, self.limits.max_bytes, self.limits.max_pixels) else gpu).append(i)
         return gpu, cpu
 
-    def prepare(self, datas: Sequence[bytes]) -> PreparedBatch:
-        """Every input either becomes a row of `pixels` or a (position, reason) failure."""
-        gpu, cpu = self.route(datas)
-        decoded, rejected = self._decode_on_gpu([datas[i] for i in gpu])
+    def prepare(self, inputs: Sequence[bytes | np.ndarray]) -> PreparedBatch:
+        """Every input, encoded bytes or (height, width, 3) uint8 pixels from `decode_image`, becomes a row of
+        `pixels` or a (position, reason) failure."""
+        encoded = [i for i, x in enumerate(inputs) if not isinstance(x, np.ndarray)]
+        gpu, cpu = (  # positions in `inputs`
+            [[encoded[j] for j in side] for side in self.route([inputs[i] for i in encoded])] if encoded else ([], [])
+        )
+        decoded, rejected = self._decode_on_gpu([inputs[i] for i in gpu])
         cpu = sorted(cpu + [gpu[j] for j in rejected])
-        cpu_jobs = {i: self._pool.submit(decode_on_cpu, datas[i], self.preprocess, self.limits) for i in cpu}
+        cpu_jobs = [self._pool.submit(decode_on_cpu, inputs[i], self.preprocess, self.limits) for i in cpu]
         parts: dict[int, torch.Tensor] = {}
         if decoded:
             resized = resize_like_pil([image for _, image in decoded], self.preprocess)
-            if not cpu:  # the usual batch: every image decoded on the GPU, already in order
-                return PreparedBatch(resized, list(range(len(datas))), [], on_gpu=len(decoded))
+            if len(decoded) == len(inputs):  # the usual batch: every image decoded on the GPU, already in order
+                return PreparedBatch(resized, list(range(len(inputs))), [], on_gpu=len(decoded))
             parts.update({gpu[j]: resized[k] for k, (j, _) in enumerate(decoded)})
-        failed, cpu_pixels = [], {}
-        for i, job in cpu_jobs.items():
-            result = job.result()
+        failed = []
+        host = {i: x for i, x in enumerate(inputs) if isinstance(x, np.ndarray)}
+        for i, result in zip(cpu, collect_decodes(cpu_jobs, self.max_decode_s, self._threads), strict=True):
             if isinstance(result, str):
                 failed.append((i, result))
             else:
-                cpu_pixels[i] = result
-        if cpu_pixels:
-            host = torch.from_numpy(np.stack(list(cpu_pixels.values())))
+                host[i] = result
+        if host:
+            stacked = torch.from_numpy(np.stack(list(host.values())))
             if self.device.type == "cuda":
-                host = host.pin_memory()
-            uploaded = host.to(self.device, non_blocking=True)
-            parts.update(dict(zip(cpu_pixels, uploaded, strict=True)))
+                stacked = stacked.pin_memory()
+            uploaded = stacked.to(self.device, non_blocking=True)
+            parts.update(dict(zip(host, uploaded, strict=True)))
         kept = sorted(parts)
+        if host and len(host) == len(inputs):  # nothing decoded here: the host batch is already in order
+            return PreparedBatch(uploaded, kept, [], on_gpu=0)
         if kept:
             pixels = torch.stack([parts[i] for i in kept])
         else:
@@ -234,3 +253,18 @@ def decode_on_cpu(data: bytes, cfg: PreprocessConfig, limits: DecodeLimits) -> n
         return str(err)
     except Exception as err:  # noqa: BLE001 - a decoder bug on one image must not stop the batch
         return f"unexpected {type(err).__name__}: {err}"
+
+
+def collect_decodes(futures: Sequence[Future], max_decode_s: float, threads: int) -> list[np.ndarray | str]:
+    """The results of `decode_on_cpu` futures, in order. A decode cannot be interrupted, so an image not
+    decoded within `max_decode_s` (per image, `threads` at a time) gets a reason instead and its thread is
+    left to finish on its own: the batch goes on without it."""
+    deadline = time.monotonic() + max_decode_s * math.ceil(len(futures) / max(threads, 1))
+    results: list[np.ndarray | str] = []
+    for future in futures:
+        try:
+            results.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
+        except FutureTimeout:
+            future.cancel()
+            results.append(f"not decoded within {max_decode_s:g} s")
+    return results

@@ -6,11 +6,16 @@ batches wait in between, so memory stays bounded. An event orders each batch's d
 before its encode, and `record_stream` keeps the allocator from reusing a batch's
 memory while the model still reads it. On the CPU the same code runs without streams
 (tests/encoder/test_gpu_stream.py).
+
+`embed_stream` pulls batches from an iterable (the standalone worker reads files);
+`BackgroundEmbedder` runs it in its own thread for callers that push batches as they
+come (the Beam step), so fetching the next batch overlaps all of this.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 from collections.abc import Hashable, Iterable, Iterator, Sequence
@@ -22,24 +27,65 @@ import torch
 from encoder.gpu_images import GpuImages
 from encoder.model import ImageEncoder
 
-__all__ = ["StreamBatch", "embed_stream"]
+__all__ = ["BackgroundEmbedder", "StreamBatch", "embed_checked", "embed_stream"]
+
+log = logging.getLogger(__name__)
 
 _DONE = object()
 
 
 @dataclass
 class StreamBatch:
-    """One input batch's outcome: vectors for `keys` (input order), failures with reasons."""
+    """One input batch's outcome: vectors for `keys` (input order), failures with stage and reason."""
 
     keys: list[Hashable]
     vectors: np.ndarray  # (len(keys), dim) float32, L2-normalised
-    failed: list[tuple[Hashable, str]]
+    failed: list[tuple[Hashable, str, str]]  # (key, "decode" | "encode", reason)
     on_gpu: int  # images decoded by the GPU decoder (the rest by the CPU fallback)
 
 
-def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tuple[Sequence[Hashable], Sequence[bytes]]],
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def embed_checked(encoder: ImageEncoder, pixels: torch.Tensor) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
+    """Embed a batch; if it fails, each image alone, so only the culprits fail. Non-finite vectors fail too.
+
+    Returns:
+        (rows embedded, their vectors, (row, reason) for the rest).
+    """
+    try:
+        vectors = encoder.embed_prepared(pixels)
+        done = list(range(len(pixels)))
+    except Exception as batch_err:  # noqa: BLE001 - isolate the image(s) that break the batch
+        log.warning("batch of %d failed to embed (%s); retrying images one by one", len(pixels), _describe(batch_err))
+        done, parts, failed = [], [], []
+        for row in range(len(pixels)):
+            try:
+                parts.append(encoder.embed_prepared(pixels[row : row + 1]))
+                done.append(row)
+            except Exception as err:  # noqa: BLE001 - recorded as the image's dead letter
+                failed.append((row, _describe(err)))
+        vectors = np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
+        return _finite(done, vectors, failed)
+    return _finite(done, vectors, [])
+
+
+def _finite(done: list[int], vectors: np.ndarray, failed: list[tuple[int, str]]):
+    finite = np.isfinite(vectors).all(axis=1)
+    if finite.all():
+        return done, vectors, failed
+    failed = sorted(failed + [(row, "non-finite embedding") for row, ok in zip(done, finite, strict=True) if not ok])
+    return [row for row, ok in zip(done, finite, strict=True) if ok], vectors[finite], failed
+
+
+def embed_stream(encoder: ImageEncoder, images: GpuImages,
+                 batches: Iterable[tuple[Sequence[Hashable], Sequence[bytes | np.ndarray]]],
                  prefetch: int = 2) -> Iterator[StreamBatch]:  # fmt: skip
-    """Embed (keys, encoded images) batches in order, decoding ahead of the model."""
+    """Embed (keys, images) batches in order, decoding ahead of the model.
+
+    Each image is encoded bytes or pixels already decoded on the CPU (`GpuImages.prepare`).
+    """
     ready: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     stop = threading.Event()
     cuda = images.device.type == "cuda"
@@ -83,9 +129,79 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
                 main = torch.cuda.current_stream(images.device)
                 main.wait_event(event)
                 prepared.pixels.record_stream(main)
-            vectors = encoder.embed_prepared(prepared.pixels)
-            yield StreamBatch([keys[i] for i in prepared.kept], vectors,
-                              [(keys[i], reason) for i, reason in prepared.failed], prepared.on_gpu)  # fmt: skip
+            rows, vectors, unembedded = embed_checked(encoder, prepared.pixels)
+            failed = [(keys[i], "decode", reason) for i, reason in prepared.failed]
+            failed += [(keys[prepared.kept[row]], "encode", reason) for row, reason in unembedded]
+            yield StreamBatch([keys[prepared.kept[row]] for row in rows], vectors, failed, prepared.on_gpu)
     finally:
         stop.set()
         producer.join(timeout=5)
+
+
+class BackgroundEmbedder:
+    """`embed_stream` in a thread of its own: `submit` queues a batch and returns, `ready` hands over the
+    batches finished so far, `finish` waits for the rest. At most `prefetch` submitted batches wait, so a
+    caller faster than the GPU waits in `submit`. An error in the stream is raised by the next call."""
+
+    def __init__(self, encoder: ImageEncoder, images: GpuImages, prefetch: int = 2) -> None:
+        self._inbox: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self._outbox: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(encoder, images, prefetch), name="gpu-embed",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
+
+    def _batches(self) -> Iterator:
+        while not self._stop.is_set():
+            try:
+                item = self._inbox.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is _DONE:
+                return
+            yield item
+
+    def _run(self, encoder: ImageEncoder, images: GpuImages, prefetch: int) -> None:
+        try:
+            for batch in embed_stream(encoder, images, self._batches(), prefetch):
+                self._outbox.put(batch)
+        except BaseException as err:  # noqa: BLE001 - raised in the caller's thread
+            self._outbox.put(err)
+        self._outbox.put(_DONE)
+
+    def submit(self, keys: Sequence[Hashable], images: Sequence[bytes | np.ndarray]) -> None:
+        self._put((keys, images))
+
+    def _put(self, item) -> None:
+        while True:
+            try:
+                self._inbox.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if not self._thread.is_alive():
+                    self.ready()  # raises the stream's error
+                    raise RuntimeError("the embedding thread stopped") from None
+
+    def ready(self) -> list[StreamBatch]:
+        """Batches finished so far, in submission order; does not wait."""
+        out = []
+        while True:
+            try:
+                item = self._outbox.get_nowait()
+            except queue.Empty:
+                return out
+            if isinstance(item, BaseException):
+                raise item
+            if item is not _DONE:
+                out.append(item)
+
+    def finish(self) -> list[StreamBatch]:
+        """Wait for every submitted batch; the rest of them, in order. The embedder is done after this."""
+        self._put(_DONE)
+        self._thread.join()
+        return self.ready()
+
+    def close(self) -> None:
+        """Stop without waiting for what is queued (a failed bundle, teardown)."""
+        self._stop.set()
+        self._thread.join(timeout=5)

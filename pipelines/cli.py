@@ -107,6 +107,9 @@ def embed(
     gpu_decode: Annotated[
         str, typer.Option(help="auto, on or off: decode and resize JPEGs on the GPU (auto: where there is one).")
     ] = "auto",
+    gpu_decoder: Annotated[
+        str, typer.Option(help="nvjpeg (torchvision, on the SMs) or nvimgcodec (the GPU's hardware JPEG engines).")
+    ] = "nvjpeg",
     draft: Annotated[bool, typer.Option(help="JPEG draft-mode decoding (faster, slightly different pixels).")] = True,
     incremental: Annotated[bool, typer.Option(help="Reuse vectors of unchanged images from an earlier run.")] = True,
     previous: Annotated[str | None, typer.Option(help="Earlier run directory to reuse from (default: latest).")] = None,
@@ -124,8 +127,8 @@ def embed(
 
     options = dict(
         catalog=catalog, model=model, out=out, batch_size=batch_size, fetch_threads=fetch_threads, workers=workers,
-        device=device, dtype=dtype, compile=compile, gpu_decode=gpu_decode, draft=draft, incremental=incremental,
-        previous=previous,
+        device=device, dtype=dtype, compile=compile, gpu_decode=gpu_decode, gpu_decoder=gpu_decoder, draft=draft,
+        incremental=incremental, previous=previous,
         max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, reuse_memory_mb=reuse_memory_mb,
         max_decode_s=max_decode_s,
     )  # fmt: skip

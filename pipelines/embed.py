@@ -30,10 +30,12 @@ import torch
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.shared import Shared
 
 from encoder import DecodeLimits, EncoderConfig, load_encoder
 from encoder.gpu_images import GpuImages, gpu_resizes
+from encoder.gpu_stream import BackgroundEmbedder
 from encoder.jpeg import cpu_reason
 from encoder.storage import arrow_input, contained
 from pipelines import storage
@@ -47,10 +49,11 @@ from pipelines.catalog import (
     read_catalog,
     read_manifest_file,
 )
-from pipelines.embed_steps import KnownDigests, PreviousVectors, ProgressLog, embed_batch, join_reused, prepare_items
+from pipelines.embed_steps import KnownDigests, PreviousVectors, ProgressLog, join_reused, prepare_items, stream_outputs
 from pipelines.records import (
     FAILURE_SCHEMA,
     EmbeddingRow,
+    PreparedImage,
     embedding_matrix,
     embedding_schema,
     failures_to_table,
@@ -78,6 +81,7 @@ class EmbedConfig:
     dtype: str = "auto"
     compile: bool = False
     gpu_decode: str = "auto"  # auto | on | off: JPEGs decoded and resized on the GPU (encoder.gpu_images)
+    gpu_decoder: str = "nvjpeg"  # nvjpeg (torchvision, on the SMs) | nvimgcodec (the GPU's JPEG engines)
     draft: bool = True  # JPEG draft-mode decoding (see README, "Preprocessing")
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 100_000_000
@@ -97,6 +101,8 @@ class EmbedConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.gpu_decode not in ("auto", "on", "off"):
             raise ValueError(f"gpu_decode must be auto, on or off, got {self.gpu_decode!r}")
+        if self.gpu_decoder not in ("nvjpeg", "nvimgcodec"):
+            raise ValueError(f"gpu_decoder must be nvjpeg or nvimgcodec, got {self.gpu_decoder!r}")
         if not self.max_decode_s > 0:
             raise ValueError(f"max_decode_s must be > 0, got {self.max_decode_s}")
         if self.reembed_since is not None:
@@ -196,7 +202,13 @@ class _InMemoryReuse:
 
 
 class EmbedBatch(beam.DoFn):
-    """Encode batches with one model per worker process (shared by its threads)."""
+    """Encode batches with one model per worker process (shared by its threads), in the background.
+
+    `process` hands a batch to a `BackgroundEmbedder` and returns at once with whatever earlier
+    batches have finished, so this thread goes back to fetching while the GPU decodes and encodes;
+    `finish_bundle` waits for the rest. Items still encoded (`PreparedImage.data`) are decoded
+    there: JPEGs on the GPU, the rest on CPU threads.
+    """
 
     def __init__(self, cfg: EmbedConfig, shared: Shared) -> None:
         self._cfg, self._shared = cfg, shared
@@ -208,17 +220,46 @@ class EmbedBatch(beam.DoFn):
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
         self._encoder = self._shared.acquire(lambda: load_encoder(cfg.encoder, cfg.limits), tag=cfg.model)
         preprocess = self._encoder.preprocess
-        self._gpu = GpuImages(preprocess, self._encoder.device, cfg.limits) if gpu_decoding(cfg, preprocess) else None
+        decoder = cfg.gpu_decoder if gpu_decoding(cfg, preprocess) else None
+        self._images = GpuImages(preprocess, self._encoder.device, cfg.limits, decoder=decoder,
+                                 cpu_threads=cfg.fetch_threads, max_decode_s=cfg.max_decode_s)  # fmt: skip
+        self._stream: BackgroundEmbedder | None = None
         self._embedded = Metrics.counter(_NAMESPACE, "embedded")
         self._progress = ProgressLog("embedded")
 
-    def process(self, batch):
-        rows, failures = embed_batch(self._encoder, batch, self._gpu)
-        self._embedded.inc(len(rows))
-        self._progress.add(len(rows))
-        yield from rows
-        for failure in failures:
-            yield beam.pvalue.TaggedOutput("failed", failure)
+    def start_bundle(self) -> None:
+        if self._stream is not None:  # left by a bundle that failed
+            self._stream.close()
+        self._stream = None
+
+    def process(self, batch: list[PreparedImage]):
+        if self._stream is None:
+            self._stream = BackgroundEmbedder(self._encoder, self._images)
+        self._stream.submit(batch, [item.pixels if item.data is None else item.data for item in batch])
+        yield from self._outputs(self._stream.ready())
+
+    def finish_bundle(self):
+        if self._stream is None:
+            return
+        stream, self._stream = self._stream, None
+        for out in self._outputs(stream.finish()):  # finish_bundle hands Beam windowed values
+            if isinstance(out, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
+            else:
+                yield GlobalWindows.windowed_value(out)
+
+    def _outputs(self, finished):
+        for done in finished:
+            rows, failures = stream_outputs(done, self._encoder.model_version)
+            self._embedded.inc(len(rows))
+            self._progress.add(len(rows))
+            yield from rows
+            for failure in failures:
+                yield beam.pvalue.TaggedOutput("failed", failure)
+
+    def teardown(self) -> None:
+        if getattr(self, "_stream", None) is not None:
+            self._stream.close()
 
 
 def gpu_decoding(cfg: EmbedConfig, preprocess) -> bool:
@@ -234,11 +275,20 @@ def gpu_decoding(cfg: EmbedConfig, preprocess) -> bool:
         problem = "no CUDA device"
     elif importlib.util.find_spec("torchvision") is None:
         problem = "torchvision is not installed (pip install 'lookalike[gpu]')"
+    elif cfg.gpu_decoder == "nvimgcodec" and not _installed("nvidia.nvimgcodec"):
+        problem = "nvImageCodec is not installed (pip install 'lookalike[gpu]')"
     elif not gpu_resizes(preprocess):
         problem = f"the model's resize filter {preprocess.resample} is not bilinear or bicubic"
     if problem and cfg.gpu_decode == "on":
         raise ValueError(f"--gpu-decode on: {problem}")
     return problem is None
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
 
 
 def _read_shard(path: str) -> pa.Table:

@@ -80,6 +80,38 @@ def test_an_all_cpu_or_empty_batch_still_has_the_model_shape():
     assert batch.pixels.shape == (2, 224, 224, 3) and batch.on_gpu == 0 and batch.kept == [0, 1]
 
 
+def test_without_a_gpu_decoder_everything_decodes_on_cpu_and_pre_decoded_pixels_pass_through(jpegs):
+    images = GpuImages(CFG, "cpu", FULL, decoder=None)
+    ready = decode_image(jpegs[1], CFG, FULL)
+    batch = images.prepare([jpegs[0], ready, b"junk", _png(3)])
+    assert batch.kept == [0, 1, 3] and [i for i, _ in batch.failed] == [2] and batch.on_gpu == 0
+    np.testing.assert_array_equal(batch.pixels[0].numpy(), decode_image(jpegs[0], CFG, FULL))
+    np.testing.assert_array_equal(batch.pixels[1].numpy(), ready)
+    assert images.prepare([ready, ready]).pixels.shape == (2, 224, 224, 3)
+
+
+def test_a_cpu_fallback_that_will_not_finish_is_failed_and_the_batch_goes_on(jpegs, monkeypatch):
+    import threading
+    import time
+
+    import encoder.gpu_images as gpu_images
+
+    release, real = threading.Event(), gpu_images.decode_on_cpu
+
+    def decode(data, cfg, limits):
+        if data == _png(5):  # a decoder stuck on one hostile image
+            release.wait(30)
+        return real(data, cfg, limits)
+
+    monkeypatch.setattr(gpu_images, "decode_on_cpu", decode)
+    images = GpuImages(CFG, "cpu", FULL, decoder=_pil_decoder(), cpu_threads=2, max_decode_s=0.3)
+    start = time.monotonic()
+    batch = images.prepare([jpegs[0], _png(5), _png(6)])
+    release.set()
+    assert time.monotonic() - start < 5
+    assert batch.kept == [0, 2] and batch.failed == [(1, "not decoded within 0.3 s")]
+
+
 def test_filters_the_gpu_cannot_reproduce_are_refused():
     with pytest.raises(ValueError, match="bilinear and bicubic"):
         GpuImages(PreprocessConfig(resample=Image.Resampling.LANCZOS), "cpu")

@@ -11,7 +11,7 @@ import pytest
 from benchmarks.common import realistic_jpegs
 from encoder import DecodeLimits
 from encoder.gpu_images import GpuImages
-from encoder.gpu_stream import embed_stream
+from encoder.gpu_stream import BackgroundEmbedder, embed_checked, embed_stream
 from encoder.model import batch_for_memory
 from pipelines.direct_embed import embed_files
 from tests.encoder.test_gpu_images import _pil_decoder, _png
@@ -34,7 +34,7 @@ def test_stream_gives_the_same_vectors_as_one_batch(tiny_encoder, files):
     out = list(embed_stream(tiny_encoder, images, batches, prefetch=1))
     keys = [k for b in out for k in b.keys]
     assert keys == [k for k in range(20) if k != 5]
-    assert [k for b in out for k, _ in b.failed] == [5]
+    assert [(k, stage) for b in out for k, stage, _ in b.failed] == [(5, "decode")]
     whole = images.prepare(datas)
     expected = tiny_encoder.embed_prepared(whole.pixels)
     assert np.allclose(np.concatenate([b.vectors for b in out]), expected, atol=1e-5)
@@ -56,6 +56,61 @@ def test_stopping_early_stops_the_producer(tiny_encoder, files):
     next(stream)
     stream.close()
     assert not [t for t in threading.enumerate() if t.name == "gpu-decode" and t.is_alive()]
+
+
+class _Poisoned:
+    """An encoder whose model fails on any batch holding a 255-valued image and returns NaN for a 7-valued one."""
+
+    def __init__(self, encoder) -> None:
+        self._encoder, self.dim = encoder, encoder.dim
+
+    def embed_prepared(self, pixels):
+        if (pixels.flatten(1).amin(1) == 255).any():
+            raise RuntimeError("kernel failed")
+        vectors = self._encoder.embed_prepared(pixels)
+        vectors[(pixels.flatten(1).amax(1) == 7).numpy()] = np.nan
+        return vectors
+
+
+def test_a_failing_batch_is_retried_image_by_image_and_only_the_culprits_fail(tiny_encoder):
+    import torch
+
+    size = (tiny_encoder.preprocess.height, tiny_encoder.preprocess.width, 3)
+    pixels = torch.randint(0, 200, (6, *size), dtype=torch.uint8)
+    pixels[2], pixels[4] = 255, 7
+    rows, vectors, failed = embed_checked(_Poisoned(tiny_encoder), pixels)
+    assert rows == [0, 1, 3, 5] and vectors.shape == (4, tiny_encoder.dim)
+    assert failed == [(2, "RuntimeError: kernel failed"), (4, "non-finite embedding")]
+    assert np.allclose(vectors, tiny_encoder.embed_prepared(pixels[[0, 1, 3, 5]]), atol=1e-5)
+
+
+def test_background_embedder_returns_every_batch_in_order_with_pre_decoded_images(tiny_encoder, files):
+    from encoder import decode_image
+
+    datas = [open(f, "rb").read() for f in files]
+    inputs = [decode_image(d, tiny_encoder.preprocess, DecodeLimits(draft=False)) if i % 3 == 0 else d
+              for i, d in enumerate(datas)]  # fmt: skip
+    inputs[4] = b"junk"
+    stream, out = BackgroundEmbedder(tiny_encoder, _images(tiny_encoder)), []
+    for i in range(0, 20, 5):
+        stream.submit(list(range(i, i + 5)), inputs[i : i + 5])
+        out += stream.ready()
+    out += stream.finish()
+    assert [k for b in out for k in b.keys] == [k for k in range(20) if k != 4]
+    assert [(k, stage) for b in out for k, stage, _ in b.failed] == [(4, "decode")]
+    assert sum(b.on_gpu for b in out) == 20 - 7 - 1  # 7 arrived decoded, the junk fell back to the CPU
+
+
+def test_background_embedder_raises_the_streams_error_in_the_caller(tiny_encoder, files):
+    stream = BackgroundEmbedder(tiny_encoder, _images(tiny_encoder))
+
+    class Broken:
+        def __iter__(self):
+            raise OSError("device lost")
+
+    stream.submit([0], Broken())
+    with pytest.raises(OSError, match="device lost"):
+        stream.finish()
 
 
 def test_embed_files_writes_every_file_once_or_dead_letters_it(tiny_encoder, files, tmp_path):

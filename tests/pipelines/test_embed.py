@@ -244,6 +244,30 @@ def test_glob_of_images_as_the_catalog(demo_catalog, tiny_model, tmp_path):
     assert sorted(rows + failures) == expected
 
 
+def test_gpu_decode_wiring_on_the_cpu_embeds_every_item_like_the_cpu_path(
+    demo_catalog, tiny_model, first_run, tmp_path, monkeypatch
+):
+    """The GPU worker's Beam wiring (JPEGs cross Beam undecoded, decoded in the embed step's background
+    stream, the rest decoded in the fetch step) with Pillow standing in for nvJPEG."""
+    import encoder.gpu_images as gpu_images
+    import pipelines.embed as embed
+    from tests.encoder.test_gpu_images import _pil_decoder
+
+    calls: list[int] = []
+    monkeypatch.setattr(embed, "gpu_decoding", lambda cfg, preprocess: True)
+    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda: _pil_decoder(calls))
+    result = run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path),
+                                   batch_size=16))  # fmt: skip
+    assert result.counts == first_run.counts
+    assert sum(calls) >= 80  # the catalog's JPEGs went to the stand-in GPU decoder, in batches
+    assert result.manifest["dead_letters_by_stage"] == first_run.manifest["dead_letters_by_stage"]
+    got, cpu = _vectors(_read_dir(Path(result.run_dir))), _vectors(_read_dir(Path(first_run.run_dir)))
+    assert got.keys() == cpu.keys()
+    cosines = [float(got[k] @ cpu[k]) for k in got]
+    # Full-size decode + the GPU path's resize against the CPU path's draft decode + PIL resize.
+    assert min(cosines) > 0.98, f"cosine as low as {min(cosines):.4f}"
+
+
 @pytest.mark.gpu
 def test_gpu_decode_on_cuda_embeds_every_item_close_to_the_cpu_encoder(
     demo_catalog, tiny_model, tiny_encoder, tmp_path

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from encoder import DecodeLimits, PreprocessConfig, decode_image
+from encoder import DecodeLimits, PreprocessConfig
 from pipelines.catalog import CatalogItem
 from pipelines.embed_steps import KnownDigests, PreviousVectors, prepare_items
 from pipelines.records import EmbeddingRow, ReuseRequest, rows_to_table
@@ -95,9 +95,13 @@ def test_prepare_items_accounts_for_every_item_once_and_decodes_only_what_change
     reasons = {f.item_id: (f.stage, f.error) for f in prepared.failed}
     assert reasons.keys() == {"broken", "missing", "no-uri", "remote"}
     assert reasons["missing"] == ("fetch", "not found") and reasons["broken"][0] == "decode"
-    # Local files are read inline; only the remote read and the decodes go to the pool.
-    handed = [getattr(h, "item", h) for h in pool.handed]
-    assert sorted(i.item_id for i in handed) == ["broken", "changed", "forced", "remote"]
+    # Local files go to the pool a chunk per task (here all six in one), the remote read alone, then the decodes.
+    chunks = [[i.item_id for i in h] for h in pool.handed if isinstance(h, list)]
+    assert chunks == [["same", "changed", "forced", "broken", "missing", "no-uri"]]
+    assert [h.item_id for h in pool.handed if isinstance(h, CatalogItem)] == ["remote"]
+    assert sorted(h for h in pool.handed if isinstance(h, bytes)) == sorted(
+        p.read_bytes() for p in (changed, forced, broken)
+    )
 
 
 def test_prepare_items_without_earlier_vectors_decodes_everything(tmp_path):
@@ -119,14 +123,14 @@ def test_an_image_that_will_not_finish_decoding_is_dead_lettered_and_the_rest_go
     paths = [tmp_path / f"{n}.jpg" for n in range(6)]
     for n, path in enumerate(paths):
         path.write_bytes(_jpeg(n))
-    release, real = threading.Event(), steps.decode_fetched
+    release, real = threading.Event(), steps.decode_on_cpu
 
-    def decode(fetched, preprocess, limits):
-        if fetched.item.item_id == "3":  # a decoder stuck on one hostile image
+    def decode(data, preprocess, limits):
+        if data == _jpeg(3):  # a decoder stuck on one hostile image
             release.wait(30)
-        return real(fetched, preprocess, limits)
+        return real(data, preprocess, limits)
 
-    monkeypatch.setattr(steps, "decode_fetched", decode)
+    monkeypatch.setattr(steps, "decode_on_cpu", decode)
     pool = ThreadPoolExecutor(4)
     start = time.monotonic()
     prepared = prepare_items([CatalogItem(p.stem, str(p)) for p in paths], pool, PREPROCESS, DecodeLimits(),
@@ -153,20 +157,14 @@ def test_with_a_gpu_decoder_jpegs_pass_undecoded_and_the_rest_decode_here(tmp_pa
     assert [f.item_id for f in out.failed] == ["c"]
 
 
-@pytest.mark.parametrize("with_gpu", [False, True])
-def test_embed_batch_decodes_deferred_items_and_dead_letters_the_bad_ones(tiny_encoder, with_gpu):
-    from encoder.gpu_images import GpuImages
-    from pipelines.embed_steps import embed_batch
+def test_stream_outputs_give_rows_for_the_embedded_and_failures_with_their_stage():
+    from encoder.gpu_stream import StreamBatch
+    from pipelines.embed_steps import stream_outputs
     from pipelines.records import PreparedImage
-    from tests.encoder.test_gpu_images import _pil_decoder
 
-    cfg, limits = tiny_encoder.preprocess, DecodeLimits(draft=False)
-    gpu = GpuImages(cfg, "cpu", limits, decoder=_pil_decoder()) if with_gpu else None
-    decoded = PreparedImage("decoded", "u0", "s0", decode_image(_jpeg(3), cfg, limits))
-    deferred = PreparedImage("deferred", "u1", "s1", None, _jpeg(4))
-    broken = PreparedImage("broken", "u2", "s2", None, _jpeg(5)[:30])
-    rows, failures = embed_batch(tiny_encoder, [decoded, deferred, broken], gpu)
-    assert [r.item_id for r in rows] == ["decoded", "deferred"]
-    assert [(f.item_id, f.stage) for f in failures] == [("broken", "decode")]
-    alone = tiny_encoder.embed_prepared(decode_image(_jpeg(4), cfg, limits)[None])[0]
-    assert float(rows[1].embedding @ alone) > 0.999  # the device resize differs from PIL's by about a level
+    items = [PreparedImage(f"id{n}", f"u{n}", f"s{n}", None, b"") for n in range(3)]
+    done = StreamBatch([items[0], items[2]], np.eye(2, dtype=np.float32), [(items[1], "encode", "boom")], on_gpu=3)
+    rows, failures = stream_outputs(done, "v1")
+    assert [(r.item_id, r.image_sha256, r.model_version) for r in rows] == [("id0", "s0", "v1"), ("id2", "s2", "v1")]
+    np.testing.assert_array_equal(rows[1].embedding, [0, 1])
+    assert [(f.item_id, f.image_uri, f.stage, f.error) for f in failures] == [("id1", "u1", "encode", "boom")]
