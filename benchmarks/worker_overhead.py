@@ -1,0 +1,146 @@
+"""The GPU worker's host-side ceiling, measured on the CPU: images/s when decoding and the model cost ~nothing.
+
+    python benchmarks/worker_overhead.py [--images 6000] [--batch-size 256]
+
+On a GPU, decode and model run asynchronously; what the host still does per image (read
+and hash the file, route it by its header, batch, launch the resize, write Parquet and,
+in the Beam pipeline, move elements between steps and threads) is Python that caps the
+worker whatever the GPU. This measures that cap on real JPEG files (scikit-image photos,
+640 px, quality 90) with the GPU decoder replaced by a stand-in that returns blank
+16 × 16 images and the model by one that returns a constant vector:
+  read + sha256 alone, 8 threads, a chunk of files per task;
+  the standalone loop (`pipelines.direct_embed`), the baseline;
+  the Beam pipeline on the local runner: whole run, and steady state (the whole run less
+  a run over 1% of the files, which is mostly start-up).
+Results go in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import encoder.gpu_images as gpu_images  # noqa: E402
+import pipelines.embed as embed  # noqa: E402
+from benchmarks.common import machine  # noqa: E402
+from benchmarks.gpu_embed import SHAPES, _checkpoint, _make_images  # noqa: E402
+from encoder import DecodeLimits, EncoderConfig  # noqa: E402
+from pipelines.direct_embed import embed_files  # noqa: E402
+
+SIZE = 16
+
+
+class ConstantModel(torch.nn.Module):
+    """Stands in for the image tower: one cheap op, the tower's output shape."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # device and dtype for ImageEncoder
+
+    def forward(self, pixel_values: torch.Tensor) -> SimpleNamespace:
+        n = pixel_values.shape[0]
+        return SimpleNamespace(pooler_output=torch.ones((n, self.config.hidden_size), dtype=pixel_values.dtype))
+
+
+def blank_decoder():
+    """Stands in for nvJPEG: a blank image per input, no decoding."""
+    blank = torch.zeros((3, SIZE, SIZE), dtype=torch.uint8)
+    return lambda datas, device: [blank] * len(datas)
+
+
+def _stub(load):
+    def load_stubbed(cfg, limits=DecodeLimits()):
+        encoder = load(cfg, limits)
+        encoder.vision_model = ConstantModel(encoder.vision_model.config)
+        return encoder
+
+    return load_stubbed
+
+
+def read_and_hash(files: list[str]) -> float:
+    def chunk(paths: list[str]) -> list[str]:
+        return [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths]
+
+    with ThreadPoolExecutor(8) as pool:
+        start = time.perf_counter()
+        list(pool.map(chunk, [files[i : i + 16] for i in range(0, len(files), 16)]))
+        return len(files) / (time.perf_counter() - start)
+
+
+def direct(files: list[str], ckpt: Path, out: Path, batch: int) -> float:
+    encoder = embed.load_encoder(EncoderConfig(model=str(ckpt), device="cpu", batch_size=batch))
+    images = gpu_images.GpuImages(encoder.preprocess, "cpu", DecodeLimits(), decoder="nvjpeg")
+    embed_files(files[:batch], encoder, images, out / "warm", batch_size=batch)
+    start = time.perf_counter()
+    result = embed_files(files, encoder, images, out / "direct", batch_size=batch)
+    seconds = time.perf_counter() - start
+    assert result.embedded == len(files), result
+    return result.embedded / seconds
+
+
+def beam(catalog: str, ckpt: Path, out: Path, batch: int) -> tuple[int, float]:
+    cfg = embed.EmbedConfig(catalog=catalog, model=str(ckpt), out=str(out), batch_size=batch, device="cpu",
+                            incremental=False)  # fmt: skip
+    start = time.perf_counter()
+    result = embed.run_embed(cfg)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    assert result.counts["dead_lettered"] == 0, result.counts
+    return result.counts["embedded"], seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=6000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    # The stand-ins, everywhere the worker looks them up.
+    gpu_images.DECODERS["nvjpeg"] = blank_decoder
+    embed.gpu_decoding = lambda cfg, preprocess: True
+    embed.load_encoder = _stub(embed.load_encoder)
+    work = Path(tempfile.mkdtemp(prefix="lookalike-overhead-"))
+    try:
+        files = sorted(str(p) for p in _make_images(work / "jpegs", args.images, 640))
+        mean_kb = np.mean([os.path.getsize(f) for f in files]) / 1024
+        ckpt = _checkpoint(work / "ckpt", dict(SHAPES["smoke"], image_size=SIZE, patch_size=SIZE))
+        print(f"machine: {machine()}; {len(files):,} JPEGs, mean {mean_kb:.0f} KB; batch {args.batch_size}")
+        results = {"read + sha256 alone, 8 threads": read_and_hash(files)}
+        results["standalone loop (direct_embed)"] = direct(files, ckpt, work / "d", args.batch_size)
+        n, whole = beam(str(work / "jpegs" / "*" / "*.jpg"), ckpt, work / "e", args.batch_size)
+        (work / "small").mkdir()
+        for f in files[: max(1, len(files) // 100)]:
+            shutil.copy(f, work / "small")
+        n_small, fixed = beam(str(work / "small" / "*.jpg"), ckpt, work / "e1", args.batch_size)
+        results["Beam pipeline, local runner, whole run"] = n / whole
+        results[f"Beam pipeline, steady state (less a {n_small}-image run: {fixed:.1f} s)"] = (n - n_small) / (
+            whole - fixed
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base = results["standalone loop (direct_embed)"]
+    print("\n| path | images/s | µs per image | × standalone |\n| --- | ---: | ---: | ---: |")
+    for name, value in results.items():
+        print(f"| {name} | {value:,.0f} | {1e6 / value:.0f} | {value / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
