@@ -55,6 +55,19 @@ def configure_storage(pipeline_options=None) -> None:
             auth._Credentials._credentials = None
 
 
+def _read_capped(f, max_bytes: int) -> bytes:
+    """At most `max_bytes` + 1 bytes, in 1 MiB reads: `f.read(max_bytes + 1)` allocates the whole cap up front,
+    which made reading a 70 KB photo under the 50 MiB default cost 68-95 µs instead of 18 (measured)."""
+    parts, total = [], 0
+    while total <= max_bytes:
+        part = f.read(min(1 << 20, max_bytes + 1 - total))
+        if not part:
+            break
+        parts.append(part)
+        total += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     """The whole object, retrying transient errors.
 
@@ -67,7 +80,7 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
         # Local files skip FileSystems, which doubles the cost of reading a small file (54 vs 23 µs).
         opened = open(uri, "rb") if "://" not in uri else _filesystems().open(uri, compression_type="uncompressed")  # noqa: SIM115
         with opened as f:
-            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+            data = f.read() if max_bytes is None else _read_capped(f, max_bytes)
         if max_bytes is not None and len(data) > max_bytes:
             raise ValueError(f"object is larger than max_bytes={max_bytes}")
         return data
