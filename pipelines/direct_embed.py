@@ -15,7 +15,6 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,7 +23,7 @@ import pyarrow.parquet as pq
 from encoder.gpu_images import GpuImages
 from encoder.gpu_stream import embed_stream
 from encoder.model import ImageEncoder
-from pipelines.records import FAILURE_SCHEMA, embedding_schema, embedding_table
+from pipelines.records import FAILURE_SCHEMA, embedding_schema, fresh_embedding_table
 
 __all__ = ["DirectResult", "embed_files"]
 
@@ -97,12 +96,10 @@ def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, 
                     writer.close()
                 result.shards.append(str(out / f"part-{len(result.shards):05d}.parquet"))
                 writer, rows_in_shard = pq.ParquetWriter(result.shards[-1], schema), 0
-            n = len(batch.keys)
-            now = pa.array([datetime.now(UTC)] * n, pa.timestamp("us", tz="UTC"))
             ids, digests = zip(*batch.keys, strict=True)
-            writer.write_table(embedding_table(ids, batch.vectors, digests, [encoder.model_version] * n, now))
-            rows_in_shard += n
-            result.embedded += n
+            writer.write_table(fresh_embedding_table(ids, batch.vectors, digests, encoder.model_version))
+            rows_in_shard += len(ids)
+            result.embedded += len(ids)
     finally:
         if writer is not None:
             writer.close()

@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 import os
+import pickle
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -138,6 +139,34 @@ class EmbedResult:
 # ---------------------------------------------------------------- Beam steps
 
 
+class PreparedImageCoder(beam.coders.Coder):
+    """Pickle, with a size estimate from the lengths of the bytes and pixels inside.
+
+    Beam samples the size of elements for its metrics; with the default pickle coder that meant
+    pickling whole chunks of encoded photos (every chunk of the first ten, then fewer) just to
+    learn their size.
+    """
+
+    def encode(self, value: PreparedImage) -> bytes:
+        return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+
+    def decode(self, encoded: bytes) -> PreparedImage:
+        return pickle.loads(encoded)
+
+    def estimate_size(self, value: PreparedImage) -> int:
+        pixels = 0 if value.pixels is None else value.pixels.nbytes
+        return 128 + len(value.item_id) + len(value.image_uri) + len(value.data or b"") + pixels
+
+    def is_deterministic(self) -> bool:
+        return False
+
+    def to_type_hint(self):
+        return PreparedImage
+
+
+beam.coders.registry.register_coder(PreparedImage, PreparedImageCoder)
+
+
 class FetchAndDecode(beam.DoFn):
     """Fetch, hash and decode a chunk of items (`embed_steps.prepare_items`); `fetch_threads` bounds the pool.
 
@@ -169,7 +198,8 @@ class FetchAndDecode(beam.DoFn):
         prepared = prepare_items(items, self._pool, self._preprocess, self._cfg.limits, known, self._reembed,
                                  threads=self._cfg.fetch_threads, max_decode_s=self._cfg.max_decode_s,
                                  gpu_decodes=self._gpu_decodes)  # fmt: skip
-        yield from prepared.decoded
+        if prepared.decoded:  # one element per chunk: per-element costs stay off the fast path
+            yield prepared.decoded
         for failure in prepared.failed:
             yield beam.pvalue.TaggedOutput("failed", failure)
         if self._previous is None:
@@ -202,12 +232,13 @@ class _InMemoryReuse:
 
 
 class EmbedBatch(beam.DoFn):
-    """Encode batches with one model per worker process (shared by its threads), in the background.
+    """Encode chunks of prepared images in batches of `batch_size`, with one model per worker process (shared by
+    its threads), in the background.
 
-    `process` hands a batch to a `BackgroundEmbedder` and returns at once with whatever earlier
+    `process` hands full batches to a `BackgroundEmbedder` and returns at once with whatever earlier
     batches have finished, so this thread goes back to fetching while the GPU decodes and encodes;
-    `finish_bundle` waits for the rest. Items still encoded (`PreparedImage.data`) are decoded
-    there: JPEGs on the GPU, the rest on CPU threads.
+    `finish_bundle` sends the last, partial batch and waits for the rest. Items still encoded
+    (`PreparedImage.data`) are decoded there: JPEGs on the GPU, the rest on CPU threads.
     """
 
     def __init__(self, cfg: EmbedConfig, shared: Shared) -> None:
@@ -224,21 +255,33 @@ class EmbedBatch(beam.DoFn):
         self._images = GpuImages(preprocess, self._encoder.device, cfg.limits, decoder=decoder,
                                  cpu_threads=cfg.fetch_threads, max_decode_s=cfg.max_decode_s)  # fmt: skip
         self._stream: BackgroundEmbedder | None = None
+        self._waiting: list[PreparedImage] = []
         self._embedded = Metrics.counter(_NAMESPACE, "embedded")
         self._progress = ProgressLog("embedded")
 
     def start_bundle(self) -> None:
         if self._stream is not None:  # left by a bundle that failed
             self._stream.close()
-        self._stream = None
+        self._stream, self._waiting = None, []
 
-    def process(self, batch: list[PreparedImage]):
+    def process(self, chunk: list[PreparedImage]):
+        self._waiting.extend(chunk)
+        size = self._encoder.batch_size
+        while len(self._waiting) >= size:
+            self._submit(self._waiting[:size])
+            self._waiting = self._waiting[size:]
+        if self._stream is not None:
+            yield from self._outputs(self._stream.ready())
+
+    def _submit(self, batch: list[PreparedImage]) -> None:
         if self._stream is None:
             self._stream = BackgroundEmbedder(self._encoder, self._images)
         self._stream.submit(batch, [item.pixels if item.data is None else item.data for item in batch])
-        yield from self._outputs(self._stream.ready())
 
     def finish_bundle(self):
+        if self._waiting:
+            self._submit(self._waiting)
+            self._waiting = []
         if self._stream is None:
             return
         stream, self._stream = self._stream, None
@@ -250,10 +293,11 @@ class EmbedBatch(beam.DoFn):
 
     def _outputs(self, finished):
         for done in finished:
-            rows, failures = stream_outputs(done, self._encoder.model_version)
-            self._embedded.inc(len(rows))
-            self._progress.add(len(rows))
-            yield from rows
+            table, failures = stream_outputs(done, self._encoder.model_version)
+            if table.num_rows:
+                self._embedded.inc(table.num_rows)
+                self._progress.add(table.num_rows)
+                yield table
             for failure in failures:
                 yield beam.pvalue.TaggedOutput("failed", failure)
 
@@ -376,13 +420,11 @@ def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, pr
         )
     prepared = chunks | "Fetch and decode images" >> beam.ParDo(
         FetchAndDecode(cfg, preprocess, total_items, reembed, in_memory), known_side
-    ).with_outputs("failed", "reuse", "reused", main="decoded")
-    encoded = (
-        prepared.decoded
-        | "Batch for the model" >> beam.BatchElements(min_batch_size=cfg.batch_size, max_batch_size=cfg.batch_size)
-        | "Embed images" >> beam.ParDo(EmbedBatch(cfg, Shared())).with_outputs("failed", main="rows")
+    ).with_output_types(list[PreparedImage]).with_outputs("failed", "reuse", "reused", main="decoded")
+    encoded = prepared.decoded | "Embed images" >> beam.ParDo(EmbedBatch(cfg, Shared())).with_outputs(
+        "failed", main="tables"
     )
-    row_sets, failure_sets = [encoded.rows], [prepared.failed, encoded.failed]
+    tables, failure_sets = [encoded.tables], [prepared.failed, encoded.failed]
     if previous is not None:
         joined = (
             {
@@ -395,23 +437,24 @@ def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, pr
                 "failed", main="rows"
             )
         )
-        row_sets.append(joined.rows | "Count reused" >> beam.Map(_count("reused")))
-        failure_sets.append(joined.failed)
-    tables = [
-        row_sets
-        | "All rows" >> beam.Flatten()
-        | "Group rows" >> beam.BatchElements(min_batch_size=256, max_batch_size=16384)
-        | "Rows to Arrow" >> beam.Map(rows_to_table, dim)
-    ]
-    if in_memory is not None:  # one small table per fetch batch: merged so shards keep large row groups
         tables.append(
-            prepared.reused
-            | "Group reused tables" >> beam.BatchElements(min_batch_size=16, max_batch_size=256)
-            | "Merge reused tables" >> beam.Map(pa.concat_tables)
+            joined.rows
+            | "Count reused" >> beam.Map(_count("reused"))
+            | "Group rows" >> beam.BatchElements(min_batch_size=256, max_batch_size=16384)
+            | "Rows to Arrow" >> beam.Map(rows_to_table, dim)
         )
+        failure_sets.append(joined.failed)
+    if in_memory is not None:
+        tables.append(prepared.reused)
     (
         tables
         | "All tables" >> beam.Flatten()
+        # Tables of a batch or a fetch chunk each: merged so shards keep row groups of thousands of rows.
+        | "Group tables"
+        >> beam.BatchElements(
+            min_batch_size=4096, max_batch_size=16384, element_size_fn=lambda t: t.num_rows
+        )  # fmt: skip
+        | "Merge tables" >> beam.Map(pa.concat_tables)
         | "Write embedding shards"
         >> beam.io.WriteToParquetBatched(
             storage.join(run_dir, "part"), schema=embedding_schema(dim), file_name_suffix=".parquet"

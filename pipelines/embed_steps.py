@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -23,7 +24,15 @@ from encoder import DecodeLimits, PreprocessConfig
 from encoder.gpu_images import collect_decodes, decode_on_cpu
 from pipelines import storage
 from pipelines.catalog import CatalogItem
-from pipelines.records import EmbeddingRow, Failure, PreparedImage, ReuseRequest, embedding_matrix, embedding_table
+from pipelines.records import (
+    EmbeddingRow,
+    Failure,
+    PreparedImage,
+    ReuseRequest,
+    embedding_matrix,
+    embedding_table,
+    fresh_embedding_table,
+)
 
 if TYPE_CHECKING:
     from encoder.gpu_stream import StreamBatch
@@ -161,7 +170,10 @@ def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: Prep
     """
     local = [i for i in items if "://" not in i.image_uri]
     remote = [i for i in items if "://" in i.image_uri]
-    fetched = [fetch_item(i, limits) for i in local] + list(pool.map(lambda i: fetch_item(i, limits), remote))
+    size = max(8, math.ceil(len(local) / min(threads, os.cpu_count() or 1)))  # one task per core, not per file
+    parts = [local[i : i + size] for i in range(0, len(local), size)]
+    fetched = [f for part in pool.map(lambda part: [fetch_item(i, limits) for i in part], parts) for f in part]
+    fetched += pool.map(lambda i: fetch_item(i, limits), remote)
     failed = [f for f in fetched if isinstance(f, Failure)]
     ok = [f for f in fetched if isinstance(f, Fetched)]
     reusable = np.zeros(len(ok), dtype=bool)
@@ -187,12 +199,12 @@ def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: Prep
     return Prepared(decoded, reuse, failed)
 
 
-def stream_outputs(done: StreamBatch, model_version: str) -> tuple[list[EmbeddingRow], list[Failure]]:
-    """Embedding rows for what a finished batch embedded (its keys are `PreparedImage`s), failures for the rest."""
-    now = datetime.now(UTC)
-    rows = [EmbeddingRow(item.item_id, vector, item.image_sha256, model_version, now)
-            for item, vector in zip(done.keys, done.vectors, strict=True)]  # fmt: skip
-    return rows, [Failure(item.item_id, item.image_uri, stage, reason) for item, stage, reason in done.failed]
+def stream_outputs(done: StreamBatch, model_version: str) -> tuple[pa.Table, list[Failure]]:
+    """One embedding table for what a finished batch embedded (its keys are `PreparedImage`s), failures for the
+    rest: a table per batch, not a row per item, keeps the runner's per-element work off the fast path."""
+    table = fresh_embedding_table([item.item_id for item in done.keys], done.vectors,
+                                  [item.image_sha256 for item in done.keys], model_version)  # fmt: skip
+    return table, [Failure(item.item_id, item.image_uri, stage, reason) for item, stage, reason in done.failed]
 
 
 def join_reused(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import NamedTuple
 
 import numpy as np
@@ -104,6 +104,14 @@ def embedding_table(item_ids: Sequence[str], vectors: np.ndarray, image_sha256: 
         ],
         schema=embedding_schema(dim),
     )
+
+
+def fresh_embedding_table(item_ids: Sequence[str], vectors: np.ndarray, image_sha256: Sequence[str],
+                          model_version: str) -> pa.Table:  # fmt: skip
+    """Vectors one model made just now, as a table of the embedding shard schema."""
+    n = len(item_ids)
+    now = pa.array([datetime.now(UTC)] * n, pa.timestamp("us", tz="UTC"))
+    return embedding_table(item_ids, vectors, image_sha256, [model_version] * n, now)
 
 
 def failures_to_table(failures: Sequence[Failure]) -> pa.Table:

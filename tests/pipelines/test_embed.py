@@ -226,7 +226,7 @@ def test_fetch_and_decode_routes_every_item(demo_catalog, tiny_model, tiny_encod
                 "failed", "reuse", main="decoded"
             )
         )
-        assert_that(outputs.decoded | "ok ids" >> beam.Map(lambda r: r.item_id),
+        assert_that(outputs.decoded | "ok ids" >> beam.FlatMap(lambda chunk: [r.item_id for r in chunk]),
                     equal_to([i.item_id for i in items if i.item_id not in broken]), label="decoded")  # fmt: skip
         assert_that(outputs.failed | "bad ids" >> beam.Map(lambda f: f.item_id),
                     equal_to([i.item_id for i in items if i.item_id in broken]), label="failed")  # fmt: skip

@@ -14,7 +14,7 @@ from PIL import Image
 from encoder import DecodeLimits, PreprocessConfig
 from pipelines.catalog import CatalogItem
 from pipelines.embed_steps import KnownDigests, PreviousVectors, prepare_items
-from pipelines.records import EmbeddingRow, ReuseRequest, rows_to_table
+from pipelines.records import EmbeddingRow, ReuseRequest, embedding_matrix, rows_to_table
 
 PREPROCESS = PreprocessConfig(height=8, width=8)
 
@@ -155,14 +155,15 @@ def test_with_a_gpu_decoder_jpegs_pass_undecoded_and_the_rest_decode_here(tmp_pa
     assert [f.item_id for f in out.failed] == ["c"]
 
 
-def test_stream_outputs_give_rows_for_the_embedded_and_failures_with_their_stage():
+def test_stream_outputs_give_a_table_of_the_embedded_and_failures_with_their_stage():
     from encoder.gpu_stream import StreamBatch
     from pipelines.embed_steps import stream_outputs
     from pipelines.records import PreparedImage
 
     items = [PreparedImage(f"id{n}", f"u{n}", f"s{n}", None, b"") for n in range(3)]
     done = StreamBatch([items[0], items[2]], np.eye(2, dtype=np.float32), [(items[1], "encode", "boom")], on_gpu=3)
-    rows, failures = stream_outputs(done, "v1")
-    assert [(r.item_id, r.image_sha256, r.model_version) for r in rows] == [("id0", "s0", "v1"), ("id2", "s2", "v1")]
-    np.testing.assert_array_equal(rows[1].embedding, [0, 1])
+    table, failures = stream_outputs(done, "v1")
+    rows = table.select(["item_id", "image_sha256", "model_version"]).to_pylist()
+    assert [tuple(r.values()) for r in rows] == [("id0", "s0", "v1"), ("id2", "s2", "v1")]
+    np.testing.assert_array_equal(embedding_matrix(table), np.eye(2))
     assert [(f.item_id, f.image_uri, f.stage, f.error) for f in failures] == [("id1", "u1", "encode", "boom")]
