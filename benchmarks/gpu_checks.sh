@@ -2,13 +2,13 @@
 # Every GPU measurement and gpu-marked test in one run on a CUDA machine with lookalike and its [gpu] extra
 # installed (a leased GPU is paid by the minute: one call, each step under its own time limit).
 #
-#   benchmarks/gpu_checks.sh OUT_DIR [STEPS]     STEPS: comma list of embed,tests,train (default: all)
+#   benchmarks/gpu_checks.sh OUT_DIR [STEPS]     STEPS: comma list of embed,host,tests,train (default: all)
 #
-# Writes OUT_DIR/{gpu.txt, gpu_embed.json, gpu_embed.log, train.log, tests.log}. Each step has its own time
+# Writes OUT_DIR/{gpu.txt, gpu_embed.json, gpu_embed.log, host.log, train.log, tests.log}. Each step has its own time
 # limit so one slow step cannot eat the others'; a step that fails is logged and the next one runs.
 set -u
 out=${1:?usage: gpu_checks.sh OUT_DIR [STEPS]}
-steps=${2:-embed,tests,train}
+steps=${2:-embed,host,tests,train}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -18,6 +18,9 @@ python3 -c "import torch, torchvision, transformers, pyarrow, numpy as np; print
  'numpy', np.__version__)" | tee -a "$out/gpu.txt"
 case ",$steps," in *,embed,*)
   timeout "${EMBED_S:-330}" python3 benchmarks/gpu_embed.py --json "$out/gpu_embed.json" ${EMBED_ARGS:-} 2>&1 | tee "$out/gpu_embed.log";;
+esac
+case ",$steps," in *,host,*)  # the host's own per-image ceiling (CPU only, decode and model stood in)
+  timeout "${HOST_S:-90}" python3 benchmarks/worker_overhead.py --images 10000 2>&1 | tail -8 | tee "$out/host.log";;
 esac
 case ",$steps," in *,tests,*)
   timeout "${TESTS_S:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/encoder/test_gpu_images.py tests/encoder/test_gpu_stream.py tests/encoder/test_model.py tests/pipelines/test_embed.py tests/training/test_train_gpu.py 2>&1 | tail -40 | tee "$out/tests.log";;

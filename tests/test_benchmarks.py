@@ -32,6 +32,13 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu():
 
 
 @pytest.mark.slow
+def test_worker_overhead_benchmark_runs():
+    out = _run("benchmarks/worker_overhead.py", "--images", "300", "--batch-size", "32")
+    for path in ("read + sha256 alone", "standalone loop (direct_embed)", "Beam pipeline, local runner, whole run"):
+        assert f"| {path}" in out, path
+
+
+@pytest.mark.slow
 def test_training_benchmark_smoke_mode_runs_on_cpu():
     out = _run("benchmarks/train_bench.py", "--smoke")
     assert "| fp32, eager attention |" in out and "lookalike train end to end" in out
