@@ -214,11 +214,12 @@ class GpuImages:
             else:
                 host[i] = result
         if host:
-            stacked = torch.from_numpy(np.stack(list(host.values())))
+            order = sorted(host)  # input order, so an all-host batch needs no regathering
+            stacked = torch.from_numpy(np.stack([host[i] for i in order]))
             if self.device.type == "cuda":
                 stacked = stacked.pin_memory()
             uploaded = stacked.to(self.device, non_blocking=True)
-            parts.update(dict(zip(host, uploaded, strict=True)))
+            parts.update(dict(zip(order, uploaded, strict=True)))
         kept = sorted(parts)
         if host and len(host) == len(inputs):  # nothing decoded here: the host batch is already in order
             return PreparedBatch(uploaded, kept, [], on_gpu=0)

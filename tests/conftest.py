@@ -117,3 +117,25 @@ def upload_dir(client, local: Path, bucket: str, prefix: str) -> str:
         if path.is_file():
             client.bucket(bucket).blob(f"{prefix}/{path.relative_to(local).as_posix()}").upload_from_filename(str(path))
     return f"gs://{bucket}/{prefix}"
+
+
+@pytest.fixture
+def stuck_decode(monkeypatch):
+    """`stuck_decode(module, data)`: `module.decode_on_cpu` hangs on `data` (a decoder stuck on one hostile image)
+    until the test ends."""
+    import threading
+
+    release = threading.Event()
+
+    def patch(module, stuck: bytes) -> None:
+        real = module.decode_on_cpu
+
+        def decode(data, cfg, limits):
+            if data == stuck:
+                release.wait(30)
+            return real(data, cfg, limits)
+
+        monkeypatch.setattr(module, "decode_on_cpu", decode)
+
+    yield patch
+    release.set()

@@ -88,26 +88,21 @@ def test_without_a_gpu_decoder_everything_decodes_on_cpu_and_pre_decoded_pixels_
     np.testing.assert_array_equal(batch.pixels[0].numpy(), decode_image(jpegs[0], CFG, FULL))
     np.testing.assert_array_equal(batch.pixels[1].numpy(), ready)
     assert images.prepare([ready, ready]).pixels.shape == (2, 224, 224, 3)
+    mixed = images.prepare([_png(4), ready])  # decoded here, then pre-decoded: rows stay in input order
+    assert mixed.kept == [0, 1]
+    np.testing.assert_array_equal(mixed.pixels[0].numpy(), decode_image(_png(4), CFG, FULL))
+    np.testing.assert_array_equal(mixed.pixels[1].numpy(), ready)
 
 
-def test_a_cpu_fallback_that_will_not_finish_is_failed_and_the_batch_goes_on(jpegs, monkeypatch):
-    import threading
+def test_a_cpu_fallback_that_will_not_finish_is_failed_and_the_batch_goes_on(jpegs, stuck_decode):
     import time
 
     import encoder.gpu_images as gpu_images
 
-    release, real = threading.Event(), gpu_images.decode_on_cpu
-
-    def decode(data, cfg, limits):
-        if data == _png(5):  # a decoder stuck on one hostile image
-            release.wait(30)
-        return real(data, cfg, limits)
-
-    monkeypatch.setattr(gpu_images, "decode_on_cpu", decode)
+    stuck_decode(gpu_images, _png(5))
     images = GpuImages(CFG, "cpu", FULL, decoder=_pil_decoder(), cpu_threads=2, max_decode_s=0.3)
     start = time.monotonic()
     batch = images.prepare([jpegs[0], _png(5), _png(6)])
-    release.set()
     assert time.monotonic() - start < 5
     assert batch.kept == [0, 2] and batch.failed == [(1, "not decoded within 0.3 s")]
 
