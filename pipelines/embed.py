@@ -349,6 +349,10 @@ def _previous_rows(path: str, model_version: str):
             yield EmbeddingRow(item_id, vectors[i], sha, version, at)
 
 
+def _rows(table: pa.Table) -> int:
+    return table.num_rows
+
+
 def _count(name: str):
     counter = Metrics.counter(_NAMESPACE, name)
 
@@ -450,10 +454,7 @@ def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, pr
         tables
         | "All tables" >> beam.Flatten()
         # Tables of a batch or a fetch chunk each: merged so shards keep row groups of thousands of rows.
-        | "Group tables"
-        >> beam.BatchElements(
-            min_batch_size=4096, max_batch_size=16384, element_size_fn=lambda t: t.num_rows
-        )  # fmt: skip
+        | "Group tables" >> beam.BatchElements(min_batch_size=4096, max_batch_size=16384, element_size_fn=_rows)
         | "Merge tables" >> beam.Map(pa.concat_tables)
         | "Write embedding shards"
         >> beam.io.WriteToParquetBatched(
