@@ -37,7 +37,6 @@ from apache_beam.utils.shared import Shared
 from encoder import DecodeLimits, EncoderConfig, load_encoder
 from encoder.gpu_images import GpuImages, gpu_resizes
 from encoder.gpu_stream import BackgroundEmbedder
-from encoder.jpeg import cpu_reason
 from encoder.storage import arrow_input, contained
 from pipelines import storage
 from pipelines.catalog import (
@@ -170,7 +169,8 @@ beam.coders.registry.register_coder(PreparedImage, PreparedImageCoder)
 class FetchAndDecode(beam.DoFn):
     """Fetch, hash and decode a chunk of items (`embed_steps.prepare_items`); `fetch_threads` bounds the pool.
 
-    With `previous` (an earlier run small enough for memory), items whose image bytes already
+    On a GPU worker nothing is decoded here: the bytes go on to `EmbedBatch`, which routes each
+    image to the GPU decoder or to CPU threads. With `previous` (an earlier run small enough for memory), items whose image bytes already
     have a vector leave as one Arrow table per chunk on the `reused` output; otherwise each
     leaves as a `reuse` request for the shuffle join.
     """
@@ -183,12 +183,7 @@ class FetchAndDecode(beam.DoFn):
     def setup(self) -> None:
         storage.configure_storage()
         self._pool = ThreadPoolExecutor(self._cfg.fetch_threads, thread_name_prefix="fetch")
-        limits = self._cfg.limits
-        self._gpu_decodes = (
-            (lambda data: cpu_reason(data, limits.max_bytes, limits.max_pixels) is None)
-            if gpu_decoding(self._cfg, self._preprocess)
-            else None
-        )
+        self._defer_decode = gpu_decoding(self._cfg, self._preprocess)  # the GPU worker routes and decodes
         self._progress = ProgressLog("fetched", self._total)
         self._previous = self._previous_source.acquire() if self._previous_source else None
         self._reused = Metrics.counter(_NAMESPACE, "reused")
@@ -197,7 +192,7 @@ class FetchAndDecode(beam.DoFn):
         known = self._previous if self._previous is not None else known
         prepared = prepare_items(items, self._pool, self._preprocess, self._cfg.limits, known, self._reembed,
                                  threads=self._cfg.fetch_threads, max_decode_s=self._cfg.max_decode_s,
-                                 gpu_decodes=self._gpu_decodes)  # fmt: skip
+                                 defer_decode=self._defer_decode)  # fmt: skip
         if prepared.decoded:  # one element per chunk: per-element costs stay off the fast path
             yield prepared.decoded
         for failure in prepared.failed:

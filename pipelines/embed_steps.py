@@ -12,7 +12,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -153,20 +153,19 @@ class Prepared(NamedTuple):
 
 def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: PreprocessConfig, limits: DecodeLimits,
                   known: KnownDigests | None = None, reembed: frozenset[str] = frozenset(), *, threads: int = 16,
-                  max_decode_s: float = 30.0, gpu_decodes: Callable[[bytes], bool] | None = None) -> Prepared:  # fmt: skip
+                  max_decode_s: float = 30.0, defer_decode: bool = False) -> Prepared:  # fmt: skip
     """Fetch and hash every item; decode only those whose bytes have no vector in `known`.
 
-    Bytes that `gpu_decodes` accepts are passed on undecoded (`PreparedImage.data`) for the
-    GPU worker to decode in batches.
+    With `defer_decode` (a GPU worker), nothing is decoded here: the bytes go on
+    (`PreparedImage.data`) and the embed step routes and decodes them in batches.
 
-    Local files are read in this thread: on a page-cached disk, thread hand-offs cost more
-    than the read (per file, 2 cores: 32 µs inline vs 72 µs split over two threads for
-    small files; 118 vs 103 µs for 70 KB photos, where hashing could run in parallel).
-    Object-store reads wait on the network and go to `pool`. Decodes go to `pool` (Pillow
-    releases the GIL while decoding); an image not decoded within `max_decode_s` (per image,
-    `threads` at a time) is dead-lettered and its thread left to finish on its own
-    (`encoder.gpu_images.collect_decodes`). With a GPU worker (`embed.EmbedBatch`), the
-    GPU's decode and the model run in threads of their own meanwhile.
+    Local files are read and hashed on `pool`, a share of the chunk per core: one task per
+    file costs more in thread hand-offs than the read (2 cores, 70 KB photos: 72 µs per
+    file inline, 47 µs in two tasks, 88 µs in eight). Object-store reads wait on the
+    network and go to `pool` one each. Decodes go to `pool` (Pillow releases the GIL while
+    decoding); an image not decoded within `max_decode_s` (per image, `threads` at a time)
+    is dead-lettered and its thread left to finish on its own
+    (`encoder.gpu_images.collect_decodes`).
     """
     local = [i for i in items if "://" not in i.image_uri]
     remote = [i for i in items if "://" in i.image_uri]
@@ -184,12 +183,10 @@ def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: Prep
         ReuseRequest(f.item.item_id, f.item.image_uri, f.image_sha256) for f, r in zip(ok, reusable, strict=True) if r
     ]
     to_decode = [f for f, r in zip(ok, reusable, strict=True) if not r]
+    if defer_decode:
+        decoded = [PreparedImage(f.item.item_id, f.item.image_uri, f.image_sha256, None, f.data) for f in to_decode]
+        return Prepared(decoded, reuse, failed)
     decoded = []
-    if gpu_decodes is not None:
-        on_gpu = [gpu_decodes(f.data) for f in to_decode]
-        decoded = [PreparedImage(f.item.item_id, f.item.image_uri, f.image_sha256, None, f.data)
-                   for f, g in zip(to_decode, on_gpu, strict=True) if g]  # fmt: skip
-        to_decode = [f for f, g in zip(to_decode, on_gpu, strict=True) if not g]
     futures = [pool.submit(decode_on_cpu, f.data, preprocess, limits) for f in to_decode]
     for f, result in zip(to_decode, collect_decodes(futures, max_decode_s, threads), strict=True):
         if isinstance(result, str):

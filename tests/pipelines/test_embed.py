@@ -247,8 +247,8 @@ def test_glob_of_images_as_the_catalog(demo_catalog, tiny_model, tmp_path):
 def test_gpu_decode_wiring_on_the_cpu_embeds_every_item_like_the_cpu_path(
     demo_catalog, tiny_model, first_run, tmp_path, monkeypatch
 ):
-    """The GPU worker's Beam wiring (JPEGs cross Beam undecoded, decoded in the embed step's background
-    stream, the rest decoded in the fetch step) with Pillow standing in for nvJPEG."""
+    """The GPU worker's Beam wiring (images cross Beam undecoded; the embed step's background stream routes
+    them, JPEGs to the GPU decoder, the rest to CPU threads) with Pillow standing in for nvJPEG."""
     import encoder.gpu_images as gpu_images
     import pipelines.embed as embed
     from tests.encoder.test_gpu_images import _pil_decoder

@@ -131,18 +131,15 @@ def test_an_image_that_will_not_finish_decoding_is_dead_lettered_and_the_rest_go
     assert [(f.item_id, f.stage, f.error) for f in prepared.failed] == [("3", "decode", "not decoded within 0.5 s")]
 
 
-def test_with_a_gpu_decoder_jpegs_pass_undecoded_and_the_rest_decode_here(tmp_path):
+def test_deferred_decoding_passes_every_image_undecoded_and_still_fails_fetches(tmp_path):
     datas = {"a": _jpeg(1), "b": _jpeg(2, "PNG"), "c": b"junk"}
-    items = []
+    items = [CatalogItem("missing", str(tmp_path / "missing.jpg"))]
     for name, data in datas.items():
         (tmp_path / name).write_bytes(data)
         items.append(CatalogItem(name, str(tmp_path / name)))
-    out = prepare_items(items, ThreadPoolExecutor(2), PREPROCESS, DecodeLimits(),
-                        gpu_decodes=lambda data: data.startswith(b"\xff\xd8"))  # fmt: skip
-    by_id = {p.item_id: p for p in out.decoded}
-    assert by_id["a"].pixels is None and by_id["a"].data == datas["a"]
-    assert by_id["b"].pixels.shape == (8, 8, 3) and by_id["b"].data is None
-    assert [f.item_id for f in out.failed] == ["c"]
+    out = prepare_items(items, ThreadPoolExecutor(2), PREPROCESS, DecodeLimits(), defer_decode=True)
+    assert {p.item_id: (p.pixels, p.data) for p in out.decoded} == {k: (None, v) for k, v in datas.items()}
+    assert [(f.item_id, f.stage) for f in out.failed] == [("missing", "fetch")]
 
 
 def test_stream_outputs_give_a_table_of_the_embedded_and_failures_with_their_stage():
