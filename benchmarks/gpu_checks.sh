@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement and gpu-marked test in one run on a CUDA machine with lookalike and its [gpu] extra
-# installed (a leased GPU is paid by the minute: one call, each step under its own time limit).
+# installed (a leased GPU is paid by the minute: one call, each step under its own time limit). What such a
+# machine's image lacks can travel as wheels: benchmarks/device_wheels.sh.
 #
 #   benchmarks/gpu_checks.sh OUT_DIR [STEPS]     STEPS: comma list of embed,host,tests,train (default: all)
 #
