@@ -481,6 +481,17 @@ def _pipeline_options(cfg: EmbedConfig, beam_args: list[str]) -> PipelineOptions
     return PipelineOptions(args)
 
 
+def _runs_here(beam_args: list[str]) -> bool:
+    """Whether the workers run on this machine (the local runners), so this machine's GPU is theirs."""
+    runner = "FnApiRunner"
+    for i, arg in enumerate(beam_args):
+        if arg.startswith("--runner="):
+            runner = arg.split("=", 1)[1]
+        elif arg == "--runner" and i + 1 < len(beam_args):
+            runner = beam_args[i + 1]
+    return runner in ("FnApiRunner", "DirectRunner", "PrismRunner")
+
+
 def _load_run_manifest(run_dir: str) -> dict | None:
     try:
         return json.loads(storage.read_bytes(storage.join(run_dir, MANIFEST_NAME)))
@@ -600,6 +611,8 @@ def run_embed(cfg: EmbedConfig, beam_args: list[str] | None = None) -> EmbedResu
     probe = load_encoder(replace(cfg.encoder, device="cpu", dtype="float32", compile=False), cfg.limits)
     model_version, dim, preprocess = probe.model_version, probe.dim, probe.preprocess
     del probe
+    if cfg.gpu_decode == "on" and _runs_here(beam_args or []):  # refuse before any work, not in a worker's setup
+        gpu_decoding(cfg, preprocess)
     previous_run, previous_shards, previous_rows = _previous_shards(cfg, model_version)
     run_dir = storage.join(cfg.out, "embeddings", cfg.run_id)
     failures_dir = storage.join(cfg.out, "failures", cfg.run_id)

@@ -80,6 +80,22 @@ def test_missing_model_is_a_clear_error(tmp_path, demo_catalog):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--gpu-decode", "on"], "--gpu-decode on: no CUDA device"),
+        (["--gpu-decoder", "pil"], "gpu_decoder must be nvjpeg or nvimgcodec"),
+    ],
+    ids=["gpu-decode-on-without-cuda", "unknown-gpu-decoder"],
+)
+def test_gpu_options_that_cannot_work_here_fail_before_any_work(tmp_path, demo_catalog, tiny_model, flags, message):
+    result = _lookalike("embed", "--catalog", str(demo_catalog.manifest), "--model", str(tiny_model), "--out", "E",
+                        *flags, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "E" / "embeddings").exists()
+
+
 def test_help_lists_the_commands(tmp_path):
     result = _lookalike("--help", cwd=tmp_path)
     assert result.returncode == 0
