@@ -4,6 +4,9 @@
                                                       └─► reuse: same bytes, same model_version, earlier run ─┴─► shards
     every failure ─► dead letters;  `_manifest.json` last, once every shard is final
 
+On a GPU worker "decode" moves into the embed step, which batches, decodes and encodes in
+a background stream (`encoder.gpu_stream`) while the runner's thread fetches the next chunk.
+
 Output layout under `out`:
     embeddings/<run_id>/part-SSSSS-of-NNNNN.parquet, embeddings/<run_id>/_manifest.json
     failures/<run_id>/part-SSSSS-of-NNNNN.parquet
