@@ -32,6 +32,7 @@ __all__ = [
     "PreparedBatch",
     "collect_decodes",
     "decode_on_cpu",
+    "describe_error",
     "gpu_resizes",
     "nvimgcodec_decoder",
     "nvjpeg_decoder",
@@ -253,7 +254,12 @@ def decode_on_cpu(data: bytes, cfg: PreprocessConfig, limits: DecodeLimits) -> n
     except ImageDecodeError as err:
         return str(err)
     except Exception as err:  # noqa: BLE001 - a decoder bug on one image must not stop the batch
-        return f"unexpected {type(err).__name__}: {err}"
+        return f"unexpected {describe_error(err)}"
+
+
+def describe_error(err: BaseException) -> str:
+    """An exception as a dead-letter reason: "Type: message"."""
+    return f"{type(err).__name__}: {err}"
 
 
 def collect_decodes(futures: Sequence[Future], max_decode_s: float, threads: int) -> list[np.ndarray | str]:

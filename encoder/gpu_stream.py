@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from encoder.gpu_images import GpuImages
+from encoder.gpu_images import GpuImages, describe_error
 from encoder.model import ImageEncoder
 
 __all__ = ["BackgroundEmbedder", "StreamBatch", "embed_checked", "embed_stream"]
@@ -44,10 +44,6 @@ class StreamBatch:
     on_gpu: int  # images decoded by the GPU decoder (the rest by the CPU fallback)
 
 
-def _describe(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}"
-
-
 def embed_checked(encoder: ImageEncoder, pixels: torch.Tensor) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
     """Embed a batch; if it fails, each image alone, so only the culprits fail. Non-finite vectors fail too.
 
@@ -58,14 +54,16 @@ def embed_checked(encoder: ImageEncoder, pixels: torch.Tensor) -> tuple[list[int
         vectors = encoder.embed_prepared(pixels)
         done = list(range(len(pixels)))
     except Exception as batch_err:  # noqa: BLE001 - isolate the image(s) that break the batch
-        log.warning("batch of %d failed to embed (%s); retrying images one by one", len(pixels), _describe(batch_err))
+        log.warning(
+            "batch of %d failed to embed (%s); retrying images one by one", len(pixels), describe_error(batch_err)
+        )
         done, parts, failed = [], [], []
         for row in range(len(pixels)):
             try:
                 parts.append(encoder.embed_prepared(pixels[row : row + 1]))
                 done.append(row)
             except Exception as err:  # noqa: BLE001 - recorded as the image's dead letter
-                failed.append((row, _describe(err)))
+                failed.append((row, describe_error(err)))
         vectors = np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
         return _finite(done, vectors, failed)
     return _finite(done, vectors, [])

@@ -315,7 +315,7 @@ def gpu_decoding(cfg: EmbedConfig, preprocess) -> bool:
     problem = None
     if not (cfg.device.startswith("cuda") or cfg.device == "auto") or not torch.cuda.is_available():
         problem = "no CUDA device"
-    elif importlib.util.find_spec("torchvision") is None:
+    elif not _installed("torchvision"):
         problem = "torchvision is not installed (pip install 'lookalike[gpu]')"
     elif cfg.gpu_decoder == "nvimgcodec" and not _installed("nvidia.nvimgcodec"):
         problem = "nvImageCodec is not installed (pip install 'lookalike[gpu]')"

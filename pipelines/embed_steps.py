@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from encoder import DecodeLimits, PreprocessConfig
-from encoder.gpu_images import collect_decodes, decode_on_cpu
+from encoder.gpu_images import collect_decodes, decode_on_cpu, describe_error
 from pipelines import storage
 from pipelines.catalog import CatalogItem
 from pipelines.records import (
@@ -118,10 +118,6 @@ class PreviousVectors(KnownDigests):
                                pa.array(self._embedded_at[where], pa.timestamp("us")))  # fmt: skip
 
 
-def _describe(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}"
-
-
 class Fetched(NamedTuple):
     """An item's image bytes and their sha256, before the reuse check and decode."""
 
@@ -139,7 +135,7 @@ def fetch_item(item: CatalogItem, limits: DecodeLimits) -> Fetched | Failure:
     except storage.NotFound:
         return Failure(item.item_id, item.image_uri, "fetch", "not found")
     except Exception as err:  # noqa: BLE001 - recorded as the item's dead letter
-        return Failure(item.item_id, item.image_uri, "fetch", _describe(err))
+        return Failure(item.item_id, item.image_uri, "fetch", describe_error(err))
     return Fetched(item, data, hashlib.sha256(data).hexdigest())
 
 
