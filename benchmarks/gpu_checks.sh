@@ -3,13 +3,14 @@
 # installed (a leased GPU is paid by the minute: one call, each step under its own time limit). What such a
 # machine's image lacks can travel as wheels: benchmarks/device_wheels.sh.
 #
-#   benchmarks/gpu_checks.sh OUT_DIR [STEPS]     STEPS: comma list of embed,host,tests,train (default: all)
+#   benchmarks/gpu_checks.sh OUT_DIR [STEPS]     STEPS: comma list of embed,tests,train,host (default: all,
+# in that order: the most wanted first)
 #
 # Writes OUT_DIR/{gpu.txt, gpu_embed.json, gpu_embed.log, host.log, train.log, tests.log}. Each step has its own time
 # limit so one slow step cannot eat the others'; a step that fails is logged and the next one runs.
 set -u
 out=${1:?usage: gpu_checks.sh OUT_DIR [STEPS]}
-steps=${2:-embed,host,tests,train}
+steps=${2:-embed,tests,train,host}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -20,12 +21,12 @@ python3 -c "import torch, torchvision, transformers, pyarrow, numpy as np; print
 case ",$steps," in *,embed,*)
   timeout "${EMBED_S:-330}" python3 benchmarks/gpu_embed.py --json "$out/gpu_embed.json" ${EMBED_ARGS:-} 2>&1 | tee "$out/gpu_embed.log";;
 esac
-case ",$steps," in *,host,*)  # the host's own per-image ceiling (CPU only, decode and model stood in)
-  timeout "${HOST_S:-90}" python3 benchmarks/worker_overhead.py --images 10000 2>&1 | tail -8 | tee "$out/host.log";;
-esac
 case ",$steps," in *,tests,*)
-  timeout "${TESTS_S:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/encoder/test_gpu_images.py tests/encoder/test_gpu_stream.py tests/encoder/test_model.py tests/pipelines/test_embed.py tests/training/test_train_gpu.py 2>&1 | tail -40 | tee "$out/tests.log";;
+  timeout "${TESTS_S:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/encoder/test_gpu_images.py tests/encoder/test_gpu_stream.py tests/encoder/test_model.py tests/pipelines/test_embed.py tests/training/test_train_gpu.py 2>&1 | tee "$out/tests.log" | tail -40;;
 esac
 case ",$steps," in *,train,*)
-  timeout "${TRAIN_S:-90}" python3 benchmarks/train_bench.py --gpu --seconds 8 2>&1 | tail -40 | tee "$out/train.log";;
+  timeout "${TRAIN_S:-90}" python3 benchmarks/train_bench.py --gpu --seconds 8 2>&1 | tee "$out/train.log" | tail -40;;
+esac
+case ",$steps," in *,host,*)  # the host's own per-image ceiling (CPU only, decode and model stood in)
+  timeout "${HOST_S:-90}" python3 benchmarks/worker_overhead.py --images 10000 2>&1 | tail -8 | tee "$out/host.log";;
 esac
