@@ -3,7 +3,7 @@
 nvJPEG takes 8-bit Huffman-coded baseline and progressive JPEGs with 1 or 3 colour
 components. Everything else (PNG, WebP, CMYK/YCCK, 12-bit, arithmetic coding, EXIF
 rotations that the CPU path applies, oversized images that the CPU path dead-letters
-with its reason) goes to the CPU decoder, one image at a time. Pure Python on the first
+with its reason, files cut off before their end marker, which nvJPEG would fill with grey) goes to the CPU decoder, one image at a time. Pure Python on the first
 kilobytes of the file, so it is cheap and testable without a GPU.
 """
 
@@ -90,4 +90,8 @@ def cpu_reason(data: bytes, max_bytes: int, max_pixels: int) -> str | None:
         return f"EXIF orientation {header.orientation}"
     if len(data) > max_bytes or header.width * header.height > max_pixels or not header.width or not header.height:
         return "over a limit or empty: the CPU path dead-letters it with the reason"
+    if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        # nvJPEG fills a cut-off scan with grey and reports success; the CPU decoder refuses it (or decodes
+        # a file with a trailer after its end marker), so both paths agree on what is dead-lettered.
+        return "no end-of-image marker (cut off, or data after it)"
     return None

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from encoder.jpeg import cpu_reason, read_jpeg_header
+from encoder.preprocess import DecodeLimits, ImageDecodeError, PreprocessConfig, decode_image
 
 _LIMITS = dict(max_bytes=10 << 20, max_pixels=10_000_000)
 
@@ -69,6 +70,15 @@ def test_gpu_takes_baseline_progressive_and_grey_jpegs():
 )
 def test_everything_else_goes_to_the_cpu_with_a_reason(data, reason):
     assert reason in cpu_reason(data, **_LIMITS)
+
+
+def test_cut_off_jpegs_go_to_the_cpu_path_that_dead_letters_them():
+    data = _encode(size=(400, 300))
+    cut = data[: len(data) * 2 // 5]  # frame header intact, scan cut: nvJPEG would decode it, grey-filled
+    assert "no end-of-image marker" in cpu_reason(cut, **_LIMITS)
+    with pytest.raises(ImageDecodeError):
+        decode_image(cut, PreprocessConfig(), DecodeLimits())
+    assert cpu_reason(data + b"\0" * 64, **_LIMITS) is None  # zero padding after the end marker is fine
 
 
 def test_oversized_images_go_to_the_cpu_path_that_dead_letters_them():
