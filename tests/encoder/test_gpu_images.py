@@ -59,8 +59,8 @@ def test_resize_matches_pil_to_about_one_level(jpegs, resample, size, worst):
 def test_every_input_is_kept_in_order_or_failed_with_a_reason(jpegs):
     calls: list[int] = []
     images = GpuImages(CFG, "cpu", FULL, decoder=_pil_decoder(calls))
-    corrupt = jpegs[0][:200] + b"\0" * 50  # a JPEG header, then garbage: both decoders refuse it
-    rejected = jpegs[1] + b"REJECT"  # the GPU decoder refuses it, the CPU decodes it
+    corrupt = jpegs[0][:200] + b"\0" * 50 + b"\xff\xd9"  # a JPEG header, garbage, an end: both decoders refuse it
+    rejected = jpegs[1][:2] + b"\xff\xfe\x00\x08REJECT" + jpegs[1][2:]  # (a comment) the GPU refuses it, the CPU not
     datas = [jpegs[2], _png(0), corrupt, rejected, jpegs[3], b"", jpegs[4]]
     batch = images.prepare(datas)
     assert batch.kept == [0, 1, 3, 4, 6]
