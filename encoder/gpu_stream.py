@@ -1,8 +1,9 @@
 """Overlap decode and encode on one GPU: batches of encoded images in, vectors out.
 
-A producer thread decodes and resizes batch i+1 on a side CUDA stream (`GpuImages`)
-while the model encodes batch i on the default stream; at most `prefetch` decoded
-batches wait in between, so memory stays bounded. An event orders each batch's decode
+Two threads prepare batches on a side CUDA stream (`GpuImages`): one decodes batch i+2
+(the decoders release the GIL) while the other resizes batch i+1, and the model encodes
+batch i on the default stream; at most one decoded and `prefetch` resized batches wait
+in between, so memory stays bounded. An event orders each batch's decode
 before its encode, and `record_stream` keeps the allocator from reusing a batch's
 memory while the model still reads it. On the CPU the same code runs without streams
 (tests/encoder/test_gpu_stream.py).
@@ -84,37 +85,63 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages,
 
     Each image is encoded bytes or pixels already decoded on the CPU (`GpuImages.prepare`).
     """
+    decoded: queue.Queue = queue.Queue(maxsize=1)
     ready: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     stop = threading.Event()
     cuda = images.device.type == "cuda"
+    # One side stream for both stages: stream order puts each batch's resize after its decode.
     side = torch.cuda.Stream(images.device) if cuda else None
 
-    def put(item) -> bool:
+    def on_side():
+        return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
+
+    def put(into: queue.Queue, item) -> bool:
         while not stop.is_set():
             try:
-                ready.put(item, timeout=0.1)
+                into.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def produce() -> None:
+    def decode_stage() -> None:
         try:
             for keys, datas in batches:
-                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                    prepared = images.prepare(datas)
+                with on_side():
+                    batch = images.decode(datas)
+                if not put(decoded, (list(keys), batch)):
+                    return
+        except BaseException as err:  # noqa: BLE001 - handed on, raised in the consumer
+            put(decoded, err)
+            return
+        put(decoded, _DONE)
+
+    def finish_stage() -> None:
+        while not stop.is_set():
+            try:
+                item = decoded.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is _DONE or isinstance(item, BaseException):
+                put(ready, item)
+                return
+            keys, batch = item
+            try:
+                with on_side():
+                    prepared = images.finish(batch)
                     event = torch.cuda.Event() if side is not None else None
                     if event is not None:
                         event.record(side)
-                if not put((list(keys), prepared, event)):
-                    return
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
-            put(err)
-            return
-        put(_DONE)
+            except BaseException as err:  # noqa: BLE001 - handed on, raised in the consumer
+                put(ready, err)
+                return
+            if not put(ready, (keys, prepared, event)):
+                return
 
-    producer = threading.Thread(target=produce, name="gpu-decode", daemon=True)
-    producer.start()
+    stages = [threading.Thread(target=fn, name=name, daemon=True)
+              for fn, name in ((decode_stage, "gpu-decode"), (finish_stage, "gpu-resize"))]  # fmt: skip
+    for stage in stages:
+        stage.start()
     try:
         while True:
             item = ready.get()
@@ -133,7 +160,8 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages,
             yield StreamBatch([keys[prepared.kept[row]] for row in rows], vectors, failed, prepared.on_gpu)
     finally:
         stop.set()
-        producer.join(timeout=5)
+        for stage in stages:
+            stage.join(timeout=5)
 
 
 class BackgroundEmbedder:

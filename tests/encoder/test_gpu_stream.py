@@ -55,7 +55,41 @@ def test_stopping_early_stops_the_producer(tiny_encoder, files):
     stream = embed_stream(tiny_encoder, _images(tiny_encoder), endless, prefetch=2)
     next(stream)
     stream.close()
-    assert not [t for t in threading.enumerate() if t.name == "gpu-decode" and t.is_alive()]
+    assert not [t for t in threading.enumerate() if t.name in ("gpu-decode", "gpu-resize") and t.is_alive()]
+
+
+class _Staged:
+    """Wraps `GpuImages`: finishing batch 0 waits until batch 1 is being decoded; finishing batch `fail_at` fails."""
+
+    def __init__(self, images: GpuImages, fail_at: int | None = None) -> None:
+        self._images, self.device, self.fail_at = images, images.device, fail_at
+        self.second_decode, self.decoded, self.overlapped = threading.Event(), 0, None
+
+    def decode(self, datas):
+        self.decoded += 1
+        if self.decoded == 2:
+            self.second_decode.set()
+        return self._images.decode(datas)
+
+    def finish(self, batch):
+        if self.overlapped is None:
+            self.overlapped = self.second_decode.wait(timeout=5)
+        elif self.fail_at is not None:
+            raise RuntimeError("resize failed")
+        return self._images.finish(batch)
+
+
+def test_the_next_batch_decodes_while_this_one_is_resized(tiny_encoder, files):
+    datas = [open(f, "rb").read() for f in files]
+    staged = _Staged(_images(tiny_encoder))
+    out = list(embed_stream(tiny_encoder, staged, [([i], [d]) for i, d in enumerate(datas[:4])]))
+    assert staged.overlapped and [b.keys for b in out] == [[0], [1], [2], [3]]
+
+
+def test_a_resize_stage_error_reaches_the_consumer(tiny_encoder, files):
+    data = open(files[0], "rb").read()
+    with pytest.raises(RuntimeError, match="resize failed"):
+        list(embed_stream(tiny_encoder, _Staged(_images(tiny_encoder), fail_at=1), [([i], [data]) for i in range(4)]))
 
 
 class _Poisoned:
