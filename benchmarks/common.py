@@ -171,3 +171,57 @@ def run_watching_memory(cmd: list[str], interval: float = 0.02) -> tuple[float, 
     seconds, samples, stderr = run_sampling_memory(cmd, interval)
     peak = {k: max((s[k] for _, s in samples), default=0) for k in ("RssAnon", "RssFile")}
     return seconds, peak["RssAnon"], peak["RssFile"], stderr
+
+
+class StackSampler:
+    """Where each thread spends a run: every `interval` s, the innermost frame of every Python thread.
+
+    A profiler with no dependency, for machines where py-spy cannot go (a leased GPU host). `top()` gives,
+    per thread name (numbered pool threads merged), its busiest frames as percentages of its samples;
+    frames in `threading`/`queue`/idle pool waits read as "waiting". Costs the sampled threads ~1-2% (the GIL).
+    """
+
+    _WAITS = ("threading.py", "queue.py", "concurrent/futures/_base.py", "concurrent/futures/thread.py")
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval, self.counts, self.totals = interval, {}, {}
+
+    def __enter__(self) -> StackSampler:
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stack-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import re
+        import sys
+        import threading
+
+        me = threading.get_ident()
+        while not self._stop.wait(self.interval):
+            names = {t.ident: re.sub(r"[_-]?\d+( \(\w+\))?$", "", t.name) for t in threading.enumerate()}
+            for ident, frame in sys._current_frames().items():
+                if ident == me:
+                    continue
+                name = names.get(ident, "?")
+                path = frame.f_code.co_filename
+                where = ("waiting" if path.endswith(self._WAITS) else
+                         f"{frame.f_code.co_name} ({'/'.join(Path(path).parts[-2:])}:{frame.f_lineno})")  # fmt: skip
+                per = self.counts.setdefault(name, {})
+                per[where] = per.get(where, 0) + 1
+                self.totals[name] = self.totals.get(name, 0) + 1
+
+    def top(self, n: int = 6) -> dict[str, dict[str, float]]:
+        out = {}
+        for name, per in sorted(self.counts.items(), key=lambda kv: -self.totals[kv[0]]):
+            total = self.totals[name]
+            out[f"{name} ({total} samples)"] = {
+                where: round(100 * c / total, 1) for where, c in sorted(per.items(), key=lambda kv: -kv[1])[:n]
+            }
+        return out

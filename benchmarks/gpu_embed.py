@@ -21,6 +21,7 @@ each path. Results go in BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import images_per_s, machine, realistic_jpegs  # noqa: E402
+from benchmarks.common import StackSampler, images_per_s, machine, realistic_jpegs  # noqa: E402
 from encoder import DecodeLimits, EncoderConfig, decode_image, load_encoder  # noqa: E402
 
 SHAPES = {
@@ -199,7 +200,8 @@ def encoder_alone(ckpt: Path, shape: dict, device: torch.device, batch: int, sec
     return out, encoder
 
 
-def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, out: Path, batch: int) -> dict:
+def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, out: Path, batch: int,
+               sample: bool = False) -> dict:  # fmt: skip
     from encoder.gpu_images import GpuImages
     from pipelines.direct_embed import embed_files
 
@@ -209,15 +211,17 @@ def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, o
     images.decode, images.finish = _busy(images.decode, busy, "decode"), _busy(images.finish, busy, "resize")
     encoder.embed_prepared = _busy(encoder.embed_prepared, busy, "encode")
     try:
-        start = time.perf_counter()
-        result = embed_files([str(f) for f in files], encoder, images, out / decoder, batch_size=batch)
-        seconds = time.perf_counter() - start
+        with StackSampler() if sample else contextlib.nullcontext() as sampler:
+            start = time.perf_counter()
+            result = embed_files([str(f) for f in files], encoder, images, out / decoder, batch_size=batch)
+            seconds = time.perf_counter() - start
     finally:
         del images.decode, images.finish, encoder.embed_prepared
     shutil.rmtree(out, ignore_errors=True)
     return {"images": result.embedded, "images_per_s": result.embedded / seconds, "on_gpu": result.on_gpu,
             "dead_lettered": result.dead_lettered, "decoder": decoder,
-            "busy_pct": {k: round(100 * v / seconds) for k, v in busy.items()}}  # fmt: skip
+            "busy_pct": {k: round(100 * v / seconds) for k, v in busy.items()},
+            **({"threads_pct": sampler.top()} if sample else {})}  # fmt: skip
 
 
 def _busy(fn, totals: dict, name: str):
@@ -278,7 +282,8 @@ def cold_end_to_end(files, ckpt: Path, device: torch.device, decoder: str, out: 
     return {"images": result.embedded, "images_per_s": result.embedded / seconds, "decoder": decoder}
 
 
-def beam(folder: Path, ckpt: Path, device: torch.device, out: Path, batch: int, compile_: bool, count: int) -> dict:
+def beam(folder: Path, ckpt: Path, device: torch.device, out: Path, batch: int, compile_: bool, count: int,
+         sample: bool = False) -> dict:  # fmt: skip
     """The whole run, then steady state: the whole run less a run over 1% of the files (mostly start-up).
 
     The small run goes second, so it finds the compile cache the first one warmed: its fixed cost is if
@@ -298,9 +303,13 @@ def beam(folder: Path, ckpt: Path, device: torch.device, out: Path, batch: int, 
         assert result.counts["embedded"] == expected, result.counts
         return seconds
 
+    if sample:  # a profiled whole run alone: where the pipeline's threads spend it
+        with StackSampler() as sampler:
+            seconds = timed(str(folder / "*" / "*.jpg"), count)
+        return {"images": count, "images_per_s": count / seconds, "threads_pct": sampler.top(8)}
     whole = timed(str(folder / "*" / "*.jpg"), count)
     small = sorted(folder.glob("*/*.jpg"))[: max(1, count // 100)]
-    (folder.parent / "small").mkdir()
+    (folder.parent / "small").mkdir(exist_ok=True)
     for f in small:
         shutil.copy(f, folder.parent / "small")
     fixed = timed(str(folder.parent / "small" / "*.jpg"), len(small))
@@ -316,7 +325,7 @@ def main() -> None:
     parser.add_argument("--so400m-images", type=int, default=5_000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--paths", default="c,stages,d,b,a,e,so400m", help="which paths, in order")
+    parser.add_argument("--paths", default="c,stages,d,b,a,e,profile,so400m", help="which paths, in order")
     parser.add_argument("--json", help="write results here as they land")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few small files, CPU")
     args = parser.parse_args()
@@ -365,6 +374,12 @@ def main() -> None:
             elif path == "e":
                 run.path("(e) Beam embed pipeline, local runner, whole run", beam, work / "jpegs", ckpt, device,
                          work / "e", batch, compile_, len(files))  # fmt: skip
+            elif path == "profile":  # (d) and (e) again, sampling their threads' stacks (costs them ~1-2%)
+                encoder = encoder or encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]
+                run.path(f"(d) profiled, {decoders[0]}", end_to_end, files, encoder, device, decoders[0], work / "d",
+                         batch, True)  # fmt: skip
+                run.path("(e) profiled", beam, work / "jpegs", ckpt, device, work / "e", batch, compile_, len(files),
+                         True)  # fmt: skip
             elif path == "so400m" and not smoke:
                 encoder = None
                 torch.cuda.empty_cache()
