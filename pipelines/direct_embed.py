@@ -2,8 +2,8 @@
 
 The GPU worker's inner loop alone: threads read and hash files in input order, a
 chunk of files per task (one task per file costs more in thread hand-offs than the
-read), `encoder.gpu_stream` decodes batch i+1 on the GPU while the model encodes
-batch i, and rows go to shards of the embed contract (`pipelines.records`) with dead
+read), `encoder.gpu_stream` decodes and resizes ahead of the model, and a writer
+thread puts the rows in shards of the embed contract (`pipelines.records`), dead
 letters beside them. `benchmarks/gpu_embed.py` measures it against the Beam pipeline.
 """
 
@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from encoder.gpu_images import GpuImages
 from encoder.gpu_stream import embed_stream
 from encoder.model import ImageEncoder
-from pipelines.records import FAILURE_SCHEMA, embedding_schema, fresh_embedding_table
+from pipelines.records import FAILURE_SCHEMA, embedding_schema, fresh_embedding_table, shard_writer_options
 
 __all__ = ["DirectResult", "embed_files"]
 
@@ -84,28 +84,64 @@ def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, 
                     datas.append(read[0])
             yield keys, datas
 
-    writer, rows_in_shard = None, 0
+    shards = _Shards(out, schema, rows_per_shard)
     try:
         for batch in embed_stream(encoder, images, batches(), prefetch=prefetch):
             failures.extend((path, path, stage, reason) for (path, _), stage, reason in batch.failed)
             result.on_gpu += batch.on_gpu
             if not batch.keys:
                 continue
-            if writer is None or rows_in_shard >= rows_per_shard:
-                if writer is not None:
-                    writer.close()
-                result.shards.append(str(out / f"part-{len(result.shards):05d}.parquet"))
-                writer, rows_in_shard = pq.ParquetWriter(result.shards[-1], schema), 0
             ids, digests = zip(*batch.keys, strict=True)
-            writer.write_table(fresh_embedding_table(ids, batch.vectors, digests, encoder.model_version))
-            rows_in_shard += len(ids)
+            shards.write(fresh_embedding_table(ids, batch.vectors, digests, encoder.model_version))
             result.embedded += len(ids)
     finally:
-        if writer is not None:
-            writer.close()
         pool.shutdown(wait=False, cancel_futures=True)
+        result.shards = shards.close()
     names = ("item_id", "image_uri", "stage", "error")
     pq.write_table(pa.Table.from_pylist([dict(zip(names, f, strict=True)) for f in failures], schema=FAILURE_SCHEMA),
                    out / "failures.parquet")  # fmt: skip
     result.dead_lettered = len(failures)
     return result
+
+
+class _Shards:
+    """Shards of at most `rows_per_shard` rows, written in order by a thread of their own, so the loop that
+    feeds the GPU never waits on Parquet encoding; at most `pending` tables wait, and a write error is raised
+    by the next `write` or by `close`."""
+
+    def __init__(self, out: Path, schema: pa.Schema, rows_per_shard: int, pending: int = 4) -> None:
+        self._out, self._schema, self._rows_per_shard, self._max_pending = out, schema, rows_per_shard, pending
+        self._paths: list[str] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._rows = 0
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="write")  # one thread: tables stay in order
+        self._pending: collections.deque = collections.deque()
+
+    def write(self, table: pa.Table) -> None:
+        self._pending.append(self._thread.submit(self._write, table))
+        while len(self._pending) > self._max_pending:
+            self._pending.popleft().result()
+
+    def _write(self, table: pa.Table) -> None:
+        if self._writer is None or self._rows >= self._rows_per_shard:
+            self._close_writer()
+            self._paths.append(str(self._out / f"part-{len(self._paths):05d}.parquet"))
+            self._writer = pq.ParquetWriter(self._paths[-1], self._schema, **shard_writer_options(self._schema))
+            self._rows = 0
+        self._writer.write_table(table)
+        self._rows += table.num_rows
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def close(self) -> list[str]:
+        """Wait for every write, close the last shard; the shards' paths."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._thread.submit(self._close_writer).result()
+            self._thread.shutdown()
+        return self._paths

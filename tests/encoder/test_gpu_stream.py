@@ -15,6 +15,7 @@ from encoder.gpu_stream import BackgroundEmbedder, embed_checked, embed_stream
 from encoder.model import batch_for_memory
 from pipelines.direct_embed import embed_files
 from tests.encoder.test_gpu_images import _pil_decoder, _png
+from tests.pipelines.test_embed import column_encodings
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +161,17 @@ def test_embed_files_writes_every_file_once_or_dead_letters_it(tiny_encoder, fil
     assert {(f["item_id"], f["stage"]) for f in failed} == {(str(broken), "decode"),
                                                              (str(tmp_path / "missing.jpg"), "fetch")}  # fmt: skip
     assert set(table.column("model_version").to_pylist()) == {tiny_encoder.model_version}
+    assert [pq.read_table(s).num_rows for s in result.shards] == [16, 4]  # in order, written by the writer thread
+    assert not column_encodings(result.shards[0])["embedding"]  # vectors never dictionary-encoded
+
+
+def test_a_shard_write_error_stops_embed_files(tiny_encoder, files, tmp_path, monkeypatch):
+    def full_disk(self, table):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        embed_files(files, tiny_encoder, _images(tiny_encoder), tmp_path / "out", batch_size=4)
 
 
 @pytest.mark.parametrize(

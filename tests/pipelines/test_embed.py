@@ -50,6 +50,18 @@ def test_shards_follow_the_contract(first_run, tiny_encoder):
     assert set(table.column("model_version").to_pylist()) == {tiny_encoder.model_version}
     vectors = embedding_matrix(table)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    for shard in Path(first_run.run_dir).glob("*.parquet"):
+        assert column_encodings(shard) == {"item_id": True, "embedding": False, "image_sha256": True,
+                                           "model_version": True, "embedded_at": False}  # fmt: skip
+
+
+def column_encodings(path) -> dict[str, bool]:
+    """Column → whether its first row group has dictionary pages."""
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    return {
+        group.column(i).path_in_schema.split(".")[0]: group.column(i).dictionary_page_offset is not None
+        for i in range(group.num_columns)
+    }
 
 
 def test_vectors_equal_embedding_the_image_directly(first_run, demo_catalog, tiny_encoder):
