@@ -283,7 +283,7 @@ def cold_end_to_end(files, ckpt: Path, device: torch.device, decoder: str, out: 
 
 
 def beam(folder: Path, ckpt: Path, device: torch.device, out: Path, batch: int, compile_: bool, count: int,
-         sample: bool = False) -> dict:  # fmt: skip
+         sample: bool = False, decoder: str = "nvjpeg") -> dict:  # fmt: skip
     """The whole run, then steady state: the whole run less a run over 1% of the files (mostly start-up).
 
     The small run goes second, so it finds the compile cache the first one warmed: its fixed cost is if
@@ -295,7 +295,7 @@ def beam(folder: Path, ckpt: Path, device: torch.device, out: Path, batch: int, 
 
     def timed(pattern: str, expected: int) -> float:
         cfg = EmbedConfig(catalog=pattern, model=str(ckpt), out=str(out), batch_size=batch, device=device.type,
-                          compile=compile_, gpu_decode=gpu, incremental=False)  # fmt: skip
+                          compile=compile_, gpu_decode=gpu, gpu_decoder=decoder, incremental=False)  # fmt: skip
         start = time.perf_counter()
         result = run_embed(cfg)
         seconds = time.perf_counter() - start
@@ -315,7 +315,8 @@ def beam(folder: Path, ckpt: Path, device: torch.device, out: Path, batch: int, 
     fixed = timed(str(folder.parent / "small" / "*.jpg"), len(small))
     return {"images": count, "images_per_s": count / whole, "whole_s": round(whole, 1),
             "steady_images_per_s": (count - len(small)) / (whole - fixed) if whole > fixed else None,
-            "small_run": {"images": len(small), "seconds": round(fixed, 1)}, "gpu_decode": gpu}  # fmt: skip
+            "small_run": {"images": len(small), "seconds": round(fixed, 1)}, "gpu_decode": gpu,
+            "decoder": decoder}  # fmt: skip
 
 
 def main() -> None:
@@ -325,7 +326,7 @@ def main() -> None:
     parser.add_argument("--so400m-images", type=int, default=5_000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--paths", default="c,stages,d,b,a,e,profile,so400m", help="which paths, in order")
+    parser.add_argument("--paths", default="c,stages,d,b,a,e,profile,switch,so400m", help="which paths, in order")
     parser.add_argument("--json", help="write results here as they land")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few small files, CPU")
     args = parser.parse_args()
@@ -372,8 +373,19 @@ def main() -> None:
                 run.path("(a) naive: HF image processor + fp32 eager, one process", naive,
                          files[: args.naive_images], ckpt, device)  # fmt: skip
             elif path == "e":
-                run.path("(e) Beam embed pipeline, local runner, whole run", beam, work / "jpegs", ckpt, device,
-                         work / "e", batch, compile_, len(files))  # fmt: skip
+                for decoder in ["nvjpeg", "nvimgcodec"] if "nvimgcodec" in decoders else ["nvjpeg"]:
+                    run.path(f"(e) Beam embed pipeline, local runner, {decoder}", beam, work / "jpegs", ckpt,
+                             device, work / "e", batch, compile_, len(files), False, decoder)  # fmt: skip
+            elif path == "switch":  # (d) with threads handing over the GIL every 0.5 ms instead of 5
+                encoder = encoder or encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]
+                interval = sys.getswitchinterval()
+                sys.setswitchinterval(0.0005)
+                try:
+                    for decoder in decoders:
+                        run.path(f"(d) GIL switch interval 0.5 ms, {decoder}", end_to_end, files, encoder, device,
+                                 decoder, work / "d", batch)  # fmt: skip
+                finally:
+                    sys.setswitchinterval(interval)
             elif path == "profile":  # (d) and (e) again, sampling their threads' stacks (costs them ~1-2%)
                 encoder = encoder or encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]
                 run.path(f"(d) profiled, {decoders[0]}", end_to_end, files, encoder, device, decoders[0], work / "d",
