@@ -25,7 +25,7 @@ case ",$steps," in *,tests,*)
   timeout "${TESTS_S:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/encoder/test_gpu_images.py tests/encoder/test_gpu_stream.py tests/encoder/test_model.py tests/pipelines/test_embed.py tests/training/test_train_gpu.py 2>&1 | tee "$out/tests.log" | tail -40;;
 esac
 case ",$steps," in *,train,*)
-  timeout "${TRAIN_S:-90}" python3 benchmarks/train_bench.py --gpu --seconds 8 2>&1 | tee "$out/train.log" | tail -40;;
+  timeout "${TRAIN_S:-200}" python3 benchmarks/train_bench.py --gpu --seconds 8 2>&1 | tee "$out/train.log" | tail -40;;
 esac
 case ",$steps," in *,host,*)  # the host's own per-image ceiling (CPU only, decode and model stood in)
   timeout "${HOST_S:-90}" python3 benchmarks/worker_overhead.py --images 10000 2>&1 | tail -8 | tee "$out/host.log";;

@@ -15,7 +15,9 @@ quality 90) and SigLIP base/16-224 with random weights (same FLOPs as the real o
 (e) the same through the Beam embed pipeline on the local runner (`lookalike embed`,
     whole run: model load and compile included, as (d, cold) beside it).
 Then (c) and (d) for SigLIP so400m/14-384. GPU utilisation is sampled with NVML during
-each path. Results go in BENCHMARKS.md.
+each path; (d) also reports how busy each of its threads was. `profile` reruns (d) and
+(e) sampling every thread's stack (where the time goes on a host without py-spy);
+`switch` reruns (d) with a 0.5 ms interpreter switch interval. Results go in BENCHMARKS.md.
 """
 
 from __future__ import annotations
