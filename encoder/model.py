@@ -124,6 +124,21 @@ def model_version(vision_state: dict[str, torch.Tensor], preprocess: PreprocessC
     return f"siglip-{digest.hexdigest()[:16]}"
 
 
+_VERSIONS: dict[tuple, str] = {}
+
+
+def _cached_version(path: Path, preprocess: PreprocessConfig, compute) -> str:
+    """`model_version` once per checkpoint and process: a local run loads the model twice (the launcher
+    for the version, the worker to embed), and hashing a large tower's weights takes seconds. Keyed by
+    every file's size and modification time, so a checkpoint rewritten in place is hashed again."""
+    stats = {f.name: f.stat() for f in path.iterdir() if f.is_file()}
+    files = tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in stats.items()))
+    key = (str(path.resolve()), files, preprocess.canonical_json())
+    if key not in _VERSIONS:
+        _VERSIONS[key] = compute()
+    return _VERSIONS[key]
+
+
 def pick_device(requested: str) -> torch.device:
     """The device to use; CUDA devices always carry an index (some torch.cuda calls refuse a bare "cuda")."""
     if requested == "auto":
@@ -263,7 +278,7 @@ def load_encoder(cfg: EncoderConfig, limits: DecodeLimits = DecodeLimits()) -> I
         )
     if info["missing_keys"]:  # would otherwise be silently random
         raise ValueError(f"{cfg.model} lacks image-tower weights: {sorted(info['missing_keys'])[:5]}")
-    version = model_version(model.state_dict(), preprocess)
+    version = _cached_version(path, preprocess, lambda: model_version(model.state_dict(), preprocess))
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     encoder = ImageEncoder(model, preprocess, version, batch_size=cfg.batch_size or 64, limits=limits,
                            static_batch=cfg.compile)  # fmt: skip

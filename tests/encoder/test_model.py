@@ -79,6 +79,27 @@ def test_model_version_is_stable_and_content_addressed(tiny_model, tiny_encoder,
     assert model_version(tiny_encoder.vision_model.state_dict(), other_pre) != tiny_encoder.model_version
 
 
+def test_model_version_is_hashed_once_per_checkpoint_until_its_files_change(tiny_model, tmp_path, monkeypatch):
+    import encoder.model as model_module
+
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny_model, checkpoint)
+    calls = []
+    real = model_module.model_version
+    monkeypatch.setattr(model_module, "model_version", lambda *a: calls.append(1) or real(*a))
+    first = load_encoder(EncoderConfig(model=str(checkpoint), device="cpu"))
+    assert load_encoder(EncoderConfig(model=str(checkpoint), device="cpu")).model_version == first.model_version
+    assert len(calls) == 1  # the launcher's load and the worker's, in one process: one hash
+
+    # Weights rewritten in place: a new hash, and a new version.
+    state = {k: v.clone() for k, v in first.vision_model.state_dict().items()}
+    state[next(iter(state))][..., 0] += 1e-3
+    first.vision_model.load_state_dict(state)
+    first.vision_model.save_pretrained(checkpoint)
+    rewritten = load_encoder(EncoderConfig(model=str(checkpoint), device="cpu"))
+    assert len(calls) == 2 and rewritten.model_version != first.model_version
+
+
 def test_pickle_only_checkpoint_is_refused(tiny_model, tmp_path):
     bad = tmp_path / "pickled"
     bad.mkdir()
