@@ -3,8 +3,9 @@
 nvJPEG takes 8-bit Huffman-coded baseline and progressive JPEGs with 1 or 3 colour
 components. Everything else (PNG, WebP, CMYK/YCCK, 12-bit, arithmetic coding, EXIF
 rotations that the CPU path applies, oversized images that the CPU path dead-letters
-with its reason, files cut off before their end marker, which nvJPEG would fill with grey) goes to the CPU decoder, one image at a time. Pure Python on the first
-kilobytes of the file, so it is cheap and testable without a GPU.
+with its reason, files cut off before their end marker, which nvJPEG would fill with
+grey) goes to the CPU decoder, one image at a time. Pure Python on the first kilobytes
+of the file and its last bytes, so it is cheap and testable without a GPU.
 """
 
 from __future__ import annotations
