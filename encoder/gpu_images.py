@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -31,6 +32,7 @@ __all__ = [
     "DecodedBatch",
     "GpuImages",
     "PreparedBatch",
+    "byte_tensors",
     "collect_decodes",
     "decode_on_cpu",
     "describe_error",
@@ -50,10 +52,19 @@ def nvjpeg_decoder() -> BatchDecoder:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     def decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
-        encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        return decode_jpeg(byte_tensors(datas), mode=ImageReadMode.RGB, device=device)
 
     return decode
+
+
+# torch warns once that a tensor over immutable bytes could be written through; the decoders only read them.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+
+def byte_tensors(datas: Sequence[bytes]) -> list[torch.Tensor]:
+    """Each encoded image as a 1-D uint8 tensor over its own bytes, not a copy: copying through a
+    `bytearray` cost 10–45 µs of interpreter time per 70 KB photo, against ~1 µs for the view."""
+    return [torch.frombuffer(d, dtype=torch.uint8) for d in datas]
 
 
 def nvimgcodec_decoder() -> BatchDecoder:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from benchmarks.common import realistic_jpegs
 from encoder import DecodeLimits, PreprocessConfig, decode_image
-from encoder.gpu_images import GpuImages, pil_decoder, resize_like_pil
+from encoder.gpu_images import GpuImages, byte_tensors, pil_decoder, resize_like_pil
 
 CFG = PreprocessConfig(height=224, width=224)
 FULL = DecodeLimits(draft=False)  # the GPU decodes at full size; compare with the CPU doing the same
@@ -112,6 +112,14 @@ def test_a_cpu_fallback_that_will_not_finish_is_failed_and_the_batch_goes_on(jpe
 def test_filters_the_gpu_cannot_reproduce_are_refused():
     with pytest.raises(ValueError, match="bilinear and bicubic"):
         GpuImages(PreprocessConfig(resample=Image.Resampling.LANCZOS), "cpu")
+
+
+def test_the_gpu_decoder_gets_views_of_the_bytes_not_copies(jpegs):
+    tensors = byte_tensors(jpegs[:3])
+    for data, tensor in zip(jpegs[:3], tensors, strict=True):
+        assert tensor.dtype == torch.uint8 and tensor.dim() == 1 and tensor.is_contiguous()
+        assert tensor.numpy().tobytes() == data
+        assert tensor.data_ptr() == np.frombuffer(data, np.uint8).ctypes.data  # the bytes object's own buffer
 
 
 @pytest.mark.gpu
