@@ -353,18 +353,18 @@ def main() -> None:
         ckpt = _checkpoint(work / base, SHAPES[base])
         encoder = None
         for path in args.paths.split(","):
+            if path in ("stages", "d", "switch", "profile") and encoder is None:  # these use (c)'s encoder
+                encoder = encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]
             if path == "c":
                 encoder = run.path("(c) encoder alone, pre-decoded uint8 on the GPU", encoder_alone, ckpt,
                                    SHAPES[base], device, batch, seconds, compile_)  # fmt: skip
             elif path == "d":
-                encoder = encoder or encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]
                 for decoder in decoders:
                     run.path(f"(d) end to end, files → Parquet, standalone, {decoder}", end_to_end, files, encoder,
                              device, decoder, work / "d", batch)  # fmt: skip
                 run.path(f"(d, cold) the same with model load + compile, {decoders[0]}", cold_end_to_end, files,
                          ckpt, device, decoders[0], work / "dc", batch, compile_)  # fmt: skip
             elif path == "stages":
-                encoder = encoder or encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]
                 for decoder in decoders:
                     run.path(f"stages of (d) alone, {decoder}", stages, files[:5000], encoder, device, decoder, batch)
             elif path == "b":
@@ -379,7 +379,6 @@ def main() -> None:
                     run.path(f"(e) Beam embed pipeline, local runner, {decoder}", beam, work / "jpegs", ckpt,
                              device, work / "e", batch, compile_, len(files), False, decoder)  # fmt: skip
             elif path == "switch":  # (d) with threads handing over the GIL every 0.5 ms instead of 5
-                encoder = encoder or encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]
                 interval = sys.getswitchinterval()
                 sys.setswitchinterval(0.0005)
                 try:
@@ -389,7 +388,6 @@ def main() -> None:
                 finally:
                     sys.setswitchinterval(interval)
             elif path == "profile":  # (d) and (e) again, sampling their threads' stacks (costs them ~1-2%)
-                encoder = encoder or encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]
                 run.path(f"(d) profiled, {decoders[0]}", end_to_end, files, encoder, device, decoders[0], work / "d",
                          batch, True)  # fmt: skip
                 run.path("(e) profiled", beam, work / "jpegs", ckpt, device, work / "e", batch, compile_, len(files),
