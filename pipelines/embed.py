@@ -35,7 +35,7 @@ from apache_beam.io.filebasedsink import FileBasedSink
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.shared import Shared
 
@@ -176,9 +176,9 @@ class FetchAndDecode(beam.DoFn):
     """Fetch, hash and decode a chunk of items (`embed_steps.prepare_items`); `fetch_threads` bounds the pool.
 
     On a GPU worker nothing is decoded here: the bytes go on to `EmbedBatch`, which routes each
-    image to the GPU decoder or to CPU threads. With `previous` (an earlier run small enough for memory), items whose image bytes already
-    have a vector leave as one Arrow table per chunk on the `reused` output; otherwise each
-    leaves as a `reuse` request for the shuffle join.
+    image to the GPU decoder or to CPU threads. With `previous` (an earlier run small enough for
+    memory), items whose image bytes already have a vector leave as one Arrow table per chunk on
+    the `reused` output; otherwise each leaves as a `reuse` request for the shuffle join.
     """
 
     def __init__(self, cfg: EmbedConfig, preprocess, total_items: int, reembed: frozenset[str] = frozenset(),
@@ -504,15 +504,9 @@ def _pipeline_options(cfg: EmbedConfig, beam_args: list[str]) -> PipelineOptions
     return PipelineOptions(args)
 
 
-def _runs_here(beam_args: list[str]) -> bool:
+def _runs_here(options: PipelineOptions) -> bool:
     """Whether the workers run on this machine (the local runners), so this machine's GPU is theirs."""
-    runner = "FnApiRunner"
-    for i, arg in enumerate(beam_args):
-        if arg.startswith("--runner="):
-            runner = arg.split("=", 1)[1]
-        elif arg == "--runner" and i + 1 < len(beam_args):
-            runner = beam_args[i + 1]
-    return runner in ("FnApiRunner", "DirectRunner", "PrismRunner")
+    return options.view_as(StandardOptions).runner in ("FnApiRunner", "DirectRunner", "PrismRunner")
 
 
 def _load_run_manifest(run_dir: str) -> dict | None:
@@ -634,7 +628,7 @@ def run_embed(cfg: EmbedConfig, beam_args: list[str] | None = None) -> EmbedResu
     probe = load_encoder(replace(cfg.encoder, device="cpu", dtype="float32", compile=False), cfg.limits)
     model_version, dim, preprocess = probe.model_version, probe.dim, probe.preprocess
     del probe
-    if cfg.gpu_decode == "on" and _runs_here(beam_args or []):  # refuse before any work, not in a worker's setup
+    if cfg.gpu_decode == "on" and _runs_here(options):  # refuse before any work, not in a worker's setup
         gpu_decoding(cfg, preprocess)
     previous_run, previous_shards, previous_rows = _previous_shards(cfg, model_version)
     run_dir = storage.join(cfg.out, "embeddings", cfg.run_id)
