@@ -184,7 +184,7 @@ class StackSampler:
     _WAITS = ("threading.py", "queue.py", "concurrent/futures/_base.py", "concurrent/futures/thread.py")
 
     def __init__(self, interval: float = 0.005) -> None:
-        self.interval, self.counts, self.totals = interval, {}, {}
+        self.interval, self.counts = interval, {}
 
     def __enter__(self) -> StackSampler:
         import threading
@@ -215,12 +215,11 @@ class StackSampler:
                          f"{frame.f_code.co_name} ({'/'.join(Path(path).parts[-2:])}:{frame.f_lineno})")  # fmt: skip
                 per = self.counts.setdefault(name, {})
                 per[where] = per.get(where, 0) + 1
-                self.totals[name] = self.totals.get(name, 0) + 1
 
     def top(self, n: int = 6) -> dict[str, dict[str, float]]:
         out = {}
-        for name, per in sorted(self.counts.items(), key=lambda kv: -self.totals[kv[0]]):
-            total = self.totals[name]
+        for name, per in sorted(self.counts.items(), key=lambda kv: -sum(kv[1].values())):
+            total = sum(per.values())
             out[f"{name} ({total} samples)"] = {
                 where: round(100 * c / total, 1) for where, c in sorted(per.items(), key=lambda kv: -kv[1])[:n]
             }
