@@ -1,0 +1,364 @@
+"""Image files for the GPU worker: each file's bytes, sha256 and decoder route, read ahead in input order.
+
+The GPU worker's loop is capped by per-image Python under one interpreter lock
+(BENCHMARKS.md, "GPU embedding"): on the H200's 16-vCPU host, reading and hashing alone
+topped out at 12k files/s on 8 threads, before any decoding. `ProcessReader` moves that
+work — open, read, sha256, and the JPEG header that routes a file to the GPU or the CPU
+decoder — into worker processes that write the bytes into one shared ring of memory; the
+embedding process receives a few small tuples per chunk of files and memoryviews over the
+ring, no copies. `ThreadReader` does the same work in threads of this process: no
+start-up and no shared memory, for small runs and as the reference in tests.
+
+Both yield `ReadBatch`es in input order. A batch's bytes stay valid until its `release()`;
+then the ring slots it used are written again. A file over `max_bytes` is not read but
+dead-lettered with the decoder's own reason. A reader process that dies (killed, out of
+memory) has its pending files read in this process instead, with a warning.
+
+This module imports neither torch nor Beam: reader processes start in a second or less.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import itertools
+import logging
+import mmap
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+from encoder.jpeg import cpu_reason
+
+__all__ = ["ProcessReader", "ReadBatch", "ReadLimits", "ThreadReader", "read_chunk"]
+
+log = logging.getLogger(__name__)
+
+# What a reader hands back per file, always a 4-tuple (cheap to pickle, no per-file objects):
+#   (sha256, cpu_reason, offset in the slot, length)  the bytes are in the ring
+#   (sha256, cpu_reason, bytes, length)               they did not fit: carried in the message
+#   (None, stage, reason, 0)                          not read: the dead letter
+Record = tuple
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """What the readers check per file; plain numbers so that reader processes need not import torch."""
+
+    max_bytes: int
+    max_pixels: int
+    route: bool = True  # parse the JPEG header for `encoder.jpeg.cpu_reason`; False: every reason is None
+
+    @classmethod
+    def of(cls, limits, route: bool = True) -> ReadLimits:
+        """From an `encoder.DecodeLimits`."""
+        return cls(limits.max_bytes, limits.max_pixels, route)
+
+
+@dataclass
+class ReadBatch:
+    """One batch of files: what was read (in input order) and what was not."""
+
+    keys: list[tuple[str, str]] = field(default_factory=list)  # (path, sha256) per file read
+    datas: list[bytes | memoryview] = field(default_factory=list)  # their bytes
+    reasons: list[str | None] = field(default_factory=list)  # why each must be decoded on the CPU; None: GPU
+    failed: list[tuple[str, str, str]] = field(default_factory=list)  # (path, stage, reason)
+    _release: Callable[[], None] | None = None
+
+    def release(self) -> None:
+        """The batch's bytes are no longer needed: its ring slots may be written again. Idempotent."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+def read_chunk(paths: Sequence[str], limits: ReadLimits, out: memoryview | None = None) -> list[Record]:
+    """Read, hash and route `paths`, placing their bytes in `out` while they fit (`Record`s, in order)."""
+    records, used = [], 0
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > limits.max_bytes:  # the decoder's own reason, without reading it
+                    records.append((None, "decode", f"{size} bytes exceeds max_bytes={limits.max_bytes}", 0))
+                    continue
+                data = f.read()
+        except OSError as err:
+            records.append((None, "fetch", f"{type(err).__name__}: {err}", 0))
+            continue
+        digest = hashlib.sha256(data).hexdigest()  # releases the GIL on large buffers
+        reason = cpu_reason(data, limits.max_bytes, limits.max_pixels) if limits.route else None
+        n = len(data)
+        if out is not None and used + n <= len(out):
+            out[used : used + n] = data
+            records.append((digest, reason, used, n))
+            used += n
+        else:
+            records.append((digest, reason, data, n))
+    return records
+
+
+def _assemble(paths: Sequence[str], records: Sequence[Record], slot: memoryview | None, batch: ReadBatch) -> None:
+    for path, (digest, second, where, n) in zip(paths, records, strict=True):
+        if digest is None:
+            batch.failed.append((path, second, where))
+            continue
+        batch.keys.append((path, digest))
+        batch.datas.append(slot[where : where + n] if isinstance(where, int) else where)
+        batch.reasons.append(second)
+
+
+def _batches(paths: Sequence[str], batch_size: int, chunk: int) -> Iterator[list[Sequence[str]]]:
+    """Each batch's paths, as chunks of at most `chunk` files (a chunk never spans two batches)."""
+    for start in range(0, len(paths), batch_size):
+        batch = paths[start : start + batch_size]
+        yield [batch[i : i + chunk] for i in range(0, len(batch), chunk)]
+
+
+class ThreadReader:
+    """Reads chunks of files on threads of this process, at most `ahead` chunks in flight."""
+
+    def __init__(self, limits: ReadLimits, threads: int = 8, chunk: int = 16, ahead: int = 32) -> None:
+        self.limits, self.chunk, self.ahead = limits, chunk, ahead
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="read")
+
+    def read(self, paths: Sequence[str], batch_size: int) -> Iterator[ReadBatch]:
+        pending: collections.deque = collections.deque()
+        chunks = ((i, c) for i, batch in enumerate(_batches(paths, batch_size, self.chunk)) for c in batch)
+        current, batch = 0, ReadBatch()
+        for index, part in itertools.chain(chunks, [(None, None)]):
+            if part is not None:
+                pending.append((index, part, self._pool.submit(read_chunk, part, self.limits)))
+            while pending and (part is None or len(pending) >= self.ahead):
+                index_done, done, future = pending.popleft()
+                if index_done != current:
+                    yield batch
+                    current, batch = index_done, ReadBatch()
+                _assemble(done, future.result(), None, batch)
+        if batch.keys or batch.failed:
+            yield batch
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> ThreadReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _shared_ring(size: int) -> tuple[int, mmap.mmap]:
+    """`size` bytes to share with the reader processes, as a file descriptor they inherit and its mapping
+    here. A memfd: not capped by /dev/shm's mount (64 MiB in many containers) and never written back to
+    disk. Pages are resident only once written."""
+    fd = os.memfd_create("lookalike-read-ring", 0) if hasattr(os, "memfd_create") else _unlinked_file()
+    os.ftruncate(fd, size)
+    return fd, mmap.mmap(fd, size)
+
+
+def _unlinked_file() -> int:
+    with tempfile.NamedTemporaryFile(delete=False) as f:
+        fd = os.dup(f.fileno())
+    os.unlink(f.name)
+    return fd
+
+
+def _serve(tasks_fd: int, replies_fd: int, ring_fd: int, size: int, slot_bytes: int, limits: ReadLimits) -> None:
+    """A reader process: (task, slot, paths) in, (task, records) out, until None or the pipe closes."""
+    tasks, replies = Connection(tasks_fd, writable=False), Connection(replies_fd, readable=False)
+    view = memoryview(mmap.mmap(ring_fd, size))
+    while True:
+        try:
+            task = tasks.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        task_id, slot, paths = task
+        replies.send((task_id, read_chunk(paths, limits, view[slot * slot_bytes : (slot + 1) * slot_bytes])))
+
+
+class ProcessReader:
+    """Reads chunks of files in `processes` worker processes into a shared ring of `slots` × `slot_bytes`.
+
+    Each chunk of `chunk` files gets a slot; files that do not fit in it travel in the reply
+    instead (correct, one copy more). The ring bounds what is read ahead: a chunk is sent only
+    when a slot is free, and slots free when the consumer releases a batch, so it must hold more
+    slots than one batch needs, and with fewer than the consumer keeps batches unreleased
+    (`embed_stream` keeps up to prefetch + 4) reading waits on the consumer. The defaults hold
+    ten batches of 256 and take 640 MiB of address space, resident only where written: ~180 MiB
+    for 70 KB photos.
+    """
+
+    def __init__(self, limits: ReadLimits, processes: int = 8, chunk: int = 16, slot_bytes: int = 4 << 20,
+                 slots: int = 160) -> None:  # fmt: skip
+        if processes < 1 or chunk < 1 or slot_bytes < 1 or slots < 1:
+            raise ValueError("processes, chunk, slot_bytes and slots must be positive")
+        self.limits, self.chunk, self.slot_bytes, self.slots = limits, chunk, slot_bytes, slots
+        self._fd, self._ring = _shared_ring(slots * slot_bytes)
+        self._view = memoryview(self._ring)
+        self._free: queue.Queue[int] = queue.Queue()
+        for slot in range(slots):
+            self._free.put(slot)
+        self._closed = threading.Event()
+        self._local: dict[int, tuple[int, Sequence[str]]] = {}  # task id → (slot, paths) to read here
+        self._next_id = 0
+        self._workers = [self._start(i) for i in range(processes)]
+
+    def _start(self, index: int) -> _Worker:
+        """A fresh interpreter running `_serve`: multiprocessing's spawn and forkserver would run the
+        caller's main script again in it (its imports, and anything not under a `__main__` guard), and a
+        fork of this process would copy a CUDA context and locks held by other threads."""
+        task_r, task_w = os.pipe()
+        reply_r, reply_w = os.pipe()
+        root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        args = [self._fd, self.slots * self.slot_bytes, self.slot_bytes, *dataclasses.astuple(self.limits)]
+        proc = subprocess.Popen([sys.executable, "-m", __name__, str(task_r), str(reply_w), *map(str, args)],
+                                pass_fds=(task_r, reply_w, self._fd), env=env, stdin=subprocess.DEVNULL)  # fmt: skip
+        os.close(task_r)
+        os.close(reply_w)
+        return _Worker(f"read-{index}", proc, Connection(task_w, readable=False), Connection(reply_r, writable=False))
+
+    def read(self, paths: Sequence[str], batch_size: int) -> Iterator[ReadBatch]:
+        """`ReadBatch`es of `batch_size` files, in order; release each once its bytes are used."""
+        if -(-batch_size // self.chunk) > self.slots:
+            raise ValueError(f"a batch of {batch_size} needs {-(-batch_size // self.chunk)} slots; the ring has "
+                             f"{self.slots}")  # fmt: skip
+        tasks = ((b, part) for b, batch in enumerate(_batches(paths, batch_size, self.chunk)) for part in batch)
+        submitted: collections.deque = collections.deque()  # (task id, batch index, slot, paths), in order
+        results: dict[int, list[Record]] = {}
+        waiting = next(tasks, None)  # the next task to send; None: all sent
+        try:
+            while True:
+                # Send while slots are free; wait for one only when nothing is in flight or the head batch is
+                # not all sent (its remaining slots come back as the consumer releases earlier batches).
+                while waiting is not None:
+                    head_unsent = bool(submitted) and waiting[0] == submitted[0][1]
+                    slot = self._take_slot(wait=not submitted or head_unsent)
+                    if slot is None:
+                        break
+                    submitted.append((self._next_id, waiting[0], slot, waiting[1]))
+                    self._send(self._next_id, slot, waiting[1])
+                    self._next_id, waiting = self._next_id + 1, next(tasks, None)
+                if not submitted:
+                    return
+                head = [task for task in submitted if task[1] == submitted[0][1]]
+                self._collect(results, {task[0] for task in head})
+                batch = ReadBatch()
+                for task_id, _, slot, part in head:
+                    submitted.popleft()
+                    _assemble(part, results.pop(task_id), self._slot(slot), batch)
+                batch._release = lambda slots=[task[2] for task in head]: [self._free.put(s) for s in slots]  # noqa: SLF001
+                yield batch
+        finally:  # the consumer stopped early: let the chunks in flight land before their slots are reused
+            if submitted and not self._closed.is_set():
+                self._collect(results, {task[0] for task in submitted})
+                for task in submitted:
+                    self._free.put(task[2])
+
+    def _slot(self, slot: int) -> memoryview:
+        return self._view[slot * self.slot_bytes : (slot + 1) * self.slot_bytes]
+
+    def _take_slot(self, wait: bool) -> int | None:
+        while not self._closed.is_set():
+            try:
+                return self._free.get(timeout=0.1) if wait else self._free.get_nowait()
+            except queue.Empty:
+                if not wait:
+                    return None
+        raise RuntimeError("the file reader is closed")
+
+    def _send(self, task_id: int, slot: int, paths: Sequence[str]) -> None:
+        alive = [w for w in self._workers if w.alive]
+        if not alive:
+            self._local[task_id] = (slot, paths)
+            return
+        worker = min(alive, key=lambda w: len(w.pending))
+        worker.pending[task_id] = (slot, paths)
+        try:
+            worker.tasks.send((task_id, slot, list(paths)))
+        except (BrokenPipeError, ConnectionResetError, EOFError):
+            self._lost(worker)
+
+    def _lost(self, worker: _Worker) -> None:
+        worker.alive = False
+        log.warning("file reader process %s stopped (exit code %s); reading its %d chunk(s) here",
+                    worker.name, worker.proc.poll(), len(worker.pending))  # fmt: skip
+        self._local.update(worker.pending)
+        worker.pending.clear()
+
+    def _collect(self, results: dict[int, list[Record]], wanted: set[int]) -> None:
+        """Receive replies until every `wanted` task has its records."""
+        while True:
+            for task_id in [t for t in self._local if t in wanted]:
+                slot, paths = self._local.pop(task_id)
+                results[task_id] = read_chunk(paths, self.limits, self._slot(slot))
+            if wanted <= results.keys():
+                return
+            busy = {w.replies: w for w in self._workers if w.alive and w.pending}
+            if not busy:
+                raise RuntimeError("file reader lost track of a chunk")  # a bug, not bad input
+            for conn in wait(list(busy), timeout=1.0):
+                worker = busy[conn]
+                try:
+                    task_id, records = conn.recv()
+                except (EOFError, ConnectionResetError, OSError):
+                    self._lost(worker)
+                    continue
+                worker.pending.pop(task_id, None)
+                results[task_id] = records
+            for worker in busy.values():
+                if worker.alive and worker.proc.poll() is not None:
+                    self._lost(worker)
+
+    def close(self) -> None:
+        """Stop the reader processes (a second at most) and wake a `read` waiting for slots."""
+        self._closed.set()
+        for worker in self._workers:
+            with contextlib.suppress(OSError):
+                worker.tasks.send(None)
+        for worker in self._workers:
+            try:
+                worker.proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                worker.proc.kill()
+                worker.proc.wait()
+            worker.tasks.close()
+            worker.replies.close()
+        self._workers = []
+        if self._fd >= 0:
+            os.close(self._fd)  # the mapping stays valid while batches still point into it
+            self._fd = -1
+
+    def __enter__(self) -> ProcessReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class _Worker:
+    name: str
+    proc: subprocess.Popen
+    tasks: Connection
+    replies: Connection
+    pending: dict[int, tuple[int, Sequence[str]]] = field(default_factory=dict)  # task id → (slot, paths)
+    alive: bool = True
+
+
+if __name__ == "__main__":  # a reader process started by `ProcessReader`
+    *fds, slot_bytes, max_bytes, max_pixels, route = sys.argv[1:]
+    _serve(*map(int, fds), int(slot_bytes), ReadLimits(int(max_bytes), int(max_pixels), route == "True"))
