@@ -10,8 +10,9 @@ quality 90) and SigLIP base/16-224 with random weights (same FLOPs as the real o
     resize, bf16 + SDPA model;
 (c) lookalike's encoder alone on pre-decoded uint8 batches already on the GPU (bf16, SDPA,
     torch.compile; compile time reported apart), with MFU;
-(d) lookalike end to end, files → Parquet, standalone (`pipelines.direct_embed`): GPU
-    decode (nvJPEG, and nvImageCodec when installed) overlapped with the model;
+(d) lookalike end to end, files → Parquet, standalone (`pipelines.direct_embed`): files
+    read in reader processes, GPU decode (nvJPEG, and nvImageCodec when installed)
+    overlapped with the model; and once with the files read in threads, as before;
 (e) the same through the Beam embed pipeline on the local runner (`lookalike embed`,
     whole run: model load and compile included, as (d, cold) beside it).
 Then (c) and (d) for SigLIP so400m/14-384. GPU utilisation is sampled with NVML during
@@ -203,7 +204,7 @@ def encoder_alone(ckpt: Path, shape: dict, device: torch.device, batch: int, sec
 
 
 def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, out: Path, batch: int,
-               sample: bool = False) -> dict:  # fmt: skip
+               sample: bool = False, reader: str = "processes") -> dict:  # fmt: skip
     from encoder.gpu_images import GpuImages
     from pipelines.direct_embed import embed_files
 
@@ -215,13 +216,14 @@ def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, o
     try:
         with StackSampler() if sample else contextlib.nullcontext() as sampler:
             start = time.perf_counter()
-            result = embed_files([str(f) for f in files], encoder, images, out / decoder, batch_size=batch)
+            result = embed_files([str(f) for f in files], encoder, images, out / decoder, batch_size=batch,
+                                 reader=reader)  # fmt: skip
             seconds = time.perf_counter() - start
     finally:
         del images.decode, images.finish, encoder.embed_prepared
     shutil.rmtree(out, ignore_errors=True)
     return {"images": result.embedded, "images_per_s": result.embedded / seconds, "on_gpu": result.on_gpu,
-            "dead_lettered": result.dead_lettered, "decoder": decoder,
+            "dead_lettered": result.dead_lettered, "decoder": decoder, "reader": reader,
             "busy_pct": {k: round(100 * v / seconds) for k, v in busy.items()},
             **({"threads_pct": sampler.top()} if sample else {})}  # fmt: skip
 
@@ -247,6 +249,7 @@ def stages(files: list[Path], encoder, device: torch.device, decoder: str, batch
     from concurrent.futures import ThreadPoolExecutor
 
     from encoder.gpu_images import DECODERS, GpuImages
+    from pipelines.file_reader import ProcessReader, ThreadReader
 
     def timed(fn) -> float:
         start = time.perf_counter()
@@ -257,6 +260,8 @@ def stages(files: list[Path], encoder, device: torch.device, decoder: str, batch
 
     with ThreadPoolExecutor(8) as pool:
         read = timed(lambda: list(pool.map(lambda f: hashlib.sha256(f.read_bytes()).digest(), files)))
+    read_routed = {name: _read_rate(kind, [str(f) for f in files], batch) for name, kind in
+                   (("threads", ThreadReader), ("processes", ProcessReader))}  # fmt: skip
     datas = [f.read_bytes() for f in files]
     batches = [datas[i : i + batch] for i in range(0, len(datas), batch)]
     decode = DECODERS[decoder]()
@@ -264,11 +269,25 @@ def stages(files: list[Path], encoder, device: torch.device, decoder: str, batch
     images = GpuImages(encoder.preprocess, device, DecodeLimits(draft=True), decoder=decoder)
     images.prepare(batches[0])
     decoded = []
-    rates = {"read_and_hash_per_s": read, "decode_per_s": timed(lambda: [decode(b, device) for b in batches]),
+    rates = {"read_and_hash_per_s": read, **{f"read_hash_route_{k}_per_s": v for k, v in read_routed.items()},
+             "decode_per_s": timed(lambda: [decode(b, device) for b in batches]),
              "route_and_decode_per_s": timed(lambda: decoded.extend(images.decode(b) for b in batches)),
              "resize_per_s": timed(lambda: [images.finish(d) for d in decoded]),
              "decode_and_resize_per_s": timed(lambda: [images.prepare(b) for b in batches])}  # fmt: skip
     return {**rates, "images": len(files), "decoder": decoder, "images_per_s": None}
+
+
+def _read_rate(kind, paths: list[str], batch: int) -> float:
+    """Files/s through a file reader (read, sha256, route), started and warmed before the clock."""
+    from pipelines.file_reader import ReadLimits
+
+    with kind(ReadLimits.of(DecodeLimits())) as reader:
+        for read in reader.read(paths[: 2 * batch], batch):
+            read.release()
+        start = time.perf_counter()
+        for read in reader.read(paths, batch):
+            read.release()
+        return len(paths) / (time.perf_counter() - start)
 
 
 def cold_end_to_end(files, ckpt: Path, device: torch.device, decoder: str, out: Path, batch: int, compile_: bool):
@@ -362,6 +381,8 @@ def main() -> None:
                 for decoder in decoders:
                     run.path(f"(d) end to end, files → Parquet, standalone, {decoder}", end_to_end, files, encoder,
                              device, decoder, work / "d", batch)  # fmt: skip
+                run.path(f"(d) the same, reading in threads (before: no reader processes), {decoders[0]}",
+                         end_to_end, files, encoder, device, decoders[0], work / "d", batch, False, "threads")  # fmt: skip
                 run.path(f"(d, cold) the same with model load + compile, {decoders[0]}", cold_end_to_end, files,
                          ckpt, device, decoders[0], work / "dc", batch, compile_)  # fmt: skip
             elif path == "stages":

@@ -9,7 +9,9 @@ worker whatever the GPU. This measures that cap on real JPEG files (scikit-image
 640 px, quality 90) with the GPU decoder replaced by a stand-in that returns blank
 16 × 16 images and the model by one that returns a constant vector:
   read + sha256 alone, 8 threads, a chunk of files per task;
-  the standalone loop (`pipelines.direct_embed`), the baseline;
+  the standalone loop (`pipelines.direct_embed`) reading in threads, the baseline, and
+  reading in reader processes (two runs of each, alternated), with the embedding
+  process's own CPU time per image;
   the Beam pipeline on the local runner: whole run, and steady state (the whole run less
   a run over 1% of the files, which is mostly start-up).
 Results go in BENCHMARKS.md.
@@ -84,15 +86,16 @@ def read_and_hash(files: list[str]) -> float:
         return len(files) / (time.perf_counter() - start)
 
 
-def direct(files: list[str], ckpt: Path, out: Path, batch: int) -> float:
+def direct(files: list[str], ckpt: Path, out: Path, batch: int, reader: str) -> tuple[float, float]:
+    """Images/s, and this process's CPU time per image (the reader processes' time is theirs)."""
     encoder = embed.load_encoder(EncoderConfig(model=str(ckpt), device="cpu", batch_size=batch))
     images = gpu_images.GpuImages(encoder.preprocess, "cpu", DecodeLimits(), decoder="nvjpeg")
-    embed_files(files[:batch], encoder, images, out / "warm", batch_size=batch)
-    start = time.perf_counter()
-    result = embed_files(files, encoder, images, out / "direct", batch_size=batch)
-    seconds = time.perf_counter() - start
+    embed_files(files[:batch], encoder, images, out / "warm", batch_size=batch, reader=reader)
+    start, cpu = time.perf_counter(), time.process_time()
+    result = embed_files(files, encoder, images, out / "direct", batch_size=batch, reader=reader)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert result.embedded == len(files), result
-    return result.embedded / seconds
+    return result.embedded / seconds, cpu / result.embedded
 
 
 def beam(catalog: str, ckpt: Path, out: Path, batch: int) -> tuple[int, float]:
@@ -123,8 +126,12 @@ def main() -> None:
         mean_kb = np.mean([os.path.getsize(f) for f in files]) / 1024
         ckpt = _checkpoint(work / "ckpt", dict(SHAPES["smoke"], image_size=SIZE, patch_size=SIZE))
         print(f"machine: {machine()}; {len(files):,} JPEGs, mean {mean_kb:.0f} KB; batch {args.batch_size}")
-        results = {"read + sha256 alone, 8 threads": read_and_hash(files)}
-        results["standalone loop (direct_embed)"] = direct(files, ckpt, work / "d", args.batch_size)
+        results, cpu = {"read + sha256 alone, 8 threads": read_and_hash(files)}, {}
+        for reader in ("threads", "processes", "threads", "processes"):  # alternated: two runs of each
+            name = f"standalone loop (direct_embed), reading in {reader}"
+            rate, cpu_s = direct(files, ckpt, work / "d", args.batch_size, reader)
+            results.setdefault(name, []).append(rate)
+            cpu.setdefault(name, []).append(cpu_s)
         n, whole = beam(str(work / "jpegs" / "*" / "*.jpg"), ckpt, work / "e", args.batch_size)
         (work / "small").mkdir()
         for f in files[: max(1, len(files) // 100)]:
@@ -136,10 +143,13 @@ def main() -> None:
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    base = results["standalone loop (direct_embed)"]
-    print("\n| path | images/s | µs per image | × standalone |\n| --- | ---: | ---: | ---: |")
+    base = np.mean(results["standalone loop (direct_embed), reading in threads"])
+    print("\n| path | images/s, each run | µs per image | × standalone, threads | this process's CPU µs per image |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for name, value in results.items():
-        print(f"| {name} | {value:,.0f} | {1e6 / value:.0f} | {value / base:.2f} |")
+        runs = value if isinstance(value, list) else [value]
+        mean, used = np.mean(runs), " / ".join(f"{1e6 * c:.0f}" for c in cpu.get(name, []))
+        print(f"| {name} | {' / '.join(f'{r:,.0f}' for r in runs)} | {1e6 / mean:.0f} | {mean / base:.2f} | {used} |")
 
 
 if __name__ == "__main__":

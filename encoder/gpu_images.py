@@ -43,8 +43,9 @@ __all__ = [
 ]
 
 
-# A batch of encoded JPEGs → decoded (3, h, w) uint8 tensors on the device; raises if any fails.
-BatchDecoder = Callable[[list[bytes], torch.device], list[torch.Tensor]]
+# A batch of encoded JPEGs (bytes, or memoryviews into a file reader's ring) → decoded (3, h, w) uint8 tensors
+# on the device; raises if any fails.
+BatchDecoder = Callable[[list[bytes | memoryview], torch.device], list[torch.Tensor]]
 
 
 def nvjpeg_decoder() -> BatchDecoder:
@@ -61,7 +62,7 @@ def nvjpeg_decoder() -> BatchDecoder:
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
-def byte_tensors(datas: Sequence[bytes]) -> list[torch.Tensor]:
+def byte_tensors(datas: Sequence[bytes | memoryview]) -> list[torch.Tensor]:
     """Each encoded image as a 1-D uint8 tensor over its own bytes, not a copy: copying through a
     `bytearray` cost 10–45 µs of interpreter time per 70 KB photo, against ~1 µs for the view."""
     return [torch.frombuffer(d, dtype=torch.uint8) for d in datas]
@@ -76,7 +77,9 @@ def nvimgcodec_decoder() -> BatchDecoder:
 
     def decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
         # On the caller's stream, so what follows on that stream sees finished images.
-        images = decoder.decode(datas, params=params, cuda_stream=torch.cuda.current_stream(device).cuda_stream)
+        # It takes bytes or 1-D uint8 arrays: a memoryview into a reader's ring goes as an array over it, no copy.
+        streams = [d if isinstance(d, bytes) else np.frombuffer(d, dtype=np.uint8) for d in datas]
+        images = decoder.decode(streams, params=params, cuda_stream=torch.cuda.current_stream(device).cuda_stream)
         if any(image is None for image in images):
             raise RuntimeError("nvImageCodec could not decode an image of the batch")
         return [torch.as_tensor(image, device=device).permute(2, 0, 1) for image in images]  # HWC → CHW views
@@ -212,13 +215,21 @@ class GpuImages:
         self._pool = cpu_pool or ThreadPoolExecutor(cpu_threads, thread_name_prefix="cpu-decode")
         self._decode = DECODERS[decoder]() if isinstance(decoder, str) else decoder
 
-    def route(self, datas: Sequence[bytes]) -> tuple[list[int], list[int]]:
-        """Input positions for the GPU decoder and for the CPU decoder."""
+    @property
+    def decodes_on_gpu(self) -> bool:
+        """Whether any input may go to the GPU decoder (False: everything is decoded on the CPU threads)."""
+        return self._decode is not None
+
+    def route(self, datas: Sequence[bytes], reasons: Sequence[str | None] | None = None) -> tuple[list[int], list[int]]:
+        """Input positions for the GPU decoder and for the CPU decoder. `reasons`: each input's
+        `encoder.jpeg.cpu_reason`, found already (by the file readers) under these limits."""
         if self._decode is None:
             return [], list(range(len(datas)))
+        if reasons is None:
+            reasons = [cpu_reason(data, self.limits.max_bytes, self.limits.max_pixels) for data in datas]
         gpu, cpu = [], []
-        for i, data in enumerate(datas):
-            (cpu if cpu_reason(data, self.limits.max_bytes, self.limits.max_pixels) else gpu).append(i)
+        for i, reason in enumerate(reasons):
+            (cpu if reason else gpu).append(i)
         return gpu, cpu
 
     def prepare(self, inputs: Sequence[bytes | np.ndarray]) -> PreparedBatch:
@@ -226,16 +237,22 @@ class GpuImages:
         `pixels` or a (position, reason) failure. The same as `finish(decode(inputs))`."""
         return self.finish(self.decode(inputs))
 
-    def decode(self, inputs: Sequence[bytes | np.ndarray]) -> DecodedBatch:
+    def decode(self, inputs: Sequence[bytes | memoryview | np.ndarray],
+               reasons: Sequence[str | None] | None = None) -> DecodedBatch:  # fmt: skip
         """The first stage: route each input, decode on the GPU, start the CPU decodes. Mostly time in the
-        decoders, which release the GIL, so another thread can `finish` the previous batch meanwhile."""
+        decoders, which release the GIL, so another thread can `finish` the previous batch meanwhile.
+        `reasons`, when given, routes the encoded inputs as `route` does (one per input)."""
         encoded = [i for i, x in enumerate(inputs) if not isinstance(x, np.ndarray)]
+        known = None if reasons is None else [reasons[i] for i in encoded]
         gpu, cpu = (  # positions in `inputs`
-            [[encoded[j] for j in side] for side in self.route([inputs[i] for i in encoded])] if encoded else ([], [])
+            [[encoded[j] for j in side] for side in self.route([inputs[i] for i in encoded], known)]
+            if encoded
+            else ([], [])
         )
         decoded, rejected = self._decode_on_gpu([inputs[i] for i in gpu])
         cpu = sorted(cpu + [gpu[j] for j in rejected])
-        jobs = [self._pool.submit(decode_on_cpu, inputs[i], self.preprocess, self.limits) for i in cpu]
+        # The CPU decodes get bytes of their own: a memoryview into a reader's ring is reused once released.
+        jobs = [self._pool.submit(decode_on_cpu, _own(inputs[i]), self.preprocess, self.limits) for i in cpu]
         host = {i: x for i, x in enumerate(inputs) if isinstance(x, np.ndarray)}
         return DecodedBatch(len(inputs), [gpu[j] for j, _ in decoded], [image for _, image in decoded], cpu, jobs,
                             host)  # fmt: skip
@@ -285,6 +302,10 @@ class GpuImages:
                 except Exception:  # noqa: BLE001 - the CPU decoder will decode it or say why not
                     rejected.append(j)
             return decoded, rejected
+
+
+def _own(data: bytes | memoryview) -> bytes:
+    return bytes(data) if isinstance(data, memoryview) else data
 
 
 def decode_on_cpu(data: bytes, cfg: PreprocessConfig, limits: DecodeLimits) -> np.ndarray | str:

@@ -78,12 +78,13 @@ def _finite(done: list[int], vectors: np.ndarray, failed: list[tuple[int, str]])
     return [row for row, ok in zip(done, finite, strict=True) if ok], vectors[finite], failed
 
 
-def embed_stream(encoder: ImageEncoder, images: GpuImages,
-                 batches: Iterable[tuple[Sequence[Hashable], Sequence[bytes | np.ndarray]]],
-                 prefetch: int = 2) -> Iterator[StreamBatch]:  # fmt: skip
-    """Embed (keys, images) batches in order, decoding ahead of the model.
+def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tuple], prefetch: int = 2,
+                 ) -> Iterator[StreamBatch]:  # fmt: skip
+    """Embed (keys, images) or (keys, images, cpu_reasons) batches in order, decoding ahead of the model.
 
-    Each image is encoded bytes or pixels already decoded on the CPU (`GpuImages.prepare`).
+    Each image is encoded bytes (or a memoryview of them) or pixels already decoded on the CPU
+    (`GpuImages.prepare`); `cpu_reasons` routes them as `GpuImages.route` does. One `StreamBatch`
+    per input batch, in order: the caller may release a batch's memory once it has its result.
     """
     decoded: queue.Queue = queue.Queue(maxsize=1)
     ready: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
@@ -106,9 +107,9 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages,
 
     def decode_stage() -> None:
         try:
-            for keys, datas in batches:
+            for keys, datas, *reasons in batches:  # reasons: routes found by the file readers, when they did
                 with on_side():
-                    batch = images.decode(datas)
+                    batch = images.decode(datas, *reasons)
                 if not put(decoded, (list(keys), batch)):
                     return
         except BaseException as err:  # noqa: BLE001 - handed on, raised in the consumer

@@ -1,18 +1,15 @@
 """Image files → Parquet embedding shards on one GPU worker, without Beam.
 
-The GPU worker's inner loop alone: threads read and hash files in input order, a
-chunk of files per task (one task per file costs more in thread hand-offs than the
-read), `encoder.gpu_stream` decodes and resizes ahead of the model, and a writer
-thread puts the rows in shards of the embed contract (`pipelines.records`), dead
-letters beside them. `benchmarks/gpu_embed.py` measures it against the Beam pipeline.
+The GPU worker's inner loop alone: reader processes read, hash and route files in
+input order into shared memory (`pipelines.file_reader`), `encoder.gpu_stream` decodes
+and resizes ahead of the model, and a writer thread puts the rows in shards of the
+embed contract (`pipelines.records`), dead letters beside them. `benchmarks/gpu_embed.py` measures it against the Beam pipeline.
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
-import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +20,13 @@ import pyarrow.parquet as pq
 from encoder.gpu_images import GpuImages
 from encoder.gpu_stream import embed_stream
 from encoder.model import ImageEncoder
+from pipelines.file_reader import ProcessReader, ReadBatch, ReadLimits, ThreadReader
 from pipelines.records import FAILURE_SCHEMA, embedding_schema, fresh_embedding_table, shard_writer_options
 
-__all__ = ["DirectResult", "embed_files"]
+__all__ = ["READERS", "DirectResult", "embed_files"]
+
+FileReader = ProcessReader | ThreadReader
+READERS: dict[str, type[FileReader]] = {"processes": ProcessReader, "threads": ThreadReader}
 
 
 @dataclass
@@ -36,66 +37,41 @@ class DirectResult:
     shards: list[str] = field(default_factory=list)
 
 
-def _read(path: str) -> tuple[bytes, str] | str:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        return f"{type(err).__name__}: {err}"
-    return data, hashlib.sha256(data).hexdigest()  # hashlib releases the GIL on large buffers
-
-
-def _read_chunk(paths: Sequence[str]) -> list[tuple[bytes, str] | str]:
-    return [_read(p) for p in paths]
-
-
-def _ordered(pool: ThreadPoolExecutor, fn: Callable, inputs: Iterable, ahead: int) -> Iterator:
-    """`pool.map(fn, inputs)` with at most `ahead` calls in flight (`Executor.map` submits them all at once)."""
-    pending: collections.deque = collections.deque()
-    for x in inputs:
-        pending.append(pool.submit(fn, x))
-        if len(pending) >= ahead:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
 def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, out_dir: str | Path, *,
-                batch_size: int = 256, read_threads: int = 8, rows_per_shard: int = 100_000,
-                prefetch: int = 2, read_chunk: int = 16) -> DirectResult:  # fmt: skip
-    """Embed `paths` (their paths are the item ids) into `out_dir/part-NNNNN.parquet` + `failures.parquet`."""
+                batch_size: int = 256, readers: int = 8, reader: str = "processes", rows_per_shard: int = 100_000,
+                prefetch: int = 2) -> DirectResult:  # fmt: skip
+    """Embed `paths` (their paths are the item ids) into `out_dir/part-NNNNN.parquet` + `failures.parquet`.
+
+    `reader`: "processes" reads, hashes and routes the files in `readers` processes of their own
+    (`pipelines.file_reader.ProcessReader`), "threads" in threads of this process.
+    """
+    if reader not in READERS:
+        raise ValueError(f"reader must be one of {sorted(READERS)}, not {reader!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result, failures = DirectResult(), []
-    schema = embedding_schema(encoder.dim)
-    pool = ThreadPoolExecutor(read_threads, thread_name_prefix="read")
-    ahead = max(2 * read_threads, 2 * batch_size // read_chunk)  # chunks in flight: memory stays bounded
+    limits = ReadLimits.of(images.limits, route=images.decodes_on_gpu)
+    held: collections.deque[ReadBatch] = collections.deque()  # read, not yet embedded: in input order
 
-    def batches() -> Iterator[tuple[list[tuple[str, str]], list[bytes]]]:
-        chunks = (paths[i : i + read_chunk] for i in range(0, len(paths), read_chunk))
-        reads = zip(paths, itertools.chain.from_iterable(_ordered(pool, _read_chunk, chunks, ahead)), strict=True)
-        for chunk in iter(lambda: list(itertools.islice(reads, batch_size)), []):
-            keys, datas = [], []
-            for path, read in chunk:
-                if isinstance(read, str):
-                    failures.append((path, path, "fetch", read))
-                else:
-                    keys.append((path, read[1]))  # the key carries the digest to the shard row
-                    datas.append(read[0])
-            yield keys, datas
+    def batches(files: FileReader) -> Iterator[tuple[list[tuple[str, str]], list, list]]:
+        for read in files.read(paths, batch_size):
+            failures.extend((path, path, stage, reason) for path, stage, reason in read.failed)
+            held.append(read)
+            yield read.keys, read.datas, read.reasons  # the key carries the digest to the shard row
 
-    shards = _Shards(out, schema, rows_per_shard)
+    shards = _Shards(out, embedding_schema(encoder.dim), rows_per_shard)
     try:
-        for batch in embed_stream(encoder, images, batches(), prefetch=prefetch):
-            failures.extend((path, path, stage, reason) for (path, _), stage, reason in batch.failed)
-            result.on_gpu += batch.on_gpu
-            if not batch.keys:
-                continue
-            ids, digests = zip(*batch.keys, strict=True)
-            shards.write(fresh_embedding_table(ids, batch.vectors, digests, encoder.model_version))
-            result.embedded += len(ids)
+        with READERS[reader](limits, readers) as files:
+            for batch in embed_stream(encoder, images, batches(files), prefetch=prefetch):
+                held.popleft().release()  # one result per batch, in order: its bytes are no longer needed
+                failures.extend((path, path, stage, reason) for (path, _), stage, reason in batch.failed)
+                result.on_gpu += batch.on_gpu
+                if not batch.keys:
+                    continue
+                ids, digests = zip(*batch.keys, strict=True)
+                shards.write(fresh_embedding_table(ids, batch.vectors, digests, encoder.model_version))
+                result.embedded += len(ids)
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
         result.shards = shards.close()
     names = ("item_id", "image_uri", "stage", "error")
     pq.write_table(pa.Table.from_pylist([dict(zip(names, f, strict=True)) for f in failures], schema=FAILURE_SCHEMA),
