@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 
 import numpy as np
@@ -148,20 +149,25 @@ def test_background_embedder_raises_the_streams_error_in_the_caller(tiny_encoder
         stream.finish()
 
 
-def test_embed_files_writes_every_file_once_or_dead_letters_it(tiny_encoder, files, tmp_path):
-    broken = tmp_path / "broken.png"
+@pytest.mark.parametrize("reader", ["processes", "threads"])
+def test_embed_files_writes_every_file_once_or_dead_letters_it(tiny_encoder, files, tmp_path, reader):
+    broken, png = tmp_path / "broken.png", tmp_path / "fine.png"
     broken.write_bytes(_png(3)[:40])
-    paths = files + [str(broken), str(tmp_path / "missing.jpg")]
+    png.write_bytes(_png(4))  # decoded on the CPU, from a copy of the reader's bytes
+    missing = [str(tmp_path / f"missing-{i}.jpg") for i in range(8)]  # a whole batch with nothing to embed
+    paths = missing + files + [str(broken), str(png)]
     result = embed_files(paths, tiny_encoder, _images(tiny_encoder), tmp_path / "out", batch_size=8,
-                         rows_per_shard=10)  # fmt: skip
+                         rows_per_shard=10, reader=reader)  # fmt: skip
     table = pq.read_table(result.shards)
-    assert sorted(table.column("item_id").to_pylist()) == sorted(files) and table.num_rows == 20
-    assert result.embedded == 20 and result.on_gpu == 20 and len(result.shards) == 2  # 16 rows (two batches), then 4
+    assert sorted(table.column("item_id").to_pylist()) == sorted(files + [str(png)]) and table.num_rows == 21
+    assert result.embedded == 21 and result.on_gpu == 20 and len(result.shards) == 2  # 16 rows (two batches), then 5
     failed = pq.read_table(tmp_path / "out" / "failures.parquet").to_pylist()
     assert {(f["item_id"], f["stage"]) for f in failed} == {(str(broken), "decode"),
-                                                             (str(tmp_path / "missing.jpg"), "fetch")}  # fmt: skip
+                                                             *((m, "fetch") for m in missing)}  # fmt: skip
+    digests = dict(zip(table.column("item_id").to_pylist(), table.column("image_sha256").to_pylist(), strict=True))
+    assert digests[str(png)] == hashlib.sha256(png.read_bytes()).hexdigest()
     assert set(table.column("model_version").to_pylist()) == {tiny_encoder.model_version}
-    assert [pq.read_table(s).num_rows for s in result.shards] == [16, 4]  # in order, written by the writer thread
+    assert [pq.read_table(s).num_rows for s in result.shards] == [16, 5]  # in order, written by the writer thread
     assert not column_encodings(result.shards[0])["embedding"]  # vectors never dictionary-encoded
 
 

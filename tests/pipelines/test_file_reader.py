@@ -1,0 +1,143 @@
+"""Reading files for the GPU worker: both readers agree on every file, bad ones included; the process reader's
+ring, its bounds, a reader process that dies, and a consumer that stops early."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+
+import pytest
+
+from benchmarks.common import realistic_jpegs
+from encoder import DecodeLimits, ImageDecodeError, PreprocessConfig, decode_image
+from encoder.jpeg import cpu_reason
+from pipelines.file_reader import ProcessReader, ReadLimits, ThreadReader
+from tests.encoder.test_gpu_images import _png
+
+LIMITS = ReadLimits(max_bytes=200_000, max_pixels=100_000_000)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> list[str]:
+    """JPEGs, a PNG, a cut-off JPEG, an oversized file, an empty file, a directory and a missing path."""
+    folder = tmp_path_factory.mktemp("reader")
+    jpegs = [str(p) for p in realistic_jpegs(folder / "jpegs", 23, width=160)]
+    odd = {"shot.png": _png(1), "cut.jpg": open(jpegs[0], "rb").read()[:600], "huge.jpg": os.urandom(300_000),
+           "empty.jpg": b""}  # fmt: skip
+    for name, data in odd.items():
+        (folder / name).write_bytes(data)
+    (folder / "a-directory").mkdir()
+    others = [str(folder / name) for name in [*odd, "a-directory", "missing.jpg"]]
+    return jpegs[:9] + others[:3] + jpegs[9:] + others[3:]
+
+
+def _expected(path: str) -> tuple:
+    """What a reader must say about one file, worked out here the plain way."""
+    if not os.path.exists(path):
+        return ("fetch", "FileNotFoundError")
+    if os.path.isdir(path):
+        return ("fetch", "IsADirectoryError")
+    data = open(path, "rb").read()
+    if len(data) > LIMITS.max_bytes:
+        return ("decode", f"{len(data)} bytes exceeds max_bytes={LIMITS.max_bytes}")
+    return (hashlib.sha256(data).hexdigest(), data, cpu_reason(data, LIMITS.max_bytes, LIMITS.max_pixels))
+
+
+def _outcomes(reader, paths: list[str], batch_size: int) -> list[list[tuple]]:
+    """Per batch, per file in input order: (digest, bytes, reason) or (stage, reason prefix)."""
+    batches = []
+    for batch in reader.read(paths, batch_size):
+        got = {path: (digest, bytes(data), reason)
+               for (path, digest), data, reason in zip(batch.keys, batch.datas, batch.reasons, strict=True)}  # fmt: skip
+        for path, stage, reason in batch.failed:
+            got[path] = (stage, reason.split(":")[0])
+        assert [key[0] for key in batch.keys] == [p for p in paths if p in dict(batch.keys)]  # input order
+        batches.append([got[p] for p in sorted(got, key=paths.index)])
+        batch.release()
+    return batches
+
+
+@pytest.mark.parametrize("make", [ThreadReader, ProcessReader], ids=["threads", "processes"])
+def test_every_file_is_read_hashed_and_routed_or_dead_lettered_in_order(corpus, make):
+    with make(LIMITS, 3, chunk=4) as reader:
+        batches = _outcomes(reader, corpus, batch_size=10)
+    assert [len(b) for b in batches] == [10, 10, 9]  # 23 photos + 6 odd paths; nothing lost, nothing twice
+    flat = [outcome for batch in batches for outcome in batch]
+    assert flat == [_expected(p) for p in corpus]
+    reasons = {os.path.basename(p): o[2] for p, o in zip(corpus, flat, strict=True) if len(o) == 3}
+    assert reasons["shot.png"] == "not a JPEG" and reasons["cut.jpg"] and reasons["empty.jpg"] == "not a JPEG"
+
+
+def test_an_oversized_file_gets_the_decoders_own_reason_without_being_read(corpus):
+    huge = next(p for p in corpus if p.endswith("huge.jpg"))
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(open(huge, "rb").read(), PreprocessConfig(), DecodeLimits(max_bytes=LIMITS.max_bytes))
+    with ProcessReader(LIMITS, 1) as reader:
+        (batch,) = list(reader.read([huge], 4))
+    assert batch.failed == [(huge, "decode", str(err.value))] and not batch.keys
+
+
+def test_files_that_do_not_fit_their_slot_travel_in_the_reply(corpus):
+    jpegs = [p for p in corpus if "/jpegs/" in p]
+    with ProcessReader(LIMITS, 2, chunk=4, slot_bytes=20_000, slots=8) as reader:  # ~1-2 photos per slot
+        batches = list(reader.read(jpegs, 8))
+        kinds = {type(d) for b in batches for d in b.datas}
+        got = [(digest, bytes(d)) for b in batches for (_, digest), d in zip(b.keys, b.datas, strict=True)]
+        for b in batches:
+            b.release()
+    assert kinds == {memoryview, bytes}
+    assert got == [_expected(p)[:2] for p in jpegs]
+
+
+def test_a_batch_needing_more_slots_than_the_ring_has_is_refused(corpus):
+    with ProcessReader(LIMITS, 1, chunk=2, slots=3) as reader, pytest.raises(ValueError, match="needs 4 slots"):
+        next(reader.read(corpus, 8))
+
+
+def test_reading_ahead_stops_at_the_ring_and_resumes_as_batches_are_released(corpus):
+    jpegs = [p for p in corpus if "/jpegs/" in p][:20]
+    with ProcessReader(LIMITS, 2, chunk=2, slots=4) as reader:  # two batches of 4 files in the ring
+        stream = reader.read(jpegs, 4)
+        held = [next(stream), next(stream)]
+        assert reader._free.empty()  # both batches hold their slots: nothing more is read
+        contents = [bytes(d) for b in held for d in b.datas]
+        for b in held:
+            b.release()
+        rest = []
+        for batch in stream:
+            rest += [bytes(d) for d in batch.datas]
+            batch.release()
+    assert contents + rest == [_expected(p)[1] for p in jpegs]
+
+
+def test_a_reader_process_that_dies_has_its_files_read_here(corpus, caplog):
+    jpegs = [p for p in corpus if "/jpegs/" in p]
+    with ProcessReader(LIMITS, 2, chunk=2) as reader:
+        reader._workers[0].proc.kill()
+        reader._workers[0].proc.wait()
+        with caplog.at_level(logging.WARNING, logger="pipelines.file_reader"):
+            batches = _outcomes(reader, jpegs, batch_size=6)
+    assert [o for b in batches for o in b] == [_expected(p) for p in jpegs]
+    assert "read-0 stopped" in caplog.text
+
+
+def test_a_consumer_that_stops_early_leaves_the_reader_ready_for_the_next_read(corpus):
+    jpegs = [p for p in corpus if "/jpegs/" in p]
+    with ProcessReader(LIMITS, 2, chunk=2, slots=6) as reader:
+        stream = reader.read(jpegs, 4)
+        next(stream).release()
+        stream.close()  # chunks still in flight land before their slots are reused
+        assert reader._free.qsize() == 6
+        assert [o for b in _outcomes(reader, jpegs, 4) for o in b] == [_expected(p) for p in jpegs]
+
+
+def test_closing_stops_the_reader_processes(corpus):
+    reader = ProcessReader(LIMITS, 2)
+    procs = [w.proc for w in reader._workers]
+    start = time.monotonic()
+    reader.close()
+    assert all(p.poll() is not None for p in procs) and time.monotonic() - start < 3
+    with pytest.raises(RuntimeError, match="closed"):
+        next(reader.read(corpus, 4))
