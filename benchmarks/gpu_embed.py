@@ -243,12 +243,13 @@ def _busy(fn, totals: dict, name: str):
 
 
 def stages(files: list[Path], encoder, device: torch.device, decoder: str, batch: int) -> dict:
-    """Each stage of (d) alone, so the slowest is visible: read + hash, the GPU decoder alone, routing + decode,
-    resize alone (on images decoded before), decode + resize in one thread."""
+    """Each stage of (d) alone, so the slowest is visible: read + hash (plain threads, and both file readers with
+    routing), the GPU decoder alone, routing + decode, resize alone (on images decoded before, and on a batch of
+    one size), decode + resize in one thread."""
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
-    from encoder.gpu_images import DECODERS, GpuImages
+    from encoder.gpu_images import DECODERS, GpuImages, resize_like_pil
     from pipelines.file_reader import ProcessReader, ThreadReader
 
     def timed(fn) -> float:
@@ -269,10 +270,13 @@ def stages(files: list[Path], encoder, device: torch.device, decoder: str, batch
     images = GpuImages(encoder.preprocess, device, DecodeLimits(draft=True), decoder=decoder)
     images.prepare(batches[0])
     decoded = []
+    uniform = [torch.full((3, 480, 640), 128, dtype=torch.uint8, device=device)] * batch  # a catalog of one size
     rates = {"read_and_hash_per_s": read, **{f"read_hash_route_{k}_per_s": v for k, v in read_routed.items()},
              "decode_per_s": timed(lambda: [decode(b, device) for b in batches]),
              "route_and_decode_per_s": timed(lambda: decoded.extend(images.decode(b) for b in batches)),
              "resize_per_s": timed(lambda: [images.finish(d) for d in decoded]),
+             "resize_uniform_480x640_per_s": timed(lambda: [resize_like_pil(uniform, images.preprocess)
+                                                             for _ in batches]),
              "decode_and_resize_per_s": timed(lambda: [images.prepare(b) for b in batches])}  # fmt: skip
     return {**rates, "images": len(files), "decoder": decoder, "images_per_s": None}
 

@@ -58,6 +58,18 @@ def test_resize_matches_pil_to_about_one_level(jpegs, resample, size, worst, dty
     assert diff.max() <= worst and (diff <= 1).mean() > 0.9999, f"max {diff.max()}, within 1: {(diff <= 1).mean()}"
 
 
+def test_images_grouped_by_size_come_back_in_input_order_as_if_resized_alone():
+    rng = np.random.default_rng(1)
+    sizes = [(30, 40), (50, 20), (30, 40), (31, 40), (50, 20), (30, 40), (8, 9), (50, 20)]  # repeats, out of order
+    tensors = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in sizes]
+    cfg = PreprocessConfig(height=16, width=16, resample=3)
+    alone = torch.cat([resize_like_pil([t], cfg) for t in tensors])
+    for chunk in (3, 64):  # runs of one size split across chunks, and one chunk
+        assert torch.equal(resize_like_pil(tensors, cfg, chunk=chunk), alone)
+    same = [tensors[0], tensors[2], tensors[5]]  # one size: stacked without padding
+    assert torch.equal(resize_like_pil(same, cfg), alone[[0, 2, 5]])
+
+
 def test_every_input_is_kept_in_order_or_failed_with_a_reason(jpegs):
     calls: list[int] = []
     images = GpuImages(CFG, "cpu", FULL, decoder=_pil_decoder(calls))
