@@ -43,9 +43,9 @@ __all__ = [
 ]
 
 
-# A batch of encoded JPEGs (bytes, or memoryviews into a file reader's ring) → decoded (3, h, w) uint8 tensors
-# on the device; raises if any fails.
-BatchDecoder = Callable[[list[bytes | memoryview], torch.device], list[torch.Tensor]]
+# A batch of encoded JPEGs (bytes, or 1-D uint8 arrays over a file reader's ring) → decoded (3, h, w) uint8
+# tensors on the device; raises if any fails.
+BatchDecoder = Callable[[list[bytes | np.ndarray], torch.device], list[torch.Tensor]]
 
 
 def nvjpeg_decoder() -> BatchDecoder:
@@ -62,7 +62,7 @@ def nvjpeg_decoder() -> BatchDecoder:
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
-def byte_tensors(datas: Sequence[bytes | memoryview]) -> list[torch.Tensor]:
+def byte_tensors(datas: Sequence[bytes | np.ndarray]) -> list[torch.Tensor]:
     """Each encoded image as a 1-D uint8 tensor over its own bytes, not a copy: copying through a
     `bytearray` cost 10–45 µs of interpreter time per 70 KB photo, against ~1 µs for the view."""
     return [torch.frombuffer(d, dtype=torch.uint8) for d in datas]
@@ -77,8 +77,8 @@ def nvimgcodec_decoder() -> BatchDecoder:
 
     def decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
         # On the caller's stream, so what follows on that stream sees finished images.
-        # It takes bytes or 1-D uint8 arrays: a memoryview into a reader's ring goes as an array over it, no copy.
-        streams = [d if isinstance(d, bytes) else np.frombuffer(d, dtype=np.uint8) for d in datas]
+        # It takes bytes or 1-D uint8 arrays (a file reader's ring views are such arrays); no copies.
+        streams = [d if isinstance(d, bytes | np.ndarray) else np.frombuffer(d, dtype=np.uint8) for d in datas]
         images = decoder.decode(streams, params=params, cuda_stream=torch.cuda.current_stream(device).cuda_stream)
         if any(image is None for image in images):
             raise RuntimeError("nvImageCodec could not decode an image of the batch")
@@ -262,16 +262,17 @@ class GpuImages:
         return gpu, cpu
 
     def prepare(self, inputs: Sequence[bytes | np.ndarray]) -> PreparedBatch:
-        """Every input, encoded bytes or (height, width, 3) uint8 pixels from `decode_image`, becomes a row of
-        `pixels` or a (position, reason) failure. The same as `finish(decode(inputs))`."""
+        """Every input, encoded (bytes or a 1-D uint8 array) or (height, width, 3) uint8 pixels from
+        `decode_image`, becomes a row of `pixels` or a (position, reason) failure. The same as
+        `finish(decode(inputs))`."""
         return self.finish(self.decode(inputs))
 
-    def decode(self, inputs: Sequence[bytes | memoryview | np.ndarray],
+    def decode(self, inputs: Sequence[bytes | np.ndarray],
                reasons: Sequence[str | None] | None = None) -> DecodedBatch:  # fmt: skip
         """The first stage: route each input, decode on the GPU, start the CPU decodes. Mostly time in the
         decoders, which release the GIL, so another thread can `finish` the previous batch meanwhile.
         `reasons`, when given, routes the encoded inputs as `route` does (one per input)."""
-        encoded = [i for i, x in enumerate(inputs) if not isinstance(x, np.ndarray)]
+        encoded = [i for i, x in enumerate(inputs) if not _is_pixels(x)]
         known = None if reasons is None else [reasons[i] for i in encoded]
         gpu, cpu = (  # positions in `inputs`
             [[encoded[j] for j in side] for side in self.route([inputs[i] for i in encoded], known)]
@@ -280,9 +281,9 @@ class GpuImages:
         )
         decoded, rejected = self._decode_on_gpu([inputs[i] for i in gpu])
         cpu = sorted(cpu + [gpu[j] for j in rejected])
-        # The CPU decodes get bytes of their own: a memoryview into a reader's ring is reused once released.
+        # The CPU decodes get bytes of their own: a decode that overruns its time limit may outlive the batch.
         jobs = [self._pool.submit(decode_on_cpu, _own(inputs[i]), self.preprocess, self.limits) for i in cpu]
-        host = {i: x for i, x in enumerate(inputs) if isinstance(x, np.ndarray)}
+        host = {i: x for i, x in enumerate(inputs) if _is_pixels(x)}
         return DecodedBatch(len(inputs), [gpu[j] for j, _ in decoded], [image for _, image in decoded], cpu, jobs,
                             host)  # fmt: skip
 
@@ -333,8 +334,13 @@ class GpuImages:
             return decoded, rejected
 
 
-def _own(data: bytes | memoryview) -> bytes:
-    return bytes(data) if isinstance(data, memoryview) else data
+def _is_pixels(x) -> bool:
+    """Pixels decoded on the CPU are (height, width, 3) arrays; encoded images are bytes or 1-D uint8 arrays."""
+    return isinstance(x, np.ndarray) and x.ndim == 3
+
+
+def _own(data: bytes | memoryview | np.ndarray) -> bytes:
+    return data if isinstance(data, bytes) else bytes(data)
 
 
 def decode_on_cpu(data: bytes, cfg: PreprocessConfig, limits: DecodeLimits) -> np.ndarray | str:

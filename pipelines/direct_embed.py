@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from encoder.gpu_images import GpuImages
 from encoder.gpu_stream import embed_stream
 from encoder.model import ImageEncoder
-from pipelines.file_reader import ProcessReader, ReadBatch, ReadLimits, ThreadReader
+from pipelines.file_reader import ProcessReader, ReadLimits, ThreadReader
 from pipelines.records import FAILURE_SCHEMA, embedding_schema, fresh_embedding_table, shard_writer_options
 
 __all__ = ["READERS", "DirectResult", "embed_files"]
@@ -51,19 +51,16 @@ def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, 
     out.mkdir(parents=True, exist_ok=True)
     result, failures = DirectResult(), []
     limits = ReadLimits.of(images.limits, route=images.decodes_on_gpu)
-    held: collections.deque[ReadBatch] = collections.deque()  # read, not yet embedded: in input order
 
     def batches(files: FileReader) -> Iterator[tuple[list[tuple[str, str]], list, list]]:
         for read in files.read(paths, batch_size):
             failures.extend((path, path, stage, reason) for path, stage, reason in read.failed)
-            held.append(read)
             yield read.keys, read.datas, read.reasons  # the key carries the digest to the shard row
 
     shards = _Shards(out, embedding_schema(encoder.dim), rows_per_shard)
     try:
         with READERS[reader](limits, readers) as files:
             for batch in embed_stream(encoder, images, batches(files), prefetch=prefetch):
-                held.popleft().release()  # one result per batch, in order: its bytes are no longer needed
                 failures.extend((path, path, stage, reason) for (path, _), stage, reason in batch.failed)
                 result.on_gpu += batch.on_gpu
                 if not batch.keys:

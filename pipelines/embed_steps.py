@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from encoder import DecodeLimits, PreprocessConfig
-from encoder.gpu_images import collect_decodes, decode_on_cpu, describe_error
+from encoder.gpu_images import collect_decodes, decode_on_cpu
 from pipelines import storage
 from pipelines.catalog import CatalogItem
 from pipelines.records import (
@@ -128,14 +128,9 @@ class Fetched(NamedTuple):
 
 def fetch_item(item: CatalogItem, limits: DecodeLimits) -> Fetched | Failure:
     """Read an item's image bytes and hash them."""
-    if not item.image_uri:
-        return Failure(item.item_id, item.image_uri, "fetch", "empty image_uri")
-    try:
-        data = storage.read_bytes(item.image_uri, max_bytes=limits.max_bytes)
-    except storage.NotFound:
-        return Failure(item.item_id, item.image_uri, "fetch", "not found")
-    except Exception as err:  # noqa: BLE001 - recorded as the item's dead letter
-        return Failure(item.item_id, item.image_uri, "fetch", describe_error(err))
+    data = storage.read_image(item.image_uri, limits.max_bytes)
+    if isinstance(data, str):
+        return Failure(item.item_id, item.image_uri, "fetch", data)
     return Fetched(item, data, hashlib.sha256(data).hexdigest())
 
 

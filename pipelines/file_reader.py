@@ -4,17 +4,18 @@ The GPU worker's loop is capped by per-image Python under one interpreter lock
 (BENCHMARKS.md, "GPU embedding"): on the H200's 16-vCPU host, reading and hashing alone
 topped out at 12k files/s on 8 threads, before any decoding. `ProcessReader` moves that
 work — open, read, sha256, and the JPEG header that routes a file to the GPU or the CPU
-decoder — into worker processes that write the bytes into one shared ring of memory; the
-embedding process receives a few small tuples per chunk of files and memoryviews over the
-ring, no copies. `ThreadReader` does the same work in threads of this process: no
+decoder — into processes of its own that write the bytes into one shared ring of memory;
+the embedding process receives a few small tuples per chunk of files and 1-D uint8 arrays
+over the ring, no copies. `ThreadReader` does the same work in threads of this process: no
 start-up and no shared memory, for small runs and as the reference in tests.
 
-Both yield `ReadBatch`es in input order. A batch's bytes stay valid until its `release()`;
-then the ring slots it used are written again. A file over `max_bytes` is not read but
-dead-lettered with the decoder's own reason. A reader process that dies (killed, out of
+Both yield `ReadBatch`es in input order. A file is read as `pipelines.storage.read_image`
+reads it, so a file that cannot be read gets the same "fetch" dead letter in every worker.
+A ring slot is written again once nothing refers to the arrays over it any more (the
+embedding is done and the batch dropped); a reader process that dies (killed, out of
 memory) has its pending files read in this process instead, with a warning.
 
-This module imports neither torch nor Beam: reader processes start in a second or less.
+This module imports neither torch nor Beam: reader processes start in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -32,13 +33,18 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+import weakref
+from collections.abc import Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
+import numpy as np
+
 from encoder.jpeg import cpu_reason
+from pipelines.storage import read_image
 
 __all__ = ["ProcessReader", "ReadBatch", "ReadLimits", "ThreadReader", "read_chunk"]
 
@@ -47,7 +53,7 @@ log = logging.getLogger(__name__)
 # What a reader hands back per file, always a 4-tuple (cheap to pickle, no per-file objects):
 #   (sha256, cpu_reason, offset in the slot, length)  the bytes are in the ring
 #   (sha256, cpu_reason, bytes, length)               they did not fit: carried in the message
-#   (None, stage, reason, 0)                          not read: the dead letter
+#   (None, "fetch", reason, 0)                        not read: the dead letter
 Record = tuple
 
 
@@ -69,32 +75,19 @@ class ReadLimits:
 class ReadBatch:
     """One batch of files: what was read (in input order) and what was not."""
 
-    keys: list[tuple[str, str]] = field(default_factory=list)  # (path, sha256) per file read
-    datas: list[bytes | memoryview] = field(default_factory=list)  # their bytes
+    keys: list[tuple[Hashable, str]] = field(default_factory=list)  # (key, sha256) per file read
+    datas: list[bytes | np.ndarray] = field(default_factory=list)  # their bytes: bytes, or 1-D uint8 ring views
     reasons: list[str | None] = field(default_factory=list)  # why each must be decoded on the CPU; None: GPU
-    failed: list[tuple[str, str, str]] = field(default_factory=list)  # (path, stage, reason)
-    _release: Callable[[], None] | None = None
-
-    def release(self) -> None:
-        """The batch's bytes are no longer needed: its ring slots may be written again. Idempotent."""
-        release, self._release = self._release, None
-        if release is not None:
-            release()
+    failed: list[tuple[Hashable, str, str]] = field(default_factory=list)  # (key, stage, reason)
 
 
 def read_chunk(paths: Sequence[str], limits: ReadLimits, out: memoryview | None = None) -> list[Record]:
     """Read, hash and route `paths`, placing their bytes in `out` while they fit (`Record`s, in order)."""
     records, used = [], 0
     for path in paths:
-        try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size > limits.max_bytes:  # the decoder's own reason, without reading it
-                    records.append((None, "decode", f"{size} bytes exceeds max_bytes={limits.max_bytes}", 0))
-                    continue
-                data = f.read()
-        except OSError as err:
-            records.append((None, "fetch", f"{type(err).__name__}: {err}", 0))
+        data = read_image(path, limits.max_bytes)
+        if isinstance(data, str):
+            records.append((None, "fetch", data, 0))
             continue
         digest = hashlib.sha256(data).hexdigest()  # releases the GIL on large buffers
         reason = cpu_reason(data, limits.max_bytes, limits.max_pixels) if limits.route else None
@@ -108,21 +101,22 @@ def read_chunk(paths: Sequence[str], limits: ReadLimits, out: memoryview | None 
     return records
 
 
-def _assemble(paths: Sequence[str], records: Sequence[Record], slot: memoryview | None, batch: ReadBatch) -> None:
-    for path, (digest, second, where, n) in zip(paths, records, strict=True):
+def _assemble(keys: Sequence[Hashable], records: Sequence[Record], slot: np.ndarray | None, batch: ReadBatch) -> None:
+    for key, (digest, second, where, n) in zip(keys, records, strict=True):
         if digest is None:
-            batch.failed.append((path, second, where))
+            batch.failed.append((key, second, where))
             continue
-        batch.keys.append((path, digest))
+        batch.keys.append((key, digest))
         batch.datas.append(slot[where : where + n] if isinstance(where, int) else where)
         batch.reasons.append(second)
 
 
-def _batches(paths: Sequence[str], batch_size: int, chunk: int) -> Iterator[list[Sequence[str]]]:
-    """Each batch's paths, as chunks of at most `chunk` files (a chunk never spans two batches)."""
-    for start in range(0, len(paths), batch_size):
-        batch = paths[start : start + batch_size]
-        yield [batch[i : i + chunk] for i in range(0, len(batch), chunk)]
+def _chunks(count: int, batch_size: int, chunk: int) -> Iterator[tuple[int, int, int]]:
+    """(batch index, start, stop) of each chunk of at most `chunk` inputs; a chunk never spans two batches."""
+    for b, first in enumerate(range(0, count, batch_size)):
+        last = min(first + batch_size, count)
+        for start in range(first, last, chunk):
+            yield b, start, min(start + chunk, last)
 
 
 class ThreadReader:
@@ -132,19 +126,21 @@ class ThreadReader:
         self.limits, self.chunk, self.ahead = limits, chunk, ahead
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="read")
 
-    def read(self, paths: Sequence[str], batch_size: int) -> Iterator[ReadBatch]:
+    def read(self, paths: Sequence[str], batch_size: int, keys: Sequence[Hashable] | None = None,
+             ) -> Iterator[ReadBatch]:  # fmt: skip
+        """`ReadBatch`es of `batch_size` files, in order; `keys` (default: the paths) name them in the batches."""
+        keys = paths if keys is None else keys
         pending: collections.deque = collections.deque()
-        chunks = ((i, c) for i, batch in enumerate(_batches(paths, batch_size, self.chunk)) for c in batch)
         current, batch = 0, ReadBatch()
-        for index, part in itertools.chain(chunks, [(None, None)]):
-            if part is not None:
-                pending.append((index, part, self._pool.submit(read_chunk, part, self.limits)))
-            while pending and (part is None or len(pending) >= self.ahead):
-                index_done, done, future = pending.popleft()
-                if index_done != current:
+        for index, start, stop in itertools.chain(_chunks(len(paths), batch_size, self.chunk), [(None, 0, 0)]):
+            if index is not None:
+                pending.append((index, start, stop, self._pool.submit(read_chunk, paths[start:stop], self.limits)))
+            while pending and (index is None or len(pending) >= self.ahead):
+                done_index, done_start, done_stop, future = pending.popleft()
+                if done_index != current:
                     yield batch
-                    current, batch = index_done, ReadBatch()
-                _assemble(done, future.result(), None, batch)
+                    current, batch = done_index, ReadBatch()
+                _assemble(keys[done_start:done_stop], future.result(), None, batch)
         if batch.keys or batch.failed:
             yield batch
 
@@ -190,15 +186,15 @@ def _serve(tasks_fd: int, replies_fd: int, ring_fd: int, size: int, slot_bytes: 
 
 
 class ProcessReader:
-    """Reads chunks of files in `processes` worker processes into a shared ring of `slots` × `slot_bytes`.
+    """Reads chunks of files in `processes` processes of its own into a shared ring of `slots` × `slot_bytes`.
 
     Each chunk of `chunk` files gets a slot; files that do not fit in it travel in the reply
     instead (correct, one copy more). The ring bounds what is read ahead: a chunk is sent only
-    when a slot is free, and slots free when the consumer releases a batch, so it must hold more
-    slots than one batch needs, and with fewer than the consumer keeps batches unreleased
-    (`embed_stream` keeps up to prefetch + 4) reading waits on the consumer. The defaults hold
-    ten batches of 256 and take 640 MiB of address space, resident only where written: ~180 MiB
-    for 70 KB photos.
+    when a slot is free, and a slot is free again when the last array over it is gone, so the
+    ring must hold more slots than one batch needs; with fewer than the consumer keeps batches
+    alive (`embed_stream` keeps up to prefetch + 4) reading waits on the consumer. The defaults
+    hold ten batches of 256 and take 640 MiB of address space, resident only where written:
+    ~180 MiB for 70 KB photos.
     """
 
     def __init__(self, limits: ReadLimits, processes: int = 8, chunk: int = 16, slot_bytes: int = 4 << 20,
@@ -231,53 +227,69 @@ class ProcessReader:
         os.close(reply_w)
         return _Worker(f"read-{index}", proc, Connection(task_w, readable=False), Connection(reply_r, writable=False))
 
-    def read(self, paths: Sequence[str], batch_size: int) -> Iterator[ReadBatch]:
-        """`ReadBatch`es of `batch_size` files, in order; release each once its bytes are used."""
+    def read(self, paths: Sequence[str], batch_size: int, keys: Sequence[Hashable] | None = None,
+             ) -> Iterator[ReadBatch]:  # fmt: skip
+        """`ReadBatch`es of `batch_size` files, in order; `keys` (default: the paths) name them in the batches."""
         if -(-batch_size // self.chunk) > self.slots:
             raise ValueError(f"a batch of {batch_size} needs {-(-batch_size // self.chunk)} slots; the ring has "
                              f"{self.slots}")  # fmt: skip
-        tasks = ((b, part) for b, batch in enumerate(_batches(paths, batch_size, self.chunk)) for part in batch)
-        submitted: collections.deque = collections.deque()  # (task id, batch index, slot, paths), in order
+        keys = paths if keys is None else keys
+        tasks = _chunks(len(paths), batch_size, self.chunk)
+        submitted: collections.deque = collections.deque()  # (task id, batch index, slot, start, stop), in order
         results: dict[int, list[Record]] = {}
-        waiting = next(tasks, None)  # the next task to send; None: all sent
+        waiting = next(tasks, None)  # the next chunk to send; None: all sent
         try:
             while True:
                 # Send while slots are free; wait for one only when nothing is in flight or the head batch is
-                # not all sent (its remaining slots come back as the consumer releases earlier batches).
+                # not all sent (its remaining slots come back as the consumer drops earlier batches).
                 while waiting is not None:
-                    head_unsent = bool(submitted) and waiting[0] == submitted[0][1]
-                    slot = self._take_slot(wait=not submitted or head_unsent)
+                    index, start, stop = waiting
+                    slot = self._take_slot(wait=not submitted or index == submitted[0][1])
                     if slot is None:
                         break
-                    submitted.append((self._next_id, waiting[0], slot, waiting[1]))
-                    self._send(self._next_id, slot, waiting[1])
+                    submitted.append((self._next_id, index, slot, start, stop))
+                    self._send(self._next_id, slot, paths[start:stop])
                     self._next_id, waiting = self._next_id + 1, next(tasks, None)
                 if not submitted:
                     return
                 head = [task for task in submitted if task[1] == submitted[0][1]]
                 self._collect(results, {task[0] for task in head})
-                batch = ReadBatch()
-                for task_id, _, slot, part in head:
+                for _ in head:
                     submitted.popleft()
-                    _assemble(part, results.pop(task_id), self._slot(slot), batch)
-                batch._release = lambda slots=[task[2] for task in head]: [self._free.put(s) for s in slots]  # noqa: SLF001
-                yield batch
+                # Built in the yield itself: a local would keep the batch's slots while this waits.
+                yield self._batch(head, results, keys)
         finally:  # the consumer stopped early: let the chunks in flight land before their slots are reused
             if submitted and not self._closed.is_set():
                 self._collect(results, {task[0] for task in submitted})
                 for task in submitted:
                     self._free.put(task[2])
 
+    def _batch(self, tasks: list[tuple], results: dict[int, list[Record]], keys: Sequence[Hashable]) -> ReadBatch:
+        batch = ReadBatch()
+        for task_id, _, slot, start, stop in tasks:
+            _assemble(keys[start:stop], results.pop(task_id), self._slot_array(slot), batch)
+        return batch
+
     def _slot(self, slot: int) -> memoryview:
         return self._view[slot * self.slot_bytes : (slot + 1) * self.slot_bytes]
 
+    def _slot_array(self, slot: int) -> np.ndarray:
+        """The slot as a uint8 array that hands the slot back when it and every view of it are gone."""
+        array = np.frombuffer(self._ring, dtype=np.uint8, count=self.slot_bytes, offset=slot * self.slot_bytes)
+        weakref.finalize(array, self._free.put, slot)
+        return array
+
     def _take_slot(self, wait: bool) -> int | None:
+        since = time.monotonic()
         while not self._closed.is_set():
             try:
                 return self._free.get(timeout=0.1) if wait else self._free.get_nowait()
             except queue.Empty:
                 if not wait:
                     return None
+            if time.monotonic() - since > 60:
+                log.warning("file reader: no free ring slot for 60 s; batches read earlier are still referenced")
+                since = time.monotonic()
         raise RuntimeError("the file reader is closed")
 
     def _send(self, task_id: int, slot: int, paths: Sequence[str]) -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "join",
     "match",
     "read_bytes",
+    "read_image",
     "with_retries",
     "write_bytes_atomic",
 ]
@@ -91,6 +92,19 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
         if is_not_found(err):
             raise NotFound(f"no such object: {uri}") from err
         raise
+
+
+def read_image(uri: str, max_bytes: int) -> bytes | str:
+    """An item's image bytes, or why they cannot be read: its "fetch" dead-letter reason. Both embed
+    workers and their file readers read through this, so they dead-letter alike."""
+    if not uri:
+        return "empty image_uri"
+    try:
+        return read_bytes(uri, max_bytes=max_bytes)
+    except NotFound:
+        return "not found"
+    except Exception as err:  # noqa: BLE001 - the item's dead letter
+        return f"{type(err).__name__}: {err}"
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:

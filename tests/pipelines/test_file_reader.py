@@ -1,5 +1,5 @@
-"""Reading files for the GPU worker: both readers agree on every file, bad ones included; the process reader's
-ring, its bounds, a reader process that dies, and a consumer that stops early."""
+"""Reading files for the GPU worker: both readers agree with the Beam fetch step on every file, bad ones
+included; the process reader's ring, its bounds, a reader process that dies, and a consumer that stops early."""
 
 from __future__ import annotations
 
@@ -8,12 +8,16 @@ import logging
 import os
 import time
 
+import numpy as np
 import pytest
 
 from benchmarks.common import realistic_jpegs
-from encoder import DecodeLimits, ImageDecodeError, PreprocessConfig, decode_image
+from encoder import DecodeLimits
 from encoder.jpeg import cpu_reason
+from pipelines.catalog import CatalogItem
+from pipelines.embed_steps import fetch_item
 from pipelines.file_reader import ProcessReader, ReadLimits, ThreadReader
+from pipelines.records import Failure
 from tests.encoder.test_gpu_images import _png
 
 LIMITS = ReadLimits(max_bytes=200_000, max_pixels=100_000_000)
@@ -34,14 +38,11 @@ def corpus(tmp_path_factory) -> list[str]:
 
 
 def _expected(path: str) -> tuple:
-    """What a reader must say about one file, worked out here the plain way."""
-    if not os.path.exists(path):
-        return ("fetch", "FileNotFoundError")
-    if os.path.isdir(path):
-        return ("fetch", "IsADirectoryError")
+    """What a reader must say about one file, worked out here the plain way (and as the Beam fetch step does)."""
+    fetched = fetch_item(CatalogItem("x", path), DecodeLimits(max_bytes=LIMITS.max_bytes))
+    if isinstance(fetched, Failure):
+        return (fetched.stage, fetched.error)
     data = open(path, "rb").read()
-    if len(data) > LIMITS.max_bytes:
-        return ("decode", f"{len(data)} bytes exceeds max_bytes={LIMITS.max_bytes}")
     return (hashlib.sha256(data).hexdigest(), data, cpu_reason(data, LIMITS.max_bytes, LIMITS.max_pixels))
 
 
@@ -52,10 +53,9 @@ def _outcomes(reader, paths: list[str], batch_size: int) -> list[list[tuple]]:
         got = {path: (digest, bytes(data), reason)
                for (path, digest), data, reason in zip(batch.keys, batch.datas, batch.reasons, strict=True)}  # fmt: skip
         for path, stage, reason in batch.failed:
-            got[path] = (stage, reason.split(":")[0])
+            got[path] = (stage, reason)
         assert [key[0] for key in batch.keys] == [p for p in paths if p in dict(batch.keys)]  # input order
         batches.append([got[p] for p in sorted(got, key=paths.index)])
-        batch.release()
     return batches
 
 
@@ -66,17 +66,9 @@ def test_every_file_is_read_hashed_and_routed_or_dead_lettered_in_order(corpus, 
     assert [len(b) for b in batches] == [10, 10, 9]  # 23 photos + 6 odd paths; nothing lost, nothing twice
     flat = [outcome for batch in batches for outcome in batch]
     assert flat == [_expected(p) for p in corpus]
-    reasons = {os.path.basename(p): o[2] for p, o in zip(corpus, flat, strict=True) if len(o) == 3}
+    reasons = {os.path.basename(p): o[-1] for p, o in zip(corpus, flat, strict=True)}
     assert reasons["shot.png"] == "not a JPEG" and reasons["cut.jpg"] and reasons["empty.jpg"] == "not a JPEG"
-
-
-def test_an_oversized_file_gets_the_decoders_own_reason_without_being_read(corpus):
-    huge = next(p for p in corpus if p.endswith("huge.jpg"))
-    with pytest.raises(ImageDecodeError) as err:
-        decode_image(open(huge, "rb").read(), PreprocessConfig(), DecodeLimits(max_bytes=LIMITS.max_bytes))
-    with ProcessReader(LIMITS, 1) as reader:
-        (batch,) = list(reader.read([huge], 4))
-    assert batch.failed == [(huge, "decode", str(err.value))] and not batch.keys
+    assert "max_bytes=200000" in reasons["huge.jpg"] and reasons["missing.jpg"] == "not found"
 
 
 def test_files_that_do_not_fit_their_slot_travel_in_the_reply(corpus):
@@ -85,9 +77,7 @@ def test_files_that_do_not_fit_their_slot_travel_in_the_reply(corpus):
         batches = list(reader.read(jpegs, 8))
         kinds = {type(d) for b in batches for d in b.datas}
         got = [(digest, bytes(d)) for b in batches for (_, digest), d in zip(b.keys, b.datas, strict=True)]
-        for b in batches:
-            b.release()
-    assert kinds == {memoryview, bytes}
+    assert kinds == {np.ndarray, bytes}
     assert got == [_expected(p)[:2] for p in jpegs]
 
 
@@ -96,20 +86,27 @@ def test_a_batch_needing_more_slots_than_the_ring_has_is_refused(corpus):
         next(reader.read(corpus, 8))
 
 
-def test_reading_ahead_stops_at_the_ring_and_resumes_as_batches_are_released(corpus):
+def test_reading_ahead_stops_at_the_ring_and_resumes_as_batches_are_dropped(corpus):
     jpegs = [p for p in corpus if "/jpegs/" in p][:20]
     with ProcessReader(LIMITS, 2, chunk=2, slots=4) as reader:  # two batches of 4 files in the ring
         stream = reader.read(jpegs, 4)
         held = [next(stream), next(stream)]
         assert reader._free.empty()  # both batches hold their slots: nothing more is read
         contents = [bytes(d) for b in held for d in b.datas]
-        for b in held:
-            b.release()
-        rest = []
-        for batch in stream:
-            rest += [bytes(d) for d in batch.datas]
-            batch.release()
+        data = held[1].datas[0]
+        del held  # the first batch's two slots come back, and the second's, but for the one `data` lies in
+        assert reader._free.qsize() == 3
+        del data
+        assert reader._free.qsize() == 4
+        rest = [bytes(d) for batch in stream for d in batch.datas]
     assert contents + rest == [_expected(p)[1] for p in jpegs]
+
+
+def test_keys_name_the_files_in_the_batches(corpus):
+    paths = [p for p in corpus if "/jpegs/" in p][:3] + [corpus[-1]]  # three photos, the missing path
+    with ProcessReader(LIMITS, 1) as reader:
+        (batch,) = list(reader.read(paths, 8, keys=["a", "b", "a", "z"]))  # keys need not be unique
+    assert [k for k, _ in batch.keys] == ["a", "b", "a"] and batch.failed == [("z", "fetch", "not found")]
 
 
 def test_a_reader_process_that_dies_has_its_files_read_here(corpus, caplog):
@@ -127,7 +124,7 @@ def test_a_consumer_that_stops_early_leaves_the_reader_ready_for_the_next_read(c
     jpegs = [p for p in corpus if "/jpegs/" in p]
     with ProcessReader(LIMITS, 2, chunk=2, slots=6) as reader:
         stream = reader.read(jpegs, 4)
-        next(stream).release()
+        next(stream)
         stream.close()  # chunks still in flight land before their slots are reused
         assert reader._free.qsize() == 6
         assert [o for b in _outcomes(reader, jpegs, 4) for o in b] == [_expected(p) for p in jpegs]
