@@ -196,8 +196,10 @@ class BackgroundEmbedder:
             self._outbox.put(err)
         self._outbox.put(_DONE)
 
-    def submit(self, keys: Sequence[Hashable], images: Sequence[bytes | np.ndarray]) -> None:
-        self._put((keys, images))
+    def submit(self, keys: Sequence[Hashable], images: Sequence[bytes | np.ndarray],
+               reasons: Sequence[str | None] | None = None) -> None:  # fmt: skip
+        """Queue a batch; `reasons`, when known, route its images as `GpuImages.route` would."""
+        self._put((keys, images) if reasons is None else (keys, images, reasons))
 
     def _put(self, item) -> None:
         while True:

@@ -14,12 +14,14 @@ Output layout under `out`:
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import itertools
 import json
 import logging
 import os
 import pickle
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -55,6 +57,7 @@ from pipelines.catalog import (
     read_manifest_file,
 )
 from pipelines.embed_steps import KnownDigests, PreviousVectors, ProgressLog, join_reused, prepare_items, stream_outputs
+from pipelines.file_reader import ProcessReader, ReadLimits
 from pipelines.records import (
     FAILURE_SCHEMA,
     EmbeddingRow,
@@ -160,7 +163,8 @@ class PreparedImageCoder(beam.coders.Coder):
 
     def estimate_size(self, value: PreparedImage) -> int:
         pixels = 0 if value.pixels is None else value.pixels.nbytes
-        return 128 + len(value.item_id) + len(value.image_uri) + len(value.data or b"") + pixels
+        data = 0 if value.data is None else len(value.data)
+        return 128 + len(value.item_id) + len(value.image_uri) + data + pixels
 
     def is_deterministic(self) -> bool:
         return False
@@ -190,6 +194,8 @@ class FetchAndDecode(beam.DoFn):
         storage.configure_storage()
         self._pool = ThreadPoolExecutor(self._cfg.fetch_threads, thread_name_prefix="fetch")
         self._defer_decode = gpu_decoding(self._cfg, self._preprocess)  # the GPU worker routes and decodes
+        # A GPU worker reads local files in reader processes, keeping the interpreter lock for the GPU threads.
+        self._reader = file_reader_for(self._cfg.limits) if self._defer_decode else None
         self._progress = ProgressLog("fetched", self._total)
         self._previous = self._previous_source.acquire() if self._previous_source else None
         self._reused = Metrics.counter(_NAMESPACE, "reused")
@@ -198,7 +204,7 @@ class FetchAndDecode(beam.DoFn):
         known = self._previous if self._previous is not None else known
         prepared = prepare_items(items, self._pool, self._preprocess, self._cfg.limits, known, self._reembed,
                                  threads=self._cfg.fetch_threads, max_decode_s=self._cfg.max_decode_s,
-                                 defer_decode=self._defer_decode)  # fmt: skip
+                                 defer_decode=self._defer_decode, reader=self._reader)  # fmt: skip
         if prepared.decoded:  # one element per chunk: per-element costs stay off the fast path
             yield prepared.decoded
         for failure in prepared.failed:
@@ -277,7 +283,12 @@ class EmbedBatch(beam.DoFn):
     def _submit(self, batch: list[PreparedImage]) -> None:
         if self._stream is None:
             self._stream = BackgroundEmbedder(self._encoder, self._images)
-        self._stream.submit(batch, [item.pixels if item.data is None else item.data for item in batch])
+        datas = [item.pixels if item.data is None else item.data for item in batch]
+        routes = [item.route for item in batch]
+        if any(route is None for route in routes):  # not all routed by the file readers: the GPU step routes
+            self._stream.submit(batch, datas)
+        else:
+            self._stream.submit(batch, datas, [route or None for route in routes])
 
     def finish_bundle(self):
         if self._waiting:
@@ -305,6 +316,22 @@ class EmbedBatch(beam.DoFn):
     def teardown(self) -> None:
         if getattr(self, "_stream", None) is not None:
             self._stream.close()
+
+
+_READERS: dict[ReadLimits, ProcessReader] = {}
+_READERS_LOCK = threading.Lock()
+
+
+def file_reader_for(limits: DecodeLimits) -> ProcessReader:
+    """This process's reader processes for local image files, started on first use, stopped at exit: one set
+    per worker process however many fetch steps its threads run (`ProcessReader.read` takes turns)."""
+    key = ReadLimits.of(limits)
+    with _READERS_LOCK:
+        if key not in _READERS:
+            processes = max(1, min(8, os.cpu_count() or 1))
+            _READERS[key] = ProcessReader(key, processes, chunk=8)  # a 64-item fetch chunk spreads over 8
+            atexit.register(_READERS[key].close)
+        return _READERS[key]
 
 
 def gpu_decoding(cfg: EmbedConfig, preprocess) -> bool:

@@ -36,6 +36,7 @@ from pipelines.records import (
 
 if TYPE_CHECKING:
     from encoder.gpu_stream import StreamBatch
+    from pipelines.file_reader import ProcessReader
 
 __all__ = [
     "Fetched",
@@ -122,7 +123,7 @@ class Fetched(NamedTuple):
     """An item's image bytes and their sha256, before the reuse check and decode."""
 
     item: CatalogItem
-    data: bytes
+    data: bytes | np.ndarray  # or a 1-D uint8 array over a file reader's ring
     image_sha256: str
 
 
@@ -144,11 +145,14 @@ class Prepared(NamedTuple):
 
 def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: PreprocessConfig, limits: DecodeLimits,
                   known: KnownDigests | None = None, reembed: frozenset[str] = frozenset(), *, threads: int = 16,
-                  max_decode_s: float = 30.0, defer_decode: bool = False) -> Prepared:  # fmt: skip
+                  max_decode_s: float = 30.0, defer_decode: bool = False,
+                  reader: ProcessReader | None = None) -> Prepared:  # fmt: skip
     """Fetch and hash every item; decode only those whose bytes have no vector in `known`.
 
     With `defer_decode` (a GPU worker), nothing is decoded here: the bytes go on
-    (`PreparedImage.data`) and the embed step routes and decodes them in batches.
+    (`PreparedImage.data`) and the embed step routes and decodes them in batches. With a
+    `reader` too, local files are read, hashed and routed in its processes
+    (`pipelines.file_reader`): the bytes go on as arrays over its shared ring, routed.
 
     Local files are read and hashed on `pool`, a share of the chunk per core: one task per
     file costs more in thread hand-offs than the read (2 cores, 70 KB photos: 72 µs per
@@ -159,13 +163,22 @@ def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: Prep
     (`encoder.gpu_images.collect_decodes`).
     """
     local = [i for i in items if "://" not in i.image_uri]
-    remote = [i for i in items if "://" in i.image_uri]
-    size = max(8, math.ceil(len(local) / min(threads, os.cpu_count() or 1)))  # one task per core, not per file
-    parts = [local[i : i + size] for i in range(0, len(local), size)]
-    fetched = [f for part in pool.map(lambda part: [fetch_item(i, limits) for i in part], parts) for f in part]
+    remote = [i for i in items if "://" in i.image_uri]  # network-bound: a pool thread each
+    routes: list[str | None] = []
+    if defer_decode and reader is not None and local:
+        fetched: list = []
+        for batch in reader.read([i.image_uri for i in local], len(local), keys=local):
+            fetched += [Failure(i.item_id, i.image_uri, stage, reason) for i, stage, reason in batch.failed]
+            fetched += [Fetched(i, data, digest) for (i, digest), data in zip(batch.keys, batch.datas, strict=True)]
+            routes += [reason or "" for reason in batch.reasons]
+    else:
+        size = max(8, math.ceil(len(local) / min(threads, os.cpu_count() or 1)))  # one task per core, not per file
+        parts = [local[i : i + size] for i in range(0, len(local), size)]
+        fetched = [f for part in pool.map(lambda part: [fetch_item(i, limits) for i in part], parts) for f in part]
     fetched += pool.map(lambda i: fetch_item(i, limits), remote)
     failed = [f for f in fetched if isinstance(f, Failure)]
     ok = [f for f in fetched if isinstance(f, Fetched)]
+    routes += [None] * (len(ok) - len(routes))  # the rest (remote, or read here) are routed by the embed step
     reusable = np.zeros(len(ok), dtype=bool)
     if known is not None and len(known) and ok:
         reusable = known.positions([f.image_sha256 for f in ok]) >= 0
@@ -175,7 +188,8 @@ def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: Prep
     ]
     to_decode = [f for f, r in zip(ok, reusable, strict=True) if not r]
     if defer_decode:
-        decoded = [PreparedImage(f.item.item_id, f.item.image_uri, f.image_sha256, None, f.data) for f in to_decode]
+        decoded = [PreparedImage(f.item.item_id, f.item.image_uri, f.image_sha256, None, f.data, route)
+                   for f, route, r in zip(ok, routes, reusable, strict=True) if not r]  # fmt: skip
         return Prepared(decoded, reuse, failed)
     decoded = []
     futures = [pool.submit(decode_on_cpu, f.data, preprocess, limits) for f in to_decode]

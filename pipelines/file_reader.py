@@ -210,6 +210,7 @@ class ProcessReader:
         self._closed = threading.Event()
         self._local: dict[int, tuple[int, Sequence[str]]] = {}  # task id → (slot, paths) to read here
         self._next_id = 0
+        self._reading = threading.Lock()
         self._workers = [self._start(i) for i in range(processes)]
 
     def _start(self, index: int) -> _Worker:
@@ -234,6 +235,10 @@ class ProcessReader:
             raise ValueError(f"a batch of {batch_size} needs {-(-batch_size // self.chunk)} slots; the ring has "
                              f"{self.slots}")  # fmt: skip
         keys = paths if keys is None else keys
+        with self._reading:  # one read at a time: replies are matched to the read that sent them
+            yield from self._read(paths, batch_size, keys)
+
+    def _read(self, paths: Sequence[str], batch_size: int, keys: Sequence[Hashable]) -> Iterator[ReadBatch]:
         tasks = _chunks(len(paths), batch_size, self.chunk)
         submitted: collections.deque = collections.deque()  # (task id, batch index, slot, start, stop), in order
         results: dict[int, list[Record]] = {}

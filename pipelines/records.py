@@ -31,7 +31,8 @@ class PreparedImage(NamedTuple):
     image_uri: str
     image_sha256: str
     pixels: np.ndarray | None  # (height, width, 3) uint8; None while `data` waits for the GPU decoder
-    data: bytes | None = None  # encoded bytes of a JPEG the GPU decodes (encoder.gpu_images)
+    data: bytes | np.ndarray | None = None  # encoded bytes (or a 1-D uint8 array of them) for the GPU worker
+    route: str | None = None  # `encoder.jpeg.cpu_reason` when known: "" the GPU decoder takes it; None: unknown
 
 
 class ReuseRequest(NamedTuple):

@@ -259,19 +259,29 @@ def test_glob_of_images_as_the_catalog(demo_catalog, tiny_model, tmp_path):
 def test_gpu_decode_wiring_on_the_cpu_embeds_every_item_like_the_cpu_path(
     demo_catalog, tiny_model, first_run, tmp_path, monkeypatch
 ):
-    """The GPU worker's Beam wiring (images cross Beam undecoded; the embed step's background stream routes
-    them, JPEGs to the GPU decoder, the rest to CPU threads) with Pillow standing in for nvJPEG."""
+    """The GPU worker's Beam wiring (local files read, hashed and routed by reader processes; images cross Beam
+    undecoded; the embed step's background stream decodes them, JPEGs on the GPU decoder, the rest on CPU
+    threads) with Pillow standing in for nvJPEG."""
     import encoder.gpu_images as gpu_images
     import pipelines.embed as embed
     from tests.encoder.test_gpu_images import _pil_decoder
 
     calls: list[int] = []
+    routed: list[bool] = []
+    decode = gpu_images.GpuImages.decode
+
+    def spy(self, inputs, reasons=None):
+        routed.append(reasons is not None)
+        return decode(self, inputs, reasons)
+
     monkeypatch.setattr(embed, "gpu_decoding", lambda cfg, preprocess: True)
     monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda: _pil_decoder(calls))
+    monkeypatch.setattr(gpu_images.GpuImages, "decode", spy)
     result = run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path),
                                    batch_size=16))  # fmt: skip
     assert result.counts == first_run.counts
     assert sum(calls) >= 80  # the catalog's JPEGs went to the stand-in GPU decoder, in batches
+    assert routed and all(routed)  # every batch routed by the reader processes, not again here
     assert result.manifest["dead_letters_by_stage"] == first_run.manifest["dead_letters_by_stage"]
     got, cpu = _vectors(_read_dir(Path(result.run_dir))), _vectors(_read_dir(Path(first_run.run_dir)))
     assert got.keys() == cpu.keys()

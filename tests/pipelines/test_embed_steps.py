@@ -142,6 +142,28 @@ def test_deferred_decoding_passes_every_image_undecoded_and_still_fails_fetches(
     assert [(f.item_id, f.stage) for f in out.failed] == [("missing", "fetch")]
 
 
+def test_deferred_decoding_through_reader_processes_gives_the_same_items_routed(tmp_path):
+    from encoder.jpeg import cpu_reason
+    from pipelines.embed import file_reader_for
+
+    datas = {"a": _jpeg(1), "b": _jpeg(2, "PNG"), "c": b"junk", "d": _jpeg(1)}  # d: the same bytes as a
+    items = [CatalogItem("missing", str(tmp_path / "missing.jpg")), CatalogItem("empty", "")]
+    for name, data in datas.items():
+        (tmp_path / name).write_bytes(data)
+        items.append(CatalogItem(name, str(tmp_path / name)))
+    known = KnownDigests([hashlib.sha256(datas["d"]).hexdigest()])
+    limits = DecodeLimits()
+    plain = prepare_items(items, ThreadPoolExecutor(2), PREPROCESS, limits, known, frozenset({"a"}), defer_decode=True)
+    read = prepare_items(items, ThreadPoolExecutor(2), PREPROCESS, limits, known, frozenset({"a"}), defer_decode=True,
+                         reader=file_reader_for(limits))  # fmt: skip
+    assert {p.item_id: bytes(p.data) for p in read.decoded} == {p.item_id: p.data for p in plain.decoded}
+    assert {p.item_id: p.route for p in read.decoded} == {
+        k: cpu_reason(datas[k], limits.max_bytes, limits.max_pixels) or "" for k in "abc"
+    }  # "a" is re-embedded on request, "d" reused
+    assert all(p.route is None for p in plain.decoded)  # routed later, by the embed step
+    assert read.reuse == plain.reuse and sorted(read.failed) == sorted(plain.failed)
+
+
 def test_stream_outputs_give_a_table_of_the_embedded_and_failures_with_their_stage():
     from encoder.gpu_stream import StreamBatch
     from pipelines.embed_steps import stream_outputs
