@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 
 from encoder import storage as object_store
 from encoder.storage import is_not_found, is_transient, with_retries
@@ -57,9 +58,17 @@ def configure_storage(pipeline_options=None) -> None:
 
 
 def _read_capped(f, max_bytes: int) -> bytes:
-    """At most `max_bytes` + 1 bytes, in 1 MiB reads: `f.read(max_bytes + 1)` allocates the whole cap up front,
-    which made reading a 70 KB photo under the 50 MiB default cost 68-95 µs instead of 18 (measured)."""
+    """At most `max_bytes` + 1 bytes. A regular file is read in one call sized from its stat (one exact
+    allocation); other streams in 1 MiB pieces. `f.read(max_bytes + 1)` allocated the whole 50 MiB cap
+    up front (a 70 KB photo took 68-95 µs instead of 18), and 1 MiB pieces cost reader processes ~40 µs
+    more per photo than the exact read (measured: 15.3k vs 21.9k files/s through 8 of them on 2 cores)."""
     parts, total = [], 0
+    size = _regular_size(f)
+    if size is not None and size <= max_bytes:
+        data = f.read(size + 1)  # the + 1 notices a file that grew since its stat
+        if len(data) <= size:
+            return data
+        parts, total = [data], len(data)
     while total <= max_bytes:
         part = f.read(min(1 << 20, max_bytes + 1 - total))
         if not part:
@@ -67,6 +76,14 @@ def _read_capped(f, max_bytes: int) -> bytes:
         parts.append(part)
         total += len(part)
     return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _regular_size(f) -> int | None:
+    try:
+        st = os.fstat(f.fileno())
+    except (AttributeError, OSError, ValueError):  # not a file descriptor (an object-store stream)
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
