@@ -286,11 +286,11 @@ def _read_rate(kind, paths: list[str], batch: int) -> float:
     from pipelines.file_reader import ReadLimits
 
     with kind(ReadLimits.of(DecodeLimits())) as reader:
-        for read in reader.read(paths[: 2 * batch], batch):
-            read.release()
+        for _ in reader.read(paths[: 2 * batch], batch):  # each batch dropped as the next comes: its slots free
+            pass
         start = time.perf_counter()
-        for read in reader.read(paths, batch):
-            read.release()
+        for _ in reader.read(paths, batch):
+            pass
         return len(paths) / (time.perf_counter() - start)
 
 
