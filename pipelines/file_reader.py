@@ -41,7 +41,6 @@ from collections.abc import Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from encoder.jpeg import cpu_reason
@@ -223,11 +222,12 @@ class ProcessReader:
         fork of this process would copy a CUDA context and locks held by other threads."""
         task_r, task_w = os.pipe()
         reply_r, reply_w = os.pipe()
-        root = str(Path(__file__).resolve().parents[1])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        args = [self._fd, self.slots * self.slot_bytes, self.slot_bytes, *dataclasses.astuple(self.limits)]
-        proc = subprocess.Popen([sys.executable, "-m", __name__, str(task_r), str(reply_w), *map(str, args)],
-                                pass_fds=(task_r, reply_w, self._fd), env=env, stdin=subprocess.DEVNULL)  # fmt: skip
+        args = [task_r, reply_w, self._fd, self.slots * self.slot_bytes, self.slot_bytes,
+                *dataclasses.astuple(self.limits)]  # fmt: skip
+        # This interpreter's import path, as multiprocessing's spawn passes it: a source checkout or an install.
+        code = f"import sys; sys.path[:] = {sys.path!r}; from {__name__} import _main; _main(sys.argv[1:])"
+        proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], pass_fds=(task_r, reply_w, self._fd),
+                                stdin=subprocess.DEVNULL)  # fmt: skip
         os.close(task_r)
         os.close(reply_w)
         return _Worker(f"read-{index}", proc, Connection(task_w, readable=False), Connection(reply_r, writable=False))
@@ -382,6 +382,7 @@ class _Worker:
     alive: bool = True
 
 
-if __name__ == "__main__":  # a reader process started by `ProcessReader`
-    *fds, slot_bytes, max_bytes, max_pixels, route = sys.argv[1:]
-    _serve(*map(int, fds), int(slot_bytes), ReadLimits(int(max_bytes), int(max_pixels), route == "True"))
+def _main(argv: list[str]) -> None:
+    """A reader process started by `ProcessReader._start`."""
+    *numbers, max_bytes, max_pixels, route = argv
+    _serve(*map(int, numbers), ReadLimits(int(max_bytes), int(max_pixels), route == "True"))
