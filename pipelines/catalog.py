@@ -139,13 +139,14 @@ def _images_table(files: list[str]) -> pa.Table:
     )
 
 
-def read_catalog(uri: str) -> pa.Table:
-    """The whole catalog, validated: unique non-empty string item ids, absolute image URIs.
+def read_catalog(uri: str, listed: tuple[str, list[str]] | None = None) -> pa.Table:
+    """The whole catalog, validated: unique non-empty string item ids, absolute image URIs. `listed`:
+    `catalog_files(uri)` when the caller has it already (a glob of 20,000 photos takes ~0.3 s to list).
 
     Raises:
         CatalogError: see the module docstring.
     """
-    kind, files = catalog_files(uri)
+    kind, files = listed or catalog_files(uri)
     if kind == "images":
         table = _images_table(files)
     else:

@@ -397,13 +397,15 @@ def _chunks(values: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-def _read_item_chunks(p: beam.Pipeline, catalog: str, size: int) -> beam.PCollection:
+def _read_item_chunks(p: beam.Pipeline, catalog: str, size: int,
+                      listed: tuple[str, list[str]] | None = None) -> beam.PCollection:  # fmt: skip
     """The catalog as lists of `size` items: one Beam element per list, not per item.
 
     A night that reuses almost every vector spends its time on per-element costs (the shuffle
     that spreads work, batching, metrics), so items cross Beam only in fetch-sized chunks.
+    `listed`: `catalog_files(catalog)`, when the launcher has listed it already.
     """
-    kind, files = catalog_files(catalog)
+    kind, files = listed or catalog_files(catalog)
     counter = Metrics.counter(_NAMESPACE, "items_in")
 
     def count(chunk: list[CatalogItem]) -> list[CatalogItem]:
@@ -427,13 +429,14 @@ def _read_item_chunks(p: beam.Pipeline, catalog: str, size: int) -> beam.PCollec
 
 def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, preprocess, dim: int,
                    total_items: int, previous_shards: list[str], run_dir: str, failures_dir: str,
-                   reembed: frozenset[str] = frozenset(), previous_rows: int | None = None) -> None:  # fmt: skip
+                   reembed: frozenset[str] = frozenset(), previous_rows: int | None = None,
+                   listed: tuple[str, list[str]] | None = None) -> None:  # fmt: skip
     """Wire the embed steps into `p` (see the module docstring).
 
     `previous_rows` (the earlier run's row count) lets vectors that fit `cfg.reuse_memory_mb`
     be joined in memory; unknown or too many, they are joined by a shuffle.
     """
-    chunks = _read_item_chunks(p, cfg.catalog, 4 * cfg.fetch_threads)
+    chunks = _read_item_chunks(p, cfg.catalog, 4 * cfg.fetch_threads, listed)
     known_side, previous, in_memory = None, None, None
     fits = previous_rows is not None and previous_rows * (4 * dim + 64) <= cfg.reuse_memory_mb * 2**20
     if previous_shards and fits:
@@ -650,7 +653,8 @@ def run_embed(cfg: EmbedConfig, beam_args: list[str] | None = None) -> EmbedResu
     started = time.monotonic()
     options = _pipeline_options(cfg, beam_args or [])
     storage.configure_storage(options)
-    catalog = read_catalog(cfg.catalog)
+    listed = catalog_files(cfg.catalog)  # once: the validation and the pipeline's chunks share it
+    catalog = read_catalog(cfg.catalog, listed)
     total = catalog.num_rows
     probe = load_encoder(replace(cfg.encoder, device="cpu", dtype="float32", compile=False), cfg.limits)
     model_version, dim, preprocess = probe.model_version, probe.dim, probe.preprocess
@@ -669,7 +673,7 @@ def run_embed(cfg: EmbedConfig, beam_args: list[str] | None = None) -> EmbedResu
     reembed = _updated_since(catalog, cfg.reembed_since) if previous_shards and cfg.reembed_since else frozenset()
     build_pipeline(pipeline, cfg, model_version=model_version, preprocess=preprocess, dim=dim, total_items=total,
                    previous_shards=previous_shards, run_dir=run_dir, failures_dir=failures_dir,
-                   reembed=reembed, previous_rows=previous_rows)  # fmt: skip
+                   reembed=reembed, previous_rows=previous_rows, listed=listed)  # fmt: skip
     result = pipeline.run()
     result.wait_until_finish()
     metrics = _metric_counts(result)

@@ -245,10 +245,16 @@ def test_fetch_and_decode_routes_every_item(demo_catalog, tiny_model, tiny_encod
         assert_that(outputs.reuse, equal_to([]), label="reuse")
 
 
-def test_glob_of_images_as_the_catalog(demo_catalog, tiny_model, tmp_path):
+def test_glob_of_images_as_the_catalog(demo_catalog, tiny_model, tmp_path, monkeypatch):
+    import pipelines.storage as storage
+
+    globs: list[str] = []
+    match = storage.match
+    monkeypatch.setattr(storage, "match", lambda pattern: globs.append(pattern) or match(pattern))
     result = run_embed(
         EmbedConfig(catalog=str(demo_catalog.root / "images" / "00001*"), model=str(tiny_model), out=str(tmp_path))
     )
+    assert globs.count(str(demo_catalog.root / "images" / "00001*")) == 1  # listed once, not per use
     expected = sorted(p.stem for p in (demo_catalog.root / "images").glob("00001*"))
     assert result.counts["items_in"] == len(expected) == 10
     rows = _read_dir(Path(result.run_dir)).column("item_id").to_pylist()
