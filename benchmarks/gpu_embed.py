@@ -18,7 +18,9 @@ quality 90) and SigLIP base/16-224 with random weights (same FLOPs as the real o
 Then (c) and (d) for SigLIP so400m/14-384. GPU utilisation is sampled with NVML during
 each path; (d) also reports how busy each of its threads was. `profile` reruns (d) and
 (e) sampling every thread's stack (where the time goes on a host without py-spy);
-`switch` reruns (d) with a 0.5 ms interpreter switch interval. Results go in BENCHMARKS.md.
+`switch` reruns (d) with a 0.5 ms interpreter switch interval; `mfu` reruns (c) at twice the
+batch and under torch.compile's autotuning modes (minutes of compile each). Results go in
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -186,9 +188,16 @@ def dataloader(files: list[Path], ckpt: Path, device: torch.device, batch: int, 
     return {"images": done, "images_per_s": done / (time.perf_counter() - start), "workers": workers}
 
 
-def encoder_alone(ckpt: Path, shape: dict, device: torch.device, batch: int, seconds: float, compile_: bool) -> dict:
+def encoder_alone(ckpt: Path, shape: dict, device: torch.device, batch: int, seconds: float, compile_: bool,
+                  mode: str | None = None) -> dict:  # fmt: skip
+    """(c): the encoder on uint8 batches already on the device. `mode`: a `torch.compile` mode other than the
+    default one `EncoderConfig(compile=True)` uses (the `mfu` path tries them before they become options)."""
     start = time.perf_counter()
-    encoder = load_encoder(EncoderConfig(model=str(ckpt), device=device.type, batch_size=batch, compile=compile_))
+    encoder = load_encoder(EncoderConfig(model=str(ckpt), device=device.type, batch_size=batch,
+                                         compile=compile_ and mode is None))  # fmt: skip
+    if mode is not None:
+        encoder.vision_model = torch.compile(encoder.vision_model, dynamic=False, mode=mode)
+        encoder.static_batch = True
     size = shape["image_size"]
     pixels = torch.randint(0, 256, (encoder.batch_size, size, size, 3), dtype=torch.uint8, device=device)
     encoder.embed_prepared(pixels)  # compiles here
@@ -196,7 +205,12 @@ def encoder_alone(ckpt: Path, shape: dict, device: torch.device, batch: int, sec
         torch.cuda.synchronize()
     warm_s = time.perf_counter() - start
     rate = images_per_s(lambda: encoder.embed_prepared(pixels), encoder.batch_size, seconds, device)
-    out = {"images_per_s": rate, "batch": encoder.batch_size, "load_and_compile_s": round(warm_s, 1)}
+    out = {
+        "images_per_s": rate,
+        "batch": encoder.batch_size,
+        "load_and_compile_s": round(warm_s, 1),
+        "compile_mode": mode or ("default" if compile_ else "none"),
+    }
     if device.type == "cuda":
         out["tflops"] = rate * vit_flops(shape) / 1e12
         out["mfu_pct"] = 100 * rate * vit_flops(shape) / PEAK_BF16
@@ -351,7 +365,7 @@ def main() -> None:
     parser.add_argument("--so400m-images", type=int, default=5_000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--paths", default="c,stages,d,b,a,e,profile,switch,so400m", help="which paths, in order")
+    parser.add_argument("--paths", default="c,stages,d,b,a,e,profile,switch,so400m,mfu", help="which paths, in order")
     parser.add_argument("--json", help="write results here as they land")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few small files, CPU")
     args = parser.parse_args()
@@ -389,6 +403,14 @@ def main() -> None:
                          end_to_end, files, encoder, device, decoders[0], work / "d", batch, False, "threads")  # fmt: skip
                 run.path(f"(d, cold) the same with model load + compile, {decoders[0]}", cold_end_to_end, files,
                          ckpt, device, decoders[0], work / "dc", batch, compile_)  # fmt: skip
+            elif path == "mfu":  # (c) at twice the batch, and under the autotuning compile modes
+                variants = [(2 * batch, None)]
+                if compile_:
+                    variants += [(batch, "max-autotune-no-cudagraphs"), (batch, "max-autotune")]
+                for size, mode in variants:
+                    torch.compiler.reset()
+                    run.path(f"(c) MFU: batch {size}, compile mode {mode or 'default'}", encoder_alone, ckpt,
+                             SHAPES[base], device, size, seconds, compile_, mode)  # fmt: skip
             elif path == "stages":
                 for decoder in decoders:
                     run.path(f"stages of (d) alone, {decoder}", stages, files[:5000], encoder, device, decoder, batch)

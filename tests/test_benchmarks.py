@@ -26,7 +26,8 @@ def test_cpu_benchmark_runs():
 
 def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu():
     out = _run("benchmarks/gpu_embed.py", "--smoke")
-    for path in ("(a) naive", "(b) DataLoader", "(c) encoder alone", "(d) end to end", "stages of (d)", "(e) Beam"):
+    for path in ("(a) naive", "(b) DataLoader", "(c) encoder alone", "(d) end to end", "stages of (d)", "(e) Beam",
+                 "(c) MFU: batch 32"):  # fmt: skip
         assert f"| {path}" in out, path
     assert '"error"' not in out
 
