@@ -12,8 +12,11 @@ worker whatever the GPU. This measures that cap on real JPEG files (scikit-image
   the standalone loop (`pipelines.direct_embed`) reading in threads, the baseline, and
   reading in reader processes (two runs of each, alternated), with the embedding
   process's own CPU time per image;
-  the Beam pipeline on the local runner: whole run, and steady state (the whole run less
-  a run over 1% of the files, which is mostly start-up).
+  the Beam pipeline on the local runner (its GPU worker's wiring, reader processes
+  included): whole run, and steady state (the whole run less a run over 1% of the files,
+  which is mostly start-up), with the same CPU-time column.
+Every path's CPU time leaves out the reader processes': on a many-core host it is the
+embedding process's own time, under one interpreter lock, that caps the worker.
 Results go in BENCHMARKS.md.
 """
 
