@@ -82,9 +82,9 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
                  ) -> Iterator[StreamBatch]:  # fmt: skip
     """Embed (keys, images) or (keys, images, cpu_reasons) batches in order, decoding ahead of the model.
 
-    Each image is encoded bytes (or a memoryview of them) or pixels already decoded on the CPU
-    (`GpuImages.prepare`); `cpu_reasons` routes them as `GpuImages.route` does. One `StreamBatch`
-    per input batch, in order: the caller may release a batch's memory once it has its result.
+    Each image is encoded (bytes, or a 1-D uint8 array over a file reader's ring) or pixels
+    already decoded on the CPU (`GpuImages.prepare`); `cpu_reasons` routes them as
+    `GpuImages.route` does. One `StreamBatch` per input batch, in order.
     """
     decoded: queue.Queue = queue.Queue(maxsize=1)
     ready: queue.Queue = queue.Queue(maxsize=max(1, prefetch))

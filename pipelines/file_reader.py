@@ -185,7 +185,11 @@ def _serve(tasks_fd: int, replies_fd: int, ring_fd: int, size: int, slot_bytes: 
         if task is None:
             return
         task_id, slot, paths = task
-        replies.send((task_id, read_chunk(paths, limits, view[slot * slot_bytes : (slot + 1) * slot_bytes])))
+        replies.send((task_id, read_chunk(paths, limits, _slot_of(view, slot, slot_bytes))))
+
+
+def _slot_of(ring: memoryview, slot: int, slot_bytes: int) -> memoryview:
+    return ring[slot * slot_bytes : (slot + 1) * slot_bytes]
 
 
 class ProcessReader:
@@ -279,9 +283,6 @@ class ProcessReader:
             _assemble(keys[start:stop], results.pop(task_id), self._slot_array(slot), batch)
         return batch
 
-    def _slot(self, slot: int) -> memoryview:
-        return self._view[slot * self.slot_bytes : (slot + 1) * self.slot_bytes]
-
     def _slot_array(self, slot: int) -> np.ndarray:
         """The slot as a uint8 array that hands the slot back when it and every view of it are gone."""
         import numpy as np  # here, not at the top: reader processes start without it (~0.1 s of CPU each)
@@ -327,7 +328,7 @@ class ProcessReader:
         while True:
             for task_id in [t for t in self._local if t in wanted]:
                 slot, paths = self._local.pop(task_id)
-                results[task_id] = read_chunk(paths, self.limits, self._slot(slot))
+                results[task_id] = read_chunk(paths, self.limits, _slot_of(self._view, slot, self.slot_bytes))
             if wanted <= results.keys():
                 return
             busy = {w.replies: w for w in self._workers if w.alive and w.pending}
