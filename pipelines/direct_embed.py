@@ -21,6 +21,7 @@ from encoder.gpu_images import GpuImages
 from encoder.gpu_stream import embed_stream
 from encoder.model import ImageEncoder
 from pipelines.file_reader import ProcessReader, ReadLimits, ThreadReader
+from pipelines.heap import frozen_heap
 from pipelines.records import FAILURE_SCHEMA, embedding_schema, fresh_embedding_table, shard_writer_options
 
 __all__ = ["READERS", "DirectResult", "embed_files"]
@@ -59,7 +60,7 @@ def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, 
 
     shards = _Shards(out, embedding_schema(encoder.dim), rows_per_shard)
     try:
-        with READERS[reader](limits, readers) as files:
+        with frozen_heap(), READERS[reader](limits, readers) as files:
             for batch in embed_stream(encoder, images, batches(files), prefetch=prefetch):
                 failures.extend((path, path, stage, reason) for (path, _), stage, reason in batch.failed)
                 result.on_gpu += batch.on_gpu

@@ -58,6 +58,7 @@ from pipelines.catalog import (
 )
 from pipelines.embed_steps import KnownDigests, PreviousVectors, ProgressLog, join_reused, prepare_items, stream_outputs
 from pipelines.file_reader import ProcessReader, ReadLimits
+from pipelines.heap import frozen_heap
 from pipelines.records import (
     FAILURE_SCHEMA,
     EmbeddingRow,
@@ -650,6 +651,11 @@ def run_embed(cfg: EmbedConfig, beam_args: list[str] | None = None) -> EmbedResu
         FileNotFoundError, ValueError: the model cannot be loaded.
         RuntimeError: the run's counts do not add up (nothing is marked complete).
     """
+    with frozen_heap():  # the local runner's workers run in this process: no long stalls in full collections
+        return _run_embed(cfg, beam_args)
+
+
+def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     started = time.monotonic()
     options = _pipeline_options(cfg, beam_args or [])
     storage.configure_storage(options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import threading
 
@@ -169,6 +170,7 @@ def test_embed_files_writes_every_file_once_or_dead_letters_it(tiny_encoder, fil
     assert set(table.column("model_version").to_pylist()) == {tiny_encoder.model_version}
     assert [pq.read_table(s).num_rows for s in result.shards] == [16, 5]  # in order, written by the writer thread
     assert not column_encodings(result.shards[0])["embedding"]  # vectors never dictionary-encoded
+    assert gc.get_freeze_count() == 0  # the heap frozen for the run only (pipelines.heap)
 
 
 def test_a_shard_write_error_stops_embed_files(tiny_encoder, files, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import shutil
@@ -249,12 +250,15 @@ def test_glob_of_images_as_the_catalog(demo_catalog, tiny_model, tmp_path, monke
     import pipelines.storage as storage
 
     globs: list[str] = []
+    frozen: list[int] = []
     match = storage.match
-    monkeypatch.setattr(storage, "match", lambda pattern: globs.append(pattern) or match(pattern))
+    monkeypatch.setattr(storage, "match",
+                        lambda pattern: globs.append(pattern) or frozen.append(gc.get_freeze_count()) or match(pattern))  # fmt: skip
     result = run_embed(
         EmbedConfig(catalog=str(demo_catalog.root / "images" / "00001*"), model=str(tiny_model), out=str(tmp_path))
     )
     assert globs.count(str(demo_catalog.root / "images" / "00001*")) == 1  # listed once, not per use
+    assert min(frozen) > 0 and gc.get_freeze_count() == 0  # the run's heap frozen while it ran, and only then
     expected = sorted(p.stem for p in (demo_catalog.root / "images").glob("00001*"))
     assert result.counts["items_in"] == len(expected) == 10
     rows = _read_dir(Path(result.run_dir)).column("item_id").to_pylist()
