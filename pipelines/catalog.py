@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -25,8 +26,9 @@ from pipelines import storage
 __all__ = [
     "CatalogError",
     "CatalogItem",
+    "ItemChunk",
     "catalog_files",
-    "item_from_image_path",
+    "item_chunks",
     "iter_items",
     "parse_when",
     "read_catalog",
@@ -127,16 +129,43 @@ def parse_when(text: str) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
-def item_from_image_path(path: str) -> CatalogItem:
-    """An item of a glob-of-images catalog: its id is the file stem."""
-    return CatalogItem(os.path.splitext(path.rsplit("/", 1)[-1])[0], path)
+@dataclass(frozen=True, slots=True)
+class ItemChunk:
+    """A run of catalog items as two columns: how items travel between pipeline steps.
+
+    One element of two lists of strings costs Beam's shuffle ~0.6 µs per item to encode and
+    decode; a list of `CatalogItem`s cost 4-10 µs (each tuple coded on its own).
+    """
+
+    item_ids: list[str]
+    image_uris: list[str]
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def items(self) -> list[CatalogItem]:
+        return [CatalogItem(i, u) for i, u in zip(self.item_ids, self.image_uris, strict=True)]
+
+    @classmethod
+    def of_paths(cls, paths: list[str]) -> ItemChunk:
+        """Items of a glob-of-images catalog: each id is the file stem."""
+        return cls([_stem(p) for p in paths], list(paths))
+
+
+def item_chunks(table: pa.Table, size: int) -> Iterator[ItemChunk]:
+    """The catalog's items in manifest order, `size` at a time."""
+    for start in range(0, table.num_rows, size):
+        part = table.slice(start, size)
+        yield ItemChunk(part.column("item_id").to_pylist(), part.column("image_uri").to_pylist())
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(path.rsplit("/", 1)[-1])[0]
 
 
 def _images_table(files: list[str]) -> pa.Table:
-    items = [item_from_image_path(f) for f in files]
-    return pa.table(
-        {"item_id": pa.array([i.item_id for i in items], pa.string()), "image_uri": pa.array(files, pa.string())}
-    )
+    return pa.table({"item_id": pa.array([_stem(f) for f in files], pa.string()),
+                     "image_uri": pa.array(files, pa.string())})  # fmt: skip
 
 
 def read_catalog(uri: str, listed: tuple[str, list[str]] | None = None) -> pa.Table:

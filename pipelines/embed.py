@@ -48,10 +48,9 @@ from encoder.storage import arrow_input, contained
 from pipelines import storage
 from pipelines.catalog import (
     CatalogError,
-    CatalogItem,
+    ItemChunk,
     catalog_files,
-    item_from_image_path,
-    iter_items,
+    item_chunks,
     parse_when,
     read_catalog,
     read_manifest_file,
@@ -177,6 +176,25 @@ class PreparedImageCoder(beam.coders.Coder):
 beam.coders.registry.register_coder(PreparedImage, PreparedImageCoder)
 
 
+class ItemChunkCoder(beam.coders.Coder):
+    """An `ItemChunk` as one pickle of its two lists of strings."""
+
+    def encode(self, value: ItemChunk) -> bytes:
+        return pickle.dumps((value.item_ids, value.image_uris), pickle.HIGHEST_PROTOCOL)
+
+    def decode(self, encoded: bytes) -> ItemChunk:
+        return ItemChunk(*pickle.loads(encoded))
+
+    def is_deterministic(self) -> bool:
+        return True
+
+    def to_type_hint(self):
+        return ItemChunk
+
+
+beam.coders.registry.register_coder(ItemChunk, ItemChunkCoder)
+
+
 class FetchAndDecode(beam.DoFn):
     """Fetch, hash and decode a chunk of items (`embed_steps.prepare_items`); `fetch_threads` bounds the pool.
 
@@ -201,7 +219,8 @@ class FetchAndDecode(beam.DoFn):
         self._previous = self._previous_source.acquire() if self._previous_source else None
         self._reused = Metrics.counter(_NAMESPACE, "reused")
 
-    def process(self, items: list[CatalogItem], known: KnownDigests | None = None):
+    def process(self, chunk: ItemChunk, known: KnownDigests | None = None):
+        items = chunk.items()
         known = self._previous if self._previous is not None else known
         prepared = prepare_items(items, self._pool, self._preprocess, self._cfg.limits, known, self._reembed,
                                  threads=self._cfg.fetch_threads, max_decode_s=self._cfg.max_decode_s,
@@ -400,30 +419,27 @@ def _chunks(values: Iterable, size: int) -> Iterator[list]:
 
 def _read_item_chunks(p: beam.Pipeline, catalog: str, size: int,
                       listed: tuple[str, list[str]] | None = None) -> beam.PCollection:  # fmt: skip
-    """The catalog as lists of `size` items: one Beam element per list, not per item.
+    """The catalog as `ItemChunk`s of `size` items: one Beam element per chunk, not per item.
 
     A night that reuses almost every vector spends its time on per-element costs (the shuffle
-    that spreads work, batching, metrics), so items cross Beam only in fetch-sized chunks.
+    that spreads work, batching, metrics), so items cross Beam only in fetch-sized chunks, as
+    two columns of strings (`ItemChunkCoder`).
     `listed`: `catalog_files(catalog)`, when the launcher has listed it already.
     """
     kind, files = listed or catalog_files(catalog)
     counter = Metrics.counter(_NAMESPACE, "items_in")
 
-    def count(chunk: list[CatalogItem]) -> list[CatalogItem]:
+    def count(chunk: ItemChunk) -> ItemChunk:
         counter.inc(len(chunk))
         return chunk
 
     if kind == "images":
-        chunks = (
-            p
-            | "List catalog files" >> beam.Create(list(_chunks(files, size)))
-            | "Items from image files" >> beam.Map(lambda paths: [item_from_image_path(f) for f in paths])
-        )
+        chunks = p | "Items from image files" >> beam.Create([ItemChunk.of_paths(c) for c in _chunks(files, size)])
     else:
         chunks = (
             p
             | "List catalog files" >> beam.Create(files)
-            | "Read manifest" >> beam.FlatMap(lambda f: _chunks(iter_items(read_manifest_file(f)), size))
+            | "Read manifest" >> beam.FlatMap(lambda f: item_chunks(read_manifest_file(f), size))
         )
     return chunks | "Count items" >> beam.Map(count) | "Spread items" >> beam.Reshuffle()
 

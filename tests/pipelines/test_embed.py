@@ -18,7 +18,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from encoder import DecodeLimits, decode_image
-from pipelines.catalog import CatalogError, CatalogItem
+from pipelines.catalog import CatalogError, CatalogItem, ItemChunk
 from pipelines.embed import EmbedConfig, FetchAndDecode, run_embed
 from pipelines.records import embedding_matrix
 
@@ -226,6 +226,15 @@ def test_several_worker_processes(demo_catalog, tiny_model, tmp_path, first_run)
     assert max(np.abs(single[k] - multi[k]).max() for k in single) < 1e-5
 
 
+def test_item_chunks_cross_beam_as_two_columns():
+    from pipelines.embed import ItemChunkCoder
+
+    chunk = ItemChunk(["a", "é 中", ""], ["/x/a.jpg", "gs://b/é.jpg", ""])
+    coder = beam.coders.registry.get_coder(ItemChunk)
+    assert isinstance(coder, ItemChunkCoder)
+    assert coder.decode(coder.encode(chunk)) == chunk
+
+
 def test_fetch_and_decode_routes_every_item(demo_catalog, tiny_model, tiny_encoder):
     manifest = pq.read_table(demo_catalog.manifest).to_pylist()[:20]
     items = [CatalogItem(r["item_id"], str(demo_catalog.root / r["image_uri"])) for r in manifest]
@@ -234,7 +243,7 @@ def test_fetch_and_decode_routes_every_item(demo_catalog, tiny_model, tiny_encod
     with BeamTestPipeline(runner="FnApiRunner") as p:
         outputs = (
             p
-            | beam.Create([items])
+            | beam.Create([ItemChunk([i.item_id for i in items], [i.image_uri for i in items])])
             | beam.ParDo(FetchAndDecode(cfg, tiny_encoder.preprocess, len(items))).with_outputs(
                 "failed", "reuse", main="decoded"
             )
