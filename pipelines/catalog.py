@@ -146,11 +146,6 @@ class ItemChunk:
     def items(self) -> list[CatalogItem]:
         return [CatalogItem(i, u) for i, u in zip(self.item_ids, self.image_uris, strict=True)]
 
-    @classmethod
-    def of_paths(cls, paths: list[str]) -> ItemChunk:
-        """Items of a glob-of-images catalog: each id is the file stem."""
-        return cls([_stem(p) for p in paths], list(paths))
-
 
 def item_chunks(table: pa.Table, size: int) -> Iterator[ItemChunk]:
     """The catalog's items in manifest order, `size` at a time."""

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.catalog import CatalogError, CatalogItem, ItemChunk, catalog_files, item_chunks, iter_items, read_catalog
+from pipelines.catalog import CatalogError, catalog_files, item_chunks, iter_items, read_catalog
 
 
 def _write_parquet(path, **columns):
@@ -58,12 +58,6 @@ def test_item_chunks_cover_the_catalog_in_order(tmp_path):
     chunks = list(item_chunks(read_catalog(path), 4))
     assert [len(c) for c in chunks] == [4, 4, 2]
     assert [item for c in chunks for item in c.items()] == list(iter_items(read_catalog(path)))
-
-
-def test_chunk_of_image_paths_names_items_by_stem():
-    chunk = ItemChunk.of_paths(["/a/x.jpg", "gs://b/c/y.tar.png", "/a/noext"])
-    assert chunk.items() == [CatalogItem("x", "/a/x.jpg"), CatalogItem("y.tar", "gs://b/c/y.tar.png"),
-                             CatalogItem("noext", "/a/noext")]  # fmt: skip
 
 
 def test_item_ids_that_look_like_paths_are_just_data(tmp_path):

@@ -47,3 +47,30 @@ def test_example_config_gives_a_gpu_dataflow_job(demo_catalog, tiny_model, tmp_p
     for step in ("Read manifest", "Fetch and decode images", "Embed images", "Join earlier vectors",
                  "Write embedding shards", "Write dead letters"):  # fmt: skip
         assert step in names, sorted(n for n in names if "/" not in n)
+
+
+def test_an_image_globs_job_graph_does_not_grow_with_its_files(tmp_path):
+    """Dataflow refuses job graphs over 10 MB: an image glob's paths reach the workers in a listing file, not
+    inside the graph."""
+    import pyarrow as pa
+
+    from pipelines.embed import _write_listing
+
+    def graph_bytes(files: int) -> int:
+        embed = EmbedConfig(catalog=str(tmp_path / "*.jpg"), model="unused", out=str(tmp_path / f"out{files}"))
+        paths = [f"{tmp_path}/{'x' * 60}-{i:07d}.jpg" for i in range(files)]
+        listed = _write_listing(embed, pa.table({"item_id": [str(i) for i in range(files)], "image_uri": paths}))
+        pipeline = beam.Pipeline(options=_pipeline_options(embed, []))
+        build_pipeline(pipeline, embed, model_version="m", preprocess=PreprocessConfig(64, 64), dim=8,
+                       total_items=files, previous_shards=[], run_dir=str(tmp_path / "e"),
+                       failures_dir=str(tmp_path / "f"), listed=listed)  # fmt: skip
+        return len(pipeline.to_runner_api().SerializeToString())
+
+    small, large = graph_bytes(10), graph_bytes(20_000)  # ~1.4 MB of paths
+    assert abs(large - small) < 1024, (small, large)
+    with pytest.raises(ValueError, match="listing"):
+        embed = EmbedConfig(catalog=str(tmp_path / "*.jpg"), model="unused", out=str(tmp_path / "o"))
+        build_pipeline(beam.Pipeline(options=_pipeline_options(embed, [])), embed, model_version="m",
+                       preprocess=PreprocessConfig(64, 64), dim=8, total_items=1, previous_shards=[],
+                       run_dir=str(tmp_path / "e"), failures_dir=str(tmp_path / "f"),
+                       listed=("images", ["/a.jpg"]))  # fmt: skip

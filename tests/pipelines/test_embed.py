@@ -268,6 +268,7 @@ def test_glob_of_images_as_the_catalog(demo_catalog, tiny_model, tmp_path, monke
     )
     assert globs.count(str(demo_catalog.root / "images" / "00001*")) == 1  # listed once, not per use
     assert min(frozen) > 0 and gc.get_freeze_count() == 0  # the run's heap frozen while it ran, and only then
+    assert not (tmp_path / "tmp").exists()  # the listing the pipeline read is gone with the run
     expected = sorted(p.stem for p in (demo_catalog.root / "images").glob("00001*"))
     assert result.counts["items_in"] == len(expected) == 10
     rows = _read_dir(Path(result.run_dir)).column("item_id").to_pylist()
