@@ -13,24 +13,32 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import logging
+import threading
 from collections.abc import Iterator
 
 __all__ = ["frozen_heap"]
 
-log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_depth = 0  # runs inside frozen_heap now; the heap is thawed when the last one ends
+_froze = False  # whether the first of them froze it (not with the collector disabled)
 
 
 @contextlib.contextmanager
 def frozen_heap() -> Iterator[None]:
-    """Objects alive on entry are left out of collections until exit; nested or beside a caller's own
-    `gc.freeze`, it leaves things as they are (unfreezing would release the caller's objects too)."""
-    if gc.get_freeze_count() or not gc.isenabled():
-        yield
-        return
-    gc.freeze()
-    log.debug("froze %d objects for the run", gc.get_freeze_count())
+    """Objects alive on entry are left out of collections until exit (or until the last of several runs
+    that overlap exits). A caller that froze objects of its own beforehand finds them thawed afterwards;
+    `gc.get_freeze_count` would tell, but it counts the whole frozen list (27 ms for 0.5 M objects)."""
+    global _depth, _froze
+    with _lock:
+        if _depth == 0:
+            _froze = gc.isenabled()
+            if _froze:
+                gc.freeze()
+        _depth += 1
     try:
         yield
     finally:
-        gc.unfreeze()
+        with _lock:
+            _depth -= 1
+            if _depth == 0 and _froze:
+                gc.unfreeze()
