@@ -276,6 +276,30 @@ def test_glob_of_images_as_the_catalog(demo_catalog, tiny_model, tmp_path, monke
     assert sorted(rows + failures) == expected
 
 
+def test_an_image_globs_listing_lives_only_while_its_run_does(demo_catalog, tiny_model, tmp_path, monkeypatch):
+    import pipelines.embed as embed
+
+    glob = str(demo_catalog.root / "images" / "00001*")
+    stale = tmp_path / "tmp" / "glob-1" / "catalog.parquet"  # left by a killed attempt at this run id
+    stale.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"item_id": ["ghost"], "image_uri": ["/nowhere/ghost.jpg"]}), stale)
+    result = run_embed(EmbedConfig(catalog=glob, model=str(tiny_model), out=str(tmp_path), run_id="glob-1"))
+    assert (
+        result.counts["items_in"] == 10
+        and "ghost" not in _read_dir(Path(result.failures_dir)).column("item_id").to_pylist()
+    )
+    assert not (tmp_path / "tmp").exists()
+
+    def broken(*args, **kwargs):
+        assert (tmp_path / "tmp" / "glob-2" / "catalog.parquet").exists()  # written before the pipeline is built
+        raise RuntimeError("the pipeline failed")
+
+    monkeypatch.setattr(embed, "build_pipeline", broken)
+    with pytest.raises(RuntimeError, match="the pipeline failed"):
+        run_embed(EmbedConfig(catalog=glob, model=str(tiny_model), out=str(tmp_path), run_id="glob-2"))
+    assert not (tmp_path / "tmp").exists()  # removed on failure too
+
+
 def test_gpu_decode_wiring_on_the_cpu_embeds_every_item_like_the_cpu_path(
     demo_catalog, tiny_model, first_run, tmp_path, monkeypatch
 ):
