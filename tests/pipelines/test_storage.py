@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from pipelines.storage import NotFound, _read_capped, read_bytes
+from pipelines.storage import NotFound, _read_capped, match, read_bytes
 
 
 @pytest.mark.parametrize("size", [0, 70_000, (1 << 20) - 1, 1 << 20, (5 << 19) + 3])
@@ -45,3 +45,21 @@ def test_a_file_that_grew_since_its_stat_is_read_on(tmp_path, monkeypatch):
     assert read_bytes(str(path), max_bytes=1 << 20) == data
     with pytest.raises(ValueError, match="max_bytes=200000"):
         read_bytes(str(path), max_bytes=200_000)
+
+
+@pytest.mark.parametrize("pattern", ["*/*.jpg", "**", "a/**/*.jpg", "a/[xy]*.jpg", "?/*", "a*", "*.jpg", "none/*"])
+def test_a_local_glob_lists_what_beams_match_lists(tmp_path, pattern):
+    from apache_beam.io.filesystems import FileSystems
+
+    for name in ("a/x.jpg", "a/y.jpg", "a/.hidden.jpg", "a/deep/z.jpg", "b/x.jpg", "b/x.png", "top.jpg",
+                 "a/dir.jpg/inner.jpg"):  # fmt: skip
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    full = str(tmp_path / pattern)
+    assert match(full) == sorted(m.path for m in FileSystems.match([full])[0].metadata_list)
+
+
+def test_a_broken_link_in_a_glob_is_listed_for_its_read_to_dead_letter(tmp_path):
+    (tmp_path / "ok.jpg").write_bytes(b"x")
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "broken.jpg")
+    assert match(str(tmp_path / "*.jpg")) == [str(tmp_path / "broken.jpg"), str(tmp_path / "ok.jpg")]
