@@ -36,3 +36,14 @@ def test_embed_from_and_to_gcs(gcs_emulator, gcs_bucket, demo_catalog, tiny_mode
     second = run_embed(EmbedConfig(catalog=f"{catalog}/manifest.parquet", model=model, out=out))
     assert second.counts == {"items_in": 100, "embedded": 0, "reused": 95, "dead_lettered": 5}
     assert second.manifest["previous_run"] == first.run_id
+
+
+def test_a_glob_of_images_on_gcs(gcs_emulator, gcs_bucket, demo_catalog, tiny_model):
+    catalog = upload_dir(gcs_emulator, demo_catalog.root, gcs_bucket, "glob-catalog")
+    model = upload_dir(gcs_emulator, tiny_model, gcs_bucket, "models/tiny-glob")
+    out = f"gs://{gcs_bucket}/glob-out"
+    result = run_embed(EmbedConfig(catalog=f"{catalog}/images/00001*", model=model, out=out))
+    expected = sorted(p.stem for p in (demo_catalog.root / "images").glob("00001*"))
+    assert result.counts["items_in"] == len(expected) == 10
+    assert result.counts["embedded"] + result.counts["dead_lettered"] == 10
+    assert not list(gcs_emulator.list_blobs(gcs_bucket, prefix="glob-out/tmp/"))  # the listing went with the run
