@@ -10,6 +10,7 @@ a background stream (`encoder.gpu_stream`) while the runner's thread fetches the
 Output layout under `out`:
     embeddings/<run_id>/part-SSSSS-of-NNNNN.parquet, embeddings/<run_id>/_manifest.json
     failures/<run_id>/part-SSSSS-of-NNNNN.parquet
+    tmp/<run_id>/catalog.parquet: an image glob's listing, while the run runs
 """
 
 from __future__ import annotations
