@@ -28,5 +28,5 @@ case ",$steps," in *,train,*)
   timeout "${TRAIN_S:-200}" python3 benchmarks/train_bench.py --gpu --seconds 8 2>&1 | tee "$out/train.log" | tail -40;;
 esac
 case ",$steps," in *,host,*)  # the host's own per-image ceiling (CPU only, decode and model stood in)
-  timeout "${HOST_S:-90}" python3 benchmarks/worker_overhead.py --images 10000 2>&1 | tail -8 | tee "$out/host.log";;
+  timeout "${HOST_S:-120}" python3 benchmarks/worker_overhead.py --images 10000 2>&1 | tail -12 | tee "$out/host.log";;
 esac

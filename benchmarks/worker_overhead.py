@@ -14,7 +14,8 @@ worker whatever the GPU. This measures that cap on real JPEG files (scikit-image
   process's own CPU time per image;
   the Beam pipeline on the local runner (its GPU worker's wiring, reader processes
   included): whole run, and steady state (the whole run less a run over 1% of the files,
-  which is mostly start-up), with the same CPU-time column.
+  which is mostly start-up), with the same CPU-time column; then the same with the fetch
+  step reading one chunk ahead, a variant defined here (`FetchAhead`) to decide on.
 Every path's CPU time leaves out the reader processes': on a many-core host it is the
 embedding process's own time, under one interpreter lock, that caps the worker.
 Results go in BENCHMARKS.md.
@@ -101,6 +102,31 @@ def direct(files: list[str], ckpt: Path, out: Path, batch: int, reader: str) -> 
     return result.embedded / seconds, cpu / result.embedded
 
 
+class FetchAhead(embed.FetchAndDecode):
+    """A variant measured here before it is built in: the fetch step reads each chunk on a thread of its own
+    while the runner's thread passes the chunk before it downstream, so the runner's thread no longer waits on
+    every chunk's reads (on 2 cores the readers and the runner's thread share the cores anyway; what it is
+    worth shows on a many-core host)."""
+
+    def setup(self) -> None:
+        super().setup()
+        self._ahead_thread = ThreadPoolExecutor(1, thread_name_prefix="fetch-ahead")
+
+    def start_bundle(self) -> None:
+        self._ahead = None
+
+    def process(self, chunk, known=None):
+        ahead = self._ahead_thread.submit(lambda: list(super(FetchAhead, self).process(chunk, known)))
+        if self._ahead is not None:
+            yield from self._ahead.result()
+        self._ahead = ahead
+
+    def finish_bundle(self):
+        if self._ahead is not None:
+            ahead, self._ahead = self._ahead, None
+            yield from embed._windowed(ahead.result())
+
+
 def beam(catalog: str, ckpt: Path, out: Path, batch: int) -> tuple[int, float, float]:
     """Images embedded, seconds, and this process's CPU seconds (the local runner runs in it; reader
     processes' time is theirs)."""
@@ -137,16 +163,22 @@ def main() -> None:
             rate, cpu_s = direct(files, ckpt, work / "d", args.batch_size, reader)
             results.setdefault(name, []).append(rate)
             cpu.setdefault(name, []).append(cpu_s)
-        n, whole, whole_cpu = beam(str(work / "jpegs" / "*" / "*.jpg"), ckpt, work / "e", args.batch_size)
         (work / "small").mkdir()
         for f in files[: max(1, len(files) // 100)]:
             shutil.copy(f, work / "small")
-        n_small, fixed, fixed_cpu = beam(str(work / "small" / "*.jpg"), ckpt, work / "e1", args.batch_size)
-        results["Beam pipeline, local runner, whole run"] = n / whole
-        cpu["Beam pipeline, local runner, whole run"] = [whole_cpu / n]
-        steady = f"Beam pipeline, steady state (less a {n_small}-image run: {fixed:.1f} s)"
-        results[steady] = (n - n_small) / (whole - fixed)
-        cpu[steady] = [(whole_cpu - fixed_cpu) / (n - n_small)]
+        as_built = embed.FetchAndDecode
+        for variant, fetch in (("", as_built), (", fetching a chunk ahead (variant)", FetchAhead)):
+            embed.FetchAndDecode = fetch
+            try:
+                n, whole, whole_cpu = beam(str(work / "jpegs" / "*" / "*.jpg"), ckpt, work / "e", args.batch_size)
+                n_small, fixed, fixed_cpu = beam(str(work / "small" / "*.jpg"), ckpt, work / "e1", args.batch_size)
+            finally:
+                embed.FetchAndDecode = as_built
+            results[f"Beam pipeline{variant}, local runner, whole run"] = n / whole
+            cpu[f"Beam pipeline{variant}, local runner, whole run"] = [whole_cpu / n]
+            steady = f"Beam pipeline{variant}, steady state (less a {n_small}-image run: {fixed:.1f} s)"
+            results[steady] = (n - n_small) / (whole - fixed)
+            cpu[steady] = [(whole_cpu - fixed_cpu) / (n - n_small)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base = np.mean(results["standalone loop (direct_embed), reading in threads"])

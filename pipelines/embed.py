@@ -318,11 +318,7 @@ class EmbedBatch(beam.DoFn):
         if self._stream is None:
             return
         stream, self._stream = self._stream, None
-        for out in self._outputs(stream.finish()):  # finish_bundle hands Beam windowed values
-            if isinstance(out, beam.pvalue.TaggedOutput):
-                yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
-            else:
-                yield GlobalWindows.windowed_value(out)
+        yield from _windowed(self._outputs(stream.finish()))
 
     def _outputs(self, finished):
         for done in finished:
@@ -337,6 +333,15 @@ class EmbedBatch(beam.DoFn):
     def teardown(self) -> None:
         if getattr(self, "_stream", None) is not None:
             self._stream.close()
+
+
+def _windowed(outputs):
+    """Outputs of a `finish_bundle`, which Beam takes as windowed values only."""
+    for out in outputs:
+        if isinstance(out, beam.pvalue.TaggedOutput):
+            yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
+        else:
+            yield GlobalWindows.windowed_value(out)
 
 
 _READERS: dict[ReadLimits, ProcessReader] = {}

@@ -35,7 +35,8 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu():
 @pytest.mark.slow
 def test_worker_overhead_benchmark_runs():
     out = _run("benchmarks/worker_overhead.py", "--images", "300", "--batch-size", "32")
-    for path in ("read + sha256 alone", "standalone loop (direct_embed)", "Beam pipeline, local runner, whole run"):
+    for path in ("read + sha256 alone", "standalone loop (direct_embed)", "Beam pipeline, local runner, whole run",
+                 "Beam pipeline, fetching a chunk ahead (variant), local runner, whole run"):  # fmt: skip
         assert f"| {path}" in out, path
 
 
