@@ -8,6 +8,8 @@
 #
 # Writes OUT_DIR/{gpu.txt, gpu_embed.json, gpu_embed.log, host.log, train.log, tests.log}. Each step has its own time
 # limit so one slow step cannot eat the others'; a step that fails is logged and the next one runs.
+# The default limits add up to 800 s; where one command may run 600 s at most, split the steps over two calls
+# (e.g. EMBED_S=300 TESTS_S=85 with embed,tests,host, then train) or lower them.
 set -u
 out=${1:?usage: gpu_checks.sh OUT_DIR [STEPS]}
 steps=${2:-embed,tests,train,host}
