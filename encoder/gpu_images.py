@@ -26,6 +26,7 @@ import torch
 
 from encoder.jpeg import cpu_reason
 from encoder.preprocess import DecodeLimits, ImageDecodeError, PreprocessConfig, decode_image
+from encoder.storage import describe_error
 
 __all__ = [
     "DECODERS",
@@ -351,11 +352,6 @@ def decode_on_cpu(data: bytes, cfg: PreprocessConfig, limits: DecodeLimits) -> n
         return str(err)
     except Exception as err:  # noqa: BLE001 - a decoder bug on one image must not stop the batch
         return f"unexpected {describe_error(err)}"
-
-
-def describe_error(err: BaseException) -> str:
-    """An exception as a dead-letter reason: "Type: message"."""
-    return f"{type(err).__name__}: {err}"
 
 
 def collect_decodes(futures: Sequence[Future], max_decode_s: float, threads: int) -> list[np.ndarray | str]:

@@ -33,6 +33,7 @@ __all__ = [
     "contained",
     "delete",
     "delete_tree",
+    "describe_error",
     "download_gcs_dir",
     "exists",
     "gcs_client",
@@ -181,6 +182,11 @@ def with_retries(call: Callable[[], T], what: str, *, attempts: int = 5, base_de
             log.warning("%s: %s (attempt %d/%d), retrying in %.2fs", what, err, attempt, attempts, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def describe_error(err: BaseException) -> str:
+    """An exception as a dead-letter reason: "Type: message" (every stage's reasons read alike)."""
+    return f"{type(err).__name__}: {err}"
 
 
 def is_not_found(err: BaseException) -> bool:

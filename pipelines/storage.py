@@ -13,7 +13,7 @@ import re
 import stat
 
 from encoder import storage as object_store
-from encoder.storage import is_not_found, is_transient, with_retries
+from encoder.storage import describe_error, is_not_found, is_transient, with_retries
 
 __all__ = [
     "NotFound",
@@ -122,7 +122,7 @@ def read_image(uri: str, max_bytes: int) -> bytes | str:
     except NotFound:
         return "not found"
     except Exception as err:  # noqa: BLE001 - the item's dead letter
-        return f"{type(err).__name__}: {err}"
+        return describe_error(err)
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
@@ -163,11 +163,9 @@ def _match_local(pattern: str) -> list[str]:
 
     root = os.path.dirname(re.match(r"^[^[*?]*", pattern).group(0))
     matches = re.compile(LocalFileSystem.translate_pattern(pattern)).match
-    try:
-        return sorted(path for folder, _, files in os.walk(root) for name in files
-                      if matches(path := os.path.join(folder, name)))  # fmt: skip
-    except OSError as err:
-        raise OSError(f"list {pattern}: {err}") from err
+    # os.walk skips folders it cannot read, as Beam's own listing does.
+    return sorted(path for folder, _, files in os.walk(root) for name in files
+                  if matches(path := os.path.join(folder, name)))  # fmt: skip
 
 
 def join(base: str, *parts: str) -> str:
