@@ -9,10 +9,12 @@ quality 90) and SigLIP base/16-224 with random weights (same FLOPs as the real o
 (b) usual practice: torch DataLoader, one worker per core doing PIL decode (JPEG draft) +
     resize, bf16 + SDPA model;
 (c) lookalike's encoder alone on pre-decoded uint8 batches already on the GPU (bf16, SDPA,
-    torch.compile; compile time reported apart), with MFU;
+    torch.compile; compile time reported apart), with MFU: launching each batch before taking
+    the vectors of the one before, as (d) does, and one batch at a time;
 (d) lookalike end to end, files → Parquet, standalone (`pipelines.direct_embed`): files
     read in reader processes, GPU decode (nvJPEG, and nvImageCodec when installed)
-    overlapped with the model; and once with the files read in threads, as before;
+    overlapped with the model; and once with the files read in threads, once with the model
+    taking one batch at a time (before: no batch in flight while the host takes the vectors);
 (e) the same through the Beam embed pipeline on the local runner (`lookalike embed`,
     whole run: model load and compile included, as (d, cold) beside it).
 Then (c) and (d) for SigLIP so400m/14-384. GPU utilisation is sampled with NVML during
@@ -204,9 +206,11 @@ def encoder_alone(ckpt: Path, shape: dict, device: torch.device, batch: int, sec
     if device.type == "cuda":
         torch.cuda.synchronize()
     warm_s = time.perf_counter() - start
-    rate = images_per_s(lambda: encoder.embed_prepared(pixels), encoder.batch_size, seconds, device)
+    one_at_a_time = images_per_s(lambda: encoder.embed_prepared(pixels), encoder.batch_size, seconds / 2, device)
+    rate = images_per_s(_two_in_flight(encoder, pixels), encoder.batch_size, seconds, device)
     out = {
         "images_per_s": rate,
+        "one_batch_at_a_time_images_per_s": round(one_at_a_time),
         "batch": encoder.batch_size,
         "load_and_compile_s": round(warm_s, 1),
         "compile_mode": mode or ("default" if compile_ else "none"),
@@ -217,34 +221,48 @@ def encoder_alone(ckpt: Path, shape: dict, device: torch.device, batch: int, sec
     return out, encoder
 
 
+def _two_in_flight(encoder, pixels: torch.Tensor):
+    """One step of the model as `embed_stream` drives it: launch a batch, then take the vectors of the one before."""
+    pending = [encoder.launch(pixels)]
+
+    def step() -> None:
+        pending.append(encoder.launch(pixels))
+        pending.pop(0).result()
+
+    return step
+
+
 def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, out: Path, batch: int,
-               sample: bool = False, reader: str = "processes") -> dict:  # fmt: skip
+               sample: bool = False, reader: str = "processes", in_flight: int = 2) -> dict:  # fmt: skip
     from encoder.gpu_images import GpuImages
+    from encoder.model import PendingVectors
     from pipelines.direct_embed import embed_files
 
     images = GpuImages(encoder.preprocess, device, DecodeLimits(draft=True), decoder=decoder)
     embed_files([str(f) for f in files[:batch]], encoder, images, out / "warm", batch_size=batch)  # warm the decoder
     busy = {"decode": 0.0, "resize": 0.0, "encode": 0.0}  # each stage's thread: the busiest sets the pace
     images.decode, images.finish = _busy(images.decode, busy, "decode"), _busy(images.finish, busy, "resize")
-    encoder.embed_prepared = _busy(encoder.embed_prepared, busy, "encode")
+    encoder.launch, take = _busy(encoder.launch, busy, "encode"), PendingVectors.result
+    PendingVectors.result = _busy(take, busy, "encode")
     try:
         with StackSampler() if sample else contextlib.nullcontext() as sampler:
             start = time.perf_counter()
             result = embed_files([str(f) for f in files], encoder, images, out / decoder, batch_size=batch,
-                                 reader=reader)  # fmt: skip
+                                 reader=reader, in_flight=in_flight)  # fmt: skip
             seconds = time.perf_counter() - start
     finally:
-        del images.decode, images.finish, encoder.embed_prepared
+        del images.decode, images.finish, encoder.launch
+        PendingVectors.result = take
     shutil.rmtree(out, ignore_errors=True)
     return {"images": result.embedded, "images_per_s": result.embedded / seconds, "on_gpu": result.on_gpu,
-            "dead_lettered": result.dead_lettered, "decoder": decoder, "reader": reader,
+            "dead_lettered": result.dead_lettered, "decoder": decoder, "reader": reader, "in_flight": in_flight,
             "busy_pct": {k: round(100 * v / seconds) for k, v in busy.items()},
             **({"threads_pct": sampler.top()} if sample else {})}  # fmt: skip
 
 
 def _busy(fn, totals: dict, name: str):
     """`fn`, adding its wall time to `totals[name]` (decode: route + decoders; resize: its launches + CPU
-    fallback; encode: until the vectors are on the host)."""
+    fallback; encode: launching the model and waiting for the vectors on the host)."""
 
     def timed(*args, **kwargs):
         start = time.perf_counter()
@@ -401,6 +419,8 @@ def main() -> None:
                              device, decoder, work / "d", batch)  # fmt: skip
                 run.path(f"(d) the same, reading in threads (before: no reader processes), {decoders[0]}",
                          end_to_end, files, encoder, device, decoders[0], work / "d", batch, False, "threads")  # fmt: skip
+                run.path(f"(d) the same, one batch at a time on the model (before: none in flight), {decoders[0]}",
+                         end_to_end, files, encoder, device, decoders[0], work / "d", batch, False, "processes", 1)  # fmt: skip
                 run.path(f"(d, cold) the same with model load + compile, {decoders[0]}", cold_end_to_end, files,
                          ckpt, device, decoders[0], work / "dc", batch, compile_)  # fmt: skip
             elif path == "mfu":  # (c) at twice the batch, and under the autotuning compile modes

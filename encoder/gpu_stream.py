@@ -3,7 +3,9 @@
 Two threads prepare batches on a side CUDA stream (`GpuImages`): one decodes batch i+2
 (the decoders release the GIL) while the other resizes batch i+1, and the model encodes
 batch i on the default stream; at most one decoded and `prefetch` resized batches wait
-in between, so memory stays bounded. An event orders each batch's decode
+in between, so memory stays bounded. The model's thread launches batch i before it waits
+for batch i-1's vectors, so the GPU has work queued while the host takes them (and the
+caller writes them) instead of idling until the next launch. An event orders each batch's decode
 before its encode, and `record_stream` keeps the allocator from reusing a batch's
 memory while the model still reads it. On the CPU the same code runs without streams
 (tests/encoder/test_gpu_stream.py).
@@ -15,6 +17,7 @@ come (the Beam step), so fetching the next batch overlaps all of this.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import queue
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 
 from encoder.gpu_images import GpuImages, describe_error
-from encoder.model import ImageEncoder
+from encoder.model import ImageEncoder, PendingVectors
 
 __all__ = ["BackgroundEmbedder", "StreamBatch", "embed_checked", "embed_stream"]
 
@@ -45,14 +48,19 @@ class StreamBatch:
     on_gpu: int  # images decoded by the GPU decoder (the rest by the CPU fallback)
 
 
-def embed_checked(encoder: ImageEncoder, pixels: torch.Tensor) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
+def embed_checked(encoder: ImageEncoder, pixels: torch.Tensor, launched: PendingVectors | Exception | None = None,
+                  ) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:  # fmt: skip
     """Embed a batch; if it fails, each image alone, so only the culprits fail. Non-finite vectors fail too.
+
+    `launched`: the batch's `encoder.launch(pixels)`, started earlier, or the error that raised.
 
     Returns:
         (rows embedded, their vectors, (row, reason) for the rest).
     """
     try:
-        vectors = encoder.embed_prepared(pixels)
+        if isinstance(launched, Exception):
+            raise launched
+        vectors = (launched or encoder.launch(pixels)).result()
         done = list(range(len(pixels)))
     except Exception as batch_err:  # noqa: BLE001 - isolate the image(s) that break the batch
         log.warning(
@@ -61,13 +69,20 @@ def embed_checked(encoder: ImageEncoder, pixels: torch.Tensor) -> tuple[list[int
         done, parts, failed = [], [], []
         for row in range(len(pixels)):
             try:
-                parts.append(encoder.embed_prepared(pixels[row : row + 1]))
+                parts.append(encoder.launch(pixels[row : row + 1]).result())
                 done.append(row)
             except Exception as err:  # noqa: BLE001 - recorded as the image's dead letter
                 failed.append((row, describe_error(err)))
         vectors = np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
         return _finite(done, vectors, failed)
     return _finite(done, vectors, [])
+
+
+def _launch(encoder: ImageEncoder, pixels: torch.Tensor) -> PendingVectors | Exception:
+    try:
+        return encoder.launch(pixels)
+    except Exception as err:  # noqa: BLE001 - `embed_checked` retries the batch image by image
+        return err
 
 
 def _finite(done: list[int], vectors: np.ndarray, failed: list[tuple[int, str]]):
@@ -79,13 +94,17 @@ def _finite(done: list[int], vectors: np.ndarray, failed: list[tuple[int, str]])
 
 
 def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tuple], prefetch: int = 2,
-                 ) -> Iterator[StreamBatch]:  # fmt: skip
+                 in_flight: int = 2) -> Iterator[StreamBatch]:  # fmt: skip
     """Embed (keys, images) or (keys, images, cpu_reasons) batches in order, decoding ahead of the model.
 
     Each image is encoded (bytes, or a 1-D uint8 array over a file reader's ring) or pixels
     already decoded on the CPU (`GpuImages.prepare`); `cpu_reasons` routes them as
-    `GpuImages.route` does. One `StreamBatch` per input batch, in order.
+    `GpuImages.route` does. One `StreamBatch` per input batch, in order. A batch is handed
+    over once `in_flight - 1` batches are launched behind it, so the GPU computes those while
+    the caller takes this one's vectors (1: each batch is done before the next is launched).
     """
+    if in_flight < 1:
+        raise ValueError(f"in_flight must be at least 1, got {in_flight}")
     decoded: queue.Queue = queue.Queue(maxsize=1)
     ready: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     stop = threading.Event()
@@ -143,26 +162,34 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
               for fn, name in ((decode_stage, "gpu-decode"), (finish_stage, "gpu-resize"))]  # fmt: skip
     for stage in stages:
         stage.start()
+    launched: collections.deque = collections.deque()  # (keys, prepared, its launch), oldest first
     try:
         while True:
             item = ready.get()
-            if item is _DONE:
-                return
             if isinstance(item, BaseException):
                 raise item
-            keys, prepared, event = item
-            if event is not None:
-                main = torch.cuda.current_stream(images.device)
-                main.wait_event(event)
-                prepared.pixels.record_stream(main)
-            rows, vectors, unembedded = embed_checked(encoder, prepared.pixels)
-            failed = [(keys[i], "decode", reason) for i, reason in prepared.failed]
-            failed += [(keys[prepared.kept[row]], "encode", reason) for row, reason in unembedded]
-            yield StreamBatch([keys[prepared.kept[row]] for row in rows], vectors, failed, prepared.on_gpu)
+            if item is not _DONE:
+                keys, prepared, event = item
+                if event is not None:
+                    main = torch.cuda.current_stream(images.device)
+                    main.wait_event(event)
+                    prepared.pixels.record_stream(main)
+                launched.append((keys, prepared, _launch(encoder, prepared.pixels)))
+            while launched and (item is _DONE or len(launched) >= in_flight):
+                yield _outcome(encoder, *launched.popleft())
+            if item is _DONE:
+                return
     finally:
         stop.set()
         for stage in stages:
             stage.join(timeout=5)
+
+
+def _outcome(encoder: ImageEncoder, keys: list[Hashable], prepared, launched) -> StreamBatch:
+    rows, vectors, unembedded = embed_checked(encoder, prepared.pixels, launched)
+    failed = [(keys[i], "decode", reason) for i, reason in prepared.failed]
+    failed += [(keys[prepared.kept[row]], "encode", reason) for row, reason in unembedded]
+    return StreamBatch([keys[prepared.kept[row]] for row in rows], vectors, failed, prepared.on_gpu)
 
 
 class BackgroundEmbedder:

@@ -26,6 +26,7 @@ from encoder.storage import download_gcs_dir, is_gcs
 __all__ = [
     "EncoderConfig",
     "ImageEncoder",
+    "PendingVectors",
     "batch_for_memory",
     "fit_batch_size",
     "load_encoder",
@@ -203,7 +204,6 @@ class ImageEncoder:
             image = Path(image).read_bytes()
         return decode_image(image, self.preprocess, self.limits)
 
-    @torch.inference_mode()
     def embed_prepared(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """Embed prepared images in chunks of `batch_size`.
 
@@ -214,19 +214,46 @@ class ImageEncoder:
         Returns:
             (n, dim) float32, L2-normalised.
         """
-        out = np.empty((len(batch), self.dim), dtype=np.float32)
+        return self.launch(batch).result()
+
+    @torch.inference_mode()
+    def launch(self, batch: np.ndarray | torch.Tensor) -> PendingVectors:
+        """`embed_prepared` without waiting for the device: the work is queued on the current CUDA stream and
+        the vectors are on their way to the host when this returns, so the caller can launch the next batch
+        before taking this one's (`PendingVectors.result`) and the GPU never waits on the host in between.
+        On the CPU the vectors are done on return."""
+        cuda = self.device.type == "cuda"
+        out = torch.empty((len(batch), self.dim), dtype=torch.float32, pin_memory=cuda)
         for start in range(0, len(batch), self.batch_size):
             chunk = torch.as_tensor(batch[start : start + self.batch_size])
             n = len(chunk)
             if self.static_batch and n < self.batch_size:  # one shape for a compiled graph: pad, then drop
                 chunk = torch.cat([chunk, chunk.new_zeros((self.batch_size - n, *chunk.shape[1:]))])
             if chunk.device != self.device:
-                chunk = (chunk.pin_memory() if self.device.type == "cuda" else chunk).to(self.device, non_blocking=True)
+                chunk = (chunk.pin_memory() if cuda else chunk).to(self.device, non_blocking=True)
             pixels = to_pixel_values(chunk, self.preprocess).to(self.dtype)
             features = self.vision_model(pixel_values=pixels).pooler_output[:n].float()
-            features = torch.nn.functional.normalize(features, dim=-1)
-            out[start : start + n] = features.cpu().numpy()
-        return out
+            out[start : start + n].copy_(torch.nn.functional.normalize(features, dim=-1), non_blocking=True)
+        done = None
+        if cuda:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+        return PendingVectors(out, done)
+
+
+@dataclass
+class PendingVectors:
+    """A batch's vectors while the device computes them."""
+
+    vectors: torch.Tensor  # (n, dim) float32 on the host: pinned, filled by the device, when it is a GPU
+    done: torch.cuda.Event | None  # recorded after the copy to the host; None when computed already
+
+    def result(self) -> np.ndarray:
+        """(n, dim) float32, L2-normalised; waits for the device (without holding the GIL)."""
+        if self.done is None:
+            return self.vectors.numpy()
+        self.done.synchronize()
+        return self.vectors.numpy().copy()  # a copy, so the pinned buffer goes back to torch's cache now
 
 
 def batch_for_memory(free_bytes: int, per_image_bytes: int, cap: int = 1024, multiple: int = 8,

@@ -9,6 +9,7 @@ tensor ops instead of per image in float64.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import warnings
@@ -191,6 +192,14 @@ def _high_depth_to_l(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
+@functools.lru_cache(maxsize=32)
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(1, 3, 1, 1) float32 means and stds on `device`, made once: on a GPU, making them there for every batch
+    was a blocking copy, which waits until the device has finished all the work queued before it."""
+    with torch.inference_mode(False):  # plain tensors, so training may use them as well as inference
+        return tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device) for v in (mean, std))
+
+
 def to_pixel_values(batch: np.ndarray | torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     """Rescale and normalise a batch of prepared images in one tensor op.
 
@@ -203,7 +212,6 @@ def to_pixel_values(batch: np.ndarray | torch.Tensor, cfg: PreprocessConfig) -> 
     x = torch.as_tensor(batch)
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
         raise ValueError(f"expected (n, h, w, 3) uint8, got {tuple(x.shape)} {x.dtype}")
-    mean = torch.tensor(cfg.image_mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.image_std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    mean, std = _channel_stats(tuple(cfg.image_mean), tuple(cfg.image_std), x.device)
     x = x.permute(0, 3, 1, 2).to(torch.float32) * cfg.rescale_factor
     return ((x - mean) / std).contiguous()

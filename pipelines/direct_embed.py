@@ -40,11 +40,12 @@ class DirectResult:
 
 def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, out_dir: str | Path, *,
                 batch_size: int = 256, readers: int = 8, reader: str = "processes", rows_per_shard: int = 100_000,
-                prefetch: int = 2) -> DirectResult:  # fmt: skip
+                prefetch: int = 2, in_flight: int = 2) -> DirectResult:  # fmt: skip
     """Embed `paths` (their paths are the item ids) into `out_dir/part-NNNNN.parquet` + `failures.parquet`.
 
     `reader`: "processes" reads, hashes and routes the files in `readers` processes of their own
-    (`pipelines.file_reader.ProcessReader`), "threads" in threads of this process.
+    (`pipelines.file_reader.ProcessReader`), "threads" in threads of this process. `prefetch` and
+    `in_flight`: as `embed_stream`'s.
     """
     if reader not in READERS:
         raise ValueError(f"reader must be one of {sorted(READERS)}, not {reader!r}")
@@ -61,7 +62,7 @@ def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, 
     shards = _Shards(out, embedding_schema(encoder.dim), rows_per_shard)
     try:
         with frozen_heap(), READERS[reader](limits, readers) as files:
-            for batch in embed_stream(encoder, images, batches(files), prefetch=prefetch):
+            for batch in embed_stream(encoder, images, batches(files), prefetch=prefetch, in_flight=in_flight):
                 failures.extend((path, path, stage, reason) for (path, _), stage, reason in batch.failed)
                 result.on_gpu += batch.on_gpu
                 if not batch.keys:

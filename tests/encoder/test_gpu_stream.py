@@ -96,29 +96,112 @@ def test_a_resize_stage_error_reaches_the_consumer(tiny_encoder, files):
 
 
 class _Poisoned:
-    """An encoder whose model fails on any batch holding a 255-valued image and returns NaN for a 7-valued one."""
+    """An encoder whose model fails at launch on any batch holding a 255-valued image, fails when the vectors are
+    taken for a 9-valued one (as a GPU reports a kernel's error late), and returns NaN for a 7-valued one."""
 
     def __init__(self, encoder) -> None:
         self._encoder, self.dim = encoder, encoder.dim
 
-    def embed_prepared(self, pixels):
-        if (pixels.flatten(1).amin(1) == 255).any():
+    def launch(self, pixels):
+        lows, highs = pixels.flatten(1).amin(1), pixels.flatten(1).amax(1)
+        if (lows == 255).any():
             raise RuntimeError("kernel failed")
-        vectors = self._encoder.embed_prepared(pixels)
-        vectors[(pixels.flatten(1).amax(1) == 7).numpy()] = np.nan
-        return vectors
+        pending = self._encoder.launch(pixels)
+        pending.vectors.numpy()[(highs == 7).numpy()] = np.nan
+        return _Late(pending) if (highs == 9).any() else pending
+
+
+class _Late:
+    def __init__(self, pending) -> None:
+        self.pending = pending
+
+    def result(self):
+        raise RuntimeError("device-side error")
+
+
+def _pixels(encoder, values: list[int | None], seed: int = 0):
+    """(n, h, w, 3) uint8: random below 200 where `values` has None, else that value everywhere."""
+    import torch
+
+    size = (encoder.preprocess.height, encoder.preprocess.width, 3)
+    pixels = torch.randint(
+        0, 200, (len(values), *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
+    for row, value in enumerate(values):
+        if value is not None:
+            pixels[row] = value
+    return pixels
 
 
 def test_a_failing_batch_is_retried_image_by_image_and_only_the_culprits_fail(tiny_encoder):
-    import torch
-
-    size = (tiny_encoder.preprocess.height, tiny_encoder.preprocess.width, 3)
-    pixels = torch.randint(0, 200, (6, *size), dtype=torch.uint8)
-    pixels[2], pixels[4] = 255, 7
+    pixels = _pixels(tiny_encoder, [None, None, 255, None, 7, None, 9])
     rows, vectors, failed = embed_checked(_Poisoned(tiny_encoder), pixels)
     assert rows == [0, 1, 3, 5] and vectors.shape == (4, tiny_encoder.dim)
-    assert failed == [(2, "RuntimeError: kernel failed"), (4, "non-finite embedding")]
+    expected = [(2, "RuntimeError: kernel failed"), (4, "non-finite embedding"), (6, "RuntimeError: device-side error")]
+    assert failed == expected
     assert np.allclose(vectors, tiny_encoder.embed_prepared(pixels[[0, 1, 3, 5]]), atol=1e-5)
+
+
+def test_a_batch_whose_vectors_fail_late_is_retried_image_by_image(tiny_encoder):
+    pixels = _pixels(tiny_encoder, [None, 9, None])
+    rows, _, failed = embed_checked(_Poisoned(tiny_encoder), pixels)
+    assert rows == [0, 2] and failed == [(1, "RuntimeError: device-side error")]
+
+
+class _Recording:
+    """Wraps an encoder: logs when each batch is launched and when its vectors are taken."""
+
+    def __init__(self, encoder) -> None:
+        self._encoder, self.dim, self.log = encoder, encoder.dim, []
+
+    def launch(self, pixels):
+        batch, pending, log = sum(event == "launch" for event, _ in self.log), self._encoder.launch(pixels), self.log
+        log.append(("launch", batch))
+
+        class Taken:
+            def result(self):
+                log.append(("result", batch))
+                return pending.result()
+
+        return Taken()
+
+
+@pytest.mark.parametrize(
+    "in_flight, expected",
+    [
+        (1, ["launch 0", "result 0", "launch 1", "result 1", "launch 2", "result 2"]),
+        (2, ["launch 0", "launch 1", "result 0", "launch 2", "result 1", "result 2"]),
+        (3, ["launch 0", "launch 1", "launch 2", "result 0", "result 1", "result 2"]),
+    ],
+)
+def test_the_next_batch_is_launched_before_this_ones_vectors_are_taken(tiny_encoder, files, in_flight, expected):
+    datas = [open(f, "rb").read() for f in files]
+    recording = _Recording(tiny_encoder)
+    batches = [([i], [d]) for i, d in enumerate(datas[:3])]
+    out = list(embed_stream(recording, _images(tiny_encoder), batches, in_flight=in_flight))
+    assert [f"{event} {batch}" for event, batch in recording.log] == expected
+    assert [b.keys for b in out] == [[0], [1], [2]]
+    expected = tiny_encoder.embed_prepared(_images(tiny_encoder).prepare(datas[:3]).pixels)
+    assert np.allclose(np.concatenate([b.vectors for b in out]), expected, atol=1e-5)
+
+
+def test_batches_in_flight_keep_their_order_when_some_fail(tiny_encoder):
+    """Batch 1 fails at launch, batch 2 when its vectors are taken: each is retried image by image, in place."""
+    values = [[None, None], [None, 255], [9, None], [None, 7], [None, None]]
+    host = [[p.numpy() for p in _pixels(tiny_encoder, v, seed=i)] for i, v in enumerate(values)]
+    batches = [([f"{i}.{j}" for j in range(2)], images) for i, images in enumerate(host)]
+    out = list(embed_stream(_Poisoned(tiny_encoder), _images(tiny_encoder), batches, in_flight=2))
+    assert [b.keys for b in out] == [["0.0", "0.1"], ["1.0"], ["2.1"], ["3.0"], ["4.0", "4.1"]]
+    assert [f for b in out for f in b.failed] == [
+        ("1.1", "encode", "RuntimeError: kernel failed"),
+        ("2.0", "encode", "RuntimeError: device-side error"),
+        ("3.1", "encode", "non-finite embedding"),
+    ]
+
+
+def test_in_flight_must_be_positive(tiny_encoder, files):
+    with pytest.raises(ValueError, match="in_flight"):
+        next(embed_stream(tiny_encoder, _images(tiny_encoder), [], in_flight=0))
 
 
 def test_background_embedder_returns_every_batch_in_order_with_pre_decoded_images(tiny_encoder, files):

@@ -175,3 +175,21 @@ def test_cuda_bf16_close_to_cpu_fp32(tiny_model, tiny_encoder):
     images = _images(16)
     cosine = (gpu.embed(images) * tiny_encoder.embed(images)).sum(axis=1)
     assert cosine.min() > 0.99, f"bf16 CUDA vs fp32 CPU cosine as low as {cosine.min()}"
+
+
+@pytest.mark.gpu
+def test_launching_a_batch_on_the_gpu_does_not_wait_for_the_gpu(tiny_model):
+    """Two batches in flight need a launch that never synchronises (a blocking copy would wait for the queue)."""
+    import torch
+
+    gpu = load_encoder(EncoderConfig(model=str(tiny_model), device="cuda"))
+    size = (gpu.preprocess.height, gpu.preprocess.width, 3)
+    pixels = torch.randint(0, 256, (32, *size), dtype=torch.uint8, device="cuda")
+    expected = gpu.embed_prepared(pixels)  # the first call may synchronise (allocator, library handles)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pending = [gpu.launch(pixels), gpu.launch(pixels)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for p in pending:
+        assert np.allclose(p.result(), expected, atol=1e-6)
