@@ -33,6 +33,7 @@ __all__ = [
     "DecodedBatch",
     "GpuImages",
     "PreparedBatch",
+    "batches_progressive",
     "byte_tensors",
     "collect_decodes",
     "decode_on_cpu",
@@ -50,7 +51,11 @@ BatchDecoder = Callable[[list[bytes | np.ndarray], torch.device], list[torch.Ten
 
 
 def nvjpeg_decoder() -> BatchDecoder:
-    """nvJPEG on the SMs through torchvision (CUDA kernels for Huffman-decoded blocks)."""
+    """nvJPEG through torchvision. Its `decode_jpegs_cuda` sends the batch's baseline JPEGs to the GPU's hardware
+    JPEG engines in one call where the GPU has them (A100, H100); progressive JPEGs, and every JPEG on a GPU
+    without those engines, it decodes one at a time (Huffman on the calling thread, two stream synchronisations
+    each), all under one process-wide lock. So progressive JPEGs are routed to the CPU threads instead
+    (`batches_progressive`), where several decode at once and none holds up the batch's GPU decode."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     def decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
@@ -102,6 +107,13 @@ def pil_decoder() -> BatchDecoder:
 
 
 DECODERS = {"nvjpeg": nvjpeg_decoder, "nvimgcodec": nvimgcodec_decoder, "pil": pil_decoder}
+_PROGRESSIVE_ONE_AT_A_TIME = frozenset({"nvjpeg"})
+
+
+def batches_progressive(decoder: str | BatchDecoder | None) -> bool:
+    """Whether this GPU decoder takes progressive JPEGs in its batches; where it does not, the routing
+    (`encoder.jpeg.cpu_reason`) sends them to the CPU threads."""
+    return decoder not in _PROGRESSIVE_ONE_AT_A_TIME
 
 
 @dataclass
@@ -244,6 +256,7 @@ class GpuImages:
         self._threads = cpu_threads
         self._pool = cpu_pool or ThreadPoolExecutor(cpu_threads, thread_name_prefix="cpu-decode")
         self._decode = DECODERS[decoder]() if isinstance(decoder, str) else decoder
+        self.progressive_on_gpu = batches_progressive(decoder)
 
     @property
     def decodes_on_gpu(self) -> bool:
@@ -256,7 +269,8 @@ class GpuImages:
         if self._decode is None:
             return [], list(range(len(datas)))
         if reasons is None:
-            reasons = [cpu_reason(data, self.limits.max_bytes, self.limits.max_pixels) for data in datas]
+            limits = self.limits
+            reasons = [cpu_reason(data, limits.max_bytes, limits.max_pixels, self.progressive_on_gpu) for data in datas]
         gpu, cpu = [], []
         for i, reason in enumerate(reasons):
             (cpu if reason else gpu).append(i)

@@ -1,7 +1,8 @@
 """Just enough of a JPEG header to decide where an image is decoded: GPU or CPU.
 
 nvJPEG takes 8-bit Huffman-coded baseline and progressive JPEGs with 1 or 3 colour
-components. Everything else (PNG, WebP, CMYK/YCCK, 12-bit, arithmetic coding, EXIF
+components (progressive ones only where the decoder batches them: torchvision's decodes
+them one at a time, see `encoder.gpu_images`). Everything else (PNG, WebP, CMYK/YCCK, 12-bit, arithmetic coding, EXIF
 rotations that the CPU path applies, oversized images that the CPU path dead-letters
 with its reason, files cut off before their end marker, which nvJPEG would fill with
 grey) goes to the CPU decoder, one image at a time. Pure Python on the first kilobytes
@@ -13,7 +14,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-__all__ = ["JpegHeader", "cpu_reason", "read_jpeg_header"]
+__all__ = ["PROGRESSIVE_ON_CPU", "JpegHeader", "cpu_reason", "read_jpeg_header"]
 
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _HUFFMAN_8BIT = {0xC0, 0xC1, 0xC2}  # baseline, extended sequential, progressive
@@ -78,13 +79,19 @@ def _exif_orientation(tiff: bytes) -> int | None:
     return None
 
 
-def cpu_reason(data: bytes, max_bytes: int, max_pixels: int) -> str | None:
-    """Why these bytes must be decoded on the CPU, or None when the GPU decoder can take them."""
+PROGRESSIVE_ON_CPU = "progressive JPEG: this GPU decoder takes them one at a time"
+
+
+def cpu_reason(data: bytes, max_bytes: int, max_pixels: int, progressive: bool = True) -> str | None:
+    """Why these bytes must be decoded on the CPU, or None when the GPU decoder can take them.
+    `progressive`: whether the GPU decoder takes progressive JPEGs in its batches."""
     header = read_jpeg_header(data)
     if header is None:
         return "not a JPEG"
     if header.sof not in _HUFFMAN_8BIT or header.precision != 8:
         return f"JPEG frame 0x{header.sof:02X} at {header.precision} bits"
+    if header.sof == 0xC2 and not progressive:
+        return PROGRESSIVE_ON_CPU
     if header.components not in (1, 3):
         return f"{header.components} colour components (CMYK/YCCK)"
     if header.orientation != 1:

@@ -108,7 +108,10 @@ def embed(
         str, typer.Option(help="auto, on or off: decode and resize JPEGs on the GPU (auto: where there is one).")
     ] = "auto",
     gpu_decoder: Annotated[
-        str, typer.Option(help="nvjpeg (torchvision, on the SMs) or nvimgcodec (the GPU's hardware JPEG engines).")
+        str,
+        typer.Option(
+            help="nvjpeg (torchvision; progressive JPEGs go to CPU threads) or nvimgcodec (NVIDIA nvImageCodec)."
+        ),
     ] = "nvjpeg",
     draft: Annotated[bool, typer.Option(help="JPEG draft-mode decoding (faster, slightly different pixels).")] = True,
     incremental: Annotated[bool, typer.Option(help="Reuse vectors of unchanged images from an earlier run.")] = True,

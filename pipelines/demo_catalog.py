@@ -2,7 +2,7 @@
 
 `make_demo_catalog(out, items=500, seed=0)` writes
 
-    out/images/000000.jpg ...          product photos (JPEG, some PNG/WebP), a few broken
+    out/images/000000.jpg ...          product photos (JPEG, a fifth progressive; some PNG/WebP), a few broken
     out/manifest.parquet               item_id, image_uri (relative), title, category, updated_at
     out/interactions.parquet           query_item_id, clicked_item_id, weight, timestamp, session_id
     out/attributes.parquet             the latent truth (for tests and evaluation sanity checks)
@@ -246,7 +246,8 @@ def _write_image(job: tuple) -> str:
     elif odd == "cmyk_jpeg":
         data = _encode(image.convert("CMYK"), "JPEG", quality=90)
     else:
-        data = _encode(image, "JPEG", quality=int(rng.integers(80, 96)))
+        # A fifth progressive, as mozjpeg and many image services write them.
+        data = _encode(image, "JPEG", quality=int(rng.integers(80, 96)), progressive=bool(rng.random() < 0.2))
     if broken == "zero_bytes":
         data = b""
     elif broken == "truncated":

@@ -52,7 +52,7 @@ def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result, failures = DirectResult(), []
-    limits = ReadLimits.of(images.limits, route=images.decodes_on_gpu)
+    limits = ReadLimits.of(images.limits, route=images.decodes_on_gpu, progressive=images.progressive_on_gpu)
 
     def batches(files: FileReader) -> Iterator[tuple[list[tuple[str, str]], list, list]]:
         for read in files.read(paths, batch_size):

@@ -43,7 +43,7 @@ from apache_beam.utils.shared import Shared
 
 from encoder import DecodeLimits, EncoderConfig, load_encoder
 from encoder import storage as object_store
-from encoder.gpu_images import GpuImages, gpu_resizes
+from encoder.gpu_images import GpuImages, batches_progressive, gpu_resizes
 from encoder.gpu_stream import BackgroundEmbedder
 from encoder.storage import arrow_input, contained
 from pipelines import storage
@@ -91,7 +91,7 @@ class EmbedConfig:
     dtype: str = "auto"
     compile: bool = False
     gpu_decode: str = "auto"  # auto | on | off: JPEGs decoded and resized on the GPU (encoder.gpu_images)
-    gpu_decoder: str = "nvjpeg"  # nvjpeg (torchvision, on the SMs) | nvimgcodec (the GPU's JPEG engines)
+    gpu_decoder: str = "nvjpeg"  # nvjpeg (torchvision) | nvimgcodec (NVIDIA nvImageCodec): encoder.gpu_images
     draft: bool = True  # JPEG draft-mode decoding (see README, "Preprocessing")
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 100_000_000
@@ -215,7 +215,8 @@ class FetchAndDecode(beam.DoFn):
         self._pool = ThreadPoolExecutor(self._cfg.fetch_threads, thread_name_prefix="fetch")
         self._defer_decode = gpu_decoding(self._cfg, self._preprocess)  # the GPU worker routes and decodes
         # A GPU worker reads local files in reader processes, keeping the interpreter lock for the GPU threads.
-        self._reader = file_reader_for(self._cfg.limits) if self._defer_decode else None
+        self._reader = (file_reader_for(self._cfg.limits, batches_progressive(self._cfg.gpu_decoder))
+                        if self._defer_decode else None)  # fmt: skip
         self._progress = ProgressLog("fetched", self._total)
         self._previous = self._previous_source.acquire() if self._previous_source else None
         self._reused = Metrics.counter(_NAMESPACE, "reused")
@@ -348,10 +349,11 @@ _READERS: dict[ReadLimits, ProcessReader] = {}
 _READERS_LOCK = threading.Lock()
 
 
-def file_reader_for(limits: DecodeLimits) -> ProcessReader:
+def file_reader_for(limits: DecodeLimits, progressive: bool = True) -> ProcessReader:
     """This process's reader processes for local image files, started on first use, stopped at exit: one set
-    per worker process however many fetch steps its threads run (`ProcessReader.read` takes turns)."""
-    key = ReadLimits.of(limits)
+    per worker process however many fetch steps its threads run (`ProcessReader.read` takes turns).
+    `progressive`: whether the GPU decoder batches progressive JPEGs (their route depends on it)."""
+    key = ReadLimits.of(limits, progressive=progressive)
     with _READERS_LOCK:
         if key not in _READERS:
             processes = max(1, min(8, os.cpu_count() or 1))

@@ -67,11 +67,12 @@ class ReadLimits:
     max_bytes: int
     max_pixels: int
     route: bool = True  # parse the JPEG header for `encoder.jpeg.cpu_reason`; False: every reason is None
+    progressive: bool = True  # the GPU decoder batches progressive JPEGs (`encoder.gpu_images.batches_progressive`)
 
     @classmethod
-    def of(cls, limits, route: bool = True) -> ReadLimits:
+    def of(cls, limits, route: bool = True, progressive: bool = True) -> ReadLimits:
         """From an `encoder.DecodeLimits`."""
-        return cls(limits.max_bytes, limits.max_pixels, route)
+        return cls(limits.max_bytes, limits.max_pixels, route, progressive)
 
 
 @dataclass
@@ -93,7 +94,7 @@ def read_chunk(paths: Sequence[str], limits: ReadLimits, out: memoryview | None 
             records.append((None, "fetch", data, 0))
             continue
         digest = hashlib.sha256(data).hexdigest()  # releases the GIL on large buffers
-        reason = cpu_reason(data, limits.max_bytes, limits.max_pixels) if limits.route else None
+        reason = cpu_reason(data, limits.max_bytes, limits.max_pixels, limits.progressive) if limits.route else None
         n = len(data)
         if out is not None and used + n <= len(out):
             out[used : used + n] = data
@@ -385,5 +386,8 @@ class _Worker:
 
 def _main(argv: list[str]) -> None:
     """A reader process started by `ProcessReader._start`."""
-    *numbers, max_bytes, max_pixels, route = argv
-    _serve(*map(int, numbers), ReadLimits(int(max_bytes), int(max_pixels), route == "True"))
+    fields = dataclasses.fields(ReadLimits)
+    numbers, given = argv[: -len(fields)], argv[-len(fields) :]
+    parsed = (value == "True" if f.type == "bool" else int(value) for f, value in zip(fields, given, strict=True))
+    limits = ReadLimits(*parsed)
+    _serve(*map(int, numbers), limits)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from benchmarks.common import realistic_jpegs
 from encoder import DecodeLimits, PreprocessConfig, decode_image
-from encoder.gpu_images import GpuImages, byte_tensors, pil_decoder, resize_like_pil
+from encoder.gpu_images import GpuImages, batches_progressive, byte_tensors, pil_decoder, resize_like_pil
 
 CFG = PreprocessConfig(height=224, width=224)
 FULL = DecodeLimits(draft=False)  # the GPU decodes at full size; compare with the CPU doing the same
@@ -85,6 +85,27 @@ def test_every_input_is_kept_in_order_or_failed_with_a_reason(jpegs):
         expected = decode_image(datas[i], CFG, FULL)
         close = np.abs(batch.pixels[row].numpy().astype(int) - expected.astype(int)) <= 2
         assert close.mean() > 0.999, f"input {i} differs from the CPU decode"
+
+
+def _progressive(data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(buffer, "JPEG", quality=90, progressive=True)
+    return buffer.getvalue()
+
+
+def test_progressive_jpegs_go_to_the_cpu_threads_with_torchvisions_decoder_only(jpegs, monkeypatch):
+    import encoder.gpu_images as gpu_images
+
+    calls: list[int] = []
+    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda: _pil_decoder(calls))
+    datas = [jpegs[0], _progressive(jpegs[1]), jpegs[2], _progressive(jpegs[3])]
+    batch = GpuImages(CFG, "cpu", FULL, decoder="nvjpeg").prepare(datas)
+    assert batch.kept == [0, 1, 2, 3] and batch.on_gpu == 2 and calls == [2]  # the baseline pair, in one call
+    for row, data in enumerate(datas):
+        expected = decode_image(data, CFG, FULL)
+        assert (np.abs(batch.pixels[row].numpy().astype(int) - expected.astype(int)) <= 2).mean() > 0.999
+    assert GpuImages(CFG, "cpu", FULL, decoder=_pil_decoder()).prepare(datas).on_gpu == 4  # one that batches them
+    assert batches_progressive("nvimgcodec") and batches_progressive(None) and not batches_progressive("nvjpeg")
 
 
 def test_an_all_cpu_or_empty_batch_still_has_the_model_shape():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from encoder.jpeg import cpu_reason, read_jpeg_header
+from encoder.jpeg import PROGRESSIVE_ON_CPU, cpu_reason, read_jpeg_header
 from encoder.preprocess import DecodeLimits, ImageDecodeError, PreprocessConfig, decode_image
 
 _LIMITS = dict(max_bytes=10 << 20, max_pixels=10_000_000)
@@ -54,6 +54,12 @@ def test_the_frame_header_is_read(data, sof, components):
 def test_gpu_takes_baseline_progressive_and_grey_jpegs():
     for data in (_encode(), _encode(progressive=True), _encode("L"), _with_orientation(_encode(), 1)):
         assert cpu_reason(data, **_LIMITS) is None
+
+
+def test_progressive_jpegs_go_to_the_cpu_for_a_gpu_decoder_that_takes_them_one_at_a_time():
+    for data in (_encode(progressive=True), _encode("L", progressive=True)):
+        assert cpu_reason(data, **_LIMITS, progressive=False) == PROGRESSIVE_ON_CPU
+    assert cpu_reason(_encode(), **_LIMITS, progressive=False) is None
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from encoder import DecodeLimits, decode_image
+from encoder.jpeg import PROGRESSIVE_ON_CPU, cpu_reason
 from pipelines.catalog import CatalogError, CatalogItem, ItemChunk
 from pipelines.embed import EmbedConfig, FetchAndDecode, run_embed
 from pipelines.records import embedding_matrix
@@ -324,7 +325,11 @@ def test_gpu_decode_wiring_on_the_cpu_embeds_every_item_like_the_cpu_path(
     result = run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path),
                                    batch_size=16))  # fmt: skip
     assert result.counts == first_run.counts
-    assert sum(calls) >= 80  # the catalog's JPEGs went to the stand-in GPU decoder, in batches
+    images = [p.read_bytes() for p in (demo_catalog.root / "images").iterdir()]
+    limits = DecodeLimits()
+    routes = [cpu_reason(data, limits.max_bytes, limits.max_pixels, progressive=False) for data in images]
+    assert routes.count(PROGRESSIVE_ON_CPU) >= 10  # the catalog's progressive JPEGs: Pillow threads, not "nvjpeg"
+    assert sum(calls) == routes.count(None)  # its other JPEGs went to the stand-in GPU decoder, each once
     assert routed and all(routed)  # every batch routed by the reader processes, not again here
     assert result.manifest["dead_letters_by_stage"] == first_run.manifest["dead_letters_by_stage"]
     got, cpu = _vectors(_read_dir(Path(result.run_dir))), _vectors(_read_dir(Path(first_run.run_dir)))

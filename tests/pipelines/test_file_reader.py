@@ -71,6 +71,24 @@ def test_every_file_is_read_hashed_and_routed_or_dead_lettered_in_order(corpus, 
     assert "max_bytes=200000" in reasons["huge.jpg"] and reasons["missing.jpg"] == "not found"
 
 
+@pytest.mark.parametrize("make", [ThreadReader, ProcessReader], ids=["threads", "processes"])
+def test_progressive_jpegs_are_routed_as_the_gpu_decoder_needs(tmp_path, make, caplog):
+    """Also: reader processes get every `ReadLimits` field (one they could not parse would die, and their files
+    would be read in this process instead, with a warning)."""
+    from PIL import Image
+
+    from encoder.jpeg import PROGRESSIVE_ON_CPU
+
+    baseline = str(realistic_jpegs(tmp_path, 1, width=96)[0])
+    progressive = str(tmp_path / "progressive.jpg")
+    Image.open(baseline).save(progressive, "JPEG", progressive=True)
+    for takes_them, expected in ((True, None), (False, PROGRESSIVE_ON_CPU)):
+        with make(ReadLimits(LIMITS.max_bytes, LIMITS.max_pixels, progressive=takes_them), 1) as reader:
+            (batch,) = reader.read([baseline, progressive], 2)
+        assert batch.reasons == [None, expected]
+    assert not [r for r in caplog.records if "stopped" in r.getMessage()]
+
+
 def test_files_that_do_not_fit_their_slot_travel_in_the_reply(corpus):
     jpegs = [p for p in corpus if "/jpegs/" in p]
     with ProcessReader(LIMITS, 2, chunk=4, slot_bytes=20_000, slots=8) as reader:  # ~1-2 photos per slot
