@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -277,7 +278,8 @@ def _busy(fn, totals: dict, name: str):
 def stages(files: list[Path], encoder, device: torch.device, decoder: str, batch: int) -> dict:
     """Each stage of (d) alone, so the slowest is visible: read + hash (plain threads, and both file readers with
     routing), the GPU decoder alone, routing + decode, resize alone (on images decoded before, and on a batch of
-    one size), decode + resize in one thread."""
+    one size), decode + resize in one thread; then 1,000 progressive JPEGs decoded + resized as routed and forced
+    onto the GPU decoder."""
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
@@ -310,7 +312,37 @@ def stages(files: list[Path], encoder, device: torch.device, decoder: str, batch
              "resize_uniform_480x640_per_s": timed(lambda: [resize_like_pil(uniform, images.preprocess)
                                                              for _ in batches]),
              "decode_and_resize_per_s": timed(lambda: [images.prepare(b) for b in batches])}  # fmt: skip
+    with ThreadPoolExecutor(8) as pool:
+        progressive = list(pool.map(_progressive, datas[:1000]))
+    rates.update(_progressive_rates(progressive, encoder.preprocess, device, decoder, batch))
     return {**rates, "images": len(files), "decoder": decoder, "images_per_s": None}
+
+
+def _progressive(data: bytes) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(buffer, "JPEG", quality=90, progressive=True)
+    return buffer.getvalue()
+
+
+def _progressive_rates(datas: list[bytes], preprocess, device: torch.device, decoder: str, batch: int) -> dict:
+    """Progressive JPEGs decoded and resized as routed (torchvision's nvJPEG: on the CPU threads), and forced
+    onto the GPU decoder: what decides their route (`encoder.gpu_images.batches_progressive`)."""
+    from encoder.gpu_images import DECODERS, GpuImages
+
+    batches = [datas[i : i + batch] for i in range(0, len(datas), batch)]
+    rates = {}
+    for name, how in (("as_routed", decoder), ("forced_onto_gpu", DECODERS[decoder]())):  # a callable: no exception
+        images = GpuImages(preprocess, device, DecodeLimits(draft=True), decoder=how)
+        images.prepare(batches[0])  # warm-up
+        start = time.perf_counter()
+        on_gpu = sum(images.prepare(b).on_gpu for b in batches)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates[f"progressive_{name}_per_s"] = len(datas) / (time.perf_counter() - start)
+        rates[f"progressive_{name}_on_gpu"] = on_gpu
+    return rates
 
 
 def _read_rate(kind, paths: list[str], batch: int) -> float:
