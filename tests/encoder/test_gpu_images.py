@@ -167,3 +167,17 @@ def test_gpu_decoders_match_the_cpu_path(jpegs, decoder):
     diff = np.abs(batch.pixels.cpu().numpy().astype(int) - cpu)
     # nvJPEG's IDCT and chroma upsampling differ from libjpeg's by a level or two here and there.
     assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 4, f"mean {diff.mean():.3f}, p99 {np.percentile(diff, 99)}"
+
+
+@pytest.mark.gpu
+def test_the_resize_stage_never_waits_for_the_gpu(jpegs):
+    """Resizing a decoded batch only queues work: a synchronisation there would stall the stage behind the model."""
+    images = GpuImages(CFG, "cuda", FULL, decoder="nvjpeg")
+    images.finish(images.decode(jpegs))  # warm: pinned buffers, kernels, handles
+    decoded = images.decode(jpegs)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch = images.finish(decoded)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert batch.kept == list(range(len(jpegs))) and batch.on_gpu == len(jpegs)
