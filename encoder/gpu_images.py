@@ -37,10 +37,13 @@ __all__ = [
     "byte_tensors",
     "collect_decodes",
     "decode_on_cpu",
+    "dense_weights",
     "describe_error",
     "gpu_resizes",
     "nvimgcodec_decoder",
     "nvjpeg_decoder",
+    "pil_taps",
+    "pil_weights",
     "resize_like_pil",
 ]
 
@@ -152,33 +155,54 @@ def _triangle(x: torch.Tensor) -> torch.Tensor:
 _FILTERS = {2: (_triangle, 1.0), 3: (_cubic, 2.0)}  # PIL resample → (filter, support)
 
 
-def pil_weights(in_sizes: torch.Tensor, out_size: int, resample: int, length: int) -> torch.Tensor:
-    """(n, out_size, length) float32: PIL's antialiased resampling (its `precompute_coeffs`) as one matrix per
-    input size, zero beyond each size; built on the sizes' device in a few vectorised ops."""
+def pil_taps(in_sizes: torch.Tensor, out_size: int, resample: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PIL's antialiased resampling coefficients (its `precompute_coeffs`) for each input size (each at most
+    `length`), built on the sizes' device in a few vectorised ops: (n, out_size, window) input positions (int64)
+    and their float32 weights, zero past each window's end. `window` is PIL's `ksize` for the widest filter:
+    a dozen taps for 640 → 224."""
     kernel, support = _FILTERS[resample]
     device = in_sizes.device
+    window = 2 * math.ceil(support * max(1.0, length / out_size)) + 1
     size = in_sizes.to(torch.float64).view(-1, 1, 1)
     scale = size / out_size
     filter_scale = scale.clamp(min=1.0)
     support = support * filter_scale
     centre = (torch.arange(out_size, device=device, dtype=torch.float64).view(1, -1, 1) + 0.5) * scale
-    x = torch.arange(length, device=device, dtype=torch.float64).view(1, 1, -1)
     lo = torch.floor(centre - support + 0.5).clamp(min=0)
     hi = torch.minimum(torch.floor(centre + support + 0.5), size)
-    taps = kernel((x - centre + 0.5) / filter_scale) * ((x >= lo) & (x < hi))
+    x = lo + torch.arange(window, device=device, dtype=torch.float64)
+    taps = kernel((x - centre + 0.5) / filter_scale) * (x < hi)
     total = taps.sum(dim=-1, keepdim=True)
-    return (taps / torch.where(total == 0, 1.0, total)).to(torch.float32)
+    return x.long(), (taps / torch.where(total == 0, 1.0, total)).to(torch.float32)
+
+
+def dense_weights(positions: torch.Tensor, taps: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """(n, out, length) resampling matrices from `pil_taps`, zero elsewhere (`length` at least each input's size).
+    Taps past a window's end are zeros: clamped into range they add nothing where they land."""
+    weights = torch.zeros((*positions.shape[:2], length), dtype=dtype, device=positions.device)
+    return weights.scatter_add_(-1, positions.clamp(max=length - 1), taps.to(dtype))
+
+
+def pil_weights(in_sizes: torch.Tensor, out_size: int, resample: int, length: int) -> torch.Tensor:
+    """(n, out_size, length) float32: one resampling matrix per input size, zero beyond each size.
+
+    Computing every (output, input) pair in float64 and masking most of them away, as this once did, moved
+    ~60× the bytes of the windowed taps (a batch of 256 photos: ~0.5 GB per temporary, some thirty of them).
+    """
+    return dense_weights(*pil_taps(in_sizes, out_size, resample, length), length, torch.float32)
 
 
 def resize_like_pil(images: Sequence[torch.Tensor], cfg: PreprocessConfig, chunk: int = 64,
-                    dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+                    dtype: torch.dtype | None = None, max_canvas_bytes: int = 1 << 28) -> torch.Tensor:  # fmt: skip
     """(3, h, w) uint8 images of any sizes → (n, height, width, 3) uint8, PIL's antialiased filter.
 
     The images are taken in order of size, so those of one size sit side by side: each run of
     equal sizes fills its part of a zero-padded canvas in one stacked copy (a catalog of
     uniform photos costs one copy per `chunk` images, not one per image) and each chunk pads
-    only to its own largest image. The resize itself is two batched matrix products per chunk
-    with PIL's filter weights (built on the device for the whole batch at once, zero beyond each
+    only to its own largest image. A chunk also ends before its canvas would pass
+    `max_canvas_bytes`, so one very large photo does not pad dozens of others to its size. The
+    resize itself is two batched matrix products per chunk with PIL's filter weights (their taps
+    built on the device for the whole batch at once, then laid out per chunk, zero beyond each
     image's edge), so a batch of all-different sizes costs a few kernels, not a dozen per image;
     one gather puts the rows back in input order. On CUDA the products run in float16 on the
     tensor cores (uint8 values are exact in it; weights keep 11 bits; float32 accumulation),
@@ -198,19 +222,30 @@ def resize_like_pil(images: Sequence[torch.Tensor], cfg: PreprocessConfig, chunk
     # One upload for the sizes and the way back to input order.
     host = torch.tensor(heights + widths + inverse, dtype=torch.int64)
     uploaded = (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
-    all_rows = pil_weights(uploaded[:n], cfg.height, cfg.resample, max(heights)).to(dtype)
-    all_cols = pil_weights(uploaded[n : 2 * n], cfg.width, cfg.resample, max(widths)).to(dtype).transpose(1, 2)
+    row_taps = pil_taps(uploaded[:n], cfg.height, cfg.resample, max(heights))
+    col_taps = pil_taps(uploaded[n : 2 * n], cfg.width, cfg.resample, max(widths))
     out = torch.empty((n, cfg.height, cfg.width, 3), dtype=torch.uint8, device=device)
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
+    for start, stop in _chunks(shapes, chunk, max_canvas_bytes // 3):
         h_max, w_max = max(heights[start:stop]), max(widths[start:stop])
         canvas = _canvas([images[k] for k in order[start:stop]], shapes[start:stop], h_max, w_max)
-        rows = all_rows[start:stop, :, :h_max]  # (n, height, h_max)
-        cols = all_cols[start:stop, :w_max]  # (n, w_max, width)
+        rows = dense_weights(*(t[start:stop] for t in row_taps), h_max, dtype)  # (n, height, h_max)
+        cols = dense_weights(*(t[start:stop] for t in col_taps), w_max, dtype).transpose(1, 2)  # (n, w_max, width)
         x = canvas.to(dtype) @ cols[:, None]  # (n, 3, h_max, width): horizontal first, as PIL
         x = rows[:, None] @ x  # (n, 3, height, width)
         out[start:stop] = x.float().round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
     return out if order == list(range(n)) else out[uploaded[2 * n :]]
+
+
+def _chunks(shapes: list[tuple[int, int]], most: int, max_pixels: int) -> list[tuple[int, int]]:
+    """[start, stop) runs of `shapes` (in order of size) of at most `most` images whose canvas, padded to the run's
+    largest height and width, holds at most `max_pixels` pixels per channel (a run holds at least one image)."""
+    runs, start, h_max, w_max = [], 0, 0, 0
+    for k, (h, w) in enumerate(shapes):
+        h_max, w_max = max(h_max, h), max(w_max, w)
+        if k > start and (k - start >= most or (k + 1 - start) * h_max * w_max > max_pixels):
+            runs.append((start, k))
+            start, h_max, w_max = k, h, w
+    return [*runs, (start, len(shapes))]
 
 
 def _canvas(images: list[torch.Tensor], shapes: list[tuple[int, int]], h_max: int, w_max: int) -> torch.Tensor:

@@ -11,7 +11,15 @@ from PIL import Image
 
 from benchmarks.common import realistic_jpegs
 from encoder import DecodeLimits, PreprocessConfig, decode_image
-from encoder.gpu_images import GpuImages, batches_progressive, byte_tensors, pil_decoder, resize_like_pil
+from encoder.gpu_images import (
+    GpuImages,
+    _chunks,
+    batches_progressive,
+    byte_tensors,
+    pil_decoder,
+    pil_weights,
+    resize_like_pil,
+)
 
 CFG = PreprocessConfig(height=224, width=224)
 FULL = DecodeLimits(draft=False)  # the GPU decodes at full size; compare with the CPU doing the same
@@ -68,6 +76,51 @@ def test_images_grouped_by_size_come_back_in_input_order_as_if_resized_alone():
         assert torch.equal(resize_like_pil(tensors, cfg, chunk=chunk), alone)
     same = [tensors[0], tensors[2], tensors[5]]  # one size: stacked without padding
     assert torch.equal(resize_like_pil(same, cfg), alone[[0, 2, 5]])
+
+
+def _weights_every_pair(in_sizes: torch.Tensor, out_size: int, resample: int, length: int) -> torch.Tensor:
+    """PIL's coefficients computed for every (output, input) pair and masked to each filter's window: the
+    reference the windowed `pil_weights` must reproduce exactly."""
+    from encoder.gpu_images import _FILTERS
+
+    kernel, support = _FILTERS[resample]
+    size = in_sizes.to(torch.float64).view(-1, 1, 1)
+    scale = size / out_size
+    filter_scale = scale.clamp(min=1.0)
+    support = support * filter_scale
+    centre = (torch.arange(out_size, dtype=torch.float64).view(1, -1, 1) + 0.5) * scale
+    x = torch.arange(length, dtype=torch.float64).view(1, 1, -1)
+    lo = torch.floor(centre - support + 0.5).clamp(min=0)
+    hi = torch.minimum(torch.floor(centre + support + 0.5), size)
+    taps = kernel((x - centre + 0.5) / filter_scale) * ((x >= lo) & (x < hi))
+    total = taps.sum(dim=-1, keepdim=True)
+    return (taps / torch.where(total == 0, 1.0, total)).to(torch.float32)
+
+
+@pytest.mark.parametrize("resample", [Image.Resampling.BILINEAR, Image.Resampling.BICUBIC])
+@pytest.mark.parametrize("out_size", [16, 224, 384])
+def test_windowed_weights_equal_the_weights_of_every_pair(resample, out_size):
+    sizes = torch.tensor([1, 2, 7, 16, 17, 223, 224, 225, 383, 385, 480, 640, 999, 4001])
+    for length in (4001, 4010):  # as long as the largest input, and longer (a padded canvas)
+        expected = _weights_every_pair(sizes, out_size, resample, length)
+        assert torch.equal(pil_weights(sizes, out_size, resample, length), expected)
+
+
+def test_a_chunk_ends_before_its_canvas_outgrows_the_limit():
+    small, large = (10, 10), (100, 100)
+    assert _chunks([small] * 5 + [large], 64, 1000) == [(0, 5), (5, 6)]  # 5 small: 500 pixels; with the large one
+    assert _chunks([small] * 5 + [large], 2, 10**9) == [(0, 2), (2, 4), (4, 6)]  # at most 2 per chunk
+    assert _chunks([large, large], 64, 10) == [(0, 1), (1, 2)]  # over the limit alone: a chunk of its own
+    assert _chunks([(10, 50), (20, 10)], 64, 700) == [(0, 1), (1, 2)]  # padded to the tallest and widest: 2 × 20 × 50
+
+
+def test_one_large_photo_among_small_ones_is_resized_as_if_alone():
+    rng = np.random.default_rng(2)
+    sizes = [(40, 30)] * 6 + [(400, 300), (41, 30)]
+    tensors = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in sizes]
+    cfg = PreprocessConfig(height=16, width=16, resample=3)
+    alone = torch.cat([resize_like_pil([t], cfg) for t in tensors])
+    assert torch.equal(resize_like_pil(tensors, cfg, max_canvas_bytes=3 * 41 * 30 * 7), alone)
 
 
 def test_every_input_is_kept_in_order_or_failed_with_a_reason(jpegs):
