@@ -13,6 +13,7 @@ installs it is absent (it breaks transformers' SigLIP import there).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -47,6 +48,7 @@ __all__ = [
     "resize_like_pil",
 ]
 
+log = logging.getLogger(__name__)
 
 # A batch of encoded JPEGs (bytes, or 1-D uint8 arrays over a file reader's ring) → decoded (3, h, w) uint8
 # tensors on the device; raises if any fails.
@@ -340,12 +342,14 @@ class GpuImages:
     def finish(self, batch: DecodedBatch) -> PreparedBatch:
         """The second stage: resize what the GPU decoded, wait for the CPU decodes, assemble in input order."""
         parts: dict[int, torch.Tensor] = {}
-        if batch.gpu:
-            resized = resize_like_pil(batch.images, self.preprocess)
-            if len(batch.gpu) == batch.count:  # the usual batch: every image decoded on the GPU, already in order
-                return PreparedBatch(resized, list(range(batch.count)), [], on_gpu=batch.count)
-            parts.update(zip(batch.gpu, resized, strict=True))
         failed, host = [], dict(batch.host)
+        if batch.gpu:
+            resized, unresized = self._resize_checked(batch.images)
+            if len(batch.gpu) == batch.count and not unresized:  # the usual batch: all decoded here, in order
+                return PreparedBatch(resized, list(range(batch.count)), [], on_gpu=batch.count)
+            done = [i for j, i in enumerate(batch.gpu) if j not in unresized]
+            parts.update(zip(done, resized, strict=True))
+            failed += [(batch.gpu[j], reason) for j, reason in unresized.items()]
         for i, result in zip(batch.cpu, collect_decodes(batch.cpu_jobs, self.max_decode_s, self._threads), strict=True):
             if isinstance(result, str):
                 failed.append((i, result))
@@ -361,12 +365,27 @@ class GpuImages:
         kept = sorted(parts)
         if host and len(host) == batch.count:  # nothing decoded here: the host batch is already in order
             return PreparedBatch(uploaded, kept, [], on_gpu=0)
-        if kept:
-            pixels = torch.stack([parts[i] for i in kept])
-        else:
-            pixels = torch.empty((0, self.preprocess.height, self.preprocess.width, 3), dtype=torch.uint8,
-                                 device=self.device)  # fmt: skip
+        pixels = torch.stack([parts[i] for i in kept]) if kept else self._no_pixels()
         return PreparedBatch(pixels, kept, sorted(failed), on_gpu=len(batch.gpu))
+
+    def _resize_checked(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, dict[int, str]]:
+        """`resize_like_pil` of the batch; if that fails (out of GPU memory), each image alone, so only the
+        culprits fail: the images resized, in order, and position → dead-letter reason for the rest."""
+        try:
+            return resize_like_pil(images, self.preprocess), {}
+        except Exception as err:  # noqa: BLE001 - isolate the image(s) that break the batch
+            reason = describe_error(err)  # the error's frames (and their tensors) go at the end of this block
+        log.warning("resizing a batch of %d failed (%s); resizing its images one by one", len(images), reason)
+        rows, unresized = [], {}
+        for j, image in enumerate(images):
+            try:
+                rows.append(resize_like_pil([image], self.preprocess))
+            except Exception as err:  # noqa: BLE001 - recorded as the image's dead letter
+                unresized[j] = f"resize failed: {describe_error(err)}"
+        return (torch.cat(rows) if rows else self._no_pixels()), unresized
+
+    def _no_pixels(self) -> torch.Tensor:
+        return torch.empty((0, self.preprocess.height, self.preprocess.width, 3), dtype=torch.uint8, device=self.device)
 
     def _decode_on_gpu(self, datas: list[bytes]) -> tuple[list[tuple[int, torch.Tensor]], list[int]]:
         """(position, image) for what the GPU decoded, and the positions it rejected."""

@@ -161,6 +161,31 @@ def test_progressive_jpegs_go_to_the_cpu_threads_with_torchvisions_decoder_only(
     assert batches_progressive("nvimgcodec") and batches_progressive(None) and not batches_progressive("nvjpeg")
 
 
+def test_a_batch_that_fails_to_resize_is_resized_image_by_image_and_only_the_culprit_fails(jpegs, monkeypatch):
+    """As when one very large photo leaves too little GPU memory for its batch and for itself."""
+    import encoder.gpu_images as gpu_images
+
+    big = Image.open(io.BytesIO(jpegs[1])).resize((700, 500))
+    buffer = io.BytesIO()
+    big.save(buffer, "JPEG", quality=90)
+    resize = gpu_images.resize_like_pil
+
+    def short_of_memory(images, cfg, **kwargs):
+        if any(image.shape[-1] == 700 for image in images):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return resize(images, cfg, **kwargs)
+
+    monkeypatch.setattr(gpu_images, "resize_like_pil", short_of_memory)
+    datas = [jpegs[0], buffer.getvalue(), jpegs[2], _png(7)]
+    batch = GpuImages(CFG, "cpu", FULL, decoder=_pil_decoder()).prepare(datas)
+    assert batch.kept == [0, 2, 3] and batch.on_gpu == 3
+    assert batch.failed == [(1, "resize failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 GiB")]
+    expected = GpuImages(CFG, "cpu", FULL, decoder=_pil_decoder()).prepare([jpegs[0], jpegs[2], _png(7)])
+    assert torch.equal(batch.pixels, expected.pixels)
+    everything = GpuImages(CFG, "cpu", FULL, decoder=_pil_decoder()).prepare([buffer.getvalue()])
+    assert everything.kept == [] and everything.pixels.shape == (0, 224, 224, 3) and len(everything.failed) == 1
+
+
 def test_an_all_cpu_or_empty_batch_still_has_the_model_shape():
     images = GpuImages(CFG, "cpu", FULL, decoder=_pil_decoder())
     assert images.prepare([]).pixels.shape == (0, 224, 224, 3)
