@@ -394,14 +394,15 @@ class GpuImages:
             return [], []
         try:
             return list(enumerate(self._decode(datas, self.device))), []
-        except Exception:  # noqa: BLE001 - one bad image fails the batched call: find it
-            decoded, rejected = [], []
-            for j, one in enumerate(datas):
-                try:
-                    decoded.append((j, self._decode([one], self.device)[0]))
-                except Exception:  # noqa: BLE001 - the CPU decoder will decode it or say why not
-                    rejected.append(j)
-            return decoded, rejected
+        except Exception:  # noqa: BLE001 - one bad image fails the batched call: find it, once the error is gone
+            pass
+        decoded, rejected = [], []
+        for j, one in enumerate(datas):
+            try:
+                decoded.append((j, self._decode([one], self.device)[0]))
+            except Exception:  # noqa: BLE001 - the CPU decoder will decode it or say why not
+                rejected.append(j)
+        return decoded, rejected
 
 
 def _is_pixels(x) -> bool:

@@ -48,41 +48,41 @@ class StreamBatch:
     on_gpu: int  # images decoded by the GPU decoder (the rest by the CPU fallback)
 
 
-def embed_checked(encoder: ImageEncoder, pixels: torch.Tensor, launched: PendingVectors | Exception | None = None,
+def embed_checked(encoder: ImageEncoder, pixels: torch.Tensor, launched: PendingVectors | str | None = None,
                   ) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:  # fmt: skip
     """Embed a batch; if it fails, each image alone, so only the culprits fail. Non-finite vectors fail too.
 
-    `launched`: the batch's `encoder.launch(pixels)`, started earlier, or the error that raised.
+    `launched`: the batch's `encoder.launch(pixels)`, started earlier, or why it failed (`_launch`).
+    The retries start once the failure's traceback is gone: its frames hold the failed attempt's
+    tensors, which an image alone may need the GPU memory of.
 
     Returns:
         (rows embedded, their vectors, (row, reason) for the rest).
     """
-    try:
-        if isinstance(launched, Exception):
-            raise launched
-        vectors = (launched or encoder.launch(pixels)).result()
-        done = list(range(len(pixels)))
-    except Exception as batch_err:  # noqa: BLE001 - isolate the image(s) that break the batch
-        log.warning(
-            "batch of %d failed to embed (%s); retrying images one by one", len(pixels), describe_error(batch_err)
-        )
-        done, parts, failed = [], [], []
-        for row in range(len(pixels)):
-            try:
-                parts.append(encoder.launch(pixels[row : row + 1]).result())
-                done.append(row)
-            except Exception as err:  # noqa: BLE001 - recorded as the image's dead letter
-                failed.append((row, describe_error(err)))
-        vectors = np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
-        return _finite(done, vectors, failed)
-    return _finite(done, vectors, [])
+    reason = launched if isinstance(launched, str) else None
+    if reason is None:
+        try:
+            return _finite(list(range(len(pixels))), (launched or encoder.launch(pixels)).result(), [])
+        except Exception as err:  # noqa: BLE001 - isolate the image(s) that break the batch
+            reason = describe_error(err)
+    log.warning("batch of %d failed to embed (%s); retrying images one by one", len(pixels), reason)
+    done, parts, failed = [], [], []
+    for row in range(len(pixels)):
+        try:
+            parts.append(encoder.launch(pixels[row : row + 1]).result())
+            done.append(row)
+        except Exception as err:  # noqa: BLE001 - recorded as the image's dead letter
+            failed.append((row, describe_error(err)))
+    vectors = np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
+    return _finite(done, vectors, failed)
 
 
-def _launch(encoder: ImageEncoder, pixels: torch.Tensor) -> PendingVectors | Exception:
+def _launch(encoder: ImageEncoder, pixels: torch.Tensor) -> PendingVectors | str:
+    """`encoder.launch`, or the reason it failed (a string: an exception kept would keep its frames' tensors)."""
     try:
         return encoder.launch(pixels)
     except Exception as err:  # noqa: BLE001 - `embed_checked` retries the batch image by image
-        return err
+        return describe_error(err)
 
 
 def _finite(done: list[int], vectors: np.ndarray, failed: list[tuple[int, str]]):

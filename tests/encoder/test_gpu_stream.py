@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import threading
+import weakref
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -146,6 +147,39 @@ def test_a_batch_whose_vectors_fail_late_is_retried_image_by_image(tiny_encoder)
     pixels = _pixels(tiny_encoder, [None, 9, None])
     rows, _, failed = embed_checked(_Poisoned(tiny_encoder), pixels)
     assert rows == [0, 2] and failed == [(1, "RuntimeError: device-side error")]
+
+
+class _Hoarder:
+    """An encoder whose model, on a batch of more than one image, holds a large buffer in its frame and fails (as
+    on running out of GPU memory); each image alone then records whether that buffer was freed before it."""
+
+    class Buffer:
+        pass
+
+    def __init__(self, encoder) -> None:
+        self._encoder, self.dim, self.freed = encoder, encoder.dim, []
+
+    def launch(self, pixels):
+        if len(pixels) > 1:
+            activations = self.Buffer()
+            self.buffer = weakref.ref(activations)
+            raise RuntimeError("CUDA out of memory")
+        self.freed.append(self.buffer() is None)
+        return self._encoder.launch(pixels)
+
+
+@pytest.mark.parametrize("launched_earlier", [False, True])
+def test_the_failed_attempts_memory_is_freed_before_the_images_are_retried(tiny_encoder, launched_earlier):
+    from encoder.gpu_stream import _launch
+
+    hoarder, pixels = _Hoarder(tiny_encoder), _pixels(tiny_encoder, [None, None, None])
+    gc.disable()  # freed by reference counting alone, as soon as the failure is handled, not by a later collection
+    try:
+        launched = _launch(hoarder, pixels) if launched_earlier else None
+        rows, _, failed = embed_checked(hoarder, pixels, launched)
+    finally:
+        gc.enable()
+    assert rows == [0, 1, 2] and not failed and hoarder.freed == [True, True, True]
 
 
 class _Recording:
