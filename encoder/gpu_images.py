@@ -182,7 +182,7 @@ def dense_weights(positions: torch.Tensor, taps: torch.Tensor, length: int, dtyp
     """(n, out, length) resampling matrices from `pil_taps`, zero elsewhere (`length` at least each input's size).
     Taps past a window's end are zeros: clamped into range they add nothing where they land."""
     weights = torch.zeros((*positions.shape[:2], length), dtype=dtype, device=positions.device)
-    return weights.scatter_add_(-1, positions.clamp(max=length - 1), taps.to(dtype))
+    return weights.scatter_add_(-1, positions.clamp(max=length - 1), taps if taps.dtype == dtype else taps.to(dtype))
 
 
 def pil_weights(in_sizes: torch.Tensor, out_size: int, resample: int, length: int) -> torch.Tensor:
@@ -225,14 +225,17 @@ def resize_like_pil(images: Sequence[torch.Tensor], cfg: PreprocessConfig, chunk
     # One upload for the sizes and the way back to input order.
     host = torch.tensor(heights + widths + inverse, dtype=torch.int64)
     uploaded = (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
-    row_taps = pil_taps(uploaded[:n], cfg.height, cfg.resample, max(heights))
-    col_taps = pil_taps(uploaded[n : 2 * n], cfg.width, cfg.resample, max(widths))
+    row_at, row_taps = pil_taps(uploaded[:n], cfg.height, cfg.resample, max(heights))
+    col_at, col_taps = pil_taps(uploaded[n : 2 * n], cfg.width, cfg.resample, max(widths))
+    row_taps, col_taps = row_taps.to(dtype), col_taps.to(dtype)
     out = torch.empty((n, cfg.height, cfg.width, 3), dtype=torch.uint8, device=device)
     for start, stop in _chunks(shapes, chunk, max_canvas_bytes // 3):
         h_max, w_max = max(heights[start:stop]), max(widths[start:stop])
         canvas = _canvas([images[k] for k in order[start:stop]], shapes[start:stop], h_max, w_max)
-        rows = dense_weights(*(t[start:stop] for t in row_taps), h_max, dtype)  # (n, height, h_max)
-        cols = dense_weights(*(t[start:stop] for t in col_taps), w_max, dtype).transpose(1, 2)  # (n, w_max, width)
+        rows = dense_weights(row_at[start:stop], row_taps[start:stop], h_max, dtype)  # (n, height, h_max)
+        cols = dense_weights(col_at[start:stop], col_taps[start:stop], w_max, dtype).transpose(
+            1, 2
+        )  # (n, w_max, width)
         x = canvas.to(dtype) @ cols[:, None]  # (n, 3, h_max, width): horizontal first, as PIL
         x = rows[:, None] @ x  # (n, 3, height, width)
         out[start:stop] = x.float().round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
