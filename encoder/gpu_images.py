@@ -40,6 +40,7 @@ __all__ = [
     "decode_on_cpu",
     "dense_weights",
     "describe_error",
+    "device_failed",
     "gpu_resizes",
     "nvimgcodec_decoder",
     "nvjpeg_decoder",
@@ -109,6 +110,16 @@ def pil_decoder() -> BatchDecoder:
         return [torch.from_numpy(i.copy()).permute(2, 0, 1).to(device) for i in images]
 
     return decode
+
+
+_DEVICE_ERRORS = tuple(t for t in (getattr(torch, "AcceleratorError", None),) if t is not None)
+
+
+def device_failed(err: BaseException) -> bool:
+    """A CUDA error that leaves the device unusable (an illegal address, a device-side assert: every later call
+    fails too), unlike one image's failure or running out of memory: the run must stop and be retried, not
+    dead-letter the rest of the catalog image by image."""
+    return isinstance(err, _DEVICE_ERRORS)
 
 
 DECODERS = {"nvjpeg": nvjpeg_decoder, "nvimgcodec": nvimgcodec_decoder, "pil": pil_decoder}
@@ -378,6 +389,8 @@ class GpuImages:
         try:
             return resize_like_pil(images, self.preprocess), {}
         except Exception as err:  # noqa: BLE001 - isolate the image(s) that break the batch
+            if device_failed(err):
+                raise
             reason = describe_error(err)  # the error's frames (and their tensors) go at the end of this block
         log.warning("resizing a batch of %d failed (%s); resizing its images one by one", len(images), reason)
         rows, unresized = [], {}
@@ -385,6 +398,8 @@ class GpuImages:
             try:
                 rows.append(resize_like_pil([image], self.preprocess))
             except Exception as err:  # noqa: BLE001 - recorded as the image's dead letter
+                if device_failed(err):
+                    raise
                 unresized[j] = f"resize failed: {describe_error(err)}"
         return (torch.cat(rows) if rows else self._no_pixels()), unresized
 
@@ -397,13 +412,16 @@ class GpuImages:
             return [], []
         try:
             return list(enumerate(self._decode(datas, self.device))), []
-        except Exception:  # noqa: BLE001 - one bad image fails the batched call: find it, once the error is gone
-            pass
+        except Exception as err:  # noqa: BLE001 - one bad image fails the batched call: find it, once the error is gone
+            if device_failed(err):
+                raise
         decoded, rejected = [], []
         for j, one in enumerate(datas):
             try:
                 decoded.append((j, self._decode([one], self.device)[0]))
-            except Exception:  # noqa: BLE001 - the CPU decoder will decode it or say why not
+            except Exception as err:  # noqa: BLE001 - the CPU decoder will decode it or say why not
+                if device_failed(err):
+                    raise
                 rejected.append(j)
         return decoded, rejected
 

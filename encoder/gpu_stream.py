@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from encoder.gpu_images import GpuImages, describe_error
+from encoder.gpu_images import GpuImages, describe_error, device_failed
 from encoder.model import ImageEncoder, PendingVectors
 
 __all__ = ["BackgroundEmbedder", "StreamBatch", "embed_checked", "embed_stream"]
@@ -54,7 +54,8 @@ def embed_checked(encoder: ImageEncoder, pixels: torch.Tensor, launched: Pending
 
     `launched`: the batch's `encoder.launch(pixels)`, started earlier, or why it failed (`_launch`).
     The retries start once the failure's traceback is gone: its frames hold the failed attempt's
-    tensors, which an image alone may need the GPU memory of.
+    tensors, which an image alone may need the GPU memory of. A CUDA error that leaves the device
+    unusable (`device_failed`) is raised, not dead-lettered image by image.
 
     Returns:
         (rows embedded, their vectors, (row, reason) for the rest).
@@ -64,6 +65,8 @@ def embed_checked(encoder: ImageEncoder, pixels: torch.Tensor, launched: Pending
         try:
             return _finite(list(range(len(pixels))), (launched or encoder.launch(pixels)).result(), [])
         except Exception as err:  # noqa: BLE001 - isolate the image(s) that break the batch
+            if device_failed(err):
+                raise
             reason = describe_error(err)
     log.warning("batch of %d failed to embed (%s); retrying images one by one", len(pixels), reason)
     done, parts, failed = [], [], []
@@ -72,6 +75,8 @@ def embed_checked(encoder: ImageEncoder, pixels: torch.Tensor, launched: Pending
             parts.append(encoder.launch(pixels[row : row + 1]).result())
             done.append(row)
         except Exception as err:  # noqa: BLE001 - recorded as the image's dead letter
+            if device_failed(err):
+                raise
             failed.append((row, describe_error(err)))
     vectors = np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
     return _finite(done, vectors, failed)
@@ -82,6 +87,8 @@ def _launch(encoder: ImageEncoder, pixels: torch.Tensor) -> PendingVectors | str
     try:
         return encoder.launch(pixels)
     except Exception as err:  # noqa: BLE001 - `embed_checked` retries the batch image by image
+        if device_failed(err):
+            raise
         return describe_error(err)
 
 

@@ -186,6 +186,22 @@ def test_a_batch_that_fails_to_resize_is_resized_image_by_image_and_only_the_cul
     assert everything.kept == [] and everything.pixels.shape == (0, 224, 224, 3) and len(everything.failed) == 1
 
 
+@pytest.mark.parametrize("stage", ["decode", "resize"])
+def test_a_device_error_is_raised_not_dead_lettered(jpegs, monkeypatch, stage):
+    import encoder.gpu_images as gpu_images
+
+    def lost(*args, **kwargs):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    decoder = lost if stage == "decode" else _pil_decoder()
+    if stage == "resize":
+        monkeypatch.setattr(gpu_images, "resize_like_pil", lost)
+    with pytest.raises(torch.AcceleratorError):
+        GpuImages(CFG, "cpu", FULL, decoder=decoder).prepare(jpegs[:3])
+    assert gpu_images.device_failed(torch.AcceleratorError("x"))
+    assert not gpu_images.device_failed(torch.OutOfMemoryError("x")) and not gpu_images.device_failed(ValueError())
+
+
 def test_an_all_cpu_or_empty_batch_still_has_the_model_shape():
     images = GpuImages(CFG, "cpu", FULL, decoder=_pil_decoder())
     assert images.prepare([]).pixels.shape == (0, 224, 224, 3)

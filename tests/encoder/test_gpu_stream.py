@@ -10,6 +10,7 @@ import weakref
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from benchmarks.common import realistic_jpegs
 from encoder import DecodeLimits
@@ -180,6 +181,34 @@ def test_the_failed_attempts_memory_is_freed_before_the_images_are_retried(tiny_
     finally:
         gc.enable()
     assert rows == [0, 1, 2] and not failed and hoarder.freed == [True, True, True]
+
+
+class _DeviceLost:
+    """An encoder whose GPU hits an illegal address on the `fail_at`-th launch (counting from 0)."""
+
+    def __init__(self, encoder, fail_at: int) -> None:
+        self._encoder, self.dim, self.fail_at, self.launches = encoder, encoder.dim, fail_at, 0
+
+    def launch(self, pixels):
+        self.launches += 1
+        if self.launches > self.fail_at:
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+        return self._encoder.launch(pixels)
+
+
+def test_a_device_error_stops_the_stream_instead_of_dead_lettering_every_image(tiny_encoder):
+    """Every later call fails too once the device is lost: the run must fail (and be retried), not finish with
+    the rest of its images dead-lettered one by one."""
+    with pytest.raises(torch.AcceleratorError):
+        embed_checked(_DeviceLost(tiny_encoder, 0), _pixels(tiny_encoder, [None, None]))
+    host = [[p.numpy() for p in _pixels(tiny_encoder, [None, None], seed=i)] for i in range(4)]
+    batches = [([f"{i}.{j}" for j in range(2)], images) for i, images in enumerate(host)]
+    encoder = _DeviceLost(tiny_encoder, 2)
+    stream = embed_stream(encoder, _images(tiny_encoder), batches, in_flight=2)
+    assert next(stream).keys == ["0.0", "0.1"]
+    with pytest.raises(torch.AcceleratorError):
+        list(stream)
+    assert encoder.launches == 3  # no image-by-image retries
 
 
 class _Recording:
