@@ -283,7 +283,8 @@ def stages(files: list[Path], encoder, device: torch.device, decoder: str, batch
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
-    from encoder.gpu_images import DECODERS, GpuImages, resize_like_pil
+    from encoder.gpu_images import DECODERS, GpuImages
+    from encoder.resize import resize_like_pil
     from pipelines.file_reader import ProcessReader, ThreadReader
 
     def timed(fn) -> float:

@@ -43,8 +43,9 @@ from apache_beam.utils.shared import Shared
 
 from encoder import DecodeLimits, EncoderConfig, load_encoder
 from encoder import storage as object_store
-from encoder.gpu_images import GpuImages, batches_progressive, gpu_resizes
+from encoder.gpu_images import GpuImages, batches_progressive
 from encoder.gpu_stream import BackgroundEmbedder
+from encoder.resize import gpu_resizes
 from encoder.storage import arrow_input, contained
 from pipelines import storage
 from pipelines.catalog import (

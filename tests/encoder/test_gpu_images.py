@@ -11,15 +11,8 @@ from PIL import Image
 
 from benchmarks.common import realistic_jpegs
 from encoder import DecodeLimits, PreprocessConfig, decode_image
-from encoder.gpu_images import (
-    GpuImages,
-    _chunks,
-    batches_progressive,
-    byte_tensors,
-    pil_decoder,
-    pil_weights,
-    resize_like_pil,
-)
+from encoder.gpu_images import GpuImages, batches_progressive, byte_tensors, pil_decoder
+from encoder.resize import _chunks, pil_weights, resize_like_pil
 
 CFG = PreprocessConfig(height=224, width=224)
 FULL = DecodeLimits(draft=False)  # the GPU decodes at full size; compare with the CPU doing the same
@@ -81,7 +74,7 @@ def test_images_grouped_by_size_come_back_in_input_order_as_if_resized_alone():
 def _weights_every_pair(in_sizes: torch.Tensor, out_size: int, resample: int, length: int) -> torch.Tensor:
     """PIL's coefficients computed for every (output, input) pair and masked to each filter's window: the
     reference the windowed `pil_weights` must reproduce exactly."""
-    from encoder.gpu_images import _FILTERS
+    from encoder.resize import _FILTERS
 
     kernel, support = _FILTERS[resample]
     size = in_sizes.to(torch.float64).view(-1, 1, 1)
