@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -41,11 +42,13 @@ __all__ = [
     "decode_on_cpu",
     "describe_error",
     "device_failed",
+    "each_alone",
     "nvimgcodec_decoder",
     "nvjpeg_decoder",
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A batch of encoded JPEGs (bytes, or 1-D uint8 arrays over a file reader's ring) → decoded (3, h, w) uint8
 # tensors on the device; raises if any fails.
@@ -116,6 +119,20 @@ def device_failed(err: BaseException) -> bool:
     fails too), unlike one image's failure or running out of memory: the run must stop and be retried, not
     dead-letter the rest of the catalog image by image."""
     return isinstance(err, _DEVICE_ERRORS)
+
+
+def each_alone(fn: Callable[[Sequence], T], items: Sequence) -> tuple[list[tuple[int, T]], dict[int, str]]:
+    """`fn` of each item alone (a one-item slice), once a batch of them has failed: (position, result) for the
+    items it took, position → dead-letter reason for the rest. A device failure (`device_failed`) is raised."""
+    done, failed = [], {}
+    for j in range(len(items)):
+        try:
+            done.append((j, fn(items[j : j + 1])))
+        except Exception as err:  # noqa: BLE001 - recorded as the item's reason
+            if device_failed(err):
+                raise
+            failed[j] = describe_error(err)
+    return done, failed
 
 
 DECODERS = {"nvjpeg": nvjpeg_decoder, "nvimgcodec": nvimgcodec_decoder, "pil": pil_decoder}
@@ -254,15 +271,9 @@ class GpuImages:
                 raise
             reason = describe_error(err)  # the error's frames (and their tensors) go at the end of this block
         log.warning("resizing a batch of %d failed (%s); resizing its images one by one", len(images), reason)
-        rows, unresized = [], {}
-        for j, image in enumerate(images):
-            try:
-                rows.append(resize_like_pil([image], self.preprocess))
-            except Exception as err:  # noqa: BLE001 - recorded as the image's dead letter
-                if device_failed(err):
-                    raise
-                unresized[j] = f"resize failed: {describe_error(err)}"
-        return (torch.cat(rows) if rows else self._no_pixels()), unresized
+        done, failed = each_alone(lambda one: resize_like_pil(one, self.preprocess), images)
+        resized = torch.cat([rows for _, rows in done]) if done else self._no_pixels()
+        return resized, {j: f"resize failed: {why}" for j, why in failed.items()}
 
     def _no_pixels(self) -> torch.Tensor:
         return torch.empty((0, self.preprocess.height, self.preprocess.width, 3), dtype=torch.uint8, device=self.device)
@@ -276,15 +287,8 @@ class GpuImages:
         except Exception as err:  # noqa: BLE001 - one bad image fails the batched call: find it, once the error is gone
             if device_failed(err):
                 raise
-        decoded, rejected = [], []
-        for j, one in enumerate(datas):
-            try:
-                decoded.append((j, self._decode([one], self.device)[0]))
-            except Exception as err:  # noqa: BLE001 - the CPU decoder will decode it or say why not
-                if device_failed(err):
-                    raise
-                rejected.append(j)
-        return decoded, rejected
+        decoded, rejected = each_alone(lambda one: self._decode(one, self.device)[0], datas)
+        return decoded, list(rejected)  # the CPU decoder will decode those or say why not
 
 
 def _is_pixels(x) -> bool:

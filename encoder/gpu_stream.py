@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from encoder.gpu_images import GpuImages, describe_error, device_failed
+from encoder.gpu_images import GpuImages, describe_error, device_failed, each_alone
 from encoder.model import ImageEncoder, PendingVectors
 
 __all__ = ["BackgroundEmbedder", "StreamBatch", "embed_checked", "embed_stream"]
@@ -69,17 +69,9 @@ def embed_checked(encoder: ImageEncoder, pixels: torch.Tensor, launched: Pending
                 raise
             reason = describe_error(err)
     log.warning("batch of %d failed to embed (%s); retrying images one by one", len(pixels), reason)
-    done, parts, failed = [], [], []
-    for row in range(len(pixels)):
-        try:
-            parts.append(encoder.launch(pixels[row : row + 1]).result())
-            done.append(row)
-        except Exception as err:  # noqa: BLE001 - recorded as the image's dead letter
-            if device_failed(err):
-                raise
-            failed.append((row, describe_error(err)))
-    vectors = np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
-    return _finite(done, vectors, failed)
+    done, failed = each_alone(lambda one: encoder.launch(one).result(), pixels)
+    vectors = np.concatenate([v for _, v in done]) if done else np.zeros((0, encoder.dim), np.float32)
+    return _finite([row for row, _ in done], vectors, sorted(failed.items()))
 
 
 def _launch(encoder: ImageEncoder, pixels: torch.Tensor) -> PendingVectors | str:
