@@ -14,8 +14,9 @@ worker whatever the GPU. This measures that cap on real JPEG files (scikit-image
   process's own CPU time per image;
   the Beam pipeline on the local runner (its GPU worker's wiring, reader processes
   included): whole run, and steady state (the whole run less a run over 1% of the files,
-  which is mostly start-up), with the same CPU-time column; then the same with the fetch
-  step reading one chunk ahead, a variant defined here (`FetchAhead`) to decide on.
+  which is mostly start-up), with the same CPU-time column; and the same with the fetch
+  step reading one chunk ahead, a variant defined here (`FetchAhead`) to decide on (two runs
+  of each, alternated).
 Every path's CPU time leaves out the reader processes': on a many-core host it is the
 embedding process's own time, under one interpreter lock, that caps the worker.
 Results go in BENCHMARKS.md.
@@ -50,6 +51,7 @@ from encoder import DecodeLimits, EncoderConfig  # noqa: E402
 from pipelines.direct_embed import embed_files  # noqa: E402
 
 SIZE = 16
+FETCH_AHEAD = ", fetching a chunk ahead (variant)"
 
 
 class ConstantModel(torch.nn.Module):
@@ -166,19 +168,21 @@ def main() -> None:
         (work / "small").mkdir()
         for f in files[: max(1, len(files) // 100)]:
             shutil.copy(f, work / "small")
-        as_built = embed.FetchAndDecode
-        for variant, fetch in (("", as_built), (", fetching a chunk ahead (variant)", FetchAhead)):
+        as_built, variants = embed.FetchAndDecode, (("", embed.FetchAndDecode), (FETCH_AHEAD, FetchAhead))
+        for variant, fetch in variants * 2:  # alternated: two runs of each, so neither gains from going second
             embed.FetchAndDecode = fetch
             try:
                 n, whole, whole_cpu = beam(str(work / "jpegs" / "*" / "*.jpg"), ckpt, work / "e", args.batch_size)
                 n_small, fixed, fixed_cpu = beam(str(work / "small" / "*.jpg"), ckpt, work / "e1", args.batch_size)
             finally:
                 embed.FetchAndDecode = as_built
-            results[f"Beam pipeline{variant}, local runner, whole run"] = n / whole
-            cpu[f"Beam pipeline{variant}, local runner, whole run"] = [whole_cpu / n]
-            steady = f"Beam pipeline{variant}, steady state (less a {n_small}-image run: {fixed:.1f} s)"
-            results[steady] = (n - n_small) / (whole - fixed)
-            cpu[steady] = [(whole_cpu - fixed_cpu) / (n - n_small)]
+            for name, rate, cpu_s in (
+                (f"Beam pipeline{variant}, local runner, whole run", n / whole, whole_cpu / n),
+                (f"Beam pipeline{variant}, steady state (less a {n_small}-image run)", (n - n_small) / (whole - fixed),
+                 (whole_cpu - fixed_cpu) / (n - n_small)),
+            ):  # fmt: skip
+                results.setdefault(name, []).append(rate)
+                cpu.setdefault(name, []).append(cpu_s)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base = np.mean(results["standalone loop (direct_embed), reading in threads"])
