@@ -36,6 +36,7 @@ __all__ = [
     "DecodedBatch",
     "GpuImages",
     "PreparedBatch",
+    "attempt",
     "batches_progressive",
     "byte_tensors",
     "collect_decodes",
@@ -121,17 +122,28 @@ def device_failed(err: BaseException) -> bool:
     return isinstance(err, _DEVICE_ERRORS)
 
 
+def attempt(fn: Callable[..., T], *args) -> tuple[T | None, str | None]:
+    """(fn(*args), None), or (None, the dead-letter reason it failed with). Only the reason is kept: the exception's
+    traceback would keep its frames' tensors, and the GPU memory a retry needs, alive. A device failure
+    (`device_failed`) is raised."""
+    try:
+        return fn(*args), None
+    except Exception as err:  # noqa: BLE001 - the caller isolates the item(s) that failed
+        if device_failed(err):
+            raise
+        return None, describe_error(err)
+
+
 def each_alone(fn: Callable[[Sequence], T], items: Sequence) -> tuple[list[tuple[int, T]], dict[int, str]]:
     """`fn` of each item alone (a one-item slice), once a batch of them has failed: (position, result) for the
-    items it took, position → dead-letter reason for the rest. A device failure (`device_failed`) is raised."""
+    items it took, position → dead-letter reason for the rest (`attempt`)."""
     done, failed = [], {}
     for j in range(len(items)):
-        try:
-            done.append((j, fn(items[j : j + 1])))
-        except Exception as err:  # noqa: BLE001 - recorded as the item's reason
-            if device_failed(err):
-                raise
-            failed[j] = describe_error(err)
+        result, reason = attempt(fn, items[j : j + 1])
+        if reason is None:
+            done.append((j, result))
+        else:
+            failed[j] = reason
     return done, failed
 
 
@@ -264,12 +276,9 @@ class GpuImages:
     def _resize_checked(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, dict[int, str]]:
         """`resize_like_pil` of the batch; if that fails (out of GPU memory), each image alone, so only the
         culprits fail: the images resized, in order, and position → dead-letter reason for the rest."""
-        try:
-            return resize_like_pil(images, self.preprocess), {}
-        except Exception as err:  # noqa: BLE001 - isolate the image(s) that break the batch
-            if device_failed(err):
-                raise
-            reason = describe_error(err)  # the error's frames (and their tensors) go at the end of this block
+        resized, reason = attempt(resize_like_pil, images, self.preprocess)
+        if reason is None:
+            return resized, {}
         log.warning("resizing a batch of %d failed (%s); resizing its images one by one", len(images), reason)
         done, failed = each_alone(lambda one: resize_like_pil(one, self.preprocess), images)
         resized = torch.cat([rows for _, rows in done]) if done else self._no_pixels()
@@ -282,11 +291,9 @@ class GpuImages:
         """(position, image) for what the GPU decoded, and the positions it rejected."""
         if not datas:
             return [], []
-        try:
-            return list(enumerate(self._decode(datas, self.device))), []
-        except Exception as err:  # noqa: BLE001 - one bad image fails the batched call: find it, once the error is gone
-            if device_failed(err):
-                raise
+        decoded, reason = attempt(self._decode, datas, self.device)
+        if reason is None:
+            return list(enumerate(decoded)), []
         decoded, rejected = each_alone(lambda one: self._decode(one, self.device)[0], datas)
         return decoded, list(rejected)  # the CPU decoder will decode those or say why not
 

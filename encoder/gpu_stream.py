@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from encoder.gpu_images import GpuImages, describe_error, device_failed, each_alone
+from encoder.gpu_images import GpuImages, attempt, each_alone
 from encoder.model import ImageEncoder, PendingVectors
 
 __all__ = ["BackgroundEmbedder", "StreamBatch", "embed_checked", "embed_stream"]
@@ -62,12 +62,9 @@ def embed_checked(encoder: ImageEncoder, pixels: torch.Tensor, launched: Pending
     """
     reason = launched if isinstance(launched, str) else None
     if reason is None:
-        try:
-            return _finite(list(range(len(pixels))), (launched or encoder.launch(pixels)).result(), [])
-        except Exception as err:  # noqa: BLE001 - isolate the image(s) that break the batch
-            if device_failed(err):
-                raise
-            reason = describe_error(err)
+        vectors, reason = attempt(lambda: (launched or encoder.launch(pixels)).result())
+        if reason is None:
+            return _finite(list(range(len(pixels))), vectors, [])
     log.warning("batch of %d failed to embed (%s); retrying images one by one", len(pixels), reason)
     done, failed = each_alone(lambda one: encoder.launch(one).result(), pixels)
     vectors = np.concatenate([v for _, v in done]) if done else np.zeros((0, encoder.dim), np.float32)
@@ -75,13 +72,9 @@ def embed_checked(encoder: ImageEncoder, pixels: torch.Tensor, launched: Pending
 
 
 def _launch(encoder: ImageEncoder, pixels: torch.Tensor) -> PendingVectors | str:
-    """`encoder.launch`, or the reason it failed (a string: an exception kept would keep its frames' tensors)."""
-    try:
-        return encoder.launch(pixels)
-    except Exception as err:  # noqa: BLE001 - `embed_checked` retries the batch image by image
-        if device_failed(err):
-            raise
-        return describe_error(err)
+    """`encoder.launch`, or the reason it failed (`attempt`): `embed_checked` then retries it image by image."""
+    pending, reason = attempt(encoder.launch, pixels)
+    return pending if reason is None else reason
 
 
 def _finite(done: list[int], vectors: np.ndarray, failed: list[tuple[int, str]]):
