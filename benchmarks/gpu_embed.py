@@ -328,14 +328,20 @@ def _progressive(data: bytes) -> bytes:
 
 
 def _progressive_rates(datas: list[bytes], preprocess, device: torch.device, decoder: str, batch: int) -> dict:
-    """Progressive JPEGs decoded and resized as routed (torchvision's nvJPEG: on the CPU threads), and forced
-    onto the GPU decoder: what decides their route (`encoder.gpu_images.batches_progressive`)."""
+    """Progressive JPEGs decoded and resized as routed (torchvision's nvJPEG: on the CPU threads, 8 as
+    `GpuImages` has by default and 16), and forced onto the GPU decoder: what decides their route
+    (`encoder.gpu_images.batches_progressive`) and how many CPU threads it needs."""
     from encoder.gpu_images import DECODERS, GpuImages
 
     batches = [datas[i : i + batch] for i in range(0, len(datas), batch)]
     rates = {}
-    for name, how in (("as_routed", decoder), ("forced_onto_gpu", DECODERS[decoder]())):  # a callable: no exception
-        images = GpuImages(preprocess, device, DecodeLimits(draft=True), decoder=how)
+    ways = (
+        ("as_routed", decoder, 8),
+        ("as_routed_16_cpu_threads", decoder, 16),
+        ("forced_onto_gpu", DECODERS[decoder](), 8),
+    )  # fmt: skip - a callable decoder: no routing exception
+    for name, how, threads in ways:
+        images = GpuImages(preprocess, device, DecodeLimits(draft=True), decoder=how, cpu_threads=threads)
         images.prepare(batches[0])  # warm-up
         start = time.perf_counter()
         on_gpu = sum(images.prepare(b).on_gpu for b in batches)
