@@ -338,8 +338,8 @@ def _progressive_rates(datas: list[bytes], preprocess, device: torch.device, dec
     ways = (
         ("as_routed", decoder, 8),
         ("as_routed_16_cpu_threads", decoder, 16),
-        ("forced_onto_gpu", DECODERS[decoder](), 8),
-    )  # fmt: skip - a callable decoder: no routing exception
+        ("forced_onto_gpu", DECODERS[decoder](), 8),  # a callable decoder has no routing exception
+    )
     for name, how, threads in ways:
         images = GpuImages(preprocess, device, DecodeLimits(draft=True), decoder=how, cpu_threads=threads)
         images.prepare(batches[0])  # warm-up
