@@ -16,7 +16,7 @@ import torch
 
 from encoder.preprocess import PreprocessConfig
 
-__all__ = ["dense_weights", "gpu_resizes", "pil_taps", "pil_weights", "resize_like_pil"]
+__all__ = ["dense_weights", "gpu_resizes", "pil_taps", "resize_like_pil"]
 
 
 def _cubic(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
@@ -37,7 +37,8 @@ def pil_taps(in_sizes: torch.Tensor, out_size: int, resample: int, length: int) 
     """PIL's antialiased resampling coefficients (its `precompute_coeffs`) for each input size (each at most
     `length`), built on the sizes' device in a few vectorised ops: (n, out_size, window) input positions (int64)
     and their float32 weights, zero past each window's end. `window` is PIL's `ksize` for the widest filter:
-    a dozen taps for 640 → 224."""
+    a dozen taps for 640 → 224. Computing every (output, input) pair in float64 and masking most of them away,
+    as this once did, made some thirty passes over 0.75 GB for a batch of 256 photos (rows and columns)."""
     kernel, support = _FILTERS[resample]
     device = in_sizes.device
     window = 2 * math.ceil(support * max(1.0, length / out_size)) + 1
@@ -54,21 +55,11 @@ def pil_taps(in_sizes: torch.Tensor, out_size: int, resample: int, length: int) 
     return x.long(), (taps / torch.where(total == 0, 1.0, total)).to(torch.float32)
 
 
-def dense_weights(positions: torch.Tensor, taps: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
-    """(n, out, length) resampling matrices from `pil_taps`, zero elsewhere (`length` at least each input's size).
-    Taps past a window's end are zeros: clamped into range they add nothing where they land."""
-    weights = torch.zeros((*positions.shape[:2], length), dtype=dtype, device=positions.device)
-    return weights.scatter_add_(-1, positions.clamp(max=length - 1), taps if taps.dtype == dtype else taps.to(dtype))
-
-
-def pil_weights(in_sizes: torch.Tensor, out_size: int, resample: int, length: int) -> torch.Tensor:
-    """(n, out_size, length) float32: one resampling matrix per input size, zero beyond each size.
-
-    Computing every (output, input) pair in float64 and masking most of them away, as this once did, made
-    some thirty passes over 0.75 GB for a batch of 256 photos (rows and columns); the windowed taps are ~60×
-    smaller.
-    """
-    return dense_weights(*pil_taps(in_sizes, out_size, resample, length), length, torch.float32)
+def dense_weights(positions: torch.Tensor, taps: torch.Tensor, length: int) -> torch.Tensor:
+    """(n, out, length) resampling matrices in the taps' dtype from `pil_taps`, zero elsewhere (`length` at least
+    each input's size). Taps past a window's end are zeros: clamped into range they add nothing where they land."""
+    weights = torch.zeros((*positions.shape[:2], length), dtype=taps.dtype, device=positions.device)
+    return weights.scatter_add_(-1, positions.clamp(max=length - 1), taps)
 
 
 def resize_like_pil(images: Sequence[torch.Tensor], cfg: PreprocessConfig, chunk: int = 64,
@@ -108,10 +99,8 @@ def resize_like_pil(images: Sequence[torch.Tensor], cfg: PreprocessConfig, chunk
     for start, stop in _chunks(shapes, chunk, max_canvas_bytes // 3):
         h_max, w_max = max(heights[start:stop]), max(widths[start:stop])
         canvas = _canvas([images[k] for k in order[start:stop]], shapes[start:stop], h_max, w_max)
-        rows = dense_weights(row_at[start:stop], row_taps[start:stop], h_max, dtype)  # (n, height, h_max)
-        cols = dense_weights(col_at[start:stop], col_taps[start:stop], w_max, dtype).transpose(
-            1, 2
-        )  # (n, w_max, width)
+        rows = dense_weights(row_at[start:stop], row_taps[start:stop], h_max)  # (n, height, h_max)
+        cols = dense_weights(col_at[start:stop], col_taps[start:stop], w_max).transpose(1, 2)  # (n, w_max, width)
         x = canvas.to(dtype) @ cols[:, None]  # (n, 3, h_max, width): horizontal first, as PIL
         x = rows[:, None] @ x  # (n, 3, height, width)
         out[start:stop] = x.float().round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)

@@ -12,7 +12,7 @@ from PIL import Image
 from benchmarks.common import realistic_jpegs
 from encoder import DecodeLimits, PreprocessConfig, decode_image
 from encoder.gpu_images import GpuImages, batches_progressive, byte_tensors, pil_decoder
-from encoder.resize import _chunks, pil_weights, resize_like_pil
+from encoder.resize import _chunks, dense_weights, pil_taps, resize_like_pil
 
 CFG = PreprocessConfig(height=224, width=224)
 FULL = DecodeLimits(draft=False)  # the GPU decodes at full size; compare with the CPU doing the same
@@ -73,7 +73,7 @@ def test_images_grouped_by_size_come_back_in_input_order_as_if_resized_alone():
 
 def _weights_every_pair(in_sizes: torch.Tensor, out_size: int, resample: int, length: int) -> torch.Tensor:
     """PIL's coefficients computed for every (output, input) pair and masked to each filter's window: the
-    reference the windowed `pil_weights` must reproduce exactly."""
+    reference the windowed taps (`pil_taps`, laid out by `dense_weights`) must reproduce exactly."""
     from encoder.resize import _FILTERS
 
     kernel, support = _FILTERS[resample]
@@ -96,7 +96,7 @@ def test_windowed_weights_equal_the_weights_of_every_pair(resample, out_size):
     sizes = torch.tensor([1, 2, 7, 16, 17, 223, 224, 225, 383, 385, 480, 640, 999, 4001])
     for length in (4001, 4010):  # as long as the largest input, and longer (a padded canvas)
         expected = _weights_every_pair(sizes, out_size, resample, length)
-        assert torch.equal(pil_weights(sizes, out_size, resample, length), expected)
+        assert torch.equal(dense_weights(*pil_taps(sizes, out_size, resample, length), length), expected)
 
 
 def test_a_chunk_ends_before_its_canvas_outgrows_the_limit():
