@@ -50,7 +50,8 @@ setup(
     ],
     extras_require={
         # GPU workers only: GPU JPEG decode. torchvision breaks transformers' SigLIP import beside the CPU torch.
-        "gpu": ["torchvision==0.28.*", "nvidia-nvimgcodec-cu13[nvjpeg]>=0.9"],
+        # encoder/nvimgcodec.py mirrors nvImageCodec 0.9's C header: another minor version is refused.
+        "gpu": ["torchvision==0.28.*", "nvidia-nvimgcodec-cu13[nvjpeg]==0.9.*"],
         "dev": ["pytest>=9", "hypothesis>=6.170", "gcp-storage-emulator>=2026.7", "ruff>=0.17", "scikit-image>=0.26"],
     },
     entry_points={"console_scripts": ["lookalike=pipelines.cli:main"]},

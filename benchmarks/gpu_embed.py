@@ -300,7 +300,7 @@ def stages(files: list[Path], encoder, device: torch.device, decoder: str, batch
                    (("threads", ThreadReader), ("processes", ProcessReader))}  # fmt: skip
     datas = [f.read_bytes() for f in files]
     batches = [datas[i : i + batch] for i in range(0, len(datas), batch)]
-    decode = DECODERS[decoder]()
+    decode = DECODERS[decoder](device)
     decode(batches[0], device)  # warm-up
     images = GpuImages(encoder.preprocess, device, DecodeLimits(draft=True), decoder=decoder)
     images.prepare(batches[0])
@@ -338,7 +338,7 @@ def _progressive_rates(datas: list[bytes], preprocess, device: torch.device, dec
     ways = (
         ("as_routed", decoder, 8),
         ("as_routed_16_cpu_threads", decoder, 16),
-        ("forced_onto_gpu", DECODERS[decoder](), 8),  # a callable decoder has no routing exception
+        ("forced_onto_gpu", DECODERS[decoder](device), 8),  # a callable decoder has no routing exception
     )
     for name, how, threads in ways:
         images = GpuImages(preprocess, device, DecodeLimits(draft=True), decoder=how, cpu_threads=threads)

@@ -24,7 +24,7 @@ COPY indexing/ indexing/
 COPY evaluation/ evaluation/
 COPY training/ training/
 RUN pip install --no-deps . \
-    && pip install "torchvision==0.28.*" "nvidia-nvimgcodec-cu13[nvjpeg]>=0.9" \
+    && pip install "torchvision==0.28.*" "nvidia-nvimgcodec-cu13[nvjpeg]==0.9.*" \
     && python -c "import encoder, pipelines, training; print('lookalike ok')"
 
 # The Beam SDK harness stays the entry point (set by the base image).

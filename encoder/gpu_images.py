@@ -45,6 +45,7 @@ __all__ = [
     "device_failed",
     "each_alone",
     "nvimgcodec_decoder",
+    "nvimgcodec_python_decoder",
     "nvjpeg_decoder",
 ]
 
@@ -52,11 +53,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # A batch of encoded JPEGs (bytes, or 1-D uint8 arrays over a file reader's ring) → decoded (3, h, w) uint8
-# tensors on the device; raises if any fails.
-BatchDecoder = Callable[[list[bytes | np.ndarray], torch.device], list[torch.Tensor]]
+# tensors on the device, None for one it could not decode (or it raises: then each image is tried alone).
+BatchDecoder = Callable[[list[bytes | np.ndarray], torch.device], list[torch.Tensor | None]]
 
 
-def nvjpeg_decoder() -> BatchDecoder:
+def nvjpeg_decoder(device: torch.device) -> BatchDecoder:
     """nvJPEG through torchvision. Its `decode_jpegs_cuda` sends the batch's baseline JPEGs to the GPU's hardware
     JPEG engines in one call where the GPU has them (A100, H100); progressive JPEGs, and every JPEG on a GPU
     without those engines, it decodes one at a time (Huffman on the calling thread, two stream synchronisations
@@ -80,16 +81,29 @@ def byte_tensors(datas: Sequence[bytes | np.ndarray]) -> list[torch.Tensor]:
     return [torch.frombuffer(d, dtype=torch.uint8) for d in datas]
 
 
-def nvimgcodec_decoder() -> BatchDecoder:
-    """nvImageCodec: the GPU's hardware JPEG engines where it has them (A100, H100), else CUDA."""
+def nvimgcodec_decoder(device: torch.device) -> BatchDecoder:
+    """nvImageCodec through its C library (`encoder.nvimgcodec`): the GPU's hardware JPEG engines where it has
+    them (A100, H100), else CUDA; the interpreter lock is released once per batch, and an image it cannot decode
+    comes back as None (that image goes to the CPU threads, the rest of the batch stays on the GPU)."""
+    from encoder.nvimgcodec import NvImageCodec
+
+    codec = NvImageCodec(device)  # here, so a missing or mismatched library fails the setup, not every batch
+
+    def decode(datas: list[bytes | np.ndarray], device: torch.device) -> list[torch.Tensor | None]:
+        return codec.decode(datas)  # on the caller's stream, so what follows on it sees finished images
+
+    return decode
+
+
+def nvimgcodec_python_decoder(device: torch.device) -> BatchDecoder:
+    """nvImageCodec through its package's own Python binding, which releases and retakes the interpreter lock
+    for every image of a batch: kept to measure `nvimgcodec_decoder` against (benchmarks/gpu_embed.py)."""
     from nvidia import nvimgcodec
 
     decoder = nvimgcodec.Decoder()
     params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB)
 
-    def decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
-        # On the caller's stream, so what follows on that stream sees finished images.
-        # It takes bytes or 1-D uint8 arrays (a file reader's ring views are such arrays); no copies.
+    def decode(datas: list[bytes | np.ndarray], device: torch.device) -> list[torch.Tensor]:
         streams = [d if isinstance(d, bytes | np.ndarray) else np.frombuffer(d, dtype=np.uint8) for d in datas]
         images = decoder.decode(streams, params=params, cuda_stream=torch.cuda.current_stream(device).cuda_stream)
         if any(image is None for image in images):
@@ -99,7 +113,7 @@ def nvimgcodec_decoder() -> BatchDecoder:
     return decode
 
 
-def pil_decoder() -> BatchDecoder:
+def pil_decoder(device: torch.device | None = None) -> BatchDecoder:
     """Pillow at full size, then onto the device: the GPU path's logic on a machine without one."""
     import io
 
@@ -147,7 +161,9 @@ def each_alone(fn: Callable[[Sequence], T], items: Sequence) -> tuple[list[tuple
     return done, failed
 
 
-DECODERS = {"nvjpeg": nvjpeg_decoder, "nvimgcodec": nvimgcodec_decoder, "pil": pil_decoder}
+# name → factory(device) of a `BatchDecoder`; "nvimgcodec-python" and "pil" are for benchmarks and tests.
+DECODERS = {"nvjpeg": nvjpeg_decoder, "nvimgcodec": nvimgcodec_decoder, "nvimgcodec-python": nvimgcodec_python_decoder,
+            "pil": pil_decoder}  # fmt: skip
 _PROGRESSIVE_ONE_AT_A_TIME = frozenset({"nvjpeg"})
 
 
@@ -197,7 +213,7 @@ class GpuImages:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._threads = cpu_threads
         self._pool = cpu_pool or ThreadPoolExecutor(cpu_threads, thread_name_prefix="cpu-decode")
-        self._decode = DECODERS[decoder]() if isinstance(decoder, str) else decoder
+        self._decode = DECODERS[decoder](self.device) if isinstance(decoder, str) else decoder
         self.progressive_on_gpu = batches_progressive(decoder)
 
     @property
@@ -293,9 +309,11 @@ class GpuImages:
             return [], []
         decoded, reason = attempt(self._decode, datas, self.device)
         if reason is None:
-            return list(enumerate(decoded)), []
-        decoded, rejected = each_alone(lambda one: self._decode(one, self.device)[0], datas)
-        return decoded, list(rejected)  # the CPU decoder will decode those or say why not
+            pairs, failed = list(enumerate(decoded)), []
+        else:
+            pairs, failed = each_alone(lambda one: self._decode(one, self.device)[0], datas)
+        # The CPU decoder will decode those rejected (None: the decoder could not) or say why not.
+        return [(j, im) for j, im in pairs if im is not None], sorted([*failed, *(j for j, im in pairs if im is None)])
 
 
 def _is_pixels(x) -> bool:

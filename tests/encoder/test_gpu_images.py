@@ -143,7 +143,7 @@ def test_progressive_jpegs_go_to_the_cpu_threads_with_torchvisions_decoder_only(
     import encoder.gpu_images as gpu_images
 
     calls: list[int] = []
-    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda: _pil_decoder(calls))
+    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda device: _pil_decoder(calls))
     datas = [jpegs[0], _progressive(jpegs[1]), jpegs[2], _progressive(jpegs[3])]
     batch = GpuImages(CFG, "cpu", FULL, decoder="nvjpeg").prepare(datas)
     assert batch.kept == [0, 1, 2, 3] and batch.on_gpu == 2 and calls == [2]  # the baseline pair, in one call

@@ -320,7 +320,7 @@ def test_gpu_decode_wiring_on_the_cpu_embeds_every_item_like_the_cpu_path(
         return decode(self, inputs, reasons)
 
     monkeypatch.setattr(embed, "gpu_decoding", lambda cfg, preprocess: True)
-    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda: _pil_decoder(calls))
+    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda device: _pil_decoder(calls))
     monkeypatch.setattr(gpu_images.GpuImages, "decode", spy)
     result = run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path),
                                    batch_size=16))  # fmt: skip
