@@ -432,7 +432,8 @@ def main() -> None:
     device = torch.device("cpu" if smoke else "cuda")
     count, width = (64, 160) if smoke else (args.images, 640)
     batch, seconds, compile_ = (16, 1.0, False) if smoke else (args.batch_size, args.seconds, True)
-    decoders = ["pil"] if smoke else ["nvjpeg"] + (["nvimgcodec"] if _has_nvimgcodec() else [])
+    # nvimgcodec-python: the package's own binding, to measure ours (encoder/nvimgcodec.py) against
+    decoders = ["pil"] if smoke else ["nvjpeg"] + (["nvimgcodec", "nvimgcodec-python"] if _has_nvimgcodec() else [])
     work = Path(tempfile.mkdtemp(prefix="lookalike-gpu-embed-"))
     run = Run(args.json)
     try:

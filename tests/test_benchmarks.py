@@ -32,6 +32,12 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu():
     assert '"error"' not in out
 
 
+def test_decode_gil_benchmark_runs_on_the_cpu():
+    out = _run("benchmarks/decode_gil.py", "--device", "cpu", "--images", "24", "--batch-size", "8", "--rounds", "1")
+    for case in ("alone", "beside a pure-Python thread", "beside a thread of small torch ops"):
+        assert f"| {case} |" in out, case
+
+
 @pytest.mark.slow
 def test_worker_overhead_benchmark_runs():
     out = _run("benchmarks/worker_overhead.py", "--images", "300", "--batch-size", "32")

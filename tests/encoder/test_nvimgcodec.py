@@ -197,3 +197,21 @@ def test_gpu_images_sends_only_what_it_could_not_decode_to_the_cpu(codec, jpegs)
     assert calls == [4]  # no retry image by image
     assert batch.kept == [0, 1, 2, 3] and batch.failed == [] and batch.on_gpu == 3
     np.testing.assert_array_equal(batch.pixels[1].numpy(), decode_image(jpegs[1], cfg, limits))
+
+
+@pytest.mark.gpu
+def test_on_cuda_it_decodes_into_device_memory_like_the_cpu_backend(jpegs):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    codec = nvic.NvImageCodec("cuda")  # the hardware JPEG engines where the GPU has them, else CUDA
+    side = torch.cuda.Stream()
+    try:
+        with torch.cuda.stream(side):  # decoded on the caller's stream, as the GPU worker's decode stage does
+            images = codec.decode([jpegs[0], b"not an image", *jpegs[1:]])
+        torch.cuda.current_stream().wait_stream(side)
+        assert images[1] is None and all(image.is_cuda for i, image in enumerate(images) if i != 1)
+        for data, image in zip(jpegs, images[:1] + images[2:], strict=True):
+            diff = np.abs(_hwc(image.cpu()).astype(int) - _pillow(data))
+            assert diff.mean() < 1.5 and np.percentile(diff, 99) <= 12, (diff.mean(), np.percentile(diff, 99))
+    finally:
+        codec.close()

@@ -1,0 +1,146 @@
+"""nvImageCodec's two bindings decoding batches of photos while other threads want the interpreter lock.
+
+In the GPU worker the decode thread shares one interpreter lock with the resize, the model's loop,
+the writer and the file readers' consumer. The package's own binding (`nvidia.nvimgcodec`) releases
+and retakes the lock once per image of a batch; lookalike's (`encoder.nvimgcodec`) once per batch.
+This measures each binding's decode rate alone and with one busy thread beside it: pure Python
+(holds the lock until the interpreter makes it switch, every 5 ms) or small torch ops (each
+releases and retakes the lock, as the resize's and the model's launches do). One process, the
+bindings alternated, every case run `--rounds` times.
+
+    python benchmarks/decode_gil.py --device cpu    # the library's libjpeg-turbo backend, host memory
+    python benchmarks/decode_gil.py --device cuda   # the GPU's hardware JPEG engines where it has them
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import machine, realistic_jpegs  # noqa: E402
+from encoder.nvimgcodec import DEVICE_CPU_ONLY, NvImageCodec  # noqa: E402
+
+
+def ours(device: torch.device, threads: int):
+    codec = NvImageCodec(device, extensions=("libjpeg_turbo_ext",) if device.type == "cpu" else None,
+                         cpu_threads=threads)  # fmt: skip
+    return codec.decode
+
+
+def package(device: torch.device, threads: int):
+    from nvidia import nvimgcodec
+
+    if device.type == "cpu":
+        decoder = nvimgcodec.Decoder(device_id=DEVICE_CPU_ONLY, max_num_cpu_threads=threads,
+                                     backends=[nvimgcodec.Backend(nvimgcodec.CPU_ONLY)])  # fmt: skip
+    else:
+        decoder = nvimgcodec.Decoder(device_id=device.index or 0, max_num_cpu_threads=threads)
+    params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB)
+
+    def decode(datas):
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        images = decoder.decode(datas, params=params, cuda_stream=stream)
+        if device.type == "cpu":
+            return [torch.from_numpy(np.asarray(image)).permute(2, 0, 1) for image in images]
+        return [torch.as_tensor(image, device=device).permute(2, 0, 1) for image in images]  # as gpu_images did
+
+    return decode
+
+
+def busy_python(stop: threading.Event) -> None:
+    while not stop.is_set():
+        sum(range(500))
+
+
+def busy_torch(stop: threading.Event) -> None:
+    x = torch.ones(8)
+    while not stop.is_set():
+        x = (x + 1) * 0.5
+
+
+def decode_rate(decode, batches: list[list[bytes]], device: torch.device, busy) -> float:
+    stop = threading.Event()
+    other = threading.Thread(target=busy, args=(stop,), daemon=True) if busy else None
+    if other:
+        other.start()
+        time.sleep(0.05)
+    try:
+        start = time.perf_counter()
+        for batch in batches:
+            images = decode(batch)
+            assert all(image is not None for image in images)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return sum(map(len, batches)) / (time.perf_counter() - start)
+    finally:
+        stop.set()
+        if other:
+            other.join()
+
+
+def _reuse_host_memory() -> None:
+    """Serve large host allocations from the reused heap, not a fresh mapping each: our binding's one output
+    buffer per batch (~50 MB) would otherwise page-fault in every batch (measured alone: 0.65× the package's
+    rate, 1.0× with this), while the package's per-image outputs get reused memory. On a GPU both come from
+    reused device memory (torch's caching allocator and the library's own)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameters
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, help="the library's own threads (default: 1 on the CPU, all on a GPU)")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    threads = args.threads if args.threads is not None else 1 if device.type == "cpu" else 0
+    torch.set_num_threads(1)
+    if device.type == "cpu":
+        _reuse_host_memory()
+    with tempfile.TemporaryDirectory() as tmp:
+        datas = [p.read_bytes() for p in realistic_jpegs(Path(tmp), args.images)]
+    batches = [datas[i : i + args.batch_size] for i in range(0, len(datas), args.batch_size)]
+    bindings = {"package's binding (nvidia.nvimgcodec)": package(device, threads),
+                "lookalike's (encoder.nvimgcodec)": ours(device, threads)}  # fmt: skip
+    for decode in bindings.values():
+        for batch in batches:  # warm-up: handles, buffers, the library's threads, the heap
+            decode(batch)
+    cases = {
+        "alone": None,
+        "beside a pure-Python thread": busy_python,
+        "beside a thread of small torch ops": busy_torch,
+    }
+    rates: dict[tuple[str, str], list[float]] = {}
+    for _ in range(args.rounds):
+        for case, busy in cases.items():
+            for name, decode in bindings.items():
+                rates.setdefault((case, name), []).append(decode_rate(decode, batches, device, busy))
+    print(f"{machine()}, device {device}, {args.images} JPEGs of 640 px ({sum(map(len, datas)) / len(datas) / 1024:.0f} KB),"
+          f" batches of {args.batch_size}, {args.rounds} rounds alternated; images/s")  # fmt: skip
+    print("| case | package's binding | lookalike's | ratio |\n| --- | ---: | ---: | ---: |")
+    package_name, ours_name = bindings
+    for case in cases:
+        theirs, mine = rates[(case, package_name)], rates[(case, ours_name)]
+        ratio = (sum(mine) / len(mine)) / (sum(theirs) / len(theirs))
+        print(f"| {case} | {' / '.join(f'{r:,.0f}' for r in theirs)} | {' / '.join(f'{r:,.0f}' for r in mine)} "
+              f"| {ratio:.2f}× |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
