@@ -28,7 +28,7 @@ import torch
 
 from encoder.jpeg import cpu_reason
 from encoder.preprocess import DecodeLimits, ImageDecodeError, PreprocessConfig, decode_image
-from encoder.resize import gpu_resizes, resize_like_pil
+from encoder.resize import PackedImages, gpu_resizes, resize_like_pil
 from encoder.storage import describe_error
 
 __all__ = [
@@ -53,8 +53,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # A batch of encoded JPEGs (bytes, or 1-D uint8 arrays over a file reader's ring) → decoded (3, h, w) uint8
-# tensors on the device, None for one it could not decode (or it raises: then each image is tried alone).
-BatchDecoder = Callable[[list[bytes | np.ndarray], torch.device], list[torch.Tensor | None]]
+# tensors on the device, None for one it could not decode; or the images it decoded packed in one buffer and
+# their positions (`encoder.nvimgcodec`). If it raises, each image is tried alone.
+BatchDecoder = Callable[[list[bytes | np.ndarray], torch.device],
+                        list[torch.Tensor | None] | tuple[PackedImages, list[int]]]  # fmt: skip
 
 
 def nvjpeg_decoder(device: torch.device) -> BatchDecoder:
@@ -83,14 +85,15 @@ def byte_tensors(datas: Sequence[bytes | np.ndarray]) -> list[torch.Tensor]:
 
 def nvimgcodec_decoder(device: torch.device) -> BatchDecoder:
     """nvImageCodec through its C library (`encoder.nvimgcodec`): the GPU's hardware JPEG engines where it has
-    them (A100, H100), else CUDA; the interpreter lock is released once per batch, and an image it cannot decode
-    comes back as None (that image goes to the CPU threads, the rest of the batch stays on the GPU)."""
+    them (A100, H100), else CUDA. The interpreter lock is released once per batch; the images come packed in one
+    buffer, which the resize gathers from without a tensor op per image; one it cannot decode goes to the CPU
+    threads while the rest of the batch stays on the GPU."""
     from encoder.nvimgcodec import NvImageCodec
 
     codec = NvImageCodec(device)  # here, so a missing or mismatched library fails the setup, not every batch
 
-    def decode(datas: list[bytes | np.ndarray], device: torch.device) -> list[torch.Tensor | None]:
-        return codec.decode(datas)  # on the caller's stream, so what follows on it sees finished images
+    def decode(datas: list[bytes | np.ndarray], device: torch.device) -> tuple[PackedImages, list[int]]:
+        return codec.decode_packed(datas)  # on the caller's stream, so what follows on it sees finished images
 
     return decode
 
@@ -179,7 +182,7 @@ class DecodedBatch:
 
     count: int  # inputs
     gpu: list[int]  # input positions the GPU decoded, in order
-    images: list[torch.Tensor]  # their (3, h, w) uint8 images
+    images: list[torch.Tensor] | PackedImages  # their (3, h, w) uint8 images
     cpu: list[int]  # input positions being decoded on the CPU
     cpu_jobs: list[Future]  # their `decode_on_cpu` results
     host: dict[int, np.ndarray]  # input position → pixels decoded before this batch
@@ -252,13 +255,12 @@ class GpuImages:
             if encoded
             else ([], [])
         )
-        decoded, rejected = self._decode_on_gpu([inputs[i] for i in gpu])
+        decoded, images, rejected = self._decode_on_gpu([inputs[i] for i in gpu])
         cpu = sorted(cpu + [gpu[j] for j in rejected])
         # The CPU decodes get bytes of their own: a decode that overruns its time limit may outlive the batch.
         jobs = [self._pool.submit(decode_on_cpu, _own(inputs[i]), self.preprocess, self.limits) for i in cpu]
         host = {i: x for i, x in enumerate(inputs) if _is_pixels(x)}
-        return DecodedBatch(len(inputs), [gpu[j] for j, _ in decoded], [image for _, image in decoded], cpu, jobs,
-                            host)  # fmt: skip
+        return DecodedBatch(len(inputs), [gpu[j] for j in decoded], images, cpu, jobs, host)
 
     def finish(self, batch: DecodedBatch) -> PreparedBatch:
         """The second stage: resize what the GPU decoded, wait for the CPU decodes, assemble in input order."""
@@ -289,7 +291,7 @@ class GpuImages:
         pixels = torch.stack([parts[i] for i in kept]) if kept else self._no_pixels()
         return PreparedBatch(pixels, kept, sorted(failed), on_gpu=len(batch.gpu))
 
-    def _resize_checked(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, dict[int, str]]:
+    def _resize_checked(self, images: list[torch.Tensor] | PackedImages) -> tuple[torch.Tensor, dict[int, str]]:
         """`resize_like_pil` of the batch; if that fails (out of GPU memory), each image alone, so only the
         culprits fail: the images resized, in order, and position → dead-letter reason for the rest."""
         resized, reason = attempt(resize_like_pil, images, self.preprocess)
@@ -303,17 +305,30 @@ class GpuImages:
     def _no_pixels(self) -> torch.Tensor:
         return torch.empty((0, self.preprocess.height, self.preprocess.width, 3), dtype=torch.uint8, device=self.device)
 
-    def _decode_on_gpu(self, datas: list[bytes]) -> tuple[list[tuple[int, torch.Tensor]], list[int]]:
-        """(position, image) for what the GPU decoded, and the positions it rejected."""
+    def _decode_on_gpu(self, datas: list[bytes]) -> tuple[list[int], list[torch.Tensor] | PackedImages, list[int]]:
+        """The positions the GPU decoded, their images, and the positions it rejected (the CPU decoder will decode
+        those or say why not)."""
         if not datas:
-            return [], []
-        decoded, reason = attempt(self._decode, datas, self.device)
+            return [], [], []
+        result, reason = attempt(self._decode, datas, self.device)
+        if reason is None and isinstance(result, tuple):  # packed, with the positions decoded
+            packed, decoded = result
+            return decoded, packed, sorted(set(range(len(datas))) - set(decoded))
         if reason is None:
-            pairs, failed = list(enumerate(decoded)), []
+            pairs, failed = list(enumerate(result)), []
         else:
-            pairs, failed = each_alone(lambda one: self._decode(one, self.device)[0], datas)
-        # The CPU decoder will decode those rejected (None: the decoder could not) or say why not.
-        return [(j, im) for j, im in pairs if im is not None], sorted([*failed, *(j for j, im in pairs if im is None)])
+            pairs, failed = each_alone(lambda one: _one_image(self._decode(one, self.device)), datas)
+        decoded = [(j, image) for j, image in pairs if image is not None]
+        rejected = sorted([*failed, *(j for j, image in pairs if image is None)])
+        return [j for j, _ in decoded], [image for _, image in decoded], rejected
+
+
+def _one_image(result: list[torch.Tensor | None] | tuple[PackedImages, list[int]]) -> torch.Tensor | None:
+    """A decoder's result for one image, as that image or None."""
+    if isinstance(result, tuple):
+        packed, decoded = result
+        return packed[0] if decoded else None
+    return result[0]
 
 
 def _is_pixels(x) -> bool:

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from encoder.resize import PackedImages
+
 __all__ = ["NvImageCodec", "NvImageCodecError", "library_dir"]
 
 SUPPORTED_VERSION = (0, 9)  # major, minor of the header these structures mirror
@@ -198,21 +200,23 @@ class NvImageCodec:
         self._plane = self._out.plane_info[0]  # a view into `_out`: setting its fields sets `_out`'s
         self._lock = threading.Lock()
 
-    def __call__(self, datas: Sequence[bytes | np.ndarray], device: torch.device | None = None,
-                 ) -> list[torch.Tensor | None]:  # fmt: skip
-        """`encoder.gpu_images.BatchDecoder`: the decoded images, None where one could not be decoded."""
-        return self.decode(datas)
-
     def decode(self, datas: Sequence[bytes | np.ndarray]) -> list[torch.Tensor | None]:
         """Each input (bytes, or a 1-D uint8 array) decoded to a (3, h, w) uint8 RGB tensor, in order; None for
         one the library cannot parse or decode. On CUDA the work is ordered on the current stream."""
+        packed, positions = self.decode_packed(datas)
+        images: list[torch.Tensor | None] = [None] * len(datas)
+        for k, i in enumerate(positions):
+            images[i] = packed[k]
+        return images
+
+    def decode_packed(self, datas: Sequence[bytes | np.ndarray]) -> tuple[PackedImages, list[int]]:
+        """The images decoded, side by side in one buffer (`PackedImages`, in input order), and the input
+        positions they came from; the others the library could not parse or decode. No tensor op per image."""
         with self._lock:
             return self._decode(datas)
 
-    def _decode(self, datas: Sequence[bytes | np.ndarray]) -> list[torch.Tensor | None]:
+    def _decode(self, datas: Sequence[bytes | np.ndarray]) -> tuple[PackedImages, list[int]]:
         lib, n = self._lib, len(datas)
-        if n == 0:
-            return []
         self._reserve(n)
         streams, images, probe = self._streams, self._images, self._probe
         stream_slots, image_slots = ctypes.addressof(streams), ctypes.addressof(images)  # where handle i goes
@@ -232,7 +236,9 @@ class NvImageCodec:
             shapes.append(shape)
             codecs.append(probe.codec_name if shape else b"")
         sizes = [0 if s is None else s[0] * s[1] * 3 for s in shapes]
-        buffer = torch.empty(sum(sizes), dtype=torch.uint8, device=self.device)
+        widest = max((s[1] for s in shapes if s is not None), default=0)
+        # Room for a row of the widest image after the last: `PackedImages`' contract, for the resize's gather.
+        buffer = torch.empty(sum(sizes) + 3 * widest, dtype=torch.uint8, device=self.device)
         out, plane, base = self._out, self._plane, buffer.data_ptr()
         out.cuda_stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else None
         wanted, offsets, offset = [], [], 0
@@ -248,12 +254,8 @@ class NvImageCodec:
                 wanted.append(i)
             offset += size
         statuses = self._run([streams[i] for i in wanted], [images[i] for i in wanted])
-        views: list[torch.Tensor | None] = [None] * n
-        for i, ok in zip(wanted, statuses, strict=True):
-            if ok:
-                h, w = shapes[i]
-                views[i] = buffer[offsets[i] : offsets[i] + sizes[i]].view(h, w, 3).permute(2, 0, 1)
-        return views
+        done = [i for i, ok in zip(wanted, statuses, strict=True) if ok]
+        return PackedImages(buffer, tuple(offsets[i] for i in done), tuple(shapes[i] for i in done)), done
 
     def _run(self, streams: list[int], images: list[int]) -> list[bool]:
         """Decode `streams` into `images` (handles) in one call, releasing the interpreter lock; each one's success."""

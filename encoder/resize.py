@@ -11,12 +11,43 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from encoder.preprocess import PreprocessConfig
 
-__all__ = ["dense_weights", "gpu_resizes", "pil_taps", "resize_like_pil"]
+__all__ = ["PackedImages", "dense_weights", "gpu_resizes", "pil_taps", "resize_like_pil"]
+
+
+@dataclass(frozen=True)
+class PackedImages:
+    """Decoded images side by side in one flat uint8 buffer, image k (h, w, 3) interleaved from `offsets[k]`
+    (`encoder.nvimgcodec` decodes a batch so). The buffer has room for a row of `3 * max width` bytes after
+    each image's last row start, so every canvas row of a chunk is a window of it: the resize gathers a chunk's
+    canvas in one indexing op instead of a copy (and its launch, and its turn at the interpreter lock) per image."""
+
+    buffer: torch.Tensor  # 1-D uint8
+    offsets: tuple[int, ...]
+    shapes: tuple[tuple[int, int], ...]  # (height, width) per image
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, k: int | slice) -> torch.Tensor | PackedImages:
+        """Image k as a (3, h, w) view, or a slice of the images (same buffer)."""
+        if isinstance(k, slice):
+            return PackedImages(self.buffer, self.offsets[k], self.shapes[k])
+        (h, w), offset = self.shapes[k], self.offsets[k]
+        return torch.as_strided(self.buffer, (3, h, w), (1, 3 * w, 3), offset)
+
+    def select(self, keep: Sequence[int]) -> PackedImages:
+        return PackedImages(self.buffer, tuple(self.offsets[k] for k in keep), tuple(self.shapes[k] for k in keep))
+
+    def windows_fit(self, width: int) -> bool:
+        """Whether a window of `3 * width` bytes from every image's last row start stays inside the buffer."""
+        return all(o + (h - 1) * w * 3 + 3 * width <= self.buffer.numel()
+                   for o, (h, w) in zip(self.offsets, self.shapes, strict=True))  # fmt: skip
 
 
 def _cubic(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
@@ -62,9 +93,9 @@ def dense_weights(positions: torch.Tensor, taps: torch.Tensor, length: int) -> t
     return weights.scatter_add_(-1, positions.clamp(max=length - 1), taps)
 
 
-def resize_like_pil(images: Sequence[torch.Tensor], cfg: PreprocessConfig, chunk: int = 64,
+def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: PreprocessConfig, chunk: int = 64,
                     dtype: torch.dtype | None = None, max_canvas_bytes: int = 1 << 28) -> torch.Tensor:  # fmt: skip
-    """(3, h, w) uint8 images of any sizes → (n, height, width, 3) uint8, PIL's antialiased filter.
+    """(3, h, w) uint8 images of any sizes (or `PackedImages`) → (n, height, width, 3) uint8, PIL's antialiased filter.
 
     The images are taken in order of size, so those of one size sit side by side: each run of
     equal sizes fills its part of a zero-padded canvas in one stacked copy (a catalog of
@@ -79,18 +110,21 @@ def resize_like_pil(images: Sequence[torch.Tensor], cfg: PreprocessConfig, chunk
     ~10× less GPU time than float32. Matches PIL's uint8 resize to within a level on ~all values
     (tests/encoder/test_gpu_images.py).
     """
-    device = images[0].device
+    packed = isinstance(images, PackedImages)
+    device = images.buffer.device if packed else images[0].device
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     n = len(images)
-    shapes = [(int(i.shape[1]), int(i.shape[2])) for i in images]
+    shapes = list(images.shapes) if packed else [(int(i.shape[1]), int(i.shape[2])) for i in images]
+    packed = packed and images.windows_fit(max(w for _, w in shapes))
     order = sorted(range(n), key=shapes.__getitem__)  # stable: already-sorted batches keep their order
     shapes = [shapes[k] for k in order]
     heights, widths = [h for h, _ in shapes], [w for _, w in shapes]
     inverse = [0] * n
     for position, k in enumerate(order):
         inverse[k] = position
-    # One upload for the sizes and the way back to input order.
-    host = torch.tensor(heights + widths + inverse, dtype=torch.int64)
+    # One upload for the sizes, the way back to input order and, packed, where each image starts.
+    host = torch.tensor(heights + widths + inverse + ([images.offsets[k] for k in order] if packed else []),
+                        dtype=torch.int64)  # fmt: skip
     uploaded = (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
     row_at, row_taps = pil_taps(uploaded[:n], cfg.height, cfg.resample, max(heights))
     col_at, col_taps = pil_taps(uploaded[n : 2 * n], cfg.width, cfg.resample, max(widths))
@@ -98,13 +132,18 @@ def resize_like_pil(images: Sequence[torch.Tensor], cfg: PreprocessConfig, chunk
     out = torch.empty((n, cfg.height, cfg.width, 3), dtype=torch.uint8, device=device)
     for start, stop in _chunks(shapes, chunk, max_canvas_bytes // 3):
         h_max, w_max = max(heights[start:stop]), max(widths[start:stop])
-        canvas = _canvas([images[k] for k in order[start:stop]], shapes[start:stop], h_max, w_max)
+        if packed:
+            part = slice(start, stop)
+            canvas = _gathered_canvas(images.buffer, uploaded[3 * n :][part], uploaded[:n][part],
+                                      uploaded[n : 2 * n][part], h_max, w_max)  # fmt: skip
+        else:
+            canvas = _canvas([images[k] for k in order[start:stop]], shapes[start:stop], h_max, w_max)
         rows = dense_weights(row_at[start:stop], row_taps[start:stop], h_max)  # (n, height, h_max)
         cols = dense_weights(col_at[start:stop], col_taps[start:stop], w_max).transpose(1, 2)  # (n, w_max, width)
-        x = canvas.to(dtype) @ cols[:, None]  # (n, 3, h_max, width): horizontal first, as PIL
+        x = canvas.to(dtype, memory_format=torch.contiguous_format) @ cols[:, None]  # horizontal first, as PIL
         x = rows[:, None] @ x  # (n, 3, height, width)
         out[start:stop] = x.float().round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-    return out if order == list(range(n)) else out[uploaded[2 * n :]]
+    return out if order == list(range(n)) else out[uploaded[2 * n : 3 * n]]
 
 
 def _chunks(shapes: list[tuple[int, int]], most: int, max_pixels: int) -> list[tuple[int, int]]:
@@ -136,6 +175,20 @@ def _canvas(images: list[torch.Tensor], shapes: list[tuple[int, int]], h_max: in
             canvas[start:stop, :, :h, :w] = torch.stack(images[start:stop])
         start = stop
     return canvas
+
+
+def _gathered_canvas(buffer: torch.Tensor, offsets: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor,
+                     h_max: int, w_max: int) -> torch.Tensor:  # fmt: skip
+    """(n, 3, h_max, w_max) uint8 (a view of (n, h_max, w_max, 3)) from `PackedImages`' buffer in a handful of ops whatever n: canvas row r of
+    image k is the `3 * w_max` bytes from that image's row r (its last row, past its height) — a window of an
+    overlapping strided view of the buffer, so one index gathers them all. What lies past an image's width or
+    height is the next bytes of the buffer, not zeros: its resampling weights are zero there
+    (`dense_weights`), and uint8 values are finite, so the products are the same as over a zero-padded canvas."""
+    n, row_bytes = len(offsets), 3 * w_max
+    rows = torch.minimum(torch.arange(h_max, device=buffer.device).view(1, -1), heights.view(-1, 1) - 1)
+    starts = offsets.view(-1, 1) + rows * (3 * widths.view(-1, 1))
+    windows = buffer.as_strided((buffer.numel() - row_bytes + 1, row_bytes), (1, 1))
+    return windows.index_select(0, starts.view(-1)).view(n, h_max, w_max, 3).permute(0, 3, 1, 2)
 
 
 def gpu_resizes(cfg: PreprocessConfig) -> bool:

@@ -12,7 +12,7 @@ from PIL import Image
 from benchmarks.common import realistic_jpegs
 from encoder import DecodeLimits, PreprocessConfig, decode_image
 from encoder.gpu_images import GpuImages, batches_progressive, byte_tensors, pil_decoder
-from encoder.resize import _chunks, dense_weights, pil_taps, resize_like_pil
+from encoder.resize import PackedImages, _chunks, dense_weights, pil_taps, resize_like_pil
 
 CFG = PreprocessConfig(height=224, width=224)
 FULL = DecodeLimits(draft=False)  # the GPU decodes at full size; compare with the CPU doing the same
@@ -69,6 +69,55 @@ def test_images_grouped_by_size_come_back_in_input_order_as_if_resized_alone():
         assert torch.equal(resize_like_pil(tensors, cfg, chunk=chunk), alone)
     same = [tensors[0], tensors[2], tensors[5]]  # one size: stacked without padding
     assert torch.equal(resize_like_pil(same, cfg), alone[[0, 2, 5]])
+
+
+def _packed(tensors: list[torch.Tensor], slack: bool = True) -> PackedImages:
+    """`tensors` side by side in one buffer, as `encoder.nvimgcodec` decodes a batch (with its slack or without)."""
+    parts = [t.permute(1, 2, 0).reshape(-1) for t in tensors]
+    widest = max(t.shape[2] for t in tensors)
+    buffer = torch.cat([*parts, torch.full((3 * widest if slack else 0,), 77, dtype=torch.uint8)])
+    offsets = np.cumsum([0] + [p.numel() for p in parts[:-1]]).tolist()
+    return PackedImages(buffer, tuple(offsets), tuple((t.shape[1], t.shape[2]) for t in tensors))
+
+
+@pytest.mark.parametrize("slack", [True, False])  # without room for the gather's windows: image by image
+def test_packed_images_resize_bit_for_bit_as_separate_ones(slack):
+    rng = np.random.default_rng(3)
+    sizes = [(30, 40), (50, 20), (30, 40), (31, 41), (8, 9), (50, 20), (400, 30), (2, 60), (1, 1)]
+    tensors = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in sizes]
+    packed = _packed(tensors, slack)
+    assert all(torch.equal(packed[k], t) for k, t in enumerate(tensors)) and packed.windows_fit(60) == slack
+    for resample in (2, 3):
+        cfg = PreprocessConfig(height=16, width=24, resample=resample)
+        for chunk, budget in ((64, 1 << 28), (3, 1 << 28), (64, 3 * 50 * 41 * 4)):  # one chunk, several, a budget
+            expected = resize_like_pil(tensors, cfg, chunk=chunk, max_canvas_bytes=budget)
+            assert torch.equal(resize_like_pil(packed, cfg, chunk=chunk, max_canvas_bytes=budget), expected)
+    assert torch.equal(resize_like_pil(packed[2:4], cfg), resize_like_pil(tensors[2:4], cfg))  # a slice of them
+
+
+def _aten_ops(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+
+
+def test_a_packed_batch_costs_the_same_ops_however_many_sizes_it_holds():
+    """Each op releases and retakes the interpreter lock (and on CUDA is a launch); a copy per image into the
+    canvas made a batch of all-different sizes cost ops in proportion to its images."""
+    rng = np.random.default_rng(4)
+    cfg = PreprocessConfig(height=16, width=16, resample=3)
+
+    def images(n: int) -> list[torch.Tensor]:
+        return [torch.from_numpy(rng.integers(0, 256, (3, 20 + k, 30), dtype=np.uint8)) for k in range(n)]
+
+    few, many = images(8), images(48)
+    packed_few, packed_many = _packed(few), _packed(many)
+    packed_few, packed_many = (_aten_ops(lambda b=b: resize_like_pil(b, cfg)) for b in (packed_few, packed_many))
+    separate_few, separate_many = (_aten_ops(lambda b=b: resize_like_pil(b, cfg)) for b in (few, many))
+    assert packed_many == packed_few < separate_many, (packed_few, packed_many, separate_many)
+    assert separate_many - separate_few >= 40, (separate_few, separate_many)  # at least one more per image
 
 
 def _weights_every_pair(in_sizes: torch.Tensor, out_size: int, resample: int, length: int) -> torch.Tensor:

@@ -215,3 +215,21 @@ def test_on_cuda_it_decodes_into_device_memory_like_the_cpu_backend(jpegs):
             assert diff.mean() < 1.5 and np.percentile(diff, 99) <= 12, (diff.mean(), np.percentile(diff, 99))
     finally:
         codec.close()
+
+
+def test_gpu_images_resizes_a_packed_batch_and_sends_the_rest_to_the_cpu(codec, jpegs):
+    """The packed path end to end: what the decoder left out is decoded by Pillow, in its place."""
+    calls = []
+
+    def decoder(datas, device):  # as `nvimgcodec_decoder`, leaving image 2 out as one it could not decode
+        calls.append(len(datas))
+        packed, decoded = codec.decode_packed(datas)
+        keep = [k for k, i in enumerate(decoded) if i != 2]
+        return packed.select(keep), [decoded[k] for k in keep]
+
+    cfg, limits = PreprocessConfig(height=64, width=64), DecodeLimits(draft=False)
+    batch = GpuImages(cfg, "cpu", limits, decoder=decoder, cpu_threads=2).prepare(jpegs[:5])
+    assert calls == [5] and batch.kept == [0, 1, 2, 3, 4] and batch.failed == [] and batch.on_gpu == 4
+    np.testing.assert_array_equal(batch.pixels[2].numpy(), decode_image(jpegs[2], cfg, limits))
+    separate = GpuImages(cfg, "cpu", limits, decoder=lambda datas, device: codec.decode(datas)).prepare(jpegs[:5])
+    assert torch.equal(batch.pixels[[0, 1, 3, 4]], separate.pixels[[0, 1, 3, 4]])  # packed or not: same pixels
