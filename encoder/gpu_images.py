@@ -1,7 +1,8 @@
 """Encoded images → model-sized uint8 batches on the GPU, with a CPU fallback per image.
 
-JPEGs that nvJPEG takes (`encoder.jpeg.cpu_reason`) are decoded in one batched call
-(`torchvision.io.decode_jpeg(device="cuda")`), resized on the GPU with the same
+JPEGs that the GPU decoder takes (`encoder.jpeg.cpu_reason`) are decoded in one batched call
+(nvJPEG through `torchvision.io.decode_jpeg(device="cuda")`, or nvImageCodec's C library through
+`encoder.nvimgcodec`, which packs a batch into one buffer), resized on the GPU with the same
 antialiased filter PIL uses, and rounded to uint8 as PIL does (`encoder.resize`). Everything else, and any
 JPEG the GPU decoder rejects, is decoded by `decode_image` on CPU threads, each within a
 time limit: same output, same dead-letter reasons. Images already decoded on the CPU
