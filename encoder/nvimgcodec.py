@@ -35,7 +35,7 @@ import torch
 
 from encoder.resize import PackedImages
 
-__all__ = ["NvImageCodec", "NvImageCodecError", "library_dir"]
+__all__ = ["NvImageCodec", "NvImageCodecError", "library_dir", "library_problem"]
 
 SUPPORTED_VERSION = (0, 9)  # major, minor of the header these structures mirror
 
@@ -123,6 +123,28 @@ def library_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def library_problem() -> str | None:
+    """Why `NvImageCodec` cannot be used here (not installed, another minor version), or None; loads the library
+    without creating an instance, for a worker's checks before any work."""
+    try:
+        _load(library_dir())
+    except NvImageCodecError as err:
+        return str(err)
+    return None
+
+
+def _load(where: Path) -> tuple[_Library, tuple[int, int, int]]:
+    """The library in `where` and its version; raises `NvImageCodecError` for one of another minor version."""
+    lib = _Library(where / "libnvimgcodec.so.0")
+    props = _header(Properties, STRUCT_PROPERTIES)
+    _check(lib.get_properties(byref(props)), "GetProperties")
+    version = (props.version // 1000, props.version % 1000 // 100, props.version % 100)
+    if version[:2] != SUPPORTED_VERSION:
+        raise NvImageCodecError(f"nvImageCodec {'.'.join(map(str, version))} is installed; this binding "
+                                f"mirrors {'.'.join(map(str, SUPPORTED_VERSION))}.x (pip install 'lookalike[gpu]')")  # fmt: skip
+    return lib, version
+
+
 class _Library:
     """The C functions, bound twice: those that do the decoding release the interpreter lock (`CDLL`), the
     short per-image ones keep it (`PyDLL`), so one batch takes and gives the lock back once."""
@@ -174,13 +196,8 @@ class NvImageCodec:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         where = library_dir()
-        self._lib = lib = _Library(where / "libnvimgcodec.so.0")
-        props = _header(Properties, STRUCT_PROPERTIES)
-        _check(lib.get_properties(byref(props)), "GetProperties")
-        self.version = (props.version // 1000, props.version % 1000 // 100, props.version % 100)
-        if self.version[:2] != SUPPORTED_VERSION:
-            raise NvImageCodecError(f"nvImageCodec {'.'.join(map(str, self.version))} is installed; this binding "
-                                    f"mirrors {'.'.join(map(str, SUPPORTED_VERSION))}.x (pip install 'lookalike[gpu]')")  # fmt: skip
+        lib, self.version = _load(where)
+        self._lib = lib
         info = _header(InstanceCreateInfo, STRUCT_INSTANCE_CREATE_INFO)
         info.load_builtin_modules, info.load_extension_modules = 1, 1
         with _extension_dir(where / "extensions", extensions) as modules:  # read once, by InstanceCreate

@@ -376,13 +376,19 @@ def gpu_decoding(cfg: EmbedConfig, preprocess) -> bool:
         problem = "no CUDA device"
     elif not _installed("torchvision"):
         problem = "torchvision is not installed (pip install 'lookalike[gpu]')"
-    elif cfg.gpu_decoder == "nvimgcodec" and not _installed("nvidia.nvimgcodec"):
-        problem = "nvImageCodec is not installed (pip install 'lookalike[gpu]')"
+    elif cfg.gpu_decoder == "nvimgcodec" and (reason := _nvimgcodec_problem()):
+        problem = reason
     elif not gpu_resizes(preprocess):
         problem = f"the model's resize filter {preprocess.resample} is not bilinear or bicubic"
     if problem and cfg.gpu_decode == "on":
         raise ValueError(f"--gpu-decode on: {problem}")
     return problem is None
+
+
+def _nvimgcodec_problem() -> str | None:
+    from encoder.nvimgcodec import library_problem
+
+    return library_problem()
 
 
 def _installed(module: str) -> bool:
