@@ -183,11 +183,13 @@ def _check(status: int, what: str) -> None:
 
 
 class NvImageCodec:
-    """Decode batches of encoded images to (3, h, w) uint8 RGB tensors on `device` (a CUDA device, or "cpu"
-    for the library's CPU decoders). One instance per thread that decodes (calls take a lock of its own).
+    """Decode batches of encoded images to (3, h, w) uint8 RGB on `device` (a CUDA device, or "cpu" for the
+    library's CPU decoders). Calls from several threads take turns.
 
     `extensions`: names of the extension modules to load (e.g. ``("libjpeg_turbo_ext",)``); None loads all
-    that ship with the library. `backends`: nvImageCodec's default choice when None.
+    that ship with the library. `cpu_threads`: the library's own threads (0: one per core). `options`: the
+    decoder's, as nvImageCodec spells them; the default is its package's (chroma replicated, not interpolated:
+    ":fancy_upsampling=1" decodes as libjpeg and Pillow do, bit for bit on the CPU backend).
     """
 
     def __init__(self, device: torch.device | str = "cuda", extensions: Sequence[str] | None = None,
