@@ -6,7 +6,8 @@ and retakes the lock once per image of a batch; lookalike's (`encoder.nvimgcodec
 This measures each binding's decode rate alone and with one busy thread beside it: pure Python
 (holds the lock until the interpreter makes it switch, every 5 ms) or small torch ops (each
 releases and retakes the lock, as the resize's and the model's launches do). One process, the
-bindings alternated, every case run `--rounds` times.
+bindings alternated, every case run `--rounds` times. Both are the GPU worker's own decoders
+(`encoder.gpu_images.DECODERS`), so ours hands back its batch packed in one buffer.
 
     python benchmarks/decode_gil.py --device cpu    # the library's libjpeg-turbo backend, host memory
     python benchmarks/decode_gil.py --device cuda   # the GPU's hardware JPEG engines where it has them
@@ -21,39 +22,12 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine, realistic_jpegs  # noqa: E402
-from encoder.nvimgcodec import DEVICE_CPU_ONLY, NvImageCodec  # noqa: E402
-
-
-def ours(device: torch.device, threads: int):
-    codec = NvImageCodec(device, extensions=("libjpeg_turbo_ext",) if device.type == "cpu" else None,
-                         cpu_threads=threads)  # fmt: skip
-    return codec.decode
-
-
-def package(device: torch.device, threads: int):
-    from nvidia import nvimgcodec
-
-    if device.type == "cpu":
-        decoder = nvimgcodec.Decoder(device_id=DEVICE_CPU_ONLY, max_num_cpu_threads=threads,
-                                     backends=[nvimgcodec.Backend(nvimgcodec.CPU_ONLY)])  # fmt: skip
-    else:
-        decoder = nvimgcodec.Decoder(device_id=device.index or 0, max_num_cpu_threads=threads)
-    params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB)
-
-    def decode(datas):
-        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-        images = decoder.decode(datas, params=params, cuda_stream=stream)
-        if device.type == "cpu":
-            return [torch.from_numpy(np.asarray(image)).permute(2, 0, 1) for image in images]
-        return [torch.as_tensor(image, device=device).permute(2, 0, 1) for image in images]  # as gpu_images did
-
-    return decode
+from encoder.gpu_images import DECODERS  # noqa: E402
 
 
 def busy_python(stop: threading.Event) -> None:
@@ -76,8 +50,8 @@ def decode_rate(decode, batches: list[list[bytes]], device: torch.device, busy) 
     try:
         start = time.perf_counter()
         for batch in batches:
-            images = decode(batch)
-            assert all(image is not None for image in images)
+            result = decode(batch, device)  # images, or (packed images, positions decoded)
+            assert len(result[1] if isinstance(result, tuple) else result) == len(batch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return sum(map(len, batches)) / (time.perf_counter() - start)
@@ -105,22 +79,21 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--threads", type=int, help="the library's own threads (default: 1 on the CPU, all on a GPU)")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     device = torch.device(args.device)
-    threads = args.threads if args.threads is not None else 1 if device.type == "cpu" else 0
     torch.set_num_threads(1)
     if device.type == "cpu":
         _reuse_host_memory()
     with tempfile.TemporaryDirectory() as tmp:
         datas = [p.read_bytes() for p in realistic_jpegs(Path(tmp), args.images)]
     batches = [datas[i : i + args.batch_size] for i in range(0, len(datas), args.batch_size)]
-    bindings = {"package's binding (nvidia.nvimgcodec)": package(device, threads),
-                "lookalike's (encoder.nvimgcodec)": ours(device, threads)}  # fmt: skip
+    # The GPU worker's decoders themselves (`encoder.gpu_images.DECODERS`), on this device.
+    bindings = {"package's binding (nvidia.nvimgcodec)": DECODERS["nvimgcodec-python"](device),
+                "lookalike's (encoder.nvimgcodec)": DECODERS["nvimgcodec"](device)}  # fmt: skip
     for decode in bindings.values():
         for batch in batches:  # warm-up: handles, buffers, the library's threads, the heap
-            decode(batch)
+            decode(batch, device)
     cases = {
         "alone": None,
         "beside a pure-Python thread": busy_python,

@@ -104,14 +104,21 @@ def nvimgcodec_python_decoder(device: torch.device) -> BatchDecoder:
     for every image of a batch: kept to measure `nvimgcodec_decoder` against (benchmarks/gpu_embed.py)."""
     from nvidia import nvimgcodec
 
-    decoder = nvimgcodec.Decoder()
+    from encoder.nvimgcodec import DEVICE_CPU_ONLY
+
+    on_cpu = torch.device(device).type == "cpu"  # its CPU backend: how benchmarks/decode_gil.py runs on a CPU
+    decoder = (nvimgcodec.Decoder(device_id=DEVICE_CPU_ONLY, backends=[nvimgcodec.Backend(nvimgcodec.CPU_ONLY)])
+               if on_cpu else nvimgcodec.Decoder())  # fmt: skip
     params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB)
 
     def decode(datas: list[bytes | np.ndarray], device: torch.device) -> list[torch.Tensor]:
         streams = [d if isinstance(d, bytes | np.ndarray) else np.frombuffer(d, dtype=np.uint8) for d in datas]
-        images = decoder.decode(streams, params=params, cuda_stream=torch.cuda.current_stream(device).cuda_stream)
+        stream = 0 if on_cpu else torch.cuda.current_stream(device).cuda_stream
+        images = decoder.decode(streams, params=params, cuda_stream=stream)
         if any(image is None for image in images):
             raise RuntimeError("nvImageCodec could not decode an image of the batch")
+        if on_cpu:
+            return [torch.from_numpy(np.asarray(image)).permute(2, 0, 1) for image in images]
         return [torch.as_tensor(image, device=device).permute(2, 0, 1) for image in images]  # HWC → CHW views
 
     return decode

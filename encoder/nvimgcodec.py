@@ -57,6 +57,7 @@ SAMPLE_DATA_TYPE_UINT8 = 0x0802
 BUFFER_KIND_STRIDED_DEVICE = 1
 BUFFER_KIND_STRIDED_HOST = 2
 PROCESSING_STATUS_SUCCESS = 1
+CPU_EXTENSIONS = ("libjpeg_turbo_ext",)  # what a CPU-only instance loads (JPEG)
 
 
 class Properties(ctypes.Structure):
@@ -186,8 +187,8 @@ class NvImageCodec:
     """Decode batches of encoded images to (3, h, w) uint8 RGB on `device` (a CUDA device, or "cpu" for the
     library's CPU decoders). Calls from several threads take turns.
 
-    `extensions`: names of the extension modules to load (e.g. ``("libjpeg_turbo_ext",)``); None loads all
-    that ship with the library. `cpu_threads`: the library's own threads (0: one per core). `options`: the
+    `extensions`: names of the extension modules to load; None loads all that ship with the library on a GPU,
+    and only the libjpeg-turbo one on the CPU (without CUDA libraries the others print errors as they load). `cpu_threads`: the library's own threads (0: one per core). `options`: the
     decoder's, as nvImageCodec spells them; the default is its package's (chroma replicated, not interpolated:
     ":fancy_upsampling=1" decodes as libjpeg and Pillow do, bit for bit on the CPU backend).
     """
@@ -202,6 +203,8 @@ class NvImageCodec:
         self._lib = lib
         info = _header(InstanceCreateInfo, STRUCT_INSTANCE_CREATE_INFO)
         info.load_builtin_modules, info.load_extension_modules = 1, 1
+        if extensions is None and self.device.type == "cpu":
+            extensions = CPU_EXTENSIONS
         with _extension_dir(where / "extensions", extensions) as modules:  # read once, by InstanceCreate
             info.extension_modules_path = str(modules).encode()
             self._instance, self._decoder = c_void_p(), c_void_p()
