@@ -188,8 +188,9 @@ class NvImageCodec:
     library's CPU decoders). Calls from several threads take turns.
 
     `extensions`: names of the extension modules to load; None loads all that ship with the library on a GPU,
-    and only the libjpeg-turbo one on the CPU (without CUDA libraries the others print errors as they load). `cpu_threads`: the library's own threads (0: one per core). `options`: the
-    decoder's, as nvImageCodec spells them; the default is its package's (chroma replicated, not interpolated:
+    and only the libjpeg-turbo one on the CPU (without CUDA libraries the others print errors as they load).
+    `cpu_threads`: the library's own threads (0: one per core). `options`: the decoder's, as nvImageCodec
+    spells them; the default is its package's (chroma replicated, not interpolated:
     ":fancy_upsampling=1" decodes as libjpeg and Pillow do, bit for bit on the CPU backend).
     """
 

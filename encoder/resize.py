@@ -95,7 +95,8 @@ def dense_weights(positions: torch.Tensor, taps: torch.Tensor, length: int) -> t
 
 def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: PreprocessConfig, chunk: int = 64,
                     dtype: torch.dtype | None = None, max_canvas_bytes: int = 1 << 28) -> torch.Tensor:  # fmt: skip
-    """(3, h, w) uint8 images of any sizes (or `PackedImages`) → (n, height, width, 3) uint8, PIL's antialiased filter.
+    """(3, h, w) uint8 images of any sizes, or `PackedImages` → (n, height, width, 3) uint8, PIL's antialiased
+    filter.
 
     The images are taken in order of size, so those of one size sit side by side: each run of
     equal sizes fills its part of a zero-padded canvas in one stacked copy (a catalog of
@@ -115,7 +116,7 @@ def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: Preproce
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     n = len(images)
     shapes = list(images.shapes) if packed else [(int(i.shape[1]), int(i.shape[2])) for i in images]
-    packed = packed and images.windows_fit(max(w for _, w in shapes))
+    gather = packed and images.windows_fit(max(w for _, w in shapes))  # else copied image by image, as lists are
     order = sorted(range(n), key=shapes.__getitem__)  # stable: already-sorted batches keep their order
     shapes = [shapes[k] for k in order]
     heights, widths = [h for h, _ in shapes], [w for _, w in shapes]
@@ -123,7 +124,7 @@ def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: Preproce
     for position, k in enumerate(order):
         inverse[k] = position
     # One upload for the sizes, the way back to input order and, packed, where each image starts.
-    host = torch.tensor(heights + widths + inverse + ([images.offsets[k] for k in order] if packed else []),
+    host = torch.tensor(heights + widths + inverse + ([images.offsets[k] for k in order] if gather else []),
                         dtype=torch.int64)  # fmt: skip
     uploaded = (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
     row_at, row_taps = pil_taps(uploaded[:n], cfg.height, cfg.resample, max(heights))
@@ -132,7 +133,7 @@ def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: Preproce
     out = torch.empty((n, cfg.height, cfg.width, 3), dtype=torch.uint8, device=device)
     for start, stop in _chunks(shapes, chunk, max_canvas_bytes // 3):
         h_max, w_max = max(heights[start:stop]), max(widths[start:stop])
-        if packed:
+        if gather:
             part = slice(start, stop)
             canvas = _gathered_canvas(images.buffer, uploaded[3 * n :][part], uploaded[:n][part],
                                       uploaded[n : 2 * n][part], h_max, w_max)  # fmt: skip
@@ -179,9 +180,9 @@ def _canvas(images: list[torch.Tensor], shapes: list[tuple[int, int]], h_max: in
 
 def _gathered_canvas(buffer: torch.Tensor, offsets: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor,
                      h_max: int, w_max: int) -> torch.Tensor:  # fmt: skip
-    """(n, 3, h_max, w_max) uint8 (a view of (n, h_max, w_max, 3)) from `PackedImages`' buffer in a handful of ops whatever n: canvas row r of
-    image k is the `3 * w_max` bytes from that image's row r (its last row, past its height) — a window of an
-    overlapping strided view of the buffer, so one index gathers them all. What lies past an image's width or
+    """(n, 3, h_max, w_max) uint8 (a view of (n, h_max, w_max, 3)) from `PackedImages`' buffer in a handful of
+    ops whatever n: canvas row r of image k is the `3 * w_max` bytes from that image's row r (its last row, past
+    its height) — a window of an overlapping strided view of the buffer, so one index gathers them all. What lies past an image's width or
     height is the next bytes of the buffer, not zeros: its resampling weights are zero there
     (`dense_weights`), and uint8 values are finite, so the products are the same as over a zero-padded canvas."""
     n, row_bytes = len(offsets), 3 * w_max

@@ -45,6 +45,7 @@ from encoder import DecodeLimits, EncoderConfig, load_encoder
 from encoder import storage as object_store
 from encoder.gpu_images import GpuImages, batches_progressive
 from encoder.gpu_stream import BackgroundEmbedder
+from encoder.nvimgcodec import library_problem as nvimgcodec_problem
 from encoder.resize import gpu_resizes
 from encoder.storage import arrow_input, contained
 from pipelines import storage
@@ -376,19 +377,13 @@ def gpu_decoding(cfg: EmbedConfig, preprocess) -> bool:
         problem = "no CUDA device"
     elif not _installed("torchvision"):
         problem = "torchvision is not installed (pip install 'lookalike[gpu]')"
-    elif cfg.gpu_decoder == "nvimgcodec" and (reason := _nvimgcodec_problem()):
+    elif cfg.gpu_decoder == "nvimgcodec" and (reason := nvimgcodec_problem()):
         problem = reason
     elif not gpu_resizes(preprocess):
         problem = f"the model's resize filter {preprocess.resample} is not bilinear or bicubic"
     if problem and cfg.gpu_decode == "on":
         raise ValueError(f"--gpu-decode on: {problem}")
     return problem is None
-
-
-def _nvimgcodec_problem() -> str | None:
-    from encoder.nvimgcodec import library_problem
-
-    return library_problem()
 
 
 def _installed(module: str) -> bool:
