@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from encoder.cuda_graph import Capture, GraphedStep, capture_cuda_graph
 from encoder.preprocess import DecodeLimits, PreprocessConfig, decode_image, prepare_image, to_pixel_values
 from encoder.storage import download_gcs_dir, is_gcs
 
@@ -53,6 +54,7 @@ class EncoderConfig:
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     batch_size: int = 64  # images per forward pass (on a GPU at most what fits; 0: the most that fits)
     compile: bool = False  # torch.compile the tower (CUDA; pays a one-off compile)
+    cuda_graph: bool = False  # replay the device step as one CUDA graph at the batch size (encoder.cuda_graph)
     cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "lookalike", "models")
 
     def __post_init__(self) -> None:
@@ -181,6 +183,7 @@ class ImageEncoder:
         first = next(vision_model.parameters())
         self.device, self.dtype = first.device, first.dtype
         self.dim = int(vision_model.config.hidden_size)
+        self.graph: GraphedStep | None = None  # set by `capture_graph`
 
     def embed(self, images: Sequence[Image.Image | bytes | str | os.PathLike]) -> np.ndarray:
         """Embed PIL images, encoded bytes or file paths.
@@ -227,18 +230,41 @@ class ImageEncoder:
         for start in range(0, len(batch), self.batch_size):
             chunk = torch.as_tensor(batch[start : start + self.batch_size])
             n = len(chunk)
+            if chunk.device != self.device and cuda:
+                chunk = chunk.pin_memory()
+            if self.graph is not None:  # copies the chunk in itself, from the host or the device
+                self.graph(chunk, out[start : start + n])
+                continue
             if self.static_batch and n < self.batch_size:  # one shape for a compiled graph: pad, then drop
                 chunk = torch.cat([chunk, chunk.new_zeros((self.batch_size - n, *chunk.shape[1:]))])
-            if chunk.device != self.device:
-                chunk = (chunk.pin_memory() if cuda else chunk).to(self.device, non_blocking=True)
-            pixels = to_pixel_values(chunk, self.preprocess).to(self.dtype)
-            features = self.vision_model(pixel_values=pixels).pooler_output[:n].float()
-            out[start : start + n].copy_(torch.nn.functional.normalize(features, dim=-1), non_blocking=True)
+            chunk = chunk.to(self.device, non_blocking=True)
+            out[start : start + n].copy_(self._step(chunk)[:n], non_blocking=True)
         done = None
         if cuda:
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.device))
         return PendingVectors(out, done)
+
+    def _step(self, pixels: torch.Tensor) -> torch.Tensor:
+        """What the device does for a batch: (n, h, w, 3) uint8 on the device -> (n, dim) unit float32."""
+        features = self.vision_model(pixel_values=to_pixel_values(pixels, self.preprocess).to(self.dtype))
+        return torch.nn.functional.normalize(features.pooler_output.float(), dim=-1)
+
+    @torch.inference_mode()
+    def capture_graph(self, capture: Capture = capture_cuda_graph) -> bool:
+        """Replay `_step` as one graph at `batch_size` from now on (`encoder.cuda_graph`); call it after the
+        batch size is final. A model that cannot be captured keeps running as it did, with a warning.
+
+        Returns:
+            Whether the graph is in use.
+        """
+        size = (self.batch_size, self.preprocess.height, self.preprocess.width, 3)
+        try:
+            self.graph = GraphedStep(self._step, torch.zeros(size, dtype=torch.uint8, device=self.device), capture)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # e.g. a model that synchronises mid-forward
+            log.warning("could not capture the model as a CUDA graph (%s); running it without one", err)
+            self.graph = None
+        return self.graph is not None
 
 
 @dataclass
@@ -313,7 +339,12 @@ def load_encoder(cfg: EncoderConfig, limits: DecodeLimits = DecodeLimits()) -> I
         encoder.batch_size = fit_batch_size(encoder, cap=cfg.batch_size or 1024)
     if cfg.compile:
         encoder.vision_model = torch.compile(model, dynamic=False)
-    log.info("loaded %s (%s) on %s as %s, batch %d", cfg.model, version, device, dtype, encoder.batch_size)
+    if cfg.cuda_graph and device.type != "cuda":
+        log.warning("cuda_graph needs a CUDA device; the model runs on %s without one", device)
+    elif cfg.cuda_graph:
+        encoder.capture_graph()  # compiles here, too, when asked to
+    log.info("loaded %s (%s) on %s as %s, batch %d%s", cfg.model, version, device, dtype, encoder.batch_size,
+             ", one CUDA graph" if encoder.graph is not None else "")  # fmt: skip
     return encoder
 
 

@@ -104,6 +104,9 @@ def embed(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the image tower.")] = False,
+    cuda_graph: Annotated[
+        bool, typer.Option("--cuda-graph", help="Replay the model as one CUDA graph per batch (CUDA).")
+    ] = False,
     gpu_decode: Annotated[
         str, typer.Option(help="auto, on or off: decode and resize JPEGs on the GPU (auto: where there is one).")
     ] = "auto",
@@ -130,8 +133,8 @@ def embed(
 
     options = dict(
         catalog=catalog, model=model, out=out, batch_size=batch_size, fetch_threads=fetch_threads, workers=workers,
-        device=device, dtype=dtype, compile=compile, gpu_decode=gpu_decode, gpu_decoder=gpu_decoder, draft=draft,
-        incremental=incremental, previous=previous,
+        device=device, dtype=dtype, compile=compile, cuda_graph=cuda_graph, gpu_decode=gpu_decode,
+        gpu_decoder=gpu_decoder, draft=draft, incremental=incremental, previous=previous,
         max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, reuse_memory_mb=reuse_memory_mb,
         max_decode_s=max_decode_s,
     )  # fmt: skip

@@ -92,6 +92,7 @@ class EmbedConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    cuda_graph: bool = False  # replay the model's device step as one CUDA graph (encoder.cuda_graph)
     gpu_decode: str = "auto"  # auto | on | off: JPEGs decoded and resized on the GPU (encoder.gpu_images)
     gpu_decoder: str = "nvjpeg"  # nvjpeg (torchvision) | nvimgcodec (NVIDIA nvImageCodec): encoder.gpu_images
     draft: bool = True  # JPEG draft-mode decoding (see README, "Preprocessing")
@@ -124,9 +125,8 @@ class EmbedConfig:
 
     @property
     def encoder(self) -> EncoderConfig:
-        return EncoderConfig(
-            model=self.model, device=self.device, dtype=self.dtype, batch_size=self.batch_size, compile=self.compile
-        )
+        return EncoderConfig(model=self.model, device=self.device, dtype=self.dtype, batch_size=self.batch_size,
+                             compile=self.compile, cuda_graph=self.cuda_graph)  # fmt: skip
 
     @property
     def limits(self) -> DecodeLimits:
@@ -707,11 +707,15 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     listed = catalog_files(cfg.catalog)  # once: the validation and the pipeline's chunks share it
     catalog = read_catalog(cfg.catalog, listed)
     total = catalog.num_rows
-    probe = load_encoder(replace(cfg.encoder, device="cpu", dtype="float32", compile=False), cfg.limits)
+    probe = load_encoder(replace(cfg.encoder, device="cpu", dtype="float32", compile=False, cuda_graph=False),
+                         cfg.limits)  # fmt: skip
     model_version, dim, preprocess = probe.model_version, probe.dim, probe.preprocess
     del probe
-    if cfg.gpu_decode == "on" and _runs_here(options):  # refuse before any work, not in a worker's setup
-        gpu_decoding(cfg, preprocess)
+    if _runs_here(options):  # refuse before any work, not in a worker's setup
+        if cfg.gpu_decode == "on":
+            gpu_decoding(cfg, preprocess)
+        if cfg.cuda_graph and not (cfg.device != "cpu" and torch.cuda.is_available()):
+            raise ValueError("--cuda-graph: no CUDA device")
     previous_run, previous_shards, previous_rows = _previous_shards(cfg, model_version)
     run_dir = storage.join(cfg.out, "embeddings", cfg.run_id)
     failures_dir = storage.join(cfg.out, "failures", cfg.run_id)

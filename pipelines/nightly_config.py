@@ -40,6 +40,7 @@ class EmbedSettings:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    cuda_graph: bool = False
     draft: bool = True
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 100_000_000

@@ -85,8 +85,9 @@ def test_missing_model_is_a_clear_error(tmp_path, demo_catalog):
     [
         (["--gpu-decode", "on"], "--gpu-decode on: no CUDA device"),
         (["--gpu-decoder", "pil"], "gpu_decoder must be nvjpeg or nvimgcodec"),
+        (["--cuda-graph"], "--cuda-graph: no CUDA device"),
     ],
-    ids=["gpu-decode-on-without-cuda", "unknown-gpu-decoder"],
+    ids=["gpu-decode-on-without-cuda", "unknown-gpu-decoder", "cuda-graph-without-cuda"],
 )
 def test_gpu_options_that_cannot_work_here_fail_before_any_work(tmp_path, demo_catalog, tiny_model, flags, message):
     result = _lookalike("embed", "--catalog", str(demo_catalog.manifest), "--model", str(tiny_model), "--out", "E",
