@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import platform
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +173,44 @@ def run_watching_memory(cmd: list[str], interval: float = 0.02) -> tuple[float, 
     seconds, samples, stderr = run_sampling_memory(cmd, interval)
     peak = {k: max((s[k] for _, s in samples), default=0) for k in ("RssAnon", "RssFile")}
     return seconds, peak["RssAnon"], peak["RssFile"], stderr
+
+
+def busy_python(stop: threading.Event) -> None:
+    """Pure Python: holds the interpreter lock until the interpreter makes it switch (every 5 ms)."""
+    while not stop.is_set():
+        sum(range(500))
+
+
+def busy_torch(stop: threading.Event) -> None:
+    """Small torch ops: each releases and retakes the lock, as the GPU worker's launches do."""
+    import torch
+
+    x = torch.ones(8)
+    while not stop.is_set():
+        x = (x + 1) * 0.5
+
+
+BUSY_CASES = {
+    "alone": None,
+    "beside a pure-Python thread": busy_python,
+    "beside a thread of small torch ops": busy_torch,
+}
+
+
+@contextlib.contextmanager
+def beside(busy: Callable[[threading.Event], None] | None) -> Iterator[None]:
+    """Run the body with `busy(stop)` in a thread of its own, already running; None: alone."""
+    stop = threading.Event()
+    other = threading.Thread(target=busy, args=(stop,), daemon=True) if busy else None
+    if other:
+        other.start()
+        time.sleep(0.05)
+    try:
+        yield
+    finally:
+        stop.set()
+        if other:
+            other.join()
 
 
 class StackSampler:

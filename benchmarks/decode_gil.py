@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -26,28 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, realistic_jpegs  # noqa: E402
+from benchmarks.common import BUSY_CASES, beside, machine, realistic_jpegs  # noqa: E402
 from encoder.gpu_images import DECODERS  # noqa: E402
 
 
-def busy_python(stop: threading.Event) -> None:
-    while not stop.is_set():
-        sum(range(500))
-
-
-def busy_torch(stop: threading.Event) -> None:
-    x = torch.ones(8)
-    while not stop.is_set():
-        x = (x + 1) * 0.5
-
-
 def decode_rate(decode, batches: list[list[bytes]], device: torch.device, busy) -> float:
-    stop = threading.Event()
-    other = threading.Thread(target=busy, args=(stop,), daemon=True) if busy else None
-    if other:
-        other.start()
-        time.sleep(0.05)
-    try:
+    with beside(busy):
         start = time.perf_counter()
         for batch in batches:
             result = decode(batch, device)  # images, or (packed images, positions decoded)
@@ -55,10 +38,6 @@ def decode_rate(decode, batches: list[list[bytes]], device: torch.device, busy) 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return sum(map(len, batches)) / (time.perf_counter() - start)
-    finally:
-        stop.set()
-        if other:
-            other.join()
 
 
 def _reuse_host_memory() -> None:
@@ -94,11 +73,7 @@ def main() -> None:
     for decode in bindings.values():
         for batch in batches:  # warm-up: handles, buffers, the library's threads, the heap
             decode(batch, device)
-    cases = {
-        "alone": None,
-        "beside a pure-Python thread": busy_python,
-        "beside a thread of small torch ops": busy_torch,
-    }
+    cases = BUSY_CASES
     rates: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.rounds):
         for case, busy in cases.items():

@@ -3,16 +3,17 @@
 # installed (a leased GPU is paid by the minute: one call, each step under its own time limit). What such a
 # machine's image lacks can travel as wheels: benchmarks/device_wheels.sh.
 #
-#   benchmarks/gpu_checks.sh OUT_DIR [STEPS]     STEPS: comma list of embed,gil,tests,train,host (default: all,
-# in that order: the most wanted first)
+#   benchmarks/gpu_checks.sh OUT_DIR [STEPS]     STEPS: comma list of embed,gil,model,tests,train,host (default:
+# all, in that order: the most wanted first)
 #
-# Writes OUT_DIR/{gpu.txt, gpu_embed.json, gpu_embed.log, gil.log, host.log, train.log, tests.log}. Each step has
-# its own time limit so one slow step cannot eat the others'; a step that fails is logged and the next one runs.
-# The default limits add up to 860 s; where one command may run 600 s at most, split the steps over two calls
-# (e.g. EMBED_S=300 TESTS_S=85 HOST_S=90 with embed,gil,tests,host, then train) or lower them.
+# Writes OUT_DIR/{gpu.txt, gpu_embed.json, gpu_embed.log, gil.log, model.log, tests.log, train.log, host.log}.
+# Each step has its own time limit so one slow step cannot eat the others'; a step that fails is logged and the
+# next one runs. The default limits add up to 950 s; where one command may run 600 s at most, split the steps
+# over two calls (e.g. EMBED_S=300 GIL_S=50 MODEL_S=90 TESTS_S=85 with embed,gil,model,tests, then host,train)
+# or lower them.
 set -u
 out=${1:?usage: gpu_checks.sh OUT_DIR [STEPS]}
-steps=${2:-embed,gil,tests,train,host}
+steps=${2:-embed,gil,model,tests,train,host}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -26,8 +27,11 @@ esac
 case ",$steps," in *,gil,*)  # nvImageCodec's two bindings beside threads that want the interpreter lock
   timeout "${GIL_S:-60}" python3 benchmarks/decode_gil.py --device cuda --images 2048 --batch-size 256 2>&1 | tee "$out/gil.log" | tail -8;;
 esac
+case ",$steps," in *,model,*)  # the model's step beside such threads: eager, compiled, as one CUDA graph
+  timeout "${MODEL_S:-90}" python3 benchmarks/model_gil.py --device cuda --compile --batches 8 --rounds 1 2>&1 | tee "$out/model.log" | tail -8;;
+esac
 case ",$steps," in *,tests,*)
-  timeout "${TESTS_S:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/encoder/test_gpu_images.py tests/encoder/test_gpu_stream.py tests/encoder/test_nvimgcodec.py tests/encoder/test_model.py tests/pipelines/test_embed.py tests/training/test_train_gpu.py 2>&1 | tee "$out/tests.log" | tail -40;;
+  timeout "${TESTS_S:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/encoder/test_gpu_images.py tests/encoder/test_cuda_graph.py tests/encoder/test_gpu_stream.py tests/encoder/test_nvimgcodec.py tests/encoder/test_model.py tests/pipelines/test_embed.py tests/training/test_train_gpu.py 2>&1 | tee "$out/tests.log" | tail -40;;
 esac
 case ",$steps," in *,train,*)
   timeout "${TRAIN_S:-200}" python3 benchmarks/train_bench.py --gpu --seconds 8 2>&1 | tee "$out/train.log" | tail -40;;

@@ -20,7 +20,10 @@ quality 90) and SigLIP base/16-224 with random weights (same FLOPs as the real o
 Then (c) and (d) for SigLIP so400m/14-384. GPU utilisation is sampled with NVML during
 each path; (d) also reports how busy each of its threads was. `profile` reruns (d) and
 (e) sampling every thread's stack (where the time goes on a host without py-spy);
-`switch` reruns (d) with a 0.5 ms interpreter switch interval; `mfu` reruns (c) at twice the
+`graph` reruns (c) and (d) with the model's step replayed as one CUDA graph per batch
+(`--cuda-graph`: three host calls per batch instead of one per op or kernel, each of which
+hands the interpreter lock over); `switch` reruns (d) with a 0.5 ms interpreter switch
+interval; `mfu` reruns (c) at twice the
 batch and under torch.compile's autotuning modes (minutes of compile each). Results go in
 BENCHMARKS.md.
 """
@@ -192,12 +195,13 @@ def dataloader(files: list[Path], ckpt: Path, device: torch.device, batch: int, 
 
 
 def encoder_alone(ckpt: Path, shape: dict, device: torch.device, batch: int, seconds: float, compile_: bool,
-                  mode: str | None = None) -> dict:  # fmt: skip
+                  mode: str | None = None, graph: bool = False) -> dict:  # fmt: skip
     """(c): the encoder on uint8 batches already on the device. `mode`: a `torch.compile` mode other than the
-    default one `EncoderConfig(compile=True)` uses (the `mfu` path tries them before they become options)."""
+    default one `EncoderConfig(compile=True)` uses (the `mfu` path tries them before they become options);
+    `graph`: the model's step replayed as one CUDA graph (`EncoderConfig.cuda_graph`)."""
     start = time.perf_counter()
     encoder = load_encoder(EncoderConfig(model=str(ckpt), device=device.type, batch_size=batch,
-                                         compile=compile_ and mode is None))  # fmt: skip
+                                         compile=compile_ and mode is None, cuda_graph=graph))  # fmt: skip
     if mode is not None:
         encoder.vision_model = torch.compile(encoder.vision_model, dynamic=False, mode=mode)
         encoder.static_batch = True
@@ -215,6 +219,7 @@ def encoder_alone(ckpt: Path, shape: dict, device: torch.device, batch: int, sec
         "batch": encoder.batch_size,
         "load_and_compile_s": round(warm_s, 1),
         "compile_mode": mode or ("default" if compile_ else "none"),
+        "cuda_graph": encoder.graph is not None,
     }
     if device.type == "cuda":
         out["tflops"] = rate * vit_flops(shape) / 1e12
@@ -422,7 +427,8 @@ def main() -> None:
     parser.add_argument("--so400m-images", type=int, default=5_000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--paths", default="c,stages,d,b,a,e,profile,switch,so400m,mfu", help="which paths, in order")
+    parser.add_argument("--paths", default="c,d,graph,stages,b,a,e,profile,switch,so400m,mfu",
+                        help="which paths, in order")  # fmt: skip
     parser.add_argument("--json", help="write results here as they land")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few small files, CPU")
     args = parser.parse_args()
@@ -471,6 +477,13 @@ def main() -> None:
                     torch.compiler.reset()
                     run.path(f"(c) MFU: batch {size}, compile mode {mode or 'default'}", encoder_alone, ckpt,
                              SHAPES[base], device, size, seconds, compile_, mode)  # fmt: skip
+            elif path == "graph":  # (c) and (d) with the model's step replayed as one CUDA graph per batch
+                graphed = run.path("(c) encoder alone, one CUDA graph per batch", encoder_alone, ckpt, SHAPES[base],
+                                   device, batch, seconds, compile_, None, True)  # fmt: skip
+                for decoder in decoders[:2] if graphed is not None else []:
+                    run.path(f"(d) end to end, one CUDA graph per batch, {decoder}", end_to_end, files, graphed,
+                             device, decoder, work / "d", batch)  # fmt: skip
+                graphed = None
             elif path == "stages":
                 for decoder in decoders:
                     run.path(f"stages of (d) alone, {decoder}", stages, files[:5000], encoder, device, decoder, batch)

@@ -27,9 +27,18 @@ def test_cpu_benchmark_runs():
 def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu():
     out = _run("benchmarks/gpu_embed.py", "--smoke")
     for path in ("(a) naive", "(b) DataLoader", "(c) encoder alone", "(d) end to end", "stages of (d)", "(e) Beam",
+                 "(c) encoder alone, one CUDA graph", "(d) end to end, one CUDA graph",
                  "(c) MFU: batch 32"):  # fmt: skip
         assert f"| {path}" in out, path
     assert '"error"' not in out
+
+
+def test_model_gil_benchmark_runs_on_the_cpu():
+    out = _run("benchmarks/model_gil.py", "--device", "cpu", "--shape", "smoke", "--batch-size", "4", "--batches", "3",
+               "--rounds", "1")  # fmt: skip
+    assert "| host calls per batch |" in out
+    for case in ("alone", "beside a pure-Python thread", "beside a thread of small torch ops"):
+        assert f"| {case} |" in out, case
 
 
 def test_decode_gil_benchmark_runs_on_the_cpu():
