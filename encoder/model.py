@@ -261,7 +261,7 @@ class ImageEncoder:
         size = (self.batch_size, self.preprocess.height, self.preprocess.width, 3)
         try:
             self.graph = GraphedStep(self._step, torch.zeros(size, dtype=torch.uint8, device=self.device), capture)
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # e.g. a model that synchronises mid-forward
+        except RuntimeError as err:  # out of memory, or a model that synchronises mid-forward
             log.warning("could not capture the model as a CUDA graph (%s); running it without one", err)
             self.graph = None
         return self.graph is not None

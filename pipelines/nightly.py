@@ -92,9 +92,9 @@ def _embed(ctx: _Context, outputs: dict) -> tuple[dict, dict]:
     if storage.exists(existing):  # finished before the ledger heard of it (killed in between)
         manifest = json.loads(storage.read_bytes(existing))
     else:
-        settings = {k: v for k, v in asdict(ctx.cfg.embed).items() if k != "beam_args"}
         cfg = EmbedConfig(catalog=ctx.cfg.catalog, model=ctx.cfg.model, out=ctx.cfg.out, run_id=ctx.run_id,
-                          incremental=ctx.incremental, reembed_since=ctx.reembed_since, **settings)  # fmt: skip
+                          incremental=ctx.incremental, reembed_since=ctx.reembed_since,
+                          **ctx.cfg.embed.step_options())  # fmt: skip
         manifest = run_embed(cfg, beam_args=[*ctx.cfg.embed.beam_args, *ctx.beam_args]).manifest
     counts = {**manifest["counts"], "images_per_s": manifest["images_per_s"]}
     return counts, {"run_dir": run_dir, "model_version": manifest["model_version"]}

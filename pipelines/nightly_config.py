@@ -41,12 +41,23 @@ class EmbedSettings:
     dtype: str = "auto"
     compile: bool = False
     cuda_graph: bool = False
+    gpu_decode: str = "auto"
+    gpu_decoder: str = "nvjpeg"
     draft: bool = True
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 100_000_000
     max_decode_s: float = 30.0
     reuse_memory_mb: int = 1024
     beam_args: tuple[str, ...] = ()  # e.g. ["--runner=DataflowRunner", "--project=P", ...]
+
+    def __post_init__(self) -> None:
+        from pipelines.embed import EmbedConfig  # checks the values as the step will, before any work
+
+        EmbedConfig(catalog="-", model="-", out="-", **self.step_options())
+
+    def step_options(self) -> dict[str, Any]:
+        """The `EmbedConfig` fields these settings give."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "beam_args"}
 
 
 @dataclass(frozen=True)

@@ -122,16 +122,29 @@ def test_a_second_job_on_the_same_root_is_refused(tmp_path, demo_catalog, tiny_m
         ("catalog: a\nmodel: b\nout: c\ninteractions: d\nindex: {bakend: faiss}\n", r"unknown key\(s\) \['bakend'\] in index"),
         ("catalog: a\nmodel: b\nout: c\n", "interactions required"),
         ("catalog: a\nmodel: b\nout: c\ninteractions: d\nevaluate: {gates: ['ndcg@5 > ']}\n", "evaluate"),
+        ("catalog: a\nmodel: b\nout: c\ninteractions: d\nembed: {gpu_decoder: pil}\n",
+         "embed: gpu_decoder must be nvjpeg or nvimgcodec"),
+        ("catalog: a\nmodel: b\nout: c\ninteractions: d\nembed: {batch_size: 0}\n", "embed: batch_size must be >= 1"),
         ("- just\n- a list\n", "must be a mapping"),
         ("catalog: [unclosed\n", "not valid YAML"),
     ],
-    ids=["top-typo", "section-typo", "missing", "bad-gate", "not-mapping", "bad-yaml"],
+    ids=["top-typo", "section-typo", "missing", "bad-gate", "bad-decoder", "bad-batch", "not-mapping", "bad-yaml"],
 )  # fmt: skip
 def test_bad_configs_fail_before_any_work(tmp_path, text, message):
     path = tmp_path / "nightly.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_nightly_config(str(path))
+
+
+def test_every_embed_option_but_the_run_s_own_is_a_nightly_setting():
+    from dataclasses import fields
+
+    from pipelines.embed import EmbedConfig
+    from pipelines.nightly_config import EmbedSettings
+
+    per_run = {"catalog", "model", "out", "run_id", "incremental", "previous", "reembed_since"}
+    assert {f.name for f in fields(EmbedConfig)} - per_run == set(EmbedSettings().step_options())
 
 
 def test_flags_override_the_file(tmp_path):
