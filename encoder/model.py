@@ -230,13 +230,13 @@ class ImageEncoder:
         for start in range(0, len(batch), self.batch_size):
             chunk = torch.as_tensor(batch[start : start + self.batch_size])
             n = len(chunk)
+            if self.graph is None and self.static_batch and n < self.batch_size:  # one shape: pad, then drop
+                chunk = torch.cat([chunk, chunk.new_zeros((self.batch_size - n, *chunk.shape[1:]))])
             if chunk.device != self.device and cuda:
                 chunk = chunk.pin_memory()
             if self.graph is not None:  # copies the chunk in itself, from the host or the device
                 self.graph(chunk, out[start : start + n])
                 continue
-            if self.static_batch and n < self.batch_size:  # one shape for a compiled graph: pad, then drop
-                chunk = torch.cat([chunk, chunk.new_zeros((self.batch_size - n, *chunk.shape[1:]))])
             chunk = chunk.to(self.device, non_blocking=True)
             out[start : start + n].copy_(self._step(chunk)[:n], non_blocking=True)
         done = None
