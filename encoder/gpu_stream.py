@@ -123,6 +123,9 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
                     batch = images.decode(datas, *reasons)
                 if not put(decoded, (list(keys), batch)):
                     return
+                # Decoded: let the encoded images go before waiting for the next batch. They may be views of a
+                # file reader's ring, whose slots the thread that feeds this stream may be waiting for.
+                del keys, datas, reasons, batch
         except BaseException as err:  # noqa: BLE001 - handed on, raised in the consumer
             put(decoded, err)
             return
@@ -206,6 +209,7 @@ class BackgroundEmbedder:
             if item is _DONE:
                 return
             yield item
+            del item  # not held while waiting for the next: its images may hold a file reader's ring slots
 
     def _run(self, encoder: ImageEncoder, images: GpuImages, prefetch: int) -> None:
         try:

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # not imported: reader processes start without numpy
+    import numpy as np
 
 __all__ = ["PROGRESSIVE_ON_CPU", "JpegHeader", "cpu_reason", "read_jpeg_header"]
 
@@ -82,9 +86,11 @@ def _exif_orientation(tiff: bytes) -> int | None:
 PROGRESSIVE_ON_CPU = "progressive JPEG: this GPU decoder takes them one at a time"
 
 
-def cpu_reason(data: bytes, max_bytes: int, max_pixels: int, progressive: bool = True) -> str | None:
-    """Why these bytes must be decoded on the CPU, or None when the GPU decoder can take them.
-    `progressive`: whether the GPU decoder takes progressive JPEGs in its batches."""
+def cpu_reason(data: bytes | np.ndarray, max_bytes: int, max_pixels: int, progressive: bool = True) -> str | None:
+    """Why these bytes (or a 1-D uint8 array of them) must be decoded on the CPU, or None when the GPU decoder can
+    take them. `progressive`: whether the GPU decoder takes progressive JPEGs in its batches."""
+    if not isinstance(data, bytes):  # an array over a file reader's ring, when no reader routed it
+        data = memoryview(data).tobytes()
     header = read_jpeg_header(data)
     if header is None:
         return "not a JPEG"

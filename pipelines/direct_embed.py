@@ -58,6 +58,7 @@ def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, 
         for read in files.read(paths, batch_size):
             failures.extend((path, path, stage, reason) for path, stage, reason in read.failed)
             yield read.keys, read.datas, read.reasons  # the key carries the digest to the shard row
+            del read  # not held while the reader waits for ring slots for the next batch
 
     shards = _Shards(out, embedding_schema(encoder.dim), rows_per_shard)
     try:

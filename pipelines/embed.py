@@ -45,6 +45,7 @@ from encoder import DecodeLimits, EncoderConfig, load_encoder
 from encoder import storage as object_store
 from encoder.gpu_images import GpuImages, batches_progressive
 from encoder.gpu_stream import BackgroundEmbedder
+from encoder.jpeg import cpu_reason
 from encoder.nvimgcodec import library_problem as nvimgcodec_problem
 from encoder.resize import gpu_resizes
 from encoder.storage import arrow_input, contained
@@ -308,11 +309,18 @@ class EmbedBatch(beam.DoFn):
         if self._stream is None:
             self._stream = BackgroundEmbedder(self._encoder, self._images)
         datas = [item.pixels if item.data is None else item.data for item in batch]
-        routes = [item.route for item in batch]
-        if any(route is None for route in routes):  # not all routed by the file readers: the GPU step routes
-            self._stream.submit(batch, datas)
-        else:
-            self._stream.submit(batch, datas, [route or None for route in routes])
+        # Keys without the images: finished batches wait for this thread to take them, and this thread may be
+        # waiting for a file reader's ring slot meanwhile, which a batch holding its images would never free.
+        keys = [PreparedImage(item.item_id, item.image_uri, item.image_sha256, None) for item in batch]
+        self._stream.submit(keys, datas, [self._route(item) for item in batch])
+
+    def _route(self, item: PreparedImage) -> str | None:
+        """Why the item goes to the CPU decoder (None: the GPU decoder takes it), as the file readers found, or
+        found here for bytes fetched from an object store."""
+        if item.route is None and item.data is not None:
+            limits, images = self._images.limits, self._images
+            return cpu_reason(item.data, limits.max_bytes, limits.max_pixels, images.progressive_on_gpu)
+        return item.route or None
 
     def finish_bundle(self):
         if self._waiting:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -282,6 +283,26 @@ def test_background_embedder_returns_every_batch_in_order_with_pre_decoded_image
     assert [k for b in out for k in b.keys] == [k for k in range(20) if k != 4]
     assert [(k, stage) for b in out for k, stage, _ in b.failed] == [(4, "decode")]
     assert sum(b.on_gpu for b in out) == 20 - 7 - 1  # 7 arrived decoded, the junk fell back to the CPU
+
+
+def test_a_decoded_batch_s_encoded_images_are_let_go_before_the_caller_takes_its_vectors(tiny_encoder, files):
+    """Encoded images may be views of a file reader's ring, whose slots come back only when no view is left: in
+    Beam the thread that takes finished batches is the one that waits for a slot, so a finished (or merely
+    decoded) batch that still held its images could stop the worker for good."""
+    stream = BackgroundEmbedder(tiny_encoder, _images(tiny_encoder))
+    freed: list[int] = []
+    for i in range(3):
+        datas = [np.frombuffer(open(f, "rb").read(), dtype=np.uint8) for f in files[5 * i : 5 * i + 5]]
+        for data in datas:
+            weakref.finalize(data, freed.append, i)
+        stream.submit(list(range(5 * i, 5 * i + 5)), datas)
+        del datas, data
+    deadline = time.monotonic() + 20
+    while (stream._outbox.qsize() < 2 or len(freed) < 15) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stream._outbox.qsize() == 2  # none taken: two finished, the third launched behind them
+    assert sorted(freed) == [0] * 5 + [1] * 5 + [2] * 5
+    assert [k for b in stream.finish() for k in b.keys] == list(range(15))
 
 
 def test_background_embedder_raises_the_streams_error_in_the_caller(tiny_encoder, files):

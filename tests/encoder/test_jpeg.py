@@ -87,6 +87,14 @@ def test_cut_off_jpegs_go_to_the_cpu_path_that_dead_letters_them():
     assert cpu_reason(data + b"\0" * 64, **_LIMITS) is None  # zero padding after the end marker is fine
 
 
+def test_an_array_of_the_bytes_is_routed_as_the_bytes_are():
+    """Arrays over a file reader's ring reach the router unrouted when a batch mixes them with fetched bytes."""
+    full = _encode(size=(400, 300))
+    for data in (full, full[: len(full) // 2], full + b"\0" * 64, _encode(fmt="PNG"), _encode("CMYK"),
+                 _with_orientation(_encode(), 6), _encode(progressive=True)):  # fmt: skip
+        assert cpu_reason(np.frombuffer(data, dtype=np.uint8), **_LIMITS) == cpu_reason(data, **_LIMITS)
+
+
 def test_oversized_images_go_to_the_cpu_path_that_dead_letters_them():
     data = _encode(size=(400, 300))
     assert cpu_reason(data, max_bytes=10 << 20, max_pixels=100_000) is not None

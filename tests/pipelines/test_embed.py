@@ -17,7 +17,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from encoder import DecodeLimits, decode_image
+from encoder import DecodeLimits, ImageDecodeError, PreprocessConfig, decode_image
 from encoder.jpeg import PROGRESSIVE_ON_CPU, cpu_reason
 from pipelines.catalog import CatalogError, CatalogItem, ItemChunk
 from pipelines.embed import EmbedConfig, FetchAndDecode, run_embed
@@ -337,6 +337,94 @@ def test_gpu_decode_wiring_on_the_cpu_embeds_every_item_like_the_cpu_path(
     cosines = [float(got[k] @ cpu[k]) for k in got]
     # Full-size decode + the GPU path's resize against the CPU path's draft decode + PIL resize.
     assert min(cosines) > 0.98, f"cosine as low as {min(cosines):.4f}"
+
+
+def _decodes(data: bytes) -> bool:
+    try:
+        decode_image(data, PreprocessConfig(), DecodeLimits())
+    except ImageDecodeError:
+        return False
+    return True
+
+
+def test_a_gpu_batch_of_routed_local_files_and_unrouted_fetched_bytes_embeds_them_all(
+    demo_catalog, tiny_model, monkeypatch
+):
+    """Local files arrive routed, as arrays over the readers' ring; object-store images as bytes, unrouted. One
+    batch of both (a catalog of both kinds) is routed where it is missing and decoded; none is lost."""
+    from apache_beam.utils.shared import Shared
+
+    import encoder.gpu_images as gpu_images
+    import pipelines.embed as embed
+    from pipelines.records import PreparedImage
+    from tests.encoder.test_gpu_images import _pil_decoder
+
+    calls: list[int] = []
+    monkeypatch.setattr(embed, "gpu_decoding", lambda cfg, preprocess: True)
+    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda device: _pil_decoder(calls))
+    paths = [p for p in sorted((demo_catalog.root / "images").glob("*.jpg"))[:20] if _decodes(p.read_bytes())][:12]
+    items = []
+    for i, path in enumerate(paths):
+        data = path.read_bytes()
+        local = i % 2 == 0
+        items.append(PreparedImage(f"item-{i}", str(path), f"sha-{i}", None,
+                                   np.frombuffer(data, dtype=np.uint8) if local else data,
+                                   cpu_reason(data, 50 << 20, 10**8, progressive=False) or "" if local else None))  # fmt: skip
+    step = embed.EmbedBatch(EmbedConfig(catalog="-", model=str(tiny_model), out="-", batch_size=8), Shared())
+    step.setup()
+    step.start_bundle()
+    outputs = [*step.process(items), *(o.value for o in step.finish_bundle())]  # finish_bundle's are windowed
+    step.teardown()
+    tables = [o for o in outputs if isinstance(o, pa.Table)]
+    failures = [o for o in outputs if not isinstance(o, pa.Table)]
+    assert not failures, failures
+    assert sorted(i for t in tables for i in t.column("item_id").to_pylist()) == sorted(x.item_id for x in items)
+    assert not failures and sum(calls) > 0
+
+
+def test_a_gpu_worker_slower_than_its_reads_never_waits_for_ever_on_the_readers_ring(
+    demo_catalog, tiny_model, first_run, tmp_path, monkeypatch
+):
+    """The runner's thread fetches (waiting for a free slot of the readers' ring) and also takes the embed step's
+    finished batches: were finished batches to hold their images' slots, a GPU side slower than the reads
+    would fill the ring with them and stop the worker for good. A ring of 12 slots and a slow resize here."""
+    import threading
+    import time
+
+    import encoder.gpu_images as gpu_images
+    import pipelines.embed as embed
+    from pipelines.file_reader import ProcessReader
+    from tests.encoder.test_gpu_images import _pil_decoder
+
+    finish = gpu_images.GpuImages.finish
+
+    def slow_finish(self, batch):
+        time.sleep(0.01)
+        return finish(self, batch)
+
+    readers: dict = {}
+    monkeypatch.setattr(embed, "_READERS", readers)
+    monkeypatch.setattr(embed, "ProcessReader", lambda key, processes, chunk: ProcessReader(key, 2, chunk, slots=12))
+    monkeypatch.setattr(embed, "gpu_decoding", lambda cfg, preprocess: True)
+    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda device: _pil_decoder())
+    monkeypatch.setattr(gpu_images.GpuImages, "finish", slow_finish)
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model),
+                                                      out=str(tmp_path), batch_size=16))  # fmt: skip
+        except BaseException as err:  # noqa: BLE001 - reported below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    for reader in readers.values():  # a stuck run's wait for a slot ends with an error
+        reader.close()
+    thread.join(timeout=30)
+    assert "result" in outcome, f"the run never finished: {outcome.get('error')!r}"
+    assert outcome["result"].counts == first_run.counts
 
 
 @pytest.mark.gpu

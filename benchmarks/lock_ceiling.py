@@ -1,0 +1,137 @@
+"""The GPU worker's ceiling when its GPU work hands the interpreter lock over as the real calls do, on the CPU.
+
+    python benchmarks/lock_ceiling.py [--images 12000] [--batch-size 256]
+
+`worker_overhead.py` stands the decoder and the model in by no-ops: it measures the host's own
+per-image work. On a GPU host the decode, resize and model threads also call into torch and the
+decoders, and each such call releases the interpreter lock and must take it back, behind whatever
+thread holds it (Beam's runner thread runs pure Python). Here the stand-ins keep that shape and
+nothing else:
+  the decoder releases the lock for as long as the hardware decoder takes (`--decode-rate`, 14,000
+  images/s: nvImageCodec's alone on the H200) and hands back blank images of all-different sizes,
+  so the real resize makes its real calls (one copy per image, as for nvJPEG's separate tensors);
+  the model makes `calls` calls into torch per batch on a tiny tensor and queues the batch on a
+  simulated device that finishes `--model-rate` images/s (10,600: the compiled SigLIP base alone on
+  the H200); taking the vectors waits for it without the lock, as `PendingVectors.result` does.
+`calls` is 321 (SigLIP base's eager forward, `model_gil.py`) or 3 (one CUDA graph: copy in,
+replay, copy out). For each, the standalone loop (reader processes) and the Beam pipeline (whole
+run, and steady state: less a run over 1% of the files), alternated, two runs each; the ideal is
+the slower of the two rates. Results go in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import encoder.gpu_images as gpu_images  # noqa: E402
+import pipelines.embed as embed  # noqa: E402
+from benchmarks.common import machine  # noqa: E402
+from benchmarks.gpu_embed import SHAPES, _checkpoint, _make_images  # noqa: E402
+from benchmarks.worker_overhead import SIZE, beam, direct  # noqa: E402
+from encoder.model import ImageEncoder, PendingVectors  # noqa: E402
+
+EAGER_CALLS, GRAPH_CALLS = 321, 3
+
+
+class SimulatedDevice:
+    """A queue that finishes `rate` images/s, one batch after another, as a GPU stream does."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate, self.free_at, self.lock = rate, 0.0, threading.Lock()
+
+    def queue(self, n: int) -> float:
+        with self.lock:
+            self.free_at = max(self.free_at, time.perf_counter()) + n / self.rate
+            return self.free_at
+
+
+class _Done:
+    """`torch.cuda.Event`'s part that `PendingVectors` uses: waits (without the lock) until the device is done."""
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    def synchronize(self) -> None:
+        time.sleep(max(0.0, self.at - time.perf_counter()))
+
+
+def timed_decoder(rate: float):
+    def factory(device=None):
+        def decode(datas, device):
+            time.sleep(len(datas) / rate)  # the decoder's call, the lock released
+            return [torch.zeros((3, SIZE + k, SIZE), dtype=torch.uint8) for k in range(len(datas))]
+
+        return decode
+
+    return factory
+
+
+def calling_launch(calls: int, device: SimulatedDevice):
+    """`ImageEncoder.launch` as seen by the lock: `calls` calls into torch, then the batch queued on the device."""
+
+    def launch(self, batch) -> PendingVectors:
+        x = torch.ones(8)
+        for _ in range(calls):
+            x = x.add(1.0)
+        vectors = torch.full((len(batch), self.dim), self.dim**-0.5)
+        return PendingVectors(vectors, _Done(device.queue(len(batch))))
+
+    return launch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=12_000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--decode-rate", type=float, default=14_000)
+    parser.add_argument("--model-rate", type=float, default=10_600)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    device = SimulatedDevice(args.model_rate)
+    gpu_images.DECODERS["nvjpeg"] = timed_decoder(args.decode_rate)
+    embed.gpu_decoding = lambda cfg, preprocess: True
+    calls = {"per-op calls (eager)": EAGER_CALLS, "one CUDA graph": GRAPH_CALLS}
+    launches = {name: calling_launch(n, device) for name, n in calls.items()}
+    work = Path(tempfile.mkdtemp(prefix="lookalike-lock-ceiling-"))
+    results: dict[str, list[float]] = {}
+    try:
+        files = sorted(str(p) for p in _make_images(work / "jpegs", args.images, 640))
+        ckpt = _checkpoint(work / "ckpt", dict(SHAPES["smoke"], image_size=SIZE, patch_size=SIZE))
+        (work / "small").mkdir()
+        for f in files[: max(1, len(files) // 100)]:
+            shutil.copy(f, work / "small")
+        print(f"machine: {machine()}; {len(files):,} JPEGs; batch {args.batch_size}; decoder {args.decode_rate:,.0f}"
+              f" images/s, model {args.model_rate:,.0f} images/s (ideal: {min(args.decode_rate, args.model_rate):,.0f})")  # fmt: skip
+        for _ in range(args.rounds):
+            for name, launch in launches.items():
+                ImageEncoder.launch = launch  # on the class: Beam keeps one encoder per process across runs
+                rate, _ = direct(files, ckpt, work / "d", args.batch_size, "processes")
+                results.setdefault(f"standalone loop, {name}", []).append(rate)
+                n, whole, _ = beam(str(work / "jpegs" / "*" / "*.jpg"), ckpt, work / "e", args.batch_size)
+                n_small, fixed, _ = beam(str(work / "small" / "*.jpg"), ckpt, work / "e1", args.batch_size)
+                results.setdefault(f"Beam pipeline, whole run, {name}", []).append(n / whole)
+                results.setdefault(f"Beam pipeline, steady state, {name}", []).append((n - n_small) / (whole - fixed))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ideal = min(args.decode_rate, args.model_rate)
+    print("\n| path | images/s, each run | × ideal |\n| --- | ---: | ---: |")
+    for name, runs in results.items():
+        print(f"| {name} | {' / '.join(f'{r:,.0f}' for r in runs)} | {np.mean(runs) / ideal:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
