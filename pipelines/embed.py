@@ -218,8 +218,8 @@ class FetchAndDecode(beam.DoFn):
         self._pool = ThreadPoolExecutor(self._cfg.fetch_threads, thread_name_prefix="fetch")
         self._defer_decode = gpu_decoding(self._cfg, self._preprocess)  # the GPU worker routes and decodes
         # A GPU worker reads local files in reader processes, keeping the interpreter lock for the GPU threads.
-        self._reader = (file_reader_for(self._cfg.limits, batches_progressive(self._cfg.gpu_decoder))
-                        if self._defer_decode else None)  # fmt: skip
+        self._reader = (file_reader_for(self._cfg.limits, batches_progressive(self._cfg.gpu_decoder),
+                                        self._cfg.batch_size) if self._defer_decode else None)  # fmt: skip
         self._progress = ProgressLog("fetched", self._total)
         self._previous = self._previous_source.acquire() if self._previous_source else None
         self._reused = Metrics.counter(_NAMESPACE, "reused")
@@ -355,19 +355,23 @@ def _windowed(outputs):
             yield GlobalWindows.windowed_value(out)
 
 
-_READERS: dict[ReadLimits, ProcessReader] = {}
+_READERS: dict[tuple[ReadLimits, int], ProcessReader] = {}
 _READERS_LOCK = threading.Lock()
 
 
-def file_reader_for(limits: DecodeLimits, progressive: bool = True) -> ProcessReader:
+def file_reader_for(limits: DecodeLimits, progressive: bool = True, batch_size: int = 256) -> ProcessReader:
     """This process's reader processes for local image files, started on first use, stopped at exit: one set
     per worker process however many fetch steps its threads run (`ProcessReader.read` takes turns).
-    `progressive`: whether the GPU decoder batches progressive JPEGs (their route depends on it)."""
-    key = ReadLimits.of(limits, progressive=progressive)
+    `progressive`: whether the GPU decoder batches progressive JPEGs (their route depends on it).
+    `batch_size`: the embed step's; the ring holds two such batches and more, as the step keeps a batch
+    filling while the one before it is decoded (160 slots of 8 files at least)."""
+    chunk = 8  # a 64-item fetch chunk spreads over 8 slots
+    slots = max(160, 2 * -(-batch_size // chunk) + 16)
+    key = (ReadLimits.of(limits, progressive=progressive), slots)
     with _READERS_LOCK:
         if key not in _READERS:
             processes = max(1, min(8, os.cpu_count() or 1))
-            _READERS[key] = ProcessReader(key, processes, chunk=8)  # a 64-item fetch chunk spreads over 8
+            _READERS[key] = ProcessReader(key[0], processes, chunk=chunk, slots=slots)
             atexit.register(_READERS[key].close)
         return _READERS[key]
 

@@ -382,6 +382,25 @@ def test_a_gpu_batch_of_routed_local_files_and_unrouted_fetched_bytes_embeds_the
     assert not failures and sum(calls) > 0
 
 
+def test_the_readers_ring_holds_two_of_the_embed_steps_batches(monkeypatch):
+    from types import SimpleNamespace
+
+    import pipelines.embed as embed
+
+    made: list[int] = []
+
+    def reader(key, processes, chunk, slots):
+        made.append(slots)
+        return SimpleNamespace(slots=slots, close=lambda: None)
+
+    monkeypatch.setattr(embed, "_READERS", {})
+    monkeypatch.setattr(embed, "ProcessReader", reader)
+    assert embed.file_reader_for(DecodeLimits(), batch_size=256).slots == 160
+    assert embed.file_reader_for(DecodeLimits(), batch_size=64).slots == 160  # the same set of readers
+    assert embed.file_reader_for(DecodeLimits(), batch_size=2048).slots == 2 * 2048 // 8 + 16
+    assert made == [160, 528]
+
+
 def test_a_gpu_worker_slower_than_its_reads_never_waits_for_ever_on_the_readers_ring(
     demo_catalog, tiny_model, first_run, tmp_path, monkeypatch
 ):
@@ -404,7 +423,9 @@ def test_a_gpu_worker_slower_than_its_reads_never_waits_for_ever_on_the_readers_
 
     readers: dict = {}
     monkeypatch.setattr(embed, "_READERS", readers)
-    monkeypatch.setattr(embed, "ProcessReader", lambda key, processes, chunk: ProcessReader(key, 2, chunk, slots=12))
+    monkeypatch.setattr(
+        embed, "ProcessReader", lambda key, processes, chunk, slots: ProcessReader(key, 2, chunk, slots=12)
+    )
     monkeypatch.setattr(embed, "gpu_decoding", lambda cfg, preprocess: True)
     monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda device: _pil_decoder())
     monkeypatch.setattr(gpu_images.GpuImages, "finish", slow_finish)
