@@ -56,6 +56,13 @@ def test_worker_overhead_benchmark_runs():
 
 
 @pytest.mark.slow
+def test_lock_ceiling_benchmark_runs():
+    out = _run("benchmarks/lock_ceiling.py", "--images", "300", "--batch-size", "32", "--rounds", "1")
+    for path in ("standalone loop, per-op calls (eager)", "Beam pipeline, steady state, one CUDA graph"):
+        assert f"| {path} |" in out, path
+
+
+@pytest.mark.slow
 def test_training_benchmark_smoke_mode_runs_on_cpu():
     out = _run("benchmarks/train_bench.py", "--smoke")
     assert "| fp32, eager attention |" in out and "lookalike train end to end" in out
