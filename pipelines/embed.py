@@ -318,8 +318,8 @@ class EmbedBatch(beam.DoFn):
         """Why the item goes to the CPU decoder (None: the GPU decoder takes it), as the file readers found, or
         found here for bytes fetched from an object store."""
         if item.route is None and item.data is not None:
-            limits, images = self._images.limits, self._images
-            return cpu_reason(item.data, limits.max_bytes, limits.max_pixels, images.progressive_on_gpu)
+            limits = self._images.limits
+            return cpu_reason(item.data, limits.max_bytes, limits.max_pixels, self._images.progressive_on_gpu)
         return item.route or None
 
     def finish_bundle(self):
