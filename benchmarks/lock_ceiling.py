@@ -9,12 +9,13 @@ thread holds it (Beam's runner thread runs pure Python). Here the stand-ins keep
 nothing else:
   the decoder releases the lock for as long as the hardware decoder takes (`--decode-rate`, 14,000
   images/s: nvImageCodec's alone on the H200) and hands back blank images of all-different sizes,
-  so the real resize makes its real calls (one copy per image, as for nvJPEG's separate tensors);
+  so the real resize makes its real calls: as separate tensors (nvJPEG's; one copy per image) or
+  packed in one buffer (lookalike's nvImageCodec binding; a few gathers per chunk);
   the model makes `calls` calls into torch per batch on a tiny tensor and queues the batch on a
   simulated device that finishes `--model-rate` images/s (10,600: the compiled SigLIP base alone on
   the H200); taking the vectors waits for it without the lock, as `PendingVectors.result` does.
 `calls` is 321 (SigLIP base's eager forward, `model_gil.py`) or 3 (one CUDA graph: copy in,
-replay, copy out). For each, the standalone loop (reader processes) and the Beam pipeline (whole
+replay, copy out). For each variant, the standalone loop (reader processes) and the Beam pipeline (whole
 run, and steady state: less a run over 1% of the files), alternated, two runs each; the ideal is
 the slower of the two rates. Results go in BENCHMARKS.md.
 """
@@ -41,6 +42,7 @@ from benchmarks.common import machine  # noqa: E402
 from benchmarks.gpu_embed import SHAPES, _checkpoint, _make_images  # noqa: E402
 from benchmarks.worker_overhead import SIZE, beam, direct  # noqa: E402
 from encoder.model import ImageEncoder, PendingVectors  # noqa: E402
+from encoder.resize import PackedImages  # noqa: E402
 
 EAGER_CALLS, GRAPH_CALLS = 321, 3
 
@@ -67,11 +69,20 @@ class _Done:
         time.sleep(max(0.0, self.at - time.perf_counter()))
 
 
-def timed_decoder(rate: float):
+def timed_decoder(rate: float, packed: bool):
+    """Blank images of all-different sizes after the decoder's time, the lock released: separate tensors, as
+    torchvision's nvJPEG hands them back, or `packed` in one buffer, as lookalike's nvImageCodec binding does."""
+
     def factory(device=None):
         def decode(datas, device):
-            time.sleep(len(datas) / rate)  # the decoder's call, the lock released
-            return [torch.zeros((3, SIZE + k, SIZE), dtype=torch.uint8) for k in range(len(datas))]
+            time.sleep(len(datas) / rate)
+            shapes = [(SIZE + k, SIZE) for k in range(len(datas))]
+            if not packed:
+                return [torch.zeros((3, h, w), dtype=torch.uint8) for h, w in shapes]
+            sizes = [3 * h * w for h, w in shapes]
+            offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+            buffer = torch.zeros(sum(sizes) + 3 * SIZE, dtype=torch.uint8)  # a row of slack, as the binding leaves
+            return PackedImages(buffer, tuple(offsets), tuple(shapes)), list(range(len(datas)))
 
         return decode
 
@@ -102,10 +113,12 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     device = SimulatedDevice(args.model_rate)
-    gpu_images.DECODERS["nvjpeg"] = timed_decoder(args.decode_rate)
     embed.gpu_decoding = lambda cfg, preprocess: True
-    calls = {"per-op calls (eager)": EAGER_CALLS, "one CUDA graph": GRAPH_CALLS}
-    launches = {name: calling_launch(n, device) for name, n in calls.items()}
+    variants = {  # name: (the model's calls per batch, decoded images packed in one buffer)
+        "per-op calls (eager), separate images": (EAGER_CALLS, False),
+        "one CUDA graph, separate images": (GRAPH_CALLS, False),
+        "one CUDA graph, packed images": (GRAPH_CALLS, True),
+    }
     work = Path(tempfile.mkdtemp(prefix="lookalike-lock-ceiling-"))
     results: dict[str, list[float]] = {}
     try:
@@ -117,8 +130,9 @@ def main() -> None:
         print(f"machine: {machine()}; {len(files):,} JPEGs; batch {args.batch_size}; decoder {args.decode_rate:,.0f}"
               f" images/s, model {args.model_rate:,.0f} images/s (ideal: {min(args.decode_rate, args.model_rate):,.0f})")  # fmt: skip
         for _ in range(args.rounds):
-            for name, launch in launches.items():
-                ImageEncoder.launch = launch  # on the class: Beam keeps one encoder per process across runs
+            for name, (calls, packed) in variants.items():
+                ImageEncoder.launch = calling_launch(calls, device)  # on the class: Beam keeps its encoder
+                gpu_images.DECODERS["nvjpeg"] = timed_decoder(args.decode_rate, packed)
                 rate, _ = direct(files, ckpt, work / "d", args.batch_size, "processes")
                 results.setdefault(f"standalone loop, {name}", []).append(rate)
                 n, whole, _ = beam(str(work / "jpegs" / "*" / "*.jpg"), ckpt, work / "e", args.batch_size)

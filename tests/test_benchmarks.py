@@ -58,7 +58,10 @@ def test_worker_overhead_benchmark_runs():
 @pytest.mark.slow
 def test_lock_ceiling_benchmark_runs():
     out = _run("benchmarks/lock_ceiling.py", "--images", "300", "--batch-size", "32", "--rounds", "1")
-    for path in ("standalone loop, per-op calls (eager)", "Beam pipeline, steady state, one CUDA graph"):
+    for path in (
+        "standalone loop, per-op calls (eager), separate images",
+        "Beam pipeline, steady state, one CUDA graph, packed images",
+    ):
         assert f"| {path} |" in out, path
 
 
