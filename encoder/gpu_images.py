@@ -232,14 +232,17 @@ class GpuImages:
         """Whether any input may go to the GPU decoder (False: everything is decoded on the CPU threads)."""
         return self._decode is not None
 
+    def cpu_reason(self, data: bytes | np.ndarray) -> str | None:
+        """Why this encoded image goes to the CPU decoder under these limits (None: the GPU decoder takes it)."""
+        return cpu_reason(data, self.limits.max_bytes, self.limits.max_pixels, self.progressive_on_gpu)
+
     def route(self, datas: Sequence[bytes], reasons: Sequence[str | None] | None = None) -> tuple[list[int], list[int]]:
         """Input positions for the GPU decoder and for the CPU decoder. `reasons`: each input's
         `encoder.jpeg.cpu_reason`, found already (by the file readers) under these limits."""
         if self._decode is None:
             return [], list(range(len(datas)))
         if reasons is None:
-            limits = self.limits
-            reasons = [cpu_reason(data, limits.max_bytes, limits.max_pixels, self.progressive_on_gpu) for data in datas]
+            reasons = [self.cpu_reason(data) for data in datas]
         gpu, cpu = [], []
         for i, reason in enumerate(reasons):
             (cpu if reason else gpu).append(i)

@@ -45,7 +45,6 @@ from encoder import DecodeLimits, EncoderConfig, load_encoder
 from encoder import storage as object_store
 from encoder.gpu_images import GpuImages, batches_progressive
 from encoder.gpu_stream import BackgroundEmbedder
-from encoder.jpeg import cpu_reason
 from encoder.nvimgcodec import library_problem as nvimgcodec_problem
 from encoder.resize import gpu_resizes
 from encoder.storage import arrow_input, contained
@@ -318,8 +317,7 @@ class EmbedBatch(beam.DoFn):
         """Why the item goes to the CPU decoder (None: the GPU decoder takes it), as the file readers found, or
         found here for bytes fetched from an object store."""
         if item.route is None and item.data is not None:
-            limits = self._images.limits
-            return cpu_reason(item.data, limits.max_bytes, limits.max_pixels, self._images.progressive_on_gpu)
+            return self._images.cpu_reason(item.data)
         return item.route or None
 
     def finish_bundle(self):
