@@ -20,7 +20,7 @@ quality 90) and SigLIP base/16-224 with random weights (same FLOPs as the real o
 Then (c) and (d) for SigLIP so400m/14-384. GPU utilisation is sampled with NVML during
 each path; (d) also reports how busy each of its threads was. `profile` reruns (d) and
 (e) sampling every thread's stack (where the time goes on a host without py-spy);
-`graph` reruns (c) and (d) with the model's step replayed as one CUDA graph per batch
+`graph` reruns (c), (d) and (e) with the model's step replayed as one CUDA graph per batch
 (`--cuda-graph`: three host calls per batch instead of one per op or kernel, each of which
 hands the interpreter lock over); `switch` reruns (d) with a 0.5 ms interpreter switch
 interval; `mfu` reruns (c) at twice the
@@ -384,7 +384,7 @@ def cold_end_to_end(files, ckpt: Path, device: torch.device, decoder: str, out: 
 
 
 def beam(folder: Path, ckpt: Path, device: torch.device, out: Path, batch: int, compile_: bool, count: int,
-         sample: bool = False, decoder: str = "nvjpeg") -> dict:  # fmt: skip
+         sample: bool = False, decoder: str = "nvjpeg", cuda_graph: bool = False) -> dict:  # fmt: skip
     """The whole run, then steady state: the whole run less a run over 1% of the files (mostly start-up).
 
     The small run goes second, so it finds the compile cache the first one warmed: its fixed cost is if
@@ -396,7 +396,8 @@ def beam(folder: Path, ckpt: Path, device: torch.device, out: Path, batch: int, 
 
     def timed(pattern: str, expected: int) -> float:
         cfg = EmbedConfig(catalog=pattern, model=str(ckpt), out=str(out), batch_size=batch, device=device.type,
-                          compile=compile_, gpu_decode=gpu, gpu_decoder=decoder, incremental=False)  # fmt: skip
+                          compile=compile_, cuda_graph=cuda_graph, gpu_decode=gpu, gpu_decoder=decoder,
+                          incremental=False)  # fmt: skip
         start = time.perf_counter()
         result = run_embed(cfg)
         seconds = time.perf_counter() - start
@@ -417,7 +418,7 @@ def beam(folder: Path, ckpt: Path, device: torch.device, out: Path, batch: int, 
     return {"images": count, "images_per_s": count / whole, "whole_s": round(whole, 1),
             "steady_images_per_s": (count - len(small)) / (whole - fixed) if whole > fixed else None,
             "small_run": {"images": len(small), "seconds": round(fixed, 1)}, "gpu_decode": gpu,
-            "decoder": decoder}  # fmt: skip
+            "decoder": decoder, "cuda_graph": cuda_graph}  # fmt: skip
 
 
 def main() -> None:
@@ -484,6 +485,10 @@ def main() -> None:
                     run.path(f"(d) end to end, one CUDA graph per batch, {decoder}", end_to_end, files, graphed,
                              device, decoder, work / "d", batch)  # fmt: skip
                 graphed = None
+                # Beam's runner thread runs Python beside the model's: where fewer handovers should count most.
+                run.path("(e) Beam embed pipeline, local runner, one CUDA graph per batch, nvjpeg", beam,
+                         work / "jpegs", ckpt, device, work / "e", batch, compile_, len(files), False, "nvjpeg",
+                         device.type == "cuda")  # fmt: skip
             elif path == "stages":
                 for decoder in decoders:
                     run.path(f"stages of (d) alone, {decoder}", stages, files[:5000], encoder, device, decoder, batch)
