@@ -33,7 +33,8 @@ from encoder import EncoderConfig, load_encoder  # noqa: E402
 
 
 def host_calls(encoder, pixels: torch.Tensor) -> int:
-    """Top-level ops (calls from Python into torch) one launch makes."""
+    """Top-level ops (calls from Python into torch) one launch makes. For a compiled model only its calls to
+    torch's own ops (matmuls, attention) count here, not the kernels its generated wrapper launches."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
