@@ -73,17 +73,16 @@ def main() -> None:
     for decode in bindings.values():
         for batch in batches:  # warm-up: handles, buffers, the library's threads, the heap
             decode(batch, device)
-    cases = BUSY_CASES
     rates: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.rounds):
-        for case, busy in cases.items():
+        for case, busy in BUSY_CASES.items():
             for name, decode in bindings.items():
                 rates.setdefault((case, name), []).append(decode_rate(decode, batches, device, busy))
     print(f"{machine()}, device {device}, {args.images} JPEGs of 640 px ({sum(map(len, datas)) / len(datas) / 1024:.0f} KB),"
           f" batches of {args.batch_size}, {args.rounds} rounds alternated; images/s")  # fmt: skip
     print("| case | package's binding | lookalike's | ratio |\n| --- | ---: | ---: | ---: |")
     package_name, ours_name = bindings
-    for case in cases:
+    for case in BUSY_CASES:
         theirs, mine = rates[(case, package_name)], rates[(case, ours_name)]
         ratio = (sum(mine) / len(mine)) / (sum(theirs) / len(theirs))
         print(f"| {case} | {' / '.join(f'{r:,.0f}' for r in theirs)} | {' / '.join(f'{r:,.0f}' for r in mine)} "
