@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from encoder.cuda_graph import Capture, GraphedStep, capture_cuda_graph
+from encoder.devices import gpu_for_process
 from encoder.preprocess import DecodeLimits, PreprocessConfig, decode_image, prepare_image, to_pixel_values
 from encoder.storage import download_gcs_dir, is_gcs
 
@@ -143,7 +144,9 @@ def _cached_version(path: Path, preprocess: PreprocessConfig, compute) -> str:
 
 
 def pick_device(requested: str) -> torch.device:
-    """The device to use; CUDA devices always carry an index (some torch.cuda calls refuse a bare "cuda")."""
+    """The device to use; CUDA devices always carry an index (some torch.cuda calls refuse a bare "cuda").
+    A bare "cuda" on a machine with several GPUs is the one this process claimed (`encoder.devices`), so
+    processes that each load a model spread over the GPUs instead of all landing on the first."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
         log.info("device auto → %s", requested)
@@ -151,7 +154,7 @@ def pick_device(requested: str) -> torch.device:
         raise RuntimeError(f"device {requested!r} requested but CUDA is not available")
     device = torch.device(requested)
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+        device = gpu_for_process()
     return device
 
 

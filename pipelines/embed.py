@@ -43,6 +43,7 @@ from apache_beam.utils.shared import Shared
 
 from encoder import DecodeLimits, EncoderConfig, load_encoder
 from encoder import storage as object_store
+from encoder.devices import spread_note
 from encoder.gpu_images import GpuImages, batches_progressive
 from encoder.gpu_stream import BackgroundEmbedder
 from encoder.nvimgcodec import library_problem as nvimgcodec_problem
@@ -218,7 +219,7 @@ class FetchAndDecode(beam.DoFn):
         self._defer_decode = gpu_decoding(self._cfg, self._preprocess)  # the GPU worker routes and decodes
         # A GPU worker reads local files in reader processes, keeping the interpreter lock for the GPU threads.
         self._reader = (file_reader_for(self._cfg.limits, batches_progressive(self._cfg.gpu_decoder),
-                                        self._cfg.batch_size) if self._defer_decode else None)  # fmt: skip
+                                        self._cfg.batch_size, self._cfg.workers) if self._defer_decode else None)  # fmt: skip
         self._progress = ProgressLog("fetched", self._total)
         self._previous = self._previous_source.acquire() if self._previous_source else None
         self._reused = Metrics.counter(_NAMESPACE, "reused")
@@ -357,21 +358,28 @@ _READERS: dict[tuple[ReadLimits, int], ProcessReader] = {}
 _READERS_LOCK = threading.Lock()
 
 
-def file_reader_for(limits: DecodeLimits, progressive: bool = True, batch_size: int = 256) -> ProcessReader:
+def file_reader_for(limits: DecodeLimits, progressive: bool = True, batch_size: int = 256,
+                    workers: int = 1) -> ProcessReader:  # fmt: skip
     """This process's reader processes for local image files, started on first use, stopped at exit: one set
     per worker process however many fetch steps its threads run (`ProcessReader.read` takes turns).
     `progressive`: whether the GPU decoder batches progressive JPEGs (their route depends on it).
     `batch_size`: the embed step's; the ring holds two such batches and more, as the step keeps a batch
-    filling while the one before it is decoded (160 slots of 8 files at least)."""
+    filling while the one before it is decoded (160 slots of 8 files at least).
+    `workers`: the local runner's worker processes, which share this machine's cores (at most 8 readers each)."""
     chunk = 8  # a 64-item fetch chunk spreads over 8 slots
     slots = max(160, 2 * -(-batch_size // chunk) + 16)
     key = (ReadLimits.of(limits, progressive=progressive), slots)
     with _READERS_LOCK:
         if key not in _READERS:
-            processes = max(1, min(8, os.cpu_count() or 1))
+            processes = reader_processes(os.cpu_count() or 1, workers)
             _READERS[key] = ProcessReader(key[0], processes, chunk=chunk, slots=slots)
             atexit.register(_READERS[key].close)
         return _READERS[key]
+
+
+def reader_processes(cores: int, workers: int) -> int:
+    """Reader processes per worker process: up to 8, the machine's cores shared among the worker processes."""
+    return max(1, min(8, cores // max(1, workers)))
 
 
 def gpu_decoding(cfg: EmbedConfig, preprocess) -> bool:
@@ -573,6 +581,16 @@ def _runs_here(options: PipelineOptions) -> bool:
     return options.view_as(StandardOptions).runner in ("FnApiRunner", "DirectRunner", "PrismRunner")
 
 
+def _gpu_spread_note(cfg: EmbedConfig) -> str | None:
+    """How a local run's worker processes will sit on this machine's GPUs, when it is not one model per GPU."""
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return None
+    if cfg.device.startswith("cuda:"):  # every worker process on the GPU it names
+        return (f"--workers {cfg.workers} with --device {cfg.device}: {cfg.workers} model copies on that GPU "
+                "(--device cuda gives each worker process a GPU of its own)") if cfg.workers > 1 else None  # fmt: skip
+    return spread_note(torch.cuda.device_count(), cfg.workers)
+
+
 def _load_run_manifest(run_dir: str) -> dict | None:
     try:
         return json.loads(storage.read_bytes(storage.join(run_dir, MANIFEST_NAME)))
@@ -726,6 +744,8 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
             gpu_decoding(cfg, preprocess)
         if cfg.cuda_graph and not (cfg.device != "cpu" and torch.cuda.is_available()):
             raise ValueError("--cuda-graph: no CUDA device")
+        if note := _gpu_spread_note(cfg):
+            log.warning(note)
     previous_run, previous_shards, previous_rows = _previous_shards(cfg, model_version)
     run_dir = storage.join(cfg.out, "embeddings", cfg.run_id)
     failures_dir = storage.join(cfg.out, "failures", cfg.run_id)

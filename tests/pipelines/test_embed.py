@@ -401,6 +401,49 @@ def test_the_readers_ring_holds_two_of_the_embed_steps_batches(monkeypatch):
     assert made == [160, 528]
 
 
+def test_worker_processes_share_the_cores_among_their_readers(monkeypatch):
+    from types import SimpleNamespace
+
+    import pipelines.embed as embed
+
+    started: list[int] = []
+    monkeypatch.setattr(embed, "_READERS", {})
+    monkeypatch.setattr(embed, "ProcessReader",
+                        lambda key, processes, chunk, slots: started.append(processes) or SimpleNamespace(close=lambda: None))  # fmt: skip
+    monkeypatch.setattr(embed.os, "cpu_count", lambda: 16)
+    embed.file_reader_for(DecodeLimits(), workers=4)
+    assert started == [4]  # 16 cores over 4 worker processes: not 8 readers each
+    assert [embed.reader_processes(cores, workers) for cores, workers in [(64, 1), (2, 1), (16, 8), (4, 8)]] == [
+        8,
+        2,
+        2,
+        1,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("device", "gpus", "workers", "expected"),
+    [
+        ("cpu", 8, 1, None),
+        ("cuda", 1, 1, None),
+        ("cuda", 4, 4, None),
+        ("auto", 4, 1, "3 stay idle (--workers 4 uses them all)"),
+        ("cuda", 2, 6, "up to 3 model copies per GPU"),
+        ("cuda:1", 4, 1, None),
+        ("cuda:1", 4, 3, "3 model copies on that GPU (--device cuda gives each worker process a GPU of its own)"),
+    ],
+)
+def test_a_local_run_says_when_its_workers_and_the_gpus_do_not_pair_up(monkeypatch, device, gpus, workers, expected):
+    import torch
+
+    import pipelines.embed as embed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    note = embed._gpu_spread_note(EmbedConfig(catalog="c", model="m", out="o", device=device, workers=workers))
+    assert note == expected if expected is None else expected in note
+
+
 def test_a_gpu_worker_slower_than_its_reads_never_waits_for_ever_on_the_readers_ring(
     demo_catalog, tiny_model, first_run, tmp_path, monkeypatch
 ):
