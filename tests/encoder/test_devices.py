@@ -155,3 +155,26 @@ def test_pick_device_claims_for_a_bare_cuda_only(fake_gpus):
 def test_spread_note(gpus, processes, expected):
     note = spread_note(gpus, processes)
     assert note == expected if expected is None else expected in note
+
+
+_PICKER = textwrap.dedent("""
+    import sys
+    from encoder.model import pick_device
+    print(pick_device("cuda"), flush=True)
+    sys.stdin.read()
+""")
+
+
+@pytest.mark.gpu
+def test_processes_asking_for_cuda_get_gpus_of_their_own_while_there_are_enough(tmp_path):
+    env = dict(os.environ, **{devices.LOCK_DIR_ENV: str(tmp_path / "locks")})
+    procs = [subprocess.Popen([sys.executable, "-c", _PICKER], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    try:
+        picked = [proc.stdout.readline().strip() for proc in procs]
+    finally:
+        _stop(procs)
+    if torch.cuda.device_count() == 1:
+        assert picked == ["cuda:0", "cuda:0"] and not (tmp_path / "locks").exists()
+    else:
+        assert sorted(picked) == ["cuda:0", "cuda:1"]
