@@ -384,7 +384,7 @@ def cold_end_to_end(files, ckpt: Path, device: torch.device, decoder: str, out: 
 
 
 def beam(folder: Path, ckpt: Path, device: torch.device, out: Path, batch: int, compile_: bool, count: int,
-         sample: bool = False, decoder: str = "nvjpeg", cuda_graph: bool = False) -> dict:  # fmt: skip
+         sample: bool = False, decoder: str = "nvjpeg", cuda_graph: bool = False, workers: int = 1) -> dict:  # fmt: skip
     """The whole run, then steady state: the whole run less a run over 1% of the files (mostly start-up).
 
     The small run goes second, so it finds the compile cache the first one warmed: its fixed cost is if
@@ -397,7 +397,7 @@ def beam(folder: Path, ckpt: Path, device: torch.device, out: Path, batch: int, 
     def timed(pattern: str, expected: int) -> float:
         cfg = EmbedConfig(catalog=pattern, model=str(ckpt), out=str(out), batch_size=batch, device=device.type,
                           compile=compile_, cuda_graph=cuda_graph, gpu_decode=gpu, gpu_decoder=decoder,
-                          incremental=False)  # fmt: skip
+                          incremental=False, workers=workers)  # fmt: skip
         start = time.perf_counter()
         result = run_embed(cfg)
         seconds = time.perf_counter() - start
@@ -418,7 +418,7 @@ def beam(folder: Path, ckpt: Path, device: torch.device, out: Path, batch: int, 
     return {"images": count, "images_per_s": count / whole, "whole_s": round(whole, 1),
             "steady_images_per_s": (count - len(small)) / (whole - fixed) if whole > fixed else None,
             "small_run": {"images": len(small), "seconds": round(fixed, 1)}, "gpu_decode": gpu,
-            "decoder": decoder, "cuda_graph": cuda_graph}  # fmt: skip
+            "decoder": decoder, "cuda_graph": cuda_graph, "workers": workers}  # fmt: skip
 
 
 def main() -> None:
@@ -428,7 +428,7 @@ def main() -> None:
     parser.add_argument("--so400m-images", type=int, default=5_000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--paths", default="c,d,graph,stages,b,a,e,profile,switch,so400m,mfu",
+    parser.add_argument("--paths", default="c,d,graph,stages,b,a,e,profile,e2,switch,so400m,mfu",
                         help="which paths, in order")  # fmt: skip
     parser.add_argument("--json", help="write results here as they land")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few small files, CPU")
@@ -503,6 +503,10 @@ def main() -> None:
                 for decoder in ["nvjpeg", "nvimgcodec"] if "nvimgcodec" in decoders else ["nvjpeg"]:
                     run.path(f"(e) Beam embed pipeline, local runner, {decoder}", beam, work / "jpegs", ckpt,
                              device, work / "e", batch, compile_, len(files), False, decoder)  # fmt: skip
+            elif path == "e2":  # a second worker process on the same GPU: is one interpreter lock what caps (e)?
+                run.path("(e) Beam, 2 worker processes on the one GPU (two model copies, two interpreter locks), "
+                         "nvjpeg", beam, work / "jpegs", ckpt, device, work / "e", batch, compile_, len(files), False,
+                         "nvjpeg", False, 2)  # fmt: skip
             elif path == "switch":  # (d) with threads handing over the GIL every 0.5 ms instead of 5
                 interval = sys.getswitchinterval()
                 sys.setswitchinterval(0.0005)
