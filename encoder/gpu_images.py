@@ -1,8 +1,9 @@
 """Encoded images → model-sized uint8 batches on the GPU, with a CPU fallback per image.
 
 JPEGs that the GPU decoder takes (`encoder.jpeg.cpu_reason`) are decoded in one batched call
-(nvJPEG through `torchvision.io.decode_jpeg(device="cuda")`, or nvImageCodec's C library through
-`encoder.nvimgcodec`, which packs a batch into one buffer), resized on the GPU with the same
+(nvJPEG through `torchvision.io.decode_jpeg(device="cuda")`, whose images are then packed into one
+buffer in one call, or nvImageCodec's C library through `encoder.nvimgcodec`, which decodes a batch
+into one buffer), resized on the GPU with the same
 antialiased filter PIL uses, and rounded to uint8 as PIL does (`encoder.resize`). Everything else, and any
 JPEG the GPU decoder rejects, is decoded by `decode_image` on CPU threads, each within a
 time limit: same output, same dead-letter reasons. Images already decoded on the CPU
@@ -29,7 +30,7 @@ import torch
 
 from encoder.jpeg import cpu_reason
 from encoder.preprocess import DecodeLimits, ImageDecodeError, PreprocessConfig, decode_image
-from encoder.resize import PackedImages, gpu_resizes, resize_like_pil
+from encoder.resize import PackedImages, gpu_resizes, pack_images, resize_like_pil
 from encoder.storage import describe_error
 
 __all__ = [
@@ -331,7 +332,11 @@ class GpuImages:
             pairs, failed = each_alone(lambda one: _one_image(self._decode(one, self.device)), datas)
         decoded = [(j, image) for j, image in pairs if image is not None]
         rejected = sorted([*failed, *(j for j, image in pairs if image is None)])
-        return [j for j, _ in decoded], [image for _, image in decoded], rejected
+        images = [image for _, image in decoded]
+        # Images of several sizes are packed in one call, so the resize gathers them instead of copying them into its
+        # canvas one call each; images of one size it stacks a chunk at a time anyway.
+        packable = len({image.shape for image in images}) > 1
+        return [j for j, _ in decoded], pack_images(images) if packable else images, rejected
 
 
 def _one_image(result: list[torch.Tensor | None] | tuple[PackedImages, list[int]]) -> torch.Tensor | None:

@@ -9,6 +9,7 @@ uint8 rounding as Pillow's, within a level of it on ~all values
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,19 +18,21 @@ import torch
 
 from encoder.preprocess import PreprocessConfig
 
-__all__ = ["PackedImages", "dense_weights", "gpu_resizes", "pil_taps", "resize_like_pil"]
+__all__ = ["PackedImages", "dense_weights", "gpu_resizes", "pack_images", "pil_taps", "resize_like_pil"]
 
 
 @dataclass(frozen=True)
 class PackedImages:
-    """Decoded images side by side in one flat uint8 buffer, image k (h, w, 3) interleaved from `offsets[k]`
-    (`encoder.nvimgcodec` decodes a batch so). The buffer has room for a row of `3 * max width` bytes after
-    each image's last row start, so every canvas row of a chunk is a window of it: the resize gathers a chunk's
-    canvas in one indexing op instead of a copy (and its launch, and its turn at the interpreter lock) per image."""
+    """Decoded images side by side in one flat uint8 buffer, image k from `offsets[k]`: (h, w, 3) interleaved
+    (`encoder.nvimgcodec` decodes a batch so), or (3, h, w) planar (`pack_images`). The buffer has room for a
+    row of the widest image after each image's last row start, so every canvas row of a chunk is a window of it:
+    the resize gathers a chunk's canvas in one indexing op instead of a copy (and its launch, and its turn at the
+    interpreter lock) per image."""
 
     buffer: torch.Tensor  # 1-D uint8
     offsets: tuple[int, ...]
     shapes: tuple[tuple[int, int], ...]  # (height, width) per image
+    planar: bool = False  # (3, h, w), channel after channel; else (h, w, 3)
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -37,17 +40,35 @@ class PackedImages:
     def __getitem__(self, k: int | slice) -> torch.Tensor | PackedImages:
         """Image k as a (3, h, w) view, or a slice of the images (same buffer)."""
         if isinstance(k, slice):
-            return PackedImages(self.buffer, self.offsets[k], self.shapes[k])
+            return PackedImages(self.buffer, self.offsets[k], self.shapes[k], self.planar)
         (h, w), offset = self.shapes[k], self.offsets[k]
-        return torch.as_strided(self.buffer, (3, h, w), (1, 3 * w, 3), offset)
+        strides = (h * w, w, 1) if self.planar else (1, 3 * w, 3)
+        return torch.as_strided(self.buffer, (3, h, w), strides, offset)
 
     def select(self, keep: Sequence[int]) -> PackedImages:
-        return PackedImages(self.buffer, tuple(self.offsets[k] for k in keep), tuple(self.shapes[k] for k in keep))
+        return PackedImages(self.buffer, tuple(self.offsets[k] for k in keep), tuple(self.shapes[k] for k in keep),
+                            self.planar)  # fmt: skip
+
+    def row_bytes(self, width: int) -> int:
+        """Bytes of one canvas row `width` pixels wide: a row of one channel, planar, or of all three."""
+        return width if self.planar else 3 * width
 
     def windows_fit(self, width: int) -> bool:
-        """Whether a window of `3 * width` bytes from every image's last row start stays inside the buffer."""
-        return all(o + (h - 1) * w * 3 + 3 * width <= self.buffer.numel()
+        """Whether a canvas row `width` pixels wide from every image's last row start stays inside the buffer."""
+        last_row = (lambda o, h, w: o + 3 * h * w - w) if self.planar else (lambda o, h, w: o + (h - 1) * w * 3)
+        return all(last_row(o, h, w) + self.row_bytes(width) <= self.buffer.numel()
                    for o, (h, w) in zip(self.offsets, self.shapes, strict=True))  # fmt: skip
+
+
+def pack_images(images: Sequence[torch.Tensor]) -> PackedImages:
+    """(3, h, w) uint8 images (nvJPEG's, through torchvision) → one planar `PackedImages`, with a widest row's room
+    after the last, in one call into torch whatever their number: the resize then gathers them as it does
+    nvImageCodec's batches, instead of copying them into its canvas one call per image."""
+    shapes = tuple((int(image.shape[1]), int(image.shape[2])) for image in images)
+    room = images[0].new_zeros(max(w for _, w in shapes))
+    buffer = torch._utils._flatten_dense_tensors([*images, room])  # one cat in C++, not a flatten per image
+    offsets = tuple(itertools.accumulate((3 * h * w for h, w in shapes[:-1]), initial=0))
+    return PackedImages(buffer, offsets, shapes, planar=True)
 
 
 def _cubic(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
@@ -131,12 +152,12 @@ def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: Preproce
     col_at, col_taps = pil_taps(uploaded[n : 2 * n], cfg.width, cfg.resample, max(widths))
     row_taps, col_taps = row_taps.to(dtype), col_taps.to(dtype)
     out = torch.empty((n, cfg.height, cfg.width, 3), dtype=torch.uint8, device=device)
+    if gather:  # where each canvas row starts, for the whole batch at once: a chunk takes its corner
+        starts = _row_starts(uploaded[3 * n :], uploaded[:n], uploaded[n : 2 * n], max(heights), images.planar)
     for start, stop in _chunks(shapes, chunk, max_canvas_bytes // 3):
         h_max, w_max = max(heights[start:stop]), max(widths[start:stop])
         if gather:
-            part = slice(start, stop)
-            canvas = _gathered_canvas(images.buffer, uploaded[3 * n :][part], uploaded[:n][part],
-                                      uploaded[n : 2 * n][part], h_max, w_max)  # fmt: skip
+            canvas = _gathered_canvas(images, starts[start:stop, :, :h_max], w_max)
         else:
             canvas = _canvas([images[k] for k in order[start:stop]], shapes[start:stop], h_max, w_max)
         rows = dense_weights(row_at[start:stop], row_taps[start:stop], h_max)  # (n, height, h_max)
@@ -178,18 +199,27 @@ def _canvas(images: list[torch.Tensor], shapes: list[tuple[int, int]], h_max: in
     return canvas
 
 
-def _gathered_canvas(buffer: torch.Tensor, offsets: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor,
-                     h_max: int, w_max: int) -> torch.Tensor:  # fmt: skip
-    """(n, 3, h_max, w_max) uint8 (a view of (n, h_max, w_max, 3)) from `PackedImages`' buffer in a handful of
-    ops whatever n: canvas row r of image k is the `3 * w_max` bytes from that image's row r (its last row, past
-    its height) — a window of an overlapping strided view of the buffer, so one index gathers them all. What lies past an image's width or
-    height is the next bytes of the buffer, not zeros: its resampling weights are zero there
-    (`dense_weights`), and uint8 values are finite, so the products are the same as over a zero-padded canvas."""
-    n, row_bytes = len(offsets), 3 * w_max
-    rows = torch.minimum(torch.arange(h_max, device=buffer.device).view(1, -1), heights.view(-1, 1) - 1)
-    starts = offsets.view(-1, 1) + rows * (3 * widths.view(-1, 1))
+def _row_starts(offsets: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor, h_max: int,
+                planar: bool) -> torch.Tensor:  # fmt: skip
+    """(n, 3 if planar else 1, h_max) int64: where in `PackedImages`' buffer canvas row r of each image starts, in
+    each channel when planar: that image's row r, or its last row past its height."""
+    heights, widths, offsets = heights.view(-1, 1, 1), widths.view(-1, 1, 1), offsets.view(-1, 1, 1)
+    rows = torch.minimum(torch.arange(h_max, device=offsets.device).view(1, 1, -1), heights - 1)
+    if planar:  # channel c of an image starts c * h * w bytes in
+        return offsets + torch.arange(3, device=offsets.device).view(1, 3, 1) * (heights * widths) + rows * widths
+    return offsets + rows * (3 * widths)
+
+
+def _gathered_canvas(images: PackedImages, starts: torch.Tensor, w_max: int) -> torch.Tensor:
+    """(n, 3, h_max, w_max) uint8 (interleaved: a view of (n, h_max, w_max, 3)) from `images`' buffer in a handful
+    of ops whatever n: each canvas row is the row's bytes from its start (`_row_starts`), a window of an
+    overlapping strided view of the buffer, so one index gathers them all. What lies past an image's width or
+    height is the next bytes of the buffer, not zeros: its resampling weights are zero there (`dense_weights`), and
+    uint8 values are finite, so the products are the same as over a zero-padded canvas."""
+    (n, _, h_max), row_bytes, buffer = starts.shape, images.row_bytes(w_max), images.buffer
     windows = buffer.as_strided((buffer.numel() - row_bytes + 1, row_bytes), (1, 1))
-    return windows.index_select(0, starts.view(-1)).view(n, h_max, w_max, 3).permute(0, 3, 1, 2)
+    rows = windows.index_select(0, starts.reshape(-1))
+    return rows.view(n, 3, h_max, w_max) if images.planar else rows.view(n, h_max, w_max, 3).permute(0, 3, 1, 2)
 
 
 def gpu_resizes(cfg: PreprocessConfig) -> bool:

@@ -12,7 +12,7 @@ from PIL import Image
 from benchmarks.common import realistic_jpegs
 from encoder import DecodeLimits, PreprocessConfig, decode_image
 from encoder.gpu_images import GpuImages, batches_progressive, byte_tensors, pil_decoder
-from encoder.resize import PackedImages, _chunks, dense_weights, pil_taps, resize_like_pil
+from encoder.resize import PackedImages, _chunks, dense_weights, pack_images, pil_taps, resize_like_pil
 
 CFG = PreprocessConfig(height=224, width=224)
 FULL = DecodeLimits(draft=False)  # the GPU decodes at full size; compare with the CPU doing the same
@@ -71,21 +71,23 @@ def test_images_grouped_by_size_come_back_in_input_order_as_if_resized_alone():
     assert torch.equal(resize_like_pil(same, cfg), alone[[0, 2, 5]])
 
 
-def _packed(tensors: list[torch.Tensor], slack: bool = True) -> PackedImages:
-    """`tensors` side by side in one buffer, as `encoder.nvimgcodec` decodes a batch (with its slack or without)."""
-    parts = [t.permute(1, 2, 0).reshape(-1) for t in tensors]
-    widest = max(t.shape[2] for t in tensors)
-    buffer = torch.cat([*parts, torch.full((3 * widest if slack else 0,), 77, dtype=torch.uint8)])
+def _packed(tensors: list[torch.Tensor], slack: bool = True, planar: bool = False) -> PackedImages:
+    """`tensors` side by side in one buffer, as `encoder.nvimgcodec` decodes a batch (interleaved) or `pack_images`
+    packs one (planar), with room after the last image for the gather's windows or without."""
+    parts = [(t if planar else t.permute(1, 2, 0)).reshape(-1) for t in tensors]
+    room = max(t.shape[2] for t in tensors) * (1 if planar else 3)
+    buffer = torch.cat([*parts, torch.full((room if slack else 0,), 77, dtype=torch.uint8)])
     offsets = np.cumsum([0] + [p.numel() for p in parts[:-1]]).tolist()
-    return PackedImages(buffer, tuple(offsets), tuple((t.shape[1], t.shape[2]) for t in tensors))
+    return PackedImages(buffer, tuple(offsets), tuple((t.shape[1], t.shape[2]) for t in tensors), planar)
 
 
+@pytest.mark.parametrize("planar", [False, True], ids=["interleaved", "planar"])
 @pytest.mark.parametrize("slack", [True, False])  # without room for the gather's windows: image by image
-def test_packed_images_resize_bit_for_bit_as_separate_ones(slack):
+def test_packed_images_resize_bit_for_bit_as_separate_ones(slack, planar):
     rng = np.random.default_rng(3)
     sizes = [(30, 40), (50, 20), (30, 40), (31, 41), (8, 9), (50, 20), (400, 30), (2, 60), (1, 1)]
     tensors = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in sizes]
-    packed = _packed(tensors, slack)
+    packed = _packed(tensors, slack, planar)
     assert all(torch.equal(packed[k], t) for k, t in enumerate(tensors)) and packed.windows_fit(60) == slack
     for resample in (2, 3):
         cfg = PreprocessConfig(height=16, width=24, resample=resample)
@@ -93,6 +95,18 @@ def test_packed_images_resize_bit_for_bit_as_separate_ones(slack):
             expected = resize_like_pil(tensors, cfg, chunk=chunk, max_canvas_bytes=budget)
             assert torch.equal(resize_like_pil(packed, cfg, chunk=chunk, max_canvas_bytes=budget), expected)
     assert torch.equal(resize_like_pil(packed[2:4], cfg), resize_like_pil(tensors[2:4], cfg))  # a slice of them
+
+
+def test_pack_images_packs_separate_images_in_one_call_with_room_for_the_windows():
+    rng = np.random.default_rng(5)
+    sizes = [(30, 40), (50, 20), (1, 1), (400, 60)]
+    tensors = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in sizes]
+    tensors[1] = tensors[1].permute(0, 2, 1).contiguous().permute(0, 2, 1)  # not contiguous: copied as it reads
+    packed = pack_images(tensors)
+    assert packed.planar and packed.shapes == tuple(sizes) and packed.windows_fit(60)
+    assert all(torch.equal(packed[k], t) for k, t in enumerate(tensors))
+    assert packed.buffer.numel() == sum(3 * h * w for h, w in sizes) + 60  # a widest row's room, no more
+    assert _aten_ops(lambda: pack_images(tensors * 8)) == _aten_ops(lambda: pack_images(tensors))
 
 
 def _aten_ops(fn) -> int:
@@ -113,10 +127,11 @@ def test_a_packed_batch_costs_the_same_ops_however_many_sizes_it_holds():
         return [torch.from_numpy(rng.integers(0, 256, (3, 20 + k, 30), dtype=np.uint8)) for k in range(n)]
 
     few, many = images(8), images(48)
-    packed_few, packed_many = _packed(few), _packed(many)
-    packed_few, packed_many = (_aten_ops(lambda b=b: resize_like_pil(b, cfg)) for b in (packed_few, packed_many))
-    separate_few, separate_many = (_aten_ops(lambda b=b: resize_like_pil(b, cfg)) for b in (few, many))
-    assert packed_many == packed_few < separate_many, (packed_few, packed_many, separate_many)
+    for planar in (False, True):
+        packed_few, packed_many = _packed(few, planar=planar), _packed(many, planar=planar)
+        packed_few, packed_many = (_aten_ops(lambda b=b: resize_like_pil(b, cfg)) for b in (packed_few, packed_many))
+        separate_few, separate_many = (_aten_ops(lambda b=b: resize_like_pil(b, cfg)) for b in (few, many))
+        assert packed_many == packed_few < separate_many, (planar, packed_few, packed_many, separate_many)
     assert separate_many - separate_few >= 40, (separate_few, separate_many)  # at least one more per image
 
 
@@ -180,6 +195,17 @@ def test_every_input_is_kept_in_order_or_failed_with_a_reason(jpegs):
         expected = decode_image(datas[i], CFG, FULL)
         close = np.abs(batch.pixels[row].numpy().astype(int) - expected.astype(int)) <= 2
         assert close.mean() > 0.999, f"input {i} differs from the CPU decode"
+
+
+def test_a_decoders_separate_images_of_several_sizes_are_packed_for_the_resize(jpegs):
+    images = GpuImages(CFG, "cpu", FULL, decoder=_pil_decoder())
+    mixed = images.decode(jpegs[:6])  # realistic photos: 320 px wide, heights of their own
+    assert isinstance(mixed.images, PackedImages) and mixed.images.planar and len(mixed.images) == 6
+    separate = pil_decoder()(jpegs[:6], torch.device("cpu"))
+    assert all(torch.equal(mixed.images[k], image) for k, image in enumerate(separate))
+    assert torch.equal(images.finish(mixed).pixels, resize_like_pil(separate, CFG))
+    same = images.decode([jpegs[0]] * 3)  # one size: stacked a chunk at a time, nothing to pack
+    assert isinstance(same.images, list) and len(same.images) == 3
 
 
 def _progressive(data: bytes) -> bytes:
