@@ -129,11 +129,11 @@ def _gpu_ids(count: int) -> list[str]:
 
 def spread_note(gpus: int, processes: int) -> str | None:
     """What to tell a person whose run on this machine puts `processes` models on `gpus` GPUs; None when one each."""
-    if gpus <= 1 or processes == gpus:
+    if processes == gpus or gpus < 1:
         return None
     if processes < gpus:
         return (f"this machine has {gpus} GPUs and the run starts {processes} worker process(es), one GPU each: "
                 f"{gpus - processes} stay idle (--workers {gpus} uses them all)")  # fmt: skip
     most = -(-processes // gpus)
-    return (f"{processes} worker processes on {gpus} GPUs: up to {most} model copies per GPU "
-            f"(--workers {gpus} keeps one each)")  # fmt: skip
+    return (f"{processes} worker processes on {gpus} GPU{'s' if gpus > 1 else ''}: up to {most} model copies per "
+            f"GPU (--workers {gpus} keeps one each)")  # fmt: skip

@@ -146,7 +146,7 @@ def test_pick_device_claims_for_a_bare_cuda_only(fake_gpus):
     ("gpus", "processes", "expected"),
     [
         (1, 1, None),
-        (1, 4, None),  # one GPU: nothing to spread over
+        (1, 4, "4 worker processes on 1 GPU: up to 4 model copies per GPU (--workers 1 keeps one each)"),
         (4, 4, None),
         (8, 1, "8 GPUs and the run starts 1 worker process(es), one GPU each: 7 stay idle (--workers 8"),
         (2, 5, "5 worker processes on 2 GPUs: up to 3 model copies per GPU (--workers 2"),

@@ -426,6 +426,7 @@ def test_worker_processes_share_the_cores_among_their_readers(monkeypatch):
     [
         ("cpu", 8, 1, None),
         ("cuda", 1, 1, None),
+        ("cuda", 1, 2, "2 worker processes on 1 GPU: up to 2 model copies per GPU"),
         ("cuda", 4, 4, None),
         ("auto", 4, 1, "3 stay idle (--workers 4 uses them all)"),
         ("cuda", 2, 6, "up to 3 model copies per GPU"),
