@@ -30,12 +30,21 @@ _HOLDER = textwrap.dedent("""
 """)
 
 
-def _holder(where, ids: list[str]) -> tuple[subprocess.Popen, tuple[int, int, str]]:
-    """A process that claims one of `ids` and holds it; its (index, slot, lock file name)."""
-    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(where), ",".join(ids)], cwd=ROOT,
+def _start(where, ids: list[str]) -> subprocess.Popen:
+    """A process that claims one of `ids` and holds it."""
+    return subprocess.Popen([sys.executable, "-c", _HOLDER, str(where), ",".join(ids)], cwd=ROOT,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _claimed(proc: subprocess.Popen) -> tuple[int, int, str]:
+    """What a `_start`ed process holds: (index, slot, lock file name)."""
     index, slot, name = proc.stdout.readline().split()
-    return proc, (int(index), int(slot), name)
+    return int(index), int(slot), name
+
+
+def _holder(where, ids: list[str]) -> tuple[subprocess.Popen, tuple[int, int, str]]:
+    proc = _start(where, ids)
+    return proc, _claimed(proc)
 
 
 def _stop(procs) -> None:
@@ -56,8 +65,9 @@ def test_claims_in_one_process_fill_every_gpu_before_sharing_one(tmp_path):
 
 def test_processes_spread_evenly_and_a_dead_process_frees_its_gpu(tmp_path):
     ids = ["gpu-x", "gpu-y"]
-    procs, held = zip(*[_holder(tmp_path, ids) for _ in range(4)], strict=True)
+    procs = [_start(tmp_path, ids) for _ in range(4)]  # all claiming at once
     try:
+        held = [_claimed(proc) for proc in procs]
         assert collections.Counter(index for index, _, _ in held) == {0: 2, 1: 2}
         assert sorted(slot for _, slot, _ in held) == [0, 0, 1, 1]
         procs[2].send_signal(signal.SIGKILL)  # dies without releasing anything itself
