@@ -100,8 +100,10 @@ def embed(
     out: Annotated[str, typer.Option(help="Output root (local or gs://).")],
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     fetch_threads: Annotated[int, typer.Option(help="Concurrent object-store reads and decodes per worker.")] = 16,
-    workers: Annotated[int, typer.Option(help="Local runner worker processes.")] = 1,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    workers: Annotated[int, typer.Option(help="Local runner worker processes (on k GPUs: k, one per GPU).")] = 1,
+    device: Annotated[
+        str, typer.Option(help="auto, cpu, cuda or cuda:N (cuda: each worker process takes a GPU of its own).")
+    ] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the image tower.")] = False,
     cuda_graph: Annotated[
