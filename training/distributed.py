@@ -10,7 +10,7 @@ import torch
 from encoder.model import pick_device
 from training.config import TrainConfig
 
-__all__ = ["Dist", "start_distributed"]
+__all__ = ["Dist", "process_device", "start_distributed"]
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,17 @@ class Dist:
         return value
 
 
+def process_device(requested: str, world: int, local_rank: int) -> str:
+    """Under torchrun (`world` > 1), a GPU request ("cuda", or "auto" where CUDA is) means the local rank's GPU."""
+    gpu = requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
+    return f"cuda:{local_rank}" if world > 1 and gpu else requested
+
+
 def start_distributed(cfg: TrainConfig) -> tuple[Dist, torch.device]:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); pick this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(f"cuda:{local_rank}" if cfg.device == "cuda" and world > 1 else cfg.device)
+    device = pick_device(process_device(cfg.device, world, local_rank))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():

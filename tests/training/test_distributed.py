@@ -44,3 +44,22 @@ def test_two_processes_train_like_one(train_config, tmp_path):
         torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-4, msg=name)
         moved += not torch.equal(tensor, load_file(f"{cfg.model}/model.safetensors")[name])
     assert moved > len(one) // 2
+
+
+@pytest.mark.parametrize(
+    ("requested", "world", "cuda", "expected"),
+    [
+        ("auto", 2, True, "cuda:3"),  # was "auto": every rank on the first GPU
+        ("cuda", 2, True, "cuda:3"),
+        ("auto", 2, False, "auto"),  # CPU processes (gloo)
+        ("cpu", 2, True, "cpu"),
+        ("cuda:1", 2, True, "cuda:1"),  # named by the caller: as named
+        ("auto", 1, True, "auto"),  # one process: `pick_device` claims a GPU
+        ("cuda", 1, True, "cuda"),
+    ],
+)
+def test_under_torchrun_a_gpu_request_means_the_local_ranks_gpu(monkeypatch, requested, world, cuda, expected):
+    from training.distributed import process_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert process_device(requested, world, local_rank=3) == expected
