@@ -64,6 +64,9 @@ def pack_images(images: Sequence[torch.Tensor]) -> PackedImages:
     """(3, h, w) uint8 images (nvJPEG's, through torchvision) → one planar `PackedImages`, with a widest row's room
     after the last, in one call into torch whatever their number: the resize then gathers them as it does
     nvImageCodec's batches, instead of copying them into its canvas one call per image."""
+    # A one-channel image (grey) becomes three, as a copy into the canvas would broadcast it; its offset must not
+    # count one plane where the buffer holds three.
+    images = [image if image.shape[0] == 3 else image.expand(3, -1, -1) for image in images]
     shapes = tuple((int(image.shape[1]), int(image.shape[2])) for image in images)
     room = images[0].new_zeros(max(w for _, w in shapes))
     buffer = torch._utils._flatten_dense_tensors([*images, room])  # one cat in C++, not a flatten per image

@@ -107,6 +107,9 @@ def test_pack_images_packs_separate_images_in_one_call_with_room_for_the_windows
     assert all(torch.equal(packed[k], t) for k, t in enumerate(tensors))
     assert packed.buffer.numel() == sum(3 * h * w for h, w in sizes) + 60  # a widest row's room, no more
     assert _aten_ops(lambda: pack_images(tensors * 8)) == _aten_ops(lambda: pack_images(tensors))
+    grey = torch.from_numpy(rng.integers(0, 256, (1, 20, 30), dtype=np.uint8))  # a decoder's one-channel image
+    packed = pack_images([grey, tensors[0]])
+    assert torch.equal(packed[0], grey.expand(3, -1, -1)) and torch.equal(packed[1], tensors[0])
 
 
 def _aten_ops(fn) -> int:
