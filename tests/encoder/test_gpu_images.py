@@ -211,6 +211,26 @@ def test_a_decoders_separate_images_of_several_sizes_are_packed_for_the_resize(j
     assert isinstance(same.images, list) and len(same.images) == 3
 
 
+def test_a_batch_too_large_to_pack_or_that_fails_to_pack_is_resized_as_it_is(jpegs, monkeypatch, caplog):
+    import encoder.gpu_images as gpu_images
+
+    images = GpuImages(CFG, "cpu", FULL, decoder=_pil_decoder())
+    expected = images.prepare(jpegs[:6]).pixels
+    monkeypatch.setattr(gpu_images, "PACK_MAX_BYTES", 3 * 320 * 100)  # smaller than these photos together
+    big = images.decode(jpegs[:6])
+    assert isinstance(big.images, list) and torch.equal(images.finish(big).pixels, expected)
+    monkeypatch.undo()
+
+    def out_of_memory(_):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 9.20 GiB")
+
+    monkeypatch.setattr(gpu_images, "pack_images", out_of_memory)
+    with caplog.at_level("WARNING", logger="encoder.gpu_images"):
+        failed = images.decode(jpegs[:6])
+    assert isinstance(failed.images, list) and torch.equal(images.finish(failed).pixels, expected)
+    assert "could not pack a batch of 6" in caplog.text and "out of memory" in caplog.text
+
+
 def _progressive(data: bytes) -> bytes:
     buffer = io.BytesIO()
     Image.open(io.BytesIO(data)).save(buffer, "JPEG", quality=90, progressive=True)
