@@ -277,7 +277,7 @@ def test_a_batch_that_fails_to_resize_is_resized_image_by_image_and_only_the_cul
     assert everything.kept == [] and everything.pixels.shape == (0, 224, 224, 3) and len(everything.failed) == 1
 
 
-@pytest.mark.parametrize("stage", ["decode", "resize"])
+@pytest.mark.parametrize("stage", ["decode", "pack", "resize"])
 def test_a_device_error_is_raised_not_dead_lettered(jpegs, monkeypatch, stage):
     import encoder.gpu_images as gpu_images
 
@@ -285,8 +285,8 @@ def test_a_device_error_is_raised_not_dead_lettered(jpegs, monkeypatch, stage):
         raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
 
     decoder = lost if stage == "decode" else _pil_decoder()
-    if stage == "resize":
-        monkeypatch.setattr(gpu_images, "resize_like_pil", lost)
+    if stage in ("pack", "resize"):
+        monkeypatch.setattr(gpu_images, "pack_images" if stage == "pack" else "resize_like_pil", lost)
     with pytest.raises(torch.AcceleratorError):
         GpuImages(CFG, "cpu", FULL, decoder=decoder).prepare(jpegs[:3])
     assert gpu_images.device_failed(torch.AcceleratorError("x"))
