@@ -138,7 +138,7 @@ def pil_decoder(device: torch.device | None = None) -> BatchDecoder:
     return decode
 
 
-PACK_MAX_BYTES = 1 << 30  # decoded batches up to this are packed for the resize (`GpuImages._packed`)
+PACK_MAX_BYTES = 1 << 30  # decoded batches up to this are packed for the resize (`_packed`)
 
 _DEVICE_ERRORS = tuple(t for t in (getattr(torch, "AcceleratorError", None),) if t is not None)
 
@@ -334,22 +334,23 @@ class GpuImages:
             pairs, failed = each_alone(lambda one: _one_image(self._decode(one, self.device)), datas)
         decoded = [(j, image) for j, image in pairs if image is not None]
         rejected = sorted([*failed, *(j for j, image in pairs if image is None)])
-        return [j for j, _ in decoded], self._packed([image for _, image in decoded]), rejected
+        return [j for j, _ in decoded], _packed([image for _, image in decoded]), rejected
 
-    def _packed(self, images: list[torch.Tensor]) -> list[torch.Tensor] | PackedImages:
-        """Images of several sizes packed in one call, so the resize gathers them instead of copying them into its
-        canvas one call each; images of one size it stacks a chunk at a time anyway. Packing copies the batch, so a
-        batch of very large photos (bound by its pixels, not its calls), or one that packing fails for (out of
-        memory), stays as it is."""
-        shapes = {tuple(image.shape) for image in images}
-        if len(shapes) < 2 or sum(math.prod(image.shape) for image in images) > PACK_MAX_BYTES:
-            return images
-        packed, reason = attempt(pack_images, images)
-        if reason is not None:
-            log.warning("could not pack a batch of %d decoded images (%s); resizing them as they are", len(images),
-                        reason)  # fmt: skip
-            return images
-        return packed
+
+def _packed(images: list[torch.Tensor]) -> list[torch.Tensor] | PackedImages:
+    """Images of several sizes packed in one call, so the resize gathers them instead of copying them into its
+    canvas one call each; images of one size it stacks a chunk at a time anyway. Packing copies the batch, so a
+    batch of very large photos (bound by its pixels, not its calls), or one that packing fails for (out of
+    memory), stays as it is."""
+    shapes = {tuple(image.shape) for image in images}
+    if len(shapes) < 2 or sum(math.prod(image.shape) for image in images) > PACK_MAX_BYTES:
+        return images
+    packed, reason = attempt(pack_images, images)
+    if reason is not None:
+        log.warning("could not pack a batch of %d decoded images (%s); resizing them as they are", len(images),
+                    reason)  # fmt: skip
+        return images
+    return packed
 
 
 def _one_image(result: list[torch.Tensor | None] | tuple[PackedImages, list[int]]) -> torch.Tensor | None:
