@@ -115,9 +115,10 @@ def embed(
     gpu_decoder: Annotated[
         str,
         typer.Option(
-            help="nvjpeg (torchvision; progressive JPEGs go to CPU threads) or nvimgcodec (NVIDIA nvImageCodec)."
+            help="auto (nvimgcodec where installed, else nvjpeg), nvimgcodec (NVIDIA nvImageCodec) or nvjpeg "
+            "(torchvision; progressive JPEGs go to CPU threads)."
         ),
-    ] = "nvjpeg",
+    ] = "auto",
     draft: Annotated[bool, typer.Option(help="JPEG draft-mode decoding (faster, slightly different pixels).")] = True,
     incremental: Annotated[bool, typer.Option(help="Reuse vectors of unchanged images from an earlier run.")] = True,
     previous: Annotated[str | None, typer.Option(help="Earlier run directory to reuse from (default: latest).")] = None,

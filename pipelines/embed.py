@@ -95,7 +95,7 @@ class EmbedConfig:
     compile: bool = False
     cuda_graph: bool = False  # replay the model's device step as one CUDA graph (encoder.cuda_graph)
     gpu_decode: str = "auto"  # auto | on | off: JPEGs decoded and resized on the GPU (encoder.gpu_images)
-    gpu_decoder: str = "nvjpeg"  # nvjpeg (torchvision) | nvimgcodec (NVIDIA nvImageCodec): encoder.gpu_images
+    gpu_decoder: str = "auto"  # auto | nvimgcodec (NVIDIA nvImageCodec) | nvjpeg (torchvision): gpu_decoder_name
     draft: bool = True  # JPEG draft-mode decoding (see README, "Preprocessing")
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 100_000_000
@@ -115,8 +115,8 @@ class EmbedConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.gpu_decode not in ("auto", "on", "off"):
             raise ValueError(f"gpu_decode must be auto, on or off, got {self.gpu_decode!r}")
-        if self.gpu_decoder not in ("nvjpeg", "nvimgcodec"):
-            raise ValueError(f"gpu_decoder must be nvjpeg or nvimgcodec, got {self.gpu_decoder!r}")
+        if self.gpu_decoder not in ("auto", "nvimgcodec", "nvjpeg"):
+            raise ValueError(f"gpu_decoder must be auto, nvimgcodec or nvjpeg, got {self.gpu_decoder!r}")
         if not self.max_decode_s > 0:
             raise ValueError(f"max_decode_s must be > 0, got {self.max_decode_s}")
         if self.reembed_since is not None:
@@ -218,7 +218,7 @@ class FetchAndDecode(beam.DoFn):
         self._pool = ThreadPoolExecutor(self._cfg.fetch_threads, thread_name_prefix="fetch")
         self._defer_decode = gpu_decoding(self._cfg, self._preprocess)  # the GPU worker routes and decodes
         # A GPU worker reads local files in reader processes, keeping the interpreter lock for the GPU threads.
-        self._reader = (file_reader_for(self._cfg.limits, batches_progressive(self._cfg.gpu_decoder),
+        self._reader = (file_reader_for(self._cfg.limits, batches_progressive(gpu_decoder_name(self._cfg)),
                                         self._cfg.batch_size, self._cfg.workers) if self._defer_decode else None)  # fmt: skip
         self._progress = ProgressLog("fetched", self._total)
         self._previous = self._previous_source.acquire() if self._previous_source else None
@@ -283,7 +283,9 @@ class EmbedBatch(beam.DoFn):
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
         self._encoder = self._shared.acquire(lambda: load_encoder(cfg.encoder, cfg.limits), tag=cfg.model)
         preprocess = self._encoder.preprocess
-        decoder = cfg.gpu_decoder if gpu_decoding(cfg, preprocess) else None
+        decoder = gpu_decoder_name(cfg) if gpu_decoding(cfg, preprocess) else None
+        if decoder:
+            log.info("JPEGs decode on %s with %s", self._encoder.device, decoder)
         self._images = GpuImages(preprocess, self._encoder.device, cfg.limits, decoder=decoder,
                                  cpu_threads=cfg.fetch_threads, max_decode_s=cfg.max_decode_s)  # fmt: skip
         self._stream: BackgroundEmbedder | None = None
@@ -402,6 +404,15 @@ def gpu_decoding(cfg: EmbedConfig, preprocess) -> bool:
     if problem and cfg.gpu_decode == "on":
         raise ValueError(f"--gpu-decode on: {problem}")
     return problem is None
+
+
+def gpu_decoder_name(cfg: EmbedConfig) -> str:
+    """The GPU decoder `--gpu-decoder` names. auto: nvImageCodec wherever its library loads (the `[gpu]` extra
+    installs it), else torchvision's nvJPEG. On one H100 nvImageCodec decoded 2.4× as fast alone and kept
+    progressive JPEGs on the GPU; end to end it was as fast or faster (BENCHMARKS.md, "GPU embedding")."""
+    if cfg.gpu_decoder != "auto":
+        return cfg.gpu_decoder
+    return "nvjpeg" if nvimgcodec_problem() else "nvimgcodec"
 
 
 def _installed(module: str) -> bool:

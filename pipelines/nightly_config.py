@@ -42,7 +42,7 @@ class EmbedSettings:
     compile: bool = False
     cuda_graph: bool = False
     gpu_decode: str = "auto"
-    gpu_decoder: str = "nvjpeg"
+    gpu_decoder: str = "auto"
     draft: bool = True
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 100_000_000

@@ -84,7 +84,7 @@ def test_missing_model_is_a_clear_error(tmp_path, demo_catalog):
     ("flags", "message"),
     [
         (["--gpu-decode", "on"], "--gpu-decode on: no CUDA device"),
-        (["--gpu-decoder", "pil"], "gpu_decoder must be nvjpeg or nvimgcodec"),
+        (["--gpu-decoder", "pil"], "gpu_decoder must be auto, nvimgcodec or nvjpeg"),
         (["--cuda-graph"], "--cuda-graph: no CUDA device"),
     ],
     ids=["gpu-decode-on-without-cuda", "unknown-gpu-decoder", "cuda-graph-without-cuda"],

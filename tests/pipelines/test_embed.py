@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import io
 import json
@@ -323,7 +324,7 @@ def test_gpu_decode_wiring_on_the_cpu_embeds_every_item_like_the_cpu_path(
     monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda device: _pil_decoder(calls))
     monkeypatch.setattr(gpu_images.GpuImages, "decode", spy)
     result = run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path),
-                                   batch_size=16))  # fmt: skip
+                                   batch_size=16, gpu_decoder="nvjpeg"))  # fmt: skip
     assert result.counts == first_run.counts
     images = [p.read_bytes() for p in (demo_catalog.root / "images").iterdir()]
     limits = DecodeLimits()
@@ -370,7 +371,8 @@ def test_a_gpu_batch_of_routed_local_files_and_unrouted_fetched_bytes_embeds_the
         items.append(PreparedImage(f"item-{i}", str(path), f"sha-{i}", None,
                                    np.frombuffer(data, dtype=np.uint8) if local else data,
                                    cpu_reason(data, 50 << 20, 10**8, progressive=False) or "" if local else None))  # fmt: skip
-    step = embed.EmbedBatch(EmbedConfig(catalog="-", model=str(tiny_model), out="-", batch_size=8), Shared())
+    step = embed.EmbedBatch(EmbedConfig(catalog="-", model=str(tiny_model), out="-", batch_size=8,
+                                        gpu_decoder="nvjpeg"), Shared())  # fmt: skip
     step.setup()
     step.start_bundle()
     outputs = [*step.process(items), *(o.value for o in step.finish_bundle())]  # finish_bundle's are windowed
@@ -419,6 +421,43 @@ def test_worker_processes_share_the_cores_among_their_readers(monkeypatch):
         2,
         1,
     ]
+
+
+def test_the_gpu_decoder_is_nvimgcodec_where_its_library_loads_and_nvjpeg_elsewhere(monkeypatch):
+    import pipelines.embed as embed
+
+    cfg = EmbedConfig(catalog="c", model="m", out="o")
+    assert cfg.gpu_decoder == "auto"
+    assert embed.gpu_decoder_name(cfg) == "nvimgcodec"  # the dev install ships its library
+    monkeypatch.setattr(embed, "nvimgcodec_problem", lambda: "nvImageCodec is not installed")
+    assert embed.gpu_decoder_name(cfg) == "nvjpeg"
+    for name in ("nvimgcodec", "nvjpeg"):  # a named one is taken as given (`gpu_decoding` refuses a missing one)
+        assert embed.gpu_decoder_name(dataclasses.replace(cfg, gpu_decoder=name)) == name
+
+
+@pytest.mark.parametrize(("problem", "decoder", "progressive"), [(None, "nvimgcodec", True), ("gone", "nvjpeg", False)])
+def test_the_readers_route_for_the_decoder_that_auto_resolves_to(
+    tiny_model, monkeypatch, problem, decoder, progressive
+):
+    """Progressive JPEGs stay in the GPU batches only for a decoder that batches them: the fetch step's readers and
+    the embed step must agree on which decoder `auto` is."""
+    from apache_beam.utils.shared import Shared
+
+    import pipelines.embed as embed
+
+    seen: dict = {}
+    monkeypatch.setattr(embed, "nvimgcodec_problem", lambda: problem)
+    monkeypatch.setattr(embed, "gpu_decoding", lambda cfg, preprocess: True)
+    monkeypatch.setattr(
+        embed, "file_reader_for", lambda limits, progressive, *rest: seen.update(progressive=progressive)
+    )
+    monkeypatch.setattr(embed, "GpuImages", lambda *args, decoder, **kwargs: seen.update(decoder=decoder))
+    cfg = EmbedConfig(catalog="-", model=str(tiny_model), out="-")
+    fetch = FetchAndDecode(cfg, PreprocessConfig(), 0)
+    fetch.setup()
+    fetch.teardown()
+    embed.EmbedBatch(cfg, Shared()).setup()
+    assert seen == {"progressive": progressive, "decoder": decoder}
 
 
 @pytest.mark.parametrize(
@@ -478,7 +517,7 @@ def test_a_gpu_worker_slower_than_its_reads_never_waits_for_ever_on_the_readers_
     def run() -> None:
         try:
             outcome["result"] = run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model),
-                                                      out=str(tmp_path), batch_size=16))  # fmt: skip
+                                                      out=str(tmp_path), batch_size=16, gpu_decoder="nvjpeg"))  # fmt: skip
         except BaseException as err:  # noqa: BLE001 - reported below
             outcome["error"] = err
 
@@ -493,11 +532,12 @@ def test_a_gpu_worker_slower_than_its_reads_never_waits_for_ever_on_the_readers_
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("decoder", ["nvimgcodec", "nvjpeg"])
 def test_gpu_decode_on_cuda_embeds_every_item_close_to_the_cpu_encoder(
-    demo_catalog, tiny_model, tiny_encoder, tmp_path
+    demo_catalog, tiny_model, tiny_encoder, tmp_path, decoder
 ):
     gpu = run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path),
-                                device="cuda", gpu_decode="on", batch_size=32))  # fmt: skip
+                                device="cuda", gpu_decode="on", gpu_decoder=decoder, batch_size=32))  # fmt: skip
     assert gpu.counts == {"items_in": 100, "embedded": 95, "reused": 0, "dead_lettered": 5}
     got = _vectors(_read_dir(Path(gpu.run_dir)))
     manifest = {r["item_id"]: r for r in pq.read_table(demo_catalog.manifest).to_pylist()}

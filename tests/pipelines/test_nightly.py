@@ -123,7 +123,7 @@ def test_a_second_job_on_the_same_root_is_refused(tmp_path, demo_catalog, tiny_m
         ("catalog: a\nmodel: b\nout: c\n", "interactions required"),
         ("catalog: a\nmodel: b\nout: c\ninteractions: d\nevaluate: {gates: ['ndcg@5 > ']}\n", "evaluate"),
         ("catalog: a\nmodel: b\nout: c\ninteractions: d\nembed: {gpu_decoder: pil}\n",
-         "embed: gpu_decoder must be nvjpeg or nvimgcodec"),
+         "embed: gpu_decoder must be auto, nvimgcodec or nvjpeg"),
         ("catalog: a\nmodel: b\nout: c\ninteractions: d\nembed: {batch_size: 0}\n", "embed: batch_size must be >= 1"),
         ("- just\n- a list\n", "must be a mapping"),
         ("catalog: [unclosed\n", "not valid YAML"),
