@@ -428,7 +428,7 @@ def main() -> None:
     parser.add_argument("--so400m-images", type=int, default=5_000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--paths", default="c,d,graph,stages,b,a,e,profile,e2,switch,so400m,mfu",
+    parser.add_argument("--paths", default="c,d,b,a,e,graph,profile,so400m,mfu,stages,switch,e2",
                         help="which paths, in order")  # fmt: skip
     parser.add_argument("--json", help="write results here as they land")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few small files, CPU")
@@ -441,6 +441,7 @@ def main() -> None:
     batch, seconds, compile_ = (16, 1.0, False) if smoke else (args.batch_size, args.seconds, True)
     # nvimgcodec-python: the package's own binding, to measure ours (encoder/nvimgcodec.py) against
     decoders = ["pil"] if smoke else ["nvjpeg"] + (["nvimgcodec", "nvimgcodec-python"] if _has_nvimgcodec() else [])
+    beam_decoder = "nvimgcodec" if "nvimgcodec" in decoders else "nvjpeg"  # what `--gpu-decoder auto` takes
     work = Path(tempfile.mkdtemp(prefix="lookalike-gpu-embed-"))
     run = Run(args.json)
     try:
@@ -486,8 +487,8 @@ def main() -> None:
                              device, decoder, work / "d", batch)  # fmt: skip
                 graphed = None
                 # Beam's runner thread runs Python beside the model's: where fewer handovers should count most.
-                run.path("(e) Beam embed pipeline, local runner, one CUDA graph per batch, nvjpeg", beam,
-                         work / "jpegs", ckpt, device, work / "e", batch, compile_, len(files), False, "nvjpeg",
+                run.path(f"(e) Beam embed pipeline, local runner, one CUDA graph per batch, {beam_decoder}", beam,
+                         work / "jpegs", ckpt, device, work / "e", batch, compile_, len(files), False, beam_decoder,
                          device.type == "cuda")  # fmt: skip
             elif path == "stages":
                 for decoder in decoders:
@@ -505,8 +506,8 @@ def main() -> None:
                              device, work / "e", batch, compile_, len(files), False, decoder)  # fmt: skip
             elif path == "e2":  # a second worker process on the same GPU: is one interpreter lock what caps (e)?
                 run.path("(e) Beam, 2 worker processes on the one GPU (two model copies, two interpreter locks), "
-                         "nvjpeg", beam, work / "jpegs", ckpt, device, work / "e", batch, compile_, len(files), False,
-                         "nvjpeg", False, 2)  # fmt: skip
+                         f"{beam_decoder}", beam, work / "jpegs", ckpt, device, work / "e", batch, compile_, len(files),
+                         False, beam_decoder, False, 2)  # fmt: skip
             elif path == "switch":  # (d) with threads handing over the GIL every 0.5 ms instead of 5
                 interval = sys.getswitchinterval()
                 sys.setswitchinterval(0.0005)
@@ -517,10 +518,11 @@ def main() -> None:
                 finally:
                     sys.setswitchinterval(interval)
             elif path == "profile":  # (d) and (e) again, sampling their threads' stacks (costs them ~1-2%)
-                run.path(f"(d) profiled, {decoders[0]}", end_to_end, files, encoder, device, decoders[0], work / "d",
-                         batch, True)  # fmt: skip
-                run.path("(e) profiled", beam, work / "jpegs", ckpt, device, work / "e", batch, compile_, len(files),
-                         True)  # fmt: skip
+                for decoder in decoders[:2]:
+                    run.path(f"(d) profiled, {decoder}", end_to_end, files, encoder, device, decoder, work / "d",
+                             batch, True)  # fmt: skip
+                run.path(f"(e) profiled, {beam_decoder}", beam, work / "jpegs", ckpt, device, work / "e", batch,
+                         compile_, len(files), True, beam_decoder)  # fmt: skip
             elif path == "so400m" and not smoke:
                 encoder = None
                 torch.cuda.empty_cache()
