@@ -428,7 +428,7 @@ def main() -> None:
     parser.add_argument("--so400m-images", type=int, default=5_000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--paths", default="c,d,b,a,e,graph,profile,so400m,mfu,stages,switch,e2",
+    parser.add_argument("--paths", default="c,d,nomodel,b,a,e,graph,profile,so400m,mfu,stages,switch,e2",
                         help="which paths, in order")  # fmt: skip
     parser.add_argument("--json", help="write results here as they land")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few small files, CPU")
@@ -471,6 +471,12 @@ def main() -> None:
                          end_to_end, files, encoder, device, decoders[0], work / "d", batch, False, "processes", 1)  # fmt: skip
                 run.path(f"(d, cold) the same with model load + compile, {decoders[0]}", cold_end_to_end, files,
                          ckpt, device, decoders[0], work / "dc", batch, compile_)  # fmt: skip
+            elif path == "nomodel":  # (d) with a constant for the tower: what decode + resize reach beside threads
+                stand_in = _without_model(ckpt, device, batch)
+                for decoder in decoders[:2]:
+                    run.path(f"(d) the model stood in by a constant, {decoder}", end_to_end, files, stand_in, device,
+                             decoder, work / "d", batch)  # fmt: skip
+                stand_in = None
             elif path == "mfu":  # (c) at twice the batch, and under the autotuning compile modes
                 variants = [(2 * batch, None)]
                 if compile_:
@@ -535,6 +541,16 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _print_table(run.results)
+
+
+def _without_model(ckpt: Path, device: torch.device, batch: int):
+    """An encoder whose tower returns a constant: the stream's threads, readers and writer as in (d), with the
+    model's share of the GPU and its launches taken out."""
+    from benchmarks.worker_overhead import ConstantModel
+
+    encoder = load_encoder(EncoderConfig(model=str(ckpt), device=device.type, batch_size=batch))
+    encoder.vision_model = ConstantModel(encoder.vision_model.config).to(device)
+    return encoder
 
 
 def _has_nvimgcodec() -> bool:

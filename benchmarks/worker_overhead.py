@@ -64,7 +64,8 @@ class ConstantModel(torch.nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> SimpleNamespace:
         n = pixel_values.shape[0]
-        return SimpleNamespace(pooler_output=torch.ones((n, self.config.hidden_size), dtype=pixel_values.dtype))
+        shape = (n, self.config.hidden_size)
+        return SimpleNamespace(pooler_output=torch.ones(shape, dtype=pixel_values.dtype, device=pixel_values.device))
 
 
 def blank_decoder(device=None):

@@ -30,6 +30,7 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu():
                  "(c) encoder alone, one CUDA graph", "(d) end to end, one CUDA graph",
                  "(e) Beam embed pipeline, local runner, one CUDA graph",
                  "(c) MFU: batch 32", "(e) Beam, 2 worker processes on the one GPU", "(d) profiled, pil",
+                 "(d) the model stood in by a constant, pil",
                  "(e) profiled, nvjpeg"):  # fmt: skip
         assert f"| {path}" in out, path
     assert '"error"' not in out
