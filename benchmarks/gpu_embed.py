@@ -52,7 +52,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import StackSampler, images_per_s, machine, realistic_jpegs  # noqa: E402
-from encoder import DecodeLimits, EncoderConfig, decode_image, load_encoder  # noqa: E402
+from encoder import DecodeLimits, EncoderConfig, decode_image, gpu_stream, load_encoder  # noqa: E402
 
 SHAPES = {
     "base16-224": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -428,7 +428,7 @@ def main() -> None:
     parser.add_argument("--so400m-images", type=int, default=5_000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--paths", default="c,d,nomodel,b,a,e,graph,profile,so400m,mfu,stages,switch,e2",
+    parser.add_argument("--paths", default="c,d,nomodel,streams,b,a,e,graph,profile,so400m,mfu,stages,switch,e2",
                         help="which paths, in order")  # fmt: skip
     parser.add_argument("--json", help="write results here as they land")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few small files, CPU")
@@ -456,7 +456,7 @@ def main() -> None:
         ckpt = _checkpoint(work / base, SHAPES[base])
         encoder = None
         for path in args.paths.split(","):
-            if path in ("stages", "d", "switch", "profile") and encoder is None:  # these use (c)'s encoder
+            if path in ("stages", "d", "streams", "switch", "profile") and encoder is None:  # these use (c)'s encoder
                 encoder = encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]
             if path == "c":
                 encoder = run.path("(c) encoder alone, pre-decoded uint8 on the GPU", encoder_alone, ckpt,
@@ -477,6 +477,12 @@ def main() -> None:
                     run.path(f"(d) the model stood in by a constant, {decoder}", end_to_end, files, stand_in, device,
                              decoder, work / "d", batch)  # fmt: skip
                 stand_in = None
+            elif path == "streams":  # (d) with other CUDA streams than the product's (encoder.gpu_stream)
+                for what, name, make in STREAM_VARIANTS:
+                    for decoder in decoders[:2]:
+                        with _patched(gpu_stream, name, make):
+                            run.path(f"(d) {what}, {decoder}", end_to_end, files, encoder, device, decoder,
+                                     work / "d", batch)  # fmt: skip
             elif path == "mfu":  # (c) at twice the batch, and under the autotuning compile modes
                 variants = [(2 * batch, None)]
                 if compile_:
@@ -551,6 +557,25 @@ def _without_model(ckpt: Path, device: torch.device, batch: int):
     encoder = load_encoder(EncoderConfig(model=str(ckpt), device=device.type, batch_size=batch))
     encoder.vision_model = ConstantModel(encoder.vision_model.config).to(device)
     return encoder
+
+
+# The `streams` path's variants: (what, the `encoder.gpu_stream` factory it replaces, the replacement).
+# A stream of the pool does not wait for the legacy default stream the model runs on, nor the reverse; one at high
+# priority gets the SMs' free blocks before the model's queued ones.
+STREAM_VARIANTS = [
+    ("the model on a stream of its own", "model_stream", lambda device: torch.cuda.Stream(device)),
+    ("decode and resize at high stream priority", "side_stream", lambda device: torch.cuda.Stream(device, priority=-1)),
+]
+
+
+@contextlib.contextmanager
+def _patched(module, name: str, value):
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
 
 
 def _has_nvimgcodec() -> bool:

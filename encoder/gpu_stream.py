@@ -38,6 +38,17 @@ log = logging.getLogger(__name__)
 _DONE = object()
 
 
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream the decode and resize stages share: stream order puts each batch's resize after its decode."""
+    return torch.cuda.Stream(device)
+
+
+def model_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """The stream the model's batches run on; None: the consuming thread's current one (the default stream).
+    `benchmarks/gpu_embed.py` (its `streams` path) measures a stream of their own against it."""
+    return None
+
+
 @dataclass
 class StreamBatch:
     """One input batch's outcome: vectors for `keys` (input order), failures with stage and reason."""
@@ -101,11 +112,11 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
     ready: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     stop = threading.Event()
     cuda = images.device.type == "cuda"
-    # One side stream for both stages: stream order puts each batch's resize after its decode.
-    side = torch.cuda.Stream(images.device) if cuda else None
+    side = side_stream(images.device) if cuda else None
+    compute = model_stream(images.device) if cuda else None
 
-    def on_side():
-        return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
+    def on(stream: torch.cuda.Stream | None):
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
     def put(into: queue.Queue, item) -> bool:
         while not stop.is_set():
@@ -119,7 +130,7 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
     def decode_stage() -> None:
         try:
             for keys, datas, *reasons in batches:  # reasons: routes found by the file readers, when they did
-                with on_side():
+                with on(side):
                     batch = images.decode(datas, *reasons)
                 if not put(decoded, (list(keys), batch)):
                     return
@@ -142,7 +153,7 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
                 return
             keys, batch = item
             try:
-                with on_side():
+                with on(side):
                     prepared = images.finish(batch)
                     event = torch.cuda.Event() if side is not None else None
                     if event is not None:
@@ -165,13 +176,16 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
                 raise item
             if item is not _DONE:
                 keys, prepared, event = item
-                if event is not None:
-                    main = torch.cuda.current_stream(images.device)
-                    main.wait_event(event)
-                    prepared.pixels.record_stream(main)
-                launched.append((keys, prepared, _launch(encoder, prepared.pixels)))
+                with on(compute):  # not across the yield below: the caller's own work stays on its stream
+                    if event is not None:
+                        main = torch.cuda.current_stream(images.device)
+                        main.wait_event(event)
+                        prepared.pixels.record_stream(main)
+                    launched.append((keys, prepared, _launch(encoder, prepared.pixels)))
             while launched and (item is _DONE or len(launched) >= in_flight):
-                yield _outcome(encoder, *launched.popleft())
+                with on(compute):
+                    outcome = _outcome(encoder, *launched.popleft())
+                yield outcome
             if item is _DONE:
                 return
     finally:

@@ -31,6 +31,7 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu():
                  "(e) Beam embed pipeline, local runner, one CUDA graph",
                  "(c) MFU: batch 32", "(e) Beam, 2 worker processes on the one GPU", "(d) profiled, pil",
                  "(d) the model stood in by a constant, pil",
+                 "(d) the model on a stream of its own, pil", "(d) decode and resize at high stream priority, pil",
                  "(e) profiled, nvjpeg"):  # fmt: skip
         assert f"| {path}" in out, path
     assert '"error"' not in out

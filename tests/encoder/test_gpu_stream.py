@@ -369,3 +369,22 @@ def test_the_batch_is_capped_by_what_fits_on_the_gpu(tiny_model):
     encoder = load_encoder(EncoderConfig(model=str(tiny_model), device="cuda", batch_size=0))
     assert 8 <= encoder.batch_size <= 1024
     assert load_encoder(EncoderConfig(model=str(tiny_model), device="cuda", batch_size=48)).batch_size == 48
+
+
+@pytest.mark.gpu
+def test_the_model_can_run_on_a_stream_of_its_own(tiny_model, files, monkeypatch):
+    """`model_stream` (what the `streams` benchmark path tries): the same vectors, every launch on that stream."""
+    import encoder.gpu_stream as gpu_stream
+    from encoder import EncoderConfig, load_encoder
+
+    encoder = load_encoder(EncoderConfig(model=str(tiny_model), device="cuda", batch_size=8))
+    images = GpuImages(encoder.preprocess, "cuda", DecodeLimits(draft=False), decoder="nvjpeg")
+    datas = [open(f, "rb").read() for f in files]
+    batches = [(list(range(i, i + 8)), datas[i : i + 8]) for i in range(0, 20, 8)]
+    default = np.concatenate([b.vectors for b in embed_stream(encoder, images, batches)])
+    own, seen, launch = torch.cuda.Stream(), [], encoder.launch
+    monkeypatch.setattr(encoder, "launch", lambda batch: seen.append(torch.cuda.current_stream()) or launch(batch))
+    monkeypatch.setattr(gpu_stream, "model_stream", lambda device: own)
+    got = np.concatenate([b.vectors for b in embed_stream(encoder, images, batches)])
+    assert len(seen) == len(batches) and all(stream == own for stream in seen)
+    assert np.allclose(got, default, atol=1e-6)
