@@ -43,6 +43,7 @@ import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -480,7 +481,7 @@ def main() -> None:
             elif path == "streams":  # (d) with other CUDA streams than the product's (encoder.gpu_stream)
                 for what, name, make in STREAM_VARIANTS:
                     for decoder in decoders[:2]:
-                        with _patched(gpu_stream, name, make):
+                        with mock.patch.object(gpu_stream, name, make):
                             run.path(f"(d) {what}, {decoder}", end_to_end, files, encoder, device, decoder,
                                      work / "d", batch)  # fmt: skip
             elif path == "mfu":  # (c) at twice the batch, and under the autotuning compile modes
@@ -566,16 +567,6 @@ STREAM_VARIANTS = [
     ("the model on a stream of its own", "model_stream", lambda device: torch.cuda.Stream(device)),
     ("decode and resize at high stream priority", "side_stream", lambda device: torch.cuda.Stream(device, priority=-1)),
 ]
-
-
-@contextlib.contextmanager
-def _patched(module, name: str, value):
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
 
 
 def _has_nvimgcodec() -> bool:
