@@ -10,8 +10,8 @@
 # Each step has its own time limit so one slow step cannot eat the others'; a step that fails is logged and the
 # next one runs. The default limits add up to 950 s; where one command may run 600 s at most, split the steps
 # over two calls (e.g. EMBED_S=360 TESTS_S=95 with embed,tests, then TRAIN_S=200 GIL_S=60 with train,gil;
-# model and host as time allows) or lower them. On one H100, 330 s of `embed` measured every path but so400m and mfu; `train` needs 200 s (its
-# compiles), and 40 s of `gil` printed nothing.
+# model and host as time allows) or lower them. On one H100, 330 s of `embed` covered (a)-(e), graph, profile,
+# e2 and stages but not so400m or mfu; `train` needs 200 s (its compiles); 40 s of `gil` printed nothing.
 set -u
 out=${1:?usage: gpu_checks.sh OUT_DIR [STEPS]}
 steps=${2:-embed,gil,model,tests,train,host}
