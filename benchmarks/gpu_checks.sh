@@ -6,7 +6,8 @@
 #   benchmarks/gpu_checks.sh OUT_DIR [STEPS]     STEPS: comma list of embed,gil,model,tests,train,host (default:
 # all, in that order: the most wanted first)
 #
-# Writes OUT_DIR/{gpu.txt, gpu_embed.json, gpu_embed.log, gil.log, model.log, tests.log, train.log, host.log}.
+# Writes OUT_DIR/{gpu.txt, gpu_embed.json, gpu_embed.log, timelines.tar, gil.log, model.log, tests.log, train.log,
+# host.log}.
 # Each step has its own time limit so one slow step cannot eat the others'; a step that fails is logged and the
 # next one runs. The default limits add up to 950 s; where one command may run 600 s at most, split the steps
 # over two calls (e.g. EMBED_S=360 TESTS_S=95 with embed,tests, then TRAIN_S=200 GIL_S=60 with train,gil;
@@ -22,8 +23,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c "import torch, torchvision, transformers, pyarrow, numpy as np; print('torch', torch.__version__,
  'torchvision', torchvision.__version__, 'transformers', transformers.__version__, 'pyarrow', pyarrow.__version__,
  'numpy', np.__version__)" | tee -a "$out/gpu.txt"
-case ",$steps," in *,embed,*)
-  timeout "${EMBED_S:-330}" python3 benchmarks/gpu_embed.py --json "$out/gpu_embed.json" ${EMBED_ARGS:-} 2>&1 | tee "$out/gpu_embed.log";;
+case ",$steps," in *,embed,*)  # the `timeline` path's traces come back as one tar of .json.gz (Perfetto opens them)
+  traces=$(mktemp -d)
+  timeout "${EMBED_S:-330}" python3 benchmarks/gpu_embed.py --json "$out/gpu_embed.json" --trace-dir "$traces" ${EMBED_ARGS:-} 2>&1 | grep --line-buffered -v '^USDT:' | tee "$out/gpu_embed.log"
+  [ -n "$(ls -A "$traces")" ] && tar -cf "$out/timelines.tar" -C "$traces" .
+  rm -rf "$traces";;
 esac
 case ",$steps," in *,gil,*)  # nvImageCodec's two bindings beside threads that want the interpreter lock
   timeout "${GIL_S:-60}" python3 benchmarks/decode_gil.py --device cuda --images 1024 --batch-size 256 2>&1 | tee "$out/gil.log" | tail -8;;

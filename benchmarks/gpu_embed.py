@@ -18,7 +18,10 @@ quality 90) and SigLIP base/16-224 with random weights (same FLOPs as the real o
 (e) the same through the Beam embed pipeline on the local runner (`lookalike embed`,
     whole run: model load and compile included, as (d, cold) beside it).
 Then (c) and (d) for SigLIP so400m/14-384. GPU utilisation is sampled with NVML during
-each path; (d) also reports how busy each of its threads was. `profile` reruns (d) and
+each path; (d) also reports how busy each of its threads was. `timeline` reruns (d) on 4,096
+files under torch's profiler: each CUDA stream's busy time, how much of it overlaps the model's,
+and each thread's longest CUDA calls (`benchmarks/cuda_timeline.py`; `--trace-dir` keeps the
+traces), with the product's streams and with `streams`' variants. `profile` reruns (d) and
 (e) sampling every thread's stack (where the time goes on a host without py-spy);
 `graph` reruns (c), (d) and (e) with the model's step replayed as one CUDA graph per batch
 (`--cuda-graph`: three host calls per batch instead of one per op or kernel, each of which
@@ -240,7 +243,10 @@ def _two_in_flight(encoder, pixels: torch.Tensor):
 
 
 def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, out: Path, batch: int,
-               sample: bool = False, reader: str = "processes", in_flight: int = 2) -> dict:  # fmt: skip
+               sample: bool = False, reader: str = "processes", in_flight: int = 2, timeline: Path | None = None,
+               ) -> dict:  # fmt: skip
+    """(d) over `files`. `sample`: sample the threads' stacks (`StackSampler`); `timeline`: record the GPU's
+    timeline and the CUDA calls there (`benchmarks.cuda_timeline`), its summary in the result."""
     from encoder.gpu_images import GpuImages
     from encoder.model import PendingVectors
     from pipelines.direct_embed import embed_files
@@ -251,30 +257,44 @@ def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, o
     images.decode, images.finish = _busy(images.decode, busy, "decode"), _busy(images.finish, busy, "resize")
     encoder.launch, take = _busy(encoder.launch, busy, "encode"), PendingVectors.result
     PendingVectors.result = _busy(take, busy, "encode")
+    done, seen = {}, {}
+
+    def run() -> None:
+        start = time.perf_counter()
+        done["result"] = embed_files([str(f) for f in files], encoder, images, out / decoder, batch_size=batch,
+                                     reader=reader, in_flight=in_flight)  # fmt: skip
+        done["seconds"] = time.perf_counter() - start
+
     try:
-        with StackSampler() if sample else contextlib.nullcontext() as sampler:
-            start = time.perf_counter()
-            result = embed_files([str(f) for f in files], encoder, images, out / decoder, batch_size=batch,
-                                 reader=reader, in_flight=in_flight)  # fmt: skip
-            seconds = time.perf_counter() - start
+        if timeline is not None:
+            from benchmarks.cuda_timeline import record
+
+            seen["timeline"] = record(run, timeline, device.type == "cuda")
+        else:
+            with StackSampler() if sample else contextlib.nullcontext() as sampler:
+                run()
+            if sample:
+                seen["threads_pct"] = sampler.top()
     finally:
         del images.decode, images.finish, encoder.launch
         PendingVectors.result = take
     shutil.rmtree(out, ignore_errors=True)
+    result, seconds = done["result"], done["seconds"]
     return {"images": result.embedded, "images_per_s": result.embedded / seconds, "on_gpu": result.on_gpu,
             "dead_lettered": result.dead_lettered, "decoder": decoder, "reader": reader, "in_flight": in_flight,
-            "busy_pct": {k: round(100 * v / seconds) for k, v in busy.items()},
-            **({"threads_pct": sampler.top()} if sample else {})}  # fmt: skip
+            "busy_pct": {k: round(100 * v / seconds) for k, v in busy.items()}, **seen}  # fmt: skip
 
 
 def _busy(fn, totals: dict, name: str):
     """`fn`, adding its wall time to `totals[name]` (decode: route + decoders; resize: its launches + CPU
-    fallback; encode: launching the model and waiting for the vectors on the host)."""
+    fallback; encode: launching the model and waiting for the vectors on the host), and named `name` in a
+    profiler's trace (which names each thread after the stage it runs: `benchmarks.cuda_timeline`)."""
 
     def timed(*args, **kwargs):
         start = time.perf_counter()
         try:
-            return fn(*args, **kwargs)
+            with torch.profiler.record_function(name):
+                return fn(*args, **kwargs)
         finally:
             totals[name] += time.perf_counter() - start
 
@@ -429,8 +449,10 @@ def main() -> None:
     parser.add_argument("--so400m-images", type=int, default=5_000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--paths", default="c,d,b,a,e,nomodel,streams,so400m,profile,graph,mfu,stages,switch,e2",
-                        help="which paths, in order")  # fmt: skip
+    parser.add_argument("--timeline-images", type=int, default=4096)
+    parser.add_argument("--paths", default="c,d,b,a,e,timeline,streams,nomodel,so400m,profile,graph,mfu,stages,"
+                        "switch,e2", help="which paths, in order")  # fmt: skip
+    parser.add_argument("--trace-dir", help="keep the `timeline` path's traces here (.json.gz, for Perfetto)")
     parser.add_argument("--json", help="write results here as they land")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few small files, CPU")
     args = parser.parse_args()
@@ -457,7 +479,9 @@ def main() -> None:
         ckpt = _checkpoint(work / base, SHAPES[base])
         encoder = None
         for path in args.paths.split(","):
-            if path in ("stages", "d", "streams", "switch", "profile") and encoder is None:  # these use (c)'s encoder
+            if (
+                path in ("stages", "d", "streams", "switch", "profile", "timeline") and encoder is None
+            ):  # these use (c)'s encoder
                 encoder = encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]
             if path == "c":
                 encoder = run.path("(c) encoder alone, pre-decoded uint8 on the GPU", encoder_alone, ckpt,
@@ -479,11 +503,20 @@ def main() -> None:
                              decoder, work / "d", batch)  # fmt: skip
                 stand_in = None
             elif path == "streams":  # (d) with other CUDA streams than the product's (encoder.gpu_stream)
-                for what, name, make in STREAM_VARIANTS:
+                for what, factories in STREAM_VARIANTS:
                     for decoder in decoders[:2]:
-                        with mock.patch.object(gpu_stream, name, make):
+                        with mock.patch.multiple(gpu_stream, **factories):
                             run.path(f"(d) {what}, {decoder}", end_to_end, files, encoder, device, decoder,
                                      work / "d", batch)  # fmt: skip
+            elif path == "timeline":  # (d) on part of the files, recording the GPU's timeline and CUDA calls
+                traces = Path(args.trace_dir) if args.trace_dir else work / "traces"
+                part = files[: args.timeline_images]
+                for what, factories in [("the product's streams", {}), *STREAM_VARIANTS]:
+                    for decoder in decoders[:2] if not factories else decoders[:2][-1:]:  # the default one
+                        name = f"{decoder}-{'-'.join(sorted(factories)) or 'product'}".replace("_", "-")
+                        with mock.patch.multiple(gpu_stream, **factories) if factories else contextlib.nullcontext():
+                            run.path(f"(d) timeline, {what}, {decoder}", end_to_end, part, encoder, device, decoder,
+                                     work / "d", batch, False, "processes", 2, traces / f"d-{name}.json.gz")  # fmt: skip
             elif path == "mfu":  # (c) at twice the batch, and under the autotuning compile modes
                 variants = [(2 * batch, None)]
                 if compile_:
@@ -560,12 +593,24 @@ def _without_model(ckpt: Path, device: torch.device, batch: int):
     return encoder
 
 
-# The `streams` path's variants: (what, the `encoder.gpu_stream` factory it replaces, the replacement).
+def _own_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def _high_priority_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device, priority=-1)
+
+
+# The `streams` path's variants: (what, {an `encoder.gpu_stream` factory it replaces: the replacement}).
 # A stream of the pool does not wait for the legacy default stream the model runs on, nor the reverse; one at high
 # priority gets the SMs' free blocks before the model's queued ones.
 STREAM_VARIANTS = [
-    ("the model on a stream of its own", "model_stream", lambda device: torch.cuda.Stream(device)),
-    ("decode and resize at high stream priority", "side_stream", lambda device: torch.cuda.Stream(device, priority=-1)),
+    ("the model on a stream of its own", {"model_stream": _own_stream}),
+    ("decode and resize at high stream priority", {"side_stream": _high_priority_stream}),
+    (
+        "the model on a stream of its own, decode and resize at high priority",
+        {"model_stream": _own_stream, "side_stream": _high_priority_stream},
+    ),
 ]
 
 
