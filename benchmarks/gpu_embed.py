@@ -593,25 +593,25 @@ def _without_model(ckpt: Path, device: torch.device, batch: int):
     return encoder
 
 
-def _own_stream(device: torch.device) -> torch.cuda.Stream:
+def _own_stream(device: torch.device, *_) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
-def _high_priority_stream(device: torch.device) -> torch.cuda.Stream:
+def _high_priority_stream(device: torch.device, *_) -> torch.cuda.Stream:
     return torch.cuda.Stream(device, priority=-1)
 
 
 # The `streams` path's variants: (what, {an `encoder.gpu_stream` factory it replaces: the replacement}).
 # A stream of the pool does not wait for the legacy default stream the model runs on, nor the reverse; one at high
-# priority gets the SMs' free blocks before the model's queued ones.
+# priority gets the SMs' free blocks before the model's queued ones; the resize on a stream of its own lets the
+# decoder's next batch start without waiting for the resize of the one before.
 STREAM_VARIANTS = [
     ("the model on a stream of its own", {"model_stream": _own_stream}),
     ("decode and resize at high stream priority", {"side_stream": _high_priority_stream}),
-    (
-        "the model on a stream of its own, decode and resize at high priority",
-        {"model_stream": _own_stream, "side_stream": _high_priority_stream},
-    ),
-]
+    ("the resize on a stream of its own", {"resize_stream": _own_stream}),
+    ("all three: model, decode and resize on streams of their own, decode and resize at high priority",
+     {"model_stream": _own_stream, "side_stream": _high_priority_stream, "resize_stream": _high_priority_stream}),
+]  # fmt: skip
 
 
 def _has_nvimgcodec() -> bool:

@@ -198,6 +198,10 @@ class DecodedBatch:
     cpu_jobs: list[Future]  # their `decode_on_cpu` results
     host: dict[int, np.ndarray]  # input position → pixels decoded before this batch
 
+    def device_tensors(self) -> list[torch.Tensor]:
+        """The tensors holding what the GPU decoded (for `record_stream` where another stream reads them)."""
+        return [self.images.buffer] if isinstance(self.images, PackedImages) else list(self.images)
+
 
 @dataclass
 class PreparedBatch:

@@ -2,13 +2,14 @@
 
 Two threads prepare batches on a side CUDA stream (`GpuImages`): one decodes batch i+2
 (the decoders release the GIL) while the other resizes batch i+1, and the model encodes
-batch i on the default stream; at most one decoded and `prefetch` resized batches wait
-in between, so memory stays bounded. The model's thread launches batch i before it waits
-for batch i-1's vectors, so the GPU has work queued while the host takes them (and the
-caller writes them) instead of idling until the next launch. An event orders each batch's decode
-before its encode, and `record_stream` keeps the allocator from reusing a batch's
-memory while the model still reads it. On the CPU the same code runs without streams
-(tests/encoder/test_gpu_stream.py).
+batch i on the default stream (`side_stream`, `resize_stream` and `model_stream` choose the
+streams). At most one decoded and `prefetch` resized batches wait in between, so memory
+stays bounded. The model's thread launches batch i before it waits for batch i-1's vectors,
+so the GPU has work queued while the host takes them (and the caller writes them) instead of
+idling until the next launch. Events order each batch's resize (on a stream of its own) and
+encode after the stages before, and `record_stream` keeps the allocator from reusing a
+batch's memory while a later stage still reads it. On the CPU the same code runs without
+streams (tests/encoder/test_gpu_stream.py).
 
 `embed_stream` pulls batches from an iterable (the standalone worker reads files);
 `BackgroundEmbedder` runs it in its own thread for callers that push batches as they
@@ -39,8 +40,16 @@ _DONE = object()
 
 
 def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The stream the decode and resize stages share: stream order puts each batch's resize after its decode."""
+    """The stream the decode stage runs on (and the resize stage, unless `resize_stream` gives it another)."""
     return torch.cuda.Stream(device)
+
+
+def resize_stream(device: torch.device, decode: torch.cuda.Stream) -> torch.cuda.Stream:
+    """The stream the resize stage runs on: the decode stage's, so stream order puts each batch's resize after its
+    decode. Another stream waits for each batch's decode on an event instead, and then a decoder that orders its
+    work after what is queued on its stream (nvImageCodec) no longer waits for the resize of the batch before;
+    `benchmarks/gpu_embed.py` (its `streams` path) measures that against this."""
+    return decode
 
 
 def model_stream(device: torch.device) -> torch.cuda.Stream | None:
@@ -113,6 +122,7 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
     stop = threading.Event()
     cuda = images.device.type == "cuda"
     side = side_stream(images.device) if cuda else None
+    resize = resize_stream(images.device, side) if cuda else None
     compute = model_stream(images.device) if cuda else None
 
     def on(stream: torch.cuda.Stream | None):
@@ -132,11 +142,12 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
             for keys, datas, *reasons in batches:  # reasons: routes found by the file readers, when they did
                 with on(side):
                     batch = images.decode(datas, *reasons)
-                if not put(decoded, (list(keys), batch)):
+                    done = _event_on(side) if resize is not side else None
+                if not put(decoded, (list(keys), batch, done)):
                     return
                 # Decoded: let the encoded images go before waiting for the next batch. They may be views of a
                 # file reader's ring, whose slots the thread that feeds this stream may be waiting for.
-                del keys, datas, reasons, batch
+                del keys, datas, reasons, batch, done
         except BaseException as err:  # noqa: BLE001 - handed on, raised in the consumer
             put(decoded, err)
             return
@@ -151,13 +162,15 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
             if item is _DONE or isinstance(item, BaseException):
                 put(ready, item)
                 return
-            keys, batch = item
+            keys, batch, done = item
             try:
-                with on(side):
+                with on(resize):
+                    if done is not None:  # decoded on another stream: wait for it, and keep its memory from
+                        resize.wait_event(done)  # the decoder's next batches until this stream is done with it
+                        for tensor in batch.device_tensors():
+                            tensor.record_stream(resize)
                     prepared = images.finish(batch)
-                    event = torch.cuda.Event() if side is not None else None
-                    if event is not None:
-                        event.record(side)
+                    event = _event_on(resize) if resize is not None else None
             except BaseException as err:  # noqa: BLE001 - handed on, raised in the consumer
                 put(ready, err)
                 return
@@ -192,6 +205,13 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
         stop.set()
         for stage in stages:
             stage.join(timeout=5)
+
+
+def _event_on(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    """An event that completes once the work queued on `stream` so far is done."""
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
 
 
 def _outcome(encoder: ImageEncoder, keys: list[Hashable], prepared, launched) -> StreamBatch:

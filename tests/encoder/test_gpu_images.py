@@ -11,7 +11,7 @@ from PIL import Image
 
 from benchmarks.common import realistic_jpegs
 from encoder import DecodeLimits, PreprocessConfig, decode_image
-from encoder.gpu_images import GpuImages, batches_progressive, byte_tensors, pil_decoder
+from encoder.gpu_images import DecodedBatch, GpuImages, batches_progressive, byte_tensors, pil_decoder
 from encoder.resize import PackedImages, _chunks, dense_weights, pack_images, pil_taps, resize_like_pil
 
 CFG = PreprocessConfig(height=224, width=224)
@@ -366,3 +366,13 @@ def test_the_resize_stage_never_waits_for_the_gpu(jpegs):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert batch.kept == list(range(len(jpegs))) and batch.on_gpu == len(jpegs)
+
+
+def test_a_decoded_batch_names_the_tensors_that_hold_its_pixels():
+    buffer = torch.zeros(100, dtype=torch.uint8)
+    packed = DecodedBatch(2, [0, 1], PackedImages(buffer, (0, 12), ((2, 2), (2, 2))), [], [], {})
+    assert [t.data_ptr() for t in packed.device_tensors()] == [buffer.data_ptr()]  # the buffer, not a view per image
+    images = [torch.zeros(3, 2, 2, dtype=torch.uint8), torch.zeros(3, 4, 4, dtype=torch.uint8)]
+    separate = DecodedBatch(2, [0, 1], images, [], [], {})
+    assert [t is i for t, i in zip(separate.device_tensors(), images, strict=True)] == [True, True]
+    assert DecodedBatch(1, [], [], [0], [], {}).device_tensors() == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import threading
@@ -44,6 +45,98 @@ def test_stream_gives_the_same_vectors_as_one_batch(tiny_encoder, files):
     whole = images.prepare(datas)
     expected = tiny_encoder.embed_prepared(whole.pixels)
     assert np.allclose(np.concatenate([b.vectors for b in out]), expected, atol=1e-5)
+
+
+class _FakeCuda:
+    """Streams and events that log what `embed_stream` asks of them, so its stream logic runs on the CPU: which
+    stream each stage runs on, which events it records and waits for, which tensors it hands to another stream."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.log: list[tuple[str, ...]] = []
+        self._current = threading.local()
+        fake = self
+
+        class Stream:
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def wait_event(self, event) -> None:
+                fake.log.append((threading.current_thread().name, self.name, "waits for", event.stream.name))
+
+        class Event:
+            def record(self, stream) -> None:
+                self.stream = stream
+                fake.log.append((threading.current_thread().name, stream.name, "event"))
+
+        self.Stream, self.default = Stream, Stream("default")
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "stream", self.on)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.current())
+        monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: fake.log.append(
+            (threading.current_thread().name, stream.name, "holds")))  # fmt: skip
+
+    def current(self):
+        return getattr(self._current, "stream", self.default)
+
+    @contextlib.contextmanager
+    def on(self, stream):
+        before, self._current.stream = self.current(), stream
+        try:
+            yield
+        finally:
+            self._current.stream = before
+
+    def images(self, images: GpuImages):
+        """`images` as the stream sees a GPU's: a CUDA device, each stage logged with the stream it runs on."""
+        fake = self
+
+        class OnGpu:
+            device = torch.device("cuda", 0)
+
+            def decode(self, *args):
+                fake.log.append((threading.current_thread().name, fake.current().name, "decode"))
+                return images.decode(*args)
+
+            def finish(self, batch):
+                fake.log.append((threading.current_thread().name, fake.current().name, "finish"))
+                return images.finish(batch)
+
+        return OnGpu()
+
+
+@pytest.mark.parametrize("own_resize_stream", [False, True])
+def test_each_stage_runs_on_its_stream_after_the_stage_before(tiny_encoder, files, monkeypatch, own_resize_stream):
+    """The stream logic, run on the CPU with logging stand-ins for CUDA's streams and events: decode on the side
+    stream; resize there too (stream order), or on a stream of its own that waits for each batch's decode and
+    holds its decoded pixels; the model on its stream, waiting for each batch's resize."""
+    import encoder.gpu_stream as gpu_stream
+
+    cuda = _FakeCuda(monkeypatch)
+    side, resize, model = cuda.Stream("side"), cuda.Stream("resize"), cuda.Stream("model")
+    monkeypatch.setattr(gpu_stream, "side_stream", lambda device: side)
+    monkeypatch.setattr(gpu_stream, "model_stream", lambda device: model)
+    if own_resize_stream:
+        monkeypatch.setattr(gpu_stream, "resize_stream", lambda device, decode: resize)
+    datas = [open(f, "rb").read() for f in files]
+    batches = [(list(range(i, i + 8)), datas[i : i + 8]) for i in range(0, 20, 8)]
+    images = _images(tiny_encoder)
+    got = list(embed_stream(tiny_encoder, cuda.images(images), batches))
+    expected = tiny_encoder.embed_prepared(images.prepare(datas).pixels)
+    assert np.allclose(np.concatenate([b.vectors for b in got]), expected, atol=1e-5)
+
+    def steps(thread: str) -> list[tuple[str, ...]]:
+        return [entry[1:] for entry in cuda.log if entry[0] == thread]
+
+    if own_resize_stream:
+        assert steps("gpu-decode") == [("side", "decode"), ("side", "event")] * 3
+        # each batch's decoded images (of several sizes: packed in one buffer) are held by the resize stream
+        per_batch = [("resize", "waits for", "side"), ("resize", "holds"), ("resize", "finish"), ("resize", "event")]
+        assert steps("gpu-resize") == per_batch * 3
+    else:
+        assert steps("gpu-decode") == [("side", "decode")] * 3  # no event: stream order is enough
+        assert steps("gpu-resize") == [("side", "finish"), ("side", "event")] * 3
+    consumer = steps(threading.current_thread().name)
+    assert consumer == [("model", "waits for", "resize" if own_resize_stream else "side"), ("model", "holds")] * 3
 
 
 def test_a_producer_error_reaches_the_consumer(tiny_encoder, files):
@@ -369,6 +462,27 @@ def test_the_batch_is_capped_by_what_fits_on_the_gpu(tiny_model):
     encoder = load_encoder(EncoderConfig(model=str(tiny_model), device="cuda", batch_size=0))
     assert 8 <= encoder.batch_size <= 1024
     assert load_encoder(EncoderConfig(model=str(tiny_model), device="cuda", batch_size=48)).batch_size == 48
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decoder", ["nvjpeg", "nvimgcodec"])
+def test_the_resize_can_run_on_a_stream_of_its_own(tiny_model, files, monkeypatch, decoder):
+    """`resize_stream` (what the `streams` benchmark path tries): the resize waits for each batch's decode on an
+    event instead of stream order; the same vectors, every resize on that stream."""
+    import encoder.gpu_stream as gpu_stream
+    from encoder import EncoderConfig, load_encoder
+
+    encoder = load_encoder(EncoderConfig(model=str(tiny_model), device="cuda", batch_size=8))
+    images = GpuImages(encoder.preprocess, "cuda", DecodeLimits(draft=False), decoder=decoder)
+    datas = [open(f, "rb").read() for f in files]
+    batches = [(list(range(i, i + 8)), datas[i : i + 8]) for i in range(0, 20, 8)]
+    default = np.concatenate([b.vectors for b in embed_stream(encoder, images, batches)])
+    own, seen, finish = torch.cuda.Stream(), [], images.finish
+    monkeypatch.setattr(images, "finish", lambda batch: seen.append(torch.cuda.current_stream()) or finish(batch))
+    monkeypatch.setattr(gpu_stream, "resize_stream", lambda device, decode: own)
+    got = np.concatenate([b.vectors for b in embed_stream(encoder, images, batches)])
+    assert len(seen) == len(batches) and all(stream == own for stream in seen)
+    assert np.allclose(got, default, atol=1e-6)
 
 
 @pytest.mark.gpu
