@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
@@ -450,7 +451,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--timeline-images", type=int, default=4096)
-    parser.add_argument("--paths", default="c,d,b,a,e,timeline,streams,nomodel,so400m,profile,graph,mfu,stages,"
+    parser.add_argument("--paths", default="c,d,b,a,e,timeline,streams,prealloc,nomodel,so400m,profile,graph,mfu,stages,"
                         "switch,e2", help="which paths, in order")  # fmt: skip
     parser.add_argument("--trace-dir", help="keep the `timeline` path's traces here (.json.gz, for Perfetto)")
     parser.add_argument("--json", help="write results here as they land")
@@ -477,11 +478,9 @@ def main() -> None:
               f"made in {time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
         base = "smoke" if smoke else "base16-224"
         ckpt = _checkpoint(work / base, SHAPES[base])
-        encoder = None
+        encoder, uses_c = None, ("stages", "d", "streams", "switch", "profile", "timeline", "prealloc")
         for path in args.paths.split(","):
-            if (
-                path in ("stages", "d", "streams", "switch", "profile", "timeline") and encoder is None
-            ):  # these use (c)'s encoder
+            if path in uses_c and encoder is None:  # these use (c)'s encoder
                 encoder = encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]
             if path == "c":
                 encoder = run.path("(c) encoder alone, pre-decoded uint8 on the GPU", encoder_alone, ckpt,
@@ -496,6 +495,15 @@ def main() -> None:
                          end_to_end, files, encoder, device, decoders[0], work / "d", batch, False, "processes", 1)  # fmt: skip
                 run.path(f"(d, cold) the same with model load + compile, {decoders[0]}", cold_end_to_end, files,
                          ckpt, device, decoders[0], work / "dc", batch, compile_)  # fmt: skip
+            elif path == "prealloc" and _has_nvimgcodec():  # nvImageCodec's hardware decoder, its memory set aside
+                from encoder.gpu_images import DECODERS, nvimgcodec_decoder
+
+                options = (f":fancy_upsampling=0 nvjpeg_hw_decoder:preallocate_batch_size={batch} "
+                           f"nvjpeg_hw_decoder:preallocate_width_hint={width} "
+                           f"nvjpeg_hw_decoder:preallocate_height_hint={width * 3 // 2}")  # fmt: skip
+                with mock.patch.dict(DECODERS, {"nvimgcodec": functools.partial(nvimgcodec_decoder, options=options)}):
+                    run.path("(d) nvImageCodec's hardware decoder with memory for a batch set aside up front, "
+                             "nvimgcodec", end_to_end, files, encoder, device, "nvimgcodec", work / "d", batch)  # fmt: skip
             elif path == "nomodel":  # (d) with a constant for the tower: what decode + resize reach beside threads
                 stand_in = _without_model(ckpt, device, batch)
                 for decoder in decoders[:2]:

@@ -85,14 +85,15 @@ def byte_tensors(datas: Sequence[bytes | np.ndarray]) -> list[torch.Tensor]:
     return [torch.frombuffer(d, dtype=torch.uint8) for d in datas]
 
 
-def nvimgcodec_decoder(device: torch.device) -> BatchDecoder:
+def nvimgcodec_decoder(device: torch.device, options: str | None = None) -> BatchDecoder:
     """nvImageCodec through its C library (`encoder.nvimgcodec`): the GPU's hardware JPEG engines where it has
     them (A100, H100), else CUDA. The interpreter lock is released once per batch; the images come packed in one
     buffer, which the resize gathers from without a tensor op per image; one it cannot decode goes to the CPU
-    threads while the rest of the batch stays on the GPU."""
+    threads while the rest of the batch stays on the GPU. `options`: the library's decoder options (None: ours)."""
     from encoder.nvimgcodec import NvImageCodec
 
-    codec = NvImageCodec(device)  # here, so a missing or mismatched library fails the setup, not every batch
+    # Made here, so a missing or mismatched library fails the setup, not every batch.
+    codec = NvImageCodec(device) if options is None else NvImageCodec(device, options=options)
 
     def decode(datas: list[bytes | np.ndarray], device: torch.device) -> tuple[PackedImages, list[int]]:
         return codec.decode_packed(datas)  # on the caller's stream, so what follows on it sees finished images

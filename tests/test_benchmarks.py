@@ -32,7 +32,8 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu():
                  "(c) MFU: batch 32", "(e) Beam, 2 worker processes on the one GPU", "(d) profiled, pil",
                  "(d) the model stood in by a constant, pil",
                  "(d) the model on a stream of its own, pil", "(d) decode and resize at high stream priority, pil",
-                 "(d) the resize on a stream of its own, pil", "(d) all three: model, decode and resize on streams",
+                 "(d) the resize on a stream of its own, pil",
+                 "(d) nvImageCodec's hardware decoder with memory for a batch set aside up front, nvimgcodec", "(d) all three: model, decode and resize on streams",
                  "(d) timeline, the product's streams, pil", "(d) timeline, the model on a stream of its own, pil",
                  "(e) profiled, nvjpeg"):  # fmt: skip
         assert f"| {path}" in out, path
