@@ -27,7 +27,8 @@ traces), with the product's streams and with `streams`' variants. `profile` reru
 (`--cuda-graph`: three host calls per batch instead of one per op or kernel, each of which
 hands the interpreter lock over); `switch` reruns (d) with a 0.5 ms interpreter switch
 interval; `mfu` reruns (c) at twice the
-batch and under torch.compile's autotuning modes (minutes of compile each). Results go in
+batch, under torch.compile's autotuning modes (minutes of compile each) and with cuDNN's
+attention. Results go in
 BENCHMARKS.md.
 """
 
@@ -533,6 +534,11 @@ def main() -> None:
                     torch.compiler.reset()
                     run.path(f"(c) MFU: batch {size}, compile mode {mode or 'default'}", encoder_alone, ckpt,
                              SHAPES[base], device, size, seconds, compile_, mode)  # fmt: skip
+                # Attention through cuDNN's kernels instead of those SDPA picks (on the CPU: its reference kernel).
+                backend = "CUDNN_ATTENTION" if device.type == "cuda" else "MATH"
+                torch.compiler.reset()
+                run.path(f"(c) MFU: batch {batch}, attention through {backend}", _under_sdpa_backend, backend,
+                         encoder_alone, ckpt, SHAPES[base], device, batch, seconds, compile_)  # fmt: skip
             elif path == "graph":  # (c) and (d) with the model's step replayed as one CUDA graph per batch
                 graphed = run.path("(c) encoder alone, one CUDA graph per batch", encoder_alone, ckpt, SHAPES[base],
                                    device, batch, seconds, compile_, None, True)  # fmt: skip
@@ -589,6 +595,14 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _print_table(run.results)
+
+
+def _under_sdpa_backend(backend: str, fn, *args):
+    """`fn(*args)` with attention (`scaled_dot_product_attention`) held to one of torch's `SDPBackend`s."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(getattr(SDPBackend, backend)):
+        return fn(*args)
 
 
 def _without_model(ckpt: Path, device: torch.device, batch: int):
