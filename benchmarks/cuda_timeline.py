@@ -29,9 +29,9 @@ _GPU = ("kernel", "gpu_memcpy", "gpu_memset")
 _CALLS = ("cuda_runtime", "cuda_driver", "cuda_sync")
 
 
-def record(fn: Callable[[], object], trace_path: Path, cuda: bool) -> dict:
+def record(fn: Callable[[], object], trace_path: Path, cuda: bool, top: int = 3) -> dict:
     """Run `fn` under torch's profiler (every thread; CUDA activity and synchronisation events when `cuda`),
-    write the trace to `trace_path` (.json.gz) and return its summary."""
+    write the trace to `trace_path` (.json.gz) and return its summary (`top` kernels per stream)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -47,7 +47,7 @@ def record(fn: Callable[[], object], trace_path: Path, cuda: bool) -> dict:
     trace_path.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(trace_path))  # gzipped by torch for a .gz name
     with gzip.open(trace_path, "rt") if trace_path.suffix == ".gz" else open(trace_path) as f:
-        return summarize(json.load(f).get("traceEvents", []))
+        return summarize(json.load(f).get("traceEvents", []), top)
 
 
 def summarize(events: Iterable[dict], top: int = 3) -> dict:

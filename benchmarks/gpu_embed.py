@@ -18,9 +18,9 @@ quality 90) and SigLIP base/16-224 with random weights (same FLOPs as the real o
 (e) the same through the Beam embed pipeline on the local runner (`lookalike embed`,
     whole run: model load and compile included, as (d, cold) beside it).
 Then (c) and (d) for SigLIP so400m/14-384. GPU utilisation is sampled with NVML during
-each path; (d) also reports how busy each of its threads was. `timeline` reruns (d) on 4,096
-files under torch's profiler: each CUDA stream's busy time, how much of it overlaps the model's,
-and each thread's longest CUDA calls (`benchmarks/cuda_timeline.py`; `--trace-dir` keeps the
+each path; (d) also reports how busy each of its threads was. `timeline` reruns (c) and (d)
+(4,096 files) under torch's profiler: (c)'s costliest kernels; each CUDA stream's busy time,
+how much of it overlaps the model's, and each thread's longest CUDA calls (`benchmarks/cuda_timeline.py`; `--trace-dir` keeps the
 traces), with the product's streams and with `streams`' variants. `profile` reruns (d) and
 (e) sampling every thread's stack (where the time goes on a host without py-spy);
 `graph` reruns (c), (d) and (e) with the model's step replayed as one CUDA graph per batch
@@ -231,6 +231,20 @@ def encoder_alone(ckpt: Path, shape: dict, device: torch.device, batch: int, sec
         out["tflops"] = rate * vit_flops(shape) / 1e12
         out["mfu_pct"] = 100 * rate * vit_flops(shape) / PEAK_BF16
     return out, encoder
+
+
+def encoder_timeline(encoder, shape: dict, device: torch.device, batches: int, trace: Path) -> dict:
+    """(c) for `batches` batches under torch's profiler: the model's costliest kernels (what bounds its MFU)."""
+    from benchmarks.cuda_timeline import record
+
+    size = shape["image_size"]
+    pixels = torch.randint(0, 256, (encoder.batch_size, size, size, 3), dtype=torch.uint8, device=device)
+    step = _two_in_flight(encoder, pixels)
+    step()  # warm: the first launch after another path's may still compile or allocate
+    start = time.perf_counter()
+    summary = record(lambda: [step() for _ in range(batches)], trace, device.type == "cuda", top=12)
+    seconds = time.perf_counter() - start
+    return {"images_per_s": batches * encoder.batch_size / seconds, "timeline": summary}
 
 
 def _two_in_flight(encoder, pixels: torch.Tensor):
@@ -517,15 +531,18 @@ def main() -> None:
                         with mock.patch.multiple(gpu_stream, **factories):
                             run.path(f"(d) {what}, {decoder}", end_to_end, files, encoder, device, decoder,
                                      work / "d", batch)  # fmt: skip
-            elif path == "timeline":  # (d) on part of the files, recording the GPU's timeline and CUDA calls
+            elif path == "timeline":  # (c), and (d) on part of the files, recording the GPU's timeline and calls
                 traces = Path(args.trace_dir) if args.trace_dir else work / "traces"
+                run.path("(c) timeline (under the profiler): the model's kernels", encoder_timeline, encoder,
+                         SHAPES[base], device, 8, traces / "c.json.gz")  # fmt: skip
                 part = files[: args.timeline_images]
                 for what, factories in [("the product's streams", {}), *STREAM_VARIANTS]:
                     for decoder in decoders[:2] if not factories else decoders[:2][-1:]:  # the default one
                         name = f"{decoder}-{'-'.join(sorted(factories)) or 'product'}".replace("_", "-")
                         with mock.patch.multiple(gpu_stream, **factories) if factories else contextlib.nullcontext():
-                            run.path(f"(d) timeline, {what}, {decoder}", end_to_end, part, encoder, device, decoder,
-                                     work / "d", batch, False, "processes", 2, traces / f"d-{name}.json.gz")  # fmt: skip
+                            run.path(f"(d) timeline (under the profiler), {what}, {decoder}", end_to_end, part,
+                                     encoder, device, decoder, work / "d", batch, False, "processes", 2,
+                                     traces / f"d-{name}.json.gz")  # fmt: skip
             elif path == "mfu":  # (c) at twice the batch, and under the autotuning compile modes
                 variants = [(2 * batch, None)]
                 if compile_:

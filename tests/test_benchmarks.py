@@ -29,12 +29,16 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu():
     for path in ("(a) naive", "(b) DataLoader", "(c) encoder alone", "(d) end to end", "stages of (d)", "(e) Beam",
                  "(c) encoder alone, one CUDA graph", "(d) end to end, one CUDA graph",
                  "(e) Beam embed pipeline, local runner, one CUDA graph",
-                 "(c) MFU: batch 32", "(c) MFU: batch 16, attention through MATH", "(e) Beam, 2 worker processes on the one GPU", "(d) profiled, pil",
+                 "(c) MFU: batch 32", "(c) MFU: batch 16, attention through MATH",
+                 "(e) Beam, 2 worker processes on the one GPU", "(d) profiled, pil",
                  "(d) the model stood in by a constant, pil",
                  "(d) the model on a stream of its own, pil", "(d) decode and resize at high stream priority, pil",
                  "(d) the resize on a stream of its own, pil",
-                 "(d) nvImageCodec's hardware decoder with memory for a batch set aside up front, nvimgcodec", "(d) all three: model, decode and resize on streams",
-                 "(d) timeline, the product's streams, pil", "(d) timeline, the model on a stream of its own, pil",
+                 "(d) nvImageCodec's hardware decoder with memory for a batch set aside up front, nvimgcodec",
+                 "(d) all three: model, decode and resize on streams",
+                 "(d) timeline (under the profiler), the product's streams, pil",
+                 "(d) timeline (under the profiler), the model on a stream of its own, pil",
+                 "(c) timeline (under the profiler): the model's kernels",
                  "(e) profiled, nvjpeg"):  # fmt: skip
         assert f"| {path}" in out, path
     assert '"error"' not in out
