@@ -9,7 +9,8 @@ returns `summarize`'s figures, which answer what a stack sampler cannot:
   model's is serialised behind it.
 - `gpu_busy_pct`, `two_or_more_streams_pct`: the share of the span with any work, and with work on two streams.
 - `calls`: per thread, the CUDA runtime and driver calls that took longest in all (a decode thread that waits in
-  `cudaEventSynchronize`, or a `cudaFree` that waits for the whole device, shows here).
+  `cudaEventSynchronize`, or a `cudaFree` that waits for the whole device, shows here); `syncs`: CUDA's own
+  record of those waits, per stream.
 
 Threads are named by the `torch.profiler.record_function` range that covers most of their time (the benchmarks
 wrap each stage in one); the others are "thread <tid>".
@@ -26,7 +27,7 @@ from pathlib import Path
 __all__ = ["record", "summarize"]
 
 _GPU = ("kernel", "gpu_memcpy", "gpu_memset")
-_CALLS = ("cuda_runtime", "cuda_driver", "cuda_sync")
+_CALLS = ("cuda_runtime", "cuda_driver")  # on the CPU thread that made them
 
 
 def record(fn: Callable[[], object], trace_path: Path, cuda: bool, top: int = 3) -> dict:
@@ -52,7 +53,8 @@ def record(fn: Callable[[], object], trace_path: Path, cuda: bool, top: int = 3)
 
 def summarize(events: Iterable[dict], top: int = 3) -> dict:
     """The figures described in the module's docstring, from Chrome-trace events as Kineto writes them."""
-    spans = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    spans = [{**e, "ts": float(e["ts"]), "dur": float(e["dur"])}  # some Kineto versions write them as strings
+             for e in events if e.get("ph") == "X" and "dur" in e and "ts" in e]  # fmt: skip
     names = _thread_names(spans)
     launcher = {}  # correlation id → the thread that launched it
     for e in spans:
@@ -60,7 +62,7 @@ def summarize(events: Iterable[dict], top: int = 3) -> dict:
             launcher[e["args"]["correlation"]] = names.get(e["tid"], f"thread {e['tid']}")
     gpu = [e for e in spans if e.get("cat") in _GPU]
     if not gpu:
-        return {"gpu_events": 0, "calls": _calls(spans, names, top)}
+        return {"gpu_events": 0, "calls": _calls(spans, names, top), "syncs": _syncs(spans)}
     by_stream: dict[int, list[dict]] = defaultdict(list)
     for e in gpu:
         by_stream[e.get("args", {}).get("stream", e["tid"])].append(e)
@@ -92,6 +94,7 @@ def summarize(events: Iterable[dict], top: int = 3) -> dict:
         "busiest_stream": str(model),
         "streams": streams,
         "calls": _calls(spans, names, top),
+        "syncs": _syncs(spans),
     }
 
 
@@ -116,6 +119,17 @@ def _calls(spans: list[dict], names: dict[int, str], top: int) -> dict[str, dict
         out[thread] = {name: {"ms": round(sum(d) / 1e3, 1), "n": len(d), "max_ms": round(max(d) / 1e3, 2)}
                        for name, d in ranked}  # fmt: skip
     return out
+
+
+def _syncs(spans: list[dict]) -> dict[str, dict[str, dict]]:
+    """CUDA's synchronisation events (a host waiting for an event or a stream, a stream waiting for an event), per
+    stream they name: {"stream S": {kind: {"ms", "n"}}}. The host calls that waited are in `calls` too."""
+    per: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for e in spans:
+        if e.get("cat") == "cuda_sync":
+            per[f"stream {e.get('args', {}).get('stream', e['tid'])}"][e["name"]].append(e["dur"])
+    return {stream: {kind: {"ms": round(sum(d) / 1e3, 1), "n": len(d)} for kind, d in kinds.items()}
+            for stream, kinds in sorted(per.items())}  # fmt: skip
 
 
 def _union(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -38,7 +38,7 @@ def _trace() -> list[dict]:
         _span("cuda_runtime", "cudaMemcpyAsync", DECODE, 29, 1, correlation=11),
         _span("gpu_memcpy", "Memcpy HtoD", 13, 30, 5, stream=13, correlation=11),
         _span("cuda_runtime", "cudaEventSynchronize", DECODE, 8, 12),
-        _span("cuda_sync", "Event Sync", DECODE, 8, 12),
+        {**_span("cuda_sync", "Event Sync", 13, 8, 12, stream=13), "pid": 0},  # on the device, by stream
         _span("cuda_runtime", "cudaFree", 999, 30, 2),  # a thread with no range: named by its id
     ]
     return events
@@ -62,10 +62,19 @@ def test_streams_busy_time_overlap_and_launchers():
 def test_calls_per_thread_longest_first():
     calls = summarize(_trace())["calls"]
     assert list(calls) == ["decode", "encode", "thread 999"]  # the most time in calls first
-    assert list(calls["decode"])[:2] == ["cudaEventSynchronize", "Event Sync"]
+    assert list(calls["decode"]) == ["cudaEventSynchronize", "cuLaunchKernel", "cudaMemcpyAsync"]
     assert calls["decode"]["cudaEventSynchronize"] == {"ms": 12.0, "n": 1, "max_ms": 12.0}
     assert calls["encode"]["cudaLaunchKernel"]["n"] == 3
     assert calls["thread 999"]["cudaFree"]["ms"] == 2.0
+
+
+def test_synchronisation_events_are_summed_per_stream():
+    assert summarize(_trace())["syncs"] == {"stream 13": {"Event Sync": {"ms": 12.0, "n": 1}}}
+
+
+def test_times_written_as_strings_are_read():
+    events = [{**_span("kernel", "a", 7, 0, 10, stream=7), "ts": "0.000", "dur": "10000.000"}]
+    assert summarize(events)["streams"]["7"]["busy_ms"] == 10.0
 
 
 def test_a_stream_after_another_overlaps_nothing():
@@ -83,7 +92,7 @@ def test_gaps_count_against_the_busy_share():
 
 def test_a_cpu_trace_has_no_gpu_part():
     summary = summarize([_span("cpu_op", "aten::add", 1, 0, 5)])
-    assert summary == {"gpu_events": 0, "calls": {}}
+    assert summary == {"gpu_events": 0, "calls": {}, "syncs": {}}
 
 
 def test_record_writes_a_trace_of_every_thread(tmp_path):
@@ -99,7 +108,7 @@ def test_record_writes_a_trace_of_every_thread(tmp_path):
         thread.join()
 
     trace = tmp_path / "t" / "trace.json.gz"
-    assert record(work, trace, cuda=False) == {"gpu_events": 0, "calls": {}}
+    assert record(work, trace, cuda=False) == {"gpu_events": 0, "calls": {}, "syncs": {}}
     events = json.load(gzip.open(trace, "rt"))["traceEvents"]
     ranges = {e["name"]: e["tid"] for e in events if e.get("cat") == "user_annotation"}
     assert set(ranges) == {"decode", "encode"} and ranges["decode"] != ranges["encode"]
