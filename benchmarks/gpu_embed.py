@@ -480,7 +480,7 @@ def main() -> None:
     batch, seconds, compile_ = (16, 1.0, False) if smoke else (args.batch_size, args.seconds, True)
     # nvimgcodec-python: the package's own binding, to measure ours (encoder/nvimgcodec.py) against
     decoders = ["pil"] if smoke else ["nvjpeg"] + (["nvimgcodec", "nvimgcodec-python"] if _has_nvimgcodec() else [])
-    beam_decoder = "nvimgcodec" if "nvimgcodec" in decoders else "nvjpeg"  # what `--gpu-decoder auto` takes
+    auto_decoder = "nvimgcodec" if "nvimgcodec" in decoders else "nvjpeg"  # what `--gpu-decoder auto` takes
     work = Path(tempfile.mkdtemp(prefix="lookalike-gpu-embed-"))
     run = Run(args.json)
     try:
@@ -564,8 +564,8 @@ def main() -> None:
                              device, decoder, work / "d", batch)  # fmt: skip
                 graphed = None
                 # Beam's runner thread runs Python beside the model's: where fewer handovers should count most.
-                run.path(f"(e) Beam embed pipeline, local runner, one CUDA graph per batch, {beam_decoder}", beam,
-                         work / "jpegs", ckpt, device, work / "e", batch, compile_, len(files), False, beam_decoder,
+                run.path(f"(e) Beam embed pipeline, local runner, one CUDA graph per batch, {auto_decoder}", beam,
+                         work / "jpegs", ckpt, device, work / "e", batch, compile_, len(files), False, auto_decoder,
                          device.type == "cuda")  # fmt: skip
             elif path == "stages":
                 for decoder in decoders:
@@ -583,8 +583,8 @@ def main() -> None:
                              device, work / "e", batch, compile_, len(files), False, decoder)  # fmt: skip
             elif path == "e2":  # a second worker process on the same GPU: is one interpreter lock what caps (e)?
                 run.path("(e) Beam, 2 worker processes on the one GPU (two model copies, two interpreter locks), "
-                         f"{beam_decoder}", beam, work / "jpegs", ckpt, device, work / "e", batch, compile_, len(files),
-                         False, beam_decoder, False, 2)  # fmt: skip
+                         f"{auto_decoder}", beam, work / "jpegs", ckpt, device, work / "e", batch, compile_, len(files),
+                         False, auto_decoder, False, 2)  # fmt: skip
             elif path == "switch":  # (d) with threads handing over the GIL every 0.5 ms instead of 5
                 interval = sys.getswitchinterval()
                 sys.setswitchinterval(0.0005)
@@ -598,8 +598,8 @@ def main() -> None:
                 for decoder in decoders[:2]:
                     run.path(f"(d) profiled, {decoder}", end_to_end, files, encoder, device, decoder, work / "d",
                              batch, True)  # fmt: skip
-                run.path(f"(e) profiled, {beam_decoder}", beam, work / "jpegs", ckpt, device, work / "e", batch,
-                         compile_, len(files), True, beam_decoder)  # fmt: skip
+                run.path(f"(e) profiled, {auto_decoder}", beam, work / "jpegs", ckpt, device, work / "e", batch,
+                         compile_, len(files), True, auto_decoder)  # fmt: skip
             elif path == "so400m" and not smoke:
                 encoder = None
                 torch.cuda.empty_cache()
@@ -607,8 +607,8 @@ def main() -> None:
                 big_encoder = run.path("so400m/14-384 (c) encoder alone", encoder_alone, big, SHAPES["so400m14-384"],
                                        device, 128, seconds, True)  # fmt: skip
                 if big_encoder is not None:
-                    run.path(f"so400m/14-384 (d) end to end, {decoders[0]}", end_to_end,
-                             files[: args.so400m_images], big_encoder, device, decoders[0], work / "d4", 128)  # fmt: skip
+                    run.path(f"so400m/14-384 (d) end to end, {auto_decoder}", end_to_end,  # the default decoder
+                             files[: args.so400m_images], big_encoder, device, auto_decoder, work / "d4", 128)  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _print_table(run.results)
