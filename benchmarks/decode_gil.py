@@ -64,20 +64,29 @@ def main() -> None:
     torch.set_num_threads(1)
     if device.type == "cpu":
         _reuse_host_memory()
+    start = time.perf_counter()
+
+    def progress(what: str) -> None:  # as it happens, so a run cut short still says how far it got
+        print(f"[{time.perf_counter() - start:6.1f} s] {what}", flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         datas = [p.read_bytes() for p in realistic_jpegs(Path(tmp), args.images)]
+    progress(f"{len(datas)} JPEGs made")
     batches = [datas[i : i + args.batch_size] for i in range(0, len(datas), args.batch_size)]
     # The GPU worker's decoders themselves (`encoder.gpu_images.DECODERS`), on this device.
     bindings = {"package's binding (nvidia.nvimgcodec)": DECODERS["nvimgcodec-python"](device),
                 "lookalike's (encoder.nvimgcodec)": DECODERS["nvimgcodec"](device)}  # fmt: skip
+    progress("decoders made")
     for decode in bindings.values():
         for batch in batches:  # warm-up: handles, buffers, the library's threads, the heap
             decode(batch, device)
+    progress("warmed up")
     rates: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.rounds):
         for case, busy in BUSY_CASES.items():
             for name, decode in bindings.items():
                 rates.setdefault((case, name), []).append(decode_rate(decode, batches, device, busy))
+                progress(f"{case}, {name}: {rates[(case, name)][-1]:,.0f} images/s")
     print(f"{machine()}, device {device}, {args.images} JPEGs of 640 px ({sum(map(len, datas)) / len(datas) / 1024:.0f} KB),"
           f" batches of {args.batch_size}, {args.rounds} rounds alternated; images/s")  # fmt: skip
     print("| case | package's binding | lookalike's | ratio |\n| --- | ---: | ---: | ---: |")
