@@ -158,14 +158,14 @@ def main() -> None:
             )
         for label, options in paths:
             results[label], peaks[label] = _step_rate(path, batch, seconds, device, **options)
+            print(f"{label}: {results[label]:,.0f} images/s", flush=True)  # as it lands: a cut-short run says how far
         epochs = 1 if args.smoke else 2
-        results[f"lookalike train end to end, JPEGs decoded every step ({workers} loader workers)"] = _train_rate(
-            path, images, batch, epochs, workers, device.type, compile=args.gpu, cache_mb=0
-        )
+        ends = [(f"lookalike train end to end, JPEGs decoded every step ({workers} loader workers)", args.gpu, 0)]
         if not args.gpu:  # a catalog this size fits in memory: decoded once, augmented every step
-            results["lookalike train end to end, decoded once into memory"] = _train_rate(
-                path, images, batch, epochs, workers, device.type, compile=False, cache_mb=2048
-            )
+            ends.append(("lookalike train end to end, decoded once into memory", False, 2048))
+        for label, compile_, cache_mb in ends:
+            results[label] = _train_rate(path, images, batch, epochs, workers, device.type, compile_, cache_mb)
+            print(f"{label}: {results[label]:,.0f} images/s", flush=True)
         print(f"\n### {name}\n")
         print_table(results, baseline="fp32 eager")
         if args.gpu:
