@@ -20,16 +20,17 @@ quality 90) and SigLIP base/16-224 with random weights (same FLOPs as the real o
 Then (c) and (d) for SigLIP so400m/14-384. GPU utilisation is sampled with NVML during
 each path; (d) also reports how busy each of its threads was. `timeline` reruns (c) and (d)
 (4,096 files) under torch's profiler: (c)'s costliest kernels; each CUDA stream's busy time,
-how much of it overlaps the model's, and each thread's longest CUDA calls (`benchmarks/cuda_timeline.py`; `--trace-dir` keeps the
-traces), with the product's streams and with `streams`' variants. `profile` reruns (d) and
-(e) sampling every thread's stack (where the time goes on a host without py-spy);
-`graph` reruns (c), (d) and (e) with the model's step replayed as one CUDA graph per batch
-(`--cuda-graph`: three host calls per batch instead of one per op or kernel, each of which
-hands the interpreter lock over); `switch` reruns (d) with a 0.5 ms interpreter switch
-interval; `mfu` reruns (c) at twice the
+how much of it overlaps the model's, and each thread's longest CUDA calls
+(`benchmarks/cuda_timeline.py`; `--trace-dir` keeps the traces), with the product's streams
+and with `streams`' variants. `streams` reruns (d) with other CUDA streams than the
+product's; `prealloc` with nvImageCodec's decoder memory set aside up front; `nomodel` with
+the tower stood in by a constant. `profile` reruns (d) and (e) sampling every thread's stack
+(where the time goes on a host without py-spy); `graph` reruns (c), (d) and (e) with the
+model's step replayed as one CUDA graph per batch (`--cuda-graph`: three host calls per
+batch instead of one per op or kernel, each of which hands the interpreter lock over);
+`switch` reruns (d) with a 0.5 ms interpreter switch interval; `mfu` reruns (c) at twice the
 batch, under torch.compile's autotuning modes (minutes of compile each) and with cuDNN's
-attention. Results go in
-BENCHMARKS.md.
+attention. Results go in BENCHMARKS.md.
 """
 
 from __future__ import annotations
