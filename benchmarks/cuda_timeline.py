@@ -108,28 +108,31 @@ def _thread_names(spans: list[dict]) -> dict[int, str]:
 
 
 def _calls(spans: list[dict], names: dict[int, str], top: int) -> dict[str, dict[str, dict]]:
-    """Per thread, its `top` CUDA calls by total time: {call: {"ms", "n", "max_ms"}}."""
-    per: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for e in spans:
-        if e.get("cat") in _CALLS:
-            per[names.get(e["tid"], f"thread {e['tid']}")][e["name"]].append(e["dur"])
-    out = {}
-    for thread, calls in sorted(per.items(), key=lambda kv: -sum(map(sum, kv[1].values()))):
-        ranked = sorted(calls.items(), key=lambda kv: -sum(kv[1]))[: top * 2]
-        out[thread] = {name: {"ms": round(sum(d) / 1e3, 1), "n": len(d), "max_ms": round(max(d) / 1e3, 2)}
-                       for name, d in ranked}  # fmt: skip
-    return out
+    """Per thread, its `top` * 2 CUDA calls by total time: {call: `_tally`}; the thread with most time first."""
+    per = _durations((names.get(e["tid"], f"thread {e['tid']}"), e) for e in spans if e.get("cat") in _CALLS)
+    ranked = sorted(per.items(), key=lambda kv: -sum(map(sum, kv[1].values())))
+    return {thread: {name: _tally(d) for name, d in sorted(calls.items(), key=lambda kv: -sum(kv[1]))[: top * 2]}
+            for thread, calls in ranked}  # fmt: skip
 
 
 def _syncs(spans: list[dict]) -> dict[str, dict[str, dict]]:
     """CUDA's synchronisation events (a host waiting for an event or a stream, a stream waiting for an event), per
-    stream they name: {"stream S": {kind: {"ms", "n"}}}. The host calls that waited are in `calls` too."""
+    stream they name: {"stream S": {kind: `_tally`}}. The host calls that waited are in `calls` too."""
+    per = _durations((f"stream {e.get('args', {}).get('stream', e['tid'])}", e)
+                     for e in spans if e.get("cat") == "cuda_sync")  # fmt: skip
+    return {stream: {kind: _tally(d) for kind, d in kinds.items()} for stream, kinds in sorted(per.items())}
+
+
+def _durations(grouped: Iterable[tuple[str, dict]]) -> dict[str, dict[str, list[float]]]:
+    """{group: {event name: its durations}} of (group, event) pairs."""
     per: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for e in spans:
-        if e.get("cat") == "cuda_sync":
-            per[f"stream {e.get('args', {}).get('stream', e['tid'])}"][e["name"]].append(e["dur"])
-    return {stream: {kind: {"ms": round(sum(d) / 1e3, 1), "n": len(d)} for kind, d in kinds.items()}
-            for stream, kinds in sorted(per.items())}  # fmt: skip
+    for group, e in grouped:
+        per[group][e["name"]].append(e["dur"])
+    return per
+
+
+def _tally(durations: list[float]) -> dict:
+    return {"ms": round(sum(durations) / 1e3, 1), "n": len(durations), "max_ms": round(max(durations) / 1e3, 2)}
 
 
 def _union(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:

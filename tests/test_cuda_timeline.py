@@ -69,7 +69,7 @@ def test_calls_per_thread_longest_first():
 
 
 def test_synchronisation_events_are_summed_per_stream():
-    assert summarize(_trace())["syncs"] == {"stream 13": {"Event Sync": {"ms": 12.0, "n": 1}}}
+    assert summarize(_trace())["syncs"] == {"stream 13": {"Event Sync": {"ms": 12.0, "n": 1, "max_ms": 12.0}}}
 
 
 def test_times_written_as_strings_are_read():
