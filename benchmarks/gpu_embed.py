@@ -69,6 +69,8 @@ SHAPES = {
     "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32,
                   patch_size=16),
 }  # fmt: skip
+ENCODER_ALONE = "(c) encoder alone, pre-decoded uint8 on the GPU"  # the rows other (c) rows are measured against
+END_TO_END = "(d) end to end, files → Parquet, standalone, {decoder}"  # and other (d) and (e) rows
 PEAK_BF16 = 989e12  # H100 / H200 SXM dense bf16 spec; MFU is against this
 
 
@@ -499,11 +501,11 @@ def main() -> None:
             if path in uses_c and encoder is None:  # these use (c)'s encoder
                 encoder = encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]
             if path == "c":
-                encoder = run.path("(c) encoder alone, pre-decoded uint8 on the GPU", encoder_alone, ckpt,
+                encoder = run.path(ENCODER_ALONE, encoder_alone, ckpt,
                                    SHAPES[base], device, batch, seconds, compile_)  # fmt: skip
             elif path == "d":
                 for decoder in decoders:
-                    run.path(f"(d) end to end, files → Parquet, standalone, {decoder}", end_to_end, files, encoder,
+                    run.path(END_TO_END.format(decoder=decoder), end_to_end, files, encoder,
                              device, decoder, work / "d", batch)  # fmt: skip
                 run.path(f"(d) the same, reading in threads (before: no reader processes), {decoders[0]}",
                          end_to_end, files, encoder, device, decoders[0], work / "d", batch, False, "threads")  # fmt: skip
@@ -662,15 +664,29 @@ def _has_nvimgcodec() -> bool:
     return True
 
 
+def baseline(name: str) -> str | None:
+    """The path a row is a variant of, measured in the same run: (c) for (c)'s, and for (d)'s and (e)'s the
+    product's (d) with the same decoder (the one its name ends with); None for the others."""
+    if name.startswith("(c)"):
+        return ENCODER_ALONE if name != ENCODER_ALONE else None
+    if name.startswith(("(d)", "(e)")):
+        base = END_TO_END.format(decoder=name.rsplit(", ", 1)[-1])
+        return base if name != base else None
+    return None
+
+
 def _print_table(results: dict[str, dict]) -> None:
     rates = {k: v.get("images_per_s") for k, v in results.items()}
     b = next((r for k, r in rates.items() if k.startswith("(b)") and r), None)
-    print("\n| path | images/s | × (b) | GPU util | notes |\n| --- | ---: | ---: | ---: | --- |")
+    print(
+        "\n| path | images/s | × (b) | × its (c) or (d) | GPU util | notes |\n| --- | ---: | ---: | ---: | ---: | --- |"
+    )
     for name, result in results.items():
-        rate = rates[name]
+        rate, base = rates[name], rates.get(baseline(name) or "")
         notes = {k: v for k, v in result.items() if k not in ("images_per_s", "gpu_util_pct")}
         util = result.get("gpu_util_pct")
         print(f"| {name} | {rate or 0:,.0f} | {rate / b if rate and b else 0:.2f} | "
+              f"{f'{rate / base:.2f}' if rate and base else ''} | "
               f"{'' if util is None else f'{util:.0f}%'} | {json.dumps(notes)} |")  # fmt: skip
 
 

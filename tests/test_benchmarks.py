@@ -42,6 +42,24 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu():
                  "(e) profiled, nvjpeg"):  # fmt: skip
         assert f"| {path}" in out, path
     assert '"error"' not in out
+    row = next(line for line in out.splitlines() if line.startswith("| (d) the resize on a stream of its own, pil |"))
+    assert float(row.split("|")[4]) > 0  # against the product's (d), same decoder, same run
+
+
+def test_each_variant_is_measured_against_its_path_with_the_same_decoder():
+    from benchmarks.gpu_embed import ENCODER_ALONE, baseline
+
+    assert baseline("(d) the resize on a stream of its own, nvimgcodec") == (
+        "(d) end to end, files → Parquet, standalone, nvimgcodec"
+    )
+    assert baseline("(e) Beam embed pipeline, local runner, nvjpeg") == (
+        "(d) end to end, files → Parquet, standalone, nvjpeg"
+    )
+    assert baseline("(c) MFU: batch 512, compile mode default") == ENCODER_ALONE
+    assert baseline(ENCODER_ALONE) is None
+    assert baseline("(d) end to end, files → Parquet, standalone, nvjpeg") is None
+    assert baseline("(b) DataLoader, 16 workers PIL + draft, bf16 SDPA") is None
+    assert baseline("so400m/14-384 (d) end to end, nvimgcodec") is None
 
 
 def test_model_gil_benchmark_runs_on_the_cpu():
