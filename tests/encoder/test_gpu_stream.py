@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import hashlib
 import threading
@@ -22,6 +21,7 @@ from encoder.model import batch_for_memory
 from pipelines.direct_embed import embed_files
 from tests.encoder.test_gpu_images import _pil_decoder, _png
 from tests.pipelines.test_embed import column_encodings
+from tests.support.fake_cuda import FakeCuda
 
 
 @pytest.fixture(scope="module")
@@ -47,61 +47,21 @@ def test_stream_gives_the_same_vectors_as_one_batch(tiny_encoder, files):
     assert np.allclose(np.concatenate([b.vectors for b in out]), expected, atol=1e-5)
 
 
-class _FakeCuda:
-    """Streams and events that log what `embed_stream` asks of them, so its stream logic runs on the CPU: which
-    stream each stage runs on, which events it records and waits for, which tensors it hands to another stream."""
+def _on_fake_gpu(cuda: FakeCuda, images: GpuImages):
+    """`images` as the stream sees a GPU's: a CUDA device, each stage logged with the stream it runs on."""
 
-    def __init__(self, monkeypatch) -> None:
-        self.log: list[tuple[str, ...]] = []
-        self._current = threading.local()
-        fake = self
+    class OnGpu:
+        device = torch.device("cuda", 0)
 
-        class Stream:
-            def __init__(self, name: str) -> None:
-                self.name = name
+        def decode(self, *args):
+            cuda.note(cuda.current(), "decode")
+            return images.decode(*args)
 
-            def wait_event(self, event) -> None:
-                fake.log.append((threading.current_thread().name, self.name, "waits for", event.stream.name))
+        def finish(self, batch):
+            cuda.note(cuda.current(), "finish")
+            return images.finish(batch)
 
-        class Event:
-            def record(self, stream) -> None:
-                self.stream = stream
-                fake.log.append((threading.current_thread().name, stream.name, "event"))
-
-        self.Stream, self.default = Stream, Stream("default")
-        monkeypatch.setattr(torch.cuda, "Event", Event)
-        monkeypatch.setattr(torch.cuda, "stream", self.on)
-        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.current())
-        monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: fake.log.append(
-            (threading.current_thread().name, stream.name, "holds")))  # fmt: skip
-
-    def current(self):
-        return getattr(self._current, "stream", self.default)
-
-    @contextlib.contextmanager
-    def on(self, stream):
-        before, self._current.stream = self.current(), stream
-        try:
-            yield
-        finally:
-            self._current.stream = before
-
-    def images(self, images: GpuImages):
-        """`images` as the stream sees a GPU's: a CUDA device, each stage logged with the stream it runs on."""
-        fake = self
-
-        class OnGpu:
-            device = torch.device("cuda", 0)
-
-            def decode(self, *args):
-                fake.log.append((threading.current_thread().name, fake.current().name, "decode"))
-                return images.decode(*args)
-
-            def finish(self, batch):
-                fake.log.append((threading.current_thread().name, fake.current().name, "finish"))
-                return images.finish(batch)
-
-        return OnGpu()
+    return OnGpu()
 
 
 @pytest.mark.parametrize("own_resize_stream", [False, True])
@@ -111,7 +71,7 @@ def test_each_stage_runs_on_its_stream_after_the_stage_before(tiny_encoder, file
     holds its decoded pixels; the model on its stream, waiting for each batch's resize."""
     import encoder.gpu_stream as gpu_stream
 
-    cuda = _FakeCuda(monkeypatch)
+    cuda = FakeCuda(monkeypatch)
     side, resize, model = cuda.Stream("side"), cuda.Stream("resize"), cuda.Stream("model")
     monkeypatch.setattr(gpu_stream, "side_stream", lambda device: side)
     monkeypatch.setattr(gpu_stream, "model_stream", lambda device: model)
@@ -120,7 +80,7 @@ def test_each_stage_runs_on_its_stream_after_the_stage_before(tiny_encoder, file
     datas = [open(f, "rb").read() for f in files]
     batches = [(list(range(i, i + 8)), datas[i : i + 8]) for i in range(0, 20, 8)]
     images = _images(tiny_encoder)
-    got = list(embed_stream(tiny_encoder, cuda.images(images), batches))
+    got = list(embed_stream(tiny_encoder, _on_fake_gpu(cuda, images), batches))
     expected = tiny_encoder.embed_prepared(images.prepare(datas).pixels)
     assert np.allclose(np.concatenate([b.vectors for b in got]), expected, atol=1e-5)
 
