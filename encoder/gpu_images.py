@@ -49,6 +49,7 @@ __all__ = [
     "nvimgcodec_decoder",
     "nvimgcodec_python_decoder",
     "nvjpeg_decoder",
+    "outputs_held",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,34 @@ def nvjpeg_decoder(device: torch.device) -> BatchDecoder:
     def decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
         return decode_jpeg(byte_tensors(datas), mode=ImageReadMode.RGB, device=device)
 
-    return decode
+    return outputs_held(decode, device)
+
+
+def outputs_held(decode: BatchDecoder, device: torch.device) -> BatchDecoder:
+    """`decode` for a decoder that writes its outputs from a CUDA stream of its own (torchvision's nvJPEG).
+
+    Such a decoder allocates its outputs on the caller's stream but writes them after waiting for nothing queued
+    there: once a batch's images are freed, with a resize or a packing copy of them still queued on that stream,
+    the allocator may hand their memory to the next batch's outputs, which the decoder then overwrites while they
+    are read. So the decoder runs with a stream of its own as the current one (its outputs are allocated there,
+    and that memory is reused only there), the caller's stream waits for its work, and each output is held for
+    the caller's stream (`record_stream`): the allocator reuses it only once the work queued there meanwhile is
+    done. On the CPU, `decode` as it is."""
+    if torch.device(device).type != "cuda":
+        return decode
+    own = torch.cuda.Stream(device)
+
+    def held(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+        caller = torch.cuda.current_stream(device)
+        with torch.cuda.stream(own):
+            images = decode(datas, device)
+        caller.wait_stream(own)
+        for image in images:
+            if image is not None:
+                image.record_stream(caller)
+        return images
+
+    return held
 
 
 # torch warns once that a tensor over immutable bytes could be written through; the decoders only read them.

@@ -11,8 +11,16 @@ from PIL import Image
 
 from benchmarks.common import realistic_jpegs
 from encoder import DecodeLimits, PreprocessConfig, decode_image
-from encoder.gpu_images import DecodedBatch, GpuImages, batches_progressive, byte_tensors, pil_decoder
+from encoder.gpu_images import (
+    DecodedBatch,
+    GpuImages,
+    batches_progressive,
+    byte_tensors,
+    outputs_held,
+    pil_decoder,
+)
 from encoder.resize import PackedImages, _chunks, dense_weights, pack_images, pil_taps, resize_like_pil
+from tests.support.fake_cuda import FakeCuda
 
 CFG = PreprocessConfig(height=224, width=224)
 FULL = DecodeLimits(draft=False)  # the GPU decodes at full size; compare with the CPU doing the same
@@ -376,3 +384,56 @@ def test_a_decoded_batch_names_the_tensors_that_hold_its_pixels():
     separate = DecodedBatch(2, [0, 1], images, [], [], {})
     assert [t is i for t, i in zip(separate.device_tensors(), images, strict=True)] == [True, True]
     assert DecodedBatch(1, [], [], [0], [], {}).device_tensors() == []
+
+
+def test_a_decoder_with_a_stream_of_its_own_makes_and_holds_its_outputs_apart(monkeypatch):
+    """`outputs_held` (for torchvision's nvJPEG), on the CPU with logging stand-ins for CUDA: the decoder runs with
+    a stream of its own as the current one, the caller's stream waits for it, and every output is held for the
+    caller's stream, so the allocator cannot hand its memory to the next batch while the caller still reads it."""
+    cuda = FakeCuda(monkeypatch)
+
+    def decode(datas, device):
+        cuda.note(cuda.current(), "decode")
+        return [torch.zeros(3, 2, 2, dtype=torch.uint8) for _ in datas]
+
+    held = outputs_held(decode, torch.device("cuda", 0))
+    with torch.cuda.stream(cuda.Stream("side")):
+        assert len(held([b"a", b"b"], torch.device("cuda", 0))) == 2
+    assert [step[1:] for step in cuda.log] == [
+        ("stream 1", "decode"),
+        ("side", "waits for", "stream 1"),
+        ("side", "holds"),
+        ("side", "holds"),
+    ]
+    assert outputs_held(decode, torch.device("cpu")) is decode
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decoder", ["nvjpeg", "nvimgcodec"])
+def test_a_batchs_images_are_not_overwritten_while_its_stream_still_reads_them(jpegs, decoder):
+    """The race `outputs_held` closes: a batch's images are freed while a copy of them still waits on a stream
+    that has fallen behind, and the next batch, of the same sizes, is decoded at once."""
+    from encoder.gpu_images import DECODERS
+
+    if decoder == "nvimgcodec":
+        pytest.importorskip("nvidia.nvimgcodec")
+    device = torch.device("cuda", torch.cuda.current_device())
+    decode = DECODERS[decoder](device)
+
+    def images_of(result) -> list[torch.Tensor]:
+        return [result[0][k] for k in range(len(result[0]))] if isinstance(result, tuple) else result
+
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(jpegs[0])).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(buffer, "JPEG", quality=90)
+    first, second = [jpegs[0]] * 4, [buffer.getvalue()] * 4
+    expected = [image.cpu() for image in images_of(decode(first, device))]
+    behind = torch.cuda.Stream(device)
+    with torch.cuda.stream(behind):
+        result = decode(first, device)
+        torch.cuda._sleep(200_000_000)  # the stream falls ~0.1 s behind the host
+        copies = [image.clone() for image in images_of(result)]  # queued after the sleep
+        del result
+        later = decode(second, device)  # same sizes: the freed memory would fit
+    torch.cuda.synchronize()
+    assert all(torch.equal(copy.cpu(), image) for copy, image in zip(copies, expected, strict=True))
+    assert not torch.equal(images_of(later)[0].cpu(), expected[0])  # the second batch differs
