@@ -8,8 +8,8 @@ stays bounded. The model's thread launches batch i before it waits for batch i-1
 so the GPU has work queued while the host takes them (and the caller writes them) instead of
 idling until the next launch. Events order each batch's encode (and its resize, where that
 has a stream of its own) after the stages before, and `record_stream` keeps the allocator
-from reusing a batch's memory while a later stage still reads it. On the CPU the same code runs without
-streams (tests/encoder/test_gpu_stream.py).
+from reusing a batch's memory while a later stage still reads it. On the CPU the same code
+runs without streams (tests/encoder/test_gpu_stream.py).
 
 `embed_stream` pulls batches from an iterable (the standalone worker reads files);
 `BackgroundEmbedder` runs it in its own thread for callers that push batches as they

@@ -425,10 +425,12 @@ def test_the_batch_is_capped_by_what_fits_on_the_gpu(tiny_model):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("decoder", ["nvjpeg", "nvimgcodec"])
-def test_the_resize_can_run_on_a_stream_of_its_own(tiny_model, files, monkeypatch, decoder):
-    """`resize_stream` (what the `streams` benchmark path tries): the resize waits for each batch's decode on an
-    event instead of stream order; the same vectors, every resize on that stream."""
+@pytest.mark.parametrize(("factory", "decoder"),
+                         [("resize_stream", "nvjpeg"), ("resize_stream", "nvimgcodec"), ("model_stream", "nvjpeg")])  # fmt: skip
+def test_a_stage_can_run_on_a_stream_of_its_own(tiny_model, files, monkeypatch, factory, decoder):
+    """`resize_stream` and `model_stream` (what the `streams` benchmark path tries): the resize waits for each
+    batch's decode on an event instead of stream order, the model for each resize on its own stream; the same
+    vectors, every resize (or launch) on that stream."""
     import encoder.gpu_stream as gpu_stream
     from encoder import EncoderConfig, load_encoder
 
@@ -437,28 +439,10 @@ def test_the_resize_can_run_on_a_stream_of_its_own(tiny_model, files, monkeypatc
     datas = [open(f, "rb").read() for f in files]
     batches = [(list(range(i, i + 8)), datas[i : i + 8]) for i in range(0, 20, 8)]
     default = np.concatenate([b.vectors for b in embed_stream(encoder, images, batches)])
-    own, seen, finish = torch.cuda.Stream(), [], images.finish
-    monkeypatch.setattr(images, "finish", lambda batch: seen.append(torch.cuda.current_stream()) or finish(batch))
-    monkeypatch.setattr(gpu_stream, "resize_stream", lambda device, decode: own)
-    got = np.concatenate([b.vectors for b in embed_stream(encoder, images, batches)])
-    assert len(seen) == len(batches) and all(stream == own for stream in seen)
-    assert np.allclose(got, default, atol=1e-6)
-
-
-@pytest.mark.gpu
-def test_the_model_can_run_on_a_stream_of_its_own(tiny_model, files, monkeypatch):
-    """`model_stream` (what the `streams` benchmark path tries): the same vectors, every launch on that stream."""
-    import encoder.gpu_stream as gpu_stream
-    from encoder import EncoderConfig, load_encoder
-
-    encoder = load_encoder(EncoderConfig(model=str(tiny_model), device="cuda", batch_size=8))
-    images = GpuImages(encoder.preprocess, "cuda", DecodeLimits(draft=False), decoder="nvjpeg")
-    datas = [open(f, "rb").read() for f in files]
-    batches = [(list(range(i, i + 8)), datas[i : i + 8]) for i in range(0, 20, 8)]
-    default = np.concatenate([b.vectors for b in embed_stream(encoder, images, batches)])
-    own, seen, launch = torch.cuda.Stream(), [], encoder.launch
-    monkeypatch.setattr(encoder, "launch", lambda batch: seen.append(torch.cuda.current_stream()) or launch(batch))
-    monkeypatch.setattr(gpu_stream, "model_stream", lambda device: own)
+    owner, step = (images, "finish") if factory == "resize_stream" else (encoder, "launch")
+    own, seen, original = torch.cuda.Stream(), [], getattr(owner, step)
+    monkeypatch.setattr(owner, step, lambda batch: seen.append(torch.cuda.current_stream()) or original(batch))
+    monkeypatch.setattr(gpu_stream, factory, lambda device, *_: own)
     got = np.concatenate([b.vectors for b in embed_stream(encoder, images, batches)])
     assert len(seen) == len(batches) and all(stream == own for stream in seen)
     assert np.allclose(got, default, atol=1e-6)
