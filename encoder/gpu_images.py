@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -246,27 +247,35 @@ class GpuImages:
     """Decode and resize batches of images on `device`, falling back to the CPU per image.
 
     `decoder=None` decodes everything on the CPU threads: the same batches, order and
-    reasons on a worker without a GPU decoder.
+    reasons on a worker without a GPU decoder. `decode_threads`: how many threads may call
+    `decode` at once (`encoder.gpu_stream` runs that many), each with a GPU decoder of its
+    own when `decoder` is a name (a `BatchDecoder` given is shared by them).
     """
 
     def __init__(self, preprocess: PreprocessConfig, device: torch.device | str, limits: DecodeLimits = DecodeLimits(),
                  cpu_pool: Executor | None = None, decoder: str | BatchDecoder | None = "nvjpeg", *,
-                 cpu_threads: int = 8, max_decode_s: float = 30.0) -> None:  # fmt: skip
+                 cpu_threads: int = 8, max_decode_s: float = 30.0, decode_threads: int = 1) -> None:  # fmt: skip
         if decoder is not None and not gpu_resizes(preprocess):
             raise ValueError(f"GPU resize supports bilinear and bicubic, not PIL filter {preprocess.resample}")
+        if decode_threads < 1:
+            raise ValueError(f"decode_threads must be at least 1, got {decode_threads}")
         self.preprocess, self.limits, self.max_decode_s = preprocess, limits, max_decode_s
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # torch.cuda stream calls need the index
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self._threads = cpu_threads
+        self._threads, self.decode_threads = cpu_threads, decode_threads
         self._pool = cpu_pool or ThreadPoolExecutor(cpu_threads, thread_name_prefix="cpu-decode")
-        self._decode = DECODERS[decoder](self.device) if isinstance(decoder, str) else decoder
+        self._decoders: queue.SimpleQueue[BatchDecoder] | None = None  # each taken by one `decode` at a time
+        if decoder is not None:
+            self._decoders = queue.SimpleQueue()
+            for _ in range(decode_threads):
+                self._decoders.put(DECODERS[decoder](self.device) if isinstance(decoder, str) else decoder)
         self.progressive_on_gpu = batches_progressive(decoder)
 
     @property
     def decodes_on_gpu(self) -> bool:
         """Whether any input may go to the GPU decoder (False: everything is decoded on the CPU threads)."""
-        return self._decode is not None
+        return self._decoders is not None
 
     def cpu_reason(self, data: bytes | np.ndarray) -> str | None:
         """Why this encoded image goes to the CPU decoder under these limits (None: the GPU decoder takes it)."""
@@ -275,7 +284,7 @@ class GpuImages:
     def route(self, datas: Sequence[bytes], reasons: Sequence[str | None] | None = None) -> tuple[list[int], list[int]]:
         """Input positions for the GPU decoder and for the CPU decoder. `reasons`: each input's
         `encoder.jpeg.cpu_reason`, found already (by the file readers) under these limits."""
-        if self._decode is None:
+        if self._decoders is None:
             return [], list(range(len(datas)))
         if reasons is None:
             reasons = [self.cpu_reason(data) for data in datas]
@@ -357,14 +366,18 @@ class GpuImages:
         those or say why not)."""
         if not datas:
             return [], [], []
-        result, reason = attempt(self._decode, datas, self.device)
-        if reason is None and isinstance(result, tuple):  # packed, with the positions decoded
-            packed, decoded = result
-            return decoded, packed, sorted(set(range(len(datas))) - set(decoded))
-        if reason is None:
-            pairs, failed = list(enumerate(result)), []
-        else:
-            pairs, failed = each_alone(lambda one: _one_image(self._decode(one, self.device)), datas)
+        decode = self._decoders.get()  # one free: there are as many as threads that may call this
+        try:
+            result, reason = attempt(decode, datas, self.device)
+            if reason is None and isinstance(result, tuple):  # packed, with the positions decoded
+                packed, decoded = result
+                return decoded, packed, sorted(set(range(len(datas))) - set(decoded))
+            if reason is None:
+                pairs, failed = list(enumerate(result)), []
+            else:
+                pairs, failed = each_alone(lambda one: _one_image(decode(one, self.device)), datas)
+        finally:
+            self._decoders.put(decode)
         decoded = [(j, image) for j, image in pairs if image is not None]
         rejected = sorted([*failed, *(j for j, image in pairs if image is None)])
         return [j for j, _ in decoded], _packed([image for _, image in decoded]), rejected

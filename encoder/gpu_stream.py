@@ -114,15 +114,22 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
     `GpuImages.route` does. One `StreamBatch` per input batch, in order. A batch is handed
     over once `in_flight - 1` batches are launched behind it, so the GPU computes those while
     the caller takes this one's vectors (1: each batch is done before the next is launched).
+    `images.decode_threads` threads decode, each on a stream of its own; the resize takes their
+    batches in input order.
     """
     if in_flight < 1:
         raise ValueError(f"in_flight must be at least 1, got {in_flight}")
-    decoded: queue.Queue = queue.Queue(maxsize=1)
+    threads = images.decode_threads
+    decoded: queue.Queue = queue.Queue()  # (batch number, batch); `pulls` bounds what waits here
     ready: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     stop = threading.Event()
+    # Batches taken from `batches` and not yet taken by the resize: one being decoded per thread and one more.
+    # With one thread, as many as a queue of one between the stages allowed.
+    pulls = threading.Semaphore(threads + 1)
+    source, pulling, pulled = iter(batches), threading.Lock(), {"count": 0, "over": False}
     cuda = images.device.type == "cuda"
-    side = side_stream(images.device) if cuda else None
-    resize = resize_stream(images.device, side) if cuda else None
+    sides = [side_stream(images.device) if cuda else None for _ in range(threads)]
+    resize = resize_stream(images.device, sides[0]) if cuda else None
     compute = model_stream(images.device) if cuda else None
 
     def on(stream: torch.cuda.Stream | None):
@@ -137,48 +144,84 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
                 continue
         return False
 
-    def decode_stage() -> None:
+    def pull() -> tuple[int, object] | None:
+        """(its number, the next batch), or the end of `batches` or its error; None once another thread met those."""
+        with pulling:
+            number = pulled["count"]
+            if pulled["over"]:
+                return None
+            try:
+                batch = next(source)
+            except StopIteration:
+                pulled["over"] = True
+                return number, _DONE
+            except BaseException as err:  # noqa: BLE001 - handed on, raised in the consumer
+                pulled["over"] = True
+                return number, err
+            pulled["count"] += 1
+            return number, batch
+
+    def decode_stage(side: torch.cuda.Stream | None) -> None:
+        number = None
         try:
-            for keys, datas, *reasons in batches:  # reasons: routes found by the file readers, when they did
+            while not stop.is_set():
+                if not pulls.acquire(timeout=0.1):
+                    continue
+                got = pull()
+                if got is None:
+                    return
+                number, item = got
+                if item is _DONE or isinstance(item, BaseException):
+                    decoded.put(got)
+                    return
+                keys, datas, *reasons = item  # reasons: routes found by the file readers, when they did
                 with on(side):
                     batch = images.decode(datas, *reasons)
                     done = _event_on(side) if resize is not side else None
-                if not put(decoded, (list(keys), batch, done)):
-                    return
+                decoded.put((number, (list(keys), batch, done)))
                 # Decoded: let the encoded images go before waiting for the next batch. They may be views of a
                 # file reader's ring, whose slots the thread that feeds this stream may be waiting for.
-                del keys, datas, reasons, batch, done
+                del got, item, keys, datas, reasons, batch, done
         except BaseException as err:  # noqa: BLE001 - handed on, raised in the consumer
-            put(decoded, err)
-            return
-        put(decoded, _DONE)
+            with pulling:
+                pulled["over"] = True
+            decoded.put((number, err))
 
     def finish_stage() -> None:
+        waiting, expected = {}, 0  # batch number → its item, decoded ahead of those before it
         while not stop.is_set():
             try:
-                item = decoded.get(timeout=0.1)
+                number, item = decoded.get(timeout=0.1)
             except queue.Empty:
                 continue
-            if item is _DONE or isinstance(item, BaseException):
-                put(ready, item)
-                return
-            keys, batch, done = item
-            try:
-                with on(resize):
-                    if done is not None:  # decoded on another stream: wait for it, and keep its memory from
-                        resize.wait_event(done)  # the decoder's next batches until this stream is done with it
-                        for tensor in batch.device_tensors():
-                            tensor.record_stream(resize)
-                    prepared = images.finish(batch)
-                    event = _event_on(resize) if resize is not None else None
-            except BaseException as err:  # noqa: BLE001 - handed on, raised in the consumer
-                put(ready, err)
-                return
-            if not put(ready, (keys, prepared, event)):
-                return
+            waiting[number] = item
+            while expected in waiting:
+                item = waiting.pop(expected)
+                expected += 1
+                pulls.release()
+                if item is _DONE or isinstance(item, BaseException):
+                    put(ready, item)
+                    return
+                keys, batch, done = item
+                try:
+                    with on(resize):
+                        if done is not None:  # decoded on another stream: wait for it, and keep its memory from
+                            resize.wait_event(done)  # the decoder's next batches until this stream is done with it
+                            for tensor in batch.device_tensors():
+                                tensor.record_stream(resize)
+                        prepared = images.finish(batch)
+                        event = _event_on(resize) if resize is not None else None
+                except BaseException as err:  # noqa: BLE001 - handed on, raised in the consumer
+                    put(ready, err)
+                    return
+                if not put(ready, (keys, prepared, event)):
+                    return
+                del item, batch
 
-    stages = [threading.Thread(target=fn, name=name, daemon=True)
-              for fn, name in ((decode_stage, "gpu-decode"), (finish_stage, "gpu-resize"))]  # fmt: skip
+    names = ["gpu-decode"] if threads == 1 else [f"gpu-decode-{k}" for k in range(threads)]
+    stages = [threading.Thread(target=decode_stage, args=(side,), name=name, daemon=True)
+              for side, name in zip(sides, names, strict=True)]  # fmt: skip
+    stages.append(threading.Thread(target=finish_stage, name="gpu-resize", daemon=True))
     for stage in stages:
         stage.start()
     launched: collections.deque = collections.deque()  # (keys, prepared, its launch), oldest first

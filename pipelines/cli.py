@@ -119,6 +119,9 @@ def embed(
             "(torchvision; progressive JPEGs go to CPU threads)."
         ),
     ] = "auto",
+    gpu_decode_threads: Annotated[
+        int, typer.Option(help="Threads decoding JPEG batches at once on the GPU, each with a decoder of its own.")
+    ] = 1,
     draft: Annotated[bool, typer.Option(help="JPEG draft-mode decoding (faster, slightly different pixels).")] = True,
     incremental: Annotated[bool, typer.Option(help="Reuse vectors of unchanged images from an earlier run.")] = True,
     previous: Annotated[str | None, typer.Option(help="Earlier run directory to reuse from (default: latest).")] = None,
@@ -137,7 +140,7 @@ def embed(
     options = dict(
         catalog=catalog, model=model, out=out, batch_size=batch_size, fetch_threads=fetch_threads, workers=workers,
         device=device, dtype=dtype, compile=compile, cuda_graph=cuda_graph, gpu_decode=gpu_decode,
-        gpu_decoder=gpu_decoder, draft=draft, incremental=incremental, previous=previous,
+        gpu_decoder=gpu_decoder, gpu_decode_threads=gpu_decode_threads, draft=draft, incremental=incremental, previous=previous,
         max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, reuse_memory_mb=reuse_memory_mb,
         max_decode_s=max_decode_s,
     )  # fmt: skip

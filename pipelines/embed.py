@@ -96,6 +96,7 @@ class EmbedConfig:
     cuda_graph: bool = False  # replay the model's device step as one CUDA graph (encoder.cuda_graph)
     gpu_decode: str = "auto"  # auto | on | off: JPEGs decoded and resized on the GPU (encoder.gpu_images)
     gpu_decoder: str = "auto"  # auto | nvimgcodec (NVIDIA nvImageCodec) | nvjpeg (torchvision): gpu_decoder_name
+    gpu_decode_threads: int = 1  # threads decoding batches at once on the GPU, a decoder and stream each
     draft: bool = True  # JPEG draft-mode decoding (see README, "Preprocessing")
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 100_000_000
@@ -110,7 +111,8 @@ class EmbedConfig:
     def __post_init__(self) -> None:
         if self.reuse_memory_mb < 0:
             raise ValueError(f"reuse_memory_mb must be >= 0, got {self.reuse_memory_mb}")
-        for name in ("batch_size", "fetch_threads", "max_image_bytes", "max_image_pixels", "workers"):
+        for name in ("batch_size", "fetch_threads", "gpu_decode_threads", "max_image_bytes", "max_image_pixels",
+                     "workers"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.gpu_decode not in ("auto", "on", "off"):
@@ -287,7 +289,8 @@ class EmbedBatch(beam.DoFn):
         if decoder:
             log.info("JPEGs decode on %s with %s", self._encoder.device, decoder)
         self._images = GpuImages(preprocess, self._encoder.device, cfg.limits, decoder=decoder,
-                                 cpu_threads=cfg.fetch_threads, max_decode_s=cfg.max_decode_s)  # fmt: skip
+                                 cpu_threads=cfg.fetch_threads, max_decode_s=cfg.max_decode_s,
+                                 decode_threads=cfg.gpu_decode_threads if decoder else 1)  # fmt: skip
         self._stream: BackgroundEmbedder | None = None
         self._waiting: list[PreparedImage] = []
         self._embedded = Metrics.counter(_NAMESPACE, "embedded")

@@ -43,6 +43,7 @@ class EmbedSettings:
     cuda_graph: bool = False
     gpu_decode: str = "auto"
     gpu_decoder: str = "auto"
+    gpu_decode_threads: int = 1
     draft: bool = True
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 100_000_000

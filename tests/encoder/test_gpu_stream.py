@@ -52,6 +52,7 @@ def _on_fake_gpu(cuda: FakeCuda, images: GpuImages):
 
     class OnGpu:
         device = torch.device("cuda", 0)
+        decode_threads = images.decode_threads
 
         def decode(self, *args):
             cuda.note(cuda.current(), "decode")
@@ -99,6 +100,38 @@ def test_each_stage_runs_on_its_stream_after_the_stage_before(tiny_encoder, file
     assert consumer == [("model", "waits for", "resize" if own_resize_stream else "side"), ("model", "holds")] * 3
 
 
+def test_each_decode_thread_decodes_on_a_stream_of_its_own(tiny_encoder, files, monkeypatch):
+    """With two decode threads, each decodes on a side stream of its own; the resize runs on the first's, so a
+    batch the second decoded is waited for on an event and its pixels held there."""
+    import encoder.gpu_stream as gpu_stream
+
+    cuda = FakeCuda(monkeypatch)
+    names = iter(["side 0", "side 1"])
+    monkeypatch.setattr(gpu_stream, "side_stream", lambda device: cuda.Stream(next(names)))
+    monkeypatch.setattr(gpu_stream, "model_stream", lambda device: cuda.Stream("model"))
+    batches = _numbered(files, 6, size=3)
+    images = _threaded(tiny_encoder, 2, slow={0})
+    got = list(embed_stream(tiny_encoder, _on_fake_gpu(cuda, images), batches))
+    assert [b.keys for b in got] == [keys for keys, _ in batches]
+
+    def steps(thread: str) -> list[tuple[str, ...]]:
+        return [entry[1:] for entry in cuda.log if entry[0] == thread]
+
+    first, second = steps("gpu-decode-0"), steps("gpu-decode-1")
+    assert first and set(first) == {("side 0", "decode")}  # stream order puts the resize after these
+    assert second and second == [("side 1", "decode"), ("side 1", "event")] * (len(second) // 2)
+    per_batch, batch = [], []  # the resize's steps, batch by batch (each ends with its event)
+    for step in steps("gpu-resize"):
+        batch.append(step)
+        if step == ("side 0", "event"):
+            per_batch, batch = [*per_batch, tuple(batch)], []
+    by_first, by_second = (
+        (("side 0", "finish"), ("side 0", "event")),
+        (("side 0", "waits for", "side 1"), ("side 0", "holds"), ("side 0", "finish"), ("side 0", "event")),
+    )
+    assert not batch and sorted(per_batch) == sorted([by_first] * len(first) + [by_second] * (len(second) // 2))
+
+
 def test_a_producer_error_reaches_the_consumer(tiny_encoder, files):
     def batches():
         yield [0], [open(files[0], "rb").read()]
@@ -121,7 +154,7 @@ class _Staged:
     """Wraps `GpuImages`: finishing batch 0 waits until batch 1 is being decoded; finishing batch `fail_at` fails."""
 
     def __init__(self, images: GpuImages, fail_at: int | None = None) -> None:
-        self._images, self.device, self.fail_at = images, images.device, fail_at
+        self._images, self.device, self.decode_threads, self.fail_at = images, images.device, 1, fail_at
         self.second_decode, self.decoded, self.overlapped = threading.Event(), 0, None
 
     def decode(self, datas):
@@ -149,6 +182,158 @@ def test_a_resize_stage_error_reaches_the_consumer(tiny_encoder, files):
     data = open(files[0], "rb").read()
     with pytest.raises(RuntimeError, match="resize failed"):
         list(embed_stream(tiny_encoder, _Staged(_images(tiny_encoder), fail_at=1), [([i], [data]) for i in range(4)]))
+
+
+def _threaded(encoder, threads: int, slow: set[int] = frozenset(), fail: int | None = None) -> GpuImages:
+    """GpuImages on `threads` decode threads, logging how many decode at once and which batches (numbered by their
+    first key) enter the resize; decoding the batches in `slow` takes 0.2 s, decoding batch `fail` fails."""
+    images = GpuImages(encoder.preprocess, "cpu", DecodeLimits(draft=False), decoder=_pil_decoder(),
+                       decode_threads=threads)  # fmt: skip
+    decode, finish, lock = images.decode, images.finish, threading.Lock()
+    images.active, images.most, images.finished = 0, 0, []
+
+    def decoding(datas, *reasons):
+        with lock:
+            images.active += 1
+            images.most = max(images.most, images.active)
+        try:
+            first = int.from_bytes(datas[0][-1:], "big")  # the batch's number, hidden after the JPEG's end
+            if first == fail:
+                raise RuntimeError("decoder failed")
+            time.sleep(0.2 if first in slow else 0.01)
+            return decode(datas, *reasons)
+        finally:
+            with lock:
+                images.active -= 1
+
+    def finishing(batch):
+        images.finished.append(batch)
+        return finish(batch)
+
+    images.decode, images.finish = decoding, finishing
+    return images
+
+
+def _numbered(files, count: int, size: int = 2) -> list[tuple[list[int], list[bytes]]]:
+    """`count` batches of `size` JPEGs; each batch's first image carries the batch's number as a byte after its end
+    (decoders ignore what follows the end-of-image marker)."""
+    datas = [open(f, "rb").read() for f in files]
+    return [([i * size + j for j in range(size)],
+             [datas[(i * size + j) % len(datas)] + (bytes([i]) if j == 0 else b"") for j in range(size)])
+            for i in range(count)]  # fmt: skip
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_several_decode_threads_decode_at_once_and_keep_the_input_order(tiny_encoder, files, threads):
+    """Batch 0 decodes slowest, so the threads finish the later ones first: they still reach the resize, the model
+    and the caller in input order, with the vectors one thread gives."""
+    batches = _numbered(files, 7)
+    images = _threaded(tiny_encoder, threads, slow={0, 3})
+    got = list(embed_stream(tiny_encoder, images, batches))
+    assert [b.keys for b in got] == [keys for keys, _ in batches]
+    assert images.most == threads  # they did decode at once
+    one = list(embed_stream(tiny_encoder, _threaded(tiny_encoder, 1), batches))
+    assert np.allclose(np.concatenate([b.vectors for b in got]), np.concatenate([b.vectors for b in one]), atol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_decode_threads_run_at_most_one_batch_ahead_of_themselves(tiny_encoder, files, threads):
+    """Batches taken from the source and not yet resized: one per decode thread and one more, however slow the
+    resize, so a file reader's ring is not held by batches waiting in between."""
+    batches, pulled = _numbered(files, 8), []
+
+    def source():
+        for batch in batches:
+            pulled.append(batch[0])
+            yield batch
+
+    images = _threaded(tiny_encoder, threads)
+    finish, ahead = images.finish, []
+
+    def slow_finish(batch):
+        ahead.append(len(pulled) - len(images.finished))  # counted as this one enters the resize
+        time.sleep(0.05)
+        return finish(batch)
+
+    images.finish = slow_finish
+    assert len(list(embed_stream(tiny_encoder, images, source()))) == len(batches)
+    assert max(ahead) == threads + 1
+
+
+def test_each_decode_thread_has_a_gpu_decoder_of_its_own(monkeypatch):
+    """A decoder named is made once per decode thread, and no two threads decode with one at the same time."""
+    import encoder.gpu_images as gpu_images
+    from encoder.preprocess import PreprocessConfig
+
+    made, busy, clashes = [], set(), []
+
+    def factory(device):
+        def decode(datas, device):
+            if decode in busy:
+                clashes.append(decode)
+            busy.add(decode)
+            time.sleep(0.02)
+            busy.discard(decode)
+            return [torch.zeros((3, 8, 8), dtype=torch.uint8) for _ in datas]
+
+        made.append(decode)
+        return decode
+
+    monkeypatch.setitem(gpu_images.DECODERS, "counted", factory)
+    images = GpuImages(PreprocessConfig(height=4, width=4), "cpu", decoder="counted", decode_threads=3)
+    jpeg = _jpeg_header_only()
+    threads = [threading.Thread(target=lambda: [images.decode([jpeg]) for _ in range(5)]) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(made) == 3 and not clashes
+    with pytest.raises(ValueError, match="decode_threads"):
+        GpuImages(PreprocessConfig(height=4, width=4), "cpu", decoder="counted", decode_threads=0)
+
+
+def _jpeg_header_only() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, "JPEG")
+    return out.getvalue()
+
+
+def test_a_decode_threads_error_reaches_the_consumer_after_the_batches_before(tiny_encoder, files):
+    batches = _numbered(files, 6)
+    images = _threaded(tiny_encoder, 2, slow={1}, fail=2)  # batch 2 fails while batch 1 still decodes
+    got = []
+    with pytest.raises(RuntimeError, match="decoder failed"):
+        for batch in embed_stream(tiny_encoder, images, batches, in_flight=1):  # (2: batch 1 is still launched)
+            got.append(batch.keys)
+    assert got == [[0, 1], [2, 3]]
+
+
+def test_a_source_error_reaches_the_consumer_after_the_batches_before_with_several_decode_threads(tiny_encoder,
+                                                                                                  files):  # fmt: skip
+    batches = _numbered(files, 3)
+
+    def source():
+        yield from batches
+        raise OSError("disk gone")
+
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for batch in embed_stream(tiny_encoder, _threaded(tiny_encoder, 2, slow={2}), source(), in_flight=1):
+            got.append(batch.keys)
+    assert got == [keys for keys, _ in batches]
+
+
+def test_stopping_early_stops_every_decode_thread(tiny_encoder, files):
+    data = open(files[0], "rb").read()
+    endless = (([i], [data]) for i in range(10**9))
+    stream = embed_stream(tiny_encoder, _threaded(tiny_encoder, 3), endless, prefetch=2)
+    next(stream)
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith(("gpu-decode", "gpu-resize")) and t.is_alive()]
 
 
 class _Poisoned:
@@ -446,3 +631,25 @@ def test_a_stage_can_run_on_a_stream_of_its_own(tiny_model, files, monkeypatch, 
     got = np.concatenate([b.vectors for b in embed_stream(encoder, images, batches)])
     assert len(seen) == len(batches) and all(stream == own for stream in seen)
     assert np.allclose(got, default, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decoder", ["nvjpeg", "nvimgcodec"])
+def test_several_decode_threads_give_the_vectors_one_gives(tiny_model, files, decoder):
+    """Two decode threads, each with a decoder and a side stream of its own, the second's batches handed to the
+    resize on the first's stream by event: the vectors of one thread, in order."""
+    from encoder import EncoderConfig, load_encoder
+
+    encoder = load_encoder(EncoderConfig(model=str(tiny_model), device="cuda", batch_size=4))
+    datas = [open(f, "rb").read() for f in files]
+    batches = [(list(range(i, i + 4)), datas[i : i + 4]) for i in range(0, 20, 4)]
+
+    def run(threads: int):
+        images = GpuImages(encoder.preprocess, "cuda", DecodeLimits(draft=False), decoder=decoder,
+                           decode_threads=threads)  # fmt: skip
+        out = list(embed_stream(encoder, images, batches))
+        return [k for b in out for k in b.keys], np.concatenate([b.vectors for b in out])
+
+    (keys_one, one), (keys_two, two) = run(1), run(2)
+    assert keys_two == keys_one == list(range(20))
+    assert np.allclose(two, one, atol=1e-6)

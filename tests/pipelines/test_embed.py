@@ -348,11 +348,13 @@ def _decodes(data: bytes) -> bool:
     return True
 
 
+@pytest.mark.parametrize("decode_threads", [1, 2])
 def test_a_gpu_batch_of_routed_local_files_and_unrouted_fetched_bytes_embeds_them_all(
-    demo_catalog, tiny_model, monkeypatch
+    demo_catalog, tiny_model, monkeypatch, decode_threads
 ):
     """Local files arrive routed, as arrays over the readers' ring; object-store images as bytes, unrouted. One
-    batch of both (a catalog of both kinds) is routed where it is missing and decoded; none is lost."""
+    batch of both (a catalog of both kinds) is routed where it is missing and decoded; none is lost. With two
+    decode threads, each has a decoder of its own."""
     from apache_beam.utils.shared import Shared
 
     import encoder.gpu_images as gpu_images
@@ -362,7 +364,8 @@ def test_a_gpu_batch_of_routed_local_files_and_unrouted_fetched_bytes_embeds_the
 
     calls: list[int] = []
     monkeypatch.setattr(embed, "gpu_decoding", lambda cfg, preprocess: True)
-    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda device: _pil_decoder(calls))
+    made: list[int] = []
+    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda device: made.append(1) or _pil_decoder(calls))
     paths = [p for p in sorted((demo_catalog.root / "images").glob("*.jpg"))[:20] if _decodes(p.read_bytes())][:12]
     items = []
     for i, path in enumerate(paths):
@@ -371,9 +374,10 @@ def test_a_gpu_batch_of_routed_local_files_and_unrouted_fetched_bytes_embeds_the
         items.append(PreparedImage(f"item-{i}", str(path), f"sha-{i}", None,
                                    np.frombuffer(data, dtype=np.uint8) if local else data,
                                    cpu_reason(data, 50 << 20, 10**8, progressive=False) or "" if local else None))  # fmt: skip
-    step = embed.EmbedBatch(EmbedConfig(catalog="-", model=str(tiny_model), out="-", batch_size=8,
-                                        gpu_decoder="nvjpeg"), Shared())  # fmt: skip
+    step = embed.EmbedBatch(EmbedConfig(catalog="-", model=str(tiny_model), out="-", batch_size=4,
+                                        gpu_decoder="nvjpeg", gpu_decode_threads=decode_threads), Shared())  # fmt: skip
     step.setup()
+    assert len(made) == decode_threads
     step.start_bundle()
     outputs = [*step.process(items), *(o.value for o in step.finish_bundle())]  # finish_bundle's are windowed
     step.teardown()
