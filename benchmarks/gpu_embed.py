@@ -263,15 +263,18 @@ def _two_in_flight(encoder, pixels: torch.Tensor):
 
 def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, out: Path, batch: int,
                sample: bool = False, reader: str = "processes", in_flight: int = 2, timeline: Path | None = None,
-               ) -> dict:  # fmt: skip
+               decode_threads: int = 1) -> dict:  # fmt: skip
     """(d) over `files`. `sample`: sample the threads' stacks (`StackSampler`); `timeline`: record the GPU's
-    timeline and the CUDA calls there (`benchmarks.cuda_timeline`), its summary in the result."""
+    timeline and the CUDA calls there (`benchmarks.cuda_timeline`), its summary in the result; `decode_threads`:
+    `GpuImages`' (each a decoder and side stream of its own; their busy share is summed)."""
     from encoder.gpu_images import GpuImages
     from encoder.model import PendingVectors
     from pipelines.direct_embed import embed_files
 
-    images = GpuImages(encoder.preprocess, device, DecodeLimits(draft=True), decoder=decoder)
-    embed_files([str(f) for f in files[:batch]], encoder, images, out / "warm", batch_size=batch)  # warm the decoder
+    images = GpuImages(encoder.preprocess, device, DecodeLimits(draft=True), decoder=decoder,
+                       decode_threads=decode_threads)  # fmt: skip
+    warm = [str(f) for f in files[: batch * decode_threads]]  # a batch per decoder
+    embed_files(warm, encoder, images, out / "warm", batch_size=batch)
     busy = {"decode": 0.0, "resize": 0.0, "encode": 0.0}  # each stage's thread: the busiest sets the pace
     images.decode, images.finish = _busy(images.decode, busy, "decode"), _busy(images.finish, busy, "resize")
     encoder.launch, take = _busy(encoder.launch, busy, "encode"), PendingVectors.result
@@ -301,7 +304,7 @@ def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, o
     result, seconds = done["result"], done["seconds"]
     return {"images": result.embedded, "images_per_s": result.embedded / seconds, "on_gpu": result.on_gpu,
             "dead_lettered": result.dead_lettered, "decoder": decoder, "reader": reader, "in_flight": in_flight,
-            "busy_pct": {k: round(100 * v / seconds) for k, v in busy.items()}, **seen}  # fmt: skip
+            "decode_threads": decode_threads, "busy_pct": {k: round(100 * v / seconds) for k, v in busy.items()}, **seen}  # fmt: skip
 
 
 def _busy(fn, totals: dict, name: str):
@@ -469,7 +472,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--timeline-images", type=int, default=4096)
-    parser.add_argument("--paths", default="c,d,b,a,e,timeline,streams,prealloc,nomodel,so400m,profile,graph,mfu,stages,"
+    parser.add_argument("--paths", default="c,d,b,a,e,timeline,streams,decode-threads,prealloc,nomodel,so400m,profile,graph,mfu,stages,"
                         "switch,e2", help="which paths, in order")  # fmt: skip
     parser.add_argument("--trace-dir", help="keep the `timeline` path's traces here (.json.gz, for Perfetto)")
     parser.add_argument("--json", help="write results here as they land")
@@ -496,7 +499,10 @@ def main() -> None:
               f"made in {time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
         base = "smoke" if smoke else "base16-224"
         ckpt = _checkpoint(work / base, SHAPES[base])
-        encoder, uses_c = None, ("stages", "d", "streams", "switch", "profile", "timeline", "prealloc")
+        encoder, uses_c = (
+            None,
+            ("stages", "d", "streams", "decode-threads", "switch", "profile", "timeline", "prealloc"),
+        )
         for path in args.paths.split(","):
             if path in uses_c and encoder is None:  # these use (c)'s encoder
                 encoder = encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]
@@ -534,6 +540,16 @@ def main() -> None:
                         with mock.patch.multiple(gpu_stream, **factories):
                             run.path(f"(d) {what}, {decoder}", end_to_end, files, encoder, device, decoder,
                                      work / "d", batch)  # fmt: skip
+            elif path == "decode-threads":  # (d) with several decode threads, a decoder and side stream each
+                for threads in (2, 3):
+                    for decoder in decoders[:2]:
+                        run.path(f"(d) {threads} decode threads, a decoder and stream each, {decoder}",
+                                 functools.partial(end_to_end, decode_threads=threads), files, encoder, device,
+                                 decoder, work / "d", batch)  # fmt: skip
+                with mock.patch.multiple(gpu_stream, resize_stream=_own_stream):
+                    run.path(f"(d) 2 decode threads and the resize on a stream of its own, {decoders[:2][-1]}",
+                             functools.partial(end_to_end, decode_threads=2), files, encoder, device,
+                             decoders[:2][-1], work / "d", batch)  # fmt: skip
             elif path == "timeline":  # (c), and (d) on part of the files, recording the GPU's timeline and calls
                 traces = Path(args.trace_dir) if args.trace_dir else work / "traces"
                 run.path("(c) timeline (under the profiler): the model's kernels", encoder_timeline, encoder,
@@ -546,6 +562,9 @@ def main() -> None:
                             run.path(f"(d) timeline (under the profiler), {what}, {decoder}", end_to_end, part,
                                      encoder, device, decoder, work / "d", batch, False, "processes", 2,
                                      traces / f"d-{name}.json.gz")  # fmt: skip
+                run.path(f"(d) timeline (under the profiler), 2 decode threads, {decoders[:2][-1]}", end_to_end,
+                         part, encoder, device, decoders[:2][-1], work / "d", batch, False, "processes", 2,
+                         traces / f"d-{decoders[:2][-1]}-2-decode-threads.json.gz", 2)  # fmt: skip
             elif path == "mfu":  # (c) at twice the batch, and under the autotuning compile modes
                 variants = [(2 * batch, None)]
                 if compile_:

@@ -38,6 +38,10 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu():
                  "(d) all three: model, decode and resize on streams",
                  "(d) timeline (under the profiler), the product's streams, pil",
                  "(d) timeline (under the profiler), the model on a stream of its own, pil",
+                 "(d) 2 decode threads, a decoder and stream each, pil",
+                 "(d) 3 decode threads, a decoder and stream each, pil",
+                 "(d) 2 decode threads and the resize on a stream of its own, pil",
+                 "(d) timeline (under the profiler), 2 decode threads, pil",
                  "(c) timeline (under the profiler): the model's kernels",
                  "(e) profiled, nvjpeg"):  # fmt: skip
         assert f"| {path}" in out, path
