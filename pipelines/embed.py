@@ -221,7 +221,8 @@ class FetchAndDecode(beam.DoFn):
         self._defer_decode = gpu_decoding(self._cfg, self._preprocess)  # the GPU worker routes and decodes
         # A GPU worker reads local files in reader processes, keeping the interpreter lock for the GPU threads.
         self._reader = (file_reader_for(self._cfg.limits, batches_progressive(gpu_decoder_name(self._cfg)),
-                                        self._cfg.batch_size, self._cfg.workers) if self._defer_decode else None)  # fmt: skip
+                                        self._cfg.batch_size, self._cfg.workers, self._cfg.gpu_decode_threads)
+                        if self._defer_decode else None)  # fmt: skip
         self._progress = ProgressLog("fetched", self._total)
         self._previous = self._previous_source.acquire() if self._previous_source else None
         self._reused = Metrics.counter(_NAMESPACE, "reused")
@@ -364,15 +365,17 @@ _READERS_LOCK = threading.Lock()
 
 
 def file_reader_for(limits: DecodeLimits, progressive: bool = True, batch_size: int = 256,
-                    workers: int = 1) -> ProcessReader:  # fmt: skip
+                    workers: int = 1, decode_threads: int = 1) -> ProcessReader:  # fmt: skip
     """This process's reader processes for local image files, started on first use, stopped at exit: one set
     per worker process however many fetch steps its threads run (`ProcessReader.read` takes turns).
     `progressive`: whether the GPU decoder batches progressive JPEGs (their route depends on it).
     `batch_size`: the embed step's; the ring holds two such batches and more, as the step keeps a batch
-    filling while the one before it is decoded (160 slots of 8 files at least).
+    filling while the one before it is decoded (160 slots of 8 files at least), and one more per GPU decode
+    thread past the first (`encoder.gpu_stream` takes a batch ahead per thread).
     `workers`: the local runner's worker processes, which share this machine's cores (at most 8 readers each)."""
     chunk = 8  # a 64-item fetch chunk spreads over 8 slots
-    slots = max(160, 2 * -(-batch_size // chunk) + 16)
+    per_batch = -(-batch_size // chunk)
+    slots = max(160, 2 * per_batch + 16) + (decode_threads - 1) * per_batch
     key = (ReadLimits.of(limits, progressive=progressive), slots)
     with _READERS_LOCK:
         if key not in _READERS:

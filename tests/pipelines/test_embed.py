@@ -404,7 +404,8 @@ def test_the_readers_ring_holds_two_of_the_embed_steps_batches(monkeypatch):
     assert embed.file_reader_for(DecodeLimits(), batch_size=256).slots == 160
     assert embed.file_reader_for(DecodeLimits(), batch_size=64).slots == 160  # the same set of readers
     assert embed.file_reader_for(DecodeLimits(), batch_size=2048).slots == 2 * 2048 // 8 + 16
-    assert made == [160, 528]
+    assert embed.file_reader_for(DecodeLimits(), batch_size=256, decode_threads=3).slots == 160 + 2 * 256 // 8
+    assert made == [160, 528, 224]
 
 
 def test_worker_processes_share_the_cores_among_their_readers(monkeypatch):
