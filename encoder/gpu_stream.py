@@ -1,10 +1,12 @@
 """Overlap decode and encode on one GPU: batches of encoded images in, vectors out.
 
-Two threads prepare batches on a side CUDA stream (`GpuImages`): one decodes batch i+2
-(the decoders release the GIL) while the other resizes batch i+1, and the model encodes
+Threads prepare batches on a side CUDA stream (`GpuImages`): one decodes batch i+2
+(the decoders release the GIL) while another resizes batch i+1, and the model encodes
 batch i on the default stream (`side_stream`, `resize_stream` and `model_stream` choose the
-streams). At most one decoded and `prefetch` resized batches wait in between, so memory
-stays bounded. The model's thread launches batch i before it waits for batch i-1's vectors,
+streams). With `GpuImages.decode_threads` > 1, that many threads decode, each with a decoder
+and side stream of its own, and the resize takes their batches in input order. At most one
+batch per decode thread and one more wait between the source and the resize, and `prefetch`
+resized ones after it, so memory stays bounded. The model's thread launches batch i before it waits for batch i-1's vectors,
 so the GPU has work queued while the host takes them (and the caller writes them) instead of
 idling until the next launch. Events order each batch's encode (and its resize, where that
 has a stream of its own) after the stages before, and `record_stream` keeps the allocator
