@@ -13,8 +13,8 @@
 # over two calls (e.g. EMBED_S=360 TESTS_S=95 with embed,tests, then TRAIN_S=200 GIL_S=60 with train,gil;
 # model and host as time allows) or lower them. On one H100, 330 s of `embed` covered (a)-(e), graph, profile,
 # e2 and stages but not so400m or mfu; `train` needs 200 s (its compiles); 40 s of `gil` printed nothing.
-# Since then the default order has put timeline, streams (4 variants), decode-threads (5 runs of (d)), prealloc
-# and nomodel after (e): by estimate, 380 s reaches so400m and profile; mfu's autotuning compiles take minutes
+# Since then the default order has put timeline, streams (4 variants), decode-threads (5 runs of (d)), prealloc,
+# nomodel and freezing (one compile of (c)) after (e): by estimate, 380 s reaches so400m and profile; mfu's autotuning compiles take minutes
 # more (EMBED_ARGS=--paths mfu).
 set -u
 out=${1:?usage: gpu_checks.sh OUT_DIR [STEPS]}

@@ -472,7 +472,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--timeline-images", type=int, default=4096)
-    parser.add_argument("--paths", default="c,d,b,a,e,timeline,streams,decode-threads,prealloc,nomodel,so400m,profile,graph,mfu,stages,"
+    parser.add_argument("--paths", default="c,d,b,a,e,timeline,streams,decode-threads,prealloc,nomodel,freezing,so400m,profile,graph,mfu,stages,"
                         "switch,e2", help="which paths, in order")  # fmt: skip
     parser.add_argument("--trace-dir", help="keep the `timeline` path's traces here (.json.gz, for Perfetto)")
     parser.add_argument("--json", help="write results here as they land")
@@ -565,6 +565,10 @@ def main() -> None:
                 run.path(f"(d) timeline (under the profiler), 2 decode threads, {decoders[:2][-1]}", end_to_end,
                          part, encoder, device, decoders[:2][-1], work / "d", batch, False, "processes", 2,
                          traces / f"d-{decoders[:2][-1]}-2-decode-threads.json.gz", 2)  # fmt: skip
+            elif path == "freezing" and compile_:  # weights as constants: Q, K and V (one input) in one GEMM
+                torch.compiler.reset()
+                run.path(f"(c) MFU: batch {batch}, inductor freezing", _under_inductor_config, {"freezing": True},
+                         encoder_alone, ckpt, SHAPES[base], device, batch, seconds, compile_)  # fmt: skip
             elif path == "mfu":  # (c) at twice the batch, and under the autotuning compile modes
                 variants = [(2 * batch, None)]
                 if compile_:
@@ -573,10 +577,6 @@ def main() -> None:
                     torch.compiler.reset()
                     run.path(f"(c) MFU: batch {size}, compile mode {mode or 'default'}", encoder_alone, ckpt,
                              SHAPES[base], device, size, seconds, compile_, mode)  # fmt: skip
-                if compile_:  # weights as constants: Q, K and V, which read one input, fused into one GEMM
-                    torch.compiler.reset()
-                    run.path(f"(c) MFU: batch {batch}, inductor freezing", _under_inductor_config, {"freezing": True},
-                             encoder_alone, ckpt, SHAPES[base], device, batch, seconds, compile_)  # fmt: skip
                 # Attention through cuDNN's kernels instead of those SDPA picks (on the CPU: its reference kernel).
                 backend = "CUDNN_ATTENTION" if device.type == "cuda" else "MATH"
                 torch.compiler.reset()
