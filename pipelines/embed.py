@@ -289,6 +289,9 @@ class EmbedBatch(beam.DoFn):
         decoder = gpu_decoder_name(cfg) if gpu_decoding(cfg, preprocess) else None
         if decoder:
             log.info("JPEGs decode on %s with %s", self._encoder.device, decoder)
+        elif cfg.gpu_decode_threads > 1:
+            log.warning("--gpu-decode-threads %d ignored: images decode on CPU threads here (--fetch-threads)",
+                        cfg.gpu_decode_threads)  # fmt: skip
         self._images = GpuImages(preprocess, self._encoder.device, cfg.limits, decoder=decoder,
                                  cpu_threads=cfg.fetch_threads, max_decode_s=cfg.max_decode_s,
                                  decode_threads=cfg.gpu_decode_threads if decoder else 1)  # fmt: skip

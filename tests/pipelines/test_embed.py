@@ -388,6 +388,20 @@ def test_a_gpu_batch_of_routed_local_files_and_unrouted_fetched_bytes_embeds_the
     assert not failures and sum(calls) > 0
 
 
+def test_gpu_decode_threads_on_a_worker_that_decodes_on_the_cpu_are_ignored_with_a_warning(tiny_model, caplog):
+    from apache_beam.utils.shared import Shared
+
+    import pipelines.embed as embed
+
+    step = embed.EmbedBatch(EmbedConfig(catalog="-", model=str(tiny_model), out="-", device="cpu",
+                                        gpu_decode_threads=3), Shared())  # fmt: skip
+    with caplog.at_level("WARNING", logger="pipelines.embed"):
+        step.setup()
+    step.teardown()
+    assert step._images.decode_threads == 1
+    assert "--gpu-decode-threads 3 ignored" in caplog.text
+
+
 def test_the_readers_ring_holds_two_of_the_embed_steps_batches(monkeypatch):
     from types import SimpleNamespace
 
