@@ -304,7 +304,8 @@ def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, o
     result, seconds = done["result"], done["seconds"]
     return {"images": result.embedded, "images_per_s": result.embedded / seconds, "on_gpu": result.on_gpu,
             "dead_lettered": result.dead_lettered, "decoder": decoder, "reader": reader, "in_flight": in_flight,
-            "decode_threads": decode_threads, "busy_pct": {k: round(100 * v / seconds) for k, v in busy.items()}, **seen}  # fmt: skip
+            "decode_threads": decode_threads, "busy_pct": {k: round(100 * v / seconds) for k, v in busy.items()},
+            **seen}  # fmt: skip
 
 
 def _busy(fn, totals: dict, name: str):
@@ -472,8 +473,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--timeline-images", type=int, default=4096)
-    parser.add_argument("--paths", default="c,d,b,a,e,timeline,streams,decode-threads,prealloc,nomodel,freezing,so400m,profile,graph,mfu,stages,"
-                        "switch,e2", help="which paths, in order")  # fmt: skip
+    parser.add_argument("--paths", default="c,d,b,a,e,timeline,streams,decode-threads,prealloc,nomodel,freezing,"
+                        "so400m,profile,graph,mfu,stages,switch,e2", help="which paths, in order")  # fmt: skip
     parser.add_argument("--trace-dir", help="keep the `timeline` path's traces here (.json.gz, for Perfetto)")
     parser.add_argument("--json", help="write results here as they land")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few small files, CPU")
@@ -499,10 +500,8 @@ def main() -> None:
               f"made in {time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
         base = "smoke" if smoke else "base16-224"
         ckpt = _checkpoint(work / base, SHAPES[base])
-        encoder, uses_c = (
-            None,
-            ("stages", "d", "streams", "decode-threads", "switch", "profile", "timeline", "prealloc"),
-        )
+        encoder = None
+        uses_c = ("stages", "d", "streams", "decode-threads", "switch", "profile", "timeline", "prealloc")
         for path in args.paths.split(","):
             if path in uses_c and encoder is None:  # these use (c)'s encoder
                 encoder = encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]
