@@ -204,13 +204,15 @@ def dataloader(files: list[Path], ckpt: Path, device: torch.device, batch: int, 
 
 
 def encoder_alone(ckpt: Path, shape: dict, device: torch.device, batch: int, seconds: float, compile_: bool,
-                  mode: str | None = None, graph: bool = False) -> dict:  # fmt: skip
+                  mode: str | None = None, graph: bool = False, frozen: bool = False) -> dict:  # fmt: skip
     """(c): the encoder on uint8 batches already on the device. `mode`: a `torch.compile` mode other than the
     default one `EncoderConfig(compile=True)` uses (the `mfu` path tries them before they become options);
-    `graph`: the model's step replayed as one CUDA graph (`EncoderConfig.cuda_graph`)."""
+    `graph`: the model's step replayed as one CUDA graph (`EncoderConfig.cuda_graph`); `frozen`: compiled with
+    the weights as constants (`EncoderConfig.compile_frozen`)."""
     start = time.perf_counter()
     encoder = load_encoder(EncoderConfig(model=str(ckpt), device=device.type, batch_size=batch,
-                                         compile=compile_ and mode is None, cuda_graph=graph))  # fmt: skip
+                                         compile=compile_ and mode is None, cuda_graph=graph,
+                                         compile_frozen=frozen and compile_ and mode is None))  # fmt: skip
     if mode is not None:
         encoder.vision_model = torch.compile(encoder.vision_model, dynamic=False, mode=mode)
         encoder.static_batch = True
@@ -228,6 +230,7 @@ def encoder_alone(ckpt: Path, shape: dict, device: torch.device, batch: int, sec
         "batch": encoder.batch_size,
         "load_and_compile_s": round(warm_s, 1),
         "compile_mode": mode or ("default" if compile_ else "none"),
+        "compile_frozen": frozen and compile_ and mode is None,
         "cuda_graph": encoder.graph is not None,
     }
     if device.type == "cuda":
@@ -566,8 +569,8 @@ def main() -> None:
                          traces / f"d-{decoders[:2][-1]}-2-decode-threads.json.gz", 2)  # fmt: skip
             elif path == "freezing" and compile_:  # weights as constants: Q, K and V (one input) in one GEMM
                 torch.compiler.reset()
-                run.path(f"(c) MFU: batch {batch}, inductor freezing", _under_inductor_config, {"freezing": True},
-                         encoder_alone, ckpt, SHAPES[base], device, batch, seconds, compile_)  # fmt: skip
+                run.path(f"(c) MFU: batch {batch}, compiled frozen (--compile-frozen)", encoder_alone, ckpt,
+                         SHAPES[base], device, batch, seconds, compile_, None, False, True)  # fmt: skip
             elif path == "mfu":  # (c) at twice the batch, and under the autotuning compile modes
                 variants = [(2 * batch, None)]
                 if compile_:
@@ -644,15 +647,6 @@ def _under_sdpa_backend(backend: str, fn, *args):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(getattr(SDPBackend, backend)):
-        return fn(*args)
-
-
-def _under_inductor_config(patches: dict, fn, *args):
-    """`fn(*args)` with inductor's config patched while it compiles. Freezing must be set so, around the call that
-    compiles: passed as `torch.compile(options=...)` it is not applied (torch 2.13, measured on the CPU)."""
-    import torch._inductor.config
-
-    with torch._inductor.config.patch(patches):
         return fn(*args)
 
 

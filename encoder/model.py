@@ -55,6 +55,7 @@ class EncoderConfig:
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     batch_size: int = 64  # images per forward pass (on a GPU at most what fits; 0: the most that fits)
     compile: bool = False  # torch.compile the tower (CUDA; pays a one-off compile)
+    compile_frozen: bool = False  # with compile: the weights as constants (inductor freezing), Q, K, V in one GEMM
     cuda_graph: bool = False  # replay the device step as one CUDA graph at the batch size (encoder.cuda_graph)
     cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "lookalike", "models")
 
@@ -67,6 +68,8 @@ class EncoderConfig:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.compile_frozen and not self.compile:
+            raise ValueError("compile_frozen needs compile")
 
 
 def resolve_checkpoint(source: str, cache_dir: str | Path) -> Path:
@@ -342,6 +345,8 @@ def load_encoder(cfg: EncoderConfig, limits: DecodeLimits = DecodeLimits()) -> I
         encoder.batch_size = fit_batch_size(encoder, cap=cfg.batch_size or 1024)
     if cfg.compile:
         encoder.vision_model = torch.compile(model, dynamic=False)
+        if cfg.compile_frozen:
+            _compile_frozen(encoder)
     if cfg.cuda_graph and device.type != "cuda":
         log.warning("cuda_graph needs a CUDA device; the model runs on %s without one", device)
     elif cfg.cuda_graph:
@@ -349,6 +354,18 @@ def load_encoder(cfg: EncoderConfig, limits: DecodeLimits = DecodeLimits()) -> I
     log.info("loaded %s (%s) on %s as %s, batch %d%s", cfg.model, version, device, dtype, encoder.batch_size,
              ", one CUDA graph" if encoder.graph is not None else "")  # fmt: skip
     return encoder
+
+
+def _compile_frozen(encoder: ImageEncoder) -> None:
+    """Compile the tower now, at the batch size, with inductor's freezing: the weights become constants, so the
+    query, key and value projections, which read one input, run as one GEMM. Freezing is read from inductor's
+    config while the first call compiles (given as `torch.compile(options=...)` it is not applied); later calls
+    of the same shape run that graph."""
+    import torch._inductor.config
+
+    size = (encoder.batch_size, encoder.preprocess.height, encoder.preprocess.width, 3)
+    with torch._inductor.config.patch(freezing=True):
+        encoder.embed_prepared(torch.zeros(size, dtype=torch.uint8, device=encoder.device))
 
 
 @contextlib.contextmanager

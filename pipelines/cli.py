@@ -106,6 +106,10 @@ def embed(
     ] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the image tower.")] = False,
+    compile_frozen: Annotated[
+        bool,
+        typer.Option("--compile-frozen", help="With --compile: weights as constants, so Q, K and V run as one GEMM."),
+    ] = False,
     cuda_graph: Annotated[
         bool, typer.Option("--cuda-graph", help="Replay the model as one CUDA graph per batch (CUDA).")
     ] = False,
@@ -139,7 +143,8 @@ def embed(
 
     options = dict(
         catalog=catalog, model=model, out=out, batch_size=batch_size, fetch_threads=fetch_threads, workers=workers,
-        device=device, dtype=dtype, compile=compile, cuda_graph=cuda_graph, gpu_decode=gpu_decode,
+        device=device, dtype=dtype, compile=compile, compile_frozen=compile_frozen, cuda_graph=cuda_graph,
+        gpu_decode=gpu_decode,
         gpu_decoder=gpu_decoder, gpu_decode_threads=gpu_decode_threads, draft=draft, incremental=incremental,
         previous=previous,
         max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, reuse_memory_mb=reuse_memory_mb,

@@ -93,6 +93,7 @@ class EmbedConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    compile_frozen: bool = False  # with compile: weights as constants, Q, K, V in one GEMM (EncoderConfig)
     cuda_graph: bool = False  # replay the model's device step as one CUDA graph (encoder.cuda_graph)
     gpu_decode: str = "auto"  # auto | on | off: JPEGs decoded and resized on the GPU (encoder.gpu_images)
     gpu_decoder: str = "auto"  # auto | nvimgcodec (NVIDIA nvImageCodec) | nvjpeg (torchvision): gpu_decoder_name
@@ -119,6 +120,8 @@ class EmbedConfig:
             raise ValueError(f"gpu_decode must be auto, on or off, got {self.gpu_decode!r}")
         if self.gpu_decoder not in ("auto", "nvimgcodec", "nvjpeg"):
             raise ValueError(f"gpu_decoder must be auto, nvimgcodec or nvjpeg, got {self.gpu_decoder!r}")
+        if self.compile_frozen and not self.compile:
+            raise ValueError("--compile-frozen needs --compile")
         if not self.max_decode_s > 0:
             raise ValueError(f"max_decode_s must be > 0, got {self.max_decode_s}")
         if self.reembed_since is not None:
@@ -129,7 +132,8 @@ class EmbedConfig:
     @property
     def encoder(self) -> EncoderConfig:
         return EncoderConfig(model=self.model, device=self.device, dtype=self.dtype, batch_size=self.batch_size,
-                             compile=self.compile, cuda_graph=self.cuda_graph)  # fmt: skip
+                             compile=self.compile, compile_frozen=self.compile_frozen,
+                             cuda_graph=self.cuda_graph)  # fmt: skip
 
     @property
     def limits(self) -> DecodeLimits:
@@ -755,7 +759,8 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     listed = catalog_files(cfg.catalog)  # once: the validation and the pipeline's chunks share it
     catalog = read_catalog(cfg.catalog, listed)
     total = catalog.num_rows
-    probe = load_encoder(replace(cfg.encoder, device="cpu", dtype="float32", compile=False, cuda_graph=False),
+    probe = load_encoder(replace(cfg.encoder, device="cpu", dtype="float32", compile=False, compile_frozen=False,
+                                 cuda_graph=False),
                          cfg.limits)  # fmt: skip
     model_version, dim, preprocess = probe.model_version, probe.dim, probe.preprocess
     del probe

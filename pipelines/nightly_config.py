@@ -40,6 +40,7 @@ class EmbedSettings:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    compile_frozen: bool = False
     cuda_graph: bool = False
     gpu_decode: str = "auto"
     gpu_decoder: str = "auto"

@@ -113,29 +113,3 @@ def test_serve_load_with_a_hot_swap_has_no_errors(tmp_path):
     assert result["errors"] == 0, result["outcomes"]
     assert result["requests"] > 100
     assert result["served"].get(result["first"], 0) > 0 and result["served"].get(result["second"], 0) > 0
-
-
-def test_the_mfu_paths_freezing_fuses_query_key_and_value_into_one_gemm(tmp_path):
-    """The `mfu` path's "inductor freezing" row: compiled under the patched config, the smoke tower (2 layers) makes
-    two GEMM calls fewer per layer than the default compile, the same vectors. On the CPU inductor concatenates such
-    weights only when asked (`cpp.enable_concat_linear`); on CUDA it does by default."""
-    import torch
-    import torch._inductor.config
-    from torch._dynamo.utils import counters
-
-    from benchmarks.gpu_embed import SHAPES, _checkpoint, _under_inductor_config, encoder_alone
-
-    ckpt = _checkpoint(tmp_path / "smoke", SHAPES["smoke"])
-    pixels = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
-    calls, vectors = [], []
-    with torch._inductor.config.patch({"cpp.enable_concat_linear": True}):
-        for patches in ({}, {"freezing": True}):
-            torch.compiler.reset()
-            counters.clear()
-            _, encoder = _under_inductor_config(patches, encoder_alone, ckpt, SHAPES["smoke"], torch.device("cpu"), 8,
-                                                0.1, True)  # fmt: skip
-            calls.append(counters["inductor"]["extern_calls"])
-            vectors.append(encoder.embed_prepared(pixels))
-    torch.compiler.reset()
-    assert calls[1] == calls[0] - 2 * SHAPES["smoke"]["num_hidden_layers"]
-    assert abs(vectors[1] - vectors[0]).max() < 1e-4

@@ -148,11 +148,36 @@ def test_cuda_without_a_gpu_fails_loudly(tiny_model):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"batch_size": -1}, {"dtype": "int8"}, {"device": "tpu"}, {"model": ""}], ids=lambda k: next(iter(k))
+    "kwargs",
+    [{"batch_size": -1}, {"dtype": "int8"}, {"device": "tpu"}, {"model": ""}, {"compile_frozen": True}],
+    ids=lambda k: next(iter(k)),
 )
 def test_bad_config_is_rejected(kwargs):
     with pytest.raises(ValueError):
         EncoderConfig(**{"model": "m", **kwargs})
+
+
+def test_a_frozen_compile_runs_query_key_and_value_as_one_gemm(tiny_model):
+    """`compile_frozen`: the tiny tower (4 layers) compiled at load with the weights as constants makes two GEMM
+    calls fewer per layer than a plain compile, with the same vectors. On the CPU inductor concatenates such
+    weights only when asked (`cpp.enable_concat_linear`); on CUDA it does by default."""
+    import torch
+    import torch._inductor.config
+    from torch._dynamo.utils import counters
+
+    images, calls, vectors = _images(5), [], []
+    with torch._inductor.config.patch({"cpp.enable_concat_linear": True}):
+        for frozen in (False, True):
+            torch.compiler.reset()
+            counters.clear()
+            encoder = load_encoder(EncoderConfig(model=str(tiny_model), device="cpu", batch_size=4, compile=True,
+                                                 compile_frozen=frozen))  # fmt: skip
+            vectors.append(encoder.embed(images))  # (compiles the plain one here)
+            calls.append(counters["inductor"]["extern_calls"])
+    torch.compiler.reset()
+    layers = encoder.vision_model.config.num_hidden_layers
+    assert calls[1] == calls[0] - 2 * layers
+    assert np.allclose(vectors[1], vectors[0], atol=1e-4)
 
 
 @pytest.mark.gcs

@@ -87,8 +87,15 @@ def test_missing_model_is_a_clear_error(tmp_path, demo_catalog):
         (["--gpu-decoder", "pil"], "gpu_decoder must be auto, nvimgcodec or nvjpeg"),
         (["--cuda-graph"], "--cuda-graph: no CUDA device"),
         (["--gpu-decode-threads", "0"], "gpu_decode_threads must be >= 1"),
+        (["--compile-frozen"], "--compile-frozen needs --compile"),
     ],
-    ids=["gpu-decode-on-without-cuda", "unknown-gpu-decoder", "cuda-graph-without-cuda", "no-decode-threads"],
+    ids=[
+        "gpu-decode-on-without-cuda",
+        "unknown-gpu-decoder",
+        "cuda-graph-without-cuda",
+        "no-decode-threads",
+        "frozen-without-compile",
+    ],
 )
 def test_gpu_options_that_cannot_work_here_fail_before_any_work(tmp_path, demo_catalog, tiny_model, flags, message):
     result = _lookalike("embed", "--catalog", str(demo_catalog.manifest), "--model", str(tiny_model), "--out", "E",
