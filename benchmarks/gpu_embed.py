@@ -23,8 +23,9 @@ each path; (d) also reports how busy each of its threads was. `timeline` reruns 
 how much of it overlaps the model's, and each thread's longest CUDA calls
 (`benchmarks/cuda_timeline.py`; `--trace-dir` keeps the traces), with the product's streams
 and with `streams`' variants. `streams` reruns (d) with other CUDA streams than the
-product's; `prealloc` with nvImageCodec's decoder memory set aside up front; `nomodel` with
-the tower stood in by a constant. `profile` reruns (d) and (e) sampling every thread's stack
+product's; `decode-threads` with 2 and 3 decode threads (`--gpu-decode-threads`); `prealloc`
+with nvImageCodec's decoder memory set aside up front; `nomodel` with the tower stood in by
+a constant; `freezing` reruns (c) compiled with the weights as constants (`--compile-frozen`). `profile` reruns (d) and (e) sampling every thread's stack
 (where the time goes on a host without py-spy); `graph` reruns (c), (d) and (e) with the
 model's step replayed as one CUDA graph per batch (`--cuda-graph`: three host calls per
 batch instead of one per op or kernel, each of which hands the interpreter lock over);
@@ -210,9 +211,9 @@ def encoder_alone(ckpt: Path, shape: dict, device: torch.device, batch: int, sec
     `graph`: the model's step replayed as one CUDA graph (`EncoderConfig.cuda_graph`); `frozen`: compiled with
     the weights as constants (`EncoderConfig.compile_frozen`)."""
     start = time.perf_counter()
-    encoder = load_encoder(EncoderConfig(model=str(ckpt), device=device.type, batch_size=batch,
-                                         compile=compile_ and mode is None, cuda_graph=graph,
-                                         compile_frozen=frozen and compile_ and mode is None))  # fmt: skip
+    cfg = EncoderConfig(model=str(ckpt), device=device.type, batch_size=batch, compile=compile_ and mode is None,
+                        cuda_graph=graph, compile_frozen=frozen and compile_ and mode is None)  # fmt: skip
+    encoder = load_encoder(cfg)
     if mode is not None:
         encoder.vision_model = torch.compile(encoder.vision_model, dynamic=False, mode=mode)
         encoder.static_batch = True
@@ -230,7 +231,7 @@ def encoder_alone(ckpt: Path, shape: dict, device: torch.device, batch: int, sec
         "batch": encoder.batch_size,
         "load_and_compile_s": round(warm_s, 1),
         "compile_mode": mode or ("default" if compile_ else "none"),
-        "compile_frozen": frozen and compile_ and mode is None,
+        "compile_frozen": cfg.compile_frozen,
         "cuda_graph": encoder.graph is not None,
     }
     if device.type == "cuda":

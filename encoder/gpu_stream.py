@@ -6,12 +6,12 @@ batch i on the default stream (`side_stream`, `resize_stream` and `model_stream`
 streams). With `GpuImages.decode_threads` > 1, that many threads decode, each with a decoder
 and side stream of its own, and the resize takes their batches in input order. At most one
 batch per decode thread and one more wait between the source and the resize, and `prefetch`
-resized ones after it, so memory stays bounded. The model's thread launches batch i before it waits for batch i-1's vectors,
-so the GPU has work queued while the host takes them (and the caller writes them) instead of
-idling until the next launch. Events order each batch's encode (and its resize, where that
-has a stream of its own) after the stages before, and `record_stream` keeps the allocator
-from reusing a batch's memory while a later stage still reads it. On the CPU the same code
-runs without streams (tests/encoder/test_gpu_stream.py).
+resized ones after it, so memory stays bounded. The model's thread launches batch i before
+it waits for batch i-1's vectors, so the GPU has work queued while the host takes them (and
+the caller writes them) instead of idling until the next launch. Events order each batch's
+encode (and its resize, where that has a stream of its own) after the stages before, and
+`record_stream` keeps the allocator from reusing a batch's memory while a later stage still
+reads it. On the CPU the same code runs without streams (tests/encoder/test_gpu_stream.py).
 
 `embed_stream` pulls batches from an iterable (the standalone worker reads files);
 `BackgroundEmbedder` runs it in its own thread for callers that push batches as they

@@ -144,9 +144,8 @@ def embed(
     options = dict(
         catalog=catalog, model=model, out=out, batch_size=batch_size, fetch_threads=fetch_threads, workers=workers,
         device=device, dtype=dtype, compile=compile, compile_frozen=compile_frozen, cuda_graph=cuda_graph,
-        gpu_decode=gpu_decode,
-        gpu_decoder=gpu_decoder, gpu_decode_threads=gpu_decode_threads, draft=draft, incremental=incremental,
-        previous=previous,
+        gpu_decode=gpu_decode, gpu_decoder=gpu_decoder, gpu_decode_threads=gpu_decode_threads, draft=draft,
+        incremental=incremental, previous=previous,
         max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, reuse_memory_mb=reuse_memory_mb,
         max_decode_s=max_decode_s,
     )  # fmt: skip

@@ -120,14 +120,13 @@ class EmbedConfig:
             raise ValueError(f"gpu_decode must be auto, on or off, got {self.gpu_decode!r}")
         if self.gpu_decoder not in ("auto", "nvimgcodec", "nvjpeg"):
             raise ValueError(f"gpu_decoder must be auto, nvimgcodec or nvjpeg, got {self.gpu_decoder!r}")
-        if self.compile_frozen and not self.compile:
-            raise ValueError("--compile-frozen needs --compile")
         if not self.max_decode_s > 0:
             raise ValueError(f"max_decode_s must be > 0, got {self.max_decode_s}")
         if self.reembed_since is not None:
             parse_when(self.reembed_since)
         if not self.run_id or not all(c.isalnum() or c in "-_" for c in self.run_id):
             raise ValueError(f"run_id must be letters, digits, '-' or '_', got {self.run_id!r}")
+        self.encoder  # noqa: B018 - checks the encoder's fields (dtype, device, compile_frozen) before any work
 
     @property
     def encoder(self) -> EncoderConfig:

@@ -260,7 +260,7 @@ def test_decode_threads_run_at_most_one_batch_ahead_of_themselves(tiny_encoder, 
     assert max(ahead) == threads + 1
 
 
-def test_each_decode_thread_has_a_gpu_decoder_of_its_own(monkeypatch):
+def test_each_decode_thread_has_a_gpu_decoder_of_its_own(files, monkeypatch):
     """A decoder named is made once per decode thread, and no two threads decode with one at the same time."""
     import encoder.gpu_images as gpu_images
     from encoder.preprocess import PreprocessConfig
@@ -281,7 +281,7 @@ def test_each_decode_thread_has_a_gpu_decoder_of_its_own(monkeypatch):
 
     monkeypatch.setitem(gpu_images.DECODERS, "counted", factory)
     images = GpuImages(PreprocessConfig(height=4, width=4), "cpu", decoder="counted", decode_threads=3)
-    jpeg = _jpeg_header_only()
+    jpeg = open(files[0], "rb").read()
     threads = [threading.Thread(target=lambda: [images.decode([jpeg]) for _ in range(5)]) for _ in range(3)]
     for thread in threads:
         thread.start()
@@ -290,16 +290,6 @@ def test_each_decode_thread_has_a_gpu_decoder_of_its_own(monkeypatch):
     assert len(made) == 3 and not clashes
     with pytest.raises(ValueError, match="decode_threads"):
         GpuImages(PreprocessConfig(height=4, width=4), "cpu", decoder="counted", decode_threads=0)
-
-
-def _jpeg_header_only() -> bytes:
-    import io
-
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(out, "JPEG")
-    return out.getvalue()
 
 
 def test_a_decode_threads_error_reaches_the_consumer_after_the_batches_before(tiny_encoder, files):

@@ -87,7 +87,7 @@ def test_missing_model_is_a_clear_error(tmp_path, demo_catalog):
         (["--gpu-decoder", "pil"], "gpu_decoder must be auto, nvimgcodec or nvjpeg"),
         (["--cuda-graph"], "--cuda-graph: no CUDA device"),
         (["--gpu-decode-threads", "0"], "gpu_decode_threads must be >= 1"),
-        (["--compile-frozen"], "--compile-frozen needs --compile"),
+        (["--compile-frozen"], "compile_frozen needs compile"),
     ],
     ids=[
         "gpu-decode-on-without-cuda",
