@@ -462,6 +462,23 @@ def _count(name: str):
     return count
 
 
+_STAGE_COUNTER = "dead_lettered_at:"
+
+
+def _count_dead_letters():
+    """Count dead letters, in all and per stage, so the launcher never reads the failure shards for the counts."""
+    total, stages = Metrics.counter(_NAMESPACE, "dead_lettered"), {}
+
+    def count(failure):  # a Failure
+        total.inc()
+        if failure.stage not in stages:
+            stages[failure.stage] = Metrics.counter(_NAMESPACE, _STAGE_COUNTER + failure.stage)
+        stages[failure.stage].inc()
+        return failure
+
+    return count
+
+
 def _read_item_chunks(p: beam.Pipeline, catalog: str, size: int,
                       listed: tuple[str, list[str]] | None = None) -> beam.PCollection:  # fmt: skip
     """The catalog as `ItemChunk`s of `size` items: one Beam element per chunk, not per item.
@@ -557,7 +574,7 @@ def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, pr
     (
         failure_sets
         | "All failures" >> beam.Flatten()
-        | "Count dead letters" >> beam.Map(_count("dead_lettered"))
+        | "Count dead letters" >> beam.Map(_count_dead_letters())
         | "Group failures" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
         | "Failures to Arrow" >> beam.Map(failures_to_table)
         | "Write dead letters" >> beam.io.Write(ParquetShards(storage.join(failures_dir, "part"), FAILURE_SCHEMA))
@@ -657,12 +674,18 @@ def _previous_shards(cfg: EmbedConfig, model_version: str) -> tuple[str | None, 
 
 
 def _shard_stats(directory: str) -> list[dict]:
+    """Each shard's name, rows and bytes, from its listing and Parquet footer: the vectors stay where they are
+    (reading the shards whole to count their rows downloaded a night's every vector back into the launcher)."""
     stats = []
-    for path in storage.match(storage.join(directory, "*.parquet")):
-        data = storage.read_bytes(path)
-        stats.append({"path": path.rsplit("/", 1)[-1], "rows": pq.read_metadata(arrow_input(data)).num_rows,
-                      "bytes": len(data)})  # fmt: skip
+    for path, size in storage.match_sized(storage.join(directory, "*.parquet")):
+        rows = storage.with_retries(lambda path=path: _parquet_rows(path), f"read the footer of {path}")
+        stats.append({"path": path.rsplit("/", 1)[-1], "rows": rows, "bytes": size})
     return stats
+
+
+def _parquet_rows(uri: str) -> int:
+    with storage.open_seekable(uri) as f:  # ranged reads: the footer only
+        return pq.read_metadata(pa.PythonFile(f, mode="r")).num_rows
 
 
 def _metric_counts(result) -> dict[str, int]:
@@ -673,16 +696,10 @@ def _metric_counts(result) -> dict[str, int]:
     return counts
 
 
-def _dead_letters_by_stage(failures_dir: str, shards: list[dict]) -> dict[str, int]:
-    by_stage: dict[str, int] = {}
-    for shard in shards:
-        if shard["rows"]:
-            table = pq.read_table(
-                arrow_input(storage.read_bytes(storage.join(failures_dir, contained(shard["path"])))), columns=["stage"]
-            )
-            for stage in table.column("stage").to_pylist():
-                by_stage[stage] = by_stage.get(stage, 0) + 1
-    return by_stage
+def _dead_letters_by_stage(metrics: dict[str, int]) -> dict[str, int]:
+    """Dead letters per stage, from the counters the pipeline kept (`_count_dead_letters`)."""
+    return {name.removeprefix(_STAGE_COUNTER): n for name, n in sorted(metrics.items())
+            if name.startswith(_STAGE_COUNTER) and n}  # fmt: skip
 
 
 def _updated_since(catalog, since: str) -> frozenset[str]:
@@ -803,6 +820,9 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
         problems.append(f"embedded {counts['embedded']} + reused {counts['reused']} != {rows} rows written")
     if total != rows + dead:
         problems.append(f"items in {total} != {rows} rows + {dead} dead letters")
+    by_stage = _dead_letters_by_stage(metrics)
+    if sum(by_stage.values()) != dead:
+        problems.append(f"dead letters counted by stage {by_stage} != {dead} rows written")
     if metrics.get("items_in", total) != total:
         problems.append(f"pipeline read {metrics.get('items_in')} items, manifest has {total}")
     if problems:
@@ -819,7 +839,7 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
         "model_version": model_version,
         "dim": dim,
         "counts": counts,
-        "dead_letters_by_stage": _dead_letters_by_stage(failures_dir, failure_shards),
+        "dead_letters_by_stage": by_stage,
         "images_per_s": round(counts["embedded"] / wall_s, 2),
         "previous_run": previous_run,
         "shards": shards,

@@ -7,10 +7,13 @@ forbidden) raise at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import stat
+from collections.abc import Iterator
+from typing import BinaryIO
 
 from encoder import storage as object_store
 from encoder.storage import describe_error, is_not_found, is_transient, with_retries
@@ -22,6 +25,8 @@ __all__ = [
     "is_transient",
     "join",
     "match",
+    "match_sized",
+    "open_seekable",
     "read_bytes",
     "read_image",
     "with_retries",
@@ -152,6 +157,23 @@ def match(pattern: str) -> list[str]:
         return _match_local(pattern)
     results = with_retries(lambda: _filesystems().match([pattern]), f"list {pattern}")
     return sorted(m.path for m in results[0].metadata_list)
+
+
+def match_sized(pattern: str) -> list[tuple[str, int]]:
+    """Paths matching a glob with their sizes in bytes, sorted by path; empty when nothing matches."""
+    if "://" not in pattern:
+        return [(path, os.stat(path).st_size) for path in _match_local(pattern)]
+    results = with_retries(lambda: _filesystems().match([pattern]), f"list {pattern}")
+    return sorted((m.path, m.size_in_bytes) for m in results[0].metadata_list)
+
+
+@contextlib.contextmanager
+def open_seekable(uri: str) -> Iterator[BinaryIO]:
+    """A file to read part of: seeking and reading fetch only the ranges read (object stores: range requests),
+    so a Parquet file's footer costs a request or two, not a download of the file."""
+    opened = open(uri, "rb") if "://" not in uri else _filesystems().open(uri, compression_type="uncompressed")  # noqa: SIM115
+    with opened as f:
+        yield f
 
 
 def _match_local(pattern: str) -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import contextmanager
 from urllib.parse import urlparse
 
 import numpy as np
@@ -24,20 +23,9 @@ from indexing.publish import read_latest
 from pipelines.nightly import run_nightly
 from pipelines.nightly_config import EvaluateSettings, NightlyConfig
 from tests.conftest import upload_dir
-from tests.support.fault_proxy import FaultProxy
+from tests.support.fault_proxy import FaultProxy, through
 
 pytestmark = [pytest.mark.gcs, pytest.mark.slow]
-
-
-@contextmanager
-def _through(proxy: FaultProxy):
-    """Send every storage request of this process (and its Beam workers) through `proxy`."""
-    direct = os.environ["STORAGE_EMULATOR_HOST"]
-    os.environ["STORAGE_EMULATOR_HOST"] = proxy.url
-    try:
-        yield proxy
-    finally:
-        os.environ["STORAGE_EMULATOR_HOST"] = direct
 
 
 def _rows(out: str, run_id: str) -> dict[str, np.ndarray]:
@@ -68,7 +56,7 @@ def test_a_night_through_10_percent_faults_equals_a_clean_one(gcs_emulator, gcs_
     clean = _night(catalog, model, f"gs://{gcs_bucket}/clean")
 
     upstream = urlparse(os.environ["STORAGE_EMULATOR_HOST"]).port
-    with FaultProxy(upstream, rate=0.1, seed=3) as proxy, _through(proxy):
+    with FaultProxy(upstream, rate=0.1, seed=3) as proxy, through(proxy):
         start = time.monotonic()
         faulty = _night(catalog, model, f"gs://{gcs_bucket}/faulty")
         seconds = time.monotonic() - start
@@ -109,7 +97,7 @@ def test_permanent_errors_fail_fast_without_retrying(gcs_emulator, gcs_bucket, s
         "conditional write": lambda: storage.write_if_version(f"gs://{gcs_bucket}/x", b"new", 1),
     }
     for what, call in calls.items():
-        with FaultProxy(upstream, rate=1.0, kinds=(status,)) as proxy, _through(proxy):
+        with FaultProxy(upstream, rate=1.0, kinds=(status,)) as proxy, through(proxy):
             start = time.monotonic()
             try:
                 result = call()
@@ -133,7 +121,7 @@ def test_writes_whose_answer_is_lost_still_count_once(gcs_emulator, gcs_bucket, 
     root = f"gs://{gcs_bucket}/snapshots"
     ids = [build_snapshot(run_dir_for_faults, root, IndexConfig(index="flat"))["snapshot_id"] for _ in range(2)]
     upstream = urlparse(os.environ["STORAGE_EMULATOR_HOST"]).port
-    with FaultProxy(upstream, rate=0.5, kinds=("lost-reply",), seed=5) as proxy, _through(proxy):
+    with FaultProxy(upstream, rate=0.5, kinds=("lost-reply",), seed=5) as proxy, through(proxy):
         for i in range(10):
             assert publish(root, ids[i % 2]).snapshot_id == ids[i % 2]
             with run_lock(f"gs://{gcs_bucket}/out", f"job-{i}", ttl_h=1):

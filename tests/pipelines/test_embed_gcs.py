@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+from collections import Counter
+from datetime import UTC, datetime
+from urllib.parse import urlparse
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from encoder import storage
-from pipelines.embed import EmbedConfig, run_embed
+from pipelines.embed import EmbedConfig, _shard_stats, run_embed
+from pipelines.records import FAILURE_SCHEMA, embedding_table
 from tests.conftest import upload_dir
+from tests.support.fault_proxy import FaultProxy, through
 
 pytestmark = pytest.mark.gcs
 
@@ -47,3 +56,35 @@ def test_a_glob_of_images_on_gcs(gcs_emulator, gcs_bucket, demo_catalog, tiny_mo
     assert result.counts["items_in"] == len(expected) == 10
     assert result.counts["embedded"] + result.counts["dead_lettered"] == 10
     assert not list(gcs_emulator.list_blobs(gcs_bucket, prefix="glob-out/tmp/"))  # the listing went with the run
+
+
+def _parquet(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+@pytest.mark.parametrize("faults", [0.0, 0.3])
+def test_a_finished_run_counts_its_shards_from_their_footers_not_their_vectors(gcs_emulator, gcs_bucket, faults):
+    """The launcher's accounting after a run fetches each shard's footer, not the shard: a night's vectors are
+    not downloaded again to count them. Transient faults are retried."""
+    rng = np.random.default_rng(0)
+    n, dim = 4000, 768
+    shard = _parquet(embedding_table([f"item-{i}" for i in range(n)], rng.standard_normal((n, dim), np.float32),
+                                     ["0" * 64] * n, ["siglip-test"] * n,
+                                     pa.array([datetime(2026, 11, 26, tzinfo=UTC)] * n)))  # fmt: skip
+    failures = _parquet(pa.table({"item_id": ["a", "b", "c"], "image_uri": ["x"] * 3,
+                                  "stage": ["fetch", "decode", "decode"], "error": [rng.bytes(300_000).hex() for _ in range(3)]},
+                                 schema=FAILURE_SCHEMA))  # fmt: skip
+    run, dead = f"gs://{gcs_bucket}/embeddings/r1", f"gs://{gcs_bucket}/failures/r1"
+    kinds = ("429", "500", "503", "reset", "truncated")
+    with FaultProxy(urlparse(os.environ["STORAGE_EMULATOR_HOST"]).port, rate=faults, kinds=kinds, seed=1) as proxy:
+        with through(proxy):  # written through the proxy too: the emulator's download links name the writer's host
+            storage.write_bytes(f"{run}/part-00000-of-00001.parquet", shard)
+            storage.write_bytes(f"{dead}/part-00000-of-00001.parquet", failures)
+            proxy.bytes_served, proxy.counts = 0, Counter()
+            stats, failure_stats = _shard_stats(run), _shard_stats(dead)
+    assert stats == [{"path": "part-00000-of-00001.parquet", "rows": n, "bytes": len(shard)}]
+    assert failure_stats == [{"path": "part-00000-of-00001.parquet", "rows": 3, "bytes": len(failures)}]
+    assert faults == 0 or proxy.injected > 0
+    assert proxy.bytes_served < (len(shard) + len(failures)) / 100, proxy.bytes_served

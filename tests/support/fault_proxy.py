@@ -7,22 +7,26 @@ Each request draws its fate from a seeded random generator: pass through, or one
     slow              forwarded after a delay
     truncated         (GET only) forwarded, then the body is cut short with the full Content-Length
     lost-reply        (writes only) forwarded, so the write lands, then the connection is cut unanswered
-so a test can point STORAGE_EMULATOR_HOST at the proxy and check that nothing is lost.
+so a test can point STORAGE_EMULATOR_HOST at the proxy and check that nothing is lost, or, at rate 0,
+count what a step fetches (`bytes_served`).
 
-    with FaultProxy(upstream_port, rate=0.1) as proxy:
-        os.environ["STORAGE_EMULATOR_HOST"] = proxy.url
+    with FaultProxy(upstream_port, rate=0.1) as proxy, through(proxy):
+        ...
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import random
 import socket
 import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 KINDS = ("429", "500", "503", "reset", "slow", "truncated", "lost-reply", "403", "404")  # last two: permanent
@@ -42,6 +46,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
         self.seen: list[tuple[str, str]] = []  # (method, path) of every request, in arrival order
+        self.bytes_served = 0  # response bodies sent back, in bytes
         self._server = _QuietServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
@@ -75,6 +80,17 @@ class FaultProxy:
     def __exit__(self, *exc) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+@contextmanager
+def through(proxy: FaultProxy) -> Iterator[FaultProxy]:
+    """Send every storage request of this process (and its Beam workers) through `proxy`."""
+    direct = os.environ["STORAGE_EMULATOR_HOST"]
+    os.environ["STORAGE_EMULATOR_HOST"] = proxy.url
+    try:
+        yield proxy
+    finally:
+        os.environ["STORAGE_EMULATOR_HOST"] = direct
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -160,6 +176,8 @@ def _handler(proxy: FaultProxy):
                 return
             if self.command != "HEAD":
                 self.wfile.write(payload)
+                with proxy._lock:
+                    proxy.bytes_served += len(payload)
 
         do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
 
