@@ -84,6 +84,18 @@ def test_dead_letters_name_item_stage_and_reason(first_run, demo_catalog):
     assert first_run.manifest["dead_letters_by_stage"] == {"fetch": 1, "decode": 4}
 
 
+def test_a_run_whose_dead_letters_by_stage_do_not_add_up_is_not_marked_complete(demo_catalog, tiny_model, tmp_path,
+                                                                                 monkeypatch):  # fmt: skip
+    """The per-stage counters must account for every dead-letter row the shards hold."""
+    import pipelines.embed as embed
+
+    monkeypatch.setattr(embed, "_count_dead_letters", lambda: lambda failure: failure)  # counts nothing
+    cfg = EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path), device="cpu")
+    with pytest.raises(RuntimeError, match=r"dead letters counted by stage \{\} != 5 rows written"):
+        run_embed(cfg)
+    assert not list(tmp_path.glob("embeddings/*/_manifest.json"))
+
+
 def test_run_manifest_is_written_last_with_counts_and_shards(first_run):
     run_dir = Path(first_run.run_dir)
     manifest = json.loads((run_dir / "_manifest.json").read_text())
