@@ -287,7 +287,9 @@ class EmbedBatch(beam.DoFn):
         cfg = self._cfg
         if cfg.workers > 1:  # local worker processes share the cores: don't oversubscribe them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
+        started = time.monotonic()
         self._encoder = self._shared.acquire(lambda: load_encoder(cfg.encoder, cfg.limits), tag=cfg.model)
+        self._load_ms = int(1000 * (time.monotonic() - started))  # reported in a bundle, where metrics count
         preprocess = self._encoder.preprocess
         decoder = gpu_decoder_name(cfg) if gpu_decoding(cfg, preprocess) else None
         if decoder:
@@ -304,6 +306,9 @@ class EmbedBatch(beam.DoFn):
         self._progress = ProgressLog("embedded")
 
     def start_bundle(self) -> None:
+        if self._load_ms is not None:
+            Metrics.distribution(_NAMESPACE, "model_load_ms").update(self._load_ms)
+            self._load_ms = None
         if self._stream is not None:  # left by a bundle that failed
             self._stream.close()
         self._stream, self._waiting = None, []
@@ -689,10 +694,15 @@ def _parquet_rows(uri: str) -> int:
 
 
 def _metric_counts(result) -> dict[str, int]:
-    counters = result.metrics().query(MetricsFilter().with_namespace(_NAMESPACE))["counters"]
+    """The pipeline's counters; and each distribution's largest value, as `<name>:max`."""
+    queried = result.metrics().query(MetricsFilter().with_namespace(_NAMESPACE))
     counts: dict[str, int] = {}
-    for c in counters:
+    for c in queried["counters"]:
         counts[c.key.metric.name] = counts.get(c.key.metric.name, 0) + int(c.committed or 0)
+    for d in queried["distributions"]:
+        if d.committed is not None and d.committed.count:
+            name = d.key.metric.name + ":max"
+            counts[name] = max(counts.get(name, 0), int(d.committed.max))
     return counts
 
 
@@ -798,6 +808,7 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     pipeline = beam.Pipeline(options=options)
     reembed = _updated_since(catalog, cfg.reembed_since) if previous_shards and cfg.reembed_since else frozenset()
     listing = _write_listing(cfg, catalog) if listed[0] == "images" else None
+    prepared_at = time.monotonic()
     try:
         build_pipeline(pipeline, cfg, model_version=model_version, preprocess=preprocess, dim=dim,
                        total_items=total, previous_shards=previous_shards, run_dir=run_dir,
@@ -809,6 +820,7 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
         if listing:
             _remove_scratch(cfg)
     metrics = _metric_counts(result)
+    ran_at = time.monotonic()
 
     shards, failure_shards = _shard_stats(run_dir), _shard_stats(failures_dir)
     rows = sum(s["rows"] for s in shards)
@@ -829,11 +841,17 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
         raise RuntimeError(f"run {cfg.run_id} is inconsistent, not marked complete: " + "; ".join(problems))
 
     wall_s = time.monotonic() - started
+    load_ms = metrics.get("model_load_ms:max")
+    # Where the wall time went: the launcher's preparation (catalog, model version, earlier run), the pipeline
+    # (Beam's own start-up included) with its workers' slowest model load, and the accounting after it.
+    time_s = {"prepare": prepared_at - started, "pipeline": ran_at - prepared_at,
+              "model_load": None if load_ms is None else load_ms / 1000, "accounting": wall_s - (ran_at - started)}  # fmt: skip
     manifest = {
         "run_id": cfg.run_id,
         "status": "complete",
         "finished_at": datetime.now(UTC).isoformat(),
         "wall_time_s": round(wall_s, 3),
+        "time_s": {k: None if v is None else round(v, 3) for k, v in time_s.items()},
         "catalog": cfg.catalog,
         "model": cfg.model,
         "model_version": model_version,

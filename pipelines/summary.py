@@ -41,6 +41,7 @@ def print_embed_summary(result: EmbedResult, console: Console | None = None) -> 
         ("  by stage", ", ".join(f"{k} {v}" for k, v in sorted(m["dead_letters_by_stage"].items())) or "-"),
         ("images/s (embedded, whole run)", f"{m['images_per_s']:,.1f}" if c["embedded"] else "-"),
         ("wall time", f"{m['wall_time_s']:,.1f} s"),
+        ("  of which", _time_split(m.get("time_s"))),
         ("model_version", m["model_version"]),
         ("reused from run", m["previous_run"] or "-"),
         ("embeddings", f"{result.run_dir} ({len(m['shards'])} shards)"),
@@ -52,6 +53,18 @@ def print_embed_summary(result: EmbedResult, console: Console | None = None) -> 
         f"items in = embedded + reused + dead-lettered: "
         f"{c['items_in']:,} = {c['embedded']:,} + {c['reused']:,} + {c['dead_lettered']:,}"
     )
+
+
+def _time_split(time_s: dict | None) -> str:
+    """ "prepare 0.40 s · pipeline 12.0 s (model load 2.1 s) · accounting 0.01 s" (older manifests: "-")."""
+    if not time_s:
+        return "-"
+
+    def secs(v: float) -> str:
+        return f"{v:.2f} s" if v < 1 else f"{v:,.1f} s"
+
+    load = f" (model load {secs(time_s['model_load'])})" if time_s.get("model_load") is not None else ""
+    return f"prepare {secs(time_s['prepare'])} · pipeline {secs(time_s['pipeline'])}{load} · accounting {secs(time_s['accounting'])}"
 
 
 def print_snapshot_summary(manifest: dict, root: str, console: Console | None = None) -> None:

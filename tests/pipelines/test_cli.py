@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,9 @@ def test_new_user_walkthrough(tmp_path):
     first = _lookalike("embed", "--catalog", "D/manifest.parquet", "--model", "M", "--out", "E", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "items in = embedded + reused + dead-lettered: 40 = 38 + 0 + 2" in first.stdout
+    assert re.search(
+        r"of which[ │]+prepare [\d.]+ s · pipeline [\d.]+ s \(model load [\d.]+ s\) · accounting", first.stdout
+    )
     runs = list((tmp_path / "E" / "embeddings").iterdir())
     assert len(runs) == 1 and (runs[0] / "_manifest.json").is_file()
     assert list((tmp_path / "E" / "failures" / runs[0].name).glob("*.parquet"))

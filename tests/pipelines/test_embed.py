@@ -7,6 +7,7 @@ import gc
 import io
 import json
 import shutil
+import time
 from pathlib import Path
 
 import apache_beam as beam
@@ -104,6 +105,26 @@ def test_run_manifest_is_written_last_with_counts_and_shards(first_run):
     assert {s["path"] for s in manifest["shards"]} == {p.name for p in run_dir.glob("*.parquet")}
     assert not list(run_dir.glob(".temp*")), "Beam's temp files must be gone once the run is complete"
     assert manifest["options"]["model"] and manifest["model_version"].startswith("siglip-")
+
+
+def test_the_manifest_says_where_the_wall_time_went(first_run, demo_catalog, tiny_model, tmp_path, monkeypatch):
+    t = first_run.manifest["time_s"]
+    assert set(t) == {"prepare", "pipeline", "model_load", "accounting"}
+    assert 0 < t["model_load"] < t["pipeline"] and t["prepare"] > 0 and t["accounting"] > 0
+    assert t["prepare"] + t["pipeline"] + t["accounting"] == pytest.approx(first_run.manifest["wall_time_s"], abs=0.01)
+
+    import pipelines.embed as embed
+
+    real = embed.load_encoder
+
+    def slow_load(*args, **kwargs):  # the launcher's probe and the worker's load
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    cfg = EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path), device="cpu")
+    monkeypatch.setattr(embed, "load_encoder", slow_load)
+    slow = run_embed(cfg).manifest["time_s"]
+    assert 0.5 <= slow["model_load"] < slow["pipeline"] and slow["prepare"] >= 0.5
 
 
 # Earlier vectors are joined in memory when they fit `reuse_memory_mb`, else by a shuffle: same rows either way.
