@@ -28,6 +28,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 
 import apache_beam as beam
 import pyarrow as pa
@@ -37,11 +38,11 @@ from apache_beam.io.filebasedsink import FileBasedSink
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.shared import Shared
 
-from encoder import DecodeLimits, EncoderConfig, load_encoder
+from encoder import DecodeLimits, EncoderConfig, ImageEncoder, load_encoder
 from encoder import storage as object_store
 from encoder.devices import spread_note
 from encoder.gpu_images import GpuImages, batches_progressive
@@ -288,7 +289,8 @@ class EmbedBatch(beam.DoFn):
         if cfg.workers > 1:  # local worker processes share the cores: don't oversubscribe them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
         started = time.monotonic()
-        self._encoder = self._shared.acquire(lambda: load_encoder(cfg.encoder, cfg.limits), tag=cfg.model)
+        load = partial(load_encoder, cfg.encoder, cfg.limits)
+        self._encoder = self._shared.acquire(lambda: _PRELOADED.pop(cfg.run_id, None) or load(), tag=cfg.model)
         self._load_ms = int(1000 * (time.monotonic() - started))  # reported in a bundle, where metrics count
         preprocess = self._encoder.preprocess
         decoder = gpu_decoder_name(cfg) if gpu_decoding(cfg, preprocess) else None
@@ -621,6 +623,32 @@ def _pipeline_options(cfg: EmbedConfig, beam_args: list[str]) -> PipelineOptions
     return PipelineOptions(args)
 
 
+_PRELOADED: dict[str, ImageEncoder] = {}  # run id → the model its launcher loaded for workers in this process
+
+
+def _launcher_encoder(cfg: EmbedConfig, options: PipelineOptions) -> tuple[ImageEncoder, bool]:
+    """The model the launcher needs for the run's facts (version, dim, preprocessing), and whether it is the
+    workers' model too. Workers in this process (the local runner, in memory or in threads) take it from
+    `_PRELOADED`: a local run loads its model once, where it runs (before, the launcher loaded a CPU copy for
+    the facts and the worker loaded the model again). Workers elsewhere load their own; the launcher loads a
+    CPU copy, which never needs a GPU.
+
+    Raises:
+        FileNotFoundError, ValueError, RuntimeError: the model cannot be loaded (as `load_encoder`).
+    """
+    if _in_process(options):
+        _PRELOADED[cfg.run_id] = encoder = load_encoder(cfg.encoder, cfg.limits)
+        return encoder, True
+    facts = replace(cfg.encoder, device="cpu", dtype="float32", compile=False, compile_frozen=False, cuda_graph=False)
+    return load_encoder(facts, cfg.limits), False
+
+
+def _in_process(options: PipelineOptions) -> bool:
+    """Whether the pipeline's workers run in this process: the local runner, unless in worker processes."""
+    return (options.view_as(StandardOptions).runner == "FnApiRunner"
+            and options.view_as(DirectOptions).direct_running_mode != "multi_processing")  # fmt: skip
+
+
 def _runs_here(options: PipelineOptions) -> bool:
     """Whether the workers run on this machine (the local runners), so this machine's GPU is theirs."""
     return options.view_as(StandardOptions).runner in ("FnApiRunner", "DirectRunner", "PrismRunner")
@@ -775,7 +803,10 @@ def run_embed(cfg: EmbedConfig, beam_args: list[str] | None = None) -> EmbedResu
         RuntimeError: the run's counts do not add up (nothing is marked complete).
     """
     with frozen_heap():  # the local runner's workers run in this process: no long stalls in full collections
-        return _run_embed(cfg, beam_args)
+        try:
+            return _run_embed(cfg, beam_args)
+        finally:
+            _PRELOADED.pop(cfg.run_id, None)  # not taken by a worker: the run failed before they started
 
 
 def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
@@ -785,16 +816,16 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     listed = catalog_files(cfg.catalog)  # once: the validation and the pipeline's chunks share it
     catalog = read_catalog(cfg.catalog, listed)
     total = catalog.num_rows
-    probe = load_encoder(replace(cfg.encoder, device="cpu", dtype="float32", compile=False, compile_frozen=False,
-                                 cuda_graph=False),
-                         cfg.limits)  # fmt: skip
-    model_version, dim, preprocess = probe.model_version, probe.dim, probe.preprocess
-    del probe
+    if _runs_here(options) and cfg.cuda_graph and not (cfg.device != "cpu" and torch.cuda.is_available()):
+        raise ValueError("--cuda-graph: no CUDA device")  # before any work, not in a worker's setup
+    loading = time.monotonic()
+    encoder, shared = _launcher_encoder(cfg, options)
+    load_s = time.monotonic() - loading
+    model_version, dim, preprocess = encoder.model_version, encoder.dim, encoder.preprocess
+    del encoder  # the workers' copy, if shared, stays in `_PRELOADED` until a worker takes it
     if _runs_here(options):  # refuse before any work, not in a worker's setup
         if cfg.gpu_decode == "on":
             gpu_decoding(cfg, preprocess)
-        if cfg.cuda_graph and not (cfg.device != "cpu" and torch.cuda.is_available()):
-            raise ValueError("--cuda-graph: no CUDA device")
         if note := _gpu_spread_note(cfg):
             log.warning(note)
     previous_run, previous_shards, previous_rows = _previous_shards(cfg, model_version)
@@ -842,10 +873,13 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
 
     wall_s = time.monotonic() - started
     load_ms = metrics.get("model_load_ms:max")
-    # Where the wall time went: the launcher's preparation (catalog, model version, earlier run), the pipeline
-    # (Beam's own start-up included) with its workers' slowest model load, and the accounting after it.
-    time_s = {"prepare": prepared_at - started, "pipeline": ran_at - prepared_at,
-              "model_load": None if load_ms is None else load_ms / 1000, "accounting": wall_s - (ran_at - started)}  # fmt: skip
+    # Where the wall time went: the launcher's preparation (catalog, model, earlier run), the pipeline (Beam's
+    # own start-up included), and the accounting after it. The model loads in the preparation when the workers
+    # run in this process (they use the launcher's), else in the pipeline (the slowest worker's load).
+    if not shared:
+        load_s = None if load_ms is None else load_ms / 1000
+    time_s = {"prepare": prepared_at - started, "pipeline": ran_at - prepared_at, "model_load": load_s,
+              "accounting": wall_s - (ran_at - started)}  # fmt: skip
     manifest = {
         "run_id": cfg.run_id,
         "status": "complete",

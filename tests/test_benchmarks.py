@@ -46,7 +46,9 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu():
                  "(e) profiled, nvjpeg"):  # fmt: skip
         assert f"| {path}" in out, path
     assert '"error"' not in out
-    assert '"small_run": {"images": 1, "seconds": ' in out and '"time_s": {"prepare": ' in out  # (e)'s fixed cost, split
+    assert (
+        '"small_run": {"images": 1, "seconds": ' in out and '"time_s": {"prepare": ' in out
+    )  # (e)'s fixed cost, split
     row = next(line for line in out.splitlines() if line.startswith("| (d) the resize on a stream of its own, pil |"))
     assert float(row.split("|")[4]) > 0  # against the product's (d), same decoder, same run
 

@@ -107,24 +107,57 @@ def test_run_manifest_is_written_last_with_counts_and_shards(first_run):
     assert manifest["options"]["model"] and manifest["model_version"].startswith("siglip-")
 
 
-def test_the_manifest_says_where_the_wall_time_went(first_run, demo_catalog, tiny_model, tmp_path, monkeypatch):
+def test_the_manifest_says_where_the_wall_time_went(first_run):
     t = first_run.manifest["time_s"]
     assert set(t) == {"prepare", "pipeline", "model_load", "accounting"}
-    assert 0 < t["model_load"] < t["pipeline"] and t["prepare"] > 0 and t["accounting"] > 0
+    assert 0 < t["model_load"] < t["prepare"] and t["pipeline"] > 0 and t["accounting"] > 0
     assert t["prepare"] + t["pipeline"] + t["accounting"] == pytest.approx(first_run.manifest["wall_time_s"], abs=0.01)
 
+
+def test_a_local_run_loads_its_model_once_and_its_workers_use_it(demo_catalog, tiny_model, tmp_path, monkeypatch):
+    """The in-process workers take the launcher's model (before, the launcher loaded a CPU copy for the model
+    version and each worker loaded the model again)."""
     import pipelines.embed as embed
 
-    real = embed.load_encoder
+    loads, real = [], embed.load_encoder
 
-    def slow_load(*args, **kwargs):  # the launcher's probe and the worker's load
-        time.sleep(0.5)
-        return real(*args, **kwargs)
+    def slow_load(*args, **kwargs):
+        time.sleep(0.3)
+        loads.append(real(*args, **kwargs))
+        return loads[-1]
 
-    cfg = EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path), device="cpu")
     monkeypatch.setattr(embed, "load_encoder", slow_load)
-    slow = run_embed(cfg).manifest["time_s"]
-    assert 0.5 <= slow["model_load"] < slow["pipeline"] and slow["prepare"] >= 0.5
+    used = []
+    monkeypatch.setattr(embed.EmbedBatch, "start_bundle",
+                        lambda self, real=embed.EmbedBatch.start_bundle: (used.append(self._encoder), real(self))[1])  # fmt: skip
+    cfg = EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path), device="cpu")
+    result = run_embed(cfg)
+    assert result.counts["embedded"] == 95 and len(loads) == 1
+    assert used and all(encoder is loads[0] for encoder in used)
+    t = result.manifest["time_s"]
+    assert 0.3 <= t["model_load"] < t["prepare"]
+    assert not embed._PRELOADED
+    with pytest.raises(FileExistsError):  # refused after the load: the model is not left behind
+        run_embed(dataclasses.replace(cfg, run_id=result.run_id))
+    assert len(loads) == 2 and not embed._PRELOADED
+
+
+@pytest.mark.parametrize(
+    ("args", "in_process"),
+    [
+        (["--runner=FnApiRunner"], True),
+        (["--runner=FnApiRunner", "--direct_num_workers=2", "--direct_running_mode=multi_threading"], True),
+        (["--runner=FnApiRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing"], False),
+        (["--runner=DataflowRunner"], False),
+        (["--runner=PrismRunner"], False),
+    ],
+)
+def test_only_workers_in_this_process_share_the_launchers_model(args, in_process):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.embed import _in_process
+
+    assert _in_process(PipelineOptions(args)) is in_process
 
 
 # Earlier vectors are joined in memory when they fit `reuse_memory_mb`, else by a shuffle: same rows either way.
