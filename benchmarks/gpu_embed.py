@@ -215,8 +215,7 @@ def encoder_alone(ckpt: Path, shape: dict, device: torch.device, batch: int, sec
                         cuda_graph=graph, compile_frozen=frozen and compile_ and mode is None)  # fmt: skip
     encoder = load_encoder(cfg)
     if mode is not None:
-        encoder.vision_model = torch.compile(encoder.vision_model, dynamic=False, mode=mode)
-        encoder.static_batch = True
+        encoder.compile(mode)
     size = shape["image_size"]
     pixels = torch.randint(0, 256, (encoder.batch_size, size, size, 3), dtype=torch.uint8, device=device)
     encoder.embed_prepared(pixels)  # compiles here

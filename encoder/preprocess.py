@@ -23,7 +23,9 @@ __all__ = [
     "DecodeLimits",
     "ImageDecodeError",
     "PreprocessConfig",
+    "channel_stats",
     "decode_image",
+    "normalize_pixels",
     "prepare_image",
     "to_pixel_values",
 ]
@@ -200,8 +202,21 @@ def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torc
         return tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device) for v in (mean, std))
 
 
+def channel_stats(cfg: PreprocessConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's per-channel means and stds as (1, 3, 1, 1) float32 on `device`, for `normalize_pixels`."""
+    return _channel_stats(tuple(cfg.image_mean), tuple(cfg.image_std), device)
+
+
+def normalize_pixels(x: torch.Tensor, cfg: PreprocessConfig, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(n, h, w, 3) uint8 → (n, 3, h, w) float32 `pixel_values`: rescaled, then normalised by `channel_stats`.
+    Pure tensor ops, so a compiled model step fuses them into one kernel (eager, they are six passes over the
+    batch's float32 pixels)."""
+    x = x.permute(0, 3, 1, 2).to(torch.float32) * cfg.rescale_factor
+    return ((x - mean) / std).contiguous()
+
+
 def to_pixel_values(batch: np.ndarray | torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
-    """Rescale and normalise a batch of prepared images in one tensor op.
+    """Rescale and normalise a batch of prepared images.
 
     Args:
         batch: (n, height, width, 3) uint8 from `decode_image` / `prepare_image`.
@@ -212,6 +227,4 @@ def to_pixel_values(batch: np.ndarray | torch.Tensor, cfg: PreprocessConfig) -> 
     x = torch.as_tensor(batch)
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
         raise ValueError(f"expected (n, h, w, 3) uint8, got {tuple(x.shape)} {x.dtype}")
-    mean, std = _channel_stats(tuple(cfg.image_mean), tuple(cfg.image_std), x.device)
-    x = x.permute(0, 3, 1, 2).to(torch.float32) * cfg.rescale_factor
-    return ((x - mean) / std).contiguous()
+    return normalize_pixels(x, cfg, *channel_stats(cfg, x.device))

@@ -180,6 +180,27 @@ def test_a_frozen_compile_runs_query_key_and_value_as_one_gemm(tiny_model):
     assert np.allclose(vectors[1], vectors[0], atol=1e-4)
 
 
+def test_a_compiled_step_gives_the_eager_vectors_with_one_graph_whatever_made_its_batches(tiny_model, tiny_encoder):
+    """`compile` compiles the whole step, the pixels' rescale and normalisation with the tower, so they fuse.
+    Batches made outside inference mode (the GPU decoder's threads), in it (host batches) and padded short ones
+    share one graph: the step's input guards would otherwise compile it again."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from encoder.preprocess import prepare_image
+
+    pixels = np.stack([prepare_image(image, tiny_encoder.preprocess) for image in _images(6)])
+    torch.compiler.reset()
+    counters.clear()
+    encoder = load_encoder(EncoderConfig(model=str(tiny_model), device="cpu", batch_size=4, compile=True))
+    outside = encoder.embed_prepared(torch.from_numpy(pixels[:4]).clone())  # a plain tensor, as the GPU path's
+    inside = encoder.embed_prepared(pixels)  # a host batch, then a short one padded to 4
+    assert counters["stats"]["unique_graphs"] == 1
+    torch.compiler.reset()
+    eager = tiny_encoder.embed_prepared(pixels)
+    assert np.allclose(inside, eager, atol=1e-5) and np.allclose(outside, eager[:4], atol=1e-5)
+
+
 @pytest.mark.gcs
 def test_loads_from_gcs_into_a_cache(tiny_model, tiny_encoder, gcs_emulator, gcs_bucket, tmp_path):
     from tests.conftest import upload_dir
