@@ -85,6 +85,21 @@ def test_a_night_through_10_percent_faults_equals_a_clean_one(gcs_emulator, gcs_
     assert swapped and served == second["snapshot_id"]  # the client's refresh got through the faults too
 
 
+def test_objects_uploaded_around_the_proxy_are_read_through_it_with_faults(gcs_emulator, gcs_bucket):
+    """Beam's reader follows the download link in an object's metadata, which names the host that uploaded it:
+    the proxy points those links at itself, so a catalog uploaded directly is still read through the faults."""
+    from pipelines import storage as beam_storage
+
+    data = bytes(range(256)) * 4096
+    storage.write_bytes(f"gs://{gcs_bucket}/image.jpg", data)  # around the proxy
+    upstream = urlparse(os.environ["STORAGE_EMULATOR_HOST"]).port
+    with FaultProxy(upstream, rate=0.5, kinds=("500", "reset", "truncated"), seed=2) as proxy, through(proxy):
+        for _ in range(4):
+            assert beam_storage.read_bytes(f"gs://{gcs_bucket}/image.jpg") == data
+    downloads = [p for m, p in proxy.seen if m == "GET" and p.startswith("/download/")]
+    assert len(downloads) >= 4 and proxy.injected > 0, proxy.counts
+
+
 @pytest.mark.parametrize("status", ["403", "404"])
 def test_permanent_errors_fail_fast_without_retrying(gcs_emulator, gcs_bucket, status):
     storage.write_bytes(f"gs://{gcs_bucket}/x", b"data")

@@ -53,7 +53,15 @@ class FaultProxy:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"http://{self.host}"
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self._server.server_address[1]}"
+
+    @property
+    def upstream_host(self) -> str:
+        return f"127.0.0.1:{self.upstream_port}"
 
     def fate(self, method: str, path: str = "") -> str:
         with self._lock:
@@ -163,6 +171,10 @@ def _handler(proxy: FaultProxy):
             if fate == "lost-reply":
                 self._reset()
                 return
+            # Download links in object metadata name the host that uploaded the object: point them here, so
+            # objects uploaded around the proxy are read through it too (Beam's reader follows those links).
+            if "json" in dict((k.lower(), v) for k, v in answer_headers).get("content-type", ""):
+                payload = payload.replace(proxy.upstream_host.encode(), proxy.host.encode())
             self.send_response(status)
             for key, value in answer_headers:
                 if key.lower() not in _HOP_BY_HOP:
