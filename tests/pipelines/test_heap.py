@@ -23,7 +23,9 @@ def test_objects_alive_on_entry_are_frozen_until_exit():
         frozen = gc.get_freeze_count()
         assert frozen >= len(before)
         during = [[] for _ in range(1000)]
-        assert gc.get_freeze_count() == frozen  # objects made during the run stay with the collector
+        # Objects made during the run stay with the collector: the count does not grow by them. (It may shrink:
+        # a thread an earlier test left behind can free frozen objects meanwhile.)
+        assert gc.get_freeze_count() <= frozen
         assert len(during) == 1000
     assert gc.get_freeze_count() == 0
 
