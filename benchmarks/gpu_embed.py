@@ -239,6 +239,25 @@ def encoder_alone(ckpt: Path, shape: dict, device: torch.device, batch: int, sec
     return out, encoder
 
 
+def pixel_normalisation(ckpt: Path, shape: dict, device: torch.device, batch: int, seconds: float) -> dict:
+    """The first part of (c)'s step alone: uint8 pixels → normalised `pixel_values` in the model's dtype, eager (six
+    passes over the batch in float32) against compiled into one kernel, as `--compile` now does within the step.
+    Its images/s are the compiled one's; the eager one and each one's milliseconds per batch beside them."""
+    from encoder.model import read_preprocess
+    from encoder.preprocess import channel_stats, normalize_pixels, to_pixel_values
+
+    preprocess, size = read_preprocess(ckpt), shape["image_size"]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.inference_mode():
+        pixels = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)
+        mean, std = channel_stats(preprocess, device)
+        fused = torch.compile(lambda p: normalize_pixels(p, preprocess, mean, std).to(dtype), dynamic=False)
+        eager = images_per_s(lambda: to_pixel_values(pixels, preprocess).to(dtype), batch, seconds, device)
+        compiled = images_per_s(lambda: fused(pixels), batch, seconds, device, warmup=2)
+    return {"images_per_s": compiled, "eager_images_per_s": round(eager), "batch": batch,
+            "ms_per_batch": {"eager": round(1000 * batch / eager, 3), "compiled": round(1000 * batch / compiled, 3)}}  # fmt: skip
+
+
 def encoder_timeline(encoder, shape: dict, device: torch.device, batches: int, trace: Path) -> dict:
     """(c) for `batches` batches under torch's profiler: the model's costliest kernels (what bounds its MFU)."""
     from benchmarks.cuda_timeline import record
@@ -477,7 +496,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--timeline-images", type=int, default=4096)
     parser.add_argument("--paths", default="c,d,b,a,e,timeline,streams,decode-threads,prealloc,nomodel,freezing,"
-                        "so400m,profile,graph,mfu,stages,switch,e2", help="which paths, in order")  # fmt: skip
+                        "pixels,so400m,profile,graph,mfu,stages,switch,e2", help="which paths, in order")  # fmt: skip
     parser.add_argument("--trace-dir", help="keep the `timeline` path's traces here (.json.gz, for Perfetto)")
     parser.add_argument("--json", help="write results here as they land")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few small files, CPU")
@@ -571,6 +590,9 @@ def main() -> None:
                 torch.compiler.reset()
                 run.path(f"(c) MFU: batch {batch}, compiled frozen (--compile-frozen)", encoder_alone, ckpt,
                          SHAPES[base], device, batch, seconds, compile_, None, False, True)  # fmt: skip
+            elif path == "pixels":  # what compiling the normalisation into the step saves per batch
+                run.path(f"(c) the step's pixel normalisation alone, batch {batch}, compiled (eager beside it)",
+                         pixel_normalisation, ckpt, SHAPES[base], device, batch, seconds)  # fmt: skip
             elif path == "mfu":  # (c) at twice the batch, and under the autotuning compile modes
                 variants = [(2 * batch, None)]
                 if compile_:

@@ -43,6 +43,7 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu():
                  "(d) 2 decode threads and the resize on a stream of its own, pil",
                  "(d) timeline (under the profiler), 2 decode threads, pil",
                  "(c) timeline (under the profiler): the model's kernels",
+                 "(c) the step's pixel normalisation alone, batch 16, compiled (eager beside it)",
                  "(e) profiled, nvjpeg"):  # fmt: skip
         assert f"| {path}" in out, path
     assert '"error"' not in out
