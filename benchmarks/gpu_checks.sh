@@ -14,7 +14,7 @@
 # model and host as time allows) or lower them. On one H100, 330 s of `embed` covered (a)-(e), graph, profile,
 # e2 and stages but not so400m or mfu; `train` needs 200 s (its compiles); 40 s of `gil` printed nothing.
 # Since then the default order has put timeline, streams (4 variants), decode-threads (5 runs of (d)), prealloc,
-# nomodel and freezing (one compile of (c)) after (e): by estimate, 420 s reaches so400m and profile; mfu's
+# nomodel, freezing (one compile of (c)) and pixels (~15 s) after (e): by estimate, 420 s reaches so400m and profile; mfu's
 # autotuning compiles take minutes more (EMBED_ARGS=--paths mfu).
 set -u
 out=${1:?usage: gpu_checks.sh OUT_DIR [STEPS]}
