@@ -26,6 +26,7 @@ from encoder.preprocess import (
     DecodeLimits,
     PreprocessConfig,
     channel_stats,
+    check_pixel_batch,
     decode_image,
     normalize_pixels,
     prepare_image,
@@ -261,8 +262,7 @@ class ImageEncoder:
 
     def _step(self, pixels: torch.Tensor) -> torch.Tensor:
         """What the device does for a batch: (n, h, w, 3) uint8 on the device -> (n, dim) unit float32."""
-        if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != torch.uint8:
-            raise ValueError(f"expected (n, h, w, 3) uint8, got {tuple(pixels.shape)} {pixels.dtype}")
+        check_pixel_batch(pixels)
         if torch.is_inference_mode_enabled() and not pixels.is_inference():
             # One kind of tensor in: a compiled step guards on it, and would compile again for batches made
             # outside inference mode (the GPU decoder's threads) after ones made in it (host batches, padding).

@@ -24,6 +24,7 @@ __all__ = [
     "ImageDecodeError",
     "PreprocessConfig",
     "channel_stats",
+    "check_pixel_batch",
     "decode_image",
     "normalize_pixels",
     "prepare_image",
@@ -224,7 +225,16 @@ def to_pixel_values(batch: np.ndarray | torch.Tensor, cfg: PreprocessConfig) -> 
     Returns:
         (n, 3, height, width) float32, as the processor's `pixel_values`.
     """
-    x = torch.as_tensor(batch)
+    x = check_pixel_batch(torch.as_tensor(batch))
+    return normalize_pixels(x, cfg, *channel_stats(cfg, x.device))
+
+
+def check_pixel_batch(x: torch.Tensor) -> torch.Tensor:
+    """`x`, if it is a batch of prepared images: (n, h, w, 3) uint8.
+
+    Raises:
+        ValueError: another layout or dtype.
+    """
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
         raise ValueError(f"expected (n, h, w, 3) uint8, got {tuple(x.shape)} {x.dtype}")
-    return normalize_pixels(x, cfg, *channel_stats(cfg, x.device))
+    return x

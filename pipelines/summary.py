@@ -56,15 +56,21 @@ def print_embed_summary(result: EmbedResult, console: Console | None = None) -> 
 
 
 def _time_split(time_s: dict | None) -> str:
-    """ "prepare 0.40 s · pipeline 12.0 s (model load 2.1 s) · accounting 0.01 s" (older manifests: "-")."""
+    """The manifest's `time_s` in a line, e.g. `prepare 0.40 s · pipeline 12.0 s · accounting 0.01 s · model load
+    2.1 s` (the model loads in one of the first two); "-" for manifests written before it."""
     if not time_s:
         return "-"
 
     def secs(v: float) -> str:
         return f"{v:.2f} s" if v < 1 else f"{v:,.1f} s"
 
-    load = f" (model load {secs(time_s['model_load'])})" if time_s.get("model_load") is not None else ""
-    return f"prepare {secs(time_s['prepare'])} · pipeline {secs(time_s['pipeline'])}{load} · accounting {secs(time_s['accounting'])}"
+    parts = [
+        ("prepare", "prepare"),
+        ("pipeline", "pipeline"),
+        ("accounting", "accounting"),
+        ("model_load", "model load"),
+    ]
+    return " · ".join(f"{label} {secs(time_s[key])}" for key, label in parts if time_s.get(key) is not None)
 
 
 def print_snapshot_summary(manifest: dict, root: str, console: Console | None = None) -> None:
