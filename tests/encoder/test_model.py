@@ -201,6 +201,24 @@ def test_a_compiled_step_gives_the_eager_vectors_with_one_graph_whatever_made_it
     assert np.allclose(inside, eager, atol=1e-5) and np.allclose(outside, eager[:4], atol=1e-5)
 
 
+def test_a_compiled_encoder_once_dropped_frees_its_model_without_the_cyclic_collector(tiny_model, tiny_encoder):
+    """A GPU's memory comes back when the encoder goes, not at some later full collection (the benchmark drops
+    one model before it loads the next, and a batch size fitted meanwhile would see less free memory)."""
+    import gc
+    import weakref
+
+    pixels = np.zeros((4, tiny_encoder.preprocess.height, tiny_encoder.preprocess.width, 3), np.uint8)
+    gc.disable()
+    try:
+        encoder = load_encoder(EncoderConfig(model=str(tiny_model), device="cpu", batch_size=4, compile=True))
+        encoder.embed_prepared(pixels)
+        model = weakref.ref(encoder.vision_model)
+        del encoder
+        assert model() is None
+    finally:
+        gc.enable()
+
+
 @pytest.mark.gcs
 def test_loads_from_gcs_into_a_cache(tiny_model, tiny_encoder, gcs_emulator, gcs_bucket, tmp_path):
     from tests.conftest import upload_dir
