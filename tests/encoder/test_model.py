@@ -242,6 +242,34 @@ def test_cuda_bf16_close_to_cpu_fp32(tiny_model, tiny_encoder):
 
 
 @pytest.mark.gpu
+def test_a_compiled_step_on_the_gpu_keeps_one_graph_and_never_synchronises(tiny_model):
+    """The whole step compiled on CUDA: a batch made on the device outside inference mode (as the GPU decoder's
+    are), a host batch and its padded remainder meet one graph, give the eager model's vectors, and launching
+    one never waits for the GPU (the copy that makes the first kind of batch like the others included)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    eager = load_encoder(EncoderConfig(model=str(tiny_model), device="cuda", batch_size=8))
+    torch.compiler.reset()
+    counters.clear()
+    gpu = load_encoder(EncoderConfig(model=str(tiny_model), device="cuda", batch_size=8, compile=True))
+    size = (gpu.preprocess.height, gpu.preprocess.width, 3)
+    on_device = torch.randint(0, 256, (gpu.batch_size, *size), dtype=torch.uint8, device="cuda")
+    host = np.random.default_rng(0).integers(0, 256, (gpu.batch_size + 3, *size), dtype=np.uint8)
+    for pixels in (on_device, host):
+        cosine = (gpu.embed_prepared(pixels) * eager.embed_prepared(pixels)).sum(axis=1)
+        assert cosine.min() > 0.999, cosine.min()
+    assert counters["stats"]["unique_graphs"] == 1
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pending = gpu.launch(on_device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert np.allclose(pending.result(), gpu.embed_prepared(on_device), atol=1e-6)
+    torch.compiler.reset()
+
+
+@pytest.mark.gpu
 def test_launching_a_batch_on_the_gpu_does_not_wait_for_the_gpu(tiny_model):
     """Two batches in flight need a launch that never synchronises (a blocking copy would wait for the queue)."""
     import torch
