@@ -217,7 +217,8 @@ def encoder_alone(ckpt: Path, shape: dict, device: torch.device, batch: int, sec
     if mode is not None:
         encoder.compile(mode)
     size = shape["image_size"]
-    pixels = torch.randint(0, 256, (encoder.batch_size, size, size, 3), dtype=torch.uint8, device=device)
+    with torch.inference_mode():  # as the product's batches are made (a batch made outside would be copied)
+        pixels = torch.randint(0, 256, (encoder.batch_size, size, size, 3), dtype=torch.uint8, device=device)
     encoder.embed_prepared(pixels)  # compiles here
     if device.type == "cuda":
         torch.cuda.synchronize()

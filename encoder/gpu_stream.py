@@ -206,7 +206,9 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
                     return
                 keys, batch, done = item
                 try:
-                    with on(resize):
+                    # In inference mode, so the batch meets the model's step as host batches do: a compiled step
+                    # guards on that, and would otherwise copy each batch (`ImageEncoder._step`).
+                    with on(resize), torch.inference_mode():
                         if done is not None:  # decoded on another stream: wait for it, and keep its memory from
                             resize.wait_event(done)  # the decoder's next batches until this stream is done with it
                             for tensor in batch.device_tensors():

@@ -47,6 +47,22 @@ def test_stream_gives_the_same_vectors_as_one_batch(tiny_encoder, files):
     assert np.allclose(np.concatenate([b.vectors for b in out]), expected, atol=1e-5)
 
 
+def test_the_stream_hands_the_model_inference_tensors(tiny_encoder, files, monkeypatch):
+    """Batches resized in the stream are made in inference mode, like host batches, so a compiled step meets one
+    kind of tensor and need not copy them (`ImageEncoder._step`)."""
+    kinds, launch = [], tiny_encoder.launch
+
+    def recording(pixels):
+        kinds.append(pixels.is_inference())
+        return launch(pixels)
+
+    monkeypatch.setattr(tiny_encoder, "launch", recording)
+    datas = [open(f, "rb").read() for f in files]
+    batches = [(list(range(i, i + 6)), datas[i : i + 6]) for i in range(0, 18, 6)]
+    assert len(list(embed_stream(tiny_encoder, _images(tiny_encoder), batches, prefetch=1))) == 3
+    assert kinds == [True, True, True]
+
+
 def _on_fake_gpu(cuda: FakeCuda, images: GpuImages):
     """`images` as the stream sees a GPU's: a CUDA device, each stage logged with the stream it runs on."""
 
