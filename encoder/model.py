@@ -30,7 +30,6 @@ from encoder.preprocess import (
     decode_image,
     normalize_pixels,
     prepare_image,
-    to_pixel_values,
 )
 from encoder.storage import download_gcs_dir, is_gcs
 
@@ -340,7 +339,7 @@ def fit_batch_size(encoder: ImageEncoder, cap: int = 1024) -> int:
         torch.cuda.reset_peak_memory_stats(encoder.device)
         base = torch.cuda.memory_allocated(encoder.device)
         pixels = torch.zeros((n, *size), dtype=torch.uint8, device=encoder.device)
-        encoder.vision_model(pixel_values=to_pixel_values(pixels, encoder.preprocess).to(encoder.dtype))
+        ImageEncoder._forward(encoder, pixels, *channel_stats(encoder.preprocess, encoder.device))  # eager, always
         peaks.append(torch.cuda.max_memory_allocated(encoder.device) - base)
     per_image = max(1, (peaks[1] - peaks[0]) // 8)
     free, _ = torch.cuda.mem_get_info(encoder.device)
