@@ -92,7 +92,7 @@ def timed_decoder(rate: float, packed: bool):
 def calling_launch(calls: int, device: SimulatedDevice):
     """`ImageEncoder.launch` as seen by the lock: `calls` calls into torch, then the batch queued on the device."""
 
-    def launch(self, batch) -> PendingVectors:
+    def launch(self, batch, eager: bool = False) -> PendingVectors:
         x = torch.ones(8)
         for _ in range(calls):
             x = x.add(1.0)

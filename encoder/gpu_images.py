@@ -46,7 +46,7 @@ __all__ = [
     "decode_on_cpu",
     "describe_error",
     "device_failed",
-    "each_alone",
+    "in_halves",
     "nvimgcodec_decoder",
     "nvimgcodec_python_decoder",
     "nvjpeg_decoder",
@@ -58,7 +58,7 @@ T = TypeVar("T")
 
 # A batch of encoded JPEGs (bytes, or 1-D uint8 arrays over a file reader's ring) → decoded (3, h, w) uint8
 # tensors on the device, None for one it could not decode; or the images it decoded packed in one buffer and
-# their positions (`encoder.nvimgcodec`). If it raises, each image is tried alone.
+# their positions (`encoder.nvimgcodec`). If it raises, the batch is tried in halves (`in_halves`).
 BatchDecoder = Callable[[list[bytes | np.ndarray], torch.device],
                         list[torch.Tensor | None] | tuple[PackedImages, list[int]]]  # fmt: skip
 
@@ -192,17 +192,26 @@ def attempt(fn: Callable[..., T], *args) -> tuple[T | None, str | None]:
         return None, describe_error(err)
 
 
-def each_alone(fn: Callable[[Sequence], T], items: Sequence) -> tuple[list[tuple[int, T]], dict[int, str]]:
-    """`fn` of each item alone (a one-item slice), once a batch of them has failed: (position, result) for the
-    items it took, position → dead-letter reason for the rest (`attempt`)."""
+def in_halves(fn: Callable[[Sequence], T], items: Sequence, reason: str) -> tuple[list[tuple[int, T]], dict[int, str]]:
+    """`fn` of each half of `items`, which failed whole with `reason`, then of the halves of each half that fails,
+    down to single items: (start, result) for the slices it took, in order, and position → dead-letter reason for
+    the items that fail alone (`attempt`). One culprit among n costs ~2 log2 n calls, not n, and a batch too large
+    for the memory left goes through in two or four pieces instead of one item at a time."""
     done, failed = [], {}
-    for j in range(len(items)):
-        result, reason = attempt(fn, items[j : j + 1])
-        if reason is None:
-            done.append((j, result))
-        else:
-            failed[j] = reason
-    return done, failed
+    split = [(0, len(items), reason)] if len(items) else []  # slices that failed whole
+    while split:
+        start, stop, why = split.pop()
+        if stop - start == 1:
+            failed[start] = why
+            continue
+        middle = (start + stop) // 2
+        for first, last in ((start, middle), (middle, stop)):
+            result, why = attempt(fn, items[first:last])
+            if why is None:
+                done.append((first, result))
+            else:
+                split.append((first, last, why))
+    return sorted(done, key=lambda slice_done: slice_done[0]), failed
 
 
 # name → factory(device) of a `BatchDecoder`; "nvimgcodec-python" and "pil" are for benchmarks and tests.
@@ -348,13 +357,13 @@ class GpuImages:
         return PreparedBatch(pixels, kept, sorted(failed), on_gpu=len(batch.gpu))
 
     def _resize_checked(self, images: list[torch.Tensor] | PackedImages) -> tuple[torch.Tensor, dict[int, str]]:
-        """`resize_like_pil` of the batch; if that fails (out of GPU memory), each image alone, so only the
+        """`resize_like_pil` of the batch; if that fails (out of GPU memory), in halves (`in_halves`), so only the
         culprits fail: the images resized, in order, and position → dead-letter reason for the rest."""
         resized, reason = attempt(resize_like_pil, images, self.preprocess)
         if reason is None:
             return resized, {}
-        log.warning("resizing a batch of %d failed (%s); resizing its images one by one", len(images), reason)
-        done, failed = each_alone(lambda one: resize_like_pil(one, self.preprocess), images)
+        log.warning("resizing a batch of %d failed (%s); resizing it in halves", len(images), reason)
+        done, failed = in_halves(lambda part: resize_like_pil(part, self.preprocess), images, reason)
         resized = torch.cat([rows for _, rows in done]) if done else self._no_pixels()
         return resized, {j: f"resize failed: {why}" for j, why in failed.items()}
 
@@ -375,7 +384,8 @@ class GpuImages:
             if reason is None:
                 pairs, failed = list(enumerate(result)), []
             else:
-                pairs, failed = each_alone(lambda one: _one_image(decode(one, self.device)), datas)
+                pieces, failed = in_halves(lambda part: _per_input(decode(part, self.device), len(part)), datas, reason)
+                pairs = [(start + k, image) for start, images in pieces for k, image in enumerate(images)]
         finally:
             self._decoders.put(decode)
         decoded = [(j, image) for j, image in pairs if image is not None]
@@ -399,12 +409,14 @@ def _packed(images: list[torch.Tensor]) -> list[torch.Tensor] | PackedImages:
     return packed
 
 
-def _one_image(result: list[torch.Tensor | None] | tuple[PackedImages, list[int]]) -> torch.Tensor | None:
-    """A decoder's result for one image, as that image or None."""
+def _per_input(result: list[torch.Tensor | None] | tuple[PackedImages, list[int]], count: int,
+               ) -> list[torch.Tensor | None]:  # fmt: skip
+    """A decoder's result for `count` inputs as one image, or None, per input."""
     if isinstance(result, tuple):
         packed, decoded = result
-        return packed[0] if decoded else None
-    return result[0]
+        images = {j: packed[k] for k, j in enumerate(decoded)}
+        return [images.get(j) for j in range(count)]
+    return list(result)
 
 
 def _is_pixels(x) -> bool:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from encoder.gpu_images import GpuImages, attempt, each_alone
+from encoder.gpu_images import GpuImages, attempt, in_halves
 from encoder.model import ImageEncoder, PendingVectors
 
 __all__ = ["BackgroundEmbedder", "StreamBatch", "embed_checked", "embed_stream"]
@@ -72,12 +72,13 @@ class StreamBatch:
 
 def embed_checked(encoder: ImageEncoder, pixels: torch.Tensor, launched: PendingVectors | str | None = None,
                   ) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:  # fmt: skip
-    """Embed a batch; if it fails, each image alone, so only the culprits fail. Non-finite vectors fail too.
+    """Embed a batch; if it fails, in halves (`in_halves`), so only the culprits fail. Non-finite vectors fail too.
 
     `launched`: the batch's `encoder.launch(pixels)`, started earlier, or why it failed (`_launch`).
-    The retries start once the failure's traceback is gone: its frames hold the failed attempt's
-    tensors, which an image alone may need the GPU memory of. A CUDA error that leaves the device
-    unusable (`device_failed`) is raised, not dead-lettered image by image.
+    The pieces run the model's eager step at their own size (`ImageEncoder.launch`), and start once
+    the failure's traceback is gone: its frames hold the failed attempt's tensors, whose GPU memory
+    the pieces may need. A CUDA error that leaves the device unusable (`device_failed`) is raised,
+    not dead-lettered piece by piece.
 
     Returns:
         (rows embedded, their vectors, (row, reason) for the rest).
@@ -87,14 +88,14 @@ def embed_checked(encoder: ImageEncoder, pixels: torch.Tensor, launched: Pending
         vectors, reason = attempt(lambda: (launched or encoder.launch(pixels)).result())
         if reason is None:
             return _finite(list(range(len(pixels))), vectors, [])
-    log.warning("batch of %d failed to embed (%s); retrying images one by one", len(pixels), reason)
-    done, failed = each_alone(lambda one: encoder.launch(one).result(), pixels)
+    log.warning("batch of %d failed to embed (%s); retrying it in halves", len(pixels), reason)
+    done, failed = in_halves(lambda piece: encoder.launch(piece, eager=True).result(), pixels, reason)
     vectors = np.concatenate([v for _, v in done]) if done else np.zeros((0, encoder.dim), np.float32)
-    return _finite([row for row, _ in done], vectors, sorted(failed.items()))
+    return _finite([start + k for start, v in done for k in range(len(v))], vectors, sorted(failed.items()))
 
 
 def _launch(encoder: ImageEncoder, pixels: torch.Tensor) -> PendingVectors | str:
-    """`encoder.launch`, or the reason it failed (`attempt`): `embed_checked` then retries it image by image."""
+    """`encoder.launch`, or the reason it failed (`attempt`): `embed_checked` then retries it in halves."""
     pending, reason = attempt(encoder.launch, pixels)
     return pending if reason is None else reason
 

@@ -235,40 +235,47 @@ class ImageEncoder:
         return self.launch(batch).result()
 
     @torch.inference_mode()
-    def launch(self, batch: np.ndarray | torch.Tensor) -> PendingVectors:
+    def launch(self, batch: np.ndarray | torch.Tensor, eager: bool = False) -> PendingVectors:
         """`embed_prepared` without waiting for the device: the work is queued on the current CUDA stream and
         the vectors are on their way to the host when this returns, so the caller can launch the next batch
         before taking this one's (`PendingVectors.result`) and the GPU never waits on the host in between.
-        On the CPU the vectors are done on return."""
+        On the CPU the vectors are done on return.
+
+        `eager`: the model's eager step at the batch's own size, without the compiled step, its padding or the
+        CUDA graph: for the pieces of a batch that failed (`encoder.gpu_stream.embed_checked`), which padded
+        back to the batch size would cost a whole batch each, and fail again where the batch ran out of memory,
+        and unpadded would compile the step again for each new size."""
         cuda = self.device.type == "cuda"
         out = torch.empty((len(batch), self.dim), dtype=torch.float32, pin_memory=cuda)
         for start in range(0, len(batch), self.batch_size):
             chunk = torch.as_tensor(batch[start : start + self.batch_size])
             n = len(chunk)
-            if self.graph is None and self.static_batch and n < self.batch_size:  # one shape: pad, then drop
+            graphed = self.graph is not None and not eager
+            if not eager and self.graph is None and self.static_batch and n < self.batch_size:  # one shape: pad
                 chunk = torch.cat([chunk, chunk.new_zeros((self.batch_size - n, *chunk.shape[1:]))])
             if chunk.device != self.device and cuda:
                 chunk = chunk.pin_memory()
-            if self.graph is not None:  # copies the chunk in itself, from the host or the device
+            if graphed:  # copies the chunk in itself, from the host or the device
                 self.graph(chunk, out[start : start + n])
                 continue
             chunk = chunk.to(self.device, non_blocking=True)
-            out[start : start + n].copy_(self._step(chunk)[:n], non_blocking=True)
+            out[start : start + n].copy_(self._step(chunk, eager)[:n], non_blocking=True)
         done = None
         if cuda:
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.device))
         return PendingVectors(out, done)
 
-    def _step(self, pixels: torch.Tensor) -> torch.Tensor:
-        """What the device does for a batch: (n, h, w, 3) uint8 on the device -> (n, dim) unit float32."""
+    def _step(self, pixels: torch.Tensor, eager: bool = False) -> torch.Tensor:
+        """What the device does for a batch: (n, h, w, 3) uint8 on the device -> (n, dim) unit float32; `eager`:
+        without the compiled step."""
         check_pixel_batch(pixels)
         if torch.is_inference_mode_enabled() and not pixels.is_inference():
             # One kind of tensor in: a compiled step guards on it, and would compile again for a batch made
             # outside inference mode (a caller's own tensor) after ones made in it (host batches, padding, the
             # GPU decoder's, which `encoder.gpu_stream` resizes in inference mode).
             pixels = pixels.clone()  # 38 MB for 256 images at 224 px: ~0.1% of the step's time on a GPU
-        forward = self._compiled_forward or ImageEncoder._forward
+        forward = (None if eager else self._compiled_forward) or ImageEncoder._forward
         return forward(self, pixels, *channel_stats(self.preprocess, pixels.device))
 
     def _forward(self, pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

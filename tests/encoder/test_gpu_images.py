@@ -16,6 +16,7 @@ from encoder.gpu_images import (
     GpuImages,
     batches_progressive,
     byte_tensors,
+    in_halves,
     outputs_held,
     pil_decoder,
 )
@@ -201,7 +202,7 @@ def test_every_input_is_kept_in_order_or_failed_with_a_reason(jpegs):
     assert batch.kept == [0, 1, 3, 4, 6]
     assert [i for i, _ in batch.failed] == [2, 5]
     assert "corrupt" in dict(batch.failed)[2] and "empty" in dict(batch.failed)[5]
-    assert batch.on_gpu == 3 and calls[0] == 5  # one batched call, then one by one to find the culprits
+    assert batch.on_gpu == 3 and calls == [5, 2, 3, 1, 2, 1, 1]  # one batched call, then halves down to the culprits
     for row, i in enumerate(batch.kept):
         expected = decode_image(datas[i], CFG, FULL)
         close = np.abs(batch.pixels[row].numpy().astype(int) - expected.astype(int)) <= 2
@@ -260,7 +261,42 @@ def test_progressive_jpegs_go_to_the_cpu_threads_with_torchvisions_decoder_only(
     assert batches_progressive("nvimgcodec") and batches_progressive(None) and not batches_progressive("nvjpeg")
 
 
-def test_a_batch_that_fails_to_resize_is_resized_image_by_image_and_only_the_culprit_fails(jpegs, monkeypatch):
+def _refusing(calls: list[int], refuse) -> callable:
+    """Stands in for a batch step over a slice of ints: records each slice's length, fails where `refuse` says."""
+
+    def step(part):
+        calls.append(len(part))
+        if refuse(part):
+            raise RuntimeError("refused")
+        return list(part)
+
+    return step
+
+
+def test_in_halves_finds_one_culprit_in_two_calls_per_halving():
+    calls: list[int] = []
+    done, failed = in_halves(_refusing(calls, lambda part: 37 in part), list(range(256)), "the batch's reason")
+    assert failed == {37: "RuntimeError: refused"}
+    assert [start for start, _ in done] == sorted(start for start, _ in done)
+    assert [x for _, part in done for x in part] == [i for i in range(256) if i != 37]
+    assert len(calls) == 16 and sum(calls) == 510  # 2 × log2(256) calls over ~2 batches' worth; one by one: 256
+
+
+def test_in_halves_takes_a_batch_too_large_for_the_memory_left_in_pieces_that_fit():
+    calls: list[int] = []
+    done, failed = in_halves(_refusing(calls, lambda part: len(part) > 64), list(range(256)), "out of memory")
+    assert not failed and [start for start, _ in done] == [0, 64, 128, 192]
+    assert calls == [128, 128, 64, 64, 64, 64]
+
+
+def test_in_halves_of_one_item_or_none_calls_nothing():
+    calls: list[int] = []
+    assert in_halves(_refusing(calls, lambda part: True), [7], "the batch's reason") == ([], {0: "the batch's reason"})
+    assert in_halves(_refusing(calls, lambda part: True), [], "the batch's reason") == ([], {})
+    assert calls == []
+
+
+def test_a_batch_that_fails_to_resize_is_resized_in_halves_and_only_the_culprit_fails(jpegs, monkeypatch):
     """As when one very large photo leaves too little GPU memory for its batch and for itself."""
     import encoder.gpu_images as gpu_images
 

@@ -349,11 +349,11 @@ class _Poisoned:
     def __init__(self, encoder) -> None:
         self._encoder, self.dim = encoder, encoder.dim
 
-    def launch(self, pixels):
+    def launch(self, pixels, eager=False):
         lows, highs = pixels.flatten(1).amin(1), pixels.flatten(1).amax(1)
         if (lows == 255).any():
             raise RuntimeError("kernel failed")
-        pending = self._encoder.launch(pixels)
+        pending = self._encoder.launch(pixels, eager)
         pending.vectors.numpy()[(highs == 7).numpy()] = np.nan
         return _Late(pending) if (highs == 9).any() else pending
 
@@ -380,7 +380,7 @@ def _pixels(encoder, values: list[int | None], seed: int = 0):
     return pixels
 
 
-def test_a_failing_batch_is_retried_image_by_image_and_only_the_culprits_fail(tiny_encoder):
+def test_a_failing_batch_is_retried_in_halves_and_only_the_culprits_fail(tiny_encoder):
     pixels = _pixels(tiny_encoder, [None, None, 255, None, 7, None, 9])
     rows, vectors, failed = embed_checked(_Poisoned(tiny_encoder), pixels)
     assert rows == [0, 1, 3, 5] and vectors.shape == (4, tiny_encoder.dim)
@@ -389,10 +389,56 @@ def test_a_failing_batch_is_retried_image_by_image_and_only_the_culprits_fail(ti
     assert np.allclose(vectors, tiny_encoder.embed_prepared(pixels[[0, 1, 3, 5]]), atol=1e-5)
 
 
-def test_a_batch_whose_vectors_fail_late_is_retried_image_by_image(tiny_encoder):
+def test_a_batch_whose_vectors_fail_late_is_retried_in_halves(tiny_encoder):
     pixels = _pixels(tiny_encoder, [None, 9, None])
     rows, _, failed = embed_checked(_Poisoned(tiny_encoder), pixels)
     assert rows == [0, 2] and failed == [(1, "RuntimeError: device-side error")]
+
+
+def test_a_failed_batch_is_retried_in_halves_at_their_own_size_without_the_compiled_step(tiny_encoder, monkeypatch):
+    """Padded back to the compiled batch size, each piece would cost a whole batch, and fail again where the batch
+    ran out of memory; unpadded, the compiled step would compile again for each new size."""
+    from encoder.model import ImageEncoder
+
+    compiled, eager, forward = [], [], ImageEncoder._forward
+
+    def recorded(sizes):
+        return lambda self, pixels, *stats: sizes.append(len(pixels)) or forward(self, pixels, *stats)
+
+    monkeypatch.setattr(ImageEncoder, "_forward", recorded(eager))
+    monkeypatch.setattr(tiny_encoder, "_compiled_forward", recorded(compiled))
+    monkeypatch.setattr(tiny_encoder, "static_batch", True)
+    monkeypatch.setattr(tiny_encoder, "batch_size", 8)
+    clean, poisoned = (
+        _pixels(tiny_encoder, [None] * 7),
+        _pixels(tiny_encoder, [None, None, None, 255, None, None, None]),
+    )
+    assert embed_checked(_Poisoned(tiny_encoder), clean)[0] == list(range(7)) and compiled == [8]  # padded to 8
+    rows, vectors, failed = embed_checked(_Poisoned(tiny_encoder), poisoned)
+    assert rows == [0, 1, 2, 4, 5, 6] and failed == [(3, "RuntimeError: kernel failed")]
+    assert compiled == [8] and eager == [3, 2, 1]  # one by one, padded: 6 compiled batches of 8
+    assert np.allclose(vectors, tiny_encoder.embed_prepared(poisoned[rows]), atol=1e-5)
+
+
+class _Cramped:
+    """An encoder whose model runs out of GPU memory on more than `fits` images at once."""
+
+    def __init__(self, encoder, fits: int) -> None:
+        self._encoder, self.dim, self.fits, self.sizes = encoder, encoder.dim, fits, []
+
+    def launch(self, pixels, eager=False):
+        self.sizes.append(len(pixels))
+        if len(pixels) > self.fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self._encoder.launch(pixels, eager)
+
+
+def test_a_batch_too_large_for_the_memory_left_goes_through_in_pieces_that_fit(tiny_encoder):
+    cramped, pixels = _Cramped(tiny_encoder, fits=2), _pixels(tiny_encoder, [None] * 8)
+    rows, vectors, failed = embed_checked(cramped, pixels)
+    assert rows == list(range(8)) and not failed
+    assert cramped.sizes == [8, 4, 4, 2, 2, 2, 2]  # image by image: 8 launches after the first
+    assert np.allclose(vectors, tiny_encoder.embed_prepared(pixels), atol=1e-5)
 
 
 class _Hoarder:
@@ -405,13 +451,13 @@ class _Hoarder:
     def __init__(self, encoder) -> None:
         self._encoder, self.dim, self.freed = encoder, encoder.dim, []
 
-    def launch(self, pixels):
+    def launch(self, pixels, eager=False):
         if len(pixels) > 1:
             activations = self.Buffer()
             self.buffer = weakref.ref(activations)
             raise RuntimeError("CUDA out of memory")
         self.freed.append(self.buffer() is None)
-        return self._encoder.launch(pixels)
+        return self._encoder.launch(pixels, eager)
 
 
 @pytest.mark.parametrize("launched_earlier", [False, True])
@@ -434,16 +480,16 @@ class _DeviceLost:
     def __init__(self, encoder, fail_at: int) -> None:
         self._encoder, self.dim, self.fail_at, self.launches = encoder, encoder.dim, fail_at, 0
 
-    def launch(self, pixels):
+    def launch(self, pixels, eager=False):
         self.launches += 1
         if self.launches > self.fail_at:
             raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
-        return self._encoder.launch(pixels)
+        return self._encoder.launch(pixels, eager)
 
 
 def test_a_device_error_stops_the_stream_instead_of_dead_lettering_every_image(tiny_encoder):
     """Every later call fails too once the device is lost: the run must fail (and be retried), not finish with
-    the rest of its images dead-lettered one by one."""
+    the rest of its images dead-lettered piece by piece."""
     with pytest.raises(torch.AcceleratorError):
         embed_checked(_DeviceLost(tiny_encoder, 0), _pixels(tiny_encoder, [None, None]))
     host = [[p.numpy() for p in _pixels(tiny_encoder, [None, None], seed=i)] for i in range(4)]
@@ -453,7 +499,7 @@ def test_a_device_error_stops_the_stream_instead_of_dead_lettering_every_image(t
     assert next(stream).keys == ["0.0", "0.1"]
     with pytest.raises(torch.AcceleratorError):
         list(stream)
-    assert encoder.launches == 3  # no image-by-image retries
+    assert encoder.launches == 3  # no retries in halves
 
 
 class _Recording:
@@ -462,8 +508,12 @@ class _Recording:
     def __init__(self, encoder) -> None:
         self._encoder, self.dim, self.log = encoder, encoder.dim, []
 
-    def launch(self, pixels):
-        batch, pending, log = sum(event == "launch" for event, _ in self.log), self._encoder.launch(pixels), self.log
+    def launch(self, pixels, eager=False):
+        batch, pending, log = (
+            sum(event == "launch" for event, _ in self.log),
+            self._encoder.launch(pixels, eager),
+            self.log,
+        )
         log.append(("launch", batch))
 
         class Taken:
@@ -494,7 +544,7 @@ def test_the_next_batch_is_launched_before_this_ones_vectors_are_taken(tiny_enco
 
 
 def test_batches_in_flight_keep_their_order_when_some_fail(tiny_encoder):
-    """Batch 1 fails at launch, batch 2 when its vectors are taken: each is retried image by image, in place."""
+    """Batch 1 fails at launch, batch 2 when its vectors are taken: each is retried in halves, in place."""
     values = [[None, None], [None, 255], [9, None], [None, 7], [None, None]]
     host = [[p.numpy() for p in _pixels(tiny_encoder, v, seed=i)] for i, v in enumerate(values)]
     batches = [([f"{i}.{j}" for j in range(2)], images) for i, images in enumerate(host)]

@@ -183,7 +183,8 @@ def test_a_frozen_compile_runs_query_key_and_value_as_one_gemm(tiny_model):
 def test_a_compiled_step_gives_the_eager_vectors_with_one_graph_whatever_made_its_batches(tiny_model, tiny_encoder):
     """`compile` compiles the whole step, the pixels' rescale and normalisation with the tower, so they fuse.
     Batches made outside inference mode (the GPU decoder's threads), in it (host batches) and padded short ones
-    share one graph: the step's input guards would otherwise compile it again."""
+    share one graph: the step's input guards would otherwise compile it again. A failed batch's pieces run
+    eagerly at their own size, compiling nothing."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -195,10 +196,12 @@ def test_a_compiled_step_gives_the_eager_vectors_with_one_graph_whatever_made_it
     encoder = load_encoder(EncoderConfig(model=str(tiny_model), device="cpu", batch_size=4, compile=True))
     outside = encoder.embed_prepared(torch.from_numpy(pixels[:4]).clone())  # a plain tensor, as the GPU path's
     inside = encoder.embed_prepared(pixels)  # a host batch, then a short one padded to 4
-    assert counters["stats"]["unique_graphs"] == 1
+    piece = encoder.launch(pixels[1:4], eager=True).result()  # a failed batch's piece (`embed_checked`)
+    assert counters["stats"]["unique_graphs"] == 1  # the piece compiled nothing, at its own size
     torch.compiler.reset()
     eager = tiny_encoder.embed_prepared(pixels)
     assert np.allclose(inside, eager, atol=1e-5) and np.allclose(outside, eager[:4], atol=1e-5)
+    assert np.allclose(piece, eager[1:4], atol=1e-5)
 
 
 def test_a_compiled_encoder_once_dropped_frees_its_model_without_the_cyclic_collector(tiny_model, tiny_encoder):
@@ -259,6 +262,8 @@ def test_a_compiled_step_on_the_gpu_keeps_one_graph_and_never_synchronises(tiny_
     for pixels in (on_device, host):
         cosine = (gpu.embed_prepared(pixels) * eager.embed_prepared(pixels)).sum(axis=1)
         assert cosine.min() > 0.999, cosine.min()
+    piece = gpu.launch(on_device[:3], eager=True).result()  # a failed batch's piece: eager, unpadded
+    assert np.allclose(piece, eager.embed_prepared(on_device[:3]), atol=1e-6)
     assert counters["stats"]["unique_graphs"] == 1
     torch.cuda.set_sync_debug_mode("error")
     try:
