@@ -3,11 +3,11 @@
 # installed (a leased GPU is paid by the minute: one call, each step under its own time limit). What such a
 # machine's image lacks can travel as wheels: benchmarks/device_wheels.sh.
 #
-#   benchmarks/gpu_checks.sh OUT_DIR [STEPS]     STEPS: comma list of embed,gil,model,tests,train,host (default:
+#   benchmarks/gpu_checks.sh OUT_DIR [STEPS]     STEPS: comma list of embed,gil,model,tests,train,host,retry (default:
 # all, in that order: the most wanted first)
 #
 # Writes OUT_DIR/{gpu.txt, gpu_embed.json, gpu_embed.log, timelines.tar, gil.log, model.log, tests.log, train.log,
-# host.log}.
+# host.log, retry.log}.
 # Each step has its own time limit so one slow step cannot eat the others'; a step that fails is logged and the
 # next one runs. The default limits add up to 950 s; where one command may run 600 s at most, split the steps
 # over two calls (e.g. EMBED_S=360 TESTS_S=95 with embed,tests, then TRAIN_S=200 GIL_S=60 with train,gil;
@@ -18,7 +18,7 @@
 # autotuning compiles take minutes more (EMBED_ARGS=--paths mfu).
 set -u
 out=${1:?usage: gpu_checks.sh OUT_DIR [STEPS]}
-steps=${2:-embed,gil,model,tests,train,host}
+steps=${2:-embed,gil,model,tests,train,host,retry}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -46,4 +46,7 @@ case ",$steps," in *,train,*)
 esac
 case ",$steps," in *,host,*)  # the host's own per-image ceiling (CPU only, decode and model stood in)
   timeout "${HOST_S:-120}" python3 benchmarks/worker_overhead.py --images 10000 2>&1 | tail -12 | tee "$out/host.log";;
+esac
+case ",$steps," in *,retry,*)  # a failed batch's retry: in halves against image by image padded, SigLIP base compiled
+  timeout "${RETRY_S:-90}" python3 benchmarks/retry_cost.py --device cuda --shape base16-224 --compile --rounds 1 2>&1 | tee "$out/retry.log" | tail -3;;
 esac

@@ -54,6 +54,13 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu():
     assert float(row.split("|")[4]) > 0  # against the product's (d), same decoder, same run
 
 
+def test_retry_cost_benchmark_runs():
+    import json
+
+    result = json.loads(_run("benchmarks/retry_cost.py", "--batch-size", "16", "--rounds", "1").splitlines()[-1])
+    assert result["batch"] == 16 and result["one_by_one_padded_s"] > 0 and result["in_halves_s"] > 0
+
+
 def test_each_variant_is_measured_against_its_path_with_the_same_decoder():
     from benchmarks.gpu_embed import ENCODER_ALONE, baseline
 
