@@ -453,6 +453,7 @@ def cold_end_to_end(files, ckpt: Path, device: torch.device, decoder: str, out: 
 def beam(folder: Path, ckpt: Path, device: torch.device, out: Path, batch: int, compile_: bool, count: int,
          sample: bool = False, decoder: str = "nvjpeg", cuda_graph: bool = False, workers: int = 1) -> dict:  # fmt: skip
     """The whole run, then steady state: the whole run less a run over 1% of the files (mostly start-up).
+    Also the whole run less its model load (`time_s`), the compile included: (d) is measured without either.
 
     The small run goes second, so it finds the compile cache the first one warmed: its fixed cost is if
     anything under-stated, and so is the steady rate.
@@ -482,7 +483,9 @@ def beam(folder: Path, ckpt: Path, device: torch.device, out: Path, batch: int, 
     for f in small:
         shutil.copy(f, folder.parent / "small")
     fixed, fixed_split = timed(str(folder.parent / "small" / "*.jpg"), len(small))
+    load = whole_split.get("model_load")  # with the compile, which (d) is measured without, as the issue asks
     return {"images": count, "images_per_s": count / whole, "whole_s": round(whole, 1), "whole_time_s": whole_split,
+            "less_model_load_images_per_s": count / (whole - load) if load is not None and whole > load else None,
             "steady_images_per_s": (count - len(small)) / (whole - fixed) if whole > fixed else None,
             "small_run": {"images": len(small), "seconds": round(fixed, 1), "time_s": fixed_split}, "gpu_decode": gpu,
             "decoder": decoder, "cuda_graph": cuda_graph, "workers": workers}  # fmt: skip

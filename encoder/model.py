@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from PIL import Image
 
 from encoder.cuda_graph import Capture, GraphedStep, capture_cuda_graph
 from encoder.devices import gpu_for_process
+from encoder.gpu_images import device_failed
 from encoder.preprocess import (
     DecodeLimits,
     PreprocessConfig,
@@ -31,7 +33,7 @@ from encoder.preprocess import (
     normalize_pixels,
     prepare_image,
 )
-from encoder.storage import download_gcs_dir, is_gcs
+from encoder.storage import describe_error, download_gcs_dir, is_gcs
 
 __all__ = [
     "EncoderConfig",
@@ -199,6 +201,7 @@ class ImageEncoder:
         self.dim = int(vision_model.config.hidden_size)
         self.graph: GraphedStep | None = None  # set by `capture_graph`
         self._compiled_forward = None  # set by `compile`
+        self.compile_s: float | None = None  # how long `load_encoder` took to compile the step, when it did
 
     def embed(self, images: Sequence[Image.Image | bytes | str | os.PathLike]) -> np.ndarray:
         """Embed PIL images, encoded bytes or file paths.
@@ -383,8 +386,7 @@ def load_encoder(cfg: EncoderConfig, limits: DecodeLimits = DecodeLimits()) -> I
         encoder.batch_size = fit_batch_size(encoder, cap=cfg.batch_size or 1024)
     if cfg.compile:
         encoder.compile()
-        if cfg.compile_frozen:
-            _compile_frozen(encoder)
+        encoder.compile_s = _compile_now(encoder, frozen=cfg.compile_frozen)
     if cfg.cuda_graph and device.type != "cuda":
         log.warning("cuda_graph needs a CUDA device; the model runs on %s without one", device)
     elif cfg.cuda_graph:
@@ -394,16 +396,33 @@ def load_encoder(cfg: EncoderConfig, limits: DecodeLimits = DecodeLimits()) -> I
     return encoder
 
 
-def _compile_frozen(encoder: ImageEncoder) -> None:
-    """Compile the tower now, at the batch size, with inductor's freezing: the weights become constants, so the
-    query, key and value projections, which read one input, run as one GEMM. Freezing is read from inductor's
-    config while the first call compiles (given as `torch.compile(options=...)` it is not applied); later calls
-    of the same shape run that graph."""
+def _compile_now(encoder: ImageEncoder, frozen: bool) -> float | None:
+    """Compile the step now, at the batch size: a run's first batch does not wait for it, and its cost is the
+    load's, reported apart (`compile_s`, the embed manifest's `time_s`). A step that cannot compile (no compiler
+    for the device, an inductor error) runs eagerly from now on, with a warning, as a model that cannot be
+    captured as a CUDA graph does.
+
+    `frozen`: with inductor's freezing: the weights become constants, so the query, key and value projections,
+    which read one input, run as one GEMM. Freezing is read from inductor's config while the first call compiles
+    (given as `torch.compile(options=...)` it is not applied); later calls of the same shape run that graph.
+
+    Returns:
+        The seconds the compile took, or None where it failed.
+    """
     import torch._inductor.config
 
     size = (encoder.batch_size, encoder.preprocess.height, encoder.preprocess.width, 3)
-    with torch._inductor.config.patch(freezing=True):
-        encoder.embed_prepared(torch.zeros(size, dtype=torch.uint8, device=encoder.device))
+    started = time.monotonic()
+    try:
+        with torch._inductor.config.patch(freezing=True) if frozen else contextlib.nullcontext():
+            encoder.embed_prepared(torch.zeros(size, dtype=torch.uint8, device=encoder.device))
+    except Exception as err:  # noqa: BLE001 - any compile failure: the eager step still runs
+        if device_failed(err):  # the device itself failed: nothing runs on it
+            raise
+        log.warning("could not compile the model (%s); running it without compiling", describe_error(err))
+        encoder._compiled_forward, encoder.static_batch = None, False
+        return None
+    return time.monotonic() - started
 
 
 @contextlib.contextmanager

@@ -105,7 +105,7 @@ def embed(
         str, typer.Option(help="auto, cpu, cuda or cuda:N (cuda: each worker process takes a GPU of its own).")
     ] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the image tower.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model's step, at load.")] = False,
     compile_frozen: Annotated[
         bool,
         typer.Option("--compile-frozen", help="With --compile: weights as constants, so Q, K and V run as one GEMM."),

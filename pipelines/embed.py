@@ -292,6 +292,7 @@ class EmbedBatch(beam.DoFn):
         load = partial(load_encoder, cfg.encoder, cfg.limits)
         self._encoder = self._shared.acquire(lambda: _PRELOADED.pop(cfg.run_id, None) or load(), tag=cfg.model)
         self._load_ms = int(1000 * (time.monotonic() - started))  # reported in a bundle, where metrics count
+        self._compile_ms = None if self._encoder.compile_s is None else int(1000 * self._encoder.compile_s)
         preprocess = self._encoder.preprocess
         decoder = gpu_decoder_name(cfg) if gpu_decoding(cfg, preprocess) else None
         if decoder:
@@ -310,6 +311,8 @@ class EmbedBatch(beam.DoFn):
     def start_bundle(self) -> None:
         if self._load_ms is not None:
             Metrics.distribution(_NAMESPACE, "model_load_ms").update(self._load_ms)
+            if self._compile_ms is not None:  # a part of the load (`load_encoder` compiles the step)
+                Metrics.distribution(_NAMESPACE, "compile_ms").update(self._compile_ms)
             self._load_ms = None
         if self._stream is not None:  # left by a bundle that failed
             self._stream.close()
@@ -878,7 +881,9 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     # run in this process (they use the launcher's), else in the pipeline (the slowest worker's load).
     if not shared:
         load_s = None if load_ms is None else load_ms / 1000
+    compile_ms = metrics.get("compile_ms:max")  # with --compile: a part of the load (the slowest worker's)
     time_s = {"prepare": prepared_at - started, "pipeline": ran_at - prepared_at, "model_load": load_s,
+              "compile": None if compile_ms is None else compile_ms / 1000,
               "accounting": wall_s - (ran_at - started)}  # fmt: skip
     manifest = {
         "run_id": cfg.run_id,

@@ -69,6 +69,7 @@ def _time_split(time_s: dict | None) -> str:
         ("pipeline", "pipeline"),
         ("accounting", "accounting"),
         ("model_load", "model load"),
+        ("compile", "of it compile"),
     ]
     return " · ".join(f"{label} {secs(time_s[key])}" for key, label in parts if time_s.get(key) is not None)
 

@@ -194,6 +194,7 @@ def test_a_compiled_step_gives_the_eager_vectors_with_one_graph_whatever_made_it
     torch.compiler.reset()
     counters.clear()
     encoder = load_encoder(EncoderConfig(model=str(tiny_model), device="cpu", batch_size=4, compile=True))
+    assert counters["stats"]["unique_graphs"] == 1 and encoder.compile_s > 0  # compiled at load, timed
     outside = encoder.embed_prepared(torch.from_numpy(pixels[:4]).clone())  # a plain tensor, as the GPU path's
     inside = encoder.embed_prepared(pixels)  # a host batch, then a short one padded to 4
     piece = encoder.launch(pixels[1:4], eager=True).result()  # a failed batch's piece (`embed_checked`)
@@ -202,6 +203,30 @@ def test_a_compiled_step_gives_the_eager_vectors_with_one_graph_whatever_made_it
     eager = tiny_encoder.embed_prepared(pixels)
     assert np.allclose(inside, eager, atol=1e-5) and np.allclose(outside, eager[:4], atol=1e-5)
     assert np.allclose(piece, eager[1:4], atol=1e-5)
+
+
+@pytest.mark.parametrize("error", ["compiler", "device"])
+def test_a_step_that_cannot_compile_runs_eagerly_with_a_warning(tiny_model, tiny_encoder, monkeypatch, caplog, error):
+    """As a model that cannot be captured as a CUDA graph: the run goes on without, where before each batch failed
+    and was retried in pieces. A device that failed fails the load."""
+    import torch
+
+    def broken(*args):
+        if error == "device":
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: broken)
+    cfg = EncoderConfig(model=str(tiny_model), device="cpu", batch_size=4, compile=True)
+    if error == "device":
+        with pytest.raises(torch.AcceleratorError):
+            load_encoder(cfg)
+        return
+    encoder = load_encoder(cfg)
+    assert "could not compile the model (RuntimeError: InvalidCxxCompiler" in caplog.text
+    assert encoder.compile_s is None and not encoder.static_batch
+    images = _images(5)
+    assert np.allclose(encoder.embed(images), tiny_encoder.embed(images), atol=1e-6)
 
 
 def test_a_compiled_encoder_once_dropped_frees_its_model_without_the_cyclic_collector(tiny_model, tiny_encoder):

@@ -109,8 +109,9 @@ def test_run_manifest_is_written_last_with_counts_and_shards(first_run):
 
 def test_the_manifest_says_where_the_wall_time_went(first_run):
     t = first_run.manifest["time_s"]
-    assert set(t) == {"prepare", "pipeline", "model_load", "accounting"}
+    assert set(t) == {"prepare", "pipeline", "model_load", "compile", "accounting"}
     assert 0 < t["model_load"] < t["prepare"] and t["pipeline"] > 0 and t["accounting"] > 0
+    assert t["compile"] is None  # not compiled
     assert t["prepare"] + t["pipeline"] + t["accounting"] == pytest.approx(first_run.manifest["wall_time_s"], abs=0.01)
 
 
@@ -124,6 +125,7 @@ def test_a_local_run_loads_its_model_once_and_its_workers_use_it(demo_catalog, t
     def slow_load(*args, **kwargs):
         time.sleep(0.3)
         loads.append(real(*args, **kwargs))
+        loads[-1].compile_s = 0.25  # as `load_encoder` records a compile (--compile), which the manifest reports
         return loads[-1]
 
     monkeypatch.setattr(embed, "load_encoder", slow_load)
@@ -135,7 +137,7 @@ def test_a_local_run_loads_its_model_once_and_its_workers_use_it(demo_catalog, t
     assert result.counts["embedded"] == 95 and len(loads) == 1
     assert used and all(encoder is loads[0] for encoder in used)
     t = result.manifest["time_s"]
-    assert 0.3 <= t["model_load"] < t["prepare"]
+    assert 0.3 <= t["model_load"] < t["prepare"] and t["compile"] == 0.25
     assert not embed._PRELOADED
     with pytest.raises(FileExistsError):  # refused after the load: the model is not left behind
         run_embed(dataclasses.replace(cfg, run_id=result.run_id))
