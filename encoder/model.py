@@ -250,11 +250,11 @@ class ImageEncoder:
         and unpadded would compile the step again for each new size."""
         cuda = self.device.type == "cuda"
         out = torch.empty((len(batch), self.dim), dtype=torch.float32, pin_memory=cuda)
+        graphed = self.graph is not None and not eager
         for start in range(0, len(batch), self.batch_size):
             chunk = torch.as_tensor(batch[start : start + self.batch_size])
             n = len(chunk)
-            graphed = self.graph is not None and not eager
-            if not eager and self.graph is None and self.static_batch and n < self.batch_size:  # one shape: pad
+            if not (eager or graphed) and self.static_batch and n < self.batch_size:  # one shape: pad, then drop
                 chunk = torch.cat([chunk, chunk.new_zeros((self.batch_size - n, *chunk.shape[1:]))])
             if chunk.device != self.device and cuda:
                 chunk = chunk.pin_memory()
