@@ -39,7 +39,7 @@ case ",$steps," in *,model,*)  # the model's step beside such threads: eager, co
   timeout "${MODEL_S:-90}" python3 benchmarks/model_gil.py --device cuda --compile --batches 8 --rounds 1 2>&1 | tee "$out/model.log" | tail -8;;
 esac
 case ",$steps," in *,tests,*)
-  timeout "${TESTS_S:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/encoder/test_gpu_images.py tests/encoder/test_cuda_graph.py tests/encoder/test_devices.py tests/encoder/test_gpu_stream.py tests/encoder/test_nvimgcodec.py tests/encoder/test_model.py tests/pipelines/test_embed.py tests/training/test_train_gpu.py 2>&1 | tee "$out/tests.log" | tail -40;;
+  timeout "${TESTS_S:-150}" python3 -m pytest -m gpu -v -p no:cacheprovider -rs tests/encoder/test_gpu_images.py tests/encoder/test_cuda_graph.py tests/encoder/test_devices.py tests/encoder/test_gpu_stream.py tests/encoder/test_nvimgcodec.py tests/encoder/test_model.py tests/pipelines/test_embed.py tests/training/test_train_gpu.py 2>&1 | tee "$out/tests.log" | tail -40;;  # -v: a line per test as it ends, kept if the step runs out of time
 esac
 case ",$steps," in *,train,*)
   timeout "${TRAIN_S:-200}" python3 benchmarks/train_bench.py --gpu --seconds 8 2>&1 | tee "$out/train.log" | tail -40;;
