@@ -89,7 +89,7 @@ def main() -> None:
     batch = timed(lambda: encoder.launch(pixels).result())
     halves = timed(lambda: embed_checked(culprit, poisoned))
     padded = timed(lambda: one_by_one_padded(culprit, poisoned))
-    rows, _, failed = embed_checked(culprit, poisoned)
+    rows, _, failed, _ = embed_checked(culprit, poisoned)
     assert len(rows) == args.batch_size - 1 and len(failed) == 1, (len(rows), failed)
     result = {"machine": machine(), "device": str(encoder.device), "shape": args.shape, "batch": args.batch_size,
               "compiled": args.compile, "batch_alone_s": round(batch, 4), "in_halves_s": round(halves, 4),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ __all__ = [
     "DecodedBatch",
     "GpuImages",
     "PreparedBatch",
+    "Throttled",
     "attempt",
     "batches_progressive",
     "byte_tensors",
@@ -190,6 +192,28 @@ def attempt(fn: Callable[..., T], *args) -> tuple[T | None, str | None]:
         if device_failed(err):
             raise
         return None, describe_error(err)
+
+
+class Throttled:
+    """Logs a warning the first time, then at most one every `every_s` seconds, saying how many it held back:
+    a condition that fails every batch (a batch size that no longer fits) would otherwise log each one."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 60.0) -> None:
+        self._log, self._every_s, self._lock = logger, every_s, threading.Lock()
+        self._last, self._held = -math.inf, 0
+
+    def warning(self, message: str, *args) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self._every_s:
+                self._held += 1
+                return
+            held, self._held, self._last = self._held, 0, now
+        self._log.warning(message + (f" ({held} more since the last such warning)" if held else ""), *args,
+                          stacklevel=2)  # fmt: skip
+
+
+_RESIZE_RETRIES = Throttled(log)  # batches that failed to resize whole
 
 
 def in_halves(fn: Callable[[Sequence], T], items: Sequence, reason: str) -> tuple[list[tuple[int, T]], dict[int, str]]:
@@ -362,7 +386,7 @@ class GpuImages:
         resized, reason = attempt(resize_like_pil, images, self.preprocess)
         if reason is None:
             return resized, {}
-        log.warning("resizing a batch of %d failed (%s); resizing it in halves", len(images), reason)
+        _RESIZE_RETRIES.warning("resizing a batch of %d failed (%s); resizing it in halves", len(images), reason)
         done, failed = in_halves(lambda part: resize_like_pil(part, self.preprocess), images, reason)
         resized = torch.cat([rows for _, rows in done]) if done else self._no_pixels()
         return resized, {j: f"resize failed: {why}" for j, why in failed.items()}

@@ -27,18 +27,20 @@ import queue
 import threading
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from encoder.gpu_images import GpuImages, attempt, in_halves
+from encoder.gpu_images import GpuImages, Throttled, attempt, in_halves
 from encoder.model import ImageEncoder, PendingVectors
 
-__all__ = ["BackgroundEmbedder", "StreamBatch", "embed_checked", "embed_stream"]
+__all__ = ["BackgroundEmbedder", "Checked", "StreamBatch", "embed_checked", "embed_stream"]
 
 log = logging.getLogger(__name__)
 
 _DONE = object()
+_RETRIES = Throttled(log)  # batches that failed to embed whole
 
 
 def side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -68,30 +70,39 @@ class StreamBatch:
     vectors: np.ndarray  # (len(keys), dim) float32, L2-normalised
     failed: list[tuple[Hashable, str, str]]  # (key, "decode" | "encode", reason)
     on_gpu: int  # images decoded by the GPU decoder (the rest by the CPU fallback)
+    retried: bool = False  # the batch failed in the model and was retried in halves (`embed_checked`)
+
+
+class Checked(NamedTuple):
+    """`embed_checked`'s outcome."""
+
+    rows: list[int]  # the rows embedded
+    vectors: np.ndarray  # their vectors
+    failed: list[tuple[int, str]]  # (row, reason) for the rest
+    retried: bool  # the batch failed whole and was retried in halves
 
 
 def embed_checked(encoder: ImageEncoder, pixels: torch.Tensor, launched: PendingVectors | str | None = None,
-                  ) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:  # fmt: skip
+                  ) -> Checked:  # fmt: skip
     """Embed a batch; if it fails, in halves (`in_halves`), so only the culprits fail. Non-finite vectors fail too.
 
     `launched`: the batch's `encoder.launch(pixels)`, started earlier, or why it failed (`_launch`).
     The pieces run the model's eager step at their own size (`ImageEncoder.launch`), and start once
     the failure's traceback is gone: its frames hold the failed attempt's tensors, whose GPU memory
     the pieces may need. A CUDA error that leaves the device unusable (`device_failed`) is raised,
-    not dead-lettered piece by piece.
-
-    Returns:
-        (rows embedded, their vectors, (row, reason) for the rest).
+    not dead-lettered piece by piece. The warning says so once a minute at most (`_RETRIES`): a batch
+    size that no longer fits could otherwise log every batch.
     """
     reason = launched if isinstance(launched, str) else None
     if reason is None:
         vectors, reason = attempt(lambda: (launched or encoder.launch(pixels)).result())
         if reason is None:
-            return _finite(list(range(len(pixels))), vectors, [])
-    log.warning("batch of %d failed to embed (%s); retrying it in halves", len(pixels), reason)
+            return Checked(*_finite(list(range(len(pixels))), vectors, []), retried=False)
+    _RETRIES.warning("batch of %d failed to embed (%s); retrying it in halves", len(pixels), reason)
     done, failed = in_halves(lambda piece: encoder.launch(piece, eager=True).result(), pixels, reason)
     vectors = np.concatenate([v for _, v in done]) if done else np.zeros((0, encoder.dim), np.float32)
-    return _finite([start + k for start, v in done for k in range(len(v))], vectors, sorted(failed.items()))
+    rows = [start + k for start, v in done for k in range(len(v))]
+    return Checked(*_finite(rows, vectors, sorted(failed.items())), retried=True)
 
 
 def _launch(encoder: ImageEncoder, pixels: torch.Tensor) -> PendingVectors | str:
@@ -263,10 +274,10 @@ def _event_on(stream: torch.cuda.Stream) -> torch.cuda.Event:
 
 
 def _outcome(encoder: ImageEncoder, keys: list[Hashable], prepared, launched) -> StreamBatch:
-    rows, vectors, unembedded = embed_checked(encoder, prepared.pixels, launched)
+    rows, vectors, unembedded, retried = embed_checked(encoder, prepared.pixels, launched)
     failed = [(keys[i], "decode", reason) for i, reason in prepared.failed]
     failed += [(keys[prepared.kept[row]], "encode", reason) for row, reason in unembedded]
-    return StreamBatch([keys[prepared.kept[row]] for row in rows], vectors, failed, prepared.on_gpu)
+    return StreamBatch([keys[prepared.kept[row]] for row in rows], vectors, failed, prepared.on_gpu, retried)
 
 
 class BackgroundEmbedder:

@@ -34,7 +34,8 @@ READERS: dict[str, type[FileReader]] = {"processes": ProcessReader, "threads": T
 class DirectResult:
     embedded: int = 0
     dead_lettered: int = 0
-    on_gpu: int = 0
+    on_gpu: int = 0  # images the GPU decoder took (the rest, CPU threads)
+    batches_retried: int = 0  # batches that failed in the model and were retried in halves
     shards: list[str] = field(default_factory=list)
 
 
@@ -66,6 +67,7 @@ def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, 
             for batch in embed_stream(encoder, images, batches(files), prefetch=prefetch, in_flight=in_flight):
                 failures.extend((path, path, stage, reason) for (path, _), stage, reason in batch.failed)
                 result.on_gpu += batch.on_gpu
+                result.batches_retried += batch.retried
                 if not batch.keys:
                     continue
                 ids, digests = zip(*batch.keys, strict=True)

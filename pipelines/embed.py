@@ -306,6 +306,8 @@ class EmbedBatch(beam.DoFn):
         self._stream: BackgroundEmbedder | None = None
         self._waiting: list[PreparedImage] = []
         self._embedded = Metrics.counter(_NAMESPACE, "embedded")
+        self._on_gpu = Metrics.counter(_NAMESPACE, "decoded_on_gpu")
+        self._retried = Metrics.counter(_NAMESPACE, "batches_retried")
         self._progress = ProgressLog("embedded")
 
     def start_bundle(self) -> None:
@@ -354,6 +356,8 @@ class EmbedBatch(beam.DoFn):
 
     def _outputs(self, finished):
         for done in finished:
+            self._on_gpu.inc(done.on_gpu)
+            self._retried.inc(int(done.retried))
             table, failures = stream_outputs(done, self._encoder.model_version)
             if table.num_rows:
                 self._embedded.inc(table.num_rows)
@@ -897,6 +901,12 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
         "dim": dim,
         "counts": counts,
         "dead_letters_by_stage": by_stage,
+        # How the workers' batches went: images the GPU decoder took (the rest, CPU threads), and batches that
+        # failed in the model and were retried in halves (many: a batch size that no longer fits).
+        "batches": {
+            "decoded_on_gpu": metrics.get("decoded_on_gpu", 0),
+            "retried": metrics.get("batches_retried", 0),
+        },  # fmt: skip
         "images_per_s": round(counts["embedded"] / wall_s, 2),
         "previous_run": previous_run,
         "shards": shards,

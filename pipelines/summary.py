@@ -39,6 +39,7 @@ def print_embed_summary(result: EmbedResult, console: Console | None = None) -> 
         ("reused", f"{c['reused']:,}"),
         ("dead-lettered", f"{c['dead_lettered']:,}"),
         ("  by stage", ", ".join(f"{k} {v}" for k, v in sorted(m["dead_letters_by_stage"].items())) or "-"),
+        *_batch_rows(m.get("batches")),
         ("images/s (embedded, whole run)", f"{m['images_per_s']:,.1f}" if c["embedded"] else "-"),
         ("wall time", f"{m['wall_time_s']:,.1f} s"),
         ("  of which", _time_split(m.get("time_s"))),
@@ -53,6 +54,16 @@ def print_embed_summary(result: EmbedResult, console: Console | None = None) -> 
         f"items in = embedded + reused + dead-lettered: "
         f"{c['items_in']:,} = {c['embedded']:,} + {c['reused']:,} + {c['dead_lettered']:,}"
     )
+
+
+def _batch_rows(batches: dict | None) -> list[tuple[str, str]]:
+    """The workers' batches, where there is something to say: images decoded on the GPU, batches retried."""
+    rows = []
+    if batches and batches.get("decoded_on_gpu"):
+        rows.append(("decoded on the GPU", f"{batches['decoded_on_gpu']:,}"))
+    if batches and batches.get("retried"):
+        rows.append(("batches retried in halves", f"{batches['retried']:,} (failed in the model; see the log)"))
+    return rows
 
 
 def _time_split(time_s: dict | None) -> str:

@@ -296,6 +296,24 @@ def test_in_halves_of_one_item_or_none_calls_nothing():
     assert calls == []
 
 
+def test_a_warning_that_repeats_is_logged_at_most_once_a_period_with_how_many_were_held_back(caplog):
+    """A batch size that no longer fits fails every batch: one warning per period, not one per batch."""
+    import logging
+    import time
+
+    from encoder.gpu_images import Throttled
+
+    throttled = Throttled(logging.getLogger("test.throttled"), every_s=0.3)
+    for k in range(3):
+        throttled.warning("batch %d failed", k)
+    time.sleep(0.35)
+    throttled.warning("batch %d failed", 3)
+    assert [r.getMessage() for r in caplog.records if r.name == "test.throttled"] == [
+        "batch 0 failed",
+        "batch 3 failed (2 more since the last such warning)",
+    ]
+
+
 def test_a_batch_that_fails_to_resize_is_resized_in_halves_and_only_the_culprit_fails(jpegs, monkeypatch):
     """As when one very large photo leaves too little GPU memory for its batch and for itself."""
     import encoder.gpu_images as gpu_images

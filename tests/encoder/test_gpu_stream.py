@@ -382,8 +382,8 @@ def _pixels(encoder, values: list[int | None], seed: int = 0):
 
 def test_a_failing_batch_is_retried_in_halves_and_only_the_culprits_fail(tiny_encoder):
     pixels = _pixels(tiny_encoder, [None, None, 255, None, 7, None, 9])
-    rows, vectors, failed = embed_checked(_Poisoned(tiny_encoder), pixels)
-    assert rows == [0, 1, 3, 5] and vectors.shape == (4, tiny_encoder.dim)
+    rows, vectors, failed, retried = embed_checked(_Poisoned(tiny_encoder), pixels)
+    assert rows == [0, 1, 3, 5] and vectors.shape == (4, tiny_encoder.dim) and retried
     expected = [(2, "RuntimeError: kernel failed"), (4, "non-finite embedding"), (6, "RuntimeError: device-side error")]
     assert failed == expected
     assert np.allclose(vectors, tiny_encoder.embed_prepared(pixels[[0, 1, 3, 5]]), atol=1e-5)
@@ -391,8 +391,8 @@ def test_a_failing_batch_is_retried_in_halves_and_only_the_culprits_fail(tiny_en
 
 def test_a_batch_whose_vectors_fail_late_is_retried_in_halves(tiny_encoder):
     pixels = _pixels(tiny_encoder, [None, 9, None])
-    rows, _, failed = embed_checked(_Poisoned(tiny_encoder), pixels)
-    assert rows == [0, 2] and failed == [(1, "RuntimeError: device-side error")]
+    rows, _, failed, retried = embed_checked(_Poisoned(tiny_encoder), pixels)
+    assert rows == [0, 2] and failed == [(1, "RuntimeError: device-side error")] and retried
 
 
 def test_a_failed_batch_is_retried_in_halves_at_their_own_size_without_the_compiled_step(tiny_encoder, monkeypatch):
@@ -413,8 +413,9 @@ def test_a_failed_batch_is_retried_in_halves_at_their_own_size_without_the_compi
         _pixels(tiny_encoder, [None] * 7),
         _pixels(tiny_encoder, [None, None, None, 255, None, None, None]),
     )
-    assert embed_checked(_Poisoned(tiny_encoder), clean)[0] == list(range(7)) and compiled == [8]  # padded to 8
-    rows, vectors, failed = embed_checked(_Poisoned(tiny_encoder), poisoned)
+    checked = embed_checked(_Poisoned(tiny_encoder), clean)
+    assert checked.rows == list(range(7)) and not checked.retried and compiled == [8]  # padded to 8
+    rows, vectors, failed, _ = embed_checked(_Poisoned(tiny_encoder), poisoned)
     assert rows == [0, 1, 2, 4, 5, 6] and failed == [(3, "RuntimeError: kernel failed")]
     assert compiled == [8] and eager == [3, 2, 1]  # one by one, padded: 6 compiled batches of 8
     assert np.allclose(vectors, tiny_encoder.embed_prepared(poisoned[rows]), atol=1e-5)
@@ -435,8 +436,8 @@ class _Cramped:
 
 def test_a_batch_too_large_for_the_memory_left_goes_through_in_pieces_that_fit(tiny_encoder):
     cramped, pixels = _Cramped(tiny_encoder, fits=2), _pixels(tiny_encoder, [None] * 8)
-    rows, vectors, failed = embed_checked(cramped, pixels)
-    assert rows == list(range(8)) and not failed
+    rows, vectors, failed, retried = embed_checked(cramped, pixels)
+    assert rows == list(range(8)) and not failed and retried
     assert cramped.sizes == [8, 4, 4, 2, 2, 2, 2]  # image by image: 8 launches after the first
     assert np.allclose(vectors, tiny_encoder.embed_prepared(pixels), atol=1e-5)
 
@@ -468,7 +469,7 @@ def test_the_failed_attempts_memory_is_freed_before_the_images_are_retried(tiny_
     gc.disable()  # freed by reference counting alone, as soon as the failure is handled, not by a later collection
     try:
         launched = _launch(hoarder, pixels) if launched_earlier else None
-        rows, _, failed = embed_checked(hoarder, pixels, launched)
+        rows, _, failed, _ = embed_checked(hoarder, pixels, launched)
     finally:
         gc.enable()
     assert rows == [0, 1, 2] and not failed and hoarder.freed == [True, True, True]
@@ -550,6 +551,7 @@ def test_batches_in_flight_keep_their_order_when_some_fail(tiny_encoder):
     batches = [([f"{i}.{j}" for j in range(2)], images) for i, images in enumerate(host)]
     out = list(embed_stream(_Poisoned(tiny_encoder), _images(tiny_encoder), batches, in_flight=2))
     assert [b.keys for b in out] == [["0.0", "0.1"], ["1.0"], ["2.1"], ["3.0"], ["4.0", "4.1"]]
+    assert [b.retried for b in out] == [False, True, True, False, False]  # a non-finite vector is no retry
     assert [f for b in out for f in b.failed] == [
         ("1.1", "encode", "RuntimeError: kernel failed"),
         ("2.0", "encode", "RuntimeError: device-side error"),

@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import io
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -43,6 +44,37 @@ def first_run(demo_catalog, tiny_model, tmp_path_factory):
 def test_counts_add_up(first_run, demo_catalog):
     counts = first_run.counts
     assert counts == {"items_in": 100, "embedded": 95, "reused": 0, "dead_lettered": 5}
+    assert first_run.manifest["batches"] == {"decoded_on_gpu": 0, "retried": 0}  # CPU decodes, no batch failed
+
+
+def test_a_batch_the_model_cannot_take_whole_goes_through_in_halves_and_is_counted(demo_catalog, tiny_model,
+                                                                                   tmp_path, monkeypatch):  # fmt: skip
+    """As when the batch size no longer fits the GPU's memory: nothing is lost, the run says how many batches."""
+    import io
+
+    import torch
+    from rich.console import Console
+
+    from encoder.model import ImageEncoder
+    from pipelines.summary import print_embed_summary
+
+    launch = ImageEncoder.launch
+
+    def cramped(self, batch, eager=False):
+        if len(batch) > 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return launch(self, batch, eager)
+
+    monkeypatch.setattr(ImageEncoder, "launch", cramped)
+    cfg = EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path), batch_size=32)
+    result = run_embed(cfg)
+    assert result.counts == {"items_in": 100, "embedded": 95, "reused": 0, "dead_lettered": 5}
+    assert result.manifest["dead_letters_by_stage"] == {"decode": 4, "fetch": 1}  # as without the failures
+    assert result.manifest["batches"]["retried"] >= 3  # 95 images in batches of at most 32
+    out = io.StringIO()
+    print_embed_summary(result, Console(file=out, width=160))
+    retried = result.manifest["batches"]["retried"]
+    assert re.search(rf"batches retried in halves\s*│\s*{retried} \(failed in the model", out.getvalue())
 
 
 def test_shards_follow_the_contract(first_run, tiny_encoder):
@@ -626,6 +658,7 @@ def test_gpu_decode_on_cuda_embeds_every_item_close_to_the_cpu_encoder(
     gpu = run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path),
                                 device="cuda", gpu_decode="on", gpu_decoder=decoder, batch_size=32))  # fmt: skip
     assert gpu.counts == {"items_in": 100, "embedded": 95, "reused": 0, "dead_lettered": 5}
+    assert 0 < gpu.manifest["batches"]["decoded_on_gpu"] <= 95 and gpu.manifest["batches"]["retried"] == 0
     got = _vectors(_read_dir(Path(gpu.run_dir)))
     manifest = {r["item_id"]: r for r in pq.read_table(demo_catalog.manifest).to_pylist()}
     cosines = []
