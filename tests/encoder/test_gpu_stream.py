@@ -636,6 +636,19 @@ def test_embed_files_writes_every_file_once_or_dead_letters_it(tiny_encoder, fil
     assert gc.get_freeze_count() == 0  # the heap frozen for the run only (pipelines.heap)
 
 
+def test_embed_files_counts_the_batches_retried_in_halves(tiny_encoder, files, tmp_path, monkeypatch):
+    launch = tiny_encoder.launch
+
+    def cramped(pixels, eager=False):  # as a GPU whose memory no longer fits a batch of 8
+        if len(pixels) > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return launch(pixels, eager)
+
+    monkeypatch.setattr(tiny_encoder, "launch", cramped)
+    result = embed_files(files, tiny_encoder, _images(tiny_encoder), tmp_path / "out", batch_size=8, reader="threads")
+    assert result.embedded == 20 and result.dead_lettered == 0 and result.batches_retried == 2  # of 8, 8 and 4
+
+
 def test_a_shard_write_error_stops_embed_files(tiny_encoder, files, tmp_path, monkeypatch):
     def full_disk(self, table):
         raise OSError("No space left on device")
