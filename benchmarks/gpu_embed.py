@@ -219,7 +219,7 @@ def encoder_alone(ckpt: Path, shape: dict, device: torch.device, batch: int, sec
     size = shape["image_size"]
     with torch.inference_mode():  # as the product's batches are made (a batch made outside would be copied)
         pixels = torch.randint(0, 256, (encoder.batch_size, size, size, 3), dtype=torch.uint8, device=device)
-    encoder.embed_prepared(pixels)  # compiles here
+    encoder.embed_prepared(pixels)  # compiles here with a `mode` (load_encoder compiled the default one); warms
     if device.type == "cuda":
         torch.cuda.synchronize()
     warm_s = time.perf_counter() - start

@@ -390,7 +390,7 @@ def load_encoder(cfg: EncoderConfig, limits: DecodeLimits = DecodeLimits()) -> I
     if cfg.cuda_graph and device.type != "cuda":
         log.warning("cuda_graph needs a CUDA device; the model runs on %s without one", device)
     elif cfg.cuda_graph:
-        encoder.capture_graph()  # compiles here, too, when asked to
+        encoder.capture_graph()  # of the compiled step, when asked for both
     log.info("loaded %s (%s) on %s as %s, batch %d%s", cfg.model, version, device, dtype, encoder.batch_size,
              ", one CUDA graph" if encoder.graph is not None else "")  # fmt: skip
     return encoder
