@@ -18,18 +18,17 @@ from __future__ import annotations
 import logging
 import math
 import queue
-import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 import torch
 
+from encoder.failures import Throttled, attempt, in_halves
 from encoder.jpeg import cpu_reason
 from encoder.preprocess import DecodeLimits, ImageDecodeError, PreprocessConfig, decode_image
 from encoder.resize import PackedImages, gpu_resizes, pack_images, resize_like_pil
@@ -40,15 +39,10 @@ __all__ = [
     "DecodedBatch",
     "GpuImages",
     "PreparedBatch",
-    "Throttled",
-    "attempt",
     "batches_progressive",
     "byte_tensors",
     "collect_decodes",
     "decode_on_cpu",
-    "describe_error",
-    "device_failed",
-    "in_halves",
     "nvimgcodec_decoder",
     "nvimgcodec_python_decoder",
     "nvjpeg_decoder",
@@ -56,7 +50,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # A batch of encoded JPEGs (bytes, or 1-D uint8 arrays over a file reader's ring) → decoded (3, h, w) uint8
 # tensors on the device, None for one it could not decode; or the images it decoded packed in one buffer and
@@ -172,71 +165,7 @@ def pil_decoder(device: torch.device | None = None) -> BatchDecoder:
 
 PACK_MAX_BYTES = 1 << 30  # decoded batches up to this are packed for the resize (`_packed`)
 
-_DEVICE_ERRORS = tuple(t for t in (getattr(torch, "AcceleratorError", None),) if t is not None)
-
-
-def device_failed(err: BaseException) -> bool:
-    """A CUDA error that leaves the device unusable (an illegal address, a device-side assert: every later call
-    fails too), unlike one image's failure or running out of memory: the run must stop and be retried, not
-    dead-letter the rest of the catalog image by image."""
-    return isinstance(err, _DEVICE_ERRORS)
-
-
-def attempt(fn: Callable[..., T], *args) -> tuple[T | None, str | None]:
-    """(fn(*args), None), or (None, the dead-letter reason it failed with). Only the reason is kept: the exception's
-    traceback would keep its frames' tensors, and the GPU memory a retry needs, alive. A device failure
-    (`device_failed`) is raised."""
-    try:
-        return fn(*args), None
-    except Exception as err:  # noqa: BLE001 - the caller isolates the item(s) that failed
-        if device_failed(err):
-            raise
-        return None, describe_error(err)
-
-
-class Throttled:
-    """Logs a warning the first time, then at most one every `every_s` seconds, saying how many it held back:
-    a condition that fails every batch (a batch size that no longer fits) would otherwise log each one."""
-
-    def __init__(self, logger: logging.Logger, every_s: float = 60.0) -> None:
-        self._log, self._every_s, self._lock = logger, every_s, threading.Lock()
-        self._last, self._held = -math.inf, 0
-
-    def warning(self, message: str, *args) -> None:
-        with self._lock:
-            now = time.monotonic()
-            if now - self._last < self._every_s:
-                self._held += 1
-                return
-            held, self._held, self._last = self._held, 0, now
-        self._log.warning(message + (f" ({held} more since the last such warning)" if held else ""), *args,
-                          stacklevel=2)  # fmt: skip
-
-
 _RESIZE_RETRIES = Throttled(log)  # batches that failed to resize whole
-
-
-def in_halves(fn: Callable[[Sequence], T], items: Sequence, reason: str) -> tuple[list[tuple[int, T]], dict[int, str]]:
-    """`fn` of each half of `items`, which failed whole with `reason`, then of the halves of each half that fails,
-    down to single items: (start, result) for the slices it took, in order, and position → dead-letter reason for
-    the items that fail alone (`attempt`). One culprit among n costs ~2 log2 n calls, not n, and a batch too large
-    for the memory left goes through in two or four pieces instead of one item at a time."""
-    done, failed = [], {}
-    split = [(0, len(items), reason)] if len(items) else []  # slices that failed whole
-    while split:
-        start, stop, why = split.pop()
-        if stop - start == 1:
-            failed[start] = why
-            continue
-        middle = (start + stop) // 2
-        for first, last in ((start, middle), (middle, stop)):
-            result, why = attempt(fn, items[first:last])
-            if why is None:
-                done.append((first, result))
-            else:
-                split.append((first, last, why))
-    return sorted(done, key=lambda slice_done: slice_done[0]), failed
-
 
 # name → factory(device) of a `BatchDecoder`; "nvimgcodec-python" and "pil" are for benchmarks and tests.
 DECODERS = {"nvjpeg": nvjpeg_decoder, "nvimgcodec": nvimgcodec_decoder, "nvimgcodec-python": nvimgcodec_python_decoder,

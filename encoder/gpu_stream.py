@@ -32,7 +32,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from encoder.gpu_images import GpuImages, Throttled, attempt, in_halves
+from encoder.failures import Throttled, attempt, in_halves
+from encoder.gpu_images import GpuImages
 from encoder.model import ImageEncoder, PendingVectors
 
 __all__ = ["BackgroundEmbedder", "Checked", "StreamBatch", "embed_checked", "embed_stream"]

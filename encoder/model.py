@@ -23,7 +23,7 @@ from PIL import Image
 
 from encoder.cuda_graph import Capture, GraphedStep, capture_cuda_graph
 from encoder.devices import gpu_for_process
-from encoder.gpu_images import device_failed
+from encoder.failures import device_failed
 from encoder.preprocess import (
     DecodeLimits,
     PreprocessConfig,
