@@ -292,7 +292,6 @@ class EmbedBatch(beam.DoFn):
         load = partial(load_encoder, cfg.encoder, cfg.limits)
         self._encoder = self._shared.acquire(lambda: _PRELOADED.pop(cfg.run_id, None) or load(), tag=cfg.model)
         self._load_ms = int(1000 * (time.monotonic() - started))  # reported in a bundle, where metrics count
-        self._compile_ms = None if self._encoder.compile_s is None else int(1000 * self._encoder.compile_s)
         preprocess = self._encoder.preprocess
         decoder = gpu_decoder_name(cfg) if gpu_decoding(cfg, preprocess) else None
         if decoder:
@@ -313,8 +312,8 @@ class EmbedBatch(beam.DoFn):
     def start_bundle(self) -> None:
         if self._load_ms is not None:
             Metrics.distribution(_NAMESPACE, "model_load_ms").update(self._load_ms)
-            if self._compile_ms is not None:  # a part of the load (`load_encoder` compiles the step)
-                Metrics.distribution(_NAMESPACE, "compile_ms").update(self._compile_ms)
+            if self._encoder.compile_s is not None:  # a part of the load (`load_encoder` compiles the step)
+                Metrics.distribution(_NAMESPACE, "compile_ms").update(int(1000 * self._encoder.compile_s))
             self._load_ms = None
         if self._stream is not None:  # left by a bundle that failed
             self._stream.close()
