@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import encoder.gpu_images as gpu_images  # noqa: E402
-import pipelines.embed as embed  # noqa: E402
+import pipelines.embed_dofns as embed_dofns  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
 from benchmarks.gpu_embed import SHAPES, _checkpoint, _make_images  # noqa: E402
 from benchmarks.worker_overhead import SIZE, beam, direct  # noqa: E402
@@ -113,7 +113,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     device = SimulatedDevice(args.model_rate)
-    embed.gpu_decoding = lambda cfg, preprocess: True
+    embed_dofns.gpu_decoding = lambda cfg, preprocess: True
     variants = {  # name: (the model's calls per batch, decoded images packed in one buffer)
         "per-op calls (eager), separate images": (EAGER_CALLS, False),
         "one CUDA graph, separate images": (GRAPH_CALLS, False),

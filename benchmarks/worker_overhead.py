@@ -45,6 +45,7 @@ import torch  # noqa: E402
 
 import encoder.gpu_images as gpu_images  # noqa: E402
 import pipelines.embed as embed  # noqa: E402
+import pipelines.embed_dofns as embed_dofns  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
 from benchmarks.gpu_embed import SHAPES, _checkpoint, _make_images  # noqa: E402
 from encoder import DecodeLimits, EncoderConfig  # noqa: E402
@@ -105,7 +106,7 @@ def direct(files: list[str], ckpt: Path, out: Path, batch: int, reader: str) -> 
     return result.embedded / seconds, cpu / result.embedded
 
 
-class FetchAhead(embed.FetchAndDecode):
+class FetchAhead(embed_dofns.FetchAndDecode):
     """A variant measured here before it is built in: the fetch step reads each chunk on a thread of its own
     while the runner's thread passes the chunk before it downstream, so the runner's thread no longer waits on
     every chunk's reads (on 2 cores the readers and the runner's thread share the cores anyway; what it is
@@ -127,7 +128,7 @@ class FetchAhead(embed.FetchAndDecode):
     def finish_bundle(self):
         if self._ahead is not None:
             ahead, self._ahead = self._ahead, None
-            yield from embed._windowed(ahead.result())
+            yield from embed_dofns.windowed(ahead.result())
 
 
 def beam(catalog: str, ckpt: Path, out: Path, batch: int) -> tuple[int, float, float]:
@@ -152,8 +153,9 @@ def main() -> None:
     torch.set_num_threads(1)
     # The stand-ins, everywhere the worker looks them up.
     gpu_images.DECODERS["nvjpeg"] = blank_decoder
-    embed.gpu_decoding = lambda cfg, preprocess: True
-    embed.load_encoder = _stub(embed.load_encoder)
+    for module in (embed, embed_dofns):  # the launcher's checks and load, and the workers'
+        module.gpu_decoding = lambda cfg, preprocess: True
+        module.load_encoder = _stub(module.load_encoder)
     work = Path(tempfile.mkdtemp(prefix="lookalike-overhead-"))
     try:
         files = sorted(str(p) for p in _make_images(work / "jpegs", args.images, 640))

@@ -11,24 +11,19 @@ Output layout under `out`:
     embeddings/<run_id>/part-SSSSS-of-NNNNN.parquet, embeddings/<run_id>/_manifest.json
     failures/<run_id>/part-SSSSS-of-NNNNN.parquet
     tmp/<run_id>/catalog.parquet: an image glob's listing, while the run runs
+
+Here: the run's config, the wiring and the launch. The steps that run on the workers are in
+`pipelines.embed_dofns`, a run's manifest, shards and scratch in `pipelines.embed_runs`.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import importlib.util
 import json
 import logging
-import os
-import pickle
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
-from functools import partial
 
 import apache_beam as beam
 import pyarrow as pa
@@ -39,17 +34,10 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
-from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.shared import Shared
 
 from encoder import DecodeLimits, EncoderConfig, ImageEncoder, load_encoder
-from encoder import storage as object_store
 from encoder.devices import spread_note
-from encoder.gpu_images import GpuImages, batches_progressive
-from encoder.gpu_stream import BackgroundEmbedder
-from encoder.nvimgcodec import library_problem as nvimgcodec_problem
-from encoder.resize import gpu_resizes
-from encoder.storage import arrow_input, contained
 from pipelines import storage
 from pipelines.catalog import (
     CatalogError,
@@ -60,8 +48,24 @@ from pipelines.catalog import (
     read_catalog,
     read_manifest_file,
 )
-from pipelines.embed_steps import KnownDigests, PreviousVectors, ProgressLog, join_reused, prepare_items, stream_outputs
-from pipelines.file_reader import ProcessReader, ReadLimits
+from pipelines.embed_dofns import (
+    NAMESPACE,
+    PRELOADED,
+    EmbedBatch,
+    FetchAndDecode,
+    InMemoryReuse,
+    gpu_decoding,
+)
+from pipelines.embed_runs import (
+    MANIFEST_NAME,
+    clear_crashed_attempt,
+    previous_run_shards,
+    read_shard,
+    remove_scratch,
+    shard_stats,
+    write_listing,
+)
+from pipelines.embed_steps import KnownDigests, join_reused
 from pipelines.heap import frozen_heap
 from pipelines.records import (
     FAILURE_SCHEMA,
@@ -74,12 +78,9 @@ from pipelines.records import (
     shard_writer_options,
 )
 
-__all__ = ["EmbedConfig", "EmbedResult", "find_previous_run", "run_embed"]
+__all__ = ["EmbedConfig", "EmbedResult", "build_pipeline", "run_embed"]
 
 log = logging.getLogger(__name__)
-
-_NAMESPACE = "lookalike"
-MANIFEST_NAME = "_manifest.json"
 
 
 @dataclass(frozen=True)
@@ -154,306 +155,12 @@ class EmbedResult:
         return self.manifest["counts"]
 
 
-# ---------------------------------------------------------------- Beam steps
-
-
-class PreparedImageCoder(beam.coders.Coder):
-    """Pickle, with a size estimate from the lengths of the bytes and pixels inside.
-
-    Beam samples the size of elements for its metrics; with the default pickle coder that meant
-    pickling whole chunks of encoded photos (every chunk of the first ten, then fewer) just to
-    learn their size.
-    """
-
-    def encode(self, value: PreparedImage) -> bytes:
-        return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-
-    def decode(self, encoded: bytes) -> PreparedImage:
-        return pickle.loads(encoded)
-
-    def estimate_size(self, value: PreparedImage) -> int:
-        pixels = 0 if value.pixels is None else value.pixels.nbytes
-        data = 0 if value.data is None else len(value.data)
-        return 128 + len(value.item_id) + len(value.image_uri) + data + pixels
-
-    def is_deterministic(self) -> bool:
-        return False
-
-    def to_type_hint(self):
-        return PreparedImage
-
-
-beam.coders.registry.register_coder(PreparedImage, PreparedImageCoder)
-
-
-class ItemChunkCoder(beam.coders.Coder):
-    """An `ItemChunk` as one pickle of its two lists of strings."""
-
-    def encode(self, value: ItemChunk) -> bytes:
-        return pickle.dumps((value.item_ids, value.image_uris), pickle.HIGHEST_PROTOCOL)
-
-    def decode(self, encoded: bytes) -> ItemChunk:
-        return ItemChunk(*pickle.loads(encoded))
-
-    def is_deterministic(self) -> bool:
-        return True
-
-    def to_type_hint(self):
-        return ItemChunk
-
-
-beam.coders.registry.register_coder(ItemChunk, ItemChunkCoder)
-
-
-class FetchAndDecode(beam.DoFn):
-    """Fetch, hash and decode a chunk of items (`embed_steps.prepare_items`); `fetch_threads` bounds the pool.
-
-    On a GPU worker nothing is decoded here: the bytes go on to `EmbedBatch`, which routes each
-    image to the GPU decoder or to CPU threads. With `previous` (an earlier run small enough for
-    memory), items whose image bytes already have a vector leave as one Arrow table per chunk on
-    the `reused` output; otherwise each leaves as a `reuse` request for the shuffle join.
-    """
-
-    def __init__(self, cfg: EmbedConfig, preprocess, total_items: int, reembed: frozenset[str] = frozenset(),
-                 previous: _InMemoryReuse | None = None) -> None:  # fmt: skip
-        self._cfg, self._preprocess, self._total, self._reembed = cfg, preprocess, total_items, reembed
-        self._previous_source = previous
-
-    def setup(self) -> None:
-        storage.configure_storage()
-        self._pool = ThreadPoolExecutor(self._cfg.fetch_threads, thread_name_prefix="fetch")
-        self._defer_decode = gpu_decoding(self._cfg, self._preprocess)  # the GPU worker routes and decodes
-        # A GPU worker reads local files in reader processes, keeping the interpreter lock for the GPU threads.
-        self._reader = (file_reader_for(self._cfg.limits, batches_progressive(gpu_decoder_name(self._cfg)),
-                                        self._cfg.batch_size, self._cfg.workers, self._cfg.gpu_decode_threads)
-                        if self._defer_decode else None)  # fmt: skip
-        self._progress = ProgressLog("fetched", self._total)
-        self._previous = self._previous_source.acquire() if self._previous_source else None
-        self._reused = Metrics.counter(_NAMESPACE, "reused")
-
-    def process(self, chunk: ItemChunk, known: KnownDigests | None = None):
-        items = chunk.items()
-        known = self._previous if self._previous is not None else known
-        prepared = prepare_items(items, self._pool, self._preprocess, self._cfg.limits, known, self._reembed,
-                                 threads=self._cfg.fetch_threads, max_decode_s=self._cfg.max_decode_s,
-                                 defer_decode=self._defer_decode, reader=self._reader)  # fmt: skip
-        if prepared.decoded:  # one element per chunk: per-element costs stay off the fast path
-            yield prepared.decoded
-        for failure in prepared.failed:
-            yield beam.pvalue.TaggedOutput("failed", failure)
-        if self._previous is None:
-            for request in prepared.reuse:
-                yield beam.pvalue.TaggedOutput("reuse", request)
-        elif prepared.reuse:
-            self._reused.inc(len(prepared.reuse))
-            yield beam.pvalue.TaggedOutput("reused", self._previous.table(prepared.reuse))
-        self._progress.add(len(items))
-
-    def teardown(self) -> None:
-        if getattr(self, "_pool", None):
-            self._pool.shutdown(wait=False)
-
-
-class _InMemoryReuse:
-    """How a worker loads an earlier run's vectors once, shared by its threads (`PreviousVectors`)."""
-
-    def __init__(self, shards: list[str], model_version: str, dim: int) -> None:
-        self.shards, self.model_version, self.dim = shards, model_version, dim
-        self._shared = Shared()
-
-    def acquire(self) -> PreviousVectors:
-        def load() -> PreviousVectors:
-            previous = PreviousVectors.load((_read_shard(s) for s in self.shards), self.model_version)
-            log.info("loaded %d earlier vectors for reuse in memory", len(previous))
-            return previous
-
-        return self._shared.acquire(load)
-
-
-class EmbedBatch(beam.DoFn):
-    """Encode chunks of prepared images in batches of `batch_size`, with one model per worker process (shared by
-    its threads), in the background.
-
-    `process` hands full batches to a `BackgroundEmbedder` and returns at once with whatever earlier
-    batches have finished, so this thread goes back to fetching while the GPU decodes and encodes;
-    `finish_bundle` sends the last, partial batch and waits for the rest. Items still encoded
-    (`PreparedImage.data`) are decoded there: JPEGs on the GPU, the rest on CPU threads.
-    """
-
-    def __init__(self, cfg: EmbedConfig, shared: Shared) -> None:
-        self._cfg, self._shared = cfg, shared
-
-    def setup(self) -> None:
-        storage.configure_storage()
-        cfg = self._cfg
-        if cfg.workers > 1:  # local worker processes share the cores: don't oversubscribe them
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
-        started = time.monotonic()
-        load = partial(load_encoder, cfg.encoder, cfg.limits)
-        self._encoder = self._shared.acquire(lambda: _PRELOADED.pop(cfg.run_id, None) or load(), tag=cfg.model)
-        self._load_ms = int(1000 * (time.monotonic() - started))  # reported in a bundle, where metrics count
-        preprocess = self._encoder.preprocess
-        decoder = gpu_decoder_name(cfg) if gpu_decoding(cfg, preprocess) else None
-        if decoder:
-            log.info("JPEGs decode on %s with %s", self._encoder.device, decoder)
-        elif cfg.gpu_decode_threads > 1:
-            log.warning("--gpu-decode-threads %d ignored: images decode on CPU threads here (--fetch-threads)",
-                        cfg.gpu_decode_threads)  # fmt: skip
-        self._images = GpuImages(preprocess, self._encoder.device, cfg.limits, decoder=decoder,
-                                 cpu_threads=cfg.fetch_threads, max_decode_s=cfg.max_decode_s,
-                                 decode_threads=cfg.gpu_decode_threads if decoder else 1)  # fmt: skip
-        self._stream: BackgroundEmbedder | None = None
-        self._waiting: list[PreparedImage] = []
-        self._embedded = Metrics.counter(_NAMESPACE, "embedded")
-        self._on_gpu = Metrics.counter(_NAMESPACE, "decoded_on_gpu")
-        self._retried = Metrics.counter(_NAMESPACE, "batches_retried")
-        self._progress = ProgressLog("embedded")
-
-    def start_bundle(self) -> None:
-        if self._load_ms is not None:
-            Metrics.distribution(_NAMESPACE, "model_load_ms").update(self._load_ms)
-            if self._encoder.compile_s is not None:  # a part of the load (`load_encoder` compiles the step)
-                Metrics.distribution(_NAMESPACE, "compile_ms").update(int(1000 * self._encoder.compile_s))
-            self._load_ms = None
-        if self._stream is not None:  # left by a bundle that failed
-            self._stream.close()
-        self._stream, self._waiting = None, []
-
-    def process(self, chunk: list[PreparedImage]):
-        self._waiting.extend(chunk)
-        size = self._encoder.batch_size
-        while len(self._waiting) >= size:
-            self._submit(self._waiting[:size])
-            self._waiting = self._waiting[size:]
-        if self._stream is not None:
-            yield from self._outputs(self._stream.ready())
-
-    def _submit(self, batch: list[PreparedImage]) -> None:
-        if self._stream is None:
-            self._stream = BackgroundEmbedder(self._encoder, self._images)
-        datas = [item.pixels if item.data is None else item.data for item in batch]
-        # Keys without the images: finished batches wait for this thread to take them, and this thread may be
-        # waiting for a file reader's ring slot meanwhile, which a batch holding its images would never free.
-        keys = [PreparedImage(item.item_id, item.image_uri, item.image_sha256, None) for item in batch]
-        self._stream.submit(keys, datas, [self._route(item) for item in batch])
-
-    def _route(self, item: PreparedImage) -> str | None:
-        """Why the item goes to the CPU decoder (None: the GPU decoder takes it), as the file readers found, or
-        found here for bytes fetched from an object store."""
-        if item.route is None and item.data is not None:
-            return self._images.cpu_reason(item.data)
-        return item.route or None
-
-    def finish_bundle(self):
-        if self._waiting:
-            self._submit(self._waiting)
-            self._waiting = []
-        if self._stream is None:
-            return
-        stream, self._stream = self._stream, None
-        yield from _windowed(self._outputs(stream.finish()))
-
-    def _outputs(self, finished):
-        for done in finished:
-            self._on_gpu.inc(done.on_gpu)
-            self._retried.inc(int(done.retried))
-            table, failures = stream_outputs(done, self._encoder.model_version)
-            if table.num_rows:
-                self._embedded.inc(table.num_rows)
-                self._progress.add(table.num_rows)
-                yield table
-            for failure in failures:
-                yield beam.pvalue.TaggedOutput("failed", failure)
-
-    def teardown(self) -> None:
-        if getattr(self, "_stream", None) is not None:
-            self._stream.close()
-
-
-def _windowed(outputs):
-    """Outputs of a `finish_bundle`, which Beam takes as windowed values only."""
-    for out in outputs:
-        if isinstance(out, beam.pvalue.TaggedOutput):
-            yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
-        else:
-            yield GlobalWindows.windowed_value(out)
-
-
-_READERS: dict[tuple[ReadLimits, int], ProcessReader] = {}
-_READERS_LOCK = threading.Lock()
-
-
-def file_reader_for(limits: DecodeLimits, progressive: bool = True, batch_size: int = 256,
-                    workers: int = 1, decode_threads: int = 1) -> ProcessReader:  # fmt: skip
-    """This process's reader processes for local image files, started on first use, stopped at exit: one set
-    per worker process however many fetch steps its threads run (`ProcessReader.read` takes turns).
-    `progressive`: whether the GPU decoder batches progressive JPEGs (their route depends on it).
-    `batch_size`: the embed step's; the ring holds two such batches and more, as the step keeps a batch
-    filling while the one before it is decoded (160 slots of 8 files at least), and one more per GPU decode
-    thread past the first (`encoder.gpu_stream` takes a batch ahead per thread).
-    `workers`: the local runner's worker processes, which share this machine's cores (at most 8 readers each)."""
-    chunk = 8  # a 64-item fetch chunk spreads over 8 slots
-    per_batch = -(-batch_size // chunk)
-    slots = max(160, 2 * per_batch + 16) + (decode_threads - 1) * per_batch
-    key = (ReadLimits.of(limits, progressive=progressive), slots)
-    with _READERS_LOCK:
-        if key not in _READERS:
-            processes = reader_processes(os.cpu_count() or 1, workers)
-            _READERS[key] = ProcessReader(key[0], processes, chunk=chunk, slots=slots)
-            atexit.register(_READERS[key].close)
-        return _READERS[key]
-
-
-def reader_processes(cores: int, workers: int) -> int:
-    """Reader processes per worker process: up to 8, the machine's cores shared among the worker processes."""
-    return max(1, min(8, cores // max(1, workers)))
-
-
-def gpu_decoding(cfg: EmbedConfig, preprocess) -> bool:
-    """Whether this worker decodes JPEGs on its GPU (`--gpu-decode`: auto uses it where it can).
-
-    Raises:
-        ValueError: `on` without CUDA, torchvision, or a resize filter the GPU path has.
-    """
-    if cfg.gpu_decode == "off":
-        return False
-    problem = None
-    if not (cfg.device.startswith("cuda") or cfg.device == "auto") or not torch.cuda.is_available():
-        problem = "no CUDA device"
-    elif not _installed("torchvision"):
-        problem = "torchvision is not installed (pip install 'lookalike[gpu]')"
-    elif cfg.gpu_decoder == "nvimgcodec" and (reason := nvimgcodec_problem()):
-        problem = reason
-    elif not gpu_resizes(preprocess):
-        problem = f"the model's resize filter {preprocess.resample} is not bilinear or bicubic"
-    if problem and cfg.gpu_decode == "on":
-        raise ValueError(f"--gpu-decode on: {problem}")
-    return problem is None
-
-
-def gpu_decoder_name(cfg: EmbedConfig) -> str:
-    """The GPU decoder `--gpu-decoder` names. auto: nvImageCodec wherever its library loads (the `[gpu]` extra
-    installs it), else torchvision's nvJPEG. On one H100 nvImageCodec decoded 2.4× as fast alone and kept
-    progressive JPEGs on the GPU; end to end it was as fast or faster (BENCHMARKS.md, "GPU embedding")."""
-    if cfg.gpu_decoder != "auto":
-        return cfg.gpu_decoder
-    return "nvjpeg" if nvimgcodec_problem() else "nvimgcodec"
-
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # its parent package is missing
-        return False
-
-
-def _read_shard(path: str) -> pa.Table:
-    return pq.read_table(arrow_input(storage.read_bytes(path)))
+# ---------------------------------------------------------------- the pipeline
 
 
 def _previous_rows(path: str, model_version: str):
     """Rows of one earlier shard that the same model version made."""
-    table = _read_shard(path)
+    table = read_shard(path)
     vectors = embedding_matrix(table)
     columns = [table.column(c).to_pylist() for c in ("item_id", "image_sha256", "model_version", "embedded_at")]
     for i, (item_id, sha, version, at) in enumerate(zip(*columns, strict=True)):
@@ -466,7 +173,7 @@ def _rows(table: pa.Table) -> int:
 
 
 def _count(name: str):
-    counter = Metrics.counter(_NAMESPACE, name)
+    counter = Metrics.counter(NAMESPACE, name)
 
     def count(element):
         counter.inc()
@@ -480,12 +187,12 @@ _STAGE_COUNTER = "dead_lettered_at:"
 
 def _count_dead_letters():
     """Count dead letters, in all and per stage, so the launcher never reads the failure shards for the counts."""
-    total, stages = Metrics.counter(_NAMESPACE, "dead_lettered"), {}
+    total, stages = Metrics.counter(NAMESPACE, "dead_lettered"), {}
 
     def count(failure):  # a Failure
         total.inc()
         if failure.stage not in stages:
-            stages[failure.stage] = Metrics.counter(_NAMESPACE, _STAGE_COUNTER + failure.stage)
+            stages[failure.stage] = Metrics.counter(NAMESPACE, _STAGE_COUNTER + failure.stage)
         stages[failure.stage].inc()
         return failure
 
@@ -499,15 +206,15 @@ def _read_item_chunks(p: beam.Pipeline, catalog: str, size: int,
     A night that reuses almost every vector spends its time on per-element costs (the shuffle
     that spreads work, batching, metrics), so items cross Beam only in fetch-sized chunks, as
     two columns of strings (`ItemChunkCoder`). `listed`: `catalog_files(catalog)`, or an
-    image glob's listing (`_write_listing`).
+    image glob's listing (`write_listing`).
 
     Raises:
         ValueError: a glob of images without its listing.
     """
     kind, files = listed or catalog_files(catalog)
     if kind != "manifest":
-        raise ValueError(f"catalog {catalog}: a glob of images reaches the pipeline as its listing (_write_listing)")
-    counter = Metrics.counter(_NAMESPACE, "items_in")
+        raise ValueError(f"catalog {catalog}: a glob of images reaches the pipeline as its listing (write_listing)")
+    counter = Metrics.counter(NAMESPACE, "items_in")
 
     def count(chunk: ItemChunk) -> ItemChunk:
         counter.inc(len(chunk))
@@ -535,7 +242,7 @@ def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, pr
     known_side, previous, in_memory = None, None, None
     fits = previous_rows is not None and previous_rows * (4 * dim + 64) <= cfg.reuse_memory_mb * 2**20
     if previous_shards and fits:
-        in_memory = _InMemoryReuse(previous_shards, model_version, dim)
+        in_memory = InMemoryReuse(previous_shards, model_version, dim)
     elif previous_shards:
         previous = (
             p
@@ -629,13 +336,10 @@ def _pipeline_options(cfg: EmbedConfig, beam_args: list[str]) -> PipelineOptions
     return PipelineOptions(args)
 
 
-_PRELOADED: dict[str, ImageEncoder] = {}  # run id → the model its launcher loaded for workers in this process
-
-
 def _launcher_encoder(cfg: EmbedConfig, options: PipelineOptions) -> tuple[ImageEncoder, bool]:
     """The model the launcher needs for the run's facts (version, dim, preprocessing), and whether it is the
     workers' model too. Workers in this process (the local runner, in memory or in threads) take it from
-    `_PRELOADED`: a local run loads its model once, where it runs (before, the launcher loaded a CPU copy for
+    `PRELOADED`: a local run loads its model once, where it runs (before, the launcher loaded a CPU copy for
     the facts and the worker loaded the model again). Workers elsewhere load their own; the launcher loads a
     CPU copy, which never needs a GPU.
 
@@ -643,7 +347,7 @@ def _launcher_encoder(cfg: EmbedConfig, options: PipelineOptions) -> tuple[Image
         FileNotFoundError, ValueError, RuntimeError: the model cannot be loaded (as `load_encoder`).
     """
     if _in_process(options):
-        _PRELOADED[cfg.run_id] = encoder = load_encoder(cfg.encoder, cfg.limits)
+        PRELOADED[cfg.run_id] = encoder = load_encoder(cfg.encoder, cfg.limits)
         return encoder, True
     facts = replace(cfg.encoder, device="cpu", dtype="float32", compile=False, compile_frozen=False, cuda_graph=False)
     return load_encoder(facts, cfg.limits), False
@@ -670,66 +374,9 @@ def _gpu_spread_note(cfg: EmbedConfig) -> str | None:
     return spread_note(torch.cuda.device_count(), cfg.workers)
 
 
-def _load_run_manifest(run_dir: str) -> dict | None:
-    try:
-        return json.loads(storage.read_bytes(storage.join(run_dir, MANIFEST_NAME)))
-    except storage.NotFound:
-        return None
-
-
-def find_previous_run(out: str, model_version: str, exclude: str | None = None) -> dict | None:
-    """The latest complete run under `out` made by `model_version`, or None."""
-    runs = []
-    for path in storage.match(storage.join(out, "embeddings", "*", MANIFEST_NAME)):
-        manifest = json.loads(storage.read_bytes(path))
-        if manifest.get("model_version") == model_version and manifest.get("run_id") != exclude:
-            runs.append(dict(manifest, run_dir=path.rsplit("/", 1)[0]))
-    # Completion time, not the id: ids given with --run-id need not sort by time.
-    return max(runs, key=lambda m: m["finished_at"], default=None)
-
-
-def _previous_shards(cfg: EmbedConfig, model_version: str) -> tuple[str | None, list[str], int]:
-    """The earlier run to reuse from: its id, shard paths and row count (None, [], 0 when none)."""
-    if not cfg.incremental:
-        return None, [], 0
-    if cfg.previous:
-        run_dir = cfg.previous.removesuffix("/" + MANIFEST_NAME).rstrip("/")
-        manifest = _load_run_manifest(run_dir)
-        if manifest is None:
-            raise FileNotFoundError(f"--previous {cfg.previous}: no {MANIFEST_NAME} there (not a complete run)")
-        if manifest.get("model_version") != model_version:
-            log.info("previous run %s has model_version %s, not %s: nothing to reuse",
-                     manifest.get("run_id"), manifest.get("model_version"), model_version)  # fmt: skip
-            return manifest.get("run_id"), [], 0
-        manifest = dict(manifest, run_dir=run_dir)
-    else:
-        manifest = find_previous_run(cfg.out, model_version, exclude=cfg.run_id)
-        if manifest is None:
-            return None, [], 0
-    shards = [storage.join(manifest["run_dir"], contained(s["path"])) for s in manifest["shards"]]
-    rows = manifest["counts"]["embedded"] + manifest["counts"]["reused"]
-    log.info("reusing vectors of run %s (%d rows)", manifest["run_id"], rows)
-    return manifest["run_id"], shards, rows
-
-
-def _shard_stats(directory: str) -> list[dict]:
-    """Each shard's name, rows and bytes, from its listing and Parquet footer: the vectors stay where they are
-    (reading the shards whole to count their rows downloaded a night's every vector back into the launcher)."""
-    stats = []
-    for path, size in storage.match_sized(storage.join(directory, "*.parquet")):
-        rows = storage.with_retries(lambda path=path: _parquet_rows(path), f"read the footer of {path}")
-        stats.append({"path": path.rsplit("/", 1)[-1], "rows": rows, "bytes": size})
-    return stats
-
-
-def _parquet_rows(uri: str) -> int:
-    with storage.open_seekable(uri) as f:  # ranged reads: the footer only
-        return pq.read_metadata(pa.PythonFile(f, mode="r")).num_rows
-
-
 def _metric_counts(result) -> dict[str, int]:
     """The pipeline's counters; and each distribution's largest value, as `<name>:max`."""
-    queried = result.metrics().query(MetricsFilter().with_namespace(_NAMESPACE))
+    queried = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
     counts: dict[str, int] = {}
     for c in queried["counters"]:
         counts[c.key.metric.name] = counts.get(c.key.metric.name, 0) + int(c.committed or 0)
@@ -768,38 +415,6 @@ def _updated_since(catalog, since: str) -> frozenset[str]:
     return frozenset(recent.column("item_id").to_pylist())
 
 
-def _scratch_dir(cfg: EmbedConfig) -> str:
-    """What a run keeps only while it runs (an image glob's listing), removed at its end."""
-    return storage.join(cfg.out, "tmp", cfg.run_id)
-
-
-def _remove_scratch(cfg: EmbedConfig) -> None:
-    object_store.delete_tree(_scratch_dir(cfg))
-    if not object_store.is_gcs(cfg.out):
-        with contextlib.suppress(OSError):  # not empty: another run's scratch is there
-            os.rmdir(storage.join(cfg.out, "tmp"))
-
-
-def _write_listing(cfg: EmbedConfig, catalog: pa.Table) -> tuple[str, list[str]]:
-    """An image glob's files as a Parquet manifest under the run's scratch directory, for the pipeline to read
-    like any manifest. In the pipeline itself (`beam.Create`) every path would travel inside its graph: pickled
-    and bz2-compressed at launch (~0.1 s per 12,000 paths) and, for a large catalog, past Dataflow's limit on a
-    job's graph (10 MB; 20 M paths are ~1 GB)."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(catalog.select(["item_id", "image_uri"]), sink)
-    uri = storage.join(_scratch_dir(cfg), "catalog.parquet")
-    storage.write_bytes_atomic(uri, sink.getvalue().to_pybytes())
-    return "manifest", [uri]
-
-
-def _clear_crashed_attempt(run_dir: str, failures_dir: str, scratch_dir: str) -> None:
-    """Shards of an earlier, killed attempt at this run id would be counted twice: remove them first."""
-    for directory in (run_dir, failures_dir, scratch_dir):
-        if object_store.list_children(directory):
-            log.warning("removing the partial output of an interrupted attempt at this run: %s", directory)
-            object_store.delete_tree(directory)
-
-
 def run_embed(cfg: EmbedConfig, beam_args: list[str] | None = None) -> EmbedResult:
     """Embed every catalog image of `cfg.catalog` into a new run under `cfg.out`.
 
@@ -812,7 +427,7 @@ def run_embed(cfg: EmbedConfig, beam_args: list[str] | None = None) -> EmbedResu
         try:
             return _run_embed(cfg, beam_args)
         finally:
-            _PRELOADED.pop(cfg.run_id, None)  # not taken by a worker: the run failed before they started
+            PRELOADED.pop(cfg.run_id, None)  # not taken by a worker: the run failed before they started
 
 
 def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
@@ -828,23 +443,23 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     encoder, shared = _launcher_encoder(cfg, options)
     load_s = time.monotonic() - loading
     model_version, dim, preprocess = encoder.model_version, encoder.dim, encoder.preprocess
-    del encoder  # the workers' copy, if shared, stays in `_PRELOADED` until a worker takes it
+    del encoder  # the workers' copy, if shared, stays in `PRELOADED` until a worker takes it
     if _runs_here(options):  # refuse before any work, not in a worker's setup
         if cfg.gpu_decode == "on":
             gpu_decoding(cfg, preprocess)
         if note := _gpu_spread_note(cfg):
             log.warning(note)
-    previous_run, previous_shards, previous_rows = _previous_shards(cfg, model_version)
+    previous_run, previous_shards, previous_rows = previous_run_shards(cfg, model_version)
     run_dir = storage.join(cfg.out, "embeddings", cfg.run_id)
     failures_dir = storage.join(cfg.out, "failures", cfg.run_id)
     if storage.exists(storage.join(run_dir, MANIFEST_NAME)):
         raise FileExistsError(f"run {cfg.run_id} already exists under {cfg.out}")
-    _clear_crashed_attempt(run_dir, failures_dir, _scratch_dir(cfg))
+    clear_crashed_attempt(cfg, run_dir, failures_dir)
     log.info("run %s: %d items, model %s (%s, dim %d)", cfg.run_id, total, cfg.model, model_version, dim)
 
     pipeline = beam.Pipeline(options=options)
     reembed = _updated_since(catalog, cfg.reembed_since) if previous_shards and cfg.reembed_since else frozenset()
-    listing = _write_listing(cfg, catalog) if listed[0] == "images" else None
+    listing = write_listing(cfg, catalog) if listed[0] == "images" else None
     prepared_at = time.monotonic()
     try:
         build_pipeline(pipeline, cfg, model_version=model_version, preprocess=preprocess, dim=dim,
@@ -855,11 +470,11 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
         result.wait_until_finish()
     finally:
         if listing:
-            _remove_scratch(cfg)
+            remove_scratch(cfg)
     metrics = _metric_counts(result)
     ran_at = time.monotonic()
 
-    shards, failure_shards = _shard_stats(run_dir), _shard_stats(failures_dir)
+    shards, failure_shards = shard_stats(run_dir), shard_stats(failures_dir)
     rows = sum(s["rows"] for s in shards)
     dead = sum(s["rows"] for s in failure_shards)
     counts = {"items_in": total, "embedded": metrics.get("embedded", 0), "reused": metrics.get("reused", 0),

@@ -182,19 +182,20 @@ def test_a_missing_library_is_a_clear_error(monkeypatch):
 
 def test_a_worker_checks_the_library_before_any_work(monkeypatch):
     """`--gpu-decoder nvimgcodec --gpu-decode on` refuses a missing or mismatched library up front, in one line."""
-    from pipelines import embed
+    from pipelines import embed_dofns
+    from pipelines.embed import EmbedConfig
 
     assert nvic.library_problem() is None
-    cfg = embed.EmbedConfig(catalog="c", model="m", out="o", gpu_decode="on", gpu_decoder="nvimgcodec")
-    monkeypatch.setattr(embed.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(embed, "_installed", lambda module: True)  # torchvision, as on a GPU worker
+    cfg = EmbedConfig(catalog="c", model="m", out="o", gpu_decode="on", gpu_decoder="nvimgcodec")
+    monkeypatch.setattr(embed_dofns.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(embed_dofns, "_installed", lambda module: True)  # torchvision, as on a GPU worker
     monkeypatch.setattr(nvic, "SUPPORTED_VERSION", (0, 8))
     with pytest.raises(ValueError, match=r"--gpu-decode on: nvImageCodec 0\.9\.\d+ is installed; .* mirrors 0\.8\.x"):
-        embed.gpu_decoding(cfg, PreprocessConfig())
+        embed_dofns.gpu_decoding(cfg, PreprocessConfig())
     monkeypatch.setattr(nvic.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match="--gpu-decode on: nvImageCodec is not installed"):
-        embed.gpu_decoding(cfg, PreprocessConfig())
-    assert not embed.gpu_decoding(dataclasses.replace(cfg, gpu_decode="auto"), PreprocessConfig())  # auto: Pillow
+        embed_dofns.gpu_decoding(cfg, PreprocessConfig())
+    assert not embed_dofns.gpu_decoding(dataclasses.replace(cfg, gpu_decode="auto"), PreprocessConfig())  # auto: Pillow
 
 
 def test_an_unknown_extension_is_a_clear_error():

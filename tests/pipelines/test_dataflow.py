@@ -54,12 +54,12 @@ def test_an_image_globs_job_graph_does_not_grow_with_its_files(tmp_path):
     inside the graph."""
     import pyarrow as pa
 
-    from pipelines.embed import _write_listing
+    from pipelines.embed_runs import write_listing
 
     def graph_bytes(files: int) -> int:
         embed = EmbedConfig(catalog=str(tmp_path / "*.jpg"), model="unused", out=str(tmp_path / f"out{files}"))
         paths = [f"{tmp_path}/{'x' * 60}-{i:07d}.jpg" for i in range(files)]
-        listed = _write_listing(embed, pa.table({"item_id": [str(i) for i in range(files)], "image_uri": paths}))
+        listed = write_listing(embed, pa.table({"item_id": [str(i) for i in range(files)], "image_uri": paths}))
         pipeline = beam.Pipeline(options=_pipeline_options(embed, []))
         build_pipeline(pipeline, embed, model_version="m", preprocess=PreprocessConfig(64, 64), dim=8,
                        total_items=files, previous_shards=[], run_dir=str(tmp_path / "e"),

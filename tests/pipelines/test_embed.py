@@ -22,6 +22,7 @@ from PIL import Image
 
 from encoder import DecodeLimits, ImageDecodeError, PreprocessConfig, decode_image
 from encoder.jpeg import PROGRESSIVE_ON_CPU, cpu_reason
+from pipelines import embed_dofns
 from pipelines.catalog import CatalogError, CatalogItem, ItemChunk
 from pipelines.embed import EmbedConfig, FetchAndDecode, run_embed
 from pipelines.records import embedding_matrix
@@ -162,18 +163,20 @@ def test_a_local_run_loads_its_model_once_and_its_workers_use_it(demo_catalog, t
 
     monkeypatch.setattr(embed, "load_encoder", slow_load)
     used = []
-    monkeypatch.setattr(embed.EmbedBatch, "start_bundle",
-                        lambda self, real=embed.EmbedBatch.start_bundle: (used.append(self._encoder), real(self))[1])  # fmt: skip
+    real_start = embed_dofns.EmbedBatch.start_bundle
+    monkeypatch.setattr(
+        embed_dofns.EmbedBatch, "start_bundle", lambda self: (used.append(self._encoder), real_start(self))[1]
+    )
     cfg = EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path), device="cpu")
     result = run_embed(cfg)
     assert result.counts["embedded"] == 95 and len(loads) == 1
     assert used and all(encoder is loads[0] for encoder in used)
     t = result.manifest["time_s"]
     assert 0.3 <= t["model_load"] < t["prepare"] and t["compile"] == 0.25
-    assert not embed._PRELOADED
+    assert not embed_dofns.PRELOADED
     with pytest.raises(FileExistsError):  # refused after the load: the model is not left behind
         run_embed(dataclasses.replace(cfg, run_id=result.run_id))
-    assert len(loads) == 2 and not embed._PRELOADED
+    assert len(loads) == 2 and not embed_dofns.PRELOADED
 
 
 @pytest.mark.parametrize(
@@ -329,7 +332,7 @@ def test_several_worker_processes(demo_catalog, tiny_model, tmp_path, first_run)
 
 
 def test_item_chunks_cross_beam_as_two_columns():
-    from pipelines.embed import ItemChunkCoder
+    from pipelines.embed_dofns import ItemChunkCoder
 
     chunk = ItemChunk(["a", "é 中", ""], ["/x/a.jpg", "gs://b/é.jpg", ""])
     coder = beam.coders.registry.get_coder(ItemChunk)
@@ -409,7 +412,6 @@ def test_gpu_decode_wiring_on_the_cpu_embeds_every_item_like_the_cpu_path(
     undecoded; the embed step's background stream decodes them, JPEGs on the GPU decoder, the rest on CPU
     threads) with Pillow standing in for nvJPEG."""
     import encoder.gpu_images as gpu_images
-    import pipelines.embed as embed
     from tests.encoder.test_gpu_images import _pil_decoder
 
     calls: list[int] = []
@@ -420,7 +422,7 @@ def test_gpu_decode_wiring_on_the_cpu_embeds_every_item_like_the_cpu_path(
         routed.append(reasons is not None)
         return decode(self, inputs, reasons)
 
-    monkeypatch.setattr(embed, "gpu_decoding", lambda cfg, preprocess: True)
+    monkeypatch.setattr(embed_dofns, "gpu_decoding", lambda cfg, preprocess: True)
     monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda device: _pil_decoder(calls))
     monkeypatch.setattr(gpu_images.GpuImages, "decode", spy)
     result = run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path),
@@ -458,12 +460,11 @@ def test_a_gpu_batch_of_routed_local_files_and_unrouted_fetched_bytes_embeds_the
     from apache_beam.utils.shared import Shared
 
     import encoder.gpu_images as gpu_images
-    import pipelines.embed as embed
     from pipelines.records import PreparedImage
     from tests.encoder.test_gpu_images import _pil_decoder
 
     calls: list[int] = []
-    monkeypatch.setattr(embed, "gpu_decoding", lambda cfg, preprocess: True)
+    monkeypatch.setattr(embed_dofns, "gpu_decoding", lambda cfg, preprocess: True)
     made: list[int] = []
     monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda device: made.append(1) or _pil_decoder(calls))
     paths = [p for p in sorted((demo_catalog.root / "images").glob("*.jpg"))[:20] if _decodes(p.read_bytes())][:12]
@@ -474,8 +475,8 @@ def test_a_gpu_batch_of_routed_local_files_and_unrouted_fetched_bytes_embeds_the
         items.append(PreparedImage(f"item-{i}", str(path), f"sha-{i}", None,
                                    np.frombuffer(data, dtype=np.uint8) if local else data,
                                    cpu_reason(data, 50 << 20, 10**8, progressive=False) or "" if local else None))  # fmt: skip
-    step = embed.EmbedBatch(EmbedConfig(catalog="-", model=str(tiny_model), out="-", batch_size=4,
-                                        gpu_decoder="nvjpeg", gpu_decode_threads=decode_threads), Shared())  # fmt: skip
+    step = embed_dofns.EmbedBatch(EmbedConfig(catalog="-", model=str(tiny_model), out="-", batch_size=4,
+                                              gpu_decoder="nvjpeg", gpu_decode_threads=decode_threads), Shared())  # fmt: skip
     step.setup()
     assert len(made) == decode_threads
     step.start_bundle()
@@ -491,11 +492,9 @@ def test_a_gpu_batch_of_routed_local_files_and_unrouted_fetched_bytes_embeds_the
 def test_gpu_decode_threads_on_a_worker_that_decodes_on_the_cpu_are_ignored_with_a_warning(tiny_model, caplog):
     from apache_beam.utils.shared import Shared
 
-    import pipelines.embed as embed
-
-    step = embed.EmbedBatch(EmbedConfig(catalog="-", model=str(tiny_model), out="-", device="cpu",
-                                        gpu_decode_threads=3), Shared())  # fmt: skip
-    with caplog.at_level("WARNING", logger="pipelines.embed"):
+    step = embed_dofns.EmbedBatch(EmbedConfig(catalog="-", model=str(tiny_model), out="-", device="cpu",
+                                              gpu_decode_threads=3), Shared())  # fmt: skip
+    with caplog.at_level("WARNING", logger="pipelines.embed_dofns"):
         step.setup()
     step.teardown()
     assert step._images.decode_threads == 1
@@ -505,36 +504,32 @@ def test_gpu_decode_threads_on_a_worker_that_decodes_on_the_cpu_are_ignored_with
 def test_the_readers_ring_holds_two_of_the_embed_steps_batches(monkeypatch):
     from types import SimpleNamespace
 
-    import pipelines.embed as embed
-
     made: list[int] = []
 
     def reader(key, processes, chunk, slots):
         made.append(slots)
         return SimpleNamespace(slots=slots, close=lambda: None)
 
-    monkeypatch.setattr(embed, "_READERS", {})
-    monkeypatch.setattr(embed, "ProcessReader", reader)
-    assert embed.file_reader_for(DecodeLimits(), batch_size=256).slots == 160
-    assert embed.file_reader_for(DecodeLimits(), batch_size=64).slots == 160  # the same set of readers
-    assert embed.file_reader_for(DecodeLimits(), batch_size=2048).slots == 2 * 2048 // 8 + 16
-    assert embed.file_reader_for(DecodeLimits(), batch_size=256, decode_threads=3).slots == 160 + 2 * 256 // 8
+    monkeypatch.setattr(embed_dofns, "_READERS", {})
+    monkeypatch.setattr(embed_dofns, "ProcessReader", reader)
+    assert embed_dofns.file_reader_for(DecodeLimits(), batch_size=256).slots == 160
+    assert embed_dofns.file_reader_for(DecodeLimits(), batch_size=64).slots == 160  # the same set of readers
+    assert embed_dofns.file_reader_for(DecodeLimits(), batch_size=2048).slots == 2 * 2048 // 8 + 16
+    assert embed_dofns.file_reader_for(DecodeLimits(), batch_size=256, decode_threads=3).slots == 160 + 2 * 256 // 8
     assert made == [160, 528, 224]
 
 
 def test_worker_processes_share_the_cores_among_their_readers(monkeypatch):
     from types import SimpleNamespace
 
-    import pipelines.embed as embed
-
     started: list[int] = []
-    monkeypatch.setattr(embed, "_READERS", {})
-    monkeypatch.setattr(embed, "ProcessReader",
+    monkeypatch.setattr(embed_dofns, "_READERS", {})
+    monkeypatch.setattr(embed_dofns, "ProcessReader",
                         lambda key, processes, chunk, slots: started.append(processes) or SimpleNamespace(close=lambda: None))  # fmt: skip
-    monkeypatch.setattr(embed.os, "cpu_count", lambda: 16)
-    embed.file_reader_for(DecodeLimits(), workers=4)
+    monkeypatch.setattr(embed_dofns.os, "cpu_count", lambda: 16)
+    embed_dofns.file_reader_for(DecodeLimits(), workers=4)
     assert started == [4]  # 16 cores over 4 worker processes: not 8 readers each
-    assert [embed.reader_processes(cores, workers) for cores, workers in [(64, 1), (2, 1), (16, 8), (4, 8)]] == [
+    assert [embed_dofns.reader_processes(cores, workers) for cores, workers in [(64, 1), (2, 1), (16, 8), (4, 8)]] == [
         8,
         2,
         2,
@@ -543,15 +538,13 @@ def test_worker_processes_share_the_cores_among_their_readers(monkeypatch):
 
 
 def test_the_gpu_decoder_is_nvimgcodec_where_its_library_loads_and_nvjpeg_elsewhere(monkeypatch):
-    import pipelines.embed as embed
-
     cfg = EmbedConfig(catalog="c", model="m", out="o")
     assert cfg.gpu_decoder == "auto"
-    assert embed.gpu_decoder_name(cfg) == "nvimgcodec"  # the dev install ships its library
-    monkeypatch.setattr(embed, "nvimgcodec_problem", lambda: "nvImageCodec is not installed")
-    assert embed.gpu_decoder_name(cfg) == "nvjpeg"
+    assert embed_dofns.gpu_decoder_name(cfg) == "nvimgcodec"  # the dev install ships its library
+    monkeypatch.setattr(embed_dofns, "nvimgcodec_problem", lambda: "nvImageCodec is not installed")
+    assert embed_dofns.gpu_decoder_name(cfg) == "nvjpeg"
     for name in ("nvimgcodec", "nvjpeg"):  # a named one is taken as given (`gpu_decoding` refuses a missing one)
-        assert embed.gpu_decoder_name(dataclasses.replace(cfg, gpu_decoder=name)) == name
+        assert embed_dofns.gpu_decoder_name(dataclasses.replace(cfg, gpu_decoder=name)) == name
 
 
 @pytest.mark.parametrize(("problem", "decoder", "progressive"), [(None, "nvimgcodec", True), ("gone", "nvjpeg", False)])
@@ -562,20 +555,18 @@ def test_the_readers_route_for_the_decoder_that_auto_resolves_to(
     the embed step must agree on which decoder `auto` is."""
     from apache_beam.utils.shared import Shared
 
-    import pipelines.embed as embed
-
     seen: dict = {}
-    monkeypatch.setattr(embed, "nvimgcodec_problem", lambda: problem)
-    monkeypatch.setattr(embed, "gpu_decoding", lambda cfg, preprocess: True)
+    monkeypatch.setattr(embed_dofns, "nvimgcodec_problem", lambda: problem)
+    monkeypatch.setattr(embed_dofns, "gpu_decoding", lambda cfg, preprocess: True)
     monkeypatch.setattr(
-        embed, "file_reader_for", lambda limits, progressive, *rest: seen.update(progressive=progressive)
+        embed_dofns, "file_reader_for", lambda limits, progressive, *rest: seen.update(progressive=progressive)
     )
-    monkeypatch.setattr(embed, "GpuImages", lambda *args, decoder, **kwargs: seen.update(decoder=decoder))
+    monkeypatch.setattr(embed_dofns, "GpuImages", lambda *args, decoder, **kwargs: seen.update(decoder=decoder))
     cfg = EmbedConfig(catalog="-", model=str(tiny_model), out="-")
     fetch = FetchAndDecode(cfg, PreprocessConfig(), 0)
     fetch.setup()
     fetch.teardown()
-    embed.EmbedBatch(cfg, Shared()).setup()
+    embed_dofns.EmbedBatch(cfg, Shared()).setup()
     assert seen == {"progressive": progressive, "decoder": decoder}
 
 
@@ -613,7 +604,6 @@ def test_a_gpu_worker_slower_than_its_reads_never_waits_for_ever_on_the_readers_
     import time
 
     import encoder.gpu_images as gpu_images
-    import pipelines.embed as embed
     from pipelines.file_reader import ProcessReader
     from tests.encoder.test_gpu_images import _pil_decoder
 
@@ -624,11 +614,11 @@ def test_a_gpu_worker_slower_than_its_reads_never_waits_for_ever_on_the_readers_
         return finish(self, batch)
 
     readers: dict = {}
-    monkeypatch.setattr(embed, "_READERS", readers)
+    monkeypatch.setattr(embed_dofns, "_READERS", readers)
     monkeypatch.setattr(
-        embed, "ProcessReader", lambda key, processes, chunk, slots: ProcessReader(key, 2, chunk, slots=12)
+        embed_dofns, "ProcessReader", lambda key, processes, chunk, slots: ProcessReader(key, 2, chunk, slots=12)
     )
-    monkeypatch.setattr(embed, "gpu_decoding", lambda cfg, preprocess: True)
+    monkeypatch.setattr(embed_dofns, "gpu_decoding", lambda cfg, preprocess: True)
     monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda device: _pil_decoder())
     monkeypatch.setattr(gpu_images.GpuImages, "finish", slow_finish)
     outcome: dict = {}

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from encoder import storage
-from pipelines.embed import EmbedConfig, _shard_stats, run_embed
+from pipelines.embed import EmbedConfig, run_embed
+from pipelines.embed_runs import shard_stats
 from pipelines.records import FAILURE_SCHEMA, embedding_table
 from tests.conftest import upload_dir
 from tests.support.fault_proxy import FaultProxy, through
@@ -83,7 +84,7 @@ def test_a_finished_run_counts_its_shards_from_their_footers_not_their_vectors(g
             storage.write_bytes(f"{run}/part-00000-of-00001.parquet", shard)
             storage.write_bytes(f"{dead}/part-00000-of-00001.parquet", failures)
             proxy.bytes_served, proxy.counts = 0, Counter()
-            stats, failure_stats = _shard_stats(run), _shard_stats(dead)
+            stats, failure_stats = shard_stats(run), shard_stats(dead)
     assert stats == [{"path": "part-00000-of-00001.parquet", "rows": n, "bytes": len(shard)}]
     assert failure_stats == [{"path": "part-00000-of-00001.parquet", "rows": 3, "bytes": len(failures)}]
     assert faults == 0 or proxy.injected > 0

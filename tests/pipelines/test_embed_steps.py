@@ -144,7 +144,7 @@ def test_deferred_decoding_passes_every_image_undecoded_and_still_fails_fetches(
 
 def test_deferred_decoding_through_reader_processes_gives_the_same_items_routed(tmp_path):
     from encoder.jpeg import cpu_reason
-    from pipelines.embed import file_reader_for
+    from pipelines.embed_dofns import file_reader_for
 
     datas = {"a": _jpeg(1), "b": _jpeg(2, "PNG"), "c": b"junk", "d": _jpeg(1)}  # d: the same bytes as a
     items = [CatalogItem("missing", str(tmp_path / "missing.jpg")), CatalogItem("empty", "")]

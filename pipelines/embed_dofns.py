@@ -1,0 +1,351 @@
+"""The embed pipeline's steps that run on its workers: fetch and decode (`FetchAndDecode`), encode on one model
+per worker process (`EmbedBatch`), the coders their elements cross Beam with, and the worker's choices about
+where images decode (`gpu_decoding`, `gpu_decoder_name`) and which processes read local files
+(`file_reader_for`). The work itself is Beam-free (`pipelines.embed_steps`, `encoder.gpu_stream`); the wiring
+is `pipelines.embed.build_pipeline`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import logging
+import os
+import pickle
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import TYPE_CHECKING
+
+import apache_beam as beam
+import torch
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
+from apache_beam.utils.shared import Shared
+
+from encoder import DecodeLimits, ImageEncoder, load_encoder
+from encoder.gpu_images import GpuImages, batches_progressive
+from encoder.gpu_stream import BackgroundEmbedder
+from encoder.nvimgcodec import library_problem as nvimgcodec_problem
+from encoder.resize import gpu_resizes
+from pipelines import storage
+from pipelines.catalog import ItemChunk
+from pipelines.embed_runs import read_shard
+from pipelines.embed_steps import KnownDigests, PreviousVectors, ProgressLog, prepare_items, stream_outputs
+from pipelines.file_reader import ProcessReader, ReadLimits
+from pipelines.records import PreparedImage
+
+if TYPE_CHECKING:
+    from pipelines.embed import EmbedConfig
+
+__all__ = [
+    "NAMESPACE",
+    "PRELOADED",
+    "EmbedBatch",
+    "FetchAndDecode",
+    "InMemoryReuse",
+    "ItemChunkCoder",
+    "PreparedImageCoder",
+    "file_reader_for",
+    "gpu_decoder_name",
+    "gpu_decoding",
+    "reader_processes",
+    "windowed",
+]
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "lookalike"  # the pipeline's metrics
+
+PRELOADED: dict[str, ImageEncoder] = {}  # run id → the model its launcher loaded for workers in this process
+
+
+class PreparedImageCoder(beam.coders.Coder):
+    """Pickle, with a size estimate from the lengths of the bytes and pixels inside.
+
+    Beam samples the size of elements for its metrics; with the default pickle coder that meant
+    pickling whole chunks of encoded photos (every chunk of the first ten, then fewer) just to
+    learn their size.
+    """
+
+    def encode(self, value: PreparedImage) -> bytes:
+        return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+
+    def decode(self, encoded: bytes) -> PreparedImage:
+        return pickle.loads(encoded)
+
+    def estimate_size(self, value: PreparedImage) -> int:
+        pixels = 0 if value.pixels is None else value.pixels.nbytes
+        data = 0 if value.data is None else len(value.data)
+        return 128 + len(value.item_id) + len(value.image_uri) + data + pixels
+
+    def is_deterministic(self) -> bool:
+        return False
+
+    def to_type_hint(self):
+        return PreparedImage
+
+
+beam.coders.registry.register_coder(PreparedImage, PreparedImageCoder)
+
+
+class ItemChunkCoder(beam.coders.Coder):
+    """An `ItemChunk` as one pickle of its two lists of strings."""
+
+    def encode(self, value: ItemChunk) -> bytes:
+        return pickle.dumps((value.item_ids, value.image_uris), pickle.HIGHEST_PROTOCOL)
+
+    def decode(self, encoded: bytes) -> ItemChunk:
+        return ItemChunk(*pickle.loads(encoded))
+
+    def is_deterministic(self) -> bool:
+        return True
+
+    def to_type_hint(self):
+        return ItemChunk
+
+
+beam.coders.registry.register_coder(ItemChunk, ItemChunkCoder)
+
+
+class FetchAndDecode(beam.DoFn):
+    """Fetch, hash and decode a chunk of items (`embed_steps.prepare_items`); `fetch_threads` bounds the pool.
+
+    On a GPU worker nothing is decoded here: the bytes go on to `EmbedBatch`, which routes each
+    image to the GPU decoder or to CPU threads. With `previous` (an earlier run small enough for
+    memory), items whose image bytes already have a vector leave as one Arrow table per chunk on
+    the `reused` output; otherwise each leaves as a `reuse` request for the shuffle join.
+    """
+
+    def __init__(self, cfg: EmbedConfig, preprocess, total_items: int, reembed: frozenset[str] = frozenset(),
+                 previous: InMemoryReuse | None = None) -> None:  # fmt: skip
+        self._cfg, self._preprocess, self._total, self._reembed = cfg, preprocess, total_items, reembed
+        self._previous_source = previous
+
+    def setup(self) -> None:
+        storage.configure_storage()
+        self._pool = ThreadPoolExecutor(self._cfg.fetch_threads, thread_name_prefix="fetch")
+        self._defer_decode = gpu_decoding(self._cfg, self._preprocess)  # the GPU worker routes and decodes
+        # A GPU worker reads local files in reader processes, keeping the interpreter lock for the GPU threads.
+        self._reader = (file_reader_for(self._cfg.limits, batches_progressive(gpu_decoder_name(self._cfg)),
+                                        self._cfg.batch_size, self._cfg.workers, self._cfg.gpu_decode_threads)
+                        if self._defer_decode else None)  # fmt: skip
+        self._progress = ProgressLog("fetched", self._total)
+        self._previous = self._previous_source.acquire() if self._previous_source else None
+        self._reused = Metrics.counter(NAMESPACE, "reused")
+
+    def process(self, chunk: ItemChunk, known: KnownDigests | None = None):
+        items = chunk.items()
+        known = self._previous if self._previous is not None else known
+        prepared = prepare_items(items, self._pool, self._preprocess, self._cfg.limits, known, self._reembed,
+                                 threads=self._cfg.fetch_threads, max_decode_s=self._cfg.max_decode_s,
+                                 defer_decode=self._defer_decode, reader=self._reader)  # fmt: skip
+        if prepared.decoded:  # one element per chunk: per-element costs stay off the fast path
+            yield prepared.decoded
+        for failure in prepared.failed:
+            yield beam.pvalue.TaggedOutput("failed", failure)
+        if self._previous is None:
+            for request in prepared.reuse:
+                yield beam.pvalue.TaggedOutput("reuse", request)
+        elif prepared.reuse:
+            self._reused.inc(len(prepared.reuse))
+            yield beam.pvalue.TaggedOutput("reused", self._previous.table(prepared.reuse))
+        self._progress.add(len(items))
+
+    def teardown(self) -> None:
+        if getattr(self, "_pool", None):
+            self._pool.shutdown(wait=False)
+
+
+class InMemoryReuse:
+    """How a worker loads an earlier run's vectors once, shared by its threads (`PreviousVectors`)."""
+
+    def __init__(self, shards: list[str], model_version: str, dim: int) -> None:
+        self.shards, self.model_version, self.dim = shards, model_version, dim
+        self._shared = Shared()
+
+    def acquire(self) -> PreviousVectors:
+        def load() -> PreviousVectors:
+            previous = PreviousVectors.load((read_shard(s) for s in self.shards), self.model_version)
+            log.info("loaded %d earlier vectors for reuse in memory", len(previous))
+            return previous
+
+        return self._shared.acquire(load)
+
+
+class EmbedBatch(beam.DoFn):
+    """Encode chunks of prepared images in batches of `batch_size`, with one model per worker process (shared by
+    its threads), in the background.
+
+    `process` hands full batches to a `BackgroundEmbedder` and returns at once with whatever earlier
+    batches have finished, so this thread goes back to fetching while the GPU decodes and encodes;
+    `finish_bundle` sends the last, partial batch and waits for the rest. Items still encoded
+    (`PreparedImage.data`) are decoded there: JPEGs on the GPU, the rest on CPU threads.
+    """
+
+    def __init__(self, cfg: EmbedConfig, shared: Shared) -> None:
+        self._cfg, self._shared = cfg, shared
+
+    def setup(self) -> None:
+        storage.configure_storage()
+        cfg = self._cfg
+        if cfg.workers > 1:  # local worker processes share the cores: don't oversubscribe them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
+        started = time.monotonic()
+        load = partial(load_encoder, cfg.encoder, cfg.limits)
+        self._encoder = self._shared.acquire(lambda: PRELOADED.pop(cfg.run_id, None) or load(), tag=cfg.model)
+        self._load_ms = int(1000 * (time.monotonic() - started))  # reported in a bundle, where metrics count
+        preprocess = self._encoder.preprocess
+        decoder = gpu_decoder_name(cfg) if gpu_decoding(cfg, preprocess) else None
+        if decoder:
+            log.info("JPEGs decode on %s with %s", self._encoder.device, decoder)
+        elif cfg.gpu_decode_threads > 1:
+            log.warning("--gpu-decode-threads %d ignored: images decode on CPU threads here (--fetch-threads)",
+                        cfg.gpu_decode_threads)  # fmt: skip
+        self._images = GpuImages(preprocess, self._encoder.device, cfg.limits, decoder=decoder,
+                                 cpu_threads=cfg.fetch_threads, max_decode_s=cfg.max_decode_s,
+                                 decode_threads=cfg.gpu_decode_threads if decoder else 1)  # fmt: skip
+        self._stream: BackgroundEmbedder | None = None
+        self._waiting: list[PreparedImage] = []
+        self._embedded = Metrics.counter(NAMESPACE, "embedded")
+        self._on_gpu = Metrics.counter(NAMESPACE, "decoded_on_gpu")
+        self._retried = Metrics.counter(NAMESPACE, "batches_retried")
+        self._progress = ProgressLog("embedded")
+
+    def start_bundle(self) -> None:
+        if self._load_ms is not None:
+            Metrics.distribution(NAMESPACE, "model_load_ms").update(self._load_ms)
+            if self._encoder.compile_s is not None:  # a part of the load (`load_encoder` compiles the step)
+                Metrics.distribution(NAMESPACE, "compile_ms").update(int(1000 * self._encoder.compile_s))
+            self._load_ms = None
+        if self._stream is not None:  # left by a bundle that failed
+            self._stream.close()
+        self._stream, self._waiting = None, []
+
+    def process(self, chunk: list[PreparedImage]):
+        self._waiting.extend(chunk)
+        size = self._encoder.batch_size
+        while len(self._waiting) >= size:
+            self._submit(self._waiting[:size])
+            self._waiting = self._waiting[size:]
+        if self._stream is not None:
+            yield from self._outputs(self._stream.ready())
+
+    def _submit(self, batch: list[PreparedImage]) -> None:
+        if self._stream is None:
+            self._stream = BackgroundEmbedder(self._encoder, self._images)
+        datas = [item.pixels if item.data is None else item.data for item in batch]
+        # Keys without the images: finished batches wait for this thread to take them, and this thread may be
+        # waiting for a file reader's ring slot meanwhile, which a batch holding its images would never free.
+        keys = [PreparedImage(item.item_id, item.image_uri, item.image_sha256, None) for item in batch]
+        self._stream.submit(keys, datas, [self._route(item) for item in batch])
+
+    def _route(self, item: PreparedImage) -> str | None:
+        """Why the item goes to the CPU decoder (None: the GPU decoder takes it), as the file readers found, or
+        found here for bytes fetched from an object store."""
+        if item.route is None and item.data is not None:
+            return self._images.cpu_reason(item.data)
+        return item.route or None
+
+    def finish_bundle(self):
+        if self._waiting:
+            self._submit(self._waiting)
+            self._waiting = []
+        if self._stream is None:
+            return
+        stream, self._stream = self._stream, None
+        yield from windowed(self._outputs(stream.finish()))
+
+    def _outputs(self, finished):
+        for done in finished:
+            self._on_gpu.inc(done.on_gpu)
+            self._retried.inc(int(done.retried))
+            table, failures = stream_outputs(done, self._encoder.model_version)
+            if table.num_rows:
+                self._embedded.inc(table.num_rows)
+                self._progress.add(table.num_rows)
+                yield table
+            for failure in failures:
+                yield beam.pvalue.TaggedOutput("failed", failure)
+
+    def teardown(self) -> None:
+        if getattr(self, "_stream", None) is not None:
+            self._stream.close()
+
+
+def windowed(outputs):
+    """Outputs of a `finish_bundle`, which Beam takes as windowed values only."""
+    for out in outputs:
+        if isinstance(out, beam.pvalue.TaggedOutput):
+            yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
+        else:
+            yield GlobalWindows.windowed_value(out)
+
+
+_READERS: dict[tuple[ReadLimits, int], ProcessReader] = {}
+_READERS_LOCK = threading.Lock()
+
+
+def file_reader_for(limits: DecodeLimits, progressive: bool = True, batch_size: int = 256,
+                    workers: int = 1, decode_threads: int = 1) -> ProcessReader:  # fmt: skip
+    """This process's reader processes for local image files, started on first use, stopped at exit: one set
+    per worker process however many fetch steps its threads run (`ProcessReader.read` takes turns).
+    `progressive`: whether the GPU decoder batches progressive JPEGs (their route depends on it).
+    `batch_size`: the embed step's; the ring holds two such batches and more, as the step keeps a batch
+    filling while the one before it is decoded (160 slots of 8 files at least), and one more per GPU decode
+    thread past the first (`encoder.gpu_stream` takes a batch ahead per thread).
+    `workers`: the local runner's worker processes, which share this machine's cores (at most 8 readers each)."""
+    chunk = 8  # a 64-item fetch chunk spreads over 8 slots
+    per_batch = -(-batch_size // chunk)
+    slots = max(160, 2 * per_batch + 16) + (decode_threads - 1) * per_batch
+    key = (ReadLimits.of(limits, progressive=progressive), slots)
+    with _READERS_LOCK:
+        if key not in _READERS:
+            processes = reader_processes(os.cpu_count() or 1, workers)
+            _READERS[key] = ProcessReader(key[0], processes, chunk=chunk, slots=slots)
+            atexit.register(_READERS[key].close)
+        return _READERS[key]
+
+
+def reader_processes(cores: int, workers: int) -> int:
+    """Reader processes per worker process: up to 8, the machine's cores shared among the worker processes."""
+    return max(1, min(8, cores // max(1, workers)))
+
+
+def gpu_decoding(cfg: EmbedConfig, preprocess) -> bool:
+    """Whether this worker decodes JPEGs on its GPU (`--gpu-decode`: auto uses it where it can).
+
+    Raises:
+        ValueError: `on` without CUDA, torchvision, or a resize filter the GPU path has.
+    """
+    if cfg.gpu_decode == "off":
+        return False
+    problem = None
+    if not (cfg.device.startswith("cuda") or cfg.device == "auto") or not torch.cuda.is_available():
+        problem = "no CUDA device"
+    elif not _installed("torchvision"):
+        problem = "torchvision is not installed (pip install 'lookalike[gpu]')"
+    elif cfg.gpu_decoder == "nvimgcodec" and (reason := nvimgcodec_problem()):
+        problem = reason
+    elif not gpu_resizes(preprocess):
+        problem = f"the model's resize filter {preprocess.resample} is not bilinear or bicubic"
+    if problem and cfg.gpu_decode == "on":
+        raise ValueError(f"--gpu-decode on: {problem}")
+    return problem is None
+
+
+def gpu_decoder_name(cfg: EmbedConfig) -> str:
+    """The GPU decoder `--gpu-decoder` names. auto: nvImageCodec wherever its library loads (the `[gpu]` extra
+    installs it), else torchvision's nvJPEG. On one H100 nvImageCodec decoded 2.4× as fast alone and kept
+    progressive JPEGs on the GPU; end to end it was as fast or faster (BENCHMARKS.md, "GPU embedding")."""
+    if cfg.gpu_decoder != "auto":
+        return cfg.gpu_decoder
+    return "nvjpeg" if nvimgcodec_problem() else "nvimgcodec"
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
