@@ -165,6 +165,7 @@ def pil_decoder(device: torch.device | None = None) -> BatchDecoder:
 
 PACK_MAX_BYTES = 1 << 30  # decoded batches up to this are packed for the resize (`_packed`)
 
+_DECODE_RETRIES = Throttled(log)  # batches the GPU decoder failed whole
 _RESIZE_RETRIES = Throttled(log)  # batches that failed to resize whole
 
 # name → factory(device) of a `BatchDecoder`; "nvimgcodec-python" and "pil" are for benchmarks and tests.
@@ -189,6 +190,7 @@ class DecodedBatch:
     cpu: list[int]  # input positions being decoded on the CPU
     cpu_jobs: list[Future]  # their `decode_on_cpu` results
     host: dict[int, np.ndarray]  # input position → pixels decoded before this batch
+    retried: bool = False  # the GPU decoder failed the batch whole and took it in halves
 
     def device_tensors(self) -> list[torch.Tensor]:
         """The tensors holding what the GPU decoded (for `record_stream` where another stream reads them)."""
@@ -203,6 +205,7 @@ class PreparedBatch:
     kept: list[int]  # input positions of the rows of `pixels`
     failed: list[tuple[int, str]]  # (input position, dead-letter reason)
     on_gpu: int  # how many were decoded on the GPU (the rest on the CPU)
+    retried: bool = False  # the GPU decode or the resize failed the batch whole and took it in halves
 
 
 class GpuImages:
@@ -273,21 +276,22 @@ class GpuImages:
             if encoded
             else ([], [])
         )
-        decoded, images, rejected = self._decode_on_gpu([inputs[i] for i in gpu])
+        decoded, images, rejected, retried = self._decode_on_gpu([inputs[i] for i in gpu])
         cpu = sorted(cpu + [gpu[j] for j in rejected])
         # The CPU decodes get bytes of their own: a decode that overruns its time limit may outlive the batch.
         jobs = [self._pool.submit(decode_on_cpu, _own(inputs[i]), self.preprocess, self.limits) for i in cpu]
         host = {i: x for i, x in enumerate(inputs) if _is_pixels(x)}
-        return DecodedBatch(len(inputs), [gpu[j] for j in decoded], images, cpu, jobs, host)
+        return DecodedBatch(len(inputs), [gpu[j] for j in decoded], images, cpu, jobs, host, retried)
 
     def finish(self, batch: DecodedBatch) -> PreparedBatch:
         """The second stage: resize what the GPU decoded, wait for the CPU decodes, assemble in input order."""
         parts: dict[int, torch.Tensor] = {}
-        failed, host = [], dict(batch.host)
+        failed, host, retried = [], dict(batch.host), batch.retried
         if batch.gpu:
-            resized, unresized = self._resize_checked(batch.images)
+            resized, unresized, resize_retried = self._resize_checked(batch.images)
+            retried = retried or resize_retried
             if len(batch.gpu) == batch.count and not unresized:  # the usual batch: all decoded here, in order
-                return PreparedBatch(resized, list(range(batch.count)), [], on_gpu=batch.count)
+                return PreparedBatch(resized, list(range(batch.count)), [], on_gpu=batch.count, retried=retried)
             done = [i for j, i in enumerate(batch.gpu) if j not in unresized]
             parts.update(zip(done, resized, strict=True))
             failed += [(batch.gpu[j], reason) for j, reason in unresized.items()]
@@ -305,45 +309,50 @@ class GpuImages:
             parts.update(dict(zip(order, uploaded, strict=True)))
         kept = sorted(parts)
         if host and len(host) == batch.count:  # nothing decoded here: the host batch is already in order
-            return PreparedBatch(uploaded, kept, [], on_gpu=0)
+            return PreparedBatch(uploaded, kept, [], on_gpu=0, retried=retried)
         pixels = torch.stack([parts[i] for i in kept]) if kept else self._no_pixels()
-        return PreparedBatch(pixels, kept, sorted(failed), on_gpu=len(batch.gpu))
+        return PreparedBatch(pixels, kept, sorted(failed), on_gpu=len(batch.gpu), retried=retried)
 
-    def _resize_checked(self, images: list[torch.Tensor] | PackedImages) -> tuple[torch.Tensor, dict[int, str]]:
+    def _resize_checked(self, images: list[torch.Tensor] | PackedImages) -> tuple[torch.Tensor, dict[int, str], bool]:
         """`resize_like_pil` of the batch; if that fails (out of GPU memory), in halves (`in_halves`), so only the
-        culprits fail: the images resized, in order, and position → dead-letter reason for the rest."""
+        culprits fail: the images resized, in order, position → dead-letter reason for the rest, and whether the
+        batch was taken in halves."""
         resized, reason = attempt(resize_like_pil, images, self.preprocess)
         if reason is None:
-            return resized, {}
+            return resized, {}, False
         _RESIZE_RETRIES.warning("resizing a batch of %d failed (%s); resizing it in halves", len(images), reason)
         done, failed = in_halves(lambda part: resize_like_pil(part, self.preprocess), images, reason)
         resized = torch.cat([rows for _, rows in done]) if done else self._no_pixels()
-        return resized, {j: f"resize failed: {why}" for j, why in failed.items()}
+        return resized, {j: f"resize failed: {why}" for j, why in failed.items()}, True
 
     def _no_pixels(self) -> torch.Tensor:
         return torch.empty((0, self.preprocess.height, self.preprocess.width, 3), dtype=torch.uint8, device=self.device)
 
-    def _decode_on_gpu(self, datas: list[bytes]) -> tuple[list[int], list[torch.Tensor] | PackedImages, list[int]]:
-        """The positions the GPU decoded, their images, and the positions it rejected (the CPU decoder will decode
-        those or say why not)."""
+    def _decode_on_gpu(self, datas: list[bytes],
+                       ) -> tuple[list[int], list[torch.Tensor] | PackedImages, list[int], bool]:  # fmt: skip
+        """The positions the GPU decoded, their images, the positions it rejected (the CPU decoder will decode
+        those or say why not), and whether the decoder failed the batch whole and took it in halves (torchvision's
+        nvJPEG raises for a batch with one JPEG it cannot decode; any decoder, for a batch it has no memory for)."""
         if not datas:
-            return [], [], []
+            return [], [], [], False
         decode = self._decoders.get()  # one free: there are as many as threads that may call this
         try:
             result, reason = attempt(decode, datas, self.device)
             if reason is None and isinstance(result, tuple):  # packed, with the positions decoded
                 packed, decoded = result
-                return decoded, packed, sorted(set(range(len(datas))) - set(decoded))
+                return decoded, packed, sorted(set(range(len(datas))) - set(decoded)), False
             if reason is None:
                 pairs, failed = list(enumerate(result)), []
             else:
+                _DECODE_RETRIES.warning("the GPU decoder failed a batch of %d (%s); decoding it in halves", len(datas),
+                                        reason)  # fmt: skip
                 pieces, failed = in_halves(lambda part: _per_input(decode(part, self.device), len(part)), datas, reason)
                 pairs = [(start + k, image) for start, images in pieces for k, image in enumerate(images)]
         finally:
             self._decoders.put(decode)
         decoded = [(j, image) for j, image in pairs if image is not None]
         rejected = sorted([*failed, *(j for j, image in pairs if image is None)])
-        return [j for j, _ in decoded], _packed([image for _, image in decoded]), rejected
+        return [j for j, _ in decoded], _packed([image for _, image in decoded]), rejected, reason is not None
 
 
 def _packed(images: list[torch.Tensor]) -> list[torch.Tensor] | PackedImages:

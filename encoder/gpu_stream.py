@@ -71,7 +71,7 @@ class StreamBatch:
     vectors: np.ndarray  # (len(keys), dim) float32, L2-normalised
     failed: list[tuple[Hashable, str, str]]  # (key, "decode" | "encode", reason)
     on_gpu: int  # images decoded by the GPU decoder (the rest by the CPU fallback)
-    retried: bool = False  # the batch failed in the model and was retried in halves (`embed_checked`)
+    retried: bool = False  # failed whole in the GPU decoder, the resize or the model, and went through in halves
 
 
 class Checked(NamedTuple):
@@ -278,7 +278,8 @@ def _outcome(encoder: ImageEncoder, keys: list[Hashable], prepared, launched) ->
     rows, vectors, unembedded, retried = embed_checked(encoder, prepared.pixels, launched)
     failed = [(keys[i], "decode", reason) for i, reason in prepared.failed]
     failed += [(keys[prepared.kept[row]], "encode", reason) for row, reason in unembedded]
-    return StreamBatch([keys[prepared.kept[row]] for row in rows], vectors, failed, prepared.on_gpu, retried)
+    return StreamBatch([keys[prepared.kept[row]] for row in rows], vectors, failed, prepared.on_gpu,
+                       retried or prepared.retried)  # fmt: skip
 
 
 class BackgroundEmbedder:

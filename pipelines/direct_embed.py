@@ -35,7 +35,7 @@ class DirectResult:
     embedded: int = 0
     dead_lettered: int = 0
     on_gpu: int = 0  # images the GPU decoder took (the rest, CPU threads)
-    batches_retried: int = 0  # batches that failed in the model and were retried in halves
+    batches_retried: int = 0  # batches that failed whole in the GPU decoder, resize or model: retried in halves
     shards: list[str] = field(default_factory=list)
 
 

@@ -516,7 +516,8 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
         "counts": counts,
         "dead_letters_by_stage": by_stage,
         # How the workers' batches went: images the GPU decoder took (the rest, CPU threads), and batches that
-        # failed in the model and were retried in halves (many: a batch size that no longer fits).
+        # failed whole in the GPU decoder, the resize or the model and were retried in halves (a few: JPEGs that
+        # torchvision's nvJPEG rejects; many: a batch size that no longer fits, see the log).
         "batches": {
             "decoded_on_gpu": metrics.get("decoded_on_gpu", 0),
             "retried": metrics.get("batches_retried", 0),

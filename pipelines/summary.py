@@ -62,7 +62,8 @@ def _batch_rows(batches: dict | None) -> list[tuple[str, str]]:
     if batches and batches.get("decoded_on_gpu"):
         rows.append(("decoded on the GPU", f"{batches['decoded_on_gpu']:,}"))
     if batches and batches.get("retried"):
-        rows.append(("batches retried in halves", f"{batches['retried']:,} (failed in the model; see the log)"))
+        why = "failed whole in the GPU decoder, resize or model; see the log"
+        rows.append(("batches retried in halves", f"{batches['retried']:,} ({why})"))
     return rows
 
 

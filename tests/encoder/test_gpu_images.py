@@ -202,6 +202,7 @@ def test_every_input_is_kept_in_order_or_failed_with_a_reason(jpegs):
     assert [i for i, _ in batch.failed] == [2, 5]
     assert "corrupt" in dict(batch.failed)[2] and "empty" in dict(batch.failed)[5]
     assert batch.on_gpu == 3 and calls == [5, 2, 3, 1, 2, 1, 1]  # one batched call, then halves down to the culprits
+    assert batch.retried  # counted in the run's manifest (`batches.retried`)
     for row, i in enumerate(batch.kept):
         expected = decode_image(datas[i], CFG, FULL)
         close = np.abs(batch.pixels[row].numpy().astype(int) - expected.astype(int)) <= 2
@@ -279,10 +280,29 @@ def test_a_batch_that_fails_to_resize_is_resized_in_halves_and_only_the_culprit_
     batch = GpuImages(CFG, "cpu", FULL, decoder=_pil_decoder()).prepare(datas)
     assert batch.kept == [0, 2, 3] and batch.on_gpu == 3
     assert batch.failed == [(1, "resize failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 GiB")]
+    assert batch.retried
     expected = GpuImages(CFG, "cpu", FULL, decoder=_pil_decoder()).prepare([jpegs[0], jpegs[2], _png(7)])
     assert torch.equal(batch.pixels, expected.pixels)
     everything = GpuImages(CFG, "cpu", FULL, decoder=_pil_decoder()).prepare([buffer.getvalue()])
     assert everything.kept == [] and everything.pixels.shape == (0, 224, 224, 3) and len(everything.failed) == 1
+
+
+def test_a_batch_the_gpu_decoder_fails_whole_is_counted_and_warned_about(jpegs, monkeypatch, caplog):
+    """As the model's and the resize's: a run whose every batch the decoder fails (out of memory: a batch of very
+    large photos) says so in its manifest and in one warning a minute, not in silence."""
+    import encoder.gpu_images as gpu_images
+    from encoder.failures import Throttled
+
+    monkeypatch.setattr(gpu_images, "_DECODE_RETRIES", Throttled(gpu_images.log))
+    images = GpuImages(CFG, "cpu", FULL, decoder=_pil_decoder())
+    assert not images.prepare(jpegs[:4]).retried
+    rejected = jpegs[1][:2] + b"\xff\xfe\x00\x08REJECT" + jpegs[1][2:]  # the stand-in GPU decoder raises for it
+    with caplog.at_level("WARNING", logger="encoder.gpu_images"):
+        batches = [images.prepare([jpegs[0], rejected, jpegs[2]]) for _ in range(3)]
+    assert all(batch.retried and batch.kept == [0, 1, 2] for batch in batches)
+    [warning] = [r.getMessage() for r in caplog.records]  # one for the three
+    assert "the GPU decoder failed a batch of 3 (RuntimeError: nvjpeg: unsupported)" in warning
+    assert caplog.records[0].filename == "gpu_images.py"  # where the retry is, not the throttle's module
 
 
 @pytest.mark.parametrize("stage", ["decode", "pack", "resize"])

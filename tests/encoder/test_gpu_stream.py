@@ -649,6 +649,17 @@ def test_embed_files_counts_the_batches_retried_in_halves(tiny_encoder, files, t
     assert result.embedded == 20 and result.dead_lettered == 0 and result.batches_retried == 2  # of 8, 8 and 4
 
 
+def test_embed_files_counts_a_batch_the_gpu_decoder_failed_whole_as_retried(tiny_encoder, files, tmp_path):
+    """torchvision's nvJPEG raises for a whole batch with one JPEG it cannot decode: the batch goes through in halves,
+    every image embedded, and is counted with the model's retries (`StreamBatch.retried`)."""
+    rejected = tmp_path / "rejected.jpg"
+    data = open(files[3], "rb").read()
+    rejected.write_bytes(data[:2] + b"\xff\xfe\x00\x08REJECT" + data[2:])  # the stand-in decoder raises for it
+    paths = [*files[:8], str(rejected), *files[8:15]]
+    result = embed_files(paths, tiny_encoder, _images(tiny_encoder), tmp_path / "out", batch_size=8, reader="threads")
+    assert result.embedded == 16 and result.dead_lettered == 0 and result.batches_retried == 1  # the second of two
+
+
 def test_a_shard_write_error_stops_embed_files(tiny_encoder, files, tmp_path, monkeypatch):
     def full_disk(self, table):
         raise OSError("No space left on device")

@@ -75,7 +75,7 @@ def test_a_batch_the_model_cannot_take_whole_goes_through_in_halves_and_is_count
     out = io.StringIO()
     print_embed_summary(result, Console(file=out, width=160))
     retried = result.manifest["batches"]["retried"]
-    assert re.search(rf"batches retried in halves\s*│\s*{retried} \(failed in the model", out.getvalue())
+    assert re.search(rf"batches retried in halves\s*│\s*{retried} \(failed whole in the GPU decoder", out.getvalue())
 
 
 def test_shards_follow_the_contract(first_run, tiny_encoder):
