@@ -22,8 +22,10 @@ _PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "immunohistochemis
 
 
 def realistic_jpegs(folder: Path, count: int, width: int = 640, quality: int = 90, seed: int = 0,
-                    first: int = 0) -> list[Path]:  # fmt: skip
-    """`count` JPEGs of ~`width` px made from real photos: random crops, flips and rescales; named from `first`."""
+                    first: int = 0, grain: float = 0.0) -> list[Path]:  # fmt: skip
+    """`count` JPEGs of ~`width` px made from real photos: random crops, flips and rescales; named from `first`.
+    `grain`: the standard deviation of noise added after the rescale, in levels, as a camera's sensor leaves it:
+    photos upscaled past their source are smooth, and compress (and decode) far faster than a camera's."""
     from skimage import data
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -39,6 +41,9 @@ def realistic_jpegs(folder: Path, count: int, width: int = 640, quality: int = 9
         if rng.random() < 0.5:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         crop = crop.resize((width, int(width * ch / cw)), Image.Resampling.BICUBIC)
+        if grain:
+            noisy = np.asarray(crop, dtype=np.float32) + rng.normal(0.0, grain, (crop.height, crop.width, 3))
+            crop = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
         buffer = io.BytesIO()
         crop.save(buffer, "JPEG", quality=quality)
         path = folder / f"{first + i:06d}.jpg"

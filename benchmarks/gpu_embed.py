@@ -31,7 +31,9 @@ model's step replayed as one CUDA graph per batch (`--cuda-graph`: three host ca
 batch instead of one per op or kernel, each of which hands the interpreter lock over);
 `switch` reruns (d) with a 0.5 ms interpreter switch interval; `mfu` reruns (c) at twice the
 batch, under torch.compile's autotuning modes (minutes of compile each) and with cuDNN's
-attention. Results go in BENCHMARKS.md.
+attention. `large` reruns (d) on phone photos of 12 MP (4000 px wide, with a sensor's grain): with one GPU
+decode call's limit (`DECODE_MAX_BYTES`, the rest decoded on the CPU threads), without it, and all on the CPU
+threads. Results go in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import StackSampler, images_per_s, machine, realistic_jpegs  # noqa: E402
-from encoder import DecodeLimits, EncoderConfig, decode_image, gpu_stream, load_encoder  # noqa: E402
+from encoder import DecodeLimits, EncoderConfig, decode_image, gpu_images, gpu_stream, load_encoder  # noqa: E402
 
 SHAPES = {
     "base16-224": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -116,13 +118,13 @@ class GpuMonitor:
         return float(np.mean(self.samples)) if self.samples else None
 
 
-def _make_images(folder: Path, count: int, width: int) -> list[Path]:
-    chunks = max(1, min(os.cpu_count() or 1, count // 500))
+def _make_images(folder: Path, count: int, width: int, per_process: int = 500, grain: float = 0.0) -> list[Path]:
+    chunks = max(1, min(os.cpu_count() or 1, count // per_process))
     sizes = [len(a) for a in np.array_split(np.arange(count), chunks)]
     with ProcessPoolExecutor(chunks) as pool:
         firsts = np.cumsum([0, *sizes[:-1]]).tolist()  # unique names: the file stem is the item id
         done = list(pool.map(realistic_jpegs, [folder / f"c{i:02d}" for i in range(chunks)], sizes,
-                             [width] * chunks, [90] * chunks, range(chunks), firsts))  # fmt: skip
+                             [width] * chunks, [90] * chunks, range(chunks), firsts, [grain] * chunks))  # fmt: skip
     return [p for paths in done for p in paths]
 
 
@@ -499,8 +501,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--timeline-images", type=int, default=4096)
+    parser.add_argument("--large-images", type=int, default=512, help="the `large` path's 12-MP photos")
     parser.add_argument("--paths", default="c,d,b,a,e,timeline,streams,decode-threads,prealloc,nomodel,freezing,"
-                        "pixels,so400m,profile,graph,mfu,stages,switch,e2", help="which paths, in order")  # fmt: skip
+                        "pixels,so400m,profile,graph,mfu,stages,switch,e2,large", help="which paths, in order")  # fmt: skip
     parser.add_argument("--trace-dir", help="keep the `timeline` path's traces here (.json.gz, for Perfetto)")
     parser.add_argument("--json", help="write results here as they land")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few small files, CPU")
@@ -527,7 +530,7 @@ def main() -> None:
         base = "smoke" if smoke else "base16-224"
         ckpt = _checkpoint(work / base, SHAPES[base])
         encoder = None
-        uses_c = ("stages", "d", "streams", "decode-threads", "switch", "profile", "timeline", "prealloc")
+        uses_c = ("stages", "d", "streams", "decode-threads", "switch", "profile", "timeline", "prealloc", "large")
         for path in args.paths.split(","):
             if path in uses_c and encoder is None:  # these use (c)'s encoder
                 encoder = encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]
@@ -654,6 +657,14 @@ def main() -> None:
                              batch, True)  # fmt: skip
                 run.path(f"(e) profiled, {auto_decoder}", beam, work / "jpegs", ckpt, device, work / "e", batch,
                          compile_, len(files), True, auto_decoder)  # fmt: skip
+            elif path == "large":  # phone photos of 12 MP: what one decode call's limit sends to the CPU threads
+                large_width = 640 if smoke else 4000
+                large = _make_images(work / "large", 2 * batch if smoke else args.large_images, large_width,
+                                     per_process=16, grain=4.0)  # fmt: skip
+                for what, limit in LARGE_VARIANTS:  # with the default decoder (Pillow's stand-in in --smoke)
+                    with mock.patch.object(gpu_images, "DECODE_MAX_BYTES", limit):
+                        run.path(f"(d) {large_width}-px photos, {what}, {decoders[:2][-1]}", end_to_end, large,
+                                 encoder, device, decoders[:2][-1], work / "d", batch)  # fmt: skip
             elif path == "so400m" and not smoke:
                 encoder = None
                 torch.cuda.empty_cache()
@@ -692,6 +703,14 @@ def _own_stream(device: torch.device, *_) -> torch.cuda.Stream:
 
 def _high_priority_stream(device: torch.device, *_) -> torch.cuda.Stream:
     return torch.cuda.Stream(device, priority=-1)
+
+
+# The `large` path's variants: (what, the decoded bytes one GPU decode call takes at most; None: no limit).
+LARGE_VARIANTS = [
+    ("1 GiB per GPU decode call (the default), the rest on the CPU threads", 1 << 30),
+    ("all on the GPU decoder (no limit)", None),
+    ("all on the CPU threads (draft)", 0),
+]
 
 
 # The `streams` path's variants: (what, {an `encoder.gpu_stream` factory it replaces: the replacement}).

@@ -4,9 +4,9 @@ JPEGs that the GPU decoder takes (`encoder.jpeg.cpu_reason`) are decoded in one 
 (nvJPEG through `torchvision.io.decode_jpeg(device="cuda")`, whose images are then packed into one
 buffer in one call, or nvImageCodec's C library through `encoder.nvimgcodec`, which decodes a batch
 into one buffer), resized on the GPU with the same
-antialiased filter PIL uses, and rounded to uint8 as PIL does (`encoder.resize`). Everything else, and any
-JPEG the GPU decoder rejects, is decoded by `decode_image` on CPU threads, each within a
-time limit: same output, same dead-letter reasons. Images already decoded on the CPU
+antialiased filter PIL uses, and rounded to uint8 as PIL does (`encoder.resize`). Everything else, any
+JPEG the GPU decoder rejects, and the photos past what one call may decode (`DECODE_MAX_BYTES`), is decoded by
+`decode_image` on CPU threads, each within a time limit: same output, same dead-letter reasons. Images already decoded on the CPU
 join the batch as they are. Results keep the input order; nothing is dropped silently.
 
 torchvision is imported only here and only when a GPU path is built: on CPU-only
@@ -29,13 +29,14 @@ import numpy as np
 import torch
 
 from encoder.failures import Throttled, attempt, in_halves
-from encoder.jpeg import cpu_reason
+from encoder.jpeg import cpu_reason, decoded_within, read_jpeg_header
 from encoder.preprocess import DecodeLimits, ImageDecodeError, PreprocessConfig, decode_image
 from encoder.resize import PackedImages, gpu_resizes, pack_images, resize_like_pil
 from encoder.storage import describe_error
 
 __all__ = [
     "DECODERS",
+    "DECODE_MAX_BYTES",
     "DecodedBatch",
     "GpuImages",
     "PreparedBatch",
@@ -47,6 +48,7 @@ __all__ = [
     "nvimgcodec_python_decoder",
     "nvjpeg_decoder",
     "outputs_held",
+    "within_budget",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,34 @@ def nvjpeg_decoder(device: torch.device) -> BatchDecoder:
     def decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
         return decode_jpeg(byte_tensors(datas), mode=ImageReadMode.RGB, device=device)
 
-    return outputs_held(decode, device)
+    return outputs_held(within_budget(decode), device)
+
+
+# A GPU decode call's decoded pixels at most: a batch of 256 photos of up to 1.4 MP each decodes whole; of larger
+# photos the GPU decoder takes what fits and the CPU threads decode the rest in draft mode (`decoded_within`).
+DECODE_MAX_BYTES = 1 << 30
+
+
+def within_budget(decode: BatchDecoder) -> BatchDecoder:
+    """`decode` of the images that fit in `DECODE_MAX_BYTES` decoded, sized from their headers (~3 µs each),
+    and None for the rest, which go to the CPU threads: for a decoder that does not size its batch itself
+    (torchvision's nvJPEG; nvImageCodec's own probe sizes its batch, `NvImageCodec.decode_packed`)."""
+
+    def decode_within(datas: list[bytes | np.ndarray], device: torch.device) -> list[torch.Tensor | None]:
+        taken = decoded_within([_decoded_size(data) for data in datas], DECODE_MAX_BYTES)
+        if all(taken):
+            return decode(datas, device)
+        images = iter(decode([data for data, take in zip(datas, taken, strict=True) if take], device)
+                      if any(taken) else [])  # fmt: skip
+        return [next(images) if take else None for take in taken]
+
+    return decode_within
+
+
+def _decoded_size(data: bytes | np.ndarray) -> int | None:
+    """Bytes of RGB pixels this JPEG decodes to, from its header; None when the header cannot be read."""
+    header = read_jpeg_header(data)
+    return None if header is None else header.width * header.height * 3
 
 
 def outputs_held(decode: BatchDecoder, device: torch.device) -> BatchDecoder:
@@ -112,15 +141,15 @@ def byte_tensors(datas: Sequence[bytes | np.ndarray]) -> list[torch.Tensor]:
 def nvimgcodec_decoder(device: torch.device, options: str | None = None) -> BatchDecoder:
     """nvImageCodec through its C library (`encoder.nvimgcodec`): the GPU's hardware JPEG engines where it has
     them (A100, H100), else CUDA. The interpreter lock is released once per batch; the images come packed in one
-    buffer, which the resize gathers from without a tensor op per image; one it cannot decode goes to the CPU
-    threads while the rest of the batch stays on the GPU. `options`: the library's decoder options (None: ours)."""
+    buffer, which the resize gathers from without a tensor op per image; one it cannot decode, or past
+    `DECODE_MAX_BYTES`, goes to the CPU threads while the rest of the batch stays on the GPU. `options`: the library's decoder options (None: ours)."""
     from encoder.nvimgcodec import NvImageCodec
 
     # Made here, so a missing or mismatched library fails the setup, not every batch.
     codec = NvImageCodec(device) if options is None else NvImageCodec(device, options=options)
 
     def decode(datas: list[bytes | np.ndarray], device: torch.device) -> tuple[PackedImages, list[int]]:
-        return codec.decode_packed(datas)  # on the caller's stream, so what follows on it sees finished images
+        return codec.decode_packed(datas, DECODE_MAX_BYTES)  # on the caller's stream: what follows sees the images
 
     return decode
 
@@ -160,7 +189,7 @@ def pil_decoder(device: torch.device | None = None) -> BatchDecoder:
         images = [np.asarray(Image.open(io.BytesIO(d)).convert("RGB")) for d in datas]
         return [torch.from_numpy(i.copy()).permute(2, 0, 1).to(device) for i in images]
 
-    return decode
+    return within_budget(decode)
 
 
 PACK_MAX_BYTES = 1 << 30  # decoded batches up to this are packed for the resize (`_packed`)

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from encoder.jpeg import decoded_within
 from encoder.resize import PackedImages
 
 __all__ = ["NvImageCodec", "NvImageCodecError", "library_dir", "library_problem"]
@@ -232,13 +233,15 @@ class NvImageCodec:
             images[i] = packed[k]
         return images
 
-    def decode_packed(self, datas: Sequence[bytes | np.ndarray]) -> tuple[PackedImages, list[int]]:
+    def decode_packed(self, datas: Sequence[bytes | np.ndarray],
+                      max_bytes: int | None = None) -> tuple[PackedImages, list[int]]:  # fmt: skip
         """The images decoded, side by side in one buffer (`PackedImages`, in input order), and the input
-        positions they came from; the others the library could not parse or decode. No tensor op per image."""
+        positions they came from; the others the library could not parse or decode, or that did not fit in
+        `max_bytes` of decoded pixels (`encoder.jpeg.decoded_within`). No tensor op per image."""
         with self._lock:
-            return self._decode(datas)
+            return self._decode(datas, max_bytes)
 
-    def _decode(self, datas: Sequence[bytes | np.ndarray]) -> tuple[PackedImages, list[int]]:
+    def _decode(self, datas: Sequence[bytes | np.ndarray], max_bytes: int | None) -> tuple[PackedImages, list[int]]:
         lib, n = self._lib, len(datas)
         self._reserve(n)
         streams, images, probe = self._streams, self._images, self._probe
@@ -259,6 +262,9 @@ class NvImageCodec:
             shapes.append(shape)
             codecs.append(probe.codec_name if shape else b"")
         sizes = [0 if s is None else s[0] * s[1] * 3 for s in shapes]
+        for i, fits in enumerate(decoded_within(sizes, max_bytes)):
+            if not fits:  # left out, as one it could not read
+                shapes[i], sizes[i] = None, 0
         widest = max((s[1] for s in shapes if s is not None), default=0)
         # Room for a row of the widest image after the last: `PackedImages`' contract, for the resize's gather.
         buffer = torch.empty(sum(sizes) + 3 * widest, dtype=torch.uint8, device=self.device)

@@ -44,7 +44,10 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu():
                  "(d) timeline (under the profiler), 2 decode threads, pil",
                  "(c) timeline (under the profiler): the model's kernels",
                  "(c) the step's pixel normalisation alone, batch 16, compiled (eager beside it)",
-                 "(e) profiled, nvjpeg"):  # fmt: skip
+                 "(e) profiled, nvjpeg",
+                 "(d) 640-px photos, 1 GiB per GPU decode call (the default), the rest on the CPU threads, pil",
+                 "(d) 640-px photos, all on the GPU decoder (no limit), pil",
+                 "(d) 640-px photos, all on the CPU threads (draft), pil"):  # fmt: skip
         assert f"| {path}" in out, path
     assert '"error"' not in out
     assert (

@@ -305,6 +305,31 @@ def test_a_batch_the_gpu_decoder_fails_whole_is_counted_and_warned_about(jpegs, 
     assert caplog.records[0].filename == "gpu_images.py"  # where the retry is, not the throttle's module
 
 
+def test_a_decoder_that_does_not_size_its_batch_gets_only_what_fits_its_limit(jpegs, monkeypatch):
+    """As torchvision's nvJPEG is given its batch (`within_budget`): sized from the headers, what is past
+    `DECODE_MAX_BYTES` goes to the CPU threads, in its place; a batch that fits is one call as before."""
+    import encoder.gpu_images as gpu_images
+
+    calls: list[int] = []
+    decoder = gpu_images.within_budget(_pil_decoder(calls))
+    sizes = [np.asarray(Image.open(io.BytesIO(data))).nbytes for data in jpegs[:5]]
+    monkeypatch.setattr(gpu_images, "DECODE_MAX_BYTES", sizes[0] + sizes[2] + sizes[3] + sizes[4] - 1)
+    datas = [jpegs[0], jpegs[1], jpegs[2], _png(3), jpegs[3], jpegs[4]]  # the PNG: the CPU's from the start
+    batch = GpuImages(CFG, "cpu", FULL, decoder=decoder).prepare(datas)
+    taken = gpu_images.decoded_within([sizes[0], sizes[1], sizes[2], sizes[3], sizes[4]], gpu_images.DECODE_MAX_BYTES)
+    assert batch.kept == [0, 1, 2, 3, 4, 5] and batch.failed == [] and calls == [sum(taken)] and sum(taken) < 5
+    assert batch.on_gpu == sum(taken)
+    for row, data in enumerate(datas):
+        close = np.abs(batch.pixels[row].numpy().astype(int) - decode_image(data, CFG, FULL).astype(int)) <= 2
+        assert close.mean() > 0.999, row
+    calls.clear()
+    monkeypatch.setattr(gpu_images, "DECODE_MAX_BYTES", sum(sizes))
+    assert GpuImages(CFG, "cpu", FULL, decoder=decoder).prepare(datas).on_gpu == 5 and calls == [5]
+    monkeypatch.setattr(gpu_images, "DECODE_MAX_BYTES", 0)
+    calls.clear()
+    assert GpuImages(CFG, "cpu", FULL, decoder=decoder).prepare(datas).on_gpu == 0 and calls == []
+
+
 @pytest.mark.parametrize("stage", ["decode", "pack", "resize"])
 def test_a_device_error_is_raised_not_dead_lettered(jpegs, monkeypatch, stage):
     import encoder.gpu_images as gpu_images

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from encoder.jpeg import PROGRESSIVE_ON_CPU, cpu_reason, read_jpeg_header
+from encoder.jpeg import PROGRESSIVE_ON_CPU, cpu_reason, decoded_within, read_jpeg_header
 from encoder.preprocess import DecodeLimits, ImageDecodeError, PreprocessConfig, decode_image
 
 _LIMITS = dict(max_bytes=10 << 20, max_pixels=10_000_000)
@@ -93,6 +93,28 @@ def test_an_array_of_the_bytes_is_routed_as_the_bytes_are():
     for data in (full, full[: len(full) // 2], full + b"\0" * 64, _encode(fmt="PNG"), _encode("CMYK"),
                  _with_orientation(_encode(), 6), _encode(progressive=True)):  # fmt: skip
         assert cpu_reason(np.frombuffer(data, dtype=np.uint8), **_LIMITS) == cpu_reason(data, **_LIMITS)
+
+
+def test_the_header_of_an_array_of_the_bytes_is_read_as_the_bytes_header():
+    for data in (_encode(), _encode("CMYK"), _with_orientation(_encode(), 6), _encode(fmt="PNG"), b"", b"\xff\xd8"):
+        assert read_jpeg_header(np.frombuffer(data, dtype=np.uint8)) == read_jpeg_header(data)
+    assert read_jpeg_header(np.frombuffer(_with_orientation(_encode(), 6), dtype=np.uint8)).orientation == 6
+
+
+@pytest.mark.parametrize(
+    ("sizes", "max_bytes", "taken"),
+    [
+        ([4, 4, 4], 12, [True, True, True]),
+        ([4, 4, 4], 11, [True, True, False]),  # in input order: the last does not fit
+        ([10, 1, 9], 11, [True, True, False]),
+        ([12, 2, 2], 11, [False, True, True]),  # one over the limit alone: the others still go
+        ([4, None, 4], 8, [True, True, True]),  # unreadable: costs nothing, the decoder rejects it
+        ([4, 4], None, [True, True]),  # no limit
+        ([], 8, []),
+    ],
+)
+def test_a_gpu_decode_call_takes_the_images_that_fit_its_limit_in_input_order(sizes, max_bytes, taken):
+    assert decoded_within(sizes, max_bytes) == taken
 
 
 def test_oversized_images_go_to_the_cpu_path_that_dead_letters_them():
