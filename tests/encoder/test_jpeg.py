@@ -105,15 +105,16 @@ def test_the_header_of_an_array_of_the_bytes_is_read_as_the_bytes_header():
     ("sizes", "max_bytes", "taken"),
     [
         ([4, 4, 4], 12, [True, True, True]),
-        ([4, 4, 4], 11, [True, True, False]),  # in input order: the last does not fit
-        ([10, 1, 9], 11, [True, True, False]),
-        ([12, 2, 2], 11, [False, True, True]),  # one over the limit alone: the others still go
+        ([4, 4, 4], 11, [True, True, False]),  # ties in input order: the last does not fit
+        ([10, 1, 9], 11, [False, True, True]),  # the smallest first: the largest goes to the CPU threads
+        ([9, 1, 10], 11, [True, True, False]),
+        ([12, 2, 2], 11, [False, True, True]),  # one over the limit alone
         ([4, None, 4], 8, [True, True, True]),  # unreadable: costs nothing, the decoder rejects it
         ([4, 4], None, [True, True]),  # no limit
         ([], 8, []),
     ],
 )
-def test_a_gpu_decode_call_takes_the_images_that_fit_its_limit_in_input_order(sizes, max_bytes, taken):
+def test_a_gpu_decode_call_takes_the_smallest_images_that_fit_its_limit(sizes, max_bytes, taken):
     assert decoded_within(sizes, max_bytes) == taken
 
 
