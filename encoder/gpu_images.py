@@ -5,9 +5,10 @@ JPEGs that the GPU decoder takes (`encoder.jpeg.cpu_reason`) are decoded in one 
 buffer in one call, or nvImageCodec's C library through `encoder.nvimgcodec`, which decodes a batch
 into one buffer), resized on the GPU with the same
 antialiased filter PIL uses, and rounded to uint8 as PIL does (`encoder.resize`). Everything else, any
-JPEG the GPU decoder rejects, and the photos past what one call may decode (`DECODE_MAX_BYTES`), is decoded by
-`decode_image` on CPU threads, each within a time limit: same output, same dead-letter reasons. Images already decoded on the CPU
-join the batch as they are. Results keep the input order; nothing is dropped silently.
+JPEG the GPU decoder rejects, and the largest photos past what one call may decode (`DECODE_MAX_BYTES`), is
+decoded by `decode_image` on CPU threads, each within a time limit: same output, same dead-letter reasons.
+Images already decoded on the CPU join the batch as they are. Results keep the input order; nothing is
+dropped silently.
 
 torchvision is imported only here and only when a GPU path is built: on CPU-only
 installs it is absent (it breaks transformers' SigLIP import there).
@@ -142,7 +143,8 @@ def nvimgcodec_decoder(device: torch.device, options: str | None = None) -> Batc
     """nvImageCodec through its C library (`encoder.nvimgcodec`): the GPU's hardware JPEG engines where it has
     them (A100, H100), else CUDA. The interpreter lock is released once per batch; the images come packed in one
     buffer, which the resize gathers from without a tensor op per image; one it cannot decode, or past
-    `DECODE_MAX_BYTES`, goes to the CPU threads while the rest of the batch stays on the GPU. `options`: the library's decoder options (None: ours)."""
+    `DECODE_MAX_BYTES`, goes to the CPU threads while the rest of the batch stays on the GPU. `options`: the
+    library's decoder options (None: ours)."""
     from encoder.nvimgcodec import NvImageCodec
 
     # Made here, so a missing or mismatched library fails the setup, not every batch.
