@@ -133,3 +133,4 @@ def test_the_header_reader_never_raises_on_mutated_bytes():
             if mutated:
                 mutated[position] = int(rng.integers(0, 256))
         cpu_reason(bytes(mutated), **_LIMITS)  # a reason or None, never an exception
+        assert read_jpeg_header(np.frombuffer(bytes(mutated), dtype=np.uint8)) == read_jpeg_header(bytes(mutated))
