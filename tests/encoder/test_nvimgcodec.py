@@ -248,8 +248,10 @@ def test_gpu_images_decodes_what_is_over_the_gpu_decoders_limit_on_the_cpu(jpegs
     for row, data in enumerate(jpegs[:5]):  # Pillow's bit for bit; the library's (no fancy upsampling) close
         diff = np.abs(batch.pixels[row].numpy().astype(int) - decode_image(data, cfg, limits).astype(int))
         assert diff.max() <= (12 if row in on_gpu else 0), (row, diff.max())
-    monkeypatch.setattr(gpu_images, "DECODE_MAX_BYTES", sum(sizes))
-    assert GpuImages(cfg, "cpu", limits, decoder="nvimgcodec", cpu_threads=2).prepare(jpegs[:5]).on_gpu == 5
+    for limit, on_gpu in ((sum(sizes), 5), (0, 0)):  # all fit; none does (the `large` path's all-on-the-CPU run)
+        monkeypatch.setattr(gpu_images, "DECODE_MAX_BYTES", limit)
+        batch = GpuImages(cfg, "cpu", limits, decoder="nvimgcodec", cpu_threads=2).prepare(jpegs[:5])
+        assert batch.on_gpu == on_gpu and batch.kept == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.gpu
