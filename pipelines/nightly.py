@@ -85,7 +85,8 @@ class _Context:
 
 
 def _embed(ctx: _Context, outputs: dict) -> tuple[dict, dict]:
-    from pipelines.embed import MANIFEST_NAME, EmbedConfig, run_embed
+    from pipelines.embed import EmbedConfig, run_embed
+    from pipelines.embed_runs import MANIFEST_NAME
 
     run_dir = storage.join(ctx.cfg.out, "embeddings", ctx.run_id)
     existing = storage.join(run_dir, MANIFEST_NAME)
