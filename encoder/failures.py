@@ -1,6 +1,7 @@
 """Isolating what fails in a batch: which errors stop a run, a call's dead-letter reason, retries in halves,
-and warnings that a failing condition would otherwise repeat every batch. The GPU image path and the model's
-step (`encoder.gpu_images`, `encoder.gpu_stream`, `encoder.model`) share them."""
+warnings that a failing condition would otherwise repeat every batch, and the smaller pieces batches run in once
+the batch size stops fitting. The GPU image path and the model's step (`encoder.gpu_images`, `encoder.gpu_stream`,
+`encoder.model`) share them."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch
 
 from encoder.storage import describe_error
 
-__all__ = ["Throttled", "attempt", "device_failed", "in_halves"]
+log = logging.getLogger(__name__)
+__all__ = ["MemoryBackoff", "Throttled", "attempt", "device_failed", "in_halves", "out_of_memory"]
 
 T = TypeVar("T")
 
@@ -80,3 +82,71 @@ def in_halves(fn: Callable[[Sequence], T], items: Sequence, reason: str) -> tupl
             else:
                 split.append((first, last, why))
     return sorted(done, key=lambda slice_done: slice_done[0]), failed
+
+
+_OUT_OF_MEMORY = ("OutOfMemoryError", "MemoryError", "out of memory", "not enough memory")
+
+
+def out_of_memory(reason: str) -> bool:
+    """Whether a dead-letter reason (`attempt`) says the device ran out of memory: torch's `OutOfMemoryError`, an
+    older "CUDA out of memory" RuntimeError, or the host's allocator failing."""
+    return any(sign in reason for sign in _OUT_OF_MEMORY)
+
+
+class MemoryBackoff:
+    """The piece size a run's batches go through in while the batch size does not fit the memory left.
+
+    The batch size is fitted to the GPU's free memory when the model loads (`encoder.model.fit_batch_size`); memory
+    can shrink later (another process on the GPU, fragmentation). A batch that then runs out of memory goes through
+    in halves (`in_halves`), and each later batch would fail whole first: an exception, the allocator releasing its
+    cache, a retry, every batch. Once a batch of n runs out of memory, the next batches go straight to pieces of
+    n / 2 (halved again if those run out too), and every `probe_every` such batches one is tried whole again; each
+    probe that fails doubles that interval (up to `max_probe_every`), and one that fits ends the backoff.
+    `encoder.gpu_stream` keeps one per stream of batches, or per caller that starts one stream after another.
+    """
+
+    def __init__(self, probe_every: int = 16, max_probe_every: int = 1024) -> None:
+        if probe_every < 1 or max_probe_every < probe_every:
+            raise ValueError(f"need 1 <= probe_every <= max_probe_every, got {probe_every}, {max_probe_every}")
+        self._first_probe, self._max_probe = probe_every, max_probe_every
+        self.piece: int | None = None  # images per piece while backing off; None: whole batches
+        self._probe_every, self._since = probe_every, 0
+        self._lock = threading.Lock()
+
+    @property
+    def backing_off(self) -> bool:
+        return self.piece is not None
+
+    def piece_for(self, size: int) -> int | None:
+        """The piece size to run a batch of `size` images in now; None: whole (while backing off, a probe)."""
+        with self._lock:
+            if self.piece is None:
+                return None
+            self._since += 1
+            if self._since >= self._probe_every:
+                self._since = 0
+                return None
+            return min(self.piece, size)
+
+    def failed(self, size: int, reason: str) -> None:
+        """A launch of `size` images failed with `reason`; out of memory, the next batches go in smaller pieces."""
+        if not out_of_memory(reason) or size < 2:
+            return
+        with self._lock:
+            if self.piece is not None and size > self.piece:  # a probe: the whole batch still does not fit
+                self._probe_every = min(2 * self._probe_every, self._max_probe)
+            if self.piece is not None and self.piece <= size // 2:
+                return
+            self.piece, every = size // 2, self._probe_every
+        _SHRINKING.warning("out of memory at %d images (%s): the next batches run in pieces of %d, eagerly, and "
+                           "a whole batch is tried again every %d", size, reason, size // 2, every)  # fmt: skip
+
+    def fitted(self) -> None:
+        """A whole batch launched while backing off (a probe) went through: whole batches run again from now on."""
+        with self._lock:
+            piece, self.piece, self._probe_every, self._since = self.piece, None, self._first_probe, 0
+        if piece is not None:
+            log.info("a whole batch fits the memory again: batches run whole, no longer in pieces of %d", piece)
+
+
+_SHRINKING = Throttled(log)

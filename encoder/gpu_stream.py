@@ -32,9 +32,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from encoder.failures import Throttled, attempt, in_halves
+from encoder.failures import MemoryBackoff, Throttled, attempt, in_halves
 from encoder.gpu_images import GpuImages
 from encoder.model import ImageEncoder, PendingVectors
+from encoder.storage import describe_error
 
 __all__ = ["BackgroundEmbedder", "Checked", "StreamBatch", "embed_checked", "embed_stream"]
 
@@ -72,6 +73,7 @@ class StreamBatch:
     failed: list[tuple[Hashable, str, str]]  # (key, "decode" | "encode", reason)
     on_gpu: int  # images decoded by the GPU decoder (the rest by the CPU fallback)
     retried: bool = False  # failed whole in the GPU decoder, the resize or the model, and went through in halves
+    in_pieces: bool = False  # the model took it in pieces: an earlier batch ran out of memory (`MemoryBackoff`)
 
 
 class Checked(NamedTuple):
@@ -80,36 +82,87 @@ class Checked(NamedTuple):
     rows: list[int]  # the rows embedded
     vectors: np.ndarray  # their vectors
     failed: list[tuple[int, str]]  # (row, reason) for the rest
-    retried: bool  # the batch failed whole and was retried in halves
+    retried: bool  # the batch, or a piece of it, failed whole and was retried in halves
 
 
-def embed_checked(encoder: ImageEncoder, pixels: torch.Tensor, launched: PendingVectors | str | None = None,
-                  ) -> Checked:  # fmt: skip
+@dataclass
+class Launched:
+    """A batch's launch (`_launch`): whole, or in pieces of `size` while the batch size does not fit the memory left
+    (`MemoryBackoff`); each piece's `PendingVectors`, or why its launch failed."""
+
+    size: int  # images per piece (the last may have fewer)
+    pieces: list[tuple[int, PendingVectors | str]]  # (first row, its launch), in order
+    in_pieces: bool = False  # through the eager step in pieces, not whole (an earlier batch ran out of memory)
+    probe: bool = False  # whole while backing off: whether the batch size fits again
+
+
+def embed_checked(encoder: ImageEncoder, pixels: torch.Tensor, launched: Launched | None = None,
+                  backoff: MemoryBackoff | None = None) -> Checked:  # fmt: skip
     """Embed a batch; if it fails, in halves (`in_halves`), so only the culprits fail. Non-finite vectors fail too.
 
-    `launched`: the batch's `encoder.launch(pixels)`, started earlier, or why it failed (`_launch`).
-    The pieces run the model's eager step at their own size (`ImageEncoder.launch`), and start once
-    the failure's traceback is gone: its frames hold the failed attempt's tensors, whose GPU memory
-    the pieces may need. A CUDA error that leaves the device unusable (`device_failed`) is raised,
-    not dead-lettered piece by piece. The warning says so once a minute at most (`_RETRIES`): a batch
-    size that no longer fits could otherwise log every batch.
+    `launched`: the batch's `_launch`, started earlier. The pieces run the model's eager step at
+    their own size (`ImageEncoder.launch`), and start once the failure's traceback is gone: its
+    frames hold the failed attempt's tensors, whose GPU memory the pieces may need. A CUDA error
+    that leaves the device unusable (`device_failed`) is raised, not dead-lettered piece by piece.
+    The warning says so once a minute at most (`_RETRIES`): a batch size that no longer fits could
+    otherwise log every batch. `backoff` learns from what runs out of memory, and from a whole
+    batch that fits (`MemoryBackoff`).
     """
-    reason = launched if isinstance(launched, str) else None
-    if reason is None:
-        vectors, reason = attempt(lambda: (launched or encoder.launch(pixels)).result())
+    launched = launched or _launch(encoder, pixels, backoff)
+    done, failed, retried = [], {}, False
+    for start, pending in launched.pieces:
+        piece = pixels[start : start + launched.size]
+        reason = pending if isinstance(pending, str) else None
         if reason is None:
-            return Checked(*_finite(list(range(len(pixels))), vectors, []), retried=False)
-    _RETRIES.warning("batch of %d failed to embed (%s); retrying it in halves", len(pixels), reason)
-    done, failed = in_halves(lambda piece: encoder.launch(piece, eager=True).result(), pixels, reason)
+            vectors, reason = attempt(pending.result)
+            if reason is None:
+                done.append((start, vectors))
+                continue
+            _learn(backoff, len(piece), reason)
+        retried = True
+        _RETRIES.warning("batch of %d failed to embed (%s); retrying it in halves", len(piece), reason)
+        pieces, culprits = in_halves(lambda part: _eager(encoder, part, backoff), piece, reason)
+        done += [(start + first, vectors) for first, vectors in pieces]
+        failed.update({start + row: why for row, why in culprits.items()})
+    if backoff is not None and launched.probe and not retried:
+        backoff.fitted()
     vectors = np.concatenate([v for _, v in done]) if done else np.zeros((0, encoder.dim), np.float32)
     rows = [start + k for start, v in done for k in range(len(v))]
-    return Checked(*_finite(rows, vectors, sorted(failed.items())), retried=True)
+    return Checked(*_finite(rows, vectors, sorted(failed.items())), retried=retried)
 
 
-def _launch(encoder: ImageEncoder, pixels: torch.Tensor) -> PendingVectors | str:
-    """`encoder.launch`, or the reason it failed (`attempt`): `embed_checked` then retries it in halves."""
-    pending, reason = attempt(encoder.launch, pixels)
-    return pending if reason is None else reason
+def _launch(encoder: ImageEncoder, pixels: torch.Tensor, backoff: MemoryBackoff | None = None) -> Launched:
+    """`encoder.launch` of the batch, or of its pieces through the eager step while `backoff` says the batch size
+    does not fit; for each, why it failed (`attempt`), which `embed_checked` then retries in halves."""
+    probe = backoff is not None and backoff.backing_off
+    size = backoff.piece_for(len(pixels)) if backoff is not None else None
+    if size is None:
+        return Launched(len(pixels), [(0, _attempted(encoder, pixels, False, backoff))], probe=probe)
+    return Launched(size, [(start, _attempted(encoder, pixels[start : start + size], True, backoff))
+                           for start in range(0, len(pixels), size)], in_pieces=True)  # fmt: skip
+
+
+def _attempted(encoder: ImageEncoder, pixels: torch.Tensor, eager: bool,
+               backoff: MemoryBackoff | None) -> PendingVectors | str:  # fmt: skip
+    pending, reason = attempt(lambda: encoder.launch(pixels, eager=True) if eager else encoder.launch(pixels))
+    if reason is None:
+        return pending
+    _learn(backoff, len(pixels), reason)
+    return reason
+
+
+def _eager(encoder: ImageEncoder, pixels: torch.Tensor, backoff: MemoryBackoff | None) -> np.ndarray:
+    """A failed batch's piece through the eager step, at its own size; `backoff` learns if it runs out of memory."""
+    try:
+        return encoder.launch(pixels, eager=True).result()
+    except Exception as err:
+        _learn(backoff, len(pixels), describe_error(err))
+        raise
+
+
+def _learn(backoff: MemoryBackoff | None, size: int, reason: str) -> None:
+    if backoff is not None:
+        backoff.failed(size, reason)
 
 
 def _finite(done: list[int], vectors: np.ndarray, failed: list[tuple[int, str]]):
@@ -121,7 +174,7 @@ def _finite(done: list[int], vectors: np.ndarray, failed: list[tuple[int, str]])
 
 
 def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tuple], prefetch: int = 2,
-                 in_flight: int = 2) -> Iterator[StreamBatch]:  # fmt: skip
+                 in_flight: int = 2, backoff: MemoryBackoff | None = None) -> Iterator[StreamBatch]:  # fmt: skip
     """Embed (keys, images) or (keys, images, cpu_reasons) batches in order, decoding ahead of the model.
 
     Each image is encoded (bytes, or a 1-D uint8 array over a file reader's ring) or pixels
@@ -130,11 +183,12 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
     over once `in_flight - 1` batches are launched behind it, so the GPU computes those while
     the caller takes this one's vectors (1: each batch is done before the next is launched).
     `images.decode_threads` threads decode, each on a stream of its own; the resize takes their
-    batches in input order.
+    batches in input order. `backoff`: what earlier batches taught about the memory left (a caller
+    that runs several streams over one model keeps one); None: a new one, for this stream.
     """
     if in_flight < 1:
         raise ValueError(f"in_flight must be at least 1, got {in_flight}")
-    threads = images.decode_threads
+    threads, backoff = images.decode_threads, backoff or MemoryBackoff()
     decoded: queue.Queue = queue.Queue()  # (batch number, batch); `pulls` bounds what waits here
     ready: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     stop = threading.Event()
@@ -254,10 +308,10 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
                         main = torch.cuda.current_stream(images.device)
                         main.wait_event(event)
                         prepared.pixels.record_stream(main)
-                    launched.append((keys, prepared, _launch(encoder, prepared.pixels)))
+                    launched.append((keys, prepared, _launch(encoder, prepared.pixels, backoff)))
             while launched and (item is _DONE or len(launched) >= in_flight):
                 with on(compute):
-                    outcome = _outcome(encoder, *launched.popleft())
+                    outcome = _outcome(encoder, *launched.popleft(), backoff)
                 yield outcome
             if item is _DONE:
                 return
@@ -274,24 +328,27 @@ def _event_on(stream: torch.cuda.Stream) -> torch.cuda.Event:
     return event
 
 
-def _outcome(encoder: ImageEncoder, keys: list[Hashable], prepared, launched) -> StreamBatch:
-    rows, vectors, unembedded, retried = embed_checked(encoder, prepared.pixels, launched)
+def _outcome(encoder: ImageEncoder, keys: list[Hashable], prepared, launched: Launched,
+             backoff: MemoryBackoff) -> StreamBatch:  # fmt: skip
+    rows, vectors, unembedded, retried = embed_checked(encoder, prepared.pixels, launched, backoff)
     failed = [(keys[i], "decode", reason) for i, reason in prepared.failed]
     failed += [(keys[prepared.kept[row]], "encode", reason) for row, reason in unembedded]
     return StreamBatch([keys[prepared.kept[row]] for row in rows], vectors, failed, prepared.on_gpu,
-                       retried or prepared.retried)  # fmt: skip
+                       retried or prepared.retried, launched.in_pieces)  # fmt: skip
 
 
 class BackgroundEmbedder:
     """`embed_stream` in a thread of its own: `submit` queues a batch and returns, `ready` hands over the
     batches finished so far, `finish` waits for the rest. At most `prefetch` submitted batches wait, so a
-    caller faster than the GPU waits in `submit`. An error in the stream is raised by the next call."""
+    caller faster than the GPU waits in `submit`. An error in the stream is raised by the next call.
+    `backoff`: as `embed_stream`'s, kept by a caller that starts one embedder after another."""
 
-    def __init__(self, encoder: ImageEncoder, images: GpuImages, prefetch: int = 2) -> None:
+    def __init__(self, encoder: ImageEncoder, images: GpuImages, prefetch: int = 2,
+                 backoff: MemoryBackoff | None = None) -> None:  # fmt: skip
         self._inbox: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self._outbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(encoder, images, prefetch), name="gpu-embed",
+        self._thread = threading.Thread(target=self._run, args=(encoder, images, prefetch, backoff), name="gpu-embed",
                                         daemon=True)  # fmt: skip
         self._thread.start()
 
@@ -306,9 +363,9 @@ class BackgroundEmbedder:
             yield item
             del item  # not held while waiting for the next: its images may hold a file reader's ring slots
 
-    def _run(self, encoder: ImageEncoder, images: GpuImages, prefetch: int) -> None:
+    def _run(self, encoder: ImageEncoder, images: GpuImages, prefetch: int, backoff: MemoryBackoff | None) -> None:
         try:
-            for batch in embed_stream(encoder, images, self._batches(), prefetch):
+            for batch in embed_stream(encoder, images, self._batches(), prefetch, backoff=backoff):
                 self._outbox.put(batch)
         except BaseException as err:  # noqa: BLE001 - raised in the caller's thread
             self._outbox.put(err)

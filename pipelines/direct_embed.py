@@ -36,6 +36,7 @@ class DirectResult:
     dead_lettered: int = 0
     on_gpu: int = 0  # images the GPU decoder took (the rest, CPU threads)
     batches_retried: int = 0  # batches that failed whole in the GPU decoder, resize or model: retried in halves
+    batches_in_pieces: int = 0  # batches the model took in pieces: an earlier one ran out of memory
     shards: list[str] = field(default_factory=list)
 
 
@@ -68,6 +69,7 @@ def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, 
                 failures.extend((path, path, stage, reason) for (path, _), stage, reason in batch.failed)
                 result.on_gpu += batch.on_gpu
                 result.batches_retried += batch.retried
+                result.batches_in_pieces += batch.in_pieces
                 if not batch.keys:
                     continue
                 ids, digests = zip(*batch.keys, strict=True)

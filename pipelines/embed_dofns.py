@@ -25,6 +25,7 @@ from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.shared import Shared
 
 from encoder import DecodeLimits, ImageEncoder, load_encoder
+from encoder.failures import MemoryBackoff
 from encoder.gpu_images import GpuImages, batches_progressive
 from encoder.gpu_stream import BackgroundEmbedder
 from encoder.nvimgcodec import library_problem as nvimgcodec_problem
@@ -211,6 +212,8 @@ class EmbedBatch(beam.DoFn):
         self._embedded = Metrics.counter(NAMESPACE, "embedded")
         self._on_gpu = Metrics.counter(NAMESPACE, "decoded_on_gpu")
         self._retried = Metrics.counter(NAMESPACE, "batches_retried")
+        self._in_pieces = Metrics.counter(NAMESPACE, "batches_in_pieces")
+        self._backoff = MemoryBackoff()  # kept from bundle to bundle: what ran out of memory (`BackgroundEmbedder`)
         self._progress = ProgressLog("embedded")
 
     def start_bundle(self) -> None:
@@ -234,7 +237,7 @@ class EmbedBatch(beam.DoFn):
 
     def _submit(self, batch: list[PreparedImage]) -> None:
         if self._stream is None:
-            self._stream = BackgroundEmbedder(self._encoder, self._images)
+            self._stream = BackgroundEmbedder(self._encoder, self._images, backoff=self._backoff)
         datas = [item.pixels if item.data is None else item.data for item in batch]
         # Keys without the images: finished batches wait for this thread to take them, and this thread may be
         # waiting for a file reader's ring slot meanwhile, which a batch holding its images would never free.
@@ -261,6 +264,7 @@ class EmbedBatch(beam.DoFn):
         for done in finished:
             self._on_gpu.inc(done.on_gpu)
             self._retried.inc(int(done.retried))
+            self._in_pieces.inc(int(done.in_pieces))
             table, failures = stream_outputs(done, self._encoder.model_version)
             if table.num_rows:
                 self._embedded.inc(table.num_rows)

@@ -57,13 +57,17 @@ def print_embed_summary(result: EmbedResult, console: Console | None = None) -> 
 
 
 def _batch_rows(batches: dict | None) -> list[tuple[str, str]]:
-    """The workers' batches, where there is something to say: images decoded on the GPU, batches retried."""
+    """The workers' batches, where there is something to say: images decoded on the GPU, batches retried or run in
+    pieces."""
     rows = []
     if batches and batches.get("decoded_on_gpu"):
         rows.append(("decoded on the GPU", f"{batches['decoded_on_gpu']:,}"))
     if batches and batches.get("retried"):
         why = "failed whole in the GPU decoder, resize or model; see the log"
         rows.append(("batches retried in halves", f"{batches['retried']:,} ({why})"))
+    if batches and batches.get("in_pieces"):
+        why = "the model ran out of memory at the batch size; see the log"
+        rows.append(("batches run in pieces", f"{batches['in_pieces']:,} ({why})"))
     return rows
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from encoder.failures import Throttled, device_failed, in_halves
+from encoder.failures import MemoryBackoff, Throttled, device_failed, in_halves, out_of_memory
 
 
 def _refusing(calls: list[int], refuse: Callable[[list[int]], bool]) -> Callable[[list[int]], list[int]]:
@@ -62,3 +62,40 @@ def test_a_warning_that_repeats_is_logged_at_most_once_a_period_with_how_many_we
 def test_only_an_error_that_leaves_the_device_unusable_stops_a_run():
     assert device_failed(torch.AcceleratorError("CUDA error: an illegal memory access was encountered"))
     assert not device_failed(torch.OutOfMemoryError("CUDA out of memory")) and not device_failed(ValueError())
+
+
+def test_out_of_memory_is_told_apart_from_other_failures_by_its_reason():
+    assert out_of_memory("OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert out_of_memory("RuntimeError: CUDA out of memory. Tried to allocate 20.00 MiB")  # before torch 2.1
+    assert out_of_memory("RuntimeError: DefaultCPUAllocator: not enough memory: you tried to allocate 1 GB")
+    assert out_of_memory("MemoryError: ")
+    assert not out_of_memory("RuntimeError: kernel failed") and not out_of_memory("non-finite embedding")
+
+
+def test_backoff_halves_on_running_out_of_memory_probes_less_often_while_it_fails_and_ends_when_one_fits(
+    caplog, monkeypatch
+):
+    import encoder.failures
+
+    monkeypatch.setattr(encoder.failures, "_SHRINKING", Throttled(encoder.failures.log))  # not warned yet
+    caplog.set_level(logging.INFO, logger="encoder.failures")
+    backoff = MemoryBackoff(probe_every=2, max_probe_every=4)
+    assert backoff.piece_for(256) is None
+    backoff.failed(256, "RuntimeError: kernel failed")  # not memory
+    backoff.failed(1, "OutOfMemoryError: CUDA out of memory")  # nothing smaller to try
+    assert not backoff.backing_off
+    backoff.failed(256, "OutOfMemoryError: CUDA out of memory")
+    assert [backoff.piece_for(256) for _ in range(4)] == [128, None, 128, None]  # a whole batch every 2nd
+    backoff.failed(128, "OutOfMemoryError: CUDA out of memory")  # a piece: smaller pieces, same probes
+    backoff.failed(256, "OutOfMemoryError: CUDA out of memory")  # a probe: every 4th from now on
+    assert [backoff.piece_for(100) for _ in range(4)] == [64, 64, 64, None]
+    backoff.failed(256, "OutOfMemoryError: CUDA out of memory")
+    assert [backoff.piece_for(256) for _ in range(4)] == [64, 64, 64, None]  # no more than every 4th
+    backoff.fitted()
+    assert not backoff.backing_off and backoff.piece_for(256) is None
+    backoff.failed(256, "OutOfMemoryError: CUDA out of memory")
+    assert [backoff.piece_for(256) for _ in range(2)] == [128, None]  # from the first interval again
+    warnings = [r.getMessage() for r in caplog.records if r.name == "encoder.failures"]
+    assert warnings[0].startswith("out of memory at 256 images (OutOfMemoryError: CUDA out of memory): the next "
+                                  "batches run in pieces of 128, eagerly, and a whole batch is tried again every 2")  # fmt: skip
+    assert "a whole batch fits the memory again: batches run whole, no longer in pieces of 64" in warnings

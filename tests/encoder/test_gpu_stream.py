@@ -442,6 +442,88 @@ def test_a_batch_too_large_for_the_memory_left_goes_through_in_pieces_that_fit(t
     assert np.allclose(vectors, tiny_encoder.embed_prepared(pixels), atol=1e-5)
 
 
+class _Shrinking:
+    """An encoder whose GPU memory holds `fits` images at once, as another process's use of it comes and goes; logs
+    each launch's size and whether it ran the eager step."""
+
+    def __init__(self, encoder, fits: int) -> None:
+        self._encoder, self.dim, self.fits, self.launches = encoder, encoder.dim, fits, []
+
+    def launch(self, pixels, eager=False):
+        self.launches.append((len(pixels), eager))
+        if len(pixels) > self.fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self._encoder.launch(pixels, eager)
+
+
+def test_once_a_batch_runs_out_of_memory_the_next_go_in_pieces_until_a_whole_one_fits_again(tiny_encoder):
+    """Each batch would otherwise fail whole first (an exception and the allocator emptying its cache, every batch).
+    Batches 0-1 fit, memory shrinks to 4 images at batch 2 and comes back at batch 7; a whole batch is tried every
+    3rd batch in pieces, then every 6th once such a probe fails."""
+    from encoder.failures import MemoryBackoff
+    from encoder.gpu_stream import _launch
+
+    shrinking, backoff = _Shrinking(tiny_encoder, fits=8), MemoryBackoff(probe_every=3)
+    whole, halves = [(8, False)], [(4, True), (4, True)]
+    expected = [  # (launches, retried, in pieces) per batch
+        (whole, False, False), (whole, False, False),
+        (whole + halves, True, False),  # runs out of memory: in halves, and the backoff starts
+        (halves, False, True), (halves, False, True),
+        (whole + halves, True, False),  # the probe fails: the next in 6
+        (halves, False, True), *[(halves, False, True)] * 4,  # memory back at batch 7, not yet probed
+        (whole, False, False),  # the probe fits: whole batches again
+        (whole, False, False),
+    ]  # fmt: skip
+    for number, (launches, retried, in_pieces) in enumerate(expected):
+        shrinking.fits = 4 if 2 <= number < 7 else 8
+        pixels, shrinking.launches = _pixels(tiny_encoder, [None] * 8, seed=number), []
+        launched = _launch(shrinking, pixels, backoff)
+        checked = embed_checked(shrinking, pixels, launched, backoff)
+        assert (shrinking.launches, checked.retried, launched.in_pieces) == (launches, retried, in_pieces), number
+        assert checked.rows == list(range(8)) and not checked.failed
+        np.testing.assert_allclose(checked.vectors, tiny_encoder.embed_prepared(pixels), atol=1e-5)
+
+
+def test_a_batch_launched_whole_before_memory_ran_out_does_not_end_the_backoff(tiny_encoder):
+    """With two batches in flight, the one launched before the other ran out of memory finishes after: that it fitted
+    says nothing about the memory now. Only a whole batch launched while backing off (a probe) ends it."""
+    from encoder.failures import MemoryBackoff
+    from encoder.gpu_stream import _launch
+
+    shrinking, backoff = _Shrinking(tiny_encoder, fits=8), MemoryBackoff()
+    first, second, third = (_pixels(tiny_encoder, [None] * 8, seed=k) for k in range(3))
+    launched_first = _launch(shrinking, first, backoff)
+    shrinking.fits = 4
+    launched_second = _launch(shrinking, second, backoff)  # runs out of memory at launch
+    assert embed_checked(shrinking, first, launched_first, backoff).rows == list(range(8))
+    assert embed_checked(shrinking, second, launched_second, backoff).retried
+    shrinking.launches = []
+    assert _launch(shrinking, third, backoff).in_pieces and shrinking.launches == [(4, True), (4, True)]
+
+
+def test_pieces_that_run_out_of_memory_too_are_halved_again_and_a_short_batch_runs_at_its_own_size(tiny_encoder):
+    from encoder.failures import MemoryBackoff
+    from encoder.gpu_stream import _launch
+
+    shrinking, backoff = _Shrinking(tiny_encoder, fits=2), MemoryBackoff()
+    for size, launches in ((8, [(8, False), (4, True), (4, True), (2, True), (2, True), (2, True), (2, True)]),
+                           (8, [(2, True)] * 4), (3, [(2, True), (1, True)]), (1, [(1, True)])):  # fmt: skip
+        pixels, shrinking.launches = _pixels(tiny_encoder, [None] * size), []
+        checked = embed_checked(shrinking, pixels, _launch(shrinking, pixels, backoff), backoff)
+        assert shrinking.launches == launches and checked.rows == list(range(size))
+
+
+def test_a_culprit_image_does_not_start_the_backoff(tiny_encoder):
+    """Only running out of memory says the batch size no longer fits; one image's failure is that image's."""
+    from encoder.failures import MemoryBackoff
+
+    backoff = MemoryBackoff()
+    rows, _, failed, retried = embed_checked(_Poisoned(tiny_encoder), _pixels(tiny_encoder, [None, 255, None]),
+                                             backoff=backoff)  # fmt: skip
+    assert rows == [0, 2] and failed == [(1, "RuntimeError: kernel failed")] and retried
+    assert not backoff.backing_off
+
+
 class _Hoarder:
     """An encoder whose model, on a batch of more than one image, holds a large buffer in its frame and fails (as
     on running out of GPU memory); each image alone then records whether that buffer was freed before it."""
@@ -636,7 +718,8 @@ def test_embed_files_writes_every_file_once_or_dead_letters_it(tiny_encoder, fil
     assert gc.get_freeze_count() == 0  # the heap frozen for the run only (pipelines.heap)
 
 
-def test_embed_files_counts_the_batches_retried_in_halves(tiny_encoder, files, tmp_path, monkeypatch):
+def test_embed_files_counts_the_batches_retried_in_halves_and_those_run_in_pieces(tiny_encoder, files, tmp_path,
+                                                                                   monkeypatch):  # fmt: skip
     launch = tiny_encoder.launch
 
     def cramped(pixels, eager=False):  # as a GPU whose memory no longer fits a batch of 8
@@ -646,7 +729,8 @@ def test_embed_files_counts_the_batches_retried_in_halves(tiny_encoder, files, t
 
     monkeypatch.setattr(tiny_encoder, "launch", cramped)
     result = embed_files(files, tiny_encoder, _images(tiny_encoder), tmp_path / "out", batch_size=8, reader="threads")
-    assert result.embedded == 20 and result.dead_lettered == 0 and result.batches_retried == 2  # of 8, 8 and 4
+    assert result.embedded == 20 and result.dead_lettered == 0
+    assert result.batches_retried == 1 and result.batches_in_pieces == 2  # batches of 8, 8 and 4: the first failed
 
 
 def test_embed_files_counts_a_batch_the_gpu_decoder_failed_whole_as_retried(tiny_encoder, files, tmp_path):
