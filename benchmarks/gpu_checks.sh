@@ -47,6 +47,7 @@ esac
 case ",$steps," in *,host,*)  # the host's own per-image ceiling (CPU only, decode and model stood in)
   timeout "${HOST_S:-120}" python3 benchmarks/worker_overhead.py --images 10000 2>&1 | tail -12 | tee "$out/host.log";;
 esac
-case ",$steps," in *,retry,*)  # a failed batch's retry: in halves against image by image padded, SigLIP base compiled
+case ",$steps," in *,retry,*)  # a failed batch's retry: in halves against image by image padded, SigLIP base compiled;
+  # then 32 batches with the GPU's memory taken down to 90% of a batch's, each tried whole first against the backoff
   timeout "${RETRY_S:-90}" python3 benchmarks/retry_cost.py --device cuda --shape base16-224 --compile --rounds 1 2>&1 | tee "$out/retry.log" | tail -3;;
 esac

@@ -5,6 +5,13 @@ halves at the pieces' own size, eagerly (`encoder.gpu_stream.embed_checked`), bo
 The culprit stands in for an image the model fails on (a RuntimeError at launch); the model has random weights of
 a SigLIP shape (`benchmarks/gpu_embed.py`'s SHAPES). One process, every case timed `--rounds` times (the median).
 
+Then a run of `--memory-batches` batches after the memory left stops fitting a whole batch: each batch tried whole
+first and retried in halves (without `encoder.failures.MemoryBackoff`) against straight to the pieces that fit (with
+it), both per batch and against the batch when it fits. On CUDA the memory is really taken: a tensor holds all but
+90% of what a whole batch's step needs, so the allocator runs out as it would beside another process. On the CPU a
+stand-in raises CUDA's out-of-memory error at launch for more than half a batch: there the failed attempt costs
+only the exception, so the two are level by construction; what the backoff saves is the GPU's own work.
+
     python benchmarks/retry_cost.py                                      # CPU, the smoke shape, batch 256
     python benchmarks/retry_cost.py --device cuda --shape base16-224 --compile
 """
@@ -28,7 +35,8 @@ import torch  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
 from benchmarks.gpu_embed import SHAPES, _checkpoint  # noqa: E402
 from encoder import EncoderConfig, load_encoder  # noqa: E402
-from encoder.gpu_stream import embed_checked  # noqa: E402
+from encoder.failures import MemoryBackoff  # noqa: E402
+from encoder.gpu_stream import _launch, embed_checked  # noqa: E402
 
 
 class Poisoned:
@@ -41,6 +49,41 @@ class Poisoned:
         if (pixels.flatten(1).amin(1) == 255).any():
             raise RuntimeError("the culprit")
         return self._encoder.launch(pixels, eager)
+
+
+class Cramped:
+    """The encoder as on a GPU whose memory holds `fits` images at once (the CPU's stand-in for `hog_memory`)."""
+
+    def __init__(self, encoder, fits: int) -> None:
+        self._encoder, self.dim, self.fits = encoder, encoder.dim, fits
+
+    def launch(self, pixels, eager: bool = False):
+        if len(pixels) > self.fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return self._encoder.launch(pixels, eager)
+
+
+def hog_memory(encoder, pixels: torch.Tensor) -> torch.Tensor:
+    """A tensor that leaves free 90% of what the step of `pixels` (a whole batch) needs on their CUDA device."""
+    encoder.launch(pixels).result()  # warm
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    encoder.launch(pixels).result()
+    need = torch.cuda.max_memory_allocated() - base
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    return torch.empty(max(0, free - int(0.9 * need)), dtype=torch.uint8, device=pixels.device)
+
+
+def run_cramped(encoder, pixels: torch.Tensor, batches: int, backoff: MemoryBackoff | None) -> float:
+    """Seconds per batch over `batches` batches, every image embedded; `backoff` None: each batch tried whole."""
+    start = time.perf_counter()
+    for _ in range(batches):
+        checked = embed_checked(encoder, pixels, _launch(encoder, pixels, backoff), backoff)
+        assert len(checked.rows) == len(pixels), checked.failed[:1]
+    return (time.perf_counter() - start) / batches
 
 
 def one_by_one_padded(encoder, pixels: torch.Tensor) -> int:
@@ -62,6 +105,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--compile", action="store_true", help="torch.compile the step (else: padded, eager)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--memory-batches", type=int, default=32, help="batches run while memory does not fit one")
     args = parser.parse_args()
 
     shape = SHAPES[args.shape]
@@ -91,10 +135,26 @@ def main() -> None:
     padded = timed(lambda: one_by_one_padded(culprit, poisoned))
     rows, _, failed, _ = embed_checked(culprit, poisoned)
     assert len(rows) == args.batch_size - 1 and len(failed) == 1, (len(rows), failed)
+
+    cuda = encoder.device.type == "cuda"
+    hog = hog_memory(encoder, pixels) if cuda else None
+    cramped = encoder if cuda else Cramped(encoder, args.batch_size // 2)
+    run_cramped(cramped, pixels, 1, None)  # warm: the eager pieces' shapes
+    whole_each_time = run_cramped(cramped, pixels, args.memory_batches, None)
+    backoff = MemoryBackoff()
+    with_backoff = run_cramped(cramped, pixels, args.memory_batches, backoff)
+    piece = backoff.piece
+    del hog
+    memory = {"batches": args.memory_batches, "memory_taken": "a tensor (real)" if cuda else "stand-in",
+              "piece": piece, "whole_first_s_per_batch": round(whole_each_time, 4),
+              "backoff_s_per_batch": round(with_backoff, 4),
+              "whole_first_x_backoff": round(whole_each_time / with_backoff, 2),
+              "backoff_x_batch_fitting": round(with_backoff / batch, 2)}  # fmt: skip
     result = {"machine": machine(), "device": str(encoder.device), "shape": args.shape, "batch": args.batch_size,
               "compiled": args.compile, "batch_alone_s": round(batch, 4), "in_halves_s": round(halves, 4),
               "one_by_one_padded_s": round(padded, 4), "in_halves_x_batch": round(halves / batch, 2),
-              "one_by_one_x_batch": round(padded / batch, 1), "one_by_one_x_halves": round(padded / halves, 1)}  # fmt: skip
+              "one_by_one_x_batch": round(padded / batch, 1), "one_by_one_x_halves": round(padded / halves, 1),
+              "memory_no_longer_fits": memory}  # fmt: skip
     print(json.dumps(result))
 
 
