@@ -11,7 +11,9 @@ it waits for batch i-1's vectors, so the GPU has work queued while the host take
 the caller writes them) instead of idling until the next launch. Events order each batch's
 encode (and its resize, where that has a stream of its own) after the stages before, and
 `record_stream` keeps the allocator from reusing a batch's memory while a later stage still
-reads it. On the CPU the same code runs without streams (tests/encoder/test_gpu_stream.py).
+reads it. A batch the model fails whole is retried in halves (`embed_checked`); once one runs out
+of memory, the next go straight to pieces that fit (`encoder.failures.MemoryBackoff`). On the CPU
+the same code runs without streams (tests/encoder/test_gpu_stream.py).
 
 `embed_stream` pulls batches from an iterable (the standalone worker reads files);
 `BackgroundEmbedder` runs it in its own thread for callers that push batches as they
