@@ -92,9 +92,7 @@ PROGRESSIVE_ON_CPU = "progressive JPEG: this GPU decoder takes them one at a tim
 def cpu_reason(data: bytes | np.ndarray, max_bytes: int, max_pixels: int, progressive: bool = True) -> str | None:
     """Why these bytes (or a 1-D uint8 array of them) must be decoded on the CPU, or None when the GPU decoder can
     take them. `progressive`: whether the GPU decoder takes progressive JPEGs in its batches."""
-    if not isinstance(data, bytes):  # an array over a file reader's ring, when no reader routed it
-        data = memoryview(data).tobytes()
-    header = read_jpeg_header(data)
+    header = read_jpeg_header(data)  # bytes, or an array over a file reader's ring when no reader routed it
     if header is None:
         return "not a JPEG"
     if header.sof not in _HUFFMAN_8BIT or header.precision != 8:
@@ -107,11 +105,24 @@ def cpu_reason(data: bytes | np.ndarray, max_bytes: int, max_pixels: int, progre
         return f"EXIF orientation {header.orientation}"
     if len(data) > max_bytes or header.width * header.height > max_pixels or not header.width or not header.height:
         return "over a limit or empty: the CPU path dead-letters it with the reason"
-    if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+    if not _ends_with_eoi(data):
         # nvJPEG fills a cut-off scan with grey and reports success; the CPU decoder refuses it (or decodes
         # a file with a trailer after its end marker), so both paths agree on what is dead-lettered.
         return "no end-of-image marker (cut off, or data after it)"
     return None
+
+
+_PIECE = 1 << 16
+
+
+def _ends_with_eoi(data: bytes | np.ndarray) -> bool:
+    """Whether the image ends with its end-of-image marker, zero padding after it allowed; read in place."""
+    view = data if isinstance(data, bytes) else memoryview(data)
+    end = len(view)
+    while end and view[end - 1] == 0:  # zero padding (rare): skipped a piece at a time, not copied whole
+        piece = bytes(view[max(0, end - _PIECE) : end])
+        end -= len(piece) - len(piece.rstrip(b"\0"))
+    return end >= 2 and view[end - 2] == 0xFF and view[end - 1] == 0xD9
 
 
 def decoded_within(sizes: Sequence[int | None], max_bytes: int | None) -> list[bool]:

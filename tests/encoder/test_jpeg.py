@@ -93,6 +93,11 @@ def test_an_array_of_the_bytes_is_routed_as_the_bytes_are():
     for data in (full, full[: len(full) // 2], full + b"\0" * 64, _encode(fmt="PNG"), _encode("CMYK"),
                  _with_orientation(_encode(), 6), _encode(progressive=True)):  # fmt: skip
         assert cpu_reason(np.frombuffer(data, dtype=np.uint8), **_LIMITS) == cpu_reason(data, **_LIMITS)
+    # Zero padding longer than the pieces the end is read in, the marker split across two of them or not; and cut off
+    for padding in (65_535, 65_536, 200_001):
+        for data, routed in ((full + b"\0" * padding, True), (full[:-1] + b"\0" * padding, False)):
+            reason = cpu_reason(np.frombuffer(data, dtype=np.uint8), **_LIMITS)
+            assert reason == cpu_reason(data, **_LIMITS) and (reason is None) == routed
 
 
 def test_the_header_of_an_array_of_the_bytes_is_read_as_the_bytes_header():
