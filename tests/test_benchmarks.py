@@ -65,6 +65,7 @@ def test_retry_cost_benchmark_runs():
     assert result["batch"] == 16 and result["one_by_one_padded_s"] > 0 and result["in_halves_s"] > 0
     memory = result["memory_no_longer_fits"]  # the stand-in fits 8 of 16: the backoff learns pieces of 8
     assert memory["piece"] == 8 and memory["whole_first_s_per_batch"] > 0 and memory["backoff_s_per_batch"] > 0
+    assert memory["images_lost"] == {"whole_first": 0, "backoff": 0}
 
 
 def test_each_variant_is_measured_against_its_path_with_the_same_decoder():
