@@ -16,8 +16,9 @@ import torch
 
 from encoder.storage import describe_error
 
-log = logging.getLogger(__name__)
 __all__ = ["MemoryBackoff", "Throttled", "attempt", "device_failed", "in_halves", "out_of_memory"]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -118,10 +119,14 @@ class MemoryBackoff:
         return self.piece is not None
 
     def piece_for(self, size: int) -> int | None:
-        """The piece size to run a batch of `size` images in now; None: whole (while backing off, a probe)."""
+        """The piece size to run a batch of `size` images in now; None: whole (while backing off, a probe). A batch
+        no larger than a piece runs at its own size: padded to the batch size, as a compiled step pads it, it would
+        need the memory of a whole one, and probing with it would say nothing about the batch size."""
         with self._lock:
             if self.piece is None:
                 return None
+            if size <= self.piece:
+                return size
             self._since += 1
             if self._since >= self._probe_every:
                 self._since = 0

@@ -89,6 +89,7 @@ def test_backoff_halves_on_running_out_of_memory_probes_less_often_while_it_fail
     backoff.failed(128, "OutOfMemoryError: CUDA out of memory")  # a piece: smaller pieces, same probes
     backoff.failed(256, "OutOfMemoryError: CUDA out of memory")  # a probe: every 4th from now on
     assert [backoff.piece_for(100) for _ in range(4)] == [64, 64, 64, None]
+    assert [backoff.piece_for(50) for _ in range(5)] == [50] * 5  # short: its own size, never a probe
     backoff.failed(256, "OutOfMemoryError: CUDA out of memory")
     assert [backoff.piece_for(256) for _ in range(4)] == [64, 64, 64, None]  # no more than every 4th
     backoff.fitted()
