@@ -422,29 +422,8 @@ def test_a_failed_batch_is_retried_in_halves_at_their_own_size_without_the_compi
 
 
 class _Cramped:
-    """An encoder whose model runs out of GPU memory on more than `fits` images at once."""
-
-    def __init__(self, encoder, fits: int) -> None:
-        self._encoder, self.dim, self.fits, self.sizes = encoder, encoder.dim, fits, []
-
-    def launch(self, pixels, eager=False):
-        self.sizes.append(len(pixels))
-        if len(pixels) > self.fits:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return self._encoder.launch(pixels, eager)
-
-
-def test_a_batch_too_large_for_the_memory_left_goes_through_in_pieces_that_fit(tiny_encoder):
-    cramped, pixels = _Cramped(tiny_encoder, fits=2), _pixels(tiny_encoder, [None] * 8)
-    rows, vectors, failed, retried = embed_checked(cramped, pixels)
-    assert rows == list(range(8)) and not failed and retried
-    assert cramped.sizes == [8, 4, 4, 2, 2, 2, 2]  # image by image: 8 launches after the first
-    assert np.allclose(vectors, tiny_encoder.embed_prepared(pixels), atol=1e-5)
-
-
-class _Shrinking:
-    """An encoder whose GPU memory holds `fits` images at once, as another process's use of it comes and goes; logs
-    each launch's size and whether it ran the eager step."""
+    """An encoder whose GPU memory holds `fits` images at once (a test may change it, as another process's use of
+    the GPU comes and goes); logs each launch's size and whether it ran the eager step."""
 
     def __init__(self, encoder, fits: int) -> None:
         self._encoder, self.dim, self.fits, self.launches = encoder, encoder.dim, fits, []
@@ -456,6 +435,14 @@ class _Shrinking:
         return self._encoder.launch(pixels, eager)
 
 
+def test_a_batch_too_large_for_the_memory_left_goes_through_in_pieces_that_fit(tiny_encoder):
+    cramped, pixels = _Cramped(tiny_encoder, fits=2), _pixels(tiny_encoder, [None] * 8)
+    rows, vectors, failed, retried = embed_checked(cramped, pixels)
+    assert rows == list(range(8)) and not failed and retried
+    assert cramped.launches == [(8, False), (4, True), (4, True), *[(2, True)] * 4]  # image by image: 8 after the first
+    assert np.allclose(vectors, tiny_encoder.embed_prepared(pixels), atol=1e-5)
+
+
 def test_once_a_batch_runs_out_of_memory_the_next_go_in_pieces_until_a_whole_one_fits_again(tiny_encoder):
     """Each batch would otherwise fail whole first (an exception and the allocator emptying its cache, every batch).
     Batches 0-1 fit, memory shrinks to 4 images at batch 2 and comes back at batch 7; a whole batch is tried every
@@ -463,7 +450,7 @@ def test_once_a_batch_runs_out_of_memory_the_next_go_in_pieces_until_a_whole_one
     from encoder.failures import MemoryBackoff
     from encoder.gpu_stream import _launch
 
-    shrinking, backoff = _Shrinking(tiny_encoder, fits=8), MemoryBackoff(probe_every=3)
+    cramped, backoff = _Cramped(tiny_encoder, fits=8), MemoryBackoff(probe_every=3)
     whole, halves = [(8, False)], [(4, True), (4, True)]
     expected = [  # (launches, retried, in pieces) per batch
         (whole, False, False), (whole, False, False),
@@ -475,11 +462,11 @@ def test_once_a_batch_runs_out_of_memory_the_next_go_in_pieces_until_a_whole_one
         (whole, False, False),
     ]  # fmt: skip
     for number, (launches, retried, in_pieces) in enumerate(expected):
-        shrinking.fits = 4 if 2 <= number < 7 else 8
-        pixels, shrinking.launches = _pixels(tiny_encoder, [None] * 8, seed=number), []
-        launched = _launch(shrinking, pixels, backoff)
-        checked = embed_checked(shrinking, pixels, launched, backoff)
-        assert (shrinking.launches, checked.retried, launched.in_pieces) == (launches, retried, in_pieces), number
+        cramped.fits = 4 if 2 <= number < 7 else 8
+        pixels, cramped.launches = _pixels(tiny_encoder, [None] * 8, seed=number), []
+        launched = _launch(cramped, pixels, backoff)
+        checked = embed_checked(cramped, pixels, launched, backoff)
+        assert (cramped.launches, checked.retried, launched.in_pieces) == (launches, retried, in_pieces), number
         assert checked.rows == list(range(8)) and not checked.failed
         np.testing.assert_allclose(checked.vectors, tiny_encoder.embed_prepared(pixels), atol=1e-5)
 
@@ -490,27 +477,27 @@ def test_a_batch_launched_whole_before_memory_ran_out_does_not_end_the_backoff(t
     from encoder.failures import MemoryBackoff
     from encoder.gpu_stream import _launch
 
-    shrinking, backoff = _Shrinking(tiny_encoder, fits=8), MemoryBackoff()
+    cramped, backoff = _Cramped(tiny_encoder, fits=8), MemoryBackoff()
     first, second, third = (_pixels(tiny_encoder, [None] * 8, seed=k) for k in range(3))
-    launched_first = _launch(shrinking, first, backoff)
-    shrinking.fits = 4
-    launched_second = _launch(shrinking, second, backoff)  # runs out of memory at launch
-    assert embed_checked(shrinking, first, launched_first, backoff).rows == list(range(8))
-    assert embed_checked(shrinking, second, launched_second, backoff).retried
-    shrinking.launches = []
-    assert _launch(shrinking, third, backoff).in_pieces and shrinking.launches == [(4, True), (4, True)]
+    launched_first = _launch(cramped, first, backoff)
+    cramped.fits = 4
+    launched_second = _launch(cramped, second, backoff)  # runs out of memory at launch
+    assert embed_checked(cramped, first, launched_first, backoff).rows == list(range(8))
+    assert embed_checked(cramped, second, launched_second, backoff).retried
+    cramped.launches = []
+    assert _launch(cramped, third, backoff).in_pieces and cramped.launches == [(4, True), (4, True)]
 
 
 def test_pieces_that_run_out_of_memory_too_are_halved_again_and_a_short_batch_runs_at_its_own_size(tiny_encoder):
     from encoder.failures import MemoryBackoff
     from encoder.gpu_stream import _launch
 
-    shrinking, backoff = _Shrinking(tiny_encoder, fits=2), MemoryBackoff()
+    cramped, backoff = _Cramped(tiny_encoder, fits=2), MemoryBackoff()
     for size, launches in ((8, [(8, False), (4, True), (4, True), (2, True), (2, True), (2, True), (2, True)]),
                            (8, [(2, True)] * 4), (3, [(2, True), (1, True)]), (1, [(1, True)])):  # fmt: skip
-        pixels, shrinking.launches = _pixels(tiny_encoder, [None] * size), []
-        checked = embed_checked(shrinking, pixels, _launch(shrinking, pixels, backoff), backoff)
-        assert shrinking.launches == launches and checked.rows == list(range(size))
+        pixels, cramped.launches = _pixels(tiny_encoder, [None] * size), []
+        checked = embed_checked(cramped, pixels, _launch(cramped, pixels, backoff), backoff)
+        assert cramped.launches == launches and checked.rows == list(range(size))
 
 
 def test_a_culprit_image_does_not_start_the_backoff(tiny_encoder):
