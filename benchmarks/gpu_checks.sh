@@ -11,8 +11,9 @@
 # Each step has its own time limit so one slow step cannot eat the others'; a step that fails is logged and the
 # next one runs. The default limits add up to 950 s; where one command may run 600 s at most, split the steps
 # over two calls, the issue's measurements first:
-#   EMBED_ARGS="--paths c,d,b,a,e,timeline,streams,decode-threads,nomodel,profile" EMBED_S=430 TESTS_S=90 ... embed,tests
-#   EMBED_ARGS="--images 5000 --paths so400m,freezing,pixels,prealloc,large" EMBED_S=220 RETRY_S=60 ... embed,retry
+#   EMBED_ARGS="--paths c,d,b,a,e,timeline,streams,decode-threads,prealloc,nomodel,freezing,profile" EMBED_S=430
+#     TESTS_S=90 ... embed,tests   (each variant's ratio is against (c) or (d) of the same run)
+#   EMBED_ARGS="--images 5000 --paths so400m,pixels,large" EMBED_S=220 RETRY_S=60 ... embed,retry
 # then train, gil, model and host as time allows. On one H100, 330 s of `embed` covered (a)-(e), graph, profile,
 # e2 and stages but not so400m or mfu; `train` needs 200 s (its compiles); 40 s of `gil` printed nothing.
 # Since then the default order has put timeline, streams (4 variants), decode-threads (5 runs of (d)), prealloc,
