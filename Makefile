@@ -10,6 +10,8 @@ LOGS    = $(DEMO)/catalog/interactions.parquet
 # The demo's tiny model: small enough to learn colours and patterns in minutes on 2 cores (README "Fine-tuning").
 DEMO_MODEL = --image-size 32 --patch-size 4 --width 64 --layers 3 --heads 2
 PYTEST_ARGS ?=
+# pytest processes: CI's two cores take the suite in ~2/3 of one process's time (BENCHMARKS.md, "The test suite")
+TEST_WORKERS ?= 2
 
 # Everything runs offline: models come from disk, never from a hub.
 export HF_HUB_OFFLINE := 1
@@ -57,10 +59,10 @@ demo: install  ## the whole story on a generated catalog: fine-tune, nightly twi
 	  --baseline builtin:pixels --catalog $(CATALOG) --out $(DEMO)/eval
 
 test: install browser  ## the test suite CI runs (everything but GPU tests)
-	$(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not gpu" -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-all: install browser  ## every test; GPU tests skip themselves without CUDA
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 bench: install  ## CPU throughput benchmarks: embed, then fine-tuning (results go in BENCHMARKS.md)
 	$(BIN)/python benchmarks/cpu_embed.py
