@@ -5,12 +5,14 @@ when the object's generation differs (0 means "must not exist"). lookalike's
 LATEST pointer relies on exactly that, so the test emulator adds it.
 
     python -m tests.support.gcs_emulator --port 9023
+    python -m tests.support.gcs_emulator --port 0     # a free port, printed once listening: "listening on PORT"
 """
 
 from __future__ import annotations
 
 import argparse
 import threading
+import time
 from http import HTTPStatus
 
 from gcp_storage_emulator import server
@@ -63,7 +65,15 @@ def main() -> None:
     args = parser.parse_args()
     _patch_handlers()
     emulator = server.create_server(args.host, args.port, in_memory=True)
-    emulator.run()
+    emulator.start()  # bound once this returns: port 0 leaves no moment for another process to take the port
+    print(f"listening on {emulator._api._httpd.server_address[1]}", flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        emulator.stop()
 
 
 if __name__ == "__main__":
