@@ -7,6 +7,8 @@ import io
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from benchmarks.common import realistic_jpegs
@@ -21,6 +23,7 @@ from encoder.gpu_images import (
 )
 from encoder.resize import PackedImages, _chunks, dense_weights, pack_images, pil_taps, resize_like_pil
 from tests.support.fake_cuda import FakeCuda
+from tests.support.hostile_jpegs import routed_batches
 
 CFG = PreprocessConfig(height=224, width=224)
 FULL = DecodeLimits(draft=False)  # the GPU decodes at full size; compare with the CPU doing the same
@@ -480,3 +483,56 @@ def test_a_batchs_images_are_not_overwritten_while_its_stream_still_reads_them(j
     torch.cuda.synchronize()
     assert all(torch.equal(copy.cpu(), image) for copy, image in zip(copies, expected, strict=True))
     assert not torch.equal(images_of(later)[0].cpu(), expected[0])  # the second batch differs
+
+
+@pytest.fixture(scope="module")
+def images_by_decoder():
+    """One `GpuImages` per (device, decoder), kept across a property test's examples."""
+    made: dict[tuple[str, str], GpuImages] = {}
+
+    def get(device: str, decoder: str) -> GpuImages:
+        if (device, decoder) not in made:
+            made[device, decoder] = GpuImages(CFG, device, FULL, decoder=decoder, cpu_threads=2)
+        return made[device, decoder]
+
+    return get
+
+
+def _damaged_beside_clean(images: GpuImages, damaged: list, clean: list[bytes], alone: torch.Tensor) -> None:
+    """Damaged JPEGs that pass the route, then clean ones, in one batch: every input is a row or a dead letter
+    with a reason, once; the clean ones come out as they do alone (no damaged neighbour reaches their pixels)."""
+    batch = images.prepare([*damaged, *clean])
+    failed = [i for i, _ in batch.failed]
+    assert sorted(batch.kept + failed) == list(range(len(damaged) + len(clean)))
+    assert all(reason for _, reason in batch.failed) and len(batch.pixels) == len(batch.kept)
+    rows = [batch.kept.index(len(damaged) + j) for j in range(len(clean))]
+    diff = (batch.pixels[rows].cpu().int() - alone.int()).abs()
+    assert diff.float().mean() < 0.05 and diff.max() <= 2, (diff.float().mean(), diff.max())
+
+
+@settings(max_examples=60, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+@pytest.mark.parametrize("decoder", ["pil", "nvimgcodec"])  # nvImageCodec through its CPU backend
+def test_damaged_jpegs_are_decoded_or_dead_lettered_and_spare_the_rest_of_the_batch(images_by_decoder, jpegs,
+                                                                                     decoder, data):  # fmt: skip
+    images = images_by_decoder("cpu", decoder)
+    _damaged_beside_clean(images, data.draw(routed_batches(jpegs[:4])), jpegs[4:7], images.prepare(jpegs[4:7]).pixels)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decoder", ["nvjpeg", "nvimgcodec"])
+def test_damaged_jpegs_on_the_gpu_are_decoded_or_dead_lettered_and_spare_the_rest(images_by_decoder, jpegs,
+                                                                                  decoder):  # fmt: skip
+    """As above through the GPU's decoders; the device stays usable after each batch."""
+    if decoder == "nvimgcodec":
+        pytest.importorskip("nvidia.nvimgcodec")
+    images = images_by_decoder("cuda", decoder)
+    alone = images.prepare(jpegs[4:7]).pixels.cpu()
+
+    @settings(max_examples=40, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(routed_batches(jpegs[:4]))
+    def check(damaged):
+        _damaged_beside_clean(images, damaged, jpegs[4:7], alone)
+        torch.cuda.synchronize()
+
+    check()

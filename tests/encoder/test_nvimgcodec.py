@@ -20,7 +20,8 @@ from benchmarks.common import realistic_jpegs
 from encoder import DecodeLimits, PreprocessConfig, decode_image
 from encoder import nvimgcodec as nvic
 from encoder.gpu_images import GpuImages
-from encoder.jpeg import cpu_reason, read_jpeg_header
+from encoder.jpeg import read_jpeg_header
+from tests.support.hostile_jpegs import routed_batches
 
 CPU_ONLY = ("libjpeg_turbo_ext",)  # without CUDA libraries the GPU extensions only print errors as they load
 C_NAMES = {
@@ -309,31 +310,6 @@ def test_gpu_images_resizes_a_packed_batch_and_sends_the_rest_to_the_cpu(codec, 
     assert torch.equal(batch.pixels[[0, 1, 3, 4]], separate.pixels[[0, 1, 3, 4]])  # packed or not: same pixels
 
 
-@st.composite
-def _routed_batches(draw, seeds: list[bytes]) -> list[bytes | np.ndarray]:
-    """Batches of mutated JPEGs that the route still sends to the GPU decoder (`cpu_reason` None): valid headers,
-    damaged scans, tables or lengths past them; bytes or views of a ring, as the file readers hand them over."""
-    batch = []
-    for _ in range(draw(st.integers(1, 6))):
-        data = bytearray(seeds[draw(st.integers(0, len(seeds) - 1))])
-        for _ in range(draw(st.integers(0, 4))):
-            kind = draw(st.sampled_from(["flip", "flip-header", "insert", "cut", "zero-run"]))
-            at = draw(st.integers(0, len(data) - 1))
-            if kind == "flip":
-                data[at] ^= draw(st.integers(1, 255))
-            elif kind == "flip-header":  # tables, frame and scan headers: the first few hundred bytes
-                data[at % 700] ^= draw(st.integers(1, 255))
-            elif kind == "insert":
-                data[at:at] = draw(st.binary(min_size=1, max_size=32))
-            elif kind == "cut":  # cut off, its end marker kept: the route's end check passes it
-                data[at:] = b"\xff\xd9"
-            else:
-                data[at : at + draw(st.integers(1, 64))] = b"\0" * 8
-        if cpu_reason(bytes(data), max_bytes=1 << 24, max_pixels=1 << 26) is None:
-            batch.append(np.frombuffer(bytes(data), np.uint8) if draw(st.booleans()) else bytes(data))
-    return batch
-
-
 def _decode_alone_or_not_at_all(codec, batch: list, max_bytes: int | None, exact: bool = True) -> None:
     packed, decoded = codec.decode_packed(batch, max_bytes)
     assert decoded == sorted(set(decoded)) and all(0 <= i < len(batch) for i in decoded)
@@ -356,7 +332,7 @@ def test_hostile_jpegs_past_the_route_decode_alone_or_not_at_all(codec, jpegs, d
     """Damaged JPEGs whose headers pass the route reach the library in a batch: each decodes to its header's size,
     within the batch's buffer, exactly as it decodes alone (a damaged neighbour never writes into its pixels), or is
     left out for the CPU path; never a crash."""
-    _decode_alone_or_not_at_all(codec, data.draw(_routed_batches(jpegs[:4])), max_bytes)
+    _decode_alone_or_not_at_all(codec, data.draw(routed_batches(jpegs[:4])), max_bytes)
 
 
 @pytest.mark.gpu
@@ -364,5 +340,5 @@ def test_hostile_jpegs_past_the_route_decode_alone_or_not_at_all(codec, jpegs, d
 @given(st.data(), st.sampled_from([None, 400_000]))
 def test_hostile_jpegs_on_the_gpu_decode_alone_or_not_at_all(cuda_codec, jpegs, data, max_bytes):
     """The same through the GPU's decoders (the hardware JPEG engines where it has them)."""
-    _decode_alone_or_not_at_all(cuda_codec, data.draw(_routed_batches(jpegs[:4])), max_bytes, exact=False)
+    _decode_alone_or_not_at_all(cuda_codec, data.draw(routed_batches(jpegs[:4])), max_bytes, exact=False)
     torch.cuda.synchronize()
