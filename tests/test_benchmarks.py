@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -24,8 +27,22 @@ def test_cpu_benchmark_runs():
     assert "lookalike embed, Beam FnApiRunner, 2 worker process(es), whole run" in out
 
 
-def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu():
-    out = _run("benchmarks/gpu_embed.py", "--smoke")
+def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu(tmp_path):
+    """Through `gpu_checks.sh`, as a leased GPU's one call runs it: its log, its JSON and the timelines' tar."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "EMBED_ARGS": "--smoke", "EMBED_S": "500"}  # fmt: skip
+    checks = subprocess.run(["bash", "benchmarks/gpu_checks.sh", str(tmp_path), "embed"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert checks.returncode == 0, checks.stderr[-2000:]
+    out = (tmp_path / "gpu_embed.log").read_text()
+    assert "USDT:" not in out  # the profiler's start and stop lines are filtered out
+    from benchmarks.gpu_embed import ENCODER_ALONE
+
+    results = json.loads((tmp_path / "gpu_embed.json").read_text())
+    assert results[ENCODER_ALONE]["images_per_s"] > 0 and all("error" not in r for r in results.values())
+    with tarfile.open(tmp_path / "timelines.tar") as tar:
+        traces = {Path(name).name for name in tar.getnames()}
+    assert {"c.json.gz", "d-pil-product.json.gz"} <= traces, traces
     for path in ("(a) naive", "(b) DataLoader", "(c) encoder alone", "(d) end to end", "stages of (d)", "(e) Beam",
                  "(c) encoder alone, one CUDA graph", "(d) end to end, one CUDA graph",
                  "(e) Beam embed pipeline, local runner, one CUDA graph",
