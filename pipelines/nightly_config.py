@@ -111,6 +111,8 @@ class NightlyConfig:
 
 _SECTIONS = {"embed": EmbedSettings, "index": IndexConfig, "evaluate": EvaluateSettings}
 _TUPLES = {"beam_args", "gates"}
+# Switches with an "auto": YAML reads an unquoted on / off (yes / no) as true / false, which mean "on" / "off" here.
+_SWITCHES = {"gpu_decode"}
 
 
 def _known(cls) -> list[str]:
@@ -160,6 +162,7 @@ def _section(cls, values: Any, where: str, path: str):
     unknown = sorted(set(values) - set(_known(cls)))
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown} in {where}; known: {_known(cls)}")
+    values = {k: ("on" if v else "off") if k in _SWITCHES and isinstance(v, bool) else v for k, v in values.items()}
     _check_types(cls, values, f"{where}.", path)
     values = {k: tuple(v) if k in _TUPLES and isinstance(v, list) else v for k, v in values.items()}
     try:

@@ -147,6 +147,23 @@ def test_every_embed_option_but_the_run_s_own_is_a_nightly_setting():
     assert {f.name for f in fields(EmbedConfig)} - per_run == set(EmbedSettings().step_options())
 
 
+@pytest.mark.parametrize(
+    "written, read", [("off", "off"), ("on", "on"), ("no", "off"), ('"off"', "off"), ("auto", "auto")]
+)
+def test_an_unquoted_on_or_off_is_the_switch_not_a_boolean(tmp_path, written, read):
+    """YAML reads an unquoted `off` as false: for a switch with an auto it means "off", as written."""
+    path = tmp_path / "nightly.yaml"
+    path.write_text(f"catalog: a\nmodel: b\nout: c\ninteractions: d\nembed:\n  gpu_decode: {written}\n")
+    assert load_nightly_config(str(path)).embed.gpu_decode == read
+
+
+def test_a_switch_that_is_not_on_off_or_auto_is_still_an_error(tmp_path):
+    path = tmp_path / "nightly.yaml"
+    path.write_text("catalog: a\nmodel: b\nout: c\ninteractions: d\nembed: {gpu_decode: 1, draft: off}\n")
+    with pytest.raises(ConfigError, match="gpu_decode must be a string, got int 1"):
+        load_nightly_config(str(path))
+
+
 def test_flags_override_the_file(tmp_path):
     path = tmp_path / "nightly.yaml"
     path.write_text("catalog: a\nmodel: b\nout: c\ninteractions: d\nkeep: 3\nembed: {batch_size: 8}\n")
