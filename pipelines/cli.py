@@ -448,6 +448,13 @@ def evaluate_cmd(
     raise_if_failed(doc)
 
 
+DEVICE_FAILED_HINT = (
+    "the GPU failed, so the run stopped rather than dead-letter the rest of the catalog; rerun to retry. If it fails "
+    "again at the same point, an image may be crashing the GPU decoder: --gpu-decode off (a nightly config: "
+    "embed.gpu_decode: off) decodes every image on the CPU, where one that cannot be decoded is dead-lettered."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app, turning user mistakes into one clear line and exit code 2."""
     from indexing import UnknownItem
@@ -461,6 +468,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RuntimeError as err:
         typer.echo(f"error: {err}", err=True)
+        from encoder.failures import device_failed
+
+        if device_failed(err):
+            typer.echo(DEVICE_FAILED_HINT, err=True)
         return 1
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

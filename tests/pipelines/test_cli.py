@@ -76,6 +76,28 @@ def test_user_mistakes_get_one_clear_line(tmp_path, args, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("failure", ["device", "other"])
+def test_a_failed_gpu_says_what_to_try_and_another_error_does_not(monkeypatch, capsys, failure):
+    import torch
+
+    import pipelines.cli
+    import pipelines.embed
+    from pipelines.cli import DEVICE_FAILED_HINT, main
+
+    monkeypatch.setattr(pipelines.cli, "_setup_logging", lambda verbose: None)  # no process-wide logging changes
+
+    def run_embed(cfg, beam_args):  # as Beam raises a worker's error: its type kept, the step named
+        if failure == "device":
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered [while running 'Embed']")
+        raise RuntimeError("the storage went away")
+
+    monkeypatch.setattr(pipelines.embed, "run_embed", run_embed)
+    assert main(["embed", "--catalog", "c.parquet", "--model", "m", "--out", "o"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert (DEVICE_FAILED_HINT in err) == (failure == "device")
+
+
 def test_missing_model_is_a_clear_error(tmp_path, demo_catalog):
     result = _lookalike(
         "embed", "--catalog", str(demo_catalog.manifest), "--model", "./nope", "--out", "E", cwd=tmp_path
