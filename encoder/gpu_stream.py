@@ -34,7 +34,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from encoder.failures import MemoryBackoff, Throttled, attempt, in_halves
+from encoder.decode_journal import DecodeJournal
+from encoder.failures import MemoryBackoff, Throttled, attempt, device_failed, in_halves
 from encoder.gpu_images import GpuImages
 from encoder.model import ImageEncoder, PendingVectors
 from encoder.storage import describe_error
@@ -176,7 +177,8 @@ def _finite(done: list[int], vectors: np.ndarray, failed: list[tuple[int, str]])
 
 
 def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tuple], prefetch: int = 2,
-                 in_flight: int = 2, backoff: MemoryBackoff | None = None) -> Iterator[StreamBatch]:  # fmt: skip
+                 in_flight: int = 2, backoff: MemoryBackoff | None = None,
+                 journal: DecodeJournal | None = None) -> Iterator[StreamBatch]:  # fmt: skip
     """Embed (keys, images) or (keys, images, cpu_reasons) batches in order, decoding ahead of the model.
 
     Each image is encoded (bytes, or a 1-D uint8 array over a file reader's ring) or pixels
@@ -186,7 +188,9 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
     the caller takes this one's vectors (1: each batch is done before the next is launched).
     `images.decode_threads` threads decode, each on a stream of its own; the resize takes their
     batches in input order. `backoff`: what earlier batches taught about the memory left (a caller
-    that runs several streams over one model keeps one); None: a new one, for this stream.
+    that runs several streams over one model keeps one); None: a new one, for this stream. `journal`:
+    where the images on the GPU decoder are listed from their decode until their vectors are taken, and
+    which sends the images an earlier process died with to the CPU decoder (`encoder.decode_journal`).
     """
     if in_flight < 1:
         raise ValueError(f"in_flight must be at least 1, got {in_flight}")
@@ -246,6 +250,8 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
                     decoded.put(got)
                     return
                 keys, datas, *reasons = item  # reasons: routes found by the file readers, when they did
+                if journal is not None:
+                    reasons = _journaled(journal, images, keys, datas, reasons, (id(pulled), number))
                 with on(side):
                     batch = images.decode(datas, *reasons)
                     done = _event_on(side) if resize is not side else None
@@ -287,7 +293,7 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
                 except BaseException as err:  # noqa: BLE001 - handed on, raised in the consumer
                     put(ready, err)
                     return
-                if not put(ready, (keys, prepared, event)):
+                if not put(ready, (number, keys, prepared, event)):
                     return
                 del item, batch
 
@@ -297,30 +303,50 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
     stages.append(threading.Thread(target=finish_stage, name="gpu-resize", daemon=True))
     for stage in stages:
         stage.start()
-    launched: collections.deque = collections.deque()  # (keys, prepared, its launch), oldest first
+    launched: collections.deque = collections.deque()  # (number, keys, prepared, its launch), oldest first
+    device_down = False
     try:
         while True:
             item = ready.get()
             if isinstance(item, BaseException):
                 raise item
             if item is not _DONE:
-                keys, prepared, event = item
+                number, keys, prepared, event = item
                 with on(compute):  # not across the yield below: the caller's own work stays on its stream
                     if event is not None:
                         main = torch.cuda.current_stream(images.device)
                         main.wait_event(event)
                         prepared.pixels.record_stream(main)
-                    launched.append((keys, prepared, _launch(encoder, prepared.pixels, backoff)))
+                    launched.append((number, keys, prepared, _launch(encoder, prepared.pixels, backoff)))
             while launched and (item is _DONE or len(launched) >= in_flight):
+                number, *rest = launched.popleft()
                 with on(compute):
-                    outcome = _outcome(encoder, *launched.popleft(), backoff)
+                    outcome = _outcome(encoder, *rest, backoff)
+                if journal is not None:
+                    journal.end((id(pulled), number))
                 yield outcome
             if item is _DONE:
                 return
+    except BaseException as err:
+        device_down = device_failed(err)
+        raise
     finally:
         stop.set()
         for stage in stages:
             stage.join(timeout=5)
+        if journal is not None and not device_down:  # an ordinary error: no image on the GPU caused it
+            journal.forget([(id(pulled), n) for n in range(pulled["count"])])
+
+
+def _journaled(journal: DecodeJournal, images: GpuImages, keys, datas, reasons: list, batch: Hashable) -> list:
+    """The batch's routes, with the images an earlier process died with sent to the CPU decoder; the batch is in the
+    journal from now on, as `batch` (the stream's and its own number) until its vectors are taken."""
+    journal.begin(batch, keys)
+    known = reasons[0] if reasons else None
+    if journal.suspects and known is None:  # no routes given: this batch's, as `GpuImages.route` would find them
+        known = [None if isinstance(d, np.ndarray) and d.ndim == 3 else images.cpu_reason(d) for d in datas]
+    routed = journal.reasons(keys, known) if known is not None else None
+    return [routed] if routed is not None else reasons
 
 
 def _event_on(stream: torch.cuda.Stream) -> torch.cuda.Event:
@@ -343,15 +369,15 @@ class BackgroundEmbedder:
     """`embed_stream` in a thread of its own: `submit` queues a batch and returns, `ready` hands over the
     batches finished so far, `finish` waits for the rest. At most `prefetch` submitted batches wait, so a
     caller faster than the GPU waits in `submit`. An error in the stream is raised by the next call.
-    `backoff`: as `embed_stream`'s, kept by a caller that starts one embedder after another."""
+    `backoff` and `journal`: as `embed_stream`'s, kept by a caller that starts one embedder after another."""
 
     def __init__(self, encoder: ImageEncoder, images: GpuImages, prefetch: int = 2,
-                 backoff: MemoryBackoff | None = None) -> None:  # fmt: skip
+                 backoff: MemoryBackoff | None = None, journal: DecodeJournal | None = None) -> None:  # fmt: skip
         self._inbox: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self._outbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(encoder, images, prefetch, backoff), name="gpu-embed",
-                                        daemon=True)  # fmt: skip
+        self._thread = threading.Thread(target=self._run, args=(encoder, images, prefetch, backoff, journal),
+                                        name="gpu-embed", daemon=True)  # fmt: skip
         self._thread.start()
 
     def _batches(self) -> Iterator:
@@ -365,9 +391,10 @@ class BackgroundEmbedder:
             yield item
             del item  # not held while waiting for the next: its images may hold a file reader's ring slots
 
-    def _run(self, encoder: ImageEncoder, images: GpuImages, prefetch: int, backoff: MemoryBackoff | None) -> None:
+    def _run(self, encoder: ImageEncoder, images: GpuImages, prefetch: int, backoff: MemoryBackoff | None,
+             journal: DecodeJournal | None) -> None:  # fmt: skip
         try:
-            for batch in embed_stream(encoder, images, self._batches(), prefetch, backoff=backoff):
+            for batch in embed_stream(encoder, images, self._batches(), prefetch, backoff=backoff, journal=journal):
                 self._outbox.put(batch)
         except BaseException as err:  # noqa: BLE001 - raised in the caller's thread
             self._outbox.put(err)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from encoder.decode_journal import DecodeJournal, journal_dir
 from encoder.gpu_images import GpuImages
 from encoder.gpu_stream import embed_stream
 from encoder.model import ImageEncoder
@@ -42,12 +43,13 @@ class DirectResult:
 
 def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, out_dir: str | Path, *,
                 batch_size: int = 256, readers: int = 8, reader: str = "processes", rows_per_shard: int = 100_000,
-                prefetch: int = 2, in_flight: int = 2) -> DirectResult:  # fmt: skip
+                prefetch: int = 2, in_flight: int = 2, journal: str | Path | None = None) -> DirectResult:  # fmt: skip
     """Embed `paths` (their paths are the item ids) into `out_dir/part-NNNNN.parquet` + `failures.parquet`.
 
     `reader`: "processes" reads, hashes and routes the files in `readers` processes of their own
     (`pipelines.file_reader.ProcessReader`), "threads" in threads of this process. `prefetch` and
-    `in_flight`: as `embed_stream`'s.
+    `in_flight`: as `embed_stream`'s. `journal`: the directory of the GPU decoder's journals
+    (`encoder.decode_journal`; default: the one for `out_dir`), where images decode on a GPU.
     """
     if reader not in READERS:
         raise ValueError(f"reader must be one of {sorted(READERS)}, not {reader!r}")
@@ -63,9 +65,12 @@ def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, 
             del read  # not held while the reader waits for ring slots for the next batch
 
     shards = _Shards(out, embedding_schema(encoder.dim), rows_per_shard)
+    journaled = (DecodeJournal(journal or journal_dir(str(out.resolve())), digest_of=lambda key: key[1])
+                 if images.decodes_on_gpu else None)  # fmt: skip
     try:
         with frozen_heap(), READERS[reader](limits, readers) as files:
-            for batch in embed_stream(encoder, images, batches(files), prefetch=prefetch, in_flight=in_flight):
+            for batch in embed_stream(encoder, images, batches(files), prefetch=prefetch, in_flight=in_flight,
+                                      journal=journaled):  # fmt: skip
                 failures.extend((path, path, stage, reason) for (path, _), stage, reason in batch.failed)
                 result.on_gpu += batch.on_gpu
                 result.batches_retried += batch.retried
@@ -77,6 +82,8 @@ def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, 
                 result.embedded += len(ids)
     finally:
         result.shards = shards.close()
+        if journaled is not None:
+            journaled.close()
     names = ("item_id", "image_uri", "stage", "error")
     pq.write_table(pa.Table.from_pylist([dict(zip(names, f, strict=True)) for f in failures], schema=FAILURE_SCHEMA),
                    out / "failures.parquet")  # fmt: skip

@@ -25,6 +25,7 @@ from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.shared import Shared
 
 from encoder import DecodeLimits, ImageEncoder, load_encoder
+from encoder.decode_journal import DecodeJournal, journal_dir
 from encoder.failures import MemoryBackoff
 from encoder.gpu_images import GpuImages, batches_progressive
 from encoder.gpu_stream import BackgroundEmbedder
@@ -214,6 +215,9 @@ class EmbedBatch(beam.DoFn):
         self._retried = Metrics.counter(NAMESPACE, "batches_retried")
         self._in_pieces = Metrics.counter(NAMESPACE, "batches_in_pieces")
         self._backoff = MemoryBackoff()  # kept from bundle to bundle: what ran out of memory (`BackgroundEmbedder`)
+        # What is on the GPU decoder, and what an earlier worker on this machine died with (`encoder.decode_journal`).
+        self._journal = (DecodeJournal(journal_dir(cfg.out), digest_of=lambda key: key.image_sha256)
+                         if decoder else None)  # fmt: skip
         self._progress = ProgressLog("embedded")
 
     def start_bundle(self) -> None:
@@ -237,7 +241,8 @@ class EmbedBatch(beam.DoFn):
 
     def _submit(self, batch: list[PreparedImage]) -> None:
         if self._stream is None:
-            self._stream = BackgroundEmbedder(self._encoder, self._images, backoff=self._backoff)
+            self._stream = BackgroundEmbedder(self._encoder, self._images, backoff=self._backoff,
+                                              journal=self._journal)  # fmt: skip
         datas = [item.pixels if item.data is None else item.data for item in batch]
         # Keys without the images: finished batches wait for this thread to take them, and this thread may be
         # waiting for a file reader's ring slot meanwhile, which a batch holding its images would never free.
@@ -276,6 +281,8 @@ class EmbedBatch(beam.DoFn):
     def teardown(self) -> None:
         if getattr(self, "_stream", None) is not None:
             self._stream.close()
+        if getattr(self, "_journal", None) is not None:
+            self._journal.close()
 
 
 def windowed(outputs):

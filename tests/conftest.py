@@ -37,6 +37,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _gpu_journals(tmp_path_factory):
+    """The GPU decoder's journals (`encoder.decode_journal`) in the session's temporary folder, not the user's."""
+    os.environ["LOOKALIKE_GPU_JOURNALS"] = str(tmp_path_factory.mktemp("gpu-journals"))
+
+
 @pytest.fixture(scope="session")
 def demo_catalog(tmp_path_factory):
     from pipelines.demo_catalog import make_demo_catalog
