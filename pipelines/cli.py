@@ -449,9 +449,10 @@ def evaluate_cmd(
 
 
 DEVICE_FAILED_HINT = (
-    "the GPU failed, so the run stopped rather than dead-letter the rest of the catalog; rerun to retry. If it fails "
-    "again at the same point, an image may be crashing the GPU decoder: --gpu-decode off (a nightly config: "
-    "embed.gpu_decode: off) decodes every image on the CPU, where one that cannot be decoded is dead-lettered."
+    "the GPU failed, so the run stopped rather than dead-letter the rest of the catalog. Rerun: the images that were "
+    "on its GPU decoder go to the CPU then, in case one of them caused it (README, 'A decoder that crashes on one "
+    "image'). If it fails again, --gpu-decode off (a nightly config: embed.gpu_decode: off) decodes every image on "
+    "the CPU, where one that cannot be decoded is dead-lettered."
 )
 
 
