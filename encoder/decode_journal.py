@@ -106,7 +106,7 @@ class DecodeJournal:
             self._write()
 
     def end(self, batch: Hashable) -> None:
-        """The batch's vectors are taken (or it failed in a way that is not the device's)."""
+        """The batch's vectors are taken: nothing of it is on the GPU any more."""
         with self._lock:
             if self._in_flight.pop(batch, None) is not None:
                 self._write()
