@@ -11,6 +11,8 @@ LATEST pointer relies on exactly that, so the test emulator adds it.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import threading
 import time
 from http import HTTPStatus
@@ -67,6 +69,7 @@ def main() -> None:
     emulator = server.create_server(args.host, args.port, in_memory=True)
     emulator.start()  # bound once this returns: port 0 leaves no moment for another process to take the port
     print(f"listening on {emulator._api._httpd.server_address[1]}", flush=True)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nobody reads the pipe after that line
     try:
         while True:
             time.sleep(1)
