@@ -159,7 +159,7 @@ def test_kill_during_publishes_at_random_moments(tmp_path, embeddings):
 
 
 _CRASHING_WORKER = """
-import os, signal, sys
+import signal, sys, threading
 from pathlib import Path
 from encoder import DecodeLimits, EncoderConfig, load_encoder
 from encoder.gpu_images import GpuImages, pil_decoder
@@ -168,9 +168,9 @@ from pipelines.direct_embed import embed_files
 model, culprit, journal, out, *paths = sys.argv[1:]
 bad, pil = Path(culprit).read_bytes(), pil_decoder()
 
-def decode(datas, device):  # a native GPU decoder that segfaults on one photo
+def decode(datas, device):  # a native GPU decoder that segfaults on one photo: in this thread, at once
     if any(bytes(data) == bad for data in datas):
-        os.kill(os.getpid(), signal.SIGSEGV)
+        signal.pthread_kill(threading.get_ident(), signal.SIGSEGV)
     return pil(datas, device)
 
 encoder = load_encoder(EncoderConfig(model=model, device="cpu"))
