@@ -148,3 +148,9 @@ def test_serve_load_with_a_hot_swap_has_no_errors(tmp_path):
     assert result["errors"] == 0, result["outcomes"]
     assert result["requests"] > 100
     assert result["served"].get(result["first"], 0) > 0 and result["served"].get(result["second"], 0) > 0
+
+
+def test_journal_cost_benchmark_runs():
+    result = json.loads(_run("benchmarks/journal_cost.py", "--batches", "50").splitlines()[-1])
+    assert result["begin_and_end_us_per_batch"] > 0 and result["digests_only_us_per_batch"] > 0
+    assert result["routing_with_suspects_us_per_batch"] > 0
