@@ -1,7 +1,7 @@
 """What the GPU decoder's journal (`encoder.decode_journal`) costs a GPU worker per batch: `begin` as a batch goes to
 the GPU decoder and `end` as its vectors are taken, with `--in-flight` batches listed (the stream's steady state),
 against the same batches' digests only gathered (the work every batch does anyway), in one process. Also what
-routing costs a batch when the directory holds suspects and none is in the batch (the journal's `reasons`).
+routing costs a batch, its digests gathered, when the directory holds suspects and none is in the batch (`reasons`).
 
     python benchmarks/journal_cost.py                 # batches of 256, 4 in flight
 """
@@ -41,15 +41,16 @@ def main() -> None:
             for b in range(8)]  # fmt: skip
     with tempfile.TemporaryDirectory() as work:
         journal = DecodeJournal(work, digest_of=lambda key: key[1])
+
+        def digests_only(k: int) -> list[str]:
+            return [journal.digest_of(key) for key in keys[k % 8]]
+
         for k in range(args.in_flight):
-            journal.begin(-1 - k, keys[k % 8])
+            journal.begin(-1 - k, digests_only(k))
 
-        def journaled(k: int) -> None:
-            journal.begin(k, keys[k % 8])
+        def journaled(k: int) -> None:  # as `embed_stream` does: the digests gathered once, then begin and end
+            journal.begin(k, digests_only(k))
             journal.end(k - args.in_flight if k >= args.in_flight else -1 - k)
-
-        def digests_only(k: int) -> None:
-            [journal.digest_of(key) for key in keys[k % 8]]
 
         base = min(per_batch_us(digests_only, args.batches) for _ in range(3))
         cost = min(per_batch_us(journaled, args.batches) for _ in range(3))
@@ -58,8 +59,8 @@ def main() -> None:
         other.mkdir()
         (other / "suspects.txt").write_text("0" * 64 + "\n")
         routing = DecodeJournal(other, digest_of=lambda key: key[1])
-        nothing = [None] * args.batch_size
-        route_us = min(per_batch_us(lambda k: routing.reasons(keys[k % 8], nothing), args.batches) for _ in range(3))
+        nothing, digests = [None] * args.batch_size, [[key[1] for key in batch] for batch in keys]
+        route_us = min(per_batch_us(lambda k: routing.reasons(digests[k % 8], nothing), args.batches) for _ in range(3))
         routing.close()
     result = {"machine": machine(), "batch": args.batch_size, "in_flight": args.in_flight,
               "digests_only_us_per_batch": round(base, 1), "begin_and_end_us_per_batch": round(cost, 1),

@@ -44,7 +44,7 @@ def journal_dir(out_root: str) -> Path:
 
 
 class DecodeJournal:
-    """This process's journal in `directory`; `digest_of(key)`: the image digest of a batch key (`embed_stream`'s).
+    """This process's journal in `directory`; `digest_of(key)`: the image digest of a batch key, for `embed_stream`.
 
     `suspects`: the digests that earlier processes' journals left behind, gathered when this one opens."""
 
@@ -89,18 +89,18 @@ class DecodeJournal:
         except FileNotFoundError:
             return frozenset()
 
-    def reasons(self, keys: Sequence[Hashable], reasons: Sequence[str | None]) -> list[str | None] | None:
-        """`reasons` with `SUSPECT` for the suspects among `keys`; None where there are none (the common case)."""
+    def reasons(self, digests: Sequence[str], reasons: Sequence[str | None]) -> list[str | None] | None:
+        """`reasons` with `SUSPECT` for the suspects among `digests`; None where there are none (the common case)."""
         if not self.suspects:
             return None
-        suspected = [self.digest_of(key) in self.suspects for key in keys]
+        suspected = [digest in self.suspects for digest in digests]
         if not any(suspected):
             return None
         return [SUSPECT if suspect else reason for suspect, reason in zip(suspected, reasons, strict=True)]
 
-    def begin(self, batch: Hashable, keys: Sequence[Hashable]) -> None:
-        """The batch's images go to the GPU decoder now."""
-        lines = "".join([f"{self.digest_of(key)}\n" for key in keys]).encode()
+    def begin(self, batch: Hashable, digests: Sequence[str]) -> None:
+        """The batch's images (their digests) go to the GPU decoder now."""
+        lines = "".join([f"{digest}\n" for digest in digests]).encode()
         with self._lock:
             self._in_flight[batch] = lines
             self._write()

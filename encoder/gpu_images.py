@@ -277,6 +277,10 @@ class GpuImages:
         """Why this encoded image goes to the CPU decoder under these limits (None: the GPU decoder takes it)."""
         return cpu_reason(data, self.limits.max_bytes, self.limits.max_pixels, self.progressive_on_gpu)
 
+    def cpu_reasons(self, inputs: Sequence[bytes | np.ndarray]) -> list[str | None]:
+        """`cpu_reason` of each encoded input; None for pixels already decoded on the CPU (`decode` keeps them)."""
+        return [None if _is_pixels(x) else self.cpu_reason(x) for x in inputs]
+
     def route(self, datas: Sequence[bytes], reasons: Sequence[str | None] | None = None) -> tuple[list[int], list[int]]:
         """Input positions for the GPU decoder and for the CPU decoder. `reasons`: each input's
         `encoder.jpeg.cpu_reason`, found already (by the file readers) under these limits."""

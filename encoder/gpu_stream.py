@@ -202,6 +202,7 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
     # With one thread, as many as a queue of one between the stages allowed.
     pulls = threading.Semaphore(threads + 1)
     source, pulling, pulled = iter(batches), threading.Lock(), {"count": 0, "over": False}
+    stream = object()  # this stream's batches in `journal`: (stream, number)
     cuda = images.device.type == "cuda"
     sides = [side_stream(images.device) if cuda else None for _ in range(threads)]
     resize = resize_stream(images.device, sides[0]) if cuda else None
@@ -251,7 +252,7 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
                     return
                 keys, datas, *reasons = item  # reasons: routes found by the file readers, when they did
                 if journal is not None:
-                    reasons = _journaled(journal, images, keys, datas, reasons, (id(pulled), number))
+                    reasons = _journaled(journal, images, keys, datas, reasons, (stream, number))
                 with on(side):
                     batch = images.decode(datas, *reasons)
                     done = _event_on(side) if resize is not side else None
@@ -323,7 +324,7 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
                 with on(compute):
                     outcome = _outcome(encoder, *rest, backoff)
                 if journal is not None:
-                    journal.end((id(pulled), number))
+                    journal.end((stream, number))
                 yield outcome
             if item is _DONE:
                 return
@@ -335,17 +336,17 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
         for stage in stages:
             stage.join(timeout=5)
         if journal is not None and not device_down:  # an ordinary error: no image on the GPU caused it
-            journal.forget([(id(pulled), n) for n in range(pulled["count"])])
+            journal.forget([(stream, n) for n in range(pulled["count"])])
 
 
 def _journaled(journal: DecodeJournal, images: GpuImages, keys, datas, reasons: list, batch: Hashable) -> list:
     """The batch's routes, with the images an earlier process died with sent to the CPU decoder; the batch is in the
     journal from now on, as `batch` (the stream's and its own number) until its vectors are taken."""
-    journal.begin(batch, keys)
-    known = reasons[0] if reasons else None
-    if journal.suspects and known is None:  # no routes given: this batch's, as `GpuImages.route` would find them
-        known = [None if isinstance(d, np.ndarray) and d.ndim == 3 else images.cpu_reason(d) for d in datas]
-    routed = journal.reasons(keys, known) if known is not None else None
+    digests = [journal.digest_of(key) for key in keys]
+    journal.begin(batch, digests)
+    if not journal.suspects:
+        return reasons
+    routed = journal.reasons(digests, reasons[0] if reasons else images.cpu_reasons(datas))
     return [routed] if routed is not None else reasons
 
 

@@ -27,8 +27,8 @@ def _contents(journal: DecodeJournal) -> list[str]:
 
 def test_the_journal_lists_the_batches_in_flight_and_goes_when_none_are(tmp_path):
     journal = _journal(tmp_path)
-    journal.begin("a", [("x", "d1"), ("y", "d2")])
-    journal.begin("b", [("z", "d3")])
+    journal.begin("a", ["d1", "d2"])
+    journal.begin("b", ["d3"])
     assert _contents(journal) == ["d1", "d2", "d3"]
     journal.end("a")
     assert _contents(journal) == ["d3"]
@@ -60,7 +60,7 @@ def test_what_a_dead_process_had_in_flight_becomes_a_suspect(tmp_path, caplog):
 
 def test_a_live_processs_journal_is_not_gathered(tmp_path):
     alive = _journal(tmp_path)
-    alive.begin(0, [("k", "busy")])
+    alive.begin(0, ["busy"])
     assert _journal(tmp_path).suspects == frozenset()  # its lock is held: its batches are still running
     alive.close()  # closed with a batch in flight (a failed GPU): left behind for the next process
     assert _journal(tmp_path).suspects == {"busy"}
@@ -69,9 +69,9 @@ def test_a_live_processs_journal_is_not_gathered(tmp_path):
 def test_suspects_are_routed_to_the_cpu_and_the_rest_keep_their_routes(tmp_path):
     (tmp_path / "suspects.txt").write_text("bad\n")
     journal = _journal(tmp_path)
-    assert journal.reasons([("a", "ok"), ("b", "bad")], [None, None]) == [None, SUSPECT]
-    assert journal.reasons([("a", "ok"), ("c", "png")], [None, "not a JPEG"]) is None  # none suspected: as they were
-    assert _journal(tmp_path / "empty").reasons([("b", "bad")], [None]) is None
+    assert journal.reasons(["ok", "bad"], [None, None]) == [None, SUSPECT]
+    assert journal.reasons(["ok", "png"], [None, "not a JPEG"]) is None  # none suspected: as they were
+    assert _journal(tmp_path / "empty").reasons(["bad"], [None]) is None
 
 
 def test_journals_of_different_output_roots_are_apart():
