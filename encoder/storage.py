@@ -118,12 +118,23 @@ def contained(name: str, *, nested: bool = False) -> str:
 
 _CLIENT = None
 
+# google-cloud-storage (3.17) starts a thread per bucket per client that GETs the bucket's metadata, only to
+# label tracing spans; lookalike emits none. Each costs a request (storage.buckets.get, which a reader's
+# role may not grant), and Beam's own clients do the same. Off unless the user sets the variable.
+_BUCKET_METADATA_ENV = "DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA"
+
+
+def no_background_bucket_lookups() -> None:
+    """Stop storage clients in this process (and the processes it starts) fetching bucket metadata for traces."""
+    os.environ.setdefault(_BUCKET_METADATA_ENV, "true")
+
 
 def gcs_client():
     """A storage client (one per process); anonymous against an emulator (`STORAGE_EMULATOR_HOST`)."""
     global _CLIENT
     from google.cloud import storage
 
+    no_background_bucket_lookups()
     if _CLIENT is None or getattr(_CLIENT, "_lookalike_emulator", None) != os.environ.get("STORAGE_EMULATOR_HOST"):
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
         client = storage.Client.create_anonymous_client() if emulator else storage.Client()

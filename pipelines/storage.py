@@ -53,6 +53,7 @@ def configure_storage(pipeline_options=None) -> None:
     With `STORAGE_EMULATOR_HOST` set, Beam would otherwise spend ~28 s retrying a
     search for Google credentials the emulator does not need.
     """
+    object_store.no_background_bucket_lookups()  # Beam's gcsio clients too
     if pipeline_options is not None:
         _filesystems().set_options(pipeline_options)
     if os.environ.get("STORAGE_EMULATOR_HOST"):

@@ -129,6 +129,32 @@ def test_permanent_errors_fail_fast_without_retrying(gcs_emulator, gcs_bucket, s
             assert isinstance(result, Exception) and status in str(result), (what, result)
 
 
+def test_a_read_is_one_request_with_no_bucket_lookup_behind_it(gcs_emulator, gcs_bucket, monkeypatch):
+    """google-cloud-storage fetches each new bucket's metadata on a thread of its own (for tracing spans); lookalike
+    turns that off, or every client spends a request per bucket that a reader's role may not allow, and the
+    fetch lands in the middle of whatever the process does next (here it made a 404 read look retried)."""
+    import threading
+
+    from pipelines.storage import configure_storage
+
+    storage.write_bytes(f"gs://{gcs_bucket}/x", b"data")
+    upstream = urlparse(os.environ["STORAGE_EMULATOR_HOST"]).port
+    monkeypatch.delenv("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", raising=False)
+    with FaultProxy(upstream, rate=0.0) as proxy, through(proxy):
+        assert storage.read_bytes(f"gs://{gcs_bucket}/x") == b"data"  # a new client: the proxy is a new host
+        for thread in threading.enumerate():  # the library's fetch, if it started one
+            if "_fetch_background" in thread.name:
+                thread.join(timeout=10)
+    assert [m for m, _ in proxy.seen] == ["GET"] and proxy.seen[0][1].startswith("/download/"), proxy.seen
+
+    monkeypatch.setenv("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "false")  # the user's choice stands
+    configure_storage()
+    assert os.environ["DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA"] == "false"
+    monkeypatch.delenv("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA")
+    configure_storage()  # Beam's clients are off too
+    assert os.environ["DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA"] == "true"
+
+
 def test_writes_whose_answer_is_lost_still_count_once(gcs_emulator, gcs_bucket, run_dir_for_faults):
     """The write lands, the answer never comes: the retry must see its own write, not a conflict."""
     from pipelines.run_lock import run_lock
