@@ -134,8 +134,8 @@ def gcs_client():
     global _CLIENT
     from google.cloud import storage
 
-    no_background_bucket_lookups()
     if _CLIENT is None or getattr(_CLIENT, "_lookalike_emulator", None) != os.environ.get("STORAGE_EMULATOR_HOST"):
+        no_background_bucket_lookups()
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
         client = storage.Client.create_anonymous_client() if emulator else storage.Client()
         client._lookalike_emulator = emulator

@@ -137,9 +137,10 @@ def test_a_read_is_one_request_with_no_bucket_lookup_behind_it(gcs_emulator, gcs
 
     from pipelines.storage import configure_storage
 
+    env = "DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA"
     storage.write_bytes(f"gs://{gcs_bucket}/x", b"data")
     upstream = urlparse(os.environ["STORAGE_EMULATOR_HOST"]).port
-    monkeypatch.delenv("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", raising=False)
+    monkeypatch.delenv(env, raising=False)
     with FaultProxy(upstream, rate=0.0) as proxy, through(proxy):
         assert storage.read_bytes(f"gs://{gcs_bucket}/x") == b"data"  # a new client: the proxy is a new host
         for thread in threading.enumerate():  # the library's fetch, if it started one
@@ -147,12 +148,12 @@ def test_a_read_is_one_request_with_no_bucket_lookup_behind_it(gcs_emulator, gcs
                 thread.join(timeout=10)
     assert [m for m, _ in proxy.seen] == ["GET"] and proxy.seen[0][1].startswith("/download/"), proxy.seen
 
-    monkeypatch.setenv("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "false")  # the user's choice stands
+    monkeypatch.setenv(env, "false")  # the user's choice stands
     configure_storage()
-    assert os.environ["DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA"] == "false"
-    monkeypatch.delenv("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA")
+    assert os.environ[env] == "false"
+    monkeypatch.delenv(env)
     configure_storage()  # Beam's clients are off too
-    assert os.environ["DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA"] == "true"
+    assert os.environ[env] == "true"
 
 
 def test_writes_whose_answer_is_lost_still_count_once(gcs_emulator, gcs_bucket, run_dir_for_faults):
