@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import select
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -67,29 +65,12 @@ def tiny_encoder(tiny_model):
     return load_encoder(EncoderConfig(model=str(tiny_model), device="cpu"))
 
 
-def _start_emulator() -> tuple[subprocess.Popen, int]:
-    """The emulator on a port it binds itself and reports once listening: a port picked here and bound there
-    could be taken in between (another pytest worker's server), and another emulator would answer for ours."""
-    proc = subprocess.Popen(  # the stock emulator plus GCS's generation preconditions (tests/support)
-        [sys.executable, "-m", "tests.support.gcs_emulator", "--port", "0"],
-        cwd=Path(__file__).resolve().parents[1],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    ready, _, _ = select.select([proc.stdout], [], [], 30)
-    line = proc.stdout.readline() if ready else ""
-    if not line.startswith("listening on "):
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"the GCS emulator did not start: {line.strip() or 'nothing in 30 s'}")
-    return proc, int(line.split()[-1])
-
-
 @pytest.fixture(scope="session")
 def gcs_emulator():
     """A GCS emulator on a free local port for the session; yields a storage client."""
-    proc, port = _start_emulator()
+    from tests.support.gcs_emulator import start_emulator  # its server package loads only where a test needs it
+
+    proc, port = start_emulator()
     previous = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
     try:

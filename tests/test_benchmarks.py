@@ -154,3 +154,14 @@ def test_journal_cost_benchmark_runs():
     result = json.loads(_run("benchmarks/journal_cost.py", "--batches", "50").splitlines()[-1])
     assert result["begin_and_end_us_per_batch"] > 0 and result["digests_only_us_per_batch"] > 0
     assert result["routing_with_suspects_us_per_batch"] > 0
+
+
+@pytest.mark.gcs
+def test_gcs_reads_benchmark_runs():
+    result = json.loads(
+        _run("benchmarks/gcs_reads.py", "--images", "12", "--rounds", "1", "--threads", "1,4").splitlines()[-1]
+    )
+    for threads in (1, 4):
+        assert result[f"lookalike_threads_{threads}"]["requests_per_read"] == 1.0
+        assert result[f"beam_reader_lookups_off_threads_{threads}"]["requests_per_read"] == 2.0  # metadata, then bytes
+        assert result[f"beam_reader_lookups_on_threads_{threads}"]["x_beam_reader_reads_per_s"] == 1.0

@@ -95,7 +95,8 @@ def test_objects_uploaded_around_the_proxy_are_read_through_it_with_faults(gcs_e
     upstream = urlparse(os.environ["STORAGE_EMULATOR_HOST"]).port
     with FaultProxy(upstream, rate=0.5, kinds=("500", "reset", "truncated"), seed=2) as proxy, through(proxy):
         for _ in range(4):
-            assert beam_storage.read_bytes(f"gs://{gcs_bucket}/image.jpg") == data
+            with beam_storage.open_seekable(f"gs://{gcs_bucket}/image.jpg") as f:  # Beam's reader (Parquet's reads)
+                assert f.read() == data
     downloads = [p for m, p in proxy.seen if m == "GET" and p.startswith("/download/")]
     assert len(downloads) >= 4 and proxy.injected > 0, proxy.counts
 
@@ -154,6 +155,27 @@ def test_a_read_is_one_request_with_no_bucket_lookup_behind_it(gcs_emulator, gcs
     monkeypatch.delenv(env)
     configure_storage()  # Beam's clients are off too
     assert os.environ[env] == "true"
+
+
+def test_an_image_read_is_one_request_and_a_large_one_stops_one_byte_past_the_cap(gcs_emulator, gcs_bucket):
+    """Images are read through lookalike's client: one request each, where Beam's reader made a client and asked
+    for the object's metadata before its bytes. A capped read fetches one byte past the cap, never the object."""
+    from pipelines.storage import read_image
+
+    photo, large = os.urandom(70_000), os.urandom(300_000)
+    storage.write_bytes(f"gs://{gcs_bucket}/photo.jpg", photo)
+    storage.write_bytes(f"gs://{gcs_bucket}/large.jpg", large)
+    upstream = urlparse(os.environ["STORAGE_EMULATOR_HOST"]).port
+    with FaultProxy(upstream, rate=0.0) as proxy, through(proxy):
+        assert read_image(f"gs://{gcs_bucket}/photo.jpg", 100_000) == photo
+        served = proxy.bytes_served
+        refused = read_image(f"gs://{gcs_bucket}/large.jpg", 100_000)
+        large_served = proxy.bytes_served - served
+        missing = read_image(f"gs://{gcs_bucket}/missing.jpg", 100_000)
+    assert refused == "ValueError: object is larger than max_bytes=100000" and missing == "not found"
+    assert served == len(photo) and large_served == 100_001
+    assert [m for m, _ in proxy.seen] == ["GET"] * 3, proxy.seen
+    assert all(path.startswith("/download/") for _, path in proxy.seen), proxy.seen
 
 
 def test_writes_whose_answer_is_lost_still_count_once(gcs_emulator, gcs_bucket, run_dir_for_faults):

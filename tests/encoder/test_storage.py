@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from encoder import storage
 
@@ -35,3 +37,39 @@ def test_exiting_right_after_a_parquet_read_never_aborts(tmp_path):
     with ThreadPoolExecutor(4) as pool:
         codes = list(pool.map(exit_code, range(32)))
     assert codes == [2] * 32
+
+
+def test_a_local_read_over_its_cap_is_refused_and_one_at_the_cap_is_not(tmp_path):
+    path = tmp_path / "x"
+    path.write_bytes(b"1234")
+    assert storage.read_bytes(str(path), max_bytes=4) == b"1234"
+    with pytest.raises(ValueError, match="larger than max_bytes=3"):
+        storage.read_bytes(str(path), max_bytes=3)
+
+
+def test_a_capped_read_of_an_empty_object_is_empty_where_the_store_refuses_its_range(monkeypatch):
+    """GCS may answer a range from byte 0 of an empty object with 416: no such byte, and no error either."""
+    from google.api_core.exceptions import RequestRangeNotSatisfiable
+
+    class EmptyBlob:
+        def download_as_bytes(self, **kwargs):
+            assert (kwargs["start"], kwargs["end"]) == (0, 10)
+            raise RequestRangeNotSatisfiable("requested range not satisfiable")
+
+    monkeypatch.setattr(storage, "_blob", lambda uri: EmptyBlob())
+    assert storage.read_bytes("gs://b/empty", max_bytes=10) == b""
+
+
+def test_each_process_and_each_emulator_has_a_client_of_its_own(monkeypatch):
+    """Threads share the client; a forked child must not use its parent's pooled connections."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")  # anonymous: nothing is asked of the network
+    monkeypatch.setattr(storage, "_CLIENT", None)
+    client = storage.gcs_client()
+    with ThreadPoolExecutor(4) as pool:
+        assert set(pool.map(lambda _: storage.gcs_client(), range(8))) == {client}
+    parent = os.getpid()
+    monkeypatch.setattr(os, "getpid", lambda: parent + 1)  # as a forked child sees it
+    child = storage.gcs_client()
+    assert child is not client and child is storage.gcs_client()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:10")
+    assert storage.gcs_client() not in (client, child)

@@ -6,22 +6,46 @@ LATEST pointer relies on exactly that, so the test emulator adds it.
 
     python -m tests.support.gcs_emulator --port 9023
     python -m tests.support.gcs_emulator --port 0     # a free port, printed once listening: "listening on PORT"
+
+`start_emulator()` runs it in a process of its own on such a port (the tests' fixture, benchmarks/gcs_reads.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import select
+import subprocess
 import sys
 import threading
 import time
 from http import HTTPStatus
+from pathlib import Path
 
 from gcp_storage_emulator import server
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
 
 _LOCK = threading.Lock()
+
+
+def start_emulator() -> tuple[subprocess.Popen, int]:
+    """The emulator in a process of its own, on a port it binds itself and reports once listening: a port picked here
+    and bound there could be taken in between (another pytest worker's server), and another emulator would answer."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.gcs_emulator", "--port", "0"],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    ready, _, _ = select.select([proc.stdout], [], [], 30)
+    line = proc.stdout.readline() if ready else ""
+    if not line.startswith("listening on "):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"the GCS emulator did not start: {line.strip() or 'nothing in 30 s'}")
+    return proc, int(line.split()[-1])
 
 
 def _object_name(request) -> str | None:
