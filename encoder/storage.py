@@ -161,6 +161,8 @@ def gcs_client():
 
 def _blob(uri: str):
     bucket, path = split_gcs_uri(uri)
+    if not path:
+        raise ValueError(f"gs:// URI without an object name: {uri!r}")
     return gcs_client().bucket(bucket).blob(path)
 
 

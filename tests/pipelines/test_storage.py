@@ -63,3 +63,18 @@ def test_a_broken_link_in_a_glob_is_listed_for_its_read_to_dead_letter(tmp_path)
     (tmp_path / "ok.jpg").write_bytes(b"x")
     os.symlink(tmp_path / "gone.jpg", tmp_path / "broken.jpg")
     assert match(str(tmp_path / "*.jpg")) == [str(tmp_path / "broken.jpg"), str(tmp_path / "ok.jpg")]
+
+
+@pytest.mark.gcs
+def test_odd_gs_image_uris_are_fetch_reasons_not_errors(gcs_emulator, gcs_bucket):
+    from encoder import storage
+    from pipelines.storage import read_image
+
+    storage.write_bytes(f"gs://{gcs_bucket}/empty.jpg", b"")
+    odd = ["gs://", f"gs://{gcs_bucket}", f"gs://{gcs_bucket}/", f"gs://{gcs_bucket}/dir/", "gs://no-such-bucket-x/a.jpg",
+           "gs://Bad Bucket/a.jpg", f"gs://{gcs_bucket}/missing.jpg"]  # fmt: skip
+    reasons = {uri: read_image(uri, 1000) for uri in odd}
+    assert all(isinstance(r, str) and r for r in reasons.values()), reasons
+    assert reasons[f"gs://{gcs_bucket}/missing.jpg"] == "not found"
+    assert reasons[f"gs://{gcs_bucket}/"] == f"ValueError: gs:// URI without an object name: 'gs://{gcs_bucket}/'"
+    assert read_image(f"gs://{gcs_bucket}/empty.jpg", 1000) == b""  # the decoder gives its reason
