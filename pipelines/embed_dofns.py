@@ -129,7 +129,8 @@ class FetchAndDecode(beam.DoFn):
         storage.configure_storage()
         self._pool = ThreadPoolExecutor(self._cfg.fetch_threads, thread_name_prefix="fetch")
         self._defer_decode = gpu_decoding(self._cfg, self._preprocess)  # the GPU worker routes and decodes
-        # A GPU worker reads local files in reader processes, keeping the interpreter lock for the GPU threads.
+        # A GPU worker reads local files and gs:// objects in reader processes, keeping the interpreter lock for the
+        # GPU threads.
         self._reader = (file_reader_for(self._cfg.limits, batches_progressive(gpu_decoder_name(self._cfg)),
                                         self._cfg.batch_size, self._cfg.workers, self._cfg.gpu_decode_threads)
                         if self._defer_decode else None)  # fmt: skip
@@ -300,7 +301,7 @@ _READERS_LOCK = threading.Lock()
 
 def file_reader_for(limits: DecodeLimits, progressive: bool = True, batch_size: int = 256,
                     workers: int = 1, decode_threads: int = 1) -> ProcessReader:  # fmt: skip
-    """This process's reader processes for local image files, started on first use, stopped at exit: one set
+    """This process's reader processes for image files and gs:// objects, started on first use, stopped at exit: one set
     per worker process however many fetch steps its threads run (`ProcessReader.read` takes turns).
     `progressive`: whether the GPU decoder batches progressive JPEGs (their route depends on it).
     `batch_size`: the embed step's; the ring holds two such batches and more, as the step keeps a batch

@@ -24,6 +24,7 @@ from encoder import DecodeLimits, PreprocessConfig
 from encoder.gpu_images import collect_decodes, decode_on_cpu
 from pipelines import storage
 from pipelines.catalog import CatalogItem
+from pipelines.file_reader import reads_in_readers
 from pipelines.records import (
     EmbeddingRow,
     Failure,
@@ -151,30 +152,33 @@ def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: Prep
 
     With `defer_decode` (a GPU worker), nothing is decoded here: the bytes go on
     (`PreparedImage.data`) and the embed step routes and decodes them in batches. With a
-    `reader` too, local files are read, hashed and routed in its processes
+    `reader` too, local files and gs:// objects are read, hashed and routed in its processes
     (`pipelines.file_reader`): the bytes go on as arrays over its shared ring, routed.
 
     Local files are read and hashed on `pool`, a share of the chunk per core: one task per
     file costs more in thread hand-offs than the read (2 cores, 70 KB photos: 72 µs per
     file inline, 47 µs in two tasks, 88 µs in eight). Object-store reads wait on the
-    network and go to `pool` one each. Decodes go to `pool` (Pillow releases the GIL while
+    network and go to `pool` one each (on a GPU worker, to the reader's processes: ~2 ms of
+    Python per gs:// read would hold this process's interpreter lock from the GPU threads). Decodes go to `pool` (Pillow releases the GIL while
     decoding); an image not decoded within `max_decode_s` (per image, `threads` at a time)
     is dead-lettered and its thread left to finish on its own
     (`encoder.gpu_images.collect_decodes`).
     """
-    local = [i for i in items if "://" not in i.image_uri]
-    remote = [i for i in items if "://" in i.image_uri]  # network-bound: a pool thread each
+    by_reader = [i for i in items if reads_in_readers(i.image_uri)] if defer_decode and reader is not None else []
+    rest = [i for i in items if not reads_in_readers(i.image_uri)] if by_reader else items
+    local = [i for i in rest if "://" not in i.image_uri]
+    remote = [i for i in rest if "://" in i.image_uri]  # network-bound: a pool thread each
     routes: list[str | None] = []
-    if defer_decode and reader is not None and local:
-        fetched: list = []
-        for batch in reader.read([i.image_uri for i in local], len(local), keys=local):
+    fetched: list = []
+    if by_reader:
+        for batch in reader.read([i.image_uri for i in by_reader], len(by_reader), keys=by_reader):
             fetched += [Failure(i.item_id, i.image_uri, stage, reason) for i, stage, reason in batch.failed]
             fetched += [Fetched(i, data, digest) for (i, digest), data in zip(batch.keys, batch.datas, strict=True)]
             routes += [reason or "" for reason in batch.reasons]
-    else:
+    if local:
         size = max(8, math.ceil(len(local) / min(threads, os.cpu_count() or 1)))  # one task per core, not per file
         parts = [local[i : i + size] for i in range(0, len(local), size)]
-        fetched = [f for part in pool.map(lambda part: [fetch_item(i, limits) for i in part], parts) for f in part]
+        fetched += [f for part in pool.map(lambda part: [fetch_item(i, limits) for i in part], parts) for f in part]
     fetched += pool.map(lambda i: fetch_item(i, limits), remote)
     failed = [f for f in fetched if isinstance(f, Failure)]
     ok = [f for f in fetched if isinstance(f, Fetched)]

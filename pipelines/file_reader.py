@@ -49,7 +49,7 @@ from pipelines.storage import read_image
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["ProcessReader", "ReadBatch", "ReadLimits", "ThreadReader", "read_chunk"]
+__all__ = ["ProcessReader", "ReadBatch", "ReadLimits", "ThreadReader", "read_chunk", "reads_in_readers"]
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,37 @@ class ReadBatch:
     failed: list[tuple[Hashable, str, str]] = field(default_factory=list)  # (key, stage, reason)
 
 
+def reads_in_readers(uri: str) -> bool:
+    """Whether the readers take `uri`: local files and gs:// objects (lookalike's own client); other schemes
+    need Beam's FileSystems, which the reader processes do not import."""
+    return "://" not in uri or uri.startswith("gs://")
+
+
+_FETCHES: ThreadPoolExecutor | None = None
+_FETCHES_LOCK = threading.Lock()
+
+
+def _fetches() -> ThreadPoolExecutor:
+    """This process's threads for object-store reads, which wait on the network."""
+    global _FETCHES
+    with _FETCHES_LOCK:
+        if _FETCHES is None:
+            _FETCHES = ThreadPoolExecutor(FETCHES_PER_PROCESS, thread_name_prefix="fetch")
+        return _FETCHES
+
+
+FETCHES_PER_PROCESS = 32  # object-store reads in flight per process: a chunk's at once, from several threads' chunks
+
+
 def read_chunk(paths: Sequence[str], limits: ReadLimits, out: memoryview | None = None) -> list[Record]:
-    """Read, hash and route `paths`, placing their bytes in `out` while they fit (`Record`s, in order)."""
+    """Read, hash and route `paths`, placing their bytes in `out` while they fit (`Record`s, in order).
+    Object-store reads in the chunk are in flight together; local files are read in turn."""
     records, used = [], 0
-    for path in paths:
-        data = read_image(path, limits.max_bytes)
+    if sum("://" in path for path in paths) > 1:
+        fetched = _fetches().map(lambda path: read_image(path, limits.max_bytes), paths)
+    else:
+        fetched = (read_image(path, limits.max_bytes) for path in paths)
+    for data in fetched:
         if isinstance(data, str):
             records.append((None, "fetch", data, 0))
             continue

@@ -176,3 +176,31 @@ def test_stream_outputs_give_a_table_of_the_embedded_and_failures_with_their_sta
     assert [tuple(r.values()) for r in rows] == [("id0", "s0", "v1"), ("id2", "s2", "v1")]
     np.testing.assert_array_equal(embedding_matrix(table), np.eye(2))
     assert [(f.item_id, f.image_uri, f.stage, f.error) for f in failures] == [("id1", "u1", "encode", "boom")]
+
+
+@pytest.mark.gcs
+def test_a_gpu_worker_reads_gs_images_in_its_reader_processes_and_other_schemes_itself(gcs_emulator, gcs_bucket):
+    from encoder import storage
+    from encoder.jpeg import cpu_reason
+    from pipelines.file_reader import ProcessReader, ReadLimits
+
+    datas = {"a": _jpeg(1), "b": _jpeg(2, "PNG"), "c": b"junk"}
+    for name, data in datas.items():
+        storage.write_bytes(f"gs://{gcs_bucket}/{name}.jpg", data)
+    items = [CatalogItem(name, f"gs://{gcs_bucket}/{name}.jpg") for name in [*datas, "missing"]]
+    items.append(CatalogItem("elsewhere", "nosuchscheme://bucket/x.jpg"))
+    given: list[str] = []
+
+    class Recording(ProcessReader):
+        def read(self, paths, batch_size, keys=None):
+            given.extend(paths)
+            return super().read(paths, batch_size, keys)
+
+    limits = DecodeLimits()
+    with Recording(ReadLimits.of(limits), 2, chunk=2) as reader:
+        out = prepare_items(items, ThreadPoolExecutor(2), PREPROCESS, limits, defer_decode=True, reader=reader)
+        decoded = {p.item_id: (bytes(p.data), p.route) for p in out.decoded}
+    assert given == [item.image_uri for item in items[:4]]  # gs:// to the readers; Beam's schemes read here
+    assert decoded == {k: (v, cpu_reason(v, limits.max_bytes, limits.max_pixels) or "") for k, v in datas.items()}
+    assert sorted((f.item_id, f.stage, f.error[:10]) for f in out.failed) == [("elsewhere", "fetch", "ValueError"),
+                                                                          ("missing", "fetch", "not found")]  # fmt: skip

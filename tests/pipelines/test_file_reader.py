@@ -167,3 +167,45 @@ def test_reader_processes_start_without_numpy_torch_or_beam():
     code = "import sys, pipelines.file_reader; print(sorted({'numpy', 'torch', 'apache_beam'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_chunks_object_store_reads_are_in_flight_together(monkeypatch):
+    """A read from gs:// waits on the network (~10-50 ms): a chunk's reads go out at once, in input order back."""
+    import threading
+
+    import pipelines.file_reader as file_reader
+
+    together = threading.Barrier(6, timeout=10)
+
+    def read_image(path: str, max_bytes: int) -> bytes:
+        together.wait()  # passes only once all six reads are in flight
+        return path.encode()
+
+    monkeypatch.setattr(file_reader, "read_image", read_image)
+    paths = [f"gs://b/{i}.jpg" for i in range(6)]
+    records = file_reader.read_chunk(paths, ReadLimits(max_bytes=1000, max_pixels=10**8, route=False))
+    assert [(data, n) for _, _, data, n in records] == [(p.encode(), len(p)) for p in paths]
+
+
+@pytest.mark.gcs
+def test_reader_processes_read_gs_objects_as_the_beam_fetch_step_does(corpus, gcs_emulator, gcs_bucket, caplog):
+    from encoder import storage
+
+    uris = []
+    for path in corpus:
+        uri = f"gs://{gcs_bucket}/{os.path.basename(path)}"
+        if os.path.isfile(path):
+            storage.write_bytes(uri, open(path, "rb").read())
+        uris.append(uri)  # the directory and the missing file: no such object
+
+    def expected(uri: str) -> tuple:
+        fetched = fetch_item(CatalogItem("x", uri), DecodeLimits(max_bytes=LIMITS.max_bytes))
+        if isinstance(fetched, Failure):
+            return (fetched.stage, fetched.error)
+        data = storage.read_bytes(uri)
+        return (hashlib.sha256(data).hexdigest(), data, cpu_reason(data, LIMITS.max_bytes, LIMITS.max_pixels))
+
+    with caplog.at_level(logging.WARNING, logger="pipelines.file_reader"), ProcessReader(LIMITS, 2, chunk=4) as reader:
+        flat = [outcome for batch in _outcomes(reader, uris, batch_size=10) for outcome in batch]
+    assert flat == [expected(uri) for uri in uris]
+    assert sum(len(o) == 3 for o in flat) == 26 and not caplog.records  # read in the reader processes, none lost
