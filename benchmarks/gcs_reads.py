@@ -1,14 +1,17 @@
 """What reading catalog images from gs:// costs the reading process, per image, against a local GCS emulator:
 lookalike's read (`pipelines.storage.read_image`: the process's one client, one ranged request) against Beam's
-FileSystems reader, which the embed step used before (a client, its pipeline options and a new connection per
-object, a metadata request before the bytes), with google-cloud-storage's background bucket lookups on (the library's default, the
-behaviour before) and off. Rounds alternate; each path's best round is reported.
+FileSystems reader, which the embed step used before (a client and its pipeline options per object, a metadata
+request before the bytes), with google-cloud-storage's background bucket lookups on (the library's default, the
+behaviour before) and off. Then the Beam GPU worker's fetch step over the same photos: on its own 16 threads
+(before) against its reader processes (`pipelines.file_reader`), with the embedding process's CPU per image, which
+the GPU threads share under one interpreter lock. Rounds alternate; each path's best round is reported.
 
     python benchmarks/gcs_reads.py                  # 400 photos, 1 and 16 threads (the embed step's fetch_threads)
 
-The emulator is a Python server on the same machine over plain HTTP: reads/s are bounded by it and by the cores the
-two processes share; the client's CPU per read and its requests per read carry over to real GCS, where TLS adds to
-the first and each request also costs a round trip.
+The emulator is a Python server on the same machine over plain HTTP that answers one request at a time and closes
+every connection: reads/s are bounded by it and by the cores the two processes share, and connection reuse cannot
+show. The client's CPU per read and its requests per read carry over to real GCS, where TLS adds to the first and
+each request also costs a round trip.
 """
 
 from __future__ import annotations
@@ -33,29 +36,20 @@ LOOKUPS = "DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA"
 MAX_BYTES = 50 << 20  # the embed step's default --max-image-bytes
 
 
-class Counter:
-    """Counts the HTTP requests every client in the process sends (background threads' included) and the
-    connections it opens (on GCS each one a TLS handshake)."""
+class RequestCounter:
+    """Counts the HTTP requests every client in the process sends, background threads' included."""
 
     def __init__(self) -> None:
         import requests
-        from urllib3.connectionpool import HTTPConnectionPool
 
-        self.requests = self.connections = 0
-        self._lock = threading.Lock()
-        send, new_conn = requests.Session.send, HTTPConnectionPool._new_conn
+        self.count, self._lock, send = 0, threading.Lock(), requests.Session.send
 
-        def counted_send(session, request, **kwargs):
+        def counted(session, request, **kwargs):
             with self._lock:
-                self.requests += 1
+                self.count += 1
             return send(session, request, **kwargs)
 
-        def counted_new_conn(pool):
-            with self._lock:
-                self.connections += 1
-            return new_conn(pool)
-
-        requests.Session.send, HTTPConnectionPool._new_conn = counted_send, counted_new_conn
+        requests.Session.send = counted
 
 
 def beam_read(uri: str) -> bytes:
@@ -73,9 +67,8 @@ def lookalike_read(uri: str) -> bytes:
     return data
 
 
-def measure(read, uris: list[str], threads: int, counter: Counter) -> dict:
-    requests, connections = counter.requests, counter.connections
-    cpu, start = time.process_time(), time.perf_counter()
+def measure(read, uris: list[str], threads: int, counter: RequestCounter) -> dict:
+    requests, cpu, start = counter.count, time.process_time(), time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         sizes = list(pool.map(lambda uri: len(read(uri)), uris))
     wall = time.perf_counter() - start
@@ -83,8 +76,28 @@ def measure(read, uris: list[str], threads: int, counter: Counter) -> dict:
     time.sleep(0.5)  # background lookups still on their way are counted with this read
     assert all(sizes), "an empty read"
     return {"reads_per_s": len(uris) / wall, "cpu_us_per_read": 1e6 * cpu / len(uris),
-            "requests_per_read": (counter.requests - requests) / len(uris),
-            "connections_per_read": (counter.connections - connections) / len(uris)}  # fmt: skip
+            "requests_per_read": (counter.count - requests) / len(uris)}  # fmt: skip
+
+
+def gpu_worker_fetch(uris: list[str], reader) -> dict:
+    """The Beam GPU worker's fetch step (`prepare_items`, nothing decoded) over chunks of 64, with `reader`'s
+    processes or (None) the step's own 16 threads; CPU: the embedding process's own, which the GPU threads share."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from encoder import DecodeLimits, PreprocessConfig
+    from pipelines.catalog import CatalogItem
+    from pipelines.embed_steps import prepare_items
+
+    items = [CatalogItem(f"i{n}", uri) for n, uri in enumerate(uris)]
+    cpu, start, got = time.process_time(), time.perf_counter(), 0
+    with ThreadPoolExecutor(16) as pool:
+        for first in range(0, len(items), 64):
+            prepared = prepare_items(items[first : first + 64], pool, PreprocessConfig(), DecodeLimits(max_bytes=MAX_BYTES),
+                                     defer_decode=True, reader=reader)  # fmt: skip
+            got += len(prepared.decoded)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    assert got == len(items), f"{len(items) - got} images not read"
+    return {"images_per_s": len(items) / wall, "embedding_process_cpu_us_per_image": 1e6 * cpu / len(items)}
 
 
 def main() -> None:
@@ -110,23 +123,32 @@ def main() -> None:
             for path, uri in zip(photos, uris, strict=True):
                 storage.write_bytes(uri, path.read_bytes())
             mean_kb = sum(p.stat().st_size for p in photos) / len(photos) / 1000
-        counter = Counter()
-        connections = storage.CONNECTIONS
-        paths = {"beam_reader_lookups_on": (beam_read, "false", connections),
-                 "beam_reader_lookups_off": (beam_read, "true", connections),
-                 "lookalike_10_connections": (lookalike_read, "true", 10),  # requests' default pool
-                 "lookalike": (lookalike_read, "true", connections)}  # fmt: skip
+        counter = RequestCounter()
+        paths = {"beam_reader_lookups_on": (beam_read, "false"), "beam_reader_lookups_off": (beam_read, "true"),
+                 "lookalike": (lookalike_read, "true")}  # fmt: skip
         results: dict[str, dict] = {}
         for _ in range(args.rounds):
             for threads in (int(t) for t in args.threads.split(",")):
-                for name, (read, lookups_off, kept) in paths.items():
+                for name, (read, lookups_off) in paths.items():
                     os.environ[LOOKUPS] = lookups_off  # read per request by the library
-                    if storage.CONNECTIONS != kept:
-                        storage.CONNECTIONS, storage._CLIENT = kept, None  # a client with that pool
                     got = measure(read, uris, threads, counter)
                     key = f"{name}_threads_{threads}"
                     if key not in results or got["reads_per_s"] > results[key]["reads_per_s"]:
                         results[key] = got
+        from encoder import DecodeLimits
+        from pipelines.embed_dofns import reader_processes
+        from pipelines.file_reader import ProcessReader, ReadLimits
+
+        processes = reader_processes(os.cpu_count() or 1, 1)
+        with ProcessReader(ReadLimits.of(DecodeLimits(max_bytes=MAX_BYTES)), processes, chunk=8) as reader:
+            gpu_worker_fetch(uris[:64], reader)  # the reader processes start and import what they read with
+            for _ in range(args.rounds):
+                for name, with_reader in (("gpu_worker_fetch_threads", None), ("gpu_worker_fetch_reader_processes",
+                                                                                reader)):  # fmt: skip
+                    got = gpu_worker_fetch(uris, with_reader)
+                    if name not in results or got["images_per_s"] > results[name]["images_per_s"]:
+                        results[name] = got
+        results["gpu_worker_fetch_reader_processes"]["processes"] = processes
     finally:
         proc.kill()
         proc.wait()
@@ -136,6 +158,10 @@ def main() -> None:
             got = results[f"{name}_threads_{threads}"]
             got["x_beam_reader_reads_per_s"] = round(got["reads_per_s"] / base["reads_per_s"], 2)
             got["x_beam_reader_cpu_per_read"] = round(got["cpu_us_per_read"] / base["cpu_us_per_read"], 2)
+    threads, processes = results["gpu_worker_fetch_threads"], results["gpu_worker_fetch_reader_processes"]
+    processes["x_threads_embedding_process_cpu"] = round(
+        processes["embedding_process_cpu_us_per_image"] / threads["embedding_process_cpu_us_per_image"], 3
+    )
     rounded = {k: {m: round(v, 2) for m, v in r.items()} for k, r in results.items()}
     print(json.dumps({"machine": machine(), "images": args.images, "mean_kb": round(mean_kb, 1), **rounded}))
 

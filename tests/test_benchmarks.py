@@ -165,3 +165,5 @@ def test_gcs_reads_benchmark_runs():
         assert result[f"lookalike_threads_{threads}"]["requests_per_read"] == 1.0
         assert result[f"beam_reader_lookups_off_threads_{threads}"]["requests_per_read"] == 2.0  # metadata, then bytes
         assert result[f"beam_reader_lookups_on_threads_{threads}"]["x_beam_reader_reads_per_s"] == 1.0
+    assert result["gpu_worker_fetch_reader_processes"]["images_per_s"] > 0
+    assert result["gpu_worker_fetch_threads"]["embedding_process_cpu_us_per_image"] > 0
