@@ -82,8 +82,6 @@ def measure(read, uris: list[str], threads: int, counter: RequestCounter) -> dic
 def gpu_worker_fetch(uris: list[str], reader) -> dict:
     """The Beam GPU worker's fetch step (`prepare_items`, nothing decoded) over chunks of 64, with `reader`'s
     processes or (None) the step's own 16 threads; CPU: the embedding process's own, which the GPU threads share."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from encoder import DecodeLimits, PreprocessConfig
     from pipelines.catalog import CatalogItem
     from pipelines.embed_steps import prepare_items

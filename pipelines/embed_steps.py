@@ -158,8 +158,9 @@ def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: Prep
     Local files are read and hashed on `pool`, a share of the chunk per core: one task per
     file costs more in thread hand-offs than the read (2 cores, 70 KB photos: 72 µs per
     file inline, 47 µs in two tasks, 88 µs in eight). Object-store reads wait on the
-    network and go to `pool` one each (on a GPU worker, to the reader's processes: ~2 ms of
-    Python per gs:// read would hold this process's interpreter lock from the GPU threads). Decodes go to `pool` (Pillow releases the GIL while
+    network and go to `pool` one each (on a GPU worker, gs:// reads go to the reader's
+    processes: ~2 ms of Python per read would hold this process's interpreter lock from the
+    GPU threads). Decodes go to `pool` (Pillow releases the GIL while
     decoding); an image not decoded within `max_decode_s` (per image, `threads` at a time)
     is dead-lettered and its thread left to finish on its own
     (`encoder.gpu_images.collect_decodes`).

@@ -91,6 +91,7 @@ def reads_in_readers(uri: str) -> bool:
     return "://" not in uri or uri.startswith("gs://")
 
 
+FETCHES_PER_PROCESS = 32  # object-store reads in flight per process: a chunk's at once, from several threads' chunks
 _FETCHES: ThreadPoolExecutor | None = None
 _FETCHES_LOCK = threading.Lock()
 
@@ -104,12 +105,9 @@ def _fetches() -> ThreadPoolExecutor:
         return _FETCHES
 
 
-FETCHES_PER_PROCESS = 32  # object-store reads in flight per process: a chunk's at once, from several threads' chunks
-
-
 def read_chunk(paths: Sequence[str], limits: ReadLimits, out: memoryview | None = None) -> list[Record]:
     """Read, hash and route `paths`, placing their bytes in `out` while they fit (`Record`s, in order).
-    Object-store reads in the chunk are in flight together; local files are read in turn."""
+    Object-store reads in the chunk are in flight together; a chunk of local files is read in turn."""
     records, used = [], 0
     if sum("://" in path for path in paths) > 1:
         fetched = _fetches().map(lambda path: read_image(path, limits.max_bytes), paths)
