@@ -187,9 +187,9 @@ def _handler(proxy: FaultProxy):
                 self._reset()
                 return
             if self.command != "HEAD":
-                self.wfile.write(payload)
-                with proxy._lock:
+                with proxy._lock:  # counted before the client can have it: a test reads the count once its call returns
                     proxy.bytes_served += len(payload)
+                self.wfile.write(payload)
 
         do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
 
