@@ -102,14 +102,6 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
         ValueError: larger than `max_bytes`.
     """
 
-    if object_store.is_gcs(uri):
-        # lookalike's one client per process: one request per object. Beam's GCS reader makes a client (and parses
-        # its pipeline options) per object, then asks for the object's metadata before its bytes.
-        try:
-            return object_store.read_bytes(uri, max_bytes)
-        except FileNotFoundError as err:
-            raise NotFound(str(err)) from err
-
     def read() -> bytes:
         # Local files skip FileSystems, which doubles the cost of reading a small file (54 vs 23 µs).
         opened = open(uri, "rb") if "://" not in uri else _filesystems().open(uri, compression_type="uncompressed")  # noqa: SIM115
@@ -120,6 +112,10 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
         return data
 
     try:
+        if object_store.is_gcs(uri):
+            # lookalike's one client per process: one request per object (retried inside). Beam's GCS reader makes a
+            # client (and parses its pipeline options) per object, then asks for its metadata before its bytes.
+            return object_store.read_bytes(uri, max_bytes)
         return read() if "://" not in uri else with_retries(read, f"read {uri}")
     except Exception as err:
         if is_not_found(err):
