@@ -19,6 +19,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import apache_beam as beam
+import numpy as np
 import torch
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
@@ -237,6 +238,7 @@ class EmbedBatch(beam.DoFn):
         while len(self._waiting) >= size:
             self._submit(self._waiting[:size])
             self._waiting = self._waiting[size:]
+        self._waiting = [_off_the_ring(item) for item in self._waiting]
         if self._stream is not None:
             yield from self._outputs(self._stream.ready())
 
@@ -284,6 +286,21 @@ class EmbedBatch(beam.DoFn):
             self._stream.close()
         if getattr(self, "_journal", None) is not None:
             self._journal.close()
+
+
+def _off_the_ring(item: PreparedImage) -> PreparedImage:
+    """The item with its bytes copied out of the file readers' ring, if they were over it.
+
+    What waits in an embed step for the next element must not keep ring slots: a runner that gives a worker
+    process several threads (Dataflow: about one per core) has an embed step per thread, and if each kept
+    the slots of its waiting images, every thread's next read could wait for slots that only another
+    thread's next batch would free (a 4-slot ring under 8 threads stopped for good). A batch handed to the
+    background stream keeps its slots until decoded: that stream moves on by itself.
+    """
+    data = item.data
+    if isinstance(data, np.ndarray) and data.base is not None:
+        return item._replace(data=data.copy())
+    return item
 
 
 def windowed(outputs):

@@ -642,6 +642,61 @@ def test_a_gpu_worker_slower_than_its_reads_never_waits_for_ever_on_the_readers_
     assert outcome["result"].counts == first_run.counts
 
 
+def test_runner_threads_waiting_for_a_full_batch_do_not_starve_the_readers_ring(
+    demo_catalog, tiny_model, first_run, tmp_path, monkeypatch
+):
+    """A runner that gives a worker process several threads (Dataflow: about one per core) runs an embed step per
+    thread. Were each step's images waiting for a full batch to keep their ring slots, every thread's next read
+    could wait for slots that only another thread's next batch frees: here 8 threads, elements of 4 images,
+    batches of 48 and a ring of 4 slots stopped for good. Waiting images are copied off the ring."""
+    import threading
+
+    import encoder.gpu_images as gpu_images
+    from pipelines.file_reader import ProcessReader
+    from tests.encoder.test_gpu_images import _pil_decoder
+
+    readers: dict = {}
+    monkeypatch.setattr(embed_dofns, "_READERS", readers)
+    monkeypatch.setattr(
+        embed_dofns, "ProcessReader", lambda key, processes, chunk, slots: ProcessReader(key, 2, chunk, slots=4)
+    )
+    monkeypatch.setattr(embed_dofns, "gpu_decoding", lambda cfg, preprocess: True)
+    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda device: _pil_decoder())
+    fetching, most = [], [0]
+    process = embed_dofns.FetchAndDecode.process
+
+    def counted(self, *args):
+        fetching.append(1)
+        most[0] = max(most[0], len(fetching))
+        try:
+            yield from process(self, *args)
+        finally:
+            fetching.pop()
+
+    monkeypatch.setattr(embed_dofns.FetchAndDecode, "process", counted)
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = run_embed(
+                EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path),
+                            batch_size=48, fetch_threads=1, gpu_decoder="nvjpeg"),
+                ["--runner=FnApiRunner", "--direct_num_workers=8", "--direct_running_mode=multi_threading"],
+            )  # fmt: skip
+        except BaseException as err:  # noqa: BLE001 - reported below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    for reader in readers.values():  # a stuck run's wait for a slot ends with an error
+        reader.close()
+    thread.join(timeout=30)
+    assert "result" in outcome, f"the run never finished: {outcome.get('error')!r}"
+    assert outcome["result"].counts == first_run.counts
+    assert most[0] > 1  # the fetch steps of several threads were under way together
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("decoder", ["nvimgcodec", "nvjpeg"])
 def test_gpu_decode_on_cuda_embeds_every_item_close_to_the_cpu_encoder(
