@@ -78,7 +78,7 @@ from pipelines.records import (
     shard_writer_options,
 )
 
-__all__ = ["EmbedConfig", "EmbedResult", "build_pipeline", "run_embed"]
+__all__ = ["EmbedConfig", "EmbedResult", "build_pipeline", "fetch_chunk_size", "run_embed"]
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,14 @@ def _count_dead_letters():
     return count
 
 
+def fetch_chunk_size(cfg: EmbedConfig) -> int:
+    """Items per fetch element: four per fetch thread, and at least one batch of the embed step. An element is
+    read as a whole before the step takes the next, so a batch's worth has that many reads in flight; and
+    images left over, short of a full batch, wait in the embed step for the next element (copied off a GPU
+    worker's read ring, `embed_dofns._off_the_ring`)."""
+    return max(4 * cfg.fetch_threads, cfg.batch_size)
+
+
 def _read_item_chunks(p: beam.Pipeline, catalog: str, size: int,
                       listed: tuple[str, list[str]] | None = None) -> beam.PCollection:  # fmt: skip
     """The catalog as `ItemChunk`s of `size` items: one Beam element per chunk, not per item.
@@ -238,7 +246,7 @@ def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, pr
     `previous_rows` (the earlier run's row count) lets vectors that fit `cfg.reuse_memory_mb`
     be joined in memory; unknown or too many, they are joined by a shuffle.
     """
-    chunks = _read_item_chunks(p, cfg.catalog, 4 * cfg.fetch_threads, listed)
+    chunks = _read_item_chunks(p, cfg.catalog, fetch_chunk_size(cfg), listed)
     known_side, previous, in_memory = None, None, None
     fits = previous_rows is not None and previous_rows * (4 * dim + 64) <= cfg.reuse_memory_mb * 2**20
     if previous_shards and fits:

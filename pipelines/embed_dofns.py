@@ -325,7 +325,7 @@ def file_reader_for(limits: DecodeLimits, progressive: bool = True, batch_size: 
     filling while the one before it is decoded (160 slots of 8 files at least), and one more per GPU decode
     thread past the first (`encoder.gpu_stream` takes a batch ahead per thread).
     `workers`: the local runner's worker processes, which share this machine's cores (at most 8 readers each)."""
-    chunk = 8  # a 64-item fetch chunk spreads over 8 slots
+    chunk = 8  # a 256-item fetch element (`embed.fetch_chunk_size`) spreads over 32 slots
     per_batch = -(-batch_size // chunk)
     slots = max(160, 2 * per_batch + 16) + (decode_threads - 1) * per_batch
     key = (ReadLimits.of(limits, progressive=progressive), slots)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from encoder import DecodeLimits, ImageDecodeError, PreprocessConfig, decode_image
 from encoder.jpeg import PROGRESSIVE_ON_CPU, cpu_reason
-from pipelines import embed_dofns
+from pipelines import embed, embed_dofns
 from pipelines.catalog import CatalogError, CatalogItem, ItemChunk
 from pipelines.embed import EmbedConfig, FetchAndDecode, run_embed
 from pipelines.records import embedding_matrix
@@ -340,6 +340,14 @@ def test_item_chunks_cross_beam_as_two_columns():
     coder = beam.coders.registry.get_coder(ItemChunk)
     assert isinstance(coder, ItemChunkCoder)
     assert coder.decode(coder.encode(chunk)) == chunk
+
+
+def test_a_fetch_element_holds_at_least_one_batch():
+    from pipelines.embed import fetch_chunk_size
+
+    assert fetch_chunk_size(EmbedConfig(catalog="-", model="-", out="-", batch_size=32, fetch_threads=16)) == 64
+    assert fetch_chunk_size(EmbedConfig(catalog="-", model="-", out="-", batch_size=256, fetch_threads=16)) == 256
+    assert fetch_chunk_size(EmbedConfig(catalog="-", model="-", out="-", batch_size=256, fetch_threads=128)) == 512
 
 
 def test_fetch_and_decode_routes_every_item(demo_catalog, tiny_model, tiny_encoder):
@@ -662,6 +670,9 @@ def test_runner_threads_waiting_for_a_full_batch_do_not_starve_the_readers_ring(
     )
     monkeypatch.setattr(embed_dofns, "gpu_decoding", lambda cfg, preprocess: True)
     monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda device: _pil_decoder())
+    # Elements smaller than a batch (elements hold a batch at least, but what reuse and dead letters leave
+    # short of one waits all the same): many images waiting, soon.
+    monkeypatch.setattr(embed, "fetch_chunk_size", lambda cfg: 4)
     fetching, most = [], [0]
     process = embed_dofns.FetchAndDecode.process
 
@@ -680,7 +691,7 @@ def test_runner_threads_waiting_for_a_full_batch_do_not_starve_the_readers_ring(
         try:
             outcome["result"] = run_embed(
                 EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path),
-                            batch_size=48, fetch_threads=1, gpu_decoder="nvjpeg"),
+                            batch_size=48, gpu_decoder="nvjpeg"),
                 ["--runner=FnApiRunner", "--direct_num_workers=8", "--direct_running_mode=multi_threading"],
             )  # fmt: skip
         except BaseException as err:  # noqa: BLE001 - reported below
