@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import weakref
 from collections.abc import Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -198,10 +199,30 @@ def _unlinked_file() -> int:
     return fd
 
 
+CHUNKS_PER_PROCESS = 4  # chunks with object-store reads that a reader process has under way at once
+
+
 def _serve(tasks_fd: int, replies_fd: int, ring_fd: int, size: int, slot_bytes: int, limits: ReadLimits) -> None:
-    """A reader process: (task, slot, paths) in, (task, records) out, until None or the pipe closes."""
+    """A reader process: (task, slot, paths) in, (task, records) out, until None or the pipe closes.
+
+    A chunk of local files is read here, in turn. Chunks that wait on the network run on threads, up to
+    `CHUNKS_PER_PROCESS` at once, their replies in the order they finish: one chunk at a time kept a
+    process's reads in flight to one chunk's (8), so a GPU worker's 8 processes had 64 reads out to an
+    object store whatever the batch, ~2,000 images/s at 30 ms a read."""
     tasks, replies = Connection(tasks_fd, writable=False), Connection(replies_fd, readable=False)
     view = memoryview(mmap.mmap(ring_fd, size))
+    sending = threading.Lock()
+    remote = ThreadPoolExecutor(CHUNKS_PER_PROCESS, thread_name_prefix="chunk")
+
+    def read(task_id: int, slot: int, paths: Sequence[str]) -> None:
+        try:
+            records = read_chunk(paths, limits, _slot_of(view, slot, slot_bytes))
+            with sending:
+                replies.send((task_id, records))
+        except BaseException:  # noqa: BLE001 - a reader that fails stops: its chunks are read in the embedding process
+            traceback.print_exc()
+            os._exit(1)
+
     while True:
         try:
             task = tasks.recv()
@@ -209,8 +230,10 @@ def _serve(tasks_fd: int, replies_fd: int, ring_fd: int, size: int, slot_bytes: 
             return
         if task is None:
             return
-        task_id, slot, paths = task
-        replies.send((task_id, read_chunk(paths, limits, _slot_of(view, slot, slot_bytes))))
+        if any("://" in path for path in task[2]):
+            remote.submit(read, *task)
+        else:
+            read(*task)
 
 
 def _slot_of(ring: memoryview, slot: int, slot_bytes: int) -> memoryview:

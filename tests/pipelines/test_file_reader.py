@@ -209,3 +209,26 @@ def test_reader_processes_read_gs_objects_as_the_beam_fetch_step_does(corpus, gc
         flat = [outcome for batch in _outcomes(reader, uris, batch_size=10) for outcome in batch]
     assert flat == [expected(uri) for uri in uris]
     assert sum(len(o) == 3 for o in flat) == 26 and not caplog.records  # read in the reader processes, none lost
+
+
+@pytest.mark.gcs
+def test_reader_processes_keep_several_chunks_of_object_store_reads_in_flight(gcs_emulator, gcs_bucket):
+    """Reads from gs:// wait on the network, so a reader process has several chunks of them under way: 2
+    processes and chunks of 4 had at most 8 reads out at once, one chunk each; here 48 objects, each
+    held 0.3 s by a proxy, are out 32 at a time (2 processes × 4 chunks × 4 reads)."""
+    from urllib.parse import urlparse
+
+    from encoder import storage
+    from pipelines.file_reader import CHUNKS_PER_PROCESS
+    from tests.support.fault_proxy import FaultProxy, through
+
+    uris = [f"gs://{gcs_bucket}/{i}.bin" for i in range(48)]
+    for i, uri in enumerate(uris):
+        storage.write_bytes(uri, bytes([i]) * (100 + i))
+    limits = ReadLimits(max_bytes=1000, max_pixels=10**8, route=False)
+    upstream = urlparse(os.environ["STORAGE_EMULATOR_HOST"]).port
+    with FaultProxy(upstream, rate=1.0, kinds=("slow",), slow_s=0.3) as proxy, through(proxy):
+        with ProcessReader(limits, 2, chunk=4) as reader:  # started behind the proxy: its processes read through it
+            batches = list(reader.read(uris, batch_size=48))
+    assert [len(data) for batch in batches for data in batch.datas] == [100 + i for i in range(48)]
+    assert 2 * 4 < proxy.most_in_flight <= 2 * CHUNKS_PER_PROCESS * 4

@@ -8,7 +8,7 @@ Each request draws its fate from a seeded random generator: pass through, or one
     truncated         (GET only) forwarded, then the body is cut short with the full Content-Length
     lost-reply        (writes only) forwarded, so the write lands, then the connection is cut unanswered
 so a test can point STORAGE_EMULATOR_HOST at the proxy and check that nothing is lost, or, at rate 0,
-count what a step fetches (`bytes_served`).
+count what a step fetches (`bytes_served`) and how many requests it has out at once (`most_in_flight`).
 
     with FaultProxy(upstream_port, rate=0.1) as proxy, through(proxy):
         ...
@@ -47,6 +47,7 @@ class FaultProxy:
         self.counts: Counter[str] = Counter()
         self.seen: list[tuple[str, str]] = []  # (method, path) of every request, in arrival order
         self.bytes_served = 0  # response bodies sent back, in bytes
+        self.in_flight = self.most_in_flight = 0  # requests being answered now; the most at once so far
         self._server = _QuietServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
@@ -102,6 +103,8 @@ def through(proxy: FaultProxy) -> Iterator[FaultProxy]:
 
 
 class _QuietServer(ThreadingHTTPServer):
+    request_queue_size = 128  # the default backlog of 5 drops connections a burst of reads opens at once
+
     def handle_error(self, request, client_address) -> None:  # clients drop connections: that is the point
         pass
 
@@ -145,6 +148,16 @@ def _handler(proxy: FaultProxy):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms Nagle stalls
 
         def _handle(self) -> None:
+            with proxy._lock:
+                proxy.in_flight += 1
+                proxy.most_in_flight = max(proxy.most_in_flight, proxy.in_flight)
+            try:
+                self._answer()
+            finally:
+                with proxy._lock:
+                    proxy.in_flight -= 1
+
+        def _answer(self) -> None:
             body = self._body()
             fate = proxy.fate(self.command, self.path)
             if fate in ("429", "500", "503", "403", "404"):
