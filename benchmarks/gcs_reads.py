@@ -79,9 +79,10 @@ def measure(read, uris: list[str], threads: int, counter: RequestCounter) -> dic
             "requests_per_read": (counter.count - requests) / len(uris)}  # fmt: skip
 
 
-def gpu_worker_fetch(uris: list[str], reader) -> dict:
-    """The Beam GPU worker's fetch step (`prepare_items`, nothing decoded) over chunks of 64, with `reader`'s
-    processes or (None) the step's own 16 threads; CPU: the embedding process's own, which the GPU threads share."""
+def gpu_worker_fetch(uris: list[str], reader, element: int = 64) -> dict:
+    """The Beam GPU worker's fetch step (`prepare_items`, nothing decoded) over elements of `element` items, with
+    `reader`'s processes or (None) the step's own 16 threads; CPU: the embedding process's own, which the GPU
+    threads share."""
     from encoder import DecodeLimits, PreprocessConfig
     from pipelines.catalog import CatalogItem
     from pipelines.embed_steps import prepare_items
@@ -89,8 +90,8 @@ def gpu_worker_fetch(uris: list[str], reader) -> dict:
     items = [CatalogItem(f"i{n}", uri) for n, uri in enumerate(uris)]
     cpu, start, got = time.process_time(), time.perf_counter(), 0
     with ThreadPoolExecutor(16) as pool:
-        for first in range(0, len(items), 64):
-            prepared = prepare_items(items[first : first + 64], pool, PreprocessConfig(), DecodeLimits(max_bytes=MAX_BYTES),
+        for first in range(0, len(items), element):
+            prepared = prepare_items(items[first : first + element], pool, PreprocessConfig(), DecodeLimits(max_bytes=MAX_BYTES),
                                      defer_decode=True, reader=reader)  # fmt: skip
             got += len(prepared.decoded)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu

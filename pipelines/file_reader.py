@@ -50,7 +50,15 @@ from pipelines.storage import read_image
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["ProcessReader", "ReadBatch", "ReadLimits", "ThreadReader", "read_chunk", "reads_in_readers"]
+__all__ = [
+    "CHUNKS_PER_PROCESS",
+    "ProcessReader",
+    "ReadBatch",
+    "ReadLimits",
+    "ThreadReader",
+    "read_chunk",
+    "reads_in_readers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -202,17 +210,18 @@ def _unlinked_file() -> int:
 CHUNKS_PER_PROCESS = 4  # chunks with object-store reads that a reader process has under way at once
 
 
-def _serve(tasks_fd: int, replies_fd: int, ring_fd: int, size: int, slot_bytes: int, limits: ReadLimits) -> None:
+def _serve(tasks_fd: int, replies_fd: int, ring_fd: int, size: int, slot_bytes: int, chunks_at_once: int,
+           limits: ReadLimits) -> None:  # fmt: skip
     """A reader process: (task, slot, paths) in, (task, records) out, until None or the pipe closes.
 
     A chunk of local files is read here, in turn. Chunks that wait on the network run on threads, up to
-    `CHUNKS_PER_PROCESS` at once, their replies in the order they finish: one chunk at a time kept a
-    process's reads in flight to one chunk's (8), so a GPU worker's 8 processes had 64 reads out to an
-    object store whatever the batch, ~2,000 images/s at 30 ms a read."""
+    `chunks_at_once`, their replies in the order they finish: one chunk at a time kept a process's reads
+    in flight to one chunk's (8), so a GPU worker's 8 processes had 64 reads out to an object store
+    whatever the batch, ~2,000 images/s at 30 ms a read."""
     tasks, replies = Connection(tasks_fd, writable=False), Connection(replies_fd, readable=False)
     view = memoryview(mmap.mmap(ring_fd, size))
     sending = threading.Lock()
-    remote = ThreadPoolExecutor(CHUNKS_PER_PROCESS, thread_name_prefix="chunk")
+    remote = ThreadPoolExecutor(chunks_at_once, thread_name_prefix="chunk")
 
     def read(task_id: int, slot: int, paths: Sequence[str]) -> None:
         try:
@@ -241,7 +250,8 @@ def _slot_of(ring: memoryview, slot: int, slot_bytes: int) -> memoryview:
 
 
 class ProcessReader:
-    """Reads chunks of files in `processes` processes of its own into a shared ring of `slots` × `slot_bytes`.
+    """Reads chunks of files in `processes` processes of its own into a shared ring of `slots` × `slot_bytes`,
+    each process with up to `chunks_at_once` chunks of object-store reads under way.
 
     Each chunk of `chunk` files gets a slot; files that do not fit in it travel in the reply
     instead (correct, one copy more). The ring bounds what is read ahead: a chunk is sent only
@@ -253,10 +263,11 @@ class ProcessReader:
     """
 
     def __init__(self, limits: ReadLimits, processes: int = 8, chunk: int = 16, slot_bytes: int = 4 << 20,
-                 slots: int = 160) -> None:  # fmt: skip
-        if processes < 1 or chunk < 1 or slot_bytes < 1 or slots < 1:
-            raise ValueError("processes, chunk, slot_bytes and slots must be positive")
+                 slots: int = 160, chunks_at_once: int = CHUNKS_PER_PROCESS) -> None:  # fmt: skip
+        if min(processes, chunk, slot_bytes, slots, chunks_at_once) < 1:
+            raise ValueError("processes, chunk, slot_bytes, slots and chunks_at_once must be positive")
         self.limits, self.chunk, self.slot_bytes, self.slots = limits, chunk, slot_bytes, slots
+        self.chunks_at_once = chunks_at_once
         self._fd, self._ring = _shared_ring(slots * slot_bytes)
         self._view = memoryview(self._ring)
         self._free: queue.Queue[int] = queue.Queue()
@@ -274,7 +285,7 @@ class ProcessReader:
         fork of this process would copy a CUDA context and locks held by other threads."""
         task_r, task_w = os.pipe()
         reply_r, reply_w = os.pipe()
-        args = [task_r, reply_w, self._fd, self.slots * self.slot_bytes, self.slot_bytes,
+        args = [task_r, reply_w, self._fd, self.slots * self.slot_bytes, self.slot_bytes, self.chunks_at_once,
                 *dataclasses.astuple(self.limits)]  # fmt: skip
         # This interpreter's import path, as multiprocessing's spawn passes it: a source checkout or an install.
         code = f"import sys; sys.path[:] = {sys.path!r}; from {__name__} import _main; _main(sys.argv[1:])"

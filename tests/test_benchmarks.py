@@ -157,6 +157,16 @@ def test_journal_cost_benchmark_runs():
 
 
 @pytest.mark.gcs
+def test_gcs_latency_benchmark_runs():
+    result = json.loads(
+        _run("benchmarks/gcs_latency.py", "--images", "64", "--processes", "2", "--latency-ms", "100",
+             "--rounds", "1").splitlines()[-1]
+    )  # fmt: skip
+    assert result["before"]["most_reads_in_flight"] == 2 * 8  # one chunk of 8 per reader process
+    assert result["now"]["most_reads_in_flight"] > 2 * 8
+    assert result["before"]["x_before"] == 1.0
+
+
 def test_gcs_reads_benchmark_runs():
     result = json.loads(
         _run("benchmarks/gcs_reads.py", "--images", "12", "--rounds", "1", "--threads", "1,4").splitlines()[-1]
