@@ -291,11 +291,12 @@ class EmbedBatch(beam.DoFn):
 def _off_the_ring(item: PreparedImage) -> PreparedImage:
     """The item with its bytes copied out of the file readers' ring, if they were over it.
 
-    What waits in an embed step for the next element must not keep ring slots: a runner that gives a worker
-    process several threads (Dataflow: about one per core) has an embed step per thread, and if each kept
-    the slots of its waiting images, every thread's next read could wait for slots that only another
-    thread's next batch would free (a 4-slot ring under 8 threads stopped for good). A batch handed to the
-    background stream keeps its slots until decoded: that stream moves on by itself.
+    What waits in an embed step for the next element should not keep ring slots: a runner that gives a worker
+    process several threads (Dataflow: about one per core) has an embed step per thread, and slots kept by
+    every thread's waiting images leave the next reads none (before reads went without the ring when short
+    of slots, a 4-slot ring under 8 threads stopped for good; now they would carry every byte through the
+    reply, a copy more per image than this one). A batch handed to the background stream keeps its slots
+    until decoded: that stream moves on by itself.
     """
     data = item.data
     if isinstance(data, np.ndarray) and data.base is not None:

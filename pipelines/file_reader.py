@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import traceback
 import weakref
 from collections.abc import Hashable, Iterator, Sequence
@@ -207,6 +206,7 @@ def _unlinked_file() -> int:
     return fd
 
 
+SLOT_WAIT_S = 0.05  # how long a chunk of the batch a read needs next waits for a ring slot before going without
 CHUNKS_PER_PROCESS = 4  # chunks with object-store reads that a reader process has under way at once
 
 
@@ -223,9 +223,9 @@ def _serve(tasks_fd: int, replies_fd: int, ring_fd: int, size: int, slot_bytes: 
     sending = threading.Lock()
     remote = ThreadPoolExecutor(chunks_at_once, thread_name_prefix="chunk")
 
-    def read(task_id: int, slot: int, paths: Sequence[str]) -> None:
+    def read(task_id: int, slot: int | None, paths: Sequence[str]) -> None:
         try:
-            records = read_chunk(paths, limits, _slot_of(view, slot, slot_bytes))
+            records = read_chunk(paths, limits, None if slot is None else _slot_of(view, slot, slot_bytes))
             with sending:
                 replies.send((task_id, records))
         except BaseException:  # noqa: BLE001 - a reader that fails stops: its chunks are read in the embedding process
@@ -254,12 +254,13 @@ class ProcessReader:
     each process with up to `chunks_at_once` chunks of object-store reads under way.
 
     Each chunk of `chunk` files gets a slot; files that do not fit in it travel in the reply
-    instead (correct, one copy more). The ring bounds what is read ahead: a chunk is sent only
-    when a slot is free, and a slot is free again when the last array over it is gone, so the
-    ring must hold more slots than one batch needs; with fewer than the consumer keeps batches
-    alive (`embed_stream` keeps up to prefetch + 4) reading waits on the consumer. The defaults
-    hold ten batches of 256 and take 640 MiB of address space, resident only where written:
-    ~180 MiB for 70 KB photos.
+    instead (correct, one copy more). The ring bounds what is read ahead: a chunk of a later
+    batch is sent only when a slot is free, and a slot is free again when the last array over
+    it is gone. A chunk of the batch a read needs next waits up to `SLOT_WAIT_S` for a slot and
+    then goes without one, its bytes in the reply: slots held by batches the caller keeps, or
+    by other threads' reads, slow a read down but never stop it. The defaults hold ten batches
+    of 256 and take 640 MiB of address space, resident only where written: ~180 MiB for 70 KB
+    photos. Several threads may read at once; one of them at a time receives the replies for all.
     """
 
     def __init__(self, limits: ReadLimits, processes: int = 8, chunk: int = 16, slot_bytes: int = 4 << 20,
@@ -274,9 +275,14 @@ class ProcessReader:
         for slot in range(slots):
             self._free.put(slot)
         self._closed = threading.Event()
-        self._local: dict[int, tuple[int, Sequence[str]]] = {}  # task id → (slot, paths) to read here
+        # Guarded by `_lock`: what each reader process has to do (`_Worker.pending`), what is left to read here,
+        # replies not yet taken by their read, and whether a thread is receiving replies (`_collect`).
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._local: dict[int, tuple[int | None, Sequence[str]]] = {}  # task id → (slot, paths) to read here
+        self._results: dict[int, list[Record]] = {}
+        self._receiving = False
         self._next_id = 0
-        self._reading = threading.Lock()
         self._workers = [self._start(i) for i in range(processes)]
 
     def _start(self, index: int) -> _Worker:
@@ -297,49 +303,50 @@ class ProcessReader:
 
     def read(self, paths: Sequence[str], batch_size: int, keys: Sequence[Hashable] | None = None,
              ) -> Iterator[ReadBatch]:  # fmt: skip
-        """`ReadBatch`es of `batch_size` files, in order; `keys` (default: the paths) name them in the batches."""
+        """`ReadBatch`es of `batch_size` files, in order; `keys` (default: the paths) name them in the batches.
+        Several threads may read at once (a runner's threads, each its own chunk of a catalog)."""
         if -(-batch_size // self.chunk) > self.slots:
             raise ValueError(f"a batch of {batch_size} needs {-(-batch_size // self.chunk)} slots; the ring has "
                              f"{self.slots}")  # fmt: skip
         keys = paths if keys is None else keys
-        with self._reading:  # one read at a time: replies are matched to the read that sent them
-            yield from self._read(paths, batch_size, keys)
-
-    def _read(self, paths: Sequence[str], batch_size: int, keys: Sequence[Hashable]) -> Iterator[ReadBatch]:
         tasks = _chunks(len(paths), batch_size, self.chunk)
         submitted: collections.deque = collections.deque()  # (task id, batch index, slot, start, stop), in order
-        results: dict[int, list[Record]] = {}
         waiting = next(tasks, None)  # the next chunk to send; None: all sent
+        patient = True  # until a chunk of the batch next due has waited `SLOT_WAIT_S` for a slot
         try:
             while True:
-                # Send while slots are free; wait for one only when nothing is in flight or the head batch is
-                # not all sent (its remaining slots come back as the consumer drops earlier batches).
+                # Send while slots are free. A chunk of the batch next due (or any, with nothing in flight) waits
+                # a little for a slot and then travels without one: its bytes come back in the reply (one copy
+                # more). Slots held by batches that only this read's caller would let go, or by other threads'
+                # reads, must not stop it for good.
                 while waiting is not None:
                     index, start, stop = waiting
-                    slot = self._take_slot(wait=not submitted or index == submitted[0][1])
-                    if slot is None:
+                    due = not submitted or index == submitted[0][1]
+                    slot = self._take_slot(SLOT_WAIT_S if due and patient else 0.0)
+                    if slot is None and not due:
                         break
-                    submitted.append((self._next_id, index, slot, start, stop))
-                    self._send(self._next_id, slot, paths[start:stop])
-                    self._next_id, waiting = self._next_id + 1, next(tasks, None)
+                    patient = patient and slot is not None
+                    submitted.append((self._send(slot, paths[start:stop]), index, slot, start, stop))
+                    waiting = next(tasks, None)
                 if not submitted:
                     return
                 head = [task for task in submitted if task[1] == submitted[0][1]]
-                self._collect(results, {task[0] for task in head})
+                results = self._collect({task[0] for task in head})
                 for _ in head:
                     submitted.popleft()
                 # Built in the yield itself: a local would keep the batch's slots while this waits.
                 yield self._batch(head, results, keys)
         finally:  # the consumer stopped early: let the chunks in flight land before their slots are reused
             if submitted and not self._closed.is_set():
-                self._collect(results, {task[0] for task in submitted})
+                self._collect({task[0] for task in submitted})
                 for task in submitted:
-                    self._free.put(task[2])
+                    if task[2] is not None:
+                        self._free.put(task[2])
 
     def _batch(self, tasks: list[tuple], results: dict[int, list[Record]], keys: Sequence[Hashable]) -> ReadBatch:
         batch = ReadBatch()
         for task_id, _, slot, start, stop in tasks:
-            _assemble(keys[start:stop], results.pop(task_id), self._slot_array(slot), batch)
+            _assemble(keys[start:stop], results.pop(task_id), None if slot is None else self._slot_array(slot), batch)
         return batch
 
     def _slot_array(self, slot: int) -> np.ndarray:
@@ -350,58 +357,82 @@ class ProcessReader:
         weakref.finalize(array, self._free.put, slot)
         return array
 
-    def _take_slot(self, wait: bool) -> int | None:
-        since = time.monotonic()
-        while not self._closed.is_set():
-            try:
-                return self._free.get(timeout=0.1) if wait else self._free.get_nowait()
-            except queue.Empty:
-                if not wait:
-                    return None
-            if time.monotonic() - since > 60:
-                log.warning("file reader: no free ring slot for 60 s; batches read earlier are still referenced")
-                since = time.monotonic()
-        raise RuntimeError("the file reader is closed")
-
-    def _send(self, task_id: int, slot: int, paths: Sequence[str]) -> None:
-        alive = [w for w in self._workers if w.alive]
-        if not alive:
-            self._local[task_id] = (slot, paths)
-            return
-        worker = min(alive, key=lambda w: len(w.pending))
-        worker.pending[task_id] = (slot, paths)
+    def _take_slot(self, wait_s: float) -> int | None:
+        """A free slot, waiting up to `wait_s` for one; None if none came."""
+        if self._closed.is_set():
+            raise RuntimeError("the file reader is closed")
         try:
-            worker.tasks.send((task_id, slot, list(paths)))
-        except (BrokenPipeError, ConnectionResetError, EOFError):
-            self._lost(worker)
+            return self._free.get(timeout=wait_s) if wait_s > 0 else self._free.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _send(self, slot: int | None, paths: Sequence[str]) -> int:
+        """Hand `paths` to the reader process with the least to do (or to this process, with none left); the task's
+        id."""
+        with self._lock:
+            task_id, self._next_id = self._next_id, self._next_id + 1
+            alive = [w for w in self._workers if w.alive]
+            if not alive:
+                self._local[task_id] = (slot, paths)
+                return task_id
+            worker = min(alive, key=lambda w: len(w.pending))
+            worker.pending[task_id] = (slot, paths)
+            try:
+                worker.tasks.send((task_id, slot, list(paths)))
+            except (BrokenPipeError, ConnectionResetError, EOFError):
+                self._lost(worker)
+            return task_id
 
     def _lost(self, worker: _Worker) -> None:
+        """(Holding the lock.) `worker` stopped: its chunks are read in this process."""
         worker.alive = False
         log.warning("file reader process %s stopped (exit code %s); reading its %d chunk(s) here",
                     worker.name, worker.proc.poll(), len(worker.pending))  # fmt: skip
         self._local.update(worker.pending)
         worker.pending.clear()
 
-    def _collect(self, results: dict[int, list[Record]], wanted: set[int]) -> None:
-        """Receive replies until every `wanted` task has its records."""
+    def _collect(self, wanted: set[int]) -> dict[int, list[Record]]:
+        """The records of every `wanted` task. One thread at a time receives replies, for every read under way;
+        the others wait for theirs to be handed over."""
         while True:
-            for task_id in [t for t in self._local if t in wanted]:
-                slot, paths = self._local.pop(task_id)
-                results[task_id] = read_chunk(paths, self.limits, _slot_of(self._view, slot, self.slot_bytes))
-            if wanted <= results.keys():
-                return
-            busy = {w.replies: w for w in self._workers if w.alive and w.pending}
-            if not busy:
-                raise RuntimeError("file reader lost track of a chunk")  # a bug, not bad input
-            for conn in wait(list(busy), timeout=1.0):
-                worker = busy[conn]
-                try:
-                    task_id, records = conn.recv()
-                except (EOFError, ConnectionResetError, OSError):
-                    self._lost(worker)
+            with self._lock:
+                here = {t: self._local.pop(t) for t in [t for t in self._local if t in wanted]}
+            for task_id, (slot, paths) in here.items():
+                out = None if slot is None else _slot_of(self._view, slot, self.slot_bytes)
+                records = read_chunk(paths, self.limits, out)
+                with self._lock:
+                    self._results[task_id] = records
+            with self._lock:
+                if wanted <= self._results.keys():
+                    return {t: self._results.pop(t) for t in wanted}
+                if self._receiving:
+                    self._arrived.wait(0.1)
                     continue
+                busy = {w.replies: w for w in self._workers if w.alive and w.pending}
+                if not busy and not (wanted & self._local.keys()):
+                    raise RuntimeError("file reader lost track of a chunk")  # a bug, not bad input
+                self._receiving = True
+            try:
+                self._receive(busy)
+            finally:
+                with self._lock:
+                    self._receiving = False
+                    self._arrived.notify_all()
+
+    def _receive(self, busy: dict[Connection, _Worker]) -> None:
+        """Replies that came from `busy` workers within a second, into `_results`."""
+        for conn in wait(list(busy), timeout=1.0):
+            worker = busy[conn]
+            try:
+                task_id, records = conn.recv()
+            except (EOFError, ConnectionResetError, OSError):
+                with self._lock:
+                    self._lost(worker)
+                continue
+            with self._lock:
                 worker.pending.pop(task_id, None)
-                results[task_id] = records
+                self._results[task_id] = records
+        with self._lock:
             for worker in busy.values():
                 if worker.alive and worker.proc.poll() is not None:
                     self._lost(worker)
@@ -438,7 +469,7 @@ class _Worker:
     proc: subprocess.Popen
     tasks: Connection
     replies: Connection
-    pending: dict[int, tuple[int, Sequence[str]]] = field(default_factory=dict)  # task id → (slot, paths)
+    pending: dict[int, tuple[int | None, Sequence[str]]] = field(default_factory=dict)  # task id → (slot, paths)
     alive: bool = True
 
 

@@ -654,9 +654,10 @@ def test_runner_threads_waiting_for_a_full_batch_do_not_starve_the_readers_ring(
     demo_catalog, tiny_model, first_run, tmp_path, monkeypatch
 ):
     """A runner that gives a worker process several threads (Dataflow: about one per core) runs an embed step per
-    thread. Were each step's images waiting for a full batch to keep their ring slots, every thread's next read
-    could wait for slots that only another thread's next batch frees: here 8 threads, elements of 4 images,
-    batches of 48 and a ring of 4 slots stopped for good. Waiting images are copied off the ring."""
+    thread. When each step's images waiting for a full batch kept their ring slots and reads waited for slots,
+    every thread's next read could wait for slots that only another thread's next batch frees: here 8 threads,
+    elements of 4 images, batches of 48 and a ring of 4 slots stopped for good. Waiting images are copied off
+    the ring, and a read short of slots goes without them."""
     import threading
 
     import encoder.gpu_images as gpu_images

@@ -120,6 +120,55 @@ def test_reading_ahead_stops_at_the_ring_and_resumes_as_batches_are_dropped(corp
     assert contents + rest == [_expected(p)[1] for p in jpegs]
 
 
+def test_a_batch_due_while_the_caller_holds_every_slot_comes_without_the_ring(corpus):
+    """Slots the caller itself keeps would never come back while it waits for its next batch: that batch's
+    chunks wait `SLOT_WAIT_S` for one, then their bytes come in the reply."""
+    import threading
+
+    jpegs = [p for p in corpus if "/jpegs/" in p][:12]
+    with ProcessReader(LIMITS, 2, chunk=2, slots=4) as reader:
+        stream = reader.read(jpegs, 4)
+        held = [next(stream), next(stream)]  # every slot
+        got: dict = {}
+        waiting = threading.Thread(target=lambda: got.update(third=next(stream)), daemon=True)
+        waiting.start()
+        waiting.join(timeout=10)
+        if waiting.is_alive():  # stuck: closing the reader ends the wait
+            reader.close()
+            waiting.join(timeout=10)
+        assert "third" in got, "the read waited for slots only its caller could free"
+        third = got["third"]
+        assert all(type(d) is bytes for d in third.datas) and reader._free.empty()
+        del held
+        rest = [bytes(d) for batch in stream for d in batch.datas]
+        assert reader._free.qsize() == 4
+    assert [bytes(d) for d in third.datas] + rest == [_expected(p)[1] for p in jpegs[8:]]
+
+
+def test_threads_reading_at_once_each_get_their_own_files(corpus):
+    """A runner's threads share a worker process's reader: their reads run together, each reply to the read
+    that asked, and a ring too small for all of them at once stops none."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = list(corpus)  # photos, and every kind of bad input
+    lists = [files[i:] + files[:i] for i in range(0, 24, 3)]  # 8 reads of every file, each from elsewhere
+    together = threading.Barrier(len(lists), timeout=30)
+
+    def read(paths: list[str]) -> list:
+        together.wait()
+        return [o for batch in _outcomes(reader, paths, batch_size=8) for o in batch]
+
+    pool = ThreadPoolExecutor(len(lists))
+    try:
+        with ProcessReader(LIMITS, 2, chunk=2, slots=6) as reader:
+            got = [future.result(timeout=60) for future in [pool.submit(read, paths) for paths in lists]]
+            assert reader._free.qsize() == 6 and not reader._results
+    finally:  # a stuck read fails the test: closing the reader ends its wait
+        pool.shutdown(wait=False, cancel_futures=True)
+    assert got == [[_expected(p) for p in paths] for paths in lists]
+
+
 def test_keys_name_the_files_in_the_batches(corpus):
     paths = [p for p in corpus if "/jpegs/" in p][:3] + [corpus[-1]]  # three photos, the missing path
     with ProcessReader(LIMITS, 1) as reader:
