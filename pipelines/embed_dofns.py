@@ -35,7 +35,14 @@ from encoder.resize import gpu_resizes
 from pipelines import storage
 from pipelines.catalog import ItemChunk
 from pipelines.embed_runs import read_shard
-from pipelines.embed_steps import KnownDigests, PreviousVectors, ProgressLog, prepare_items, stream_outputs
+from pipelines.embed_steps import (
+    KnownDigests,
+    PrepareAhead,
+    Prepared,
+    PreviousVectors,
+    ProgressLog,
+    stream_outputs,
+)
 from pipelines.file_reader import ProcessReader, ReadLimits
 from pipelines.records import PreparedImage
 
@@ -118,7 +125,9 @@ class FetchAndDecode(beam.DoFn):
     On a GPU worker nothing is decoded here: the bytes go on to `EmbedBatch`, which routes each
     image to the GPU decoder or to CPU threads. With `previous` (an earlier run small enough for
     memory), items whose image bytes already have a vector leave as one Arrow table per chunk on
-    the `reused` output; otherwise each leaves as a `reuse` request for the shuffle join.
+    the `reused` output; otherwise each leaves as a `reuse` request for the shuffle join. A chunk
+    is prepared in the background while the one before it is handed on (`PrepareAhead`), so its
+    outputs leave with the next element, or at the bundle's end.
     """
 
     def __init__(self, cfg: EmbedConfig, preprocess, total_items: int, reembed: frozenset[str] = frozenset(),
@@ -136,15 +145,27 @@ class FetchAndDecode(beam.DoFn):
                                         self._cfg.batch_size, self._cfg.workers, self._cfg.gpu_decode_threads)
                         if self._defer_decode else None)  # fmt: skip
         self._progress = ProgressLog("fetched", self._total)
+        self._ahead = PrepareAhead()  # the next chunk's reads out while this one is handed on
         self._previous = self._previous_source.acquire() if self._previous_source else None
         self._reused = Metrics.counter(NAMESPACE, "reused")
+
+    def start_bundle(self) -> None:
+        self._ahead.forget()  # left by a bundle that failed
 
     def process(self, chunk: ItemChunk, known: KnownDigests | None = None):
         items = chunk.items()
         known = self._previous if self._previous is not None else known
-        prepared = prepare_items(items, self._pool, self._preprocess, self._cfg.limits, known, self._reembed,
+        due = self._ahead.submit(items, self._pool, self._preprocess, self._cfg.limits, known, self._reembed,
                                  threads=self._cfg.fetch_threads, max_decode_s=self._cfg.max_decode_s,
                                  defer_decode=self._defer_decode, reader=self._reader)  # fmt: skip
+        for prepared in due:
+            yield from self._outputs(prepared)
+
+    def finish_bundle(self):
+        for prepared in self._ahead.drain():
+            yield from windowed(self._outputs(prepared))
+
+    def _outputs(self, prepared: Prepared):
         if prepared.decoded:  # one element per chunk: per-element costs stay off the fast path
             yield prepared.decoded
         for failure in prepared.failed:
@@ -155,9 +176,11 @@ class FetchAndDecode(beam.DoFn):
         elif prepared.reuse:
             self._reused.inc(len(prepared.reuse))
             yield beam.pvalue.TaggedOutput("reused", self._previous.table(prepared.reuse))
-        self._progress.add(len(items))
+        self._progress.add(len(prepared.decoded) + len(prepared.reuse) + len(prepared.failed))
 
     def teardown(self) -> None:
+        if getattr(self, "_ahead", None):
+            self._ahead.close()
         if getattr(self, "_pool", None):
             self._pool.shutdown(wait=False)
 
@@ -320,15 +343,16 @@ _READERS_LOCK = threading.Lock()
 def file_reader_for(limits: DecodeLimits, progressive: bool = True, batch_size: int = 256,
                     workers: int = 1, decode_threads: int = 1) -> ProcessReader:  # fmt: skip
     """This process's reader processes for image files and gs:// objects, started on first use, stopped at exit: one set
-    per worker process however many fetch steps its threads run (`ProcessReader.read` takes turns).
+    per worker process however many fetch steps its threads run (their reads run together).
     `progressive`: whether the GPU decoder batches progressive JPEGs (their route depends on it).
-    `batch_size`: the embed step's; the ring holds two such batches and more, as the step keeps a batch
-    filling while the one before it is decoded (160 slots of 8 files at least), and one more per GPU decode
-    thread past the first (`encoder.gpu_stream` takes a batch ahead per thread).
+    `batch_size`: the embed step's; the ring holds three such batches and more (192 slots of 8 files at
+    least), as two fetch elements of a batch or more are read at once (`PrepareAhead`) while the background
+    stream decodes the batches before them, and one more per GPU decode thread past the first
+    (`encoder.gpu_stream` takes a batch ahead per thread). Short of slots, reads go without (a copy more).
     `workers`: the local runner's worker processes, which share this machine's cores (at most 8 readers each)."""
     chunk = 8  # a 256-item fetch element (`embed.fetch_chunk_size`) spreads over 32 slots
     per_batch = -(-batch_size // chunk)
-    slots = max(160, 2 * per_batch + 16) + (decode_threads - 1) * per_batch
+    slots = max(192, 3 * per_batch + 16) + (decode_threads - 1) * per_batch
     key = (ReadLimits.of(limits, progressive=progressive), slots)
     with _READERS_LOCK:
         if key not in _READERS:

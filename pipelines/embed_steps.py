@@ -6,14 +6,15 @@ for a bad item.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from concurrent.futures import Executor
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -43,6 +44,7 @@ __all__ = [
     "Fetched",
     "KnownDigests",
     "Prepared",
+    "PrepareAhead",
     "PreviousVectors",
     "ProgressLog",
     "fetch_item",
@@ -204,6 +206,38 @@ def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: Prep
         else:
             decoded.append(PreparedImage(f.item.item_id, f.item.image_uri, f.image_sha256, result))
     return Prepared(decoded, reuse, failed)
+
+
+class PrepareAhead:
+    """`prepare_items` for each chunk on threads of its own, `ahead` chunks past the one whose result is taken.
+
+    The embed step reads a chunk whole before it hands it on; in turn, each chunk's reads waited for the
+    slowest read of the one before to land (a chunk of 256 from an object store: one long tail per chunk,
+    and nothing out meanwhile). With the next chunk's reads out while this one is handed on, the readers
+    always have work. `submit` returns what is done and due, in order; `drain` the rest.
+    """
+
+    def __init__(self, ahead: int = 1) -> None:
+        self.ahead = ahead
+        self._pool = ThreadPoolExecutor(ahead + 1, thread_name_prefix="prepare")
+        self._pending: collections.deque[Future] = collections.deque()
+
+    def submit(self, *args, **kwargs) -> list[Prepared]:
+        """Start `prepare_items(*args, **kwargs)`; the results now due (its error, raised here, if one failed)."""
+        self._pending.append(self._pool.submit(prepare_items, *args, **kwargs))
+        return [self._pending.popleft().result() for _ in range(len(self._pending) - self.ahead)]
+
+    def drain(self) -> Iterator[Prepared]:
+        """Every result not yet taken, in order."""
+        while self._pending:
+            yield self._pending.popleft().result()
+
+    def forget(self) -> None:
+        """Drop what is under way (a failed bundle's chunks, which the runner sends again)."""
+        self._pending.clear()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def stream_outputs(done: StreamBatch, model_version: str) -> tuple[pa.Table, list[Failure]]:

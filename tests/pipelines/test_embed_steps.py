@@ -204,3 +204,48 @@ def test_a_gpu_worker_reads_gs_images_in_its_reader_processes_and_other_schemes_
     assert decoded == {k: (v, cpu_reason(v, limits.max_bytes, limits.max_pixels) or "") for k, v in datas.items()}
     assert sorted((f.item_id, f.stage, f.error[:10]) for f in out.failed) == [("elsewhere", "fetch", "ValueError"),
                                                                           ("missing", "fetch", "not found")]  # fmt: skip
+
+
+def test_prepare_ahead_has_the_next_chunk_under_way_and_hands_results_on_in_order(monkeypatch):
+    """A chunk is prepared while the one before it is handed on: two are under way together, never three, and
+    results come back in the order the chunks went in; a chunk's error is raised when its result is due."""
+    import threading
+    import time
+
+    import pipelines.embed_steps as embed_steps
+    from pipelines.embed_steps import PrepareAhead
+
+    lock, running, most = threading.Lock(), [0], [0]
+    both = threading.Barrier(2, timeout=10)  # passes only with two chunks under way at once
+
+    def prepare(chunk, *args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            if chunk == "bad":
+                raise OSError("disk gone")
+            if chunk in ("a", "b"):
+                both.wait()
+            time.sleep(0.01 * (chunk == "c"))  # finishes after the one behind it
+            return chunk.upper()
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(embed_steps, "prepare_items", prepare)
+    ahead = PrepareAhead()
+    try:
+        assert ahead.submit("a") == []  # nothing due yet: "a" is under way
+        assert ahead.submit("b") == ["A"]
+        assert ahead.submit("c") == ["B"]
+        assert ahead.submit("d") == ["C"]
+        assert list(ahead.drain()) == ["D"]
+        assert most[0] == 2
+        assert ahead.submit("bad") == []
+        with pytest.raises(OSError, match="disk gone"):
+            ahead.submit("e")
+        ahead.forget()
+        assert list(ahead.drain()) == []
+    finally:
+        ahead.close()
