@@ -526,7 +526,7 @@ def test_the_readers_ring_holds_three_of_the_embed_steps_batches(monkeypatch):
     assert embed_dofns.file_reader_for(DecodeLimits(), batch_size=64).slots == 192  # the same set of readers
     assert embed_dofns.file_reader_for(DecodeLimits(), batch_size=2048).slots == 3 * 2048 // 8 + 16
     assert embed_dofns.file_reader_for(DecodeLimits(), batch_size=256, decode_threads=3).slots == 192 + 2 * 256 // 8
-    assert made == [160, 528, 224]
+    assert made == [192, 784, 256]
 
 
 def test_worker_processes_share_the_cores_among_their_readers(monkeypatch):
