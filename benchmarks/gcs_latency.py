@@ -2,17 +2,19 @@
 every read waits on the network: the local GCS emulator behind a proxy that holds each request `--latency-ms`
 before answering it. Compared, in one process and alternating rounds:
 
-    before    elements of 64 items, each reader process one chunk of 8 at a time
+    before    elements of 64 items, each read whole before the next; each reader process one chunk of 8 at a time
     elements  elements of a batch (256, `embed.fetch_chunk_size`), one chunk at a time
-    chunks    elements of 64, up to 4 chunks at a time (`file_reader.CHUNKS_PER_PROCESS`)
-    now       both
+    chunks    elements of 64, up to 8 chunks at a time per process (`file_reader.CHUNKS_PER_PROCESS`)
+    both      elements of a batch, 8 chunks at a time
+    now       both, and the next element under way while one is handed on (`embed_steps.PrepareAhead`)
 
     python benchmarks/gcs_latency.py        # 2,048 small photos, 8 reader processes (a GPU host's), 200 ms
+    python benchmarks/gcs_latency.py --spread 0.5    # each hold drawn around 200 ms: a tail, as real reads have
 
-The step reads an element whole before it takes the next, so images/s ≈ reads out at once / latency, less the
-wait for each element's slowest read. The held latency is far above GCS's (tens of ms) so that the emulator,
-which answers one request at a time, and this machine's cores are not what sets the pace; the reads out at once
-carry over to GCS as they are.
+Without reading ahead the step reads an element whole before it takes the next, so images/s ≈ reads out at once
+/ latency, less the wait for each element's slowest read. The held latency is far above GCS's (tens of ms) so
+that the emulator, which answers one request at a time, and this machine's cores are less of what sets the pace;
+the reads out at once carry over to GCS as they are.
 """
 
 from __future__ import annotations
@@ -31,8 +33,12 @@ os.environ.update(NO_GCE_CHECK="true", GCE_METADATA_HOST="127.0.0.1:9", GCE_META
 
 from benchmarks.common import machine, realistic_jpegs  # noqa: E402
 from benchmarks.gcs_reads import MAX_BYTES, gpu_worker_fetch  # noqa: E402
+from pipelines.file_reader import CHUNKS_PER_PROCESS  # noqa: E402
 
-PATHS = {"before": (64, 1), "elements": (256, 1), "chunks": (64, 4), "now": (256, 4)}  # (element, chunks at once)
+# (element, chunks at once per process, next element under way)
+AT_ONCE = CHUNKS_PER_PROCESS
+PATHS = {"before": (64, 1, False), "elements": (256, 1, False), "chunks": (64, AT_ONCE, False),
+         "both": (256, AT_ONCE, False), "now": (256, AT_ONCE, True)}  # fmt: skip
 
 
 def main() -> None:
@@ -40,6 +46,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--latency-ms", type=float, default=200)
+    parser.add_argument("--spread", type=float, default=0.0, help="sigma of the holds' lognormal spread")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
@@ -63,16 +70,17 @@ def main() -> None:
                 storage.write_bytes(uri, photos[n % len(photos)].read_bytes())
         limits = ReadLimits.of(DecodeLimits(max_bytes=MAX_BYTES))
         upstream = urlparse(os.environ["STORAGE_EMULATOR_HOST"]).port
-        with FaultProxy(upstream, rate=1.0, kinds=("slow",), slow_s=args.latency_ms / 1000) as proxy, through(proxy):
+        held = {"slow_s": args.latency_ms / 1000, "slow_spread": args.spread}
+        with FaultProxy(upstream, rate=1.0, kinds=("slow",), **held) as proxy, through(proxy):
             readers = {at_once: ProcessReader(limits, args.processes, chunk=8, chunks_at_once=at_once)
-                       for at_once in {at_once for _, at_once in PATHS.values()}}  # fmt: skip
+                       for at_once in {at_once for _, at_once, _ in PATHS.values()}}  # fmt: skip
             try:
                 for reader in readers.values():
                     gpu_worker_fetch(uris[:64], reader)  # processes started, clients made
                 for _ in range(args.rounds):
-                    for name, (element, at_once) in PATHS.items():
+                    for name, (element, at_once, ahead) in PATHS.items():
                         proxy.most_in_flight = 0
-                        got = gpu_worker_fetch(uris, readers[at_once], element)
+                        got = gpu_worker_fetch(uris, readers[at_once], element, ahead)
                         got["most_reads_in_flight"] = proxy.most_in_flight
                         if name not in results or got["images_per_s"] > results[name]["images_per_s"]:
                             results[name] = got
@@ -87,7 +95,7 @@ def main() -> None:
         got.pop("embedding_process_cpu_us_per_image")  # gcs_reads.py's measure; here the network's wait
     rounded = {name: {k: round(v, 2) for k, v in got.items()} for name, got in results.items()}
     print(json.dumps({"machine": machine(), "images": args.images, "processes": args.processes,
-                      "latency_ms": args.latency_ms, **rounded}))  # fmt: skip
+                      "latency_ms": args.latency_ms, "spread": args.spread, **rounded}))  # fmt: skip
 
 
 if __name__ == "__main__":

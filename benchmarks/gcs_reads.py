@@ -79,21 +79,28 @@ def measure(read, uris: list[str], threads: int, counter: RequestCounter) -> dic
             "requests_per_read": (counter.count - requests) / len(uris)}  # fmt: skip
 
 
-def gpu_worker_fetch(uris: list[str], reader, element: int = 64) -> dict:
+def gpu_worker_fetch(uris: list[str], reader, element: int = 64, ahead: bool = False) -> dict:
     """The Beam GPU worker's fetch step (`prepare_items`, nothing decoded) over elements of `element` items, with
-    `reader`'s processes or (None) the step's own 16 threads; CPU: the embedding process's own, which the GPU
-    threads share."""
+    `reader`'s processes or (None) the step's own 16 threads, one element at a time or (`ahead`) the next one
+    under way while one is handed on (`PrepareAhead`, as the step runs now); CPU: the embedding process's own,
+    which the GPU threads share."""
     from encoder import DecodeLimits, PreprocessConfig
     from pipelines.catalog import CatalogItem
-    from pipelines.embed_steps import prepare_items
+    from pipelines.embed_steps import PrepareAhead, prepare_items
 
     items = [CatalogItem(f"i{n}", uri) for n, uri in enumerate(uris)]
     cpu, start, got = time.process_time(), time.perf_counter(), 0
+    limits = DecodeLimits(max_bytes=MAX_BYTES)
     with ThreadPoolExecutor(16) as pool:
+        background = PrepareAhead() if ahead else None
         for first in range(0, len(items), element):
-            prepared = prepare_items(items[first : first + element], pool, PreprocessConfig(), DecodeLimits(max_bytes=MAX_BYTES),
-                                     defer_decode=True, reader=reader)  # fmt: skip
-            got += len(prepared.decoded)
+            args = (items[first : first + element], pool, PreprocessConfig(), limits)
+            kwargs = {"defer_decode": True, "reader": reader}
+            done = background.submit(*args, **kwargs) if background else [prepare_items(*args, **kwargs)]
+            got += sum(len(prepared.decoded) for prepared in done)
+        if background:
+            got += sum(len(prepared.decoded) for prepared in background.drain())
+            background.close()
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert got == len(items), f"{len(items) - got} images not read"
     return {"images_per_s": len(items) / wall, "embedding_process_cpu_us_per_image": 1e6 * cpu / len(items)}

@@ -129,7 +129,7 @@ def no_background_bucket_lookups() -> None:
     os.environ.setdefault(_BUCKET_METADATA_ENV, "true")
 
 
-CONNECTIONS = 64  # kept open per host: more than the threads that read at once (the embed step's fetch_threads: 16)
+CONNECTIONS = 64  # kept open per host: as many as the threads that read at once (a reader process's 64)
 
 
 def _keep_connections(client, connections: int) -> None:

@@ -99,7 +99,7 @@ def reads_in_readers(uri: str) -> bool:
     return "://" not in uri or uri.startswith("gs://")
 
 
-FETCHES_PER_PROCESS = 32  # object-store reads in flight per process: a chunk's at once, from several threads' chunks
+FETCHES_PER_PROCESS = 64  # object-store reads in flight per process: a chunk's at once, from several chunks
 _FETCHES: ThreadPoolExecutor | None = None
 _FETCHES_LOCK = threading.Lock()
 
@@ -207,7 +207,7 @@ def _unlinked_file() -> int:
 
 
 SLOT_WAIT_S = 0.05  # how long a chunk of the batch a read needs next waits for a ring slot before going without
-CHUNKS_PER_PROCESS = 4  # chunks with object-store reads that a reader process has under way at once
+CHUNKS_PER_PROCESS = 8  # chunks with object-store reads that a reader process has under way at once (8 of 8 reads)
 
 
 def _serve(tasks_fd: int, replies_fd: int, ring_fd: int, size: int, slot_bytes: int, chunks_at_once: int,

@@ -264,7 +264,7 @@ def test_reader_processes_read_gs_objects_as_the_beam_fetch_step_does(corpus, gc
 def test_reader_processes_keep_several_chunks_of_object_store_reads_in_flight(gcs_emulator, gcs_bucket):
     """Reads from gs:// wait on the network, so a reader process has several chunks of them under way: 2
     processes and chunks of 4 had at most 8 reads out at once, one chunk each; here 48 objects, each
-    held 0.3 s by a proxy, are out 32 at a time (2 processes × 4 chunks × 4 reads)."""
+    held 0.3 s by a proxy, are out at once (2 processes × up to 8 chunks × 4 reads)."""
     from urllib.parse import urlparse
 
     from encoder import storage

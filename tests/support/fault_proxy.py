@@ -4,7 +4,7 @@ Each request draws its fate from a seeded random generator: pass through, or one
     429 / 500 / 503   answered by the proxy, the request never reaches storage
     403 / 404         the same, permanent: only when asked for (`kinds`)
     reset             the connection is cut (TCP RST) before any answer
-    slow              forwarded after a delay
+    slow              forwarded after a delay (`slow_s`, or drawn around it with `slow_spread`)
     truncated         (GET only) forwarded, then the body is cut short with the full Content-Length
     lost-reply        (writes only) forwarded, so the write lands, then the connection is cut unanswered
 so a test can point STORAGE_EMULATOR_HOST at the proxy and check that nothing is lost, or, at rate 0,
@@ -37,11 +37,12 @@ class FaultProxy:
     """Forward HTTP to 127.0.0.1:`upstream_port`, failing about `rate` of the requests."""
 
     def __init__(self, upstream_port: int, *, rate: float = 0.1, kinds: tuple[str, ...] = KINDS[:7], seed: int = 0,
-                 slow_s: float = 0.3) -> None:  # fmt: skip
+                 slow_s: float = 0.3, slow_spread: float = 0.0) -> None:  # fmt: skip
         unknown = set(kinds) - set(KINDS)
         if unknown or not 0 <= rate <= 1:
             raise ValueError(f"bad fault settings: rate={rate}, unknown kinds {sorted(unknown)}")
         self.upstream_port, self.rate, self.kinds, self.slow_s = upstream_port, rate, kinds, slow_s
+        self.slow_spread = slow_spread  # sigma of a lognormal around slow_s: each slow request held its own time
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
@@ -76,6 +77,13 @@ class FaultProxy:
             kind = self._random.choice(choices)
             self.counts[kind] += 1
             return kind
+
+    def hold_s(self) -> float:
+        """How long to hold a slow request: `slow_s`, or drawn around it (its median) with `slow_spread`."""
+        if not self.slow_spread:
+            return self.slow_s
+        with self._lock:
+            return self.slow_s * self._random.lognormvariate(0.0, self.slow_spread)
 
     @property
     def injected(self) -> int:
@@ -167,7 +175,7 @@ def _handler(proxy: FaultProxy):
                 self._reset()
                 return
             if fate == "slow":
-                time.sleep(proxy.slow_s)
+                time.sleep(proxy.hold_s())
             upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
             try:
                 upstream.connect()
