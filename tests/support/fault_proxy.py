@@ -111,7 +111,7 @@ def through(proxy: FaultProxy) -> Iterator[FaultProxy]:
 
 
 class _QuietServer(ThreadingHTTPServer):
-    request_queue_size = 128  # the default backlog of 5 drops connections a burst of reads opens at once
+    request_queue_size = 1024  # the default backlog of 5 drops connections a burst of reads opens at once
 
     def handle_error(self, request, client_address) -> None:  # clients drop connections: that is the point
         pass

@@ -93,8 +93,9 @@ def main() -> None:
     _patch_handlers()
     # The stock server answers one request at a time and closes each connection (HTTP/1.0), so every request
     # connects anew; with the default backlog of 5, a client's 16 threads connecting at once had SYNs dropped
-    # and retried a second later (reads of ~20 ms taking 1 s). A deeper backlog queues them instead.
-    http.server.HTTPServer.request_queue_size = 128
+    # and retried a second later (reads of ~20 ms taking 1 s). A deeper backlog queues them instead (1024: a
+    # latency benchmark has ~500 reads out at once, and at 128 its bursts still lost connections for a second).
+    http.server.HTTPServer.request_queue_size = 1024
     emulator = server.create_server(args.host, args.port, in_memory=True)
     emulator.start()  # bound once this returns: port 0 leaves no moment for another process to take the port
     print(f"listening on {emulator._api._httpd.server_address[1]}", flush=True)
