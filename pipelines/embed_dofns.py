@@ -126,8 +126,9 @@ class FetchAndDecode(beam.DoFn):
     image to the GPU decoder or to CPU threads. With `previous` (an earlier run small enough for
     memory), items whose image bytes already have a vector leave as one Arrow table per chunk on
     the `reused` output; otherwise each leaves as a `reuse` request for the shuffle join. A chunk
-    is prepared in the background while the one before it is handed on (`PrepareAhead`), so its
-    outputs leave with the next element, or at the bundle's end.
+    of object-store images is prepared in the background while the one before it is handed on
+    (`PrepareAhead`), so its outputs leave with the next element, or at the bundle's end; a
+    chunk of local files leaves at once.
     """
 
     def __init__(self, cfg: EmbedConfig, preprocess, total_items: int, reembed: frozenset[str] = frozenset(),
@@ -145,24 +146,24 @@ class FetchAndDecode(beam.DoFn):
                                         self._cfg.batch_size, self._cfg.workers, self._cfg.gpu_decode_threads)
                         if self._defer_decode else None)  # fmt: skip
         self._progress = ProgressLog("fetched", self._total)
-        self._ahead = PrepareAhead()  # the next chunk's reads out while this one is handed on
+        self._prepare = PrepareAhead()  # the next chunk's object-store reads out while this one is handed on
         self._previous = self._previous_source.acquire() if self._previous_source else None
         self._reused = Metrics.counter(NAMESPACE, "reused")
 
     def start_bundle(self) -> None:
-        self._ahead.forget()  # left by a bundle that failed
+        self._prepare.forget()  # left by a bundle that failed
 
     def process(self, chunk: ItemChunk, known: KnownDigests | None = None):
         items = chunk.items()
         known = self._previous if self._previous is not None else known
-        due = self._ahead.submit(items, self._pool, self._preprocess, self._cfg.limits, known, self._reembed,
+        due = self._prepare.submit(items, self._pool, self._preprocess, self._cfg.limits, known, self._reembed,
                                  threads=self._cfg.fetch_threads, max_decode_s=self._cfg.max_decode_s,
                                  defer_decode=self._defer_decode, reader=self._reader)  # fmt: skip
         for prepared in due:
             yield from self._outputs(prepared)
 
     def finish_bundle(self):
-        for prepared in self._ahead.drain():
+        for prepared in self._prepare.drain():
             yield from windowed(self._outputs(prepared))
 
     def _outputs(self, prepared: Prepared):
@@ -179,8 +180,8 @@ class FetchAndDecode(beam.DoFn):
         self._progress.add(len(prepared.decoded) + len(prepared.reuse) + len(prepared.failed))
 
     def teardown(self) -> None:
-        if getattr(self, "_ahead", None):
-            self._ahead.close()
+        if getattr(self, "_prepare", None):
+            self._prepare.close()
         if getattr(self, "_pool", None):
             self._pool.shutdown(wait=False)
 

@@ -206,45 +206,54 @@ def test_a_gpu_worker_reads_gs_images_in_its_reader_processes_and_other_schemes_
                                                                           ("missing", "fetch", "not found")]  # fmt: skip
 
 
-def test_prepare_ahead_has_the_next_chunk_under_way_and_hands_results_on_in_order(monkeypatch):
-    """A chunk is prepared while the one before it is handed on: two are under way together, never three, and
-    results come back in the order the chunks went in; a chunk's error is raised when its result is due."""
+def test_prepare_ahead_has_the_next_remote_chunk_under_way_and_hands_results_on_in_order(monkeypatch):
+    """A chunk of object-store images is prepared while the one before it is handed on: two are under way
+    together, never three, and results come back in the order the chunks went in; a chunk of local files is
+    prepared in the caller's thread once those before it are done; a chunk's error is raised when its result
+    is due."""
     import threading
     import time
 
     import pipelines.embed_steps as embed_steps
     from pipelines.embed_steps import PrepareAhead
 
-    lock, running, most = threading.Lock(), [0], [0]
+    lock, running, most, threads = threading.Lock(), [0], [0], {}
     both = threading.Barrier(2, timeout=10)  # passes only with two chunks under way at once
 
-    def prepare(chunk, *args, **kwargs):
+    def prepare(items, *args, **kwargs):
+        name = items[0].item_id
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
+            threads[name] = threading.current_thread()
         try:
-            if chunk == "bad":
+            if name == "bad":
                 raise OSError("disk gone")
-            if chunk in ("a", "b"):
+            if name in ("a", "b"):
                 both.wait()
-            time.sleep(0.01 * (chunk == "c"))  # finishes after the one behind it
-            return chunk.upper()
+            time.sleep(0.01 * (name == "c"))  # finishes after the one behind it
+            return name.upper()
         finally:
             with lock:
                 running[0] -= 1
 
+    def remote(name: str) -> list[CatalogItem]:
+        return [CatalogItem(name, f"gs://b/{name}.jpg")]
+
     monkeypatch.setattr(embed_steps, "prepare_items", prepare)
     ahead = PrepareAhead()
     try:
-        assert ahead.submit("a") == []  # nothing due yet: "a" is under way
-        assert ahead.submit("b") == ["A"]
-        assert ahead.submit("c") == ["B"]
-        assert ahead.submit("d") == ["C"]
+        assert ahead.submit(remote("a")) == []  # nothing due yet: "a" is under way
+        assert ahead.submit(remote("b")) == ["A"]
+        assert ahead.submit(remote("c")) == ["B"]
+        assert ahead.submit([CatalogItem("local", "/photos/1.jpg")]) == ["C", "LOCAL"]
+        assert threads["local"] is threading.current_thread() and threads["c"] is not threading.current_thread()
+        assert ahead.submit(remote("d")) == []
         assert list(ahead.drain()) == ["D"]
         assert most[0] == 2
-        assert ahead.submit("bad") == []
+        assert ahead.submit(remote("bad")) == []
         with pytest.raises(OSError, match="disk gone"):
-            ahead.submit("e")
+            ahead.submit(remote("e"))
         ahead.forget()
         assert list(ahead.drain()) == []
     finally:
