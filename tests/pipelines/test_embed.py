@@ -604,18 +604,49 @@ def test_a_local_run_says_when_its_workers_and_the_gpus_do_not_pair_up(monkeypat
     assert note == expected if expected is None else expected in note
 
 
+def _embed_on_a_small_ring(monkeypatch, slots: int, cfg: EmbedConfig, beam_args: list[str] | None = None):
+    """`run_embed(cfg)` through the GPU worker's wiring (Pillow standing in for nvJPEG) with reader processes whose
+    ring has `slots` slots; a run still going after two minutes fails the test instead of hanging it."""
+    import threading
+
+    import encoder.gpu_images as gpu_images
+    from pipelines.file_reader import ProcessReader
+    from tests.encoder.test_gpu_images import _pil_decoder
+
+    readers: dict = {}
+    monkeypatch.setattr(embed_dofns, "_READERS", readers)
+    monkeypatch.setattr(
+        embed_dofns, "ProcessReader", lambda key, processes, chunk, **_: ProcessReader(key, 2, chunk, slots=slots)
+    )
+    monkeypatch.setattr(embed_dofns, "gpu_decoding", lambda cfg, preprocess: True)
+    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda device: _pil_decoder())
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = run_embed(cfg, beam_args)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    for reader in readers.values():  # a stuck run's wait ends with an error
+        reader.close()
+    thread.join(timeout=30)
+    assert "result" in outcome, f"the run never finished: {outcome.get('error')!r}"
+    return outcome["result"]
+
+
 def test_a_gpu_worker_slower_than_its_reads_never_waits_for_ever_on_the_readers_ring(
     demo_catalog, tiny_model, first_run, tmp_path, monkeypatch
 ):
     """The runner's thread fetches (waiting for a free slot of the readers' ring) and also takes the embed step's
     finished batches: were finished batches to hold their images' slots, a GPU side slower than the reads
     would fill the ring with them and stop the worker for good. A ring of 12 slots and a slow resize here."""
-    import threading
     import time
 
     import encoder.gpu_images as gpu_images
-    from pipelines.file_reader import ProcessReader
-    from tests.encoder.test_gpu_images import _pil_decoder
 
     finish = gpu_images.GpuImages.finish
 
@@ -623,31 +654,10 @@ def test_a_gpu_worker_slower_than_its_reads_never_waits_for_ever_on_the_readers_
         time.sleep(0.01)
         return finish(self, batch)
 
-    readers: dict = {}
-    monkeypatch.setattr(embed_dofns, "_READERS", readers)
-    monkeypatch.setattr(
-        embed_dofns, "ProcessReader", lambda key, processes, chunk, slots: ProcessReader(key, 2, chunk, slots=12)
-    )
-    monkeypatch.setattr(embed_dofns, "gpu_decoding", lambda cfg, preprocess: True)
-    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda device: _pil_decoder())
     monkeypatch.setattr(gpu_images.GpuImages, "finish", slow_finish)
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model),
-                                                      out=str(tmp_path), batch_size=16, gpu_decoder="nvjpeg"))  # fmt: skip
-        except BaseException as err:  # noqa: BLE001 - reported below
-            outcome["error"] = err
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout=120)
-    for reader in readers.values():  # a stuck run's wait for a slot ends with an error
-        reader.close()
-    thread.join(timeout=30)
-    assert "result" in outcome, f"the run never finished: {outcome.get('error')!r}"
-    assert outcome["result"].counts == first_run.counts
+    cfg = EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path), batch_size=16,
+                      gpu_decoder="nvjpeg")  # fmt: skip
+    assert _embed_on_a_small_ring(monkeypatch, 12, cfg).counts == first_run.counts
 
 
 def test_runner_threads_waiting_for_a_full_batch_do_not_starve_the_readers_ring(
@@ -658,19 +668,6 @@ def test_runner_threads_waiting_for_a_full_batch_do_not_starve_the_readers_ring(
     every thread's next read could wait for slots that only another thread's next batch frees: here 8 threads,
     elements of 4 images, batches of 48 and a ring of 4 slots stopped for good. Waiting images are copied off
     the ring, and a read short of slots goes without them."""
-    import threading
-
-    import encoder.gpu_images as gpu_images
-    from pipelines.file_reader import ProcessReader
-    from tests.encoder.test_gpu_images import _pil_decoder
-
-    readers: dict = {}
-    monkeypatch.setattr(embed_dofns, "_READERS", readers)
-    monkeypatch.setattr(
-        embed_dofns, "ProcessReader", lambda key, processes, chunk, slots: ProcessReader(key, 2, chunk, slots=4)
-    )
-    monkeypatch.setattr(embed_dofns, "gpu_decoding", lambda cfg, preprocess: True)
-    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda device: _pil_decoder())
     # Elements smaller than a batch (elements hold a batch at least, but what reuse and dead letters leave
     # short of one waits all the same): many images waiting, soon.
     monkeypatch.setattr(embed, "fetch_chunk_size", lambda cfg: 4)
@@ -686,26 +683,10 @@ def test_runner_threads_waiting_for_a_full_batch_do_not_starve_the_readers_ring(
             fetching.pop()
 
     monkeypatch.setattr(embed_dofns.FetchAndDecode, "process", counted)
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = run_embed(
-                EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path),
-                            batch_size=48, gpu_decoder="nvjpeg"),
-                ["--runner=FnApiRunner", "--direct_num_workers=8", "--direct_running_mode=multi_threading"],
-            )  # fmt: skip
-        except BaseException as err:  # noqa: BLE001 - reported below
-            outcome["error"] = err
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout=120)
-    for reader in readers.values():  # a stuck run's wait for a slot ends with an error
-        reader.close()
-    thread.join(timeout=30)
-    assert "result" in outcome, f"the run never finished: {outcome.get('error')!r}"
-    assert outcome["result"].counts == first_run.counts
+    cfg = EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path), batch_size=48,
+                      gpu_decoder="nvjpeg")  # fmt: skip
+    threads = ["--runner=FnApiRunner", "--direct_num_workers=8", "--direct_running_mode=multi_threading"]
+    assert _embed_on_a_small_ring(monkeypatch, 4, cfg, threads).counts == first_run.counts
     assert most[0] > 1  # the fetch steps of several threads were under way together
 
 
