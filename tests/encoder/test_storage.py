@@ -47,17 +47,109 @@ def test_a_local_read_over_its_cap_is_refused_and_one_at_the_cap_is_not(tmp_path
         storage.read_bytes(str(path), max_bytes=3)
 
 
-def test_a_capped_read_of_an_empty_object_is_empty_where_the_store_refuses_its_range(monkeypatch):
+class _Store:
+    """A local HTTP server standing in for GCS's download endpoint: it records each request's path and headers and
+    answers each with the next (status, body) of `answers`, the last one over and over."""
+
+    def __init__(self, answers: list[tuple[int, bytes]]) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.seen: list[tuple[str, dict[str, str]]] = []
+        store = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                store.seen.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
+                status, body = answers[min(len(store.seen), len(answers)) - 1]
+                self.send_response(status)
+                if body.startswith(b"\x1f\x8b"):  # stored gzip-encoded, and served as stored
+                    self.send_header("Content-Encoding", "gzip")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def store_client(monkeypatch):
+    """`store_client(answers)`: the storage client's image reads go to a `_Store`, with a token of "t0k3n"."""
+    from types import SimpleNamespace
+
+    from google.oauth2.credentials import Credentials
+
+    stores: list[_Store] = []
+
+    def make(answers: list[tuple[int, bytes]]) -> _Store:
+        store = _Store(answers)
+        stores.append(store)
+        client = SimpleNamespace(_credentials=Credentials(token="t0k3n"),
+                                 _connection=SimpleNamespace(API_BASE_URL=store.url))  # fmt: skip
+        monkeypatch.setattr(storage, "gcs_client", lambda: client)
+        monkeypatch.setattr(storage, "_RANGED", None)
+        return store
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+def test_an_image_read_is_one_ranged_request_with_the_clients_credentials(store_client):
+    """The first `max_bytes` + 1 bytes, asked for raw, with the client's token, at the object's download URL (its
+    name quoted as the library quotes it); the bytes as served, never inflated."""
+    import gzip
+
+    body = gzip.compress(b"not inflated")
+    store = store_client([(206, body)])
+    assert storage.read_bytes("gs://b/photos/a b~é.jpg", max_bytes=100) == body
+    ((path, headers),) = store.seen
+    assert path == "/download/storage/v1/b/b/o/photos%2Fa%20b~%C3%A9.jpg?alt=media"
+    assert headers["range"] == "bytes=0-100" and headers["authorization"] == "Bearer t0k3n"
+    assert headers["accept-encoding"] == "gzip"
+
+
+def test_a_capped_read_of_an_empty_object_is_empty_where_the_store_refuses_its_range(store_client):
     """GCS may answer a range from byte 0 of an empty object with 416: no such byte, and no error either."""
-    from google.api_core.exceptions import RequestRangeNotSatisfiable
-
-    class EmptyBlob:
-        def download_as_bytes(self, **kwargs):
-            assert (kwargs["start"], kwargs["end"]) == (0, 10)
-            raise RequestRangeNotSatisfiable("requested range not satisfiable")
-
-    monkeypatch.setattr(storage, "_blob", lambda uri: EmptyBlob())
+    store_client([(416, b"requested range not satisfiable")])
     assert storage.read_bytes("gs://b/empty", max_bytes=10) == b""
+
+
+def test_an_image_read_retries_what_is_transient_and_maps_what_is_not(store_client, monkeypatch):
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)  # the backoff's waits
+    store = store_client([(503, b"busy"), (429, b"slow down"), (200, b"jpeg")])
+    assert storage.read_bytes("gs://b/x.jpg", max_bytes=100) == b"jpeg" and len(store.seen) == 3
+    store_client([(404, b"no such object")])
+    with pytest.raises(FileNotFoundError, match="gs://b/gone.jpg"):
+        storage.read_bytes("gs://b/gone.jpg", max_bytes=100)
+    store = store_client([(403, b"denied")])
+    with pytest.raises(Exception, match="403") as refused:
+        storage.read_bytes("gs://b/secret.jpg", max_bytes=100)
+    assert not storage.is_transient(refused.value) and len(store.seen) == 1
+
+
+def test_image_reads_take_the_proxy_the_environment_names(monkeypatch):
+    import urllib3
+
+    monkeypatch.setenv("https_proxy", "http://proxy.internal:3128")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    pool = storage._pool("https://storage.googleapis.com/download/storage/v1/b/")
+    assert isinstance(pool, urllib3.ProxyManager) and pool.proxy.host == "proxy.internal"
+    monkeypatch.setenv("no_proxy", "googleapis.com")
+    assert not isinstance(storage._pool("https://storage.googleapis.com/download/storage/v1/b/"), urllib3.ProxyManager)
 
 
 def test_each_process_and_each_emulator_has_a_client_of_its_own(monkeypatch):
