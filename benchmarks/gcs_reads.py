@@ -1,8 +1,9 @@
 """What reading catalog images from gs:// costs the reading process, per image, against a local GCS emulator:
-lookalike's read (`pipelines.storage.read_image`: the process's one client, one ranged request) against Beam's
-FileSystems reader, which the embed step used before (a client and its pipeline options per object, a metadata
-request before the bytes), with google-cloud-storage's background bucket lookups on (the library's default, the
-behaviour before) and off. Then the Beam GPU worker's fetch step over the same photos: on its own 16 threads
+lookalike's read (`pipelines.storage.read_image`: one ranged request over urllib3 with the process's one client's
+credentials) against the same request through that client's own download (requests; lookalike's read before) and
+Beam's FileSystems reader, which the embed step used before that (a client and its pipeline options per object, a
+metadata request before the bytes), with google-cloud-storage's background bucket lookups on (the library's
+default, the behaviour before) and off. Then the Beam GPU worker's fetch step over the same photos: on its own 16 threads
 (before) against its reader processes (`pipelines.file_reader`), with the embedding process's CPU per image, which
 the GPU threads share under one interpreter lock. Rounds alternate; each path's best round is reported.
 
@@ -57,6 +58,13 @@ def beam_read(uri: str) -> bytes:
 
     with _filesystems().open(uri, compression_type="uncompressed") as f:
         return f.read()
+
+
+def client_download_read(uri: str) -> bytes:
+    """lookalike's read before it went over urllib3: the storage client's own ranged download (requests)."""
+    from encoder.storage import _blob
+
+    return _blob(uri).download_as_bytes(start=0, end=MAX_BYTES, checksum=None, raw_download=True, retry=None)
 
 
 def lookalike_read(uri: str) -> bytes:
@@ -131,7 +139,7 @@ def main() -> None:
             mean_kb = sum(p.stat().st_size for p in photos) / len(photos) / 1000
         counter = RequestCounter()
         paths = {"beam_reader_lookups_on": (beam_read, "false"), "beam_reader_lookups_off": (beam_read, "true"),
-                 "lookalike": (lookalike_read, "true")}  # fmt: skip
+                 "client_download": (client_download_read, "true"), "lookalike": (lookalike_read, "true")}  # fmt: skip
         results: dict[str, dict] = {}
         for _ in range(args.rounds):
             for threads in (int(t) for t in args.threads.split(",")):
