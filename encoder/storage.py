@@ -266,7 +266,7 @@ def _read_range(uri: str, max_bytes: int) -> bytes:
 
     The library can check a checksum only against a whole object, so none here (as Beam's reader, which reads in
     ranges); a body cut short still fails on its Content-Length. Raw: a gzip-encoded object is not inflated past
-    the cap. Through `_ranged_http`, not the client's download, which cost 3.6x the CPU per read.
+    the cap. Through `_ranged_http`, not the client's download, which cost 2.2-2.6x the CPU per read.
     """
     from google.api_core.exceptions import from_http_status
 
@@ -289,9 +289,9 @@ _RANGED: tuple | None = None  # (the client it serves, its HTTP pool, the start 
 def _ranged_http():
     """urllib3 with the storage client's credentials (google-auth's `AuthorizedHttp`, which adds the token and
     refreshes it), made again with the client: what image reads go through. The client's own download
-    (google-resumable-media over requests) took 1,250 µs of CPU per read against this one's 350 (2-core Xeon,
-    70 KB objects on the emulator), most of it requests' per-request work; a reader process's reads are
-    CPU-bound at that."""
+    (google-resumable-media over requests) took 1.43 ms of CPU per read against this one's 0.64 with one
+    thread, 2.08 against 0.80 with 16 (`benchmarks/gcs_reads.py`, 2-core Xeon, 71 KB photos on the emulator),
+    most of it requests' per-request work; a reader process's reads are CPU-bound at that."""
     global _RANGED
     client = gcs_client()
     if _RANGED is None or _RANGED[0] is not client:
