@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 __all__ = [
     "arrow_input",
@@ -160,10 +160,16 @@ def gcs_client():
     return _CLIENT
 
 
-def _blob(uri: str):
+def _object(uri: str) -> tuple[str, str]:
+    """(bucket, object name) of a gs:// URI that names an object."""
     bucket, path = split_gcs_uri(uri)
     if not path:
         raise ValueError(f"gs:// URI without an object name: {uri!r}")
+    return bucket, path
+
+
+def _blob(uri: str):
+    bucket, path = _object(uri)
     return gcs_client().bucket(bucket).blob(path)
 
 
@@ -270,9 +276,7 @@ def _read_range(uri: str, max_bytes: int) -> bytes:
     """
     from google.api_core.exceptions import from_http_status
 
-    bucket, name = split_gcs_uri(uri)
-    if not name:
-        raise ValueError(f"gs:// URI without an object name: {uri!r}")
+    bucket, name = _object(uri)
     http, base = _ranged_http()
     response = http.request("GET", f"{base}{bucket}/o/{quote(name, safe='~')}?alt=media", decode_content=False,
                             headers={"Range": f"bytes=0-{max_bytes}", "Accept-Encoding": "gzip"})  # fmt: skip
@@ -307,7 +311,6 @@ def _pool(url: str):
     """A urllib3 pool keeping `CONNECTIONS` open to `url`'s host, with the proxy (`https_proxy`, `no_proxy`) and CA
     bundle (`REQUESTS_CA_BUNDLE`) requests would take from the environment; retries are `with_retries`'."""
     import urllib.request
-    from urllib.parse import urlsplit
 
     import urllib3
 
