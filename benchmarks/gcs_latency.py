@@ -36,9 +36,8 @@ from benchmarks.gcs_reads import MAX_BYTES, gpu_worker_fetch  # noqa: E402
 from pipelines.file_reader import CHUNKS_PER_PROCESS  # noqa: E402
 
 # (element, chunks at once per process, next element under way)
-AT_ONCE = CHUNKS_PER_PROCESS
-PATHS = {"before": (64, 1, False), "elements": (256, 1, False), "chunks": (64, AT_ONCE, False),
-         "both": (256, AT_ONCE, False), "now": (256, AT_ONCE, True)}  # fmt: skip
+PATHS = {"before": (64, 1, False), "elements": (256, 1, False), "chunks": (64, CHUNKS_PER_PROCESS, False),
+         "both": (256, CHUNKS_PER_PROCESS, False), "now": (256, CHUNKS_PER_PROCESS, True)}  # fmt: skip
 
 
 def main() -> None:
