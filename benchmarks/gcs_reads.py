@@ -3,9 +3,9 @@ lookalike's read (`pipelines.storage.read_image`: one ranged request over urllib
 credentials) against the same request through that client's own download (requests; lookalike's read before) and
 Beam's FileSystems reader, which the embed step used before that (a client and its pipeline options per object, a
 metadata request before the bytes), with google-cloud-storage's background bucket lookups on (the library's
-default, the behaviour before) and off. Then the Beam GPU worker's fetch step over the same photos: on its own 16 threads
-(before) against its reader processes (`pipelines.file_reader`), with the embedding process's CPU per image, which
-the GPU threads share under one interpreter lock. Rounds alternate; each path's best round is reported.
+default, the behaviour before) and off. Then the Beam GPU worker's fetch step over the same photos: on its own 16
+threads (before) against its reader processes (`pipelines.file_reader`), with the embedding process's CPU per
+image, which the GPU threads share under one interpreter lock. Rounds alternate; each path's best round is reported.
 
     python benchmarks/gcs_reads.py                  # 400 photos, 1 and 16 threads (the embed step's fetch_threads)
 

@@ -200,8 +200,9 @@ def is_transient(err: BaseException) -> bool:
 
     cut_short = (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError, http.client.IncompleteRead,
                  DataCorruption)  # fmt: skip
+    # The last: urllib3's own timeouts, and connections it could not make (image reads go over it directly).
     unreachable = (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout,
-                   urllib3.exceptions.TimeoutError)  # the last: urllib3's timeouts, and connections it could not make  # fmt: skip
+                   urllib3.exceptions.TimeoutError)  # fmt: skip
     return isinstance(err, (*unreachable, *cut_short))
 
 
@@ -320,8 +321,9 @@ def _pool(url: str):
         bundle = certifi.where()
     except ImportError:  # pragma: no cover - requests depends on it
         bundle = None
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or bundle
     options = {"maxsize": CONNECTIONS, "retries": False, "timeout": urllib3.Timeout(connect=60, read=60),
-               "ca_certs": os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or bundle}  # fmt: skip
+               "ca_certs": bundle}  # fmt: skip
     parts = urlsplit(url)
     proxy = urllib.request.getproxies().get(parts.scheme)
     if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
