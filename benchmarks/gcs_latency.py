@@ -20,6 +20,7 @@ the reads out at once carry over to GCS as they are.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -35,9 +36,10 @@ from benchmarks.common import machine, realistic_jpegs  # noqa: E402
 from benchmarks.gcs_reads import MAX_BYTES, gpu_worker_fetch  # noqa: E402
 from pipelines.file_reader import CHUNKS_PER_PROCESS  # noqa: E402
 
-# (element, chunks at once per process, next element under way)
-PATHS = {"before": (64, 1, False), "elements": (256, 1, False), "chunks": (64, CHUNKS_PER_PROCESS, False),
-         "both": (256, CHUNKS_PER_PROCESS, False), "now": (256, CHUNKS_PER_PROCESS, True)}  # fmt: skip
+# (element, chunks at once per process, elements under way past the one handed on, second requests for stragglers)
+PATHS = {"before": (64, 1, 0, False), "elements": (256, 1, 0, False), "chunks": (64, CHUNKS_PER_PROCESS, 0, False),
+         "both": (256, CHUNKS_PER_PROCESS, 0, False), "ahead": (256, CHUNKS_PER_PROCESS, 1, False),
+         "now": (256, CHUNKS_PER_PROCESS, 1, True), "two_ahead": (256, CHUNKS_PER_PROCESS, 2, True)}  # fmt: skip
 
 
 def main() -> None:
@@ -47,6 +49,8 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=200)
     parser.add_argument("--spread", type=float, default=0.0, help="sigma of the holds' lognormal spread")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--paths", default=",".join(PATHS), help="which of " + ", ".join(PATHS) + "; the first is "
+                        "the baseline")  # fmt: skip
     args = parser.parse_args()
 
     from tests.support.fault_proxy import FaultProxy, through
@@ -71,16 +75,19 @@ def main() -> None:
         upstream = urlparse(os.environ["STORAGE_EMULATOR_HOST"]).port
         held = {"slow_s": args.latency_ms / 1000, "slow_spread": args.spread}
         with FaultProxy(upstream, rate=1.0, kinds=("slow",), **held) as proxy, through(proxy):
-            readers = {at_once: ProcessReader(limits, args.processes, chunk=8, chunks_at_once=at_once)
-                       for at_once in {at_once for _, at_once, _ in PATHS.values()}}  # fmt: skip
+            paths = {name: PATHS[name] for name in args.paths.split(",")}
+            readers = {(at_once, hedge): ProcessReader(dataclasses.replace(limits, hedge=hedge), args.processes,
+                                                       chunk=8, chunks_at_once=at_once)
+                       for at_once, hedge in {(at_once, hedge) for _, at_once, _, hedge in paths.values()}}  # fmt: skip
             try:
-                for reader in readers.values():
-                    gpu_worker_fetch(uris[:64], reader)  # processes started, clients made
+                for reader in readers.values():  # processes started, clients made, latencies to hedge at seen
+                    gpu_worker_fetch(uris, reader, 256, 1)
                 for _ in range(args.rounds):
-                    for name, (element, at_once, ahead) in PATHS.items():
-                        proxy.most_in_flight = 0
-                        got = gpu_worker_fetch(uris, readers[at_once], element, ahead)
+                    for name, (element, at_once, ahead, hedge) in paths.items():
+                        proxy.most_in_flight, requests = 0, proxy.counts["requests"]
+                        got = gpu_worker_fetch(uris, readers[at_once, hedge], element, ahead)
                         got["most_reads_in_flight"] = proxy.most_in_flight
+                        got["requests_per_image"] = (proxy.counts["requests"] - requests) / len(uris)
                         if name not in results or got["images_per_s"] > results[name]["images_per_s"]:
                             results[name] = got
             finally:
@@ -89,8 +96,9 @@ def main() -> None:
     finally:
         proc.kill()
         proc.wait()
+    baseline = next(iter(results))
     for got in results.values():
-        got["x_before"] = got["images_per_s"] / results["before"]["images_per_s"]
+        got[f"x_{baseline}"] = got["images_per_s"] / results[baseline]["images_per_s"]
         got.pop("embedding_process_cpu_us_per_image")  # gcs_reads.py's measure; here the network's wait
     rounded = {name: {k: round(v, 2) for k, v in got.items()} for name, got in results.items()}
     print(json.dumps({"machine": machine(), "images": args.images, "processes": args.processes,

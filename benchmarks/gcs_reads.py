@@ -87,7 +87,7 @@ def measure(read, uris: list[str], threads: int, counter: RequestCounter) -> dic
             "requests_per_read": (counter.count - requests) / len(uris)}  # fmt: skip
 
 
-def gpu_worker_fetch(uris: list[str], reader, element: int = 64, ahead: bool = False) -> dict:
+def gpu_worker_fetch(uris: list[str], reader, element: int = 64, ahead: int = 0) -> dict:
     """The Beam GPU worker's fetch step (`prepare_items`, nothing decoded) over elements of `element` items, with
     `reader`'s processes or (None) the step's own 16 threads, one element at a time or (`ahead`) the next one
     under way while one is handed on (`PrepareAhead`, as the step runs now); CPU: the embedding process's own,
@@ -100,7 +100,7 @@ def gpu_worker_fetch(uris: list[str], reader, element: int = 64, ahead: bool = F
     cpu, start, got = time.process_time(), time.perf_counter(), 0
     limits = DecodeLimits(max_bytes=MAX_BYTES)
     with ThreadPoolExecutor(16) as pool:
-        background = PrepareAhead() if ahead else None
+        background = PrepareAhead(ahead) if ahead else None
         for first in range(0, len(items), element):
             args = (items[first : first + element], pool, PreprocessConfig(), limits)
             kwargs = {"defer_decode": True, "reader": reader}

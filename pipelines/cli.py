@@ -99,7 +99,10 @@ def embed(
     model: Annotated[str, typer.Option(help="SigLIP checkpoint: Hub id, directory or gs:// directory.")],
     out: Annotated[str, typer.Option(help="Output root (local or gs://).")],
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
-    fetch_threads: Annotated[int, typer.Option(help="Concurrent object-store reads and decodes per worker.")] = 16,
+    fetch_threads: Annotated[int, typer.Option(help="Concurrent CPU decodes and local reads per worker.")] = 16,
+    hedge_reads: Annotated[
+        bool, typer.Option(help="Send a second request for object-store reads slower than 95% of recent ones.")
+    ] = True,
     workers: Annotated[int, typer.Option(help="Local runner worker processes (on k GPUs: k, one per GPU).")] = 1,
     device: Annotated[
         str, typer.Option(help="auto, cpu, cuda or cuda:N (cuda: each worker process takes a GPU of its own).")
@@ -145,7 +148,7 @@ def embed(
         catalog=catalog, model=model, out=out, batch_size=batch_size, fetch_threads=fetch_threads, workers=workers,
         device=device, dtype=dtype, compile=compile, compile_frozen=compile_frozen, cuda_graph=cuda_graph,
         gpu_decode=gpu_decode, gpu_decoder=gpu_decoder, gpu_decode_threads=gpu_decode_threads, draft=draft,
-        incremental=incremental, previous=previous,
+        incremental=incremental, previous=previous, hedge_reads=hedge_reads,
         max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, reuse_memory_mb=reuse_memory_mb,
         max_decode_s=max_decode_s,
     )  # fmt: skip

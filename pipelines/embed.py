@@ -91,7 +91,8 @@ class EmbedConfig:
     model: str  # Hub id, local directory or gs:// directory
     out: str  # output root; runs land in out/embeddings/<run_id>/
     batch_size: int = 64  # images per forward pass (CPU); use ~256 on a GPU
-    fetch_threads: int = 16  # concurrent object-store reads + decodes per worker process
+    fetch_threads: int = 16  # concurrent CPU decodes and local reads per worker process
+    hedge_reads: bool = True  # object-store reads in the latency tail get a second request (pipelines.hedged_reads)
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False

@@ -143,7 +143,8 @@ class FetchAndDecode(beam.DoFn):
         # A GPU worker reads local files and gs:// objects in reader processes, keeping the interpreter lock for the
         # GPU threads.
         self._reader = (file_reader_for(self._cfg.limits, batches_progressive(gpu_decoder_name(self._cfg)),
-                                        self._cfg.batch_size, self._cfg.workers, self._cfg.gpu_decode_threads)
+                                        self._cfg.batch_size, self._cfg.workers, self._cfg.gpu_decode_threads,
+                                        self._cfg.hedge_reads)
                         if self._defer_decode else None)  # fmt: skip
         self._progress = ProgressLog("fetched", self._total)
         self._prepare = PrepareAhead()  # the next chunk's object-store reads out while this one is handed on
@@ -158,7 +159,8 @@ class FetchAndDecode(beam.DoFn):
         known = self._previous if self._previous is not None else known
         due = self._prepare.submit(items, self._pool, self._preprocess, self._cfg.limits, known, self._reembed,
                                  threads=self._cfg.fetch_threads, max_decode_s=self._cfg.max_decode_s,
-                                 defer_decode=self._defer_decode, reader=self._reader)  # fmt: skip
+                                 defer_decode=self._defer_decode, reader=self._reader,
+                                 hedge=self._cfg.hedge_reads)  # fmt: skip
         for prepared in due:
             yield from self._outputs(prepared)
 
@@ -342,7 +344,7 @@ _READERS_LOCK = threading.Lock()
 
 
 def file_reader_for(limits: DecodeLimits, progressive: bool = True, batch_size: int = 256,
-                    workers: int = 1, decode_threads: int = 1) -> ProcessReader:  # fmt: skip
+                    workers: int = 1, decode_threads: int = 1, hedge: bool = True) -> ProcessReader:  # fmt: skip
     """This process's reader processes for image files and gs:// objects, started on first use, stopped at exit: one set
     per worker process however many fetch steps its threads run (their reads run together).
     `progressive`: whether the GPU decoder batches progressive JPEGs (their route depends on it).
@@ -350,11 +352,12 @@ def file_reader_for(limits: DecodeLimits, progressive: bool = True, batch_size: 
     least), as two fetch elements of a batch or more are read at once (`PrepareAhead`) while the background
     stream decodes the batches before them, and one more per GPU decode thread past the first
     (`encoder.gpu_stream` takes a batch ahead per thread). Short of slots, reads go without (a copy more).
-    `workers`: the local runner's worker processes, which share this machine's cores (at most 8 readers each)."""
+    `workers`: the local runner's worker processes, which share this machine's cores (at most 8 readers each).
+    `hedge`: object-store reads in the latency tail get a second request (`pipelines.hedged_reads`)."""
     chunk = 8  # a 256-item fetch element (`embed.fetch_chunk_size`) spreads over 32 slots
     per_batch = -(-batch_size // chunk)
     slots = max(192, 3 * per_batch + 16) + (decode_threads - 1) * per_batch
-    key = (ReadLimits.of(limits, progressive=progressive), slots)
+    key = (ReadLimits.of(limits, progressive=progressive, hedge=hedge), slots)
     with _READERS_LOCK:
         if key not in _READERS:
             processes = reader_processes(os.cpu_count() or 1, workers)

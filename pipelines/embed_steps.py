@@ -25,7 +25,7 @@ from encoder import DecodeLimits, PreprocessConfig
 from encoder.gpu_images import collect_decodes, decode_on_cpu
 from pipelines import storage
 from pipelines.catalog import CatalogItem
-from pipelines.file_reader import reads_in_readers
+from pipelines.file_reader import object_reads, reads_in_readers
 from pipelines.records import (
     EmbeddingRow,
     Failure,
@@ -132,7 +132,11 @@ class Fetched(NamedTuple):
 
 def fetch_item(item: CatalogItem, limits: DecodeLimits) -> Fetched | Failure:
     """Read an item's image bytes and hash them."""
-    data = storage.read_image(item.image_uri, limits.max_bytes)
+    return _fetched(item, storage.read_image(item.image_uri, limits.max_bytes))
+
+
+def _fetched(item: CatalogItem, data: bytes | str) -> Fetched | Failure:
+    """An item's bytes hashed, or (`data` a reason) its dead letter."""
     if isinstance(data, str):
         return Failure(item.item_id, item.image_uri, "fetch", data)
     return Fetched(item, data, hashlib.sha256(data).hexdigest())
@@ -149,7 +153,7 @@ class Prepared(NamedTuple):
 def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: PreprocessConfig, limits: DecodeLimits,
                   known: KnownDigests | None = None, reembed: frozenset[str] = frozenset(), *, threads: int = 16,
                   max_decode_s: float = 30.0, defer_decode: bool = False,
-                  reader: ProcessReader | None = None) -> Prepared:  # fmt: skip
+                  reader: ProcessReader | None = None, hedge: bool = True) -> Prepared:  # fmt: skip
     """Fetch and hash every item; decode only those whose bytes have no vector in `known`.
 
     With `defer_decode` (a GPU worker), nothing is decoded here: the bytes go on
@@ -160,9 +164,10 @@ def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: Prep
     Local files are read and hashed on `pool`, a share of the chunk per core: one task per
     file costs more in thread hand-offs than the read (2 cores, 70 KB photos: 72 µs per
     file inline, 47 µs in two tasks, 88 µs in eight). Object-store reads wait on the
-    network and go to `pool` one each (on a GPU worker, gs:// reads go to the reader's
-    processes: ~2 ms of Python per read would hold this process's interpreter lock from the
-    GPU threads). Decodes go to `pool` (Pillow releases the GIL while
+    network and go to this process's threads for them, stragglers hedged with `hedge`
+    (`file_reader.object_reads`; on a GPU worker, gs:// reads go to the reader's processes:
+    the Python of each read would hold this process's interpreter lock from the GPU
+    threads). Decodes go to `pool` (Pillow releases the GIL while
     decoding); an image not decoded within `max_decode_s` (per image, `threads` at a time)
     is dead-lettered and its thread left to finish on its own
     (`encoder.gpu_images.collect_decodes`).
@@ -170,7 +175,7 @@ def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: Prep
     by_reader = [i for i in items if reads_in_readers(i.image_uri)] if defer_decode and reader is not None else []
     rest = [i for i in items if not reads_in_readers(i.image_uri)] if by_reader else items
     local = [i for i in rest if "://" not in i.image_uri]
-    remote = [i for i in rest if "://" in i.image_uri]  # network-bound: a pool thread each
+    remote = [i for i in rest if "://" in i.image_uri]  # network-bound: read together, stragglers hedged
     routes: list[str | None] = []
     fetched: list = []
     if by_reader:
@@ -182,7 +187,9 @@ def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: Prep
         size = max(8, math.ceil(len(local) / min(threads, os.cpu_count() or 1)))  # one task per core, not per file
         parts = [local[i : i + size] for i in range(0, len(local), size)]
         fetched += [f for part in pool.map(lambda part: [fetch_item(i, limits) for i in part], parts) for f in part]
-    fetched += pool.map(lambda i: fetch_item(i, limits), remote)
+    if remote:
+        datas = object_reads().map([i.image_uri for i in remote], limits.max_bytes, hedge=hedge)
+        fetched += [_fetched(i, data) for i, data in zip(remote, datas, strict=True)]
     failed = [f for f in fetched if isinstance(f, Failure)]
     ok = [f for f in fetched if isinstance(f, Fetched)]
     routes += [None] * (len(ok) - len(routes))  # the rest (remote, or read here) are routed by the embed step
@@ -220,8 +227,9 @@ class PrepareAhead:
     interpreter lock), so they are not. `submit` returns what is done and due, in order; `drain` the rest.
     """
 
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(2, thread_name_prefix="prepare")
+    def __init__(self, depth: int = 1) -> None:
+        self.depth = depth
+        self._pool = ThreadPoolExecutor(depth + 1, thread_name_prefix="prepare")
         self._pending: collections.deque[Future] = collections.deque()
 
     def submit(self, items: Sequence[CatalogItem], *args, **kwargs) -> list[Prepared]:
@@ -231,7 +239,7 @@ class PrepareAhead:
             due = list(self.drain())
             return [*due, prepare_items(items, *args, **kwargs)]
         self._pending.append(self._pool.submit(prepare_items, items, *args, **kwargs))
-        return [self._pending.popleft().result() for _ in range(len(self._pending) - 1)]
+        return [self._pending.popleft().result() for _ in range(len(self._pending) - self.depth)]
 
     def drain(self) -> Iterator[Prepared]:
         """Every result not yet taken, in order."""

@@ -44,6 +44,7 @@ from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING
 
 from encoder.jpeg import cpu_reason
+from pipelines.hedged_reads import HedgedReads
 from pipelines.storage import read_image
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ __all__ = [
     "ReadBatch",
     "ReadLimits",
     "ThreadReader",
+    "object_reads",
     "read_chunk",
     "reads_in_readers",
 ]
@@ -70,17 +72,19 @@ Record = tuple
 
 @dataclass(frozen=True)
 class ReadLimits:
-    """What the readers check per file; plain numbers so that reader processes need not import torch."""
+    """What the readers check per file, and whether they hedge object-store reads; plain values so that reader
+    processes need not import torch."""
 
     max_bytes: int
     max_pixels: int
     route: bool = True  # parse the JPEG header for `encoder.jpeg.cpu_reason`; False: every reason is None
     progressive: bool = True  # the GPU decoder batches progressive JPEGs (`encoder.gpu_images.batches_progressive`)
+    hedge: bool = True  # object-store reads in the tail get a second request (`pipelines.hedged_reads`)
 
     @classmethod
-    def of(cls, limits, route: bool = True, progressive: bool = True) -> ReadLimits:
+    def of(cls, limits, route: bool = True, progressive: bool = True, hedge: bool = True) -> ReadLimits:
         """From an `encoder.DecodeLimits`."""
-        return cls(limits.max_bytes, limits.max_pixels, route, progressive)
+        return cls(limits.max_bytes, limits.max_pixels, route, progressive, hedge)
 
 
 @dataclass
@@ -99,29 +103,28 @@ def reads_in_readers(uri: str) -> bool:
     return "://" not in uri or uri.startswith("gs://")
 
 
-FETCHES_PER_PROCESS = 64  # object-store reads in flight per process: a chunk's at once, from several chunks
-_FETCHES: ThreadPoolExecutor | None = None
-_FETCHES_LOCK = threading.Lock()
+FETCHES_PER_PROCESS = 96  # threads for object-store reads per process: 8 chunks' reads and their second requests
+_OBJECT_READS: HedgedReads | None = None
+_OBJECT_READS_LOCK = threading.Lock()
 
 
-def _fetches() -> ThreadPoolExecutor:
-    """This process's threads for object-store reads, which wait on the network."""
-    global _FETCHES
-    with _FETCHES_LOCK:
-        if _FETCHES is None:
-            _FETCHES = ThreadPoolExecutor(FETCHES_PER_PROCESS, thread_name_prefix="fetch")
-        return _FETCHES
+def object_reads() -> HedgedReads:
+    """This process's threads for object-store reads, which wait on the network (`pipelines.hedged_reads`)."""
+    global _OBJECT_READS
+    with _OBJECT_READS_LOCK:
+        if _OBJECT_READS is None:
+            _OBJECT_READS = HedgedReads(read_image, FETCHES_PER_PROCESS)
+        return _OBJECT_READS
 
 
 def read_chunk(paths: Sequence[str], limits: ReadLimits, out: memoryview | None = None) -> list[Record]:
     """Read, hash and route `paths`, placing their bytes in `out` while they fit (`Record`s, in order).
-    Object-store reads in the chunk are in flight together; a chunk of local files is read in turn."""
+    Object-store reads in the chunk are in flight together, stragglers hedged (`limits.hedge`); local files are
+    read in turn."""
     records, used = [], 0
-    if sum("://" in path for path in paths) > 1:
-        fetched = _fetches().map(lambda path: read_image(path, limits.max_bytes), paths)
-    else:
-        fetched = (read_image(path, limits.max_bytes) for path in paths)
-    for data in fetched:
+    remote = [path for path in paths if "://" in path]
+    fetched = iter(object_reads().map(remote, limits.max_bytes, hedge=limits.hedge) if remote else ())
+    for data in (next(fetched) if "://" in path else read_image(path, limits.max_bytes) for path in paths):
         if isinstance(data, str):
             records.append((None, "fetch", data, 0))
             continue
