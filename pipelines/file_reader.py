@@ -113,7 +113,8 @@ def object_reads() -> HedgedReads:
     global _OBJECT_READS
     with _OBJECT_READS_LOCK:
         if _OBJECT_READS is None:
-            _OBJECT_READS = HedgedReads(read_image, FETCHES_PER_PROCESS)
+            # read_image looked up per read, not bound here, so that tests can stand in for it
+            _OBJECT_READS = HedgedReads(lambda path, max_bytes: read_image(path, max_bytes), FETCHES_PER_PROCESS)
         return _OBJECT_READS
 
 

@@ -30,6 +30,7 @@ WINDOW = 512  # recent successful reads whose latencies set that quantile
 MIN_SAMPLES = 64  # no second requests before this many reads have landed
 BUDGET = 0.1  # second requests per read, at most (plus `BURST`)
 BURST = 8.0
+MIN_DELAY_S = 0.01  # never sooner: a read that fast is not a straggler, and threads take that long to be scheduled
 
 
 @dataclass
@@ -47,11 +48,11 @@ class HedgedReads:
 
     def __init__(self, read: Callable[..., object], threads: int, *, quantile: float = QUANTILE,
                  window: int = WINDOW, min_samples: int = MIN_SAMPLES, budget: float = BUDGET,
-                 burst: float = BURST) -> None:  # fmt: skip
+                 burst: float = BURST, min_delay_s: float = MIN_DELAY_S) -> None:  # fmt: skip
         if not 0 < quantile < 1 or min(threads, window, min_samples) < 1 or budget < 0 or burst < 1:
             raise ValueError("need 0 < quantile < 1, threads, window and min_samples >= 1, budget >= 0, burst >= 1")
         self._read, self.quantile, self.min_samples = read, quantile, min_samples
-        self.budget, self.burst = budget, burst
+        self.budget, self.burst, self.min_delay_s = budget, burst, min_delay_s
         # More threads than first requests the callers keep out: a second request must not queue behind them, and
         # a first request that lost still holds its thread until it lands.
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="fetch")
@@ -65,25 +66,35 @@ class HedgedReads:
     def map(self, paths: Sequence[str], *args, hedge: bool = True) -> list:
         """`read(path, *args)` of every path, in order; with `hedge`, a second request for each read still out past
         the hedging delay (if the budget allows)."""
-        start = time.monotonic()
-        first = [self._pool.submit(self._timed, path, *args) for path in paths]
+        started: list[float | None] = [None] * len(paths)  # when each first request left its queue
+        first = [self._pool.submit(self._timed, path, *args, started=(started, i)) for i, path in enumerate(paths)]
         with self._lock:
             self.stats.reads += len(paths)
             delay = self._delay if hedge else None
-        if delay is None:
-            return [f.result() for f in first]
-        wait(first, timeout=max(0.0, start + delay - time.monotonic()))
-        second = {i: self._pool.submit(self._timed, paths[i], *args)
-                  for i, f in enumerate(first) if not f.done() and self._spend()}  # fmt: skip
-        return [self._first_success(f, second[i]) if i in second else f.result() for i, f in enumerate(first)]
+        second: dict[int, Future | None] = {}  # None: none sent (the budget was spent)
+        while delay is not None:
+            now = time.monotonic()
+            # Out past the delay since it left the queue, not since it was queued: a read waiting for a thread
+            # is not slow, and a second request would wait behind it.
+            for i, f in enumerate(first):
+                if i not in second and not f.done() and started[i] is not None and now - started[i] >= delay:
+                    second[i] = self._pool.submit(self._timed, paths[i], *args) if self._spend() else None
+            waiting = [i for i, f in enumerate(first) if i not in second and not f.done()]
+            if not waiting:
+                break
+            due = [started[i] + delay for i in waiting if started[i] is not None]
+            wait([first[i] for i in waiting], timeout=max(0.0, min(due) - now) if due else delay)
+        return [self._first_success(f, second[i]) if second.get(i) else f.result() for i, f in enumerate(first)]
 
     def delay_s(self) -> float | None:
         """How long a read may be out before it gets a second request; None until `min_samples` reads landed."""
         with self._lock:
             return self._delay
 
-    def _timed(self, path: str, *args):
+    def _timed(self, path: str, *args, started: tuple[list, int] | None = None):
         start = time.monotonic()
+        if started is not None:
+            started[0][started[1]] = start
         result = self._read(path, *args)
         if not isinstance(result, str):
             self._landed(time.monotonic() - start)
@@ -97,7 +108,7 @@ class HedgedReads:
             # Recomputed every few reads, not per read: a sort of the window costs ~50 µs.
             if len(self._latencies) >= self.min_samples and (self._delay is None or self._fresh >= 32):
                 ordered = sorted(self._latencies)
-                self._delay = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))]
+                self._delay = max(self.min_delay_s, ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))])
                 self._fresh = 0
 
     def _spend(self) -> bool:
@@ -113,10 +124,10 @@ class HedgedReads:
         winner = first if first in done else second
         if isinstance(winner.result(), str):  # a failure: the other request may still bring the bytes
             other = second if winner is first else first
-            if not isinstance(other.result(), str):
-                winner = other
-            else:
+            if isinstance(other.result(), str):
                 return first.result()
+            winner = other
+        second.cancel()  # the first won: its second request, if still queued, is not sent
         if winner is second:
             with self._lock:
                 self.stats.won += 1

@@ -284,3 +284,39 @@ def test_reader_processes_keep_several_chunks_of_object_store_reads_in_flight(gc
             batches = list(reader.read(uris, batch_size=48))
     assert [len(data) for batch in batches for data in batch.datas] == [100 + i for i in range(48)]
     assert 2 * 4 < proxy.most_in_flight <= 2 * CHUNKS_PER_PROCESS * 4
+
+
+@pytest.mark.gcs
+def test_a_reader_process_answers_a_straggling_read_with_a_second_request(gcs_emulator, gcs_bucket):
+    """Once a reader process has seen enough reads land to know their latency, a read still out well past it gets
+    a second request, and the chunk goes on with that request's bytes: here two objects whose first request the
+    proxy holds 30 s arrive in seconds. Without hedging, the same read waits the 30 s out."""
+    from urllib.parse import urlparse
+
+    from encoder import storage
+    from pipelines.hedged_reads import MIN_SAMPLES
+    from tests.support.fault_proxy import FaultProxy, through
+
+    class FirstRequestHeld(FaultProxy):
+        def fate(self, method: str, path: str = "") -> str:
+            first = "straggler" in path and not any(path == seen for _, seen in self.seen)
+            super().fate(method, path)  # counted and recorded
+            return "slow" if first else "pass"
+
+    warm = [f"gs://{gcs_bucket}/warm{i}.bin" for i in range(MIN_SAMPLES)]
+    stragglers = [f"gs://{gcs_bucket}/straggler{i}.bin" for i in range(2)]
+    for uri in warm + stragglers:
+        storage.write_bytes(uri, uri.encode())
+    limits = ReadLimits(max_bytes=1000, max_pixels=10**8, route=False)
+    upstream = urlparse(os.environ["STORAGE_EMULATOR_HOST"]).port
+    with FirstRequestHeld(upstream, rate=0.0, slow_s=30) as proxy, through(proxy):
+        with ProcessReader(limits, 1, chunk=8) as reader:
+            assert sum(len(b.keys) for b in reader.read(warm, batch_size=64)) == MIN_SAMPLES  # latencies to hedge at
+            start = time.monotonic()
+            batches = list(reader.read([warm[0], *stragglers, warm[1]], batch_size=4))
+            took = time.monotonic() - start
+    assert [bytes(data) for batch in batches for data in batch.datas] == [
+        uri.encode() for uri in [warm[0], *stragglers, warm[1]]
+    ]
+    assert took < 15
+    assert sum("straggler" in path for _, path in proxy.seen) == 4  # a first and a second request each
