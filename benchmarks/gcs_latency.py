@@ -2,17 +2,24 @@
 every read waits on the network: the local GCS emulator behind a proxy that holds each request `--latency-ms`
 before answering it. Compared, in one process and alternating rounds:
 
-    before    elements of 64 items, each read whole before the next; each reader process one chunk of 8 at a time
-    elements  elements of a batch (256, `embed.fetch_chunk_size`), one chunk at a time
-    chunks    elements of 64, up to 8 chunks at a time per process (`file_reader.CHUNKS_PER_PROCESS`)
-    both      elements of a batch, 8 chunks at a time
-    now       both, and the next element under way while one is handed on (`embed_steps.PrepareAhead`)
+    before     elements of 64 items, each read whole before the next; each reader process one chunk of 8 at a time
+    elements   elements of a batch (256, `embed.fetch_chunk_size`), one chunk at a time
+    chunks     elements of 64, up to 8 chunks at a time per process (`file_reader.CHUNKS_PER_PROCESS`)
+    both       elements of a batch, 8 chunks at a time
+    ahead      both, and the next element under way while one is handed on (`embed_steps.PrepareAhead`)
+    hedged     ahead, and a second request for each read still out past the 95th percentile of recent reads
+               (`pipelines.hedged_reads`)
+    two_ahead  both, two elements under way past the one handed on, no second requests
+    now        two_ahead with second requests: the step as it runs now
 
     python benchmarks/gcs_latency.py        # 2,048 small photos, 8 reader processes (a GPU host's), 200 ms
     python benchmarks/gcs_latency.py --spread 0.5    # each hold drawn around 200 ms: a tail, as real reads have
+    python benchmarks/gcs_latency.py --spread 1.0 --paths ahead,hedged,two_ahead,now
 
 Without reading ahead the step reads an element whole before it takes the next, so images/s ≈ reads out at once
-/ latency, less the wait for each element's slowest read. The held latency is far above GCS's (tens of ms) so
+/ latency, less the wait for each element's slowest read. Second requests are counted as the proxy saw them
+(`requests_per_image`). Each reader is warmed with a pass over the photos first, so that its processes know the
+latencies to hedge at. The held latency is far above GCS's (tens of ms) so
 that the emulator, which answers one request at a time, and this machine's cores are less of what sets the pace;
 the reads out at once carry over to GCS as they are.
 """
@@ -34,12 +41,14 @@ os.environ.update(NO_GCE_CHECK="true", GCE_METADATA_HOST="127.0.0.1:9", GCE_META
 
 from benchmarks.common import machine, realistic_jpegs  # noqa: E402
 from benchmarks.gcs_reads import MAX_BYTES, gpu_worker_fetch  # noqa: E402
+from pipelines.embed_steps import READ_AHEAD  # noqa: E402
 from pipelines.file_reader import CHUNKS_PER_PROCESS  # noqa: E402
 
 # (element, chunks at once per process, elements under way past the one handed on, second requests for stragglers)
 PATHS = {"before": (64, 1, 0, False), "elements": (256, 1, 0, False), "chunks": (64, CHUNKS_PER_PROCESS, 0, False),
          "both": (256, CHUNKS_PER_PROCESS, 0, False), "ahead": (256, CHUNKS_PER_PROCESS, 1, False),
-         "now": (256, CHUNKS_PER_PROCESS, 1, True), "two_ahead": (256, CHUNKS_PER_PROCESS, 2, True)}  # fmt: skip
+         "hedged": (256, CHUNKS_PER_PROCESS, 1, True), "two_ahead": (256, CHUNKS_PER_PROCESS, READ_AHEAD, False),
+         "now": (256, CHUNKS_PER_PROCESS, READ_AHEAD, True)}  # fmt: skip
 
 
 def main() -> None:

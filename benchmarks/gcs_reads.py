@@ -89,9 +89,9 @@ def measure(read, uris: list[str], threads: int, counter: RequestCounter) -> dic
 
 def gpu_worker_fetch(uris: list[str], reader, element: int = 64, ahead: int = 0) -> dict:
     """The Beam GPU worker's fetch step (`prepare_items`, nothing decoded) over elements of `element` items, with
-    `reader`'s processes or (None) the step's own 16 threads, one element at a time or (`ahead`) the next one
-    under way while one is handed on (`PrepareAhead`, as the step runs now); CPU: the embedding process's own,
-    which the GPU threads share."""
+    `reader`'s processes or (None) the step's own 16 threads, one element at a time or (`ahead` > 0) that many
+    under way past the one handed on (`PrepareAhead`); CPU: the embedding process's own, which the GPU threads
+    share."""
     from encoder import DecodeLimits, PreprocessConfig
     from pipelines.catalog import CatalogItem
     from pipelines.embed_steps import PrepareAhead, prepare_items

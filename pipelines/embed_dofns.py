@@ -36,6 +36,7 @@ from pipelines import storage
 from pipelines.catalog import ItemChunk
 from pipelines.embed_runs import read_shard
 from pipelines.embed_steps import (
+    READ_AHEAD,
     KnownDigests,
     PrepareAhead,
     Prepared,
@@ -125,9 +126,9 @@ class FetchAndDecode(beam.DoFn):
     On a GPU worker nothing is decoded here: the bytes go on to `EmbedBatch`, which routes each
     image to the GPU decoder or to CPU threads. With `previous` (an earlier run small enough for
     memory), items whose image bytes already have a vector leave as one Arrow table per chunk on
-    the `reused` output; otherwise each leaves as a `reuse` request for the shuffle join. A chunk
-    of object-store images is prepared in the background while the one before it is handed on
-    (`PrepareAhead`), so its outputs leave with the next element, or at the bundle's end; a
+    the `reused` output; otherwise each leaves as a `reuse` request for the shuffle join. Chunks
+    of object-store images are prepared in the background, two past the one handed on
+    (`PrepareAhead`), so their outputs leave with later elements, or at the bundle's end; a
     chunk of local files leaves at once.
     """
 
@@ -147,7 +148,7 @@ class FetchAndDecode(beam.DoFn):
                                         self._cfg.hedge_reads)
                         if self._defer_decode else None)  # fmt: skip
         self._progress = ProgressLog("fetched", self._total)
-        self._prepare = PrepareAhead()  # the next chunk's object-store reads out while this one is handed on
+        self._prepare = PrepareAhead()  # the next chunks' object-store reads out while this one is handed on
         self._previous = self._previous_source.acquire() if self._previous_source else None
         self._reused = Metrics.counter(NAMESPACE, "reused")
 
@@ -348,15 +349,15 @@ def file_reader_for(limits: DecodeLimits, progressive: bool = True, batch_size: 
     """This process's reader processes for image files and gs:// objects, started on first use, stopped at exit: one set
     per worker process however many fetch steps its threads run (their reads run together).
     `progressive`: whether the GPU decoder batches progressive JPEGs (their route depends on it).
-    `batch_size`: the embed step's; the ring holds three such batches and more (192 slots of 8 files at
-    least), as two fetch elements of a batch or more are read at once (`PrepareAhead`) while the background
+    `batch_size`: the embed step's; the ring holds four such batches and more (224 slots of 8 files at
+    least), as three fetch elements of a batch or more are read at once (`PrepareAhead`) while the background
     stream decodes the batches before them, and one more per GPU decode thread past the first
     (`encoder.gpu_stream` takes a batch ahead per thread). Short of slots, reads go without (a copy more).
     `workers`: the local runner's worker processes, which share this machine's cores (at most 8 readers each).
     `hedge`: object-store reads in the latency tail get a second request (`pipelines.hedged_reads`)."""
     chunk = 8  # a 256-item fetch element (`embed.fetch_chunk_size`) spreads over 32 slots
     per_batch = -(-batch_size // chunk)
-    slots = max(192, 3 * per_batch + 16) + (decode_threads - 1) * per_batch
+    slots = max(224, (2 + READ_AHEAD) * per_batch + 16) + (decode_threads - 1) * per_batch
     key = (ReadLimits.of(limits, progressive=progressive, hedge=hedge), slots)
     with _READERS_LOCK:
         if key not in _READERS:

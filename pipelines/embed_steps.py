@@ -45,6 +45,7 @@ __all__ = [
     "KnownDigests",
     "Prepared",
     "PrepareAhead",
+    "READ_AHEAD",
     "PreviousVectors",
     "ProgressLog",
     "fetch_item",
@@ -215,19 +216,25 @@ def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: Prep
     return Prepared(decoded, reuse, failed)
 
 
+READ_AHEAD = 2  # chunks of object-store reads under way past the one whose result is taken
+
+
 class PrepareAhead:
-    """`prepare_items` for chunks that wait on the network on a thread of its own, one chunk past the one whose
-    result is taken; chunks of local files are prepared in the caller's thread, as they come.
+    """`prepare_items` for chunks that wait on the network on threads of its own, up to `depth` chunks past the one
+    whose result is taken; chunks of local files are prepared in the caller's thread, as they come.
 
     The embed step reads a chunk whole before it hands it on, so each chunk of object-store reads waited for
     the slowest read of the one before to land (a chunk of 256 from `gs://`: one long tail per chunk, and
-    nothing out meanwhile). With the next chunk's reads out while this one is handed on, the readers always
-    have work (BENCHMARKS.md, "Reads out to gs:// at once": 1.3-1.8x). Local files take microseconds to read,
-    and there reading ahead lost on a 16-core GPU host (0.76-0.84x: the two threads contend for the
-    interpreter lock), so they are not. `submit` returns what is done and due, in order; `drain` the rest.
+    nothing out meanwhile). With the next chunks' reads out while this one is handed on, the readers always
+    have work, and a chunk held up by its slowest read holds up no other's reads (BENCHMARKS.md, "Reads out to
+    gs:// at once": one chunk ahead 1.3-1.8x; two, 1.1-1.6x more). Local files take microseconds to read, and
+    there reading ahead lost on a 16-core GPU host (0.76-0.84x: the threads contend for the interpreter lock),
+    so they are not. `submit` returns what is done and due, in order; `drain` the rest.
     """
 
-    def __init__(self, depth: int = 1) -> None:
+    def __init__(self, depth: int = READ_AHEAD) -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
         self.depth = depth
         self._pool = ThreadPoolExecutor(depth + 1, thread_name_prefix="prepare")
         self._pending: collections.deque[Future] = collections.deque()

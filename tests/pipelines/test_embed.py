@@ -511,7 +511,7 @@ def test_gpu_decode_threads_on_a_worker_that_decodes_on_the_cpu_are_ignored_with
     assert "--gpu-decode-threads 3 ignored" in caplog.text
 
 
-def test_the_readers_ring_holds_three_of_the_embed_steps_batches(monkeypatch):
+def test_the_readers_ring_holds_four_of_the_embed_steps_batches(monkeypatch):
     from types import SimpleNamespace
 
     made: list[int] = []
@@ -522,11 +522,12 @@ def test_the_readers_ring_holds_three_of_the_embed_steps_batches(monkeypatch):
 
     monkeypatch.setattr(embed_dofns, "_READERS", {})
     monkeypatch.setattr(embed_dofns, "ProcessReader", reader)
-    assert embed_dofns.file_reader_for(DecodeLimits(), batch_size=256).slots == 192
-    assert embed_dofns.file_reader_for(DecodeLimits(), batch_size=64).slots == 192  # the same set of readers
-    assert embed_dofns.file_reader_for(DecodeLimits(), batch_size=2048).slots == 3 * 2048 // 8 + 16
-    assert embed_dofns.file_reader_for(DecodeLimits(), batch_size=256, decode_threads=3).slots == 192 + 2 * 256 // 8
-    assert made == [192, 784, 256]
+    assert embed_dofns.file_reader_for(DecodeLimits(), batch_size=256).slots == 224
+    assert embed_dofns.file_reader_for(DecodeLimits(), batch_size=64).slots == 224  # the same set of readers
+    assert embed_dofns.file_reader_for(DecodeLimits(), batch_size=2048).slots == 4 * 2048 // 8 + 16
+    assert embed_dofns.file_reader_for(DecodeLimits(), batch_size=256, decode_threads=3).slots == 224 + 2 * 256 // 8
+    assert embed_dofns.file_reader_for(DecodeLimits(), batch_size=256, hedge=False).slots == 224  # a set of its own
+    assert made == [224, 1040, 288, 224]
 
 
 def test_worker_processes_share_the_cores_among_their_readers(monkeypatch):

@@ -14,6 +14,7 @@ from PIL import Image
 from encoder import DecodeLimits, PreprocessConfig
 from pipelines.catalog import CatalogItem
 from pipelines.embed_steps import KnownDigests, PreviousVectors, prepare_items
+from pipelines.file_reader import object_reads
 from pipelines.records import EmbeddingRow, ReuseRequest, embedding_matrix, rows_to_table
 
 PREPROCESS = PreprocessConfig(height=8, width=8)
@@ -86,6 +87,7 @@ def test_prepare_items_accounts_for_every_item_once_and_decodes_only_what_change
         CatalogItem("no-uri", ""),
         CatalogItem("remote", "nosuchscheme://bucket/x.jpg"),
     ]
+    remote_reads = object_reads().stats.reads
     with _RecordingPool() as pool:
         prepared = prepare_items(items, pool, PREPROCESS, DecodeLimits(), known, reembed=frozenset({"forced"}))
     assert [r.item_id for r in prepared.reuse] == ["same"]
@@ -95,8 +97,9 @@ def test_prepare_items_accounts_for_every_item_once_and_decodes_only_what_change
     reasons = {f.item_id: (f.stage, f.error) for f in prepared.failed}
     assert reasons.keys() == {"broken", "missing", "no-uri", "remote"}
     assert reasons["missing"] == ("fetch", "not found") and reasons["broken"][0] == "decode"
-    # Local files are read inline; only the remote read and the decodes go to the pool.
-    assert [h.item_id for h in pool.handed if isinstance(h, CatalogItem)] == ["remote"]
+    # Local files are read inline, the remote read on the process's object-store threads, the decodes on the pool.
+    assert [h.item_id for h in pool.handed if isinstance(h, CatalogItem)] == []
+    assert object_reads().stats.reads == remote_reads + 1
     assert sorted(h for h in pool.handed if isinstance(h, bytes)) == sorted(
         p.read_bytes() for p in (changed, forced, broken)
     )
@@ -206,9 +209,10 @@ def test_a_gpu_worker_reads_gs_images_in_its_reader_processes_and_other_schemes_
                                                                           ("missing", "fetch", "not found")]  # fmt: skip
 
 
-def test_prepare_ahead_has_the_next_remote_chunk_under_way_and_hands_results_on_in_order(monkeypatch):
-    """A chunk of object-store images is prepared while the one before it is handed on: two are under way
-    together, never three, and results come back in the order the chunks went in; a chunk of local files is
+@pytest.mark.parametrize("depth", [1, 2])
+def test_prepare_ahead_has_the_next_remote_chunks_under_way_and_hands_results_on_in_order(monkeypatch, depth):
+    """Chunks of object-store images are prepared while the one before them is handed on: `depth` + 1 are under
+    way together, never more, and results come back in the order the chunks went in; a chunk of local files is
     prepared in the caller's thread once those before it are done; a chunk's error is raised when its result
     is due."""
     import threading
@@ -218,7 +222,8 @@ def test_prepare_ahead_has_the_next_remote_chunk_under_way_and_hands_results_on_
     from pipelines.embed_steps import PrepareAhead
 
     lock, running, most, threads = threading.Lock(), [0], [0], {}
-    both = threading.Barrier(2, timeout=10)  # passes only with two chunks under way at once
+    together = "abc"[: depth + 1]
+    barrier = threading.Barrier(depth + 1, timeout=10)  # passes only with depth + 1 chunks under way at once
 
     def prepare(items, *args, **kwargs):
         name = items[0].item_id
@@ -229,8 +234,8 @@ def test_prepare_ahead_has_the_next_remote_chunk_under_way_and_hands_results_on_
         try:
             if name == "bad":
                 raise OSError("disk gone")
-            if name in ("a", "b"):
-                both.wait()
+            if name in together:
+                barrier.wait()
             time.sleep(0.01 * (name == "c"))  # finishes after the one behind it
             return name.upper()
         finally:
@@ -241,19 +246,23 @@ def test_prepare_ahead_has_the_next_remote_chunk_under_way_and_hands_results_on_
         return [CatalogItem(name, f"gs://b/{name}.jpg")]
 
     monkeypatch.setattr(embed_steps, "prepare_items", prepare)
-    ahead = PrepareAhead()
+    ahead = PrepareAhead(depth)
     try:
-        assert ahead.submit(remote("a")) == []  # nothing due yet: "a" is under way
-        assert ahead.submit(remote("b")) == ["A"]
-        assert ahead.submit(remote("c")) == ["B"]
-        assert ahead.submit([CatalogItem("local", "/photos/1.jpg")]) == ["C", "LOCAL"]
+        for name in "abcd"[:depth]:
+            assert ahead.submit(remote(name)) == []  # nothing due yet: under way
+        for before, name in zip("abcd", "abcd"[depth:], strict=False):
+            assert ahead.submit(remote(name)) == [before.upper()]
+        assert ahead.submit([CatalogItem("local", "/photos/1.jpg")]) == [n.upper() for n in "abcd"[4 - depth :]] + [
+            "LOCAL"
+        ]
         assert threads["local"] is threading.current_thread() and threads["c"] is not threading.current_thread()
-        assert ahead.submit(remote("d")) == []
-        assert list(ahead.drain()) == ["D"]
-        assert most[0] == 2
-        assert ahead.submit(remote("bad")) == []
+        assert ahead.submit(remote("e")) == []
+        assert list(ahead.drain()) == ["E"]
+        assert most[0] == depth + 1
+        for name in ["bad", *"fg"[: depth - 1]]:
+            assert ahead.submit(remote(name)) == []
         with pytest.raises(OSError, match="disk gone"):
-            ahead.submit(remote("e"))
+            ahead.submit(remote("h"))
         ahead.forget()
         assert list(ahead.drain()) == []
     finally:
