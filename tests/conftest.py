@@ -41,6 +41,19 @@ def _gpu_journals(tmp_path_factory):
     os.environ["LOOKALIKE_GPU_JOURNALS"] = str(tmp_path_factory.mktemp("gpu-journals"))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_object_reads():
+    """Each test's object-store reads start without latencies from earlier tests' reads: a test that counts requests
+    sees second requests only where it has made reads to hedge at (`pipelines.hedged_reads`)."""
+    import pipelines.file_reader as file_reader
+
+    yield
+    with file_reader._OBJECT_READS_LOCK:
+        reads, file_reader._OBJECT_READS = file_reader._OBJECT_READS, None
+    if reads is not None:
+        reads.close()
+
+
 @pytest.fixture(scope="session")
 def demo_catalog(tmp_path_factory):
     from pipelines.demo_catalog import make_demo_catalog
