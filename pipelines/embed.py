@@ -533,6 +533,13 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
             "retried": metrics.get("batches_retried", 0),
             "in_pieces": metrics.get("batches_in_pieces", 0),
         },  # fmt: skip
+        # Image reads from an object store, and the second requests sent for those in the latency tail
+        # (`pipelines.hedged_reads`), with how many of them brought the bytes used.
+        "object_store_reads": {
+            "reads": metrics.get("object_reads", 0),
+            "second_requests": metrics.get("second_requests", 0),
+            "second_requests_used": metrics.get("second_requests_used", 0),
+        },
         "images_per_s": round(counts["embedded"] / wall_s, 2),
         "previous_run": previous_run,
         "shards": shards,

@@ -44,7 +44,8 @@ from pipelines.embed_steps import (
     ProgressLog,
     stream_outputs,
 )
-from pipelines.file_reader import ProcessReader, ReadLimits
+from pipelines.file_reader import ProcessReader, ReadLimits, object_read_stats
+from pipelines.hedged_reads import HedgeStats
 from pipelines.records import PreparedImage
 
 if TYPE_CHECKING:
@@ -181,6 +182,7 @@ class FetchAndDecode(beam.DoFn):
             self._reused.inc(len(prepared.reuse))
             yield beam.pvalue.TaggedOutput("reused", self._previous.table(prepared.reuse))
         self._progress.add(len(prepared.decoded) + len(prepared.reuse) + len(prepared.failed))
+        _count_object_reads(self._reader)
 
     def teardown(self) -> None:
         if getattr(self, "_prepare", None):
@@ -338,6 +340,22 @@ def windowed(outputs):
             yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
         else:
             yield GlobalWindows.windowed_value(out)
+
+
+_OBJECT_READS_COUNTED = HedgeStats()  # what this process has added to the counters below so far
+_OBJECT_READS_LOCK = threading.Lock()
+
+
+def _count_object_reads(reader: ProcessReader | None) -> None:
+    """Add this process's object-store reads and second requests since the last call (any thread's) to the pipeline's
+    counters: its own, and its reader processes' as of their last replies."""
+    global _OBJECT_READS_COUNTED
+    with _OBJECT_READS_LOCK:
+        now = object_read_stats() + (reader.object_read_stats() if reader is not None else HedgeStats())
+        new, _OBJECT_READS_COUNTED = now - _OBJECT_READS_COUNTED, now
+    for name, n in (("object_reads", new.reads), ("second_requests", new.hedged), ("second_requests_used", new.won)):
+        if n > 0:  # never below 0: counts start again only where a process's reads were replaced (tests)
+            Metrics.counter(NAMESPACE, name).inc(n)
 
 
 _READERS: dict[tuple[ReadLimits, int], ProcessReader] = {}

@@ -44,7 +44,7 @@ from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING
 
 from encoder.jpeg import cpu_reason
-from pipelines.hedged_reads import HedgedReads
+from pipelines.hedged_reads import HedgedReads, HedgeStats
 from pipelines.storage import read_image
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ __all__ = [
     "ReadBatch",
     "ReadLimits",
     "ThreadReader",
+    "object_read_stats",
     "object_reads",
     "read_chunk",
     "reads_in_readers",
@@ -116,6 +117,13 @@ def object_reads() -> HedgedReads:
             # read_image looked up per read, not bound here, so that tests can stand in for it
             _OBJECT_READS = HedgedReads(lambda path, max_bytes: read_image(path, max_bytes), FETCHES_PER_PROCESS)
         return _OBJECT_READS
+
+
+def object_read_stats() -> HedgeStats:
+    """This process's object-store reads and second requests so far (none if it made none)."""
+    with _OBJECT_READS_LOCK:
+        reads = _OBJECT_READS
+    return reads.snapshot() if reads is not None else HedgeStats()
 
 
 def read_chunk(paths: Sequence[str], limits: ReadLimits, out: memoryview | None = None) -> list[Record]:
@@ -216,7 +224,8 @@ CHUNKS_PER_PROCESS = 8  # chunks with object-store reads that a reader process h
 
 def _serve(tasks_fd: int, replies_fd: int, ring_fd: int, size: int, slot_bytes: int, chunks_at_once: int,
            limits: ReadLimits) -> None:  # fmt: skip
-    """A reader process: (task, slot, paths) in, (task, records) out, until None or the pipe closes.
+    """A reader process: (task, slot, paths) in, (task, records, object-store counts) out, until None or the pipe
+    closes.
 
     A chunk of local files is read here, in turn. Chunks that wait on the network run on threads, up to
     `chunks_at_once`, their replies in the order they finish: one chunk at a time kept a process's reads
@@ -230,8 +239,8 @@ def _serve(tasks_fd: int, replies_fd: int, ring_fd: int, size: int, slot_bytes: 
     def read(task_id: int, slot: int | None, paths: Sequence[str]) -> None:
         try:
             records = read_chunk(paths, limits, None if slot is None else _slot_of(view, slot, slot_bytes))
-            with sending:
-                replies.send((task_id, records))
+            with sending:  # with the process's object-store counts so far, so that a run can report them
+                replies.send((task_id, records, dataclasses.astuple(object_read_stats())))
         except BaseException:  # noqa: BLE001 - a reader that fails stops: its chunks are read in the embedding process
             traceback.print_exc()
             os._exit(1)
@@ -428,7 +437,7 @@ class ProcessReader:
         for conn in wait(list(busy), timeout=1.0):
             worker = busy[conn]
             try:
-                task_id, records = conn.recv()
+                task_id, records, counts = conn.recv()
             except (EOFError, ConnectionResetError, OSError):
                 with self._lock:
                     self._lost(worker)
@@ -436,10 +445,17 @@ class ProcessReader:
             with self._lock:
                 worker.pending.pop(task_id, None)
                 self._results[task_id] = records
+                worker.object_reads = HedgeStats(*counts)
         with self._lock:
             for worker in busy.values():
                 if worker.alive and worker.proc.poll() is not None:
                     self._lost(worker)
+
+    def object_read_stats(self) -> HedgeStats:
+        """The reader processes' object-store reads and second requests so far (those read here are this process's
+        `object_read_stats`)."""
+        with self._lock:
+            return sum((w.object_reads for w in self._workers), HedgeStats())
 
     def close(self) -> None:
         """Stop the reader processes (a second at most) and wake a `read` waiting for slots."""
@@ -475,6 +491,7 @@ class _Worker:
     replies: Connection
     pending: dict[int, tuple[int | None, Sequence[str]]] = field(default_factory=dict)  # task id → (slot, paths)
     alive: bool = True
+    object_reads: HedgeStats = field(default_factory=HedgeStats)  # its object-store counts, as of its last reply
 
 
 def _main(argv: list[str]) -> None:

@@ -17,6 +17,7 @@ that slows down for everyone gets ~10% more requests, not twice as many; and non
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +39,12 @@ class HedgeStats:
     reads: int = 0  # first requests
     hedged: int = 0  # second requests sent
     won: int = 0  # second requests whose bytes were used
+
+    def __add__(self, other: HedgeStats) -> HedgeStats:
+        return HedgeStats(self.reads + other.reads, self.hedged + other.hedged, self.won + other.won)
+
+    def __sub__(self, other: HedgeStats) -> HedgeStats:
+        return HedgeStats(self.reads - other.reads, self.hedged - other.hedged, self.won - other.won)
 
 
 class HedgedReads:
@@ -85,6 +92,11 @@ class HedgedReads:
             due = [started[i] + delay for i in waiting if started[i] is not None]
             wait([first[i] for i in waiting], timeout=max(0.0, min(due) - now) if due else delay)
         return [self._first_success(f, second[i]) if second.get(i) else f.result() for i, f in enumerate(first)]
+
+    def snapshot(self) -> HedgeStats:
+        """The counts so far, as a copy."""
+        with self._lock:
+            return dataclasses.replace(self.stats)
 
     def delay_s(self) -> float | None:
         """How long a read may be out before it gets a second request; None until `min_samples` reads landed."""

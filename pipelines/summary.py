@@ -40,6 +40,7 @@ def print_embed_summary(result: EmbedResult, console: Console | None = None) -> 
         ("dead-lettered", f"{c['dead_lettered']:,}"),
         ("  by stage", ", ".join(f"{k} {v}" for k, v in sorted(m["dead_letters_by_stage"].items())) or "-"),
         *_batch_rows(m.get("batches")),
+        *_object_store_rows(m.get("object_store_reads")),
         ("images/s (embedded, whole run)", f"{m['images_per_s']:,.1f}" if c["embedded"] else "-"),
         ("wall time", f"{m['wall_time_s']:,.1f} s"),
         ("  of which", _time_split(m.get("time_s"))),
@@ -69,6 +70,15 @@ def _batch_rows(batches: dict | None) -> list[tuple[str, str]]:
         why = "the model ran out of memory at the batch size; see the log"
         rows.append(("batches run in pieces", f"{batches['in_pieces']:,} ({why})"))
     return rows
+
+
+def _object_store_rows(reads: dict | None) -> list[tuple[str, str]]:
+    """Image reads from an object store and their second requests, where there were any."""
+    if not reads or not reads.get("reads"):
+        return []
+    share = 100 * reads["second_requests"] / reads["reads"]
+    return [("object-store reads", f"{reads['reads']:,} (second requests {reads['second_requests']:,}, {share:.1f}%; "
+                                   f"{reads['second_requests_used']:,} used)")]  # fmt: skip
 
 
 def _time_split(time_s: dict | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections import Counter
 from datetime import UTC, datetime
 from urllib.parse import urlparse
@@ -13,11 +14,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from rich.console import Console
 
 from encoder import storage
 from pipelines.embed import EmbedConfig, run_embed
 from pipelines.embed_runs import shard_stats
 from pipelines.records import FAILURE_SCHEMA, embedding_table
+from pipelines.summary import print_embed_summary
 from tests.conftest import upload_dir
 from tests.support.fault_proxy import FaultProxy, through
 
@@ -46,6 +49,17 @@ def test_embed_from_and_to_gcs(gcs_emulator, gcs_bucket, demo_catalog, tiny_mode
     second = run_embed(EmbedConfig(catalog=f"{catalog}/manifest.parquet", model=model, out=out))
     assert second.counts == {"items_in": 100, "embedded": 0, "reused": 95, "dead_lettered": 5}
     assert second.manifest["previous_run"] == first.run_id
+
+    # Every image was read from gs:// once per run (the manifest's relative URIs resolve beside it there, a missing
+    # one included); second requests within their budget.
+    on_gcs = 100
+    for run in (first, second):
+        reads = run.manifest["object_store_reads"]
+        assert reads["reads"] == on_gcs
+        assert reads["second_requests_used"] <= reads["second_requests"] <= 8 + 0.1 * on_gcs
+    out = io.StringIO()
+    print_embed_summary(first, Console(file=out, width=160))
+    assert re.search(rf"object-store reads\s*│\s*{on_gcs} \(second requests \d+, [\d.]+%; \d+ used\)", out.getvalue())
 
 
 def test_a_glob_of_images_on_gcs(gcs_emulator, gcs_bucket, demo_catalog, tiny_model):

@@ -315,8 +315,10 @@ def test_a_reader_process_answers_a_straggling_read_with_a_second_request(gcs_em
             start = time.monotonic()
             batches = list(reader.read([warm[0], *stragglers, warm[1]], batch_size=4))
             took = time.monotonic() - start
+            counts = reader.object_read_stats()  # as the reader process's replies carry them
     assert [bytes(data) for batch in batches for data in batch.datas] == [
         uri.encode() for uri in [warm[0], *stragglers, warm[1]]
     ]
     assert took < 15
     assert sum("straggler" in path for _, path in proxy.seen) == 4  # a first and a second request each
+    assert (counts.reads, counts.hedged, counts.won) == (MIN_SAMPLES + 4, 2, 2)
