@@ -36,6 +36,7 @@ class EmbedSettings:
 
     batch_size: int = 64
     fetch_threads: int = 16
+    hedge_reads: bool = True
     workers: int = 1
     device: str = "auto"
     dtype: str = "auto"
