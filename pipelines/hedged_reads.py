@@ -79,6 +79,8 @@ class HedgedReads:
             self.stats.reads += len(paths)
             delay = self._delay if hedge else None
         second: dict[int, Future | None] = {}  # None: none sent (the budget was spent)
+        if delay is not None and not wait(first, timeout=delay).not_done:  # most chunks: all landed within the delay
+            delay = None
         while delay is not None:
             now = time.monotonic()
             # Out past the delay since it left the queue, not since it was queued: a read waiting for a thread
