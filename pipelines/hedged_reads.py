@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 __all__ = ["HedgedReads", "HedgeStats"]
 
-QUANTILE = 0.9  # a read still out past this quantile of recent latencies gets a second request
+QUANTILE = 0.95  # a read still out past this quantile of recent latencies gets a second request
 WINDOW = 512  # recent successful reads whose latencies set that quantile
 MIN_SAMPLES = 64  # no second requests before this many reads have landed
 BUDGET = 0.1  # second requests per read, at most (plus `BURST`)
