@@ -227,7 +227,7 @@ class PrepareAhead:
     the slowest read of the one before to land (a chunk of 256 from `gs://`: one long tail per chunk, and
     nothing out meanwhile). With the next chunks' reads out while this one is handed on, the readers always
     have work, and a chunk held up by its slowest read holds up no other's reads (BENCHMARKS.md, "Reads out to
-    gs:// at once": one chunk ahead 1.4-1.6x; two, 1.0-1.5x more). Local files take microseconds to read, and
+    gs:// at once": one chunk ahead 1.4-1.6x; two, 1.2-1.6x more). Local files take microseconds to read, and
     there reading ahead lost on a 16-core GPU host (0.76-0.84x: the threads contend for the interpreter lock),
     so they are not. `submit` returns what is done and due, in order; `drain` the rest.
     """

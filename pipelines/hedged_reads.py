@@ -6,7 +6,7 @@ has landed, so each batch waits for its slowest read, and with 256 reads per bat
 batch has one from the tail. A read still out past the 95th percentile of the recent reads'
 latency gets a second, identical request; whichever answers first with the bytes wins, and the
 other is left to finish on its thread. Behind a proxy holding each read a lognormal time
-(σ 1.0, median 200 ms), this took the GPU worker's fetch step from 138 to 286 images/s at 1.05
+(σ 1.0, median 200 ms), this took the GPU worker's fetch step from 119 to 286 images/s at 1.05
 requests per image (BENCHMARKS.md, "Reads out to gs:// at once").
 
 Second requests are capped at a tenth of the reads (`BUDGET`, with a small burst), so a store
