@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 
 __all__ = ["HedgedReads", "HedgeStats"]
@@ -62,7 +63,7 @@ class HedgedReads:
         self.budget, self.burst, self.min_delay_s = budget, burst, min_delay_s
         # More threads than first requests the callers keep out: a second request must not queue behind them, and
         # a first request that lost still holds its thread until it lands.
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="fetch")
+        self._pool = _DaemonThreads(threads, "fetch")
         self._lock = threading.Lock()
         self._latencies: collections.deque[float] = collections.deque(maxlen=window)
         self._fresh = 0  # latencies added since the quantile was last computed
@@ -148,4 +149,43 @@ class HedgedReads:
         return winner.result()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
+
+
+class _DaemonThreads:
+    """`size` daemon threads running what is submitted. Not a `ThreadPoolExecutor`: its threads are joined when the
+    interpreter exits, so a first request that lost to its second, still waiting on the network (and retrying, up
+    to a minute), would hold the end of a run."""
+
+    def __init__(self, size: int, name: str) -> None:
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(size)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable, *args, **kwargs) -> Future:
+        future: Future = Future()
+        self._tasks.put((future, fn, args, kwargs))
+        return future
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            future, fn, args, kwargs = task
+            if not future.set_running_or_notify_cancel():  # cancelled while queued
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as err:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(err)
+
+    def shutdown(self) -> None:
+        """Cancel what is queued and let the threads end once their current task does."""
+        while True:
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task[0].cancel()
+        for _ in self._threads:
+            self._tasks.put(None)

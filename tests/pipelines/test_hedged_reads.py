@@ -140,3 +140,31 @@ def test_bad_settings_are_refused():
         HedgedReads(lambda path: b"", 4, quantile=1.0)
     with pytest.raises(ValueError, match="threads"):
         HedgedReads(lambda path: b"", 0)
+
+
+def test_a_first_request_that_lost_does_not_hold_the_process_at_exit():
+    """The first request a second one beat may still be waiting on the network when a run ends: the process exits
+    without waiting for it (with a `ThreadPoolExecutor`, it waited the 60 s out)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import time
+from pipelines.hedged_reads import HedgedReads
+seen = set()
+def read(path, max_bytes):
+    if path == "gs://b/slow" and path not in seen:
+        seen.add(path)
+        time.sleep(60)
+    return path.encode()
+reads = HedgedReads(read, 4, min_samples=4, min_delay_s=0.05, budget=1.0)
+reads.map([f"gs://b/warm{i}" for i in range(4)], 100)
+assert reads.map(["gs://b/slow"], 100) == [b"gs://b/slow"] and reads.stats.won == 1
+print("read")
+"""
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2], capture_output=True,
+                          text=True, timeout=50)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "read", done.stderr
+    assert time.monotonic() - start < 20
