@@ -321,4 +321,5 @@ def test_a_reader_process_answers_a_straggling_read_with_a_second_request(gcs_em
     ]
     assert took < 15
     assert sum("straggler" in path for _, path in proxy.seen) == 4  # a first and a second request each
-    assert (counts.reads, counts.hedged, counts.won) == (MIN_SAMPLES + 4, 2, 2)
+    # The stragglers' two second requests at least (one of the two warm reads may pass the percentile too).
+    assert counts.reads == MIN_SAMPLES + 4 and counts.hedged >= 2 and counts.won >= 2
