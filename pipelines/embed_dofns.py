@@ -343,14 +343,14 @@ def windowed(outputs):
 
 
 _OBJECT_READS_COUNTED = HedgeStats()  # what this process has added to the counters below so far
-_OBJECT_READS_LOCK = threading.Lock()
+_COUNTED_LOCK = threading.Lock()
 
 
 def _count_object_reads(reader: ProcessReader | None) -> None:
     """Add this process's object-store reads and second requests since the last call (any thread's) to the pipeline's
     counters: its own, and its reader processes' as of their last replies."""
     global _OBJECT_READS_COUNTED
-    with _OBJECT_READS_LOCK:
+    with _COUNTED_LOCK:
         now = object_read_stats() + (reader.object_read_stats() if reader is not None else HedgeStats())
         new, _OBJECT_READS_COUNTED = now - _OBJECT_READS_COUNTED, now
     for name, n in (("object_reads", new.reads), ("second_requests", new.hedged), ("second_requests_used", new.won)):
