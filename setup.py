@@ -38,6 +38,7 @@ setup(
         "numpy>=2.4,<2.5",
         "protobuf>=6.33,<6.34",
         "google-cloud-storage>=3.17,<4",
+        "pycurl>=7.45",  # image reads from gs:// (encoder/object_http.py)
         "pillow>=12",
         "scipy>=1.17",
         "typer>=0.29",

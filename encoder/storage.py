@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 __all__ = [
     "arrow_input",
@@ -130,7 +130,7 @@ def no_background_bucket_lookups() -> None:
     os.environ.setdefault(_BUCKET_METADATA_ENV, "true")
 
 
-CONNECTIONS = 64  # kept open per host: as many as the threads that read at once (a reader process's 64)
+CONNECTIONS = 64  # the client's session (writes, listings, whole objects) keeps this many per host; images: object_http
 
 
 def _keep_connections(client, connections: int) -> None:
@@ -273,62 +273,55 @@ def _read_range(uri: str, max_bytes: int) -> bytes:
 
     The library can check a checksum only against a whole object, so none here (as Beam's reader, which reads in
     ranges); a body cut short still fails on its Content-Length. Raw: a gzip-encoded object is not inflated past
-    the cap. Through `_ranged_http`, not the client's download, which cost 2.2-2.6x the CPU per read.
+    the cap. Over libcurl (`encoder.object_http`), not the client's download, which cost 2.2-2.6x the CPU per read
+    of urllib3, itself 2-4x libcurl's.
     """
     from google.api_core.exceptions import from_http_status
 
     bucket, name = _object(uri)
-    http, base = _ranged_http()
-    response = http.request("GET", f"{base}{bucket}/o/{quote(name, safe='~')}?alt=media", decode_content=False,
-                            headers={"Range": f"bytes=0-{max_bytes}", "Accept-Encoding": "gzip"})  # fmt: skip
+    http = _image_http()
+    response = http.get(f"{http.base}{bucket}/o/{quote(name, safe='~')}?alt=media",
+                        {"Range": f"bytes=0-{max_bytes}", "Accept-Encoding": "gzip"}, max_bytes)  # fmt: skip
     if response.status in (200, 206):
-        return response.data
+        return response.body
     if response.status == 416:  # an empty object has no byte 0
         return b""
-    raise from_http_status(response.status, f"GET {uri}: {response.data[:300].decode('utf-8', 'replace')}")
+    raise from_http_status(response.status, f"GET {uri}: {response.body[:300].decode('utf-8', 'replace')}")
 
 
-_RANGED: tuple | None = None  # (the client it serves, its HTTP pool, the start of a download URL)
+_IMAGE_HTTP: tuple | None = None  # (the client it serves, its `ObjectHttp`)
 
 
-def _ranged_http():
-    """urllib3 with the storage client's credentials (google-auth's `AuthorizedHttp`, which adds the token and
-    refreshes it), made again with the client: what image reads go through. The client's own download
-    (google-resumable-media over requests) took 1.43 ms of CPU per read against this one's 0.64 with one
-    thread, 2.08 against 0.80 with 16 (`benchmarks/gcs_reads.py`, 2-core Xeon, 71 KB photos on the emulator),
-    most of it requests' per-request work; a reader process's reads are CPU-bound at that."""
-    global _RANGED
+def _image_http():
+    """An `ObjectHttp` with the storage client's credentials and download URL, made again with the client: what
+    image reads go through. The client's own download (google-resumable-media over requests) took 1.43 ms of CPU
+    per read against urllib3's 0.64 with one thread, 2.08 against 0.80 with 16 (`benchmarks/gcs_reads.py`, 2-core
+    Xeon, 71 KB photos on the emulator), most of it requests' per-request work; a reader process's reads are
+    CPU-bound at that."""
+    global _IMAGE_HTTP
     client = gcs_client()
-    if _RANGED is None or _RANGED[0] is not client:
-        from google.auth.transport.urllib3 import AuthorizedHttp
+    if _IMAGE_HTTP is None or _IMAGE_HTTP[0] is not client:
+        from google.auth.transport.urllib3 import Request
         from google.cloud.storage.blob import _get_host_name
 
+        from encoder.object_http import ObjectHttp
+
         base = f"{_get_host_name(client._connection)}/download/storage/v1/b/"
-        _RANGED = (client, AuthorizedHttp(client._credentials, http=_pool(base)), base)
-    return _RANGED[1], _RANGED[2]
+        _IMAGE_HTTP = (client, ObjectHttp(base, client._credentials, Request(_pool(base))))
+    return _IMAGE_HTTP[1]
 
 
 def _pool(url: str):
-    """A urllib3 pool keeping `CONNECTIONS` open to `url`'s host, with the proxy (`https_proxy`, `no_proxy`) and CA
-    bundle (`REQUESTS_CA_BUNDLE`) requests would take from the environment; retries are `with_retries`'."""
-    import urllib.request
-
+    """A urllib3 pool to `url`'s host (the token's refreshes), with the proxy and CA bundle requests would take from
+    the environment (`object_http.proxy_for`, `ca_bundle`); retries are `with_retries`'."""
     import urllib3
 
-    try:
-        import certifi  # requests' bundle, which the client's own reads used
+    from encoder.object_http import ca_bundle, proxy_for
 
-        bundle = certifi.where()
-    except ImportError:  # pragma: no cover - requests depends on it
-        bundle = None
-    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or bundle
-    options = {"maxsize": CONNECTIONS, "retries": False, "timeout": urllib3.Timeout(connect=60, read=60),
-               "ca_certs": bundle}  # fmt: skip
-    parts = urlsplit(url)
-    proxy = urllib.request.getproxies().get(parts.scheme)
-    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
-        return urllib3.ProxyManager(proxy, **options)
-    return urllib3.PoolManager(**options)
+    options = {"maxsize": 4, "retries": False, "timeout": urllib3.Timeout(connect=60, read=60),
+               "ca_certs": ca_bundle()}  # fmt: skip
+    proxy = proxy_for(url)
+    return urllib3.ProxyManager(proxy, **options) if proxy else urllib3.PoolManager(**options)
 
 
 def arrow_input(data: bytes):

@@ -99,7 +99,7 @@ def store_client(monkeypatch):
         client = SimpleNamespace(_credentials=Credentials(token="t0k3n"),
                                  _connection=SimpleNamespace(API_BASE_URL=store.url))  # fmt: skip
         monkeypatch.setattr(storage, "gcs_client", lambda: client)
-        monkeypatch.setattr(storage, "_RANGED", None)
+        monkeypatch.setattr(storage, "_IMAGE_HTTP", None)
         return store
 
     yield make

@@ -1,0 +1,149 @@
+"""GET requests to an object store over libcurl: what image reads from gs:// go through (`storage.read_bytes`).
+
+A reader process's image reads are CPU-bound in its HTTP client. Against a local server that keeps connections
+alive, urllib3 spent 420-520 µs of the process's CPU per 71 KB read, most of it Python: http.client's header
+parsing, the pool's bookkeeping, google-auth's wrapper; libcurl 110-240 µs (`benchmarks/gcs_reads.py`), and it
+sends the request and takes the response without the interpreter lock. Each thread keeps a handle of its own, and
+with it a connection kept alive from one read to the next; a forked child makes its own.
+
+The token comes from google-auth's credentials (refreshed before it expires, and once more when the store answers
+401), through a urllib3 pool of the refresh's own; the proxy and the CA bundle are taken from the environment as
+requests would take them (`proxy_for`, `ca_bundle`). Errors come back as the exceptions `storage.is_transient`
+sorts: a connection refused, reset or stalled, or a body cut short, as ConnectionError or TimeoutError (retried);
+anything else libcurl refuses (a certificate it cannot verify, say) as OSError (not retried).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import urllib.request
+from typing import NamedTuple
+from urllib.parse import urlsplit
+
+__all__ = ["ObjectHttp", "Response", "ca_bundle", "proxy_for"]
+
+# libcurl's error codes for what retrying may mend: the proxy or host not resolved, a connection not made, an
+# HTTP/2 framing or stream error, a body shorter than its Content-Length, nothing answered, a send or receive that
+# failed, a TLS handshake that failed; and 28, a connection or transfer that stalled (TimeoutError).
+_UNREACHABLE = {5: "proxy not resolved", 6: "host not resolved", 7: "no connection", 16: "HTTP/2 error",
+                18: "body cut short", 35: "TLS handshake failed", 52: "nothing answered", 55: "send failed",
+                56: "receive failed", 92: "HTTP/2 stream error"}  # fmt: skip
+_TIMED_OUT = 28
+
+
+class Response(NamedTuple):
+    status: int
+    body: bytes
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy a request to `url` takes (`https_proxy`, `http_proxy`, `no_proxy`), as requests reads them."""
+    parts = urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    return proxy if proxy and not urllib.request.proxy_bypass(parts.hostname or "") else None
+
+
+def ca_bundle() -> str | None:
+    """The CA bundle requests would verify against: `REQUESTS_CA_BUNDLE`, `CURL_CA_BUNDLE`, else certifi's."""
+    try:
+        import certifi  # requests' bundle, which the client's own reads used
+
+        bundle = certifi.where()
+    except ImportError:  # pragma: no cover - requests depends on it
+        bundle = None
+    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or bundle
+
+
+class ObjectHttp:
+    """GETs under `base` (a store's download URL prefix) with `credentials`' token.
+
+    `refresh`: a google-auth transport request (`google.auth.transport.urllib3.Request`) that refreshes the token.
+    `connect_s`: the most a connection may take; `stall_s`: the longest a response may send nothing (a read timeout).
+    """
+
+    def __init__(self, base: str, credentials, refresh, *, connect_s: float = 60.0, stall_s: float = 60.0) -> None:
+        self.base, self._credentials, self._refresh = base, credentials, refresh
+        self._proxy, self._ca = proxy_for(base), ca_bundle()
+        self._connect_s, self._stall_s = connect_s, stall_s
+        self._local = threading.local()
+
+    def get(self, url: str, headers: dict[str, str], max_bytes: int | None = None) -> Response:
+        """The response to a GET of `url` with `headers` and the token; `max_bytes`: a longer body is refused
+        (ValueError) as it arrives, for a store that answers a range with more than was asked for.
+
+        Raises:
+            ConnectionError, TimeoutError: retrying may succeed.
+            ValueError: the body is longer than `max_bytes`.
+            OSError: libcurl refused the request otherwise.
+        """
+        response = self._get(url, headers, max_bytes)
+        if response.status == 401:  # a token revoked or expired early: a fresh one, once
+            self._credentials.refresh(self._refresh)
+            response = self._get(url, headers, max_bytes)
+        return response
+
+    def _get(self, url: str, headers: dict[str, str], max_bytes: int | None) -> Response:
+        import pycurl
+
+        headers = dict(headers)
+        self._credentials.before_request(self._refresh, "GET", url, headers)  # adds the token, refreshed if due
+        handle, body = self._handle(), _Body(max_bytes)
+        handle.setopt(pycurl.URL, url)
+        handle.setopt(pycurl.HTTPHEADER, [f"{name}: {value}" for name, value in headers.items()])
+        handle.setopt(pycurl.WRITEFUNCTION, body.write)
+        try:
+            handle.perform()
+        except pycurl.error as err:
+            if body.overflowed:
+                raise ValueError(f"object is larger than max_bytes={max_bytes}") from None
+            raise _mapped(err, url) from None
+        return Response(handle.getinfo(pycurl.RESPONSE_CODE), b"".join(body.chunks))
+
+    def _handle(self):
+        """This thread's handle (and its kept-alive connection); a new one in a forked child."""
+        import pycurl
+
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            handle = pycurl.Curl()
+            handle.setopt(pycurl.NOSIGNAL, 1)  # threads: timeouts without SIGALRM
+            handle.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
+            handle.setopt(pycurl.CONNECTTIMEOUT_MS, int(self._connect_s * 1000))
+            handle.setopt(pycurl.LOW_SPEED_LIMIT, 1)  # under a byte a second for `stall_s`: timed out
+            handle.setopt(pycurl.LOW_SPEED_TIME, max(1, round(self._stall_s)))
+            handle.setopt(pycurl.PROXY, self._proxy or "")  # "": none, whatever libcurl's own reading of the env
+            if self._ca:
+                handle.setopt(pycurl.CAINFO, self._ca)
+            local.handle, local.pid = handle, os.getpid()
+        return local.handle
+
+
+class _Body:
+    """A response body as it arrives; past `max_bytes` + 1 (or 64 KiB, room for an error's text), the transfer is
+    stopped (the callback's 0: libcurl's write error) rather than held whole."""
+
+    def __init__(self, max_bytes: int | None) -> None:
+        self.chunks: list[bytes] = []
+        self.room = None if max_bytes is None else max(max_bytes + 1, 1 << 16)
+        self.overflowed = False
+
+    def write(self, chunk: bytes) -> int | None:
+        if self.room is not None:
+            self.room -= len(chunk)
+            if self.room < 0:
+                self.overflowed = True
+                return 0
+        self.chunks.append(chunk)
+        return None
+
+
+def _mapped(err, url: str) -> Exception:
+    """A libcurl error as the exception `storage.is_transient` sorts (see the module's docstring)."""
+    code, message = err.args[0], err.args[1] if len(err.args) > 1 else ""
+    where = f"GET {urlsplit(url).netloc}"
+    if code == _TIMED_OUT:
+        return TimeoutError(f"{where}: timed out (curl {code}: {message})")
+    if code in _UNREACHABLE:
+        return ConnectionError(f"{where}: {_UNREACHABLE[code]} (curl {code}: {message})")
+    return OSError(f"{where}: curl {code}: {message}")

@@ -1,0 +1,202 @@
+"""Image reads over libcurl (`encoder.object_http`): kept-alive connections, the token, errors sorted for retries."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import ssl
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from google.oauth2.credentials import Credentials
+
+from encoder import object_http, storage
+from encoder.object_http import ObjectHttp
+
+
+class _Server:
+    """A local HTTP/1.1 server that keeps connections alive. `answer(handler)` answers each GET; every request's
+    (path, headers, client port) is recorded, the port telling one connection from another."""
+
+    def __init__(self, answer, context: ssl.SSLContext | None = None) -> None:
+        self.seen: list[tuple[str, dict[str, str], int]] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                server.seen.append((self.path, {k.lower(): v for k, v in self.headers.items()}, self.client_address[1]))
+                answer(self)
+
+        server = self
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        if context is not None:
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"{'https' if context else 'http'}://127.0.0.1:{self._server.server_address[1]}/"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _send(handler: BaseHTTPRequestHandler, status: int, body: bytes, length: int | None = None) -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Length", str(len(body) if length is None else length))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+@pytest.fixture
+def serve():
+    servers: list[_Server] = []
+
+    def start(answer, context: ssl.SSLContext | None = None) -> _Server:
+        servers.append(_Server(answer, context))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+class _Token:
+    """Credentials whose refresh hands out the next token: t1, t2, ..."""
+
+    def __init__(self) -> None:
+        self.refreshes = 0
+        self.credentials = Credentials(token="t0")
+        self.credentials.refresh = self._refresh
+
+    def _refresh(self, request) -> None:
+        self.refreshes += 1
+        self.credentials.token = f"t{self.refreshes}"
+
+
+def _http(url: str, token: _Token | None = None, **timeouts) -> ObjectHttp:
+    return ObjectHttp(url, (token or _Token()).credentials, refresh=None, **timeouts)
+
+
+def test_a_thread_keeps_its_connection_from_one_read_to_the_next(serve):
+    server = serve(lambda h: _send(h, 206, b"jpeg" * 1000))
+    http = _http(server.url)
+    for _ in range(20):
+        assert http.get(server.url + "o?alt=media", {"Range": "bytes=0-100000"}) == (206, b"jpeg" * 1000)
+    assert len({port for *_, port in server.seen}) == 1
+    with ThreadPoolExecutor(4) as pool:  # a connection per thread, each kept
+        list(pool.map(lambda _: http.get(server.url + "o", {}), range(40)))
+    assert 2 <= len({port for *_, port in server.seen}) <= 5
+    path, headers, _ = server.seen[0]
+    assert path == "/o?alt=media" and headers["range"] == "bytes=0-100000" and headers["authorization"] == "Bearer t0"
+
+
+def test_a_forked_child_opens_connections_of_its_own(serve, monkeypatch):
+    server = serve(lambda h: _send(h, 200, b"x"))
+    http = _http(server.url)
+    http.get(server.url, {})
+    parent = object_http.os.getpid()
+    monkeypatch.setattr(object_http.os, "getpid", lambda: parent + 1)  # as a forked child sees it
+    http.get(server.url, {})
+    assert len({port for *_, port in server.seen}) == 2
+
+
+def test_a_401_gets_a_fresh_token_once(serve):
+    server = serve(lambda h: _send(h, 401 if h.headers["Authorization"] == "Bearer t0" else 200, b"ok"))
+    token = _Token()
+    assert _http(server.url, token).get(server.url, {}) == (200, b"ok")
+    assert token.refreshes == 1 and [h["authorization"] for _, h, _ in server.seen] == ["Bearer t0", "Bearer t1"]
+    server = serve(lambda h: _send(h, 401, b"revoked"))
+    assert _http(server.url).get(server.url, {}).status == 401 and len(server.seen) == 2  # once, not forever
+
+
+def test_a_body_past_the_cap_is_refused_as_it_arrives(serve):
+    """A store that ignores the range: the transfer stops past the cap instead of holding the object whole."""
+    server = serve(lambda h: _send(h, 200, b"x" * (4 << 20)))
+    with pytest.raises(ValueError, match="larger than max_bytes=1000"):
+        _http(server.url).get(server.url, {}, max_bytes=1000)
+    server = serve(lambda h: _send(h, 416, b"requested range not satisfiable"))
+    assert _http(server.url).get(server.url, {}, max_bytes=0).status == 416  # an error's text is not an object
+
+
+def test_what_retrying_may_mend_is_transient_and_what_it_cannot_is_not(serve, tmp_path, monkeypatch):
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{closed.getsockname()[1]}/"
+    with pytest.raises(ConnectionError, match="no connection") as err:
+        _http(refused).get(refused, {})
+    assert storage.is_transient(err.value)
+
+    def cut(handler):
+        _send(handler, 200, b"x" * 10, length=1000)
+        handler.close_connection = True
+
+    server = serve(cut)
+    with pytest.raises(ConnectionError, match="cut short") as err:
+        _http(server.url).get(server.url, {})
+    assert storage.is_transient(err.value)
+
+    server = serve(lambda h: time.sleep(3))  # answers nothing
+    started = time.monotonic()
+    with pytest.raises(TimeoutError) as err:
+        _http(server.url, stall_s=1).get(server.url, {})
+    assert storage.is_transient(err.value) and time.monotonic() - started < 2.9
+
+    context, ca = _tls(tmp_path)
+    server = serve(lambda h: _send(h, 200, b"secret"), context)
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    with pytest.raises(OSError, match="curl 60") as err:  # a certificate nothing vouches for
+        _http(server.url).get(server.url, {})
+    assert not storage.is_transient(err.value)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca))  # the environment's bundle, as requests reads it
+    assert _http(server.url).get(server.url, {}) == (200, b"secret")
+
+
+def test_reads_take_the_proxy_the_environment_names(serve, monkeypatch):
+    """Through the proxy (the stand-in server sees the whole URL, as a proxy does); `no_proxy` goes around it."""
+    proxy = serve(lambda h: _send(h, 200, b"via proxy"))
+    monkeypatch.setenv("http_proxy", proxy.url)
+    for name in ("no_proxy", "NO_PROXY", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    url = "http://storage.example.com/download/storage/v1/b/"
+    assert _http(url).get(url + "b/o/x.jpg", {}) == (200, b"via proxy")
+    assert proxy.seen[0][0] == url + "b/o/x.jpg"
+    assert object_http.proxy_for(url) == proxy.url
+    monkeypatch.setenv("no_proxy", "example.com")
+    assert object_http.proxy_for(url) is None
+    monkeypatch.setenv("https_proxy", "http://proxy.internal:3128")
+    assert object_http.proxy_for("https://storage.googleapis.com/") == "http://proxy.internal:3128"
+
+
+def _tls(tmp_path) -> tuple[ssl.SSLContext, object]:
+    """A server context with a self-signed certificate for 127.0.0.1, and that certificate's file."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))  # fmt: skip
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    return context, cert_file
