@@ -18,16 +18,20 @@ each request also costs a round trip.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import quote
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 os.environ.update(NO_GCE_CHECK="true", GCE_METADATA_HOST="127.0.0.1:9", GCE_METADATA_IP="127.0.0.1:9")
 
@@ -38,19 +42,25 @@ MAX_BYTES = 50 << 20  # the embed step's default --max-image-bytes
 
 
 class RequestCounter:
-    """Counts the HTTP requests every client in the process sends, background threads' included."""
+    """Counts the HTTP requests every client in the process sends, background threads' included: urllib3's (under
+    requests too) and libcurl's (`encoder.object_http`, lookalike's image reads)."""
 
     def __init__(self) -> None:
-        from urllib3.connectionpool import HTTPConnectionPool  # under requests too, and under lookalike's reads
+        from urllib3.connectionpool import HTTPConnectionPool
 
-        self.count, self._lock, urlopen = 0, threading.Lock(), HTTPConnectionPool.urlopen
+        from encoder.object_http import ObjectHttp
 
-        def counted(pool, method, url, *args, **kwargs):
+        self.count, self._lock = 0, threading.Lock()
+        HTTPConnectionPool.urlopen = self._counted(HTTPConnectionPool.urlopen)
+        ObjectHttp._get = self._counted(ObjectHttp._get)
+
+    def _counted(self, send):
+        def counted(*args, **kwargs):
             with self._lock:
                 self.count += 1
-            return urlopen(pool, method, url, *args, **kwargs)
+            return send(*args, **kwargs)
 
-        HTTPConnectionPool.urlopen = counted
+        return counted
 
 
 def beam_read(uri: str) -> bytes:
@@ -67,6 +77,36 @@ def client_download_read(uri: str) -> bytes:
     return _blob(uri).download_as_bytes(start=0, end=MAX_BYTES, checksum=None, raw_download=True, retry=None)
 
 
+def urllib3_read(uri: str) -> bytes:
+    """lookalike's read before it went over libcurl: the same ranged request over urllib3 (google-auth's
+    `AuthorizedHttp` over a pool of 64 connections), the client's credentials."""
+    from google.auth.transport.urllib3 import AuthorizedHttp
+    from google.cloud.storage.blob import _get_host_name
+
+    from encoder.storage import _object, _pool, gcs_client
+
+    global _URLLIB3
+    if _URLLIB3 is None:
+        client = gcs_client()
+        base = f"{_get_host_name(client._connection)}/download/storage/v1/b/"
+        pool = _pool(base)
+        pool.connection_pool_kw["maxsize"] = 64
+        _URLLIB3 = (AuthorizedHttp(client._credentials, http=pool), base)
+    http, base = _URLLIB3
+    bucket, name = _object(uri)
+    return _urllib3_get(http, f"{base}{bucket}/o/{quote(name, safe='~')}?alt=media")
+
+
+_URLLIB3 = None
+
+
+def _urllib3_get(http, url: str) -> bytes:
+    response = http.request("GET", url, decode_content=False,
+                            headers={"Range": f"bytes=0-{MAX_BYTES}", "Accept-Encoding": "gzip"})  # fmt: skip
+    assert response.status in (200, 206), response.status
+    return response.data
+
+
 def lookalike_read(uri: str) -> bytes:
     from pipelines.storage import read_image
 
@@ -75,16 +115,73 @@ def lookalike_read(uri: str) -> bytes:
     return data
 
 
-def measure(read, uris: list[str], threads: int, counter: RequestCounter) -> dict:
-    requests, cpu, start = counter.count, time.process_time(), time.perf_counter()
+def measure(read, uris: list[str], threads: int, counter: RequestCounter | None) -> dict:
+    requests, cpu, start = counter.count if counter else 0, time.process_time(), time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         sizes = list(pool.map(lambda uri: len(read(uri)), uris))
     wall = time.perf_counter() - start
     cpu = time.process_time() - cpu
-    time.sleep(0.5)  # background lookups still on their way are counted with this read
     assert all(sizes), "an empty read"
-    return {"reads_per_s": len(uris) / wall, "cpu_us_per_read": 1e6 * cpu / len(uris),
-            "requests_per_read": (counter.count - requests) / len(uris)}  # fmt: skip
+    got = {"reads_per_s": len(uris) / wall, "cpu_us_per_read": 1e6 * cpu / len(uris)}
+    if counter:
+        time.sleep(0.5)  # background lookups still on their way are counted with this read
+        got["requests_per_read"] = (counter.count - requests) / len(uris)
+    return got
+
+
+def _kept_alive_clients(base: str) -> dict:
+    """url → bytes, through urllib3 (the read before) and libcurl (the read now), each with the same token."""
+    from google.auth.transport.urllib3 import AuthorizedHttp
+    from google.oauth2.credentials import Credentials
+
+    from encoder.object_http import ObjectHttp
+    from encoder.storage import _pool
+
+    token = Credentials(token="t0k3n")
+    pool = _pool(base)
+    pool.connection_pool_kw["maxsize"] = 64
+    curl = ObjectHttp(base, token, refresh=None)
+    headers = {"Range": f"bytes=0-{MAX_BYTES}", "Accept-Encoding": "gzip"}
+    return {"urllib3": functools.partial(_urllib3_get, AuthorizedHttp(token, http=pool)),
+            "libcurl": lambda url: curl.get(url, headers, MAX_BYTES).body}  # fmt: skip
+
+
+def kept_alive(photos: list[Path], threads: list[int], rounds: int) -> dict:
+    """Reads of `photos` from a stand-in that keeps connections alive (`tests.support.kept_alive_store`), as GCS does,
+    over plain HTTP and over TLS: urllib3 (the read before) against libcurl (`encoder.object_http`, the read now),
+    each path's best round by reads/s; CPU: this process's own, the stand-in's (a process of its own) not counted."""
+    from tests.support.kept_alive_store import self_signed
+
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as work:
+        cert, key_file = self_signed(Path(work))
+        os.environ["REQUESTS_CA_BUNDLE"] = str(cert)  # both clients verify the stand-in's certificate
+        for scheme in ("http", "https"):
+            tls = ["--tls", str(cert), str(key_file)] if scheme == "https" else []
+            store = subprocess.Popen([sys.executable, "-m", "tests.support.kept_alive_store", str(photos[0].parent),
+                                      *tls], stdout=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
+            try:
+                port = int(store.stdout.readline().split()[-1])
+                base = f"{scheme}://127.0.0.1:{port}/download/storage/v1/b/"
+                urls = [f"{base}photos/o/{p.name}?alt=media" for p in photos]
+                paths = _kept_alive_clients(base)
+                for _ in range(rounds):
+                    for count in threads:
+                        for name, read in paths.items():
+                            got = measure(read, urls, count, None)
+                            label = f"{scheme}_{name}_threads_{count}"
+                            if label not in results or got["reads_per_s"] > results[label]["reads_per_s"]:
+                                results[label] = got
+            finally:
+                store.kill()
+                store.wait()
+        del os.environ["REQUESTS_CA_BUNDLE"]
+    for label, got in results.items():
+        if "_libcurl_" in label:
+            before = results[label.replace("_libcurl_", "_urllib3_")]
+            got["x_urllib3_cpu_per_read"] = got["cpu_us_per_read"] / before["cpu_us_per_read"]
+            got["x_urllib3_reads_per_s"] = got["reads_per_s"] / before["reads_per_s"]
+    return results
 
 
 def gpu_worker_fetch(uris: list[str], reader, element: int = 64, ahead: int = 0) -> dict:
@@ -137,9 +234,11 @@ def main() -> None:
             for path, uri in zip(photos, uris, strict=True):
                 storage.write_bytes(uri, path.read_bytes())
             mean_kb = sum(p.stat().st_size for p in photos) / len(photos) / 1000
+            kept = kept_alive(photos, [int(t) for t in args.threads.split(",")], args.rounds)
         counter = RequestCounter()
         paths = {"beam_reader_lookups_on": (beam_read, "false"), "beam_reader_lookups_off": (beam_read, "true"),
-                 "client_download": (client_download_read, "true"), "lookalike": (lookalike_read, "true")}  # fmt: skip
+                 "client_download": (client_download_read, "true"), "urllib3": (urllib3_read, "true"),
+                 "lookalike": (lookalike_read, "true")}  # fmt: skip
         results: dict[str, dict] = {}
         for _ in range(args.rounds):
             for threads in (int(t) for t in args.threads.split(",")):
@@ -176,7 +275,7 @@ def main() -> None:
     processes["x_threads_embedding_process_cpu"] = round(
         processes["embedding_process_cpu_us_per_image"] / threads["embedding_process_cpu_us_per_image"], 3
     )
-    rounded = {k: {m: round(v, 2) for m, v in r.items()} for k, r in results.items()}
+    rounded = {k: {m: round(v, 2) for m, v in r.items()} for k, r in {**results, **kept}.items()}
     print(json.dumps({"machine": machine(), "images": args.images, "mean_kb": round(mean_kb, 1), **rounded}))
 
 

@@ -3,8 +3,8 @@
 A reader process's image reads are CPU-bound in its HTTP client. Against a local server that keeps connections
 alive, urllib3 spent 420-520 µs of the process's CPU per 71 KB read, most of it Python: http.client's header
 parsing, the pool's bookkeeping, google-auth's wrapper; libcurl 110-240 µs (`benchmarks/gcs_reads.py`), and it
-sends the request and takes the response without the interpreter lock. Each thread keeps a handle of its own, and
-with it a connection kept alive from one read to the next; a forked child makes its own.
+sends the request and takes the response without the interpreter lock. Each thread keeps a handle of its own; the
+process's handles share their kept-alive connections, TLS sessions and DNS answers (a forked child makes its own).
 
 The token comes from google-auth's credentials (refreshed before it expires, and once more when the store answers
 401), through a urllib3 pool of the refresh's own; the proxy and the CA bundle are taken from the environment as
@@ -30,6 +30,10 @@ _UNREACHABLE = {5: "proxy not resolved", 6: "host not resolved", 7: "no connecti
                 18: "body cut short", 35: "TLS handshake failed", 52: "nothing answered", 55: "send failed",
                 56: "receive failed", 92: "HTTP/2 stream error"}  # fmt: skip
 _TIMED_OUT = 28
+
+# Idle connections the process keeps: past the threads that read at once (a reader process's 96). libcurl's own
+# default, 5, closed nearly every connection after one request with 16 threads reading.
+KEPT_CONNECTIONS = 128
 
 
 class Response(NamedTuple):
@@ -67,6 +71,7 @@ class ObjectHttp:
         self._proxy, self._ca = proxy_for(base), ca_bundle()
         self._connect_s, self._stall_s = connect_s, stall_s
         self._local = threading.local()
+        self._lock, self._shared = threading.Lock(), (None, None)  # (pid, its `_share`)
 
     def get(self, url: str, headers: dict[str, str], max_bytes: int | None = None) -> Response:
         """The response to a GET of `url` with `headers` and the token; `max_bytes`: a longer body is refused
@@ -101,12 +106,17 @@ class ObjectHttp:
         return Response(handle.getinfo(pycurl.RESPONSE_CODE), b"".join(body.chunks))
 
     def _handle(self):
-        """This thread's handle (and its kept-alive connection); a new one in a forked child."""
+        """This thread's handle, on the process's share of connections (a new one in a forked child)."""
         import pycurl
 
-        local = self._local
-        if getattr(local, "pid", None) != os.getpid():
+        local, pid = self._local, os.getpid()
+        if getattr(local, "pid", None) != pid:
+            with self._lock:
+                if self._shared[0] != pid:
+                    self._shared = (pid, _share())
             handle = pycurl.Curl()
+            handle.setopt(pycurl.SHARE, self._shared[1])
+            handle.setopt(pycurl.MAXCONNECTS, KEPT_CONNECTIONS)
             handle.setopt(pycurl.NOSIGNAL, 1)  # threads: timeouts without SIGALRM
             handle.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
             handle.setopt(pycurl.CONNECTTIMEOUT_MS, int(self._connect_s * 1000))
@@ -115,8 +125,19 @@ class ObjectHttp:
             handle.setopt(pycurl.PROXY, self._proxy or "")  # "": none, whatever libcurl's own reading of the env
             if self._ca:
                 handle.setopt(pycurl.CAINFO, self._ca)
-            local.handle, local.pid = handle, os.getpid()
+            local.handle, local.pid = handle, pid
         return local.handle
+
+
+def _share():
+    """What the process's handles share: kept-alive connections (a thread that reads for the first time takes one
+    another left idle, not a new connection and TLS handshake), TLS sessions and DNS answers. pycurl locks it."""
+    import pycurl
+
+    share = pycurl.CurlShare()
+    for data in (pycurl.LOCK_DATA_CONNECT, pycurl.LOCK_DATA_SSL_SESSION, pycurl.LOCK_DATA_DNS):
+        share.setopt(pycurl.SH_SHARE, data)
+    return share
 
 
 class _Body:

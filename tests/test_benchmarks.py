@@ -175,5 +175,9 @@ def test_gcs_reads_benchmark_runs():
         assert result[f"lookalike_threads_{threads}"]["requests_per_read"] == 1.0
         assert result[f"beam_reader_lookups_off_threads_{threads}"]["requests_per_read"] == 2.0  # metadata, then bytes
         assert result[f"beam_reader_lookups_on_threads_{threads}"]["x_beam_reader_reads_per_s"] == 1.0
+    for scheme in ("http", "https"):  # the kept-alive stand-in, urllib3 against libcurl
+        for threads in (1, 4):
+            assert result[f"{scheme}_libcurl_threads_{threads}"]["x_urllib3_cpu_per_read"] > 0
+    assert result["urllib3_threads_1"]["requests_per_read"] == 1.0
     assert result["gpu_worker_fetch_reader_processes"]["images_per_s"] > 0
     assert result["gpu_worker_fetch_threads"]["embedding_process_cpu_us_per_image"] > 0
