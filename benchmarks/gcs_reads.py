@@ -1,8 +1,8 @@
 """What reading catalog images from gs:// costs the reading process, per image, against a local GCS emulator:
-lookalike's read (`pipelines.storage.read_image`: one ranged request over urllib3 with the process's one client's
-credentials) against the same request through that client's own download (requests; lookalike's read before) and
-Beam's FileSystems reader, which the embed step used before that (a client and its pipeline options per object, a
-metadata request before the bytes), with google-cloud-storage's background bucket lookups on (the library's
+lookalike's read (`pipelines.storage.read_image`: one ranged request over libcurl with the process's one client's
+credentials) against the same request over urllib3 (the read before), through that client's own download
+(requests; the read before that) and Beam's FileSystems reader, which the embed step used first (a client and its
+pipeline options per object, a metadata request before the bytes), with google-cloud-storage's background bucket lookups on (the library's
 default, the behaviour before) and off. Then the Beam GPU worker's fetch step over the same photos: on its own 16
 threads (before) against its reader processes (`pipelines.file_reader`), with the embedding process's CPU per
 image, which the GPU threads share under one interpreter lock. Rounds alternate; each path's best round is reported.
@@ -12,7 +12,9 @@ image, which the GPU threads share under one interpreter lock. Rounds alternate;
 The emulator is a Python server on the same machine over plain HTTP that answers one request at a time and closes
 every connection: reads/s are bounded by it and by the cores the two processes share, and connection reuse cannot
 show. The client's CPU per read and its requests per read carry over to real GCS, where TLS adds to the first and
-each request also costs a round trip.
+each request also costs a round trip. So libcurl and urllib3 also read the same photos from a stand-in that keeps
+connections alive, over plain HTTP and over TLS (`tests.support.kept_alive_store`): the client's CPU per read as
+GCS would see it, less the network.
 """
 
 from __future__ import annotations
