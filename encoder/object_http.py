@@ -112,7 +112,11 @@ class ObjectHttp:
         local, pid = self._local, os.getpid()
         if getattr(local, "pid", None) != pid:
             with self._lock:
+                if getattr(local, "handle", None) is not None:  # the thread that forked this child: its handle
+                    _INHERITED.append(local.handle)
                 if self._shared[0] != pid:
+                    if self._shared[1] is not None:
+                        _INHERITED.append(self._shared[1])
                     self._shared = (pid, _share())
             handle = pycurl.Curl()
             handle.setopt(pycurl.SHARE, self._shared[1])
@@ -127,6 +131,11 @@ class ObjectHttp:
                 handle.setopt(pycurl.CAINFO, self._ca)
             local.handle, local.pid = handle, pid
         return local.handle
+
+
+# A forked child's inherited handles and shares, never freed there: freeing one closes its connections, and closing
+# a TLS connection sends the server a close_notify over a socket the parent still reads responses from.
+_INHERITED: list = []
 
 
 def _share():

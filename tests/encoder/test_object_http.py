@@ -115,6 +115,31 @@ def test_a_forked_child_opens_connections_of_its_own(serve, monkeypatch):
     assert len(_ports(server)) == 2
 
 
+def test_a_forked_child_leaves_its_parents_tls_connection_as_it_was(serve, tmp_path, monkeypatch):
+    """The child reads on connections of its own and never closes those it inherited: closing one would send the
+    server a TLS close_notify on the parent's connection."""
+    import gc
+    import os
+
+    ca, key = self_signed(tmp_path)
+    server = serve(lambda h: _send(h, 200, b"x" * 5000), server_context(ca, key))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca))
+    http = _http(server.url)
+    assert http.get(server.url, {}).status == 200
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's outcome is its exit status
+        ok = http.get(server.url, {}) == (200, b"x" * 5000)
+        http._local.__dict__.clear()  # its handle and share dropped, as a new thread's or a later run's would be
+        http._shared = (None, None)
+        gc.collect()
+        os._exit(0 if ok else 1)
+    assert os.waitpid(child, 0)[1] == 0
+    time.sleep(0.2)  # a close_notify, had the child sent one, reaches the server first
+    assert http.get(server.url, {}) == (200, b"x" * 5000)
+    parent_ports = [server.seen[0][2], server.seen[2][2]]
+    assert parent_ports[0] == parent_ports[1] and server.seen[1][2] != parent_ports[0]
+
+
 def test_a_401_gets_a_fresh_token_once(serve):
     server = serve(lambda h: _send(h, 401 if h.headers["Authorization"] == "Bearer t0" else 200, b"ok"))
     token = _Token()
