@@ -140,7 +140,8 @@ def test_an_image_read_retries_what_is_transient_and_maps_what_is_not(store_clie
     assert not storage.is_transient(refused.value) and len(store.seen) == 1
 
 
-def test_image_reads_take_the_proxy_the_environment_names(monkeypatch):
+def test_token_refreshes_take_the_proxy_the_environment_names(monkeypatch):
+    """The pool image reads refresh their token through (the reads themselves: tests/encoder/test_object_http.py)."""
     import urllib3
 
     monkeypatch.setenv("https_proxy", "http://proxy.internal:3128")
