@@ -85,21 +85,29 @@ def urllib3_read(uri: str) -> bytes:
     from google.auth.transport.urllib3 import AuthorizedHttp
     from google.cloud.storage.blob import _get_host_name
 
-    from encoder.storage import _object, _pool, gcs_client
+    from encoder.storage import _object, gcs_client
 
     global _URLLIB3
     if _URLLIB3 is None:
         client = gcs_client()
         base = f"{_get_host_name(client._connection)}/download/storage/v1/b/"
-        pool = _pool(base)
-        pool.connection_pool_kw["maxsize"] = 64
-        _URLLIB3 = (AuthorizedHttp(client._credentials, http=pool), base)
+        _URLLIB3 = (AuthorizedHttp(client._credentials, http=_urllib3_pool()), base)
     http, base = _URLLIB3
     bucket, name = _object(uri)
     return _urllib3_get(http, f"{base}{bucket}/o/{quote(name, safe='~')}?alt=media")
 
 
 _URLLIB3 = None
+
+
+def _urllib3_pool():
+    """The pool the read before went over: 64 connections kept, no retries of its own, the environment's CA bundle."""
+    import urllib3
+
+    from encoder.object_http import ca_bundle
+
+    return urllib3.PoolManager(maxsize=64, retries=False, timeout=urllib3.Timeout(connect=60, read=60),
+                               ca_certs=ca_bundle())  # fmt: skip
 
 
 def _urllib3_get(http, url: str) -> bytes:
@@ -137,14 +145,11 @@ def _kept_alive_clients(base: str) -> dict:
     from google.oauth2.credentials import Credentials
 
     from encoder.object_http import ObjectHttp
-    from encoder.storage import _pool
 
     token = Credentials(token="t0k3n")
-    pool = _pool(base)
-    pool.connection_pool_kw["maxsize"] = 64
     curl = ObjectHttp(base, token, refresh=None)
     headers = {"Range": f"bytes=0-{MAX_BYTES}", "Accept-Encoding": "gzip"}
-    return {"urllib3": functools.partial(_urllib3_get, AuthorizedHttp(token, http=pool)),
+    return {"urllib3": functools.partial(_urllib3_get, AuthorizedHttp(token, http=_urllib3_pool())),
             "libcurl": lambda url: curl.get(url, headers, MAX_BYTES).body}  # fmt: skip
 
 

@@ -301,27 +301,16 @@ def _image_http():
     global _IMAGE_HTTP
     client = gcs_client()
     if _IMAGE_HTTP is None or _IMAGE_HTTP[0] is not client:
-        from google.auth.transport.urllib3 import Request
+        from google.auth.transport.requests import Request
         from google.cloud.storage.blob import _get_host_name
 
         from encoder.object_http import ObjectHttp
 
+        # Refreshes as the client's own: over requests, each token server (the metadata server, oauth2) by the
+        # environment's proxy settings for its own URL, `no_proxy` included.
         base = f"{_get_host_name(client._connection)}/download/storage/v1/b/"
-        _IMAGE_HTTP = (client, ObjectHttp(base, client._credentials, Request(_pool(base))))
+        _IMAGE_HTTP = (client, ObjectHttp(base, client._credentials, Request()))
     return _IMAGE_HTTP[1]
-
-
-def _pool(url: str):
-    """A urllib3 pool to `url`'s host (the token's refreshes), with the proxy and CA bundle requests would take from
-    the environment (`object_http.proxy_for`, `ca_bundle`); retries are `with_retries`'."""
-    import urllib3
-
-    from encoder.object_http import ca_bundle, proxy_for
-
-    options = {"maxsize": 4, "retries": False, "timeout": urllib3.Timeout(connect=60, read=60),
-               "ca_certs": ca_bundle()}  # fmt: skip
-    proxy = proxy_for(url)
-    return urllib3.ProxyManager(proxy, **options) if proxy else urllib3.PoolManager(**options)
 
 
 def arrow_input(data: bytes):

@@ -93,11 +93,12 @@ def store_client(monkeypatch):
 
     stores: list[_Store] = []
 
-    def make(answers: list[tuple[int, bytes]]) -> _Store:
+    def make(answers: list[tuple[int, bytes]], credentials=None, api: str | None = None) -> _Store:
+        """`api`: the store's URL as the client names it (default: the stand-in's own)."""
         store = _Store(answers)
         stores.append(store)
-        client = SimpleNamespace(_credentials=Credentials(token="t0k3n"),
-                                 _connection=SimpleNamespace(API_BASE_URL=store.url))  # fmt: skip
+        client = SimpleNamespace(_credentials=credentials or Credentials(token="t0k3n"),
+                                 _connection=SimpleNamespace(API_BASE_URL=api or store.url))  # fmt: skip
         monkeypatch.setattr(storage, "gcs_client", lambda: client)
         monkeypatch.setattr(storage, "_IMAGE_HTTP", None)
         return store
@@ -140,17 +141,34 @@ def test_an_image_read_retries_what_is_transient_and_maps_what_is_not(store_clie
     assert not storage.is_transient(refused.value) and len(store.seen) == 1
 
 
-def test_token_refreshes_take_the_proxy_the_environment_names(monkeypatch):
-    """The pool image reads refresh their token through (the reads themselves: tests/encoder/test_object_http.py)."""
-    import urllib3
+def test_a_token_is_refreshed_by_the_environments_proxy_settings_for_the_token_servers_url(store_client,
+                                                                                        monkeypatch):  # fmt: skip
+    """The token server (on GCE, the metadata server) is reached by its own URL's proxy settings, not the store's:
+    a proxy for the store's scheme and `no_proxy` naming the token server's host."""
+    from google.auth.credentials import Credentials as Base
 
-    monkeypatch.setenv("https_proxy", "http://proxy.internal:3128")
-    monkeypatch.delenv("no_proxy", raising=False)
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    pool = storage._pool("https://storage.googleapis.com/download/storage/v1/b/")
-    assert isinstance(pool, urllib3.ProxyManager) and pool.proxy.host == "proxy.internal"
-    monkeypatch.setenv("no_proxy", "googleapis.com")
-    assert not isinstance(storage._pool("https://storage.googleapis.com/download/storage/v1/b/"), urllib3.ProxyManager)
+    class FromTokenServer(Base):  # a token fetched with the request image reads hand to their refreshes
+        def __init__(self, url: str) -> None:
+            super().__init__()
+            self.url = url
+
+        def refresh(self, request) -> None:
+            self.token = request(url=self.url, method="GET").data.decode()
+
+    tokens = _Store([(200, b"fresh")])  # the token server, on 127.0.0.1
+    try:
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        for name in ("NO_PROXY", "HTTP_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        # The store, named storage.example, is reached through a proxy: the stand-in itself, which sees whole URLs.
+        store = store_client([(200, b"jpeg")], FromTokenServer(tokens.url + "/token"), api="http://storage.example")
+        monkeypatch.setenv("http_proxy", store.url)
+        assert storage.read_bytes("gs://b/x.jpg", max_bytes=100) == b"jpeg"
+        ((path, headers),) = store.seen
+        assert path.startswith("http://storage.example/download/") and headers["authorization"] == "Bearer fresh"
+        assert [path for path, _ in tokens.seen] == ["/token"]  # straight to the token server, not by the proxy
+    finally:
+        tokens.close()
 
 
 def test_each_process_and_each_emulator_has_a_client_of_its_own(monkeypatch):
