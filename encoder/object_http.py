@@ -1,13 +1,14 @@
 """GET requests to an object store over libcurl: what image reads from gs:// go through (`storage.read_bytes`).
 
 A reader process's image reads are CPU-bound in its HTTP client. Against a local server that keeps connections
-alive, urllib3 spent 420-520 µs of the process's CPU per 71 KB read, most of it Python: http.client's header
-parsing, the pool's bookkeeping, google-auth's wrapper; libcurl 110-240 µs (`benchmarks/gcs_reads.py`), and it
-sends the request and takes the response without the interpreter lock. Each thread keeps a handle of its own; the
+alive, over HTTP and TLS, urllib3 spent 550-950 µs of the process's CPU per 71 KB read, most of it Python:
+http.client's header parsing, the pool's bookkeeping, google-auth's wrapper; libcurl 250-380 µs, 0.33-0.46x
+(`benchmarks/gcs_reads.py`, 2-core Xeon), and it sends the request and takes the response without the
+interpreter lock. Each thread keeps a handle of its own; the
 process's handles share their kept-alive connections, TLS sessions and DNS answers (a forked child makes its own).
 
 The token comes from google-auth's credentials (refreshed before it expires, and once more when the store answers
-401), through a urllib3 pool of the refresh's own; the proxy and the CA bundle are taken from the environment as
+401) through the caller's `refresh` transport; the proxy and the CA bundle are taken from the environment as
 requests would take them (`proxy_for`, `ca_bundle`). Errors come back as the exceptions `storage.is_transient`
 sorts: a connection refused, reset or stalled, or a body cut short, as ConnectionError or TimeoutError (retried);
 anything else libcurl refuses (a certificate it cannot verify, say) as OSError (not retried).
@@ -62,7 +63,7 @@ def ca_bundle() -> str | None:
 class ObjectHttp:
     """GETs under `base` (a store's download URL prefix) with `credentials`' token.
 
-    `refresh`: a google-auth transport request (`google.auth.transport.urllib3.Request`) that refreshes the token.
+    `refresh`: the google-auth transport request the token is refreshed through (`google.auth.transport.requests`).
     `connect_s`: the most a connection may take; `stall_s`: the longest a response may send nothing (a read timeout).
     """
 

@@ -274,7 +274,7 @@ def _read_range(uri: str, max_bytes: int) -> bytes:
     The library can check a checksum only against a whole object, so none here (as Beam's reader, which reads in
     ranges); a body cut short still fails on its Content-Length. Raw: a gzip-encoded object is not inflated past
     the cap. Over libcurl (`encoder.object_http`), not the client's download, which cost 2.2-2.6x the CPU per read
-    of urllib3, itself 2-4x libcurl's.
+    of urllib3, itself 2.2-3x libcurl's.
     """
     from google.api_core.exceptions import from_http_status
 
@@ -294,10 +294,9 @@ _IMAGE_HTTP: tuple | None = None  # (the client it serves, its `ObjectHttp`)
 
 def _image_http():
     """An `ObjectHttp` with the storage client's credentials and download URL, made again with the client: what
-    image reads go through. The client's own download (google-resumable-media over requests) took 1.43 ms of CPU
-    per read against urllib3's 0.64 with one thread, 2.08 against 0.80 with 16 (`benchmarks/gcs_reads.py`, 2-core
-    Xeon, 71 KB photos on the emulator), most of it requests' per-request work; a reader process's reads are
-    CPU-bound at that."""
+    image reads go through. On the emulator (`benchmarks/gcs_reads.py`, 2-core Xeon, 71 KB photos, 1 / 16 threads)
+    the client's own download (google-resumable-media over requests) took 1.43 / 2.08 ms of CPU per read, urllib3
+    0.64-0.65 / 0.80-1.03, libcurl 0.27 / 0.23; a reader process's reads are CPU-bound at that."""
     global _IMAGE_HTTP
     client = gcs_client()
     if _IMAGE_HTTP is None or _IMAGE_HTTP[0] is not client:
