@@ -103,12 +103,15 @@ class MemoryBackoff:
     cache, a retry, every batch. Once a batch of n runs out of memory, the next batches go straight to pieces of
     n / 2 (halved again if those run out too), and every `probe_every` such batches one is tried whole again; each
     probe that fails doubles that interval (up to `max_probe_every`), and one that fits ends the backoff.
-    `encoder.gpu_stream` keeps one per stream of batches, or per caller that starts one stream after another.
+    `encoder.gpu_stream` keeps one for the model per stream of batches, or per caller that starts one stream after
+    another; `encoder.gpu_images.GpuImages` one for its GPU decoder and one for its resize. `stage` names the step in
+    the warnings (one a minute at most per backoff).
     """
 
-    def __init__(self, probe_every: int = 16, max_probe_every: int = 1024) -> None:
+    def __init__(self, probe_every: int = 16, max_probe_every: int = 1024, stage: str = "the model") -> None:
         if probe_every < 1 or max_probe_every < probe_every:
             raise ValueError(f"need 1 <= probe_every <= max_probe_every, got {probe_every}, {max_probe_every}")
+        self.stage, self._warnings = stage, Throttled(log)
         self._first_probe, self._max_probe = probe_every, max_probe_every
         self.piece: int | None = None  # images per piece while backing off; None: whole batches
         self._probe_every, self._since = probe_every, 0
@@ -143,15 +146,13 @@ class MemoryBackoff:
             if self.piece is not None and self.piece <= size // 2:
                 return
             self.piece, every = size // 2, self._probe_every
-        _SHRINKING.warning("out of memory at %d images (%s): the next batches run in pieces of %d, eagerly, and "
-                           "a whole batch is tried again every %d", size, reason, size // 2, every)  # fmt: skip
+        self._warnings.warning("out of memory at %d images (%s): %s takes the next batches in pieces of %d, and a "
+                               "whole batch again every %d", size, reason, self.stage, size // 2, every)  # fmt: skip
 
     def fitted(self) -> None:
         """A whole batch launched while backing off (a probe) went through: whole batches run again from now on."""
         with self._lock:
             piece, self.piece, self._probe_every, self._since = self.piece, None, self._first_probe, 0
         if piece is not None:
-            log.info("a whole batch fits the memory again: batches run whole, no longer in pieces of %d", piece)
-
-
-_SHRINKING = Throttled(log)
+            log.info("a whole batch fits the memory again: %s takes batches whole, no longer in pieces of %d",
+                     self.stage, piece)  # fmt: skip

@@ -21,15 +21,16 @@ import math
 import queue
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
 
-from encoder.failures import Throttled, attempt, in_halves
+from encoder.failures import MemoryBackoff, Throttled, attempt, in_halves
 from encoder.jpeg import cpu_reason, decoded_within, read_jpeg_header
 from encoder.preprocess import DecodeLimits, ImageDecodeError, PreprocessConfig, decode_image
 from encoder.resize import PackedImages, gpu_resizes, pack_images, resize_like_pil
@@ -53,6 +54,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # A batch of encoded JPEGs (bytes, or 1-D uint8 arrays over a file reader's ring) → decoded (3, h, w) uint8
 # tensors on the device, None for one it could not decode; or the images it decoded packed in one buffer and
@@ -267,6 +270,9 @@ class GpuImages:
             for _ in range(decode_threads):
                 self._decoders.put(DECODERS[decoder](self.device) if isinstance(decoder, str) else decoder)
         self.progressive_on_gpu = batches_progressive(decoder)
+        # What running out of memory taught, shared by the decode threads: pieces of a batch while it does not fit.
+        self._decode_backoff = MemoryBackoff(stage="the GPU decoder")
+        self._resize_backoff = MemoryBackoff(stage="the resize")
 
     @property
     def decodes_on_gpu(self) -> bool:
@@ -349,16 +355,24 @@ class GpuImages:
         return PreparedBatch(pixels, kept, sorted(failed), on_gpu=len(batch.gpu), retried=retried)
 
     def _resize_checked(self, images: list[torch.Tensor] | PackedImages) -> tuple[torch.Tensor, dict[int, str], bool]:
-        """`resize_like_pil` of the batch; if that fails (out of GPU memory), in halves (`in_halves`), so only the
-        culprits fail: the images resized, in order, position → dead-letter reason for the rest, and whether the
-        batch was taken in halves."""
-        resized, reason = attempt(resize_like_pil, images, self.preprocess)
-        if reason is None:
-            return resized, {}, False
-        _RESIZE_RETRIES.warning("resizing a batch of %d failed (%s); resizing it in halves", len(images), reason)
-        done, failed = in_halves(lambda part: resize_like_pil(part, self.preprocess), images, reason)
-        resized = torch.cat([rows for _, rows in done]) if done else self._no_pixels()
-        return resized, {j: f"resize failed: {why}" for j, why in failed.items()}, True
+        """`resize_like_pil` of the batch, or of pieces of it while its size does not fit the memory left
+        (`_resize_backoff`); what fails (out of GPU memory), in halves (`in_halves`), so only the culprits fail: the
+        images resized, in order, position → dead-letter reason for the rest, and whether something was taken in
+        halves."""
+        resize = _learning(self._resize_backoff, lambda part: resize_like_pil(part, self.preprocess))
+        done, failed, retried = [], {}, False
+        for piece in _in_pieces(resize, images, self._resize_backoff):
+            if piece.reason is None:
+                done.append((piece.start, piece.result))
+                continue
+            _RESIZE_RETRIES.warning("resizing a batch of %d failed (%s); resizing it in halves", len(piece.items),
+                                    piece.reason)  # fmt: skip
+            halves, culprits = in_halves(resize, piece.items, piece.reason)
+            done += [(piece.start + first, rows) for first, rows in halves]
+            failed.update({piece.start + j: f"resize failed: {why}" for j, why in culprits.items()})
+            retried = True
+        resized = torch.cat([rows for _, rows in sorted(done, key=lambda d: d[0])]) if done else self._no_pixels()
+        return resized, failed, retried
 
     def _no_pixels(self) -> torch.Tensor:
         return torch.empty((0, self.preprocess.height, self.preprocess.width, 3), dtype=torch.uint8, device=self.device)
@@ -366,28 +380,68 @@ class GpuImages:
     def _decode_on_gpu(self, datas: list[bytes],
                        ) -> tuple[list[int], list[torch.Tensor] | PackedImages, list[int], bool]:  # fmt: skip
         """The positions the GPU decoded, their images, the positions it rejected (the CPU decoder will decode
-        those or say why not), and whether the decoder failed the batch whole and took it in halves (torchvision's
-        nvJPEG raises for a batch with one JPEG it cannot decode; any decoder, for a batch it has no memory for)."""
+        those or say why not), and whether the decoder failed the batch (or a piece) whole and took it in halves
+        (torchvision's nvJPEG raises for a batch with one JPEG it cannot decode; any decoder, for a batch it has no
+        memory for). While a batch's size does not fit the memory left, pieces of it (`_decode_backoff`)."""
         if not datas:
             return [], [], [], False
         decode = self._decoders.get()  # one free: there are as many as threads that may call this
         try:
-            result, reason = attempt(decode, datas, self.device)
-            if reason is None and isinstance(result, tuple):  # packed, with the positions decoded
-                packed, decoded = result
+            decoder = _learning(self._decode_backoff, lambda part: decode(part, self.device))
+            pieces = list(_in_pieces(decoder, datas, self._decode_backoff))
+            if len(pieces) == 1 and pieces[0].reason is None and isinstance(pieces[0].result, tuple):  # packed
+                packed, decoded = pieces[0].result
                 return decoded, packed, sorted(set(range(len(datas))) - set(decoded)), False
-            if reason is None:
-                pairs, failed = list(enumerate(result)), []
-            else:
-                _DECODE_RETRIES.warning("the GPU decoder failed a batch of %d (%s); decoding it in halves", len(datas),
-                                        reason)  # fmt: skip
-                pieces, failed = in_halves(lambda part: _per_input(decode(part, self.device), len(part)), datas, reason)
-                pairs = [(start + k, image) for start, images in pieces for k, image in enumerate(images)]
+            pairs, failed, retried = [], [], False
+            for piece in pieces:
+                if piece.reason is None:
+                    found = [(0, _per_input(piece.result, len(piece.items)))]
+                else:
+                    _DECODE_RETRIES.warning("the GPU decoder failed a batch of %d (%s); decoding it in halves",
+                                            len(piece.items), piece.reason)  # fmt: skip
+                    found, culprits = in_halves(lambda part: _per_input(decoder(part), len(part)), piece.items,
+                                                piece.reason)  # fmt: skip
+                    failed += [piece.start + j for j in culprits]
+                    retried = True
+                pairs += [(piece.start + first + k, image) for first, images in found for k, image in enumerate(images)]
         finally:
             self._decoders.put(decode)
         decoded = [(j, image) for j, image in pairs if image is not None]
         rejected = sorted([*failed, *(j for j, image in pairs if image is None)])
-        return [j for j, _ in decoded], _packed([image for _, image in decoded]), rejected, reason is not None
+        return [j for j, _ in decoded], _packed([image for _, image in decoded]), rejected, retried
+
+
+def _learning(backoff: MemoryBackoff, fn: Callable[[Sequence], T]) -> Callable[[Sequence], T]:
+    """`fn`, with `backoff` told of each call that runs out of memory (`MemoryBackoff.failed`)."""
+
+    def learned(part: Sequence) -> T:
+        try:
+            return fn(part)
+        except Exception as err:
+            backoff.failed(len(part), describe_error(err))
+            raise
+
+    return learned
+
+
+class _Piece(NamedTuple):
+    start: int  # its first item's position in the batch
+    items: Sequence
+    result: object  # fn(items); None where it failed
+    reason: str | None  # why fn(items) failed (`attempt`); None: it did not
+
+
+def _in_pieces(fn: Callable[[Sequence], T], items: Sequence, backoff: MemoryBackoff) -> Iterator[_Piece]:
+    """`fn` of `items` whole, or of pieces of them while `backoff` says their size does not fit the memory left
+    (`MemoryBackoff.piece_for`). A whole batch that goes through while backing off (a probe) ends the backoff."""
+    backing_off, size = backoff.backing_off, backoff.piece_for(len(items))
+    probe, size = backing_off and size is None, size or len(items)
+    for start in range(0, len(items), size):
+        piece = items[start : start + size]
+        result, reason = attempt(fn, piece)
+        if reason is None and probe:
+            backoff.fitted()
+        yield _Piece(start, piece, result, reason)
 
 
 def _packed(images: list[torch.Tensor]) -> list[torch.Tensor] | PackedImages:

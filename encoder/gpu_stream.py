@@ -12,7 +12,8 @@ the caller writes them) instead of idling until the next launch. Events order ea
 encode (and its resize, where that has a stream of its own) after the stages before, and
 `record_stream` keeps the allocator from reusing a batch's memory while a later stage still
 reads it. A batch the model fails whole is retried in halves (`embed_checked`); once one runs out
-of memory, the next go straight to pieces that fit (`encoder.failures.MemoryBackoff`). On the CPU
+of memory, the next go straight to pieces that fit (`encoder.failures.MemoryBackoff`; the GPU decoder
+and the resize keep backoffs of their own, `GpuImages`). On the CPU
 the same code runs without streams (tests/encoder/test_gpu_stream.py).
 
 `embed_stream` pulls batches from an iterable (the standalone worker reads files);

@@ -72,12 +72,7 @@ def test_out_of_memory_is_told_apart_from_other_failures_by_its_reason():
     assert not out_of_memory("RuntimeError: kernel failed") and not out_of_memory("non-finite embedding")
 
 
-def test_backoff_halves_on_running_out_of_memory_probes_less_often_while_it_fails_and_ends_when_one_fits(
-    caplog, monkeypatch
-):
-    import encoder.failures
-
-    monkeypatch.setattr(encoder.failures, "_SHRINKING", Throttled(encoder.failures.log))  # not warned yet
+def test_backoff_halves_on_running_out_of_memory_probes_less_often_while_it_fails_and_ends_when_one_fits(caplog):
     caplog.set_level(logging.INFO, logger="encoder.failures")
     backoff = MemoryBackoff(probe_every=2, max_probe_every=4)
     assert backoff.piece_for(256) is None
@@ -97,6 +92,6 @@ def test_backoff_halves_on_running_out_of_memory_probes_less_often_while_it_fail
     backoff.failed(256, "OutOfMemoryError: CUDA out of memory")
     assert [backoff.piece_for(256) for _ in range(2)] == [128, None]  # from the first interval again
     warnings = [r.getMessage() for r in caplog.records if r.name == "encoder.failures"]
-    assert warnings[0].startswith("out of memory at 256 images (OutOfMemoryError: CUDA out of memory): the next "
-                                  "batches run in pieces of 128, eagerly, and a whole batch is tried again every 2")  # fmt: skip
-    assert "a whole batch fits the memory again: batches run whole, no longer in pieces of 64" in warnings
+    assert warnings[0].startswith("out of memory at 256 images (OutOfMemoryError: CUDA out of memory): the model "
+                                  "takes the next batches in pieces of 128, and a whole batch again every 2")  # fmt: skip
+    assert "a whole batch fits the memory again: the model takes batches whole, no longer in pieces of 64" in warnings

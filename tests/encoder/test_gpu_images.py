@@ -308,6 +308,61 @@ def test_a_batch_the_gpu_decoder_fails_whole_is_counted_and_warned_about(jpegs, 
     assert caplog.records[0].filename == "gpu_images.py"  # where the retry is, not the throttle's module
 
 
+def _short_of_memory(fn, fits: list[int], calls: list[int]):
+    """`fn`, counting each call's batch size, out of GPU memory for a batch of more than `fits[0]`."""
+
+    def call(items, *args, **kwargs):
+        calls.append(len(items))
+        if len(items) > fits[0]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return fn(items, *args, **kwargs)
+
+    return call
+
+
+def test_once_the_gpu_decoder_runs_out_of_memory_the_next_batches_go_in_pieces_until_a_whole_one_fits(jpegs):
+    """As the model's step: a failed whole attempt (and the allocator emptying its cache) on every batch would
+    otherwise follow; the decode threads share what was learned."""
+    from encoder.failures import MemoryBackoff
+
+    fits, calls = [4], []
+    images = GpuImages(CFG, "cpu", FULL, decoder=_short_of_memory(_pil_decoder(), fits, calls))
+    images._decode_backoff = MemoryBackoff(probe_every=2, stage="the GPU decoder")
+    expected = GpuImages(CFG, "cpu", FULL, decoder=_pil_decoder()).prepare(jpegs[:8])
+    first = images.prepare(jpegs[:8])
+    assert calls == [8, 4, 4] and first.retried and first.kept == list(range(8)) and first.on_gpu == 8
+    assert torch.equal(first.pixels, expected.pixels)
+    calls.clear()
+    second = images.prepare(jpegs[:8])  # straight to pieces: no whole attempt to fail first
+    assert calls == [4, 4] and not second.retried and torch.equal(second.pixels, expected.pixels)
+    calls.clear()
+    images.prepare(jpegs[:8])  # a probe is due: whole, fails, in halves
+    images.prepare(jpegs[:3])  # short of a piece: at its own size, never a probe
+    assert calls == [8, 4, 4, 3]
+    fits[0], calls[:] = 8, []
+    for _ in range(5):  # a probe every 4th batch now: the next one fits, and batches go whole from then on
+        images.prepare(jpegs[:8])
+    assert calls == [4, 4, 4, 4, 4, 4, 8, 8], calls
+    assert not images._decode_backoff.backing_off
+
+
+def test_once_the_resize_runs_out_of_memory_the_next_batches_are_resized_in_pieces(jpegs, monkeypatch):
+    import encoder.gpu_images as gpu_images
+
+    calls: list[int] = []
+    expected = GpuImages(CFG, "cpu", FULL, decoder=_pil_decoder()).prepare(jpegs[:4])
+    monkeypatch.setattr(gpu_images, "resize_like_pil", _short_of_memory(gpu_images.resize_like_pil, [2], calls))
+    images = GpuImages(CFG, "cpu", FULL, decoder=_pil_decoder())
+    first = images.prepare(jpegs[:4])
+    assert calls == [4, 2, 2] and first.retried and first.kept == [0, 1, 2, 3]
+    calls.clear()
+    second = images.prepare(jpegs[:4])
+    assert calls == [2, 2] and not second.retried and torch.equal(second.pixels, expected.pixels)
+    failing = GpuImages(CFG, "cpu", FULL, decoder=_pil_decoder(calls=[]))
+    failing._resize_backoff.failed(4, "RuntimeError: kernel failed")  # not memory: nothing learned
+    assert not failing._resize_backoff.backing_off
+
+
 def test_a_decoder_that_does_not_size_its_batch_gets_only_what_fits_its_limit(jpegs, monkeypatch):
     """As torchvision's nvJPEG is given its batch (`within_budget`): sized from the headers, what is past
     `DECODE_MAX_BYTES` goes to the CPU threads, in its place; a batch that fits is one call as before."""
