@@ -2,10 +2,11 @@
 lookalike's read (`pipelines.storage.read_image`: one ranged request over libcurl with the process's one client's
 credentials) against the same request over urllib3 (the read before), through that client's own download
 (requests; the read before that) and Beam's FileSystems reader, which the embed step used first (a client and its
-pipeline options per object, a metadata request before the bytes), with google-cloud-storage's background bucket lookups on (the library's
-default, the behaviour before) and off. Then the Beam GPU worker's fetch step over the same photos: on its own 16
-threads (before) against its reader processes (`pipelines.file_reader`), with the embedding process's CPU per
-image, which the GPU threads share under one interpreter lock. Rounds alternate; each path's best round is reported.
+pipeline options per object, a metadata request before the bytes), with google-cloud-storage's background bucket
+lookups on (the library's default, the behaviour before) and off. Then the Beam GPU worker's fetch step over the
+same photos: on its own 16 threads (before) against its reader processes (`pipelines.file_reader`), with the
+embedding process's CPU per image, which the GPU threads share under one interpreter lock. Rounds alternate; each
+path's best round is reported.
 
     python benchmarks/gcs_reads.py                  # 400 photos, 1 and 16 threads (the embed step's fetch_threads)
 
