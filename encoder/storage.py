@@ -264,28 +264,23 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
 def _download(uri: str, max_bytes: int | None) -> bytes:
     if max_bytes is None:
         return _blob(uri).download_as_bytes(retry=None)
-    return _read_range(uri, max_bytes)
+    return _read_capped(uri, max_bytes)
 
 
-def _read_range(uri: str, max_bytes: int) -> bytes:
-    """The first `max_bytes` + 1 bytes of a gs:// object, in one request: enough to tell an object too large, and a
-    huge one is never fetched whole.
-
-    The library can check a checksum only against a whole object, so none here (as Beam's reader, which reads in
-    ranges); a body cut short still fails on its Content-Length. Raw: a gzip-encoded object is not inflated past
-    the cap. Over libcurl (`encoder.object_http`), not the client's download, which cost 2.2-2.6x the CPU per read
-    of urllib3, itself 2.2-3x libcurl's.
+def _read_capped(uri: str, max_bytes: int) -> bytes:
+    """A gs:// object in one request, refused at its headers when its Content-Length is past `max_bytes` (a huge
+    one is never fetched), its bytes checked against the crc32c GCS sends with a whole object (`x-goog-hash`; a
+    ranged read gets none). Raw: a gzip-encoded object is not inflated. Over libcurl (`encoder.object_http`), not
+    the client's download, which cost 2.2-2.6x the CPU per read of urllib3, itself 2.2-3x libcurl's.
     """
     from google.api_core.exceptions import from_http_status
 
     bucket, name = _object(uri)
     http = _image_http()
-    response = http.get(f"{http.base}{bucket}/o/{quote(name, safe='~')}?alt=media",
-                        {"Range": f"bytes=0-{max_bytes}", "Accept-Encoding": "gzip"}, max_bytes)  # fmt: skip
+    response = http.get(f"{http.base}{bucket}/o/{quote(name, safe='~')}?alt=media", {"Accept-Encoding": "gzip"},
+                        max_bytes)  # fmt: skip
     if response.status in (200, 206):
         return response.body
-    if response.status == 416:  # an empty object has no byte 0
-        return b""
     raise from_http_status(response.status, f"GET {uri}: {response.body[:300].decode('utf-8', 'replace')}")
 
 

@@ -149,11 +149,35 @@ def test_a_401_gets_a_fresh_token_once(serve):
     assert _http(server.url).get(server.url, {}).status == 401 and len(server.seen) == 2  # once, not forever
 
 
-def test_a_body_past_the_cap_is_refused_as_it_arrives(serve):
-    """A store that ignores the range: the transfer stops past the cap instead of holding the object whole."""
-    server = serve(lambda h: _send(h, 200, b"x" * (4 << 20)))
+def test_an_object_past_the_cap_is_refused_at_its_headers_or_as_it_arrives(serve):
+    """Content-Length past the cap: refused before the body comes (here it would take 3 s); no Content-Length (a
+    chunked body): stopped once past the cap, not held whole."""
+
+    def announced(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(4 << 20))
+        handler.end_headers()
+        handler.wfile.flush()
+        time.sleep(3)
+
+    server = serve(announced)
+    started = time.monotonic()
     with pytest.raises(ValueError, match="larger than max_bytes=1000"):
         _http(server.url).get(server.url, {}, max_bytes=1000)
+    assert time.monotonic() - started < 2
+
+    def chunked(handler):
+        handler.send_response(200)
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        for _ in range(64):
+            handler.wfile.write(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")
+        handler.wfile.write(b"0\r\n\r\n")
+
+    server = serve(chunked)
+    with pytest.raises(ValueError, match="larger than max_bytes=1000"):
+        _http(server.url).get(server.url, {}, max_bytes=1000)
+    assert _http(server.url).get(server.url, {}).body == b"x" * (64 << 16)  # no cap: all of it
     server = serve(lambda h: _send(h, 416, b"requested range not satisfiable"))
     assert _http(server.url).get(server.url, {}, max_bytes=0).status == 416  # an error's text is not an object
 

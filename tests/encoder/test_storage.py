@@ -49,7 +49,7 @@ def test_a_local_read_over_its_cap_is_refused_and_one_at_the_cap_is_not(tmp_path
 
 class _Store:
     """A local HTTP server standing in for GCS's download endpoint: it records each request's path and headers and
-    answers each with the next (status, body) of `answers`, the last one over and over."""
+    answers each with the next (status, body[, headers]) of `answers`, the last one over and over."""
 
     def __init__(self, answers: list[tuple[int, bytes]]) -> None:
         import threading
@@ -66,10 +66,12 @@ class _Store:
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 store.seen.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
-                status, body = answers[min(len(store.seen), len(answers)) - 1]
+                status, body, *extra = answers[min(len(store.seen), len(answers)) - 1]
                 self.send_response(status)
                 if body.startswith(b"\x1f\x8b"):  # stored gzip-encoded, and served as stored
                     self.send_header("Content-Encoding", "gzip")
+                for name, value in (extra[0] if extra else {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -108,24 +110,50 @@ def store_client(monkeypatch):
         store.close()
 
 
-def test_an_image_read_is_one_ranged_request_with_the_clients_credentials(store_client):
-    """The first `max_bytes` + 1 bytes, asked for raw, with the client's token, at the object's download URL (its
-    name quoted as the library quotes it); the bytes as served, never inflated."""
+def _hash(data: bytes) -> dict[str, str]:
+    """The `x-goog-hash` GCS sends with a whole object."""
+    import base64
+
+    import google_crc32c
+
+    return {"x-goog-hash": f"crc32c={base64.b64encode(google_crc32c.value(data).to_bytes(4, 'big')).decode()}"}
+
+
+def test_an_image_read_is_one_request_for_the_whole_object_with_the_clients_credentials(store_client):
+    """Asked for raw, with the client's token, at the object's download URL (its name quoted as the library quotes
+    it), no range (a ranged read gets no checksum); the bytes as served, never inflated, checked against their
+    crc32c."""
     import gzip
 
     body = gzip.compress(b"not inflated")
-    store = store_client([(206, body)])
+    store = store_client([(200, body, _hash(body))])
     assert storage.read_bytes("gs://b/photos/a b~é.jpg", max_bytes=100) == body
     ((path, headers),) = store.seen
     assert path == "/download/storage/v1/b/b/o/photos%2Fa%20b~%C3%A9.jpg?alt=media"
-    assert headers["range"] == "bytes=0-100" and headers["authorization"] == "Bearer t0k3n"
+    assert "range" not in headers and headers["authorization"] == "Bearer t0k3n"
     assert headers["accept-encoding"] == "gzip"
-
-
-def test_a_capped_read_of_an_empty_object_is_empty_where_the_store_refuses_its_range(store_client):
-    """GCS may answer a range from byte 0 of an empty object with 416: no such byte, and no error either."""
-    store_client([(416, b"requested range not satisfiable")])
+    store_client([(200, b"")])  # an empty object
     assert storage.read_bytes("gs://b/empty", max_bytes=10) == b""
+
+
+def test_a_body_that_does_not_match_its_crc32c_is_read_again(store_client, monkeypatch):
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)  # the backoff's waits
+    good = b"jpeg bytes"
+    store = store_client([(200, b"jpeg bytez", _hash(good)), (200, good, _hash(good))])
+    assert storage.read_bytes("gs://b/x.jpg", max_bytes=100) == good and len(store.seen) == 2
+    store_client([(200, b"jpeg bytez", _hash(good))])
+    with pytest.raises(ConnectionError, match="crc32c of the 10 bytes read is [0-9a-f]{8}, the object's is"):
+        storage.read_bytes("gs://b/x.jpg", max_bytes=100)  # every attempt damaged: the dead letter says so
+    store_client([(200, good, {"x-goog-hash": "crc32c=not base64!, md5=x"})])
+    assert storage.read_bytes("gs://b/x.jpg", max_bytes=100) == good  # a hash it cannot read holds nothing
+
+
+def test_an_object_past_the_cap_is_refused_at_its_headers(store_client):
+    store_client([(200, b"x" * 101)])
+    with pytest.raises(ValueError, match="larger than max_bytes=100"):
+        storage.read_bytes("gs://b/big.jpg", max_bytes=100)
+    store_client([(200, b"x" * 100, _hash(b"x" * 100))])
+    assert storage.read_bytes("gs://b/big.jpg", max_bytes=100) == b"x" * 100
 
 
 def test_an_image_read_retries_what_is_transient_and_maps_what_is_not(store_client, monkeypatch):

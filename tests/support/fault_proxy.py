@@ -7,6 +7,8 @@ Each request draws its fate from a seeded random generator: pass through, or one
     slow              forwarded after a delay (`slow_s`, or drawn around it with `slow_spread`)
     truncated         (GET only) forwarded, then the body is cut short with the full Content-Length
     lost-reply        (writes only) forwarded, so the write lands, then the connection is cut unanswered
+    damaged           (GET only, when asked for) forwarded with one byte of the body changed, its length and
+                      headers as they were: what a checksum catches and nothing else does
 so a test can point STORAGE_EMULATOR_HOST at the proxy and check that nothing is lost, or, at rate 0,
 count what a step fetches (`bytes_served`) and how many requests it has out at once (`most_in_flight`).
 
@@ -29,7 +31,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-KINDS = ("429", "500", "503", "reset", "slow", "truncated", "lost-reply", "403", "404")  # last two: permanent
+KINDS = ("429", "500", "503", "reset", "slow", "truncated", "lost-reply", "403", "404", "damaged")  # the default:
+# the first seven; 403 and 404 (permanent) and damaged only when asked for
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection"}
 
 
@@ -72,7 +75,8 @@ class FaultProxy:
             if self._random.random() >= self.rate:
                 return "pass"
             writes = method in ("POST", "PUT", "PATCH", "DELETE")
-            choices = [k for k in self.kinds if (k != "truncated" or method == "GET") and (k != "lost-reply" or writes)]
+            choices = [k for k in self.kinds if (k not in ("truncated", "damaged") or method == "GET")
+                       and (k != "lost-reply" or writes)]  # fmt: skip
             choices = choices or ["pass"]
             kind = self._random.choice(choices)
             self.counts[kind] += 1
@@ -207,6 +211,9 @@ def _handler(proxy: FaultProxy):
                 self.wfile.flush()
                 self._reset()
                 return
+            if fate == "damaged" and payload:
+                middle = len(payload) // 2
+                payload = payload[:middle] + bytes([payload[middle] ^ 0x01]) + payload[middle + 1 :]
             if self.command != "HEAD":
                 with proxy._lock:  # counted before the client can have it: a test reads the count once its call returns
                     proxy.bytes_served += len(payload)
