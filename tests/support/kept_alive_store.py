@@ -2,8 +2,9 @@
 
 The GCS emulator closes every connection after one request and speaks plain HTTP, so a client's CPU per read
 there is mostly connecting. This stand-in answers `GET /download/storage/v1/b/<bucket>/o/<name>?alt=media`
-with the file `<dir>/<name>` (206, the first bytes a `Range: bytes=0-N` asks for), keeps each connection for the
-next request, and with `--tls` speaks TLS with a certificate of its own (`self_signed`).
+with the file `<dir>/<name>` as GCS does: whole (200) with its crc32c in `x-goog-hash`, or the first bytes a
+`Range: bytes=0-N` asks for (206, no hash); it keeps each connection for the next request, and with `--tls`
+speaks TLS with a certificate of its own (`self_signed`).
 
     python -m tests.support.kept_alive_store DIR [--tls CERT KEY]   # prints "listening on PORT" once listening
 """
@@ -51,7 +52,13 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
 
 def serve(folder: Path, tls: tuple[Path, Path] | None = None) -> ThreadingHTTPServer:
     """A server on a free 127.0.0.1 port (not yet serving: `serve_forever` it)."""
+    import base64
+
+    import google_crc32c
+
     objects = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+    hashes = {name: base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
+              for name, data in objects.items()}  # fmt: skip
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # kept alive
@@ -62,13 +69,15 @@ def serve(folder: Path, tls: tuple[Path, Path] | None = None) -> ThreadingHTTPSe
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             name = unquote(urlsplit(self.path).path.rsplit("/o/", 1)[-1])
-            body, status = objects.get(name), 206
+            body, status, crc32c = objects.get(name), 200, hashes.get(name)
             if body is None:
-                body, status = b"no such object", 404
+                body, status, crc32c = b"no such object", 404, None
             elif self.headers.get("Range", "").startswith("bytes=0-"):
-                body = body[: int(self.headers["Range"].removeprefix("bytes=0-")) + 1]
+                body, status, crc32c = body[: int(self.headers["Range"].removeprefix("bytes=0-")) + 1], 206, None
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
+            if crc32c:
+                self.send_header("x-goog-hash", f"crc32c={crc32c}")
             self.end_headers()
             self.wfile.write(body)
 
