@@ -7,10 +7,13 @@ http.client's header parsing, the pool's bookkeeping, google-auth's wrapper; lib
 interpreter lock. Each thread keeps a handle of its own; the
 process's handles share their kept-alive connections, TLS sessions and DNS answers (a forked child makes its own).
 
-The token comes from google-auth's credentials (refreshed before it expires, and once more when the store answers
+A whole object's body is checked against the crc32c GCS sends with it (`x-goog-hash`; a ranged read gets none,
+so image reads ask for the whole object and refuse one too large at its Content-Length). The token comes from
+google-auth's credentials (refreshed before it expires, and once more when the store answers
 401) through the caller's `refresh` transport; the proxy and the CA bundle are taken from the environment as
 requests would take them (`proxy_for`, `ca_bundle`). Errors come back as the exceptions `storage.is_transient`
-sorts: a connection refused, reset or stalled, or a body cut short, as ConnectionError or TimeoutError (retried);
+sorts: a connection refused, reset or stalled, a body cut short or not matching its crc32c, as ConnectionError or
+TimeoutError (retried);
 anything else libcurl refuses (a certificate it cannot verify, say) as OSError (not retried).
 """
 

@@ -239,7 +239,7 @@ def is_not_found(err: BaseException) -> bool:
 
 
 def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
-    """The whole object; with `max_bytes`, refused if larger, having read at most one byte more.
+    """The whole object; with `max_bytes`, refused if larger (gs://: at its headers, or one byte past the cap).
 
     Raises:
         FileNotFoundError: no such object.
