@@ -1,10 +1,10 @@
 """GET requests to an object store over libcurl: what image reads from gs:// go through (`storage.read_bytes`).
 
 A reader process's image reads are CPU-bound in its HTTP client. Against a local server that keeps connections
-alive, over HTTP and TLS, urllib3 spent 550-950 µs of the process's CPU per 71 KB read, most of it Python:
-http.client's header parsing, the pool's bookkeeping, google-auth's wrapper; libcurl 250-380 µs, 0.33-0.46x
-(`benchmarks/gcs_reads.py`, 2-core Xeon), and it sends the request and takes the response without the
-interpreter lock. Each thread keeps a handle of its own; the
+alive, over HTTP and TLS, urllib3 spent 440-890 µs of the process's CPU per 71 KB read, most of it Python:
+http.client's header parsing, the pool's bookkeeping, google-auth's wrapper; libcurl 220-480 µs, 0.35-0.57x, its
+checksum included (`benchmarks/gcs_reads.py`, 2-core Xeon), and it sends the request and takes the response
+without the interpreter lock. Each thread keeps a handle of its own; the
 process's handles share their kept-alive connections, TLS sessions and DNS answers (a forked child makes its own).
 
 A whole object's body is checked against the crc32c GCS sends with it (`x-goog-hash`; a ranged read gets none,

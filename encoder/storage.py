@@ -271,7 +271,7 @@ def _read_capped(uri: str, max_bytes: int) -> bytes:
     """A gs:// object in one request, refused at its headers when its Content-Length is past `max_bytes` (a huge
     one is never fetched), its bytes checked against the crc32c GCS sends with a whole object (`x-goog-hash`; a
     ranged read gets none). Raw: a gzip-encoded object is not inflated. Over libcurl (`encoder.object_http`), not
-    the client's download, which cost 2.2-2.6x the CPU per read of urllib3, itself 2.2-3x libcurl's.
+    the client's download, which cost 2.2-2.6x the CPU per read of urllib3, itself 1.8-2.9x libcurl's.
     """
     from google.api_core.exceptions import from_http_status
 
@@ -291,7 +291,7 @@ def _image_http():
     """An `ObjectHttp` with the storage client's credentials and download URL, made again with the client: what
     image reads go through. On the emulator (`benchmarks/gcs_reads.py`, 2-core Xeon, 71 KB photos, 1 / 16 threads)
     the client's own download (google-resumable-media over requests) took 1.43 / 2.08 ms of CPU per read, urllib3
-    0.64-0.65 / 0.80-1.03, libcurl 0.27 / 0.23; a reader process's reads are CPU-bound at that."""
+    0.57-0.66 / 0.80-1.07, libcurl 0.22-0.29 / 0.24-0.26; a reader process's reads are CPU-bound at that."""
     global _IMAGE_HTTP
     client = gcs_client()
     if _IMAGE_HTTP is None or _IMAGE_HTTP[0] is not client:
