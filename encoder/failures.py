@@ -16,7 +16,7 @@ import torch
 
 from encoder.storage import describe_error
 
-__all__ = ["MemoryBackoff", "Throttled", "attempt", "device_failed", "in_halves", "out_of_memory"]
+__all__ = ["MemoryBackoff", "Throttled", "attempt", "device_failed", "in_halves", "learning", "out_of_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,21 @@ def out_of_memory(reason: str) -> bool:
     """Whether a dead-letter reason (`attempt`) says the device ran out of memory: torch's `OutOfMemoryError`, an
     older "CUDA out of memory" RuntimeError, or the host's allocator failing."""
     return any(sign in reason for sign in _OUT_OF_MEMORY)
+
+
+def learning(backoff: MemoryBackoff | None, fn: Callable[[Sequence], T]) -> Callable[[Sequence], T]:
+    """`fn`, with `backoff` (if any) told of each call that fails (`MemoryBackoff.failed`, which learns from those
+    that ran out of memory)."""
+
+    def learned(part: Sequence) -> T:
+        try:
+            return fn(part)
+        except Exception as err:
+            if backoff is not None:
+                backoff.failed(len(part), describe_error(err))
+            raise
+
+    return learned
 
 
 class MemoryBackoff:

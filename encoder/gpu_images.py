@@ -30,7 +30,7 @@ from typing import NamedTuple, TypeVar
 import numpy as np
 import torch
 
-from encoder.failures import MemoryBackoff, Throttled, attempt, in_halves
+from encoder.failures import MemoryBackoff, Throttled, attempt, in_halves, learning
 from encoder.jpeg import cpu_reason, decoded_within, read_jpeg_header
 from encoder.preprocess import DecodeLimits, ImageDecodeError, PreprocessConfig, decode_image
 from encoder.resize import PackedImages, gpu_resizes, pack_images, resize_like_pil
@@ -359,7 +359,7 @@ class GpuImages:
         (`_resize_backoff`); what fails (out of GPU memory), in halves (`in_halves`), so only the culprits fail: the
         images resized, in order, position → dead-letter reason for the rest, and whether something was taken in
         halves."""
-        resize = _learning(self._resize_backoff, lambda part: resize_like_pil(part, self.preprocess))
+        resize = learning(self._resize_backoff, lambda part: resize_like_pil(part, self.preprocess))
         done, failed, retried = [], {}, False
         for piece in _in_pieces(resize, images, self._resize_backoff):
             if piece.reason is None:
@@ -387,7 +387,7 @@ class GpuImages:
             return [], [], [], False
         decode = self._decoders.get()  # one free: there are as many as threads that may call this
         try:
-            decoder = _learning(self._decode_backoff, lambda part: decode(part, self.device))
+            decoder = learning(self._decode_backoff, lambda part: decode(part, self.device))
             pieces = list(_in_pieces(decoder, datas, self._decode_backoff))
             if len(pieces) == 1 and pieces[0].reason is None and isinstance(pieces[0].result, tuple):  # packed
                 packed, decoded = pieces[0].result
@@ -409,19 +409,6 @@ class GpuImages:
         decoded = [(j, image) for j, image in pairs if image is not None]
         rejected = sorted([*failed, *(j for j, image in pairs if image is None)])
         return [j for j, _ in decoded], _packed([image for _, image in decoded]), rejected, retried
-
-
-def _learning(backoff: MemoryBackoff, fn: Callable[[Sequence], T]) -> Callable[[Sequence], T]:
-    """`fn`, with `backoff` told of each call that runs out of memory (`MemoryBackoff.failed`)."""
-
-    def learned(part: Sequence) -> T:
-        try:
-            return fn(part)
-        except Exception as err:
-            backoff.failed(len(part), describe_error(err))
-            raise
-
-    return learned
 
 
 class _Piece(NamedTuple):

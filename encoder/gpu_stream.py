@@ -36,10 +36,9 @@ import numpy as np
 import torch
 
 from encoder.decode_journal import DecodeJournal
-from encoder.failures import MemoryBackoff, Throttled, attempt, device_failed, in_halves
+from encoder.failures import MemoryBackoff, Throttled, attempt, device_failed, in_halves, learning
 from encoder.gpu_images import GpuImages
 from encoder.model import ImageEncoder, PendingVectors
-from encoder.storage import describe_error
 
 __all__ = ["BackgroundEmbedder", "Checked", "StreamBatch", "embed_checked", "embed_stream"]
 
@@ -125,7 +124,9 @@ def embed_checked(encoder: ImageEncoder, pixels: torch.Tensor, launched: Launche
             _learn(backoff, len(piece), reason)
         retried = True
         _RETRIES.warning("batch of %d failed to embed (%s); retrying it in halves", len(piece), reason)
-        pieces, culprits = in_halves(lambda part: _eager(encoder, part, backoff), piece, reason)
+        # The pieces through the eager step, at their own size; `backoff` learns from those that run out of memory.
+        pieces, culprits = in_halves(learning(backoff, lambda part: encoder.launch(part, eager=True).result()), piece,
+                                     reason)  # fmt: skip
         done += [(start + first, vectors) for first, vectors in pieces]
         failed.update({start + row: why for row, why in culprits.items()})
     if backoff is not None and launched.probe and not retried:
@@ -153,15 +154,6 @@ def _attempted(encoder: ImageEncoder, pixels: torch.Tensor, eager: bool,
         return pending
     _learn(backoff, len(pixels), reason)
     return reason
-
-
-def _eager(encoder: ImageEncoder, pixels: torch.Tensor, backoff: MemoryBackoff | None) -> np.ndarray:
-    """A failed batch's piece through the eager step, at its own size; `backoff` learns if it runs out of memory."""
-    try:
-        return encoder.launch(pixels, eager=True).result()
-    except Exception as err:
-        _learn(backoff, len(pixels), describe_error(err))
-        raise
 
 
 def _learn(backoff: MemoryBackoff | None, size: int, reason: str) -> None:
