@@ -31,8 +31,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-KINDS = ("429", "500", "503", "reset", "slow", "truncated", "lost-reply", "403", "404", "damaged")  # the default:
-# the first seven; 403 and 404 (permanent) and damaged only when asked for
+# The default is the first seven; 403 and 404 (permanent) and damaged only when asked for.
+KINDS = ("429", "500", "503", "reset", "slow", "truncated", "lost-reply", "403", "404", "damaged")
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection"}
 
 
