@@ -225,6 +225,7 @@ class DecodedBatch:
     cpu_jobs: list[Future]  # their `decode_on_cpu` results
     host: dict[int, np.ndarray]  # input position → pixels decoded before this batch
     retried: bool = False  # the GPU decoder failed the batch whole and took it in halves
+    in_pieces: bool = False  # the GPU decoder took it in pieces: an earlier batch ran out of memory (`MemoryBackoff`)
 
     def device_tensors(self) -> list[torch.Tensor]:
         """The tensors holding what the GPU decoded (for `record_stream` where another stream reads them)."""
@@ -240,6 +241,7 @@ class PreparedBatch:
     failed: list[tuple[int, str]]  # (input position, dead-letter reason)
     on_gpu: int  # how many were decoded on the GPU (the rest on the CPU)
     retried: bool = False  # the GPU decode or the resize failed the batch whole and took it in halves
+    in_pieces: bool = False  # the GPU decoder or the resize took it in pieces (`MemoryBackoff`)
 
 
 class GpuImages:
@@ -317,22 +319,22 @@ class GpuImages:
             if encoded
             else ([], [])
         )
-        decoded, images, rejected, retried = self._decode_on_gpu([inputs[i] for i in gpu])
+        decoded, images, rejected, retried, in_pieces = self._decode_on_gpu([inputs[i] for i in gpu])
         cpu = sorted(cpu + [gpu[j] for j in rejected])
         # The CPU decodes get bytes of their own: a decode that overruns its time limit may outlive the batch.
         jobs = [self._pool.submit(decode_on_cpu, _own(inputs[i]), self.preprocess, self.limits) for i in cpu]
         host = {i: x for i, x in enumerate(inputs) if _is_pixels(x)}
-        return DecodedBatch(len(inputs), [gpu[j] for j in decoded], images, cpu, jobs, host, retried)
+        return DecodedBatch(len(inputs), [gpu[j] for j in decoded], images, cpu, jobs, host, retried, in_pieces)
 
     def finish(self, batch: DecodedBatch) -> PreparedBatch:
         """The second stage: resize what the GPU decoded, wait for the CPU decodes, assemble in input order."""
         parts: dict[int, torch.Tensor] = {}
-        failed, host, retried = [], dict(batch.host), batch.retried
+        failed, host, retried, in_pieces = [], dict(batch.host), batch.retried, batch.in_pieces
         if batch.gpu:
-            resized, unresized, resize_retried = self._resize_checked(batch.images)
-            retried = retried or resize_retried
+            resized, unresized, resize_retried, resized_in_pieces = self._resize_checked(batch.images)
+            retried, in_pieces = retried or resize_retried, in_pieces or resized_in_pieces
             if len(batch.gpu) == batch.count and not unresized:  # the usual batch: all decoded here, in order
-                return PreparedBatch(resized, list(range(batch.count)), [], on_gpu=batch.count, retried=retried)
+                return PreparedBatch(resized, list(range(batch.count)), [], batch.count, retried, in_pieces)
             done = [i for j, i in enumerate(batch.gpu) if j not in unresized]
             parts.update(zip(done, resized, strict=True))
             failed += [(batch.gpu[j], reason) for j, reason in unresized.items()]
@@ -350,18 +352,20 @@ class GpuImages:
             parts.update(dict(zip(order, uploaded, strict=True)))
         kept = sorted(parts)
         if host and len(host) == batch.count:  # nothing decoded here: the host batch is already in order
-            return PreparedBatch(uploaded, kept, [], on_gpu=0, retried=retried)
+            return PreparedBatch(uploaded, kept, [], 0, retried, in_pieces)
         pixels = torch.stack([parts[i] for i in kept]) if kept else self._no_pixels()
-        return PreparedBatch(pixels, kept, sorted(failed), on_gpu=len(batch.gpu), retried=retried)
+        return PreparedBatch(pixels, kept, sorted(failed), len(batch.gpu), retried, in_pieces)
 
-    def _resize_checked(self, images: list[torch.Tensor] | PackedImages) -> tuple[torch.Tensor, dict[int, str], bool]:
+    def _resize_checked(self, images: list[torch.Tensor] | PackedImages,
+                        ) -> tuple[torch.Tensor, dict[int, str], bool, bool]:  # fmt: skip
         """`resize_like_pil` of the batch, or of pieces of it while its size does not fit the memory left
         (`_resize_backoff`); what fails (out of GPU memory), in halves (`in_halves`), so only the culprits fail: the
-        images resized, in order, position → dead-letter reason for the rest, and whether something was taken in
-        halves."""
+        images resized, in order, position → dead-letter reason for the rest, whether something was taken in
+        halves, and whether the batch went in pieces."""
         resize = learning(self._resize_backoff, lambda part: resize_like_pil(part, self.preprocess))
         done, failed, retried = [], {}, False
-        for piece in _in_pieces(resize, images, self._resize_backoff):
+        pieces = list(_in_pieces(resize, images, self._resize_backoff))
+        for piece in pieces:
             if piece.reason is None:
                 done.append((piece.start, piece.result))
                 continue
@@ -372,26 +376,27 @@ class GpuImages:
             failed.update({piece.start + j: f"resize failed: {why}" for j, why in culprits.items()})
             retried = True
         resized = torch.cat([rows for _, rows in sorted(done, key=lambda d: d[0])]) if done else self._no_pixels()
-        return resized, failed, retried
+        return resized, failed, retried, len(pieces) > 1
 
     def _no_pixels(self) -> torch.Tensor:
         return torch.empty((0, self.preprocess.height, self.preprocess.width, 3), dtype=torch.uint8, device=self.device)
 
     def _decode_on_gpu(self, datas: list[bytes],
-                       ) -> tuple[list[int], list[torch.Tensor] | PackedImages, list[int], bool]:  # fmt: skip
+                       ) -> tuple[list[int], list[torch.Tensor] | PackedImages, list[int], bool, bool]:  # fmt: skip
         """The positions the GPU decoded, their images, the positions it rejected (the CPU decoder will decode
-        those or say why not), and whether the decoder failed the batch (or a piece) whole and took it in halves
+        those or say why not), whether the decoder failed the batch (or a piece) whole and took it in halves
         (torchvision's nvJPEG raises for a batch with one JPEG it cannot decode; any decoder, for a batch it has no
-        memory for). While a batch's size does not fit the memory left, pieces of it (`_decode_backoff`)."""
+        memory for), and whether it went in pieces: while a batch's size does not fit the memory left
+        (`_decode_backoff`)."""
         if not datas:
-            return [], [], [], False
+            return [], [], [], False, False
         decode = self._decoders.get()  # one free: there are as many as threads that may call this
         try:
             decoder = learning(self._decode_backoff, lambda part: decode(part, self.device))
             pieces = list(_in_pieces(decoder, datas, self._decode_backoff))
             if len(pieces) == 1 and pieces[0].reason is None and isinstance(pieces[0].result, tuple):  # packed
                 packed, decoded = pieces[0].result
-                return decoded, packed, sorted(set(range(len(datas))) - set(decoded)), False
+                return decoded, packed, sorted(set(range(len(datas))) - set(decoded)), False, False
             pairs, failed, retried = [], [], False
             for piece in pieces:
                 if piece.reason is None:
@@ -408,7 +413,7 @@ class GpuImages:
             self._decoders.put(decode)
         decoded = [(j, image) for j, image in pairs if image is not None]
         rejected = sorted([*failed, *(j for j, image in pairs if image is None)])
-        return [j for j, _ in decoded], _packed([image for _, image in decoded]), rejected, retried
+        return [j for j, _ in decoded], _packed([image for _, image in decoded]), rejected, retried, len(pieces) > 1
 
 
 class _Piece(NamedTuple):

@@ -76,7 +76,8 @@ class StreamBatch:
     failed: list[tuple[Hashable, str, str]]  # (key, "decode" | "encode", reason)
     on_gpu: int  # images decoded by the GPU decoder (the rest by the CPU fallback)
     retried: bool = False  # failed whole in the GPU decoder, the resize or the model, and went through in halves
-    in_pieces: bool = False  # the model took it in pieces: an earlier batch ran out of memory (`MemoryBackoff`)
+    in_pieces: bool = False  # the model, the GPU decoder or the resize took it in pieces: an earlier batch ran out of
+    # memory (`MemoryBackoff`)
 
 
 class Checked(NamedTuple):
@@ -356,7 +357,7 @@ def _outcome(encoder: ImageEncoder, keys: list[Hashable], prepared, launched: La
     failed = [(keys[i], "decode", reason) for i, reason in prepared.failed]
     failed += [(keys[prepared.kept[row]], "encode", reason) for row, reason in unembedded]
     return StreamBatch([keys[prepared.kept[row]] for row in rows], vectors, failed, prepared.on_gpu,
-                       retried or prepared.retried, launched.in_pieces)  # fmt: skip
+                       retried or prepared.retried, launched.in_pieces or prepared.in_pieces)  # fmt: skip
 
 
 class BackgroundEmbedder:

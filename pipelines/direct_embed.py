@@ -37,7 +37,9 @@ class DirectResult:
     dead_lettered: int = 0
     on_gpu: int = 0  # images the GPU decoder took (the rest, CPU threads)
     batches_retried: int = 0  # batches that failed whole in the GPU decoder, resize or model: retried in halves
-    batches_in_pieces: int = 0  # batches the model took in pieces: an earlier one ran out of memory
+    batches_in_pieces: int = (
+        0  # batches the model, GPU decoder or resize took in pieces: an earlier one ran out of memory
+    )
     shards: list[str] = field(default_factory=list)
 
 

@@ -527,7 +527,8 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
         # How the workers' batches went: images the GPU decoder took (the rest, CPU threads), and batches that
         # failed whole in the GPU decoder, the resize or the model and were retried in halves (a few: JPEGs that
         # torchvision's nvJPEG rejects; many: memory that no longer fits a batch, see the log), and batches the
-        # model took in pieces after an earlier one ran out of memory (`encoder.failures.MemoryBackoff`).
+        # model, the GPU decoder or the resize took in pieces after an earlier one ran out of memory
+        # (`encoder.failures.MemoryBackoff`).
         "batches": {
             "decoded_on_gpu": metrics.get("decoded_on_gpu", 0),
             "retried": metrics.get("batches_retried", 0),

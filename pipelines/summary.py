@@ -67,7 +67,7 @@ def _batch_rows(batches: dict | None) -> list[tuple[str, str]]:
         why = "failed whole in the GPU decoder, resize or model; see the log"
         rows.append(("batches retried in halves", f"{batches['retried']:,} ({why})"))
     if batches and batches.get("in_pieces"):
-        why = "the model ran out of memory at the batch size; see the log"
+        why = "the model, GPU decoder or resize ran out of memory at the batch size; see the log"
         rows.append(("batches run in pieces", f"{batches['in_pieces']:,} ({why})"))
     return rows
 

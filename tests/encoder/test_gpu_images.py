@@ -331,10 +331,11 @@ def test_once_the_gpu_decoder_runs_out_of_memory_the_next_batches_go_in_pieces_u
     expected = GpuImages(CFG, "cpu", FULL, decoder=_pil_decoder()).prepare(jpegs[:8])
     first = images.prepare(jpegs[:8])
     assert calls == [8, 4, 4] and first.retried and first.kept == list(range(8)) and first.on_gpu == 8
-    assert torch.equal(first.pixels, expected.pixels)
+    assert torch.equal(first.pixels, expected.pixels) and not first.in_pieces  # in halves, not in pieces
     calls.clear()
     second = images.prepare(jpegs[:8])  # straight to pieces: no whole attempt to fail first
     assert calls == [4, 4] and not second.retried and torch.equal(second.pixels, expected.pixels)
+    assert second.in_pieces  # counted with the model's pieces (`batches.in_pieces`)
     calls.clear()
     images.prepare(jpegs[:8])  # a probe is due: whole, fails, in halves
     images.prepare(jpegs[:3])  # short of a piece: at its own size, never a probe
@@ -343,7 +344,7 @@ def test_once_the_gpu_decoder_runs_out_of_memory_the_next_batches_go_in_pieces_u
     for _ in range(5):  # a probe every 4th batch now: the next one fits, and batches go whole from then on
         images.prepare(jpegs[:8])
     assert calls == [4, 4, 4, 4, 4, 4, 8, 8], calls
-    assert not images._decode_backoff.backing_off
+    assert not images._decode_backoff.backing_off and not images.prepare(jpegs[:8]).in_pieces
 
 
 def test_once_the_resize_runs_out_of_memory_the_next_batches_are_resized_in_pieces(jpegs, monkeypatch):
@@ -358,6 +359,7 @@ def test_once_the_resize_runs_out_of_memory_the_next_batches_are_resized_in_piec
     calls.clear()
     second = images.prepare(jpegs[:4])
     assert calls == [2, 2] and not second.retried and torch.equal(second.pixels, expected.pixels)
+    assert second.in_pieces and not first.in_pieces
     failing = GpuImages(CFG, "cpu", FULL, decoder=_pil_decoder(calls=[]))
     failing._resize_backoff.failed(4, "RuntimeError: kernel failed")  # not memory: nothing learned
     assert not failing._resize_backoff.backing_off

@@ -471,6 +471,18 @@ def test_once_a_batch_runs_out_of_memory_the_next_go_in_pieces_until_a_whole_one
         np.testing.assert_allclose(checked.vectors, tiny_encoder.embed_prepared(pixels), atol=1e-5)
 
 
+def test_a_batch_the_gpu_decoder_takes_in_pieces_is_counted_as_one_in_pieces(tiny_encoder, files):
+    """With the model's (`batches.in_pieces` in the manifest, the summary's "batches run in pieces")."""
+    from tests.encoder.test_gpu_images import _short_of_memory
+
+    datas, calls = [open(f, "rb").read() for f in files[:8]], []
+    images = GpuImages(tiny_encoder.preprocess, "cpu", DecodeLimits(draft=False),
+                       decoder=_short_of_memory(_pil_decoder(), [4], calls))  # fmt: skip
+    out = list(embed_stream(tiny_encoder, images, [(list(range(8)), datas)] * 3, prefetch=1))
+    assert [(batch.retried, batch.in_pieces) for batch in out] == [(True, False), (False, True), (False, True)]
+    assert calls == [8, 4, 4, 4, 4, 4, 4] and all(len(batch.keys) == 8 for batch in out)
+
+
 def test_a_batch_launched_whole_before_memory_ran_out_does_not_end_the_backoff(tiny_encoder):
     """With two batches in flight, the one launched before the other ran out of memory finishes after: that it fitted
     says nothing about the memory now. Only a whole batch launched while backing off (a probe) ends it."""
