@@ -4,62 +4,24 @@ from __future__ import annotations
 
 import socket
 import ssl
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from google.oauth2.credentials import Credentials
 
 from encoder import object_http, storage
 from encoder.object_http import ObjectHttp
+from tests.support.http_stand_in import StandIn, send
 from tests.support.kept_alive_store import self_signed, server_context
-
-
-class _Server:
-    """A local HTTP/1.1 server that keeps connections alive. `answer(handler)` answers each GET; every request's
-    (path, headers, client port) is recorded, the port telling one connection from another."""
-
-    def __init__(self, answer, context: ssl.SSLContext | None = None) -> None:
-        self.seen: list[tuple[str, dict[str, str], int]] = []
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                server.seen.append((self.path, {k.lower(): v for k, v in self.headers.items()}, self.client_address[1]))
-                answer(self)
-
-        server = self
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        if context is not None:
-            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        self.url = f"{'https' if context else 'http'}://127.0.0.1:{self._server.server_address[1]}/"
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-def _send(handler: BaseHTTPRequestHandler, status: int, body: bytes, length: int | None = None) -> None:
-    handler.send_response(status)
-    handler.send_header("Content-Length", str(len(body) if length is None else length))
-    handler.end_headers()
-    handler.wfile.write(body)
 
 
 @pytest.fixture
 def serve():
-    servers: list[_Server] = []
+    servers: list[StandIn] = []
 
-    def start(answer, context: ssl.SSLContext | None = None) -> _Server:
-        servers.append(_Server(answer, context))
+    def start(answer, context: ssl.SSLContext | None = None) -> StandIn:
+        servers.append(StandIn(answer, context))
         return servers[-1]
 
     yield start
@@ -84,29 +46,29 @@ def _http(url: str, token: _Token | None = None, **timeouts) -> ObjectHttp:
     return ObjectHttp(url, (token or _Token()).credentials, refresh=None, **timeouts)
 
 
-def _ports(server: _Server) -> set[int]:
+def _ports(server: StandIn) -> set[int]:
     return {port for *_, port in server.seen}
 
 
 def test_connections_are_kept_from_one_read_to_the_next_and_shared_by_threads(serve):
-    server = serve(lambda h: _send(h, 206, b"jpeg" * 1000))
+    server = serve(lambda h: send(h, 206, b"jpeg" * 1000))
     http = _http(server.url)
     for _ in range(20):
-        assert http.get(server.url + "o?alt=media", {"Range": "bytes=0-100000"}) == (206, b"jpeg" * 1000)
+        assert http.get(server.url + "/o?alt=media", {"Range": "bytes=0-100000"}) == (206, b"jpeg" * 1000)
     assert len(_ports(server)) == 1
     with ThreadPoolExecutor(16) as pool:  # at most a connection per thread reading at once
-        list(pool.map(lambda _: http.get(server.url + "o", {}), range(160)))
+        list(pool.map(lambda _: http.get(server.url + "/o", {}), range(160)))
     kept = _ports(server)
     assert 2 <= len(kept) <= 17
     with ThreadPoolExecutor(16) as pool:  # threads new to reading take the connections left idle
-        list(pool.map(lambda _: http.get(server.url + "o", {}), range(160)))
+        list(pool.map(lambda _: http.get(server.url + "/o", {}), range(160)))
     assert _ports(server) == kept
     path, headers, _ = server.seen[0]
     assert path == "/o?alt=media" and headers["range"] == "bytes=0-100000" and headers["authorization"] == "Bearer t0"
 
 
 def test_a_forked_child_opens_connections_of_its_own(serve, monkeypatch):
-    server = serve(lambda h: _send(h, 200, b"x"))
+    server = serve(lambda h: send(h, 200, b"x"))
     http = _http(server.url)
     http.get(server.url, {})
     parent = object_http.os.getpid()
@@ -122,7 +84,7 @@ def test_a_forked_child_leaves_its_parents_tls_connection_as_it_was(serve, tmp_p
     import os
 
     ca, key = self_signed(tmp_path)
-    server = serve(lambda h: _send(h, 200, b"x" * 5000), server_context(ca, key))
+    server = serve(lambda h: send(h, 200, b"x" * 5000), server_context(ca, key))
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca))
     http = _http(server.url)
     assert http.get(server.url, {}).status == 200
@@ -141,11 +103,11 @@ def test_a_forked_child_leaves_its_parents_tls_connection_as_it_was(serve, tmp_p
 
 
 def test_a_401_gets_a_fresh_token_once(serve):
-    server = serve(lambda h: _send(h, 401 if h.headers["Authorization"] == "Bearer t0" else 200, b"ok"))
+    server = serve(lambda h: send(h, 401 if h.headers["Authorization"] == "Bearer t0" else 200, b"ok"))
     token = _Token()
     assert _http(server.url, token).get(server.url, {}) == (200, b"ok")
     assert token.refreshes == 1 and [h["authorization"] for _, h, _ in server.seen] == ["Bearer t0", "Bearer t1"]
-    server = serve(lambda h: _send(h, 401, b"revoked"))
+    server = serve(lambda h: send(h, 401, b"revoked"))
     assert _http(server.url).get(server.url, {}).status == 401 and len(server.seen) == 2  # once, not forever
 
 
@@ -178,7 +140,7 @@ def test_an_object_past_the_cap_is_refused_at_its_headers_or_as_it_arrives(serve
     with pytest.raises(ValueError, match="larger than max_bytes=1000"):
         _http(server.url).get(server.url, {}, max_bytes=1000)
     assert _http(server.url).get(server.url, {}).body == b"x" * (64 << 16)  # no cap: all of it
-    server = serve(lambda h: _send(h, 416, b"requested range not satisfiable"))
+    server = serve(lambda h: send(h, 416, b"requested range not satisfiable"))
     assert _http(server.url).get(server.url, {}, max_bytes=0).status == 416  # an error's text is not an object
 
 
@@ -191,7 +153,7 @@ def test_what_retrying_may_mend_is_transient_and_what_it_cannot_is_not(serve, tm
     assert storage.is_transient(err.value)
 
     def cut(handler):
-        _send(handler, 200, b"x" * 10, length=1000)
+        send(handler, 200, b"x" * 10, length=1000)
         handler.close_connection = True
 
     server = serve(cut)
@@ -206,7 +168,7 @@ def test_what_retrying_may_mend_is_transient_and_what_it_cannot_is_not(serve, tm
     assert storage.is_transient(err.value) and time.monotonic() - started < 2.9
 
     ca, key = self_signed(tmp_path)
-    server = serve(lambda h: _send(h, 200, b"secret"), server_context(ca, key))
+    server = serve(lambda h: send(h, 200, b"secret"), server_context(ca, key))
     monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
     monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
     with pytest.raises(OSError, match="curl 60") as err:  # a certificate nothing vouches for
@@ -218,7 +180,7 @@ def test_what_retrying_may_mend_is_transient_and_what_it_cannot_is_not(serve, tm
 
 def test_reads_take_the_proxy_the_environment_names(serve, monkeypatch):
     """Through the proxy (the stand-in server sees the whole URL, as a proxy does); `no_proxy` goes around it."""
-    proxy = serve(lambda h: _send(h, 200, b"via proxy"))
+    proxy = serve(lambda h: send(h, 200, b"via proxy"))
     monkeypatch.setenv("http_proxy", proxy.url)
     for name in ("no_proxy", "NO_PROXY", "HTTP_PROXY"):
         monkeypatch.delenv(name, raising=False)

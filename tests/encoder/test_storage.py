@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from encoder import storage
+from tests.support.http_stand_in import StandIn, send
 
 # Read a table through the library's reader, then exit at once: the moment when Arrow may still be
 # releasing the reader on its own threads while the interpreter shuts down.
@@ -47,57 +48,33 @@ def test_a_local_read_over_its_cap_is_refused_and_one_at_the_cap_is_not(tmp_path
         storage.read_bytes(str(path), max_bytes=3)
 
 
-class _Store:
-    """A local HTTP server standing in for GCS's download endpoint: it records each request's path and headers and
-    answers each with the next (status, body[, headers]) of `answers`, the last one over and over."""
+def _store(answers: list[tuple]) -> StandIn:
+    """A stand-in for GCS's download endpoint that answers each request with the next (status, body[, headers]) of
+    `answers`, the last one over and over; a gzip body is marked as stored gzip-encoded, and served as stored."""
 
-    def __init__(self, answers: list[tuple[int, bytes]]) -> None:
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    def answer(handler) -> None:
+        status, body, *extra = answers[min(len(store.seen), len(answers)) - 1]
+        headers = dict(extra[0]) if extra else {}
+        if body.startswith(b"\x1f\x8b"):
+            headers["Content-Encoding"] = "gzip"
+        send(handler, status, body, headers=headers)
 
-        self.seen: list[tuple[str, dict[str, str]]] = []
-        store = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                store.seen.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
-                status, body, *extra = answers[min(len(store.seen), len(answers)) - 1]
-                self.send_response(status)
-                if body.startswith(b"\x1f\x8b"):  # stored gzip-encoded, and served as stored
-                    self.send_header("Content-Encoding", "gzip")
-                for name, value in (extra[0] if extra else {}).items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+    store = StandIn(answer)
+    return store
 
 
 @pytest.fixture
 def store_client(monkeypatch):
-    """`store_client(answers)`: the storage client's image reads go to a `_Store`, with a token of "t0k3n"."""
+    """`store_client(answers)`: the storage client's image reads go to a `_store`, with a token of "t0k3n"."""
     from types import SimpleNamespace
 
     from google.oauth2.credentials import Credentials
 
-    stores: list[_Store] = []
+    stores: list[StandIn] = []
 
-    def make(answers: list[tuple[int, bytes]], credentials=None, api: str | None = None) -> _Store:
+    def make(answers: list[tuple[int, bytes]], credentials=None, api: str | None = None) -> StandIn:
         """`api`: the store's URL as the client names it (default: the stand-in's own)."""
-        store = _Store(answers)
+        store = _store(answers)
         stores.append(store)
         client = SimpleNamespace(_credentials=credentials or Credentials(token="t0k3n"),
                                  _connection=SimpleNamespace(API_BASE_URL=api or store.url))  # fmt: skip
@@ -128,7 +105,7 @@ def test_an_image_read_is_one_request_for_the_whole_object_with_the_clients_cred
     body = gzip.compress(b"not inflated")
     store = store_client([(200, body, _hash(body))])
     assert storage.read_bytes("gs://b/photos/a b~é.jpg", max_bytes=100) == body
-    ((path, headers),) = store.seen
+    ((path, headers, _),) = store.seen
     assert path == "/download/storage/v1/b/b/o/photos%2Fa%20b~%C3%A9.jpg?alt=media"
     assert "range" not in headers and headers["authorization"] == "Bearer t0k3n"
     assert headers["accept-encoding"] == "gzip"
@@ -183,7 +160,7 @@ def test_a_token_is_refreshed_by_the_environments_proxy_settings_for_the_token_s
         def refresh(self, request) -> None:
             self.token = request(url=self.url, method="GET").data.decode()
 
-    tokens = _Store([(200, b"fresh")])  # the token server, on 127.0.0.1
+    tokens = _store([(200, b"fresh")])  # the token server, on 127.0.0.1
     try:
         monkeypatch.setenv("no_proxy", "127.0.0.1")
         for name in ("NO_PROXY", "HTTP_PROXY"):
@@ -192,9 +169,9 @@ def test_a_token_is_refreshed_by_the_environments_proxy_settings_for_the_token_s
         store = store_client([(200, b"jpeg")], FromTokenServer(tokens.url + "/token"), api="http://storage.example")
         monkeypatch.setenv("http_proxy", store.url)
         assert storage.read_bytes("gs://b/x.jpg", max_bytes=100) == b"jpeg"
-        ((path, headers),) = store.seen
+        ((path, headers, _),) = store.seen
         assert path.startswith("http://storage.example/download/") and headers["authorization"] == "Bearer fresh"
-        assert [path for path, _ in tokens.seen] == ["/token"]  # straight to the token server, not by the proxy
+        assert [path for path, *_ in tokens.seen] == ["/token"]  # straight to the token server, not by the proxy
     finally:
         tokens.close()
 
