@@ -138,6 +138,9 @@ def embed(
     max_image_bytes: Annotated[int, typer.Option(help="Larger images are dead-lettered.")] = 50 * 1024 * 1024,
     max_image_pixels: Annotated[int, typer.Option(help="Images with more pixels are dead-lettered.")] = 100_000_000,
     max_decode_s: Annotated[float, typer.Option(help="Images still decoding after this are dead-lettered.")] = 30.0,
+    max_dead_letters: Annotated[
+        float, typer.Option(help="Refuse the run (exit 1) once more than this share of its items are dead-lettered.")
+    ] = 0.5,
     run_id: Annotated[str | None, typer.Option(help="Run id (default: UTC time + random suffix).")] = None,
 ) -> None:
     """Embed every catalog image into Parquet shards, with dead letters for the rest (Apache Beam)."""
@@ -150,7 +153,7 @@ def embed(
         gpu_decode=gpu_decode, gpu_decoder=gpu_decoder, gpu_decode_threads=gpu_decode_threads, draft=draft,
         incremental=incremental, previous=previous, hedge_reads=hedge_reads,
         max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, reuse_memory_mb=reuse_memory_mb,
-        max_decode_s=max_decode_s,
+        max_decode_s=max_decode_s, max_dead_letters=max_dead_letters,
     )  # fmt: skip
     if run_id:
         options["run_id"] = run_id

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -48,6 +49,7 @@ from pipelines.catalog import (
     read_catalog,
     read_manifest_file,
 )
+from pipelines.dead_letters import MAX_KINDS, OTHER_REASONS, TooManyDeadLetters, check_share, reason_kind
 from pipelines.embed_dofns import (
     NAMESPACE,
     PRELOADED,
@@ -105,6 +107,7 @@ class EmbedConfig:
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 100_000_000
     max_decode_s: float = 30.0  # an image still decoding after this is dead-lettered and its thread abandoned
+    max_dead_letters: float = 0.5  # a run with more of its items dead-lettered is refused (pipelines.dead_letters)
     incremental: bool = True  # reuse vectors of unchanged images from an earlier run
     previous: str | None = None  # that earlier run's directory; default: the latest complete one under `out`
     workers: int = 1  # local runner: >1 runs that many worker processes
@@ -125,6 +128,8 @@ class EmbedConfig:
             raise ValueError(f"gpu_decoder must be auto, nvimgcodec or nvjpeg, got {self.gpu_decoder!r}")
         if not self.max_decode_s > 0:
             raise ValueError(f"max_decode_s must be > 0, got {self.max_decode_s}")
+        if not 0 <= self.max_dead_letters <= 1:
+            raise ValueError(f"max_dead_letters is a share of the items, 0 to 1; got {self.max_dead_letters}")
         if self.reembed_since is not None:
             parse_when(self.reembed_since)
         if not self.run_id or not all(c.isalnum() or c in "-_" for c in self.run_id):
@@ -184,17 +189,26 @@ def _count(name: str):
 
 
 _STAGE_COUNTER = "dead_lettered_at:"
+_REASON_COUNTER = "dead_letter_reason:"  # + stage + ":" + reason_kind(error)
 
 
 def _count_dead_letters():
-    """Count dead letters, in all and per stage, so the launcher never reads the failure shards for the counts."""
-    total, stages = Metrics.counter(NAMESPACE, "dead_lettered"), {}
+    """Count dead letters, in all, per stage and per kind of reason (`dead_letters.reason_kind`, at most `MAX_KINDS`
+    kinds per worker, the rest as one), so the launcher never reads the failure shards for the counts."""
+    total, stages, reasons = Metrics.counter(NAMESPACE, "dead_lettered"), {}, {}
 
     def count(failure):  # a Failure
         total.inc()
         if failure.stage not in stages:
             stages[failure.stage] = Metrics.counter(NAMESPACE, _STAGE_COUNTER + failure.stage)
         stages[failure.stage].inc()
+        key = (failure.stage, reason_kind(failure.error))
+        if key not in reasons:
+            if len(reasons) >= MAX_KINDS:
+                key = (failure.stage, OTHER_REASONS)
+            if key not in reasons:
+                reasons[key] = Metrics.counter(NAMESPACE, f"{_REASON_COUNTER}{key[0]}:{key[1]}")
+        reasons[key].inc()
         return failure
 
     return count
@@ -402,6 +416,18 @@ def _dead_letters_by_stage(metrics: dict[str, int]) -> dict[str, int]:
             if name.startswith(_STAGE_COUNTER) and n}  # fmt: skip
 
 
+def _dead_letter_reasons(metrics: dict[str, int]) -> list[tuple[str, str, int]]:
+    """`(stage, kind of reason, count)` of the run's dead letters, most first (`_count_dead_letters`)."""
+    reasons = [(*name.removeprefix(_REASON_COUNTER).split(":", 1), n) for name, n in metrics.items()
+               if name.startswith(_REASON_COUNTER) and n]  # fmt: skip
+    return sorted(reasons, key=lambda r: (-r[2], r[0], r[1]))
+
+
+def _without_beams_step(message: str) -> str:
+    """An error raised in a step as the runner passes it on, less the " [while running 'Step']" it adds."""
+    return re.sub(r"( \[while running '[^']*'\])+$", "", message)
+
+
 def _updated_since(catalog, since: str) -> frozenset[str]:
     """Item ids whose `updated_at` is on or after `since` (ISO date or time, UTC unless it says otherwise).
 
@@ -477,6 +503,8 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
                        listed=listing or listed)  # fmt: skip
         result = pipeline.run()
         result.wait_until_finish()
+    except TooManyDeadLetters as err:  # a worker stopped the run (`dead_letters.DeadLetterWatch`)
+        raise TooManyDeadLetters(f"run {cfg.run_id} {_without_beams_step(str(err))}") from None
     finally:
         if listing:
             remove_scratch(cfg)
@@ -500,6 +528,8 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
         problems.append(f"pipeline read {metrics.get('items_in')} items, manifest has {total}")
     if problems:
         raise RuntimeError(f"run {cfg.run_id} is inconsistent, not marked complete: " + "; ".join(problems))
+    reasons = _dead_letter_reasons(metrics)
+    check_share(cfg.run_id, dead, total, cfg.max_dead_letters, reasons, failures_dir)
 
     wall_s = time.monotonic() - started
     load_ms = metrics.get("model_load_ms:max")
@@ -524,6 +554,8 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
         "dim": dim,
         "counts": counts,
         "dead_letters_by_stage": by_stage,
+        # The kinds of reason (`dead_letters.reason_kind`), most first; each dead letter has its own in the shards.
+        "dead_letter_reasons": [{"stage": stage, "reason": kind, "count": n} for stage, kind, n in reasons],
         # How the workers' batches went: images the GPU decoder took (the rest, CPU threads), and batches that
         # failed whole in the GPU decoder, the resize or the model and were retried in halves (a few: JPEGs that
         # torchvision's nvJPEG rejects; many: memory that no longer fits a batch, see the log), and batches the

@@ -34,6 +34,7 @@ from encoder.nvimgcodec import library_problem as nvimgcodec_problem
 from encoder.resize import gpu_resizes
 from pipelines import storage
 from pipelines.catalog import ItemChunk
+from pipelines.dead_letters import DeadLetterWatch
 from pipelines.embed_runs import read_shard
 from pipelines.embed_steps import (
     READ_AHEAD,
@@ -152,6 +153,7 @@ class FetchAndDecode(beam.DoFn):
         self._prepare = PrepareAhead()  # the next chunks' object-store reads out while this one is handed on
         self._previous = self._previous_source.acquire() if self._previous_source else None
         self._reused = Metrics.counter(NAMESPACE, "reused")
+        self._watch = DeadLetterWatch(self._cfg.max_dead_letters)  # stops a run whose fetches mostly fail
 
     def start_bundle(self) -> None:
         self._prepare.forget()  # left by a bundle that failed
@@ -171,6 +173,8 @@ class FetchAndDecode(beam.DoFn):
             yield from windowed(self._outputs(prepared))
 
     def _outputs(self, prepared: Prepared):
+        items = len(prepared.decoded) + len(prepared.reuse) + len(prepared.failed)
+        self._watch.add(items, ((f.stage, f.error) for f in prepared.failed))
         if prepared.decoded:  # one element per chunk: per-element costs stay off the fast path
             yield prepared.decoded
         for failure in prepared.failed:
@@ -181,7 +185,7 @@ class FetchAndDecode(beam.DoFn):
         elif prepared.reuse:
             self._reused.inc(len(prepared.reuse))
             yield beam.pvalue.TaggedOutput("reused", self._previous.table(prepared.reuse))
-        self._progress.add(len(prepared.decoded) + len(prepared.reuse) + len(prepared.failed))
+        self._progress.add(items)
         _count_object_reads(self._reader)
 
     def teardown(self) -> None:

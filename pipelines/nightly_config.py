@@ -50,6 +50,7 @@ class EmbedSettings:
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 100_000_000
     max_decode_s: float = 30.0
+    max_dead_letters: float = 0.5
     reuse_memory_mb: int = 1024
     beam_args: tuple[str, ...] = ()  # e.g. ["--runner=DataflowRunner", "--project=P", ...]
 

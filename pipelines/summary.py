@@ -39,6 +39,7 @@ def print_embed_summary(result: EmbedResult, console: Console | None = None) -> 
         ("reused", f"{c['reused']:,}"),
         ("dead-lettered", f"{c['dead_lettered']:,}"),
         ("  by stage", ", ".join(f"{k} {v}" for k, v in sorted(m["dead_letters_by_stage"].items())) or "-"),
+        *_reason_rows(m.get("dead_letter_reasons")),
         *_batch_rows(m.get("batches")),
         *_object_store_rows(m.get("object_store_reads")),
         ("images/s (embedded, whole run)", f"{m['images_per_s']:,.1f}" if c["embedded"] else "-"),
@@ -55,6 +56,15 @@ def print_embed_summary(result: EmbedResult, console: Console | None = None) -> 
         f"items in = embedded + reused + dead-lettered: "
         f"{c['items_in']:,} = {c['embedded']:,} + {c['reused']:,} + {c['dead_lettered']:,}"
     )
+
+
+def _reason_rows(reasons: list[dict] | None) -> list[tuple[str, str]]:
+    """The commonest kinds of reason for the dead letters, where there were any (older manifests have none)."""
+    if not reasons:
+        return []
+    from pipelines.dead_letters import describe_reasons
+
+    return [("  why", describe_reasons(((r["stage"], r["reason"], r["count"]) for r in reasons), sep="\n"))]
 
 
 def _batch_rows(batches: dict | None) -> list[tuple[str, str]]:
