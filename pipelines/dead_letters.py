@@ -35,7 +35,7 @@ MAX_KINDS = 32  # reasons a worker counts by name; the rest count as OTHER_REASO
 OTHER_REASONS = "other reasons"
 WINDOW_ITEMS = 5_000  # the items a worker's mid-run check looks back over
 
-_HEX = re.compile(r"\b[0-9a-fA-F]{8,}\b")  # digests, object generations
+_HEX = re.compile(r"\b(?=[0-9]*[a-fA-F])[0-9a-fA-F]{8,}\b")  # digests (a letter in them: not a plain number)
 _NUMBER = re.compile(r"\d{2,}")  # "0 bytes" says more as it is
 
 
@@ -82,8 +82,8 @@ class DeadLetterWatch:
     A window of thousands, not a chunk: a few hundred broken listings in a row do not stop a healthy run.
     """
 
-    def __init__(self, max_share: float, window: int = WINDOW_ITEMS) -> None:
-        self.max_share, self.window = max_share, window
+    def __init__(self, max_share: float, window: int | None = None) -> None:
+        self.max_share, self.window = max_share, window or WINDOW_ITEMS
         self._chunks: collections.deque[tuple[int, collections.Counter]] = collections.deque()
         self._items, self._failed = 0, collections.Counter()  # over the chunks in `_chunks`
         self._lock = threading.Lock()

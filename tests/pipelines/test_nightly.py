@@ -88,6 +88,25 @@ def test_a_losing_candidate_is_not_published(tmp_path, demo_catalog, tiny_model)
     assert read_ledger(cfg.out, "nightly-2")[-1]["status"] == "failed"
 
 
+def test_a_night_whose_images_are_gone_publishes_nothing(tmp_path, demo_catalog, tiny_model):
+    import pyarrow as pa
+
+    from pipelines.dead_letters import TooManyDeadLetters
+
+    cfg = _config(tmp_path, demo_catalog, tiny_model)
+    run_nightly(cfg, "nightly-1")
+    moved = pq.read_table(demo_catalog.manifest)
+    gone = [f"{tmp_path}/moved/{i}.jpg" for i in range(moved.num_rows)]
+    pq.write_table(moved.set_column(moved.column_names.index("image_uri"), "image_uri", pa.array(gone)),
+                   tmp_path / "moved.parquet")  # fmt: skip
+    broken = _config(tmp_path, demo_catalog, tiny_model, catalog=str(tmp_path / "moved.parquet"))
+    with pytest.raises(TooManyDeadLetters, match=r"100 of 100 items were dead-lettered .*fetch · not found 100"):
+        run_nightly(broken, "nightly-2")
+    assert read_latest(f"{cfg.out}/snapshots").snapshot_id == "nightly-1"  # yesterday's keeps being served
+    assert [(r["step"], r["status"]) for r in read_ledger(cfg.out, "nightly-2")][-2:] == [
+        ("embed", "started"), ("embed", "failed")]  # fmt: skip
+
+
 def test_an_embed_attempt_killed_midway_leaves_nothing_counted_twice(tmp_path, demo_catalog, tiny_model):
     cfg = _config(tmp_path, demo_catalog, tiny_model)
     stale = tmp_path / "out" / "embeddings" / "nightly-k"
@@ -125,10 +144,13 @@ def test_a_second_job_on_the_same_root_is_refused(tmp_path, demo_catalog, tiny_m
         ("catalog: a\nmodel: b\nout: c\ninteractions: d\nembed: {gpu_decoder: pil}\n",
          "embed: gpu_decoder must be auto, nvimgcodec or nvjpeg"),
         ("catalog: a\nmodel: b\nout: c\ninteractions: d\nembed: {batch_size: 0}\n", "embed: batch_size must be >= 1"),
+        ("catalog: a\nmodel: b\nout: c\ninteractions: d\nembed: {max_dead_letters: 2}\n",
+         "embed: max_dead_letters is a share of the items, 0 to 1"),
         ("- just\n- a list\n", "must be a mapping"),
         ("catalog: [unclosed\n", "not valid YAML"),
     ],
-    ids=["top-typo", "section-typo", "missing", "bad-gate", "bad-decoder", "bad-batch", "not-mapping", "bad-yaml"],
+    ids=["top-typo", "section-typo", "missing", "bad-gate", "bad-decoder", "bad-batch", "bad-share", "not-mapping",
+         "bad-yaml"],
 )  # fmt: skip
 def test_bad_configs_fail_before_any_work(tmp_path, text, message):
     path = tmp_path / "nightly.yaml"
