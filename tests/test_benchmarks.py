@@ -181,3 +181,11 @@ def test_gcs_reads_benchmark_runs():
     assert result["urllib3_threads_1"]["requests_per_read"] == 1.0
     assert result["gpu_worker_fetch_reader_processes"]["images_per_s"] > 0
     assert result["gpu_worker_fetch_threads"]["embedding_process_cpu_us_per_image"] > 0
+
+
+@pytest.mark.slow
+def test_outage_stop_benchmark_runs():
+    out = _run("benchmarks/outage_stop.py", "--items", "300", "--window", "100", "--fetch-threads", "16")
+    stopped = next(line for line in out.splitlines() if line.startswith("| 0.5 |"))
+    assert "failed: stopped" in stopped
+    assert "| 1 | complete: 300 dead letters |" in out
