@@ -59,6 +59,7 @@ def main() -> None:
             print(
                 "| `--max-dead-letters` | how the run ended | seconds | requests to storage |\n| --- | --- | ---: | ---: |"
             )
+            message = "none"
             for share in (0.5, 1.0):
                 cfg = EmbedConfig(catalog=str(catalog), model=str(model), out=str(Path(work) / f"out-{share}"),
                                   fetch_threads=args.fetch_threads, max_dead_letters=share, hedge_reads=False)  # fmt: skip
@@ -68,9 +69,11 @@ def main() -> None:
                         result = run_embed(cfg)
                         ended = f"complete: {result.counts['dead_lettered']:,} dead letters"
                     except dead_letters.TooManyDeadLetters as err:
-                        ended = str(err).split(" were dead-lettered")[0].split(" stopped: ", 1)[-1] + " failed: stopped"
+                        message = str(err)
+                        ended = message.split(" were dead-lettered")[0].split(" stopped: ", 1)[-1] + " failed: stopped"
                     seconds = time.perf_counter() - started
                     print(f"| {share:g} | {ended} | {seconds:,.1f} | {proxy.counts['requests']:,} |", flush=True)
+            print(f"\nthe stop: {message}")
     finally:
         proc.terminate()
         proc.wait(timeout=10)
