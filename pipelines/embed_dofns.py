@@ -153,7 +153,7 @@ class FetchAndDecode(beam.DoFn):
         self._prepare = PrepareAhead()  # the next chunks' object-store reads out while this one is handed on
         self._previous = self._previous_source.acquire() if self._previous_source else None
         self._reused = Metrics.counter(NAMESPACE, "reused")
-        self._watch = DeadLetterWatch(self._cfg.max_dead_letters)  # stops a run whose fetches mostly fail
+        self._watch = _watch_for(self._cfg)  # stops a run whose fetches mostly fail
 
     def start_bundle(self) -> None:
         self._prepare.forget()  # left by a bundle that failed
@@ -193,6 +193,19 @@ class FetchAndDecode(beam.DoFn):
             self._prepare.close()
         if getattr(self, "_pool", None):
             self._pool.shutdown(wait=False)
+
+
+_WATCHES: dict[str, DeadLetterWatch] = {}  # run id → its fetch steps' watch in this process
+_WATCHES_LOCK = threading.Lock()
+
+
+def _watch_for(cfg: EmbedConfig) -> DeadLetterWatch:
+    """The run's dead-letter watch in this process, one for all its fetch steps: a runner that gives a worker process
+    many threads (Dataflow: about one per core) has a step instance per thread, each seeing a share of the items."""
+    with _WATCHES_LOCK:
+        if cfg.run_id not in _WATCHES:
+            _WATCHES[cfg.run_id] = DeadLetterWatch(cfg.max_dead_letters)
+        return _WATCHES[cfg.run_id]
 
 
 class InMemoryReuse:

@@ -188,3 +188,16 @@ def test_a_share_outside_0_to_1_is_refused_before_any_work(share):
 
     with pytest.raises(ValueError, match="max_dead_letters is a share of the items, 0 to 1"):
         EmbedConfig(catalog="c", model="m", out="o", max_dead_letters=share)
+
+
+def test_a_worker_processs_fetch_steps_share_one_watch_per_run(monkeypatch):
+    from pipelines.embed import EmbedConfig
+    from pipelines.embed_dofns import _watch_for
+
+    monkeypatch.setattr(dead_letters, "WINDOW_ITEMS", 200)
+    first = EmbedConfig(catalog="c", model="m", out="o", run_id="shared-watch")
+    one, other = _watch_for(first), _watch_for(first)  # two threads' step instances
+    one.add(100, _failed(100))
+    with pytest.raises(TooManyDeadLetters, match="200 of the last 200 items"):
+        other.add(100, _failed(100))  # each saw half the window; together, all of it
+    assert _watch_for(EmbedConfig(catalog="c", model="m", out="o", run_id="another")) is not one
