@@ -10,12 +10,16 @@ refused: not marked complete, so nothing indexes or reuses it. Most such runs ar
 not many bad images (a bucket the workers may not read, a proxy that refuses every
 connection, images moved), and one that retries every read costs minutes per chunk on a GPU
 worker paid by the hour: so each worker also stops the run once more than `max_share` of the
-last `WINDOW_ITEMS` items it fetched were dead-lettered (`DeadLetterWatch`).
+last `WINDOW_ITEMS` items it fetched were dead-lettered (`DeadLetterWatch`). The runner passes that stop
+on in its own ways (the step's name appended, or a worker's whole traceback as text); the launcher
+raises it as one line (`watch_stop`) and keeps the runner from logging it (`quiet_runner_logs`).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import logging
 import re
 import threading
 from collections.abc import Iterable
@@ -28,7 +32,9 @@ __all__ = [
     "TooManyDeadLetters",
     "check_share",
     "describe_reasons",
+    "quiet_runner_logs",
     "reason_kind",
+    "watch_stop",
 ]
 
 MAX_KINDS = 32  # reasons a worker counts by name; the rest count as OTHER_REASONS
@@ -115,3 +121,44 @@ class DeadLetterWatch:
             f"{describe_reasons(reasons)}. The run is not marked complete. Mend the cause and rerun, or raise "
             f"--max-dead-letters (1 never stops a run)"
         )
+
+
+# ---------------------------------------------------------------- a worker's stop, as the launcher sees it
+
+
+_WATCH_STOP = re.compile(r"(?:^|TooManyDeadLetters: )(stopped: .+?)(?= \[while running |\\n|\n|$)")
+
+
+class _WatchStops(logging.Filter):
+    """Drops the runner's log of a worker's `TooManyDeadLetters`, traceback and all: the launcher raises it again
+    as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], TooManyDeadLetters):
+            return False
+        return "TooManyDeadLetters: " not in record.getMessage()
+
+
+_RUNNER_LOGS = ("apache_beam.runners.common", "apache_beam.runners.portability.local_job_service")
+
+
+@contextlib.contextmanager
+def quiet_runner_logs():
+    """While a run runs here: the runner's log of a worker's stop left out (the launcher raises it as one line)."""
+    quiet = _WatchStops()
+    for name in _RUNNER_LOGS:
+        logging.getLogger(name).addFilter(quiet)
+    try:
+        yield
+    finally:
+        for name in _RUNNER_LOGS:
+            logging.getLogger(name).removeFilter(quiet)
+
+
+def watch_stop(err: Exception) -> str | None:
+    """The message of a worker's `TooManyDeadLetters` from a failed run, without what the runner added: the local
+    runner raises it again (its step's name added), worker processes and remote runners pass on its traceback."""
+    if isinstance(err, TooManyDeadLetters) or "TooManyDeadLetters: " in str(err):
+        found = _WATCH_STOP.search(str(err))
+        return found.group(1) if found else None
+    return None

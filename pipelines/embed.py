@@ -18,10 +18,8 @@ Here: the run's config, the wiring and the launch. The steps that run on the wor
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -50,7 +48,15 @@ from pipelines.catalog import (
     read_catalog,
     read_manifest_file,
 )
-from pipelines.dead_letters import MAX_KINDS, OTHER_REASONS, TooManyDeadLetters, check_share, reason_kind
+from pipelines.dead_letters import (
+    MAX_KINDS,
+    OTHER_REASONS,
+    TooManyDeadLetters,
+    check_share,
+    quiet_runner_logs,
+    reason_kind,
+    watch_stop,
+)
 from pipelines.embed_dofns import (
     NAMESPACE,
     PRELOADED,
@@ -424,43 +430,6 @@ def _dead_letter_reasons(metrics: dict[str, int]) -> list[tuple[str, str, int]]:
     return sorted(reasons, key=lambda r: (-r[2], r[0], r[1]))
 
 
-_WATCH_STOP = re.compile(r"(?:^|TooManyDeadLetters: )(stopped: .+?)(?= \[while running |\\n|\n|$)")
-
-
-class _WatchStops(logging.Filter):
-    """Drops the runner's log of a worker's `TooManyDeadLetters`, traceback and all: the launcher raises it again
-    as one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], TooManyDeadLetters):
-            return False
-        return "TooManyDeadLetters: " not in record.getMessage()
-
-
-_RUNNER_LOGS = ("apache_beam.runners.common", "apache_beam.runners.portability.local_job_service")
-
-
-@contextlib.contextmanager
-def _quiet_watch_stops():
-    quiet = _WatchStops()
-    for name in _RUNNER_LOGS:
-        logging.getLogger(name).addFilter(quiet)
-    try:
-        yield
-    finally:
-        for name in _RUNNER_LOGS:
-            logging.getLogger(name).removeFilter(quiet)
-
-
-def _watch_stop(err: Exception) -> str | None:
-    """The message of a worker's `TooManyDeadLetters` from a failed run, without what the runner added: the local
-    runner raises it again (its step's name added), worker processes and remote runners pass on its traceback."""
-    if isinstance(err, TooManyDeadLetters) or "TooManyDeadLetters: " in str(err):
-        found = _WATCH_STOP.search(str(err))
-        return found.group(1) if found else None
-    return None
-
-
 def _updated_since(catalog, since: str) -> frozenset[str]:
     """Item ids whose `updated_at` is on or after `since` (ISO date or time, UTC unless it says otherwise).
 
@@ -530,7 +499,7 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     listing = write_listing(cfg, catalog) if listed[0] == "images" else None
     prepared_at = time.monotonic()
     try:
-        with _quiet_watch_stops():
+        with quiet_runner_logs():
             build_pipeline(pipeline, cfg, model_version=model_version, preprocess=preprocess, dim=dim,
                            total_items=total, previous_shards=previous_shards, run_dir=run_dir,
                            failures_dir=failures_dir, reembed=reembed, previous_rows=previous_rows,
@@ -538,7 +507,7 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
             result = pipeline.run()
             result.wait_until_finish()
     except Exception as err:
-        if stop := _watch_stop(err):  # a worker stopped the run (`dead_letters.DeadLetterWatch`)
+        if stop := watch_stop(err):  # a worker stopped the run (`dead_letters.DeadLetterWatch`)
             raise TooManyDeadLetters(f"run {cfg.run_id} {stop}") from None
         raise
     finally:

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from pipelines.dead_letters import describe_reasons
+
 if TYPE_CHECKING:  # importing it at run time would load torch and Beam into `lookalike index`
     from pipelines.embed import EmbedResult
 
@@ -62,8 +64,6 @@ def _reason_rows(reasons: list[dict] | None) -> list[tuple[str, str]]:
     """The commonest kinds of reason for the dead letters, where there were any (older manifests have none)."""
     if not reasons:
         return []
-    from pipelines.dead_letters import describe_reasons
-
     return [("  why", describe_reasons(((r["stage"], r["reason"], r["count"]) for r in reasons), sep="\n"))]
 
 

@@ -201,3 +201,31 @@ def test_a_worker_processs_fetch_steps_share_one_watch_per_run(monkeypatch):
     with pytest.raises(TooManyDeadLetters, match="200 of the last 200 items"):
         other.add(100, _failed(100))  # each saw half the window; together, all of it
     assert _watch_for(EmbedConfig(catalog="c", model="m", out="o", run_id="another")) is not one
+
+
+STOP = ("stopped: 5,120 of the last 5,120 items a worker fetched were dead-lettered (100.0%, more than "
+        "--max-dead-letters 0.5): fetch · ServiceUnavailable 5,120. The run is not marked complete.")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        TooManyDeadLetters(f"{STOP} [while running 'Fetch and decode images/ParDo(FetchAndDecode)']"),  # in-process
+        RuntimeError(f"Pipeline job failed:\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+                     f"pipelines.dead_letters.TooManyDeadLetters: {STOP} [while running 'Fetch']\n\nmore"),  # processes
+        RuntimeError("Dataflow pipeline failed. State: FAILED, Error:\nTraceback (most recent call last):\\n  File "
+                     f"\"/usr/x.py\"\\npipelines.dead_letters.TooManyDeadLetters: {STOP}\\n"),  # Dataflow's job message
+    ],
+    ids=["in-process", "worker-processes", "dataflow"],
+)  # fmt: skip
+def test_a_workers_stop_is_found_however_the_runner_passes_it_on(raised):
+    from pipelines.dead_letters import watch_stop
+
+    assert watch_stop(raised) == STOP
+
+
+def test_other_failures_are_not_taken_for_a_stop():
+    from pipelines.dead_letters import watch_stop
+
+    assert watch_stop(RuntimeError("the storage went away [while running 'Fetch']")) is None
+    assert watch_stop(OSError("disk full")) is None
