@@ -229,3 +229,24 @@ def test_other_failures_are_not_taken_for_a_stop():
 
     assert watch_stop(RuntimeError("the storage went away [while running 'Fetch']")) is None
     assert watch_stop(OSError("disk full")) is None
+
+
+def test_a_gpu_worker_whose_reader_processes_find_nothing_stops_too(tmp_path, tiny_model, monkeypatch):
+    """The GPU worker reads in reader processes (`pipelines.file_reader`); their failures reach the same watch."""
+    import encoder.gpu_images as gpu_images
+    from pipelines import embed_dofns
+    from pipelines.embed import EmbedConfig, run_embed
+    from tests.encoder.test_gpu_images import _pil_decoder
+
+    monkeypatch.setattr(dead_letters, "WINDOW_ITEMS", 200)
+    monkeypatch.setattr(embed_dofns, "gpu_decoding", lambda cfg, preprocess: True)
+    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda device: _pil_decoder([]))
+    readers = []
+    real = embed_dofns.file_reader_for
+    monkeypatch.setattr(embed_dofns, "file_reader_for", lambda *args: readers.append(real(*args)) or readers[-1])
+    catalog = _missing_catalog(tmp_path / "catalog.parquet", 5000)
+    cfg = EmbedConfig(catalog=str(catalog), model=str(tiny_model), out=str(tmp_path / "out"), run_id="readers",
+                      batch_size=16, gpu_decoder="nvjpeg")  # fmt: skip
+    with pytest.raises(TooManyDeadLetters, match=r"^run readers stopped: [\d,]+ of the last [\d,]+ items .*not found"):
+        run_embed(cfg)
+    assert readers  # the fetch step read through reader processes
