@@ -50,9 +50,9 @@ class TooManyDeadLetters(RuntimeError):
 
 
 def reason_kind(error: str) -> str:
-    """What a dead letter's reason says without the parts that name its item: the words before the first ": ",
-    digests as "…", numbers of two digits or more as N, at most 80 characters."""
-    head = error.split(": ", 1)[0].strip() or "no reason given"
+    """What a dead letter's reason says without the parts that name its item: the words before the first ": " on
+    one line, digests as "…", numbers of two digits or more as N, at most 80 characters."""
+    head = " ".join(error.split(": ", 1)[0].split()) or "no reason given"  # one line: it names a counter
     return _NUMBER.sub("N", _HEX.sub("…", head))[:80]
 
 

@@ -30,6 +30,7 @@ from pipelines.dead_letters import DeadLetterWatch, TooManyDeadLetters, check_sh
         ("no earlier vector for 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
          "no earlier vector for …"),
         (": nothing before the colon", "no reason given"),
+        ("a reason\n  on two lines", "a reason on two lines"),
         ("x" * 200, "x" * 80),
     ],
 )  # fmt: skip
