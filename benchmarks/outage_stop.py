@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=3000)
     parser.add_argument("--window", type=int, default=1000, help="the watch's window (the product's: 5,000)")
     parser.add_argument("--fetch-threads", type=int, default=64)
+    parser.add_argument("--gpu-worker", action="store_true", help="read as a GPU worker does: in reader processes "
+                        "(8 chunks of 8 at once each), the GPU decoder stood in by Pillow on the CPU")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
 
@@ -46,10 +48,17 @@ def main() -> None:
     from tests.support.gcs_emulator import start_emulator
 
     dead_letters.WINDOW_ITEMS = args.window  # the local runner's workers run in this process
+    if args.gpu_worker:
+        import encoder.gpu_images as gpu_images
+        from pipelines import embed_dofns
+
+        embed_dofns.gpu_decoding = lambda cfg, preprocess: True
+        gpu_images.DECODERS["nvjpeg"] = lambda device: gpu_images.pil_decoder()
     proc, port = start_emulator()
     os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
     print(f"machine: {machine()}; {args.items:,} items, every read answered 503, window {args.window:,}, "
-          f"{args.fetch_threads} fetch threads", flush=True)  # fmt: skip
+          + ("a GPU worker's reader processes" if args.gpu_worker else f"{args.fetch_threads} fetch threads"),
+          flush=True)  # fmt: skip
     try:
         with tempfile.TemporaryDirectory() as work:
             model = init_tiny_model(["a red shoe", "a blue bag"] * 20, Path(work) / "model", TinyModelConfig())
@@ -60,19 +69,21 @@ def main() -> None:
                 "| `--max-dead-letters` | how the run ended | seconds | requests to storage |\n| --- | --- | ---: | ---: |"
             )
             message = "none"
-            for share in (0.5, 1.0):
-                cfg = EmbedConfig(catalog=str(catalog), model=str(model), out=str(Path(work) / f"out-{share}"),
-                                  fetch_threads=args.fetch_threads, max_dead_letters=share, hedge_reads=False)  # fmt: skip
-                with FaultProxy(port, rate=1.0, kinds=("503",)) as proxy, through(proxy):
-                    started = time.perf_counter()
+            # One proxy for both runs: a GPU worker's reader processes, started by the first, keep its address.
+            with FaultProxy(port, rate=1.0, kinds=("503",)) as proxy, through(proxy):
+                for share in (0.5, 1.0):
+                    cfg = EmbedConfig(catalog=str(catalog), model=str(model), out=str(Path(work) / f"out-{share}"),
+                                      fetch_threads=args.fetch_threads, max_dead_letters=share, hedge_reads=False,
+                                      batch_size=256 if args.gpu_worker else 64, gpu_decoder="nvjpeg")  # fmt: skip
+                    before, started = proxy.counts["requests"], time.perf_counter()
                     try:
                         result = run_embed(cfg)
                         ended = f"complete: {result.counts['dead_lettered']:,} dead letters"
                     except dead_letters.TooManyDeadLetters as err:
                         message = str(err)
                         ended = message.split(" were dead-lettered")[0].split(" stopped: ", 1)[-1] + " failed: stopped"
-                    seconds = time.perf_counter() - started
-                    print(f"| {share:g} | {ended} | {seconds:,.1f} | {proxy.counts['requests']:,} |", flush=True)
+                    seconds, requests = time.perf_counter() - started, proxy.counts["requests"] - before
+                    print(f"| {share:g} | {ended} | {seconds:,.1f} | {requests:,} |", flush=True)
             print(f"\nthe stop: {message}")
     finally:
         proc.terminate()

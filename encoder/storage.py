@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote
 
+from encoder.throttled import Throttled
+
 __all__ = [
     "arrow_input",
     "ConcurrentUpdate",
@@ -206,6 +208,10 @@ def is_transient(err: BaseException) -> bool:
     return isinstance(err, (*unreachable, *cut_short))
 
 
+# An outage retries every read: one line per retry would be hundreds a second from a GPU worker's reader processes.
+_RETRIES = Throttled(log, every_s=10.0)
+
+
 def with_retries(call: Callable[[], T], what: str, *, attempts: int = 5, base_delay_s: float = 0.2,
                  max_total_s: float = 60.0) -> T:  # fmt: skip
     """Run `call`, retrying transient errors with exponential backoff and full jitter."""
@@ -218,7 +224,7 @@ def with_retries(call: Callable[[], T], what: str, *, attempts: int = 5, base_de
             if not is_transient(err) or attempt == attempts or elapsed >= max_total_s:
                 raise
             delay = min(random.uniform(0, base_delay_s * 2**attempt), max(0.0, max_total_s - elapsed))
-            log.warning("%s: %s (attempt %d/%d), retrying in %.2fs", what, err, attempt, attempts, delay)
+            _RETRIES.warning("%s: %s (attempt %d/%d), retrying in %.2fs", what, err, attempt, attempts, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 

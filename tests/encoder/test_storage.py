@@ -189,3 +189,29 @@ def test_each_process_and_each_emulator_has_a_client_of_its_own(monkeypatch):
     assert child is not client and child is storage.gcs_client()
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:10")
     assert storage.gcs_client() not in (client, child)
+
+
+def test_retries_in_an_outage_log_a_line_now_and_then_not_one_each(monkeypatch, caplog):
+    import logging
+
+    from encoder.throttled import Throttled
+
+    monkeypatch.setattr(storage, "_RETRIES", Throttled(storage.log, every_s=10.0))
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+
+    def refused_twice():
+        tries = []
+
+        def read():
+            tries.append(1)
+            if len(tries) <= 2:
+                raise ConnectionError("refused")
+            return b"bytes"
+
+        return read
+
+    with caplog.at_level(logging.WARNING, logger=storage.log.name):
+        for i in range(20):  # 20 reads, each refused twice before it lands: 40 retries
+            assert storage.with_retries(refused_twice(), f"read gs://b/{i}.jpg") == b"bytes"
+    retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(retries) == 1 and retries[0].startswith("read gs://b/0.jpg: refused (attempt 1/5), retrying in")
