@@ -4,7 +4,7 @@
 suite's fault proxy, the Beam pipeline on the local runner, a tiny model (nothing reaches it).
 
     python benchmarks/outage_stop.py                      # 3,000 items, a window of 1,000, 64 fetch threads
-    python benchmarks/outage_stop.py --window 5000 --items 8000
+    python benchmarks/outage_stop.py --items 10000 --window 5000 [--gpu-worker]   # RELIABILITY.md's runs
 
 Seconds until the run ends (stopped, or complete with every item dead-lettered) and the requests storage saw.
 The stop comes after about `window` items; without it, after every item. Results go in RELIABILITY.md.

@@ -1,5 +1,5 @@
 """Isolating what fails in a batch: which errors stop a run, a call's dead-letter reason, retries in halves,
-warnings that a failing condition would otherwise repeat every batch, and the smaller pieces batches run in once
+warnings that a failing condition would otherwise repeat every batch (`encoder.throttled`), and the smaller pieces batches run in once
 the batch size stops fitting. The GPU image path and the model's step (`encoder.gpu_images`, `encoder.gpu_stream`,
 `encoder.model`) share them."""
 
