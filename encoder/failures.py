@@ -1,7 +1,7 @@
 """Isolating what fails in a batch: which errors stop a run, a call's dead-letter reason, retries in halves,
-warnings that a failing condition would otherwise repeat every batch (`encoder.throttled`), and the smaller pieces batches run in once
-the batch size stops fitting. The GPU image path and the model's step (`encoder.gpu_images`, `encoder.gpu_stream`,
-`encoder.model`) share them."""
+warnings that a failing condition would otherwise repeat every batch (`encoder.throttled`), and the smaller
+pieces batches run in once the batch size stops fitting. The GPU image path and the model's step
+(`encoder.gpu_images`, `encoder.gpu_stream`, `encoder.model`) share them."""
 
 from __future__ import annotations
 
