@@ -210,11 +210,10 @@ def _count_dead_letters():
             stages[failure.stage] = Metrics.counter(NAMESPACE, _STAGE_COUNTER + failure.stage)
         stages[failure.stage].inc()
         key = (failure.stage, reason_kind(failure.error))
+        if key not in reasons and len(reasons) >= MAX_KINDS:
+            key = (failure.stage, OTHER_REASONS)
         if key not in reasons:
-            if len(reasons) >= MAX_KINDS:
-                key = (failure.stage, OTHER_REASONS)
-            if key not in reasons:
-                reasons[key] = Metrics.counter(NAMESPACE, f"{_REASON_COUNTER}{key[0]}:{key[1]}")
+            reasons[key] = Metrics.counter(NAMESPACE, f"{_REASON_COUNTER}{key[0]}:{key[1]}")
         reasons[key].inc()
         return failure
 

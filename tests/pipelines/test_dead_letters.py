@@ -251,3 +251,30 @@ def test_a_gpu_worker_whose_reader_processes_find_nothing_stops_too(tmp_path, ti
     with pytest.raises(TooManyDeadLetters, match=r"^run readers stopped: [\d,]+ of the last [\d,]+ items .*not found"):
         run_embed(cfg)
     assert readers  # the fetch step read through reader processes
+
+
+def test_a_worker_counts_32_kinds_of_reason_by_name_and_the_rest_as_one(monkeypatch):
+    import collections
+
+    import pipelines.embed as embed
+    from pipelines.records import Failure
+
+    counted: collections.Counter = collections.Counter()
+
+    class Counter:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def inc(self, n: int = 1) -> None:
+            counted[self.name] += n
+
+    monkeypatch.setattr(embed.Metrics, "counter", lambda namespace, name: Counter(name))
+    count = embed._count_dead_letters()
+    for i in range(40):  # 40 kinds of reason, a word apart (a number would be N)
+        for _ in range(2):
+            count(Failure(f"item-{i}", "x.jpg", "decode", f"reason {'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN'[i]}"))
+    reasons = {
+        k.removeprefix("dead_letter_reason:"): n for k, n in counted.items() if k.startswith("dead_letter_reason:")
+    }
+    assert len(reasons) == dead_letters.MAX_KINDS + 1 and reasons["decode:other reasons"] == 2 * 8
+    assert reasons["decode:reason a"] == 2 and counted["dead_lettered"] == 80
