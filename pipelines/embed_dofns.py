@@ -138,6 +138,7 @@ class FetchAndDecode(beam.DoFn):
                  previous: InMemoryReuse | None = None) -> None:  # fmt: skip
         self._cfg, self._preprocess, self._total, self._reembed = cfg, preprocess, total_items, reembed
         self._previous_source = previous
+        self._watches = Shared()  # one dead-letter watch per worker process, whatever its threads (`_shared_watch`)
 
     def setup(self) -> None:
         storage.configure_storage()
@@ -153,7 +154,13 @@ class FetchAndDecode(beam.DoFn):
         self._prepare = PrepareAhead()  # the next chunks' object-store reads out while this one is handed on
         self._previous = self._previous_source.acquire() if self._previous_source else None
         self._reused = Metrics.counter(NAMESPACE, "reused")
-        self._watch = _watch_for(self._cfg)  # stops a run whose fetches mostly fail
+        self._watch = self._shared_watch()  # stops a run whose fetches mostly fail
+
+    def _shared_watch(self) -> DeadLetterWatch:
+        """The run's dead-letter watch in this process, one for all its fetch steps: a runner that gives a worker
+        process many threads (Dataflow: about one per core) has a step instance per thread, each seeing a share of
+        the items."""
+        return self._watches.acquire(lambda: DeadLetterWatch(self._cfg.max_dead_letters))
 
     def start_bundle(self) -> None:
         self._prepare.forget()  # left by a bundle that failed
@@ -193,19 +200,6 @@ class FetchAndDecode(beam.DoFn):
             self._prepare.close()
         if getattr(self, "_pool", None):
             self._pool.shutdown(wait=False)
-
-
-_WATCHES: dict[str, DeadLetterWatch] = {}  # run id → its fetch steps' watch in this process
-_WATCHES_LOCK = threading.Lock()
-
-
-def _watch_for(cfg: EmbedConfig) -> DeadLetterWatch:
-    """The run's dead-letter watch in this process, one for all its fetch steps: a runner that gives a worker process
-    many threads (Dataflow: about one per core) has a step instance per thread, each seeing a share of the items."""
-    with _WATCHES_LOCK:
-        if cfg.run_id not in _WATCHES:
-            _WATCHES[cfg.run_id] = DeadLetterWatch(cfg.max_dead_letters)
-        return _WATCHES[cfg.run_id]
 
 
 class InMemoryReuse:

@@ -192,16 +192,20 @@ def test_a_share_outside_0_to_1_is_refused_before_any_work(share):
 
 
 def test_a_worker_processs_fetch_steps_share_one_watch_per_run(monkeypatch):
+    import pickle
+
     from pipelines.embed import EmbedConfig
-    from pipelines.embed_dofns import _watch_for
+    from pipelines.embed_dofns import FetchAndDecode
 
     monkeypatch.setattr(dead_letters, "WINDOW_ITEMS", 200)
-    first = EmbedConfig(catalog="c", model="m", out="o", run_id="shared-watch")
-    one, other = _watch_for(first), _watch_for(first)  # two threads' step instances
+    step = FetchAndDecode(EmbedConfig(catalog="c", model="m", out="o"), None, 1000)
+    copies = [pickle.loads(pickle.dumps(step)) for _ in range(2)]  # two threads' step instances, as the runner makes
+    one, other = (copy._shared_watch() for copy in copies)
     one.add(100, _failed(100))
     with pytest.raises(TooManyDeadLetters, match="200 of the last 200 items"):
         other.add(100, _failed(100))  # each saw half the window; together, all of it
-    assert _watch_for(EmbedConfig(catalog="c", model="m", out="o", run_id="another")) is not one
+    another_run = FetchAndDecode(EmbedConfig(catalog="c", model="m", out="o"), None, 1000)
+    assert pickle.loads(pickle.dumps(another_run))._shared_watch() is not one
 
 
 STOP = ("stopped: 5,120 of the last 5,120 items a worker fetched were dead-lettered (100.0%, more than "
