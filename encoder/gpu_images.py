@@ -106,28 +106,31 @@ def _decoded_size(data: bytes | np.ndarray) -> int | None:
 
 
 def outputs_held(decode: BatchDecoder, device: torch.device) -> BatchDecoder:
-    """`decode` for a decoder that writes its outputs from a CUDA stream of its own (torchvision's nvJPEG).
+    """`decode` for a GPU decoder whose writes may not wait for the work queued on the caller's stream.
 
-    Such a decoder allocates its outputs on the caller's stream but writes them after waiting for nothing queued
-    there: once a batch's images are freed, with a resize or a packing copy of them still queued on that stream,
-    the allocator may hand their memory to the next batch's outputs, which the decoder then overwrites while they
-    are read. So the decoder runs with a stream of its own as the current one (its outputs are allocated there,
-    and that memory is reused only there), the caller's stream waits for its work, and each output is held for
-    the caller's stream (`record_stream`): the allocator reuses it only once the work queued there meanwhile is
-    done. On the CPU, `decode` as it is."""
+    torchvision's nvJPEG allocates its outputs on the caller's stream but writes them from a stream of its own,
+    after waiting for nothing queued there: once a batch's images are freed, with a resize or a packing copy of
+    them still queued on that stream, the allocator may hand their memory to the next batch's outputs, which the
+    decoder then overwrites while they are read. nvImageCodec's hardware decoder failed the same test on an H200
+    (run D, BENCHMARKS.md), although its header promises to order its work after the stream it is given. So the
+    decoder runs with a stream of its own as the current one (its outputs are allocated there, and that memory is
+    reused only there), the caller's stream waits for its work, and each output (a packed batch's one buffer) is
+    held for the caller's stream (`record_stream`): the allocator reuses it only once the work queued there
+    meanwhile is done. On the CPU, `decode` as it is."""
     if torch.device(device).type != "cuda":
         return decode
     own = torch.cuda.Stream(device)
 
-    def held(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    def held(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None] | tuple[PackedImages, list[int]]:
         caller = torch.cuda.current_stream(device)
         with torch.cuda.stream(own):
-            images = decode(datas, device)
+            result = decode(datas, device)
         caller.wait_stream(own)
-        for image in images:
-            if image is not None:
-                image.record_stream(caller)
-        return images
+        outputs = [result[0].buffer] if isinstance(result, tuple) else result
+        for output in outputs:
+            if output is not None:
+                output.record_stream(caller)
+        return result
 
     return held
 
@@ -154,9 +157,9 @@ def nvimgcodec_decoder(device: torch.device, options: str | None = None) -> Batc
     codec = NvImageCodec(device) if options is None else NvImageCodec(device, options=options)
 
     def decode(datas: list[bytes | np.ndarray], device: torch.device) -> tuple[PackedImages, list[int]]:
-        return codec.decode_packed(datas, DECODE_MAX_BYTES)  # on the caller's stream: what follows sees the images
+        return codec.decode_packed(datas, DECODE_MAX_BYTES)  # on the current stream (`outputs_held`'s own)
 
-    return decode
+    return outputs_held(decode, device)
 
 
 def nvimgcodec_python_decoder(device: torch.device) -> BatchDecoder:

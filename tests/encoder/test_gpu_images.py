@@ -511,6 +511,39 @@ def test_a_decoder_with_a_stream_of_its_own_makes_and_holds_its_outputs_apart(mo
     assert outputs_held(decode, torch.device("cpu")) is decode
 
 
+def test_a_packed_batch_is_made_apart_and_its_one_buffer_held(monkeypatch):
+    """nvImageCodec's packed result through `outputs_held`: decoded on the decoder's own stream, the caller's stream
+    waits for it, and the batch's one buffer (not a view per image) is held for the caller's stream."""
+    cuda = FakeCuda(monkeypatch)
+    buffer = torch.zeros(64, dtype=torch.uint8)
+    held_tensors = []
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: held_tensors.append(tensor))
+
+    def decode(datas, device):
+        cuda.note(cuda.current(), "decode")
+        return PackedImages(buffer, (0, 12), ((2, 2), (2, 2))), [0, 2]
+
+    held = outputs_held(decode, torch.device("cuda", 0))
+    with torch.cuda.stream(cuda.Stream("side")):
+        packed, positions = held([b"a", b"b", b"c"], torch.device("cuda", 0))
+    assert positions == [0, 2] and packed.buffer is buffer
+    assert [step[1:] for step in cuda.log] == [("stream 1", "decode"), ("side", "waits for", "stream 1")]
+    assert [t is buffer for t in held_tensors] == [True]
+
+
+def test_nvimgcodecs_decodes_are_held(monkeypatch):
+    """nvImageCodec's decoder goes through `outputs_held` on CUDA, as nvJPEG's does: its header promises the
+    ordering, but the race's `gpu` test failed with it on an H200."""
+    import encoder.gpu_images as gpu_images
+
+    wrapped = []
+    monkeypatch.setattr(gpu_images, "outputs_held", lambda decode, device: wrapped.append(device) or decode)
+    monkeypatch.setattr(gpu_images, "within_budget", lambda decode: decode)
+    monkeypatch.setattr("encoder.nvimgcodec.NvImageCodec", lambda device, **_: object())
+    gpu_images.nvimgcodec_decoder(torch.device("cuda", 0))
+    assert wrapped == [torch.device("cuda", 0)]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("decoder", ["nvjpeg", "nvimgcodec"])
 def test_a_batchs_images_are_not_overwritten_while_its_stream_still_reads_them(jpegs, decoder):
