@@ -35,6 +35,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_runtest_logreport(report):
+    """With LOOKALIKE_FAILURES_LOG set, each failure's report is appended there as it happens (long lines cut), so
+    a run stopped at its time limit, as a leased GPU's steps are, still tells why its tests failed."""
+    path = os.environ.get("LOOKALIKE_FAILURES_LOG")
+    if not path or not report.failed:
+        return
+    lines = [line if len(line) <= 300 else f"{line[:300]} … ({len(line):,} characters)"
+             for line in report.longreprtext.splitlines()]  # fmt: skip
+    with open(path, "a") as log:
+        log.write(f"=== {report.nodeid} ({report.when})\n" + "\n".join(lines[-200:]) + "\n")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _gpu_journals(tmp_path_factory):
     """The GPU decoder's journals (`encoder.decode_journal`) in the session's temporary folder, not the user's."""

@@ -7,11 +7,28 @@ from hypothesis import strategies as st
 
 from encoder.jpeg import cpu_reason
 
-__all__ = ["routed_batches"]
+__all__ = ["JpegBatch", "routed_batches"]
+
+
+class JpegBatch(list):
+    """A drawn batch whose repr names each input by kind, size and digest: a falsifying example prints in a few
+    lines, not as half a megabyte of bytes."""
+
+    def __repr__(self) -> str:
+        import hashlib
+
+        def one(data: bytes | np.ndarray) -> str:
+            raw = bytes(data)
+            return f"{type(data).__name__}[{len(raw):,} B sha256 {hashlib.sha256(raw).hexdigest()[:12]}]"
+
+        return f"JpegBatch([{', '.join(one(data) for data in self)}])"
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # hypothesis' printer asks for this before __repr__
+        printer.text(repr(self))
 
 
 @st.composite
-def routed_batches(draw, seeds: list[bytes], most: int = 6) -> list[bytes | np.ndarray]:
+def routed_batches(draw, seeds: list[bytes], most: int = 6) -> JpegBatch:
     """Batches of 0 to `most` JPEGs made from `seeds` by byte flips (anywhere, or in the tables and frame and scan
     headers of the first few hundred bytes), insertions, zeroed runs and cuts that keep the end marker, keeping only
     those the route still sends to the GPU decoder (`cpu_reason` None); each as bytes or as a view of a ring, as the
@@ -34,4 +51,4 @@ def routed_batches(draw, seeds: list[bytes], most: int = 6) -> list[bytes | np.n
                 data[at : at + draw(st.integers(1, 64))] = b"\0" * 8
         if cpu_reason(bytes(data), max_bytes=1 << 24, max_pixels=1 << 26) is None:
             batch.append(np.frombuffer(bytes(data), np.uint8) if draw(st.booleans()) else bytes(data))
-    return batch
+    return JpegBatch(batch)
