@@ -32,8 +32,8 @@ batch instead of one per op or kernel, each of which hands the interpreter lock 
 `switch` reruns (d) with a 0.5 ms interpreter switch interval; `mfu` reruns (c) at twice the
 batch, under torch.compile's autotuning modes (minutes of compile each) and with cuDNN's
 attention. `large` reruns (d) on phone photos of 12 MP (4000 px wide, with a sensor's grain): with one GPU
-decode call's limit (`DECODE_MAX_BYTES`, the rest decoded on the CPU threads), without it, and all on the CPU
-threads. Results go in BENCHMARKS.md.
+decode call's limit (`decode_max_bytes`: a sixteenth of the GPU's memory; the rest decoded on the CPU threads),
+with the 1 GiB it was before, without one, and all on the CPU threads. Results go in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -705,10 +705,12 @@ def _high_priority_stream(device: torch.device, *_) -> torch.cuda.Stream:
     return torch.cuda.Stream(device, priority=-1)
 
 
-# The `large` path's variants: (what, the decoded bytes one GPU decode call takes at most; None: no limit).
+# The `large` path's variants: (what, `gpu_images.DECODE_MAX_BYTES`: the decoded bytes one GPU decode call takes at
+# most; None: the product's limit, by the GPU's memory, `decode_max_bytes`).
 LARGE_VARIANTS = [
-    ("1 GiB per GPU decode call (the default), the rest on the CPU threads", 1 << 30),
-    ("all on the GPU decoder (no limit)", None),
+    ("a sixteenth of the GPU's memory per GPU decode call (the default), the rest on the CPU threads", None),
+    ("1 GiB per GPU decode call (the default before), the rest on the CPU threads", 1 << 30),
+    ("all on the GPU decoder (no limit)", 1 << 62),
     ("all on the CPU threads (draft)", 0),
 ]
 

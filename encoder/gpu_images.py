@@ -5,7 +5,7 @@ JPEGs that the GPU decoder takes (`encoder.jpeg.cpu_reason`) are decoded in one 
 buffer in one call, or nvImageCodec's C library through `encoder.nvimgcodec`, which decodes a batch
 into one buffer), resized on the GPU with the same
 antialiased filter PIL uses, and rounded to uint8 as PIL does (`encoder.resize`). Everything else, any
-JPEG the GPU decoder rejects, and the largest photos past what one call may decode (`DECODE_MAX_BYTES`), is
+JPEG the GPU decoder rejects, and the largest photos past what one call may decode (`decode_max_bytes`), is
 decoded by `decode_image` on CPU threads, each within a time limit: same output, same dead-letter reasons.
 Images already decoded on the CPU join the batch as they are. Results keep the input order; nothing is
 dropped silently.
@@ -39,12 +39,15 @@ from encoder.storage import describe_error
 __all__ = [
     "DECODERS",
     "DECODE_MAX_BYTES",
+    "DECODE_MEMORY_SHARE",
+    "DECODE_MIN_BYTES",
     "DecodedBatch",
     "GpuImages",
     "PreparedBatch",
     "batches_progressive",
     "byte_tensors",
     "collect_decodes",
+    "decode_max_bytes",
     "decode_on_cpu",
     "nvimgcodec_decoder",
     "nvimgcodec_python_decoder",
@@ -78,18 +81,34 @@ def nvjpeg_decoder(device: torch.device) -> BatchDecoder:
     return outputs_held(within_budget(decode), device)
 
 
-# A GPU decode call's decoded pixels at most: a batch of 256 photos of up to 1.4 MP each decodes whole; of larger
-# photos the GPU decoder takes what fits and the CPU threads decode the rest in draft mode (`decoded_within`).
-DECODE_MAX_BYTES = 1 << 30
+# One GPU decode call's decoded pixels at most (`decode_max_bytes`); None: a share of the GPU's memory.
+DECODE_MAX_BYTES: int | None = None
+DECODE_MIN_BYTES = 1 << 30  # a batch of 256 photos of up to 1.4 MP each decodes whole on any GPU
+DECODE_MEMORY_SHARE = 16  # a sixteenth of the GPU's memory: 5 GiB on an 80 GB H100, 8.8 GiB on an H200
+
+
+def decode_max_bytes(device: torch.device) -> int:
+    """Decoded pixels one GPU decode call takes at most on `device`: a sixteenth of its memory, and no less than
+    1 GiB (`DECODE_MAX_BYTES`, when set, instead). Of larger photos the GPU decoder takes what fits, the smallest
+    first, and the CPU threads decode the rest in draft mode (`decoded_within`). The limit grows with the memory:
+    on an H200 a batch of 256 phone photos of 12 MP (9.2 GB decoded) went 1.77× as fast all on its decoder as
+    with 1 GiB (82 of them there, the rest on 16 cores' Pillow threads; run D, BENCHMARKS.md), and a batch still
+    held (one decoding per decode thread, one resizing) leaves most of the memory to the model; a GPU that runs
+    out goes on in pieces (`MemoryBackoff`)."""
+    if DECODE_MAX_BYTES is not None:
+        return DECODE_MAX_BYTES
+    if torch.device(device).type != "cuda":
+        return DECODE_MIN_BYTES
+    return max(DECODE_MIN_BYTES, torch.cuda.get_device_properties(device).total_memory // DECODE_MEMORY_SHARE)
 
 
 def within_budget(decode: BatchDecoder) -> BatchDecoder:
-    """`decode` of the images that fit in `DECODE_MAX_BYTES` decoded, sized from their headers (~3 µs each),
+    """`decode` of the images that fit in `decode_max_bytes` decoded, sized from their headers (~3 µs each),
     and None for the rest, which go to the CPU threads: for a decoder that does not size its batch itself
     (torchvision's nvJPEG; nvImageCodec's own probe sizes its batch, `NvImageCodec.decode_packed`)."""
 
     def decode_within(datas: list[bytes | np.ndarray], device: torch.device) -> list[torch.Tensor | None]:
-        taken = decoded_within([_decoded_size(data) for data in datas], DECODE_MAX_BYTES)
+        taken = decoded_within([_decoded_size(data) for data in datas], decode_max_bytes(device))
         if all(taken):
             return decode(datas, device)
         images = iter(decode([data for data, take in zip(datas, taken, strict=True) if take], device)
@@ -149,7 +168,7 @@ def nvimgcodec_decoder(device: torch.device, options: str | None = None) -> Batc
     """nvImageCodec through its C library (`encoder.nvimgcodec`): the GPU's hardware JPEG engines where it has
     them (A100, H100), else CUDA. The interpreter lock is released once per batch; the images come packed in one
     buffer, which the resize gathers from without a tensor op per image; one it cannot decode, or past
-    `DECODE_MAX_BYTES`, goes to the CPU threads while the rest of the batch stays on the GPU. `options`: the
+    `decode_max_bytes`, goes to the CPU threads while the rest of the batch stays on the GPU. `options`: the
     library's decoder options (None: ours)."""
     from encoder.nvimgcodec import NvImageCodec
 
@@ -157,7 +176,7 @@ def nvimgcodec_decoder(device: torch.device, options: str | None = None) -> Batc
     codec = NvImageCodec(device) if options is None else NvImageCodec(device, options=options)
 
     def decode(datas: list[bytes | np.ndarray], device: torch.device) -> tuple[PackedImages, list[int]]:
-        return codec.decode_packed(datas, DECODE_MAX_BYTES)  # on the current stream (`outputs_held`'s own)
+        return codec.decode_packed(datas, decode_max_bytes(device))  # on the current stream (`outputs_held`'s own)
 
     return outputs_held(decode, device)
 

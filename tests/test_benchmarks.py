@@ -62,7 +62,9 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu(tmp_path):
                  "(c) timeline (under the profiler): the model's kernels",
                  "(c) the step's pixel normalisation alone, batch 16, compiled (eager beside it)",
                  "(e) profiled, nvjpeg",
-                 "(d) 640-px photos, 1 GiB per GPU decode call (the default), the rest on the CPU threads, pil",
+                 "(d) 640-px photos, a sixteenth of the GPU's memory per GPU decode call (the default), the rest on "
+                 "the CPU threads, pil",
+                 "(d) 640-px photos, 1 GiB per GPU decode call (the default before), the rest on the CPU threads, pil",
                  "(d) 640-px photos, all on the GPU decoder (no limit), pil",
                  "(d) 640-px photos, all on the CPU threads (draft), pil"):  # fmt: skip
         assert f"| {path}" in out, path

@@ -390,6 +390,23 @@ def test_a_decoder_that_does_not_size_its_batch_gets_only_what_fits_its_limit(jp
     assert GpuImages(CFG, "cpu", FULL, decoder=decoder).prepare(datas).on_gpu == 0 and calls == []
 
 
+def test_one_gpu_decode_call_takes_a_sixteenth_of_the_gpus_memory_and_at_least_1_gib(monkeypatch):
+    import types
+
+    import encoder.gpu_images as gpu_images
+
+    memory = {}
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(total_memory=memory[torch.device(device).index]))  # fmt: skip
+    memory.update({0: 143_771 << 20, 1: 81_559 << 20, 2: 16 << 30})  # an H200, an H100 80GB, a 16 GB T4
+    limits = [gpu_images.decode_max_bytes(torch.device("cuda", i)) for i in range(3)]
+    assert limits == [143_771 << 16, 81_559 << 16, 1 << 30]
+    assert limits[0] > 256 * 4000 * 3000 * 3 > limits[1]  # a batch of 12-MP photos whole on the H200, not the H100
+    assert gpu_images.decode_max_bytes(torch.device("cpu")) == 1 << 30
+    monkeypatch.setattr(gpu_images, "DECODE_MAX_BYTES", 12345)  # set: it, wherever
+    assert gpu_images.decode_max_bytes(torch.device("cuda", 0)) == gpu_images.decode_max_bytes("cpu") == 12345
+
+
 @pytest.mark.parametrize("stage", ["decode", "pack", "resize"])
 def test_a_device_error_is_raised_not_dead_lettered(jpegs, monkeypatch, stage):
     import encoder.gpu_images as gpu_images
