@@ -25,7 +25,9 @@ how much of it overlaps the model's, and each thread's longest CUDA calls
 and with `streams`' variants. `streams` reruns (d) with other CUDA streams than the
 product's; `decode-threads` with 2 and 3 decode threads (`--gpu-decode-threads`); `prealloc`
 with nvImageCodec's decoder memory set aside up front; `nomodel` with the tower stood in by
-a constant; `freezing` reruns (c) compiled with the weights as constants (`--compile-frozen`). `profile` reruns (d) and (e) sampling every thread's stack
+a constant; `freezing` reruns (c) compiled with the weights as constants (`--compile-frozen`); `patch-conv` reruns
+(c) and (d) with the tower's patch embedding as the checkpoint's convolution, as it ran before it became one matrix
+product (`encoder.patch_embedding`). `profile` reruns (d) and (e) sampling every thread's stack
 (where the time goes on a host without py-spy); `graph` reruns (c), (d) and (e) with the
 model's step replayed as one CUDA graph per batch (`--cuda-graph`: three host calls per
 batch instead of one per op or kernel, each of which hands the interpreter lock over);
@@ -63,6 +65,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import StackSampler, images_per_s, machine, realistic_jpegs  # noqa: E402
 from encoder import DecodeLimits, EncoderConfig, decode_image, gpu_images, gpu_stream, load_encoder  # noqa: E402
+from encoder import model as model_module  # noqa: E402
 
 SHAPES = {
     "base16-224": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -503,7 +506,8 @@ def main() -> None:
     parser.add_argument("--timeline-images", type=int, default=4096)
     parser.add_argument("--large-images", type=int, default=512, help="the `large` path's 12-MP photos")
     parser.add_argument("--paths", default="c,d,b,a,e,timeline,streams,decode-threads,prealloc,nomodel,freezing,"
-                        "pixels,so400m,profile,graph,mfu,stages,switch,e2,large", help="which paths, in order")  # fmt: skip
+                        "patch-conv,pixels,so400m,profile,graph,mfu,stages,switch,e2,large",
+                        help="which paths, in order")  # fmt: skip
     parser.add_argument("--trace-dir", help="keep the `timeline` path's traces here (.json.gz, for Perfetto)")
     parser.add_argument("--json", help="write results here as they land")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few small files, CPU")
@@ -597,6 +601,15 @@ def main() -> None:
                 torch.compiler.reset()
                 run.path(f"(c) MFU: batch {batch}, compiled frozen (--compile-frozen)", encoder_alone, ckpt,
                          SHAPES[base], device, batch, seconds, compile_, None, False, True)  # fmt: skip
+            elif path == "patch-conv":  # the tower's patch embedding as the checkpoint's convolution, as before
+                torch.compiler.reset()
+                with mock.patch.object(model_module, "PATCHES_AS_MATMUL", False):
+                    conv = run.path(f"(c) the patch embedding as a convolution (before), batch {batch}",
+                                    encoder_alone, ckpt, SHAPES[base], device, batch, seconds, compile_)  # fmt: skip
+                if conv is not None:
+                    run.path(f"(d) the patch embedding as a convolution (before), {decoders[:2][-1]}", end_to_end,
+                             files, conv, device, decoders[:2][-1], work / "d", batch)  # fmt: skip
+                conv = None
             elif path == "pixels":  # what compiling the normalisation into the step saves per batch
                 run.path(f"(c) the step's pixel normalisation alone, batch {batch}, compiled (eager beside it)",
                          pixel_normalisation, ckpt, SHAPES[base], device, batch, seconds / 4)  # fmt: skip

@@ -24,6 +24,7 @@ from PIL import Image
 from encoder.cuda_graph import Capture, GraphedStep, capture_cuda_graph
 from encoder.devices import gpu_for_process
 from encoder.failures import device_failed
+from encoder.patch_embedding import patch_embedding_as_matmul
 from encoder.preprocess import (
     DecodeLimits,
     PreprocessConfig,
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
 _SUPPORTED_TYPES = ("siglip", "siglip_vision_model")
+# The tower's patch convolution as one matrix product (`encoder.patch_embedding`); off only to measure the two.
+PATCHES_AS_MATMUL = True
 
 
 @dataclass(frozen=True)
@@ -381,6 +384,8 @@ def load_encoder(cfg: EncoderConfig, limits: DecodeLimits = DecodeLimits()) -> I
         raise ValueError(f"{cfg.model} lacks image-tower weights: {sorted(info['missing_keys'])[:5]}")
     version = _cached_version(path, preprocess, lambda: model_version(model.state_dict(), preprocess))
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if PATCHES_AS_MATMUL:
+        patch_embedding_as_matmul(model)
     encoder = ImageEncoder(model, preprocess, version, batch_size=cfg.batch_size or 64, limits=limits)
     if device.type == "cuda":  # never more than fits: 0 asks for the largest that does
         encoder.batch_size = fit_batch_size(encoder, cap=cfg.batch_size or 1024)
