@@ -9,16 +9,14 @@
 # Writes OUT_DIR/{gpu.txt, gpu_embed.json, gpu_embed.log, timelines.tar, gil.log, model.log, tests.log, failures.log,
 # train.log, host.log, retry.log}.
 # Each step has its own time limit so one slow step cannot eat the others'; a step that fails is logged and the
-# next one runs. The default limits add up to 950 s; where one command may run 600 s at most, split the steps
-# over two calls, the issue's measurements first:
-#   EMBED_ARGS="--paths c,d,b,a,e,timeline,streams,decode-threads,prealloc,nomodel,freezing,profile" EMBED_S=430
-#     TESTS_S=90 ... embed,tests   (each variant's ratio is against (c) or (d) of the same run)
-#   EMBED_ARGS="--images 5000 --paths so400m,pixels,large" EMBED_S=220 RETRY_S=60 ... embed,retry
-# then train, gil, model and host as time allows. On one H100, 330 s of `embed` covered (a)-(e), graph, profile,
-# e2 and stages but not so400m or mfu; `train` needs 200 s (its compiles); 40 s of `gil` printed nothing.
-# Since then the default order has put timeline, streams (4 variants), decode-threads (5 runs of (d)), prealloc,
-# nomodel, freezing (one compile of (c)) and pixels (~15 s) after (e): by estimate, 420 s reaches so400m and profile; mfu's
-# autotuning compiles take minutes more (EMBED_ARGS=--paths mfu).
+# next one runs. The default limits add up to 950 s; where one command may run 600 s at most (and a lease has
+# 15 minutes, its start included), split the steps over two calls, what is owed first:
+#   EMBED_ARGS="--paths c,d,patch-conv,b,a,e,so400m,large" EMBED_S=380 TESTS_S=150 ... embed,tests   (~560 s)
+#   EMBED_ARGS="--paths timeline,mfu" EMBED_S=... ... embed, or train, on what the lease has left
+# (each variant's ratio is against (c) or (d) of the same run). Run D (one H200): 451 s of `embed,tests` with
+# --paths c,d,b,a,e,so400m,nomodel,streams,decode-threads,prealloc,freezing,timeline,profile covered them all;
+# its 24 `gpu` tests needed more than 75 s; `train` needs 200 s (its compiles); 40 s of `gil` printed nothing
+# on an H100; mfu's autotuning compiles take minutes.
 set -u
 out=${1:?usage: gpu_checks.sh OUT_DIR [STEPS]}
 steps=${2:-embed,gil,model,tests,train,host,retry}
