@@ -27,7 +27,8 @@ product's; `decode-threads` with 2 and 3 decode threads (`--gpu-decode-threads`)
 with nvImageCodec's decoder memory set aside up front; `nomodel` with the tower stood in by
 a constant; `freezing` reruns (c) compiled with the weights as constants (`--compile-frozen`); `patch-conv` reruns
 (c) and (d) with the tower's patch embedding as the checkpoint's convolution, as it ran before it became one matrix
-product (`encoder.patch_embedding`). `profile` reruns (d) and (e) sampling every thread's stack
+product (`encoder.patch_embedding`); `resize-channels` reruns (d) with nvImageCodec's batches resized channel by
+channel, as before they were resized as they lie (`resize_like_pil(interleaved=...)`). `profile` reruns (d) and (e) sampling every thread's stack
 (where the time goes on a host without py-spy); `graph` reruns (c), (d) and (e) with the
 model's step replayed as one CUDA graph per batch (`--cuda-graph`: three host calls per
 batch instead of one per op or kernel, each of which hands the interpreter lock over);
@@ -66,6 +67,7 @@ import torch  # noqa: E402
 from benchmarks.common import StackSampler, images_per_s, machine, realistic_jpegs  # noqa: E402
 from encoder import DecodeLimits, EncoderConfig, decode_image, gpu_images, gpu_stream, load_encoder  # noqa: E402
 from encoder import model as model_module  # noqa: E402
+from encoder.resize import resize_like_pil  # noqa: E402
 
 SHAPES = {
     "base16-224": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -361,7 +363,6 @@ def stages(files: list[Path], encoder, device: torch.device, decoder: str, batch
     from concurrent.futures import ThreadPoolExecutor
 
     from encoder.gpu_images import DECODERS, GpuImages
-    from encoder.resize import resize_like_pil
     from pipelines.file_reader import ProcessReader, ThreadReader
 
     def timed(fn) -> float:
@@ -506,7 +507,7 @@ def main() -> None:
     parser.add_argument("--timeline-images", type=int, default=4096)
     parser.add_argument("--large-images", type=int, default=512, help="the `large` path's 12-MP photos")
     parser.add_argument("--paths", default="c,d,b,a,e,timeline,streams,decode-threads,prealloc,nomodel,freezing,"
-                        "patch-conv,pixels,so400m,profile,graph,mfu,stages,switch,e2,large",
+                        "patch-conv,resize-channels,pixels,so400m,profile,graph,mfu,stages,switch,e2,large",
                         help="which paths, in order")  # fmt: skip
     parser.add_argument("--trace-dir", help="keep the `timeline` path's traces here (.json.gz, for Perfetto)")
     parser.add_argument("--json", help="write results here as they land")
@@ -610,6 +611,11 @@ def main() -> None:
                     run.path(f"(d) the patch embedding as a convolution (before), {decoders[:2][-1]}", end_to_end,
                              files, conv, device, decoders[:2][-1], work / "d", batch)  # fmt: skip
                 conv = None
+            elif path == "resize-channels":  # nvImageCodec's batches resized channel by channel, as before
+                before = functools.partial(resize_like_pil, interleaved=False)
+                with mock.patch.object(gpu_images, "resize_like_pil", before):
+                    run.path(f"(d) the resize channel by channel (before), {decoders[:2][-1]}", end_to_end, files,
+                             encoder, device, decoders[:2][-1], work / "d", batch)  # fmt: skip
             elif path == "pixels":  # what compiling the normalisation into the step saves per batch
                 run.path(f"(c) the step's pixel normalisation alone, batch {batch}, compiled (eager beside it)",
                          pixel_normalisation, ckpt, SHAPES[base], device, batch, seconds / 4)  # fmt: skip

@@ -118,7 +118,8 @@ def dense_weights(positions: torch.Tensor, taps: torch.Tensor, length: int) -> t
 
 
 def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: PreprocessConfig, chunk: int = 64,
-                    dtype: torch.dtype | None = None, max_canvas_bytes: int = 1 << 28) -> torch.Tensor:  # fmt: skip
+                    dtype: torch.dtype | None = None, max_canvas_bytes: int = 1 << 28,
+                    interleaved: bool | None = None) -> torch.Tensor:  # fmt: skip
     """(3, h, w) uint8 images of any sizes, or `PackedImages` → (n, height, width, 3) uint8, PIL's antialiased
     filter.
 
@@ -134,6 +135,13 @@ def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: Preproce
     tensor cores (uint8 values are exact in it; weights keep 11 bits; float32 accumulation),
     ~10× less GPU time than float32. Matches PIL's uint8 resize to within a level on ~all values
     (tests/encoder/test_gpu_images.py).
+
+    `interleaved` (None: on CUDA): nvImageCodec's (h, w, 3) images are resized as they lie, with no transposed
+    copy: the vertical pass first, over rows of 3·w values, then the horizontal one through a block-diagonal
+    filter that keeps the channels apart (three times the products of that pass, a few hundred GFLOP/s of
+    tensor cores per batch), so the result comes out in the output's own (n, height, width, 3) layout. Channel
+    by channel, a batch of 256 photos of 640 px spent 1.9 ms of an H200's 4.7 ms in a cast through a transposed
+    view and in copies broadcasting the filters over the channels (run D, BENCHMARKS.md).
     """
     packed = isinstance(images, PackedImages)
     device = images.buffer.device if packed else images[0].device
@@ -157,8 +165,16 @@ def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: Preproce
     out = torch.empty((n, cfg.height, cfg.width, 3), dtype=torch.uint8, device=device)
     if gather:  # where each canvas row starts, for the whole batch at once: a chunk takes its corner
         starts = _row_starts(uploaded[3 * n :], uploaded[:n], uploaded[n : 2 * n], max(heights), images.planar)
+    as_rows = gather and not images.planar and (device.type == "cuda" if interleaved is None else interleaved)
     for start, stop in _chunks(shapes, chunk, max_canvas_bytes // 3):
         h_max, w_max = max(heights[start:stop]), max(widths[start:stop])
+        if as_rows:
+            canvas = _gathered_rows(images, starts[start:stop, :, :h_max], w_max).to(dtype)  # (n, h_max, 3 w_max)
+            rows = dense_weights(row_at[start:stop], row_taps[start:stop], h_max)  # (n, height, h_max)
+            cols = dense_weights(col_at[start:stop], col_taps[start:stop], w_max).transpose(1, 2)  # (n, w_max, width)
+            x = (rows @ canvas) @ _per_channel(cols)  # (n, height, 3 width): vertical, then horizontal
+            out[start:stop] = x.float().round_().clamp_(0, 255).to(torch.uint8).view(-1, cfg.height, cfg.width, 3)
+            continue
         if gather:
             canvas = _gathered_canvas(images, starts[start:stop, :, :h_max], w_max)
         else:
@@ -213,16 +229,30 @@ def _row_starts(offsets: torch.Tensor, heights: torch.Tensor, widths: torch.Tens
     return offsets + rows * (3 * widths)
 
 
-def _gathered_canvas(images: PackedImages, starts: torch.Tensor, w_max: int) -> torch.Tensor:
-    """(n, 3, h_max, w_max) uint8 (interleaved: a view of (n, h_max, w_max, 3)) from `images`' buffer in a handful
-    of ops whatever n: each canvas row is the row's bytes from its start (`_row_starts`), a window of an
-    overlapping strided view of the buffer, so one index gathers them all. What lies past an image's width or
-    height is the next bytes of the buffer, not zeros: its resampling weights are zero there (`dense_weights`), and
-    uint8 values are finite, so the products are the same as over a zero-padded canvas."""
-    (n, _, h_max), row_bytes, buffer = starts.shape, images.row_bytes(w_max), images.buffer
+def _gathered_rows(images: PackedImages, starts: torch.Tensor, w_max: int) -> torch.Tensor:
+    """(n, h_max · 3 if planar else h_max, row bytes) uint8 from `images`' buffer in a handful of ops whatever n: each
+    canvas row is the row's bytes from its start (`_row_starts`), a window of an overlapping strided view of the
+    buffer, so one index gathers them all. What lies past an image's width or height is the next bytes of the
+    buffer, not zeros: its resampling weights are zero there (`dense_weights`), and uint8 values are finite, so
+    the products are the same as over a zero-padded canvas."""
+    n, row_bytes, buffer = starts.shape[0], images.row_bytes(w_max), images.buffer
     windows = buffer.as_strided((buffer.numel() - row_bytes + 1, row_bytes), (1, 1))
-    rows = windows.index_select(0, starts.reshape(-1))
+    return windows.index_select(0, starts.reshape(-1)).view(n, -1, row_bytes)
+
+
+def _gathered_canvas(images: PackedImages, starts: torch.Tensor, w_max: int) -> torch.Tensor:
+    """(n, 3, h_max, w_max) uint8 (interleaved: a view of (n, h_max, w_max, 3)): `_gathered_rows` as a canvas."""
+    n, h_max = starts.shape[0], starts.shape[2]
+    rows = _gathered_rows(images, starts, w_max)
     return rows.view(n, 3, h_max, w_max) if images.planar else rows.view(n, h_max, w_max, 3).permute(0, 3, 1, 2)
+
+
+def _per_channel(cols: torch.Tensor) -> torch.Tensor:
+    """(n, w, width) filters → (n, 3 w, 3 width), block-diagonal over the channels: interleaved (w, 3) values in,
+    interleaved (width, 3) out, each channel through the same filter."""
+    n, w, width = cols.shape
+    eye = torch.eye(3, dtype=cols.dtype, device=cols.device)
+    return (cols[:, :, None, :, None] * eye[:, None, :]).reshape(n, 3 * w, 3 * width)
 
 
 def gpu_resizes(cfg: PreprocessConfig) -> bool:

@@ -54,6 +54,7 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu(tmp_path):
                  "(d) nvImageCodec's hardware decoder with memory for a batch set aside up front, nvimgcodec",
                  "(c) the patch embedding as a convolution (before), batch 16",
                  "(d) the patch embedding as a convolution (before), pil",
+                 "(d) the resize channel by channel (before), pil",
                  "(d) all three: model, decode and resize on streams",
                  "(d) timeline (under the profiler), the product's streams, pil",
                  "(d) timeline (under the profiler), the model on a stream of its own, pil",

@@ -108,6 +108,25 @@ def test_packed_images_resize_bit_for_bit_as_separate_ones(slack, planar):
     assert torch.equal(resize_like_pil(packed[2:4], cfg), resize_like_pil(tensors[2:4], cfg))  # a slice of them
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # float16: what CUDA runs
+@pytest.mark.parametrize(("resample", "size", "worst"), [(3, 224, 4), (2, 224, 1), (3, 384, 10)])
+def test_interleaved_images_resized_as_they_lie_match_pil_and_the_channel_by_channel_path(jpegs, resample, size,
+                                                                                          worst, dtype):  # fmt: skip
+    """nvImageCodec's (h, w, 3) batches resized without a transposed copy (`interleaved`, CUDA's default): the
+    vertical pass first, the horizontal one through a block-diagonal filter. Within PIL's tolerance above, and
+    within a level of the channel-by-channel products (in float16 one value in ~70 rounds the other way: the
+    intermediate between the passes is another one)."""
+    images = [np.asarray(Image.open(io.BytesIO(d)).convert("RGB")) for d in jpegs] + [np.full((5, 7, 3), 200, np.uint8)]
+    cfg = PreprocessConfig(height=size, width=size, resample=resample)
+    packed = _packed([torch.from_numpy(i.copy()).permute(2, 0, 1) for i in images])
+    ours = resize_like_pil(packed, cfg, chunk=5, dtype=dtype, interleaved=True).numpy()
+    channels = resize_like_pil(packed, cfg, chunk=5, dtype=dtype, interleaved=False).numpy()
+    pil = np.stack([np.asarray(Image.fromarray(i).resize((size, size), resample)) for i in images])
+    diff, apart = np.abs(ours.astype(int) - pil.astype(int)), np.abs(ours.astype(int) - channels.astype(int))
+    assert diff.max() <= worst and (diff <= 1).mean() > 0.9999, f"max {diff.max()}, within 1: {(diff <= 1).mean()}"
+    assert apart.max() <= 1 and (apart == 0).mean() > 0.97, (apart.max(), (apart == 0).mean())  # float16: 98.4%
+
+
 def test_pack_images_packs_separate_images_in_one_call_with_room_for_the_windows():
     rng = np.random.default_rng(5)
     sizes = [(30, 40), (50, 20), (1, 1), (400, 60)]
@@ -146,6 +165,9 @@ def test_a_packed_batch_costs_the_same_ops_however_many_sizes_it_holds():
         packed_few, packed_many = (_aten_ops(lambda b=b: resize_like_pil(b, cfg)) for b in (packed_few, packed_many))
         separate_few, separate_many = (_aten_ops(lambda b=b: resize_like_pil(b, cfg)) for b in (few, many))
         assert packed_many == packed_few < separate_many, (planar, packed_few, packed_many, separate_many)
+    packed = [_packed(few), _packed(many)]
+    as_rows = [_aten_ops(lambda b=b: resize_like_pil(b, cfg, interleaved=True)) for b in packed]
+    assert as_rows[0] == as_rows[1], as_rows  # resized as they lie (CUDA's way): as few ops whatever the sizes
     assert separate_many - separate_few >= 40, (separate_few, separate_many)  # at least one more per image
 
 
