@@ -293,10 +293,12 @@ def _two_in_flight(encoder, pixels: torch.Tensor):
 
 def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, out: Path, batch: int,
                sample: bool = False, reader: str = "processes", in_flight: int = 2, timeline: Path | None = None,
-               decode_threads: int = 1) -> dict:  # fmt: skip
+               decode_threads: int = 1, steady: bool = False) -> dict:  # fmt: skip
     """(d) over `files`. `sample`: sample the threads' stacks (`StackSampler`); `timeline`: record the GPU's
     timeline and the CUDA calls there (`benchmarks.cuda_timeline`), its summary in the result; `decode_threads`:
-    `GpuImages`' (each a decoder and side stream of its own; their busy share is summed)."""
+    `GpuImages`' (each a decoder and side stream of its own; their busy share is summed); `steady`: also over a
+    fifth of the files after, the whole run less that one as `steady_images_per_s` (what a catalog of millions
+    sees: each run's start, the reader processes and the first batches, taken out)."""
     from encoder.gpu_images import GpuImages
     from encoder.model import PendingVectors
     from pipelines.direct_embed import embed_files
@@ -332,6 +334,15 @@ def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, o
         PendingVectors.result = take
     shutil.rmtree(out, ignore_errors=True)
     result, seconds = done["result"], done["seconds"]
+    if steady:
+        small = files[: len(files) // 5]
+        start = time.perf_counter()
+        embed_files([str(f) for f in small], encoder, images, out / "small", batch_size=batch, reader=reader,
+                    in_flight=in_flight)  # fmt: skip
+        fixed = time.perf_counter() - start
+        shutil.rmtree(out, ignore_errors=True)
+        seen["steady_images_per_s"] = (len(files) - len(small)) / (seconds - fixed) if seconds > fixed else None
+        seen["small_run"] = {"images": len(small), "seconds": round(fixed, 2)}
     return {"images": result.embedded, "images_per_s": result.embedded / seconds, "on_gpu": result.on_gpu,
             "dead_lettered": result.dead_lettered, "decoder": decoder, "reader": reader, "in_flight": in_flight,
             "decode_threads": decode_threads, "busy_pct": {k: round(100 * v / seconds) for k, v in busy.items()},
@@ -545,7 +556,7 @@ def main() -> None:
             elif path == "d":
                 for decoder in decoders:
                     run.path(END_TO_END.format(decoder=decoder), end_to_end, files, encoder,
-                             device, decoder, work / "d", batch)  # fmt: skip
+                             device, decoder, work / "d", batch, False, "processes", 2, None, 1, True)  # fmt: skip
                 run.path(f"(d) the same, reading in threads (before: no reader processes), {decoders[0]}",
                          end_to_end, files, encoder, device, decoders[0], work / "d", batch, False, "threads")  # fmt: skip
                 run.path(f"(d) the same, one batch at a time on the model (before: none in flight), {decoders[0]}",

@@ -75,6 +75,7 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu(tmp_path):
     assert (
         '"small_run": {"images": 1, "seconds": ' in out and '"time_s": {"prepare": ' in out
     )  # (e)'s fixed cost, split
+    assert '"steady_images_per_s": ' in out.split("(d) end to end", 1)[1].split("\n", 1)[0]  # (d)'s start taken out
     assert '"less_model_load_images_per_s": ' in out and '"less_model_load_images_per_s": null' not in out
     row = next(line for line in out.splitlines() if line.startswith("| (d) the resize on a stream of its own, pil |"))
     assert float(row.split("|")[4]) > 0  # against the product's (d), same decoder, same run
