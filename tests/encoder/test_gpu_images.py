@@ -577,7 +577,6 @@ def test_nvimgcodecs_decodes_are_held(monkeypatch):
 
     wrapped = []
     monkeypatch.setattr(gpu_images, "outputs_held", lambda decode, device: wrapped.append(device) or decode)
-    monkeypatch.setattr(gpu_images, "within_budget", lambda decode: decode)
     monkeypatch.setattr("encoder.nvimgcodec.NvImageCodec", lambda device, **_: object())
     gpu_images.nvimgcodec_decoder(torch.device("cuda", 0))
     assert wrapped == [torch.device("cuda", 0)]

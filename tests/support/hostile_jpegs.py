@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 from hypothesis import strategies as st
 
@@ -15,8 +17,6 @@ class JpegBatch(list):
     lines, not as half a megabyte of bytes."""
 
     def __repr__(self) -> str:
-        import hashlib
-
         def one(data: bytes | np.ndarray) -> str:
             raw = bytes(data)
             return f"{type(data).__name__}[{len(raw):,} B sha256 {hashlib.sha256(raw).hexdigest()[:12]}]"
