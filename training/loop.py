@@ -22,6 +22,7 @@ import torch
 
 from encoder.loss import distributed_sigmoid_loss, sigmoid_loss
 from encoder.model import quiet_transformers, read_preprocess, resolve_checkpoint
+from encoder.patch_embedding import patch_embedding_as_matmul
 from encoder.preprocess import PreprocessConfig
 from training import checkpoint as ckpt
 from training.config import TrainConfig
@@ -181,6 +182,7 @@ class _Run:
         with quiet_transformers():
             model = SiglipModel.from_pretrained(latest.model_dir if cfg.resume else source, use_safetensors=True,
                                                 attn_implementation="sdpa")  # fmt: skip
+        patch_embedding_as_matmul(model)  # as the encoder embeds: one GEMM, same parameters and state dict
         freeze(model, cfg)
         self.model = model.to(device).train()
         self.length = cfg.max_text_tokens or int(model.config.text_config.max_position_embeddings)

@@ -331,6 +331,16 @@ def test_a_patch_embedding_as_one_matmul_is_the_convolution(size, patch, bias):
     x = torch.randn(2, 3, size, size)
     assert swapped(x).shape == conv(x).shape == (2, 32, size // patch, size // patch)
     assert torch.allclose(swapped(x), conv(x), atol=1e-5)
+    # Training takes it too: the same gradients reach the shared weights (and the pixels).
+    upstream = torch.randn(2, 32, size // patch, size // patch)
+    grads = []
+    for module in (conv, swapped):
+        pixels = x.clone().requires_grad_()
+        (module(pixels) * upstream).sum().backward()
+        grads.append([pixels.grad, conv.weight.grad.clone()] + ([conv.bias.grad.clone()] if bias else []))
+        conv.zero_grad()
+    for by_conv, by_matmul in zip(*grads, strict=True):
+        assert torch.allclose(by_matmul, by_conv, atol=1e-4)
 
 
 def test_the_loaded_tower_embeds_its_patches_with_one_matmul_and_the_same_vectors(tiny_model, tiny_encoder,

@@ -16,13 +16,20 @@ def _weights(model_dir) -> dict[str, torch.Tensor]:
     return load_file(f"{model_dir}/model.safetensors")
 
 
+_PATCHES = "vision_model.embeddings.patch_embedding.weight"
+
+
 class _Interrupt(Exception):
     pass
 
 
-def test_training_writes_encoder_model_metrics_and_curve(train_config, demo_catalog):
+def test_training_writes_encoder_model_metrics_and_curve(train_config, demo_catalog, monkeypatch):
     cfg = train_config(interactions=str(demo_catalog.interactions))
+    swapped = []
+    swap = training_loop.patch_embedding_as_matmul
+    monkeypatch.setattr(training_loop, "patch_embedding_as_matmul", lambda model: swapped.append(swap(model)))
     result = train(cfg)
+    assert swapped == [True]
     out = result.out
     steps_per_epoch = result.counts["train"] // cfg.batch_size
     assert result.steps == 2 * steps_per_epoch > 0
@@ -43,6 +50,10 @@ def test_training_writes_encoder_model_metrics_and_curve(train_config, demo_cata
     assert load_encoder(EncoderConfig(model=result.model)).model_version == result.model_version
     assert load_encoder(EncoderConfig(model=cfg.model)).model_version != result.model_version  # it did train
     assert len(list_checkpoints(out)) == cfg.keep_checkpoints
+    # The patch embedding trains as one matrix product (`encoder.patch_embedding`) under the checkpoint's names.
+    before, after = _weights(cfg.model), _weights(result.model)
+    assert before.keys() == after.keys()
+    assert not torch.equal(before[_PATCHES], after[_PATCHES])
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(train_config, tmp_path):
