@@ -3,15 +3,16 @@
 # installed (a leased GPU is paid by the minute: one call, each step under its own time limit). What such a
 # machine's image lacks can travel as wheels: benchmarks/device_wheels.sh.
 #
-#   benchmarks/gpu_checks.sh OUT_DIR [STEPS]     STEPS: comma list of embed,gil,model,tests,train,host,retry (default:
-# all, in that order: the most wanted first)
+#   benchmarks/gpu_checks.sh OUT_DIR [STEPS]     STEPS: comma list of embed,gil,model,tests,scaled,train,host,retry
+# (default: all, in that order: the most wanted first)
 #
 # Writes OUT_DIR/{gpu.txt, gpu_embed.json, gpu_embed.log, timelines.tar, gil.log, model.log, tests.log, failures.log,
-# train.log, host.log, retry.log}.
+# scaled.json, scaled.log, train.log, host.log, retry.log}.
 # Each step has its own time limit so one slow step cannot eat the others'; a step that fails is logged and the
-# next one runs. The default limits add up to 950 s; where one command may run 600 s at most (and a lease has
+# next one runs. The default limits add up to 1,010 s; where one command may run 600 s at most (and a lease has
 # 15 minutes, its start included), split the steps over two calls, what is owed first:
-#   EMBED_ARGS="--paths c,d,patch-conv,resize-channels,b,a,e,so400m,large" EMBED_S=380 TESTS_S=150 ... embed,tests
+#   EMBED_ARGS="--paths c,d,patch-conv,resize-channels,b,a,e,so400m,large" EMBED_S=340 TESTS_S=150 SCALED_S=60
+#   ... embed,tests,scaled
 #   EMBED_ARGS="--paths timeline,mfu" EMBED_S=... ... embed, or train, on what the lease has left
 # (each variant's ratio is against (c) or (d) of the same run). Run D (one H200): 451 s of `embed,tests` with
 # --paths c,d,b,a,e,so400m,nomodel,streams,decode-threads,prealloc,freezing,timeline,profile covered them all;
@@ -42,6 +43,9 @@ esac
 case ",$steps," in *,tests,*)
   # each failure's report lands in failures.log as it happens: a step cut off at its limit still says why
   LOOKALIKE_FAILURES_LOG="$out/failures.log" timeout "${TESTS_S:-150}" python3 -m pytest -m gpu -v -p no:cacheprovider -rs tests/encoder/test_gpu_images.py tests/encoder/test_cuda_graph.py tests/encoder/test_devices.py tests/encoder/test_gpu_stream.py tests/encoder/test_nvimgcodec.py tests/encoder/test_model.py tests/pipelines/test_embed.py tests/training/test_train_gpu.py 2>&1 | tee "$out/tests.log" | tail -40;;  # -v: a line per test as it ends, kept if the step runs out of time
+esac
+case ",$steps," in *,scaled,*)  # nvJPEG's hardware decoder at Pillow's draft scale against full size: worth building in?
+  timeout "${SCALED_S:-60}" python3 benchmarks/nvjpeg_scaled.py --json "$out/scaled.json" 2>&1 | grep -v '^USDT:' | tee "$out/scaled.log" | tail -60;;
 esac
 case ",$steps," in *,train,*)
   timeout "${TRAIN_S:-200}" python3 benchmarks/train_bench.py --gpu --seconds 8 2>&1 | tee "$out/train.log" | tail -40;;
