@@ -27,7 +27,8 @@ product's; `decode-threads` with 2 and 3 decode threads (`--gpu-decode-threads`)
 with nvImageCodec's decoder memory set aside up front; `nomodel` with the tower stood in by
 a constant; `freezing` reruns (c) compiled with the weights as constants (`--compile-frozen`); `patch-conv` reruns
 (c) and (d) with the tower's patch embedding as the checkpoint's convolution, as it ran before it became one matrix
-product (`encoder.patch_embedding`); `resize-channels` reruns (d) with nvImageCodec's batches resized channel by
+product (`encoder.patch_embedding`); `gelu-separate` reruns (c) and (d) with the MLPs' GELU as a kernel of its own,
+as it ran before it moved into the first product's epilogue (`encoder.gelu_epilogue`); `resize-channels` reruns (d) with nvImageCodec's batches resized channel by
 channel, as before they were resized as they lie (`resize_like_pil(interleaved=...)`). `profile` reruns (d) and (e) sampling every thread's stack
 (where the time goes on a host without py-spy); `graph` reruns (c), (d) and (e) with the
 model's step replayed as one CUDA graph per batch (`--cuda-graph`: three host calls per
@@ -518,7 +519,7 @@ def main() -> None:
     parser.add_argument("--timeline-images", type=int, default=4096)
     parser.add_argument("--large-images", type=int, default=512, help="the `large` path's 12-MP photos")
     parser.add_argument("--paths", default="c,d,b,a,e,timeline,streams,decode-threads,prealloc,nomodel,freezing,"
-                        "patch-conv,resize-channels,pixels,so400m,profile,graph,mfu,stages,switch,e2,large",
+                        "patch-conv,gelu-separate,resize-channels,pixels,so400m,profile,graph,mfu,stages,switch,e2,large",
                         help="which paths, in order")  # fmt: skip
     parser.add_argument("--trace-dir", help="keep the `timeline` path's traces here (.json.gz, for Perfetto)")
     parser.add_argument("--json", help="write results here as they land")
@@ -622,6 +623,15 @@ def main() -> None:
                     run.path(f"(d) the patch embedding as a convolution (before), {decoders[:2][-1]}", end_to_end,
                              files, conv, device, decoders[:2][-1], work / "d", batch)  # fmt: skip
                 conv = None
+            elif path == "gelu-separate":  # the MLPs' GELU as a kernel of its own, as before the epilogue took it
+                torch.compiler.reset()
+                with mock.patch.object(model_module, "GELU_IN_EPILOGUE", False):
+                    separate = run.path(f"(c) the GELU as a kernel of its own (before), batch {batch}",
+                                        encoder_alone, ckpt, SHAPES[base], device, batch, seconds, compile_)  # fmt: skip
+                if separate is not None:
+                    run.path(f"(d) the GELU as a kernel of its own (before), {decoders[:2][-1]}", end_to_end,
+                             files, separate, device, decoders[:2][-1], work / "d", batch)  # fmt: skip
+                separate = None
             elif path == "resize-channels":  # nvImageCodec's batches resized channel by channel, as before
                 before = functools.partial(resize_like_pil, interleaved=False)
                 with mock.patch.object(gpu_images, "resize_like_pil", before):

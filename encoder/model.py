@@ -24,6 +24,7 @@ from PIL import Image
 from encoder.cuda_graph import Capture, GraphedStep, capture_cuda_graph
 from encoder.devices import gpu_for_process
 from encoder.failures import device_failed
+from encoder.gelu_epilogue import gelu_in_epilogue
 from encoder.patch_embedding import patch_embedding_as_matmul
 from encoder.preprocess import (
     DecodeLimits,
@@ -57,6 +58,8 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
 _SUPPORTED_TYPES = ("siglip", "siglip_vision_model")
 # The tower's patch convolution as one matrix product (`encoder.patch_embedding`); off only to measure the two.
 PATCHES_AS_MATMUL = True
+# On CUDA, the MLPs' GELU in the first product's epilogue (`encoder.gelu_epilogue`); off only to measure the two.
+GELU_IN_EPILOGUE = True
 
 
 @dataclass(frozen=True)
@@ -386,6 +389,8 @@ def load_encoder(cfg: EncoderConfig, limits: DecodeLimits = DecodeLimits()) -> I
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if PATCHES_AS_MATMUL:
         patch_embedding_as_matmul(model)
+    if GELU_IN_EPILOGUE:
+        gelu_in_epilogue(model, device)
     encoder = ImageEncoder(model, preprocess, version, batch_size=cfg.batch_size or 64, limits=limits)
     if device.type == "cuda":  # never more than fits: 0 asks for the largest that does
         encoder.batch_size = fit_batch_size(encoder, cap=cfg.batch_size or 1024)

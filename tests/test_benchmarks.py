@@ -54,6 +54,8 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu(tmp_path):
                  "(d) nvImageCodec's hardware decoder with memory for a batch set aside up front, nvimgcodec",
                  "(c) the patch embedding as a convolution (before), batch 16",
                  "(d) the patch embedding as a convolution (before), pil",
+                 "(c) the GELU as a kernel of its own (before), batch 16",
+                 "(d) the GELU as a kernel of its own (before), pil",
                  "(d) the resize channel by channel (before), pil",
                  "(d) all three: model, decode and resize on streams",
                  "(d) timeline (under the profiler), the product's streams, pil",

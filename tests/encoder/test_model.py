@@ -13,6 +13,7 @@ from PIL import Image
 
 import encoder.model as model_module
 from encoder import EncoderConfig, ImageEncoder, load_encoder, model_version
+from encoder.gelu_epilogue import EpilogueMLP, gelu_in_epilogue
 from encoder.patch_embedding import PatchEmbedding, patch_embedding_as_matmul
 from encoder.preprocess import PreprocessConfig
 
@@ -365,3 +366,74 @@ def test_the_loaded_tower_embeds_its_patches_with_one_matmul_and_the_same_vector
     strided.embeddings = torch.nn.Module()
     strided.embeddings.patch_embedding = overlapping = torch.nn.Conv2d(3, 8, 16, 8)  # overlapping patches
     assert not patch_embedding_as_matmul(strided) and strided.embeddings.patch_embedding is overlapping
+
+
+def _cuda_addmm_gelu(bias, mat1, mat2, *, use_gelu):
+    """`torch._addmm_activation` as CUDA computes it (GELU's tanh approximation); on the CPU the op takes erf."""
+    assert use_gelu
+    return torch.nn.functional.gelu(torch.addmm(bias, mat1, mat2), approximate="tanh")
+
+
+def test_the_mlps_gelu_moves_into_the_products_epilogue_on_cuda_only(tiny_encoder, monkeypatch):
+    """`gelu_in_epilogue` swaps each tanh-GELU MLP (every layer's and the pooling head's) for `EpilogueMLP` on the
+    same linears: the state dict and the vectors are unchanged. Not on the CPU (the fused op computes another
+    GELU there), nor an MLP of another activation."""
+    import copy
+
+    tower = copy.deepcopy(tiny_encoder.vision_model)
+    torch.manual_seed(0)
+    for name, parameter in tower.named_parameters():
+        if ".fc1." in name or ".fc2." in name:  # biases start near 0: make a bias left out show
+            parameter.data.normal_(0.0, 0.2 if name.endswith("bias") else 0.05)
+    layers = len(getattr(tower, "vision_model", tower).encoder.layers)
+    assert gelu_in_epilogue(copy.deepcopy(tower), torch.device("cpu")) == 0
+    swapped = copy.deepcopy(tower)
+    assert gelu_in_epilogue(swapped, torch.device("cuda")) == layers + 1  # the layers' MLPs and the head's
+    assert sum(isinstance(m, EpilogueMLP) for m in swapped.modules()) == layers + 1
+    assert list(swapped.state_dict()) == list(tower.state_dict())
+    assert gelu_in_epilogue(swapped, torch.device("cuda")) == 0  # nothing left to swap
+    monkeypatch.setattr(torch, "_addmm_activation", _cuda_addmm_gelu)  # CUDA's arithmetic, on this CPU
+    pixels = torch.rand(3, 3, tiny_encoder.preprocess.height, tiny_encoder.preprocess.width) * 2 - 1
+    with torch.inference_mode():
+        before, after = tower(pixel_values=pixels).pooler_output, swapped(pixel_values=pixels).pooler_output
+    assert torch.allclose(after, before, atol=1e-5)
+    exact = copy.deepcopy(tower)
+    for module in exact.modules():
+        if hasattr(module, "config") and hasattr(module, "fc1"):
+            module.config = copy.copy(module.config)
+            module.config.hidden_act = "gelu"  # erf: the epilogue's tanh would change it
+    assert gelu_in_epilogue(exact, torch.device("cuda")) == 0
+
+
+def test_an_epilogue_mlp_compiles_as_one_graph_with_the_fused_op_kept():
+    """torch.compile traces the fused op (no graph break) and keeps it: inductor calls it, not a decomposition
+    into a product and a GELU kernel (the CPU's op, with erf, stands in for CUDA's here)."""
+    from torch._inductor.utils import run_and_get_code
+
+    mlp = EpilogueMLP(torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)).requires_grad_(False)  # no backward
+    x = torch.randn(2, 5, 16)
+    assert torch._dynamo.explain(mlp)(x).graph_break_count == 0
+    torch.compiler.reset()
+    out, code = run_and_get_code(torch.compile(mlp), x)
+    assert "_addmm_activation" in "".join(code)
+    assert torch.allclose(out, mlp(x), atol=1e-5)
+    torch.compiler.reset()
+
+
+def test_the_cpu_encoder_keeps_transformers_mlp(tiny_encoder):
+    assert not any(isinstance(m, EpilogueMLP) for m in tiny_encoder.vision_model.modules())
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_gelu_runs_in_the_epilogue_with_the_same_vectors(tiny_model, monkeypatch):
+    import torch
+
+    fused = load_encoder(EncoderConfig(model=str(tiny_model), device="cuda"))
+    assert any(isinstance(m, EpilogueMLP) for m in fused.vision_model.modules())
+    monkeypatch.setattr(model_module, "GELU_IN_EPILOGUE", False)
+    separate = load_encoder(EncoderConfig(model=str(tiny_model), device="cuda"))
+    assert not any(isinstance(m, EpilogueMLP) for m in separate.vision_model.modules())
+    size = (fused.preprocess.height, fused.preprocess.width, 3)
+    pixels = torch.randint(0, 256, (32, *size), dtype=torch.uint8, device="cuda")
+    cosine = (fused.embed_prepared(pixels) * separate.embed_prepared(pixels)).sum(axis=1)
+    assert cosine.min() > 0.9999, cosine.min()
