@@ -11,8 +11,8 @@
 # Each step has its own time limit so one slow step cannot eat the others'; a step that fails is logged and the
 # next one runs. The default limits add up to 1,010 s; where one command may run 600 s at most (and a lease has
 # 15 minutes, its start included), split the steps over two calls, what is owed first:
-#   EMBED_ARGS="--paths c,d,patch-conv,gelu-separate,resize-channels,b,a,e,so400m,large" EMBED_S=340 TESTS_S=150 SCALED_S=60
-#   ... embed,tests,scaled
+#   EMBED_ARGS="--paths c,d,patch-conv,gelu-separate,resize-channels,b,a,e,so400m,large" EMBED_S=340
+#   TESTS_S=150 SCALED_S=60 ... embed,tests,scaled
 #   EMBED_ARGS="--paths timeline,mfu" EMBED_S=... ... embed, or train, on what the lease has left
 # (each variant's ratio is against (c) or (d) of the same run). Run D (one H200): 451 s of `embed,tests` with
 # --paths c,d,b,a,e,so400m,nomodel,streams,decode-threads,prealloc,freezing,timeline,profile covered them all;
