@@ -7,7 +7,9 @@ kernels ~11 µs, and that time adds to the model's instead of hiding under it (r
 engines of an A100, H100 or H200 can scale as libjpeg does (`nvjpegDecodeParamsSetScaleFactor`, hardware backend
 only), which nvImageCodec 0.9 does not expose. This probe measures, on one GPU, whether that is worth building in:
 
-- decode rate at full size and at 1/2 (`nvjpegDecodeBatchedEx`, one thread, batches of `--batch-size`);
+- decode rate at full size and at each photo's draft scale (`nvjpegDecodeBatchedEx`, one thread, batches of
+  `--batch-size`), and the product's nvImageCodec decoder at full size beside them (its per-image host work,
+  ~65 µs on run D's H200, against nvJPEG's one batched call);
 - GPU time per image of each, decode and then the resize to the model's input (`resize_like_pil`), from a profile
   (the engines' own work is not a kernel; the colour conversion and the resize are);
 - pixels: the 1/2 decode against Pillow's draft decode (what the CPU path embeds), and the model input made from
@@ -207,6 +209,22 @@ class PillowStandIn:
         return PackedImages(torch.from_numpy(flat).to(self.device), offsets, shapes)
 
 
+class ProductDecoder:
+    """The product's decoder today, nvImageCodec (`encoder.nvimgcodec`), full size: the baseline in the same run."""
+
+    def __init__(self, device: torch.device) -> None:
+        from encoder.nvimgcodec import NvImageCodec
+
+        self.codec = NvImageCodec(device)
+
+    def decode(self, datas: list[bytes], divisors: list[int]) -> PackedImages:
+        assert set(divisors) == {1}, "nvImageCodec 0.9 decodes at full size only"
+        packed, done = self.codec.decode_packed(datas)
+        if len(done) != len(datas):
+            raise NvjpegError(f"nvImageCodec decoded {len(done)} of {len(datas)}")
+        return packed
+
+
 def level_diff(a: np.ndarray, b: np.ndarray) -> dict:
     """|a − b| in uint8 levels: mean, max, the share of values equal; and the mean and max in normalised units."""
     d = np.abs(a.astype(np.int16) - b.astype(np.int16))
@@ -300,11 +318,17 @@ def main() -> None:
     draft = [draft_divisor(*decoder.shape(x), cfg) for x in datas]  # as Pillow's draft mode would scale each
     results["draft_scales"] = {f"1/{d}": draft.count(d) for d in sorted(set(draft))}
     some = datas[: args.compare]
-    for mode, divisors in (("full", [1] * len(datas)), ("draft", draft)):
+    try:
+        product = ProductDecoder(device)
+    except Exception as err:  # noqa: BLE001 - no nvImageCodec here: the probe's own rows still say what it asks
+        product, results["nvimgcodec"] = None, {"error": f"{type(err).__name__}: {err}"}
+    modes = [("nvimgcodec", product, [1] * len(datas))] if product else []
+    for mode, using, divisors in [*modes, ("full", decoder, [1] * len(datas)), ("draft", decoder, draft)]:
         row = results[mode] = {}
         per_batch = [divisors[i : i + args.batch_size] for i in at]
-        decode = lambda d=per_batch: [decoder.decode(b, k) for b, k in zip(batches, d, strict=True)]  # noqa: E731
-        both = lambda d=per_batch: [resize_like_pil(decoder.decode(b, k), cfg) for b, k in zip(batches, d, strict=True)]  # noqa: E731
+        decode = lambda d=per_batch, u=using: [u.decode(b, k) for b, k in zip(batches, d, strict=True)]  # noqa: E731
+        both = lambda d=per_batch, u=using: [resize_like_pil(u.decode(b, k), cfg)  # noqa: E731
+                                             for b, k in zip(batches, d, strict=True)]  # fmt: skip
         try:
             row["decode_images_per_s"] = round(timed_rate(decode, device, len(datas), args.rounds))
             row["decode_resize_images_per_s"] = round(timed_rate(both, device, len(datas), args.rounds))
@@ -313,7 +337,7 @@ def main() -> None:
             streams = timeline.get("streams", {}).values()
             row["gpu_us_per_image"] = round(1e3 * sum(s["busy_ms"] for s in streams) / len(datas), 1)
             row["costliest_ms"] = {k: v for s in streams for k, v in s["costliest"].items()}
-            packed = decoder.decode(some, divisors[: len(some)])
+            packed = using.decode(some, divisors[: len(some)])
             model_input = resize_like_pil(packed, cfg).cpu().numpy()
             if mode == "draft":  # the decode itself against libjpeg's scaled inverse DCT, image by image
                 drafts = [draft_decode(x, cfg) for x in some]
