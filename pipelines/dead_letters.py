@@ -12,7 +12,9 @@ connection, images moved), and one that retries every read costs minutes per chu
 worker paid by the hour: so each worker also stops the run once more than `max_share` of the
 last `WINDOW_ITEMS` items it fetched were dead-lettered (`DeadLetterWatch`). The runner passes that stop
 on in its own ways (the step's name appended, or a worker's whole traceback as text); the launcher
-raises it as one line (`watch_stop`) and keeps the runner from logging it (`quiet_runner_logs`).
+raises it as one line (`watch_stop`) and keeps the runner from logging it (`quiet_runner_logs`); a Beam worker
+process, which prints every failed bundle's traceback to its stderr (the launcher's terminal, on the local
+runner), leaves a stop's unprinted (`quiet_worker_prints`: it is still in the worker's log).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import collections
 import contextlib
 import logging
 import re
+import sys
 import threading
 from collections.abc import Iterable
 
@@ -33,6 +36,7 @@ __all__ = [
     "check_share",
     "describe_reasons",
     "quiet_runner_logs",
+    "quiet_worker_prints",
     "reason_kind",
     "watch_stop",
 ]
@@ -139,20 +143,61 @@ class _WatchStops(logging.Filter):
         return "TooManyDeadLetters: " not in record.getMessage()
 
 
+class _RunnerNoise(logging.Filter):
+    """Drops what local worker processes say at start-up that concerns Beam's own type registry, not a run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No semi_persistent_directory found" not in record.getMessage()
+
+
 _RUNNER_LOGS = ("apache_beam.runners.common", "apache_beam.runners.portability.local_job_service")
 
 
 @contextlib.contextmanager
 def quiet_runner_logs():
     """While a run runs here: the runner's log of a worker's stop left out (the launcher raises it as one line)."""
-    quiet = _WatchStops()
+    quiet, noise = _WatchStops(), _RunnerNoise()
     for name in _RUNNER_LOGS:
         logging.getLogger(name).addFilter(quiet)
+        logging.getLogger(name).addFilter(noise)
     try:
         yield
     finally:
         for name in _RUNNER_LOGS:
             logging.getLogger(name).removeFilter(quiet)
+            logging.getLogger(name).removeFilter(noise)
+
+
+_PRINTED_STOP = f"{TooManyDeadLetters.__module__}.{TooManyDeadLetters.__qualname__}: stopped: "
+_SDK_WORKER_MAIN = "apache_beam.runners.worker.sdk_worker_main"
+
+
+class _StopsUnprinted:
+    """A text stream that passes everything on but a printed traceback of a watch's stop (and the newline
+    `print` writes after it)."""
+
+    def __init__(self, stream) -> None:
+        self._stream, self._dropped = stream, False
+
+    def write(self, text: str) -> int:
+        dropped, self._dropped = self._dropped, _PRINTED_STOP in text
+        if self._dropped or (dropped and text == "\n"):
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def quiet_worker_prints() -> None:
+    """In a Beam worker process (its main module Beam's SDK worker), from now on: a watch's stop is not printed
+    to stderr with its traceback. The worker prints every failed bundle's traceback as well as logging it; on the
+    local runner its stderr is the launcher's terminal, where the launcher says why in one line. Elsewhere
+    (workers in the launcher's process): nothing changes."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if getattr(spec, "name", None) == _SDK_WORKER_MAIN and not isinstance(sys.stderr, _StopsUnprinted):
+        sys.stderr = _StopsUnprinted(sys.stderr)
 
 
 def watch_stop(err: Exception) -> str | None:

@@ -34,7 +34,7 @@ from encoder.nvimgcodec import library_problem as nvimgcodec_problem
 from encoder.resize import gpu_resizes
 from pipelines import storage
 from pipelines.catalog import ItemChunk
-from pipelines.dead_letters import DeadLetterWatch
+from pipelines.dead_letters import DeadLetterWatch, quiet_worker_prints
 from pipelines.embed_runs import read_shard
 from pipelines.embed_steps import (
     READ_AHEAD,
@@ -155,6 +155,7 @@ class FetchAndDecode(beam.DoFn):
         self._previous = self._previous_source.acquire() if self._previous_source else None
         self._reused = Metrics.counter(NAMESPACE, "reused")
         self._watch = self._shared_watch()  # stops a run whose fetches mostly fail
+        quiet_worker_prints()  # ...and a worker process does not print that stop's traceback to the terminal
 
     def _shared_watch(self) -> DeadLetterWatch:
         """The run's dead-letter watch in this process, one for all its fetch steps: a runner that gives a worker

@@ -183,6 +183,40 @@ def test_the_command_line_says_why_in_one_line(tmp_path, tiny_model):
     assert manifest["options"]["max_dead_letters"] == 1.0
 
 
+@pytest.mark.slow
+def test_worker_processes_leave_a_stops_traceback_to_their_logs(tmp_path, tiny_model):
+    """`--workers 2`: Beam's worker processes print every failed bundle's traceback to the terminal they share
+    with the launcher; a watch's stop is said once, in one line, as with the workers in the launcher's process."""
+    catalog = _missing_catalog(tmp_path / "catalog.parquet", 12_000)  # each worker past its window of 5,000
+    exe = Path(sys.executable).with_name("lookalike")
+    result = subprocess.run([str(exe), "embed", "--catalog", str(catalog), "--model", str(tiny_model), "--out", "E",
+                             "--run-id", "two", "--workers", "2"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env=os.environ.copy())  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "TooManyDeadLetters" not in result.stderr, result.stderr[-3000:]
+    assert "semi_persistent_directory" not in result.stderr  # Beam's own start-up remark, nothing to act on
+    said = [line for line in result.stderr.splitlines() if "stopped: " in line]
+    assert len(said) == 1 and said[0].startswith("error: run two stopped: "), result.stderr[-3000:]
+
+
+def test_a_printed_stop_is_dropped_and_everything_else_printed():
+    import io
+
+    out = io.StringIO()
+    stream = dead_letters._StopsUnprinted(out)
+    try:
+        raise TooManyDeadLetters("stopped: 9 of the last 9 items a worker fetched were dead-lettered")
+    except TooManyDeadLetters:
+        import traceback
+
+        print(traceback.format_exc(), file=stream)
+    print("another bundle failed: ValueError: x", file=stream)
+    print(file=stream)
+    assert out.getvalue() == "another bundle failed: ValueError: x\n\n"
+    dead_letters.quiet_worker_prints()  # not a Beam worker process: stderr left as it is
+    assert not isinstance(sys.stderr, dead_letters._StopsUnprinted)
+
+
 @pytest.mark.parametrize("share", [-0.1, 1.5])
 def test_a_share_outside_0_to_1_is_refused_before_any_work(share):
     from pipelines.embed import EmbedConfig
