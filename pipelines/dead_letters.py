@@ -99,7 +99,9 @@ class DeadLetterWatch:
         self._lock = threading.Lock()
 
     def add(self, items: int, failures: Iterable[tuple[str, str]]) -> None:
-        """A chunk of `items` fetched, with the `(stage, error)` of those dead-lettered.
+        """A chunk of `items` fetched, with the `(stage, error)` of those dead-lettered; `items` 0 for failures of
+        items counted when they were fetched (a GPU worker's decodes, in the embed step after the fetch: they
+        leave the window after the chunks fetched before them).
 
         Raises:
             TooManyDeadLetters: the window is full and more than `max_share` of it failed.
@@ -115,7 +117,7 @@ class DeadLetterWatch:
                 gone_items, gone_failed = self._chunks.popleft()
                 self._items -= gone_items
                 self._failed.subtract(gone_failed)
-            dead, seen = self._failed.total(), self._items
+            dead, seen = min(self._failed.total(), self._items), self._items  # late failures: at most all
             if seen < self.window or dead <= self.max_share * seen:
                 return
             reasons = [(stage, kind, n) for (stage, kind), n in self._failed.items() if n > 0]

@@ -284,10 +284,11 @@ def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, pr
             | "Collect digests" >> beam.combiners.ToList()
             | "Index digests" >> beam.Map(KnownDigests)
         )
+    watches = Shared()  # the run's dead-letter watch, one per worker process for both steps (`shared_watch`)
     prepared = chunks | "Fetch and decode images" >> beam.ParDo(
-        FetchAndDecode(cfg, preprocess, total_items, reembed, in_memory), known_side
+        FetchAndDecode(cfg, preprocess, total_items, reembed, in_memory, watches), known_side
     ).with_output_types(list[PreparedImage]).with_outputs("failed", "reuse", "reused", main="decoded")
-    encoded = prepared.decoded | "Embed images" >> beam.ParDo(EmbedBatch(cfg, Shared())).with_outputs(
+    encoded = prepared.decoded | "Embed images" >> beam.ParDo(EmbedBatch(cfg, Shared(), watches)).with_outputs(
         "failed", main="tables"
     )
     tables, failure_sets = [encoded.tables], [prepared.failed, encoded.failed]

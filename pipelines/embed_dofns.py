@@ -135,10 +135,12 @@ class FetchAndDecode(beam.DoFn):
     """
 
     def __init__(self, cfg: EmbedConfig, preprocess, total_items: int, reembed: frozenset[str] = frozenset(),
-                 previous: InMemoryReuse | None = None) -> None:  # fmt: skip
+                 previous: InMemoryReuse | None = None, watches: Shared | None = None) -> None:  # fmt: skip
         self._cfg, self._preprocess, self._total, self._reembed = cfg, preprocess, total_items, reembed
         self._previous_source = previous
-        self._watches = Shared()  # one dead-letter watch per worker process, whatever its threads (`_shared_watch`)
+        # One dead-letter watch per worker process, whatever its threads (`shared_watch`); `EmbedBatch` given the
+        # same `watches` adds what fails after the fetch.
+        self._watches = watches or Shared()
 
     def setup(self) -> None:
         storage.configure_storage()
@@ -158,10 +160,7 @@ class FetchAndDecode(beam.DoFn):
         quiet_worker_prints()  # ...and a worker process does not print that stop's traceback to the terminal
 
     def _shared_watch(self) -> DeadLetterWatch:
-        """The run's dead-letter watch in this process, one for all its fetch steps: a runner that gives a worker
-        process many threads (Dataflow: about one per core) has a step instance per thread, each seeing a share of
-        the items."""
-        return self._watches.acquire(lambda: DeadLetterWatch(self._cfg.max_dead_letters))
+        return shared_watch(self._watches, self._cfg)
 
     def start_bundle(self) -> None:
         self._prepare.forget()  # left by a bundle that failed
@@ -203,6 +202,13 @@ class FetchAndDecode(beam.DoFn):
             self._pool.shutdown(wait=False)
 
 
+def shared_watch(watches: Shared, cfg: EmbedConfig) -> DeadLetterWatch:
+    """The run's dead-letter watch in this process, one for all its steps: a runner that gives a worker process
+    many threads (Dataflow: about one per core) has a step instance per thread, each seeing a share of the items,
+    and on a GPU worker images fail to decode in the embed step, after their fetch."""
+    return watches.acquire(lambda: DeadLetterWatch(cfg.max_dead_letters))
+
+
 class InMemoryReuse:
     """How a worker loads an earlier run's vectors once, shared by its threads (`PreviousVectors`)."""
 
@@ -229,8 +235,8 @@ class EmbedBatch(beam.DoFn):
     (`PreparedImage.data`) are decoded there: JPEGs on the GPU, the rest on CPU threads.
     """
 
-    def __init__(self, cfg: EmbedConfig, shared: Shared) -> None:
-        self._cfg, self._shared = cfg, shared
+    def __init__(self, cfg: EmbedConfig, shared: Shared, watches: Shared | None = None) -> None:
+        self._cfg, self._shared, self._watches = cfg, shared, watches
 
     def setup(self) -> None:
         storage.configure_storage()
@@ -262,6 +268,8 @@ class EmbedBatch(beam.DoFn):
         self._journal = (DecodeJournal(journal_dir(cfg.out), digest_of=lambda key: key.image_sha256)
                          if decoder else None)  # fmt: skip
         self._progress = ProgressLog("embedded")
+        # The fetch step's watch (`shared_watch`): images that fail here count against the items it fetched.
+        self._watch = shared_watch(self._watches, cfg) if self._watches is not None else None
 
     def start_bundle(self) -> None:
         if self._load_ms is not None:
@@ -315,6 +323,8 @@ class EmbedBatch(beam.DoFn):
             self._retried.inc(int(done.retried))
             self._in_pieces.inc(int(done.in_pieces))
             table, failures = stream_outputs(done, self._encoder.model_version)
+            if self._watch is not None and failures:  # no items of its own: the fetch step counted them
+                self._watch.add(0, ((f.stage, f.error) for f in failures))
             if table.num_rows:
                 self._embedded.inc(table.num_rows)
                 self._progress.add(table.num_rows)

@@ -291,6 +291,58 @@ def test_a_gpu_worker_whose_reader_processes_find_nothing_stops_too(tmp_path, ti
     assert readers  # the fetch step read through reader processes
 
 
+def test_a_gpu_worker_stops_a_run_whose_files_are_read_but_never_decode(tmp_path, tiny_model, monkeypatch):
+    """On a GPU worker images decode in the embed step, after the fetch step has counted them fetched: what fails
+    there reaches the same watch (a CDN that answers every request with a page of HTML, a bucket of truncated
+    files), and the run stops within the window, with the decoder's reason."""
+    import encoder.gpu_images as gpu_images
+    from pipelines import embed_dofns
+    from pipelines.embed import EmbedConfig, run_embed
+    from tests.encoder.test_gpu_images import _pil_decoder
+
+    monkeypatch.setattr(dead_letters, "WINDOW_ITEMS", 200)
+    monkeypatch.setattr(embed_dofns, "gpu_decoding", lambda cfg, preprocess: True)
+    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda device: _pil_decoder([]))
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    n = 3000
+    for i in range(n):
+        (pages / f"{i}.jpg").write_bytes(b"<html><body>Not found</body></html>")
+    catalog = tmp_path / "catalog.parquet"
+    pq.write_table(pa.table({"item_id": [f"item-{i}" for i in range(n)],
+                             "image_uri": [str(pages / f"{i}.jpg") for i in range(n)]}), catalog)  # fmt: skip
+    cfg = EmbedConfig(catalog=str(catalog), model=str(tiny_model), out=str(tmp_path / "out"), run_id="pages",
+                      batch_size=16, gpu_decoder="nvjpeg")  # fmt: skip
+    with pytest.raises(TooManyDeadLetters) as stopped:
+        run_embed(cfg)
+    found = re.match(r"run pages stopped: ([\d,]+) of the last ([\d,]+) items a worker fetched were dead-lettered "
+                     r"\([\d.]+%, more than --max-dead-letters 0\.5\): decode · not a recognised image format",
+                     str(stopped.value))  # fmt: skip
+    assert found, str(stopped.value)
+    assert 200 <= int(found.group(2).replace(",", "")) < n  # within a window, not at the end
+
+
+def test_late_failures_of_items_already_counted_leave_with_the_chunks_before_them():
+    def watched() -> DeadLetterWatch:
+        watch = DeadLetterWatch(0.5, window=200)
+        watch.add(100, [])
+        watch.add(100, [])  # 200 fetched, none failed yet
+        watch.add(0, _failed(80))  # 80 of them fail to decode afterwards: 80 of 200
+        watch.add(100, [])  # the first chunk leaves; the late failures stay, behind the second
+        return watch
+
+    with pytest.raises(TooManyDeadLetters, match=r"^stopped: 101 of the last 200 items"):
+        watched().add(0, _failed(21))  # the 80 still count
+    watch = watched()
+    watch.add(100, _failed(100))  # the second chunk leaves, and the late failures with it: 100 of 200
+    with pytest.raises(TooManyDeadLetters, match=r"^stopped: 101 of the last 200 items"):
+        watch.add(0, _failed(1))
+    never_more = DeadLetterWatch(0.7, window=100)
+    never_more.add(100, _failed(60))
+    with pytest.raises(TooManyDeadLetters, match=r"^stopped: 100 of the last 100 items .+? \(100\.0%"):
+        never_more.add(0, _failed(60))  # failures of items already failed elsewhere: at most every item
+
+
 def test_a_worker_counts_32_kinds_of_reason_by_name_and_the_rest_as_one(monkeypatch):
     import collections
 
