@@ -80,6 +80,11 @@ SHAPES = {
 }  # fmt: skip
 ENCODER_ALONE = "(c) encoder alone, pre-decoded uint8 on the GPU"  # the rows other (c) rows are measured against
 END_TO_END = "(d) end to end, files → Parquet, standalone, {decoder}"  # and other (d) and (e) rows
+# Paths that rerun (c) and (d) with one of the tower's changes off (`encoder.model`'s switch), as it ran before.
+BEFORE_MODEL_CHANGES = {
+    "patch-conv": ("PATCHES_AS_MATMUL", "the patch embedding as a convolution"),  # encoder.patch_embedding
+    "gelu-separate": ("GELU_IN_EPILOGUE", "the GELU as a kernel of its own"),  # encoder.gelu_epilogue
+}
 PEAK_BF16 = 989e12  # H100 / H200 SXM dense bf16 spec; MFU is against this
 
 
@@ -614,24 +619,16 @@ def main() -> None:
                 torch.compiler.reset()
                 run.path(f"(c) MFU: batch {batch}, compiled frozen (--compile-frozen)", encoder_alone, ckpt,
                          SHAPES[base], device, batch, seconds, compile_, None, False, True)  # fmt: skip
-            elif path == "patch-conv":  # the tower's patch embedding as the checkpoint's convolution, as before
+            elif path in BEFORE_MODEL_CHANGES:  # (c) and (d) with a change to the tower switched off, as before it
+                switch, what = BEFORE_MODEL_CHANGES[path]
                 torch.compiler.reset()
-                with mock.patch.object(model_module, "PATCHES_AS_MATMUL", False):
-                    conv = run.path(f"(c) the patch embedding as a convolution (before), batch {batch}",
-                                    encoder_alone, ckpt, SHAPES[base], device, batch, seconds, compile_)  # fmt: skip
-                if conv is not None:
-                    run.path(f"(d) the patch embedding as a convolution (before), {decoders[:2][-1]}", end_to_end,
-                             files, conv, device, decoders[:2][-1], work / "d", batch)  # fmt: skip
-                conv = None
-            elif path == "gelu-separate":  # the MLPs' GELU as a kernel of its own, as before the epilogue took it
-                torch.compiler.reset()
-                with mock.patch.object(model_module, "GELU_IN_EPILOGUE", False):
-                    separate = run.path(f"(c) the GELU as a kernel of its own (before), batch {batch}",
-                                        encoder_alone, ckpt, SHAPES[base], device, batch, seconds, compile_)  # fmt: skip
-                if separate is not None:
-                    run.path(f"(d) the GELU as a kernel of its own (before), {decoders[:2][-1]}", end_to_end,
-                             files, separate, device, decoders[:2][-1], work / "d", batch)  # fmt: skip
-                separate = None
+                with mock.patch.object(model_module, switch, False):
+                    before = run.path(f"(c) {what} (before), batch {batch}", encoder_alone, ckpt, SHAPES[base],
+                                      device, batch, seconds, compile_)  # fmt: skip
+                if before is not None:
+                    run.path(f"(d) {what} (before), {decoders[:2][-1]}", end_to_end, files, before, device,
+                             decoders[:2][-1], work / "d", batch)  # fmt: skip
+                before = None
             elif path == "resize-channels":  # nvImageCodec's batches resized channel by channel, as before
                 before = functools.partial(resize_like_pil, interleaved=False)
                 with mock.patch.object(gpu_images, "resize_like_pil", before):
