@@ -53,6 +53,15 @@ class PackedImages:
         """Bytes of one canvas row `width` pixels wide: a row of one channel, planar, or of all three."""
         return width if self.planar else 3 * width
 
+    def word_bytes(self) -> int:
+        """The widest word (8, 4, 2 or 1 bytes) that every canvas row's start and every row's length are whole
+        multiples of, the buffer's address included: the resize gathers its rows in such words, not byte by byte
+        (photos whose widths are multiples of 8 and so most catalog images: a gather of an eighth the elements)."""
+        sizes = [self.buffer.data_ptr(), *self.offsets, *(self.row_bytes(w) for _, w in self.shapes)]
+        if self.planar:  # channel c starts c·h·w bytes into its image
+            sizes += [h * w for h, w in self.shapes]
+        return next(k for k in (8, 4, 2, 1) if all(size % k == 0 for size in sizes))
+
     def windows_fit(self, width: int) -> bool:
         """Whether a canvas row `width` pixels wide from every image's last row start stays inside the buffer."""
         last_row = (lambda o, h, w: o + 3 * h * w - w) if self.planar else (lambda o, h, w: o + (h - 1) * w * 3)
@@ -164,19 +173,23 @@ def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: Preproce
     col_at, col_taps = pil_taps(uploaded[n : 2 * n], cfg.width, cfg.resample, max(widths))
     row_taps, col_taps = row_taps.to(dtype), col_taps.to(dtype)
     out = torch.empty((n, cfg.height, cfg.width, 3), dtype=torch.uint8, device=device)
-    if gather:  # where each canvas row starts, for the whole batch at once: a chunk takes its corner
+    if gather:  # where each canvas row starts, in words, for the whole batch at once: a chunk takes its corner
+        word = images.word_bytes()
         starts = _row_starts(uploaded[3 * n :], uploaded[:n], uploaded[n : 2 * n], max(heights), images.planar)
+        starts = starts // word if word > 1 else starts
     as_rows = gather and not images.planar and (device.type == "cuda" if interleaved is None else interleaved)
     for start, stop in _chunks(shapes, chunk, max_canvas_bytes // 3):
         h_max, w_max = max(heights[start:stop]), max(widths[start:stop])
         rows = dense_weights(row_at[start:stop], row_taps[start:stop], h_max)  # (n, height, h_max)
         cols = dense_weights(col_at[start:stop], col_taps[start:stop], w_max).transpose(1, 2)  # (n, w_max, width)
         if as_rows:  # (n, h_max, 3 w_max) → (n, height, 3 width): vertical, then horizontal
-            x = (rows @ _gathered_rows(images, starts[start:stop, :, :h_max], w_max).to(dtype)) @ _per_channel(cols)
+            x = (rows @ _gathered_rows(images, starts[start:stop, :, :h_max], w_max, word).to(dtype)) @ _per_channel(
+                cols
+            )
             out[start:stop] = x.float().round_().clamp_(0, 255).to(torch.uint8).view(-1, cfg.height, cfg.width, 3)
             continue
         if gather:
-            canvas = _gathered_canvas(images, starts[start:stop, :, :h_max], w_max)
+            canvas = _gathered_canvas(images, starts[start:stop, :, :h_max], w_max, word)
         else:
             canvas = _canvas([images[k] for k in order[start:stop]], shapes[start:stop], h_max, w_max)
         x = canvas.to(dtype, memory_format=torch.contiguous_format) @ cols[:, None]  # horizontal first, as PIL
@@ -227,21 +240,25 @@ def _row_starts(offsets: torch.Tensor, heights: torch.Tensor, widths: torch.Tens
     return offsets + rows * (3 * widths)
 
 
-def _gathered_rows(images: PackedImages, starts: torch.Tensor, w_max: int) -> torch.Tensor:
+_WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _gathered_rows(images: PackedImages, starts: torch.Tensor, w_max: int, word: int = 1) -> torch.Tensor:
     """(n, h_max · 3 if planar else h_max, row bytes) uint8 from `images`' buffer in a handful of ops whatever n: each
-    canvas row is the row's bytes from its start (`_row_starts`), a window of an overlapping strided view of the
-    buffer, so one index gathers them all. What lies past an image's width or height is the next bytes of the
-    buffer, not zeros: its resampling weights are zero there (`dense_weights`), and uint8 values are finite, so
-    the products are the same as over a zero-padded canvas."""
+    canvas row is the row's bytes from its start (`_row_starts`, in `word`s: `PackedImages.word_bytes`), a window of
+    an overlapping strided view of the buffer read as words, so one index gathers them all. What lies past an
+    image's width or height is the next bytes of the buffer, not zeros: its resampling weights are zero there
+    (`dense_weights`), and uint8 values are finite, so the products are the same as over a zero-padded canvas."""
     n, row_bytes, buffer = starts.shape[0], images.row_bytes(w_max), images.buffer
-    windows = buffer.as_strided((buffer.numel() - row_bytes + 1, row_bytes), (1, 1))
-    return windows.index_select(0, starts.reshape(-1)).view(n, -1, row_bytes)
+    words, row_words = buffer[: buffer.numel() // word * word].view(_WORDS[word]), row_bytes // word
+    windows = words.as_strided((words.numel() - row_words + 1, row_words), (1, 1))
+    return windows.index_select(0, starts.reshape(-1)).view(torch.uint8).view(n, -1, row_bytes)
 
 
-def _gathered_canvas(images: PackedImages, starts: torch.Tensor, w_max: int) -> torch.Tensor:
+def _gathered_canvas(images: PackedImages, starts: torch.Tensor, w_max: int, word: int = 1) -> torch.Tensor:
     """(n, 3, h_max, w_max) uint8 (interleaved: a view of (n, h_max, w_max, 3)): `_gathered_rows` as a canvas."""
     n, h_max = starts.shape[0], starts.shape[2]
-    rows = _gathered_rows(images, starts, w_max)
+    rows = _gathered_rows(images, starts, w_max, word)
     return rows.view(n, 3, h_max, w_max) if images.planar else rows.view(n, h_max, w_max, 3).permute(0, 3, 1, 2)
 
 

@@ -108,6 +108,30 @@ def test_packed_images_resize_bit_for_bit_as_separate_ones(slack, planar):
     assert torch.equal(resize_like_pil(packed[2:4], cfg), resize_like_pil(tensors[2:4], cfg))  # a slice of them
 
 
+@pytest.mark.parametrize(("sizes", "planar", "word"), [
+    ([(30, 40), (17, 48), (5, 8)], False, 8), ([(30, 44), (7, 12)], False, 4), ([(30, 42), (9, 10)], False, 2),
+    ([(30, 41), (9, 10)], False, 1), ([(30, 40), (16, 48)], True, 8), ([(30, 44), (7, 12)], True, 4),
+])  # fmt: skip
+def test_a_packed_batchs_rows_are_gathered_in_the_widest_words_that_fit_with_the_same_pixels(sizes, planar, word,
+                                                                                              monkeypatch):  # fmt: skip
+    """Rows whose starts and lengths are multiples of 8, 4 or 2 bytes are gathered as such words: the same
+    canvas, bit for bit, as byte by byte and as separate images."""
+    rng = np.random.default_rng(5)
+    tensors = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in sizes]
+    packed = _packed(tensors, True, planar)
+    assert packed.word_bytes() == word
+    shifted = PackedImages(torch.cat([torch.zeros(1, dtype=torch.uint8), packed.buffer])[1:], packed.offsets,
+                           packed.shapes, planar)  # fmt: skip
+    assert shifted.buffer.data_ptr() % 2 == 1 and shifted.word_bytes() == 1  # an odd address: bytes
+    cfg = PreprocessConfig(height=16, width=24)
+    modes = [False, True] if not planar else [False]  # interleaved as they lie, or channel by channel
+    results = [resize_like_pil(packed, cfg, chunk=2, interleaved=mode) for mode in modes]
+    monkeypatch.setattr(PackedImages, "word_bytes", lambda self: 1)
+    for result, mode in zip(results, modes, strict=True):
+        assert torch.equal(result, resize_like_pil(packed, cfg, chunk=2, interleaved=mode))
+    assert torch.equal(results[0], resize_like_pil(tensors, cfg, chunk=2))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # float16: what CUDA runs
 @pytest.mark.parametrize(("resample", "size", "worst"), [(3, 224, 4), (2, 224, 1), (3, 384, 10)])
 def test_interleaved_images_resized_as_they_lie_match_pil_and_the_channel_by_channel_path(jpegs, resample, size,
