@@ -186,7 +186,7 @@ def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: Preproce
             x = (rows @ _gathered_rows(images, starts[start:stop, :, :h_max], w_max, word).to(dtype)) @ _per_channel(
                 cols
             )
-            out[start:stop] = x.float().round_().clamp_(0, 255).to(torch.uint8).view(-1, cfg.height, cfg.width, 3)
+            out[start:stop] = x.round_().clamp_(0, 255).view(-1, cfg.height, cfg.width, 3)  # cast in the copy
             continue
         if gather:
             canvas = _gathered_canvas(images, starts[start:stop, :, :h_max], w_max, word)
@@ -194,7 +194,9 @@ def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: Preproce
             canvas = _canvas([images[k] for k in order[start:stop]], shapes[start:stop], h_max, w_max)
         x = canvas.to(dtype, memory_format=torch.contiguous_format) @ cols[:, None]  # horizontal first, as PIL
         x = rows[:, None] @ x  # (n, 3, height, width)
-        out[start:stop] = x.float().round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        # Rounded in the products' own dtype (its integers up to 2048 are exact: the same values as in float32),
+        # cast to uint8 by the copy into `out`: no float32 copy, no uint8 one.
+        out[start:stop] = x.round_().clamp_(0, 255).permute(0, 2, 3, 1)
     return out if order == list(range(n)) else out[uploaded[2 * n : 3 * n]]
 
 
