@@ -183,9 +183,8 @@ def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: Preproce
         rows = dense_weights(row_at[start:stop], row_taps[start:stop], h_max)  # (n, height, h_max)
         cols = dense_weights(col_at[start:stop], col_taps[start:stop], w_max).transpose(1, 2)  # (n, w_max, width)
         if as_rows:  # (n, h_max, 3 w_max) → (n, height, 3 width): vertical, then horizontal
-            x = (rows @ _gathered_rows(images, starts[start:stop, :, :h_max], w_max, word).to(dtype)) @ _per_channel(
-                cols
-            )
+            canvas_rows = _gathered_rows(images, starts[start:stop, :, :h_max], w_max, word).to(dtype)
+            x = (rows @ canvas_rows) @ _per_channel(cols)
             out[start:stop] = x.round_().clamp_(0, 255).view(-1, cfg.height, cfg.width, 3)  # cast in the copy
             continue
         if gather:
