@@ -5,8 +5,9 @@
     python benchmarks/train_bench.py --smoke        # seconds on the CPU: checks the script itself
 
 Measured in one process on the same inputs: (a) the step as a user first writes it
-(fp32, eager attention); (b) lookalike's step (SDPA; bf16 autocast on CUDA); (c) on
-CUDA, (b) + torch.compile (compile time printed apart); (d) `lookalike train` end to
+(fp32, eager attention); (b) lookalike's step (SDPA; bf16 autocast on CUDA; the patch
+embedding as one matrix product); (c) on CUDA, (b) + torch.compile (compile time printed
+apart); on CUDA also (b) with the patch embedding as the checkpoint's convolution, as before; (d) `lookalike train` end to
 end, with its data loader decoding and augmenting real-photo JPEGs (~640 px) every step,
 and (CPU) with the images decoded once into memory (`--cache-mb`). Peak GPU memory per
 path on CUDA. Results go in BENCHMARKS.md.
@@ -67,14 +68,18 @@ def _base_checkpoint(folder: Path) -> Path:
 
 
 def _step_rate(path: Path, batch: int, seconds: float, device: torch.device, *, attention: str, bf16: bool,
-               compile: bool = False) -> tuple[float, float]:  # fmt: skip
-    """Images/s and peak GPU GiB of forward + backward + AdamW on fixed tensors (compute alone)."""
+               compile: bool = False, patches_as_matmul: bool = False) -> tuple[float, float]:  # fmt: skip
+    """Images/s and peak GPU GiB of forward + backward + AdamW on fixed tensors (compute alone).
+    `patches_as_matmul`: the patch embedding as one matrix product, as `lookalike train` runs it."""
     from transformers import SiglipModel
 
     from encoder.model import read_preprocess
+    from encoder.patch_embedding import patch_embedding_as_matmul
     from training.towers import TwoTower
 
     model = SiglipModel.from_pretrained(path, attn_implementation=attention).to(device).train()
+    if patches_as_matmul:
+        patch_embedding_as_matmul(model)
     net = TwoTower(model, read_preprocess(path))
     forward = torch.compile(net) if compile else net
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
@@ -151,11 +156,12 @@ def main() -> None:
         peaks: dict[str, float] = {}
         paths = [("fp32, eager attention", dict(attention="eager", bf16=False))]
         paths.append(("lookalike step (bf16 + SDPA)" if args.gpu else "lookalike step (fp32 + SDPA)",
-                      dict(attention="sdpa", bf16=args.gpu)))  # fmt: skip
-        if args.gpu:
-            paths.append(
-                ("lookalike step (bf16 + SDPA + torch.compile)", dict(attention="sdpa", bf16=True, compile=True))
-            )
+                      dict(attention="sdpa", bf16=args.gpu, patches_as_matmul=True)))  # fmt: skip
+        if args.gpu:  # the convolution's row eager: a second compile would cost another minute of the lease
+            paths += [("lookalike step (bf16 + SDPA), the patch embedding as a convolution (before)",
+                       dict(attention="sdpa", bf16=True)),
+                      ("lookalike step (bf16 + SDPA + torch.compile)",
+                       dict(attention="sdpa", bf16=True, compile=True, patches_as_matmul=True))]  # fmt: skip
         for label, options in paths:
             results[label], peaks[label] = _step_rate(path, batch, seconds, device, **options)
             print(f"{label}: {results[label]:,.0f} images/s", flush=True)  # as it lands: a cut-short run says how far
