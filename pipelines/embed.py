@@ -544,8 +544,13 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     if not shared:
         load_s = None if load_ms is None else load_ms / 1000
     compile_ms = metrics.get("compile_ms:max")  # with --compile: a part of the load (the slowest worker's)
+    # The workers' own set-up, the slowest worker's: the fetch step's (thread pool, reader processes) and the embed
+    # step's less its model load (the decoders, their threads, the journal).
+    fetch_ms, embed_ms = metrics.get("fetch_setup_ms:max"), metrics.get("embed_setup_ms:max")
     time_s = {"prepare": prepared_at - started, "pipeline": ran_at - prepared_at, "model_load": load_s,
               "compile": None if compile_ms is None else compile_ms / 1000,
+              "fetch_setup": None if fetch_ms is None else fetch_ms / 1000,
+              "embed_setup": None if embed_ms is None else embed_ms / 1000,
               "accounting": wall_s - (ran_at - started)}  # fmt: skip
     manifest = {
         "run_id": cfg.run_id,

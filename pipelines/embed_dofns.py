@@ -143,6 +143,7 @@ class FetchAndDecode(beam.DoFn):
         self._watches = watches or Shared()
 
     def setup(self) -> None:
+        started = time.monotonic()
         storage.configure_storage()
         self._pool = ThreadPoolExecutor(self._cfg.fetch_threads, thread_name_prefix="fetch")
         self._defer_decode = gpu_decoding(self._cfg, self._preprocess)  # the GPU worker routes and decodes
@@ -158,11 +159,15 @@ class FetchAndDecode(beam.DoFn):
         self._reused = Metrics.counter(NAMESPACE, "reused")
         self._watch = self._shared_watch()  # stops a run whose fetches mostly fail
         quiet_worker_prints()  # ...and a worker process does not print that stop's traceback to the terminal
+        self._setup_ms = _ms_since(started)  # reported in a bundle, where metrics count
 
     def _shared_watch(self) -> DeadLetterWatch:
         return shared_watch(self._watches, self._cfg)
 
     def start_bundle(self) -> None:
+        if self._setup_ms is not None:
+            Metrics.distribution(NAMESPACE, "fetch_setup_ms").update(self._setup_ms)
+            self._setup_ms = None
         self._prepare.forget()  # left by a bundle that failed
 
     def process(self, chunk: ItemChunk, known: KnownDigests | None = None):
@@ -200,6 +205,10 @@ class FetchAndDecode(beam.DoFn):
             self._prepare.close()
         if getattr(self, "_pool", None):
             self._pool.shutdown(wait=False)
+
+
+def _ms_since(started: float) -> int:
+    return int(1000 * (time.monotonic() - started))
 
 
 def shared_watch(watches: Shared, cfg: EmbedConfig) -> DeadLetterWatch:
@@ -246,7 +255,7 @@ class EmbedBatch(beam.DoFn):
         started = time.monotonic()
         load = partial(load_encoder, cfg.encoder, cfg.limits)
         self._encoder = self._shared.acquire(lambda: PRELOADED.pop(cfg.run_id, None) or load(), tag=cfg.model)
-        self._load_ms = int(1000 * (time.monotonic() - started))  # reported in a bundle, where metrics count
+        self._load_ms = _ms_since(started)  # reported in a bundle, where metrics count
         preprocess = self._encoder.preprocess
         decoder = gpu_decoder_name(cfg) if gpu_decoding(cfg, preprocess) else None
         if decoder:
@@ -270,10 +279,12 @@ class EmbedBatch(beam.DoFn):
         self._progress = ProgressLog("embedded")
         # The fetch step's watch (`shared_watch`): images that fail here count against the items it fetched.
         self._watch = shared_watch(self._watches, cfg) if self._watches is not None else None
+        self._setup_ms = _ms_since(started) - self._load_ms  # the decoders, their threads and journal
 
     def start_bundle(self) -> None:
         if self._load_ms is not None:
             Metrics.distribution(NAMESPACE, "model_load_ms").update(self._load_ms)
+            Metrics.distribution(NAMESPACE, "embed_setup_ms").update(self._setup_ms)
             if self._encoder.compile_s is not None:  # a part of the load (`load_encoder` compiles the step)
                 Metrics.distribution(NAMESPACE, "compile_ms").update(int(1000 * self._encoder.compile_s))
             self._load_ms = None

@@ -106,6 +106,8 @@ def _time_split(time_s: dict | None) -> str:
         ("accounting", "accounting"),
         ("model_load", "model load"),
         ("compile", "of it compile"),
+        ("fetch_setup", "fetch set-up"),
+        ("embed_setup", "embed set-up"),
     ]
     return " · ".join(f"{label} {secs(time_s[key])}" for key, label in parts if time_s.get(key) is not None)
 

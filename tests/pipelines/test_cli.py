@@ -35,7 +35,9 @@ def test_new_user_walkthrough(tmp_path):
     assert first.returncode == 0, first.stderr
     assert "items in = embedded + reused + dead-lettered: 40 = 38 + 0 + 2" in first.stdout
     assert re.search(
-        r"of which[ │]+prepare [\d.]+ s · pipeline [\d.]+ s · accounting [\d.]+ s · model load [\d.]+ s", first.stdout
+        r"of which[ │]+prepare [\d.]+ s · pipeline [\d.]+ s · accounting [\d.]+ s · model load [\d.]+ s · fetch set-up "
+        r"[\d.]+ s · embed set-up [\d.]+ s",
+        first.stdout,
     )
     runs = list((tmp_path / "E" / "embeddings").iterdir())
     assert len(runs) == 1 and (runs[0] / "_manifest.json").is_file()
