@@ -27,9 +27,10 @@ product's; `decode-threads` with 2 and 3 decode threads (`--gpu-decode-threads`)
 with nvImageCodec's decoder memory set aside up front; `nomodel` with the tower stood in by
 a constant; `freezing` reruns (c) compiled with the weights as constants (`--compile-frozen`); `patch-conv` reruns
 (c) and (d) with the tower's patch embedding as the checkpoint's convolution, as it ran before it became one matrix
-product (`encoder.patch_embedding`); `gelu-separate` reruns (c) and (d) with the MLPs' GELU as a kernel of its own,
-as it ran before it moved into the first product's epilogue (`encoder.gelu_epilogue`); `resize-channels` reruns (d) with nvImageCodec's batches resized channel by
-channel, as before they were resized as they lie (`resize_like_pil(interleaved=...)`). `profile` reruns (d) and (e) sampling every thread's stack
+product (`encoder.patch_embedding`); `gelu-separate` reruns (c) and (d) with the MLPs' GELU as a kernel of its
+own, as it ran before it moved into the first product's epilogue (`encoder.gelu_epilogue`); `resize-channels`
+reruns (d) with nvImageCodec's batches resized channel by channel, as before they were resized as they lie
+(`resize_like_pil(interleaved=...)`). `profile` reruns (d) and (e) sampling every thread's stack
 (where the time goes on a host without py-spy); `graph` reruns (c), (d) and (e) with the
 model's step replayed as one CUDA graph per batch (`--cuda-graph`: three host calls per
 batch instead of one per op or kernel, each of which hands the interpreter lock over);

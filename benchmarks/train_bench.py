@@ -6,11 +6,11 @@
 
 Measured in one process on the same inputs: (a) the step as a user first writes it
 (fp32, eager attention); (b) lookalike's step (SDPA; bf16 autocast on CUDA; the patch
-embedding as one matrix product); (c) on CUDA, (b) + torch.compile (compile time printed
-apart); on CUDA also (b) with the patch embedding as the checkpoint's convolution, as before; (d) `lookalike train` end to
-end, with its data loader decoding and augmenting real-photo JPEGs (~640 px) every step,
-and (CPU) with the images decoded once into memory (`--cache-mb`). Peak GPU memory per
-path on CUDA. Results go in BENCHMARKS.md.
+embedding as one matrix product), and on CUDA (b) with the patch embedding as the
+checkpoint's convolution, as before; (c) on CUDA, (b) + torch.compile (compile time
+printed apart); (d) `lookalike train` end to end, with its data loader decoding and
+augmenting real-photo JPEGs (~640 px) every step, and (CPU) with the images decoded once
+into memory (`--cache-mb`). Peak GPU memory per path on CUDA. Results go in BENCHMARKS.md.
 """
 
 from __future__ import annotations

@@ -537,21 +537,21 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     check_share(cfg.run_id, dead, total, cfg.max_dead_letters, reasons, failures_dir)
 
     wall_s = time.monotonic() - started
-    load_ms = metrics.get("model_load_ms:max")
+
+    def slowest_s(name: str) -> float | None:  # the slowest worker's, from its `<name>_ms` distribution
+        ms = metrics.get(f"{name}_ms:max")
+        return None if ms is None else ms / 1000
+
     # Where the wall time went: the launcher's preparation (catalog, model, earlier run), the pipeline (Beam's
     # own start-up included), and the accounting after it. The model loads in the preparation when the workers
-    # run in this process (they use the launcher's), else in the pipeline (the slowest worker's load).
+    # run in this process (they use the launcher's), else in the pipeline (the slowest worker's load). With
+    # --compile the compile is a part of the load. The workers' own set-up: the fetch step's (thread pool, reader
+    # processes) and the embed step's less its model load (the decoders, their threads, the journal).
     if not shared:
-        load_s = None if load_ms is None else load_ms / 1000
-    compile_ms = metrics.get("compile_ms:max")  # with --compile: a part of the load (the slowest worker's)
-    # The workers' own set-up, the slowest worker's: the fetch step's (thread pool, reader processes) and the embed
-    # step's less its model load (the decoders, their threads, the journal).
-    fetch_ms, embed_ms = metrics.get("fetch_setup_ms:max"), metrics.get("embed_setup_ms:max")
+        load_s = slowest_s("model_load")
     time_s = {"prepare": prepared_at - started, "pipeline": ran_at - prepared_at, "model_load": load_s,
-              "compile": None if compile_ms is None else compile_ms / 1000,
-              "fetch_setup": None if fetch_ms is None else fetch_ms / 1000,
-              "embed_setup": None if embed_ms is None else embed_ms / 1000,
-              "accounting": wall_s - (ran_at - started)}  # fmt: skip
+              "compile": slowest_s("compile"), "fetch_setup": slowest_s("fetch_setup"),
+              "embed_setup": slowest_s("embed_setup"), "accounting": wall_s - (ran_at - started)}  # fmt: skip
     manifest = {
         "run_id": cfg.run_id,
         "status": "complete",
