@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import realistic_jpegs  # noqa: E402
 from benchmarks.cuda_timeline import record  # noqa: E402
-from encoder.preprocess import DecodeLimits, PreprocessConfig, decode_image  # noqa: E402
+from encoder.preprocess import DecodeLimits, PreprocessConfig, decode_image, draft_scale  # noqa: E402
 from encoder.resize import PackedImages, resize_like_pil  # noqa: E402
 
 BACKEND_HARDWARE = 3
@@ -66,13 +66,6 @@ class NvjpegError(RuntimeError):
 def scaled_size(height: int, width: int, divisor: int) -> tuple[int, int]:
     """The decode's output at 1/`divisor`: each side rounded up, as nvJPEG's guide gives it (and libjpeg does)."""
     return math.ceil(height / divisor), math.ceil(width / divisor)
-
-
-def draft_divisor(height: int, width: int, cfg: PreprocessConfig) -> int:
-    """The scale Pillow's draft mode decodes a JPEG at for this model input (1, 2, 4 or 8): the largest that leaves
-    both sides at least the input's, so 640×480 → 1/2 for 224 px but 640×427 → 1/1."""
-    most = min(width // cfg.width, height // cfg.height)
-    return next((s for s in (8, 4, 2) if most >= s), 1)
 
 
 def library() -> Path:
@@ -314,7 +307,7 @@ def main() -> None:
     try:  # the library's header calls: one that fails says so in the results, not as a traceback
         results["unsupported_of_compared"] = {f"1/{d}": sum(not decoder.supported(x, d) for x in datas[: args.compare])
                                               for d in (1, 2)}  # fmt: skip
-        draft = [draft_divisor(*decoder.shape(x), cfg) for x in datas]  # as Pillow's draft mode would scale each
+        draft = [draft_scale(*decoder.shape(x), cfg) for x in datas]  # as Pillow's draft mode would scale each
     except NvjpegError as err:
         return done(error=str(err))
     at = list(range(0, len(datas), args.batch_size))
@@ -325,13 +318,16 @@ def main() -> None:
         product = ProductDecoder(device)
     except Exception as err:  # noqa: BLE001 - no nvImageCodec here: the probe's own rows still say what it asks
         product, results["nvimgcodec"] = None, {"error": f"{type(err).__name__}: {err}"}
-    modes = [("nvimgcodec", product, [1] * len(datas))] if product else []
-    for mode, using, divisors in [*modes, ("full", decoder, [1] * len(datas)), ("draft", decoder, draft)]:
+    # A full-size decode is resized as the product does it, through the draft decode's reduction (`draft_taps`); one
+    # at draft scale is reduced already.
+    modes = [("nvimgcodec", product, [1] * len(datas), True)] if product else []
+    for mode, using, divisors, drafted in [*modes, ("full", decoder, [1] * len(datas), True),
+                                           ("draft", decoder, draft, False)]:  # fmt: skip
         row = results[mode] = {}
         per_batch = [divisors[i : i + args.batch_size] for i in at]
         decode = lambda d=per_batch, u=using: [u.decode(b, k) for b, k in zip(batches, d, strict=True)]  # noqa: E731
-        both = lambda d=per_batch, u=using: [resize_like_pil(u.decode(b, k), cfg)  # noqa: E731
-                                             for b, k in zip(batches, d, strict=True)]  # fmt: skip
+        both = lambda d=per_batch, u=using, f=drafted: [resize_like_pil(u.decode(b, k), cfg, draft=f)  # noqa: E731
+                                                        for b, k in zip(batches, d, strict=True)]  # fmt: skip
         try:
             row["decode_images_per_s"] = round(timed_rate(decode, device, len(datas), args.rounds))
             row["decode_resize_images_per_s"] = round(timed_rate(both, device, len(datas), args.rounds))
@@ -341,7 +337,7 @@ def main() -> None:
             row["gpu_us_per_image"] = round(1e3 * sum(s["busy_ms"] for s in streams) / len(datas), 1)
             row["costliest_ms"] = {k: v for s in streams for k, v in s["costliest"].items()}
             packed = using.decode(some, divisors[: len(some)])
-            model_input = resize_like_pil(packed, cfg).cpu().numpy()
+            model_input = resize_like_pil(packed, cfg, draft=drafted).cpu().numpy()
             if mode == "draft":  # the decode itself against libjpeg's scaled inverse DCT, image by image
                 drafts = [draft_decode(x, cfg) for x in some]
                 same = [k for k, x in enumerate(drafts) if x.shape[:2] == packed.shapes[k]]

@@ -4,7 +4,8 @@ JPEGs that the GPU decoder takes (`encoder.jpeg.cpu_reason`) are decoded in one 
 (nvJPEG through `torchvision.io.decode_jpeg(device="cuda")`, whose images are then packed into one
 buffer in one call, or nvImageCodec's C library through `encoder.nvimgcodec`, which decodes a batch
 into one buffer), resized on the GPU with the same
-antialiased filter PIL uses, and rounded to uint8 as PIL does (`encoder.resize`). Everything else, any
+antialiased filter PIL uses, and rounded to uint8 as PIL does (`encoder.resize`); where the CPU path would decode
+a JPEG in draft mode, the filter also makes the reduction libjpeg's draft decode would. Everything else, any
 JPEG the GPU decoder rejects, and the largest photos past what one call may decode (`decode_max_bytes`), is
 decoded by `decode_image` on CPU threads, each within a time limit: same output, same dead-letter reasons.
 Images already decoded on the CPU join the batch as they are. Results keep the input order; nothing is
@@ -384,7 +385,8 @@ class GpuImages:
         (`_resize_backoff`); what fails (out of GPU memory), in halves (`in_halves`), so only the culprits fail: the
         images resized, in order, position → dead-letter reason for the rest, whether something was taken in
         halves, and whether the batch went in pieces."""
-        resize = learning(self._resize_backoff, lambda part: resize_like_pil(part, self.preprocess))
+        draft = self.limits.draft  # the CPU path decodes JPEGs in draft mode: so does the resize's filter
+        resize = learning(self._resize_backoff, lambda part: resize_like_pil(part, self.preprocess, draft=draft))
         done, failed, retried = [], {}, False
         pieces = list(_in_pieces(resize, images, self._resize_backoff))
         for piece in pieces:

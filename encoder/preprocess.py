@@ -26,6 +26,7 @@ __all__ = [
     "channel_stats",
     "check_pixel_batch",
     "decode_image",
+    "draft_scale",
     "normalize_pixels",
     "prepare_image",
     "to_pixel_values",
@@ -147,6 +148,14 @@ def _decode(data: bytes, cfg: PreprocessConfig, limits: DecodeLimits) -> np.ndar
     except Exception as err:  # noqa: BLE001 - truncated or corrupt data surfaces as OSError, SyntaxError, ...
         raise ImageDecodeError(f"truncated or corrupt image data: {type(err).__name__}: {err}") from err
     return prepare_image(image, cfg)
+
+
+def draft_scale(height: int, width: int, cfg: PreprocessConfig) -> int:
+    """The scale (1, 2, 4 or 8) Pillow's draft mode decodes a `height` × `width` JPEG at for this model input, each
+    side then rounded up: the largest that leaves both sides at least the input's, so 640×480 → 1/2 for 224 px
+    but 640×427 → 1/1. Sides as stored (the decode's `draft` call swaps the input's for EXIF rotations)."""
+    most = min(width // cfg.width, height // cfg.height)
+    return next((s for s in (8, 4, 2) if most >= s), 1)
 
 
 def _orientation(image: Image.Image) -> int:

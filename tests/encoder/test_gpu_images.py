@@ -21,6 +21,7 @@ from encoder.gpu_images import (
     outputs_held,
     pil_decoder,
 )
+from encoder.preprocess import draft_scale
 from encoder.resize import PackedImages, _chunks, dense_weights, pack_images, pil_taps, resize_like_pil
 from tests.support.fake_cuda import FakeCuda
 from tests.support.hostile_jpegs import routed_batches
@@ -149,6 +150,49 @@ def test_interleaved_images_resized_as_they_lie_match_pil_and_the_channel_by_cha
     diff, apart = np.abs(ours.astype(int) - pil.astype(int)), np.abs(ours.astype(int) - channels.astype(int))
     assert diff.max() <= worst and (diff <= 1).mean() > 0.9999, f"max {diff.max()}, within 1: {(diff <= 1).mean()}"
     assert apart.max() <= 1 and (apart == 0).mean() > 0.97, (apart.max(), (apart == 0).mean())  # float16: 98.4%
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("resample", [3, 2])
+def test_a_drafted_resize_is_pils_resize_of_the_image_reduced_as_draft_mode_would(jpegs, resample, dtype):
+    """`draft=True`: each full-size image is resized as from its reduction by Pillow's draft scale (a box mean,
+    what libjpeg's scaled inverse DCT nearly is), in one batch of scales 1 to 8, odd sides (the far edge's
+    pixels cover fewer), every layout; within PIL's rounding between its steps of `Image.reduce`'s then resize."""
+    photos = [np.asarray(Image.open(io.BytesIO(d)).convert("RGB")) for d in jpegs]
+    sizes = [(30, 37), (50, 61), (101, 99), (199, 250), (47, 300), (200, 193), (5, 7), (64, 48), (97, 121)]
+    images = [np.ascontiguousarray(np.resize(photos[k], (max(h, 200), max(w, 320), 3))[:h, :w])
+              for k, (h, w) in enumerate(sizes)]  # fmt: skip
+    cfg = PreprocessConfig(height=24, width=24, resample=resample)
+    scales = [draft_scale(h, w, cfg) for h, w in sizes]
+    assert set(scales) == {1, 2, 4, 8}
+    pil = np.stack([np.asarray(Image.fromarray(i).reduce(k).resize((24, 24), resample))
+                    for i, k in zip(images, scales, strict=True)]).astype(int)  # fmt: skip
+    tensors = [torch.from_numpy(i.copy()).permute(2, 0, 1) for i in images]
+    layouts = [(tensors, None), (_packed(tensors, True, True), None), (_packed(tensors, True, False), False),
+               (_packed(tensors, True, False), True)]  # fmt: skip
+    for images_in, interleaved in layouts:
+        ours = resize_like_pil(images_in, cfg, chunk=4, dtype=dtype, interleaved=interleaved, draft=True).numpy()
+        diff = np.abs(ours.astype(int) - pil)
+        assert diff.max() <= 2 and (diff <= 1).mean() > 0.9999, f"max {diff.max()}, within 1: {(diff <= 1).mean()}"
+    undrafted = resize_like_pil(tensors, cfg, chunk=4, dtype=dtype).numpy()
+    assert np.array_equal(
+        resize_like_pil(tensors[6:7], cfg, dtype=dtype, draft=True).numpy(), undrafted[6:7]
+    )  # scale 1
+    assert np.abs(undrafted.astype(int) - pil).max() > 10  # a reduction changes pixels: the test can tell
+
+
+def test_gpu_images_resize_near_the_cpu_paths_draft_decode_as_its_limits_say(jpegs):
+    """The GPU path decodes at full size; in draft mode (the default) its resize reduces as libjpeg's draft decode
+    would, so a JPEG's model input is near the CPU path's whichever path decodes it (README, "Preprocessing")."""
+    cfg = PreprocessConfig(height=96, width=96)  # these 320-px photos: 1/2 in draft mode
+    for limits in (DecodeLimits(), FULL):
+        batch = GpuImages(cfg, "cpu", limits, decoder=_pil_decoder()).prepare(jpegs)
+        cpu = np.stack([decode_image(d, cfg, limits) for d in jpegs]).astype(int)
+        diff = np.abs(batch.pixels.numpy().astype(int) - cpu)
+        assert batch.on_gpu == len(jpegs) and diff.mean() < 0.5 and np.percentile(diff, 99) <= 3, diff.mean()
+    full = GpuImages(cfg, "cpu", FULL, decoder=_pil_decoder()).prepare(jpegs).pixels.numpy().astype(int)
+    cpu_draft = np.stack([decode_image(d, cfg, DecodeLimits()) for d in jpegs]).astype(int)
+    assert np.abs(full - cpu_draft).mean() > 2 * diff.mean()  # without the reduction: several times as far
 
 
 def test_pack_images_packs_separate_images_in_one_call_with_room_for_the_windows():
@@ -515,14 +559,18 @@ def test_the_gpu_decoder_gets_views_of_the_bytes_not_copies(jpegs):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(("size", "limits"), [(224, FULL), (96, DecodeLimits())], ids=["full-size", "draft"])
 @pytest.mark.parametrize("decoder", ["nvjpeg", "nvimgcodec"])
-def test_gpu_decoders_match_the_cpu_path(jpegs, decoder):
+def test_gpu_decoders_match_the_cpu_path(jpegs, decoder, size, limits):
+    """Full-size decodes against the CPU's; and, in draft mode, resized through draft mode's reduction (1/2 for
+    these 320-px photos at 96 px) against the CPU's draft decode."""
     if decoder == "nvimgcodec":
         pytest.importorskip("nvidia.nvimgcodec")
-    images = GpuImages(CFG, "cuda", FULL, decoder=decoder)
+    cfg = PreprocessConfig(height=size, width=size)
+    images = GpuImages(cfg, "cuda", limits, decoder=decoder)
     batch = images.prepare(jpegs)
     assert batch.on_gpu == len(jpegs) and batch.kept == list(range(len(jpegs)))
-    cpu = np.stack([decode_image(d, CFG, FULL) for d in jpegs]).astype(int)
+    cpu = np.stack([decode_image(d, cfg, limits) for d in jpegs]).astype(int)
     diff = np.abs(batch.pixels.cpu().numpy().astype(int) - cpu)
     # nvJPEG's IDCT and chroma upsampling differ from libjpeg's by a level or two here and there.
     assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 4, f"mean {diff.mean():.3f}, p99 {np.percentile(diff, 99)}"

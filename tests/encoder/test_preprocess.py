@@ -14,6 +14,7 @@ from encoder.preprocess import (
     ImageDecodeError,
     PreprocessConfig,
     decode_image,
+    draft_scale,
     prepare_image,
     to_pixel_values,
 )
@@ -84,6 +85,19 @@ def test_draft_mode_stays_close_to_full_decode():
     # Documented in README "Preprocessing": mean |Δ| in normalised units ([-1, 1] range).
     assert (draft - full).abs().mean().item() < 0.03
     assert not torch.equal(draft, full)  # draft really decoded at reduced scale
+
+
+@pytest.mark.parametrize(("width", "height", "expected"), [(640, 480, 2), (640, 427, 1), (641, 479, 2), (1000, 1000, 4),
+                                                           (2000, 1799, 8), (224, 224, 1), (223, 4000, 1),
+                                                           (5000, 1800, 8), (897, 900, 4)])  # fmt: skip
+@pytest.mark.parametrize(("mode", "progressive"), [("RGB", False), ("L", False), ("RGB", True)])
+def test_draft_scale_is_the_scale_pillows_draft_mode_decodes_at(width, height, expected, mode, progressive):
+    """The GPU path's resize reduces as this scale says (`encoder.resize.draft_taps`): it must be Pillow's."""
+    image = Image.open(io.BytesIO(_encode(Image.new(mode, (width, height)), progressive=progressive)))
+    image.draft("RGB", (224, 224))
+    scale = draft_scale(height, width, PreprocessConfig())
+    assert image.size == (-(-width // scale), -(-height // scale))
+    assert scale == expected
 
 
 def test_batched_normalisation_equals_per_image():

@@ -450,8 +450,9 @@ def test_gpu_decode_wiring_on_the_cpu_embeds_every_item_like_the_cpu_path(
     got, cpu = _vectors(_read_dir(Path(result.run_dir))), _vectors(_read_dir(Path(first_run.run_dir)))
     assert got.keys() == cpu.keys()
     cosines = [float(got[k] @ cpu[k]) for k in got]
-    # Full-size decode + the GPU path's resize against the CPU path's draft decode + PIL resize.
-    assert min(cosines) > 0.98, f"cosine as low as {min(cosines):.4f}"
+    # Full-size decode + the GPU path's resize (through draft mode's reduction) against the CPU path's draft decode +
+    # PIL resize: 0.99984 at least here, 0.988 when the resize did not reduce as draft mode does.
+    assert min(cosines) > 0.999, f"cosine as low as {min(cosines):.4f}"
 
 
 def _decodes(data: bytes) -> bool:
@@ -709,5 +710,7 @@ def test_gpu_decode_on_cuda_embeds_every_item_close_to_the_cpu_encoder(
         data = (demo_catalog.root / manifest[item_id]["image_uri"]).read_bytes()
         cpu = tiny_encoder.embed_prepared(decode_image(data, tiny_encoder.preprocess, DecodeLimits())[None])[0]
         cosines.append(float(vector @ cpu))
-    # bf16 on the GPU, full-size nvJPEG decode + GPU resize vs fp32 on the CPU, draft decode + PIL resize.
+    # bf16 on the GPU, full-size decode + GPU resize through draft mode's reduction vs fp32 on the CPU, draft decode +
+    # PIL resize.
+    print("MINCOS", min(cosines), sorted(cosines)[:5])
     assert min(cosines) > 0.98, f"cosine as low as {min(cosines):.4f}"
