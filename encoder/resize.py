@@ -4,7 +4,9 @@ Pillow resizes each image in two passes, horizontal then vertical, each a weight
 over a filter window per output pixel. Here each pass is one matrix per input size and a
 batch of images of any sizes is a few batched products: the same weights, the same order,
 uint8 rounding as Pillow's, within a level of it on ~all values
-(tests/encoder/test_gpu_images.py).
+(tests/encoder/test_gpu_images.py). For a JPEG the CPU path would decode in draft mode, the
+same matrices also make draft mode's reduction (`draft_taps`), so a full-size GPU decode is
+resized as from the draft decode.
 """
 
 from __future__ import annotations
