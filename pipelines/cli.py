@@ -129,7 +129,12 @@ def embed(
     gpu_decode_threads: Annotated[
         int, typer.Option(help="Threads decoding JPEG batches at once on the GPU, each with a decoder of its own.")
     ] = 1,
-    draft: Annotated[bool, typer.Option(help="JPEG draft-mode decoding (faster, slightly different pixels).")] = True,
+    draft: Annotated[
+        bool,
+        typer.Option(
+            help="JPEG draft-mode decoding (faster, slightly different pixels; the GPU resize reduces alike)."
+        ),
+    ] = True,
     incremental: Annotated[bool, typer.Option(help="Reuse vectors of unchanged images from an earlier run.")] = True,
     previous: Annotated[str | None, typer.Option(help="Earlier run directory to reuse from (default: latest).")] = None,
     reuse_memory_mb: Annotated[
