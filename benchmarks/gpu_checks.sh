@@ -3,16 +3,16 @@
 # installed (a leased GPU is paid by the minute: one call, each step under its own time limit). What such a
 # machine's image lacks can travel as wheels: benchmarks/device_wheels.sh.
 #
-#   benchmarks/gpu_checks.sh OUT_DIR [STEPS]     STEPS: comma list of embed,gil,model,tests,scaled,train,host,retry
+#   benchmarks/gpu_checks.sh OUT_DIR [STEPS]     STEPS: comma list of embed,gil,model,tests,scaled,resize,train,host,retry
 # (default: all, in that order: the most wanted first)
 #
 # Writes OUT_DIR/{gpu.txt, gpu_embed.json, gpu_embed.log, timelines.tar, gil.log, model.log, tests.log, failures.log,
-# scaled.json, scaled.log, train.log, host.log, retry.log}.
+# scaled.json, scaled.log, resize.json, resize.log, train.log, host.log, retry.log}.
 # Each step has its own time limit so one slow step cannot eat the others'; a step that fails is logged and the
-# next one runs. The default limits add up to 1,010 s; where one command may run 600 s at most (and a lease has
+# next one runs. The default limits add up to 1,125 s; where one command may run 600 s at most (and a lease has
 # 15 minutes, its start included), split the steps over two calls, what is owed first:
-#   EMBED_ARGS="--paths c,d,patch-conv,gelu-separate,resize-channels,b,a,e,so400m,large" EMBED_S=340
-#   TESTS_S=150 SCALED_S=60 ... embed,tests,scaled
+#   EMBED_ARGS="--paths c,d,patch-conv,gelu-separate,resize-channels,b,a,e,so400m,large" EMBED_S=330
+#   TESTS_S=150 SCALED_S=50 RESIZE_S=25 ... embed,tests,scaled,resize
 #   EMBED_ARGS="--paths timeline,mfu" EMBED_S=... ... embed, or train, on what the lease has left
 # (each variant's ratio is against (c) or (d) of the same run). Run D (one H200): 451 s of `embed,tests` with
 # --paths c,d,b,a,e,so400m,nomodel,streams,decode-threads,prealloc,freezing,timeline,profile covered them all;
@@ -20,7 +20,7 @@
 # on an H100; mfu's autotuning compiles take minutes.
 set -u
 out=${1:?usage: gpu_checks.sh OUT_DIR [STEPS]}
-steps=${2:-embed,gil,model,tests,train,host,retry}
+steps=${2:-embed,gil,model,tests,scaled,resize,train,host,retry}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -46,6 +46,9 @@ case ",$steps," in *,tests,*)
 esac
 case ",$steps," in *,scaled,*)  # nvJPEG's hardware decoder at Pillow's draft scale against full size: worth building in?
   timeout "${SCALED_S:-60}" python3 benchmarks/nvjpeg_scaled.py --json "$out/scaled.json" 2>&1 | grep -v '^USDT:' | tee "$out/scaled.log" | tail -60;;
+esac
+case ",$steps," in *,resize,*)  # the resize by layout: channel by channel, as the pixels lie, the products alone
+  timeout "${RESIZE_S:-25}" python3 benchmarks/resize_layouts.py --json "$out/resize.json" 2>&1 | tee "$out/resize.log" | tail -10;;
 esac
 case ",$steps," in *,train,*)
   timeout "${TRAIN_S:-200}" python3 benchmarks/train_bench.py --gpu --seconds 8 2>&1 | tee "$out/train.log" | tail -40;;

@@ -151,7 +151,7 @@ def dense_weights(positions: torch.Tensor, taps: torch.Tensor, length: int) -> t
 
 def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: PreprocessConfig, chunk: int = 64,
                     dtype: torch.dtype | None = None, max_canvas_bytes: int = 1 << 28,
-                    interleaved: bool | None = None, draft: bool = False) -> torch.Tensor:  # fmt: skip
+                    interleaved: bool = True, draft: bool = False) -> torch.Tensor:  # fmt: skip
     """(3, h, w) uint8 images of any sizes, or `PackedImages` → (n, height, width, 3) uint8, PIL's antialiased
     filter. `draft`: the images are full-size decodes of JPEGs that the CPU path would decode in draft mode; each
     is resized as from the draft decode that Pillow would make of it (`draft_taps`), at no extra cost.
@@ -169,13 +169,11 @@ def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: Preproce
     ~10× less GPU time than float32. Matches PIL's uint8 resize to within a level on ~all values
     (tests/encoder/test_gpu_images.py).
 
-    `interleaved` (None: on CUDA): nvImageCodec's (h, w, 3) images are resized as they lie, with no transposed
-    copy: the vertical pass first, over rows of 3·w values, then the horizontal one through a block-diagonal
-    filter that keeps the channels apart (three times that pass's products: ~150 GFLOP per batch of 256 photos
-    of 640 px, a fraction of a millisecond of tensor cores), so the result comes out in the output's own
-    (n, height, width, 3) layout. Channel
-    by channel, a batch of 256 photos of 640 px spent 1.9 ms of an H200's 4.7 ms in a cast through a transposed
-    view and in copies broadcasting the filters over the channels (run D, BENCHMARKS.md).
+    `interleaved`: nvImageCodec's (h, w, 3) images are resized as they lie, with no transposed copy
+    (`_as_they_lie`): the vertical pass first, over rows of 3·w values, made transposed so that the horizontal one
+    is a plain product. Channel by channel (`interleaved=False`), a batch of 256 photos of 640 px spent 1.9 ms of
+    an H200's 4.7 ms in a cast through a transposed view and in copies broadcasting the filters over the channels
+    (run D, BENCHMARKS.md); as they lie, on a CPU, 64 such photos take 0.79× the time.
     """
     packed = isinstance(images, PackedImages)
     device = images.buffer.device if packed else images[0].device
@@ -205,15 +203,14 @@ def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: Preproce
         word = images.word_bytes()
         starts = _row_starts(uploaded[4 * n :], uploaded[:n], uploaded[n : 2 * n], max(heights), images.planar)
         starts = starts // word if word > 1 else starts
-    as_rows = gather and not images.planar and (device.type == "cuda" if interleaved is None else interleaved)
+    as_rows = gather and not images.planar and interleaved
     for start, stop in _chunks(shapes, chunk, max_canvas_bytes // 3):
         h_max, w_max = max(heights[start:stop]), max(widths[start:stop])
         rows = dense_weights(row_at[start:stop], row_taps[start:stop], h_max)  # (n, height, h_max)
         cols = dense_weights(col_at[start:stop], col_taps[start:stop], w_max).transpose(1, 2)  # (n, w_max, width)
-        if as_rows:  # (n, h_max, 3 w_max) → (n, height, 3 width): vertical, then horizontal
+        if as_rows:  # (n, h_max, 3 w_max) rows as they lie → (n, height, width, 3)
             canvas_rows = _gathered_rows(images, starts[start:stop, :, :h_max], w_max, word).to(dtype)
-            x = (rows @ canvas_rows) @ _per_channel(cols)
-            out[start:stop] = x.round_().clamp_(0, 255).view(-1, cfg.height, cfg.width, 3)  # cast in the copy
+            out[start:stop] = _as_they_lie(rows, canvas_rows, cols).round_().clamp_(0, 255)  # cast in the copy
             continue
         if gather:
             canvas = _gathered_canvas(images, starts[start:stop, :, :h_max], w_max, word)
@@ -291,12 +288,15 @@ def _gathered_canvas(images: PackedImages, starts: torch.Tensor, w_max: int, wor
     return rows.view(n, 3, h_max, w_max) if images.planar else rows.view(n, h_max, w_max, 3).permute(0, 3, 1, 2)
 
 
-def _per_channel(cols: torch.Tensor) -> torch.Tensor:
-    """(n, w, width) filters → (n, 3 w, 3 width), block-diagonal over the channels: interleaved (w, 3) values in,
-    interleaved (width, 3) out, each channel through the same filter."""
-    n, w, width = cols.shape
-    eye = torch.eye(3, dtype=cols.dtype, device=cols.device)
-    return (cols[:, :, None, :, None] * eye[:, None, :]).reshape(n, 3 * w, 3 * width)
+def _as_they_lie(rows: torch.Tensor, canvas_rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(n, height, h) and (n, w, width) filters over (n, h, 3 w) rows of interleaved pixels → (n, height, width, 3),
+    a view. The vertical pass is made transposed, (3 w, height) per image, which is each image's (w, 3 height)
+    matrix of column x against channel and output row: the horizontal pass is then one plain product over w, with no
+    copy and no filter spread over the channels."""
+    n, height, width = rows.shape[0], rows.shape[1], cols.shape[2]
+    x = canvas_rows.transpose(1, 2) @ rows.transpose(1, 2)  # (n, 3 w, height); both transposes are the product's
+    x = cols.transpose(1, 2) @ x.view(n, -1, 3 * height)  # (n, width, 3 height)
+    return x.view(n, width, 3, height).permute(0, 3, 1, 2)
 
 
 def gpu_resizes(cfg: PreprocessConfig) -> bool:

@@ -209,6 +209,13 @@ def test_draft_parity_benchmark_runs(tmp_path):
     assert sizes["384"]["draft_scales"] == {"1/1": 16} and sizes["384"]["cpu, --no-draft"]["max_levels"] == 0
 
 
+def test_resize_layouts_benchmark_runs(tmp_path):
+    _run("benchmarks/resize_layouts.py", "--images", "6", "--rounds", "1", "--json", str(tmp_path / "resize.json"))
+    result = json.loads((tmp_path / "resize.json").read_text())
+    assert result["dtype"] == "float32" and len(result["whole_ms"]) == 4 and len(result["products_ms"]) == 2
+    assert all(ms > 0 for table in ("whole_ms", "products_ms") for ms in result[table].values())
+
+
 def test_nvjpeg_scaled_probe_runs_on_the_cpu_with_pillow_standing_in(tmp_path):
     """`--smoke`: Pillow's draft decode in the engines' place. A draft-scaled decode resized on the device is the
     CPU path's draft pixels to a few levels (the resize's rounding), and its sizes are Pillow's."""

@@ -1,0 +1,123 @@
+"""The GPU image path's resize (`encoder.resize.resize_like_pil`) by layout, on the GPU if there is one.
+
+    python benchmarks/resize_layouts.py [--images 256] [--rounds 5] [--json F]
+
+A batch of realistic 640-px photos (scikit-image's, quality 90), decoded at full size and packed
+in one buffer as the GPU decoders hand them over: interleaved (h, w, 3) as nvImageCodec's, planar
+(3, h, w) as nvJPEG's once packed. Timed, each against the first in the same process:
+
+- the whole resize of the interleaved batch channel by channel (`interleaved=False`, as before),
+  as the pixels lie (the default), and as they lie in draft mode (the reduction folded into the
+  filters: the same products); the planar batch (channel by channel, its only way);
+- the interleaved path's two products alone, with the horizontal filter made block-diagonal
+  over the channels (the first version of resizing as the pixels lie) against the vertical pass
+  made transposed (`encoder.resize._as_they_lie`).
+
+float16 on CUDA (what the GPU worker runs), float32 on the CPU. Milliseconds per batch, medians
+of `--rounds`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from benchmarks.common import machine, realistic_jpegs  # noqa: E402
+from encoder.preprocess import PreprocessConfig  # noqa: E402
+from encoder.resize import PackedImages, _as_they_lie, dense_weights, pack_images, pil_taps, resize_like_pil  # noqa: E402
+
+
+def interleaved(images: list[np.ndarray], device: torch.device) -> PackedImages:
+    """(h, w, 3) images side by side in one buffer with a widest row's room after the last, as nvImageCodec's."""
+    room = np.zeros(3 * max(i.shape[1] for i in images), np.uint8)
+    buffer = torch.from_numpy(np.concatenate([i.ravel() for i in images] + [room])).to(device)
+    offsets = tuple(int(o) for o in np.cumsum([0] + [i.size for i in images[:-1]]))
+    return PackedImages(buffer, offsets, tuple(i.shape[:2] for i in images))
+
+
+def block_diagonal(cols: torch.Tensor) -> torch.Tensor:
+    """(n, w, width) → (n, 3 w, 3 width): the horizontal filter spread over the interleaved channels."""
+    n, w, width = cols.shape
+    eye = torch.eye(3, dtype=cols.dtype, device=cols.device)
+    return (cols[:, :, None, :, None] * eye[:, None, :]).reshape(n, 3 * w, 3 * width)
+
+
+def timed_ms(fn, device: torch.device, rounds: int) -> float:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()  # warm: kernels, workspaces, the allocator's blocks
+    times = []
+    for _ in range(rounds):
+        sync()
+        started = time.perf_counter()
+        fn()
+        sync()
+        times.append(1e3 * (time.perf_counter() - started))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=None, help="photos per batch (256 on CUDA, 64 on the CPU)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    count = args.images or (256 if device.type == "cuda" else 64)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    with tempfile.TemporaryDirectory() as tmp:
+        photos = [np.asarray(Image.open(io.BytesIO(p.read_bytes())).convert("RGB"))
+                  for p in realistic_jpegs(Path(tmp), count)]  # fmt: skip
+    cfg = PreprocessConfig()
+    packed = interleaved(photos, device)
+    planar = pack_images([torch.from_numpy(p.copy()).permute(2, 0, 1).to(device) for p in photos])
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else machine()
+    results: dict = {"device": gpu, "dtype": str(dtype).removeprefix("torch."),
+                     "photos": f"{count} JPEGs of 640 px, {len({p.shape for p in photos})} sizes", "whole_ms": {}}  # fmt: skip
+    whole = {
+        "interleaved, channel by channel (before)": lambda: resize_like_pil(packed, cfg, interleaved=False),
+        "interleaved, as the pixels lie (now)": lambda: resize_like_pil(packed, cfg),
+        "interleaved, as the pixels lie, draft mode": lambda: resize_like_pil(packed, cfg, draft=True),
+        "planar (nvJPEG's, packed), channel by channel": lambda: resize_like_pil(planar, cfg),
+    }
+    for name, fn in whole.items():
+        results["whole_ms"][name] = round(timed_ms(fn, device, args.rounds), 2)
+
+    # The two products alone, on one chunk's canvas (all of the batch; 640-px photos stay under the canvas limit).
+    n, h_max, w_max = count, max(p.shape[0] for p in photos), max(p.shape[1] for p in photos)
+    sizes = torch.tensor([p.shape[0] for p in photos] + [p.shape[1] for p in photos], device=device)
+    rows = dense_weights(*pil_taps(sizes[:n], cfg.height, cfg.resample, h_max), h_max).to(dtype)
+    cols = dense_weights(*pil_taps(sizes[n:], cfg.width, cfg.resample, w_max), w_max).to(dtype).transpose(1, 2)
+    canvas = torch.randint(0, 256, (n, h_max, 3 * w_max), device=device).to(dtype)
+    products = {
+        "block-diagonal horizontal filter (first version)": lambda: (rows @ canvas) @ block_diagonal(cols),
+        "vertical pass transposed (now)": lambda: _as_they_lie(rows, canvas, cols),
+    }
+    results["products_ms"] = {name: round(timed_ms(fn, device, args.rounds), 2) for name, fn in products.items()}
+    print(json.dumps(results, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"\n{results['device']}, {results['dtype']}; {results['photos']}; medians of {args.rounds}")
+    print("| resize | ms per batch | × the first |\n| --- | ---: | ---: |")
+    for table in ("whole_ms", "products_ms"):
+        first = next(iter(results[table].values()))
+        for name, ms in results[table].items():
+            print(f"| {name} | {ms:.2f} | {ms / first:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
