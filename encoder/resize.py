@@ -216,11 +216,10 @@ def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: Preproce
             canvas = _gathered_canvas(images, starts[start:stop, :, :h_max], w_max, word)
         else:
             canvas = _canvas([images[k] for k in order[start:stop]], shapes[start:stop], h_max, w_max)
-        x = canvas.to(dtype, memory_format=torch.contiguous_format) @ cols[:, None]  # horizontal first, as PIL
-        x = rows[:, None] @ x  # (n, 3, height, width)
+        x = _plane_by_plane(rows, canvas.to(dtype, memory_format=torch.contiguous_format), cols)
         # Rounded in the products' own dtype (its integers up to 2048 are exact: the same values as in float32),
         # cast to uint8 by the copy into `out`: no float32 copy, no uint8 one.
-        out[start:stop] = x.round_().clamp_(0, 255).permute(0, 2, 3, 1)
+        out[start:stop] = x.round_().clamp_(0, 255)
     return out if order == list(range(n)) else out[uploaded[2 * n : 3 * n]]
 
 
@@ -296,6 +295,18 @@ def _as_they_lie(rows: torch.Tensor, canvas_rows: torch.Tensor, cols: torch.Tens
     n, height, width = rows.shape[0], rows.shape[1], cols.shape[2]
     x = canvas_rows.transpose(1, 2) @ rows.transpose(1, 2)  # (n, 3 w, height); both transposes are the product's
     x = cols.transpose(1, 2) @ x.view(n, -1, 3 * height)  # (n, width, 3 height)
+    return x.view(n, width, 3, height).permute(0, 3, 1, 2)
+
+
+def _plane_by_plane(rows: torch.Tensor, canvas: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(n, height, h) and (n, w, width) filters over (n, 3, h, w) planes → (n, height, width, 3), a view. The
+    horizontal pass first, as PIL's, over the (3·h, w) matrix of each image's three planes, made transposed: each
+    image's (width, 3·h) matrix, which read as (3·width, h) is the vertical pass's plain operand. No filter is
+    broadcast over the channels (a copy of each, three times its size, for a batched product)."""
+    n, _, h, w = canvas.shape
+    height, width = rows.shape[1], cols.shape[2]
+    x = cols.transpose(1, 2) @ canvas.view(n, 3 * h, w).transpose(1, 2)  # (n, width, 3 h)
+    x = x.view(n, 3 * width, h) @ rows.transpose(1, 2)  # (n, 3 width, height)
     return x.view(n, width, 3, height).permute(0, 3, 1, 2)
 
 
