@@ -128,10 +128,10 @@ def draft_taps(in_sizes: torch.Tensor, scales: torch.Tensor, out_size: int, resa
     `reduced_length` the largest), each reduced pixel the mean of the pixels it covers (fewer at the far edge), as
     taps over the full-size image: `most` (the largest scale) times the window. The resize then costs the same.
 
-    A box mean is what libjpeg's scaled inverse DCT nearly is: measured on 120 photos of 640 px, 224-px model input
-    (1/2), the model input is within 0.21 levels on average of the CPU path's draft pixels (99th percentile 2,
-    most 28, where chroma edges are sharp), against 0.65 (8, 81) decoded at full size; at 96 px (1/4), 0.30 (2,
-    16) against 1.41 (14, 89)."""
+    A box mean is what libjpeg's scaled inverse DCT nearly is: on 300 photos of 640 px (benchmarks/draft_parity.py),
+    a 224-px model input (mostly 1/2) is within 0.29 levels on average of the CPU path's draft pixels (99th
+    percentile 2, most 30, where chroma edges are sharp), against 0.76 (8, 90) resized from the full size without
+    it; at 96 px (mostly 1/4), 0.31 (1, 18) against 1.45 (15, 111)."""
     if most == 1:  # nothing reduced
         return pil_taps(in_sizes, out_size, resample, reduced_length)
     positions, taps = pil_taps(-(-in_sizes // scales), out_size, resample, reduced_length)
