@@ -271,6 +271,27 @@ def test_windowed_weights_equal_the_weights_of_every_pair(resample, out_size):
         assert torch.equal(dense_weights(*pil_taps(sizes, out_size, resample, length), length), expected)
 
 
+@settings(max_examples=80, derandomize=True, deadline=None)
+@given(images=st.lists(st.tuples(st.integers(1, 700), st.sampled_from([1, 2, 4, 8])), min_size=1, max_size=5),
+       out_size=st.integers(4, 120), resample=st.sampled_from([2, 3]))  # fmt: skip
+def test_draft_taps_are_pils_filter_over_the_box_means_of_each_scale(images, out_size, resample):
+    """The weights `draft_taps` lays over a full-size row: PIL's filter over the row reduced at its scale (each side
+    rounded up), times the box mean that makes each reduced pixel from the up to `scale` pixels it covers."""
+    from encoder.resize import draft_taps
+
+    sizes, scales = torch.tensor([s for s, _ in images]), torch.tensor([k for _, k in images])
+    reduced = -(-sizes // scales)
+    length = int(sizes.max())
+    got = dense_weights(*draft_taps(sizes, scales, out_size, resample, int(reduced.max()), int(scales.max())), length)
+    for k, (size, scale) in enumerate(images):
+        box = torch.zeros(int(reduced[k]), length, dtype=torch.float64)
+        for r in range(box.shape[0]):
+            covers = range(r * scale, min(size, (r + 1) * scale))
+            box[r, covers.start : covers.stop] = 1 / len(covers)
+        pil = _weights_every_pair(reduced[k : k + 1], out_size, resample, int(reduced[k]))[0].to(torch.float64)
+        torch.testing.assert_close(got[k].to(torch.float64), pil @ box, atol=1e-6, rtol=0)
+
+
 def test_a_chunk_ends_before_its_canvas_outgrows_the_limit():
     small, large = (10, 10), (100, 100)
     assert _chunks([small] * 5 + [large], 64, 1000) == [(0, 5), (5, 6)]  # 5 small: 500 pixels; with the large one
