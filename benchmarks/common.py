@@ -52,6 +52,18 @@ def realistic_jpegs(folder: Path, count: int, width: int = 640, quality: int = 9
     return paths
 
 
+LEVEL = 2 / 255  # one uint8 level in the model's normalised units (mean 0.5, std 0.5: a range of 2)
+
+
+def level_diff(a: np.ndarray, b: np.ndarray) -> dict:
+    """|a − b| of two uint8 arrays in levels: mean, 99th percentile, max, the share of values equal; and the mean
+    and max in normalised units."""
+    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return {"mean_levels": round(float(d.mean()), 3), "p99_levels": int(np.percentile(d, 99)),
+            "max_levels": int(d.max()), "equal_pct": round(100 * float((d == 0).mean()), 1),
+            "mean_normalised": round(float(d.mean()) * LEVEL, 4), "max_normalised": round(int(d.max()) * LEVEL, 3)}  # fmt: skip
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

@@ -33,18 +33,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.common import machine, realistic_jpegs  # noqa: E402
+from benchmarks.common import level_diff, machine, realistic_jpegs  # noqa: E402
 from encoder.preprocess import DecodeLimits, PreprocessConfig, decode_image, draft_scale  # noqa: E402
 from encoder.resize import resize_like_pil  # noqa: E402
-
-LEVEL = 2 / 255  # one uint8 level in the model's normalised units
-
-
-def differences(a: np.ndarray, b: np.ndarray) -> dict:
-    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
-    return {"mean_levels": round(float(d.mean()), 3), "p99_levels": int(np.percentile(d, 99)),
-            "max_levels": int(d.max()), "mean_normalised": round(float(d.mean()) * LEVEL, 4),
-            "max_normalised": round(int(d.max()) * LEVEL, 3)}  # fmt: skip
 
 
 def main() -> None:
@@ -71,7 +62,7 @@ def main() -> None:
         }
         results["sizes"][size] = {
             "draft_scales": {f"1/{k}": scales.count(k) for k in sorted(set(scales))},
-            **{name: differences(pixels, cpu_draft) for name, pixels in rows.items()},
+            **{name: level_diff(pixels, cpu_draft) for name, pixels in rows.items()},
         }
     print(json.dumps(results, indent=2))
     if args.json:

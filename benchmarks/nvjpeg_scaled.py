@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import realistic_jpegs  # noqa: E402
+from benchmarks.common import level_diff, realistic_jpegs  # noqa: E402
 from benchmarks.cuda_timeline import record  # noqa: E402
 from encoder.preprocess import DecodeLimits, PreprocessConfig, decode_image, draft_scale  # noqa: E402
 from encoder.resize import PackedImages, resize_like_pil  # noqa: E402
@@ -52,7 +52,6 @@ MAX_COMPONENT = 4
 STATUS = {1: "NOT_INITIALIZED", 2: "INVALID_PARAMETER", 3: "BAD_JPEG", 4: "JPEG_NOT_SUPPORTED",
           5: "ALLOCATOR_FAILURE", 6: "EXECUTION_FAILED", 7: "ARCH_MISMATCH", 8: "INTERNAL_ERROR",
           9: "IMPLEMENTATION_NOT_SUPPORTED", 10: "INCOMPLETE_BITSTREAM"}  # fmt: skip
-LEVEL = 2 / 255  # one uint8 level in the model's normalised units (mean 0.5, std 0.5)
 
 
 class NvjpegImage(ctypes.Structure):  # nvjpegImage_t
@@ -216,14 +215,6 @@ class ProductDecoder:
         if len(done) != len(datas):
             raise NvjpegError(f"nvImageCodec decoded {len(done)} of {len(datas)}")
         return packed
-
-
-def level_diff(a: np.ndarray, b: np.ndarray) -> dict:
-    """|a − b| in uint8 levels: mean, max, the share of values equal; and the mean and max in normalised units."""
-    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
-    return {"mean_levels": round(float(d.mean()), 3), "max_levels": int(d.max()),
-            "equal_pct": round(100 * float((d == 0).mean()), 1),
-            "mean_normalised": round(float(d.mean()) * LEVEL, 4), "max_normalised": round(int(d.max()) * LEVEL, 3)}  # fmt: skip
 
 
 def draft_decode(data: bytes, cfg: PreprocessConfig) -> np.ndarray:
