@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import level_diff, realistic_jpegs  # noqa: E402
 from benchmarks.cuda_timeline import record  # noqa: E402
-from encoder.preprocess import DecodeLimits, PreprocessConfig, decode_image, draft_scale  # noqa: E402
+from encoder.preprocess import DecodeLimits, PreprocessConfig, decode_image, draft_scale, draft_size  # noqa: E402
 from encoder.resize import PackedImages, resize_like_pil  # noqa: E402
 
 BACKEND_HARDWARE = 3
@@ -60,11 +60,6 @@ class NvjpegImage(ctypes.Structure):  # nvjpegImage_t
 
 class NvjpegError(RuntimeError):
     pass
-
-
-def scaled_size(height: int, width: int, divisor: int) -> tuple[int, int]:
-    """The decode's output at 1/`divisor`: each side rounded up, as nvJPEG's guide gives it (and libjpeg does)."""
-    return math.ceil(height / divisor), math.ceil(width / divisor)
 
 
 def library() -> Path:
@@ -148,7 +143,7 @@ class HardwareJpeg:
         """Image k at 1/`divisors[k]`, side by side in one buffer with a widest row's room after the last (so the
         resize gathers them as it does nvImageCodec's batches), decoded on the current stream."""
         n = len(datas)
-        shapes = [scaled_size(*self.shape(d), k) for d, k in zip(datas, divisors, strict=True)]
+        shapes = [draft_size(*self.shape(d), k) for d, k in zip(datas, divisors, strict=True)]
         offsets, total = [], 0
         for h, w in shapes:
             offsets.append(total)

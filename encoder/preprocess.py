@@ -27,6 +27,7 @@ __all__ = [
     "check_pixel_batch",
     "decode_image",
     "draft_scale",
+    "draft_size",
     "normalize_pixels",
     "prepare_image",
     "to_pixel_values",
@@ -156,6 +157,11 @@ def draft_scale(height: int, width: int, cfg: PreprocessConfig) -> int:
     but 640×427 → 1/1. Sides as stored (the decode's `draft` call swaps the input's for EXIF rotations)."""
     most = min(width // cfg.width, height // cfg.height)
     return next((s for s in (8, 4, 2) if most >= s), 1)
+
+
+def draft_size(height: int, width: int, scale: int) -> tuple[int, int]:
+    """(height, width) of a JPEG decoded at 1/`scale`: each side rounded up, as libjpeg (and nvJPEG) make it."""
+    return -(-height // scale), -(-width // scale)
 
 
 def _orientation(image: Image.Image) -> int:

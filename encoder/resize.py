@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from encoder.preprocess import PreprocessConfig, draft_scale
+from encoder.preprocess import PreprocessConfig, draft_scale, draft_size
 
 __all__ = ["PackedImages", "dense_weights", "draft_taps", "gpu_resizes", "pack_images", "pil_taps", "resize_like_pil"]
 
@@ -193,7 +193,7 @@ def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: Preproce
     host = torch.tensor(heights + widths + inverse + scales + ([images.offsets[k] for k in order] if gather else []),
                         dtype=torch.int64)  # fmt: skip
     uploaded = (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
-    reduced = [(-(-h // s), -(-w // s)) for (h, w), s in zip(shapes, scales, strict=True)]  # each side rounded up
+    reduced = [draft_size(h, w, s) for (h, w), s in zip(shapes, scales, strict=True)]
     row_at, row_taps = draft_taps(uploaded[:n], uploaded[3 * n : 4 * n], cfg.height, cfg.resample,
                                   max(h for h, _ in reduced), max(scales))  # fmt: skip
     col_at, col_taps = draft_taps(uploaded[n : 2 * n], uploaded[3 * n : 4 * n], cfg.width, cfg.resample,

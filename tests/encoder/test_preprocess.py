@@ -15,6 +15,7 @@ from encoder.preprocess import (
     PreprocessConfig,
     decode_image,
     draft_scale,
+    draft_size,
     prepare_image,
     to_pixel_values,
 )
@@ -96,7 +97,7 @@ def test_draft_scale_is_the_scale_pillows_draft_mode_decodes_at(width, height, e
     image = Image.open(io.BytesIO(_encode(Image.new(mode, (width, height)), progressive=progressive)))
     image.draft("RGB", (224, 224))
     scale = draft_scale(height, width, PreprocessConfig())
-    assert image.size == (-(-width // scale), -(-height // scale))
+    assert image.size == draft_size(height, width, scale)[::-1]
     assert scale == expected
 
 
