@@ -12,11 +12,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+
+if TYPE_CHECKING:
+    from encoder.resize import PackedImages
 
 _PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "immunohistochemistry", "hubble_deep_field", "retina")
 
@@ -50,6 +54,19 @@ def realistic_jpegs(folder: Path, count: int, width: int = 640, quality: int = 9
         path.write_bytes(buffer.getvalue())
         paths.append(path)
     return paths
+
+
+def packed_interleaved(images: list[np.ndarray], device) -> PackedImages:
+    """(h, w, 3) uint8 images side by side in one buffer on `device`, with a widest row's room after the last: a
+    batch as nvImageCodec's decoder hands it to the resize (`encoder.resize.PackedImages`)."""
+    import torch
+
+    from encoder.resize import PackedImages
+
+    room = np.zeros(3 * max(i.shape[1] for i in images), np.uint8)
+    buffer = torch.from_numpy(np.concatenate([i.ravel() for i in images] + [room])).to(device)
+    offsets = tuple(int(o) for o in np.cumsum([0] + [i.size for i in images[:-1]]))
+    return PackedImages(buffer, offsets, tuple(i.shape[:2] for i in images))
 
 
 LEVEL = 2 / 255  # one uint8 level in the model's normalised units (mean 0.5, std 0.5: a range of 2)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import level_diff, realistic_jpegs  # noqa: E402
+from benchmarks.common import level_diff, packed_interleaved, realistic_jpegs  # noqa: E402
 from benchmarks.cuda_timeline import record  # noqa: E402
 from encoder.preprocess import DecodeLimits, PreprocessConfig, decode_image, draft_scale, draft_size  # noqa: E402
 from encoder.resize import PackedImages, resize_like_pil  # noqa: E402
@@ -190,10 +190,7 @@ class PillowStandIn:
             if divisor > 1:
                 image.draft("RGB", (image.width // divisor, image.height // divisor))  # Pillow picks `divisor`
             arrays.append(np.asarray(image.convert("RGB")))
-        shapes = tuple(a.shape[:2] for a in arrays)
-        flat = np.concatenate([a.ravel() for a in arrays] + [np.zeros(3 * max(w for _, w in shapes), np.uint8)])
-        offsets = tuple(int(o) for o in np.cumsum([0] + [a.size for a in arrays[:-1]]))
-        return PackedImages(torch.from_numpy(flat).to(self.device), offsets, shapes)
+        return packed_interleaved(arrays, self.device)
 
 
 class ProductDecoder:

@@ -36,10 +36,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.common import machine, realistic_jpegs  # noqa: E402
+from benchmarks.common import machine, packed_interleaved, realistic_jpegs  # noqa: E402
 from encoder.preprocess import PreprocessConfig  # noqa: E402
 from encoder.resize import (  # noqa: E402
-    PackedImages,
     _as_they_lie,
     _plane_by_plane,
     dense_weights,
@@ -47,14 +46,6 @@ from encoder.resize import (  # noqa: E402
     pil_taps,
     resize_like_pil,
 )
-
-
-def interleaved(images: list[np.ndarray], device: torch.device) -> PackedImages:
-    """(h, w, 3) images side by side in one buffer with a widest row's room after the last, as nvImageCodec's."""
-    room = np.zeros(3 * max(i.shape[1] for i in images), np.uint8)
-    buffer = torch.from_numpy(np.concatenate([i.ravel() for i in images] + [room])).to(device)
-    offsets = tuple(int(o) for o in np.cumsum([0] + [i.size for i in images[:-1]]))
-    return PackedImages(buffer, offsets, tuple(i.shape[:2] for i in images))
 
 
 def block_diagonal(cols: torch.Tensor) -> torch.Tensor:
@@ -93,7 +84,7 @@ def main() -> None:
         photos = [np.asarray(Image.open(io.BytesIO(p.read_bytes())).convert("RGB"))
                   for p in realistic_jpegs(Path(tmp), count)]  # fmt: skip
     cfg = PreprocessConfig()
-    packed = interleaved(photos, device)
+    packed = packed_interleaved(photos, device)
     planar = pack_images([torch.from_numpy(p.copy()).permute(2, 0, 1).to(device) for p in photos])
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else machine()
     results: dict = {"device": gpu, "dtype": str(dtype).removeprefix("torch."),
