@@ -9,6 +9,8 @@ in one buffer as the GPU decoders hand them over: interleaved (h, w, 3) as nvIma
 - the whole resize of the interleaved batch channel by channel (`interleaved=False`),
   as the pixels lie (the default), and as they lie in draft mode (the reduction folded into the
   filters: the same products); the planar batch (channel by channel, its only way);
+- the whole resize of a batch of photos of one size (640 × 480), its canvas gathered as for
+  mixed sizes (before) against a view of the buffer (`encoder.resize._in_place`);
 - the two products alone: of the interleaved path, with the horizontal filter made
   block-diagonal over the channels (the first version of resizing as the pixels lie) against the
   vertical pass made transposed (`encoder.resize._as_they_lie`); of the channel-by-channel path,
@@ -22,6 +24,7 @@ of `--rounds`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import statistics
@@ -29,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,6 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import encoder.resize as resize  # noqa: E402
 from benchmarks.common import machine, packed_interleaved, realistic_jpegs  # noqa: E402
 from encoder.preprocess import PreprocessConfig  # noqa: E402
 from encoder.resize import (  # noqa: E402
@@ -98,6 +103,16 @@ def main() -> None:
     for name, fn in whole.items():
         results["whole_ms"][name] = round(timed_ms(fn, device, args.rounds), 2)
 
+    # Photos of one size (a catalog whose uploads are normalised): the canvas a view of the decoder's buffer, or
+    # gathered as for mixed sizes.
+    uniform = packed_interleaved([np.asarray(Image.fromarray(p).resize((640, 480))) for p in photos], device)
+    one_size = {"one size (640 × 480), gathered (before)": True, "one size, a view of the buffer (now)": False}
+    results["one_size_ms"] = {}
+    for name, gathered in one_size.items():
+        with mock.patch.object(resize, "_in_place", lambda *args: None) if gathered else contextlib.nullcontext():
+            results["one_size_ms"][name] = round(timed_ms(lambda: resize_like_pil(uniform, cfg), device,
+                                                          args.rounds), 2)  # fmt: skip
+
     # The two products alone, on one chunk's canvas (all of the batch; 640-px photos stay under the canvas limit).
     n, h_max, w_max = count, max(p.shape[0] for p in photos), max(p.shape[1] for p in photos)
     sizes = torch.tensor([p.shape[0] for p in photos] + [p.shape[1] for p in photos], device=device)
@@ -117,7 +132,9 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"\n{results['device']}, {results['dtype']}; {results['photos']}; medians of {args.rounds}")
     print("| resize | ms per batch | × its baseline |\n| --- | ---: | ---: |")
-    for table, baselines in (("whole_ms", ["channel by channel"]), ("products_ms", ["first version", "before"])):
+    tables = (("whole_ms", ["channel by channel"]), ("one_size_ms", ["before"]),
+              ("products_ms", ["first version", "before"]))  # fmt: skip
+    for table, baselines in tables:
         base = None
         for name, ms in results[table].items():
             base = ms if any(b in name for b in baselines) else base

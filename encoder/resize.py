@@ -210,11 +210,13 @@ def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: Preproce
         rows = dense_weights(row_at[start:stop], row_taps[start:stop], h_max)  # (n, height, h_max)
         cols = dense_weights(col_at[start:stop], col_taps[start:stop], w_max).transpose(1, 2)  # (n, w_max, width)
         if as_rows:  # (n, h_max, 3 w_max) rows as they lie → (n, height, width, 3)
-            canvas_rows = _gathered_rows(images, starts[start:stop, :, :h_max], w_max, word).to(dtype)
-            out[start:stop] = _as_they_lie(rows, canvas_rows, cols).round_().clamp_(0, 255)  # cast in the copy
+            canvas_rows = _canvas_rows(images, order[start:stop], starts[start:stop, :, :h_max], w_max, word)
+            out[start:stop] = (
+                _as_they_lie(rows, canvas_rows.to(dtype), cols).round_().clamp_(0, 255)
+            )  # cast in the copy
             continue
         if gather:
-            canvas = _gathered_canvas(images, starts[start:stop, :, :h_max], w_max, word)
+            canvas = _gathered_canvas(images, order[start:stop], starts[start:stop, :, :h_max], w_max, word)
         else:
             canvas = _canvas([images[k] for k in order[start:stop]], shapes[start:stop], h_max, w_max)
         x = _plane_by_plane(rows, canvas.to(dtype, memory_format=torch.contiguous_format), cols)
@@ -281,10 +283,33 @@ def _gathered_rows(images: PackedImages, starts: torch.Tensor, w_max: int, word:
     return windows.index_select(0, starts.reshape(-1)).view(torch.uint8).view(n, -1, row_bytes)
 
 
-def _gathered_canvas(images: PackedImages, starts: torch.Tensor, w_max: int, word: int = 1) -> torch.Tensor:
-    """(n, 3, h_max, w_max) uint8 (interleaved: a view of (n, h_max, w_max, 3)): `_gathered_rows` as a canvas."""
+def _in_place(images: PackedImages, positions: Sequence[int]) -> torch.Tensor | None:
+    """The canvas rows of these images (`_gathered_rows`' shape) as one strided view of the buffer, where they are
+    all one size and start at even steps in it, as a decoder lays out a batch of uniform photos; else None."""
+    if len({images.shapes[k] for k in positions}) > 1:
+        return None
+    (h, w), offsets = images.shapes[positions[0]], [images.offsets[k] for k in positions]
+    step = offsets[1] - offsets[0] if len(offsets) > 1 else 3 * h * w
+    if step < 3 * h * w or any(b - a != step for a, b in itertools.pairwise(offsets)):
+        return None
+    row_bytes = images.row_bytes(w)
+    return images.buffer.as_strided((len(offsets), 3 * h if images.planar else h, row_bytes), (step, row_bytes, 1),
+                                    offsets[0])  # fmt: skip
+
+
+def _canvas_rows(images: PackedImages, positions: Sequence[int], starts: torch.Tensor, w_max: int,
+                 word: int) -> torch.Tensor:  # fmt: skip
+    """The canvas rows of the images at `positions`: a view where they lie evenly (`_in_place`: a catalog of uniform
+    photos needs no gather), else `_gathered_rows`."""
+    in_place = _in_place(images, positions)
+    return _gathered_rows(images, starts, w_max, word) if in_place is None else in_place
+
+
+def _gathered_canvas(images: PackedImages, positions: Sequence[int], starts: torch.Tensor, w_max: int,
+                     word: int = 1) -> torch.Tensor:  # fmt: skip
+    """(n, 3, h_max, w_max) uint8 (interleaved: a view of (n, h_max, w_max, 3)): `_canvas_rows` as a canvas."""
     n, h_max = starts.shape[0], starts.shape[2]
-    rows = _gathered_rows(images, starts, w_max, word)
+    rows = _canvas_rows(images, positions, starts, w_max, word)
     return rows.view(n, 3, h_max, w_max) if images.planar else rows.view(n, h_max, w_max, 3).permute(0, 3, 1, 2)
 
 

@@ -212,8 +212,12 @@ def test_draft_parity_benchmark_runs(tmp_path):
 def test_resize_layouts_benchmark_runs(tmp_path):
     _run("benchmarks/resize_layouts.py", "--images", "6", "--rounds", "1", "--json", str(tmp_path / "resize.json"))
     result = json.loads((tmp_path / "resize.json").read_text())
-    assert result["dtype"] == "float32" and len(result["whole_ms"]) == 4 and len(result["products_ms"]) == 4
-    assert all(ms > 0 for table in ("whole_ms", "products_ms") for ms in result[table].values())
+    assert result["dtype"] == "float32" and [len(result[t]) for t in ("whole_ms", "one_size_ms", "products_ms")] == [
+        4,
+        2,
+        4,
+    ]
+    assert all(ms > 0 for table in ("whole_ms", "one_size_ms", "products_ms") for ms in result[table].values())
 
 
 def test_nvjpeg_scaled_probe_runs_on_the_cpu_with_pillow_standing_in(tmp_path):

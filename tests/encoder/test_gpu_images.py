@@ -137,6 +137,36 @@ def test_a_packed_batchs_rows_are_gathered_in_the_widest_words_that_fit_with_the
     assert torch.equal(results[0], resize_like_pil(tensors, cfg, chunk=2))
 
 
+@pytest.mark.parametrize("planar", [False, True], ids=["interleaved", "planar"])
+def test_a_chunk_of_one_size_at_even_steps_is_resized_from_a_view_of_the_buffer_not_gathered(planar, monkeypatch):
+    """A decoder's batch of uniform photos lies at even steps in its buffer: its canvas is a strided view of it,
+    the same pixels bit for bit as gathered, without the gather (one index op fewer, and its copy). Sizes that
+    differ, or steps that do not, are gathered."""
+    import encoder.resize as resize
+
+    rng = np.random.default_rng(6)
+    cfg = PreprocessConfig(height=16, width=24)
+    uniform = [torch.from_numpy(rng.integers(0, 256, (3, 30, 40), dtype=np.uint8)) for _ in range(5)]
+    mixed = [*uniform[:4], torch.from_numpy(rng.integers(0, 256, (3, 31, 40), dtype=np.uint8))]
+    gap = _packed(uniform, planar=planar)  # one more image's worth of bytes between the 2nd and the 3rd: uneven
+    step = uniform[0].numel()
+    gap = PackedImages(torch.cat([gap.buffer, torch.zeros(step, dtype=torch.uint8)]),
+                       (0, step, 3 * step, 4 * step, 5 * step), gap.shapes, planar)  # fmt: skip
+    gap.buffer[3 * step :] = _packed(uniform, planar=planar).buffer[2 * step :].clone()
+    cases = {"uniform": (_packed(uniform, planar=planar), True), "mixed": (_packed(mixed, planar=planar), False),
+             "uneven": (gap, False)}  # fmt: skip
+    for name, (packed, in_place) in cases.items():
+        assert (resize._in_place(packed, range(len(packed))) is not None) == in_place, name
+        with_views = resize_like_pil(packed, cfg)
+        ops = _aten_ops(lambda p=packed: resize_like_pil(p, cfg))
+        with monkeypatch.context() as patched:
+            patched.setattr(resize, "_in_place", lambda *args: None)  # gathered whatever the layout
+            assert torch.equal(with_views, resize_like_pil(packed, cfg)), name
+            assert (_aten_ops(lambda p=packed: resize_like_pil(p, cfg)) > ops) == in_place, name
+    separate = resize_like_pil(uniform, cfg, interleaved=False)
+    assert (resize_like_pil(cases["uniform"][0], cfg).int() - separate.int()).abs().max() <= 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # float16: what CUDA runs
 @pytest.mark.parametrize(("resample", "size", "worst"), [(3, 224, 4), (2, 224, 1), (3, 384, 10)])
 def test_interleaved_images_resized_as_they_lie_match_pil_and_the_channel_by_channel_path(jpegs, resample, size,
