@@ -45,7 +45,7 @@ class PackedImages:
             return PackedImages(self.buffer, self.offsets[k], self.shapes[k], self.planar)
         (h, w), offset = self.shapes[k], self.offsets[k]
         strides = (h * w, w, 1) if self.planar else (1, 3 * w, 3)
-        return torch.as_strided(self.buffer, (3, h, w), strides, offset)
+        return self.buffer.as_strided((3, h, w), strides, self.buffer.storage_offset() + offset)  # absolute
 
     def select(self, keep: Sequence[int]) -> PackedImages:
         return PackedImages(self.buffer, tuple(self.offsets[k] for k in keep), tuple(self.shapes[k] for k in keep),
@@ -292,9 +292,9 @@ def _in_place(images: PackedImages, positions: Sequence[int]) -> torch.Tensor | 
     step = offsets[1] - offsets[0] if len(offsets) > 1 else 3 * h * w
     if step < 3 * h * w or any(b - a != step for a, b in itertools.pairwise(offsets)):
         return None
-    row_bytes = images.row_bytes(w)
-    return images.buffer.as_strided((len(offsets), 3 * h if images.planar else h, row_bytes), (step, row_bytes, 1),
-                                    offsets[0])  # fmt: skip
+    row_bytes, buffer = images.row_bytes(w), images.buffer
+    return buffer.as_strided((len(offsets), 3 * h if images.planar else h, row_bytes), (step, row_bytes, 1),
+                             buffer.storage_offset() + offsets[0])  # fmt: skip
 
 
 def _canvas_rows(images: PackedImages, positions: Sequence[int], starts: torch.Tensor, w_max: int,

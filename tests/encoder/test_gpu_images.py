@@ -165,6 +165,11 @@ def test_a_chunk_of_one_size_at_even_steps_is_resized_from_a_view_of_the_buffer_
             assert (_aten_ops(lambda p=packed: resize_like_pil(p, cfg)) > ops) == in_place, name
     separate = resize_like_pil(uniform, cfg, interleaved=False)
     assert (resize_like_pil(cases["uniform"][0], cfg).int() - separate.int()).abs().max() <= 1
+    packed = cases["uniform"][0]  # a buffer that is itself a view past the start of its storage: views stay right
+    shifted = PackedImages(torch.cat([torch.zeros(5, dtype=torch.uint8), packed.buffer])[5:], packed.offsets,
+                           packed.shapes, planar)  # fmt: skip
+    assert shifted.buffer.storage_offset() == 5 and all(torch.equal(shifted[k], t) for k, t in enumerate(uniform))
+    assert torch.equal(resize_like_pil(shifted, cfg), resize_like_pil(packed, cfg))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # float16: what CUDA runs
