@@ -211,9 +211,8 @@ def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: Preproce
         cols = dense_weights(col_at[start:stop], col_taps[start:stop], w_max).transpose(1, 2)  # (n, w_max, width)
         if as_rows:  # (n, h_max, 3 w_max) rows as they lie → (n, height, width, 3)
             canvas_rows = _canvas_rows(images, order[start:stop], starts[start:stop, :, :h_max], w_max, word)
-            out[start:stop] = (
-                _as_they_lie(rows, canvas_rows.to(dtype), cols).round_().clamp_(0, 255)
-            )  # cast in the copy
+            x = _as_they_lie(rows, canvas_rows.to(dtype), cols)
+            out[start:stop] = x.round_().clamp_(0, 255)  # cast in the copy
             continue
         if gather:
             canvas = _gathered_canvas(images, order[start:stop], starts[start:stop, :, :h_max], w_max, word)
