@@ -40,7 +40,7 @@ from encoder.failures import MemoryBackoff, Throttled, attempt, device_failed, i
 from encoder.gpu_images import GpuImages
 from encoder.model import ImageEncoder, PendingVectors
 
-__all__ = ["BackgroundEmbedder", "Checked", "StreamBatch", "embed_checked", "embed_stream"]
+__all__ = ["BackgroundEmbedder", "Checked", "HeldInputs", "StreamBatch", "embed_checked", "embed_stream"]
 
 log = logging.getLogger(__name__)
 
@@ -232,9 +232,10 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
             return number, batch
 
     def decode_stage(side: torch.cuda.Stream | None) -> None:
-        number = None
+        number, held = None, HeldInputs()
         try:
             while not stop.is_set():
+                held.release()
                 if not pulls.acquire(timeout=0.1):
                     continue
                 got = pull()
@@ -249,15 +250,20 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
                     reasons = _journaled(journal, images, keys, datas, reasons, (stream, number))
                 with on(side):
                     batch = images.decode(datas, *reasons)
-                    done = _event_on(side) if resize is not side else None
-                decoded.put((number, (list(keys), batch, done)))
-                # Decoded: let the encoded images go before waiting for the next batch. They may be views of a
-                # file reader's ring, whose slots the thread that feeds this stream may be waiting for.
+                    done = _event_on(side) if side is not None else None
+                decoded.put((number, (list(keys), batch, done if resize is not side else None)))
+                # Decoded: let the encoded images go before waiting for the next batch, or once the GPU has copied
+                # them. They may be views of a file reader's ring, whose slots the thread that feeds this stream may
+                # be waiting for; page-locked, a decoder's copies from them run after its call returns.
+                held.add(done, datas)
                 del got, item, keys, datas, reasons, batch, done
         except BaseException as err:  # noqa: BLE001 - handed on, raised in the consumer
             with pulling:
                 pulled["over"] = True
             decoded.put((number, err))
+        finally:
+            with contextlib.suppress(Exception):  # a device that failed copies nothing more; its error is on its way
+                held.release(everything=True)
 
     def finish_stage() -> None:
         waiting, expected = {}, 0  # batch number → its item, decoded ahead of those before it
@@ -331,6 +337,38 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
             stage.join(timeout=5)
         if journal is not None and not device_down:  # an ordinary error: no image on the GPU caused it
             journal.forget([(stream, n) for n in range(pulled["count"])])
+
+
+class HeldInputs:
+    """Encoded inputs kept until the GPU work queued after their decode is done, then let go (oldest first).
+
+    A GPU decoder given page-locked memory (`encoder.page_lock`) copies from it after the call returns, so a file
+    reader's ring slot must not be written again before then. At most `most` batches wait here; past that, the
+    oldest is waited for. An input without an event (the CPU path) is let go at once.
+    """
+
+    def __init__(self, most: int = 2) -> None:
+        self._held: collections.deque = collections.deque()  # (event, inputs), in the order queued on one stream
+        self._most = most
+
+    def add(self, event: torch.cuda.Event | None, inputs: object) -> None:
+        if event is not None:
+            self._held.append((event, inputs))
+        self.release()
+
+    def release(self, everything: bool = False) -> None:
+        """Let go of the inputs whose GPU work is done, waiting for the oldest while more than `most` (or any, with
+        `everything`) are held."""
+        while self._held:
+            event, _ = self._held[0]
+            if not event.query():
+                if len(self._held) <= (0 if everything else self._most):
+                    return
+                event.synchronize()
+            self._held.popleft()
+
+    def __len__(self) -> int:
+        return len(self._held)
 
 
 def _journaled(journal: DecodeJournal, images: GpuImages, keys, datas, reasons: list, batch: Hashable) -> list:

@@ -21,6 +21,7 @@ from encoder.decode_journal import DecodeJournal, journal_dir
 from encoder.gpu_images import GpuImages
 from encoder.gpu_stream import embed_stream
 from encoder.model import ImageEncoder
+from encoder.page_lock import page_locker
 from pipelines.file_reader import ProcessReader, ReadLimits, ThreadReader
 from pipelines.heap import frozen_heap
 from pipelines.records import FAILURE_SCHEMA, embedding_schema, fresh_embedding_table, shard_writer_options
@@ -70,7 +71,7 @@ def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, 
     journaled = (DecodeJournal(journal or journal_dir(str(out.resolve())), digest_of=lambda key: key[1])
                  if images.decodes_on_gpu else None)  # fmt: skip
     try:
-        with frozen_heap(), READERS[reader](limits, readers) as files:
+        with frozen_heap(), _reader(reader, limits, readers, images) as files:
             for batch in embed_stream(encoder, images, batches(files), prefetch=prefetch, in_flight=in_flight,
                                       journal=journaled):  # fmt: skip
                 failures.extend((path, path, stage, reason) for (path, _), stage, reason in batch.failed)
@@ -91,6 +92,13 @@ def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, 
                    out / "failures.parquet")  # fmt: skip
     result.dead_lettered = len(failures)
     return result
+
+
+def _reader(kind: str, limits: ReadLimits, readers: int, images: GpuImages) -> FileReader:
+    """The files' reader; reader processes' ring page-locked where the GPU decoder copies from it."""
+    if kind == "processes":
+        return ProcessReader(limits, readers, page_lock=page_locker(images.device) if images.decodes_on_gpu else None)
+    return READERS[kind](limits, readers)
 
 
 class _Shards:

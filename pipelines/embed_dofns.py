@@ -27,10 +27,12 @@ from apache_beam.utils.shared import Shared
 
 from encoder import DecodeLimits, ImageEncoder, load_encoder
 from encoder.decode_journal import DecodeJournal, journal_dir
+from encoder.devices import gpu_for_process
 from encoder.failures import MemoryBackoff
 from encoder.gpu_images import GpuImages, batches_progressive
 from encoder.gpu_stream import BackgroundEmbedder
 from encoder.nvimgcodec import library_problem as nvimgcodec_problem
+from encoder.page_lock import page_locker
 from encoder.resize import gpu_resizes
 from pipelines import storage
 from pipelines.catalog import ItemChunk
@@ -151,7 +153,7 @@ class FetchAndDecode(beam.DoFn):
         # GPU threads.
         self._reader = (file_reader_for(self._cfg.limits, batches_progressive(gpu_decoder_name(self._cfg)),
                                         self._cfg.batch_size, self._cfg.workers, self._cfg.gpu_decode_threads,
-                                        self._cfg.hedge_reads)
+                                        self._cfg.hedge_reads, _this_gpu())
                         if self._defer_decode else None)  # fmt: skip
         self._progress = ProgressLog("fetched", self._total)
         self._prepare = PrepareAhead()  # the next chunks' object-store reads out while this one is handed on
@@ -395,8 +397,9 @@ _READERS: dict[tuple[ReadLimits, int], ProcessReader] = {}
 _READERS_LOCK = threading.Lock()
 
 
-def file_reader_for(limits: DecodeLimits, progressive: bool = True, batch_size: int = 256,
-                    workers: int = 1, decode_threads: int = 1, hedge: bool = True) -> ProcessReader:  # fmt: skip
+def file_reader_for(limits: DecodeLimits, progressive: bool = True, batch_size: int = 256, workers: int = 1,
+                    decode_threads: int = 1, hedge: bool = True,
+                    gpu: torch.device | None = None) -> ProcessReader:  # fmt: skip
     """This process's reader processes for image files and gs:// objects, started on first use, stopped at exit: one set
     per worker process however many fetch steps its threads run (their reads run together).
     `progressive`: whether the GPU decoder batches progressive JPEGs (their route depends on it).
@@ -405,7 +408,8 @@ def file_reader_for(limits: DecodeLimits, progressive: bool = True, batch_size: 
     stream decodes the batches before them, and one more per GPU decode thread past the first
     (`encoder.gpu_stream` takes a batch ahead per thread). Short of slots, reads go without (a copy more).
     `workers`: the local runner's worker processes, which share this machine's cores (at most 8 readers each).
-    `hedge`: object-store reads in the latency tail get a second request (`pipelines.hedged_reads`)."""
+    `hedge`: object-store reads in the latency tail get a second request (`pipelines.hedged_reads`).
+    `gpu`: the GPU whose decoder reads the ring, page-locked for it (`encoder.page_lock`); None: left pageable."""
     chunk = 8  # a 256-item fetch element (`embed.fetch_chunk_size`) spreads over 32 slots
     per_batch = -(-batch_size // chunk)
     slots = max(224, (2 + READ_AHEAD) * per_batch + 16) + (decode_threads - 1) * per_batch
@@ -413,9 +417,15 @@ def file_reader_for(limits: DecodeLimits, progressive: bool = True, batch_size: 
     with _READERS_LOCK:
         if key not in _READERS:
             processes = reader_processes(os.cpu_count() or 1, workers)
-            _READERS[key] = ProcessReader(key[0], processes, chunk=chunk, slots=slots)
+            _READERS[key] = ProcessReader(key[0], processes, chunk=chunk, slots=slots,
+                                          page_lock=page_locker(gpu) if gpu is not None else None)  # fmt: skip
             atexit.register(_READERS[key].close)
         return _READERS[key]
+
+
+def _this_gpu() -> torch.device | None:
+    """The GPU this worker process embeds on (`gpu_for_process`), whose decoder reads the file readers' ring."""
+    return gpu_for_process() if torch.cuda.is_available() else None
 
 
 def reader_processes(cores: int, workers: int) -> int:

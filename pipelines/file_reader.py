@@ -37,7 +37,7 @@ import tempfile
 import threading
 import traceback
 import weakref
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -274,16 +274,26 @@ class ProcessReader:
     by other threads' reads, slow a read down but never stop it. The defaults hold ten batches
     of 256 and take 640 MiB of address space, resident only where written: ~180 MiB for 70 KB
     photos. Several threads may read at once; one of them at a time receives the replies for all.
+
+    `page_lock(address, size)`, when given, page-locks the ring for a GPU and returns the call that unlocks it
+    (`encoder.page_lock.page_locker`): the GPU decoders then copy the bytes from it by DMA. The whole ring is then
+    resident, not only what was written. If it raises, the reader goes on with the ring as it is, and says why in
+    `page_lock_problem`.
     """
 
     def __init__(self, limits: ReadLimits, processes: int = 8, chunk: int = 16, slot_bytes: int = 4 << 20,
-                 slots: int = 160, chunks_at_once: int = CHUNKS_PER_PROCESS) -> None:  # fmt: skip
+                 slots: int = 160, chunks_at_once: int = CHUNKS_PER_PROCESS,
+                 page_lock: Callable[[int, int], Callable[[], None]] | None = None) -> None:  # fmt: skip
         if min(processes, chunk, slot_bytes, slots, chunks_at_once) < 1:
             raise ValueError("processes, chunk, slot_bytes, slots and chunks_at_once must be positive")
         self.limits, self.chunk, self.slot_bytes, self.slots = limits, chunk, slot_bytes, slots
         self.chunks_at_once = chunks_at_once
         self._fd, self._ring = _shared_ring(slots * slot_bytes)
         self._view = memoryview(self._ring)
+        self._unlock: Callable[[], None] | None = None
+        self.page_lock_problem: str | None = None  # why `page_lock` failed
+        if page_lock is not None:
+            self._page_lock(page_lock)
         self._free: queue.Queue[int] = queue.Queue()
         for slot in range(slots):
             self._free.put(slot)
@@ -297,6 +307,24 @@ class ProcessReader:
         self._receiving = False
         self._next_id = 0
         self._workers = [self._start(i) for i in range(processes)]
+
+    @property
+    def page_locked(self) -> bool:
+        """Whether the ring is page-locked for a GPU (`page_lock`)."""
+        return self._unlock is not None
+
+    def _page_lock(self, page_lock: Callable[[int, int], Callable[[], None]]) -> None:
+        import ctypes
+
+        anchor = ctypes.c_char.from_buffer(self._ring)  # let go at once: an export would keep the ring mapped
+        address = ctypes.addressof(anchor)
+        del anchor
+        try:
+            self._unlock = page_lock(address, self.slots * self.slot_bytes)
+        except Exception as err:  # noqa: BLE001 - only slower without it: say so and go on
+            self.page_lock_problem = str(err) or type(err).__name__
+            log.warning("could not page-lock the file readers' ring (%s); the GPU decoder copies from pageable "
+                        "memory", self.page_lock_problem)  # fmt: skip
 
     def _start(self, index: int) -> _Worker:
         """A fresh interpreter running `_serve`: multiprocessing's spawn and forkserver would run the
@@ -472,6 +500,9 @@ class ProcessReader:
             worker.tasks.close()
             worker.replies.close()
         self._workers = []
+        if self._unlock is not None:  # before the ring can be unmapped
+            self._unlock()
+            self._unlock = None
         if self._fd >= 0:
             os.close(self._fd)  # the mapping stays valid while batches still point into it
             self._fd = -1

@@ -16,7 +16,7 @@ import torch
 from benchmarks.common import realistic_jpegs
 from encoder import DecodeLimits
 from encoder.gpu_images import GpuImages
-from encoder.gpu_stream import BackgroundEmbedder, embed_checked, embed_stream
+from encoder.gpu_stream import BackgroundEmbedder, HeldInputs, embed_checked, embed_stream
 from encoder.model import batch_for_memory
 from pipelines.direct_embed import embed_files
 from tests.encoder.test_gpu_images import _pil_decoder, _png
@@ -104,14 +104,14 @@ def test_each_stage_runs_on_its_stream_after_the_stage_before(tiny_encoder, file
     def steps(thread: str) -> list[tuple[str, ...]]:
         return [entry[1:] for entry in cuda.log if entry[0] == thread]
 
+    # each batch's decode is followed by an event, which says when its encoded images may go (`HeldInputs`)
+    assert steps("gpu-decode") == [("side", "decode"), ("side", "event")] * 3
     if own_resize_stream:
-        assert steps("gpu-decode") == [("side", "decode"), ("side", "event")] * 3
         # each batch's decoded images (of several sizes: packed in one buffer) are held by the resize stream
         per_batch = [("resize", "waits for", "side"), ("resize", "holds"), ("resize", "finish"), ("resize", "event")]
         assert steps("gpu-resize") == per_batch * 3
     else:
-        assert steps("gpu-decode") == [("side", "decode")] * 3  # no event: stream order is enough
-        assert steps("gpu-resize") == [("side", "finish"), ("side", "event")] * 3
+        assert steps("gpu-resize") == [("side", "finish"), ("side", "event")] * 3  # stream order is enough
     consumer = steps(threading.current_thread().name)
     assert consumer == [("model", "waits for", "resize" if own_resize_stream else "side"), ("model", "holds")] * 3
 
@@ -134,7 +134,8 @@ def test_each_decode_thread_decodes_on_a_stream_of_its_own(tiny_encoder, files, 
         return [entry[1:] for entry in cuda.log if entry[0] == thread]
 
     first, second = steps("gpu-decode-0"), steps("gpu-decode-1")
-    assert first and set(first) == {("side 0", "decode")}  # stream order puts the resize after these
+    # stream order puts the resize after the first's batches; its events only say when their inputs may go
+    assert first and first == [("side 0", "decode"), ("side 0", "event")] * (len(first) // 2)
     assert second and second == [("side 1", "decode"), ("side 1", "event")] * (len(second) // 2)
     per_batch, batch = [], []  # the resize's steps, batch by batch (each ends with its event)
     for step in steps("gpu-resize"):
@@ -145,7 +146,7 @@ def test_each_decode_thread_decodes_on_a_stream_of_its_own(tiny_encoder, files, 
         (("side 0", "finish"), ("side 0", "event")),
         (("side 0", "waits for", "side 1"), ("side 0", "holds"), ("side 0", "finish"), ("side 0", "event")),
     )
-    assert not batch and sorted(per_batch) == sorted([by_first] * len(first) + [by_second] * (len(second) // 2))
+    assert not batch and sorted(per_batch) == sorted([by_first] * (len(first) // 2) + [by_second] * (len(second) // 2))
 
 
 def test_a_producer_error_reaches_the_consumer(tiny_encoder, files):
@@ -682,6 +683,71 @@ def test_a_decoded_batch_s_encoded_images_are_let_go_before_the_caller_takes_its
     assert [k for b in stream.finish() for k in b.keys] == list(range(15))
 
 
+class _Event:
+    """An event the test completes by hand (`done`), or that a wait on the host completes."""
+
+    def __init__(self) -> None:
+        self.done, self.waited = False, False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.done = self.waited = True
+
+
+def test_held_inputs_go_once_their_gpu_work_is_done_oldest_first_and_at_most_two_wait():
+    held, gone = HeldInputs(most=2), []
+    events, inputs = [_Event() for _ in range(4)], [np.zeros(3) for _ in range(4)]
+    for k, data in enumerate(inputs):
+        weakref.finalize(data, gone.append, k)
+    held.add(None, inputs[0])  # no event (the CPU path): not held at all
+    held.add(events[1], inputs[1])
+    held.add(events[2], inputs[2])
+    del inputs[:]
+    gc.collect()
+    assert gone == [0] and len(held) == 2
+    events[2].done = True  # done, but behind one that is not: events on a stream complete in order
+    held.release()
+    assert gone == [0] and len(held) == 2
+    held.add(events[3], np.zeros(3))  # a third: the oldest is waited for, then everything done goes
+    assert events[1].waited and not events[2].waited and gone == [0, 1, 2] and len(held) == 1
+    held.release(everything=True)
+    assert events[3].waited and len(held) == 0
+
+
+def test_on_a_gpu_a_batch_s_encoded_images_are_held_until_the_gpu_has_read_them(tiny_encoder, files, monkeypatch):
+    """Page-locked, a file reader's ring is copied by the GPU after the decoder's call returns: the decode thread
+    keeps each batch's views until an event queued after its decode completes, at most two batches, the oldest
+    waited for past that, and all of them by the time the stream ends (run on the CPU with stand-ins for CUDA's
+    events that complete only when waited for)."""
+    import encoder.gpu_stream as gpu_stream
+
+    cuda = FakeCuda(monkeypatch, events_done=False)
+    monkeypatch.setattr(gpu_stream, "side_stream", lambda device: cuda.Stream("side"))
+    monkeypatch.setattr(gpu_stream, "model_stream", lambda device: cuda.Stream("model"))
+    monkeypatch.setattr(gpu_stream, "resize_stream", lambda device, decode: cuda.Stream("resize"))
+    gone: list[int] = []
+    batches = []
+    for i in range(4):
+        datas = [np.frombuffer(open(f, "rb").read(), dtype=np.uint8) for f in files[5 * i : 5 * i + 5]]
+        for data in datas:
+            weakref.finalize(data, gone.append, i)
+        batches.append((list(range(5 * i, 5 * i + 5)), datas))
+    del datas, data
+
+    def source():
+        while batches:
+            yield batches.pop(0)
+
+    got = list(embed_stream(tiny_encoder, _on_fake_gpu(cuda, _images(tiny_encoder)), source()))
+    assert [k for b in got for k in b.keys] == list(range(20))
+    waits = [entry for entry in cuda.log if entry[0] == "gpu-decode" and entry[2] == "host waits for event"]
+    assert len(waits) == 4  # none completed on its own: two past the cap, two at the end
+    gc.collect()
+    assert sorted(gone) == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5
+
+
 def test_background_embedder_raises_the_streams_error_in_the_caller(tiny_encoder, files):
     stream = BackgroundEmbedder(tiny_encoder, _images(tiny_encoder))
 
@@ -741,6 +807,26 @@ def test_embed_files_counts_a_batch_the_gpu_decoder_failed_whole_as_retried(tiny
     paths = [*files[:8], str(rejected), *files[8:15]]
     result = embed_files(paths, tiny_encoder, _images(tiny_encoder), tmp_path / "out", batch_size=8, reader="threads")
     assert result.embedded == 16 and result.dead_lettered == 0 and result.batches_retried == 1  # the second of two
+
+
+def test_embed_files_page_locks_the_reader_processes_ring_only_for_a_gpu_decoder(monkeypatch):
+    from types import SimpleNamespace
+
+    import encoder.page_lock as page_lock
+    import pipelines.direct_embed as direct_embed
+
+    locked = []
+    monkeypatch.setattr(page_lock, "page_lock", lambda *args: locked.append(args))
+    monkeypatch.setattr(direct_embed, "ProcessReader", lambda limits, readers, page_lock: page_lock)
+    gpu = SimpleNamespace(device=torch.device("cuda", 2), decodes_on_gpu=True)
+    direct_embed._reader("processes", None, 8, gpu)(0x1000, 4096)
+    assert locked == [(0x1000, 4096, 2)]
+    cpu_decoding = SimpleNamespace(device=torch.device("cuda", 2), decodes_on_gpu=False)  # the bytes stay on the host
+    assert direct_embed._reader("processes", None, 8, cpu_decoding) is None
+    assert (
+        direct_embed._reader("processes", None, 8, SimpleNamespace(device=torch.device("cpu"), decodes_on_gpu=True))
+        is None
+    )
 
 
 def test_a_shard_write_error_stops_embed_files(tiny_encoder, files, tmp_path, monkeypatch):
@@ -818,3 +904,27 @@ def test_several_decode_threads_give_the_vectors_one_gives(tiny_model, files, de
     (keys_one, one), (keys_two, two) = run(1), run(2)
     assert keys_two == keys_one == list(range(20))
     assert np.allclose(two, one, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decoder", ["nvjpeg", "nvimgcodec"])
+def test_batches_read_into_a_page_locked_ring_embed_as_their_bytes_do(tiny_model, files, decoder):
+    """The GPU decoders copy from a page-locked ring after their call returns: with a ring of two batches, its
+    slots written again batch after batch, each file's vector is the one its own bytes give."""
+    from encoder import EncoderConfig, load_encoder
+    from encoder.page_lock import page_locker
+    from pipelines.file_reader import ProcessReader, ReadLimits
+
+    encoder = load_encoder(EncoderConfig(model=str(tiny_model), device="cuda", batch_size=4))
+    images = GpuImages(encoder.preprocess, "cuda", DecodeLimits(draft=True), decoder=decoder)
+    paths = files * 3
+    limits = ReadLimits.of(images.limits, progressive=images.progressive_on_gpu)
+    with ProcessReader(limits, 2, chunk=2, slots=4, page_lock=page_locker(images.device)) as reader:
+        assert reader.page_locked, reader.page_lock_problem
+        read = ((batch.keys, batch.datas, batch.reasons) for batch in reader.read(paths, 4))
+        got = list(embed_stream(encoder, images, read))
+    datas = [open(p, "rb").read() for p in paths]
+    expected = list(embed_stream(encoder, images, [(paths[i : i + 4], datas[i : i + 4]) for i in range(0, 60, 4)]))
+    assert [path for b in got for path, _ in b.keys] == [k for b in expected for k in b.keys] == paths
+    assert np.allclose(np.concatenate([b.vectors for b in got]), np.concatenate([b.vectors for b in expected]),
+                       atol=1e-6)  # fmt: skip

@@ -519,9 +519,9 @@ def test_the_readers_ring_holds_four_of_the_embed_steps_batches(monkeypatch):
 
     made: list[int] = []
 
-    def reader(key, processes, chunk, slots):
+    def reader(key, processes, chunk, slots, page_lock):
         made.append(slots)
-        return SimpleNamespace(slots=slots, close=lambda: None)
+        return SimpleNamespace(slots=slots, close=lambda: None, page_lock=page_lock)
 
     monkeypatch.setattr(embed_dofns, "_READERS", {})
     monkeypatch.setattr(embed_dofns, "ProcessReader", reader)
@@ -531,6 +531,25 @@ def test_the_readers_ring_holds_four_of_the_embed_steps_batches(monkeypatch):
     assert embed_dofns.file_reader_for(DecodeLimits(), batch_size=256, decode_threads=3).slots == 224 + 2 * 256 // 8
     assert embed_dofns.file_reader_for(DecodeLimits(), batch_size=256, hedge=False).slots == 224  # a set of its own
     assert made == [224, 1040, 288, 224]
+    assert embed_dofns.file_reader_for(DecodeLimits(), batch_size=256).page_lock is None  # no GPU: left pageable
+
+
+def test_a_gpu_workers_reader_ring_is_page_locked_for_its_gpu(monkeypatch):
+    """The GPU decoder copies the JPEGs from the ring; page-locked, by DMA (`encoder.page_lock`)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import encoder.page_lock as page_lock
+
+    locked = []
+    monkeypatch.setattr(embed_dofns, "_READERS", {})
+    monkeypatch.setattr(embed_dofns, "ProcessReader", lambda *args, page_lock, **kwargs: SimpleNamespace(
+        page_lock=page_lock, close=lambda: None))  # fmt: skip
+    monkeypatch.setattr(page_lock, "page_lock", lambda *args: locked.append(args))
+    reader = embed_dofns.file_reader_for(DecodeLimits(), gpu=torch.device("cuda", 1))
+    reader.page_lock(0x1000, 4096)
+    assert locked == [(0x1000, 4096, 1)]
 
 
 def test_worker_processes_share_the_cores_among_their_readers(monkeypatch):
@@ -539,7 +558,7 @@ def test_worker_processes_share_the_cores_among_their_readers(monkeypatch):
     started: list[int] = []
     monkeypatch.setattr(embed_dofns, "_READERS", {})
     monkeypatch.setattr(embed_dofns, "ProcessReader",
-                        lambda key, processes, chunk, slots: started.append(processes) or SimpleNamespace(close=lambda: None))  # fmt: skip
+                        lambda key, processes, chunk, slots, page_lock: started.append(processes) or SimpleNamespace(close=lambda: None))  # fmt: skip
     monkeypatch.setattr(embed_dofns.os, "cpu_count", lambda: 16)
     embed_dofns.file_reader_for(DecodeLimits(), workers=4)
     assert started == [4]  # 16 cores over 4 worker processes: not 8 readers each

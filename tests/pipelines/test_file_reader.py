@@ -210,6 +210,40 @@ def test_closing_stops_the_reader_processes(corpus):
         next(reader.read(corpus, 4))
 
 
+def test_the_ring_is_page_locked_whole_for_the_gpu_and_unlocked_on_close(corpus):
+    """`page_lock` gets the ring's address and size once; reads are the same; closing unlocks it, once."""
+    jpegs = [p for p in corpus if "/jpegs/" in p]
+    calls = []
+
+    def lock(address: int, size: int):
+        calls.append(("lock", address, size))
+        return lambda: calls.append(("unlock", address))
+
+    reader = ProcessReader(LIMITS, 2, chunk=4, slots=8, page_lock=lock)
+    ring = np.frombuffer(reader._ring, dtype=np.uint8)
+    address = ring.ctypes.data
+    del ring
+    assert reader.page_locked and reader.page_lock_problem is None
+    assert calls == [("lock", address, 8 * reader.slot_bytes)]
+    assert [o for b in _outcomes(reader, jpegs, 8) for o in b] == [_expected(p) for p in jpegs]
+    reader.close()
+    reader.close()
+    assert calls[1:] == [("unlock", address)] and not reader.page_locked
+
+
+def test_a_ring_that_cannot_be_page_locked_is_read_as_it_is_with_a_warning(corpus, caplog):
+    jpegs = [p for p in corpus if "/jpegs/" in p]
+
+    def refuse(address: int, size: int):
+        raise RuntimeError("cuMemHostRegister failed: CUDA_ERROR_OUT_OF_MEMORY")
+
+    with caplog.at_level(logging.WARNING), ProcessReader(LIMITS, 2, chunk=4, slots=8, page_lock=refuse) as reader:
+        assert not reader.page_locked
+        assert reader.page_lock_problem == "cuMemHostRegister failed: CUDA_ERROR_OUT_OF_MEMORY"
+        assert [o for b in _outcomes(reader, jpegs, 8) for o in b] == [_expected(p) for p in jpegs]
+    assert "could not page-lock the file readers' ring (cuMemHostRegister failed" in caplog.text
+
+
 def test_reader_processes_start_without_numpy_torch_or_beam():
     """Each reader process pays its imports at every `ProcessReader`: numpy alone cost a 10,000-photo run on
     two cores a quarter of its speed."""

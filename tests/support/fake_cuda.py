@@ -17,7 +17,10 @@ import torch
 
 
 class FakeCuda:
-    def __init__(self, monkeypatch) -> None:
+    """`events_done`: whether an event has completed as soon as it is recorded (`Event.query`); if not, it completes
+    when something waits for it on the host (`Event.synchronize`, logged)."""
+
+    def __init__(self, monkeypatch, events_done: bool = True) -> None:
         self.log: list[tuple[str, ...]] = []
         self._current = threading.local()
         numbers = itertools.count(1)
@@ -35,8 +38,15 @@ class FakeCuda:
 
         class Event:
             def record(self, stream) -> None:
-                self.stream = stream
+                self.stream, self.done = stream, events_done
                 fake.note(stream, "event")
+
+            def query(self) -> bool:
+                return self.done
+
+            def synchronize(self) -> None:
+                fake.note(self.stream, "host waits for event")
+                self.done = True
 
         self.Stream, self.default = Stream, Stream("default")
         monkeypatch.setattr(torch.cuda, "Stream", Stream)

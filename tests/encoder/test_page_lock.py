@@ -1,0 +1,120 @@
+"""Page-locking the file readers' ring for the GPU: the driver calls, run on the CPU against a stand-in driver,
+and on a GPU for real (`gpu`)."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+import encoder.page_lock as page_lock_module
+from encoder.page_lock import CU_MEMHOSTREGISTER_PORTABLE, PageLockError, page_lock, page_locker
+
+CONTEXT = 0xC0
+INVALID_VALUE = 1
+
+
+class FakeDriver:
+    """The driver calls `page_lock` makes, logged; `register` answers `registered` (0: success)."""
+
+    def __init__(self, registered: int = 0) -> None:
+        self.log: list[tuple] = []
+        self.current: list[int] = []  # the calling thread's context stack
+        self.registered = registered
+
+    def init(self, flags):
+        return 0
+
+    def device_get(self, device, ordinal):
+        device._obj.value = ordinal
+        return 0
+
+    def primary_retain(self, context, device):
+        self.log.append(("retain", device.value))
+        context._obj.value = CONTEXT
+        return 0
+
+    def primary_release(self, device):
+        self.log.append(("release", device.value))
+        return 0
+
+    def push(self, context):
+        self.current.append(context.value)
+        return 0
+
+    def pop(self, context):
+        self.current.pop()
+        return 0
+
+    def register(self, address, size, flags):
+        self.log.append(("register", address, size, flags, self.current[-1]))
+        return self.registered
+
+    def unregister(self, address):
+        self.log.append(("unregister", address, self.current[-1]))
+        return 0
+
+    def error_name(self, status, name):
+        if status != INVALID_VALUE:
+            return INVALID_VALUE
+        name._obj.value = b"CUDA_ERROR_INVALID_VALUE"
+        return 0
+
+
+def test_memory_is_locked_in_the_devices_primary_context_for_every_context_and_unlocked_once():
+    driver = FakeDriver()
+    unlock = page_lock(0x1000, 640 << 20, 1, driver)
+    assert driver.log == [("retain", 1), ("register", 0x1000, 640 << 20, CU_MEMHOSTREGISTER_PORTABLE, CONTEXT)]
+    assert driver.current == []  # the thread's own context is back
+    unlock()
+    unlock()
+    assert driver.log[2:] == [("unregister", 0x1000, CONTEXT), ("release", 1)]
+    assert driver.current == []
+
+
+def test_a_refusal_names_the_drivers_error_and_leaves_nothing_behind():
+    driver = FakeDriver(registered=INVALID_VALUE)
+    with pytest.raises(PageLockError, match="cuMemHostRegister failed: CUDA_ERROR_INVALID_VALUE"):
+        page_lock(0x1000, 4096, 0, driver)
+    assert driver.log[-1] == ("release", 0) and driver.current == []
+    driver.registered = 999  # a status the driver has no name for
+    with pytest.raises(PageLockError, match="cuMemHostRegister failed: CUresult 999"):
+        page_lock(0x1000, 4096, 0, driver)
+
+
+def test_without_a_cuda_driver_it_is_a_clear_error(monkeypatch):
+    def missing(name, *args, **kwargs):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(page_lock_module, "_DRIVER", None)
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    with pytest.raises(PageLockError, match=r"no CUDA driver here \(libcuda.so.1: cannot open"):
+        page_lock(0x1000, 4096, 0)
+
+
+def test_a_locker_is_only_for_a_gpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(page_lock_module, "page_lock", lambda *args: calls.append(args) or (lambda: None))
+    assert page_locker(torch.device("cpu")) is None
+    page_locker(torch.device("cuda", 1))(0x2000, 8192)
+    assert calls == [(0x2000, 8192, 1)]
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_locked_memory_is_pinned_for_torch_and_copies_as_it_is():
+    import mmap
+
+    ring = mmap.mmap(-1, 8 << 20)
+    data = torch.frombuffer(ring, dtype=torch.uint8)
+    assert not data.is_pinned()
+    anchor = ctypes.c_char.from_buffer(ring)
+    unlock = page_locker(torch.device("cuda", torch.cuda.current_device()))(ctypes.addressof(anchor), len(ring))
+    del anchor
+    try:
+        assert data.is_pinned()
+        data[:] = torch.arange(len(ring), dtype=torch.int64).to(torch.uint8)
+        assert torch.equal(data.to("cuda", non_blocking=True).cpu(), data)
+    finally:
+        unlock()
+    assert not data.is_pinned()
