@@ -11,7 +11,7 @@
 # Each step has its own time limit so one slow step cannot eat the others'; a step that fails is logged and the
 # next one runs. The default limits add up to 1,125 s; where one command may run 600 s at most (and a lease has
 # 15 minutes, its start included), split the steps over two calls, what is owed first:
-#   EMBED_ARGS="--paths c,d,patch-conv,gelu-separate,resize-channels,b,a,e,so400m,large" EMBED_S=330
+#   EMBED_ARGS="--paths c,d,unpinned,patch-conv,gelu-separate,resize-channels,b,a,e,so400m,large" EMBED_S=340
 #   TESTS_S=150 SCALED_S=50 RESIZE_S=25 ... embed,tests,scaled,resize
 #   EMBED_ARGS="--paths timeline,mfu" EMBED_S=... ... embed, or train, on what the lease has left
 # (each variant's ratio is against (c) or (d) of the same run). Run D (one H200): 451 s of `embed,tests` with
@@ -42,7 +42,7 @@ case ",$steps," in *,model,*)  # the model's step beside such threads: eager, co
 esac
 case ",$steps," in *,tests,*)
   # each failure's report lands in failures.log as it happens: a step cut off at its limit still says why
-  LOOKALIKE_FAILURES_LOG="$out/failures.log" timeout "${TESTS_S:-150}" python3 -m pytest -m gpu -v -p no:cacheprovider -rs tests/encoder/test_gpu_images.py tests/encoder/test_cuda_graph.py tests/encoder/test_devices.py tests/encoder/test_gpu_stream.py tests/encoder/test_nvimgcodec.py tests/encoder/test_model.py tests/pipelines/test_embed.py tests/training/test_train_gpu.py 2>&1 | tee "$out/tests.log" | tail -40;;  # -v: a line per test as it ends, kept if the step runs out of time
+  LOOKALIKE_FAILURES_LOG="$out/failures.log" timeout "${TESTS_S:-150}" python3 -m pytest -m gpu -v -p no:cacheprovider -rs tests/encoder/test_gpu_images.py tests/encoder/test_cuda_graph.py tests/encoder/test_devices.py tests/encoder/test_gpu_stream.py tests/encoder/test_nvimgcodec.py tests/encoder/test_page_lock.py tests/encoder/test_model.py tests/pipelines/test_embed.py tests/training/test_train_gpu.py 2>&1 | tee "$out/tests.log" | tail -40;;  # -v: a line per test as it ends, kept if the step runs out of time
 esac
 case ",$steps," in *,scaled,*)  # nvJPEG's hardware decoder at Pillow's draft scale against full size: worth building in?
   timeout "${SCALED_S:-60}" python3 benchmarks/nvjpeg_scaled.py --json "$out/scaled.json" 2>&1 | grep -v '^USDT:' | tee "$out/scaled.log" | tail -60;;

@@ -30,7 +30,8 @@ a constant; `freezing` reruns (c) compiled with the weights as constants (`--com
 product (`encoder.patch_embedding`); `gelu-separate` reruns (c) and (d) with the MLPs' GELU as a kernel of its
 own, as it ran before it moved into the first product's epilogue (`encoder.gelu_epilogue`); `resize-channels`
 reruns (d) with nvImageCodec's batches resized channel by channel, as before they were resized as they lie
-(`resize_like_pil(interleaved=...)`). `profile` reruns (d) and (e) sampling every thread's stack
+(`resize_like_pil(interleaved=...)`); `unpinned` reruns (d) with the file readers' ring left pageable, as before it
+was page-locked for the GPU (`encoder.page_lock`). `profile` reruns (d) and (e) sampling every thread's stack
 (where the time goes on a host without py-spy); `graph` reruns (c), (d) and (e) with the
 model's step replayed as one CUDA graph per batch (`--cuda-graph`: three host calls per
 batch instead of one per op or kernel, each of which hands the interpreter lock over);
@@ -352,6 +353,7 @@ def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, o
         seen["small_run"] = {"images": len(small), "seconds": round(fixed, 2)}
     return {"images": result.embedded, "images_per_s": result.embedded / seconds, "on_gpu": result.on_gpu,
             "dead_lettered": result.dead_lettered, "decoder": decoder, "reader": reader, "in_flight": in_flight,
+            "ring_page_locked": result.ring_page_locked,
             "decode_threads": decode_threads, "busy_pct": {k: round(100 * v / seconds) for k, v in busy.items()},
             **seen}  # fmt: skip
 
@@ -374,7 +376,7 @@ def _busy(fn, totals: dict, name: str):
 
 def stages(files: list[Path], encoder, device: torch.device, decoder: str, batch: int) -> dict:
     """Each stage of (d) alone, so the slowest is visible: read + hash (plain threads, and both file readers with
-    routing), the GPU decoder alone, routing + decode, resize alone (on images decoded before, and on a batch of
+    routing), the GPU decoder alone (from bytes, and from page-locked memory), routing + decode, resize alone (on images decoded before, and on a batch of
     one size), decode + resize in one thread; then 1,000 progressive JPEGs decoded + resized as routed and forced
     onto the GPU decoder."""
     import hashlib
@@ -396,6 +398,7 @@ def stages(files: list[Path], encoder, device: torch.device, decoder: str, batch
                    (("threads", ThreadReader), ("processes", ProcessReader))}  # fmt: skip
     datas = [f.read_bytes() for f in files]
     batches = [datas[i : i + batch] for i in range(0, len(datas), batch)]
+    locked = _page_locked(batches, device)  # the same bytes in page-locked memory, as the readers' ring is
     decode = DECODERS[decoder](device)
     decode(batches[0], device)  # warm-up
     images = GpuImages(encoder.preprocess, device, DecodeLimits(draft=True), decoder=decoder)
@@ -404,6 +407,7 @@ def stages(files: list[Path], encoder, device: torch.device, decoder: str, batch
     uniform = [torch.full((3, 480, 640), 128, dtype=torch.uint8, device=device)] * batch  # a catalog of one size
     rates = {"read_and_hash_per_s": read, **{f"read_hash_route_{k}_per_s": v for k, v in read_routed.items()},
              "decode_per_s": timed(lambda: [decode(b, device) for b in batches]),
+             "decode_page_locked_per_s": timed(lambda: [decode(b, device) for b in locked]),
              "route_and_decode_per_s": timed(lambda: decoded.extend(images.decode(b) for b in batches)),
              "resize_per_s": timed(lambda: [images.finish(d) for d in decoded]),
              "resize_uniform_480x640_per_s": timed(lambda: [resize_like_pil(uniform, images.preprocess)
@@ -413,6 +417,21 @@ def stages(files: list[Path], encoder, device: torch.device, decoder: str, batch
         progressive = list(pool.map(_progressive, datas[:1000]))
     rates.update(_progressive_rates(progressive, encoder.preprocess, device, decoder, batch))
     return {**rates, "images": len(files), "decoder": decoder, "images_per_s": None}
+
+
+def _page_locked(batches: list[list[bytes]], device: torch.device) -> list[list[np.ndarray]]:
+    """Each batch's images as views of one page-locked buffer (on a CUDA device; plain memory elsewhere)."""
+    total = sum(len(data) for batch in batches for data in batch)
+    buffer = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda").numpy()
+    out, offset = [], 0
+    for batch in batches:
+        views = []
+        for data in batch:
+            views.append(buffer[offset : offset + len(data)])
+            views[-1][:] = np.frombuffer(data, dtype=np.uint8)
+            offset += len(data)
+        out.append(views)
+    return out
 
 
 def _progressive(data: bytes) -> bytes:
@@ -524,7 +543,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--timeline-images", type=int, default=4096)
     parser.add_argument("--large-images", type=int, default=512, help="the `large` path's 12-MP photos")
-    parser.add_argument("--paths", default="c,d,b,a,e,timeline,streams,decode-threads,prealloc,nomodel,freezing,"
+    parser.add_argument("--paths", default="c,d,unpinned,b,a,e,timeline,streams,decode-threads,prealloc,nomodel,freezing,"
                         "patch-conv,gelu-separate,resize-channels,pixels,so400m,profile,graph,mfu,stages,switch,e2,large",
                         help="which paths, in order")  # fmt: skip
     parser.add_argument("--trace-dir", help="keep the `timeline` path's traces here (.json.gz, for Perfetto)")
@@ -553,7 +572,18 @@ def main() -> None:
         base = "smoke" if smoke else "base16-224"
         ckpt = _checkpoint(work / base, SHAPES[base])
         encoder = None
-        uses_c = ("stages", "d", "streams", "decode-threads", "switch", "profile", "timeline", "prealloc", "large")
+        uses_c = (
+            "stages",
+            "d",
+            "streams",
+            "decode-threads",
+            "switch",
+            "profile",
+            "timeline",
+            "prealloc",
+            "large",
+            "unpinned",
+        )
         for path in args.paths.split(","):
             if path in uses_c and encoder is None:  # these use (c)'s encoder
                 encoder = encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]
@@ -579,6 +609,13 @@ def main() -> None:
                 with mock.patch.dict(DECODERS, {"nvimgcodec": functools.partial(nvimgcodec_decoder, options=options)}):
                     run.path("(d) nvImageCodec's hardware decoder with memory for a batch set aside up front, "
                              "nvimgcodec", end_to_end, files, encoder, device, "nvimgcodec", work / "d", batch)  # fmt: skip
+            elif path == "unpinned":  # (d) with the reader processes' ring left pageable, as before it was page-locked
+                from pipelines import direct_embed
+
+                with mock.patch.object(direct_embed, "page_locker", lambda device: None):
+                    for decoder in decoders[:2]:
+                        run.path(f"(d) the file readers' ring pageable (before), {decoder}", end_to_end, files,
+                                 encoder, device, decoder, work / "d", batch)  # fmt: skip
             elif path == "nomodel":  # (d) with a constant for the tower: what decode + resize reach beside threads
                 stand_in = _without_model(ckpt, device, batch)
                 for decoder in decoders[:2]:

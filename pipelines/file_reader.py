@@ -321,6 +321,7 @@ class ProcessReader:
         del anchor
         try:
             self._unlock = page_lock(address, self.slots * self.slot_bytes)
+            log.info("file readers' ring page-locked for the GPU (%d MiB)", self.slots * self.slot_bytes >> 20)
         except Exception as err:  # noqa: BLE001 - only slower without it: say so and go on
             self.page_lock_problem = str(err) or type(err).__name__
             log.warning("could not page-lock the file readers' ring (%s); the GPU decoder copies from pageable "

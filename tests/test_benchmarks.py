@@ -57,6 +57,7 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu(tmp_path):
                  "(c) the GELU as a kernel of its own (before), batch 16",
                  "(d) the GELU as a kernel of its own (before), pil",
                  "(d) the resize channel by channel (before), pil",
+                 "(d) the file readers' ring pageable (before), pil",
                  "(d) all three: model, decode and resize on streams",
                  "(d) timeline (under the profiler), the product's streams, pil",
                  "(d) timeline (under the profiler), the model on a stream of its own, pil",
