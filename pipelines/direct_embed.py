@@ -42,7 +42,7 @@ class DirectResult:
         0  # batches the model, GPU decoder or resize took in pieces: an earlier one ran out of memory
     )
     shards: list[str] = field(default_factory=list)
-    ring_page_locked: bool = False  # the reader processes' ring was page-locked for the GPU decoder
+    ring_page_locked: bool = False  # the reader processes' ring was page-locked for the GPU decoder by the end
 
 
 def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, out_dir: str | Path, *,
@@ -73,7 +73,6 @@ def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, 
                  if images.decodes_on_gpu else None)  # fmt: skip
     try:
         with frozen_heap(), _reader(reader, limits, readers, images) as files:
-            result.ring_page_locked = getattr(files, "page_locked", False)
             for batch in embed_stream(encoder, images, batches(files), prefetch=prefetch, in_flight=in_flight,
                                       journal=journaled):  # fmt: skip
                 failures.extend((path, path, stage, reason) for (path, _), stage, reason in batch.failed)
@@ -85,6 +84,7 @@ def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, 
                 ids, digests = zip(*batch.keys, strict=True)
                 shards.write(fresh_embedding_table(ids, batch.vectors, digests, encoder.model_version))
                 result.embedded += len(ids)
+            result.ring_page_locked = getattr(files, "page_locked", False)  # by now (it runs beside the reads)
     finally:
         result.shards = shards.close()
         if journaled is not None:

@@ -277,8 +277,10 @@ class ProcessReader:
 
     `page_lock(address, size)`, when given, page-locks the ring for a GPU and returns the call that unlocks it
     (`encoder.page_lock.page_locker`): the GPU decoders then copy the bytes from it by DMA. The whole ring is then
-    resident, not only what was written. If it raises, the reader goes on with the ring as it is, and says why in
-    `page_lock_problem`.
+    resident, not only what was written. It runs in a thread of its own while the reader starts and reads (each
+    page of the ring faulted in and locked: most of a second for a large ring, which a run need not wait for);
+    copies made before it is done go through pageable memory, as without it. If it raises, the reader goes on with
+    the ring as it is, and says why in `page_lock_problem`.
     """
 
     def __init__(self, limits: ReadLimits, processes: int = 8, chunk: int = 16, slot_bytes: int = 4 << 20,
@@ -292,8 +294,11 @@ class ProcessReader:
         self._view = memoryview(self._ring)
         self._unlock: Callable[[], None] | None = None
         self.page_lock_problem: str | None = None  # why `page_lock` failed
+        self._locking: threading.Thread | None = None
         if page_lock is not None:
-            self._page_lock(page_lock)
+            self._locking = threading.Thread(target=self._page_lock, args=(page_lock,), name="ring-page-lock",
+                                             daemon=True)  # fmt: skip
+            self._locking.start()
         self._free: queue.Queue[int] = queue.Queue()
         for slot in range(slots):
             self._free.put(slot)
@@ -310,7 +315,9 @@ class ProcessReader:
 
     @property
     def page_locked(self) -> bool:
-        """Whether the ring is page-locked for a GPU (`page_lock`)."""
+        """Whether the ring is page-locked for a GPU (`page_lock`), once the attempt is over."""
+        if self._locking is not None:
+            self._locking.join()
         return self._unlock is not None
 
     def _page_lock(self, page_lock: Callable[[int, int], Callable[[], None]]) -> None:
@@ -501,7 +508,7 @@ class ProcessReader:
             worker.tasks.close()
             worker.replies.close()
         self._workers = []
-        if self._unlock is not None:  # before the ring can be unmapped
+        if self.page_locked:  # before the ring can be unmapped
             self._unlock()
             self._unlock = None
         if self._fd >= 0:

@@ -231,6 +231,27 @@ def test_the_ring_is_page_locked_whole_for_the_gpu_and_unlocked_on_close(corpus)
     assert calls[1:] == [("unlock", address)] and not reader.page_locked
 
 
+def test_reads_do_not_wait_for_the_ring_to_be_page_locked(corpus):
+    """Locking a large ring faults in and locks every page: it runs beside the reads, and closing waits for it
+    before unlocking."""
+    import threading
+
+    jpegs = [p for p in corpus if "/jpegs/" in p]
+    go, calls = threading.Event(), []
+
+    def slow(address: int, size: int):
+        go.wait(10)
+        calls.append("lock")
+        return lambda: calls.append("unlock")
+
+    reader = ProcessReader(LIMITS, 2, chunk=4, slots=8, page_lock=slow)
+    assert [o for b in _outcomes(reader, jpegs, 8) for o in b] == [_expected(p) for p in jpegs]
+    assert calls == []  # read while the lock was still under way
+    go.set()
+    reader.close()
+    assert calls == ["lock", "unlock"]
+
+
 def test_a_ring_that_cannot_be_page_locked_is_read_as_it_is_with_a_warning(corpus, caplog):
     jpegs = [p for p in corpus if "/jpegs/" in p]
 
