@@ -103,6 +103,12 @@ def embed(
     hedge_reads: Annotated[
         bool, typer.Option(help="Send a second request for object-store reads slower than 95% of recent ones.")
     ] = True,
+    page_lock_reads: Annotated[
+        bool,
+        typer.Option(
+            help="On a GPU worker, page-lock the file readers' ring (~1 GiB resident) so JPEGs copy to the GPU by DMA."
+        ),
+    ] = True,
     workers: Annotated[int, typer.Option(help="Local runner worker processes (on k GPUs: k, one per GPU).")] = 1,
     device: Annotated[
         str, typer.Option(help="auto, cpu, cuda or cuda:N (cuda: each worker process takes a GPU of its own).")
@@ -156,7 +162,7 @@ def embed(
         catalog=catalog, model=model, out=out, batch_size=batch_size, fetch_threads=fetch_threads, workers=workers,
         device=device, dtype=dtype, compile=compile, compile_frozen=compile_frozen, cuda_graph=cuda_graph,
         gpu_decode=gpu_decode, gpu_decoder=gpu_decoder, gpu_decode_threads=gpu_decode_threads, draft=draft,
-        incremental=incremental, previous=previous, hedge_reads=hedge_reads,
+        incremental=incremental, previous=previous, hedge_reads=hedge_reads, page_lock_reads=page_lock_reads,
         max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, reuse_memory_mb=reuse_memory_mb,
         max_decode_s=max_decode_s, max_dead_letters=max_dead_letters,
     )  # fmt: skip

@@ -47,13 +47,15 @@ class DirectResult:
 
 def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, out_dir: str | Path, *,
                 batch_size: int = 256, readers: int = 8, reader: str = "processes", rows_per_shard: int = 100_000,
-                prefetch: int = 2, in_flight: int = 2, journal: str | Path | None = None) -> DirectResult:  # fmt: skip
+                prefetch: int = 2, in_flight: int = 2, journal: str | Path | None = None,
+                page_lock: bool = True) -> DirectResult:  # fmt: skip
     """Embed `paths` (their paths are the item ids) into `out_dir/part-NNNNN.parquet` + `failures.parquet`.
 
     `reader`: "processes" reads, hashes and routes the files in `readers` processes of their own
     (`pipelines.file_reader.ProcessReader`), "threads" in threads of this process. `prefetch` and
     `in_flight`: as `embed_stream`'s. `journal`: the directory of the GPU decoder's journals
-    (`encoder.decode_journal`; default: the one for `out_dir`), where images decode on a GPU.
+    (`encoder.decode_journal`; default: the one for `out_dir`), where images decode on a GPU. `page_lock`: the
+    reader processes' ring page-locked for the GPU decoder, where there is one (`encoder.page_lock`).
     """
     if reader not in READERS:
         raise ValueError(f"reader must be one of {sorted(READERS)}, not {reader!r}")
@@ -72,7 +74,7 @@ def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, 
     journaled = (DecodeJournal(journal or journal_dir(str(out.resolve())), digest_of=lambda key: key[1])
                  if images.decodes_on_gpu else None)  # fmt: skip
     try:
-        with frozen_heap(), _reader(reader, limits, readers, images) as files:
+        with frozen_heap(), _reader(reader, limits, readers, images if page_lock else None) as files:
             for batch in embed_stream(encoder, images, batches(files), prefetch=prefetch, in_flight=in_flight,
                                       journal=journaled):  # fmt: skip
                 failures.extend((path, path, stage, reason) for (path, _), stage, reason in batch.failed)
@@ -96,10 +98,12 @@ def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, 
     return result
 
 
-def _reader(kind: str, limits: ReadLimits, readers: int, images: GpuImages) -> FileReader:
-    """The files' reader; reader processes' ring page-locked where the GPU decoder copies from it."""
+def _reader(kind: str, limits: ReadLimits, readers: int, images: GpuImages | None) -> FileReader:
+    """The files' reader; reader processes' ring page-locked where the GPU decoder of `images` copies from it (None:
+    left pageable)."""
     if kind == "processes":
-        return ProcessReader(limits, readers, page_lock=page_locker(images.device) if images.decodes_on_gpu else None)
+        locked = images is not None and images.decodes_on_gpu
+        return ProcessReader(limits, readers, page_lock=page_locker(images.device) if locked else None)
     return READERS[kind](limits, readers)
 
 

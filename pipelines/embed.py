@@ -102,6 +102,7 @@ class EmbedConfig:
     batch_size: int = 64  # images per forward pass (CPU); use ~256 on a GPU
     fetch_threads: int = 16  # concurrent CPU decodes and local reads per worker process
     hedge_reads: bool = True  # object-store reads in the latency tail get a second request (pipelines.hedged_reads)
+    page_lock_reads: bool = True  # a GPU worker's file readers' ring page-locked for its GPU (encoder.page_lock)
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False

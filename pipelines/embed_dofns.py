@@ -153,7 +153,7 @@ class FetchAndDecode(beam.DoFn):
         # GPU threads.
         self._reader = (file_reader_for(self._cfg.limits, batches_progressive(gpu_decoder_name(self._cfg)),
                                         self._cfg.batch_size, self._cfg.workers, self._cfg.gpu_decode_threads,
-                                        self._cfg.hedge_reads, _this_gpu())
+                                        self._cfg.hedge_reads, _this_gpu() if self._cfg.page_lock_reads else None)
                         if self._defer_decode else None)  # fmt: skip
         self._progress = ProgressLog("fetched", self._total)
         self._prepare = PrepareAhead()  # the next chunks' object-store reads out while this one is handed on

@@ -37,6 +37,7 @@ class EmbedSettings:
     batch_size: int = 64
     fetch_threads: int = 16
     hedge_reads: bool = True
+    page_lock_reads: bool = True
     workers: int = 1
     device: str = "auto"
     dtype: str = "auto"

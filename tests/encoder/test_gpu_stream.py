@@ -827,6 +827,7 @@ def test_embed_files_page_locks_the_reader_processes_ring_only_for_a_gpu_decoder
         direct_embed._reader("processes", None, 8, SimpleNamespace(device=torch.device("cpu"), decodes_on_gpu=True))
         is None
     )
+    assert direct_embed._reader("processes", None, 8, None) is None  # embed_files(page_lock=False)
 
 
 def test_a_shard_write_error_stops_embed_files(tiny_encoder, files, tmp_path, monkeypatch):

@@ -51,12 +51,14 @@ def test_new_user_walkthrough(tmp_path):
 def test_beam_flags_pass_through_and_ours_reach_the_run(tmp_path, demo_catalog, tiny_model):
     result = _lookalike(
         "embed", "--catalog", str(demo_catalog.manifest), "--model", str(tiny_model), "--out", "E",
-        "--run-id", "passthrough", "--no-hedge-reads", "--direct_num_workers=1", cwd=tmp_path,
+        "--run-id", "passthrough", "--no-hedge-reads", "--no-page-lock-reads", "--direct_num_workers=1",
+        cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "E" / "embeddings" / "passthrough" / "_manifest.json").read_text())
     assert manifest["beam_args"] == ["--direct_num_workers=1"]
     assert manifest["options"]["hedge_reads"] is False  # lookalike's own flags are not Beam's
+    assert manifest["options"]["page_lock_reads"] is False
     assert manifest["object_store_reads"] == {"reads": 0, "second_requests": 0, "second_requests_used": 0}
 
 

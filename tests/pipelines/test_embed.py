@@ -603,6 +603,24 @@ def test_the_readers_route_for_the_decoder_that_auto_resolves_to(
     assert seen == {"progressive": progressive, "decoder": decoder}
 
 
+@pytest.mark.parametrize(("page_lock_reads", "locked_for"), [(True, "cuda:0"), (False, None)])
+def test_the_fetch_steps_readers_ring_is_page_locked_for_the_workers_gpu_unless_turned_off(
+    tiny_model, monkeypatch, page_lock_reads, locked_for
+):
+    """`--no-page-lock-reads` leaves the ring pageable (a worker short of memory: the lock makes all of it resident)."""
+    import torch
+
+    seen: dict = {}
+    monkeypatch.setattr(embed_dofns, "gpu_decoding", lambda cfg, preprocess: True)
+    monkeypatch.setattr(embed_dofns, "_this_gpu", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(embed_dofns, "file_reader_for", lambda *args: seen.update(gpu=args[-1]))
+    cfg = EmbedConfig(catalog="-", model=str(tiny_model), out="-", page_lock_reads=page_lock_reads)
+    fetch = FetchAndDecode(cfg, PreprocessConfig(), 0)
+    fetch.setup()
+    fetch.teardown()
+    assert seen == {"gpu": None if locked_for is None else torch.device(locked_for)}
+
+
 @pytest.mark.parametrize(
     ("device", "gpus", "workers", "expected"),
     [
