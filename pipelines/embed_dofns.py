@@ -270,6 +270,8 @@ class EmbedBatch(beam.DoFn):
                                  decode_threads=cfg.gpu_decode_threads if decoder else 1)  # fmt: skip
         self._stream: BackgroundEmbedder | None = None
         self._waiting: list[PreparedImage] = []
+        # Images waiting for a full batch leave the ring: into page-locked memory where the ring is page-locked.
+        self._page_lock_waiting = bool(decoder) and self._encoder.device.type == "cuda" and cfg.page_lock_reads
         self._embedded = Metrics.counter(NAMESPACE, "embedded")
         self._on_gpu = Metrics.counter(NAMESPACE, "decoded_on_gpu")
         self._retried = Metrics.counter(NAMESPACE, "batches_retried")
@@ -300,7 +302,9 @@ class EmbedBatch(beam.DoFn):
         while len(self._waiting) >= size:
             self._submit(self._waiting[:size])
             self._waiting = self._waiting[size:]
-        self._waiting = [_off_the_ring(item) for item in self._waiting]
+        fresh = min(len(chunk), len(self._waiting))  # those before came with earlier elements: copied already
+        if fresh:
+            self._waiting[-fresh:] = _off_the_ring(self._waiting[-fresh:], self._page_lock_waiting)
         if self._stream is not None:
             yield from self._outputs(self._stream.ready())
 
@@ -352,20 +356,38 @@ class EmbedBatch(beam.DoFn):
             self._journal.close()
 
 
-def _off_the_ring(item: PreparedImage) -> PreparedImage:
-    """The item with its bytes copied out of the file readers' ring, if they were over it.
+def _off_the_ring(items: list[PreparedImage], page_locked: bool = False) -> list[PreparedImage]:
+    """The items, those whose bytes were over the file readers' ring with them copied out, into one buffer:
+    page-locked with `page_locked` (from torch's cache of such memory), so that the GPU decoder copies them by DMA
+    as it does from a page-locked ring (`encoder.page_lock`). The buffer lives while a copy over it does.
 
     What waits in an embed step for the next element should not keep ring slots: a runner that gives a worker
     process several threads (Dataflow: about one per core) has an embed step per thread, and slots kept by
     every thread's waiting images leave the next reads none (before reads went without the ring when short
     of slots, a 4-slot ring under 8 threads stopped for good; now they would carry every byte through the
     reply, a copy more per image than this one). A batch handed to the background stream keeps its slots
-    until decoded: that stream moves on by itself.
+    until decoded: that stream moves on by itself. Where elements lose an item or more (a dead letter, a reused
+    vector), most images of a run wait for the next element, so their copies are what the GPU decoder reads.
     """
-    data = item.data
-    if isinstance(data, np.ndarray) and data.base is not None:
-        return item._replace(data=data.copy())
-    return item
+    over = [i for i, item in enumerate(items) if isinstance(item.data, np.ndarray) and item.data.base is not None]
+    if not over:
+        return items
+    buffer = _host_buffer(sum(items[i].data.nbytes for i in over), page_locked)
+    out, offset = list(items), 0
+    for i in over:
+        data = items[i].data
+        copy = buffer[offset : offset + data.nbytes]
+        copy[:] = data
+        out[i] = items[i]._replace(data=copy)
+        offset += data.nbytes
+    return out
+
+
+def _host_buffer(size: int, page_locked: bool) -> np.ndarray:
+    """`size` bytes of host memory as a uint8 array; page-locked (pinned) with `page_locked`."""
+    if page_locked:
+        return torch.empty(size, dtype=torch.uint8, pin_memory=True).numpy()
+    return np.empty(size, dtype=np.uint8)
 
 
 def windowed(outputs):

@@ -25,7 +25,7 @@ from encoder.jpeg import PROGRESSIVE_ON_CPU, cpu_reason
 from pipelines import embed, embed_dofns
 from pipelines.catalog import CatalogError, CatalogItem, ItemChunk
 from pipelines.embed import EmbedConfig, FetchAndDecode, run_embed
-from pipelines.records import embedding_matrix
+from pipelines.records import PreparedImage, embedding_matrix
 
 
 def _read_dir(path) -> pa.Table:
@@ -473,7 +473,6 @@ def test_a_gpu_batch_of_routed_local_files_and_unrouted_fetched_bytes_embeds_the
     from apache_beam.utils.shared import Shared
 
     import encoder.gpu_images as gpu_images
-    from pipelines.records import PreparedImage
     from tests.encoder.test_gpu_images import _pil_decoder
 
     calls: list[int] = []
@@ -729,6 +728,60 @@ def test_runner_threads_waiting_for_a_full_batch_do_not_starve_the_readers_ring(
     threads = ["--runner=FnApiRunner", "--direct_num_workers=8", "--direct_running_mode=multi_threading"]
     assert _embed_on_a_small_ring(monkeypatch, 4, cfg, threads).counts == first_run.counts
     assert most[0] > 1  # the fetch steps of several threads were under way together
+
+
+def _over_a_ring(count: int) -> tuple[np.ndarray, list[PreparedImage]]:
+    ring = np.arange(10 * count, dtype=np.uint8)  # a stand-in for a slot: views of it have a base
+    return ring, [PreparedImage(f"i{k}", f"u{k}", f"s{k}", None, ring[10 * k : 10 * k + 10], "") for k in range(count)]
+
+
+@pytest.mark.parametrize("page_locked", [False, True])
+def test_images_leave_the_ring_into_one_buffer_page_locked_where_the_ring_is(monkeypatch, page_locked):
+    asked = []
+    monkeypatch.setattr(embed_dofns, "_host_buffer", lambda size, locked: asked.append((size, locked)) or np.empty(
+        size, dtype=np.uint8))  # fmt: skip
+    ring, items = _over_a_ring(3)
+    items.insert(1, items[0]._replace(item_id="own", data=b"own bytes"))  # bytes of its own stay as they are
+    out = embed_dofns._off_the_ring(items, page_locked)
+    assert asked == [(30, page_locked)]  # one buffer for the three over the ring
+    assert out[1] is items[1]
+    copies = [out[i].data for i in (0, 2, 3)]
+    assert [bytes(c) for c in copies] == [bytes(items[i].data) for i in (0, 2, 3)]
+    assert all(not np.shares_memory(c, ring) for c in copies)
+    assert copies[0].base is copies[1].base is copies[2].base
+    assert embed_dofns._off_the_ring(items[1:2], page_locked) == items[1:2] and len(asked) == 1  # nothing to copy
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_waiting_images_are_copied_into_page_locked_memory():
+    import torch
+
+    _, items = _over_a_ring(2)
+    out = embed_dofns._off_the_ring(items, page_locked=True)
+    assert all(torch.from_numpy(item.data).is_pinned() for item in out)
+    assert not any(torch.from_numpy(item.data).is_pinned() for item in embed_dofns._off_the_ring(items))
+
+
+def test_images_waiting_for_a_full_batch_are_copied_off_the_ring_once(tiny_model, monkeypatch):
+    """Each element's leftovers leave the ring as they come; those that waited before are not copied again."""
+    from apache_beam.utils.shared import Shared
+
+    copied = []
+    real = embed_dofns._off_the_ring
+    monkeypatch.setattr(embed_dofns, "_off_the_ring", lambda items, locked: copied.append(
+        [item.item_id for item in items]) or real(items, locked))  # fmt: skip
+    step = embed_dofns.EmbedBatch(EmbedConfig(catalog="-", model=str(tiny_model), out="-", batch_size=4), Shared())
+    step.setup()
+    submitted = []
+    monkeypatch.setattr(step, "_submit", lambda batch: submitted.append([item.item_id for item in batch]))
+    ring, items = _over_a_ring(9)
+    for start, stop in ((0, 1), (1, 2), (2, 6), (6, 9)):
+        list(step.process(items[start:stop]))
+    assert submitted == [["i0", "i1", "i2", "i3"], ["i4", "i5", "i6", "i7"]]
+    assert copied == [["i0"], ["i1"], ["i4", "i5"], ["i8"]]
+    assert [item.item_id for item in step._waiting] == ["i8"] and not np.shares_memory(step._waiting[0].data, ring)
+    assert not step._page_lock_waiting  # on the CPU: nothing to page-lock for
+    step.teardown()
 
 
 @pytest.mark.gpu
