@@ -366,7 +366,7 @@ def _off_the_ring(items: list[PreparedImage], page_locked: bool = False) -> list
     every thread's waiting images leave the next reads none (before reads went without the ring when short
     of slots, a 4-slot ring under 8 threads stopped for good; now they would carry every byte through the
     reply, a copy more per image than this one). A batch handed to the background stream keeps its slots
-    until decoded: that stream moves on by itself. Where elements lose an item or more (a dead letter, a reused
+    until the GPU has read it: that stream moves on by itself. Where elements lose an item or more (a dead letter, a reused
     vector), most images of a run wait for the next element, so their copies are what the GPU decoder reads.
     """
     over = [i for i, item in enumerate(items) if isinstance(item.data, np.ndarray) and item.data.base is not None]
