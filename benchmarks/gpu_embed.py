@@ -31,7 +31,8 @@ product (`encoder.patch_embedding`); `gelu-separate` reruns (c) and (d) with the
 own, as it ran before it moved into the first product's epilogue (`encoder.gelu_epilogue`); `resize-channels`
 reruns (d) with nvImageCodec's batches resized channel by channel, as before they were resized as they lie
 (`resize_like_pil(interleaved=...)`); `unpinned` reruns (d) with the file readers' ring left pageable, as before it
-was page-locked for the GPU (`encoder.page_lock`). `profile` reruns (d) and (e) sampling every thread's stack
+was page-locked for the GPU (`encoder.page_lock`); `damaged` reruns (d) with one file in 500 damaged past the
+route (what a damaged JPEG costs its batch: nvImageCodec's hardware decoder fails a batch whole). `profile` reruns (d) and (e) sampling every thread's stack
 (where the time goes on a host without py-spy); `graph` reruns (c), (d) and (e) with the
 model's step replayed as one CUDA graph per batch (`--cuda-graph`: three host calls per
 batch instead of one per op or kernel, each of which hands the interpreter lock over);
@@ -129,6 +130,31 @@ class GpuMonitor:
     @property
     def mean(self) -> float | None:
         return float(np.mean(self.samples)) if self.samples else None
+
+
+DAMAGED_EVERY = 500  # the `damaged` path: one file in this many damaged past the route
+
+
+def _damaged(files: list[Path], folder: Path, every: int) -> tuple[list[Path], int]:
+    """`files` with one in `every` replaced by a damaged copy that the route still sends to the GPU decoder (its
+    scan cut short and the end marker kept, or 32 bytes of its scan overwritten, in turn), and how many."""
+    from encoder.jpeg import cpu_reason
+
+    folder.mkdir(parents=True, exist_ok=True)
+    noise = np.random.default_rng(0)
+    out, damaged = list(files), 0
+    for k in range(every // 2, len(files), every):
+        data = bytearray(files[k].read_bytes())
+        at = len(data) // 2  # past the headers, in the scan
+        if damaged % 2:
+            data[at : at + 32] = noise.integers(0, 256, 32, dtype=np.uint8).tobytes()
+        else:
+            data[at:] = b"\xff\xd9"
+        if cpu_reason(bytes(data), 1 << 30, 1 << 30) is None:
+            out[k] = folder / files[k].name
+            out[k].write_bytes(data)
+            damaged += 1
+    return out, damaged
 
 
 def _make_images(folder: Path, count: int, width: int, per_process: int = 500, grain: float = 0.0) -> list[Path]:
@@ -543,7 +569,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--timeline-images", type=int, default=4096)
     parser.add_argument("--large-images", type=int, default=512, help="the `large` path's 12-MP photos")
-    parser.add_argument("--paths", default="c,d,unpinned,b,a,e,timeline,streams,decode-threads,prealloc,nomodel,freezing,"
+    parser.add_argument("--paths", default="c,d,unpinned,damaged,b,a,e,timeline,streams,decode-threads,prealloc,nomodel,"
+                        "freezing,"
                         "patch-conv,gelu-separate,resize-channels,pixels,so400m,profile,graph,mfu,stages,switch,e2,large",
                         help="which paths, in order")  # fmt: skip
     parser.add_argument("--trace-dir", help="keep the `timeline` path's traces here (.json.gz, for Perfetto)")
@@ -616,6 +643,12 @@ def main() -> None:
                     for decoder in decoders[:2]:
                         run.path(f"(d) the file readers' ring pageable (before), {decoder}", end_to_end, files,
                                  encoder, device, decoder, work / "d", batch)  # fmt: skip
+            elif path == "damaged":  # (d) with a few JPEGs damaged past the route: what one costs its batch
+                every = 16 if smoke else DAMAGED_EVERY
+                mixed, damaged = _damaged(files, work / "damaged", every)
+                for decoder in decoders[:2]:
+                    run.path(f"(d) one file in {every} damaged past the route ({damaged} files), {decoder}",
+                             end_to_end, mixed, encoder, device, decoder, work / "d", batch)  # fmt: skip
             elif path == "nomodel":  # (d) with a constant for the tower: what decode + resize reach beside threads
                 stand_in = _without_model(ckpt, device, batch)
                 for decoder in decoders[:2]:

@@ -58,6 +58,7 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu(tmp_path):
                  "(d) the GELU as a kernel of its own (before), pil",
                  "(d) the resize channel by channel (before), pil",
                  "(d) the file readers' ring pageable (before), pil",
+                 "(d) one file in 16 damaged past the route (4 files), pil",
                  "(d) all three: model, decode and resize on streams",
                  "(d) timeline (under the profiler), the product's streams, pil",
                  "(d) timeline (under the profiler), the model on a stream of its own, pil",
