@@ -32,7 +32,9 @@ own, as it ran before it moved into the first product's epilogue (`encoder.gelu_
 reruns (d) with nvImageCodec's batches resized channel by channel, as before they were resized as they lie
 (`resize_like_pil(interleaved=...)`); `unpinned` reruns (d) with the file readers' ring left pageable, as before it
 was page-locked for the GPU (`encoder.page_lock`); `damaged` reruns (d) with one file in 500 damaged past the
-route (what a damaged JPEG costs its batch: nvImageCodec's hardware decoder fails a batch whole). `profile` reruns (d) and (e) sampling every thread's stack
+route (what a damaged JPEG costs its batch: nvImageCodec's hardware decoder fails a batch whole);
+`all-extensions` makes nvImageCodec's decoder with every extension the library ships, as before it loaded the
+JPEG decoders only (the time to make it, then (d) clean and with damaged files). `profile` reruns (d) and (e) sampling every thread's stack
 (where the time goes on a host without py-spy); `graph` reruns (c), (d) and (e) with the
 model's step replayed as one CUDA graph per batch (`--cuda-graph`: three host calls per
 batch instead of one per op or kernel, each of which hands the interpreter lock over);
@@ -133,6 +135,20 @@ class GpuMonitor:
 
 
 DAMAGED_EVERY = 500  # the `damaged` path: one file in this many damaged past the route
+
+
+def codec_setup(device: torch.device, rounds: int = 3) -> dict:
+    """Seconds to make nvImageCodec's decoder (`NvImageCodec`): the JPEG decoders only (the product's) and every
+    extension the library ships (before), alternated; the fastest of `rounds` each."""
+    from encoder.nvimgcodec import ALL_EXTENSIONS, NvImageCodec
+
+    seconds: dict[str, list[float]] = {"jpeg_only_s": [], "every_extension_s": []}
+    for _ in range(rounds):
+        for name, extensions in (("jpeg_only_s", None), ("every_extension_s", ALL_EXTENSIONS)):
+            start = time.perf_counter()
+            NvImageCodec(device, extensions=extensions).close()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: round(min(values), 3) for name, values in seconds.items()} | {"images_per_s": None}
 
 
 def _damaged(files: list[Path], folder: Path, every: int) -> tuple[list[Path], int]:
@@ -569,8 +585,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--timeline-images", type=int, default=4096)
     parser.add_argument("--large-images", type=int, default=512, help="the `large` path's 12-MP photos")
-    parser.add_argument("--paths", default="c,d,unpinned,damaged,b,a,e,timeline,streams,decode-threads,prealloc,nomodel,"
-                        "freezing,"
+    parser.add_argument("--paths", default="c,d,unpinned,damaged,all-extensions,b,a,e,timeline,streams,decode-threads,"
+                        "prealloc,nomodel,freezing,"
                         "patch-conv,gelu-separate,resize-channels,pixels,so400m,profile,graph,mfu,stages,switch,e2,large",
                         help="which paths, in order")  # fmt: skip
     parser.add_argument("--trace-dir", help="keep the `timeline` path's traces here (.json.gz, for Perfetto)")
@@ -649,6 +665,18 @@ def main() -> None:
                 for decoder in decoders[:2]:
                     run.path(f"(d) one file in {every} damaged past the route ({damaged} files), {decoder}",
                              end_to_end, mixed, encoder, device, decoder, work / "d", batch)  # fmt: skip
+            elif path == "all-extensions" and "nvimgcodec" in decoders:  # nvImageCodec with every extension, as before
+                import encoder.nvimgcodec as nvic
+
+                run.path("nvImageCodec's decoder made: JPEG decoders only (now) against every extension (before)",
+                         codec_setup, device)  # fmt: skip
+                with mock.patch.object(nvic, "default_extensions", lambda device, extensions: None):
+                    run.path("(d) every nvImageCodec extension loaded (before), nvimgcodec", end_to_end, files,
+                             encoder, device, "nvimgcodec", work / "d", batch)  # fmt: skip
+                    mixed, damaged = _damaged(files, work / "damaged", DAMAGED_EVERY)
+                    run.path(f"(d) one file in {DAMAGED_EVERY} damaged past the route ({damaged} files), every "
+                             "nvImageCodec extension loaded (before), nvimgcodec", end_to_end, mixed, encoder, device,
+                             "nvimgcodec", work / "d", batch)  # fmt: skip
             elif path == "nomodel":  # (d) with a constant for the tower: what decode + resize reach beside threads
                 stand_in = _without_model(ckpt, device, batch)
                 for decoder in decoders[:2]:

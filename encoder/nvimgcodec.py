@@ -36,7 +36,15 @@ import torch
 from encoder.jpeg import decoded_within
 from encoder.resize import PackedImages
 
-__all__ = ["NvImageCodec", "NvImageCodecError", "library_dir", "library_problem"]
+__all__ = [
+    "ALL_EXTENSIONS",
+    "GPU_EXTENSIONS",
+    "NvImageCodec",
+    "NvImageCodecError",
+    "default_extensions",
+    "library_dir",
+    "library_problem",
+]
 
 SUPPORTED_VERSION = (0, 9)  # major, minor of the header these structures mirror
 
@@ -59,6 +67,11 @@ BUFFER_KIND_STRIDED_DEVICE = 1
 BUFFER_KIND_STRIDED_HOST = 2
 PROCESSING_STATUS_SUCCESS = 1
 CPU_EXTENSIONS = ("libjpeg_turbo_ext",)  # what a CPU-only instance loads (JPEG)
+# What a GPU instance loads: nvJPEG's decoders (the hardware engines, CUDA, hybrid). Not the other formats' (the route
+# sends only JPEGs here), nor libjpeg-turbo's: a JPEG nvJPEG cannot decode goes to the product's CPU threads, each
+# image within its time limit and beside the batch, instead of being decoded on the CPU inside the batch's call.
+GPU_EXTENSIONS = ("libnvjpeg_ext",)
+ALL_EXTENSIONS = "all"  # every extension the library ships (as before: `benchmarks/gpu_embed.py` compares)
 
 
 class Properties(ctypes.Structure):
@@ -188,14 +201,15 @@ class NvImageCodec:
     """Decode batches of encoded images to (3, h, w) uint8 RGB on `device` (a CUDA device, or "cpu" for the
     library's CPU decoders). Calls from several threads take turns.
 
-    `extensions`: names of the extension modules to load; None loads all that ship with the library on a GPU,
-    and only the libjpeg-turbo one on the CPU (without CUDA libraries the others print errors as they load).
+    `extensions`: names of the extension modules to load, or `ALL_EXTENSIONS`; None loads the JPEG decoders only:
+    nvJPEG's on a GPU (`GPU_EXTENSIONS`), libjpeg-turbo's on the CPU (without CUDA libraries the others print errors
+    as they load).
     `cpu_threads`: the library's own threads (0: one per core). `options`: the decoder's, as nvImageCodec
     spells them; the default is its package's (chroma replicated, not interpolated:
     ":fancy_upsampling=1" decodes as libjpeg and Pillow do, bit for bit on the CPU backend).
     """
 
-    def __init__(self, device: torch.device | str = "cuda", extensions: Sequence[str] | None = None,
+    def __init__(self, device: torch.device | str = "cuda", extensions: Sequence[str] | str | None = None,
                  cpu_threads: int = 0, options: str = ":fancy_upsampling=0") -> None:  # fmt: skip
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
@@ -205,9 +219,8 @@ class NvImageCodec:
         self._lib = lib
         info = _header(InstanceCreateInfo, STRUCT_INSTANCE_CREATE_INFO)
         info.load_builtin_modules, info.load_extension_modules = 1, 1
-        if extensions is None and self.device.type == "cpu":
-            extensions = CPU_EXTENSIONS
-        with _extension_dir(where / "extensions", extensions) as modules:  # read once, by InstanceCreate
+        chosen = default_extensions(self.device, extensions)
+        with _extension_dir(where / "extensions", chosen) as modules:  # read once, by InstanceCreate
             info.extension_modules_path = str(modules).encode()
             self._instance, self._decoder = c_void_p(), c_void_p()
             _check(lib.instance_create(byref(self._instance), byref(info)), "InstanceCreate")
@@ -347,6 +360,15 @@ def _output_info(buffer_kind: int) -> ImageInfo:
     plane.num_channels, plane.sample_type, plane.precision = 3, SAMPLE_DATA_TYPE_UINT8, 0
     info.buffer_kind = buffer_kind
     return info
+
+
+def default_extensions(device: torch.device, extensions: Sequence[str] | str | None) -> Sequence[str] | None:
+    """The extension modules an instance on `device` loads (None: every one shipped)."""
+    if extensions == ALL_EXTENSIONS:
+        return None
+    if extensions is None:
+        return CPU_EXTENSIONS if device.type == "cpu" else GPU_EXTENSIONS
+    return extensions
 
 
 @contextlib.contextmanager

@@ -216,6 +216,19 @@ def test_an_unknown_extension_is_a_clear_error():
         nvic.NvImageCodec("cpu", extensions=("libnothing_ext",))
 
 
+def test_an_instance_loads_only_the_jpeg_decoders_of_its_device_and_they_ship():
+    """On a GPU nvJPEG's (the route sends only JPEGs there; what nvJPEG cannot decode goes to the product's CPU
+    threads, not to libjpeg-turbo inside the batch's call), on the CPU libjpeg-turbo's; `ALL_EXTENSIONS` as before."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert nvic.default_extensions(cuda, None) == nvic.GPU_EXTENSIONS == ("libnvjpeg_ext",)
+    assert nvic.default_extensions(cpu, None) == ("libjpeg_turbo_ext",)
+    assert nvic.default_extensions(cuda, nvic.ALL_EXTENSIONS) is None  # the shipped directory, every module in it
+    assert nvic.default_extensions(cuda, ("libnvtiff_ext",)) == ("libnvtiff_ext",)
+    shipped = nvic.library_dir() / "extensions"
+    for name in (*nvic.GPU_EXTENSIONS, *nvic.CPU_EXTENSIONS):
+        assert sorted(shipped.glob(f"{name}.so*")), f"{name} is not in {shipped}"
+
+
 def test_gpu_images_sends_only_what_it_could_not_decode_to_the_cpu(codec, jpegs):
     """A None from the decoder routes that image to Pillow; the rest stay with the decoder, in one call."""
     calls = []
