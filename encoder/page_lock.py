@@ -2,7 +2,7 @@
 
 The GPU decoders copy each JPEG's bytes to the device themselves (nvImageCodec's hardware decoder, one
 `cudaMemcpyAsync` per image). From pageable memory the driver first copies them into a staging buffer of its
-own on the calling thread, and waits for room in it: run D's timeline (BENCHMARKS.md) put that copy at 21 µs
+own, on the CPU inside the decode call, and waits for room in it: run D's timeline (BENCHMARKS.md) put that copy at 21 µs
 of nvImageCodec's ~65 µs of CUDA calls per image. The bytes already lie in one block of shared memory, the
 file readers' ring (`pipelines.file_reader.ProcessReader`); page-locked once, each copy is queued and done
 by the copy engines, beside the model.
