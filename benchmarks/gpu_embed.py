@@ -34,8 +34,8 @@ reruns (d) with nvImageCodec's batches resized channel by channel, as before the
 was page-locked for the GPU (`encoder.page_lock`); `damaged` reruns (d) with one file in 500 damaged past the
 route (what a damaged JPEG costs its batch: nvImageCodec's hardware decoder fails a batch whole);
 `all-extensions` makes nvImageCodec's decoder with every extension the library ships, as before it loaded the
-JPEG decoders only (the time to make it, then (d) clean and with damaged files). `profile` reruns (d) and (e) sampling every thread's stack
-(where the time goes on a host without py-spy); `graph` reruns (c), (d) and (e) with the
+JPEG decoders only (the time to make it, then (d) clean and with damaged files). `profile` reruns (d) and (e)
+sampling every thread's stack (where the time goes on a host without py-spy); `graph` reruns (c), (d) and (e) with the
 model's step replayed as one CUDA graph per batch (`--cuda-graph`: three host calls per
 batch instead of one per op or kernel, each of which hands the interpreter lock over);
 `switch` reruns (d) with a 0.5 ms interpreter switch interval; `mfu` reruns (c) at twice the
@@ -418,9 +418,9 @@ def _busy(fn, totals: dict, name: str):
 
 def stages(files: list[Path], encoder, device: torch.device, decoder: str, batch: int) -> dict:
     """Each stage of (d) alone, so the slowest is visible: read + hash (plain threads, and both file readers with
-    routing), the GPU decoder alone (from bytes, and from page-locked memory), routing + decode, resize alone (on images decoded before, and on a batch of
-    one size), decode + resize in one thread; then 1,000 progressive JPEGs decoded + resized as routed and forced
-    onto the GPU decoder."""
+    routing), the GPU decoder alone (from bytes, and from page-locked memory), routing + decode, resize alone (on
+    images decoded before, and on a batch of one size), decode + resize in one thread; then 1,000 progressive JPEGs
+    decoded + resized as routed and forced onto the GPU decoder."""
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
@@ -615,18 +615,8 @@ def main() -> None:
         base = "smoke" if smoke else "base16-224"
         ckpt = _checkpoint(work / base, SHAPES[base])
         encoder = None
-        uses_c = (
-            "stages",
-            "d",
-            "streams",
-            "decode-threads",
-            "switch",
-            "profile",
-            "timeline",
-            "prealloc",
-            "large",
-            "unpinned",
-        )
+        uses_c = ("stages", "d", "streams", "decode-threads", "switch", "profile", "timeline", "prealloc", "large",
+                  "unpinned", "damaged", "all-extensions")  # fmt: skip
         for path in args.paths.split(","):
             if path in uses_c and encoder is None:  # these use (c)'s encoder
                 encoder = encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]

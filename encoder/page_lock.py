@@ -2,10 +2,10 @@
 
 The GPU decoders copy each JPEG's bytes to the device themselves (nvImageCodec's hardware decoder, one
 `cudaMemcpyAsync` per image). From pageable memory the driver first copies them into a staging buffer of its
-own, on the CPU inside the decode call, and waits for room in it: run D's timeline (BENCHMARKS.md) put that copy at 21 µs
-of nvImageCodec's ~65 µs of CUDA calls per image. The bytes already lie in one block of shared memory, the
-file readers' ring (`pipelines.file_reader.ProcessReader`); page-locked once, each copy is queued and done
-by the copy engines, beside the model.
+own, on the CPU inside the decode call, and waits for room in it: run D's timeline (BENCHMARKS.md) put that
+copy at 21 µs of nvImageCodec's ~65 µs of CUDA calls per image. The bytes already lie in one block of shared
+memory, the file readers' ring (`pipelines.file_reader.ProcessReader`); page-locked once, each copy is queued
+and done by the copy engines, beside the model.
 
 This goes through the CUDA driver (`libcuda.so.1`, through ctypes), not torch's runtime binding: a runtime
 call that fails leaves its error for the next kernel launch's check on the same thread, which would raise it

@@ -277,9 +277,9 @@ class ProcessReader:
 
     `page_lock(address, size)`, when given, page-locks the ring for a GPU and returns the call that unlocks it
     (`encoder.page_lock.page_locker`): the GPU decoders then copy the bytes from it by DMA. The whole ring is then
-    resident, not only what was written. It runs in a thread of its own while the reader starts and reads (each
-    page of the ring faulted in and locked: most of a second for a large ring, which a run need not wait for);
-    copies made before it is done go through pageable memory, as without it. If it raises, the reader goes on with
+    resident, not only what was written. It runs in a thread of its own while the reader starts and reads (every
+    page of the ring is faulted in and locked, which a run need not wait for); copies made before it is done go
+    through pageable memory, as without it. If it raises, the reader goes on with
     the ring as it is, and says why in `page_lock_problem`.
     """
 
