@@ -463,17 +463,10 @@ def stages(files: list[Path], encoder, device: torch.device, decoder: str, batch
 
 def _page_locked(batches: list[list[bytes]], device: torch.device) -> list[list[np.ndarray]]:
     """Each batch's images as views of one page-locked buffer (on a CUDA device; plain memory elsewhere)."""
-    total = sum(len(data) for batch in batches for data in batch)
-    buffer = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda").numpy()
-    out, offset = [], 0
-    for batch in batches:
-        views = []
-        for data in batch:
-            views.append(buffer[offset : offset + len(data)])
-            views[-1][:] = np.frombuffer(data, dtype=np.uint8)
-            offset += len(data)
-        out.append(views)
-    return out
+    from encoder.page_lock import host_copies
+
+    views = iter(host_copies([data for batch in batches for data in batch], device.type == "cuda"))
+    return [[next(views) for _ in batch] for batch in batches]
 
 
 def _progressive(data: bytes) -> bytes:

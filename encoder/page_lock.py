@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from ctypes import POINTER, byref, c_char_p, c_int, c_size_t, c_uint, c_void_p
 
+import numpy as np
 import torch
 
-__all__ = ["PageLockError", "page_lock", "page_locker"]
+__all__ = ["PageLockError", "host_copies", "page_lock", "page_locker"]
 
 CU_MEMHOSTREGISTER_PORTABLE = 0x01  # page-locked for every CUDA context, not only the one current here
 
@@ -100,12 +101,27 @@ def page_lock(address: int, size: int, device_index: int, driver: _Driver | None
     return unlock
 
 
-def page_locker(device: torch.device) -> Callable[[int, int], Callable[[], None]] | None:
+def page_locker(device: torch.device | None) -> Callable[[int, int], Callable[[], None]] | None:
     """`page_lock` for `device`, as `ProcessReader(page_lock=...)` takes it; None where `device` is not a GPU."""
-    if device.type != "cuda":
+    if device is None or device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     return lambda address, size: page_lock(address, size, index)
+
+
+def host_copies(datas: Sequence[bytes | np.ndarray], page_locked: bool) -> list[np.ndarray]:
+    """Each of `datas` copied into one buffer of host memory, as 1-D uint8 views of it: page-locked (from torch's cache
+    of pinned memory) with `page_locked`, so a GPU decoder copies them by DMA. The buffer lives while a view does."""
+    total = sum(len(data) for data in datas)
+    buffer = (
+        torch.empty(total, dtype=torch.uint8, pin_memory=True).numpy() if page_locked else np.empty(total, np.uint8)
+    )
+    views, offset = [], 0
+    for data in datas:
+        views.append(buffer[offset : offset + len(data)])
+        views[-1][:] = np.frombuffer(data, dtype=np.uint8)
+        offset += len(data)
+    return views
 
 
 def _in_context(cuda: _Driver, context: c_void_p, call: Callable[[], int], what: str) -> None:

@@ -32,7 +32,7 @@ from encoder.failures import MemoryBackoff
 from encoder.gpu_images import GpuImages, batches_progressive
 from encoder.gpu_stream import BackgroundEmbedder
 from encoder.nvimgcodec import library_problem as nvimgcodec_problem
-from encoder.page_lock import page_locker
+from encoder.page_lock import host_copies, page_locker
 from encoder.resize import gpu_resizes
 from pipelines import storage
 from pipelines.catalog import ItemChunk
@@ -372,22 +372,10 @@ def _off_the_ring(items: list[PreparedImage], page_locked: bool = False) -> list
     over = [i for i, item in enumerate(items) if isinstance(item.data, np.ndarray) and item.data.base is not None]
     if not over:
         return items
-    buffer = _host_buffer(sum(items[i].data.nbytes for i in over), page_locked)
-    out, offset = list(items), 0
-    for i in over:
-        data = items[i].data
-        copy = buffer[offset : offset + data.nbytes]
-        copy[:] = data
+    out = list(items)
+    for i, copy in zip(over, host_copies([items[i].data for i in over], page_locked), strict=True):
         out[i] = items[i]._replace(data=copy)
-        offset += data.nbytes
     return out
-
-
-def _host_buffer(size: int, page_locked: bool) -> np.ndarray:
-    """`size` bytes of host memory as a uint8 array; page-locked (pinned) with `page_locked`."""
-    if page_locked:
-        return torch.empty(size, dtype=torch.uint8, pin_memory=True).numpy()
-    return np.empty(size, dtype=np.uint8)
 
 
 def windowed(outputs):
@@ -440,7 +428,7 @@ def file_reader_for(limits: DecodeLimits, progressive: bool = True, batch_size: 
         if key not in _READERS:
             processes = reader_processes(os.cpu_count() or 1, workers)
             _READERS[key] = ProcessReader(key[0], processes, chunk=chunk, slots=slots,
-                                          page_lock=page_locker(gpu) if gpu is not None else None)  # fmt: skip
+                                          page_lock=page_locker(gpu))  # fmt: skip
             atexit.register(_READERS[key].close)
         return _READERS[key]
 

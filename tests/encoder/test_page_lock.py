@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,9 +97,24 @@ def test_without_a_cuda_driver_it_is_a_clear_error(monkeypatch):
 def test_a_locker_is_only_for_a_gpu(monkeypatch):
     calls = []
     monkeypatch.setattr(page_lock_module, "page_lock", lambda *args: calls.append(args) or (lambda: None))
-    assert page_locker(torch.device("cpu")) is None
+    assert page_locker(torch.device("cpu")) is None and page_locker(None) is None
     page_locker(torch.device("cuda", 1))(0x2000, 8192)
     assert calls == [(0x2000, 8192, 1)]
+
+
+def test_host_copies_are_views_of_one_buffer_of_their_own():
+    ring = np.arange(30, dtype=np.uint8)
+    datas = [ring[0:10], b"bytes", ring[20:30]]
+    copies = page_lock_module.host_copies(datas, page_locked=False)
+    assert [bytes(c) for c in copies] == [bytes(d) for d in datas]
+    assert copies[0].base is copies[1].base is copies[2].base
+    assert not any(np.shares_memory(c, ring) for c in copies)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_host_copies_are_page_locked():
+    copies = page_lock_module.host_copies([b"abc", b"defg"], page_locked=True)
+    assert all(torch.from_numpy(c).is_pinned() for c in copies) and bytes(copies[1]) == b"defg"
 
 
 @pytest.mark.gpu

@@ -737,13 +737,17 @@ def _over_a_ring(count: int) -> tuple[np.ndarray, list[PreparedImage]]:
 
 @pytest.mark.parametrize("page_locked", [False, True])
 def test_images_leave_the_ring_into_one_buffer_page_locked_where_the_ring_is(monkeypatch, page_locked):
-    asked = []
-    monkeypatch.setattr(embed_dofns, "_host_buffer", lambda size, locked: asked.append((size, locked)) or np.empty(
-        size, dtype=np.uint8))  # fmt: skip
+    asked, copies = [], embed_dofns.host_copies
+
+    def recorded(datas, locked):
+        asked.append(([len(data) for data in datas], locked))
+        return copies(datas, False)  # page-locked memory needs CUDA
+
+    monkeypatch.setattr(embed_dofns, "host_copies", recorded)
     ring, items = _over_a_ring(3)
     items.insert(1, items[0]._replace(item_id="own", data=b"own bytes"))  # bytes of its own stay as they are
     out = embed_dofns._off_the_ring(items, page_locked)
-    assert asked == [(30, page_locked)]  # one buffer for the three over the ring
+    assert asked == [([10, 10, 10], page_locked)]  # one buffer for the three over the ring
     assert out[1] is items[1]
     copies = [out[i].data for i in (0, 2, 3)]
     assert [bytes(c) for c in copies] == [bytes(items[i].data) for i in (0, 2, 3)]
