@@ -165,16 +165,19 @@ def byte_tensors(datas: Sequence[bytes | np.ndarray]) -> list[torch.Tensor]:
     return [torch.frombuffer(d, dtype=torch.uint8) for d in datas]
 
 
-def nvimgcodec_decoder(device: torch.device, options: str | None = None) -> BatchDecoder:
+def nvimgcodec_decoder(device: torch.device, options: str | None = None,
+                       backends: Sequence[str] | None = None) -> BatchDecoder:  # fmt: skip
     """nvImageCodec through its C library (`encoder.nvimgcodec`): the GPU's hardware JPEG engines where it has
     them (A100, H100), else CUDA. The interpreter lock is released once per batch; the images come packed in one
     buffer, which the resize gathers from without a tensor op per image; one it cannot decode, or past
     `decode_max_bytes`, goes to the CPU threads while the rest of the batch stays on the GPU. `options`: the
-    library's decoder options (None: ours)."""
+    library's decoder options (None: ours); `backends`: the kinds of its decoders it may use (None: all; for
+    benchmarks and tests, `encoder.nvimgcodec.BACKENDS`)."""
     from encoder.nvimgcodec import NvImageCodec
 
     # Made here, so a missing or mismatched library fails the setup, not every batch.
-    codec = NvImageCodec(device) if options is None else NvImageCodec(device, options=options)
+    given = {k: v for k, v in (("options", options), ("backends", backends)) if v is not None}
+    codec = NvImageCodec(device, **given)
 
     def decode(datas: list[bytes | np.ndarray], device: torch.device) -> tuple[PackedImages, list[int]]:
         return codec.decode_packed(datas, decode_max_bytes(device))  # on the current stream (`outputs_held`'s own)

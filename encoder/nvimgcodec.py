@@ -27,7 +27,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
-from ctypes import POINTER, byref, c_char, c_char_p, c_int, c_size_t, c_uint8, c_uint32, c_void_p
+from ctypes import POINTER, byref, c_char, c_char_p, c_float, c_int, c_size_t, c_uint8, c_uint32, c_void_p
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from encoder.resize import PackedImages
 
 __all__ = [
     "ALL_EXTENSIONS",
+    "BACKENDS",
     "GPU_EXTENSIONS",
     "NvImageCodec",
     "NvImageCodecError",
@@ -56,6 +57,8 @@ STRUCT_PROPERTIES = 1
 STRUCT_INSTANCE_CREATE_INFO = 2
 STRUCT_DECODE_PARAMS = 5
 STRUCT_ORIENTATION = 7
+STRUCT_BACKEND = 17
+STRUCT_BACKEND_PARAMS = 29
 STRUCT_IMAGE_INFO = 11
 STRUCT_IMAGE_PLANE_INFO = 12
 STRUCT_EXECUTION_PARAMS = 30
@@ -66,6 +69,14 @@ SAMPLE_DATA_TYPE_UINT8 = 0x0802
 BUFFER_KIND_STRIDED_DEVICE = 1
 BUFFER_KIND_STRIDED_HOST = 2
 PROCESSING_STATUS_SUCCESS = 1
+STATUS_ARCH_MISMATCH = 7  # DecoderCreate: no decoder of the allowed backends runs on this device
+LOAD_HINT_POLICY_FIXED = 2
+# The decoders an instance may use, by the kind of backend they declare (nvimgcodecBackendKind_t). Of nvJPEG's:
+# "hardware" is the GPU's JPEG engines (A100, H100), which decode a batch in one call and fail it whole when one
+# image fails; "hybrid" is its CUDA decoder (Huffman on the library's CPU threads or, for larger images, on the GPU,
+# the rest in CUDA kernels, image by image) and its lossless one; "gpu" decoders that run all on the GPU; "cpu"
+# libjpeg-turbo. All of them (None) by default: the framework hands what one decoder fails to the next.
+BACKENDS = {"cpu": 1, "gpu": 2, "hybrid": 3, "hardware": 4}
 CPU_EXTENSIONS = ("libjpeg_turbo_ext",)  # what a CPU-only instance loads (JPEG)
 # What a GPU instance loads: nvJPEG's decoders (the hardware engines, CUDA, hybrid). Not the other formats' (the route
 # sends only JPEGs here), nor libjpeg-turbo's: a JPEG nvJPEG cannot decode goes to the product's CPU threads, each
@@ -103,6 +114,16 @@ class ExecutionParams(ctypes.Structure):
                 ("device_allocator", c_void_p), ("pinned_allocator", c_void_p), ("max_num_cpu_threads", c_int),
                 ("executor", c_void_p), ("device_id", c_int), ("pre_init", c_int), ("skip_pre_sync", c_int),
                 ("num_backends", c_int), ("backends", c_void_p)]  # fmt: skip
+
+
+class BackendParams(ctypes.Structure):
+    _fields_ = [("struct_type", c_int), ("struct_size", c_size_t), ("struct_next", c_void_p),
+                ("load_hint", c_float), ("load_hint_policy", c_int)]  # fmt: skip
+
+
+class Backend(ctypes.Structure):
+    _fields_ = [("struct_type", c_int), ("struct_size", c_size_t), ("struct_next", c_void_p),
+                ("kind", c_int), ("params", BackendParams)]  # fmt: skip
 
 
 class DecodeParams(ctypes.Structure):
@@ -207,35 +228,46 @@ class NvImageCodec:
     `cpu_threads`: the library's own threads (0: one per core). `options`: the decoder's, as nvImageCodec
     spells them; the default is its package's (chroma replicated, not interpolated:
     ":fancy_upsampling=1" decodes as libjpeg and Pillow do, bit for bit on the CPU backend).
+    `backends`: names from `BACKENDS`, the only kinds of decoder it may use (None: every one loaded), e.g.
+    ("hardware",) for the JPEG engines alone, an image they fail left undecoded instead of handed to the next.
     """
 
     def __init__(self, device: torch.device | str = "cuda", extensions: Sequence[str] | str | None = None,
-                 cpu_threads: int = 0, options: str = ":fancy_upsampling=0") -> None:  # fmt: skip
+                 cpu_threads: int = 0, options: str = ":fancy_upsampling=0",
+                 backends: Sequence[str] | None = None) -> None:  # fmt: skip
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         where = library_dir()
         lib, self.version = _load(where)
-        self._lib = lib
+        self._lib, self._lock = lib, threading.Lock()
+        self._instance, self._decoder = c_void_p(), c_void_p()
+        self._streams, self._images = (c_void_p * 0)(), (c_void_p * 0)()
+        # Checked before any handle is made: nothing to free if they are wrong.
+        allowed = None if backends is None else _backends(backends)
         info = _header(InstanceCreateInfo, STRUCT_INSTANCE_CREATE_INFO)
         info.load_builtin_modules, info.load_extension_modules = 1, 1
         chosen = default_extensions(self.device, extensions)
         with _extension_dir(where / "extensions", chosen) as modules:  # read once, by InstanceCreate
             info.extension_modules_path = str(modules).encode()
-            self._instance, self._decoder = c_void_p(), c_void_p()
             _check(lib.instance_create(byref(self._instance), byref(info)), "InstanceCreate")
         params = _header(ExecutionParams, STRUCT_EXECUTION_PARAMS)
         params.device_id = DEVICE_CPU_ONLY if self.device.type == "cpu" else self.device.index
         params.max_num_cpu_threads = cpu_threads
-        _check(lib.decoder_create(self._instance, byref(self._decoder), byref(params), options.encode()),
-               "DecoderCreate")  # fmt: skip
+        if allowed is not None:
+            params.num_backends, params.backends = len(allowed), ctypes.addressof(allowed)
+        self._execution = (params, allowed)  # kept alive with the instance: the library may hold on to them
+        status = lib.decoder_create(self._instance, byref(self._decoder), byref(params), options.encode())
+        if status != 0:
+            self.close()
+            if status == STATUS_ARCH_MISMATCH and allowed is not None:
+                raise NvImageCodecError(f"nvImageCodec has no decoder of the backends {list(backends)} on "
+                                        f"{self.device} (status {status})")  # fmt: skip
+            _check(status, "DecoderCreate")
         self._params = _header(DecodeParams, STRUCT_DECODE_PARAMS)  # apply_exif_orientation = 0, as PIL decodes
-        self._streams = (c_void_p * 0)()
-        self._images = (c_void_p * 0)()
         self._probe = _header(ImageInfo, STRUCT_IMAGE_INFO)
         self._out = _output_info(BUFFER_KIND_STRIDED_HOST if self.device.type == "cpu" else BUFFER_KIND_STRIDED_DEVICE)
         self._plane = self._out.plane_info[0]  # a view into `_out`: setting its fields sets `_out`'s
-        self._lock = threading.Lock()
 
     def decode(self, datas: Sequence[bytes | np.ndarray]) -> list[torch.Tensor | None]:
         """Each input (bytes, or a 1-D uint8 array) decoded to a (3, h, w) uint8 RGB tensor, in order; None for
@@ -360,6 +392,20 @@ def _output_info(buffer_kind: int) -> ImageInfo:
     plane.num_channels, plane.sample_type, plane.precision = 3, SAMPLE_DATA_TYPE_UINT8, 0
     info.buffer_kind = buffer_kind
     return info
+
+
+def _backends(names: Sequence[str]) -> ctypes.Array:
+    """The library's array of allowed backends for `names`, each taking a whole batch (load hint 1, as its
+    package's default)."""
+    unknown = sorted(set(names) - set(BACKENDS))
+    if unknown or not names:
+        raise NvImageCodecError(f"nvImageCodec backends {list(names)}: name one or more of {sorted(BACKENDS)}")
+    array = (Backend * len(names))()
+    for backend, name in zip(array, names, strict=True):
+        backend.struct_type, backend.struct_size, backend.kind = STRUCT_BACKEND, ctypes.sizeof(Backend), BACKENDS[name]
+        backend.params = BackendParams(struct_type=STRUCT_BACKEND_PARAMS, struct_size=ctypes.sizeof(BackendParams),
+                                       load_hint=1.0, load_hint_policy=LOAD_HINT_POLICY_FIXED)  # fmt: skip
+    return array
 
 
 def default_extensions(device: torch.device, extensions: Sequence[str] | str | None) -> Sequence[str] | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import io
+import re
 import shutil
 import subprocess
 
@@ -30,6 +31,8 @@ C_NAMES = {
     nvic.ImagePlaneInfo: "nvimgcodecImagePlaneInfo_t",
     nvic.ImageInfo: "nvimgcodecImageInfo_t",
     nvic.ExecutionParams: "nvimgcodecExecutionParams_t",
+    nvic.BackendParams: "nvimgcodecBackendParams_t",
+    nvic.Backend: "nvimgcodecBackend_t",
     nvic.DecodeParams: "nvimgcodecDecodeParams_t",
     nvic.InstanceCreateInfo: "nvimgcodecInstanceCreateInfo_t",
 }
@@ -51,7 +54,12 @@ CONSTANTS = {
     "BUFFER_KIND_STRIDED_DEVICE": "NVIMGCODEC_IMAGE_BUFFER_KIND_STRIDED_DEVICE",
     "BUFFER_KIND_STRIDED_HOST": "NVIMGCODEC_IMAGE_BUFFER_KIND_STRIDED_HOST",
     "PROCESSING_STATUS_SUCCESS": "NVIMGCODEC_PROCESSING_STATUS_SUCCESS",
+    "STRUCT_BACKEND": "NVIMGCODEC_STRUCTURE_TYPE_BACKEND",
+    "STRUCT_BACKEND_PARAMS": "NVIMGCODEC_STRUCTURE_TYPE_BACKEND_PARAMS",
+    "LOAD_HINT_POLICY_FIXED": "NVIMGCODEC_LOAD_HINT_POLICY_FIXED",
+    "STATUS_ARCH_MISMATCH": "NVIMGCODEC_STATUS_ARCH_MISMATCH",
 }
+BACKEND_KINDS = {"cpu": "CPU_ONLY", "gpu": "GPU_ONLY", "hybrid": "HYBRID_CPU_GPU", "hardware": "HW_GPU_ONLY"}
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +107,10 @@ def test_structures_and_constants_match_the_shipped_header(tmp_path):
     for ours, theirs in CONSTANTS.items():
         lines.append(f'printf("%lld\\n", (long long)({theirs}));')
         expected.append(getattr(nvic, ours))
+    assert sorted(nvic.BACKENDS) == sorted(BACKEND_KINDS)
+    for name, theirs in BACKEND_KINDS.items():
+        lines.append(f'printf("%lld\\n", (long long)(NVIMGCODEC_BACKEND_KIND_{theirs}));')
+        expected.append(nvic.BACKENDS[name])
     lines.append('printf("%d %d\\n", NVIMGCODEC_VER_MAJOR, NVIMGCODEC_VER_MINOR);')
     expected.append(" ".join(map(str, nvic.SUPPORTED_VERSION)))
     source = tmp_path / "layout.c"
@@ -209,6 +221,30 @@ def test_a_worker_checks_the_library_before_any_work(monkeypatch):
     with pytest.raises(ValueError, match="--gpu-decode on: nvImageCodec is not installed"):
         embed_dofns.gpu_decoding(cfg, PreprocessConfig())
     assert not embed_dofns.gpu_decoding(dataclasses.replace(cfg, gpu_decode="auto"), PreprocessConfig())  # auto: Pillow
+
+
+def test_backends_restrict_the_decoders_an_instance_may_use(jpegs):
+    """The library is given the named kinds only: on the CPU, "cpu" decodes as all of them do, and a GPU kind
+    alone leaves it no decoder, which is a clear error (as "hardware" is on a GPU without JPEG engines)."""
+    cpu_only = nvic.NvImageCodec("cpu", extensions=CPU_ONLY, cpu_threads=2, backends=("cpu",))
+    every = nvic.NvImageCodec("cpu", extensions=CPU_ONLY, cpu_threads=2)
+    try:
+        for one, other in zip(cpu_only.decode(jpegs[:3]), every.decode(jpegs[:3]), strict=True):
+            assert torch.equal(one, other)
+        with_hardware = nvic.NvImageCodec("cpu", extensions=CPU_ONLY, cpu_threads=2, backends=("hardware", "cpu"))
+        assert all(image is not None for image in with_hardware.decode(jpegs[:2]))
+        with_hardware.close()
+    finally:
+        cpu_only.close()
+        every.close()
+    for backends in (("hardware",), ("hybrid", "gpu")):
+        with pytest.raises(
+            nvic.NvImageCodecError, match=re.escape(f"no decoder of the backends {list(backends)} on cpu")
+        ):
+            nvic.NvImageCodec("cpu", extensions=CPU_ONLY, backends=backends)
+    for backends in (("hw",), ()):
+        with pytest.raises(nvic.NvImageCodecError, match=r"name one or more of \['cpu', 'gpu', 'hardware', 'hybrid'\]"):
+            nvic.NvImageCodec("cpu", extensions=CPU_ONLY, backends=backends)
 
 
 def test_an_unknown_extension_is_a_clear_error():
