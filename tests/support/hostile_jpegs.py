@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import numpy as np
@@ -9,7 +10,11 @@ from hypothesis import strategies as st
 
 from encoder.jpeg import cpu_reason
 
-__all__ = ["JpegBatch", "routed_batches"]
+__all__ = ["GPU_DECODER_KINDS", "JpegBatch", "each_kind", "routed_batches"]
+
+# nvImageCodec's decoders on a GPU, by kind (`encoder.nvimgcodec.BACKENDS`): which one takes an image depends on its
+# batch (the hardware engines fail a batch whole when one image fails; the framework hands it to the CUDA decoder).
+GPU_DECODER_KINDS = {"hardware engines": ("hardware",), "CUDA decoder": ("hybrid", "gpu")}
 
 
 class JpegBatch(list):
@@ -25,6 +30,17 @@ class JpegBatch(list):
 
     def _repr_pretty_(self, printer, cycle) -> None:  # hypothesis' printer asks for this before __repr__
         printer.text(repr(self))
+
+
+def each_kind(make) -> dict:
+    """`make(backends)` for each kind in `GPU_DECODER_KINDS` this GPU has (no JPEG engines: no "hardware engines")."""
+    from encoder.nvimgcodec import NvImageCodecError
+
+    made = {}
+    for name, backends in GPU_DECODER_KINDS.items():
+        with contextlib.suppress(NvImageCodecError):
+            made[name] = make(backends)
+    return made
 
 
 @st.composite
