@@ -32,7 +32,10 @@ own, as it ran before it moved into the first product's epilogue (`encoder.gelu_
 reruns (d) with nvImageCodec's batches resized channel by channel, as before they were resized as they lie
 (`resize_like_pil(interleaved=...)`); `unpinned` reruns (d) with the file readers' ring left pageable, as before it
 was page-locked for the GPU (`encoder.page_lock`); `damaged` reruns (d) with one file in 500 damaged past the
-route (what a damaged JPEG costs its batch: nvImageCodec's hardware decoder fails a batch whole);
+route (what a damaged JPEG costs its batch: nvImageCodec's hardware decoder fails a batch whole); `backends` decodes
+the files with nvImageCodec alone, with all its decoders and with each kind alone (the hardware engines, the CUDA
+decoder), clean and with damaged files, then reruns (d) with each kind alone: which decoder the product's decodes
+go to and what each costs the model;
 `all-extensions` makes nvImageCodec's decoder with every extension the library ships, as before it loaded the
 JPEG decoders only (the time to make it, then (d) clean and with damaged files). `profile` reruns (d) and (e)
 sampling every thread's stack (where the time goes on a host without py-spy); `graph` reruns (c), (d) and (e) with the
@@ -149,6 +152,40 @@ def codec_setup(device: torch.device, rounds: int = 3) -> dict:
             NvImageCodec(device, extensions=extensions).close()
             seconds[name].append(time.perf_counter() - start)
     return {name: round(min(values), 3) for name, values in seconds.items()} | {"images_per_s": None}
+
+
+# nvImageCodec's decoders by kind (`encoder.nvimgcodec.BACKENDS`): all of them as the product makes it, each kind alone
+DECODER_KINDS = {"all (the product)": None, "hardware engines": ("hardware",), "CUDA decoder": ("hybrid", "gpu")}
+
+
+def decode_kinds(clean: list[Path], damaged: list[Path], device: torch.device, batch: int,
+                 kinds: dict[str, tuple[str, ...] | None]) -> dict:  # fmt: skip
+    """nvImageCodec's decode alone (from bytes, batch by batch, no resize or model) with all its decoders and with each
+    kind alone: images/s and how many it decoded, over `clean` files and over `damaged` (a few damaged past the route).
+    Which kind the product's decodes go to, what each costs, and what a damaged file's failed batch costs."""
+    from encoder.nvimgcodec import NvImageCodec, NvImageCodecError
+
+    sets = {"clean": [f.read_bytes() for f in clean], "damaged": [f.read_bytes() for f in damaged]}
+    result: dict = {"images": len(clean), "images_per_s": None}
+    for name, backends in kinds.items():
+        try:
+            codec = NvImageCodec(device, backends=backends) if backends else NvImageCodec(device)
+        except NvImageCodecError as err:
+            result[name] = str(err)
+            continue
+        try:
+            codec.decode_packed(sets["clean"][:batch])  # warm-up
+            for which, datas in sets.items():
+                start, decoded = time.perf_counter(), 0
+                for i in range(0, len(datas), batch):
+                    decoded += len(codec.decode_packed(datas[i : i + batch])[1])
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                result[f"{name}: {which}_per_s"] = round(len(datas) / (time.perf_counter() - start))
+                result[f"{name}: {which}_decoded"] = decoded
+        finally:
+            codec.close()
+    return result
 
 
 def _damaged(files: list[Path], folder: Path, every: int) -> tuple[list[Path], int]:
@@ -578,7 +615,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--timeline-images", type=int, default=4096)
     parser.add_argument("--large-images", type=int, default=512, help="the `large` path's 12-MP photos")
-    parser.add_argument("--paths", default="c,d,unpinned,damaged,all-extensions,b,a,e,timeline,streams,decode-threads,"
+    parser.add_argument("--paths", default="c,d,unpinned,damaged,backends,all-extensions,b,a,e,timeline,streams,decode-threads,"
                         "prealloc,nomodel,freezing,"
                         "patch-conv,gelu-separate,resize-channels,pixels,so400m,profile,graph,mfu,stages,switch,e2,large",
                         help="which paths, in order")  # fmt: skip
@@ -609,7 +646,7 @@ def main() -> None:
         ckpt = _checkpoint(work / base, SHAPES[base])
         encoder = None
         uses_c = ("stages", "d", "streams", "decode-threads", "switch", "profile", "timeline", "prealloc", "large",
-                  "unpinned", "damaged", "all-extensions")  # fmt: skip
+                  "unpinned", "damaged", "backends", "all-extensions")  # fmt: skip
         for path in args.paths.split(","):
             if path in uses_c and encoder is None:  # these use (c)'s encoder
                 encoder = encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]
@@ -648,6 +685,20 @@ def main() -> None:
                 for decoder in decoders[:2]:
                     run.path(f"(d) one file in {every} damaged past the route ({damaged} files), {decoder}",
                              end_to_end, mixed, encoder, device, decoder, work / "d", batch)  # fmt: skip
+            elif path == "backends" and (smoke or "nvimgcodec" in decoders):  # nvImageCodec's decoders by kind
+                from encoder.gpu_images import DECODERS, nvimgcodec_decoder
+
+                kinds = {"all": None, "cpu": ("cpu",)} if smoke else DECODER_KINDS  # its CPU backend in smoke
+                every = 16 if smoke else DAMAGED_EVERY
+                mixed, damaged = _damaged(files, work / "damaged", every)
+                run.path(f"nvImageCodec's decode alone, by kind of decoder; clean, and one file in {every} damaged "
+                         f"({damaged} files)", decode_kinds, files, mixed, device, batch, kinds)  # fmt: skip
+                for name, backends in list(kinds.items())[1:] if not smoke else []:
+                    kind = {"nvimgcodec": functools.partial(nvimgcodec_decoder, backends=backends)}
+                    with mock.patch.dict(DECODERS, kind):
+                        for what, these in (("", files), (f", one file in {every} damaged", mixed)):
+                            run.path(f"(d) nvImageCodec's {name} alone{what}, nvimgcodec", end_to_end, these,
+                                     encoder, device, "nvimgcodec", work / "d", batch)  # fmt: skip
             elif path == "all-extensions" and "nvimgcodec" in decoders:  # nvImageCodec with every extension, as before
                 import encoder.nvimgcodec as nvic
 

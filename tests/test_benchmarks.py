@@ -59,6 +59,7 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu(tmp_path):
                  "(d) the resize channel by channel (before), pil",
                  "(d) the file readers' ring pageable (before), pil",
                  "(d) one file in 16 damaged past the route (4 files), pil",
+                 "nvImageCodec's decode alone, by kind of decoder; clean, and one file in 16 damaged (4 files)",
                  "(d) all three: model, decode and resize on streams",
                  "(d) timeline (under the profiler), the product's streams, pil",
                  "(d) timeline (under the profiler), the model on a stream of its own, pil",
@@ -81,6 +82,8 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu(tmp_path):
     )  # (e)'s fixed cost, split
     assert '"steady_images_per_s": ' in out.split("(d) end to end", 1)[1].split("\n", 1)[0]  # (d)'s start taken out
     assert '"less_model_load_images_per_s": ' in out and '"less_model_load_images_per_s": null' not in out
+    kinds = next(r for name, r in results.items() if name.startswith("nvImageCodec's decode alone, by kind"))
+    assert [kinds[f"{kind}: {which}_decoded"] for kind in ("all", "cpu") for which in ("clean", "damaged")] == [64] * 4
     row = next(line for line in out.splitlines() if line.startswith("| (d) the resize on a stream of its own, pil |"))
     assert float(row.split("|")[4]) > 0  # against the product's (d), same decoder, same run
 
