@@ -36,6 +36,8 @@ route (what a damaged JPEG costs its batch: nvImageCodec's hardware decoder fail
 the files with nvImageCodec alone, with all its decoders and with each kind alone (the hardware engines, the CUDA
 decoder), clean and with damaged files, then reruns (d) with each kind alone: which decoder the product's decodes
 go to and what each costs the model;
+`e-missing` reruns (e) on a manifest with one item in 101 whose image is missing (dead letters in the fetch step, so
+most images wait in the embed step for a full batch, copied off the ring);
 `all-extensions` makes nvImageCodec's decoder with every extension the library ships, as before it loaded the
 JPEG decoders only (the time to make it, then (d) clean and with damaged files). `profile` reruns (d) and (e)
 sampling every thread's stack (where the time goes on a host without py-spy); `graph` reruns (c), (d) and (e) with the
@@ -566,9 +568,14 @@ def cold_end_to_end(files, ckpt: Path, device: torch.device, decoder: str, out: 
 
 
 def beam(folder: Path, ckpt: Path, device: torch.device, out: Path, batch: int, compile_: bool, count: int,
-         sample: bool = False, decoder: str = "nvjpeg", cuda_graph: bool = False, workers: int = 1) -> dict:  # fmt: skip
+         sample: bool = False, decoder: str = "nvjpeg", cuda_graph: bool = False, workers: int = 1,
+         missing_every: int = 0) -> dict:  # fmt: skip
     """The whole run, then steady state: the whole run less a run over 1% of the files (mostly start-up).
     Also the whole run less its model load (`time_s`), the compile included: (d) is measured without either.
+    `missing_every`: the whole run's catalog is a manifest of the files with an item whose image is missing after
+    every so many, dead letters in the fetch step: its chunks reach the embed step short of a batch, so most images
+    wait there for the next chunk, copied off the file readers' ring (page-locked on a GPU), as wherever a catalog
+    has dead letters or reuses vectors.
 
     The small run goes second, so it finds the compile cache the first one warmed: its fixed cost is if
     anything under-stated, and so is the steady rate.
@@ -592,7 +599,8 @@ def beam(folder: Path, ckpt: Path, device: torch.device, out: Path, batch: int, 
         with StackSampler() as sampler:
             seconds, _ = timed(str(folder / "*" / "*.jpg"), count)
         return {"images": count, "images_per_s": count / seconds, "threads_pct": sampler.top(8)}
-    whole, whole_split = timed(str(folder / "*" / "*.jpg"), count)
+    whole, whole_split = timed(_with_missing(folder, missing_every) if missing_every else str(folder / "*" / "*.jpg"),
+                               count)  # fmt: skip
     small = sorted(folder.glob("*/*.jpg"))[: max(1, count // 100)]
     (folder.parent / "small").mkdir(exist_ok=True)
     for f in small:
@@ -603,7 +611,26 @@ def beam(folder: Path, ckpt: Path, device: torch.device, out: Path, batch: int, 
             "less_model_load_images_per_s": count / (whole - load) if load is not None and whole > load else None,
             "steady_images_per_s": (count - len(small)) / (whole - fixed) if whole > fixed else None,
             "small_run": {"images": len(small), "seconds": round(fixed, 1), "time_s": fixed_split}, "gpu_decode": gpu,
-            "decoder": decoder, "cuda_graph": cuda_graph, "workers": workers}  # fmt: skip
+            "decoder": decoder, "cuda_graph": cuda_graph, "workers": workers,
+            "missing": count // missing_every if missing_every else 0}  # fmt: skip
+
+
+def _with_missing(folder: Path, every: int) -> str:
+    """A Parquet manifest of the JPEGs under `folder` (item id: the file's stem) with an item whose image does not
+    exist after every `every` of them; its path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids, uris = [], []
+    for k, f in enumerate(sorted(folder.glob("*/*.jpg")), 1):
+        ids.append(f.stem)
+        uris.append(str(f))
+        if k % every == 0:
+            ids.append(f"missing-{k}")
+            uris.append(str(folder / "missing" / f"{k}.jpg"))
+    manifest = folder.parent / f"with-missing-{every}.parquet"
+    pq.write_table(pa.table({"item_id": ids, "image_uri": uris}), manifest)
+    return str(manifest)
 
 
 def main() -> None:
@@ -615,7 +642,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--timeline-images", type=int, default=4096)
     parser.add_argument("--large-images", type=int, default=512, help="the `large` path's 12-MP photos")
-    parser.add_argument("--paths", default="c,d,unpinned,damaged,backends,all-extensions,b,a,e,timeline,streams,decode-threads,"
+    parser.add_argument("--paths", default="c,d,unpinned,damaged,backends,all-extensions,b,a,e,e-missing,timeline,streams,decode-threads,"
                         "prealloc,nomodel,freezing,"
                         "patch-conv,gelu-separate,resize-channels,pixels,so400m,profile,graph,mfu,stages,switch,e2,large",
                         help="which paths, in order")  # fmt: skip
@@ -808,6 +835,11 @@ def main() -> None:
                 for decoder in ["nvjpeg", "nvimgcodec"] if "nvimgcodec" in decoders else ["nvjpeg"]:
                     run.path(f"(e) Beam embed pipeline, local runner, {decoder}", beam, work / "jpegs", ckpt,
                              device, work / "e", batch, compile_, len(files), False, decoder)  # fmt: skip
+            elif path == "e-missing":  # (e) with a few images missing: most images wait, copied off the ring
+                every = 16 if smoke else 100
+                run.path(f"(e) Beam, one item in {every + 1} with its image missing, {auto_decoder}", beam,
+                         work / "jpegs", ckpt, device, work / "e", batch, compile_, len(files), False, auto_decoder,
+                         False, 1, every)  # fmt: skip
             elif path == "e2":  # a second worker process on the same GPU: is one interpreter lock what caps (e)?
                 run.path("(e) Beam, 2 worker processes on the one GPU (two model copies, two interpreter locks), "
                          f"{auto_decoder}", beam, work / "jpegs", ckpt, device, work / "e", batch, compile_, len(files),

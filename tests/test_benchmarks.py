@@ -60,6 +60,7 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu(tmp_path):
                  "(d) the file readers' ring pageable (before), pil",
                  "(d) one file in 16 damaged past the route (4 files), pil",
                  "nvImageCodec's decode alone, by kind of decoder; clean, and one file in 16 damaged (4 files)",
+                 "(e) Beam, one item in 17 with its image missing, nvjpeg",
                  "(d) all three: model, decode and resize on streams",
                  "(d) timeline (under the profiler), the product's streams, pil",
                  "(d) timeline (under the profiler), the model on a stream of its own, pil",
@@ -82,6 +83,8 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu(tmp_path):
     )  # (e)'s fixed cost, split
     assert '"steady_images_per_s": ' in out.split("(d) end to end", 1)[1].split("\n", 1)[0]  # (d)'s start taken out
     assert '"less_model_load_images_per_s": ' in out and '"less_model_load_images_per_s": null' not in out
+    missing = results["(e) Beam, one item in 17 with its image missing, nvjpeg"]
+    assert missing["images"] == 64 and missing["missing"] == 4  # the 64 embedded (`beam` checks), 4 dead letters
     kinds = next(r for name, r in results.items() if name.startswith("nvImageCodec's decode alone, by kind"))
     assert [kinds[f"{kind}: {which}_decoded"] for kind in ("all", "cpu") for which in ("clean", "damaged")] == [64] * 4
     row = next(line for line in out.splitlines() if line.startswith("| (d) the resize on a stream of its own, pil |"))
