@@ -384,10 +384,17 @@ def _decode_alone_or_not_at_all(codec, batch: list, max_bytes: int | None, alone
         images = {name: one.decode([batch[i]])[0] for name, one in alone.items()}
         if any(image is not None and torch.equal(packed[k], image) for image in images.values()):
             continue
-        seen = {name: "not decoded" if image is None else f"max difference {(packed[k].int() - image.int()).abs().max()}"
-                for name, image in images.items()}  # fmt: skip
+        seen = {name: _difference(packed[k], image) for name, image in images.items()}
         kind = "a seed unchanged" if bytes(batch[i]) in seeds else "damaged"
         raise AssertionError(f"image {i} of {batch!r} ({kind}) decoded in its batch, but by no decoder alone: {seen}")
+
+
+def _difference(image: torch.Tensor, other: torch.Tensor | None) -> str:
+    if other is None:
+        return "not decoded"
+    if other.shape != image.shape:
+        return f"shape {tuple(other.shape)} against {tuple(image.shape)}"
+    return f"max difference {(image.int() - other.int()).abs().max()}"
 
 
 @settings(max_examples=300, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
