@@ -171,7 +171,7 @@ def decode_kinds(clean: list[Path], damaged: list[Path], device: torch.device, b
     result: dict = {"images": len(clean), "images_per_s": None}
     for name, backends in kinds.items():
         try:
-            codec = NvImageCodec(device, backends=backends) if backends else NvImageCodec(device)
+            codec = NvImageCodec(device, backends=backends)
         except NvImageCodecError as err:
             result[name] = str(err)
             continue

@@ -176,8 +176,7 @@ def nvimgcodec_decoder(device: torch.device, options: str | None = None,
     from encoder.nvimgcodec import NvImageCodec
 
     # Made here, so a missing or mismatched library fails the setup, not every batch.
-    given = {k: v for k, v in (("options", options), ("backends", backends)) if v is not None}
-    codec = NvImageCodec(device, **given)
+    codec = NvImageCodec(device, options=options, backends=backends)
 
     def decode(datas: list[bytes | np.ndarray], device: torch.device) -> tuple[PackedImages, list[int]]:
         return codec.decode_packed(datas, decode_max_bytes(device))  # on the current stream (`outputs_held`'s own)

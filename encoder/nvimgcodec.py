@@ -77,6 +77,7 @@ LOAD_HINT_POLICY_FIXED = 2
 # the rest in CUDA kernels, image by image) and its lossless one; "gpu" decoders that run all on the GPU; "cpu"
 # libjpeg-turbo. All of them (None) by default: the framework hands what one decoder fails to the next.
 BACKENDS = {"cpu": 1, "gpu": 2, "hybrid": 3, "hardware": 4}
+DEFAULT_OPTIONS = ":fancy_upsampling=0"  # the decoder's options unless given: its package's default
 CPU_EXTENSIONS = ("libjpeg_turbo_ext",)  # what a CPU-only instance loads (JPEG)
 # What a GPU instance loads: nvJPEG's decoders (the hardware engines, CUDA, hybrid). Not the other formats' (the route
 # sends only JPEGs here), nor libjpeg-turbo's: a JPEG nvJPEG cannot decode goes to the product's CPU threads, each
@@ -226,14 +227,14 @@ class NvImageCodec:
     nvJPEG's on a GPU (`GPU_EXTENSIONS`), libjpeg-turbo's on the CPU (without CUDA libraries the others print errors
     as they load).
     `cpu_threads`: the library's own threads (0: one per core). `options`: the decoder's, as nvImageCodec
-    spells them; the default is its package's (chroma replicated, not interpolated:
+    spells them; None is `DEFAULT_OPTIONS`, its package's default (chroma replicated, not interpolated:
     ":fancy_upsampling=1" decodes as libjpeg and Pillow do, bit for bit on the CPU backend).
     `backends`: names from `BACKENDS`, the only kinds of decoder it may use (None: every one loaded), e.g.
     ("hardware",) for the JPEG engines alone, an image they fail left undecoded instead of handed to the next.
     """
 
     def __init__(self, device: torch.device | str = "cuda", extensions: Sequence[str] | str | None = None,
-                 cpu_threads: int = 0, options: str = ":fancy_upsampling=0",
+                 cpu_threads: int = 0, options: str | None = None,
                  backends: Sequence[str] | None = None) -> None:  # fmt: skip
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
@@ -257,6 +258,7 @@ class NvImageCodec:
         if allowed is not None:
             params.num_backends, params.backends = len(allowed), ctypes.addressof(allowed)
         self._execution = (params, allowed)  # kept alive with the instance: the library may hold on to them
+        options = DEFAULT_OPTIONS if options is None else options
         status = lib.decoder_create(self._instance, byref(self._decoder), byref(params), options.encode())
         if status != 0:
             self.close()

@@ -798,8 +798,9 @@ def test_damaged_jpegs_on_the_gpu_are_decoded_or_dead_lettered_and_spare_the_res
     alone = {decoder: images.prepare(jpegs[4:7]).pixels.cpu()}
     if decoder == "nvimgcodec":  # each of its decoders alone: a damaged neighbour may move the batch to another
         device = torch.device("cuda", torch.cuda.current_device())
-        kinds = each_kind(lambda backends: GpuImages(CFG, device, FULL, decoder=nvimgcodec_decoder(device, None,
-                                                                                                   backends)))  # fmt: skip
+        kinds = each_kind(
+            lambda backends: GpuImages(CFG, device, FULL, decoder=nvimgcodec_decoder(device, backends=backends))
+        )
         alone.update({name: kind.prepare(jpegs[4:7]).pixels.cpu() for name, kind in kinds.items()})
         assert "CUDA decoder" in alone
 
