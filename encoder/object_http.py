@@ -4,8 +4,11 @@ A reader process's image reads are CPU-bound in its HTTP client. Against a local
 alive, over HTTP and TLS, urllib3 spent 440-890 µs of the process's CPU per 71 KB read, most of it Python:
 http.client's header parsing, the pool's bookkeeping, google-auth's wrapper; libcurl 220-480 µs, 0.35-0.57x, its
 checksum included (`benchmarks/gcs_reads.py`, 2-core Xeon), and it sends the request and takes the response
-without the interpreter lock. Each thread keeps a handle of its own; the
-process's handles share their kept-alive connections, TLS sessions and DNS answers (a forked child makes its own).
+without the interpreter lock. A read takes a handle from the process's idle ones, with the connection it kept
+alive, and gives it back after: a handle, and so a connection, serves one thread at a time. libcurl does not
+support sharing a connection cache between threads that read at once (CURLSHOPT_SHARE; a known bug, "pure
+chance" where it did not crash), so the handles share only TLS sessions and DNS answers (a forked child makes
+handles of its own).
 
 A whole object's body is checked against the crc32c GCS sends with it (`x-goog-hash`; a ranged read gets none,
 so image reads ask for the whole object and refuse one too large at its Content-Length). The token comes from
@@ -36,9 +39,8 @@ _UNREACHABLE = {5: "proxy not resolved", 6: "host not resolved", 7: "no connecti
                 56: "receive failed", 92: "HTTP/2 stream error"}  # fmt: skip
 _TIMED_OUT = 28
 
-# Idle connections the process keeps: past the threads that read at once (a reader process's 96). libcurl's own
-# default, 5, closed nearly every connection after one request with 16 threads reading.
-KEPT_CONNECTIONS = 128
+# Idle connections a handle keeps (libcurl's default): one per host it reads from, and a handle reads from one.
+KEPT_CONNECTIONS = 5
 
 
 class Response(NamedTuple):
@@ -75,8 +77,12 @@ class ObjectHttp:
         self.base, self._credentials, self._refresh = base, credentials, refresh
         self._proxy, self._ca = proxy_for(base), ca_bundle()
         self._connect_s, self._stall_s = connect_s, stall_s
-        self._local = threading.local()
-        self._lock, self._shared = threading.Lock(), (None, None)  # (pid, its `_share`)
+        # Guarded by `_lock`: the process these handles belong to, its `_share`, and its handles not in use (each
+        # with its kept-alive connection), the last given back first.
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._share = None
+        self._idle: list = []
 
     def get(self, url: str, headers: dict[str, str], max_bytes: int | None = None) -> Response:
         """The response to a GET of `url` with `headers` and the token. `max_bytes`: a successful response whose
@@ -100,49 +106,61 @@ class ObjectHttp:
 
         headers = dict(headers)
         self._credentials.before_request(self._refresh, "GET", url, headers)  # adds the token, refreshed if due
-        handle, body = self._handle(), _Body(max_bytes)
-        handle.setopt(pycurl.URL, url)
-        handle.setopt(pycurl.HTTPHEADER, [f"{name}: {value}" for name, value in headers.items()])
-        handle.setopt(pycurl.HEADERFUNCTION, body.header)
-        handle.setopt(pycurl.WRITEFUNCTION, body.write)
+        pid, handle = self._take()
+        body = _Body(max_bytes)
         try:
-            handle.perform()
-        except pycurl.error as err:
-            if body.too_large:
-                raise ValueError(f"object is larger than max_bytes={max_bytes}") from None
-            raise _mapped(err, url) from None
+            handle.setopt(pycurl.URL, url)
+            handle.setopt(pycurl.HTTPHEADER, [f"{name}: {value}" for name, value in headers.items()])
+            handle.setopt(pycurl.HEADERFUNCTION, body.header)
+            handle.setopt(pycurl.WRITEFUNCTION, body.write)
+            try:
+                handle.perform()
+            except pycurl.error as err:
+                if body.too_large:
+                    raise ValueError(f"object is larger than max_bytes={max_bytes}") from None
+                raise _mapped(err, url) from None
+            status = handle.getinfo(pycurl.RESPONSE_CODE)
+        finally:
+            self._give_back(pid, handle)
         data = b"".join(body.chunks)
-        status = handle.getinfo(pycurl.RESPONSE_CODE)
+        body.chunks.clear()  # the handle's callbacks keep `body` until its next read: not the image's bytes too
         if status == 200 and body.crc32c is not None:
             _check(data, body.crc32c, url)
         return Response(status, data)
 
-    def _handle(self):
-        """This thread's handle, on the process's share of connections (a new one in a forked child)."""
+    def _take(self):
+        """A handle not in use, the last given back (its connection the likeliest still open), or a new one; and the
+        process it belongs to. A forked child never uses its parent's handles or share."""
+        pid = os.getpid()
+        with self._lock:
+            if self._pid != pid:
+                _INHERITED.extend(self._idle if self._share is None else [*self._idle, self._share])
+                self._pid, self._share, self._idle = pid, _share(), []
+            if self._idle:
+                return pid, self._idle.pop()
+            share = self._share
+        return pid, self._new_handle(share)
+
+    def _give_back(self, pid: int, handle) -> None:
+        with self._lock:
+            if self._pid == pid:  # not a parent's handle in a child that forked while it was out
+                self._idle.append(handle)
+
+    def _new_handle(self, share):
         import pycurl
 
-        local, pid = self._local, os.getpid()
-        if getattr(local, "pid", None) != pid:
-            with self._lock:
-                if getattr(local, "handle", None) is not None:  # the thread that forked this child: its handle
-                    _INHERITED.append(local.handle)
-                if self._shared[0] != pid:
-                    if self._shared[1] is not None:
-                        _INHERITED.append(self._shared[1])
-                    self._shared = (pid, _share())
-            handle = pycurl.Curl()
-            handle.setopt(pycurl.SHARE, self._shared[1])
-            handle.setopt(pycurl.MAXCONNECTS, KEPT_CONNECTIONS)
-            handle.setopt(pycurl.NOSIGNAL, 1)  # threads: timeouts without SIGALRM
-            handle.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
-            handle.setopt(pycurl.CONNECTTIMEOUT_MS, int(self._connect_s * 1000))
-            handle.setopt(pycurl.LOW_SPEED_LIMIT, 1)  # under a byte a second for `stall_s`: timed out
-            handle.setopt(pycurl.LOW_SPEED_TIME, max(1, round(self._stall_s)))
-            handle.setopt(pycurl.PROXY, self._proxy or "")  # "": none, whatever libcurl's own reading of the env
-            if self._ca:
-                handle.setopt(pycurl.CAINFO, self._ca)
-            local.handle, local.pid = handle, pid
-        return local.handle
+        handle = pycurl.Curl()
+        handle.setopt(pycurl.SHARE, share)
+        handle.setopt(pycurl.MAXCONNECTS, KEPT_CONNECTIONS)
+        handle.setopt(pycurl.NOSIGNAL, 1)  # threads: timeouts without SIGALRM
+        handle.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
+        handle.setopt(pycurl.CONNECTTIMEOUT_MS, int(self._connect_s * 1000))
+        handle.setopt(pycurl.LOW_SPEED_LIMIT, 1)  # under a byte a second for `stall_s`: timed out
+        handle.setopt(pycurl.LOW_SPEED_TIME, max(1, round(self._stall_s)))
+        handle.setopt(pycurl.PROXY, self._proxy or "")  # "": none, whatever libcurl's own reading of the env
+        if self._ca:
+            handle.setopt(pycurl.CAINFO, self._ca)
+        return handle
 
 
 # A forked child's inherited handles and shares, never freed there: freeing one closes its connections, and closing
@@ -151,12 +169,13 @@ _INHERITED: list = []
 
 
 def _share():
-    """What the process's handles share: kept-alive connections (a thread that reads for the first time takes one
-    another left idle, not a new connection and TLS handshake), TLS sessions and DNS answers. pycurl locks it."""
+    """What the process's handles share: TLS sessions (a new handle's first connection resumes one instead of a full
+    handshake) and DNS answers, under pycurl's locks. Not connections: libcurl does not support a connection cache
+    shared by threads that read at once; a handle keeps its own, and handles go from thread to thread instead."""
     import pycurl
 
     share = pycurl.CurlShare()
-    for data in (pycurl.LOCK_DATA_CONNECT, pycurl.LOCK_DATA_SSL_SESSION, pycurl.LOCK_DATA_DNS):
+    for data in (pycurl.LOCK_DATA_SSL_SESSION, pycurl.LOCK_DATA_DNS):
         share.setopt(pycurl.SH_SHARE, data)
     return share
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -67,6 +68,49 @@ def test_connections_are_kept_from_one_read_to_the_next_and_shared_by_threads(se
     assert path == "/o?alt=media" and headers["range"] == "bytes=0-100000" and headers["authorization"] == "Bearer t0"
 
 
+def test_a_handle_serves_one_read_at_a_time_and_connections_are_never_shared_between_threads(serve, monkeypatch):
+    """libcurl does not support a connection cache shared by threads reading at once (CURLSHOPT_SHARE's
+    CURL_LOCK_DATA_CONNECT: use-after-free and double-free crashes, its maintainers say). Handles go from thread to
+    thread instead, each in one read at a time; the share holds TLS sessions and DNS answers only."""
+    import pycurl
+
+    shared, made = [], []
+
+    class Share(pycurl.CurlShare):
+        def setopt(self, option, value):
+            shared.append((option, value))
+            return super().setopt(option, value)
+
+    monkeypatch.setattr(pycurl, "CurlShare", Share)
+    http = _http("http://127.0.0.1")
+    original = http._new_handle
+    monkeypatch.setattr(http, "_new_handle", lambda share: made.append(original(share)) or made[-1])
+    in_use, most, guard = set(), [0], threading.Lock()
+    take, give_back = http._take, http._give_back
+
+    def taken():
+        pid, handle = take()
+        with guard:
+            assert id(handle) not in in_use, "a handle given to two reads at once"
+            in_use.add(id(handle))
+            most[0] = max(most[0], len(in_use))
+        return pid, handle
+
+    def given_back(pid, handle):
+        with guard:
+            in_use.discard(id(handle))
+        give_back(pid, handle)
+
+    monkeypatch.setattr(http, "_take", taken)
+    monkeypatch.setattr(http, "_give_back", given_back)
+    server = serve(lambda h: (time.sleep(0.002), send(h, 200, b"x" * 2000)))
+    with ThreadPoolExecutor(8) as pool:
+        assert all(r == (200, b"x" * 2000) for r in pool.map(lambda _: http.get(server.url, {}), range(200)))
+    assert len(made) == most[0] <= 8 and len(http._idle) == len(made)  # a handle per read at once, all back
+    assert [value for option, value in shared if option == pycurl.SH_SHARE] == [pycurl.LOCK_DATA_SSL_SESSION,
+                                                                               pycurl.LOCK_DATA_DNS]  # fmt: skip
+
+
 def test_a_forked_child_opens_connections_of_its_own(serve, monkeypatch):
     server = serve(lambda h: send(h, 200, b"x"))
     http = _http(server.url)
@@ -91,8 +135,8 @@ def test_a_forked_child_leaves_its_parents_tls_connection_as_it_was(serve, tmp_p
     child = os.fork()
     if child == 0:  # pragma: no cover - the child's outcome is its exit status
         ok = http.get(server.url, {}) == (200, b"x" * 5000)
-        http._local.__dict__.clear()  # its handle and share dropped, as a new thread's or a later run's would be
-        http._shared = (None, None)
+        http._idle.clear()  # its handle and share dropped, as a later run's would be
+        http._share = None
         gc.collect()
         os._exit(0 if ok else 1)
     assert os.waitpid(child, 0)[1] == 0
