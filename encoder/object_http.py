@@ -4,8 +4,8 @@ A reader process's image reads are CPU-bound in its HTTP client. Against a local
 alive, over HTTP and TLS, urllib3 spent 440-890 µs of the process's CPU per 71 KB read, most of it Python:
 http.client's header parsing, the pool's bookkeeping, google-auth's wrapper; libcurl 220-480 µs, 0.35-0.57x, its
 checksum included (`benchmarks/gcs_reads.py`, 2-core Xeon), and it sends the request and takes the response
-without the interpreter lock. A read takes a handle from the process's idle ones, with the connection it kept
-alive, and gives it back after: a handle, and so a connection, serves one thread at a time. libcurl does not
+without the interpreter lock. A read takes a handle from the process's idle ones (its thread's last, if idle), with the
+connection it kept alive, and gives it back after: a handle, and so a connection, serves one thread at a time. libcurl does not
 support sharing a connection cache between threads that read at once (CURLSHOPT_SHARE; a known bug, "pure
 chance" where it did not crash), so the handles share only TLS sessions and DNS answers (a forked child makes
 handles of its own).
@@ -78,11 +78,12 @@ class ObjectHttp:
         self._proxy, self._ca = proxy_for(base), ca_bundle()
         self._connect_s, self._stall_s = connect_s, stall_s
         # Guarded by `_lock`: the process these handles belong to, its `_share`, and its handles not in use (each
-        # with its kept-alive connection), the last given back first.
+        # with its kept-alive connection), by id, in the order given back.
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._share = None
-        self._idle: list = []
+        self._idle: dict[int, object] = {}
+        self._last = threading.local()  # the handle this thread read with last (a reference only: the pool owns it)
 
     def get(self, url: str, headers: dict[str, str], max_bytes: int | None = None) -> Response:
         """The response to a GET of `url` with `headers` and the token. `max_bytes`: a successful response whose
@@ -129,22 +130,27 @@ class ObjectHttp:
         return Response(status, data)
 
     def _take(self):
-        """A handle not in use, the last given back (its connection the likeliest still open), or a new one; and the
-        process it belongs to. A forked child never uses its parent's handles or share."""
-        pid = os.getpid()
+        """A handle not in use, and the process it belongs to: the one this thread read with last if it is idle (its
+        connection stays with one thread, as a server sees it), else the last given back (its connection the likeliest
+        still open), else a new one. A forked child never uses its parent's handles or share."""
+        pid, mine = os.getpid(), getattr(self._last, "handle", None)
         with self._lock:
             if self._pid != pid:
-                _INHERITED.extend(self._idle if self._share is None else [*self._idle, self._share])
-                self._pid, self._share, self._idle = pid, _share(), []
-            if self._idle:
-                return pid, self._idle.pop()
+                _INHERITED.extend(self._idle.values() if self._share is None else [*self._idle.values(), self._share])
+                self._pid, self._share, self._idle = pid, _share(), {}
+            handle = self._idle.pop(id(mine), None) if mine is not None else None
+            if handle is None and self._idle:
+                handle = self._idle.popitem()[1]
             share = self._share
-        return pid, self._new_handle(share)
+        if handle is None:
+            handle = self._new_handle(share)
+        self._last.handle = handle
+        return pid, handle
 
     def _give_back(self, pid: int, handle) -> None:
         with self._lock:
             if self._pid == pid:  # not a parent's handle in a child that forked while it was out
-                self._idle.append(handle)
+                self._idle[id(handle)] = handle
 
     def _new_handle(self, share):
         import pycurl
