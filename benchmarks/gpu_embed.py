@@ -34,8 +34,9 @@ reruns (d) with nvImageCodec's batches resized channel by channel, as before the
 was page-locked for the GPU (`encoder.page_lock`); `damaged` reruns (d) with one file in 500 damaged past the
 route (what a damaged JPEG costs its batch: nvImageCodec's hardware decoder fails a batch whole); `backends` decodes
 the files with nvImageCodec alone, with all its decoders and with each kind alone (the hardware engines, the CUDA
-decoder), clean and with damaged files, then reruns (d) with each kind alone: which decoder the product's decodes
-go to and what each costs the model;
+decoder), clean and with damaged files, then reruns (d) with each kind alone, and once under the profiler (its
+streams and kernels, as `timeline` records the product's): which decoder the product's decodes go to and what each
+costs the model;
 `e-missing` reruns (e) on a manifest with one item in 101 whose image is missing (dead letters in the fetch step, so
 most images wait in the embed step for a full batch, copied off the ring);
 `all-extensions` makes nvImageCodec's decoder with every extension the library ships, as before it loaded the
@@ -725,12 +726,18 @@ def main() -> None:
                 some = sum(m != f for m, f in zip(mixed[:part], files[:part], strict=True))
                 run.path(f"nvImageCodec's decode alone, by kind of decoder; clean, and one file in {every} damaged "
                          f"({some} files)", decode_kinds, files[:part], mixed[:part], device, batch, kinds)  # fmt: skip
-                for name, backends in list(kinds.items())[1:] if not smoke else []:
+                traces = Path(args.trace_dir) if args.trace_dir else work / "traces"
+                for name, backends in list(kinds.items())[1:]:  # in --smoke its CPU backend, as (d) on the CPU
                     kind = {"nvimgcodec": functools.partial(nvimgcodec_decoder, backends=backends)}
                     with mock.patch.dict(DECODERS, kind):
                         for what, these in (("", files), (f", one file in {every} damaged", mixed)):
                             run.path(f"(d) nvImageCodec's {name} alone{what}, nvimgcodec", end_to_end, these,
                                      encoder, device, "nvimgcodec", work / "d", batch)  # fmt: skip
+                        # Its streams and kernels as the GPU sees them, beside the product's in the `timeline` path
+                        run.path(f"(d) timeline (under the profiler), nvImageCodec's {name} alone, nvimgcodec",
+                                 end_to_end, files[: args.timeline_images], encoder, device, "nvimgcodec", work / "d",
+                                 batch, False, "processes", 2,
+                                 traces / f"d-nvimgcodec-{'-'.join(backends)}.json.gz")  # fmt: skip
             elif path == "all-extensions" and "nvimgcodec" in decoders:  # nvImageCodec with every extension, as before
                 import encoder.nvimgcodec as nvic
 
