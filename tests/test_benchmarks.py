@@ -185,6 +185,12 @@ def test_gcs_latency_benchmark_runs():
     assert result["before"]["x_before"] == 1.0
 
 
+def test_read_threads_benchmark_runs():
+    result = json.loads(_run("benchmarks/read_threads.py", "--seconds", "1", "--rounds", "1").splitlines()[-1])
+    assert result["pooled"]["crashed"] == 0 and result["pooled"]["each"][0] > 0
+    assert result["shared-cache"]["rounds"] == 1  # reads, or the signal it died of
+
+
 def test_gcs_reads_benchmark_runs():
     result = json.loads(
         _run("benchmarks/gcs_reads.py", "--images", "12", "--rounds", "1", "--threads", "1,4").splitlines()[-1]
