@@ -3,8 +3,9 @@
 Threads prepare batches on a side CUDA stream (`GpuImages`): one decodes batch i+2
 (the decoders release the GIL) while another resizes batch i+1, and the model encodes
 batch i on the default stream (`side_stream`, `resize_stream` and `model_stream` choose the
-streams). With `GpuImages.decode_threads` > 1, that many threads decode, each with a decoder
-and side stream of its own, and the resize takes their batches in input order. At most one
+streams; a model with a share of the SMs runs on that share's stream, `encoder.sm_share`).
+With `GpuImages.decode_threads` > 1, that many threads decode, each with a decoder and side
+stream of its own, and the resize takes their batches in input order. At most one
 batch per decode thread and one more wait between the source and the resize, and `prefetch`
 resized ones after it, so memory stays bounded. The model's thread launches batch i before
 it waits for batch i-1's vectors, so the GPU has work queued while the host takes them (and
@@ -65,6 +66,11 @@ def model_stream(device: torch.device) -> torch.cuda.Stream | None:
     """The stream the model's batches run on; None: the consuming thread's current one (the default stream).
     `benchmarks/gpu_embed.py` (its `streams` path) measures a stream of their own against it."""
     return None
+
+
+def _compute_stream(encoder: ImageEncoder, device: torch.device) -> torch.cuda.Stream | None:
+    """The model's stream: on its share of the SMs where it has one (`ImageEncoder.sm_share`), else `model_stream`."""
+    return encoder.sm_share.stream if encoder.sm_share is not None else model_stream(device)
 
 
 @dataclass
@@ -200,7 +206,7 @@ def embed_stream(encoder: ImageEncoder, images: GpuImages, batches: Iterable[tup
     cuda = images.device.type == "cuda"
     sides = [side_stream(images.device) if cuda else None for _ in range(threads)]
     resize = resize_stream(images.device, sides[0]) if cuda else None
-    compute = model_stream(images.device) if cuda else None
+    compute = _compute_stream(encoder, images.device) if cuda else None
 
     def on(stream: torch.cuda.Stream | None):
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()

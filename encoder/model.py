@@ -35,6 +35,7 @@ from encoder.preprocess import (
     normalize_pixels,
     prepare_image,
 )
+from encoder.sm_share import SmShare, SmShareError, share_sms
 from encoder.storage import describe_error, download_gcs_dir, is_gcs
 
 __all__ = [
@@ -73,6 +74,8 @@ class EncoderConfig:
     compile: bool = False  # torch.compile the tower (CUDA; pays a one-off compile)
     compile_frozen: bool = False  # with compile: the weights as constants (inductor freezing), Q, K, V in one GEMM
     cuda_graph: bool = False  # replay the device step as one CUDA graph at the batch size (encoder.cuda_graph)
+    # On CUDA, SMs the model's kernels leave free for decoding and resizing in the GPU worker (encoder.sm_share); 0: none
+    decode_sms: int = 0
     cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "lookalike", "models")
 
     def __post_init__(self) -> None:
@@ -86,6 +89,10 @@ class EncoderConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.compile_frozen and not self.compile:
             raise ValueError("compile_frozen needs compile")
+        if self.decode_sms < 0:
+            raise ValueError(f"decode_sms must be >= 0, got {self.decode_sms}")
+        if self.decode_sms and self.cuda_graph:  # the graph is captured on streams of the whole GPU: not combined
+            raise ValueError("decode_sms cannot be combined with cuda_graph")
 
 
 def resolve_checkpoint(source: str, cache_dir: str | Path) -> Path:
@@ -208,6 +215,9 @@ class ImageEncoder:
         self.graph: GraphedStep | None = None  # set by `capture_graph`
         self._compiled_forward = None  # set by `compile`
         self.compile_s: float | None = None  # how long `load_encoder` took to compile the step, when it did
+        # Where the GPU worker's stream of batches runs the model: on a share of the SMs (`encoder.sm_share`); None:
+        # on the stream it is called from, every SM.
+        self.sm_share: SmShare | None = None
 
     def embed(self, images: Sequence[Image.Image | bytes | str | os.PathLike]) -> np.ndarray:
         """Embed PIL images, encoded bytes or file paths.
@@ -401,9 +411,25 @@ def load_encoder(cfg: EncoderConfig, limits: DecodeLimits = DecodeLimits()) -> I
         log.warning("cuda_graph needs a CUDA device; the model runs on %s without one", device)
     elif cfg.cuda_graph:
         encoder.capture_graph()  # of the compiled step, when asked for both
+    if cfg.decode_sms:
+        encoder.sm_share = _share_sms(device, cfg.decode_sms)
     log.info("loaded %s (%s) on %s as %s, batch %d%s", cfg.model, version, device, dtype, encoder.batch_size,
              ", one CUDA graph" if encoder.graph is not None else "")  # fmt: skip
     return encoder
+
+
+def _share_sms(device: torch.device, decode_sms: int) -> SmShare | None:
+    """`share_sms`, or None with a warning where the device or torch cannot share its SMs: the model then runs on
+    all of them, as it would without `decode_sms`.
+
+    Raises:
+        ValueError: `decode_sms` does not fit the GPU.
+    """
+    try:
+        return share_sms(device, decode_sms)
+    except SmShareError as err:
+        log.warning("decode_sms %d ignored (%s): the model runs on every SM", decode_sms, err)
+        return None
 
 
 def _compile_now(encoder: ImageEncoder, frozen: bool) -> float | None:

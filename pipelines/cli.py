@@ -122,6 +122,13 @@ def embed(
     cuda_graph: Annotated[
         bool, typer.Option("--cuda-graph", help="Replay the model as one CUDA graph per batch (CUDA).")
     ] = False,
+    decode_sms: Annotated[
+        int,
+        typer.Option(
+            help="On a GPU worker (CUDA green contexts), SMs the model's kernels leave free for decoding and "
+            "resizing; 0: none."
+        ),
+    ] = 0,
     gpu_decode: Annotated[
         str, typer.Option(help="auto, on or off: decode and resize JPEGs on the GPU (auto: where there is one).")
     ] = "auto",
@@ -161,7 +168,7 @@ def embed(
     options = dict(
         catalog=catalog, model=model, out=out, batch_size=batch_size, fetch_threads=fetch_threads, workers=workers,
         device=device, dtype=dtype, compile=compile, compile_frozen=compile_frozen, cuda_graph=cuda_graph,
-        gpu_decode=gpu_decode, gpu_decoder=gpu_decoder, gpu_decode_threads=gpu_decode_threads, draft=draft,
+        decode_sms=decode_sms, gpu_decode=gpu_decode, gpu_decoder=gpu_decoder, gpu_decode_threads=gpu_decode_threads, draft=draft,
         incremental=incremental, previous=previous, hedge_reads=hedge_reads, page_lock_reads=page_lock_reads,
         max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, reuse_memory_mb=reuse_memory_mb,
         max_decode_s=max_decode_s, max_dead_letters=max_dead_letters,

@@ -108,6 +108,7 @@ class EmbedConfig:
     compile: bool = False
     compile_frozen: bool = False  # with compile: weights as constants, Q, K, V in one GEMM (EncoderConfig)
     cuda_graph: bool = False  # replay the model's device step as one CUDA graph (encoder.cuda_graph)
+    decode_sms: int = 0  # on a GPU worker, SMs the model leaves free for decoding and resizing (encoder.sm_share)
     gpu_decode: str = "auto"  # auto | on | off: JPEGs decoded and resized on the GPU (encoder.gpu_images)
     gpu_decoder: str = "auto"  # auto | nvimgcodec (NVIDIA nvImageCodec) | nvjpeg (torchvision): gpu_decoder_name
     gpu_decode_threads: int = 1  # threads decoding batches at once on the GPU, a decoder and stream each
@@ -148,7 +149,7 @@ class EmbedConfig:
     def encoder(self) -> EncoderConfig:
         return EncoderConfig(model=self.model, device=self.device, dtype=self.dtype, batch_size=self.batch_size,
                              compile=self.compile, compile_frozen=self.compile_frozen,
-                             cuda_graph=self.cuda_graph)  # fmt: skip
+                             cuda_graph=self.cuda_graph, decode_sms=self.decode_sms)  # fmt: skip
 
     @property
     def limits(self) -> DecodeLimits:
@@ -380,7 +381,8 @@ def _launcher_encoder(cfg: EmbedConfig, options: PipelineOptions) -> tuple[Image
     if _in_process(options):
         PRELOADED[cfg.run_id] = encoder = load_encoder(cfg.encoder, cfg.limits)
         return encoder, True
-    facts = replace(cfg.encoder, device="cpu", dtype="float32", compile=False, compile_frozen=False, cuda_graph=False)
+    facts = replace(cfg.encoder, device="cpu", dtype="float32", compile=False, compile_frozen=False, cuda_graph=False,
+                    decode_sms=0)  # fmt: skip
     return load_encoder(facts, cfg.limits), False
 
 
@@ -475,8 +477,10 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     listed = catalog_files(cfg.catalog)  # once: the validation and the pipeline's chunks share it
     catalog = read_catalog(cfg.catalog, listed)
     total = catalog.num_rows
-    if _runs_here(options) and cfg.cuda_graph and not (cfg.device != "cpu" and torch.cuda.is_available()):
-        raise ValueError("--cuda-graph: no CUDA device")  # before any work, not in a worker's setup
+    if _runs_here(options) and not (cfg.device != "cpu" and torch.cuda.is_available()):  # before any work
+        for flag, asked in (("--cuda-graph", cfg.cuda_graph), ("--decode-sms", cfg.decode_sms)):
+            if asked:
+                raise ValueError(f"{flag}: no CUDA device")
     loading = time.monotonic()
     encoder, shared = _launcher_encoder(cfg, options)
     load_s = time.monotonic() - loading

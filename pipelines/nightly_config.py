@@ -44,6 +44,7 @@ class EmbedSettings:
     compile: bool = False
     compile_frozen: bool = False
     cuda_graph: bool = False
+    decode_sms: int = 0
     gpu_decode: str = "auto"
     gpu_decoder: str = "auto"
     gpu_decode_threads: int = 1

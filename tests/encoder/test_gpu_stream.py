@@ -116,6 +116,35 @@ def test_each_stage_runs_on_its_stream_after_the_stage_before(tiny_encoder, file
     assert consumer == [("model", "waits for", "resize" if own_resize_stream else "side"), ("model", "holds")] * 3
 
 
+def test_a_model_with_a_share_of_the_sms_runs_each_batch_on_that_shares_stream(tiny_encoder, files, monkeypatch):
+    """`ImageEncoder.sm_share` (a green context's stream): the model's launches and the vectors' copies go there,
+    after each batch's resize, whatever `model_stream` would give; decode and resize stay on their streams."""
+    import encoder.gpu_stream as gpu_stream
+    from encoder.sm_share import SmShare
+
+    cuda = FakeCuda(monkeypatch)
+    monkeypatch.setattr(gpu_stream, "side_stream", lambda device: cuda.Stream("side"))
+    monkeypatch.setattr(gpu_stream, "model_stream", lambda device: cuda.Stream("model"))
+    monkeypatch.setattr(tiny_encoder, "sm_share", SmShare(cuda.Stream("the model's SMs"), 120, 132, None))
+    datas = [open(f, "rb").read() for f in files]
+    images = _images(tiny_encoder)
+    expected = tiny_encoder.embed_prepared(images.prepare(datas).pixels)
+    launch = tiny_encoder.launch
+
+    def launched(pixels, **kwargs):
+        cuda.note(cuda.current(), "launch")
+        return launch(pixels, **kwargs)
+
+    monkeypatch.setattr(tiny_encoder, "launch", launched)
+    batches = [(list(range(i, i + 8)), datas[i : i + 8]) for i in range(0, 20, 8)]
+    got = list(embed_stream(tiny_encoder, _on_fake_gpu(cuda, images), batches))
+    assert np.allclose(np.concatenate([b.vectors for b in got]), expected, atol=1e-5)
+    consumer = [entry[1:] for entry in cuda.log if entry[0] == threading.current_thread().name]
+    share = "the model's SMs"
+    assert consumer == [(share, "waits for", "side"), (share, "holds"), (share, "launch")] * 3
+    assert {entry[1] for entry in cuda.log if entry[0].startswith("gpu-")} == {"side"}
+
+
 def test_each_decode_thread_decodes_on_a_stream_of_its_own(tiny_encoder, files, monkeypatch):
     """With two decode threads, each decodes on a side stream of its own; the resize runs on the first's, so a
     batch the second decoded is waited for on an event and its pixels held there."""

@@ -120,6 +120,9 @@ def test_missing_model_is_a_clear_error(tmp_path, demo_catalog):
         (["--cuda-graph"], "--cuda-graph: no CUDA device"),
         (["--gpu-decode-threads", "0"], "gpu_decode_threads must be >= 1"),
         (["--compile-frozen"], "compile_frozen needs compile"),
+        (["--decode-sms", "16"], "--decode-sms: no CUDA device"),
+        (["--decode-sms", "-1"], "decode_sms must be >= 0"),
+        (["--decode-sms", "16", "--cuda-graph"], "decode_sms cannot be combined with cuda_graph"),
     ],
     ids=[
         "gpu-decode-on-without-cuda",
@@ -127,6 +130,9 @@ def test_missing_model_is_a_clear_error(tmp_path, demo_catalog):
         "cuda-graph-without-cuda",
         "no-decode-threads",
         "frozen-without-compile",
+        "decode-sms-without-cuda",
+        "negative-decode-sms",
+        "decode-sms-with-cuda-graph",
     ],
 )
 def test_gpu_options_that_cannot_work_here_fail_before_any_work(tmp_path, demo_catalog, tiny_model, flags, message):
