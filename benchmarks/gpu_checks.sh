@@ -11,9 +11,9 @@
 # Each step has its own time limit so one slow step cannot eat the others'; a step that fails is logged and the
 # next one runs. The default limits add up to 1,125 s; where one command may run 600 s at most (and a lease has
 # 15 minutes, its start included), split the steps over two calls, what is owed first:
-#   EMBED_ARGS="--paths c,d,unpinned,damaged,backends,all-extensions,patch-conv,gelu-separate,resize-channels,b,a,e,e-missing,so400m,large"
-#   EMBED_S=380
-#   TESTS_S=150 SCALED_S=45 RESIZE_S=20 ... embed,tests,scaled,resize     (595 s; `large`, last, is cut first)
+#   EMBED_ARGS="--paths c,d,backends,decode-sms,unpinned,damaged,all-extensions,patch-conv,gelu-separate,resize-channels,b,a,e,e-missing,so400m,large"
+#   EMBED_S=400
+#   TESTS_S=140 SCALED_S=40 RESIZE_S=15 ... embed,tests,scaled,resize     (595 s; `large`, last, is cut first)
 #   EMBED_ARGS="--paths timeline,mfu" EMBED_S=... ... embed, or train, on what the lease has left
 # (each variant's ratio is against (c) or (d) of the same run). Run D (one H200): 451 s of `embed,tests` with
 # --paths c,d,b,a,e,so400m,nomodel,streams,decode-threads,prealloc,freezing,timeline,profile covered them all;

@@ -36,7 +36,9 @@ route (what a damaged JPEG costs its batch: nvImageCodec's hardware decoder fail
 the files with nvImageCodec alone, with all its decoders and with each kind alone (the hardware engines, the CUDA
 decoder), clean and with damaged files, then reruns (d) with each kind alone, and once under the profiler (its
 streams and kernels, as `timeline` records the product's): which decoder the product's decodes go to and what each
-costs the model;
+costs the model; `decode-sms` reruns (c) and (d) with the model kept off 8, 16 and 32 of the GPU's SMs (a CUDA green
+context, `--decode-sms`), so the decoders' and the resize's kernels need not wait for its GEMMs, and (d) with 16
+once more under the profiler;
 `e-missing` reruns (e) on a manifest with one item in 101 whose image is missing (dead letters in the fetch step, so
 most images wait in the embed step for a full batch, copied off the ring);
 `all-extensions` makes nvImageCodec's decoder with every extension the library ships, as before it loaded the
@@ -141,6 +143,7 @@ class GpuMonitor:
 
 
 DAMAGED_EVERY = 500  # the `damaged` path: one file in this many damaged past the route
+DECODE_SMS = (8, 16, 32)  # the `decode-sms` path's `--decode-sms` values
 
 
 def codec_setup(device: torch.device, rounds: int = 3) -> dict:
@@ -371,6 +374,38 @@ def encoder_timeline(encoder, shape: dict, device: torch.device, batches: int, t
     summary = record(lambda: [step() for _ in range(batches)], trace, device.type == "cuda", top=12)
     seconds = time.perf_counter() - start
     return {"images_per_s": batches * encoder.batch_size / seconds, "timeline": summary}
+
+
+def on_sm_share(decode_sms: int, encoder, fn, *args) -> dict:
+    """`fn(*args)` with `encoder`'s model on a share of the GPU's SMs that leaves `decode_sms` free, as `--decode-sms`
+    gives it (`ImageEncoder.sm_share`), and the SMs it got. On the CPU (`--smoke`) a share with no stream of its own
+    stands in: the path runs as the product would without green contexts."""
+    from encoder.sm_share import SmShare, share_sms
+
+    share = share_sms(encoder.device, decode_sms) if encoder.device.type == "cuda" else SmShare(None, None, None, None)
+    encoder.sm_share = share
+    try:
+        result = fn(*args)
+    finally:
+        encoder.sm_share = None
+    return {**result, "model_sms": share.model_sms, "total_sms": share.total_sms}
+
+
+def encoder_steps(encoder, shape: dict, device: torch.device, seconds: float) -> dict:
+    """(c) with an encoder already loaded, on its share of the SMs where it has one: batches launched as (d) launches
+    them, on the stream (d) would use."""
+    size = shape["image_size"]
+    with torch.inference_mode():
+        pixels = torch.randint(0, 256, (encoder.batch_size, size, size, 3), dtype=torch.uint8, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # made on the default stream; the share's does not wait for it
+    stream = encoder.sm_share.stream if encoder.sm_share is not None else None
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        rate = images_per_s(_two_in_flight(encoder, pixels), encoder.batch_size, seconds, device)
+    out = {"images_per_s": rate, "batch": encoder.batch_size}
+    if device.type == "cuda":
+        out["mfu_pct"] = 100 * rate * vit_flops(shape) / PEAK_BF16
+    return out
 
 
 def _two_in_flight(encoder, pixels: torch.Tensor):
@@ -646,7 +681,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--timeline-images", type=int, default=4096)
     parser.add_argument("--large-images", type=int, default=512, help="the `large` path's 12-MP photos")
-    parser.add_argument("--paths", default="c,d,unpinned,damaged,backends,all-extensions,b,a,e,e-missing,timeline,streams,decode-threads,"
+    parser.add_argument("--paths", default="c,d,backends,decode-sms,unpinned,damaged,all-extensions,b,a,e,e-missing,timeline,streams,decode-threads,"
                         "prealloc,nomodel,freezing,"
                         "patch-conv,gelu-separate,resize-channels,pixels,so400m,profile,graph,mfu,stages,switch,e2,large",
                         help="which paths, in order")  # fmt: skip
@@ -677,7 +712,7 @@ def main() -> None:
         ckpt = _checkpoint(work / base, SHAPES[base])
         encoder = None
         uses_c = ("stages", "d", "streams", "decode-threads", "switch", "profile", "timeline", "prealloc", "large",
-                  "unpinned", "damaged", "backends", "all-extensions")  # fmt: skip
+                  "unpinned", "damaged", "backends", "all-extensions", "decode-sms")  # fmt: skip
         for path in args.paths.split(","):
             if path in uses_c and encoder is None:  # these use (c)'s encoder
                 encoder = encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]
@@ -738,6 +773,18 @@ def main() -> None:
                                  end_to_end, files[: args.timeline_images], encoder, device, "nvimgcodec", work / "d",
                                  batch, False, "processes", 2,
                                  traces / f"d-nvimgcodec-{'-'.join(backends)}.json.gz")  # fmt: skip
+            elif path == "decode-sms":  # the model kept off some SMs: the decode and resize kernels need not wait
+                decoder, traces = decoders[:2][-1], Path(args.trace_dir) if args.trace_dir else work / "traces"
+                for spare in DECODE_SMS:
+                    run.path(f"(c) the model kept off {spare} SMs (--decode-sms {spare}), batch {batch}", on_sm_share,
+                             spare, encoder, encoder_steps, encoder, SHAPES[base], device, seconds / 2)  # fmt: skip
+                    run.path(f"(d) the model kept off {spare} SMs for decode and resize (--decode-sms {spare}), "
+                             f"{decoder}", on_sm_share, spare, encoder, end_to_end, files, encoder, device, decoder,
+                             work / "d", batch)  # fmt: skip
+                run.path(f"(d) timeline (under the profiler), the model kept off {DECODE_SMS[1]} SMs, {decoder}",
+                         on_sm_share, DECODE_SMS[1], encoder, end_to_end, files[: args.timeline_images], encoder,
+                         device, decoder, work / "d", batch, False, "processes", 2,
+                         traces / f"d-{decoder}-decode-sms-{DECODE_SMS[1]}.json.gz")  # fmt: skip
             elif path == "all-extensions" and "nvimgcodec" in decoders:  # nvImageCodec with every extension, as before
                 import encoder.nvimgcodec as nvic
 

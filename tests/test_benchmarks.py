@@ -42,7 +42,12 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu(tmp_path):
     assert results[ENCODER_ALONE]["images_per_s"] > 0 and all("error" not in r for r in results.values())
     with tarfile.open(tmp_path / "timelines.tar") as tar:
         traces = {Path(name).name for name in tar.getnames()}
-    assert {"c.json.gz", "d-pil-product.json.gz", "d-nvimgcodec-cpu.json.gz"} <= traces, traces
+    assert {
+        "c.json.gz",
+        "d-pil-product.json.gz",
+        "d-nvimgcodec-cpu.json.gz",
+        "d-pil-decode-sms-16.json.gz",
+    } <= traces, traces
     for path in ("(a) naive", "(b) DataLoader", "(c) encoder alone", "(d) end to end", "stages of (d)", "(e) Beam",
                  "(c) encoder alone, one CUDA graph", "(d) end to end, one CUDA graph",
                  "(e) Beam embed pipeline, local runner, one CUDA graph",
@@ -59,6 +64,9 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu(tmp_path):
                  "(d) the resize channel by channel (before), pil",
                  "(d) the file readers' ring pageable (before), pil",
                  "(d) one file in 16 damaged past the route (4 files), pil",
+                 "(c) the model kept off 8 SMs (--decode-sms 8), batch 16",
+                 "(d) the model kept off 32 SMs for decode and resize (--decode-sms 32), pil",
+                 "(d) timeline (under the profiler), the model kept off 16 SMs, pil",
                  "nvImageCodec's decode alone, by kind of decoder; clean, and one file in 16 damaged (4 files)",
                  "(e) Beam, one item in 17 with its image missing, nvjpeg",
                  "(d) nvImageCodec's cpu alone, one file in 16 damaged, nvimgcodec",
