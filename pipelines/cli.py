@@ -168,8 +168,8 @@ def embed(
     options = dict(
         catalog=catalog, model=model, out=out, batch_size=batch_size, fetch_threads=fetch_threads, workers=workers,
         device=device, dtype=dtype, compile=compile, compile_frozen=compile_frozen, cuda_graph=cuda_graph,
-        decode_sms=decode_sms, gpu_decode=gpu_decode, gpu_decoder=gpu_decoder, gpu_decode_threads=gpu_decode_threads, draft=draft,
-        incremental=incremental, previous=previous, hedge_reads=hedge_reads, page_lock_reads=page_lock_reads,
+        decode_sms=decode_sms, gpu_decode=gpu_decode, gpu_decoder=gpu_decoder, gpu_decode_threads=gpu_decode_threads,
+        draft=draft, incremental=incremental, previous=previous, hedge_reads=hedge_reads, page_lock_reads=page_lock_reads,
         max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, reuse_memory_mb=reuse_memory_mb,
         max_decode_s=max_decode_s, max_dead_letters=max_dead_letters,
     )  # fmt: skip
