@@ -388,6 +388,9 @@ def on_sm_share(decode_sms: int, encoder, fn, *args) -> dict:
         result = fn(*args)
     finally:
         encoder.sm_share = None
+        if encoder.device.type == "cuda":  # memory cached for the share's stream serves no other: give it back
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
     return {**result, "model_sms": share.model_sms, "total_sms": share.total_sms}
 
 
