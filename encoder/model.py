@@ -412,24 +412,37 @@ def load_encoder(cfg: EncoderConfig, limits: DecodeLimits = DecodeLimits()) -> I
     elif cfg.cuda_graph:
         encoder.capture_graph()  # of the compiled step, when asked for both
     if cfg.decode_sms:
-        encoder.sm_share = _share_sms(device, cfg.decode_sms)
+        encoder.sm_share = _share_sms(encoder, cfg.decode_sms)
     log.info("loaded %s (%s) on %s as %s, batch %d%s", cfg.model, version, device, dtype, encoder.batch_size,
              ", one CUDA graph" if encoder.graph is not None else "")  # fmt: skip
     return encoder
 
 
-def _share_sms(device: torch.device, decode_sms: int) -> SmShare | None:
-    """`share_sms`, or None with a warning where the device or torch cannot share its SMs: the model then runs on
-    all of them, as it would without `decode_sms`.
+def _share_sms(encoder: ImageEncoder, decode_sms: int) -> SmShare | None:
+    """`share_sms`, once a batch of the model's step has run there; or None, with a warning, where the device, torch
+    or its driver cannot share the SMs, or the step cannot run on its share (a kernel that will not launch there):
+    the model then runs on every SM, as it would without `decode_sms`, rather than fail every batch of a run.
 
     Raises:
         ValueError: `decode_sms` does not fit the GPU.
+        torch.AcceleratorError: the device itself failed (`device_failed`).
     """
     try:
-        return share_sms(device, decode_sms)
+        share = share_sms(encoder.device, decode_sms)
     except SmShareError as err:
         log.warning("decode_sms %d ignored (%s): the model runs on every SM", decode_sms, err)
         return None
+    size = (encoder.batch_size, encoder.preprocess.height, encoder.preprocess.width, 3)
+    try:
+        with torch.cuda.stream(share.stream):
+            encoder.embed_prepared(torch.zeros(size, dtype=torch.uint8, device=encoder.device))
+    except Exception as err:  # noqa: BLE001 - any failure there: the whole GPU still runs it
+        if device_failed(err):
+            raise
+        log.warning("decode_sms %d ignored: the model's step did not run on %d of %d SMs (%s); it runs on every SM",
+                    decode_sms, share.model_sms, share.total_sms, describe_error(err))  # fmt: skip
+        return None
+    return share
 
 
 def _compile_now(encoder: ImageEncoder, frozen: bool) -> float | None:

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch.cuda import green_contexts
 
-from encoder.model import EncoderConfig, load_encoder
-from encoder.sm_share import SmShareError, model_sm_count, share_sms
+from encoder.model import EncoderConfig, ImageEncoder, load_encoder
+from encoder.sm_share import SmShare, SmShareError, model_sm_count, share_sms
+from tests.support.fake_cuda import FakeCuda
 
 HOPPER, AMPERE, VOLTA = (9, 0), (8, 0), (7, 0)
 
@@ -127,6 +128,51 @@ def test_asking_for_a_share_on_the_cpu_warns_and_runs_on_it_whole(tiny_model, ca
         cpu = load_encoder(EncoderConfig(model=str(tiny_model), device="cpu", decode_sms=8))
     assert cpu.sm_share is None
     assert "decode_sms 8 ignored (needs a CUDA device, not cpu): the model runs on every SM" in caplog.text
+
+
+@pytest.fixture
+def shared_on_cpu(monkeypatch):
+    """`load_encoder` on the CPU as on a GPU with green contexts: `share_sms` gives a share whose stream is a logging
+    stand-in (`FakeCuda`); the model's step records the stream it runs on, and raises `fails` where it is set."""
+    from encoder import model
+
+    cuda = FakeCuda(monkeypatch)
+    share = SmShare(cuda.Stream("the model's SMs"), 120, 132, None)
+    monkeypatch.setattr(model, "share_sms", lambda device, decode_sms: share)
+    state = SimpleNamespace(share=share, ran=[], fails=None)
+    embed_prepared = ImageEncoder.embed_prepared
+
+    def recording(self, batch):
+        state.ran.append((cuda.current().name, tuple(batch.shape)))
+        if state.fails is not None:
+            raise state.fails
+        return embed_prepared(self, batch)
+
+    monkeypatch.setattr(ImageEncoder, "embed_prepared", recording)
+    return state
+
+
+def test_a_share_is_kept_once_a_batch_of_the_models_step_ran_on_its_stream(tiny_model, shared_on_cpu):
+    encoder = load_encoder(EncoderConfig(model=str(tiny_model), device="cpu", batch_size=4, decode_sms=8))
+    assert encoder.sm_share is shared_on_cpu.share
+    size = encoder.preprocess.height
+    assert shared_on_cpu.ran == [("the model's SMs", (4, size, size, 3))]
+
+
+def test_a_step_that_will_not_run_on_its_share_runs_on_every_sm_with_a_warning(tiny_model, shared_on_cpu, caplog):
+    """Rather than fail every batch of a run: a kernel that cannot launch on the green context's stream."""
+    shared_on_cpu.fails = RuntimeError("Triton Error [CUDA]: invalid resource handle")
+    with caplog.at_level(logging.WARNING, logger="encoder.model"):
+        encoder = load_encoder(EncoderConfig(model=str(tiny_model), device="cpu", batch_size=4, decode_sms=8))
+    assert encoder.sm_share is None and len(shared_on_cpu.ran) == 1
+    assert ("decode_sms 8 ignored: the model's step did not run on 120 of 132 SMs (RuntimeError: Triton Error "
+            "[CUDA]: invalid resource handle); it runs on every SM") in caplog.text  # fmt: skip
+
+
+def test_a_device_that_failed_on_the_share_stops_the_load(tiny_model, shared_on_cpu):
+    shared_on_cpu.fails = torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+    with pytest.raises(torch.AcceleratorError, match="illegal memory access"):
+        load_encoder(EncoderConfig(model=str(tiny_model), device="cpu", batch_size=4, decode_sms=8))
 
 
 @pytest.mark.gpu
