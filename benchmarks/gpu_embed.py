@@ -479,6 +479,8 @@ def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, o
         seen["small_run"] = {"images": len(small), "seconds": round(fixed, 2)}
     return {"images": result.embedded, "images_per_s": result.embedded / seconds, "on_gpu": result.on_gpu,
             "dead_lettered": result.dead_lettered, "decoder": decoder, "reader": reader, "in_flight": in_flight,
+            # batches retried in halves or taken in pieces: out of memory, say, which a variant's rate would hide
+            "batches_retried": result.batches_retried, "batches_in_pieces": result.batches_in_pieces,
             "ring_page_locked": result.ring_page_locked,
             "decode_threads": decode_threads, "busy_pct": {k: round(100 * v / seconds) for k, v in busy.items()},
             **seen}  # fmt: skip
