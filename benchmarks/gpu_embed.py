@@ -384,7 +384,7 @@ def on_sm_share(decode_sms: int, encoder, fn, *args) -> dict:
 
     share = share_sms(encoder.device, decode_sms) if encoder.device.type == "cuda" else SmShare(None, None, None, None)
     encoder.sm_share = share
-    if encoder.device.type == "cuda":  # torch caches memory per stream: the share's needs what other paths left
+    if encoder.device.type == "cuda":  # torch caches memory per stream: the share's may need what others left
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
     try:

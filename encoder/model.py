@@ -434,7 +434,7 @@ def _share_sms(encoder: ImageEncoder, decode_sms: int) -> SmShare | None:
         return None
     if encoder.device.type == "cuda":
         # torch caches freed memory per stream: what the load's batches left cached on the default stream would not
-        # serve the share's, and the batch size, fitted to the free memory, leaves no room for both
+        # serve the share's, and a batch size fitted to the free memory leaves no room for both
         torch.cuda.synchronize(encoder.device)
         torch.cuda.empty_cache()
     size = (encoder.batch_size, encoder.preprocess.height, encoder.preprocess.width, 3)
