@@ -915,6 +915,29 @@ def test_a_stage_can_run_on_a_stream_of_its_own(tiny_model, files, monkeypatch, 
 
 
 @pytest.mark.gpu
+def test_a_model_on_a_share_of_the_sms_gives_the_vectors_of_the_whole_gpu(tiny_model, files, monkeypatch):
+    """`--decode-sms`: the model on a green context's stream, waiting there on events of the primary context's
+    decode stream; each launch on that stream, the vectors those of the model on every SM."""
+    from encoder import EncoderConfig, load_encoder
+
+    whole = load_encoder(EncoderConfig(model=str(tiny_model), device="cuda", batch_size=8))
+    shared = load_encoder(EncoderConfig(model=str(tiny_model), device="cuda", batch_size=8, decode_sms=16))
+    assert shared.sm_share is not None, "no share of the SMs on this GPU (see the warning above)"
+    images = GpuImages(whole.preprocess, "cuda", DecodeLimits(draft=False), decoder="nvimgcodec")
+    datas = [open(f, "rb").read() for f in files]
+    batches = [(list(range(i, i + 8)), datas[i : i + 8]) for i in range(0, 20, 8)]
+    expected = np.concatenate([b.vectors for b in embed_stream(whole, images, batches)])
+    seen, launch = [], shared.launch
+    monkeypatch.setattr(
+        shared, "launch", lambda batch, **kw: seen.append(torch.cuda.current_stream()) or launch(batch, **kw)
+    )
+    got = np.concatenate([b.vectors for b in embed_stream(shared, images, batches)])
+    assert len(seen) == len(batches) and all(stream == shared.sm_share.stream for stream in seen)
+    cosine = (got * expected).sum(axis=1)
+    assert cosine.min() > 0.999, f"on a share of the SMs vs all of them: cosine as low as {cosine.min()}"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("decoder", ["nvjpeg", "nvimgcodec"])
 def test_several_decode_threads_give_the_vectors_one_gives(tiny_model, files, decoder):
     """Two decode threads, each with a decoder and a side stream of its own, the second's batches handed to the
