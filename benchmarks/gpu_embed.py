@@ -382,18 +382,21 @@ def on_sm_share(decode_sms: int, encoder, fn, *args) -> dict:
     stands in: the path runs as the product would without green contexts."""
     from encoder.sm_share import SmShare, share_sms
 
-    share = share_sms(encoder.device, decode_sms) if encoder.device.type == "cuda" else SmShare(None, None, None, None)
+    cuda = encoder.device.type == "cuda"
+    share = share_sms(encoder.device, decode_sms) if cuda else SmShare(None, None, None, None)
+
+    def cache_given_back() -> None:  # torch caches freed memory per stream: one stream's cache serves no other
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
     encoder.sm_share = share
-    if encoder.device.type == "cuda":  # torch caches memory per stream: the share's may need what others left
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+    cache_given_back()  # what earlier paths left, for the share's
     try:
         result = fn(*args)
     finally:
         encoder.sm_share = None
-        if encoder.device.type == "cuda":  # memory cached for the share's stream serves no other: give it back
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+        cache_given_back()  # the share's, for later paths
     return {**result, "model_sms": share.model_sms, "total_sms": share.total_sms}
 
 
