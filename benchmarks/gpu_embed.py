@@ -327,9 +327,8 @@ def encoder_alone(ckpt: Path, shape: dict, device: torch.device, batch: int, sec
         torch.cuda.synchronize()
     warm_s = time.perf_counter() - start
     one_at_a_time = images_per_s(lambda: encoder.embed_prepared(pixels), encoder.batch_size, seconds / 2, device)
-    rate = images_per_s(_two_in_flight(encoder, pixels), encoder.batch_size, seconds, device)
     out = {
-        "images_per_s": rate,
+        **_in_flight_rate(encoder, pixels, shape, device, seconds),
         "one_batch_at_a_time_images_per_s": round(one_at_a_time),
         "batch": encoder.batch_size,
         "load_and_compile_s": round(warm_s, 1),
@@ -337,10 +336,18 @@ def encoder_alone(ckpt: Path, shape: dict, device: torch.device, batch: int, sec
         "compile_frozen": cfg.compile_frozen,
         "cuda_graph": encoder.graph is not None,
     }
+    return out, encoder
+
+
+def _in_flight_rate(encoder, pixels: torch.Tensor, shape: dict, device: torch.device, seconds: float) -> dict:
+    """(c)'s images/s with a batch launched before the one before is taken, as (d) launches them; on CUDA also its
+    TFLOP/s and MFU."""
+    rate = images_per_s(_two_in_flight(encoder, pixels), encoder.batch_size, seconds, device)
+    out = {"images_per_s": rate}
     if device.type == "cuda":
         out["tflops"] = rate * vit_flops(shape) / 1e12
         out["mfu_pct"] = 100 * rate * vit_flops(shape) / PEAK_BF16
-    return out, encoder
+    return out
 
 
 def pixel_normalisation(ckpt: Path, shape: dict, device: torch.device, batch: int, seconds: float) -> dict:
@@ -410,11 +417,7 @@ def encoder_steps(encoder, shape: dict, device: torch.device, seconds: float) ->
         torch.cuda.synchronize()  # made on the default stream; the share's does not wait for it
     stream = encoder.sm_share.stream if encoder.sm_share is not None else None
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-        rate = images_per_s(_two_in_flight(encoder, pixels), encoder.batch_size, seconds, device)
-    out = {"images_per_s": rate, "batch": encoder.batch_size}
-    if device.type == "cuda":
-        out["mfu_pct"] = 100 * rate * vit_flops(shape) / PEAK_BF16
-    return out
+        return {**_in_flight_rate(encoder, pixels, shape, device, seconds), "batch": encoder.batch_size}
 
 
 def _two_in_flight(encoder, pixels: torch.Tensor):
