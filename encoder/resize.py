@@ -171,10 +171,9 @@ def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: Preproce
 
     `interleaved`: nvImageCodec's (h, w, 3) images are resized as they lie, with no transposed copy
     (`_as_they_lie`): the vertical pass first, over rows of 3·w values, made transposed so that the horizontal one
-    is a plain product. Channel by channel (`interleaved=False`, as planes are: `_plane_by_plane`), a batch of 256
-    photos of 640 px spent 1.9 ms of an H200's 4.7 ms in a cast through a transposed view and in copies
-    broadcasting the filters over the channels (run D, BENCHMARKS.md; the copies are gone since); as they lie, on
-    a CPU, 64 such photos take 0.91× the time channel by channel takes now.
+    is a plain product. Channel by channel (`interleaved=False`, as planes are: `_plane_by_plane`) a batch needs a
+    cast through a transposed view first; as they lie, a batch of 256 photos of 640 px takes 0.95× the time
+    channel by channel takes on an H200 (run E, BENCHMARKS.md), 64 of them 0.91× on a 2-core CPU.
     """
     packed = isinstance(images, PackedImages)
     device = images.buffer.device if packed else images[0].device
@@ -323,11 +322,17 @@ def _as_they_lie(rows: torch.Tensor, canvas_rows: torch.Tensor, cols: torch.Tens
     return x.view(n, width, 3, height).permute(0, 3, 1, 2)
 
 
-def _plane_by_plane(rows: torch.Tensor, canvas: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """(n, height, h) and (n, w, width) filters over (n, 3, h, w) planes → (n, height, width, 3), a view. The
-    horizontal pass first, as PIL's, over the (3·h, w) matrix of each image's three planes, made transposed: each
-    image's (width, 3·h) matrix, which read as (3·width, h) is the vertical pass's plain operand. No filter is
-    broadcast over the channels (a copy of each, three times its size, for a batched product)."""
+def _plane_by_plane(rows: torch.Tensor, canvas: torch.Tensor, cols: torch.Tensor,
+                    broadcast: bool | None = None) -> torch.Tensor:  # fmt: skip
+    """(n, height, h) and (n, w, width) filters over (n, 3, h, w) planes → (n, height, width, 3), a view.
+
+    `broadcast` (None: on CUDA): both passes as batched products over (n, 3, ...), each filter broadcast over the
+    channels. Otherwise the horizontal pass first, as PIL's, over the (3·h, w) matrix of each image's three planes,
+    made transposed: each image's (width, 3·h) matrix, which read as (3·width, h) is the vertical pass's plain
+    operand, with no filter broadcast. Each where it ran faster: on an H200 the broadcast products took 0.61× the
+    transposed ones' time (run E), on a 2-core CPU the transposed ones 0.77× the broadcast ones' (BENCHMARKS.md)."""
+    if canvas.is_cuda if broadcast is None else broadcast:
+        return (rows[:, None] @ (canvas @ cols[:, None])).permute(0, 2, 3, 1)
     n, _, h, w = canvas.shape
     height, width = rows.shape[1], cols.shape[2]
     x = cols.transpose(1, 2) @ canvas.view(n, 3 * h, w).transpose(1, 2)  # (n, width, 3 h)

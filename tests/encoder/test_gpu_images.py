@@ -23,7 +23,15 @@ from encoder.gpu_images import (
     pil_decoder,
 )
 from encoder.preprocess import draft_scale
-from encoder.resize import PackedImages, _chunks, dense_weights, pack_images, pil_taps, resize_like_pil
+from encoder.resize import (
+    PackedImages,
+    _chunks,
+    _plane_by_plane,
+    dense_weights,
+    pack_images,
+    pil_taps,
+    resize_like_pil,
+)
 from tests.support.fake_cuda import FakeCuda
 from tests.support.hostile_jpegs import each_kind, routed_batches
 
@@ -171,6 +179,26 @@ def test_a_chunk_of_one_size_at_even_steps_is_resized_from_a_view_of_the_buffer_
                            packed.shapes, planar)  # fmt: skip
     assert shifted.buffer.storage_offset() == 5 and all(torch.equal(shifted[k], t) for k, t in enumerate(uniform))
     assert torch.equal(resize_like_pil(shifted, cfg), resize_like_pil(packed, cfg))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_planes_resize_alike_with_the_filters_broadcast_or_the_horizontal_pass_transposed(dtype):
+    """`_plane_by_plane`'s two orders of the same products (broadcast over the channels on CUDA, the horizontal pass
+    transposed on the CPU): each is every plane's vertical filter · plane · horizontal filter, in (n, h, w, 3)."""
+    g = torch.Generator().manual_seed(0)
+    n, h, w, height, width = 3, 37, 53, 24, 20
+    rows, cols = torch.rand(n, height, h, generator=g), torch.rand(n, w, width, generator=g)
+    rows, cols = (
+        rows / rows.sum(2, keepdim=True),
+        cols / cols.sum(1, keepdim=True),
+    )  # as a resize's: values stay in 0-255
+    canvas = torch.randint(0, 256, (n, 3, h, w), generator=g).float()
+    expected = torch.einsum("nyh,nchw,nwx->nyxc", rows.double(), canvas.double(), cols.double())
+    rows, canvas, cols = rows.to(dtype), canvas.to(dtype), cols.to(dtype)
+    for broadcast in (True, False, None):  # None: as the device says (the CPU: transposed)
+        x = _plane_by_plane(rows, canvas, cols, broadcast)
+        assert x.shape == (n, height, width, 3) and x.dtype == dtype
+        torch.testing.assert_close(x.double(), expected, rtol=0, atol=0.5 if dtype == torch.float16 else 1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # float16: what CUDA runs
