@@ -7,7 +7,8 @@
 # (default: all, in that order: the most wanted first)
 #
 # Writes OUT_DIR/{gpu.txt, gpu_embed.json, gpu_embed.log, timelines.tar, gil.log, model.log, tests.log, failures.log,
-# scaled.json, scaled.log, resize.json, resize.log, train.log, host.log, retry.log}.
+# scaled.log, resize.log, train.log, host.log, retry.log} (each JSON the scripts write is in their logs too). A leased
+# machine hands back at most 8 files: where more were written, the small logs end up in one logs.tar.
 # Each step has its own time limit so one slow step cannot eat the others'; a step that fails is logged and the
 # next one runs. The default limits add up to 1,125 s; where one command may run 600 s at most (and a lease has
 # 15 minutes, its start included), split the steps over two calls, what is owed first:
@@ -46,10 +47,10 @@ case ",$steps," in *,tests,*)
   LOOKALIKE_FAILURES_LOG="$out/failures.log" timeout "${TESTS_S:-150}" python3 -m pytest -m gpu -v -p no:cacheprovider -rs tests/encoder/test_gpu_images.py tests/encoder/test_cuda_graph.py tests/encoder/test_devices.py tests/encoder/test_gpu_stream.py tests/encoder/test_nvimgcodec.py tests/encoder/test_page_lock.py tests/encoder/test_sm_share.py tests/encoder/test_model.py tests/pipelines/test_embed.py tests/training/test_train_gpu.py 2>&1 | tee "$out/tests.log" | tail -40;;  # -v: a line per test as it ends, kept if the step runs out of time
 esac
 case ",$steps," in *,scaled,*)  # nvJPEG's hardware decoder at Pillow's draft scale against full size: worth building in?
-  timeout "${SCALED_S:-60}" python3 benchmarks/nvjpeg_scaled.py --json "$out/scaled.json" 2>&1 | grep -v '^USDT:' | tee "$out/scaled.log" | tail -60;;
+  timeout "${SCALED_S:-60}" python3 benchmarks/nvjpeg_scaled.py 2>&1 | grep -v '^USDT:' | tee "$out/scaled.log" | tail -60;;
 esac
 case ",$steps," in *,resize,*)  # the resize by layout: channel by channel, as the pixels lie, the products alone
-  timeout "${RESIZE_S:-25}" python3 benchmarks/resize_layouts.py --json "$out/resize.json" 2>&1 | tee "$out/resize.log" | tail -10;;
+  timeout "${RESIZE_S:-25}" python3 benchmarks/resize_layouts.py 2>&1 | tee "$out/resize.log" | tail -10;;
 esac
 case ",$steps," in *,train,*)
   timeout "${TRAIN_S:-200}" python3 benchmarks/train_bench.py --gpu --seconds 8 2>&1 | tee "$out/train.log" | tail -40;;
@@ -61,3 +62,9 @@ case ",$steps," in *,retry,*)  # a failed batch's retry: in halves against image
   # then 32 batches with the GPU's memory taken down to 90% of a batch's, each tried whole first against the backoff
   timeout "${RETRY_S:-90}" python3 benchmarks/retry_cost.py --device cuda --shape base16-224 --compile --rounds 1 2>&1 | tee "$out/retry.log" | tail -3;;
 esac
+# At most 8 files come back from a leased machine (run E lost tests.log and timelines.tar to that): past 8, the small
+# logs travel as one tar, the benchmark's JSON and log, the timelines and the failures as they are.
+if [ "$(ls -A "$out" | wc -l)" -gt 8 ]; then
+  (cd "$out" && small=$(ls -- *.log gpu.txt 2>/dev/null | grep -vx -e gpu_embed.log -e failures.log) \
+    && tar -cf logs.tar $small && rm -f $small)
+fi
