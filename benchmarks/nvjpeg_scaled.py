@@ -88,6 +88,7 @@ class HardwareJpeg:
             "nvjpegDecodeParamsCreate": [c_void_p, POINTER(c_void_p)],
             "nvjpegDecodeParamsSetOutputFormat": [c_void_p, c_int],
             "nvjpegDecodeParamsSetScaleFactor": [c_void_p, c_int],
+            "nvjpegDecodeParamsSetROI": [c_void_p, c_int, c_int, c_int, c_int],
             "nvjpegGetImageInfo": [c_void_p, c_char_p, c_size_t, POINTER(c_int), POINTER(c_int), POINTER(c_int),
                                    POINTER(c_int)],
             "nvjpegDecodeBatchedInitialize": [c_void_p, c_void_p, c_int, c_int, c_int],
@@ -117,6 +118,7 @@ class HardwareJpeg:
             params = c_void_p()
             self._check("nvjpegDecodeParamsCreate", self.handle, byref(params))
             self._check("nvjpegDecodeParamsSetOutputFormat", params, OUTPUT_RGBI)
+            self._check("nvjpegDecodeParamsSetROI", params, 0, 0, -1, -1)  # the whole image, as nvImageCodec sets it
             self.params.append(params)
         for params, divisor in zip(self.params, divisors, strict=False):  # more handles than images: kept
             if self._scale.get(params.value) != divisor:
@@ -157,10 +159,30 @@ class HardwareJpeg:
             self._check("nvjpegDecodeBatchedInitialize", self.handle, self.state, n, 1, OUTPUT_RGBI)
             self._batch = n
         params = self._params(divisors)
-        self._check("nvjpegDecodeBatchedEx", self.handle, self.state, (c_char_p * n)(*datas),
-                    (c_size_t * n)(*map(len, datas)), images, (c_void_p * n)(*params),
-                    c_void_p(torch.cuda.current_stream(self.device).cuda_stream))  # fmt: skip
+        try:
+            self._check("nvjpegDecodeBatchedEx", self.handle, self.state, (c_char_p * n)(*datas),
+                        (c_size_t * n)(*map(len, datas)), images, (c_void_p * n)(*params),
+                        c_void_p(torch.cuda.current_stream(self.device).cuda_stream))  # fmt: skip
+        except NvjpegError as err:  # run E: every batch failed so; which images, alone, say what to look at next
+            if n == 1:
+                raise
+            raise NvjpegError(f"{err} ({self._alone(datas, divisors)})") from None
         return PackedImages(buffer, tuple(offsets), tuple(shapes))
+
+    def _alone(self, datas: list[bytes], divisors: list[int]) -> str:
+        """The batch's images decoded one by one: how many fail, and the first that does."""
+        failed = []
+        for k, (data, divisor) in enumerate(zip(datas, divisors, strict=True)):
+            self._batch = None  # a batch of one: initialised anew, and again for the next batch
+            try:
+                self.decode([data], [divisor])
+            except NvjpegError as err:
+                failed.append((k, len(data), divisor, str(err)))
+        torch.cuda.synchronize(self.device)
+        if not failed:
+            return f"each of its {len(datas)} images decodes alone"
+        k, size, divisor, why = failed[0]
+        return f"{len(failed)} of its {len(datas)} images fail alone, the first image {k} ({size:,} B at 1/{divisor}): {why}"
 
 
 class PillowStandIn:
