@@ -31,7 +31,8 @@ product (`encoder.patch_embedding`); `gelu-separate` reruns (c) and (d) with the
 own, as it ran before it moved into the first product's epilogue (`encoder.gelu_epilogue`); `resize-channels`
 reruns (d) with nvImageCodec's batches resized channel by channel, as before they were resized as they lie
 (`resize_like_pil(interleaved=...)`); `unpinned` reruns (d) with the file readers' ring left pageable, as before it
-was page-locked for the GPU (`encoder.page_lock`); `damaged` reruns (d) with one file in 500 damaged past the
+was page-locked for the GPU (`encoder.page_lock`); `d-again` reruns the product's (d) after such variants (how
+far the run drifted: run E's first rows ran up to 14% below their later twins); `damaged` reruns (d) with one file in 500 damaged past the
 route (what a damaged JPEG costs its batch: nvImageCodec's hardware decoder fails a batch whole); `backends` decodes
 the files with nvImageCodec alone, with all its decoders and with each kind alone (the hardware engines, the CUDA
 decoder), clean and with damaged files, then reruns (d) with each kind alone, and once under the profiler (its
@@ -695,8 +696,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--timeline-images", type=int, default=4096)
     parser.add_argument("--large-images", type=int, default=512, help="the `large` path's 12-MP photos")
-    parser.add_argument("--paths", default="c,d,backends,decode-sms,unpinned,damaged,all-extensions,b,a,e,e-missing,timeline,streams,decode-threads,"
-                        "prealloc,nomodel,freezing,"
+    parser.add_argument("--paths", default="c,d,backends,decode-sms,unpinned,damaged,all-extensions,d-again,b,a,e,e-missing,timeline,"
+                        "streams,decode-threads,prealloc,nomodel,freezing,"
                         "patch-conv,gelu-separate,resize-channels,pixels,so400m,profile,graph,mfu,stages,switch,e2,large",
                         help="which paths, in order")  # fmt: skip
     parser.add_argument("--trace-dir", help="keep the `timeline` path's traces here (.json.gz, for Perfetto)")
@@ -726,7 +727,7 @@ def main() -> None:
         ckpt = _checkpoint(work / base, SHAPES[base])
         encoder = None
         uses_c = ("stages", "d", "streams", "decode-threads", "switch", "profile", "timeline", "prealloc", "large",
-                  "unpinned", "damaged", "backends", "all-extensions", "decode-sms")  # fmt: skip
+                  "unpinned", "damaged", "backends", "all-extensions", "decode-sms", "d-again")  # fmt: skip
         for path in args.paths.split(","):
             if path in uses_c and encoder is None:  # these use (c)'s encoder
                 encoder = encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]
@@ -752,6 +753,10 @@ def main() -> None:
                 with mock.patch.dict(DECODERS, {"nvimgcodec": functools.partial(nvimgcodec_decoder, options=options)}):
                     run.path("(d) nvImageCodec's hardware decoder with memory for a batch set aside up front, "
                              "nvimgcodec", end_to_end, files, encoder, device, "nvimgcodec", work / "d", batch)  # fmt: skip
+            elif path == "d-again":  # the product's (d) once more, after the variants: how far the run has drifted
+                for decoder in decoders[:2]:  # (run E: the product's first rows ran up to 14% below later twins)
+                    run.path(f"(d) again, after the variants (the run's drift), {decoder}", end_to_end, files,
+                             encoder, device, decoder, work / "d", batch, False, "processes", 2, None, 1, True)  # fmt: skip
             elif path == "unpinned":  # (d) with the reader processes' ring left pageable, as before it was page-locked
                 from pipelines import direct_embed
 
