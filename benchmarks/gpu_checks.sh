@@ -12,14 +12,14 @@
 # Each step has its own time limit so one slow step cannot eat the others'; a step that fails is logged and the
 # next one runs. The default limits add up to 1,125 s; where one command may run 600 s at most (and a lease has
 # 15 minutes, its start included), split the steps over two calls, what is owed first:
-#   EMBED_ARGS="--paths c,d,backends,decode-sms,unpinned,damaged,all-extensions,patch-conv,gelu-separate,resize-channels,b,a,e,e-missing,so400m,large"
-#   EMBED_S=400
-#   TESTS_S=140 SCALED_S=40 RESIZE_S=15 ... embed,tests,scaled,resize     (595 s; `large`, last, is cut first)
-#   EMBED_ARGS="--paths timeline,mfu" EMBED_S=... ... embed, or train, on what the lease has left
-# (each variant's ratio is against (c) or (d) of the same run). Run D (one H200): 451 s of `embed,tests` with
-# --paths c,d,b,a,e,so400m,nomodel,streams,decode-threads,prealloc,freezing,timeline,profile covered them all;
-# its 24 `gpu` tests needed more than 75 s; `train` needs 200 s (its compiles); 40 s of `gil` printed nothing
-# on an H100; mfu's autotuning compiles take minutes.
+#   EMBED_ARGS="--paths c,d,timeline,unpinned,d-again,b,a,e,e-missing,so400m,large"
+#   EMBED_S=330 TESTS_S=140 SCALED_S=40 GIL_S=60 ... embed,tests,scaled,gil     (570 s; `large`, last, is cut first)
+#   train (TRAIN_S=200), or EMBED_ARGS="--paths mfu,stages" ... embed, on what the lease has left
+# (each variant's ratio is against (c) or (d) of the same run). Run E (one H200): `embed` with --paths c,d,backends,
+# decode-sms,unpinned,damaged,all-extensions,patch-conv,gelu-separate,resize-channels,b,a,e,e-missing,so400m,large
+# ran out of its 395 s in `large`; its 34 `gpu` tests took 110 s; `gil` needs more than 60 s beside busy threads.
+# Run D: 451 s of `embed,tests` with --paths c,d,b,a,e,so400m,nomodel,streams,decode-threads,prealloc,freezing,
+# timeline,profile; `train` needs 200 s (its compiles); mfu's autotuning compiles take minutes.
 set -u
 out=${1:?usage: gpu_checks.sh OUT_DIR [STEPS]}
 steps=${2:-embed,gil,model,tests,scaled,resize,train,host,retry}
