@@ -1,0 +1,89 @@
+"""The GPU resize as two Triton kernels (`encoder/resize_kernel.py`): on a CPU through Triton's interpreter, against
+the dense products of `resize_like_pil` (the same taps) and against Pillow; on a GPU (`gpu`), compiled."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks.common import realistic_jpegs
+from encoder import PreprocessConfig, resize_kernel
+from encoder.resize import PackedImages, pack_images, resize_like_pil
+
+
+@pytest.fixture(autouse=True)
+def interpreted_on_the_cpu(monkeypatch):
+    """Without CUDA the kernels are made for Triton's interpreter (read when they are defined), and made again after."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    resize_kernel._kernels.cache_clear()
+    yield
+    resize_kernel._kernels.cache_clear()
+
+
+def _interleaved(tensors: list[torch.Tensor]) -> PackedImages:
+    """(3, h, w) images packed (h, w, 3) side by side, as nvImageCodec decodes a batch."""
+    parts = [t.permute(1, 2, 0).reshape(-1) for t in tensors]
+    offsets = np.cumsum([0] + [p.numel() for p in parts[:-1]]).tolist()
+    return PackedImages(torch.cat(parts), tuple(offsets), tuple((t.shape[1], t.shape[2]) for t in tensors), False)
+
+
+@pytest.mark.parametrize("draft", [False, True])
+@pytest.mark.parametrize("planar", [False, True], ids=["interleaved", "planar"])
+def test_the_kernels_give_the_products_values_in_float32(planar, draft):
+    """The same taps summed in another order: every value as `resize_like_pil`'s float32 products round it, for
+    images of many sizes (one smaller than the output, one a single pixel wide), up- and downscaled, in several runs
+    of the vertical pass's buffer, bicubic and bilinear."""
+    rng = np.random.default_rng(5)
+    sizes = [(40, 50), (37, 61), (24, 24), (5, 7), (90, 33), (1, 30), (66, 1)]
+    tensors = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in sizes]
+    packed = pack_images(tensors) if planar else _interleaved(tensors)
+    assert packed.planar == planar
+    for resample in (3, 2):
+        cfg = PreprocessConfig(height=24, width=20, resample=resample)
+        ours = resize_kernel.resize_packed(packed, cfg, draft=draft, max_buffer_bytes=3 * 4 * 24 * 3 * 90)  # 3 a run
+        products = resize_like_pil(packed, cfg, dtype=torch.float32, draft=draft)
+        assert ours.shape == (len(sizes), 24, 20, 3) and ours.dtype == torch.uint8
+        apart = (ours.int() - products.int()).abs()
+        assert apart.max() <= 1 and (apart == 0).float().mean() > 0.999, (apart.max(), (apart == 0).float().mean())
+
+
+def test_photos_resize_as_pillow_does(tmp_path):
+    """Two real photos to the model's 224 px, interleaved as the GPU decoder hands them over: as near Pillow as the
+    products are (within 4 levels at bicubic overshoots, README "GPU decode"; within one level as often)."""
+    jpegs = [p.read_bytes() for p in realistic_jpegs(tmp_path, 2, width=320)]
+    images = [np.asarray(Image.open(io.BytesIO(d)).convert("RGB")) for d in jpegs]
+    cfg = PreprocessConfig(height=224, width=224, resample=3)
+    packed = _interleaved([torch.from_numpy(i.copy()).permute(2, 0, 1) for i in images])
+    pil = np.stack([np.asarray(Image.fromarray(i).resize((224, 224), 3)) for i in images]).astype(int)
+    diff = np.abs(resize_kernel.resize_packed(packed, cfg).numpy().astype(int) - pil)
+    products = np.abs(resize_like_pil(packed, cfg, dtype=torch.float32).numpy().astype(int) - pil)
+    assert diff.max() <= max(4, products.max()) and (diff <= 1).mean() > (products <= 1).mean() - 1e-4, (
+        diff.max(), (diff <= 1).mean(), (products <= 1).mean())  # fmt: skip
+
+
+def test_an_empty_batch_resizes_to_nothing():
+    empty = PackedImages(torch.zeros(0, dtype=torch.uint8), (), (), False)
+    assert resize_kernel.resize_packed(empty, PreprocessConfig(height=8, width=8)).shape == (0, 8, 8, 3)
+
+
+@pytest.mark.gpu
+def test_compiled_on_the_gpu_the_kernels_give_the_products_values(tmp_path):
+    """On CUDA, compiled: a batch of real photos of mixed sizes, draft mode as the GPU worker runs it, within a level
+    of the float32 products (the sums' order differs) and mostly equal."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    jpegs = [p.read_bytes() for p in realistic_jpegs(tmp_path, 32, width=640)]
+    tensors = [torch.from_numpy(np.asarray(Image.open(io.BytesIO(d)).convert("RGB")).copy()).permute(2, 0, 1)
+               for d in jpegs]  # fmt: skip
+    packed = _interleaved(tensors)
+    packed = PackedImages(packed.buffer.cuda(), packed.offsets, packed.shapes, False)
+    cfg = PreprocessConfig()
+    ours = resize_kernel.resize_packed(packed, cfg, draft=True)
+    products = resize_like_pil(packed, cfg, dtype=torch.float32, draft=True)
+    apart = (ours.int() - products.int()).abs()
+    assert apart.max() <= 1 and (apart == 0).float().mean() > 0.999, (apart.max(), (apart == 0).float().mean())
