@@ -12,9 +12,9 @@
 # Each step has its own time limit so one slow step cannot eat the others'; a step that fails is logged and the
 # next one runs. The default limits add up to 1,125 s; where one command may run 600 s at most (and a lease has
 # 15 minutes, its start included), split the steps over two calls, what is owed first:
-#   EMBED_ARGS="--paths c,d,timeline,unpinned,d-again,b,a,e,e-missing,so400m,large"
-#   EMBED_S=330 TESTS_S=140 SCALED_S=40 GIL_S=60 ... embed,tests,scaled,gil     (570 s; `large`, last, is cut first)
-#   train (TRAIN_S=200), or EMBED_ARGS="--paths mfu,stages" ... embed, on what the lease has left
+#   EMBED_ARGS="--paths c,d,resize-kernel,timeline,unpinned,d-again,b,a,e,e-missing,so400m,large"
+#   EMBED_S=340 TESTS_S=150 RESIZE_S=20 SCALED_S=40 ... embed,tests,resize,scaled     (550 s; `large` is cut first)
+#   gil (GIL_S=120), train (TRAIN_S=200), or EMBED_ARGS="--paths mfu,stages" ... embed, on what the lease has left
 # (each variant's ratio is against (c) or (d) of the same run). Run E (one H200): `embed` with --paths c,d,backends,
 # decode-sms,unpinned,damaged,all-extensions,patch-conv,gelu-separate,resize-channels,b,a,e,e-missing,so400m,large
 # ran out of its 395 s in `large`; its 34 `gpu` tests took 110 s; `gil` needs more than 60 s beside busy threads.
@@ -44,7 +44,7 @@ case ",$steps," in *,model,*)  # the model's step beside such threads: eager, co
 esac
 case ",$steps," in *,tests,*)
   # each failure's report lands in failures.log as it happens: a step cut off at its limit still says why
-  LOOKALIKE_FAILURES_LOG="$out/failures.log" timeout "${TESTS_S:-150}" python3 -m pytest -m gpu -v -p no:cacheprovider -rs tests/encoder/test_gpu_images.py tests/encoder/test_cuda_graph.py tests/encoder/test_devices.py tests/encoder/test_gpu_stream.py tests/encoder/test_nvimgcodec.py tests/encoder/test_page_lock.py tests/encoder/test_sm_share.py tests/encoder/test_model.py tests/pipelines/test_embed.py tests/training/test_train_gpu.py 2>&1 | tee "$out/tests.log" | tail -40;;  # -v: a line per test as it ends, kept if the step runs out of time
+  LOOKALIKE_FAILURES_LOG="$out/failures.log" timeout "${TESTS_S:-150}" python3 -m pytest -m gpu -v -p no:cacheprovider -rs tests/encoder/test_gpu_images.py tests/encoder/test_cuda_graph.py tests/encoder/test_devices.py tests/encoder/test_gpu_stream.py tests/encoder/test_nvimgcodec.py tests/encoder/test_page_lock.py tests/encoder/test_sm_share.py tests/encoder/test_resize_kernel.py tests/encoder/test_model.py tests/pipelines/test_embed.py tests/training/test_train_gpu.py 2>&1 | tee "$out/tests.log" | tail -40;;  # -v: a line per test as it ends, kept if the step runs out of time
 esac
 case ",$steps," in *,scaled,*)  # nvJPEG's hardware decoder at Pillow's draft scale against full size: worth building in?
   timeout "${SCALED_S:-60}" python3 benchmarks/nvjpeg_scaled.py 2>&1 | grep -v '^USDT:' | tee "$out/scaled.log" | tail -60;;

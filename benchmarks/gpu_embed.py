@@ -30,7 +30,9 @@ a constant; `freezing` reruns (c) compiled with the weights as constants (`--com
 product (`encoder.patch_embedding`); `gelu-separate` reruns (c) and (d) with the MLPs' GELU as a kernel of its
 own, as it ran before it moved into the first product's epilogue (`encoder.gelu_epilogue`); `resize-channels`
 reruns (d) with nvImageCodec's batches resized channel by channel, as before they were resized as they lie
-(`resize_like_pil(interleaved=...)`); `unpinned` reruns (d) with the file readers' ring left pageable, as before it
+(`resize_like_pil(interleaved=...)`); `resize-kernel` reruns (d) with the resize as two Triton kernels that gather
+each output's taps from the decoder's buffer (`encoder.resize_kernel`), for nvJPEG's planes and nvImageCodec's
+interleaved pixels; `unpinned` reruns (d) with the file readers' ring left pageable, as before it
 was page-locked for the GPU (`encoder.page_lock`); `d-again` reruns the product's (d) after such variants (how
 far the run drifted: run E's first rows ran up to 14% below their later twins); `damaged` reruns (d) with one file in 500 damaged past the
 route (what a damaged JPEG costs its batch: nvImageCodec's hardware decoder fails a batch whole); `backends` decodes
@@ -80,7 +82,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import StackSampler, images_per_s, machine, realistic_jpegs  # noqa: E402
-from encoder import DecodeLimits, EncoderConfig, decode_image, gpu_images, gpu_stream, load_encoder  # noqa: E402
+from encoder import (  # noqa: E402
+    DecodeLimits,
+    EncoderConfig,
+    decode_image,
+    gpu_images,
+    gpu_stream,
+    load_encoder,
+    resize_kernel,
+)
 from encoder import model as model_module  # noqa: E402
 from encoder.resize import resize_like_pil  # noqa: E402
 
@@ -698,7 +708,7 @@ def main() -> None:
     parser.add_argument("--large-images", type=int, default=512, help="the `large` path's 12-MP photos")
     parser.add_argument("--paths", default="c,d,backends,decode-sms,unpinned,damaged,all-extensions,d-again,b,a,e,e-missing,timeline,"
                         "streams,decode-threads,prealloc,nomodel,freezing,"
-                        "patch-conv,gelu-separate,resize-channels,pixels,so400m,profile,graph,mfu,stages,switch,e2,large",
+                        "patch-conv,gelu-separate,resize-channels,resize-kernel,pixels,so400m,profile,graph,mfu,stages,switch,e2,large",
                         help="which paths, in order")  # fmt: skip
     parser.add_argument("--trace-dir", help="keep the `timeline` path's traces here (.json.gz, for Perfetto)")
     parser.add_argument("--json", help="write results here as they land")
@@ -727,7 +737,7 @@ def main() -> None:
         ckpt = _checkpoint(work / base, SHAPES[base])
         encoder = None
         uses_c = ("stages", "d", "streams", "decode-threads", "switch", "profile", "timeline", "prealloc", "large",
-                  "unpinned", "damaged", "backends", "all-extensions", "decode-sms", "d-again")  # fmt: skip
+                  "unpinned", "damaged", "backends", "all-extensions", "decode-sms", "d-again", "resize-kernel")  # fmt: skip
         for path in args.paths.split(","):
             if path in uses_c and encoder is None:  # these use (c)'s encoder
                 encoder = encoder_alone(ckpt, SHAPES[base], device, batch, seconds, compile_)[1]
@@ -872,6 +882,15 @@ def main() -> None:
                 with mock.patch.object(gpu_images, "resize_like_pil", before):
                     run.path(f"(d) the resize channel by channel (before), {decoders[:2][-1]}", end_to_end, files,
                              encoder, device, decoders[:2][-1], work / "d", batch)  # fmt: skip
+            elif path == "resize-kernel":  # the resize as two Triton kernels gathering its taps (encoder.resize_kernel)
+                if smoke:  # on the CPU through Triton's interpreter: the path's wiring, not its speed
+                    os.environ["TRITON_INTERPRET"] = "1"
+                    resize_kernel._kernels.cache_clear()
+                kernel = functools.partial(resize_like_pil, kernel=True)
+                with mock.patch.object(gpu_images, "resize_like_pil", kernel):
+                    for decoder in decoders[:2]:  # nvJPEG's planes and nvImageCodec's interleaved pixels
+                        run.path(f"(d) the resize as two gathering kernels (Triton), {decoder}", end_to_end, files,
+                                 encoder, device, decoder, work / "d", batch)  # fmt: skip
             elif path == "pixels":  # what compiling the normalisation into the step saves per batch
                 run.path(f"(c) the step's pixel normalisation alone, batch {batch}, compiled (eager beside it)",
                          pixel_normalisation, ckpt, SHAPES[base], device, batch, seconds / 4)  # fmt: skip

@@ -9,6 +9,8 @@ in one buffer as the GPU decoders hand them over: interleaved (h, w, 3) as nvIma
 - the whole resize of the interleaved batch channel by channel (`interleaved=False`),
   as the pixels lie (the default), and as they lie in draft mode (the reduction folded into the
   filters: the same products); the planar batch (channel by channel, its only way);
+- on CUDA, the whole resize as two Triton kernels that gather each output's taps (`encoder.resize_kernel`),
+  interleaved in draft mode and planar;
 - the whole resize of a batch of photos of one size (640 × 480), its canvas gathered as for
   mixed sizes (before) against a view of the buffer (`encoder.resize._in_place`);
 - the two products alone: of the interleaved path, with the horizontal filter made
@@ -100,6 +102,12 @@ def main() -> None:
         "interleaved, as the pixels lie, draft mode": lambda: resize_like_pil(packed, cfg, draft=True),
         "planar (nvJPEG's, packed), plane by plane": lambda: resize_like_pil(planar, cfg),
     }
+    if device.type == "cuda":  # on a CPU Triton runs only through its interpreter: nothing to time
+        whole |= {
+            "interleaved, two gathering kernels (Triton), draft mode": lambda: resize_like_pil(packed, cfg, draft=True,
+                                                                                               kernel=True),
+            "planar, two gathering kernels (Triton)": lambda: resize_like_pil(planar, cfg, kernel=True),
+        }  # fmt: skip
     for name, fn in whole.items():
         results["whole_ms"][name] = round(timed_ms(fn, device, args.rounds), 2)
 

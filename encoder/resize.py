@@ -151,7 +151,7 @@ def dense_weights(positions: torch.Tensor, taps: torch.Tensor, length: int) -> t
 
 def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: PreprocessConfig, chunk: int = 64,
                     dtype: torch.dtype | None = None, max_canvas_bytes: int = 1 << 28,
-                    interleaved: bool = True, draft: bool = False) -> torch.Tensor:  # fmt: skip
+                    interleaved: bool = True, draft: bool = False, kernel: bool = False) -> torch.Tensor:  # fmt: skip
     """(3, h, w) uint8 images of any sizes, or `PackedImages` → (n, height, width, 3) uint8, PIL's antialiased
     filter. `draft`: the images are full-size decodes of JPEGs that the CPU path would decode in draft mode; each
     is resized as from the draft decode that Pillow would make of it (`draft_taps`), at no extra cost.
@@ -174,7 +174,15 @@ def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: Preproce
     is a plain product. Channel by channel (`interleaved=False`, as planes are: `_plane_by_plane`) a batch needs a
     cast through a transposed view first; as they lie, a batch of 256 photos of 640 px takes 0.95× the time
     channel by channel takes on an H200 (run E, BENCHMARKS.md), 64 of them 0.91× on a 2-core CPU.
+
+    `kernel`: the same taps summed by two Triton kernels straight from the packed buffer instead
+    (`encoder.resize_kernel`; a list of images is packed first), in float32, within a level of these products.
     """
+    if kernel:
+        from encoder.resize_kernel import resize_packed
+
+        packed_images = images if isinstance(images, PackedImages) else pack_images(images)
+        return resize_packed(packed_images, cfg, draft=draft, max_buffer_bytes=max_canvas_bytes)
     packed = isinstance(images, PackedImages)
     device = images.buffer.device if packed else images[0].device
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)

@@ -66,6 +66,16 @@ def test_photos_resize_as_pillow_does(tmp_path):
         diff.max(), (diff <= 1).mean(), (products <= 1).mean())  # fmt: skip
 
 
+def test_resize_like_pil_takes_the_kernels_for_a_list_of_images_too():
+    """`resize_like_pil(kernel=True)` over separate images (a grey one among them) packs them first: the products'
+    values."""
+    rng = np.random.default_rng(8)
+    images = [torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8)) for shape in [(3, 30, 40), (1, 20, 10)]]
+    cfg = PreprocessConfig(height=16, width=16)
+    ours = resize_like_pil(images, cfg, kernel=True)
+    assert torch.equal(ours, resize_like_pil(images, cfg, dtype=torch.float32))
+
+
 def test_an_empty_batch_resizes_to_nothing():
     empty = PackedImages(torch.zeros(0, dtype=torch.uint8), (), (), False)
     assert resize_kernel.resize_packed(empty, PreprocessConfig(height=8, width=8)).shape == (0, 8, 8, 3)
