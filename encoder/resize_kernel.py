@@ -8,8 +8,8 @@ each output value is the sum of its dozen taps, read straight from the decoder's
 
 - the vertical pass: one program per image, output row and block of the row's 3·w values, each a weighted sum of
   `taps` input rows (whole rows read in order: coalesced), into a float32 buffer of (n, height, 3·w_max);
-- the horizontal pass: one program per image and output row, each of its width · 3 values a weighted sum of
-  `taps` values of that buffer's row, rounded and clamped into the (n, height, width, 3) uint8 output.
+- the horizontal pass: one program per image and 4 output rows, each of their width · 3 values a weighted sum
+  of `taps` values of that buffer's row, rounded and clamped into the (n, height, width, 3) uint8 output.
 
 The same taps as the products (`pil_taps`, and `draft_taps` in draft mode), in float32 throughout: the result is
 within a level of `resize_like_pil`'s float32 products, ties rounded to even as there (the sums' order differs). Interleaved (h, w, 3)
@@ -29,6 +29,7 @@ from encoder.resize import PackedImages, draft_taps
 __all__ = ["available", "resize_packed"]
 
 ROW_BLOCK = 512  # values of an input row per program of the vertical pass
+OUT_ROWS = 4  # output rows per program of the horizontal pass: each tap's columns and weights read once for them
 
 
 def available() -> bool:
@@ -69,27 +70,27 @@ def _kernels():
 
     @triton.jit
     def horizontal(tmp, widths, col_at, col_taps, out, taps, out_rows, out_cols, row_len,
-                   PLANAR: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-        k, y = tl.program_id(0), tl.program_id(1)
+                   PLANAR: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        k, first = tl.program_id(0), tl.program_id(1) * ROWS
         w = tl.load(widths + k)
         i = tl.arange(0, BLOCK)  # output value i: column i // 3, channel i % 3
         valid = i < 3 * out_cols
         x = i // 3
         channel = i - 3 * x
-        row = tmp + (k * out_rows + y).to(tl.int64) * row_len
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        y = first + tl.arange(0, ROWS)[:, None]  # ROWS output rows share each tap's columns and weights
+        rows = tmp + (k * out_rows + y).to(tl.int64) * row_len
+        inside = valid[None, :] & (y < out_rows)
+        acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
         at = (k * out_cols + x) * taps
         for j in range(taps):
             col = tl.load(col_at + at + j, mask=valid, other=0)
             weight = tl.load(col_taps + at + j, mask=valid, other=0.0)
             src = channel * w + col if PLANAR else 3 * col + channel
-            acc += weight * tl.load(row + src, mask=valid & (col < w), other=0.0)
+            acc += weight[None, :] * tl.load(rows + src[None, :], mask=inside & (col < w)[None, :], other=0.0)
         level = tl.floor(acc + 0.5)
-        level = tl.where(
-            (level - acc == 0.5) & (level - 2 * tl.floor(level * 0.5) == 1), level - 1, level
-        )  # ties: even
-        level = tl.minimum(tl.maximum(level, 0.0), 255.0)
-        tl.store(out + (k * out_rows + y).to(tl.int64) * (3 * out_cols) + i, level.to(tl.uint8), mask=valid)
+        tie_to_odd = (level - acc == 0.5) & (level - 2 * tl.floor(level * 0.5) == 1)
+        level = tl.minimum(tl.maximum(tl.where(tie_to_odd, level - 1, level), 0.0), 255.0)  # ties to even, as torch
+        tl.store(out + (k * out_rows + y).to(tl.int64) * (3 * out_cols) + i[None, :], level.to(tl.uint8), mask=inside)
 
     return vertical, horizontal
 
@@ -127,7 +128,8 @@ def resize_packed(images: PackedImages, cfg: PreprocessConfig, draft: bool = Fal
         vertical[(count, cfg.height, blocks)](images.buffer, offsets[start:], sizes[start:n], sizes[n + start :],
                                               row_at[start:], row_taps[start:], tmp, row_at.shape[2], cfg.height,
                                               row_len, PLANAR=images.planar, BLOCK=ROW_BLOCK)  # fmt: skip
-        horizontal[(count, cfg.height)](tmp, sizes[n + start :], col_at[start:], col_taps[start:], out[start:],
-                                        col_at.shape[2], cfg.height, cfg.width, row_len, PLANAR=images.planar,
-                                        BLOCK=out_block)  # fmt: skip
+        horizontal[(count, triton.cdiv(cfg.height, OUT_ROWS))](tmp, sizes[n + start :], col_at[start:],
+                                                               col_taps[start:], out[start:], col_at.shape[2],
+                                                               cfg.height, cfg.width, row_len, PLANAR=images.planar,
+                                                               ROWS=OUT_ROWS, BLOCK=out_block)  # fmt: skip
     return out

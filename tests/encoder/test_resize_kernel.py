@@ -44,10 +44,10 @@ def test_the_kernels_give_the_products_values_in_float32(planar, draft):
     packed = pack_images(tensors) if planar else _interleaved(tensors)
     assert packed.planar == planar
     for resample in (3, 2):
-        cfg = PreprocessConfig(height=24, width=20, resample=resample)
-        ours = resize_kernel.resize_packed(packed, cfg, draft=draft, max_buffer_bytes=3 * 4 * 24 * 3 * 90)  # 3 a run
+        cfg = PreprocessConfig(height=22, width=20, resample=resample)  # rows: not a multiple of a program's 4
+        ours = resize_kernel.resize_packed(packed, cfg, draft=draft, max_buffer_bytes=3 * 4 * 22 * 3 * 90)  # 3 a run
         products = resize_like_pil(packed, cfg, dtype=torch.float32, draft=draft)
-        assert ours.shape == (len(sizes), 24, 20, 3) and ours.dtype == torch.uint8
+        assert ours.shape == (len(sizes), 22, 20, 3) and ours.dtype == torch.uint8
         apart = (ours.int() - products.int()).abs()
         assert apart.max() <= 1 and (apart == 0).float().mean() > 0.999, (apart.max(), (apart == 0).float().mean())
 
