@@ -12,7 +12,7 @@
 # Each step has its own time limit so one slow step cannot eat the others'; a step that fails is logged and the
 # next one runs. The default limits add up to 1,125 s; where one command may run 600 s at most (and a lease has
 # 15 minutes, its start included), split the steps over two calls, what is owed first:
-#   EMBED_ARGS="--paths c,d,resize-kernel,timeline,unpinned,d-again,b,a,e,e-missing,so400m,large"
+#   EMBED_ARGS="--paths c,d,resize-kernel,timeline,unpinned,d-again,b,a,e,e-missing,switch,so400m,large"
 #   EMBED_S=340 TESTS_S=150 RESIZE_S=20 SCALED_S=40 ... embed,tests,resize,scaled     (550 s; `large` is cut first)
 #   gil (GIL_S=120), train (TRAIN_S=200), or EMBED_ARGS="--paths mfu,stages" ... embed, on what the lease has left
 # (each variant's ratio is against (c) or (d) of the same run). Run E (one H200): `embed` with --paths c,d,backends,

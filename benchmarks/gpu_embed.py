@@ -49,7 +49,7 @@ JPEG decoders only (the time to make it, then (d) clean and with damaged files).
 sampling every thread's stack (where the time goes on a host without py-spy); `graph` reruns (c), (d) and (e) with the
 model's step replayed as one CUDA graph per batch (`--cuda-graph`: three host calls per
 batch instead of one per op or kernel, each of which hands the interpreter lock over);
-`switch` reruns (d) with a 0.5 ms interpreter switch interval; `mfu` reruns (c) at twice the
+`switch` reruns (d) and (e) with a 0.5 ms interpreter switch interval; `mfu` reruns (c) at twice the
 batch, under torch.compile's autotuning modes (minutes of compile each) and with cuDNN's
 attention. `large` reruns (d) on phone photos of 12 MP (4000 px wide, with a sensor's grain): with one GPU
 decode call's limit (`decode_max_bytes`: a sixteenth of the GPU's memory; the rest decoded on the CPU threads),
@@ -941,13 +941,17 @@ def main() -> None:
                 run.path("(e) Beam, 2 worker processes on the one GPU (two model copies, two interpreter locks), "
                          f"{auto_decoder}", beam, work / "jpegs", ckpt, device, work / "e", batch, compile_, len(files),
                          False, auto_decoder, False, 2)  # fmt: skip
-            elif path == "switch":  # (d) with threads handing over the GIL every 0.5 ms instead of 5
+            elif path == "switch":  # (d) and (e) with threads handing over the GIL every 0.5 ms instead of 5
                 interval = sys.getswitchinterval()
                 sys.setswitchinterval(0.0005)
                 try:
                     for decoder in decoders:
                         run.path(f"(d) GIL switch interval 0.5 ms, {decoder}", end_to_end, files, encoder, device,
                                  decoder, work / "d", batch)  # fmt: skip
+                    # (e)'s steady rate stayed at run D's (6,215 against 6,293) while (d)'s grew: is it Beam's Python
+                    # beside the model's launches (`model_gil.py`: a pure-Python thread starves them)?
+                    run.path(f"(e) Beam, GIL switch interval 0.5 ms, {auto_decoder}", beam, work / "jpegs", ckpt,
+                             device, work / "e", batch, compile_, len(files), False, auto_decoder)  # fmt: skip
                 finally:
                     sys.setswitchinterval(interval)
             elif path == "profile":  # (d) and (e) again, sampling their threads' stacks (costs them ~1-2%)

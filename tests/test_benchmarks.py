@@ -63,6 +63,7 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu(tmp_path):
                  "(d) the GELU as a kernel of its own (before), pil",
                  "(d) the resize channel by channel (before), pil",
                  "(d) the resize as two gathering kernels (Triton), pil",
+                 "(e) Beam, GIL switch interval 0.5 ms, nvjpeg",
                  "(d) the file readers' ring pageable (before), pil",
                  "(d) again, after the variants (the run's drift), pil",
                  "(d) one file in 16 damaged past the route (4 files), pil",
