@@ -89,7 +89,6 @@ from encoder import (  # noqa: E402
     gpu_images,
     gpu_stream,
     load_encoder,
-    resize_kernel,
 )
 from encoder import model as model_module  # noqa: E402
 from encoder.resize import resize_like_pil  # noqa: E402
@@ -715,6 +714,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny model, few small files, CPU")
     args = parser.parse_args()
     smoke = args.smoke
+    if smoke:  # Triton's kernels through its interpreter (`resize-kernel`: the path's wiring, not its speed), set
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports `triton.language`
     if not smoke and not torch.cuda.is_available():
         sys.exit("error: needs CUDA (or pass --smoke)")
     device = torch.device("cpu" if smoke else "cuda")
@@ -883,9 +884,6 @@ def main() -> None:
                     run.path(f"(d) the resize channel by channel (before), {decoders[:2][-1]}", end_to_end, files,
                              encoder, device, decoders[:2][-1], work / "d", batch)  # fmt: skip
             elif path == "resize-kernel":  # the resize as two Triton kernels gathering its taps (encoder.resize_kernel)
-                if smoke:  # on the CPU through Triton's interpreter: the path's wiring, not its speed
-                    os.environ["TRITON_INTERPRET"] = "1"
-                    resize_kernel._kernels.cache_clear()
                 kernel = functools.partial(resize_like_pil, kernel=True)
                 with mock.patch.object(gpu_images, "resize_like_pil", kernel):
                     for decoder in decoders[:2]:  # nvJPEG's planes and nvImageCodec's interleaved pixels

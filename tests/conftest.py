@@ -20,6 +20,10 @@ os.environ["NO_GCE_CHECK"] = "true"
 os.environ["GCE_METADATA_HOST"] = "127.0.0.1:9"  # discard port: nothing answers, nothing leaves the machine
 os.environ["GCE_METADATA_IP"] = "127.0.0.1:9"
 os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+# Without a GPU, Triton's kernels (encoder/resize_kernel.py) run through its interpreter, which it reads when
+# `triton.language` is first imported (torch.compile imports it too): so here, before any test runs.
+if not any(Path("/dev").glob("nvidia[0-9]*")):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 CATALOG_ITEMS = 100  # enough for every broken-image kind (one per 20 items) and every odd format
 
