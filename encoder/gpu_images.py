@@ -31,6 +31,7 @@ from typing import NamedTuple, TypeVar
 import numpy as np
 import torch
 
+from encoder import resize_kernel
 from encoder.failures import MemoryBackoff, Throttled, attempt, in_halves, learning
 from encoder.jpeg import cpu_reason, decoded_within, read_jpeg_header
 from encoder.preprocess import DecodeLimits, ImageDecodeError, PreprocessConfig, decode_image
@@ -45,6 +46,7 @@ __all__ = [
     "DecodedBatch",
     "GpuImages",
     "PreparedBatch",
+    "RESIZES",
     "batches_progressive",
     "byte_tensors",
     "collect_decodes",
@@ -231,6 +233,10 @@ _RESIZE_RETRIES = Throttled(log)  # batches that failed to resize whole
 DECODERS = {"nvjpeg": nvjpeg_decoder, "nvimgcodec": nvimgcodec_decoder, "nvimgcodec-python": nvimgcodec_python_decoder,
             "pil": pil_decoder}  # fmt: skip
 _PROGRESSIVE_ONE_AT_A_TIME = frozenset({"nvjpeg"})
+# How the GPU resize sums PIL's taps: batched products over dense resampling matrices (`encoder.resize`), or two
+# Triton kernels that gather them from the decoder's buffer (`encoder.resize_kernel`; the products until a GPU run
+# shows the kernels faster: BENCHMARKS.md, run E).
+RESIZES = ("products", "kernel")
 
 
 def batches_progressive(decoder: str | BatchDecoder | None) -> bool:
@@ -280,11 +286,17 @@ class GpuImages:
 
     def __init__(self, preprocess: PreprocessConfig, device: torch.device | str, limits: DecodeLimits = DecodeLimits(),
                  cpu_pool: Executor | None = None, decoder: str | BatchDecoder | None = "nvjpeg", *,
-                 cpu_threads: int = 8, max_decode_s: float = 30.0, decode_threads: int = 1) -> None:  # fmt: skip
+                 cpu_threads: int = 8, max_decode_s: float = 30.0, decode_threads: int = 1,
+                 resize: str = "products") -> None:  # fmt: skip
         if decoder is not None and not gpu_resizes(preprocess):
             raise ValueError(f"GPU resize supports bilinear and bicubic, not PIL filter {preprocess.resample}")
         if decode_threads < 1:
             raise ValueError(f"decode_threads must be at least 1, got {decode_threads}")
+        if resize not in RESIZES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZES)}, got {resize!r}")
+        if resize == "kernel" and not resize_kernel.available():
+            raise ValueError("the GPU resize's kernels need Triton (torch's CUDA builds bring it): pip install triton")
+        self.resize = resize
         self.preprocess, self.limits, self.max_decode_s = preprocess, limits, max_decode_s
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # torch.cuda stream calls need the index
@@ -388,7 +400,9 @@ class GpuImages:
         images resized, in order, position → dead-letter reason for the rest, whether something was taken in
         halves, and whether the batch went in pieces."""
         draft = self.limits.draft  # the CPU path decodes JPEGs in draft mode: so does the resize's filter
-        resize = learning(self._resize_backoff, lambda part: resize_like_pil(part, self.preprocess, draft=draft))
+        kernel = self.resize == "kernel"
+        resize = learning(self._resize_backoff,
+                          lambda part: resize_like_pil(part, self.preprocess, draft=draft, kernel=kernel))  # fmt: skip
         done, failed, retried = [], {}, False
         pieces = list(_in_pieces(resize, images, self._resize_backoff))
         for piece in pieces:

@@ -142,6 +142,13 @@ def embed(
     gpu_decode_threads: Annotated[
         int, typer.Option(help="Threads decoding JPEG batches at once on the GPU, each with a decoder of its own.")
     ] = 1,
+    gpu_resize: Annotated[
+        str,
+        typer.Option(
+            help="products (batched matrix products) or kernel (two Triton kernels over the decoder's buffer): how "
+            "the GPU resize sums its filter taps."
+        ),
+    ] = "products",
     draft: Annotated[
         bool,
         typer.Option(
@@ -169,6 +176,7 @@ def embed(
         catalog=catalog, model=model, out=out, batch_size=batch_size, fetch_threads=fetch_threads, workers=workers,
         device=device, dtype=dtype, compile=compile, compile_frozen=compile_frozen, cuda_graph=cuda_graph,
         decode_sms=decode_sms, gpu_decode=gpu_decode, gpu_decoder=gpu_decoder, gpu_decode_threads=gpu_decode_threads,
+        gpu_resize=gpu_resize,
         draft=draft, incremental=incremental, previous=previous, hedge_reads=hedge_reads, page_lock_reads=page_lock_reads,
         max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, reuse_memory_mb=reuse_memory_mb,
         max_decode_s=max_decode_s, max_dead_letters=max_dead_letters,

@@ -38,6 +38,7 @@ from apache_beam.utils.shared import Shared
 
 from encoder import DecodeLimits, EncoderConfig, ImageEncoder, load_encoder
 from encoder.devices import spread_note
+from encoder.gpu_images import RESIZES
 from pipelines import storage
 from pipelines.catalog import (
     CatalogError,
@@ -112,6 +113,7 @@ class EmbedConfig:
     gpu_decode: str = "auto"  # auto | on | off: JPEGs decoded and resized on the GPU (encoder.gpu_images)
     gpu_decoder: str = "auto"  # auto | nvimgcodec (NVIDIA nvImageCodec) | nvjpeg (torchvision): gpu_decoder_name
     gpu_decode_threads: int = 1  # threads decoding batches at once on the GPU, a decoder and stream each
+    gpu_resize: str = "products"  # products | kernel (Triton): how the GPU resize sums its taps (encoder.gpu_images)
     draft: bool = True  # JPEG draft-mode decoding (see README, "Preprocessing")
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 100_000_000
@@ -135,6 +137,8 @@ class EmbedConfig:
             raise ValueError(f"gpu_decode must be auto, on or off, got {self.gpu_decode!r}")
         if self.gpu_decoder not in ("auto", "nvimgcodec", "nvjpeg"):
             raise ValueError(f"gpu_decoder must be auto, nvimgcodec or nvjpeg, got {self.gpu_decoder!r}")
+        if self.gpu_resize not in RESIZES:
+            raise ValueError(f"gpu_resize must be one of {', '.join(RESIZES)}, got {self.gpu_resize!r}")
         if not self.max_decode_s > 0:
             raise ValueError(f"max_decode_s must be > 0, got {self.max_decode_s}")
         if not 0 <= self.max_dead_letters <= 1:

@@ -267,7 +267,8 @@ class EmbedBatch(beam.DoFn):
                         cfg.gpu_decode_threads)  # fmt: skip
         self._images = GpuImages(preprocess, self._encoder.device, cfg.limits, decoder=decoder,
                                  cpu_threads=cfg.fetch_threads, max_decode_s=cfg.max_decode_s,
-                                 decode_threads=cfg.gpu_decode_threads if decoder else 1)  # fmt: skip
+                                 decode_threads=cfg.gpu_decode_threads if decoder else 1,
+                                 resize=cfg.gpu_resize if decoder else "products")  # fmt: skip
         self._stream: BackgroundEmbedder | None = None
         self._waiting: list[PreparedImage] = []
         # Images waiting for a full batch leave the ring: into page-locked memory where the ring is page-locked.

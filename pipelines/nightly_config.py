@@ -48,6 +48,7 @@ class EmbedSettings:
     gpu_decode: str = "auto"
     gpu_decoder: str = "auto"
     gpu_decode_threads: int = 1
+    gpu_resize: str = "products"
     draft: bool = True
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 100_000_000

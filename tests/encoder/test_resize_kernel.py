@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from benchmarks.common import realistic_jpegs
-from encoder import PreprocessConfig, resize_kernel
+from encoder import DecodeLimits, PreprocessConfig, resize_kernel
+from encoder.gpu_images import GpuImages
 from encoder.resize import PackedImages, pack_images, resize_like_pil
 
 
@@ -74,6 +75,31 @@ def test_resize_like_pil_takes_the_kernels_for_a_list_of_images_too():
     cfg = PreprocessConfig(height=16, width=16)
     ours = resize_like_pil(images, cfg, kernel=True)
     assert torch.equal(ours, resize_like_pil(images, cfg, dtype=torch.float32))
+
+
+def test_the_gpu_worker_resizes_with_the_kernels_when_asked(tmp_path, monkeypatch):
+    """`GpuImages(resize="kernel")` (`--gpu-resize kernel`): a batch of JPEGs decoded by a GPU decoder (Pillow
+    standing in, on the CPU) comes out as the products make it, within a level; the CPU path's images untouched."""
+    jpegs = [p.read_bytes() for p in realistic_jpegs(tmp_path, 3, width=96)]
+    cfg = PreprocessConfig(height=24, width=24)
+    calls, resize_packed = [], resize_kernel.resize_packed
+    monkeypatch.setattr(resize_kernel, "resize_packed", lambda images, *a, **k: calls.append(len(images))
+                        or resize_packed(images, *a, **k))  # fmt: skip
+    batches = {resize: GpuImages(cfg, "cpu", DecodeLimits(), decoder="pil", cpu_threads=2, resize=resize)
+               .prepare([*jpegs, b"not an image"]) for resize in ("kernel", "products")}  # fmt: skip
+    ours, products = batches["kernel"], batches["products"]
+    assert ours.kept == products.kept == [0, 1, 2] and ours.on_gpu == 3 and ours.failed == products.failed
+    assert [i for i, _ in ours.failed] == [3] and calls == [3]  # the kernels took the batch, the products not
+    assert (ours.pixels.int() - products.pixels.int()).abs().max() <= 1
+
+
+def test_the_gpu_worker_refuses_a_resize_it_does_not_know_or_cannot_run(monkeypatch):
+    cfg = PreprocessConfig(height=8, width=8)
+    with pytest.raises(ValueError, match="resize must be one of products, kernel"):
+        GpuImages(cfg, "cpu", decoder="pil", resize="fast")
+    monkeypatch.setattr(resize_kernel, "available", lambda: False)
+    with pytest.raises(ValueError, match="need Triton"):
+        GpuImages(cfg, "cpu", decoder="pil", resize="kernel")
 
 
 def test_an_empty_batch_resizes_to_nothing():

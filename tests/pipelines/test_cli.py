@@ -123,6 +123,7 @@ def test_missing_model_is_a_clear_error(tmp_path, demo_catalog):
         (["--decode-sms", "16"], "--decode-sms: no CUDA device"),
         (["--decode-sms", "-1"], "decode_sms must be >= 0"),
         (["--decode-sms", "16", "--cuda-graph"], "decode_sms cannot be combined with cuda_graph"),
+        (["--gpu-resize", "fast"], "gpu_resize must be one of products, kernel"),
     ],
     ids=[
         "gpu-decode-on-without-cuda",
@@ -133,6 +134,7 @@ def test_missing_model_is_a_clear_error(tmp_path, demo_catalog):
         "decode-sms-without-cuda",
         "negative-decode-sms",
         "decode-sms-with-cuda-graph",
+        "unknown-gpu-resize",
     ],
 )
 def test_gpu_options_that_cannot_work_here_fail_before_any_work(tmp_path, demo_catalog, tiny_model, flags, message):
