@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from encoder import resize_kernel
-from encoder.failures import MemoryBackoff, Throttled, attempt, in_halves, learning
+from encoder.failures import MemoryBackoff, Throttled, attempt, device_failed, in_halves, learning, out_of_memory
 from encoder.jpeg import cpu_reason, decoded_within, read_jpeg_header
 from encoder.preprocess import DecodeLimits, ImageDecodeError, PreprocessConfig, decode_image
 from encoder.resize import PackedImages, gpu_resizes, pack_images, resize_like_pil
@@ -399,10 +399,7 @@ class GpuImages:
         (`_resize_backoff`); what fails (out of GPU memory), in halves (`in_halves`), so only the culprits fail: the
         images resized, in order, position → dead-letter reason for the rest, whether something was taken in
         halves, and whether the batch went in pieces."""
-        draft = self.limits.draft  # the CPU path decodes JPEGs in draft mode: so does the resize's filter
-        kernel = self.resize == "kernel"
-        resize = learning(self._resize_backoff,
-                          lambda part: resize_like_pil(part, self.preprocess, draft=draft, kernel=kernel))  # fmt: skip
+        resize = learning(self._resize_backoff, self._resize)
         done, failed, retried = [], {}, False
         pieces = list(_in_pieces(resize, images, self._resize_backoff))
         for piece in pieces:
@@ -417,6 +414,22 @@ class GpuImages:
             retried = True
         resized = torch.cat([rows for _, rows in sorted(done, key=lambda d: d[0])]) if done else self._no_pixels()
         return resized, failed, retried, len(pieces) > 1
+
+    def _resize(self, images: list[torch.Tensor] | PackedImages) -> torch.Tensor:
+        """`resize_like_pil` as asked (`resize`); in draft mode where the CPU path decodes JPEGs so. Kernels that fail
+        otherwise than for memory or a failed device (Triton unable to build them for this GPU, say) are given up for
+        the products, with one warning, rather than failing every batch of the run."""
+        draft = self.limits.draft
+        if self.resize == "kernel":
+            try:
+                return resize_like_pil(images, self.preprocess, draft=draft, kernel=True)
+            except Exception as err:
+                if device_failed(err) or out_of_memory(describe_error(err)):
+                    raise  # the device is gone, or the memory backoff's to learn from
+                log.warning("the GPU resize's kernels failed (%s): resizing with the products from now on",
+                            describe_error(err))  # fmt: skip
+                self.resize = "products"
+        return resize_like_pil(images, self.preprocess, draft=draft)
 
     def _no_pixels(self) -> torch.Tensor:
         return torch.empty((0, self.preprocess.height, self.preprocess.width, 3), dtype=torch.uint8, device=self.device)

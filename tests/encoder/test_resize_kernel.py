@@ -93,6 +93,38 @@ def test_the_gpu_worker_resizes_with_the_kernels_when_asked(tmp_path, monkeypatc
     assert (ours.pixels.int() - products.pixels.int()).abs().max() <= 1
 
 
+def test_kernels_that_cannot_run_are_given_up_for_the_products_once(tmp_path, monkeypatch, caplog):
+    """Kernels that fail otherwise than for memory (Triton unable to build them for a GPU, say): the run goes on with
+    the products, one warning; running out of memory is the backoff's, as for the products."""
+    jpegs = [p.read_bytes() for p in realistic_jpegs(tmp_path, 2, width=96)]
+    cfg = PreprocessConfig(height=16, width=16)
+    products = GpuImages(cfg, "cpu", decoder="pil", cpu_threads=2).prepare(jpegs).pixels
+    calls = []
+
+    def broken(images, *args, **kwargs):
+        calls.append(len(images))
+        raise RuntimeError("PTX .version 9.9 does not support .target sm_35")
+
+    monkeypatch.setattr(resize_kernel, "resize_packed", broken)
+    images = GpuImages(cfg, "cpu", decoder="pil", cpu_threads=2, resize="kernel")
+    with caplog.at_level("WARNING", logger="encoder.gpu_images"):
+        first, second = images.prepare(jpegs), images.prepare(jpegs)
+    assert torch.equal(first.pixels, products) and torch.equal(second.pixels, products) and first.failed == []
+    assert calls == [2] and images.resize == "products"
+    assert [r.getMessage() for r in caplog.records if "kernels failed" in r.getMessage()] == [
+        "the GPU resize's kernels failed (RuntimeError: PTX .version 9.9 does not support .target sm_35): resizing "
+        "with the products from now on"
+    ]
+
+    def out_of_memory(images, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(resize_kernel, "resize_packed", out_of_memory)
+    images = GpuImages(cfg, "cpu", decoder="pil", cpu_threads=2, resize="kernel")
+    batch = images.prepare(jpegs)
+    assert images.resize == "kernel" and batch.kept == [] and all("out of memory" in why for _, why in batch.failed)
+
+
 def test_the_gpu_worker_refuses_a_resize_it_does_not_know_or_cannot_run(monkeypatch):
     cfg = PreprocessConfig(height=8, width=8)
     with pytest.raises(ValueError, match="resize must be one of products, kernel"):
