@@ -12,9 +12,10 @@ each output value is the sum of its dozen taps, read straight from the decoder's
   of `taps` values of that buffer's row, rounded and clamped into the (n, height, width, 3) uint8 output.
 
 The same taps as the products (`pil_taps`, and `draft_taps` in draft mode), in float32 throughout: the result is
-within a level of `resize_like_pil`'s float32 products, ties rounded to even as there (the sums' order differs). Interleaved (h, w, 3)
-images as nvImageCodec packs them, or planar as nvJPEG's are packed. On a CPU the kernels run through Triton's
-interpreter (`TRITON_INTERPRET=1`): what the tests check. Needs Triton (with torch's CUDA builds).
+within a level of `resize_like_pil`'s float32 products (the sums' order differs), ties rounded to even as there.
+Interleaved (h, w, 3) images as nvImageCodec packs them, or planar as nvJPEG's are packed. On a CPU the kernels run
+through Triton's interpreter (`TRITON_INTERPRET=1`, set before `triton.language` is first imported): what the tests
+check. Needs Triton (torch's CUDA builds bring it).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def available() -> bool:
 
 @functools.cache
 def _kernels():
-    """The two kernels, made on first use: Triton reads `TRITON_INTERPRET` when a kernel is defined."""
+    """The two kernels, made on first use (and so only where the GPU resize asks for them)."""
     import triton
     import triton.language as tl
 
@@ -85,7 +86,10 @@ def _kernels():
         for j in range(taps):
             col = tl.load(col_at + at + j, mask=valid, other=0)
             weight = tl.load(col_taps + at + j, mask=valid, other=0.0)
-            src = channel * w + col if PLANAR else 3 * col + channel
+            if PLANAR:
+                src = channel * w + col
+            else:
+                src = 3 * col + channel
             acc += weight[None, :] * tl.load(rows + src[None, :], mask=inside & (col < w)[None, :], other=0.0)
         level = tl.floor(acc + 0.5)
         tie_to_odd = (level - acc == 0.5) & (level - 2 * tl.floor(level * 0.5) == 1)
