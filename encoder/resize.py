@@ -142,6 +142,24 @@ def draft_taps(in_sizes: torch.Tensor, scales: torch.Tensor, out_size: int, resa
     return (starts + offsets).flatten(2), spread.flatten(2)
 
 
+def batch_taps(shapes: Sequence[tuple[int, int]], cfg: PreprocessConfig, draft: bool, device: torch.device,
+               extra: Sequence[int] = ()) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor],
+                                                   tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """A batch's (height, width) `shapes` → PIL's taps for every image's rows and columns (`draft_taps`; `draft`: as
+    from the draft decode the CPU path would make), from one upload of the heights, widths, draft scales and `extra`
+    (in that order, n each and then `extra`: the uploaded tensor is returned for what else it carries)."""
+    n = len(shapes)
+    scales = [draft_scale(h, w, cfg) if draft else 1 for h, w in shapes]
+    host = torch.tensor([h for h, _ in shapes] + [w for _, w in shapes] + scales + list(extra), dtype=torch.int64)
+    uploaded = (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
+    reduced = [draft_size(h, w, s) for (h, w), s in zip(shapes, scales, strict=True)]
+    rows = draft_taps(uploaded[:n], uploaded[2 * n : 3 * n], cfg.height, cfg.resample, max(h for h, _ in reduced),
+                      max(scales))  # fmt: skip
+    cols = draft_taps(uploaded[n : 2 * n], uploaded[2 * n : 3 * n], cfg.width, cfg.resample,
+                      max(w for _, w in reduced), max(scales))  # fmt: skip
+    return uploaded, rows, cols
+
+
 def dense_weights(positions: torch.Tensor, taps: torch.Tensor, length: int) -> torch.Tensor:
     """(n, out, length) resampling matrices in the taps' dtype from `pil_taps`, zero elsewhere (`length` at least
     each input's size). Taps past a window's end are zeros: clamped into range they add nothing where they land."""
@@ -196,15 +214,9 @@ def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: Preproce
     for position, k in enumerate(order):
         inverse[k] = position
     # One upload for the sizes, the way back to input order and, packed, where each image starts.
-    scales = [draft_scale(h, w, cfg) if draft else 1 for h, w in shapes]
-    host = torch.tensor(heights + widths + inverse + scales + ([images.offsets[k] for k in order] if gather else []),
-                        dtype=torch.int64)  # fmt: skip
-    uploaded = (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
-    reduced = [draft_size(h, w, s) for (h, w), s in zip(shapes, scales, strict=True)]
-    row_at, row_taps = draft_taps(uploaded[:n], uploaded[3 * n : 4 * n], cfg.height, cfg.resample,
-                                  max(h for h, _ in reduced), max(scales))  # fmt: skip
-    col_at, col_taps = draft_taps(uploaded[n : 2 * n], uploaded[3 * n : 4 * n], cfg.width, cfg.resample,
-                                  max(w for _, w in reduced), max(scales))  # fmt: skip
+    uploaded, (row_at, row_taps), (col_at, col_taps) = batch_taps(
+        shapes, cfg, draft, device, inverse + ([images.offsets[k] for k in order] if gather else [])
+    )
     row_taps, col_taps = row_taps.to(dtype), col_taps.to(dtype)
     out = torch.empty((n, cfg.height, cfg.width, 3), dtype=torch.uint8, device=device)
     if gather:  # where each canvas row starts, in words, for the whole batch at once: a chunk takes its corner
@@ -229,7 +241,7 @@ def resize_like_pil(images: Sequence[torch.Tensor] | PackedImages, cfg: Preproce
         # Rounded in the products' own dtype (its integers up to 2048 are exact: the same values as in float32),
         # cast to uint8 by the copy into `out`: no float32 copy, no uint8 one.
         out[start:stop] = x.round_().clamp_(0, 255)
-    return out if order == list(range(n)) else out[uploaded[2 * n : 3 * n]]
+    return out if order == list(range(n)) else out[uploaded[3 * n : 4 * n]]
 
 
 def _chunks(shapes: list[tuple[int, int]], most: int, max_pixels: int) -> list[tuple[int, int]]:

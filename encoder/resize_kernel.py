@@ -24,8 +24,8 @@ import functools
 
 import torch
 
-from encoder.preprocess import PreprocessConfig, draft_scale, draft_size
-from encoder.resize import PackedImages, draft_taps
+from encoder.preprocess import PreprocessConfig
+from encoder.resize import PackedImages, batch_taps
 
 __all__ = ["available", "resize_packed"]
 
@@ -111,19 +111,11 @@ def resize_packed(images: PackedImages, cfg: PreprocessConfig, draft: bool = Fal
     out = torch.empty((n, cfg.height, cfg.width, 3), dtype=torch.uint8, device=device)
     if n == 0:
         return out
-    heights, widths = [h for h, _ in images.shapes], [w for _, w in images.shapes]
-    scales = [draft_scale(h, w, cfg) if draft else 1 for h, w in images.shapes]
-    host = torch.tensor(heights + widths + scales + list(images.offsets), dtype=torch.int64)
-    uploaded = (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
+    uploaded, (row_at, row_taps), (col_at, col_taps) = batch_taps(images.shapes, cfg, draft, device, images.offsets)
     sizes, offsets = uploaded[: 2 * n].int(), uploaded[3 * n :]
-    reduced = [draft_size(h, w, s) for (h, w), s in zip(images.shapes, scales, strict=True)]
-    row_at, row_taps = draft_taps(uploaded[:n], uploaded[2 * n : 3 * n], cfg.height, cfg.resample,
-                                  max(h for h, _ in reduced), max(scales))  # fmt: skip
-    col_at, col_taps = draft_taps(uploaded[n : 2 * n], uploaded[2 * n : 3 * n], cfg.width, cfg.resample,
-                                  max(w for _, w in reduced), max(scales))  # fmt: skip
     row_at, col_at = row_at.int().contiguous(), col_at.int().contiguous()
     row_taps, col_taps = row_taps.contiguous(), col_taps.contiguous()
-    row_len = 3 * max(widths)
+    row_len = 3 * max(w for _, w in images.shapes)
     per_run = max(1, min(n, max_buffer_bytes // (4 * cfg.height * row_len)))
     tmp = torch.empty((per_run, cfg.height, row_len), dtype=torch.float32, device=device)
     blocks, out_block = triton.cdiv(row_len, ROW_BLOCK), triton.next_power_of_2(3 * cfg.width)
