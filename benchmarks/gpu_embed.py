@@ -30,7 +30,7 @@ a constant; `freezing` reruns (c) compiled with the weights as constants (`--com
 product (`encoder.patch_embedding`); `gelu-separate` reruns (c) and (d) with the MLPs' GELU as a kernel of its
 own, as it ran before it moved into the first product's epilogue (`encoder.gelu_epilogue`); `resize-channels`
 reruns (d) with nvImageCodec's batches resized channel by channel, as before they were resized as they lie
-(`resize_like_pil(interleaved=...)`); `resize-kernel` reruns (d) with the resize as two Triton kernels that gather
+(`resize_like_pil(interleaved=...)`); `resize-kernel` reruns (d) with `--gpu-resize kernel`: two Triton kernels that gather
 each output's taps from the decoder's buffer (`encoder.resize_kernel`), for nvJPEG's planes and nvImageCodec's
 interleaved pixels; `unpinned` reruns (d) with the file readers' ring left pageable, as before it
 was page-locked for the GPU (`encoder.page_lock`); `d-again` reruns the product's (d) after such variants (how
@@ -443,18 +443,19 @@ def _two_in_flight(encoder, pixels: torch.Tensor):
 
 def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, out: Path, batch: int,
                sample: bool = False, reader: str = "processes", in_flight: int = 2, timeline: Path | None = None,
-               decode_threads: int = 1, steady: bool = False) -> dict:  # fmt: skip
+               decode_threads: int = 1, steady: bool = False, resize: str = "products") -> dict:  # fmt: skip
     """(d) over `files`. `sample`: sample the threads' stacks (`StackSampler`); `timeline`: record the GPU's
     timeline and the CUDA calls there (`benchmarks.cuda_timeline`), its summary in the result; `decode_threads`:
     `GpuImages`' (each a decoder and side stream of its own; their busy share is summed); `steady`: also over a
     fifth of the files after, the whole run less that one as `steady_images_per_s` (what a catalog of millions
-    sees: each run's start, the reader processes and the first batches, taken out)."""
+    sees: each run's start, the reader processes and the first batches, taken out); `resize`: `GpuImages`' (the
+    product's `--gpu-resize`)."""
     from encoder.gpu_images import GpuImages
     from encoder.model import PendingVectors
     from pipelines.direct_embed import embed_files
 
     images = GpuImages(encoder.preprocess, device, DecodeLimits(draft=True), decoder=decoder,
-                       decode_threads=decode_threads)  # fmt: skip
+                       decode_threads=decode_threads, resize=resize)  # fmt: skip
     warm = [str(f) for f in files[: batch * decode_threads]]  # a batch per decoder
     embed_files(warm, encoder, images, out / "warm", batch_size=batch)
     busy = {"decode": 0.0, "resize": 0.0, "encode": 0.0}  # each stage's thread: the busiest sets the pace
@@ -498,7 +499,7 @@ def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, o
             # batches retried in halves or taken in pieces: out of memory, say, which a variant's rate would hide
             "batches_retried": result.batches_retried, "batches_in_pieces": result.batches_in_pieces,
             "ring_page_locked": result.ring_page_locked,
-            "decode_threads": decode_threads, "busy_pct": {k: round(100 * v / seconds) for k, v in busy.items()},
+            "decode_threads": decode_threads, "resize": resize, "busy_pct": {k: round(100 * v / seconds) for k, v in busy.items()},
             **seen}  # fmt: skip
 
 
@@ -883,12 +884,11 @@ def main() -> None:
                 with mock.patch.object(gpu_images, "resize_like_pil", before):
                     run.path(f"(d) the resize channel by channel (before), {decoders[:2][-1]}", end_to_end, files,
                              encoder, device, decoders[:2][-1], work / "d", batch)  # fmt: skip
-            elif path == "resize-kernel":  # the resize as two Triton kernels gathering its taps (encoder.resize_kernel)
-                kernel = functools.partial(resize_like_pil, kernel=True)
-                with mock.patch.object(gpu_images, "resize_like_pil", kernel):
-                    for decoder in decoders[:2]:  # nvJPEG's planes and nvImageCodec's interleaved pixels
-                        run.path(f"(d) the resize as two gathering kernels (Triton), {decoder}", end_to_end, files,
-                                 encoder, device, decoder, work / "d", batch)  # fmt: skip
+            elif path == "resize-kernel":  # `--gpu-resize kernel`: two Triton kernels gathering the taps
+                for decoder in decoders[:2]:  # nvJPEG's planes and nvImageCodec's interleaved pixels
+                    run.path(f"(d) the resize as two gathering kernels (Triton), {decoder}",
+                             functools.partial(end_to_end, resize="kernel"), files, encoder, device, decoder,
+                             work / "d", batch)  # fmt: skip
             elif path == "pixels":  # what compiling the normalisation into the step saves per batch
                 run.path(f"(c) the step's pixel normalisation alone, batch {batch}, compiled (eager beside it)",
                          pixel_normalisation, ckpt, SHAPES[base], device, batch, seconds / 4)  # fmt: skip
