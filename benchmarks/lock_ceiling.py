@@ -14,10 +14,14 @@ nothing else:
   the model makes `calls` calls into torch per batch on a tiny tensor and queues the batch on a
   simulated device that finishes `--model-rate` images/s (10,600: the compiled SigLIP base alone on
   the H200); taking the vectors waits for it without the lock, as `PendingVectors.result` does.
-`calls` is 321 (SigLIP base's eager forward, `model_gil.py`) or 3 (one CUDA graph: copy in,
-replay, copy out). For each variant, the standalone loop (reader processes) and the Beam pipeline (whole
-run, and steady state: less a run over 1% of the files), alternated, two runs each; the ideal is
-the slower of the two rates. Results go in BENCHMARKS.md.
+`calls` is 321 (SigLIP base's eager forward, `model_gil.py`), 250 (compiled: a launch per kernel, each
+handing the lock over; on the H200 beside a pure-Python thread a compiled batch took ~250 switch intervals)
+or 3 (one CUDA graph: copy in, replay, copy out). For each variant and each interpreter switch interval
+(`--switch-ms`, `sys.setswitchinterval`; Python's default is 5 ms), the standalone loop (reader processes)
+and the Beam pipeline (whole run, and steady state: less a run over 1% of the files), alternated, `--rounds`
+runs each; the ideal is the slower of the two rates. Beside each rate, the model's launch: ms per batch in
+its calls, the lock's waits included (alone, on an idle interpreter, it is the calls' own cost). Results go in
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -44,7 +49,14 @@ from benchmarks.worker_overhead import SIZE, beam, direct  # noqa: E402
 from encoder.model import ImageEncoder, PendingVectors  # noqa: E402
 from encoder.resize import PackedImages  # noqa: E402
 
-EAGER_CALLS, GRAPH_CALLS = 321, 3
+EAGER_CALLS, COMPILED_CALLS, GRAPH_CALLS = 321, 250, 3
+VARIANTS = {  # name on the command line: (its name in the table, the model's calls per batch, images packed)
+    "eager": ("per-op calls (eager), separate images", EAGER_CALLS, False),
+    "compiled-packed": ("per-kernel launches (compiled), packed images", COMPILED_CALLS, True),
+    "graph-separate": ("one CUDA graph, separate images", GRAPH_CALLS, False),
+    "graph-packed": ("one CUDA graph, packed images", GRAPH_CALLS, True),
+}
+LAUNCH_S: list[float] = []  # each batch's launch, seconds: its calls and the lock's waits between them
 
 
 class SimulatedDevice:
@@ -93,9 +105,11 @@ def calling_launch(calls: int, device: SimulatedDevice):
     """`ImageEncoder.launch` as seen by the lock: `calls` calls into torch, then the batch queued on the device."""
 
     def launch(self, batch, eager: bool = False) -> PendingVectors:
+        start = time.perf_counter()
         x = torch.ones(8)
         for _ in range(calls):
             x = x.add(1.0)
+        LAUNCH_S.append(time.perf_counter() - start)
         vectors = torch.full((len(batch), self.dim), self.dim**-0.5)
         return PendingVectors(vectors, _Done(device.queue(len(batch))))
 
@@ -109,18 +123,23 @@ def main() -> None:
     parser.add_argument("--decode-rate", type=float, default=14_000)
     parser.add_argument("--model-rate", type=float, default=10_600)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--switch-ms", default="5", help="interpreter switch intervals to run, comma-separated")
+    parser.add_argument("--variants", default="eager,graph-separate,graph-packed",
+                        help=f"comma-separated, of: {', '.join(VARIANTS)}")  # fmt: skip
     args = parser.parse_args()
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     device = SimulatedDevice(args.model_rate)
     embed_dofns.gpu_decoding = lambda cfg, preprocess: True
-    variants = {  # name: (the model's calls per batch, decoded images packed in one buffer)
-        "per-op calls (eager), separate images": (EAGER_CALLS, False),
-        "one CUDA graph, separate images": (GRAPH_CALLS, False),
-        "one CUDA graph, packed images": (GRAPH_CALLS, True),
-    }
+    variants = [VARIANTS[v] for v in args.variants.split(",")]
+    intervals = [float(ms) for ms in args.switch_ms.split(",")]
+    default_interval = sys.getswitchinterval()
     work = Path(tempfile.mkdtemp(prefix="lookalike-lock-ceiling-"))
     results: dict[str, list[float]] = {}
+    launches: dict[str, list[float]] = {}  # the model's launch, ms per batch, each run
     try:
         files = sorted(str(p) for p in _make_images(work / "jpegs", args.images, 640))
         ckpt = _checkpoint(work / "ckpt", dict(SHAPES["smoke"], image_size=SIZE, patch_size=SIZE))
@@ -130,21 +149,51 @@ def main() -> None:
         print(f"machine: {machine()}; {len(files):,} JPEGs; batch {args.batch_size}; decoder {args.decode_rate:,.0f}"
               f" images/s, model {args.model_rate:,.0f} images/s (ideal: {min(args.decode_rate, args.model_rate):,.0f})")  # fmt: skip
         for _ in range(args.rounds):
-            for name, (calls, packed) in variants.items():
-                ImageEncoder.launch = calling_launch(calls, device)  # on the class: Beam keeps its encoder
-                gpu_images.DECODERS["nvjpeg"] = timed_decoder(args.decode_rate, packed)
-                rate, _ = direct(files, ckpt, work / "d", args.batch_size, "processes")
-                results.setdefault(f"standalone loop, {name}", []).append(rate)
-                n, whole, _ = beam(str(work / "jpegs" / "*" / "*.jpg"), ckpt, work / "e", args.batch_size)
-                n_small, fixed, _ = beam(str(work / "small" / "*.jpg"), ckpt, work / "e1", args.batch_size)
-                results.setdefault(f"Beam pipeline, whole run, {name}", []).append(n / whole)
-                results.setdefault(f"Beam pipeline, steady state, {name}", []).append((n - n_small) / (whole - fixed))
+            for ms in intervals:
+                sys.setswitchinterval(ms / 1000)
+                for name, calls, packed in variants:
+                    name = f"{name}, switch {ms:g} ms"
+                    ImageEncoder.launch = calling_launch(calls, device)  # on the class: Beam keeps its encoder
+                    gpu_images.DECODERS["nvjpeg"] = timed_decoder(args.decode_rate, packed)
+                    LAUNCH_S.clear()
+                    rate, _ = direct(files, ckpt, work / "d", args.batch_size, "processes")
+                    results.setdefault(f"standalone loop, {name}", []).append(rate)
+                    launches.setdefault(f"standalone loop, {name}", []).append(_launch_ms())
+                    n, whole, _ = beam(str(work / "jpegs" / "*" / "*.jpg"), ckpt, work / "e", args.batch_size)
+                    launches.setdefault(f"Beam pipeline, whole run, {name}", []).append(_launch_ms())
+                    n_small, fixed, _ = beam(str(work / "small" / "*.jpg"), ckpt, work / "e1", args.batch_size)
+                    results.setdefault(f"Beam pipeline, whole run, {name}", []).append(n / whole)
+                    steady = (n - n_small) / (whole - fixed)
+                    results.setdefault(f"Beam pipeline, steady state, {name}", []).append(steady)
     finally:
+        sys.setswitchinterval(default_interval)
         shutil.rmtree(work, ignore_errors=True)
     ideal = min(args.decode_rate, args.model_rate)
-    print("\n| path | images/s, each run | × ideal |\n| --- | ---: | ---: |")
+    alone = _launch_alone(calls for _, calls, _ in variants)
+    print("\nThe model's launch alone (its calls, no other thread), ms per batch: "
+          + ", ".join(f"{calls} calls {ms:.2f}" for calls, ms in alone.items()))  # fmt: skip
+    print("\n| path | images/s, each run | × ideal | the model's launch, ms per batch, each run |")
+    print("| --- | ---: | ---: | ---: |")
     for name, runs in results.items():
-        print(f"| {name} | {' / '.join(f'{r:,.0f}' for r in runs)} | {np.mean(runs) / ideal:.2f} |")
+        launch = " / ".join(f"{ms:.2f}" for ms in launches.get(name, []))
+        print(f"| {name} | {' / '.join(f'{r:,.0f}' for r in runs)} | {np.mean(runs) / ideal:.2f} | {launch} |")
+
+
+def _launch_ms() -> float:
+    """The mean launch of the run just done, ms (the warm-up batch's included: one of many)."""
+    return 1000 * float(np.mean(LAUNCH_S)) if LAUNCH_S else float("nan")
+
+
+def _launch_alone(counts, batches: int = 50) -> dict[int, float]:
+    """Each count of calls launched with no other thread: the waits are what the runs add to this."""
+    alone = {}
+    for calls in sorted(set(counts)):
+        launch, device = calling_launch(calls, SimulatedDevice(1e12)), SimpleNamespace(dim=4)
+        LAUNCH_S.clear()
+        for _ in range(batches):
+            launch(device, [None])
+        alone[calls] = 1000 * float(np.median(LAUNCH_S))
+    return alone
 
 
 if __name__ == "__main__":
