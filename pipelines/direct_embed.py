@@ -8,9 +8,7 @@ embed contract (`pipelines.records`), dead letters beside them. `benchmarks/gpu_
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from encoder.page_lock import page_locker
 from pipelines.file_reader import ProcessReader, ReadLimits, ThreadReader
 from pipelines.heap import frozen_heap
 from pipelines.records import FAILURE_SCHEMA, embedding_schema, fresh_embedding_table, shard_writer_options
+from pipelines.write_behind import WriteBehind
 
 __all__ = ["READERS", "DirectResult", "embed_files"]
 
@@ -108,22 +107,19 @@ def _reader(kind: str, limits: ReadLimits, readers: int, images: GpuImages | Non
 
 
 class _Shards:
-    """Shards of at most `rows_per_shard` rows, written in order by a thread of their own, so the loop that
-    feeds the GPU never waits on Parquet encoding; at most `pending` tables wait, and a write error is raised
-    by the next `write` or by `close`."""
+    """Shards of at most `rows_per_shard` rows, written in order behind the loop that feeds the GPU
+    (`WriteBehind`), so it never waits on Parquet encoding; at most `pending` tables wait, and a write error is
+    raised by the next `write` or by `close`."""
 
     def __init__(self, out: Path, schema: pa.Schema, rows_per_shard: int, pending: int = 4) -> None:
-        self._out, self._schema, self._rows_per_shard, self._max_pending = out, schema, rows_per_shard, pending
+        self._out, self._schema, self._rows_per_shard = out, schema, rows_per_shard
         self._paths: list[str] = []
         self._writer: pq.ParquetWriter | None = None
         self._rows = 0
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="write")  # one thread: tables stay in order
-        self._pending: collections.deque = collections.deque()
+        self._behind = WriteBehind(pending)
 
     def write(self, table: pa.Table) -> None:
-        self._pending.append(self._thread.submit(self._write, table))
-        while len(self._pending) > self._max_pending:
-            self._pending.popleft().result()
+        self._behind.submit(self._write, table)
 
     def _write(self, table: pa.Table) -> None:
         if self._writer is None or self._rows >= self._rows_per_shard:
@@ -141,10 +137,5 @@ class _Shards:
 
     def close(self) -> list[str]:
         """Wait for every write, close the last shard; the shards' paths."""
-        try:
-            while self._pending:
-                self._pending.popleft().result()
-        finally:
-            self._thread.submit(self._close_writer).result()
-            self._thread.shutdown()
+        self._behind.close(then=self._close_writer)
         return self._paths
