@@ -13,7 +13,10 @@ nothing else:
   packed in one buffer (lookalike's nvImageCodec binding; a few gathers per chunk);
   the model makes `calls` calls into torch per batch on a tiny tensor and queues the batch on a
   simulated device that finishes `--model-rate` images/s (10,600: the compiled SigLIP base alone on
-  the H200); taking the vectors waits for it without the lock, as `PendingVectors.result` does.
+  the H200); taking the vectors waits for it without the lock, as `PendingVectors.result` does; its
+  vectors are random, `--dim` wide (768: SigLIP base's), so the shards cost what real ones do to encode.
+The `compiled-packed-sink-inline` variant has Beam's shard sink encode each table in the runner's thread, as
+before `pipelines.write_behind`.
 `calls` is 321 (SigLIP base's eager forward, `model_gil.py`), 250 (compiled: a launch per kernel, each
 handing the lock over; on the H200 beside a pure-Python thread a compiled batch took ~250 switch intervals)
 or 3 (one CUDA graph: copy in, replay, copy out). For each variant and each interpreter switch interval
@@ -27,6 +30,7 @@ BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import shutil
 import sys
@@ -42,19 +46,28 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import encoder.gpu_images as gpu_images  # noqa: E402
+import pipelines.embed as embed  # noqa: E402
 import pipelines.embed_dofns as embed_dofns  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
 from benchmarks.gpu_embed import SHAPES, _checkpoint, _make_images  # noqa: E402
 from benchmarks.worker_overhead import SIZE, beam, direct  # noqa: E402
 from encoder.model import ImageEncoder, PendingVectors  # noqa: E402
 from encoder.resize import PackedImages  # noqa: E402
+from pipelines.embed import ParquetShards  # noqa: E402
 
 EAGER_CALLS, COMPILED_CALLS, GRAPH_CALLS = 321, 250, 3
-VARIANTS = {  # name on the command line: (its name in the table, the model's calls per batch, images packed)
-    "eager": ("per-op calls (eager), separate images", EAGER_CALLS, False),
-    "compiled-packed": ("per-kernel launches (compiled), packed images", COMPILED_CALLS, True),
-    "graph-separate": ("one CUDA graph, separate images", GRAPH_CALLS, False),
-    "graph-packed": ("one CUDA graph, packed images", GRAPH_CALLS, True),
+VARIANTS = {  # name on the command line: (its name in the table, the model's calls per batch, images packed,
+    # Beam's shards encoded in the runner's thread, as before `WriteBehind`)
+    "eager": ("per-op calls (eager), separate images", EAGER_CALLS, False, False),
+    "compiled-packed": ("per-kernel launches (compiled), packed images", COMPILED_CALLS, True, False),
+    "compiled-packed-sink-inline": (
+        "per-kernel launches (compiled), packed images, Beam's shards encoded in the runner's thread (before)",
+        COMPILED_CALLS,
+        True,
+        True,
+    ),
+    "graph-separate": ("one CUDA graph, separate images", GRAPH_CALLS, False, False),
+    "graph-packed": ("one CUDA graph, packed images", GRAPH_CALLS, True, False),
 }
 LAUNCH_S: list[float] = []  # each batch's launch, seconds: its calls and the lock's waits between them
 
@@ -101,6 +114,19 @@ def timed_decoder(rate: float, packed: bool):
     return factory
 
 
+@functools.cache
+def _vectors(dim: int, rows: int = 4096) -> torch.Tensor:
+    vectors = torch.randn((rows, dim), generator=torch.Generator().manual_seed(0))
+    return vectors / vectors.norm(dim=1, keepdim=True)
+
+
+class InlineShards(ParquetShards):
+    """Beam's shard sink as it was before `WriteBehind`: each table encoded in the runner's thread."""
+
+    def write_record(self, opened, table) -> None:
+        opened[1].write_table(table)
+
+
 def calling_launch(calls: int, device: SimulatedDevice):
     """`ImageEncoder.launch` as seen by the lock: `calls` calls into torch, then the batch queued on the device."""
 
@@ -110,7 +136,7 @@ def calling_launch(calls: int, device: SimulatedDevice):
         for _ in range(calls):
             x = x.add(1.0)
         LAUNCH_S.append(time.perf_counter() - start)
-        vectors = torch.full((len(batch), self.dim), self.dim**-0.5)
+        vectors = _vectors(self.dim)[: len(batch)]  # random: Parquet encodes them as it does real ones
         return PendingVectors(vectors, _Done(device.queue(len(batch))))
 
     return launch
@@ -123,6 +149,7 @@ def main() -> None:
     parser.add_argument("--decode-rate", type=float, default=14_000)
     parser.add_argument("--model-rate", type=float, default=10_600)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--dim", type=int, default=768, help="the vectors' width (SigLIP base: 768)")
     parser.add_argument("--switch-ms", default="5", help="interpreter switch intervals to run, comma-separated")
     parser.add_argument("--variants", default="eager,graph-separate,graph-packed",
                         help=f"comma-separated, of: {', '.join(VARIANTS)}")  # fmt: skip
@@ -142,7 +169,8 @@ def main() -> None:
     launches: dict[str, list[float]] = {}  # the model's launch, ms per batch, each run
     try:
         files = sorted(str(p) for p in _make_images(work / "jpegs", args.images, 640))
-        ckpt = _checkpoint(work / "ckpt", dict(SHAPES["smoke"], image_size=SIZE, patch_size=SIZE))
+        shape = dict(SHAPES["smoke"], image_size=SIZE, patch_size=SIZE, hidden_size=args.dim)
+        ckpt = _checkpoint(work / "ckpt", shape)
         (work / "small").mkdir()
         for f in files[: max(1, len(files) // 100)]:
             shutil.copy(f, work / "small")
@@ -151,7 +179,8 @@ def main() -> None:
         for _ in range(args.rounds):
             for ms in intervals:
                 sys.setswitchinterval(ms / 1000)
-                for name, calls, packed in variants:
+                for name, calls, packed, inline_sink in variants:
+                    embed.ParquetShards = InlineShards if inline_sink else ParquetShards
                     name = f"{name}, switch {ms:g} ms"
                     ImageEncoder.launch = calling_launch(calls, device)  # on the class: Beam keeps its encoder
                     gpu_images.DECODERS["nvjpeg"] = timed_decoder(args.decode_rate, packed)
@@ -166,10 +195,11 @@ def main() -> None:
                     steady = (n - n_small) / (whole - fixed)
                     results.setdefault(f"Beam pipeline, steady state, {name}", []).append(steady)
     finally:
+        embed.ParquetShards = ParquetShards
         sys.setswitchinterval(default_interval)
         shutil.rmtree(work, ignore_errors=True)
     ideal = min(args.decode_rate, args.model_rate)
-    alone = _launch_alone(calls for _, calls, _ in variants)
+    alone = _launch_alone(calls for _, calls, *_ in variants)
     print("\nThe model's launch alone (its calls, no other thread), ms per batch: "
           + ", ".join(f"{calls} calls {ms:.2f}" for calls, ms in alone.items()))  # fmt: skip
     print("\n| path | images/s, each run | × ideal | the model's launch, ms per batch, each run |")
