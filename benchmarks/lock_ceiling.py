@@ -23,7 +23,9 @@ or 3 (one CUDA graph: copy in, replay, copy out). For each variant and each inte
 (`--switch-ms`, `sys.setswitchinterval`; Python's default is 5 ms), the standalone loop (reader processes)
 and the Beam pipeline (whole run, and steady state: less a run over 1% of the files), alternated, `--rounds`
 runs each; the ideal is the slower of the two rates. Beside each rate, the model's launch: ms per batch in
-its calls, the lock's waits included (alone, on an idle interpreter, it is the calls' own cost). Results go in
+its calls, the lock's waits included (alone, on an idle interpreter, it is the calls' own cost); and the CPU
+time per image of the thread that runs the standalone loop or Beam's runner (the local runner runs bundles on
+the thread that calls it): work that no number of cores spreads. Results go in
 BENCHMARKS.md.
 """
 
@@ -167,6 +169,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lookalike-lock-ceiling-"))
     results: dict[str, list[float]] = {}
     launches: dict[str, list[float]] = {}  # the model's launch, ms per batch, each run
+    own: dict[str, list[float]] = {}  # the CPU time of the thread that runs the loop or the runner, s per image
     try:
         files = sorted(str(p) for p in _make_images(work / "jpegs", args.images, 640))
         shape = dict(SHAPES["smoke"], image_size=SIZE, patch_size=SIZE, hidden_size=args.dim)
@@ -185,15 +188,15 @@ def main() -> None:
                     ImageEncoder.launch = calling_launch(calls, device)  # on the class: Beam keeps its encoder
                     gpu_images.DECODERS["nvjpeg"] = timed_decoder(args.decode_rate, packed)
                     LAUNCH_S.clear()
-                    rate, _ = direct(files, ckpt, work / "d", args.batch_size, "processes")
-                    results.setdefault(f"standalone loop, {name}", []).append(rate)
-                    launches.setdefault(f"standalone loop, {name}", []).append(_launch_ms())
-                    n, whole, _ = beam(str(work / "jpegs" / "*" / "*.jpg"), ckpt, work / "e", args.batch_size)
-                    launches.setdefault(f"Beam pipeline, whole run, {name}", []).append(_launch_ms())
-                    n_small, fixed, _ = beam(str(work / "small" / "*.jpg"), ckpt, work / "e1", args.batch_size)
-                    results.setdefault(f"Beam pipeline, whole run, {name}", []).append(n / whole)
-                    steady = (n - n_small) / (whole - fixed)
-                    results.setdefault(f"Beam pipeline, steady state, {name}", []).append(steady)
+                    (rate, _), loop_cpu = _on_this_thread(direct, files, ckpt, work / "d", args.batch_size, "processes")
+                    _record(results, launches, own, f"standalone loop, {name}", rate, loop_cpu / len(files))
+                    (n, whole, _), whole_cpu = _on_this_thread(beam, str(work / "jpegs" / "*" / "*.jpg"), ckpt,
+                                                               work / "e", args.batch_size)  # fmt: skip
+                    _record(results, launches, own, f"Beam pipeline, whole run, {name}", n / whole, whole_cpu / n)
+                    (n_small, fixed, _), fixed_cpu = _on_this_thread(beam, str(work / "small" / "*.jpg"), ckpt,
+                                                                     work / "e1", args.batch_size)  # fmt: skip
+                    _record(results, None, own, f"Beam pipeline, steady state, {name}", (n - n_small) / (whole - fixed),
+                            (whole_cpu - fixed_cpu) / (n - n_small))  # fmt: skip
     finally:
         embed.ParquetShards = ParquetShards
         sys.setswitchinterval(default_interval)
@@ -202,11 +205,27 @@ def main() -> None:
     alone = _launch_alone(calls for _, calls, *_ in variants)
     print("\nThe model's launch alone (its calls, no other thread), ms per batch: "
           + ", ".join(f"{calls} calls {ms:.2f}" for calls, ms in alone.items()))  # fmt: skip
-    print("\n| path | images/s, each run | × ideal | the model's launch, ms per batch, each run |")
-    print("| --- | ---: | ---: | ---: |")
+    print("\n| path | images/s, each run | × ideal | the model's launch, ms per batch, each run "
+          "| the loop's or runner's thread, CPU µs per image |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: |")
     for name, runs in results.items():
         launch = " / ".join(f"{ms:.2f}" for ms in launches.get(name, []))
-        print(f"| {name} | {' / '.join(f'{r:,.0f}' for r in runs)} | {np.mean(runs) / ideal:.2f} | {launch} |")
+        cpu = " / ".join(f"{1e6 * c:.0f}" for c in own[name])
+        print(f"| {name} | {' / '.join(f'{r:,.0f}' for r in runs)} | {np.mean(runs) / ideal:.2f} | {launch} | {cpu} |")
+
+
+def _on_this_thread(fn, *args):
+    """`fn(*args)` and the CPU seconds this thread spent in it: the standalone loop's, or the local runner's (its
+    bundles run on the calling thread), the serial part of a worker whatever its cores."""
+    start = time.thread_time()
+    return fn(*args), time.thread_time() - start
+
+
+def _record(results: dict, launches: dict | None, own: dict, name: str, rate: float, cpu_per_image: float) -> None:
+    results.setdefault(name, []).append(rate)
+    own.setdefault(name, []).append(cpu_per_image)
+    if launches is not None:
+        launches.setdefault(name, []).append(_launch_ms())
 
 
 def _launch_ms() -> float:
