@@ -3,18 +3,19 @@
 # installed (a leased GPU is paid by the minute: one call, each step under its own time limit). What such a
 # machine's image lacks can travel as wheels: benchmarks/device_wheels.sh.
 #
-#   benchmarks/gpu_checks.sh OUT_DIR [STEPS]     STEPS: comma list of embed,gil,model,tests,scaled,resize,train,host,retry
+#   benchmarks/gpu_checks.sh OUT_DIR [STEPS]     STEPS: comma list of embed,gil,model,tests,scaled,resize,train,host,lock,retry
 # (default: all, in that order: the most wanted first)
 #
 # Writes OUT_DIR/{gpu.txt, gpu_embed.json, gpu_embed.log, timelines.tar, gil.log, model.log, tests.log, failures.log,
-# scaled.log, resize.log, train.log, host.log, retry.log} (each JSON the scripts write is in their logs too). A leased
+# scaled.log, resize.log, train.log, host.log, lock.log, retry.log} (each JSON the scripts write is in their logs too). A leased
 # machine hands back at most 8 files: where more were written, the small logs end up in one logs.tar.
 # Each step has its own time limit so one slow step cannot eat the others'; a step that fails is logged and the
 # next one runs. The default limits add up to 1,125 s; where one command may run 600 s at most (and a lease has
 # 15 minutes, its start included), split the steps over two calls, what is owed first:
 #   EMBED_ARGS="--paths c,d,resize-kernel,timeline,unpinned,d-again,b,a,e,e-missing,switch,so400m,large"
-#   EMBED_S=340 TESTS_S=150 RESIZE_S=20 SCALED_S=40 ... embed,tests,resize,scaled     (550 s; `large` is cut first)
-#   gil (GIL_S=120), train (TRAIN_S=200), or EMBED_ARGS="--paths mfu,stages" ... embed, on what the lease has left
+#   EMBED_S=320 TESTS_S=150 RESIZE_S=20 SCALED_S=40 LOCK_S=60 ... embed,tests,resize,scaled,lock
+#   (590 s; `large` is cut first), then host (HOST_S=90), gil (GIL_S=120), train (TRAIN_S=200), or
+#   EMBED_ARGS="--paths mfu,stages" ... embed, on what the lease has left
 # (each variant's ratio is against (c) or (d) of the same run). Run E (one H200): `embed` with --paths c,d,backends,
 # decode-sms,unpinned,damaged,all-extensions,patch-conv,gelu-separate,resize-channels,b,a,e,e-missing,so400m,large
 # ran out of its 395 s in `large`; its 34 `gpu` tests took 110 s; `gil` needs more than 60 s beside busy threads.
@@ -22,7 +23,7 @@
 # timeline,profile; `train` needs 200 s (its compiles); mfu's autotuning compiles take minutes.
 set -u
 out=${1:?usage: gpu_checks.sh OUT_DIR [STEPS]}
-steps=${2:-embed,gil,model,tests,scaled,resize,train,host,retry}
+steps=${2:-embed,gil,model,tests,scaled,resize,train,host,lock,retry}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -57,6 +58,10 @@ case ",$steps," in *,train,*)
 esac
 case ",$steps," in *,host,*)  # the host's own per-image ceiling (CPU only, decode and model stood in)
   timeout "${HOST_S:-120}" python3 benchmarks/worker_overhead.py --images 10000 2>&1 | tail -12 | tee "$out/host.log";;
+esac
+case ",$steps," in *,lock,*)  # the serial part on this host: the runner's thread's CPU per image, and the switch interval
+  timeout "${LOCK_S:-90}" python3 benchmarks/lock_ceiling.py --images 10000 --rounds 1 --switch-ms 5,0.5 \
+    --variants compiled-packed,compiled-packed-sink-inline 2>&1 | tail -16 | tee "$out/lock.log";;
 esac
 case ",$steps," in *,retry,*)  # a failed batch's retry: in halves against image by image padded, SigLIP base compiled;
   # then 32 batches with the GPU's memory taken down to 90% of a batch's, each tried whole first against the backoff

@@ -154,12 +154,17 @@ def test_worker_overhead_benchmark_runs():
 
 @pytest.mark.slow
 def test_lock_ceiling_benchmark_runs():
-    out = _run("benchmarks/lock_ceiling.py", "--images", "300", "--batch-size", "32", "--rounds", "1")
+    out = _run("benchmarks/lock_ceiling.py", "--images", "300", "--batch-size", "32", "--rounds", "1",
+               "--switch-ms", "5,0.5", "--variants", "eager,graph-packed,compiled-packed-sink-inline")  # fmt: skip
     for path in (
-        "standalone loop, per-op calls (eager), separate images",
-        "Beam pipeline, steady state, one CUDA graph, packed images",
+        "standalone loop, per-op calls (eager), separate images, switch 5 ms",
+        "Beam pipeline, steady state, one CUDA graph, packed images, switch 0.5 ms",
+        "Beam pipeline, whole run, per-kernel launches (compiled), packed images, Beam's shards encoded in the "
+        "runner's thread (before), switch 5 ms",
     ):
-        assert f"| {path} |" in out, path
+        row = next(line for line in out.splitlines() if line.startswith(f"| {path} |"))
+        rate, cpu = row.split(" | ")[1], row.rstrip(" |").rsplit(" | ", 1)[1]
+        assert float(rate.replace(",", "")) > 0 and float(cpu) > 0, row  # a rate and the runner thread's CPU time
 
 
 @pytest.mark.slow
