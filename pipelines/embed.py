@@ -295,9 +295,9 @@ def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, pr
     prepared = chunks | "Fetch and decode images" >> beam.ParDo(
         FetchAndDecode(cfg, preprocess, total_items, reembed, in_memory, watches), known_side
     ).with_output_types(list[PreparedImage]).with_outputs("failed", "reuse", "reused", main="decoded")
-    encoded = prepared.decoded | "Embed images" >> beam.ParDo(EmbedBatch(cfg, Shared(), watches)).with_outputs(
-        "failed", main="tables"
-    )
+    encoded = prepared.decoded | "Embed images" >> beam.ParDo(EmbedBatch(cfg, Shared(), watches)).with_output_types(
+        pa.Table
+    ).with_outputs("failed", main="tables")
     tables, failure_sets = [encoded.tables], [prepared.failed, encoded.failed]
     if previous is not None:
         joined = (
@@ -315,17 +315,18 @@ def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, pr
             joined.rows
             | "Count reused" >> beam.Map(_count("reused"))
             | "Group rows" >> beam.BatchElements(min_batch_size=256, max_batch_size=16384)
-            | "Rows to Arrow" >> beam.Map(rows_to_table, dim)
+            | "Rows to Arrow" >> beam.Map(rows_to_table, dim).with_output_types(pa.Table)
         )
         failure_sets.append(joined.failed)
     if in_memory is not None:
         tables.append(prepared.reused)
     (
         tables
-        | "All tables" >> beam.Flatten()
+        # Typed, so Beam codes them and samples their sizes with `ArrowTableCoder`, not pickle.
+        | "All tables" >> beam.Flatten().with_output_types(pa.Table)
         # Tables of a batch or a fetch chunk each: merged so shards keep row groups of thousands of rows.
         | "Group tables" >> beam.BatchElements(min_batch_size=4096, max_batch_size=16384, element_size_fn=_rows)
-        | "Merge tables" >> beam.Map(pa.concat_tables)
+        | "Merge tables" >> beam.Map(pa.concat_tables).with_output_types(pa.Table)
         | "Write embedding shards" >> beam.io.Write(ParquetShards(storage.join(run_dir, "part"), embedding_schema(dim)))
     )
     (

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 import torch
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
 __all__ = [
     "NAMESPACE",
     "PRELOADED",
+    "ArrowTableCoder",
     "EmbedBatch",
     "FetchAndDecode",
     "InMemoryReuse",
@@ -122,6 +124,37 @@ class ItemChunkCoder(beam.coders.Coder):
 
 
 beam.coders.registry.register_coder(ItemChunk, ItemChunkCoder)
+
+
+class ArrowTableCoder(beam.coders.Coder):
+    """An Arrow table as an Arrow IPC stream, with a size estimate from its buffers.
+
+    Tables of vectors go from the embed step to the shard sink: one per batch, then merged up to
+    16,384 rows (~50 MB for 768 floats). With the default coder Beam's size sampling pickled the
+    first ten of each and a few after, in the runner's thread that feeds the GPU: ~10 µs per image.
+    """
+
+    def encode(self, value: pa.Table) -> bytes:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, value.schema) as writer:
+            writer.write_table(value)
+        return sink.getvalue().to_pybytes()
+
+    def decode(self, encoded: bytes) -> pa.Table:
+        return pa.ipc.open_stream(encoded).read_all()
+
+    def estimate_size(self, value: pa.Table) -> int:
+        # Whole buffers, each once (a slice counts its parent's): 0.2 µs; `nbytes`, exact, took 0.5 ms on a merged table.
+        return 256 + value.get_total_buffer_size()
+
+    def is_deterministic(self) -> bool:
+        return False
+
+    def to_type_hint(self):
+        return pa.Table
+
+
+beam.coders.registry.register_coder(pa.Table, ArrowTableCoder)
 
 
 class FetchAndDecode(beam.DoFn):

@@ -344,6 +344,45 @@ def test_item_chunks_cross_beam_as_two_columns():
     assert coder.decode(coder.encode(chunk)) == chunk
 
 
+def test_tables_of_vectors_cross_beam_as_arrow_streams_sized_without_encoding(tmp_path):
+    """Beam samples every PCollection's element sizes; tables of vectors were pickled whole for it, in the thread
+    that feeds the GPU. Every table on the way to the shards is typed and coded by `ArrowTableCoder`."""
+    from apache_beam.pipeline import PipelineVisitor
+
+    from pipelines.embed import _pipeline_options, build_pipeline
+    from pipelines.embed_dofns import ArrowTableCoder
+    from pipelines.records import fresh_embedding_table
+
+    vectors = np.random.default_rng(0).random((300, 768), dtype=np.float32)
+    table = fresh_embedding_table([f"i{k}" for k in range(300)], vectors, [f"{k:064x}" for k in range(300)], "m")
+    coder = beam.coders.registry.get_coder(pa.Table)
+    assert isinstance(coder, ArrowTableCoder)
+    assert coder.decode(coder.encode(table)).equals(table)
+    assert table.nbytes <= coder.estimate_size(table) <= table.nbytes + 4096
+    merged = pa.concat_tables([table, table.slice(10, 50)])
+    assert coder.decode(coder.encode(merged)).equals(merged)
+
+    pq.write_table(pa.table({"item_id": ["a"], "image_uri": [str(tmp_path / "a.jpg")]}), tmp_path / "m.parquet")
+    cfg = EmbedConfig(catalog=str(tmp_path / "m.parquet"), model="unused", out=str(tmp_path / "out"))
+    pipeline = beam.Pipeline(options=_pipeline_options(cfg, []))
+    build_pipeline(pipeline, cfg, model_version="m", preprocess=PreprocessConfig(64, 64), dim=768, total_items=1,
+                   previous_shards=[str(tmp_path / "previous.parquet")], run_dir=str(tmp_path / "e"),
+                   failures_dir=str(tmp_path / "f"))  # fmt: skip
+    typed = {}
+
+    class Tables(PipelineVisitor):
+        def visit_value(self, value, producer_node):
+            label = producer_node.full_label.split("/")[0]
+            if label in ("Embed images", "Rows to Arrow", "All tables", "Merge tables") and value.tag in (
+                None,
+                "tables",
+            ):
+                typed[label] = value.element_type
+
+    pipeline.visit(Tables())
+    assert typed == dict.fromkeys(("Embed images", "Rows to Arrow", "All tables", "Merge tables"), pa.Table), typed
+
+
 def test_a_fetch_element_holds_at_least_one_batch():
     from pipelines.embed import fetch_chunk_size
 
