@@ -12,7 +12,7 @@
 # Each step has its own time limit so one slow step cannot eat the others'; a step that fails is logged and the
 # next one runs. The default limits add up to 1,125 s; where one command may run 600 s at most (and a lease has
 # 15 minutes, its start included), split the steps over two calls, what is owed first:
-#   EMBED_ARGS="--paths c,d,resize-kernel,timeline,unpinned,d-again,b,a,e,e-missing,switch,so400m,large"
+#   EMBED_ARGS="--paths c,d,resize-kernel,timeline,unpinned,d-again,b,a,e,e-before,e-missing,switch,so400m,large"
 #   EMBED_S=320 TESTS_S=150 RESIZE_S=20 SCALED_S=40 LOCK_S=60 ... embed,tests,resize,scaled,lock
 #   (590 s; `large` is cut first), then host (HOST_S=90), gil (GIL_S=120), train (TRAIN_S=200), or
 #   EMBED_ARGS="--paths mfu,stages" ... embed, on what the lease has left
@@ -61,7 +61,7 @@ case ",$steps," in *,host,*)  # the host's own per-image ceiling (CPU only, deco
 esac
 case ",$steps," in *,lock,*)  # the serial part on this host: the runner's thread's CPU per image, and the switch interval
   timeout "${LOCK_S:-90}" python3 benchmarks/lock_ceiling.py --images 10000 --rounds 1 --switch-ms 5,0.5 \
-    --variants compiled-packed,compiled-packed-sink-inline 2>&1 | tail -16 | tee "$out/lock.log";;
+    --variants compiled-packed,compiled-packed-before 2>&1 | tail -16 | tee "$out/lock.log";;
 esac
 case ",$steps," in *,retry,*)  # a failed batch's retry: in halves against image by image padded, SigLIP base compiled;
   # then 32 batches with the GPU's memory taken down to 90% of a batch's, each tried whole first against the backoff

@@ -43,7 +43,9 @@ costs the model; `decode-sms` reruns (c) and (d) with the model kept off 8, 16 a
 context, `--decode-sms`), so the decoders' and the resize's kernels need not wait for its GEMMs, and (d) with 16
 once more under the profiler;
 `e-missing` reruns (e) on a manifest with one item in 101 whose image is missing (dead letters in the fetch step, so
-most images wait in the embed step for a full batch, copied off the ring);
+most images wait in the embed step for a full batch, copied off the ring); `e-before` reruns (e) with its tables
+of vectors encoded into shards in the runner's thread and pickled for Beam's size sampling, as before
+`pipelines.write_behind` and `ArrowTableCoder` (`benchmarks/beam_before.py`);
 `all-extensions` makes nvImageCodec's decoder with every extension the library ships, as before it loaded the
 JPEG decoders only (the time to make it, then (d) clean and with damaged files). `profile` reruns (d) and (e)
 sampling every thread's stack (where the time goes on a host without py-spy); `graph` reruns (c), (d) and (e) with the
@@ -706,7 +708,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--timeline-images", type=int, default=4096)
     parser.add_argument("--large-images", type=int, default=512, help="the `large` path's 12-MP photos")
-    parser.add_argument("--paths", default="c,d,backends,decode-sms,unpinned,damaged,all-extensions,d-again,b,a,e,e-missing,timeline,"
+    parser.add_argument("--paths", default="c,d,backends,decode-sms,unpinned,damaged,all-extensions,d-again,b,a,e,e-before,e-missing,timeline,"
                         "streams,decode-threads,prealloc,nomodel,freezing,"
                         "patch-conv,gelu-separate,resize-channels,resize-kernel,pixels,so400m,profile,graph,mfu,stages,switch,e2,large",
                         help="which paths, in order")  # fmt: skip
@@ -930,6 +932,13 @@ def main() -> None:
                 for decoder in ["nvjpeg", "nvimgcodec"] if "nvimgcodec" in decoders else ["nvjpeg"]:
                     run.path(f"(e) Beam embed pipeline, local runner, {decoder}", beam, work / "jpegs", ckpt,
                              device, work / "e", batch, compile_, len(files), False, decoder)  # fmt: skip
+            elif path == "e-before":  # (e) with its tables of vectors as before (benchmarks.beam_before)
+                from benchmarks.beam_before import tables_as_before
+
+                with tables_as_before():
+                    run.path(f"(e) Beam, tables encoded in the runner's thread and pickled to be sized (before), "
+                             f"{auto_decoder}", beam, work / "jpegs", ckpt, device, work / "e", batch, compile_,
+                             len(files), False, auto_decoder)  # fmt: skip
             elif path == "e-missing":  # (e) with a few images missing: most images wait, copied off the ring
                 every = 16 if smoke else 100
                 run.path(f"(e) Beam, one item in {every + 1} with its image missing, {auto_decoder}", beam,

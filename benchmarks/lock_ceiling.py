@@ -15,8 +15,9 @@ nothing else:
   simulated device that finishes `--model-rate` images/s (10,600: the compiled SigLIP base alone on
   the H200); taking the vectors waits for it without the lock, as `PendingVectors.result` does; its
   vectors are random, `--dim` wide (768: SigLIP base's), so the shards cost what real ones do to encode.
-The `compiled-packed-sink-inline` variant has Beam's shard sink encode each table in the runner's thread, as
-before `pipelines.write_behind`.
+The `compiled-packed-before` variant has Beam's tables of vectors go as before two changes
+(`benchmarks/beam_before.py`): each encoded into its shard in the runner's thread, and pickled for Beam's size
+sampling.
 `calls` is 321 (SigLIP base's eager forward, `model_gil.py`), 250 (compiled: a launch per kernel, each
 handing the lock over; on the H200 beside a pure-Python thread a compiled batch took ~250 switch intervals)
 or 3 (one CUDA graph: copy in, replay, copy out). For each variant and each interpreter switch interval
@@ -32,6 +33,7 @@ BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import shutil
@@ -48,22 +50,22 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import encoder.gpu_images as gpu_images  # noqa: E402
-import pipelines.embed as embed  # noqa: E402
 import pipelines.embed_dofns as embed_dofns  # noqa: E402
+from benchmarks.beam_before import tables_as_before  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
 from benchmarks.gpu_embed import SHAPES, _checkpoint, _make_images  # noqa: E402
 from benchmarks.worker_overhead import SIZE, beam, direct  # noqa: E402
 from encoder.model import ImageEncoder, PendingVectors  # noqa: E402
 from encoder.resize import PackedImages  # noqa: E402
-from pipelines.embed import ParquetShards  # noqa: E402
 
 EAGER_CALLS, COMPILED_CALLS, GRAPH_CALLS = 321, 250, 3
 VARIANTS = {  # name on the command line: (its name in the table, the model's calls per batch, images packed,
-    # Beam's shards encoded in the runner's thread, as before `WriteBehind`)
+    # Beam's tables as before `WriteBehind` and `ArrowTableCoder`)
     "eager": ("per-op calls (eager), separate images", EAGER_CALLS, False, False),
     "compiled-packed": ("per-kernel launches (compiled), packed images", COMPILED_CALLS, True, False),
-    "compiled-packed-sink-inline": (
-        "per-kernel launches (compiled), packed images, Beam's shards encoded in the runner's thread (before)",
+    "compiled-packed-before": (
+        "per-kernel launches (compiled), packed images, Beam's tables as before (encoded in the runner's thread, "
+        "pickled to be sized)",
         COMPILED_CALLS,
         True,
         True,
@@ -122,13 +124,6 @@ def _vectors(dim: int, rows: int = 4096) -> torch.Tensor:
     return vectors / vectors.norm(dim=1, keepdim=True)
 
 
-class InlineShards(ParquetShards):
-    """Beam's shard sink as it was before `WriteBehind`: each table encoded in the runner's thread."""
-
-    def write_record(self, opened, table) -> None:
-        opened[1].write_table(table)
-
-
 def calling_launch(calls: int, device: SimulatedDevice):
     """`ImageEncoder.launch` as seen by the lock: `calls` calls into torch, then the batch queued on the device."""
 
@@ -182,23 +177,22 @@ def main() -> None:
         for _ in range(args.rounds):
             for ms in intervals:
                 sys.setswitchinterval(ms / 1000)
-                for name, calls, packed, inline_sink in variants:
-                    embed.ParquetShards = InlineShards if inline_sink else ParquetShards
+                for name, calls, packed, before in variants:
                     name = f"{name}, switch {ms:g} ms"
                     ImageEncoder.launch = calling_launch(calls, device)  # on the class: Beam keeps its encoder
                     gpu_images.DECODERS["nvjpeg"] = timed_decoder(args.decode_rate, packed)
                     LAUNCH_S.clear()
                     (rate, _), loop_cpu = _on_this_thread(direct, files, ckpt, work / "d", args.batch_size, "processes")
                     _record(results, launches, own, f"standalone loop, {name}", rate, loop_cpu / len(files))
-                    (n, whole, _), whole_cpu = _on_this_thread(beam, str(work / "jpegs" / "*" / "*.jpg"), ckpt,
-                                                               work / "e", args.batch_size)  # fmt: skip
-                    _record(results, launches, own, f"Beam pipeline, whole run, {name}", n / whole, whole_cpu / n)
-                    (n_small, fixed, _), fixed_cpu = _on_this_thread(beam, str(work / "small" / "*.jpg"), ckpt,
-                                                                     work / "e1", args.batch_size)  # fmt: skip
+                    with tables_as_before() if before else contextlib.nullcontext():
+                        (n, whole, _), whole_cpu = _on_this_thread(beam, str(work / "jpegs" / "*" / "*.jpg"), ckpt,
+                                                                   work / "e", args.batch_size)  # fmt: skip
+                        _record(results, launches, own, f"Beam pipeline, whole run, {name}", n / whole, whole_cpu / n)
+                        (n_small, fixed, _), fixed_cpu = _on_this_thread(beam, str(work / "small" / "*.jpg"), ckpt,
+                                                                         work / "e1", args.batch_size)  # fmt: skip
                     _record(results, None, own, f"Beam pipeline, steady state, {name}", (n - n_small) / (whole - fixed),
                             (whole_cpu - fixed_cpu) / (n - n_small))  # fmt: skip
     finally:
-        embed.ParquetShards = ParquetShards
         sys.setswitchinterval(default_interval)
         shutil.rmtree(work, ignore_errors=True)
     ideal = min(args.decode_rate, args.model_rate)

@@ -155,16 +155,17 @@ def test_worker_overhead_benchmark_runs():
 @pytest.mark.slow
 def test_lock_ceiling_benchmark_runs():
     out = _run("benchmarks/lock_ceiling.py", "--images", "300", "--batch-size", "32", "--rounds", "1",
-               "--switch-ms", "5,0.5", "--variants", "eager,graph-packed,compiled-packed-sink-inline")  # fmt: skip
+               "--switch-ms", "5,0.5", "--variants", "eager,graph-packed,compiled-packed-before")  # fmt: skip
     for path in (
         "standalone loop, per-op calls (eager), separate images, switch 5 ms",
         "Beam pipeline, steady state, one CUDA graph, packed images, switch 0.5 ms",
-        "Beam pipeline, whole run, per-kernel launches (compiled), packed images, Beam's shards encoded in the "
-        "runner's thread (before), switch 5 ms",
+        "Beam pipeline, whole run, per-kernel launches (compiled), packed images, Beam's tables as before (encoded "
+        "in the runner's thread, pickled to be sized), switch 5 ms",
     ):
         row = next(line for line in out.splitlines() if line.startswith(f"| {path} |"))
-        rate, cpu = row.split(" | ")[1], row.rstrip(" |").rsplit(" | ", 1)[1]
-        assert float(rate.replace(",", "")) > 0 and float(cpu) > 0, row  # a rate and the runner thread's CPU time
+        rate, cpu = row.split(" | ")[1], float(row.rstrip(" |").rsplit(" | ", 1)[1])  # the loop's or runner's CPU
+        # (a steady state's is a difference of two runs: on 300 images it may come out below 0)
+        assert float(rate.replace(",", "")) > 0 and (cpu > 0 or "steady state" in path), row
 
 
 @pytest.mark.slow
