@@ -16,8 +16,9 @@ from typing import Any
 
 class WriteBehind:
     """Calls run in the order given, on one thread of their own; at most `pending` are queued or running, so
-    `submit` blocks when the writes fall behind (what waits holds memory: a table each). An error is raised by the next `submit`,
-    `drain` or `close`, and later calls are not run: the writes after a failed one would leave a shard with a gap.
+    `submit` blocks when the writes fall behind (what waits holds memory: a table each). An error is raised by
+    the next `submit`, `drain` or `close`, and later calls are not run: the writes after a failed one would
+    leave a shard with a gap.
     """
 
     def __init__(self, pending: int = 4, name: str = "write") -> None:
