@@ -26,8 +26,7 @@ and the Beam pipeline (whole run, and steady state: less a run over 1% of the fi
 runs each; the ideal is the slower of the two rates. Beside each rate, the model's launch: ms per batch in
 its calls, the lock's waits included (alone, on an idle interpreter, it is the calls' own cost); and the CPU
 time per image of the thread that runs the standalone loop or Beam's runner (the local runner runs bundles on
-the thread that calls it): work that no number of cores spreads. Results go in
-BENCHMARKS.md.
+the thread that calls it): work that no number of cores spreads. Results go in BENCHMARKS.md.
 """
 
 from __future__ import annotations
