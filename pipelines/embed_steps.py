@@ -7,13 +7,14 @@ for a bad item.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import logging
 import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -38,7 +39,7 @@ from pipelines.records import (
 
 if TYPE_CHECKING:
     from encoder.gpu_stream import StreamBatch
-    from pipelines.file_reader import ProcessReader
+    from pipelines.file_reader import PendingRead, ProcessReader
 
 __all__ = [
     "Fetched",
@@ -154,7 +155,8 @@ class Prepared(NamedTuple):
 def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: PreprocessConfig, limits: DecodeLimits,
                   known: KnownDigests | None = None, reembed: frozenset[str] = frozenset(), *, threads: int = 16,
                   max_decode_s: float = 30.0, defer_decode: bool = False,
-                  reader: ProcessReader | None = None, hedge: bool = True) -> Prepared:  # fmt: skip
+                  reader: ProcessReader | None = None, hedge: bool = True,
+                  read: PendingRead | None = None) -> Prepared:  # fmt: skip
     """Fetch and hash every item; decode only those whose bytes have no vector in `known`.
 
     With `defer_decode` (a GPU worker), nothing is decoded here: the bytes go on
@@ -168,19 +170,21 @@ def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: Prep
     network and go to this process's threads for them, stragglers hedged with `hedge`
     (`file_reader.object_reads`; on a GPU worker, gs:// reads go to the reader's processes:
     the Python of each read would hold this process's interpreter lock from the GPU
-    threads). Decodes go to `pool` (Pillow releases the GIL while
+    threads; `read`: those reads, started earlier by `start_reads`). Decodes go to `pool` (Pillow releases the GIL while
     decoding); an image not decoded within `max_decode_s` (per image, `threads` at a time)
     is dead-lettered and its thread left to finish on its own
     (`encoder.gpu_images.collect_decodes`).
     """
-    by_reader = [i for i in items if reads_in_readers(i.image_uri)] if defer_decode and reader is not None else []
+    by_reader = _by_reader(items) if defer_decode and reader is not None else []
     rest = [i for i in items if not reads_in_readers(i.image_uri)] if by_reader else items
     local = [i for i in rest if "://" not in i.image_uri]
     remote = [i for i in rest if "://" in i.image_uri]  # network-bound: read together, stragglers hedged
     routes: list[str | None] = []
     fetched: list = []
     if by_reader:
-        for batch in reader.read([i.image_uri for i in by_reader], len(by_reader), keys=by_reader):
+        batches = [read.result()] if read is not None else reader.read([i.image_uri for i in by_reader],
+                                                                         len(by_reader), keys=by_reader)  # fmt: skip
+        for batch in batches:
             fetched += [Failure(i.item_id, i.image_uri, stage, reason) for i, stage, reason in batch.failed]
             fetched += [Fetched(i, data, digest) for (i, digest), data in zip(batch.keys, batch.datas, strict=True)]
             routes += [reason or "" for reason in batch.reasons]
@@ -216,20 +220,33 @@ def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: Prep
     return Prepared(decoded, reuse, failed)
 
 
-READ_AHEAD = 2  # chunks of object-store reads under way past the one whose result is taken
+def _by_reader(items: Sequence[CatalogItem]) -> list[CatalogItem]:
+    return [i for i in items if reads_in_readers(i.image_uri)]
+
+
+def start_reads(items: Sequence[CatalogItem], reader: ProcessReader) -> PendingRead:
+    """The reads `prepare_items(items, ..., defer_decode=True, reader=reader)` would make, started now in the
+    reader's processes; hand them to it as `read`."""
+    by_reader = _by_reader(items)
+    return reader.start([i.image_uri for i in by_reader], keys=by_reader)
+
+
+READ_AHEAD = 2  # chunks of reads under way past the one whose result is taken
 
 
 class PrepareAhead:
-    """`prepare_items` for chunks that wait on the network on threads of its own, up to `depth` chunks past the one
-    whose result is taken; chunks of local files are prepared in the caller's thread, as they come.
+    """`prepare_items` for chunks read ahead, up to `depth` chunks past the one whose result is taken: chunks the
+    reader processes take (a GPU worker's local files and gs:// objects) have their reads sent to them at once
+    and are finished in the caller's thread when due; other chunks that wait on the network are prepared on
+    threads of their own; other chunks of local files in the caller's thread, as they come.
 
-    The embed step reads a chunk whole before it hands it on, so each chunk of object-store reads waited for
-    the slowest read of the one before to land (a chunk of 256 from `gs://`: one long tail per chunk, and
-    nothing out meanwhile). With the next chunks' reads out while this one is handed on, the readers always
-    have work, and a chunk held up by its slowest read holds up no other's reads (BENCHMARKS.md, "Reads out to
-    gs:// at once": one chunk ahead 1.4-1.6x; two, 1.2-1.6x more). Local files take microseconds to read, and
-    there reading ahead lost on a 16-core GPU host (0.76-0.84x: the threads contend for the interpreter lock),
-    so they are not. `submit` returns what is done and due, in order; `drain` the rest.
+    The embed step reads a chunk whole before it hands it on, so each chunk waited for the slowest read of the
+    one before to land: for a chunk of 256 from `gs://`, one long tail per chunk and nothing out meanwhile
+    (BENCHMARKS.md, "Reads out to gs:// at once": one chunk ahead 1.4-1.6x; two, 1.2-1.6x more); for local
+    files, the runner's thread waited on every chunk's reads while it could have been handing the one before
+    on. Reading local files ahead on a thread lost on a 16-core GPU host (0.76-0.84x: the threads contend for
+    the interpreter lock); reads sent to the reader processes need no thread here. `submit` returns what is done
+    and due, in order; `drain` the rest.
     """
 
     def __init__(self, depth: int = READ_AHEAD) -> None:
@@ -237,15 +254,20 @@ class PrepareAhead:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.depth = depth
         self._pool = ThreadPoolExecutor(depth + 1, thread_name_prefix="prepare")
-        self._pending: collections.deque[Future] = collections.deque()
+        self._pending: collections.deque[Future | _Started] = collections.deque()
 
     def submit(self, items: Sequence[CatalogItem], *args, **kwargs) -> list[Prepared]:
-        """`prepare_items(items, *args, **kwargs)`, now or (items on an object store) started in the background;
-        the results now due, in order (a chunk's error, raised here, if one failed)."""
-        if not any("://" in item.image_uri for item in items):
+        """`prepare_items(items, *args, **kwargs)`, now or started in the background; the results now due, in
+        order (a chunk's error, raised here, if one failed)."""
+        reader = kwargs.get("reader") if kwargs.get("defer_decode") else None
+        if reader is not None and items and len(_by_reader(items)) == len(items):
+            read = start_reads(items, reader)
+            self._pending.append(_Started(functools.partial(prepare_items, items, *args, read=read, **kwargs), read))
+        elif not any("://" in item.image_uri for item in items):
             due = list(self.drain())
             return [*due, prepare_items(items, *args, **kwargs)]
-        self._pending.append(self._pool.submit(prepare_items, items, *args, **kwargs))
+        else:
+            self._pending.append(self._pool.submit(prepare_items, items, *args, **kwargs))
         return [self._pending.popleft().result() for _ in range(len(self._pending) - self.depth)]
 
     def drain(self) -> Iterator[Prepared]:
@@ -254,11 +276,27 @@ class PrepareAhead:
             yield self._pending.popleft().result()
 
     def forget(self) -> None:
-        """Drop what is under way (a failed bundle's chunks, which the runner sends again)."""
-        self._pending.clear()
+        """Drop what is under way (a failed bundle's chunks, which the runner sends again): reads sent to the
+        reader processes land and their ring slots are freed."""
+        while self._pending:
+            self._pending.popleft().cancel()
 
     def close(self) -> None:
+        self.forget()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Started(NamedTuple):
+    """A chunk whose reads are under way in the reader processes: `result()` finishes it in the caller's thread."""
+
+    prepare: Callable[[], Prepared]
+    read: PendingRead
+
+    def result(self) -> Prepared:
+        return self.prepare()
+
+    def cancel(self) -> None:
+        self.read.cancel()
 
 
 def stream_outputs(done: StreamBatch, model_version: str) -> tuple[pa.Table, list[Failure]]:

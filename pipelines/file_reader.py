@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHUNKS_PER_PROCESS",
+    "PendingRead",
     "ProcessReader",
     "ReadBatch",
     "ReadLimits",
@@ -354,43 +355,24 @@ class ProcessReader:
              ) -> Iterator[ReadBatch]:  # fmt: skip
         """`ReadBatch`es of `batch_size` files, in order; `keys` (default: the paths) name them in the batches.
         Several threads may read at once (a runner's threads, each its own chunk of a catalog)."""
-        if -(-batch_size // self.chunk) > self.slots:
-            raise ValueError(f"a batch of {batch_size} needs {-(-batch_size // self.chunk)} slots; the ring has "
-                             f"{self.slots}")  # fmt: skip
+        sends = _Sends(self, paths, batch_size)
         keys = paths if keys is None else keys
-        tasks = _chunks(len(paths), batch_size, self.chunk)
-        submitted: collections.deque = collections.deque()  # (task id, batch index, slot, start, stop), in order
-        waiting = next(tasks, None)  # the next chunk to send; None: all sent
-        patient = True  # until a chunk of the batch next due has waited `SLOT_WAIT_S` for a slot
         try:
             while True:
-                # Send while slots are free. A chunk of the batch next due (or any, with nothing in flight) waits
-                # a little for a slot and then travels without one: its bytes come back in the reply (one copy
-                # more). Slots held by batches that only this read's caller would let go, or by other threads'
-                # reads, must not stop it for good.
-                while waiting is not None:
-                    index, start, stop = waiting
-                    due = not submitted or index == submitted[0][1]
-                    slot = self._take_slot(SLOT_WAIT_S if due and patient else 0.0)
-                    if slot is None and not due:
-                        break
-                    patient = patient and slot is not None
-                    submitted.append((self._send(slot, paths[start:stop]), index, slot, start, stop))
-                    waiting = next(tasks, None)
-                if not submitted:
+                sends.send()
+                if not sends.submitted:
                     return
-                head = [task for task in submitted if task[1] == submitted[0][1]]
-                results = self._collect({task[0] for task in head})
-                for _ in head:
-                    submitted.popleft()
-                # Built in the yield itself: a local would keep the batch's slots while this waits.
-                yield self._batch(head, results, keys)
+                yield sends.take(keys)  # built in the yield itself: a local would keep its slots while this waits
         finally:  # the consumer stopped early: let the chunks in flight land before their slots are reused
-            if submitted and not self._closed.is_set():
-                self._collect({task[0] for task in submitted})
-                for task in submitted:
-                    if task[2] is not None:
-                        self._free.put(task[2])
+            sends.abandon()
+
+    def start(self, paths: Sequence[str], keys: Sequence[Hashable] | None = None) -> PendingRead:
+        """Send `paths` to the reader processes as one batch and return at once: their chunks are read while the
+        caller does other work, and `PendingRead.result()` waits for them. Chunks go now while ring slots are free
+        (without waiting for one), the rest when the result is taken, as `read` sends them."""
+        sends = _Sends(self, paths, max(1, len(paths)))
+        sends.send(ahead=True)
+        return PendingRead(sends, paths if keys is None else keys)
 
     def _batch(self, tasks: list[tuple], results: dict[int, list[Record]], keys: Sequence[Hashable]) -> ReadBatch:
         batch = ReadBatch()
@@ -520,6 +502,74 @@ class ProcessReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Sends:
+    """One read's chunks, in order: those sent to the reader processes (task id, batch index, slot, start, stop) and
+    those still to send."""
+
+    def __init__(self, reader: ProcessReader, paths: Sequence[str], batch_size: int) -> None:
+        if -(-batch_size // reader.chunk) > reader.slots:
+            raise ValueError(f"a batch of {batch_size} needs {-(-batch_size // reader.chunk)} slots; the ring has "
+                             f"{reader.slots}")  # fmt: skip
+        self.reader, self.paths = reader, paths
+        self.submitted: collections.deque[tuple] = collections.deque()
+        self._tasks = _chunks(len(paths), batch_size, reader.chunk)
+        self._waiting = next(self._tasks, None)  # the next chunk to send; None: all sent
+        self._patient = True  # until a chunk of the batch next due has waited `SLOT_WAIT_S` for a slot
+
+    def send(self, ahead: bool = False) -> None:
+        """Send while slots are free. A chunk of the batch next due (or any, with nothing in flight) waits a little
+        for a slot and then travels without one: its bytes come back in the reply (one copy more). Slots held by
+        batches that only this read's caller would let go, or by other threads' reads, must not stop it for good.
+        `ahead`: no chunk is due yet; send only what free slots take now."""
+        while self._waiting is not None:
+            index, start, stop = self._waiting
+            due = not ahead and (not self.submitted or index == self.submitted[0][1])
+            slot = self.reader._take_slot(SLOT_WAIT_S if due and self._patient else 0.0)
+            if slot is None and not due:
+                break
+            self._patient = self._patient and slot is not None
+            self.submitted.append((self.reader._send(slot, self.paths[start:stop]), index, slot, start, stop))
+            self._waiting = next(self._tasks, None)
+
+    def take(self, keys: Sequence[Hashable]) -> ReadBatch:
+        """The first batch sent, once all its chunks have landed."""
+        head = [task for task in self.submitted if task[1] == self.submitted[0][1]]
+        results = self.reader._collect({task[0] for task in head})
+        for _ in head:
+            self.submitted.popleft()
+        return self.reader._batch(head, results, keys)
+
+    def abandon(self) -> None:
+        """Let the chunks in flight land, then free their slots for other reads."""
+        if self.submitted and not self.reader._closed.is_set():
+            self.reader._collect({task[0] for task in self.submitted})
+            for task in self.submitted:
+                if task[2] is not None:
+                    self.reader._free.put(task[2])
+        self.submitted.clear()
+
+
+class PendingRead:
+    """A batch of files under way in the reader processes (`ProcessReader.start`)."""
+
+    def __init__(self, sends: _Sends, keys: Sequence[Hashable]) -> None:
+        self._sends, self._keys = sends, keys
+
+    def result(self) -> ReadBatch:
+        """The batch, once every file is read (sending first what `start` found no slot for); once only."""
+        sends, self._sends = self._sends, None
+        if sends is None:
+            raise RuntimeError("this read's result was taken or cancelled")
+        sends.send()
+        return sends.take(self._keys) if sends.submitted else ReadBatch()
+
+    def cancel(self) -> None:
+        """Drop the read (a failed bundle's): its chunks land and their slots are freed."""
+        sends, self._sends = self._sends, None
+        if sends is not None:
+            sends.abandon()
 
 
 @dataclass
