@@ -1,6 +1,7 @@
-"""The Beam embed pipeline's tables of vectors as they went before two changes, for benchmarks to run beside the
-product: each shard's tables encoded in the runner's thread (before `pipelines.write_behind`), and pickled whole
-by Beam's size sampling (before `ArrowTableCoder`)."""
+"""The Beam embed pipeline as it ran before changes to its runner's thread, for benchmarks to run beside the
+product: each shard's tables encoded in the runner's thread (before `pipelines.write_behind`) and pickled whole by
+Beam's size sampling (before `ArrowTableCoder`): `tables_as_before`; each chunk of local files read while the
+runner's thread waited (before `ProcessReader.start`): `reads_as_before`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import apache_beam as beam
 import pyarrow as pa
 
 import pipelines.embed as embed
+import pipelines.embed_steps as embed_steps
 from pipelines.embed_dofns import ArrowTableCoder
 
 
@@ -32,3 +34,23 @@ def tables_as_before() -> Iterator[None]:
     finally:
         embed.ParquetShards = sink
         beam.coders.registry.register_coder(pa.Table, ArrowTableCoder)
+
+
+def _submit_as_before(self, items, *args, **kwargs):
+    """`PrepareAhead.submit` before reads went to the reader processes ahead: a chunk of local files prepared in
+    the caller's thread as it comes, its reads waited for there."""
+    if not any("://" in item.image_uri for item in items):
+        return [*self.drain(), embed_steps.prepare_items(items, *args, **kwargs)]
+    self._pending.append(self._pool.submit(embed_steps.prepare_items, items, *args, **kwargs))
+    return [self._pending.popleft().result() for _ in range(len(self._pending) - self.depth)]
+
+
+@contextlib.contextmanager
+def reads_as_before() -> Iterator[None]:
+    """Runs inside it read each chunk of local files as before; the product's way is back on exit."""
+    submit = embed_steps.PrepareAhead.submit
+    embed_steps.PrepareAhead.submit = _submit_as_before
+    try:
+        yield
+    finally:
+        embed_steps.PrepareAhead.submit = submit

@@ -45,7 +45,9 @@ once more under the profiler;
 `e-missing` reruns (e) on a manifest with one item in 101 whose image is missing (dead letters in the fetch step, so
 most images wait in the embed step for a full batch, copied off the ring); `e-before` reruns (e) with its tables
 of vectors encoded into shards in the runner's thread and pickled for Beam's size sampling, as before
-`pipelines.write_behind` and `ArrowTableCoder` (`benchmarks/beam_before.py`);
+`pipelines.write_behind` and `ArrowTableCoder` (`benchmarks/beam_before.py`), and `e-reads-before` with each chunk
+of files read while the runner's thread waits for it, as before the fetch step sent its reads to the reader
+processes ahead (`ProcessReader.start`);
 `all-extensions` makes nvImageCodec's decoder with every extension the library ships, as before it loaded the
 JPEG decoders only (the time to make it, then (d) clean and with damaged files). `profile` reruns (d) and (e)
 sampling every thread's stack (where the time goes on a host without py-spy); `graph` reruns (c), (d) and (e) with the
@@ -708,7 +710,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--timeline-images", type=int, default=4096)
     parser.add_argument("--large-images", type=int, default=512, help="the `large` path's 12-MP photos")
-    parser.add_argument("--paths", default="c,d,backends,decode-sms,unpinned,damaged,all-extensions,d-again,b,a,e,e-before,e-missing,timeline,"
+    parser.add_argument("--paths", default="c,d,backends,decode-sms,unpinned,damaged,all-extensions,d-again,b,a,e,e-before,e-reads-before,e-missing,"
+                        "timeline,"
                         "streams,decode-threads,prealloc,nomodel,freezing,"
                         "patch-conv,gelu-separate,resize-channels,resize-kernel,pixels,so400m,profile,graph,mfu,stages,switch,e2,large",
                         help="which paths, in order")  # fmt: skip
@@ -937,6 +940,13 @@ def main() -> None:
 
                 with tables_as_before():
                     run.path(f"(e) Beam, tables encoded in the runner's thread and pickled to be sized (before), "
+                             f"{auto_decoder}", beam, work / "jpegs", ckpt, device, work / "e", batch, compile_,
+                             len(files), False, auto_decoder)  # fmt: skip
+            elif path == "e-reads-before":  # (e) with each chunk's reads waited for (benchmarks.beam_before)
+                from benchmarks.beam_before import reads_as_before
+
+                with reads_as_before():
+                    run.path(f"(e) Beam, each chunk of files read while the runner's thread waits (before), "
                              f"{auto_decoder}", beam, work / "jpegs", ckpt, device, work / "e", batch, compile_,
                              len(files), False, auto_decoder)  # fmt: skip
             elif path == "e-missing":  # (e) with a few images missing: most images wait, copied off the ring

@@ -17,7 +17,8 @@ nothing else:
   vectors are random, `--dim` wide (768: SigLIP base's), so the shards cost what real ones do to encode.
 The `compiled-packed-before` variant has Beam's tables of vectors go as before two changes
 (`benchmarks/beam_before.py`): each encoded into its shard in the runner's thread, and pickled for Beam's size
-sampling.
+sampling; `compiled-packed-reads-before` has each chunk of local files read as before reads were sent to the
+reader processes ahead: the runner's thread waiting for them.
 `calls` is 321 (SigLIP base's eager forward, `model_gil.py`), 250 (compiled: a launch per kernel, each
 handing the lock over; on the H200 beside a pure-Python thread a compiled batch took ~250 switch intervals)
 or 3 (one CUDA graph: copy in, replay, copy out). For each variant and each interpreter switch interval
@@ -50,7 +51,7 @@ import torch  # noqa: E402
 
 import encoder.gpu_images as gpu_images  # noqa: E402
 import pipelines.embed_dofns as embed_dofns  # noqa: E402
-from benchmarks.beam_before import tables_as_before  # noqa: E402
+from benchmarks.beam_before import reads_as_before, tables_as_before  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
 from benchmarks.gpu_embed import SHAPES, _checkpoint, _make_images  # noqa: E402
 from benchmarks.worker_overhead import SIZE, beam, direct  # noqa: E402
@@ -59,18 +60,25 @@ from encoder.resize import PackedImages  # noqa: E402
 
 EAGER_CALLS, COMPILED_CALLS, GRAPH_CALLS = 321, 250, 3
 VARIANTS = {  # name on the command line: (its name in the table, the model's calls per batch, images packed,
-    # Beam's tables as before `WriteBehind` and `ArrowTableCoder`)
-    "eager": ("per-op calls (eager), separate images", EAGER_CALLS, False, False),
-    "compiled-packed": ("per-kernel launches (compiled), packed images", COMPILED_CALLS, True, False),
+    # what runs the variant as before a change to the Beam runner's thread: `benchmarks.beam_before`)
+    "eager": ("per-op calls (eager), separate images", EAGER_CALLS, False, None),
+    "compiled-packed": ("per-kernel launches (compiled), packed images", COMPILED_CALLS, True, None),
     "compiled-packed-before": (
         "per-kernel launches (compiled), packed images, Beam's tables as before (encoded in the runner's thread, "
         "pickled to be sized)",
         COMPILED_CALLS,
         True,
-        True,
+        tables_as_before,
     ),
-    "graph-separate": ("one CUDA graph, separate images", GRAPH_CALLS, False, False),
-    "graph-packed": ("one CUDA graph, packed images", GRAPH_CALLS, True, False),
+    "compiled-packed-reads-before": (
+        "per-kernel launches (compiled), packed images, local reads as before (each chunk's waited for by the "
+        "runner's thread)",
+        COMPILED_CALLS,
+        True,
+        reads_as_before,
+    ),
+    "graph-separate": ("one CUDA graph, separate images", GRAPH_CALLS, False, None),
+    "graph-packed": ("one CUDA graph, packed images", GRAPH_CALLS, True, None),
 }
 LAUNCH_S: list[float] = []  # each batch's launch, seconds: its calls and the lock's waits between them
 
@@ -183,7 +191,7 @@ def main() -> None:
                     LAUNCH_S.clear()
                     (rate, _), loop_cpu = _on_this_thread(direct, files, ckpt, work / "d", args.batch_size, "processes")
                     _record(results, launches, own, f"standalone loop, {name}", rate, loop_cpu / len(files))
-                    with tables_as_before() if before else contextlib.nullcontext():
+                    with before() if before else contextlib.nullcontext():
                         (n, whole, _), whole_cpu = _on_this_thread(beam, str(work / "jpegs" / "*" / "*.jpg"), ckpt,
                                                                    work / "e", args.batch_size)  # fmt: skip
                         _record(results, launches, own, f"Beam pipeline, whole run, {name}", n / whole, whole_cpu / n)

@@ -14,9 +14,9 @@ worker whatever the GPU. This measures that cap on real JPEG files (scikit-image
   process's own CPU time per image;
   the Beam pipeline on the local runner (its GPU worker's wiring, reader processes
   included): whole run, and steady state (the whole run less a run over 1% of the files,
-  which is mostly start-up), with the same CPU-time column; and the same with the fetch
-  step reading one chunk ahead, a variant defined here (`FetchAhead`) to decide on (two runs
-  of each, alternated).
+  which is mostly start-up), with the same CPU-time column; and the same with each chunk of
+  local files read while the runner's thread waits for it, as before reads were sent to the
+  reader processes ahead (`benchmarks/beam_before.py`; two runs of each, alternated).
 Every path's CPU time leaves out the reader processes': on a many-core host it is the
 embedding process's own time, under one interpreter lock, that caps the worker.
 Results go in BENCHMARKS.md.
@@ -25,6 +25,7 @@ Results go in BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import os
@@ -46,13 +47,14 @@ import torch  # noqa: E402
 import encoder.gpu_images as gpu_images  # noqa: E402
 import pipelines.embed as embed  # noqa: E402
 import pipelines.embed_dofns as embed_dofns  # noqa: E402
+from benchmarks.beam_before import reads_as_before  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
 from benchmarks.gpu_embed import SHAPES, _checkpoint, _make_images  # noqa: E402
 from encoder import DecodeLimits, EncoderConfig  # noqa: E402
 from pipelines.direct_embed import embed_files  # noqa: E402
 
 SIZE = 16
-FETCH_AHEAD = ", fetching a chunk ahead (variant)"
+READS_BEFORE = ", each chunk's reads waited for (before)"
 
 
 class ConstantModel(torch.nn.Module):
@@ -106,31 +108,6 @@ def direct(files: list[str], ckpt: Path, out: Path, batch: int, reader: str) -> 
     return result.embedded / seconds, cpu / result.embedded
 
 
-class FetchAhead(embed_dofns.FetchAndDecode):
-    """A variant measured here before it is built in: the fetch step reads each chunk on a thread of its own
-    while the runner's thread passes the chunk before it downstream, so the runner's thread no longer waits on
-    every chunk's reads (on 2 cores the readers and the runner's thread share the cores anyway; what it is
-    worth shows on a many-core host)."""
-
-    def setup(self) -> None:
-        super().setup()
-        self._ahead_thread = ThreadPoolExecutor(1, thread_name_prefix="fetch-ahead")
-
-    def start_bundle(self) -> None:
-        self._ahead = None
-
-    def process(self, chunk, known=None):
-        ahead = self._ahead_thread.submit(lambda: list(super(FetchAhead, self).process(chunk, known)))
-        if self._ahead is not None:
-            yield from self._ahead.result()
-        self._ahead = ahead
-
-    def finish_bundle(self):
-        if self._ahead is not None:
-            ahead, self._ahead = self._ahead, None
-            yield from embed_dofns.windowed(ahead.result())
-
-
 def beam(catalog: str, ckpt: Path, out: Path, batch: int) -> tuple[int, float, float]:
     """Images embedded, seconds, and this process's CPU seconds (the local runner runs in it; reader
     processes' time is theirs)."""
@@ -171,14 +148,11 @@ def main() -> None:
         (work / "small").mkdir()
         for f in files[: max(1, len(files) // 100)]:
             shutil.copy(f, work / "small")
-        as_built, variants = embed.FetchAndDecode, (("", embed.FetchAndDecode), (FETCH_AHEAD, FetchAhead))
-        for variant, fetch in variants * 2:  # alternated: two runs of each, so neither gains from going second
-            embed.FetchAndDecode = fetch
-            try:
+        variants = (("", contextlib.nullcontext), (READS_BEFORE, reads_as_before))
+        for variant, context in variants * 2:  # alternated: two runs of each, so neither gains from going second
+            with context():
                 n, whole, whole_cpu = beam(str(work / "jpegs" / "*" / "*.jpg"), ckpt, work / "e", args.batch_size)
                 n_small, fixed, fixed_cpu = beam(str(work / "small" / "*.jpg"), ckpt, work / "e1", args.batch_size)
-            finally:
-                embed.FetchAndDecode = as_built
             for name, rate, cpu_s in (
                 (f"Beam pipeline{variant}, local runner, whole run", n / whole, whole_cpu / n),
                 (f"Beam pipeline{variant}, steady state (less a {n_small}-image run)", (n - n_small) / (whole - fixed),

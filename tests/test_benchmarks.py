@@ -72,6 +72,8 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu(tmp_path):
                  "(d) timeline (under the profiler), the model kept off 16 SMs, pil",
                  "nvImageCodec's decode alone, by kind of decoder; clean, and one file in 16 damaged (4 files)",
                  "(e) Beam, one item in 17 with its image missing, nvjpeg",
+                 "(e) Beam, tables encoded in the runner's thread and pickled to be sized (before), nvjpeg",
+                 "(e) Beam, each chunk of files read while the runner's thread waits (before), nvjpeg",
                  "(d) nvImageCodec's cpu alone, one file in 16 damaged, nvimgcodec",
                  "(d) timeline (under the profiler), nvImageCodec's cpu alone, nvimgcodec",
                  "(d) all three: model, decode and resize on streams",
@@ -148,7 +150,7 @@ def test_decode_gil_benchmark_runs_on_the_cpu():
 def test_worker_overhead_benchmark_runs():
     out = _run("benchmarks/worker_overhead.py", "--images", "300", "--batch-size", "32")
     for path in ("read + sha256 alone", "standalone loop (direct_embed)", "Beam pipeline, local runner, whole run",
-                 "Beam pipeline, fetching a chunk ahead (variant), local runner, whole run"):  # fmt: skip
+                 "Beam pipeline, each chunk's reads waited for (before), local runner, whole run"):  # fmt: skip
         assert f"| {path}" in out, path
 
 

@@ -15,7 +15,7 @@ from encoder import DecodeLimits, PreprocessConfig
 from pipelines.catalog import CatalogItem
 from pipelines.embed_steps import KnownDigests, PreviousVectors, prepare_items
 from pipelines.file_reader import object_reads
-from pipelines.records import EmbeddingRow, ReuseRequest, embedding_matrix, rows_to_table
+from pipelines.records import EmbeddingRow, ReuseRequest, embedding_matrix, embedding_schema, rows_to_table
 
 PREPROCESS = PreprocessConfig(height=8, width=8)
 
@@ -174,7 +174,11 @@ def test_stream_outputs_give_a_table_of_the_embedded_and_failures_with_their_sta
 
     items = [PreparedImage(f"id{n}", f"u{n}", f"s{n}", None, b"") for n in range(3)]
     done = StreamBatch([items[0], items[2]], np.eye(2, dtype=np.float32), [(items[1], "encode", "boom")], on_gpu=3)
+    before = datetime.now(UTC).replace(microsecond=0)
     table, failures = stream_outputs(done, "v1")
+    assert table.schema == embedding_schema(2)
+    stamps = table.column("embedded_at").to_pylist()
+    assert stamps[0] == stamps[1] and before <= stamps[0] <= datetime.now(UTC)  # one moment for the batch
     rows = table.select(["item_id", "image_sha256", "model_version"]).to_pylist()
     assert [tuple(r.values()) for r in rows] == [("id0", "s0", "v1"), ("id2", "s2", "v1")]
     np.testing.assert_array_equal(embedding_matrix(table), np.eye(2))
@@ -267,3 +271,53 @@ def test_prepare_ahead_has_the_next_remote_chunks_under_way_and_hands_results_on
         assert list(ahead.drain()) == []
     finally:
         ahead.close()
+
+
+def test_prepare_ahead_sends_the_readers_chunks_at_once_and_finishes_them_in_order_here(tmp_path, monkeypatch):
+    """A GPU worker's chunks that the reader processes take are sent to them when submitted, with no thread of
+    this process waiting on them, and finished in the caller's thread when due, in order; a failed bundle's
+    chunks still under way give their ring slots back."""
+    import threading
+
+    import pipelines.embed_steps as embed_steps
+    from pipelines.embed_steps import PrepareAhead
+    from pipelines.file_reader import ProcessReader, ReadLimits
+
+    datas = {f"i{k}": _jpeg(k) for k in range(12)}
+    for name, data in datas.items():
+        (tmp_path / f"{name}.jpg").write_bytes(data)
+    chunks = [[CatalogItem(f"i{k}", str(tmp_path / f"i{k}.jpg")) for k in range(s, s + 4)] for s in (0, 4, 8)]
+    started, finished = [], []
+    start_reads, prepare_items_ = embed_steps.start_reads, embed_steps.prepare_items
+
+    def start(items, reader):
+        started.append(items[0].item_id)
+        return start_reads(items, reader)
+
+    def prepare(items, *args, **kwargs):
+        finished.append((items[0].item_id, threading.current_thread(), kwargs.get("read") is not None))
+        return prepare_items_(items, *args, **kwargs)
+
+    monkeypatch.setattr(embed_steps, "start_reads", start)
+    monkeypatch.setattr(embed_steps, "prepare_items", prepare)
+    limits, pool, ahead = DecodeLimits(), ThreadPoolExecutor(2), PrepareAhead(2)
+    try:
+        with ProcessReader(ReadLimits.of(limits), 2, chunk=2, slots=16) as reader:
+            args, kwargs = (pool, PREPROCESS, limits), {"defer_decode": True, "reader": reader}
+            assert ahead.submit(chunks[0], *args, **kwargs) == []
+            assert ahead.submit(chunks[1], *args, **kwargs) == []
+            assert started == ["i0", "i4"] and finished == [] and reader._free.qsize() == 12  # sent, 2 slots each
+            outs = ahead.submit(chunks[2], *args, **kwargs) + list(ahead.drain())
+            assert [[p.item_id for p in out.decoded] for out in outs] == [[i.item_id for i in c] for c in chunks]
+            assert all(bytes(p.data) == datas[p.item_id] for out in outs for p in out.decoded)
+            assert finished == [(c[0].item_id, threading.current_thread(), True) for c in chunks]
+            del outs
+            assert reader._free.qsize() == 16
+            for chunk in chunks[:2]:
+                ahead.submit(chunk, *args, **kwargs)
+            ahead.forget()
+            assert reader._free.qsize() == 16 and not reader._results and list(ahead.drain()) == []
+            assert len(finished) == 3  # the forgotten chunks were never finished
+    finally:
+        ahead.close()
+        pool.shutdown()

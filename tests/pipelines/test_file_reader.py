@@ -148,6 +148,69 @@ def test_a_batch_due_while_the_caller_holds_every_slot_comes_without_the_ring(co
     assert [bytes(d) for d in third.datas] + rest == [_expected(p)[1] for p in jpegs[8:]]
 
 
+def _replies_waiting(reader: ProcessReader, timeout_s: float = 10.0) -> bool:
+    """Whether every reader process with tasks has answered (a reply waiting to be received) within `timeout_s`."""
+    from multiprocessing.connection import wait
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(wait([w.replies], timeout=0) for w in reader._workers if w.pending):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_started_read_is_read_while_the_caller_waits_for_nothing(corpus):
+    """`start` sends the chunks and returns; the reader processes read them meanwhile, and the result is every file
+    in order, bad ones included, as `read` gives them."""
+    with ProcessReader(LIMITS, 2, chunk=4, slots=12) as reader:
+        pending = reader.start(corpus, keys=[f"k{i}" for i in range(len(corpus))])
+        assert sum(len(w.pending) for w in reader._workers) == 8  # 29 files in chunks of 4: all sent
+        assert _replies_waiting(reader)  # ...and read, with no call from here
+        batch = pending.result()
+        # the batch holds the slots its bytes lie in: 7 (the last chunk is one missing file)
+        assert reader._free.qsize() == 5 and not reader._results
+        got = {key: (digest, bytes(data), reason)
+               for (key, digest), data, reason in zip(batch.keys, batch.datas, batch.reasons, strict=True)}  # fmt: skip
+        got |= {key: (stage, reason) for key, stage, reason in batch.failed}
+        assert [got[f"k{i}"] for i in range(len(corpus))] == [_expected(p) for p in corpus]
+        with pytest.raises(RuntimeError, match="taken"):
+            pending.result()
+        del batch
+        assert reader._free.qsize() == 12
+
+
+def test_a_started_read_waits_for_no_slot_and_sends_the_rest_when_taken(corpus):
+    """With the ring full, `start` sends nothing rather than wait; taking the result sends the chunks as a read
+    does: without the ring, once they have waited a little for a slot."""
+    jpegs = [p for p in corpus if "/jpegs/" in p][:12]
+    with ProcessReader(LIMITS, 2, chunk=2, slots=4) as reader:
+        stream = reader.read(jpegs, 4)
+        held = [next(stream), next(stream)]  # every slot
+        started = time.monotonic()
+        pending = reader.start(jpegs[8:])
+        assert time.monotonic() - started < 0.04 and not any(w.pending for w in reader._workers)
+        batch = pending.result()
+        assert all(type(d) is bytes for d in batch.datas)
+        assert [bytes(d) for d in batch.datas] == [_expected(p)[1] for p in jpegs[8:]]
+        del held
+        stream.close()
+        assert reader._free.qsize() == 4
+
+
+def test_a_cancelled_read_frees_its_slots_for_the_next(corpus):
+    jpegs = [p for p in corpus if "/jpegs/" in p]
+    with ProcessReader(LIMITS, 2, chunk=2, slots=6) as reader:
+        pending = reader.start(jpegs[:8])
+        assert reader._free.qsize() == 2
+        pending.cancel()
+        assert reader._free.qsize() == 6 and not reader._results and not any(w.pending for w in reader._workers)
+        pending.cancel()  # twice: nothing more to do
+        with pytest.raises(RuntimeError, match="cancelled"):
+            pending.result()
+        assert [o for b in _outcomes(reader, jpegs, 4) for o in b] == [_expected(p) for p in jpegs]
+
+
 def test_threads_reading_at_once_each_get_their_own_files(corpus):
     """A runner's threads share a worker process's reader: their reads run together, each reply to the read
     that asked, and a ring too small for all of them at once stops none."""
