@@ -18,7 +18,10 @@ quality 90) and SigLIP base/16-224 with random weights (same FLOPs as the real o
 (e) the same through the Beam embed pipeline on the local runner (`lookalike embed`,
     whole run: model load and compile included, as (d, cold) beside it).
 Then (c) and (d) for SigLIP so400m/14-384. GPU utilisation is sampled with NVML during
-each path; (d) also reports how busy each of its threads was. `timeline` reruns (c) and (d)
+each path; (d) also reports how busy each of its threads was. (d) and (e) also report the model's launches, wall
+ms per batch (`launch_ms`: its host calls and its waits for the interpreter lock), and the CPU µs per image of
+the thread that runs the standalone loop or Beam's runner, whole run and steady state (the worker's serial part):
+where (e) falls behind (d), which of the two moved says whether the lock or the runner held it. `timeline` reruns (c) and (d)
 (4,096 files) under torch's profiler: (c)'s costliest kernels; each CUDA stream's busy time,
 how much of it overlaps the model's, and each thread's longest CUDA calls
 (`benchmarks/cuda_timeline.py`; `--trace-dir` keeps the traces), with the product's streams
@@ -463,16 +466,19 @@ def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, o
     warm = [str(f) for f in files[: batch * decode_threads]]  # a batch per decoder
     embed_files(warm, encoder, images, out / "warm", batch_size=batch)
     busy = {"decode": 0.0, "resize": 0.0, "encode": 0.0}  # each stage's thread: the busiest sets the pace
+    launches = contextlib.ExitStack()
+    launch_s = launches.enter_context(_launches())  # before `_busy` takes the bound method
     images.decode, images.finish = _busy(images.decode, busy, "decode"), _busy(images.finish, busy, "resize")
     encoder.launch, take = _busy(encoder.launch, busy, "encode"), PendingVectors.result
     PendingVectors.result = _busy(take, busy, "encode")
     done, seen = {}, {}
 
     def run() -> None:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()  # the loop runs in this thread
         done["result"] = embed_files([str(f) for f in files], encoder, images, out / decoder, batch_size=batch,
                                      reader=reader, in_flight=in_flight)  # fmt: skip
-        done["seconds"] = time.perf_counter() - start
+        done["seconds"], done["cpu_s"] = time.perf_counter() - start, time.thread_time() - cpu
+        seen["launch_ms"] = _launch_ms(launch_s)
 
     try:
         if timeline is not None:
@@ -487,17 +493,20 @@ def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, o
     finally:
         del images.decode, images.finish, encoder.launch
         PendingVectors.result = take
+        launches.close()
     shutil.rmtree(out, ignore_errors=True)
     result, seconds = done["result"], done["seconds"]
     if steady:
         small = files[: len(files) // 5]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         embed_files([str(f) for f in small], encoder, images, out / "small", batch_size=batch, reader=reader,
                     in_flight=in_flight)  # fmt: skip
-        fixed = time.perf_counter() - start
+        fixed, fixed_cpu = time.perf_counter() - start, time.thread_time() - cpu
         shutil.rmtree(out, ignore_errors=True)
         seen["steady_images_per_s"] = (len(files) - len(small)) / (seconds - fixed) if seconds > fixed else None
         seen["small_run"] = {"images": len(small), "seconds": round(fixed, 2)}
+        # the loop's own thread: the serial part of the worker, against (e)'s runner thread
+        seen["loop_thread_cpu_us_per_image"] = _cpu_us(done["cpu_s"], len(files), fixed_cpu, len(small))
     return {"images": result.embedded, "images_per_s": result.embedded / seconds, "on_gpu": result.on_gpu,
             "dead_lettered": result.dead_lettered, "decoder": decoder, "reader": reader, "in_flight": in_flight,
             # batches retried in halves or taken in pieces: out of memory, say, which a variant's rate would hide
@@ -521,6 +530,44 @@ def _busy(fn, totals: dict, name: str):
             totals[name] += time.perf_counter() - start
 
     return timed
+
+
+@contextlib.contextmanager
+def _launches():
+    """Every `ImageEncoder.launch` while inside: each call's wall time, seconds, appended to the list it yields. A
+    launch is the model's host calls and the waits for the interpreter lock between them (beside a thread that runs
+    pure Python each call into torch may wait a switch interval: `model_gil.py`): (d)'s against (e)'s tell a GPU fed
+    late because the model's thread waited for the lock from one held up elsewhere."""
+    seconds, launch = [], model_module.ImageEncoder.launch
+
+    @functools.wraps(launch)
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    model_module.ImageEncoder.launch = timed
+    try:
+        yield seconds
+    finally:
+        model_module.ImageEncoder.launch = launch
+
+
+def _launch_ms(seconds: list[float]) -> dict:
+    """The launches' wall time per batch, ms: mean, median and 90th percentile."""
+    if not seconds:
+        return {}
+    ms = 1000 * np.asarray(seconds)
+    return {"launches": len(ms), "mean": round(float(ms.mean()), 2), "p50": round(float(np.median(ms)), 2),
+            "p90": round(float(np.percentile(ms, 90)), 2)}  # fmt: skip
+
+
+def _cpu_us(whole_s: float, whole_n: int, small_s: float, small_n: int) -> dict:
+    """A thread's CPU time per image, µs: over the whole run, and in steady state (the whole run less the small)."""
+    steady = (whole_s - small_s) / (whole_n - small_n) if whole_n > small_n else None
+    return {"whole": round(1e6 * whole_s / whole_n, 1), "steady": None if steady is None else round(1e6 * steady, 1)}
 
 
 def stages(files: list[Path], encoder, device: torch.device, decoder: str, batch: int) -> dict:
@@ -656,26 +703,31 @@ def beam(folder: Path, ckpt: Path, device: torch.device, out: Path, batch: int, 
         cfg = EmbedConfig(catalog=pattern, model=str(ckpt), out=str(out), batch_size=batch, device=device.type,
                           compile=compile_, cuda_graph=cuda_graph, gpu_decode=gpu, gpu_decoder=decoder,
                           incremental=False, workers=workers)  # fmt: skip
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()  # the local runner runs bundles in this thread
         result = run_embed(cfg)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.thread_time() - cpu
         shutil.rmtree(out, ignore_errors=True)
         assert result.counts["embedded"] == expected, result.counts
-        return seconds, result.manifest["time_s"]  # where it went: prepare, pipeline (model load), accounting
+        return seconds, result.manifest["time_s"], cpu  # where it went: prepare, pipeline (model load), accounting
 
     if sample:  # a profiled whole run alone: where the pipeline's threads spend it
         with StackSampler() as sampler:
-            seconds, _ = timed(str(folder / "*" / "*.jpg"), count)
+            seconds, *_ = timed(str(folder / "*" / "*.jpg"), count)
         return {"images": count, "images_per_s": count / seconds, "threads_pct": sampler.top(8)}
-    whole, whole_split = timed(_with_missing(folder, missing_every) if missing_every else str(folder / "*" / "*.jpg"),
-                               count)  # fmt: skip
+    with _launches() as launch_s:
+        whole, whole_split, whole_cpu = timed(_with_missing(folder, missing_every) if missing_every
+                                              else str(folder / "*" / "*.jpg"), count)  # fmt: skip
     small = sorted(folder.glob("*/*.jpg"))[: max(1, count // 100)]
     (folder.parent / "small").mkdir(exist_ok=True)
     for f in small:
         shutil.copy(f, folder.parent / "small")
-    fixed, fixed_split = timed(str(folder.parent / "small" / "*.jpg"), len(small))
+    fixed, fixed_split, fixed_cpu = timed(str(folder.parent / "small" / "*.jpg"), len(small))
     load = whole_split.get("model_load")  # with the compile, which (d) is measured without, as the issue asks
     return {"images": count, "images_per_s": count / whole, "whole_s": round(whole, 1), "whole_time_s": whole_split,
+            # the model's launches in the whole run (the load's compile on zeros included: one of many), and the
+            # runner's thread: its CPU per image is the pipeline's serial part, against (d)'s loop thread
+            "launch_ms": _launch_ms(launch_s),
+            "runner_thread_cpu_us_per_image": _cpu_us(whole_cpu, count, fixed_cpu, len(small)),
             "less_model_load_images_per_s": count / (whole - load) if load is not None and whole > load else None,
             "steady_images_per_s": (count - len(small)) / (whole - fixed) if whole > fixed else None,
             "small_run": {"images": len(small), "seconds": round(fixed, 1), "time_s": fixed_split}, "gpu_decode": gpu,

@@ -98,6 +98,13 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu(tmp_path):
     )  # (e)'s fixed cost, split
     assert '"steady_images_per_s": ' in out.split("(d) end to end", 1)[1].split("\n", 1)[0]  # (d)'s start taken out
     assert '"less_model_load_images_per_s": ' in out and '"less_model_load_images_per_s": null' not in out
+    d = next(r for name, r in results.items() if name.startswith("(d) end to end, "))
+    e = results["(e) Beam embed pipeline, local runner, nvjpeg"]
+    for timed, thread in ((d, "loop_thread_cpu_us_per_image"), (e, "runner_thread_cpu_us_per_image")):
+        # every batch's launch timed (64 files in batches of 16, and the load's compile on zeros in (e)), and the
+        # serial thread's CPU per image
+        assert timed["launch_ms"]["launches"] >= 4 and 0 < timed["launch_ms"]["p50"] <= timed["launch_ms"]["p90"]
+        assert timed[thread]["whole"] > 0
     missing = results["(e) Beam, one item in 17 with its image missing, nvjpeg"]
     assert missing["images"] == 64 and missing["missing"] == 4  # the 64 embedded (`beam` checks), 4 dead letters
     kinds = next(r for name, r in results.items() if name.startswith("nvImageCodec's decode alone, by kind"))
