@@ -170,7 +170,8 @@ def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: Prep
     network and go to this process's threads for them, stragglers hedged with `hedge`
     (`file_reader.object_reads`; on a GPU worker, gs:// reads go to the reader's processes:
     the Python of each read would hold this process's interpreter lock from the GPU
-    threads; `read`: those reads, started earlier by `start_reads`). Decodes go to `pool` (Pillow releases the GIL while
+    threads). `read`: the reader's reads of these items, started earlier (`start_reads`).
+    Decodes go to `pool` (Pillow releases the GIL while
     decoding); an image not decoded within `max_decode_s` (per image, `threads` at a time)
     is dead-lettered and its thread left to finish on its own
     (`encoder.gpu_images.collect_decodes`).
@@ -259,8 +260,8 @@ class PrepareAhead:
     def submit(self, items: Sequence[CatalogItem], *args, **kwargs) -> list[Prepared]:
         """`prepare_items(items, *args, **kwargs)`, now or started in the background; the results now due, in
         order (a chunk's error, raised here, if one failed)."""
-        reader = kwargs.get("reader") if kwargs.get("defer_decode") else None
-        if reader is not None and items and len(_by_reader(items)) == len(items):
+        reader = kwargs.get("reader") if kwargs.get("defer_decode") else None  # as `prepare_items` reads
+        if reader is not None and items and all(reads_in_readers(item.image_uri) for item in items):
             read = start_reads(items, reader)
             self._pending.append(_Started(functools.partial(prepare_items, items, *args, read=read, **kwargs), read))
         elif not any("://" in item.image_uri for item in items):
