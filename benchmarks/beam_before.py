@@ -1,7 +1,8 @@
 """The Beam embed pipeline as it ran before changes to its runner's thread, for benchmarks to run beside the
 product: each shard's tables encoded in the runner's thread (before `pipelines.write_behind`) and pickled whole by
-Beam's size sampling (before `ArrowTableCoder`): `tables_as_before`; each chunk of local files read while the
-runner's thread waited (before `ProcessReader.start`): `reads_as_before`."""
+Beam's size sampling (before `ArrowTableCoder`): `tables_as_before`; each chunk that the reader processes take
+read while the runner's thread waited (local files) or a thread of the fetch step did (gs:// objects), before
+`ProcessReader.start`: `reads_as_before`."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def tables_as_before() -> Iterator[None]:
 
 def _submit_as_before(self, items, *args, **kwargs):
     """`PrepareAhead.submit` before reads went to the reader processes ahead: a chunk of local files prepared in
-    the caller's thread as it comes, its reads waited for there."""
+    the caller's thread as it comes, its reads waited for there; one of object-store images on a thread."""
     if not any("://" in item.image_uri for item in items):
         return [*self.drain(), embed_steps.prepare_items(items, *args, **kwargs)]
     self._pending.append(self._pool.submit(embed_steps.prepare_items, items, *args, **kwargs))
@@ -47,7 +48,7 @@ def _submit_as_before(self, items, *args, **kwargs):
 
 @contextlib.contextmanager
 def reads_as_before() -> Iterator[None]:
-    """Runs inside it read each chunk of local files as before; the product's way is back on exit."""
+    """Runs inside it read each chunk as before; the product's way is back on exit."""
     submit = embed_steps.PrepareAhead.submit
     embed_steps.PrepareAhead.submit = _submit_as_before
     try:

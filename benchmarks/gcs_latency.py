@@ -10,7 +10,10 @@ before answering it. Compared, in one process and alternating rounds:
     hedged     ahead, and a second request for each read still out past the 95th percentile of recent reads
                (`pipelines.hedged_reads`)
     two_ahead  both, two elements under way past the one handed on, no second requests
-    now        two_ahead with second requests: the step as it runs now
+    now        two_ahead with second requests: the step as it runs now (each element's reads sent to the reader
+               processes as it comes, finished when due)
+    threaded   now, each element's reads waited for on a thread of its own instead, as before they were sent ahead
+               (`benchmarks/beam_before.reads_as_before`)
 
     python benchmarks/gcs_latency.py        # 2,048 small photos, 8 reader processes (a GPU host's), 200 ms
     python benchmarks/gcs_latency.py --spread 0.5    # each hold drawn around 200 ms: a tail, as real reads have
@@ -27,6 +30,7 @@ the reads out at once carry over to GCS as they are.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -39,16 +43,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.update(NO_GCE_CHECK="true", GCE_METADATA_HOST="127.0.0.1:9", GCE_METADATA_IP="127.0.0.1:9")
 
+from benchmarks.beam_before import reads_as_before  # noqa: E402
 from benchmarks.common import machine, realistic_jpegs  # noqa: E402
 from benchmarks.gcs_reads import MAX_BYTES, gpu_worker_fetch  # noqa: E402
 from pipelines.embed_steps import READ_AHEAD  # noqa: E402
 from pipelines.file_reader import CHUNKS_PER_PROCESS  # noqa: E402
 
-# (element, chunks at once per process, elements under way past the one handed on, second requests for stragglers)
-PATHS = {"before": (64, 1, 0, False), "elements": (256, 1, 0, False), "chunks": (64, CHUNKS_PER_PROCESS, 0, False),
-         "both": (256, CHUNKS_PER_PROCESS, 0, False), "ahead": (256, CHUNKS_PER_PROCESS, 1, False),
-         "hedged": (256, CHUNKS_PER_PROCESS, 1, True), "two_ahead": (256, CHUNKS_PER_PROCESS, READ_AHEAD, False),
-         "now": (256, CHUNKS_PER_PROCESS, READ_AHEAD, True)}  # fmt: skip
+# (element, chunks at once per process, elements under way past the one handed on, second requests for stragglers,
+# each element's reads waited for on a thread as before)
+PATHS = {"before": (64, 1, 0, False, False), "elements": (256, 1, 0, False, False),
+         "chunks": (64, CHUNKS_PER_PROCESS, 0, False, False), "both": (256, CHUNKS_PER_PROCESS, 0, False, False),
+         "ahead": (256, CHUNKS_PER_PROCESS, 1, False, False), "hedged": (256, CHUNKS_PER_PROCESS, 1, True, False),
+         "two_ahead": (256, CHUNKS_PER_PROCESS, READ_AHEAD, False, False),
+         "now": (256, CHUNKS_PER_PROCESS, READ_AHEAD, True, False),
+         "threaded": (256, CHUNKS_PER_PROCESS, READ_AHEAD, True, True)}  # fmt: skip
 
 
 def main() -> None:
@@ -87,14 +95,15 @@ def main() -> None:
             paths = {name: PATHS[name] for name in args.paths.split(",")}
             readers = {(at_once, hedge): ProcessReader(dataclasses.replace(limits, hedge=hedge), args.processes,
                                                        chunk=8, chunks_at_once=at_once)
-                       for at_once, hedge in {(at_once, hedge) for _, at_once, _, hedge in paths.values()}}  # fmt: skip
+                       for at_once, hedge in {(at_once, hedge) for _, at_once, _, hedge, _ in paths.values()}}  # fmt: skip
             try:
                 for reader in readers.values():  # processes started, clients made, latencies to hedge at seen
                     gpu_worker_fetch(uris, reader, 256, 1)
                 for _ in range(args.rounds):
-                    for name, (element, at_once, ahead, hedge) in paths.items():
+                    for name, (element, at_once, ahead, hedge, threaded) in paths.items():
                         proxy.most_in_flight, requests = 0, proxy.counts["requests"]
-                        got = gpu_worker_fetch(uris, readers[at_once, hedge], element, ahead)
+                        with reads_as_before() if threaded else contextlib.nullcontext():
+                            got = gpu_worker_fetch(uris, readers[at_once, hedge], element, ahead)
                         got["most_reads_in_flight"] = proxy.most_in_flight
                         got["requests_per_image"] = (proxy.counts["requests"] - requests) / len(uris)
                         if name not in results or got["images_per_s"] > results[name]["images_per_s"]:

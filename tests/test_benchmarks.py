@@ -208,6 +208,7 @@ def test_gcs_latency_benchmark_runs():
     )  # fmt: skip
     assert result["before"]["most_reads_in_flight"] == 2 * 8  # one chunk of 8 per reader process
     assert result["now"]["most_reads_in_flight"] > 2 * 8
+    assert result["threaded"]["most_reads_in_flight"] > 2 * 8  # the same reads out, waited for on threads
     assert result["before"]["x_before"] == 1.0
 
 
