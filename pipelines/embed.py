@@ -64,6 +64,7 @@ from pipelines.embed_dofns import (
     EmbedBatch,
     FetchAndDecode,
     InMemoryReuse,
+    close_file_readers,
     gpu_decoding,
 )
 from pipelines.embed_runs import (
@@ -535,6 +536,8 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     finally:
         if listing:
             remove_scratch(cfg)
+        if _runs_here(options):  # the workers were this process: their reader processes are done too
+            close_file_readers()
     metrics = _metric_counts(result)
     ran_at = time.monotonic()
 

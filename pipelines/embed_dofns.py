@@ -64,6 +64,7 @@ __all__ = [
     "InMemoryReuse",
     "ItemChunkCoder",
     "PreparedImageCoder",
+    "close_file_readers",
     "file_reader_for",
     "gpu_decoder_name",
     "gpu_decoding",
@@ -466,6 +467,19 @@ def file_reader_for(limits: DecodeLimits, progressive: bool = True, batch_size: 
                                           page_lock=page_locker(gpu))  # fmt: skip
             atexit.register(_READERS[key].close)
         return _READERS[key]
+
+
+def close_file_readers() -> None:
+    """Stop this process's reader processes (`file_reader_for`) and let their ring go, page-locked memory and all,
+    once no batch points into it. A run on the local runner, whose workers are this process, does at its end, so a
+    nightly run's later steps do not keep them, nor the next run's timing inherit them warm; the next fetch step
+    starts new ones."""
+    with _READERS_LOCK:
+        readers = list(_READERS.values())
+        _READERS.clear()
+    for reader in readers:
+        reader.close()
+        atexit.unregister(reader.close)  # which held the reader, and so its ring, until exit
 
 
 def _this_gpu() -> torch.device | None:

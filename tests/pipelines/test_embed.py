@@ -463,6 +463,7 @@ def test_gpu_decode_wiring_on_the_cpu_embeds_every_item_like_the_cpu_path(
     undecoded; the embed step's background stream decodes them, JPEGs on the GPU decoder, the rest on CPU
     threads) with Pillow standing in for nvJPEG."""
     import encoder.gpu_images as gpu_images
+    from pipelines.file_reader import ProcessReader
     from tests.encoder.test_gpu_images import _pil_decoder
 
     calls: list[int] = []
@@ -476,9 +477,21 @@ def test_gpu_decode_wiring_on_the_cpu_embeds_every_item_like_the_cpu_path(
     monkeypatch.setattr(embed_dofns, "gpu_decoding", lambda cfg, preprocess: True)
     monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda device: _pil_decoder(calls))
     monkeypatch.setattr(gpu_images.GpuImages, "decode", spy)
+    monkeypatch.setattr(embed_dofns, "_READERS", {})
+    processes = []  # each reader's processes
+
+    def reader(*args, **kwargs):
+        made = ProcessReader(*args, **kwargs)
+        processes.append([worker.proc for worker in made._workers])
+        return made
+
+    monkeypatch.setattr(embed_dofns, "ProcessReader", reader)
     result = run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path),
                                    batch_size=16, gpu_decoder="nvjpeg"))  # fmt: skip
     assert result.counts == first_run.counts
+    # the run's reader processes stopped at its end (the local runner's workers are this process): a nightly run's
+    # later steps do not keep them
+    assert len(processes) == 1 and all(proc.poll() is not None for proc in processes[0]) and not embed_dofns._READERS
     images = [p.read_bytes() for p in (demo_catalog.root / "images").iterdir()]
     limits = DecodeLimits()
     routes = [cpu_reason(data, limits.max_bytes, limits.max_pixels, progressive=False) for data in images]
