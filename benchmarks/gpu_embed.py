@@ -511,7 +511,7 @@ def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, o
             "dead_lettered": result.dead_lettered, "decoder": decoder, "reader": reader, "in_flight": in_flight,
             # batches retried in halves or taken in pieces: out of memory, say, which a variant's rate would hide
             "batches_retried": result.batches_retried, "batches_in_pieces": result.batches_in_pieces,
-            "ring_page_locked": result.ring_page_locked,
+            "ring_page_locked": result.ring_page_locked, "ring_page_lock_s": result.ring_page_lock_s,
             "decode_threads": decode_threads, "resize": resize, "busy_pct": {k: round(100 * v / seconds) for k, v in busy.items()},
             **seen}  # fmt: skip
 

@@ -42,6 +42,7 @@ class DirectResult:
     )
     shards: list[str] = field(default_factory=list)
     ring_page_locked: bool = False  # the reader processes' ring was page-locked for the GPU decoder by the end
+    ring_page_lock_s: float | None = None  # how long that took (it runs beside the reads)
 
 
 def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, out_dir: str | Path, *,
@@ -86,6 +87,7 @@ def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, 
                 shards.write(fresh_embedding_table(ids, batch.vectors, digests, encoder.model_version))
                 result.embedded += len(ids)
             result.ring_page_locked = getattr(files, "page_locked", False)  # by now (it runs beside the reads)
+            result.ring_page_lock_s = getattr(files, "page_lock_s", None)
     finally:
         result.shards = shards.close()
         if journaled is not None:

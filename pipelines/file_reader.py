@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -295,6 +296,7 @@ class ProcessReader:
         self._view = memoryview(self._ring)
         self._unlock: Callable[[], None] | None = None
         self.page_lock_problem: str | None = None  # why `page_lock` failed
+        self.page_lock_s: float | None = None  # how long `page_lock` took, once it is done
         self._locking: threading.Thread | None = None
         if page_lock is not None:
             self._locking = threading.Thread(target=self._page_lock, args=(page_lock,), name="ring-page-lock",
@@ -327,13 +329,17 @@ class ProcessReader:
         anchor = ctypes.c_char.from_buffer(self._ring)  # let go at once: an export would keep the ring mapped
         address = ctypes.addressof(anchor)
         del anchor
+        started = time.monotonic()
         try:
             self._unlock = page_lock(address, self.slots * self.slot_bytes)
-            log.info("file readers' ring page-locked for the GPU (%d MiB)", self.slots * self.slot_bytes >> 20)
+            log.info("file readers' ring page-locked for the GPU (%d MiB) in %.2f s", self.slots * self.slot_bytes >> 20,
+                     time.monotonic() - started)  # fmt: skip
         except Exception as err:  # noqa: BLE001 - only slower without it: say so and go on
             self.page_lock_problem = str(err) or type(err).__name__
             log.warning("could not page-lock the file readers' ring (%s); the GPU decoder copies from pageable "
                         "memory", self.page_lock_problem)  # fmt: skip
+        finally:
+            self.page_lock_s = time.monotonic() - started
 
     def _start(self, index: int) -> _Worker:
         """A fresh interpreter running `_serve`: multiprocessing's spawn and forkserver would run the

@@ -308,11 +308,14 @@ def test_reads_do_not_wait_for_the_ring_to_be_page_locked(corpus):
         return lambda: calls.append("unlock")
 
     reader = ProcessReader(LIMITS, 2, chunk=4, slots=8, page_lock=slow)
+    made = time.monotonic()
     assert [o for b in _outcomes(reader, jpegs, 8) for o in b] == [_expected(p) for p in jpegs]
-    assert calls == []  # read while the lock was still under way
+    assert calls == [] and reader.page_lock_s is None  # read while the lock was still under way
+    waited = time.monotonic() - made
     go.set()
     reader.close()
     assert calls == ["lock", "unlock"]
+    assert waited <= reader.page_lock_s < waited + 5  # how long the lock took, for the benchmarks
 
 
 def test_a_ring_that_cannot_be_page_locked_is_read_as_it_is_with_a_warning(corpus, caplog):
