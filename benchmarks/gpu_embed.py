@@ -21,7 +21,8 @@ Then (c) and (d) for SigLIP so400m/14-384. GPU utilisation is sampled with NVML 
 each path; (d) also reports how busy each of its threads was. (d) and (e) also report the model's launches, wall
 ms per batch (`launch_ms`: its host calls and its waits for the interpreter lock), and the CPU µs per image of
 the thread that runs the standalone loop or Beam's runner, whole run and steady state (the worker's serial part):
-where (e) falls behind (d), which of the two moved says whether the lock or the runner held it. `timeline` reruns (c) and (d)
+where (e) falls behind (d), which of the two moved says whether the lock or the runner held it; (d) also how long
+locking the file readers' ring took (`ring_page_lock_s`). `timeline` reruns (c) and (d)
 (4,096 files) under torch's profiler: (c)'s costliest kernels; each CUDA stream's busy time,
 how much of it overlaps the model's, and each thread's longest CUDA calls
 (`benchmarks/cuda_timeline.py`; `--trace-dir` keeps the traces), with the product's streams
