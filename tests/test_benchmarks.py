@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -172,9 +173,10 @@ def test_lock_ceiling_benchmark_runs():
         "in the runner's thread, pickled to be sized), switch 5 ms",
     ):
         row = next(line for line in out.splitlines() if line.startswith(f"| {path} |"))
-        rate, cpu = row.split(" | ")[1], float(row.rstrip(" |").rsplit(" | ", 1)[1])  # the loop's or runner's CPU
-        # (a steady state's is a difference of two runs: on 300 images it may come out below 0)
-        assert float(rate.replace(",", "")) > 0 and (cpu > 0 or "steady state" in path), row
+        rate, cpu = float(row.split(" | ")[1].replace(",", "")), float(row.rstrip(" |").rsplit(" | ", 1)[1])
+        # A steady state's rate and CPU (the loop's or runner's thread) are differences of two runs, each starting its
+        # own reader processes: on 300 images against 3 they may come out below 0. The others are measured.
+        assert (rate > 0 and cpu > 0) or ("steady state" in path and math.isfinite(rate) and math.isfinite(cpu)), row
 
 
 @pytest.mark.slow
