@@ -187,9 +187,9 @@ def test_a_started_read_waits_for_no_slot_and_sends_the_rest_when_taken(corpus):
     with ProcessReader(LIMITS, 2, chunk=2, slots=4) as reader:
         stream = reader.read(jpegs, 4)
         held = [next(stream), next(stream)]  # every slot
-        started = time.monotonic()
         pending = reader.start(jpegs[8:])
-        assert time.monotonic() - started < 0.04 and not any(w.pending for w in reader._workers)
+        # nothing sent: a chunk that had waited for a slot would have gone without one, and be pending
+        assert not any(w.pending for w in reader._workers)
         batch = pending.result()
         assert all(type(d) is bytes for d in batch.datas)
         assert [bytes(d) for d in batch.datas] == [_expected(p)[1] for p in jpegs[8:]]
