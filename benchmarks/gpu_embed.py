@@ -22,7 +22,8 @@ each path; (d) also reports how busy each of its threads was. (d) and (e) also r
 ms per batch (`launch_ms`: its host calls and its waits for the interpreter lock), and the CPU µs per image of
 the thread that runs the standalone loop or Beam's runner, whole run and steady state (the worker's serial part):
 where (e) falls behind (d), which of the two moved says whether the lock or the runner held it; (d) also how long
-locking the file readers' ring took (`ring_page_lock_s`). `timeline` reruns (c) and (d)
+locking the file readers' ring took (`ring_page_lock_s`, till the run's end if that came first) and its longest
+call into the driver (`ring_page_lock_longest_call_s`). `timeline` reruns (c) and (d)
 (4,096 files) under torch's profiler: (c)'s costliest kernels; each CUDA stream's busy time,
 how much of it overlaps the model's, and each thread's longest CUDA calls
 (`benchmarks/cuda_timeline.py`; `--trace-dir` keeps the traces), with the product's streams
@@ -513,6 +514,7 @@ def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, o
             # batches retried in halves or taken in pieces: out of memory, say, which a variant's rate would hide
             "batches_retried": result.batches_retried, "batches_in_pieces": result.batches_in_pieces,
             "ring_page_locked": result.ring_page_locked, "ring_page_lock_s": result.ring_page_lock_s,
+            "ring_page_lock_longest_call_s": result.ring_page_lock_longest_s,
             "decode_threads": decode_threads, "resize": resize, "busy_pct": {k: round(100 * v / seconds) for k, v in busy.items()},
             **seen}  # fmt: skip
 

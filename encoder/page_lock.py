@@ -11,6 +11,12 @@ This goes through the CUDA driver (`libcuda.so.1`, through ctypes), not torch's 
 call that fails leaves its error for the next kernel launch's check on the same thread, which would raise it
 there. A copy from page-locked memory runs after the call that queued it returns, so memory handed to a GPU
 decoder must stay unchanged until the GPU has read it (`encoder.gpu_stream` holds a batch's inputs until then).
+
+Registering memory holds a lock in the driver that the process's other CUDA calls (the model's launches, the
+decoders' copies) wait on, and a registration that finds its pages not yet in memory faults them in meanwhile:
+for a fresh ring of 896 MiB, zeroing every page (0.4-3 GB/s on this project's 2-core VM). `page_lock` faults the
+pages in first, outside the driver (`populate`), and the ring is locked a piece at a time
+(`pipelines.file_reader.PAGE_LOCK_PIECE`), so no call holds that lock for long.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from ctypes import POINTER, byref, c_char_p, c_int, c_size_t, c_uint, c_void_p
 import numpy as np
 import torch
 
-__all__ = ["PageLockError", "host_copies", "page_lock", "page_locker"]
+__all__ = ["PageLockError", "host_copies", "page_lock", "page_locker", "populate"]
 
 CU_MEMHOSTREGISTER_PORTABLE = 0x01  # page-locked for every CUDA context, not only the one current here
+MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in, writable, leaving their contents as they are
 
 
 class PageLockError(RuntimeError):
@@ -67,15 +74,35 @@ def _driver() -> _Driver:
         return _DRIVER
 
 
+_LIBC: ctypes.CDLL | None = None
+
+
+def populate(address: int, size: int) -> bool:
+    """Fault in `size` bytes at `address` (page-aligned) for writing, their contents as they are: memory that
+    other processes write meanwhile (the file readers' ring) is safe. Through ctypes, so the interpreter lock is
+    free while the kernel zeroes pages. False where the kernel cannot (before Linux 5.14, other systems, memory
+    not mapped writable): the pages then fault where they are first used."""
+    global _LIBC
+    try:
+        if _LIBC is None:
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+            _LIBC.madvise.argtypes, _LIBC.madvise.restype = [c_void_p, c_size_t, c_int], c_int
+        return _LIBC.madvise(address, size, MADV_POPULATE_WRITE) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def page_lock(address: int, size: int, device_index: int, driver: _Driver | None = None) -> Callable[[], None]:
     """Page-lock `size` bytes at `address` for the GPU `device_index` (as torch numbers them), in its primary
-    context, the one torch uses. Returns the call that unlocks them, which must come before the memory is
-    unmapped (it ignores a driver that is already shut down).
+    context, the one torch uses; the pages are faulted in first, outside the driver (`populate`). Returns the
+    call that unlocks them, which must come before the memory is unmapped (it ignores a driver that is already
+    shut down).
 
     Raises:
         PageLockError: no CUDA driver, or the driver refused (its error's name in the message).
     """
     cuda = driver or _driver()
+    populate(address, size)  # else the registration faults them in, holding the driver's lock meanwhile
     device, context = c_int(), c_void_p()
     _check(cuda, cuda.init(0), "cuInit")
     _check(cuda, cuda.device_get(byref(device), device_index), "cuDeviceGet")

@@ -41,8 +41,9 @@ class DirectResult:
         0  # batches the model, GPU decoder or resize took in pieces: an earlier one ran out of memory
     )
     shards: list[str] = field(default_factory=list)
-    ring_page_locked: bool = False  # the reader processes' ring was page-locked for the GPU decoder by the end
-    ring_page_lock_s: float | None = None  # how long that took (it runs beside the reads)
+    ring_page_locked: bool = False  # the reader processes' ring was page-locked whole for the GPU decoder by the end
+    ring_page_lock_s: float | None = None  # how long that took, or ran till the end (it runs beside the reads)
+    ring_page_lock_longest_s: float | None = None  # its longest call into the driver (the driver's lock held)
 
 
 def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, out_dir: str | Path, *,
@@ -86,8 +87,11 @@ def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, 
                 ids, digests = zip(*batch.keys, strict=True)
                 shards.write(fresh_embedding_table(ids, batch.vectors, digests, encoder.model_version))
                 result.embedded += len(ids)
-            result.ring_page_locked = getattr(files, "page_locked", False)  # by now (it runs beside the reads)
-            result.ring_page_lock_s = getattr(files, "page_lock_s", None)
+        # Read once the reader is closed, which stops the lock after its piece under way: a run shorter than the
+        # lock does not wait for it.
+        result.ring_page_locked = getattr(files, "page_lock_completed", False)
+        result.ring_page_lock_s = getattr(files, "page_lock_s", None)
+        result.ring_page_lock_longest_s = getattr(files, "page_lock_longest_s", None)
     finally:
         result.shards = shards.close()
         if journaled is not None:

@@ -220,6 +220,10 @@ def _unlinked_file() -> int:
     return fd
 
 
+# The ring is page-locked this much at a time (in whole slots): each registration holds a lock in the CUDA driver
+# that the process's other CUDA calls wait on (`encoder.page_lock`), and the ring's 640-896 MiB in one call held it
+# for the whole of it at a run's start.
+PAGE_LOCK_PIECE = 64 << 20
 SLOT_WAIT_S = 0.05  # how long a chunk of the batch a read needs next waits for a ring slot before going without
 CHUNKS_PER_PROCESS = 8  # chunks with object-store reads that a reader process has under way at once (8 of 8 reads)
 
@@ -277,12 +281,13 @@ class ProcessReader:
     of 256 and take 640 MiB of address space, resident only where written: ~180 MiB for 70 KB
     photos. Several threads may read at once; one of them at a time receives the replies for all.
 
-    `page_lock(address, size)`, when given, page-locks the ring for a GPU and returns the call that unlocks it
-    (`encoder.page_lock.page_locker`): the GPU decoders then copy the bytes from it by DMA. The whole ring is then
+    `page_lock(address, size)`, when given, page-locks part of the ring for a GPU and returns the call that unlocks
+    it (`encoder.page_lock.page_locker`): the GPU decoders then copy the bytes from it by DMA. The whole ring is then
     resident, not only what was written. It runs in a thread of its own while the reader starts and reads (every
-    page of the ring is faulted in and locked, which a run need not wait for); copies made before it is done go
-    through pageable memory, as without it. If it raises, the reader goes on with
-    the ring as it is, and says why in `page_lock_problem`.
+    page of the ring is faulted in and locked, which a run need not wait for), in pieces of whole slots from the
+    first (`PAGE_LOCK_PIECE`); copies made from a slot before it is locked go through pageable memory, as without
+    it. Closing stops it after the piece under way: a short run does not wait for the rest. If a piece fails,
+    the pieces locked are unlocked, the reader goes on with the ring as it is, and says why in `page_lock_problem`.
     """
 
     def __init__(self, limits: ReadLimits, processes: int = 8, chunk: int = 16, slot_bytes: int = 4 << 20,
@@ -294,10 +299,13 @@ class ProcessReader:
         self.chunks_at_once = chunks_at_once
         self._fd, self._ring = _shared_ring(slots * slot_bytes)
         self._view = memoryview(self._ring)
-        self._unlock: Callable[[], None] | None = None
+        self._unlocks: list[Callable[[], None]] = []  # each piece of the ring locked, in order
+        self.page_lock_completed = False  # the whole ring was locked (it stays True once closing unlocks it)
         self.page_lock_problem: str | None = None  # why `page_lock` failed
-        self.page_lock_s: float | None = None  # how long `page_lock` took, once it is done
+        self.page_lock_s: float | None = None  # how long locking the ring took (or ran, if stopped), once it is over
+        self.page_lock_longest_s: float | None = None  # the longest `page_lock` call: the driver's lock held
         self._locking: threading.Thread | None = None
+        self._closed = threading.Event()
         if page_lock is not None:
             self._locking = threading.Thread(target=self._page_lock, args=(page_lock,), name="ring-page-lock",
                                              daemon=True)  # fmt: skip
@@ -305,7 +313,6 @@ class ProcessReader:
         self._free: queue.Queue[int] = queue.Queue()
         for slot in range(slots):
             self._free.put(slot)
-        self._closed = threading.Event()
         # Guarded by `_lock`: what each reader process has to do (`_Worker.pending`), what is left to read here,
         # replies not yet taken by their read, and whether a thread is receiving replies (`_collect`).
         self._lock = threading.Lock()
@@ -318,10 +325,10 @@ class ProcessReader:
 
     @property
     def page_locked(self) -> bool:
-        """Whether the ring is page-locked for a GPU (`page_lock`), once the attempt is over."""
+        """Whether the whole ring is page-locked for a GPU (`page_lock`), once the attempt is over."""
         if self._locking is not None:
             self._locking.join()
-        return self._unlock is not None
+        return self.page_lock_completed and bool(self._unlocks)
 
     def _page_lock(self, page_lock: Callable[[int, int], Callable[[], None]]) -> None:
         import ctypes
@@ -329,17 +336,30 @@ class ProcessReader:
         anchor = ctypes.c_char.from_buffer(self._ring)  # let go at once: an export would keep the ring mapped
         address = ctypes.addressof(anchor)
         del anchor
+        size = self.slots * self.slot_bytes
+        piece = max(1, PAGE_LOCK_PIECE // self.slot_bytes) * self.slot_bytes  # no file's bytes cross two pieces
         started = time.monotonic()
         try:
-            self._unlock = page_lock(address, self.slots * self.slot_bytes)
-            log.info("file readers' ring page-locked for the GPU (%d MiB) in %.2f s", self.slots * self.slot_bytes >> 20,
-                     time.monotonic() - started)  # fmt: skip
+            for offset in range(0, size, piece):
+                if self._closed.is_set():
+                    return
+                called = time.monotonic()
+                self._unlocks.append(page_lock(address + offset, min(piece, size - offset)))
+                self.page_lock_longest_s = max(self.page_lock_longest_s or 0.0, time.monotonic() - called)
+            self.page_lock_completed = True
+            log.info("file readers' ring page-locked for the GPU (%d MiB in %d pieces) in %.2f s", size >> 20,
+                     len(self._unlocks), time.monotonic() - started)  # fmt: skip
         except Exception as err:  # noqa: BLE001 - only slower without it: say so and go on
+            self._unlock_ring()
             self.page_lock_problem = str(err) or type(err).__name__
             log.warning("could not page-lock the file readers' ring (%s); the GPU decoder copies from pageable "
                         "memory", self.page_lock_problem)  # fmt: skip
         finally:
             self.page_lock_s = time.monotonic() - started
+
+    def _unlock_ring(self) -> None:
+        while self._unlocks:
+            self._unlocks.pop()()
 
     def _start(self, index: int) -> _Worker:
         """A fresh interpreter running `_serve`: multiprocessing's spawn and forkserver would run the
@@ -496,9 +516,9 @@ class ProcessReader:
             worker.tasks.close()
             worker.replies.close()
         self._workers = []
-        if self.page_locked:  # before the ring can be unmapped
-            self._unlock()
-            self._unlock = None
+        if self._locking is not None:  # stopped after the piece under way; unlocked before the ring can be unmapped
+            self._locking.join()
+            self._unlock_ring()
         if self._fd >= 0:
             os.close(self._fd)  # the mapping stays valid while batches still point into it
             self._fd = -1

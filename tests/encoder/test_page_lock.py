@@ -4,6 +4,7 @@ and on a GPU for real (`gpu`)."""
 from __future__ import annotations
 
 import ctypes
+import mmap
 
 import numpy as np
 import pytest
@@ -72,6 +73,58 @@ def test_memory_is_locked_in_the_devices_primary_context_for_every_context_and_u
     unlock()
     assert driver.log[2:] == [("unregister", 0x1000, CONTEXT), ("release", 1)]
     assert driver.current == []
+
+
+def test_the_pages_are_faulted_in_before_the_driver_is_called(monkeypatch):
+    """Else the registration faults them in itself, holding the driver's lock that other CUDA calls wait on."""
+    driver = FakeDriver()
+    monkeypatch.setattr(
+        page_lock_module, "populate", lambda address, size: driver.log.append(("populate", address, size))
+    )
+    page_lock(0x1000, 64 << 20, 0, driver)
+    assert [entry[:3] for entry in driver.log] == [
+        ("populate", 0x1000, 64 << 20),
+        ("retain", 0),
+        ("register", 0x1000, 64 << 20),
+    ]
+
+
+def _resident_pages(address: int, size: int) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec)
+
+
+def test_populate_faults_shared_pages_in_and_leaves_their_contents():
+    """The readers' ring, as it is made (a memfd mapped shared): populated pages are resident and what a reader wrote
+    before stays. Kernels before 5.14 cannot, and say so."""
+    import os
+
+    size = 4 << 20
+    fd = os.memfd_create("populate-test", 0)
+    try:
+        os.ftruncate(fd, size)
+        ring = mmap.mmap(fd, size)
+        ring[5 : 5 + 4] = b"jpeg"
+        ring[size - 3 :] = b"end"
+        anchor = ctypes.c_char.from_buffer(ring)
+        address = ctypes.addressof(anchor)
+        del anchor
+        before = _resident_pages(address, size)
+        kernel = tuple(int(part) for part in os.uname().release.split(".")[:2])
+        assert page_lock_module.populate(address, size) is (kernel >= (5, 14))
+        if kernel >= (5, 14):
+            assert before < size // mmap.PAGESIZE == _resident_pages(address, size)
+        assert ring[5:9] == b"jpeg" and ring[size - 3 :] == b"end" and ring[4096:4100] == bytes(4)
+        ring.close()
+    finally:
+        os.close(fd)
+
+
+def test_populate_of_memory_not_mapped_is_false_not_an_error():
+    assert page_lock_module.populate(0x1000, 4096) is False  # the first pages of the address space are never mapped
 
 
 def test_a_refusal_names_the_drivers_error_and_leaves_nothing_behind():

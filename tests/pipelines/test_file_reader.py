@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+import pipelines.file_reader as file_reader
 from benchmarks.common import realistic_jpegs
 from encoder import DecodeLimits
 from encoder.jpeg import cpu_reason
@@ -273,8 +274,14 @@ def test_closing_stops_the_reader_processes(corpus):
         next(reader.read(corpus, 4))
 
 
-def test_the_ring_is_page_locked_whole_for_the_gpu_and_unlocked_on_close(corpus):
-    """`page_lock` gets the ring's address and size once; reads are the same; closing unlocks it, once."""
+def _ring_address(reader: ProcessReader) -> int:
+    ring = np.frombuffer(reader._ring, dtype=np.uint8)
+    return ring.ctypes.data
+
+
+def test_the_ring_is_page_locked_in_pieces_of_whole_slots_and_unlocked_on_close(corpus, monkeypatch):
+    """`page_lock` gets the ring a piece at a time, in order, each piece whole slots (no file's bytes cross two
+    pieces); reads are the same; closing unlocks every piece, once, the last first."""
     jpegs = [p for p in corpus if "/jpegs/" in p]
     calls = []
 
@@ -282,21 +289,21 @@ def test_the_ring_is_page_locked_whole_for_the_gpu_and_unlocked_on_close(corpus)
         calls.append(("lock", address, size))
         return lambda: calls.append(("unlock", address))
 
+    monkeypatch.setattr(file_reader, "PAGE_LOCK_PIECE", 3 * (4 << 20) + 1)  # 3 slots of the default 4 MiB
     reader = ProcessReader(LIMITS, 2, chunk=4, slots=8, page_lock=lock)
-    ring = np.frombuffer(reader._ring, dtype=np.uint8)
-    address = ring.ctypes.data
-    del ring
-    assert reader.page_locked and reader.page_lock_problem is None
-    assert calls == [("lock", address, 8 * reader.slot_bytes)]
+    at, slot = _ring_address(reader), reader.slot_bytes
+    assert reader.page_locked and reader.page_lock_completed and reader.page_lock_problem is None
+    assert calls == [("lock", at, 3 * slot), ("lock", at + 3 * slot, 3 * slot), ("lock", at + 6 * slot, 2 * slot)]
+    assert 0 <= reader.page_lock_longest_s <= reader.page_lock_s
     assert [o for b in _outcomes(reader, jpegs, 8) for o in b] == [_expected(p) for p in jpegs]
     reader.close()
     reader.close()
-    assert calls[1:] == [("unlock", address)] and not reader.page_locked
+    assert calls[3:] == [("unlock", at + 6 * slot), ("unlock", at + 3 * slot), ("unlock", at)]
+    assert not reader.page_locked and reader.page_lock_completed  # unlocked now; it was locked whole
 
 
 def test_reads_do_not_wait_for_the_ring_to_be_page_locked(corpus):
-    """Locking a large ring faults in and locks every page: it runs beside the reads, and closing waits for it
-    before unlocking."""
+    """Locking a large ring faults in and locks every page: it runs beside the reads."""
     import threading
 
     jpegs = [p for p in corpus if "/jpegs/" in p]
@@ -313,21 +320,56 @@ def test_reads_do_not_wait_for_the_ring_to_be_page_locked(corpus):
     assert calls == [] and reader.page_lock_s is None  # read while the lock was still under way
     waited = time.monotonic() - made
     go.set()
+    assert reader.page_locked
     reader.close()
     assert calls == ["lock", "unlock"]
     assert waited <= reader.page_lock_s < waited + 5  # how long the lock took, for the benchmarks
 
 
-def test_a_ring_that_cannot_be_page_locked_is_read_as_it_is_with_a_warning(corpus, caplog):
+def test_closing_stops_the_lock_after_the_piece_under_way_and_unlocks_what_it_locked(corpus, monkeypatch):
+    """A run shorter than the ring's lock does not wait for the rest of it."""
+    import threading
+
+    calls, held, made = [], {}, threading.Event()
+
+    def lock(address: int, size: int):
+        calls.append("lock")
+        if len(calls) == 2:  # the second piece is under way when the reader closes
+            made.wait(10)
+            held["reader"]._closed.wait(10)
+        return lambda: calls.append("unlock")
+
+    monkeypatch.setattr(file_reader, "PAGE_LOCK_PIECE", 4 << 20)  # a slot a piece
+    reader = held["reader"] = ProcessReader(LIMITS, 2, chunk=4, slots=8, page_lock=lock)
+    made.set()
+    while len(calls) < 2:
+        time.sleep(0.01)
+    start = time.monotonic()
+    reader.close()
+    assert time.monotonic() - start < 3
+    assert calls == ["lock", "lock", "unlock", "unlock"]  # the 6 pieces after were never locked
+    assert not reader.page_locked and not reader.page_lock_completed and reader.page_lock_problem is None
+    assert reader.page_lock_s is not None
+
+
+def test_a_ring_that_cannot_be_page_locked_is_read_as_it_is_with_a_warning(corpus, caplog, monkeypatch):
+    """A piece refused: the pieces locked before it are unlocked, and the ring is read pageable."""
     jpegs = [p for p in corpus if "/jpegs/" in p]
+    calls = []
 
-    def refuse(address: int, size: int):
-        raise RuntimeError("cuMemHostRegister failed: CUDA_ERROR_OUT_OF_MEMORY")
+    def refuse_the_second(address: int, size: int):
+        if calls:
+            raise RuntimeError("cuMemHostRegister failed: CUDA_ERROR_OUT_OF_MEMORY")
+        calls.append("lock")
+        return lambda: calls.append("unlock")
 
-    with caplog.at_level(logging.WARNING), ProcessReader(LIMITS, 2, chunk=4, slots=8, page_lock=refuse) as reader:
-        assert not reader.page_locked
+    monkeypatch.setattr(file_reader, "PAGE_LOCK_PIECE", 4 * (4 << 20))
+    with caplog.at_level(logging.WARNING), ProcessReader(LIMITS, 2, chunk=4, slots=8,
+                                                         page_lock=refuse_the_second) as reader:  # fmt: skip
+        assert not reader.page_locked and calls == ["lock", "unlock"]
         assert reader.page_lock_problem == "cuMemHostRegister failed: CUDA_ERROR_OUT_OF_MEMORY"
         assert [o for b in _outcomes(reader, jpegs, 8) for o in b] == [_expected(p) for p in jpegs]
+    assert calls == ["lock", "unlock"]
     assert "could not page-lock the file readers' ring (cuMemHostRegister failed" in caplog.text
 
 
