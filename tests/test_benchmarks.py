@@ -202,6 +202,15 @@ def test_journal_cost_benchmark_runs():
     assert result["routing_with_suspects_us_per_batch"] > 0
 
 
+def test_ring_fault_benchmark_runs():
+    """Each way of faulting a fresh ring in is timed, and the pieces' longest is no longer than their whole."""
+    out = _run("benchmarks/ring_fault.py", "--sizes-mib", "8", "--rounds", "1")
+    rows = {line.split("|")[2].strip(): line.split("|") for line in out.splitlines() if line.startswith("| 8 MiB")}
+    assert sorted(rows) == ["pieces", "touched", "whole"]
+    assert all(float(row[3]) >= 0 for row in rows.values())
+    assert float(rows["pieces"][5]) <= 1000 * float(rows["pieces"][3]) + 1  # ms, rounded, against s
+
+
 @pytest.mark.gcs
 def test_gcs_latency_benchmark_runs():
     result = json.loads(
