@@ -66,6 +66,7 @@ from pipelines.embed_dofns import (
     InMemoryReuse,
     close_file_readers,
     gpu_decoding,
+    start_fetch_readers,
 )
 from pipelines.embed_runs import (
     MANIFEST_NAME,
@@ -522,6 +523,8 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     listing = write_listing(cfg, catalog) if listed[0] == "images" else None
     prepared_at = time.monotonic()
     try:
+        if _in_process(options):  # the workers' readers start beside Beam's construction, not before the first reads
+            start_fetch_readers(cfg, preprocess)
         with quiet_runner_logs():
             build_pipeline(pipeline, cfg, model_version=model_version, preprocess=preprocess, dim=dim,
                            total_items=total, previous_shards=previous_shards, run_dir=run_dir,

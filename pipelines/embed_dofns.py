@@ -65,10 +65,12 @@ __all__ = [
     "ItemChunkCoder",
     "PreparedImageCoder",
     "close_file_readers",
+    "fetch_readers",
     "file_reader_for",
     "gpu_decoder_name",
     "gpu_decoding",
     "reader_processes",
+    "start_fetch_readers",
     "windowed",
 ]
 
@@ -186,10 +188,7 @@ class FetchAndDecode(beam.DoFn):
         self._defer_decode = gpu_decoding(self._cfg, self._preprocess)  # the GPU worker routes and decodes
         # A GPU worker reads local files and gs:// objects in reader processes, keeping the interpreter lock for the
         # GPU threads.
-        self._reader = (file_reader_for(self._cfg.limits, batches_progressive(gpu_decoder_name(self._cfg)),
-                                        self._cfg.batch_size, self._cfg.workers, self._cfg.gpu_decode_threads,
-                                        self._cfg.hedge_reads, _this_gpu() if self._cfg.page_lock_reads else None)
-                        if self._defer_decode else None)  # fmt: skip
+        self._reader = fetch_readers(self._cfg) if self._defer_decode else None
         self._progress = ProgressLog("fetched", self._total)
         self._prepare = PrepareAhead()  # the next chunks' object-store reads out while this one is handed on
         self._previous = self._previous_source.acquire() if self._previous_source else None
@@ -467,6 +466,22 @@ def file_reader_for(limits: DecodeLimits, progressive: bool = True, batch_size: 
                                           page_lock=page_locker(gpu))  # fmt: skip
             atexit.register(_READERS[key].close)
         return _READERS[key]
+
+
+def fetch_readers(cfg: EmbedConfig) -> ProcessReader:
+    """The reader processes a GPU worker's fetch step reads in (`file_reader_for`, with `cfg`'s settings)."""
+    return file_reader_for(cfg.limits, batches_progressive(gpu_decoder_name(cfg)), cfg.batch_size, cfg.workers,
+                           cfg.gpu_decode_threads, cfg.hedge_reads, _this_gpu() if cfg.page_lock_reads else None)  # fmt: skip
+
+
+def start_fetch_readers(cfg: EmbedConfig, preprocess) -> bool:
+    """Start this process's reader processes now, where its fetch steps will read in them (a GPU worker): a run whose
+    workers are this process (the local runner) does before Beam builds and starts the pipeline, so the readers'
+    start and their ring's page-lock run beside that instead of before the first reads. Whether it started them."""
+    if not gpu_decoding(cfg, preprocess):
+        return False
+    fetch_readers(cfg)
+    return True
 
 
 def close_file_readers() -> None:

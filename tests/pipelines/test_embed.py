@@ -486,11 +486,17 @@ def test_gpu_decode_wiring_on_the_cpu_embeds_every_item_like_the_cpu_path(
         return made
 
     monkeypatch.setattr(embed_dofns, "ProcessReader", reader)
+    readers_at_build = []
+    build = embed.build_pipeline
+    monkeypatch.setattr(
+        embed, "build_pipeline", lambda *a, **k: readers_at_build.append(len(processes)) or build(*a, **k)
+    )
     result = run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path),
                                    batch_size=16, gpu_decoder="nvjpeg"))  # fmt: skip
     assert result.counts == first_run.counts
-    # the run's reader processes stopped at its end (the local runner's workers are this process): a nightly run's
-    # later steps do not keep them
+    # started before Beam built the pipeline (the local runner's workers are this process), and the fetch step's
+    assert readers_at_build == [1]
+    # the run's reader processes stopped at its end: a nightly run's later steps do not keep them
     assert len(processes) == 1 and all(proc.poll() is not None for proc in processes[0]) and not embed_dofns._READERS
     images = [p.read_bytes() for p in (demo_catalog.root / "images").iterdir()]
     limits = DecodeLimits()
@@ -513,6 +519,14 @@ def _decodes(data: bytes) -> bool:
     except ImageDecodeError:
         return False
     return True
+
+
+def test_a_cpu_worker_starts_no_reader_processes(monkeypatch):
+    """Its fetch step reads in its own threads: nothing to start ahead."""
+    monkeypatch.setattr(embed_dofns, "_READERS", {})
+    monkeypatch.setattr(embed_dofns, "gpu_decoding", lambda cfg, preprocess: False)
+    cfg = EmbedConfig(catalog="unused", model="unused", out="unused")
+    assert embed_dofns.start_fetch_readers(cfg, None) is False and not embed_dofns._READERS
 
 
 @pytest.mark.parametrize("decode_threads", [1, 2])
