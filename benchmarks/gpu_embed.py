@@ -21,7 +21,9 @@ Then (c) and (d) for SigLIP so400m/14-384. GPU utilisation is sampled with NVML 
 each path; (d) also reports how busy each of its threads was. (d) and (e) also report the model's launches, wall
 ms per batch (`launch_ms`: its host calls and its waits for the interpreter lock), and the CPU µs per image of
 the thread that runs the standalone loop or Beam's runner, whole run and steady state (the worker's serial part):
-where (e) falls behind (d), which of the two moved says whether the lock or the runner held it; (d) also how long
+where (e) falls behind (d), which of the two moved says whether the lock or the runner held it; and where each
+run's fixed cost lies (`edges`, and in (e)'s `time_s`: from its start, or (e)'s pipeline's, to its first launch,
+and from its last launch to its end), for the whole run and the small one; (d) also how long
 locking the file readers' ring took (`ring_page_lock_s`, till the run's end if that came first) and its longest
 call into the driver (`ring_page_lock_longest_call_s`). `timeline` reruns (c) and (d)
 (4,096 files) under torch's profiler: (c)'s costliest kernels; each CUDA stream's busy time,
@@ -479,8 +481,9 @@ def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, o
         start, cpu = time.perf_counter(), time.thread_time()  # the loop runs in this thread
         done["result"] = embed_files([str(f) for f in files], encoder, images, out / decoder, batch_size=batch,
                                      reader=reader, in_flight=in_flight)  # fmt: skip
-        done["seconds"], done["cpu_s"] = time.perf_counter() - start, time.thread_time() - cpu
-        seen["launch_ms"] = _launch_ms(launch_s)
+        end, done["cpu_s"] = time.perf_counter(), time.thread_time() - cpu
+        done["seconds"] = end - start
+        seen["launch_ms"], seen["edges"] = _launch_ms(launch_s), _run_edges(launch_s, start, end)
 
     try:
         if timeline is not None:
@@ -500,13 +503,16 @@ def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, o
     result, seconds = done["result"], done["seconds"]
     if steady:
         small = files[: len(files) // 5]
-        start, cpu = time.perf_counter(), time.thread_time()
-        embed_files([str(f) for f in small], encoder, images, out / "small", batch_size=batch, reader=reader,
-                    in_flight=in_flight)  # fmt: skip
-        fixed, fixed_cpu = time.perf_counter() - start, time.thread_time() - cpu
+        with _launches() as small_calls:
+            start, cpu = time.perf_counter(), time.thread_time()
+            embed_files([str(f) for f in small], encoder, images, out / "small", batch_size=batch, reader=reader,
+                        in_flight=in_flight)  # fmt: skip
+            end, fixed_cpu = time.perf_counter(), time.thread_time() - cpu
+        fixed = end - start
         shutil.rmtree(out, ignore_errors=True)
         seen["steady_images_per_s"] = (len(files) - len(small)) / (seconds - fixed) if seconds > fixed else None
-        seen["small_run"] = {"images": len(small), "seconds": round(fixed, 2)}
+        seen["small_run"] = {"images": len(small), "seconds": round(fixed, 2),
+                             "edges": _run_edges(small_calls, start, end)}  # fmt: skip
         # the loop's own thread: the serial part of the worker, against (e)'s runner thread
         seen["loop_thread_cpu_us_per_image"] = _cpu_us(done["cpu_s"], len(files), fixed_cpu, len(small))
     return {"images": result.embedded, "images_per_s": result.embedded / seconds, "on_gpu": result.on_gpu,
@@ -537,11 +543,12 @@ def _busy(fn, totals: dict, name: str):
 
 @contextlib.contextmanager
 def _launches():
-    """Every `ImageEncoder.launch` while inside: each call's wall time, seconds, appended to the list it yields. A
-    launch is the model's host calls and the waits for the interpreter lock between them (beside a thread that runs
-    pure Python each call into torch may wait a switch interval: `model_gil.py`): (d)'s against (e)'s tell a GPU fed
-    late because the model's thread waited for the lock from one held up elsewhere."""
-    seconds, launch = [], model_module.ImageEncoder.launch
+    """Every `ImageEncoder.launch` while inside: when each call began (`time.perf_counter`) and its wall time,
+    seconds, appended to the list it yields. A launch is the model's host calls and the waits for the interpreter
+    lock between them (beside a thread that runs pure Python each call into torch may wait a switch interval:
+    `model_gil.py`): (d)'s against (e)'s tell a GPU fed late because the model's thread waited for the lock from one
+    held up elsewhere."""
+    calls, launch = [], model_module.ImageEncoder.launch
 
     @functools.wraps(launch)
     def timed(self, *args, **kwargs):
@@ -549,20 +556,32 @@ def _launches():
         try:
             return launch(self, *args, **kwargs)
         finally:
-            seconds.append(time.perf_counter() - start)
+            calls.append((start, time.perf_counter() - start))
 
     model_module.ImageEncoder.launch = timed
     try:
-        yield seconds
+        yield calls
     finally:
         model_module.ImageEncoder.launch = launch
 
 
-def _launch_ms(seconds: list[float]) -> dict:
-    """The launches' wall time per batch, ms: mean, median and 90th percentile."""
-    if not seconds:
+def _run_edges(calls: list[tuple[float, float]], start: float, end: float, after: float = 0.0) -> dict:
+    """Where a run's fixed cost lies, from its launches (`_launches`) and its start and end (`time.perf_counter`):
+    to its first launch past `after` seconds into it (the first batch at the GPU: the readers' and decoders' start,
+    the first reads; `after` skips a load's compile on zeros), and from its last launch's return to its end (the
+    last batches on the GPU, the shards' close, the readers' and decoders' stop)."""
+    began = [at for at, _ in calls if start + after <= at <= end]
+    if not began:
         return {}
-    ms = 1000 * np.asarray(seconds)
+    last = max(at + seconds for at, seconds in calls if at <= end)
+    return {"to_first_launch_s": round(min(began) - start, 3), "after_last_launch_s": round(end - last, 3)}
+
+
+def _launch_ms(calls: list[tuple[float, float]]) -> dict:
+    """The launches' wall time per batch, ms: mean, median and 90th percentile."""
+    if not calls:
+        return {}
+    ms = 1000 * np.asarray([seconds for _, seconds in calls])
     return {"launches": len(ms), "mean": round(float(ms.mean()), 2), "p50": round(float(np.median(ms)), 2),
             "p90": round(float(np.percentile(ms, 90)), 2)}  # fmt: skip
 
@@ -706,25 +725,28 @@ def beam(folder: Path, ckpt: Path, device: torch.device, out: Path, batch: int, 
         cfg = EmbedConfig(catalog=pattern, model=str(ckpt), out=str(out), batch_size=batch, device=device.type,
                           compile=compile_, cuda_graph=cuda_graph, gpu_decode=gpu, gpu_decoder=decoder,
                           incremental=False, workers=workers)  # fmt: skip
-        start, cpu = time.perf_counter(), time.thread_time()  # the local runner runs bundles in this thread
-        result = run_embed(cfg)
-        seconds, cpu = time.perf_counter() - start, time.thread_time() - cpu
+        with _launches() as calls:
+            start, cpu = time.perf_counter(), time.thread_time()  # the local runner runs bundles in this thread
+            result = run_embed(cfg)
+            end, cpu = time.perf_counter(), time.thread_time() - cpu
         shutil.rmtree(out, ignore_errors=True)
         assert result.counts["embedded"] == expected, result.counts
-        return seconds, result.manifest["time_s"], cpu  # where it went: prepare, pipeline (model load), accounting
+        split = dict(result.manifest["time_s"])  # where it went: prepare (model load), pipeline, accounting
+        # the first batch at the GPU counted from the pipeline's start (past the load's compile on zeros)
+        split.update(_run_edges(calls, start, end, after=split.get("prepare") or 0.0))
+        return end - start, split, cpu, calls
 
     if sample:  # a profiled whole run alone: where the pipeline's threads spend it
         with StackSampler() as sampler:
             seconds, *_ = timed(str(folder / "*" / "*.jpg"), count)
         return {"images": count, "images_per_s": count / seconds, "threads_pct": sampler.top(8)}
-    with _launches() as launch_s:
-        whole, whole_split, whole_cpu = timed(_with_missing(folder, missing_every) if missing_every
-                                              else str(folder / "*" / "*.jpg"), count)  # fmt: skip
+    whole, whole_split, whole_cpu, launch_s = timed(_with_missing(folder, missing_every) if missing_every
+                                                    else str(folder / "*" / "*.jpg"), count)  # fmt: skip
     small = sorted(folder.glob("*/*.jpg"))[: max(1, count // 100)]
     (folder.parent / "small").mkdir(exist_ok=True)
     for f in small:
         shutil.copy(f, folder.parent / "small")
-    fixed, fixed_split, fixed_cpu = timed(str(folder.parent / "small" / "*.jpg"), len(small))
+    fixed, fixed_split, fixed_cpu, _ = timed(str(folder.parent / "small" / "*.jpg"), len(small))
     load = whole_split.get("model_load")  # with the compile, which (d) is measured without, as the issue asks
     return {"images": count, "images_per_s": count / whole, "whole_s": round(whole, 1), "whole_time_s": whole_split,
             # the model's launches in the whole run (the load's compile on zeros included: one of many), and the

@@ -106,6 +106,13 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu(tmp_path):
         # serial thread's CPU per image
         assert timed["launch_ms"]["launches"] >= 4 and 0 < timed["launch_ms"]["p50"] <= timed["launch_ms"]["p90"]
         assert timed[thread]["whole"] > 0
+    # where each run's fixed cost lies: before its first batch at the model and after its last, within the run
+    for seconds, edges in ((d["images"] / d["images_per_s"], d["edges"]), (e["whole_s"], e["whole_time_s"]),
+                           (e["small_run"]["seconds"], e["small_run"]["time_s"])):  # fmt: skip
+        assert 0 < edges["to_first_launch_s"] and 0 <= edges["after_last_launch_s"]
+        assert edges["to_first_launch_s"] + edges["after_last_launch_s"] < seconds + 0.1  # rounded to 0.1 s
+    assert e["whole_time_s"]["to_first_launch_s"] > e["whole_time_s"]["prepare"]  # past the load's compile on zeros
+    assert set(d["small_run"]["edges"]) == {"to_first_launch_s", "after_last_launch_s"}
     missing = results["(e) Beam, one item in 17 with its image missing, nvjpeg"]
     assert missing["images"] == 64 and missing["missing"] == 4  # the 64 embedded (`beam` checks), 4 dead letters
     kinds = next(r for name, r in results.items() if name.startswith("nvImageCodec's decode alone, by kind"))
