@@ -22,8 +22,8 @@ each path; (d) also reports how busy each of its threads was. (d) and (e) also r
 ms per batch (`launch_ms`: its host calls and its waits for the interpreter lock), and the CPU µs per image of
 the thread that runs the standalone loop or Beam's runner, whole run and steady state (the worker's serial part):
 where (e) falls behind (d), which of the two moved says whether the lock or the runner held it; and where each
-run's fixed cost lies (`edges`, and in (e)'s `time_s`: from its start, or (e)'s pipeline's, to its first launch,
-and from its last launch to its end), for the whole run and the small one; (d) also how long
+run's fixed cost lies (`edges`, and in (e)'s `time_s`: from its start, (e)'s from its pipeline's, to its first
+launch, and from its last launch to its end), for the whole run and the small one; (d) also how long
 locking the file readers' ring took (`ring_page_lock_s`, till the run's end if that came first) and its longest
 call into the driver (`ring_page_lock_longest_call_s`). `timeline` reruns (c) and (d)
 (4,096 files) under torch's profiler: (c)'s costliest kernels; each CUDA stream's busy time,
@@ -567,14 +567,15 @@ def _launches():
 
 def _run_edges(calls: list[tuple[float, float]], start: float, end: float, after: float = 0.0) -> dict:
     """Where a run's fixed cost lies, from its launches (`_launches`) and its start and end (`time.perf_counter`):
-    to its first launch past `after` seconds into it (the first batch at the GPU: the readers' and decoders' start,
-    the first reads; `after` skips a load's compile on zeros), and from its last launch's return to its end (the
-    last batches on the GPU, the shards' close, the readers' and decoders' stop)."""
+    from `after` seconds into it to its first launch (the first batch at the GPU: the readers' and decoders' start,
+    the first reads; (e) counts from its pipeline's start, past the load and its compile on zeros), and from its
+    last launch's return to its end (the last batches on the GPU, the shards' close, the readers' and decoders'
+    stop)."""
     began = [at for at, _ in calls if start + after <= at <= end]
     if not began:
         return {}
     last = max(at + seconds for at, seconds in calls if at <= end)
-    return {"to_first_launch_s": round(min(began) - start, 3), "after_last_launch_s": round(end - last, 3)}
+    return {"to_first_launch_s": round(min(began) - start - after, 3), "after_last_launch_s": round(end - last, 3)}
 
 
 def _launch_ms(calls: list[tuple[float, float]]) -> dict:
