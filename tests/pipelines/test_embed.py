@@ -486,6 +486,11 @@ def test_gpu_decode_wiring_on_the_cpu_embeds_every_item_like_the_cpu_path(
         return made
 
     monkeypatch.setattr(embed_dofns, "ProcessReader", reader)
+    from apache_beam.runners.worker import statesampler
+
+    periods, made = [], statesampler.StateSampler.__init__
+    monkeypatch.setattr(statesampler.StateSampler, "__init__",
+                        lambda self, *a, **k: periods.append(a[2] if len(a) > 2 else None) or made(self, *a, **k))  # fmt: skip
     readers_at_build = []
     build = embed.build_pipeline
     monkeypatch.setattr(
@@ -496,6 +501,7 @@ def test_gpu_decode_wiring_on_the_cpu_embeds_every_item_like_the_cpu_path(
     assert result.counts == first_run.counts
     # started before Beam built the pipeline (the local runner's workers are this process), and the fetch step's
     assert readers_at_build == [1]
+    assert periods and set(periods) == {embed.STATE_SAMPLING_MS}  # each bundle's end waits 20 ms at most
     # the run's reader processes stopped at its end: a nightly run's later steps do not keep them
     assert len(processes) == 1 and all(proc.poll() is not None for proc in processes[0]) and not embed_dofns._READERS
     images = [p.read_bytes() for p in (demo_catalog.root / "images").iterdir()]
@@ -519,6 +525,20 @@ def _decodes(data: bytes) -> bool:
     except ImageDecodeError:
         return False
     return True
+
+
+def test_beams_state_samplers_sample_briefly_while_inside_and_as_before_after():
+    """A bundle's end waits for its state sampler to wake: up to Beam's 200 ms, 20 ms inside."""
+    from apache_beam.runners.worker import statesampler
+    from apache_beam.utils.counters import CounterFactory
+
+    with embed.brief_state_sampling(20):
+        inside = statesampler.StateSampler("inside", CounterFactory())
+        asked = statesampler.StateSampler("asked", CounterFactory(), sampling_period_ms=5)
+    after = statesampler.StateSampler("after", CounterFactory())
+    assert (inside.sampling_period_ms, asked.sampling_period_ms) == (20, 5)
+    assert after.sampling_period_ms == statesampler.DEFAULT_SAMPLING_PERIOD_MS == 200
+    assert isinstance(inside, statesampler.StateSampler)
 
 
 def test_a_cpu_worker_starts_no_reader_processes(monkeypatch):
