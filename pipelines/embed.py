@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -407,28 +408,36 @@ def _launcher_encoder(cfg: EmbedConfig, options: PipelineOptions) -> tuple[Image
 
 
 STATE_SAMPLING_MS = 20  # the longest wait of a bundle's end for Beam's state sampler (its own: 200 ms)
+_BRIEF_SAMPLING = {"runs": 0, "beams": None}  # local runs inside `brief_state_sampling`, and Beam's own sampler
+_BRIEF_SAMPLING_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def brief_state_sampling(period_ms: int = STATE_SAMPLING_MS):
-    """While inside, Beam's bundles in this process sample their state at most `period_ms` apart. Each bundle's
-    sampler thread sleeps between samples, from 2 ms growing to Beam's 200 ms, and the bundle's end waits for it to
-    wake: ~100 ms at the end of every bundle of a second or more (42-135 ms of a 5,000-image local run of 1.35 s
-    with the GPU stood in, measured). Waking every 20 ms costs nothing that shows (the sampler runs without the
-    interpreter lock)."""
+def brief_state_sampling():
+    """While inside, Beam's bundles in this process sample their state at most `STATE_SAMPLING_MS` apart. Each
+    bundle's sampler thread sleeps between samples, from 2 ms growing to Beam's 200 ms, and the bundle's end waits
+    for it to wake: ~100 ms at the end of every bundle of a second or more (42-135 ms of a 5,000-image local run of
+    1.35 s with the GPU stood in, measured). Waking every 20 ms costs nothing that shows (the sampler runs without
+    the interpreter lock). Runs that overlap in threads share it; Beam's own is back when the last one ends."""
     from apache_beam.runners.worker import statesampler
 
-    beams = statesampler.StateSampler
+    with _BRIEF_SAMPLING_LOCK:
+        if _BRIEF_SAMPLING["runs"] == 0:
+            beams = _BRIEF_SAMPLING["beams"] = statesampler.StateSampler
 
-    class Brief(beams):
-        def __init__(self, prefix, counter_factory, sampling_period_ms=period_ms):
-            super().__init__(prefix, counter_factory, min(sampling_period_ms, period_ms))
+            class Brief(beams):
+                def __init__(self, prefix, counter_factory, sampling_period_ms=STATE_SAMPLING_MS):
+                    super().__init__(prefix, counter_factory, min(sampling_period_ms, STATE_SAMPLING_MS))
 
-    statesampler.StateSampler = Brief
+            statesampler.StateSampler = Brief
+        _BRIEF_SAMPLING["runs"] += 1
     try:
         yield
     finally:
-        statesampler.StateSampler = beams
+        with _BRIEF_SAMPLING_LOCK:
+            _BRIEF_SAMPLING["runs"] -= 1
+            if _BRIEF_SAMPLING["runs"] == 0:
+                statesampler.StateSampler = _BRIEF_SAMPLING["beams"]
 
 
 def _in_process(options: PipelineOptions) -> bool:

@@ -528,17 +528,24 @@ def _decodes(data: bytes) -> bool:
 
 
 def test_beams_state_samplers_sample_briefly_while_inside_and_as_before_after():
-    """A bundle's end waits for its state sampler to wake: up to Beam's 200 ms, 20 ms inside."""
+    """A bundle's end waits for its state sampler to wake: up to Beam's 200 ms, 20 ms inside, however runs in
+    threads overlap."""
     from apache_beam.runners.worker import statesampler
     from apache_beam.utils.counters import CounterFactory
 
-    with embed.brief_state_sampling(20):
-        inside = statesampler.StateSampler("inside", CounterFactory())
-        asked = statesampler.StateSampler("asked", CounterFactory(), sampling_period_ms=5)
+    beams = statesampler.StateSampler
+    first, second = embed.brief_state_sampling(), embed.brief_state_sampling()
+    first.__enter__()
+    inside = statesampler.StateSampler("inside", CounterFactory())
+    asked = statesampler.StateSampler("asked", CounterFactory(), sampling_period_ms=5)
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first run ends while the second still runs
+    still = statesampler.StateSampler("still", CounterFactory())
+    second.__exit__(None, None, None)
     after = statesampler.StateSampler("after", CounterFactory())
-    assert (inside.sampling_period_ms, asked.sampling_period_ms) == (20, 5)
+    assert (inside.sampling_period_ms, asked.sampling_period_ms, still.sampling_period_ms) == (20, 5, 20)
+    assert statesampler.StateSampler is beams and isinstance(inside, beams)
     assert after.sampling_period_ms == statesampler.DEFAULT_SAMPLING_PERIOD_MS == 200
-    assert isinstance(inside, statesampler.StateSampler)
 
 
 def test_a_cpu_worker_starts_no_reader_processes(monkeypatch):
