@@ -373,6 +373,52 @@ def test_a_ring_that_cannot_be_page_locked_is_read_as_it_is_with_a_warning(corpu
     assert "could not page-lock the file readers' ring (cuMemHostRegister failed" in caplog.text
 
 
+def _unmapped_in(reader: ProcessReader) -> list[int]:
+    """The thread the reader's ring will be unmapped in, once it is."""
+    import threading
+    import weakref
+
+    where: list[int] = []
+    weakref.finalize(reader._ring, lambda: where.append(threading.get_ident()))
+    return where
+
+
+def _wait_for(seen: list, seconds: float = 5) -> None:
+    deadline = time.monotonic() + seconds
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_readers_ring_is_unmapped_in_a_thread_of_its_own(corpus):
+    """Freeing a resident ring's pages takes a tenth of a second or more: not in the thread that lets the reader go
+    (a run's end)."""
+    import threading
+
+    jpegs = [p for p in corpus if "/jpegs/" in p]
+    reader = ProcessReader(LIMITS, 2, chunk=4, slots=8)
+    assert [o for b in _outcomes(reader, jpegs[:4], 4) for o in b] == [_expected(p) for p in jpegs[:4]]
+    unmapped_in = _unmapped_in(reader)
+    reader.close()
+    del reader
+    _wait_for(unmapped_in)
+    assert unmapped_in and unmapped_in[0] != threading.get_ident()
+
+
+def test_an_array_over_the_ring_keeps_it_mapped_after_its_reader_is_gone(corpus):
+    jpegs = [p for p in corpus if "/jpegs/" in p]
+    reader = ProcessReader(LIMITS, 2, chunk=4, slots=8)
+    batch = next(reader.read(jpegs[:4], 4))
+    kept = batch.datas[0]
+    unmapped_in = _unmapped_in(reader)
+    reader.close()
+    del reader, batch
+    time.sleep(0.2)
+    assert unmapped_in == [] and hashlib.sha256(kept).hexdigest() == _expected(jpegs[0])[0]
+    del kept
+    _wait_for(unmapped_in)
+    assert unmapped_in
+
+
 def test_reader_processes_start_without_numpy_torch_or_beam():
     """Each reader process pays its imports at every `ProcessReader`: numpy alone cost a 10,000-photo run on
     two cores a quarter of its speed."""
