@@ -134,6 +134,31 @@ def test_the_gpu_worker_refuses_a_resize_it_does_not_know_or_cannot_run(monkeypa
         GpuImages(cfg, "cpu", decoder="pil", resize="kernel")
 
 
+@pytest.mark.parametrize("n", [1, 3, 5, 6, 7, 10])
+def test_every_array_the_kernels_take_is_16_byte_aligned_whatever_the_count(monkeypatch, n):
+    """Triton compiles a kernel once per alignment of its pointers: a batch of an odd count (images routed to the
+    CPU) must not make it compile another mid-run, in one run or several (a small buffer)."""
+    pointers = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: pointers.extend(a.data_ptr() for a in args if isinstance(a, torch.Tensor))
+
+    def kernels():
+        return Recorder(), Recorder()
+
+    kernels.cache_clear = lambda: None  # as the fixture's teardown, before the patch is undone, expects
+    monkeypatch.setattr(resize_kernel, "_kernels", kernels)
+    rng = np.random.default_rng(n)
+    images = _interleaved([torch.from_numpy(rng.integers(0, 256, (3, 20 + k, 30 + 2 * k), dtype=np.uint8))
+                           for k in range(n)])  # fmt: skip
+    cfg = PreprocessConfig(height=16, width=16, resample=3)
+    for budget in (1 << 28, 4 * 16 * 3 * (30 + 2 * n) * 5):  # every image in one run; runs of 4 (room for 5)
+        pointers.clear()
+        resize_kernel.resize_packed(images, cfg, max_buffer_bytes=budget)
+        assert pointers and all(p % 16 == 0 for p in pointers), [p % 16 for p in pointers]
+
+
 def test_an_empty_batch_resizes_to_nothing():
     empty = PackedImages(torch.zeros(0, dtype=torch.uint8), (), (), False)
     assert resize_kernel.resize_packed(empty, PreprocessConfig(height=8, width=8)).shape == (0, 8, 8, 3)
