@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -91,6 +90,7 @@ from pipelines.records import (
     rows_to_table,
     shard_writer_options,
 )
+from pipelines.worker_plugin import WorkerPlugin, brief_state_sampling
 from pipelines.write_behind import WriteBehind
 
 __all__ = ["EmbedConfig", "EmbedResult", "build_pipeline", "fetch_chunk_size", "run_embed"]
@@ -381,7 +381,9 @@ class ParquetShards(FileBasedSink):
 
 
 def _pipeline_options(cfg: EmbedConfig, beam_args: list[str]) -> PipelineOptions:
-    args = list(beam_args)
+    # Each worker process imports it as it starts (`pipelines.worker_plugin`): Dataflow's, and the local runner's
+    # worker processes.
+    args = [*beam_args, f"--beam_plugins={WorkerPlugin.__module__}.{WorkerPlugin.__qualname__}"]
     if not any(a.startswith("--runner") for a in args):
         args.append("--runner=FnApiRunner")  # in-process; the plain DirectRunner wants to download Prism
         if cfg.workers > 1:
@@ -405,39 +407,6 @@ def _launcher_encoder(cfg: EmbedConfig, options: PipelineOptions) -> tuple[Image
     facts = replace(cfg.encoder, device="cpu", dtype="float32", compile=False, compile_frozen=False, cuda_graph=False,
                     decode_sms=0)  # fmt: skip
     return load_encoder(facts, cfg.limits), False
-
-
-STATE_SAMPLING_MS = 20  # the longest wait of a bundle's end for Beam's state sampler (its own: 200 ms)
-_BRIEF_SAMPLING = {"runs": 0, "beams": None}  # local runs inside `brief_state_sampling`, and Beam's own sampler
-_BRIEF_SAMPLING_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def brief_state_sampling():
-    """While inside, Beam's bundles in this process sample their state at most `STATE_SAMPLING_MS` apart. Each
-    bundle's sampler thread sleeps between samples, from 2 ms growing to Beam's 200 ms, and the bundle's end waits
-    for it to wake: ~100 ms at the end of every bundle of a second or more (42-135 ms of a 5,000-image local run of
-    1.35 s with the GPU stood in, measured). Waking every 20 ms costs nothing that shows (the sampler runs without
-    the interpreter lock). Runs that overlap in threads share it; Beam's own is back when the last one ends."""
-    from apache_beam.runners.worker import statesampler
-
-    with _BRIEF_SAMPLING_LOCK:
-        if _BRIEF_SAMPLING["runs"] == 0:
-            beams = _BRIEF_SAMPLING["beams"] = statesampler.StateSampler
-
-            class Brief(beams):
-                def __init__(self, prefix, counter_factory, sampling_period_ms=STATE_SAMPLING_MS):
-                    super().__init__(prefix, counter_factory, min(sampling_period_ms, STATE_SAMPLING_MS))
-
-            statesampler.StateSampler = Brief
-        _BRIEF_SAMPLING["runs"] += 1
-    try:
-        yield
-    finally:
-        with _BRIEF_SAMPLING_LOCK:
-            _BRIEF_SAMPLING["runs"] -= 1
-            if _BRIEF_SAMPLING["runs"] == 0:
-                statesampler.StateSampler = _BRIEF_SAMPLING["beams"]
 
 
 def _in_process(options: PipelineOptions) -> bool:

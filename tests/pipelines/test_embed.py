@@ -26,6 +26,7 @@ from pipelines import embed, embed_dofns
 from pipelines.catalog import CatalogError, CatalogItem, ItemChunk
 from pipelines.embed import EmbedConfig, FetchAndDecode, run_embed
 from pipelines.records import PreparedImage, embedding_matrix
+from pipelines.worker_plugin import STATE_SAMPLING_MS
 
 
 def _read_dir(path) -> pa.Table:
@@ -501,7 +502,7 @@ def test_gpu_decode_wiring_on_the_cpu_embeds_every_item_like_the_cpu_path(
     assert result.counts == first_run.counts
     # started before Beam built the pipeline (the local runner's workers are this process), and the fetch step's
     assert readers_at_build == [1]
-    assert periods and set(periods) == {embed.STATE_SAMPLING_MS}  # each bundle's end waits 20 ms at most
+    assert periods and set(periods) == {STATE_SAMPLING_MS}  # each bundle's end waits 20 ms at most
     # the run's reader processes stopped at its end: a nightly run's later steps do not keep them
     assert len(processes) == 1 and all(proc.poll() is not None for proc in processes[0]) and not embed_dofns._READERS
     images = [p.read_bytes() for p in (demo_catalog.root / "images").iterdir()]
@@ -525,27 +526,6 @@ def _decodes(data: bytes) -> bool:
     except ImageDecodeError:
         return False
     return True
-
-
-def test_beams_state_samplers_sample_briefly_while_inside_and_as_before_after():
-    """A bundle's end waits for its state sampler to wake: up to Beam's 200 ms, 20 ms inside, however runs in
-    threads overlap."""
-    from apache_beam.runners.worker import statesampler
-    from apache_beam.utils.counters import CounterFactory
-
-    beams = statesampler.StateSampler
-    first, second = embed.brief_state_sampling(), embed.brief_state_sampling()
-    first.__enter__()
-    inside = statesampler.StateSampler("inside", CounterFactory())
-    asked = statesampler.StateSampler("asked", CounterFactory(), sampling_period_ms=5)
-    second.__enter__()
-    first.__exit__(None, None, None)  # the first run ends while the second still runs
-    still = statesampler.StateSampler("still", CounterFactory())
-    second.__exit__(None, None, None)
-    after = statesampler.StateSampler("after", CounterFactory())
-    assert (inside.sampling_period_ms, asked.sampling_period_ms, still.sampling_period_ms) == (20, 5, 20)
-    assert statesampler.StateSampler is beams and isinstance(inside, beams)
-    assert after.sampling_period_ms == statesampler.DEFAULT_SAMPLING_PERIOD_MS == 200
 
 
 def test_a_cpu_worker_starts_no_reader_processes(monkeypatch):

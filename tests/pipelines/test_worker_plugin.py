@@ -1,0 +1,75 @@
+"""What lookalike's Beam worker processes set up as they start (`pipelines.worker_plugin`): imported by Beam's own
+plugin loader in a process that looks like an SDK worker, and scoped to a run in the launching process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from apache_beam.options.pipeline_options import SetupOptions
+from apache_beam.runners.worker import statesampler
+from apache_beam.utils.counters import CounterFactory
+from apache_beam.utils.plugin import BeamPlugin
+
+from pipelines import embed, worker_plugin
+from pipelines.worker_plugin import STATE_SAMPLING_MS, brief_state_sampling
+
+ROOT = Path(__file__).resolve().parents[2]
+PLUGIN = "pipelines.worker_plugin.WorkerPlugin"
+# Beam's SDK worker imports the job's plugins as it starts, then makes bundles (each with a state sampler).
+WORKER_START = f"""
+import json
+from apache_beam.runners.worker import sdk_worker_main, statesampler
+from apache_beam.utils.counters import CounterFactory
+sdk_worker_main._import_beam_plugins([{PLUGIN!r}])
+print(json.dumps(statesampler.StateSampler("bundle", CounterFactory()).sampling_period_ms))
+"""
+
+
+def _sampling_in_a_fresh_process(env: dict[str, str]) -> int:
+    out = subprocess.run([sys.executable, "-c", WORKER_START], cwd=ROOT, env={**os.environ, **env}, check=True,
+                         capture_output=True, text=True, timeout=120).stdout  # fmt: skip
+    return json.loads(out.splitlines()[-1])
+
+
+def test_a_worker_process_that_imports_the_plugin_samples_briefly_for_its_life():
+    assert _sampling_in_a_fresh_process({"CONTROL_API_SERVICE_DESCRIPTOR": "url: 'localhost:1'"}) == STATE_SAMPLING_MS
+
+
+def test_importing_the_plugin_elsewhere_leaves_beams_sampler_as_it_is():
+    env = {k: v for k, v in os.environ.items() if k != "CONTROL_API_SERVICE_DESCRIPTOR"}
+    out = subprocess.run([sys.executable, "-c", WORKER_START], cwd=ROOT, env=env, check=True, capture_output=True,
+                         text=True, timeout=120).stdout  # fmt: skip
+    assert json.loads(out.splitlines()[-1]) == statesampler.DEFAULT_SAMPLING_PERIOD_MS == 200
+    assert not worker_plugin.in_sdk_worker()  # nor here, in the tests' process
+
+
+def test_every_job_names_the_plugin_for_its_workers():
+    """Dataflow's runner also lists every imported `BeamPlugin` subclass; the local runner's worker processes read
+    the job's options."""
+    assert PLUGIN in BeamPlugin.get_all_plugin_paths()
+    for beam_args in ([], ["--runner=DataflowRunner", "--beam_plugins=someone.Else"]):
+        cfg = embed.EmbedConfig(catalog="unused", model="unused", out="unused")
+        plugins = embed._pipeline_options(cfg, beam_args).view_as(SetupOptions).beam_plugins
+        assert PLUGIN in plugins and ("someone.Else" in plugins) == bool(beam_args)
+
+
+def test_state_samplers_sample_briefly_while_inside_and_as_before_after():
+    """A bundle's end waits for its state sampler to wake: up to Beam's 200 ms, 20 ms inside, however runs in
+    threads overlap."""
+    beams = statesampler.StateSampler
+    first, second = brief_state_sampling(), brief_state_sampling()
+    first.__enter__()
+    inside = statesampler.StateSampler("inside", CounterFactory())
+    asked = statesampler.StateSampler("asked", CounterFactory(), sampling_period_ms=5)
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first run ends while the second still runs
+    still = statesampler.StateSampler("still", CounterFactory())
+    second.__exit__(None, None, None)
+    after = statesampler.StateSampler("after", CounterFactory())
+    assert (inside.sampling_period_ms, asked.sampling_period_ms, still.sampling_period_ms) == (20, 5, 20)
+    assert statesampler.StateSampler is beams and isinstance(inside, beams)
+    assert after.sampling_period_ms == statesampler.DEFAULT_SAMPLING_PERIOD_MS == 200
