@@ -381,8 +381,8 @@ class ParquetShards(FileBasedSink):
 
 
 def _pipeline_options(cfg: EmbedConfig, beam_args: list[str]) -> PipelineOptions:
-    # Each worker process imports it as it starts (`pipelines.worker_plugin`): Dataflow's, and the local runner's
-    # worker processes.
+    # Each of the job's worker processes imports it as it starts, where the runner hands them the job's options
+    # (Dataflow does): `pipelines.worker_plugin`.
     args = [*beam_args, f"--beam_plugins={WorkerPlugin.__module__}.{WorkerPlugin.__qualname__}"]
     if not any(a.startswith("--runner") for a in args):
         args.append("--runner=FnApiRunner")  # in-process; the plain DirectRunner wants to download Prism

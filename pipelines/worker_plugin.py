@@ -1,11 +1,12 @@
 """What lookalike's Beam worker processes set up as they start, and the same for a run whose workers are the launching
 process.
 
-Beam imports a `BeamPlugin` subclass's module in each SDK worker process as it starts, before its first bundle: the
-Dataflow runner lists every subclass imported where the job is launched, and `--beam_plugins` names this one for the
-local runner's worker processes (`embed._pipeline_options`). Imported in a worker (its control endpoint is in its
-environment), this module caps Beam's state sampling there for the process's life; a local run whose workers are
-the launching process caps it while it runs (`brief_state_sampling`).
+Beam's SDK worker imports the job's plugins as it starts, before its first bundle: the Dataflow runner lists every
+`BeamPlugin` subclass imported where the job is launched, and every job names this one in `--beam_plugins`
+(`embed._pipeline_options`). Imported in a worker (its runner's control endpoint is in its environment), this module
+caps Beam's state sampling there for the process's life; a local run whose workers are the launching process caps it
+while it runs (`brief_state_sampling`). The local runner's worker processes (`--workers 2`) are given no job options,
+so they keep Beam's.
 
 Beam's state sampler: each bundle's sampler thread sleeps between samples, from 2 ms growing ×1.2 to 200 ms, and the
 bundle's end waits for it to wake, up to 200 ms at the end of any bundle over a second, with the GPU's queue drained
