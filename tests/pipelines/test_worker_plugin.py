@@ -29,21 +29,23 @@ print(json.dumps(statesampler.StateSampler("bundle", CounterFactory()).sampling_
 """
 
 
-def _sampling_in_a_fresh_process(env: dict[str, str]) -> int:
-    out = subprocess.run([sys.executable, "-c", WORKER_START], cwd=ROOT, env={**os.environ, **env}, check=True,
-                         capture_output=True, text=True, timeout=120).stdout  # fmt: skip
+def _sampling_in_a_fresh_process(as_a_worker: bool) -> int:
+    """A new bundle's sampling period in a fresh process that starts as Beam's SDK worker does, with a worker's
+    environment (its runner's control endpoint) or without."""
+    env = {k: v for k, v in os.environ.items() if k != "CONTROL_API_SERVICE_DESCRIPTOR"}
+    if as_a_worker:
+        env["CONTROL_API_SERVICE_DESCRIPTOR"] = "url: 'localhost:1'"
+    out = subprocess.run([sys.executable, "-c", WORKER_START], cwd=ROOT, env=env, check=True, capture_output=True,
+                         text=True, timeout=120).stdout  # fmt: skip
     return json.loads(out.splitlines()[-1])
 
 
 def test_a_worker_process_that_imports_the_plugin_samples_briefly_for_its_life():
-    assert _sampling_in_a_fresh_process({"CONTROL_API_SERVICE_DESCRIPTOR": "url: 'localhost:1'"}) == STATE_SAMPLING_MS
+    assert _sampling_in_a_fresh_process(as_a_worker=True) == STATE_SAMPLING_MS
 
 
 def test_importing_the_plugin_elsewhere_leaves_beams_sampler_as_it_is():
-    env = {k: v for k, v in os.environ.items() if k != "CONTROL_API_SERVICE_DESCRIPTOR"}
-    out = subprocess.run([sys.executable, "-c", WORKER_START], cwd=ROOT, env=env, check=True, capture_output=True,
-                         text=True, timeout=120).stdout  # fmt: skip
-    assert json.loads(out.splitlines()[-1]) == statesampler.DEFAULT_SAMPLING_PERIOD_MS == 200
+    assert _sampling_in_a_fresh_process(as_a_worker=False) == statesampler.DEFAULT_SAMPLING_PERIOD_MS == 200
     assert not worker_plugin.in_sdk_worker()  # nor here, in the tests' process
 
 
