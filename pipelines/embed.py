@@ -526,10 +526,11 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     reembed = _updated_since(catalog, cfg.reembed_since) if previous_shards and cfg.reembed_since else frozenset()
     listing = write_listing(cfg, catalog) if listed[0] == "images" else None
     prepared_at = time.monotonic()
+    here = _in_process(options)  # the workers are this process
     try:
-        if _in_process(options):  # the workers' readers start beside Beam's construction, not before the first reads
+        if here:  # the workers' readers start beside Beam's construction, not before the first reads
             start_fetch_readers(cfg, preprocess)
-        with quiet_runner_logs(), brief_state_sampling() if _in_process(options) else contextlib.nullcontext():
+        with quiet_runner_logs(), brief_state_sampling() if here else contextlib.nullcontext():
             build_pipeline(pipeline, cfg, model_version=model_version, preprocess=preprocess, dim=dim,
                            total_items=total, previous_shards=previous_shards, run_dir=run_dir,
                            failures_dir=failures_dir, reembed=reembed, previous_rows=previous_rows,
