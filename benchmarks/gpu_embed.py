@@ -43,7 +43,8 @@ interleaved pixels; `unpinned` reruns (d) with the file readers' ring left pagea
 was page-locked for the GPU (`encoder.page_lock`); `d-again` reruns the product's (d) after such variants (how
 far the run drifted: run E's first rows ran up to 14% below their later twins); `decoder-life` times a fresh
 `GpuImages` (as each (e) run's embed step makes one, where (d)'s runs share one warmed before them): making it, its
-first batch against its second, and letting it go; `damaged` reruns (d) with one file in 500 damaged past the
+first batch cold against its second, closing it, and the warm-up the embed step now starts against the first batch
+after it; `damaged` reruns (d) with one file in 500 damaged past the
 route (what a damaged JPEG costs its batch: nvImageCodec's hardware decoder fails a batch whole); `backends` decodes
 the files with nvImageCodec alone, with all its decoders and with each kind alone (the hardware engines, the CUDA
 decoder), clean and with damaged files, then reruns (d) with each kind alone, and once under the profiler (its
@@ -222,36 +223,47 @@ def decode_kinds(clean: list[Path], damaged: list[Path], device: torch.device, b
 
 def decoder_life(files: list[Path], encoder, device: torch.device, decoder: str, out: Path, batch: int,
                  rounds: int = 3) -> dict:  # fmt: skip
-    """What a fresh `GpuImages` costs a run: each (e) run's embed step makes its own (its decoders, their first use,
-    and their end when the step goes), where (d)'s runs share one warmed before them. Making it, its first batch
-    against its second (a batch of files through `embed_files` each, read in threads: the same reads both times)
-    and letting it go (its decoders destroyed; a collection only where a cycle holds it). Medians of `rounds`, a
-    fresh one each."""
-    import gc
-    import weakref
-
+    """What a fresh `GpuImages` costs a run: each (e) run's embed step makes its own, where (d)'s runs share one
+    warmed before them. Cold, as before the warm-up: making it, its first batch against its second (a batch of
+    files through `embed_files` each, read in threads: the same reads both times) and closing it (its decoders
+    destroyed; the embed step does it in a thread of its own). Warmed, as the embed step now starts it: the
+    warm-up on a batch of made-up photos (`GpuImages.warm`), then the first batch. Medians of `rounds`, a fresh
+    one each time."""
     from encoder.gpu_images import GpuImages
     from pipelines.direct_embed import embed_files
 
-    paths, cycles = [str(f) for f in files[:batch]], 0
-    seen: dict[str, list[float]] = {"make_s": [], "first_batch_s": [], "second_batch_s": [], "let_go_s": []}
-    for k in range(rounds):
+    paths = [str(f) for f in files[:batch]]
+    seen: dict[str, list[float]] = {name: [] for name in ("make_s", "first_batch_s", "second_batch_s", "close_s",
+                                                          "warm_s", "first_batch_after_warm_s")}  # fmt: skip
+
+    def timed(name: str, fn, *args) -> None:
+        start = time.perf_counter()
+        fn(*args)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seen[name].append(time.perf_counter() - start)
+
+    def make() -> GpuImages:
         start = time.perf_counter()
         images = GpuImages(encoder.preprocess, device, DecodeLimits(draft=True), decoder=decoder)
         seen["make_s"].append(time.perf_counter() - start)
-        for name in ("first_batch_s", "second_batch_s"):
-            start = time.perf_counter()
-            embed_files(paths, encoder, images, out / f"{k}-{name}", batch_size=batch, reader="threads")
-            seen[name].append(time.perf_counter() - start)
-        alive, start = weakref.ref(images), time.perf_counter()
-        del images
-        if alive() is not None:  # held in a cycle: its decoders go at a collection (a pass over the whole heap)
-            gc.collect()
-            cycles += 1
-        seen["let_go_s"].append(time.perf_counter() - start)
+        return images
+
+    def embed(images: GpuImages, name: str) -> None:
+        embed_files(paths, encoder, images, out / name, batch_size=batch, reader="threads")
+
+    for k in range(rounds):
+        cold = make()
+        timed("first_batch_s", embed, cold, f"{k}-first")
+        timed("second_batch_s", embed, cold, f"{k}-second")
+        timed("close_s", cold.close)
+        warmed = make()
+        timed("warm_s", warmed.warm, batch)
+        timed("first_batch_after_warm_s", embed, warmed, f"{k}-warmed")
+        warmed.close()
     shutil.rmtree(out, ignore_errors=True)
     medians = {name: round(float(np.median(values)), 3) for name, values in seen.items()}
-    return medians | {"freed_by_a_collection": cycles, "images": len(paths), "images_per_s": None}
+    return medians | {"images": len(paths), "images_per_s": None}
 
 
 def _damaged(files: list[Path], folder: Path, every: int) -> tuple[list[Path], int]:
@@ -890,7 +902,7 @@ def main() -> None:
                              encoder, device, decoder, work / "d", batch, False, "processes", 2, None, 1, True)  # fmt: skip
             elif path == "decoder-life":  # what (e) pays per run that (d)'s warmed decoders do not: their start and end
                 life = decoders[0] if smoke else auto_decoder  # Pillow's stand-in in --smoke
-                run.path(f"a fresh GpuImages: made, its first batch against its second, let go, {life}", decoder_life,
+                run.path(f"a fresh GpuImages: made, its first batch cold and warmed up, closed, {life}", decoder_life,
                          files, encoder, device, life, work / "life", batch)  # fmt: skip
             elif path == "unpinned":  # (d) with the reader processes' ring left pageable, as before it was page-locked
                 from pipelines import direct_embed

@@ -17,9 +17,13 @@ installs it is absent (it breaks transformers' SigLIP import there).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import logging
 import math
 import queue
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -43,6 +47,7 @@ __all__ = [
     "DECODE_MAX_BYTES",
     "DECODE_MEMORY_SHARE",
     "DECODE_MIN_BYTES",
+    "ClosingDecoder",
     "DecodedBatch",
     "GpuImages",
     "PreparedBatch",
@@ -56,6 +61,7 @@ __all__ = [
     "nvimgcodec_python_decoder",
     "nvjpeg_decoder",
     "outputs_held",
+    "sample_jpeg",
     "within_budget",
 ]
 
@@ -183,7 +189,19 @@ def nvimgcodec_decoder(device: torch.device, options: str | None = None,
     def decode(datas: list[bytes | np.ndarray], device: torch.device) -> tuple[PackedImages, list[int]]:
         return codec.decode_packed(datas, decode_max_bytes(device))  # on the current stream (`outputs_held`'s own)
 
-    return outputs_held(decode, device)
+    return ClosingDecoder(outputs_held(decode, device), codec.close)
+
+
+class ClosingDecoder:
+    """A `BatchDecoder` holding library handles of its own, which `close` frees at once (`GpuImages.close`). Without
+    it they go when the decoder is collected: a run's embed step sits in a reference cycle of Beam's, so a local
+    run's decoders went at some later collection, whenever that was, maybe in the middle of the next run."""
+
+    def __init__(self, decode: BatchDecoder, close: Callable[[], None]) -> None:
+        self._decode, self.close = decode, close
+
+    def __call__(self, datas: list[bytes | np.ndarray], device: torch.device):
+        return self._decode(datas, device)
 
 
 def nvimgcodec_python_decoder(device: torch.device) -> BatchDecoder:
@@ -211,10 +229,30 @@ def nvimgcodec_python_decoder(device: torch.device) -> BatchDecoder:
     return decode
 
 
+def sample_jpeg(width: int = 640, height: int = 480) -> bytes:
+    """A made-up photo as catalogs hold them (baseline JPEG, quality 90, chroma halved both ways): smooth colour
+    ramps under fine grain, so it compresses as a photo does, not as a flat image or noise would. Made once per
+    size."""
+    return _sample_jpeg(width, height)
+
+
+@functools.cache
+def _sample_jpeg(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    grain = np.random.default_rng(0).normal(0, 6, (height, width, 3)).astype(np.float32)
+    ramps = np.stack(
+        [255 * x / max(width - 1, 1), 255 * y / max(height - 1, 1), 128 + 96 * np.sin(x / 23 + y / 31)], -1
+    )
+    pixels = np.clip(ramps + grain, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, "JPEG", quality=90, subsampling="4:2:0")
+    return buffer.getvalue()
+
+
 def pil_decoder(device: torch.device | None = None) -> BatchDecoder:
     """Pillow at full size, then onto the device: the GPU path's logic on a machine without one."""
-    import io
-
     from PIL import Image
 
     def decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
@@ -312,6 +350,78 @@ class GpuImages:
         # What running out of memory taught, shared by the decode threads: pieces of a batch while it does not fit.
         self._decode_backoff = MemoryBackoff(stage="the GPU decoder")
         self._resize_backoff = MemoryBackoff(stage="the resize")
+        self._own_pool = cpu_pool is None  # shut down by `close`; a pool given is the giver's
+        self._closed = False
+        self._warming: threading.Thread | None = None
+        self.warm_s: float | None = None  # how long `start_warming`'s warm-up took, once it is over
+        self.warm_problem: str | None = None  # why it failed, if it did
+
+    def warm(self, count: int, width: int = 640, height: int = 480) -> None:
+        """Decode and resize a made-up batch of `count` photos (`sample_jpeg`) once on each GPU decoder, so that what
+        the decoders and the resize set up at first use is done before the first real batch: nvImageCodec makes its
+        decoders, their state per library thread and the hardware decoder's memory pool (sized by the batch) at its
+        first decode, CUDA loads a library's kernels as they are first launched, Triton compiles the resize's
+        kernels. Nothing without a GPU decoder. A real batch decoded meanwhile waits for no more than the decoder it
+        takes (each `decode` takes the one least recently used, so `decode_threads` warm-ups warm each once).
+
+        Raises:
+            Whatever the decoders or the resize raise for the made-up batch.
+        """
+        if self._decoders is None or count < 1:
+            return
+        batch = [sample_jpeg(width, height)] * count
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for _ in range(self.decode_threads):
+                prepared = self.finish(self.decode(batch, [None] * count))
+                if prepared.on_gpu != count:
+                    raise RuntimeError(f"the GPU decoder decoded {prepared.on_gpu} of {count} made-up photos")
+        if stream is not None:
+            stream.synchronize()
+
+    def start_warming(self, count: int) -> None:
+        """`warm` in a thread of its own, beside whatever the caller does next (a run's start, its first reads):
+        `warm_s` says how long it took once it is over. A failure is logged and kept (`warm_problem`), not raised:
+        the real batches meet it again, where it counts, or do not."""
+        if self._decoders is None or self._warming is not None:
+            return
+
+        def run() -> None:
+            started = time.monotonic()
+            try:
+                self.warm(count)
+            except Exception as err:  # noqa: BLE001 - the run goes on without a warm start
+                self.warm_problem = describe_error(err)
+                log.warning("warming the GPU decoders up failed (%s); the first batches will do it",
+                            self.warm_problem)  # fmt: skip
+            self.warm_s = time.monotonic() - started
+
+        self._warming = threading.Thread(target=run, name="decoder-warm", daemon=True)
+        self._warming.start()
+
+    def close(self, in_background: bool = False) -> threading.Thread | None:
+        """Free the GPU decoders' library handles (`ClosingDecoder`) and stop the CPU threads this made, after the
+        warm-up if one runs; decoding after this fails. A decoder still in a `decode` call is left to be collected.
+        `in_background`: in a thread of its own, which is returned: destroying nvImageCodec's decoders (a CUDA
+        stream, state and memory pools per decoder) would hold up whatever ends, a run's last step. Not a daemon
+        thread: the interpreter's exit waits for it rather than tearing the library down under it."""
+        if in_background:
+            thread = threading.Thread(target=self.close, name="decoder-close")
+            thread.start()
+            return thread
+        if self._warming is not None:
+            self._warming.join()
+        self._closed = True
+        while self._decoders is not None:
+            try:
+                decoder = self._decoders.get_nowait()
+            except queue.Empty:
+                break
+            if callable(close := getattr(decoder, "close", None)):
+                close()
+        if self._own_pool:
+            self._pool.shutdown(wait=False)
+        return None
 
     @property
     def decodes_on_gpu(self) -> bool:
@@ -349,6 +459,8 @@ class GpuImages:
         """The first stage: route each input, decode on the GPU, start the CPU decodes. Mostly time in the
         decoders, which release the GIL, so another thread can `finish` the previous batch meanwhile.
         `reasons`, when given, routes the encoded inputs as `route` does (one per input)."""
+        if self._closed:
+            raise RuntimeError("these GpuImages are closed: their decoders are gone")
         encoded = [i for i, x in enumerate(inputs) if not _is_pixels(x)]
         known = None if reasons is None else [reasons[i] for i in encoded]
         gpu, cpu = (  # positions in `inputs`

@@ -66,7 +66,9 @@ from pipelines.embed_dofns import (
     FetchAndDecode,
     InMemoryReuse,
     close_file_readers,
+    drop_embed_images,
     gpu_decoding,
+    start_embed_images,
     start_fetch_readers,
 )
 from pipelines.embed_runs import (
@@ -528,8 +530,9 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     prepared_at = time.monotonic()
     here = _in_process(options)  # the workers are this process
     try:
-        if here:  # the workers' readers start beside Beam's construction, not before the first reads
+        if here:  # the workers' readers and decoders start beside Beam's construction, not before the first batch
             start_fetch_readers(cfg, preprocess)
+            start_embed_images(cfg, PRELOADED[cfg.run_id])
         with quiet_runner_logs(), brief_state_sampling() if here else contextlib.nullcontext():
             build_pipeline(pipeline, cfg, model_version=model_version, preprocess=preprocess, dim=dim,
                            total_items=total, previous_shards=previous_shards, run_dir=run_dir,
@@ -544,6 +547,8 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     finally:
         if listing:
             remove_scratch(cfg)
+        if here:  # decoders made for the embed step that it never took
+            drop_embed_images(cfg.run_id)
         if _runs_here(options):  # the workers were this process: their reader processes are done too
             close_file_readers()
     metrics = _metric_counts(result)
@@ -584,7 +589,8 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
         load_s = slowest_s("model_load")
     time_s = {"prepare": prepared_at - started, "pipeline": ran_at - prepared_at, "model_load": load_s,
               "compile": slowest_s("compile"), "fetch_setup": slowest_s("fetch_setup"),
-              "embed_setup": slowest_s("embed_setup"), "accounting": wall_s - (ran_at - started)}  # fmt: skip
+              "embed_setup": slowest_s("embed_setup"), "decoder_warm": slowest_s("decoder_warm"),
+              "accounting": wall_s - (ran_at - started)}  # fmt: skip
     manifest = {
         "run_id": cfg.run_id,
         "status": "complete",

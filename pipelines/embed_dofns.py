@@ -65,11 +65,14 @@ __all__ = [
     "ItemChunkCoder",
     "PreparedImageCoder",
     "close_file_readers",
+    "drop_embed_images",
+    "embed_images",
     "fetch_readers",
     "file_reader_for",
     "gpu_decoder_name",
     "gpu_decoding",
     "reader_processes",
+    "start_embed_images",
     "start_fetch_readers",
     "windowed",
 ]
@@ -292,17 +295,17 @@ class EmbedBatch(beam.DoFn):
         load = partial(load_encoder, cfg.encoder, cfg.limits)
         self._encoder = self._shared.acquire(lambda: PRELOADED.pop(cfg.run_id, None) or load(), tag=cfg.model)
         self._load_ms = _ms_since(started)  # reported in a bundle, where metrics count
-        preprocess = self._encoder.preprocess
-        decoder = gpu_decoder_name(cfg) if gpu_decoding(cfg, preprocess) else None
+        decoder = gpu_decoder_name(cfg) if gpu_decoding(cfg, self._encoder.preprocess) else None
         if decoder:
             log.info("JPEGs decode on %s with %s", self._encoder.device, decoder)
         elif cfg.gpu_decode_threads > 1:
             log.warning("--gpu-decode-threads %d ignored: images decode on CPU threads here (--fetch-threads)",
                         cfg.gpu_decode_threads)  # fmt: skip
-        self._images = GpuImages(preprocess, self._encoder.device, cfg.limits, decoder=decoder,
-                                 cpu_threads=cfg.fetch_threads, max_decode_s=cfg.max_decode_s,
-                                 decode_threads=cfg.gpu_decode_threads if decoder else 1,
-                                 resize=cfg.gpu_resize if decoder else "products")  # fmt: skip
+        # Made and warming since before the pipeline started where the launcher is the worker (`start_embed_images`);
+        # else made here, warming beside the first reads.
+        self._images = _MADE_EARLY.pop(cfg.run_id, None) or embed_images(cfg, self._encoder)
+        self._images.start_warming(self._encoder.batch_size)
+        self._warm_reported = False
         self._stream: BackgroundEmbedder | None = None
         self._waiting: list[PreparedImage] = []
         # Images waiting for a full batch leave the ring: into page-locked memory where the ring is page-locked.
@@ -364,10 +367,12 @@ class EmbedBatch(beam.DoFn):
         if self._waiting:
             self._submit(self._waiting)
             self._waiting = []
-        if self._stream is None:
-            return
-        stream, self._stream = self._stream, None
-        yield from windowed(self._outputs(stream.finish()))
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            yield from windowed(self._outputs(stream.finish()))
+        if not self._warm_reported and self._images.warm_s is not None:  # over by now, unless it failed to start
+            Metrics.distribution(NAMESPACE, "decoder_warm_ms").update(int(1000 * self._images.warm_s))
+            self._warm_reported = True
 
     def _outputs(self, finished):
         for done in finished:
@@ -389,6 +394,8 @@ class EmbedBatch(beam.DoFn):
             self._stream.close()
         if getattr(self, "_journal", None) is not None:
             self._journal.close()
+        if getattr(self, "_images", None) is not None:  # the decoders freed now, beside the run's end
+            self._images.close(in_background=True)
 
 
 def _off_the_ring(items: list[PreparedImage], page_locked: bool = False) -> list[PreparedImage]:
@@ -482,6 +489,42 @@ def start_fetch_readers(cfg: EmbedConfig, preprocess) -> bool:
         return False
     fetch_readers(cfg)
     return True
+
+
+def embed_images(cfg: EmbedConfig, encoder: ImageEncoder) -> GpuImages:
+    """The embed step's decoders and resize for `encoder` (`GpuImages`): JPEGs on the GPU where this worker decodes
+    there (`gpu_decoding`), everything on CPU threads otherwise."""
+    decoder = gpu_decoder_name(cfg) if gpu_decoding(cfg, encoder.preprocess) else None
+    return GpuImages(encoder.preprocess, encoder.device, cfg.limits, decoder=decoder, cpu_threads=cfg.fetch_threads,
+                     max_decode_s=cfg.max_decode_s, decode_threads=cfg.gpu_decode_threads if decoder else 1,
+                     resize=cfg.gpu_resize if decoder else "products")  # fmt: skip
+
+
+_MADE_EARLY: dict[str, GpuImages] = {}  # run id → its embed step's images, made by the launcher (`start_embed_images`)
+
+
+def start_embed_images(cfg: EmbedConfig, encoder: ImageEncoder) -> bool:
+    """Make the embed step's GPU decoders now and warm them up in the background (`GpuImages.start_warming`), where
+    the workers are this process (the local runner) and decode on the GPU: their first use (nvImageCodec's decoders
+    and memory pools, kernels loaded and compiled) runs beside Beam's construction and the pipeline's first stages
+    instead of holding up the first batch. The embed step takes them (one of its instances, where there are
+    several). Whether it made them.
+
+    Raises:
+        NvImageCodecError: nvImageCodec cannot be used (here, rather than in the step's setup).
+    """
+    if not gpu_decoding(cfg, encoder.preprocess):
+        return False
+    images = _MADE_EARLY[cfg.run_id] = embed_images(cfg, encoder)
+    images.start_warming(encoder.batch_size)
+    return True
+
+
+def drop_embed_images(run_id: str) -> None:
+    """Free the decoders `start_embed_images` made for a run whose embed step never took them (a run that failed
+    first, or had nothing to embed)."""
+    if (images := _MADE_EARLY.pop(run_id, None)) is not None:
+        images.close(in_background=True)
 
 
 def close_file_readers() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from PIL import Image
 from benchmarks.common import realistic_jpegs
 from encoder import DecodeLimits, PreprocessConfig, decode_image
 from encoder.gpu_images import (
+    ClosingDecoder,
     DecodedBatch,
     GpuImages,
     batches_progressive,
@@ -21,7 +24,9 @@ from encoder.gpu_images import (
     nvimgcodec_decoder,
     outputs_held,
     pil_decoder,
+    sample_jpeg,
 )
+from encoder.jpeg import cpu_reason
 from encoder.preprocess import draft_scale
 from encoder.resize import (
     PackedImages,
@@ -736,11 +741,14 @@ def test_nvimgcodecs_decodes_are_held(monkeypatch):
     ordering, but the race's `gpu` test failed with it on an H200."""
     import encoder.gpu_images as gpu_images
 
-    wrapped = []
+    wrapped, closed = [], []
     monkeypatch.setattr(gpu_images, "outputs_held", lambda decode, device: wrapped.append(device) or decode)
-    monkeypatch.setattr("encoder.nvimgcodec.NvImageCodec", lambda device, **_: object())
-    gpu_images.nvimgcodec_decoder(torch.device("cuda", 0))
+    monkeypatch.setattr("encoder.nvimgcodec.NvImageCodec",
+                        lambda device, **_: SimpleNamespace(close=lambda: closed.append(device)))  # fmt: skip
+    decoder = gpu_images.nvimgcodec_decoder(torch.device("cuda", 0))
     assert wrapped == [torch.device("cuda", 0)]
+    decoder.close()  # its library handles freed at once, not at a collection
+    assert closed == [torch.device("cuda", 0)]
 
 
 @pytest.mark.gpu
@@ -839,3 +847,106 @@ def test_damaged_jpegs_on_the_gpu_are_decoded_or_dead_lettered_and_spare_the_res
         torch.cuda.synchronize()
 
     check()
+
+
+def _counting_decoders(monkeypatch, hold: threading.Event | None = None):
+    """`DECODERS["nvjpeg"]` made to hand out Pillow stand-ins that log (decoder number, batch size) per call and
+    count their `close`; with `hold`, a call on the made-up photo waits for it."""
+    import encoder.gpu_images as gpu_images
+
+    calls: list[tuple[int, int]] = []
+    closed: list[int] = []
+
+    def make(device):
+        number, pil = len(made), pil_decoder()
+        made.append(number)
+
+        def decode(datas, device):
+            if hold is not None and datas[0] is sample_jpeg():
+                hold.wait(10)
+            calls.append((number, len(datas)))
+            return pil(datas, device)
+
+        return ClosingDecoder(decode, lambda: closed.append(number))
+
+    made: list[int] = []
+    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", make)
+    return calls, closed
+
+
+def test_the_sample_photo_goes_to_the_gpu_decoder_and_compresses_as_a_photo():
+    data = sample_jpeg()
+    assert cpu_reason(data, 50 << 20, 10**8, progressive=False) is None  # baseline, 3 channels: the GPU decoder's
+    image = Image.open(io.BytesIO(data))
+    assert image.size == (640, 480) and image.mode == "RGB"
+    assert 30_000 < len(data) < 200_000  # about a catalog photo's bytes (~70 KB): neither flat nor noise
+    assert sample_jpeg() is data  # made once
+
+
+def test_warming_decodes_and_resizes_a_made_up_batch_once_on_each_decoder(monkeypatch):
+    calls, _ = _counting_decoders(monkeypatch)
+    images = GpuImages(CFG, "cpu", FULL, decoder="nvjpeg", decode_threads=2)
+    images.warm(5)
+    assert sorted(calls) == [(0, 5), (1, 5)]
+    calls.clear()
+    assert images.prepare([sample_jpeg()] * 3).on_gpu == 3 and len(calls) == 1  # the decoders work on after it
+
+
+def test_a_batch_during_the_warm_up_waits_only_for_the_decoder_being_warmed(monkeypatch, jpegs):
+    hold = threading.Event()
+    calls, _ = _counting_decoders(monkeypatch, hold)
+    images = GpuImages(CFG, "cpu", FULL, decoder="nvjpeg", decode_threads=2)
+    images.start_warming(4)
+    try:
+        batch = images.prepare(jpegs[:3])  # the warm-up holds decoder 0: this batch takes decoder 1
+        assert batch.on_gpu == 3 and calls == [(1, 3)] and images.warm_s is None
+    finally:
+        hold.set()
+    images.close()  # after the warm-up, which then warmed decoder 1 too
+    assert sorted(calls) == [(0, 4), (1, 3), (1, 4)] and images.warm_s > 0 and images.warm_problem is None
+
+
+def test_a_warm_up_that_fails_is_logged_and_kept_and_the_run_goes_on(monkeypatch, jpegs, caplog):
+    def decode(datas, device):
+        if any(data is sample_jpeg() for data in datas):
+            raise RuntimeError("nvjpeg: not this one")
+        return pil_decoder()(datas, device)
+
+    images = GpuImages(CFG, "cpu", FULL, decoder=decode, cpu_threads=2)
+    images.start_warming(2)
+    images.close(in_background=True).join()
+    assert "decoded 0 of 2 made-up photos" in images.warm_problem
+    assert "warming the GPU decoders up failed" in caplog.text
+    again = GpuImages(CFG, "cpu", FULL, decoder=decode, cpu_threads=2)
+    again.start_warming(2)
+    assert again.prepare(jpegs[:2]).on_gpu == 2  # real batches are not held up by it
+
+
+def test_closing_frees_each_decoder_once_after_the_warm_up_and_decodes_no_more(monkeypatch, jpegs):
+    hold = threading.Event()
+    _, closed = _counting_decoders(monkeypatch, hold)
+    images = GpuImages(CFG, "cpu", FULL, decoder="nvjpeg", decode_threads=2)
+    images.start_warming(2)
+    closing = images.close(in_background=True)  # in a thread of its own, not a daemon: exit waits for it
+    assert closing.name == "decoder-close" and not closing.daemon
+    closing.join(0.2)
+    assert closing.is_alive() and closed == []  # waits for the warm-up, which holds a decoder
+    hold.set()
+    closing.join()
+    assert sorted(closed) == [0, 1]
+    with pytest.raises(RuntimeError, match="closed"):
+        images.prepare(jpegs[:1])
+    images.close()
+    assert sorted(closed) == [0, 1]  # once each
+
+
+def test_closing_stops_the_cpu_threads_it_made_but_not_a_pool_it_was_given(jpegs):
+    from concurrent.futures import ThreadPoolExecutor
+
+    given = ThreadPoolExecutor(1)
+    GpuImages(CFG, "cpu", FULL, cpu_pool=given, decoder=None).close()
+    assert given.submit(lambda: 1).result() == 1
+    own = GpuImages(CFG, "cpu", FULL, decoder=None)
+    own.close()
+    with pytest.raises(RuntimeError):
+        own._pool.submit(lambda: 1)

@@ -8,14 +8,17 @@ import io
 import json
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
@@ -146,10 +149,12 @@ def test_run_manifest_is_written_last_with_counts_and_shards(first_run):
 
 def test_the_manifest_says_where_the_wall_time_went(first_run):
     t = first_run.manifest["time_s"]
-    assert set(t) == {"prepare", "pipeline", "model_load", "compile", "fetch_setup", "embed_setup", "accounting"}
+    assert set(t) == {"prepare", "pipeline", "model_load", "compile", "fetch_setup", "embed_setup", "decoder_warm",
+                      "accounting"}  # fmt: skip
     assert 0 < t["model_load"] < t["prepare"] and t["pipeline"] > 0 and t["accounting"] > 0
     assert 0 <= t["fetch_setup"] < t["pipeline"] and 0 <= t["embed_setup"] < t["pipeline"]  # the workers' own
     assert t["compile"] is None  # not compiled
+    assert t["decoder_warm"] is None  # no GPU decoder to warm up (the GPU wiring's test has one)
     assert t["prepare"] + t["pipeline"] + t["accounting"] == pytest.approx(first_run.manifest["wall_time_s"], abs=0.01)
 
 
@@ -475,8 +480,22 @@ def test_gpu_decode_wiring_on_the_cpu_embeds_every_item_like_the_cpu_path(
         routed.append(reasons is not None)
         return decode(self, inputs, reasons)
 
+    warm, decoders_made, closed = [], [], []
+    stand_in = _pil_decoder(calls)
+
+    def decoder(device):  # counts the made-up photos of the warm-up apart, and when it is made and freed
+        decoders_made.append((len(processes), len(readers_at_build)))  # readers started, builds begun by then
+
+        def decode(datas, device):
+            if datas[0] is gpu_images.sample_jpeg():
+                warm.append(len(datas))
+                return _pil_decoder()(datas, device)
+            return stand_in(datas, device)
+
+        return gpu_images.ClosingDecoder(decode, lambda: closed.append(1))
+
     monkeypatch.setattr(embed_dofns, "gpu_decoding", lambda cfg, preprocess: True)
-    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda device: _pil_decoder(calls))
+    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", decoder)
     monkeypatch.setattr(gpu_images.GpuImages, "decode", spy)
     monkeypatch.setattr(embed_dofns, "_READERS", {})
     processes = []  # each reader's processes
@@ -502,6 +521,15 @@ def test_gpu_decode_wiring_on_the_cpu_embeds_every_item_like_the_cpu_path(
     assert result.counts == first_run.counts
     # started before Beam built the pipeline (the local runner's workers are this process), and the fetch step's
     assert readers_at_build == [1]
+    # its decoder made after the readers, before the build, and the embed step's: one for the run, warmed up once on
+    # a batch of made-up photos, and freed at the run's end (in a thread of its own)
+    assert decoders_made == [(1, 0)] and warm == [16]
+    assert not embed_dofns._MADE_EARLY
+    for thread in threading.enumerate():
+        if thread.name == "decoder-close":
+            thread.join()
+    assert closed == [1]
+    assert result.manifest["time_s"]["decoder_warm"] > 0
     assert periods and set(periods) == {STATE_SAMPLING_MS}  # each bundle's end waits 20 ms at most
     # the run's reader processes stopped at its end: a nightly run's later steps do not keep them
     assert len(processes) == 1 and all(proc.poll() is not None for proc in processes[0]) and not embed_dofns._READERS
@@ -528,12 +556,34 @@ def _decodes(data: bytes) -> bool:
     return True
 
 
-def test_a_cpu_worker_starts_no_reader_processes(monkeypatch):
-    """Its fetch step reads in its own threads: nothing to start ahead."""
+def test_a_cpu_worker_starts_no_reader_processes_nor_gpu_decoders(monkeypatch):
+    """Its fetch step reads in its own threads, its embed step decodes on CPU threads: nothing to start ahead."""
     monkeypatch.setattr(embed_dofns, "_READERS", {})
     monkeypatch.setattr(embed_dofns, "gpu_decoding", lambda cfg, preprocess: False)
     cfg = EmbedConfig(catalog="unused", model="unused", out="unused")
     assert embed_dofns.start_fetch_readers(cfg, None) is False and not embed_dofns._READERS
+    encoder = SimpleNamespace(preprocess=None, device=torch.device("cpu"), batch_size=4)
+    assert embed_dofns.start_embed_images(cfg, encoder) is False and not embed_dofns._MADE_EARLY
+
+
+def test_gpu_decoders_made_for_a_run_that_fails_before_its_embed_step_are_freed(tiny_model, tmp_path, monkeypatch):
+    import encoder.gpu_images as gpu_images
+    from tests.encoder.test_gpu_images import _pil_decoder
+
+    closed = []
+    monkeypatch.setattr(embed_dofns, "gpu_decoding", lambda cfg, preprocess: True)
+    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg",
+                        lambda device: gpu_images.ClosingDecoder(_pil_decoder(), lambda: closed.append(1)))  # fmt: skip
+    monkeypatch.setattr(embed, "build_pipeline", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("it failed")))
+    catalog = tmp_path / "catalog.parquet"
+    pq.write_table(pa.table({"item_id": ["a"], "image_uri": [str(tmp_path / "a.jpg")]}), catalog)
+    with pytest.raises(RuntimeError, match="it failed"):
+        run_embed(EmbedConfig(catalog=str(catalog), model=str(tiny_model), out=str(tmp_path / "out"),
+                              gpu_decoder="nvjpeg", batch_size=4))  # fmt: skip
+    for thread in threading.enumerate():
+        if thread.name == "decoder-close":
+            thread.join()
+    assert closed == [1] and not embed_dofns._MADE_EARLY
 
 
 @pytest.mark.parametrize("decode_threads", [1, 2])
@@ -587,8 +637,6 @@ def test_gpu_decode_threads_on_a_worker_that_decodes_on_the_cpu_are_ignored_with
 
 
 def test_the_readers_ring_holds_four_of_the_embed_steps_batches(monkeypatch):
-    from types import SimpleNamespace
-
     made: list[int] = []
 
     def reader(key, processes, chunk, slots, page_lock):
@@ -666,7 +714,8 @@ def test_the_readers_route_for_the_decoder_that_auto_resolves_to(
     monkeypatch.setattr(
         embed_dofns, "file_reader_for", lambda limits, progressive, *rest: seen.update(progressive=progressive)
     )
-    monkeypatch.setattr(embed_dofns, "GpuImages", lambda *args, decoder, **kwargs: seen.update(decoder=decoder))
+    monkeypatch.setattr(embed_dofns, "GpuImages", lambda *args, decoder, **kwargs: seen.update(decoder=decoder)
+                        or SimpleNamespace(start_warming=lambda count: None))  # fmt: skip
     cfg = EmbedConfig(catalog="-", model=str(tiny_model), out="-")
     fetch = FetchAndDecode(cfg, PreprocessConfig(), 0)
     fetch.setup()
