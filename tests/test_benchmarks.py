@@ -223,6 +223,16 @@ def test_ring_fault_benchmark_runs():
     assert float(rows["pieces"][5]) <= 1000 * float(rows["pieces"][3]) + 1  # ms, rounded, against s
 
 
+def test_decoder_warm_benchmark_runs_each_way_on_each_catalog():
+    out = _run("benchmarks/decoder_warm.py", "--images", "16,32", "--rounds", "1", "--batch-size", "8",
+               "--first-use-s", "0.05", "--close-s", "0")  # fmt: skip
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| 16 |") or line.startswith("| 32 |")]
+    assert [(row[1].strip(), row[2].strip().split(":")[0]) for row in rows] == [
+        (n, way) for n in ("16", "32") for way in ("before", "warm-up in the step's setup only", "the product")
+    ]
+    assert all(float(row[4]) > 0 for row in rows) and [float(row[5]) for row in rows][::3] == [1.0, 1.0]
+
+
 @pytest.mark.gcs
 def test_gcs_latency_benchmark_runs():
     result = json.loads(
