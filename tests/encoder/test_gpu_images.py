@@ -671,6 +671,25 @@ def test_gpu_decoders_match_the_cpu_path(jpegs, decoder, size, limits):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("decoder", ["nvjpeg", "nvimgcodec"])
+def test_gpu_decoders_warmed_up_then_closed_decode_as_fresh_ones(jpegs, decoder):
+    """The warm-up's made-up batch leaves nothing behind in the decoders (the next real batch's pixels are a fresh
+    decoder's, bit for bit), and closing frees nvImageCodec's handles without harm to decoders made later."""
+    if decoder == "nvimgcodec":
+        pytest.importorskip("nvidia.nvimgcodec")
+    fresh = GpuImages(CFG, "cuda", FULL, decoder=decoder).prepare(jpegs).pixels.cpu()
+    warmed = GpuImages(CFG, "cuda", FULL, decoder=decoder, decode_threads=2)
+    warmed.start_warming(64)
+    batch = warmed.prepare(jpegs)  # beside the warm-up, on whichever decoder is free
+    warmed.close(in_background=True).join()
+    assert warmed.warm_problem is None and warmed.warm_s > 0
+    assert batch.on_gpu == len(jpegs) and torch.equal(batch.pixels.cpu(), fresh)
+    later = GpuImages(CFG, "cuda", FULL, decoder=decoder)
+    later.warm(8)
+    assert torch.equal(later.prepare(jpegs).pixels.cpu(), fresh)
+
+
+@pytest.mark.gpu
 def test_the_resize_stage_never_waits_for_the_gpu(jpegs):
     """Resizing a decoded batch only queues work: a synchronisation there would stall the stage behind the model."""
     images = GpuImages(CFG, "cuda", FULL, decoder="nvjpeg")
