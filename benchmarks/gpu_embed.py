@@ -25,7 +25,8 @@ where (e) falls behind (d), which of the two moved says whether the lock or the 
 run's fixed cost lies (`edges`, and in (e)'s `time_s`: from its start, (e)'s from its pipeline's, to its first
 launch, and from its last launch to its end), for the whole run and the small one; (d) also how long
 locking the file readers' ring took (`ring_page_lock_s`, till the run's end if that came first) and its longest
-call into the driver (`ring_page_lock_longest_call_s`). `timeline` reruns (c) and (d)
+call into the driver (`ring_page_lock_longest_call_s`), and what the run's end waited for (`end_s`: the readers' close,
+of it the ring's unlock, and the shards' close). `timeline` reruns (c) and (d)
 (4,096 files) under torch's profiler: (c)'s costliest kernels; each CUDA stream's busy time,
 how much of it overlaps the model's, and each thread's longest CUDA calls
 (`benchmarks/cuda_timeline.py`; `--trace-dir` keeps the traces), with the product's streams
@@ -569,6 +570,10 @@ def end_to_end(files: list[Path], encoder, device: torch.device, decoder: str, o
             "batches_retried": result.batches_retried, "batches_in_pieces": result.batches_in_pieces,
             "ring_page_locked": result.ring_page_locked, "ring_page_lock_s": result.ring_page_lock_s,
             "ring_page_lock_longest_call_s": result.ring_page_lock_longest_s,
+            # what the run's end waited for: part of `edges`' after_last_launch_s
+            "end_s": {name: None if value is None else round(value, 3) for name, value in (
+                ("reader_close", result.reader_close_s), ("ring_page_unlock", result.ring_page_unlock_s),
+                ("shards_close", result.shards_close_s))},
             "decode_threads": decode_threads, "resize": resize, "busy_pct": {k: round(100 * v / seconds) for k, v in busy.items()},
             **seen}  # fmt: skip
 

@@ -8,6 +8,7 @@ embed contract (`pipelines.records`), dead letters beside them. `benchmarks/gpu_
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,11 @@ class DirectResult:
     ring_page_locked: bool = False  # the reader processes' ring was page-locked whole for the GPU decoder by the end
     ring_page_lock_s: float | None = None  # how long that took, or ran till the end (it runs beside the reads)
     ring_page_lock_longest_s: float | None = None  # its longest call into the driver (the driver's lock held)
+    # What the run's end waited for, seconds: the reader processes' close (of it, the ring's unlock) and the shards'
+    # (the last tables written behind the loop, the files closed); None where there was none.
+    reader_close_s: float | None = None
+    ring_page_unlock_s: float | None = None
+    shards_close_s: float | None = None
 
 
 def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, out_dir: str | Path, *,
@@ -92,8 +98,12 @@ def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, 
         result.ring_page_locked = getattr(files, "page_lock_completed", False)
         result.ring_page_lock_s = getattr(files, "page_lock_s", None)
         result.ring_page_lock_longest_s = getattr(files, "page_lock_longest_s", None)
+        result.reader_close_s = getattr(files, "close_s", None)
+        result.ring_page_unlock_s = getattr(files, "page_unlock_s", None)
     finally:
+        closing = time.monotonic()
         result.shards = shards.close()
+        result.shards_close_s = time.monotonic() - closing
         if journaled is not None:
             journaled.close()
     names = ("item_id", "image_uri", "stage", "error")

@@ -305,6 +305,8 @@ class ProcessReader:
         self.page_lock_problem: str | None = None  # why `page_lock` failed
         self.page_lock_s: float | None = None  # how long locking the ring took (or ran, if stopped), once it is over
         self.page_lock_longest_s: float | None = None  # the longest `page_lock` call: the driver's lock held
+        self.close_s: float | None = None  # how long `close` took: the processes stopped, the lock's end, the unlocks
+        self.page_unlock_s: float | None = None  # of it, unlocking the ring (None: nothing was locked)
         self._locking: threading.Thread | None = None
         self._closed = threading.Event()
         if page_lock is not None:
@@ -503,7 +505,10 @@ class ProcessReader:
             return sum((w.object_reads for w in self._workers), HedgeStats())
 
     def close(self) -> None:
-        """Stop the reader processes (a second at most) and wake a `read` waiting for slots."""
+        """Stop the reader processes (a second at most) and wake a `read` waiting for slots. A run's end waits for
+        this: `close_s` and `page_unlock_s` say how long it took (the first close's)."""
+        started = time.monotonic()
+        first = not self._closed.is_set()
         self._closed.set()
         for worker in self._workers:
             with contextlib.suppress(OSError):
@@ -519,10 +524,15 @@ class ProcessReader:
         self._workers = []
         if self._locking is not None:  # stopped after the piece under way; unlocked before the ring can be unmapped
             self._locking.join()
-            self._unlock_ring()
+            unlocking = time.monotonic()
+            if self._unlocks:
+                self._unlock_ring()
+                self.page_unlock_s = time.monotonic() - unlocking
         if self._fd >= 0:
             os.close(self._fd)  # the mapping stays valid while batches still point into it
             self._fd = -1
+        if first:
+            self.close_s = time.monotonic() - started
 
     def __enter__(self) -> ProcessReader:
         return self

@@ -115,6 +115,8 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu(tmp_path):
     # (e)'s counted from its pipeline's start, past the load and its compile on zeros
     assert e["whole_time_s"]["to_first_launch_s"] < e["whole_time_s"]["pipeline"]
     assert set(d["small_run"]["edges"]) == {"to_first_launch_s", "after_last_launch_s"}
+    # of the end: the readers' close (their ring never locked on a CPU) and the shards'
+    assert d["end_s"]["ring_page_unlock"] is None and d["end_s"]["reader_close"] > 0 <= d["end_s"]["shards_close"]
     life = results["a fresh GpuImages: made, its first batch cold and warmed up, closed, pil"]
     assert life["images"] == 16 and life["close_s"] >= 0
     assert all(life[k] > 0 for k in ("first_batch_s", "second_batch_s", "warm_s", "first_batch_after_warm_s"))

@@ -810,6 +810,9 @@ def test_embed_files_writes_every_file_once_or_dead_letters_it(tiny_encoder, fil
     assert [pq.read_table(s).num_rows for s in result.shards] == [16, 5]  # in order, written by the writer thread
     assert not column_encodings(result.shards[0])["embedding"]  # vectors never dictionary-encoded
     assert gc.get_freeze_count() == 0  # the heap frozen for the run only (pipelines.heap)
+    # what the run's end waited for: the reader processes' close (no ring locked on a CPU), the shards'
+    assert result.shards_close_s >= 0 and result.ring_page_unlock_s is None
+    assert (result.reader_close_s > 0) if reader == "processes" else result.reader_close_s is None
 
 
 def test_embed_files_counts_the_batches_retried_in_halves_and_those_run_in_pieces(tiny_encoder, files, tmp_path,

@@ -297,9 +297,12 @@ def test_the_ring_is_page_locked_in_pieces_of_whole_slots_and_unlocked_on_close(
     assert 0 <= reader.page_lock_longest_s <= reader.page_lock_s
     assert [o for b in _outcomes(reader, jpegs, 8) for o in b] == [_expected(p) for p in jpegs]
     reader.close()
+    closed_s = reader.close_s
     reader.close()
     assert calls[3:] == [("unlock", at + 6 * slot), ("unlock", at + 3 * slot), ("unlock", at)]
     assert not reader.page_locked and reader.page_lock_completed  # unlocked now; it was locked whole
+    # what the run's end waited for: the first close's, the unlocks a part of it
+    assert reader.close_s == closed_s and 0 <= reader.page_unlock_s <= reader.close_s
 
 
 def test_reads_do_not_wait_for_the_ring_to_be_page_locked(corpus):
