@@ -532,7 +532,8 @@ def test_gpu_decode_wiring_on_the_cpu_embeds_every_item_like_the_cpu_path(
     assert result.manifest["time_s"]["decoder_warm"] > 0
     assert periods and set(periods) == {STATE_SAMPLING_MS}  # each bundle's end waits 20 ms at most
     # the run's reader processes stopped at its end: a nightly run's later steps do not keep them
-    assert len(processes) == 1 and all(proc.poll() is not None for proc in processes[0]) and not embed_dofns._READERS
+    assert len(processes) == 1 and not embed_dofns._READERS
+    assert all(proc.wait(5) is not None for proc in processes[0])  # told to stop, reaped in a thread of its own
     images = [p.read_bytes() for p in (demo_catalog.root / "images").iterdir()]
     limits = DecodeLimits()
     routes = [cpu_reason(data, limits.max_bytes, limits.max_pixels, progressive=False) for data in images]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 import time
 
 import numpy as np
@@ -264,12 +265,23 @@ def test_a_consumer_that_stops_early_leaves_the_reader_ready_for_the_next_read(c
         assert [o for b in _outcomes(reader, jpegs, 4) for o in b] == [_expected(p) for p in jpegs]
 
 
-def test_closing_stops_the_reader_processes(corpus):
+def test_closing_stops_the_reader_processes_without_waiting_for_their_exit(corpus, monkeypatch):
+    """The processes are told to stop and reaped in a thread of their own (not a daemon: exit waits for it); one
+    that will not stop within a second is killed there."""
+    import threading
+
     reader = ProcessReader(LIMITS, 2)
-    procs = [w.proc for w in reader._workers]
-    start = time.monotonic()
+    workers = list(reader._workers)
+    os.kill(workers[1].proc.pid, signal.SIGSTOP)  # a process that will not stop of itself
+    before, start = set(threading.enumerate()), time.monotonic()
     reader.close()
-    assert all(p.poll() is not None for p in procs) and time.monotonic() - start < 3
+    assert time.monotonic() - start < 0.5  # its end is not waited for here
+    (reaper,) = [t for t in threading.enumerate() if t.name == "reader-reap" and t not in before]
+    assert not reaper.daemon
+    reaper.join(5)
+    assert not reaper.is_alive() and all(w.proc.poll() is not None for w in workers)
+    assert workers[1].proc.returncode == -signal.SIGKILL and workers[0].proc.returncode == 0
+    assert all(w.tasks.closed and w.replies.closed for w in workers)
     with pytest.raises(RuntimeError, match="closed"):
         next(reader.read(corpus, 4))
 
