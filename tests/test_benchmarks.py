@@ -235,6 +235,12 @@ def test_decoder_warm_benchmark_runs_each_way_on_each_catalog():
     assert all(float(row[4]) > 0 for row in rows) and [float(row[5]) for row in rows][::3] == [1.0, 1.0]
 
 
+def test_run_end_benchmark_runs_both_ways():
+    out = _run("benchmarks/run_end.py", "--images", "32", "--batch-size", "8", "--rounds", "1")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| before") or line.startswith("| now")]
+    assert len(rows) == 2 and all(float(row[3]) > 0 and 0 < float(row[5]) <= float(row[3]) for row in rows)
+
+
 @pytest.mark.gcs
 def test_gcs_latency_benchmark_runs():
     result = json.loads(
