@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -125,7 +126,6 @@ def test_reading_ahead_stops_at_the_ring_and_resumes_as_batches_are_dropped(corp
 def test_a_batch_due_while_the_caller_holds_every_slot_comes_without_the_ring(corpus):
     """Slots the caller itself keeps would never come back while it waits for its next batch: that batch's
     chunks wait `SLOT_WAIT_S` for one, then their bytes come in the reply."""
-    import threading
 
     jpegs = [p for p in corpus if "/jpegs/" in p][:16]
     with ProcessReader(LIMITS, 2, chunk=2, slots=4) as reader:
@@ -216,7 +216,6 @@ def test_a_cancelled_read_frees_its_slots_for_the_next(corpus):
 def test_threads_reading_at_once_each_get_their_own_files(corpus):
     """A runner's threads share a worker process's reader: their reads run together, each reply to the read
     that asked, and a ring too small for all of them at once stops none."""
-    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     files = list(corpus)  # photos, and every kind of bad input
@@ -268,7 +267,6 @@ def test_a_consumer_that_stops_early_leaves_the_reader_ready_for_the_next_read(c
 def test_closing_stops_the_reader_processes_without_waiting_for_their_exit(corpus, monkeypatch):
     """The processes are told to stop and reaped in a thread of their own (not a daemon: exit waits for it); one
     that will not stop within a second is killed there."""
-    import threading
 
     reader = ProcessReader(LIMITS, 2)
     workers = list(reader._workers)
@@ -284,6 +282,72 @@ def test_closing_stops_the_reader_processes_without_waiting_for_their_exit(corpu
     assert all(w.tasks.closed and w.replies.closed for w in workers)
     with pytest.raises(RuntimeError, match="closed"):
         next(reader.read(corpus, 4))
+
+
+def _unstarted_reader(processes: int, **kwargs) -> ProcessReader:
+    """A reader whose processes are stopped (SIGSTOP) before they could say they started: made again until the stop
+    comes first (an interpreter's start takes ~0.1 s; this a few ms)."""
+    for _ in range(5):
+        reader = ProcessReader(LIMITS, processes, **kwargs)
+        for worker in reader._workers:
+            os.kill(worker.proc.pid, signal.SIGSTOP)
+        with reader._lock:
+            if not reader._started(reader._workers):
+                return reader
+        _resume(reader)
+        reader.close()
+    raise AssertionError("the reader processes started before they could be stopped, five times")
+
+
+def _resume(reader: ProcessReader) -> None:
+    for worker in reader._workers:
+        os.kill(worker.proc.pid, signal.SIGCONT)
+
+
+def test_until_a_reader_process_starts_the_batch_due_is_read_here_and_the_rest_there(corpus, monkeypatch):
+    """A run's first batch waited for eight interpreters to start and import the reader; it is read here meanwhile
+    (its slots, bytes and outcomes as the processes' would be), the batches after it go to the processes."""
+    jpegs = [p for p in corpus if "/jpegs/" in p][:16]
+    here, read_chunk = [], file_reader.read_chunk
+    monkeypatch.setattr(file_reader, "read_chunk", lambda paths, *a: here.append(list(paths)) or read_chunk(paths, *a))
+    reader = _unstarted_reader(2, chunk=4, slots=8)
+    unstuck = threading.Timer(5, _resume, [reader])  # were the batch sent to the stopped processes, it would wait
+    try:
+        batches = reader.read(jpegs, 8)
+        unstuck.start()
+        first = next(batches)  # read here while the processes are stopped
+        unstuck.cancel()
+        assert here == [jpegs[0:4], jpegs[4:8]] and [k[0] for k in first.keys] == jpegs[:8]
+        assert [bytes(d) for d in first.datas] == [_expected(p)[1] for p in jpegs[:8]]
+        assert all(d.base is not None for d in first.datas)  # over the ring's slots, as the processes place them
+        del first
+        _resume(reader)
+        second = next(batches)
+        assert here == [jpegs[0:4], jpegs[4:8]]  # the processes read the second batch
+        assert [bytes(d) for d in second.datas] == [_expected(p)[1] for p in jpegs[8:16]]
+        del second
+        assert next(batches, None) is None
+        assert [o for b in _outcomes(reader, jpegs, 8) for o in b] == [_expected(p) for p in jpegs]
+        assert len(here) == 2  # started now: nothing more read here
+    finally:
+        unstuck.cancel()
+        _resume(reader)
+        reader.close()
+
+
+def test_object_store_chunks_and_chunks_read_ahead_go_to_the_processes_even_before_they_start():
+    """Object-store reads in turn here would take a round trip each; chunks not yet due can wait for the processes."""
+    reader = _unstarted_reader(1)
+    try:
+        with reader._lock:
+            assert not reader._started(reader._workers)
+        due_here = reader._send(None, ["/nowhere/a.jpg"], due=True)
+        ahead = reader._send(None, ["/nowhere/b.jpg"])
+        remote = reader._send(None, ["gs://bucket/c.jpg", "/nowhere/d.jpg"], due=True)
+        assert list(reader._local) == [due_here]
+        assert list(reader._workers[0].pending) == [ahead, remote]
+    finally:
+        reader.close()  # the stopped process is killed by the reaper, its chunks never read
 
 
 def _ring_address(reader: ProcessReader) -> int:
@@ -319,7 +383,6 @@ def test_the_ring_is_page_locked_in_pieces_of_whole_slots_and_unlocked_on_close(
 
 def test_reads_do_not_wait_for_the_ring_to_be_page_locked(corpus):
     """Locking a large ring faults in and locks every page: it runs beside the reads."""
-    import threading
 
     jpegs = [p for p in corpus if "/jpegs/" in p]
     go, calls = threading.Event(), []
@@ -343,7 +406,6 @@ def test_reads_do_not_wait_for_the_ring_to_be_page_locked(corpus):
 
 def test_closing_stops_the_lock_after_the_piece_under_way_and_unlocks_what_it_locked(corpus, monkeypatch):
     """A run shorter than the ring's lock does not wait for the rest of it."""
-    import threading
 
     calls, held, made = [], {}, threading.Event()
 
@@ -390,7 +452,6 @@ def test_a_ring_that_cannot_be_page_locked_is_read_as_it_is_with_a_warning(corpu
 
 def _unmapped_in(reader: ProcessReader) -> list[int]:
     """The thread the reader's ring will be unmapped in, once it is."""
-    import threading
     import weakref
 
     where: list[int] = []
@@ -407,7 +468,6 @@ def _wait_for(seen: list, seconds: float = 5) -> None:
 def test_a_readers_ring_is_unmapped_in_a_thread_of_its_own(corpus):
     """Freeing a resident ring's pages takes a tenth of a second or more: not in the thread that lets the reader go
     (a run's end)."""
-    import threading
 
     jpegs = [p for p in corpus if "/jpegs/" in p]
     reader = ProcessReader(LIMITS, 2, chunk=4, slots=8)
@@ -447,7 +507,6 @@ def test_reader_processes_start_without_numpy_torch_or_beam():
 
 def test_a_chunks_object_store_reads_are_in_flight_together(monkeypatch):
     """A read from gs:// waits on the network (~10-50 ms): a chunk's reads go out at once, in input order back."""
-    import threading
 
     import pipelines.file_reader as file_reader
 
