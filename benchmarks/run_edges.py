@@ -1,13 +1,16 @@
-"""What the end of a standalone run (`direct_embed.embed_files`) waits for, with the reader processes reaped in line
-(before) or in a thread of their own (now), on the CPU with `lock_ceiling.py`'s stand-ins.
+"""A standalone run's start and end (`direct_embed.embed_files`) as they were and as they are, on the CPU with
+`lock_ceiling.py`'s stand-ins.
 
-    python benchmarks/run_end.py [--images 1024] [--rounds 6]
+    python benchmarks/run_edges.py [--images 1024] [--rounds 6]
 
-The decoder releases the interpreter lock for as long as nvImageCodec's hardware decoder takes (14,000 images/s) and
-hands back blank images packed in one buffer; the model makes 250 calls into torch per batch (a compiled SigLIP
-base) and queues it on a simulated device (10,600 images/s). Each round runs both ways, alternated: the run's
-seconds, from its last launch to its end (`edges`), and the readers' close (`DirectResult.reader_close_s`). No
-ring is page-locked on a CPU: the unlock's share is `gpu_embed.py`'s (`end_s`). Results go in BENCHMARKS.md.
+The start: the first batch waited for eight reader processes to start (a fresh interpreter each, importing the
+reader); now it is read in the embedding process until one of them has started. The end: `close` waited for the
+processes to exit; now they are reaped in a thread of their own. The decoder releases the interpreter lock for as
+long as nvImageCodec's hardware decoder takes (14,000 images/s) and hands back blank images packed in one buffer; the
+model makes 250 calls into torch per batch (a compiled SigLIP base) and queues it on a simulated device (10,600
+images/s). Each round runs the three ways, alternated: the run's seconds, from its start to its first launch and
+from its last launch to its end (`edges`), and the readers' close (`DirectResult.reader_close_s`). No ring is
+page-locked on a CPU: the unlock's share is `gpu_embed.py`'s (`end_s`). Results go in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -49,8 +52,16 @@ def reaped_in_line(workers) -> None:
         worker.replies.close()
 
 
-WAYS = {"before: the readers reaped in line": reaped_in_line,
-        "now: reaped in a thread of their own": file_reader._reap_elsewhere}  # fmt: skip
+def started_at_once(self, alive) -> bool:
+    """Before: every chunk went to the reader processes, started or not."""
+    return True
+
+
+REAPED_ASIDE, STARTED = file_reader._reap_elsewhere, file_reader.ProcessReader._started
+# way → (how stopped readers are reaped, whether a reader process has started)
+WAYS = {"before: the first batch read by the processes, which are reaped in line": (reaped_in_line, started_at_once),
+        "the processes reaped in a thread of their own": (REAPED_ASIDE, started_at_once),
+        "now: also the first batch read here until a process has started": (REAPED_ASIDE, STARTED)}  # fmt: skip
 
 
 def main() -> None:
@@ -62,7 +73,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="lookalike-run-end-"))
-    seen: dict[str, list[tuple[float, float, float]]] = {}
+    seen: dict[str, list[tuple[float, ...]]] = {}
     try:
         files = sorted(str(p) for p in _make_images(work / "jpegs", args.images, 640))
         ckpt = _checkpoint(work / "ckpt", dict(SHAPES["smoke"], image_size=SIZE, patch_size=SIZE, hidden_size=768))
@@ -73,26 +84,29 @@ def main() -> None:
         embed_files(files[: args.batch_size], encoder, images, work / "warm", batch_size=args.batch_size)
         print(f"machine: {machine()}; {len(files):,} JPEGs; batch {args.batch_size}; {args.rounds} rounds")
         for k in range(args.rounds):
-            for way, reap in WAYS.items():
-                file_reader._reap_elsewhere = reap
+            for way, (reap, started) in WAYS.items():
+                file_reader._reap_elsewhere, file_reader.ProcessReader._started = reap, started
                 with _launches() as calls:
                     start = time.perf_counter()
                     result = embed_files(files, encoder, images, work / f"{k}", batch_size=args.batch_size)
                     end = time.perf_counter()
                 assert result.embedded == len(files), result
                 edges = _run_edges(calls, start, end)
-                seen.setdefault(way, []).append((end - start, edges["after_last_launch_s"], result.reader_close_s))
+                seen.setdefault(way, []).append((end - start, edges["to_first_launch_s"], edges["after_last_launch_s"],
+                                                 result.reader_close_s))  # fmt: skip
                 shutil.rmtree(work / f"{k}", ignore_errors=True)
                 time.sleep(0.3)  # the last round's processes gone, whichever way they were reaped
     finally:
-        file_reader._reap_elsewhere = WAYS["now: reaped in a thread of their own"]
+        file_reader._reap_elsewhere, file_reader.ProcessReader._started = REAPED_ASIDE, STARTED
         shutil.rmtree(work, ignore_errors=True)
-    print("\n| way | run, s, each | median | last launch → end, median s | readers' close, median s |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("\n| way | run, s, each | median | start → first launch, median s | last launch → end, median s "
+          "| readers' close, median s |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for way, runs in seen.items():
         values = np.asarray(runs)
+        medians = " | ".join(f"{np.median(values[:, k]):.3f}" for k in range(1, 4))
         print(f"| {way} | {' / '.join(f'{s:.3f}' for s in values[:, 0])} | {np.median(values[:, 0]):.3f} "
-              f"| {np.median(values[:, 1]):.3f} | {np.median(values[:, 2]):.3f} |")  # fmt: skip
+              f"| {medians} |")  # fmt: skip
 
 
 if __name__ == "__main__":
