@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,18 +39,6 @@ from encoder.model import ImageEncoder  # noqa: E402
 from pipelines.direct_embed import embed_files  # noqa: E402
 
 
-def reaped_in_line(workers) -> None:
-    """Before: `ProcessReader.close` waited for each process to exit (a second at most, then killed)."""
-    for worker in workers:
-        try:
-            worker.proc.wait(timeout=1.0)
-        except subprocess.TimeoutExpired:
-            worker.proc.kill()
-            worker.proc.wait()
-        worker.tasks.close()
-        worker.replies.close()
-
-
 def started_at_once(self, alive) -> bool:
     """Before: every chunk went to the reader processes, started or not."""
     return True
@@ -59,7 +46,8 @@ def started_at_once(self, alive) -> bool:
 
 REAPED_ASIDE, STARTED = file_reader._reap_elsewhere, file_reader.ProcessReader._started
 # way → (how stopped readers are reaped, whether a reader process has started)
-WAYS = {"before: the first batch read by the processes, which are reaped in line": (reaped_in_line, started_at_once),
+# before, `ProcessReader.close` reaped them itself (`file_reader._reap`)
+WAYS = {"before: the first batch read by the processes, which are reaped in line": (file_reader._reap, started_at_once),
         "the processes reaped in a thread of their own": (REAPED_ASIDE, started_at_once),
         "now: also the first batch read here until a process has started": (REAPED_ASIDE, STARTED)}  # fmt: skip
 

@@ -558,28 +558,28 @@ class ProcessReader:
         self.close()
 
 
+def _reap(workers: list[_Worker]) -> None:
+    """Wait for reader processes told to stop (a second each at most, then killed) and close their pipes."""
+    for worker in workers:
+        try:
+            worker.proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            worker.proc.kill()
+            worker.proc.wait()
+        worker.tasks.close()
+        worker.replies.close()
+        if worker.ready_fd >= 0:
+            os.close(worker.ready_fd)
+            worker.ready_fd = -1
+
+
 def _reap_elsewhere(workers: list[_Worker]) -> None:
-    """Wait for reader processes told to stop, in a thread of its own (a second each at most, then killed), and
-    close their pipes: eight interpreters tearing down took ~70 ms on this project's 2-core CPU, at the end of every
-    run. Not a daemon thread: the interpreter's exit waits for it, and no process is left behind."""
-
-    def reap() -> None:
-        for worker in workers:
-            try:
-                worker.proc.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                worker.proc.kill()
-                worker.proc.wait()
-            worker.tasks.close()
-            worker.replies.close()
-            if worker.ready_fd >= 0:
-                os.close(worker.ready_fd)
-                worker.ready_fd = -1
-
+    """`_reap` in a thread of its own: eight interpreters tearing down took ~70 ms on this project's 2-core CPU, at
+    the end of every run. Not a daemon thread: the interpreter's exit waits for it, and no process is left behind."""
     try:
-        threading.Thread(target=reap, name="reader-reap").start()
+        threading.Thread(target=_reap, args=(workers,), name="reader-reap").start()
     except RuntimeError:  # the interpreter is shutting down: no new threads
-        reap()
+        _reap(workers)
 
 
 def _release_elsewhere(held: list) -> None:
