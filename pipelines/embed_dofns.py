@@ -471,7 +471,7 @@ def file_reader_for(limits: DecodeLimits, progressive: bool = True, batch_size: 
             processes = reader_processes(os.cpu_count() or 1, workers)
             _READERS[key] = ProcessReader(key[0], processes, chunk=chunk, slots=slots,
                                           page_lock=page_locker(gpu))  # fmt: skip
-            atexit.register(_READERS[key].close)
+            atexit.register(_READERS[key].close, wait=True)  # reaped there: exit joins no thread after its hooks
         return _READERS[key]
 
 

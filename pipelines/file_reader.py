@@ -527,17 +527,19 @@ class ProcessReader:
         with self._lock:
             return sum((w.object_reads for w in self._workers), HedgeStats())
 
-    def close(self) -> None:
+    def close(self, wait: bool = False) -> None:
         """Stop the reader processes (a second at most) and wake a `read` waiting for slots. A run's end waits for
-        this: `close_s` and `page_unlock_s` say how long it took (the first close's)."""
+        this: `close_s` and `page_unlock_s` say how long it took (the first close's). The processes are reaped in a
+        thread of their own (`_reap_elsewhere`), or here with `wait`: at interpreter exit, where Python has joined
+        its threads before it runs `atexit` hooks."""
         started = time.monotonic()
         first = not self._closed.is_set()
         self._closed.set()
         for worker in self._workers:
             with contextlib.suppress(OSError):
                 worker.tasks.send(None)
-        if self._workers:  # told to stop: nothing here waits for them to exit
-            _reap_elsewhere(self._workers)
+        if self._workers:  # told to stop: nothing here waits for them to exit, unless asked to
+            (_reap if wait else _reap_elsewhere)(self._workers)
         self._workers = []
         if self._locking is not None:  # stopped after the piece under way; unlocked before the ring can be unmapped
             self._locking.join()

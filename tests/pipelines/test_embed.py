@@ -567,6 +567,18 @@ def test_a_cpu_worker_starts_no_reader_processes_nor_gpu_decoders(monkeypatch):
     assert embed_dofns.start_embed_images(cfg, encoder) is False and not embed_dofns._MADE_EARLY
 
 
+def test_a_workers_readers_are_closed_at_exit_with_their_processes_reaped_there(monkeypatch):
+    """Python joins its threads before it runs `atexit` hooks: a reaper thread started there would not be waited for."""
+    hooks = []
+    monkeypatch.setattr(embed_dofns, "_READERS", {})
+    monkeypatch.setattr(embed_dofns.atexit, "register", lambda fn, *args, **kwargs: hooks.append((fn, kwargs)))
+    reader = embed_dofns.file_reader_for(DecodeLimits(), workers=8)
+    try:
+        assert hooks == [(reader.close, {"wait": True})]
+    finally:
+        embed_dofns.close_file_readers()
+
+
 def test_gpu_decoders_made_for_a_run_that_fails_before_its_embed_step_are_freed(tiny_model, tmp_path, monkeypatch):
     import encoder.gpu_images as gpu_images
     from tests.encoder.test_gpu_images import _pil_decoder

@@ -284,6 +284,14 @@ def test_closing_stops_the_reader_processes_without_waiting_for_their_exit(corpu
         next(reader.read(corpus, 4))
 
 
+def test_a_close_asked_to_wait_reaps_the_processes_itself():
+    """As at interpreter exit (`atexit`), where no thread started after Python joined its threads would be waited for."""
+    reader = ProcessReader(LIMITS, 2)
+    workers = list(reader._workers)
+    reader.close(wait=True)
+    assert all(w.proc.poll() is not None and w.tasks.closed and w.ready_fd == -1 for w in workers)
+
+
 def _unstarted_reader(processes: int, **kwargs) -> ProcessReader:
     """A reader whose processes are stopped (SIGSTOP) before they could say they started: made again until the stop
     comes first (an interpreter's start takes ~0.1 s; this a few ms)."""
