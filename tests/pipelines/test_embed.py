@@ -654,7 +654,7 @@ def test_the_readers_ring_holds_four_of_the_embed_steps_batches(monkeypatch):
 
     def reader(key, processes, chunk, slots, page_lock):
         made.append(slots)
-        return SimpleNamespace(slots=slots, close=lambda: None, page_lock=page_lock)
+        return SimpleNamespace(slots=slots, close=lambda wait=False: None, page_lock=page_lock)
 
     monkeypatch.setattr(embed_dofns, "_READERS", {})
     monkeypatch.setattr(embed_dofns, "ProcessReader", reader)
@@ -678,7 +678,7 @@ def test_a_gpu_workers_reader_ring_is_page_locked_for_its_gpu(monkeypatch):
     locked = []
     monkeypatch.setattr(embed_dofns, "_READERS", {})
     monkeypatch.setattr(embed_dofns, "ProcessReader", lambda *args, page_lock, **kwargs: SimpleNamespace(
-        page_lock=page_lock, close=lambda: None))  # fmt: skip
+        page_lock=page_lock, close=lambda wait=False: None))  # fmt: skip
     monkeypatch.setattr(page_lock, "page_lock", lambda *args: locked.append(args))
     reader = embed_dofns.file_reader_for(DecodeLimits(), gpu=torch.device("cuda", 1))
     reader.page_lock(0x1000, 4096)
@@ -691,7 +691,7 @@ def test_worker_processes_share_the_cores_among_their_readers(monkeypatch):
     started: list[int] = []
     monkeypatch.setattr(embed_dofns, "_READERS", {})
     monkeypatch.setattr(embed_dofns, "ProcessReader",
-                        lambda key, processes, chunk, slots, page_lock: started.append(processes) or SimpleNamespace(close=lambda: None))  # fmt: skip
+                        lambda key, processes, chunk, slots, page_lock: started.append(processes) or SimpleNamespace(close=lambda wait=False: None))  # fmt: skip
     monkeypatch.setattr(embed_dofns.os, "cpu_count", lambda: 16)
     embed_dofns.file_reader_for(DecodeLimits(), workers=4)
     assert started == [4]  # 16 cores over 4 worker processes: not 8 readers each
