@@ -303,7 +303,7 @@ class EmbedBatch(beam.DoFn):
                         cfg.gpu_decode_threads)  # fmt: skip
         # Made and warming since before the pipeline started where the launcher is the worker (`start_embed_images`);
         # else made here, warming beside the first reads.
-        self._images = _MADE_EARLY.pop(cfg.run_id, None) or embed_images(cfg, self._encoder)
+        self._images = _MADE_EARLY.pop(cfg.run_id, None) or embed_images(cfg, self._encoder, decoder)
         self._images.start_warming(self._encoder.batch_size)
         self._warm_reported = False
         self._stream: BackgroundEmbedder | None = None
@@ -491,10 +491,9 @@ def start_fetch_readers(cfg: EmbedConfig, preprocess) -> bool:
     return True
 
 
-def embed_images(cfg: EmbedConfig, encoder: ImageEncoder) -> GpuImages:
-    """The embed step's decoders and resize for `encoder` (`GpuImages`): JPEGs on the GPU where this worker decodes
-    there (`gpu_decoding`), everything on CPU threads otherwise."""
-    decoder = gpu_decoder_name(cfg) if gpu_decoding(cfg, encoder.preprocess) else None
+def embed_images(cfg: EmbedConfig, encoder: ImageEncoder, decoder: str | None) -> GpuImages:
+    """The embed step's decoders and resize for `encoder` (`GpuImages`): JPEGs on the GPU decoder named
+    (`gpu_decoder_name`, where this worker decodes there: `gpu_decoding`), everything on CPU threads without one."""
     return GpuImages(encoder.preprocess, encoder.device, cfg.limits, decoder=decoder, cpu_threads=cfg.fetch_threads,
                      max_decode_s=cfg.max_decode_s, decode_threads=cfg.gpu_decode_threads if decoder else 1,
                      resize=cfg.gpu_resize if decoder else "products")  # fmt: skip
@@ -515,7 +514,7 @@ def start_embed_images(cfg: EmbedConfig, encoder: ImageEncoder) -> bool:
     """
     if not gpu_decoding(cfg, encoder.preprocess):
         return False
-    images = _MADE_EARLY[cfg.run_id] = embed_images(cfg, encoder)
+    images = _MADE_EARLY[cfg.run_id] = embed_images(cfg, encoder, gpu_decoder_name(cfg))
     images.start_warming(encoder.batch_size)
     return True
 
