@@ -280,10 +280,10 @@ def test_gcs_reads_benchmark_runs():
 
 @pytest.mark.slow
 def test_outage_stop_benchmark_runs():
-    out = _run("benchmarks/outage_stop.py", "--items", "300", "--window", "100", "--fetch-threads", "16")
+    out = _run("benchmarks/outage_stop.py", "--items", "160", "--window", "50", "--fetch-threads", "16")
     stopped = next(line for line in out.splitlines() if line.startswith("| 0.5 |"))
     assert "failed: stopped" in stopped
-    assert "| 1 | complete: 300 dead letters |" in out
+    assert "| 1 | complete: 160 dead letters |" in out
 
 
 def test_draft_parity_benchmark_runs(tmp_path):
