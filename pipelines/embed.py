@@ -23,7 +23,6 @@ import json
 import logging
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -397,37 +396,19 @@ def _pipeline_options(cfg: EmbedConfig, beam_args: list[str]) -> PipelineOptions
 def _launcher_encoder(cfg: EmbedConfig, options: PipelineOptions) -> tuple[ImageEncoder, bool]:
     """The model the launcher needs for the run's facts (version, dim, preprocessing), and whether it is the
     workers' model too. Workers in this process (the local runner, in memory or in threads) take it from
-    `PRELOADED` (the launcher puts it there): a local run loads its model once, where it runs (before, the launcher
-    loaded a CPU copy for the facts and the worker loaded the model again). Workers elsewhere load their own; the
-    launcher loads a CPU copy, which never needs a GPU.
+    `PRELOADED`: a local run loads its model once, where it runs (before, the launcher loaded a CPU copy for
+    the facts and the worker loaded the model again). Workers elsewhere load their own; the launcher loads a
+    CPU copy, which never needs a GPU.
 
     Raises:
         FileNotFoundError, ValueError, RuntimeError: the model cannot be loaded (as `load_encoder`).
     """
     if _in_process(options):
-        return load_encoder(cfg.encoder, cfg.limits), True
+        PRELOADED[cfg.run_id] = encoder = load_encoder(cfg.encoder, cfg.limits)
+        return encoder, True
     facts = replace(cfg.encoder, device="cpu", dtype="float32", compile=False, compile_frozen=False, cuda_graph=False,
                     decode_sms=0)  # fmt: skip
     return load_encoder(facts, cfg.limits), False
-
-
-def _start_loading(cfg: EmbedConfig, options: PipelineOptions) -> Future[tuple[ImageEncoder, bool, float]]:
-    """`_launcher_encoder` in a thread of its own, and the seconds it took: the load needs nothing of the catalog, so
-    it runs while the launcher lists and reads that (a glob of 20,000 photos, ~0.2 s; of millions on `gs://`, far
-    longer), and the launcher waits only for what is left of it. Most of a load is outside the interpreter lock:
-    reading and hashing the weights, copying them to the GPU. The thread is not a daemon: a launcher that fails
-    meanwhile (its catalog) exits once the load is over, never in the middle of a GPU's set-up."""
-
-    def load() -> tuple[ImageEncoder, bool, float]:
-        started = time.monotonic()
-        encoder, shared = _launcher_encoder(cfg, options)
-        return encoder, shared, time.monotonic() - started
-
-    pool = ThreadPoolExecutor(1, thread_name_prefix="model-load")
-    try:
-        return pool.submit(load)
-    finally:
-        pool.shutdown(wait=False)  # the thread ends with its one load
 
 
 def _in_process(options: PipelineOptions) -> bool:
@@ -518,17 +499,16 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     started = time.monotonic()
     options = _pipeline_options(cfg, beam_args or [])
     storage.configure_storage(options)
+    listed = catalog_files(cfg.catalog)  # once: the validation and the pipeline's chunks share it
+    catalog = read_catalog(cfg.catalog, listed)
+    total = catalog.num_rows
     if _runs_here(options) and not (cfg.device != "cpu" and torch.cuda.is_available()):  # before any work
         for flag, asked in (("--cuda-graph", cfg.cuda_graph), ("--decode-sms", cfg.decode_sms)):
             if asked:
                 raise ValueError(f"{flag}: no CUDA device")
-    loading = _start_loading(cfg, options)  # beside the catalog's listing and reading
-    listed = catalog_files(cfg.catalog)  # once: the validation and the pipeline's chunks share it
-    catalog = read_catalog(cfg.catalog, listed)
-    total = catalog.num_rows
-    encoder, shared, load_s = loading.result()
-    if shared:
-        PRELOADED[cfg.run_id] = encoder
+    loading = time.monotonic()
+    encoder, shared = _launcher_encoder(cfg, options)
+    load_s = time.monotonic() - loading
     model_version, dim, preprocess = encoder.model_version, encoder.dim, encoder.preprocess
     del encoder  # the workers' copy, if shared, stays in `PRELOADED` until a worker takes it
     if _runs_here(options):  # refuse before any work, not in a worker's setup

@@ -189,54 +189,6 @@ def test_a_local_run_loads_its_model_once_and_its_workers_use_it(demo_catalog, t
     assert len(loads) == 2 and not embed_dofns.PRELOADED
 
 
-def _timed(spans: dict, name: str, call, wait_s: float = 0.0):
-    """`call`, recording when each call started and ended in `spans[name]`, `wait_s` later."""
-
-    def timed(*args, **kwargs):
-        started = time.monotonic()
-        try:
-            time.sleep(wait_s)
-            return call(*args, **kwargs)
-        finally:
-            spans.setdefault(name, []).append((started, time.monotonic()))
-
-    return timed
-
-
-def test_the_launcher_loads_the_model_while_it_reads_the_catalog(demo_catalog, tiny_model, tmp_path, monkeypatch):
-    """The load needs nothing of the catalog: it runs in a thread of its own while the launcher lists and reads that,
-    and the run waits only for what is left of it."""
-    import pipelines.embed as embed
-
-    spans: dict[str, list] = {}
-    monkeypatch.setattr(embed, "load_encoder", _timed(spans, "load", embed.load_encoder, wait_s=0.4))
-    monkeypatch.setattr(embed, "read_catalog", _timed(spans, "catalog", embed.read_catalog, wait_s=0.2))
-    cfg = EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path), device="cpu")
-    result = run_embed(cfg)
-    [(load_start, load_end)], [(catalog_start, catalog_end)] = spans["load"], spans["catalog"]
-    assert catalog_start < load_end and load_start < catalog_end  # at once, not one after the other
-    t = result.manifest["time_s"]
-    assert t["model_load"] >= 0.4 and t["prepare"] < t["model_load"] + 0.2  # the catalog's 0.2 s within the load's
-    assert result.counts["embedded"] == 95 and not embed_dofns.PRELOADED
-
-
-def test_a_bad_catalog_is_refused_at_once_while_the_model_loads(tmp_path, tiny_model, monkeypatch):
-    """The catalog's error does not wait for the load beside it; the load, once over, leaves no model behind."""
-    import pipelines.embed as embed
-
-    spans: dict[str, list] = {}
-    monkeypatch.setattr(embed, "load_encoder", _timed(spans, "load", embed.load_encoder, wait_s=1.0))
-    pq.write_table(pa.table({"item_id": ["a", "a"], "image_uri": ["x.jpg", "y.jpg"]}), tmp_path / "m.parquet")
-    started = time.monotonic()
-    with pytest.raises(CatalogError, match="duplicate"):
-        run_embed(EmbedConfig(catalog=str(tmp_path / "m.parquet"), model=str(tiny_model), out=str(tmp_path / "out")))
-    assert time.monotonic() - started < 0.9
-    for thread in threading.enumerate():
-        if thread.name.startswith("model-load"):
-            thread.join()
-    assert len(spans["load"]) == 1 and not embed_dofns.PRELOADED and not (tmp_path / "out").exists()
-
-
 @pytest.mark.parametrize(
     ("args", "in_process"),
     [
