@@ -68,12 +68,14 @@ __all__ = [
     "drop_embed_images",
     "embed_images",
     "fetch_readers",
+    "let_go_embed_images",
     "file_reader_for",
     "gpu_decoder_name",
     "gpu_decoding",
     "reader_processes",
     "start_embed_images",
     "start_fetch_readers",
+    "take_embed_images",
     "windowed",
 ]
 
@@ -301,10 +303,10 @@ class EmbedBatch(beam.DoFn):
         elif cfg.gpu_decode_threads > 1:
             log.warning("--gpu-decode-threads %d ignored: images decode on CPU threads here (--fetch-threads)",
                         cfg.gpu_decode_threads)  # fmt: skip
-        # Made and warming since before the pipeline started where the launcher is the worker (`start_embed_images`);
-        # else made here, warming beside the first reads.
-        self._images = _MADE_EARLY.pop(cfg.run_id, None) or embed_images(cfg, self._encoder, decoder)
-        self._images.start_warming(self._encoder.batch_size)
+        # The process's, shared with its other threads' embed steps (`take_embed_images`): made and warming since
+        # before the pipeline started where the launcher is the worker (`start_embed_images`), else made by the first
+        # step here, warming beside the first reads.
+        self._images = take_embed_images(cfg, self._encoder, decoder)
         self._warm_reported = False
         self._stream: BackgroundEmbedder | None = None
         self._waiting: list[PreparedImage] = []
@@ -394,8 +396,9 @@ class EmbedBatch(beam.DoFn):
             self._stream.close()
         if getattr(self, "_journal", None) is not None:
             self._journal.close()
-        if getattr(self, "_images", None) is not None:  # the decoders freed now, beside the run's end
-            self._images.close(in_background=True)
+        if getattr(self, "_images", None) is not None:  # the decoders freed with the last step holding them
+            let_go_embed_images(self._cfg.run_id, self._images)
+            self._images = None
 
 
 def _off_the_ring(items: list[PreparedImage], page_locked: bool = False) -> list[PreparedImage]:
@@ -499,30 +502,67 @@ def embed_images(cfg: EmbedConfig, encoder: ImageEncoder, decoder: str | None) -
                      resize=cfg.gpu_resize if decoder else "products")  # fmt: skip
 
 
-_MADE_EARLY: dict[str, GpuImages] = {}  # run id → its embed step's images, made by the launcher (`start_embed_images`)
+# run id → the embed step's images in this process and how many of its steps hold them (`take_embed_images`)
+_EMBED_IMAGES: dict[str, tuple[GpuImages, int]] = {}
+_EMBED_IMAGES_LOCK = threading.Lock()
+
+
+def take_embed_images(cfg: EmbedConfig, encoder: ImageEncoder, decoder: str | None) -> GpuImages:
+    """This process's embed-step images for `cfg`'s run (`embed_images`), made and warming on first use
+    (`GpuImages.start_warming`), shared by every embed step that takes them until the last lets go
+    (`let_go_embed_images`). A runner that gives a worker process several threads (Dataflow: about one per core)
+    has an embed step per thread: each made its own decoders before, each set warmed up with its made-up batch, and
+    each nvImageCodec decoder with its memory pools and a library thread per core. `GpuImages.decode` takes its
+    decoders one call at a time, so the threads' background streams share `decode_threads` of them as one stream's
+    decode threads do."""
+    with _EMBED_IMAGES_LOCK:
+        images, holders = _EMBED_IMAGES.get(cfg.run_id) or (None, 0)
+        if images is None:
+            images = embed_images(cfg, encoder, decoder)
+            images.start_warming(encoder.batch_size)
+        _EMBED_IMAGES[cfg.run_id] = (images, holders + 1)
+        return images
+
+
+def let_go_embed_images(run_id: str, images: GpuImages) -> None:
+    """An embed step is done with its run's images (`take_embed_images`): the last one closes them, in a thread of its
+    own (`GpuImages.close`), so the decoders go beside the run's end rather than holding it up."""
+    with _EMBED_IMAGES_LOCK:
+        held, holders = _EMBED_IMAGES.get(run_id, (None, 0))
+        if held is not images:  # dropped with its run already (`drop_embed_images`)
+            return
+        if holders > 1:
+            _EMBED_IMAGES[run_id] = (images, holders - 1)
+            return
+        del _EMBED_IMAGES[run_id]
+    images.close(in_background=True)
 
 
 def start_embed_images(cfg: EmbedConfig, encoder: ImageEncoder) -> bool:
     """Make the embed step's GPU decoders now and warm them up in the background (`GpuImages.start_warming`), where
     the workers are this process (the local runner) and decode on the GPU: their first use (nvImageCodec's decoders
     and memory pools, kernels loaded and compiled) runs beside Beam's construction and the pipeline's first stages
-    instead of holding up the first batch. The embed step takes them (one of its instances, where there are
-    several). Whether it made them.
+    instead of holding up the first batch. The embed steps take them (`take_embed_images`). Whether it made them.
 
     Raises:
         NvImageCodecError: nvImageCodec cannot be used (here, rather than in the step's setup).
     """
     if not gpu_decoding(cfg, encoder.preprocess):
         return False
-    images = _MADE_EARLY[cfg.run_id] = embed_images(cfg, encoder, gpu_decoder_name(cfg))
-    images.start_warming(encoder.batch_size)
+    with _EMBED_IMAGES_LOCK:
+        images = embed_images(cfg, encoder, gpu_decoder_name(cfg))
+        images.start_warming(encoder.batch_size)
+        _EMBED_IMAGES[cfg.run_id] = (images, 0)
     return True
 
 
 def drop_embed_images(run_id: str) -> None:
-    """Free the decoders `start_embed_images` made for a run whose embed step never took them (a run that failed
-    first, or had nothing to embed)."""
-    if (images := _MADE_EARLY.pop(run_id, None)) is not None:
+    """Free the decoders of a run that is over, where its workers were this process: those `start_embed_images` made
+    for a run whose embed step never took them (a run that failed first, or had nothing to embed), or held by a step
+    the runner never tore down."""
+    with _EMBED_IMAGES_LOCK:
+        images, _ = _EMBED_IMAGES.pop(run_id, (None, 0))
+    if images is not None:
         images.close(in_background=True)
 
 

@@ -524,7 +524,7 @@ def test_gpu_decode_wiring_on_the_cpu_embeds_every_item_like_the_cpu_path(
     # its decoder made after the readers, before the build, and the embed step's: one for the run, warmed up once on
     # a batch of made-up photos, and freed at the run's end (in a thread of its own)
     assert decoders_made == [(1, 0)] and warm == [16]
-    assert not embed_dofns._MADE_EARLY
+    assert not embed_dofns._EMBED_IMAGES
     for thread in threading.enumerate():
         if thread.name == "decoder-close":
             thread.join()
@@ -564,7 +564,7 @@ def test_a_cpu_worker_starts_no_reader_processes_nor_gpu_decoders(monkeypatch):
     cfg = EmbedConfig(catalog="unused", model="unused", out="unused")
     assert embed_dofns.start_fetch_readers(cfg, None) is False and not embed_dofns._READERS
     encoder = SimpleNamespace(preprocess=None, device=torch.device("cpu"), batch_size=4)
-    assert embed_dofns.start_embed_images(cfg, encoder) is False and not embed_dofns._MADE_EARLY
+    assert embed_dofns.start_embed_images(cfg, encoder) is False and not embed_dofns._EMBED_IMAGES
 
 
 def test_a_workers_readers_are_closed_at_exit_with_their_processes_reaped_there(monkeypatch):
@@ -596,7 +596,7 @@ def test_gpu_decoders_made_for_a_run_that_fails_before_its_embed_step_are_freed(
     for thread in threading.enumerate():
         if thread.name == "decoder-close":
             thread.join()
-    assert closed == [1] and not embed_dofns._MADE_EARLY
+    assert closed == [1] and not embed_dofns._EMBED_IMAGES
 
 
 @pytest.mark.parametrize("decode_threads", [1, 2])
@@ -644,8 +644,9 @@ def test_gpu_decode_threads_on_a_worker_that_decodes_on_the_cpu_are_ignored_with
                                               gpu_decode_threads=3), Shared())  # fmt: skip
     with caplog.at_level("WARNING", logger="pipelines.embed_dofns"):
         step.setup()
+    images = step._images
     step.teardown()
-    assert step._images.decode_threads == 1
+    assert images.decode_threads == 1
     assert "--gpu-decode-threads 3 ignored" in caplog.text
 
 
@@ -722,6 +723,7 @@ def test_the_readers_route_for_the_decoder_that_auto_resolves_to(
     from apache_beam.utils.shared import Shared
 
     seen: dict = {}
+    monkeypatch.setattr(embed_dofns, "_EMBED_IMAGES", {})  # the step below is never torn down
     monkeypatch.setattr(embed_dofns, "nvimgcodec_problem", lambda: problem)
     monkeypatch.setattr(embed_dofns, "gpu_decoding", lambda cfg, preprocess: True)
     monkeypatch.setattr(
@@ -779,9 +781,11 @@ def test_a_local_run_says_when_its_workers_and_the_gpus_do_not_pair_up(monkeypat
     assert note == expected if expected is None else expected in note
 
 
-def _embed_on_a_small_ring(monkeypatch, slots: int, cfg: EmbedConfig, beam_args: list[str] | None = None):
-    """`run_embed(cfg)` through the GPU worker's wiring (Pillow standing in for nvJPEG) with reader processes whose
-    ring has `slots` slots; a run still going after two minutes fails the test instead of hanging it."""
+def _embed_on_a_small_ring(monkeypatch, slots: int, cfg: EmbedConfig, beam_args: list[str] | None = None,
+                           decoder=None):  # fmt: skip
+    """`run_embed(cfg)` through the GPU worker's wiring (Pillow standing in for nvJPEG, or `decoder`'s decoders) with
+    reader processes whose ring has `slots` slots; a run still going after two minutes fails the test instead of
+    hanging it."""
     import threading
 
     import encoder.gpu_images as gpu_images
@@ -794,7 +798,7 @@ def _embed_on_a_small_ring(monkeypatch, slots: int, cfg: EmbedConfig, beam_args:
         embed_dofns, "ProcessReader", lambda key, processes, chunk, **_: ProcessReader(key, 2, chunk, slots=slots)
     )
     monkeypatch.setattr(embed_dofns, "gpu_decoding", lambda cfg, preprocess: True)
-    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda device: _pil_decoder())
+    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", decoder or (lambda device: _pil_decoder()))
     outcome: dict = {}
 
     def run() -> None:
@@ -863,6 +867,61 @@ def test_runner_threads_waiting_for_a_full_batch_do_not_starve_the_readers_ring(
     threads = ["--runner=FnApiRunner", "--direct_num_workers=8", "--direct_running_mode=multi_threading"]
     assert _embed_on_a_small_ring(monkeypatch, 4, cfg, threads).counts == first_run.counts
     assert most[0] > 1  # the fetch steps of several threads were under way together
+
+
+def test_a_worker_processs_embed_steps_share_one_set_of_decoders_warmed_once(
+    demo_catalog, tiny_model, first_run, tmp_path, monkeypatch
+):
+    """A runner that gives a worker process several threads runs an embed step per thread: they share the process's
+    decoders (`take_embed_images`), made and warmed up once and freed once, after the last step is done."""
+    import encoder.gpu_images as gpu_images
+    from tests.encoder.test_gpu_images import _pil_decoder
+
+    made, warm, closed, steps = [], [], [], []
+
+    def decoder(device):
+        made.append(1)
+
+        def decode(datas, device):
+            if datas[0] is gpu_images.sample_jpeg():
+                warm.append(len(datas))
+            return _pil_decoder()(datas, device)
+
+        return gpu_images.ClosingDecoder(decode, lambda: closed.append(1))
+
+    monkeypatch.setattr(embed_dofns, "_EMBED_IMAGES", {})
+    monkeypatch.setattr(embed, "fetch_chunk_size", lambda cfg: 4)  # many elements: every thread gets some
+    setup = embed_dofns.EmbedBatch.setup
+    monkeypatch.setattr(embed_dofns.EmbedBatch, "setup", lambda self: (steps.append(self), setup(self))[1])
+    cfg = EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path), batch_size=16,
+                      gpu_decoder="nvjpeg")  # fmt: skip
+    threads = ["--runner=FnApiRunner", "--direct_num_workers=4", "--direct_running_mode=multi_threading"]
+    assert _embed_on_a_small_ring(monkeypatch, 64, cfg, threads, decoder).counts == first_run.counts
+    for thread in threading.enumerate():
+        if thread.name == "decoder-close":
+            thread.join()
+    assert len(steps) > 1 and made == [1] and warm == [16] and closed == [1] and not embed_dofns._EMBED_IMAGES
+
+
+def test_embed_images_are_freed_by_the_last_step_to_let_go_or_with_their_run(monkeypatch):
+    closed = []
+    monkeypatch.setattr(embed_dofns, "_EMBED_IMAGES", {})
+    monkeypatch.setattr(embed_dofns, "embed_images", lambda cfg, encoder, decoder: SimpleNamespace(
+        start_warming=lambda count: None, close=lambda in_background=False: closed.append(in_background)))  # fmt: skip
+    cfg = EmbedConfig(catalog="unused", model="unused", out="unused", run_id="r1")
+    encoder = SimpleNamespace(batch_size=4)
+    first, second = (embed_dofns.take_embed_images(cfg, encoder, "nvjpeg") for _ in range(2))
+    assert first is second
+    embed_dofns.let_go_embed_images("r1", first)
+    assert closed == []  # the other step still decodes with them
+    embed_dofns.let_go_embed_images("r1", second)
+    assert closed == [True] and not embed_dofns._EMBED_IMAGES  # the last one: closed beside the run's end
+    embed_dofns.let_go_embed_images("r1", second)  # a second teardown changes nothing
+    held = embed_dofns.take_embed_images(cfg, encoder, "nvjpeg")
+    assert held is not first  # made again for a step that comes after the last let go
+    embed_dofns.drop_embed_images("r1")  # the run is over, a step still holding them (never torn down)
+    embed_dofns.let_go_embed_images("r1", held)
+    assert closed == [True, True] and not embed_dofns._EMBED_IMAGES
 
 
 def _over_a_ring(count: int) -> tuple[np.ndarray, list[PreparedImage]]:
