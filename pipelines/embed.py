@@ -59,6 +59,7 @@ from pipelines.dead_letters import (
     reason_kind,
     watch_stop,
 )
+from pipelines.dofn_specs import remember_dofn_specs
 from pipelines.embed_dofns import (
     NAMESPACE,
     PRELOADED,
@@ -497,6 +498,7 @@ def run_embed(cfg: EmbedConfig, beam_args: list[str] | None = None) -> EmbedResu
 
 def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     started = time.monotonic()
+    remember_dofn_specs()  # Beam asks ~8 times per step as it builds and runs the pipeline
     options = _pipeline_options(cfg, beam_args or [])
     storage.configure_storage(options)
     listed = catalog_files(cfg.catalog)  # once: the validation and the pipeline's chunks share it

@@ -324,3 +324,13 @@ def test_nvjpeg_scaled_probe_runs_on_the_cpu_with_pillow_standing_in(tmp_path):
     assert full["model_input_vs_cpu_path_no_draft"]["max_levels"] > 10
     rows = (draft, full, result["nvimgcodec"])  # the product's decoder beside them (its CPU backend here)
     assert all(row["decode_images_per_s"] > 0 and "error" not in row for row in rows)
+
+
+def test_dofn_specs_benchmark_runs_each_way():
+    out = _run("benchmarks/dofn_specs.py", "--images", "8,16", "--rounds", "1")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(("| 8 |", "| 16 |"))]
+    assert [(row[1].strip(), row[2].strip().split(":")[0]) for row in rows] == [
+        (n, way) for n in ("8", "16") for way in ("before", "now")
+    ]
+    for before, now in (rows[0:2], rows[2:4]):  # Beam asks as often either way; remembered, the answers cost less
+        assert int(before[6]) == int(now[6]) > 0 and float(now[7]) < float(before[7])

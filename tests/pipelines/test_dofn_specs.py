@@ -1,0 +1,97 @@
+"""`remember_dofn_specs`: Beam's look at a DoFn for state and timers, the same answers, once per DoFn."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import apache_beam as beam
+import pytest
+from apache_beam.coders import VarIntCoder
+from apache_beam.runners import common
+from apache_beam.transforms import userstate
+from apache_beam.transforms.timeutil import TimeDomain
+
+from pipelines.dofn_specs import remember_dofn_specs
+
+BAG = userstate.BagStateSpec("seen", VarIntCoder())
+TIMER = userstate.TimerSpec("flush", TimeDomain.WATERMARK)
+
+
+class Stateful(beam.DoFn):
+    def process(self, element, seen=beam.DoFn.StateParam(BAG), flush=beam.DoFn.TimerParam(TIMER)):
+        yield element
+
+    @userstate.on_timer(TIMER)
+    def flushed(self, seen=beam.DoFn.StateParam(BAG)):
+        yield from seen.read()
+
+
+class Plain(beam.DoFn):
+    def process(self, element):
+        yield element
+
+
+class Twice(beam.DoFn):
+    def process(self, element, a=beam.DoFn.StateParam(BAG), b=beam.DoFn.StateParam(BAG)):
+        yield element
+
+
+class Unhashable(Plain):
+    __hash__ = None
+
+
+@pytest.fixture
+def inspections(monkeypatch):
+    """How many methods Beam's own `get_dofn_specs` has inspected (it wraps each in a `MethodWrapper`)."""
+    remember_dofn_specs()
+    count = [0]
+
+    class Counted(common.MethodWrapper):
+        def __init__(self, *args, **kwargs):
+            count[0] += 1
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(common, "MethodWrapper", Counted)
+    return count
+
+
+def test_the_answers_are_beams(inspections):
+    beams = userstate.get_dofn_specs.__wrapped__
+    for dofn in (Stateful(), Plain(), beam.Map(len).dofn, Unhashable()):
+        assert userstate.get_dofn_specs(dofn) == beams(dofn)
+    assert userstate.get_dofn_specs(Stateful()) == ({BAG}, {TIMER})
+    assert userstate.is_stateful_dofn(Stateful()) and not userstate.is_stateful_dofn(Plain())
+
+
+def test_each_dofn_is_looked_at_once_and_forgotten_when_it_goes(inspections):
+    dofn = Stateful()
+    state, timers = userstate.get_dofn_specs(dofn)
+    looked = inspections[0]
+    assert looked > 0
+    state.clear()  # the caller's own sets: the next answer is whole
+    assert userstate.get_dofn_specs(dofn) == ({BAG}, {TIMER}) and userstate.is_stateful_dofn(dofn)
+    assert inspections[0] == looked  # not looked at again
+    userstate.get_dofn_specs(Stateful())  # another instance is looked at
+    assert inspections[0] == 2 * looked
+    gone = weakref.ref(dofn)
+    del dofn
+    gc.collect()
+    assert gone() is None  # its answer does not keep it
+
+
+def test_a_dofn_that_cannot_be_remembered_or_is_wrong_is_asked_about_each_time(inspections):
+    unhashable = Unhashable()
+    userstate.get_dofn_specs(unhashable)
+    looked = inspections[0]
+    assert userstate.get_dofn_specs(unhashable) == (set(), set()) and inspections[0] == 2 * looked
+    for _ in range(2):
+        with pytest.raises(ValueError, match="duplicate"):
+            userstate.get_dofn_specs(Twice())
+
+
+def test_installed_once_in_beams_place():
+    remember_dofn_specs()
+    ours = userstate.get_dofn_specs
+    remember_dofn_specs()
+    assert userstate.get_dofn_specs is ours and ours.__wrapped__.__module__ == userstate.__name__
