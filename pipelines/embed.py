@@ -41,6 +41,7 @@ from encoder import DecodeLimits, EncoderConfig, ImageEncoder, load_encoder
 from encoder.devices import spread_note
 from encoder.gpu_images import RESIZES
 from pipelines import storage
+from pipelines.beam_memo import RememberedViews, remember_dofn_specs
 from pipelines.catalog import (
     CatalogError,
     ItemChunk,
@@ -59,7 +60,6 @@ from pipelines.dead_letters import (
     reason_kind,
     watch_stop,
 )
-from pipelines.dofn_specs import remember_dofn_specs
 from pipelines.embed_dofns import (
     NAMESPACE,
     PRELOADED,
@@ -391,7 +391,7 @@ def _pipeline_options(cfg: EmbedConfig, beam_args: list[str]) -> PipelineOptions
         args.append("--runner=FnApiRunner")  # in-process; the plain DirectRunner wants to download Prism
         if cfg.workers > 1:
             args += [f"--direct_num_workers={cfg.workers}", "--direct_running_mode=multi_processing"]
-    return PipelineOptions(args)
+    return RememberedViews(args)  # Beam asks for its views ~230 times a run: each made once
 
 
 def _launcher_encoder(cfg: EmbedConfig, options: PipelineOptions) -> tuple[ImageEncoder, bool]:

@@ -1,4 +1,5 @@
-"""`remember_dofn_specs`: Beam's look at a DoFn for state and timers, the same answers, once per DoFn."""
+"""`pipelines.beam_memo`: Beam's look at a DoFn for state and timers, and its options' views, the same answers, worked
+out once."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import weakref
 import apache_beam as beam
 import pytest
 from apache_beam.coders import VarIntCoder
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 from apache_beam.runners import common
 from apache_beam.transforms import userstate
 from apache_beam.transforms.timeutil import TimeDomain
 
-from pipelines.dofn_specs import remember_dofn_specs
+from pipelines.beam_memo import RememberedViews, remember_dofn_specs
 
 BAG = userstate.BagStateSpec("seen", VarIntCoder())
 TIMER = userstate.TimerSpec("flush", TimeDomain.WATERMARK)
@@ -95,3 +97,27 @@ def test_installed_once_in_beams_place():
     ours = userstate.get_dofn_specs
     remember_dofn_specs()
     assert userstate.get_dofn_specs is ours and ours.__wrapped__.__module__ == userstate.__name__
+
+
+def test_each_view_of_the_options_is_made_once_and_answers_as_a_new_one(monkeypatch):
+    flags = ["--runner=FnApiRunner", "--direct_num_workers=2", "--direct_running_mode=multi_threading"]
+    options = RememberedViews(flags)
+    made = []
+    view_as = PipelineOptions.view_as
+    monkeypatch.setattr(PipelineOptions, "view_as", lambda self, cls: made.append(cls) or view_as(self, cls))
+    direct = options.view_as(DirectOptions)
+    assert options.view_as(DirectOptions) is direct and made == [DirectOptions]
+    assert direct.direct_num_workers == 2 and options.view_as(StandardOptions).runner == "FnApiRunner"
+    direct.direct_num_workers = 3  # set through one view: seen through the others, as with Beam's own views
+    plain = PipelineOptions(flags)
+    plain.view_as(DirectOptions).direct_num_workers = 3
+    for view in (options.view_as(DirectOptions), PipelineOptions.view_as(options, DirectOptions)):
+        assert view.direct_num_workers == plain.view_as(DirectOptions).direct_num_workers == 3
+    assert options.get_all_options() == plain.get_all_options()
+
+
+def test_an_embed_runs_options_remember_their_views():
+    from pipelines.embed import EmbedConfig, _pipeline_options
+
+    options = _pipeline_options(EmbedConfig(catalog="-", model="-", out="-"), [])
+    assert isinstance(options, RememberedViews) and options.view_as(StandardOptions).runner == "FnApiRunner"

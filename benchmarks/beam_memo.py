@@ -1,11 +1,12 @@
-"""Local embed runs with Beam's look at each DoFn for state and timers remembered per DoFn (`pipelines.dofn_specs`)
-against asked afresh each time, as Beam does.
+"""Local embed runs with what Beam works out again and again worked out once (`pipelines.beam_memo`): each DoFn's
+state and timers remembered per DoFn, and the options' views each made once, against Beam's own ways.
 
-    python benchmarks/dofn_specs.py [--images 200,2000] [--rounds 5]
+    python benchmarks/beam_memo.py [--images 200,2000] [--rounds 5]
 
 A glob of small photos (160 px, from `realistic_jpegs`) and a tiny random SigLIP on this machine's CPU, the
 local runner in this process: what the runs differ by is Beam's fixed cost per run, not the model's work. Each round
-runs both ways on each catalog size, alternated; also how often Beam asked per run and how long its answers took.
+runs the three ways on each catalog size, alternated; also how often Beam asked about DoFns per run and how long its
+answers took.
 Results go in BENCHMARKS.md.
 """
 
@@ -24,22 +25,30 @@ from unittest import mock
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 from apache_beam.transforms import userstate  # noqa: E402
 
+import pipelines.embed as embed  # noqa: E402
 from benchmarks.common import machine, realistic_jpegs  # noqa: E402
 from benchmarks.gpu_embed import SHAPES, _checkpoint  # noqa: E402
-from pipelines.dofn_specs import remember_dofn_specs  # noqa: E402
+from pipelines.beam_memo import remember_dofn_specs  # noqa: E402
 from pipelines.embed import EmbedConfig, run_embed  # noqa: E402
 
-WAYS = ("before: asked afresh each time", "now: remembered per DoFn")
+WAYS = (
+    "before: Beam's own ways",
+    "each DoFn's state and timers remembered",
+    "now: also each view of the options made once",
+)
 
 
 @contextlib.contextmanager
 def counted(way: str, asked: list[float]):
-    """The way's `get_dofn_specs` in Beam's place, each call's seconds appended to `asked`."""
+    """The way's `get_dofn_specs` in Beam's place, each call's seconds appended to `asked`, and its options."""
     remember_dofn_specs()
     ours = userstate.get_dofn_specs
     specs = ours.__wrapped__ if way == WAYS[0] else ours
+    made = embed._pipeline_options
+    options = made if way == WAYS[2] else lambda cfg, args: PipelineOptions(made(cfg, args)._flags)
 
     def timed(dofn):
         started = time.perf_counter()
@@ -49,7 +58,8 @@ def counted(way: str, asked: list[float]):
             asked.append(time.perf_counter() - started)
 
     # `run_embed` puts ours in place (once per process): it stays, with the way's answers behind it
-    with mock.patch.object(userstate, "get_dofn_specs", timed), mock.patch("pipelines.embed.remember_dofn_specs"):
+    with (mock.patch.object(userstate, "get_dofn_specs", timed), mock.patch.object(embed, "remember_dofn_specs"),
+          mock.patch.object(embed, "_pipeline_options", options)):  # fmt: skip
         yield
 
 
@@ -60,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     sizes = [int(n) for n in args.images.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="lookalike-dofn-specs-"))
+    work = Path(tempfile.mkdtemp(prefix="lookalike-beam-memo-"))
     seconds: dict[tuple[int, str], list[float]] = {}
     asks: dict[tuple[int, str], list[tuple[int, float]]] = {}
     try:
