@@ -536,10 +536,12 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
             start_fetch_readers(cfg, preprocess)
             start_embed_images(cfg, PRELOADED[cfg.run_id])
         with quiet_runner_logs(), brief_state_sampling() if here else contextlib.nullcontext():
+            building = time.monotonic()
             build_pipeline(pipeline, cfg, model_version=model_version, preprocess=preprocess, dim=dim,
                            total_items=total, previous_shards=previous_shards, run_dir=run_dir,
                            failures_dir=failures_dir, reembed=reembed, previous_rows=previous_rows,
                            listed=listing or listed)  # fmt: skip
+            build_s = time.monotonic() - building
             result = pipeline.run()
             result.wait_until_finish()
     except Exception as err:
@@ -583,13 +585,14 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
         return None if ms is None else ms / 1000
 
     # Where the wall time went: the launcher's preparation (catalog, model, earlier run), the pipeline (Beam's
-    # own start-up included), and the accounting after it. The model loads in the preparation when the workers
+    # own start-up included; of it `build`, Beam's construction of the pipeline's graph), and the accounting after it.
+    # The model loads in the preparation when the workers
     # run in this process (they use the launcher's), else in the pipeline (the slowest worker's load). With
     # --compile the compile is a part of the load. The workers' own set-up: the fetch step's (thread pool, reader
     # processes) and the embed step's less its model load (the decoders, their threads, the journal).
     if not shared:
         load_s = slowest_s("model_load")
-    time_s = {"prepare": prepared_at - started, "pipeline": ran_at - prepared_at, "model_load": load_s,
+    time_s = {"prepare": prepared_at - started, "pipeline": ran_at - prepared_at, "build": build_s, "model_load": load_s,
               "compile": slowest_s("compile"), "fetch_setup": slowest_s("fetch_setup"),
               "embed_setup": slowest_s("embed_setup"), "decoder_warm": slowest_s("decoder_warm"),
               "accounting": wall_s - (ran_at - started)}  # fmt: skip
