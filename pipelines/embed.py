@@ -586,9 +586,8 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
 
     # Where the wall time went: the launcher's preparation (catalog, model, earlier run), the pipeline (Beam's
     # own start-up included; of it `build`, Beam's construction of the pipeline's graph), and the accounting after it.
-    # The model loads in the preparation when the workers
-    # run in this process (they use the launcher's), else in the pipeline (the slowest worker's load). With
-    # --compile the compile is a part of the load. The workers' own set-up: the fetch step's (thread pool, reader
+    # The model loads in the preparation when the workers run in this process (they use the launcher's), else in the
+    # pipeline (the slowest worker's load). With --compile the compile is a part of the load. The workers' own set-up: the fetch step's (thread pool, reader
     # processes) and the embed step's less its model load (the decoders, their threads, the journal).
     if not shared:
         load_s = slowest_s("model_load")

@@ -502,6 +502,13 @@ def embed_images(cfg: EmbedConfig, encoder: ImageEncoder, decoder: str | None) -
                      resize=cfg.gpu_resize if decoder else "products")  # fmt: skip
 
 
+def _warming(cfg: EmbedConfig, encoder: ImageEncoder, decoder: str | None) -> GpuImages:
+    """`embed_images`, their warm-up started on a batch the model's size (`GpuImages.start_warming`)."""
+    images = embed_images(cfg, encoder, decoder)
+    images.start_warming(encoder.batch_size)
+    return images
+
+
 # run id → the embed step's images in this process and how many of its steps hold them (`take_embed_images`)
 _EMBED_IMAGES: dict[str, tuple[GpuImages, int]] = {}
 _EMBED_IMAGES_LOCK = threading.Lock()
@@ -518,8 +525,7 @@ def take_embed_images(cfg: EmbedConfig, encoder: ImageEncoder, decoder: str | No
     with _EMBED_IMAGES_LOCK:
         images, holders = _EMBED_IMAGES.get(cfg.run_id) or (None, 0)
         if images is None:
-            images = embed_images(cfg, encoder, decoder)
-            images.start_warming(encoder.batch_size)
+            images = _warming(cfg, encoder, decoder)
         _EMBED_IMAGES[cfg.run_id] = (images, holders + 1)
         return images
 
@@ -550,9 +556,7 @@ def start_embed_images(cfg: EmbedConfig, encoder: ImageEncoder) -> bool:
     if not gpu_decoding(cfg, encoder.preprocess):
         return False
     with _EMBED_IMAGES_LOCK:
-        images = embed_images(cfg, encoder, gpu_decoder_name(cfg))
-        images.start_warming(encoder.batch_size)
-        _EMBED_IMAGES[cfg.run_id] = (images, 0)
+        _EMBED_IMAGES[cfg.run_id] = (_warming(cfg, encoder, gpu_decoder_name(cfg)), 0)
     return True
 
 
