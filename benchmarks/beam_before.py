@@ -2,7 +2,8 @@
 product: each shard's tables encoded in the runner's thread (before `pipelines.write_behind`) and pickled whole by
 Beam's size sampling (before `ArrowTableCoder`): `tables_as_before`; each chunk that the reader processes take
 read while the runner's thread waited (local files) or a thread of the fetch step did (gs:// objects), before
-`ProcessReader.start`: `reads_as_before`."""
+`ProcessReader.start`: `reads_as_before`; the shards written through Beam's `iobase.Write`, four stages per sink,
+before `pipelines.shard_sink`: `sinks_as_before`."""
 
 from __future__ import annotations
 
@@ -11,30 +12,93 @@ from collections.abc import Iterator
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filebasedsink import FileBasedSink
+from apache_beam.io.filesystem import CompressionTypes
 
 import pipelines.embed as embed
 import pipelines.embed_steps as embed_steps
+import pipelines.shard_sink as shard_sink
+from pipelines import storage
 from pipelines.embed_dofns import ArrowTableCoder
+from pipelines.records import shard_writer_options
+from pipelines.write_behind import WriteBehind
 
 
-class InlineShards(embed.ParquetShards):
-    """The shard sink encoding each table in the runner's thread."""
-
-    def write_record(self, opened, table: pa.Table) -> None:
-        opened[1].write_table(table)
+def _write_inline(self, table: pa.Table) -> None:
+    """`shard_sink._OpenShard.write` encoding each table in the runner's thread."""
+    self._writer.write_table(table)
 
 
 @contextlib.contextmanager
 def tables_as_before() -> Iterator[None]:
     """Pipelines built inside it write and code their tables as before; the product's ways are back on exit."""
-    sink = embed.ParquetShards
-    embed.ParquetShards = InlineShards
+    write = shard_sink._OpenShard.write
+    shard_sink._OpenShard.write = _write_inline
     beam.coders.registry.register_coder(pa.Table, beam.coders.PickleCoder)
     try:
         yield
     finally:
-        embed.ParquetShards = sink
+        shard_sink._OpenShard.write = write
         beam.coders.registry.register_coder(pa.Table, ArrowTableCoder)
+
+
+class ParquetShards(FileBasedSink):
+    """The shard sink before `pipelines.shard_sink`, for Beam's `iobase.Write`: `PREFIX-SSSSS-of-NNNNN.parquet`,
+    each shard's tables encoded behind the runner's thread as now."""
+
+    def __init__(self, prefix: str, schema: pa.Schema) -> None:
+        super().__init__(prefix, coder=None, file_name_suffix=".parquet", mime_type="application/x-parquet",
+                         compression_type=CompressionTypes.UNCOMPRESSED)  # fmt: skip
+        self._schema = schema
+
+    def open(self, temp_path: str):
+        handle = super().open(temp_path)
+        writer = pq.ParquetWriter(handle, self._schema, **shard_writer_options(self._schema))
+        return handle, writer, WriteBehind(pending=2, name="shard-write")
+
+    def write_record(self, opened, table: pa.Table) -> None:
+        _, writer, behind = opened
+        behind.submit(writer.write_table, table)
+
+    def close(self, opened) -> None:
+        handle, writer, behind = opened
+
+        def close_file() -> None:
+            try:
+                writer.close()
+            finally:
+                handle.close()
+
+        behind.close(then=close_file)
+
+
+class _BeamWrite(beam.PTransform):
+    """In `WriteShards`' place: Beam's `Write` of the sink above; nothing is left for `PlaceShards`."""
+
+    def __init__(self, directory: str, schema: pa.Schema) -> None:
+        super().__init__()
+        self._directory, self._schema = directory, schema
+
+    def expand(self, tables):
+        written = tables | beam.io.Write(ParquetShards(storage.join(self._directory, "part"), self._schema))
+        return written | beam.FlatMap(lambda _: ()).with_output_types(tuple[str, str])
+
+
+class _NothingToPlace(beam.PTransform):
+    def expand(self, written):
+        return written
+
+
+@contextlib.contextmanager
+def sinks_as_before() -> Iterator[None]:
+    """Pipelines built inside it write their shards through Beam's `Write`, four stages per sink."""
+    write, place = embed.WriteShards, embed.PlaceShards
+    embed.WriteShards, embed.PlaceShards = _BeamWrite, _NothingToPlace
+    try:
+        yield
+    finally:
+        embed.WriteShards, embed.PlaceShards = write, place
 
 
 def _submit_as_before(self, items, *args, **kwargs):

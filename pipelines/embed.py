@@ -28,10 +28,7 @@ from datetime import UTC, datetime
 
 import apache_beam as beam
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-from apache_beam.io.filebasedsink import FileBasedSink
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
@@ -91,10 +88,9 @@ from pipelines.records import (
     embedding_schema,
     failures_to_table,
     rows_to_table,
-    shard_writer_options,
 )
+from pipelines.shard_sink import PlaceShards, WriteShards, write_empty_shard
 from pipelines.worker_plugin import WorkerPlugin, brief_state_sampling
-from pipelines.write_behind import WriteBehind
 
 __all__ = ["EmbedConfig", "EmbedResult", "build_pipeline", "fetch_chunk_size", "run_embed"]
 
@@ -327,57 +323,25 @@ def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, pr
         failure_sets.append(joined.failed)
     if in_memory is not None:
         tables.append(prepared.reused)
-    (
+    shard_files = (
         tables
         # Typed, so Beam codes them and samples their sizes with `ArrowTableCoder`, not pickle.
         | "All tables" >> beam.Flatten().with_output_types(pa.Table)
         # Tables of a batch or a fetch chunk each: merged so shards keep row groups of thousands of rows.
         | "Group tables" >> beam.BatchElements(min_batch_size=4096, max_batch_size=16384, element_size_fn=_rows)
         | "Merge tables" >> beam.Map(pa.concat_tables).with_output_types(pa.Table)
-        | "Write embedding shards" >> beam.io.Write(ParquetShards(storage.join(run_dir, "part"), embedding_schema(dim)))
+        | "Write embedding shards" >> WriteShards(run_dir, embedding_schema(dim))
     )
-    (
+    failure_files = (
         failure_sets
         | "All failures" >> beam.Flatten()
         | "Count dead letters" >> beam.Map(_count_dead_letters())
         | "Group failures" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
         | "Failures to Arrow" >> beam.Map(failures_to_table)
-        | "Write dead letters" >> beam.io.Write(ParquetShards(storage.join(failures_dir, "part"), FAILURE_SCHEMA))
+        | "Write dead letters" >> WriteShards(failures_dir, FAILURE_SCHEMA)
     )
-
-
-class ParquetShards(FileBasedSink):
-    """Arrow tables → Parquet shards `PREFIX-SSSSS-of-NNNNN.parquet`, written and renamed into place the way
-    Beam's `WriteToParquetBatched` does, with our writer options (`shard_writer_options`: no dictionary
-    pages for the vectors, which made writing 4× slower). Each shard's tables are encoded behind the runner's
-    thread (`WriteBehind`, two tables pending at most): on a GPU worker that thread also feeds the GPU, which
-    went without reads and batches while it encoded (100-200 ms per 16,384 vectors). A failed write fails the
-    bundle at its next table or at the shard's close, and the runner retries the bundle."""
-
-    def __init__(self, prefix: str, schema: pa.Schema) -> None:
-        super().__init__(prefix, coder=None, file_name_suffix=".parquet", mime_type="application/x-parquet",
-                         compression_type=CompressionTypes.UNCOMPRESSED)  # fmt: skip
-        self._schema = schema
-
-    def open(self, temp_path: str):
-        handle = super().open(temp_path)
-        writer = pq.ParquetWriter(handle, self._schema, **shard_writer_options(self._schema))
-        return handle, writer, WriteBehind(pending=2, name="shard-write")
-
-    def write_record(self, opened, table: pa.Table) -> None:
-        _, writer, behind = opened
-        behind.submit(writer.write_table, table)
-
-    def close(self, opened) -> None:
-        handle, writer, behind = opened
-
-        def close_file() -> None:
-            try:
-                writer.close()
-            finally:
-                handle.close()
-
-        behind.close(then=close_file)
+    # Both sinks' files renamed into place in one stage (`pipelines.shard_sink`; Beam's `Write` took four each).
+    (shard_files, failure_files) | "All shard files" >> beam.Flatten() | "Place shards" >> PlaceShards()
 
 
 # ---------------------------------------------------------------- launching a run
@@ -558,6 +522,8 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     metrics = _metric_counts(result)
     ran_at = time.monotonic()
 
+    for directory, schema in ((run_dir, embedding_schema(dim)), (failures_dir, FAILURE_SCHEMA)):
+        write_empty_shard(directory, schema)  # no rows: the directory still holds its schema, one empty shard
     shards, failure_shards = shard_stats(run_dir), shard_stats(failures_dir)
     rows = sum(s["rows"] for s in shards)
     dead = sum(s["rows"] for s in failure_shards)

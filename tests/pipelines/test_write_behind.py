@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.embed import ParquetShards
+from pipelines.shard_sink import _OpenShard
 from pipelines.write_behind import WriteBehind
 
 
@@ -74,26 +74,24 @@ def _table(start: int, rows: int) -> pa.Table:
                     schema=SCHEMA)  # fmt: skip
 
 
-def test_parquet_shards_write_every_table_in_order_behind_the_caller(tmp_path):
-    sink = ParquetShards(str(tmp_path / "part"), SCHEMA)
-    opened = sink.open(str(tmp_path / "shard.parquet"))
-    writer, gate = opened[1], threading.Event()
+def test_a_shard_writes_every_table_in_order_behind_the_caller(tmp_path):
+    opened = _OpenShard(str(tmp_path / "shard.parquet"), SCHEMA)
+    writer, gate = opened._writer, threading.Event()
     write = writer.write_table
     writer.write_table = lambda table: gate.wait(5) and write(table)  # held until the caller is back (or 5 s)
-    sink.write_record(opened, _table(0, 100))  # returns while the table waits to be written
+    opened.write(_table(0, 100))  # returns while the table waits to be written
     gate.set()
     for k in range(1, 10):
-        sink.write_record(opened, _table(100 * k, 100))
-    sink.close(opened)
-    assert opened[0].closed
+        opened.write(_table(100 * k, 100))
+    opened.close()
+    assert opened._handle.closed
     assert pq.read_table(tmp_path / "shard.parquet").column("n").to_pylist() == list(range(1000))
 
 
-def test_parquet_shards_raise_a_failed_write_and_still_close_the_file(tmp_path):
-    sink = ParquetShards(str(tmp_path / "part"), SCHEMA)
-    opened = sink.open(str(tmp_path / "shard.parquet"))
-    sink.write_record(opened, _table(0, 10))
-    sink.write_record(opened, pa.table({"other": [1]}))  # not the shard's schema: the write behind fails
+def test_a_shard_raises_a_failed_write_and_still_closes_the_file(tmp_path):
+    opened = _OpenShard(str(tmp_path / "shard.parquet"), SCHEMA)
+    opened.write(_table(0, 10))
+    opened.write(pa.table({"other": [1]}))  # not the shard's schema: the write behind fails
     with pytest.raises(ValueError, match="schema"):
-        sink.close(opened)
-    assert opened[0].closed  # the bundle fails and is retried; its file is not left open
+        opened.close()
+    assert opened._handle.closed  # the bundle fails and is retried; its file is not left open
