@@ -87,7 +87,7 @@ class _BeamWrite(beam.PTransform):
 
 class _NothingToPlace(beam.PTransform):
     def expand(self, written):
-        return written
+        return beam.pvalue.PDone(written[0].pipeline)
 
 
 @contextlib.contextmanager

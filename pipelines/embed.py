@@ -341,7 +341,7 @@ def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, pr
         | "Write dead letters" >> WriteShards(failures_dir, FAILURE_SCHEMA)
     )
     # Both sinks' files renamed into place in one stage (`pipelines.shard_sink`; Beam's `Write` took four each).
-    (shard_files, failure_files) | "All shard files" >> beam.Flatten() | "Place shards" >> PlaceShards()
+    (shard_files, failure_files) | "Place shards" >> PlaceShards()
 
 
 # ---------------------------------------------------------------- launching a run

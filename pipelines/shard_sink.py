@@ -136,7 +136,13 @@ class WriteShards(beam.PTransform):
 
 
 class PlaceShards(beam.PTransform):
-    """`(directory, path)` of every sink's files → each directory's shards in place: one stage for all of them."""
+    """`(directory, path)` of every sink's files (a PCollection from each `WriteShards`) → each directory's shards in
+    place: one stage for all of them."""
 
     def expand(self, written):
-        return written | "By directory" >> beam.GroupByKey() | "Rename into place" >> beam.MapTuple(place_shards)
+        return (
+            written
+            | "All files" >> beam.Flatten()
+            | "By directory" >> beam.GroupByKey()
+            | "Rename into place" >> beam.MapTuple(place_shards)
+        )

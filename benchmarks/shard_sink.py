@@ -1,0 +1,114 @@
+"""Local embed runs writing their shards through `pipelines.shard_sink` (each bundle's file renamed into place after one
+shuffle for both sinks) against Beam's `iobase.Write` (four stages of its own per sink, `benchmarks/beam_before.py`).
+
+    python benchmarks/shard_sink.py [--images 200,2000] [--rounds 5]
+
+A glob of small photos (160 px, from `realistic_jpegs`) and a tiny random SigLIP on this machine's CPU, the
+local runner in this process: what the runs differ by is Beam's fixed cost per run, not the model's work. Each round
+runs the two ways on each catalog size, alternated; also the stages (bundles) each run executed, their seconds
+outside the stage that embeds, and Beam's construction of the graph (`time_s.build`). Both ways' shards must hold
+the same rows. Results go in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pyarrow.dataset as ds  # noqa: E402
+from apache_beam.runners.portability.fn_api_runner import fn_runner  # noqa: E402
+
+from benchmarks.beam_before import sinks_as_before  # noqa: E402
+from benchmarks.common import machine, realistic_jpegs  # noqa: E402
+from benchmarks.gpu_embed import SHAPES, _checkpoint  # noqa: E402
+from pipelines.embed import EmbedConfig, run_embed  # noqa: E402
+
+WAYS = {"before: Beam's Write, four stages per sink": sinks_as_before,
+        "now: each bundle's file placed after one shuffle": contextlib.nullcontext}  # fmt: skip
+
+
+@contextlib.contextmanager
+def bundles_timed(spent: list[tuple[str, float]]):
+    """Each bundle the local runner executes: its stage's name and seconds, appended to `spent`."""
+    execute = fn_runner.FnApiRunner._execute_bundle
+
+    def timed(self, context, stage_context, bundle_input):
+        started = time.perf_counter()
+        try:
+            return execute(self, context, stage_context, bundle_input)
+        finally:
+            spent.append((stage_context.stage.name, time.perf_counter() - started))
+
+    with mock.patch.object(fn_runner.FnApiRunner, "_execute_bundle", timed):
+        yield
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", default="200,2000", help="catalog sizes, comma-separated")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    sizes = [int(n) for n in args.images.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="lookalike-shard-sink-"))
+    seconds: dict[tuple[int, str], list[float]] = {}
+    stages: dict[tuple[int, str], list[tuple[int, float, float]]] = {}  # (bundles, s outside embedding, build s)
+    try:
+        photos = realistic_jpegs(work / "photos", max(sizes), width=160)
+        for n in sizes:
+            (work / str(n)).mkdir()
+            for photo in photos[:n]:
+                shutil.copy(photo, work / str(n))
+        model = _checkpoint(work / "model", SHAPES["smoke"])
+        print(f"machine: {machine()}; tiny SigLIP on the CPU; {args.rounds} rounds")
+
+        def run(n: int, out: Path, spent: list) -> tuple[float, dict]:
+            cfg = EmbedConfig(catalog=str(work / str(n) / "*.jpg"), model=str(model), out=str(out), device="cpu",
+                              batch_size=64)  # fmt: skip
+            started = time.monotonic()
+            with bundles_timed(spent):
+                result = run_embed(cfg)
+            took = time.monotonic() - started
+            rows = ds.dataset(result.run_dir, format="parquet").to_table(columns=["item_id"]).column("item_id")
+            assert sorted(rows.to_pylist()) == sorted(p.stem for p in (work / str(n)).glob("*.jpg")), "rows differ"
+            return took, result.manifest["time_s"]
+
+        for way in WAYS.values():  # imports, caches: untimed
+            with way():
+                run(sizes[0], work / f"warm-{id(way)}", [])
+        for r in range(args.rounds):
+            for n in sizes:
+                for k, (name, way) in enumerate(WAYS.items()):
+                    spent: list[tuple[str, float]] = []
+                    with way():
+                        took, time_s = run(n, work / f"out-{r}-{n}-{k}", spent)
+                    seconds.setdefault((n, name), []).append(took)
+                    outside = sum(s for stage, s in spent if "Embed-images" not in stage)
+                    stages.setdefault((n, name), []).append((len(spent), outside, time_s["build"]))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("\n| images | way | seconds, each run | median | × before | stages | outside embedding, s | build, s |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for n in sizes:
+        base = float(np.median(seconds[n, next(iter(WAYS))]))
+        for name in WAYS:
+            runs, median = seconds[n, name], float(np.median(seconds[n, name]))
+            counts = "/".join(map(str, sorted({c for c, _, _ in stages[n, name]})))
+            outside = float(np.median([o for _, o, _ in stages[n, name]]))
+            build = float(np.median([b for _, _, b in stages[n, name]]))
+            print(f"| {n:,} | {name} | {' / '.join(f'{s:.3f}' for s in runs)} | {median:.3f} | {median / base:.2f} | "
+                  f"{counts} | {outside:.3f} | {build:.3f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
