@@ -334,3 +334,13 @@ def test_beam_memo_benchmark_runs_each_way():
     ]
     for before, *after in (rows[0:3], rows[3:6]):  # Beam asks as often either way; remembered, the answers cost less
         assert all(int(before[6]) == int(row[6]) > 0 and float(row[7]) < float(before[7]) for row in after)
+
+
+def test_shard_sink_benchmark_runs_each_way():
+    out = _run("benchmarks/shard_sink.py", "--images", "8,16", "--rounds", "1")  # it checks both ways' rows itself
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(("| 8 |", "| 16 |"))]
+    assert [(row[1].strip(), row[2].strip().split(":")[0]) for row in rows] == [
+        (n, way) for n in ("8", "16") for way in ("before", "now")
+    ]
+    for before, now in (rows[0:2], rows[2:4]):  # Beam's Write ran four stages per sink; the sink's both run one
+        assert int(before[6]) - int(now[6]) == 6, (before, now)
