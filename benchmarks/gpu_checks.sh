@@ -10,11 +10,11 @@
 # scaled.log, resize.log, train.log, host.log, lock.log, retry.log} (each JSON the scripts write is in their logs too). A leased
 # machine hands back at most 8 files: where more were written, the small logs end up in one logs.tar.
 # Each step has its own time limit so one slow step cannot eat the others'; a step that fails is logged and the
-# next one runs. The default limits add up to 1,325 s; where one command may run 600 s at most (and a lease has
+# next one runs. The default limits add up to 1,355 s; where one command may run 600 s at most (and a lease has
 # 15 minutes, its start included), split the steps over two calls, what is owed first:
 #   EMBED_ARGS="--paths c,d,resize-kernel,timeline,unpinned,d-again,decoder-life,b,a,e,e-before,e-reads-before,e-missing,switch,so400m,large"
 #   EMBED_S=320 TESTS_S=150 RESIZE_S=20 SCALED_S=40 LOCK_S=60 ... embed,tests,resize,scaled,lock
-#   (590 s; `large` is cut first), then host (HOST_S=90 EDGES_S=30 MEMO_S=30), gil (GIL_S=120), train (TRAIN_S=200), or
+#   (590 s; `large` is cut first), then host (HOST_S=90 EDGES_S=30 MEMO_S=30 SINK_S=25), gil (GIL_S=120), train (TRAIN_S=200), or
 #   EMBED_ARGS="--paths mfu,stages" ... embed, on what the lease has left
 # (each variant's ratio is against (c) or (d) of the same run). Run E (one H200): `embed` with --paths c,d,backends,
 # decode-sms,unpinned,damaged,all-extensions,patch-conv,gelu-separate,resize-channels,b,a,e,e-missing,so400m,large
@@ -61,7 +61,9 @@ case ",$steps," in *,host,*)  # the host's own per-image ceiling (CPU only, deco
   timeout "${HOST_S:-150}" python3 benchmarks/worker_overhead.py --images 10000 2>&1 | tail -12 | tee "$out/host.log"
   timeout "${EDGES_S:-40}" python3 benchmarks/run_edges.py --rounds 4 2>&1 | tail -6 | tee -a "$out/host.log"
   # and a local Beam run's fixed cost with Beam's DoFn specs and option views remembered, on the CPU
-  timeout "${MEMO_S:-40}" python3 benchmarks/beam_memo.py --rounds 3 2>&1 | tail -9 | tee -a "$out/host.log";;
+  timeout "${MEMO_S:-40}" python3 benchmarks/beam_memo.py --rounds 3 2>&1 | tail -9 | tee -a "$out/host.log"
+  # and the shards placed in one stage against Beam's Write (four stages per sink)
+  timeout "${SINK_S:-30}" python3 benchmarks/shard_sink.py --rounds 3 2>&1 | tail -7 | tee -a "$out/host.log";;
 esac
 case ",$steps," in *,lock,*)  # the serial part on this host: the runner's thread's CPU per image, and the switch interval
   timeout "${LOCK_S:-90}" python3 benchmarks/lock_ceiling.py --images 10000 --rounds 1 --switch-ms 5,0.5 \

@@ -3,7 +3,7 @@ under the directory's `.writing/`, and one step after a shuffle renames them all
 
 Beam's `iobase.Write` does the same in four stages of its own per sink (a temp directory made once, its write
 results grouped, a pre-finalize and a finalize, each reading the others as side inputs); the embed pipeline's two
-sinks made eight of its eleven stages, ~0.1 s of a local run's fixed cost (BENCHMARKS.md). Here both sinks share
+sinks made eight of its eleven stages, ~0.15 s of a local run's fixed cost (BENCHMARKS.md). Here both sinks share
 one stage after the main one: the files' names, keyed by their directory, through one `GroupByKey`.
 
 What a runner's retries leave: a bundle that fails after opening its file leaves it under `.writing/`; only the
