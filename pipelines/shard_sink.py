@@ -103,14 +103,23 @@ def place_shards(directory: str, written: Iterable[str]) -> list[str]:
     `directory/.writing/`. Idempotent: a file already at its name (a retried rename) is left there."""
     sources = sorted(set(written))
     targets = [shard_name(directory, i, len(sources)) for i in range(len(sources))]
-    moving = [(s, t) for s, t in zip(sources, targets, strict=True) if storage.exists(s)]
-    missing = [t for s, t in zip(sources, targets, strict=True) if (s, t) not in moving and not storage.exists(t)]
+    # Two listings, not a stat per file: a Dataflow job's bundles can leave hundreds of files.
+    writing = {_name(p) for p in storage.match(storage.join(directory, WRITING, "*.parquet"))}
+    moving = [(s, t) for s, t in zip(sources, targets, strict=True) if _name(s) in writing]
+    placed = set()
+    if len(moving) < len(sources):  # a retried rename: some are in place already
+        placed = {_name(p) for p in storage.match(storage.join(directory, "part-*.parquet"))}
+    missing = [t for s, t in zip(sources, targets, strict=True) if _name(s) not in writing and _name(t) not in placed]
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) are neither written nor in place, e.g. {missing[0]}")
     if moving:
         FileSystems.rename([s for s, _ in moving], [t for _, t in moving])
     object_store.delete_tree(storage.join(directory, WRITING))
     return targets
+
+
+def _name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
 
 
 def write_empty_shard(directory: str, schema: pa.Schema) -> str | None:
