@@ -12,9 +12,7 @@ Results go in BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import logging
 import shutil
 import sys
 import tempfile
@@ -29,10 +27,8 @@ from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 from apache_beam.transforms import userstate  # noqa: E402
 
 import pipelines.embed as embed  # noqa: E402
-from benchmarks.common import machine, realistic_jpegs  # noqa: E402
-from benchmarks.gpu_embed import SHAPES, _checkpoint  # noqa: E402
+from benchmarks.local_runs import photo_runs, size_args  # noqa: E402
 from pipelines.beam_memo import remember_dofn_specs  # noqa: E402
-from pipelines.embed import EmbedConfig, run_embed  # noqa: E402
 
 WAYS = (
     "before: Beam's own ways",
@@ -64,39 +60,19 @@ def counted(way: str, asked: list[float]):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", default="200,2000", help="catalog sizes, comma-separated")
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    sizes = [int(n) for n in args.images.split(",")]
+    args, sizes = size_args(__doc__)
     work = Path(tempfile.mkdtemp(prefix="lookalike-beam-memo-"))
     seconds: dict[tuple[int, str], list[float]] = {}
     asks: dict[tuple[int, str], list[tuple[int, float]]] = {}
     try:
-        photos = realistic_jpegs(work / "photos", max(sizes), width=160)
-        for n in sizes:
-            (work / str(n)).mkdir()
-            for photo in photos[:n]:
-                shutil.copy(photo, work / str(n))
-        model = _checkpoint(work / "model", SHAPES["smoke"])
-        print(f"machine: {machine()}; tiny SigLIP on the CPU; {args.rounds} rounds")
-
-        def run(n: int, out: Path) -> float:
-            cfg = EmbedConfig(catalog=str(work / str(n) / "*.jpg"), model=str(model), out=str(out), device="cpu",
-                              batch_size=64)  # fmt: skip
-            started = time.monotonic()
-            done = run_embed(cfg).counts["embedded"]
-            assert done == n, (done, n)
-            return time.monotonic() - started
-
+        run = photo_runs(work, sizes, args.rounds)
         run(sizes[0], work / "warm")  # imports, caches: untimed
         for r in range(args.rounds):
             for n in sizes:
                 for way in WAYS:
                     asked: list[float] = []
                     with counted(way, asked):
-                        seconds.setdefault((n, way), []).append(run(n, work / f"out-{r}-{n}-{WAYS.index(way)}"))
+                        seconds.setdefault((n, way), []).append(run(n, work / f"out-{r}-{n}-{WAYS.index(way)}")[0])
                     asks.setdefault((n, way), []).append((len(asked), sum(asked)))
     finally:
         shutil.rmtree(work, ignore_errors=True)

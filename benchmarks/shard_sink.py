@@ -12,9 +12,7 @@ the same rows. Results go in BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import logging
 import shutil
 import sys
 import tempfile
@@ -29,9 +27,7 @@ import pyarrow.dataset as ds  # noqa: E402
 from apache_beam.runners.portability.fn_api_runner import fn_runner  # noqa: E402
 
 from benchmarks.beam_before import sinks_as_before  # noqa: E402
-from benchmarks.common import machine, realistic_jpegs  # noqa: E402
-from benchmarks.gpu_embed import SHAPES, _checkpoint  # noqa: E402
-from pipelines.embed import EmbedConfig, run_embed  # noqa: E402
+from benchmarks.local_runs import photo_runs, size_args  # noqa: E402
 
 WAYS = {"before: Beam's Write, four stages per sink": sinks_as_before,
         "now: each bundle's file placed after one shuffle": contextlib.nullcontext}  # fmt: skip
@@ -54,44 +50,29 @@ def bundles_timed(spent: list[tuple[str, float]]):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", default="200,2000", help="catalog sizes, comma-separated")
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    sizes = [int(n) for n in args.images.split(",")]
+    args, sizes = size_args(__doc__)
     work = Path(tempfile.mkdtemp(prefix="lookalike-shard-sink-"))
     seconds: dict[tuple[int, str], list[float]] = {}
     stages: dict[tuple[int, str], list[tuple[int, float, float]]] = {}  # (bundles, s outside embedding, build s)
     try:
-        photos = realistic_jpegs(work / "photos", max(sizes), width=160)
-        for n in sizes:
-            (work / str(n)).mkdir()
-            for photo in photos[:n]:
-                shutil.copy(photo, work / str(n))
-        model = _checkpoint(work / "model", SHAPES["smoke"])
-        print(f"machine: {machine()}; tiny SigLIP on the CPU; {args.rounds} rounds")
+        run = photo_runs(work, sizes, args.rounds)
 
-        def run(n: int, out: Path, spent: list) -> tuple[float, dict]:
-            cfg = EmbedConfig(catalog=str(work / str(n) / "*.jpg"), model=str(model), out=str(out), device="cpu",
-                              batch_size=64)  # fmt: skip
-            started = time.monotonic()
+        def timed(n: int, out: Path, spent: list) -> tuple[float, dict]:
             with bundles_timed(spent):
-                result = run_embed(cfg)
-            took = time.monotonic() - started
+                took, result = run(n, out)
             rows = ds.dataset(result.run_dir, format="parquet").to_table(columns=["item_id"]).column("item_id")
             assert sorted(rows.to_pylist()) == sorted(p.stem for p in (work / str(n)).glob("*.jpg")), "rows differ"
             return took, result.manifest["time_s"]
 
         for way in WAYS.values():  # imports, caches: untimed
             with way():
-                run(sizes[0], work / f"warm-{id(way)}", [])
+                timed(sizes[0], work / f"warm-{id(way)}", [])
         for r in range(args.rounds):
             for n in sizes:
                 for k, (name, way) in enumerate(WAYS.items()):
                     spent: list[tuple[str, float]] = []
                     with way():
-                        took, time_s = run(n, work / f"out-{r}-{n}-{k}", spent)
+                        took, time_s = timed(n, work / f"out-{r}-{n}-{k}", spent)
                     seconds.setdefault((n, name), []).append(took)
                     outside = sum(s for stage, s in spent if "Embed-images" not in stage)
                     stages.setdefault((n, name), []).append((len(spent), outside, time_s["build"]))
