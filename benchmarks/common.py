@@ -7,6 +7,7 @@ import io
 import json
 import os
 import platform
+import re
 import socket
 import threading
 import time
@@ -298,3 +299,29 @@ class StackSampler:
                 where: round(100 * c / total, 1) for where, c in sorted(per.items(), key=lambda kv: -kv[1])[:n]
             }
         return out
+
+
+@contextlib.contextmanager
+def bundles_timed(spent: list[tuple[str, float]]) -> Iterator[None]:
+    """Each bundle the local runner (`FnApiRunner`) executes in it: its stage's name and seconds, appended to `spent`."""
+    from unittest import mock
+
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+
+    execute = fn_runner.FnApiRunner._execute_bundle
+
+    def timed(self, context, stage_context, bundle_input):
+        started = time.perf_counter()
+        try:
+            return execute(self, context, stage_context, bundle_input)
+        finally:
+            spent.append((stage_context.stage.name, time.perf_counter() - started))
+
+    with mock.patch.object(fn_runner.FnApiRunner, "_execute_bundle", timed):
+        yield
+
+
+def stage_label(name: str) -> str:
+    """A fused stage's name (`((a)+(b))+(c)`, Beam's ids of its steps) as its first and last steps: `a … c`."""
+    steps = [re.sub(r"_\d+$", "", s.removeprefix("ref_AppliedPTransform_")) for s in re.findall(r"[^()+]+", name)]
+    return steps[0] if len(steps) == 1 else f"{steps[0]} … {steps[-1]}"

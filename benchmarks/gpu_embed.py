@@ -23,7 +23,8 @@ ms per batch (`launch_ms`: its host calls and its waits for the interpreter lock
 the thread that runs the standalone loop or Beam's runner, whole run and steady state (the worker's serial part):
 where (e) falls behind (d), which of the two moved says whether the lock or the runner held it; and where each
 run's fixed cost lies (`edges`, and in (e)'s `time_s`: from its start, (e)'s from its pipeline's, to its first
-launch, and from its last launch to its end), for the whole run and the small one; (d) also how long
+launch, and from its last launch to its end; (e)'s also each stage's seconds as the local runner ran them,
+`stages_s`), for the whole run and the small one; (d) also how long
 locking the file readers' ring took (`ring_page_lock_s`, till the run's end if that came first) and its longest
 call into the driver (`ring_page_lock_longest_call_s`), and what the run's end waited for (`end_s`: the readers' close,
 of it the ring's unlock, and the shards' close). `timeline` reruns (c) and (d)
@@ -96,7 +97,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import StackSampler, images_per_s, machine, realistic_jpegs  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    StackSampler,
+    bundles_timed,
+    images_per_s,
+    machine,
+    realistic_jpegs,
+    stage_label,
+)
 from encoder import (  # noqa: E402
     DecodeLimits,
     EncoderConfig,
@@ -779,7 +787,8 @@ def beam(folder: Path, ckpt: Path, device: torch.device, out: Path, batch: int, 
         cfg = EmbedConfig(catalog=pattern, model=str(ckpt), out=str(out), batch_size=batch, device=device.type,
                           compile=compile_, cuda_graph=cuda_graph, gpu_decode=gpu, gpu_decoder=decoder,
                           incremental=False, workers=workers)  # fmt: skip
-        with _launches() as calls:
+        stages: list[tuple[str, float]] = []
+        with _launches() as calls, bundles_timed(stages):
             start, cpu = time.perf_counter(), time.thread_time()  # the local runner runs bundles in this thread
             result = run_embed(cfg)
             end, cpu = time.perf_counter(), time.thread_time() - cpu
@@ -788,6 +797,9 @@ def beam(folder: Path, ckpt: Path, device: torch.device, out: Path, batch: int, 
         split = dict(result.manifest["time_s"])  # where it went: prepare (model load), pipeline, accounting
         # the first batch at the GPU counted from the pipeline's start (past the load's compile on zeros)
         split.update(_run_edges(calls, start, end, after=split.get("prepare") or 0.0))
+        # the pipeline's stages in the order the local runner ran them: the embedding one and Beam's others
+        split["stages_s"] = [[("embedding: " if "Embed-images" in name else "") + stage_label(name), round(s, 3)]
+                             for name, s in stages]  # fmt: skip
         return end - start, split, cpu, calls
 
     if sample:  # a profiled whole run alone: where the pipeline's threads spend it

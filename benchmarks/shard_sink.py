@@ -16,37 +16,19 @@ import contextlib
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
-from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import pyarrow.dataset as ds  # noqa: E402
-from apache_beam.runners.portability.fn_api_runner import fn_runner  # noqa: E402
 
 from benchmarks.beam_before import sinks_as_before  # noqa: E402
+from benchmarks.common import bundles_timed  # noqa: E402
 from benchmarks.local_runs import photo_runs, size_args  # noqa: E402
 
 WAYS = {"before: Beam's Write, four stages per sink": sinks_as_before,
         "now: each bundle's file placed after one shuffle": contextlib.nullcontext}  # fmt: skip
-
-
-@contextlib.contextmanager
-def bundles_timed(spent: list[tuple[str, float]]):
-    """Each bundle the local runner executes: its stage's name and seconds, appended to `spent`."""
-    execute = fn_runner.FnApiRunner._execute_bundle
-
-    def timed(self, context, stage_context, bundle_input):
-        started = time.perf_counter()
-        try:
-            return execute(self, context, stage_context, bundle_input)
-        finally:
-            spent.append((stage_context.stage.name, time.perf_counter() - started))
-
-    with mock.patch.object(fn_runner.FnApiRunner, "_execute_bundle", timed):
-        yield
 
 
 def main() -> None:

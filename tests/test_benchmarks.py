@@ -114,6 +114,10 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu(tmp_path):
         assert edges["to_first_launch_s"] + edges["after_last_launch_s"] < seconds + 0.1  # rounded to 0.1 s
     # (e)'s counted from its pipeline's start, past the load and its compile on zeros
     assert e["whole_time_s"]["to_first_launch_s"] < e["whole_time_s"]["pipeline"]
+    # (e)'s stages as the local runner ran them, the embedding one among them, all within the pipeline's time
+    stages = e["whole_time_s"]["stages_s"]
+    assert len(stages) >= 4 and sum(label.startswith("embedding: ") for label, _ in stages) == 1, stages
+    assert 0 < sum(s for _, s in stages) <= e["whole_time_s"]["pipeline"] + 0.01
     assert set(d["small_run"]["edges"]) == {"to_first_launch_s", "after_last_launch_s"}
     # of the end: the readers' close (their ring never locked on a CPU) and the shards'
     assert d["end_s"]["ring_page_unlock"] is None and d["end_s"]["reader_close"] > 0 <= d["end_s"]["shards_close"]
