@@ -97,6 +97,24 @@ def test_shards_follow_the_contract(first_run, tiny_encoder):
     for shard in Path(first_run.run_dir).glob("*.parquet"):
         assert column_encodings(shard) == {"item_id": True, "embedding": False, "image_sha256": True,
                                            "model_version": True, "embedded_at": False}  # fmt: skip
+    # every bundle's file renamed into place, nothing left being written (`pipelines.shard_sink`)
+    for directory in (Path(first_run.run_dir), Path(first_run.failures_dir)):
+        names = sorted(p.name for p in directory.iterdir() if p.name != "_manifest.json")
+        assert names and all(re.fullmatch(rf"part-\d{{5}}-of-{len(names):05d}\.parquet", n) for n in names), names
+
+
+def test_a_run_without_dead_letters_has_one_empty_shard_of_them(tmp_path, tiny_model):
+    from pipelines.records import FAILURE_SCHEMA
+
+    for i in range(3):
+        Image.new("RGB", (48, 40), (60 * i, 90, 30)).save(tmp_path / f"item{i}.jpg", quality=90)
+    result = run_embed(EmbedConfig(catalog=str(tmp_path / "*.jpg"), model=str(tiny_model), out=str(tmp_path / "out")))
+    assert result.counts == {"items_in": 3, "embedded": 3, "reused": 0, "dead_lettered": 0}
+    assert sorted(p.name for p in Path(result.failures_dir).iterdir()) == ["part-00000-of-00001.parquet"]
+    failures = pq.read_table(Path(result.failures_dir) / "part-00000-of-00001.parquet")
+    assert failures.num_rows == 0 and failures.schema.equals(FAILURE_SCHEMA)
+    (listed,) = result.manifest["failure_shards"]
+    assert (listed["path"], listed["rows"]) == ("part-00000-of-00001.parquet", 0) and listed["bytes"] > 0
 
 
 def column_encodings(path) -> dict[str, bool]:
