@@ -76,7 +76,7 @@ class WriteShardFiles(beam.DoFn):
         self._open: _OpenShard | None = None
 
     def start_bundle(self) -> None:
-        self._open = None
+        self._abandon()  # a file an earlier bundle of this instance left open when it failed
 
     def process(self, table: pa.Table) -> None:
         if self._open is None:
@@ -89,7 +89,11 @@ class WriteShardFiles(beam.DoFn):
             opened.close()
             yield GlobalWindows.windowed_value((self._directory, opened.path))
 
-    def teardown(self) -> None:  # a failed bundle's file: closed, left under `.writing/` for the rename to remove
+    def teardown(self) -> None:
+        self._abandon()
+
+    def _abandon(self) -> None:
+        """A failed bundle's file: closed, left under `.writing/` for the rename to remove."""
         opened, self._open = self._open, None
         if opened is not None:
             try:

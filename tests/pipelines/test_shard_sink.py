@@ -64,7 +64,12 @@ def test_a_failed_bundles_file_is_closed_and_removed_with_the_rest(tmp_path):
     left_open = step._open
     step.teardown()  # a bundle left open: its file is closed, left for the rename to remove
     assert left_open._handle.closed
-    assert len(os.listdir(tmp_path / WRITING)) == 2
+    step.start_bundle()  # the same instance given another bundle after one failed mid-way
+    step.process(_table(200, 3))
+    left_open = step._open
+    step.start_bundle()
+    assert left_open._handle.closed and step._open is None
+    assert len(os.listdir(tmp_path / WRITING)) == 3
     retried = _bundle(WriteShardFiles(str(tmp_path), SCHEMA), _table(0, 10))
     place_shards(str(tmp_path), [retried])
     assert sorted(os.listdir(tmp_path)) == ["part-00000-of-00001.parquet"]
