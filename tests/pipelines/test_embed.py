@@ -103,6 +103,22 @@ def test_shards_follow_the_contract(first_run, tiny_encoder):
         assert names and all(re.fullmatch(rf"part-\d{{5}}-of-{len(names):05d}\.parquet", n) for n in names), names
 
 
+def test_a_run_of_several_bundles_numbers_their_shards_as_one_set(demo_catalog, tiny_model, tmp_path, first_run,
+                                                                   monkeypatch):  # fmt: skip
+    monkeypatch.setattr(embed, "fetch_chunk_size", lambda cfg: 8)  # many elements: every thread gets some
+    threads = ["--runner=FnApiRunner", "--direct_num_workers=4", "--direct_running_mode=multi_threading"]
+    cfg = EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path), batch_size=16)
+    result = run_embed(cfg, threads)
+    assert result.counts == first_run.counts
+    for directory, rows in ((result.run_dir, 95), (result.failures_dir, 5)):
+        names = sorted(p.name for p in Path(directory).glob("*.parquet"))
+        assert len(names) > 1 and names == [f"part-{i:05d}-of-{len(names):05d}.parquet" for i in range(len(names))]
+        assert _read_dir(Path(directory)).num_rows == rows and not (Path(directory) / ".writing").exists()
+    assert sorted(_read_dir(Path(result.run_dir)).column("item_id").to_pylist()) == sorted(
+        _read_dir(Path(first_run.run_dir)).column("item_id").to_pylist()
+    )
+
+
 def test_a_run_without_dead_letters_has_one_empty_shard_of_them(tmp_path, tiny_model):
     from pipelines.records import FAILURE_SCHEMA
 
