@@ -118,10 +118,8 @@ def write_listing(cfg: EmbedConfig, catalog: pa.Table) -> tuple[str, list[str]]:
     like any manifest. In the pipeline itself (`beam.Create`) every path would travel inside its graph: pickled
     and bz2-compressed at launch (~0.1 s per 12,000 paths) and, for a large catalog, past Dataflow's limit on a
     job's graph (10 MB; 20 M paths are ~1 GB)."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(catalog.select(["item_id", "image_uri"]), sink)
     uri = storage.join(scratch_dir(cfg), "catalog.parquet")
-    storage.write_bytes_atomic(uri, sink.getvalue().to_pybytes())
+    storage.write_table_atomic(uri, catalog.select(["item_id", "image_uri"]))
     return "manifest", [uri]
 
 

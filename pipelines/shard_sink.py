@@ -130,10 +130,8 @@ def write_empty_shard(directory: str, schema: pa.Schema) -> str | None:
     """One shard with no rows where a run wrote none, so every run's directory has its schema; None if it has some."""
     if storage.match(storage.join(directory, "*.parquet")):
         return None
-    sink = pa.BufferOutputStream()
-    pq.write_table(schema.empty_table(), sink, **shard_writer_options(schema))
     path = shard_name(directory, 0, 1)
-    storage.write_bytes_atomic(path, sink.getvalue().to_pybytes())
+    storage.write_table_atomic(path, schema.empty_table(), **shard_writer_options(schema))
     return path
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "read_image",
     "with_retries",
     "write_bytes_atomic",
+    "write_table_atomic",
 ]
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,16 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
             f.write(data)
 
     with_retries(write, f"write {uri}")
+
+
+def write_table_atomic(uri: str, table, **writer_options) -> None:
+    """A small Arrow table as one Parquet file, written whole (`write_bytes_atomic`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **writer_options)
+    write_bytes_atomic(uri, sink.getvalue().to_pybytes())
 
 
 def exists(uri: str) -> bool:
