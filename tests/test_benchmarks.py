@@ -245,7 +245,9 @@ def test_run_edges_benchmark_runs_each_way():
     assert len(rows) == 3
     for row in rows:  # the run, its start's and end's edges and the readers' close, each within the run
         run, first, last, close = (float(row[k]) for k in (3, 4, 5, 6))
-        assert run > 0 and 0 < first < run and 0 <= last < run and 0 < close <= last
+        assert run > 0 and 0 < first < run and 0 <= last < run and 0 <= close <= last
+    # reaped in line, the close waits for the processes to exit; reaped aside it may round to 0.000 s (CI saw it)
+    assert float(rows[0][6]) > 0, rows[0]
 
 
 @pytest.mark.gcs
