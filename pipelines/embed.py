@@ -482,23 +482,25 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
             gpu_decoding(cfg, preprocess)
         if note := _gpu_spread_note(cfg):
             log.warning(note)
-    previous_run, previous_shards, previous_rows = previous_run_shards(cfg, model_version)
     run_dir = storage.join(cfg.out, "embeddings", cfg.run_id)
     failures_dir = storage.join(cfg.out, "failures", cfg.run_id)
     if storage.exists(storage.join(run_dir, MANIFEST_NAME)):
         raise FileExistsError(f"run {cfg.run_id} already exists under {cfg.out}")
-    clear_crashed_attempt(cfg, run_dir, failures_dir)
-    log.info("run %s: %d items, model %s (%s, dim %d)", cfg.run_id, total, cfg.model, model_version, dim)
 
-    pipeline = beam.Pipeline(options=options)
-    reembed = _updated_since(catalog, cfg.reembed_since) if previous_shards and cfg.reembed_since else frozenset()
-    listing = write_listing(cfg, catalog) if listed[0] == "images" else None
-    prepared_at = time.monotonic()
     here = _in_process(options)  # the workers are this process
+    listing = None
     try:
-        if here:  # the workers' readers and decoders start beside Beam's construction, not before the first batch
+        if here:  # the workers' readers and decoders start beside the rest of the preparation (an earlier run's
+            # manifests, a crashed attempt's files, the listing: requests each on gs://) and Beam's construction
             start_fetch_readers(cfg, preprocess)
             start_embed_images(cfg, PRELOADED[cfg.run_id])
+        previous_run, previous_shards, previous_rows = previous_run_shards(cfg, model_version)
+        clear_crashed_attempt(cfg, run_dir, failures_dir)
+        log.info("run %s: %d items, model %s (%s, dim %d)", cfg.run_id, total, cfg.model, model_version, dim)
+        pipeline = beam.Pipeline(options=options)
+        reembed = _updated_since(catalog, cfg.reembed_since) if previous_shards and cfg.reembed_since else frozenset()
+        listing = write_listing(cfg, catalog) if listed[0] == "images" else None
+        prepared_at = time.monotonic()
         with quiet_runner_logs(), brief_state_sampling() if here else contextlib.nullcontext():
             building = time.monotonic()
             build_pipeline(pipeline, cfg, model_version=model_version, preprocess=preprocess, dim=dim,

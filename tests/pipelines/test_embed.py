@@ -904,6 +904,36 @@ def test_runner_threads_waiting_for_a_full_batch_do_not_starve_the_readers_ring(
     assert most[0] > 1  # the fetch steps of several threads were under way together
 
 
+def test_a_local_gpu_runs_readers_and_decoders_start_before_its_preparation_ends_and_go_if_it_fails(
+    demo_catalog, tiny_model, tmp_path, monkeypatch
+):
+    """The workers' slow set-up starts as soon as the model is loaded, beside the rest of the launcher's preparation
+    (an earlier run's manifests, a crashed attempt's files, the listing: requests each on gs://); a preparation that
+    then fails (here `--previous` names no run) leaves no reader process or decoder behind."""
+    import encoder.gpu_images as gpu_images
+    from tests.encoder.test_gpu_images import _pil_decoder
+
+    readers: dict = {}
+    monkeypatch.setattr(embed_dofns, "_READERS", readers)
+    monkeypatch.setattr(embed_dofns, "_EMBED_IMAGES", {})
+    monkeypatch.setattr(embed_dofns, "gpu_decoding", lambda cfg, preprocess: True)
+    monkeypatch.setitem(gpu_images.DECODERS, "nvjpeg", lambda device: _pil_decoder())
+    seen = []
+    previous = embed.previous_run_shards
+
+    def looked_up(cfg, version):  # what had started when the launcher looked for an earlier run
+        seen.append((len(readers), list(embed_dofns._EMBED_IMAGES)))
+        return previous(cfg, version)
+
+    monkeypatch.setattr(embed, "previous_run_shards", looked_up)
+    cfg = EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path), batch_size=16,
+                      gpu_decoder="nvjpeg", previous=str(tmp_path / "no-such-run"), run_id="r1")  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="not a complete run"):
+        run_embed(cfg)
+    assert seen == [(1, ["r1"])]  # the readers and the decoders were under way already
+    assert readers == {} and embed_dofns._EMBED_IMAGES == {}  # and went with the failed run
+
+
 def test_a_worker_processs_embed_steps_share_one_set_of_decoders_warmed_once(
     demo_catalog, tiny_model, first_run, tmp_path, monkeypatch
 ):
