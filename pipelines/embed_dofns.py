@@ -486,8 +486,9 @@ def fetch_readers(cfg: EmbedConfig) -> ProcessReader:
 
 def start_fetch_readers(cfg: EmbedConfig, preprocess) -> bool:
     """Start this process's reader processes now, where its fetch steps will read in them (a GPU worker): a run whose
-    workers are this process (the local runner) does before Beam builds and starts the pipeline, so the readers'
-    start and their ring's page-lock run beside that instead of before the first reads. Whether it started them."""
+    workers are this process (the local runner) does once its model is loaded, so the readers' start and their
+    ring's page-lock run beside the rest of the launcher's preparation and Beam's construction instead of before the
+    first reads. Whether it started them."""
     if not gpu_decoding(cfg, preprocess):
         return False
     fetch_readers(cfg)
@@ -547,8 +548,8 @@ def let_go_embed_images(run_id: str, images: GpuImages) -> None:
 def start_embed_images(cfg: EmbedConfig, encoder: ImageEncoder) -> bool:
     """Make the embed step's GPU decoders now and warm them up in the background (`GpuImages.start_warming`), where
     the workers are this process (the local runner) and decode on the GPU: their first use (nvImageCodec's decoders
-    and memory pools, kernels loaded and compiled) runs beside Beam's construction and the pipeline's first stages
-    instead of holding up the first batch. The embed steps take them (`take_embed_images`). Whether it made them.
+    and memory pools, kernels loaded and compiled) runs beside the rest of the launcher's preparation, Beam's
+    construction and the pipeline's first stages instead of holding up the first batch. The embed steps take them (`take_embed_images`). Whether it made them.
 
     Raises:
         NvImageCodecError: nvImageCodec cannot be used (here, rather than in the step's setup).
