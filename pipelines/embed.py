@@ -397,6 +397,16 @@ def _gpu_spread_note(cfg: EmbedConfig) -> str | None:
     return spread_note(torch.cuda.device_count(), cfg.workers)
 
 
+def _stats_with_a_shard(directory: str, schema) -> list[dict]:
+    """`shard_stats` of a run's directory; one with no rows first gets one empty shard, so it holds its schema
+    (one listing where there are shards, as there mostly are)."""
+    stats = shard_stats(directory)
+    if not stats:
+        write_empty_shard(directory, schema)
+        stats = shard_stats(directory)
+    return stats
+
+
 def _metric_counts(result) -> dict[str, int]:
     """The pipeline's counters; and each distribution's largest value, as `<name>:max`."""
     queried = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
@@ -524,9 +534,8 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     metrics = _metric_counts(result)
     ran_at = time.monotonic()
 
-    for directory, schema in ((run_dir, embedding_schema(dim)), (failures_dir, FAILURE_SCHEMA)):
-        write_empty_shard(directory, schema)  # no rows: the directory still holds its schema, one empty shard
-    shards, failure_shards = shard_stats(run_dir), shard_stats(failures_dir)
+    shards = _stats_with_a_shard(run_dir, embedding_schema(dim))
+    failure_shards = _stats_with_a_shard(failures_dir, FAILURE_SCHEMA)
     rows = sum(s["rows"] for s in shards)
     dead = sum(s["rows"] for s in failure_shards)
     counts = {"items_in": total, "embedded": metrics.get("embedded", 0), "reused": metrics.get("reused", 0),
@@ -555,8 +564,9 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     # Where the wall time went: the launcher's preparation (catalog, model, earlier run), the pipeline (Beam's
     # own start-up included; of it `build`, Beam's construction of the pipeline's graph), and the accounting after it.
     # The model loads in the preparation when the workers run in this process (they use the launcher's), else in the
-    # pipeline (the slowest worker's load). With --compile the compile is a part of the load. The workers' own set-up: the fetch step's (thread pool, reader
-    # processes) and the embed step's less its model load (the decoders, their threads, the journal).
+    # pipeline (the slowest worker's load). With --compile the compile is a part of the load. The workers' own
+    # set-up: the fetch step's (thread pool, reader processes) and the embed step's less its model load (the
+    # decoders, their threads, the journal).
     if not shared:
         load_s = slowest_s("model_load")
     time_s = {"prepare": prepared_at - started, "pipeline": ran_at - prepared_at, "build": build_s, "model_load": load_s,

@@ -549,7 +549,8 @@ def start_embed_images(cfg: EmbedConfig, encoder: ImageEncoder) -> bool:
     """Make the embed step's GPU decoders now and warm them up in the background (`GpuImages.start_warming`), where
     the workers are this process (the local runner) and decode on the GPU: their first use (nvImageCodec's decoders
     and memory pools, kernels loaded and compiled) runs beside the rest of the launcher's preparation, Beam's
-    construction and the pipeline's first stages instead of holding up the first batch. The embed steps take them (`take_embed_images`). Whether it made them.
+    construction and the pipeline's first stages instead of holding up the first batch. The embed steps take them
+    (`take_embed_images`). Whether it made them.
 
     Raises:
         NvImageCodecError: nvImageCodec cannot be used (here, rather than in the step's setup).
