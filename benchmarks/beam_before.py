@@ -18,28 +18,28 @@ from apache_beam.io.filesystem import CompressionTypes
 
 import pipelines.embed as embed
 import pipelines.embed_steps as embed_steps
-import pipelines.shard_sink as shard_sink
 from pipelines import storage
 from pipelines.embed_dofns import ArrowTableCoder
 from pipelines.records import shard_writer_options
+from pipelines.shard_files import ShardFiles
 from pipelines.write_behind import WriteBehind
 
 
 def _write_inline(self, table: pa.Table) -> None:
-    """`shard_sink._OpenShard.write` encoding each table in the runner's thread."""
-    self._writer.write_table(table)
+    """`ShardFiles.write` encoding each table in the caller's thread (the runner's)."""
+    self._write(table)
 
 
 @contextlib.contextmanager
 def tables_as_before() -> Iterator[None]:
     """Pipelines built inside it write and code their tables as before; the product's ways are back on exit."""
-    write = shard_sink._OpenShard.write
-    shard_sink._OpenShard.write = _write_inline
+    write = ShardFiles.write
+    ShardFiles.write = _write_inline
     beam.coders.registry.register_coder(pa.Table, beam.coders.PickleCoder)
     try:
         yield
     finally:
-        shard_sink._OpenShard.write = write
+        ShardFiles.write = write
         beam.coders.registry.register_coder(pa.Table, ArrowTableCoder)
 
 
@@ -74,9 +74,10 @@ class ParquetShards(FileBasedSink):
 
 
 class _BeamWrite(beam.PTransform):
-    """In `WriteShards`' place: Beam's `Write` of the sink above; nothing is left for `PlaceShards`."""
+    """In `WriteShards`' place: Beam's `Write` of the sink above (one file per bundle: it has no cap on a file's
+    rows); nothing is left for `PlaceShards`."""
 
-    def __init__(self, directory: str, schema: pa.Schema) -> None:
+    def __init__(self, directory: str, schema: pa.Schema, rows_per_shard: int | None = None) -> None:
         super().__init__()
         self._directory, self._schema = directory, schema
 

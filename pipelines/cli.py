@@ -160,6 +160,9 @@ def embed(
     reuse_memory_mb: Annotated[
         int, typer.Option(help="Earlier vectors up to this size are joined in memory per worker; beyond, by a shuffle.")
     ] = 1024,
+    rows_per_shard: Annotated[
+        int, typer.Option(help="Rows per Parquet shard at most; a worker's rows beyond it go to more shards.")
+    ] = 100_000,
     max_image_bytes: Annotated[int, typer.Option(help="Larger images are dead-lettered.")] = 50 * 1024 * 1024,
     max_image_pixels: Annotated[int, typer.Option(help="Images with more pixels are dead-lettered.")] = 100_000_000,
     max_decode_s: Annotated[float, typer.Option(help="Images still decoding after this are dead-lettered.")] = 30.0,
@@ -179,7 +182,7 @@ def embed(
         gpu_resize=gpu_resize,
         draft=draft, incremental=incremental, previous=previous, hedge_reads=hedge_reads, page_lock_reads=page_lock_reads,
         max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, reuse_memory_mb=reuse_memory_mb,
-        max_decode_s=max_decode_s, max_dead_letters=max_dead_letters,
+        rows_per_shard=rows_per_shard, max_decode_s=max_decode_s, max_dead_letters=max_dead_letters,
     )  # fmt: skip
     if run_id:
         options["run_id"] = run_id

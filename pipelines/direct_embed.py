@@ -23,8 +23,8 @@ from encoder.model import ImageEncoder
 from encoder.page_lock import page_locker
 from pipelines.file_reader import ProcessReader, ReadLimits, ThreadReader
 from pipelines.heap import frozen_heap
-from pipelines.records import FAILURE_SCHEMA, embedding_schema, fresh_embedding_table, shard_writer_options
-from pipelines.write_behind import WriteBehind
+from pipelines.records import FAILURE_SCHEMA, embedding_schema, fresh_embedding_table
+from pipelines.shard_files import ROWS_PER_SHARD, ShardFiles
 
 __all__ = ["READERS", "DirectResult", "embed_files"]
 
@@ -53,7 +53,7 @@ class DirectResult:
 
 
 def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, out_dir: str | Path, *,
-                batch_size: int = 256, readers: int = 8, reader: str = "processes", rows_per_shard: int = 100_000,
+                batch_size: int = 256, readers: int = 8, reader: str = "processes", rows_per_shard: int = ROWS_PER_SHARD,
                 prefetch: int = 2, in_flight: int = 2, journal: str | Path | None = None,
                 page_lock: bool = True) -> DirectResult:  # fmt: skip
     """Embed `paths` (their paths are the item ids) into `out_dir/part-NNNNN.parquet` + `failures.parquet`.
@@ -77,7 +77,8 @@ def embed_files(paths: Sequence[str], encoder: ImageEncoder, images: GpuImages, 
             yield read.keys, read.datas, read.reasons  # the key carries the digest to the shard row
             del read  # not held while the reader waits for ring slots for the next batch
 
-    shards = _Shards(out, embedding_schema(encoder.dim), rows_per_shard)
+    shards = ShardFiles(lambda i: str(out / f"part-{i:05d}.parquet"), embedding_schema(encoder.dim),
+                        rows_per_shard=rows_per_shard, pending=4)  # fmt: skip
     journaled = (DecodeJournal(journal or journal_dir(str(out.resolve())), digest_of=lambda key: key[1])
                  if images.decodes_on_gpu else None)  # fmt: skip
     try:
@@ -120,38 +121,3 @@ def _reader(kind: str, limits: ReadLimits, readers: int, images: GpuImages | Non
         locked = images is not None and images.decodes_on_gpu
         return ProcessReader(limits, readers, page_lock=page_locker(images.device) if locked else None)
     return READERS[kind](limits, readers)
-
-
-class _Shards:
-    """Shards of at most `rows_per_shard` rows, written in order behind the loop that feeds the GPU
-    (`WriteBehind`), so it never waits on Parquet encoding; at most `pending` tables wait, and a write error is
-    raised by the next `write` or by `close`."""
-
-    def __init__(self, out: Path, schema: pa.Schema, rows_per_shard: int, pending: int = 4) -> None:
-        self._out, self._schema, self._rows_per_shard = out, schema, rows_per_shard
-        self._paths: list[str] = []
-        self._writer: pq.ParquetWriter | None = None
-        self._rows = 0
-        self._behind = WriteBehind(pending)
-
-    def write(self, table: pa.Table) -> None:
-        self._behind.submit(self._write, table)
-
-    def _write(self, table: pa.Table) -> None:
-        if self._writer is None or self._rows >= self._rows_per_shard:
-            self._close_writer()
-            self._paths.append(str(self._out / f"part-{len(self._paths):05d}.parquet"))
-            self._writer = pq.ParquetWriter(self._paths[-1], self._schema, **shard_writer_options(self._schema))
-            self._rows = 0
-        self._writer.write_table(table)
-        self._rows += table.num_rows
-
-    def _close_writer(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-    def close(self) -> list[str]:
-        """Wait for every write, close the last shard; the shards' paths."""
-        self._behind.close(then=self._close_writer)
-        return self._paths

@@ -89,6 +89,7 @@ from pipelines.records import (
     failures_to_table,
     rows_to_table,
 )
+from pipelines.shard_files import ROWS_PER_SHARD
 from pipelines.shard_sink import PlaceShards, WriteShards, write_empty_shard
 from pipelines.worker_plugin import WorkerPlugin, brief_state_sampling
 
@@ -128,13 +129,14 @@ class EmbedConfig:
     workers: int = 1  # local runner: >1 runs that many worker processes
     reembed_since: str | None = None  # ISO date: items with updated_at on or after it are never reused
     reuse_memory_mb: int = 1024  # earlier vectors up to this size are joined in memory per worker; beyond, by a shuffle
+    rows_per_shard: int = ROWS_PER_SHARD  # a bundle's rows beyond it go to more files (pipelines.shard_files)
     run_id: str = field(default_factory=lambda: f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}")
 
     def __post_init__(self) -> None:
         if self.reuse_memory_mb < 0:
             raise ValueError(f"reuse_memory_mb must be >= 0, got {self.reuse_memory_mb}")
         for name in ("batch_size", "fetch_threads", "gpu_decode_threads", "max_image_bytes", "max_image_pixels",
-                     "workers"):  # fmt: skip
+                     "rows_per_shard", "workers"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.gpu_decode not in ("auto", "on", "off"):
@@ -330,7 +332,7 @@ def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, pr
         # Tables of a batch or a fetch chunk each: merged so shards keep row groups of thousands of rows.
         | "Group tables" >> beam.BatchElements(min_batch_size=4096, max_batch_size=16384, element_size_fn=_rows)
         | "Merge tables" >> beam.Map(pa.concat_tables).with_output_types(pa.Table)
-        | "Write embedding shards" >> WriteShards(run_dir, embedding_schema(dim))
+        | "Write embedding shards" >> WriteShards(run_dir, embedding_schema(dim), cfg.rows_per_shard)
     )
     failure_files = (
         failure_sets
@@ -338,7 +340,7 @@ def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, pr
         | "Count dead letters" >> beam.Map(_count_dead_letters())
         | "Group failures" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
         | "Failures to Arrow" >> beam.Map(failures_to_table)
-        | "Write dead letters" >> WriteShards(failures_dir, FAILURE_SCHEMA)
+        | "Write dead letters" >> WriteShards(failures_dir, FAILURE_SCHEMA, cfg.rows_per_shard)
     )
     # Both sinks' files renamed into place in one stage (`pipelines.shard_sink`; Beam's `Write` took four each).
     (shard_files, failure_files) | "Place shards" >> PlaceShards()

@@ -55,6 +55,7 @@ class EmbedSettings:
     max_decode_s: float = 30.0
     max_dead_letters: float = 0.5
     reuse_memory_mb: int = 1024
+    rows_per_shard: int = 100_000
     beam_args: tuple[str, ...] = ()  # e.g. ["--runner=DataflowRunner", "--project=P", ...]
 
     def __post_init__(self) -> None:

@@ -1,12 +1,13 @@
-"""Arrow tables → Parquet shards `<directory>/part-SSSSS-of-NNNNN.parquet`: each bundle writes a file of its own
-under the directory's `.writing/`, and one step after a shuffle renames them all into place.
+"""Arrow tables → Parquet shards `<directory>/part-SSSSS-of-NNNNN.parquet`: each bundle writes files of its own
+(`rows_per_shard` rows at most) under the directory's `.writing/`, and one step after a shuffle renames them all
+into place.
 
 Beam's `iobase.Write` does the same in four stages of its own per sink (a temp directory made once, its write
 results grouped, a pre-finalize and a finalize, each reading the others as side inputs); the embed pipeline's two
 sinks made eight of its eleven stages, ~0.15 s of a local run's fixed cost (BENCHMARKS.md). Here both sinks share
 one stage after the main one: the files' names, keyed by their directory, through one `GroupByKey`.
 
-What a runner's retries leave: a bundle that fails after opening its file leaves it under `.writing/`; only the
+What a runner's retries leave: a bundle that fails after opening its files leaves them under `.writing/`; only the
 files of bundles that finished reach the rename, which removes `.writing/` with what is left in it. The names are
 sorted before they are numbered, so a rename that is itself retried gives each file the name it had the first time
 (a file already moved is found at its name). A directory with no rows gets one empty shard (`write_empty_shard`),
@@ -17,17 +18,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 import apache_beam as beam
 import pyarrow as pa
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
 from encoder import storage as object_store
 from pipelines import storage
 from pipelines.records import shard_writer_options
-from pipelines.write_behind import WriteBehind
+from pipelines.shard_files import ROWS_PER_SHARD, ShardFiles
 
 WRITING = ".writing"  # each directory's files being written: no reader's `*.parquet` lists them
 MIME = "application/x-parquet"
@@ -37,69 +38,47 @@ def shard_name(directory: str, index: int, count: int) -> str:
     return storage.join(directory, f"part-{index:05d}-of-{count:05d}.parquet")
 
 
-class _OpenShard:
-    """One bundle's Parquet file, its tables encoded behind the runner's thread (`WriteBehind`, two pending at most):
-    on a GPU worker that thread also feeds the GPU, which went without reads and batches while it encoded
-    (100-200 ms per 16,384 vectors)."""
-
-    def __init__(self, path: str, schema: pa.Schema) -> None:
-        self.path = path
-        self._handle = FileSystems.create(path, mime_type=MIME)
-        try:
-            self._writer = pq.ParquetWriter(self._handle, schema, **shard_writer_options(schema))
-        except BaseException:
-            self._handle.close()
-            raise
-        self._behind = WriteBehind(pending=2, name="shard-write")
-
-    def write(self, table: pa.Table) -> None:
-        self._behind.submit(self._writer.write_table, table)
-
-    def close(self) -> None:
-        """Every table written and the file closed; a failed write is raised (and the file still closed)."""
-
-        def close_file() -> None:
-            try:
-                self._writer.close()
-            finally:
-                self._handle.close()
-
-        self._behind.close(then=close_file)
-
-
 class WriteShardFiles(beam.DoFn):
-    """Each bundle's tables into one file under `directory/.writing/`; at the bundle's end, `(directory, path)`.
-    A failed write fails the bundle at its next table or at its end, and the runner retries the bundle."""
+    """Each bundle's tables into files under `directory/.writing/`, `rows_per_shard` rows each at most (`ShardFiles`);
+    at the bundle's end, `(directory, path)` of each. A failed write fails the bundle at its next table or at its
+    end, and the runner retries the bundle."""
 
-    def __init__(self, directory: str, schema: pa.Schema) -> None:
-        self._directory, self._schema = directory, schema
-        self._open: _OpenShard | None = None
+    def __init__(self, directory: str, schema: pa.Schema, rows_per_shard: int = ROWS_PER_SHARD) -> None:
+        self._directory, self._schema, self._rows_per_shard = directory, schema, rows_per_shard
+        self._open: ShardFiles | None = None
 
     def start_bundle(self) -> None:
-        self._abandon()  # a file an earlier bundle of this instance left open when it failed
+        self._abandon()  # files an earlier bundle of this instance left open when it failed
 
     def process(self, table: pa.Table) -> None:
         if self._open is None:
-            self._open = _OpenShard(storage.join(self._directory, WRITING, f"{uuid.uuid4().hex}.parquet"), self._schema)
+            # One name per bundle, numbered within it: sorted, the bundle's files keep their order.
+            bundle = storage.join(self._directory, WRITING, uuid.uuid4().hex)
+            self._open = ShardFiles(lambda i: f"{bundle}-{i:05d}.parquet", self._schema,
+                                    rows_per_shard=self._rows_per_shard, open_file=_create)  # fmt: skip
         self._open.write(table)
 
     def finish_bundle(self) -> Iterator:
         opened, self._open = self._open, None
         if opened is not None:
-            opened.close()
-            yield GlobalWindows.windowed_value((self._directory, opened.path))
+            for path in opened.close():
+                yield GlobalWindows.windowed_value((self._directory, path))
 
     def teardown(self) -> None:
         self._abandon()
 
     def _abandon(self) -> None:
-        """A failed bundle's file: closed, left under `.writing/` for the rename to remove."""
+        """A failed bundle's files: closed, left under `.writing/` for the rename to remove."""
         opened, self._open = self._open, None
         if opened is not None:
             try:
                 opened.close()
             except Exception:  # the bundle already failed with its own error
                 pass
+
+
+def _create(path: str) -> BinaryIO:
+    return FileSystems.create(path, mime_type=MIME)
 
 
 def place_shards(directory: str, written: Iterable[str]) -> list[str]:
@@ -138,12 +117,13 @@ def write_empty_shard(directory: str, schema: pa.Schema) -> str | None:
 class WriteShards(beam.PTransform):
     """Tables → `(directory, path)` of each bundle's file, for `PlaceShards` to rename into place."""
 
-    def __init__(self, directory: str, schema: pa.Schema) -> None:
+    def __init__(self, directory: str, schema: pa.Schema, rows_per_shard: int = ROWS_PER_SHARD) -> None:
         super().__init__()
-        self._directory, self._schema = directory, schema
+        self._directory, self._schema, self._rows_per_shard = directory, schema, rows_per_shard
 
     def expand(self, tables):
-        return tables | beam.ParDo(WriteShardFiles(self._directory, self._schema)).with_output_types(tuple[str, str])
+        files = WriteShardFiles(self._directory, self._schema, self._rows_per_shard)
+        return tables | beam.ParDo(files).with_output_types(tuple[str, str])
 
 
 class PlaceShards(beam.PTransform):

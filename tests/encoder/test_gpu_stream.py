@@ -800,14 +800,14 @@ def test_embed_files_writes_every_file_once_or_dead_letters_it(tiny_encoder, fil
                          rows_per_shard=10, reader=reader)  # fmt: skip
     table = pq.read_table(result.shards)
     assert sorted(table.column("item_id").to_pylist()) == sorted(files + [str(png)]) and table.num_rows == 21
-    assert result.embedded == 21 and result.on_gpu == 20 and len(result.shards) == 2  # 16 rows (two batches), then 5
+    assert result.embedded == 21 and result.on_gpu == 20 and len(result.shards) == 3  # 10 rows, 10, then 1
     failed = pq.read_table(tmp_path / "out" / "failures.parquet").to_pylist()
     assert {(f["item_id"], f["stage"]) for f in failed} == {(str(broken), "decode"),
                                                              *((m, "fetch") for m in missing)}  # fmt: skip
     digests = dict(zip(table.column("item_id").to_pylist(), table.column("image_sha256").to_pylist(), strict=True))
     assert digests[str(png)] == hashlib.sha256(png.read_bytes()).hexdigest()
     assert set(table.column("model_version").to_pylist()) == {tiny_encoder.model_version}
-    assert [pq.read_table(s).num_rows for s in result.shards] == [16, 5]  # in order, written by the writer thread
+    assert [pq.read_table(s).num_rows for s in result.shards] == [10, 10, 1]  # in order, by the writer thread
     assert not column_encodings(result.shards[0])["embedding"]  # vectors never dictionary-encoded
     assert gc.get_freeze_count() == 0  # the heap frozen for the run only (pipelines.heap)
     # what the run's end waited for: the reader processes' close (no ring locked on a CPU), the shards'

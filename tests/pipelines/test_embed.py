@@ -119,6 +119,27 @@ def test_a_run_of_several_bundles_numbers_their_shards_as_one_set(demo_catalog, 
     )
 
 
+def test_a_run_puts_no_more_than_its_rows_per_shard_in_a_shard(tmp_path, tiny_model):
+    for i in range(5):
+        Image.new("RGB", (48, 40), (40 * i, 90, 30)).save(tmp_path / f"item{i}.jpg", quality=90)
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    cfg = EmbedConfig(catalog=str(tmp_path / "*.jpg"), model=str(tiny_model), out=str(tmp_path / "out"),
+                      rows_per_shard=2)  # fmt: skip
+    result = run_embed(cfg)
+    assert result.counts == {"items_in": 6, "embedded": 5, "reused": 0, "dead_lettered": 1}
+    listed = result.manifest["shards"]
+    assert [s["path"] for s in listed] == [f"part-{i:05d}-of-00003.parquet" for i in range(3)]
+    assert sorted(s["rows"] for s in listed) == [1, 2, 2]  # one bundle here: two files of 2, one of the rest
+    assert sorted(_read_dir(Path(result.run_dir)).column("item_id").to_pylist()) == [f"item{i}" for i in range(5)]
+    assert [s["rows"] for s in result.manifest["failure_shards"]] == [1]
+
+
+@pytest.mark.parametrize("field", ["rows_per_shard", "batch_size", "fetch_threads", "workers"])
+def test_counts_below_one_are_refused_before_any_work(field):
+    with pytest.raises(ValueError, match=f"{field} must be >= 1, got 0"):
+        EmbedConfig(catalog="-", model="-", out="-", **{field: 0})
+
+
 def test_a_run_without_dead_letters_has_one_empty_shard_of_them(tmp_path, tiny_model):
     from pipelines.records import FAILURE_SCHEMA
 

@@ -8,7 +8,9 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.io.filesystems import FileSystems
 
+import pipelines.shard_sink as shard_sink
 from pipelines.shard_sink import WRITING, PlaceShards, WriteShardFiles, WriteShards, place_shards, write_empty_shard
 
 SCHEMA = pa.schema([("item_id", pa.string()), ("n", pa.int64())])
@@ -19,13 +21,16 @@ def _table(start: int, rows: int) -> pa.Table:
                     schema=SCHEMA)  # fmt: skip
 
 
-def _bundle(step: WriteShardFiles, *tables: pa.Table) -> str:
-    """One bundle through the step as a runner drives it: the path it hands on at the bundle's end."""
+def _bundle_files(step: WriteShardFiles, *tables: pa.Table) -> list[str]:
+    """One bundle through the step as a runner drives it: the paths it hands on at the bundle's end."""
     step.start_bundle()
     for table in tables:
         step.process(table)
-    (out,) = list(step.finish_bundle())
-    directory, path = out.value
+    return [out.value[1] for out in step.finish_bundle()]
+
+
+def _bundle(step: WriteShardFiles, *tables: pa.Table) -> str:
+    (path,) = _bundle_files(step, *tables)
     return path
 
 
@@ -52,7 +57,25 @@ def test_a_bundle_with_no_tables_hands_on_nothing(tmp_path):
     assert not (tmp_path / WRITING).exists()
 
 
-def test_a_failed_bundles_file_is_closed_and_removed_with_the_rest(tmp_path):
+def test_a_bundle_beyond_its_rows_hands_on_files_that_are_placed_in_its_order(tmp_path):
+    step = WriteShardFiles(str(tmp_path), SCHEMA, rows_per_shard=4)
+    written = _bundle_files(step, *(_table(3 * k, 3) for k in range(12)))  # 36 rows: nine files of four
+    assert written == sorted(written) and len(written) == 9  # numbered within the bundle: sorted, in order
+    others = _bundle_files(step, _table(100, 2))
+    placed = place_shards(str(tmp_path), list(reversed(written + others)))
+    ours = [p for p in placed if pq.read_table(p).column("n")[0].as_py() < 100]
+    assert [n for p in ours for n in pq.read_table(p).column("n").to_pylist()] == list(range(36))
+    assert [pq.read_metadata(p).num_rows for p in ours] == [4] * 9
+
+
+def test_a_failed_bundles_file_is_closed_and_removed_with_the_rest(tmp_path, monkeypatch):
+    opened = []
+
+    def create(path):
+        opened.append(FileSystems.create(path))
+        return opened[-1]
+
+    monkeypatch.setattr(shard_sink, "_create", create)
     step = WriteShardFiles(str(tmp_path), SCHEMA)
     step.start_bundle()
     step.process(_table(0, 10))
@@ -61,14 +84,14 @@ def test_a_failed_bundles_file_is_closed_and_removed_with_the_rest(tmp_path):
         list(step.finish_bundle())
     step.start_bundle()  # the runner retries the bundle, maybe on a new instance; this one is torn down later
     step.process(_table(100, 3))
-    left_open = step._open
+    step._open._behind.drain()  # its file opened
     step.teardown()  # a bundle left open: its file is closed, left for the rename to remove
-    assert left_open._handle.closed
+    assert len(opened) == 2 and all(h.closed for h in opened)
     step.start_bundle()  # the same instance given another bundle after one failed mid-way
     step.process(_table(200, 3))
-    left_open = step._open
+    step._open._behind.drain()
     step.start_bundle()
-    assert left_open._handle.closed and step._open is None
+    assert len(opened) == 3 and opened[-1].closed and step._open is None
     assert len(os.listdir(tmp_path / WRITING)) == 3
     retried = _bundle(WriteShardFiles(str(tmp_path), SCHEMA), _table(0, 10))
     place_shards(str(tmp_path), [retried])

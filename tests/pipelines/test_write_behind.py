@@ -1,10 +1,7 @@
 import threading
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from pipelines.shard_sink import _OpenShard
 from pipelines.write_behind import WriteBehind
 
 
@@ -64,34 +61,3 @@ def test_close_raises_the_closing_call_s_own_error_where_the_calls_had_none():
 def test_pending_below_one_is_refused():
     with pytest.raises(ValueError, match="at least 1"):
         WriteBehind(pending=0)
-
-
-SCHEMA = pa.schema([("item_id", pa.string()), ("n", pa.int64())])
-
-
-def _table(start: int, rows: int) -> pa.Table:
-    return pa.table({"item_id": [f"i{k}" for k in range(start, start + rows)], "n": range(start, start + rows)},
-                    schema=SCHEMA)  # fmt: skip
-
-
-def test_a_shard_writes_every_table_in_order_behind_the_caller(tmp_path):
-    opened = _OpenShard(str(tmp_path / "shard.parquet"), SCHEMA)
-    writer, gate = opened._writer, threading.Event()
-    write = writer.write_table
-    writer.write_table = lambda table: gate.wait(5) and write(table)  # held until the caller is back (or 5 s)
-    opened.write(_table(0, 100))  # returns while the table waits to be written
-    gate.set()
-    for k in range(1, 10):
-        opened.write(_table(100 * k, 100))
-    opened.close()
-    assert opened._handle.closed
-    assert pq.read_table(tmp_path / "shard.parquet").column("n").to_pylist() == list(range(1000))
-
-
-def test_a_shard_raises_a_failed_write_and_still_closes_the_file(tmp_path):
-    opened = _OpenShard(str(tmp_path / "shard.parquet"), SCHEMA)
-    opened.write(_table(0, 10))
-    opened.write(pa.table({"other": [1]}))  # not the shard's schema: the write behind fails
-    with pytest.raises(ValueError, match="schema"):
-        opened.close()
-    assert opened._handle.closed  # the bundle fails and is retried; its file is not left open
