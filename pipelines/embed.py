@@ -83,7 +83,9 @@ from pipelines.heap import frozen_heap
 from pipelines.records import (
     FAILURE_SCHEMA,
     EmbeddingRow,
+    Failure,
     PreparedImage,
+    ReuseRequest,
     embedding_matrix,
     embedding_schema,
     failures_to_table,
@@ -264,8 +266,11 @@ def _read_item_chunks(p: beam.Pipeline, catalog: str, size: int,
     return (
         p
         | "List catalog files" >> beam.Create(files)
-        | "Read manifest" >> beam.FlatMap(lambda f: item_chunks(read_manifest_file(f), size))
-        | "Count items" >> beam.Map(count)
+        # Typed: else Beam infers the type from the lambda's bytecode and that of the functions it calls, ~10 ms of
+        # every run's graph construction here (BENCHMARKS.md, "Beam's look at each DoFn ...").
+        | "Read manifest"
+        >> beam.FlatMap(lambda f: item_chunks(read_manifest_file(f), size)).with_output_types(ItemChunk)
+        | "Count items" >> beam.Map(count).with_output_types(ItemChunk)  # its annotations are strings to Beam
         | "Spread items" >> beam.Reshuffle()
     )
 
@@ -299,9 +304,11 @@ def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, pr
     watches = Shared()  # the run's dead-letter watch, one per worker process for both steps (`shared_watch`)
     prepared = chunks | "Fetch and decode images" >> beam.ParDo(
         FetchAndDecode(cfg, preprocess, total_items, reembed, in_memory, watches), known_side
-    ).with_output_types(list[PreparedImage]).with_outputs("failed", "reuse", "reused", main="decoded")
+    ).with_output_types(list[PreparedImage], failed=Failure, reuse=ReuseRequest, reused=pa.Table).with_outputs(
+        "failed", "reuse", "reused", main="decoded"
+    )
     encoded = prepared.decoded | "Embed images" >> beam.ParDo(EmbedBatch(cfg, Shared(), watches)).with_output_types(
-        pa.Table
+        pa.Table, failed=Failure
     ).with_outputs("failed", main="tables")
     tables, failure_sets = [encoded.tables], [prepared.failed, encoded.failed]
     if previous is not None:
@@ -337,7 +344,7 @@ def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, pr
     failure_files = (
         failure_sets
         | "All failures" >> beam.Flatten()
-        | "Count dead letters" >> beam.Map(_count_dead_letters())
+        | "Count dead letters" >> beam.Map(_count_dead_letters()).with_output_types(Failure)  # typed: as above
         | "Group failures" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
         | "Failures to Arrow" >> beam.Map(failures_to_table)
         | "Write dead letters" >> WriteShards(failures_dir, FAILURE_SCHEMA, cfg.rows_per_shard)

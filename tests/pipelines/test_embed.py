@@ -445,6 +445,45 @@ def test_tables_of_vectors_cross_beam_as_arrow_streams_sized_without_encoding(tm
     assert typed == dict.fromkeys(("Embed images", "Rows to Arrow", "All tables", "Merge tables"), pa.Table), typed
 
 
+@pytest.mark.parametrize("previous_rows", [1, None], ids=["in-memory-reuse", "shuffle-join"])
+def test_every_output_of_the_pipelines_steps_is_typed(tmp_path, previous_rows):
+    """Typed, Beam codes them with the project's coders (the catalog's chunks through the shuffle as one pickle of
+    two columns, tables as Arrow streams) and reads no function's bytecode to infer a type as it builds the graph."""
+    from apache_beam.pipeline import PipelineVisitor
+
+    from pipelines.embed import _pipeline_options, build_pipeline
+    from pipelines.embed_dofns import ItemChunkCoder
+    from pipelines.records import Failure, ReuseRequest
+
+    pq.write_table(pa.table({"item_id": ["a"], "image_uri": [str(tmp_path / "a.jpg")]}), tmp_path / "m.parquet")
+    cfg = EmbedConfig(catalog=str(tmp_path / "m.parquet"), model="unused", out=str(tmp_path / "out"))
+    pipeline = beam.Pipeline(options=_pipeline_options(cfg, []))
+    build_pipeline(pipeline, cfg, model_version="m", preprocess=PreprocessConfig(64, 64), dim=8, total_items=1,
+                   previous_shards=[str(tmp_path / "previous.parquet")], run_dir=str(tmp_path / "e"),
+                   failures_dir=str(tmp_path / "f"), previous_rows=previous_rows)  # fmt: skip
+    typed = {}
+
+    class Outputs(PipelineVisitor):
+        def visit_value(self, value, producer_node):
+            typed[(producer_node.full_label, value.tag)] = value.element_type
+
+    pipeline.visit(Outputs())
+    expected = {
+        ("Read manifest", None): ItemChunk,
+        ("Count items", None): ItemChunk,
+        ("Spread items/RemoveRandomKeys", None): ItemChunk,
+        ("Fetch and decode images/ParDo(FetchAndDecode)", "failed"): Failure,
+        ("Embed images/ParDo(EmbedBatch)", "failed"): Failure,
+        ("Count dead letters", None): Failure,
+    }
+    if previous_rows:  # the earlier vectors joined in memory: the fetch step's tables of them
+        expected[("Fetch and decode images/ParDo(FetchAndDecode)", "reused")] = pa.Table
+    else:
+        expected[("Fetch and decode images/ParDo(FetchAndDecode)", "reuse")] = ReuseRequest
+    assert {k: typed.get(k) for k in expected} == expected
+    assert isinstance(beam.coders.registry.get_coder(typed[("Spread items/RemoveRandomKeys", None)]), ItemChunkCoder)
+
+
 def test_a_fetch_element_holds_at_least_one_batch():
     from pipelines.embed import fetch_chunk_size
 
