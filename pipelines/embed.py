@@ -38,7 +38,7 @@ from encoder import DecodeLimits, EncoderConfig, ImageEncoder, load_encoder
 from encoder.devices import spread_note
 from encoder.gpu_images import RESIZES
 from pipelines import storage
-from pipelines.beam_memo import RememberedViews, remember_dofn_specs
+from pipelines.beam_memo import RememberedViews, remember_dofn_specs, remember_function_args
 from pipelines.catalog import (
     CatalogError,
     ItemChunk,
@@ -482,6 +482,7 @@ def run_embed(cfg: EmbedConfig, beam_args: list[str] | None = None) -> EmbedResu
 def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     started = time.monotonic()
     remember_dofn_specs()  # Beam asks ~8 times per step as it builds and runs the pipeline
+    remember_function_args()  # and reads each function's signature ~2,000 times per run
     options = _pipeline_options(cfg, beam_args or [])
     storage.configure_storage(options)
     listed = catalog_files(cfg.catalog)  # once: the validation and the pipeline's chunks share it

@@ -14,7 +14,7 @@ from apache_beam.runners import common
 from apache_beam.transforms import userstate
 from apache_beam.transforms.timeutil import TimeDomain
 
-from pipelines.beam_memo import RememberedViews, remember_dofn_specs
+from pipelines.beam_memo import RememberedViews, remember_dofn_specs, remember_function_args
 
 BAG = userstate.BagStateSpec("seen", VarIntCoder())
 TIMER = userstate.TimerSpec("flush", TimeDomain.WATERMARK)
@@ -121,3 +121,96 @@ def test_an_embed_runs_options_remember_their_views():
 
     options = _pipeline_options(EmbedConfig(catalog="-", model="-", out="-"), [])
     assert isinstance(options, RememberedViews) and options.view_as(StandardOptions).runner == "FnApiRunner"
+
+
+@pytest.fixture
+def signatures(monkeypatch):
+    """How many signatures Beam's own `get_function_args_defaults` has read."""
+    from apache_beam.transforms import core
+
+    remember_function_args()
+    count = [0]
+    read = core.get_signature
+
+    def counted(f):
+        count[0] += 1
+        return read(f)
+
+    monkeypatch.setattr(core, "get_signature", counted)
+    return count
+
+
+class Sized:
+    def __call__(self, element, scale=2):
+        return element * scale
+
+
+class UnhashableSized(Sized):
+    __hash__ = None
+
+
+class Slotted:  # no weak reference to it
+    __slots__ = ()
+
+    def __call__(self, element):
+        return element
+
+
+def _with_defaults(element, side=3, *rest, flag=True):
+    return element
+
+
+def test_the_functions_arguments_are_beams(signatures):
+    import functools
+
+    from apache_beam.transforms import core
+
+    beams = core.get_function_args_defaults.__wrapped__
+    for f in (lambda x, y=1: x, _with_defaults, Plain().process, Plain.process, Stateful().process,
+              functools.partial(_with_defaults, side=4), Sized(), len, UnhashableSized(), Slotted()):  # fmt: skip
+        assert core.get_function_args_defaults(f) == beams(f), f
+    assert core.get_function_args_defaults(Stateful().process)[0] == ["element", "seen", "flush"]  # no `self`
+    assert core.get_function_args_defaults(Stateful.process)[0][0] == "self"  # the function itself: with it
+
+
+def test_each_function_is_read_once_and_forgotten_when_it_goes(signatures):
+    from apache_beam.transforms import core
+
+    def f(element, side=3):
+        return element
+
+    args, defaults = core.get_function_args_defaults(f)
+    assert signatures[0] == 1
+    args.append("x")  # the caller's own lists: the next answer is whole
+    assert core.get_function_args_defaults(f) == (["element", "side"], [3]) and signatures[0] == 1
+
+    class Fresh(beam.DoFn):  # its methods not yet read in this process
+        def process(self, element, side=1):
+            yield element
+
+    assert core.get_function_args_defaults(Fresh().process) == (["element", "side"], [1]) and signatures[0] == 2
+    core.get_function_args_defaults(Fresh().process)  # another instance's method: its class's function, known
+    assert signatures[0] == 2
+    gone = weakref.ref(f)
+    del f
+    gc.collect()
+    assert gone() is None  # its answer does not keep it
+
+
+def test_a_function_that_cannot_be_remembered_is_read_each_time(signatures):
+    from apache_beam.transforms import core
+
+    for f in (Slotted(), UnhashableSized()):  # no weak reference; not hashable
+        before = signatures[0]
+        core.get_function_args_defaults(f)
+        core.get_function_args_defaults(f)
+        assert signatures[0] == before + 2
+
+
+def test_the_functions_arguments_installed_once_in_beams_place():
+    from apache_beam.transforms import core
+
+    remember_function_args()
+    ours = core.get_function_args_defaults
+    remember_function_args()
+    assert core.get_function_args_defaults is ours and ours.__wrapped__.__module__ == core.__name__
