@@ -23,81 +23,85 @@ from __future__ import annotations
 import threading
 import types
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
 __all__ = ["RememberedViews", "remember_dofn_specs", "remember_function_args"]
 
 _LOCK = threading.Lock()
-_INSTALLED: list = []  # Beam's own `get_dofn_specs`, once ours is in its place
-_ARGS_INSTALLED: list = []  # Beam's own `get_function_args_defaults`, once ours is in its place
+_INSTALLED: dict[str, Callable] = {}  # "module.name" → Beam's own function, once ours is in its place
+
+
+class _Remembered:
+    """Answers kept per key, weakly: a key that goes takes its answer with it. A key that cannot be a weak key (not
+    hashable, or no weak reference to it) is answered afresh each time, as without this."""
+
+    def __init__(self) -> None:
+        self._known: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def get(self, key, answer: Callable[[], Any]) -> Any:
+        try:
+            with _LOCK:
+                found = self._known.get(key)
+        except TypeError:
+            found = None
+        if found is None:
+            found = answer()  # raises as Beam's own does
+            try:
+                with _LOCK:
+                    self._known[key] = found
+            except TypeError:
+                pass
+        return found
+
+
+def _in_beams_place(module, name: str, remembering: Callable[[Callable], Callable]) -> None:
+    """`remembering(beams)` in the place of Beam's `module.name`, for this process's life (once; later calls do
+    nothing). Beam's callers look it up in its module as they run."""
+    with _LOCK:
+        if f"{module.__name__}.{name}" in _INSTALLED:
+            return
+        beams = getattr(module, name)
+        ours = remembering(beams)
+        ours.__wrapped__ = beams
+        setattr(module, name, ours)
+        _INSTALLED[f"{module.__name__}.{name}"] = beams
 
 
 def remember_dofn_specs() -> None:
-    """Put the remembering `get_dofn_specs` in Beam's place, for this process's life (once; later calls do nothing).
-    Beam's functions that ask (`is_stateful_dofn`, `validate_stateful_dofn`) look it up in their module as they run."""
+    """Put the remembering `get_dofn_specs` in Beam's place (`is_stateful_dofn`, `validate_stateful_dofn` ask it)."""
     from apache_beam.transforms import userstate
 
-    with _LOCK:
-        if _INSTALLED:
-            return
-        beams = userstate.get_dofn_specs
-        known: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    def remembering(beams):
+        known = _Remembered()
 
         def get_dofn_specs(dofn):
-            try:
-                with _LOCK:
-                    specs = known.get(dofn)
-            except TypeError:  # not hashable: asked each time
-                specs = None
-            if specs is None:
-                specs = beams(dofn)  # raises as Beam's does for a DoFn with a parameter twice
-                try:
-                    with _LOCK:
-                        known[dofn] = specs
-                except TypeError:  # no weak reference to it: asked each time
-                    pass
-            state, timers = specs
+            state, timers = known.get(dofn, lambda: beams(dofn))
             return set(state), set(timers)  # the caller's own sets, as Beam's are
 
-        get_dofn_specs.__wrapped__ = beams
-        userstate.get_dofn_specs = get_dofn_specs
-        _INSTALLED.append(beams)
+        return get_dofn_specs
+
+    _in_beams_place(userstate, "get_dofn_specs", remembering)
 
 
 def remember_function_args() -> None:
-    """Put the remembering `get_function_args_defaults` in Beam's place, for this process's life (once; later calls do
-    nothing). Beam's callers (`get_function_arguments`, `Map`, `FlatMap`, `CallableWrapperDoFn`) look it up in its
-    module as they run."""
+    """Put the remembering `get_function_args_defaults` in Beam's place (`get_function_arguments`, `Map`, `FlatMap`
+    and `CallableWrapperDoFn` ask it)."""
     from apache_beam.transforms import core
 
-    with _LOCK:
-        if _ARGS_INSTALLED:
-            return
-        beams = core.get_function_args_defaults
-        functions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a function → its arguments
-        methods: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a method's function → bound, without self
+    def remembering(beams):
+        functions, methods = _Remembered(), _Remembered()  # a method's answer leaves out its instance
 
         def get_function_args_defaults(f):
             known, key = (methods, f.__func__) if isinstance(f, types.MethodType) else (functions, f)
-            try:
-                with _LOCK:
-                    found = known.get(key)
-            except TypeError:  # not hashable: read each time
-                found = None
-            if found is None:
-                found = beams(f)
-                try:
-                    with _LOCK:
-                        known[key] = found
-                except TypeError:  # no weak reference to it: read each time
-                    pass
-            args, defaults = found
+            args, defaults = known.get(key, lambda: beams(f))
             return list(args), list(defaults)  # the caller's own lists, as Beam's are
 
-        get_function_args_defaults.__wrapped__ = beams
-        core.get_function_args_defaults = get_function_args_defaults
-        _ARGS_INSTALLED.append(beams)
+        return get_function_args_defaults
+
+    _in_beams_place(core, "get_function_args_defaults", remembering)
 
 
 class RememberedViews(PipelineOptions):
