@@ -267,7 +267,7 @@ def _read_item_chunks(p: beam.Pipeline, catalog: str, size: int,
         p
         | "List catalog files" >> beam.Create(files)
         # Typed: else Beam infers the type from the lambda's bytecode and that of the functions it calls, ~10 ms of
-        # every run's graph construction here (BENCHMARKS.md, "Beam's look at each DoFn ...").
+        # every run's graph construction here (BENCHMARKS.md, "Every step's output typed").
         | "Read manifest"
         >> beam.FlatMap(lambda f: item_chunks(read_manifest_file(f), size)).with_output_types(ItemChunk)
         | "Count items" >> beam.Map(count).with_output_types(ItemChunk)  # its annotations are strings to Beam

@@ -31,16 +31,15 @@ class ShardFiles:
     """
 
     def __init__(self, name: Callable[[int], str], schema: pa.Schema, *, rows_per_shard: int = ROWS_PER_SHARD,
-                 pending: int = 2, open_file: Callable[[str], BinaryIO] | None = None,
-                 thread_name: str = "shard-write") -> None:  # fmt: skip
+                 pending: int = 2, open_file: Callable[[str], BinaryIO] | None = None) -> None:  # fmt: skip
         if rows_per_shard < 1:
             raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
         self._name, self._schema, self._rows_per_shard, self._open_file = name, schema, rows_per_shard, open_file
-        self.paths: list[str] = []  # every file opened, the last one perhaps still being written
+        self._paths: list[str] = []  # every file opened, in order
         self._writer: pq.ParquetWriter | None = None
         self._handle: BinaryIO | None = None
         self._room = 0  # rows the open file still takes
-        self._behind = WriteBehind(pending, name=thread_name)
+        self._behind = WriteBehind(pending, name="shard-write")
 
     def write(self, table: pa.Table) -> None:
         self._behind.submit(self._write, table)
@@ -48,21 +47,21 @@ class ShardFiles:
     def close(self) -> list[str]:
         """Wait for every write and close the last file; the files' paths, in order."""
         self._behind.close(then=self._close_file)
-        return self.paths
+        return self._paths
 
     def _write(self, table: pa.Table) -> None:
         done = 0
         while done < table.num_rows:
             if self._room == 0:
                 self._close_file()
-                self._open(self._name(len(self.paths)))
+                self._open(self._name(len(self._paths)))
             rows = min(self._room, table.num_rows - done)
             self._writer.write_table(table.slice(done, rows) if rows < table.num_rows else table)
             self._room -= rows
             done += rows
 
     def _open(self, path: str) -> None:
-        self.paths.append(path)
+        self._paths.append(path)
         self._handle = self._open_file(path) if self._open_file is not None else None
         try:
             self._writer = pq.ParquetWriter(

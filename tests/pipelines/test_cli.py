@@ -150,3 +150,18 @@ def test_help_lists_the_commands(tmp_path):
     assert result.returncode == 0
     for command in ("demo-catalog", "init-model", "train", "embed"):
         assert command in result.stdout
+
+
+def test_the_embed_commands_defaults_are_the_configs():
+    """`lookalike embed` without a flag embeds as `EmbedConfig` (and so a nightly config) does."""
+    from dataclasses import MISSING, fields
+
+    import typer
+
+    from pipelines.cli import app
+    from pipelines.embed import EmbedConfig
+
+    flags = {p.name: p.default for p in typer.main.get_command(app).commands["embed"].params}
+    defaults = {f.name: f.default for f in fields(EmbedConfig) if f.default is not MISSING}
+    shared = flags.keys() & defaults.keys()
+    assert len(shared) > 20 and {k: flags[k] for k in shared} == {k: defaults[k] for k in shared}

@@ -167,6 +167,8 @@ def test_every_embed_option_but_the_run_s_own_is_a_nightly_setting():
 
     per_run = {"catalog", "model", "out", "run_id", "incremental", "previous", "reembed_since"}
     assert {f.name for f in fields(EmbedConfig)} - per_run == set(EmbedSettings().step_options())
+    # with the same defaults: a night embeds as `lookalike embed` does unless its config says otherwise
+    assert EmbedSettings().step_options() == {f.name: f.default for f in fields(EmbedConfig) if f.name not in per_run}
 
 
 @pytest.mark.parametrize(
