@@ -60,7 +60,7 @@ case ",$steps," in *,host,*)  # the host's own per-image ceiling (CPU only, deco
   # standalone run's start and end on its cores (the first batch read here while the readers start, their reaping)
   timeout "${HOST_S:-150}" python3 benchmarks/worker_overhead.py --images 10000 2>&1 | tail -12 | tee "$out/host.log"
   timeout "${EDGES_S:-40}" python3 benchmarks/run_edges.py --rounds 4 2>&1 | tail -6 | tee -a "$out/host.log"
-  # and a local Beam run's fixed cost with Beam's DoFn specs and option views remembered, on the CPU
+  # and a local Beam run's fixed cost with what Beam works out again and again remembered (DoFn specs, option views, function arguments), on the CPU
   timeout "${MEMO_S:-40}" python3 benchmarks/beam_memo.py --rounds 3 2>&1 | tail -11 | tee -a "$out/host.log"
   # and the shards placed in one stage against Beam's Write (four stages per sink)
   timeout "${SINK_S:-30}" python3 benchmarks/shard_sink.py --rounds 3 2>&1 | tail -7 | tee -a "$out/host.log";;
