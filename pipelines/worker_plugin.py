@@ -3,10 +3,12 @@ process.
 
 Beam's SDK worker imports the job's plugins as it starts, before its first bundle: the Dataflow runner lists every
 `BeamPlugin` subclass imported where the job is launched, and every job names this one in `--beam_plugins`
-(`embed._pipeline_options`). Imported in a worker (its runner's control endpoint is in its environment), this module
-caps Beam's state sampling there for the process's life; a local run whose workers are the launching process caps it
-while it runs (`brief_state_sampling`). The local runner's worker processes (`--workers 2`) are given no job options,
-so they keep Beam's.
+(`embed._pipeline_options`); so does the local runner's for its worker processes (`--workers 2`, one per GPU on a
+host of several). Imported in a worker (its runner's control endpoint is in its environment), this module caps Beam's
+state sampling there for the process's life, and puts in place what the launcher remembers of Beam's repeated work
+(`pipelines.beam_memo`: each DoFn's state and timers, each function's arguments), which Beam works out again for
+every DoFn a worker makes for its bundles. A local run whose workers are the launching process caps the sampling while
+it runs (`brief_state_sampling`), and its launcher remembers for it.
 
 Beam's state sampler: each bundle's sampler thread sleeps between samples, from 2 ms growing ×1.2 to 200 ms, and the
 bundle's end waits for it to wake, up to 200 ms at the end of any bundle over a second, with the GPU's queue drained
@@ -21,6 +23,8 @@ import os
 import threading
 
 from apache_beam.utils.plugin import BeamPlugin
+
+from pipelines.beam_memo import remember_dofn_specs, remember_function_args
 
 __all__ = ["STATE_SAMPLING_MS", "WorkerPlugin", "brief_state_sampling", "in_sdk_worker"]
 
@@ -75,3 +79,5 @@ def brief_state_sampling():
 
 if in_sdk_worker():  # imported by Beam as the worker starts: for the process's life
     _brief()
+    remember_dofn_specs()
+    remember_function_args()

@@ -23,15 +23,18 @@ PLUGIN = "pipelines.worker_plugin.WorkerPlugin"
 WORKER_START = f"""
 import json
 from apache_beam.runners.worker import sdk_worker_main, statesampler
+from apache_beam.transforms import core, userstate
 from apache_beam.utils.counters import CounterFactory
 sdk_worker_main._import_beam_plugins([{PLUGIN!r}])
-print(json.dumps(statesampler.StateSampler("bundle", CounterFactory()).sampling_period_ms))
+remembered = [hasattr(f, "__wrapped__") for f in (userstate.get_dofn_specs, core.get_function_args_defaults)]
+print(json.dumps([statesampler.StateSampler("bundle", CounterFactory()).sampling_period_ms, *remembered]))
 """
 
 
-def _sampling_in_a_fresh_process(as_a_worker: bool) -> int:
+def _worker_start(as_a_worker: bool) -> list:
     """A new bundle's sampling period in a fresh process that starts as Beam's SDK worker does, with a worker's
-    environment (its runner's control endpoint) or without."""
+    environment (its runner's control endpoint) or without; and whether Beam's DoFn specs and functions' arguments
+    are remembered there (`pipelines.beam_memo`)."""
     env = {k: v for k, v in os.environ.items() if k != "CONTROL_API_SERVICE_DESCRIPTOR"}
     if as_a_worker:
         env["CONTROL_API_SERVICE_DESCRIPTOR"] = "url: 'localhost:1'"
@@ -40,12 +43,13 @@ def _sampling_in_a_fresh_process(as_a_worker: bool) -> int:
     return json.loads(out.splitlines()[-1])
 
 
-def test_a_worker_process_that_imports_the_plugin_samples_briefly_for_its_life():
-    assert _sampling_in_a_fresh_process(as_a_worker=True) == STATE_SAMPLING_MS
+def test_a_worker_process_that_imports_the_plugin_samples_briefly_and_remembers_for_its_life():
+    assert _worker_start(as_a_worker=True) == [STATE_SAMPLING_MS, True, True]
 
 
 def test_importing_the_plugin_elsewhere_leaves_beams_sampler_as_it_is():
-    assert _sampling_in_a_fresh_process(as_a_worker=False) == statesampler.DEFAULT_SAMPLING_PERIOD_MS == 200
+    assert _worker_start(as_a_worker=False) == [statesampler.DEFAULT_SAMPLING_PERIOD_MS, False, False]
+    assert statesampler.DEFAULT_SAMPLING_PERIOD_MS == 200
     assert not worker_plugin.in_sdk_worker()  # nor here, in the tests' process
 
 
