@@ -115,7 +115,7 @@ def write_empty_shard(directory: str, schema: pa.Schema) -> str | None:
 
 
 class WriteShards(beam.PTransform):
-    """Tables → `(directory, path)` of each bundle's file, for `PlaceShards` to rename into place."""
+    """Tables → `(directory, path)` of each bundle's files, for `PlaceShards` to rename into place."""
 
     def __init__(self, directory: str, schema: pa.Schema, rows_per_shard: int = ROWS_PER_SHARD) -> None:
         super().__init__()
