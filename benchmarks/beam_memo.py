@@ -28,6 +28,7 @@ from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 from apache_beam.transforms import core, userstate  # noqa: E402
 
 import pipelines.embed as embed  # noqa: E402
+from benchmarks.common import print_ways  # noqa: E402
 from benchmarks.local_runs import photo_runs, size_args  # noqa: E402
 from pipelines.beam_memo import remember_dofn_specs, remember_function_args  # noqa: E402
 
@@ -87,17 +88,14 @@ def main() -> None:
                     asks.setdefault((n, way), []).append((len(asked), sum(asked), len(read), sum(read)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print("\n| images | way | seconds, each run | median | × before | Beam's asks about DoFns per run | their seconds, "
-          "median | functions' arguments read per run | their seconds, median |")  # fmt: skip
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for n in sizes:
-        base = float(np.median(seconds[n, WAYS[0]]))
-        for way in WAYS:
-            runs, median = seconds[n, way], float(np.median(seconds[n, way]))
-            counts = [" / ".join(map(str, sorted({a[i] for a in asks[n, way]}))) for i in (0, 2)]
-            spent = [float(np.median([a[i] for a in asks[n, way]])) for i in (1, 3)]
-            print(f"| {n:,} | {way} | {' / '.join(f'{s:.3f}' for s in runs)} | {median:.3f} | {median / base:.2f} | "
-                  f"{counts[0]} | {spent[0]:.3f} | {counts[1]} | {spent[1]:.3f} |")  # fmt: skip
+
+    def ask_cells(n: int, way: str) -> list[str]:  # per kind of ask: the counts seen, the median of their seconds
+        return [cell for i in (0, 2) for cell in (" / ".join(map(str, sorted({a[i] for a in asks[n, way]}))),
+                                                   f"{float(np.median([a[i + 1] for a in asks[n, way]])):.3f}")]  # fmt: skip
+
+    headers = ("Beam's asks about DoFns per run", "their seconds, median", "functions' arguments read per run",
+               "their seconds, median")  # fmt: skip
+    print_ways(seconds, sizes, WAYS, headers, ask_cells)
 
 
 if __name__ == "__main__":

@@ -325,3 +325,19 @@ def stage_label(name: str) -> str:
     """A fused stage's name (`((a)+(b))+(c)`, Beam's ids of its steps) as its first and last steps: `a … c`."""
     steps = [re.sub(r"_\d+$", "", s.removeprefix("ref_AppliedPTransform_")) for s in re.findall(r"[^()+]+", name)]
     return steps[0] if len(steps) == 1 else f"{steps[0]} … {steps[-1]}"
+
+
+def print_ways(seconds: dict[tuple[int, str], list[float]], sizes: list[int], ways, extra_headers: tuple[str, ...] = (),
+               extra: Callable[[int, str], list[str]] = lambda n, way: []) -> None:  # fmt: skip
+    """A Markdown table of runs by catalog size and way: each run's seconds, their median and its ratio to the first
+    way's (`× before`); then the `extra` cells of each row (`extra(n, way)`, formatted) under `extra_headers`."""
+    ways = list(ways)
+    headers = ["images", "way", "seconds, each run", "median", "× before", *extra_headers]
+    print("\n| " + " | ".join(headers) + " |")
+    print("| ---: | --- | " + " | ".join(["---:"] * (len(headers) - 2)) + " |")
+    for n in sizes:
+        base = float(np.median(seconds[n, ways[0]]))
+        for way in ways:
+            runs, median = seconds[n, way], float(np.median(seconds[n, way]))
+            cells = [f"{n:,}", way, " / ".join(f"{s:.3f}" for s in runs), f"{median:.3f}", f"{median / base:.2f}"]
+            print("| " + " | ".join([*cells, *extra(n, way)]) + " |")

@@ -31,13 +31,12 @@ from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import encoder.gpu_images as gpu_images  # noqa: E402
 import pipelines.embed as embed  # noqa: E402
 import pipelines.embed_dofns as embed_dofns  # noqa: E402
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import machine, print_ways  # noqa: E402
 from benchmarks.gpu_embed import SHAPES, _checkpoint, _make_images  # noqa: E402
 from benchmarks.worker_overhead import SIZE, _stub, beam, blank_decoder  # noqa: E402
 
@@ -116,14 +115,7 @@ def main() -> None:
                     seconds.setdefault((n, way), []).append(s)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print("\n| images | way | seconds, each run | median | × before |")
-    print("| ---: | --- | ---: | ---: | ---: |")
-    for n in sizes:
-        base = float(np.median(seconds[n, next(iter(WAYS))]))
-        for way in WAYS:
-            runs = seconds[n, way]
-            median = float(np.median(runs))
-            print(f"| {n:,} | {way} | {' / '.join(f'{s:.3f}' for s in runs)} | {median:.3f} | {median / base:.2f} |")
+    print_ways(seconds, sizes, WAYS)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import pyarrow.dataset as ds  # noqa: E402
 
 from benchmarks.beam_before import sinks_as_before  # noqa: E402
-from benchmarks.common import bundles_timed  # noqa: E402
+from benchmarks.common import bundles_timed, print_ways  # noqa: E402
 from benchmarks.local_runs import photo_runs, size_args  # noqa: E402
 
 WAYS = {"before: Beam's Write, four stages per sink": sinks_as_before,
@@ -60,17 +60,14 @@ def main() -> None:
                     stages.setdefault((n, name), []).append((len(spent), outside, time_s["build"]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print("\n| images | way | seconds, each run | median | × before | stages | outside embedding, s | build, s |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for n in sizes:
-        base = float(np.median(seconds[n, next(iter(WAYS))]))
-        for name in WAYS:
-            runs, median = seconds[n, name], float(np.median(seconds[n, name]))
-            counts = "/".join(map(str, sorted({c for c, _, _ in stages[n, name]})))
-            outside = float(np.median([o for _, o, _ in stages[n, name]]))
-            build = float(np.median([b for _, _, b in stages[n, name]]))
-            print(f"| {n:,} | {name} | {' / '.join(f'{s:.3f}' for s in runs)} | {median:.3f} | {median / base:.2f} | "
-                  f"{counts} | {outside:.3f} | {build:.3f} |")  # fmt: skip
+
+    def stage_cells(n: int, name: str) -> list[str]:
+        counts = "/".join(map(str, sorted({c for c, _, _ in stages[n, name]})))
+        outside = float(np.median([o for _, o, _ in stages[n, name]]))
+        build = float(np.median([b for _, _, b in stages[n, name]]))
+        return [counts, f"{outside:.3f}", f"{build:.3f}"]
+
+    print_ways(seconds, sizes, WAYS, ("stages", "outside embedding, s", "build, s"), stage_cells)
 
 
 if __name__ == "__main__":
