@@ -12,7 +12,7 @@
 # Each step has its own time limit so one slow step cannot eat the others'; a step that fails is logged and the
 # next one runs. The default limits add up to 1,355 s; where one command may run 600 s at most (and a lease has
 # 15 minutes, its start included), split the steps over two calls, what is owed first:
-#   EMBED_ARGS="--paths c,d,resize-kernel,timeline,unpinned,d-again,decoder-life,b,a,e,e-before,e-reads-before,e-missing,switch,so400m,large"
+#   EMBED_ARGS="--paths c,d,resize-kernel,timeline,unpinned,d-again,decoder-life,b,a,e,e-before,e-reads-before,e-missing,switch,hf-tower,so400m,large"
 #   EMBED_S=320 TESTS_S=150 RESIZE_S=20 SCALED_S=40 LOCK_S=60 ... embed,tests,resize,scaled,lock
 #   (590 s; `large` is cut first), then host (HOST_S=90 EDGES_S=30 MEMO_S=30 SINK_S=25), gil (GIL_S=120), train (TRAIN_S=200), or
 #   EMBED_ARGS="--paths mfu,stages" ... embed, on what the lease has left

@@ -37,8 +37,9 @@ with nvImageCodec's decoder memory set aside up front; `nomodel` with the tower 
 a constant; `freezing` reruns (c) compiled with the weights as constants (`--compile-frozen`); `patch-conv` reruns
 (c) and (d) with the tower's patch embedding as the checkpoint's convolution, as it ran before it became one matrix
 product (`encoder.patch_embedding`); `gelu-separate` reruns (c) and (d) with the MLPs' GELU as a kernel of its
-own, as it ran before it moved into the first product's epilogue (`encoder.gelu_epilogue`); `resize-channels`
-reruns (d) with nvImageCodec's batches resized channel by channel, as before they were resized as they lie
+own, as it ran before it moved into the first product's epilogue (`encoder.gelu_epilogue`); `hf-tower` reruns (c) and
+(d) with transformers' `SiglipVisionModel` as the tower, as it ran before the project computed it (`encoder.siglip_tower`);
+`resize-channels` reruns (d) with nvImageCodec's batches resized channel by channel, as before they were resized as they lie
 (`resize_like_pil(interleaved=...)`); `resize-kernel` reruns (d) with `--gpu-resize kernel`: two Triton kernels that gather
 each output's taps from the decoder's buffer (`encoder.resize_kernel`), for nvJPEG's planes and nvImageCodec's
 interleaved pixels; `unpinned` reruns (d) with the file readers' ring left pageable, as before it
@@ -130,6 +131,7 @@ END_TO_END = "(d) end to end, files → Parquet, standalone, {decoder}"  # and o
 BEFORE_MODEL_CHANGES = {
     "patch-conv": ("PATCHES_AS_MATMUL", "the patch embedding as a convolution"),  # encoder.patch_embedding
     "gelu-separate": ("GELU_IN_EPILOGUE", "the GELU as a kernel of its own"),  # encoder.gelu_epilogue
+    "hf-tower": ("OWN_TOWER", "transformers' SiglipVisionModel as the tower"),  # encoder.siglip_tower
 }
 PEAK_BF16 = 989e12  # H100 / H200 SXM dense bf16 spec; MFU is against this
 
@@ -856,7 +858,7 @@ def main() -> None:
     parser.add_argument("--paths", default="c,d,backends,decode-sms,unpinned,damaged,all-extensions,d-again,decoder-life,b,a,e,e-before,e-reads-before,e-missing,"
                         "timeline,"
                         "streams,decode-threads,prealloc,nomodel,freezing,"
-                        "patch-conv,gelu-separate,resize-channels,resize-kernel,pixels,so400m,profile,graph,mfu,stages,switch,e2,large",
+                        "patch-conv,gelu-separate,hf-tower,resize-channels,resize-kernel,pixels,so400m,profile,graph,mfu,stages,switch,e2,large",
                         help="which paths, in order")  # fmt: skip
     parser.add_argument("--trace-dir", help="keep the `timeline` path's traces here (.json.gz, for Perfetto)")
     parser.add_argument("--json", help="write results here as they land")

@@ -62,6 +62,8 @@ def test_gpu_embed_benchmark_smoke_mode_runs_on_cpu(tmp_path):
                  "(d) the patch embedding as a convolution (before), pil",
                  "(c) the GELU as a kernel of its own (before), batch 16",
                  "(d) the GELU as a kernel of its own (before), pil",
+                 "(c) transformers' SiglipVisionModel as the tower (before), batch 16",
+                 "(d) transformers' SiglipVisionModel as the tower (before), pil",
                  "(d) the resize channel by channel (before), pil",
                  "(d) the resize as two gathering kernels (Triton), pil",
                  "(e) Beam, GIL switch interval 0.5 ms, nvjpeg",

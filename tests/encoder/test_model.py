@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,6 +22,19 @@ from encoder.preprocess import PreprocessConfig
 def _images(n: int, seed: int = 0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, size=(80 + i, 120, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def _save_tower_alone(checkpoint, out, state=None) -> None:
+    """The checkpoint's image tower saved alone by transformers (as `training.export` saves one), with `state`'s
+    weights where given."""
+    from transformers import SiglipVisionModel
+
+    tower = SiglipVisionModel.from_pretrained(checkpoint)
+    if state is not None:
+        tower.load_state_dict(state)
+    tower.save_pretrained(out)
+    if not (out / "preprocessor_config.json").exists():
+        shutil.copy(checkpoint / "preprocessor_config.json", out)
 
 
 def test_embeddings_are_unit_float32(tiny_encoder):
@@ -71,8 +85,7 @@ def test_model_version_is_stable_and_content_addressed(tiny_model, tiny_encoder,
 
     # The image tower saved alone has the same version as inside the two-tower checkpoint.
     alone = tmp_path / "vision-only"
-    tiny_encoder.vision_model.save_pretrained(alone)
-    shutil.copy(tiny_model / "preprocessor_config.json", alone)
+    _save_tower_alone(tiny_model, alone)
     assert load_encoder(EncoderConfig(model=str(alone), device="cpu")).model_version == tiny_encoder.model_version
 
     state = {k: v.clone() for k, v in tiny_encoder.vision_model.state_dict().items()}
@@ -98,8 +111,7 @@ def test_model_version_is_hashed_once_per_checkpoint_until_its_files_change(tiny
     # Weights rewritten in place: a new hash, and a new version.
     state = {k: v.clone() for k, v in first.vision_model.state_dict().items()}
     state[next(iter(state))][..., 0] += 1e-3
-    first.vision_model.load_state_dict(state)
-    first.vision_model.save_pretrained(checkpoint)
+    _save_tower_alone(tiny_model, checkpoint, state)
     rewritten = load_encoder(EncoderConfig(model=str(checkpoint), device="cpu"))
     assert len(calls) == 2 and rewritten.model_version != first.model_version
 
@@ -400,8 +412,7 @@ def test_the_mlps_gelu_moves_into_the_products_epilogue_on_cuda_only(tiny_encode
     exact = copy.deepcopy(tower)
     for module in exact.modules():
         if hasattr(module, "config") and hasattr(module, "fc1"):
-            module.config = copy.copy(module.config)
-            module.config.hidden_act = "gelu"  # erf: the epilogue's tanh would change it
+            module.config = SimpleNamespace(hidden_act="gelu")  # erf: the epilogue's tanh would change it
     assert gelu_in_epilogue(exact, torch.device("cuda")) == 0
 
 

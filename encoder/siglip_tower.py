@@ -1,0 +1,256 @@
+"""SigLIP's image tower in plain torch, loaded straight from a checkpoint's config.json and safetensors.
+
+transformers' `SiglipVisionModel` computes the same vectors, but importing its modelling code costs every process
+~2.3 s on this project's 2-core CPU (it brings in torch's compiler stack, distributed tensors and sympy): a third of
+a 200-image `lookalike embed`, paid again by each local worker process and each Dataflow worker. This tower has the
+same modules under the same names, so a checkpoint's tensors load into it as they are, its state dict (and so its
+`model_version`) is the one transformers' tower has, and `encoder.patch_embedding` / `encoder.gelu_epilogue` swap
+its parts as they do transformers'. Inference only: fine-tuning keeps transformers' two-tower model.
+
+The arithmetic is transformers' SDPA path op for op (pre-norm layers, tanh GELU, attention pooling over a probe),
+so on one device and dtype the vectors are the same to the last bits (tests/encoder/test_siglip_tower.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = ["SiglipImageTower", "TowerConfig", "TowerOutput", "load_tower", "read_tower_config"]
+
+SUPPORTED_TYPES = ("siglip", "siglip_vision_model")  # a two-tower checkpoint, or its image tower saved alone
+# transformers' activation names this tower computes: GELU's tanh approximation (SigLIP's), or exact GELU
+_ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}
+_PREFIX = "vision_model."  # the image tower's names in a checkpoint file, alone or beside the text tower
+
+
+@dataclass(frozen=True)
+class TowerConfig:
+    """The image tower's shape: a checkpoint's `vision_config`, transformers' defaults where it says nothing."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+    vision_use_head: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                     "image_size", "patch_size"):  # fmt: skip
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"vision_config.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"vision_config.hidden_size {self.hidden_size} is not a multiple of its "
+                             f"{self.num_attention_heads} attention heads")  # fmt: skip
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"vision_config.hidden_act {self.hidden_act!r} is not one of {sorted(_ACTIVATIONS)}")
+        if not self.vision_use_head:  # the vectors are the attention-pooling head's output
+            raise ValueError("vision_config.vision_use_head is false: the tower has no pooling head to embed with")
+        if self.image_size < self.patch_size:
+            raise ValueError(f"vision_config.image_size {self.image_size} is smaller than a patch ({self.patch_size})")
+
+    @property
+    def grid(self) -> int:
+        """Patches a side."""
+        return self.image_size // self.patch_size
+
+
+def read_tower_config(path: Path) -> TowerConfig:
+    """The image tower's config from a checkpoint directory's config.json.
+
+    Raises:
+        FileNotFoundError: no config.json.
+        ValueError: not a SigLIP checkpoint, or a tower this module cannot compute.
+    """
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} has no config.json; not a Hugging Face checkpoint")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file} is not JSON ({err})") from err
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in SUPPORTED_TYPES:
+        raise ValueError(f"{path} is a {model_type!r} checkpoint; expected one of {SUPPORTED_TYPES}")
+    vision = config if model_type == "siglip_vision_model" else config.get("vision_config") or {}
+    known = {f.name for f in fields(TowerConfig)}
+    return TowerConfig(**{k: v for k, v in vision.items() if k in known})
+
+
+class TowerOutput(NamedTuple):
+    """What the tower returns: named as transformers' output is, so `ImageEncoder` runs either tower."""
+
+    pooler_output: torch.Tensor  # (n, hidden) the attention-pooling head's output
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size,
+                                         padding="valid")  # fmt: skip
+        # its weight given, not drawn: a random init on the meta device imports torch's compiler stack (~1.5 s)
+        self.position_embedding = nn.Embedding(
+            cfg.grid**2, cfg.hidden_size, _weight=torch.empty(cfg.grid**2, cfg.hidden_size)
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        return patches.flatten(2).transpose(1, 2) + self.position_embedding.weight  # every position, in order
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.heads, self.scale = cfg.num_attention_heads, (cfg.hidden_size // cfg.num_attention_heads) ** -0.5
+        # transformers' order: the state dict lists them so, and the version hash sorts names anyway
+        self.k_proj, self.v_proj, self.q_proj, self.out_proj = (nn.Linear(cfg.hidden_size, cfg.hidden_size)
+                                                                for _ in range(4))  # fmt: skip
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        shape = (*hidden.shape[:-1], self.heads, -1)
+        q, k, v = (proj(hidden).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.out_proj(out.transpose(1, 2).reshape(*hidden.shape[:-1], -1))
+
+
+class MLP(nn.Module):
+    """`fc2(gelu(fc1(x)))`; carries its `config`, as transformers' does, for `encoder.gelu_epilogue` to read."""
+
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.activation_fn = nn.GELU(approximate=_ACTIVATIONS[cfg.hidden_act])
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.layer_norm1(hidden))
+        return hidden + self.mlp(self.layer_norm2(hidden))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            hidden = layer(hidden)
+        return hidden
+
+
+class PoolingHead(nn.Module):
+    """Attention from one learned probe over every patch, then an MLP on the result (SigLIP's MAP head)."""
+
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.probe = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+        self.attention = nn.MultiheadAttention(cfg.hidden_size, cfg.num_attention_heads, batch_first=True)
+        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        pooled = self.attention(self.probe.repeat(hidden.shape[0], 1, 1), hidden, hidden)[0]  # as transformers calls it
+        return (pooled + self.mlp(self.layernorm(pooled)))[:, 0]
+
+
+class SiglipImageTower(nn.Module):
+    """Pixels (n, channels, size, size), normalised → `TowerOutput` with the pooled (n, hidden) features."""
+
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.head = PoolingHead(cfg)
+
+    def forward(self, pixel_values: torch.Tensor) -> TowerOutput:
+        hidden = self.post_layernorm(self.encoder(self.embeddings(pixel_values)))
+        return TowerOutput(self.head(hidden))
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The checkpoint's safetensors files, as transformers picks them: the shards its index names, else
+    model.safetensors, else every .safetensors file in the directory."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{index} is not a safetensors index ({type(err).__name__}: {err})") from err
+        return [path / name for name in sorted(set(weight_map.values()))]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    return sorted(path.glob("*.safetensors"))
+
+
+def _tower_name(name: str, alone: bool) -> str | None:
+    """A file's tensor name as the tower's, or None where it is not the image tower's (the text tower's, the
+    logit scale and bias). A tower saved alone may have its names with or without the prefix."""
+    if name.startswith(_PREFIX):
+        return name[len(_PREFIX) :]
+    return name if alone else None
+
+
+def load_tower(path: Path, config: TowerConfig | None = None) -> SiglipImageTower:
+    """The image tower of the checkpoint directory `path`, on the CPU, each weight in the dtype its file stores it
+    in (as transformers loads it, so the version hashed from it is transformers' too). `config`: the directory's
+    `read_tower_config`, where the caller has read it already.
+
+    Raises:
+        FileNotFoundError: no config.json or no safetensors file.
+        ValueError: not SigLIP, a tower this module cannot compute, or weights missing or of another shape.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    cfg = config or read_tower_config(path)
+    files = _weight_files(path)
+    if not files:
+        raise FileNotFoundError(f"{path} has no .safetensors weights")
+    with torch.device("meta"):
+        tower = SiglipImageTower(cfg)
+    wanted = tower.state_dict()
+    alone = json.loads((path / "config.json").read_text()).get("model_type") == "siglip_vision_model"
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as weights:
+                for name in weights.keys():  # noqa: SIM118 - a safe_open handle is not a mapping
+                    ours = _tower_name(name, alone)
+                    if ours in wanted:
+                        state[ours] = weights.get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"cannot read {file} as safetensors ({err})") from err
+    missing = sorted(set(wanted) - set(state))
+    if missing:  # would otherwise be left on the meta device, or random
+        raise ValueError(f"{path} lacks image-tower weights: {missing[:5]}{' …' if len(missing) > 5 else ''}")
+    wrong = [f"{name} {tuple(state[name].shape)} (config: {tuple(wanted[name].shape)})"
+             for name in wanted if state[name].shape != wanted[name].shape]  # fmt: skip
+    if wrong:
+        raise ValueError(f"{path}'s weights do not fit its config.json: {', '.join(wrong[:3])}")
+    tower.load_state_dict(state, assign=True)
+    return tower.eval().requires_grad_(False)
