@@ -363,3 +363,14 @@ def test_shard_sink_benchmark_runs_each_way():
     ]
     for before, now in (rows[0:2], rows[2:4]):  # Beam's Write ran four stages per sink; the sink's both run one
         assert int(before[6]) - int(now[6]) == 6, (before, now)
+
+
+def test_tower_load_benchmark_runs_each_way():
+    """Each way in fresh processes: transformers imported only by its tower's; the project's loads in less time."""
+    out = _run("benchmarks/tower_load.py", "--images", "8", "--rounds", "1")
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| 8 |")]
+    assert [row[1].split(":")[0] for row in rows] == ["before", "now", "before", "now"]
+    load_before, load_now, embed_before, embed_now = rows
+    assert (load_before[-1], load_now[-1]) == ("True", "False")
+    assert float(load_now[6]) < float(load_before[6])  # the load itself: reading safetensors against transformers
+    assert float(embed_before[5]) > 0 and float(embed_now[5]) < float(embed_before[5])  # the manifest's model_load

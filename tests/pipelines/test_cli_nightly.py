@@ -69,10 +69,10 @@ def test_killed_mid_run_then_rerun_completes_without_duplicates(tmp_path, demo_c
     while time.monotonic() < deadline and '"embed", "status": "started"' not in (
         ledger.read_text() if ledger.exists() else ""
     ):
-        time.sleep(0.05)
-    time.sleep(1.0)  # inside the embed step: model loading or Beam at work
-    os.kill(job.pid, signal.SIGKILL)
+        time.sleep(0.01)
+    os.kill(job.pid, signal.SIGKILL)  # inside the embed step, which takes ~0.5 s here: the model's load or Beam's run
     job.wait(timeout=30)
+    assert '"step": "embed", "status": "done"' not in ledger.read_text(), "killed too late to prove anything"
     assert (tmp_path / "OUT" / "runs" / "LOCK").exists()  # a dead job's lock is left behind ...
 
     rerun = _lookalike("nightly", "--config", config, "--run-id", "nightly-k", cwd=tmp_path)
