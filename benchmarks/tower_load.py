@@ -72,8 +72,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lookalike-tower-load-"))
-    seconds: dict[tuple[int, str], list[float]] = {}
-    parts: dict[tuple[int, str], list[dict]] = {}
+    # per table (a process's load; the command), by (images, way): each run's seconds, and its parts'
+    seconds: dict[str, dict[tuple[int, str], list[float]]] = {"load": {}, "embed": {}}
+    parts: dict[str, dict[tuple[int, str], list[dict]]] = {"load": {}, "embed": {}}
     try:
         model = _checkpoint(work / "model", SHAPES[args.shape])
         realistic_jpegs(work / "photos", args.images, width=160)
@@ -84,28 +85,30 @@ def main() -> None:
         for r in range(args.rounds):
             for way, own in WAYS.items():
                 took, out = _python(LOAD.format(own=own, model=str(model)))
-                seconds.setdefault((8, way), []).append(took)
-                parts.setdefault((8, way), []).append(json.loads(out.strip().splitlines()[-1]))
+                seconds["load"].setdefault((8, way), []).append(took)
+                parts["load"].setdefault((8, way), []).append(json.loads(out.strip().splitlines()[-1]))
                 dest = work / f"out-{r}-{own}"
                 took, _ = _python(EMBED.format(own=own, catalog=catalog, model=str(model), out=str(dest)))
                 manifest = json.loads(next(dest.glob("embeddings/*/_manifest.json")).read_text())
                 assert manifest["counts"]["embedded"] == args.images, manifest["counts"]
-                seconds.setdefault((args.images, way), []).append(took)
-                parts.setdefault((args.images, way), []).append({"model_load_s": manifest["time_s"]["model_load"]})
+                seconds["embed"].setdefault((args.images, way), []).append(took)
+                parts["embed"].setdefault((args.images, way), []).append(
+                    {"model_load_s": manifest["time_s"]["model_load"]}
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    def median(n: int, way: str, key: str) -> str:
-        return f"{float(np.median([p[key] for p in parts[n, way]])):.3f}"
+    def median(table: str, n: int, way: str, key: str) -> str:
+        return f"{float(np.median([p[key] for p in parts[table][n, way]])):.3f}"
 
     print("\nA new process: import encoder.model, load_encoder, embed 8 images (seconds of the whole process)")
-    print_ways({k: v for k, v in seconds.items() if k[0] == 8}, [8], WAYS,
-               ("import, median", "load, median", "first batch, median", "transformers imported"),
-               lambda n, way: [median(n, way, "import_s"), median(n, way, "load_s"), median(n, way, "batch_s"),
-                               " / ".join(sorted({str(p["transformers"]) for p in parts[n, way]}))])  # fmt: skip
+    print_ways(seconds["load"], [8], WAYS, ("import, median", "load, median", "first batch, median",
+                                            "transformers imported"),
+               lambda n, way: [*(median("load", n, way, key) for key in ("import_s", "load_s", "batch_s")),
+                               " / ".join(sorted({str(p["transformers"]) for p in parts["load"][n, way]}))])  # fmt: skip
     print(f"\n`lookalike embed` of {args.images} photos (seconds of the whole command)")
-    print_ways({k: v for k, v in seconds.items() if k[0] != 8}, [args.images], WAYS, ("model_load, median",),
-               lambda n, way: [median(n, way, "model_load_s")])  # fmt: skip
+    print_ways(seconds["embed"], [args.images], WAYS, ("model_load, median",),
+               lambda n, way: [median("embed", n, way, "model_load_s")])  # fmt: skip
 
 
 if __name__ == "__main__":
