@@ -52,6 +52,27 @@ def test_the_tower_is_transformers_tower_bit_for_bit(tiny_model, dtype):
     assert torch.equal(a, b), (a - b).abs().max()
 
 
+@pytest.mark.parametrize(
+    ("image_size", "patch_size", "hidden_act", "exact"),
+    [
+        (44, 14, "gelu_pytorch_tanh", True),  # so400m/14-384's layout: 27 patches a side and pixels left over
+        (32, 8, "gelu", True),  # exact GELU
+        (32, 8, "gelu_new", False),  # transformers computes this tanh GELU in Python: the same within rounding
+    ],
+)
+def test_other_shapes_and_activations_are_transformers_too(tmp_path, image_size, patch_size, hidden_act, exact):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=image_size, patch_size=patch_size, hidden_act=hidden_act)  # fmt: skip
+    SiglipVisionModel(config).save_pretrained(tmp_path)
+    ours, theirs = load_tower(tmp_path), _transformers_tower(tmp_path)
+    with torch.inference_mode():
+        a, b = ours(_pixels(size=image_size)).pooler_output, theirs(pixel_values=_pixels(size=image_size)).pooler_output
+    assert torch.equal(a, b) if exact else torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
 def test_a_trained_tower_is_transformers_tower_too(tiny_model, tmp_path):
     """Random weights far from their initial values (every bias and norm too), so none can be left out unseen."""
     theirs = _transformers_tower(tiny_model)
