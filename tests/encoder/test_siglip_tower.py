@@ -203,3 +203,20 @@ def test_loading_and_embedding_imports_neither_transformers_nor_torchs_compiler(
     env = {**os.environ, "PYTHONPATH": str(root)}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_", [False, True])
+def test_on_cuda_the_tower_gives_transformers_vectors(tiny_model, monkeypatch, compile_):
+    """bf16 on CUDA, eager and compiled, each tower with the encoder's swaps (the patch product, the GELU epilogue):
+    the same kernels in the same order, so the same vectors within bf16's rounding at most."""
+    pixels = torch.randint(0, 256, (32, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    vectors = []
+    for own in (True, False):
+        monkeypatch.setattr(model_module, "OWN_TOWER", own)
+        torch.compiler.reset()
+        cfg = EncoderConfig(model=str(tiny_model), device="cuda", batch_size=32, compile=compile_)
+        vectors.append(load_encoder(cfg).embed_prepared(pixels.cuda()))
+    torch.compiler.reset()
+    cosine = (vectors[0] * vectors[1]).sum(axis=1)
+    assert cosine.min() > 0.99999, cosine.min()
