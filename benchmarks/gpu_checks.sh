@@ -45,7 +45,7 @@ case ",$steps," in *,model,*)  # the model's step beside such threads: eager, co
 esac
 case ",$steps," in *,tests,*)
   # each failure's report lands in failures.log as it happens: a step cut off at its limit still says why
-  LOOKALIKE_FAILURES_LOG="$out/failures.log" timeout "${TESTS_S:-150}" python3 -m pytest -m gpu -v -p no:cacheprovider -rs tests/encoder/test_gpu_images.py tests/encoder/test_cuda_graph.py tests/encoder/test_devices.py tests/encoder/test_gpu_stream.py tests/encoder/test_nvimgcodec.py tests/encoder/test_page_lock.py tests/encoder/test_sm_share.py tests/encoder/test_resize_kernel.py tests/encoder/test_model.py tests/pipelines/test_embed.py tests/training/test_train_gpu.py 2>&1 | tee "$out/tests.log" | tail -40;;  # -v: a line per test as it ends, kept if the step runs out of time
+  LOOKALIKE_FAILURES_LOG="$out/failures.log" timeout "${TESTS_S:-150}" python3 -m pytest -m gpu -v -p no:cacheprovider -rs tests/encoder/test_gpu_images.py tests/encoder/test_cuda_graph.py tests/encoder/test_devices.py tests/encoder/test_gpu_stream.py tests/encoder/test_nvimgcodec.py tests/encoder/test_page_lock.py tests/encoder/test_sm_share.py tests/encoder/test_resize_kernel.py tests/encoder/test_model.py tests/encoder/test_siglip_tower.py tests/pipelines/test_embed.py tests/training/test_train_gpu.py 2>&1 | tee "$out/tests.log" | tail -40;;  # -v: a line per test as it ends, kept if the step runs out of time
 esac
 case ",$steps," in *,scaled,*)  # nvJPEG's hardware decoder at Pillow's draft scale against full size: worth building in?
   timeout "${SCALED_S:-60}" python3 benchmarks/nvjpeg_scaled.py 2>&1 | grep -v '^USDT:' | tee "$out/scaled.log" | tail -60;;
