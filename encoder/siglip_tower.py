@@ -53,7 +53,9 @@ class TowerConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"vision_config.hidden_size {self.hidden_size} is not a multiple of its "
                              f"{self.num_attention_heads} attention heads")  # fmt: skip
-        if self.hidden_act not in _ACTIVATIONS:
+        if type(self.layer_norm_eps) not in (int, float) or not 0 < self.layer_norm_eps < 1:
+            raise ValueError(f"vision_config.layer_norm_eps must be a number in (0, 1), got {self.layer_norm_eps!r}")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"vision_config.hidden_act {self.hidden_act!r} is not one of {sorted(_ACTIVATIONS)}")
         if not self.vision_use_head:  # the vectors are the attention-pooling head's output
             raise ValueError("vision_config.vision_use_head is false: the tower has no pooling head to embed with")
@@ -84,6 +86,8 @@ def read_tower_config(path: Path) -> TowerConfig:
     if model_type not in SUPPORTED_TYPES:
         raise ValueError(f"{path} is a {model_type!r} checkpoint; expected one of {SUPPORTED_TYPES}")
     vision = config if model_type == "siglip_vision_model" else config.get("vision_config") or {}
+    if not isinstance(vision, dict):
+        raise ValueError(f"{config_file}'s vision_config is not an object: {vision!r:.80}")
     known = {f.name for f in fields(TowerConfig)}
     return TowerConfig(**{k: v for k, v in vision.items() if k in known})
 

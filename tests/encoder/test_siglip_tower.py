@@ -146,6 +146,8 @@ def _edit_config(tiny_model: Path, out: Path, **vision) -> Path:
         ({"patch_size": 0}, "patch_size must be a positive integer"),
         ({"image_size": [64, 64]}, "image_size must be a positive integer"),
         ({"hidden_size": 64, "num_attention_heads": 4}, "do not fit its config.json"),
+        ({"layer_norm_eps": "1e-6"}, "layer_norm_eps must be a number"),
+        ({"hidden_act": ["gelu"]}, r"hidden_act \['gelu'\]"),
     ],
 )
 def test_a_tower_it_cannot_compute_is_refused(tiny_model, tmp_path, vision, message):
@@ -171,6 +173,9 @@ def test_missing_or_unreadable_weights_are_refused(tiny_model, tmp_path):
     bad_config = shutil.copytree(tiny_model, tmp_path / "bad-config")
     (bad_config / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="is not JSON"):
+        load_tower(bad_config)
+    (bad_config / "config.json").write_text(json.dumps({"model_type": "siglip", "vision_config": [128]}))
+    with pytest.raises(ValueError, match="vision_config is not an object"):
         load_tower(bad_config)
 
 
