@@ -7,8 +7,9 @@ same modules under the same names, so a checkpoint's tensors load into it as the
 `model_version`) is the one transformers' tower has, and `encoder.patch_embedding` / `encoder.gelu_epilogue` swap
 its parts as they do transformers'. Inference only: fine-tuning keeps transformers' two-tower model.
 
-The arithmetic is transformers' SDPA path op for op (pre-norm layers, tanh GELU, attention pooling over a probe),
-so on one device and dtype the vectors are the same to the last bits (tests/encoder/test_siglip_tower.py).
+The arithmetic is transformers' SDPA path op for op (pre-norm layers, tanh GELU, attention pooling over a probe):
+on the CPU the vectors are the same to the last bit in fp32 and bf16, and a `gpu` test compares them on CUDA
+(tests/encoder/test_siglip_tower.py).
 """
 
 from __future__ import annotations
