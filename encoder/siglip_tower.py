@@ -213,12 +213,10 @@ def _weight_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-def _tower_name(name: str, alone: bool) -> str | None:
-    """A file's tensor name as the tower's, or None where it is not the image tower's (the text tower's, the
-    logit scale and bias). A tower saved alone may have its names with or without the prefix."""
-    if name.startswith(_PREFIX):
-        return name[len(_PREFIX) :]
-    return name if alone else None
+def _tower_name(name: str) -> str:
+    """A file's tensor name as the tower's would be: without the prefix, which a tower saved alone may have or not.
+    The other tensors of a two-tower file (`text_model.*`, the logit scale and bias) match none of the tower's."""
+    return name.removeprefix(_PREFIX)
 
 
 def load_tower(path: Path, config: TowerConfig | None = None) -> SiglipImageTower:
@@ -239,13 +237,12 @@ def load_tower(path: Path, config: TowerConfig | None = None) -> SiglipImageTowe
     with torch.device("meta"):
         tower = SiglipImageTower(cfg)
     wanted = tower.state_dict()
-    alone = json.loads((path / "config.json").read_text()).get("model_type") == "siglip_vision_model"
     state: dict[str, torch.Tensor] = {}
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as weights:
                 for name in weights.keys():  # noqa: SIM118 - a safe_open handle is not a mapping
-                    ours = _tower_name(name, alone)
+                    ours = _tower_name(name)
                     if ours in wanted:
                         state[ours] = weights.get_tensor(name)
         except (SafetensorError, OSError) as err:
