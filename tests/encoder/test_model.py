@@ -17,24 +17,12 @@ from encoder import EncoderConfig, ImageEncoder, load_encoder, model_version
 from encoder.gelu_epilogue import EpilogueMLP, gelu_in_epilogue
 from encoder.patch_embedding import PatchEmbedding, patch_embedding_as_matmul
 from encoder.preprocess import PreprocessConfig
+from tests.encoder.test_siglip_tower import save_alone
 
 
 def _images(n: int, seed: int = 0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, size=(80 + i, 120, 3), dtype=np.uint8)) for i in range(n)]
-
-
-def _save_tower_alone(checkpoint, out, state=None) -> None:
-    """The checkpoint's image tower saved alone by transformers (as `training.export` saves one), with `state`'s
-    weights where given."""
-    from transformers import SiglipVisionModel
-
-    tower = SiglipVisionModel.from_pretrained(checkpoint)
-    if state is not None:
-        tower.load_state_dict(state)
-    tower.save_pretrained(out)
-    if not (out / "preprocessor_config.json").exists():
-        shutil.copy(checkpoint / "preprocessor_config.json", out)
 
 
 def test_embeddings_are_unit_float32(tiny_encoder):
@@ -85,7 +73,7 @@ def test_model_version_is_stable_and_content_addressed(tiny_model, tiny_encoder,
 
     # The image tower saved alone has the same version as inside the two-tower checkpoint.
     alone = tmp_path / "vision-only"
-    _save_tower_alone(tiny_model, alone)
+    save_alone(tiny_model, alone)
     assert load_encoder(EncoderConfig(model=str(alone), device="cpu")).model_version == tiny_encoder.model_version
 
     state = {k: v.clone() for k, v in tiny_encoder.vision_model.state_dict().items()}
@@ -111,7 +99,7 @@ def test_model_version_is_hashed_once_per_checkpoint_until_its_files_change(tiny
     # Weights rewritten in place: a new hash, and a new version.
     state = {k: v.clone() for k, v in first.vision_model.state_dict().items()}
     state[next(iter(state))][..., 0] += 1e-3
-    _save_tower_alone(tiny_model, checkpoint, state)
+    save_alone(tiny_model, checkpoint, state=state)
     rewritten = load_encoder(EncoderConfig(model=str(checkpoint), device="cpu"))
     assert len(calls) == 2 and rewritten.model_version != first.model_version
 

@@ -29,10 +29,16 @@ def _transformers_tower(checkpoint: Path) -> torch.nn.Module:
     return SiglipVisionModel.from_pretrained(checkpoint, attn_implementation="sdpa").eval()
 
 
-def _save_alone(checkpoint: Path, out: Path, dtype: torch.dtype = torch.float32, **save) -> Path:
-    """The checkpoint's image tower saved alone by transformers, as `training.export` saves one."""
-    _transformers_tower(checkpoint).to(dtype).save_pretrained(out, **save)
-    shutil.copy(checkpoint / "preprocessor_config.json", out)
+def save_alone(checkpoint: Path, out: Path, dtype: torch.dtype = torch.float32, state: dict | None = None,
+               **save) -> Path:  # fmt: skip
+    """The checkpoint's image tower saved alone by transformers, as `training.export` saves one; with `state`'s
+    weights where given."""
+    tower = _transformers_tower(checkpoint)
+    if state is not None:
+        tower.load_state_dict(state)
+    tower.to(dtype).save_pretrained(out, **save)
+    if not (out / "preprocessor_config.json").exists():
+        shutil.copy(checkpoint / "preprocessor_config.json", out)
     return out
 
 
@@ -90,17 +96,17 @@ def test_the_version_is_transformers_whatever_the_checkpoints_layout(tiny_model,
     """Two towers in one file, the tower alone (with or without its names' prefix), in shards, in bfloat16: the
     weights load as stored, so the hashed version is the one transformers' loaded tower gives."""
     expected = model_version(_transformers_tower(tiny_model).state_dict(), PREPROCESS)
-    alone = _save_alone(tiny_model, tmp_path / "alone")
+    alone = save_alone(tiny_model, tmp_path / "alone")
     bare = shutil.copytree(alone, tmp_path / "bare")
     weights = load_file(bare / "model.safetensors")
     assert all(name.startswith("vision_model.") for name in weights)
     save_file({name.removeprefix("vision_model."): t for name, t in weights.items()}, bare / "model.safetensors")
-    sharded = _save_alone(tiny_model, tmp_path / "sharded", max_shard_size="100KB")
+    sharded = save_alone(tiny_model, tmp_path / "sharded", max_shard_size="100KB")
     assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("*.safetensors"))) > 2
     for path in (tiny_model, alone, bare, sharded):
         assert model_version(load_tower(path).state_dict(), PREPROCESS) == expected, path
 
-    half = _save_alone(tiny_model, tmp_path / "bf16", dtype=torch.bfloat16)
+    half = save_alone(tiny_model, tmp_path / "bf16", dtype=torch.bfloat16)
     tower = load_tower(half)
     assert {p.dtype for p in tower.parameters()} == {torch.bfloat16}
     assert model_version(tower.state_dict(), PREPROCESS) == model_version(
