@@ -204,10 +204,14 @@ def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{index} is not a safetensors index ({type(err).__name__}: {err})") from err
-        return [path / name for name in sorted(set(weight_map.values()))]
+        outside = [name for name in names if not isinstance(name, str) or name in ("", ".", "..") or "/" in name
+                   or "\\" in name]  # fmt: skip
+        if outside:  # a shard is a file of this directory: never one elsewhere on the machine
+            raise ValueError(f"{index} names files outside the checkpoint: {outside[:3]}")
+        return [path / name for name in names]
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
     return sorted(path.glob("*.safetensors"))

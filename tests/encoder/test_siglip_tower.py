@@ -183,6 +183,18 @@ def test_missing_or_unreadable_weights_are_refused(tiny_model, tmp_path):
     (bad_config / "config.json").write_text(json.dumps({"model_type": "siglip", "vision_config": [128]}))
     with pytest.raises(ValueError, match="vision_config is not an object"):
         load_tower(bad_config)
+    sharded = save_alone(tiny_model, tmp_path / "sharded", max_shard_size="100KB")
+    index = sharded / "model.safetensors.index.json"
+    for broken in ({"weight_map": ["model-00001.safetensors"]}, {"metadata": {}}):
+        index.write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match="is not a safetensors index"):
+            load_tower(sharded)
+    index.write_text(json.dumps({"weight_map": {"head.probe": "../model/model.safetensors"}}))
+    with pytest.raises(ValueError, match=r"names files outside the checkpoint: \['../model/model.safetensors'\]"):
+        load_tower(sharded)
+    index.write_text(json.dumps({"weight_map": {"head.probe": "model-09999-of-09999.safetensors"}}))
+    with pytest.raises(ValueError, match="cannot read .*model-09999-of-09999.safetensors"):
+        load_tower(sharded)
 
 
 def test_a_preprocessing_the_tower_cannot_take_is_refused(tiny_model, tmp_path):
