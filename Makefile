@@ -64,8 +64,9 @@ test: install browser  ## the test suite CI runs (everything but GPU tests)
 test-all: install browser  ## every test; GPU tests skip themselves without CUDA
 	$(BIN)/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
-bench: install  ## CPU throughput benchmarks: embed, then fine-tuning (results go in BENCHMARKS.md)
+bench: install  ## CPU benchmarks: embed, a fresh process's model load, fine-tuning (results go in BENCHMARKS.md)
 	$(BIN)/python benchmarks/cpu_embed.py
+	$(BIN)/python benchmarks/tower_load.py
 	$(BIN)/python benchmarks/train_bench.py
 
 lint: install  ## ruff lint + format check, hadolint on the Dockerfiles
