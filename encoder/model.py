@@ -383,15 +383,15 @@ def load_encoder(cfg: EncoderConfig, limits: DecodeLimits = DecodeLimits()) -> I
             images the tower cannot take.
     """
     path = resolve_checkpoint(cfg.model, cfg.cache_dir)
-    tower = read_tower_config(path)
+    shape = read_tower_config(path)
     preprocess = read_preprocess(path)
-    grid = (preprocess.height // tower.patch_size, preprocess.width // tower.patch_size)
-    if grid != (tower.grid, tower.grid):  # the position embeddings are for the tower's own grid of patches
+    grid = (preprocess.height // shape.patch_size, preprocess.width // shape.patch_size)
+    if grid != (shape.grid, shape.grid):  # the position embeddings are for the tower's own grid of patches
         raise ValueError(f"{cfg.model}'s preprocessor_config.json makes {preprocess.height}x{preprocess.width} images "
-                         f"but its tower takes {tower.image_size}x{tower.image_size}")  # fmt: skip
+                         f"but its tower takes {shape.image_size}x{shape.image_size}")  # fmt: skip
     device = pick_device(cfg.device)
     dtype = _pick_dtype(cfg.dtype, device)
-    model = load_tower(path, tower) if OWN_TOWER else _transformers_tower(cfg.model, path)
+    model = load_tower(path, shape) if OWN_TOWER else _transformers_tower(cfg.model, path)
     version = _cached_version(path, preprocess, lambda: model_version(model.state_dict(), preprocess))
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if PATCHES_AS_MATMUL:
