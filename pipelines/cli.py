@@ -110,6 +110,9 @@ def embed(
         ),
     ] = True,
     workers: Annotated[int, typer.Option(help="Local runner worker processes (on k GPUs: k, one per GPU).")] = 1,
+    fork_workers: Annotated[
+        bool, typer.Option(help="Fork those processes from one that imported their modules once (faster start).")
+    ] = True,
     device: Annotated[
         str, typer.Option(help="auto, cpu, cuda or cuda:N (cuda: each worker process takes a GPU of its own).")
     ] = "auto",
@@ -172,12 +175,16 @@ def embed(
     run_id: Annotated[str | None, typer.Option(help="Run id (default: UTC time + random suffix).")] = None,
 ) -> None:
     """Embed every catalog image into Parquet shards, with dead letters for the rest (Apache Beam)."""
+    if workers > 1 and fork_workers and not any(arg.startswith("--runner") for arg in ctx.args):
+        from pipelines.worker_fork import start_early
+
+        start_early()  # the worker processes' imports, once, beside this process's own (`pipelines.worker_fork`)
     from pipelines.embed import EmbedConfig, run_embed
     from pipelines.summary import print_embed_summary
 
     options = dict(
         catalog=catalog, model=model, out=out, batch_size=batch_size, fetch_threads=fetch_threads, workers=workers,
-        device=device, dtype=dtype, compile=compile, compile_frozen=compile_frozen, cuda_graph=cuda_graph,
+        fork_workers=fork_workers, device=device, dtype=dtype, compile=compile, compile_frozen=compile_frozen, cuda_graph=cuda_graph,
         decode_sms=decode_sms, gpu_decode=gpu_decode, gpu_decoder=gpu_decoder, gpu_decode_threads=gpu_decode_threads,
         gpu_resize=gpu_resize,
         draft=draft, incremental=incremental, previous=previous, hedge_reads=hedge_reads, page_lock_reads=page_lock_reads,

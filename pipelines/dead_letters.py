@@ -171,7 +171,6 @@ def quiet_runner_logs():
 
 
 _PRINTED_STOP = f"{TooManyDeadLetters.__module__}.{TooManyDeadLetters.__qualname__}: stopped: "
-_SDK_WORKER_MAIN = "apache_beam.runners.worker.sdk_worker_main"
 
 
 class _StopsUnprinted:
@@ -192,13 +191,13 @@ class _StopsUnprinted:
 
 
 def quiet_worker_prints() -> None:
-    """In a Beam worker process (its main module Beam's SDK worker), from now on: a watch's stop is not printed
-    to stderr with its traceback. The worker prints every failed bundle's traceback as well as logging it; on the
-    local runner its stderr is the launcher's terminal, where the launcher says why in one line. Elsewhere
-    (workers in the launcher's process): nothing changes."""
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if getattr(spec, "name", None) == _SDK_WORKER_MAIN and not isinstance(sys.stderr, _StopsUnprinted):
+    """In a Beam worker process (started by Beam or forked, `pipelines.worker_fork`), from now on: a watch's stop is
+    not printed to stderr with its traceback. The worker prints every failed bundle's traceback as well as logging
+    it; on the local runner its stderr is the launcher's terminal, where the launcher says why in one line.
+    Elsewhere (workers in the launcher's process): nothing changes."""
+    from pipelines.worker_plugin import in_sdk_worker
+
+    if in_sdk_worker() and not isinstance(sys.stderr, _StopsUnprinted):
         sys.stderr = _StopsUnprinted(sys.stderr)
 
 

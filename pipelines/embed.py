@@ -32,12 +32,14 @@ import torch
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.portability import python_urns
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.utils.shared import Shared
 
 from encoder import DecodeLimits, EncoderConfig, ImageEncoder, load_encoder
 from encoder.devices import spread_note
 from encoder.gpu_images import RESIZES
-from pipelines import storage
+from pipelines import storage, worker_fork
 from pipelines.beam_memo import RememberedViews, remember_dofn_specs, remember_function_args
 from pipelines.catalog import (
     CatalogError,
@@ -129,6 +131,7 @@ class EmbedConfig:
     incremental: bool = True  # reuse vectors of unchanged images from an earlier run
     previous: str | None = None  # that earlier run's directory; default: the latest complete one under `out`
     workers: int = 1  # local runner: >1 runs that many worker processes
+    fork_workers: bool = True  # those processes forked from one that imported their modules once (worker_fork)
     reembed_since: str | None = None  # ISO date: items with updated_at on or after it are never reused
     reuse_memory_mb: int = 1024  # earlier vectors up to this size are joined in memory per worker; beyond, by a shuffle
     rows_per_shard: int = ROWS_PER_SHARD  # a bundle's rows beyond it go to more files (pipelines.shard_files)
@@ -367,6 +370,27 @@ def _pipeline_options(cfg: EmbedConfig, beam_args: list[str]) -> PipelineOptions
     return RememberedViews(args)  # Beam asks for its views ~230 times a run: each made once
 
 
+class _ForkedWorkersRunner(FnApiRunner):
+    """The local runner, its worker processes forked warm (`pipelines.worker_fork`): Beam's command for them (its
+    `multi_processing` mode) replaced by the forker's."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__()
+        self._command = command.encode()
+
+    def run_via_runner_api(self, pipeline_proto, options):
+        for environment in pipeline_proto.components.environments.values():
+            if environment.urn == python_urns.SUBPROCESS_SDK:
+                environment.payload = self._command
+        return super().run_via_runner_api(pipeline_proto, options)
+
+
+def _forks_workers(cfg: EmbedConfig, options: PipelineOptions) -> bool:
+    """Whether the run's worker processes are forked warm: the local runner's, when it starts processes."""
+    return (cfg.fork_workers and options.view_as(StandardOptions).runner == "FnApiRunner"
+            and options.view_as(DirectOptions).direct_running_mode == "multi_processing")  # fmt: skip
+
+
 def _launcher_encoder(cfg: EmbedConfig, options: PipelineOptions) -> tuple[ImageEncoder, bool]:
     """The model the launcher needs for the run's facts (version, dim, preprocessing), and whether it is the
     workers' model too. Workers in this process (the local runner, in memory or in threads) take it from
@@ -481,9 +505,20 @@ def run_embed(cfg: EmbedConfig, beam_args: list[str] | None = None) -> EmbedResu
 
 def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     started = time.monotonic()
+    options = _pipeline_options(cfg, beam_args or [])
+    # Started first, so its imports run beside the preparation (the command line started it before its own).
+    forker = worker_fork.take() if _forks_workers(cfg, options) else None
+    try:
+        return _run(cfg, beam_args, options, forker, started)
+    finally:
+        if forker is not None:
+            forker.close()
+
+
+def _run(cfg: EmbedConfig, beam_args: list[str] | None, options: PipelineOptions,
+         forker: worker_fork.Forker | None, started: float) -> EmbedResult:  # fmt: skip
     remember_dofn_specs()  # Beam asks ~8 times per step as it builds and runs the pipeline
     remember_function_args()  # and reads each function's signature ~2,000 times per run
-    options = _pipeline_options(cfg, beam_args or [])
     storage.configure_storage(options)
     listed = catalog_files(cfg.catalog)  # once: the validation and the pipeline's chunks share it
     catalog = read_catalog(cfg.catalog, listed)
@@ -517,7 +552,8 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
         previous_run, previous_shards, previous_rows = previous_run_shards(cfg, model_version)
         clear_crashed_attempt(cfg, run_dir, failures_dir)
         log.info("run %s: %d items, model %s (%s, dim %d)", cfg.run_id, total, cfg.model, model_version, dim)
-        pipeline = beam.Pipeline(options=options)
+        runner = _ForkedWorkersRunner(forker.command) if forker is not None else None
+        pipeline = beam.Pipeline(runner=runner, options=options)
         reembed = _updated_since(catalog, cfg.reembed_since) if previous_shards and cfg.reembed_since else frozenset()
         listing = write_listing(cfg, catalog) if listed[0] == "images" else None
         prepared_at = time.monotonic()
@@ -614,6 +650,12 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
             "second_requests": metrics.get("second_requests", 0),
             "second_requests_used": metrics.get("second_requests_used", 0),
         },
+        # The processes that embedded (the local runner's: this one, or `workers` of their own), and of them those
+        # forked warm (`pipelines.worker_fork`; fewer: some started fresh, and the log says why).
+        "worker_processes": {
+            "embedding": metrics.get("worker_processes", 0),
+            "forked": metrics.get("worker_processes_forked", 0),
+        },  # fmt: skip
         "images_per_s": round(counts["embedded"] / wall_s, 2),
         "previous_run": previous_run,
         "shards": shards,

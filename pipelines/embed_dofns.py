@@ -51,6 +51,7 @@ from pipelines.embed_steps import (
 from pipelines.file_reader import ProcessReader, ReadLimits, object_read_stats
 from pipelines.hedged_reads import HedgeStats
 from pipelines.records import PreparedImage
+from pipelines.worker_fork import FORKED_ENV
 
 if TYPE_CHECKING:
     from pipelines.embed import EmbedConfig
@@ -332,6 +333,7 @@ class EmbedBatch(beam.DoFn):
             if self._encoder.compile_s is not None:  # a part of the load (`load_encoder` compiles the step)
                 Metrics.distribution(NAMESPACE, "compile_ms").update(int(1000 * self._encoder.compile_s))
             self._load_ms = None
+            _count_worker_process()
         if self._stream is not None:  # left by a bundle that failed
             self._stream.close()
         self._stream, self._waiting = None, []
@@ -430,6 +432,21 @@ def windowed(outputs):
             yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
         else:
             yield GlobalWindows.windowed_value(out)
+
+
+_PROCESSES_COUNTED: set[int] = set()  # this process's id once it is counted (a fork starts uncounted)
+
+
+def _count_worker_process() -> None:
+    """Count this process among the run's embedding processes, once; and among those forked warm
+    (`pipelines.worker_fork`), if it was."""
+    with _COUNTED_LOCK:
+        if os.getpid() in _PROCESSES_COUNTED:
+            return
+        _PROCESSES_COUNTED.add(os.getpid())
+    Metrics.counter(NAMESPACE, "worker_processes").inc()
+    if os.environ.get(FORKED_ENV):
+        Metrics.counter(NAMESPACE, "worker_processes_forked").inc()
 
 
 _OBJECT_READS_COUNTED = HedgeStats()  # what this process has added to the counters below so far

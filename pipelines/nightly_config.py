@@ -39,6 +39,7 @@ class EmbedSettings:
     hedge_reads: bool = True
     page_lock_reads: bool = True
     workers: int = 1
+    fork_workers: bool = True
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False

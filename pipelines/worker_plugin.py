@@ -26,7 +26,7 @@ from apache_beam.utils.plugin import BeamPlugin
 
 from pipelines.beam_memo import remember_dofn_specs, remember_function_args
 
-__all__ = ["STATE_SAMPLING_MS", "WorkerPlugin", "brief_state_sampling", "in_sdk_worker"]
+__all__ = ["STATE_SAMPLING_MS", "WorkerPlugin", "brief_state_sampling", "in_sdk_worker", "start_worker"]
 
 STATE_SAMPLING_MS = 20  # the longest wait of a bundle's end for Beam's state sampler (its own: 200 ms)
 _BRIEF = {"runs": 0, "beams": None}  # who asked for brief sampling and has not let go, and Beam's own sampler
@@ -77,7 +77,12 @@ def brief_state_sampling():
         _as_before()
 
 
-if in_sdk_worker():  # imported by Beam as the worker starts: for the process's life
+def start_worker() -> None:
+    """Set up this process, a Beam worker, for its life: run once as it starts."""
     _brief()
     remember_dofn_specs()
     remember_function_args()
+
+
+if in_sdk_worker():  # imported by Beam as the worker starts (a forked worker calls it: `pipelines.worker_fork`)
+    start_worker()

@@ -387,11 +387,14 @@ def test_awkward_and_broken_images(tmp_path, tiny_model):
 
 
 @pytest.mark.slow
-def test_several_worker_processes(demo_catalog, tiny_model, tmp_path, first_run):
-    result = run_embed(
-        EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path), workers=2)
-    )
+@pytest.mark.parametrize("fork_workers", [True, False])
+def test_several_worker_processes(demo_catalog, tiny_model, tmp_path, first_run, fork_workers):
+    result = run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path),
+                                   workers=2, fork_workers=fork_workers))  # fmt: skip
     assert result.counts == {"items_in": 100, "embedded": 95, "reused": 0, "dead_lettered": 5}
+    # Two processes of their own embedded, forked warm (`pipelines.worker_fork`) or started by Beam.
+    assert result.manifest["worker_processes"] == {"embedding": 2, "forked": 2 if fork_workers else 0}
+    assert first_run.manifest["worker_processes"] == {"embedding": 1, "forked": 0}  # the launcher itself
     single, multi = _vectors(_read_dir(Path(first_run.run_dir))), _vectors(_read_dir(Path(result.run_dir)))
     assert single.keys() == multi.keys()
     assert max(np.abs(single[k] - multi[k]).max() for k in single) < 1e-5
