@@ -14,7 +14,7 @@
 # 15 minutes, its start included), split the steps over two calls, what is owed first:
 #   EMBED_ARGS="--paths c,d,resize-kernel,timeline,unpinned,d-again,decoder-life,b,a,e,e-before,e-reads-before,e-missing,switch,hf-tower,so400m,large"
 #   EMBED_S=320 TESTS_S=150 RESIZE_S=20 SCALED_S=40 LOCK_S=60 ... embed,tests,resize,scaled,lock
-#   (590 s; `large` is cut first, and in `tests` the tower's two, listed last), then host (HOST_S=90 EDGES_S=30 MEMO_S=30 SINK_S=25), gil (GIL_S=120), train (TRAIN_S=200), or
+#   (590 s; `large` is cut first, and in `tests` the tower's two and the forked workers' one, listed last), then host (HOST_S=90 EDGES_S=30 MEMO_S=30 SINK_S=25), gil (GIL_S=120), train (TRAIN_S=200), or
 #   EMBED_ARGS="--paths mfu,stages" ... embed, on what the lease has left
 # (each variant's ratio is against (c) or (d) of the same run). Run E (one H200): `embed` with --paths c,d,backends,
 # decode-sms,unpinned,damaged,all-extensions,patch-conv,gelu-separate,resize-channels,b,a,e,e-missing,so400m,large
@@ -45,7 +45,7 @@ case ",$steps," in *,model,*)  # the model's step beside such threads: eager, co
 esac
 case ",$steps," in *,tests,*)
   # each failure's report lands in failures.log as it happens: a step cut off at its limit still says why
-  LOOKALIKE_FAILURES_LOG="$out/failures.log" timeout "${TESTS_S:-150}" python3 -m pytest -m gpu -v -p no:cacheprovider -rs tests/encoder/test_gpu_images.py tests/encoder/test_cuda_graph.py tests/encoder/test_devices.py tests/encoder/test_gpu_stream.py tests/encoder/test_nvimgcodec.py tests/encoder/test_page_lock.py tests/encoder/test_sm_share.py tests/encoder/test_resize_kernel.py tests/encoder/test_model.py tests/pipelines/test_embed.py tests/training/test_train_gpu.py tests/encoder/test_siglip_tower.py 2>&1 | tee "$out/tests.log" | tail -40;;  # -v: a line per test as it ends, kept if the step runs out of time
+  LOOKALIKE_FAILURES_LOG="$out/failures.log" timeout "${TESTS_S:-150}" python3 -m pytest -m gpu -v -p no:cacheprovider -rs tests/encoder/test_gpu_images.py tests/encoder/test_cuda_graph.py tests/encoder/test_devices.py tests/encoder/test_gpu_stream.py tests/encoder/test_nvimgcodec.py tests/encoder/test_page_lock.py tests/encoder/test_sm_share.py tests/encoder/test_resize_kernel.py tests/encoder/test_model.py tests/pipelines/test_embed.py tests/training/test_train_gpu.py tests/encoder/test_siglip_tower.py tests/pipelines/test_worker_fork.py 2>&1 | tee "$out/tests.log" | tail -40;;  # -v: a line per test as it ends, kept if the step runs out of time
 esac
 case ",$steps," in *,scaled,*)  # nvJPEG's hardware decoder at Pillow's draft scale against full size: worth building in?
   timeout "${SCALED_S:-60}" python3 benchmarks/nvjpeg_scaled.py 2>&1 | grep -v '^USDT:' | tee "$out/scaled.log" | tail -60;;

@@ -48,6 +48,7 @@ _EXITED = b"S"  # the forker to the client: the worker's exit status follows (`_
 _STATUS = struct.Struct("!i")
 _REFUSED = 75  # a fork's exit status when it cannot be a worker (CUDA unusable in it): its client runs Beam's own
 _PR_SET_PDEATHSIG = 1
+_CUDA_ERROR_NOT_INITIALIZED = 3
 
 
 # ---------------------------------------------------------------- the launcher's side
@@ -199,6 +200,10 @@ def serve(argv: Sequence[str]) -> None:
     except (OSError, ImportError) as err:  # its clients run Beam's own command
         print(f"lookalike: worker processes start fresh, not forked ({type(err).__name__}: {err})", file=sys.stderr)
         return
+    if _cuda_driver_initialised():  # a fork could not use it: CUDA calls there fail
+        print(f"lookalike: worker processes start fresh, not forked (importing {', '.join(preload)} initialised "
+              "the CUDA driver)", file=sys.stderr)  # fmt: skip
+        return
     gc.freeze()  # what the imports made is never collected: the workers share its pages instead of copying them
     workers: dict[int, socket.socket] = {}  # pid → its client's connection
     events = selectors.DefaultSelector()
@@ -229,6 +234,19 @@ def serve(argv: Sequence[str]) -> None:
         for pid in workers:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+
+
+def _cuda_driver_initialised() -> bool:
+    """Whether this process has initialised the CUDA driver (`cuInit`): asked of the driver only if it is loaded
+    already (a process that never touched CUDA has not loaded it)."""
+    import ctypes
+
+    try:
+        driver = ctypes.CDLL("libcuda.so.1", mode=os.RTLD_NOLOAD)
+    except OSError:
+        return False
+    context = ctypes.c_void_p()
+    return driver.cuCtxGetCurrent(ctypes.byref(context)) != _CUDA_ERROR_NOT_INITIALIZED
 
 
 def _take_request(listener: socket.socket, events: selectors.BaseSelector, workers: dict[int, socket.socket],

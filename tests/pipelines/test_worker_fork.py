@@ -154,3 +154,36 @@ def test_a_forker_started_early_is_taken_once_and_a_dead_one_replaced(monkeypatc
     replaced = worker_fork.take([PROBE])
     assert replaced is not dead and replaced.alive()
     replaced.close()
+
+
+@pytest.mark.parametrize(("loaded", "answer", "initialised"), [(False, None, False), (True, 3, False), (True, 0, True)])
+def test_the_forker_knows_whether_an_import_initialised_the_cuda_driver(monkeypatch, loaded, answer, initialised):
+    """A forker whose imports called `cuInit` (libcuda loaded, a context asked for without CUDA_ERROR_NOT_INITIALIZED)
+    forks no worker: CUDA fails in a fork of it. Without a GPU here, the driver is stood in."""
+    import ctypes
+
+    class Driver:
+        def cuCtxGetCurrent(self, context):
+            return answer
+
+    def cdll(name, mode=0):
+        assert name == "libcuda.so.1" and mode == os.RTLD_NOLOAD  # never loads the driver itself
+        if not loaded:
+            raise OSError("libcuda.so.1: cannot open shared object file")
+        return Driver()
+
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    assert worker_fork._cuda_driver_initialised() is initialised
+
+
+@pytest.mark.gpu
+def test_forked_workers_embed_on_cuda_each_with_a_context_of_its_own(demo_catalog, tiny_model, tmp_path):
+    """The forker imports torch's CUDA build without touching CUDA: each forked worker makes its own context (were it
+    made in the forker, CUDA would fail in the forks, or the workers would start fresh)."""
+    from pipelines.embed import EmbedConfig, run_embed
+
+    result = run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path),
+                                   device="cuda", workers=2, batch_size=32))  # fmt: skip
+    assert result.counts == {"items_in": 100, "embedded": 95, "reused": 0, "dead_lettered": 5}
+    assert result.manifest["worker_processes"] == {"embedding": 2, "forked": 2}
+    assert result.manifest["batches"]["decoded_on_gpu"] > 0
