@@ -374,3 +374,13 @@ def test_tower_load_benchmark_runs_each_way():
     assert (load_before[-1], load_now[-1]) == ("True", "False")
     assert float(load_now[6]) < float(load_before[6])  # the load itself: reading safetensors against transformers
     assert float(embed_before[5]) > 0 and float(embed_now[5]) < float(embed_before[5])  # the manifest's model_load
+
+
+def test_forked_workers_benchmark_runs_each_way():
+    """Each way a new `lookalike embed`: forked workers say so in the manifest, and start sooner than Beam's."""
+    out = _run("benchmarks/forked_workers.py", "--images", "8", "--rounds", "1")
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| 8 |")]
+    assert [(row[1].split(":")[0], row[-1]) for row in rows] == [("before", "2, 0"), ("now", "2, 2"),
+                                                                  ("1 worker", "1, 0")]  # fmt: skip
+    before, now, _ = rows
+    assert float(now[5]) < float(before[5])  # the pipeline, where the workers' start lies
