@@ -333,7 +333,7 @@ class EmbedBatch(beam.DoFn):
             if self._encoder.compile_s is not None:  # a part of the load (`load_encoder` compiles the step)
                 Metrics.distribution(NAMESPACE, "compile_ms").update(int(1000 * self._encoder.compile_s))
             self._load_ms = None
-            _count_worker_process()
+            _count_worker_process(self._cfg.run_id)
         if self._stream is not None:  # left by a bundle that failed
             self._stream.close()
         self._stream, self._waiting = None, []
@@ -434,16 +434,16 @@ def windowed(outputs):
             yield GlobalWindows.windowed_value(out)
 
 
-_PROCESSES_COUNTED: set[int] = set()  # this process's id once it is counted (a fork starts uncounted)
+_PROCESSES_COUNTED: set[tuple[int, str]] = set()  # (this process's id, a run) once counted: a fork starts uncounted
 
 
-def _count_worker_process() -> None:
+def _count_worker_process(run_id: str) -> None:
     """Count this process among the run's embedding processes, once; and among those forked warm
     (`pipelines.worker_fork`), if it was."""
     with _COUNTED_LOCK:
-        if os.getpid() in _PROCESSES_COUNTED:
+        if (os.getpid(), run_id) in _PROCESSES_COUNTED:
             return
-        _PROCESSES_COUNTED.add(os.getpid())
+        _PROCESSES_COUNTED.add((os.getpid(), run_id))
     Metrics.counter(NAMESPACE, "worker_processes").inc()
     if os.environ.get(FORKED_ENV):
         Metrics.counter(NAMESPACE, "worker_processes_forked").inc()

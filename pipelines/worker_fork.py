@@ -185,11 +185,15 @@ def serve(argv: Sequence[str]) -> None:
     """The forker process: `argv` is its socket's path, the module a worker runs (`main(argv)`), and the modules
     to import first. Forks a worker for each request until its stdin ends (the launcher closed it or ended)."""
     path, main, *preload = argv
+    # The terminal's Ctrl-C reaches the whole process group: the workers end their way, and the forker with the
+    # launcher, which ends its way.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(128)  # requests wait here while the imports below run
     sys.stdout.write("listening\n")
     sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # what it prints from now on: on the terminal, not the pipe
     import gc
     import importlib
 
@@ -197,7 +201,7 @@ def serve(argv: Sequence[str]) -> None:
         os.close(os.pidfd_open(os.getpid()))  # how it learns a worker ended (Linux 5.3 on)
         for name in preload:
             importlib.import_module(name)
-    except (OSError, ImportError) as err:  # its clients run Beam's own command
+    except Exception as err:  # its clients run Beam's own command
         print(f"lookalike: worker processes start fresh, not forked ({type(err).__name__}: {err})", file=sys.stderr)
         return
     if _cuda_driver_initialised():  # a fork could not use it: CUDA calls there fail
@@ -225,8 +229,6 @@ def serve(argv: Sequence[str]) -> None:
                     events.unregister(key.fd)
                     os.close(key.fd)
                     _report_exit(pid, workers.pop(pid), events)
-    except KeyboardInterrupt:  # the terminal's Ctrl-C reaches the whole process group: the workers end their way
-        return
     finally:
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):

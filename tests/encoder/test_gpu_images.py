@@ -868,9 +868,9 @@ def test_damaged_jpegs_on_the_gpu_are_decoded_or_dead_lettered_and_spare_the_res
     check()
 
 
-def _counting_decoders(monkeypatch, hold: threading.Event | None = None):
+def _counting_decoders(monkeypatch, hold: threading.Event | None = None, held: threading.Event | None = None):
     """`DECODERS["nvjpeg"]` made to hand out Pillow stand-ins that log (decoder number, batch size) per call and
-    count their `close`; with `hold`, a call on the made-up photo waits for it."""
+    count their `close`; with `hold`, a call on the made-up photo waits for it, having set `held`."""
     import encoder.gpu_images as gpu_images
 
     calls: list[tuple[int, int]] = []
@@ -882,6 +882,8 @@ def _counting_decoders(monkeypatch, hold: threading.Event | None = None):
 
         def decode(datas, device):
             if hold is not None and datas[0] is sample_jpeg():
+                if held is not None:
+                    held.set()
                 hold.wait(10)
             calls.append((number, len(datas)))
             return pil(datas, device)
@@ -912,10 +914,11 @@ def test_warming_decodes_and_resizes_a_made_up_batch_once_on_each_decoder(monkey
 
 
 def test_a_batch_during_the_warm_up_waits_only_for_the_decoder_being_warmed(monkeypatch, jpegs):
-    hold = threading.Event()
-    calls, _ = _counting_decoders(monkeypatch, hold)
+    hold, held = threading.Event(), threading.Event()
+    calls, _ = _counting_decoders(monkeypatch, hold, held)
     images = GpuImages(CFG, "cpu", FULL, decoder="nvjpeg", decode_threads=2)
     images.start_warming(4)
+    assert held.wait(10)  # the warm-up's thread has taken a decoder (else the batch could be first to take one)
     try:
         batch = images.prepare(jpegs[:3])  # the warm-up holds decoder 0: this batch takes decoder 1
         assert batch.on_gpu == 3 and calls == [(1, 3)] and images.warm_s is None

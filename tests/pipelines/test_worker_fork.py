@@ -70,6 +70,17 @@ def test_workers_asking_at_once_are_each_forked(forker, tmp_path):
     assert len({r["pid"] for r in reports}) == 3 and {r["ppid"] for r in reports} == {forker.pid}
 
 
+def test_the_terminals_ctrl_c_leaves_the_forker_to_end_with_its_launcher(forker, tmp_path):
+    """Ctrl-C reaches the whole process group: the workers end their way, the forker goes on until the launcher
+    ends (were it to end first, its workers would be killed with it, each run's ending uncertain)."""
+    forker.wait_listening()
+    os.kill(forker.pid, signal.SIGINT)
+    time.sleep(0.2)
+    assert forker.alive()
+    done, report = _run(forker.command, tmp_path)
+    assert done.returncode == 0 and report["forked"] == "1"
+
+
 def test_without_its_forker_the_command_starts_the_worker_fresh_as_beam_would(tmp_path):
     forker = Forker(preload=[PROBE], main=PROBE)
     command = forker.command
