@@ -165,3 +165,34 @@ def test_the_embed_commands_defaults_are_the_configs():
     defaults = {f.name: f.default for f in fields(EmbedConfig) if f.default is not MISSING}
     shared = flags.keys() & defaults.keys()
     assert len(shared) > 20 and {k: flags[k] for k in shared} == {k: defaults[k] for k in shared}
+
+
+@pytest.mark.parametrize(
+    ("flags", "early"),
+    [
+        (["--workers", "2"], True),
+        (["--workers", "2", "--no-fork-workers"], False),
+        (["--workers", "1"], False),
+        (["--workers", "2", "--runner=DataflowRunner"], False),
+    ],
+)
+def test_embed_starts_the_worker_forker_before_its_own_imports(monkeypatch, flags, early):
+    """`--workers N` on the local runner: the forker's imports run beside the command's (`pipelines.worker_fork`)."""
+    from typer.testing import CliRunner
+
+    import pipelines.embed
+    import pipelines.worker_fork
+    from pipelines.cli import app
+
+    started, ran = [], []
+    monkeypatch.setattr(pipelines.worker_fork, "start_early", lambda: started.append("forker"))
+
+    def run_embed(cfg, beam_args):
+        ran.append(cfg)
+        raise RuntimeError("stood in")
+
+    monkeypatch.setattr(pipelines.embed, "run_embed", run_embed)
+    result = CliRunner().invoke(app, ["embed", "--catalog", "c", "--model", "m", "--out", "o", *flags])
+    assert str(result.exception) == "stood in"
+    assert started == (["forker"] if early else [])
+    assert ran[0].fork_workers is ("--no-fork-workers" not in flags)

@@ -263,6 +263,24 @@ def test_only_workers_in_this_process_share_the_launchers_model(args, in_process
     assert _in_process(PipelineOptions(args)) is in_process
 
 
+@pytest.mark.parametrize(
+    ("workers", "fork_workers", "args", "forked"),
+    [
+        (2, True, [], True),  # the local runner's worker processes: forked warm
+        (2, False, [], False),  # unless turned off
+        (1, True, [], False),  # no processes of their own
+        (1, True, ["--runner=FnApiRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing"], True),
+        (1, True, ["--runner=FnApiRunner", "--direct_num_workers=2", "--direct_running_mode=multi_threading"], False),
+        (2, True, ["--runner=DataflowRunner"], False),  # another runner's workers: its own
+    ],
+)
+def test_the_local_runners_worker_processes_are_forked_warm(workers, fork_workers, args, forked):
+    from pipelines.embed import _forks_workers, _pipeline_options
+
+    cfg = EmbedConfig(catalog="c", model="m", out="o", workers=workers, fork_workers=fork_workers)
+    assert _forks_workers(cfg, _pipeline_options(cfg, args)) is forked
+
+
 # Earlier vectors are joined in memory when they fit `reuse_memory_mb`, else by a shuffle: same rows either way.
 REUSE_PATHS = pytest.mark.parametrize("reuse_memory_mb", [1024, 0], ids=["in-memory", "shuffle-join"])
 
