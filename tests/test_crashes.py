@@ -43,14 +43,17 @@ def _kill_group(job: subprocess.Popen) -> None:
     job.wait(timeout=30)
 
 
-def _group_size(pgid: int) -> int:
-    """How many live processes are in process group `pgid` (from /proc)."""
-    count = 0
+def _embed_workers(pgid: int) -> int:
+    """How many embed worker processes are alive in process group `pgid`: forked by the worker forker
+    (`pipelines.worker_fork`), or started by Beam as its SDK worker."""
+    procs = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, IndexError, ValueError):
             fields = stat.read_text().rsplit(")", 1)[1].split()
-            count += fields[0] != "Z" and int(fields[2]) == pgid  # state, ppid, pgrp
-    return count
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                procs[int(stat.parent.name)] = (int(fields[1]), (stat.parent / "cmdline").read_bytes())
+    forkers = {pid for pid, (_, cmdline) in procs.items() if b"import serve" in cmdline}
+    return sum(ppid in forkers or b"sdk_worker_main" in cmdline for ppid, cmdline in procs.values())
 
 
 def _assert_latest_is_complete(root: Path) -> str | None:
@@ -73,9 +76,9 @@ def test_kill_during_embed_with_two_worker_processes_then_rerun(tmp_path, demo_c
     ledger = tmp_path / "OUT" / "runs" / "night" / "ledger.jsonl"
     failures = tmp_path / "OUT" / "failures" / "night"
     deadline = time.monotonic() + 180
-    # Wait until both Beam worker processes are up (the launcher plus two in the job's process group),
-    # let them work for a moment, then kill everything.
-    while _group_size(job.pid) < 3 or not ledger.exists():
+    # Wait until both Beam worker processes are up (forked warm, or started by Beam), let them work for a moment,
+    # then kill everything.
+    while _embed_workers(job.pid) < 2 or not ledger.exists():
         assert job.poll() is None, job.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline, "the Beam workers never started"
         time.sleep(0.05)
