@@ -352,7 +352,7 @@ def test_beam_memo_benchmark_runs_each_way():
         # the functions' arguments are read as often in each way past the first (Beam's look at each DoFn read its
         # methods'); only the last remembers them, and its reads cost less
         assert int(before[8]) >= int(after[0][8]) == int(after[1][8]) == int(after[2][8]) > 0
-        assert float(after[2][9]) < float(after[1][9])
+        assert float(after[2][10]) < float(after[1][10])  # per read, the median call: its sum, 9, is a few ms
 
 
 def test_shard_sink_benchmark_runs_each_way():
