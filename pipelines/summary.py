@@ -44,6 +44,7 @@ def print_embed_summary(result: EmbedResult, console: Console | None = None) -> 
         *_reason_rows(m.get("dead_letter_reasons")),
         *_batch_rows(m.get("batches")),
         *_object_store_rows(m.get("object_store_reads")),
+        *_process_rows(m.get("worker_processes")),
         ("images/s (embedded, whole run)", f"{m['images_per_s']:,.1f}" if c["embedded"] else "-"),
         ("wall time", f"{m['wall_time_s']:,.1f} s"),
         ("  of which", _time_split(m.get("time_s"))),
@@ -80,6 +81,16 @@ def _batch_rows(batches: dict | None) -> list[tuple[str, str]]:
         why = "the model, GPU decoder or resize ran out of memory at the batch size; see the log"
         rows.append(("batches run in pieces", f"{batches['in_pieces']:,} ({why})"))
     return rows
+
+
+def _process_rows(processes: dict | None) -> list[tuple[str, str]]:
+    """The worker processes of their own that embedded, and how many were forked warm, where there were several."""
+    if not processes or processes.get("embedding", 0) < 2:
+        return []
+    count, forked = processes["embedding"], processes.get("forked", 0)
+    how = ("all forked warm" if forked == count else "started by Beam" if not forked
+           else f"{forked} forked warm, {count - forked} started by Beam: see the log")  # fmt: skip
+    return [("worker processes", f"{count:,} ({how})")]
 
 
 def _object_store_rows(reads: dict | None) -> list[tuple[str, str]]:

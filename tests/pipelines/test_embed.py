@@ -412,6 +412,18 @@ def test_several_worker_processes(demo_catalog, tiny_model, tmp_path, first_run,
     assert result.counts == {"items_in": 100, "embedded": 95, "reused": 0, "dead_lettered": 5}
     # Two processes of their own embedded, forked warm (`pipelines.worker_fork`) or started by Beam.
     assert result.manifest["worker_processes"] == {"embedding": 2, "forked": 2 if fork_workers else 0}
+    from rich.console import Console
+
+    from pipelines.summary import print_embed_summary
+
+    def summary(run) -> str:
+        out = io.StringIO()
+        print_embed_summary(run, Console(file=out, width=160))
+        return out.getvalue()
+
+    how = "all forked warm" if fork_workers else "started by Beam"
+    assert re.search(rf"worker processes +│ +2 \({how}\)", summary(result))
+    assert "worker processes" not in summary(first_run)  # one process: nothing to say
     assert first_run.manifest["worker_processes"] == {"embedding": 1, "forked": 0}  # the launcher itself
     single, multi = _vectors(_read_dir(Path(first_run.run_dir))), _vectors(_read_dir(Path(result.run_dir)))
     assert single.keys() == multi.keys()
@@ -1148,3 +1160,19 @@ def test_gpu_decode_on_cuda_embeds_every_item_close_to_the_cpu_encoder(
     # PIL resize.
     print("MINCOS", min(cosines), sorted(cosines)[:5])
     assert min(cosines) > 0.98, f"cosine as low as {min(cosines):.4f}"
+
+
+@pytest.mark.parametrize(
+    ("processes", "row"),
+    [
+        (None, []),  # a manifest from before the count
+        ({"embedding": 1, "forked": 0}, []),
+        ({"embedding": 3, "forked": 3}, [("worker processes", "3 (all forked warm)")]),
+        ({"embedding": 2, "forked": 0}, [("worker processes", "2 (started by Beam)")]),
+        ({"embedding": 3, "forked": 1}, [("worker processes", "3 (1 forked warm, 2 started by Beam: see the log)")]),
+    ],
+)
+def test_the_summary_says_how_the_worker_processes_started(processes, row):
+    from pipelines.summary import _process_rows
+
+    assert _process_rows(processes) == row
