@@ -2,10 +2,10 @@
 (`pipelines.worker_fork`), and `--workers 1` (the workers in the launcher) beside them; each command a new process,
 the ways alternated.
 
-    python benchmarks/forked_workers.py [--images 200] [--rounds 5]
+    python benchmarks/forked_workers.py [--shape smoke|base16-224] [--images 200] [--rounds 5]
 
-A tiny random SigLIP on the CPU and a glob of n 160-px photos, so what the ways differ by is the worker processes'
-start. Each row: the command's wall seconds, its manifest's `pipeline` (the workers' start is in it), and how many
+A random SigLIP of the shape (tiny by default) on the CPU and a glob of n 160-px photos: what the ways differ by is the
+worker processes' start. Each row: the command's wall seconds, its manifest's `pipeline` (the workers' start is in it), and how many
 processes embedded, forked. Results go in BENCHMARKS.md.
 """
 
@@ -51,6 +51,7 @@ def _embed(catalog: str, model: Path, out: Path, flags: list[str]) -> tuple[floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="smoke", choices=sorted(SHAPES))
     parser.add_argument("--images", type=int, default=200, help="photos per run")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
@@ -58,11 +59,11 @@ def main() -> None:
     seconds: dict[tuple[int, str], list[float]] = {}
     manifests: dict[str, list[dict]] = {way: [] for way in WAYS}
     try:
-        model = _checkpoint(work / "model", SHAPES["smoke"])
+        model = _checkpoint(work / "model", SHAPES[args.shape])
         realistic_jpegs(work / "photos", args.images, width=160)
         catalog = str(work / "photos" / "*.jpg")
-        print(f"machine: {machine()}; tiny SigLIP on the CPU; {args.images} photos; {args.rounds} rounds, new "
-              "processes")  # fmt: skip
+        print(f"machine: {machine()}; SigLIP {args.shape} (random) on the CPU; {args.images} photos; {args.rounds} "
+              "rounds, new processes")  # fmt: skip
         _embed(catalog, model, work / "warm-up", WAYS["now: 2 worker processes forked warm"])  # the page cache
         for r in range(args.rounds):
             for k, (way, flags) in enumerate(WAYS.items()):
