@@ -237,12 +237,20 @@ def _count_dead_letters():
     return count
 
 
-def fetch_chunk_size(cfg: EmbedConfig) -> int:
+def fetch_chunk_size(cfg: EmbedConfig, total_items: int | None = None) -> int:
     """Items per fetch element: four per fetch thread, and at least one batch of the embed step. An element is
     read as a whole before the step takes the next, so a batch's worth has that many reads in flight; and
     images left over, short of a full batch, wait in the embed step for the next element (copied off a GPU
-    worker's read ring, `embed_dofns._off_the_ring`)."""
-    return max(4 * cfg.fetch_threads, cfg.batch_size)
+    worker's read ring, `embed_dofns._off_the_ring`).
+
+    With worker processes of its own (`workers`), a catalog of `total_items` too small to give each worker a chunk
+    is cut into one chunk per worker instead: each runs with its share of the cores (`EmbedBatch.setup`), so one
+    worker given it all took the time of two (SigLIP base, 64 photos, 2 cores: 32.3 s against 18.3 s in-process).
+    """
+    size = max(4 * cfg.fetch_threads, cfg.batch_size)
+    if cfg.workers > 1 and total_items:
+        size = min(size, -(-total_items // cfg.workers))
+    return size
 
 
 def _read_item_chunks(p: beam.Pipeline, catalog: str, size: int,
@@ -287,7 +295,7 @@ def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, pr
     `previous_rows` (the earlier run's row count) lets vectors that fit `cfg.reuse_memory_mb`
     be joined in memory; unknown or too many, they are joined by a shuffle.
     """
-    chunks = _read_item_chunks(p, cfg.catalog, fetch_chunk_size(cfg), listed)
+    chunks = _read_item_chunks(p, cfg.catalog, fetch_chunk_size(cfg, total_items), listed)
     known_side, previous, in_memory = None, None, None
     fits = previous_rows is not None and previous_rows * (4 * dim + 64) <= cfg.reuse_memory_mb * 2**20
     if previous_shards and fits:

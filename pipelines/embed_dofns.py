@@ -333,7 +333,6 @@ class EmbedBatch(beam.DoFn):
             if self._encoder.compile_s is not None:  # a part of the load (`load_encoder` compiles the step)
                 Metrics.distribution(NAMESPACE, "compile_ms").update(int(1000 * self._encoder.compile_s))
             self._load_ms = None
-            _count_worker_process(self._cfg.run_id)
         if self._stream is not None:  # left by a bundle that failed
             self._stream.close()
         self._stream, self._waiting = None, []
@@ -388,6 +387,7 @@ class EmbedBatch(beam.DoFn):
                 self._watch.add(0, ((f.stage, f.error) for f in failures))
             if table.num_rows:
                 self._embedded.inc(table.num_rows)
+                _count_worker_process(self._cfg.run_id)
                 self._progress.add(table.num_rows)
                 yield table
             for failure in failures:
@@ -438,7 +438,7 @@ _PROCESSES_COUNTED: set[tuple[int, str]] = set()  # (this process's id, a run) o
 
 
 def _count_worker_process(run_id: str) -> None:
-    """Count this process among the run's embedding processes, once; and among those forked warm
+    """Count this process among the run's processes that embedded images, once; and among those forked warm
     (`pipelines.worker_fork`), if it was."""
     with _COUNTED_LOCK:
         if (os.getpid(), run_id) in _PROCESSES_COUNTED:

@@ -105,7 +105,7 @@ def test_shards_follow_the_contract(first_run, tiny_encoder):
 
 def test_a_run_of_several_bundles_numbers_their_shards_as_one_set(demo_catalog, tiny_model, tmp_path, first_run,
                                                                    monkeypatch):  # fmt: skip
-    monkeypatch.setattr(embed, "fetch_chunk_size", lambda cfg: 8)  # many elements: every thread gets some
+    monkeypatch.setattr(embed, "fetch_chunk_size", lambda cfg, total=None: 8)  # many elements: every thread gets some
     threads = ["--runner=FnApiRunner", "--direct_num_workers=4", "--direct_running_mode=multi_threading"]
     cfg = EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path), batch_size=16)
     result = run_embed(cfg, threads)
@@ -407,8 +407,9 @@ def test_awkward_and_broken_images(tmp_path, tiny_model):
 @pytest.mark.slow
 @pytest.mark.parametrize("fork_workers", [True, False])
 def test_several_worker_processes(demo_catalog, tiny_model, tmp_path, first_run, fork_workers):
+    # 100 items, fewer than a fetch element of 32 threads (128): cut in two, one for each worker (`fetch_chunk_size`)
     result = run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path),
-                                   workers=2, fork_workers=fork_workers))  # fmt: skip
+                                   workers=2, fork_workers=fork_workers, fetch_threads=32))  # fmt: skip
     assert result.counts == {"items_in": 100, "embedded": 95, "reused": 0, "dead_lettered": 5}
     # Two processes of their own embedded, forked warm (`pipelines.worker_fork`) or started by Beam.
     assert result.manifest["worker_processes"] == {"embedding": 2, "forked": 2 if fork_workers else 0}
@@ -517,12 +518,16 @@ def test_every_output_of_the_pipelines_steps_is_typed(tmp_path, previous_rows):
     assert isinstance(beam.coders.registry.get_coder(typed[("Spread items/RemoveRandomKeys", None)]), ItemChunkCoder)
 
 
-def test_a_fetch_element_holds_at_least_one_batch():
+def test_a_fetch_element_holds_at_least_one_batch_unless_a_worker_process_would_go_without():
     from pipelines.embed import fetch_chunk_size
 
     assert fetch_chunk_size(EmbedConfig(catalog="-", model="-", out="-", batch_size=32, fetch_threads=16)) == 64
     assert fetch_chunk_size(EmbedConfig(catalog="-", model="-", out="-", batch_size=256, fetch_threads=16)) == 256
     assert fetch_chunk_size(EmbedConfig(catalog="-", model="-", out="-", batch_size=256, fetch_threads=128)) == 512
+    # Worker processes of their own: a catalog too small for a chunk each is cut into one per worker.
+    two = EmbedConfig(catalog="-", model="-", out="-", batch_size=64, fetch_threads=16, workers=2)
+    assert [fetch_chunk_size(two, n) for n in (64, 65, 128, 129, 10_000)] == [32, 33, 64, 64, 64]
+    assert fetch_chunk_size(dataclasses.replace(two, workers=1), 64) == 64  # one worker: the chunk as ever
 
 
 def test_fetch_and_decode_routes_every_item(demo_catalog, tiny_model, tiny_encoder):
@@ -977,7 +982,7 @@ def test_runner_threads_waiting_for_a_full_batch_do_not_starve_the_readers_ring(
     the ring, and a read short of slots goes without them."""
     # Elements smaller than a batch (elements hold a batch at least, but what reuse and dead letters leave
     # short of one waits all the same): many images waiting, soon.
-    monkeypatch.setattr(embed, "fetch_chunk_size", lambda cfg: 4)
+    monkeypatch.setattr(embed, "fetch_chunk_size", lambda cfg, total=None: 4)
     fetching, most = [], [0]
     process = embed_dofns.FetchAndDecode.process
 
@@ -1048,7 +1053,7 @@ def test_a_worker_processs_embed_steps_share_one_set_of_decoders_warmed_once(
         return gpu_images.ClosingDecoder(decode, lambda: closed.append(1))
 
     monkeypatch.setattr(embed_dofns, "_EMBED_IMAGES", {})
-    monkeypatch.setattr(embed, "fetch_chunk_size", lambda cfg: 4)  # many elements: every thread gets some
+    monkeypatch.setattr(embed, "fetch_chunk_size", lambda cfg, total=None: 4)  # many elements: every thread gets some
     setup = embed_dofns.EmbedBatch.setup
     monkeypatch.setattr(embed_dofns.EmbedBatch, "setup", lambda self: (steps.append(self), setup(self))[1])
     cfg = EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(tmp_path), batch_size=16,
