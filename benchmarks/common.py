@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -87,6 +88,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def shape_args(doc: str, shapes, images_help: str) -> argparse.Namespace:
+    """The command line of a benchmark of `lookalike` runs in new processes: `--shape` (one of `shapes`), `--images`
+    (`images_help`), `--rounds`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="smoke", choices=sorted(shapes))
+    parser.add_argument("--images", type=int, default=200, help=images_help)
+    parser.add_argument("--rounds", type=int, default=5)
+    return parser.parse_args()
 
 
 def machine() -> str:

@@ -11,7 +11,6 @@ processes embedded, forked. Results go in BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import machine, print_ways, realistic_jpegs  # noqa: E402
+from benchmarks.common import machine, print_ways, realistic_jpegs, shape_args  # noqa: E402
 from benchmarks.gpu_embed import SHAPES, _checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,11 +49,7 @@ def _embed(catalog: str, model: Path, out: Path, flags: list[str]) -> tuple[floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="smoke", choices=sorted(SHAPES))
-    parser.add_argument("--images", type=int, default=200, help="photos per run")
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+    args = shape_args(__doc__, SHAPES, "photos per run")
     work = Path(tempfile.mkdtemp(prefix="lookalike-forked-workers-"))
     seconds: dict[tuple[int, str], list[float]] = {}
     manifests: dict[str, list[dict]] = {way: [] for way in WAYS}

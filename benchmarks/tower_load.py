@@ -12,7 +12,6 @@ Results go in BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import machine, print_ways, realistic_jpegs  # noqa: E402
+from benchmarks.common import machine, print_ways, realistic_jpegs, shape_args  # noqa: E402
 from benchmarks.gpu_embed import SHAPES, _checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,11 +65,7 @@ def _python(script: str) -> tuple[float, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="smoke", choices=sorted(SHAPES))
-    parser.add_argument("--images", type=int, default=200, help="photos in the `lookalike embed` runs")
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+    args = shape_args(__doc__, SHAPES, "photos in the `lookalike embed` runs")
     work = Path(tempfile.mkdtemp(prefix="lookalike-tower-load-"))
     # per table (a process's load; the command), by (images, way): each run's seconds, and its parts'
     seconds: dict[str, dict[tuple[int, str], list[float]]] = {"load": {}, "embed": {}}
