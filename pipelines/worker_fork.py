@@ -48,6 +48,7 @@ _EXITED = b"S"  # the forker to the client: the worker's exit status follows (`_
 _STATUS = struct.Struct("!i")
 _REFUSED = 75  # a fork's exit status when it cannot be a worker (CUDA unusable in it): its client runs Beam's own
 _PR_SET_PDEATHSIG = 1
+_SOCKET_DIR_MAX = 100  # a Unix socket's path holds 107 bytes at most (Linux); "/socket" takes 7 of them
 _CUDA_ERROR_NOT_INITIALIZED = 3
 
 
@@ -64,6 +65,9 @@ class Forker:
 
     def __init__(self, preload: Sequence[str] = PRELOAD, main: str = BEAM_WORKER) -> None:
         self._dir = tempfile.mkdtemp(prefix="lookalike-forker-")  # private (0700): only this user reaches the socket
+        if len(os.fsencode(self._dir)) > _SOCKET_DIR_MAX and os.path.isdir("/tmp"):  # a long $TMPDIR
+            os.rmdir(self._dir)
+            self._dir = tempfile.mkdtemp(prefix="lookalike-forker-", dir="/tmp")
         self.path = os.path.join(self._dir, "socket")
         self.main = main
         code = f"import sys; sys.path[:] = {sys.path!r}; from {__name__} import serve; serve(sys.argv[1:])"
@@ -189,7 +193,11 @@ def serve(argv: Sequence[str]) -> None:
     # launcher, which ends its way.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    try:
+        listener.bind(path)
+    except OSError as err:  # its clients run Beam's own command
+        print(f"lookalike: worker processes start fresh, not forked (a socket at {path}: {err})", file=sys.stderr)
+        return
     listener.listen(128)  # requests wait here while the imports below run
     sys.stdout.write("listening\n")
     sys.stdout.flush()

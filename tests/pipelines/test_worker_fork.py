@@ -198,3 +198,24 @@ def test_forked_workers_embed_on_cuda_each_with_a_context_of_its_own(demo_catalo
     assert result.counts == {"items_in": 100, "embedded": 95, "reused": 0, "dead_lettered": 5}
     assert result.manifest["worker_processes"] == {"embedding": 2, "forked": 2}
     assert result.manifest["batches"]["decoded_on_gpu"] > 0
+
+
+def test_a_long_temp_directory_puts_the_socket_in_tmp_where_its_path_fits(tmp_path, monkeypatch):
+    """A Unix socket's path holds 107 bytes at most: a deep $TMPDIR would leave every worker to start fresh."""
+    import tempfile
+
+    deep = tmp_path / ("x" * 60) / ("y" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    with Forker(preload=[PROBE], main=PROBE) as forker:
+        assert forker.path.startswith("/tmp/lookalike-forker-") and forker.wait_listening()
+        done, report = _run(forker.command, tmp_path)
+    assert done.returncode == 0 and report["forked"] == "1"
+    assert not list(deep.iterdir())  # the directory it first made there is gone
+
+
+def test_a_forker_that_cannot_listen_says_why_in_a_line(tmp_path):
+    code = f"from pipelines.worker_fork import serve; serve([{str(tmp_path / 'missing' / 'socket')!r}, {PROBE!r}])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=ENV)
+    assert done.returncode == 0 and "Traceback" not in done.stderr
+    assert "worker processes start fresh, not forked (a socket at" in done.stderr
