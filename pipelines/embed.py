@@ -399,6 +399,16 @@ def _forks_workers(cfg: EmbedConfig, options: PipelineOptions) -> bool:
             and options.view_as(DirectOptions).direct_running_mode == "multi_processing")  # fmt: skip
 
 
+def _take_forker() -> worker_fork.Forker | None:
+    """The run's worker forker; None, with a warning, where none can start (its workers then start as Beam starts
+    them)."""
+    try:
+        return worker_fork.take()
+    except OSError as err:
+        log.warning("worker processes start fresh, not forked: the forker could not start (%s)", err)
+        return None
+
+
 def _launcher_encoder(cfg: EmbedConfig, options: PipelineOptions) -> tuple[ImageEncoder, bool]:
     """The model the launcher needs for the run's facts (version, dim, preprocessing), and whether it is the
     workers' model too. Workers in this process (the local runner, in memory or in threads) take it from
@@ -515,7 +525,7 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     started = time.monotonic()
     options = _pipeline_options(cfg, beam_args or [])
     # Started first, so its imports run beside the preparation (the command line started it before its own).
-    forker = worker_fork.take() if _forks_workers(cfg, options) else None
+    forker = _take_forker() if _forks_workers(cfg, options) else None
     try:
         return _run(cfg, beam_args, options, forker, started)
     finally:

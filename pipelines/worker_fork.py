@@ -127,7 +127,10 @@ def start_early(preload: Sequence[str] = PRELOAD) -> None:
     calls this before its own imports, so the forker's run beside them."""
     key = tuple(preload)
     if key not in _EARLY:
-        _EARLY[key] = forker = Forker(preload)
+        try:
+            _EARLY[key] = forker = Forker(preload)
+        except OSError:  # `take` tries again, and says why where it fails too
+            return
         atexit.register(forker.close)
 
 

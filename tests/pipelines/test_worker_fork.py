@@ -219,3 +219,17 @@ def test_a_forker_that_cannot_listen_says_why_in_a_line(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=ENV)
     assert done.returncode == 0 and "Traceback" not in done.stderr
     assert "worker processes start fresh, not forked (a socket at" in done.stderr
+
+
+def test_a_forker_that_cannot_start_leaves_the_run_to_beams_workers(monkeypatch, caplog, tmp_path):
+    from pipelines import embed
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(worker_fork.tempfile, "mkdtemp", refused)
+    monkeypatch.setattr(worker_fork, "_EARLY", {})
+    worker_fork.start_early([PROBE])  # quietly nothing: the run's `take` says why
+    assert worker_fork._EARLY == {}
+    assert embed._take_forker() is None
+    assert "worker processes start fresh, not forked: the forker could not start" in caplog.text
