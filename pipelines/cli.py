@@ -184,7 +184,8 @@ def embed(
 
     options = dict(
         catalog=catalog, model=model, out=out, batch_size=batch_size, fetch_threads=fetch_threads, workers=workers,
-        fork_workers=fork_workers, device=device, dtype=dtype, compile=compile, compile_frozen=compile_frozen, cuda_graph=cuda_graph,
+        fork_workers=fork_workers, device=device, dtype=dtype, compile=compile, compile_frozen=compile_frozen,
+        cuda_graph=cuda_graph,
         decode_sms=decode_sms, gpu_decode=gpu_decode, gpu_decoder=gpu_decoder, gpu_decode_threads=gpu_decode_threads,
         gpu_resize=gpu_resize,
         draft=draft, incremental=incremental, previous=previous, hedge_reads=hedge_reads, page_lock_reads=page_lock_reads,
