@@ -90,10 +90,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def shape_args(doc: str, shapes, images_help: str) -> argparse.Namespace:
+def shape_args(doc: str, shapes, images_help: str, commands: tuple[str, ...] = ()) -> argparse.Namespace:
     """The command line of a benchmark of `lookalike` runs in new processes: `--shape` (one of `shapes`), `--images`
-    (`images_help`), `--rounds`."""
+    (`images_help`), `--rounds`, and `--command` where it measures more than one (`commands`, the first by default)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if commands:
+        parser.add_argument("--command", default=commands[0], choices=commands)
     parser.add_argument("--shape", default="smoke", choices=sorted(shapes))
     parser.add_argument("--images", type=int, default=200, help=images_help)
     parser.add_argument("--rounds", type=int, default=5)

@@ -175,10 +175,7 @@ def embed(
     run_id: Annotated[str | None, typer.Option(help="Run id (default: UTC time + random suffix).")] = None,
 ) -> None:
     """Embed every catalog image into Parquet shards, with dead letters for the rest (Apache Beam)."""
-    if workers > 1 and fork_workers and not any(arg.startswith("--runner") for arg in ctx.args):
-        from pipelines.worker_fork import start_early
-
-        start_early()  # the worker processes' imports, once, beside this process's own (`pipelines.worker_fork`)
+    _start_forker_early(workers, fork_workers, ctx.args)
     from pipelines.embed import EmbedConfig, run_embed
     from pipelines.summary import print_embed_summary
 
@@ -248,6 +245,43 @@ def train_cmd(
         print_train_summary(result)
 
 
+def _start_forker_early(workers: object, fork_workers: object, beam_args: object) -> None:
+    """Start the worker forker now, before this command's heavy imports, so that its imports run beside them
+    (`pipelines.worker_fork`), where the run looks set to fork local worker processes: more than one worker, forks
+    on, no runner named. The run's own check decides; where the two disagree, a forker starts for nothing (closed at
+    exit) or one starts with the run."""
+    args = beam_args if isinstance(beam_args, (list, tuple)) else ()
+    if (isinstance(workers, int) and workers > 1 and fork_workers is not False
+            and not any(str(arg).startswith("--runner") for arg in args)):  # fmt: skip
+        from pipelines.worker_fork import start_early
+
+        start_early()
+
+
+def _embed_settings_as_written(config: str | None) -> dict:
+    """A local nightly config's `embed:` section as written, read before the heavy imports; {} where it cannot be
+    read so (on gs://, missing, not YAML): the config's load says what is wrong."""
+    if not config or "://" in config:
+        return {}
+    import yaml
+
+    try:
+        with open(config, "rb") as f:
+            raw = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return {}
+    embed = raw.get("embed") if isinstance(raw, dict) else None
+    return embed if isinstance(embed, dict) else {}
+
+
+def _start_nightly_forker_early(config: str | None, beam_args: list[str]) -> None:
+    """`_start_forker_early` for a nightly or backfill run's embed step, from its config as written."""
+    embed = _embed_settings_as_written(config)
+    extra = embed.get("beam_args")
+    _start_forker_early(embed.get("workers", 1), embed.get("fork_workers", True),
+                        [*(extra if isinstance(extra, (list, tuple)) else ()), *beam_args])  # fmt: skip
+
+
 def _nightly_overrides(**flags) -> dict:
     return {k: v for k, v in flags.items() if v is not None}
 
@@ -270,6 +304,7 @@ def nightly_cmd(
 
     A rerun with the same run id resumes after the last completed step. Unknown --flags go to Beam.
     """
+    _start_nightly_forker_early(config, ctx.args)
     from pipelines.nightly import run_nightly
     from pipelines.nightly_config import load_nightly_config
     from pipelines.summary import print_nightly
@@ -302,6 +337,7 @@ def backfill_cmd(
     has its own id and takes the same lock as the nightly job, so the two never publish
     over each other.
     """
+    _start_nightly_forker_early(config, ctx.args)
     from pipelines.nightly import default_run_id, run_nightly
     from pipelines.nightly_config import load_nightly_config
     from pipelines.summary import print_nightly

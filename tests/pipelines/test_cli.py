@@ -196,3 +196,53 @@ def test_embed_starts_the_worker_forker_before_its_own_imports(monkeypatch, flag
     assert str(result.exception) == "stood in"
     assert started == (["forker"] if early else [])
     assert ran[0].fork_workers is ("--no-fork-workers" not in flags)
+
+
+@pytest.mark.parametrize("command", ["nightly", "backfill"])
+@pytest.mark.parametrize(
+    ("embed", "flags", "early"),
+    [
+        ("{workers: 2}", [], True),
+        ("{workers: 2, fork_workers: false}", [], False),
+        ("{workers: 1}", [], False),
+        ("{}", [], False),
+        ("{workers: 2}", ["--runner=DataflowRunner"], False),
+        ("{workers: 2, beam_args: [--runner=DataflowRunner]}", [], False),
+        ("{workers: two}", [], False),  # the config's load says what is wrong
+    ],
+)
+def test_nightly_starts_the_worker_forker_before_its_own_imports(tmp_path, monkeypatch, command, embed, flags, early):
+    """A nightly or backfill run whose embed step forks local worker processes starts the forker as `embed` does,
+    from its config file as written."""
+    from typer.testing import CliRunner
+
+    import pipelines.nightly
+    import pipelines.worker_fork
+    from pipelines.cli import app
+
+    config = tmp_path / "nightly.yaml"
+    config.write_text(f"catalog: c\nmodel: m\nout: o\ninteractions: i\nembed: {embed}\n")
+    started = []
+    monkeypatch.setattr(pipelines.worker_fork, "start_early", lambda: started.append("forker"))
+
+    def run_nightly(cfg, *args, **kwargs):
+        raise RuntimeError("stood in")
+
+    monkeypatch.setattr(pipelines.nightly, "run_nightly", run_nightly)
+    model = ["--model", "m"] if command == "backfill" else []
+    result = CliRunner().invoke(app, [command, "--config", str(config), *model, *flags])
+    assert started == (["forker"] if early else [])
+    assert ("workers" in str(result.exception)) if "two" in embed else str(result.exception) == "stood in"
+
+
+def test_a_nightly_config_that_cannot_be_read_starts_no_forker_early(tmp_path, monkeypatch):
+    """Missing, on gs:// or not YAML: no forker before the config's load, which says what is wrong."""
+    from pipelines import cli
+
+    monkeypatch.setattr("pipelines.worker_fork.start_early", lambda: pytest.fail("started"))
+    (tmp_path / "bad.yaml").write_text("embed: [unclosed\n")
+    (tmp_path / "list.yaml").write_text("- embed\n")
+    for config in (None, str(tmp_path / "missing.yaml"), "gs://b/nightly.yaml", str(tmp_path / "bad.yaml"),
+                   str(tmp_path / "list.yaml")):  # fmt: skip
+        assert cli._embed_settings_as_written(config) == {}
+        cli._start_nightly_forker_early(config, [])
