@@ -68,6 +68,7 @@ bench: install  ## CPU benchmarks: embed, a fresh process's model load, fine-tun
 	$(BIN)/python benchmarks/cpu_embed.py
 	$(BIN)/python benchmarks/tower_load.py
 	$(BIN)/python benchmarks/forked_workers.py
+	$(BIN)/python benchmarks/forked_workers.py --command nightly
 	$(BIN)/python benchmarks/train_bench.py
 
 lint: install  ## ruff lint + format check, hadolint on the Dockerfiles
