@@ -258,9 +258,9 @@ def _start_forker_early(workers: object, fork_workers: object, beam_args: object
         start_early()
 
 
-def _embed_settings_as_written(config: str | None) -> dict:
-    """A local nightly config's `embed:` section as written, read before the heavy imports; {} where it cannot be
-    read so (on gs://, missing, not YAML): the config's load says what is wrong."""
+def _settings_as_written(config: str | None) -> dict:
+    """A local nightly config's settings as written, read before the heavy imports; {} where it cannot be read so
+    (on gs://, missing, not YAML): the config's load says what is wrong."""
     if not config or "://" in config:
         return {}
     import yaml
@@ -270,14 +270,28 @@ def _embed_settings_as_written(config: str | None) -> dict:
             raw = yaml.safe_load(f)
     except (OSError, yaml.YAMLError):
         return {}
-    embed = raw.get("embed") if isinstance(raw, dict) else None
-    return embed if isinstance(embed, dict) else {}
+    return raw if isinstance(raw, dict) else {}
 
 
-def _start_nightly_forker_early(config: str | None, beam_args: list[str]) -> None:
-    """`_start_forker_early` for a nightly or backfill run's embed step, from its config as written."""
-    embed = _embed_settings_as_written(config)
+def _start_nightly_forker_early(config: str | None, out: str | None, run_id: str, step: str | None,
+                                beam_args: list[str]) -> None:  # fmt: skip
+    """`_start_forker_early` for a nightly or backfill run's embed step, from its config as written, unless the step
+    is done: the run's ledger says so where the output root is local; on an object store (not read here), a run told
+    to stop after a later step (`--step index`, as an orchestrator's task per step) is taken to be past it."""
+    settings = _settings_as_written(config)
+    embed = settings.get("embed") if isinstance(settings.get("embed"), dict) else {}
     extra = embed.get("beam_args")
+    out = out or settings.get("out")
+    if isinstance(out, str) and "://" not in out:
+        from pipelines.ledger import Ledger
+
+        try:
+            if Ledger(out, run_id).done("embed"):
+                return
+        except (OSError, ValueError, KeyError, TypeError):  # the run reads it again, and says what is wrong
+            pass
+    elif step not in (None, "embed"):
+        return
     _start_forker_early(embed.get("workers", 1), embed.get("fork_workers", True),
                         [*(extra if isinstance(extra, (list, tuple)) else ()), *beam_args])  # fmt: skip
 
@@ -304,7 +318,10 @@ def nightly_cmd(
 
     A rerun with the same run id resumes after the last completed step. Unknown --flags go to Beam.
     """
-    _start_nightly_forker_early(config, ctx.args)
+    from pipelines.ledger import default_run_id
+
+    run_id = run_id or default_run_id()
+    _start_nightly_forker_early(config, out, run_id, step, ctx.args)
     from pipelines.nightly import run_nightly
     from pipelines.nightly_config import load_nightly_config
     from pipelines.summary import print_nightly
@@ -337,8 +354,11 @@ def backfill_cmd(
     has its own id and takes the same lock as the nightly job, so the two never publish
     over each other.
     """
-    _start_nightly_forker_early(config, ctx.args)
-    from pipelines.nightly import default_run_id, run_nightly
+    from pipelines.ledger import default_run_id
+
+    run_id = run_id or default_run_id("backfill")
+    _start_nightly_forker_early(config, out, run_id, step, ctx.args)
+    from pipelines.nightly import run_nightly
     from pipelines.nightly_config import load_nightly_config
     from pipelines.summary import print_nightly
 
@@ -348,7 +368,6 @@ def backfill_cmd(
         from pipelines.catalog import parse_when
 
         parse_when(since)  # a bad date fails now, not after the lock and the catalog scan
-    run_id = run_id or default_run_id("backfill")
     result = run_nightly(cfg, run_id, incremental=since is not None, beam_args=list(ctx.args), kind="backfill",
                          until=step, reembed_since=since)  # fmt: skip
     print_nightly(result, cfg.out)

@@ -19,10 +19,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from encoder import storage
+from pipelines.ledger import Ledger, default_run_id, read_ledger
 from pipelines.nightly_config import PIXELS, NightlyConfig
 from pipelines.run_lock import run_lock
 
-__all__ = ["STEPS", "NightlyResult", "read_ledger", "run_nightly"]
+__all__ = ["STEPS", "NightlyResult", "default_run_id", "read_ledger", "run_nightly"]
 
 log = logging.getLogger(__name__)
 
@@ -34,41 +35,6 @@ class NightlyResult:
     run_id: str
     steps: list[dict] = field(default_factory=list)  # the ledger's final row per step
     published: str | None = None
-
-
-def default_run_id(kind: str = "nightly", now: datetime | None = None) -> str:
-    """`nightly-20261125`: one id per night, so a rerun the same night resumes it."""
-    now = now or datetime.now(UTC)
-    return f"{kind}-{now:%Y%m%d}" if kind == "nightly" else f"{kind}-{now:%Y%m%dT%H%M%SZ}"
-
-
-def _ledger_uri(out: str, run_id: str) -> str:
-    return storage.join(out, "runs", run_id, "ledger.jsonl")
-
-
-def read_ledger(out: str, run_id: str) -> list[dict]:
-    """Every row the run has recorded, oldest first ([] for a new run)."""
-    try:
-        data = storage.read_bytes(_ledger_uri(out, run_id))
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
-
-
-class _Ledger:
-    """Rows appended by rewriting the (small) file, which works the same on gs://."""
-
-    def __init__(self, out: str, run_id: str) -> None:
-        self.uri, self.rows = _ledger_uri(out, run_id), read_ledger(out, run_id)
-
-    def done(self, step: str) -> dict | None:
-        return next((r for r in reversed(self.rows) if r["step"] == step and r["status"] == "done"), None)
-
-    def add(self, row: dict) -> dict:
-        row = {"at": datetime.now(UTC).isoformat(), **row}
-        self.rows.append(row)
-        storage.write_bytes(self.uri, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
-        return row
 
 
 @dataclass(frozen=True)
@@ -184,7 +150,7 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, *, incremental: b
     run_id = run_id or default_run_id(kind)
     ctx = _Context(cfg, run_id, incremental, tuple(beam_args or ()), reembed_since)
     with run_lock(cfg.out, run_id, cfg.lock_ttl_h):
-        ledger = _Ledger(cfg.out, run_id)
+        ledger = Ledger(cfg.out, run_id)
         if not ledger.rows:
             ledger.add({"step": "run", "status": "started", "kind": kind, "config": _config_dict(cfg)})
         outputs: dict[str, dict] = {}
@@ -204,7 +170,7 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, *, incremental: b
         return result
 
 
-def _run_step(ctx: _Context, ledger: _Ledger, step: str, outputs: dict, on_step) -> dict:
+def _run_step(ctx: _Context, ledger: Ledger, step: str, outputs: dict, on_step) -> dict:
     """Run one step, recording its start and its end (done with counts and outputs, or failed)."""
     start = time.monotonic()
     ledger.add({"step": step, "status": "started"})

@@ -244,5 +244,47 @@ def test_a_nightly_config_that_cannot_be_read_starts_no_forker_early(tmp_path, m
     (tmp_path / "list.yaml").write_text("- embed\n")
     for config in (None, str(tmp_path / "missing.yaml"), "gs://b/nightly.yaml", str(tmp_path / "bad.yaml"),
                    str(tmp_path / "list.yaml")):  # fmt: skip
-        assert cli._embed_settings_as_written(config) == {}
-        cli._start_nightly_forker_early(config, [])
+        assert cli._settings_as_written(config) == {}
+        cli._start_nightly_forker_early(config, None, "nightly-1", None, [])
+
+
+@pytest.mark.parametrize(
+    ("out", "ledger", "step", "early"),
+    [
+        ("local", None, None, True),  # a new run
+        ("local", [("embed", "started")], None, True),  # killed during its embed step
+        ("local", [("embed", "started"), ("embed", "failed")], "index", True),
+        ("local", [("embed", "started"), ("embed", "done")], None, False),  # resumed past it
+        ("local", [("embed", "done")], "embed", False),
+        ("local", "not JSON", None, True),  # the run reads it again, and says what is wrong
+        ("gs://bucket/out", None, None, True),  # its ledger is not read here
+        ("gs://bucket/out", None, "embed", True),
+        ("gs://bucket/out", None, "index", False),  # an orchestrator's task after the embed step's
+    ],
+)
+def test_a_nightly_past_its_embed_step_starts_no_forker_early(tmp_path, monkeypatch, out, ledger, step, early):
+    """An orchestrator runs one step per task (`--step`); only a run whose embed step is to come starts the forker."""
+    import json
+
+    from pipelines import cli
+
+    started = []
+    monkeypatch.setattr("pipelines.worker_fork.start_early", lambda: started.append("forker"))
+    out = str(tmp_path / "out") if out == "local" else out
+    config = tmp_path / "nightly.yaml"
+    config.write_text(f"out: {out}\nembed: {{workers: 2}}\n")
+    if ledger is not None:
+        path = tmp_path / "out" / "runs" / "nightly-1" / "ledger.jsonl"
+        path.parent.mkdir(parents=True)
+        rows = (
+            [json.dumps({"step": s, "status": status}) for s, status in ledger]
+            if isinstance(ledger, list)
+            else [ledger]
+        )
+        path.write_text("\n".join(rows) + "\n")
+    cli._start_nightly_forker_early(str(config), None, "nightly-1", step, [])
+    assert started == (["forker"] if early else [])
+    if out.startswith("/"):  # the command line's --out over the config's
+        started.clear()
+        cli._start_nightly_forker_early(str(config), str(tmp_path / "elsewhere"), "nightly-1", step, [])
+        assert started == ["forker"]
