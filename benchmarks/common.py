@@ -341,11 +341,12 @@ def stage_label(name: str) -> str:
 
 
 def print_ways(seconds: dict[tuple[int, str], list[float]], sizes: list[int], ways, extra_headers: tuple[str, ...] = (),
-               extra: Callable[[int, str], list[str]] = lambda n, way: []) -> None:  # fmt: skip
-    """A Markdown table of runs by catalog size and way: each run's seconds, their median and its ratio to the first
-    way's (`× before`); then the `extra` cells of each row (`extra(n, way)`, formatted) under `extra_headers`."""
+               extra: Callable[[int, str], list[str]] = lambda n, way: [], size_header: str = "images") -> None:  # fmt: skip
+    """A Markdown table of runs by catalog size (`size_header`) and way: each run's seconds, their median and its ratio
+    to the first way's (`× before`); then the `extra` cells of each row (`extra(n, way)`, formatted) under
+    `extra_headers`."""
     ways = list(ways)
-    headers = ["images", "way", "seconds, each run", "median", "× before", *extra_headers]
+    headers = [size_header, "way", "seconds, each run", "median", "× before", *extra_headers]
     print("\n| " + " | ".join(headers) + " |")
     print("| ---: | --- | " + " | ".join(["---:"] * (len(headers) - 2)) + " |")
     for n in sizes:

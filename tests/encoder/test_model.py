@@ -104,6 +104,52 @@ def test_model_version_is_hashed_once_per_checkpoint_until_its_files_change(tiny
     assert len(calls) == 2 and rewritten.model_version != first.model_version
 
 
+def test_model_version_is_remembered_on_disk_for_later_processes(tiny_model, tmp_path, monkeypatch):
+    """Under the cache directory's `versions/`: a later process on the machine does not hash the weights again,
+    unless the checkpoint's files changed; a damaged or unwritable cache costs a hash, never a wrong version."""
+    import encoder.model as model_module
+
+    checkpoint, cache = tmp_path / "ckpt", tmp_path / "cache"
+    shutil.copytree(tiny_model, checkpoint)
+    calls = []
+    real = model_module.model_version
+    monkeypatch.setattr(model_module, "model_version", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(model_module, "_VERSIONS", {})
+
+    def load(cache_dir=cache):
+        model_module._VERSIONS.clear()  # a new process
+        return load_encoder(EncoderConfig(model=str(checkpoint), device="cpu", cache_dir=str(cache_dir)))
+
+    monkeypatch.setattr(model_module, "_SETTLED_S", 3600.0)
+    first = load()  # its files changed lately: hashed, not remembered (a coarse clock could hide the next change)
+    assert len(calls) == 1 and not cache.exists()
+    monkeypatch.setattr(model_module, "_SETTLED_S", 0.0)
+    assert load().model_version == first.model_version and len(calls) == 2
+    [remembered] = (cache / "versions").iterdir()
+    assert load().model_version == first.model_version and len(calls) == 2  # not hashed again
+
+    remembered.write_text("{not json")  # damaged: hashed again, and remembered again
+    assert load().model_version == first.model_version and len(calls) == 3
+    assert load().model_version == first.model_version and len(calls) == 3
+    stored = json.loads(remembered.read_text())
+    remembered.write_text(json.dumps({**stored, "version": "not a version"}))
+    assert load().model_version == first.model_version and len(calls) == 4
+
+    # Weights rewritten in place: their files' change times move, so a new hash and a new version.
+    state = {k: v.clone() for k, v in first.vision_model.state_dict().items()}
+    state[next(iter(state))][..., 0] += 1e-3
+    save_alone(tiny_model, checkpoint, state=state)
+    rewritten = load()
+    assert len(calls) == 5 and rewritten.model_version != first.model_version
+    assert load().model_version == rewritten.model_version and len(calls) == 5
+    assert len(list((cache / "versions").iterdir())) == 2
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache directory would be")
+    assert load(blocked).model_version == rewritten.model_version and len(calls) == 6
+    assert load(blocked).model_version == rewritten.model_version and len(calls) == 7
+
+
 def test_pickle_only_checkpoint_is_refused(tiny_model, tmp_path):
     bad = tmp_path / "pickled"
     bad.mkdir()
