@@ -15,7 +15,7 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from encoder.preprocess import (
 )
 from encoder.siglip_tower import load_tower, read_tower_config
 from encoder.sm_share import SmShare, SmShareError, share_sms
-from encoder.storage import describe_error, download_gcs_dir, is_gcs
+from encoder.storage import cache_dir, describe_error, download_gcs_dir, is_gcs
 
 __all__ = [
     "EncoderConfig",
@@ -80,7 +80,7 @@ class EncoderConfig:
     cuda_graph: bool = False  # replay the device step as one CUDA graph at the batch size (encoder.cuda_graph)
     # On CUDA, SMs the model's kernels leave free for decoding and resizing in the GPU worker (encoder.sm_share); 0: none
     decode_sms: int = 0
-    cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "lookalike", "models")
+    cache_dir: str = field(default_factory=lambda: cache_dir("models"))  # gs:// checkpoints, versions (storage)
 
     def __post_init__(self) -> None:
         if not self.model:

@@ -32,6 +32,7 @@ from encoder.throttled import Throttled
 
 __all__ = [
     "arrow_input",
+    "cache_dir",
     "ConcurrentUpdate",
     "contained",
     "delete",
@@ -61,6 +62,17 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+CACHE_ENV = "LOOKALIKE_CACHE"  # where the local caches go; default ~/.cache/lookalike
+
+
+def cache_dir(kind: str) -> str:
+    """This machine's cache of one `kind` (`models`: checkpoints from gs:// and their versions; `snapshots`: indexes
+    served or checked): under `$LOOKALIKE_CACHE`, else `~/.cache/lookalike`. Read when asked, not at import, so a
+    process (or a test session) may point it elsewhere."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "lookalike")
+    return os.path.join(root, kind)
 
 
 class ConcurrentUpdate(RuntimeError):

@@ -10,7 +10,6 @@ one keeps serving.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from encoder import storage
 from indexing.backends import AnnIndex, load_index
 from indexing.publish import read_latest
 from indexing.reduce import Reducer, load_reducer
@@ -78,7 +78,7 @@ class SnapshotClient:
     def __init__(self, root: str, cache_dir: str | None = None, allow_dim_change: bool = False,
                  snapshot_id: str | None = None) -> None:  # fmt: skip
         self.root = root
-        self._cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "lookalike", "snapshots")
+        self._cache_dir = cache_dir or storage.cache_dir("snapshots")
         self._allow_dim_change = allow_dim_change
         self._lock = threading.Lock()
         self._stop = threading.Event()

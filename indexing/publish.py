@@ -40,10 +40,6 @@ class Latest:
     sequence: int = 0  # number of updates of LATEST so far; a lost update would show as a gap
 
 
-def _cache_dir() -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "lookalike", "snapshots")
-
-
 def read_latest(root: str) -> Latest | None:
     """What LATEST names now, or None before the first publish."""
     data, _ = storage.read_versioned(storage.join(root, LATEST_NAME))
@@ -88,7 +84,7 @@ def _local_guard(root: str):
 
 def _verified(root: str, snapshot_id: str) -> dict:
     manifest = read_manifest(root, snapshot_id)
-    verify_snapshot(local_copy(root, snapshot_id, _cache_dir()), manifest)
+    verify_snapshot(local_copy(root, snapshot_id, storage.cache_dir("snapshots")), manifest)
     return manifest
 
 

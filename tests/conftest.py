@@ -57,6 +57,13 @@ def _gpu_journals(tmp_path_factory):
     os.environ["LOOKALIKE_GPU_JOURNALS"] = str(tmp_path_factory.mktemp("gpu-journals"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _caches(tmp_path_factory):
+    """The model and snapshot caches (`encoder.storage.cache_dir`) in the session's temporary folder, not the user's:
+    checkpoints downloaded from the emulator and the models' versions remembered on disk."""
+    os.environ["LOOKALIKE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(autouse=True)
 def _fresh_object_reads():
     """Each test's object-store reads start without latencies from earlier tests' reads: a test that counts requests

@@ -396,3 +396,11 @@ def test_forked_workers_benchmark_runs_a_nightly_each_way():
         ("1 worker", "1, 0")]  # fmt: skip
     before, with_step, early = (float(row[5]) for row in rows[:3])  # the pipeline, where the workers' start lies
     assert early < 0.6 * with_step and with_step < before  # measured here: 0.64, 2.57 and 4.05 s
+
+
+def test_version_cache_benchmark_runs_each_way():
+    """Each way in new processes, the same version either way (the script checks it)."""
+    out = _run("benchmarks/version_cache.py", "--shape", "smoke", "--rounds", "1")
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| 1 |")]
+    assert [row[1].split(":")[0] for row in rows] == ["before", "now"]
+    assert all(float(row[5]) > 0 for row in rows)  # load_encoder's seconds

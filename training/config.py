@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+
+from encoder.storage import cache_dir
 
 __all__ = ["TrainConfig", "RESUME_KEYS"]
 
@@ -47,7 +48,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the two towers (CUDA)
     seed: int = 0
     resume: bool = False  # continue from the latest checkpoint in `out`
-    cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "lookalike", "models")
+    cache_dir: str = field(default_factory=lambda: cache_dir("models"))  # gs:// checkpoints (encoder.storage)
 
     def __post_init__(self) -> None:
         rules = {

@@ -19,6 +19,20 @@ from tests.support.http_stand_in import StandIn, send
 _READ_THEN_EXIT = "import sys; from evaluation.catalog import read_table; read_table(sys.argv[1]); sys.exit(2)"
 
 
+def test_the_caches_go_where_lookalike_cache_says_when_asked(monkeypatch, tmp_path):
+    """`$LOOKALIKE_CACHE`, else `~/.cache/lookalike`; read at each config's making, not at import."""
+    from encoder import EncoderConfig
+    from training.config import TrainConfig
+
+    monkeypatch.delenv("LOOKALIKE_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert storage.cache_dir("models") == str(tmp_path / "home" / ".cache" / "lookalike" / "models")
+    monkeypatch.setenv("LOOKALIKE_CACHE", str(tmp_path / "elsewhere"))
+    assert storage.cache_dir("snapshots") == str(tmp_path / "elsewhere" / "snapshots")
+    assert EncoderConfig(model="m").cache_dir == str(tmp_path / "elsewhere" / "models")
+    assert TrainConfig(catalog="c", model="m", out="o").cache_dir == str(tmp_path / "elsewhere" / "models")
+
+
 def test_arrow_input_reads_the_bytes_it_was_given():
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table({"item_id": ["a", "b"], "n": [1, 2]}), sink)

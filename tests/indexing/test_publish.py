@@ -173,7 +173,7 @@ def test_gcs_racing_publishers(gcs_emulator, gcs_bucket, tmp_path):
     small = write_run(tmp_path / "run", clustered(300, 8))
     root = f"gs://{gcs_bucket}/race"
     ids = [build_snapshot(small, root, IndexConfig(queries=10))["snapshot_id"] for _ in range(2)]
-    shutil.rmtree(Path.home() / ".cache" / "lookalike" / "snapshots", ignore_errors=True)
+    shutil.rmtree(storage.cache_dir("snapshots"), ignore_errors=True)  # the session's (tests/conftest.py)
     seen, bad = _race(root, ids, rounds=100, timeout_s=300)
     assert seen > 0 and bad == 0, f"LATEST named an incomplete snapshot {bad} times in {seen} observations"
     assert read_latest(root).sequence == 200
