@@ -67,6 +67,7 @@ test-all: install browser  ## every test; GPU tests skip themselves without CUDA
 bench: install  ## CPU benchmarks: embed, a fresh process's model load, fine-tuning (results go in BENCHMARKS.md)
 	$(BIN)/python benchmarks/cpu_embed.py
 	$(BIN)/python benchmarks/tower_load.py
+	$(BIN)/python benchmarks/version_cache.py
 	$(BIN)/python benchmarks/forked_workers.py
 	$(BIN)/python benchmarks/forked_workers.py --command nightly
 	$(BIN)/python benchmarks/train_bench.py
