@@ -101,7 +101,8 @@ class Forker:
         return self._proc.poll() is None
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Stop the forker (its workers still running are killed) and remove its socket."""
+        """Stop the forker (its workers still running are killed) and remove its socket; killed if it has not ended
+        within `timeout_s` (0: at once; its workers then die with it, `PR_SET_PDEATHSIG`)."""
         with contextlib.suppress(OSError):
             self._proc.stdin.close()
         try:
@@ -131,7 +132,9 @@ def start_early(preload: Sequence[str] = PRELOAD) -> None:
             _EARLY[key] = forker = Forker(preload)
         except OSError:  # `take` tries again, and says why where it fails too
             return
-        atexit.register(forker.close)
+        # Never taken (the command failed first, say): killed at exit, not waited for; it has no workers, and
+        # its imports would hold a user's mistake's exit for their rest (~2.6 s here).
+        atexit.register(forker.close, 0.0)
 
 
 def take(preload: Sequence[str] = PRELOAD) -> Forker:

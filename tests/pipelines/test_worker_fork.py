@@ -167,6 +167,25 @@ def test_a_forker_started_early_is_taken_once_and_a_dead_one_replaced(monkeypatc
     replaced.close()
 
 
+def test_a_command_that_fails_before_taking_its_forker_ends_without_waiting_for_its_imports(tmp_path):
+    """A user's mistake found after the forker started early (a bad flag, a bad config) ends the command at once:
+    the forker, still importing, is killed at exit, not waited for."""
+    launcher = textwrap.dedent("""
+        import sys
+        from pipelines import worker_fork
+        worker_fork.start_early(["tests.support.slow_import"])
+        print(worker_fork._EARLY[("tests.support.slow_import",)].pid, flush=True)
+        sys.exit("error: a user's mistake")
+    """)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", launcher], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env=ENV)  # fmt: skip
+    took = time.monotonic() - started
+    assert done.returncode == 1 and "a user's mistake" in done.stderr
+    assert took < 4.0, took  # the interpreter's start and exit; waiting 5 s for the forker took 5.1 here
+    assert _gone(int(done.stdout), within_s=1.0)
+
+
 @pytest.mark.parametrize(("loaded", "answer", "initialised"), [(False, None, False), (True, 3, False), (True, 0, True)])
 def test_the_forker_knows_whether_an_import_initialised_the_cuda_driver(monkeypatch, loaded, answer, initialised):
     """A forker whose imports called `cuInit` (libcuda loaded, a context asked for without CUDA_ERROR_NOT_INITIALIZED)
