@@ -100,9 +100,10 @@ class Forker:
     def alive(self) -> bool:
         return self._proc.poll() is None
 
-    def close(self, timeout_s: float = 5.0) -> None:
+    def close(self, timeout_s: float = 1.0) -> None:
         """Stop the forker (its workers still running are killed) and remove its socket; killed if it has not ended
-        within `timeout_s` (0: at once; its workers then die with it, `PR_SET_PDEATHSIG`)."""
+        within `timeout_s` (0: at once; its workers then die with it, `PR_SET_PDEATHSIG`). An idle forker ends in
+        milliseconds; one still importing cannot hear the close, and a run that failed early need not wait for it."""
         with contextlib.suppress(OSError):
             self._proc.stdin.close()
         try:

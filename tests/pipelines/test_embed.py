@@ -281,6 +281,21 @@ def test_the_local_runners_worker_processes_are_forked_warm(workers, fork_worker
     assert _forks_workers(cfg, _pipeline_options(cfg, args)) is forked
 
 
+def test_a_run_that_fails_early_ends_without_waiting_for_its_forkers_imports(tmp_path, monkeypatch):
+    """A catalog that cannot be read fails the run at once, though its forker is still importing: it is killed."""
+    import pipelines.embed
+    from pipelines.worker_fork import Forker
+
+    forkers = []
+    monkeypatch.setattr(pipelines.embed, "_take_forker",
+                        lambda: forkers.append(Forker(preload=["tests.support.slow_import"])) or forkers[-1])  # fmt: skip
+    started = time.monotonic()
+    with pytest.raises(CatalogError):
+        run_embed(EmbedConfig(catalog=str(tmp_path / "missing.parquet"), model="m", out=str(tmp_path), workers=2))
+    assert time.monotonic() - started < 3.0  # waiting 5 s for the forker's imports, as before, took 5.0 here
+    assert not forkers[0].alive()
+
+
 # Earlier vectors are joined in memory when they fit `reuse_memory_mb`, else by a shuffle: same rows either way.
 REUSE_PATHS = pytest.mark.parametrize("reuse_memory_mb", [1024, 0], ids=["in-memory", "shuffle-join"])
 
