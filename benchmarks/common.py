@@ -10,6 +10,8 @@ import os
 import platform
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -100,6 +102,18 @@ def shape_args(doc: str, shapes, images_help: str, commands: tuple[str, ...] = (
     parser.add_argument("--images", type=int, default=200, help=images_help)
     parser.add_argument("--rounds", type=int, default=5)
     return parser.parse_args()
+
+
+def timed_process(command: list[str]) -> tuple[float, str]:
+    """Run `command` in a new process from the project's root, offline; its wall seconds and stdout. A failure ends
+    the benchmark with the process's last error lines."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    took = time.monotonic() - started
+    if done.returncode:
+        raise SystemExit(f"error: a measured process failed:\n{done.stderr[-2000:]}")
+    return took, done.stdout
 
 
 def machine() -> str:
@@ -288,7 +302,6 @@ class StackSampler:
 
     def _run(self) -> None:
         import re
-        import sys
         import threading
 
         me = threading.get_ident()

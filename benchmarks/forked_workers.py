@@ -14,22 +14,18 @@ processes embedded, forked. Results go in BENCHMARKS.md.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import machine, print_ways, realistic_jpegs, shape_args  # noqa: E402
+from benchmarks.common import machine, print_ways, realistic_jpegs, shape_args, timed_process  # noqa: E402
 from benchmarks.gpu_embed import SHAPES, _checkpoint  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 EMBED_WAYS = {  # the command's flags
     "before: 2 worker processes started by Beam": ["--workers", "2", "--no-fork-workers"],
     "now: 2 worker processes forked warm": ["--workers", "2"],
@@ -47,12 +43,7 @@ _API = ("from pipelines.nightly_config import load_nightly_config; from pipeline
 
 def _timed(command: list[str], out: Path) -> tuple[float, dict]:
     """One command in a new process: its wall seconds and the manifest of the embeddings it wrote under `out`."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    started = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-    took = time.monotonic() - started
-    if done.returncode:
-        raise SystemExit(f"error: a measured command failed:\n{done.stderr[-2000:]}")
+    took, _ = timed_process(command)
     return took, json.loads(next(out.glob("embeddings/*/_manifest.json")).read_text())
 
 

@@ -13,22 +13,18 @@ Results go in BENCHMARKS.md.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import machine, print_ways, realistic_jpegs, shape_args  # noqa: E402
+from benchmarks.common import machine, print_ways, realistic_jpegs, shape_args, timed_process  # noqa: E402
 from benchmarks.gpu_embed import SHAPES, _checkpoint  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 WAYS = {"before: transformers' SiglipVisionModel": False, "now: the project's tower": True}  # OWN_TOWER
 LOAD = """
 import json, sys, time
@@ -55,13 +51,7 @@ main()
 
 def _python(script: str) -> tuple[float, str]:
     """Run `script` in a new interpreter; its wall seconds and stdout."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT)
-    took = time.monotonic() - started
-    if done.returncode:
-        raise SystemExit(f"error: a measured process failed:\n{done.stderr[-2000:]}")
-    return took, done.stdout
+    return timed_process([sys.executable, "-c", script])
 
 
 def main() -> None:

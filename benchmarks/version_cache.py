@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,10 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import machine, print_ways  # noqa: E402
+from benchmarks.common import machine, print_ways, timed_process  # noqa: E402
 from benchmarks.gpu_embed import SHAPES, _checkpoint  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 WAYS = {"before: hashed in every process": False, "now: remembered by an earlier process": True}
 LOAD = """
 import json, time
@@ -43,13 +40,8 @@ print(json.dumps(dict(load_s=time.perf_counter() - started, version=encoder.mode
 
 def _python(script: str) -> tuple[float, dict]:
     """Run `script` in a new interpreter; its wall seconds and the JSON it printed last."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT)
-    took = time.monotonic() - started
-    if done.returncode:
-        raise SystemExit(f"error: a measured process failed:\n{done.stderr[-2000:]}")
-    return took, json.loads(done.stdout.strip().splitlines()[-1])
+    took, out = timed_process([sys.executable, "-c", script])
+    return took, json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
