@@ -2,12 +2,9 @@
 (`pipelines.worker_fork`), and `--workers 1` (the workers in the launcher) beside them; each command a new process,
 the ways alternated. With `--command nightly`, the same as a nightly run's embed step (`lookalike nightly --step embed`,
 `embed: {workers: 2}` in its config), with one way more: the forker started with the step, as a caller of the Python
-API (`run_nightly`) gets it, instead of before the command's imports. With `--command embed-compiled`, `lookalike embed
---compile`, with one way more: torch's compiler stack imported in each forked worker, as before the forker imported it
-once (`worker_fork.COMPILER`).
+API (`run_nightly`) gets it, instead of before the command's imports.
 
-    python benchmarks/forked_workers.py [--command embed|nightly|embed-compiled] [--shape smoke|base16-224]
-        [--images 200] [--rounds 5]
+    python benchmarks/forked_workers.py [--command embed|nightly] [--shape smoke|base16-224] [--images 200] [--rounds 5]
 
 A random SigLIP of the shape (tiny by default) on the CPU and a glob of n 160-px photos: what the ways differ by is the
 worker processes' start. Each row: the command's wall seconds, its manifest's `pipeline` (the workers' start is in it), and how many
@@ -40,14 +37,6 @@ NIGHTLY_WAYS = {  # the config's embed settings, and whether the Python API runs
     "now: forked, the forker started before the command's imports": ({"workers": 2}, False),
     "1 worker: the launcher's own process": ({"workers": 1}, False),
 }
-COMPILED_WAYS = {  # the command's flags (each with --compile); a first flag `per-worker`: the compiler not preloaded
-    "before: 2 worker processes started by Beam": ["--workers", "2", "--no-fork-workers"],
-    "forked, the compiler stack imported in each worker": ["per-worker", "--workers", "2"],
-    "now: forked, the compiler stack imported once": ["--workers", "2"],
-    "1 worker: the launcher's own process": ["--workers", "1"],
-}
-_PER_WORKER = ("import sys; import pipelines.worker_fork as w; w.preload_for = lambda compile: w.PRELOAD; "
-               "from pipelines.cli import main; sys.argv = ['lookalike', *sys.argv[1:]]; main()")  # fmt: skip
 _API = ("from pipelines.nightly_config import load_nightly_config; from pipelines.nightly import run_nightly; "
         "import sys; run_nightly(load_nightly_config(sys.argv[1]), 'bench', until='embed')")  # fmt: skip
 
@@ -59,17 +48,9 @@ def _timed(command: list[str], out: Path) -> tuple[float, dict]:
 
 
 def _embed(catalog: str, model: Path, out: Path, flags: list[str]) -> tuple[float, dict]:
-    """One `lookalike embed`; its flags led by `per-worker`: with the forker's compiler preload taken out."""
-    command = [str(Path(sys.executable).with_name("lookalike"))]
-    if flags[:1] == ["per-worker"]:
-        command, flags = [sys.executable, "-c", _PER_WORKER], flags[1:]
-    return _timed([*command, "embed", "--catalog", catalog, "--model", str(model), "--out", str(out), "--device",
-                   "cpu", *flags], out)  # fmt: skip
-
-
-def _embed_compiled(catalog: str, model: Path, out: Path, flags: list[str]) -> tuple[float, dict]:
-    """One `lookalike embed --compile`."""
-    return _embed(catalog, model, out, [*flags, "--compile"])
+    """One `lookalike embed`."""
+    return _timed([str(Path(sys.executable).with_name("lookalike")), "embed", "--catalog", catalog, "--model",
+                   str(model), "--out", str(out), "--device", "cpu", *flags], out)  # fmt: skip
 
 
 def _nightly(catalog: str, model: Path, out: Path, way: tuple[dict, bool]) -> tuple[float, dict]:
@@ -85,9 +66,8 @@ def _nightly(catalog: str, model: Path, out: Path, way: tuple[dict, bool]) -> tu
 
 
 def main() -> None:
-    args = shape_args(__doc__, SHAPES, "photos per run", commands=("embed", "nightly", "embed-compiled"))
-    ways, run = {"embed": (EMBED_WAYS, _embed), "nightly": (NIGHTLY_WAYS, _nightly),
-                 "embed-compiled": (COMPILED_WAYS, _embed_compiled)}[args.command]  # fmt: skip
+    args = shape_args(__doc__, SHAPES, "photos per run", commands=("embed", "nightly"))
+    ways, run = (NIGHTLY_WAYS, _nightly) if args.command == "nightly" else (EMBED_WAYS, _embed)
     work = Path(tempfile.mkdtemp(prefix="lookalike-forked-workers-"))
     seconds: dict[tuple[int, str], list[float]] = {}
     manifests: dict[str, list[dict]] = {way: [] for way in ways}
@@ -107,19 +87,14 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    compiled = args.command == "embed-compiled"
-
     def cells(n: int, way: str) -> list[str]:
         pipeline = float(np.median([m["time_s"]["pipeline"] for m in manifests[way]]))
         processes = sorted({(m["worker_processes"]["embedding"], m["worker_processes"]["forked"])
                             for m in manifests[way]})  # fmt: skip
-        compile_s = [f"{float(np.median([m['time_s']['compile'] for m in manifests[way]])):.3f}"] if compiled else []
-        return [f"{pipeline:.3f}", *compile_s, " / ".join(f"{e}, {f}" for e, f in processes)]
+        return [f"{pipeline:.3f}", " / ".join(f"{e}, {f}" for e, f in processes)]
 
     print(f"\n`lookalike {args.command}` of {args.images} photos (seconds of the whole command)")
-    headers = ("pipeline, median", *(["compile (the slowest worker's), median"] if compiled else []),
-               "processes embedding, forked")  # fmt: skip
-    print_ways(seconds, [args.images], ways, headers, cells)
+    print_ways(seconds, [args.images], ways, ("pipeline, median", "processes embedding, forked"), cells)
 
 
 if __name__ == "__main__":

@@ -175,7 +175,7 @@ def embed(
     run_id: Annotated[str | None, typer.Option(help="Run id (default: UTC time + random suffix).")] = None,
 ) -> None:
     """Embed every catalog image into Parquet shards, with dead letters for the rest (Apache Beam)."""
-    _start_forker_early(workers, fork_workers, ctx.args, compile)
+    _start_forker_early(workers, fork_workers, ctx.args)
     from pipelines.embed import EmbedConfig, run_embed
     from pipelines.summary import print_embed_summary
 
@@ -245,17 +245,17 @@ def train_cmd(
         print_train_summary(result)
 
 
-def _start_forker_early(workers: object, fork_workers: object, beam_args: object, compile: object) -> None:
+def _start_forker_early(workers: object, fork_workers: object, beam_args: object) -> None:
     """Start the worker forker now, before this command's heavy imports, so that its imports run beside them
     (`pipelines.worker_fork`), where the run looks set to fork local worker processes: more than one worker, forks
-    on, no runner named; with `compile`, it imports the compiler stack too. The run's own check decides; where the
-    two disagree, a forker starts for nothing (killed at exit) or one starts with the run."""
+    on, no runner named. The run's own check decides; where the two disagree, a forker starts for nothing (closed at
+    exit) or one starts with the run."""
     args = beam_args if isinstance(beam_args, (list, tuple)) else ()
     if (isinstance(workers, int) and workers > 1 and fork_workers is not False
             and not any(str(arg).startswith("--runner") for arg in args)):  # fmt: skip
-        from pipelines.worker_fork import preload_for, start_early
+        from pipelines.worker_fork import start_early
 
-        start_early(preload_for(compile is True))
+        start_early()
 
 
 def _settings_as_written(config: str | None) -> dict:
@@ -293,7 +293,7 @@ def _start_nightly_forker_early(config: str | None, out: str | None, run_id: str
     elif step not in (None, "embed"):
         return
     _start_forker_early(embed.get("workers", 1), embed.get("fork_workers", True),
-                        [*(extra if isinstance(extra, (list, tuple)) else ()), *beam_args], embed.get("compile"))  # fmt: skip
+                        [*(extra if isinstance(extra, (list, tuple)) else ()), *beam_args])  # fmt: skip
 
 
 def _nightly_overrides(**flags) -> dict:

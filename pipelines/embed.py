@@ -399,11 +399,11 @@ def _forks_workers(cfg: EmbedConfig, options: PipelineOptions) -> bool:
             and options.view_as(DirectOptions).direct_running_mode == "multi_processing")  # fmt: skip
 
 
-def _take_forker(cfg: EmbedConfig) -> worker_fork.Forker | None:
+def _take_forker() -> worker_fork.Forker | None:
     """The run's worker forker; None, with a warning, where none can start (its workers then start as Beam starts
     them)."""
     try:
-        return worker_fork.take(worker_fork.preload_for(cfg.compile))
+        return worker_fork.take()
     except OSError as err:
         log.warning("worker processes start fresh, not forked: the forker could not start (%s)", err)
         return None
@@ -525,7 +525,7 @@ def _run_embed(cfg: EmbedConfig, beam_args: list[str] | None) -> EmbedResult:
     started = time.monotonic()
     options = _pipeline_options(cfg, beam_args or [])
     # Started first, so its imports run beside the preparation (the command line started it before its own).
-    forker = _take_forker(cfg) if _forks_workers(cfg, options) else None
+    forker = _take_forker() if _forks_workers(cfg, options) else None
     try:
         return _run(cfg, beam_args, options, forker, started)
     finally:

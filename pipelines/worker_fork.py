@@ -35,24 +35,10 @@ import threading
 import traceback
 from collections.abc import Sequence
 
-__all__ = [
-    "BEAM_WORKER",
-    "COMPILER",
-    "FORKED_ENV",
-    "PRELOAD",
-    "Forker",
-    "connect",
-    "preload_for",
-    "serve",
-    "start_early",
-    "take",
-]
+__all__ = ["BEAM_WORKER", "FORKED_ENV", "PRELOAD", "Forker", "connect", "serve", "start_early", "take"]
 
 BEAM_WORKER = "apache_beam.runners.worker.sdk_worker_main"  # what the local runner runs as each worker process
 PRELOAD = (BEAM_WORKER, "pipelines.embed")  # what an embed run's worker imports before its first bundle
-# What `--compile` imports in each worker as it compiles: torch's compiler stack, ~2 s on a 2-core CPU. Importing it
-# asks nothing of CUDA (checked: no `torch.cuda` call) and starts no thread or process.
-COMPILER = ("torch._dynamo", "torch._inductor.compile_fx")
 FORKED_ENV = "LOOKALIKE_FORKED_WORKER"  # set in a forked worker's environment ("1")
 READY_S = 10.0  # how long `command` waits for the forker to listen before its clients run Beam's own command
 
@@ -136,11 +122,6 @@ class Forker:
 
 
 _EARLY: dict[tuple[str, ...], Forker] = {}
-
-
-def preload_for(compile: bool) -> tuple[str, ...]:
-    """What a forker imports for an embed run's workers: with `compile`, the compiler stack too."""
-    return PRELOAD + COMPILER if compile else PRELOAD
 
 
 def start_early(preload: Sequence[str] = PRELOAD) -> None:

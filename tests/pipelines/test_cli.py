@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.worker_fork import COMPILER, PRELOAD
-
 
 def _lookalike(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("lookalike")
@@ -172,11 +170,10 @@ def test_the_embed_commands_defaults_are_the_configs():
 @pytest.mark.parametrize(
     ("flags", "early"),
     [
-        (["--workers", "2"], PRELOAD),
-        (["--workers", "2", "--compile"], PRELOAD + COMPILER),  # the compiler stack imported once too
-        (["--workers", "2", "--no-fork-workers"], None),
-        (["--workers", "1"], None),
-        (["--workers", "2", "--runner=DataflowRunner"], None),
+        (["--workers", "2"], True),
+        (["--workers", "2", "--no-fork-workers"], False),
+        (["--workers", "1"], False),
+        (["--workers", "2", "--runner=DataflowRunner"], False),
     ],
 )
 def test_embed_starts_the_worker_forker_before_its_own_imports(monkeypatch, flags, early):
@@ -188,7 +185,7 @@ def test_embed_starts_the_worker_forker_before_its_own_imports(monkeypatch, flag
     from pipelines.cli import app
 
     started, ran = [], []
-    monkeypatch.setattr(pipelines.worker_fork, "start_early", started.append)
+    monkeypatch.setattr(pipelines.worker_fork, "start_early", lambda: started.append("forker"))
 
     def run_embed(cfg, beam_args):
         ran.append(cfg)
@@ -197,7 +194,7 @@ def test_embed_starts_the_worker_forker_before_its_own_imports(monkeypatch, flag
     monkeypatch.setattr(pipelines.embed, "run_embed", run_embed)
     result = CliRunner().invoke(app, ["embed", "--catalog", "c", "--model", "m", "--out", "o", *flags])
     assert str(result.exception) == "stood in"
-    assert started == ([early] if early else [])
+    assert started == (["forker"] if early else [])
     assert ran[0].fork_workers is ("--no-fork-workers" not in flags)
 
 
@@ -205,14 +202,13 @@ def test_embed_starts_the_worker_forker_before_its_own_imports(monkeypatch, flag
 @pytest.mark.parametrize(
     ("embed", "flags", "early"),
     [
-        ("{workers: 2}", [], PRELOAD),
-        ("{workers: 2, compile: true}", [], PRELOAD + COMPILER),
-        ("{workers: 2, fork_workers: false}", [], None),
-        ("{workers: 1}", [], None),
-        ("{}", [], None),
-        ("{workers: 2}", ["--runner=DataflowRunner"], None),
-        ("{workers: 2, beam_args: [--runner=DataflowRunner]}", [], None),
-        ("{workers: two}", [], None),  # the config's load says what is wrong
+        ("{workers: 2}", [], True),
+        ("{workers: 2, fork_workers: false}", [], False),
+        ("{workers: 1}", [], False),
+        ("{}", [], False),
+        ("{workers: 2}", ["--runner=DataflowRunner"], False),
+        ("{workers: 2, beam_args: [--runner=DataflowRunner]}", [], False),
+        ("{workers: two}", [], False),  # the config's load says what is wrong
     ],
 )
 def test_nightly_starts_the_worker_forker_before_its_own_imports(tmp_path, monkeypatch, command, embed, flags, early):
@@ -227,7 +223,7 @@ def test_nightly_starts_the_worker_forker_before_its_own_imports(tmp_path, monke
     config = tmp_path / "nightly.yaml"
     config.write_text(f"catalog: c\nmodel: m\nout: o\ninteractions: i\nembed: {embed}\n")
     started = []
-    monkeypatch.setattr(pipelines.worker_fork, "start_early", started.append)
+    monkeypatch.setattr(pipelines.worker_fork, "start_early", lambda: started.append("forker"))
 
     def run_nightly(cfg, *args, **kwargs):
         raise RuntimeError("stood in")
@@ -235,7 +231,7 @@ def test_nightly_starts_the_worker_forker_before_its_own_imports(tmp_path, monke
     monkeypatch.setattr(pipelines.nightly, "run_nightly", run_nightly)
     model = ["--model", "m"] if command == "backfill" else []
     result = CliRunner().invoke(app, [command, "--config", str(config), *model, *flags])
-    assert started == ([early] if early else [])
+    assert started == (["forker"] if early else [])
     assert ("workers" in str(result.exception)) if "two" in embed else str(result.exception) == "stood in"
 
 
@@ -243,7 +239,7 @@ def test_a_nightly_config_that_cannot_be_read_starts_no_forker_early(tmp_path, m
     """Missing, on gs:// or not YAML: no forker before the config's load, which says what is wrong."""
     from pipelines import cli
 
-    monkeypatch.setattr("pipelines.worker_fork.start_early", lambda preload: pytest.fail("started"))
+    monkeypatch.setattr("pipelines.worker_fork.start_early", lambda: pytest.fail("started"))
     (tmp_path / "bad.yaml").write_text("embed: [unclosed\n")
     (tmp_path / "list.yaml").write_text("- embed\n")
     for config in (None, str(tmp_path / "missing.yaml"), "gs://b/nightly.yaml", str(tmp_path / "bad.yaml"),
@@ -273,7 +269,7 @@ def test_a_nightly_past_its_embed_step_starts_no_forker_early(tmp_path, monkeypa
     from pipelines import cli
 
     started = []
-    monkeypatch.setattr("pipelines.worker_fork.start_early", lambda preload: started.append("forker"))
+    monkeypatch.setattr("pipelines.worker_fork.start_early", lambda: started.append("forker"))
     out = str(tmp_path / "out") if out == "local" else out
     config = tmp_path / "nightly.yaml"
     config.write_text(f"out: {out}\nembed: {{workers: 2}}\n")

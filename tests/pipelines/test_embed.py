@@ -288,7 +288,7 @@ def test_a_run_that_fails_early_ends_without_waiting_for_its_forkers_imports(tmp
 
     forkers = []
     monkeypatch.setattr(pipelines.embed, "_take_forker",
-                        lambda cfg: forkers.append(Forker(preload=["tests.support.slow_import"])) or forkers[-1])  # fmt: skip
+                        lambda: forkers.append(Forker(preload=["tests.support.slow_import"])) or forkers[-1])  # fmt: skip
     started = time.monotonic()
     with pytest.raises(CatalogError):
         run_embed(EmbedConfig(catalog=str(tmp_path / "missing.parquet"), model="m", out=str(tmp_path), workers=2))

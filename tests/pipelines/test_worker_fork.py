@@ -250,5 +250,5 @@ def test_a_forker_that_cannot_start_leaves_the_run_to_beams_workers(monkeypatch,
     monkeypatch.setattr(worker_fork, "_EARLY", {})
     worker_fork.start_early([PROBE])  # quietly nothing: the run's `take` says why
     assert worker_fork._EARLY == {}
-    assert embed._take_forker(embed.EmbedConfig(catalog="c", model="m", out="o", workers=2)) is None
+    assert embed._take_forker() is None
     assert "worker processes start fresh, not forked: the forker could not start" in caplog.text
