@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -207,7 +208,7 @@ def _remember_version(file: Path, key: str, version: str) -> None:
     costs the next process the hash."""
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        temporary = file.with_name(f".{file.name}.{os.getpid()}")
+        temporary = file.with_name(f".{file.name}.{os.getpid()}.{threading.get_ident()}")  # each writer its own
         temporary.write_text(json.dumps({"key": key, "version": version}))
         os.replace(temporary, file)
     except OSError as err:
