@@ -107,9 +107,10 @@ def shape_args(doc: str, shapes, images_help: str, commands: tuple[str, ...] = (
 def timed_process(command: list[str]) -> tuple[float, str]:
     """Run `command` in a new process from the project's root, offline; its wall seconds and stdout. A failure ends
     the benchmark with the process's last error lines."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
     started = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root)
     took = time.monotonic() - started
     if done.returncode:
         raise SystemExit(f"error: a measured process failed:\n{done.stderr[-2000:]}")

@@ -248,7 +248,7 @@ def train_cmd(
 def _start_forker_early(workers: object, fork_workers: object, beam_args: object) -> None:
     """Start the worker forker now, before this command's heavy imports, so that its imports run beside them
     (`pipelines.worker_fork`), where the run looks set to fork local worker processes: more than one worker, forks
-    on, no runner named. The run's own check decides; where the two disagree, a forker starts for nothing (closed at
+    on, no runner named. The run's own check decides; where the two disagree, a forker starts for nothing (killed at
     exit) or one starts with the run."""
     args = beam_args if isinstance(beam_args, (list, tuple)) else ()
     if (isinstance(workers, int) and workers > 1 and fork_workers is not False
