@@ -9,12 +9,12 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "EncoderConfig": "encoder.model",
+    "EncoderConfig": "encoder.configs",
     "ImageEncoder": "encoder.model",
     "load_encoder": "encoder.model",
     "model_version": "encoder.model",
     "resolve_checkpoint": "encoder.model",
-    "DecodeLimits": "encoder.preprocess",
+    "DecodeLimits": "encoder.configs",
     "ImageDecodeError": "encoder.preprocess",
     "PreprocessConfig": "encoder.preprocess",
     "decode_image": "encoder.preprocess",

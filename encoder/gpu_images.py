@@ -36,9 +36,10 @@ import numpy as np
 import torch
 
 from encoder import resize_kernel
+from encoder.configs import RESIZES, DecodeLimits
 from encoder.failures import MemoryBackoff, Throttled, attempt, device_failed, in_halves, learning, out_of_memory
 from encoder.jpeg import cpu_reason, decoded_within, read_jpeg_header
-from encoder.preprocess import DecodeLimits, ImageDecodeError, PreprocessConfig, decode_image
+from encoder.preprocess import ImageDecodeError, PreprocessConfig, decode_image
 from encoder.resize import PackedImages, gpu_resizes, pack_images, resize_like_pil
 from encoder.storage import describe_error
 
@@ -271,10 +272,6 @@ _RESIZE_RETRIES = Throttled(log)  # batches that failed to resize whole
 DECODERS = {"nvjpeg": nvjpeg_decoder, "nvimgcodec": nvimgcodec_decoder, "nvimgcodec-python": nvimgcodec_python_decoder,
             "pil": pil_decoder}  # fmt: skip
 _PROGRESSIVE_ONE_AT_A_TIME = frozenset({"nvjpeg"})
-# How the GPU resize sums PIL's taps: batched products over dense resampling matrices (`encoder.resize`), or two
-# Triton kernels that gather them from the decoder's buffer (`encoder.resize_kernel`; the products until a GPU run
-# shows the kernels faster: BENCHMARKS.md, run E).
-RESIZES = ("products", "kernel")
 
 
 def batches_progressive(decoder: str | BatchDecoder | None) -> bool:

@@ -16,13 +16,14 @@ import re
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from encoder.configs import EncoderConfig
 from encoder.cuda_graph import Capture, GraphedStep, capture_cuda_graph
 from encoder.devices import gpu_for_process
 from encoder.failures import device_failed
@@ -39,7 +40,7 @@ from encoder.preprocess import (
 )
 from encoder.siglip_tower import load_tower, read_tower_config
 from encoder.sm_share import SmShare, SmShareError, share_sms
-from encoder.storage import cache_dir, describe_error, download_gcs_dir, is_gcs
+from encoder.storage import describe_error, download_gcs_dir, is_gcs
 
 __all__ = [
     "EncoderConfig",
@@ -66,38 +67,6 @@ OWN_TOWER = True
 PATCHES_AS_MATMUL = True
 # On CUDA, the MLPs' GELU in the first product's epilogue (`encoder.gelu_epilogue`); off only to measure the two.
 GELU_IN_EPILOGUE = True
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    """Which checkpoint, where it runs, and how it computes."""
-
-    model: str  # Hub id, local directory or gs:// directory
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
-    batch_size: int = 64  # images per forward pass (on a GPU at most what fits; 0: the most that fits)
-    compile: bool = False  # torch.compile the tower (CUDA; pays a one-off compile)
-    compile_frozen: bool = False  # with compile: the weights as constants (inductor freezing), Q, K, V in one GEMM
-    cuda_graph: bool = False  # replay the device step as one CUDA graph at the batch size (encoder.cuda_graph)
-    # On CUDA, SMs the model's kernels leave free for decoding and resizing in the GPU worker (encoder.sm_share); 0: none
-    decode_sms: int = 0
-    cache_dir: str = field(default_factory=lambda: cache_dir("models"))  # gs:// checkpoints, versions (storage)
-
-    def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("model must name a checkpoint (Hub id, directory or gs:// directory)")
-        if self.batch_size < 0:
-            raise ValueError(f"batch_size must be >= 1, or 0 to fit GPU memory, got {self.batch_size}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.compile_frozen and not self.compile:
-            raise ValueError("compile_frozen needs compile")
-        if self.decode_sms < 0:
-            raise ValueError(f"decode_sms must be >= 0, got {self.decode_sms}")
-        if self.decode_sms and self.cuda_graph:  # the graph is captured on streams of the whole GPU: not combined
-            raise ValueError("decode_sms cannot be combined with cuda_graph")
 
 
 def resolve_checkpoint(source: str, cache_dir: str | Path) -> Path:

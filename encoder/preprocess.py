@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from encoder.configs import DecodeLimits
+
 __all__ = [
     "DecodeLimits",
     "ImageDecodeError",
@@ -93,19 +95,6 @@ class PreprocessConfig:
     def canonical_json(self) -> str:
         """Stable text of every field; part of `model_version`."""
         return json.dumps(asdict(self), sort_keys=True)
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """Bounds on what one image may cost, and whether to decode JPEGs at reduced scale."""
-
-    max_bytes: int = 50 * 1024 * 1024
-    max_pixels: int = 100_000_000
-    draft: bool = True  # JPEG only; changes pixels slightly (see README, "Preprocessing")
-
-    def __post_init__(self) -> None:
-        if self.max_bytes < 1 or self.max_pixels < 1:
-            raise ValueError(f"limits must be positive, got {self}")
 
 
 def decode_image(data: bytes, cfg: PreprocessConfig, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:

@@ -16,13 +16,14 @@ import numpy as np
 from PIL import Image
 
 from encoder import storage
+from evaluation import PIXELS
 from evaluation.catalog import CatalogInfo
 from evaluation.evaluate import VectorRanker
 
 __all__ = ["PixelBaseline", "pixel_features"]
 
 log = logging.getLogger(__name__)
-NAME = "builtin:pixels"
+NAME = PIXELS
 
 
 def pixel_features(data: bytes) -> np.ndarray:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import NamedTuple
 
 import pyarrow as pa
@@ -22,6 +21,7 @@ import pyarrow.parquet as pq
 
 from encoder import storage as object_store
 from pipelines import storage
+from pipelines.dates import parse_when
 
 __all__ = [
     "CatalogError",
@@ -114,19 +114,6 @@ def read_manifest_file(uri: str) -> pa.Table:
     resolved = pa.array([object_store.resolve(base, u) for u in uris.to_pylist()], pa.string())
     table = table.set_column(table.schema.get_field_index("image_uri"), "image_uri", resolved)
     return table.set_column(table.schema.get_field_index("item_id"), "item_id", item_ids)
-
-
-def parse_when(text: str) -> datetime:
-    """An ISO 8601 date or time from a flag such as --since; UTC unless it names a zone.
-
-    Raises:
-        ValueError: not a date or time.
-    """
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError as err:
-        raise ValueError(f"--since {text!r} is not an ISO 8601 date or time") from err
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)

@@ -175,9 +175,7 @@ def embed(
     run_id: Annotated[str | None, typer.Option(help="Run id (default: UTC time + random suffix).")] = None,
 ) -> None:
     """Embed every catalog image into Parquet shards, with dead letters for the rest (Apache Beam)."""
-    _start_forker_early(workers, fork_workers, ctx.args)
-    from pipelines.embed import EmbedConfig, run_embed
-    from pipelines.summary import print_embed_summary
+    from pipelines.embed_config import EmbedConfig  # light: a wrong value is reported before any heavy import
 
     options = dict(
         catalog=catalog, model=model, out=out, batch_size=batch_size, fetch_threads=fetch_threads, workers=workers,
@@ -191,8 +189,12 @@ def embed(
     )  # fmt: skip
     if run_id:
         options["run_id"] = run_id
-    result = run_embed(EmbedConfig(**options), beam_args=list(ctx.args))
-    print_embed_summary(result)
+    cfg = EmbedConfig(**options)
+    _start_forker_early(cfg.workers, cfg.fork_workers, ctx.args)
+    from pipelines.embed import run_embed
+    from pipelines.summary import print_embed_summary
+
+    print_embed_summary(run_embed(cfg, beam_args=list(ctx.args)))
 
 
 @app.command("train")
@@ -245,55 +247,36 @@ def train_cmd(
         print_train_summary(result)
 
 
-def _start_forker_early(workers: object, fork_workers: object, beam_args: object) -> None:
-    """Start the worker forker now, before this command's heavy imports, so that its imports run beside them
-    (`pipelines.worker_fork`), where the run looks set to fork local worker processes: more than one worker, forks
-    on, no runner named. The run's own check decides; where the two disagree, a forker starts for nothing (killed at
-    exit) or one starts with the run."""
-    args = beam_args if isinstance(beam_args, (list, tuple)) else ()
-    if (isinstance(workers, int) and workers > 1 and fork_workers is not False
-            and not any(str(arg).startswith("--runner") for arg in args)):  # fmt: skip
+def _start_forker_early(workers: int, fork_workers: bool, beam_args: list[str] | tuple[str, ...]) -> None:
+    """Start the worker forker now, with the run's settings checked and before this command's heavy imports, so that
+    its imports run beside them (`pipelines.worker_fork`), where the run will fork local worker processes: more than
+    one worker, forks on, no runner named (`pipelines.embed`'s options). The run's own check decides; where the two
+    disagree, a forker starts for nothing (killed at exit) or one starts with the run."""
+    if workers > 1 and fork_workers and not any(str(arg).startswith("--runner") for arg in beam_args):
         from pipelines.worker_fork import start_early
 
         start_early()
 
 
-def _settings_as_written(config: str | None) -> dict:
-    """A local nightly config's settings as written, read before the heavy imports; {} where it cannot be read so
-    (on gs://, missing, not YAML): the config's load says what is wrong."""
-    if not config or "://" in config:
-        return {}
-    import yaml
+def _embed_step_ahead(out: str, run_id: str, step: str | None) -> bool:
+    """Whether a nightly or backfill run has its embed step ahead of it: the run's ledger says so where the output
+    root is local; on an object store (not read here), a run told to stop after a later step (`--step index`, as an
+    orchestrator's task per step) is taken to be past it."""
+    if "://" in out:
+        return step in (None, "embed")
+    from pipelines.ledger import Ledger
 
     try:
-        with open(config, "rb") as f:
-            raw = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
-        return {}
-    return raw if isinstance(raw, dict) else {}
+        return not Ledger(out, run_id).done("embed")
+    except (OSError, ValueError, KeyError, TypeError):  # the run reads it again, and says what is wrong
+        return True
 
 
-def _start_nightly_forker_early(config: str | None, out: str | None, run_id: str, step: str | None,
-                                beam_args: list[str]) -> None:  # fmt: skip
-    """`_start_forker_early` for a nightly or backfill run's embed step, from its config as written, unless the step
-    is done: the run's ledger says so where the output root is local; on an object store (not read here), a run told
-    to stop after a later step (`--step index`, as an orchestrator's task per step) is taken to be past it."""
-    settings = _settings_as_written(config)
-    embed = settings.get("embed") if isinstance(settings.get("embed"), dict) else {}
-    extra = embed.get("beam_args")
-    out = out or settings.get("out")
-    if isinstance(out, str) and "://" not in out:
-        from pipelines.ledger import Ledger
-
-        try:
-            if Ledger(out, run_id).done("embed"):
-                return
-        except (OSError, ValueError, KeyError, TypeError):  # the run reads it again, and says what is wrong
-            pass
-    elif step not in (None, "embed"):
-        return
-    _start_forker_early(embed.get("workers", 1), embed.get("fork_workers", True),
-                        [*(extra if isinstance(extra, (list, tuple)) else ()), *beam_args])  # fmt: skip
+def _start_nightly_forker_early(cfg, run_id: str, step: str | None, beam_args: list[str]) -> None:
+    """`_start_forker_early` for a nightly or backfill run's embed step (`cfg`: its `NightlyConfig`), unless the
+    step is done."""
+    if _embed_step_ahead(cfg.out, run_id, step):
+        _start_forker_early(cfg.embed.workers, cfg.embed.fork_workers, [*cfg.embed.beam_args, *beam_args])
 
 
 def _nightly_overrides(**flags) -> dict:
@@ -319,15 +302,15 @@ def nightly_cmd(
     A rerun with the same run id resumes after the last completed step. Unknown --flags go to Beam.
     """
     from pipelines.ledger import default_run_id
+    from pipelines.nightly_config import load_nightly_config  # light: the config is checked before heavy imports
 
     run_id = run_id or default_run_id()
-    _start_nightly_forker_early(config, out, run_id, step, ctx.args)
-    from pipelines.nightly import run_nightly
-    from pipelines.nightly_config import load_nightly_config
-    from pipelines.summary import print_nightly
-
     cfg = load_nightly_config(config, **_nightly_overrides(catalog=catalog, model=model, out=out,
                                                            interactions=interactions, keep=keep))  # fmt: skip
+    _start_nightly_forker_early(cfg, run_id, step, ctx.args)
+    from pipelines.nightly import run_nightly
+    from pipelines.summary import print_nightly
+
     print_nightly(run_nightly(cfg, run_id, beam_args=list(ctx.args), until=step), cfg.out)
 
 
@@ -354,20 +337,19 @@ def backfill_cmd(
     has its own id and takes the same lock as the nightly job, so the two never publish
     over each other.
     """
+    from pipelines.dates import parse_when
     from pipelines.ledger import default_run_id
+    from pipelines.nightly_config import load_nightly_config  # light: the config is checked before heavy imports
 
     run_id = run_id or default_run_id("backfill")
-    _start_nightly_forker_early(config, out, run_id, step, ctx.args)
-    from pipelines.nightly import run_nightly
-    from pipelines.nightly_config import load_nightly_config
-    from pipelines.summary import print_nightly
-
     cfg = load_nightly_config(config, **_nightly_overrides(catalog=catalog, model=model, out=out,
                                                            interactions=interactions))  # fmt: skip
     if since is not None:
-        from pipelines.catalog import parse_when
-
         parse_when(since)  # a bad date fails now, not after the lock and the catalog scan
+    _start_nightly_forker_early(cfg, run_id, step, ctx.args)
+    from pipelines.nightly import run_nightly
+    from pipelines.summary import print_nightly
+
     result = run_nightly(cfg, run_id, incremental=since is not None, beam_args=list(ctx.args), kind="backfill",
                          until=step, reembed_since=since)  # fmt: skip
     print_nightly(result, cfg.out)
@@ -535,7 +517,7 @@ def evaluate_cmd(
 
     from evaluation.gate import raise_if_failed
     from evaluation.run import EvaluateConfig, run_evaluation
-    from pipelines.catalog import parse_when
+    from pipelines.dates import parse_when
     from pipelines.summary import print_evaluation
 
     when = parse_when(since) if since else None
@@ -556,12 +538,11 @@ DEVICE_FAILED_HINT = (
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app, turning user mistakes into one clear line and exit code 2."""
-    from indexing import UnknownItem
-    from pipelines.catalog import CatalogError
-
     try:
         app(args=argv, standalone_mode=False)
-    except (CatalogError, FileNotFoundError, FileExistsError, ValueError, UnknownItem) as err:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:  # a CatalogError is a ValueError
+        if isinstance(err, KeyError) and not _unknown_item(err):
+            raise
         logging.getLogger("lookalike").debug("failure", exc_info=True)
         typer.echo(f"error: {err}", err=True)
         return 2
@@ -584,6 +565,13 @@ def main(argv: list[str] | None = None) -> int:
         show()
         return int(getattr(err, "exit_code", 2))
     return 0
+
+
+def _unknown_item(err: KeyError) -> bool:
+    """Whether `err` is the snapshot client's `UnknownItem`, without importing the client (numpy, pyarrow: ~0.15 s
+    before every command): only a command that loaded it can raise it."""
+    client = sys.modules.get("indexing.client")
+    return client is not None and isinstance(err, client.UnknownItem)
 
 
 if __name__ == "__main__":

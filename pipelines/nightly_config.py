@@ -20,7 +20,7 @@ import types
 from dataclasses import dataclass, field, fields
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from evaluation.baselines import NAME as PIXELS
+from evaluation import PIXELS
 from indexing.spec import IndexConfig
 
 __all__ = ["ConfigError", "EmbedSettings", "EvaluateSettings", "NightlyConfig", "load_nightly_config"]
@@ -60,7 +60,7 @@ class EmbedSettings:
     beam_args: tuple[str, ...] = ()  # e.g. ["--runner=DataflowRunner", "--project=P", ...]
 
     def __post_init__(self) -> None:
-        from pipelines.embed import EmbedConfig  # checks the values as the step will, before any work
+        from pipelines.embed_config import EmbedConfig  # checks the values as the step will, before any work
 
         EmbedConfig(catalog="-", model="-", out="-", **self.step_options())
 

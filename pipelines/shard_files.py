@@ -14,10 +14,9 @@ from typing import BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.embed_config import ROWS_PER_SHARD
 from pipelines.records import shard_writer_options
 from pipelines.write_behind import WriteBehind
-
-ROWS_PER_SHARD = 100_000  # ~300 MB of 768 float32s: a few thousand files for a catalog of hundreds of millions
 
 
 class ShardFiles:

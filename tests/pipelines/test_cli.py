@@ -208,12 +208,12 @@ def test_embed_starts_the_worker_forker_before_its_own_imports(monkeypatch, flag
         ("{}", [], False),
         ("{workers: 2}", ["--runner=DataflowRunner"], False),
         ("{workers: 2, beam_args: [--runner=DataflowRunner]}", [], False),
-        ("{workers: two}", [], False),  # the config's load says what is wrong
+        ("{workers: two}", [], False),  # the config's load says what is wrong, before any forker
     ],
 )
 def test_nightly_starts_the_worker_forker_before_its_own_imports(tmp_path, monkeypatch, command, embed, flags, early):
     """A nightly or backfill run whose embed step forks local worker processes starts the forker as `embed` does,
-    from its config file as written."""
+    from its checked config."""
     from typer.testing import CliRunner
 
     import pipelines.nightly
@@ -235,17 +235,32 @@ def test_nightly_starts_the_worker_forker_before_its_own_imports(tmp_path, monke
     assert ("workers" in str(result.exception)) if "two" in embed else str(result.exception) == "stood in"
 
 
-def test_a_nightly_config_that_cannot_be_read_starts_no_forker_early(tmp_path, monkeypatch):
-    """Missing, on gs:// or not YAML: no forker before the config's load, which says what is wrong."""
-    from pipelines import cli
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "does not exist"),
+        ("embed: [unclosed\n", "not valid YAML"),
+        ("- embed\n", "must be a mapping"),
+        ("catalog: c\nmodel: m\nout: o\ninteractions: i\nembed: {workers: 2, batch_size: -1}\n", "batch_size"),
+        ("catalog: c\nmodel: m\nout: o\ninteractions: i\nembed: {workers: 2, wokers: 3}\n", "wokers"),
+        ("model: m\nout: o\ninteractions: i\nembed: {workers: 2}\n", "catalog"),
+    ],
+    ids=["missing", "not-yaml", "not-a-mapping", "bad-value", "unknown-key", "no-catalog"],
+)
+def test_a_nightly_config_that_cannot_be_used_fails_before_any_forker(tmp_path, monkeypatch, text, message):
+    """The config is checked before the forker would start: its mistake is the command's one line, and no forker
+    starts for a run that cannot start."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.nightly_config import ConfigError
 
     monkeypatch.setattr("pipelines.worker_fork.start_early", lambda: pytest.fail("started"))
-    (tmp_path / "bad.yaml").write_text("embed: [unclosed\n")
-    (tmp_path / "list.yaml").write_text("- embed\n")
-    for config in (None, str(tmp_path / "missing.yaml"), "gs://b/nightly.yaml", str(tmp_path / "bad.yaml"),
-                   str(tmp_path / "list.yaml")):  # fmt: skip
-        assert cli._settings_as_written(config) == {}
-        cli._start_nightly_forker_early(config, None, "nightly-1", None, [])
+    config = tmp_path / "nightly.yaml"
+    if text is not None:
+        config.write_text(text)
+    result = CliRunner().invoke(app, ["nightly", "--config", str(config)])
+    assert isinstance(result.exception, ConfigError) and message in str(result.exception), result.exception
 
 
 @pytest.mark.parametrize(
@@ -267,12 +282,13 @@ def test_a_nightly_past_its_embed_step_starts_no_forker_early(tmp_path, monkeypa
     import json
 
     from pipelines import cli
+    from pipelines.nightly_config import load_nightly_config
 
     started = []
     monkeypatch.setattr("pipelines.worker_fork.start_early", lambda: started.append("forker"))
     out = str(tmp_path / "out") if out == "local" else out
     config = tmp_path / "nightly.yaml"
-    config.write_text(f"out: {out}\nembed: {{workers: 2}}\n")
+    config.write_text(f"catalog: c\nmodel: m\ninteractions: i\nout: {out}\nembed: {{workers: 2}}\n")
     if ledger is not None:
         path = tmp_path / "out" / "runs" / "nightly-1" / "ledger.jsonl"
         path.parent.mkdir(parents=True)
@@ -282,9 +298,63 @@ def test_a_nightly_past_its_embed_step_starts_no_forker_early(tmp_path, monkeypa
             else [ledger]
         )
         path.write_text("\n".join(rows) + "\n")
-    cli._start_nightly_forker_early(str(config), None, "nightly-1", step, [])
+    cli._start_nightly_forker_early(load_nightly_config(str(config)), "nightly-1", step, [])
     assert started == (["forker"] if early else [])
     if out.startswith("/"):  # the command line's --out over the config's
         started.clear()
-        cli._start_nightly_forker_early(str(config), str(tmp_path / "elsewhere"), "nightly-1", step, [])
+        elsewhere = load_nightly_config(str(config), out=str(tmp_path / "elsewhere"))
+        cli._start_nightly_forker_early(elsewhere, "nightly-1", step, [])
         assert started == ["forker"]
+
+
+_HEAVY = ("torch", "apache_beam", "PIL", "transformers")
+_IMPORTED_AFTER = (  # runs the command line in a new process, then prints which heavy modules (or forker) it imported
+    "import sys\nfrom pipelines.cli import main\ntry:\n    rc = main(sys.argv[1:])\nfinally:\n"
+    f"    print(sorted(m for m in {(*_HEAVY, 'pipelines.worker_fork')!r} if m in sys.modules))\nsys.exit(rc)\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["embed", "--catalog", "c", "--model", "m", "--out", "o", "--workers", "2", "--batch-size", "-1"],
+         "batch_size must be >= 1"),
+        (["embed", "--catalog", "c", "--model", "m", "--out", "o", "--gpu-resize", "bilinear"], "gpu_resize"),
+        (["embed", "--catalog", "c", "--model", "m", "--out", "o", "--dtype", "fp8"], "dtype must be"),
+        (["nightly", "--config", "nightly.yaml", "--catalog", "c", "--model", "m", "--out", "o", "--interactions",
+          "i"], "wokers"),
+        (["backfill", "--model", "m", "--catalog", "c", "--out", "o", "--interactions", "i", "--since", "May"],
+         "not an ISO 8601 date"),
+    ],
+    ids=["embed-batch", "embed-resize", "embed-dtype", "nightly-config", "backfill-since"],
+)  # fmt: skip
+def test_a_users_mistake_is_reported_before_torch_or_beam_is_imported(tmp_path, args, message):
+    """A wrong flag or config value costs its one line in a fraction of a second: the settings are checked before
+    the heavy imports (torch, Beam, PIL: ~2-3 s here), and no forker starts for a run that cannot start."""
+    (tmp_path / "nightly.yaml").write_text("embed: {workers: 2, wokers: 3}\n")
+    done = subprocess.run([sys.executable, "-c", _IMPORTED_AFTER, *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_an_orchestrators_task_past_the_embed_step_never_imports_torch_or_beam(tmp_path):
+    """Where the ledger says the embed step is done, the nightly's check and the later steps' modules leave torch,
+    Beam and transformers unimported: an Airflow task per step pays its own step's imports only."""
+    config = tmp_path / "nightly.yaml"
+    config.write_text(f"catalog: c\nmodel: m\nout: {tmp_path / 'out'}\ninteractions: i\nembed: {{workers: 2}}\n")
+    script = (
+        "import sys\nfrom pipelines import cli\nfrom pipelines.nightly_config import load_nightly_config\n"
+        "import pipelines.nightly, pipelines.summary, indexing.snapshot, indexing.publish, evaluation.run\n"
+        "cli._start_nightly_forker_early(load_nightly_config(sys.argv[1]), 'nightly-1', 'index', [])\n"
+        f"print(sorted(m for m in {('torch', 'apache_beam', 'transformers')!r} if m in sys.modules))\n"
+        "from pipelines import worker_fork\nprint(sorted(worker_fork._EARLY))\n"
+    )
+    ledger = tmp_path / "out" / "runs" / "nightly-1" / "ledger.jsonl"
+    ledger.parent.mkdir(parents=True)
+    ledger.write_text(json.dumps({"step": "embed", "status": "done"}) + "\n")
+    done = subprocess.run([sys.executable, "-c", script, str(config)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[]", "[]"], done.stdout

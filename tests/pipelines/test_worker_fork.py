@@ -168,8 +168,8 @@ def test_a_forker_started_early_is_taken_once_and_a_dead_one_replaced(monkeypatc
 
 
 def test_a_command_that_fails_before_taking_its_forker_ends_without_waiting_for_its_imports(tmp_path):
-    """A user's mistake found after the forker started early (a bad flag, a bad config) ends the command at once:
-    the forker, still importing, is killed at exit, not waited for."""
+    """A user's mistake found after the forker started early (a catalog or model that cannot be used) ends the
+    command at once: the forker, still importing, is killed at exit, not waited for."""
     launcher = textwrap.dedent("""
         import sys
         from pipelines import worker_fork
