@@ -70,6 +70,7 @@ bench: install  ## CPU benchmarks: embed, a fresh process's model load, fine-tun
 	$(BIN)/python benchmarks/version_cache.py
 	$(BIN)/python benchmarks/forked_workers.py
 	$(BIN)/python benchmarks/forked_workers.py --command nightly
+	$(BIN)/python benchmarks/config_check.py
 	$(BIN)/python benchmarks/train_bench.py
 
 lint: install  ## ruff lint + format check, hadolint on the Dockerfiles

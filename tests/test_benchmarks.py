@@ -404,3 +404,15 @@ def test_version_cache_benchmark_runs_each_way():
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| 1 |")]
     assert [row[1].split(":")[0] for row in rows] == ["before", "now"]
     assert all(float(row[5]) > 0 for row in rows)  # load_encoder's seconds
+
+
+def test_config_check_benchmark_runs_each_way():
+    """Each command in new processes, each way: the check alone imports none of torch, Beam and PIL, and takes less
+    than with them (~0.2-0.55 s against ~3 s here); the index task builds its snapshot (the script checks it)."""
+    out = _run("benchmarks/config_check.py", "--rounds", "1")
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
+    rows = [row for row in rows if row[0].isdigit()]
+    assert [(row[0], row[1].split(":")[0]) for row in rows] == [(c, w) for c in "012" for w in ("before", "now")]
+    for before, now in zip(rows[::2], rows[1::2], strict=True):
+        assert (before[-1], now[-1]) == ("['PIL', 'apache_beam', 'torch']", "[]")
+        assert float(now[3]) < float(before[3])
