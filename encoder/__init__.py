@@ -6,7 +6,7 @@ client uses — does not import torch or transformers.
 
 from __future__ import annotations
 
-import importlib
+from encoder.lazy import lazy_names
 
 _EXPORTS = {
     "EncoderConfig": "encoder.configs",
@@ -27,13 +27,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'encoder' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS, globals())

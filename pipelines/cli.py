@@ -231,8 +231,7 @@ def train_cmd(
 
     Several processes: `torchrun --nproc-per-node N $(which lookalike) train ...`.
     """
-    from pipelines.summary import print_train_summary
-    from training import TrainConfig, train
+    from training.config import TrainConfig  # light: a wrong flag is reported before torch is imported
 
     cfg = TrainConfig(
         catalog=catalog, model=model, out=out, interactions=interactions, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -242,6 +241,9 @@ def train_cmd(
         log_every=log_every, cache_mb=cache_mb,
         workers=workers, device=device, precision=precision, compile=compile, seed=seed, resume=resume,
     )  # fmt: skip
+    from pipelines.summary import print_train_summary
+    from training import train
+
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print_train_summary(result)

@@ -325,12 +325,14 @@ _IMPORTED_AFTER = (  # runs the command line in a new process, then prints which
           "i"], "wokers"),
         (["backfill", "--model", "m", "--catalog", "c", "--out", "o", "--interactions", "i", "--since", "May"],
          "not an ISO 8601 date"),
+        (["train", "--catalog", "c", "--model", "m", "--out", "o", "--precision", "fp8"], "precision must be"),
     ],
-    ids=["embed-batch", "embed-resize", "embed-dtype", "nightly-config", "backfill-since"],
+    ids=["embed-batch", "embed-resize", "embed-dtype", "nightly-config", "backfill-since", "train-precision"],
 )  # fmt: skip
 def test_a_users_mistake_is_reported_before_torch_or_beam_is_imported(tmp_path, args, message):
     """A wrong flag or config value costs its one line in a fraction of a second: the settings are checked before
-    the heavy imports (torch, Beam, PIL: ~2-3 s here), and no forker starts for a run that cannot start."""
+    the heavy imports (torch, Beam, PIL: ~2-3 s here; torch alone for `train`: ~1.7 s), and no forker starts for a
+    run that cannot start."""
     (tmp_path / "nightly.yaml").write_text("embed: {workers: 2, wokers: 3}\n")
     done = subprocess.run([sys.executable, "-c", _IMPORTED_AFTER, *args], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
