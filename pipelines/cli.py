@@ -11,9 +11,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from pipelines.nightly_config import NightlyConfig
 
 __all__ = ["app", "main"]
 
@@ -274,9 +277,9 @@ def _embed_step_ahead(out: str, run_id: str, step: str | None) -> bool:
         return True
 
 
-def _start_nightly_forker_early(cfg, run_id: str, step: str | None, beam_args: list[str]) -> None:
-    """`_start_forker_early` for a nightly or backfill run's embed step (`cfg`: its `NightlyConfig`), unless the
-    step is done."""
+def _start_nightly_forker_early(cfg: NightlyConfig, run_id: str, step: str | None, beam_args: list[str]) -> None:
+    """`_start_forker_early` for a nightly or backfill run's embed step, from its checked config, unless the step is
+    done."""
     if _embed_step_ahead(cfg.out, run_id, step):
         _start_forker_early(cfg.embed.workers, cfg.embed.fork_workers, [*cfg.embed.beam_args, *beam_args])
 
