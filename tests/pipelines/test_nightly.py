@@ -224,3 +224,36 @@ def test_backfill_of_a_date_range_reencodes_only_those_items(tmp_path, demo_cata
     counts = result.steps[0]["counts"]
     assert (counts["embedded"], counts["reused"], counts["dead_lettered"]) == (expected, 95 - expected, 5)
     assert result.published == "backfill-1"
+
+
+_WITHOUT_TORCH_OR_BEAM = """
+import sys
+
+class Refuse:  # as if torch, Beam and transformers were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "apache_beam", "transformers"):
+            raise ImportError(f"{name} is not installed here")
+
+sys.meta_path.insert(0, Refuse())
+from pipelines.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_steps_after_embed_run_where_torch_and_beam_are_not_installed(tmp_path, demo_catalog, tiny_model):
+    """The Airflow DAG's tasks after the embed step (`--step index`, `evaluate`, `publish`, `retention`) check the
+    config and do their work without torch, Beam or transformers: they could run in an image without them."""
+    import subprocess
+    import sys
+
+    from pipelines.nightly import STEPS
+
+    cfg = _config(tmp_path, demo_catalog, tiny_model)
+    run_nightly(cfg, "nightly-t", until="embed")
+    for step in STEPS[1:]:
+        done = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH_OR_BEAM, "nightly", "--config",
+                               str(tmp_path / "nightly.json"), "--run-id", "nightly-t", "--step", step],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        assert done.returncode == 0, (step, done.stderr[-2000:])
+    assert [r["step"] for r in read_ledger(cfg.out, "nightly-t") if r["status"] == "done"] == list(STEPS)
+    assert read_latest(f"{cfg.out}/snapshots").snapshot_id == "nightly-t"
