@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from encoder import DecodeLimits, ImageDecodeError, PreprocessConfig, decode_image
+from encoder.jpeg import cpu_reason, read_jpeg_header
 
 CFG = PreprocessConfig(height=16, width=16)
 LIMITS = DecodeLimits(max_bytes=1 << 20, max_pixels=4_000_000)
@@ -35,6 +36,7 @@ def _seed_files() -> dict[str, bytes]:
 
     exif = Image.Exif()
     exif[0x0112] = 6
+    save("jpeg-baseline", rgb, "JPEG", quality=90)  # what the GPU decoder takes: most catalog photos
     save("jpeg-exif", rgb, "JPEG", quality=90, exif=exif.tobytes())
     save("jpeg-progressive", rgb, "JPEG", quality=75, progressive=True)
     save("jpeg-cmyk", rgb.convert("CMYK"), "JPEG")
@@ -70,6 +72,28 @@ def mutated(draw) -> bytes:
     return bytes(data)
 
 
+def _frame_header_at(data: bytes) -> int:
+    """Where a seed JPEG's frame header (SOFn) starts: its segments walked from the start."""
+    pos = 2
+    while data[pos + 1] not in (0xC0, 0xC2):
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return pos
+
+
+@st.composite
+def frame_header_rewritten(draw) -> bytes:
+    """A seed JPEG with a field of its frame header rewritten (the route's edge cases: short or overlong segments,
+    zero or huge sizes, odd precisions, components and markers), then maybe cut inside its header."""
+    data = bytearray(SEEDS[draw(st.sampled_from(sorted(n for n in SEEDS if n.startswith("jpeg"))))])
+    at = _frame_header_at(bytes(data))
+    offset, size = draw(st.sampled_from([(1, 1), (2, 2), (4, 1), (5, 2), (7, 2), (9, 1)]))  # marker .. components
+    value = draw(st.one_of(st.just(0), st.integers(1, 16), st.integers(0, 256**size - 1)))  # zero sizes, lengths
+    data[at + offset : at + offset + size] = value.to_bytes(size, "big")
+    if draw(st.booleans()):
+        del data[draw(st.integers(0, at + 12)) :]
+    return bytes(data)
+
+
 def _decode_or_reason(data: bytes) -> np.ndarray | ImageDecodeError:
     start = time.perf_counter()
     try:
@@ -94,6 +118,27 @@ def test_mutated_images_decode_or_fail_with_a_reason(data):
         assert str(result)
     else:
         assert result.shape == (16, 16, 3) and result.dtype == np.uint8
+
+
+@settings(max_examples=600, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(mutated(), frame_header_rewritten()))
+def test_the_gpu_route_reads_any_bytes_without_raising(data):
+    """The GPU worker's route (`encoder.jpeg`) reads every file's header, in the reader processes over views of
+    their ring: any bytes give a header or None and a reason or None, never an exception, the same from bytes as
+    from a view; what it sends to the GPU decoder is an 8-bit Huffman JPEG within the limits, whole."""
+    view = np.frombuffer(data, np.uint8)
+    header = read_jpeg_header(data)
+    assert read_jpeg_header(view) == header
+    for progressive in (True, False):
+        reason = cpu_reason(data, LIMITS.max_bytes, LIMITS.max_pixels, progressive)
+        assert cpu_reason(view, LIMITS.max_bytes, LIMITS.max_pixels, progressive) == reason
+        if reason is not None:
+            assert isinstance(reason, str) and reason
+            continue
+        assert header.sof in ((0xC0, 0xC1, 0xC2) if progressive else (0xC0, 0xC1)) and header.precision == 8
+        assert header.components in (1, 3) and header.orientation == 1
+        assert 0 < header.width * header.height <= LIMITS.max_pixels
+        assert data.startswith(b"\xff\xd8") and data.rstrip(b"\0").endswith(b"\xff\xd9")
 
 
 @settings(max_examples=200, derandomize=True, deadline=None)
