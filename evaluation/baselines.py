@@ -23,7 +23,6 @@ from evaluation.evaluate import VectorRanker
 __all__ = ["PixelBaseline", "pixel_features"]
 
 log = logging.getLogger(__name__)
-NAME = PIXELS
 
 
 def pixel_features(data: bytes) -> np.ndarray:
@@ -56,5 +55,5 @@ class PixelBaseline(VectorRanker):
         with ThreadPoolExecutor(threads) as pool:
             features = [f for f in pool.map(featurize, sorted(catalog.image_uris.items())) if f[1] is not None]
         vectors = np.stack([v for _, v in features]) if features else np.zeros((0, 256), np.float32)
-        super().__init__(NAME, [item_id for item_id, _ in features], vectors)
-        log.info("%s: %d of %d catalog images", NAME, len(self.item_ids), len(catalog.image_uris))
+        super().__init__(PIXELS, [item_id for item_id, _ in features], vectors)
+        log.info("%s: %d of %d catalog images", PIXELS, len(self.item_ids), len(catalog.image_uris))

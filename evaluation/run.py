@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from encoder import storage
-from evaluation.baselines import NAME as PIXELS
+from evaluation import PIXELS
 from evaluation.baselines import PixelBaseline
 from evaluation.catalog import read_catalog_info
 from evaluation.evaluate import EvalResult, SnapshotRanker, evaluate
