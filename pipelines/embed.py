@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -490,7 +491,7 @@ def _run(cfg: EmbedConfig, beam_args: list[str] | None, options: PipelineOptions
         raise FileExistsError(f"run {cfg.run_id} already exists under {cfg.out}")
 
     here = _in_process(options)  # the workers are this process
-    listing = None
+    listing = pipeline = None
     try:
         if here:  # the workers' readers and decoders start beside the rest of the preparation (an earlier run's
             # manifests, a crashed attempt's files, the listing: requests each on gs://) and Beam's construction
@@ -518,6 +519,8 @@ def _run(cfg: EmbedConfig, beam_args: list[str] | None, options: PipelineOptions
             raise TooManyDeadLetters(f"run {cfg.run_id} {stop}") from None
         raise
     finally:
+        if pipeline is not None:  # Beam removes its scratch folder in `run`; a run that failed before it leaves one
+            shutil.rmtree(pipeline.local_tempdir, ignore_errors=True)
         if listing:
             remove_scratch(cfg)
         if here:  # decoders made for the embed step that it never took

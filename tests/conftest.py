@@ -164,3 +164,22 @@ def stuck_decode(monkeypatch):
 
     yield patch
     release.set()
+
+
+@pytest.fixture
+def unrun_pipeline():
+    """`unrun_pipeline(options)`: a Beam pipeline a test builds but never runs. Beam makes a scratch folder for each
+    pipeline and removes it only in `run`; this removes it when the test ends."""
+    import shutil
+
+    import apache_beam as beam
+
+    made = []
+
+    def make(options=None):
+        made.append(beam.Pipeline(options=options))
+        return made[-1]
+
+    yield make
+    for pipeline in made:
+        shutil.rmtree(pipeline.local_tempdir, ignore_errors=True)

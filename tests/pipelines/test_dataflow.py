@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import DebugOptions, GoogleCloudOptions, StandardOptions, WorkerOptions
 
@@ -18,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.gcs
-def test_example_config_gives_a_gpu_dataflow_job(demo_catalog, tiny_model, tmp_path, gcs_emulator):
+def test_example_config_gives_a_gpu_dataflow_job(demo_catalog, tiny_model, tmp_path, gcs_emulator, unrun_pipeline):
     # Validating Dataflow options looks up the temp_location bucket: the emulator answers, offline.
     if not gcs_emulator.lookup_bucket("my-bucket"):
         gcs_emulator.create_bucket("my-bucket")
@@ -38,7 +37,7 @@ def test_example_config_gives_a_gpu_dataflow_job(demo_catalog, tiny_model, tmp_p
     experiments = options.view_as(DebugOptions).experiments
     assert {"use_runner_v2", "no_use_multiple_sdk_containers"} <= set(experiments)  # one model per GPU
 
-    pipeline = beam.Pipeline(options=options)  # constructing submits nothing
+    pipeline = unrun_pipeline(options)  # constructing submits nothing
     build_pipeline(pipeline, embed, model_version="siglip-test", preprocess=PreprocessConfig(64, 64), dim=128,
                    total_items=demo_catalog.items, previous_shards=[str(tmp_path / "previous" / "part.parquet")],
                    run_dir=str(tmp_path / "embeddings"), failures_dir=str(tmp_path / "failures"))  # fmt: skip
@@ -49,7 +48,7 @@ def test_example_config_gives_a_gpu_dataflow_job(demo_catalog, tiny_model, tmp_p
         assert step in names, sorted(n for n in names if "/" not in n)
 
 
-def test_an_image_globs_job_graph_does_not_grow_with_its_files(tmp_path):
+def test_an_image_globs_job_graph_does_not_grow_with_its_files(tmp_path, unrun_pipeline):
     """Dataflow refuses job graphs over 10 MB: an image glob's paths reach the workers in a listing file, not
     inside the graph."""
     import pyarrow as pa
@@ -60,7 +59,7 @@ def test_an_image_globs_job_graph_does_not_grow_with_its_files(tmp_path):
         embed = EmbedConfig(catalog=str(tmp_path / "*.jpg"), model="unused", out=str(tmp_path / f"out{files}"))
         paths = [f"{tmp_path}/{'x' * 60}-{i:07d}.jpg" for i in range(files)]
         listed = write_listing(embed, pa.table({"item_id": [str(i) for i in range(files)], "image_uri": paths}))
-        pipeline = beam.Pipeline(options=_pipeline_options(embed, []))
+        pipeline = unrun_pipeline(_pipeline_options(embed, []))
         build_pipeline(pipeline, embed, model_version="m", preprocess=PreprocessConfig(64, 64), dim=8,
                        total_items=files, previous_shards=[], run_dir=str(tmp_path / "e"),
                        failures_dir=str(tmp_path / "f"), listed=listed)  # fmt: skip
@@ -70,7 +69,7 @@ def test_an_image_globs_job_graph_does_not_grow_with_its_files(tmp_path):
     assert abs(large - small) < 1024, (small, large)
     with pytest.raises(ValueError, match="listing"):
         embed = EmbedConfig(catalog=str(tmp_path / "*.jpg"), model="unused", out=str(tmp_path / "o"))
-        build_pipeline(beam.Pipeline(options=_pipeline_options(embed, [])), embed, model_version="m",
+        build_pipeline(unrun_pipeline(_pipeline_options(embed, [])), embed, model_version="m",
                        preprocess=PreprocessConfig(64, 64), dim=8, total_items=1, previous_shards=[],
                        run_dir=str(tmp_path / "e"), failures_dir=str(tmp_path / "f"),
                        listed=("images", ["/a.jpg"]))  # fmt: skip

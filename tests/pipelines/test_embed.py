@@ -8,6 +8,7 @@ import io
 import json
 import re
 import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -455,7 +456,7 @@ def test_item_chunks_cross_beam_as_two_columns():
     assert coder.decode(coder.encode(chunk)) == chunk
 
 
-def test_tables_of_vectors_cross_beam_as_arrow_streams_sized_without_encoding(tmp_path):
+def test_tables_of_vectors_cross_beam_as_arrow_streams_sized_without_encoding(tmp_path, unrun_pipeline):
     """Beam samples every PCollection's element sizes; tables of vectors were pickled whole for it, in the thread
     that feeds the GPU. Every table on the way to the shards is typed and coded by `ArrowTableCoder`."""
     from apache_beam.pipeline import PipelineVisitor
@@ -475,7 +476,7 @@ def test_tables_of_vectors_cross_beam_as_arrow_streams_sized_without_encoding(tm
 
     pq.write_table(pa.table({"item_id": ["a"], "image_uri": [str(tmp_path / "a.jpg")]}), tmp_path / "m.parquet")
     cfg = EmbedConfig(catalog=str(tmp_path / "m.parquet"), model="unused", out=str(tmp_path / "out"))
-    pipeline = beam.Pipeline(options=_pipeline_options(cfg, []))
+    pipeline = unrun_pipeline(_pipeline_options(cfg, []))
     build_pipeline(pipeline, cfg, model_version="m", preprocess=PreprocessConfig(64, 64), dim=768, total_items=1,
                    previous_shards=[str(tmp_path / "previous.parquet")], run_dir=str(tmp_path / "e"),
                    failures_dir=str(tmp_path / "f"))  # fmt: skip
@@ -495,7 +496,7 @@ def test_tables_of_vectors_cross_beam_as_arrow_streams_sized_without_encoding(tm
 
 
 @pytest.mark.parametrize("previous_rows", [1, None], ids=["in-memory-reuse", "shuffle-join"])
-def test_every_output_of_the_pipelines_steps_is_typed(tmp_path, previous_rows):
+def test_every_output_of_the_pipelines_steps_is_typed(tmp_path, previous_rows, unrun_pipeline):
     """Typed, Beam codes them with the project's coders (the catalog's chunks through the shuffle as one pickle of
     two columns, tables as Arrow streams) and reads no function's bytecode to infer a type as it builds the graph."""
     from apache_beam.pipeline import PipelineVisitor
@@ -506,7 +507,7 @@ def test_every_output_of_the_pipelines_steps_is_typed(tmp_path, previous_rows):
 
     pq.write_table(pa.table({"item_id": ["a"], "image_uri": [str(tmp_path / "a.jpg")]}), tmp_path / "m.parquet")
     cfg = EmbedConfig(catalog=str(tmp_path / "m.parquet"), model="unused", out=str(tmp_path / "out"))
-    pipeline = beam.Pipeline(options=_pipeline_options(cfg, []))
+    pipeline = unrun_pipeline(_pipeline_options(cfg, []))
     build_pipeline(pipeline, cfg, model_version="m", preprocess=PreprocessConfig(64, 64), dim=8, total_items=1,
                    previous_shards=[str(tmp_path / "previous.parquet")], run_dir=str(tmp_path / "e"),
                    failures_dir=str(tmp_path / "f"), previous_rows=previous_rows)  # fmt: skip
@@ -605,9 +606,13 @@ def test_an_image_globs_listing_lives_only_while_its_run_does(demo_catalog, tiny
         raise RuntimeError("the pipeline failed")
 
     monkeypatch.setattr(embed, "build_pipeline", broken)
+    scratch = tmp_path / "system-tmp"  # where Beam's pipeline makes its own scratch folder
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     with pytest.raises(RuntimeError, match="the pipeline failed"):
         run_embed(EmbedConfig(catalog=glob, model=str(tiny_model), out=str(tmp_path), run_id="glob-2"))
     assert not (tmp_path / "tmp").exists()  # removed on failure too
+    assert not list(scratch.iterdir())  # and Beam's, which only its `run` removes
 
 
 def test_gpu_decode_wiring_on_the_cpu_embeds_every_item_like_the_cpu_path(
