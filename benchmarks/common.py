@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import io
 import json
 import os
 import platform
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +30,13 @@ if TYPE_CHECKING:
     from encoder.resize import PackedImages
 
 _PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "immunohistochemistry", "hubble_deep_field", "retina")
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new folder under the system's temporary folder, removed when this process exits."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    return work
 
 
 def realistic_jpegs(folder: Path, count: int, width: int = 640, quality: int = 90, seed: int = 0,

@@ -15,7 +15,6 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.common import machine, print_table, rate, realistic_jpegs  # noqa: E402
+from benchmarks.common import machine, print_table, rate, realistic_jpegs, scratch_dir  # noqa: E402
 from encoder import DecodeLimits, EncoderConfig, TinyModelConfig, decode_image, init_tiny_model, load_encoder  # noqa: E402
 from pipelines.embed import EmbedConfig, run_embed  # noqa: E402
 
@@ -41,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    work = Path(tempfile.mkdtemp(prefix="lookalike-bench-"))
+    work = scratch_dir("lookalike-bench-")
     paths = realistic_jpegs(work / "images", args.images)
     blobs = [p.read_bytes() for p in paths]
     pq.write_table(

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, run_sampling_memory  # noqa: E402
+from benchmarks.common import machine, run_sampling_memory, scratch_dir  # noqa: E402
 
 
 def measure(catalog: str, model: str, out: str) -> tuple[float, list[tuple[float, float]]]:
@@ -38,7 +37,7 @@ def main() -> None:
     parser.add_argument("--catalog", help="An existing manifest (skips making one).")
     parser.add_argument("--model", help="The encoder to use with --catalog.")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="lookalike-embed-memory-"))
+    work = scratch_dir("lookalike-embed-memory-")
     catalog, model = args.catalog, args.model
     if catalog is None:
         from benchmarks.nightly_bench import DEMO_SHAPE, _catalog

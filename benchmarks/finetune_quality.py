@@ -16,13 +16,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import machine, scratch_dir  # noqa: E402
 
 # The demo's tiny model: small enough to learn colours, patterns and some shape in minutes on 2 cores
 # (README "Fine-tuning" has the search that chose it).
@@ -74,9 +73,9 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=3000)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=3, help="demo catalog seed")
-    parser.add_argument("--out", type=Path, default=None, help="work directory (default: a new temporary one)")
+    parser.add_argument("--out", type=Path, default=None, help="work directory, kept (default: a new temporary one, removed at exit)")
     args = parser.parse_args()
-    work = args.out or Path(tempfile.mkdtemp(prefix="lookalike-finetune-"))
+    work = args.out or scratch_dir("lookalike-finetune-")
     work.mkdir(parents=True, exist_ok=True)
     t: dict[str, float] = {}
     catalog, logs = "catalog/manifest.parquet", "catalog/interactions.parquet"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.common import machine, realistic_jpegs  # noqa: E402
+from benchmarks.common import machine, realistic_jpegs, scratch_dir  # noqa: E402
 from encoder.tiny import TinyModelConfig, init_tiny_model  # noqa: E402
 
 DEMO_SHAPE = TinyModelConfig(image_size=32, patch_size=4, width=64, layers=3, heads=2, max_text_tokens=16)
@@ -83,7 +82,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, nargs="+", default=[10_000])
     parser.add_argument("--width", type=int, default=256)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="lookalike-nightly-bench-"))
+    work = scratch_dir("lookalike-nightly-bench-")
     columns: dict[str, dict] = {}
     for items in args.items:
         folder = work / f"n{items}"
@@ -95,7 +94,7 @@ def main() -> None:
         changed, delisted = _change(folder)
         print(f"changed {changed:,} images, delisted {delisted:,}", flush=True)
         columns[f"{items:,} 1% changed"] = _night(folder, model, catalog, logs, "night-2")
-    print(f"\nmachine: {machine()}; JPEGs {args.width} px; tiny model at 32 px; work dir {work}\n")
+    print(f"\nmachine: {machine()}; JPEGs {args.width} px; tiny model at 32 px; work dir {work} (removed at exit)\n")
     names = list(columns)
     print("| step | " + " | ".join(names) + " |\n| --- |" + " ---: |" * len(names))
     for step in ("embed", "index", "evaluate", "publish", "retention", "whole run", "embedded / reused"):

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import images_per_s, machine, print_table, realistic_jpegs  # noqa: E402
+from benchmarks.common import images_per_s, machine, print_table, realistic_jpegs, scratch_dir  # noqa: E402
 from encoder.loss import sigmoid_loss  # noqa: E402
 from encoder.tiny import TinyModelConfig, init_tiny_model  # noqa: E402
 
@@ -115,7 +114,7 @@ def _train_rate(path: Path, images: list[Path], batch: int, epochs: int, workers
     """`lookalike train` end to end (data loader, decode + augmentation, checkpoints off the clock)."""
     from training import TrainConfig, train
 
-    folder = Path(tempfile.mkdtemp(prefix="lookalike-train-bench-"))
+    folder = scratch_dir("lookalike-train-bench-")
     pq.write_table(pa.table({"item_id": [p.stem for p in images], "image_uri": [str(p) for p in images],
                              "title": _titles(len(images), seed=1)}), folder / "manifest.parquet")  # fmt: skip
     cfg = TrainConfig(catalog=str(folder / "manifest.parquet"), model=str(path), out=str(folder / "out"),
@@ -141,7 +140,7 @@ def main() -> None:
     seconds = 1.0 if args.smoke else args.seconds
     workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 1)
     count = args.images or (batch * 2 if args.smoke else batch * 20)
-    folder = Path(tempfile.mkdtemp(prefix="lookalike-train-bench-"))
+    folder = scratch_dir("lookalike-train-bench-")
     images = realistic_jpegs(folder / "jpegs", count)
     print(f"device: {torch.cuda.get_device_name() if args.gpu else machine()}; torch {torch.__version__}; "
           f"batch {batch}; {count} JPEGs for the end-to-end run; {workers} loader worker(s)")  # fmt: skip

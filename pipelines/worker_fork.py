@@ -205,6 +205,16 @@ def serve(argv: Sequence[str]) -> None:
     except OSError as err:  # its clients run Beam's own command
         print(f"lookalike: worker processes start fresh, not forked (a socket at {path}: {err})", file=sys.stderr)
         return
+    try:
+        _serve(listener, main, preload)
+    finally:  # its socket and their folder: the launcher removes them too, unless it was killed
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            os.rmdir(os.path.dirname(path))
+
+
+def _serve(listener: socket.socket, main: str, preload: Sequence[str]) -> None:
     listener.listen(128)  # requests wait here while the imports below run
     sys.stdout.write("listening\n")
     sys.stdout.flush()

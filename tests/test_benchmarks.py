@@ -21,6 +21,15 @@ def _run(*args: str) -> str:
     return result.stdout
 
 
+def test_the_index_and_evaluation_benchmarks_run():
+    out = _run("benchmarks/eval_bench.py", "--items", "2000", "--queries", "200", "--dim", "16")
+    assert "evaluated 200 queries against 2 snapshots of 2,000 items" in out and "nDCG@5 candidate" in out
+    out = _run("benchmarks/index_bench.py", "--sizes", "2000", "--dim", "16")
+    assert "| lookalike faiss auto |" in out and "| lookalike ScaNN auto |" in out
+    out = _run("benchmarks/index_memory.py", "--rows", "20000", "--dim", "16", "--budgets", "1MiB,300MiB")
+    assert "| 1MiB | refused: --memory-budget 1 MiB is too small" in out and "| 300MiB | Flat (1) |" in out
+
+
 @pytest.mark.slow
 def test_cpu_benchmark_runs():
     out = _run("benchmarks/cpu_embed.py", "--images", "24", "--baseline-images", "8", "--image-size", "32")

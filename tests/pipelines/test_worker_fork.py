@@ -139,13 +139,15 @@ def test_the_forker_and_its_workers_end_with_the_process_that_started_them(tmp_p
         forker = Forker(preload=[{PROBE!r}], main={PROBE!r})
         client = subprocess.Popen(shlex.split(forker.command), stdout=subprocess.PIPE, text=True,
                                   env={{**os.environ, "PROBE_SLEEP_S": "60"}})
-        print(json.dumps({{"forker": forker.pid, "worker": json.loads(client.stdout.readline())["pid"]}}), flush=True)
+        print(json.dumps({{"forker": forker.pid, "worker": json.loads(client.stdout.readline())["pid"],
+                           "socket": forker.path}}), flush=True)
         os._exit(0)  # no close: as a launcher killed
     """)
     done = subprocess.run([sys.executable, "-c", launcher], cwd=tmp_path, capture_output=True, text=True, timeout=60,
                           env=ENV)  # fmt: skip
     pids = json.loads(done.stdout)
     assert _gone(pids["forker"]) and _gone(pids["worker"])
+    assert not os.path.exists(os.path.dirname(pids["socket"]))  # nor is its socket's folder left behind
 
 
 def test_a_forker_started_early_is_taken_once_and_a_dead_one_replaced(monkeypatch):
