@@ -73,7 +73,9 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=3000)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=3, help="demo catalog seed")
-    parser.add_argument("--out", type=Path, default=None, help="work directory, kept (default: a new temporary one, removed at exit)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="work directory, kept (default: a new temporary one, removed at exit)"
+    )
     args = parser.parse_args()
     work = args.out or scratch_dir("lookalike-finetune-")
     work.mkdir(parents=True, exist_ok=True)

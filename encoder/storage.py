@@ -83,6 +83,18 @@ def is_gcs(uri: str) -> bool:
     return uri.startswith("gs://")
 
 
+def check_folder(uri: str, what: str) -> None:
+    """Refuse a local output folder that a file stands in the way of, before any work rather than at the first write
+    after it (an object store has no folders to be in the way). Creates nothing."""
+    if is_gcs(uri):
+        return
+    path = os.path.abspath(uri)
+    while not os.path.exists(path):  # (ends at the root folder)
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"{what} {uri} cannot be a folder: {path} is a file")
+
+
 def split_gcs_uri(uri: str) -> tuple[str, str]:
     """`gs://bucket/a/b` → (`bucket`, `a/b`)."""
     if not is_gcs(uri):
@@ -446,7 +458,7 @@ def read_versioned(uri: str) -> tuple[bytes | None, int]:
     if not is_gcs(uri):
         try:
             return Path(uri).read_bytes(), os.stat(uri).st_mtime_ns
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # (a folder on its path is a file: no such object either)
             return None, 0
 
     from google.api_core.exceptions import PreconditionFailed

@@ -43,6 +43,8 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if self.k < 1 or self.bootstrap < 1:
             raise ValueError(f"k and bootstrap must be >= 1, got {self.k}, {self.bootstrap}")
+        if self.baseline and self.baseline.startswith("builtin:") and self.baseline != PIXELS:
+            raise ValueError(f"--baseline {self.baseline}: the built-in baseline is {PIXELS}")
         if self.baseline == PIXELS and not self.catalog:
             raise ValueError(f"--baseline {PIXELS} needs --catalog (the images to compute it from)")
         for gate in self.gates:

@@ -131,6 +131,7 @@ def build_snapshot(embeddings: list[str] | str, root: str, cfg: IndexConfig = In
 
 def _build_snapshot(embeddings: list[str] | str, root: str, cfg: IndexConfig, snapshot_id: str | None) -> dict:
     started = time.monotonic()
+    storage.check_folder(root, "snapshot root")
     source = open_embeddings(embeddings)
     snapshot_id = snapshot_id or new_snapshot_id()
     memory = BuildMemory.plan(cfg.memory_budget, source.dim) if cfg.memory_budget else None
@@ -260,7 +261,7 @@ def read_manifest(root: str, snapshot_id: str) -> dict:
     """
     try:
         return json.loads(storage.read_bytes(storage.join(snapshot_dir(root, snapshot_id), MANIFEST_NAME)))
-    except FileNotFoundError as err:
+    except (FileNotFoundError, NotADirectoryError) as err:  # (a file of that name under a local root)
         raise SnapshotError(
             f"snapshot {snapshot_id} under {root} is missing or incomplete (no {MANIFEST_NAME})"
         ) from err

@@ -435,9 +435,12 @@ def snapshots_cmd(
     ] = None,
 ) -> None:
     """List the complete snapshots under a root; which one is LATEST."""
+    from encoder.storage import is_gcs
     from indexing import list_snapshots, retain
     from pipelines.summary import print_snapshot_list
 
+    if not is_gcs(root) and not os.path.isdir(root):  # (an object store's prefix cannot be missing)
+        raise FileNotFoundError(f"no snapshot root at {root}: not a folder")
     if keep is not None:
         deleted = retain(root, keep)
         typer.echo(f"retention: deleted {len(deleted)} snapshot(s)")
@@ -460,9 +463,14 @@ def similar_cmd(
 
     if (item_id is None) == (vector is None):
         raise ValueError("give an ITEM_ID or --vector, not both")
+    query = None
+    if vector is not None:  # read before the snapshot is loaded
+        try:
+            query = np.load(vector) if vector.endswith(".npy") else np.array([float(v) for v in vector.split(",")])
+        except ValueError as err:
+            raise ValueError(f"--vector {vector}: not comma-separated numbers or a .npy file of them ({err})") from None
     client = SnapshotClient(root)
-    if vector is not None:
-        query = np.load(vector) if vector.endswith(".npy") else np.array([float(v) for v in vector.split(",")])
+    if query is not None:
         found = client.search(vectors=query, k=k)[0]
     else:
         found = client.search(item_ids=[item_id], k=k)[0]
@@ -541,11 +549,15 @@ DEVICE_FAILED_HINT = (
 )
 
 
+# A path that names nothing, or the wrong kind of thing, or one this user may not use: the user's to fix.
+PATH_MISTAKES = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app, turning user mistakes into one clear line and exit code 2."""
     try:
         app(args=argv, standalone_mode=False)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:  # a CatalogError is a ValueError
+    except (*PATH_MISTAKES, ValueError, KeyError) as err:  # a CatalogError is a ValueError
         if isinstance(err, KeyError) and not _unknown_item(err):
             raise
         logging.getLogger("lookalike").debug("failure", exc_info=True)

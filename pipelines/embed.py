@@ -38,6 +38,7 @@ from apache_beam.utils.shared import Shared
 
 from encoder import ImageEncoder, load_encoder
 from encoder.devices import spread_note
+from encoder.storage import check_folder
 from pipelines import storage, worker_fork
 from pipelines.beam_memo import RememberedViews, remember_dofn_specs, remember_function_args
 from pipelines.catalog import (
@@ -468,6 +469,7 @@ def _run(cfg: EmbedConfig, beam_args: list[str] | None, options: PipelineOptions
     remember_dofn_specs()  # Beam asks ~8 times per step as it builds and runs the pipeline
     remember_function_args()  # and reads each function's signature ~2,000 times per run
     storage.configure_storage(options)
+    check_folder(cfg.out, "output root")
     listed = catalog_files(cfg.catalog)  # once: the validation and the pipeline's chunks share it
     catalog = read_catalog(cfg.catalog, listed)
     total = catalog.num_rows

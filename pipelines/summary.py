@@ -154,6 +154,9 @@ def print_snapshot_summary(manifest: dict, root: str, console: Console | None = 
 
 def print_snapshot_list(rows: list[dict], root: str, console: Console | None = None) -> None:
     console = console or _console()
+    if not rows:
+        console.print(f"no complete snapshots under {root}")
+        return
     table = Table(title=f"snapshots under {root}", title_justify="left")
     for column in ("snapshot_id", "created", "model_version", "count", "index", "recall@10", "LATEST"):
         table.add_column(column)

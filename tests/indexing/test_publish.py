@@ -36,6 +36,18 @@ def test_publish_defaults_to_the_newest_and_keeps_history(root_with_three):
     assert all(r["recall_at_10"] == 1.0 and r["count"] == 4000 for r in rows)
 
 
+def test_a_stray_file_in_the_root_is_not_a_snapshot(root_with_three):
+    """Someone's notes beside the snapshots: listed, published, rolled back to and retained around as nothing."""
+    root, ids = root_with_three
+    (Path(root) / "NOTES.txt").write_text("rebuilt by hand on Tuesday")
+    assert [r["snapshot_id"] for r in list_snapshots(root)] == ids
+    with pytest.raises(SnapshotError, match="missing or incomplete"):
+        publish(root, "NOTES.txt")
+    publish(root, ids[0])
+    publish(root)
+    assert retain(root, 1) == [ids[1]] and (Path(root) / "NOTES.txt").exists()
+
+
 def test_tampered_snapshot_is_never_published(root_with_three):
     root, ids = root_with_three
     publish(root, ids[0])

@@ -82,6 +82,37 @@ def test_user_mistakes_get_one_clear_line(tmp_path, args, message):
     assert "Traceback" not in result.stderr
 
 
+def test_paths_that_cannot_be_what_they_name_get_one_clear_line(tmp_path, monkeypatch, capsys):
+    """A file where a folder belongs or a folder where a file does, a root with nothing there, a built-in baseline
+    that does not exist: one line and exit 2, before the work (embed's and index's outputs are first written after
+    the pipeline or the index's training)."""
+    import pipelines.cli
+    from pipelines.cli import main
+
+    monkeypatch.setattr(pipelines.cli, "_setup_logging", lambda verbose: None)
+    monkeypatch.chdir(tmp_path)
+    Path("notes.txt").write_text("not a folder")
+    Path("folder").mkdir()
+    cases = [
+        (["snapshots", "--root", "nowhere"], "no snapshot root at nowhere: not a folder"),
+        (["snapshots", "--root", "notes.txt"], "no snapshot root at notes.txt: not a folder"),
+        (["similar", "x", "--root", "notes.txt"], "nothing is published under notes.txt"),
+        (["similar", "--vector", "0.5,a", "--root", "nowhere"], "--vector 0.5,a: not comma-separated numbers"),
+        (["evaluate", "--snapshot", "s", "--interactions", "i.parquet", "--baseline", "builtin:pixel"],
+         "--baseline builtin:pixel: the built-in baseline is builtin:pixels"),
+        (["nightly", "--config", "folder"], "Is a directory: 'folder'"),
+        (["index", "--embeddings", "runs", "--out", "notes.txt/snapshots"],
+         f"snapshot root notes.txt/snapshots cannot be a folder: {tmp_path / 'notes.txt'} is a file"),
+        (["embed", "--catalog", "c.parquet", "--model", "m", "--out", "notes.txt"],
+         f"output root notes.txt cannot be a folder: {tmp_path / 'notes.txt'} is a file"),
+    ]  # fmt: skip
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "notes.txt"]  # nothing made on the way
+
+
 @pytest.mark.parametrize("failure", ["device", "other"])
 def test_a_failed_gpu_says_what_to_try_and_another_error_does_not(monkeypatch, capsys, failure):
     import torch
