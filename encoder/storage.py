@@ -111,10 +111,16 @@ def parent_dir(uri: str) -> str:
 
 
 def resolve(base_dir: str, uri: str | None) -> str:
-    """`uri` relative to `base_dir`; absolute URIs and paths stay as they are; empty stays empty."""
+    """`uri` relative to `base_dir`; absolute URIs and paths stay as they are, a `file://` URI of this machine
+    becomes its path; empty stays empty."""
     if not uri or not uri.strip():
         return ""
     uri = uri.strip()
+    if uri.startswith("file://"):
+        from urllib.parse import unquote, urlsplit
+
+        parts = urlsplit(uri)
+        return unquote(parts.path) if parts.netloc in ("", "localhost") and parts.path.startswith("/") else uri
     if "://" in uri or uri.startswith("/"):
         return uri
     if "://" in base_dir:

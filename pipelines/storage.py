@@ -134,7 +134,19 @@ def read_image(uri: str, max_bytes: int) -> bytes | str:
     except NotFound:
         return "not found"
     except Exception as err:  # noqa: BLE001 - the item's dead letter
+        if "://" in uri and not _has_filesystem(uri):  # (Beam's own words suggest installing its GCS extra)
+            return f"no filesystem reads {uri.split('://', 1)[0]}:// here: local paths, gs:// and Beam's installed ones"
         return describe_error(err)
+
+
+def _has_filesystem(uri: str) -> bool:
+    if object_store.is_gcs(uri):
+        return True
+    try:
+        _filesystems().get_filesystem(uri)
+    except ValueError:
+        return False
+    return True
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:

@@ -23,6 +23,17 @@ def test_parquet_manifest_resolves_relative_uris(tmp_path):
     assert items[1].image_uri == "/abs/b.jpg"
 
 
+def test_file_uris_of_this_machine_are_its_paths(tmp_path):
+    uris = ["file:///data/a%20b.jpg", "file://localhost/data/c.jpg", "file://elsewhere/d.jpg", " file:///e.jpg "]
+    path = _write_parquet(tmp_path / "m.parquet", item_id=["a", "c", "d", "e"], image_uri=uris)
+    assert [i.image_uri for i in iter_items(read_catalog(path))] == [
+        "/data/a b.jpg",
+        "/data/c.jpg",
+        "file://elsewhere/d.jpg",  # another machine's: dead-lettered by the fetch, not read from here
+        "/e.jpg",
+    ]
+
+
 def test_csv_keeps_numeric_looking_ids_as_strings(tmp_path):
     (tmp_path / "m.csv").write_text("item_id,image_uri,title\n007,x.jpg,a mug\n8,y.jpg,a vase\n")
     table = read_catalog(str(tmp_path / "m.csv"))

@@ -97,6 +97,8 @@ def test_prepare_items_accounts_for_every_item_once_and_decodes_only_what_change
     reasons = {f.item_id: (f.stage, f.error) for f in prepared.failed}
     assert reasons.keys() == {"broken", "missing", "no-uri", "remote"}
     assert reasons["missing"] == ("fetch", "not found") and reasons["broken"][0] == "decode"
+    assert reasons["remote"] == ("fetch", "no filesystem reads nosuchscheme:// here: local paths, gs:// and Beam's "
+                                 "installed ones")  # fmt: skip
     # Local files are read inline, the remote read on the process's object-store threads, the decodes on the pool.
     assert [h.item_id for h in pool.handed if isinstance(h, CatalogItem)] == []
     assert object_reads().stats.reads == remote_reads + 1
@@ -209,7 +211,7 @@ def test_a_gpu_worker_reads_gs_images_in_its_reader_processes_and_other_schemes_
         decoded = {p.item_id: (bytes(p.data), p.route) for p in out.decoded}
     assert given == [item.image_uri for item in items[:4]]  # gs:// to the readers; Beam's schemes read here
     assert decoded == {k: (v, cpu_reason(v, limits.max_bytes, limits.max_pixels) or "") for k, v in datas.items()}
-    assert sorted((f.item_id, f.stage, f.error[:10]) for f in out.failed) == [("elsewhere", "fetch", "ValueError"),
+    assert sorted((f.item_id, f.stage, f.error[:10]) for f in out.failed) == [("elsewhere", "fetch", "no filesys"),
                                                                           ("missing", "fetch", "not found")]  # fmt: skip
 
 
