@@ -6,15 +6,16 @@ Rows: `query_item_id`, `clicked_item_id`, optional `weight` (default 1), `timest
 Documented handling:
 - exact duplicate rows (all columns equal) count once (a logging retry, not two clicks);
 - self-clicks (clicked == query) are dropped;
-- rows with a missing id or a non-positive or non-finite weight are dropped;
-- `since`: only rows at or after it (needs `timestamp`);
+- rows with a missing or empty id, or a weight that is missing, not a number, non-positive or non-finite are dropped;
+- `since`: only rows at or after it (needs `timestamp`: timestamps, dates or ISO 8601 text, UTC unless they name
+  a zone); rows whose time is missing or unreadable are dropped and counted apart;
 - relevance of (query, item) = the sum of its rows' weights.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -62,7 +63,7 @@ def read_judgments(uri: str, since: datetime | None = None) -> Judgments:
         raise LogError(f"interaction log {uri} has no rows")
     columns = {c: table.column(c).cast(pa.string()) for c in REQUIRED}
     weight = (
-        table.column("weight").cast(pa.float64())
+        _numbers(table.column("weight"), f"{uri}: weight")
         if "weight" in table.column_names
         else pa.array([1.0] * table.num_rows)
     )
@@ -72,17 +73,17 @@ def read_judgments(uri: str, since: datetime | None = None) -> Judgments:
     if since is not None:
         if "timestamp" not in table.column_names:
             raise LogError(f"--since needs a timestamp column; {uri} has {table.column_names}")
-        stamp = table.column("timestamp")
-        threshold = pa.scalar(since, type=stamp.type) if pa.types.is_timestamp(stamp.type) else pa.scalar(since)
-        keep = pc.greater_equal(stamp, threshold)
-        counts["before_since"] = table.num_rows - pc.sum(keep.cast(pa.int64())).as_py()
+        stamp = _instants(table.column("timestamp"), f"{uri}: timestamp")
+        keep = pc.greater_equal(stamp, pa.scalar(since, type=stamp.type))  # null where the time is: dropped
+        counts["no_timestamp"] = stamp.null_count  # missing or not a time: not known to be after `since`
+        counts["before_since"] = table.num_rows - pc.sum(keep.cast(pa.int64())).as_py() - stamp.null_count
         table = table.filter(keep)
 
     before = table.num_rows
     table = table.group_by(table.column_names).aggregate([])  # exact duplicate rows count once
     counts["duplicate_rows"] = before - table.num_rows
 
-    valid_ids = pc.and_(pc.is_valid(table.column("query_item_id")), pc.is_valid(table.column("clicked_item_id")))
+    valid_ids = pc.and_(*(pc.fill_null(pc.not_equal(table.column(c), ""), False) for c in REQUIRED))  # (CSV: "")
     weights = table.column("weight")
     valid_weight = pc.and_(pc.is_finite(weights.fill_null(float("nan"))), pc.greater(weights.fill_null(0.0), 0.0))
     counts["bad_rows"] = table.num_rows - pc.sum(pc.and_(valid_ids, valid_weight).cast(pa.int64())).as_py()
@@ -102,3 +103,40 @@ def read_judgments(uri: str, since: datetime | None = None) -> Judgments:
     counts["queries"] = len(relevance)
     counts["pairs"] = grouped.num_rows
     return Judgments(relevance, counts)
+
+
+def _numbers(column: pa.ChunkedArray, what: str) -> pa.ChunkedArray:
+    """A column of numbers as float64; in a text column, a value that is not a number becomes null (a bad row)."""
+    try:
+        return column.cast(pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+            raise LogError(f"{what} must be numbers, not {column.type}") from err
+    return pa.chunked_array([pa.array([_number(v) for v in column.to_pylist()], pa.float64())])
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _instants(column: pa.ChunkedArray, what: str) -> pa.ChunkedArray:
+    """Timestamps, dates or ISO 8601 text as UTC instants (a time without a zone is UTC, as `--since`'s is); a value
+    that is not one becomes null."""
+    utc = pa.timestamp("us", tz="UTC")
+    kind = column.type
+    if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
+        return column.cast(pa.timestamp("us", tz=getattr(kind, "tz", None) or "UTC")).cast(utc)
+    if not pa.types.is_string(kind) and not pa.types.is_large_string(kind):
+        raise LogError(f"{what} must be timestamps, dates or ISO 8601 text, not {kind}")
+    return pa.chunked_array([pa.array([_instant(v) for v in column.to_pylist()], utc)])
+
+
+def _instant(text: str | None) -> datetime | None:
+    try:
+        when = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)

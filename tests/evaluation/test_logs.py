@@ -33,6 +33,47 @@ def test_rules_are_applied_and_counted(tmp_path):
     assert later.relevance == {"q": {"a": 3.0}} and later.counts["before_since"] == 3
 
 
+def test_a_row_with_a_weight_or_time_that_is_not_one_is_dropped_and_counted_not_the_log(tmp_path):
+    (tmp_path / "logs.csv").write_text(
+        "query_item_id,clicked_item_id,weight,timestamp\n"
+        "q,a,1.5,2026-01-01\n"  # before --since
+        "q,b,2,2026-01-03T01:00:00+02:00\n"  # 2026-01-02 23:00 UTC
+        "q,c,abc,2026-01-04\n"  # not a number: a bad row
+        "q,d,,2026-01-04\n"  # no weight: a bad row
+        ",e,1,2026-01-04\n"  # no query: a bad row
+        "q,f,1,notadate\n"  # not a time
+        "q,g,1,\n"  # no time
+        "q,h,3,2026-01-05 12:00:00\n"  # a space for the T, no zone: UTC
+    )
+    j = read_judgments(str(tmp_path / "logs.csv"))
+    assert j.relevance == {"q": {"a": 1.5, "b": 2.0, "f": 1.0, "g": 1.0, "h": 3.0}} and j.counts["bad_rows"] == 3
+    later = read_judgments(str(tmp_path / "logs.csv"), since=datetime(2026, 1, 2, 22, tzinfo=UTC))
+    assert later.relevance == {"q": {"b": 2.0, "h": 3.0}}
+    assert (later.counts["before_since"], later.counts["no_timestamp"], later.counts["bad_rows"]) == (1, 2, 3)
+
+
+@pytest.mark.parametrize("kind", ["date", "naive", "zoned"])
+def test_since_reads_dates_and_timestamps_with_and_without_a_zone(tmp_path, kind):
+    days = [datetime(2026, 1, d) for d in (1, 2, 3)]
+    stamps = {
+        "date": pa.array([d.date() for d in days], pa.date32()),
+        "naive": pa.array(days, pa.timestamp("ms")),
+        "zoned": pa.array([d.replace(tzinfo=UTC) for d in days], pa.timestamp("s", tz="Europe/Paris")),
+    }[kind]
+    path = _write(tmp_path, query_item_id=["q"] * 3, clicked_item_id=["a", "b", "c"], timestamp=stamps)
+    later = read_judgments(path, since=datetime(2026, 1, 2, tzinfo=UTC))
+    assert later.relevance == {"q": {"b": 1.0, "c": 1.0}} and later.counts["before_since"] == 1
+
+
+def test_weights_and_times_of_the_wrong_kind_are_refused_by_name(tmp_path):
+    path = _write(tmp_path, query_item_id=["q"], clicked_item_id=["a"], weight=[[1.0]])
+    with pytest.raises(LogError, match="weight must be numbers, not list<element: double>"):
+        read_judgments(path)
+    path = _write(tmp_path, query_item_id=["q"], clicked_item_id=["a"], timestamp=[1.5])
+    with pytest.raises(LogError, match="timestamp must be timestamps, dates or ISO 8601 text, not double"):
+        read_judgments(path, since=datetime(2026, 1, 2, tzinfo=UTC))
+
+
 def test_weight_defaults_to_one_and_csv_ids_stay_strings(tmp_path):
     (tmp_path / "logs.csv").write_text("query_item_id,clicked_item_id\n007,8\n007,9\n")
     assert read_judgments(str(tmp_path / "logs.csv")).relevance == {"007": {"8": 1.0, "9": 1.0}}
