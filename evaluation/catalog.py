@@ -6,9 +6,6 @@ import os
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.json as pajson
-import pyarrow.parquet as pq
 
 from encoder import storage
 
@@ -16,25 +13,20 @@ __all__ = ["CatalogInfo", "read_catalog_info", "read_table"]
 
 
 def read_table(uri: str, string_columns: tuple[str, ...] = ()) -> pa.Table:
-    """A Parquet, CSV or JSON-lines file (local or gs://) as a table.
+    """A Parquet, CSV or JSON-lines file (local or gs://) as a table (`storage.table_from_bytes`).
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: an unknown format or an unreadable file.
     """
     suffix = os.path.splitext(uri)[1].lower()
-    data = storage.arrow_input(storage.read_bytes(uri))
+    if suffix not in storage.TABLE_FORMATS:
+        raise ValueError(f"{uri}: unknown format {suffix!r}; use .parquet, .csv or .jsonl")
+    data = storage.read_bytes(uri)
     try:
-        if suffix in (".parquet", ".pq"):
-            return pq.read_table(data)
-        if suffix == ".csv":
-            options = pacsv.ConvertOptions(column_types={c: pa.string() for c in string_columns})
-            return pacsv.read_csv(data, convert_options=options)
-        if suffix in (".jsonl", ".json", ".ndjson"):
-            return pajson.read_json(data)
+        return storage.table_from_bytes(data, storage.TABLE_FORMATS[suffix], string_columns)
     except Exception as err:  # noqa: BLE001 - reader errors vary; the caller names the file
         raise ValueError(f"cannot read {uri}: {type(err).__name__}: {err}") from err
-    raise ValueError(f"{uri}: unknown format {suffix!r}; use .parquet, .csv or .jsonl")
 
 
 @dataclass(frozen=True)

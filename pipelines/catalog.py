@@ -15,9 +15,6 @@ from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.json as pajson
-import pyarrow.parquet as pq
 
 from encoder import storage as object_store
 from pipelines import storage
@@ -36,8 +33,7 @@ __all__ = [
 ]
 
 REQUIRED_COLUMNS = ("item_id", "image_uri")
-_MANIFEST_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl",
-                     ".ndjson": "jsonl", ".json": "jsonl"}  # fmt: skip
+_MANIFEST_FORMATS = object_store.TABLE_FORMATS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 _GLOB_CHARS = set("*?[")
 
@@ -91,14 +87,7 @@ def read_manifest_file(uri: str) -> pa.Table:
     """
     fmt = _MANIFEST_FORMATS.get(_suffix(uri))
     try:
-        data = object_store.arrow_input(storage.read_bytes(uri))
-        if fmt == "parquet":
-            table = pq.read_table(data)
-        elif fmt == "csv":
-            table = pacsv.read_csv(data, convert_options=pacsv.ConvertOptions(
-                column_types={"item_id": pa.string(), "image_uri": pa.string()}))  # fmt: skip
-        else:
-            table = pajson.read_json(data)
+        table = object_store.table_from_bytes(storage.read_bytes(uri), fmt, REQUIRED_COLUMNS)
         names = table.column_names  # a non-UTF-8 CSV header fails only here
     except Exception as err:  # noqa: BLE001 - any reader failure means an unusable manifest
         raise CatalogError(f"cannot read manifest {uri}: {type(err).__name__}: {err}") from err

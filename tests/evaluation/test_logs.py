@@ -74,6 +74,14 @@ def test_weights_and_times_of_the_wrong_kind_are_refused_by_name(tmp_path):
         read_judgments(path, since=datetime(2026, 1, 2, tzinfo=UTC))
 
 
+def test_json_lines_ids_of_both_kinds_are_text(tmp_path):
+    (tmp_path / "logs.jsonl").write_text('{"query_item_id": 7, "clicked_item_id": "8", "weight": 1}\n'
+                                         '{"query_item_id": "7", "clicked_item_id": 9, "weight": "2"}\n'
+                                         '{"query_item_id": 7, "clicked_item_id": 10}\n')  # fmt: skip
+    j = read_judgments(str(tmp_path / "logs.jsonl"))
+    assert j.relevance == {"7": {"8": 1.0, "9": 2.0}} and j.counts["bad_rows"] == 1  # a weight column, none given
+
+
 def test_weight_defaults_to_one_and_csv_ids_stay_strings(tmp_path):
     (tmp_path / "logs.csv").write_text("query_item_id,clicked_item_id\n007,8\n007,9\n")
     assert read_judgments(str(tmp_path / "logs.csv")).relevance == {"007": {"8": 1.0, "9": 1.0}}

@@ -23,6 +23,18 @@ def test_parquet_manifest_resolves_relative_uris(tmp_path):
     assert items[1].image_uri == "/abs/b.jpg"
 
 
+def test_json_lines_with_ids_that_are_numbers_in_some_rows_keep_them_as_text(tmp_path):
+    rows = [{"item_id": 7, "image_uri": "a.jpg"}, {"item_id": "sku-8", "image_uri": "b.jpg", "title": "a mug"},
+            {"item_id": 9.5, "image_uri": "c.jpg"}]  # fmt: skip
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    table = read_catalog(str(tmp_path / "m.jsonl"))
+    assert table.column("item_id").to_pylist() == ["7", "sku-8", "9.5"]
+    assert table.column("title").to_pylist() == [None, "a mug", None]
+    (tmp_path / "bad.jsonl").write_text('{"item_id": 1, "image_uri": "a.jpg"}\n{"item_id": "x", "image_uri": \n')
+    with pytest.raises(CatalogError, match="cannot read manifest .*bad.jsonl: ArrowInvalid"):  # Arrow's reason
+        read_catalog(str(tmp_path / "bad.jsonl"))
+
+
 def test_file_uris_of_this_machine_are_its_paths(tmp_path):
     uris = ["file:///data/a%20b.jpg", "file://localhost/data/c.jpg", "file://elsewhere/d.jpg", " file:///e.jpg "]
     path = _write_parquet(tmp_path / "m.parquet", item_id=["a", "c", "d", "e"], image_uri=uris)
