@@ -174,9 +174,11 @@ class _Run:
         self.pairs = _pairs(cfg, dist, self.preprocess, self.out)
         self.train_pairs, self.val_pairs = self.pairs.split("train"), self.pairs.split("val")
         if self.train_pairs.num_rows < cfg.batch_size:
+            skipped = "; ".join(f"{e['item_id']}: {e['reason']}" for e in self.pairs.skipped_examples[:3])
             raise PairError(
                 f"{self.train_pairs.num_rows} usable training pair(s) is fewer than one batch of {cfg.batch_size}; "
                 f"lower --batch-size or add items (counts: {self.pairs.counts})"
+                + (f"; skipped, e.g. {skipped}" if skipped else "")
             )
         self.architecture = _architecture(source)
         with quiet_transformers():

@@ -1,6 +1,7 @@
 """The fine-tuning loop end to end on the tiny model: outputs, exact resume, bad input, freezing."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -79,8 +80,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(train_config, tmp_path):
 
 
 def test_fewer_pairs_than_a_batch_is_a_clear_error(train_config):
-    with pytest.raises(PairError, match="fewer than one batch of 512"):
+    with pytest.raises(PairError, match="fewer than one batch of 512") as raised:
         train(train_config(batch_size=512))
+    assert re.search(r"; skipped, e\.g\. \S+: (broken|unreadable) image", str(raised.value)), raised.value  # why
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(train_config, monkeypatch):
