@@ -134,7 +134,9 @@ class SnapshotClient:
         return True
 
     def start_auto_refresh(self, interval_s: float = 30.0) -> None:
-        """Call `refresh()` every `interval_s` seconds on a daemon thread."""
+        """Call `refresh()` every `interval_s` seconds (> 0) on a daemon thread."""
+        if not interval_s > 0:
+            raise ValueError(f"the refresh interval must be > 0 seconds, got {interval_s}")
         if self._thread is not None:
             return
 

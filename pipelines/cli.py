@@ -498,6 +498,10 @@ def serve_cmd(
 
     if max_body_bytes < 1:
         raise ValueError(f"--max-body-bytes must be >= 1, got {max_body_bytes}")
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port must be 1-65535, got {port}")
+    if not refresh_s > 0:  # 0 would read LATEST back to back: on an object store, a storm of requests
+        raise ValueError(f"--refresh-s must be > 0, got {refresh_s}")
     token = Path(token_file).read_text() if token_file else os.environ.get("LOOKALIKE_TOKEN")
     client = SnapshotClient(root)
     app_ = create_app(client, token=token, max_body_bytes=max_body_bytes)

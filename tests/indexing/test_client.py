@@ -58,6 +58,13 @@ def test_bad_queries(served):
         client.search(k=3)
 
 
+def test_auto_refresh_needs_a_pause_between_reads(served):
+    _, client = served
+    for interval in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="the refresh interval must be > 0 seconds"):
+            client.start_auto_refresh(interval)
+
+
 def test_refresh_swaps_in_a_new_snapshot(served, tmp_path):
     root, client = served
     old = client.snapshot_id

@@ -113,6 +113,19 @@ def test_paths_that_cannot_be_what_they_name_get_one_clear_line(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "notes.txt"]  # nothing made on the way
 
 
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [("--port=99999", "--port must be 1-65535, got 99999"), ("--refresh-s=0", "--refresh-s must be > 0, got 0.0")],
+)
+def test_serve_refuses_a_port_or_a_refresh_it_cannot_use_before_loading(monkeypatch, capsys, flag, message):
+    import pipelines.cli
+    from pipelines.cli import main
+
+    monkeypatch.setattr(pipelines.cli, "_setup_logging", lambda verbose: None)
+    assert main(["serve", "--root", "nowhere", flag]) == 2  # (a root with nothing published: checked after)
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
 @pytest.mark.parametrize("failure", ["device", "other"])
 def test_a_failed_gpu_says_what_to_try_and_another_error_does_not(monkeypatch, capsys, failure):
     import torch
