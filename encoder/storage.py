@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -147,6 +148,23 @@ def contained(name: str, *, nested: bool = False) -> str:
     parts = name.split("/")
     if any(p in ("", ".", "..") for p in parts) or (len(parts) > 1 and not nested):
         raise ValueError(f"{name!r} is not a {'relative path' if nested else 'plain name'} inside its directory")
+    return name
+
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_id(name: str, what: str) -> str:
+    """`name` if it can be a run's or a snapshot's id (a nightly's is both): the name of its folder under any root.
+    Letters, digits, `.`, `_` and `-`, up to 128, starting with a letter or digit (hidden and scratch folders start
+    with `.` or `_` and are never listed), and not `LATEST` (a snapshot root's pointer to the published one).
+
+    Raises:
+        ValueError: it cannot.
+    """
+    if not isinstance(name, str) or not _ID.fullmatch(name) or name == "LATEST":
+        raise ValueError(f"{what} {name!r}: use letters, digits, '.', '_' and '-' (up to 128, starting with a letter "
+                         "or digit), not LATEST")  # fmt: skip
     return name
 
 

@@ -20,13 +20,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from encoder import storage
-from indexing.snapshot import MANIFEST_NAME, SnapshotError, local_copy, read_manifest, snapshot_dir, verify_snapshot
+from indexing.snapshot import (
+    LATEST_NAME,
+    MANIFEST_NAME,
+    SnapshotError,
+    local_copy,
+    read_manifest,
+    snapshot_dir,
+    verify_snapshot,
+)
 
 __all__ = ["Latest", "list_snapshots", "publish", "read_latest", "retain", "rollback"]
 
 log = logging.getLogger(__name__)
 
-LATEST_NAME = "LATEST"
 EVALUATIONS = "_evaluations"  # ROOT/_evaluations/<snapshot_id>.json, written by `lookalike evaluate`
 _HISTORY = 50
 _ATTEMPTS = 50

@@ -61,6 +61,9 @@ def new_snapshot_id() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
 
 
+LATEST_NAME = "LATEST"  # ROOT/LATEST: the published snapshot (indexing.publish); never a snapshot id
+
+
 def _write_ids_and_vectors(source, transform, workdir: Path, dim: int):
     """One pass: ids.parquet and vectors.npy as served; yields each served batch for the index.
 
@@ -131,9 +134,9 @@ def build_snapshot(embeddings: list[str] | str, root: str, cfg: IndexConfig = In
 
 def _build_snapshot(embeddings: list[str] | str, root: str, cfg: IndexConfig, snapshot_id: str | None) -> dict:
     started = time.monotonic()
+    snapshot_id = storage.check_id(snapshot_id, "snapshot id") if snapshot_id is not None else new_snapshot_id()
     storage.check_folder(root, "snapshot root")
     source = open_embeddings(embeddings)
-    snapshot_id = snapshot_id or new_snapshot_id()
     memory = BuildMemory.plan(cfg.memory_budget, source.dim) if cfg.memory_budget else None
     if memory:
         memory.check()

@@ -66,6 +66,17 @@ class IndexConfig:
             raise ValueError(f"memory_budget must be positive, got {self.memory_budget}")
         if self.reduce is not None and not re.fullmatch(r"(pca|prefix):[1-9][0-9]*", self.reduce):
             raise ValueError(f"reduce must be pca:D or prefix:D, got {self.reduce!r}")
+        if self.min_recall > self.target_recall:  # tuned to stop short of what the build then demands
+            raise ValueError(f"min_recall {self.min_recall} is above target_recall {self.target_recall}: the search is "
+                             f"tuned up to the target, so the build would fail; raise target_recall to at least "
+                             f"{self.min_recall}")  # fmt: skip
+        if self.hnsw_m < 2:  # faiss's HNSW crashes the process at 1
+            raise ValueError(f"hnsw_m must be >= 2, got {self.hnsw_m}")
+        for name in ("nlist", "scann_leaves"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.scann_reorder < 1:
+            raise ValueError(f"scann_reorder must be >= 1, got {self.scann_reorder}")
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,8 @@ def _nlist(n: int, cfg: IndexConfig, train_rows: int | None) -> int:
     # faiss asks for >= 39 training points per list; k-means still places lists well at 16 from a
     # sample (the default 100k sample trains 1M vectors' 4,000 lists), not below.
     trainable = min(n // 39, (train_rows or n) // 16)
+    if cfg.nlist and cfg.nlist > (train_rows or n):  # k-means cannot place more centres than it has points
+        raise ValueError(f"--nlist {cfg.nlist} is more lists than the {train_rows or n} vectors that would train them")
     return cfg.nlist or max(1, min(int(4 * math.sqrt(n)), trainable))
 
 

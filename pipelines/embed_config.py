@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from encoder.configs import RESIZES, DecodeLimits, EncoderConfig
+from encoder.storage import check_id
 from pipelines.dates import parse_when
 
 __all__ = ["ROWS_PER_SHARD", "EmbedConfig"]
@@ -71,8 +72,7 @@ class EmbedConfig:
             raise ValueError(f"max_dead_letters is a share of the items, 0 to 1; got {self.max_dead_letters}")
         if self.reembed_since is not None:
             parse_when(self.reembed_since)
-        if not self.run_id or not all(c.isalnum() or c in "-_" for c in self.run_id):
-            raise ValueError(f"run_id must be letters, digits, '-' or '_', got {self.run_id!r}")
+        check_id(self.run_id, "run_id")
         self.encoder  # noqa: B018 - checks the encoder's fields (dtype, device, compile_frozen) before any work
 
     @property

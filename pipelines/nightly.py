@@ -147,7 +147,7 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, *, incremental: b
     """
     if until is not None and until not in STEPS:
         raise ValueError(f"unknown step {until!r}; steps: {', '.join(STEPS)}")
-    run_id = run_id or default_run_id(kind)
+    run_id = storage.check_id(run_id or default_run_id(kind), "run id")  # its embeddings', ledger's, snapshot's
     ctx = _Context(cfg, run_id, incremental, tuple(beam_args or ()), reembed_since)
     with run_lock(cfg.out, run_id, cfg.lock_ttl_h):
         ledger = Ledger(cfg.out, run_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -57,10 +58,35 @@ def test_sizes(text, value):
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("kwargs", [{"backend": "annoy"}, {"min_recall": 0}, {"reduce": "svd:3"}, {"k": 0}])
-def test_bad_config(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"backend": "annoy"}, "backend must be one of"),
+        ({"min_recall": 0}, "recall targets must be in"),
+        ({"reduce": "svd:3"}, "reduce must be pca:D or prefix:D"),
+        ({"k": 0}, "k and queries must be >= 1"),
+        ({"min_recall": 0.99, "target_recall": 0.9}, "min_recall 0.99 is above target_recall 0.9"),
+        ({"hnsw_m": 1}, "hnsw_m must be >= 2"),  # faiss's HNSW crashes the process at 1
+        ({"nlist": 0}, "nlist must be >= 1"),
+        ({"scann_leaves": 0}, "scann_leaves must be >= 1"),
+        ({"scann_reorder": 0}, "scann_reorder must be >= 1"),  # ScaNN refuses it after the build
+    ],
+)
+def test_bad_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         IndexConfig(**kwargs)
+
+
+def test_more_lists_than_training_vectors_is_refused_before_the_build():
+    with pytest.raises(ValueError, match="--nlist 500 is more lists than the 195 vectors that would train them"):
+        choose_index(195, 64, IndexConfig(index="ivf", nlist=500))
+
+
+@pytest.mark.parametrize("snapshot_id", ["LATEST", "../elsewhere", ".hidden", "_scratch", "a b", "x" * 129, ""])
+def test_a_snapshot_id_that_cannot_name_its_folder_is_refused_before_any_work(run, tmp_path, snapshot_id):
+    with pytest.raises(ValueError, match=f"snapshot id {re.escape(repr(snapshot_id))}: use letters, digits"):
+        build_snapshot(run, str(tmp_path / "root"), IndexConfig(), snapshot_id=snapshot_id)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------ building and measuring

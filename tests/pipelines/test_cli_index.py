@@ -66,6 +66,8 @@ def test_index_publish_query_rollback(tmp_path, run_dir):
                 "S",
                 "--min-recall",
                 "1.0",
+                "--target-recall",
+                "1.0",
                 "--index",
                 "IVF8,PQ2x4",
                 "--queries",

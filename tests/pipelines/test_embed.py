@@ -141,6 +141,13 @@ def test_counts_below_one_are_refused_before_any_work(field):
         EmbedConfig(catalog="-", model="-", out="-", **{field: 0})
 
 
+@pytest.mark.parametrize("run_id", ["LATEST", "../x", "a b", ".hidden", "nächtlich", ""])
+def test_a_run_id_that_cannot_name_its_folders_is_refused_before_any_work(run_id):
+    with pytest.raises(ValueError, match=f"run_id {re.escape(repr(run_id))}: use letters, digits"):
+        EmbedConfig(catalog="-", model="-", out="-", run_id=run_id)
+    assert EmbedConfig(catalog="-", model="-", out="-", run_id="nightly-2026.11.29_b").run_id == "nightly-2026.11.29_b"
+
+
 def test_a_run_without_dead_letters_has_one_empty_shard_of_them(tmp_path, tiny_model):
     from pipelines.records import FAILURE_SCHEMA
 

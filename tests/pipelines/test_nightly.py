@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 from datetime import UTC, datetime, timedelta
@@ -115,6 +116,16 @@ def test_an_embed_attempt_killed_midway_leaves_nothing_counted_twice(tmp_path, d
     result = run_nightly(cfg, "nightly-k")
     assert result.steps[0]["counts"]["embedded"] == 95
     assert _rows(stale) == 95
+
+
+def test_a_run_id_that_cannot_name_a_snapshot_is_refused_before_the_lock(tmp_path, demo_catalog, tiny_model):
+    """A night's id names its embeddings, its ledger and its snapshot: `LATEST` would be a snapshot named like the
+    root's pointer to the published one, found only at the index step before."""
+    cfg = _config(tmp_path, demo_catalog, tiny_model)
+    for run_id in ("LATEST", "../nightly", "nightly 1"):
+        with pytest.raises(ValueError, match=f"run id {re.escape(repr(run_id))}: use letters, digits"):
+            run_nightly(cfg, run_id)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_second_job_on_the_same_root_is_refused(tmp_path, demo_catalog, tiny_model):
