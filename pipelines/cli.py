@@ -277,11 +277,24 @@ def _embed_step_ahead(out: str, run_id: str, step: str | None) -> bool:
         return True
 
 
-def _start_nightly_forker_early(cfg: NightlyConfig, run_id: str, step: str | None, beam_args: list[str]) -> None:
-    """`_start_forker_early` for a nightly or backfill run's embed step, from its checked config, unless the step is
-    done."""
+def _before_the_embed_step(cfg: NightlyConfig, run_id: str, step: str | None, beam_args: list[str],
+                           ours: list[str] | tuple[str, ...] = ()) -> None:  # fmt: skip
+    """Where a nightly or backfill run's embed step is ahead of it: the flags it hands on to Beam (the config's and
+    the command line's) checked, a typo of `ours` being no Beam flag; then `_start_forker_early` from its checked
+    config. A run past it (an orchestrator's later task) imports neither."""
     if _embed_step_ahead(cfg.out, run_id, step):
-        _start_forker_early(cfg.embed.workers, cfg.embed.fork_workers, [*cfg.embed.beam_args, *beam_args])
+        from pipelines.beam_flags import check_beam_args
+
+        beam_args = [*cfg.embed.beam_args, *beam_args]
+        settings = {f"--{name.replace('_', '-')}": f"a night's embed settings are its config's (embed: {{{name}: ...}})"
+                    for name in cfg.embed.step_options()}  # fmt: skip
+        check_beam_args(beam_args, ours, settings)
+        _start_forker_early(cfg.embed.workers, cfg.embed.fork_workers, beam_args)
+
+
+def _options(ctx: typer.Context) -> list[str]:
+    """The command's own options (`--step`, `--out`, ...)."""
+    return [option for param in ctx.command.params for option in getattr(param, "opts", ())]
 
 
 def _nightly_overrides(**flags) -> dict:
@@ -304,7 +317,8 @@ def nightly_cmd(
 ) -> None:
     """Embed (incremental) → index → evaluate vs the published snapshot → gate → publish → retention.
 
-    A rerun with the same run id resumes after the last completed step. Unknown --flags go to Beam.
+    A rerun with the same run id resumes after the last completed step. Other --flags go to Beam (checked: a flag
+    Beam does not define either is refused).
     """
     from pipelines.ledger import default_run_id
     from pipelines.nightly_config import load_nightly_config  # light: the config is checked before heavy imports
@@ -312,7 +326,7 @@ def nightly_cmd(
     run_id = run_id or default_run_id()
     cfg = load_nightly_config(config, **_nightly_overrides(catalog=catalog, model=model, out=out,
                                                            interactions=interactions, keep=keep))  # fmt: skip
-    _start_nightly_forker_early(cfg, run_id, step, ctx.args)
+    _before_the_embed_step(cfg, run_id, step, ctx.args, _options(ctx))
     from pipelines.nightly import run_nightly
     from pipelines.summary import print_nightly
 
@@ -351,7 +365,7 @@ def backfill_cmd(
                                                            interactions=interactions))  # fmt: skip
     if since is not None:
         parse_when(since)  # a bad date fails now, not after the lock and the catalog scan
-    _start_nightly_forker_early(cfg, run_id, step, ctx.args)
+    _before_the_embed_step(cfg, run_id, step, ctx.args, _options(ctx))
     from pipelines.nightly import run_nightly
     from pipelines.summary import print_nightly
 

@@ -40,6 +40,7 @@ from encoder import ImageEncoder, load_encoder
 from encoder.devices import spread_note
 from encoder.storage import check_folder
 from pipelines import storage, worker_fork
+from pipelines.beam_flags import check_beam_args
 from pipelines.beam_memo import RememberedViews, remember_dofn_specs, remember_function_args
 from pipelines.catalog import (
     CatalogError,
@@ -59,7 +60,7 @@ from pipelines.dead_letters import (
     reason_kind,
     watch_stop,
 )
-from pipelines.embed_config import EmbedConfig
+from pipelines.embed_config import EMBED_OPTIONS, EmbedConfig
 from pipelines.embed_dofns import (
     NAMESPACE,
     PRELOADED,
@@ -299,6 +300,7 @@ def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, pr
 
 
 def _pipeline_options(cfg: EmbedConfig, beam_args: list[str]) -> PipelineOptions:
+    check_beam_args(beam_args, EMBED_OPTIONS)
     # Each of the job's worker processes imports it as it starts, where the runner hands them the job's options
     # (Dataflow does): `pipelines.worker_plugin`.
     args = [*beam_args, f"--beam_plugins={WorkerPlugin.__module__}.{WorkerPlugin.__qualname__}"]

@@ -6,7 +6,7 @@ of a second, and an orchestrator's task that never embeds never imports the pipe
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 
 from encoder.configs import RESIZES, DecodeLimits, EncoderConfig
@@ -84,3 +84,7 @@ class EmbedConfig:
     @property
     def limits(self) -> DecodeLimits:
         return DecodeLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, draft=self.draft)
+
+
+# `lookalike embed`'s options: a run's settings (each field's name, dashed), offered where a flag is not Beam's.
+EMBED_OPTIONS = {f"--{f.name.replace('_', '-')}": f.name for f in fields(EmbedConfig)}

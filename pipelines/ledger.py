@@ -1,7 +1,7 @@
 """A nightly (or backfill) run's ledger, `OUT/runs/<run_id>/ledger.jsonl`: one JSON row per step's start and end.
 
 Its own module, with nothing heavier than `encoder.storage`, so that the command line can ask it whether a run's
-embed step is done before importing the pipelines (`cli._start_nightly_forker_early`).
+embed step is done before importing the pipelines (`cli._before_the_embed_step`).
 """
 
 from __future__ import annotations

@@ -342,12 +342,12 @@ def test_a_nightly_past_its_embed_step_starts_no_forker_early(tmp_path, monkeypa
             else [ledger]
         )
         path.write_text("\n".join(rows) + "\n")
-    cli._start_nightly_forker_early(load_nightly_config(str(config)), "nightly-1", step, [])
+    cli._before_the_embed_step(load_nightly_config(str(config)), "nightly-1", step, [])
     assert started == (["forker"] if early else [])
     if out.startswith("/"):  # the command line's --out over the config's
         started.clear()
         elsewhere = load_nightly_config(str(config), out=str(tmp_path / "elsewhere"))
-        cli._start_nightly_forker_early(elsewhere, "nightly-1", step, [])
+        cli._before_the_embed_step(elsewhere, "nightly-1", step, [])
         assert started == ["forker"]
 
 
@@ -393,7 +393,7 @@ def test_an_orchestrators_task_past_the_embed_step_never_imports_torch_or_beam(t
     script = (
         "import sys\nfrom pipelines import cli\nfrom pipelines.nightly_config import load_nightly_config\n"
         "import pipelines.nightly, pipelines.summary, indexing.snapshot, indexing.publish, evaluation.run\n"
-        "cli._start_nightly_forker_early(load_nightly_config(sys.argv[1]), 'nightly-1', 'index', [])\n"
+        "cli._before_the_embed_step(load_nightly_config(sys.argv[1]), 'nightly-1', 'index', [])\n"
         f"print(sorted(m for m in {('torch', 'apache_beam', 'transformers')!r} if m in sys.modules))\n"
         "from pipelines import worker_fork\nprint(sorted(worker_fork._EARLY))\n"
     )
