@@ -180,7 +180,9 @@ def create_app(client: SnapshotClient, *, token: str | None = None, max_body_byt
         keys = ("snapshot_id", "created_at", "model_version", "dim", "count", "metric", "index", "quality", "reduce")
         return {k: m.get(k) for k in keys}
 
-    @app.get("/similar/{item_id}", response_model=SimilarOut, dependencies=guarded, responses=_errors(401, 404, 422))
+    @app.get(
+        "/similar/{item_id:path}", response_model=SimilarOut, dependencies=guarded, responses=_errors(401, 404, 422)
+    )
     def similar(item_id: str, k: int = Query(default=10, ge=1, le=MAX_K)) -> SimilarOut:
         snapshot_id, found = client.search_tagged(item_ids=[item_id], k=k)
         return SimilarOut(snapshot_id=snapshot_id, item_id=item_id,

@@ -7,6 +7,7 @@ from fastapi.testclient import TestClient
 
 from indexing import IndexConfig, SnapshotClient, build_snapshot, publish
 from indexing.service import create_app
+from tests.indexing.conftest import write_run
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,22 @@ def test_similar_batch_by_vectors_and_ids(api, vectors):
     assert [r[0]["item_id"] for r in results] == ["item-000005", "item-000006"]
     by_id = client.post("/similar", json={"item_ids": ["item-000005"], "k": 3}).json()
     assert by_id["snapshot_id"] == snapshot_id and len(by_id["results"][0]) == 3
+
+
+def test_an_item_id_with_slashes_is_one_item(tmp_path, vectors):
+    """Marketplace ids such as `sku/123`: the path after /similar/ is the whole id, slashes and all, as it is when
+    its slash is sent escaped (%2F, which the server's ASGI path arrives decoded)."""
+    ids = [f"shop/{i}/sku" if i % 2 else f"sku-{i}" for i in range(300)]
+    run = write_run(tmp_path / "run", vectors[:300], ids=ids)
+    publish(str(tmp_path / "root"), build_snapshot(run, str(tmp_path / "root"), IndexConfig(queries=50))["snapshot_id"])
+    with TestClient(create_app(SnapshotClient(str(tmp_path / "root")))) as client:
+        response = client.get("/similar/shop/7/sku", params={"k": 3})
+        assert response.status_code == 200, response.json()
+        body = response.json()
+        assert body["item_id"] == "shop/7/sku" and len(body["neighbors"]) == 3
+        assert all(n["item_id"] != "shop/7/sku" for n in body["neighbors"])
+        missing = client.get("/similar/shop/7")
+        assert missing.status_code == 404 and missing.json()["detail"] == "item 'shop/7' is not in the snapshot"
 
 
 def test_unknown_item_is_404_with_json(api):
