@@ -422,6 +422,8 @@ def publish_cmd(
     """Verify every checksum of a snapshot, then point ROOT/LATEST at it atomically."""
     from indexing import publish, retain
 
+    if keep is not None and keep < 1:  # before LATEST moves, not after
+        raise ValueError(f"--keep must be >= 1, got {keep}")
     latest = publish(root, snapshot_id, require_evaluation=require_evaluation)
     typer.echo(f"published {latest.snapshot_id} (previously {latest.history[0] if latest.history else 'nothing'})")
     if keep is not None:

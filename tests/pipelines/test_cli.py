@@ -82,10 +82,11 @@ def test_user_mistakes_get_one_clear_line(tmp_path, args, message):
     assert "Traceback" not in result.stderr
 
 
-def test_paths_that_cannot_be_what_they_name_get_one_clear_line(tmp_path, monkeypatch, capsys):
+def test_paths_that_cannot_be_what_they_name_get_one_clear_line_before_the_work(tmp_path, monkeypatch, capsys):
     """A file where a folder belongs or a folder where a file does, a root with nothing there, a built-in baseline
-    that does not exist: one line and exit 2, before the work (embed's and index's outputs are first written after
-    the pipeline or the index's training)."""
+    that does not exist, a vector that is not numbers, a retention that keeps nothing: one line and exit 2, before the
+    work (embed's and index's outputs are first written after the pipeline or the index's training; publish's
+    retention after LATEST moves)."""
     import pipelines.cli
     from pipelines.cli import main
 
@@ -94,6 +95,7 @@ def test_paths_that_cannot_be_what_they_name_get_one_clear_line(tmp_path, monkey
     Path("notes.txt").write_text("not a folder")
     Path("folder").mkdir()
     cases = [
+        (["publish", "--root", "nowhere", "--keep", "0"], "--keep must be >= 1, got 0"),  # before LATEST would move
         (["snapshots", "--root", "nowhere"], "no snapshot root at nowhere: not a folder"),
         (["snapshots", "--root", "notes.txt"], "no snapshot root at notes.txt: not a folder"),
         (["similar", "x", "--root", "notes.txt"], "nothing is published under notes.txt"),
