@@ -71,8 +71,10 @@ def test_kill_during_embed_with_two_worker_processes_then_rerun(tmp_path, demo_c
               "embed": {"workers": 2, "batch_size": 8},
               "evaluate": {"gates": ["ndcg@5>=baseline-1"], "since_days": None}}  # fmt: skip
     (tmp_path / "nightly.yaml").write_text(json.dumps(config))
+    (tmp_path / "t").mkdir()  # the scratch the kill leaves (Beam's pipeline folder, the forker's socket): the test's
     job = subprocess.Popen([LOOKALIKE, "nightly", "--config", "nightly.yaml", "--run-id", "night"], cwd=tmp_path,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                           env={**os.environ, "TMPDIR": str(tmp_path / "t")})  # fmt: skip
     ledger = tmp_path / "OUT" / "runs" / "night" / "ledger.jsonl"
     failures = tmp_path / "OUT" / "failures" / "night"
     deadline = time.monotonic() + 180
