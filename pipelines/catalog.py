@@ -68,7 +68,10 @@ def catalog_files(uri: str) -> tuple[str, list[str]]:
         if not storage.exists(uri):
             raise CatalogError(f"catalog {uri} does not exist")
         return "manifest", [uri]
-    files = storage.match(uri)
+    # A local glob is matched as an absolute path: its files are read from wherever the workers run, and an image
+    # glob's paths go in a listing file elsewhere (a relative path would be read relative to it); `*.jpg` has no
+    # folder of its own to list.
+    files = storage.match(uri if "://" in uri else os.path.abspath(uri))
     if not files:
         raise CatalogError(f"catalog glob {uri} matches no files")
     if all(_suffix(f) in IMAGE_SUFFIXES for f in files):

@@ -573,7 +573,10 @@ def test_fetch_and_decode_routes_every_item(demo_catalog, tiny_model, tiny_encod
         assert_that(outputs.reuse, equal_to([]), label="reuse")
 
 
-def test_glob_of_images_as_the_catalog(demo_catalog, tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("written", ["absolute", "relative", "bare"])
+def test_glob_of_images_as_the_catalog(demo_catalog, tiny_model, tmp_path, monkeypatch, written):
+    """As the user writes it: `/data/images/00001*`, `images/00001*` or `00001*` (relative ones were read relative
+    to the run's listing file, and every image dead-lettered as not found; a bare one matched nothing)."""
     import pipelines.storage as storage
 
     globs: list[str] = []
@@ -581,17 +584,19 @@ def test_glob_of_images_as_the_catalog(demo_catalog, tiny_model, tmp_path, monke
     match = storage.match
     monkeypatch.setattr(storage, "match",
                         lambda pattern: globs.append(pattern) or frozen.append(gc.get_freeze_count()) or match(pattern))  # fmt: skip
-    result = run_embed(
-        EmbedConfig(catalog=str(demo_catalog.root / "images" / "00001*"), model=str(tiny_model), out=str(tmp_path))
-    )
+    catalog = {"absolute": str(demo_catalog.root / "images" / "00001*"), "relative": "images/00001*",
+               "bare": "00001*"}[written]  # fmt: skip
+    monkeypatch.chdir(demo_catalog.root / "images" if written == "bare" else demo_catalog.root)
+    result = run_embed(EmbedConfig(catalog=catalog, model=str(tiny_model), out=str(tmp_path)))
     assert globs.count(str(demo_catalog.root / "images" / "00001*")) == 1  # listed once, not per use
     assert min(frozen) > 0 and gc.get_freeze_count() == 0  # the run's heap frozen while it ran, and only then
     assert not (tmp_path / "tmp").exists()  # the listing the pipeline read is gone with the run
     expected = sorted(p.stem for p in (demo_catalog.root / "images").glob("00001*"))
     assert result.counts["items_in"] == len(expected) == 10
     rows = _read_dir(Path(result.run_dir)).column("item_id").to_pylist()
-    failures = _read_dir(Path(result.failures_dir)).column("item_id").to_pylist()
-    assert sorted(rows + failures) == expected
+    failures = _read_dir(Path(result.failures_dir))
+    assert sorted(rows + failures.column("item_id").to_pylist()) == expected
+    assert "not found" not in failures.column("error").to_pylist()  # every listed file read where it lies
 
 
 def test_an_image_globs_listing_lives_only_while_its_run_does(demo_catalog, tiny_model, tmp_path, monkeypatch):
