@@ -38,7 +38,7 @@ from encoder.preprocess import (
     normalize_pixels,
     prepare_image,
 )
-from encoder.siglip_tower import load_tower, read_tower_config
+from encoder.siglip_tower import load_tower, not_a_checkpoint, read_tower_config
 from encoder.sm_share import SmShare, SmShareError, share_sms
 from encoder.storage import describe_error, download_gcs_dir, is_gcs
 
@@ -106,7 +106,7 @@ def _download_from_hub(repo_id: str) -> Path:
 def _check_safetensors(path: Path) -> None:
     names = [p.name for p in path.iterdir()]
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json; not a Hugging Face checkpoint")
+        raise not_a_checkpoint(path)
     if not any(n.endswith(".safetensors") for n in names):
         pickles = [n for n in names if n.endswith(_PICKLE_SUFFIXES)]
         hint = f" (found pickle weights {pickles}, refused: convert them to safetensors)" if pickles else ""

@@ -69,6 +69,14 @@ class TowerConfig:
         return self.image_size // self.patch_size
 
 
+def not_a_checkpoint(path: Path) -> FileNotFoundError:
+    """The error for a folder without config.json, naming the checkpoints just inside it: a training run's output
+    holds its image encoder in `encoder/` and the two towers in `model/`."""
+    inside = sorted(p.name for p in path.iterdir() if (p / "config.json").is_file()) if path.is_dir() else []
+    hint = f" (checkpoints inside it: {', '.join(str(path / name) for name in inside)})" if inside else ""
+    return FileNotFoundError(f"{path} has no config.json; not a Hugging Face checkpoint{hint}")
+
+
 def read_tower_config(path: Path) -> TowerConfig:
     """The image tower's config from a checkpoint directory's config.json.
 
@@ -78,7 +86,7 @@ def read_tower_config(path: Path) -> TowerConfig:
     """
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{path} has no config.json; not a Hugging Face checkpoint")
+        raise not_a_checkpoint(path)
     try:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -163,6 +164,20 @@ def test_pickle_only_checkpoint_is_refused(tiny_model, tmp_path):
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
         load_encoder(EncoderConfig(model=str(tmp_path / "nope")))
+
+
+def test_a_folder_holding_checkpoints_names_them(tiny_model, tmp_path):
+    """A training run's output given as the model: its image encoder and its two towers are folders inside it."""
+    run = tmp_path / "train-run"
+    for name in ("encoder", "model"):
+        shutil.copytree(tiny_model, run / name)
+    (run / "checkpoints").mkdir()
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"(checkpoints inside it: {run / 'encoder'}, {run / 'model'})")
+    ):
+        load_encoder(EncoderConfig(model=str(run), device="cpu"))
+    with pytest.raises(FileNotFoundError, match=r"has no config\.json; not a Hugging Face checkpoint$"):
+        load_encoder(EncoderConfig(model=str(run / "checkpoints"), device="cpu"))
 
 
 def test_unknown_hub_id_offline_is_a_clear_error():
