@@ -88,6 +88,8 @@ def _evaluate(ctx: _Context, outputs: dict) -> tuple[dict, dict]:
     settings = ctx.cfg.evaluate
     latest = read_latest(ctx.snapshots)
     published = latest.snapshot_id if latest and latest.snapshot_id != ctx.run_id else None
+    if published and settings.max_shrink is not None:
+        _refuse_a_shrink(ctx, published, settings.max_shrink)
     baseline = storage.join(ctx.snapshots, published) if published else settings.first_baseline
     since = datetime.now(UTC) - timedelta(days=settings.since_days) if settings.since_days else None
     out = storage.join(ctx.cfg.out, "runs", ctx.run_id, "evaluation")
@@ -103,6 +105,21 @@ def _evaluate(ctx: _Context, outputs: dict) -> tuple[dict, dict]:
         counts[f"baseline_ndcg@{k}"] = metrics[doc["baseline"]][f"ndcg@{k}"]
     raise_if_failed(doc)  # nothing is published; LATEST keeps serving the snapshot it names
     return counts, {"report": doc.get("report"), "baseline": baseline, "passed": doc["passed"]}
+
+
+def _refuse_a_shrink(ctx: _Context, published: str, max_shrink: float) -> None:
+    """Stop a candidate with more than `max_shrink` fewer items than the published snapshot: the metrics compare only
+    the queries both hold, so a catalog cut short upstream would pass the gate and be served."""
+    from evaluation.gate import GateFailed
+    from indexing.snapshot import read_manifest
+
+    now, before = read_manifest(ctx.snapshots, ctx.run_id)["count"], read_manifest(ctx.snapshots, published)["count"]
+    if now < (1 - max_shrink) * before:
+        raise GateFailed(
+            f"snapshot {ctx.run_id} holds {now:,} items, {1 - now / before:.1%} fewer than the published {published}'s "
+            f"{before:,} (evaluate.max_shrink {max_shrink:g}); not published. If the catalog did shrink, publish it "
+            f"by hand (lookalike publish --root {ctx.snapshots} {ctx.run_id}) or raise evaluate.max_shrink"
+        )
 
 
 def _publish(ctx: _Context, outputs: dict) -> tuple[dict, dict]:

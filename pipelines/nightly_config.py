@@ -78,6 +78,9 @@ class EvaluateSettings:
     since_days: int | None = 28  # interactions of the last N days; None: all
     first_baseline: str | None = PIXELS  # when nothing is published yet: builtin:pixels, or None (no gate)
     bootstrap: int = 1000
+    # The candidate may hold at most this share fewer items than the published snapshot; None: no limit. The metrics
+    # compare the queries both snapshots hold, so a catalog cut short upstream would pass them.
+    max_shrink: float | None = 0.1
 
     def __post_init__(self) -> None:
         from evaluation.gate import parse_gate
@@ -90,6 +93,9 @@ class EvaluateSettings:
             raise ValueError(f"evaluate.first_baseline must be {PIXELS!r} or null, got {self.first_baseline!r}")
         for gate in self.gates:
             parse_gate(gate, self.k)
+        if self.max_shrink is not None and not 0 <= self.max_shrink < 1:
+            raise ValueError(f"evaluate.max_shrink is a share of the published items, 0 to 1 (or null); "
+                             f"got {self.max_shrink}")  # fmt: skip
 
 
 @dataclass(frozen=True)

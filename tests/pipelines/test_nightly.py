@@ -89,6 +89,26 @@ def test_a_losing_candidate_is_not_published(tmp_path, demo_catalog, tiny_model)
     assert read_ledger(cfg.out, "nightly-2")[-1]["status"] == "failed"
 
 
+def test_a_catalog_cut_short_is_not_published_however_well_it_scores(tmp_path, demo_catalog, tiny_model):
+    """The metrics compare the queries both snapshots hold: a catalog cut to 80 items by an upstream fault passes
+    any gate on them. `evaluate.max_shrink` (10%) stops it; a rerun that allows the shrink publishes it."""
+    from pipelines.catalog import read_catalog
+
+    cfg = _config(tmp_path, demo_catalog, tiny_model)
+    run_nightly(cfg, "nightly-1")
+    pq.write_table(read_catalog(str(demo_catalog.manifest)).slice(0, 80), tmp_path / "short.parquet")
+    short = _config(tmp_path, demo_catalog, tiny_model, catalog=str(tmp_path / "short.parquet"))
+    with pytest.raises(GateFailed, match=r"snapshot nightly-2 holds 77 items, 18\.9% fewer than the published "
+                                         r"nightly-1's 95 \(evaluate.max_shrink 0.1\); not published"):  # fmt: skip
+        run_nightly(short, "nightly-2")
+    assert read_latest(f"{cfg.out}/snapshots").snapshot_id == "nightly-1"
+    assert [(r["step"], r["status"]) for r in read_ledger(cfg.out, "nightly-2")][-2:] == [
+        ("evaluate", "started"), ("evaluate", "failed")]  # fmt: skip
+    allowed = _config(tmp_path, demo_catalog, tiny_model, catalog=str(tmp_path / "short.parquet"),
+                      evaluate={"gates": PASSING, "since_days": None, "max_shrink": 0.3})  # fmt: skip
+    assert run_nightly(allowed, "nightly-2").published == "nightly-2"
+
+
 def test_a_night_whose_images_are_gone_publishes_nothing(tmp_path, demo_catalog, tiny_model):
     import pyarrow as pa
 
@@ -157,11 +177,13 @@ def test_a_second_job_on_the_same_root_is_refused(tmp_path, demo_catalog, tiny_m
         ("catalog: a\nmodel: b\nout: c\ninteractions: d\nembed: {batch_size: 0}\n", "embed: batch_size must be >= 1"),
         ("catalog: a\nmodel: b\nout: c\ninteractions: d\nembed: {max_dead_letters: 2}\n",
          "embed: max_dead_letters is a share of the items, 0 to 1"),
+        ("catalog: a\nmodel: b\nout: c\ninteractions: d\nevaluate: {max_shrink: 1}\n",
+         "evaluate.max_shrink is a share of the published items, 0 to 1"),
         ("- just\n- a list\n", "must be a mapping"),
         ("catalog: [unclosed\n", "not valid YAML"),
     ],
-    ids=["top-typo", "section-typo", "missing", "bad-gate", "bad-decoder", "bad-batch", "bad-share", "not-mapping",
-         "bad-yaml"],
+    ids=["top-typo", "section-typo", "missing", "bad-gate", "bad-decoder", "bad-batch", "bad-share", "bad-shrink",
+         "not-mapping", "bad-yaml"],
 )  # fmt: skip
 def test_bad_configs_fail_before_any_work(tmp_path, text, message):
     path = tmp_path / "nightly.yaml"
