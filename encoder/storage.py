@@ -152,6 +152,7 @@ def contained(name: str, *, nested: bool = False) -> str:
 
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+LATEST_NAME = "LATEST"  # ROOT/LATEST: the snapshot a root publishes (`indexing.publish`); never an id
 
 
 def check_id(name: str, what: str) -> str:
@@ -162,9 +163,9 @@ def check_id(name: str, what: str) -> str:
     Raises:
         ValueError: it cannot.
     """
-    if not isinstance(name, str) or not _ID.fullmatch(name) or name == "LATEST":
+    if not isinstance(name, str) or not _ID.fullmatch(name) or name == LATEST_NAME:
         raise ValueError(f"{what} {name!r}: use letters, digits, '.', '_' and '-' (up to 128, starting with a letter "
-                         "or digit), not LATEST")  # fmt: skip
+                         f"or digit), not {LATEST_NAME}")  # fmt: skip
     return name
 
 

@@ -20,15 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from encoder import storage
-from indexing.snapshot import (
-    LATEST_NAME,
-    MANIFEST_NAME,
-    SnapshotError,
-    local_copy,
-    read_manifest,
-    snapshot_dir,
-    verify_snapshot,
-)
+from encoder.storage import LATEST_NAME
+from indexing.snapshot import MANIFEST_NAME, SnapshotError, local_copy, read_manifest, snapshot_dir, verify_snapshot
 
 __all__ = ["Latest", "list_snapshots", "publish", "read_latest", "retain", "rollback"]
 

@@ -61,9 +61,6 @@ def new_snapshot_id() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
 
 
-LATEST_NAME = "LATEST"  # ROOT/LATEST: the published snapshot (indexing.publish); never a snapshot id
-
-
 def _write_ids_and_vectors(source, transform, workdir: Path, dim: int):
     """One pass: ids.parquet and vectors.npy as served; yields each served batch for the index.
 
