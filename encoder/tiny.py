@@ -36,6 +36,9 @@ class TinyModelConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("width", "layers", "heads", "patch_size", "image_size", "max_text_tokens", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
         if self.width % self.heads:

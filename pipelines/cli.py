@@ -87,11 +87,12 @@ def init_model(
     from encoder import TinyModelConfig, init_tiny_model
     from pipelines.catalog import CatalogError, read_catalog
 
+    shape = TinyModelConfig(image_size=image_size, patch_size=patch_size, width=width, layers=layers, heads=heads,
+                            seed=seed)  # fmt: skip
     table = read_catalog(catalog)
     if "title" not in table.column_names:
         raise CatalogError(f"catalog {catalog} has no 'title' column to train a tokenizer on")
-    path = init_tiny_model(table.column("title").to_pylist(), out, TinyModelConfig(
-        image_size=image_size, patch_size=patch_size, width=width, layers=layers, heads=heads, seed=seed))  # fmt: skip
+    path = init_tiny_model(table.column("title").to_pylist(), out, shape)
     typer.echo(f"wrote tiny SigLIP checkpoint to {path}")
 
 

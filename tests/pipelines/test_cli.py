@@ -116,6 +116,23 @@ def test_paths_that_cannot_be_what_they_name_get_one_clear_line_before_the_work(
 
 
 @pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--patch-size", "0"], "patch_size must be >= 1, got 0"),  # a ZeroDivisionError's traceback before
+        (["--layers", "0"], "layers must be >= 1, got 0"),  # a model with no layers was made
+        (["--width", "65", "--heads", "2"], "width 65 must be a multiple of heads 2"),
+    ],
+)
+def test_a_tiny_model_that_cannot_be_made_is_refused_before_the_catalog_is_read(monkeypatch, capsys, args, message):
+    import pipelines.cli
+    from pipelines.cli import main
+
+    monkeypatch.setattr(pipelines.cli, "_setup_logging", lambda verbose: None)
+    assert main(["init-model", "--catalog", "nowhere.parquet", "--out", "m", *args]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+@pytest.mark.parametrize(
     ("flag", "message"),
     [("--port=99999", "--port must be 1-65535, got 99999"), ("--refresh-s=0", "--refresh-s must be > 0, got 0.0")],
 )
