@@ -159,6 +159,7 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, *, incremental: b
 
     Raises:
         LockHeld: another job runs on the same output root.
+        FileNotFoundError: the interaction logs are missing where this run is to evaluate (before any step).
         evaluation.gate.GateFailed: the candidate lost to the published snapshot (nothing published).
         Anything a step raises (after recording it in the ledger as failed).
     """
@@ -168,6 +169,10 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, *, incremental: b
     ctx = _Context(cfg, run_id, incremental, tuple(beam_args or ()), reembed_since)
     with run_lock(cfg.out, run_id, cfg.lock_ttl_h):
         ledger = Ledger(cfg.out, run_id)
+        steps = STEPS[: STEPS.index(until) + 1] if until else STEPS
+        if "evaluate" in steps and not ledger.done("evaluate") and not storage.exists(cfg.interactions):
+            raise FileNotFoundError(f"interaction log {cfg.interactions} does not exist: the run would embed and "
+                                    "index, then stop at its evaluate step")  # fmt: skip
         if not ledger.rows:
             ledger.add({"step": "run", "status": "started", "kind": kind, "config": _config_dict(cfg)})
         outputs: dict[str, dict] = {}

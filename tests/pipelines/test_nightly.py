@@ -148,6 +148,18 @@ def test_a_run_id_that_cannot_name_a_snapshot_is_refused_before_the_lock(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_missing_interaction_logs_stop_a_run_before_it_embeds(tmp_path, demo_catalog, tiny_model):
+    """They are read only at the evaluate step: a typo in their path cost the whole embed and index first. A task that
+    stops before that step (an orchestrator's embed task) does not need them yet."""
+    cfg = _config(tmp_path, demo_catalog, tiny_model, interactions=str(tmp_path / "nowhere.parquet"))
+    with pytest.raises(
+        FileNotFoundError, match="interaction log .*nowhere.parquet does not exist: the run would embed"
+    ):
+        run_nightly(cfg, "nightly-1")
+    assert not (tmp_path / "out" / "embeddings").exists() and read_ledger(cfg.out, "nightly-1") == []
+    assert run_nightly(cfg, "nightly-1", until="index").steps[-1]["step"] == "index"
+
+
 def test_a_second_job_on_the_same_root_is_refused(tmp_path, demo_catalog, tiny_model):
     cfg = _config(tmp_path, demo_catalog, tiny_model)
     lock = tmp_path / "out" / "runs" / "LOCK"
