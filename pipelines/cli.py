@@ -285,9 +285,10 @@ def _before_the_embed_step(cfg: NightlyConfig, run_id: str, step: str | None, be
     config. A run past it (an orchestrator's later task) imports neither."""
     if _embed_step_ahead(cfg.out, run_id, step):
         from pipelines.beam_flags import check_beam_args
+        from pipelines.embed_config import option
 
         beam_args = [*cfg.embed.beam_args, *beam_args]
-        settings = {f"--{name.replace('_', '-')}": f"a night's embed settings are its config's (embed: {{{name}: ...}})"
+        settings = {option(name): f"a night's embed settings are its config's (embed: {{{name}: ...}})"
                     for name in cfg.embed.step_options()}  # fmt: skip
         check_beam_args(beam_args, ours, settings)
         _start_forker_early(cfg.embed.workers, cfg.embed.fork_workers, beam_args)

@@ -86,5 +86,10 @@ class EmbedConfig:
         return DecodeLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, draft=self.draft)
 
 
-# `lookalike embed`'s options: a run's settings (each field's name, dashed), offered where a flag is not Beam's.
-EMBED_OPTIONS = {f"--{f.name.replace('_', '-')}": f.name for f in fields(EmbedConfig)}
+def option(setting: str) -> str:
+    """A run's setting as `lookalike embed`'s option: `batch_size` → `--batch-size`."""
+    return f"--{setting.replace('_', '-')}"
+
+
+# `lookalike embed`'s options, offered where a flag handed on to Beam is not Beam's.
+EMBED_OPTIONS = tuple(option(f.name) for f in fields(EmbedConfig))
