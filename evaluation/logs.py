@@ -76,8 +76,10 @@ def read_judgments(uri: str, since: datetime | None = None) -> Judgments:
         stamp = _instants(table.column("timestamp"), f"{uri}: timestamp")
         keep = pc.greater_equal(stamp, pa.scalar(since, type=stamp.type))  # null where the time is: dropped
         counts["no_timestamp"] = stamp.null_count  # missing or not a time: not known to be after `since`
-        counts["before_since"] = table.num_rows - pc.sum(keep.cast(pa.int64())).as_py() - stamp.null_count
+        counts["before_since"] = table.num_rows - _true(keep) - stamp.null_count
         table = table.filter(keep)
+        if table.num_rows == 0:
+            raise LogError(f"interaction log {uri}: no row at or after --since {since.isoformat()} ({counts})")
 
     before = table.num_rows
     table = table.group_by(table.column_names).aggregate([])  # exact duplicate rows count once
@@ -86,10 +88,10 @@ def read_judgments(uri: str, since: datetime | None = None) -> Judgments:
     valid_ids = pc.and_(*(pc.fill_null(pc.not_equal(table.column(c), ""), False) for c in REQUIRED))  # (CSV: "")
     weights = table.column("weight")
     valid_weight = pc.and_(pc.is_finite(weights.fill_null(float("nan"))), pc.greater(weights.fill_null(0.0), 0.0))
-    counts["bad_rows"] = table.num_rows - pc.sum(pc.and_(valid_ids, valid_weight).cast(pa.int64())).as_py()
+    counts["bad_rows"] = table.num_rows - _true(pc.and_(valid_ids, valid_weight))
     table = table.filter(pc.and_(valid_ids, valid_weight))
     self_click = pc.equal(table.column("query_item_id"), table.column("clicked_item_id"))
-    counts["self_clicks"] = pc.sum(self_click.cast(pa.int64())).as_py() or 0
+    counts["self_clicks"] = _true(self_click)
     table = table.filter(pc.invert(self_click))
     if table.num_rows == 0:
         raise LogError(f"interaction log {uri}: no usable rows left ({counts})")
@@ -103,6 +105,11 @@ def read_judgments(uri: str, since: datetime | None = None) -> Judgments:
     counts["queries"] = len(relevance)
     counts["pairs"] = grouped.num_rows
     return Judgments(relevance, counts)
+
+
+def _true(mask: pa.ChunkedArray | pa.Array) -> int:
+    """How many of a mask's values are true: 0 for an empty mask or one of nulls (Arrow's sum of those is null)."""
+    return pc.sum(mask.cast(pa.int64()), min_count=0).as_py()
 
 
 def _numbers(column: pa.ChunkedArray, what: str) -> pa.ChunkedArray:

@@ -30,6 +30,7 @@ def test_evaluate_user_mistakes(snapshots, demo_catalog, tmp_path):
     for args, message in [
         (["--interactions", "nope.parquet"], "does not exist"),
         (["--interactions", str(demo_catalog.interactions), "--since", "yesterday"], "not an ISO 8601"),
+        (["--interactions", str(demo_catalog.interactions), "--since", "2062-01-01"], "is in the future"),
         (["--interactions", str(demo_catalog.interactions), "--gate", "ndcg@5>>1"], "cannot read gate"),
     ]:
         result = _lookalike("evaluate", "--snapshot", str(root / exact), *args, cwd=tmp_path)

@@ -113,3 +113,15 @@ def test_missing_and_unreadable_files(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"garbage")
     with pytest.raises(LogError, match="cannot read"):
         read_judgments(str(tmp_path / "bad.parquet"))
+
+
+def test_since_after_every_row_says_so(tmp_path):
+    """A `--since` after the last row (a typo'd year) leaves nothing: an error naming it, not a crash on the empty
+    table's counts (Arrow sums an empty mask to null)."""
+    days = [datetime(2026, 1, d, tzinfo=UTC) for d in (1, 2)]
+    path = _write(tmp_path, query_item_id=["q", "q"], clicked_item_id=["a", "b"], timestamp=days)
+    with pytest.raises(LogError, match=r"no row at or after --since 2062-01-01T00:00:00\+00:00 .*'before_since': 2"):
+        read_judgments(path, since=datetime(2062, 1, 1, tzinfo=UTC))
+    (tmp_path / "times.csv").write_text("query_item_id,clicked_item_id,timestamp\nq,a,never\nq,b,\n")
+    with pytest.raises(LogError, match="no row at or after --since .*'no_timestamp': 2"):  # every time unreadable
+        read_judgments(str(tmp_path / "times.csv"), since=datetime(2026, 1, 1, tzinfo=UTC))

@@ -388,9 +388,11 @@ _IMPORTED_AFTER = (  # runs the command line in a new process, then prints which
           "i"], "wokers"),
         (["backfill", "--model", "m", "--catalog", "c", "--out", "o", "--interactions", "i", "--since", "May"],
          "not an ISO 8601 date"),
+        (["backfill", "--model", "m", "--catalog", "c", "--out", "o", "--interactions", "i", "--since", "2062-05-01"],
+         "--since '2062-05-01' is in the future"),
         (["train", "--catalog", "c", "--model", "m", "--out", "o", "--precision", "fp8"], "precision must be"),
     ],
-    ids=["embed-batch", "embed-resize", "embed-dtype", "nightly-config", "backfill-since", "train-precision"],
+    ids=["embed-batch", "embed-resize", "embed-dtype", "nightly-config", "backfill-since", "backfill-future", "train-precision"],
 )  # fmt: skip
 def test_a_users_mistake_is_reported_before_torch_or_beam_is_imported(tmp_path, args, message):
     """A wrong flag or config value costs its one line in a fraction of a second: the settings are checked before
