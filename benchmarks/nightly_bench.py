@@ -68,7 +68,7 @@ def _night(folder: Path, model: Path, catalog: Path, logs: Path, run_id: str) ->
     from pipelines.nightly_config import EvaluateSettings, NightlyConfig
 
     cfg = NightlyConfig(catalog=str(catalog), model=str(model), out=str(folder / "out"), interactions=str(logs),
-                        evaluate=EvaluateSettings(gates=("ndcg@5>=baseline-1",), since_days=None))  # fmt: skip
+                        evaluate=EvaluateSettings(gates=("ndcg@5>=baseline-1",), since_days=None, min_queries=1))  # fmt: skip
     start = time.perf_counter()
     result = run_nightly(cfg, run_id)
     times = {row["step"]: row["seconds"] for row in result.steps}

@@ -103,6 +103,8 @@ def _evaluate(ctx: _Context, outputs: dict) -> tuple[dict, dict]:
     counts = {f"ndcg@{k}": metrics[doc["candidate"]][f"ndcg@{k}"], "queries": doc["counts"]["evaluated_queries"]}
     if doc["baseline"]:
         counts[f"baseline_ndcg@{k}"] = metrics[doc["baseline"]][f"ndcg@{k}"]
+    if doc.get("gates"):
+        _refuse_too_few_queries(ctx, doc, settings.min_queries)
     raise_if_failed(doc)  # nothing is published; LATEST keeps serving the snapshot it names
     return counts, {"report": doc.get("report"), "baseline": baseline, "passed": doc["passed"]}
 
@@ -119,6 +121,24 @@ def _refuse_a_shrink(ctx: _Context, published: str, max_shrink: float) -> None:
             f"snapshot {ctx.run_id} holds {now:,} items, {1 - now / before:.1%} fewer than the published {published}'s "
             f"{before:,} (evaluate.max_shrink {max_shrink:g}); not published. If the catalog did shrink, publish it "
             f"by hand (lookalike publish --root {ctx.snapshots} {ctx.run_id}) or raise evaluate.max_shrink"
+        )
+
+
+def _refuse_too_few_queries(ctx: _Context, doc: dict, min_queries: int) -> None:
+    """Stop a candidate whose gates were judged on fewer than `min_queries` queries, with the counts that say where
+    the others went (logs before `since_days`, queries or clicks not in the snapshots, bad rows)."""
+    from evaluation.gate import GateFailed
+
+    counts = doc["counts"]
+    measured = counts["evaluated_queries"]
+    if measured < min_queries:
+        left_out = "".join(f", {name.replace('_', ' ')} {value:,}" for name, value in counts.items()
+                           if value and name not in ("rows", "queries", "pairs", "evaluated_queries"))  # fmt: skip
+        raise GateFailed(
+            f"the logs measured {measured:,} queries, fewer than evaluate.min_queries {min_queries:,}: too few to "
+            f"judge snapshot {ctx.run_id}; not published (the logs' rows {counts.get('rows', 0):,}{left_out}). "
+            f"If the logs are right, publish it by hand "
+            f"(lookalike publish --root {ctx.snapshots} {ctx.run_id}) or lower evaluate.min_queries"
         )
 
 

@@ -81,12 +81,16 @@ class EvaluateSettings:
     # The candidate may hold at most this share fewer items than the published snapshot; None: no limit. The metrics
     # compare the queries both snapshots hold, so a catalog cut short upstream would pass them.
     max_shrink: float | None = 0.1
+    # A gate judged on fewer queries is not judged: logs thinned by an upstream fault (or ids that stopped matching
+    # the catalog's) would otherwise pass or fail a candidate on a handful of clicks.
+    min_queries: int = 100
 
     def __post_init__(self) -> None:
         from evaluation.gate import parse_gate
 
-        if self.k < 1 or self.bootstrap < 1:
-            raise ValueError(f"evaluate.k and evaluate.bootstrap must be >= 1, got {self.k}, {self.bootstrap}")
+        if self.k < 1 or self.bootstrap < 1 or self.min_queries < 1:
+            raise ValueError(f"evaluate.k, evaluate.bootstrap and evaluate.min_queries must be >= 1, got {self.k}, "
+                             f"{self.bootstrap}, {self.min_queries}")  # fmt: skip
         if self.since_days is not None and self.since_days < 1:
             raise ValueError(f"evaluate.since_days must be >= 1 or null, got {self.since_days}")
         if self.first_baseline not in (PIXELS, None):

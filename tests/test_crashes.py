@@ -69,7 +69,7 @@ def test_kill_during_embed_with_two_worker_processes_then_rerun(tmp_path, demo_c
     config = {"catalog": str(demo_catalog.manifest), "model": str(tiny_model), "out": "OUT",
               "interactions": str(demo_catalog.interactions), "index": {"index": "flat"},
               "embed": {"workers": 2, "batch_size": 8},
-              "evaluate": {"gates": ["ndcg@5>=baseline-1"], "since_days": None}}  # fmt: skip
+              "evaluate": {"gates": ["ndcg@5>=baseline-1"], "since_days": None, "min_queries": 10}}  # fmt: skip
     (tmp_path / "nightly.yaml").write_text(json.dumps(config))
     (tmp_path / "t").mkdir()  # the scratch the kill leaves (Beam's pipeline folder, the forker's socket): the test's
     job = subprocess.Popen([LOOKALIKE, "nightly", "--config", "nightly.yaml", "--run-id", "night"], cwd=tmp_path,

@@ -44,7 +44,8 @@ def _rows(out: str, run_id: str) -> dict[str, np.ndarray]:
 def _night(catalog: str, model: str, out: str) -> dict:
     cfg = NightlyConfig(catalog=f"{catalog}/manifest.parquet", model=model, out=out,
                         interactions=f"{catalog}/interactions.parquet",
-                        evaluate=EvaluateSettings(gates=("ndcg@5>=baseline-1",), since_days=None, bootstrap=50))  # fmt: skip
+                        evaluate=EvaluateSettings(gates=("ndcg@5>=baseline-1",), since_days=None, bootstrap=50,
+                                                                 min_queries=10))  # fmt: skip
     result = run_nightly(cfg, "night-1")
     metrics = json.loads(storage.read_bytes(f"{out}/runs/night-1/evaluation/metrics.json"))
     return {"published": result.published, "rows": _rows(out, "night-1"), "metrics": metrics["candidate"]}

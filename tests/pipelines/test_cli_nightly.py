@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 def _write_config(tmp_path, demo_catalog, tiny_model, gates: list[str]) -> str:
     config = {"catalog": str(demo_catalog.manifest), "model": str(tiny_model), "out": "OUT",
               "interactions": str(demo_catalog.interactions), "index": {"index": "flat"},
-              "evaluate": {"gates": gates, "since_days": None}}  # fmt: skip
+              "evaluate": {"gates": gates, "since_days": None, "min_queries": 10}}  # fmt: skip
     (tmp_path / "nightly.yaml").write_text(json.dumps(config))
     return "nightly.yaml"
 

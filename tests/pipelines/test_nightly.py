@@ -27,7 +27,7 @@ def _config(tmp_path, demo_catalog, tiny_model, gates=PASSING, **top):
     text = {
         "catalog": str(demo_catalog.manifest), "model": str(tiny_model), "out": str(tmp_path / "out"),
         "interactions": str(demo_catalog.interactions),
-        "index": {"index": "flat"}, "evaluate": {"gates": gates, "since_days": None}, **top,
+        "index": {"index": "flat"}, "evaluate": {"gates": gates, "since_days": None, "min_queries": 10}, **top,
     }  # fmt: skip
     path = tmp_path / "nightly.json"  # JSON is YAML
     path.write_text(json.dumps(text))
@@ -105,8 +105,27 @@ def test_a_catalog_cut_short_is_not_published_however_well_it_scores(tmp_path, d
     assert [(r["step"], r["status"]) for r in read_ledger(cfg.out, "nightly-2")][-2:] == [
         ("evaluate", "started"), ("evaluate", "failed")]  # fmt: skip
     allowed = _config(tmp_path, demo_catalog, tiny_model, catalog=str(tmp_path / "short.parquet"),
-                      evaluate={"gates": PASSING, "since_days": None, "max_shrink": 0.3})  # fmt: skip
+                      evaluate={"gates": PASSING, "since_days": None, "max_shrink": 0.3, "min_queries": 10})  # fmt: skip
     assert run_nightly(allowed, "nightly-2").published == "nightly-2"
+
+
+def test_a_gate_on_too_few_queries_publishes_nothing(tmp_path, demo_catalog, tiny_model):
+    """Logs thinned upstream to a few clicks would pass or fail a candidate on noise: below `evaluate.min_queries`
+    the night stops at the gate, saying where the other queries went; a rerun that accepts them publishes."""
+    cfg = _config(tmp_path, demo_catalog, tiny_model)
+    run_nightly(cfg, "nightly-1")
+    logs = pq.read_table(demo_catalog.interactions)
+    pq.write_table(logs.slice(0, 12), tmp_path / "thin.parquet")
+    thin = _config(tmp_path, demo_catalog, tiny_model, interactions=str(tmp_path / "thin.parquet"),
+                   evaluate={"gates": PASSING, "since_days": None, "min_queries": 20})  # fmt: skip
+    with pytest.raises(GateFailed, match=r"the logs measured \d queries, fewer than evaluate.min_queries 20: too few "
+                                         r"to judge snapshot nightly-2; not published \(the logs' rows 12"):  # fmt: skip
+        run_nightly(thin, "nightly-2")
+    assert read_latest(f"{cfg.out}/snapshots").snapshot_id == "nightly-1"
+    assert read_ledger(cfg.out, "nightly-2")[-1]["step"] == "evaluate"
+    enough = _config(tmp_path, demo_catalog, tiny_model, interactions=str(tmp_path / "thin.parquet"),
+                     evaluate={"gates": PASSING, "since_days": None, "min_queries": 1})  # fmt: skip
+    assert run_nightly(enough, "nightly-2").published == "nightly-2"
 
 
 def test_a_night_whose_images_are_gone_publishes_nothing(tmp_path, demo_catalog, tiny_model):
@@ -191,11 +210,13 @@ def test_a_second_job_on_the_same_root_is_refused(tmp_path, demo_catalog, tiny_m
          "embed: max_dead_letters is a share of the items, 0 to 1"),
         ("catalog: a\nmodel: b\nout: c\ninteractions: d\nevaluate: {max_shrink: 1}\n",
          "evaluate.max_shrink is a share of the published items, 0 to 1"),
+        ("catalog: a\nmodel: b\nout: c\ninteractions: d\nevaluate: {min_queries: 0}\n",
+         "evaluate.min_queries must be >= 1"),
         ("- just\n- a list\n", "must be a mapping"),
         ("catalog: [unclosed\n", "not valid YAML"),
     ],
     ids=["top-typo", "section-typo", "missing", "bad-gate", "bad-decoder", "bad-batch", "bad-share", "bad-shrink",
-         "not-mapping", "bad-yaml"],
+         "bad-min-queries", "not-mapping", "bad-yaml"],
 )  # fmt: skip
 def test_bad_configs_fail_before_any_work(tmp_path, text, message):
     path = tmp_path / "nightly.yaml"

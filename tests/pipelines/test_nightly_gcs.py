@@ -21,7 +21,7 @@ def test_nightly_on_gcs(gcs_emulator, gcs_bucket, demo_catalog, tiny_model, tmp_
     out = f"gs://{gcs_bucket}/lookalike"
     cfg = NightlyConfig(catalog=f"{catalog}/manifest.parquet", model=model, out=out,
                         interactions=f"{catalog}/interactions.parquet",
-                        evaluate=EvaluateSettings(gates=("ndcg@5>=baseline-1",), since_days=None))  # fmt: skip
+                        evaluate=EvaluateSettings(gates=("ndcg@5>=baseline-1",), since_days=None, min_queries=10))  # fmt: skip
     with run_lock(out, "someone-else", ttl_h=1), pytest.raises(LockHeld, match="locked by run someone-else"):
         run_nightly(cfg, "nightly-1")
     result = run_nightly(cfg, "nightly-1")
