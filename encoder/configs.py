@@ -7,11 +7,13 @@ torch to check its config. `encoder.model`, `encoder.preprocess` and `encoder.gp
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from encoder.storage import cache_dir
 
-__all__ = ["RESIZES", "DecodeLimits", "EncoderConfig"]
+__all__ = ["RESIZES", "DecodeLimits", "EncoderConfig", "embedding_dim"]
 
 # How the GPU resize sums PIL's taps: batched products over dense resampling matrices (`encoder.resize`), or two
 # Triton kernels that gather them from the decoder's buffer (`encoder.resize_kernel`; the products until a GPU run
@@ -62,3 +64,41 @@ class DecodeLimits:
     def __post_init__(self) -> None:
         if self.max_bytes < 1 or self.max_pixels < 1:
             raise ValueError(f"limits must be positive, got {self}")
+
+
+def embedding_dim(model: str) -> int | None:
+    """The dimension of a checkpoint's image vectors (its vision tower's width), read from its config.json alone: a
+    local or gs:// directory, or a Hub id already in the cache. None where that file cannot be read here without a
+    download or is not a SigLIP config: the model's load then says what is wrong.
+
+    For checks made before any work (a night's `reduce` against the model), without torch or transformers."""
+    import json
+
+    from encoder import storage
+
+    if storage.is_gcs(model) or os.path.isdir(model):
+        try:
+            text = storage.read_bytes(storage.join(model, "config.json"))
+        except (FileNotFoundError, OSError):
+            return None
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(model, "config.json")
+        except ValueError:  # not a Hub id
+            return None
+        if not isinstance(cached, str):
+            return None
+        text = Path(cached).read_bytes()
+    try:
+        config = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(config, dict):
+        return None
+    vision = config if config.get("model_type") == "siglip_vision_model" else config.get("vision_config")
+    if config.get("model_type") not in ("siglip", "siglip_vision_model") or not isinstance(vision, dict):
+        return None
+    width = vision.get("hidden_size", 768)  # transformers' default, as the tower's
+    return width if isinstance(width, int) and width > 0 else None

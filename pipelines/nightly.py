@@ -180,6 +180,7 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, *, incremental: b
     Raises:
         LockHeld: another job runs on the same output root.
         FileNotFoundError: the interaction logs are missing where this run is to evaluate (before any step).
+        ValueError: `index.reduce` keeps as many dimensions as the model's vectors have, or more (before any step).
         evaluation.gate.GateFailed: the candidate lost to the published snapshot (nothing published).
         Anything a step raises (after recording it in the ledger as failed).
     """
@@ -187,9 +188,11 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, *, incremental: b
         raise ValueError(f"unknown step {until!r}; steps: {', '.join(STEPS)}")
     run_id = storage.check_id(run_id or default_run_id(kind), "run id")  # its embeddings', ledger's, snapshot's
     ctx = _Context(cfg, run_id, incremental, tuple(beam_args or ()), reembed_since)
+    steps = STEPS[: STEPS.index(until) + 1] if until else STEPS
+    if "index" in steps:
+        _refuse_a_reduce_past_the_model(cfg)
     with run_lock(cfg.out, run_id, cfg.lock_ttl_h):
         ledger = Ledger(cfg.out, run_id)
-        steps = STEPS[: STEPS.index(until) + 1] if until else STEPS
         if "evaluate" in steps and not ledger.done("evaluate") and not storage.exists(cfg.interactions):
             raise FileNotFoundError(f"interaction log {cfg.interactions} does not exist: the run would embed and "
                                     "index, then stop at its evaluate step")  # fmt: skip
@@ -210,6 +213,19 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, *, incremental: b
                 return result
         ledger.add({"step": "run", "status": "done"})
         return result
+
+
+def _refuse_a_reduce_past_the_model(cfg: NightlyConfig) -> None:
+    """`index.reduce: pca:D` (or `prefix:D`) must leave fewer dimensions than the model's vectors have: checked from
+    the model's config.json before the embed, which would otherwise run its whole catalog first."""
+    from encoder.configs import embedding_dim
+
+    if cfg.index.reduce is None:
+        return
+    target, dim = int(cfg.index.reduce.split(":")[1]), embedding_dim(cfg.model)
+    if dim is not None and target >= dim:
+        raise ValueError(f"index.reduce {cfg.index.reduce}: the model's vectors have {dim} dimensions ({cfg.model}); "
+                         f"reduce to fewer, or leave reduce out")  # fmt: skip
 
 
 def _run_step(ctx: _Context, ledger: Ledger, step: str, outputs: dict, on_step) -> dict:

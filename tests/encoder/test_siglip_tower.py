@@ -135,6 +135,29 @@ def test_config_defaults_are_transformers(tiny_model):
                                                         num_attention_heads=4, image_size=64)  # fmt: skip
 
 
+def test_the_vectors_dimension_is_read_from_the_config_alone(tiny_model, tiny_encoder, tmp_path, monkeypatch):
+    """`embedding_dim` (a night's check of `index.reduce` before its embed) agrees with the loaded encoder for a
+    two-tower checkpoint, its tower saved alone and a Hub id in the cache; None where the config cannot say."""
+    import huggingface_hub.constants
+
+    from encoder.configs import embedding_dim
+
+    assert embedding_dim(str(tiny_model)) == tiny_encoder.dim == 128
+    assert embedding_dim(str(save_alone(tiny_model, tmp_path / "alone"))) == 128
+    snapshot = tmp_path / "hub" / "models--org--siglip" / "snapshots" / "abc123"
+    shutil.copytree(tiny_model, snapshot)
+    (tmp_path / "hub" / "models--org--siglip" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--siglip" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert embedding_dim("org/siglip") == 128
+    assert embedding_dim("org/not-cached") is None and embedding_dim("not a hub id!") is None
+    (tmp_path / "odd").mkdir()
+    assert embedding_dim(str(tmp_path / "odd")) is None  # no config.json
+    for text in ("{not json", "[1]", '{"model_type": "clip", "vision_config": {"hidden_size": 9}}'):
+        (tmp_path / "odd" / "config.json").write_text(text)
+        assert embedding_dim(str(tmp_path / "odd")) is None, text
+
+
 def _edit_config(tiny_model: Path, out: Path, **vision) -> Path:
     shutil.copytree(tiny_model, out)
     config = json.loads((out / "config.json").read_text())

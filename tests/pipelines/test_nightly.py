@@ -14,6 +14,7 @@ import pytest
 
 from evaluation.gate import GateFailed
 from indexing.publish import read_latest
+from indexing.snapshot import read_manifest
 from pipelines.nightly import read_ledger, run_nightly
 from pipelines.nightly_config import ConfigError, load_nightly_config
 from pipelines.run_lock import LockHeld
@@ -126,6 +127,19 @@ def test_a_gate_on_too_few_queries_publishes_nothing(tmp_path, demo_catalog, tin
     enough = _config(tmp_path, demo_catalog, tiny_model, interactions=str(tmp_path / "thin.parquet"),
                      evaluate={"gates": PASSING, "since_days": None, "min_queries": 1})  # fmt: skip
     assert run_nightly(enough, "nightly-2").published == "nightly-2"
+
+
+def test_a_reduce_the_model_cannot_take_is_refused_before_the_embed(tmp_path, demo_catalog, tiny_model):
+    """`index.reduce` at or above the model's 128 dimensions failed at the index step, after a whole embed: it is
+    read against the model's config.json before the run takes its lock."""
+    for reduce in ("pca:128", "prefix:500"):
+        cfg = _config(tmp_path, demo_catalog, tiny_model, index={"index": "flat", "reduce": reduce})
+        with pytest.raises(ValueError, match=rf"index.reduce {reduce}: the model's vectors have 128 dimensions"):
+            run_nightly(cfg, "nightly-1")
+        assert not (tmp_path / "out").exists()  # no lock, no ledger, no embeddings
+    cfg = _config(tmp_path, demo_catalog, tiny_model, index={"index": "flat", "reduce": "pca:16"})
+    run_nightly(cfg, "nightly-1", until="index")
+    assert read_manifest(f"{cfg.out}/snapshots", "nightly-1")["dim"] == 16
 
 
 def test_a_night_whose_images_are_gone_publishes_nothing(tmp_path, demo_catalog, tiny_model):
