@@ -15,6 +15,9 @@ from pipelines.dates import parse_when
 
 __all__ = ["ROWS_PER_SHARD", "EmbedConfig"]
 
+# A fetch chunk is 4 items per fetch thread, read and decoded as a whole: 1,024 images of 224 px is ~150 MB; a typo'd
+# 16000 would hold 64,000 (~10 GB) per chunk in flight.
+MAX_FETCH_THREADS = 256
 ROWS_PER_SHARD = 100_000  # ~300 MB of 768 float32s: a few thousand files for a catalog of hundreds of millions
 
 
@@ -60,6 +63,12 @@ class EmbedConfig:
                      "rows_per_shard", "workers"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.fetch_threads > MAX_FETCH_THREADS:
+            raise ValueError(
+                f"fetch_threads must be at most {MAX_FETCH_THREADS}, got {self.fetch_threads}: a fetch chunk "
+                f"holds 4 images per thread, so {self.fetch_threads:,} would hold "
+                f"{4 * self.fetch_threads:,} images at once"
+            )
         if self.gpu_decode not in ("auto", "on", "off"):
             raise ValueError(f"gpu_decode must be auto, on or off, got {self.gpu_decode!r}")
         if self.gpu_decoder not in ("auto", "nvimgcodec", "nvjpeg"):

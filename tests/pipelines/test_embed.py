@@ -141,6 +141,13 @@ def test_counts_below_one_are_refused_before_any_work(field):
         EmbedConfig(catalog="-", model="-", out="-", **{field: 0})
 
 
+def test_fetch_threads_that_would_hold_a_chunk_too_large_are_refused():
+    """A fetch chunk holds 4 items per thread: a typo'd 16000 would read and decode 64,000 images at once."""
+    assert EmbedConfig(catalog="-", model="-", out="-", fetch_threads=256).fetch_threads == 256
+    with pytest.raises(ValueError, match="fetch_threads must be at most 256, got 16000: .* would hold 64,000 images"):
+        EmbedConfig(catalog="-", model="-", out="-", fetch_threads=16000)
+
+
 @pytest.mark.parametrize("run_id", ["LATEST", "../x", "a b", ".hidden", "nächtlich", ""])
 def test_a_run_id_that_cannot_name_its_folders_is_refused_before_any_work(run_id):
     with pytest.raises(ValueError, match=f"run_id {re.escape(repr(run_id))}: use letters, digits"):
