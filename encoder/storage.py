@@ -26,6 +26,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote
@@ -43,6 +44,7 @@ __all__ = [
     "download_gcs_dir",
     "exists",
     "gcs_client",
+    "instants",
     "is_gcs",
     "is_not_found",
     "is_transient",
@@ -396,6 +398,32 @@ def table_from_bytes(data: bytes, fmt: str, string_columns: tuple[str, ...] = ()
                              for name in names})  # fmt: skip
         except (ValueError, TypeError, AttributeError, pa.ArrowException):  # not that: Arrow's own reason
             raise err from None
+
+
+def instants(column, what: str):
+    """A column of timestamps, dates or ISO 8601 text as UTC instants (Arrow `timestamp[us, UTC]`); a time without a
+    zone is UTC, as `--since`'s is, and a text value that is not a time becomes null.
+
+    Raises:
+        ValueError: a column of another kind (numbers: seconds or milliseconds since when?), named by `what`.
+    """
+    import pyarrow as pa
+
+    utc = pa.timestamp("us", tz="UTC")
+    kind = column.type
+    if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
+        return column.cast(pa.timestamp("us", tz=getattr(kind, "tz", None) or "UTC")).cast(utc)
+    if not pa.types.is_string(kind) and not pa.types.is_large_string(kind):
+        raise ValueError(f"{what} must be timestamps, dates or ISO 8601 text, not {kind}")
+    return pa.chunked_array([pa.array([_instant(v) for v in column.to_pylist()], utc)])
+
+
+def _instant(text: str | None) -> datetime | None:
+    try:
+        when = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def _json_column(values: list, as_text: bool):

@@ -15,11 +15,12 @@ Documented handling:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from encoder.storage import instants
 from evaluation.catalog import read_table
 
 __all__ = ["Judgments", "LogError", "read_judgments"]
@@ -73,7 +74,10 @@ def read_judgments(uri: str, since: datetime | None = None) -> Judgments:
     if since is not None:
         if "timestamp" not in table.column_names:
             raise LogError(f"--since needs a timestamp column; {uri} has {table.column_names}")
-        stamp = _instants(table.column("timestamp"), f"{uri}: timestamp")
+        try:
+            stamp = instants(table.column("timestamp"), f"{uri}: timestamp")
+        except ValueError as err:
+            raise LogError(str(err)) from err
         keep = pc.greater_equal(stamp, pa.scalar(since, type=stamp.type))  # null where the time is: dropped
         counts["no_timestamp"] = stamp.null_count  # missing or not a time: not known to be after `since`
         counts["before_since"] = table.num_rows - _true(keep) - stamp.null_count
@@ -127,23 +131,3 @@ def _number(text: str | None) -> float | None:
         return float(text)
     except (TypeError, ValueError):
         return None
-
-
-def _instants(column: pa.ChunkedArray, what: str) -> pa.ChunkedArray:
-    """Timestamps, dates or ISO 8601 text as UTC instants (a time without a zone is UTC, as `--since`'s is); a value
-    that is not one becomes null."""
-    utc = pa.timestamp("us", tz="UTC")
-    kind = column.type
-    if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
-        return column.cast(pa.timestamp("us", tz=getattr(kind, "tz", None) or "UTC")).cast(utc)
-    if not pa.types.is_string(kind) and not pa.types.is_large_string(kind):
-        raise LogError(f"{what} must be timestamps, dates or ISO 8601 text, not {kind}")
-    return pa.chunked_array([pa.array([_instant(v) for v in column.to_pylist()], utc)])
-
-
-def _instant(text: str | None) -> datetime | None:
-    try:
-        when = datetime.fromisoformat(text)
-    except (TypeError, ValueError):
-        return None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)

@@ -38,7 +38,7 @@ from apache_beam.utils.shared import Shared
 
 from encoder import ImageEncoder, load_encoder
 from encoder.devices import spread_note
-from encoder.storage import check_folder
+from encoder.storage import check_folder, instants
 from pipelines import storage, worker_fork
 from pipelines.beam_flags import check_beam_args
 from pipelines.beam_memo import RememberedViews, remember_dofn_specs, remember_function_args
@@ -418,10 +418,12 @@ def _dead_letter_reasons(metrics: dict[str, int]) -> list[tuple[str, str, int]]:
 
 
 def _updated_since(catalog, since: str) -> frozenset[str]:
-    """Item ids whose `updated_at` is on or after `since` (ISO date or time, UTC unless it says otherwise).
+    """Item ids whose `updated_at` is on or after `since` (ISO date or time, UTC unless it says otherwise). The
+    column may hold timestamps, dates or ISO 8601 text; an item whose time is missing or unreadable is not known to be
+    recent: it reuses its earlier vector, and the log counts such items.
 
     Raises:
-        CatalogError: no updated_at column.
+        CatalogError: no updated_at column, or one of numbers (seconds or milliseconds since when?).
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -429,13 +431,16 @@ def _updated_since(catalog, since: str) -> frozenset[str]:
     when = parse_when(since)
     if "updated_at" not in catalog.column_names:
         raise CatalogError(f"--since needs an updated_at column in the catalog; found {catalog.column_names}")
-    stamps = catalog.column("updated_at")
-    if not pa.types.is_timestamp(stamps.type):
-        stamps = pc.cast(stamps, pa.timestamp("us", tz="UTC"))
-    if stamps.type.tz is None:
-        stamps = pc.assume_timezone(stamps, "UTC")
-    recent = catalog.filter(pc.greater_equal(stamps, pa.scalar(when, type=pa.timestamp("us", tz="UTC"))))
+    try:
+        stamps = instants(catalog.column("updated_at"), "the catalog's updated_at")
+    except ValueError as err:
+        raise CatalogError(str(err)) from err
+    recent = catalog.filter(pc.greater_equal(stamps, pa.scalar(when, type=stamps.type)))
     log.info("re-embedding %d item(s) updated since %s; the rest may reuse earlier vectors", recent.num_rows, since)
+    if stamps.null_count:
+        unread = catalog.filter(pc.is_null(stamps)).column("item_id").slice(0, 3).to_pylist()
+        log.warning("%d item(s) have no updated_at that reads as a time (e.g. %s): not re-embedded where an earlier "
+                    "vector exists", stamps.null_count, ", ".join(map(str, unread)))  # fmt: skip
     return frozenset(recent.column("item_id").to_pylist())
 
 

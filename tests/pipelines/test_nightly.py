@@ -306,6 +306,43 @@ def test_backfill_of_a_date_range_reencodes_only_those_items(tmp_path, demo_cata
     assert result.published == "backfill-1"
 
 
+def test_a_backfill_reads_updated_at_as_text_and_refuses_numbers(tmp_path, demo_catalog, tiny_model, caplog):
+    """A CSV catalog's `updated_at` is ISO text: read as times (it failed the run: Arrow's cast wants a zone). An
+    item whose time does not read is not known to be recent: reused, and counted in the log. Numbers (seconds or
+    milliseconds?) are refused: Arrow read them as microseconds since 1970, so nothing was re-encoded."""
+    import pyarrow as pa
+
+    from pipelines.catalog import CatalogError, read_catalog
+
+    cfg = _config(tmp_path, demo_catalog, tiny_model)
+    run_nightly(cfg, "nightly-1")
+    manifest = read_catalog(str(demo_catalog.manifest))  # image URIs resolved: the copies live elsewhere
+    since = datetime(2026, 7, 1, tzinfo=UTC)
+    times = manifest.column("updated_at").to_pylist()
+    unreadable = {i for i, t in enumerate(times) if t >= since}
+    unreadable = set(sorted(unreadable)[:2])
+    text = [("last week" if i in unreadable else t.strftime("%Y-%m-%d %H:%M:%S")) for i, t in enumerate(times)]
+    pq.write_table(manifest.set_column(manifest.column_names.index("updated_at"), "updated_at", pa.array(text)),
+                   tmp_path / "text.parquet")  # fmt: skip
+    recent = {i for i, t in zip(manifest["item_id"].to_pylist(), times, strict=True) if t >= since}
+    dropped = {manifest["item_id"][i].as_py() for i in unreadable}
+    expected = len(recent - dropped - set(demo_catalog.broken_item_ids))
+
+    text_cfg = _config(tmp_path, demo_catalog, tiny_model, catalog=str(tmp_path / "text.parquet"))
+    with caplog.at_level("WARNING", logger="pipelines.embed"):
+        counts = run_nightly(text_cfg, "backfill-1", kind="backfill", reembed_since="2026-07-01").steps[0]["counts"]
+    assert counts["embedded"] == expected and counts["reused"] == 95 - expected
+    assert "2 item(s) have no updated_at that reads as a time" in caplog.text
+
+    seconds = [int(t.timestamp()) for t in times]
+    pq.write_table(manifest.set_column(manifest.column_names.index("updated_at"), "updated_at", pa.array(seconds)),
+                   tmp_path / "seconds.parquet")  # fmt: skip
+    seconds_cfg = _config(tmp_path, demo_catalog, tiny_model, catalog=str(tmp_path / "seconds.parquet"))
+    with pytest.raises(CatalogError, match="the catalog's updated_at must be timestamps, dates or ISO 8601 text, "
+                                           "not int64"):  # fmt: skip
+        run_nightly(seconds_cfg, "backfill-2", kind="backfill", reembed_since="2026-07-01")
+
+
 _WITHOUT_TORCH_OR_BEAM = """
 import sys
 
