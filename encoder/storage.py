@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import random
@@ -26,7 +25,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote
@@ -44,7 +42,6 @@ __all__ = [
     "download_gcs_dir",
     "exists",
     "gcs_client",
-    "instants",
     "is_gcs",
     "is_not_found",
     "is_transient",
@@ -363,80 +360,6 @@ def _image_http():
         base = f"{_get_host_name(client._connection)}/download/storage/v1/b/"
         _IMAGE_HTTP = (client, ObjectHttp(base, client._credentials, Request()))
     return _IMAGE_HTTP[1]
-
-
-TABLE_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl",
-                 ".json": "jsonl"}  # fmt: skip
-
-
-def table_from_bytes(data: bytes, fmt: str, string_columns: tuple[str, ...] = ()):
-    """A Parquet, CSV or JSON-lines file's bytes as an Arrow table; `string_columns` stay text where the format
-    would guess another type (a CSV's `007`). JSON lines whose values change kind from row to row (ids that are
-    numbers in some rows and text in others), which Arrow's JSON reader refuses, are read line by line: such a
-    column, and `string_columns`, as text.
-
-    Raises:
-        Whatever the format's reader raises for bytes it cannot read.
-    """
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
-    import pyarrow.parquet as pq
-
-    if fmt == "parquet":
-        return pq.read_table(arrow_input(data))
-    if fmt == "csv":
-        options = pacsv.ConvertOptions(column_types=dict.fromkeys(string_columns, pa.string()))
-        return pacsv.read_csv(arrow_input(data), convert_options=options)
-    try:
-        return pajson.read_json(arrow_input(data))
-    except pa.ArrowInvalid as err:
-        try:
-            rows = [json.loads(line) for line in data.splitlines() if line.strip()]
-            names = dict.fromkeys(name for row in rows for name in row)  # every row's, in order of appearance
-            return pa.table({name: _json_column([row.get(name) for row in rows], name in string_columns)
-                             for name in names})  # fmt: skip
-        except (ValueError, TypeError, AttributeError, pa.ArrowException):  # not that: Arrow's own reason
-            raise err from None
-
-
-def instants(column, what: str):
-    """A column of timestamps, dates or ISO 8601 text as UTC instants (Arrow `timestamp[us, UTC]`); a time without a
-    zone is UTC, as `--since`'s is, and a text value that is not a time becomes null.
-
-    Raises:
-        ValueError: a column of another kind (numbers: seconds or milliseconds since when?), named by `what`.
-    """
-    import pyarrow as pa
-
-    utc = pa.timestamp("us", tz="UTC")
-    kind = column.type
-    if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
-        return column.cast(pa.timestamp("us", tz=getattr(kind, "tz", None) or "UTC")).cast(utc)
-    if not pa.types.is_string(kind) and not pa.types.is_large_string(kind):
-        raise ValueError(f"{what} must be timestamps, dates or ISO 8601 text, not {kind}")
-    return pa.chunked_array([pa.array([_instant(v) for v in column.to_pylist()], utc)])
-
-
-def _instant(text: str | None) -> datetime | None:
-    try:
-        when = datetime.fromisoformat(text)
-    except (TypeError, ValueError):
-        return None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
-
-
-def _json_column(values: list, as_text: bool):
-    """A JSON-lines column Arrow's reader refused: as it is where Arrow can hold it, else (and for `as_text`) each
-    value as its text (7 → "7", "7" → "7")."""
-    import pyarrow as pa
-
-    if not as_text:
-        try:
-            return pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            pass
-    return pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values], pa.string())
 
 
 def arrow_input(data: bytes):

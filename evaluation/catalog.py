@@ -7,24 +7,24 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from encoder import storage
+from encoder import storage, tables
 
 __all__ = ["CatalogInfo", "read_catalog_info", "read_table"]
 
 
 def read_table(uri: str, string_columns: tuple[str, ...] = ()) -> pa.Table:
-    """A Parquet, CSV or JSON-lines file (local or gs://) as a table (`storage.table_from_bytes`).
+    """A Parquet, CSV or JSON-lines file (local or gs://) as a table (`encoder.tables.table_from_bytes`).
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: an unknown format or an unreadable file.
     """
     suffix = os.path.splitext(uri)[1].lower()
-    if suffix not in storage.TABLE_FORMATS:
+    if suffix not in tables.TABLE_FORMATS:
         raise ValueError(f"{uri}: unknown format {suffix!r}; use .parquet, .csv or .jsonl")
     data = storage.read_bytes(uri)
     try:
-        return storage.table_from_bytes(data, storage.TABLE_FORMATS[suffix], string_columns)
+        return tables.table_from_bytes(data, tables.TABLE_FORMATS[suffix], string_columns)
     except Exception as err:  # noqa: BLE001 - reader errors vary; the caller names the file
         raise ValueError(f"cannot read {uri}: {type(err).__name__}: {err}") from err
 
@@ -41,10 +41,11 @@ def read_catalog_info(uri: str) -> CatalogInfo:
     table = read_table(uri, string_columns=("item_id", "image_uri"))
     if "item_id" not in table.column_names:
         raise ValueError(f"catalog {uri} lacks an item_id column")
-    ids = table.column("item_id").cast(pa.string()).to_pylist()
+    ids = tables.text_column(table, "item_id", f"catalog {uri}").to_pylist()
 
     def column(name: str) -> list:
-        return table.column(name).cast(pa.string()).to_pylist() if name in table.column_names else [None] * len(ids)
+        text = tables.text_column(table, name, f"catalog {uri}")
+        return [None] * len(ids) if text is None else text.to_pylist()
 
     base = storage.parent_dir(uri)
 

@@ -20,7 +20,7 @@ from datetime import datetime
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from encoder.storage import instants
+from encoder.tables import instants
 from evaluation.catalog import read_table
 
 __all__ = ["Judgments", "LogError", "read_judgments"]

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from encoder import storage as object_store
+from encoder import tables
 from pipelines import storage
 from pipelines.dates import parse_when
 
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 REQUIRED_COLUMNS = ("item_id", "image_uri")
-_MANIFEST_FORMATS = object_store.TABLE_FORMATS
+_MANIFEST_FORMATS = tables.TABLE_FORMATS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 _GLOB_CHARS = set("*?[")
 
@@ -90,7 +91,7 @@ def read_manifest_file(uri: str) -> pa.Table:
     """
     fmt = _MANIFEST_FORMATS.get(_suffix(uri))
     try:
-        table = object_store.table_from_bytes(storage.read_bytes(uri), fmt, REQUIRED_COLUMNS)
+        table = tables.table_from_bytes(storage.read_bytes(uri), fmt, REQUIRED_COLUMNS)
         names = table.column_names  # a non-UTF-8 CSV header fails only here
     except Exception as err:  # noqa: BLE001 - any reader failure means an unusable manifest
         raise CatalogError(f"cannot read manifest {uri}: {type(err).__name__}: {err}") from err
@@ -98,9 +99,9 @@ def read_manifest_file(uri: str) -> pa.Table:
     if missing:
         raise CatalogError(f"manifest {uri} lacks column(s) {missing}; found {names}")
     try:
-        item_ids, uris = (table.column(c).cast(pa.string()) for c in ("item_id", "image_uri"))
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-        raise CatalogError(f"manifest {uri}: item_id and image_uri must be text: {err}") from err
+        item_ids, uris = (tables.text_column(table, c, f"manifest {uri}") for c in ("item_id", "image_uri"))
+    except ValueError as err:
+        raise CatalogError(str(err)) from err
     # Relative URIs are relative to the manifest's directory; empty stays empty (dead-lettered later).
     base = object_store.parent_dir(uri)
     resolved = pa.array([object_store.resolve(base, u) for u in uris.to_pylist()], pa.string())

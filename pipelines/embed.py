@@ -38,7 +38,8 @@ from apache_beam.utils.shared import Shared
 
 from encoder import ImageEncoder, load_encoder
 from encoder.devices import spread_note
-from encoder.storage import check_folder, instants
+from encoder.storage import check_folder
+from encoder.tables import instants
 from pipelines import storage, worker_fork
 from pipelines.beam_flags import check_beam_args
 from pipelines.beam_memo import RememberedViews, remember_dofn_specs, remember_function_args

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from encoder import storage
+from encoder import storage, tables
 from encoder.preprocess import DecodeLimits, ImageDecodeError, PreprocessConfig, decode_image
 from evaluation.catalog import read_table
 
@@ -74,7 +74,10 @@ def _read_manifest(uri: str) -> pa.Table:
     if missing:
         raise PairError(f"catalog {uri} lacks column(s) {missing} (training needs image–title pairs); "
                         f"found {table.column_names}")  # fmt: skip
-    ids = table.column("item_id").cast(pa.string())
+    try:
+        ids, _, _ = (tables.text_column(table, c, f"catalog {uri}") for c in REQUIRED)
+    except ValueError as err:
+        raise PairError(str(err)) from err
     if ids.null_count:
         raise PairError(f"catalog {uri} has {ids.null_count} row(s) without an item_id")
     duplicates = [v["values"] for v in pc.value_counts(ids).to_pylist() if v["counts"] > 1]
@@ -108,9 +111,7 @@ def collect_pairs(catalog: str, preprocess: PreprocessConfig, *, val_fraction: f
     """
     table = _read_manifest(catalog)
     base = storage.parent_dir(catalog)
-    ids = table.column("item_id").cast(pa.string()).to_pylist()
-    uris = table.column("image_uri").cast(pa.string()).to_pylist()
-    titles = table.column("title").cast(pa.string()).to_pylist()
+    ids, uris, titles = (tables.text_column(table, c, "").to_pylist() for c in ("item_id", "image_uri", "title"))
     counts: Counter[str] = Counter(rows=len(ids))
     examples: list[dict] = []
 

@@ -147,3 +147,17 @@ def test_snapshot_and_logs_on_gcs(gcs_emulator, gcs_bucket, snapshots, demo_cata
                                           bootstrap=20))  # fmt: skip
     assert remote["metrics"][exact] == local["metrics"][exact]
     assert gcs_emulator.bucket(gcs_bucket).blob(f"snapshots/_evaluations/{exact}.json").exists()
+
+
+def test_a_catalog_column_that_is_not_text_is_refused_by_name(tmp_path):
+    """The report's categories and titles are text; numbers are read as their digits, lists are refused by name
+    (Arrow said only "Unsupported cast from list<element: int64> to utf8")."""
+    import pyarrow as pa
+
+    from evaluation.catalog import read_catalog_info
+
+    pq.write_table(pa.table({"item_id": [7, 8], "category": [3, None]}), tmp_path / "c.parquet")
+    assert read_catalog_info(str(tmp_path / "c.parquet")).categories == {"7": "3"}
+    pq.write_table(pa.table({"item_id": ["a"], "category": [[1, 2]]}), tmp_path / "c.parquet")
+    with pytest.raises(ValueError, match=r"c.parquet's category must be text, not list<element: int64>"):
+        read_catalog_info(str(tmp_path / "c.parquet"))

@@ -96,8 +96,9 @@ def test_item_ids_that_look_like_paths_are_just_data(tmp_path):
         ({"item_id": pa.array([], pa.string()), "image_uri": pa.array([], pa.string())}, "no rows"),
         ({"item_id": ["a", "b", "a"], "image_uri": ["1", "2", "3"]}, r"1 duplicate item_id\(s\), e.g. \['a'\]"),
         ({"item_id": ["a", None, " "], "image_uri": ["1", "2", "3"]}, r"2 row\(s\) with an empty item_id"),
+        ({"item_id": [1, 2], "image_uri": [["1"], ["2"]]}, r"m.parquet's image_uri must be text, not list<element"),
     ],
-    ids=["missing-column", "empty", "duplicates", "blank-ids"],
+    ids=["missing-column", "empty", "duplicates", "blank-ids", "list-uris"],
 )
 def test_unusable_manifests_fail_with_the_reason(tmp_path, columns, message):
     path = _write_parquet(tmp_path / "m.parquet", **columns)
