@@ -20,7 +20,7 @@ from datetime import datetime
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from encoder.tables import instants
+from encoder.tables import instants, text_column
 from evaluation.catalog import read_table
 
 __all__ = ["Judgments", "LogError", "read_judgments"]
@@ -62,14 +62,19 @@ def read_judgments(uri: str, since: datetime | None = None) -> Judgments:
     counts = {"rows": table.num_rows}
     if table.num_rows == 0:
         raise LogError(f"interaction log {uri} has no rows")
-    columns = {c: table.column(c).cast(pa.string()) for c in REQUIRED}
+    try:  # ids, and sessions (exact duplicate rows are found by them), as text
+        columns = {c: text_column(table, c, f"interaction log {uri}") for c in (*REQUIRED, "session_id")}
+    except ValueError as err:
+        raise LogError(str(err)) from err
     weight = (
         _numbers(table.column("weight"), f"{uri}: weight")
         if "weight" in table.column_names
         else pa.array([1.0] * table.num_rows)
     )
-    extra = {c: table.column(c) for c in ("timestamp", "session_id") if c in table.column_names}
-    table = pa.table({**columns, "weight": weight, **extra})
+    extra = {"timestamp": table.column("timestamp")} if "timestamp" in table.column_names else {}
+    if extra and pa.types.is_nested(extra["timestamp"].type):  # a key of exact duplicates, read as times by --since
+        raise LogError(f"{uri}: timestamp must be timestamps, dates or ISO 8601 text, not {extra['timestamp'].type}")
+    table = pa.table({**{c: v for c, v in columns.items() if v is not None}, "weight": weight, **extra})
 
     if since is not None:
         if "timestamp" not in table.column_names:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import pyarrow as pa
@@ -72,6 +73,22 @@ def test_weights_and_times_of_the_wrong_kind_are_refused_by_name(tmp_path):
     path = _write(tmp_path, query_item_id=["q"], clicked_item_id=["a"], timestamp=[1.5])
     with pytest.raises(LogError, match="timestamp must be timestamps, dates or ISO 8601 text, not double"):
         read_judgments(path, since=datetime(2026, 1, 2, tzinfo=UTC))
+
+
+@pytest.mark.parametrize(
+    ("column", "message"),
+    [
+        ({"query_item_id": [["a"]]}, "query_item_id must be text, not list<element: string>"),
+        ({"session_id": [[1]]}, "session_id must be text, not list<element: int64>"),
+        ({"timestamp": [{"at": 1}]}, "timestamp must be timestamps, dates or ISO 8601 text, not struct<at: int64>"),
+    ],
+    ids=["ids", "sessions", "times"],
+)
+def test_a_column_of_lists_or_structs_is_refused_by_name(tmp_path, column, message):
+    """Arrow said only "Unsupported cast from list<element: string> to utf8" or "Keys of type list"."""
+    path = _write(tmp_path, **{"query_item_id": ["q"], "clicked_item_id": ["a"], **column})
+    with pytest.raises(LogError, match=re.escape(message)):
+        read_judgments(path)
 
 
 def test_json_lines_ids_of_both_kinds_are_text(tmp_path):

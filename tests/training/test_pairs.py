@@ -51,8 +51,10 @@ def test_val_items_are_capped(demo_catalog):
         ({"item_id": ["a"], "image_uri": ["a.jpg"]}, r"lacks column\(s\) \['title'\]"),
         ({"item_id": ["a", "a"], "image_uri": ["x", "y"], "title": ["t", "u"]}, "duplicate item_id"),
         ({"item_id": [None, "b"], "image_uri": ["x", "y"], "title": ["t", "u"]}, "without an item_id"),
-        ({"item_id": ["a", "b"], "image_uri": ["x", "y"], "title": [{"en": "t"}, {"en": "u"}]},
-         "m.parquet's title must be text, not struct<en: string>"),
+        (
+            {"item_id": ["a", "b"], "image_uri": ["x", "y"], "title": [{"en": "t"}, {"en": "u"}]},
+            "m.parquet's title must be text, not struct<en: string>",
+        ),
     ],
 )
 def test_unusable_manifests_fail_with_the_reason(tmp_path, rows, message):
