@@ -14,13 +14,15 @@ Airflow is not a dependency of lookalike; a test loads this file in an isolated 
 from __future__ import annotations
 
 import os
+import shlex
 from datetime import datetime, timedelta
 
 from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import DAG
 
-CONFIG = os.environ.get("LOOKALIKE_CONFIG", "/etc/lookalike/nightly.yaml")
-LOOKALIKE = os.environ.get("LOOKALIKE_BIN", "lookalike")
+# Quoted for the task's shell: a path with a space (or a `$`) stays one argument.
+CONFIG = shlex.quote(os.environ.get("LOOKALIKE_CONFIG", "/etc/lookalike/nightly.yaml"))
+LOOKALIKE = shlex.quote(os.environ.get("LOOKALIKE_BIN", "lookalike"))
 
 # Per-step time limits (the job's SLA in Airflow 3 terms) and retries: storage and
 # preemption failures deserve retries; a gate failure does not change on a retry.

@@ -47,7 +47,7 @@ def _airflow_python() -> Path:
 
 
 def test_dag_loads_with_one_task_per_step(tmp_path):
-    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "LOOKALIKE_CONFIG": "/srv/nightly.yaml"}
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "LOOKALIKE_CONFIG": "/srv/night jobs/nightly.yaml"}
     done = subprocess.run([str(_airflow_python()), "-c", _LOAD, str(ROOT / "pipelines" / "airflow_dag.py")],
                           capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -57,7 +57,7 @@ def test_dag_loads_with_one_task_per_step(tmp_path):
     for step, command in dag["commands"].items():
         assert (
             command
-            == f"lookalike nightly --config /srv/nightly.yaml --run-id nightly-{{{{ ds_nodash }}}} --step {step}"
+            == f"lookalike nightly --config '/srv/night jobs/nightly.yaml' --run-id nightly-{{{{ ds_nodash }}}} --step {step}"
         )
     assert all(r >= 1 for r in dag["retries"].values()) and dag["timeouts_s"]["embed"] == 6 * 3600
     assert dag["max_active_runs"] == 1
