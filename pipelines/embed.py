@@ -478,6 +478,10 @@ def _run(cfg: EmbedConfig, beam_args: list[str] | None, options: PipelineOptions
     remember_function_args()  # and reads each function's signature ~2,000 times per run
     storage.configure_storage(options)
     check_folder(cfg.out, "output root")
+    run_dir = storage.join(cfg.out, "embeddings", cfg.run_id)
+    failures_dir = storage.join(cfg.out, "failures", cfg.run_id)
+    if storage.exists(storage.join(run_dir, MANIFEST_NAME)):  # before the catalog's read and the model's load
+        raise FileExistsError(f"run {cfg.run_id} already exists under {cfg.out}")
     listed = catalog_files(cfg.catalog)  # once: the validation and the pipeline's chunks share it
     catalog = read_catalog(cfg.catalog, listed)
     total = catalog.num_rows
@@ -495,11 +499,6 @@ def _run(cfg: EmbedConfig, beam_args: list[str] | None, options: PipelineOptions
             gpu_decoding(cfg, preprocess)
         if note := _gpu_spread_note(cfg):
             log.warning(note)
-    run_dir = storage.join(cfg.out, "embeddings", cfg.run_id)
-    failures_dir = storage.join(cfg.out, "failures", cfg.run_id)
-    if storage.exists(storage.join(run_dir, MANIFEST_NAME)):
-        raise FileExistsError(f"run {cfg.run_id} already exists under {cfg.out}")
-
     here = _in_process(options)  # the workers are this process
     listing = pipeline = None
     try:

@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import io
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -51,6 +52,14 @@ def test_counts_add_up(first_run, demo_catalog):
     counts = first_run.counts
     assert counts == {"items_in": 100, "embedded": 95, "reused": 0, "dead_lettered": 5}
     assert first_run.manifest["batches"] == {"decoded_on_gpu": 0, "retried": 0, "in_pieces": 0}  # CPU, none failed
+
+
+def test_a_run_id_already_used_is_refused_before_the_catalog_or_the_model_is_read(first_run, tmp_path):
+    """Refused after the model's load before (3 s here for the tiny model; a GPU's compiled SigLIP, a minute)."""
+    out = os.path.dirname(os.path.dirname(first_run.run_dir))
+    with pytest.raises(FileExistsError, match=f"run {first_run.run_id} already exists under"):
+        run_embed(EmbedConfig(catalog=str(tmp_path / "no-catalog.parquet"), model=str(tmp_path / "no-model"), out=out,
+                              run_id=first_run.run_id))  # fmt: skip
 
 
 def test_a_batch_the_model_cannot_take_whole_goes_through_in_halves_and_is_counted(demo_catalog, tiny_model,
