@@ -133,6 +133,7 @@ def _build_snapshot(embeddings: list[str] | str, root: str, cfg: IndexConfig, sn
     started = time.monotonic()
     snapshot_id = storage.check_id(snapshot_id, "snapshot id") if snapshot_id is not None else new_snapshot_id()
     storage.check_folder(root, "snapshot root")
+    _refuse_a_taken_id(root, snapshot_id)
     source = open_embeddings(embeddings)
     memory = BuildMemory.plan(cfg.memory_budget, source.dim) if cfg.memory_budget else None
     if memory:
@@ -218,6 +219,17 @@ def _build_snapshot(embeddings: list[str] | str, root: str, cfg: IndexConfig, sn
     return manifest
 
 
+def _refuse_a_taken_id(root: str, snapshot_id: str) -> None:
+    """Snapshots are immutable: an id in use is refused before the build. On gs://, a folder without a manifest is
+    an interrupted build's (its manifest goes last), which a build under its id replaces."""
+    folder = storage.join(root, snapshot_id)
+    if storage.exists(storage.join(folder, MANIFEST_NAME)):
+        raise SnapshotError(f"snapshot {snapshot_id} already exists under {root}: snapshots are immutable; "
+                            f"build under another id")  # fmt: skip
+    if not storage.is_gcs(root) and os.path.lexists(folder):
+        raise SnapshotError(f"{folder} is in the way of snapshot {snapshot_id} (not a snapshot: no {MANIFEST_NAME})")
+
+
 def _size(path: Path) -> int:
     return path.stat().st_size
 
@@ -229,7 +241,12 @@ def _install(workdir: Path, names: list[str], manifest: dict, root: str, snapsho
         for stray in set(os.listdir(workdir)) - set(names) - {MANIFEST_NAME, "scann"}:
             (workdir / stray).unlink()
         os.chmod(workdir, 0o755)  # mkdtemp made it private; services reading snapshots may run as other users
-        os.rename(workdir, Path(root) / snapshot_id)  # atomic; fails if the id exists
+        try:
+            os.rename(workdir, Path(root) / snapshot_id)  # atomic; fails if the id exists
+        except OSError:
+            if not (Path(root) / snapshot_id).exists():
+                raise
+            raise SnapshotError(f"snapshot {snapshot_id} was written under {root} while this one was built") from None
         workdir.mkdir()  # so the caller's cleanup has something to remove
         return
     for name in names:

@@ -89,6 +89,24 @@ def test_a_snapshot_id_that_cannot_name_its_folder_is_refused_before_any_work(ru
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_snapshot_id_in_use_is_refused_before_the_build(run, tmp_path, monkeypatch):
+    """Snapshots are immutable: a taken id was a traceback after the whole build (local: the rename's "Directory
+    not empty"), and on gs:// the build overwrote the published snapshot's files one by one."""
+    root = str(tmp_path / "root")
+    build_snapshot(run, root, IndexConfig(index="flat"), snapshot_id="s1")
+    before = (tmp_path / "root" / "s1" / "manifest.json").read_bytes()
+    with pytest.raises(SnapshotError, match="snapshot s1 already exists under .*: snapshots are immutable"):
+        build_snapshot(run, root, IndexConfig(index="flat"), snapshot_id="s1")
+    (tmp_path / "root" / "s2").mkdir()
+    with pytest.raises(SnapshotError, match=r"root/s2 is in the way of snapshot s2 \(not a snapshot"):
+        build_snapshot(run, root, IndexConfig(index="flat"), snapshot_id="s2")
+    monkeypatch.setattr(snapshot_module, "_refuse_a_taken_id", lambda *_: None)  # another build took it meanwhile
+    with pytest.raises(SnapshotError, match="snapshot s1 was written under .* while this one was built"):
+        build_snapshot(run, root, IndexConfig(index="flat"), snapshot_id="s1")
+    assert (tmp_path / "root" / "s1" / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["s1", "s2"]  # no .building-* left
+
+
 # ------------------------------------------------------------------ building and measuring
 
 

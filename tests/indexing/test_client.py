@@ -179,3 +179,20 @@ def test_client_on_a_gcs_root(gcs_emulator, gcs_bucket, run, tmp_path):
     newer = build_snapshot(run, root, CFG)["snapshot_id"]
     publish(root, newer)
     assert client.refresh() and client.snapshot_id == newer
+
+
+@pytest.mark.gcs
+def test_a_published_snapshot_on_gcs_is_never_overwritten_and_an_interrupted_one_is(gcs_emulator, gcs_bucket, run):
+    """Each file is an upload of its own on gs://: a build under a taken id overwrote the snapshot's files in place.
+    A folder without a manifest (written last) is an interrupted build's, which a build under its id replaces."""
+    from encoder import storage
+
+    root = f"gs://{gcs_bucket}/immutable"
+    build_snapshot(run, root, CFG, snapshot_id="s1")
+    before = storage.read_bytes(f"{root}/s1/manifest.json")
+    with pytest.raises(SnapshotError, match="snapshot s1 already exists under"):
+        build_snapshot(run, root, CFG, snapshot_id="s1")
+    assert storage.read_bytes(f"{root}/s1/manifest.json") == before
+    storage.write_bytes(f"{root}/s2/ids.parquet", b"half of an interrupted build")
+    assert build_snapshot(run, root, CFG, snapshot_id="s2")["snapshot_id"] == "s2"
+    publish(root, "s2")  # every checksum verified
