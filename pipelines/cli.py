@@ -67,9 +67,18 @@ def demo_catalog(
         done = change_demo_catalog(out, fraction=change, seed=seed)
         typer.echo(f"changed {out}: {len(done.new_photos)} new photos, {len(done.removed)} items delisted")
         return
+    _refuse_a_full_folder(out, "a new catalog")
     catalog = make_demo_catalog(out, items=items, seed=seed)
     typer.echo(f"wrote {catalog.items} items ({len(catalog.broken_item_ids)} deliberately broken) to {catalog.root}")
     typer.echo(f"manifest: {catalog.manifest}\ninteractions: {catalog.interactions}")
+
+
+def _refuse_a_full_folder(out: Path, what: str) -> None:
+    """A command that writes a whole folder of its own writes into a new or empty one: `init-model --out` at a
+    trained model's folder replaced its weights with random ones, and `demo-catalog` wrote a manifest over one."""
+    if out.is_dir() and (held := sorted(p.name for p in out.iterdir())):
+        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        raise FileExistsError(f"{out} is not empty ({shown}): {what} goes into a new or empty folder")
 
 
 @app.command("init-model")
@@ -89,6 +98,7 @@ def init_model(
 
     shape = TinyModelConfig(image_size=image_size, patch_size=patch_size, width=width, layers=layers, heads=heads,
                             seed=seed)  # fmt: skip
+    _refuse_a_full_folder(out, "a new checkpoint")
     table = read_catalog(catalog)
     if "title" not in table.column_names:
         raise CatalogError(f"catalog {catalog} has no 'title' column to train a tokenizer on")

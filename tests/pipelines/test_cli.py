@@ -132,6 +132,29 @@ def test_a_tiny_model_that_cannot_be_made_is_refused_before_the_catalog_is_read(
     assert capsys.readouterr().err == f"error: {message}\n"
 
 
+def test_a_checkpoint_or_a_catalog_is_not_written_over_another(monkeypatch, capsys, tmp_path):
+    """`init-model --out` at a trained model's folder replaced its weights with random ones (keeping its other
+    files); `demo-catalog --out` at a catalog wrote its manifest over the old one. Both want a new or empty folder."""
+    import pipelines.cli
+    from pipelines.cli import main
+
+    monkeypatch.setattr(pipelines.cli, "_setup_logging", lambda verbose: None)
+    trained = tmp_path / "encoder"
+    trained.mkdir()
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "lookalike_encoder.json", "x.txt"):
+        (trained / name).write_text(name)
+    assert main(["init-model", "--catalog", "nowhere.parquet", "--out", str(trained)]) == 2
+    assert capsys.readouterr().err == (f"error: {trained} is not empty (config.json, lookalike_encoder.json, "
+                                       "model.safetensors, preprocessor_config.json and 1 more): a new checkpoint "
+                                       "goes into a new or empty folder\n")  # fmt: skip
+    assert (trained / "model.safetensors").read_text() == "model.safetensors"
+    (tmp_path / "catalog").mkdir()
+    (tmp_path / "catalog" / "manifest.parquet").write_text("theirs")
+    assert main(["demo-catalog", "--out", str(tmp_path / "catalog"), "--items", "10"]) == 2
+    assert "is not empty (manifest.parquet): a new catalog goes into a new or empty folder" in capsys.readouterr().err
+    assert (tmp_path / "catalog" / "manifest.parquet").read_text() == "theirs"
+
+
 @pytest.mark.parametrize(
     ("flag", "message"),
     [("--port=99999", "--port must be 1-65535, got 99999"), ("--refresh-s=0", "--refresh-s must be > 0, got 0.0")],
