@@ -198,6 +198,8 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, *, incremental: b
                                     "index, then stop at its evaluate step")  # fmt: skip
         if not ledger.rows:
             ledger.add({"step": "run", "status": "started", "kind": kind, "config": _config_dict(cfg)})
+        else:
+            _refuse_a_changed_input(ledger, cfg, run_id)
         outputs: dict[str, dict] = {}
         result = NightlyResult(run_id)
         for step in STEPS:
@@ -240,10 +242,46 @@ def _run_step(ctx: _Context, ledger: Ledger, step: str, outputs: dict, on_step) 
         raise
     outputs[step] = produced
     row = ledger.add({"step": step, "status": "done", "seconds": round(time.monotonic() - start, 3),
-                      "counts": counts, "outputs": produced})  # fmt: skip
+                      "counts": counts, "outputs": produced,
+                      "settings": _step_settings(ctx.cfg).get(step, {})})  # what a rerun may not change  # fmt: skip
     if on_step:
         on_step(row)
     return row
+
+
+# What each step's output depends on, among a run's settings: a rerun may change what its steps still to run use
+# (a larger max_shrink to go on from the gate, a smaller batch after a crash), not what the done ones used.
+_STEP_INPUTS = {"embed": ("catalog", "model"), "index": ("index",), "evaluate": ("interactions", "evaluate")}
+
+
+def _refuse_a_changed_input(ledger: Ledger, cfg: NightlyConfig, run_id: str) -> None:
+    """A rerun under a run's id goes on from its done steps: one whose config changed what a done step used would
+    go on from outputs of the old settings (a new `model` on a rerun the same day: the snapshot still the old
+    model's, evaluated and published as if it were the new one's)."""
+    now = _step_settings(cfg)
+    for step in _STEP_INPUTS:
+        used = (ledger.done(step) or {}).get("settings", {})
+        changes = [change for key, value in used.items() for change in _changes(key, value, now[step].get(key))]
+        if changes:
+            raise ValueError(
+                f"run {run_id}'s {step} step is done with other settings than this rerun's ({'; '.join(changes)}), "
+                f"and the rerun would go on from that step's output. Start a new run (--run-id) for the new "
+                f"settings, or rerun with the old ones"
+            )
+
+
+def _step_settings(cfg: NightlyConfig) -> dict[str, dict]:
+    """Each step's settings from `_STEP_INPUTS`, as the ledger holds them (tuples as lists)."""
+    whole = json.loads(json.dumps(_config_dict(cfg)))
+    return {step: {key: whole[key] for key in keys} for step, keys in _STEP_INPUTS.items()}
+
+
+def _changes(key: str, old, new) -> list[str]:
+    """`key old → new` for a setting, or for each of a section's settings that differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [f"{key}.{name} {old.get(name)!r} → {new.get(name)!r}"
+                for name in sorted(old.keys() | new.keys()) if old.get(name) != new.get(name)]  # fmt: skip
+    return [f"{key} {old!r} → {new!r}"] if old != new else []
 
 
 def _config_dict(cfg: NightlyConfig) -> dict:

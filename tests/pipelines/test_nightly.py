@@ -142,6 +142,30 @@ def test_a_reduce_the_model_cannot_take_is_refused_before_the_embed(tmp_path, de
     assert read_manifest(f"{cfg.out}/snapshots", "nightly-1")["dim"] == 16
 
 
+def test_a_rerun_that_changes_what_a_done_step_used_is_refused(tmp_path, demo_catalog, tiny_model):
+    """A rerun under a run's id goes on from its done steps. One with another model (the default run id is the
+    day's, so the same day's rerun resumes) would have evaluated and published the old model's snapshot as the new
+    one's; another index setting, an index built with the old. A setting only later steps use may change."""
+    cfg = _config(tmp_path, demo_catalog, tiny_model)
+    run_nightly(cfg, "nightly-1", until="index")
+    other_model = tmp_path / "other-model"
+    shutil.copytree(tiny_model, other_model)
+    with pytest.raises(ValueError, match=r"run nightly-1's embed step is done with other settings than this rerun's "
+                                         rf"\(model '{re.escape(str(tiny_model))}' → '{re.escape(str(other_model))}'"
+                                         r"\), and the rerun would go on from that step's output"):  # fmt: skip
+        run_nightly(_config(tmp_path, demo_catalog, tiny_model, model=str(other_model)), "nightly-1")
+    with pytest.raises(ValueError, match=r"index step is done with other settings .*\(index.index 'flat' → 'hnsw'; "
+                                         r"index.reduce None → 'pca:16'\)"):  # fmt: skip
+        run_nightly(_config(tmp_path, demo_catalog, tiny_model, index={"index": "hnsw", "reduce": "pca:16"}),
+                    "nightly-1")  # fmt: skip
+    later = _config(tmp_path, demo_catalog, tiny_model, evaluate={"gates": PASSING, "since_days": None,
+                                                                  "min_queries": 5, "bootstrap": 50})  # fmt: skip
+    assert run_nightly(later, "nightly-1").published == "nightly-1"  # evaluate was still to run
+    assert run_nightly(later, "nightly-1").published == "nightly-1"  # a finished run's rerun: reported
+    with pytest.raises(ValueError, match="embed step is done with other settings"):  # not silently the old model's
+        run_nightly(_config(tmp_path, demo_catalog, tiny_model, model=str(other_model)), "nightly-1")
+
+
 def test_a_night_whose_images_are_gone_publishes_nothing(tmp_path, demo_catalog, tiny_model):
     import pyarrow as pa
 
