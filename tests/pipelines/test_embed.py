@@ -264,9 +264,9 @@ def test_a_local_run_loads_its_model_once_and_its_workers_use_it(demo_catalog, t
     t = result.manifest["time_s"]
     assert 0.3 <= t["model_load"] < t["prepare"] and t["compile"] == 0.25
     assert not embed_dofns.PRELOADED
-    with pytest.raises(FileExistsError):  # refused after the load: the model is not left behind
+    with pytest.raises(FileExistsError):  # refused before the load, and nothing left behind
         run_embed(dataclasses.replace(cfg, run_id=result.run_id))
-    assert len(loads) == 2 and not embed_dofns.PRELOADED
+    assert len(loads) == 1 and not embed_dofns.PRELOADED
 
 
 @pytest.mark.parametrize(
