@@ -268,6 +268,14 @@ def test_a_local_run_loads_its_model_once_and_its_workers_use_it(demo_catalog, t
         run_embed(dataclasses.replace(cfg, run_id=result.run_id))
     assert len(loads) == 1 and not embed_dofns.PRELOADED
 
+    def fails(*_):
+        raise OSError("the earlier run's manifest cannot be read")
+
+    monkeypatch.setattr(embed, "previous_run_shards", fails)  # a failure after the load
+    with pytest.raises(OSError, match="cannot be read"):
+        run_embed(dataclasses.replace(cfg, run_id="after-the-load"))
+    assert len(loads) == 2 and not embed_dofns.PRELOADED  # the model is not left behind
+
 
 @pytest.mark.parametrize(
     ("args", "in_process"),
