@@ -7,6 +7,7 @@ one-line error and exit code 2; a finished run ends with its summary.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -342,7 +343,28 @@ def nightly_cmd(
     from pipelines.nightly import run_nightly
     from pipelines.summary import print_nightly
 
-    print_nightly(run_nightly(cfg, run_id, beam_args=list(ctx.args), until=step), cfg.out)
+    with _resume_note(cfg.out, run_id):
+        result = run_nightly(cfg, run_id, beam_args=list(ctx.args), until=step)
+    print_nightly(result, cfg.out)
+
+
+@contextlib.contextmanager
+def _resume_note(out: str, run_id: str):
+    """A failed run's error ends with how to go on from its done steps: a backfill's run id is its start time, and a
+    night's is its date, so a plain rerun (or one after midnight) would start over and embed the catalog again."""
+    try:
+        yield
+    except Exception as err:
+        from pipelines.ledger import read_ledger
+
+        try:
+            done = [r["step"] for r in read_ledger(out, run_id) if r["status"] == "done" and r["step"] != "run"]
+        except Exception:  # noqa: BLE001 - the note is a courtesy; the error is what matters
+            done = []
+        if done:
+            err.add_note(f"run {run_id} keeps its done steps ({', '.join(done)}): go on from them with the same "
+                         f"command and --run-id {run_id}")  # fmt: skip
+        raise
 
 
 @app.command("backfill", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -381,8 +403,9 @@ def backfill_cmd(
     from pipelines.nightly import run_nightly
     from pipelines.summary import print_nightly
 
-    result = run_nightly(cfg, run_id, incremental=since is not None, beam_args=list(ctx.args), kind="backfill",
-                         until=step, reembed_since=since)  # fmt: skip
+    with _resume_note(cfg.out, run_id):
+        result = run_nightly(cfg, run_id, incremental=since is not None, beam_args=list(ctx.args), kind="backfill",
+                             until=step, reembed_since=since)  # fmt: skip
     print_nightly(result, cfg.out)
 
 
@@ -593,10 +616,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, KeyError) and not _unknown_item(err):
             raise
         logging.getLogger("lookalike").debug("failure", exc_info=True)
-        typer.echo(f"error: {err}", err=True)
+        _error(err)
         return 2
     except RuntimeError as err:
-        typer.echo(f"error: {err}", err=True)
+        _error(err)
         from encoder.failures import device_failed
 
         if device_failed(err):
@@ -614,6 +637,13 @@ def main(argv: list[str] | None = None) -> int:
         show()
         return int(getattr(err, "exit_code", 2))
     return 0
+
+
+def _error(err: BaseException) -> None:
+    """One `error:` line, then the notes a command added (how to go on)."""
+    typer.echo(f"error: {err}", err=True)
+    for note in getattr(err, "__notes__", ()):
+        typer.echo(note, err=True)
 
 
 def _unknown_item(err: KeyError) -> bool:

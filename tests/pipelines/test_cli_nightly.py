@@ -39,6 +39,8 @@ def test_nightly_then_backfill_then_a_losing_backfill(tmp_path, demo_catalog, ti
     lost = _lookalike("backfill", "--config", strict, "--model", str(tiny_model), "--run-id", "backfill-2",
                       cwd=tmp_path)  # fmt: skip
     assert lost.returncode == 1 and "gate failed" in lost.stderr and "Traceback" not in lost.stderr
+    assert lost.stderr.rstrip().endswith("run backfill-2 keeps its done steps (embed, index): go on from them with "
+                                         "the same command and --run-id backfill-2")  # fmt: skip
     latest = json.loads((tmp_path / "OUT" / "snapshots" / "LATEST").read_text())
     assert latest["snapshot_id"] == "backfill-1"
 
