@@ -35,7 +35,7 @@ browser:  ## Debian's chromium, which the evaluation report test renders the rep
 	@command -v chromium >/dev/null || { echo "installing Debian's chromium for the report test"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-demo: install  ## the whole story on a generated catalog: fine-tune, nightly twice, query, nDCG@5 (CPU, offline, ~5 min)
+demo: install  ## the whole story on a generated catalog: fine-tune, nightly twice, query, nDCG@5 (CPU, offline, ~4 min)
 	rm -rf $(DEMO)
 	@echo "=== 1/8 a synthetic marketplace: $(ITEMS) listings with photos, noisy titles and a click log"
 	$(BIN)/lookalike demo-catalog --out $(DEMO)/catalog --items $(ITEMS) --seed 3
