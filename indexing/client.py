@@ -160,47 +160,56 @@ class SnapshotClient:
         return np.array(snapshot.vectors[row])
 
     def search(self, item_ids: Sequence[str] | None = None, vectors: np.ndarray | Sequence | None = None,
-               k: int = 10) -> list[list[Neighbor]]:  # fmt: skip
+               k: int = 10, *, unknown: str = "raise") -> list[list[Neighbor]]:  # fmt: skip
         """Nearest neighbours of items (themselves excluded) or of raw query vectors; see `search_tagged`."""
-        return self.search_tagged(item_ids, vectors, k)[1]
+        return self.search_tagged(item_ids, vectors, k, unknown=unknown)[1]
 
     def search_tagged(self, item_ids: Sequence[str] | None = None, vectors: np.ndarray | Sequence | None = None,
-                      k: int = 10) -> tuple[str, list[list[Neighbor]]]:  # fmt: skip
+                      k: int = 10, *, unknown: str = "raise") -> tuple[str, list[list[Neighbor]]]:  # fmt: skip
         """(snapshot_id, neighbours): the id of the very snapshot that answered.
 
         Nearest neighbours of items (themselves excluded) or of raw query vectors.
 
         Raw vectors have the embedding model's dimension; a snapshot with a
-        reduction applies it to them first.
+        reduction applies it to them first. `unknown="none"`: an item id not in the
+        snapshot (delisted since the page that asks was rendered) gets None in its
+        place, and the others their neighbours, rather than failing the whole batch.
 
         Raises:
-            UnknownItem: an item id not in the snapshot.
+            UnknownItem: an item id not in the snapshot (with `unknown="raise"`).
             ValueError: k < 1, both or neither of item_ids/vectors, or vectors of the wrong shape or non-finite.
         """
+        if unknown not in ("raise", "none"):
+            raise ValueError(f"unknown must be 'raise' or 'none', got {unknown!r}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if (item_ids is None) == (vectors is None):
             raise ValueError("pass exactly one of item_ids or vectors")
         snapshot = self._current  # one consistent snapshot for the whole call, even if a refresh swaps meanwhile
         if item_ids is not None:
-            rows = []
-            for item_id in item_ids:
-                if item_id not in snapshot.rows:
-                    raise UnknownItem(item_id)
-                rows.append(snapshot.rows[item_id])
+            asked = [snapshot.rows.get(item_id) for item_id in item_ids]
+            if unknown == "raise" and None in asked:
+                raise UnknownItem(item_ids[asked.index(None)])
+            rows = [row for row in asked if row is not None]
             queries, exclude = np.asarray(snapshot.vectors[rows], dtype=np.float32), rows
         else:
             queries = self._prepare_vectors(snapshot, vectors)
             exclude = [None] * len(queries)
-        if not len(queries):
-            return snapshot.snapshot_id, []
+        found = self._neighbours(snapshot, queries, exclude, k) if len(queries) else []
+        if item_ids is None:
+            return snapshot.snapshot_id, found
+        answers = iter(found)  # an unknown item's place holds None, every other its neighbours, in the order asked
+        return snapshot.snapshot_id, [None if row is None else next(answers) for row in asked]
+
+    @staticmethod
+    def _neighbours(snapshot: _Loaded, queries: np.ndarray, exclude: list, k: int) -> list[list[Neighbor]]:
         scores, found = snapshot.index.search(queries, min(k + 1, snapshot.manifest["count"]))
         results = []
         for row_scores, row_found, own in zip(scores, found, exclude, strict=True):
             hits = [Neighbor(snapshot.item_ids[r], float(s)) for s, r in zip(row_scores, row_found, strict=True)
                     if r >= 0 and r != own]  # fmt: skip
             results.append(hits[:k])
-        return snapshot.snapshot_id, results
+        return results
 
     @staticmethod
     def _prepare_vectors(snapshot: _Loaded, vectors) -> np.ndarray:

@@ -6,7 +6,7 @@
     GET  /healthz                  liveness, with the snapshot id
 
 Every answer, errors included, names the snapshot it came from. Unknown item →
-404; bad k, bad vectors or a malformed body → 422; a body over `max_body_bytes` →
+404 (in a POST's batch of item ids: null in its place, and its id in `unknown`); bad k, bad vectors or a malformed body → 422; a body over `max_body_bytes` →
 413; with a token, a missing or wrong `Authorization: Bearer` → 401 (`/healthz`
 stays open for liveness probes). Request input only ever selects rows of the
 loaded snapshot: no path, file or URI is taken from a request. The client
@@ -63,7 +63,9 @@ class ByVectors(BaseModel):
 
 class BatchOut(BaseModel):
     snapshot_id: str
-    results: list[list[NeighborOut]]
+    # By item ids: null in the place of an item not in the snapshot (listed in `unknown`), not a 404 for the batch.
+    results: list[list[NeighborOut] | None]
+    unknown: list[str] = Field(default_factory=list)
 
 
 class ErrorOut(BaseModel):
@@ -188,15 +190,21 @@ def create_app(client: SnapshotClient, *, token: str | None = None, max_body_byt
         return SimilarOut(snapshot_id=snapshot_id, item_id=item_id,
                           neighbors=[NeighborOut(item_id=n.item_id, score=n.score) for n in found[0]])  # fmt: skip
 
-    @app.post("/similar", response_model=BatchOut, dependencies=guarded, responses=_errors(401, 404, 413, 422))
+    @app.post("/similar", response_model=BatchOut, dependencies=guarded, responses=_errors(401, 413, 422))
     def similar_batch(body: ByItems | ByVectors) -> BatchOut:
         if isinstance(body, ByItems):
-            snapshot_id, found = client.search_tagged(item_ids=body.item_ids, k=body.k)
+            snapshot_id, found = client.search_tagged(item_ids=body.item_ids, k=body.k, unknown="none")
         else:
             snapshot_id, found = client.search_tagged(vectors=body.vectors, k=body.k)
+        unknown = (
+            [i for i, row in zip(body.item_ids, found, strict=True) if row is None] if isinstance(body, ByItems) else []
+        )
         return BatchOut(
             snapshot_id=snapshot_id,
-            results=[[NeighborOut(item_id=n.item_id, score=n.score) for n in row] for row in found],
+            results=[
+                None if row is None else [NeighborOut(item_id=n.item_id, score=n.score) for n in row] for row in found
+            ],  # fmt: skip
+            unknown=unknown,
         )
 
     return app

@@ -45,6 +45,20 @@ def test_search_by_raw_vector(served, vectors):
     assert found[0].score == pytest.approx(1.0, abs=1e-5)
 
 
+def test_a_batch_with_an_item_not_in_the_snapshot(served):
+    """By default an unknown item fails the call (naming it); `unknown="none"` answers the others, in order, with
+    None in its place: a page of carousels is not lost to one listing delisted since it was rendered."""
+    _, client = served
+    with pytest.raises(UnknownItem, match="gone"):
+        client.search(item_ids=["item-000001", "gone", "item-000002"], k=3)
+    alone = client.search(item_ids=["item-000001", "item-000002"], k=3)
+    assert client.search(item_ids=["item-000001", "gone", "item-000002", "gone-too"], k=3, unknown="none") == [
+        alone[0], None, alone[1], None]  # fmt: skip
+    assert client.search(item_ids=["gone"], k=3, unknown="none") == [None]
+    with pytest.raises(ValueError, match="unknown must be 'raise' or 'none'"):
+        client.search(item_ids=["gone"], unknown="skip")
+
+
 def test_bad_queries(served):
     _, client = served
     with pytest.raises(UnknownItem):

@@ -66,7 +66,12 @@ def test_unknown_item_is_404_with_json(api):
     response = client.get("/similar/no-such-item")
     assert response.status_code == 404
     assert response.json() == {"detail": "item 'no-such-item' is not in the snapshot", "snapshot_id": snapshot_id}
-    assert client.post("/similar", json={"item_ids": ["no-such-item"]}).status_code == 404
+    batch = client.post("/similar", json={"item_ids": ["item-000001", "no-such-item", "item-000002"], "k": 2})
+    assert batch.status_code == 200  # the batch's other items are answered: null in the unknown one's place
+    body = batch.json()
+    assert body["unknown"] == ["no-such-item"] and body["results"][1] is None and body["snapshot_id"] == snapshot_id
+    assert [len(row) for row in (body["results"][0], body["results"][2])] == [2, 2]
+    assert client.post("/similar", json={"vectors": [[1.0] * 32]}).json()["unknown"] == []
 
 
 @pytest.mark.parametrize(
