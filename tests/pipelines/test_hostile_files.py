@@ -26,13 +26,15 @@ FUZZ = settings(max_examples=150, derandomize=True, deadline=None, suppress_heal
 
 COLUMNS = ["item_id", "image_uri", "title", "category", "updated_at", "query_item_id", "clicked_item_id", "weight",
            "timestamp", "session_id", "junk"]  # fmt: skip
-SCALARS = st.one_of(
+VALUES = st.one_of(
     st.none(),
     st.text(max_size=6),
     st.sampled_from(["", " ", "a", "a", "../x.jpg", "/etc/passwd", "gs://b/x.jpg", "2026-11-25", "NaN"]),
     st.integers(-3, 3),
     st.floats(allow_nan=True, allow_infinity=True),
     st.booleans(),
+    st.lists(st.integers(0, 3), max_size=2),  # Parquet and JSON lines hold lists and structs too
+    st.dictionaries(st.sampled_from(["a", "b"]), st.integers(0, 3), min_size=1, max_size=2),
 )
 
 
@@ -40,7 +42,7 @@ SCALARS = st.one_of(
 def tables(draw) -> list[dict]:
     """Rows as dicts: any subset of column names, values of mixed types (JSON lines keep them mixed)."""
     names = draw(st.lists(st.sampled_from(COLUMNS), unique=True, max_size=6))
-    return draw(st.lists(st.fixed_dictionaries({n: SCALARS for n in names}), max_size=6))
+    return draw(st.lists(st.fixed_dictionaries({n: VALUES for n in names}), max_size=6))
 
 
 def _as_arrow(rows: list[dict]) -> pa.Table | None:
@@ -66,9 +68,14 @@ def _write(folder: Path, rows: list[dict], fmt: str, garbage: bytes) -> str:
         path.write_bytes(garbage)
     elif fmt == "parquet":
         pq.write_table(table, path)
-    else:
-        pacsv.write_csv(table, path)
+    else:  # CSV holds no lists or structs: those as their JSON
+        pacsv.write_csv(pa.table({name: _as_text(column) if pa.types.is_nested(column.type) else column
+                                  for name, column in zip(table.column_names, table.columns, strict=True)}), path)  # fmt: skip
     return str(path)
+
+
+def _as_text(column: pa.ChunkedArray) -> pa.Array:
+    return pa.array([None if v is None else json.dumps(v) for v in column.to_pylist()], pa.string())
 
 
 FILES = (tables(), st.sampled_from(["parquet", "csv", "jsonl", "bin"]), st.binary(max_size=64))
@@ -106,7 +113,7 @@ def test_any_interaction_log_loads_or_fails_with_a_value_error(rows, fmt, garbag
 CONFIG_KEYS = ["catalog", "model", "out", "interactions", "keep", "lock_ttl_h", "embed", "index", "evaluate",
                "batch_size", "workers", "beam_args", "gates", "since_days", "k", "backend", "min_recall", "typo"]  # fmt: skip
 CONFIG_VALUES = st.recursive(
-    SCALARS | st.sampled_from(["gs://b/x", "ndcg@5>=baseline-0.01", "faiss", "auto"]),
+    VALUES | st.sampled_from(["gs://b/x", "ndcg@5>=baseline-0.01", "faiss", "auto"]),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(CONFIG_KEYS), inner, max_size=4),
     max_leaves=8,
 )
