@@ -358,10 +358,11 @@ def _resume_note(out: str, run_id: str):
         from pipelines.ledger import read_ledger
 
         try:
-            done = [r["step"] for r in read_ledger(out, run_id) if r["status"] == "done" and r["step"] != "run"]
+            rows = read_ledger(out, run_id)
         except Exception:  # noqa: BLE001 - the note is a courtesy; the error is what matters
-            done = []
-        if done:
+            rows = []
+        done = [r["step"] for r in rows if r["status"] == "done" and r["step"] != "run"]
+        if done and rows[-1]["status"] == "failed":  # a step failed: not a refusal before any (a lock, a changed input)
             err.add_note(f"run {run_id} keeps its done steps ({', '.join(done)}): go on from them with the same "
                          f"command and --run-id {run_id}")  # fmt: skip
         raise

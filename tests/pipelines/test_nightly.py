@@ -142,7 +142,8 @@ def test_a_reduce_the_model_cannot_take_is_refused_before_the_embed(tmp_path, de
     assert read_manifest(f"{cfg.out}/snapshots", "nightly-1")["dim"] == 16
 
 
-def test_a_rerun_that_changes_what_a_done_step_used_is_refused(tmp_path, demo_catalog, tiny_model):
+def test_a_rerun_that_changes_what_a_done_step_used_is_refused(tmp_path, demo_catalog, tiny_model, capsys,
+                                                               monkeypatch):  # fmt: skip
     """A rerun under a run's id goes on from its done steps. One with another model (the default run id is the
     day's, so the same day's rerun resumes) would have evaluated and published the old model's snapshot as the new
     one's; another index setting, an index built with the old. A setting only later steps use may change."""
@@ -154,6 +155,14 @@ def test_a_rerun_that_changes_what_a_done_step_used_is_refused(tmp_path, demo_ca
                                          rf"\(model '{re.escape(str(tiny_model))}' → '{re.escape(str(other_model))}'"
                                          r"\), and the rerun would go on from that step's output"):  # fmt: skip
         run_nightly(_config(tmp_path, demo_catalog, tiny_model, model=str(other_model)), "nightly-1")
+    import pipelines.cli
+
+    monkeypatch.setattr(pipelines.cli, "_setup_logging", lambda verbose: None)
+    _config(tmp_path, demo_catalog, tiny_model)  # the file the command line reads
+    assert pipelines.cli.main(["nightly", "--config", str(tmp_path / "nightly.json"), "--run-id", "nightly-1",
+                               "--model", str(other_model)]) == 2  # fmt: skip
+    said = capsys.readouterr().err
+    assert said.startswith("error: run nightly-1's embed step is done") and "keeps its done steps" not in said
     with pytest.raises(ValueError, match=r"index step is done with other settings .*\(index.index 'flat' → 'hnsw'; "
                                          r"index.reduce None → 'pca:16'\)"):  # fmt: skip
         run_nightly(_config(tmp_path, demo_catalog, tiny_model, index={"index": "hnsw", "reduce": "pca:16"}),
