@@ -16,10 +16,9 @@ from evaluation.evaluate import EvalResult, SnapshotRanker, evaluate
 from evaluation.gate import check, parse_gate, results_as_dicts, write_record
 from evaluation.logs import read_judgments
 from evaluation.report import per_category, render_report
-from indexing import SnapshotClient
-from indexing.snapshot import MANIFEST_NAME
+from indexing.client import open_snapshot
 
-__all__ = ["EvaluateConfig", "open_snapshot", "run_evaluation"]
+__all__ = ["EvaluateConfig", "run_evaluation"]
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +48,6 @@ class EvaluateConfig:
             raise ValueError(f"--baseline {PIXELS} needs --catalog (the images to compute it from)")
         for gate in self.gates:
             parse_gate(gate, self.k)  # typos fail now, not after the evaluation
-
-
-def open_snapshot(spec: str) -> tuple[str, SnapshotClient]:
-    """`ROOT/<snapshot_id>` → (root, client pinned to it); `ROOT` → (root, client on its LATEST)."""
-    spec = spec.rstrip("/")
-    if storage.exists(storage.join(spec, MANIFEST_NAME)):
-        root, snapshot_id = spec.rsplit("/", 1) if "/" in spec else (".", spec)
-        return root, SnapshotClient(root, snapshot_id=snapshot_id)
-    return spec, SnapshotClient(spec)
 
 
 def _document(cfg: EvaluateConfig, result: EvalResult, names: list[str]) -> dict:

@@ -22,9 +22,9 @@ from encoder import storage
 from indexing.backends import AnnIndex, load_index
 from indexing.publish import read_latest
 from indexing.reduce import Reducer, load_reducer
-from indexing.snapshot import SnapshotError, local_copy, read_manifest, verify_snapshot
+from indexing.snapshot import MANIFEST_NAME, SnapshotError, local_copy, read_manifest, verify_snapshot
 
-__all__ = ["Neighbor", "SnapshotClient", "UnknownItem"]
+__all__ = ["Neighbor", "SnapshotClient", "UnknownItem", "open_snapshot"]
 
 log = logging.getLogger(__name__)
 
@@ -227,3 +227,12 @@ class SnapshotClient:
             raise ValueError("a query vector is all zeros")
         queries = (queries / norms).astype(np.float32)
         return snapshot.reducer.apply(queries) if snapshot.reducer else queries
+
+
+def open_snapshot(spec: str) -> tuple[str, SnapshotClient]:
+    """`ROOT/<snapshot_id>` → (root, client pinned to it); `ROOT` → (root, client on its LATEST)."""
+    spec = spec.rstrip("/")
+    if storage.exists(storage.join(spec, MANIFEST_NAME)):
+        root, snapshot_id = spec.rsplit("/", 1) if "/" in spec else (".", spec)
+        return root, SnapshotClient(root, snapshot_id=snapshot_id)
+    return spec, SnapshotClient(spec)

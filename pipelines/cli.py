@@ -502,7 +502,9 @@ def snapshots_cmd(
 @app.command("similar")
 def similar_cmd(
     item_id: Annotated[str | None, typer.Argument(help="Catalog item to find neighbours of.")] = None,
-    root: Annotated[str, typer.Option(help="Snapshot root (the published snapshot is used).")] = ".",
+    root: Annotated[
+        str, typer.Option(help="Snapshot root (its published snapshot), or ROOT/<snapshot_id> (published or not).")
+    ] = ".",
     k: Annotated[int, typer.Option("-k", "--k", help="How many neighbours.")] = 5,
     vector: Annotated[
         str | None, typer.Option(help="Query by a raw vector: comma-separated floats, or a .npy file.")
@@ -511,17 +513,17 @@ def similar_cmd(
     """Print the nearest neighbours of an item (itself excluded) or of a raw vector, with scores."""
     import numpy as np
 
-    from indexing import SnapshotClient
+    from indexing.client import open_snapshot
 
     if (item_id is None) == (vector is None):
-        raise ValueError("give an ITEM_ID or --vector, not both")
+        raise ValueError("give an ITEM_ID or --vector, not both" if item_id else "give an ITEM_ID or --vector")
     query = None
     if vector is not None:  # read before the snapshot is loaded
         try:
             query = np.load(vector) if vector.endswith(".npy") else np.array([float(v) for v in vector.split(",")])
         except ValueError as err:
             raise ValueError(f"--vector {vector}: not comma-separated numbers or a .npy file of them ({err})") from None
-    client = SnapshotClient(root)
+    client = open_snapshot(root)[1]
     if query is not None:
         found = client.search(vectors=query, k=k)[0]
     else:

@@ -31,6 +31,8 @@ def test_index_publish_query_rollback(tmp_path, run_dir):
     again = _lookalike("index", "--embeddings", run_dir, "--out", "S", "--snapshot-id", "second", "--index", "hnsw",
                        "--queries", "200", cwd=tmp_path)  # fmt: skip
     assert again.returncode == 0, again.stderr
+    pinned = _lookalike("similar", "item-000007", "--root", "S/second", "-k", "2", cwd=tmp_path)  # not yet published
+    assert pinned.returncode == 0 and pinned.stdout.startswith("snapshot second: 2 neighbours"), pinned.stderr
 
     assert _lookalike("publish", "--root", "S", "first", cwd=tmp_path).returncode == 0
     published = _lookalike("publish", "--root", "S", cwd=tmp_path)
