@@ -71,10 +71,10 @@ def previous_run_shards(cfg: EmbedConfig, model_version: str) -> tuple[str | Non
         manifest = _load_run_manifest(run_dir)
         if manifest is None:
             raise FileNotFoundError(f"--previous {cfg.previous}: no {MANIFEST_NAME} there (not a complete run)")
-        if manifest.get("model_version") != model_version:
-            log.info("previous run %s has model_version %s, not %s: nothing to reuse",
-                     manifest.get("run_id"), manifest.get("model_version"), model_version)  # fmt: skip
-            return manifest.get("run_id"), [], 0
+        if manifest.get("model_version") != model_version:  # asked for by name: a warning, and no run recorded
+            log.warning("--previous %s has model_version %s, not this model's %s: nothing can be reused; every "
+                        "image is embedded", run_dir, manifest.get("model_version"), model_version)  # fmt: skip
+            return None, [], 0
         manifest = dict(manifest, run_dir=run_dir)
     else:
         manifest = find_previous_run(cfg.out, model_version, exclude=cfg.run_id)

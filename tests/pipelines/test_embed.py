@@ -371,6 +371,21 @@ def test_changed_and_removed_items(demo_catalog, tiny_model, tmp_path, reuse_mem
     assert not np.array_equal(rows[changed["item_id"]], _vectors(_read_dir(Path(first.run_dir)))[changed["item_id"]])
 
 
+def test_a_previous_run_of_another_model_is_named_and_not_recorded_as_reused(first_run, demo_catalog, tmp_path,
+                                                                             caplog):  # fmt: skip
+    """`--previous` names a run to reuse from; one of another model gives nothing: a warning, and the summary's
+    "reused from run" stays empty rather than naming a run nothing came from."""
+    other = tmp_path / "other-model"
+    shutil.copytree(Path(first_run.manifest["model"]), other)
+    config = json.loads((other / "preprocessor_config.json").read_text())
+    (other / "preprocessor_config.json").write_text(json.dumps({**config, "resample": 2}))  # another model_version
+    with caplog.at_level("WARNING", logger="pipelines.embed_runs"):
+        fresh = run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(other), out=str(tmp_path / "o"),
+                                      previous=first_run.run_dir))  # fmt: skip
+    assert fresh.counts["embedded"] == 95 and fresh.manifest["previous_run"] is None
+    assert f"--previous {first_run.run_dir} has model_version {first_run.manifest['model_version']}" in caplog.text
+
+
 def test_no_incremental_embeds_everything_again(first_run, demo_catalog, tiny_model, tmp_path):
     out = str(Path(first_run.run_dir).parents[1])
     fresh = run_embed(
