@@ -1043,7 +1043,7 @@ def main() -> None:
                 # counts; a short batch is the padded case, and 4 keeps the kernels' arrays as a full batch's)
                 some = files[:4] if smoke else files
                 for decoder in decoders[:2]:  # nvJPEG's planes and nvImageCodec's interleaved pixels
-                    run.path(f"(d) the resize as two gathering kernels (Triton), {decoder}",
+                    run.path(KERNEL_RESIZE.format(decoder=decoder),
                              functools.partial(end_to_end, resize="kernel"), some, encoder, device, decoder,
                              work / "d", batch)  # fmt: skip
             elif path == "pixels":  # what compiling the normalisation into the step saves per batch
@@ -1149,6 +1149,10 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _print_table(run.results)
+    print(
+        "\nThe targets (one H100's), each row against them:\n"
+        + "\n".join(f"- {line}" for line in verdicts(run.results))
+    )
 
 
 def _under_sdpa_backend(backend: str, fn, *args):
@@ -1217,6 +1221,49 @@ def baseline(name: str) -> str | None:
         base = END_TO_END.format(decoder=name.rsplit(", ", 1)[-1])
         return base if name != base else None
     return None
+
+
+# The issue's targets: (c) and so400m's (c) in images/s, MFU in %; (d) in images/s, of (c), of (b); (e) of its (d).
+TARGETS = {"c": 10_500, "mfu": 45.0, "so400m_c": 600, "d": 8_500, "d_of_c": 0.8, "d_of_b": 3.0, "e_of_d": 0.8}
+KERNEL_RESIZE = "(d) the resize as two gathering kernels (Triton), {decoder}"
+
+
+def verdicts(results: dict[str, dict]) -> list[str]:
+    """Each row that a target applies to, against it, whole run and steady state: (c); the product's (d) and (d)
+    with the Triton resize, per decoder; (e) and its variants against the product's (d) with the same decoder;
+    so400m's (c). A row that failed or was not run is left out."""
+
+    def rate(name: str, key: str = "images_per_s") -> float | None:
+        return (results.get(name) or {}).get(key)
+
+    def held(value: float, target: float, text: str) -> str:
+        return f"{text} (≥ {target:,g}: {'met' if value >= target else 'missed'})"
+
+    lines = []
+    c, b = rate(ENCODER_ALONE), next((v.get("images_per_s") for k, v in results.items() if k.startswith("(b)")), None)
+    if c:
+        mfu = rate(ENCODER_ALONE, "mfu_pct")
+        lines.append(f"{ENCODER_ALONE}: " + held(c, TARGETS["c"], f"{c:,.0f} images/s")
+                     + ("" if mfu is None else ", " + held(mfu, TARGETS["mfu"], f"MFU {mfu:.1f}%")))  # fmt: skip
+    steady = (("images_per_s", "whole run"), ("steady_images_per_s", "steady"))
+    for name in results:
+        decoder = name.rsplit(", ", 1)[-1]
+        if name in (END_TO_END.format(decoder=decoder), KERNEL_RESIZE.format(decoder=decoder)):
+            for key, label in steady:
+                if d := rate(name, key):
+                    parts = [held(d, TARGETS["d"], f"{d:,.0f} images/s")]
+                    parts += [held(d / c, TARGETS["d_of_c"], f"{d / c:.2f} of (c)")] if c else []
+                    parts += [held(d / b, TARGETS["d_of_b"], f"{d / b:.2f}× (b)")] if b else []
+                    lines.append(f"{name}, {label}: " + ", ".join(parts))
+        elif name.startswith("(e)"):
+            for key, label in steady:
+                e, d = rate(name, key), rate(END_TO_END.format(decoder=decoder), key)
+                if e and d:
+                    lines.append(f"{name}, {label}: " + held(e / d, TARGETS["e_of_d"], f"{e:,.0f} images/s, "
+                                                               f"{e / d:.2f} of its (d)"))  # fmt: skip
+    if so400m := rate("so400m/14-384 (c) encoder alone"):
+        lines.append("so400m/14-384 (c) encoder alone: " + held(so400m, TARGETS["so400m_c"], f"{so400m:,.0f} images/s"))
+    return lines
 
 
 def _print_table(results: dict[str, dict]) -> None:
