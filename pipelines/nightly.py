@@ -64,6 +64,8 @@ def _embed(ctx: _Context, outputs: dict) -> tuple[dict, dict]:
                           **ctx.cfg.embed.step_options())  # fmt: skip
         manifest = run_embed(cfg, beam_args=[*ctx.cfg.embed.beam_args, *ctx.beam_args]).manifest
     counts = {**manifest["counts"], "images_per_s": manifest["images_per_s"]}
+    if not counts.get("embedded"):  # every vector reused: no rate to show (a 0 read as a stall)
+        del counts["images_per_s"]
     return counts, {"run_dir": run_dir, "model_version": manifest["model_version"]}
 
 

@@ -53,6 +53,7 @@ def test_first_night_publishes_and_the_next_reuses(tmp_path, demo_catalog, tiny_
     second = run_nightly(cfg, "nightly-2")
     embed = second.steps[0]["counts"]
     assert (embed["embedded"], embed["reused"], embed["dead_lettered"]) == (0, 95, 5)
+    assert first.steps[0]["counts"]["images_per_s"] > 0 and "images_per_s" not in embed  # none embedded: no rate
     assert second.steps[2]["outputs"]["baseline"].endswith("snapshots/nightly-1")
     assert read_latest(f"{cfg.out}/snapshots").snapshot_id == "nightly-2"
 
