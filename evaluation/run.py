@@ -107,5 +107,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
         write_record(root, client.snapshot_id, {"snapshot_id": client.snapshot_id, "passed": doc["passed"],
                                                 "gates": doc["gates"], "metrics": doc["metrics"],
                                                 "evaluated_at": doc["evaluated_at"]})  # fmt: skip
-    log.info("evaluated %s on %d queries: %s", names, len(result.queries), doc["metrics"])
+    log.info("evaluated %s on %d queries: %s", " against ".join(names), len(result.queries), "; ".join(
+        f"{name} " + ", ".join(f"{metric} {value:.4f}" for metric, value in doc["metrics"][name].items())
+        for name in names))  # fmt: skip
     return doc
