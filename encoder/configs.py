@@ -79,7 +79,7 @@ def embedding_dim(model: str) -> int | None:
     if storage.is_gcs(model) or os.path.isdir(model):
         try:
             text = storage.read_bytes(storage.join(model, "config.json"))
-        except (FileNotFoundError, OSError):
+        except Exception:  # noqa: BLE001 - missing, forbidden, unreachable: the model's load says which
             return None
     else:
         from huggingface_hub import try_to_load_from_cache
