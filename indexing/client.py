@@ -160,12 +160,12 @@ class SnapshotClient:
         return np.array(snapshot.vectors[row])
 
     def search(self, item_ids: Sequence[str] | None = None, vectors: np.ndarray | Sequence | None = None,
-               k: int = 10, *, unknown: str = "raise") -> list[list[Neighbor]]:  # fmt: skip
+               k: int = 10, *, unknown: str = "raise") -> list[list[Neighbor] | None]:  # fmt: skip
         """Nearest neighbours of items (themselves excluded) or of raw query vectors; see `search_tagged`."""
         return self.search_tagged(item_ids, vectors, k, unknown=unknown)[1]
 
     def search_tagged(self, item_ids: Sequence[str] | None = None, vectors: np.ndarray | Sequence | None = None,
-                      k: int = 10, *, unknown: str = "raise") -> tuple[str, list[list[Neighbor]]]:  # fmt: skip
+                      k: int = 10, *, unknown: str = "raise") -> tuple[str, list[list[Neighbor] | None]]:  # fmt: skip
         """(snapshot_id, neighbours): the id of the very snapshot that answered.
 
         Nearest neighbours of items (themselves excluded) or of raw query vectors.
