@@ -36,6 +36,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -57,6 +58,13 @@ PATHS = {"before": (64, 1, 0, False, False), "elements": (256, 1, 0, False, Fals
          "two_ahead": (256, CHUNKS_PER_PROCESS, READ_AHEAD, False, False),
          "now": (256, CHUNKS_PER_PROCESS, READ_AHEAD, True, False),
          "threaded": (256, CHUNKS_PER_PROCESS, READ_AHEAD, True, True)}  # fmt: skip
+
+
+def _drained(proxy, timeout_s: float = 10.0) -> None:
+    """Wait until the proxy has no request out."""
+    deadline = time.monotonic() + timeout_s
+    while proxy.in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def main() -> None:
@@ -101,6 +109,9 @@ def main() -> None:
                     gpu_worker_fetch(uris, reader, 256, 1)
                 for _ in range(args.rounds):
                     for name, (element, at_once, ahead, hedge, threaded) in paths.items():
+                        _drained(
+                            proxy
+                        )  # a second request the last path left out (held, not cancelled) is not this one's
                         proxy.most_in_flight, requests = 0, proxy.counts["requests"]
                         with reads_as_before() if threaded else contextlib.nullcontext():
                             got = gpu_worker_fetch(uris, readers[at_once, hedge], element, ahead)
