@@ -16,6 +16,7 @@ first second instead of silently using a default.
 from __future__ import annotations
 
 import math
+import os
 import types
 from dataclasses import dataclass, field, fields
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -188,6 +189,23 @@ def _section(cls, values: Any, where: str, path: str):
         raise ConfigError(f"{path}: {where}: {err}") from err
 
 
+def _relative_to(folder: str, values: dict) -> dict:
+    """The file's relative paths as relative to its folder, not to the working directory, which an orchestrator's task
+    chooses (a temporary one for Airflow's BashOperator: a relative `out` would have gone with it). A `model` only where
+    it is one (`./`, `../`, or a folder there): `org/name` is a Hub id."""
+    from encoder import storage
+
+    resolved = dict(values)
+    for key in ("catalog", "out", "interactions", "model"):
+        value = values.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        there = storage.resolve(folder, value)
+        if key != "model" or value.startswith(("./", "../")) or (not storage.is_gcs(there) and os.path.isdir(there)):
+            resolved[key] = there
+    return resolved
+
+
 def load_nightly_config(path: str | None, **overrides: Any) -> NightlyConfig:
     """Read the YAML file (optional), apply non-None `overrides` to its top-level keys, validate.
 
@@ -213,6 +231,8 @@ def load_nightly_config(path: str | None, **overrides: Any) -> NightlyConfig:
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {_known(NightlyConfig)}")
     values = {k: v for k, v in raw.items() if k not in _SECTIONS}
+    if path:
+        values = _relative_to(storage.parent_dir(path), values)
     values.update({k: v for k, v in overrides.items() if v is not None})
     missing = [name for name in ("catalog", "model", "out", "interactions") if not values.get(name)]
     if missing:

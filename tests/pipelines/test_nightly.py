@@ -311,6 +311,24 @@ def test_flags_override_the_file(tmp_path):
         load_nightly_config(str(tmp_path / "nope.yaml"))
 
 
+def test_a_config_files_relative_paths_are_relative_to_its_folder(tmp_path, monkeypatch):
+    """An orchestrator chooses a task's working directory (Airflow's BashOperator: a temporary one, which a relative
+    `out` went away with), so the file's paths are read from its own folder; flags stay relative to the working
+    directory, and a Hub id stays one."""
+    (tmp_path / "jobs" / "encoder").mkdir(parents=True)
+    path = tmp_path / "jobs" / "nightly.yaml"
+    path.write_text("catalog: data/manifest.parquet\nmodel: google/siglip-base-patch16-224\nout: ../out\n"
+                    "interactions: gs://logs/clicks.parquet\n")  # fmt: skip
+    monkeypatch.chdir(tmp_path / "jobs" / "encoder")  # any working directory
+    cfg = load_nightly_config(str(path))
+    jobs = str(tmp_path / "jobs")
+    assert (cfg.catalog, cfg.out) == (f"{jobs}/data/manifest.parquet", str(tmp_path / "out"))
+    assert (cfg.model, cfg.interactions) == ("google/siglip-base-patch16-224", "gs://logs/clicks.parquet")
+    path.write_text("catalog: /abs/m.parquet\nmodel: encoder\nout: o\ninteractions: i.parquet\n")
+    assert load_nightly_config(str(path)).model == f"{jobs}/encoder"  # a folder beside the file
+    assert load_nightly_config(str(path), out="here").out == "here"  # a flag: as given
+
+
 def test_one_step_at_a_time_as_an_orchestrator_runs_it(tmp_path, demo_catalog, tiny_model):
     from pipelines.nightly import STEPS
 
