@@ -316,9 +316,39 @@ def verify_snapshot(directory: str | Path, manifest: dict) -> None:
         raise SnapshotError(f"snapshot {manifest.get('snapshot_id')}: manifest lists no files")
 
 
+# The cache of gs:// snapshots keeps the copies used last and any used within the hour: a service took a new copy
+# every night and kept them all, until its disk was full and every refresh failed.
+CACHE_KEEP = 4  # the served snapshot and the one before, a candidate and its baseline being evaluated
+CACHE_RECENT_S = 3600
+_STALE_DOWNLOAD_S = 24 * 3600
+
+
 def local_copy(root: str, snapshot_id: str, cache_dir: str | Path) -> Path:
-    """A local directory holding the snapshot: itself for a local root, else a cached download."""
+    """A local directory holding the snapshot: itself for a local root, else a cached download (see `prune_cache`)."""
     directory = snapshot_dir(root, snapshot_id)
     if not storage.is_gcs(root):
         return Path(directory)
-    return storage.download_gcs_dir(directory, cache_dir)
+    copy = storage.download_gcs_dir(directory, cache_dir)
+    os.utime(copy)  # used now
+    prune_cache(Path(cache_dir), keep=copy)
+    return copy
+
+
+def prune_cache(cache_dir: Path, keep: Path | None = None) -> list[Path]:
+    """Remove cached snapshot copies beyond the `CACHE_KEEP` used last, none used within `CACHE_RECENT_S`, and
+    downloads abandoned for a day; returns what it removed. A process still serving a removed copy keeps its answers:
+    its index and vectors are in memory or mapped, and Linux frees a mapped file's pages only when it is unmapped."""
+    now = time.time()
+    try:
+        entries = [(entry.stat().st_mtime, entry) for entry in cache_dir.iterdir() if entry.is_dir()]
+    except OSError:
+        return []
+    copies = sorted(((t, e) for t, e in entries if not e.name.startswith(".")), reverse=True)
+    removed = [e for t, e in copies[CACHE_KEEP:] if e != keep and now - t > CACHE_RECENT_S]
+    removed += [e for t, e in entries if e.name.startswith(".download-") and now - t > _STALE_DOWNLOAD_S]
+    for entry in removed:
+        shutil.rmtree(entry, ignore_errors=True)
+    if removed:
+        log.info("removed %d cached snapshot cop%s from %s", len(removed), "y" if len(removed) == 1 else "ies",
+                 cache_dir)  # fmt: skip
+    return removed

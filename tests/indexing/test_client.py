@@ -210,3 +210,40 @@ def test_a_published_snapshot_on_gcs_is_never_overwritten_and_an_interrupted_one
     storage.write_bytes(f"{root}/s2/ids.parquet", b"half of an interrupted build")
     assert build_snapshot(run, root, CFG, snapshot_id="s2")["snapshot_id"] == "s2"
     publish(root, "s2")  # every checksum verified
+
+
+@pytest.mark.gcs
+def test_the_gs_snapshot_cache_keeps_the_copies_used_last(gcs_emulator, gcs_bucket, run, tmp_path, monkeypatch):
+    """A service took a new copy of every night's snapshot and kept them all (its disk filled, then every refresh
+    failed): the cache keeps the copies used last, and a process still serving a removed copy keeps answering."""
+    import indexing.snapshot as snapshot_module
+
+    monkeypatch.setattr(snapshot_module, "CACHE_KEEP", 2)
+    monkeypatch.setattr(snapshot_module, "CACHE_RECENT_S", 0)  # (an hour: none of a test's copies would go)
+    root, cache = f"gs://{gcs_bucket}/nightly", tmp_path / "cache"
+    ids = [build_snapshot(run, root, CFG)["snapshot_id"] for _ in range(4)]
+    publish(root, ids[0])
+    oldest = SnapshotClient(root, cache_dir=str(cache))  # a process that never refreshes
+    before, (first_copy,) = oldest.search(item_ids=["item-000002"], k=3), list(cache.iterdir())
+    client = SnapshotClient(root, cache_dir=str(cache))
+    for snapshot_id in ids[1:]:
+        publish(root, snapshot_id)
+        assert client.refresh()
+        assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) <= 2
+    assert client.search(item_ids=["item-000002"], k=3) and client.snapshot_id == ids[-1]
+    assert not first_copy.exists() and oldest.search(item_ids=["item-000002"], k=3) == before  # its answers stay
+
+
+def test_the_cache_prune_spares_the_copies_used_last_or_lately_and_downloads_under_way(tmp_path):
+    import os
+    import time
+
+    from indexing.snapshot import CACHE_KEEP, prune_cache
+
+    now = time.time()
+    ages_h = {"a": 1.5, "b": 3, "c": 5, "d": 7, "e": 9, "f": 0.5, ".download-old": 30, ".download-new": 1}
+    for name, hours in ages_h.items():
+        (tmp_path / name).mkdir()
+        os.utime(tmp_path / name, (now - hours * 3600,) * 2)
+    removed = {p.name for p in prune_cache(tmp_path, keep=tmp_path / "e")}
+    assert CACHE_KEEP == 4 and removed == {"d", ".download-old"}  # e: the copy just taken; f..c: the 4 used last
