@@ -30,6 +30,7 @@ __all__ = [
     "previous_run_shards",
     "read_shard",
     "remove_scratch",
+    "retain_runs",
     "scratch_dir",
     "shard_stats",
     "write_listing",
@@ -121,6 +122,39 @@ def write_listing(cfg: EmbedConfig, catalog: pa.Table) -> tuple[str, list[str]]:
     uri = storage.join(scratch_dir(cfg), "catalog.parquet")
     storage.write_table_atomic(uri, catalog.select(["item_id", "image_uri"]))
     return "manifest", [uri]
+
+
+def retain_runs(out: str, used: set[str]) -> list[str]:
+    """Delete the complete embed runs under `out` but the `used` ones (those kept snapshots were built from, the run
+    at hand) and the newest, which the next run reuses from; with each, its dead letters. Every run holds the whole
+    catalog's vectors (~30 GB a night at 10M × 768), and none was ever deleted. A run without a manifest (one under
+    way, or killed) is left to its next attempt.
+
+    Returns:
+        The deleted run ids.
+    """
+    root = object_store.join(out, "embeddings")
+    runs = [m for m in map(_readable_manifest, (object_store.join(root, n) for n in object_store.list_children(root)))
+            if m is not None and m.get("run_id") == m["folder"]]  # fmt: skip
+    newest = max(runs, key=lambda m: m.get("finished_at", ""), default={}).get("run_id")
+    doomed = sorted(m["run_id"] for m in runs if m["run_id"] not in used and m["run_id"] != newest)
+    for run_id in doomed:
+        run_dir = object_store.join(root, contained(run_id))
+        object_store.delete(object_store.join(run_dir, MANIFEST_NAME))  # first: never half a run taken for a whole one
+        object_store.delete_tree(run_dir)
+        object_store.delete_tree(object_store.join(out, "failures", contained(run_id)))
+        log.info("retention: deleted embed run %s", run_id)
+    return doomed
+
+
+def _readable_manifest(run_dir: str) -> dict | None:
+    """A run folder's manifest with its folder's name; None for anything else (a stray file, a run under way, a
+    manifest that does not read): retention acts only on what it can tell is a whole run."""
+    try:
+        manifest = json.loads(object_store.read_bytes(object_store.join(run_dir, MANIFEST_NAME)))
+    except (OSError, ValueError):  # missing (a FileNotFoundError), a file where a folder belongs, not JSON
+        return None
+    return {**manifest, "folder": run_dir.rsplit("/", 1)[-1]} if isinstance(manifest, dict) else None
 
 
 def clear_crashed_attempt(cfg: EmbedConfig, run_dir: str, failures_dir: str) -> None:

@@ -157,9 +157,13 @@ def _publish(ctx: _Context, outputs: dict) -> tuple[dict, dict]:
 
 def _retention(ctx: _Context, outputs: dict) -> tuple[dict, dict]:
     from indexing import retain
+    from indexing.publish import complete_snapshots
+    from pipelines.embed_runs import retain_runs
 
     deleted = retain(ctx.snapshots, ctx.cfg.keep)
-    return {"deleted": len(deleted)}, {"deleted": deleted}
+    used = {run["run_id"] for m in complete_snapshots(ctx.snapshots) for run in m.get("source_runs", [])}
+    runs = retain_runs(ctx.cfg.out, used | {ctx.run_id})
+    return {"deleted": len(deleted), "runs_deleted": len(runs)}, {"deleted": deleted, "runs_deleted": runs}
 
 
 _RUNNERS: dict[str, Callable[[_Context, dict], tuple[dict, dict]]] = {

@@ -176,6 +176,31 @@ def test_a_rerun_that_changes_what_a_done_step_used_is_refused(tmp_path, demo_ca
         run_nightly(_config(tmp_path, demo_catalog, tiny_model, model=str(other_model)), "nightly-1")
 
 
+def test_retention_deletes_the_embed_runs_no_kept_snapshot_was_built_from(tmp_path, demo_catalog, tiny_model):
+    """Every night writes the whole catalog's vectors (~30 GB at 10M × 768) and none was ever deleted. Retention keeps
+    the runs the kept snapshots were built from and the newest; a run without a manifest and a stray file stay."""
+    import pyarrow as pa
+
+    from pipelines.embed import EmbedConfig, run_embed
+
+    cfg = _config(tmp_path, demo_catalog, tiny_model, keep=1)
+    out = tmp_path / "out"
+    run_nightly(cfg, "nightly-1")
+    run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(out), run_id="exp"))
+    (out / "embeddings" / "killed").mkdir()  # an attempt without its manifest: its rerun clears it
+    (out / "embeddings" / "notes.txt").write_text("a stray file")
+    pq.write_table(pa.table({"x": [1]}), out / "failures" / "exp" / "extra.parquet")
+    second = run_nightly(cfg, "nightly-2")
+    assert second.steps[-1]["outputs"] == {"deleted": [], "runs_deleted": ["exp"]}  # LATEST and the one before stay
+    assert sorted(p.name for p in (out / "embeddings").iterdir()) == ["killed", "nightly-1", "nightly-2", "notes.txt"]
+    third = run_nightly(cfg, "nightly-3")
+    assert third.steps[-1]["outputs"] == {"deleted": ["nightly-1"], "runs_deleted": ["nightly-1"]}
+    assert sorted(p.name for p in (out / "embeddings").iterdir()) == ["killed", "nightly-2", "nightly-3", "notes.txt"]
+    assert sorted(p.name for p in (out / "failures").iterdir()) == ["nightly-2", "nightly-3"]
+    fourth = run_nightly(cfg, "nightly-4")  # reuses from the newest run, as ever
+    assert fourth.steps[0]["counts"]["reused"] == 95 and fourth.steps[-1]["outputs"]["runs_deleted"] == ["nightly-2"]
+
+
 def test_a_night_whose_images_are_gone_publishes_nothing(tmp_path, demo_catalog, tiny_model):
     import pyarrow as pa
 
