@@ -208,5 +208,6 @@ def retain(root: str, keep: int) -> list[str]:
         directory = snapshot_dir(root, snapshot_id)
         storage.delete(storage.join(directory, MANIFEST_NAME))
         storage.delete_tree(directory)
+        storage.delete(storage.join(root, EVALUATIONS, f"{snapshot_id}.json"))  # its evaluation record goes with it
         log.info("retention: deleted snapshot %s", snapshot_id)
     return doomed
