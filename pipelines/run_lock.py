@@ -2,7 +2,10 @@
 
 `OUT/runs/LOCK` holds who took it and until when. A second job finds it held and stops
 with a clear message; a lock whose holder died is taken over once it expires, or at once
-when its holder was on this machine and its process is gone.
+when its holder was on this machine and its process is gone. A live holder moves its
+expiry on every quarter of the time to live, so a job longer than `lock_ttl_h` (a
+backfill of a large catalog) keeps its lock, and the time to live bounds only how long a
+dead job's lock outlives it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -49,9 +53,7 @@ def run_lock(out: str, run_id: str, ttl_h: float) -> Iterator[None]:
     now = datetime.now(UTC)
     mine = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "acquired_at": now.isoformat(),
             "expires_at": (now + timedelta(hours=ttl_h)).isoformat()}  # fmt: skip
-    # Locally, CAS on mtimes needs the read-modify-write serialised; gs:// generations need nothing more.
-    guard = contextlib.nullcontext() if storage.is_gcs(uri) else storage.local_lock(uri + ".guard")
-    with guard:
+    with _guard(uri):
         data, version = storage.read_versioned(uri)
         if data is not None:
             holder = json.loads(data)
@@ -67,11 +69,44 @@ def run_lock(out: str, run_id: str, ttl_h: float) -> Iterator[None]:
             storage.write_if_version(uri, json.dumps(mine).encode(), version)
         except storage.ConcurrentUpdate as err:
             raise LockHeld(f"{out}: another job took the lock at the same moment; try again") from err
+    stop = threading.Event()
+    renewal = threading.Thread(target=_renew, args=(uri, mine, ttl_h, stop), name="lock-renewal", daemon=True)
+    renewal.start()
     try:
         yield
     finally:
+        stop.set()
+        renewal.join()
         with contextlib.suppress(Exception):  # a failed release leaves a lock that expires; never mask the error
             data, _ = storage.read_versioned(uri)
             held = json.loads(data) if data else {}
-            if all(held.get(k) == mine[k] for k in ("run_id", "host", "pid")):
+            if _is_mine(held, mine):
                 storage.delete(uri)
+
+
+def _guard(uri: str):
+    """Locally, compare-and-swap on mtimes needs the read-modify-write serialised; gs:// generations need nothing."""
+    return contextlib.nullcontext() if storage.is_gcs(uri) else storage.local_lock(uri + ".guard")
+
+
+def _is_mine(holder: dict, mine: dict) -> bool:
+    return all(holder.get(k) == mine[k] for k in ("run_id", "host", "pid"))
+
+
+def _renew(uri: str, mine: dict, ttl_h: float, stop: threading.Event) -> None:
+    """Every quarter of the time to live, move the lock's expiry to a whole time to live from now, while it is ours.
+    A failed write is tried again at the next turn (three more before the lock could expire); a lock taken over
+    (this process stalled past its expiry) is reported, and left to its new holder."""
+    while not stop.wait(ttl_h * 3600 / 4):
+        try:
+            with _guard(uri):
+                data, version = storage.read_versioned(uri)
+                holder = json.loads(data) if data else {}
+                if not _is_mine(holder, mine):
+                    log.error("run %s lost its lock on %s to run %s: another job may run beside it", mine["run_id"],
+                              uri, holder.get("run_id"))  # fmt: skip
+                    return
+                expires = (datetime.now(UTC) + timedelta(hours=ttl_h)).isoformat()
+                storage.write_if_version(uri, json.dumps({**holder, "expires_at": expires}).encode(), version)
+        except Exception as err:  # noqa: BLE001 - storage hiccups: the next turn tries again
+            log.warning("run %s could not renew its lock on %s (%s); trying again", mine["run_id"], uri, err)

@@ -88,3 +88,27 @@ def test_a_client_refreshing_while_others_publish_and_roll_back(tmp_path):
     client.close()
     assert writer.exitcode == 0
     assert len(served) >= 2, "the client never saw a publish land"
+
+
+def test_a_job_longer_than_its_locks_time_to_live_keeps_it(tmp_path, caplog):
+    """The lock's expiry moves on while its job runs: a job past `lock_ttl_h` (a large backfill) lost its lock to
+    the next job, and both ran. A lock taken over from a stalled holder is reported, and left to its new holder."""
+    import json
+
+    out, ttl_h = str(tmp_path / "out"), 0.0005  # 1.8 s, renewed every 0.45 s
+    lock = tmp_path / "out" / "runs" / "LOCK"
+    with run_lock(out, "long-job", ttl_h=ttl_h):
+        first = json.loads(lock.read_text())["expires_at"]
+        time.sleep(2.5)  # past the first expiry
+        with pytest.raises(LockHeld, match="locked by run long-job"):
+            with run_lock(out, "next-night", ttl_h=ttl_h):
+                pass
+        assert json.loads(lock.read_text())["expires_at"] > first
+    assert not lock.exists()  # released
+
+    with caplog.at_level("ERROR", logger="pipelines.run_lock"), run_lock(out, "stalled", ttl_h=ttl_h):
+        lock.write_text(json.dumps({**json.loads(lock.read_text()), "run_id": "taker", "pid": -1}))
+        time.sleep(1.0)
+        assert json.loads(lock.read_text())["run_id"] == "taker"  # not written back over
+    assert "run stalled lost its lock on" in caplog.text and "to run taker" in caplog.text
+    assert lock.exists()  # the taker's, not released by the stalled job
