@@ -22,6 +22,8 @@ import contextlib
 import json
 import logging
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -445,6 +447,35 @@ def _updated_since(catalog, since: str) -> frozenset[str]:
     return frozenset(recent.column("item_id").to_pylist())
 
 
+def wait_or_cancel(result, remote: bool) -> None:
+    """Wait for the pipeline. Where its job runs elsewhere (Dataflow), a launcher stopped meanwhile (Ctrl-C, or the
+    SIGTERM an orchestrator sends at its task's time limit; exit 143 for it) cancels the job first: it ran on without
+    its launcher, and the task's retry started a second job on the same run."""
+    if not remote:
+        result.wait_until_finish()
+        return
+    here = threading.current_thread() is threading.main_thread()  # only the main thread may set a handler
+    previous = signal.getsignal(signal.SIGTERM) if here else None
+
+    def terminated(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if here:
+        signal.signal(signal.SIGTERM, terminated)
+    try:
+        result.wait_until_finish()
+    except (KeyboardInterrupt, SystemExit):
+        log.warning("stopped while the job ran: cancelling it (%s)", getattr(result, "job_id", lambda: "")())
+        try:
+            result.cancel()
+        except Exception as err:  # noqa: BLE001 - say so; the stop goes on
+            log.error("could not cancel the job: %s; cancel it by hand before a rerun", err)
+        raise
+    finally:
+        if here:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def run_embed(cfg: EmbedConfig, beam_args: list[str] | None = None) -> EmbedResult:
     """Embed every catalog image of `cfg.catalog` into a new run under `cfg.out`.
 
@@ -522,7 +553,7 @@ def _run(cfg: EmbedConfig, beam_args: list[str] | None, options: PipelineOptions
                            listed=listing or listed)  # fmt: skip
             build_s = time.monotonic() - building
             result = pipeline.run()
-            result.wait_until_finish()
+            wait_or_cancel(result, remote=not _runs_here(options))
     except Exception as err:
         if stop := watch_stop(err):  # a worker stopped the run (`dead_letters.DeadLetterWatch`)
             raise TooManyDeadLetters(f"run {cfg.run_id} {stop}") from None

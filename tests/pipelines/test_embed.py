@@ -386,6 +386,41 @@ def test_a_previous_run_of_another_model_is_named_and_not_recorded_as_reused(fir
     assert f"--previous {first_run.run_dir} has model_version {first_run.manifest['model_version']}" in caplog.text
 
 
+class _RemoteJob:
+    """A runner's result whose job runs elsewhere: waits until cancelled, as Dataflow's does."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def job_id(self) -> str:
+        return "2026-11-29_04_00_00-123"
+
+    def wait_until_finish(self) -> None:
+        for _ in range(200):
+            time.sleep(0.05)  # a poll, as Dataflow's result makes; a signal's handler runs between
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_a_launcher_stopped_while_a_remote_job_runs_cancels_it_first(caplog):
+    """An orchestrator's time limit sends SIGTERM: the Dataflow job ran on without its launcher, and the task's retry
+    started a second job on the same run. Now the job is cancelled, the stop goes on (exit 143), and the handler the
+    process had is back."""
+    import signal
+    import threading
+
+    from pipelines.embed import wait_or_cancel
+
+    before = signal.getsignal(signal.SIGTERM)
+    job = _RemoteJob()
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    with caplog.at_level("WARNING", logger="pipelines.embed"), pytest.raises(SystemExit) as stopped:
+        wait_or_cancel(job, remote=True)
+    assert stopped.value.code == 143 and job.cancelled and signal.getsignal(signal.SIGTERM) is before
+    assert "stopped while the job ran: cancelling it (2026-11-29_04_00_00-123)" in caplog.text
+
+
 def test_no_incremental_embeds_everything_again(first_run, demo_catalog, tiny_model, tmp_path):
     out = str(Path(first_run.run_dir).parents[1])
     fresh = run_embed(
