@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -89,11 +90,19 @@ class SnapshotClient:
                 raise SnapshotError(f"nothing is published under {root} (no LATEST)")
             snapshot_id = latest.snapshot_id
         self._current = _load(root, snapshot_id, self._cache_dir)
+        self._refreshed: dict = {"checked_at": None, "error": None, "refused": None}
         log.info("serving snapshot %s (%d items)", self.snapshot_id, self._current.manifest["count"])
 
     @property
     def snapshot_id(self) -> str:
         return self._current.snapshot_id
+
+    @property
+    def refresh_status(self) -> dict:
+        """The last refresh: when it looked at LATEST (`checked_at`, UTC), and why it kept the served snapshot
+        (`error`, and the snapshot it `refused`), None after a refresh that found nothing wrong. A service that
+        cannot take newer snapshots keeps answering from its own: this is where monitoring sees it."""
+        return dict(self._refreshed)
 
     @property
     def manifest(self) -> dict:
@@ -112,12 +121,15 @@ class SnapshotClient:
         (unless `allow_dim_change`), is refused with a logged error; the current
         snapshot keeps serving.
         """
+        checked_at = datetime.now(UTC).isoformat()
         try:
             latest = read_latest(self.root)
         except Exception as err:  # noqa: BLE001 - a bad LATEST must not stop serving
             log.error("refresh: cannot read LATEST under %s: %s; still serving %s", self.root, err, self.snapshot_id)
+            self._refreshed = {"checked_at": checked_at, "error": f"cannot read LATEST: {err}", "refused": None}
             return False
         if latest is None or latest.snapshot_id == self.snapshot_id:
+            self._refreshed = {"checked_at": checked_at, "error": None, "refused": None}
             return False
         try:
             candidate = _load(self.root, latest.snapshot_id, self._cache_dir)
@@ -127,9 +139,11 @@ class SnapshotClient:
                 )
         except Exception as err:  # noqa: BLE001 - refused, logged, old snapshot keeps serving
             log.error("refresh: refusing snapshot %s: %s; still serving %s", latest.snapshot_id, err, self.snapshot_id)
+            self._refreshed = {"checked_at": checked_at, "error": str(err), "refused": latest.snapshot_id}
             return False
         with self._lock:
             self._current = candidate
+        self._refreshed = {"checked_at": checked_at, "error": None, "refused": None}
         log.info("refresh: now serving snapshot %s", candidate.snapshot_id)
         return True
 

@@ -180,7 +180,7 @@ def create_app(client: SnapshotClient, *, token: str | None = None, max_body_byt
     def snapshot() -> dict:
         m = client.manifest
         keys = ("snapshot_id", "created_at", "model_version", "dim", "count", "metric", "index", "quality", "reduce")
-        return {k: m.get(k) for k in keys}
+        return {**{k: m.get(k) for k in keys}, "refresh": client.refresh_status}
 
     @app.get(
         "/similar/{item_id:path}", response_model=SimilarOut, dependencies=guarded, responses=_errors(401, 404, 422)

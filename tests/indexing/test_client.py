@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexing import IndexConfig, SnapshotClient, SnapshotError, UnknownItem, build_snapshot, publish
+from indexing import IndexConfig, SnapshotClient, SnapshotError, UnknownItem, build_snapshot, publish, read_latest
 from tests.indexing.conftest import clustered, write_run
 
 CFG = IndexConfig(queries=50)
@@ -125,9 +125,16 @@ def test_dimension_change_is_refused_unless_allowed(served, tmp_path, caplog):
     root, client = served
     other = write_run(tmp_path / "wide", clustered(300, 48), ids=[f"w{i}" for i in range(300)])
     publish(root, build_snapshot(other, root, CFG)["snapshot_id"])
+    assert client.refresh_status == {"checked_at": None, "error": None, "refused": None}  # none yet
     with caplog.at_level(logging.ERROR, logger="indexing.client"):
         assert client.refresh() is False
     assert "dimension 48 differs from the served 32" in caplog.text
+    status = client.refresh_status  # what monitoring reads (the service's /snapshot): why newer ones are refused
+    assert (
+        status["error"] == "dimension 48 differs from the served 32"
+        and status["refused"] == read_latest(root).snapshot_id
+    )
+    assert status["checked_at"] and client.refresh() is False and client.refresh_status["error"]  # still refused
     assert SnapshotClient(root, allow_dim_change=True).manifest["dim"] == 48
 
 

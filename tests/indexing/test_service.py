@@ -24,6 +24,7 @@ def test_health_and_snapshot(api):
     assert client.get("/healthz").json() == {"status": "ok", "snapshot_id": snapshot_id}
     body = client.get("/snapshot").json()
     assert body["snapshot_id"] == snapshot_id and body["count"] == 4000 and body["dim"] == 32
+    assert body["created_at"] and set(body["refresh"]) == {"checked_at", "error", "refused"}
 
 
 def test_similar_by_item(api):
