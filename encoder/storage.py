@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
+import glob as globbing
 import hashlib
 import logging
 import os
@@ -41,6 +43,7 @@ __all__ = [
     "describe_error",
     "download_gcs_dir",
     "exists",
+    "files_under",
     "gcs_client",
     "is_gcs",
     "is_not_found",
@@ -410,6 +413,31 @@ def exists(uri: str) -> bool:
     if not is_gcs(uri):
         return os.path.exists(uri)
     return with_retries(lambda: _blob(uri).exists(retry=None), f"stat {uri}")
+
+
+GLOB_CHARS = ("*", "?", "[")
+
+
+def files_under(uri: str) -> list[str]:
+    """The files a glob matches (`*`, `?`, `[...]`; locally `**` across folders, on gs:// `*` across them too), or
+    every file under a folder or prefix, or the one file; sorted, [] for nothing there. For data written as many files
+    (logs partitioned by day, `dt=2026-11-29/part-0.parquet`)."""
+    if not is_gcs(uri):
+        if any(c in uri for c in GLOB_CHARS):
+            return sorted(p for p in globbing.glob(uri, recursive=True) if os.path.isfile(p))
+        if os.path.isdir(uri):
+            return sorted(os.path.join(d, f) for d, _, names in os.walk(uri) for f in names)
+        return [uri] if os.path.isfile(uri) else []
+    bucket, name = split_gcs_uri(uri.rstrip("/"))
+    pattern = any(c in name for c in GLOB_CHARS)
+    prefix = re.split(r"[*?\[]", name, maxsplit=1)[0] if pattern else name
+    names = with_retries(lambda: [b.name for b in gcs_client().list_blobs(bucket, prefix=prefix, retry=None)],
+                         f"list {uri}")  # fmt: skip
+    if pattern:
+        return [f"gs://{bucket}/{n}" for n in sorted(names) if fnmatch.fnmatchcase(n, name)]
+    if name in names:
+        return [uri]
+    return [f"gs://{bucket}/{n}" for n in sorted(names) if n.startswith(f"{name}/") and not n.endswith("/")]
 
 
 def list_children(uri: str) -> list[str]:

@@ -14,13 +14,15 @@ Documented handling:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from encoder.tables import instants, text_column
+from encoder import storage
+from encoder.tables import TABLE_FORMATS, instants, text_column
 from evaluation.catalog import read_table
 
 __all__ = ["Judgments", "LogError", "read_judgments"]
@@ -40,13 +42,32 @@ class Judgments:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+def log_files(uri: str) -> list[str]:
+    """The files of an interaction log: one file, a glob of them, or a folder of them (logs partitioned by day, as
+    `clicks/dt=2026-11-29/part-0.parquet`: its Parquet, CSV and JSON-lines files, not its markers such as `_SUCCESS`).
+    [] where there is none."""
+    files = storage.files_under(uri)
+    if len(files) == 1 and files[0] == uri:
+        return files
+    return [f for f in files if os.path.splitext(f)[1].lower() in TABLE_FORMATS
+            and not os.path.basename(f).startswith((".", "_"))]  # fmt: skip
+
+
 def _read_table(uri: str) -> pa.Table:
+    files = log_files(uri)
+    if not files:
+        raise LogError(f"interaction log {uri} does not exist" + (
+            " (no file matches it)" if any(c in uri for c in storage.GLOB_CHARS) else ""))  # fmt: skip
     try:
-        return read_table(uri, string_columns=REQUIRED + ("session_id",))
+        tables = [read_table(f, string_columns=REQUIRED + ("session_id",)) for f in files]
     except FileNotFoundError as err:
         raise LogError(f"interaction log {uri} does not exist") from err
     except ValueError as err:
         raise LogError(f"interaction log: {err}") from err
+    try:
+        return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:  # a column of one kind in a file, of another in the next
+        raise LogError(f"interaction log {uri}: its {len(files)} files do not agree on their columns ({err})") from err
 
 
 def read_judgments(uri: str, since: datetime | None = None) -> Judgments:

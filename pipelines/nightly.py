@@ -190,6 +190,8 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, *, incremental: b
         evaluation.gate.GateFailed: the candidate lost to the published snapshot (nothing published).
         Anything a step raises (after recording it in the ledger as failed).
     """
+    from evaluation.logs import log_files  # a file, a glob or a folder of them
+
     if until is not None and until not in STEPS:
         raise ValueError(f"unknown step {until!r}; steps: {', '.join(STEPS)}")
     run_id = storage.check_id(run_id or default_run_id(kind), "run id")  # its embeddings', ledger's, snapshot's
@@ -199,7 +201,7 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, *, incremental: b
         _refuse_a_reduce_past_the_model(cfg)
     with run_lock(cfg.out, run_id, cfg.lock_ttl_h):
         ledger = Ledger(cfg.out, run_id)
-        if "evaluate" in steps and not ledger.done("evaluate") and not storage.exists(cfg.interactions):
+        if "evaluate" in steps and not ledger.done("evaluate") and not log_files(cfg.interactions):
             raise FileNotFoundError(f"interaction log {cfg.interactions} does not exist: the run would embed and "
                                     "index, then stop at its evaluate step")  # fmt: skip
         if not ledger.rows:

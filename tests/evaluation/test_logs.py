@@ -142,3 +142,45 @@ def test_since_after_every_row_says_so(tmp_path):
     (tmp_path / "times.csv").write_text("query_item_id,clicked_item_id,timestamp\nq,a,never\nq,b,\n")
     with pytest.raises(LogError, match="no row at or after --since .*'no_timestamp': 2"):  # every time unreadable
         read_judgments(str(tmp_path / "times.csv"), since=datetime(2026, 1, 1, tzinfo=UTC))
+
+
+def _partitioned(root, days: int = 2):
+    """Logs as a data platform writes them: a folder per day, a part file in each, a marker beside them."""
+    for day in range(1, days + 1):
+        (root / f"dt=2026-01-0{day}").mkdir(parents=True)
+        pq.write_table(pa.table({"query_item_id": ["q", "q"], "clicked_item_id": [f"a{day}", "b"],
+                                 "weight": [1, 1.5 + day]}), root / f"dt=2026-01-0{day}" / "part-0.parquet")  # fmt: skip
+    (root / "_SUCCESS").write_text("")
+    (root / "dt=2026-01-01" / ".part-0.parquet.crc").write_bytes(b"\x00")
+
+
+def test_logs_written_as_many_files_are_read_as_one(tmp_path):
+    """A glob of files, or their folder (its markers and hidden files skipped), reads as the files together; it was
+    "does not exist" for a glob and "unknown format" for a folder."""
+    _partitioned(tmp_path / "clicks")
+    whole = {"q": {"a1": 1.0, "a2": 1.0, "b": 6.0}}
+    assert read_judgments(str(tmp_path / "clicks")).relevance == whole
+    assert read_judgments(str(tmp_path / "clicks" / "*" / "part-*.parquet")).relevance == whole
+    assert read_judgments(str(tmp_path / "clicks" / "dt=2026-01-01" / "part-0.parquet")).relevance == {
+        "q": {"a1": 1.0, "b": 2.5}}  # fmt: skip
+    with pytest.raises(LogError, match=r"clicks/dt=2026-02-\*/\*.parquet does not exist \(no file matches it\)"):
+        read_judgments(str(tmp_path / "clicks" / "dt=2026-02-*" / "*.parquet"))
+    pq.write_table(pa.table({"query_item_id": ["q"], "clicked_item_id": ["c"], "weight": [[1.0]]}),
+                   tmp_path / "clicks" / "dt=2026-01-02" / "part-1.parquet")  # fmt: skip
+    with pytest.raises(LogError, match="its 3 files do not agree on their columns"):
+        read_judgments(str(tmp_path / "clicks"))
+
+
+@pytest.mark.gcs
+def test_logs_as_many_files_on_gcs(gcs_emulator, gcs_bucket, tmp_path):
+    from encoder import storage
+
+    _partitioned(tmp_path / "clicks")
+    for path in sorted((tmp_path / "clicks").rglob("*")):
+        if path.is_file():
+            storage.write_bytes(f"gs://{gcs_bucket}/logs/{path.relative_to(tmp_path)}", path.read_bytes())
+    whole = {"q": {"a1": 1.0, "a2": 1.0, "b": 6.0}}
+    assert read_judgments(f"gs://{gcs_bucket}/logs/clicks").relevance == whole
+    assert read_judgments(f"gs://{gcs_bucket}/logs/clicks/dt=*/part-*.parquet").relevance == whole
+    with pytest.raises(LogError, match="does not exist"):
+        read_judgments(f"gs://{gcs_bucket}/logs/clicks/dt=2027*/*.parquet")
