@@ -50,6 +50,7 @@ __all__ = [
     "is_transient",
     "join",
     "list_children",
+    "newest_change",
     "local_lock",
     "parent_dir",
     "read_bytes",
@@ -438,6 +439,17 @@ def files_under(uri: str) -> list[str]:
     if name in names:
         return [uri]
     return [f"gs://{bucket}/{n}" for n in sorted(names) if n.startswith(f"{name}/") and not n.endswith("/")]
+
+
+def newest_change(uri: str) -> float | None:
+    """When anything under a folder or prefix last changed (seconds since the epoch), None for nothing there."""
+    if not is_gcs(uri):
+        times = [os.stat(os.path.join(d, f)).st_mtime for d, _, names in os.walk(uri) for f in names]
+        return max(times, default=os.stat(uri).st_mtime if os.path.isdir(uri) else None)
+    bucket, prefix = split_gcs_uri(uri.rstrip("/"))
+    times = with_retries(lambda: [b.updated.timestamp() for b in gcs_client().list_blobs(bucket, prefix=f"{prefix}/",
+                                                                                          retry=None)], f"list {uri}")  # fmt: skip
+    return max(times, default=None)
 
 
 def list_children(uri: str) -> list[str]:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -124,20 +125,27 @@ def write_listing(cfg: EmbedConfig, catalog: pa.Table) -> tuple[str, list[str]]:
     return "manifest", [uri]
 
 
+# A run folder without a manifest whose files have not changed for this long is an abandoned attempt: removed.
+ABANDONED_S = 7 * 24 * 3600
+
+
 def retain_runs(out: str, used: set[str]) -> list[str]:
     """Delete the complete embed runs under `out` but the `used` ones (those kept snapshots were built from, the run
     at hand) and the newest, which the next run reuses from; with each, its dead letters. Every run holds the whole
-    catalog's vectors (~30 GB a night at 10M × 768), and none was ever deleted. A run without a manifest (one under
-    way, or killed) is left to its next attempt.
+    catalog's vectors (~30 GB a night at 10M × 768), and none was ever deleted. A run without a manifest is left to
+    its next attempt, unless nothing in it has changed for `ABANDONED_S` (a killed backfill nobody reran).
 
     Returns:
         The deleted run ids.
     """
     root = object_store.join(out, "embeddings")
-    runs = [m for m in map(_readable_manifest, (object_store.join(root, n) for n in object_store.list_children(root)))
-            if m is not None and m.get("run_id") == m["folder"]]  # fmt: skip
+    folders = {n: _readable_manifest(object_store.join(root, n)) for n in object_store.list_children(root)}
+    runs = [m for m in folders.values() if m is not None and m.get("run_id") == m["folder"]]
     newest = max(runs, key=lambda m: m.get("finished_at", ""), default={}).get("run_id")
     doomed = sorted(m["run_id"] for m in runs if m["run_id"] not in used and m["run_id"] != newest)
+    doomed += sorted(
+        n for n, m in folders.items() if m is None and n not in used and _abandoned(object_store.join(root, n))
+    )
     for run_id in doomed:
         run_dir = object_store.join(root, contained(run_id))
         object_store.delete(object_store.join(run_dir, MANIFEST_NAME))  # first: never half a run taken for a whole one
@@ -145,6 +153,14 @@ def retain_runs(out: str, used: set[str]) -> list[str]:
         object_store.delete_tree(object_store.join(out, "failures", contained(run_id)))
         log.info("retention: deleted embed run %s", run_id)
     return doomed
+
+
+def _abandoned(folder: str) -> bool:
+    """A folder (not a stray file) in which nothing has changed for `ABANDONED_S`."""
+    if not object_store.is_gcs(folder) and not os.path.isdir(folder):
+        return False
+    changed = object_store.newest_change(folder)
+    return changed is not None and time.time() - changed > ABANDONED_S
 
 
 def _readable_manifest(run_dir: str) -> dict | None:

@@ -229,3 +229,22 @@ def test_retries_in_an_outage_log_a_line_now_and_then_not_one_each(monkeypatch, 
             assert storage.with_retries(refused_twice(), f"read gs://b/{i}.jpg") == b"bytes"
     retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
     assert len(retries) == 1 and retries[0].startswith("read gs://b/0.jpg: refused (attempt 1/5), retrying in")
+
+
+@pytest.mark.gcs
+def test_files_under_and_newest_change_on_gcs(gcs_emulator, gcs_bucket):
+    """A folder's files, a glob's (a `*` spans folders on gs://), one file; when anything under a prefix changed."""
+    import time
+
+    for name in ("logs/dt=1/part-0.parquet", "logs/dt=2/part-0.parquet", "logs/_SUCCESS", "logsx/other.parquet"):
+        storage.write_bytes(f"gs://{gcs_bucket}/{name}", b"x")
+    base = f"gs://{gcs_bucket}"
+    assert storage.files_under(f"{base}/logs") == [f"{base}/logs/_SUCCESS", f"{base}/logs/dt=1/part-0.parquet",
+                                                   f"{base}/logs/dt=2/part-0.parquet"]  # fmt: skip
+    assert storage.files_under(f"{base}/logs/*.parquet") == [f"{base}/logs/dt=1/part-0.parquet",
+                                                             f"{base}/logs/dt=2/part-0.parquet"]  # fmt: skip
+    assert storage.files_under(f"{base}/logs/_SUCCESS") == [f"{base}/logs/_SUCCESS"]
+    assert storage.files_under(f"{base}/nothing/*.parquet") == [] == storage.files_under(f"{base}/nothing")
+    assert (
+        abs(storage.newest_change(f"{base}/logs") - time.time()) < 120 and storage.newest_change(f"{base}/no") is None
+    )

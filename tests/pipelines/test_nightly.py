@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from datetime import UTC, datetime, timedelta
 
 import pyarrow.parquet as pq
@@ -178,7 +179,8 @@ def test_a_rerun_that_changes_what_a_done_step_used_is_refused(tmp_path, demo_ca
 
 def test_retention_deletes_the_embed_runs_no_kept_snapshot_was_built_from(tmp_path, demo_catalog, tiny_model):
     """Every night writes the whole catalog's vectors (~30 GB at 10M × 768) and none was ever deleted. Retention keeps
-    the runs the kept snapshots were built from and the newest; a run without a manifest and a stray file stay."""
+    the runs the kept snapshots were built from and the newest; a stray file, and a run without a manifest unless
+    untouched for a week, stay."""
     import pyarrow as pa
 
     from pipelines.embed import EmbedConfig, run_embed
@@ -188,10 +190,16 @@ def test_retention_deletes_the_embed_runs_no_kept_snapshot_was_built_from(tmp_pa
     run_nightly(cfg, "nightly-1")
     run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(out), run_id="exp"))
     (out / "embeddings" / "killed").mkdir()  # an attempt without its manifest: its rerun clears it
+    (out / "embeddings" / "abandoned" / ".writing").mkdir(parents=True)  # one nothing has touched for 8 days
+    (out / "embeddings" / "abandoned" / ".writing" / "part-0.parquet").write_bytes(b"half a shard")
+    os.utime(out / "embeddings" / "abandoned" / ".writing" / "part-0.parquet", (time.time() - 8 * 86400,) * 2)
     (out / "embeddings" / "notes.txt").write_text("a stray file")
     pq.write_table(pa.table({"x": [1]}), out / "failures" / "exp" / "extra.parquet")
     second = run_nightly(cfg, "nightly-2")
-    assert second.steps[-1]["outputs"] == {"deleted": [], "runs_deleted": ["exp"]}  # LATEST and the one before stay
+    assert second.steps[-1]["outputs"] == {
+        "deleted": [],
+        "runs_deleted": ["exp", "abandoned"],
+    }  # LATEST, the one before
     assert sorted(p.name for p in (out / "embeddings").iterdir()) == ["killed", "nightly-1", "nightly-2", "notes.txt"]
     third = run_nightly(cfg, "nightly-3")
     assert third.steps[-1]["outputs"] == {"deleted": ["nightly-1"], "runs_deleted": ["nightly-1"]}
