@@ -105,14 +105,28 @@ def complete_snapshots(root: str) -> list[dict]:
     return sorted(manifests, key=lambda m: m["created_at"])
 
 
-def _require_passing_evaluation(root: str, snapshot_id: str) -> None:
+def evaluation_record(root: str, snapshot_id: str) -> dict | None:
+    """The record `lookalike evaluate --gate` (and the nightly's gate) left for a snapshot, passed or not; None."""
     try:
         record = json.loads(storage.read_bytes(storage.join(root, EVALUATIONS, f"{snapshot_id}.json")))
-    except FileNotFoundError as err:
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _gate(root: str, snapshot_id: str) -> str | None:
+    """ "passed" or "failed" by its evaluation record; None where it has none."""
+    record = evaluation_record(root, snapshot_id)
+    return None if record is None else "passed" if record.get("passed") else "failed"
+
+
+def _require_passing_evaluation(root: str, snapshot_id: str) -> None:
+    record = evaluation_record(root, snapshot_id)
+    if record is None:
         raise SnapshotError(
             f"snapshot {snapshot_id} has no evaluation record; run `lookalike evaluate --snapshot "
             f"{storage.join(root, snapshot_id)} ... --gate ...` first"
-        ) from err
+        )
     if not record.get("passed"):
         failed = [g["gate"] for g in record.get("gates", []) if not g.get("passed")]
         raise SnapshotError(f"snapshot {snapshot_id} failed its evaluation gate(s) {failed}; not publishing")
@@ -131,6 +145,10 @@ def publish(root: str, snapshot_id: str | None = None, require_evaluation: bool 
         if not snapshots:
             raise SnapshotError(f"no complete snapshot under {root} to publish")
         snapshot_id = snapshots[-1]["snapshot_id"]
+        record = evaluation_record(root, snapshot_id)
+        if record is not None and not record.get("passed"):  # a night's loser is the newest until the next night
+            raise SnapshotError(f"the newest snapshot, {snapshot_id}, failed its evaluation gate(s); name it to "
+                                f"publish it all the same, or name another")  # fmt: skip
     if require_evaluation:
         _require_passing_evaluation(root, snapshot_id)
     _verified(root, snapshot_id)
@@ -186,6 +204,7 @@ def list_snapshots(root: str) -> list[dict]:
             "count": m["count"],
             "index": m["index"]["kind"],
             "recall_at_10": m["quality"]["recall_at_10"],
+            "gate": _gate(root, m["snapshot_id"]),
             "latest": latest is not None and m["snapshot_id"] == latest.snapshot_id,
         })  # fmt: skip
     return rows

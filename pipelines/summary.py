@@ -158,11 +158,11 @@ def print_snapshot_list(rows: list[dict], root: str, console: Console | None = N
         console.print(f"no complete snapshots under {root}")
         return
     table = Table(title=f"snapshots under {root}", title_justify="left")
-    for column in ("snapshot_id", "created", "model_version", "count", "index", "recall@10", "LATEST"):
+    for column in ("snapshot_id", "created", "model_version", "count", "index", "recall@10", "gate", "LATEST"):
         table.add_column(column)
     for r in rows:
         table.add_row(r["snapshot_id"], r["created_at"][:19], r["model_version"], f"{r['count']:,}", r["index"],
-                      f"{r['recall_at_10']:.3f}", "*" if r["latest"] else "")  # fmt: skip
+                      f"{r['recall_at_10']:.3f}", r.get("gate") or "-", "*" if r["latest"] else "")  # fmt: skip
     console.print(table)
 
 

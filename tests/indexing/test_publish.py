@@ -36,6 +36,21 @@ def test_publish_defaults_to_the_newest_and_keeps_history(root_with_three):
     assert all(r["recall_at_10"] == 1.0 and r["count"] == 4000 for r in rows)
 
 
+def test_the_newest_snapshot_that_lost_its_gate_is_published_only_by_name(root_with_three):
+    """A night's loser stays the newest snapshot until the next night: `publish` without an id picked it. The list
+    says which snapshots passed their gates."""
+    from evaluation.gate import write_record
+
+    root, ids = root_with_three
+    write_record(root, ids[1], {"snapshot_id": ids[1], "passed": True, "gates": []})
+    write_record(root, ids[2], {"snapshot_id": ids[2], "passed": False, "gates": [{"gate": "g", "passed": False}]})
+    with pytest.raises(SnapshotError, match=f"the newest snapshot, {ids[2]}, failed its evaluation gate"):
+        publish(root)
+    assert read_latest(root) is None
+    assert [r["gate"] for r in list_snapshots(root)] == [None, "passed", "failed"]
+    assert publish(root, ids[2]).snapshot_id == ids[2]  # by name: the person's call
+
+
 def test_a_stray_file_in_the_root_is_not_a_snapshot(root_with_three):
     """Someone's notes beside the snapshots: listed, published, rolled back to and retained around as nothing."""
     root, ids = root_with_three
