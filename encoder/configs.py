@@ -7,18 +7,88 @@ torch to check its config. `encoder.model`, `encoder.preprocess` and `encoder.gp
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from encoder.storage import cache_dir
 
-__all__ = ["RESIZES", "DecodeLimits", "EncoderConfig", "embedding_dim"]
+__all__ = [
+    "RESIZES",
+    "SUPPORTED_TYPES",
+    "DecodeLimits",
+    "EncoderConfig",
+    "TowerConfig",
+    "embedding_dim",
+    "tower_config",
+]
 
 # How the GPU resize sums PIL's taps: batched products over dense resampling matrices (`encoder.resize`), or two
 # Triton kernels that gather them from the decoder's buffer (`encoder.resize_kernel`; the products until a GPU run
 # shows the kernels faster: BENCHMARKS.md, run E).
 RESIZES = ("products", "kernel")
+
+
+SUPPORTED_TYPES = ("siglip", "siglip_vision_model")  # a two-tower checkpoint, or its image tower saved alone
+# transformers' activation names this tower computes: GELU's tanh approximation (SigLIP's), or exact GELU
+ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}
+
+
+@dataclass(frozen=True)
+class TowerConfig:
+    """The image tower's shape: a checkpoint's `vision_config`, transformers' defaults where it says nothing."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+    vision_use_head: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                     "image_size", "patch_size"):  # fmt: skip
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"vision_config.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"vision_config.hidden_size {self.hidden_size} is not a multiple of its "
+                             f"{self.num_attention_heads} attention heads")  # fmt: skip
+        if type(self.layer_norm_eps) not in (int, float) or not 0 < self.layer_norm_eps < 1:
+            raise ValueError(f"vision_config.layer_norm_eps must be a number in (0, 1), got {self.layer_norm_eps!r}")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"vision_config.hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
+        if not self.vision_use_head:  # the vectors are the attention-pooling head's output
+            raise ValueError("vision_config.vision_use_head is false: the tower has no pooling head to embed with")
+        if self.image_size < self.patch_size:
+            raise ValueError(f"vision_config.image_size {self.image_size} is smaller than a patch ({self.patch_size})")
+
+    @property
+    def grid(self) -> int:
+        """Patches a side."""
+        return self.image_size // self.patch_size
+
+
+def tower_config(config: dict, name: str, where: str | None = None) -> TowerConfig:
+    """The image tower's shape from a checkpoint's config.json (`name` says whose; `where`, which file): its
+    `vision_config`, or the whole of an image tower saved alone, with transformers' defaults where it says nothing.
+
+    Raises:
+        ValueError: not a SigLIP checkpoint, or a tower this project cannot compute.
+    """
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in SUPPORTED_TYPES:
+        raise ValueError(f"{name} is a {model_type!r} checkpoint; expected one of {SUPPORTED_TYPES}")
+    vision = config if model_type == "siglip_vision_model" else config.get("vision_config") or {}
+    if not isinstance(vision, dict):
+        raise ValueError(f"{where or name}'s vision_config is not an object: {vision!r:.80}")
+    known = {f.name for f in fields(TowerConfig)}
+    return TowerConfig(**{k: v for k, v in vision.items() if k in known})
 
 
 @dataclass(frozen=True)
@@ -69,36 +139,21 @@ class DecodeLimits:
 def embedding_dim(model: str) -> int | None:
     """The dimension of a checkpoint's image vectors (its vision tower's width), read from its config.json alone: a
     local or gs:// directory, or a Hub id already in the cache. None where that file cannot be read here without a
-    download or is not a SigLIP config: the model's load then says what is wrong.
+    download or is not a SigLIP tower's: the model's load then says what is wrong.
 
     For checks made before any work (a night's `reduce` against the model), without torch or transformers."""
-    import json
-
     from encoder import storage
 
-    if storage.is_gcs(model) or os.path.isdir(model):
-        try:
-            text = storage.read_bytes(storage.join(model, "config.json"))
-        except Exception:  # noqa: BLE001 - missing, forbidden, unreachable: the model's load says which
-            return None
-    else:
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            cached = try_to_load_from_cache(model, "config.json")
-        except ValueError:  # not a Hub id
-            return None
-        if not isinstance(cached, str):
-            return None
-        text = Path(cached).read_bytes()
     try:
-        config = json.loads(text)
-    except ValueError:
+        if storage.is_gcs(model) or os.path.isdir(model):
+            text = storage.read_bytes(storage.join(model, "config.json"))
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")  # ValueError: not a Hub id
+            if not isinstance(cached, str):
+                return None
+            text = Path(cached).read_bytes()
+        return tower_config(json.loads(text), model).hidden_size
+    except Exception:  # noqa: BLE001 - missing, forbidden, unreachable, not JSON, not SigLIP: the load says which
         return None
-    if not isinstance(config, dict):
-        return None
-    vision = config if config.get("model_type") == "siglip_vision_model" else config.get("vision_config")
-    if config.get("model_type") not in ("siglip", "siglip_vision_model") or not isinstance(vision, dict):
-        return None
-    width = vision.get("hidden_size", 768)  # transformers' default, as the tower's
-    return width if isinstance(width, int) and width > 0 else None

@@ -15,58 +15,17 @@ on the CPU the vectors are the same to the last bit in fp32 and bf16, and a `gpu
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from encoder.configs import ACTIVATIONS, TowerConfig, tower_config
+
 __all__ = ["SiglipImageTower", "TowerConfig", "TowerOutput", "load_tower", "read_tower_config"]
 
-SUPPORTED_TYPES = ("siglip", "siglip_vision_model")  # a two-tower checkpoint, or its image tower saved alone
-# transformers' activation names this tower computes: GELU's tanh approximation (SigLIP's), or exact GELU
-_ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}
 _PREFIX = "vision_model."  # the image tower's names in a checkpoint file, alone or beside the text tower
-
-
-@dataclass(frozen=True)
-class TowerConfig:
-    """The image tower's shape: a checkpoint's `vision_config`, transformers' defaults where it says nothing."""
-
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    num_channels: int = 3
-    image_size: int = 224
-    patch_size: int = 16
-    hidden_act: str = "gelu_pytorch_tanh"
-    layer_norm_eps: float = 1e-6
-    vision_use_head: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
-                     "image_size", "patch_size"):  # fmt: skip
-            value = getattr(self, name)
-            if type(value) is not int or value < 1:
-                raise ValueError(f"vision_config.{name} must be a positive integer, got {value!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"vision_config.hidden_size {self.hidden_size} is not a multiple of its "
-                             f"{self.num_attention_heads} attention heads")  # fmt: skip
-        if type(self.layer_norm_eps) not in (int, float) or not 0 < self.layer_norm_eps < 1:
-            raise ValueError(f"vision_config.layer_norm_eps must be a number in (0, 1), got {self.layer_norm_eps!r}")
-        if not isinstance(self.hidden_act, str) or self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"vision_config.hidden_act {self.hidden_act!r} is not one of {sorted(_ACTIVATIONS)}")
-        if not self.vision_use_head:  # the vectors are the attention-pooling head's output
-            raise ValueError("vision_config.vision_use_head is false: the tower has no pooling head to embed with")
-        if self.image_size < self.patch_size:
-            raise ValueError(f"vision_config.image_size {self.image_size} is smaller than a patch ({self.patch_size})")
-
-    @property
-    def grid(self) -> int:
-        """Patches a side."""
-        return self.image_size // self.patch_size
 
 
 def not_a_checkpoint(path: Path) -> FileNotFoundError:
@@ -91,14 +50,7 @@ def read_tower_config(path: Path) -> TowerConfig:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_file} is not JSON ({err})") from err
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type not in SUPPORTED_TYPES:
-        raise ValueError(f"{path} is a {model_type!r} checkpoint; expected one of {SUPPORTED_TYPES}")
-    vision = config if model_type == "siglip_vision_model" else config.get("vision_config") or {}
-    if not isinstance(vision, dict):
-        raise ValueError(f"{config_file}'s vision_config is not an object: {vision!r:.80}")
-    known = {f.name for f in fields(TowerConfig)}
-    return TowerConfig(**{k: v for k, v in vision.items() if k in known})
+    return tower_config(config, str(path), str(config_file))
 
 
 class TowerOutput(NamedTuple):
@@ -143,7 +95,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: TowerConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.activation_fn = nn.GELU(approximate=_ACTIVATIONS[cfg.hidden_act])
+        self.activation_fn = nn.GELU(approximate=ACTIVATIONS[cfg.hidden_act])
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
