@@ -36,7 +36,6 @@ __all__ = [
 REQUIRED_COLUMNS = ("item_id", "image_uri")
 _MANIFEST_FORMATS = tables.TABLE_FORMATS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-_GLOB_CHARS = set("*?[")
 
 
 class CatalogError(ValueError):
@@ -60,7 +59,7 @@ def catalog_files(uri: str) -> tuple[str, list[str]]:
     Raises:
         CatalogError: nothing matches, an unknown format, or a mix of formats.
     """
-    if not set(uri) & _GLOB_CHARS:
+    if not set(uri) & set(object_store.GLOB_CHARS):
         if _suffix(uri) not in _MANIFEST_FORMATS:
             raise CatalogError(
                 f"catalog {uri}: unknown manifest format {_suffix(uri)!r}; "
