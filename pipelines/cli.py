@@ -205,6 +205,10 @@ def embed(
     if run_id:
         options["run_id"] = run_id
     cfg = EmbedConfig(**options)
+    if run_id:  # before the imports (~3 s here) and the model's load
+        from pipelines.embed_runs import refuse_a_used_run_id
+
+        refuse_a_used_run_id(cfg.out, run_id)
     _start_forker_early(cfg.workers, cfg.fork_workers, ctx.args)
     from pipelines.embed import run_embed
     from pipelines.summary import print_embed_summary

@@ -81,6 +81,7 @@ from pipelines.embed_runs import (
     clear_crashed_attempt,
     previous_run_shards,
     read_shard,
+    refuse_a_used_run_id,
     remove_scratch,
     shard_stats,
     write_listing,
@@ -509,10 +510,9 @@ def _run(cfg: EmbedConfig, beam_args: list[str] | None, options: PipelineOptions
     remember_function_args()  # and reads each function's signature ~2,000 times per run
     storage.configure_storage(options)
     check_folder(cfg.out, "output root")
+    refuse_a_used_run_id(cfg.out, cfg.run_id)  # before the catalog's read and the model's load
     run_dir = storage.join(cfg.out, "embeddings", cfg.run_id)
     failures_dir = storage.join(cfg.out, "failures", cfg.run_id)
-    if storage.exists(storage.join(run_dir, MANIFEST_NAME)):  # before the catalog's read and the model's load
-        raise FileExistsError(f"run {cfg.run_id} already exists under {cfg.out}")
     listed = catalog_files(cfg.catalog)  # once: the validation and the pipeline's chunks share it
     catalog = read_catalog(cfg.catalog, listed)
     total = catalog.num_rows

@@ -30,6 +30,7 @@ __all__ = [
     "find_previous_run",
     "previous_run_shards",
     "read_shard",
+    "refuse_a_used_run_id",
     "remove_scratch",
     "retain_runs",
     "scratch_dir",
@@ -123,6 +124,16 @@ def write_listing(cfg: EmbedConfig, catalog: pa.Table) -> tuple[str, list[str]]:
     uri = storage.join(scratch_dir(cfg), "catalog.parquet")
     storage.write_table_atomic(uri, catalog.select(["item_id", "image_uri"]))
     return "manifest", [uri]
+
+
+def refuse_a_used_run_id(out: str, run_id: str) -> None:
+    """A complete run's id is not used again: its shards would be written beside (or over) a run others read.
+
+    Raises:
+        FileExistsError: `out` already holds a complete run under `run_id`.
+    """
+    if object_store.exists(object_store.join(out, "embeddings", run_id, MANIFEST_NAME)):
+        raise FileExistsError(f"run {run_id} already exists under {out}")
 
 
 # A run folder without a manifest whose files have not changed for this long is an abandoned attempt: removed.

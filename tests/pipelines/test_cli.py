@@ -429,6 +429,16 @@ def test_a_users_mistake_is_reported_before_torch_or_beam_is_imported(tmp_path, 
     assert done.stdout.strip() == "[]", done.stdout
 
 
+def test_a_used_run_id_is_refused_before_torch_or_beam_is_imported(tmp_path):
+    """`embed --run-id` of a complete run: refused in 0.3 s here, before the embed's imports (~3 s) and the model."""
+    (tmp_path / "o" / "embeddings" / "r1").mkdir(parents=True)
+    (tmp_path / "o" / "embeddings" / "r1" / "_manifest.json").write_text("{}")
+    done = subprocess.run([sys.executable, "-c", _IMPORTED_AFTER, "embed", "--catalog", "c", "--model", "m", "--out",
+                           "o", "--run-id", "r1"], cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and done.stderr == "error: run r1 already exists under o\n", done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
+
+
 def test_an_orchestrators_task_past_the_embed_step_never_imports_torch_or_beam(tmp_path):
     """Where the ledger says the embed step is done, the nightly's check and the later steps' modules leave torch,
     Beam and transformers unimported: an Airflow task per step pays its own step's imports only."""

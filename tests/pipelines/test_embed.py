@@ -55,7 +55,7 @@ def test_counts_add_up(first_run, demo_catalog):
 
 
 def test_a_run_id_already_used_is_refused_before_the_catalog_or_the_model_is_read(first_run, tmp_path):
-    """Refused after the model's load before (3 s here for the tiny model; a GPU's compiled SigLIP, a minute)."""
+    """Refused after the catalog's read and the model's load before (a GPU's compiled SigLIP: a minute)."""
     out = os.path.dirname(os.path.dirname(first_run.run_dir))
     with pytest.raises(FileExistsError, match=f"run {first_run.run_id} already exists under"):
         run_embed(EmbedConfig(catalog=str(tmp_path / "no-catalog.parquet"), model=str(tmp_path / "no-model"), out=out,
