@@ -17,7 +17,13 @@ import numpy as np
 from evaluation.logs import Judgments
 from evaluation.metrics import METRICS, coverage, query_metrics
 
-__all__ = ["Comparison", "EvalResult", "Ranker", "SnapshotRanker", "VectorRanker", "evaluate"]
+__all__ = ["Comparison", "EvalResult", "Ranker", "SnapshotRanker", "VectorRanker", "evaluate", "left_out"]
+
+
+def left_out(counts: dict[str, int]) -> str:
+    """What an evaluation's counts say was dropped on the way (`before since 12, query not in snapshot 3`), or ""."""
+    return ", ".join(f"{name.replace('_', ' ')} {value:,}" for name, value in counts.items()
+                     if value and name not in ("rows", "queries", "pairs", "evaluated_queries"))  # fmt: skip
 
 
 class Ranker(Protocol):

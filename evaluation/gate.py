@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from encoder import storage
-from indexing.publish import EVALUATIONS
+from indexing.publish import evaluation_record, record_uri
 
 __all__ = [
     "Gate",
@@ -89,19 +89,11 @@ def check(gate: Gate, candidate: float, baseline: float | None) -> GateResult:
     return GateResult(gate.text, gate.metric, candidate, threshold, bool(_OPS[gate.op](candidate, threshold)))
 
 
-def _record_uri(root: str, snapshot_id: str) -> str:
-    return storage.join(root, EVALUATIONS, f"{snapshot_id}.json")
-
-
 def write_record(root: str, snapshot_id: str, record: dict) -> None:
-    storage.write_bytes(_record_uri(root, snapshot_id), json.dumps(record, indent=2).encode())
+    storage.write_bytes(record_uri(root, snapshot_id), json.dumps(record, indent=2).encode())
 
 
-def read_record(root: str, snapshot_id: str) -> dict | None:
-    try:
-        return json.loads(storage.read_bytes(_record_uri(root, snapshot_id)))
-    except FileNotFoundError:
-        return None
+read_record = evaluation_record  # the one reader of a record: `publish` checks it with the same
 
 
 def results_as_dicts(results: list[GateResult]) -> list[dict]:

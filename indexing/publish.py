@@ -105,10 +105,15 @@ def complete_snapshots(root: str) -> list[dict]:
     return sorted(manifests, key=lambda m: m["created_at"])
 
 
+def record_uri(root: str, snapshot_id: str) -> str:
+    """Where a snapshot's evaluation record lies: `ROOT/_evaluations/<snapshot_id>.json`."""
+    return storage.join(root, EVALUATIONS, f"{snapshot_id}.json")
+
+
 def evaluation_record(root: str, snapshot_id: str) -> dict | None:
     """The record `lookalike evaluate --gate` (and the nightly's gate) left for a snapshot, passed or not; None."""
     try:
-        record = json.loads(storage.read_bytes(storage.join(root, EVALUATIONS, f"{snapshot_id}.json")))
+        record = json.loads(storage.read_bytes(record_uri(root, snapshot_id)))
     except (FileNotFoundError, NotADirectoryError, ValueError):
         return None
     return record if isinstance(record, dict) else None
@@ -227,6 +232,6 @@ def retain(root: str, keep: int) -> list[str]:
         directory = snapshot_dir(root, snapshot_id)
         storage.delete(storage.join(directory, MANIFEST_NAME))
         storage.delete_tree(directory)
-        storage.delete(storage.join(root, EVALUATIONS, f"{snapshot_id}.json"))  # its evaluation record goes with it
+        storage.delete(record_uri(root, snapshot_id))  # its evaluation record goes with it
         log.info("retention: deleted snapshot %s", snapshot_id)
     return doomed

@@ -129,16 +129,16 @@ def _refuse_a_shrink(ctx: _Context, published: str, max_shrink: float) -> None:
 def _refuse_too_few_queries(ctx: _Context, doc: dict, min_queries: int) -> None:
     """Stop a candidate whose gates were judged on fewer than `min_queries` queries, with the counts that say where
     the others went (logs before `since_days`, queries or clicks not in the snapshots, bad rows)."""
+    from evaluation.evaluate import left_out
     from evaluation.gate import GateFailed
 
     counts = doc["counts"]
     measured = counts["evaluated_queries"]
     if measured < min_queries:
-        left_out = "".join(f", {name.replace('_', ' ')} {value:,}" for name, value in counts.items()
-                           if value and name not in ("rows", "queries", "pairs", "evaluated_queries"))  # fmt: skip
+        dropped = left_out(counts)
         raise GateFailed(
             f"the logs measured {measured:,} queries, fewer than evaluate.min_queries {min_queries:,}: too few to "
-            f"judge snapshot {ctx.run_id}; not published (the logs' rows {counts.get('rows', 0):,}{left_out}). "
+            f"judge snapshot {ctx.run_id}; not published (the logs' rows {counts.get('rows', 0):,}{', ' * bool(dropped)}{dropped}). "
             f"If the logs are right, publish it by hand "
             f"(lookalike publish --root {ctx.snapshots} {ctx.run_id}) or lower evaluate.min_queries"
         )

@@ -194,11 +194,10 @@ def print_evaluation(doc: dict, console: Console | None = None) -> None:
         table.add_row(*row)
     table.add_row("coverage", *[f"{doc['coverage'][n]:.3f}" for n in names], *([""] * (2 if doc["comparisons"] else 0)))
     console.print(table)
-    left_out = {
-        k: v for k, v in doc["counts"].items() if v and k not in ("rows", "queries", "pairs", "evaluated_queries")
-    }
-    if left_out:
-        console.print("left out: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in left_out.items()))
+    from evaluation.evaluate import left_out
+
+    if dropped := left_out(doc["counts"]):
+        console.print(f"left out: {dropped}")
     for g in doc["gates"]:
         console.print(
             f"gate {g['gate']}: {g['metric']} = {g['value']:.4f} vs {g['threshold']:.4f} → {'pass' if g['passed'] else 'FAIL'}"
