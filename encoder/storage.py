@@ -41,6 +41,7 @@ __all__ = [
     "delete",
     "delete_tree",
     "describe_error",
+    "download_file",
     "download_gcs_dir",
     "exists",
     "files_under",
@@ -59,6 +60,7 @@ __all__ = [
     "sha256_file",
     "split_gcs_uri",
     "upload_file",
+    "upload_folder",
     "with_retries",
     "write_bytes",
     "write_if_version",
@@ -408,6 +410,27 @@ def upload_file(local: str | Path, uri: str) -> None:
     tmp = f"{uri}.tmp-{uuid.uuid4().hex}"
     shutil.copyfile(local, tmp)
     os.replace(tmp, uri)
+
+
+def upload_folder(local: str | Path, uri: str, *, last: str | None = None) -> None:
+    """Copy every file under a local folder to `uri`, the file named `last` (the one a reader takes for the whole,
+    a model's `config.json`) after the others."""
+    root = Path(local)
+    files = sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: (p.name == last, p.as_posix()))
+    for path in files:
+        upload_file(path, join(uri, path.relative_to(root).as_posix()))
+
+
+def download_file(uri: str, local: str | Path) -> None:
+    """Copy one gs:// object to a local file (atomically), streamed: checkpoints are larger than memory allows."""
+    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+    tmp = f"{local}.tmp-{uuid.uuid4().hex}"
+    try:
+        with_retries(lambda: _blob(uri).download_to_filename(tmp, retry=None), f"download {uri}")
+        os.replace(tmp, local)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def exists(uri: str) -> bool:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -54,7 +55,7 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
 
 @app.command("demo-catalog")
 def demo_catalog(
-    out: Annotated[Path, typer.Option(help="Directory to write the catalog into.")],
+    out: Annotated[str, typer.Option(help="Local directory to write the catalog into.")],
     items: Annotated[int, typer.Option(help="Number of items.")] = 500,
     seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
     change: Annotated[
@@ -64,6 +65,7 @@ def demo_catalog(
     """Generate a synthetic marketplace catalog: photos, manifest, interaction logs (or change one)."""
     from pipelines.demo_catalog import change_demo_catalog, make_demo_catalog
 
+    out = _local_folder(out, "demo-catalog writes a local catalog (its manifest names local images)")
     if change is not None:
         done = change_demo_catalog(out, fraction=change, seed=seed)
         typer.echo(f"changed {out}: {len(done.new_photos)} new photos, {len(done.removed)} items delisted")
@@ -74,10 +76,20 @@ def demo_catalog(
     typer.echo(f"manifest: {catalog.manifest}\ninteractions: {catalog.interactions}")
 
 
-def _refuse_a_full_folder(out: Path, what: str) -> None:
+def _local_folder(out: str, why: str) -> Path:
+    """`--out` of a command that writes local files only: a URI was taken for a path (`gs://b/x` made `./gs:/b/x`)."""
+    if "://" in out:
+        raise ValueError(f"--out {out}: {why}; write it to a local folder (and copy that where it should go)")
+    return Path(out)
+
+
+def _refuse_a_full_folder(out: str | Path, what: str) -> None:
     """A command that writes a whole folder of its own writes into a new or empty one: `init-model --out` at a
     trained model's folder replaced its weights with random ones, and `demo-catalog` wrote a manifest over one."""
-    if out.is_dir() and (held := sorted(p.name for p in out.iterdir())):
+    from encoder import storage
+
+    held = storage.list_children(str(out))
+    if held:
         shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
         raise FileExistsError(f"{out} is not empty ({shown}): {what} goes into a new or empty folder")
 
@@ -85,7 +97,7 @@ def _refuse_a_full_folder(out: Path, what: str) -> None:
 @app.command("init-model")
 def init_model(
     catalog: Annotated[str, typer.Option(help="Catalog manifest whose titles train the tokenizer.")],
-    out: Annotated[Path, typer.Option(help="Directory for the checkpoint.")],
+    out: Annotated[str, typer.Option(help="Directory for the checkpoint (local or gs://).")],
     image_size: Annotated[int, typer.Option(help="Input resolution in pixels (a multiple of --patch-size).")] = 96,
     patch_size: Annotated[int, typer.Option(help="Vision patch size in pixels.")] = 16,
     width: Annotated[int, typer.Option(help="Hidden size of both towers.")] = 128,
@@ -99,12 +111,21 @@ def init_model(
 
     shape = TinyModelConfig(image_size=image_size, patch_size=patch_size, width=width, layers=layers, heads=heads,
                             seed=seed)  # fmt: skip
+    from encoder import storage
+
+    if "://" in out and not storage.is_gcs(out):
+        raise ValueError(f"--out {out}: a checkpoint goes to a local folder or gs://")
     _refuse_a_full_folder(out, "a new checkpoint")
     table = read_catalog(catalog)
     if "title" not in table.column_names:
         raise CatalogError(f"catalog {catalog} has no 'title' column to train a tokenizer on")
-    path = init_tiny_model(table.column("title").to_pylist(), out, shape)
-    typer.echo(f"wrote tiny SigLIP checkpoint to {path}")
+    titles = table.column("title").to_pylist()
+    if not storage.is_gcs(out):
+        typer.echo(f"wrote tiny SigLIP checkpoint to {init_tiny_model(titles, Path(out), shape)}")
+        return
+    with tempfile.TemporaryDirectory(prefix="lookalike-init-") as staging:  # written here, then uploaded
+        storage.upload_folder(init_tiny_model(titles, Path(staging), shape), out, last="config.json")
+    typer.echo(f"wrote tiny SigLIP checkpoint to {out}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -220,7 +241,9 @@ def embed(
 def train_cmd(
     catalog: Annotated[str, typer.Option(help="Manifest with item_id, image_uri, title (local or gs://).")],
     model: Annotated[str, typer.Option(help="Two-tower SigLIP: Hub id, directory or gs:// directory.")],
-    out: Annotated[str, typer.Option(help="Local directory for checkpoints, metrics and the exported encoder.")],
+    out: Annotated[
+        str, typer.Option(help="Folder (local or gs://) for checkpoints, metrics and the exported encoder.")
+    ],
     interactions: Annotated[str | None, typer.Option(help="Interaction logs: item nDCG@5 at each epoch.")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the training pairs.")] = 5,
     batch_size: Annotated[int, typer.Option(help="Global batch (all processes); the loss sees all of it.")] = 256,

@@ -25,11 +25,19 @@ import torch
 
 from training.config import RESUME_KEYS, TrainConfig
 
-__all__ = ["Checkpoint", "ResumeError", "architecture_of", "latest_checkpoint", "load_state", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "Checkpoint",
+    "ResumeError",
+    "architecture_of",
+    "latest_checkpoint",
+    "load_state",
+    "save_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
-_PREFIX, _PARTIAL = "step-", ".partial"
+CHECKPOINT_PREFIX, _PARTIAL = "step-", ".partial"
 
 
 class ResumeError(ValueError):
@@ -63,7 +71,7 @@ def list_checkpoints(out: str | Path) -> list[Checkpoint]:
     """Complete checkpoints, oldest first; partial ones are ignored."""
     found = []
     root = _checkpoints_dir(out)
-    for path in root.glob(f"{_PREFIX}*") if root.is_dir() else []:
+    for path in root.glob(f"{CHECKPOINT_PREFIX}*") if root.is_dir() else []:
         info_file = path / "trainer.json"
         if path.name.endswith(_PARTIAL) or not info_file.is_file():
             continue
@@ -81,7 +89,7 @@ def save_checkpoint(out: str | Path, step: int, model, tokenizer, preprocessor_f
                     state: dict, info: dict, keep: int) -> Checkpoint:  # fmt: skip
     """Write a complete checkpoint atomically, then delete all but the newest `keep`."""
     root = _checkpoints_dir(out)
-    final = root / f"{_PREFIX}{step:08d}"
+    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
     partial = final.with_name(final.name + _PARTIAL)
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "model").mkdir(parents=True)
@@ -110,8 +118,10 @@ def resume_info(cfg: TrainConfig, pairs_digest: str, architecture: str) -> dict:
     }
 
 
-def check_resumable(checkpoint: Checkpoint, cfg: TrainConfig, pairs_digest: str, architecture: str) -> None:
-    """Raise ResumeError naming every difference that would make resuming inexact."""
+def check_resumable(checkpoint: Checkpoint, cfg: TrainConfig, pairs_digest: str, architecture: str,
+                    where: str | None = None) -> None:  # fmt: skip
+    """Raise ResumeError naming every difference that would make resuming inexact (`where`: the checkpoint as the
+    user knows it, when its local path is a copy)."""
     info = checkpoint.info
     differences = [
         f"{key} was {old!r}, now {getattr(cfg, key)!r}"
@@ -125,7 +135,7 @@ def check_resumable(checkpoint: Checkpoint, cfg: TrainConfig, pairs_digest: str,
                            f"({info.get('source_model')!r})")  # fmt: skip
     if differences:
         raise ResumeError(
-            f"cannot resume from {checkpoint.path}: "
+            f"cannot resume from {where or checkpoint.path}: "
             + "; ".join(differences)
             + ". Rerun with the original settings, or train into a new --out."
         )
@@ -145,11 +155,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_state(checkpoint: Checkpoint) -> dict:
+def load_state(checkpoint: Checkpoint, where: str | None = None) -> dict:
     """The optimizer, schedule and RNG state of a checkpoint (tensors and plain containers only)."""
     path = checkpoint.path / "trainer_state.pt"
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a damaged file: say which and what to do
-        raise ResumeError(f"cannot read {path} ({type(err).__name__}: {err}); delete {checkpoint.path} "
+        copy = f"{where} and this machine's copy, {checkpoint.path}," if where and where != str(checkpoint.path) else ""
+        raise ResumeError(f"cannot read {path} ({type(err).__name__}: {err}); delete {copy or checkpoint.path} "
                           "to resume from the one before") from err  # fmt: skip

@@ -23,7 +23,7 @@ class TrainConfig:
 
     catalog: str  # manifest with item_id, image_uri, title (local or gs://)
     model: str  # two-tower SigLIP: Hub id, local or gs:// directory
-    out: str  # local directory for checkpoints, metrics and the exported encoder
+    out: str  # local or gs:// folder for checkpoints, metrics and the exported encoder (training.outputs)
     interactions: str | None = None  # logs for item-to-item nDCG@5 at each validation
     epochs: int = 5
     batch_size: int = 256  # global: summed over processes; the sigmoid loss sees all of it
@@ -78,6 +78,8 @@ class TrainConfig:
         for name in ("catalog", "model", "out"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is required")
+        if "://" in self.out and not self.out.startswith("gs://"):
+            raise ValueError(f"out {self.out}: training writes to a local folder or gs://")
 
     def to_dict(self) -> dict:
         return asdict(self)

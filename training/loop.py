@@ -29,6 +29,7 @@ from training.config import TrainConfig
 from training.data import EpochBatches, PairDataset, augment_size, decode_all, steps_per_epoch
 from training.distributed import Dist, start_distributed
 from training.export import export_model
+from training.outputs import Outputs
 from training.pairs import PairError, Pairs, collect_pairs, read_pairs, write_pairs
 from training.plot import draw_loss_curve
 from training.towers import TwoTower, autocast_for, freeze, lr_factor, make_optimizer
@@ -141,9 +142,11 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
         ValueError, FileNotFoundError: a bad --model or option.
     """
     dist, device = start_distributed(cfg)
+    outputs = Outputs(cfg.out)
     try:
-        return _Run(cfg, dist, device).run(on_step)
+        return _Run(cfg, dist, device, outputs).run(on_step)
     finally:
+        outputs.close()
         if dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -151,19 +154,20 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
 class _Run:
     """One call of `train`: set-up in __init__, the epochs in `run`."""
 
-    def __init__(self, cfg: TrainConfig, dist: Dist, device: torch.device) -> None:
+    def __init__(self, cfg: TrainConfig, dist: Dist, device: torch.device, outputs: Outputs) -> None:
         from transformers import AutoTokenizer, SiglipModel
 
-        self.cfg, self.dist, self.device = cfg, dist, device
-        self.out = Path(cfg.out)
+        self.cfg, self.dist, self.device, self.outputs = cfg, dist, device, outputs
+        self.out = outputs.local  # where the loop writes; `outputs` copies it to a gs:// --out
+        outputs.prepare(cfg.resume, dist.main)
         if dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         latest = ckpt.latest_checkpoint(self.out)
         if cfg.resume and latest is None:
-            raise ckpt.ResumeError(f"--resume: no complete checkpoint under {self.out / 'checkpoints'}")
+            raise ckpt.ResumeError(f"--resume: no complete checkpoint under {cfg.out.rstrip('/')}/checkpoints")
         if not cfg.resume and latest is not None:
-            raise ckpt.ResumeError(f"{self.out} already holds checkpoints (latest: step {latest.step}); "
+            raise ckpt.ResumeError(f"{cfg.out} already holds checkpoints (latest: step {latest.step}); "
                                    "pass --resume to continue that run, or choose an empty --out")  # fmt: skip
         source = _load_source(cfg, dist)
         self.judgments = self._judgments()  # a bad --interactions fails now, not after checking every image
@@ -211,7 +215,7 @@ class _Run:
         )
         self.step, self.unreadable, self.resumed_from = 0, 0, None
         if cfg.resume:
-            ckpt.check_resumable(latest, cfg, self.pairs.digest, self.architecture)
+            ckpt.check_resumable(latest, cfg, self.pairs.digest, self.architecture, outputs.uri_of(latest.path))
             self._restore(latest)
         uris = self.train_pairs.column("image_uri").to_pylist()
         self.train_data = PairDataset(
@@ -239,7 +243,7 @@ class _Run:
         return decoded
 
     def _restore(self, latest: ckpt.Checkpoint) -> None:
-        state = ckpt.load_state(latest)
+        state = ckpt.load_state(latest, self.outputs.uri_of(latest.path))
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -247,7 +251,7 @@ class _Run:
             raise ckpt.ResumeError(f"optimizer state in {latest.path} does not fit this model: {err}") from err
         ckpt.set_rng_state(state["rng"])
         self.step, self.unreadable, self.resumed_from = latest.step, int(state.get("unreadable", 0)), latest.step
-        log.info("resuming from %s (step %d of %d)", latest.path, self.step, self.total_steps)
+        log.info("resuming from %s (step %d of %d)", self.outputs.uri_of(latest.path), self.step, self.total_steps)
 
     def _judgments(self):
         if not (self.cfg.interactions and self.dist.main):
@@ -348,7 +352,9 @@ class _Run:
 
     def _diverged(self, what: str, epoch: int) -> None:
         last = ckpt.latest_checkpoint(self.out)
-        where = f"{last.path} (step {last.step})" if last else "none yet (no checkpoint was written)"
+        where = (
+            f"{self.outputs.uri_of(last.path)} (step {last.step})" if last else "none yet (no checkpoint was written)"
+        )
         raise TrainingError(
             f"{what} at step {self.step + 1} (epoch {epoch + 1}); stopped before updating the weights. "
             f"Last good checkpoint: {where}. Check the data, or lower --lr / raise --warmup-fraction "
@@ -404,12 +410,14 @@ class _Run:
     def _checkpoint(self) -> None:
         unreadable = int(self.dist.sum(torch.tensor(self.unreadable)))
         if self.dist.main:
+            self.outputs.wait()  # the last checkpoint's copy, before keep_checkpoints deletes any of its files
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "rng": ckpt.rng_state(), "unreadable": unreadable}  # fmt: skip
             info = ckpt.resume_info(self.cfg, self.pairs.digest, self.architecture)
             ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer,
                                                self.preprocessor_files, state, info, self.cfg.keep_checkpoints)  # fmt: skip
             self.metrics.plot(self.out / "loss_curve.png")
+            self.outputs.sync()
         self.dist.barrier()
 
     def _finish(self, started: float, train_seconds: float, trained_steps: int, validation: dict,
@@ -421,14 +429,16 @@ class _Run:
             latest = ckpt.latest_checkpoint(self.out)
             info = {"base_model": cfg.model, "step": self.step, "epochs": cfg.epochs, "validation": validation}
             exported = export_model(latest.model_dir, self.out, self.preprocess, info)
+            exported |= {name: self.outputs.uri_of(exported[name]) for name in ("encoder", "model")}
         self.dist.barrier()
         seconds = time.perf_counter() - started
         result = TrainResult(
-            out=str(self.out), steps=self.step, epochs=cfg.epochs, seconds=seconds,
+            out=cfg.out, steps=self.step, epochs=cfg.epochs, seconds=seconds,
             images_per_s=trained_steps * cfg.batch_size / train_seconds if train_seconds else 0.0,
             counts=counts, validation=validation, resumed_from_step=self.resumed_from, history=history,
             **exported,
         )  # fmt: skip
         if self.dist.main:
             (self.out / "report.json").write_text(json.dumps(asdict(result), indent=2, sort_keys=True))
+            self.outputs.finish()
         return result

@@ -155,6 +155,35 @@ def test_a_checkpoint_or_a_catalog_is_not_written_over_another(monkeypatch, caps
     assert (tmp_path / "catalog" / "manifest.parquet").read_text() == "theirs"
 
 
+@pytest.mark.gcs
+def test_init_model_writes_to_gcs_and_local_only_outputs_refuse_a_uri(
+    monkeypatch, capsys, tmp_path, demo_catalog, gcs_emulator, gcs_bucket
+):
+    """A URI where a command took only a path became a local folder: `init-model --out gs://b/m` wrote `./gs:/b/m`
+    and said it wrote `gs:/b/m`; `demo-catalog --out gs://b/c` made `./gs:/b/c`, then failed on a URI without a
+    bucket. A checkpoint now goes to gs:// too; a demo catalog (its manifest names local images) is refused."""
+    import pipelines.cli
+    from encoder import EncoderConfig, load_encoder
+    from pipelines.cli import main
+
+    monkeypatch.setattr(pipelines.cli, "_setup_logging", lambda verbose: None)
+    monkeypatch.chdir(tmp_path)
+    out = f"gs://{gcs_bucket}/models/tiny"
+    args = ["init-model", "--catalog", str(demo_catalog.manifest), "--out", out, "--image-size", "32", "--width", "32"]
+    assert main(args) == 0
+    assert capsys.readouterr().out == f"wrote tiny SigLIP checkpoint to {out}\n"
+    assert load_encoder(EncoderConfig(model=out)).dim == 32
+    assert main(args) == 2
+    assert "is not empty (config.json, model.safetensors, preprocessor_config.json, tokenizer.json and 1 more)" in (
+        capsys.readouterr().err
+    )
+    for command in (["demo-catalog", "--out", f"gs://{gcs_bucket}/c"], ["init-model", "--catalog", "x.parquet",
+                                                                         "--out", "s3://b/m"]):  # fmt: skip
+        assert main(command) == 2
+        assert "--out " in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("flag", "message"),
     [("--port=99999", "--port must be 1-65535, got 99999"), ("--refresh-s=0", "--refresh-s must be > 0, got 0.0")],
