@@ -90,9 +90,18 @@ def is_gcs(uri: str) -> bool:
     return uri.startswith("gs://")
 
 
+def check_location(uri: str, what: str) -> None:
+    """lookalike's own files (embed runs, snapshots, reports, checkpoints) are in a local folder or on gs://. Another
+    scheme's URI was taken for a local path (`s3://b/x` wrote `./s3:/b/x`) or failed deep inside a run."""
+    if "://" in uri and not is_gcs(uri):
+        scheme = uri.split("://", 1)[0]
+        raise ValueError(f"{what} {uri}: lookalike keeps its files in a local folder or on gs://, not {scheme}://")
+
+
 def check_folder(uri: str, what: str) -> None:
     """Refuse a local output folder that a file stands in the way of, before any work rather than at the first write
-    after it (an object store has no folders to be in the way). Creates nothing."""
+    after it (an object store has no folders to be in the way), and another scheme's URI. Creates nothing."""
+    check_location(uri, what)
     if is_gcs(uri):
         return
     path = os.path.abspath(uri)

@@ -48,6 +48,9 @@ class EvaluateConfig:
             raise ValueError(f"--baseline {PIXELS} needs --catalog (the images to compute it from)")
         for gate in self.gates:
             parse_gate(gate, self.k)  # typos fail now, not after the evaluation
+        for name in ("snapshot", "out"):
+            if getattr(self, name):
+                storage.check_location(getattr(self, name), name)
 
 
 def _document(cfg: EvaluateConfig, result: EvalResult, names: list[str]) -> dict:

@@ -76,6 +76,18 @@ def demo_catalog(
     typer.echo(f"manifest: {catalog.manifest}\ninteractions: {catalog.interactions}")
 
 
+def _location(value: str | None) -> str | None:
+    """An option naming where lookalike's own files are: a local path or gs:// (`encoder.storage.check_location`)."""
+    from encoder.storage import check_location
+
+    if value is not None:
+        try:
+            check_location(value, "")
+        except ValueError as err:
+            raise typer.BadParameter(str(err).strip()) from None
+    return value
+
+
 def _local_folder(out: str, why: str) -> Path:
     """`--out` of a command that writes local files only: a URI was taken for a path (`gs://b/x` made `./gs:/b/x`)."""
     if "://" in out:
@@ -97,7 +109,7 @@ def _refuse_a_full_folder(out: str | Path, what: str) -> None:
 @app.command("init-model")
 def init_model(
     catalog: Annotated[str, typer.Option(help="Catalog manifest whose titles train the tokenizer.")],
-    out: Annotated[str, typer.Option(help="Directory for the checkpoint (local or gs://).")],
+    out: Annotated[str, typer.Option(help="Directory for the checkpoint (local or gs://).", callback=_location)],
     image_size: Annotated[int, typer.Option(help="Input resolution in pixels (a multiple of --patch-size).")] = 96,
     patch_size: Annotated[int, typer.Option(help="Vision patch size in pixels.")] = 16,
     width: Annotated[int, typer.Option(help="Hidden size of both towers.")] = 128,
@@ -113,8 +125,6 @@ def init_model(
                             seed=seed)  # fmt: skip
     from encoder import storage
 
-    if "://" in out and not storage.is_gcs(out):
-        raise ValueError(f"--out {out}: a checkpoint goes to a local folder or gs://")
     _refuse_a_full_folder(out, "a new checkpoint")
     table = read_catalog(catalog)
     if "title" not in table.column_names:
@@ -133,7 +143,7 @@ def embed(
     ctx: typer.Context,
     catalog: Annotated[str, typer.Option(help="Manifest (Parquet/CSV/JSONL), a glob of them, or a glob of images.")],
     model: Annotated[str, typer.Option(help="SigLIP checkpoint: Hub id, directory or gs:// directory.")],
-    out: Annotated[str, typer.Option(help="Output root (local or gs://).")],
+    out: Annotated[str, typer.Option(help="Output root (local or gs://).", callback=_location)],
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     fetch_threads: Annotated[int, typer.Option(help="Concurrent CPU decodes and local reads per worker.")] = 16,
     hedge_reads: Annotated[
@@ -242,7 +252,10 @@ def train_cmd(
     catalog: Annotated[str, typer.Option(help="Manifest with item_id, image_uri, title (local or gs://).")],
     model: Annotated[str, typer.Option(help="Two-tower SigLIP: Hub id, directory or gs:// directory.")],
     out: Annotated[
-        str, typer.Option(help="Folder (local or gs://) for checkpoints, metrics and the exported encoder.")
+        str,
+        typer.Option(
+            help="Folder (local or gs://) for checkpoints, metrics and the exported encoder.", callback=_location
+        ),
     ],
     interactions: Annotated[str | None, typer.Option(help="Interaction logs: item nDCG@5 at each epoch.")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the training pairs.")] = 5,
@@ -347,7 +360,9 @@ def nightly_cmd(
     config: Annotated[str | None, typer.Option(help="nightly.yaml (local or gs://); flags below override it.")] = None,
     catalog: Annotated[str | None, typer.Option(help="Catalog manifest.")] = None,
     model: Annotated[str | None, typer.Option(help="Image encoder (Hub id, directory, gs:// directory).")] = None,
-    out: Annotated[str | None, typer.Option(help="Output root: embeddings/, snapshots/, runs/.")] = None,
+    out: Annotated[
+        str | None, typer.Option(help="Output root: embeddings/, snapshots/, runs/.", callback=_location)
+    ] = None,
     interactions: Annotated[str | None, typer.Option(help="Interaction logs for the gate.")] = None,
     keep: Annotated[int | None, typer.Option(help="Snapshots kept after publishing.")] = None,
     run_id: Annotated[str | None, typer.Option(help="Default: nightly-YYYYMMDD (a rerun resumes it).")] = None,
@@ -404,7 +419,7 @@ def backfill_cmd(
     since: Annotated[
         str | None, typer.Option(help="Only items updated on or after this date; the rest reuse same-model vectors.")
     ] = None,
-    out: Annotated[str | None, typer.Option(help="Output root (default: the config's).")] = None,
+    out: Annotated[str | None, typer.Option(help="Output root (default: the config's).", callback=_location)] = None,
     interactions: Annotated[str | None, typer.Option(help="Interaction logs for the gate.")] = None,
     run_id: Annotated[str | None, typer.Option(help="Default: backfill-<UTC time>.")] = None,
     step: Annotated[
@@ -443,7 +458,12 @@ def index_cmd(
         list[str],
         typer.Option(help="Embed run directory (OUT/embeddings/<run_id>), or OUT for its latest run; repeatable."),
     ],
-    out: Annotated[str, typer.Option(help="Snapshot root (local or gs://); the snapshot lands in OUT/<snapshot_id>/.")],
+    out: Annotated[
+        str,
+        typer.Option(
+            help="Snapshot root (local or gs://); the snapshot lands in OUT/<snapshot_id>/.", callback=_location
+        ),
+    ],
     backend: Annotated[str, typer.Option(help="faiss or scann.")] = "faiss",
     index: Annotated[str, typer.Option(help="auto, flat, hnsw, ivf, ivfpq, or a faiss factory string.")] = "auto",
     min_recall: Annotated[float, typer.Option(help="Fail the build below this measured recall@10.")] = 0.9,
@@ -473,7 +493,7 @@ def index_cmd(
 
 @app.command("publish")
 def publish_cmd(
-    root: Annotated[str, typer.Option(help="Snapshot root.")],
+    root: Annotated[str, typer.Option(help="Snapshot root.", callback=_location)],
     snapshot_id: Annotated[str | None, typer.Argument(help="Snapshot to publish (default: the newest).")] = None,
     keep: Annotated[
         int | None, typer.Option(help="Then delete all but the newest N (never LATEST or the one before).")
@@ -496,7 +516,7 @@ def publish_cmd(
 
 @app.command("rollback")
 def rollback_cmd(
-    root: Annotated[str, typer.Option(help="Snapshot root.")],
+    root: Annotated[str, typer.Option(help="Snapshot root.", callback=_location)],
     to: Annotated[str | None, typer.Option(help="Snapshot to go back to (default: the one published before).")] = None,
 ) -> None:
     """Point ROOT/LATEST back at an earlier snapshot (verified first)."""
@@ -508,7 +528,7 @@ def rollback_cmd(
 
 @app.command("snapshots")
 def snapshots_cmd(
-    root: Annotated[str, typer.Option(help="Snapshot root.")],
+    root: Annotated[str, typer.Option(help="Snapshot root.", callback=_location)],
     keep: Annotated[
         int | None, typer.Option(help="First delete all but the newest N (never LATEST or the one before).")
     ] = None,
@@ -530,7 +550,10 @@ def snapshots_cmd(
 def similar_cmd(
     item_id: Annotated[str | None, typer.Argument(help="Catalog item to find neighbours of.")] = None,
     root: Annotated[
-        str, typer.Option(help="Snapshot root (its published snapshot), or ROOT/<snapshot_id> (published or not).")
+        str,
+        typer.Option(
+            help="Snapshot root (its published snapshot), or ROOT/<snapshot_id> (published or not).", callback=_location
+        ),
     ] = ".",
     k: Annotated[int, typer.Option("-k", "--k", help="How many neighbours.")] = 5,
     vector: Annotated[
@@ -562,7 +585,7 @@ def similar_cmd(
 
 @app.command("serve")
 def serve_cmd(
-    root: Annotated[str, typer.Option(help="Snapshot root (the published snapshot is served).")],
+    root: Annotated[str, typer.Option(help="Snapshot root (the published snapshot is served).", callback=_location)],
     port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
     host: Annotated[str, typer.Option(help="Interface; 0.0.0.0 exposes it beyond this machine.")] = "127.0.0.1",
     refresh_s: Annotated[float, typer.Option(help="Seconds between checks for a newly published snapshot.")] = 30.0,
@@ -597,13 +620,17 @@ def serve_cmd(
 
 @app.command("evaluate")
 def evaluate_cmd(
-    snapshot: Annotated[str, typer.Option(help="Snapshot to evaluate: ROOT/<snapshot_id>, or ROOT for its LATEST.")],
+    snapshot: Annotated[
+        str, typer.Option(help="Snapshot to evaluate: ROOT/<snapshot_id>, or ROOT for its LATEST.", callback=_location)
+    ],
     interactions: Annotated[str, typer.Option(help="Interaction logs (Parquet/CSV/JSONL, local or gs://).")],
     baseline: Annotated[str | None, typer.Option(help="Snapshot to compare with, or builtin:pixels.")] = None,
     catalog: Annotated[
         str | None, typer.Option(help="Catalog manifest: titles, categories and images for the report.")
     ] = None,
-    out: Annotated[str | None, typer.Option(help="Directory for metrics.json and report.html.")] = None,
+    out: Annotated[
+        str | None, typer.Option(help="Directory for metrics.json and report.html.", callback=_location)
+    ] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="Cut-off of every metric.")] = 5,
     since: Annotated[
         str | None, typer.Option(help="Only logs at or after this time (ISO 8601, e.g. 2026-06-01).")

@@ -21,6 +21,7 @@ import types
 from dataclasses import dataclass, field, fields
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from encoder.storage import check_location
 from evaluation import PIXELS
 from indexing.spec import IndexConfig
 
@@ -121,6 +122,7 @@ class NightlyConfig:
         for name in ("catalog", "model", "out", "interactions"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is required (in the config file or as --{name})")
+        check_location(self.out, "out")
         if self.keep < 1:
             raise ValueError(f"keep must be >= 1, got {self.keep}")
         if self.lock_ttl_h <= 0:

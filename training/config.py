@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from encoder.storage import cache_dir
+from encoder.storage import cache_dir, check_location
 
 __all__ = ["TrainConfig", "RESUME_KEYS"]
 
@@ -78,8 +78,7 @@ class TrainConfig:
         for name in ("catalog", "model", "out"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is required")
-        if "://" in self.out and not self.out.startswith("gs://"):
-            raise ValueError(f"out {self.out}: training writes to a local folder or gs://")
+        check_location(self.out, "out")
 
     def to_dict(self) -> dict:
         return asdict(self)

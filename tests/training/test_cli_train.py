@@ -34,7 +34,7 @@ def test_train_mistakes_get_one_clear_line(tmp_path, demo_catalog, tiny_model):
         (["--catalog", "untitled.parquet"], "lacks column(s) ['title']"),
         (["--catalog", str(demo_catalog.manifest), "--resume"], "no complete checkpoint"),
         (["--catalog", str(demo_catalog.manifest), "--batch-size", "1"], "batch_size must be >= 2"),
-        (["--catalog", str(demo_catalog.manifest), "--out", "s3://b/t"], "training writes to a local folder or gs://"),
+        (["--catalog", str(demo_catalog.manifest), "--out", "s3://b/t"], "in a local folder or on gs://, not s3://"),
     ]
     for args, message in cases:
         result = _lookalike("train", "--model", str(tiny_model), "--out", "T", *args, cwd=tmp_path)
