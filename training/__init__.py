@@ -13,6 +13,7 @@ _EXPORTS = {
     "TrainConfig": "training.config",
     "export_model": "training.export",
     "TrainingError": "training.loop",
+    "TrainingStopped": "training.loop",
     "TrainResult": "training.loop",
     "train": "training.loop",
     "PairError": "training.pairs",

@@ -48,6 +48,7 @@ def start_distributed(cfg: TrainConfig) -> tuple[Dist, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # NCCL takes CUDA tensors only: the loop's counts and flags, CPU tensors, go through gloo.
+        torch.distributed.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     rank = torch.distributed.get_rank() if world > 1 else 0
     return Dist(rank, world, local_rank), device

@@ -12,7 +12,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +37,7 @@ from training.plot import draw_loss_curve
 from training.towers import TwoTower, autocast_for, freeze, lr_factor, make_optimizer
 from training.validate import embed_pairs, item_ndcg, pair_metrics
 
-__all__ = ["TrainResult", "TrainingError", "train"]
+__all__ = ["TrainResult", "TrainingError", "TrainingStopped", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,40 @@ _PREPROCESSOR_FILES = ("preprocessor_config.json",)
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss or gradient); the message names the last good checkpoint."""
+
+
+class TrainingStopped(SystemExit):
+    """SIGTERM stopped the run after its step and a checkpoint (exit code 143); `--resume` goes on from it."""
+
+
+class _Stop:
+    """SIGTERM (a VM's preemption notice, an orchestrator's time limit, `docker stop`) asks the loop to stop after
+    its step, with a checkpoint, instead of dying mid-step and losing the steps since the last one. A second SIGTERM
+    acts as it would have without the run. Only the main thread may set a handler: elsewhere, nothing is caught."""
+
+    def __init__(self) -> None:
+        self.asked = False
+        self._previous = None
+        self._here = threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> _Stop:
+        if self._here:
+            self._previous = signal.signal(signal.SIGTERM, self._asked)
+        return self
+
+    def _asked(self, signum, frame) -> None:
+        self.asked = True
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def __exit__(self, *exc) -> None:
+        if self._here:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _keep_running_on_sigterm(worker_id: int) -> None:
+    """Data-loading processes: a SIGTERM sent to the whole process group (a VM shutting down) must not kill them
+    under the loop's last step; they end with the loop."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @dataclass
@@ -144,7 +180,8 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
     dist, device = start_distributed(cfg)
     outputs = Outputs(cfg.out)
     try:
-        return _Run(cfg, dist, device, outputs).run(on_step)
+        with _Stop() as stop:
+            return _Run(cfg, dist, device, outputs, stop).run(on_step)
     finally:
         outputs.close()
         if dist.world > 1 and torch.distributed.is_initialized():
@@ -154,10 +191,10 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
 class _Run:
     """One call of `train`: set-up in __init__, the epochs in `run`."""
 
-    def __init__(self, cfg: TrainConfig, dist: Dist, device: torch.device, outputs: Outputs) -> None:
+    def __init__(self, cfg: TrainConfig, dist: Dist, device: torch.device, outputs: Outputs, stop: _Stop) -> None:
         from transformers import AutoTokenizer, SiglipModel
 
-        self.cfg, self.dist, self.device, self.outputs = cfg, dist, device, outputs
+        self.cfg, self.dist, self.device, self.outputs, self.stop = cfg, dist, device, outputs, stop
         self.out = outputs.local  # where the loop writes; `outputs` copies it to a gs:// --out
         outputs.prepare(cfg.resume, dist.main)
         if dist.main:
@@ -213,7 +250,7 @@ class _Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, warmup, self.total_steps)
         )
-        self.step, self.unreadable, self.resumed_from = 0, 0, None
+        self.step, self.unreadable, self.resumed_from, self.checkpointed = 0, 0, None, None
         if cfg.resume:
             ckpt.check_resumable(latest, cfg, self.pairs.digest, self.architecture, outputs.uri_of(latest.path))
             self._restore(latest)
@@ -264,7 +301,7 @@ class _Run:
         workers = self.workers
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if workers else None,
+            prefetch_factor=4 if workers else None, worker_init_fn=_keep_running_on_sigterm if workers else None,
         )  # fmt: skip
 
     # -- the epochs -----------------------------------------------------------------------
@@ -307,6 +344,8 @@ class _Run:
                     self._checkpoint()
                 if on_step:
                     on_step(self.step)
+                if self._stop_asked():
+                    self._stopped(epoch)
             train_seconds += time.perf_counter() - tick
             validation = self._validate()
             row = {"step": self.step, "epoch": epoch + 1, **validation}
@@ -317,6 +356,8 @@ class _Run:
                     "epoch %d/%d: %s", epoch + 1, cfg.epochs, ", ".join(f"{k} {v:.4f}" for k, v in validation.items())
                 )
             self._checkpoint()
+            if self.step < self.total_steps and self._stop_asked():  # (asked during validation)
+                self._stopped(epoch)
             window_start = time.perf_counter()  # images/s counts training steps, not validation
         return self._finish(started, train_seconds, trained_steps, validation, history)
 
@@ -360,6 +401,22 @@ class _Run:
             f"Last good checkpoint: {where}. Check the data, or lower --lr / raise --warmup-fraction "
             "in a new --out (--resume keeps the original settings)."
         )
+
+    def _stop_asked(self) -> bool:
+        """Whether any process got a SIGTERM: all of them stop after the same step."""
+        if self.dist.world == 1:
+            return self.stop.asked
+        return bool(self.dist.sum(torch.tensor(int(self.stop.asked))))
+
+    def _stopped(self, epoch: int) -> None:
+        if self.checkpointed != self.step:
+            self._checkpoint()
+        if self.dist.main:
+            self.outputs.wait(final=True)
+            last = self.outputs.uri_of(ckpt.latest_checkpoint(self.out).path)
+            log.warning("stopped by SIGTERM after step %d of %d (epoch %d): checkpoint %s; go on from it with the "
+                        "same command and --resume", self.step, self.total_steps, epoch + 1, last)  # fmt: skip
+        raise TrainingStopped(128 + signal.SIGTERM)
 
     def _log(self, row: dict) -> None:
         if self.metrics is not None:
@@ -418,6 +475,7 @@ class _Run:
                                                self.preprocessor_files, state, info, self.cfg.keep_checkpoints)  # fmt: skip
             self.metrics.plot(self.out / "loss_curve.png")
             self.outputs.sync()
+        self.checkpointed = self.step
         self.dist.barrier()
 
     def _finish(self, started: float, train_seconds: float, trained_steps: int, validation: dict,

@@ -63,3 +63,21 @@ def test_under_torchrun_a_gpu_request_means_the_local_ranks_gpu(monkeypatch, req
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert process_device(requested, world, local_rank=3) == expected
+
+
+@pytest.mark.parametrize(("device", "backend"), [("cuda:1", "cpu:gloo,cuda:nccl"), ("cpu", "gloo")])
+def test_processes_on_gpus_sum_cpu_counts_through_gloo(monkeypatch, train_config, device, backend):
+    """NCCL takes CUDA tensors only: with it alone, the loop's first checkpoint (a sum of CPU counts over the
+    processes) failed every multi-GPU run with "No backend type associated with device type cpu"."""
+    from training import distributed
+
+    joined = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed, "pick_device", lambda requested: torch.device(device))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: joined.append(backend))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    dist, _ = distributed.start_distributed(train_config(device="auto"))
+    assert joined == [backend] and (dist.rank, dist.world) == (1, 2)

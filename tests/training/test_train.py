@@ -1,14 +1,16 @@
 """The fine-tuning loop end to end on the tiny model: outputs, exact resume, bad input, freezing."""
 
 import json
+import os
 import re
+import signal
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from encoder import EncoderConfig, load_encoder
-from training import PairError, ResumeError, TrainingError, train
+from training import PairError, ResumeError, TrainingError, TrainingStopped, train
 from training import loop as training_loop
 from training.checkpoint import latest_checkpoint, list_checkpoints
 
@@ -77,6 +79,27 @@ def test_interrupted_then_resumed_equals_uninterrupted(train_config, tmp_path):
     assert resumed.model_version == whole.model_version
     steps = [json.loads(line)["step"] for line in open(f"{cut.out}/metrics.jsonl") if '"loss"' in line]
     assert steps == list(range(1, whole.steps + 1))  # the lost step's row was dropped, not duplicated
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_resume_equals_uninterrupted(
+    train_config, tmp_path, caplog
+):
+    """A preempted VM, an orchestrator's time limit or `docker stop` sends SIGTERM: the run stopped where it was and
+    lost every step since its last checkpoint. Now the step ends, a checkpoint is written, and the exit code is 143."""
+    whole = train(train_config(out=str(tmp_path / "whole")))
+    before = signal.getsignal(signal.SIGTERM)
+    cut = train_config(out=str(tmp_path / "cut"))
+    with pytest.raises(TrainingStopped) as stopped:
+        train(cut, on_step=lambda step: step == 4 and os.kill(os.getpid(), signal.SIGTERM))
+    assert stopped.value.code == 143
+    assert [c.step for c in list_checkpoints(cut.out)] == [3, 4]  # 4: not a checkpoint step, written for the stop
+    assert "stopped by SIGTERM after step 4" in caplog.text and "--resume" in caplog.text
+    assert signal.getsignal(signal.SIGTERM) == before
+    resumed = train(train_config(out=cut.out, resume=True))
+    assert resumed.resumed_from_step == 4
+    a, b = _weights(whole.model), _weights(resumed.model)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
 
 
 def test_fewer_pairs_than_a_batch_is_a_clear_error(train_config):
