@@ -304,6 +304,12 @@ def test_read_threads_benchmark_runs():
     assert result["shared-cache"]["rounds"] == 1  # reads, or the signal it died of
 
 
+def test_train_reads_benchmark_runs():
+    result = json.loads(_run("benchmarks/train_reads.py", "--images", "16", "--batch", "8", "--workers", "1",
+                             "--size", "32", "--latency-ms", "5", "--rounds", "1").splitlines()[-1])  # fmt: skip
+    assert result["one_at_a_time"]["x_one_at_a_time"] == 1.0 and result["batch_at_once"]["images_per_s"] > 0
+
+
 def test_gcs_reads_benchmark_runs():
     result = json.loads(
         _run("benchmarks/gcs_reads.py", "--images", "12", "--rounds", "1", "--threads", "1,4").splitlines()[-1]

@@ -9,7 +9,9 @@ same steps as a 1-process run on the same global batch.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -18,6 +20,7 @@ from PIL import Image
 
 from encoder import storage
 from encoder.preprocess import DecodeLimits, PreprocessConfig, decode_image
+from training.pairs import READ_THREADS
 
 __all__ = ["EpochBatches", "PairDataset", "augment", "augment_seed", "augment_size", "decode_all", "steps_per_epoch"]
 
@@ -85,26 +88,62 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.image_uris)
 
     def __getitem__(self, key: int | tuple[int, int | None]):
-        index, seed = key if isinstance(key, tuple) else (key, None)
+        return self._item(*_index_and_seed(key))
+
+    def __getitems__(self, keys: list) -> list:
+        """A batch's items (the DataLoader's batched fetch), their images read at once on `READ_THREADS` threads,
+        then decoded in order. A read that fails is tried again alone, which says why and takes the next pair."""
+        if self.decoded is not None or len(keys) < 2:
+            return [self[key] for key in keys]
+        wanted = [_index_and_seed(key) for key in keys]
+        read = list(_readers().map(self._read_or_none, [index for index, _ in wanted]))
+        return [self._item(index, seed, data) for (index, seed), data in zip(wanted, read, strict=True)]
+
+    def _item(self, index: int, seed: int | None, data: bytes | None = None):
         for attempt in range(len(self.image_uris)):
             row = (index + attempt) % len(self.image_uris)
             try:
-                image = self._load(row, seed)
+                image = self._load(row, seed, data if attempt == 0 else None)
             except Exception as err:  # noqa: BLE001 - counted by the loop; the pair is replaced, not lost silently
                 log.warning("image %s unreadable during training (%s); using the next pair", self.image_uris[row], err)
                 continue
             return torch.from_numpy(image), torch.from_numpy(self.input_ids[row]), attempt > 0
         raise RuntimeError("no image in the training set can be read any more")
 
-    def _load(self, row: int, seed: int | None) -> np.ndarray:
+    def _read(self, row: int) -> bytes:
+        return storage.read_bytes(self.image_uris[row], self.limits.max_bytes)
+
+    def _read_or_none(self, row: int) -> bytes | None:
+        try:
+            return self._read(row)
+        except Exception:  # noqa: BLE001 - read again alone by `_item`, which reports it
+            return None
+
+    def _load(self, row: int, seed: int | None, data: bytes | None = None) -> np.ndarray:
         if self.decoded is not None:
             pixels = self.decoded[row]
             return _resize(pixels, self.preprocess) if seed is None else _crop_and_flip(
                 pixels, self.preprocess, np.random.default_rng(seed))  # fmt: skip
-        data = storage.read_bytes(self.image_uris[row])
+        if data is None:
+            data = self._read(row)
         if seed is None:
             return decode_image(data, self.preprocess, self.limits)
         return augment(data, self.preprocess, np.random.default_rng(seed), self.limits)
+
+
+def _index_and_seed(key: int | tuple[int, int | None]) -> tuple[int, int | None]:
+    return key if isinstance(key, tuple) else (key, None)
+
+
+_READERS: tuple[int, ThreadPoolExecutor] | None = None  # (the process it belongs to, its threads)
+
+
+def _readers() -> ThreadPoolExecutor:
+    """This process's read threads: a data-loading process forked from one that had them makes its own."""
+    global _READERS
+    if _READERS is None or _READERS[0] != os.getpid():
+        _READERS = (os.getpid(), ThreadPoolExecutor(READ_THREADS, thread_name_prefix="pair-read"))
+    return _READERS[1]
 
 
 def augment_size(preprocess: PreprocessConfig) -> PreprocessConfig:
@@ -114,19 +153,17 @@ def augment_size(preprocess: PreprocessConfig) -> PreprocessConfig:
 
 
 def decode_all(image_uris: Sequence[str], preprocess: PreprocessConfig, limits: DecodeLimits = DecodeLimits(),
-               threads: int = 16) -> np.ndarray:  # fmt: skip
+               threads: int = READ_THREADS) -> np.ndarray:  # fmt: skip
     """Every image decoded once at `augment_size`: (n, h', w', 3) uint8, for catalogs that fit in memory.
 
     Raises:
         ImageDecodeError, OSError: an image that was checked before cannot be read now.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     size = augment_size(preprocess)
     out = np.empty((len(image_uris), size.height, size.width, 3), dtype=np.uint8)
 
     def fill(row: int) -> None:
-        out[row] = decode_image(storage.read_bytes(image_uris[row]), size, limits)
+        out[row] = decode_image(storage.read_bytes(image_uris[row], limits.max_bytes), size, limits)
 
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(fill, range(len(image_uris))))

@@ -27,6 +27,10 @@ __all__ = ["PairError", "Pairs", "collect_pairs", "read_pairs", "split_of", "wri
 
 log = logging.getLogger(__name__)
 
+# Image reads a process has in flight (the pairs' check, a loader process's batch, the decode-once cache): from an
+# object store each read waits tens of milliseconds, and one at a time kept a loader process far below its CPU.
+READ_THREADS = 32
+
 REQUIRED = ("item_id", "image_uri", "title")
 _SCHEMA = pa.schema([("item_id", pa.string()), ("image_uri", pa.string()), ("title", pa.string()),
                      ("split", pa.string())])  # fmt: skip
@@ -89,7 +93,7 @@ def _read_manifest(uri: str) -> pa.Table:
 def _check_image(uri: str, preprocess: PreprocessConfig, limits: DecodeLimits) -> str | None:
     """None if the image decodes, else the reason it cannot be used."""
     try:
-        decode_image(storage.read_bytes(uri), preprocess, limits)
+        decode_image(storage.read_bytes(uri, limits.max_bytes), preprocess, limits)
     except ImageDecodeError as err:
         return f"broken image: {err}"
     except FileNotFoundError:
@@ -100,7 +104,7 @@ def _check_image(uri: str, preprocess: PreprocessConfig, limits: DecodeLimits) -
 
 
 def collect_pairs(catalog: str, preprocess: PreprocessConfig, *, val_fraction: float, max_val_items: int,
-                  limits: DecodeLimits = DecodeLimits(), threads: int = 16, progress=None) -> Pairs:  # fmt: skip
+                  limits: DecodeLimits = DecodeLimits(), threads: int = READ_THREADS, progress=None) -> Pairs:  # fmt: skip
     """Read the manifest, drop pairs with an empty title or an unusable image, split by item id.
 
     Args:

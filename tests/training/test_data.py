@@ -1,5 +1,8 @@
+import os
+
 import numpy as np
 import pytest
+import torch
 
 from encoder.preprocess import PreprocessConfig, decode_image
 from training.data import EpochBatches, PairDataset, augment, steps_per_epoch
@@ -57,6 +60,38 @@ def test_dataset_replaces_an_image_that_became_unreadable(tmp_path, demo_catalog
     assert replaced and tokens.tolist() == [3, 4, 5]  # the next pair, image and title together
     assert tuple(pixels.shape) == (32, 32, 3)
     assert dataset[1][2] is False
+
+
+def test_a_batch_read_at_once_equals_its_items_read_one_at_a_time(tmp_path, demo_catalog, monkeypatch):
+    """A loader process reads a batch's images on threads (`__getitems__`): the same pixels, tokens and replacements
+    as item by item, a read that fails there tried again alone (and replaced); a huge object is never read whole."""
+    from encoder import storage
+    from training import data as training_data
+
+    photos = [str(p) for p in sorted((demo_catalog.root / "images").glob("*.jpg"))[:6]]
+    cap = max(os.path.getsize(p) for p in photos)
+    huge = tmp_path / "huge.jpg"
+    huge.write_bytes(b"\xff\xd8" + b"0" * cap)
+    uris = [photos[0], str(tmp_path / "gone.jpg"), *photos[1:4], str(huge), photos[4]]
+    ids = np.arange(len(uris) * 2, dtype=np.int64).reshape(len(uris), 2)
+    dataset = PairDataset(uris, ids, PreprocessConfig(height=32, width=32), limits=training_data.DecodeLimits(
+        max_bytes=cap))  # fmt: skip
+    keys = [(i, 100 + i) for i in range(len(uris))] + [3]
+    reads = []
+    read = storage.read_bytes
+    monkeypatch.setattr(
+        storage, "read_bytes", lambda uri, max_bytes=None: (reads.append(max_bytes), read(uri, max_bytes))[1]
+    )
+    together = dataset.__getitems__(keys)
+    alone = [dataset[key] for key in keys]
+    assert set(reads) == {cap}
+    for (a_pixels, a_ids, a_replaced), (b_pixels, b_ids, b_replaced) in zip(together, alone, strict=True):
+        assert np.array_equal(a_pixels.numpy(), b_pixels.numpy()) and np.array_equal(a_ids.numpy(), b_ids.numpy())
+        assert a_replaced == b_replaced
+    assert [item[2] for item in together] == [False, True, False, False, False, True, False, False]
+    assert together[1][1].tolist() == ids[2].tolist()  # the next pair's image and title together
+    batches = torch.utils.data.DataLoader(dataset, batch_sampler=[keys[:4], keys[4:]], num_workers=1)
+    assert [b[2].tolist() for b in batches] == [[False, True, False, False], [False, True, False, False]]
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
