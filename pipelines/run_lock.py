@@ -43,13 +43,13 @@ def _holder_is_dead(holder: dict) -> bool:
 
 
 @contextlib.contextmanager
-def run_lock(out: str, run_id: str, ttl_h: float) -> Iterator[None]:
-    """Hold `OUT/runs/LOCK` for the duration of the block.
+def run_lock(out: str, run_id: str, ttl_h: float, *, name: str = "runs/LOCK") -> Iterator[None]:
+    """Hold `OUT/<name>` for the duration of the block (the nightly's `runs/LOCK`; a training run's `LOCK`).
 
     Raises:
         LockHeld: a live job holds it.
     """
-    uri = storage.join(out, "runs", "LOCK")
+    uri = storage.join(out, *name.split("/"))
     now = datetime.now(UTC)
     mine = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "acquired_at": now.isoformat(),
             "expires_at": (now + timedelta(hours=ttl_h)).isoformat()}  # fmt: skip

@@ -76,6 +76,28 @@ class _Stop:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+LOCK_TTL_H = 1 / 6  # a dead run's lock on OUT expires within 10 minutes (a live one moves it every 2.5)
+
+
+@contextlib.contextmanager
+def _locked(out: str, dist: Dist):
+    """One training run per OUT (`OUT/LOCK`, `pipelines.run_lock`): two runs on one OUT (an orchestrator's retry
+    beside a first attempt still running) wrote over each other's checkpoints, and on gs:// each copy deleted the
+    other's. Rank 0 holds it; every rank learns whether it could."""
+    from pipelines.run_lock import LockHeld, run_lock
+
+    with contextlib.ExitStack() as stack:
+        held = None
+        if dist.main:
+            try:
+                stack.enter_context(run_lock(out, "train", LOCK_TTL_H, name="LOCK"))
+            except LockHeld as err:
+                held = err
+        if int(dist.sum(torch.tensor(int(held is not None)))):
+            raise held or LockHeld(f"{out}: rank 0 could not take the run's lock")
+        yield
+
+
 def _keep_running_on_sigterm(worker_id: int) -> None:
     """Data-loading processes: a SIGTERM sent to the whole process group (a VM shutting down) must not kill them
     under the loop's last step; they end with the loop."""
@@ -180,7 +202,7 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
     dist, device = start_distributed(cfg)
     outputs = Outputs(cfg.out)
     try:
-        with _Stop() as stop:
+        with _Stop() as stop, _locked(cfg.out, dist):
             return _Run(cfg, dist, device, outputs, stop).run(on_step)
     finally:
         outputs.close()

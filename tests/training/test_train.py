@@ -46,6 +46,7 @@ def test_training_writes_encoder_model_metrics_and_curve(train_config, demo_cata
     assert open(f"{out}/loss_curve.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert json.load(open(f"{out}/train_config.json"))["batch_size"] == 16
     assert json.load(open(f"{out}/report.json"))["model_version"] == result.model_version
+    assert not os.path.exists(f"{out}/LOCK")
 
     encoder = load_encoder(EncoderConfig(model=result.encoder))
     assert encoder.model_version == result.model_version
@@ -95,11 +96,23 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_resume_equals_un
     assert [c.step for c in list_checkpoints(cut.out)] == [3, 4]  # 4: not a checkpoint step, written for the stop
     assert "stopped by SIGTERM after step 4" in caplog.text and "--resume" in caplog.text
     assert signal.getsignal(signal.SIGTERM) == before
+    assert not os.path.exists(f"{cut.out}/LOCK")  # released on the way out: a resume elsewhere need not wait
     resumed = train(train_config(out=cut.out, resume=True))
     assert resumed.resumed_from_step == 4
     a, b = _weights(whole.model), _weights(resumed.model)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_second_run_on_an_out_in_use_is_refused(train_config):
+    """Two runs on one OUT (an orchestrator's retry beside a first attempt still running) wrote over each other's
+    checkpoints; the second is now refused before it loads anything."""
+    from pipelines.run_lock import LockHeld, run_lock
+
+    cfg = train_config()
+    with run_lock(cfg.out, "train", ttl_h=1, name="LOCK"), pytest.raises(LockHeld, match="is locked by run train"):
+        train(cfg)
+    assert not os.path.exists(f"{cfg.out}/checkpoints")
 
 
 def test_fewer_pairs_than_a_batch_is_a_clear_error(train_config):

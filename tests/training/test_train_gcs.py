@@ -52,6 +52,7 @@ def test_training_into_gcs_stopped_then_resumed_on_another_machine_equals_uninte
         train(train_config(out=out), on_step=stop_after_four)
     kept = _names(gcs_emulator, gcs_bucket, "runs/cut")
     assert "checkpoints/step-00000003/trainer.json" in kept and "pairs.parquet" in kept, kept
+    assert "LOCK" not in kept  # released by the stopped run: the next machine need not wait for it
     with pytest.raises(ResumeError, match=f"{out} already holds checkpoints"):  # a new run may not write over it
         train(train_config(out=out))
 
@@ -60,7 +61,7 @@ def test_training_into_gcs_stopped_then_resumed_on_another_machine_equals_uninte
     assert resumed.resumed_from_step == 3 and resumed.steps == whole.steps
     assert resumed.out == out and resumed.encoder == f"{out}/encoder" and resumed.model == f"{out}/model"
     kept = _names(gcs_emulator, gcs_bucket, "runs/cut")
-    assert not [n for n in kept if "partial" in n or ".tmp-" in n], kept
+    assert not [n for n in kept if "partial" in n or ".tmp-" in n or n == "LOCK"], kept
     assert len({n.split("/")[1] for n in kept if n.startswith("checkpoints/")}) == 2  # keep_checkpoints
     assert {"report.json", "metrics.jsonl", "loss_curve.png", "train_config.json", "encoder/lookalike_encoder.json",
             "model/model.safetensors"} <= set(kept)  # fmt: skip
