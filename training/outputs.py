@@ -5,8 +5,9 @@ whole at once. With `--out gs://...` it writes them under a staging folder of th
 (`$LOOKALIKE_CACHE/train/<hash of OUT>`), and rank 0 copies that folder to OUT at every checkpoint, in a thread while
 the next steps train, and at the end:
 
-- new and changed files are uploaded, each folder's mark of completeness after its other files (a checkpoint's
-  `trainer.json`, the encoder's `lookalike_encoder.json`), so that a copy cut short is never taken for a whole one;
+- new and changed files are uploaded, each folder's marks of completeness after its other files (a model folder's
+  `config.json`, then a checkpoint's `trainer.json`, the encoder's `lookalike_encoder.json`), so that a copy cut
+  short is never taken for a whole one;
 - then what the folder no longer holds under `checkpoints/`, `encoder/` and `model/` (checkpoints past
   `--keep-checkpoints`) is deleted from OUT, marks first. Nothing else under OUT is deleted.
 
@@ -33,7 +34,10 @@ __all__ = ["Outputs", "OutputsError"]
 
 log = logging.getLogger(__name__)
 
-_MARKS = ("trainer.json", ENCODER_INFO, "report.json")  # sent after the other files of a copy
+# Sent after the other files of a copy, in this order: a model folder is taken for whole where its `config.json` is
+# (`embed --model gs://.../encoder` a moment too early finds none, rather than weights without their preprocessing),
+# a checkpoint where its `trainer.json` is.
+_MARKS = ("config.json", "trainer.json", ENCODER_INFO, "report.json")
 _OWNED = ("checkpoints/", "encoder/", "model/")  # the folders a copy may delete from: training replaces them whole
 _PULLED = ("pairs.parquet", "metrics.jsonl")  # what a resume needs besides the checkpoints
 _READ_AHEAD = 1 << 20  # files up to this size are read when a copy starts: the loop goes on appending to metrics.jsonl
@@ -137,7 +141,7 @@ class Outputs:
             if self._sent.get(relative) != stamp:
                 data = path.read_bytes() if stat.st_size <= _READ_AHEAD else None
                 changed.append((relative, path, stamp, data))
-        changed.sort(key=lambda c: Path(c[0]).name in _MARKS)
+        changed.sort(key=lambda c: _mark_order(c[0]))
         self._pending = self._pool.submit(self._copy, changed, set(files))
 
     def finish(self) -> None:
@@ -178,9 +182,7 @@ class Outputs:
                 storage.write_bytes(uri, data)
             self._sent[relative] = stamp
         gone = [r for r in self._remote_files() if r.startswith(_OWNED) and r not in kept]
-        for relative in sorted(
-            gone, key=lambda r: Path(r).name not in _MARKS
-        ):  # marks first: never a whole-looking part
+        for relative in sorted(gone, key=_mark_order, reverse=True):  # marks first: never a whole-looking part
             storage.delete(storage.join(self.uri, relative))
             self._sent.pop(relative, None)
 
@@ -201,6 +203,11 @@ class Outputs:
             lambda: list(storage.gcs_client().list_blobs(bucket, prefix=prefix, retry=None)), f"list {self.uri}"
         )
         return {b.name[len(prefix) :]: (b.size, b.md5_hash) for b in blobs if not b.name.endswith("/")}
+
+
+def _mark_order(relative: str) -> int:
+    name = Path(relative).name
+    return _MARKS.index(name) + 1 if name in _MARKS else 0
 
 
 def _same(path: Path, size: int, md5: str | None) -> bool:

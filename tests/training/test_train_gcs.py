@@ -85,6 +85,7 @@ def _checkpoint(root, step: int, payload: bytes = b"w" * 3000) -> None:
     folder = root / "checkpoints" / f"step-{step:08d}"
     (folder / "model").mkdir(parents=True)
     (folder / "model" / "model.safetensors").write_bytes(payload)
+    (folder / "model" / "config.json").write_text("{}")
     (folder / "trainer.json").write_text(json.dumps({"step": step}))
 
 
@@ -105,8 +106,10 @@ def test_copies_send_marks_last_delete_what_the_folder_dropped_and_retry_what_fa
     (outputs.local / "metrics.jsonl").write_text('{"step": 1}\n')
     outputs.sync()
     outputs.wait()
-    assert sent[-1] == f"{out}/checkpoints/step-00000001/trainer.json", sent
-    assert len(sent) == 3
+    model = f"{out}/checkpoints/step-00000001/model"
+    assert sent.index(f"{model}/model.safetensors") < sent.index(f"{model}/config.json")  # a model's mark after it
+    assert sent[-1] == f"{out}/checkpoints/step-00000001/trainer.json", sent  # and the checkpoint's after all
+    assert len(sent) == 4
 
     sent.clear()
     (outputs.local / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
@@ -132,8 +135,8 @@ def test_copies_send_marks_last_delete_what_the_folder_dropped_and_retry_what_fa
     outputs.wait()
     assert failed[0] in sent  # the failed file went with the next copy
     kept = _names(gcs_emulator, gcs_bucket, "run")
-    assert kept == ["checkpoints/step-00000002/model/model.safetensors", "checkpoints/step-00000002/trainer.json",
-                    "metrics.jsonl", "notes.txt"]  # fmt: skip
+    assert kept == ["checkpoints/step-00000002/model/config.json", "checkpoints/step-00000002/model/model.safetensors",
+                    "checkpoints/step-00000002/trainer.json", "metrics.jsonl", "notes.txt"]  # fmt: skip
     assert storage.read_bytes(f"{out}/metrics.jsonl").count(b"\n") == 2
 
     def down(*_) -> None:
@@ -163,8 +166,8 @@ def test_resume_brings_only_whole_checkpoints_and_sends_nothing_it_brought(
     outputs = Outputs(out)
     outputs.prepare(resume=True, main=True)
     here = sorted(p.relative_to(outputs.local).as_posix() for p in outputs.local.rglob("*") if p.is_file())
-    assert here == ["checkpoints/step-00000003/model/model.safetensors", "checkpoints/step-00000003/trainer.json",
-                    "metrics.jsonl", "pairs.parquet"]  # fmt: skip
+    assert here == ["checkpoints/step-00000003/model/config.json", "checkpoints/step-00000003/model/model.safetensors",
+                    "checkpoints/step-00000003/trainer.json", "metrics.jsonl", "pairs.parquet"]  # fmt: skip
     sent = []
     monkeypatch.setattr(storage, "upload_file", lambda local, uri: sent.append(uri))
     monkeypatch.setattr(storage, "write_bytes", lambda uri, data: sent.append(uri))
