@@ -36,8 +36,7 @@ log = logging.getLogger(__name__)
 
 # Sent after the other files of a copy, in this order: a model folder is taken for whole where its `config.json` is
 # (`embed --model gs://.../encoder` a moment too early finds no model there, not one missing its weights or
-# preprocessing),
-# a checkpoint where its `trainer.json` is.
+# preprocessing), a checkpoint where its `trainer.json` is.
 _MARKS = ("config.json", "trainer.json", ENCODER_INFO, "report.json")
 _OWNED = ("checkpoints/", "encoder/", "model/")  # the folders a copy may delete from: training replaces them whole
 _PULLED = ("pairs.parquet", "metrics.jsonl")  # what a resume needs besides the checkpoints
