@@ -60,9 +60,15 @@ def test_training_writes_encoder_model_metrics_and_curve(train_config, demo_cata
     assert not torch.equal(before[_PATCHES], after[_PATCHES])
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(train_config, tmp_path):
-    whole = train(train_config(out=str(tmp_path / "whole")))
+def _equal_weights(whole, resumed) -> None:
+    a, b = _weights(whole.model), _weights(resumed.model)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    assert resumed.model_version == whole.model_version
 
+
+def test_interrupted_then_resumed_equals_uninterrupted(train_config, tmp_path, uninterrupted):
     def stop_after_four(step: int) -> None:
         if step == 4:  # one step past the checkpoint at 3: that step is lost and redone
             raise _Interrupt
@@ -72,22 +78,17 @@ def test_interrupted_then_resumed_equals_uninterrupted(train_config, tmp_path):
         train(cut, on_step=stop_after_four)
     assert latest_checkpoint(cut.out).step == 3
     resumed = train(train_config(out=str(tmp_path / "cut"), resume=True))
-    assert resumed.resumed_from_step == 3 and resumed.steps == whole.steps
-    a, b = _weights(whole.model), _weights(resumed.model)
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
-    assert resumed.model_version == whole.model_version
+    assert resumed.resumed_from_step == 3 and resumed.steps == uninterrupted.steps
+    _equal_weights(uninterrupted, resumed)
     steps = [json.loads(line)["step"] for line in open(f"{cut.out}/metrics.jsonl") if '"loss"' in line]
-    assert steps == list(range(1, whole.steps + 1))  # the lost step's row was dropped, not duplicated
+    assert steps == list(range(1, uninterrupted.steps + 1))  # the lost step's row was dropped, not duplicated
 
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_resume_equals_uninterrupted(
-    train_config, tmp_path, caplog
+    train_config, tmp_path, caplog, uninterrupted
 ):
     """A preempted VM, an orchestrator's time limit or `docker stop` sends SIGTERM: the run stopped where it was and
     lost every step since its last checkpoint. Now the step ends, a checkpoint is written, and the exit code is 143."""
-    whole = train(train_config(out=str(tmp_path / "whole")))
     before = signal.getsignal(signal.SIGTERM)
     cut = train_config(out=str(tmp_path / "cut"))
     with pytest.raises(TrainingStopped) as stopped:
@@ -99,9 +100,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_resume_equals_un
     assert not os.path.exists(f"{cut.out}/LOCK")  # released on the way out: a resume elsewhere need not wait
     resumed = train(train_config(out=cut.out, resume=True))
     assert resumed.resumed_from_step == 4
-    a, b = _weights(whole.model), _weights(resumed.model)
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    _equal_weights(uninterrupted, resumed)
 
 
 def test_a_second_run_on_an_out_in_use_is_refused(train_config):

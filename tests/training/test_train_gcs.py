@@ -38,9 +38,9 @@ def _names(client, bucket: str, prefix: str) -> list[str]:
 
 
 def test_training_into_gcs_stopped_then_resumed_on_another_machine_equals_uninterrupted(
-    gcs_emulator, gcs_bucket, train_config, tmp_path, monkeypatch
+    gcs_emulator, gcs_bucket, train_config, tmp_path, monkeypatch, uninterrupted
 ):
-    whole = train(train_config(out=str(tmp_path / "whole")))
+    whole = uninterrupted
     out = f"gs://{gcs_bucket}/runs/cut"
 
     def stop_after_four(step: int) -> None:
