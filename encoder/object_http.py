@@ -41,6 +41,7 @@ _TIMED_OUT = 28
 
 # Idle connections a handle keeps (libcurl's default): one per host it reads from, and a handle reads from one.
 KEPT_CONNECTIONS = 5
+MAX_REDIRECTS = 5  # a web image's redirects followed (a CDN's to its edge, http to https)
 
 
 class Response(NamedTuple):
@@ -67,7 +68,9 @@ def ca_bundle() -> str | None:
 
 
 class ObjectHttp:
-    """GETs under `base` (a store's download URL prefix) with `credentials`' token.
+    """GETs under `base` (a store's download URL prefix) with `credentials`' token; or, with no `base` and no
+    `credentials`, of any http(s) URL (images on a web server or CDN), following up to `MAX_REDIRECTS` redirects, to
+    http(s) only, each URL through its own proxy settings.
 
     `refresh`: the google-auth transport request the token is refreshed through (`google.auth.transport.requests`).
     `connect_s`: the most a connection may take; `stall_s`: the longest a response may send nothing (a read timeout).
@@ -75,7 +78,7 @@ class ObjectHttp:
 
     def __init__(self, base: str, credentials, refresh, *, connect_s: float = 60.0, stall_s: float = 60.0) -> None:
         self.base, self._credentials, self._refresh = base, credentials, refresh
-        self._proxy, self._ca = proxy_for(base), ca_bundle()
+        self._proxy, self._ca = (proxy_for(base) if base else None), ca_bundle()
         self._connect_s, self._stall_s = connect_s, stall_s
         # Guarded by `_lock`: the process these handles belong to, its `_share`, and its handles not in use (each
         # with its kept-alive connection), by id, in the order given back.
@@ -97,7 +100,7 @@ class ObjectHttp:
             OSError: libcurl refused the request otherwise.
         """
         response = self._get(url, headers, max_bytes)
-        if response.status == 401:  # a token revoked or expired early: a fresh one, once
+        if response.status == 401 and self._credentials is not None:  # a token revoked or expired early: a fresh one
             self._credentials.refresh(self._refresh)
             response = self._get(url, headers, max_bytes)
         return response
@@ -106,11 +109,14 @@ class ObjectHttp:
         import pycurl
 
         headers = dict(headers)
-        self._credentials.before_request(self._refresh, "GET", url, headers)  # adds the token, refreshed if due
+        if self._credentials is not None:
+            self._credentials.before_request(self._refresh, "GET", url, headers)  # adds the token, refreshed if due
         pid, handle = self._take()
         body = _Body(max_bytes)
         try:
             handle.setopt(pycurl.URL, url)
+            if not self.base:
+                handle.setopt(pycurl.PROXY, proxy_for(url) or "")
             handle.setopt(pycurl.HTTPHEADER, [f"{name}: {value}" for name, value in headers.items()])
             handle.setopt(pycurl.HEADERFUNCTION, body.header)
             handle.setopt(pycurl.WRITEFUNCTION, body.write)
@@ -164,6 +170,11 @@ class ObjectHttp:
         handle.setopt(pycurl.LOW_SPEED_LIMIT, 1)  # under a byte a second for `stall_s`: timed out
         handle.setopt(pycurl.LOW_SPEED_TIME, max(1, round(self._stall_s)))
         handle.setopt(pycurl.PROXY, self._proxy or "")  # "": none, whatever libcurl's own reading of the env
+        handle.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)  # never file://, ftp://, ...
+        if not self.base:
+            handle.setopt(pycurl.FOLLOWLOCATION, 1)
+            handle.setopt(pycurl.MAXREDIRS, MAX_REDIRECTS)
+            handle.setopt(pycurl.REDIR_PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
         if self._ca:
             handle.setopt(pycurl.CAINFO, self._ca)
         return handle

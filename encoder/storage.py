@@ -49,6 +49,7 @@ __all__ = [
     "is_gcs",
     "is_not_found",
     "is_transient",
+    "is_web",
     "join",
     "list_children",
     "newest_change",
@@ -309,12 +310,20 @@ def is_not_found(err: BaseException) -> bool:
 
 
 def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
-    """The whole object; with `max_bytes`, refused if larger (gs://: at its headers, or one byte past the cap).
+    """The whole object; with `max_bytes`, refused if larger (gs:// and http(s): at its headers, or one byte past
+    the cap). An http(s) URL is read as an image on a web server or CDN is (`_read_web`).
 
     Raises:
         FileNotFoundError: no such object.
         ValueError: larger than `max_bytes`.
     """
+    if is_web(uri):
+        try:
+            return with_retries(lambda: _read_web(uri, max_bytes), f"read {uri}")
+        except Exception as err:
+            if is_not_found(err):
+                raise FileNotFoundError(f"no such object: {uri}") from err
+            raise
     if not is_gcs(uri):
         if max_bytes is not None and os.path.getsize(uri) > max_bytes:
             raise ValueError(f"object is larger than max_bytes={max_bytes}")
@@ -329,6 +338,39 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     if max_bytes is not None and len(data) > max_bytes:
         raise ValueError(f"object is larger than max_bytes={max_bytes}")
     return data
+
+
+def is_web(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def _read_web(uri: str, max_bytes: int | None) -> bytes:
+    """An http(s) URL's body in one GET over libcurl (`encoder.object_http`), redirects followed (to http(s) only),
+    refused at its headers past `max_bytes`. 404 and 410: not found; 408, 429 and 5xx: retried (`is_transient`);
+    any other status: refused, its body left out (a catalog's URL is not a way to read a server's pages)."""
+    from google.api_core.exceptions import NotFound, from_http_status
+
+    response = _web_http().get(uri, {"User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.8"}, max_bytes)
+    if 200 <= response.status < 300:
+        return response.body
+    if response.status in (404, 410):
+        raise NotFound(f"GET {uri}: HTTP {response.status}")
+    status = 503 if response.status == 408 else response.status  # the server timed the request out: retried
+    raise from_http_status(status, f"GET {uri}: HTTP {response.status}")
+
+
+USER_AGENT = "lookalike (catalog image reader)"  # CDNs refuse requests without one
+_WEB_HTTP = None
+
+
+def _web_http():
+    """The process's reader of http(s) URLs: no credentials (a bucket's token is never sent to a web server)."""
+    global _WEB_HTTP
+    if _WEB_HTTP is None:
+        from encoder.object_http import ObjectHttp
+
+        _WEB_HTTP = ObjectHttp("", None, None)
+    return _WEB_HTTP
 
 
 def _download(uri: str, max_bytes: int | None) -> bytes:

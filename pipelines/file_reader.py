@@ -101,9 +101,9 @@ class ReadBatch:
 
 
 def reads_in_readers(uri: str) -> bool:
-    """Whether the readers take `uri`: local files and gs:// objects (lookalike's own client); other schemes
-    need Beam's FileSystems, which the reader processes do not import."""
-    return "://" not in uri or uri.startswith("gs://")
+    """Whether the readers take `uri`: local files, gs:// objects and http(s) URLs (lookalike's own clients); other
+    schemes need Beam's FileSystems, which the reader processes do not import."""
+    return "://" not in uri or uri.startswith(("gs://", "http://", "https://"))
 
 
 FETCHES_PER_PROCESS = 96  # threads for object-store reads per process: 8 chunks' reads and their second requests

@@ -113,9 +113,10 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
         return data
 
     try:
-        if object_store.is_gcs(uri):
+        if object_store.is_gcs(uri) or object_store.is_web(uri):
             # lookalike's one client per process: one request per object (retried inside). Beam's GCS reader makes a
-            # client (and parses its pipeline options) per object, then asks for its metadata before its bytes.
+            # client (and parses its pipeline options) per object, then asks for its metadata before its bytes; Beam
+            # has no reader of http(s).
             return object_store.read_bytes(uri, max_bytes)
         return read() if "://" not in uri else with_retries(read, f"read {uri}")
     except Exception as err:
@@ -135,12 +136,12 @@ def read_image(uri: str, max_bytes: int) -> bytes | str:
         return "not found"
     except Exception as err:  # noqa: BLE001 - the item's dead letter
         if "://" in uri and not _has_filesystem(uri):  # (Beam's own words suggest installing its GCS extra)
-            return f"no filesystem reads {uri.split('://', 1)[0]}:// here: local paths, gs:// and Beam's installed ones"
+            return f"no filesystem reads {uri.split('://', 1)[0]}:// here: local paths, gs://, http(s):// and Beam's installed ones"
         return describe_error(err)
 
 
 def _has_filesystem(uri: str) -> bool:
-    if object_store.is_gcs(uri):
+    if object_store.is_gcs(uri) or object_store.is_web(uri):
         return True
     try:
         _filesystems().get_filesystem(uri)

@@ -48,6 +48,39 @@ def first_run(demo_catalog, tiny_model, tmp_path_factory):
     return run_embed(EmbedConfig(catalog=str(demo_catalog.manifest), model=str(tiny_model), out=str(out)))
 
 
+def _dead_letters(run) -> dict[str, tuple[str, str]]:
+    folder = Path(run.run_dir).parent.parent / "failures" / run.run_id
+    return {row["item_id"]: (row["stage"], row["error"]) for row in _read_dir(folder).to_pylist()}
+
+
+def test_images_at_http_urls_embed_as_the_same_files_do(first_run, demo_catalog, tiny_model, tmp_path):
+    """A marketplace's catalog names its photos by CDN URL: before, each was dead-lettered ("no filesystem reads
+    http://"). Read over libcurl now (`encoder.storage._read_web`), they give the files' vectors, and the broken
+    and missing ones the files' dead letters."""
+    from tests.support.http_stand_in import StandIn, send
+
+    def answer(handler) -> None:
+        path = demo_catalog.root / handler.path.lstrip("/")
+        send(handler, 200, path.read_bytes()) if path.is_file() else send(handler, 404, b"")
+
+    server = StandIn(answer)
+    try:
+        table = pq.read_table(demo_catalog.manifest)
+        urls = pa.array([f"{server.url}/{uri}" for uri in table.column("image_uri").to_pylist()])
+        pq.write_table(table.set_column(table.schema.get_field_index("image_uri"), "image_uri", urls),
+                       tmp_path / "web.parquet")  # fmt: skip
+        web = run_embed(EmbedConfig(catalog=str(tmp_path / "web.parquet"), model=str(tiny_model),
+                                    out=str(tmp_path / "out")))  # fmt: skip
+    finally:
+        server.close()
+    assert web.counts == first_run.counts
+    assert _dead_letters(web) == _dead_letters(first_run)
+    ours, theirs = _vectors(_read_dir(Path(web.run_dir))), _vectors(_read_dir(Path(first_run.run_dir)))
+    assert ours.keys() == theirs.keys()
+    for item_id, vector in ours.items():
+        np.testing.assert_allclose(vector, theirs[item_id], atol=1e-6)
+
+
 def test_counts_add_up(first_run, demo_catalog):
     counts = first_run.counts
     assert counts == {"items_in": 100, "embedded": 95, "reused": 0, "dead_lettered": 5}

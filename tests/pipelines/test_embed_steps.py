@@ -97,8 +97,8 @@ def test_prepare_items_accounts_for_every_item_once_and_decodes_only_what_change
     reasons = {f.item_id: (f.stage, f.error) for f in prepared.failed}
     assert reasons.keys() == {"broken", "missing", "no-uri", "remote"}
     assert reasons["missing"] == ("fetch", "not found") and reasons["broken"][0] == "decode"
-    assert reasons["remote"] == ("fetch", "no filesystem reads nosuchscheme:// here: local paths, gs:// and Beam's "
-                                 "installed ones")  # fmt: skip
+    assert reasons["remote"] == ("fetch", "no filesystem reads nosuchscheme:// here: local paths, gs://, http(s):// "
+                                 "and Beam's installed ones")  # fmt: skip
     # Local files are read inline, the remote read on the process's object-store threads, the decodes on the pool.
     assert [h.item_id for h in pool.handed if isinstance(h, CatalogItem)] == []
     assert object_reads().stats.reads == remote_reads + 1
