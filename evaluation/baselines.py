@@ -8,16 +8,14 @@ decoded are left out (their queries are counted as not in the snapshot).
 
 from __future__ import annotations
 
-import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
 
-from encoder import storage
 from evaluation import PIXELS
-from evaluation.catalog import CatalogInfo
+from evaluation.catalog import CatalogInfo, catalog_image
 from evaluation.evaluate import VectorRanker
 
 __all__ = ["PixelBaseline", "pixel_features"]
@@ -25,11 +23,9 @@ __all__ = ["PixelBaseline", "pixel_features"]
 log = logging.getLogger(__name__)
 
 
-def pixel_features(data: bytes) -> np.ndarray:
-    """(256,) float32 unit vector of an encoded image."""
-    image = Image.open(io.BytesIO(data))
-    image.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, we only need 32 px
-    rgb = np.asarray(image.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+def pixel_features(image: Image.Image) -> np.ndarray:
+    """(256,) float32 unit vector of an RGB image (`catalog_image`: decoded at reduced scale, only 32 px are needed)."""
+    rgb = np.asarray(image.resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
     thumb = rgb.reshape(8, 4, 8, 4, 3).mean(axis=(1, 3)).reshape(-1)
     thumb -= thumb.mean()
     bins = np.minimum((rgb * 4).astype(int), 3)
@@ -47,7 +43,7 @@ class PixelBaseline(VectorRanker):
     def __init__(self, catalog: CatalogInfo, threads: int = 8) -> None:
         def featurize(item: tuple[str, str]):
             try:
-                return item[0], pixel_features(storage.read_bytes(item[1]))
+                return item[0], pixel_features(catalog_image(item[1], 64))
             except Exception as err:  # noqa: BLE001 - an unusable image just is not in the baseline
                 log.debug("baseline skips %s: %s", item[0], err)
                 return item[0], None

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 
 import pyarrow as pa
+from PIL import Image
 
 from encoder import storage, tables
+from encoder.configs import DecodeLimits
 
-__all__ = ["CatalogInfo", "read_catalog_info", "read_table"]
+__all__ = ["CatalogInfo", "catalog_image", "read_catalog_info", "read_table"]
 
 
 def read_table(uri: str, string_columns: tuple[str, ...] = ()) -> pa.Table:
@@ -27,6 +30,23 @@ def read_table(uri: str, string_columns: tuple[str, ...] = ()) -> pa.Table:
         return tables.table_from_bytes(data, tables.TABLE_FORMATS[suffix], string_columns)
     except Exception as err:  # noqa: BLE001 - reader errors vary; the caller names the file
         raise ValueError(f"cannot read {uri}: {type(err).__name__}: {err}") from err
+
+
+def catalog_image(uri: str, draft: int) -> Image.Image:
+    """A catalog image for the report's thumbnails and the pixel baseline, in RGB, decoded at reduced scale where
+    its format allows (`draft`: the least side wanted), under the embed step's bounds: its bytes capped at the
+    headers, its pixels counted before they are decoded (a huge PNG had each of the baseline's threads decode it
+    whole).
+
+    Raises:
+        ValueError: past the bounds. Whatever reading or decoding raises.
+    """
+    limits = DecodeLimits()
+    image = Image.open(io.BytesIO(storage.read_bytes(uri, limits.max_bytes)))
+    if image.width * image.height > limits.max_pixels:
+        raise ValueError(f"{image.width}x{image.height} is over {limits.max_pixels:,} pixels")
+    image.draft("RGB", (draft, draft))
+    return image.convert("RGB")
 
 
 @dataclass(frozen=True)

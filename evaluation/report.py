@@ -7,10 +7,8 @@ import html
 import io
 
 import numpy as np
-from PIL import Image
 
-from encoder import storage
-from evaluation.catalog import CatalogInfo
+from evaluation.catalog import CatalogInfo, catalog_image
 from evaluation.evaluate import EvalResult
 
 __all__ = ["per_category", "render_report"]
@@ -37,9 +35,7 @@ def _thumbnail(uri: str | None, size: int = 96) -> str | None:
     if not uri:
         return None
     try:
-        image = Image.open(io.BytesIO(storage.read_bytes(uri)))
-        image.draft("RGB", (size * 2, size * 2))
-        image = image.convert("RGB")
+        image = catalog_image(uri, size * 2)
         image.thumbnail((size * 2, size * 2))
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=80)

@@ -81,6 +81,27 @@ def test_builtin_pixel_baseline(snapshots, demo_catalog):
         EvaluateConfig(snapshot="s", interactions="i", baseline="builtin:pixels")
 
 
+def test_the_baseline_and_the_reports_thumbnails_keep_to_the_embed_steps_bounds(tmp_path, demo_catalog):
+    """A PNG of 120M pixels (a few kilobytes on disk) was decoded whole by each of the pixel baseline's threads (360
+    MB apiece), and an image of any size read whole: now both are left out, as the embed step leaves them out."""
+    from PIL import Image
+
+    from encoder.configs import DecodeLimits
+    from evaluation.baselines import PixelBaseline
+    from evaluation.catalog import CatalogInfo, catalog_image
+
+    Image.new("1", (12_000, 10_000)).save(tmp_path / "huge.png")
+    photo = next(iter(sorted((demo_catalog.root / "images").glob("*.jpg"))))
+    big = tmp_path / "big.jpg"
+    big.write_bytes(photo.read_bytes() + b"\0" * DecodeLimits().max_bytes)
+    with pytest.raises(ValueError, match="over 100,000,000 pixels"):
+        catalog_image(str(tmp_path / "huge.png"), 64)
+    with pytest.raises(ValueError, match="larger than max_bytes"):
+        catalog_image(str(big), 64)
+    uris = {"photo": str(photo), "huge": str(tmp_path / "huge.png"), "big": str(big)}
+    assert PixelBaseline(CatalogInfo(titles={}, categories={}, image_uris=uris)).item_ids == ["photo"]
+
+
 def test_gates_records_and_publish_requirement(snapshots, demo_catalog, tmp_path):
     shared_root, exact, reduced = snapshots
     root = tmp_path / "root"  # a private copy: other tests leave evaluation records in the shared one
