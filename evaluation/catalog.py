@@ -5,12 +5,15 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
-from PIL import Image
 
 from encoder import storage, tables
 from encoder.configs import DecodeLimits
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = ["CatalogInfo", "catalog_image", "read_catalog_info", "read_table"]
 
@@ -41,6 +44,8 @@ def catalog_image(uri: str, draft: int) -> Image.Image:
     Raises:
         ValueError: past the bounds. Whatever reading or decoding raises.
     """
+    from PIL import Image  # here: a command's settings are checked without PIL's import (benchmarks/config_check.py)
+
     limits = DecodeLimits()
     image = Image.open(io.BytesIO(storage.read_bytes(uri, limits.max_bytes)))
     if image.width * image.height > limits.max_pixels:
