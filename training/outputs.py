@@ -23,6 +23,7 @@ import hashlib
 import logging
 import re
 import shutil
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -143,13 +144,16 @@ class Outputs:
                 changed.append((relative, path, stamp, data))
         changed.sort(key=lambda c: _mark_order(c[0]))
         self._pending = self._pool.submit(self._copy, changed, set(files))
+        sending = sum(stamp[0] for _, _, stamp, _ in changed)
+        log.info("copying %d file(s), %.1f MB, to %s", len(changed), sending / 1e6, self.uri)
 
     def finish(self) -> None:
         """Rank 0, at the end: the last copy, waited for; its failure raises `OutputsError`."""
         if self.remote:
             self.sync()
+            started = time.monotonic()
             self.wait(final=True)
-            log.info("outputs copied to %s", self.uri)
+            log.info("outputs copied to %s (the last copy waited for %.1f s)", self.uri, time.monotonic() - started)
 
     def wait(self, *, final: bool = False) -> None:
         """Until the copy under way is done. Its failure is logged (the next copy sends what it missed) unless
