@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from encoder import storage
+from encoder.run_lock import run_lock
 from pipelines.ledger import Ledger, default_run_id, read_ledger
 from pipelines.nightly_config import PIXELS, NightlyConfig
-from pipelines.run_lock import run_lock
 
 __all__ = ["STEPS", "NightlyResult", "default_run_id", "read_ledger", "run_nightly"]
 

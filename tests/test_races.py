@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
+from encoder.run_lock import LockHeld, run_lock
 from indexing import IndexConfig, SnapshotClient, build_snapshot, publish, rollback
-from pipelines.run_lock import LockHeld, run_lock
 from tests.indexing.conftest import clustered, write_run
 
 pytestmark = pytest.mark.slow
@@ -106,7 +106,7 @@ def test_a_job_longer_than_its_locks_time_to_live_keeps_it(tmp_path, caplog):
         assert json.loads(lock.read_text())["expires_at"] > first
     assert not lock.exists()  # released
 
-    with caplog.at_level("ERROR", logger="pipelines.run_lock"), run_lock(out, "stalled", ttl_h=ttl_h):
+    with caplog.at_level("ERROR", logger="encoder.run_lock"), run_lock(out, "stalled", ttl_h=ttl_h):
         lock.write_text(json.dumps({**json.loads(lock.read_text()), "run_id": "taker", "pid": -1}))
         time.sleep(1.0)
         assert json.loads(lock.read_text())["run_id"] == "taker"  # not written back over

@@ -198,7 +198,7 @@ def test_an_image_damaged_on_its_way_is_read_again_and_never_handed_on(gcs_emula
 
 def test_writes_whose_answer_is_lost_still_count_once(gcs_emulator, gcs_bucket, run_dir_for_faults):
     """The write lands, the answer never comes: the retry must see its own write, not a conflict."""
-    from pipelines.run_lock import run_lock
+    from encoder.run_lock import run_lock
 
     root = f"gs://{gcs_bucket}/snapshots"
     ids = [build_snapshot(run_dir_for_faults, root, IndexConfig(index="flat"))["snapshot_id"] for _ in range(2)]

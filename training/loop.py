@@ -81,10 +81,10 @@ LOCK_TTL_H = 1 / 6  # a dead run's lock on OUT expires within 10 minutes (a live
 
 @contextlib.contextmanager
 def _locked(out: str, dist: Dist):
-    """One training run per OUT (`OUT/LOCK`, `pipelines.run_lock`): two runs on one OUT (an orchestrator's retry
+    """One training run per OUT (`OUT/LOCK`, `encoder.run_lock`): two runs on one OUT (an orchestrator's retry
     beside a first attempt still running) wrote over each other's checkpoints, and on gs:// each copy deleted the
     other's. Rank 0 holds it; every rank learns whether it could."""
-    from pipelines.run_lock import LockHeld, run_lock
+    from encoder.run_lock import LockHeld, run_lock
 
     with contextlib.ExitStack() as stack:
         held = None

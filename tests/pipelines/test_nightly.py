@@ -13,12 +13,12 @@ from datetime import UTC, datetime, timedelta
 import pyarrow.parquet as pq
 import pytest
 
+from encoder.run_lock import LockHeld
 from evaluation.gate import GateFailed
 from indexing.publish import read_latest
 from indexing.snapshot import read_manifest
 from pipelines.nightly import read_ledger, run_nightly
 from pipelines.nightly_config import ConfigError, load_nightly_config
-from pipelines.run_lock import LockHeld
 
 pytestmark = pytest.mark.slow
 

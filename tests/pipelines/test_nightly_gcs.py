@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from encoder.run_lock import LockHeld, run_lock
 from indexing.publish import read_latest
 from pipelines.nightly import read_ledger, run_nightly
 from pipelines.nightly_config import EvaluateSettings, NightlyConfig
-from pipelines.run_lock import LockHeld, run_lock
 from tests.conftest import upload_dir
 
 pytestmark = [pytest.mark.gcs, pytest.mark.slow]

@@ -106,7 +106,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_resume_equals_un
 def test_a_second_run_on_an_out_in_use_is_refused(train_config):
     """Two runs on one OUT (an orchestrator's retry beside a first attempt still running) wrote over each other's
     checkpoints; the second is now refused before it loads anything."""
-    from pipelines.run_lock import LockHeld, run_lock
+    from encoder.run_lock import LockHeld, run_lock
 
     cfg = train_config()
     with run_lock(cfg.out, "train", ttl_h=1, name="LOCK"), pytest.raises(LockHeld, match="is locked by run train"):
