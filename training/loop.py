@@ -26,6 +26,7 @@ from encoder.loss import distributed_sigmoid_loss, sigmoid_loss
 from encoder.model import quiet_transformers, read_preprocess, resolve_checkpoint
 from encoder.patch_embedding import patch_embedding_as_matmul
 from encoder.preprocess import PreprocessConfig
+from encoder.run_lock import LockHeld, run_lock
 from training import checkpoint as ckpt
 from training.config import TrainConfig
 from training.data import EpochBatches, PairDataset, augment_size, decode_all, steps_per_epoch
@@ -84,8 +85,6 @@ def _locked(out: str, dist: Dist):
     """One training run per OUT (`OUT/LOCK`, `encoder.run_lock`): two runs on one OUT (an orchestrator's retry
     beside a first attempt still running) wrote over each other's checkpoints, and on gs:// each copy deleted the
     other's. Rank 0 holds it; every rank learns whether it could."""
-    from encoder.run_lock import LockHeld, run_lock
-
     with contextlib.ExitStack() as stack:
         held = None
         if dist.main:
