@@ -127,6 +127,19 @@ def timed_process(command: list[str]) -> tuple[float, str]:
     return took, done.stdout
 
 
+def photos_on_gcs(folder: Path, count: int, bucket: str = "photos") -> tuple[list[Path], list[str], float]:
+    """`count` realistic JPEGs written under `folder` and uploaded to a new bucket of the GCS emulator in use:
+    (their paths, their gs:// URIs, their mean size in KB)."""
+    from encoder import storage
+
+    storage.gcs_client().create_bucket(bucket)
+    photos = realistic_jpegs(folder, count)
+    uris = [f"gs://{bucket}/{p.name}" for p in photos]
+    for path, uri in zip(photos, uris, strict=True):
+        storage.write_bytes(uri, path.read_bytes())
+    return photos, uris, sum(p.stat().st_size for p in photos) / len(photos) / 1000
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 os.environ.update(NO_GCE_CHECK="true", GCE_METADATA_HOST="127.0.0.1:9", GCE_METADATA_IP="127.0.0.1:9")
 
-from benchmarks.common import machine, realistic_jpegs  # noqa: E402
+from benchmarks.common import machine, photos_on_gcs  # noqa: E402
 
 LOOKUPS = "DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA"
 MAX_BYTES = 50 << 20  # the embed step's default --max-image-bytes
@@ -231,17 +231,11 @@ def main() -> None:
     proc, port = start_emulator()
     os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
     try:
-        from encoder import storage
         from pipelines.storage import configure_storage
 
         configure_storage()
-        storage.gcs_client().create_bucket("photos")
         with tempfile.TemporaryDirectory() as work:
-            photos = realistic_jpegs(Path(work), args.images)
-            uris = [f"gs://photos/{p.name}" for p in photos]
-            for path, uri in zip(photos, uris, strict=True):
-                storage.write_bytes(uri, path.read_bytes())
-            mean_kb = sum(p.stat().st_size for p in photos) / len(photos) / 1000
+            photos, uris, mean_kb = photos_on_gcs(Path(work), args.images)
             kept = kept_alive(photos, [int(t) for t in args.threads.split(",")], args.rounds)
         counter = RequestCounter()
         paths = {"beam_reader_lookups_on": (beam_read, "false"), "beam_reader_lookups_off": (beam_read, "true"),

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 os.environ.update(NO_GCE_CHECK="true", GCE_METADATA_HOST="127.0.0.1:9", GCE_METADATA_IP="127.0.0.1:9")
 
-from benchmarks.common import machine, realistic_jpegs  # noqa: E402
+from benchmarks.common import machine, photos_on_gcs  # noqa: E402
 
 
 def one_at_a_time(dataset_class):
@@ -84,13 +84,8 @@ def main() -> None:
     storage.no_background_bucket_lookups()
     seconds: dict[str, float] = {}
     try:
-        storage.gcs_client().create_bucket("photos")
         with tempfile.TemporaryDirectory() as work:
-            photos = realistic_jpegs(Path(work), args.images)
-            uris = [f"gs://photos/{p.name}" for p in photos]
-            for path, uri in zip(photos, uris, strict=True):
-                storage.write_bytes(uri, path.read_bytes())
-            mean_kb = sum(p.stat().st_size for p in photos) / len(photos) / 1000
+            _, uris, mean_kb = photos_on_gcs(Path(work), args.images)
         ids = np.zeros((len(uris), 4), dtype=np.int64)
         preprocess = PreprocessConfig(height=args.size, width=args.size)
         ways = {"one_at_a_time": one_at_a_time(PairDataset), "batch_at_once": PairDataset}
