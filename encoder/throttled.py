@@ -1,4 +1,5 @@
-"""A warning that a failing condition would otherwise log on every batch or every retry, held to one per interval."""
+"""Lines that would otherwise be logged on every batch or every retry, held to one per interval: a failing
+condition's warning, and progress where no progress bar is drawn (a log read by an orchestrator)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import threading
 import time
 
-__all__ = ["Throttled"]
+__all__ = ["ProgressLog", "Throttled"]
 
 
 class Throttled:
@@ -27,3 +28,26 @@ class Throttled:
             held, self._held, self._last = self._held, 0, now
         self._log.warning(message + (f" ({held} more since the last such warning)" if held else ""), *args,
                           stacklevel=2)  # fmt: skip
+
+
+class ProgressLog:
+    """Thread-safe counters that log a progress line to `logger` at most every `every_s` seconds."""
+
+    def __init__(self, logger: logging.Logger, what: str, total: int | None = None, every_s: float = 10.0,
+                 where: str = "in this worker") -> None:  # fmt: skip
+        self._log, self._what, self._total, self._every_s, self._where = logger, what, total, every_s, where
+        self._lock = threading.Lock()
+        self._count = 0
+        self._start = self._last = time.monotonic()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self._count += n
+            now = time.monotonic()
+            if now - self._last < self._every_s:
+                return
+            self._last = now
+            count, elapsed = self._count, now - self._start
+        share = f"/{self._total} ({100 * count / self._total:.0f}%)" if self._total else ""
+        where = f" {self._where}" if self._where else ""
+        self._log.info("%s: %d%s, %.0f/s%s", self._what, count, share, count / max(elapsed, 1e-9), where)

@@ -35,6 +35,7 @@ from encoder.gpu_stream import BackgroundEmbedder
 from encoder.nvimgcodec import library_problem as nvimgcodec_problem
 from encoder.page_lock import host_copies, page_locker
 from encoder.resize import gpu_resizes
+from encoder.throttled import ProgressLog
 from pipelines import storage
 from pipelines.catalog import ItemChunk
 from pipelines.dead_letters import DeadLetterWatch, quiet_worker_prints
@@ -45,7 +46,6 @@ from pipelines.embed_steps import (
     PrepareAhead,
     Prepared,
     PreviousVectors,
-    ProgressLog,
     stream_outputs,
 )
 from pipelines.file_reader import ProcessReader, ReadLimits, object_read_stats
@@ -195,7 +195,7 @@ class FetchAndDecode(beam.DoFn):
         # A GPU worker reads local files and gs:// objects in reader processes, keeping the interpreter lock for the
         # GPU threads.
         self._reader = fetch_readers(self._cfg) if self._defer_decode else None
-        self._progress = ProgressLog("fetched", self._total)
+        self._progress = ProgressLog(log, "fetched", self._total)
         self._prepare = PrepareAhead()  # the next chunks' object-store reads out while this one is handed on
         self._previous = self._previous_source.acquire() if self._previous_source else None
         self._reused = Metrics.counter(NAMESPACE, "reused")
@@ -321,7 +321,7 @@ class EmbedBatch(beam.DoFn):
         # What is on the GPU decoder, and what an earlier worker on this machine died with (`encoder.decode_journal`).
         self._journal = (DecodeJournal(journal_dir(cfg.out), digest_of=lambda key: key.image_sha256)
                          if decoder else None)  # fmt: skip
-        self._progress = ProgressLog("embedded")
+        self._progress = ProgressLog(log, "embedded")
         # The fetch step's watch (`shared_watch`): images that fail here count against the items it fetched.
         self._watch = shared_watch(self._watches, cfg) if self._watches is not None else None
         self._setup_ms = _ms_since(started) - self._load_ms  # the decoders, their threads and journal

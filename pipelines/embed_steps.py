@@ -12,8 +12,6 @@ import hashlib
 import logging
 import math
 import os
-import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, NamedTuple
@@ -48,7 +46,6 @@ __all__ = [
     "PrepareAhead",
     "READ_AHEAD",
     "PreviousVectors",
-    "ProgressLog",
     "fetch_item",
     "join_reused",
     "prepare_items",
@@ -318,24 +315,3 @@ def join_reused(
             yield Failure(request.item_id, request.image_uri, "reuse", f"no earlier vector for {image_sha256}")
         else:
             yield earlier._replace(item_id=request.item_id)
-
-
-class ProgressLog:
-    """Thread-safe counters that log a progress line at most every `every_s` seconds."""
-
-    def __init__(self, what: str, total: int | None = None, every_s: float = 10.0) -> None:
-        self._what, self._total, self._every_s = what, total, every_s
-        self._lock = threading.Lock()
-        self._count = 0
-        self._start = self._last = time.monotonic()
-
-    def add(self, n: int) -> None:
-        with self._lock:
-            self._count += n
-            now = time.monotonic()
-            if now - self._last < self._every_s:
-                return
-            self._last = now
-            count, elapsed = self._count, now - self._start
-        share = f"/{self._total} ({100 * count / self._total:.0f}%)" if self._total else ""
-        log.info("%s: %d%s, %.0f/s in this worker", self._what, count, share, count / max(elapsed, 1e-9))

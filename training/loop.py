@@ -27,6 +27,7 @@ from encoder.model import quiet_transformers, read_preprocess, resolve_checkpoin
 from encoder.patch_embedding import patch_embedding_as_matmul
 from encoder.preprocess import PreprocessConfig
 from encoder.run_lock import LockHeld, run_lock
+from encoder.throttled import ProgressLog
 from training import checkpoint as ckpt
 from training.config import TrainConfig
 from training.data import EpochBatches, PairDataset, augment_size, decode_all, steps_per_epoch
@@ -77,6 +78,7 @@ class _Stop:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+PROGRESS_S = 60.0  # where no progress bar is drawn (stderr not a terminal: an orchestrator's log), a line this often
 LOCK_TTL_H = 1 / 6  # a dead run's lock on OUT expires within 10 minutes (a live one moves it every 2.5)
 
 
@@ -152,8 +154,11 @@ def _pairs(cfg: TrainConfig, dist: Dist, preprocess: PreprocessConfig, out: Path
         from tqdm.auto import tqdm
 
         with tqdm(desc="checking pairs", unit="img", disable=not sys.stderr.isatty()) as bar:
+            progress = (
+                ProgressLog(log, "checking pairs", every_s=PROGRESS_S, where="").add if bar.disable else bar.update
+            )
             pairs = collect_pairs(cfg.catalog, preprocess, val_fraction=cfg.val_fraction,
-                                  max_val_items=cfg.max_val_items, progress=bar.update)  # fmt: skip
+                                  max_val_items=cfg.max_val_items, progress=progress)  # fmt: skip
         write_pairs(pairs, str(path))
     dist.barrier()
     return pairs if dist.main else read_pairs(str(path))
@@ -342,6 +347,7 @@ class _Run:
         history: list[dict] = []
         validation: dict[str, float] = {}
         window_start, window_steps = time.perf_counter(), 0
+        said, said_step = time.perf_counter(), self.step  # without a bar, a line every PROGRESS_S for the log
         for epoch in range(self.step // self.steps_per_epoch, cfg.epochs):
             batches = EpochBatches(self.train_pairs.num_rows, cfg.batch_size, seed=cfg.seed, epoch=epoch,
                                    rank=dist.rank, world=dist.world, start_step=self.step % self.steps_per_epoch,
@@ -361,6 +367,12 @@ class _Run:
                     bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:,.0f}")
                     self._log({"step": self.step, "epoch": epoch + 1, "loss": loss, "lr": lr,
                                "grad_norm": grad_norm, "images_per_s": rate, **self._logit_params()})  # fmt: skip
+                if bar.disable and dist.main and time.perf_counter() - said >= PROGRESS_S:
+                    now = time.perf_counter()
+                    log.info("step %d of %d (%.0f%%), epoch %d, loss %.4f, %.0f images/s", self.step, self.total_steps,
+                             100 * self.step / self.total_steps, epoch + 1, loss,
+                             (self.step - said_step) * cfg.batch_size / max(now - said, 1e-9))  # fmt: skip
+                    said, said_step = now, self.step
                 if self.step % cfg.checkpoint_every == 0 and self.step % self.steps_per_epoch:
                     self._checkpoint()
                 if on_step:

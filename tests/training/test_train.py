@@ -26,13 +26,19 @@ class _Interrupt(Exception):
     pass
 
 
-def test_training_writes_encoder_model_metrics_and_curve(train_config, demo_catalog, monkeypatch):
+def test_training_writes_encoder_model_metrics_and_curve(train_config, demo_catalog, monkeypatch, caplog):
     cfg = train_config(interactions=str(demo_catalog.interactions))
     swapped = []
     swap = training_loop.patch_embedding_as_matmul
     monkeypatch.setattr(training_loop, "patch_embedding_as_matmul", lambda model: swapped.append(swap(model)))
-    result = train(cfg)
+    monkeypatch.setattr(training_loop, "PROGRESS_S", 0.0)  # stderr is no terminal here: lines instead of bars
+    with caplog.at_level("INFO", logger="training.loop"):
+        result = train(cfg)
     assert swapped == [True]
+    assert re.search(r"checking pairs: \d+, \d+/s$", caplog.text, re.M)
+    assert re.search(
+        rf"step {result.steps} of {result.steps} \(100%\), epoch 2, loss [\d.]+, \d+ images/s", caplog.text
+    )
     out = result.out
     steps_per_epoch = result.counts["train"] // cfg.batch_size
     assert result.steps == 2 * steps_per_epoch > 0
