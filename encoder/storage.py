@@ -56,6 +56,7 @@ __all__ = [
     "local_lock",
     "parent_dir",
     "read_bytes",
+    "reads_itself",
     "read_versioned",
     "resolve",
     "sha256_file",
@@ -342,6 +343,11 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
 
 def is_web(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
+
+
+def reads_itself(uri: str) -> bool:
+    """Whether this module reads `uri` with its own clients: a gs:// object or an http(s) URL (local paths aside)."""
+    return is_gcs(uri) or is_web(uri)
 
 
 def _read_web(uri: str, max_bytes: int | None) -> bytes:

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING
 
+from encoder import storage as object_store
 from encoder.jpeg import cpu_reason
 from pipelines.hedged_reads import HedgedReads, HedgeStats
 from pipelines.storage import read_image
@@ -103,7 +104,7 @@ class ReadBatch:
 def reads_in_readers(uri: str) -> bool:
     """Whether the readers take `uri`: local files, gs:// objects and http(s) URLs (lookalike's own clients); other
     schemes need Beam's FileSystems, which the reader processes do not import."""
-    return "://" not in uri or uri.startswith(("gs://", "http://", "https://"))
+    return "://" not in uri or object_store.reads_itself(uri)
 
 
 FETCHES_PER_PROCESS = 96  # threads for object-store reads per process: 8 chunks' reads and their second requests

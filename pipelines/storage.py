@@ -113,7 +113,7 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
         return data
 
     try:
-        if object_store.is_gcs(uri) or object_store.is_web(uri):
+        if object_store.reads_itself(uri):
             # lookalike's one client per process: one request per object (retried inside). Beam's GCS reader makes a
             # client (and parses its pipeline options) per object, then asks for its metadata before its bytes; Beam
             # has no reader of http(s).
@@ -141,7 +141,7 @@ def read_image(uri: str, max_bytes: int) -> bytes | str:
 
 
 def _has_filesystem(uri: str) -> bool:
-    if object_store.is_gcs(uri) or object_store.is_web(uri):
+    if object_store.reads_itself(uri):
         return True
     try:
         _filesystems().get_filesystem(uri)
