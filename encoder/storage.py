@@ -43,6 +43,7 @@ __all__ = [
     "describe_error",
     "download_file",
     "download_gcs_dir",
+    "download_tree",
     "exists",
     "files_under",
     "gcs_client",
@@ -672,6 +673,31 @@ def download_gcs_dir(uri: str, cache_root: str | Path) -> Path:
         FileNotFoundError: nothing under the prefix.
         ValueError: an object name that would escape the directory.
     """
+    prefix, blobs = _objects_under(uri)
+    key = hashlib.sha256()
+    for blob in sorted(blobs, key=lambda b: b.name):
+        key.update(f"{blob.name}\0{blob.generation}\0".encode())
+    target = Path(cache_root) / key.hexdigest()[:24]
+    if target.is_dir():
+        log.info("using cached copy of %s at %s", uri, target)
+        return target
+    _copy_objects(blobs, prefix, target)
+    log.info("copied %d objects from %s to %s", len(blobs), uri, target)
+    return target
+
+
+def download_tree(uri: str, target: str | Path) -> None:
+    """Copy every object under a gs:// prefix to the local folder `target` (not there yet), whole or not at all.
+
+    Raises:
+        FileNotFoundError: nothing under the prefix.
+        ValueError: an object name that would escape the folder.
+    """
+    prefix, blobs = _objects_under(uri)
+    _copy_objects(blobs, prefix, Path(target))
+
+
+def _objects_under(uri: str) -> tuple[str, list]:
     bucket_name, prefix = split_gcs_uri(uri.rstrip("/"))
     prefix = f"{prefix}/" if prefix else ""
     blobs = with_retries(
@@ -682,15 +708,14 @@ def download_gcs_dir(uri: str, cache_root: str | Path) -> Path:
     )
     if not blobs:
         raise FileNotFoundError(f"no objects under {uri}")
-    key = hashlib.sha256()
-    for blob in sorted(blobs, key=lambda b: b.name):
-        key.update(f"{blob.name}\0{blob.generation}\0".encode())
-    target = Path(cache_root) / key.hexdigest()[:24]
-    if target.is_dir():
-        log.info("using cached copy of %s at %s", uri, target)
-        return target
-    Path(cache_root).mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=cache_root, prefix=".download-"))
+    return prefix, blobs
+
+
+def _copy_objects(blobs: list, prefix: str, target: Path) -> None:
+    """The objects, named past `prefix`, into a temporary folder beside `target`, renamed to it whole; a `target`
+    that a concurrent copy renamed into place first is kept."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
     try:
         for blob in blobs:
             local = (staging / blob.name[len(prefix) :]).resolve()
@@ -704,5 +729,3 @@ def download_gcs_dir(uri: str, cache_root: str | Path) -> Path:
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("copied %d objects from %s to %s", len(blobs), uri, target)
-    return target

@@ -97,7 +97,7 @@ class Outputs:
         )
         fetched = [name for name in complete if name not in have]
         for name in fetched:
-            self._fetch_checkpoint(name, [r for r in remote if r.startswith(f"{_CHECKPOINTS}/{name}/")])
+            self._fetch_checkpoint(name)
         newer = bool(fetched) and fetched[-1] > max(have, default="")
         for name in _PULLED:
             if name in remote and (newer or not (self.local / name).is_file()):
@@ -107,16 +107,13 @@ class Outputs:
             if relative not in self._sent and relative in remote and _same(path, *remote[relative]):
                 self._mark_sent(relative)
 
-    def _fetch_checkpoint(self, name: str, files: list[str]) -> None:
-        partial = self.local / _CHECKPOINTS / f"{name}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        for relative in files:
-            storage.download_file(storage.join(self.uri, relative), partial / relative.split("/", 2)[2])
-        final = partial.with_name(name)
+    def _fetch_checkpoint(self, name: str) -> None:
+        final = self.local / _CHECKPOINTS / name
         shutil.rmtree(final, ignore_errors=True)  # an incomplete one of this machine's
-        partial.rename(final)
-        for relative in files:
-            self._mark_sent(relative)
+        storage.download_tree(storage.join(self.uri, _CHECKPOINTS, name), final)
+        for path in final.rglob("*"):
+            if path.is_file():
+                self._mark_sent(path.relative_to(self.local).as_posix())
         log.info("brought checkpoint %s from %s", name, self.uri)
 
     def _fetch(self, relative: str) -> None:
