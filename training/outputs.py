@@ -43,6 +43,7 @@ _OWNED = ("checkpoints/", "encoder/", "model/")  # the folders a copy may delete
 _PULLED = ("pairs.parquet", "metrics.jsonl")  # what a resume needs besides the checkpoints
 _READ_AHEAD = 1 << 20  # files up to this size are read when a copy starts: the loop goes on appending to metrics.jsonl
 _CHECKPOINTS = "checkpoints"
+SLOW_COPY_S = 10.0  # a checkpoint's wait for the copy before it past this is said (the copies fall behind)
 
 
 class OutputsError(RuntimeError):
@@ -158,6 +159,7 @@ class Outputs:
         pending, self._pending = self._pending, None
         if pending is None:
             return
+        started = time.monotonic()
         try:
             pending.result()
         except Exception as err:  # noqa: BLE001 - storage.with_retries has retried what is worth retrying
@@ -166,6 +168,10 @@ class Outputs:
                                    f"({storage.describe_error(err)}); they are whole in {self.local}") from err  # fmt: skip
             log.warning("copying to %s failed (%s); the next checkpoint's copy sends what this one missed",
                         self.uri, storage.describe_error(err))  # fmt: skip
+        waited = time.monotonic() - started
+        if not final and waited > SLOW_COPY_S:  # training stood still for it
+            log.warning("training waited %.0f s for the last checkpoint's copy to %s: copies take longer than "
+                        "--checkpoint-every's steps; checkpoint less often", waited, self.uri)  # fmt: skip
 
     def close(self) -> None:
         """Whatever happened: the copy under way finished (a run stopped by an error leaves OUT as whole as its last

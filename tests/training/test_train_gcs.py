@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from encoder import EncoderConfig, load_encoder, storage
 from tests.conftest import upload_dir
 from training import ResumeError, train
+from training import outputs as outputs_module
 from training.outputs import Outputs, OutputsError
 
 pytestmark = pytest.mark.gcs
@@ -95,6 +96,7 @@ def test_copies_send_marks_last_delete_what_the_folder_dropped_and_retry_what_fa
     monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
     out = f"gs://{gcs_bucket}/run"
     gcs_emulator.bucket(gcs_bucket).blob("run/notes.txt").upload_from_string(b"the user's")
+    monkeypatch.setattr(outputs_module, "SLOW_COPY_S", 0.0)
     outputs = Outputs(out)
     outputs.prepare(resume=False, main=True)
     sent = []
@@ -130,6 +132,7 @@ def test_copies_send_marks_last_delete_what_the_folder_dropped_and_retry_what_fa
         outputs.sync()
         outputs.wait()
     assert "the next checkpoint's copy sends what this one missed" in caplog.text
+    assert "training waited" in caplog.text  # SLOW_COPY_S is 0 here: every wait is said
     shutil.rmtree(outputs.local / "checkpoints" / "step-00000001")  # keep_checkpoints dropped it
     outputs.sync()
     outputs.wait()
