@@ -29,7 +29,9 @@ def cdn():
 
 def test_web_images_are_read_whole_with_redirects_and_retries(cdn):
     cdn.answers["/a.jpg"] = [(200, PHOTO, {})]
-    cdn.answers["/old/b.jpg"] = [(301, b"", {"Location": "/b.jpg"})]
+    cdn.answers["/old/b.jpg"] = [
+        (301, b"<html>moved</html>", {"Location": "/b.jpg"})
+    ]  # its page never read as the photo
     cdn.answers["/b.jpg"] = [(200, PHOTO[:100], {})]
     cdn.answers["/busy.jpg"] = [(503, b"", {}), (429, b"", {}), (200, PHOTO, {})]
     assert storage.read_bytes(f"{cdn.url}/a.jpg", max_bytes=1 << 20) == PHOTO
