@@ -281,6 +281,13 @@ def train_cmd(
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the towers (CUDA).")] = False,
     seed: Annotated[int, typer.Option(help="Shuffling and augmentation seed.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in OUT.")] = False,
+    auto_resume: Annotated[
+        bool,
+        typer.Option(
+            "--auto-resume",
+            help="Continue from OUT's latest checkpoint if there is one, else start (for an orchestrator's retries).",
+        ),
+    ] = False,
 ) -> None:
     """Fine-tune SigLIP on catalog image–title pairs (sigmoid loss); export the image encoder to OUT/encoder.
 
@@ -295,6 +302,7 @@ def train_cmd(
         max_text_tokens=max_text_tokens, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
         log_every=log_every, cache_mb=cache_mb,
         workers=workers, device=device, precision=precision, compile=compile, seed=seed, resume=resume,
+        auto_resume=auto_resume,
     )  # fmt: skip
     from pipelines.summary import print_train_summary
     from training import train

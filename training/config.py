@@ -48,6 +48,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the two towers (CUDA)
     seed: int = 0
     resume: bool = False  # continue from the latest checkpoint in `out`
+    auto_resume: bool = False  # continue from it if there is one, else start: one command for a run and its retries
     cache_dir: str = field(default_factory=lambda: cache_dir("models"))  # gs:// checkpoints (encoder.storage)
 
     def __post_init__(self) -> None:

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -220,9 +220,11 @@ class _Run:
     def __init__(self, cfg: TrainConfig, dist: Dist, device: torch.device, outputs: Outputs, stop: _Stop) -> None:
         from transformers import AutoTokenizer, SiglipModel
 
+        # --auto-resume: resume where OUT holds a checkpoint; from here on, `cfg.resume` says whether this run does.
+        resume = outputs.prepare(True if cfg.resume else None if cfg.auto_resume else False, dist.main)
+        cfg = replace(cfg, resume=resume)
         self.cfg, self.dist, self.device, self.outputs, self.stop = cfg, dist, device, outputs, stop
         self.out = outputs.local  # where the loop writes; `outputs` copies it to a gs:// --out
-        outputs.prepare(cfg.resume, dist.main)
         if dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
         dist.barrier()

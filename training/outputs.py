@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from encoder import storage
-from training.checkpoint import CHECKPOINT_PREFIX, ResumeError
+from training.checkpoint import CHECKPOINT_PREFIX, ResumeError, latest_checkpoint
 from training.export import ENCODER_INFO
 
 __all__ = ["Outputs", "OutputsError"]
@@ -75,19 +75,22 @@ class Outputs:
 
     # -- before the run -------------------------------------------------------------------------
 
-    def prepare(self, resume: bool, main: bool) -> None:
-        """Every rank, before the local folder is read. For a gs:// OUT: an OUT holding checkpoints is refused
-        without --resume (and rank 0 clears what an earlier attempt left in the staging folder); with it, rank 0
-        brings the complete checkpoints this machine lacks, and the pairs and metrics that go with them."""
+    def prepare(self, resume: bool | None, main: bool) -> bool:
+        """Every rank, before the local folder is read; returns whether the run resumes (`resume` None: whether OUT
+        holds a complete checkpoint). For a gs:// OUT: an OUT holding checkpoints is refused without --resume (and
+        rank 0 clears what an earlier attempt left in the staging folder); with it, rank 0 brings the complete
+        checkpoints this machine lacks, and the pairs and metrics that go with them."""
         if not self.remote:
-            return
+            return resume if resume is not None else latest_checkpoint(self.local) is not None
         remote = self._remote_files()
         complete = sorted({r.split("/")[1] for r in remote if _is_checkpoint_mark(r)})
+        if resume is None:
+            resume = bool(complete)
         if not resume and complete:
             raise ResumeError(f"{self.uri} already holds checkpoints (latest: {complete[-1]}); pass --resume to "
                               "continue that run, or choose an empty --out")  # fmt: skip
         if not main:
-            return
+            return resume
         if not resume:
             shutil.rmtree(self.local, ignore_errors=True)
         here = self.local / _CHECKPOINTS
@@ -107,6 +110,7 @@ class Outputs:
         for relative, path in self._local_files().items():  # this machine's copies OUT holds already: not sent again
             if relative not in self._sent and relative in remote and _same(path, *remote[relative]):
                 self._mark_sent(relative)
+        return resume
 
     def _fetch_checkpoint(self, name: str) -> None:
         final = self.local / _CHECKPOINTS / name

@@ -55,7 +55,7 @@ def test_sigterm_to_the_whole_process_group_stops_with_a_checkpoint(tmp_path, de
     run = subprocess.Popen(
         [str(exe), "train", "--catalog", str(demo_catalog.manifest), "--model", str(tiny_model), "--out", "T",
          "--epochs", "50", "--batch-size", "16", "--lr", "1e-3", "--workers", "1", "--cache-mb", "0",
-         "--log-every", "1"],
+         "--log-every", "1", "--auto-resume"],  # on an empty OUT: a start
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     metrics = tmp_path / "T" / "metrics.jsonl"
@@ -66,6 +66,6 @@ def test_sigterm_to_the_whole_process_group_stops_with_a_checkpoint(tmp_path, de
     os.killpg(run.pid, signal.SIGTERM)
     _, err = run.communicate(timeout=120)
     assert run.returncode == 143, err[-2000:]
-    assert "stopped by SIGTERM after step" in err and "Traceback" not in err
+    assert "stopped by SIGTERM after step" in err and "Traceback" not in err and "resuming" not in err
     step = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
     assert (tmp_path / "T" / "checkpoints" / f"step-{step:08d}" / "trainer.json").is_file()

@@ -104,7 +104,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_resume_equals_un
     assert "stopped by SIGTERM after step 4" in caplog.text and "--resume" in caplog.text
     assert signal.getsignal(signal.SIGTERM) == before
     assert not os.path.exists(f"{cut.out}/LOCK")  # released on the way out: a resume elsewhere need not wait
-    resumed = train(train_config(out=cut.out, resume=True))
+    resumed = train(train_config(out=cut.out, auto_resume=True))  # an orchestrator's retry: the same command
     assert resumed.resumed_from_step == 4
     _equal_weights(uninterrupted, resumed)
 

@@ -187,3 +187,5 @@ def test_resume_brings_only_whole_checkpoints_and_sends_nothing_it_brought(
     again.close()
     with pytest.raises(ResumeError, match="already holds checkpoints"):
         Outputs(out).prepare(resume=False, main=False)
+    assert Outputs(out).prepare(resume=None, main=False) is True  # --auto-resume: OUT holds a checkpoint
+    assert Outputs(f"gs://{gcs_bucket}/elsewhere").prepare(resume=None, main=False) is False
