@@ -319,20 +319,14 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
         FileNotFoundError: no such object.
         ValueError: larger than `max_bytes`.
     """
-    if is_web(uri):
-        try:
-            return with_retries(lambda: _read_web(uri, max_bytes), f"read {uri}")
-        except Exception as err:
-            if is_not_found(err):
-                raise FileNotFoundError(f"no such object: {uri}") from err
-            raise
-    if not is_gcs(uri):
+    if not reads_itself(uri):
         if max_bytes is not None and os.path.getsize(uri) > max_bytes:
             raise ValueError(f"object is larger than max_bytes={max_bytes}")
         data = Path(uri).read_bytes()
     else:
+        read = _read_web if is_web(uri) else _download
         try:
-            data = with_retries(lambda: _download(uri, max_bytes), f"read {uri}")
+            data = with_retries(lambda: read(uri, max_bytes), f"read {uri}")
         except Exception as err:
             if is_not_found(err):
                 raise FileNotFoundError(f"no such object: {uri}") from err

@@ -67,3 +67,23 @@ def test_the_embed_step_reads_web_images_and_dead_letters_the_missing(cdn):
     assert read_image(f"{cdn.url}/a.jpg", 1 << 20) == PHOTO
     assert read_image(f"{cdn.url}/gone.jpg", 1 << 20) == "not found"
     assert "max_bytes" in read_image(f"{cdn.url}/a.jpg", 100)
+
+
+def test_a_body_without_a_length_is_held_to_max_bytes():
+    """A server that sends no Content-Length is read until it closes: past `max_bytes` (by less than libcurl's
+    first 64 KiB of room) it is refused all the same."""
+
+    def answer(handler) -> None:
+        handler.send_response(200)
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.wfile.write(PHOTO)
+        handler.close_connection = True
+
+    server = StandIn(answer)
+    try:
+        assert storage.read_bytes(f"{server.url}/a.jpg", max_bytes=len(PHOTO)) == PHOTO
+        with pytest.raises(ValueError, match="larger than max_bytes=1000"):
+            storage.read_bytes(f"{server.url}/a.jpg", max_bytes=1000)
+    finally:
+        server.close()
