@@ -8,8 +8,9 @@ the next steps train, and at the end:
 - new and changed files are uploaded, each folder's marks of completeness after its other files (a model folder's
   `config.json`, then a checkpoint's `trainer.json`, the encoder's `lookalike_encoder.json`), so that a copy cut
   short is never taken for a whole one;
-- then what the folder no longer holds under `checkpoints/`, `encoder/` and `model/` (checkpoints past
-  `--keep-checkpoints`) is deleted from OUT, marks first. Nothing else under OUT is deleted.
+- then what the folder no longer holds of what the run itself sent or brought (checkpoints past
+  `--keep-checkpoints`) is deleted from OUT, marks first, with the files of a checkpoint whose copy was cut short.
+  Nothing else under OUT is deleted: not another's `model/` in a shared prefix.
 
 A copy that fails is retried by the next one, which sends what it missed; only the last one's failure stops the run.
 `--resume` on a machine whose staging folder lacks them first downloads OUT's complete checkpoints, with the pairs and
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 # (`embed --model gs://.../encoder` a moment too early finds no model there, not one missing its weights or
 # preprocessing), a checkpoint where its `trainer.json` is.
 _MARKS = ("config.json", "trainer.json", ENCODER_INFO, "report.json")
-_OWNED = ("checkpoints/", "encoder/", "model/")  # the folders a copy may delete from: training replaces them whole
 _PULLED = ("pairs.parquet", "metrics.jsonl")  # what a resume needs besides the checkpoints
 _READ_AHEAD = 1 << 20  # files up to this size are read when a copy starts: the loop goes on appending to metrics.jsonl
 _CHECKPOINTS = "checkpoints"
@@ -192,7 +192,9 @@ class Outputs:
             else:
                 storage.write_bytes(uri, data)
             self._sent[relative] = stamp
-        gone = [r for r in self._remote_files() if r.startswith(_OWNED) and r not in kept]
+        remote = self._remote_files()
+        whole = {r.split("/")[1] for r in remote if _is_checkpoint_mark(r)}
+        gone = [r for r in remote if r not in kept and (r in self._sent or _cut_short(r, whole))]
         for relative in sorted(gone, key=_mark_order, reverse=True):  # marks first: never a whole-looking part
             storage.delete(storage.join(self.uri, relative))
             self._sent.pop(relative, None)
@@ -229,6 +231,14 @@ def _same(path: Path, size: int, md5: str | None) -> bool:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
     return base64.b64encode(digest.digest()).decode() == md5
+
+
+def _cut_short(relative: str, whole: set[str]) -> bool:
+    """A file of a checkpoint whose copy was cut short (no `trainer.json`): never resumed from, so deleted."""
+    parts = relative.split("/")
+    return (
+        len(parts) > 2 and parts[0] == _CHECKPOINTS and parts[1].startswith(CHECKPOINT_PREFIX) and parts[1] not in whole
+    )
 
 
 def _is_checkpoint_mark(relative: str) -> bool:

@@ -95,7 +95,10 @@ def test_copies_send_marks_last_delete_what_the_folder_dropped_and_retry_what_fa
 ):
     monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
     out = f"gs://{gcs_bucket}/run"
-    gcs_emulator.bucket(gcs_bucket).blob("run/notes.txt").upload_from_string(b"the user's")
+    bucket = gcs_emulator.bucket(gcs_bucket)
+    bucket.blob("run/notes.txt").upload_from_string(b"the user's")
+    bucket.blob("run/model/weights.bin").upload_from_string(b"another's model in a shared prefix")
+    bucket.blob("run/checkpoints/step-00000009/model/model.safetensors").upload_from_string(b"a copy cut short")
     monkeypatch.setattr(outputs_module, "SLOW_COPY_S", 0.0)
     outputs = Outputs(out)
     outputs.prepare(resume=False, main=True)
@@ -139,7 +142,8 @@ def test_copies_send_marks_last_delete_what_the_folder_dropped_and_retry_what_fa
     assert failed[0] in sent  # the failed file went with the next copy
     kept = _names(gcs_emulator, gcs_bucket, "run")
     assert kept == ["checkpoints/step-00000002/model/config.json", "checkpoints/step-00000002/model/model.safetensors",
-                    "checkpoints/step-00000002/trainer.json", "metrics.jsonl", "notes.txt"]  # fmt: skip
+                    "checkpoints/step-00000002/trainer.json", "metrics.jsonl", "model/weights.bin",
+                    "notes.txt"]  # fmt: skip
     assert storage.read_bytes(f"{out}/metrics.jsonl").count(b"\n") == 2
 
     def down(*_) -> None:
