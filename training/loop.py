@@ -449,8 +449,9 @@ class _Run:
         if self.dist.main:
             self.outputs.wait(final=True)
             last = self.outputs.uri_of(ckpt.latest_checkpoint(self.out).path)
-            log.warning("stopped by SIGTERM after step %d of %d (epoch %d): checkpoint %s; go on from it with the "
-                        "same command and --resume", self.step, self.total_steps, epoch + 1, last)  # fmt: skip
+            log.warning("stopped by SIGTERM after step %d of %d (epoch %d): checkpoint %s; the same command with "
+                        "--resume or --auto-resume goes on from it", self.step, self.total_steps, epoch + 1,
+                        last)  # fmt: skip
         raise TrainingStopped(128 + signal.SIGTERM)
 
     def _log(self, row: dict) -> None:
