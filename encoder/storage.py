@@ -101,6 +101,14 @@ def check_location(uri: str, what: str) -> None:
         raise ValueError(f"{what} {uri}: lookalike keeps its files in a local folder or on gs://, not {scheme}://")
 
 
+def _readable_here(uri: str) -> None:
+    """A scheme this module does not read (`s3://`, `hdfs://`) was taken for a local path: "does not exist" for an
+    object that may well exist. Said as it is instead (`file://` aside: a path of this machine)."""
+    if "://" in uri and not reads_itself(uri) and not uri.startswith("file://"):
+        scheme = uri.split("://", 1)[0]
+        raise ValueError(f"{uri}: lookalike reads local paths, gs:// and http(s):// here, not {scheme}://")
+
+
 def check_folder(uri: str, what: str) -> None:
     """Refuse a local output folder that a file stands in the way of, before any work rather than at the first write
     after it (an object store has no folders to be in the way), and another scheme's URI. Creates nothing."""
@@ -320,6 +328,7 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
         ValueError: larger than `max_bytes`.
     """
     if not reads_itself(uri):
+        _readable_here(uri)
         if max_bytes is not None and os.path.getsize(uri) > max_bytes:
             raise ValueError(f"object is larger than max_bytes={max_bytes}")
         data = Path(uri).read_bytes()
@@ -487,6 +496,7 @@ def download_file(uri: str, local: str | Path) -> None:
 
 def exists(uri: str) -> bool:
     if not is_gcs(uri):
+        _readable_here(uri)
         return os.path.exists(uri)
     return with_retries(lambda: _blob(uri).exists(retry=None), f"stat {uri}")
 
@@ -499,6 +509,7 @@ def files_under(uri: str) -> list[str]:
     every file under a folder or prefix, or the one file; sorted, [] for nothing there. For data written as many files
     (logs partitioned by day, `dt=2026-11-29/part-0.parquet`)."""
     if not is_gcs(uri):
+        _readable_here(uri)
         if any(c in uri for c in GLOB_CHARS):
             return sorted(p for p in globbing.glob(uri, recursive=True) if os.path.isfile(p))
         if os.path.isdir(uri):

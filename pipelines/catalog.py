@@ -57,15 +57,28 @@ def catalog_files(uri: str) -> tuple[str, list[str]]:
     """Resolve a catalog argument to its kind (`manifest` or `images`) and files.
 
     Raises:
-        CatalogError: nothing matches, an unknown format, or a mix of formats.
+        CatalogError: nothing matches, an unknown format, a mix of formats, or a place no filesystem here lists.
     """
+    try:
+        return _catalog_files(uri)
+    except CatalogError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Beam's own words, in one line (`s3://` without boto3: its traceback)
+        scheme = uri.split("://", 1)[0] if "://" in uri else "local"
+        raise CatalogError(
+            f"catalog {uri}: cannot be listed here ({object_store.describe_error(err)}); {scheme} "
+            "catalogs need a filesystem Beam has installed (local paths and gs:// always)"
+        ) from None
+
+
+def _catalog_files(uri: str) -> tuple[str, list[str]]:
     if not set(uri) & set(object_store.GLOB_CHARS):
         if _suffix(uri) not in _MANIFEST_FORMATS:
             raise CatalogError(
                 f"catalog {uri}: unknown manifest format {_suffix(uri)!r}; "
                 f"use one of {sorted(_MANIFEST_FORMATS)} or a glob of images"
             )
-        if not storage.exists(uri):
+        if not object_store.is_web(uri) and not storage.exists(uri):  # (a web manifest: its read says)
             raise CatalogError(f"catalog {uri} does not exist")
         return "manifest", [uri]
     # A local glob is matched as an absolute path: its files are read from wherever the workers run, and an image

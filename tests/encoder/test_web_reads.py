@@ -87,3 +87,16 @@ def test_a_body_without_a_length_is_held_to_max_bytes():
             storage.read_bytes(f"{server.url}/a.jpg", max_bytes=1000)
     finally:
         server.close()
+
+
+def test_a_scheme_nothing_here_reads_is_said_so_not_taken_for_a_missing_file(tmp_path):
+    """`train --catalog s3://...` and `evaluate --interactions s3://...` said "does not exist" (a local path
+    `s3:/...`); `embed --catalog s3://...` was Beam's traceback ("Missing boto3 requirement")."""
+    from pipelines.catalog import CatalogError, catalog_files
+
+    for call in (storage.read_bytes, storage.exists, storage.files_under):
+        with pytest.raises(ValueError, match="lookalike reads local paths, gs:// and http\\(s\\):// here, not s3://"):
+            call("s3://bucket/logs.parquet")
+    assert storage.exists(f"file://{tmp_path}/nothing") is False  # a path of this machine's, as before
+    with pytest.raises(CatalogError, match="catalog s3://bucket/m.parquet: cannot be listed here"):
+        catalog_files("s3://bucket/m.parquet")

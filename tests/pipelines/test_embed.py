@@ -60,7 +60,8 @@ def test_images_at_http_urls_embed_as_the_same_files_do(first_run, demo_catalog,
     from tests.support.http_stand_in import StandIn, send
 
     def answer(handler) -> None:
-        path = demo_catalog.root / handler.path.lstrip("/")
+        name = handler.path.lstrip("/")
+        path = tmp_path / name if name == "web.parquet" else demo_catalog.root / name
         send(handler, 200, path.read_bytes()) if path.is_file() else send(handler, 404, b"")
 
     server = StandIn(answer)
@@ -69,8 +70,9 @@ def test_images_at_http_urls_embed_as_the_same_files_do(first_run, demo_catalog,
         urls = pa.array([f"{server.url}/{uri}" for uri in table.column("image_uri").to_pylist()])
         pq.write_table(table.set_column(table.schema.get_field_index("image_uri"), "image_uri", urls),
                        tmp_path / "web.parquet")  # fmt: skip
-        web = run_embed(EmbedConfig(catalog=str(tmp_path / "web.parquet"), model=str(tiny_model),
-                                    out=str(tmp_path / "out")))  # fmt: skip
+        web = run_embed(
+            EmbedConfig(catalog=f"{server.url}/web.parquet", model=str(tiny_model), out=str(tmp_path / "out"))
+        )  # fmt: skip  (the manifest on the web too)
     finally:
         server.close()
     assert web.counts == first_run.counts
