@@ -54,6 +54,7 @@ __all__ = [
     "join",
     "list_children",
     "newest_change",
+    "objects_under",
     "local_lock",
     "parent_dir",
     "read_bytes",
@@ -702,7 +703,8 @@ def download_tree(uri: str, target: str | Path) -> None:
     _copy_objects(blobs, prefix, Path(target))
 
 
-def _objects_under(uri: str) -> tuple[str, list]:
+def objects_under(uri: str) -> tuple[str, list]:
+    """The objects under a gs:// prefix (folder markers aside), with the prefix their names start with; none: []."""
     bucket_name, prefix = split_gcs_uri(uri.rstrip("/"))
     prefix = f"{prefix}/" if prefix else ""
     blobs = with_retries(
@@ -711,6 +713,11 @@ def _objects_under(uri: str) -> tuple[str, list]:
         ],
         f"list {uri}",
     )
+    return prefix, blobs
+
+
+def _objects_under(uri: str) -> tuple[str, list]:
+    prefix, blobs = objects_under(uri)
     if not blobs:
         raise FileNotFoundError(f"no objects under {uri}")
     return prefix, blobs

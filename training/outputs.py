@@ -210,12 +210,8 @@ class Outputs:
 
     def _remote_files(self) -> dict[str, tuple[int, str | None]]:
         """OUT's files: relative path → (size, base64 MD5 where the store keeps one)."""
-        bucket, prefix = storage.split_gcs_uri(self.uri)
-        prefix = f"{prefix}/" if prefix else ""
-        blobs = storage.with_retries(
-            lambda: list(storage.gcs_client().list_blobs(bucket, prefix=prefix, retry=None)), f"list {self.uri}"
-        )
-        return {b.name[len(prefix) :]: (b.size, b.md5_hash) for b in blobs if not b.name.endswith("/")}
+        prefix, blobs = storage.objects_under(self.uri)
+        return {b.name[len(prefix) :]: (b.size, b.md5_hash) for b in blobs}
 
 
 def _mark_order(relative: str) -> int:
