@@ -17,10 +17,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from encoder import storage
 from indexing.backends import AnnIndex, load_index
+from indexing.item_ids import ItemIds
 from indexing.publish import read_latest
 from indexing.reduce import Reducer, load_reducer
 from indexing.snapshot import MANIFEST_NAME, SnapshotError, local_copy, read_manifest, verify_snapshot
@@ -47,8 +47,7 @@ class Neighbor:
 class _Loaded:
     manifest: dict
     index: AnnIndex
-    item_ids: list[str]
-    rows: dict[str, int]
+    item_ids: ItemIds
     vectors: np.ndarray  # (count, dim) float32, memory-mapped
     reducer: Reducer | None
 
@@ -62,7 +61,7 @@ def _load(root: str, snapshot_id: str, cache_dir: str) -> _Loaded:
     directory = local_copy(root, snapshot_id, cache_dir)
     verify_snapshot(directory, manifest)
     index = load_index(Path(directory), manifest["index"])
-    item_ids = pq.read_table(Path(directory) / "ids.parquet").column("item_id").to_pylist()
+    item_ids = ItemIds.read(Path(directory) / "ids.parquet")
     vectors = np.load(Path(directory) / "vectors.npy", mmap_mode="r")
     count, dim = manifest["count"], manifest["dim"]
     if len(item_ids) != count or vectors.shape != (count, dim) or getattr(index, "ntotal", count) != count:
@@ -70,7 +69,7 @@ def _load(root: str, snapshot_id: str, cache_dir: str) -> _Loaded:
             f"snapshot {snapshot_id} is inconsistent: manifest says {count} × {dim}, "
             f"ids {len(item_ids)}, vectors {vectors.shape}"
         )
-    return _Loaded(manifest, index, item_ids, {i: r for r, i in enumerate(item_ids)}, vectors, load_reducer(directory))
+    return _Loaded(manifest, index, item_ids, vectors, load_reducer(directory))
 
 
 class SnapshotClient:
@@ -109,7 +108,7 @@ class SnapshotClient:
         return self._current.manifest
 
     def __contains__(self, item_id: str) -> bool:
-        return item_id in self._current.rows
+        return item_id in self._current.item_ids
 
     def __len__(self) -> int:
         return len(self._current.item_ids)
@@ -168,7 +167,7 @@ class SnapshotClient:
 
     def vector_of(self, item_id: str) -> np.ndarray:
         snapshot = self._current
-        row = snapshot.rows.get(item_id)
+        row = snapshot.item_ids.row(item_id)
         if row is None:
             raise UnknownItem(item_id)
         return np.array(snapshot.vectors[row])
@@ -201,11 +200,11 @@ class SnapshotClient:
             raise ValueError("pass exactly one of item_ids or vectors")
         snapshot = self._current  # one consistent snapshot for the whole call, even if a refresh swaps meanwhile
         if item_ids is not None:
-            asked = [snapshot.rows.get(item_id) for item_id in item_ids]
-            if unknown == "raise" and None in asked:
-                raise UnknownItem(item_ids[asked.index(None)])
-            rows = [row for row in asked if row is not None]
-            queries, exclude = np.asarray(snapshot.vectors[rows], dtype=np.float32), rows
+            asked = snapshot.item_ids.rows(item_ids)
+            if unknown == "raise" and (asked < 0).any():
+                raise UnknownItem(item_ids[int(np.argmax(asked < 0))])
+            rows = asked[asked >= 0]
+            queries, exclude = np.asarray(snapshot.vectors[rows], dtype=np.float32), rows.tolist()
         else:
             queries = self._prepare_vectors(snapshot, vectors)
             exclude = [None] * len(queries)
@@ -213,17 +212,15 @@ class SnapshotClient:
         if item_ids is None:
             return snapshot.snapshot_id, found
         answers = iter(found)  # an unknown item's place holds None, every other its neighbours, in the order asked
-        return snapshot.snapshot_id, [None if row is None else next(answers) for row in asked]
+        return snapshot.snapshot_id, [None if row < 0 else next(answers) for row in asked]
 
     @staticmethod
     def _neighbours(snapshot: _Loaded, queries: np.ndarray, exclude: list, k: int) -> list[list[Neighbor]]:
         scores, found = snapshot.index.search(queries, min(k + 1, snapshot.manifest["count"]))
-        results = []
-        for row_scores, row_found, own in zip(scores, found, exclude, strict=True):
-            hits = [Neighbor(snapshot.item_ids[r], float(s)) for s, r in zip(row_scores, row_found, strict=True)
-                    if r >= 0 and r != own]  # fmt: skip
-            results.append(hits[:k])
-        return results
+        kept = [[(r, s) for r, s in zip(row_found.tolist(), row_scores.tolist(), strict=True) if r >= 0 and r != own][:k]
+                for row_scores, row_found, own in zip(scores, found, exclude, strict=True)]  # fmt: skip
+        names = iter(snapshot.item_ids.ids([r for hits in kept for r, _ in hits]))  # one lookup for the whole batch
+        return [[Neighbor(next(names), s) for _, s in hits] for hits in kept]
 
     @staticmethod
     def _prepare_vectors(snapshot: _Loaded, vectors) -> np.ndarray:
