@@ -84,6 +84,10 @@ class ItemIds:
         if not isinstance(item_ids, pa.Array | pa.ChunkedArray):
             item_ids = pa.array(list(item_ids), pa.large_string())
         self._ids = _one_array(item_ids)
+        wide = self._ids.type in (pa.large_string(), pa.large_binary())
+        offsets = np.frombuffer(self._ids.buffers()[1], dtype=np.int64 if wide else np.int32)
+        self._offsets = offsets[self._ids.offset :][: len(self._ids) + 1]  # views of the array's buffers, for
+        self._data = memoryview(self._ids.buffers()[2] or b"")  # reading a few ids at ~0.3 µs, not as_py's 0.7
         hashes = fnv1a64(self._ids)
         order = np.argsort(hashes, kind="stable")
         self._sorted = hashes[order]
@@ -128,7 +132,7 @@ class ItemIds:
         at = int(self._sorted.searchsorted(h))
         while at < len(self._sorted) and self._sorted[at] == h:  # more than one row only where hashes collide
             row = int(self._by_hash[at])
-            if self._ids[row].as_py() == item_id:
+            if self._id(row) == item_id:
                 return row
             at += 1
         return -1
@@ -136,8 +140,11 @@ class ItemIds:
     def ids(self, rows: Sequence[int] | np.ndarray) -> list[str]:
         """The ids at these rows."""
         if len(rows) < _FEW:
-            return [self._ids[int(r)].as_py() for r in rows]
+            return [self._id(r) for r in rows]
         return self._ids.take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
+
+    def _id(self, row: int) -> str:
+        return str(self._data[self._offsets[row] : self._offsets[row + 1]], "utf-8")
 
     @property
     def nbytes(self) -> int:
