@@ -115,6 +115,7 @@ def main() -> None:
     print(f"| python_dict ÷ item_ids | {ratios} |")
     print(f"\nbytes held per item: {best['python_dict']['held_mib'] * 2**20 / args.items:.0f} before, "
           f"{best['item_ids']['held_mib'] * 2**20 / args.items:.0f} now")  # fmt: skip
+    print(json.dumps(best))
 
 
 if __name__ == "__main__":

@@ -304,6 +304,11 @@ def test_read_threads_benchmark_runs():
     assert result["shared-cache"]["rounds"] == 1  # reads, or the signal it died of
 
 
+def test_item_ids_benchmark_runs_each_way():
+    result = json.loads(_run("benchmarks/item_ids.py", "--items", "3000", "--rounds", "1").splitlines()[-1])
+    assert set(result) == {"python_dict", "item_ids"} and all(way["one_us"] > 0 for way in result.values())
+
+
 def test_train_reads_benchmark_runs():
     result = json.loads(_run("benchmarks/train_reads.py", "--images", "16", "--batch", "8", "--workers", "1",
                              "--size", "32", "--latency-ms", "5", "--rounds", "1").splitlines()[-1])  # fmt: skip
