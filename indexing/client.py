@@ -200,11 +200,11 @@ class SnapshotClient:
             raise ValueError("pass exactly one of item_ids or vectors")
         snapshot = self._current  # one consistent snapshot for the whole call, even if a refresh swaps meanwhile
         if item_ids is not None:
-            asked = snapshot.item_ids.rows(item_ids)
-            if unknown == "raise" and (asked < 0).any():
-                raise UnknownItem(item_ids[int(np.argmax(asked < 0))])
-            rows = asked[asked >= 0]
-            queries, exclude = np.asarray(snapshot.vectors[rows], dtype=np.float32), rows.tolist()
+            asked = snapshot.item_ids.rows(item_ids).tolist()  # -1: not in the snapshot
+            if unknown == "raise" and -1 in asked:
+                raise UnknownItem(item_ids[asked.index(-1)])
+            rows = [row for row in asked if row >= 0]
+            queries, exclude = np.asarray(snapshot.vectors[rows], dtype=np.float32), rows
         else:
             queries = self._prepare_vectors(snapshot, vectors)
             exclude = [None] * len(queries)
