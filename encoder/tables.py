@@ -15,25 +15,43 @@ TABLE_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl
                  ".json": "jsonl"}  # fmt: skip
 
 
-def table_from_bytes(data: bytes, fmt: str, string_columns: tuple[str, ...] = ()):
+def table_from_bytes(
+    data: bytes, fmt: str, string_columns: tuple[str, ...] = (), columns: tuple[str, ...] | None = None
+):
     """A Parquet, CSV or JSON-lines file's bytes as an Arrow table; `string_columns` stay text where the format
     would guess another type (a CSV's `007`). JSON lines whose values change kind from row to row (ids that are
     numbers in some rows and text in others), which Arrow's JSON reader refuses, are read line by line: such a
     column, and `string_columns`, as text.
+
+    `columns`: only those of them the file has, in that order. A Parquet or CSV file's other columns are never
+    decoded: an export of interaction logs carries many that evaluation does not read.
 
     Raises:
         Whatever the format's reader raises for bytes it cannot read.
     """
     import pyarrow as pa
     import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
     import pyarrow.parquet as pq
 
+    def wanted(names: list[str]) -> list[str] | None:
+        return None if columns is None else [c for c in columns if c in names]
+
     if fmt == "parquet":
-        return pq.read_table(arrow_input(data))
+        return pq.read_table(arrow_input(data), columns=wanted(pq.read_schema(arrow_input(data)).names))
     if fmt == "csv":
         options = pacsv.ConvertOptions(column_types=dict.fromkeys(string_columns, pa.string()))
+        if columns is not None:  # the header's names, from the first block only
+            names = pacsv.open_csv(arrow_input(data), convert_options=options).schema.names
+            options.include_columns = wanted(names)
         return pacsv.read_csv(arrow_input(data), convert_options=options)
+    table = _json_table(data, string_columns)
+    return table if columns is None else table.select(wanted(table.column_names))
+
+
+def _json_table(data: bytes, string_columns: tuple[str, ...]):
+    import pyarrow as pa
+    import pyarrow.json as pajson
+
     try:
         return pajson.read_json(arrow_input(data))
     except pa.ArrowInvalid as err:

@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 __all__ = ["CatalogInfo", "catalog_image", "read_catalog_info", "read_table"]
 
 
-def read_table(uri: str, string_columns: tuple[str, ...] = ()) -> pa.Table:
-    """A Parquet, CSV or JSON-lines file (local or gs://) as a table (`encoder.tables.table_from_bytes`).
+def read_table(uri: str, string_columns: tuple[str, ...] = (), columns: tuple[str, ...] | None = None) -> pa.Table:
+    """A Parquet, CSV or JSON-lines file (local or gs://) as a table (`encoder.tables.table_from_bytes`): with
+    `columns`, only those of them it has.
 
     Raises:
         FileNotFoundError: no such file.
@@ -30,7 +31,7 @@ def read_table(uri: str, string_columns: tuple[str, ...] = ()) -> pa.Table:
         raise ValueError(f"{uri}: unknown format {suffix!r}; use .parquet, .csv or .jsonl")
     data = storage.read_bytes(uri)
     try:
-        return tables.table_from_bytes(data, tables.TABLE_FORMATS[suffix], string_columns)
+        return tables.table_from_bytes(data, tables.TABLE_FORMATS[suffix], string_columns, columns)
     except Exception as err:  # noqa: BLE001 - reader errors vary; the caller names the file
         raise ValueError(f"cannot read {uri}: {type(err).__name__}: {err}") from err
 

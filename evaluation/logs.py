@@ -15,8 +15,9 @@ Documented handling:
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,6 +29,9 @@ from evaluation.catalog import read_table
 __all__ = ["Judgments", "LogError", "read_judgments"]
 
 REQUIRED = ("query_item_id", "clicked_item_id")
+COLUMNS = (*REQUIRED, "weight", "timestamp", "session_id")  # what is read of each file; other columns never are
+_DAY_KEY = re.compile(r"(?:^|/)[A-Za-z_][A-Za-z0-9_]*=(\d{4}-\d{2}-\d{2}|\d{8})(?=/)")
+_DAY_PART = re.compile(r"(?:^|/)(year|month|day)=(\d{1,4})(?=/)")
 
 
 class LogError(ValueError):
@@ -53,21 +57,68 @@ def log_files(uri: str) -> list[str]:
             and not os.path.basename(f).startswith((".", "_"))]  # fmt: skip
 
 
-def _read_table(uri: str) -> pa.Table:
+def _read_table(uri: str, since: datetime | None) -> tuple[pa.Table, dict[str, int]]:
+    """The logs' files as one table of the columns evaluation reads, and the counts of rows read and dropped. With
+    `since`, each file's rows before it are dropped as the file is read (so memory holds the window, not the
+    history), and the files of partitions whose day ended well before it are not read at all (`_partition_day`)."""
     files = log_files(uri)
     if not files:
         raise LogError(f"interaction log {uri} does not exist" + (
             " (no file matches it)" if any(c in uri for c in storage.GLOB_CHARS) else ""))  # fmt: skip
+    counts = {"rows": 0}
+    if since is not None:
+        first_day = since.astimezone(UTC).date() - timedelta(days=1)  # a day's slack for partitions in local time
+        kept = [f for f in files if (_partition_day(f) or first_day) >= first_day]
+        counts |= {"files_before_since": len(files) - len(kept), "no_timestamp": 0, "before_since": 0}
+        if not kept:
+            raise LogError(f"interaction log {uri}: its {len(files)} file(s) are all in partitions of days before "
+                           f"--since {since.isoformat()}")  # fmt: skip
+        files = kept
+    tables = []
+    for file in files:
+        try:
+            table = read_table(file, string_columns=REQUIRED + ("session_id",), columns=COLUMNS)
+        except FileNotFoundError as err:
+            raise LogError(f"interaction log {uri} does not exist") from err
+        except ValueError as err:
+            raise LogError(f"interaction log: {err}") from err
+        counts["rows"] += table.num_rows
+        tables.append(table if since is None else _since(table, since, file, counts))
     try:
-        tables = [read_table(f, string_columns=REQUIRED + ("session_id",)) for f in files]
-    except FileNotFoundError as err:
-        raise LogError(f"interaction log {uri} does not exist") from err
-    except ValueError as err:
-        raise LogError(f"interaction log: {err}") from err
-    try:
-        return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+        return (pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]), counts
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:  # a column of one kind in a file, of another in the next
         raise LogError(f"interaction log {uri}: its {len(files)} files do not agree on their columns ({err})") from err
+
+
+def _since(table: pa.Table, since: datetime, file: str, counts: dict[str, int]) -> pa.Table:
+    """The file's rows at or after `since`, their times as UTC instants; the rows dropped counted."""
+    if "timestamp" not in table.column_names:
+        raise LogError(f"--since needs a timestamp column; {file} has {table.column_names}")
+    try:
+        stamp = instants(table.column("timestamp"), f"{file}: timestamp")
+    except ValueError as err:
+        raise LogError(str(err)) from err
+    keep = pc.greater_equal(stamp, pa.scalar(since, type=stamp.type))  # null where the time is: dropped
+    counts["no_timestamp"] += stamp.null_count  # missing or not a time: not known to be after `since`
+    counts["before_since"] += table.num_rows - _true(keep) - stamp.null_count
+    table = table.set_column(table.schema.get_field_index("timestamp"), "timestamp", stamp)
+    return table.filter(keep)
+
+
+def _partition_day(path: str) -> date | None:
+    """The day a file's partition names (`dt=2026-11-29`, `date=20261129`, or `year=2026/month=11/day=29`), if any.
+    A warehouse partitions logs by the day their events happened or arrived; either way, no event in a partition
+    comes after its day's end, which is what lets `since` skip it."""
+    days = [m.group(1) for m in _DAY_KEY.finditer(path)]
+    try:
+        if len(days) == 1:
+            return date.fromisoformat(days[0]) if "-" in days[0] else datetime.strptime(days[0], "%Y%m%d").date()
+        parts = dict(_DAY_PART.findall(path))
+        if {"year", "month", "day"} <= parts.keys():
+            return date(int(parts["year"]), int(parts["month"]), int(parts["day"]))
+    except ValueError:  # dt=2026-02-30: not a day, so not a reason to skip the file
+        return None
+    return None
 
 
 def read_judgments(uri: str, since: datetime | None = None) -> Judgments:
@@ -76,13 +127,14 @@ def read_judgments(uri: str, since: datetime | None = None) -> Judgments:
     Raises:
         LogError: unreadable, missing columns, `since` without timestamps, or no usable rows.
     """
-    table = _read_table(uri)
+    table, counts = _read_table(uri, since)
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
         raise LogError(f"interaction log {uri} lacks column(s) {missing}; found {table.column_names}")
-    counts = {"rows": table.num_rows}
-    if table.num_rows == 0:
+    if counts["rows"] == 0:
         raise LogError(f"interaction log {uri} has no rows")
+    if since is not None and table.num_rows == 0:
+        raise LogError(f"interaction log {uri}: no row at or after --since {since.isoformat()} ({counts})")
     try:  # ids, and sessions (exact duplicate rows are found by them), as text
         columns = {c: text_column(table, c, f"interaction log {uri}") for c in (*REQUIRED, "session_id")}
     except ValueError as err:
@@ -96,20 +148,6 @@ def read_judgments(uri: str, since: datetime | None = None) -> Judgments:
     if extra and pa.types.is_nested(extra["timestamp"].type):  # a key of exact duplicates, read as times by --since
         raise LogError(f"{uri}: timestamp must be timestamps, dates or ISO 8601 text, not {extra['timestamp'].type}")
     table = pa.table({**{c: v for c, v in columns.items() if v is not None}, "weight": weight, **extra})
-
-    if since is not None:
-        if "timestamp" not in table.column_names:
-            raise LogError(f"--since needs a timestamp column; {uri} has {table.column_names}")
-        try:
-            stamp = instants(table.column("timestamp"), f"{uri}: timestamp")
-        except ValueError as err:
-            raise LogError(str(err)) from err
-        keep = pc.greater_equal(stamp, pa.scalar(since, type=stamp.type))  # null where the time is: dropped
-        counts["no_timestamp"] = stamp.null_count  # missing or not a time: not known to be after `since`
-        counts["before_since"] = table.num_rows - _true(keep) - stamp.null_count
-        table = table.filter(keep)
-        if table.num_rows == 0:
-            raise LogError(f"interaction log {uri}: no row at or after --since {since.isoformat()} ({counts})")
 
     before = table.num_rows
     table = table.group_by(table.column_names).aggregate([])  # exact duplicate rows count once

@@ -309,6 +309,12 @@ def test_item_ids_benchmark_runs_each_way():
     assert set(result) == {"python_dict", "item_ids"} and all(way["one_us"] > 0 for way in result.values())
 
 
+def test_log_reads_benchmark_runs():
+    result = json.loads(_run("benchmarks/log_reads.py", "--days", "4", "--rows-per-day", "200", "--since-days", "2",
+                             "--rounds", "1").splitlines()[-1])  # fmt: skip
+    assert result["now"]["pairs"] > 0 and result["now"]["before_since"] == 200  # the day before: read; the 1st: not
+
+
 def test_train_reads_benchmark_runs():
     result = json.loads(_run("benchmarks/train_reads.py", "--images", "16", "--batch", "8", "--workers", "1",
                              "--size", "32", "--latency-ms", "5", "--rounds", "1").splitlines()[-1])  # fmt: skip

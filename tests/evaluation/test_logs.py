@@ -184,3 +184,85 @@ def test_logs_as_many_files_on_gcs(gcs_emulator, gcs_bucket, tmp_path):
     assert read_judgments(f"gs://{gcs_bucket}/logs/clicks/dt=*/part-*.parquet").relevance == whole
     with pytest.raises(LogError, match="does not exist"):
         read_judgments(f"gs://{gcs_bucket}/logs/clicks/dt=2027*/*.parquet")
+
+
+def test_columns_evaluation_does_not_read_are_never_read(tmp_path):
+    """A warehouse's export carries columns evaluation has no use for; they were read, held and concatenated, so
+    one of another kind in one file than in the next failed the logs ("do not agree on their columns")."""
+    (tmp_path / "clicks").mkdir()
+    for n, extra in enumerate(([1, 2], ["x", "y"])):
+        pq.write_table(pa.table({"query_item_id": ["q", "q"], "clicked_item_id": [f"a{n}", "b"], "page": extra}),
+                       tmp_path / "clicks" / f"part-{n}.parquet")  # fmt: skip
+    (tmp_path / "clicks" / "part-2.csv").write_text('query_item_id,clicked_item_id,page\nq,c,"[1, {2}]"\n')
+    (tmp_path / "clicks" / "part-3.jsonl").write_text('{"query_item_id": "q", "clicked_item_id": "d", "page": {}}\n')
+    relevance = {"q": {"a0": 1, "a1": 1, "b": 1, "c": 1, "d": 1}}  # b's two rows are one: exact duplicates
+    assert read_judgments(str(tmp_path / "clicks")).relevance == relevance
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+def test_a_table_read_for_some_columns_holds_those_it_has_in_their_order(fmt):
+    import io
+
+    from encoder.tables import table_from_bytes
+
+    table = pa.table({"a": ["1", "2"], "b": [3, 4], "c": ["x", "y"]})
+    data = io.BytesIO()
+    if fmt == "parquet":
+        pq.write_table(table, data)
+    elif fmt == "csv":
+        data.write(b"a,b,c\n007,3,x\n2,4,y\n")
+    else:
+        data.write(b'{"a": "1", "b": 3, "c": "x"}\n{"a": "2", "b": 4, "c": "y"}\n')
+    read = table_from_bytes(data.getvalue(), fmt, string_columns=("a",), columns=("c", "missing", "a"))
+    assert read.column_names == ["c", "a"] and read.column("c").to_pylist() == ["x", "y"]
+    assert read.column("a").type == pa.string()  # the CSV's 007 stays text
+
+
+def _days(root, layout: str, days: range) -> list[str]:
+    """A partition per day of November 2026 under `root`, named by `layout`, each with a click at noon."""
+    names = []
+    for day in days:
+        when = datetime(2026, 11, day, 12, tzinfo=UTC)
+        names.append(layout.format(*[when] * layout.count("{")))
+        (root / names[-1]).mkdir(parents=True)
+        pq.write_table(pa.table({"query_item_id": ["q"], "clicked_item_id": [names[-1]], "timestamp": [when]}),
+                       root / names[-1] / "part-0.parquet")  # fmt: skip
+    return names
+
+
+@pytest.mark.parametrize("layout", ["dt={:%Y-%m-%d}", "date={:%Y%m%d}", "year={:%Y}/month={:%m}/day={:%d}"])
+def test_since_skips_partitions_of_days_before_it(tmp_path, layout):
+    """Logs partitioned by day: `since` reads the partitions of its window (and the day before it, whose events
+    may fall after `since` in UTC where the partitions are in local time), not the history's; a file it skips is
+    never opened, so an old unreadable one does not fail the evening's evaluation."""
+    names = _days(tmp_path / "clicks", layout, range(20, 30))
+    (tmp_path / "clicks" / names[0] / "part-1.parquet").write_bytes(b"PAR1 not a parquet file")
+    judgments = read_judgments(str(tmp_path / "clicks"), since=datetime(2026, 11, 27, 18, tzinfo=UTC))
+    assert judgments.relevance == {"q": {names[-2]: 1.0, names[-1]: 1.0}}  # the 28th's and 29th's clicks at noon
+    assert judgments.counts["files_before_since"] == 6 + 1  # the 20th to the 25th (+ the bad file): not read
+    assert judgments.counts["before_since"] == 2 and judgments.counts["rows"] == 4  # the 26th's and 27th's
+    with pytest.raises(LogError, match="cannot read"):
+        read_judgments(str(tmp_path / "clicks"))  # without since, every file is read
+    with pytest.raises(LogError, match=r"all in partitions of days before --since 2027"):
+        read_judgments(str(tmp_path / "clicks"), since=datetime(2027, 1, 1, tzinfo=UTC))
+
+
+def test_files_outside_day_partitions_are_always_read(tmp_path):
+    """A folder that is not a day (`dt=2026-02-30`, `hour=7`, `region=eu`) says nothing about the rows' times."""
+    for name in ("dt=2026-02-30", "region=eu", "dt=2026-01-01/hour=07", "year=2026/month=01"):
+        (tmp_path / name).mkdir(parents=True)
+        pq.write_table(pa.table({"query_item_id": ["q"], "clicked_item_id": [name], "timestamp": ["2026-11-29"]}),
+                       tmp_path / name / "part-0.parquet")  # fmt: skip
+    judgments = read_judgments(str(tmp_path), since=datetime(2026, 11, 28, tzinfo=UTC))
+    assert set(judgments.relevance["q"]) == {"dt=2026-02-30", "region=eu", "year=2026/month=01"}
+    assert judgments.counts["files_before_since"] == 1  # dt=2026-01-01/hour=07
+
+
+def test_since_takes_each_files_times_as_they_are_written(tmp_path):
+    """One day's times written as text, the next's as timestamps: each file's are read as UTC instants before the
+    files are joined, which failed before ("do not agree on their columns")."""
+    _write(tmp_path, "a.parquet", query_item_id=["q"], clicked_item_id=["a"], timestamp=["2026-11-29T10:00:00Z"])
+    _write(tmp_path, "b.parquet", query_item_id=["q"], clicked_item_id=["b"],
+           timestamp=[datetime(2026, 11, 29, 11, tzinfo=UTC)])  # fmt: skip
+    judgments = read_judgments(str(tmp_path / "*.parquet"), since=datetime(2026, 11, 29, tzinfo=UTC))
+    assert judgments.relevance == {"q": {"a": 1.0, "b": 1.0}}
