@@ -7,7 +7,8 @@ more columns than evaluation reads, and the nightly's `since_days` window over t
 
 Each measurement runs in a fresh process (peak RSS from the kernel: `ru_maxrss`), two rounds, best of each.
 `--ways` names the code to measure: `now` imports this checkout's; any other is a folder holding another checkout
-(the same code before a change), put first on the measuring process's path.
+(the same code before a change), put first on the measuring process's path. `now@100000` reads with
+`max_queries=100000`.
 """
 
 from __future__ import annotations
@@ -59,11 +60,12 @@ def write_logs(folder: Path, days: int, rows_per_day: int, items: int = 1_000_00
     return days * rows_per_day
 
 
-def measure(logs: str, since_days: int) -> dict:
+def measure(logs: str, since_days: int, max_queries: int | None) -> dict:
     from evaluation.logs import read_judgments
 
+    since = LAST_DAY + timedelta(days=1) - timedelta(days=since_days)
     start = time.perf_counter()
-    judgments = read_judgments(logs, LAST_DAY + timedelta(days=1) - timedelta(days=since_days))
+    judgments = read_judgments(logs, since, max_queries) if max_queries else read_judgments(logs, since)
     seconds = time.perf_counter() - start
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"seconds": seconds, "peak_mib": peak_mib, "queries": judgments.counts["queries"],
@@ -78,9 +80,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--ways", default="now", help="comma-separated: now, or folders of other checkouts")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # the child process: the logs' folder
+    parser.add_argument("--max-queries", type=int, help=argparse.SUPPRESS)  # the child's, from its way
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.since_days)))
+        print(json.dumps(measure(args.measure, args.since_days, args.max_queries)))
         return
 
     sys.path.insert(0, str(ROOT))
@@ -95,9 +98,11 @@ def main() -> None:
     results: dict[str, list[dict]] = {way: [] for way in ways}
     for _ in range(args.rounds):
         for way in ways:
-            env = {**os.environ, "LOG_READS_CODE": str(ROOT if way == "now" else Path(way).resolve())}
-            out = subprocess.run([sys.executable, __file__, "--measure", str(logs), "--since-days",
-                                  str(args.since_days)], check=True, capture_output=True, text=True, env=env).stdout  # fmt: skip
+            code, _, max_queries = way.partition("@")
+            env = {**os.environ, "LOG_READS_CODE": str(ROOT if code == "now" else Path(code).resolve())}
+            command = [sys.executable, __file__, "--measure", str(logs), "--since-days", str(args.since_days)]
+            command += ["--max-queries", max_queries] if max_queries else []
+            out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
             results[way].append(json.loads(out.splitlines()[-1]))
     best = {way: {"seconds": min(r["seconds"] for r in rs), "peak_mib": min(r["peak_mib"] for r in rs),
                   **{k: rs[0][k] for k in ("queries", "pairs", "before_since")}} for way, rs in results.items()}  # fmt: skip

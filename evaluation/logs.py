@@ -9,7 +9,9 @@ Documented handling:
 - rows with a missing or empty id, or a weight that is missing, not a number, non-positive or non-finite are dropped;
 - `since`: only rows at or after it (needs `timestamp`: timestamps, dates or ISO 8601 text, UTC unless they name
   a zone); rows whose time is missing or unreadable are dropped and counted apart;
-- relevance of (query, item) = the sum of its rows' weights.
+- relevance of (query, item) = the sum of its rows' weights;
+- `max_queries`: the rows of at most that many query items, chosen by a hash of their ids, are kept before the
+  rules above are applied (so their counts are of those rows), and the others are counted as not sampled.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -121,12 +124,16 @@ def _partition_day(path: str) -> date | None:
     return None
 
 
-def read_judgments(uri: str, since: datetime | None = None) -> Judgments:
+def read_judgments(uri: str, since: datetime | None = None, max_queries: int | None = None) -> Judgments:
     """Read logs and aggregate them into graded relevance (see the module docstring).
+
+    `max_queries`: at most this many query items, those whose ids hash lowest (`_sample_queries`).
 
     Raises:
         LogError: unreadable, missing columns, `since` without timestamps, or no usable rows.
     """
+    if max_queries is not None and max_queries < 1:
+        raise ValueError(f"max_queries must be >= 1, got {max_queries}")
     table, counts = _read_table(uri, since)
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
@@ -148,6 +155,8 @@ def read_judgments(uri: str, since: datetime | None = None) -> Judgments:
     if extra and pa.types.is_nested(extra["timestamp"].type):  # a key of exact duplicates, read as times by --since
         raise LogError(f"{uri}: timestamp must be timestamps, dates or ISO 8601 text, not {extra['timestamp'].type}")
     table = pa.table({**{c: v for c, v in columns.items() if v is not None}, "weight": weight, **extra})
+    if max_queries is not None:
+        table = _sample_queries(table, max_queries, counts)
 
     before = table.num_rows
     table = table.group_by(table.column_names).aggregate([])  # exact duplicate rows count once
@@ -173,6 +182,22 @@ def read_judgments(uri: str, since: datetime | None = None) -> Judgments:
     counts["queries"] = len(relevance)
     counts["pairs"] = grouped.num_rows
     return Judgments(relevance, counts)
+
+
+def _sample_queries(table: pa.Table, max_queries: int, counts: dict[str, int]) -> pa.Table:
+    """The rows of at most `max_queries` query items: those whose ids' 64-bit FNV-1a hashes are lowest. A hash, not
+    a draw, so each night samples the same items where it can (nights compare), the candidate and the baseline are
+    judged on the same queries, and the relevance of millions of queries is never built to be thrown away."""
+    from indexing.item_ids import fnv1a64
+
+    queries = pc.unique(table.column("query_item_id")).drop_null()
+    queries = queries.filter(pc.not_equal(queries, ""))  # an empty id's rows are bad rows: no query to sample
+    counts["queries_not_sampled"] = max(0, len(queries) - max_queries)
+    if len(queries) <= max_queries:
+        return table
+    hashes = fnv1a64(queries)
+    chosen = np.argpartition(hashes, max_queries - 1)[:max_queries]
+    return table.filter(pc.is_in(table.column("query_item_id"), value_set=queries.take(pa.array(chosen))))
 
 
 def _true(mask: pa.ChunkedArray | pa.Array) -> int:

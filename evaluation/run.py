@@ -34,6 +34,7 @@ class EvaluateConfig:
     out: str | None = None  # where metrics.json and report.html go
     k: int = 5
     since: datetime | None = None
+    max_queries: int | None = None  # at most this many query items of the logs, chosen by a hash of their ids
     gates: tuple[str, ...] = ()
     bootstrap: int = 1000
     sample_queries: int = 8
@@ -42,6 +43,8 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if self.k < 1 or self.bootstrap < 1:
             raise ValueError(f"k and bootstrap must be >= 1, got {self.k}, {self.bootstrap}")
+        if self.max_queries is not None and self.max_queries < 1:
+            raise ValueError(f"max_queries must be >= 1, got {self.max_queries}")
         if self.baseline and self.baseline.startswith("builtin:") and self.baseline != PIXELS:
             raise ValueError(f"--baseline {self.baseline}: the built-in baseline is {PIXELS}")
         if self.baseline == PIXELS and not self.catalog:
@@ -59,6 +62,7 @@ def _document(cfg: EvaluateConfig, result: EvalResult, names: list[str]) -> dict
         "k": result.k,
         "interactions": cfg.interactions,
         "since": cfg.since.isoformat() if cfg.since else None,
+        "max_queries": cfg.max_queries,
         "candidate": names[0],
         "baseline": names[1] if len(names) > 1 else None,
         "counts": result.counts,
@@ -77,7 +81,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     Raises:
         LogError: unusable logs. SnapshotError: unusable snapshot. ValueError: nothing measurable.
     """
-    judgments = read_judgments(cfg.interactions, cfg.since)
+    judgments = read_judgments(cfg.interactions, cfg.since, cfg.max_queries)
     root, client = open_snapshot(cfg.snapshot)
     rankers = [SnapshotRanker(client)]
     catalog = read_catalog_info(cfg.catalog) if cfg.catalog else None

@@ -645,6 +645,9 @@ def evaluate_cmd(
     ] = None,
     gate: Annotated[list[str] | None, typer.Option(help="e.g. 'ndcg@5>=baseline-0.005'; repeatable.")] = None,
     bootstrap: Annotated[int, typer.Option(help="Paired bootstrap resamples for the 95% intervals.")] = 1000,
+    max_queries: Annotated[
+        int | None, typer.Option(help="At most this many query items of the logs, chosen by a hash of their ids.")
+    ] = None,
 ) -> None:
     """nDCG@k, recall@k, MRR, hit rate and coverage from interaction logs; compare, gate and report."""
 
@@ -655,7 +658,8 @@ def evaluate_cmd(
 
     when = parse_when(since) if since else None
     cfg = EvaluateConfig(snapshot=snapshot, interactions=interactions, baseline=baseline, catalog=catalog, out=out,
-                         k=k, since=when, gates=tuple(gate or ()), bootstrap=bootstrap)  # fmt: skip
+                         k=k, since=when, gates=tuple(gate or ()), bootstrap=bootstrap,
+                         max_queries=max_queries)  # fmt: skip
     doc = run_evaluation(cfg)
     print_evaluation(doc)
     raise_if_failed(doc)

@@ -99,6 +99,7 @@ def _evaluate(ctx: _Context, outputs: dict) -> tuple[dict, dict]:
         snapshot=outputs["index"]["snapshot"], interactions=ctx.cfg.interactions, baseline=baseline,
         catalog=ctx.cfg.catalog if baseline == PIXELS else None, out=out, k=settings.k,
         since=since, gates=settings.gates if baseline else (), bootstrap=settings.bootstrap,
+        max_queries=settings.max_queries,
     ))  # fmt: skip
     k = settings.k
     metrics = doc["metrics"]

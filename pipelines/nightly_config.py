@@ -86,6 +86,9 @@ class EvaluateSettings:
     # A gate judged on fewer queries is not judged: logs thinned by an upstream fault (or ids that stopped matching
     # the catalog's) would otherwise pass or fail a candidate on a handful of clicks.
     min_queries: int = 100
+    # At most this many query items of the logs (chosen by a hash of their ids, the same each night where they
+    # recur); None: all. Logs of millions of queries otherwise build their relevance in memory, then rank them all.
+    max_queries: int | None = None
 
     def __post_init__(self) -> None:
         from evaluation.gate import parse_gate
@@ -93,6 +96,11 @@ class EvaluateSettings:
         if self.k < 1 or self.bootstrap < 1 or self.min_queries < 1:
             raise ValueError(f"evaluate.k, evaluate.bootstrap and evaluate.min_queries must be >= 1, got {self.k}, "
                              f"{self.bootstrap}, {self.min_queries}")  # fmt: skip
+        if self.max_queries is not None and self.max_queries < 1:
+            raise ValueError(f"evaluate.max_queries must be >= 1 or null, got {self.max_queries}")
+        if self.max_queries is not None and self.max_queries < self.min_queries:  # every gated night would stop
+            raise ValueError(f"evaluate.max_queries {self.max_queries} is below evaluate.min_queries "
+                             f"{self.min_queries}")  # fmt: skip
         if self.since_days is not None and self.since_days < 1:
             raise ValueError(f"evaluate.since_days must be >= 1 or null, got {self.since_days}")
         if self.first_baseline not in (PIXELS, None):

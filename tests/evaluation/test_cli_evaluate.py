@@ -17,9 +17,12 @@ def test_evaluate_and_gate(snapshots, demo_catalog, tmp_path):
     assert json.loads((tmp_path / "EV" / "metrics.json").read_text())["passed"] is True
 
     failing = _lookalike("evaluate", "--snapshot", str(root / exact), "--interactions", str(demo_catalog.interactions),
-                         "--gate", "ndcg@5>=0.99", "--bootstrap", "10", cwd=tmp_path)  # fmt: skip
+                         "--gate", "ndcg@5>=0.99", "--bootstrap", "10", "--max-queries", "7", "--out", "EV7",
+                         cwd=tmp_path)  # fmt: skip
     assert failing.returncode == 1
     assert "gate failed: ndcg@5>=0.99 (ndcg@5 = " in failing.stderr and "Traceback" not in failing.stderr
+    sampled = json.loads((tmp_path / "EV7" / "metrics.json").read_text())
+    assert sampled["max_queries"] == 7 and sampled["counts"]["queries"] == 7 and sampled["counts"]["queries_not_sampled"]
 
     refused = _lookalike("publish", "--root", str(root), exact, "--require-evaluation", cwd=tmp_path)
     assert refused.returncode == 2 and "failed its evaluation gate" in refused.stderr
@@ -32,6 +35,7 @@ def test_evaluate_user_mistakes(snapshots, demo_catalog, tmp_path):
         (["--interactions", str(demo_catalog.interactions), "--since", "yesterday"], "not an ISO 8601"),
         (["--interactions", str(demo_catalog.interactions), "--since", "2062-01-01"], "is in the future"),
         (["--interactions", str(demo_catalog.interactions), "--gate", "ndcg@5>>1"], "cannot read gate"),
+        (["--interactions", str(demo_catalog.interactions), "--max-queries", "0"], "max_queries must be >= 1"),
     ]:
         result = _lookalike("evaluate", "--snapshot", str(root / exact), *args, cwd=tmp_path)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)

@@ -266,3 +266,27 @@ def test_since_takes_each_files_times_as_they_are_written(tmp_path):
            timestamp=[datetime(2026, 11, 29, 11, tzinfo=UTC)])  # fmt: skip
     judgments = read_judgments(str(tmp_path / "*.parquet"), since=datetime(2026, 11, 29, tzinfo=UTC))
     assert judgments.relevance == {"q": {"a": 1.0, "b": 1.0}}
+
+
+def test_max_queries_keeps_the_query_items_whose_ids_hash_lowest(tmp_path):
+    """Logs of millions of queries built their relevance whole; `max_queries` keeps the rows of that many query items,
+    chosen by a hash of their ids: the same items each night they recur, whatever else the logs hold."""
+    from indexing.item_ids import fnv1a64
+
+    queries = [f"q{i}" for i in range(40)]
+    rows = {"query_item_id": [q for q in queries for _ in range(2)] + ["", "q0"],
+            "clicked_item_id": [f"{q}-{n}" for q in queries for n in range(2)] + ["x", "q0"]}  # fmt: skip
+    path = _write(tmp_path, "logs.parquet", **rows)
+    lowest = sorted(queries, key=lambda q: int(fnv1a64([q])[0]))[:10]
+    judgments = read_judgments(path, max_queries=10)
+    assert sorted(judgments.relevance) == sorted(lowest) and judgments.counts["queries_not_sampled"] == 30
+    assert all(len(clicked) == 2 for clicked in judgments.relevance.values())  # each sampled query whole
+    more = _write(tmp_path, "more.parquet", query_item_id=queries[:20] + ["new-1", "new-2"],
+                  clicked_item_id=["c"] * 22)  # fmt: skip
+    again = read_judgments(more, max_queries=10)
+    kept = set(again.relevance)
+    assert set(lowest) & set(queries[:20]) <= kept  # another night: the items both hold are kept again where they rank
+    assert read_judgments(path, max_queries=1000).counts["queries_not_sampled"] == 0
+    assert len(read_judgments(path, max_queries=1000).relevance) == 40
+    with pytest.raises(ValueError, match="max_queries must be >= 1"):
+        read_judgments(path, max_queries=0)

@@ -293,11 +293,13 @@ def test_a_second_job_on_the_same_root_is_refused(tmp_path, demo_catalog, tiny_m
          "evaluate.max_shrink is a share of the published items, 0 to 1"),
         ("catalog: a\nmodel: b\nout: c\ninteractions: d\nevaluate: {min_queries: 0}\n",
          "evaluate.min_queries must be >= 1"),
+        ("catalog: a\nmodel: b\nout: c\ninteractions: d\nevaluate: {max_queries: 50}\n",
+         "evaluate.max_queries 50 is below evaluate.min_queries 100"),
         ("- just\n- a list\n", "must be a mapping"),
         ("catalog: [unclosed\n", "not valid YAML"),
     ],
     ids=["top-typo", "section-typo", "missing", "bad-gate", "bad-decoder", "bad-batch", "bad-share", "bad-shrink",
-         "bad-min-queries", "not-mapping", "bad-yaml"],
+         "bad-min-queries", "max-below-min", "not-mapping", "bad-yaml"],
 )  # fmt: skip
 def test_bad_configs_fail_before_any_work(tmp_path, text, message):
     path = tmp_path / "nightly.yaml"
