@@ -140,6 +140,16 @@ def photos_on_gcs(folder: Path, count: int, bucket: str = "photos") -> tuple[lis
     return photos, uris, sum(p.stat().st_size for p in photos) / len(photos) / 1000
 
 
+def process_memory_mib(field: str = "VmHWM") -> float:
+    """A memory field of this process's /proc/self/status, in MiB: `VmHWM` its peak resident memory (unlike
+    `ru_maxrss`, which a process started by fork and exec inherits from its parent), `RssAnon` its anonymous memory
+    now."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

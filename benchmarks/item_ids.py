@@ -23,16 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, scratch_dir  # noqa: E402
+from benchmarks.common import machine, process_memory_mib, scratch_dir  # noqa: E402
 
 WAYS = ("python_dict", "item_ids")
-
-
-def anon_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no RssAnon in /proc/self/status")
 
 
 class PythonDict:
@@ -57,11 +50,11 @@ def measure(way: str, path: Path, items: int) -> dict:
 
     from indexing.item_ids import ItemIds
 
-    before = anon_mib()
+    before = process_memory_mib("RssAnon")
     start = time.perf_counter()
     held = PythonDict(path) if way == "python_dict" else ItemIds.read(path)
     load_s = time.perf_counter() - start
-    held_mib = anon_mib() - before
+    held_mib = process_memory_mib("RssAnon") - before
     rng = np.random.default_rng(0)
     asked = [f"sku-{i:012d}-m" for i in rng.integers(0, items, 20_000)]
     neighbours = rng.integers(0, items, (256, 10))

@@ -5,7 +5,7 @@ more columns than evaluation reads, and the nightly's `since_days` window over t
     python benchmarks/log_reads.py                      # 90 days of 100,000 rows, 11 columns, the last 14 days
     python benchmarks/log_reads.py --days 30 --rows-per-day 20000 --since-days 7
 
-Each measurement runs in a fresh process (peak RSS from the kernel: `ru_maxrss`), two rounds, best of each.
+Each measurement runs in a fresh process (peak RSS: `VmHWM`), two rounds, best of each.
 `--ways` names the code to measure: `now` imports this checkout's; any other is a folder holding another checkout
 (the same code before a change), put first on the measuring process's path. `now@100000` reads with
 `max_queries=100000`.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -24,6 +23,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import machine, process_memory_mib, scratch_dir  # noqa: E402 - none of lookalike's code
+
 sys.path.insert(0, os.environ.get("LOG_READS_CODE", str(ROOT)))  # the child's: the checkout it measures
 
 LAST_DAY = datetime(2026, 11, 29, tzinfo=UTC)
@@ -67,7 +69,7 @@ def measure(logs: str, since_days: int, max_queries: int | None) -> dict:
     start = time.perf_counter()
     judgments = read_judgments(logs, since, max_queries) if max_queries else read_judgments(logs, since)
     seconds = time.perf_counter() - start
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mib = process_memory_mib()
     return {"seconds": seconds, "peak_mib": peak_mib, "queries": judgments.counts["queries"],
             "pairs": judgments.counts["pairs"], "before_since": judgments.counts.get("before_since")}  # fmt: skip
 
@@ -85,9 +87,6 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(args.measure, args.since_days, args.max_queries)))
         return
-
-    sys.path.insert(0, str(ROOT))
-    from benchmarks.common import machine, scratch_dir
 
     logs = scratch_dir("log-reads") / "clicks"
     rows = write_logs(logs, args.days, args.rows_per_day)

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from encoder import storage
+from encoder.tables import repeated
 from indexing.backends import build_scann, fill_faiss, train_faiss
 from indexing.embeddings import EmbeddingsError, open_embeddings
 from indexing.memory import BuildMemory, arrow_system_pool, release_freed_memory
@@ -84,12 +84,10 @@ def _write_ids_and_vectors(source, transform, workdir: Path, dim: int):
 
 
 def _check_unique_ids(path: Path) -> None:
-    ids = pq.read_table(path).column("item_id")
-    counts = pc.value_counts(ids)
-    dupes = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist()
-    if dupes:
+    dupes = repeated(pq.read_table(path).column("item_id"))
+    if len(dupes):
         raise EmbeddingsError(
-            f"{len(dupes)} item_id(s) appear more than once, e.g. {dupes[:5]}; index one run per item set"
+            f"{len(dupes)} item_id(s) appear more than once, e.g. {dupes[:5].to_pylist()}; index one run per item set"
         )
 
 

@@ -216,7 +216,7 @@ def _read_item_chunks(p: beam.Pipeline, catalog: str, size: int,
         # Typed: else Beam infers the type from the lambda's bytecode and that of the functions it calls, ~10 ms of
         # every run's graph construction here (BENCHMARKS.md, "Every step's output typed").
         | "Read manifest"
-        >> beam.FlatMap(lambda f: item_chunks(read_manifest_file(f), size)).with_output_types(ItemChunk)
+        >> beam.FlatMap(lambda f: item_chunks(read_manifest_file(f, columns=()), size)).with_output_types(ItemChunk)
         | "Count items" >> beam.Map(count).with_output_types(ItemChunk)  # its annotations are strings to Beam
         | "Spread items" >> beam.Reshuffle()
     )
@@ -514,7 +514,7 @@ def _run(cfg: EmbedConfig, beam_args: list[str] | None, options: PipelineOptions
     run_dir = storage.join(cfg.out, "embeddings", cfg.run_id)
     failures_dir = storage.join(cfg.out, "failures", cfg.run_id)
     listed = catalog_files(cfg.catalog)  # once: the validation and the pipeline's chunks share it
-    catalog = read_catalog(cfg.catalog, listed)
+    catalog = read_catalog(cfg.catalog, listed, columns=("updated_at",))  # what the launcher reads of each item
     total = catalog.num_rows
     if _runs_here(options) and not (cfg.device != "cpu" and torch.cuda.is_available()):  # before any work
         for flag, asked in (("--cuda-graph", cfg.cuda_graph), ("--decode-sms", cfg.decode_sms)):

@@ -84,9 +84,9 @@ def _read_manifest(uri: str) -> pa.Table:
         raise PairError(str(err)) from err
     if ids.null_count:
         raise PairError(f"catalog {uri} has {ids.null_count} row(s) without an item_id")
-    duplicates = [v["values"] for v in pc.value_counts(ids).to_pylist() if v["counts"] > 1]
-    if duplicates:
-        raise PairError(f"catalog {uri} has {len(duplicates)} duplicate item_id(s), e.g. {duplicates[:5]}")
+    duplicates = tables.repeated(ids)
+    if len(duplicates):
+        raise PairError(f"catalog {uri} has {len(duplicates)} duplicate item_id(s), e.g. {duplicates[:5].to_pylist()}")
     return table
 
 

@@ -22,7 +22,9 @@ def test_evaluate_and_gate(snapshots, demo_catalog, tmp_path):
     assert failing.returncode == 1
     assert "gate failed: ndcg@5>=0.99 (ndcg@5 = " in failing.stderr and "Traceback" not in failing.stderr
     sampled = json.loads((tmp_path / "EV7" / "metrics.json").read_text())
-    assert sampled["max_queries"] == 7 and sampled["counts"]["queries"] == 7 and sampled["counts"]["queries_not_sampled"]
+    assert (
+        sampled["max_queries"] == 7 and sampled["counts"]["queries"] == 7 and sampled["counts"]["queries_not_sampled"]
+    )
 
     refused = _lookalike("publish", "--root", str(root), exact, "--require-evaluation", cwd=tmp_path)
     assert refused.returncode == 2 and "failed its evaluation gate" in refused.stderr

@@ -7,6 +7,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipelines.catalog import CatalogError, catalog_files, item_chunks, iter_items, read_catalog
 
@@ -131,3 +133,42 @@ def test_glob_matching_nothing(tmp_path):
 def test_empty_image_uri_is_kept_for_the_pipeline_to_dead_letter(tmp_path):
     path = _write_parquet(tmp_path / "m.parquet", item_id=["a", "b"], image_uri=["a.jpg", None])
     assert [i.image_uri for i in iter_items(read_catalog(path))][1] == ""
+
+
+_URI_PARTS = ["gs://b/", "http://h/", "file://", "file://localhost/", "/", "a", "é", "://", " ", "\t", "\x1c", "x.jpg",
+              "../", "foo/bar://", "S3://", "\u00a0"]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.lists(st.sampled_from(_URI_PARTS), max_size=4).map("".join)), max_size=20))
+def test_image_uris_made_absolute_at_once_are_those_resolve_gives_one_by_one(uris):
+    """Only the URIs `storage.resolve` would change go through it (a 30M-item catalog's were all absolute, and took
+    the launcher ~17 s one by one); the column is what resolving each would give, whatever the URIs hold."""
+    from encoder import storage
+    from pipelines.catalog import _resolved
+
+    for base in ("/data/catalog", "gs://bucket/catalog"):
+        expected = [storage.resolve(base, uri) for uri in uris]
+        assert _resolved(pa.chunked_array([pa.array(uris, pa.string())]), base).to_pylist() == expected
+
+
+def test_a_catalog_read_for_some_columns_never_reads_the_others(tmp_path):
+    """The embed launcher keeps `updated_at` of a catalog's columns (for `--since`); a description, a price or a
+    column whose kind differs from file to file was read, held, and could fail the concatenation."""
+    for n, price in enumerate(([1, 2], ["1.00", "2.00"])):
+        pq.write_table(pa.table({"item_id": [f"a{n}", f"b{n}"], "image_uri": ["/x.jpg", "y.jpg"], "price": price,
+                                 "updated_at": ["2026-11-29", None]}), tmp_path / f"part-{n}.parquet")  # fmt: skip
+    with pytest.raises(CatalogError, match="incompatible schemas"):
+        read_catalog(str(tmp_path / "part-*.parquet"))  # every column: the prices do not agree
+    table = read_catalog(str(tmp_path / "part-*.parquet"), columns=("updated_at", "missing"))
+    assert table.column_names == ["item_id", "image_uri", "updated_at"] and table.num_rows == 4
+    assert table.column("image_uri").to_pylist() == ["/x.jpg", str(tmp_path / "y.jpg")] * 2
+
+
+def test_duplicate_ids_are_found_in_arrow_and_named(tmp_path):
+    from encoder.tables import repeated
+
+    assert repeated(pa.chunked_array([["a", "b", None, "a", None, "c", "b", "a"]])).to_pylist() == ["a", "b"]
+    path = _write_parquet(tmp_path / "m.parquet", item_id=["a", "b", "a"], image_uri=["1.jpg", "2.jpg", "3.jpg"])
+    with pytest.raises(CatalogError, match=r"has 1 duplicate item_id\(s\), e.g. \['a'\]"):
+        read_catalog(path)
