@@ -309,6 +309,11 @@ def test_item_ids_benchmark_runs_each_way():
     assert set(result) == {"python_dict", "item_ids"} and all(way["one_us"] > 0 for way in result.values())
 
 
+def test_catalog_read_benchmark_runs_each_way(tmp_path):
+    result = json.loads(_run("benchmarks/catalog_read.py", "--items", "500", "--rounds", "1").splitlines()[-1])
+    assert result["now"]["rows"] == 500 and result["now"]["columns"] == 3 and result["now"]["peak_mib"] > 0
+
+
 def test_log_reads_benchmark_runs():
     result = json.loads(_run("benchmarks/log_reads.py", "--days", "4", "--rows-per-day", "200", "--since-days", "2",
                              "--rounds", "1").splitlines()[-1])  # fmt: skip
