@@ -31,6 +31,10 @@ class Ranker(Protocol):
 
     def __contains__(self, item_id: str) -> bool: ...
 
+    def holds(self, item_ids: Sequence[str]) -> Sequence[bool]:
+        """Whether each item is in the ranker's catalog, for many items at once."""
+        ...
+
     @property
     def catalog_size(self) -> int: ...
 
@@ -47,6 +51,9 @@ class SnapshotRanker:
 
     def __contains__(self, item_id: str) -> bool:
         return item_id in self.client
+
+    def holds(self, item_ids: Sequence[str]) -> Sequence[bool]:
+        return self.client.holds(item_ids)
 
     @property
     def catalog_size(self) -> int:
@@ -76,6 +83,9 @@ class VectorRanker:
 
     def __contains__(self, item_id: str) -> bool:
         return item_id in self._rows
+
+    def holds(self, item_ids: Sequence[str]) -> Sequence[bool]:
+        return [item_id in self._rows for item_id in item_ids]
 
     @property
     def catalog_size(self) -> int:
@@ -142,13 +152,17 @@ def evaluate(judgments: Judgments, rankers: Sequence[Ranker], k: int = 5, bootst
     """
     counts = dict(judgments.counts)
     counts.update(query_not_in_snapshot=0, clicks_not_in_snapshot=0, no_relevant_in_snapshot=0)
+    named = list({item: None for query, clicked in judgments.relevance.items() for item in (query, *clicked)})
+    held = set(named)  # the items every ranker holds, asked of each ranker at once (one by one: ~3 µs an item)
+    for ranker in rankers:
+        held.intersection_update(item for item, holds in zip(named, ranker.holds(named), strict=True) if holds)
     queries, relevance = [], []
     for query in sorted(judgments.relevance):
-        if not all(query in r for r in rankers):
+        if query not in held:
             counts["query_not_in_snapshot"] += 1
             continue
         clicked = judgments.relevance[query]
-        kept = {item: rel for item, rel in clicked.items() if all(item in r for r in rankers)}
+        kept = {item: rel for item, rel in clicked.items() if item in held}
         counts["clicks_not_in_snapshot"] += len(clicked) - len(kept)
         if not kept:
             counts["no_relevant_in_snapshot"] += 1

@@ -113,6 +113,10 @@ class SnapshotClient:
     def __len__(self) -> int:
         return len(self._current.item_ids)
 
+    def holds(self, item_ids: Sequence[str]) -> list[bool]:
+        """Whether the served snapshot holds each item: `item_id in client` for many at once."""
+        return (self._current.item_ids.rows(item_ids) >= 0).tolist()
+
     def refresh(self) -> bool:
         """Swap in the snapshot LATEST names now, if it changed. True when it swapped.
 

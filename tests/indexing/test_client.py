@@ -57,6 +57,8 @@ def test_a_batch_with_an_item_not_in_the_snapshot(served):
     assert client.search(item_ids=["gone"], k=3, unknown="none") == [None]
     with pytest.raises(ValueError, match="unknown must be 'raise' or 'none'"):
         client.search(item_ids=["gone"], unknown="skip")
+    asked = ["item-000001", "gone", 7, "item-000002"] * 5  # past 16: hashed at once
+    assert client.holds(asked) == [item in client for item in asked] == [True, False, False, True] * 5
 
 
 def test_bad_queries(served):
