@@ -70,6 +70,7 @@ from pipelines.embed_dofns import (
     EmbedBatch,
     FetchAndDecode,
     InMemoryReuse,
+    ReembedIds,
     close_file_readers,
     drop_embed_images,
     gpu_decoding,
@@ -85,6 +86,7 @@ from pipelines.embed_runs import (
     remove_scratch,
     shard_stats,
     write_listing,
+    write_reembed,
 )
 from pipelines.embed_steps import KnownDigests, join_reused
 from pipelines.heap import frozen_heap
@@ -224,7 +226,7 @@ def _read_item_chunks(p: beam.Pipeline, catalog: str, size: int,
 
 def build_pipeline(p: beam.Pipeline, cfg: EmbedConfig, *, model_version: str, preprocess, dim: int,
                    total_items: int, previous_shards: list[str], run_dir: str, failures_dir: str,
-                   reembed: frozenset[str] = frozenset(), previous_rows: int | None = None,
+                   reembed: ReembedIds | None = None, previous_rows: int | None = None,
                    listed: tuple[str, list[str]] | None = None) -> None:  # fmt: skip
     """Wire the embed steps into `p` (see the module docstring).
 
@@ -421,7 +423,7 @@ def _dead_letter_reasons(metrics: dict[str, int]) -> list[tuple[str, str, int]]:
     return sorted(reasons, key=lambda r: (-r[2], r[0], r[1]))
 
 
-def _updated_since(catalog, since: str) -> frozenset[str]:
+def _updated_since(catalog, since: str) -> pa.Array:
     """Item ids whose `updated_at` is on or after `since` (ISO date or time, UTC unless it says otherwise). The
     column may hold timestamps, dates or ISO 8601 text; an item whose time is missing or unreadable is not known to be
     recent: it reuses its earlier vector, and the log counts such items.
@@ -445,7 +447,7 @@ def _updated_since(catalog, since: str) -> frozenset[str]:
         unread = catalog.filter(pc.is_null(stamps)).column("item_id").slice(0, 3).to_pylist()
         log.warning("%d item(s) have no updated_at that reads as a time (e.g. %s): not re-embedded where an earlier "
                     "vector exists", stamps.null_count, ", ".join(map(str, unread)))  # fmt: skip
-    return frozenset(recent.column("item_id").to_pylist())
+    return recent.column("item_id").combine_chunks()
 
 
 def wait_or_cancel(result, remote: bool) -> None:
@@ -542,7 +544,8 @@ def _run(cfg: EmbedConfig, beam_args: list[str] | None, options: PipelineOptions
         log.info("run %s: %d items, model %s (%s, dim %d)", cfg.run_id, total, cfg.model, model_version, dim)
         runner = _ForkedWorkersRunner(forker.command) if forker is not None else None
         pipeline = beam.Pipeline(runner=runner, options=options)
-        reembed = _updated_since(catalog, cfg.reembed_since) if previous_shards and cfg.reembed_since else frozenset()
+        recent = _updated_since(catalog, cfg.reembed_since) if previous_shards and cfg.reembed_since else None
+        reembed = ReembedIds(write_reembed(cfg, recent)) if recent is not None and len(recent) else None
         listing = write_listing(cfg, catalog) if listed[0] == "images" else None
         prepared_at = time.monotonic()
         with quiet_runner_logs(), brief_state_sampling() if here else contextlib.nullcontext():

@@ -36,6 +36,7 @@ from encoder.nvimgcodec import library_problem as nvimgcodec_problem
 from encoder.page_lock import host_copies, page_locker
 from encoder.resize import gpu_resizes
 from encoder.throttled import ProgressLog
+from indexing.item_ids import ItemIds
 from pipelines import storage
 from pipelines.catalog import ItemChunk
 from pipelines.dead_letters import DeadLetterWatch, quiet_worker_prints
@@ -63,6 +64,7 @@ __all__ = [
     "EmbedBatch",
     "FetchAndDecode",
     "InMemoryReuse",
+    "ReembedIds",
     "ItemChunkCoder",
     "PreparedImageCoder",
     "close_file_readers",
@@ -179,9 +181,9 @@ class FetchAndDecode(beam.DoFn):
     chunk of local files leaves at once.
     """
 
-    def __init__(self, cfg: EmbedConfig, preprocess, total_items: int, reembed: frozenset[str] = frozenset(),
+    def __init__(self, cfg: EmbedConfig, preprocess, total_items: int, reembed: ReembedIds | None = None,
                  previous: InMemoryReuse | None = None, watches: Shared | None = None) -> None:  # fmt: skip
-        self._cfg, self._preprocess, self._total, self._reembed = cfg, preprocess, total_items, reembed
+        self._cfg, self._preprocess, self._total, self._reembed_source = cfg, preprocess, total_items, reembed
         self._previous_source = previous
         # One dead-letter watch per worker process, whatever its threads (`shared_watch`); `EmbedBatch` given the
         # same `watches` adds what fails after the fetch.
@@ -198,6 +200,7 @@ class FetchAndDecode(beam.DoFn):
         self._progress = ProgressLog(log, "fetched", self._total)
         self._prepare = PrepareAhead()  # the next chunks' object-store reads out while this one is handed on
         self._previous = self._previous_source.acquire() if self._previous_source else None
+        self._reembed = self._reembed_source.acquire() if self._reembed_source else None
         self._reused = Metrics.counter(NAMESPACE, "reused")
         self._watch = self._shared_watch()  # stops a run whose fetches mostly fail
         quiet_worker_prints()  # ...and a worker process does not print that stop's traceback to the terminal
@@ -258,6 +261,24 @@ def shared_watch(watches: Shared, cfg: EmbedConfig) -> DeadLetterWatch:
     many threads (Dataflow: about one per core) has a step instance per thread, each seeing a share of the items,
     and on a GPU worker images fail to decode in the embed step, after their fetch."""
     return watches.acquire(lambda: DeadLetterWatch(cfg.max_dead_letters))
+
+
+class ReembedIds:
+    """The items `--since` re-encodes, as a file beside the run (`embed_runs.write_reembed`), loaded once per worker
+    process and shared by its threads. A set of ids in the pipeline itself travelled inside its graph: a backfill's
+    2M items past Dataflow's limit on a job's graph (10 MB)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._shared = Shared()
+
+    def acquire(self) -> ItemIds:
+        def load() -> ItemIds:
+            held = ItemIds(read_shard(self.uri).column("item_id"))
+            log.info("loaded %d item id(s) to re-encode", len(held))
+            return held
+
+        return self._shared.acquire(load)
 
 
 class InMemoryReuse:

@@ -126,6 +126,14 @@ def write_listing(cfg: EmbedConfig, catalog: pa.Table) -> tuple[str, list[str]]:
     return "manifest", [uri]
 
 
+def write_reembed(cfg: EmbedConfig, item_ids: pa.Array) -> str:
+    """The items `--since` re-encodes, as a Parquet file under the run's scratch directory (`ReembedIds` reads it
+    in each worker process): in the pipeline itself they would travel inside its graph."""
+    uri = storage.join(scratch_dir(cfg), "reembed.parquet")
+    storage.write_table_atomic(uri, pa.table({"item_id": item_ids}))
+    return uri
+
+
 def refuse_a_used_run_id(out: str, run_id: str) -> None:
     """A complete run's id is not used again: its shards would be written beside (or over) a run others read.
 

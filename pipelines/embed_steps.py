@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from encoder import DecodeLimits, PreprocessConfig
 from encoder.gpu_images import collect_decodes, decode_on_cpu
+from indexing.item_ids import ItemIds
 from pipelines import storage
 from pipelines.catalog import CatalogItem
 from pipelines.file_reader import object_reads, reads_in_readers
@@ -150,7 +151,7 @@ class Prepared(NamedTuple):
 
 
 def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: PreprocessConfig, limits: DecodeLimits,
-                  known: KnownDigests | None = None, reembed: frozenset[str] = frozenset(), *, threads: int = 16,
+                  known: KnownDigests | None = None, reembed: ItemIds | None = None, *, threads: int = 16,
                   max_decode_s: float = 30.0, defer_decode: bool = False,
                   reader: ProcessReader | None = None, hedge: bool = True,
                   read: PendingRead | None = None) -> Prepared:  # fmt: skip
@@ -199,7 +200,8 @@ def prepare_items(items: Sequence[CatalogItem], pool: Executor, preprocess: Prep
     reusable = np.zeros(len(ok), dtype=bool)
     if known is not None and len(known) and ok:
         reusable = known.positions([f.image_sha256 for f in ok]) >= 0
-        reusable &= np.array([f.item.item_id not in reembed for f in ok])
+        if reembed is not None:  # items updated since `--since`: encoded again whatever their bytes
+            reusable &= reembed.rows([f.item.item_id for f in ok]) < 0
     reuse = [
         ReuseRequest(f.item.item_id, f.item.image_uri, f.image_sha256) for f, r in zip(ok, reusable, strict=True) if r
     ]

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from encoder import DecodeLimits, PreprocessConfig
+from indexing.item_ids import ItemIds
 from pipelines.catalog import CatalogItem
 from pipelines.embed_steps import KnownDigests, PreviousVectors, prepare_items
 from pipelines.file_reader import object_reads
@@ -89,7 +90,7 @@ def test_prepare_items_accounts_for_every_item_once_and_decodes_only_what_change
     ]
     remote_reads = object_reads().stats.reads
     with _RecordingPool() as pool:
-        prepared = prepare_items(items, pool, PREPROCESS, DecodeLimits(), known, reembed=frozenset({"forced"}))
+        prepared = prepare_items(items, pool, PREPROCESS, DecodeLimits(), known, reembed=ItemIds(["forced"]))
     assert [r.item_id for r in prepared.reuse] == ["same"]
     assert prepared.reuse[0].image_sha256 == _sha(same.read_bytes())
     assert sorted(d.item_id for d in prepared.decoded) == ["changed", "forced"]
@@ -323,3 +324,24 @@ def test_prepare_ahead_sends_the_readers_chunks_at_once_and_finishes_them_in_ord
     finally:
         ahead.close()
         pool.shutdown()
+
+
+def test_the_items_to_reencode_travel_as_a_file_not_inside_the_pipeline(tmp_path):
+    """A backfill's `--since` set was a frozenset inside the fetch step, pickled into the job's graph: 2M ids are past
+    Dataflow's 10 MB limit. It is now a file in the run's scratch folder, read once per worker process."""
+    import pickle
+
+    import pyarrow as pa
+
+    from pipelines.embed_config import EmbedConfig
+    from pipelines.embed_dofns import ReembedIds
+    from pipelines.embed_runs import write_reembed
+
+    cfg = EmbedConfig(catalog="c", model="m", out=str(tmp_path), run_id="backfill-1")
+    ids = pa.array([f"sku-{i:07d}" for i in range(200_000)])
+    reembed = ReembedIds(write_reembed(cfg, ids))
+    assert len(pickle.dumps(reembed)) < 1000  # what the graph carries: the file's name
+    held = pickle.loads(pickle.dumps(reembed)).acquire()
+    assert len(held) == 200_000
+    assert held.rows(["sku-0000007", "sku-9"]).tolist() == [7, -1]
+    assert reembed.acquire() is reembed.acquire()
