@@ -159,8 +159,8 @@ def test_deferred_decoding_through_reader_processes_gives_the_same_items_routed(
         items.append(CatalogItem(name, str(tmp_path / name)))
     known = KnownDigests([hashlib.sha256(datas["d"]).hexdigest()])
     limits = DecodeLimits()
-    plain = prepare_items(items, ThreadPoolExecutor(2), PREPROCESS, limits, known, frozenset({"a"}), defer_decode=True)
-    read = prepare_items(items, ThreadPoolExecutor(2), PREPROCESS, limits, known, frozenset({"a"}), defer_decode=True,
+    plain = prepare_items(items, ThreadPoolExecutor(2), PREPROCESS, limits, known, ItemIds(["a"]), defer_decode=True)
+    read = prepare_items(items, ThreadPoolExecutor(2), PREPROCESS, limits, known, ItemIds(["a"]), defer_decode=True,
                          reader=file_reader_for(limits))  # fmt: skip
     assert {p.item_id: bytes(p.data) for p in read.decoded} == {p.item_id: p.data for p in plain.decoded}
     assert {p.item_id: p.route for p in read.decoded} == {
