@@ -16,14 +16,13 @@ import argparse
 import inspect
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import machine, process_memory_mib, scratch_dir  # noqa: E402 - none of lookalike's code
+from benchmarks.common import best_of_checkouts, machine, process_memory_mib, scratch_dir  # noqa: E402 - none of ours
 
 sys.path.insert(0, os.environ.get("CATALOG_READ_CODE", str(ROOT)))  # the child's: the checkout it measures
 
@@ -71,16 +70,8 @@ def main() -> None:
     write_manifest(manifest, args.items)
     print(f"machine: {machine()}\n{args.items:,} items, 7 columns ({manifest.stat().st_size / 2**20:.0f} MiB of "
           f"Parquet), {args.rounds} rounds\n")  # fmt: skip
-    ways = args.ways.split(",")
-    results: dict[str, list[dict]] = {way: [] for way in ways}
-    for _ in range(args.rounds):
-        for way in ways:
-            env = {**os.environ, "CATALOG_READ_CODE": str(ROOT if way == "now" else Path(way).resolve())}
-            out = subprocess.run([sys.executable, __file__, "--measure", str(manifest)], check=True,
-                                 capture_output=True, text=True, env=env).stdout  # fmt: skip
-            results[way].append(json.loads(out.splitlines()[-1]))
-    best = {way: {"seconds": min(r["seconds"] for r in rs), "peak_mib": min(r["peak_mib"] for r in rs),
-                  "rows": rs[0]["rows"], "columns": rs[0]["columns"]} for way, rs in results.items()}  # fmt: skip
+    best = best_of_checkouts(args.ways.split(","), args.rounds, "CATALOG_READ_CODE",
+                             lambda way: [sys.executable, __file__, "--measure", str(manifest)])  # fmt: skip
     print("| code | seconds | peak MiB | rows | columns kept |\n| --- | ---: | ---: | ---: | ---: |")
     for way, b in best.items():
         print(f"| {way} | {b['seconds']:.2f} | {b['peak_mib']:,.0f} | {b['rows']:,} | {b['columns']} |")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -24,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import machine, process_memory_mib, scratch_dir  # noqa: E402 - none of lookalike's code
+from benchmarks.common import best_of_checkouts, machine, process_memory_mib, scratch_dir  # noqa: E402 - none of ours
 
 sys.path.insert(0, os.environ.get("LOG_READS_CODE", str(ROOT)))  # the child's: the checkout it measures
 
@@ -93,18 +92,13 @@ def main() -> None:
     size = sum(f.stat().st_size for f in logs.rglob("*.parquet"))
     print(f"machine: {machine()}\n{rows:,} rows in {args.days} daily partitions ({size / 2**20:.0f} MiB of Parquet, "
           f"11 columns), the last {args.since_days} days read, {args.rounds} rounds\n")  # fmt: skip
-    ways = args.ways.split(",")
-    results: dict[str, list[dict]] = {way: [] for way in ways}
-    for _ in range(args.rounds):
-        for way in ways:
-            code, _, max_queries = way.partition("@")
-            env = {**os.environ, "LOG_READS_CODE": str(ROOT if code == "now" else Path(code).resolve())}
-            command = [sys.executable, __file__, "--measure", str(logs), "--since-days", str(args.since_days)]
-            command += ["--max-queries", max_queries] if max_queries else []
-            out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-            results[way].append(json.loads(out.splitlines()[-1]))
-    best = {way: {"seconds": min(r["seconds"] for r in rs), "peak_mib": min(r["peak_mib"] for r in rs),
-                  **{k: rs[0][k] for k in ("queries", "pairs", "before_since")}} for way, rs in results.items()}  # fmt: skip
+
+    def command(way: str) -> list[str]:
+        max_queries = way.partition("@")[2]
+        return [sys.executable, __file__, "--measure", str(logs), "--since-days", str(args.since_days),
+                *(["--max-queries", max_queries] if max_queries else [])]  # fmt: skip
+
+    best = best_of_checkouts(args.ways.split(","), args.rounds, "LOG_READS_CODE", command)
     print("| code | seconds | peak MiB | queries | pairs |\n| --- | ---: | ---: | ---: | ---: |")
     for way, b in best.items():
         print(f"| {way} | {b['seconds']:.2f} | {b['peak_mib']:,.0f} | {b['queries']:,} | {b['pairs']:,} |")
