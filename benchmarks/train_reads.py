@@ -41,7 +41,7 @@ def one_at_a_time(dataset_class):
         def _read(self, row: int) -> bytes:
             from encoder import storage
 
-            return storage.read_bytes(self.image_uris[row])
+            return storage.read_bytes(self.image_uri(row))
 
     return OneAtATime
 

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 
@@ -75,17 +76,25 @@ class PairDataset(torch.utils.data.Dataset):
     the flag lets the training loop count how often that happened.
     """
 
-    def __init__(self, image_uris: Sequence[str], input_ids: np.ndarray, preprocess: PreprocessConfig,
-                 limits: DecodeLimits = DecodeLimits(), decoded: np.ndarray | None = None) -> None:  # fmt: skip
+    def __init__(self, image_uris: Sequence[str] | pa.Array | pa.ChunkedArray, input_ids: np.ndarray,
+                 preprocess: PreprocessConfig, limits: DecodeLimits = DecodeLimits(),
+                 decoded: np.ndarray | None = None) -> None:  # fmt: skip
         """`decoded`: optional (n, h', w', 3) uint8 from `decode_all`, used instead of reading the files."""
         if len(image_uris) != len(input_ids) or (decoded is not None and len(decoded) != len(image_uris)):
             raise ValueError(f"{len(image_uris)} images, {len(input_ids)} token rows, "
                              f"{len(decoded) if decoded is not None else '-'} decoded images")  # fmt: skip
-        self.image_uris, self.input_ids = list(image_uris), input_ids
-        self.preprocess, self.limits, self.decoded = preprocess, limits, decoded
+        # One Arrow array, not a Python string per pair: a loader process reading a list's strings writes their
+        # reference counts, so each process came to hold its own copy of the list's pages (benchmarks/loader_memory.py).
+        if isinstance(image_uris, pa.ChunkedArray):
+            image_uris = image_uris.combine_chunks()
+        self._image_uris = image_uris if isinstance(image_uris, pa.Array) else pa.array(list(image_uris), pa.string())
+        self.input_ids, self.preprocess, self.limits, self.decoded = input_ids, preprocess, limits, decoded
 
     def __len__(self) -> int:
-        return len(self.image_uris)
+        return len(self._image_uris)
+
+    def image_uri(self, row: int) -> str:
+        return self._image_uris[row].as_py()
 
     def __getitem__(self, key: int | tuple[int, int | None]):
         return self._item(*_index_and_seed(key))
@@ -100,18 +109,18 @@ class PairDataset(torch.utils.data.Dataset):
         return [self._item(index, seed, data) for (index, seed), data in zip(wanted, read, strict=True)]
 
     def _item(self, index: int, seed: int | None, data: bytes | None = None):
-        for attempt in range(len(self.image_uris)):
-            row = (index + attempt) % len(self.image_uris)
+        for attempt in range(len(self)):
+            row = (index + attempt) % len(self)
             try:
                 image = self._load(row, seed, data if attempt == 0 else None)
             except Exception as err:  # noqa: BLE001 - counted by the loop; the pair is replaced, not lost silently
-                log.warning("image %s unreadable during training (%s); using the next pair", self.image_uris[row], err)
+                log.warning("image %s unreadable during training (%s); using the next pair", self.image_uri(row), err)
                 continue
             return torch.from_numpy(image), torch.from_numpy(self.input_ids[row]), attempt > 0
         raise RuntimeError("no image in the training set can be read any more")
 
     def _read(self, row: int) -> bytes:
-        return storage.read_bytes(self.image_uris[row], self.limits.max_bytes)
+        return storage.read_bytes(self.image_uri(row), self.limits.max_bytes)
 
     def _read_or_none(self, row: int) -> bytes | None:
         try:

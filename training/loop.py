@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from encoder.loss import distributed_sigmoid_loss, sigmoid_loss
@@ -282,7 +283,7 @@ class _Run:
         if cfg.resume:
             ckpt.check_resumable(latest, cfg, self.pairs.digest, self.architecture, outputs.uri_of(latest.path))
             self._restore(latest)
-        uris = self.train_pairs.column("image_uri").to_pylist()
+        uris = self.train_pairs.column("image_uri")
         self.train_data = PairDataset(
             uris, _tokenize(self.tokenizer, self.train_pairs.column("title").to_pylist(), self.length),
             self.preprocess, decoded=self._decode_once(uris),
@@ -291,7 +292,7 @@ class _Run:
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
         self.metrics = _Metrics(self.out / "metrics.jsonl", self.step if cfg.resume else None) if dist.main else None
 
-    def _decode_once(self, uris: list[str]) -> np.ndarray | None:
+    def _decode_once(self, uris: pa.ChunkedArray) -> np.ndarray | None:
         """All training images decoded up front when they fit in `cache_mb` (same pixels as decoding each time)."""
         size = augment_size(self.preprocess)
         need_mb = len(uris) * size.height * size.width * 3 / 2**20
@@ -299,7 +300,7 @@ class _Run:
             return None
         start = time.perf_counter()
         try:
-            decoded = decode_all(uris, self.preprocess)
+            decoded = decode_all(uris.to_pylist(), self.preprocess)
         except Exception as err:  # noqa: BLE001 - the loader decodes per step instead, replacing what fails
             log.warning("not caching decoded images (%s: %s); decoding every step instead", type(err).__name__, err)
             return None
