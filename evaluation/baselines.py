@@ -18,9 +18,14 @@ from evaluation import PIXELS
 from evaluation.catalog import CatalogInfo, catalog_image
 from evaluation.evaluate import VectorRanker
 
-__all__ = ["PixelBaseline", "pixel_features"]
+__all__ = ["PIXELS_MAX_ITEMS", "PixelBaseline", "pixel_features"]
 
 log = logging.getLogger(__name__)
+
+# The baseline reads and decodes every catalog image on the evaluating machine and searches them exactly: a million
+# is about 40 minutes of 8 threads on 2 cores and 1 GiB of vectors. Past it, the first night at a marketplace's scale
+# would spend hours there after its embed, or run out of memory.
+PIXELS_MAX_ITEMS = 1_000_000
 
 
 def pixel_features(image: Image.Image) -> np.ndarray:
@@ -41,6 +46,13 @@ class PixelBaseline(VectorRanker):
     """Exact neighbours over `pixel_features` of every decodable catalog image."""
 
     def __init__(self, catalog: CatalogInfo, threads: int = 8) -> None:
+        if len(catalog.image_uris) > PIXELS_MAX_ITEMS:
+            raise ValueError(
+                f"{PIXELS} reads and decodes every catalog image here, and the catalog has {len(catalog.image_uris):,} "
+                f"(more than {PIXELS_MAX_ITEMS:,}): compare against another snapshot instead, or, for a nightly's "
+                "first night, publish it without a gate (evaluate.first_baseline: null; a rerun goes on from here)"
+            )
+
         def featurize(item: tuple[str, str]):
             try:
                 return item[0], pixel_features(catalog_image(item[1], 64))

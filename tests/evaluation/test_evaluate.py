@@ -102,6 +102,22 @@ def test_the_baseline_and_the_reports_thumbnails_keep_to_the_embed_steps_bounds(
     assert PixelBaseline(CatalogInfo(titles={}, categories={}, image_uris=uris)).item_ids == ["photo"]
 
 
+def test_the_pixel_baseline_refuses_a_catalog_it_would_read_for_hours(monkeypatch, demo_catalog):
+    """`builtin:pixels` reads every catalog image on the evaluating machine: at a marketplace's scale, a first night
+    spent hours there after its embed. Past `PIXELS_MAX_ITEMS` it is refused at once, saying what to do instead."""
+    from evaluation import baselines
+    from evaluation.catalog import read_catalog_info
+
+    catalog = read_catalog_info(str(demo_catalog.manifest))
+    monkeypatch.setattr(baselines, "PIXELS_MAX_ITEMS", len(catalog.image_uris) - 1)
+    read = []
+    monkeypatch.setattr(baselines, "catalog_image", lambda *args: read.append(args))
+    with pytest.raises(ValueError, match=r"builtin:pixels reads .* catalog has 100 \(more than 99\).*"
+                                         r"evaluate.first_baseline: null"):  # fmt: skip
+        baselines.PixelBaseline(catalog)
+    assert not read  # refused before any image
+
+
 def test_gates_records_and_publish_requirement(snapshots, demo_catalog, tmp_path):
     shared_root, exact, reduced = snapshots
     root = tmp_path / "root"  # a private copy: other tests leave evaluation records in the shared one
