@@ -18,7 +18,7 @@ from evaluation import PIXELS
 from evaluation.catalog import CatalogInfo, catalog_image
 from evaluation.evaluate import VectorRanker
 
-__all__ = ["PIXELS_MAX_ITEMS", "PixelBaseline", "pixel_features"]
+__all__ = ["PIXELS_MAX_ITEMS", "TOO_MANY_FOR_PIXELS", "PixelBaseline", "pixel_features"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 # from gs://, 8 reads in flight) and 1 GiB of vectors. Past it, a first night at a marketplace's scale would spend
 # hours there after its embed, or run out of memory.
 PIXELS_MAX_ITEMS = 1_000_000
+TOO_MANY_FOR_PIXELS = (
+    f"{PIXELS} reads and decodes every catalog image on this machine; compare against another snapshot instead, or, "
+    "for a nightly's first night, publish it without a gate (evaluate.first_baseline: null; a rerun goes on from its "
+    "evaluate step)"
+)
 
 
 def pixel_features(image: Image.Image) -> np.ndarray:
@@ -48,11 +53,8 @@ class PixelBaseline(VectorRanker):
 
     def __init__(self, catalog: CatalogInfo, threads: int = 8) -> None:
         if len(catalog.image_uris) > PIXELS_MAX_ITEMS:
-            raise ValueError(
-                f"{PIXELS} reads and decodes every catalog image here, and the catalog has {len(catalog.image_uris):,} "
-                f"(more than {PIXELS_MAX_ITEMS:,}): compare against another snapshot instead, or, for a nightly's "
-                "first night, publish it without a gate (evaluate.first_baseline: null; a rerun goes on from here)"
-            )
+            raise ValueError(f"the catalog has {len(catalog.image_uris):,} images, more than {PIXELS_MAX_ITEMS:,}: "
+                             f"{TOO_MANY_FOR_PIXELS}")  # fmt: skip
 
         def featurize(item: tuple[str, str]):
             try:

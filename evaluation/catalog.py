@@ -62,11 +62,19 @@ class CatalogInfo:
     image_uris: dict[str, str]
 
 
-def read_catalog_info(uri: str) -> CatalogInfo:
-    """Titles, categories and absolute image URIs by item id from a catalog manifest."""
-    table = read_table(uri, string_columns=("item_id", "image_uri"))
+def read_catalog_info(uri: str, max_items: int | None = None, too_many: str = "") -> CatalogInfo:
+    """Titles, categories and absolute image URIs by item id from a catalog manifest (its other columns unread).
+
+    Raises:
+        ValueError: no item_id column; more than `max_items` rows (`too_many` says why that matters), found before
+            a Python object is made for any of them.
+    """
+    table = read_table(uri, string_columns=("item_id", "image_uri"),
+                       columns=("item_id", "image_uri", "title", "category"))  # fmt: skip
     if "item_id" not in table.column_names:
         raise ValueError(f"catalog {uri} lacks an item_id column")
+    if max_items is not None and table.num_rows > max_items:
+        raise ValueError(f"catalog {uri} has {table.num_rows:,} items, more than {max_items:,}: {too_many}")
     ids = tables.text_column(table, "item_id", f"catalog {uri}").to_pylist()
 
     def column(name: str) -> list:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from encoder import storage
-from evaluation import PIXELS
+from evaluation import PIXELS, baselines
 from evaluation.baselines import PixelBaseline
 from evaluation.catalog import read_catalog_info
 from evaluation.evaluate import EvalResult, SnapshotRanker, evaluate
@@ -81,10 +81,13 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     Raises:
         LogError: unusable logs. SnapshotError: unusable snapshot. ValueError: nothing measurable.
     """
+    if cfg.baseline == PIXELS:  # too large a catalog is refused on its row count, before the logs or the snapshot
+        catalog = read_catalog_info(cfg.catalog, baselines.PIXELS_MAX_ITEMS, baselines.TOO_MANY_FOR_PIXELS)
+    else:
+        catalog = read_catalog_info(cfg.catalog) if cfg.catalog else None
     judgments = read_judgments(cfg.interactions, cfg.since, cfg.max_queries)
     root, client = open_snapshot(cfg.snapshot)
     rankers = [SnapshotRanker(client)]
-    catalog = read_catalog_info(cfg.catalog) if cfg.catalog else None
     if cfg.baseline == PIXELS:
         rankers.append(PixelBaseline(catalog))
     elif cfg.baseline:

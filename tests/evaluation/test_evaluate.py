@@ -112,10 +112,18 @@ def test_the_pixel_baseline_refuses_a_catalog_it_would_read_for_hours(monkeypatc
     monkeypatch.setattr(baselines, "PIXELS_MAX_ITEMS", len(catalog.image_uris) - 1)
     read = []
     monkeypatch.setattr(baselines, "catalog_image", lambda *args: read.append(args))
-    with pytest.raises(ValueError, match=r"builtin:pixels reads .* catalog has 100 \(more than 99\).*"
+    with pytest.raises(ValueError, match=r"the catalog has 100 images, more than 99: builtin:pixels reads .*"
                                          r"evaluate.first_baseline: null"):  # fmt: skip
         baselines.PixelBaseline(catalog)
     assert not read  # refused before any image
+
+    from evaluation.run import EvaluateConfig, run_evaluation
+
+    monkeypatch.setattr("evaluation.catalog.CatalogInfo", None)  # the manifest's dicts are never built
+    cfg = EvaluateConfig(snapshot="unused", interactions=str(demo_catalog.interactions), baseline="builtin:pixels",
+                         catalog=str(demo_catalog.manifest))  # fmt: skip
+    with pytest.raises(ValueError, match=r"manifest.parquet has 100 items, more than 99: builtin:pixels reads"):
+        run_evaluation(cfg)
 
 
 def test_gates_records_and_publish_requirement(snapshots, demo_catalog, tmp_path):
