@@ -1,8 +1,8 @@
 """A snapshot's item ids, row ↔ id, without a Python object per item.
 
 The ids stay one Arrow string array, and an id's row is found through its 64-bit FNV-1a hash among the sorted
-hashes of all of them: about 40 bytes an item of ~20 characters, where a list and a dict of Python strings took
-~220 (BENCHMARKS.md "A snapshot's item ids"). At tens of millions of items that is gigabytes per snapshot, and a
+hashes of all of them: 39 bytes an item of 18 characters, where a list and a dict of Python strings took 192
+(BENCHMARKS.md "A snapshot's item ids"). At tens of millions of items that is gigabytes per snapshot, and a
 refresh holds two. Hashes are confirmed against the ids themselves, so a collision costs a comparison, never a
 wrong row.
 """
