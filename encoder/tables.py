@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 
 from encoder.storage import arrow_input
 
-__all__ = ["TABLE_FORMATS", "instants", "repeated", "table_from_bytes", "text_column"]
+__all__ = ["TABLE_FORMATS", "file_columns", "instants", "repeated", "table_from_bytes", "text_column",
+           "with_file_columns"]  # fmt: skip
 
 TABLE_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl",
                  ".json": "jsonl"}  # fmt: skip
@@ -37,15 +38,37 @@ def table_from_bytes(
         return None if columns is None else [c for c in columns if c in names]
 
     if fmt == "parquet":
-        return pq.read_table(arrow_input(data), columns=wanted(pq.read_schema(arrow_input(data)).names))
-    if fmt == "csv":
+        names = pq.read_schema(arrow_input(data)).names
+        table = pq.read_table(arrow_input(data), columns=wanted(names))
+    elif fmt == "csv":
         options = pacsv.ConvertOptions(column_types=dict.fromkeys(string_columns, pa.string()))
         if columns is not None:  # the header's names, from the first block only
             names = pacsv.open_csv(arrow_input(data), convert_options=options).schema.names
             options.include_columns = wanted(names)
-        return pacsv.read_csv(arrow_input(data), convert_options=options)
-    table = _json_table(data, string_columns)
-    return table if columns is None else table.select(wanted(table.column_names))
+        table = pacsv.read_csv(arrow_input(data), convert_options=options)
+    else:
+        table = _json_table(data, string_columns)
+        names = table.column_names
+        table = table if columns is None else table.select(wanted(names))
+    if columns is None:
+        return table
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), _NAMES_KEY: json.dumps(names).encode()})
+
+
+_NAMES_KEY = b"lookalike.file_columns"
+
+
+def with_file_columns(table, parts: list):
+    """`table`, joined from `parts`, remembering every column their files have (`file_columns`)."""
+    names = dict.fromkeys(name for part in parts for name in file_columns(part))
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), _NAMES_KEY: json.dumps([*names]).encode()})
+
+
+def file_columns(table) -> list[str]:
+    """The columns of the file a table was read from, those left unread included (`table_from_bytes`' `columns`):
+    what an error about a missing column should list, so that `query_id` is seen beside the `query_item_id` wanted."""
+    stored = (table.schema.metadata or {}).get(_NAMES_KEY)
+    return json.loads(stored) if stored else table.column_names
 
 
 def _json_table(data: bytes, string_columns: tuple[str, ...]):

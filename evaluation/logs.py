@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from encoder import storage
-from encoder.tables import TABLE_FORMATS, instants, text_column
+from encoder.tables import TABLE_FORMATS, file_columns, instants, text_column, with_file_columns
 from evaluation.catalog import read_table
 
 __all__ = ["Judgments", "LogError", "read_judgments"]
@@ -61,7 +61,8 @@ def log_files(uri: str) -> list[str]:
 
 
 def _read_table(uri: str, since: datetime | None) -> tuple[pa.Table, dict[str, int]]:
-    """The logs' files as one table of the columns evaluation reads, and the counts of rows read and dropped. With
+    """The logs' files as one table of the columns evaluation reads (remembering all the files have, for an error
+    that names a missing one: `file_columns`), and the counts of rows read and dropped. With
     `since`, each file's rows before it are dropped as the file is read (so memory holds the window, not the
     history), and the files of partitions whose day ended well before it are not read at all (`_partition_day`)."""
     files = log_files(uri)
@@ -88,7 +89,7 @@ def _read_table(uri: str, since: datetime | None) -> tuple[pa.Table, dict[str, i
         counts["rows"] += table.num_rows
         tables.append(table if since is None else _since(table, since, file, counts))
     try:
-        return (pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]), counts
+        return with_file_columns(pa.concat_tables(tables, promote_options="permissive"), tables), counts
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:  # a column of one kind in a file, of another in the next
         raise LogError(f"interaction log {uri}: its {len(files)} files do not agree on their columns ({err})") from err
 
@@ -96,7 +97,7 @@ def _read_table(uri: str, since: datetime | None) -> tuple[pa.Table, dict[str, i
 def _since(table: pa.Table, since: datetime, file: str, counts: dict[str, int]) -> pa.Table:
     """The file's rows at or after `since`, their times as UTC instants; the rows dropped counted."""
     if "timestamp" not in table.column_names:
-        raise LogError(f"--since needs a timestamp column; {file} has {table.column_names}")
+        raise LogError(f"--since needs a timestamp column; {file} has {file_columns(table)}")
     try:
         stamp = instants(table.column("timestamp"), f"{file}: timestamp")
     except ValueError as err:
@@ -137,7 +138,7 @@ def read_judgments(uri: str, since: datetime | None = None, max_queries: int | N
     table, counts = _read_table(uri, since)
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
-        raise LogError(f"interaction log {uri} lacks column(s) {missing}; found {table.column_names}")
+        raise LogError(f"interaction log {uri} lacks column(s) {missing}; found {file_columns(table)}")
     if counts["rows"] == 0:
         raise LogError(f"interaction log {uri} has no rows")
     if since is not None and table.num_rows == 0:

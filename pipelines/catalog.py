@@ -111,7 +111,7 @@ def read_manifest_file(uri: str, columns: tuple[str, ...] | None = None) -> pa.T
         raise CatalogError(f"cannot read manifest {uri}: {type(err).__name__}: {err}") from err
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
-        raise CatalogError(f"manifest {uri} lacks column(s) {missing}; found {names}")
+        raise CatalogError(f"manifest {uri} lacks column(s) {missing}; found {tables.file_columns(table)}")
     try:
         item_ids, uris = (tables.text_column(table, c, f"manifest {uri}") for c in ("item_id", "image_uri"))
     except ValueError as err:
@@ -186,9 +186,9 @@ def read_catalog(uri: str, listed: tuple[str, list[str]] | None = None,
     if kind == "images":
         table = _images_table(files)
     else:
-        tables = [read_manifest_file(f, columns) for f in files]
+        parts = [read_manifest_file(f, columns) for f in files]
         try:
-            table = pa.concat_tables(tables, promote_options="permissive")
+            table = tables.with_file_columns(pa.concat_tables(parts, promote_options="permissive"), parts)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as err:  # a column of one kind in a file, of another in the next
             raise CatalogError(f"manifest files of {uri} have incompatible schemas: {err}") from err
     _validate(table, uri)

@@ -41,7 +41,7 @@ from apache_beam.utils.shared import Shared
 from encoder import ImageEncoder, load_encoder
 from encoder.devices import spread_note
 from encoder.storage import check_folder
-from encoder.tables import instants
+from encoder.tables import file_columns, instants
 from pipelines import storage, worker_fork
 from pipelines.beam_flags import check_beam_args
 from pipelines.beam_memo import RememberedViews, remember_dofn_specs, remember_function_args
@@ -436,7 +436,7 @@ def _updated_since(catalog, since: str) -> pa.Array:
 
     when = parse_when(since)
     if "updated_at" not in catalog.column_names:
-        raise CatalogError(f"--since needs an updated_at column in the catalog; found {catalog.column_names}")
+        raise CatalogError(f"--since needs an updated_at column in the catalog; found {file_columns(catalog)}")
     try:
         stamps = instants(catalog.column("updated_at"), "the catalog's updated_at")
     except ValueError as err:

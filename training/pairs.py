@@ -69,7 +69,7 @@ def split_of(item_id: str, val_fraction: float) -> str:
 
 def _read_manifest(uri: str) -> pa.Table:
     try:
-        table = read_table(uri, string_columns=REQUIRED)
+        table = read_table(uri, string_columns=REQUIRED, columns=REQUIRED)  # a catalog's other columns never read
     except FileNotFoundError as err:
         raise PairError(f"catalog {uri} does not exist") from err
     except ValueError as err:
@@ -77,7 +77,7 @@ def _read_manifest(uri: str) -> pa.Table:
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
         raise PairError(f"catalog {uri} lacks column(s) {missing} (training needs image–title pairs); "
-                        f"found {table.column_names}")  # fmt: skip
+                        f"found {tables.file_columns(table)}")  # fmt: skip
     try:
         ids, _, _ = (tables.text_column(table, c, f"catalog {uri}") for c in REQUIRED)
     except ValueError as err:

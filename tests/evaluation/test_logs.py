@@ -107,7 +107,11 @@ def test_weight_defaults_to_one_and_csv_ids_stay_strings(tmp_path):
 @pytest.mark.parametrize(
     ("columns", "message"),
     [
-        ({"query_item_id": ["q"]}, "lacks column"),
+        (
+            {"query_item_id": ["q"], "clicked_id": ["a"]},
+            r"lacks column\(s\) \['clicked_item_id'\]; found "
+            r"\['query_item_id', 'clicked_id'\]",
+        ),  # unread, but named
         ({"query_item_id": pa.array([], pa.string()), "clicked_item_id": pa.array([], pa.string())}, "no rows"),
         ({"query_item_id": ["q"], "clicked_item_id": ["q"]}, "no usable rows"),
     ],

@@ -94,7 +94,7 @@ def test_item_ids_that_look_like_paths_are_just_data(tmp_path):
 @pytest.mark.parametrize(
     ("columns", "message"),
     [
-        ({"item_id": ["a"]}, r"lacks column\(s\) \['image_uri'\]"),
+        ({"item_id": ["a"], "image": ["a.jpg"]}, r"lacks column\(s\) \['image_uri'\]; found \['item_id', 'image'\]"),
         ({"item_id": pa.array([], pa.string()), "image_uri": pa.array([], pa.string())}, "no rows"),
         ({"item_id": ["a", "b", "a"], "image_uri": ["1", "2", "3"]}, r"1 duplicate item_id\(s\), e.g. \['a'\]"),
         ({"item_id": ["a", None, " "], "image_uri": ["1", "2", "3"]}, r"2 row\(s\) with an empty item_id"),
@@ -172,3 +172,21 @@ def test_duplicate_ids_are_found_in_arrow_and_named(tmp_path):
     path = _write_parquet(tmp_path / "m.parquet", item_id=["a", "b", "a"], image_uri=["1.jpg", "2.jpg", "3.jpg"])
     with pytest.raises(CatalogError, match=r"has 1 duplicate item_id\(s\), e.g. \['a'\]"):
         read_catalog(path)
+
+
+def test_a_catalog_read_for_some_columns_names_all_of_its_columns_when_one_is_missing(tmp_path):
+    """The launcher reads three columns; a manifest without `image_uri` still names its `image` column in the error,
+    as when every column was read. Likewise `--since` without `updated_at`."""
+    for n in range(2):
+        _write_parquet(tmp_path / f"part-{n}.parquet", item_id=[f"a{n}"], image=["a.jpg"], modified=["2026-11-29"])
+    with pytest.raises(CatalogError, match=r"lacks column\(s\) \['image_uri'\]; found \['item_id', 'image', 'modif"):
+        read_catalog(str(tmp_path / "part-*.parquet"), columns=("updated_at",))
+    from encoder.tables import file_columns
+
+    _write_parquet(tmp_path / "m.parquet", item_id=["a"], image_uri=["a.jpg"], modified=["2026-11-29"])
+    table = read_catalog(str(tmp_path / "m.parquet"), columns=("updated_at",))
+    assert table.column_names == ["item_id", "image_uri"] and file_columns(table) == [
+        "item_id",
+        "image_uri",
+        "modified",
+    ]

@@ -48,7 +48,10 @@ def test_val_items_are_capped(demo_catalog):
 @pytest.mark.parametrize(
     "rows, message",
     [
-        ({"item_id": ["a"], "image_uri": ["a.jpg"]}, r"lacks column\(s\) \['title'\]"),
+        (
+            {"item_id": ["a"], "image_uri": ["a.jpg"], "name": ["t"]},
+            r"lacks column\(s\) \['title'\] .*; found \['item_id', 'image_uri', 'name'\]",
+        ),  # fmt: skip
         ({"item_id": ["a", "a"], "image_uri": ["x", "y"], "title": ["t", "u"]}, "duplicate item_id"),
         ({"item_id": [None, "b"], "image_uri": ["x", "y"], "title": ["t", "u"]}, "without an item_id"),
         (
