@@ -190,3 +190,9 @@ def test_a_catalog_read_for_some_columns_names_all_of_its_columns_when_one_is_mi
         "image_uri",
         "modified",
     ]
+    from pipelines.embed import _updated_since
+
+    with pytest.raises(
+        CatalogError, match=r"needs an updated_at column .*; found \['item_id', 'image_uri', 'modified'\]"
+    ):
+        _updated_since(table, "2026-01-01")
