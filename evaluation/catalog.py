@@ -81,13 +81,10 @@ def read_catalog_info(uri: str, max_items: int | None = None, too_many: str = ""
         text = tables.text_column(table, name, f"catalog {uri}")
         return [None] * len(ids) if text is None else text.to_pylist()
 
-    base = storage.parent_dir(uri)
-
-    def resolve(image_uri: str | None) -> str | None:
-        return storage.resolve(base, image_uri) or None
-
+    uris = tables.text_column(table, "image_uri", f"catalog {uri}")
+    resolved = [""] * len(ids) if uris is None else storage.resolve_all(storage.parent_dir(uri), uris).to_pylist()
     return CatalogInfo(
         titles={i: t for i, t in zip(ids, column("title"), strict=True) if t is not None},
         categories={i: c for i, c in zip(ids, column("category"), strict=True) if c is not None},
-        image_uris={i: u for i, u in zip(ids, map(resolve, column("image_uri")), strict=True) if u is not None},
+        image_uris={i: u for i, u in zip(ids, resolved, strict=True) if u},  # an empty URI: no image
     )

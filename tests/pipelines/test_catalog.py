@@ -145,11 +145,10 @@ def test_image_uris_made_absolute_at_once_are_those_resolve_gives_one_by_one(uri
     """Only the URIs `storage.resolve` would change go through it (a 30M-item catalog's were all absolute, and took
     the launcher ~17 s one by one); the column is what resolving each would give, whatever the URIs hold."""
     from encoder import storage
-    from pipelines.catalog import _resolved
 
     for base in ("/data/catalog", "gs://bucket/catalog"):
         expected = [storage.resolve(base, uri) for uri in uris]
-        assert _resolved(pa.chunked_array([pa.array(uris, pa.string())]), base).to_pylist() == expected
+        assert storage.resolve_all(base, pa.chunked_array([pa.array(uris, pa.string())])).to_pylist() == expected
 
 
 def test_a_catalog_read_for_some_columns_never_reads_the_others(tmp_path):
