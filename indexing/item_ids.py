@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["ItemIds", "fnv1a64"]
+__all__ = ["ItemIds", "fnv1a64", "sorted_positions"]
 
 _OFFSET = 0xCBF29CE484222325
 _PRIME = 0x100000001B3
@@ -60,6 +60,16 @@ def fnv1a64(item_ids: pa.Array | pa.ChunkedArray | Sequence[str]) -> np.ndarray:
     out = np.empty(n, dtype=np.uint64)
     out[longest_first] = hashes
     return out
+
+
+def sorted_positions(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Each key's index in `sorted_keys` (ascending; the first of equal ones), or -1 where it is absent: one
+    vectorised search."""
+    if not len(sorted_keys):
+        return np.full(len(keys), -1, dtype=np.int64)
+    # A key past the end lands on the last element, which it cannot equal (it would have sorted there).
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return np.where(sorted_keys[at] == keys, at, -1)
 
 
 def _one_array(item_ids: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -116,9 +126,8 @@ class ItemIds:
         asked = list(item_ids)
         if len(asked) < _FEW or not len(self._sorted):
             return np.array([self._row(i) for i in asked], dtype=np.int64)
-        hashes = fnv1a64([i if isinstance(i, str) else "" for i in asked])
-        at = np.minimum(np.searchsorted(self._sorted, hashes), len(self._sorted) - 1)
-        out = np.where(self._sorted[at] == hashes, self._by_hash[at], -1)
+        at = sorted_positions(self._sorted, fnv1a64([i if isinstance(i, str) else "" for i in asked]))
+        out = np.where(at >= 0, self._by_hash[at], -1)  # the first row of each hash held
         hit = np.flatnonzero(out >= 0)
         for i, held in zip(hit.tolist(), self.ids(out[hit]), strict=True):
             if held != asked[i]:  # another id with the same hash (or a non-string's stand-in): look again, alone

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from encoder import DecodeLimits, PreprocessConfig
 from encoder.gpu_images import collect_decodes, decode_on_cpu
-from indexing.item_ids import ItemIds
+from indexing.item_ids import ItemIds, sorted_positions
 from pipelines import storage
 from pipelines.catalog import CatalogItem
 from pipelines.file_reader import object_reads, reads_in_readers
@@ -71,12 +71,7 @@ class KnownDigests:
 
     def positions(self, hex_digests: Sequence[str]) -> np.ndarray:
         """Each digest's index in the sorted set, or -1 where it is absent; one vectorised search."""
-        keys = _raw(hex_digests)
-        if not self._sorted.size:
-            return np.full(keys.size, -1)
-        # A key past the end lands on the last element, which it cannot equal (it would have sorted there).
-        i = np.minimum(np.searchsorted(self._sorted, keys), self._sorted.size - 1)
-        return np.where(self._sorted[i] == keys, i, -1)
+        return sorted_positions(self._sorted, _raw(hex_digests))
 
     def __contains__(self, hex_digest: str) -> bool:
         return bool(self.positions([hex_digest])[0] >= 0)
