@@ -150,11 +150,12 @@ def process_memory_mib(field: str = "VmHWM") -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def best_of_checkouts(ways: list[str], rounds: int, code_env: str, command: Callable[[str], list[str]]) -> dict:
+def best_of_checkouts(ways: list[str], rounds: int, code_env: str, command: Callable[[str], list[str]],
+                      lowest: tuple[str, ...] = ("seconds", "peak_mib")) -> dict:  # fmt: skip
     """Each way's measurement in a fresh process, `rounds` times, the ways alternated: `command(way)` prints a JSON
     object last. A way is `now` (this checkout) or the folder of another checkout (the code before a change), which
-    `code_env` hands the child to put first on its path, either followed by `@` and what the way varies. Lowest
-    `seconds` and `peak_mib` of each way's rounds; its other fields from the first."""
+    `code_env` hands the child to put first on its path, either followed by `@` and what the way varies. The lowest
+    of each way's rounds for the fields in `lowest`; its other fields from the first."""
     results: dict[str, list[dict]] = {way: [] for way in ways}
     for _ in range(rounds):
         for way in ways:
@@ -163,8 +164,7 @@ def best_of_checkouts(ways: list[str], rounds: int, code_env: str, command: Call
             env = {**os.environ, code_env: str(checkout)}
             out = subprocess.run(command(way), check=True, capture_output=True, text=True, env=env).stdout
             results[way].append(json.loads(out.splitlines()[-1]))
-    return {way: {**rs[0], "seconds": min(r["seconds"] for r in rs), "peak_mib": min(r["peak_mib"] for r in rs)}
-            for way, rs in results.items()}  # fmt: skip
+    return {way: {**rs[0], **{field: min(r[field] for r in rs) for field in lowest}} for way, rs in results.items()}
 
 
 def machine() -> str:

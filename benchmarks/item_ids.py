@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, process_memory_mib, scratch_dir  # noqa: E402
+from benchmarks.common import best_of_checkouts, machine, process_memory_mib, scratch_dir  # noqa: E402
+
+sys.path.insert(0, os.environ.get("ITEM_IDS_CODE", str(ROOT)))  # the child's: the checkout whose ItemIds it measures
 
 WAYS = ("python_dict", "item_ids")
 
@@ -93,15 +95,12 @@ def main() -> None:
     pq.write_table(pa.table({"item_id": [f"sku-{i:012d}-m" for i in range(args.items)]}), path)
     print(f"machine: {machine()}\n{args.items:,} item ids of 18 characters, {args.rounds} rounds, each way in its "
           f"own process\n")  # fmt: skip
-    results: dict[str, list[dict]] = {way: [] for way in WAYS}
-    for _ in range(args.rounds):
-        for way in WAYS:
-            out = subprocess.run([sys.executable, __file__, "--measure", way, "--ids", str(path), "--items",
-                                  str(args.items)], check=True, capture_output=True, text=True).stdout  # fmt: skip
-            results[way].append(json.loads(out.splitlines()[-1]))
     columns = ("load_s", "held_mib", "one_us", "batch_256_us", "ids_10_us", "ids_2560_us")
+    found = best_of_checkouts([f"now@{way}" for way in WAYS], args.rounds, "ITEM_IDS_CODE", lambda way: [
+        sys.executable, __file__, "--measure", way.partition("@")[2], "--ids", str(path), "--items", str(args.items)],
+        lowest=columns)  # fmt: skip
+    best = {way: found[f"now@{way}"] for way in WAYS}
     print("| way | " + " | ".join(columns) + " |\n| --- |" + " ---: |" * len(columns))
-    best = {way: {c: min(r[c] for r in rows) for c in columns} for way, rows in results.items()}
     for way in WAYS:
         print(f"| {way} | " + " | ".join(f"{best[way][c]:,.2f}" for c in columns) + " |")
     ratios = " | ".join(f"{best['python_dict'][c] / best['item_ids'][c]:.2f}×" for c in columns)
