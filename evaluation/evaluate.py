@@ -29,8 +29,6 @@ def left_out(counts: dict[str, int]) -> str:
 class Ranker(Protocol):
     name: str
 
-    def __contains__(self, item_id: str) -> bool: ...
-
     def holds(self, item_ids: Sequence[str]) -> Sequence[bool]:
         """Whether each item is in the ranker's catalog, for many items at once."""
         ...
@@ -48,9 +46,6 @@ class SnapshotRanker:
 
     def __init__(self, client, name: str | None = None, batch: int = 4096) -> None:
         self.client, self.name, self._batch = client, name or client.snapshot_id, batch
-
-    def __contains__(self, item_id: str) -> bool:
-        return item_id in self.client
 
     def holds(self, item_ids: Sequence[str]) -> Sequence[bool]:
         return self.client.holds(item_ids)
@@ -80,9 +75,6 @@ class VectorRanker:
         self._vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self._index = faiss.IndexFlatIP(self._vectors.shape[1])
         self._index.add(self._vectors)
-
-    def __contains__(self, item_id: str) -> bool:
-        return item_id in self._rows
 
     def holds(self, item_ids: Sequence[str]) -> Sequence[bool]:
         return [item_id in self._rows for item_id in item_ids]
