@@ -21,8 +21,8 @@ from tests.support.kept_alive_store import self_signed, server_context
 def serve():
     servers: list[StandIn] = []
 
-    def start(answer, context: ssl.SSLContext | None = None) -> StandIn:
-        servers.append(StandIn(answer, context))
+    def start(answer, context: ssl.SSLContext | None = None, port: int = 0) -> StandIn:
+        servers.append(StandIn(answer, context, port))
         return servers[-1]
 
     yield start
@@ -236,3 +236,14 @@ def test_reads_take_the_proxy_the_environment_names(serve, monkeypatch):
     assert object_http.proxy_for(url) is None
     monkeypatch.setenv("https_proxy", "http://proxy.internal:3128")
     assert object_http.proxy_for("https://storage.googleapis.com/") == "http://proxy.internal:3128"
+
+
+def test_a_closed_stand_in_takes_its_kept_alive_connections_with_it(serve):
+    """The process's web reader kept its connection to a closed stand-in, whose handler thread went on answering
+    it; a later stand-in on the same port then seemed to answer with the closed one's bytes (a test's images
+    dead-lettered by another test's server, now and then, in a long-lived test process)."""
+    first = serve(lambda h: send(h, 200, b"first"))
+    assert storage.read_bytes(first.url + "/x.jpg") == b"first"
+    first.close()
+    second = serve(lambda h: send(h, 200, b"second"), port=int(first.url.rsplit(":", 1)[1]))
+    assert storage.read_bytes(second.url + "/x.jpg") == b"second"

@@ -29,7 +29,9 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from tests.support.http_stand_in import Server
 
 # The default is the first seven; 403 and 404 (permanent) and damaged only when asked for.
 KINDS = ("429", "500", "503", "reset", "slow", "truncated", "lost-reply", "403", "404", "damaged")
@@ -53,7 +55,6 @@ class FaultProxy:
         self.bytes_served = 0  # response bodies sent back, in bytes
         self.in_flight = self.most_in_flight = 0  # requests being answered now; the most at once so far
         self._server = _QuietServer(("127.0.0.1", 0), _handler(self))
-        self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
 
     @property
@@ -114,9 +115,7 @@ def through(proxy: FaultProxy) -> Iterator[FaultProxy]:
         os.environ["STORAGE_EMULATOR_HOST"] = direct
 
 
-class _QuietServer(ThreadingHTTPServer):
-    request_queue_size = 1024  # the default backlog of 5 drops connections a burst of reads opens at once
-
+class _QuietServer(Server):
     def handle_error(self, request, client_address) -> None:  # clients drop connections: that is the point
         pass
 

@@ -1,19 +1,58 @@
 """A local HTTP/1.1 server for tests of HTTP clients: each GET answered by a function of the test's, every request
 recorded as (path, headers, client port), the port telling one kept-alive connection from another; over TLS with a
-server context (`kept_alive_store.server_context`)."""
+server context (`kept_alive_store.server_context`). `Server`: the threaded HTTP server every stand-in here runs.
+"""
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-class StandIn:
-    """`answer(handler)` answers each GET; `url` is the server's root, without a trailing slash."""
+class Server(ThreadingHTTPServer):
+    """A threaded HTTP server whose close also closes the connections it accepted. `ThreadingHTTPServer`'s leaves
+    them to their handler threads, which go on answering a client's kept-alive connection with the closed server's
+    answers; a later server given the same port then seemed to answer with them (a test's reads dead-lettered by
+    another test's server, now and then, in a long-lived test process)."""
 
-    def __init__(self, answer: Callable[[BaseHTTPRequestHandler], None], context: ssl.SSLContext | None = None) -> None:
+    daemon_threads = True
+    request_queue_size = 1024  # the default backlog of 5 drops connections a burst of reads opens at once
+
+    def __init__(self, address, handler) -> None:
+        super().__init__(address, handler)
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+
+    def process_request(self, request, client_address) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self) -> None:
+        super().server_close()
+        with self._open_lock:
+            still_open, self._open = self._open, set()
+        for connection in still_open:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)  # the handler thread's next read ends; it closes the socket
+            except OSError:
+                pass
+
+
+class StandIn:
+    """`answer(handler)` answers each GET; `url` is the server's root, without a trailing slash. `port`: 0 for a
+    free one."""
+
+    def __init__(self, answer: Callable[[BaseHTTPRequestHandler], None], context: ssl.SSLContext | None = None,
+                 port: int = 0) -> None:  # fmt: skip
         self.seen: list[tuple[str, dict[str, str], int]] = []
 
         class Handler(BaseHTTPRequestHandler):
@@ -27,8 +66,7 @@ class StandIn:
                 answer(self)
 
         server = self
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = Server(("127.0.0.1", port), Handler)
         if context is not None:
             self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()

@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import ssl
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+from tests.support.http_stand_in import Server
 
 
 def self_signed(folder: Path) -> tuple[Path, Path]:
@@ -50,7 +52,7 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-def serve(folder: Path, tls: tuple[Path, Path] | None = None) -> ThreadingHTTPServer:
+def serve(folder: Path, tls: tuple[Path, Path] | None = None) -> Server:
     """A server on a free 127.0.0.1 port (not yet serving: `serve_forever` it)."""
     import base64
 
@@ -81,8 +83,7 @@ def serve(folder: Path, tls: tuple[Path, Path] | None = None) -> ThreadingHTTPSe
             self.end_headers()
             self.wfile.write(body)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
+    server = Server(("127.0.0.1", 0), Handler)
     if tls:
         server.socket = server_context(*tls).wrap_socket(server.socket, server_side=True)
     return server
