@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from encoder.preprocess import (
 )
 from encoder.siglip_tower import load_tower, not_a_checkpoint, read_tower_config
 from encoder.sm_share import SmShare, SmShareError, share_sms
+from encoder.stamps import Remembered, file_stamps
 from encoder.storage import describe_error, download_gcs_dir, is_gcs
 
 __all__ = [
@@ -137,51 +137,24 @@ def _cached_version(path: Path, preprocess: PreprocessConfig, compute, cache_dir
     """`model_version`, hashed once per checkpoint: hashing a tower's weights takes 0.36 s for base and 2.9 s for
     so400m on a 2-core CPU, and every process that loads the model would pay it, every run (the launcher, each local
     worker process). Remembered in this process, and on disk under `cache_dir/versions/` for later processes on this
-    machine. Keyed by each of the checkpoint's files' size, modification and change times and inode: a checkpoint
-    rewritten in place changes its files' change times, which no one can set, so it is hashed again. Files changed
-    in the last `_SETTLED_S` seconds are hashed and not remembered on disk (a clock of coarse steps could give the
-    next change the same times, as git's racily clean files)."""
-    stats = sorted((f.name, f.stat()) for f in path.iterdir() if f.is_file())
-    key = json.dumps([_VERSION_RECIPE, str(path.resolve()), preprocess.canonical_json(),
-                      [(name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for name, st in stats]])  # fmt: skip
+    machine, keyed by the checkpoint's files' stamps (`encoder.stamps`: a checkpoint rewritten in place is hashed
+    again; files changed in the last `_SETTLED_S` seconds are hashed and not remembered on disk)."""
+    stamps = file_stamps(sorted(f for f in path.iterdir() if f.is_file()))
+    key = json.dumps([_VERSION_RECIPE, str(path.resolve()), preprocess.canonical_json(), stamps])
     if key in _VERSIONS:
         return _VERSIONS[key]
-    remembered = None
-    if cache_dir is not None:
-        remembered = Path(cache_dir) / "versions" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
-    version = _remembered_version(remembered, key)
+    remembered = Remembered(Path(cache_dir) / "versions", key) if cache_dir is not None else None
+    version = remembered.get(_is_version) if remembered is not None else None
     if version is None:
         version = compute()
-        settled = all(time.time_ns() - st.st_ctime_ns > _SETTLED_S * 1e9 for _, st in stats)
-        if remembered is not None and settled:
-            _remember_version(remembered, key, version)
+        if remembered is not None:
+            remembered.put(version, stamps, _SETTLED_S)
     _VERSIONS[key] = version
     return version
 
 
-def _remembered_version(file: Path | None, key: str) -> str | None:
-    """The version remembered in `file` for `key`; None where there is none, or it is not one (a damaged file)."""
-    if file is None:
-        return None
-    try:
-        stored = json.loads(file.read_text())
-    except (OSError, ValueError):
-        return None
-    version = stored.get("version") if isinstance(stored, dict) and stored.get("key") == key else None
-    valid = isinstance(version, str) and re.fullmatch(r"siglip-[0-9a-f]{16}", version)
-    return version if valid else None
-
-
-def _remember_version(file: Path, key: str, version: str) -> None:
-    """Write `file` whole (a temporary file renamed into place), or leave it: a cache that cannot be written only
-    costs the next process the hash."""
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        temporary = file.with_name(f".{file.name}.{os.getpid()}.{threading.get_ident()}")  # each writer its own
-        temporary.write_text(json.dumps({"key": key, "version": version}))
-        os.replace(temporary, file)
-    except OSError as err:
-        log.debug("model version not remembered in %s: %s", file, err)
+def _is_version(value) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"siglip-[0-9a-f]{16}", value) is not None
 
 
 def pick_device(requested: str) -> torch.device:

@@ -133,7 +133,7 @@ def test_model_version_is_remembered_on_disk_for_later_processes(tiny_model, tmp
     assert load().model_version == first.model_version and len(calls) == 3
     assert load().model_version == first.model_version and len(calls) == 3
     stored = json.loads(remembered.read_text())
-    remembered.write_text(json.dumps({**stored, "version": "not a version"}))
+    remembered.write_text(json.dumps({**stored, "value": "not a version"}))
     assert load().model_version == first.model_version and len(calls) == 4
 
     # Weights rewritten in place: their files' change times move, so a new hash and a new version.
