@@ -36,11 +36,12 @@ def file_stamps(files: Iterable[Path]) -> list[list]:
 
 class Remembered:
     """A value remembered under `folder` for `key` (a JSON text that holds the files' stamps, and whatever else the
-    value depends on), in a file named by the key's hash."""
+    value depends on), in a file named by the hash of `name` (default: the key; a name that stays when the stamps
+    move keeps one file per name, each new value replacing the last)."""
 
-    def __init__(self, folder: str | Path, key: str) -> None:
+    def __init__(self, folder: str | Path, key: str, name: str | None = None) -> None:
         self.key = key
-        self.file = Path(folder) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+        self.file = Path(folder) / f"{hashlib.sha256((key if name is None else name).encode()).hexdigest()[:32]}.json"
 
     def get(self, valid: Callable[[object], bool]):
         """The value remembered for the key, if `valid` takes it; else None."""

@@ -59,7 +59,7 @@ class _Loaded:
 def _load(root: str, snapshot_id: str, cache_dir: str) -> _Loaded:
     manifest = read_manifest(root, snapshot_id)
     directory = local_copy(root, snapshot_id, cache_dir)
-    verify_snapshot(directory, manifest)
+    verify_snapshot(directory, manifest, cache_dir)
     index = load_index(Path(directory), manifest["index"])
     item_ids = ItemIds.read(Path(directory) / "ids.parquet")
     vectors = np.load(Path(directory) / "vectors.npy", mmap_mode="r")

@@ -84,7 +84,8 @@ def _local_guard(root: str):
 
 def _verified(root: str, snapshot_id: str) -> dict:
     manifest = read_manifest(root, snapshot_id)
-    verify_snapshot(local_copy(root, snapshot_id, storage.cache_dir("snapshots")), manifest)
+    cache = storage.cache_dir("snapshots")
+    verify_snapshot(local_copy(root, snapshot_id, cache), manifest, cache)
     return manifest
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -247,12 +248,77 @@ def test_the_cache_prune_spares_the_copies_used_last_or_lately_and_downloads_und
     import os
     import time
 
-    from indexing.snapshot import CACHE_KEEP, prune_cache
+    from indexing.snapshot import CACHE_KEEP, VERIFIED_DIR, prune_cache
 
     now = time.time()
     ages_h = {"a": 1.5, "b": 3, "c": 5, "d": 7, "e": 9, "f": 0.5, ".download-old": 30, ".download-new": 1}
     for name, hours in ages_h.items():
         (tmp_path / name).mkdir()
         os.utime(tmp_path / name, (now - hours * 3600,) * 2)
+    records = tmp_path / VERIFIED_DIR
+    records.mkdir()
+    for name, days in {"old.json": 31, "new.json": 29}.items():
+        (records / name).write_text("{}")
+        os.utime(records / name, (now - days * 86400,) * 2)
     removed = {p.name for p in prune_cache(tmp_path, keep=tmp_path / "e")}
     assert CACHE_KEEP == 4 and removed == {"d", ".download-old"}  # e: the copy just taken; f..c: the 4 used last
+    assert [p.name for p in records.iterdir()] == ["new.json"]  # checks remembered a month ago: gone
+
+
+def test_a_check_that_passed_is_remembered_by_the_files_stamps(served, run, tmp_path, monkeypatch):
+    """A later load of the same files, unchanged, reads none of them to check their sha256 (a service's restart;
+    `lookalike similar`; the publish after the evaluation, then the services on that machine). A file changed in
+    place with its modification time put back is still read again: its change time moved."""
+    import indexing.snapshot as snapshot_module
+    from encoder import storage
+
+    root, client = served
+    monkeypatch.setattr(snapshot_module, "_SETTLED_S", 0.0)
+    hashed: list[str] = []
+    real = storage.sha256_file
+    monkeypatch.setattr(storage, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
+    cache = tmp_path / "cache2"
+
+    def load() -> int:
+        before = len(hashed)
+        assert SnapshotClient(root, cache_dir=str(cache)).snapshot_id == client.snapshot_id
+        return len(hashed) - before
+
+    old = cache / snapshot_module.VERIFIED_DIR / "old.json"  # a check remembered a month ago, of a copy since gone
+    old.parent.mkdir(parents=True)
+    old.write_text("{}")
+    os.utime(old, (old.stat().st_mtime - 31 * 86400,) * 2)
+    assert load() >= 3 and load() == 0 and not old.exists()
+    path = Path(root) / client.snapshot_id / "vectors.npy"
+    st = path.stat()
+
+    def flip_in_place() -> None:
+        with open(path, "r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([last[0] ^ 0xFF]))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the size and modification time as they were
+
+    flip_in_place()
+    with pytest.raises(SnapshotError, match="vectors.npy fails its sha256 check"):
+        load()
+    flip_in_place()
+    assert load() >= 3 and load() == 0
+
+    [record] = (cache / snapshot_module.VERIFIED_DIR).iterdir()
+    record.write_text("{not json")  # damaged: checked again, never taken as passed
+    assert load() >= 3 and load() == 0
+    stored = json.loads(record.read_text())
+    record.write_text(json.dumps({**stored, "value": "yes"}))
+    assert load() >= 3
+
+    monkeypatch.setattr(snapshot_module, "_SETTLED_S", 3600.0)  # files changed lately: checked, not remembered
+    record.unlink()
+    assert load() >= 3 and load() >= 3 and not record.exists()
+
+    monkeypatch.setattr(snapshot_module, "_SETTLED_S", 0.0)
+    fresh = build_snapshot(run, root, CFG)["snapshot_id"]
+    publish(root, fresh)  # checked, and remembered in this machine's cache, where a default client looks
+    before = len(hashed)
+    assert SnapshotClient(root).snapshot_id == fresh and len(hashed) == before
