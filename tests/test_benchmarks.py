@@ -314,6 +314,13 @@ def test_catalog_read_benchmark_runs_each_way(tmp_path):
     assert result["now"]["rows"] == 500 and result["now"]["columns"] == 3 and result["now"]["peak_mib"] > 0
 
 
+def test_snapshot_load_benchmark_reads_the_files_once_a_machine():
+    result = json.loads(_run("benchmarks/snapshot_load.py", "--items", "2000", "--dim", "16", "--rounds", "1"
+                             ).splitlines()[-1])  # fmt: skip
+    first, later = result["now@first"], result["now@later"]
+    assert first["items"] == later["items"] == 2000 and first["hashed_gb"] > 0 and later["hashed_gb"] == 0
+
+
 def test_a_loader_process_does_not_copy_the_training_sets_uris():
     """A forked loader process reading every pair's URI once: a list of Python strings is copied page by page into
     it (their reference counts are written), the dataset's Arrow array is not."""
