@@ -322,3 +322,24 @@ def test_a_check_that_passed_is_remembered_by_the_files_stamps(served, run, tmp_
     publish(root, fresh)  # checked, and remembered in this machine's cache, where a default client looks
     before = len(hashed)
     assert SnapshotClient(root).snapshot_id == fresh and len(hashed) == before
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
+def test_a_faiss_index_is_mapped_from_its_file_and_answers_as_one_read_whole(run, vectors, tmp_path, kind):
+    """Not copied into the process: its pages are the page cache's, shared by every process serving the snapshot,
+    and a refresh's next snapshot is not a second copy in memory beside the first."""
+    import faiss
+
+    root = str(tmp_path / "snapshots")
+    snapshot_id = build_snapshot(run, root, IndexConfig(index=kind, queries=50))["snapshot_id"]
+    publish(root, snapshot_id)
+    client = SnapshotClient(root, cache_dir=str(tmp_path / "cache"))
+    path = str((Path(root) / snapshot_id / "index.faiss").resolve())
+    assert any(line.rstrip().endswith(path) for line in Path("/proc/self/maps").read_text().splitlines())
+    whole = faiss.read_index(path)
+    for name, value in client.manifest["index"].get("search_params", {}).items():
+        faiss.ParameterSpace().set_index_parameter(whole, name, value)
+    scores, rows = client._current.index.search(vectors[:20], 10)
+    expected_scores, expected_rows = whole.search(vectors[:20], 10)
+    np.testing.assert_array_equal(rows, expected_rows)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-6)
