@@ -26,6 +26,7 @@ import base64
 import os
 import threading
 import urllib.request
+from collections.abc import Callable
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
@@ -88,31 +89,35 @@ class ObjectHttp:
         self._idle: dict[int, object] = {}
         self._last = threading.local()  # the handle this thread read with last (a reference only: the pool owns it)
 
-    def get(self, url: str, headers: dict[str, str], max_bytes: int | None = None) -> Response:
+    def get(self, url: str, headers: dict[str, str], max_bytes: int | None = None,
+            sink: Callable[[bytes], object] | None = None) -> Response:  # fmt: skip
         """The response to a GET of `url` with `headers` and the token. `max_bytes`: a successful response whose
         Content-Length says more is refused before its body, and a body that grows past it as it arrives (no
         Content-Length) is stopped. A whole object's body (200) is checked against the crc32c its store sends
-        (`x-goog-hash`, as GCS and its emulator send for a read without a range).
+        (`x-goog-hash`, as GCS and its emulator send for a read without a range). `sink`: a ranged read's body
+        (206) goes to it as it arrives, not into the response, and its 0 stops the read (OSError); a read answered
+        whole (200: a server that ignored the range) is stopped at its first bytes (OSError); an error's text still
+        comes back in the response.
 
         Raises:
             ConnectionError, TimeoutError: retrying may succeed (`ChecksumMismatch` among them).
             ValueError: the object is larger than `max_bytes`.
             OSError: libcurl refused the request otherwise.
         """
-        response = self._get(url, headers, max_bytes)
+        response = self._get(url, headers, max_bytes, sink)
         if response.status == 401 and self._credentials is not None:  # a token revoked or expired early: a fresh one
             self._credentials.refresh(self._refresh)
-            response = self._get(url, headers, max_bytes)
+            response = self._get(url, headers, max_bytes, sink)
         return response
 
-    def _get(self, url: str, headers: dict[str, str], max_bytes: int | None) -> Response:
+    def _get(self, url: str, headers: dict[str, str], max_bytes: int | None, sink) -> Response:
         import pycurl
 
         headers = dict(headers)
         if self._credentials is not None:
             self._credentials.before_request(self._refresh, "GET", url, headers)  # adds the token, refreshed if due
         pid, handle = self._take()
-        body = _Body(max_bytes)
+        body = _Body(max_bytes, sink)
         try:
             handle.setopt(pycurl.URL, url)
             if not self.base:
@@ -125,6 +130,8 @@ class ObjectHttp:
             except pycurl.error as err:
                 if body.too_large:
                     raise ValueError(f"object is larger than max_bytes={max_bytes}") from None
+                if body.unranged:
+                    raise OSError(f"GET {urlsplit(url).netloc}: a ranged read answered whole (HTTP 200)") from None
                 raise _mapped(err, url) from None
             status = handle.getinfo(pycurl.RESPONSE_CODE)
         finally:
@@ -215,12 +222,12 @@ class _Body:
     whose Content-Length is past `max_bytes` is stopped at its headers; a body past `max_bytes` + 1 (at least 64
     KiB, room for an error's text) as it arrives (a callback's 0: libcurl's write error)."""
 
-    def __init__(self, max_bytes: int | None) -> None:
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int | None, sink: Callable[[bytes], object] | None = None) -> None:
+        self.max_bytes, self.sink = max_bytes, sink
         self.chunks: list[bytes] = []
         self.room = None if max_bytes is None else max(max_bytes + 1, 1 << 16)
         self.status, self.length, self.crc32c = 0, None, None
-        self.too_large = False
+        self.too_large = self.unranged = False
 
     def header(self, line: bytes) -> int | None:
         if line.startswith(b"HTTP/"):  # a new response (after a 100 Continue, say): its own headers
@@ -248,6 +255,11 @@ class _Body:
         return None
 
     def write(self, chunk: bytes) -> int | None:
+        if self.sink is not None and 200 <= self.status < 300:
+            if self.status != 206:
+                self.unranged = True
+                return 0
+            return self.sink(chunk)  # 0: stop the read (libcurl's write error)
         if self.room is not None:
             self.room -= len(chunk)
             if self.room < 0:

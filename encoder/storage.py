@@ -13,6 +13,7 @@ around the read-modify-write. Whole-object writes are atomic in both places
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import fnmatch
@@ -27,6 +28,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote
@@ -747,19 +749,116 @@ def _objects_under(uri: str) -> tuple[str, list]:
 
 def _copy_objects(blobs: list, prefix: str, target: Path) -> None:
     """The objects, named past `prefix`, into a temporary folder beside `target`, renamed to it whole; a `target`
-    that a concurrent copy renamed into place first is kept."""
+    that a concurrent copy renamed into place first is kept. `DOWNLOAD_STREAMS` reads at once: the small objects
+    whole, each at most `SLICED_FROM` bytes; the larger, one after another, in ranged reads of `SLICE_BYTES`
+    (`_download_sliced`)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
     try:
+        places = []
         for blob in blobs:
             local = (staging / blob.name[len(prefix) :]).resolve()
             if staging.resolve() not in local.parents:
                 raise ValueError(f"object name escapes its directory: {blob.name!r}")
             local.parent.mkdir(parents=True, exist_ok=True)
-            with_retries(lambda b=blob, p=local: b.download_to_filename(str(p), retry=None), f"download {blob.name}")
+            places.append((blob, local))
+        with ThreadPoolExecutor(DOWNLOAD_STREAMS, thread_name_prefix="download") as pool:
+            whole = [pool.submit(with_retries, lambda b=blob, p=local: b.download_to_filename(str(p), retry=None),
+                                 f"download {blob.name}")
+                     for blob, local in places if (blob.size or 0) <= SLICED_FROM]  # fmt: skip
+            try:
+                for blob, local in places:
+                    if (blob.size or 0) > SLICED_FROM:
+                        with_retries(lambda b=blob, p=local: _download_sliced(b, p, pool), f"download {blob.name}")
+                for future in whole:
+                    future.result()
+            finally:
+                for future in whole:
+                    future.cancel()
         os.replace(staging, target)
     except OSError:
         if not target.is_dir():  # a concurrent download may have won the rename
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# A snapshot's vectors and index are tens of GB: one stream per object reads one at the speed of one connection. A
+# larger object is read in ranges of `SLICE_BYTES`, `DOWNLOAD_STREAMS` at once, each written where it belongs as
+# it arrives (libcurl, without the interpreter lock: `encoder.object_http`), then checked whole against the
+# object's crc32c (a ranged read comes without one). Each range names the object's generation, so none is read
+# from a newer object written over it meanwhile.
+DOWNLOAD_STREAMS = 8
+SLICE_BYTES = 64 << 20
+SLICED_FROM = 2 * SLICE_BYTES  # objects past this are read in ranges
+
+
+def _download_sliced(blob, path: Path, pool: ThreadPoolExecutor) -> None:
+    """`blob` into `path` in ranged reads on `pool`, each retried on its own; checked whole against its crc32c.
+
+    Raises:
+        ChecksumMismatch: the bytes read are not the object's (a transient error: `with_retries` reads it again).
+    """
+    from encoder.object_http import ChecksumMismatch
+
+    size = int(blob.size)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    ranges = [(start, min(start + SLICE_BYTES, size)) for start in range(0, size, SLICE_BYTES)]
+    uri = f"gs://{blob.bucket.name}/{blob.name}"
+    futures = [pool.submit(with_retries, lambda a=a, b=b: _read_range(uri, blob.generation, path, a, b),
+                           f"read {uri} bytes {a}-{b - 1}") for a, b in ranges]  # fmt: skip
+    try:
+        for future in futures:
+            future.result()
+    finally:
+        for future in futures:
+            future.cancel()
+    if blob.crc32c is None:
+        log.warning("%s has no crc32c to check its %d bytes against", uri, size)
+        return
+    import google_crc32c
+
+    checksum = google_crc32c.Checksum()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            checksum.update(chunk)
+    if checksum.digest() != base64.b64decode(blob.crc32c):
+        raise ChecksumMismatch(f"{uri}: the crc32c of the {size} bytes read is not the object's ({blob.crc32c})")
+
+
+def _read_range(uri: str, generation, path: Path, start: int, stop: int) -> None:
+    """Bytes [start, stop) of the object's `generation` into `path` at `start`, as they arrive."""
+    from google.api_core.exceptions import from_http_status
+
+    bucket, name = _object(uri)
+    http = _image_http()
+    url = f"{http.base}{bucket}/o/{quote(name, safe='~')}?alt=media" + (
+        f"&generation={generation}" if generation else ""
+    )
+    written, failed = 0, []
+    with open(path, "r+b") as f:
+
+        def sink(chunk: bytes) -> int | None:
+            nonlocal written
+            try:
+                if written + len(chunk) > stop - start:
+                    raise OSError(f"GET {uri} bytes {start}-{stop - 1}: more bytes came than were asked for")
+                os.pwrite(f.fileno(), chunk, start + written)  # a full disk: its own error, not libcurl's
+            except OSError as err:
+                failed.append(err)
+                return 0
+            written += len(chunk)
+            return None
+
+        try:
+            response = http.get(url, {"Range": f"bytes={start}-{stop - 1}"}, 1 << 16, sink)
+        except OSError:
+            if failed:
+                raise failed[0] from None
+            raise
+    if response.status != 206:
+        raise from_http_status(response.status, f"GET {uri} bytes {start}-{stop - 1}: "
+                                                 f"{response.body[:300].decode('utf-8', 'replace')}")  # fmt: skip
+    if written != stop - start:
+        raise ConnectionError(f"GET {uri} bytes {start}-{stop - 1}: {written} of {stop - start} bytes came")

@@ -219,3 +219,61 @@ def run_dir_for_faults(tmp_path):
     from tests.indexing.conftest import clustered, write_run
 
     return write_run(tmp_path / "20260101T000000Z-eeeeee", clustered(300, 8))
+
+
+@pytest.fixture
+def sliced(monkeypatch):
+    """Objects past 96 KiB read in ranges of 64 KiB (`storage._download_sliced`), the backoff's waits skipped."""
+    monkeypatch.setattr(storage, "SLICE_BYTES", 64 << 10)
+    monkeypatch.setattr(storage, "SLICED_FROM", 96 << 10)
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+
+
+def _upload_snapshot_like(bucket: str) -> dict[str, bytes]:
+    files = {"vectors.npy": os.urandom((1 << 20) + 123), "index.faiss": os.urandom(200_000),
+             "ids.parquet": os.urandom(5_000), "manifest.json": b"{}"}  # fmt: skip
+    for name, data in files.items():
+        storage.write_bytes(f"gs://{bucket}/snap/{name}", data)
+    return files
+
+
+def test_a_large_object_is_read_in_ranges_at_once_through_faults(gcs_emulator, gcs_bucket, tmp_path, sliced):
+    """A snapshot's tens of GB at the speed of one connection per object before. The ranges of the object's
+    generation, each retried on its own through 500s, resets and bodies cut short; the small objects whole."""
+    files = _upload_snapshot_like(gcs_bucket)
+    upstream = urlparse(os.environ["STORAGE_EMULATOR_HOST"]).port
+    with FaultProxy(upstream, rate=0.3, kinds=("500", "reset", "truncated"), seed=4) as proxy, through(proxy):
+        copy = storage.download_gcs_dir(f"gs://{gcs_bucket}/snap", tmp_path / "cache")
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == files
+    assert proxy.injected >= 5, proxy.counts
+    generation = storage.gcs_client().bucket(gcs_bucket).get_blob("snap/vectors.npy").generation
+    ranged = {path for method, path in proxy.seen if "vectors.npy" in path}
+    assert all(f"generation={generation}" in path for path in ranged) and ranged  # never a newer object's bytes
+    assert not list((tmp_path / "cache").glob(".download-*"))
+
+
+def test_ranges_that_do_not_make_the_object_are_read_again_then_refused(gcs_emulator, gcs_bucket, tmp_path, sliced):
+    """A ranged read comes without the object's crc32c: the file is checked whole against it, read again when it
+    does not match, and refused when it never does, nothing left in the cache."""
+    _upload_snapshot_like(gcs_bucket)
+    upstream = urlparse(os.environ["STORAGE_EMULATOR_HOST"]).port
+    with FaultProxy(upstream, rate=1.0, kinds=("damaged",)) as proxy, through(proxy):
+        with pytest.raises(ConnectionError, match=r"index.faiss: the crc32c of the 200000 bytes read is not the obj"):
+            storage.download_gcs_dir(f"gs://{gcs_bucket}/snap", tmp_path / "cache")
+    ranges = [path for method, path in proxy.seen if "index.faiss" in path]
+    assert len(ranges) == 5 * 4  # each of the 5 attempts read its 4 ranges (the objects in name order)
+    assert not any((tmp_path / "cache").iterdir())
+
+
+def test_a_full_disk_under_a_ranged_read_says_so(gcs_emulator, gcs_bucket, tmp_path, sliced, monkeypatch):
+    import errno
+
+    _upload_snapshot_like(gcs_bucket)
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.os, "pwrite", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        storage.download_gcs_dir(f"gs://{gcs_bucket}/snap", tmp_path / "cache")
+    assert not any((tmp_path / "cache").iterdir())

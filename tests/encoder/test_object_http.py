@@ -247,3 +247,23 @@ def test_a_closed_stand_in_takes_its_kept_alive_connections_with_it(serve):
     first.close()
     second = serve(lambda h: send(h, 200, b"second"), port=int(first.url.rsplit(":", 1)[1]))
     assert storage.read_bytes(second.url + "/x.jpg") == b"second"
+
+
+def test_a_ranged_reads_body_goes_to_its_sink_and_one_answered_whole_is_stopped(serve):
+    """Into the file where the range belongs as it arrives (`storage._read_range`), never an error's text, nor a
+    whole object from a server that ignored the range (its bytes would land past the range, over the next)."""
+    chunks: list[bytes] = []
+    ranged = serve(lambda h: send(h, 206, b"r" * 300_000))
+    assert _http(ranged.url).get(ranged.url + "/o", {"Range": "bytes=0-299999"}, sink=chunks.append) == (206, b"")
+    assert b"".join(chunks) == b"r" * 300_000
+    chunks.clear()
+    missing = serve(lambda h: send(h, 404, b"no such object"))
+    assert _http(missing.url).get(missing.url + "/o", {}, 1 << 16, chunks.append) == (404, b"no such object")
+    whole = serve(lambda h: send(h, 200, b"w" * 300_000))
+    with pytest.raises(OSError, match="a ranged read answered whole"):
+        _http(whole.url).get(whole.url + "/o", {"Range": "bytes=0-9"}, sink=chunks.append)
+    assert chunks == []
+    stop = serve(lambda h: send(h, 206, b"s" * 300_000))
+    with pytest.raises(OSError) as err:
+        _http(stop.url).get(stop.url + "/o", {"Range": "bytes=0-299999"}, sink=lambda chunk: 0)
+    assert not storage.is_transient(err.value)
