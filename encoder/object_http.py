@@ -249,17 +249,21 @@ class _Body:
                         except ValueError:  # not base64 (binascii.Error): no checksum to hold the body to
                             self.crc32c = None
         elif line.strip() == b"" and 200 <= self.status < 300 and self.length is not None:  # the headers' end
-            if self.max_bytes is not None and self.length > self.max_bytes:
+            if self.max_bytes is not None and self.length > self.max_bytes and not self._to_sink():
                 self.too_large = True
                 return 0
         return None
 
+    def _to_sink(self) -> bool:
+        """Whether the body goes to the sink: a ranged read's (206), however large; `max_bytes` bounds the rest."""
+        return self.sink is not None and self.status == 206
+
     def write(self, chunk: bytes) -> int | None:
-        if self.sink is not None and 200 <= self.status < 300:
-            if self.status != 206:
-                self.unranged = True
-                return 0
+        if self._to_sink():
             return self.sink(chunk)  # 0: stop the read (libcurl's write error)
+        if self.sink is not None and 200 <= self.status < 300:
+            self.unranged = True
+            return 0
         if self.room is not None:
             self.room -= len(chunk)
             if self.room < 0:

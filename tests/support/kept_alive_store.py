@@ -2,11 +2,11 @@
 
 The GCS emulator closes every connection after one request and speaks plain HTTP, so a client's CPU per read
 there is mostly connecting. This stand-in answers `GET /download/storage/v1/b/<bucket>/o/<name>?alt=media`
-with the file `<dir>/<name>` as GCS does: whole (200) with its crc32c in `x-goog-hash`, or the first bytes a
-`Range: bytes=0-N` asks for (206, no hash); it keeps each connection for the next request, and with `--tls`
+with the file `<dir>/<name>` as GCS does: whole (200) with its crc32c in `x-goog-hash`, or the bytes a
+`Range: bytes=A-B` asks for (206, no hash); it keeps each connection for the next request, and with `--tls`
 speaks TLS with a certificate of its own (`self_signed`).
 
-    python -m tests.support.kept_alive_store DIR [--tls CERT KEY]   # prints "listening on PORT" once listening
+    python -m tests.support.kept_alive_store DIR [--tls CERT KEY] [--pace-mb-s N]   # prints "listening on PORT"
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import ssl
+import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -52,8 +53,9 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-def serve(folder: Path, tls: tuple[Path, Path] | None = None) -> Server:
-    """A server on a free 127.0.0.1 port (not yet serving: `serve_forever` it)."""
+def serve(folder: Path, tls: tuple[Path, Path] | None = None, pace_mb_s: int = 0) -> Server:
+    """A server on a free 127.0.0.1 port (not yet serving: `serve_forever` it); `pace_mb_s`: each response sent at
+    most that fast (0: as fast as it goes)."""
     import base64
 
     import google_crc32c
@@ -74,14 +76,22 @@ def serve(folder: Path, tls: tuple[Path, Path] | None = None) -> Server:
             body, status, crc32c = objects.get(name), 200, hashes.get(name)
             if body is None:
                 body, status, crc32c = b"no such object", 404, None
-            elif self.headers.get("Range", "").startswith("bytes=0-"):
-                body, status, crc32c = body[: int(self.headers["Range"].removeprefix("bytes=0-")) + 1], 206, None
+            elif self.headers.get("Range", "").startswith("bytes="):
+                first, _, last = self.headers["Range"].removeprefix("bytes=").partition("-")
+                body, status, crc32c = body[int(first) : int(last) + 1], 206, None
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             if crc32c:
                 self.send_header("x-goog-hash", f"crc32c={crc32c}")
             self.end_headers()
-            self.wfile.write(body)
+            if not pace_mb_s:
+                self.wfile.write(body)
+                return
+            view, step = memoryview(body), pace_mb_s << 18  # each connection at most `pace_mb_s` MB/s, as one stream
+            for at in range(0, len(body), step):  # of a store: a quarter-second's bytes at a time
+                started = time.monotonic()
+                self.wfile.write(view[at : at + step])
+                time.sleep(max(0.0, step / (pace_mb_s * 1e6) - (time.monotonic() - started)))
 
     server = Server(("127.0.0.1", 0), Handler)
     if tls:
@@ -93,8 +103,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("folder", type=Path)
     parser.add_argument("--tls", nargs=2, type=Path, metavar=("CERT", "KEY"))
+    parser.add_argument("--pace-mb-s", type=int, default=0, help="each response at most this fast (0: unpaced)")
     args = parser.parse_args()
-    server = serve(args.folder, tuple(args.tls) if args.tls else None)
+    server = serve(args.folder, tuple(args.tls) if args.tls else None, args.pace_mb_s)
     print(f"listening on {server.server_address[1]}", flush=True)
     server.serve_forever()
 
