@@ -321,6 +321,12 @@ def test_snapshot_load_benchmark_reads_the_files_once_a_machine():
     assert first["items"] == later["items"] == 2000 and first["hashed_gb"] > 0 and later["hashed_gb"] == 0
 
 
+def test_snapshot_download_benchmark_runs():
+    result = json.loads(_run("benchmarks/snapshot_download.py", "--gb", "0.01", "--paces", "0,50", "--rounds", "1"
+                             ).splitlines()[-1])  # fmt: skip
+    assert set(result) == {"now@0", "now@50"} and all(way["complete"] and way["cpu_s"] > 0 for way in result.values())
+
+
 def test_a_loader_process_does_not_copy_the_training_sets_uris():
     """A forked loader process reading every pair's URI once: a list of Python strings is copied page by page into
     it (their reference counts are written), the dataset's Arrow array is not."""
