@@ -23,7 +23,7 @@ from indexing.backends import AnnIndex, load_index
 from indexing.item_ids import ItemIds
 from indexing.publish import read_latest
 from indexing.reduce import Reducer, load_reducer
-from indexing.snapshot import MANIFEST_NAME, SnapshotError, local_copy, read_manifest, verify_snapshot
+from indexing.snapshot import ID_LOOKUP, MANIFEST_NAME, SnapshotError, local_copy, read_manifest, verify_snapshot
 
 __all__ = ["Neighbor", "SnapshotClient", "UnknownItem", "open_snapshot"]
 
@@ -61,7 +61,10 @@ def _load(root: str, snapshot_id: str, cache_dir: str) -> _Loaded:
     directory = local_copy(root, snapshot_id, cache_dir)
     verify_snapshot(directory, manifest, cache_dir)
     index = load_index(Path(directory), manifest["index"])
-    item_ids = ItemIds.read(Path(directory) / "ids.parquet")
+    if ID_LOOKUP in manifest["files"]:
+        item_ids = ItemIds.open_lookup(Path(directory) / ID_LOOKUP)
+    else:  # a snapshot built before the lookup was: its ids hashed and sorted here
+        item_ids = ItemIds.read(Path(directory) / "ids.parquet")
     vectors = np.load(Path(directory) / "vectors.npy", mmap_mode="r")
     count, dim = manifest["count"], manifest["dim"]
     if len(item_ids) != count or vectors.shape != (count, dim) or getattr(index, "ntotal", count) != count:

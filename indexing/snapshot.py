@@ -2,6 +2,7 @@
 
     ROOT/<snapshot_id>/index.faiss | scann/...   the index (plus index.ivfdata when on disk)
                        ids.parquet               row → item_id
+                       ids.lookup.arrow          the ids again, with their sorted hashes and rows (mapped to serve)
                        vectors.npy               (count, dim) float32 as served (after any reduction)
                        reduce.npz                the reduction, when there is one
                        manifest.json             written last: every file's size and sha256, model_version,
@@ -34,6 +35,7 @@ from encoder.stamps import Remembered, file_stamps
 from encoder.tables import repeated
 from indexing.backends import build_scann, fill_faiss, train_faiss
 from indexing.embeddings import EmbeddingsError, open_embeddings
+from indexing.item_ids import ItemIds
 from indexing.memory import BuildMemory, arrow_system_pool, release_freed_memory
 from indexing.quality import exact_topk, measure, recall_at_k
 from indexing.reduce import fit_reducer
@@ -52,6 +54,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+ID_LOOKUP = (
+    "ids.lookup.arrow"  # the ids, their sorted hashes and rows, mapped by a serving process (not before 2026-11-29)
+)
 _TRAIN_ROWS = 100_000  # k-means and PCA learn well from this many; more only costs time
 
 
@@ -85,12 +90,16 @@ def _write_ids_and_vectors(source, transform, workdir: Path, dim: int):
         raise EmbeddingsError(f"runs' manifests promise {source.count} rows, shards hold {offset}")
 
 
-def _check_unique_ids(path: Path) -> None:
-    dupes = repeated(pq.read_table(path).column("item_id"))
+def _write_id_lookup(workdir: Path) -> None:
+    """`ID_LOOKUP` beside ids.parquet, the ids checked unique first: a serving process maps it instead of hashing
+    and sorting every id at each load (`indexing.item_ids.ItemIds.open_lookup`)."""
+    ids = pq.read_table(workdir / "ids.parquet").column("item_id")
+    dupes = repeated(ids)
     if len(dupes):
         raise EmbeddingsError(
             f"{len(dupes)} item_id(s) appear more than once, e.g. {dupes[:5].to_pylist()}; index one run per item set"
         )
+    ItemIds(ids).write_lookup(workdir / ID_LOOKUP)
 
 
 def _tune(index, queries: np.ndarray, truth: np.ndarray, cfg: IndexConfig) -> dict:
@@ -167,7 +176,7 @@ def _build_snapshot(embeddings: list[str] | str, root: str, cfg: IndexConfig, sn
                 pass
             index = build_scann(plan, np.load(workdir / "vectors.npy", mmap_mode="r"))
         build_s = time.monotonic() - build_start
-        _check_unique_ids(workdir / "ids.parquet")
+        _write_id_lookup(workdir)
         release_freed_memory()
 
         # Ground truth is exact search in the embedding space itself, so a reduction's loss shows in the recall.
@@ -180,7 +189,11 @@ def _build_snapshot(embeddings: list[str] | str, root: str, cfg: IndexConfig, sn
                 f"measured recall@{cfg.k} {quality.recall_at_10:.3f} is below --min-recall {cfg.min_recall} "
                 f"({plan.kind}, {search_params or 'default search'}); try another --index or lower --min-recall"
             )
-        names = index.save(workdir) + ["ids.parquet", "vectors.npy"] + ([reducer.save(workdir)] if reducer else [])
+        names = (
+            index.save(workdir)
+            + ["ids.parquet", ID_LOOKUP, "vectors.npy"]
+            + ([reducer.save(workdir)] if reducer else [])
+        )
         manifest = {
             "snapshot_id": snapshot_id,
             "created_at": datetime.now(UTC).isoformat(),
@@ -203,7 +216,7 @@ def _build_snapshot(embeddings: list[str] | str, root: str, cfg: IndexConfig, sn
             "memory": memory.describe() if memory else None,
             "quality": quality.as_dict() | {"k": cfg.k, "build_s": round(build_s, 3)},
             "bytes": {
-                "index": sum(_size(workdir / n) for n in names if n not in ("ids.parquet", "vectors.npy")),
+                "index": sum(_size(workdir / n) for n in names if n not in ("ids.parquet", ID_LOOKUP, "vectors.npy")),
                 "vectors_float32_source": source.nbytes,
             },  # fmt: skip
             "source_runs": [{"run_dir": r.run_dir, "run_id": r.run_id, "rows": r.rows} for r in source.runs],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -343,3 +344,30 @@ def test_a_faiss_index_is_mapped_from_its_file_and_answers_as_one_read_whole(run
     expected_scores, expected_rows = whole.search(vectors[:20], 10)
     np.testing.assert_array_equal(rows, expected_rows)
     np.testing.assert_allclose(scores, expected_scores, rtol=1e-6)
+
+
+def test_the_ids_lookup_is_mapped_and_a_snapshot_built_before_it_still_loads(run, vectors, tmp_path):
+    """A snapshot's build saves its ids' sorted hashes and rows (`ids.lookup.arrow`, checked like every file); a
+    client maps them. One built before the lookup was has none: its ids are hashed and sorted at load, as then."""
+    from indexing.snapshot import ID_LOOKUP
+
+    root = tmp_path / "snapshots"
+    snapshot_id = build_snapshot(run, str(root), CFG)["snapshot_id"]
+    publish(str(root), snapshot_id)
+    manifest = json.loads((root / snapshot_id / "manifest.json").read_text())
+    files = manifest["files"]
+    assert ID_LOOKUP in files and manifest["bytes"]["index"] == sum(f["bytes"] for n, f in files.items()
+                                                                    if n.startswith("index"))  # fmt: skip
+    client = SnapshotClient(str(root), cache_dir=str(tmp_path / "cache"))
+    path = str((root / snapshot_id / ID_LOOKUP).resolve())
+    assert any(line.rstrip().endswith(path) for line in Path("/proc/self/maps").read_text().splitlines())
+    expected = client.search(item_ids=["item-000001", "item-003999"], k=5)
+
+    older = tmp_path / "older"
+    shutil.copytree(root, older)
+    (older / snapshot_id / ID_LOOKUP).unlink()
+    del manifest["files"][ID_LOOKUP]
+    (older / snapshot_id / "manifest.json").write_text(json.dumps(manifest))
+    before = SnapshotClient(str(older), cache_dir=str(tmp_path / "cache"))
+    assert len(before) == 4000 and before.search(item_ids=["item-000001", "item-003999"], k=5) == expected
+    assert before.holds(["item-000002", "nope"]) == [True, False] == client.holds(["item-000002", "nope"])
