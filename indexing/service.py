@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from indexing.client import SnapshotClient, UnknownItem
 
-__all__ = ["create_app"]
+__all__ = ["ServeSettings", "app_from_environment", "create_app"]
 
 MAX_K = 1000
 MAX_QUERIES = 256
@@ -129,6 +133,34 @@ class _BodyLimit:
 
 class _Unauthorized(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What `lookalike serve` hands each of its worker processes (`--workers`), through the environment."""
+
+    ENV: ClassVar[str] = "LOOKALIKE_SERVE"
+    root: str
+    refresh_s: float
+    token_file: str | None  # read by each process; else `LOOKALIKE_TOKEN`, which they inherit
+    max_body_bytes: int
+
+    def token(self) -> str | None:
+        return Path(self.token_file).read_text() if self.token_file else os.environ.get("LOOKALIKE_TOKEN")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one of `lookalike serve --workers N`'s processes (uvicorn's factory): a client of its own over the
+    snapshot's mapped files, refreshing on its own, closed with the process's server."""
+    settings = ServeSettings(**json.loads(os.environ[ServeSettings.ENV]))
+    client = SnapshotClient(settings.root)
+    app = create_app(client, token=settings.token(), max_body_bytes=settings.max_body_bytes)
+    client.start_auto_refresh(settings.refresh_s)
+    app.router.on_shutdown.append(client.close)
+    return app
 
 
 def create_app(client: SnapshotClient, *, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:

@@ -601,12 +601,15 @@ def serve_cmd(
         str | None, typer.Option(help="File holding a bearer token that requests must carry (or $LOOKALIKE_TOKEN).")
     ] = None,
     max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413 unread.")] = 8 * 1024 * 1024,
+    workers: Annotated[
+        int, typer.Option(help="Server processes on the port, sharing the snapshot's mapped files.")
+    ] = 1,
 ) -> None:
     """Serve similar-item queries over HTTP, picking up newly published snapshots as they land."""
     import uvicorn
 
     from indexing import SnapshotClient
-    from indexing.service import create_app
+    from indexing.service import ServeSettings, create_app
 
     if max_body_bytes < 1:
         raise ValueError(f"--max-body-bytes must be >= 1, got {max_body_bytes}")
@@ -614,11 +617,21 @@ def serve_cmd(
         raise ValueError(f"--port must be 1-65535, got {port}")
     if not refresh_s > 0:  # 0 would read LATEST back to back: on an object store, a storm of requests
         raise ValueError(f"--refresh-s must be > 0, got {refresh_s}")
-    token = Path(token_file).read_text() if token_file else os.environ.get("LOOKALIKE_TOKEN")
-    client = SnapshotClient(root)
-    app_ = create_app(client, token=token, max_body_bytes=max_body_bytes)
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    settings = ServeSettings(root, refresh_s, str(Path(token_file).resolve()) if token_file else None, max_body_bytes)
+    token = settings.token()
+    client = SnapshotClient(root)  # here first: a root with nothing to serve is refused before any worker starts
     if token is None and host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("lookalike").warning("serving on %s without a bearer token (--token-file)", host)
+    if workers > 1:  # each worker process loads the snapshot as checked here (its check remembered), mapped
+        client.close()
+        del client
+        os.environ[ServeSettings.ENV] = settings.to_json()
+        uvicorn.run("indexing.service:app_from_environment", factory=True, workers=workers, host=host, port=port,
+                    log_level="warning")  # fmt: skip
+        return
+    app_ = create_app(client, token=token, max_body_bytes=max_body_bytes)
     client.start_auto_refresh(refresh_s)
     try:
         uvicorn.run(app_, host=host, port=port, log_level="warning")

@@ -231,8 +231,9 @@ def test_init_model_writes_to_gcs_and_local_only_outputs_refuse_a_uri(
 
 @pytest.mark.parametrize(
     ("flag", "message"),
-    [("--port=99999", "--port must be 1-65535, got 99999"), ("--refresh-s=0", "--refresh-s must be > 0, got 0.0")],
-)
+    [("--port=99999", "--port must be 1-65535, got 99999"), ("--refresh-s=0", "--refresh-s must be > 0, got 0.0"),
+     ("--workers=0", "--workers must be >= 1, got 0")],
+)  # fmt: skip
 def test_serve_refuses_a_port_or_a_refresh_it_cannot_use_before_loading(monkeypatch, capsys, flag, message):
     import pipelines.cli
     from pipelines.cli import main

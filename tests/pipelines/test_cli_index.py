@@ -90,29 +90,34 @@ def test_index_user_mistakes(tmp_path, run_dir, args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+def _serve(tmp_path, *args: str) -> tuple[subprocess.Popen, int]:
+    """`lookalike serve --root S` with `args`, once it answers /healthz."""
+    import sys
+    from pathlib import Path
+
+    port = _free_port()
+    exe = Path(sys.executable).with_name("lookalike")
+    server = subprocess.Popen([str(exe), "serve", "--root", "S", "--port", str(port), *args], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+                return server, port
+        except OSError:
+            assert server.poll() is None, server.stderr.read().decode()
+            assert time.monotonic() < deadline, "server did not answer in 60 s"
+            time.sleep(0.3)
+
+
 @pytest.mark.slow
 def test_serve_answers_http(tmp_path, run_dir):
     assert _lookalike("index", "--embeddings", run_dir, "--out", "S", "--queries", "50", cwd=tmp_path).returncode == 0
     assert _lookalike("publish", "--root", "S", cwd=tmp_path).returncode == 0
-    port = _free_port()
-    import sys
-    from pathlib import Path
-
-    exe = Path(sys.executable).with_name("lookalike")
     (tmp_path / "token").write_text("s3cret\n")
-    server = subprocess.Popen([str(exe), "serve", "--root", "S", "--port", str(port), "--token-file", "token"],
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    server, port = _serve(tmp_path, "--token-file", "token")
     url = f"http://127.0.0.1:{port}/similar/item-000001?k=2"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
-                    break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()
-                assert time.monotonic() < deadline, "server did not answer in 60 s"
-                time.sleep(0.3)
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(url, timeout=5)
         assert refused.value.code == 401
@@ -123,3 +128,57 @@ def test_serve_answers_http(tmp_path, run_dir):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def _workers(pid: int) -> set[int]:
+    """The worker processes uvicorn spawned under `pid` (not multiprocessing's resource tracker)."""
+    from pathlib import Path
+
+    children = {int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()}
+    return {c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()}
+
+
+@pytest.mark.slow
+def test_serve_with_workers_answers_from_each_and_each_takes_a_new_snapshot(tmp_path, run_dir):
+    """`--workers 2`: two processes on the port, each with its own client over the snapshot's mapped files, each
+    refreshing on its own; a worker killed is replaced and the port keeps answering. A token file is read by each."""
+    import os
+    import signal
+
+    assert _lookalike("index", "--embeddings", run_dir, "--out", "S", "--queries", "50", cwd=tmp_path).returncode == 0
+    assert _lookalike("publish", "--root", "S", cwd=tmp_path).returncode == 0
+    (tmp_path / "token").write_text("s3cret\n")
+    server, port = _serve(tmp_path, "--workers", "2", "--refresh-s", "1", "--token-file", "token")
+
+    def answers(n: int) -> list[dict]:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/similar/item-000001?k=2",
+                                         headers={"Authorization": "Bearer s3cret", "Connection": "close"})  # fmt: skip
+        out = []
+        for _ in range(n):
+            with urllib.request.urlopen(request, timeout=5) as r:
+                out.append(json.loads(r.read()))
+        return out
+
+    try:
+        workers = _workers(server.pid)
+        first = answers(20)
+        assert len(workers) == 2 and all(len(a["neighbors"]) == 2 for a in first)
+        assert (
+            _lookalike("index", "--embeddings", run_dir, "--out", "S", "--queries", "50", cwd=tmp_path).returncode == 0
+        )
+        assert _lookalike("publish", "--root", "S", cwd=tmp_path).returncode == 0
+        newest = json.loads((tmp_path / "S" / "LATEST").read_text())["snapshot_id"]
+        assert newest != first[0]["snapshot_id"]
+        deadline = time.monotonic() + 30
+        while {a["snapshot_id"] for a in answers(20)} != {newest}:  # every worker's answers, not one's
+            assert time.monotonic() < deadline, "not every worker took the new snapshot in 30 s"
+            time.sleep(0.5)
+        os.kill(max(workers), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while len(_workers(server.pid) - workers) != 1 or len(_workers(server.pid)) != 2:
+            assert time.monotonic() < deadline, "the killed worker was not replaced in 30 s"
+            time.sleep(0.3)
+        assert all(a["snapshot_id"] == newest for a in answers(20))
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
