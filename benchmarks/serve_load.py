@@ -79,8 +79,20 @@ async def _load(url: str, ids: list[str], seconds: float, clients: int, swap: li
             "max_around_swap_ms": float(ms[np.abs(began - t0 - swap_at) <= 3.0].max(initial=0.0))}  # fmt: skip
 
 
-def run_load_test(work: Path, *, seconds: float, clients: int, items: int, dim: int) -> dict:
-    """Two snapshots, a server, `clients` clients for `seconds`, a publish half-way; the measurements."""
+def _own_mib(pid: int) -> float:
+    """The anonymous memory of `pid` and every process under it, in MiB (what no other process shares)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        children = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    except OSError:
+        return 0.0
+    own = next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("RssAnon:")), 0.0)
+    return own + sum(_own_mib(child) for child in children)
+
+
+def run_load_test(work: Path, *, seconds: float, clients: int, items: int, dim: int, workers: int = 1) -> dict:
+    """Two snapshots, a server of `workers` processes, `clients` clients for `seconds`, a publish half-way; the
+    measurements, and the server processes' own memory at the end."""
     from indexing import IndexConfig, build_snapshot, publish
 
     run = write_run(work / "20260101T000000Z-dddddd", clustered(items, dim))
@@ -91,8 +103,9 @@ def run_load_test(work: Path, *, seconds: float, clients: int, items: int, dim: 
     ids = [f"item-{i:06d}" for i in random.Random(0).sample(range(items), min(items, 5000))]
     port = free_port()
     exe = Path(sys.executable).with_name("lookalike")
-    server = subprocess.Popen([str(exe), "serve", "--root", str(root), "--port", str(port), "--refresh-s", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})  # fmt: skip
+    server = subprocess.Popen([str(exe), "serve", "--root", str(root), "--port", str(port), "--refresh-s", "1",
+                               "--workers", str(workers)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env={**os.environ})  # fmt: skip
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -106,6 +119,7 @@ def run_load_test(work: Path, *, seconds: float, clients: int, items: int, dim: 
         result = asyncio.run(
             _load(f"http://127.0.0.1:{port}", ids, seconds, clients, [str(exe), "publish", "--root", str(root), second])
         )
+        result["server_own_mib"] = _own_mib(server.pid)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -118,18 +132,21 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=1, help="`lookalike serve --workers`")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lookalike-serve-load-") as work:
-        r = run_load_test(Path(work), seconds=args.seconds, clients=args.clients, items=args.items, dim=args.dim)
+        r = run_load_test(Path(work), seconds=args.seconds, clients=args.clients, items=args.items, dim=args.dim,
+                          workers=args.workers)  # fmt: skip
     print(
         f"machine: {machine()}; {args.items:,} × {args.dim} vectors, index auto; {args.clients} clients, "
-        f"{args.seconds:.0f} s, snapshot swapped half-way\n"
+        f"{args.seconds:.0f} s, snapshot swapped half-way; {args.workers} server process(es)\n"
     )
-    print("| requests | errors | requests/s | p50 ms | p99 ms | max ms | answered by first / second snapshot |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| requests | errors | requests/s | p50 ms | p99 ms | max ms | answered by first / second snapshot "
+          "| server's own MiB |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")  # fmt: skip
     print(
         f"| {r['requests']:,} | {r['errors']} | {r['requests_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
-        f"| {r['max_ms']:.1f} | {r['served'].get(r['first'], 0):,} / {r['served'].get(r['second'], 0):,} |"
+        f"| {r['max_ms']:.1f} | {r['served'].get(r['first'], 0):,} / {r['served'].get(r['second'], 0):,} "
+        f"| {r['server_own_mib']:,.0f} |"
     )
     print(
         f"\nslowest request started {r['max_at_s']:.1f} s into the run; the publish began at {r['swap_at_s']:.1f} s; "

@@ -243,9 +243,11 @@ def test_training_benchmark_smoke_mode_runs_on_cpu():
 def test_serve_load_with_a_hot_swap_has_no_errors(tmp_path):
     from benchmarks.serve_load import run_load_test
 
-    # 10 s: the publish half-way is its own process (~1-2 s to start), then the server refreshes every second.
-    result = run_load_test(tmp_path, seconds=10, clients=8, items=2000, dim=16)
+    # 10 s: the publish half-way is its own process (~1-2 s to start), then the server refreshes every second; two
+    # worker processes, each refreshing on its own.
+    result = run_load_test(tmp_path, seconds=10, clients=8, items=2000, dim=16, workers=2)
     assert result["errors"] == 0, result["outcomes"]
+    assert result["server_own_mib"] > 0
     assert result["requests"] > 100
     assert result["served"].get(result["first"], 0) > 0 and result["served"].get(result["second"], 0) > 0
 
