@@ -163,7 +163,7 @@ def test_manifest_contract(run, tmp_path):
     ):
         assert key in manifest
     assert manifest["metric"] == "inner_product" and manifest["count"] == 4000 and manifest["dim"] == 32
-    assert set(manifest["files"]) == {"index.faiss", "ids.parquet", "vectors.npy"}
+    assert set(manifest["files"]) == {"index.faiss", "ids.parquet", "ids.lookup.arrow", "vectors.npy"}
     assert not (tmp_path / "LATEST").exists(), "building must not publish"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".building")]
 
