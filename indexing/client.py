@@ -21,6 +21,7 @@ import numpy as np
 from encoder import storage
 from indexing.backends import AnnIndex, load_index
 from indexing.item_ids import ItemIds
+from indexing.page_cache import warm
 from indexing.publish import read_latest
 from indexing.reduce import Reducer, load_reducer
 from indexing.snapshot import ID_LOOKUP, MANIFEST_NAME, SnapshotError, local_copy, read_manifest, verify_snapshot
@@ -60,6 +61,9 @@ def _load(root: str, snapshot_id: str, cache_dir: str) -> _Loaded:
     manifest = read_manifest(root, snapshot_id)
     directory = local_copy(root, snapshot_id, cache_dir)
     verify_snapshot(directory, manifest, cache_dir)
+    for name in WARMED:  # in the page cache before a search faults it in 4 KiB at a time
+        if name in manifest["files"]:
+            warm(Path(directory) / name)
     index = load_index(Path(directory), manifest["index"])
     if ID_LOOKUP in manifest["files"]:
         item_ids = ItemIds.open_lookup(Path(directory) / ID_LOOKUP)
@@ -73,6 +77,9 @@ def _load(root: str, snapshot_id: str, cache_dir: str) -> _Loaded:
             f"ids {len(item_ids)}, vectors {vectors.shape}"
         )
     return _Loaded(manifest, index, item_ids, vectors, load_reducer(directory))
+
+
+WARMED = ("index.faiss", ID_LOOKUP)  # mapped files every search reads (not an on-disk IVF's lists, nor vectors.npy)
 
 
 class SnapshotClient:
