@@ -31,7 +31,7 @@ from benchmarks.common import best_of_checkouts, clustered, machine, process_mem
 sys.path.insert(0, os.environ.get("SNAPSHOT_LOAD_CODE", str(ROOT)))  # the child's: the checkout it measures
 
 
-def measure(root: str, cache: str) -> dict:
+def measure(root: str, cache: str, searches: int) -> dict:
     import numpy as np
 
     from encoder import storage
@@ -42,16 +42,25 @@ def measure(root: str, cache: str) -> dict:
     start = time.perf_counter()
     client = SnapshotClient(root, cache_dir=cache)
     seconds = time.perf_counter() - start
+    queries = np.random.default_rng(0).standard_normal((searches, client.manifest["dim"])).astype(np.float32)
     start = time.perf_counter()
-    client.search(vectors=np.ones((1, client.manifest["dim"]), np.float32), k=10)  # a mapped index's pages fault in
-    return {
-        "seconds": seconds,
-        "first_search_s": time.perf_counter() - start,
-        "peak_mib": process_memory_mib(),
-        "own_mib": process_memory_mib("RssAnon"),
-        "hashed_gb": sum(hashed) / 1e9,
-        "items": len(client),
-    }
+    for query in queries:  # one at a time, as requests come: a mapped index's pages fault in as they are read
+        client.search(vectors=query[None], k=10)
+    return {"seconds": seconds, "first_search_s": time.perf_counter() - start, "peak_mib": process_memory_mib(),
+            "own_mib": process_memory_mib("RssAnon"), "hashed_gb": sum(hashed) / 1e9,
+            "items": len(client)}  # fmt: skip
+
+
+def evict(folder: Path) -> None:
+    """The folder's files out of the page cache, as after a machine's start (clean pages: no privileges needed)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def main() -> None:
@@ -61,10 +70,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ways", default="now@first,now@later", help="comma-separated: now@first, now@later, or "
                         "folders of other checkouts")  # fmt: skip
-    parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)  # the child process: the root, the cache
+    parser.add_argument("--index", default="flat", help="the snapshot's index (`lookalike index --index`)")
+    parser.add_argument("--searches", type=int, default=1, help="single-vector searches timed after the load")
+    parser.add_argument("--cold", action="store_true", help="the snapshot's files evicted from the page cache first")
+    parser.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)  # the child: the root, the cache, searches
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(*args.measure)))
+        print(json.dumps(measure(*args.measure[:2], int(args.measure[2]))))
         return
 
     from indexing import IndexConfig, build_snapshot, publish
@@ -73,22 +85,26 @@ def main() -> None:
     start = time.perf_counter()
     run = write_run(work / "run", clustered(args.items, args.dim, clusters=max(50, args.items // 100)), shards=8)
     root = str(work / "snapshots")
-    built = build_snapshot(run, root, IndexConfig(index="flat", queries=100))
+    built = build_snapshot(run, root, IndexConfig(index=args.index, queries=100))
     publish(root, built["snapshot_id"])
     size = sum(f["bytes"] for f in built["files"].values())
     print(f"machine: {machine()}\n{args.items:,} × {args.dim}, a {built['index']['kind']} index: {size / 1e9:.2f} GB "
-          f"of files (built in {time.perf_counter() - start:.0f} s), {args.rounds} rounds\n")  # fmt: skip
+          f"of files (built in {time.perf_counter() - start:.0f} s), {args.rounds} rounds"
+          f"{'; the files evicted from the page cache before each' if args.cold else ''}\n")  # fmt: skip
     time.sleep(2.1)  # the files settled (`indexing.snapshot._SETTLED_S`), as a night's are by the time they load
     later = str(work / "cache-later")
 
     def command(way: str) -> list[str]:
         cache = later if way.endswith("@later") else str(work / f"cache-{uuid.uuid4().hex}")
-        return [sys.executable, __file__, "--measure", root, cache]
+        if args.cold:
+            evict(Path(root))
+        return [sys.executable, __file__, "--measure", root, cache, str(args.searches)]
 
     subprocess.run(command("now@later"), check=True, capture_output=True)  # an earlier process on the machine
     best = best_of_checkouts(args.ways.split(","), args.rounds, "SNAPSHOT_LOAD_CODE", command,
                              ("seconds", "first_search_s", "peak_mib", "own_mib"))  # fmt: skip
-    print("| code | load s | first search s | peak resident MiB | its own MiB | GB read for sha256 |\n"
+    print(f"| code | load s | first {args.searches} search(es) s | peak resident MiB | its own MiB | "
+          "GB read for sha256 |\n"
           "| --- | ---: | ---: | ---: | ---: | ---: |")  # fmt: skip
     for way, b in best.items():
         print(f"| {way} | {b['seconds']:.2f} | {b['first_search_s']:.2f} | {b['peak_mib']:,.0f} | "
