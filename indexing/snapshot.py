@@ -54,9 +54,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-ID_LOOKUP = (
-    "ids.lookup.arrow"  # the ids, their sorted hashes and rows, mapped by a serving process (not before 2026-11-29)
-)
+# The ids with their sorted hashes and rows, which a serving process maps (snapshots built before 2026-11-29: none).
+ID_LOOKUP = "ids.lookup.arrow"
 _TRAIN_ROWS = 100_000  # k-means and PCA learn well from this many; more only costs time
 
 
