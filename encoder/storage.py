@@ -422,13 +422,19 @@ def _read_capped(uri: str, max_bytes: int) -> bytes:
     """
     from google.api_core.exceptions import from_http_status
 
-    bucket, name = _object(uri)
     http = _image_http()
-    response = http.get(f"{http.base}{bucket}/o/{quote(name, safe='~')}?alt=media", {"Accept-Encoding": "gzip"},
-                        max_bytes)  # fmt: skip
+    response = http.get(_media_url(http, uri), {"Accept-Encoding": "gzip"}, max_bytes)
     if response.status in (200, 206):
         return response.body
     raise from_http_status(response.status, f"GET {uri}: {response.body[:300].decode('utf-8', 'replace')}")
+
+
+def _media_url(http, uri: str, generation=None) -> str:
+    """The download URL of a gs:// object under `http`'s base; with `generation`, of that generation only."""
+    bucket, name = _object(uri)
+    return f"{http.base}{bucket}/o/{quote(name, safe='~')}?alt=media" + (
+        f"&generation={generation}" if generation else ""
+    )
 
 
 _IMAGE_HTTP: tuple | None = None  # (the client it serves, its `ObjectHttp`)
@@ -831,11 +837,8 @@ def _read_range(uri: str, generation, path: Path, start: int, stop: int) -> None
     """Bytes [start, stop) of the object's `generation` into `path` at `start`, as they arrive."""
     from google.api_core.exceptions import from_http_status
 
-    bucket, name = _object(uri)
     http = _image_http()
-    url = f"{http.base}{bucket}/o/{quote(name, safe='~')}?alt=media" + (
-        f"&generation={generation}" if generation else ""
-    )
+    url = _media_url(http, uri, generation)
     written, failed = 0, []
     with open(path, "r+b") as f:
 

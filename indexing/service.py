@@ -151,14 +151,19 @@ class ServeSettings:
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
+    def app(self, client: SnapshotClient) -> FastAPI:
+        """The app over `client`, which refreshes from now on."""
+        app = create_app(client, token=self.token(), max_body_bytes=self.max_body_bytes)
+        client.start_auto_refresh(self.refresh_s)
+        return app
+
 
 def app_from_environment() -> FastAPI:
     """The app of one of `lookalike serve --workers N`'s processes (uvicorn's factory): a client of its own over the
     snapshot's mapped files, refreshing on its own, closed with the process's server."""
     settings = ServeSettings(**json.loads(os.environ[ServeSettings.ENV]))
     client = SnapshotClient(settings.root)
-    app = create_app(client, token=settings.token(), max_body_bytes=settings.max_body_bytes)
-    client.start_auto_refresh(settings.refresh_s)
+    app = settings.app(client)
     app.router.on_shutdown.append(client.close)
     return app
 

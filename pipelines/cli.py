@@ -609,7 +609,7 @@ def serve_cmd(
     import uvicorn
 
     from indexing import SnapshotClient
-    from indexing.service import ServeSettings, create_app
+    from indexing.service import ServeSettings
 
     if max_body_bytes < 1:
         raise ValueError(f"--max-body-bytes must be >= 1, got {max_body_bytes}")
@@ -631,8 +631,7 @@ def serve_cmd(
         uvicorn.run("indexing.service:app_from_environment", factory=True, workers=workers, host=host, port=port,
                     log_level="warning")  # fmt: skip
         return
-    app_ = create_app(client, token=token, max_body_bytes=max_body_bytes)
-    client.start_auto_refresh(refresh_s)
+    app_ = settings.app(client)
     try:
         uvicorn.run(app_, host=host, port=port, log_level="warning")
     finally:
