@@ -150,6 +150,19 @@ def process_memory_mib(field: str = "VmHWM") -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def child_pids(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (from each process's /proc/PID/stat, which every Linux kernel has)."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()  # past "pid (comm)": state, ppid, ...
+        except OSError:  # gone meanwhile
+            continue
+        if len(fields) > 1 and fields[1] == str(pid):
+            children.add(int(stat.parent.name))
+    return children
+
+
 def best_of_checkouts(ways: list[str], rounds: int, code_env: str, command: Callable[[str], list[str]],
                       lowest: tuple[str, ...] = ("seconds", "peak_mib")) -> dict:  # fmt: skip
     """Each way's measurement in a fresh process, `rounds` times, the ways alternated: `command(way)` prints a JSON

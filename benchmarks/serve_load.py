@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import clustered, free_port, machine, write_run  # noqa: E402
+from benchmarks.common import child_pids, clustered, free_port, machine, write_run  # noqa: E402
 
 
 async def _client(url: str, ids: list[str], until: float, seed: int, latencies: list, outcomes: Counter,
@@ -83,11 +83,10 @@ def _own_mib(pid: int) -> float:
     """The anonymous memory of `pid` and every process under it, in MiB (what no other process shares)."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
-        children = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
     except OSError:
         return 0.0
     own = next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("RssAnon:")), 0.0)
-    return own + sum(_own_mib(child) for child in children)
+    return own + sum(_own_mib(child) for child in child_pids(pid))
 
 
 def run_load_test(work: Path, *, seconds: float, clients: int, items: int, dim: int, workers: int = 1) -> dict:

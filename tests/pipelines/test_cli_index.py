@@ -134,8 +134,16 @@ def _workers(pid: int) -> set[int]:
     """The worker processes uvicorn spawned under `pid` (not multiprocessing's resource tracker)."""
     from pathlib import Path
 
-    children = {int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()}
-    return {c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()}
+    from benchmarks.common import child_pids
+
+    workers = set()
+    for child in child_pids(pid):
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.add(child)
+        except OSError:  # gone meanwhile
+            pass
+    return workers
 
 
 @pytest.mark.slow
