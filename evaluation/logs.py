@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
@@ -32,6 +33,7 @@ from evaluation.catalog import read_table
 __all__ = ["Judgments", "LogError", "read_judgments"]
 
 REQUIRED = ("query_item_id", "clicked_item_id")
+PAIR_COLUMNS = (*REQUIRED, "weight")  # `Judgments.pairs`
 COLUMNS = (*REQUIRED, "weight", "timestamp", "session_id")  # what is read of each file; other columns never are
 _DAY_KEY = re.compile(r"(?:^|/)[A-Za-z_][A-Za-z0-9_]*=(\d{4}-\d{2}-\d{2}|\d{8})(?=/)")
 _DAY_PART = re.compile(r"(?:^|/)(year|month|day)=(\d{1,4})(?=/)")
@@ -43,10 +45,37 @@ class LogError(ValueError):
 
 @dataclass
 class Judgments:
-    """Relevance per query item, and what was dropped on the way."""
+    """Relevance per query item, and what was dropped on the way.
 
-    relevance: dict[str, dict[str, float]]
+    `pairs`: one row per (query, clicked item) pair, `query_item_id`, `clicked_item_id` and `weight` (its
+    relevance, > 0), in no particular order: Arrow columns, not a Python object a pair, so a month of a
+    marketplace's logs (millions of queries, tens of millions of pairs) costs its bytes and no more."""
+
+    pairs: pa.Table
     counts: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_relevance(cls, relevance: Mapping[str, Mapping[str, float]], counts: dict[str, int] | None = None
+                       ) -> Judgments:  # fmt: skip
+        """Judgments from `{query: {clicked: relevance}}` (tests, hand-made judgments)."""
+        rows = [(query, item, float(value)) for query, clicked in relevance.items() for item, value in clicked.items()]
+        columns = list(zip(*rows, strict=True)) if rows else [[], [], []]
+        return cls(pa.table({PAIR_COLUMNS[0]: pa.array(columns[0], pa.string()),
+                             PAIR_COLUMNS[1]: pa.array(columns[1], pa.string()),
+                             PAIR_COLUMNS[2]: pa.array(columns[2], pa.float64())}), dict(counts or {}))  # fmt: skip
+
+    @property
+    def relevance(self) -> dict[str, dict[str, float]]:
+        """`{query: {clicked: relevance}}`, built on asking: a Python object a pair (small logs, tests)."""
+        out: dict[str, dict[str, float]] = {}
+        for query, clicked, value in zip(*(self.pairs.column(c).to_pylist() for c in PAIR_COLUMNS), strict=True):
+            out.setdefault(query, {})[clicked] = value
+        return out
+
+    def items(self) -> pa.Array:
+        """Every item judged, as a query or as clicked, once."""
+        chunks = [chunk for c in REQUIRED for chunk in self.pairs.column(c).cast(pa.large_string()).chunks]
+        return pc.unique(pa.chunked_array(chunks, pa.large_string()))
 
 
 def log_files(uri: str) -> list[str]:
@@ -174,15 +203,10 @@ def read_judgments(uri: str, since: datetime | None = None, max_queries: int | N
     if table.num_rows == 0:
         raise LogError(f"interaction log {uri}: no usable rows left ({counts})")
 
-    grouped = table.group_by(["query_item_id", "clicked_item_id"]).aggregate([("weight", "sum")])
-    relevance: dict[str, dict[str, float]] = {}
-    for query, clicked, value in zip(grouped.column("query_item_id").to_pylist(),
-                                     grouped.column("clicked_item_id").to_pylist(),
-                                     grouped.column("weight_sum").to_pylist(), strict=True):  # fmt: skip
-        relevance.setdefault(query, {})[clicked] = float(value)
-    counts["queries"] = len(relevance)
-    counts["pairs"] = grouped.num_rows
-    return Judgments(relevance, counts)
+    pairs = table.group_by(list(REQUIRED)).aggregate([("weight", "sum")]).rename_columns(list(PAIR_COLUMNS))
+    counts["queries"] = len(pc.unique(pairs.column(REQUIRED[0])))
+    counts["pairs"] = pairs.num_rows
+    return Judgments(pairs, counts)
 
 
 def _sample_queries(table: pa.Table, max_queries: int, counts: dict[str, int]) -> pa.Table:

@@ -132,10 +132,10 @@ def render_report(result: EvalResult, doc: dict, catalog: CatalogInfo | None, sa
     )
     thumbs: dict[str, str | None] = {}
     for i in picks:
-        query, relevant = result.queries[i], result.relevance[i]
+        query, relevant = result.queries[i], result.relevant(i)
         rows = "".join(
             f"<div class='row'><div class='label'>{html.escape(n)}<br>nDCG {result.per_query[n]['ndcg'][i]:.3f}</div>"
-            + "".join(_figure(item, catalog, item in relevant, thumbs) for item in result.rankings[n][i]) + "</div>"
+            + "".join(_figure(item, catalog, item in relevant, thumbs) for item in result.ranking(n, i)) + "</div>"
             for n in names
         )  # fmt: skip
         parts.append(

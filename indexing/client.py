@@ -26,7 +26,7 @@ from indexing.publish import read_latest
 from indexing.reduce import Reducer, load_reducer
 from indexing.snapshot import ID_LOOKUP, MANIFEST_NAME, SnapshotError, local_copy, read_manifest, verify_snapshot
 
-__all__ = ["Neighbor", "SnapshotClient", "UnknownItem", "open_snapshot"]
+__all__ = ["LoadedSnapshot", "Neighbor", "SnapshotClient", "UnknownItem", "open_snapshot", "without_own"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,10 @@ class Neighbor:
 
 
 @dataclass(frozen=True)
-class _Loaded:
+class LoadedSnapshot:
+    """One loaded snapshot, whose rows (an item's place in it) mean the same for as long as it is held: what a
+    caller searching many items in row terms keeps (`SnapshotClient.loaded`), as a refresh swaps in another."""
+
     manifest: dict
     index: AnnIndex
     item_ids: ItemIds
@@ -56,8 +59,29 @@ class _Loaded:
     def snapshot_id(self) -> str:
         return self.manifest["snapshot_id"]
 
+    def neighbour_rows(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """(scores, rows), each (queries, min(k, count)): the nearest rows to each query vector, best first, the
+        query's own row (`exclude`, -1 for none) left out; -1 (score NaN) where fewer were found."""
+        scores, found = self.index.search(queries, min(k + 1, self.manifest["count"]))
+        return without_own(scores, found, exclude, k)
 
-def _load(root: str, snapshot_id: str, cache_dir: str) -> _Loaded:
+
+def without_own(scores: np.ndarray, found: np.ndarray, own: np.ndarray | None, k: int
+                ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """An index's answers (scores, rows) cut to k a query: each query's own row (`own`, -1 for none) and the
+    index's -1s left out, the rest in their order; -1 (score NaN) where fewer are left."""
+    kept = found >= 0
+    if own is not None:
+        kept &= found != np.asarray(own, dtype=np.int64)[:, None]
+    order = np.argsort(~kept, axis=1, kind="stable")[:, :k]  # the kept ones first, in their order
+    kept, found = np.take_along_axis(kept, order, 1), np.take_along_axis(found, order, 1).astype(np.int64)
+    scores = np.take_along_axis(np.asarray(scores, dtype=np.float32), order, 1)
+    found[~kept], scores[~kept] = -1, np.nan
+    return scores, found
+
+
+def _load(root: str, snapshot_id: str, cache_dir: str) -> LoadedSnapshot:
     manifest = read_manifest(root, snapshot_id)
     directory = local_copy(root, snapshot_id, cache_dir)
     verify_snapshot(directory, manifest, cache_dir)
@@ -76,7 +100,7 @@ def _load(root: str, snapshot_id: str, cache_dir: str) -> _Loaded:
             f"snapshot {snapshot_id} is inconsistent: manifest says {count} × {dim}, "
             f"ids {len(item_ids)}, vectors {vectors.shape}"
         )
-    return _Loaded(manifest, index, item_ids, vectors, load_reducer(directory))
+    return LoadedSnapshot(manifest, index, item_ids, vectors, load_reducer(directory))
 
 
 WARMED = ("index.faiss", ID_LOOKUP)  # mapped files every search reads (not an on-disk IVF's lists, nor vectors.npy)
@@ -116,6 +140,11 @@ class SnapshotClient:
     @property
     def manifest(self) -> dict:
         return self._current.manifest
+
+    @property
+    def loaded(self) -> LoadedSnapshot:
+        """The snapshot served now, whole: its rows stay its own while a refresh swaps in the next."""
+        return self._current
 
     def __contains__(self, item_id: str) -> bool:
         return item_id in self._current.item_ids
@@ -229,15 +258,14 @@ class SnapshotClient:
         return snapshot.snapshot_id, [None if row < 0 else next(answers) for row in asked]
 
     @staticmethod
-    def _neighbours(snapshot: _Loaded, queries: np.ndarray, exclude: list, k: int) -> list[list[Neighbor]]:
-        scores, found = snapshot.index.search(queries, min(k + 1, snapshot.manifest["count"]))
-        kept = [[(r, s) for r, s in zip(row_found.tolist(), row_scores.tolist(), strict=True) if r >= 0 and r != own][:k]
-                for row_scores, row_found, own in zip(scores, found, exclude, strict=True)]  # fmt: skip
-        names = iter(snapshot.item_ids.ids([r for hits in kept for r, _ in hits]))  # one lookup for the whole batch
-        return [[Neighbor(next(names), s) for _, s in hits] for hits in kept]
+    def _neighbours(snapshot: LoadedSnapshot, queries: np.ndarray, exclude: list, k: int) -> list[list[Neighbor]]:
+        scores, found = snapshot.neighbour_rows(queries, k, np.array([-1 if r is None else r for r in exclude]))
+        names = iter(snapshot.item_ids.ids(found[found >= 0]))  # one lookup for the whole batch
+        return [[Neighbor(next(names), s) for r, s in zip(rows, row_scores, strict=True) if r >= 0]
+                for rows, row_scores in zip(found.tolist(), scores.tolist(), strict=True)]  # fmt: skip
 
     @staticmethod
-    def _prepare_vectors(snapshot: _Loaded, vectors) -> np.ndarray:
+    def _prepare_vectors(snapshot: LoadedSnapshot, vectors) -> np.ndarray:
         with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused below
             queries = np.asarray(vectors, dtype=np.float32)
         if queries.ndim == 1:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 __all__ = ["ItemIds", "fnv1a64", "sorted_positions"]
@@ -157,8 +158,10 @@ class ItemIds:
         found = self._row(item_id)
         return None if found < 0 else found
 
-    def rows(self, item_ids: Sequence[str]) -> np.ndarray:
-        """Each id's row (int64), -1 where the snapshot does not hold it (as for anything not a string)."""
+    def rows(self, item_ids: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Each id's row (int64), -1 where the snapshot does not hold it (as for anything not a string, or null)."""
+        if isinstance(item_ids, pa.Array | pa.ChunkedArray):
+            return self._rows_of_array(item_ids)
         asked = list(item_ids)
         if len(asked) < _FEW or not len(self._sorted):
             return np.array([self._row(i) for i in asked], dtype=np.int64)
@@ -168,6 +171,23 @@ class ItemIds:
         for i, held in zip(hit.tolist(), self.ids(out[hit]), strict=True):
             if held != asked[i]:  # another id with the same hash (or a non-string's stand-in): look again, alone
                 out[i] = self._row(asked[i])
+        return out
+
+    def _rows_of_array(self, item_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """`rows` of an Arrow array of ids, its hits confirmed against the held ids in Arrow rather than one by
+        one (a million ids: no Python string made)."""
+        asked = _one_array(pc.fill_null(item_ids.cast(pa.large_string()), ""))  # a null: no row (below)
+        if not len(self._sorted):
+            return np.full(len(asked), -1, dtype=np.int64)
+        at = sorted_positions(self._sorted, fnv1a64(asked))
+        out = np.where(at >= 0, self._by_hash[at], -1).astype(np.int64)
+        hit = np.flatnonzero(out >= 0)
+        held = self._ids.take(pa.array(out[hit])).cast(pa.large_string())
+        same = pc.equal(held, asked.take(pa.array(hit))).to_numpy(zero_copy_only=False)
+        for i in hit[~same].tolist():  # another id with the same hash: look again, alone
+            out[i] = self._row(asked[i].as_py())
+        if item_ids.null_count:
+            out[np.asarray(pc.is_null(item_ids).to_numpy(zero_copy_only=False), dtype=bool)] = -1
         return out
 
     def _row(self, item_id: object) -> int:

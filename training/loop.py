@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from encoder.loss import distributed_sigmoid_loss, sigmoid_loss
@@ -495,8 +496,8 @@ class _Run:
             return {}
         ids = self.pairs.table.column("item_id").to_pylist()
         uris = self.pairs.table.column("image_uri").to_pylist()
-        judged = set(self.judgments.relevance) | {i for rel in self.judgments.relevance.values() for i in rel}
-        order = sorted(range(len(ids)), key=lambda i: ids[i] not in judged)[: self.cfg.eval_items]
+        judged = pc.is_in(pa.array(ids, pa.large_string()), value_set=self.judgments.items()).to_pylist()
+        order = sorted(range(len(ids)), key=lambda i: not judged[i])[: self.cfg.eval_items]
         loader = self._eval_loader([uris[i] for i in order], None)
         images, _ = embed_pairs(self.net, loader, self.device, self.autocast, texts=False)
         return item_ndcg([ids[i] for i in order], images, self.judgments)

@@ -206,3 +206,65 @@ def test_a_catalog_column_that_is_not_text_is_refused_by_name(tmp_path):
     pq.write_table(pa.table({"item_id": ["a"], "category": [[1, 2]]}), tmp_path / "c.parquet")
     with pytest.raises(ValueError, match=r"c.parquet's category must be text, not list<element: int64>"):
         read_catalog_info(str(tmp_path / "c.parquet"))
+
+
+def _ranker(name: str, item_ids: list[str], seed: int):
+    from evaluation.evaluate import VectorRanker
+
+    vectors = np.random.default_rng(seed).standard_normal((len(item_ids), 8)).astype(np.float32)
+    return VectorRanker(name, item_ids, vectors / np.linalg.norm(vectors, axis=1, keepdims=True)), vectors
+
+
+def test_every_query_is_measured_as_it_would_be_alone_on_the_queries_both_rankers_hold():
+    """The queries, relevant sets and counts found in arrays for a million queries, against the rules written out
+    one query at a time: brute-force neighbours, relevance cut to the items both rankers hold, `query_metrics`."""
+    from evaluation.evaluate import evaluate
+    from evaluation.logs import Judgments
+    from evaluation.metrics import query_metrics
+
+    rng = np.random.default_rng(0)
+    names = [f"sku-{i}" for i in range(300)]
+    candidate, cand_vectors = _ranker("candidate", names, 1)
+    baseline, base_vectors = _ranker("baseline", names[:260], 2)  # the last 40 items: the candidate's alone
+    asked = names + ["gone-1", "gone-2"]
+    relevance = {str(q): {str(c): float(rng.integers(1, 4)) for c in rng.choice(asked, rng.integers(1, 5))}
+                 for q in rng.choice(asked, 150, replace=False)}  # fmt: skip
+    relevance = {q: {c: w for c, w in clicked.items() if c != q} or {"sku-0": 1.0} for q, clicked in relevance.items()}
+    result = evaluate(Judgments.from_relevance(relevance, {"rows": 1}), [candidate, baseline], k=5, bootstrap=50)
+
+    held = set(names[:260])
+    expected_queries = sorted(q for q in relevance if q in held and held & set(relevance[q]))
+    assert result.queries == expected_queries
+    assert result.counts["query_not_in_snapshot"] == sum(q not in held for q in relevance)
+    assert result.counts["clicks_not_in_snapshot"] == sum(c not in held for q in relevance if q in held
+                                                          for c in relevance[q])  # fmt: skip
+    assert result.counts["no_relevant_in_snapshot"] == sum(q in held and not held & set(relevance[q])
+                                                           for q in relevance)  # fmt: skip
+    for ranker, vectors, catalog in ((candidate, cand_vectors, names), (baseline, base_vectors, names[:260])):
+        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        for i, query in enumerate(result.queries):
+            row = catalog.index(query)
+            order = [r for r in np.argsort(-(unit @ unit[row]), kind="stable") if r != row][:5]
+            assert result.ranking(ranker.name, i) == [catalog[r] for r in order]
+            kept = {c: w for c, w in relevance[query].items() if c in held}
+            assert result.relevant(i) == kept
+            alone = query_metrics([catalog[r] for r in order], kept, 5)
+            for metric, value in alone.items():
+                assert result.per_query[ranker.name][metric][i] == pytest.approx(value, abs=1e-9)
+    assert result.coverage["candidate"] == len({i for q in range(len(result.queries))
+                                                for i in result.ranking("candidate", q)}) / 300  # fmt: skip
+
+
+def test_the_bootstrap_resamples_the_queries_of_every_metric_together():
+    from evaluation.evaluate import _bootstrap
+
+    rng = np.random.default_rng(0)
+    base = {"ndcg": rng.random(1000), "recall": np.zeros(1000)}
+    shifted = {"ndcg": base["ndcg"] + 0.25, "recall": base["recall"]}
+    intervals = _bootstrap(shifted, base, samples=200, seed=0)
+    assert intervals["ndcg"][0] == pytest.approx((0.25, 0.25), abs=1e-12)  # every query 0.25 better: no spread
+    assert intervals["recall"] == ((0.0, 0.0), None)  # nothing to be relative to
+    low, high = intervals["ndcg"][1]
+    assert low < 0.25 / base["ndcg"].mean() < high and high - low < 0.1
+    assert _bootstrap(shifted, base, samples=200, seed=0) == intervals  # the seed repeats it
+    assert _bootstrap(shifted, base, samples=200, seed=1) != intervals

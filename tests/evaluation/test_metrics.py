@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from evaluation.metrics import coverage, query_metrics
+from evaluation.metrics import coverage, query_metrics, ranked_metrics
 
 
 def test_hand_worked_case():
@@ -41,8 +42,9 @@ def test_nothing_relevant_is_an_error():
 
 
 def test_coverage():
-    assert coverage([["a", "b"], ["b", "c"]], catalog_size=10) == 0.3
-    assert coverage([], catalog_size=0) == 0.0
+    assert coverage(np.array([[0, 1], [1, 2]]), catalog_size=10) == 0.3
+    assert coverage(np.array([[0, -1], [-1, -1]]), catalog_size=10) == 0.1  # -1: nothing found there
+    assert coverage(np.empty((0, 5)), catalog_size=0) == 0.0
 
 
 items = st.sampled_from([f"i{n}" for n in range(12)])
@@ -76,3 +78,38 @@ def test_moving_a_relevant_item_up_never_lowers_ndcg(ranking, relevance, k):
         if ranking[i] in relevance and ranking[i - 1] not in relevance:
             better = ranking[: i - 1] + [ranking[i], ranking[i - 1]] + ranking[i + 1 :]
             assert query_metrics(better, relevance, k)["ndcg"] >= query_metrics(ranking, relevance, k)["ndcg"] - 1e-12
+
+
+def _as_rows(queries: list[tuple[list[str], dict[str, float]]], k: int) -> dict[str, np.ndarray]:
+    """`ranked_metrics` of (ranking, relevance) queries given as ids, the ids numbered, the rankings padded with -1,
+    and the pairs shuffled (the order they come in must not matter)."""
+    number = {f"i{n}": n for n in range(12)}
+    width = max([len(ranking) for ranking, _ in queries] + [1])
+    retrieved = np.full((len(queries), width), -1)
+    for q, (ranking, _) in enumerate(queries):
+        retrieved[q, : len(ranking)] = [number[item] for item in ranking]
+    pairs = [(q, number[item], weight) for q, (_, rel) in enumerate(queries) for item, weight in rel.items()]
+    pairs = [pairs[i] for i in np.random.default_rng(len(pairs)).permutation(len(pairs))]
+    query, relevant, weight = (np.array(column) for column in zip(*pairs, strict=True))
+    return ranked_metrics(retrieved, query, relevant, weight.astype(float), k)
+
+
+@given(st.lists(st.tuples(rankings, relevances), min_size=1, max_size=6), st.integers(min_value=1, max_value=10))
+def test_many_queries_at_once_measure_as_each_alone(queries, k):
+    at_once = _as_rows(queries, k)
+    for q, (ranking, relevance) in enumerate(queries):
+        alone = query_metrics(ranking, relevance, k)
+        for metric, value in alone.items():
+            assert at_once[metric][q] == pytest.approx(value, abs=1e-12), (q, metric)
+
+
+def test_many_queries_at_once_hand_worked_and_refused():
+    m = _as_rows([(["i0", "i1", "i2", "i3", "i4"], {"i1": 1.0, "i3": 2.0}), (["i5"], {"i6": 1.0})], k=5)
+    dcg, idcg = 1 / math.log2(3) + 2 / math.log2(5), 2 / math.log2(2) + 1 / math.log2(3)
+    assert m["ndcg"].tolist() == pytest.approx([dcg / idcg, 0.0], abs=1e-12)
+    assert m["recall"].tolist() == [1.0, 0.0] and m["mrr"].tolist() == [0.5, 0.0]
+    assert m["hit_rate"].tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="query 1 has no relevant items"):
+        ranked_metrics(np.array([[0], [1]]), np.array([0, 1]), np.array([1, 0]), np.array([1.0, 0.0]), k=5)
+    with pytest.raises(ValueError, match="k must be"):
+        ranked_metrics(np.array([[0]]), np.array([0]), np.array([1]), np.array([1.0]), k=0)

@@ -39,6 +39,8 @@ def test_each_id_finds_its_row_and_each_row_its_id(tmp_path):
     assert len(held) == len(ids)
     shuffled = random.Random(2).sample(range(len(ids)), len(ids))
     assert held.rows([ids[r] for r in shuffled]).tolist() == shuffled
+    asked = pa.chunked_array([pa.array([ids[r] for r in shuffled[:2000]]), pa.array([ids[r] for r in shuffled[2000:]])])
+    assert held.rows(asked).tolist() == shuffled  # an Arrow array's ids confirmed in Arrow
     assert held.ids(shuffled) == [ids[r] for r in shuffled]
     assert held.ids(shuffled[:3]) == [ids[r] for r in shuffled[:3]]
     assert all(held.row(ids[r]) == r for r in shuffled[:50])
@@ -51,6 +53,9 @@ def test_ids_not_held_and_things_not_ids_have_no_row():
     assert held.row("sku-9") is None and "sku-1" in held and "sku-9" not in held and 1 not in held
     assert held.rows([]).tolist() == []
     assert held.rows(asked * 3).tolist() == [-1, 1, -1, -1, -1, -1, 2] * 3  # hashed by numpy, not one by one
+    in_arrow = pa.array(["sku-3", "sku-2", None, "sku-1 ", ""] * 4, pa.large_string())
+    assert held.rows(in_arrow).tolist() == [-1, 1, -1, -1, 2] * 4  # a null is no id, though "" is one
+    assert ItemIds(pa.array([], pa.string())).rows(in_arrow).tolist() == [-1] * 20
 
 
 def test_ids_that_share_a_hash_are_told_apart_by_the_ids_themselves(monkeypatch):
@@ -59,6 +64,7 @@ def test_ids_that_share_a_hash_are_told_apart_by_the_ids_themselves(monkeypatch)
     ids = [f"sku-{i}" for i in range(40)]
     held = ItemIds(ids)
     assert held.rows(ids[::-1] + ["sku-40"]).tolist() == list(range(39, -1, -1)) + [-1]  # numpy's way
+    assert held.rows(pa.array(ids[::-1] + ["sku-40"])).tolist() == list(range(39, -1, -1)) + [-1]  # Arrow's
     assert held.rows(["sku-7", "sku-40", "sku-0"]).tolist() == [7, -1, 0]  # one by one
     assert held.row("sku-39") == 39
 
