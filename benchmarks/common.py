@@ -175,8 +175,10 @@ def best_of_checkouts(ways: list[str], rounds: int, code_env: str, command: Call
             code = way.partition("@")[0]
             checkout = Path(__file__).resolve().parents[1] if code == "now" else Path(code).resolve()
             env = {**os.environ, code_env: str(checkout)}
-            out = subprocess.run(command(way), check=True, capture_output=True, text=True, env=env).stdout
-            results[way].append(json.loads(out.splitlines()[-1]))
+            done = subprocess.run(command(way), capture_output=True, text=True, env=env)
+            if done.returncode:
+                raise SystemExit(f"way {way} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+            results[way].append(json.loads(done.stdout.splitlines()[-1]))
     return {way: {**rs[0], **{field: min(r[field] for r in rs) for field in lowest}} for way, rs in results.items()}
 
 
