@@ -189,7 +189,10 @@ def read_judgments(uri: str, since: datetime | None = None, max_queries: int | N
         table = _sample_queries(table, max_queries, counts)
 
     before = table.num_rows
-    table = table.group_by(table.column_names).aggregate([])  # exact duplicate rows count once
+    # Exact duplicate rows count once. Grouped in one thread: nearly every row is its own group, so each thread's
+    # hash table held most of the rows, and merging them cost more than the threads saved (9M rows read whole:
+    # 9.0 s and 3.1 GiB at peak against 10.8 s and 3.7 GiB, BENCHMARKS.md "Reading interaction logs").
+    table = table.group_by(table.column_names, use_threads=False).aggregate([])
     counts["duplicate_rows"] = before - table.num_rows
 
     valid_ids = pc.and_(*(pc.fill_null(pc.not_equal(table.column(c), ""), False) for c in REQUIRED))  # (CSV: "")
@@ -203,7 +206,8 @@ def read_judgments(uri: str, since: datetime | None = None, max_queries: int | N
     if table.num_rows == 0:
         raise LogError(f"interaction log {uri}: no usable rows left ({counts})")
 
-    pairs = table.group_by(list(REQUIRED)).aggregate([("weight", "sum")]).rename_columns(list(PAIR_COLUMNS))
+    pairs = table.group_by(list(REQUIRED), use_threads=False).aggregate([("weight", "sum")])
+    pairs = pairs.rename_columns(list(PAIR_COLUMNS))
     counts["queries"] = len(pc.unique(pairs.column(REQUIRED[0])))
     counts["pairs"] = pairs.num_rows
     return Judgments(pairs, counts)
