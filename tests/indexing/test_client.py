@@ -39,6 +39,27 @@ def test_search_by_item_excludes_the_item(served, vectors):
     assert found[0].score >= found[-1].score
 
 
+def test_the_loaded_snapshot_answers_in_rows_and_leaves_out_each_querys_own():
+    from indexing.client import without_own
+
+    found = np.array([[4, 7, 2, 9], [3, -1, 5, -1], [8, 8, 6, 1]])
+    scores = np.array([[0.9, 0.8, 0.7, 0.6], [0.9, 0.0, 0.5, 0.0], [0.9, 0.8, 0.7, 0.6]], np.float32)
+    kept_scores, kept = without_own(scores, found, np.array([7, 3, -1]), k=3)
+    assert kept.tolist() == [[4, 2, 9], [5, -1, -1], [8, 8, 6]]  # its own row out, faiss's -1s out, in their order
+    assert kept_scores[0].tolist() == pytest.approx([0.9, 0.7, 0.6]) and np.isnan(kept_scores[1, 1:]).all()
+    assert without_own(scores, found, None, k=2)[1].tolist() == [[4, 7], [3, 5], [8, 8]]
+
+
+def test_a_batch_in_rows_answers_as_the_search_by_ids_does(served, vectors):
+    _, client = served
+    snapshot = client.loaded
+    rows = snapshot.item_ids.rows(["item-000010", "item-000003"])
+    scores, found = snapshot.neighbour_rows(np.asarray(snapshot.vectors[rows]), 5, exclude=rows)
+    by_ids = client.search(item_ids=["item-000010", "item-000003"], k=5)
+    assert [snapshot.item_ids.ids(r) for r in found] == [[n.item_id for n in hits] for hits in by_ids]
+    assert scores.tolist() == [[n.score for n in hits] for hits in by_ids]
+
+
 def test_search_by_raw_vector(served, vectors):
     _, client = served
     query = vectors[10] * 3.0  # not normalised: the client normalises
