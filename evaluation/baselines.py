@@ -52,8 +52,9 @@ class PixelBaseline(VectorRanker):
     """Exact neighbours over `pixel_features` of every decodable catalog image."""
 
     def __init__(self, catalog: CatalogInfo, threads: int = 8) -> None:
-        if len(catalog.image_uris) > PIXELS_MAX_ITEMS:
-            raise ValueError(f"the catalog has {len(catalog.image_uris):,} images, more than {PIXELS_MAX_ITEMS:,}: "
+        images = catalog.images()
+        if len(images) > PIXELS_MAX_ITEMS:
+            raise ValueError(f"the catalog has {len(images):,} images, more than {PIXELS_MAX_ITEMS:,}: "
                              f"{TOO_MANY_FOR_PIXELS}")  # fmt: skip
 
         def featurize(item: tuple[str, str]):
@@ -64,7 +65,7 @@ class PixelBaseline(VectorRanker):
                 return item[0], None
 
         with ThreadPoolExecutor(threads) as pool:
-            features = [f for f in pool.map(featurize, sorted(catalog.image_uris.items())) if f[1] is not None]
+            features = [f for f in pool.map(featurize, images) if f[1] is not None]
         vectors = np.stack([v for _, v in features]) if features else np.zeros((0, 256), np.float32)
         super().__init__(PIXELS, [item_id for item_id, _ in features], vectors)
-        log.info("%s: %d of %d catalog images", PIXELS, len(self.item_ids), len(catalog.image_uris))
+        log.info("%s: %d of %d catalog images", PIXELS, len(self.item_ids), len(images))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from encoder import storage, tables
 from encoder.configs import DecodeLimits
@@ -55,11 +57,55 @@ def catalog_image(uri: str, draft: int) -> Image.Image:
     return image.convert("RGB")
 
 
-@dataclass(frozen=True)
 class CatalogInfo:
-    titles: dict[str, str]
-    categories: dict[str, str]
-    image_uris: dict[str, str]
+    """Titles, categories and absolute image URIs by item id, held as Arrow columns and the ids' hashes
+    (`indexing.item_ids.ItemIds`): a marketplace's catalog costs its bytes, not a Python object a field (2M items
+    held 913 MiB as three dicts). An id listed twice: its first row."""
+
+    COLUMNS = ("item_id", "image_uri", "title", "category")
+
+    def __init__(self, table: pa.Table) -> None:
+        from indexing.item_ids import ItemIds
+
+        self.table = table.select(list(self.COLUMNS)).combine_chunks()
+        self._ids = ItemIds(self.table.column("item_id"))  # an id's lookup finds its first row
+
+    @classmethod
+    def from_dicts(cls, titles: dict[str, str], categories: dict[str, str], image_uris: dict[str, str]
+                   ) -> CatalogInfo:  # fmt: skip
+        """A catalog given by hand (tests): each item id's fields from the dicts that name it."""
+        ids = sorted({*titles, *categories, *image_uris})
+        return cls(pa.table({"item_id": pa.array(ids, pa.string()),
+                             "image_uri": pa.array([image_uris.get(i) for i in ids], pa.string()),
+                             "title": pa.array([titles.get(i) for i in ids], pa.string()),
+                             "category": pa.array([categories.get(i) for i in ids], pa.string())}))  # fmt: skip
+
+    @property
+    def has_categories(self) -> bool:
+        return self.table.column("category").null_count < self.table.num_rows
+
+    def _field(self, name: str, item_ids: Sequence[str]) -> list[str | None]:
+        rows = self._ids.rows(item_ids)
+        values = self.table.column(name).take(pa.array(np.where(rows >= 0, rows, 0))).to_pylist()
+        return [v if r >= 0 else None for v, r in zip(values, rows.tolist(), strict=True)]
+
+    def titles_of(self, item_ids: Sequence[str]) -> list[str | None]:
+        return self._field("title", item_ids)
+
+    def categories_of(self, item_ids: Sequence[str]) -> list[str | None]:
+        return self._field("category", item_ids)
+
+    def image_uris_of(self, item_ids: Sequence[str]) -> list[str | None]:
+        return [uri or None for uri in self._field("image_uri", item_ids)]  # "": no image
+
+    def images(self) -> list[tuple[str, str]]:
+        """(item_id, image URI) of every item with an image (an id's first row), in order of their ids."""
+        encoded = pc.dictionary_encode(self.table.column("item_id")).combine_chunks()
+        first = np.unique(encoded.indices.to_numpy(zero_copy_only=False), return_index=True)[1]
+        table = self.table.take(pa.array(first))
+        table = table.filter(pc.fill_null(pc.not_equal(table.column("image_uri"), ""), False))
+        table = table.take(pc.sort_indices(table.column("item_id")))
+        return list(zip(table.column("item_id").to_pylist(), table.column("image_uri").to_pylist(), strict=True))
 
 
 def read_catalog_info(uri: str, max_items: int | None = None, too_many: str = "") -> CatalogInfo:
@@ -67,7 +113,7 @@ def read_catalog_info(uri: str, max_items: int | None = None, too_many: str = ""
 
     Raises:
         ValueError: no item_id column; more than `max_items` rows (`too_many` says why that matters), found before
-            a Python object is made for any of them.
+            anything is built from them.
     """
     table = read_table(uri, string_columns=("item_id", "image_uri"),
                        columns=("item_id", "image_uri", "title", "category"))  # fmt: skip
@@ -75,16 +121,17 @@ def read_catalog_info(uri: str, max_items: int | None = None, too_many: str = ""
         raise ValueError(f"catalog {uri} lacks an item_id column")
     if max_items is not None and table.num_rows > max_items:
         raise ValueError(f"catalog {uri} has {table.num_rows:,} items, more than {max_items:,}: {too_many}")
-    ids = tables.text_column(table, "item_id", f"catalog {uri}").to_pylist()
+    what = f"catalog {uri}"
+    ids = tables.text_column(table, "item_id", what)
+    kept = pc.is_valid(ids)  # a row without an id names nothing
 
-    def column(name: str) -> list:
-        text = tables.text_column(table, name, f"catalog {uri}")
-        return [None] * len(ids) if text is None else text.to_pylist()
+    def column(name: str) -> pa.ChunkedArray | pa.Array:
+        text = tables.text_column(table, name, what)
+        return pa.nulls(table.num_rows, pa.string()) if text is None else text
 
-    uris = tables.text_column(table, "image_uri", f"catalog {uri}")
-    resolved = [""] * len(ids) if uris is None else storage.resolve_all(storage.parent_dir(uri), uris).to_pylist()
-    return CatalogInfo(
-        titles={i: t for i, t in zip(ids, column("title"), strict=True) if t is not None},
-        categories={i: c for i, c in zip(ids, column("category"), strict=True) if c is not None},
-        image_uris={i: u for i, u in zip(ids, resolved, strict=True) if u},  # an empty URI: no image
+    uris = tables.text_column(table, "image_uri", what)
+    resolved = (
+        pa.nulls(table.num_rows, pa.string()) if uris is None else storage.resolve_all(storage.parent_dir(uri), uris)
     )
+    return CatalogInfo(pa.table({"item_id": ids, "image_uri": resolved, "title": column("title"),
+                                 "category": column("category")}).filter(kept))  # fmt: skip

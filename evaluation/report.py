@@ -44,11 +44,11 @@ def _thumbnail(uri: str | None, size: int = 96) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def per_category(result: EvalResult, categories: dict[str, str], metric: str = "ndcg") -> list[dict]:
+def per_category(result: EvalResult, catalog: CatalogInfo, metric: str = "ndcg") -> list[dict]:
     """Mean of `metric` per query category for every ranker, largest categories first."""
     groups: dict[str, list[int]] = {}
-    for i, query in enumerate(result.queries):
-        groups.setdefault(categories.get(query, "(unknown)"), []).append(i)
+    for i, category in enumerate(catalog.categories_of(result.queries)):
+        groups.setdefault(category or "(unknown)", []).append(i)
     rows = []
     for category, idx in sorted(groups.items(), key=lambda g: (-len(g[1]), g[0])):
         row = {"category": category, "queries": len(idx)}
@@ -64,9 +64,9 @@ def _pct(value: float | None) -> str:
 
 def _figure(item_id: str, catalog: CatalogInfo | None, hit: bool, thumbs: dict) -> str:
     if item_id not in thumbs:
-        thumbs[item_id] = _thumbnail(catalog.image_uris.get(item_id) if catalog else None)
+        thumbs[item_id] = _thumbnail(catalog.image_uris_of([item_id])[0] if catalog else None)
     src = thumbs[item_id]
-    title = html.escape((catalog.titles.get(item_id) if catalog else None) or item_id)
+    title = html.escape((catalog.titles_of([item_id])[0] if catalog else None) or item_id)
     image = f'<img src="{src}" alt="{html.escape(item_id)}">' if src else '<div class="sub">no image</div>'
     return f'<figure class="{"hit" if hit else ""}" title="{html.escape(item_id)}">{image}<figcaption>{title}</figcaption></figure>'
 

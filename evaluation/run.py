@@ -97,8 +97,8 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     result = evaluate(judgments, rankers, k=cfg.k, bootstrap=cfg.bootstrap, seed=cfg.seed)
     names = [r.name for r in rankers]
     doc = _document(cfg, result, names)
-    if catalog and catalog.categories:
-        doc["per_category"] = per_category(result, catalog.categories)
+    if catalog and catalog.has_categories:
+        doc["per_category"] = per_category(result, catalog)
     baseline_means = doc["metrics"][names[1]] if len(names) > 1 else {}
     gates = [parse_gate(g, cfg.k) for g in cfg.gates]
     results = [check(g, doc["metrics"][names[0]][g.metric], baseline_means.get(g.metric)) for g in gates]

@@ -314,6 +314,9 @@ def test_item_ids_benchmark_runs_each_way():
 def test_catalog_read_benchmark_runs_each_way(tmp_path):
     result = json.loads(_run("benchmarks/catalog_read.py", "--items", "500", "--rounds", "1").splitlines()[-1])
     assert result["now"]["rows"] == 500 and result["now"]["columns"] == 3 and result["now"]["peak_mib"] > 0
+    result = json.loads(_run("benchmarks/catalog_read.py", "--items", "500", "--rounds", "1", "--reader", "evaluate"
+                             ).splitlines()[-1])  # fmt: skip
+    assert result["now"]["held_by"] == "CatalogInfo" and result["now"]["held_mib"] > 0
 
 
 def test_snapshot_load_benchmark_reads_the_files_once_a_machine():
