@@ -48,6 +48,7 @@ setup(
         "scann>=1.4,<1.5",
         "fastapi>=0.165",
         "uvicorn>=0.54",
+        "tqdm>=4.70",  # progress bars (training, evaluation)
     ],
     extras_require={
         # GPU workers only: GPU JPEG decode. torchvision breaks transformers' SigLIP import beside the CPU torch.

@@ -3,12 +3,15 @@ condition's warning, and progress where no progress bar is drawn (a log read by 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 
-__all__ = ["ProgressLog", "Throttled"]
+__all__ = ["ProgressLog", "Throttled", "progress"]
 
 
 class Throttled:
@@ -51,3 +54,14 @@ class ProgressLog:
         share = f"/{self._total} ({100 * count / self._total:.0f}%)" if self._total else ""
         where = f" {self._where}" if self._where else ""
         self._log.info("%s: %d%s, %.0f/s%s", self._what, count, share, count / max(elapsed, 1e-9), where)
+
+
+@contextlib.contextmanager
+def progress(logger: logging.Logger, what: str, total: int | None = None, unit: str = "it",
+             every_s: float = 60.0) -> Iterator[Callable[[int], None]]:  # fmt: skip
+    """`add(n)` for work done: a bar on a terminal, elsewhere (an orchestrator's log) a `ProgressLog` line at most
+    every `every_s` seconds."""
+    from tqdm.auto import tqdm
+
+    with tqdm(desc=what, total=total, unit=unit, disable=not sys.stderr.isatty()) as bar:
+        yield ProgressLog(logger, what, total, every_s=every_s, where="").add if bar.disable else bar.update

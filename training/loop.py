@@ -29,7 +29,7 @@ from encoder.model import quiet_transformers, read_preprocess, resolve_checkpoin
 from encoder.patch_embedding import patch_embedding_as_matmul
 from encoder.preprocess import PreprocessConfig
 from encoder.run_lock import LockHeld, run_lock
-from encoder.throttled import ProgressLog
+from encoder.throttled import progress as progress_of
 from training import checkpoint as ckpt
 from training.config import TrainConfig
 from training.data import EpochBatches, PairDataset, augment_size, decode_all, steps_per_epoch
@@ -153,14 +153,9 @@ def _pairs(cfg: TrainConfig, dist: Dist, preprocess: PreprocessConfig, out: Path
     if cfg.resume and path.is_file():
         return read_pairs(str(path))
     if dist.main:
-        from tqdm.auto import tqdm
-
-        with tqdm(desc="checking pairs", unit="img", disable=not sys.stderr.isatty()) as bar:
-            progress = (
-                ProgressLog(log, "checking pairs", every_s=PROGRESS_S, where="").add if bar.disable else bar.update
-            )
+        with progress_of(log, "checking pairs", unit="img", every_s=PROGRESS_S) as checked:
             pairs = collect_pairs(cfg.catalog, preprocess, val_fraction=cfg.val_fraction,
-                                  max_val_items=cfg.max_val_items, progress=progress)  # fmt: skip
+                                  max_val_items=cfg.max_val_items, progress=checked)  # fmt: skip
         write_pairs(pairs, str(path))
     dist.barrier()
     return pairs if dist.main else read_pairs(str(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from collections import defaultdict
@@ -292,3 +293,22 @@ def test_the_bootstrap_resamples_the_queries_of_every_metric_together():
     assert low < 0.25 / base["ndcg"].mean() < high and high - low < 0.1
     assert _bootstrap(shifted, base, samples=200, seed=0) == intervals  # the seed repeats it
     assert _bootstrap(shifted, base, samples=200, seed=1) != intervals
+
+
+def test_the_ranking_of_many_queries_says_how_far_it_has_got(monkeypatch, caplog):
+    """A million queries take minutes: where no bar is drawn (an orchestrator's log), a line says how many are
+    ranked, of how many."""
+    from evaluation import evaluate as evaluate_module
+    from evaluation.logs import Judgments
+
+    names = [f"sku-{i}" for i in range(50)]
+    rankers = [_ranker("candidate", names, 1)[0], _ranker("baseline", names, 2)[0]]
+    judgments = Judgments.from_relevance({f"sku-{i}": {f"sku-{i + 1}": 1.0} for i in range(40)})
+    monkeypatch.setattr(evaluate_module, "RANK_SLICE", 16)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
+    monkeypatch.setattr("encoder.throttled.time.monotonic", iter(range(0, 10_000, 100)).__next__)  # 100 s a call
+    with caplog.at_level(logging.INFO, logger="evaluation.evaluate"):
+        result = evaluate_module.evaluate(judgments, rankers, bootstrap=10)
+    lines = [r.getMessage() for r in caplog.records if r.name == "evaluation.evaluate"]
+    assert len(result.queries) == 40 and lines[0].startswith("ranking queries: 16/80 (20%)")
+    assert lines[-1].startswith("ranking queries: 80/80 (100%)") and len(lines) == 6  # 16 + 16 + 8, twice
