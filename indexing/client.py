@@ -259,10 +259,13 @@ class SnapshotClient:
 
     @staticmethod
     def _neighbours(snapshot: LoadedSnapshot, queries: np.ndarray, exclude: list, k: int) -> list[list[Neighbor]]:
-        scores, found = snapshot.neighbour_rows(queries, k, np.array([-1 if r is None else r for r in exclude]))
-        names = iter(snapshot.item_ids.ids(found[found >= 0]))  # one lookup for the whole batch
-        return [[Neighbor(next(names), s) for r, s in zip(rows, row_scores, strict=True) if r >= 0]
-                for rows, row_scores in zip(found.tolist(), scores.tolist(), strict=True)]  # fmt: skip
+        # In Python, not `without_own`'s arrays: a request's one query took 68 µs that way against 39 (2,000 items,
+        # flat), numpy's per-call costs on arrays of a few elements.
+        scores, found = snapshot.index.search(queries, min(k + 1, snapshot.manifest["count"]))
+        kept = [[(r, s) for r, s in zip(row_found.tolist(), row_scores.tolist(), strict=True) if r >= 0 and r != own][:k]
+                for row_scores, row_found, own in zip(scores, found, exclude, strict=True)]  # fmt: skip
+        names = iter(snapshot.item_ids.ids([r for hits in kept for r, _ in hits]))  # one lookup for the whole batch
+        return [[Neighbor(next(names), s) for _, s in hits] for hits in kept]
 
     @staticmethod
     def _prepare_vectors(snapshot: LoadedSnapshot, vectors) -> np.ndarray:
