@@ -814,21 +814,21 @@ def _download_sliced(blob, path: Path, pool: ThreadPoolExecutor) -> None:
     uri = f"gs://{blob.bucket.name}/{blob.name}"
     futures = [pool.submit(with_retries, lambda a=a, b=b: _read_range(uri, blob.generation, path, a, b),
                            f"read {uri} bytes {a}-{b - 1}") for a, b in ranges]  # fmt: skip
+    import google_crc32c
+
+    checksum = google_crc32c.Checksum()
     try:
-        for future in futures:
-            future.result()
+        with open(path, "rb") as f:  # each range read back once it and those before it are written, while the
+            for (_, stop), future in zip(ranges, futures, strict=True):  # later ones still arrive: the check
+                future.result()  # takes no pass of its own after the copy
+                while f.tell() < stop and (chunk := f.read(min(8 << 20, stop - f.tell()))):
+                    checksum.update(chunk)
     finally:
         for future in futures:
             future.cancel()
     if blob.crc32c is None:
         log.warning("%s has no crc32c to check its %d bytes against", uri, size)
         return
-    import google_crc32c
-
-    checksum = google_crc32c.Checksum()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            checksum.update(chunk)
     if checksum.digest() != base64.b64decode(blob.crc32c):
         raise ChecksumMismatch(f"{uri}: the crc32c of the {size} bytes read is not the object's ({blob.crc32c})")
 
