@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from encoder.throttled import progress
 from evaluation.logs import PAIR_COLUMNS, Judgments
 from evaluation.metrics import METRICS, coverage, ranked_metrics
+from evaluation.rankings import Rankings
 from indexing.client import without_own
 from indexing.item_ids import ItemIds
 
@@ -58,11 +59,13 @@ class Ranker(Protocol):
 
 
 class SnapshotRanker:
-    """A published (or pinned) snapshot through `SnapshotClient`: the snapshot it serves when the ranker is made."""
+    """A published (or pinned) snapshot through `SnapshotClient`: the snapshot it serves when the ranker is made.
+    `remembered`: its top k of some queries, kept by an earlier evaluation (`evaluation.rankings`), not searched
+    again; `reused` counts them."""
 
-    def __init__(self, client, name: str | None = None, batch: int = 4096) -> None:
+    def __init__(self, client, name: str | None = None, batch: int = 4096, remembered: Rankings | None = None) -> None:
         self.snapshot = client.loaded  # rows mean the same throughout, whatever a refresh does meanwhile
-        self.name, self._batch = name or self.snapshot.snapshot_id, batch
+        self.name, self._batch, self.remembered, self.reused = name or self.snapshot.snapshot_id, batch, remembered, 0
 
     @property
     def catalog_size(self) -> int:
@@ -72,6 +75,15 @@ class SnapshotRanker:
         return self.snapshot.item_ids.rows(item_ids)
 
     def neighbours(self, rows: np.ndarray, k: int) -> np.ndarray:
+        if self.remembered is None or self.remembered.k != k:
+            return self._search(rows, k)
+        held, kept = self.remembered.lookup(rows)
+        out = np.empty((len(rows), min(k, self.catalog_size)), np.int64)
+        out[held], out[~held] = kept, self._search(rows[~held], k)
+        self.reused += int(held.sum())
+        return out
+
+    def _search(self, rows: np.ndarray, k: int) -> np.ndarray:
         parts = [np.empty((0, min(k, self.catalog_size)), np.int64)]
         for start in range(0, len(rows), self._batch):
             asked = rows[start : start + self._batch]
@@ -135,7 +147,8 @@ class EvalResult:
     counts: dict[str, int]
     coverage: dict[str, float]
     comparisons: list[Comparison] = field(default_factory=list)
-    _rankings: dict[str, tuple[Ranker, np.ndarray]] = field(default_factory=dict, repr=False)  # name → its rows
+    _rankings: dict[str, tuple[Ranker, np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)  # name →
+    # (the ranker, each query's row in it, the rows it ranked for each)
     _relevant: tuple[np.ndarray, pa.Array, np.ndarray] | None = field(default=None, repr=False)  # offsets, ids, weights
 
     def mean(self, ranker: str, metric: str) -> float:
@@ -143,8 +156,12 @@ class EvalResult:
 
     def ranking(self, ranker: str, query: int) -> list[str]:
         """The top-k item ids the ranker gave the query at this index of `queries`."""
-        held, rows = self._rankings[ranker]
+        held, _, rows = self._rankings[ranker]
         return held.ids(rows[query][rows[query] >= 0])
+
+    def query_rows_and_rankings(self, ranker: str) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's row in the ranker, and the rows it ranked for each (-1 where fewer)."""
+        return self._rankings[ranker][1:]
 
     def relevant(self, query: int) -> dict[str, float]:
         """The query's relevant items (restricted to those every ranker holds) and their relevance."""
@@ -250,9 +267,10 @@ def evaluate(judgments: Judgments, rankers: Sequence[Ranker], k: int = 5, bootst
     per_query, rankings, cover = {}, {}, {}
     with progress(log, "ranking queries", len(judged.ids) * len(rankers), unit="query") as ranked_some:
         for ranker in rankers:
-            rankings[ranker.name] = (ranker, _ranked(ranker, rows[ranker.name][judged.item_of_query], k, ranked_some))
+            query_rows = rows[ranker.name][judged.item_of_query]
+            rankings[ranker.name] = (ranker, query_rows, _ranked(ranker, query_rows, k, ranked_some))
     for ranker in rankers:
-        item_rows, ranked = rows[ranker.name], rankings[ranker.name][1]
+        item_rows, ranked = rows[ranker.name], rankings[ranker.name][2]
         per_query[ranker.name] = ranked_metrics(ranked, judged.query, item_rows[judged.item_of_pair], judged.weight, k)
         cover[ranker.name] = coverage(ranked, ranker.catalog_size)
     offsets = np.searchsorted(judged.query, np.arange(len(judged.ids) + 1))

@@ -15,6 +15,7 @@ from evaluation.catalog import read_catalog_info
 from evaluation.evaluate import EvalResult, SnapshotRanker, evaluate
 from evaluation.gate import check, parse_gate, results_as_dicts, write_record
 from evaluation.logs import read_judgments
+from evaluation.rankings import load_rankings, save_rankings
 from evaluation.report import per_category, render_report
 from indexing.client import open_snapshot
 
@@ -72,6 +73,11 @@ def _document(cfg: EvaluateConfig, result: EvalResult, names: list[str]) -> dict
     }
 
 
+def _snapshot_ranker(root: str, client, k: int) -> SnapshotRanker:
+    """The snapshot as a ranker, with the rankings a gated evaluation of it kept, if any."""
+    return SnapshotRanker(client, remembered=load_rankings(root, client.loaded, k))
+
+
 def run_evaluation(cfg: EvaluateConfig) -> dict:
     """Evaluate, compare, check gates, write metrics.json + report.html (with `out`) and the record.
 
@@ -87,16 +93,21 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
         catalog = read_catalog_info(cfg.catalog) if cfg.catalog else None
     judgments = read_judgments(cfg.interactions, cfg.since, cfg.max_queries)
     root, client = open_snapshot(cfg.snapshot)
-    rankers = [SnapshotRanker(client)]
+    rankers = [_snapshot_ranker(root, client, cfg.k)]
     if cfg.baseline == PIXELS:
         rankers.append(PixelBaseline(catalog))
     elif cfg.baseline:
-        rankers.append(SnapshotRanker(open_snapshot(cfg.baseline)[1]))
+        rankers.append(_snapshot_ranker(*open_snapshot(cfg.baseline), cfg.k))
     if len(rankers) == 2 and rankers[0].name == rankers[1].name:
         rankers[1].name += " (baseline)"
     result = evaluate(judgments, rankers, k=cfg.k, bootstrap=cfg.bootstrap, seed=cfg.seed)
     names = [r.name for r in rankers]
     doc = _document(cfg, result, names)
+    doc["rankings_reused"] = {r.name: r.reused for r in rankers if isinstance(r, SnapshotRanker)}
+    for name, reused in doc["rankings_reused"].items():
+        if reused:
+            log.info("%s: the top %d of %d of the %d queries as an earlier evaluation kept them, not searched again",
+                     name, cfg.k, reused, len(result.queries))  # fmt: skip
     if catalog and catalog.has_categories:
         doc["per_category"] = per_category(result, catalog)
     baseline_means = doc["metrics"][names[1]] if len(names) > 1 else {}
@@ -113,10 +124,11 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
             if storage.is_gcs(cfg.out)
             else os.path.abspath(os.path.join(cfg.out, "report.html"))
         )
-    if gates:  # the record `publish --require-evaluation` looks for
+    if gates:  # the record `publish --require-evaluation` looks for, and the rankings a later night's reuses
         write_record(root, client.snapshot_id, {"snapshot_id": client.snapshot_id, "passed": doc["passed"],
                                                 "gates": doc["gates"], "metrics": doc["metrics"],
                                                 "evaluated_at": doc["evaluated_at"]})  # fmt: skip
+        save_rankings(root, rankers[0].snapshot, *result.query_rows_and_rankings(names[0]), cfg.k)
     log.info("evaluated %s on %d queries: %s", " against ".join(names), len(result.queries), "; ".join(
         f"{name} " + ", ".join(f"{metric} {value:.4f}" for metric, value in doc["metrics"][name].items())
         for name in names))  # fmt: skip

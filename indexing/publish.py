@@ -111,6 +111,11 @@ def record_uri(root: str, snapshot_id: str) -> str:
     return storage.join(root, EVALUATIONS, f"{snapshot_id}.json")
 
 
+def rankings_uri(root: str, snapshot_id: str) -> str:
+    """Where a gated evaluation keeps the snapshot's top k of the queries it judged (`evaluation.rankings`)."""
+    return storage.join(root, EVALUATIONS, f"{snapshot_id}.rankings.npz")
+
+
 def evaluation_record(root: str, snapshot_id: str) -> dict | None:
     """The record `lookalike evaluate --gate` (and the nightly's gate) left for a snapshot, passed or not; None."""
     try:
@@ -233,6 +238,7 @@ def retain(root: str, keep: int) -> list[str]:
         directory = snapshot_dir(root, snapshot_id)
         storage.delete(storage.join(directory, MANIFEST_NAME))
         storage.delete_tree(directory)
-        storage.delete(record_uri(root, snapshot_id))  # its evaluation record goes with it
+        storage.delete(record_uri(root, snapshot_id))  # its evaluation record goes with it, and its rankings
+        storage.delete(rankings_uri(root, snapshot_id))
         log.info("retention: deleted snapshot %s", snapshot_id)
     return doomed

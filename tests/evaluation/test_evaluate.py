@@ -312,3 +312,55 @@ def test_the_ranking_of_many_queries_says_how_far_it_has_got(monkeypatch, caplog
     lines = [r.getMessage() for r in caplog.records if r.name == "evaluation.evaluate"]
     assert len(result.queries) == 40 and lines[0].startswith("ranking queries: 16/80 (20%)")
     assert lines[-1].startswith("ranking queries: 80/80 (100%)") and len(lines) == 6  # 16 + 16 + 8, twice
+
+
+def test_a_snapshots_rankings_kept_by_its_gated_evaluation_spare_the_next_nights_searches(snapshots, demo_catalog,
+                                                                                           tmp_path, caplog):  # fmt: skip
+    """The next night's baseline is tonight's published candidate, judged on nearly the same queries: a gated
+    evaluation keeps the candidate's top k beside its record, and an evaluation against it takes them rather than
+    search again, with the same result. Rankings of another k, or unreadable ones, are searched again."""
+    shared_root, exact, reduced = snapshots
+    root = tmp_path / "root"
+    shutil.copytree(shared_root, root, ignore=shutil.ignore_patterns("_evaluations", "LATEST*", ".LATEST*"))
+    common = dict(interactions=str(demo_catalog.interactions), bootstrap=50)
+    tonight = run_evaluation(EvaluateConfig(snapshot=str(root / exact), gates=("ndcg@5>=0",), **common))
+    kept = root / "_evaluations" / f"{exact}.rankings.npz"
+    assert kept.is_file() and tonight["rankings_reused"] == {exact: 0}
+
+    def next_night(**changes) -> dict:
+        cfg = dict(snapshot=str(root / reduced), baseline=str(root / exact), **common) | changes
+        return run_evaluation(EvaluateConfig(**cfg))
+
+    with caplog.at_level(logging.INFO, logger="evaluation.run"):
+        reused = next_night()
+    queries = reused["counts"]["evaluated_queries"]
+    assert reused["rankings_reused"] == {reduced: 0, exact: queries} and "not searched again" in caplog.text
+    kept.rename(tmp_path / "aside.npz")
+    searched = next_night()
+    assert searched["rankings_reused"] == {reduced: 0, exact: 0}
+    assert searched["metrics"] == reused["metrics"] and searched["comparisons"] == reused["comparisons"]
+    assert next_night(k=3)["rankings_reused"][exact] == 0  # kept at k=5
+    kept.write_bytes(b"not an npz")
+    with caplog.at_level(logging.WARNING, logger="evaluation.rankings"):
+        assert next_night()["rankings_reused"][exact] == 0
+    assert "ignoring the rankings" in caplog.text
+
+
+def test_kept_rankings_answer_only_for_the_very_snapshot_that_made_them(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from evaluation.rankings import load_rankings, save_rankings
+
+    snapshot = SimpleNamespace(snapshot_id="s1", item_ids=list(range(10)), manifest={"files": {"index.faiss": "aa"}})
+    queries, neighbours = np.array([7, 2, 5]), np.array([[1, 2, 3, 4, 5], [0, 1, -1, -1, -1], [9, 8, 7, 6, 4]])
+    save_rankings(str(tmp_path), snapshot, queries, neighbours, k=5)
+    kept = load_rankings(str(tmp_path), snapshot, k=5)
+    held, found = kept.lookup(np.array([5, 3, 7]))
+    assert held.tolist() == [True, False, True] and found.tolist() == [[9, 8, 7, 6, 4], [1, 2, 3, 4, 5]]
+    rebuilt = SimpleNamespace(**{**vars(snapshot), "manifest": {"files": {"index.faiss": "bb"}}})
+    assert load_rankings(str(tmp_path), rebuilt, k=5) is None  # the same id, other files: never the other's answers
+    smaller = SimpleNamespace(**{**vars(snapshot), "item_ids": list(range(8))})
+    with caplog.at_level(logging.WARNING, logger="evaluation.rankings"):
+        assert load_rankings(str(tmp_path), smaller, k=5) is None  # rows past the snapshot: refused, searched again
+    assert "inconsistent" in caplog.text
+    assert load_rankings(str(tmp_path / "elsewhere"), snapshot, k=5) is None

@@ -114,14 +114,17 @@ def test_retention_never_deletes_latest_or_the_one_before(tmp_path, run):
     publish(root, ids[0])
     publish(root, ids[1])
     (Path(root) / "_evaluations").mkdir()
-    for snapshot_id in ids:  # as `lookalike evaluate` leaves them
+    for snapshot_id in ids:  # as a gated `lookalike evaluate` leaves them: the record and the rankings
         (Path(root) / "_evaluations" / f"{snapshot_id}.json").write_text("{}")
+        (Path(root) / "_evaluations" / f"{snapshot_id}.rankings.npz").write_bytes(b"")
     deleted = retain(root, keep=1)
     assert deleted == ids[2:4]
     assert sorted(p.name for p in Path(root).iterdir() if not p.name.startswith((".", "_"))) == sorted(
         [ids[0], ids[1], ids[4], "LATEST"]
     )
-    assert sorted(p.stem for p in (Path(root) / "_evaluations").iterdir()) == sorted([ids[0], ids[1], ids[4]])
+    assert sorted(p.name.split(".")[0] for p in (Path(root) / "_evaluations").iterdir()) == sorted(
+        [ids[0], ids[0], ids[1], ids[1], ids[4], ids[4]]
+    )
 
 
 def _publish_many(root: str, ids: list[str], rounds: int, barrier) -> None:
