@@ -4,6 +4,7 @@ neighbours of every query, metrics, the 1,000-resample paired bootstrap).
 
     python benchmarks/eval_bench.py                          # 1M × 256, 1M query items with 6 clicks each
     python benchmarks/eval_bench.py --queries 100000 --clicks 3 --ways /path/to/an/older/checkout,now
+    python benchmarks/eval_bench.py --ways now@next,now@next-searched   # the next night, against tonight's
 
 Two snapshots of the same clustered vectors (faiss auto, and a PCA to a quarter of the dimensions as the
 baseline), and click logs whose clicked items are noisy near neighbours of the query. Each way runs in a fresh
@@ -11,6 +12,10 @@ process, alternated, best of `--rounds` (seconds and peak resident memory, `VmHW
 taken where `run_evaluation` calls it. `--ways`: `now` imports this checkout's code, any other is a folder
 holding another checkout (the code before a change), put first on the measuring process's path. Each snapshot
 is loaded once before the rounds, so no way's time holds a first load's check of its files.
+
+`@next` measures the next night: the baseline evaluated as the candidate against the faiss snapshot, which a gated
+evaluation (run once before the rounds) kept its rankings of; `@next-searched` the same with those rankings not
+taken, searched again as before they were kept.
 """
 
 from __future__ import annotations
@@ -59,9 +64,13 @@ def _logs(vectors, queries: int, clicks: int, path: Path, seed: int = 0) -> int:
     return table.num_rows
 
 
-def measure(candidate: str, baseline: str, logs: str) -> dict:
-    """One evaluation in this process, each step's seconds where `run_evaluation` calls it."""
+def measure(candidate: str, baseline: str, logs: str, kept: bool = True) -> dict:
+    """One evaluation in this process, each step's seconds where `run_evaluation` calls it; without `kept`, no
+    rankings an earlier evaluation kept are taken."""
     from evaluation import run
+
+    if not kept:
+        run.load_rankings = lambda *args: None
 
     spent = dict.fromkeys(STEPS, 0.0)
 
@@ -83,7 +92,7 @@ def measure(candidate: str, baseline: str, logs: str) -> dict:
     ndcg = next(c for c in doc["comparisons"] if c["metric"] == "ndcg@5")
     return {"seconds": seconds, "peak_mib": process_memory_mib(), **{f"{n}_s": s for n, s in spent.items()},
             "queries": doc["counts"]["evaluated_queries"], "ndcg": [ndcg["candidate"], ndcg["baseline"]],
-            "relative_ci": ndcg["relative_ci"]}  # fmt: skip
+            "relative_ci": ndcg["relative_ci"], "reused": doc.get("rankings_reused")}  # fmt: skip
 
 
 def main() -> None:
@@ -95,9 +104,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--ways", default="now", help="comma-separated: now, or folders of other checkouts")
     parser.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)  # the child: candidate, baseline, logs
+    parser.add_argument("--searched", action="store_true", help=argparse.SUPPRESS)  # the child: no kept rankings
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(*args.measure)))
+        print(json.dumps(measure(*args.measure, kept=not args.searched)))
         return
     logging.basicConfig(level=logging.WARNING)
     from indexing import IndexConfig, SnapshotClient, build_snapshot
@@ -118,11 +128,20 @@ def main() -> None:
     for snapshot_id in (candidate, baseline):  # each file's check done once, as the night's first load does it
         SnapshotClient(str(root), snapshot_id=snapshot_id).close()
 
-    def command(way: str) -> list[str]:
-        return [sys.executable, __file__, "--measure", str(root / candidate), str(root / baseline),
-                str(work / "logs.parquet")]  # fmt: skip
+    ways = args.ways.split(",")
+    if any("@next" in way for way in ways):  # tonight: the faiss snapshot judged, gated, its rankings kept
+        from evaluation.run import EvaluateConfig, run_evaluation
 
-    best = best_of_checkouts(args.ways.split(","), args.rounds, "EVAL_BENCH_CODE", command,
+        run_evaluation(EvaluateConfig(snapshot=str(root / candidate), interactions=str(work / "logs.parquet"),
+                                      baseline=str(root / baseline), gates=("ndcg@5>=0",)))  # fmt: skip
+
+    def command(way: str) -> list[str]:
+        night = way.partition("@")[2]
+        pair = (baseline, candidate) if night.startswith("next") else (candidate, baseline)
+        return [sys.executable, __file__, "--measure", str(root / pair[0]), str(root / pair[1]),
+                str(work / "logs.parquet"), *(["--searched"] if night == "next-searched" else [])]  # fmt: skip
+
+    best = best_of_checkouts(ways, args.rounds, "EVAL_BENCH_CODE", command,
                              lowest=("seconds", "peak_mib", *(f"{n}_s" for n in STEPS)))  # fmt: skip
     print("| code | seconds | logs s | snapshots' load s | evaluate s | peak MiB | queries/s | nDCG@5 candidate / "
           "baseline | relative 95% CI |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")  # fmt: skip
