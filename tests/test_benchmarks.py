@@ -26,7 +26,7 @@ def test_the_index_and_evaluation_benchmarks_run():
                "--ways", "now,now@next")  # fmt: skip
     assert "now: evaluated 200 queries against 2 snapshots of 2,000 items" in out and "| now | " in out
     result = json.loads(out.splitlines()[-1])
-    assert sum(result["now@next"]["reused"].values()) == 200 and sum(result["now"]["reused"].values()) == 0
+    assert sorted(result["now@next"]["reused"].values()) == [0, 200]  # the baseline's, as the gated night kept them
     out = _run("benchmarks/index_bench.py", "--sizes", "2000", "--dim", "16")
     assert "| lookalike faiss auto |" in out and "| lookalike ScaNN auto |" in out
     out = _run("benchmarks/index_memory.py", "--rows", "20000", "--dim", "16", "--budgets", "1MiB,300MiB")
