@@ -46,9 +46,10 @@ def save_rankings(root: str, snapshot: LoadedSnapshot, queries: np.ndarray, neig
     """Keep the snapshot's top k of these query rows beside its evaluation record. Best effort: a failure is
     logged, and the next evaluation searches as it would have."""
     order = np.argsort(queries, kind="stable")
+    rows = np.int32 if len(snapshot.item_ids) < 2**31 else np.int64  # 24 bytes a query at k = 5, not 48
     buffer = io.BytesIO()
-    np.savez(buffer, k=np.int64(k), files=np.str_(_files_key(snapshot)), queries=queries[order].astype(np.int64),
-             neighbours=neighbours[order].astype(np.int64))  # fmt: skip
+    np.savez(buffer, k=np.int64(k), files=np.str_(_files_key(snapshot)), queries=queries[order].astype(rows),
+             neighbours=neighbours[order].astype(rows))  # fmt: skip
     uri = rankings_uri(root, snapshot.snapshot_id)
     try:
         storage.write_bytes(uri, buffer.getvalue())
