@@ -215,16 +215,18 @@ class _Queries:
 def _judged(judgments: Judgments, items: pa.Array, held: np.ndarray, counts: dict[str, int]) -> _Queries:
     """The queries held by every ranker with at least one relevant item they all hold, in order of their ids;
     everything else counted by reason."""
-    pairs = judgments.pairs
-    queries = pc.unique(pairs.column(PAIR_COLUMNS[0])).cast(pa.large_string())
+    query_id, clicked_id, weight = (judgments.pairs.column(c) for c in PAIR_COLUMNS)
+    query_id, clicked_id = query_id.cast(pa.large_string()), clicked_id.cast(pa.large_string())  # as `items` are
+    queries = pc.unique(query_id)
     queries = queries.take(pc.sort_indices(queries))
-    query_of_pair = pc.index_in(pairs.column(PAIR_COLUMNS[0]).cast(pa.large_string()), value_set=queries)
-    query_of_pair = query_of_pair.to_numpy(zero_copy_only=False).astype(np.int64)
-    item_of_pair = pc.index_in(pairs.column(PAIR_COLUMNS[1]).cast(pa.large_string()), value_set=items)
-    item_of_pair = item_of_pair.to_numpy(zero_copy_only=False).astype(np.int64)
-    item_of_query = pc.index_in(queries, value_set=items).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def index_in(values, value_set) -> np.ndarray:
+        return pc.index_in(values, value_set=value_set).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    query_of_pair, item_of_pair = index_in(query_id, queries), index_in(clicked_id, items)
+    item_of_query = index_in(queries, items)
     query_held = held[item_of_query]
-    weight = pairs.column(PAIR_COLUMNS[2]).to_numpy().astype(np.float64)
+    weight = weight.to_numpy().astype(np.float64)
     asked = query_held[query_of_pair] & (weight > 0)  # pairs of queries every ranker holds
     kept = asked & held[item_of_pair]
     relevant_per_query = np.bincount(query_of_pair[kept], minlength=len(queries))
