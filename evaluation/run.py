@@ -106,8 +106,8 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     doc["rankings_reused"] = {r.name: r.reused for r in rankers if isinstance(r, SnapshotRanker)}
     for name, reused in doc["rankings_reused"].items():
         if reused:
-            log.info("%s: the top %d of %d of the %d queries as an earlier evaluation kept them, not searched again",
-                     name, cfg.k, reused, len(result.queries))  # fmt: skip
+            log.info("%s: %d of the %d queries' top %d taken from the rankings an earlier evaluation kept, not "
+                     "searched again", name, reused, len(result.queries), cfg.k)  # fmt: skip
     if catalog and catalog.has_categories:
         doc["per_category"] = per_category(result, catalog)
     baseline_means = doc["metrics"][names[1]] if len(names) > 1 else {}
