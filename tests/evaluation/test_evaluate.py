@@ -231,6 +231,9 @@ def test_the_catalog_is_held_as_columns_and_answers_by_item_id(tmp_path):
     # an item without an image, nor for a row without an id
     pq.write_table(pa.table({"item_id": ["a"]}), tmp_path / "bare.parquet")
     assert not read_catalog_info(str(tmp_path / "bare.parquet")).has_categories
+    pq.write_table(pa.table({"item_id": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    empty = read_catalog_info(str(tmp_path / "empty.parquet"))  # the report asks it of every item it shows
+    assert empty.titles_of(["a", "b"]) == [None, None] and empty.images() == [] and not empty.has_categories
 
 
 def _ranker(name: str, item_ids: list[str], seed: int):
