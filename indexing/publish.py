@@ -27,7 +27,7 @@ __all__ = ["Latest", "list_snapshots", "publish", "read_latest", "retain", "roll
 
 log = logging.getLogger(__name__)
 
-EVALUATIONS = "_evaluations"  # ROOT/_evaluations/<snapshot_id>.json, written by `lookalike evaluate`
+EVALUATIONS = "_evaluations"  # ROOT/_evaluations/<snapshot_id>.json (and .rankings.npz): a gated `evaluate`
 _HISTORY = 50
 _ATTEMPTS = 50
 
