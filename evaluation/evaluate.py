@@ -216,7 +216,6 @@ def _judged(judgments: Judgments, items: pa.Array, held: np.ndarray, counts: dic
     """The queries held by every ranker with at least one relevant item they all hold, in order of their ids;
     everything else counted by reason."""
     query_id, clicked_id, weight = (judgments.pairs.column(c) for c in PAIR_COLUMNS)
-    query_id, clicked_id = query_id.cast(pa.large_string()), clicked_id.cast(pa.large_string())  # as `items` are
     queries = pc.unique(query_id)
     queries = queries.take(pc.sort_indices(queries))
 

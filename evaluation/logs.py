@@ -54,6 +54,11 @@ class Judgments:
     pairs: pa.Table
     counts: dict[str, int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:  # the ids as large strings once, as `items` and evaluation's lookups take them
+        for name in REQUIRED:
+            at = self.pairs.schema.get_field_index(name)
+            self.pairs = self.pairs.set_column(at, name, self.pairs.column(name).cast(pa.large_string()))
+
     @classmethod
     def from_relevance(cls, relevance: Mapping[str, Mapping[str, float]], counts: dict[str, int] | None = None
                        ) -> Judgments:  # fmt: skip
@@ -74,7 +79,7 @@ class Judgments:
 
     def items(self) -> pa.Array:
         """Every item judged, as a query or as clicked, once."""
-        chunks = [chunk for c in REQUIRED for chunk in self.pairs.column(c).cast(pa.large_string()).chunks]
+        chunks = [chunk for c in REQUIRED for chunk in self.pairs.column(c).chunks]
         return pc.unique(pa.chunked_array(chunks, pa.large_string()))
 
 
